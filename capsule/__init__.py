@@ -1,0 +1,13 @@
+"""Capsule: a runtime for multi-agent workflows where every task runs in its own
+WebAssembly sandbox.
+
+This top-level package is what user programs import (``from capsule import task``).
+It re-exports the SDK only and must stay light: the same package is loaded inside
+the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
+"""
+
+from capsule.sdk.errors import TaskError
+from capsule.sdk.task import TaskFunction, TaskInfo, current, task
+
+__all__ = ["TaskError", "TaskFunction", "TaskInfo", "current", "task"]
+__version__ = "0.1.0"

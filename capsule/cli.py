@@ -1,0 +1,215 @@
+"""The ``capsule`` command.
+
+Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
+failed after its retries); 2 usage, config or program error (nothing ran);
+3 the sandbox runtime could not be built or loaded; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_RUNTIME = 3
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported with exit code 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="capsule",
+        description="Run multi-agent Python workflows with every task in its own WebAssembly sandbox.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    run = commands.add_parser(
+        "run",
+        help="run a program's main task",
+        description="Run the task named 'main' in FILE, passing ARGS as positional string arguments.",
+    )
+    run.add_argument("file", metavar="FILE", help="the Python program (a .py file)")
+    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for main")
+    run.add_argument(
+        "--args-json",
+        metavar="JSON",
+        help="arguments for main as a JSON list (typed values), instead of ARGS",
+    )
+    run.add_argument("--json", action="store_true", help="print one JSON envelope with the outcome")
+    run.add_argument(
+        "-v", "--verbose", action="store_true", help="print each task's lifecycle on stderr"
+    )
+    run.add_argument(
+        "--max-fuel", metavar="FUEL", help="cap on any task's fuel (LOW/MEDIUM/HIGH or an int)"
+    )
+    run.add_argument("--max-ram", metavar="SIZE", help='cap on any task\'s memory (e.g. "256MB")')
+    run.add_argument(
+        "--max-timeout", metavar="DURATION", help='cap on any task\'s timeout (e.g. "30s")'
+    )
+    run.add_argument(
+        "--retry-backoff",
+        metavar="SECONDS",
+        type=float,
+        default=None,
+        help="delay before the first retry, doubled for each further one (default 0.05)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    parser = _parser()
+    try:
+        # Known-args, so that `capsule run FILE a --verbose b` works as people type it:
+        # positionals after an option are still ARGS for main.
+        options, extra = parser.parse_known_args(argv)
+        unknown = [item for item in extra if item.startswith("-")]
+        if unknown or options.command != "run":
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits 2
+        options.args = [*options.args, *extra]
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
+        sys.exit(exc.code)
+    if options.command == "run":
+        sys.exit(_run_command(options))
+    sys.exit(EXIT_USAGE)  # pragma: no cover - argparse requires a command
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"capsule: error: {message}\n")
+
+
+def _parse_args_json(raw: str | None, plain: list[str]) -> list[Any]:
+    if raw is None:
+        return list(plain)
+    if plain:
+        raise UsageError("give either ARGS or --args-json, not both")
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise UsageError(f"--args-json is not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise UsageError(
+            f"--args-json must be a JSON list of arguments, got {type(value).__name__}"
+        )
+    return value
+
+
+def _run_command(options: argparse.Namespace) -> int:
+    try:
+        args = _parse_args_json(options.args_json, options.args)
+        if options.retry_backoff is not None and options.retry_backoff < 0:
+            raise UsageError("--retry-backoff must be >= 0")
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    path = Path(options.file)
+    if not path.is_file():
+        _error(f"no such program file: {path}")
+        return EXIT_USAGE
+    # Heavy imports (wasmtime, pydantic, anyio) only once there is work to do.
+    from capsule.supervisor.program import RunRequest, run_program
+
+    request = RunRequest(
+        path=path,
+        args=args,
+        max_fuel=options.max_fuel,
+        max_ram=options.max_ram,
+        max_timeout=options.max_timeout,
+        retry_backoff=options.retry_backoff,
+    )
+    renderer = _Renderer(json_output=options.json, verbose=options.verbose)
+    started = time.monotonic()
+    try:
+        report = run_program(request, renderer.on_event)
+    except KeyboardInterrupt:
+        _error(f"interrupted after {time.monotonic() - started:.1f}s")
+        return EXIT_INTERRUPTED
+    return renderer.finish(report)
+
+
+class _Renderer:
+    """Shows a run on the terminal: guest output, --verbose lifecycle, the outcome."""
+
+    def __init__(self, json_output: bool, verbose: bool) -> None:
+        self.json_output = json_output
+        self.verbose = verbose
+        # With --json, stdout carries the envelope alone; guest output goes to stderr.
+        self.guest_out = sys.stderr if json_output else sys.stdout
+
+    def on_event(self, event: Any) -> None:
+        kind = event.type
+        if kind == "output":
+            stream = sys.stderr if event.stream == "stderr" else self.guest_out
+            if self.verbose:
+                prefix = f"[{event.task_id} {event.task}] "
+                lines = event.text.splitlines(keepends=True)
+                stream.write("".join(prefix + line for line in lines))
+            else:
+                stream.write(event.text)
+            stream.flush()
+            return
+        if not self.verbose:
+            return
+        label = f"{event.task_id} ({event.task})" if event.task_id != event.task else event.task
+        if kind == "started":
+            line = f"started {label}, attempt {event.attempt}/{event.max_attempts}"
+        elif kind == "completed":
+            line = (
+                f"completed {label} in {event.duration_ms:.1f} ms, "
+                f"fuel {event.fuel_consumed:,} (attempt {event.attempt})"
+            )
+        elif kind == "retrying":
+            line = (
+                f"retrying {label}: attempt {event.attempt} failed "
+                f"({event.error.kind}: {event.error.message}); next in {event.backoff_s:.2f}s"
+            )
+        elif kind == "failed":
+            line = (
+                f"failed {label} ({event.error.kind}) after {event.attempt} attempt(s): "
+                f"{event.error.message}"
+            )
+        else:
+            return
+        sys.stderr.write(f"capsule: {line}\n")
+        sys.stderr.flush()
+
+    def finish(self, report: Any) -> int:
+        if report.usage_error is not None:
+            if self.json_output:
+                print(json.dumps(report.envelope(), indent=2))
+            _error(report.usage_error)
+            if report.traceback:
+                sys.stderr.write(report.traceback)
+            return EXIT_USAGE
+        if report.runtime_error is not None:
+            if self.json_output:
+                print(json.dumps(report.envelope(), indent=2))
+            _error(report.runtime_error)
+            return EXIT_RUNTIME
+        result = report.result
+        if self.json_output:
+            print(json.dumps(report.envelope(), indent=2))
+        elif result.ok:
+            value = result.value()
+            print(value if isinstance(value, str) else json.dumps(value))
+        else:
+            error = result.error
+            _error(
+                f"task {error.task!r} failed ({error.kind}) after {result.attempts} attempt(s): "
+                f"{error.message}"
+            )
+            if error.traceback and error.kind == "exception":
+                sys.stderr.write(error.traceback)
+        return EXIT_OK if result.ok else EXIT_FAILED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,7 @@
+"""The sandbox: the wasmtime engine, the guest runtime's build and cache, one
+fresh instance per task invocation with host-enforced limits (fuel, memory,
+deadline), and the host imports the guest calls.
+
+Knows nothing of retries or the task tree: a caller hands it a task, arguments
+and limits, and gets back a result or a classified failure.
+"""

@@ -1,0 +1,265 @@
+"""Task configs as the host validates them, and the limits derived from them.
+
+User code declares options on ``@task`` as plain values; the guest runtime reports
+them when it loads the program, and this module turns them into a validated
+:class:`TaskConfig`. Everything the host enforces (fuel, memory, deadline,
+retries) comes from here, capped by the :class:`HostCaps` of the run, and never
+from what a guest sends at call time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+#: Fuel granted per compute level (the original system's values).
+COMPUTE_LEVELS: dict[str, int] = {
+    "LOW": 100_000_000,
+    "MEDIUM": 2_000_000_000,
+    "HIGH": 50_000_000_000,
+}
+DEFAULT_COMPUTE = "MEDIUM"
+DEFAULT_RAM_BYTES = 256 * 1024**2
+DEFAULT_MAX_RETRIES = 1
+MAX_RETRIES_LIMIT = 1000
+
+_RAM_UNITS = {
+    "B": 1,
+    "KB": 1024,
+    "KIB": 1024,
+    "MB": 1024**2,
+    "MIB": 1024**2,
+    "GB": 1024**3,
+    "GIB": 1024**3,
+    "TB": 1024**4,
+    "TIB": 1024**4,
+}
+_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_RAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+COMPUTE_FORMS = (
+    "LOW, MEDIUM or HIGH (any case), or a positive integer amount of fuel "
+    '(e.g. compute="MEDIUM", compute=5000000 or compute="5000000")'
+)
+RAM_FORMS = 'a size such as "64KB", "512MB", "2GB" (units B, KB, MB, GB, TB; 1KB = 1024 bytes) or a positive int of bytes'
+TIMEOUT_FORMS = 'a duration such as "500ms", "30s", "5m", "1h", or a positive number of seconds'
+RETRIES_FORMS = f"an integer from 0 to {MAX_RETRIES_LIMIT}"
+NAME_FORMS = "a non-empty string without '/' (defaults to the function name)"
+
+
+class ConfigError(ValueError):
+    """A task config or host setting that cannot be used; stops the run before it starts."""
+
+
+def parse_compute(value: Any) -> int:
+    """Fuel for a compute option: a level name, or an int / digit string of fuel."""
+    if isinstance(value, bool):
+        raise ValueError(COMPUTE_FORMS)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(COMPUTE_FORMS)
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.upper() in COMPUTE_LEVELS:
+            return COMPUTE_LEVELS[text.upper()]
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    raise ValueError(COMPUTE_FORMS)
+
+
+def parse_ram(value: Any) -> int:
+    """Bytes for a ram option such as ``"512MB"`` or an int of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(RAM_FORMS)
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(RAM_FORMS)
+        return value
+    if isinstance(value, str):
+        match = _RAM_RE.match(value)
+        if match:
+            number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+            if unit in _RAM_UNITS and number > 0:
+                return int(number * _RAM_UNITS[unit])
+    raise ValueError(RAM_FORMS)
+
+
+def parse_timeout(value: Any) -> float:
+    """Seconds for a timeout option such as ``"30s"`` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(TIMEOUT_FORMS)
+    if isinstance(value, int | float):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(TIMEOUT_FORMS)
+        return float(value)
+    if isinstance(value, str):
+        match = _TIME_RE.match(value)
+        if match:
+            seconds = float(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
+            if seconds > 0:
+                return seconds
+    raise ValueError(TIMEOUT_FORMS)
+
+
+def parse_max_retries(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(RETRIES_FORMS)
+    if not 0 <= value <= MAX_RETRIES_LIMIT:
+        raise ValueError(RETRIES_FORMS)
+    return value
+
+
+class TaskConfig(BaseModel):
+    """A task's validated config: what the host enforces for every invocation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    function: str = ""
+    fuel: int = COMPUTE_LEVELS[DEFAULT_COMPUTE]
+    ram_bytes: int = DEFAULT_RAM_BYTES
+    timeout_s: float | None = None
+    max_retries: int = DEFAULT_MAX_RETRIES
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip() or "/" in value:
+            raise ValueError(NAME_FORMS)
+        return value
+
+    @field_validator("fuel", mode="before")
+    @classmethod
+    def _fuel(cls, value: Any) -> int:
+        return parse_compute(value)
+
+    @field_validator("ram_bytes", mode="before")
+    @classmethod
+    def _ram(cls, value: Any) -> int:
+        return parse_ram(value)
+
+    @field_validator("timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> float | None:
+        return None if value is None else parse_timeout(value)
+
+    @field_validator("max_retries", mode="before")
+    @classmethod
+    def _retries(cls, value: Any) -> int:
+        return parse_max_retries(value)
+
+
+# Declared option name -> TaskConfig field.
+_FIELD_OF_OPTION = {
+    "name": "name",
+    "compute": "fuel",
+    "ram": "ram_bytes",
+    "timeout": "timeout_s",
+    "max_retries": "max_retries",
+}
+_OPTION_OF_FIELD = {field: option for option, field in _FIELD_OF_OPTION.items()}
+
+
+def validate_task(function: str, name: str, options: Mapping[str, Any]) -> TaskConfig:
+    """Validate one task's declared options; raises ConfigError naming task, option,
+    bad value and the accepted forms."""
+    data: dict[str, Any] = {"name": name, "function": function}
+    for option, value in options.items():
+        field = _FIELD_OF_OPTION.get(option)
+        if field is None:
+            raise ConfigError(
+                f"task {name!r} ({function}): unknown option {option!r}; "
+                f"accepted options are {', '.join(_FIELD_OF_OPTION)}"
+            )
+        data[field] = value
+    try:
+        return TaskConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            option = _OPTION_OF_FIELD.get(field, field)
+            accepted = str(error.get("ctx", {}).get("error", error["msg"]))
+            problems.append(
+                f"task {name!r} ({function}): option {option}={error['input']!r} is invalid; "
+                f"expected {accepted}"
+            )
+        raise ConfigError("\n".join(problems)) from None
+
+
+def validate_program(declared: Iterable[Mapping[str, Any]]) -> dict[str, TaskConfig]:
+    """Validate every task a program declares; all problems are reported at once."""
+    configs: dict[str, TaskConfig] = {}
+    problems: list[str] = []
+    for entry in declared:
+        name = str(entry.get("name", "?"))
+        function = str(entry.get("function", "?"))
+        try:
+            config = validate_task(function, name, entry.get("options", {}))
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        if config.name in configs:
+            problems.append(
+                f"task {config.name!r} is declared twice ({configs[config.name].function} and "
+                f"{function}); task names must be unique"
+            )
+            continue
+        configs[config.name] = config
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return configs
+
+
+@dataclass(frozen=True)
+class HostCaps:
+    """Limits no task can exceed, whatever it declares (``capsule run --max-*``)."""
+
+    max_fuel: int | None = None
+    max_ram_bytes: int | None = None
+    max_timeout_s: float | None = None
+
+    @classmethod
+    def parse(cls, max_fuel: str | None, max_ram: str | None, max_timeout: str | None) -> HostCaps:
+        def one(flag: str, raw: str | None, parse: Any, forms: str) -> Any:
+            if raw is None:
+                return None
+            try:
+                return parse(raw)
+            except ValueError:
+                raise ConfigError(f"{flag} {raw!r} is invalid; expected {forms}") from None
+
+        return cls(
+            max_fuel=one("--max-fuel", max_fuel, parse_compute, COMPUTE_FORMS),
+            max_ram_bytes=one("--max-ram", max_ram, parse_ram, RAM_FORMS),
+            max_timeout_s=one("--max-timeout", max_timeout, parse_timeout, TIMEOUT_FORMS),
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one invocation of a task gets: its config capped by the host."""
+
+    fuel: int
+    ram_bytes: int
+    timeout_s: float | None
+
+    @classmethod
+    def for_task(cls, config: TaskConfig, caps: HostCaps) -> Limits:
+        def capped(value: Any, cap: Any) -> Any:
+            if cap is None:
+                return value
+            return cap if value is None else min(value, cap)
+
+        return cls(
+            fuel=capped(config.fuel, caps.max_fuel),
+            ram_bytes=capped(config.ram_bytes, caps.max_ram_bytes),
+            timeout_s=capped(config.timeout_s, caps.max_timeout_s),
+        )

@@ -1,0 +1,542 @@
+"""The wasmtime engine and one fresh, limited instance per task invocation.
+
+One :class:`Sandbox` per run owns the engine, the compiled guest runtime, the
+linker with the host imports, and the epoch ticker thread. :meth:`Sandbox.invoke`
+runs one attempt of one task in a new instance and blocks until it ends, so the
+caller runs it on a worker thread.
+
+Limits are enforced by wasmtime: fuel (``Config.consume_fuel``), a memory cap
+(``Store.set_limits``), and a deadline checked on every epoch tick by a callback
+that traps the instance once the deadline of the invocation, or of any ancestor,
+has passed or it was cancelled.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import wasmtime
+from wasmtime import _bindings
+from wasmtime import _ffi as ffi
+from wasmtime.component import Component, Instance, Linker, Record, Variant
+
+from capsule.sandbox.config import Limits
+from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.runtime import Progress, ensure_runtime
+
+#: How often the epoch advances; the deadline check runs this often per instance.
+TICK_SECONDS = 0.005
+#: Engine settings the compiled artifact depends on (part of its cache key).
+ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt=speed"
+#: Below this memory cap the guest CPython cannot even start.
+MIN_RAM_BYTES = 16 * 1024**2
+
+_PACKAGE = "capsule:runtime"
+_VERSION = "0.1.0"
+
+
+def _interface(name: str) -> str:
+    return f"{_PACKAGE}/{name}@{_VERSION}"
+
+
+@dataclass
+class ErrorInfo:
+    """Why an attempt failed: ``kind`` is exception, timeout, fuel_exhausted,
+    memory_limit, trap or cancelled."""
+
+    kind: str
+    message: str
+    traceback: str | None = None
+    type: str | None = None
+
+
+@dataclass
+class AttemptOutcome:
+    """What one attempt produced."""
+
+    result_json: str | None
+    error: ErrorInfo | None
+    fuel_consumed: int
+    peak_memory_bytes: int | None
+    duration_s: float
+
+
+class HostCalls(Protocol):
+    """What the host does when the guest calls an import (implemented by the supervisor)."""
+
+    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+        """Run a child task to the end: (True, result JSON) or (False, error JSON)."""
+        ...
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Invocation:
+    """One attempt of one task, as the sandbox sees it while it runs."""
+
+    task_id: str
+    task: str
+    attempt: int
+    max_attempts: int
+    limits: Limits
+    host: HostCalls
+    parent: Invocation | None = None
+    started: float = field(default_factory=time.monotonic)
+    stop_reason: str | None = None
+    cancelled: bool = False
+    #: Fuel left as of the last epoch tick (wasmtime-py reads it only between calls).
+    fuel_left: int | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        if self.limits.timeout_s is None:
+            return None
+        return self.started + self.limits.timeout_s
+
+    def check_stop(self) -> str | None:
+        """Why this invocation must stop now, or None. Walks the ancestors: a
+        child never outlives the deadline or cancellation of its callers."""
+        now = time.monotonic()
+        node: Invocation | None = self
+        while node is not None:
+            if node.cancelled:
+                return "cancelled"
+            deadline = node.deadline
+            if deadline is not None and now >= deadline:
+                return "timeout" if node is self else "cancelled"
+            node = node.parent
+        return None
+
+    def remaining(self) -> float | None:
+        """Seconds until the nearest deadline of this invocation or its ancestors."""
+        deadlines = []
+        node: Invocation | None = self
+        while node is not None:
+            if node.deadline is not None:
+                deadlines.append(node.deadline)
+            node = node.parent
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+
+#: Limits for importing the program into an instance before any task uses it.
+PREPARE_LIMITS = Limits(fuel=2_000_000_000, ram_bytes=256 * 1024**2, timeout_s=30.0)
+
+
+class _PrepareHost:
+    """Host calls while a program is imported ahead of use: output is dropped
+    and module-level task calls are refused."""
+
+    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+        message = f"task {name!r} was called while the program was being imported"
+        return False, json.dumps({"kind": "exception", "task": name, "message": message})
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None:
+        return None
+
+
+_PREPARE_HOST = _PrepareHost()
+
+
+@dataclass
+class Prepared:
+    """A fresh instance with the program imported, waiting for its one task."""
+
+    program: str
+    store: wasmtime.Store
+    instance: Instance
+
+
+class PrepareError(Exception):
+    def __init__(self, error: ErrorInfo) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class _TrackedStore(wasmtime.Store):
+    """A Store that counts itself while open, so tests and diagnostics can check
+    that no instance outlives its invocation."""
+
+    _live = 0
+    _lock = threading.Lock()
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        super().__init__(engine)
+        with _TrackedStore._lock:
+            _TrackedStore._live += 1
+        self._counted = True
+
+    def close(self) -> None:
+        if getattr(self, "_counted", False):
+            self._counted = False
+            with _TrackedStore._lock:
+                _TrackedStore._live -= 1
+        super().close()
+
+
+def live_instances() -> int:
+    """How many sandbox instances (stores) are open in this process."""
+    return _TrackedStore._live
+
+
+class _Stop(wasmtime.WasmtimeError):
+    """Raised by a host import to end the instance (its reason is on the Invocation)."""
+
+
+_thread = threading.local()
+
+
+@contextmanager
+def _bound(invocation: Invocation) -> Iterator[None]:
+    """Make ``invocation`` the one host imports and the epoch callback on this
+    thread act for, while its instance runs here."""
+    previous = getattr(_thread, "invocation", None)
+    _thread.invocation = invocation
+    try:
+        yield
+    finally:
+        _thread.invocation = previous
+
+
+def _current() -> Invocation:
+    invocation: Invocation | None = getattr(_thread, "invocation", None)
+    if invocation is None:  # pragma: no cover - an import called outside invoke()
+        raise _Stop("capsule: host import called with no invocation on this thread")
+    return invocation
+
+
+# wasmtime-py has no high-level epoch callback; the raw C API binding works with
+# component instances. The callback and finalizer types are the binding's own.
+_EPOCH_CALLBACK_TYPE, _FINALIZER_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[
+    1::2
+]
+
+
+@_EPOCH_CALLBACK_TYPE  # type: ignore[untyped-decorator]
+def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
+    # Runs on the wasm thread at every epoch tick the instance sees.
+    invocation: Invocation | None = getattr(_thread, "invocation", None)
+    if invocation is not None:
+        left = ctypes.c_uint64(0)
+        if not ffi.wasmtime_context_get_fuel(context, ctypes.byref(left)):
+            invocation.fuel_left = left.value
+        reason = invocation.check_stop()
+        if reason is not None:
+            invocation.stop_reason = reason
+            error = ffi.wasmtime_error_new(f"capsule: {reason}".encode())
+            return ctypes.cast(error, ctypes.c_void_p).value or 0
+    delta[0] = 1
+    kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+    return 0
+
+
+@_FINALIZER_TYPE  # type: ignore[untyped-decorator]
+def _no_finalizer(_data: Any) -> None:
+    return None
+
+
+class Sandbox:
+    """The engine, compiled runtime and linker of one run; use as a context manager."""
+
+    def __init__(self, roots: list[Path], progress: Progress | None = None) -> None:
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self.engine = wasmtime.Engine(config)
+        artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
+        self.component = Component.deserialize_file(self.engine, str(artifacts.compiled))
+        self.finder = ModuleFinder(roots)
+        runner = self.component.get_export_index(_interface("runner"))
+        assert runner is not None, "guest runtime exports no runner interface"
+        load = self.component.get_export_index("load", instance=runner)
+        run = self.component.get_export_index("run", instance=runner)
+        assert load is not None and run is not None
+        self._load_index, self._run_index = load, run
+        self.linker = self._make_linker()
+        self._ticker_stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._pool: InstancePool | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> Sandbox:
+        self._ticker = threading.Thread(target=self._tick, name="capsule-epoch", daemon=True)
+        self._ticker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self._ticker_stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+            self._ticker = None
+
+    def _tick(self) -> None:
+        while not self._ticker_stop.wait(TICK_SECONDS):
+            self.engine.increment_epoch()
+
+    # -- host imports ------------------------------------------------------
+
+    def _make_linker(self) -> Linker:
+        linker = Linker(self.engine)
+        linker.add_wasip2()
+        root = linker.root()
+        with root.add_instance(_interface("modules")) as modules:
+            modules.add_func("find", self._find_module)
+        with root.add_instance(_interface("tasks")) as tasks:
+            tasks.add_func("call", self._call_task)
+        with root.add_instance(_interface("output")) as output:
+            output.add_func("write", self._write)
+        return linker
+
+    def _find_module(self, _store: Any, fullname: str) -> Any:
+        found = self.finder.find(fullname)
+        if found is None:
+            return None
+        if isinstance(found, Refused):
+            return found.reason
+        assert isinstance(found, ModuleSource)
+        # wasmtime-py lowers a record from the attributes named as its WIT fields.
+        record = Record()
+        setattr(record, "origin", found.origin)  # noqa: B010
+        setattr(record, "code", found.code)  # noqa: B010
+        setattr(record, "is-package", found.is_package)
+        return record
+
+    def _call_task(self, _store: Any, name: str, call_json: str) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.call_task(invocation, name, call_json)
+        reason = invocation.check_stop()
+        if reason is not None:
+            invocation.stop_reason = reason
+            raise _Stop(f"capsule: {reason}")
+        return Variant("ok" if ok else "err", payload)
+
+    def _write(self, _store: Any, stream: str, text: str) -> None:
+        invocation = _current()
+        invocation.host.output(invocation, stream, text)
+
+    # -- running -----------------------------------------------------------
+
+    def _new_store(self, limits: Limits) -> wasmtime.Store:
+        store = _TrackedStore(self.engine)
+        store.set_limits(memory_size=limits.ram_bytes)
+        store.set_fuel(limits.fuel)
+        store.set_wasi(wasmtime.WasiConfig())  # no env, args, files or stdin
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_epoch, None, _no_finalizer)
+        store.set_epoch_deadline(1)
+        return store
+
+    def load_program(self, program: str, invocation: Invocation) -> AttemptOutcome:
+        """Import ``program`` in a fresh instance; the result is its declared tasks."""
+        started = time.monotonic()
+        with _bound(invocation):
+            try:
+                store = self._new_store(invocation.limits)
+            except wasmtime.WasmtimeError as exc:
+                return self._outcome(None, self._classify(invocation, exc), 0, started)
+            try:
+                instance = self.linker.instantiate(store, self.component)
+                result = self._call_export(store, instance, self._load_index, program)
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+                result = self._classify(invocation, exc)
+            finally:
+                fuel = self._used(store, invocation)
+                store.close()
+        if isinstance(result, ErrorInfo):
+            return self._outcome(None, result, fuel, started)
+        return self._outcome(result, None, fuel, started)
+
+    def start_pool(self, program: str, size: int = 2) -> None:
+        """Keep ``size`` fresh instances with ``program`` imported ready for invocations."""
+        if self._pool is None and size > 0:
+            self._pool = InstancePool(self, program, size)
+
+    def prepare(self, program: str) -> Prepared:
+        """A fresh instance with the program imported, not yet used by any task.
+
+        Module-level code runs here under the load limits, with its output
+        discarded (it was shown once, when the program was first loaded)."""
+        invocation = Invocation("<prepare>", "<prepare>", 1, 1, PREPARE_LIMITS, _PREPARE_HOST)
+        with _bound(invocation):
+            store = self._new_store(PREPARE_LIMITS)
+            try:
+                instance = self.linker.instantiate(store, self.component)
+                result = self._call_export(store, instance, self._load_index, program)
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+                store.close()
+                raise PrepareError(self._classify(invocation, exc)) from None
+            if isinstance(result, ErrorInfo):
+                store.close()
+                raise PrepareError(result)
+        return Prepared(program, store, instance)
+
+    def invoke(
+        self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> AttemptOutcome:
+        """Run one attempt of a task in a fresh instance. Blocks; call it on a worker thread."""
+        started = time.monotonic()
+        limits = invocation.limits
+        if limits.ram_bytes < MIN_RAM_BYTES:
+            error = ErrorInfo(
+                "memory_limit",
+                f"the ram limit of {limits.ram_bytes:,} bytes is below the "
+                f"{MIN_RAM_BYTES // 1024**2} MiB the Python runtime needs to start",
+            )
+            return self._outcome(None, error, 0, started)
+        payload = json.dumps(
+            {
+                "task": invocation.task,
+                "args": args,
+                "kwargs": kwargs,
+                "task_id": invocation.task_id,
+                "attempt": invocation.attempt,
+                "max_attempts": invocation.max_attempts,
+            }
+        )
+        prepared = self._pool.take() if self._pool is not None else None
+        if prepared is None or prepared.program != program:
+            try:
+                prepared = self.prepare(program)
+            except PrepareError as exc:
+                return self._outcome(None, exc.error, 0, started)
+        store = prepared.store
+        invocation.started = time.monotonic()
+        with _bound(invocation):
+            try:
+                # The task's own budget, from now: nothing spent while preparing counts.
+                store.set_limits(memory_size=limits.ram_bytes)
+                store.set_fuel(limits.fuel)
+                store.set_epoch_deadline(1)
+                result = self._call_export(store, prepared.instance, self._run_index, payload)
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+                result = self._classify(invocation, exc)
+            finally:
+                fuel = self._used(store, invocation)
+                store.close()
+        if isinstance(result, ErrorInfo):
+            return self._outcome(None, result, fuel, started)
+        return self._outcome(result, None, fuel, started)
+
+    def _call_export(
+        self, store: wasmtime.Store, instance: Instance, index: Any, payload: str
+    ) -> str | ErrorInfo:
+        func = instance.get_func(store, index)
+        assert func is not None
+        value = func(store, payload)
+        func.post_return(store)
+        assert isinstance(value, Variant)
+        if value.tag == "ok":
+            return str(value.payload)
+        data = json.loads(str(value.payload))
+        return ErrorInfo(
+            kind=data.get("kind", "exception"),
+            message=data.get("message", ""),
+            traceback=data.get("traceback"),
+            type=data.get("type"),
+        )
+
+    @staticmethod
+    def _used(store: wasmtime.Store, invocation: Invocation) -> int:
+        """Fuel the invocation consumed. After an epoch trap the store's counter
+        is stale, so the reading taken at the last tick counts too."""
+        left = store.get_fuel()
+        if invocation.fuel_left is not None:
+            left = min(left, invocation.fuel_left)
+        return invocation.limits.fuel - left
+
+    @staticmethod
+    def _outcome(
+        result: str | None, error: ErrorInfo | None, fuel: int, started: float
+    ) -> AttemptOutcome:
+        return AttemptOutcome(
+            result_json=result,
+            error=error,
+            fuel_consumed=fuel,
+            peak_memory_bytes=None,
+            duration_s=time.monotonic() - started,
+        )
+
+    @staticmethod
+    def _classify(invocation: Invocation, exc: Exception) -> ErrorInfo:
+        text = str(exc)
+        limits = invocation.limits
+        if invocation.stop_reason == "timeout":
+            return ErrorInfo("timeout", f"deadline of {limits.timeout_s:g}s exceeded")
+        if invocation.stop_reason == "cancelled":
+            return ErrorInfo("cancelled", "cancelled because its caller stopped")
+        if "all fuel consumed" in text:
+            return ErrorInfo("fuel_exhausted", f"used all of its {limits.fuel:,} fuel")
+        if "memory" in text.lower() and "minimum" in text.lower():
+            return ErrorInfo(
+                "memory_limit",
+                f"the ram limit of {limits.ram_bytes} bytes is too small to start the instance",
+            )
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return ErrorInfo("trap", f"the instance trapped: {first_line}", traceback=text)
+
+
+class InstancePool:
+    """Fresh instances prepared ahead of need by a filler thread, each used once.
+
+    Instantiating and importing the program costs a few milliseconds; doing it
+    here, off the critical path, leaves a task call only its own run. A take that
+    finds the pool empty prepares inline rather than waiting.
+    """
+
+    def __init__(self, sandbox: Sandbox, program: str, size: int) -> None:
+        self._sandbox = sandbox
+        self._program = program
+        self._ready: queue.Queue[Prepared] = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
+        self._thread.start()
+
+    def take(self) -> Prepared | None:
+        try:
+            return self._ready.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _fill(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                prepared = self._sandbox.prepare(self._program)
+            except PrepareError:
+                # The program fails to import here; invocations will report why.
+                failures += 1
+                if failures >= 3:
+                    return
+                self._stop.wait(0.1)
+                continue
+            failures = 0
+            while not self._stop.is_set():
+                try:
+                    self._ready.put(prepared, timeout=0.05)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                prepared.store.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        while True:
+            try:
+                self._ready.get_nowait().store.close()
+            except queue.Empty:
+                return

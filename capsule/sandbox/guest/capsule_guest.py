@@ -1,0 +1,287 @@
+"""The guest runtime: the Python app componentize-py wraps into the generic
+component that every task instance runs.
+
+Built once (see ``capsule.sandbox.runtime``); user programs are never compiled in.
+They are imported at run time through :class:`HostFinder`, which asks the host for
+module source text. Only modules imported here, while componentize-py
+pre-initialises the app, exist in the guest afterwards, hence the long import
+list below: it is the standard library the sandbox offers.
+
+This file runs inside the sandbox only; it is data to the host.
+"""
+
+# ruff: noqa
+# mypy: ignore-errors
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import json
+import linecache
+import sys
+import traceback
+
+# The standard library on offer. Each is imported now so that it is part of the
+# pre-initialised snapshot; a module that fails to import here is simply absent.
+GUEST_STDLIB = (
+    "abc argparse array ast base64 binascii bisect calendar cmath codecs collections "
+    "collections.abc colorsys contextlib contextvars copy csv dataclasses datetime "
+    "decimal difflib email email.message email.utils enum fnmatch fractions functools "
+    "gettext graphlib hashlib heapq hmac html html.entities html.parser inspect io "
+    "ipaddress itertools json json.decoder keyword linecache locale logging "
+    "logging.handlers math numbers operator os pathlib pprint quopri random re "
+    "reprlib secrets shlex statistics string stringprep struct textwrap time "
+    "timeit tokenize tomllib traceback types typing unicodedata urllib urllib.parse "
+    "uuid warnings weakref zlib zoneinfo datetime"
+).split()
+
+for _name in GUEST_STDLIB:
+    try:
+        importlib.import_module(_name)
+    except Exception:  # absent from this CPython build: leave it out
+        pass
+
+import wit_world
+from wit_world import exports
+from wit_world.imports import modules, output, tasks
+from componentize_py_types import Err
+
+import capsule
+from capsule.sdk import task as sdk_task
+from capsule.sdk.errors import TaskError
+
+
+class HostStream(io.TextIOBase):
+    """stdout/stderr of the guest: line-buffered writes to the host."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._buffer = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._buffer.append(text)
+        if "\n" in text:
+            self.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._buffer:
+            text = "".join(self._buffer)
+            self._buffer.clear()
+            output.write(self._stream, text)
+
+
+sys.stdout = HostStream(output.OutputStream.STDOUT)
+sys.stderr = HostStream(output.OutputStream.STDERR)
+
+
+class SandboxImportError(ModuleNotFoundError):
+    """A module exists on the host but cannot run in the sandbox (a C extension)."""
+
+
+class SourceLoader(importlib.abc.Loader):
+    def __init__(self, source) -> None:
+        self._source = source
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        # The guest cannot read the host file: give tracebacks the source lines.
+        lines = self._source.code.splitlines(keepends=True)
+        linecache.cache[self._source.origin] = (
+            len(self._source.code), None, lines, self._source.origin
+        )
+        code = compile(self._source.code, self._source.origin, "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+
+
+class HostFinder(importlib.abc.MetaPathFinder):
+    """Finds modules the host serves: the user's program and pure-Python packages."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        found = modules.find(fullname)
+        if isinstance(found, modules.Lookup_NotFound):
+            return None
+        if isinstance(found, modules.Lookup_Refused):
+            raise SandboxImportError(found.value, name=fullname)
+        source = found.value
+        spec = importlib.util.spec_from_loader(
+            fullname, SourceLoader(source), origin=source.origin, is_package=source.is_package
+        )
+        spec.has_location = True
+        if source.is_package:
+            spec.submodule_search_locations = []
+        return spec
+
+
+# At run time the guest has no filesystem: the standard library is what was
+# imported above, so the path-based finder can only waste time; the host serves
+# everything else.
+sys.meta_path[:] = [
+    finder
+    for finder in sys.meta_path
+    if getattr(finder, "__name__", "") != "PathFinder"
+]
+sys.meta_path.append(HostFinder())
+
+
+def _explain_missing(exc: ModuleNotFoundError) -> str:
+    name = exc.name or "?"
+    return (
+        f"No module named {name!r}: it is not in the sandbox's standard library and "
+        f"was not found beside the program or among the pure-Python packages of the "
+        f"host environment"
+    )
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback from the user's code down, without this shim's own frame."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _error(kind: str, task: str, exc: BaseException, message: str | None = None) -> Err:
+    if message is None:
+        message = f"{type(exc).__name__}: {exc}"
+    return Err(
+        json.dumps(
+            {
+                "kind": kind,
+                "task": task,
+                "message": message,
+                "type": type(exc).__name__,
+                "traceback": _format_traceback(exc),
+            }
+        )
+    )
+
+
+def _refusal_in_chain(exc: BaseException):
+    """The SandboxImportError behind ``exc``, if a package's own error handling
+    wrapped it (numpy, for one, re-raises with a long message of its own)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SandboxImportError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _failure(task: str, exc: BaseException) -> Err:
+    if isinstance(exc, MemoryError):
+        return _error("memory_limit", task, exc, "MemoryError: the task ran out of memory")
+    if isinstance(exc, ImportError):
+        refusal = _refusal_in_chain(exc)
+        if refusal is not None:
+            return _error("exception", task, exc, f"ImportError: {refusal}")
+        if isinstance(exc, ModuleNotFoundError) and str(exc) == f"No module named {exc.name!r}":
+            return _error("exception", task, exc, f"ModuleNotFoundError: {_explain_missing(exc)}")
+    return _error("exception", task, exc)
+
+
+class GuestBackend:
+    """Routes task calls in user code to the host."""
+
+    def __init__(self) -> None:
+        self.info = None
+
+    def call_task(self, name, args, kwargs):
+        try:
+            payload = json.dumps({"args": list(args), "kwargs": kwargs})
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"arguments to task {name!r} are not JSON-serializable: {exc}"
+            ) from None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        reply = tasks.call(name, payload)
+        return json.loads(reply)
+
+    def current(self):
+        return self.info
+
+
+_backend = GuestBackend()
+sdk_task.install_backend(_backend)
+
+# componentize-py raises Err(payload) when an import returns result::err; the
+# payload is a JSON error object: turn it into the TaskError user code catches.
+_raw_call = tasks.call
+
+
+def _call(name: str, payload: str) -> str:
+    try:
+        return _raw_call(name, payload)
+    except Err as err:
+        raise TaskError.from_dict(json.loads(err.value)) from None
+
+
+tasks.call = _call
+
+_program = None
+
+
+class Runner(exports.Runner):
+    def load(self, program: str) -> str:
+        global _program
+        try:
+            module = importlib.import_module(program)
+        except BaseException as exc:
+            raise _failure("<load>", exc)
+        _program = module
+        declared = [
+            {"name": fn.name, "function": fn.qualified_name, "options": fn.options}
+            for fn in sdk_task.registry.values()
+        ]
+        origin = getattr(module.__spec__, "origin", None)
+        return json.dumps({"origin": origin, "tasks": declared})
+
+    def run(self, invocation_json: str) -> str:
+        inv = json.loads(invocation_json)
+        name = inv["task"]
+        fn = sdk_task.registry.get(name)
+        if fn is None:
+            raise Err(
+                json.dumps(
+                    {"kind": "exception", "task": name, "message": f"no task named {name!r}",
+                     "traceback": None}
+                )
+            )
+        _backend.info = capsule.TaskInfo(
+            id=inv["task_id"], name=name, attempt=inv["attempt"], max_attempts=inv["max_attempts"]
+        )
+        try:
+            result = fn.func(*inv["args"], **inv["kwargs"])
+        except BaseException as exc:
+            raise _failure(name, exc)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        try:
+            return json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise _error(
+                "exception",
+                name,
+                exc,
+                f"task {name!r} returned a value that is not JSON-serializable "
+                f"({type(result).__name__}): {exc}",
+            )
+
+
+# Everything above is in the pre-initialised snapshot. Freezing it keeps the
+# garbage collector from walking (and so copying-on-write) those pages in every
+# instance.
+import gc
+
+gc.collect()
+gc.freeze()

@@ -1,0 +1,224 @@
+"""Build and cache the generic guest runtime component.
+
+The component (CPython + the Capsule SDK + the guest shim, see ``guest/``) is built
+from this package's own sources with componentize-py the first time it is
+needed, compiled to native code, and both artifacts are kept in a per-user
+cache. The cache key covers every input of the build, so a changed SDK, WIT file,
+toolchain version or engine setting builds a new entry instead of loading a stale
+one. Concurrent builders are serialised by a file lock and publish with an
+atomic rename, so a reader only ever sees a complete entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import TextIO
+
+from filelock import FileLock
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
+GUEST_APP = "capsule_guest"
+WORLD = "task-runtime"
+COMPONENT_FILE = "guest.wasm"
+COMPILED_FILE = "guest.cwasm"
+
+
+class RuntimeBuildError(RuntimeError):
+    """The guest runtime could not be built."""
+
+
+def capsule_home() -> Path:
+    """Where Capsule keeps per-user state: ``$CAPSULE_HOME`` or the user cache dir."""
+    override = os.environ.get("CAPSULE_HOME")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("capsule", appauthor=False))
+
+
+def wit_dir() -> Path:
+    """The WIT package: bundled in the wheel as ``capsule/_wit``, or ``wit/`` in a checkout."""
+    bundled = PACKAGE_DIR / "_wit"
+    if bundled.is_dir():
+        return bundled
+    checkout = PACKAGE_DIR.parent / "wit"
+    if checkout.is_dir():
+        return checkout
+    raise RuntimeBuildError(f"the WIT package is missing (looked in {bundled} and {checkout})")
+
+
+def guest_sources() -> dict[str, Path]:
+    """Every file the component is built from, by its path inside the build."""
+    files: dict[str, Path] = {
+        "capsule/__init__.py": PACKAGE_DIR / "__init__.py",
+        f"{GUEST_APP}.py": PACKAGE_DIR / "sandbox" / "guest" / f"{GUEST_APP}.py",
+    }
+    for path in sorted((PACKAGE_DIR / "sdk").glob("*.py")):
+        files[f"capsule/sdk/{path.name}"] = path
+    for path in sorted(wit_dir().glob("*.wit")):
+        files[f"wit/{path.name}"] = path
+    return files
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "missing"
+
+
+def cache_key(engine_settings: str) -> str:
+    """A digest of everything the built and compiled artifacts depend on."""
+    digest = hashlib.sha256()
+    for name, path in sorted(guest_sources().items()):
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"componentize-py={_version('componentize-py')}\0".encode())
+    digest.update(f"wasmtime={_version('wasmtime')}\0".encode())
+    digest.update(f"engine={engine_settings}\0".encode())
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class RuntimeArtifacts:
+    directory: Path
+
+    @property
+    def component(self) -> Path:
+        return self.directory / COMPONENT_FILE
+
+    @property
+    def compiled(self) -> Path:
+        return self.directory / COMPILED_FILE
+
+
+class Progress:
+    """One-line progress of a long step on stderr, with a live elapsed time on a TTY."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+
+    @contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        start = time.monotonic()
+        live = self.stream.isatty()
+        stop = threading.Event()
+        ticker: threading.Thread | None = None
+        if live:
+
+            def tick() -> None:
+                while not stop.wait(0.2):
+                    self.stream.write(f"\rcapsule: {what} ... {time.monotonic() - start:.1f}s")
+                    self.stream.flush()
+
+            ticker = threading.Thread(target=tick, name="capsule-progress", daemon=True)
+            ticker.start()
+        else:
+            self.stream.write(f"capsule: {what} ...\n")
+            self.stream.flush()
+        try:
+            yield
+        except BaseException:
+            self._finish(stop, ticker, live, f"{what} failed after {time.monotonic() - start:.1f}s")
+            raise
+        self._finish(stop, ticker, live, f"{what}: done in {time.monotonic() - start:.1f}s")
+
+    def _finish(
+        self, stop: threading.Event, ticker: threading.Thread | None, live: bool, text: str
+    ) -> None:
+        stop.set()
+        if ticker is not None:
+            ticker.join()
+        self.stream.write(("\r\033[K" if live else "") + f"capsule: {text}\n")
+        self.stream.flush()
+
+
+def _componentize(staging: Path, output: Path) -> None:
+    # A subprocess, not the in-process API: the build peaks at ~400 MB and prints
+    # its own chatter, neither of which belongs in the host process.
+    command = [
+        sys.executable,
+        "-c",
+        "import sys, componentize_py; sys.argv[0] = 'componentize-py'; componentize_py.script()",
+        "-d",
+        str(staging / "wit"),
+        "-w",
+        WORLD,
+        "componentize",
+        GUEST_APP,
+        "-p",
+        str(staging),
+        "-o",
+        str(output),
+    ]
+    # An empty VIRTUAL_ENV stops componentize-py from adding the host's
+    # site-packages to the build: the component holds exactly our sources.
+    env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
+    result = subprocess.run(command, cwd=staging, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeBuildError(
+            "componentize-py failed to build the guest runtime:\n"
+            + (result.stderr or result.stdout).strip()[-4000:]
+        )
+
+
+def ensure_runtime(
+    engine: object, engine_settings: str, progress: Progress | None = None
+) -> RuntimeArtifacts:
+    """Return the cached runtime for these settings, building it first if needed.
+
+    ``engine`` is the wasmtime Engine the compiled artifact must match.
+    """
+    from wasmtime.component import Component
+
+    home = capsule_home() / "runtime"
+    key = cache_key(engine_settings)
+    artifacts = RuntimeArtifacts(home / key)
+    if artifacts.compiled.is_file():
+        return artifacts
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeBuildError(f"cannot create the runtime cache at {home}: {exc}") from exc
+    progress = progress or Progress()
+    with FileLock(str(home / f"{key}.lock")):
+        if artifacts.compiled.is_file():  # another process built it while we waited
+            return artifacts
+        started = time.monotonic()
+        progress.stream.write(
+            f"capsule: building the guest runtime once (about 20 s); cached in {artifacts.directory}\n"
+        )
+        with tempfile.TemporaryDirectory(dir=home, prefix=f".build-{key}-") as tmp:
+            work = Path(tmp)
+            staging = work / "staging"
+            for name, source in guest_sources().items():
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, target)
+            out = work / "out"
+            out.mkdir()
+            with progress.step("componentize-py: CPython + Capsule SDK -> component"):
+                _componentize(staging, out / COMPONENT_FILE)
+            with progress.step("compiling the component to native code (Cranelift)"):
+                component = Component.from_file(engine, str(out / COMPONENT_FILE))  # type: ignore[arg-type]
+                (out / COMPILED_FILE).write_bytes(bytes(component.serialize()))
+            if artifacts.directory.exists():
+                shutil.rmtree(artifacts.directory)
+            os.replace(out, artifacts.directory)
+        progress.stream.write(
+            f"capsule: guest runtime ready in {time.monotonic() - started:.1f}s\n"
+        )
+        progress.stream.flush()
+    return artifacts

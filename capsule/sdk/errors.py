@@ -1,0 +1,50 @@
+"""Errors that user code sees."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskError(Exception):
+    """A task failed after all its attempts.
+
+    Raised in the caller of a child task. ``kind`` is one of ``exception``,
+    ``timeout``, ``fuel_exhausted``, ``memory_limit``, ``trap``, ``cancelled``
+    (and ``config`` or ``serialization`` for calls the host refused);
+    ``traceback`` is the guest's traceback text when the failure was a Python
+    exception.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        task: str,
+        message: str,
+        traceback: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        super().__init__(f"task {task!r} failed ({kind}): {message}")
+        self.kind = kind
+        self.task = task
+        self.message = message
+        self.traceback = traceback
+        self.attempts = attempts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "task": self.task,
+            "message": self.message,
+            "traceback": self.traceback,
+            "attempts": self.attempts,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskError:
+        return cls(
+            kind=str(data.get("kind", "exception")),
+            task=str(data.get("task", "?")),
+            message=str(data.get("message", "")),
+            traceback=data.get("traceback"),
+            attempts=data.get("attempts"),
+        )

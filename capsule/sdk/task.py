@@ -1,0 +1,178 @@
+"""The ``@task`` decorator and the running task's identity.
+
+A decorated function becomes a :class:`TaskFunction`. What calling it does depends
+on where it runs:
+
+- inside the sandbox, the guest runtime has installed a :class:`Backend`, and the
+  call asks the host to run the task as a child in a fresh instance;
+- in plain Python (no backend), the call runs the function directly, so tasks can
+  be unit-tested with pytest.
+
+The options given to ``@task`` are recorded as declared, unvalidated: the host
+validates them (with pydantic, which cannot run in the sandbox) when it loads the
+program, and that validated copy is the only one limits are taken from.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Option names ``@task`` accepts, in the order the docs list them.
+TASK_OPTIONS = ("name", "compute", "ram", "timeout", "max_retries")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """Who is running: returned by :func:`current`."""
+
+    id: str
+    name: str
+    attempt: int
+    max_attempts: int
+
+
+class Backend(Protocol):
+    """How task calls leave the running code; installed by the guest runtime."""
+
+    def call_task(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def current(self) -> TaskInfo | None: ...
+
+
+_backend: Backend | None = None
+_local_current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
+    "capsule_local_current", default=None
+)
+
+#: Every task declared in this interpreter, by name.
+registry: dict[str, TaskFunction[Any, Any]] = {}
+
+
+def install_backend(backend: Backend | None) -> None:
+    """Route task calls through ``backend`` (``None`` restores local mode)."""
+    global _backend
+    _backend = backend
+
+
+class TaskDefinitionError(ValueError):
+    """A ``@task`` declaration that can never work (for example a duplicate name)."""
+
+
+class TaskFunction(Generic[P, R]):
+    """A function declared as a Capsule task."""
+
+    def __init__(self, func: Callable[P, R], options: dict[str, Any]) -> None:
+        self.func = func
+        self.options = options
+        name = options.get("name")
+        self.name: str = name if isinstance(name, str) and name else func.__name__
+        functools.update_wrapper(self, func)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        backend = _backend
+        if backend is not None:
+            result: R = backend.call_task(self.name, tuple(args), dict(kwargs))
+            return result
+        return self._call_local(*args, **kwargs)
+
+    def _call_local(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        parent = _local_current.get()
+        ident = f"{parent.id}/{self.name}" if parent else self.name
+        token = _local_current.set(TaskInfo(id=ident, name=self.name, attempt=1, max_attempts=1))
+        try:
+            return self.func(*args, **kwargs)
+        finally:
+            _local_current.reset(token)
+
+    def __repr__(self) -> str:
+        return f"<capsule task {self.name!r} ({self.qualified_name})>"
+
+
+def _register(fn: TaskFunction[Any, Any]) -> None:
+    existing = registry.get(fn.name)
+    # Re-executing the same definition (a module reloaded in a test) is not a clash.
+    if existing is not None and existing.qualified_name != fn.qualified_name:
+        raise TaskDefinitionError(
+            f"two tasks are named {fn.name!r}: {existing.qualified_name} and "
+            f"{fn.qualified_name}; task names must be unique (set name=... on one of them)"
+        )
+    registry[fn.name] = fn
+
+
+@overload
+def task(func: Callable[P, R], /) -> TaskFunction[P, R]: ...
+
+
+@overload
+def task(
+    func: None = None,
+    /,
+    *,
+    name: str | None = None,
+    compute: str | int | None = None,
+    ram: str | int | None = None,
+    timeout: str | int | float | None = None,
+    max_retries: int | None = None,
+) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
+
+
+def task(
+    func: Callable[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    compute: str | int | None = None,
+    ram: str | int | None = None,
+    timeout: str | int | float | None = None,
+    max_retries: int | None = None,
+) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
+    """Declare a function as a Capsule task: ``@task`` or ``@task(name=..., ...)``.
+
+    - ``name``: task identifier, defaults to the function name.
+    - ``compute``: ``"LOW"``, ``"MEDIUM"``, ``"HIGH"`` or an integer amount of fuel.
+    - ``ram``: memory cap such as ``"64MB"``, ``"2GB"`` or a number of bytes.
+    - ``timeout``: wall-clock limit such as ``"500ms"``, ``"30s"``, ``"5m"`` or seconds.
+    - ``max_retries``: attempts after the first failure (default 1).
+    """
+    declared = {
+        key: value
+        for key, value in (
+            ("name", name),
+            ("compute", compute),
+            ("ram", ram),
+            ("timeout", timeout),
+            ("max_retries", max_retries),
+        )
+        if value is not None
+    }
+
+    def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
+        if not callable(fn):
+            raise TaskDefinitionError(f"@task must decorate a function, not {fn!r}")
+        wrapped = TaskFunction(fn, declared)
+        _register(wrapped)
+        return wrapped
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def current() -> TaskInfo:
+    """The task this code runs in: its id, name and attempt number."""
+    backend = _backend
+    info = backend.current() if backend is not None else _local_current.get()
+    if info is None:
+        raise RuntimeError("capsule.current() was called outside a running task")
+    return info

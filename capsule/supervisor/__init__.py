@@ -1,0 +1,6 @@
+"""The supervisor: the tree of task invocations of one run, their lifecycle
+(pending -> running -> completed | failed, through retrying), retries with
+exponential backoff, and the typed event stream that reports it all.
+
+It decides what runs and when; the sandbox decides how one attempt runs.
+"""

@@ -1,0 +1,110 @@
+"""Typed lifecycle events and the in-process stream that carries them.
+
+Every change in a task's life is one pydantic model, emitted on an
+:class:`EventStream`. The CLI renders them (``--verbose``); later the journal
+and the TUI subscribe to the same stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    message: str
+    task: str
+    traceback: str | None = None
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    task_id: str
+    task: str
+    at: float = Field(default_factory=time.time)
+
+
+class TaskPending(_Event):
+    type: Literal["pending"] = "pending"
+    parent_id: str | None
+    max_attempts: int
+
+
+class TaskStarted(_Event):
+    type: Literal["started"] = "started"
+    attempt: int
+    max_attempts: int
+
+
+class TaskRetrying(_Event):
+    type: Literal["retrying"] = "retrying"
+    attempt: int
+    error: ErrorDetail
+    backoff_s: float
+
+
+class TaskCompleted(_Event):
+    type: Literal["completed"] = "completed"
+    attempt: int
+    duration_ms: float
+    fuel_consumed: int
+
+
+class TaskFailed(_Event):
+    type: Literal["failed"] = "failed"
+    attempt: int
+    error: ErrorDetail
+    duration_ms: float
+    fuel_consumed: int
+
+
+class TaskOutput(_Event):
+    type: Literal["output"] = "output"
+    stream: Literal["stdout", "stderr"]
+    text: str
+
+
+TaskEvent = Annotated[
+    TaskPending | TaskStarted | TaskRetrying | TaskCompleted | TaskFailed | TaskOutput,
+    Field(discriminator="type"),
+]
+
+Subscriber = Callable[[Any], None]
+
+
+class EventStream:
+    """Fan-out of events to subscribers, in emission order, from any thread.
+
+    Subscribers are called synchronously under a lock (events from worker threads
+    and the event loop are serialised), so they must be quick and must not emit.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Add a subscriber; returns a function that removes it."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if subscriber in self._subscribers:
+                    self._subscribers.remove(subscriber)
+
+        return unsubscribe
+
+    def emit(self, event: Any) -> None:
+        with self._lock:
+            for subscriber in list(self._subscribers):
+                subscriber(event)

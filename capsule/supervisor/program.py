@@ -1,0 +1,135 @@
+"""Run a program file end to end: build or load the runtime, import the program in
+the sandbox, validate its tasks, run ``main``, and report the outcome."""
+
+from __future__ import annotations
+
+import traceback as tb
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from capsule.sandbox.config import ConfigError, HostCaps
+from capsule.sandbox.engine import Invocation, Sandbox
+from capsule.sandbox.modules import site_package_dirs
+from capsule.sandbox.runtime import RuntimeBuildError
+from capsule.supervisor.events import EventStream, TaskOutput
+from capsule.supervisor.run import (
+    Backoff,
+    ProgramError,
+    Run,
+    RunSettings,
+    TaskResult,
+    program_module,
+)
+
+
+@dataclass
+class RunRequest:
+    path: Path
+    args: list[Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    max_fuel: str | None = None
+    max_ram: str | None = None
+    max_timeout: str | None = None
+    retry_backoff: float | None = None
+
+
+@dataclass
+class RunReport:
+    """The outcome of ``capsule run``: a task result, or why nothing ran."""
+
+    run_id: str | None = None
+    result: TaskResult | None = None
+    usage_error: str | None = None
+    runtime_error: str | None = None
+    traceback: str | None = None
+
+    def envelope(self) -> dict[str, Any]:
+        """The ``--json`` envelope."""
+        result = self.result
+        if result is None:
+            kind = "config" if self.usage_error is not None else "runtime"
+            return {
+                "success": False,
+                "result": None,
+                "error": {
+                    "kind": kind,
+                    "message": self.usage_error or self.runtime_error,
+                    "task": None,
+                    "traceback": self.traceback,
+                },
+                "execution": None,
+            }
+        error = result.error
+        return {
+            "success": result.ok,
+            "result": result.value() if result.ok else None,
+            "error": None
+            if error is None
+            else {
+                "kind": error.kind,
+                "message": error.message,
+                "task": error.task,
+                "traceback": error.traceback,
+            },
+            "execution": {
+                "run_id": self.run_id,
+                "task": result.task,
+                "duration_ms": round(result.duration_s * 1000, 3),
+                "attempts": result.attempts,
+                "fuel_consumed": result.fuel_consumed,
+                "peak_memory_bytes": result.peak_memory_bytes,
+            },
+        }
+
+
+def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunReport:
+    """Run ``main`` of the program at ``request.path``; blocks until the run ends."""
+    path = request.path.resolve()
+    try:
+        module = program_module(path)
+        caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
+    except (ProgramError, ConfigError) as exc:
+        return RunReport(usage_error=str(exc))
+    backoff = (
+        Backoff() if request.retry_backoff is None else Backoff(initial_s=request.retry_backoff)
+    )
+    settings = RunSettings(caps=caps, backoff=backoff)
+    events = EventStream()
+    events.subscribe(on_event)
+    try:
+        sandbox = Sandbox([path.parent, *site_package_dirs()])
+    except RuntimeBuildError as exc:
+        return RunReport(runtime_error=str(exc))
+    with sandbox:
+
+        def load_output(invocation: Invocation, stream: str, text: str) -> None:
+            events.emit(
+                TaskOutput(
+                    run_id="",
+                    task_id="<load>",
+                    task="<load>",
+                    stream="stderr" if stream == "stderr" else "stdout",
+                    text=text,
+                )
+            )
+
+        try:
+            configs = Run.load(sandbox, module, load_output)
+        except ProgramError as exc:
+            return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
+        except ConfigError as exc:
+            return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+        run = Run(sandbox, module, configs, events, settings)
+        try:
+            result = anyio.run(run.run_main, request.args, request.kwargs)
+        except ProgramError as exc:
+            return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
+        except Exception:  # a host bug: report it, never lose the traceback
+            return RunReport(
+                run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
+            )
+        return RunReport(run_id=run.run_id, result=result)

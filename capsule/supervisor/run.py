@@ -1,0 +1,370 @@
+"""One run of a program: load it, then run tasks as a tree of supervised invocations.
+
+Each invocation attempt runs in a fresh sandbox instance on a worker thread. A
+task calling another task reaches :meth:`Run._call_from_guest` from that worker
+thread; the child is then run (with its own retries) on the event loop's
+schedule, in its own thread and instance, while the caller's thread waits.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
+from capsule.sandbox.engine import (
+    PREPARE_LIMITS,
+    AttemptOutcome,
+    ErrorInfo,
+    Invocation,
+    Sandbox,
+)
+from capsule.supervisor.events import (
+    ErrorDetail,
+    EventStream,
+    TaskCompleted,
+    TaskFailed,
+    TaskOutput,
+    TaskPending,
+    TaskRetrying,
+    TaskStarted,
+)
+
+#: How deep task calls may nest before the call is refused.
+MAX_DEPTH = 64
+#: Kinds that a retry cannot fix.
+NOT_RETRYABLE = frozenset({"cancelled"})
+
+
+class ProgramError(Exception):
+    """The program cannot be run at all (missing file, import error, no main task).
+
+    Distinct from a config error (exit code 2) only in how it is reported; both stop
+    the run before any task starts.
+    """
+
+    def __init__(self, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff between attempts: ``initial * factor ** (n - 1)``, capped."""
+
+    initial_s: float = 0.05
+    factor: float = 2.0
+    max_s: float = 5.0
+
+    def delay(self, failed_attempt: int) -> float:
+        return float(min(self.max_s, self.initial_s * self.factor ** (failed_attempt - 1)))
+
+
+@dataclass
+class TaskResult:
+    """How a task invocation (all its attempts) ended."""
+
+    task_id: str
+    task: str
+    attempts: int
+    fuel_consumed: int
+    duration_s: float
+    result_json: str | None = None
+    error: ErrorDetail | None = None
+    peak_memory_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def value(self) -> Any:
+        return None if self.result_json is None else json.loads(self.result_json)
+
+
+@dataclass
+class _Node:
+    """A task invocation across its attempts: the unit of the task tree."""
+
+    task_id: str
+    config: TaskConfig
+    parent: Invocation | None
+    children: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next_child_id(self) -> str:
+        with self.lock:
+            self.children += 1
+            return f"{self.task_id}/{self.children}"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    caps: HostCaps = field(default_factory=HostCaps)
+    backoff: Backoff = field(default_factory=Backoff)
+    max_threads: int = 256
+    #: Fresh instances kept ready with the program imported (0: prepare on demand).
+    pool_size: int = 2
+
+
+def program_module(path: Path) -> str:
+    """The module name a program file is imported under in the guest."""
+    if path.suffix != ".py":
+        raise ProgramError(f"{path}: a Capsule program is a Python file ending in .py")
+    if not path.stem.isidentifier():
+        raise ProgramError(
+            f"{path}: the file name must be a valid Python module name (letters, digits, _)"
+        )
+    return path.stem
+
+
+class Run:
+    """Runs the tasks of one loaded program in a sandbox."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        program: str,
+        configs: dict[str, TaskConfig],
+        events: EventStream,
+        settings: RunSettings | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.program = program
+        self.configs = configs
+        self.events = events
+        self.settings = settings or RunSettings()
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._threads = anyio.CapacityLimiter(self.settings.max_threads)
+        self._nodes: dict[Invocation, _Node] = {}
+
+    # -- loading -------------------------------------------------------------
+
+    @staticmethod
+    def load(
+        sandbox: Sandbox, program: str, output: Callable[[Invocation, str, str], None]
+    ) -> dict[str, TaskConfig]:
+        """Import the program in a sandbox and validate the tasks it declares."""
+
+        class LoadHost:
+            def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+                message = f"task {name!r} was called while the program was being imported"
+                return False, json.dumps({"kind": "exception", "task": name, "message": message})
+
+            def output(self, invocation: Invocation, stream: str, text: str) -> None:
+                output(invocation, stream, text)
+
+        invocation = Invocation("<load>", "<load>", 1, 1, PREPARE_LIMITS, LoadHost())
+        outcome = sandbox.load_program(program, invocation)
+        if outcome.error is not None:
+            raise ProgramError(
+                f"importing the program failed ({outcome.error.kind}): {outcome.error.message}",
+                outcome.error.traceback,
+            )
+        assert outcome.result_json is not None
+        loaded = json.loads(outcome.result_json)
+        origin = loaded.get("origin")
+        expected = sandbox.finder.find(program)
+        if expected is None or getattr(expected, "origin", None) != origin:
+            raise ProgramError(
+                f"the program's module name {program!r} is taken by a module of the sandbox's "
+                f"standard library ({origin}); rename the program file"
+            )
+        return validate_program(loaded["tasks"])
+
+    # -- running -------------------------------------------------------------
+
+    async def run_main(self, args: list[Any], kwargs: dict[str, Any] | None = None) -> TaskResult:
+        if "main" not in self.configs:
+            names = ", ".join(sorted(self.configs)) or "none"
+            raise ProgramError(
+                f"the program has no task named 'main' (tasks found: {names}); "
+                f'declare the entry point with @task(name="main")'
+            )
+        self.sandbox.start_pool(self.program, self.settings.pool_size)
+        return await self.run_task("main", "main", args, kwargs or {}, parent=None)
+
+    async def run_task(
+        self,
+        name: str,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        parent: Invocation | None,
+    ) -> TaskResult:
+        config = self.configs[name]
+        node = _Node(task_id=task_id, config=config, parent=parent)
+        limits = Limits.for_task(config, self.settings.caps)
+        max_attempts = config.max_retries + 1
+        emit = self.events.emit
+        emit(
+            TaskPending(
+                run_id=self.run_id,
+                task_id=task_id,
+                task=name,
+                parent_id=parent.task_id if parent else None,
+                max_attempts=max_attempts,
+            )
+        )
+        total_fuel = 0
+        total_time = 0.0
+        attempt = 0
+        while True:
+            attempt += 1
+            invocation = Invocation(
+                task_id=task_id,
+                task=name,
+                attempt=attempt,
+                max_attempts=max_attempts,
+                limits=limits,
+                host=self,
+                parent=parent,
+            )
+            reason = parent.check_stop() if parent is not None else None
+            if reason is not None:
+                outcome = AttemptOutcome(
+                    None, ErrorInfo("cancelled", "its caller stopped"), 0, None, 0.0
+                )
+            else:
+                emit(
+                    TaskStarted(
+                        run_id=self.run_id,
+                        task_id=task_id,
+                        task=name,
+                        attempt=attempt,
+                        max_attempts=max_attempts,
+                    )
+                )
+                self._nodes[invocation] = node
+                try:
+                    outcome = await self._attempt_in_thread(invocation, args, kwargs)
+                finally:
+                    del self._nodes[invocation]
+            total_fuel += outcome.fuel_consumed
+            total_time += outcome.duration_s
+            if outcome.error is None:
+                emit(
+                    TaskCompleted(
+                        run_id=self.run_id,
+                        task_id=task_id,
+                        task=name,
+                        attempt=attempt,
+                        duration_ms=outcome.duration_s * 1000,
+                        fuel_consumed=outcome.fuel_consumed,
+                    )
+                )
+                return TaskResult(
+                    task_id,
+                    name,
+                    attempt,
+                    total_fuel,
+                    total_time,
+                    outcome.result_json,
+                    peak_memory_bytes=outcome.peak_memory_bytes,
+                )
+            error = ErrorDetail(
+                kind=outcome.error.kind,
+                message=outcome.error.message,
+                task=name,
+                traceback=outcome.error.traceback,
+            )
+            if attempt < max_attempts and error.kind not in NOT_RETRYABLE:
+                delay = self.settings.backoff.delay(attempt)
+                emit(
+                    TaskRetrying(
+                        run_id=self.run_id,
+                        task_id=task_id,
+                        task=name,
+                        attempt=attempt,
+                        error=error,
+                        backoff_s=delay,
+                    )
+                )
+                remaining = parent.remaining() if parent is not None else None
+                await anyio.sleep(delay if remaining is None else min(delay, remaining))
+                continue
+            emit(
+                TaskFailed(
+                    run_id=self.run_id,
+                    task_id=task_id,
+                    task=name,
+                    attempt=attempt,
+                    error=error,
+                    duration_ms=outcome.duration_s * 1000,
+                    fuel_consumed=outcome.fuel_consumed,
+                )
+            )
+            return TaskResult(task_id, name, attempt, total_fuel, total_time, error=error)
+
+    async def _attempt_in_thread(
+        self, invocation: Invocation, args: list[Any], kwargs: dict[str, Any]
+    ) -> AttemptOutcome:
+        done = anyio.Event()
+        outcome: list[AttemptOutcome] = []
+
+        def attempt() -> None:
+            try:
+                outcome.append(self.sandbox.invoke(invocation, self.program, args, kwargs))
+            finally:
+                anyio.from_thread.run_sync(done.set)
+
+        try:
+            await anyio.to_thread.run_sync(attempt, limiter=self._threads, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            # Stop the instance at its next epoch tick and wait for its thread, so
+            # nothing outlives the cancelled caller.
+            invocation.cancelled = True
+            with anyio.CancelScope(shield=True):
+                await done.wait()
+            raise
+        return outcome[0]
+
+    # -- host calls (worker threads) -----------------------------------------
+
+    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+        return anyio.from_thread.run(self._call_from_guest, caller, name, call_json)
+
+    async def _call_from_guest(
+        self, caller: Invocation, name: str, call_json: str
+    ) -> tuple[bool, str]:
+        def refuse(message: str) -> tuple[bool, str]:
+            return False, json.dumps({"kind": "exception", "task": name, "message": message})
+
+        if name not in self.configs:
+            return refuse(
+                f"{caller.task!r} called a task named {name!r}, but the program declares no such task"
+            )
+        node = self._nodes[caller]
+        depth = node.task_id.count("/") + 1
+        if depth >= MAX_DEPTH:
+            return refuse(f"task calls are nested {depth} deep; the limit is {MAX_DEPTH}")
+        try:
+            call = json.loads(call_json)
+            args, kwargs = list(call["args"]), dict(call["kwargs"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return refuse(f"malformed call from the guest: {exc}")
+        result = await self.run_task(name, node.next_child_id(), args, kwargs, parent=caller)
+        if result.error is None:
+            assert result.result_json is not None
+            return True, result.result_json
+        return False, json.dumps({**result.error.model_dump(), "attempts": result.attempts})
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None:
+        self.events.emit(
+            TaskOutput(
+                run_id=self.run_id,
+                task_id=invocation.task_id,
+                task=invocation.task,
+                stream="stderr" if stream == "stderr" else "stdout",
+                text=text,
+            )
+        )

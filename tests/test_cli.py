@@ -1,0 +1,334 @@
+"""The `capsule` command as a user runs it: real subprocesses, exit codes, output."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, capsule_cli
+
+
+def write(tmp_path: Path, source: str, name: str = "prog.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def test_console_script_runs_hello() -> None:
+    executable = shutil.which("capsule")
+    assert executable is not None, "the capsule console script is not installed"
+    process = subprocess.run(
+        [executable, "run", str(EXAMPLES / "hello.py")], capture_output=True, text=True, timeout=300
+    )
+    assert process.returncode == 0, process.stderr
+    assert process.stdout == "Hello from Capsule!\n"
+
+
+def test_result_printed_as_json_for_non_strings() -> None:
+    done = capsule_cli("run", str(EXAMPLES / "analyze.py"))
+    assert done.returncode == 0, done.stderr
+    assert done.json() == {"processed": 5, "status": "complete"}
+
+
+ECHO = """
+    from capsule import task
+
+    @task(name="main")
+    def main(*args):
+        return {"args": list(args), "types": [type(a).__name__ for a in args]}
+"""
+
+
+def test_positional_args_are_strings(tmp_path: Path) -> None:
+    path = write(tmp_path, ECHO)
+    done = capsule_cli("run", str(path), "a", "42", "--verbose", "b")
+    assert done.returncode == 0, done.stderr
+    assert done.json() == {"args": ["a", "42", "b"], "types": ["str", "str", "str"]}
+
+
+def test_args_json_gives_typed_values(tmp_path: Path) -> None:
+    path = write(tmp_path, ECHO)
+    done = capsule_cli("run", str(path), "--args-json", '[1, 2.5, {"k": [true, null]}]')
+    assert done.returncode == 0, done.stderr
+    assert done.json() == {"args": [1, 2.5, {"k": [True, None]}], "types": ["int", "float", "dict"]}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--args-json", "{not json"], "--args-json is not valid JSON"),
+        (["--args-json", '{"a": 1}'], "must be a JSON list"),
+        (["x", "--args-json", "[1]"], "either ARGS or --args-json"),
+        (["--max-ram", "lots"], "--max-ram 'lots' is invalid"),
+        (["--no-such-flag"], "unrecognized arguments"),
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    path = write(tmp_path, ECHO)
+    done = capsule_cli("run", str(path), *args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert done.stdout == ""
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    done = capsule_cli("run", str(tmp_path / "nope.py"))
+    assert done.returncode == 2
+    assert "no such program file" in done.stderr
+
+
+def test_missing_main_exits_2(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task
+        def helper():
+            return 1
+        """,
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 2
+    assert "no task named 'main'" in done.stderr and "helper" in done.stderr
+
+
+def test_bad_config_exits_2_before_any_task_runs(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(compute="TURBO", ram="12 apples")
+        def worker():
+            print("should never run")
+
+        @task(name="main", timeout="forever")
+        def main():
+            print("should never run")
+            return worker()
+        """,
+    )
+    done = capsule_cli("run", str(path), "--verbose")
+    assert done.returncode == 2
+    assert "task 'worker' (prog.worker): option compute='TURBO' is invalid" in done.stderr
+    assert "option ram='12 apples' is invalid" in done.stderr
+    assert "task 'main' (prog.main): option timeout='forever' is invalid" in done.stderr
+    assert "LOW, MEDIUM or HIGH" in done.stderr
+    assert "should never run" not in done.stdout + done.stderr
+    assert "started" not in done.stderr
+
+
+def test_duplicate_task_names_exit_2(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            return 1
+
+        @task(name="main")
+        def other_main():
+            return 2
+        """,
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 2
+    assert "two tasks are named 'main'" in done.stderr
+
+
+def test_syntax_error_in_program_exits_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "def broken(:\n")
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 2
+    assert "SyntaxError" in done.stderr
+
+
+FAILING = """
+    from capsule import task
+
+    @task(name="main", max_retries=1)
+    def main():
+        print("trying")
+        raise RuntimeError("the workflow broke")
+"""
+
+
+def test_failed_workflow_exits_1_with_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, FAILING)
+    done = capsule_cli("run", str(path), "--retry-backoff", "0.01")
+    assert done.returncode == 1
+    assert (
+        "task 'main' failed (exception) after 2 attempt(s): RuntimeError: the workflow broke"
+        in done.stderr
+    )
+    assert 'raise RuntimeError("the workflow broke")' in done.stderr
+    assert done.stdout == "trying\ntrying\n"
+
+
+def test_json_envelope_on_success() -> None:
+    done = capsule_cli("run", str(EXAMPLES / "analyze.py"), "--json")
+    assert done.returncode == 0, done.stderr
+    envelope = done.json()
+    assert envelope["success"] is True
+    assert envelope["result"] == {"processed": 5, "status": "complete"}
+    assert envelope["error"] is None
+    execution = envelope["execution"]
+    assert set(execution) == {
+        "run_id",
+        "task",
+        "duration_ms",
+        "attempts",
+        "fuel_consumed",
+        "peak_memory_bytes",
+    }
+    assert execution["task"] == "main" and execution["attempts"] == 1
+    assert execution["fuel_consumed"] > 0 and execution["duration_ms"] > 0
+    assert len(execution["run_id"]) >= 8
+
+
+def test_json_envelope_on_failure(tmp_path: Path) -> None:
+    path = write(tmp_path, FAILING)
+    done = capsule_cli("run", str(path), "--json", "--retry-backoff", "0")
+    assert done.returncode == 1
+    envelope = done.json()  # stdout holds the envelope alone; guest prints went to stderr
+    assert envelope["success"] is False and envelope["result"] is None
+    assert envelope["error"]["kind"] == "exception"
+    assert envelope["error"]["task"] == "main"
+    assert envelope["error"]["message"] == "RuntimeError: the workflow broke"
+    assert "Traceback" in envelope["error"]["traceback"]
+    assert envelope["execution"]["attempts"] == 2
+    assert "trying" in done.stderr
+
+
+def test_json_envelope_on_config_error(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'from capsule import task\n\n@task(name="main", max_retries=-2)\ndef main():\n    return 1\n',
+    )
+    done = capsule_cli("run", str(path), "--json")
+    assert done.returncode == 2
+    envelope = done.json()
+    assert envelope["success"] is False
+    assert envelope["error"]["kind"] == "config"
+    assert "max_retries=-2" in envelope["error"]["message"]
+
+
+def test_verbose_shows_lifecycle_and_tagged_output(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        import capsule
+        from capsule import task
+
+        @task(max_retries=1)
+        def flaky():
+            print("attempt", capsule.current().attempt)
+            if capsule.current().attempt == 1:
+                raise ValueError("first try")
+            return "ok"
+
+        @task(name="main")
+        def main():
+            return flaky()
+        """,
+    )
+    done = capsule_cli("run", str(path), "--verbose", "--retry-backoff", "0.01")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "[main/1 flaky] attempt 1",
+        "[main/1 flaky] attempt 2",
+        "ok",
+    ]
+    err = done.stderr
+    assert "started main, attempt 1/2" in err
+    assert "started main/1 (flaky), attempt 1/2" in err
+    assert "retrying main/1 (flaky): attempt 1 failed (exception: ValueError: first try)" in err
+    assert "completed main/1 (flaky) in" in err and "fuel" in err
+    assert err.index("retrying main/1") < err.index("completed main/1")
+
+
+def test_verbose_failure_names_kind(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main", timeout="200ms", max_retries=0, compute="HIGH")
+        def main():
+            while True:
+                pass
+        """,
+    )
+    done = capsule_cli("run", str(path), "--verbose")
+    assert done.returncode == 1
+    assert "failed main (timeout) after 1 attempt(s)" in done.stderr
+
+
+def test_c_extension_import_names_module_and_reason(tmp_path: Path) -> None:
+    pytest.importorskip("pydantic_core")
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main", compute="HIGH", max_retries=0)
+        def main():
+            import pydantic_core
+        """,
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 1
+    assert "pydantic_core._pydantic_core" in done.stderr
+    assert (
+        "is a C extension" in done.stderr and "cannot run in the WebAssembly sandbox" in done.stderr
+    )
+
+
+def test_unavailable_module_names_module(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main", max_retries=0)
+        def main():
+            import tkinter
+        """,
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 1
+    assert "No module named 'tkinter': it is not in the sandbox's standard library" in done.stderr
+
+
+def test_user_modules_and_pure_python_packages_load_at_run_time(tmp_path: Path) -> None:
+    (tmp_path / "helpers").mkdir()
+    (tmp_path / "helpers" / "__init__.py").write_text("from .text import shout\n")
+    (tmp_path / "helpers" / "text.py").write_text("def shout(s):\n    return s.upper() + '!'\n")
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+        from helpers import shout
+        import typing_extensions  # a pure-Python package from the host environment
+
+        @task(name="main")
+        def main(word):
+            return shout(word) + " " + typing_extensions.__name__
+        """,
+    )
+    done = capsule_cli("run", str(path), "hey")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "HEY! typing_extensions\n"
+    # Editing the program takes effect on the next run with no rebuild.
+    (tmp_path / "helpers" / "text.py").write_text("def shout(s):\n    return s.lower() + '?'\n")
+    done = capsule_cli("run", str(path), "HEY")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hey? typing_extensions\n"
+    assert "building the guest runtime" not in done.stderr

@@ -1,0 +1,69 @@
+"""Outside `capsule run`, a task is a plain function call (for unit tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+import capsule
+from capsule import task
+from capsule.sdk.task import TaskDefinitionError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _import(path: Path) -> object:
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_runs_directly() -> None:
+    module = _import(EXAMPLES / "analyze.py")
+    assert module.main() == {"processed": 5, "status": "complete"}  # type: ignore[attr-defined]
+    assert module.analyze_data([1, 2]) == {"processed": 2, "status": "complete"}  # type: ignore[attr-defined]
+
+
+def test_bare_decorator_keeps_function_name_and_current() -> None:
+    @task
+    def local_leaf(x: int, *, times: int = 1) -> dict[str, object]:
+        info = capsule.current()
+        return {"value": x * times, "name": info.name, "id": info.id}
+
+    @task(name="local_parent")
+    def parent() -> list[dict[str, object]]:
+        return [local_leaf(2, times=3)]
+
+    assert local_leaf.name == "local_leaf"
+    assert local_leaf.__name__ == "local_leaf"
+    assert parent() == [{"value": 6, "name": "local_leaf", "id": "local_parent/local_leaf"}]
+
+
+def test_current_outside_a_task_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="outside a running task"):
+        capsule.current()
+
+
+def test_duplicate_task_names_are_refused() -> None:
+    @task(name="dup_local")
+    def first() -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="two tasks are named 'dup_local'"):
+
+        @task(name="dup_local")
+        def second() -> None: ...
+
+
+def test_exceptions_propagate_unchanged_locally() -> None:
+    @task
+    def fails_locally() -> None:
+        raise KeyError("x")
+
+    with pytest.raises(KeyError):
+        fails_locally()

@@ -1,0 +1,74 @@
+"""The guest runtime: built once from the repo's sources, cached outside the repo,
+keyed on every input, safe to build from two processes at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsule.sandbox import runtime
+from tests.conftest import EXAMPLES, REPO
+
+
+def test_cache_key_covers_sources_versions_and_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = runtime.cache_key("settings-a")
+    assert runtime.cache_key("settings-a") == base
+    assert runtime.cache_key("settings-b") != base
+
+    sources = runtime.guest_sources()
+    assert "capsule_guest.py" in sources and "capsule/sdk/task.py" in sources
+    assert any(name.startswith("wit/") for name in sources)
+
+    edited = tmp_path / "task.py"
+    edited.write_text(sources["capsule/sdk/task.py"].read_text() + "\n# edited\n")
+    monkeypatch.setattr(
+        runtime, "guest_sources", lambda: {**sources, "capsule/sdk/task.py": edited}
+    )
+    assert runtime.cache_key("settings-a") != base
+    monkeypatch.undo()
+
+    monkeypatch.setattr(runtime, "_version", lambda dist: "9.9.9")
+    assert runtime.cache_key("settings-a") != base
+
+
+def test_capsule_home_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path / "home"))
+    assert runtime.capsule_home() == tmp_path / "home"
+    monkeypatch.delenv("CAPSULE_HOME")
+    assert runtime.capsule_home() != tmp_path / "home"
+    assert REPO not in runtime.capsule_home().parents
+
+
+def test_two_processes_build_a_fresh_cache_at_once(tmp_path: Path) -> None:
+    home = tmp_path / "capsule-home"
+    env = {**os.environ, "CAPSULE_HOME": str(home)}
+    command = [sys.executable, "-m", "capsule.cli", "run", str(EXAMPLES / "hello.py")]
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    second = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    outputs = [process.communicate(timeout=600) for process in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    assert [out for out, _ in outputs] == ["Hello from Capsule!\n"] * 2
+    # Exactly one of them built; the build reported its steps and time.
+    builders = [err for _, err in outputs if "building the guest runtime" in err]
+    assert len(builders) == 1, outputs
+    assert "componentize-py" in builders[0] and "done in" in builders[0]
+    assert "guest runtime ready in" in builders[0]
+    entries = [p for p in (home / "runtime").iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    assert sorted(p.name for p in entries[0].iterdir()) == ["guest.cwasm", "guest.wasm"]
+    # No build leftovers.
+    assert not [p for p in (home / "runtime").iterdir() if p.name.startswith(".build-")]
+
+    # A warm start reuses the cache and builds nothing.
+    warm = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert warm.returncode == 0 and warm.stderr == ""
