@@ -154,6 +154,8 @@ class Prepared:
     program: str
     store: wasmtime.Store
     instance: Instance
+    #: What the guest's load returned: the program's declared tasks, as JSON.
+    declared: str
 
 
 class PrepareError(Exception):
@@ -339,37 +341,23 @@ class Sandbox:
         store.set_epoch_deadline(1)
         return store
 
-    def load_program(self, program: str, invocation: Invocation) -> AttemptOutcome:
-        """Import ``program`` in a fresh instance; the result is its declared tasks."""
-        started = time.monotonic()
-        with _bound(invocation):
-            try:
-                store = self._new_store(invocation.limits)
-            except wasmtime.WasmtimeError as exc:
-                return self._outcome(None, self._classify(invocation, exc), 0, started)
-            try:
-                instance = self.linker.instantiate(store, self.component)
-                result = self._call_export(store, instance, self._load_index, program)
-            except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
-                result = self._classify(invocation, exc)
-            finally:
-                fuel = self._used(store, invocation)
-                store.close()
-        if isinstance(result, ErrorInfo):
-            return self._outcome(None, result, fuel, started)
-        return self._outcome(result, None, fuel, started)
+    def start_pool(self, program: str, size: int, first: Prepared | None = None) -> None:
+        """Keep ``size`` fresh instances with ``program`` imported ready for
+        invocations; ``first`` (the instance the program was loaded in) is used first."""
+        if self._pool is None:
+            self._pool = InstancePool(self, program, size, first)
+        elif first is not None:
+            first.store.close()
 
-    def start_pool(self, program: str, size: int = 2) -> None:
-        """Keep ``size`` fresh instances with ``program`` imported ready for invocations."""
-        if self._pool is None and size > 0:
-            self._pool = InstancePool(self, program, size)
-
-    def prepare(self, program: str) -> Prepared:
+    def prepare(self, program: str, host: HostCalls | None = None) -> Prepared:
         """A fresh instance with the program imported, not yet used by any task.
 
-        Module-level code runs here under the load limits, with its output
-        discarded (it was shown once, when the program was first loaded)."""
-        invocation = Invocation("<prepare>", "<prepare>", 1, 1, PREPARE_LIMITS, _PREPARE_HOST)
+        Module-level code runs here under the prepare limits. Its output goes to
+        ``host``; by default it is dropped, since it was shown once already,
+        when the program was first loaded."""
+        invocation = Invocation(
+            "<load>", "<load>", 1, 1, PREPARE_LIMITS, host or _PREPARE_HOST
+        )
         with _bound(invocation):
             store = self._new_store(PREPARE_LIMITS)
             try:
@@ -381,7 +369,7 @@ class Sandbox:
             if isinstance(result, ErrorInfo):
                 store.close()
                 raise PrepareError(result)
-        return Prepared(program, store, instance)
+        return Prepared(program, store, instance, declared=result)
 
     def invoke(
         self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
@@ -496,13 +484,17 @@ class InstancePool:
     finds the pool empty prepares inline rather than waiting.
     """
 
-    def __init__(self, sandbox: Sandbox, program: str, size: int) -> None:
+    def __init__(self, sandbox: Sandbox, program: str, size: int, first: Prepared | None) -> None:
         self._sandbox = sandbox
         self._program = program
-        self._ready: queue.Queue[Prepared] = queue.Queue(maxsize=size)
+        self._ready: queue.Queue[Prepared] = queue.Queue(maxsize=max(size, 1))
+        if first is not None:
+            self._ready.put_nowait(first)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if size > 0:
+            self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
+            self._thread.start()
 
     def take(self) -> Prepared | None:
         try:
@@ -534,7 +526,8 @@ class InstancePool:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         while True:
             try:
                 self._ready.get_nowait().store.close()

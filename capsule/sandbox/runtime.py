@@ -12,6 +12,7 @@ atomic rename, so a reader only ever sees a complete entry.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TextIO
-
-from filelock import FileLock
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
 GUEST_APP = "capsule_guest"
@@ -74,6 +73,15 @@ def guest_sources() -> dict[str, Path]:
 
 
 def _version(dist: str) -> str:
+    """The installed version of ``dist``, found cheaply: its ``.dist-info`` beside
+    the package (no import, no scan of every path entry); falls back to
+    importlib.metadata for other layouts."""
+    module = dist.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is not None and spec.submodule_search_locations:
+        site_dir = Path(next(iter(spec.submodule_search_locations))).parent
+        for info in site_dir.glob(f"{module}-*.dist-info"):
+            return info.name[len(module) + 1 : -len(".dist-info")]
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -192,6 +200,8 @@ def ensure_runtime(
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RuntimeBuildError(f"cannot create the runtime cache at {home}: {exc}") from exc
+    from filelock import FileLock  # only a build needs it
+
     progress = progress or Progress()
     with FileLock(str(home / f"{key}.lock")):
         if artifacts.compiled.is_file():  # another process built it while we waited

@@ -118,14 +118,14 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
             )
 
         try:
-            configs = Run.load(sandbox, module, load_output)
+            configs, first = Run.load(sandbox, module, load_output)
         except ProgramError as exc:
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         run = Run(sandbox, module, configs, events, settings)
         try:
-            result = anyio.run(run.run_main, request.args, request.kwargs)
+            result = anyio.run(run.run_main, request.args, request.kwargs, first)
         except ProgramError as exc:
             return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
         except Exception:  # a host bug: report it, never lose the traceback

@@ -22,10 +22,11 @@ import anyio.to_thread
 
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
-    PREPARE_LIMITS,
     AttemptOutcome,
     ErrorInfo,
     Invocation,
+    Prepared,
+    PrepareError,
     Sandbox,
 )
 from capsule.supervisor.events import (
@@ -152,8 +153,11 @@ class Run:
     @staticmethod
     def load(
         sandbox: Sandbox, program: str, output: Callable[[Invocation, str, str], None]
-    ) -> dict[str, TaskConfig]:
-        """Import the program in a sandbox and validate the tasks it declares."""
+    ) -> tuple[dict[str, TaskConfig], Prepared]:
+        """Import the program in a sandbox and validate the tasks it declares.
+
+        Returns the configs and the instance the program was imported in, still
+        unused by any task, so the first invocation can start in it."""
 
         class LoadHost:
             def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
@@ -163,34 +167,44 @@ class Run:
             def output(self, invocation: Invocation, stream: str, text: str) -> None:
                 output(invocation, stream, text)
 
-        invocation = Invocation("<load>", "<load>", 1, 1, PREPARE_LIMITS, LoadHost())
-        outcome = sandbox.load_program(program, invocation)
-        if outcome.error is not None:
+        try:
+            prepared = sandbox.prepare(program, LoadHost())
+        except PrepareError as exc:
             raise ProgramError(
-                f"importing the program failed ({outcome.error.kind}): {outcome.error.message}",
-                outcome.error.traceback,
-            )
-        assert outcome.result_json is not None
-        loaded = json.loads(outcome.result_json)
-        origin = loaded.get("origin")
-        expected = sandbox.finder.find(program)
-        if expected is None or getattr(expected, "origin", None) != origin:
-            raise ProgramError(
-                f"the program's module name {program!r} is taken by a module of the sandbox's "
-                f"standard library ({origin}); rename the program file"
-            )
-        return validate_program(loaded["tasks"])
+                f"importing the program failed ({exc.error.kind}): {exc.error.message}",
+                exc.error.traceback,
+            ) from None
+        try:
+            loaded = json.loads(prepared.declared)
+            origin = loaded.get("origin")
+            expected = sandbox.finder.find(program)
+            if expected is None or getattr(expected, "origin", None) != origin:
+                raise ProgramError(
+                    f"the program's module name {program!r} is taken by a module of the "
+                    f"sandbox's standard library ({origin}); rename the program file"
+                )
+            return validate_program(loaded["tasks"]), prepared
+        except BaseException:
+            prepared.store.close()
+            raise
 
     # -- running -------------------------------------------------------------
 
-    async def run_main(self, args: list[Any], kwargs: dict[str, Any] | None = None) -> TaskResult:
+    async def run_main(
+        self,
+        args: list[Any],
+        kwargs: dict[str, Any] | None = None,
+        first: Prepared | None = None,
+    ) -> TaskResult:
         if "main" not in self.configs:
+            if first is not None:
+                first.store.close()
             names = ", ".join(sorted(self.configs)) or "none"
             raise ProgramError(
                 f"the program has no task named 'main' (tasks found: {names}); "
                 f'declare the entry point with @task(name="main")'
             )
-        self.sandbox.start_pool(self.program, self.settings.pool_size)
+        self.sandbox.start_pool(self.program, self.settings.pool_size, first)
         return await self.run_task("main", "main", args, kwargs or {}, parent=None)
 
     async def run_task(
