@@ -400,3 +400,26 @@ def test_no_threads_or_instances_left_after_failed_run(run_program: ProgramRunne
     # anyio keeps idle worker threads for reuse only within a run; none may survive it.
     assert [t.name for t in leftover if t.name.startswith("capsule")] == []
     assert live_instances() == 0
+
+
+def test_child_never_outlives_its_callers_deadline(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        """
+        from capsule import task
+
+        @task(compute="HIGH", max_retries=3)
+        def spin_forever():
+            while True:
+                pass
+
+        @task(name="main", timeout="300ms", max_retries=0)
+        def main():
+            return spin_forever()
+        """
+    )
+    assert outcome.error.kind == "timeout"
+    child = next(e for e in outcome.of_type("failed") if e.task == "spin_forever")
+    assert child.error.kind == "cancelled"
+    # A cancelled child is not retried: its caller is gone.
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "spin_forever"] == [1]
+    assert outcome.result.duration_s < 2.0

@@ -117,17 +117,9 @@ class Invocation:
             node = node.parent
         return None
 
-    def remaining(self) -> float | None:
-        """Seconds until the nearest deadline of this invocation or its ancestors."""
-        deadlines = []
-        node: Invocation | None = self
-        while node is not None:
-            if node.deadline is not None:
-                deadlines.append(node.deadline)
-            node = node.parent
-        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
-
+#: The pseudo task id of an instance importing the program ahead of any task.
+LOAD_TASK_ID = "<load>"
 #: Limits for importing the program into an instance before any task uses it.
 PREPARE_LIMITS = Limits(fuel=2_000_000_000, ram_bytes=256 * 1024**2, timeout_s=30.0)
 
@@ -297,6 +289,7 @@ class Sandbox:
         root = linker.root()
         with root.add_instance(_interface("modules")) as modules:
             modules.add_func("find", self._find_module)
+            modules.add_func("offer-compiled", self._offer_compiled)
         with root.add_instance(_interface("tasks")) as tasks:
             tasks.add_func("call", self._call_task)
         with root.add_instance(_interface("output")) as output:
@@ -315,7 +308,14 @@ class Sandbox:
         setattr(record, "origin", found.origin)  # noqa: B010
         setattr(record, "code", found.code)  # noqa: B010
         setattr(record, "is-package", found.is_package)
+        setattr(record, "compiled", found.compiled)  # noqa: B010
         return record
+
+    def _offer_compiled(self, _store: Any, origin: str, compiled: str) -> None:
+        # Only an instance importing the program, before any task input reached
+        # it, may supply code that later instances will run.
+        if _current().task_id == LOAD_TASK_ID:
+            self.finder.remember_compiled(origin, compiled)
 
     def _call_task(self, _store: Any, name: str, call_json: str) -> Any:
         invocation = _current()
@@ -356,7 +356,7 @@ class Sandbox:
         ``host``; by default it is dropped, since it was shown once already,
         when the program was first loaded."""
         invocation = Invocation(
-            "<load>", "<load>", 1, 1, PREPARE_LIMITS, host or _PREPARE_HOST
+            LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, PREPARE_LIMITS, host or _PREPARE_HOST
         )
         with _bound(invocation):
             store = self._new_store(PREPARE_LIMITS)
@@ -413,7 +413,10 @@ class Sandbox:
                 result = self._classify(invocation, exc)
             finally:
                 fuel = self._used(store, invocation)
-                store.close()
+                if self._pool is not None:
+                    self._pool.retire(store)
+                else:
+                    store.close()
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started)
         return self._outcome(result, None, fuel, started)
@@ -491,10 +494,25 @@ class InstancePool:
         if first is not None:
             self._ready.put_nowait(first)
         self._stop = threading.Event()
+        self._retired: queue.SimpleQueue[wasmtime.Store] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         if size > 0:
             self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
             self._thread.start()
+
+    def retire(self, store: wasmtime.Store) -> None:
+        """Hand over a used instance to be torn down off the caller's critical path."""
+        if self._thread is None:
+            store.close()
+        else:
+            self._retired.put(store)
+
+    def _close_retired(self) -> None:
+        while True:
+            try:
+                self._retired.get_nowait().close()
+            except queue.Empty:
+                return
 
     def take(self) -> Prepared | None:
         try:
@@ -505,6 +523,7 @@ class InstancePool:
     def _fill(self) -> None:
         failures = 0
         while not self._stop.is_set():
+            self._close_retired()
             try:
                 prepared = self._sandbox.prepare(self._program)
             except PrepareError:
@@ -517,10 +536,10 @@ class InstancePool:
             failures = 0
             while not self._stop.is_set():
                 try:
-                    self._ready.put(prepared, timeout=0.05)
+                    self._ready.put(prepared, timeout=0.02)
                     break
                 except queue.Full:
-                    continue
+                    self._close_retired()
             else:
                 prepared.store.close()
 
@@ -528,6 +547,7 @@ class InstancePool:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._close_retired()
         while True:
             try:
                 self._ready.get_nowait().store.close()

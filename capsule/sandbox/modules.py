@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.machinery
 import site
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _SOURCE_SUFFIXES = tuple(importlib.machinery.SOURCE_SUFFIXES)
@@ -25,6 +25,7 @@ class ModuleSource:
     origin: str
     code: str
     is_package: bool
+    compiled: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,28 @@ class ModuleFinder:
 
     def __init__(self, roots: list[Path]) -> None:
         self.roots = roots
+        # Each module is read once per run, so every instance of the run sees the
+        # same source even if the file is edited meanwhile.
         self._cache: dict[str, ModuleSource | Refused | None] = {}
+        self._compiled: dict[str, str] = {}
 
     def find(self, fullname: str) -> ModuleSource | Refused | None:
         if fullname not in self._cache:
             self._cache[fullname] = self._find(fullname)
-        return self._cache[fullname]
+        found = self._cache[fullname]
+        if isinstance(found, ModuleSource) and found.compiled is None:
+            compiled = self._compiled.get(found.origin)
+            if compiled is not None:
+                found = self._cache[fullname] = replace(found, compiled=compiled)
+        return found
+
+    def remember_compiled(self, origin: str, compiled: str) -> None:
+        """Keep a module's compiled form (from the guest) to serve with its source."""
+        if any(
+            isinstance(found, ModuleSource) and found.origin == origin
+            for found in self._cache.values()
+        ):
+            self._compiled.setdefault(origin, compiled)
 
     def _find(self, fullname: str) -> ModuleSource | Refused | None:
         parts = fullname.split(".")

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 
 from capsule.sandbox.config import ConfigError, HostCaps
-from capsule.sandbox.engine import Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.runtime import RuntimeBuildError
 from capsule.supervisor.events import EventStream, TaskOutput
@@ -110,8 +110,8 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
             events.emit(
                 TaskOutput(
                     run_id="",
-                    task_id="<load>",
-                    task="<load>",
+                    task_id=LOAD_TASK_ID,
+                    task=LOAD_TASK_ID,
                     stream="stderr" if stream == "stderr" else "stdout",
                     text=text,
                 )

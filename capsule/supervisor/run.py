@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
@@ -196,6 +196,7 @@ class Run:
         kwargs: dict[str, Any] | None = None,
         first: Prepared | None = None,
     ) -> TaskResult:
+        """Run ``main`` to the end; cancelling this cancels the whole tree."""
         if "main" not in self.configs:
             if first is not None:
                 first.store.close()
@@ -205,30 +206,47 @@ class Run:
                 f'declare the entry point with @task(name="main")'
             )
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-        return await self.run_task("main", "main", args, kwargs or {}, parent=None)
+        root = _Root()
+        outcome: list[TaskResult] = []
+        failure: list[BaseException] = []
 
-    async def run_task(
+        def body() -> None:
+            try:
+                outcome.append(self.run_task("main", "main", args, kwargs or {}, parent=root))
+            except BaseException as exc:  # re-raised on the event loop
+                failure.append(exc)
+
+        thread = start_task_thread(body, name="capsule-main")
+        try:
+            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            # Cancel the tree (every instance traps at its next epoch tick) and
+            # wait for it, so nothing outlives the run.
+            root.cancelled = True
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(thread.join)
+            raise
+        if failure:
+            raise failure[0]
+        return outcome[0]
+
+    def run_task(
         self,
         name: str,
         task_id: str,
         args: list[Any],
         kwargs: dict[str, Any],
-        parent: Invocation | None,
+        parent: Invocation,
     ) -> TaskResult:
+        """Run one task invocation, with its retries, on the calling thread."""
         config = self.configs[name]
         node = _Node(task_id=task_id, config=config, parent=parent)
         limits = Limits.for_task(config, self.settings.caps)
         max_attempts = config.max_retries + 1
         emit = self.events.emit
-        emit(
-            TaskPending(
-                run_id=self.run_id,
-                task_id=task_id,
-                task=name,
-                parent_id=parent.task_id if parent else None,
-                max_attempts=max_attempts,
-            )
-        )
+        ids = _EventIds(run_id=self.run_id, task_id=task_id, task=name)
+        parent_id = None if isinstance(parent, _Root) else parent.task_id
+        emit(TaskPending(**ids, parent_id=parent_id, max_attempts=max_attempts))
         total_fuel = 0
         total_time = 0.0
         attempt = 0
@@ -243,24 +261,15 @@ class Run:
                 host=self,
                 parent=parent,
             )
-            reason = parent.check_stop() if parent is not None else None
-            if reason is not None:
+            if parent.check_stop() is not None:
                 outcome = AttemptOutcome(
                     None, ErrorInfo("cancelled", "its caller stopped"), 0, None, 0.0
                 )
             else:
-                emit(
-                    TaskStarted(
-                        run_id=self.run_id,
-                        task_id=task_id,
-                        task=name,
-                        attempt=attempt,
-                        max_attempts=max_attempts,
-                    )
-                )
+                emit(TaskStarted(**ids, attempt=attempt, max_attempts=max_attempts))
                 self._nodes[invocation] = node
                 try:
-                    outcome = await self._attempt_in_thread(invocation, args, kwargs)
+                    outcome = self.sandbox.invoke(invocation, self.program, args, kwargs)
                 finally:
                     del self._nodes[invocation]
             total_fuel += outcome.fuel_consumed
@@ -268,9 +277,7 @@ class Run:
             if outcome.error is None:
                 emit(
                     TaskCompleted(
-                        run_id=self.run_id,
-                        task_id=task_id,
-                        task=name,
+                        **ids,
                         attempt=attempt,
                         duration_ms=outcome.duration_s * 1000,
                         fuel_consumed=outcome.fuel_consumed,
@@ -293,24 +300,12 @@ class Run:
             )
             if attempt < max_attempts and error.kind not in NOT_RETRYABLE:
                 delay = self.settings.backoff.delay(attempt)
-                emit(
-                    TaskRetrying(
-                        run_id=self.run_id,
-                        task_id=task_id,
-                        task=name,
-                        attempt=attempt,
-                        error=error,
-                        backoff_s=delay,
-                    )
-                )
-                remaining = parent.remaining() if parent is not None else None
-                await anyio.sleep(delay if remaining is None else min(delay, remaining))
-                continue
+                emit(TaskRetrying(**ids, attempt=attempt, error=error, backoff_s=delay))
+                if _sleep_unless_stopped(parent, delay):
+                    continue
             emit(
                 TaskFailed(
-                    run_id=self.run_id,
-                    task_id=task_id,
-                    task=name,
+                    **ids,
                     attempt=attempt,
                     error=error,
                     duration_ms=outcome.duration_s * 1000,
@@ -319,43 +314,23 @@ class Run:
             )
             return TaskResult(task_id, name, attempt, total_fuel, total_time, error=error)
 
-    async def _attempt_in_thread(
-        self, invocation: Invocation, args: list[Any], kwargs: dict[str, Any]
-    ) -> AttemptOutcome:
-        done = anyio.Event()
-        outcome: list[AttemptOutcome] = []
-
-        def attempt() -> None:
-            try:
-                outcome.append(self.sandbox.invoke(invocation, self.program, args, kwargs))
-            finally:
-                anyio.from_thread.run_sync(done.set)
-
-        try:
-            await anyio.to_thread.run_sync(attempt, limiter=self._threads, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            # Stop the instance at its next epoch tick and wait for its thread, so
-            # nothing outlives the cancelled caller.
-            invocation.cancelled = True
-            with anyio.CancelScope(shield=True):
-                await done.wait()
-            raise
-        return outcome[0]
-
-    # -- host calls (worker threads) -----------------------------------------
+    # -- host calls (on the calling task's thread) ----------------------------
 
     def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
-        return anyio.from_thread.run(self._call_from_guest, caller, name, call_json)
+        """A task called another: run the child to the end, inline.
 
-    async def _call_from_guest(
-        self, caller: Invocation, name: str, call_json: str
-    ) -> tuple[bool, str]:
+        The caller's thread is blocked in this host call anyway, so the child runs
+        right here, in its own fresh instance: no thread or event-loop hop on the
+        path of a call. The child sees its caller's deadline and cancellation
+        through ``Invocation.parent``."""
+
         def refuse(message: str) -> tuple[bool, str]:
             return False, json.dumps({"kind": "exception", "task": name, "message": message})
 
         if name not in self.configs:
             return refuse(
-                f"{caller.task!r} called a task named {name!r}, but the program declares no such task"
+                f"{caller.task!r} called a task named {name!r}, "
+                f"but the program declares no such task"
             )
         node = self._nodes[caller]
         depth = node.task_id.count("/") + 1
@@ -366,7 +341,7 @@ class Run:
             args, kwargs = list(call["args"]), dict(call["kwargs"])
         except (ValueError, KeyError, TypeError) as exc:
             return refuse(f"malformed call from the guest: {exc}")
-        result = await self.run_task(name, node.next_child_id(), args, kwargs, parent=caller)
+        result = self.run_task(name, node.next_child_id(), args, kwargs, parent=caller)
         if result.error is None:
             assert result.result_json is not None
             return True, result.result_json
@@ -382,3 +357,65 @@ class Run:
                 text=text,
             )
         )
+
+
+class _EventIds(TypedDict):
+    run_id: str
+    task_id: str
+    task: str
+
+
+class _Root(Invocation):
+    """The parent of ``main``: never times out; cancelled when the run is."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            task_id="",
+            task="<run>",
+            attempt=1,
+            max_attempts=1,
+            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
+            host=_NO_HOST,
+        )
+
+
+class _NoHost:
+    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+        raise AssertionError("the run root makes no calls")
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None:
+        raise AssertionError("the run root prints nothing")
+
+
+_NO_HOST = _NoHost()
+
+#: Stack for threads that run task trees. Nested calls run inline, one wasm
+#: activation above another on the same native stack, so it must hold
+#: MAX_DEPTH of them (wasmtime lets each use 512 KiB) plus the host frames
+#: between; reserved address space, committed only as used.
+TASK_THREAD_STACK = 256 * 1024**2
+_stack_lock = threading.Lock()
+
+
+def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a thread with a stack deep enough for a tree of nested task calls."""
+    with _stack_lock:
+        previous = threading.stack_size(TASK_THREAD_STACK)
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
+
+
+def _sleep_unless_stopped(parent: Invocation, seconds: float) -> bool:
+    """Sleep ``seconds`` (a retry backoff); False if the parent stopped meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if parent.check_stop() is not None:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.01))

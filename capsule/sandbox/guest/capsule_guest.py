@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import linecache
+import marshal
 import sys
 import traceback
 
@@ -97,7 +98,17 @@ class SourceLoader(importlib.abc.Loader):
         linecache.cache[self._source.origin] = (
             len(self._source.code), None, lines, self._source.origin
         )
-        code = compile(self._source.code, self._source.origin, "exec", dont_inherit=True)
+        code = None
+        if self._source.compiled is not None:
+            try:
+                code = marshal.loads(self._source.compiled.encode("latin-1"))
+            except Exception:  # a stale or damaged entry: compile instead
+                code = None
+        if code is None:
+            # Compiling is the costliest step of an import in a fresh instance;
+            # the host keeps the result for the instances after this one.
+            code = compile(self._source.code, self._source.origin, "exec", dont_inherit=True)
+            modules.offer_compiled(self._source.origin, marshal.dumps(code).decode("latin-1"))
         exec(code, module.__dict__)
 
 
