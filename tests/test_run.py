@@ -423,3 +423,35 @@ def test_child_never_outlives_its_callers_deadline(run_program: ProgramRunner) -
     # A cancelled child is not retried: its caller is gone.
     assert [e.attempt for e in outcome.of_type("started") if e.task == "spin_forever"] == [1]
     assert outcome.result.duration_s < 2.0
+
+
+def test_deep_call_chain_is_bounded_and_reports_the_root_cause(run_program: ProgramRunner) -> None:
+    # Each level recurses in Python before calling the next, so nested wasm
+    # activations pile up on one native stack; the host must refuse the call at
+    # the depth limit, never crash.
+    outcome = run_program(
+        """
+        import sys
+        from capsule import TaskError, task
+
+        @task(compute="HIGH", max_retries=0)
+        def chain(n):
+            sys.setrecursionlimit(10_000)
+            def down(k):
+                return chain(n + 1) if k == 0 else down(k - 1)
+            return down(300)
+
+        @task(name="main", max_retries=0)
+        def main():
+            try:
+                return chain(1)
+            except TaskError as error:
+                return {"message": error.message, "cause": error.cause}
+        """
+    )
+    result = outcome.value
+    assert result["cause"]["message"] == "task calls are nested 64 deep; the limit is 64"
+    assert result["cause"]["task"] == "chain"
+    assert result["message"].startswith("unhandled TaskError: task 'chain' failed (exception)")
+    assert result["message"].endswith("task calls are nested 64 deep; the limit is 64")
+    assert len(result["message"]) < 400  # not one wrapper per level

@@ -57,6 +57,8 @@ class ErrorInfo:
     message: str
     traceback: str | None = None
     type: str | None = None
+    #: For a failure caused by an unhandled TaskError: the original failure.
+    cause: dict[str, Any] | None = None
 
 
 @dataclass
@@ -437,6 +439,7 @@ class Sandbox:
             message=data.get("message", ""),
             traceback=data.get("traceback"),
             type=data.get("type"),
+            cause=data.get("cause"),
         )
 
     @staticmethod

@@ -12,7 +12,9 @@ class TaskError(Exception):
     ``timeout``, ``fuel_exhausted``, ``memory_limit``, ``trap``, ``cancelled``
     (and ``config`` or ``serialization`` for calls the host refused);
     ``traceback`` is the guest's traceback text when the failure was a Python
-    exception.
+    exception. When the child failed only because a TaskError of its own went
+    unhandled, ``cause`` holds the original failure: ``{"task", "kind",
+    "message", "via"}``, ``via`` being the tasks it propagated through.
     """
 
     def __init__(
@@ -22,6 +24,7 @@ class TaskError(Exception):
         message: str,
         traceback: str | None = None,
         attempts: int | None = None,
+        cause: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"task {task!r} failed ({kind}): {message}")
         self.kind = kind
@@ -29,6 +32,7 @@ class TaskError(Exception):
         self.message = message
         self.traceback = traceback
         self.attempts = attempts
+        self.cause = cause
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -37,6 +41,7 @@ class TaskError(Exception):
             "message": self.message,
             "traceback": self.traceback,
             "attempts": self.attempts,
+            "cause": self.cause,
         }
 
     @classmethod
@@ -47,4 +52,5 @@ class TaskError(Exception):
             message=str(data.get("message", "")),
             traceback=data.get("traceback"),
             attempts=data.get("attempts"),
+            cause=data.get("cause"),
         )

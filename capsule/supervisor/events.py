@@ -22,6 +22,9 @@ class ErrorDetail(BaseModel):
     message: str
     task: str
     traceback: str | None = None
+    #: For a failure caused by an unhandled TaskError from a child: the original
+    #: failure, {"task", "kind", "message", "via"}.
+    cause: dict[str, Any] | None = None
 
 
 class _Event(BaseModel):

@@ -297,6 +297,7 @@ class Run:
                 message=outcome.error.message,
                 task=name,
                 traceback=outcome.error.traceback,
+                cause=outcome.error.cause,
             )
             if attempt < max_attempts and error.kind not in NOT_RETRYABLE:
                 delay = self.settings.backoff.delay(attempt)

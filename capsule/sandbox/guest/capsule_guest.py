@@ -159,7 +159,9 @@ def _format_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _error(kind: str, task: str, exc: BaseException, message: str | None = None) -> Err:
+def _error(
+    kind: str, task: str, exc: BaseException, message: str | None = None, cause=None
+) -> Err:
     if message is None:
         message = f"{type(exc).__name__}: {exc}"
     return Err(
@@ -170,9 +172,28 @@ def _error(kind: str, task: str, exc: BaseException, message: str | None = None)
                 "message": message,
                 "type": type(exc).__name__,
                 "traceback": _format_traceback(exc),
+                "cause": cause,
             }
         )
     )
+
+
+def _unhandled_task_error(task: str, exc: TaskError) -> Err:
+    # Name the original failure once, however many callers it went through,
+    # instead of wrapping one message in another at every level.
+    if exc.cause:
+        cause = dict(exc.cause)
+        cause["via"] = [exc.task, *cause.get("via", [])][:16]
+    else:
+        cause = {"task": exc.task, "kind": exc.kind, "message": exc.message, "via": []}
+    via = cause["via"]
+    shown = ", ".join(repr(t) for t in via[:3]) + (", ..." if len(via) > 3 else "")
+    through = f" (through {shown})" if via else ""
+    message = (
+        f"unhandled TaskError: task {cause['task']!r} failed ({cause['kind']}){through}: "
+        f"{cause['message']}"
+    )
+    return _error("exception", task, exc, message, cause)
 
 
 def _refusal_in_chain(exc: BaseException):
@@ -188,6 +209,8 @@ def _refusal_in_chain(exc: BaseException):
 
 
 def _failure(task: str, exc: BaseException) -> Err:
+    if isinstance(exc, TaskError):
+        return _unhandled_task_error(task, exc)
     if isinstance(exc, MemoryError):
         return _error("memory_limit", task, exc, "MemoryError: the task ran out of memory")
     if isinstance(exc, ImportError):
