@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,9 +78,15 @@ def main(argv: list[str] | None = None) -> NoReturn:
         options.args = [*options.args, *extra]
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         sys.exit(exc.code)
-    if options.command == "run":
-        sys.exit(_run_command(options))
-    sys.exit(EXIT_USAGE)  # pragma: no cover - argparse requires a command
+    code = _run_command(options) if options.command == "run" else EXIT_USAGE
+    if argv is None:
+        # Invoked as the `capsule` program: every instance and thread of the run
+        # is closed by now, so skip the interpreter's teardown of wasmtime, pydantic
+        # and asyncio modules (about 0.1 s) once the output is flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _error(message: str) -> None:
@@ -114,7 +121,9 @@ def _run_command(options: argparse.Namespace) -> int:
     if not path.is_file():
         _error(f"no such program file: {path}")
         return EXIT_USAGE
-    # Heavy imports (wasmtime, pydantic, anyio) only once there is work to do.
+    # Heavy imports (wasmtime, pydantic) only once there is work to do. Our models
+    # are internal: skip pydantic's scan of every installed distribution for plugins.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.supervisor.program import RunRequest, run_program
 
     request = RunRequest(

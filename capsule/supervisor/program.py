@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-
 from capsule.sandbox.config import ConfigError, HostCaps
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.modules import site_package_dirs
@@ -125,7 +123,7 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         run = Run(sandbox, module, configs, events, settings)
         try:
-            result = anyio.run(run.run_main, request.args, request.kwargs, first)
+            result = run.run_main(request.args, request.kwargs, first)
         except ProgramError as exc:
             return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
         except Exception:  # a host bug: report it, never lose the traceback

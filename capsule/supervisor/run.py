@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-import anyio
-import anyio.to_thread
-
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -111,7 +108,6 @@ class _Node:
 class RunSettings:
     caps: HostCaps = field(default_factory=HostCaps)
     backoff: Backoff = field(default_factory=Backoff)
-    max_threads: int = 256
     #: Fresh instances kept ready with the program imported (0: prepare on demand).
     pool_size: int = 2
 
@@ -145,7 +141,6 @@ class Run:
         self.events = events
         self.settings = settings or RunSettings()
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self._threads = anyio.CapacityLimiter(self.settings.max_threads)
         self._nodes: dict[Invocation, _Node] = {}
 
     # -- loading -------------------------------------------------------------
@@ -190,13 +185,20 @@ class Run:
 
     # -- running -------------------------------------------------------------
 
-    async def run_main(
+    def run_main(
         self,
         args: list[Any],
         kwargs: dict[str, Any] | None = None,
         first: Prepared | None = None,
     ) -> TaskResult:
-        """Run ``main`` to the end; cancelling this cancels the whole tree."""
+        """Run ``main`` to the end and return how it ended.
+
+        The task tree runs on one thread this call owns (nested calls run inline
+        on it, see :meth:`call_task`); it always joins that thread before
+        returning. Interrupting the wait (Ctrl-C) cancels the whole tree: every
+        instance traps at its next epoch tick, and the interrupt is re-raised
+        once the tree has stopped.
+        """
         if "main" not in self.configs:
             if first is not None:
                 first.store.close()
@@ -213,18 +215,16 @@ class Run:
         def body() -> None:
             try:
                 outcome.append(self.run_task("main", "main", args, kwargs or {}, parent=root))
-            except BaseException as exc:  # re-raised on the event loop
+            except BaseException as exc:  # re-raised on the caller's thread
                 failure.append(exc)
 
         thread = start_task_thread(body, name="capsule-main")
         try:
-            await anyio.to_thread.run_sync(thread.join, abandon_on_cancel=True)
-        except anyio.get_cancelled_exc_class():
-            # Cancel the tree (every instance traps at its next epoch tick) and
-            # wait for it, so nothing outlives the run.
+            while thread.is_alive():
+                thread.join(0.1)  # a timed join so that Ctrl-C is seen promptly
+        except BaseException:
             root.cancelled = True
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(thread.join)
+            thread.join()
             raise
         if failure:
             raise failure[0]
