@@ -27,10 +27,16 @@ PROGRAMS = HERE / "programs"
 CLI = [sys.executable, "-m", "capsule.cli"]
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> tuple[float, subprocess.CompletedProcess[str]]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> tuple[float, subprocess.CompletedProcess[str]]:
     start = time.perf_counter()
     done = subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
+        [*CLI, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
     )
     elapsed = time.perf_counter() - start
     if done.returncode not in (0, 1):
@@ -94,28 +100,45 @@ def timeout_overshoot(repeats: int) -> dict[str, float]:
         run_program(RunRequest(path=PROGRAMS / "spin.py", args=[]), events.append)
         failed = [e for e in events if getattr(e, "type", None) == "failed"]
         overshoots.append(failed[0].duration_ms - 200.0)  # type: ignore[attr-defined]
-    return {"overshoot_median_ms": statistics.median(overshoots), "overshoot_max_ms": max(overshoots)}
+    return {
+        "overshoot_median_ms": statistics.median(overshoots),
+        "overshoot_max_ms": max(overshoots),
+    }
 
 
 def first_build() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as home:
-        elapsed, done = run_cli("run", str(REPO / "examples" / "hello.py"), env={"CAPSULE_HOME": home})
+        elapsed, done = run_cli(
+            "run", str(REPO / "examples" / "hello.py"), env={"CAPSULE_HOME": home}
+        )
         assert "guest runtime ready" in done.stderr, done.stderr
         steps = [line for line in done.stderr.splitlines() if "done in" in line]
     return {"first_run_with_build_s": elapsed, "steps": steps}  # type: ignore[dict-item]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-build", action="store_true")
     options = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     rows = [
-        ("sequential child call (200 in a row)", sequential_calls(options.repeats), "p50 <= 1.0 ms"),
+        (
+            "sequential child call (200 in a row)",
+            sequential_calls(options.repeats),
+            "p50 <= 1.0 ms",
+        ),
         ("warm `capsule run hello.py`", warm_hello(options.repeats), "<= 0.35 s"),
         ("edit -> re-run", edit_rerun(options.repeats), "<= 1 s"),
-        ("timeout of `while True: pass` (200 ms)", timeout_overshoot(options.repeats), "<= 50 ms late"),
+        (
+            "timeout of `while True: pass` (200 ms)",
+            timeout_overshoot(options.repeats),
+            "<= 50 ms late",
+        ),
     ]
     if not options.skip_build:
         rows.append(("first build of the guest runtime", first_build(), "report"))

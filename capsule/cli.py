@@ -138,10 +138,14 @@ def _run_command(options: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         report = run_program(request, renderer.on_event)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the run started, or while it was cleaning up
         _error(f"interrupted after {time.monotonic() - started:.1f}s")
         return EXIT_INTERRUPTED
-    return renderer.finish(report)
+    code = renderer.finish(report)
+    if report.interrupted:
+        _error(f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled")
+        return EXIT_INTERRUPTED
+    return code
 
 
 class _Renderer:
@@ -202,6 +206,8 @@ class _Renderer:
             if self.json_output:
                 print(json.dumps(report.envelope(), indent=2))
             _error(report.runtime_error)
+            if report.traceback:
+                sys.stderr.write(report.traceback)
             return EXIT_RUNTIME
         result = report.result
         if self.json_output:
@@ -209,6 +215,8 @@ class _Renderer:
         elif result.ok:
             value = result.value()
             print(value if isinstance(value, str) else json.dumps(value))
+        elif report.interrupted:
+            pass  # the caller says so; the cancellation is not the workflow's error
         else:
             error = result.error
             _error(

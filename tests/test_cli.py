@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import textwrap
@@ -332,3 +333,44 @@ def test_user_modules_and_pure_python_packages_load_at_run_time(tmp_path: Path) 
     assert done.returncode == 0, done.stderr
     assert done.stdout == "hey? typing_extensions\n"
     assert "building the guest runtime" not in done.stderr
+
+
+def test_interrupt_cancels_every_task_and_exits_130(tmp_path: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(compute="HIGH", max_retries=5)
+        def spin():
+            print("spinning", flush=True)
+            while True:
+                pass
+
+        @task(name="main", compute="HIGH", max_retries=5)
+        def main():
+            return spin()
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    assert process.stderr.readline() == "spinning\n"  # the child is in its CPU loop
+    process.send_signal(signal.SIGINT)
+    interrupted_at = time.monotonic()
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert time.monotonic() - interrupted_at < 10  # not after the fuel runs out (~12 s)
+    envelope = json.loads(out)
+    assert envelope["error"]["kind"] == "cancelled"
+    assert envelope["error"]["message"] == "cancelled: the run was interrupted"
+    assert envelope["execution"]["attempts"] == 1  # a cancelled task is not retried
+    assert "every task was cancelled" in err

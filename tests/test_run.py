@@ -455,3 +455,22 @@ def test_deep_call_chain_is_bounded_and_reports_the_root_cause(run_program: Prog
     assert result["message"].startswith("unhandled TaskError: task 'chain' failed (exception)")
     assert result["message"].endswith("task calls are nested 64 deep; the limit is 64")
     assert len(result["message"]) < 400  # not one wrapper per level
+
+
+def test_lifecycle_events_are_typed_and_ordered(run_program: ProgramRunner) -> None:
+    from pydantic import BaseModel
+
+    from capsule.supervisor.events import TaskEvent
+
+    outcome = run_program(RETRY, retry_backoff=0.01)
+    flaky = [e for e in outcome.events if e.task == "flaky"]
+    assert [e.type for e in flaky] == ["pending", "started", "retrying", "started", "completed"]
+    assert all(isinstance(e, BaseModel) for e in outcome.events)
+    # Events round-trip through their JSON form (what the journal will store).
+    from pydantic import TypeAdapter
+
+    adapter = TypeAdapter(TaskEvent)
+    for event in outcome.events:
+        assert adapter.validate_json(event.model_dump_json()) == event
+    run_ids = {e.run_id for e in outcome.events if e.task != "<load>"}
+    assert run_ids == {outcome.report.run_id}

@@ -96,6 +96,8 @@ class Invocation:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     cancelled: bool = False
+    #: Why it was cancelled, for the error its descendants report.
+    cancel_message: str = "cancelled because its caller stopped"
     #: Fuel left as of the last epoch tick (wasmtime-py reads it only between calls).
     fuel_left: int | None = None
 
@@ -470,7 +472,11 @@ class Sandbox:
         if invocation.stop_reason == "timeout":
             return ErrorInfo("timeout", f"deadline of {limits.timeout_s:g}s exceeded")
         if invocation.stop_reason == "cancelled":
-            return ErrorInfo("cancelled", "cancelled because its caller stopped")
+            node: Invocation | None = invocation
+            while node is not None and not node.cancelled:
+                node = node.parent
+            message = node.cancel_message if node is not None else Invocation.cancel_message
+            return ErrorInfo("cancelled", message)
         if "all fuel consumed" in text:
             return ErrorInfo("fuel_exhausted", f"used all of its {limits.fuel:,} fuel")
         if "memory" in text.lower() and "minimum" in text.lower():

@@ -18,6 +18,7 @@ from capsule.supervisor.run import (
     Backoff,
     ProgramError,
     Run,
+    RunInterrupted,
     RunSettings,
     TaskResult,
     program_module,
@@ -44,6 +45,8 @@ class RunReport:
     usage_error: str | None = None
     runtime_error: str | None = None
     traceback: str | None = None
+    #: The run was interrupted (Ctrl-C) and its tasks cancelled.
+    interrupted: bool = False
 
     def envelope(self) -> dict[str, Any]:
         """The ``--json`` envelope."""
@@ -124,6 +127,8 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
         run = Run(sandbox, module, configs, events, settings)
         try:
             result = run.run_main(request.args, request.kwargs, first)
+        except RunInterrupted as exc:
+            return RunReport(run_id=run.run_id, result=exc.result, interrupted=True)
         except ProgramError as exc:
             return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
         except Exception:  # a host bug: report it, never lose the traceback

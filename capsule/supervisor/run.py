@@ -55,6 +55,14 @@ class ProgramError(Exception):
         self.traceback = traceback
 
 
+class RunInterrupted(Exception):
+    """The run was interrupted (Ctrl-C); the tree was cancelled and has stopped."""
+
+    def __init__(self, result: TaskResult) -> None:
+        super().__init__("the run was interrupted")
+        self.result = result
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff between attempts: ``initial * factor ** (n - 1)``, capped."""
@@ -212,22 +220,31 @@ class Run:
         outcome: list[TaskResult] = []
         failure: list[BaseException] = []
 
+        finished = threading.Event()
+
         def body() -> None:
             try:
                 outcome.append(self.run_task("main", "main", args, kwargs or {}, parent=root))
             except BaseException as exc:  # re-raised on the caller's thread
                 failure.append(exc)
+            finally:
+                finished.set()
 
         thread = start_task_thread(body, name="capsule-main")
-        try:
-            while thread.is_alive():
-                thread.join(0.1)  # a timed join so that Ctrl-C is seen promptly
-        except BaseException:
-            root.cancelled = True
-            thread.join()
-            raise
+        interrupted = False
+        # Wait on an Event, not on Thread.join: an interrupted join can mark a
+        # thread finished while it still runs (CPython < 3.13).
+        while not finished.is_set():
+            try:
+                finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
+            except KeyboardInterrupt:
+                root.cancel_message = "cancelled: the run was interrupted"
+                interrupted = root.cancelled = True
+        thread.join()
         if failure:
             raise failure[0]
+        if interrupted:
+            raise RunInterrupted(outcome[0])
         return outcome[0]
 
     def run_task(
