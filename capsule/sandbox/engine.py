@@ -2,8 +2,8 @@
 
 One :class:`Sandbox` per run owns the engine, the compiled guest runtime, the
 linker with the host imports, and the epoch ticker thread. :meth:`Sandbox.invoke`
-runs one attempt of one task in a new instance and blocks until it ends, so the
-caller runs it on a worker thread.
+runs one attempt of one task in a fresh instance and blocks until it ends; the
+supervisor calls it on its task threads.
 
 Limits are enforced by wasmtime: fuel (``Config.consume_fuel``), a memory cap
 (``Store.set_limits``), and a deadline checked on every epoch tick by a callback
@@ -14,11 +14,13 @@ has passed or it was cancelled.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import queue
 import threading
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +98,8 @@ class Invocation:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     cancelled: bool = False
+    #: The host's traceback if a host import failed while serving this invocation.
+    host_error: str | None = None
     #: Why it was cancelled, for the error its descendants report.
     cancel_message: str = "cancelled because its caller stopped"
     #: Fuel left as of the last epoch tick (wasmtime-py reads it only between calls).
@@ -205,6 +209,26 @@ def _bound(invocation: Invocation) -> Iterator[None]:
         _thread.invocation = previous
 
 
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a host import so that a failure of the host's own code ends the
+    instance as a trap carrying the host traceback. (wasmtime-py would keep any
+    other exception in one process-wide slot, which threads would race for.)"""
+
+    @functools.wraps(func)
+    def guarded(*args: Any) -> Any:
+        try:
+            return func(*args)
+        except wasmtime.WasmtimeError:
+            raise
+        except Exception:
+            invocation: Invocation | None = getattr(_thread, "invocation", None)
+            if invocation is not None:
+                invocation.host_error = traceback.format_exc()
+            raise _Stop("capsule: host error") from None
+
+    return guarded
+
+
 def _current() -> Invocation:
     invocation: Invocation | None = getattr(_thread, "invocation", None)
     if invocation is None:  # pragma: no cover - an import called outside invoke()
@@ -292,12 +316,12 @@ class Sandbox:
         linker.add_wasip2()
         root = linker.root()
         with root.add_instance(_interface("modules")) as modules:
-            modules.add_func("find", self._find_module)
-            modules.add_func("offer-compiled", self._offer_compiled)
+            modules.add_func("find", _guarded(self._find_module))
+            modules.add_func("offer-compiled", _guarded(self._offer_compiled))
         with root.add_instance(_interface("tasks")) as tasks:
-            tasks.add_func("call", self._call_task)
+            tasks.add_func("call", _guarded(self._call_task))
         with root.add_instance(_interface("output")) as output:
-            output.add_func("write", self._write)
+            output.add_func("write", _guarded(self._write))
         return linker
 
     def _find_module(self, _store: Any, fullname: str) -> Any:
@@ -477,6 +501,10 @@ class Sandbox:
                 node = node.parent
             message = node.cancel_message if node is not None else Invocation.cancel_message
             return ErrorInfo("cancelled", message)
+        if invocation.host_error is not None:
+            return ErrorInfo(
+                "trap", "the host failed while serving the task", traceback=invocation.host_error
+            )
         if "all fuel consumed" in text:
             return ErrorInfo("fuel_exhausted", f"used all of its {limits.fuel:,} fuel")
         if "memory" in text.lower() and "minimum" in text.lower():

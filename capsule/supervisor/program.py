@@ -21,6 +21,7 @@ from capsule.supervisor.run import (
     RunInterrupted,
     RunSettings,
     TaskResult,
+    new_run_id,
     program_module,
 )
 
@@ -105,12 +106,13 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
         sandbox = Sandbox([path.parent, *site_package_dirs()])
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
+    run_id = new_run_id()
     with sandbox:
 
         def load_output(invocation: Invocation, stream: str, text: str) -> None:
             events.emit(
                 TaskOutput(
-                    run_id="",
+                    run_id=run_id,
                     task_id=LOAD_TASK_ID,
                     task=LOAD_TASK_ID,
                     stream="stderr" if stream == "stderr" else "stdout",
@@ -124,7 +126,7 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
-        run = Run(sandbox, module, configs, events, settings)
+        run = Run(sandbox, module, configs, events, settings, run_id)
         try:
             result = run.run_main(request.args, request.kwargs, first)
         except RunInterrupted as exc:

@@ -1,9 +1,10 @@
-"""One run of a program: load it, then run tasks as a tree of supervised invocations.
+"""One run of a program: load it, then run its tasks as a tree of invocations.
 
-Each invocation attempt runs in a fresh sandbox instance on a worker thread. A
-task calling another task reaches :meth:`Run._call_from_guest` from that worker
-thread; the child is then run (with its own retries) on the event loop's
-schedule, in its own thread and instance, while the caller's thread waits.
+``main`` runs on a task thread owned by :meth:`Run.run_main`. Each attempt of an
+invocation runs in a fresh sandbox instance. A task calling another task reaches
+:meth:`Run.call_task` through a host import, on its own thread, which is blocked
+in that call anyway: the child (with its retries) runs right there, in its own
+instance, and its result is returned to the caller.
 """
 
 from __future__ import annotations
@@ -98,11 +99,11 @@ class TaskResult:
 
 @dataclass
 class _Node:
-    """A task invocation across its attempts: the unit of the task tree."""
+    """A task invocation across its attempts: numbers the calls it makes, so that
+    child ids are deterministic (the parent's id plus the call's sequence number;
+    attempts continue the count, so ids stay unique across retries)."""
 
     task_id: str
-    config: TaskConfig
-    parent: Invocation | None
     children: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -118,6 +119,11 @@ class RunSettings:
     backoff: Backoff = field(default_factory=Backoff)
     #: Fresh instances kept ready with the program imported (0: prepare on demand).
     pool_size: int = 2
+
+
+def new_run_id() -> str:
+    """A fresh, short, unique run id."""
+    return uuid.uuid4().hex[:12]
 
 
 def program_module(path: Path) -> str:
@@ -148,7 +154,7 @@ class Run:
         self.configs = configs
         self.events = events
         self.settings = settings or RunSettings()
-        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.run_id = run_id or new_run_id()
         self._nodes: dict[Invocation, _Node] = {}
 
     # -- loading -------------------------------------------------------------
@@ -257,7 +263,7 @@ class Run:
     ) -> TaskResult:
         """Run one task invocation, with its retries, on the calling thread."""
         config = self.configs[name]
-        node = _Node(task_id=task_id, config=config, parent=parent)
+        node = _Node(task_id=task_id)
         limits = Limits.for_task(config, self.settings.caps)
         max_attempts = config.max_retries + 1
         emit = self.events.emit
