@@ -54,6 +54,45 @@ def sequential_calls(repeats: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(p50s), "p95_ms": statistics.median(p95s)}
 
 
+def instance_costs(repeats: int) -> dict[str, float]:
+    """What one fresh instance costs, step by step, with nothing else running."""
+    from capsule.sandbox.engine import Sandbox
+    from capsule.sandbox.modules import site_package_dirs
+
+    program = "sequential_calls"
+    prepare, teardown = [], []
+    with Sandbox([PROGRAMS, *site_package_dirs()]) as sandbox:
+        sandbox.prepare(program).store.close()  # the first load compiles; later ones reuse it
+        for _ in range(repeats * 3):
+            start = time.perf_counter()
+            prepared = sandbox.prepare(program)
+            middle = time.perf_counter()
+            prepared.store.close()
+            prepare.append(middle - start)
+            teardown.append(time.perf_counter() - middle)
+    return {
+        "prepare_ms (instantiate+import)": statistics.median(prepare) * 1000,
+        "teardown_ms": statistics.median(teardown) * 1000,
+    }
+
+
+def calls_with_ready_pool(repeats: int) -> dict[str, float]:
+    """Sequential calls when the pool was filled beforehand: the call path alone."""
+    from capsule.sandbox.engine import Sandbox
+    from capsule.sandbox.modules import site_package_dirs
+    from capsule.supervisor.events import EventStream
+    from capsule.supervisor.run import Run, RunSettings
+
+    p50s = []
+    for _ in range(max(1, repeats // 3)):
+        with Sandbox([PROGRAMS, *site_package_dirs()]) as sandbox:
+            configs, first = Run.load(sandbox, "sequential_after_wait", lambda *a: None)
+            run = Run(sandbox, "sequential_after_wait", configs, EventStream(), RunSettings(pool_size=220))
+            result = run.run_main(["200", "3"], {}, first)
+            p50s.append(json.loads(result.result_json or "{}")["p50_ms"])
+    return {"p50_ms": statistics.median(p50s)}
+
+
 def warm_hello(repeats: int) -> dict[str, float]:
     hello = str(REPO / "examples" / "hello.py")
     run_cli("run", hello)  # make sure the runtime is built and the page cache warm

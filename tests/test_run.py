@@ -474,3 +474,30 @@ def test_lifecycle_events_are_typed_and_ordered(run_program: ProgramRunner) -> N
         assert adapter.validate_json(event.model_dump_json()) == event
     run_ids = {e.run_id for e in outcome.events}
     assert run_ids == {outcome.report.run_id}
+
+
+def test_limits_come_from_the_host_not_from_the_caller(run_program: ProgramRunner) -> None:
+    # The caller rewrites the child's declared options and the SDK registry at run
+    # time; the host enforces what it validated when the program was loaded.
+    outcome = run_program(
+        """
+        from capsule import TaskError, task
+        from capsule.sdk.task import registry
+
+        @task(compute="LOW", ram="32MB", max_retries=0)
+        def greedy():
+            while True:
+                pass
+
+        @task(name="main", compute="HIGH")
+        def main():
+            greedy.options.update(compute="HIGH", ram="4GB", max_retries=5)
+            registry["greedy"].options["compute"] = 10**15
+            try:
+                greedy()
+            except TaskError as error:
+                return [error.kind, error.message]
+        """
+    )
+    assert outcome.value == ["fuel_exhausted", "used all of its 100,000,000 fuel"]
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "greedy"] == [1]

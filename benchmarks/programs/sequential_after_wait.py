@@ -1,0 +1,22 @@
+"""Like sequential_calls, but waits first so a large instance pool can fill."""
+
+import time
+
+from capsule import task
+
+
+@task(compute="LOW")
+def child(i: int) -> int:
+    return i
+
+
+@task(name="main", compute="HIGH", timeout="5m")
+def main(n: str = "200", wait: str = "3") -> dict:
+    time.sleep(float(wait))
+    times = []
+    for i in range(int(n)):
+        start = time.perf_counter()
+        child(i)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"p50_ms": times[len(times) // 2] * 1000, "p95_ms": times[int(len(times) * 0.95)] * 1000}
