@@ -72,3 +72,17 @@ def test_two_processes_build_a_fresh_cache_at_once(tmp_path: Path) -> None:
     # A warm start reuses the cache and builds nothing.
     warm = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert warm.returncode == 0 and warm.stderr == ""
+
+
+def test_old_builds_are_pruned(tmp_path: Path) -> None:
+    home = tmp_path / "runtime"
+    home.mkdir()
+    for age, name in enumerate(["a", "b", "c", "d", "e"]):
+        entry = home / name
+        entry.mkdir()
+        (entry / "guest.cwasm").write_bytes(b"x")
+        os.utime(entry, (1000 + age, 1000 + age))
+    (home / "a.lock").write_text("")
+    (home / "b.lock").write_text("")
+    runtime._prune(home, keep=home / "a")
+    assert sorted(p.name for p in home.iterdir()) == ["a", "a.lock", "c", "d", "e"]

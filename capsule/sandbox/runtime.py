@@ -195,6 +195,7 @@ def ensure_runtime(
     key = cache_key(engine_settings)
     artifacts = RuntimeArtifacts(home / key)
     if artifacts.compiled.is_file():
+        _touch(artifacts.directory)
         return artifacts
     try:
         home.mkdir(parents=True, exist_ok=True)
@@ -231,4 +232,33 @@ def ensure_runtime(
             f"capsule: guest runtime ready in {time.monotonic() - started:.1f}s\n"
         )
         progress.stream.flush()
+        _prune(home, keep=artifacts.directory)
     return artifacts
+
+
+#: Runtime builds kept in the cache (each ~65 MB): the newest few, so that
+#: switching between a couple of Capsule versions does not rebuild every time.
+KEEP_BUILDS = 3
+
+
+def _touch(directory: Path) -> None:
+    """Mark a cache entry as used (its mtime orders pruning)."""
+    try:
+        os.utime(directory)
+    except OSError:  # a read-only cache still works
+        pass
+
+
+def _prune(home: Path, keep: Path) -> None:
+    """Remove all but the KEEP_BUILDS most recently used builds."""
+    entries = sorted(
+        (entry for entry in home.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        key=lambda entry: entry.stat().st_mtime,
+        reverse=True,
+    )
+    for entry in entries[KEEP_BUILDS:]:
+        if entry != keep:
+            # A process still using an old build has it mapped already; removing
+            # the files does not disturb it.
+            shutil.rmtree(entry, ignore_errors=True)
+            (home / f"{entry.name}.lock").unlink(missing_ok=True)
