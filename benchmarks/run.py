@@ -87,7 +87,9 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
     for _ in range(max(1, repeats // 3)):
         with Sandbox([PROGRAMS, *site_package_dirs()]) as sandbox:
             configs, first = Run.load(sandbox, "sequential_after_wait", lambda *a: None)
-            run = Run(sandbox, "sequential_after_wait", configs, EventStream(), RunSettings(pool_size=220))
+            run = Run(
+                sandbox, "sequential_after_wait", configs, EventStream(), RunSettings(pool_size=220)
+            )
             result = run.run_main(["200", "3"], {}, first)
             p50s.append(json.loads(result.result_json or "{}")["p50_ms"])
     return {"p50_ms": statistics.median(p50s)}

@@ -501,3 +501,37 @@ def test_limits_come_from_the_host_not_from_the_caller(run_program: ProgramRunne
     )
     assert outcome.value == ["fuel_exhausted", "used all of its 100,000,000 fuel"]
     assert [e.attempt for e in outcome.of_type("started") if e.task == "greedy"] == [1]
+
+
+def test_oversized_results_and_arguments_are_refused(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        """
+        from capsule import TaskError, task
+
+        @task(ram="512MB", compute="HIGH", max_retries=0)
+        def huge():
+            return "x" * (65 * 1024 * 1024)
+
+        @task(max_retries=0)
+        def takes(blob):
+            return len(blob)
+
+        @task(name="main", ram="1GB", compute="HIGH")
+        def main():
+            found = []
+            try:
+                huge()
+            except TaskError as error:
+                found.append(error.message)
+            try:
+                takes("y" * (65 * 1024 * 1024))
+            except TaskError as error:
+                found.append(error.message)
+            return found
+        """
+    )
+    result, arguments = outcome.value
+    assert "task 'huge' returned 68,157,442 bytes of JSON; results are limited to" in result
+    assert (
+        "the arguments to 'takes' are" in arguments and "limited to 67,108,864 bytes" in arguments
+    )

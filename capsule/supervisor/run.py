@@ -40,6 +40,9 @@ from capsule.supervisor.events import (
 
 #: How deep task calls may nest before the call is refused.
 MAX_DEPTH = 64
+#: Largest JSON a task may pass as arguments or return as its result. The value
+#: crosses the host, so the cap bounds what one task can make the host hold.
+MAX_PAYLOAD_BYTES = 64 * 1024**2
 #: Kinds that a retry cannot fix.
 NOT_RETRYABLE = frozenset({"cancelled"})
 
@@ -295,6 +298,14 @@ class Run:
                     outcome = self.sandbox.invoke(invocation, self.program, args, kwargs)
                 finally:
                     del self._nodes[invocation]
+                size = len(outcome.result_json or "")
+                if size > MAX_PAYLOAD_BYTES:
+                    outcome.result_json = None
+                    outcome.error = ErrorInfo(
+                        "exception",
+                        f"task {name!r} returned {size:,} bytes of JSON; "
+                        f"results are limited to {MAX_PAYLOAD_BYTES:,} bytes",
+                    )
             total_fuel += outcome.fuel_consumed
             total_time += outcome.duration_s
             if outcome.error is None:
@@ -360,6 +371,11 @@ class Run:
         depth = node.task_id.count("/") + 1
         if depth >= MAX_DEPTH:
             return refuse(f"task calls are nested {depth} deep; the limit is {MAX_DEPTH}")
+        if len(call_json) > MAX_PAYLOAD_BYTES:
+            return refuse(
+                f"the arguments to {name!r} are {len(call_json):,} bytes of JSON; "
+                f"arguments are limited to {MAX_PAYLOAD_BYTES:,} bytes"
+            )
         try:
             call = json.loads(call_json)
             args, kwargs = list(call["args"]), dict(call["kwargs"])
