@@ -31,12 +31,18 @@ def _parser() -> argparse.ArgumentParser:
         prog="capsule",
         description="Run multi-agent Python workflows with every task in its own WebAssembly sandbox.",
     )
+    from capsule import __version__
+
+    parser.add_argument("--version", action="version", version=f"capsule {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     run = commands.add_parser(
         "run",
         help="run a program's main task",
         description="Run the task named 'main' in FILE, passing ARGS as positional string arguments.",
+        epilog="exit codes: 0 success, 1 the workflow failed, 2 usage, config or program "
+        "error (nothing ran), 3 the sandbox runtime could not be built or loaded, "
+        "130 interrupted",
     )
     run.add_argument("file", metavar="FILE", help="the Python program (a .py file)")
     run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for main")
