@@ -86,9 +86,9 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
     p50s = []
     for _ in range(max(1, repeats // 3)):
         with Sandbox([PROGRAMS, *site_package_dirs()]) as sandbox:
-            configs, first = Run.load(sandbox, "sequential_after_wait", lambda *a: None)
+            configs, first = Run.load(sandbox, "sequential_calls", lambda *a: None)
             run = Run(
-                sandbox, "sequential_after_wait", configs, EventStream(), RunSettings(pool_size=220)
+                sandbox, "sequential_calls", configs, EventStream(), RunSettings(pool_size=220)
             )
             result = run.run_main(["200", "3"], {}, first)
             p50s.append(json.loads(result.result_json or "{}")["p50_ms"])

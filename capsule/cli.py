@@ -201,28 +201,20 @@ class _Renderer:
         sys.stderr.flush()
 
     def finish(self, report: Any) -> int:
-        if report.usage_error is not None:
-            if self.json_output:
-                print(json.dumps(report.envelope(), indent=2))
-            _error(report.usage_error)
-            if report.traceback:
-                sys.stderr.write(report.traceback)
-            return EXIT_USAGE
-        if report.runtime_error is not None:
-            if self.json_output:
-                print(json.dumps(report.envelope(), indent=2))
-            _error(report.runtime_error)
-            if report.traceback:
-                sys.stderr.write(report.traceback)
-            return EXIT_RUNTIME
-        result = report.result
         if self.json_output:
             print(json.dumps(report.envelope(), indent=2))
+        nothing_ran = report.usage_error or report.runtime_error
+        if nothing_ran is not None:
+            _error(nothing_ran)
+            if report.traceback:
+                sys.stderr.write(report.traceback)
+            return EXIT_USAGE if report.usage_error is not None else EXIT_RUNTIME
+        result = report.result
+        if self.json_output or report.interrupted:
+            pass  # the envelope says it all; an interrupt is reported by the caller
         elif result.ok:
             value = result.value()
             print(value if isinstance(value, str) else json.dumps(value))
-        elif report.interrupted:
-            pass  # the caller says so; the cancellation is not the workflow's error
         else:
             error = result.error
             _error(

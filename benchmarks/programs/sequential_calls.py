@@ -1,4 +1,7 @@
-"""A task calls a trivial child N times in a row; per-call times measured in the guest."""
+"""A task calls a trivial child N times in a row; per-call times measured in the guest.
+
+``wait`` seconds pass first (to let a large instance pool fill, in the
+diagnostic that measures the call path alone)."""
 
 import time
 
@@ -10,8 +13,9 @@ def child(i: int) -> int:
     return i
 
 
-@task(name="main", compute="HIGH")
-def main(n: str = "200") -> dict:
+@task(name="main", compute="HIGH", timeout="5m")
+def main(n: str = "200", wait: str = "0") -> dict:
+    time.sleep(float(wait))
     times = []
     for i in range(int(n)):
         start = time.perf_counter()
