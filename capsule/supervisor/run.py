@@ -180,22 +180,14 @@ class Run:
                 output(invocation, stream, text)
 
         try:
-            prepared = sandbox.prepare(program, LoadHost())
+            prepared = sandbox.prepare(program, LoadHost(), describe=True)
         except PrepareError as exc:
             raise ProgramError(
                 f"importing the program failed ({exc.error.kind}): {exc.error.message}",
                 exc.error.traceback,
             ) from None
         try:
-            loaded = json.loads(prepared.declared)
-            origin = loaded.get("origin")
-            expected = sandbox.finder.find(program)
-            if expected is None or getattr(expected, "origin", None) != origin:
-                raise ProgramError(
-                    f"the program's module name {program!r} is taken by a module of the "
-                    f"sandbox's standard library ({origin}); rename the program file"
-                )
-            return validate_program(loaded["tasks"]), prepared
+            return validate_program(json.loads(prepared.declared)["tasks"]), prepared
         except BaseException:
             prepared.store.close()
             raise
