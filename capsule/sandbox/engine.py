@@ -422,7 +422,7 @@ class Sandbox:
     def invoke(
         self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
     ) -> AttemptOutcome:
-        """Run one attempt of a task in a fresh instance. Blocks; call it on a worker thread."""
+        """Run one attempt of a task in a fresh instance; blocks until it ends."""
         started = time.monotonic()
         limits = invocation.limits
         if limits.ram_bytes < MIN_RAM_BYTES:
