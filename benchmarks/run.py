@@ -90,7 +90,7 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
             run = Run(
                 sandbox, "sequential_calls", configs, EventStream(), RunSettings(pool_size=220)
             )
-            result = run.run_main(["200", "3"], {}, first)
+            result = run.run_main(["200", "3"], {}, first)  # 3 s for the pool to fill
             p50s.append(json.loads(result.result_json or "{}")["p50_ms"])
     return {"p50_ms": statistics.median(p50s)}
 
@@ -172,6 +172,12 @@ def main() -> None:
             "sequential child call (200 in a row)",
             sequential_calls(options.repeats),
             "p50 <= 1.0 ms",
+        ),
+        ("one fresh instance", instance_costs(options.repeats), "diagnostic"),
+        (
+            "sequential calls, pool filled before the calls",
+            calls_with_ready_pool(options.repeats),
+            "diagnostic",
         ),
         ("warm `capsule run hello.py`", warm_hello(options.repeats), "<= 0.35 s"),
         ("edit -> re-run", edit_rerun(options.repeats), "<= 1 s"),
