@@ -7,7 +7,24 @@ the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 """
 
 from capsule.sdk.errors import TaskError
-from capsule.sdk.task import TaskFunction, TaskInfo, current, task
+from capsule.sdk.task import (
+    TaskFunction,
+    TaskHandle,
+    TaskInfo,
+    current,
+    gather,
+    sleep,
+    task,
+)
 
-__all__ = ["TaskError", "TaskFunction", "TaskInfo", "current", "task"]
+__all__ = [
+    "TaskError",
+    "TaskFunction",
+    "TaskHandle",
+    "TaskInfo",
+    "current",
+    "gather",
+    "sleep",
+    "task",
+]
 __version__ = "0.1.0"

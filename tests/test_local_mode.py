@@ -67,3 +67,23 @@ def test_exceptions_propagate_unchanged_locally() -> None:
 
     with pytest.raises(KeyError):
         fails_locally()
+
+
+def test_spawn_map_gather_and_sleep_run_directly() -> None:
+    @task
+    def double_local(x: int) -> int:
+        return x * 2
+
+    @task
+    def broken_local(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    handle = double_local.spawn(4)
+    assert handle.result() == 8
+    assert double_local.map([1, 2, 3]) == [2, 4, 6]
+    results = capsule.gather(double_local.spawn(1), broken_local.spawn(2), return_exceptions=True)
+    assert results[0] == 2
+    assert isinstance(results[1], capsule.TaskError) and results[1].message == "ValueError: no 2"
+    with pytest.raises(capsule.TaskError):
+        broken_local.spawn(3).result()
+    capsule.sleep(0)

@@ -452,7 +452,8 @@ def test_deep_call_chain_is_bounded_and_reports_the_root_cause(run_program: Prog
     result = outcome.value
     assert result["cause"]["message"] == "task calls are nested 64 deep; the limit is 64"
     assert result["cause"]["task"] == "chain"
-    assert result["message"].startswith("unhandled TaskError: task 'chain' failed (exception)")
+    assert result["cause"]["kind"] == "limit"
+    assert result["message"].startswith("unhandled TaskError: task 'chain' failed (limit)")
     assert result["message"].endswith("task calls are nested 64 deep; the limit is 64")
     assert len(result["message"]) < 400  # not one wrapper per level
 

@@ -75,13 +75,60 @@ class AttemptOutcome:
 
 
 class HostCalls(Protocol):
-    """What the host does when the guest calls an import (implemented by the supervisor)."""
+    """What the host does when the guest calls an import (implemented by the
+    supervisor). Calls that return (ok, payload) give the guest ``result::ok``
+    or ``result::err`` with that payload (JSON). Blocking calls return when done
+    or when the caller must stop; the sandbox then ends the caller's instance."""
 
     def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
         """Run a child task to the end: (True, result JSON) or (False, error JSON)."""
         ...
 
+    def spawn_task(
+        self, caller: Invocation, name: str, call_json: str, options_json: str
+    ) -> tuple[bool, str]:
+        """Start a concurrent child: (True, its task id) or (False, error JSON)."""
+        ...
+
+    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+        """Wait for children to end: (True, outcomes JSON) or (False, error JSON)."""
+        ...
+
+    def cancel(self, caller: Invocation, task_id: str) -> None: ...
+
+    def sleep(self, caller: Invocation, seconds: float) -> None: ...
+
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
+
+
+class RefusingHost:
+    """Host calls for an instance that only imports the program: output is
+    dropped and every task operation is refused (module-level code must not
+    start tasks)."""
+
+    def _refuse(self, name: str) -> tuple[bool, str]:
+        message = f"task {name!r} was called while the program was being imported"
+        return False, json.dumps({"kind": "exception", "task": name, "message": message})
+
+    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+        return self._refuse(name)
+
+    def spawn_task(
+        self, caller: Invocation, name: str, call_json: str, options_json: str
+    ) -> tuple[bool, str]:
+        return self._refuse(name)
+
+    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+        return self._refuse("?")
+
+    def cancel(self, caller: Invocation, task_id: str) -> None:
+        return None
+
+    def sleep(self, caller: Invocation, seconds: float) -> None:
+        time.sleep(min(seconds, PREPARE_LIMITS.timeout_s or 0.0))
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None:
+        return None
 
 
 @dataclass(eq=False)
@@ -98,6 +145,9 @@ class Invocation:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
     cancelled: bool = False
+    #: Set by the host to end this invocation with this error (e.g. a linked
+    #: child failed); seen at the next epoch tick or host call.
+    aborted: ErrorInfo | None = None
     #: The host's traceback if a host import failed while serving this invocation.
     host_error: str | None = None
     #: Why it was cancelled, for the error its descendants report.
@@ -115,9 +165,11 @@ class Invocation:
         """Why this invocation must stop now, or None. Walks the ancestors: a
         child never outlives the deadline or cancellation of its callers."""
         now = time.monotonic()
+        if self.aborted is not None:
+            return "aborted"
         node: Invocation | None = self
         while node is not None:
-            if node.cancelled:
+            if node.cancelled or (node is not self and node.aborted is not None):
                 return "cancelled"
             deadline = node.deadline
             if deadline is not None and now >= deadline:
@@ -132,19 +184,7 @@ LOAD_TASK_ID = "<load>"
 PREPARE_LIMITS = Limits(fuel=2_000_000_000, ram_bytes=256 * 1024**2, timeout_s=30.0)
 
 
-class _PrepareHost:
-    """Host calls while a program is imported ahead of use: output is dropped
-    and module-level task calls are refused."""
-
-    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
-        message = f"task {name!r} was called while the program was being imported"
-        return False, json.dumps({"kind": "exception", "task": name, "message": message})
-
-    def output(self, invocation: Invocation, stream: str, text: str) -> None:
-        return None
-
-
-_PREPARE_HOST = _PrepareHost()
+_PREPARE_HOST = RefusingHost()
 
 
 @dataclass
@@ -248,6 +288,16 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _after_blocking(invocation: Invocation, value: Any) -> Any:
+    """After a host call that may have blocked: end the instance if it must stop
+    (deadline, cancellation, abort), else hand the guest its answer."""
+    reason = invocation.check_stop()
+    if reason is not None:
+        invocation.stop_reason = reason
+        raise _Stop(f"capsule: {reason}")
+    return value
+
+
 def _current() -> Invocation:
     invocation: Invocation | None = getattr(_thread, "invocation", None)
     if invocation is None:  # pragma: no cover - an import called outside invoke()
@@ -339,6 +389,10 @@ class Sandbox:
             modules.add_func("offer-compiled", _guarded(self._offer_compiled))
         with root.add_instance(_interface("tasks")) as tasks:
             tasks.add_func("call", _guarded(self._call_task))
+            tasks.add_func("spawn", _guarded(self._spawn_task))
+            tasks.add_func("wait", _guarded(self._wait))
+            tasks.add_func("cancel", _guarded(self._cancel))
+            tasks.add_func("sleep", _guarded(self._sleep))
         with root.add_instance(_interface("output")) as output:
             output.add_func("write", _guarded(self._write))
         return linker
@@ -360,11 +414,27 @@ class Sandbox:
     def _call_task(self, _store: Any, name: str, call_json: str) -> Any:
         invocation = _current()
         ok, payload = invocation.host.call_task(invocation, name, call_json)
-        reason = invocation.check_stop()
-        if reason is not None:
-            invocation.stop_reason = reason
-            raise _Stop(f"capsule: {reason}")
-        return Variant("ok" if ok else "err", payload)
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+
+    def _spawn_task(self, _store: Any, name: str, call_json: str, options_json: str | None) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+
+    def _wait(self, _store: Any, ids_json: str, timeout_ms: int | None) -> Any:
+        invocation = _current()
+        timeout = None if timeout_ms is None else timeout_ms / 1000
+        ok, payload = invocation.host.wait(invocation, ids_json, timeout)
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+
+    def _cancel(self, _store: Any, task_id: str) -> None:
+        invocation = _current()
+        invocation.host.cancel(invocation, task_id)
+
+    def _sleep(self, _store: Any, ms: int) -> None:
+        invocation = _current()
+        invocation.host.sleep(invocation, ms / 1000)
+        _after_blocking(invocation, None)
 
     def _write(self, _store: Any, stream: str, text: str) -> None:
         invocation = _current()
@@ -513,13 +583,19 @@ class Sandbox:
     def _classify(invocation: Invocation, exc: Exception) -> ErrorInfo:
         text = str(exc)
         limits = invocation.limits
+        if invocation.stop_reason == "aborted" and invocation.aborted is not None:
+            return invocation.aborted
         if invocation.stop_reason == "timeout":
             return ErrorInfo("timeout", f"deadline of {limits.timeout_s:g}s exceeded")
         if invocation.stop_reason == "cancelled":
             node: Invocation | None = invocation
-            while node is not None and not node.cancelled:
+            while node is not None and not node.cancelled and node.aborted is None:
                 node = node.parent
-            message = node.cancel_message if node is not None else Invocation.cancel_message
+            message = (
+                node.cancel_message
+                if node is not None and node.cancelled
+                else Invocation.cancel_message
+            )
             return ErrorInfo("cancelled", message)
         if invocation.host_error is not None:
             return ErrorInfo(

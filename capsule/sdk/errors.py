@@ -9,8 +9,9 @@ class TaskError(Exception):
     """A task failed after all its attempts.
 
     Raised in the caller of a child task. ``kind`` is one of ``exception``,
-    ``timeout``, ``fuel_exhausted``, ``memory_limit``, ``trap``, ``cancelled``
-    (and ``config`` or ``serialization`` for calls the host refused);
+    ``timeout``, ``fuel_exhausted``, ``memory_limit``, ``trap``, ``cancelled``,
+    ``child_failed`` (a child of its own failed unwatched) or ``limit`` (the host
+    refused to start it: too deep, too many children or live tasks);
     ``traceback`` is the guest's traceback text when the failure was a Python
     exception. When the child failed only because a TaskError of its own went
     unhandled, ``cause`` holds the original failure: ``{"task", "kind",

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
+
+from capsule.sdk.errors import TaskError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,6 +44,27 @@ class Backend(Protocol):
     """How task calls leave the running code; installed by the guest runtime."""
 
     def call_task(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def spawn_task(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        actor_name: str | None,
+        awaited: bool,
+    ) -> str:
+        """Start a child concurrently; returns its task id. ``awaited``: the
+        caller will wait for it, so its failure is reported there."""
+        ...
+
+    def wait(self, task_ids: list[str], timeout: float | None) -> list[tuple[bool, Any]]:
+        """Wait for children to end: per id, (True, value) or (False, TaskError).
+        Raises TimeoutError if they have not all ended in time."""
+        ...
+
+    def cancel(self, task_id: str) -> None: ...
+
+    def sleep(self, seconds: float) -> None: ...
 
     def current(self) -> TaskInfo | None: ...
 
@@ -85,6 +108,31 @@ class TaskFunction(Generic[P, R]):
             result: R = backend.call_task(self.name, tuple(args), dict(kwargs))
             return result
         return self._call_local(*args, **kwargs)
+
+    def spawn(self, *args: Any, name: str | None = None, **kwargs: Any) -> TaskHandle[R]:
+        """Start this task as a concurrent child and return its handle at once.
+
+        ``name`` registers the child under that name for the run, for
+        ``capsule.send`` and ``capsule.ask``; every other keyword goes to the task.
+        A child that fails while nobody waits on it fails its parent too
+        (kind ``child_failed``); waiting on it (``result``, ``gather``) gets
+        its TaskError instead.
+        """
+        return self._spawn(args, kwargs, name, awaited=False)
+
+    def map(self, items: Iterable[Any]) -> list[R]:
+        """Run one child per item, concurrently; the results in input order."""
+        handles = [self._spawn((item,), {}, None, awaited=True) for item in items]
+        return gather(*handles)
+
+    def _spawn(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None, awaited: bool
+    ) -> TaskHandle[R]:
+        backend = _backend
+        if backend is None:
+            return TaskHandle._local(self, args, kwargs)
+        task_id = backend.spawn_task(self.name, tuple(args), dict(kwargs), name, awaited)
+        return TaskHandle(task_id, self.name)
 
     def _call_local(self, *args: P.args, **kwargs: P.kwargs) -> R:
         parent = _local_current.get()
@@ -167,6 +215,80 @@ def task(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+class TaskHandle(Generic[R]):
+    """A child task started with ``spawn``: wait for it, or cancel it."""
+
+    def __init__(self, task_id: str, name: str) -> None:
+        self.id = task_id
+        self.name = name
+        self._local_outcome: tuple[bool, Any] | None = None
+
+    @classmethod
+    def _local(
+        cls, fn: TaskFunction[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> TaskHandle[R]:
+        # Local mode runs the child to the end right away, in plain Python.
+        handle: TaskHandle[R] = cls(f"local/{fn.name}", fn.name)
+        try:
+            handle._local_outcome = (True, fn._call_local(*args, **kwargs))
+        except Exception as exc:
+            handle._local_outcome = (
+                False,
+                TaskError("exception", fn.name, f"{type(exc).__name__}: {exc}"),
+            )
+        return handle
+
+    def result(self, timeout: float | None = None) -> R:
+        """The child's value once it ends; raises TaskError if it failed, or
+        TimeoutError if it has not ended within ``timeout`` seconds."""
+        ((ok, value),) = _wait([self], timeout)
+        if not ok:
+            raise value
+        result: R = value
+        return result
+
+    def cancel(self) -> None:
+        """Cancel the child (and its own children); waiting on it then raises
+        TaskError with kind ``cancelled``."""
+        backend = _backend
+        if backend is not None:
+            backend.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id} ({self.name})>"
+
+
+def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tuple[bool, Any]]:
+    backend = _backend
+    if backend is None:
+        return [
+            h._local_outcome or (False, TaskError("cancelled", h.name, "not run")) for h in handles
+        ]
+    return backend.wait([h.id for h in handles], timeout)
+
+
+def gather(*handles: TaskHandle[Any], return_exceptions: bool = False) -> list[Any]:
+    """Wait for every handle; their values in order. A failed child raises its
+    TaskError, or with ``return_exceptions=True`` stands in the list in its place."""
+    outcomes = _wait(handles, None)
+    if not return_exceptions:
+        for ok, value in outcomes:
+            if not ok:
+                raise value
+    return [value for _, value in outcomes]
+
+
+def sleep(seconds: float) -> None:
+    """Sleep on the host: the task's CPU slot is free meanwhile."""
+    backend = _backend
+    if backend is None:
+        import time
+
+        time.sleep(seconds)
+    else:
+        backend.sleep(seconds)
 
 
 def current() -> TaskInfo:

@@ -70,6 +70,22 @@ class TaskFailed(_Event):
     fuel_consumed: int
 
 
+WaitReason = Literal["result", "receive", "sleep", "send"]
+
+
+class TaskWaiting(_Event):
+    """The task is blocked in a host call (its CPU slot is free meanwhile)."""
+
+    type: Literal["waiting"] = "waiting"
+    on: WaitReason
+
+
+class TaskResumed(_Event):
+    """The task's blocking host call returned; it runs again."""
+
+    type: Literal["resumed"] = "resumed"
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -77,7 +93,14 @@ class TaskOutput(_Event):
 
 
 TaskEvent = Annotated[
-    TaskPending | TaskStarted | TaskRetrying | TaskCompleted | TaskFailed | TaskOutput,
+    TaskPending
+    | TaskStarted
+    | TaskRetrying
+    | TaskCompleted
+    | TaskFailed
+    | TaskWaiting
+    | TaskResumed
+    | TaskOutput,
     Field(discriminator="type"),
 ]
 

@@ -10,6 +10,7 @@ instance, and its result is returned to the caller.
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from capsule.sandbox.engine import (
     Invocation,
     Prepared,
     PrepareError,
+    RefusingHost,
     Sandbox,
 )
 from capsule.supervisor.events import (
@@ -34,12 +36,17 @@ from capsule.supervisor.events import (
     TaskFailed,
     TaskOutput,
     TaskPending,
+    TaskResumed,
     TaskRetrying,
     TaskStarted,
+    TaskWaiting,
+    WaitReason,
 )
 
 #: How deep task calls may nest before the call is refused.
 MAX_DEPTH = 64
+#: Python frames the host adds per level of nested task calls (with margin).
+HOST_FRAMES_PER_LEVEL = 40
 #: Largest JSON a task may pass as arguments or return as its result. The value
 #: crosses the host, so the cap bounds what one task can make the host hold.
 MAX_PAYLOAD_BYTES = 64 * 1024**2
@@ -122,6 +129,10 @@ class RunSettings:
     backoff: Backoff = field(default_factory=Backoff)
     #: Fresh instances kept ready with the program imported (0: prepare on demand).
     pool_size: int = 2
+    #: Tasks alive at once in the run (each holds an instance and a thread).
+    max_live_tasks: int = 512
+    #: Spawned children alive at once under one task.
+    max_children: int = 256
 
 
 def new_run_id() -> str:
@@ -158,7 +169,9 @@ class Run:
         self.events = events
         self.settings = settings or RunSettings()
         self.run_id = run_id or new_run_id()
-        self._nodes: dict[Invocation, _Node] = {}
+        self._lock = threading.Lock()
+        self._attempts: dict[Invocation, _Attempt] = {}
+        self._live_tasks = 0
 
     # -- loading -------------------------------------------------------------
 
@@ -171,11 +184,7 @@ class Run:
         Returns the configs and the instance the program was imported in, still
         unused by any task, so the first invocation can start in it."""
 
-        class LoadHost:
-            def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
-                message = f"task {name!r} was called while the program was being imported"
-                return False, json.dumps({"kind": "exception", "task": name, "message": message})
-
+        class LoadHost(RefusingHost):
             def output(self, invocation: Invocation, stream: str, text: str) -> None:
                 output(invocation, stream, text)
 
@@ -202,11 +211,12 @@ class Run:
     ) -> TaskResult:
         """Run ``main`` to the end and return how it ended.
 
-        The task tree runs on one thread this call owns (nested calls run inline
-        on it, see :meth:`call_task`); it always joins that thread before
-        returning. Interrupting the wait (Ctrl-C) cancels the whole tree: every
-        instance traps at its next epoch tick, and the interrupt is re-raised
-        once the tree has stopped.
+        The task tree runs on task threads: ``main`` on one this call owns, each
+        spawned child on one its parent's attempt owns (and joins before it ends);
+        a direct call runs inline on its caller's thread. Interrupting the wait
+        (Ctrl-C) cancels the whole tree: every instance traps at its next epoch
+        tick, every blocked host call returns, and RunInterrupted is raised once
+        the tree has stopped.
         """
         if "main" not in self.configs:
             if first is not None:
@@ -217,20 +227,24 @@ class Run:
                 f'declare the entry point with @task(name="main")'
             )
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-        root = _Root()
+        root = _Scope(None, task_id="", task="<run>")
         outcome: list[TaskResult] = []
         failure: list[BaseException] = []
-
         finished = threading.Event()
 
         def body() -> None:
             try:
-                outcome.append(self.run_task("main", "main", args, kwargs or {}, parent=root))
+                outcome.append(self.run_task("main", "main", args, kwargs or {}, root, None))
             except BaseException as exc:  # re-raised on the caller's thread
                 failure.append(exc)
             finally:
                 finished.set()
 
+        # Nested calls run inline: each level adds host frames (about 20) on the
+        # task thread, whose stack is sized for MAX_DEPTH levels; the interpreter's
+        # recursion limit must allow them too.
+        recursion_limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
         thread = start_task_thread(body, name="capsule-main")
         interrupted = False
         # Wait on an Event, not on Thread.join: an interrupted join can mark a
@@ -239,9 +253,10 @@ class Run:
             try:
                 finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
             except KeyboardInterrupt:
-                root.cancel_message = "cancelled: the run was interrupted"
-                interrupted = root.cancelled = True
+                interrupted = True
+                self._cancel_scope(root, "cancelled: the run was interrupted")
         thread.join()
+        sys.setrecursionlimit(recursion_limit)
         if failure:
             raise failure[0]
         if interrupted:
@@ -255,56 +270,46 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any],
         parent: Invocation,
+        child: _Child | None,
     ) -> TaskResult:
-        """Run one task invocation, with its retries, on the calling thread."""
+        """Run one task invocation, with its retries, on the calling thread.
+
+        ``parent`` is the caller's invocation (a direct call) or the scope of a
+        spawned ``child``."""
         config = self.configs[name]
         node = _Node(task_id=task_id)
         limits = Limits.for_task(config, self.settings.caps)
         max_attempts = config.max_retries + 1
         emit = self.events.emit
         ids = _EventIds(run_id=self.run_id, task_id=task_id, task=name)
-        parent_id = None if isinstance(parent, _Root) else parent.task_id
+        parent_id = parent.task_id or None
         emit(TaskPending(**ids, parent_id=parent_id, max_attempts=max_attempts))
         total_fuel = 0
         total_time = 0.0
-        attempt = 0
+        attempt_number = 0
         while True:
-            attempt += 1
+            attempt_number += 1
             invocation = Invocation(
                 task_id=task_id,
                 task=name,
-                attempt=attempt,
+                attempt=attempt_number,
                 max_attempts=max_attempts,
                 limits=limits,
                 host=self,
                 parent=parent,
             )
             if parent.check_stop() is not None:
-                outcome = AttemptOutcome(
-                    None, ErrorInfo("cancelled", "its caller stopped"), 0, None, 0.0
-                )
+                outcome = AttemptOutcome(None, self._stopped_error(parent), 0, None, 0.0)
             else:
-                emit(TaskStarted(**ids, attempt=attempt, max_attempts=max_attempts))
-                self._nodes[invocation] = node
-                try:
-                    outcome = self.sandbox.invoke(invocation, self.program, args, kwargs)
-                finally:
-                    del self._nodes[invocation]
-                size = len(outcome.result_json or "")
-                if size > MAX_PAYLOAD_BYTES:
-                    outcome.result_json = None
-                    outcome.error = ErrorInfo(
-                        "exception",
-                        f"task {name!r} returned {size:,} bytes of JSON; "
-                        f"results are limited to {MAX_PAYLOAD_BYTES:,} bytes",
-                    )
+                emit(TaskStarted(**ids, attempt=attempt_number, max_attempts=max_attempts))
+                outcome = self._attempt(invocation, node, child, args, kwargs)
             total_fuel += outcome.fuel_consumed
             total_time += outcome.duration_s
             if outcome.error is None:
                 emit(
                     TaskCompleted(
                         **ids,
-                        attempt=attempt,
+                        attempt=attempt_number,
                         duration_ms=outcome.duration_s * 1000,
                         fuel_consumed=outcome.fuel_consumed,
                     )
@@ -312,7 +317,7 @@ class Run:
                 return TaskResult(
                     task_id,
                     name,
-                    attempt,
+                    attempt_number,
                     total_fuel,
                     total_time,
                     outcome.result_json,
@@ -325,21 +330,121 @@ class Run:
                 traceback=outcome.error.traceback,
                 cause=outcome.error.cause,
             )
-            if attempt < max_attempts and error.kind not in NOT_RETRYABLE:
-                delay = self.settings.backoff.delay(attempt)
-                emit(TaskRetrying(**ids, attempt=attempt, error=error, backoff_s=delay))
+            if attempt_number < max_attempts and error.kind not in NOT_RETRYABLE:
+                delay = self.settings.backoff.delay(attempt_number)
+                emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
                 if _sleep_unless_stopped(parent, delay):
                     continue
             emit(
                 TaskFailed(
                     **ids,
-                    attempt=attempt,
+                    attempt=attempt_number,
                     error=error,
                     duration_ms=outcome.duration_s * 1000,
                     fuel_consumed=outcome.fuel_consumed,
                 )
             )
-            return TaskResult(task_id, name, attempt, total_fuel, total_time, error=error)
+            return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
+
+    def _attempt(
+        self,
+        invocation: Invocation,
+        node: _Node,
+        child: _Child | None,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> AttemptOutcome:
+        """One attempt in a fresh instance; its spawned children do not outlive it."""
+        attempt = _Attempt(invocation, node)
+        with self._lock:
+            self._attempts[invocation] = attempt
+        if child is not None:
+            child.current = attempt
+        try:
+            outcome = self.sandbox.invoke(invocation, self.program, args, kwargs)
+        finally:
+            # Structured concurrency: however the attempt ended, its running
+            # children are cancelled, and their threads joined, before it counts
+            # as ended.
+            self._end_children(attempt)
+            with self._lock:
+                del self._attempts[invocation]
+        size = len(outcome.result_json or "")
+        if size > MAX_PAYLOAD_BYTES:
+            outcome.result_json = None
+            outcome.error = ErrorInfo(
+                "exception",
+                f"task {invocation.task!r} returned {size:,} bytes of JSON; "
+                f"results are limited to {MAX_PAYLOAD_BYTES:,} bytes",
+            )
+        return outcome
+
+    @staticmethod
+    def _stopped_error(parent: Invocation) -> ErrorInfo:
+        node: Invocation | None = parent
+        while node is not None and not node.cancelled:
+            node = node.parent
+        message = node.cancel_message if node is not None else "its caller stopped"
+        return ErrorInfo("cancelled", message)
+
+    # -- the task tree ---------------------------------------------------------
+
+    def _admit(self, caller: _Attempt, name: str, spawned: bool) -> tuple[bool, str] | None:
+        """The refusal (as a host-call reply) of a new task under ``caller``, or
+        None: admitted, and counted as live until ``_release``."""
+        if name not in self.configs:
+            return _refusal(
+                name,
+                f"{caller.invocation.task!r} called a task named {name!r}, "
+                f"but the program declares no such task",
+            )
+        depth = caller.node.task_id.count("/") + 1
+        if depth >= MAX_DEPTH:
+            return _refusal(
+                name, f"task calls are nested {depth} deep; the limit is {MAX_DEPTH}", "limit"
+            )
+        with self._lock:
+            if self._live_tasks >= self.settings.max_live_tasks:
+                return _refusal(
+                    name,
+                    f"the run already has {self._live_tasks} live tasks, its limit; "
+                    f"{caller.invocation.task!r} cannot start {name!r}",
+                    "limit",
+                )
+            if spawned:
+                alive = sum(1 for c in caller.children.values() if not c.done.is_set())
+                if alive >= self.settings.max_children:
+                    return _refusal(
+                        name,
+                        f"{caller.invocation.task!r} already has {alive} running children, "
+                        f"its limit; it cannot spawn {name!r}",
+                        "limit",
+                    )
+            self._live_tasks += 1
+        return None
+
+    def _release(self) -> None:
+        with self._lock:
+            self._live_tasks -= 1
+
+    def _end_children(self, attempt: _Attempt) -> None:
+        for child in list(attempt.children.values()):
+            if not child.done.is_set():
+                self._cancel_scope(child.scope, "cancelled: its parent ended")
+        for child in list(attempt.children.values()):
+            if child.thread is not None:
+                child.thread.join()
+
+    def _cancel_scope(self, scope: _Scope, message: str) -> None:
+        """Cancel everything under ``scope``: instances running wasm trap at their
+        next epoch tick; tasks blocked in a host call are woken now."""
+        scope.cancel_message = message
+        scope.cancelled = True
+        with self._lock:
+            attempts = list(self._attempts.values())
+        for attempt in attempts:
+            if attempt.invocation.check_stop() is not None:
+                attempt.wake()
 
     # -- host calls (on the calling task's thread) ----------------------------
 
@@ -350,34 +455,112 @@ class Run:
         right here, in its own fresh instance: no thread or event-loop hop on the
         path of a call. The child sees its caller's deadline and cancellation
         through ``Invocation.parent``."""
-
-        def refuse(message: str) -> tuple[bool, str]:
-            return False, json.dumps({"kind": "exception", "task": name, "message": message})
-
-        if name not in self.configs:
-            return refuse(
-                f"{caller.task!r} called a task named {name!r}, "
-                f"but the program declares no such task"
-            )
-        node = self._nodes[caller]
-        depth = node.task_id.count("/") + 1
-        if depth >= MAX_DEPTH:
-            return refuse(f"task calls are nested {depth} deep; the limit is {MAX_DEPTH}")
-        if len(call_json) > MAX_PAYLOAD_BYTES:
-            return refuse(
-                f"the arguments to {name!r} are {len(call_json):,} bytes of JSON; "
-                f"arguments are limited to {MAX_PAYLOAD_BYTES:,} bytes"
-            )
+        attempt = self._attempts[caller]
+        parsed = self._parse_call(name, call_json)
+        if isinstance(parsed, str):
+            return _refusal(name, parsed)
+        refusal = self._admit(attempt, name, spawned=False)
+        if refusal is not None:
+            return refusal
         try:
-            call = json.loads(call_json)
-            args, kwargs = list(call["args"]), dict(call["kwargs"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return refuse(f"malformed call from the guest: {exc}")
-        result = self.run_task(name, node.next_child_id(), args, kwargs, parent=caller)
-        if result.error is None:
-            assert result.result_json is not None
-            return True, result.result_json
-        return False, json.dumps({**result.error.model_dump(), "attempts": result.attempts})
+            args, kwargs = parsed
+            result = self.run_task(name, attempt.node.next_child_id(), args, kwargs, caller, None)
+        finally:
+            self._release()
+        return _as_reply(result)
+
+    def spawn_task(
+        self, caller: Invocation, name: str, call_json: str, options_json: str
+    ) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        parsed = self._parse_call(name, call_json)
+        if isinstance(parsed, str):
+            return _refusal(name, parsed)
+        try:
+            options = json.loads(options_json)
+            actor_name = options.get("actor_name")
+            awaited = bool(options.get("awaited", False))
+        except (ValueError, AttributeError) as exc:
+            return _refusal(name, f"malformed spawn options from the guest: {exc}")
+        if actor_name is not None:
+            return _refusal(name, "named actors arrive with messaging; spawn without name=")
+        refusal = self._admit(attempt, name, spawned=True)
+        if refusal is not None:
+            return refusal
+        task_id = attempt.node.next_child_id()
+        scope = _Scope(caller, task_id=caller.task_id, task=caller.task)
+        child = _Child(task_id=task_id, name=name, scope=scope, awaited=awaited)
+        attempt.children[task_id] = child
+        args, kwargs = parsed
+
+        def body() -> None:
+            try:
+                child.result = self.run_task(name, task_id, args, kwargs, scope, child)
+            finally:
+                self._release()
+                child.done.set()
+                self._child_ended(attempt, child)
+
+        child.thread = start_task_thread(body, name=f"capsule-task {task_id}")
+        return True, task_id
+
+    def _child_ended(self, parent: _Attempt, child: _Child) -> None:
+        result = child.result
+        failed = result is not None and result.error is not None and not child.scope.cancelled
+        if failed and not child.awaited and parent.invocation.check_stop() is None:
+            # Link semantics: a child failing while nobody waits on it fails its
+            # parent (kind child_failed); the parent's own supervisor takes it
+            # from there. Waiting on the child takes this back (see wait()).
+            assert result is not None and result.error is not None
+            parent.linked_failures[child.task_id] = ErrorInfo(
+                "child_failed",
+                f"child {child.name!r} ({child.task_id}) failed ({result.error.kind}) "
+                f"and nobody was waiting on it: {result.error.message}",
+                traceback=result.error.traceback,
+            )
+            parent.invocation.aborted = next(iter(parent.linked_failures.values()))
+        parent.wake()
+
+    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        try:
+            ids = [str(task_id) for task_id in json.loads(ids_json)]
+        except (ValueError, TypeError) as exc:
+            return _refusal("?", f"malformed wait from the guest: {exc}")
+        unknown = [task_id for task_id in ids if task_id not in attempt.children]
+        if unknown:
+            return _refusal(
+                "?", f"{caller.task!r} can only wait on its own children, not {unknown[0]!r}"
+            )
+        children = [attempt.children[task_id] for task_id in ids]
+        for child in children:
+            child.awaited = True
+            attempt.linked_failures.pop(child.task_id, None)
+        if not attempt.linked_failures and caller.aborted is not None:
+            if caller.aborted.kind == "child_failed":
+                caller.aborted = None
+        done = self._block(
+            attempt, lambda: all(c.done.is_set() for c in children), timeout, "result"
+        )
+        if caller.check_stop() is not None:
+            return False, "{}"  # the sandbox ends the caller; the payload is never seen
+        if not done:
+            pending = [c.task_id for c in children if not c.done.is_set()]
+            message = f"children {pending} had not ended after {timeout:g}s"
+            return False, json.dumps(
+                {"kind": "wait_timeout", "task": caller.task, "message": message}
+            )
+        return True, json.dumps([_outcome_json(child) for child in children])
+
+    def cancel(self, caller: Invocation, task_id: str) -> None:
+        attempt = self._attempts[caller]
+        child = attempt.children.get(task_id)
+        if child is not None and not child.done.is_set():
+            self._cancel_scope(child.scope, "cancelled by its parent")
+
+    def sleep(self, caller: Invocation, seconds: float) -> None:
+        attempt = self._attempts[caller]
+        self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         self.events.emit(
@@ -390,6 +573,96 @@ class Run:
             )
         )
 
+    def _block(
+        self, attempt: _Attempt, ready: Callable[[], bool], timeout: float | None, on: WaitReason
+    ) -> bool:
+        """Block the caller until ``ready()``, ``timeout`` or it must stop.
+        Returns whether it became ready."""
+        invocation = attempt.invocation
+        limit = None if timeout is None else time.monotonic() + timeout
+        ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
+        waiting = False
+        try:
+            with attempt.condition:
+                while True:
+                    if ready():
+                        return True
+                    if invocation.check_stop() is not None:
+                        return False
+                    now = time.monotonic()
+                    if limit is not None and now >= limit:
+                        return False
+                    if not waiting:
+                        self.events.emit(TaskWaiting(**ids, on=on))
+                        waiting = True
+                    # Woken by a child ending, a cancellation or an abort; the
+                    # timed wait covers deadlines (checked by check_stop).
+                    bound = _nearest_deadline(invocation)
+                    ends = [t for t in (limit, bound) if t is not None]
+                    attempt.condition.wait(min([*ends, now + 1.0]) - now)
+        finally:
+            if waiting:
+                self.events.emit(TaskResumed(**ids))
+
+    def _parse_call(self, name: str, call_json: str) -> tuple[list[Any], dict[str, Any]] | str:
+        if len(call_json) > MAX_PAYLOAD_BYTES:
+            return (
+                f"the arguments to {name!r} are {len(call_json):,} bytes of JSON; "
+                f"arguments are limited to {MAX_PAYLOAD_BYTES:,} bytes"
+            )
+        try:
+            call = json.loads(call_json)
+            return list(call["args"]), dict(call["kwargs"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return f"malformed call from the guest: {exc}"
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """A running attempt, as the tree sees it: its children and its wake-ups."""
+
+    invocation: Invocation
+    node: _Node
+    children: dict[str, _Child] = field(default_factory=dict)
+    #: Failures of children nobody waited on, by child id (link semantics).
+    linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
+    condition: threading.Condition = field(default_factory=threading.Condition)
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify_all()
+
+
+@dataclass(eq=False)
+class _Child:
+    """A spawned child, from its parent attempt's side."""
+
+    task_id: str
+    name: str
+    scope: _Scope
+    awaited: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    result: TaskResult | None = None
+    thread: threading.Thread | None = None
+    current: _Attempt | None = None
+
+
+class _Scope(Invocation):
+    """Stands between a parent and a spawned child (or above ``main``): cancelling
+    it cancels the child's current attempt and everything under it, and it
+    carries the parent's deadline to them. Never runs itself."""
+
+    def __init__(self, parent: Invocation | None, task_id: str, task: str) -> None:
+        super().__init__(
+            task_id=task_id,
+            task=task,
+            attempt=1,
+            max_attempts=1,
+            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
+            host=RefusingHost(),
+            parent=parent,
+        )
+
 
 class _EventIds(TypedDict):
     run_id: str
@@ -397,29 +670,34 @@ class _EventIds(TypedDict):
     task: str
 
 
-class _Root(Invocation):
-    """The parent of ``main``: never times out; cancelled when the run is."""
-
-    def __init__(self) -> None:
-        super().__init__(
-            task_id="",
-            task="<run>",
-            attempt=1,
-            max_attempts=1,
-            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
-            host=_NO_HOST,
-        )
+def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:
+    return False, json.dumps({"kind": kind, "task": name, "message": message})
 
 
-class _NoHost:
-    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
-        raise AssertionError("the run root makes no calls")
+def _as_reply(result: TaskResult) -> tuple[bool, str]:
+    if result.error is None:
+        assert result.result_json is not None
+        return True, result.result_json
+    return False, json.dumps({**result.error.model_dump(), "attempts": result.attempts})
 
-    def output(self, invocation: Invocation, stream: str, text: str) -> None:
-        raise AssertionError("the run root prints nothing")
+
+def _outcome_json(child: _Child) -> dict[str, Any]:
+    result = child.result
+    assert result is not None
+    if result.error is None:
+        return {"ok": True, "value": result.value()}
+    return {"ok": False, "error": {**result.error.model_dump(), "attempts": result.attempts}}
 
 
-_NO_HOST = _NoHost()
+def _nearest_deadline(invocation: Invocation) -> float | None:
+    deadlines = []
+    node: Invocation | None = invocation
+    while node is not None:
+        if node.deadline is not None:
+            deadlines.append(node.deadline)
+        node = node.parent
+    return min(deadlines) if deadlines else None
+
 
 #: Stack for threads that run task trees. Nested calls run inline, one wasm
 #: activation above another on the same native stack, so it must hold

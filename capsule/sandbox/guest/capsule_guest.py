@@ -222,6 +222,27 @@ def _failure(task: str, exc: BaseException) -> Err:
     return _error("exception", task, exc)
 
 
+def _payload(name, args, kwargs) -> str:
+    try:
+        return json.dumps({"args": list(args), "kwargs": kwargs})
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"arguments to task {name!r} are not JSON-serializable: {exc}") from None
+
+
+def _flush() -> None:
+    # Output written before a blocking call reaches the host before the wait.
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+def _ms(seconds):
+    if seconds is None:
+        return None
+    if seconds < 0:
+        raise ValueError(f"a timeout must be >= 0 seconds, not {seconds!r}")
+    return int(seconds * 1000)
+
+
 class GuestBackend:
     """Routes task calls in user code to the host."""
 
@@ -229,16 +250,44 @@ class GuestBackend:
         self.info = None
 
     def call_task(self, name, args, kwargs):
+        payload = _payload(name, args, kwargs)
+        _flush()
         try:
-            payload = json.dumps({"args": list(args), "kwargs": kwargs})
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"arguments to task {name!r} are not JSON-serializable: {exc}"
-            ) from None
-        sys.stdout.flush()
-        sys.stderr.flush()
-        reply = tasks.call(name, payload)
-        return json.loads(reply)
+            return json.loads(tasks.call(name, payload))
+        except Err as err:  # componentize-py's form of an import's result::err
+            raise TaskError.from_dict(json.loads(err.value)) from None
+
+    def spawn_task(self, name, args, kwargs, actor_name, awaited):
+        payload = _payload(name, args, kwargs)
+        options = json.dumps({"actor_name": actor_name, "awaited": awaited})
+        try:
+            return tasks.spawn(name, payload, options)
+        except Err as err:
+            raise TaskError.from_dict(json.loads(err.value)) from None
+
+    def wait(self, task_ids, timeout):
+        _flush()
+        try:
+            reply = tasks.wait(json.dumps(list(task_ids)), _ms(timeout))
+        except Err as err:
+            error = json.loads(err.value)
+            if error.get("kind") == "wait_timeout":
+                raise TimeoutError(error.get("message", "timed out")) from None
+            raise TaskError.from_dict(error) from None
+        outcomes = []
+        for item in json.loads(reply):
+            if item["ok"]:
+                outcomes.append((True, item["value"]))
+            else:
+                outcomes.append((False, TaskError.from_dict(item["error"])))
+        return outcomes
+
+    def cancel(self, task_id):
+        tasks.cancel(task_id)
+
+    def sleep(self, seconds):
+        _flush()
+        tasks.sleep(_ms(seconds) or 0)
 
     def current(self):
         return self.info
@@ -247,19 +296,6 @@ class GuestBackend:
 _backend = GuestBackend()
 sdk_task.install_backend(_backend)
 
-# componentize-py raises Err(payload) when an import returns result::err; the
-# payload is a JSON error object: turn it into the TaskError user code catches.
-_raw_call = tasks.call
-
-
-def _call(name: str, payload: str) -> str:
-    try:
-        return _raw_call(name, payload)
-    except Err as err:
-        raise TaskError.from_dict(json.loads(err.value)) from None
-
-
-tasks.call = _call
 
 _program = None
 

@@ -1,0 +1,282 @@
+"""Concurrent children: spawn, handles, map, gather, sleep, cancellation, link
+semantics, structured concurrency and the limits that stop a spawn bomb."""
+
+from __future__ import annotations
+
+import threading
+
+from capsule.sandbox.engine import live_instances
+from tests.conftest import ProgramRunner
+
+CHILDREN = """
+    import time
+    import capsule
+    from capsule import TaskError, gather, task
+
+    @task(compute="HIGH")
+    def nap(seconds, tag):
+        capsule.sleep(seconds)
+        return tag
+
+    @task(max_retries=0)
+    def fails(x):
+        raise ValueError(f"bad {x}")
+
+    @task(compute="HIGH", max_retries=0)
+    def spin():
+        while True:
+            pass
+
+    @task(compute="HIGH", max_retries=0)
+    def sleeper():
+        capsule.sleep(60)
+"""
+
+
+def test_spawn_returns_at_once_and_children_overlap(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        handles = [nap.spawn(0.3, f"t{i}") for i in range(3)]
+        ids = [(h.id, h.name) for h in handles]
+        return {"ids": ids, "values": [h.result() for h in handles]}
+    """
+    )
+    assert outcome.value == {
+        "ids": [["main/1", "nap"], ["main/2", "nap"], ["main/3", "nap"]],
+        "values": ["t0", "t1", "t2"],
+    }
+    order = [(e.type, e.task_id) for e in outcome.events if e.type in ("started", "completed")]
+    starts = [i for i, (kind, tid) in enumerate(order) if kind == "started" and tid != "main"]
+    first_completion = next(i for i, (kind, _) in enumerate(order) if kind == "completed")
+    assert max(starts) < first_completion  # all three ran at the same time
+
+
+def test_map_keeps_input_order(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task
+    def slower_first(i):
+        capsule.sleep(0.05 * (4 - i))
+        return i * 10
+
+    @task(name="main")
+    def main():
+        return slower_first.map(range(5))
+    """
+    )
+    assert outcome.value == [0, 10, 20, 30, 40]
+    completed = [e.task_id for e in outcome.of_type("completed") if e.task == "slower_first"]
+    assert completed[0] == "main/5" and completed[-1] == "main/1"  # finished in reverse
+
+
+def test_gather_with_and_without_return_exceptions(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        mixed = gather(nap.spawn(0, "ok"), fails.spawn(1), return_exceptions=True)
+        try:
+            gather(nap.spawn(0, "ok"), fails.spawn(2))
+            raised = None
+        except TaskError as error:
+            raised = [error.task, error.kind, error.message]
+        return {"mixed": [x if isinstance(x, str) else [type(x).__name__, x.message] for x in mixed],
+                "raised": raised}
+    """
+    )
+    assert outcome.value == {
+        "mixed": ["ok", ["TaskError", "ValueError: bad 1"]],
+        "raised": ["fails", "exception", "ValueError: bad 2"],
+    }
+
+
+def test_result_timeout_then_cancel(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        handle = spin.spawn()
+        try:
+            handle.result(timeout=0.2)
+        except TimeoutError as error:
+            timed_out = str(error)
+        handle.cancel()
+        try:
+            handle.result()
+        except TaskError as error:
+            return [timed_out, error.kind, error.message]
+    """
+    )
+    timed_out, kind, message = outcome.value
+    assert "had not ended after 0.2s" in timed_out
+    assert (kind, message) == ("cancelled", "cancelled by its parent")
+
+
+def test_cancel_reaches_a_child_blocked_in_sleep_at_once(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        handle = sleeper.spawn()
+        capsule.sleep(0.1)
+        started = time.monotonic()
+        handle.cancel()
+        try:
+            handle.result()
+        except TaskError as error:
+            return [error.kind, time.monotonic() - started]
+    """
+    )
+    kind, seconds = outcome.value
+    assert kind == "cancelled"
+    assert seconds < 1.0  # not the 60 s it asked to sleep
+
+
+def test_unawaited_child_failure_fails_the_parent(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main", max_retries=0)
+    def main():
+        fails.spawn(7)
+        capsule.sleep(30)
+        return "not reached"
+    """
+    )
+    error = outcome.error
+    assert error.kind == "child_failed"
+    assert "child 'fails' (main/1) failed (exception)" in error.message
+    assert "ValueError: bad 7" in error.message
+    assert outcome.result.duration_s < 10
+
+
+def test_unawaited_child_failure_stops_a_parent_running_wasm(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main", compute="HIGH", max_retries=0)
+    def main():
+        fails.spawn(8)
+        while True:
+            pass
+    """
+    )
+    assert outcome.error.kind == "child_failed"
+
+
+def test_children_do_not_outlive_their_parent(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(max_retries=0)
+    def parent():
+        spin.spawn()
+        sleeper.spawn()
+        return "parent done"
+
+    @task(name="main")
+    def main():
+        return parent()
+    """
+    )
+    assert outcome.value == "parent done"
+    cancelled = {e.task: e.error.message for e in outcome.of_type("failed")}
+    assert cancelled == {
+        "spin": "cancelled: its parent ended",
+        "sleeper": "cancelled: its parent ended",
+    }
+    assert outcome.result.duration_s < 10
+
+
+def test_sleep_sleeps(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        started = time.monotonic()
+        capsule.sleep(0.25)
+        return time.monotonic() - started
+    """
+    )
+    assert 0.25 <= outcome.value < 2.0
+    assert [e.on for e in outcome.of_type("waiting")] == ["sleep"]
+    assert len(outcome.of_type("resumed")) == 1
+
+
+def test_spawn_bomb_is_stopped_and_the_host_stays_up(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(max_retries=0)
+    def bomb():
+        count = 0
+        try:
+            while True:
+                sleeper.spawn()
+                count += 1
+        except TaskError as error:
+            return [count, error.kind, error.message]
+
+    @task(name="main", max_retries=0)
+    def main():
+        first = bomb()
+        # Another branch after the bomb: the run is healthy.
+        return {"bomb": first, "after": nap(0, "still fine")}
+    """
+    )
+    count, kind, message = outcome.value["bomb"]
+    assert kind == "limit"
+    assert count == 256
+    assert "already has 256 running children, its limit" in message
+    assert outcome.value["after"] == "still fine"
+
+
+def test_live_task_limit_across_the_tree(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(max_retries=0)
+    def fan(n):
+        return [sleeper.spawn().id for _ in range(n)]
+
+    @task(name="main", max_retries=0)
+    def main():
+        try:
+            for _ in range(10):
+                fan.spawn(100)
+            capsule.sleep(30)
+        except TaskError as error:
+            return [error.kind, error.message]
+    """
+    )
+    # A fan child hit the run's live-task limit (512) and failed; main was not
+    # waiting on it, so main fails with child_failed naming that cause.
+    assert outcome.error.kind == "child_failed"
+    assert "live tasks, its limit" in outcome.error.message
+
+
+def test_no_threads_or_instances_left_after_cancellations(run_program: ProgramRunner) -> None:
+    before = {t.ident for t in threading.enumerate()}
+    run_program(
+        CHILDREN
+        + """
+    @task(name="main", max_retries=0)
+    def main():
+        for _ in range(5):
+            spin.spawn()
+            sleeper.spawn()
+        fails.spawn(1)
+        capsule.sleep(30)
+    """
+    )
+    leftover = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert [name for name in leftover if name.startswith("capsule")] == []
+    assert live_instances() == 0
