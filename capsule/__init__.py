@@ -6,7 +6,8 @@ It re-exports the SDK only and must stay light: the same package is loaded insid
 the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 """
 
-from capsule.sdk.errors import TaskError
+from capsule.sdk.errors import MessageError, ReceiveTimeout, SendTimeout, TaskError
+from capsule.sdk.messaging import Message, ask, receive, send
 from capsule.sdk.task import (
     TaskFunction,
     TaskHandle,
@@ -18,12 +19,19 @@ from capsule.sdk.task import (
 )
 
 __all__ = [
+    "Message",
+    "MessageError",
+    "ReceiveTimeout",
+    "SendTimeout",
     "TaskError",
     "TaskFunction",
     "TaskHandle",
     "TaskInfo",
+    "ask",
     "current",
     "gather",
+    "receive",
+    "send",
     "sleep",
     "task",
 ]

@@ -63,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
         "--max-timeout", metavar="DURATION", help='cap on any task\'s timeout (e.g. "30s")'
     )
     run.add_argument(
+        "--max-live-tasks", metavar="N", type=int, help="tasks alive at once in the run (512)"
+    )
+    run.add_argument(
+        "--max-children", metavar="N", type=int, help="running children per task (256)"
+    )
+    run.add_argument(
+        "--mailbox-capacity",
+        metavar="N",
+        type=int,
+        help="messages a mailbox holds before send waits (1000)",
+    )
+    run.add_argument(
+        "--max-message-size", metavar="SIZE", help='largest message, as JSON (default "1MB")'
+    )
+    run.add_argument(
         "--retry-backoff",
         metavar="SECONDS",
         type=float,
@@ -139,6 +154,10 @@ def _run_command(options: argparse.Namespace) -> int:
         max_ram=options.max_ram,
         max_timeout=options.max_timeout,
         retry_backoff=options.retry_backoff,
+        max_live_tasks=options.max_live_tasks,
+        max_children=options.max_children,
+        mailbox_capacity=options.mailbox_capacity,
+        max_message_size=options.max_message_size,
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()

@@ -98,6 +98,24 @@ class HostCalls(Protocol):
 
     def sleep(self, caller: Invocation, seconds: float) -> None: ...
 
+    def send(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        """Deliver a message: (True, "") or (False, error JSON)."""
+        ...
+
+    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, Any]:
+        """(True, Message) or (False, error JSON)."""
+        ...
+
+    def ask(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        """(True, reply JSON) or (False, error JSON)."""
+        ...
+
+    def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]: ...
+
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
 
 
@@ -126,6 +144,26 @@ class RefusingHost:
 
     def sleep(self, caller: Invocation, seconds: float) -> None:
         time.sleep(min(seconds, PREPARE_LIMITS.timeout_s or 0.0))
+
+    def _no_messages(self) -> tuple[bool, str]:
+        message = "messages cannot be sent or received while the program is being imported"
+        return False, json.dumps({"kind": "no_such_actor", "message": message})
+
+    def send(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        return self._no_messages()
+
+    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, Any]:
+        return self._no_messages()
+
+    def ask(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        return self._no_messages()
+
+    def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
+        return self._no_messages()
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         return None
@@ -288,6 +326,10 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _seconds(milliseconds: int | None) -> float | None:
+    return None if milliseconds is None else milliseconds / 1000
+
+
 def _after_blocking(invocation: Invocation, value: Any) -> Any:
     """After a host call that may have blocked: end the instance if it must stop
     (deadline, cancellation, abort), else hand the guest its answer."""
@@ -393,6 +435,11 @@ class Sandbox:
             tasks.add_func("wait", _guarded(self._wait))
             tasks.add_func("cancel", _guarded(self._cancel))
             tasks.add_func("sleep", _guarded(self._sleep))
+        with root.add_instance(_interface("messaging")) as messaging:
+            messaging.add_func("send", _guarded(self._send))
+            messaging.add_func("receive", _guarded(self._receive))
+            messaging.add_func("ask", _guarded(self._ask))
+            messaging.add_func("reply", _guarded(self._reply))
         with root.add_instance(_interface("output")) as output:
             output.add_func("write", _guarded(self._write))
         return linker
@@ -423,8 +470,7 @@ class Sandbox:
 
     def _wait(self, _store: Any, ids_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
-        timeout = None if timeout_ms is None else timeout_ms / 1000
-        ok, payload = invocation.host.wait(invocation, ids_json, timeout)
+        ok, payload = invocation.host.wait(invocation, ids_json, _seconds(timeout_ms))
         return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
 
     def _cancel(self, _store: Any, task_id: str) -> None:
@@ -435,6 +481,39 @@ class Sandbox:
         invocation = _current()
         invocation.host.sleep(invocation, ms / 1000)
         _after_blocking(invocation, None)
+
+    # result<_, string> and result<record, string> lower untagged: the ok value
+    # itself (None, a Record) or the error string.
+
+    def _send(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
+        return _after_blocking(invocation, None if ok else payload)
+
+    def _receive(self, _store: Any, timeout_ms: int | None) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.receive(invocation, _seconds(timeout_ms))
+        if not ok:
+            return _after_blocking(invocation, payload)
+        record = _record(
+            **{
+                "id": payload.id,
+                "sender": payload.sender,
+                "body-json": payload.body_json,
+                "expects-reply": payload.expects_reply,
+            }
+        )
+        return _after_blocking(invocation, record)
+
+    def _ask(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+
+    def _reply(self, _store: Any, message_id: str, body_json: str) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.reply(invocation, message_id, body_json)
+        return None if ok else payload
 
     def _write(self, _store: Any, stream: str, text: str) -> None:
         invocation = _current()

@@ -55,3 +55,31 @@ class TaskError(Exception):
             attempts=data.get("attempts"),
             cause=data.get("cause"),
         )
+
+
+class ReceiveTimeout(TimeoutError):
+    """``receive`` or ``ask`` got no message or reply in time."""
+
+
+class SendTimeout(TimeoutError):
+    """``send`` found the target's mailbox full until its timeout."""
+
+
+class MessageError(Exception):
+    """A message that could not be sent or replied to. ``kind``: ``too_large``,
+    ``no_such_actor``, ``no_reply_expected``, ``already_replied`` or ``actor_ended``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def message_error(data: dict[str, Any]) -> Exception:
+    """The exception for a JSON error object the host returned for a message call."""
+    kind = str(data.get("kind", "error"))
+    text = str(data.get("message", ""))
+    if kind == "receive_timeout":
+        return ReceiveTimeout(text)
+    if kind == "send_timeout":
+        return SendTimeout(text)
+    return MessageError(kind, text)

@@ -86,6 +86,24 @@ class TaskResumed(_Event):
     type: Literal["resumed"] = "resumed"
 
 
+class MessageSent(_Event):
+    """A message was put in ``target_id``'s mailbox (``task_id`` sent it)."""
+
+    type: Literal["message_sent"] = "message_sent"
+    message_id: str
+    target_id: str
+    size: int
+    expects_reply: bool
+
+
+class MessageReceived(_Event):
+    """``task_id`` took a message out of its mailbox."""
+
+    type: Literal["message_received"] = "message_received"
+    message_id: str
+    sender_id: str
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -100,6 +118,8 @@ TaskEvent = Annotated[
     | TaskFailed
     | TaskWaiting
     | TaskResumed
+    | MessageSent
+    | MessageReceived
     | TaskOutput,
     Field(discriminator="type"),
 ]

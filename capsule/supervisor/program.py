@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule.sandbox.config import ConfigError, HostCaps
+from capsule.sandbox.config import RAM_FORMS, ConfigError, HostCaps, parse_ram
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.runtime import RuntimeBuildError
@@ -35,6 +35,10 @@ class RunRequest:
     max_ram: str | None = None
     max_timeout: str | None = None
     retry_backoff: float | None = None
+    max_live_tasks: int | None = None
+    max_children: int | None = None
+    mailbox_capacity: int | None = None
+    max_message_size: str | int | None = None
 
 
 @dataclass
@@ -99,7 +103,10 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
     backoff = (
         Backoff() if request.retry_backoff is None else Backoff(initial_s=request.retry_backoff)
     )
-    settings = RunSettings(caps=caps, backoff=backoff)
+    try:
+        settings = RunSettings(caps=caps, backoff=backoff, **_run_limits(request))
+    except ConfigError as exc:
+        return RunReport(usage_error=str(exc))
     events = EventStream()
     events.subscribe(on_event)
     try:
@@ -138,3 +145,27 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
                 run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
             )
         return RunReport(run_id=run.run_id, result=result)
+
+
+def _run_limits(request: RunRequest) -> dict[str, int]:
+    """The per-run limits the request overrides, validated."""
+    limits: dict[str, int] = {}
+    for field_name, flag in (
+        ("max_live_tasks", "--max-live-tasks"),
+        ("max_children", "--max-children"),
+        ("mailbox_capacity", "--mailbox-capacity"),
+    ):
+        value = getattr(request, field_name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{flag} {value!r} is invalid; expected a positive integer")
+        limits[field_name] = value
+    if request.max_message_size is not None:
+        try:
+            limits["max_message_bytes"] = parse_ram(request.max_message_size)
+        except ValueError:
+            raise ConfigError(
+                f"--max-message-size {request.max_message_size!r} is invalid; expected {RAM_FORMS}"
+            ) from None
+    return limits

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
+from capsule.actors.router import Message, Router, RoutingError
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -32,6 +33,8 @@ from capsule.sandbox.engine import (
 from capsule.supervisor.events import (
     ErrorDetail,
     EventStream,
+    MessageReceived,
+    MessageSent,
     TaskCompleted,
     TaskFailed,
     TaskOutput,
@@ -117,10 +120,17 @@ class _Node:
     children: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    messages: int = 0
+
     def next_child_id(self) -> str:
         with self.lock:
             self.children += 1
             return f"{self.task_id}/{self.children}"
+
+    def next_message_id(self) -> str:
+        with self.lock:
+            self.messages += 1
+            return f"{self.task_id}#{self.messages}"
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,10 @@ class RunSettings:
     max_live_tasks: int = 512
     #: Spawned children alive at once under one task.
     max_children: int = 256
+    #: Messages a mailbox holds before ``send`` waits.
+    mailbox_capacity: int = 1000
+    #: Largest message body, as JSON.
+    max_message_bytes: int = 1024**2
 
 
 def new_run_id() -> str:
@@ -172,6 +186,7 @@ class Run:
         self._lock = threading.Lock()
         self._attempts: dict[Invocation, _Attempt] = {}
         self._live_tasks = 0
+        self._router = Router(self.settings.mailbox_capacity)
 
     # -- loading -------------------------------------------------------------
 
@@ -275,15 +290,30 @@ class Run:
         """Run one task invocation, with its retries, on the calling thread.
 
         ``parent`` is the caller's invocation (a direct call) or the scope of a
-        spawned ``child``."""
+        spawned ``child``. The task's mailbox lives as long as this call: messages
+        wait in it across retries."""
+        self._router.open(task_id)
+        try:
+            return self._run_attempts(name, task_id, args, kwargs, parent, child)
+        finally:
+            self._router.close(task_id)
+
+    def _run_attempts(
+        self,
+        name: str,
+        task_id: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        parent: Invocation,
+        child: _Child | None,
+    ) -> TaskResult:
         config = self.configs[name]
         node = _Node(task_id=task_id)
         limits = Limits.for_task(config, self.settings.caps)
         max_attempts = config.max_retries + 1
         emit = self.events.emit
         ids = _EventIds(run_id=self.run_id, task_id=task_id, task=name)
-        parent_id = parent.task_id or None
-        emit(TaskPending(**ids, parent_id=parent_id, max_attempts=max_attempts))
+        emit(TaskPending(**ids, parent_id=parent.task_id or None, max_attempts=max_attempts))
         total_fuel = 0
         total_time = 0.0
         attempt_number = 0
@@ -482,12 +512,22 @@ class Run:
             awaited = bool(options.get("awaited", False))
         except (ValueError, AttributeError) as exc:
             return _refusal(name, f"malformed spawn options from the guest: {exc}")
-        if actor_name is not None:
-            return _refusal(name, "named actors arrive with messaging; spawn without name=")
+        if actor_name is not None and not isinstance(actor_name, str):
+            return _refusal(name, f"an actor name is a string, not {actor_name!r}")
         refusal = self._admit(attempt, name, spawned=True)
         if refusal is not None:
             return refusal
         task_id = attempt.node.next_child_id()
+        # The mailbox (and name) exist before spawn returns, so the caller can
+        # message the child at once.
+        self._router.open(task_id)
+        if actor_name is not None:
+            try:
+                self._router.register(actor_name, task_id)
+            except RoutingError as exc:
+                self._router.close(task_id)
+                self._release()
+                return _refusal(name, str(exc))
         scope = _Scope(caller, task_id=caller.task_id, task=caller.task)
         child = _Child(task_id=task_id, name=name, scope=scope, awaited=awaited)
         attempt.children[task_id] = child
@@ -561,6 +601,134 @@ class Run:
     def sleep(self, caller: Invocation, seconds: float) -> None:
         attempt = self._attempts[caller]
         self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
+
+    # -- messages ---------------------------------------------------------------
+
+    def send(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        return self._send(self._attempts[caller], target, body_json, timeout, ask=False)[0]
+
+    def _send(
+        self, attempt: _Attempt, target: str, body_json: str, timeout: float | None, ask: bool
+    ) -> tuple[tuple[bool, str], Message | None]:
+        caller = attempt.invocation
+        if len(body_json) > self.settings.max_message_bytes:
+            error = _message_error(
+                "too_large",
+                f"a message of {len(body_json):,} bytes (as JSON) exceeds the limit of "
+                f"{self.settings.max_message_bytes:,} bytes",
+            )
+            return error, None
+        try:
+            target_id = self._router.resolve(target)
+        except RoutingError as exc:
+            return _message_error(exc.kind, str(exc)), None
+        message = Message(attempt.node.next_message_id(), caller.task_id, body_json, ask)
+        if ask:
+            self._router.expect_reply(message.id, attempt, target_id)
+        failure: list[RoutingError] = []
+
+        def delivered() -> bool:
+            try:
+                return self._router.try_send(target_id, message, attempt)
+            except RoutingError as exc:
+                failure.append(exc)
+                return True
+
+        sent = self._block(attempt, delivered, timeout, "send")
+        if failure:
+            return _message_error(failure[0].kind, str(failure[0])), None
+        if not sent:
+            self._router.forget_sender(target_id, attempt)
+            if caller.check_stop() is not None:
+                return (False, "{}"), None  # the sandbox ends the caller
+            return _message_error(
+                "send_timeout",
+                f"the mailbox of {target!r} stayed full ({self.settings.mailbox_capacity} "
+                f"messages) for {timeout:g}s",
+            ), None
+        self.events.emit(
+            MessageSent(
+                run_id=self.run_id,
+                task_id=caller.task_id,
+                task=caller.task,
+                message_id=message.id,
+                target_id=target_id,
+                size=len(body_json),
+                expects_reply=ask,
+            )
+        )
+        return (True, ""), message
+
+    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, Any]:
+        attempt = self._attempts[caller]
+        got: list[Message] = []
+
+        def arrived() -> bool:
+            message = self._router.try_receive(caller.task_id, attempt)
+            if message is not None:
+                got.append(message)
+            return bool(got)
+
+        if not self._block(attempt, arrived, timeout, "receive"):
+            if caller.check_stop() is not None:
+                return False, "{}"
+            return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
+        message = got[0]
+        self.events.emit(
+            MessageReceived(
+                run_id=self.run_id,
+                task_id=caller.task_id,
+                task=caller.task,
+                message_id=message.id,
+                sender_id=message.sender,
+            )
+        )
+        return True, message
+
+    def ask(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        started = time.monotonic()
+        sent, message = self._send(attempt, target, body_json, timeout, ask=True)
+        if message is None:
+            return sent
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        answer: list[tuple[str | None, str | None]] = []
+
+        def answered() -> bool:
+            reply, failure = self._router.take_reply(message.id)
+            if reply is not None or failure is not None:
+                answer.append((reply, failure))
+            return bool(answer)
+
+        if not self._block(attempt, answered, left, "receive"):
+            self._router.abandon_replies([message.id])
+            if caller.check_stop() is not None:
+                return False, "{}"
+            return _message_error(
+                "receive_timeout", f"no reply from {target!r} within {timeout:g}s"
+            )
+        reply, failure = answer[0]
+        if failure is not None:
+            return _message_error("actor_ended", failure)
+        assert reply is not None
+        return True, reply
+
+    def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
+        if len(body_json) > self.settings.max_message_bytes:
+            return _message_error(
+                "too_large",
+                f"a reply of {len(body_json):,} bytes (as JSON) exceeds the limit of "
+                f"{self.settings.max_message_bytes:,} bytes",
+            )
+        try:
+            self._router.reply(message_id, caller.task_id, body_json)
+        except RoutingError as exc:
+            return _message_error(exc.kind, str(exc))
+        return True, ""
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         self.events.emit(
@@ -668,6 +836,10 @@ class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
+
+
+def _message_error(kind: str, message: str) -> tuple[bool, str]:
+    return False, json.dumps({"kind": kind, "message": message})
 
 
 def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:

@@ -46,12 +46,12 @@ for _name in GUEST_STDLIB:
 
 import wit_world
 from wit_world import exports
-from wit_world.imports import modules, output, tasks
+from wit_world.imports import messaging, modules, output, tasks
 from componentize_py_types import Err
 
 import capsule
 from capsule.sdk import task as sdk_task
-from capsule.sdk.errors import TaskError
+from capsule.sdk.errors import TaskError, message_error
 
 
 class HostStream(io.TextIOBase):
@@ -229,6 +229,13 @@ def _payload(name, args, kwargs) -> str:
         raise TypeError(f"arguments to task {name!r} are not JSON-serializable: {exc}") from None
 
 
+def _body(target, body) -> str:
+    try:
+        return json.dumps(body)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"message for {target!r} is not JSON-serializable: {exc}") from None
+
+
 def _flush() -> None:
     # Output written before a blocking call reaches the host before the wait.
     sys.stdout.flush()
@@ -288,6 +295,37 @@ class GuestBackend:
     def sleep(self, seconds):
         _flush()
         tasks.sleep(_ms(seconds) or 0)
+
+    def send(self, target, body, timeout):
+        text = _body(target, body)
+        _flush()
+        try:
+            messaging.send(target, text, _ms(timeout))
+        except Err as err:
+            raise message_error(json.loads(err.value)) from None
+
+    def receive(self, timeout):
+        _flush()
+        try:
+            message = messaging.receive(_ms(timeout))
+        except Err as err:
+            raise message_error(json.loads(err.value)) from None
+        return message.id, message.sender, json.loads(message.body_json), message.expects_reply
+
+    def ask(self, target, body, timeout):
+        text = _body(target, body)
+        _flush()
+        try:
+            return json.loads(messaging.ask(target, text, _ms(timeout)))
+        except Err as err:
+            raise message_error(json.loads(err.value)) from None
+
+    def reply(self, message_id, body):
+        text = _body(message_id, body)
+        try:
+            messaging.reply(message_id, text)
+        except Err as err:
+            raise message_error(json.loads(err.value)) from None
 
     def current(self):
         return self.info

@@ -1,0 +1,184 @@
+"""Mailboxes by task id, registered names, and reply slots for ``ask``."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Waker(Protocol):
+    """Something blocked in a host call that a routing change may unblock."""
+
+    def wake(self) -> None: ...
+
+
+class RoutingError(Exception):
+    """A message that cannot be routed; ``kind`` names why."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sender: str
+    body_json: str
+    #: Set when the sender waits for a reply (``ask``).
+    expects_reply: bool = False
+
+
+@dataclass(eq=False)
+class Mailbox:
+    task_id: str
+    capacity: int
+    messages: deque[Message] = field(default_factory=deque)
+    #: The receiver, while it is blocked in receive.
+    receiver: Waker | None = None
+    #: Senders blocked because the mailbox was full.
+    blocked_senders: list[Waker] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _ReplySlot:
+    asker: Waker
+    target_id: str
+    reply_json: str | None = None
+    #: Why no reply will come (the target ended), if so.
+    failure: str | None = None
+
+
+class Router:
+    """Routes messages between the live tasks of one run. Thread-safe."""
+
+    def __init__(self, mailbox_capacity: int) -> None:
+        self.mailbox_capacity = mailbox_capacity
+        self._lock = threading.Lock()
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._names: dict[str, str] = {}
+        self._replies: dict[str, _ReplySlot] = {}
+
+    # -- lifetimes -------------------------------------------------------------
+
+    def open(self, task_id: str) -> None:
+        """Give a task its mailbox (it keeps it across retries)."""
+        with self._lock:
+            self._mailboxes.setdefault(task_id, Mailbox(task_id, self.mailbox_capacity))
+
+    def close(self, task_id: str) -> list[Message]:
+        """The task has ended: drop its mailbox and name, fail asks waiting on it
+        and wake blocked senders. Returns the messages it never received."""
+        with self._lock:
+            mailbox = self._mailboxes.pop(task_id, None)
+            for name in [n for n, owner in self._names.items() if owner == task_id]:
+                del self._names[name]
+            to_wake: list[Waker] = list(mailbox.blocked_senders) if mailbox else []
+            for slot in self._replies.values():
+                if slot.target_id == task_id and slot.reply_json is None and slot.failure is None:
+                    slot.failure = f"{task_id} ended without replying"
+                    to_wake.append(slot.asker)
+        for waker in to_wake:
+            waker.wake()
+        return list(mailbox.messages) if mailbox else []
+
+    def register(self, name: str, task_id: str) -> None:
+        with self._lock:
+            owner = self._names.get(name)
+            if owner is not None:
+                raise RoutingError(
+                    "name_taken", f"the name {name!r} is already registered to task {owner}"
+                )
+            self._names[name] = task_id
+
+    def resolve(self, target: str) -> str:
+        """The task id a target (registered name or task id) stands for."""
+        with self._lock:
+            task_id = self._names.get(target, target)
+            if task_id not in self._mailboxes:
+                raise RoutingError(
+                    "no_such_actor",
+                    f"no live task has the id or registered name {target!r}",
+                )
+            return task_id
+
+    # -- messages --------------------------------------------------------------
+
+    def try_send(self, target_id: str, message: Message, sender: Waker) -> bool:
+        """Deliver, or return False (mailbox full: ``sender`` is woken when it
+        may try again). Raises RoutingError if the target has ended."""
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            if mailbox is None:
+                raise RoutingError("no_such_actor", f"task {target_id} has ended")
+            if len(mailbox.messages) >= mailbox.capacity:
+                if sender not in mailbox.blocked_senders:
+                    mailbox.blocked_senders.append(sender)
+                return False
+            mailbox.messages.append(message)
+            receiver, mailbox.receiver = mailbox.receiver, None
+        if receiver is not None:
+            receiver.wake()
+        return True
+
+    def try_receive(self, task_id: str, receiver: Waker) -> Message | None:
+        """The oldest message, or None (``receiver`` is woken when one arrives)."""
+        with self._lock:
+            mailbox = self._mailboxes[task_id]
+            if not mailbox.messages:
+                mailbox.receiver = receiver
+                return None
+            message = mailbox.messages.popleft()
+            senders, mailbox.blocked_senders = mailbox.blocked_senders, []
+        for sender in senders:
+            sender.wake()
+        return message
+
+    def forget_sender(self, target_id: str, sender: Waker) -> None:
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            if mailbox is not None and sender in mailbox.blocked_senders:
+                mailbox.blocked_senders.remove(sender)
+
+    def depth(self, task_id: str) -> int:
+        with self._lock:
+            mailbox = self._mailboxes.get(task_id)
+            return len(mailbox.messages) if mailbox else 0
+
+    # -- ask / reply -----------------------------------------------------------
+
+    def expect_reply(self, message_id: str, asker: Waker, target_id: str) -> None:
+        with self._lock:
+            self._replies[message_id] = _ReplySlot(asker, target_id)
+
+    def reply(self, message_id: str, replier_id: str, reply_json: str) -> None:
+        with self._lock:
+            slot = self._replies.get(message_id)
+            if slot is None or slot.target_id != replier_id:
+                raise RoutingError(
+                    "no_reply_expected",
+                    f"message {message_id} awaits no reply from task {replier_id}",
+                )
+            if slot.reply_json is not None or slot.failure is not None:
+                raise RoutingError(
+                    "already_replied", f"message {message_id} was already replied to"
+                )
+            slot.reply_json = reply_json
+        slot.asker.wake()
+
+    def take_reply(self, message_id: str) -> tuple[str | None, str | None]:
+        """(reply JSON, failure): both None while the reply is still to come."""
+        with self._lock:
+            slot = self._replies[message_id]
+            if slot.reply_json is None and slot.failure is None:
+                return None, None
+            del self._replies[message_id]
+            return slot.reply_json, slot.failure
+
+    def abandon_replies(self, message_ids: Iterable[str]) -> None:
+        with self._lock:
+            for message_id in message_ids:
+                self._replies.pop(message_id, None)

@@ -1,0 +1,68 @@
+"""Messages between running tasks: ``send``, ``receive``, ``ask`` and replies.
+
+Targets are a :class:`~capsule.sdk.task.TaskHandle`, a task id, or a name given
+at spawn (``worker.spawn(name="critic")``). Bodies are JSON values. Messaging
+exists only under ``capsule run``: a task run as a plain function has no mailbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsule.sdk import task as _task
+from capsule.sdk.errors import MessageError
+
+
+class Message:
+    """A received message: ``body``, ``sender`` (a task id) and ``reply(value)``."""
+
+    def __init__(self, message_id: str, sender: str, body: Any, expects_reply: bool) -> None:
+        self.id = message_id
+        self.sender = sender
+        self.body = body
+        self.expects_reply = expects_reply
+        self._replied = False
+
+    def reply(self, value: Any) -> None:
+        """Answer the ``ask`` this message came from (once)."""
+        if self._replied:
+            raise MessageError("already_replied", f"message {self.id} was already replied to")
+        _backend().reply(self.id, value)
+        self._replied = True
+
+    def __repr__(self) -> str:
+        return f"<Message {self.id} from {self.sender}: {self.body!r}>"
+
+
+def _backend() -> _task.Backend:
+    backend = _task._backend
+    if backend is None:
+        raise RuntimeError(
+            "messaging needs `capsule run`: a task called as a plain function has no mailbox"
+        )
+    return backend
+
+
+def _target(target: Any) -> str:
+    if isinstance(target, _task.TaskHandle):
+        return target.id
+    if isinstance(target, str):
+        return target
+    raise TypeError(f"a message target is a TaskHandle, a task id or a name, not {target!r}")
+
+
+def send(target: Any, message: Any, timeout: float | None = None) -> None:
+    """Send ``message`` to ``target``. Waits while its mailbox is full; raises
+    SendTimeout if it stays full for ``timeout`` seconds."""
+    _backend().send(_target(target), message, timeout)
+
+
+def receive(timeout: float | None = None) -> Message:
+    """The next message for this task; raises ReceiveTimeout after ``timeout`` seconds."""
+    message_id, sender, body, expects_reply = _backend().receive(timeout)
+    return Message(message_id, sender, body, expects_reply)
+
+
+def ask(target: Any, message: Any, timeout: float | None = None) -> Any:
+    """Send ``message`` and wait for the reply; raises ReceiveTimeout after ``timeout``."""
+    return _backend().ask(_target(target), message, timeout)

@@ -1,0 +1,242 @@
+"""Messages between tasks: send, receive, ask/reply, named actors, mailbox
+backpressure, size limits, timeouts, and cancellation of a blocked receiver."""
+
+from __future__ import annotations
+
+from tests.conftest import ProgramRunner
+
+ACTORS = """
+    import time
+    import capsule
+    from capsule import MessageError, ReceiveTimeout, SendTimeout, TaskError, ask, receive, send, task
+
+    @task(compute="HIGH")
+    def echo():
+        while True:
+            message = receive(timeout=10)
+            if message.body == "stop":
+                return "echo stopped"
+            if message.expects_reply:
+                message.reply({"echo": message.body, "from": message.sender})
+
+    @task(compute="HIGH")
+    def collect(n):
+        return [receive().body for _ in range(n)]
+
+    @task(compute="HIGH", max_retries=0)
+    def mute():
+        receive(timeout=30)
+        return "got one, never replied"
+
+    @task(compute="HIGH", max_retries=0)
+    def slow_reader(n, pause):
+        capsule.sleep(pause)
+        return [receive().body for _ in range(n)]
+"""
+
+
+def test_ask_reply_round_trip_with_a_named_actor(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        actor = echo.spawn(name="echo")
+        by_name = ask("echo", "hello")
+        by_handle = ask(actor, [1, {"a": None}])
+        by_id = ask(actor.id, 3.5)
+        send("echo", "stop")
+        return [by_name, by_handle, by_id, actor.result()]
+    """
+    )
+    assert outcome.value == [
+        {"echo": "hello", "from": "main"},
+        {"echo": [1, {"a": None}], "from": "main"},
+        {"echo": 3.5, "from": "main"},
+        "echo stopped",
+    ]
+    sent = outcome.of_type("message_sent")
+    assert [m.message_id for m in sent] == ["main#1", "main#2", "main#3", "main#4"]
+    assert {m.target_id for m in sent} == {"main/1"}
+    assert [m.expects_reply for m in sent] == [True, True, True, False]
+
+
+def test_messages_arrive_in_order(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        collector = collect.spawn(50)
+        for i in range(50):
+            send(collector, i)
+        return collector.result()
+    """
+    )
+    assert outcome.value == list(range(50))
+
+
+def test_receive_timeout(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        started = time.monotonic()
+        try:
+            receive(timeout=0.2)
+        except ReceiveTimeout as error:
+            return [type(error).__name__, isinstance(error, TimeoutError), str(error),
+                    time.monotonic() - started]
+    """
+    )
+    name, is_timeout, message, seconds = outcome.value
+    assert (name, is_timeout, message) == ("ReceiveTimeout", True, "no message arrived within 0.2s")
+    assert 0.2 <= seconds < 2.0
+
+
+def test_full_mailbox_makes_send_wait_then_time_out(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        reader = slow_reader.spawn(6, 0.5)
+        started = time.monotonic()
+        for i in range(4):          # capacity 3: the 4th send waits for the reader
+            send(reader, i)
+        waited = time.monotonic() - started
+        for i in range(4, 6):
+            send(reader, i)
+        blocked = slow_reader.spawn(1, 30)
+        for i in range(3):
+            send(blocked, i)
+        try:
+            send(blocked, 99, timeout=0.2)
+        except SendTimeout as error:
+            timed_out = str(error)
+        blocked.cancel()
+        return {"waited": waited, "got": reader.result(), "timed_out": timed_out}
+    """,
+        mailbox_capacity=3,
+    )
+    result = outcome.value
+    assert result["got"] == [0, 1, 2, 3, 4, 5]
+    assert result["waited"] >= 0.4  # the 4th send waited for the reader to start
+    assert "stayed full (3 messages) for 0.2s" in result["timed_out"]
+    assert any(e.type == "waiting" and e.on == "send" for e in outcome.events)
+
+
+def test_message_size_limit(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        actor = echo.spawn()
+        try:
+            send(actor, "x" * 2000)
+        except MessageError as error:
+            refused = [error.kind, str(error)]
+        fits = ask(actor, "y" * 100)
+        send(actor, "stop")
+        return [refused, len(fits["echo"])]
+    """,
+        max_message_size="1KB",
+    )
+    refused, fitted = outcome.value
+    assert refused[0] == "too_large"
+    assert "a message of 2,002 bytes (as JSON) exceeds the limit of 1,024 bytes" in refused[1]
+    assert fitted == 100
+
+
+def test_unknown_target_taken_name_and_bad_replies(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task
+    def double_reply():
+        message = receive()
+        message.reply(1)
+        try:
+            message.reply(2)
+        except MessageError as error:
+            return error.kind
+
+    @task(name="main")
+    def main():
+        errors = {}
+        try:
+            send("nobody", 1)
+        except MessageError as error:
+            errors["unknown"] = [error.kind, str(error)]
+        first = echo.spawn(name="dup")
+        try:
+            echo.spawn(name="dup")
+        except TaskError as error:
+            errors["taken"] = error.message
+        replier = double_reply.spawn()
+        errors["first_reply"] = ask(replier, "q")
+        errors["second_reply"] = replier.result()
+        send(first, "stop")
+        return errors
+    """
+    )
+    errors = outcome.value
+    assert errors["unknown"] == [
+        "no_such_actor",
+        "no live task has the id or registered name 'nobody'",
+    ]
+    assert errors["taken"] == "the name 'dup' is already registered to task main/1"
+    assert errors["first_reply"] == 1
+    assert errors["second_reply"] == "already_replied"
+
+
+def test_ask_an_actor_that_ends_without_replying(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        actor = mute.spawn()
+        try:
+            ask(actor, "anyone?", timeout=20)
+        except MessageError as error:
+            return [error.kind, str(error), actor.result()]
+    """
+    )
+    kind, message, result = outcome.value
+    assert kind == "actor_ended"
+    assert message == "main/1 ended without replying"
+    assert result == "got one, never replied"
+
+
+def test_cancel_reaches_a_child_blocked_in_receive_at_once(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        actor = mute.spawn()
+        capsule.sleep(0.1)
+        started = time.monotonic()
+        actor.cancel()
+        try:
+            actor.result()
+        except TaskError as error:
+            return [error.kind, time.monotonic() - started]
+    """
+    )
+    kind, seconds = outcome.value
+    assert kind == "cancelled"
+    assert seconds < 1.0
+    assert any(e.type == "waiting" and e.on == "receive" for e in outcome.events)
+
+
+def test_messaging_outside_capsule_run_is_a_clear_error() -> None:
+    import pytest
+
+    import capsule
+
+    with pytest.raises(RuntimeError, match="messaging needs `capsule run`"):
+        capsule.send("anyone", 1)
