@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-timeout", metavar="DURATION", help='cap on any task\'s timeout (e.g. "30s")'
     )
     run.add_argument(
+        "--cpu-slots",
+        metavar="N",
+        type=int,
+        help="instances running wasm at once, shared round-robin (default: CPU cores)",
+    )
+    run.add_argument(
         "--max-live-tasks", metavar="N", type=int, help="tasks alive at once in the run (512)"
     )
     run.add_argument(
@@ -158,6 +164,7 @@ def _run_command(options: argparse.Namespace) -> int:
         max_children=options.max_children,
         mailbox_capacity=options.mailbox_capacity,
         max_message_size=options.max_message_size,
+        cpu_slots=options.cpu_slots,
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()

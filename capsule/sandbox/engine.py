@@ -34,6 +34,7 @@ from wasmtime.component import Component, Instance, Linker, Record, Variant
 from capsule.sandbox.config import Limits
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
 from capsule.sandbox.runtime import Progress, ensure_runtime
+from capsule.sandbox.scheduler import CpuSlots
 
 #: How often the epoch advances; the deadline check runs this often per instance.
 TICK_SECONDS = 0.005
@@ -367,6 +368,14 @@ def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
             invocation.stop_reason = reason
             error = ffi.wasmtime_error_new(f"capsule: {reason}".encode())
             return ctypes.cast(error, ctypes.c_void_p).value or 0
+        slots: CpuSlots | None = getattr(_thread, "slots", None)
+        if slots is not None:
+            slots.yield_turn()  # blocks while other instances take their turn
+            reason = invocation.check_stop()
+            if reason is not None:  # cancelled while it waited for its turn
+                invocation.stop_reason = reason
+                error = ffi.wasmtime_error_new(f"capsule: {reason}".encode())
+                return ctypes.cast(error, ctypes.c_void_p).value or 0
     delta[0] = 1
     kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
     return 0
@@ -380,7 +389,9 @@ def _no_finalizer(_data: Any) -> None:
 class Sandbox:
     """The engine, compiled runtime and linker of one run; use as a context manager."""
 
-    def __init__(self, roots: list[Path], progress: Progress | None = None) -> None:
+    def __init__(
+        self, roots: list[Path], progress: Progress | None = None, cpu_slots: int | None = None
+    ) -> None:
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
@@ -399,6 +410,8 @@ class Sandbox:
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._pool: InstancePool | None = None
+        #: At most this many threads run task wasm at once (default: CPU cores).
+        self.slots = CpuSlots(cpu_slots)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -591,6 +604,24 @@ class Sandbox:
                 "max_attempts": invocation.max_attempts,
             }
         )
+        with self._running():
+            return self._invoke(invocation, program, payload, started)
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """Hold a CPU slot on this thread; the epoch callback yields it in turn."""
+        previous = getattr(_thread, "slots", None)
+        _thread.slots = self.slots
+        try:
+            with self.slots.running():
+                yield
+        finally:
+            _thread.slots = previous
+
+    def _invoke(
+        self, invocation: Invocation, program: str, payload: str, started: float
+    ) -> AttemptOutcome:
+        limits = invocation.limits
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:

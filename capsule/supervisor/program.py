@@ -39,6 +39,8 @@ class RunRequest:
     max_children: int | None = None
     mailbox_capacity: int | None = None
     max_message_size: str | int | None = None
+    #: Instances running wasm at once (default: CPU cores).
+    cpu_slots: int | None = None
 
 
 @dataclass
@@ -110,7 +112,7 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
     events = EventStream()
     events.subscribe(on_event)
     try:
-        sandbox = Sandbox([path.parent, *site_package_dirs()])
+        sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     run_id = new_run_id()
@@ -150,6 +152,14 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
 def _run_limits(request: RunRequest) -> dict[str, int]:
     """The per-run limits the request overrides, validated."""
     limits: dict[str, int] = {}
+    if request.cpu_slots is not None and (
+        isinstance(request.cpu_slots, bool)
+        or not isinstance(request.cpu_slots, int)
+        or request.cpu_slots < 1
+    ):
+        raise ConfigError(
+            f"--cpu-slots {request.cpu_slots!r} is invalid; expected a positive integer"
+        )
     for field_name, flag in (
         ("max_live_tasks", "--max-live-tasks"),
         ("max_children", "--max-children"),

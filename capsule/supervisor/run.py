@@ -363,7 +363,9 @@ class Run:
             if attempt_number < max_attempts and error.kind not in NOT_RETRYABLE:
                 delay = self.settings.backoff.delay(attempt_number)
                 emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
-                if _sleep_unless_stopped(parent, delay):
+                with self.sandbox.slots.released():
+                    resumed = _sleep_unless_stopped(parent, delay)
+                if resumed:
                     continue
             emit(
                 TaskFailed(
@@ -751,7 +753,7 @@ class Run:
         ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
         waiting = False
         try:
-            with attempt.condition:
+            with self.sandbox.slots.released(), attempt.condition:
                 while True:
                     if ready():
                         return True
