@@ -221,6 +221,10 @@ class _Renderer:
                 f"failed {label} ({event.error.kind}) after {event.attempt} attempt(s): "
                 f"{event.error.message}"
             )
+        elif kind == "cancelled":
+            line = f"cancelled {label}: {event.error.message}"
+        elif kind == "restarting":
+            line = f"restarting {label}: {event.reason}"
         else:
             return
         sys.stderr.write(f"capsule: {line}\n")

@@ -187,7 +187,7 @@ def test_children_do_not_outlive_their_parent(run_program: ProgramRunner) -> Non
     """
     )
     assert outcome.value == "parent done"
-    cancelled = {e.task: e.error.message for e in outcome.of_type("failed")}
+    cancelled = {e.task: e.error.message for e in outcome.of_type("cancelled")}
     assert cancelled == {
         "spin": "cancelled: its parent ended",
         "sleeper": "cancelled: its parent ended",

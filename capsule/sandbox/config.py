@@ -51,6 +51,17 @@ RAM_FORMS = 'a size such as "64KB", "512MB", "2GB" (units B, KB, MB, GB, TB; 1KB
 TIMEOUT_FORMS = 'a duration such as "500ms", "30s", "5m", "1h", or a positive number of seconds'
 RETRIES_FORMS = f"an integer from 0 to {MAX_RETRIES_LIMIT}"
 NAME_FORMS = "a non-empty string without '/' (defaults to the function name)"
+RESTART_TYPES = ("transient", "permanent", "temporary")
+STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+RESTART_FORMS = '"transient" (the default), "permanent" or "temporary"'
+STRATEGY_FORMS = '"one_for_one" (the default), "one_for_all" or "rest_for_one"'
+MAX_RESTARTS_FORMS = "an integer from 0 to 1000"
+#: Restart intensity defaults. OTP's 1 restart in 5 s escalates on the second
+#: crash of any child, which with a few retrying children is almost at once;
+#: 3 in 5 s lets each of a few children retry while a crash loop still escalates
+#: within seconds.
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_RESTART_WINDOW_S = 5.0
 
 
 class ConfigError(ValueError):
@@ -127,6 +138,36 @@ class TaskConfig(BaseModel):
     ram_bytes: int = DEFAULT_RAM_BYTES
     timeout_s: float | None = None
     max_retries: int = DEFAULT_MAX_RETRIES
+    restart: str = "transient"
+    strategy: str = "one_for_one"
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    restart_window_s: float = DEFAULT_RESTART_WINDOW_S
+
+    @field_validator("restart", mode="before")
+    @classmethod
+    def _restart(cls, value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in RESTART_TYPES:
+            raise ValueError(RESTART_FORMS)
+        return value.lower()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in STRATEGIES:
+            raise ValueError(STRATEGY_FORMS)
+        return value.lower()
+
+    @field_validator("max_restarts", mode="before")
+    @classmethod
+    def _max_restarts(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1000:
+            raise ValueError(MAX_RESTARTS_FORMS)
+        return value
+
+    @field_validator("restart_window_s", mode="before")
+    @classmethod
+    def _restart_window(cls, value: Any) -> float:
+        return parse_timeout(value)
 
     @field_validator("name", mode="before")
     @classmethod
@@ -163,6 +204,10 @@ _FIELD_OF_OPTION = {
     "ram": "ram_bytes",
     "timeout": "timeout_s",
     "max_retries": "max_retries",
+    "restart": "restart",
+    "strategy": "strategy",
+    "max_restarts": "max_restarts",
+    "restart_window": "restart_window_s",
 }
 _OPTION_OF_FIELD = {field: option for option, field in _FIELD_OF_OPTION.items()}
 

@@ -27,7 +27,17 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 #: Option names ``@task`` accepts, in the order the docs list them.
-TASK_OPTIONS = ("name", "compute", "ram", "timeout", "max_retries")
+TASK_OPTIONS = (
+    "name",
+    "compute",
+    "ram",
+    "timeout",
+    "max_retries",
+    "restart",
+    "strategy",
+    "max_restarts",
+    "restart_window",
+)
 
 
 @dataclass(frozen=True)
@@ -182,6 +192,10 @@ def task(
     ram: str | int | None = None,
     timeout: str | int | float | None = None,
     max_retries: int | None = None,
+    restart: str | None = None,
+    strategy: str | None = None,
+    max_restarts: int | None = None,
+    restart_window: str | int | float | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -194,6 +208,10 @@ def task(
     ram: str | int | None = None,
     timeout: str | int | float | None = None,
     max_retries: int | None = None,
+    restart: str | None = None,
+    strategy: str | None = None,
+    max_restarts: int | None = None,
+    restart_window: str | int | float | None = None,
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a Capsule task: ``@task`` or ``@task(name=..., ...)``.
 
@@ -202,18 +220,33 @@ def task(
     - ``ram``: memory cap such as ``"64MB"``, ``"2GB"`` or a number of bytes.
     - ``timeout``: wall-clock limit such as ``"500ms"``, ``"30s"``, ``"5m"`` or seconds.
     - ``max_retries``: attempts after the first failure (default 1).
+
+    As a spawned child (supervised by the task that spawned it):
+
+    - ``restart``: ``"transient"`` (default: restart after a failure, up to
+      ``max_retries``), ``"permanent"`` (also after a normal return) or
+      ``"temporary"`` (never; its failure does not fail the parent).
+
+    As a parent of spawned children:
+
+    - ``strategy``: ``"one_for_one"`` (default: restart only the child that
+      failed), ``"one_for_all"`` (restart them all) or ``"rest_for_one"`` (restart
+      it and those spawned after it).
+    - ``max_restarts`` within ``restart_window``: more restarts than that fail
+      this task (default 3 in 5 s), and its own supervisor takes over.
     """
-    declared = {
-        key: value
-        for key, value in (
-            ("name", name),
-            ("compute", compute),
-            ("ram", ram),
-            ("timeout", timeout),
-            ("max_retries", max_retries),
-        )
-        if value is not None
+    given = {
+        "name": name,
+        "compute": compute,
+        "ram": ram,
+        "timeout": timeout,
+        "max_retries": max_retries,
+        "restart": restart,
+        "strategy": strategy,
+        "max_restarts": max_restarts,
+        "restart_window": restart_window,
     }
+    declared = {key: value for key, value in given.items() if value is not None}
 
     def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
         if not callable(fn):

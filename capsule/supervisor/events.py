@@ -70,6 +70,25 @@ class TaskFailed(_Event):
     fuel_consumed: int
 
 
+class TaskCancelled(_Event):
+    """The task was stopped from outside: its parent ended or cancelled it, its
+    caller's deadline passed, or the run was interrupted."""
+
+    type: Literal["cancelled"] = "cancelled"
+    attempt: int
+    error: ErrorDetail
+    duration_ms: float
+    fuel_consumed: int
+
+
+class TaskRestarting(_Event):
+    """A supervised child starts again (a permanent child returned, or a sibling's
+    failure restarts it under one_for_all / rest_for_one)."""
+
+    type: Literal["restarting"] = "restarting"
+    reason: str
+
+
 WaitReason = Literal["result", "receive", "sleep", "send"]
 
 
@@ -116,6 +135,8 @@ TaskEvent = Annotated[
     | TaskRetrying
     | TaskCompleted
     | TaskFailed
+    | TaskCancelled
+    | TaskRestarting
     | TaskWaiting
     | TaskResumed
     | MessageSent

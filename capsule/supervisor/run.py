@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +36,12 @@ from capsule.supervisor.events import (
     EventStream,
     MessageReceived,
     MessageSent,
+    TaskCancelled,
     TaskCompleted,
     TaskFailed,
     TaskOutput,
     TaskPending,
+    TaskRestarting,
     TaskResumed,
     TaskRetrying,
     TaskStarted,
@@ -317,6 +320,7 @@ class Run:
         total_fuel = 0
         total_time = 0.0
         attempt_number = 0
+        failures = 0
         while True:
             attempt_number += 1
             invocation = Invocation(
@@ -344,6 +348,14 @@ class Run:
                         fuel_consumed=outcome.fuel_consumed,
                     )
                 )
+                if (
+                    child is not None
+                    and config.restart == "permanent"
+                    and parent.check_stop() is None
+                    and self._allow_restart(child, f"{name!r} ({task_id}) returned")
+                ):
+                    emit(TaskRestarting(**ids, reason="it returned, and it is permanent"))
+                    continue
                 return TaskResult(
                     task_id,
                     name,
@@ -360,15 +372,37 @@ class Run:
                 traceback=outcome.error.traceback,
                 cause=outcome.error.cause,
             )
-            if attempt_number < max_attempts and error.kind not in NOT_RETRYABLE:
-                delay = self.settings.backoff.delay(attempt_number)
+            if child is not None and child.restart_reason is not None:
+                # A sibling's failure restarts this one too (one_for_all, rest_for_one).
+                reason, child.restart_reason = child.restart_reason, None
+                if parent.check_stop() is None:
+                    emit(TaskRestarting(**ids, reason=reason))
+                    continue
+            failures += 1
+            retryable = error.kind not in NOT_RETRYABLE and not (
+                child is not None and config.restart == "temporary"
+            )
+            if (
+                retryable
+                and failures <= config.max_retries
+                and (
+                    child is None
+                    or self._allow_restart(
+                        child, f"{name!r} ({task_id}) failed ({error.kind}): {error.message}"
+                    )
+                )
+            ):
+                if child is not None:
+                    self._restart_siblings(child)
+                delay = self.settings.backoff.delay(failures)
                 emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
                 with self.sandbox.slots.released():
                     resumed = _sleep_unless_stopped(parent, delay)
                 if resumed:
                     continue
+            ended = TaskCancelled if error.kind == "cancelled" else TaskFailed
             emit(
-                TaskFailed(
+                ended(
                     **ids,
                     attempt=attempt_number,
                     error=error,
@@ -377,6 +411,50 @@ class Run:
                 )
             )
             return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
+
+    def _allow_restart(self, child: _Child, what: str) -> bool:
+        """Count a restart against the parent's intensity (``max_restarts`` within
+        ``restart_window``). Over it, the parent fails instead, and its own
+        supervisor takes over (escalation)."""
+        parent = child.parent_attempt
+        config = self.configs[parent.invocation.task]
+        now = time.monotonic()
+        with self._lock:
+            while parent.restarts and parent.restarts[0] <= now - config.restart_window_s:
+                parent.restarts.popleft()
+            if len(parent.restarts) >= config.max_restarts:
+                if parent.invocation.aborted is None:
+                    parent.invocation.aborted = ErrorInfo(
+                        "restart_intensity",
+                        f"more than {config.max_restarts} restarts of its children within "
+                        f"{config.restart_window_s:g}s; the last: {what}",
+                    )
+                allowed = False
+            else:
+                parent.restarts.append(now)
+                allowed = True
+        if not allowed:
+            parent.wake()
+        return allowed
+
+    def _restart_siblings(self, child: _Child) -> None:
+        """Apply the parent's strategy to a child that is about to restart."""
+        parent = child.parent_attempt
+        strategy = self.configs[parent.invocation.task].strategy
+        if strategy == "one_for_one":
+            return
+        siblings = list(parent.children.values())
+        if strategy == "rest_for_one":
+            siblings = siblings[siblings.index(child) + 1 :]
+        reason = f"its sibling {child.name!r} ({child.task_id}) failed ({strategy})"
+        for sibling in siblings:
+            current = sibling.current
+            if sibling is child or sibling.done.is_set() or current is None:
+                continue
+            sibling.restart_reason = reason
+            current.invocation.cancel_message = f"restarting: {reason}"
+            current.invocation.cancelled = True
+            self._wake_all()
 
     def _attempt(
         self,
@@ -472,6 +550,10 @@ class Run:
         next epoch tick; tasks blocked in a host call are woken now."""
         scope.cancel_message = message
         scope.cancelled = True
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake every blocked task that must now stop."""
         with self._lock:
             attempts = list(self._attempts.values())
         for attempt in attempts:
@@ -531,7 +613,9 @@ class Run:
                 self._release()
                 return _refusal(name, str(exc))
         scope = _Scope(caller, task_id=caller.task_id, task=caller.task)
-        child = _Child(task_id=task_id, name=name, scope=scope, awaited=awaited)
+        child = _Child(
+            task_id=task_id, name=name, scope=scope, awaited=awaited, parent_attempt=attempt
+        )
         attempt.children[task_id] = child
         args, kwargs = parsed
 
@@ -549,7 +633,13 @@ class Run:
     def _child_ended(self, parent: _Attempt, child: _Child) -> None:
         result = child.result
         failed = result is not None and result.error is not None and not child.scope.cancelled
-        if failed and not child.awaited and parent.invocation.check_stop() is None:
+        temporary = self.configs[child.name].restart == "temporary"
+        if (
+            failed
+            and not child.awaited
+            and not temporary
+            and parent.invocation.check_stop() is None
+        ):
             # Link semantics: a child failing while nobody waits on it fails its
             # parent (kind child_failed); the parent's own supervisor takes it
             # from there. Waiting on the child takes this back (see wait()).
@@ -796,6 +886,8 @@ class _Attempt:
     children: dict[str, _Child] = field(default_factory=dict)
     #: Failures of children nobody waited on, by child id (link semantics).
     linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
+    #: When its children were restarted (restart intensity).
+    restarts: deque[float] = field(default_factory=deque)
     condition: threading.Condition = field(default_factory=threading.Condition)
 
     def wake(self) -> None:
@@ -811,10 +903,13 @@ class _Child:
     name: str
     scope: _Scope
     awaited: bool
+    parent_attempt: _Attempt
     done: threading.Event = field(default_factory=threading.Event)
     result: TaskResult | None = None
     thread: threading.Thread | None = None
     current: _Attempt | None = None
+    #: Set when a sibling's failure restarts this child (the strategy).
+    restart_reason: str | None = None
 
 
 class _Scope(Invocation):

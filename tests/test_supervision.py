@@ -1,0 +1,195 @@
+"""Supervision, OTP style: restart types, strategies, restart intensity and
+escalation, as lifecycle events and outcomes of real runs."""
+
+from __future__ import annotations
+
+from tests.conftest import ProgramRunner
+
+COMMON = """
+    import capsule
+    from capsule import TaskError, receive, send, task
+
+    def report(tag):
+        # Tell main which attempt of which child is running.
+        send("main", [tag, capsule.current().attempt])
+
+    @task(compute="HIGH", max_retries=3)
+    def waits_forever(tag):
+        report(tag)
+        receive()
+
+    @task(compute="HIGH", max_retries=3)
+    def fails_once(tag):
+        report(tag)
+        if capsule.current().attempt == 1:
+            raise RuntimeError(f"{tag} crashed")
+        receive()
+"""
+
+
+def restarts(outcome, task_id: str) -> list[str]:
+    return [e.reason for e in outcome.of_type("restarting") if e.task_id == task_id]
+
+
+def test_transient_child_is_restarted_after_a_failure(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(max_retries=2)
+    def flaky():
+        if capsule.current().attempt == 1:
+            raise RuntimeError("first try")
+        return capsule.current().attempt
+
+    @task(name="main")
+    def main():
+        return flaky.spawn().result()
+    """,
+        retry_backoff=0.01,
+    )
+    assert outcome.value == 2
+
+
+def test_temporary_child_is_never_restarted_and_never_fails_its_parent(
+    run_program: ProgramRunner,
+) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(restart="temporary", max_retries=5)
+    def one_shot():
+        raise RuntimeError("gone")
+
+    @task(name="main")
+    def main():
+        one_shot.spawn()
+        capsule.sleep(0.3)
+        return "main is fine"
+    """
+    )
+    assert outcome.value == "main is fine"
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "one_shot"] == [1]
+
+
+def test_permanent_child_is_restarted_after_returning(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(restart="permanent")
+    def beat():
+        report("beat")
+        return "done for now"
+
+    @task(name="main", max_restarts=5)
+    def main():
+        beat.spawn()
+        return [receive(timeout=10).body for _ in range(3)]
+    """
+    )
+    assert outcome.value == [["beat", 1], ["beat", 2], ["beat", 3]]
+    assert restarts(outcome, "main/1")[:2] == ["it returned, and it is permanent"] * 2
+
+
+def test_one_for_one_restarts_only_the_failed_child(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(name="main")
+    def main():
+        waits_forever.spawn("a")
+        fails_once.spawn("b")
+        return sorted(receive(timeout=10).body for _ in range(3))
+    """,
+        retry_backoff=0.01,
+    )
+    assert outcome.value == [["a", 1], ["b", 1], ["b", 2]]
+    assert restarts(outcome, "main/1") == []
+
+
+def test_one_for_all_restarts_every_running_child(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(name="main", strategy="one_for_all")
+    def main():
+        waits_forever.spawn("a")
+        capsule.sleep(0.2)
+        fails_once.spawn("b")
+        waits_forever.spawn("c")
+        return sorted(receive(timeout=10).body for _ in range(6))
+    """,
+        retry_backoff=0.2,
+    )
+    # b failed once; a and c (running) were restarted with it.
+    assert outcome.value == [["a", 1], ["a", 2], ["b", 1], ["b", 2], ["c", 1], ["c", 2]]
+    reason = "its sibling 'fails_once' (main/2) failed (one_for_all)"
+    assert restarts(outcome, "main/1") == [reason]
+    assert restarts(outcome, "main/3") == [reason]
+
+
+def test_rest_for_one_restarts_the_children_started_after(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(name="main", strategy="rest_for_one")
+    def main():
+        waits_forever.spawn("a")
+        capsule.sleep(0.1)
+        waits_forever.spawn("c")
+        capsule.sleep(0.1)
+        fails_once.spawn("b")
+        waits_forever.spawn("d")
+        return sorted(receive(timeout=10).body for _ in range(6))
+    """,
+        retry_backoff=0.2,
+    )
+    # b failed: d, spawned after it, restarts; a and c, spawned before, do not.
+    assert outcome.value == [["a", 1], ["b", 1], ["b", 2], ["c", 1], ["d", 1], ["d", 2]]
+    assert restarts(outcome, "main/1") == [] and restarts(outcome, "main/2") == []
+    assert len(restarts(outcome, "main/4")) == 1
+
+
+def test_restart_intensity_escalates_to_the_grandparent(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(max_retries=10)
+    def crashes():
+        raise RuntimeError("always")
+
+    @task(max_restarts=2, restart_window="30s", max_retries=0)
+    def supervisor():
+        crashes.spawn()
+        capsule.sleep(30)
+
+    @task(name="main")
+    def main():
+        try:
+            supervisor.spawn().result()
+        except TaskError as error:
+            return [error.task, error.kind, error.message]
+    """,
+        retry_backoff=0.01,
+    )
+    task, kind, message = outcome.value
+    assert (task, kind) == ("supervisor", "restart_intensity")
+    assert message.startswith("more than 2 restarts of its children within 30s; the last:")
+    assert "'crashes' (main/1/1) failed (exception)" in message
+    # Two restarts allowed (attempts 1-3), the third refused.
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "crashes"] == [1, 2, 3]
+
+
+def test_bad_supervision_options_are_config_errors(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        """
+    from capsule import task
+
+    @task(name="main", strategy="all_for_one", restart="sometimes", max_restarts=-1)
+    def main():
+        return 1
+    """
+    )
+    error = outcome.report.usage_error
+    assert "option strategy='all_for_one' is invalid" in error
+    assert "option restart='sometimes' is invalid" in error
+    assert "option max_restarts=-1 is invalid" in error
