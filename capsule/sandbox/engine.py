@@ -32,6 +32,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record, Variant
 
 from capsule.sandbox.config import Limits
+from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
@@ -105,8 +106,8 @@ class HostCalls(Protocol):
         """Deliver a message: (True, "") or (False, error JSON)."""
         ...
 
-    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, Any]:
-        """(True, Message) or (False, error JSON)."""
+    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        """(True, message JSON: id, sender, body, expects_reply) or (False, error JSON)."""
         ...
 
     def ask(
@@ -155,7 +156,7 @@ class RefusingHost:
     ) -> tuple[bool, str]:
         return self._no_messages()
 
-    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, Any]:
+    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         return self._no_messages()
 
     def ask(
@@ -406,6 +407,7 @@ class Sandbox:
         run = self.component.get_export_index("run", instance=runner)
         assert load is not None and run is not None
         self._load_index, self._run_index = load, run
+        self._exports = {load: ExportCaller(load), run: ExportCaller(run)}
         self.linker = self._make_linker()
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -440,21 +442,21 @@ class Sandbox:
         linker.add_wasip2()
         root = linker.root()
         with root.add_instance(_interface("modules")) as modules:
-            modules.add_func("find", _guarded(self._find_module))
-            modules.add_func("offer-compiled", _guarded(self._offer_compiled))
+            add_host_func(modules, "find", _guarded(self._find_module))
+            add_host_func(modules, "offer-compiled", _guarded(self._offer_compiled))
         with root.add_instance(_interface("tasks")) as tasks:
-            tasks.add_func("call", _guarded(self._call_task))
-            tasks.add_func("spawn", _guarded(self._spawn_task))
-            tasks.add_func("wait", _guarded(self._wait))
-            tasks.add_func("cancel", _guarded(self._cancel))
-            tasks.add_func("sleep", _guarded(self._sleep))
+            add_host_func(tasks, "call", _guarded(self._call_task))
+            add_host_func(tasks, "spawn", _guarded(self._spawn_task))
+            add_host_func(tasks, "wait", _guarded(self._wait))
+            add_host_func(tasks, "cancel", _guarded(self._cancel))
+            add_host_func(tasks, "sleep", _guarded(self._sleep))
         with root.add_instance(_interface("messaging")) as messaging:
-            messaging.add_func("send", _guarded(self._send))
-            messaging.add_func("receive", _guarded(self._receive))
-            messaging.add_func("ask", _guarded(self._ask))
-            messaging.add_func("reply", _guarded(self._reply))
+            add_host_func(messaging, "send", _guarded(self._send))
+            add_host_func(messaging, "receive", _guarded(self._receive))
+            add_host_func(messaging, "ask", _guarded(self._ask))
+            add_host_func(messaging, "reply", _guarded(self._reply))
         with root.add_instance(_interface("output")) as output:
-            output.add_func("write", _guarded(self._write))
+            add_host_func(output, "write", _guarded(self._write))
         return linker
 
     def _find_module(self, _store: Any, fullname: str) -> Any:
@@ -495,8 +497,7 @@ class Sandbox:
         invocation.host.sleep(invocation, ms / 1000)
         _after_blocking(invocation, None)
 
-    # result<_, string> and result<record, string> lower untagged: the ok value
-    # itself (None, a Record) or the error string.
+    # result<_, string> lowers untagged: None for ok, the error string for err.
 
     def _send(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
@@ -506,17 +507,7 @@ class Sandbox:
     def _receive(self, _store: Any, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.receive(invocation, _seconds(timeout_ms))
-        if not ok:
-            return _after_blocking(invocation, payload)
-        record = _record(
-            **{
-                "id": payload.id,
-                "sender": payload.sender,
-                "body-json": payload.body_json,
-                "expects-reply": payload.expects_reply,
-            }
-        )
-        return _after_blocking(invocation, record)
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
 
     def _ask(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
@@ -652,10 +643,7 @@ class Sandbox:
     def _call_export(
         self, store: wasmtime.Store, instance: Instance, index: Any, payload: Any
     ) -> str | ErrorInfo:
-        func = instance.get_func(store, index)
-        assert func is not None
-        value = func(store, payload)
-        func.post_return(store)
+        value = self._exports[index](store, instance, payload)
         assert isinstance(value, Variant)
         if value.tag == "ok":
             return str(value.payload)

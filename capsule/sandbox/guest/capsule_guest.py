@@ -310,7 +310,8 @@ class GuestBackend:
             message = messaging.receive(_ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
-        return message.id, message.sender, json.loads(message.body_json), message.expects_reply
+        data = json.loads(message)
+        return data["id"], data["sender"], data["body"], data["expects_reply"]
 
     def ask(self, target, body, timeout):
         text = _body(target, body)

@@ -1,0 +1,159 @@
+"""Calls across the host-guest boundary with the types looked up once.
+
+wasmtime-py's component API re-reads a function's type (a dozen ctypes calls
+and objects) on every call into or out of the guest. Task calls, messages and
+module lookups cross that boundary constantly, so these trampolines do the same
+conversions with each function's parameter and result types resolved once.
+They use wasmtime-py's own converters and error handling; only the type lookup
+is cached (the types are owned copies, independent of the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+from wasmtime import _bindings
+from wasmtime import _ffi as ffi
+from wasmtime.component import (
+    EnumType,
+    FuncType,
+    Instance,
+    LinkerInstance,
+    ListType,
+    OptionType,
+    RecordType,
+    ResultType,
+    VariantType,
+)
+from wasmtime.component._enter import catch_exceptions, enter_wasm
+from wasmtime.component._types import VariantLikeType
+
+HostFunc = Callable[..., Any]
+
+
+def _memoize(cls: type, name: str) -> None:
+    """Cache what ``cls.name`` (a property or a no-argument method) computes, per
+    type object. Component types are immutable, and wasmtime-py recomputes these
+    lists with several ctypes calls on every value it converts."""
+    original = cls.__dict__[name]
+    compute: Callable[[Any], Any] = (
+        original.fget if isinstance(original, property) and original.fget else original
+    )
+    slot = f"_capsule_memo_{name}"
+
+    def memoized(self: Any) -> Any:
+        try:
+            return self.__dict__[slot]
+        except KeyError:
+            value = self.__dict__[slot] = compute(self)
+            return value
+
+    setattr(cls, name, property(memoized) if isinstance(original, property) else memoized)
+
+
+for _cls, _name in (
+    (RecordType, "fields"),
+    (ListType, "element"),
+    (VariantType, "cases"),
+    (VariantType, "_cases"),
+    (EnumType, "names"),
+    (OptionType, "payload"),
+    (OptionType, "_cases"),
+    (ResultType, "ok"),
+    (ResultType, "err"),
+    (ResultType, "_cases"),
+    (VariantLikeType, "_tagged"),
+):
+    _memoize(_cls, _name)
+
+
+class _Import:
+    def __init__(self, func: HostFunc) -> None:
+        self.func = func
+        self.params: list[Any] | None = None
+        self.result: Any = None
+
+
+# Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
+_IMPORTS: list[_Import | None] = [None]
+
+
+@_bindings.wasmtime_component_func_callback_t  # type: ignore[untyped-decorator]
+def _call_import(
+    idx: int, context: Any, ty_raw: Any, args: Any, nargs: int, results: Any, nresults: int
+) -> int:
+    entry = _IMPORTS[idx]
+    assert entry is not None
+
+    def run(store: Any) -> None:
+        if entry.params is None:
+            with FuncType._from_ptr(ty_raw, owner=store) as fty:
+                entry.result = fty.result
+                entry.params = [ty for _, ty in fty.params]
+        params = entry.params
+        result = entry.func(store, *[params[i].convert_from_c(args[i]) for i in range(nargs)])
+        if entry.result is not None:
+            entry.result.convert_to_c(store, result, results)
+
+    return int(catch_exceptions(context, run))
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _keep(_idx: Any) -> None:
+    return None  # the entries live as long as the process: a handful per linker
+
+
+def add_host_func(instance: LinkerInstance, name: str, func: HostFunc) -> None:
+    """Like ``LinkerInstance.add_func``, with the function's types cached."""
+    _IMPORTS.append(_Import(func))
+    encoded = name.encode("utf-8")
+    error = ffi.wasmtime_component_linker_instance_add_func(
+        instance.ptr(),
+        ctypes.create_string_buffer(encoded),
+        len(encoded),
+        _call_import,
+        len(_IMPORTS) - 1,
+        _keep,
+    )
+    if error:
+        raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+class ExportCaller:
+    """Calls one export of the guest, in any instance of the component, with its
+    types resolved on the first call."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self._params: list[Any] | None = None
+        self._result: Any = None
+
+    def __call__(self, store: wasmtime.Store, instance: Instance, *params: Any) -> Any:
+        func = instance.get_func(store, self.index)
+        assert func is not None
+        if self._params is None:
+            fty = func.type(store)
+            self._result = fty.result
+            self._params = [ty for _, ty in fty.params]
+        types = self._params
+        raw = (ffi.wasmtime_component_val_t * len(params))()
+        lowered = 0
+        try:
+            for ty, value in zip(types, params, strict=True):
+                ty.convert_to_c(store, value, ctypes.pointer(raw[lowered]))
+                lowered += 1
+            space = ffi.wasmtime_component_val_t()
+            enter_wasm(
+                lambda: ffi.wasmtime_component_func_call(
+                    ctypes.byref(func._func), store._context(), raw, lowered, ctypes.byref(space), 1
+                )
+            )
+            value = self._result.convert_from_c(space)
+        finally:
+            for i in range(lowered):
+                ffi.wasmtime_component_val_delete(ctypes.byref(raw[i]))
+        func.post_return(store)
+        return value
