@@ -193,3 +193,23 @@ def test_bad_supervision_options_are_config_errors(run_program: ProgramRunner) -
     assert "option strategy='all_for_one' is invalid" in error
     assert "option restart='sometimes' is invalid" in error
     assert "option max_restarts=-1 is invalid" in error
+
+
+def test_agents_example(run_program: ProgramRunner) -> None:
+    from tests.conftest import EXAMPLES
+
+    outcome = run_program((EXAMPLES / "agents" / "main.py").read_text(), name="main.py")
+    assert outcome.value == {
+        "sections": [
+            {"topic": "isolation", "revisions": 1, "attempt": 1},
+            {"topic": "durability", "revisions": 1, "attempt": 2},
+            {"topic": "scheduling", "revisions": 1, "attempt": 1},
+        ],
+        "words": 48,
+    }
+    retried = [e.task_id for e in outcome.of_type("retrying")]
+    assert retried == ["main/3"]  # the flaky worker, restarted by the planner
+    cancelled = [(e.task, e.error.message) for e in outcome.of_type("cancelled")]
+    assert cancelled == [("critic", "cancelled: its parent ended")]
+    asks = [m for m in outcome.of_type("message_sent") if m.expects_reply]
+    assert len(asks) == 6 and {m.target_id for m in asks} == {"main/1"}
