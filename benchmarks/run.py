@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -93,6 +94,114 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
             result = run.run_main(["200", "3"], {}, first)  # 3 s for the pool to fill
             p50s.append(json.loads(result.result_json or "{}")["p50_ms"])
     return {"p50_ms": statistics.median(p50s)}
+
+
+def _run_in_process(program: str, *args: str, **request: Any) -> Any:
+    from capsule.supervisor.program import RunRequest, run_program
+
+    report = run_program(
+        RunRequest(path=PROGRAMS / program, args=list(args), **request), lambda event: None
+    )
+    assert report.result is not None and report.result.ok, report
+    return report.result.value()
+
+
+def fan_out(repeats: int) -> dict[str, float]:
+    """100 children via map versus one by one: trivial children and ~25 ms ones."""
+    figures: dict[str, float] = {}
+    for label, iterations in (("trivial", "1"), ("25ms_of_cpu", "100000")):
+        speedups = [
+            _run_in_process("fan_out.py", "100", iterations)["speedup"]
+            for _ in range(max(1, repeats // 2))
+        ]
+        figures[f"speedup_{label}"] = statistics.median(speedups)
+    return figures
+
+
+def fairness(repeats: int) -> dict[str, float]:
+    """8 identical CPU-bound tasks on the machine's cores: the spread of their
+    wall times, and the lag of an asyncio event loop in the host meanwhile."""
+    runs = [_fairness_once() for _ in range(max(1, repeats // 2))]
+    return {
+        "spread_of_wall_times_pct": statistics.median(spread for spread, _ in runs) * 100,
+        "event_loop_lag_p99_ms": statistics.median(lag for _, lag in runs),
+    }
+
+
+def _fairness_once() -> tuple[float, float]:
+    import asyncio
+    import threading
+
+    spans: list[list[float]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            spans.extend(_run_in_process("fairness.py", "8", "3000000"))
+        finally:
+            done.set()
+
+    async def measure_lag() -> list[float]:
+        samples = []
+        while not done.is_set():
+            before = time.perf_counter()
+            await asyncio.sleep(0.005)
+            samples.append(time.perf_counter() - before - 0.005)
+        return samples
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    samples = sorted(asyncio.run(measure_lag()))
+    worker.join()
+    durations = [end - start for start, end in spans]
+    spread = (max(durations) - min(durations)) / statistics.mean(durations)
+    return spread, samples[int(len(samples) * 0.99)] * 1000
+
+
+def messages(repeats: int) -> dict[str, float]:
+    runs = [_run_in_process("messages.py", "5000") for _ in range(max(1, repeats // 2))]
+    return {
+        "one_way_per_s": statistics.median(r["one_way_per_s"] for r in runs),
+        "ask_reply_per_s": statistics.median(r["ask_reply_per_s"] for r in runs),
+    }
+
+
+def idle_actor_rss(actors: int = 50) -> dict[str, float]:
+    """RSS of the host process per actor blocked in receive."""
+    import threading
+
+    from capsule.supervisor.program import RunRequest, run_program
+
+    def rss() -> int:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    waiting: set[str] = set()
+    main_sleeping = threading.Event()
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting" and event.on == "receive" and event.task == "idle":
+            waiting.add(event.task_id)
+        if event.type == "waiting" and event.task == "main":
+            main_sleeping.set()
+
+    thread = threading.Thread(
+        target=run_program,
+        args=(RunRequest(path=PROGRAMS / "idle_actors.py", args=[str(actors), "3"]), on_event),
+    )
+    thread.start()
+    main_sleeping.wait(60)
+    time.sleep(1.0)  # the pool refilled, main asleep: the baseline
+    baseline = rss()
+    while len(waiting) < actors:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    loaded = rss()
+    thread.join()
+    return {"rss_per_idle_actor_mb": (loaded - baseline) / actors / 1024**2}
 
 
 def warm_hello(repeats: int) -> dict[str, float]:
@@ -181,6 +290,14 @@ def main() -> None:
         ),
         ("warm `capsule run hello.py`", warm_hello(options.repeats), "<= 0.35 s"),
         ("edit -> re-run", edit_rerun(options.repeats), "<= 1 s"),
+        ("100 children: map vs one by one", fan_out(options.repeats), ">= 1.7x"),
+        (
+            "fairness: 8 CPU-bound tasks",
+            fairness(options.repeats),
+            "spread <= ±25%, loop lag p99 <= 20 ms",
+        ),
+        ("messages between two actors", messages(options.repeats), ">= 10,000/s one-way"),
+        ("an actor blocked in receive", idle_actor_rss(), "<= 6 MB"),
         (
             "timeout of `while True: pass` (200 ms)",
             timeout_overshoot(options.repeats),

@@ -67,3 +67,39 @@ def test_blocked_tasks_free_their_slot(run_program: ProgramRunner) -> None:
 def test_cpu_slots_must_be_positive(run_program: ProgramRunner) -> None:
     outcome = run_program(BURNERS, cpu_slots=0)
     assert outcome.report.usage_error == "--cpu-slots 0 is invalid; expected a positive integer"
+
+
+def test_fuel_is_accounted_while_a_task_runs(program) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    from capsule.sandbox.engine import Sandbox
+    from capsule.sandbox.modules import site_package_dirs
+    from capsule.supervisor.events import EventStream
+    from capsule.supervisor.run import Run
+
+    path = program(
+        """
+        from capsule import task
+
+        @task(name="main", compute="HIGH", timeout="1s", max_retries=0)
+        def main():
+            def step(i):
+                return i + 1
+            i = 0
+            while True:
+                i = step(i)
+        """
+    )
+    readings: list[int] = []
+    with Sandbox([path.parent, *site_package_dirs()]) as sandbox:
+        configs, first = Run.load(sandbox, "prog", lambda *a: None)
+        run = Run(sandbox, "prog", configs, EventStream())
+        thread = threading.Thread(target=run.run_main, args=([], {}, first))
+        thread.start()
+        for _ in range(6):
+            time.sleep(0.1)
+            readings += [t.fuel_used for t in run.snapshot() if t.task == "main"]
+        thread.join()
+    assert len(readings) >= 4
+    assert readings == sorted(readings) and readings[-1] > readings[0] > 0

@@ -113,6 +113,18 @@ class TaskResult:
         return None if self.result_json is None else json.loads(self.result_json)
 
 
+@dataclass(frozen=True)
+class LiveTask:
+    """A running attempt, as :meth:`Run.snapshot` reports it."""
+
+    task_id: str
+    task: str
+    attempt: int
+    fuel_budget: int
+    fuel_used: int
+    mailbox_depth: int
+
+
 @dataclass
 class _Node:
     """A task invocation across its attempts: numbers the calls it makes, so that
@@ -190,6 +202,25 @@ class Run:
         self._attempts: dict[Invocation, _Attempt] = {}
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity)
+
+    def snapshot(self) -> list[LiveTask]:
+        """The attempts running now, with the fuel each has used so far (read at
+        every epoch tick, so live for code that calls functions; a loop that
+        calls nothing shows its fuel when it next does, or ends)."""
+        with self._lock:
+            attempts = list(self._attempts.values())
+        return [
+            LiveTask(
+                task_id=a.invocation.task_id,
+                task=a.invocation.task,
+                attempt=a.invocation.attempt,
+                fuel_budget=a.invocation.limits.fuel,
+                fuel_used=a.invocation.limits.fuel
+                - (a.invocation.fuel_left or a.invocation.limits.fuel),
+                mailbox_depth=self._router.depth(a.invocation.task_id),
+            )
+            for a in attempts
+        ]
 
     # -- loading -------------------------------------------------------------
 

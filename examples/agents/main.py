@@ -55,8 +55,7 @@ def main() -> dict:
     sections = worker.map(TOPICS)
     return {
         "sections": [
-            {key: section[key] for key in ("topic", "revisions", "attempt")}
-            for section in sections
+            {key: section[key] for key in ("topic", "revisions", "attempt")} for section in sections
         ],
         "words": sum(len(section["text"].split()) for section in sections),
     }
