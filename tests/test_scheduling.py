@@ -103,3 +103,27 @@ def test_fuel_is_accounted_while_a_task_runs(program) -> None:  # type: ignore[n
         thread.join()
     assert len(readings) >= 4
     assert readings == sorted(readings) and readings[-1] > readings[0] > 0
+
+
+def test_one_slot_never_deadlocks_an_inline_call_ending_with_children(
+    run_program: ProgramRunner,
+) -> None:
+    # The inline callee's thread still holds main's slot when it cancels and joins
+    # the children it spawned; they need a slot to notice.
+    outcome = run_program(
+        BURNERS
+        + """
+    @task(max_retries=0)
+    def spawns_and_returns():
+        for _ in range(3):
+            burn.spawn(50_000_000)
+        return "returned"
+
+    @task(name="main", compute="HIGH")
+    def main():
+        return spawns_and_returns()
+    """,
+        cpu_slots=1,
+    )
+    assert outcome.value == "returned"
+    assert len(outcome.of_type("cancelled")) == 3

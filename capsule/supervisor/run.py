@@ -573,9 +573,12 @@ class Run:
         for child in list(attempt.children.values()):
             if not child.done.is_set():
                 self._cancel_scope(child.scope, "cancelled: its parent ended")
-        for child in list(attempt.children.values()):
-            if child.thread is not None:
-                child.thread.join()
+        # Joined without the CPU slot: a child may need one to see its cancellation
+        # (an inline call's thread still holds its caller's slot here).
+        with self.sandbox.slots.released():
+            for child in list(attempt.children.values()):
+                if child.thread is not None:
+                    child.thread.join()
 
     def _cancel_scope(self, scope: _Scope, message: str) -> None:
         """Cancel everything under ``scope``: instances running wasm trap at their
