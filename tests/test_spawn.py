@@ -280,3 +280,31 @@ def test_no_threads_or_instances_left_after_cancellations(run_program: ProgramRu
     leftover = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
     assert [name for name in leftover if name.startswith("capsule")] == []
     assert live_instances() == 0
+
+
+def test_cancel_reaches_a_child_blocked_in_result_at_once(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(compute="HIGH", max_retries=0)
+    def waits_on_grandchild():
+        return sleeper.spawn().result()
+
+    @task(name="main")
+    def main():
+        handle = waits_on_grandchild.spawn()
+        capsule.sleep(0.2)
+        started = time.monotonic()
+        handle.cancel()
+        try:
+            handle.result()
+        except TaskError as error:
+            return [error.kind, time.monotonic() - started]
+    """
+    )
+    kind, seconds = outcome.value
+    assert kind == "cancelled"
+    assert seconds < 1.0
+    waited = [e.on for e in outcome.of_type("waiting") if e.task == "waits_on_grandchild"]
+    assert waited == ["result"]
+    assert {e.task for e in outcome.of_type("cancelled")} == {"waits_on_grandchild", "sleeper"}

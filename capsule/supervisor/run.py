@@ -215,8 +215,9 @@ class Run:
                 task=a.invocation.task,
                 attempt=a.invocation.attempt,
                 fuel_budget=a.invocation.limits.fuel,
-                fuel_used=a.invocation.limits.fuel
-                - (a.invocation.fuel_left or a.invocation.limits.fuel),
+                fuel_used=0
+                if a.invocation.fuel_left is None
+                else a.invocation.limits.fuel - a.invocation.fuel_left,
                 mailbox_depth=self._router.depth(a.invocation.task_id),
             )
             for a in attempts
@@ -662,7 +663,13 @@ class Run:
                 child.done.set()
                 self._child_ended(attempt, child)
 
-        child.thread = start_task_thread(body, name=f"capsule-task {task_id}")
+        try:
+            child.thread = start_task_thread(body, name=f"capsule-task {task_id}")
+        except RuntimeError as exc:  # the OS refused another thread
+            del attempt.children[task_id]
+            self._router.close(task_id)
+            self._release()
+            return _refusal(name, f"the host cannot start another task thread: {exc}", "limit")
         return True, task_id
 
     def _child_ended(self, parent: _Attempt, child: _Child) -> None:
