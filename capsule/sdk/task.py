@@ -26,20 +26,6 @@ from capsule.sdk.errors import TaskError
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: Option names ``@task`` accepts, in the order the docs list them.
-TASK_OPTIONS = (
-    "name",
-    "compute",
-    "ram",
-    "timeout",
-    "max_retries",
-    "restart",
-    "strategy",
-    "max_restarts",
-    "restart_window",
-)
-
-
 @dataclass(frozen=True)
 class TaskInfo:
     """Who is running: returned by :func:`current`."""
