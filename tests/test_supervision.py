@@ -22,6 +22,7 @@ COMMON = """
     def fails_once(tag):
         report(tag)
         if capsule.current().attempt == 1:
+            capsule.sleep(0.3)  # the siblings spawned after it are running by now
             raise RuntimeError(f"{tag} crashed")
         receive()
 """
