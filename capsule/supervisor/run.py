@@ -487,7 +487,7 @@ class Run:
             sibling.restart_reason = reason
             current.invocation.cancel_message = f"restarting: {reason}"
             current.invocation.cancelled = True
-            self._wake_all()
+        self._wake_all()
 
     def _attempt(
         self,
