@@ -308,3 +308,22 @@ def test_cancel_reaches_a_child_blocked_in_result_at_once(run_program: ProgramRu
     waited = [e.on for e in outcome.of_type("waiting") if e.task == "waits_on_grandchild"]
     assert waited == ["result"]
     assert {e.task for e in outcome.of_type("cancelled")} == {"waits_on_grandchild", "sleeper"}
+
+
+def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main")
+    def main():
+        first = nap.spawn(0, "a")
+        once = first.result()
+        again = first.result()
+        failing = fails.spawn(3)
+        both = gather(first, failing, nap.spawn(0, "b"), return_exceptions=True)
+        # Many short children, each collected: the parent does not accumulate them.
+        total = sum(len(nap.spawn(0, "x").result()) for _ in range(60))
+        return [once, again, [x if isinstance(x, str) else x.kind for x in both], total]
+    """
+    )
+    assert outcome.value == ["a", "a", ["a", "exception", "b"], 60]

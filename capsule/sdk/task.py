@@ -26,6 +26,7 @@ from capsule.sdk.errors import TaskError
 P = ParamSpec("P")
 R = TypeVar("R")
 
+
 @dataclass(frozen=True)
 class TaskInfo:
     """Who is running: returned by :func:`current`."""
@@ -252,6 +253,7 @@ class TaskHandle(Generic[R]):
     def __init__(self, task_id: str, name: str) -> None:
         self.id = task_id
         self.name = name
+        #: The child's outcome, once known: (True, value) or (False, TaskError).
         self._local_outcome: tuple[bool, Any] | None = None
 
     @classmethod
@@ -295,7 +297,15 @@ def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tup
         return [
             h._local_outcome or (False, TaskError("cancelled", h.name, "not run")) for h in handles
         ]
-    return backend.wait([h.id for h in handles], timeout)
+    # A handle keeps its child's outcome once collected: the host forgets a child
+    # it has reported, so that a long-lived task spawning many does not grow.
+    pending = list({h.id: h for h in handles if h._local_outcome is None}.values())
+    if pending:
+        for handle, outcome in zip(
+            pending, backend.wait([h.id for h in pending], timeout), strict=True
+        ):
+            handle._local_outcome = outcome
+    return [h._local_outcome for h in handles]  # type: ignore[misc]
 
 
 def gather(*handles: TaskHandle[Any], return_exceptions: bool = False) -> list[Any]:

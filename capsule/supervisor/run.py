@@ -704,7 +704,9 @@ class Run:
         unknown = [task_id for task_id in ids if task_id not in attempt.children]
         if unknown:
             return _refusal(
-                "?", f"{caller.task!r} can only wait on its own children, not {unknown[0]!r}"
+                "?",
+                f"{caller.task!r} can only wait on its own running or unreported children, "
+                f"not {unknown[0]!r}",
             )
         children = [attempt.children[task_id] for task_id in ids]
         for child in children:
@@ -724,7 +726,14 @@ class Run:
             return False, json.dumps(
                 {"kind": "wait_timeout", "task": caller.task, "message": message}
             )
-        return True, json.dumps([_outcome_json(child) for child in children])
+        reply = json.dumps([_outcome_json(child) for child in children])
+        # Reported: the guest's handles keep the outcomes; forget these children
+        # (their threads have ended) so a long-lived parent does not accumulate them.
+        for child in children:
+            if child.thread is not None:
+                child.thread.join()
+            attempt.children.pop(child.task_id, None)
+        return True, reply
 
     def cancel(self, caller: Invocation, task_id: str) -> None:
         attempt = self._attempts[caller]
