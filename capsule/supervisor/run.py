@@ -792,7 +792,7 @@ class Run:
                 f"messages) for {timeout:g}s",
             ), None
         self.events.emit(
-            MessageSent.model_construct(
+            MessageSent(
                 run_id=self.run_id,
                 task_id=caller.task_id,
                 task=caller.task,
@@ -820,7 +820,7 @@ class Run:
             return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
         message = got[0]
         self.events.emit(
-            MessageReceived.model_construct(
+            MessageReceived(
                 run_id=self.run_id,
                 task_id=caller.task_id,
                 task=caller.task,
@@ -910,7 +910,7 @@ class Run:
                     if limit is not None and now >= limit:
                         return False
                     if not waiting:
-                        self.events.emit(TaskWaiting.model_construct(**ids, on=on))
+                        self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
@@ -919,7 +919,7 @@ class Run:
                     attempt.condition.wait(min([*ends, now + 1.0]) - now)
         finally:
             if waiting:
-                self.events.emit(TaskResumed.model_construct(**ids))
+                self.events.emit(TaskResumed(**ids))
 
     def _parse_call(self, name: str, call_json: str) -> tuple[list[Any], dict[str, Any]] | str:
         if len(call_json) > MAX_PAYLOAD_BYTES:
