@@ -106,12 +106,18 @@ def _run_in_process(program: str, *args: str, **request: Any) -> Any:
     return report.result.value()
 
 
+def _run_program(program: str, *args: str) -> Any:
+    """Run a benchmark program with `capsule run`, as a user would; its JSON result."""
+    _, done = run_cli("run", str(PROGRAMS / program), *args)
+    return json.loads(done.stdout)
+
+
 def fan_out(repeats: int) -> dict[str, float]:
     """100 children via map versus one by one: trivial children and ~25 ms ones."""
     figures: dict[str, float] = {}
     for label, iterations in (("trivial", "1"), ("25ms_of_cpu", "100000")):
         speedups = [
-            _run_in_process("fan_out.py", "100", iterations)["speedup"]
+            _run_program("fan_out.py", "100", iterations)["speedup"]
             for _ in range(max(1, repeats // 2))
         ]
         figures[f"speedup_{label}"] = statistics.median(speedups)
@@ -159,7 +165,7 @@ def _fairness_once() -> tuple[float, float]:
 
 
 def messages(repeats: int) -> dict[str, float]:
-    runs = [_run_in_process("messages.py", "5000") for _ in range(max(1, repeats // 2))]
+    runs = [_run_program("messages.py", "5000") for _ in range(max(1, repeats // 2))]
     return {
         "one_way_per_s": statistics.median(r["one_way_per_s"] for r in runs),
         "ask_reply_per_s": statistics.median(r["ask_reply_per_s"] for r in runs),
