@@ -145,6 +145,9 @@ def _run_command(options: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     path = Path(options.file)
+    if path.is_dir():
+        _error(f"{path} is a directory; give the program's .py file")
+        return EXIT_USAGE
     if not path.is_file():
         _error(f"no such program file: {path}")
         return EXIT_USAGE
