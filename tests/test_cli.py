@@ -374,3 +374,15 @@ def test_interrupt_cancels_every_task_and_exits_130(tmp_path: Path) -> None:
     assert envelope["error"]["message"] == "cancelled: the run was interrupted"
     assert envelope["execution"]["attempts"] == 1  # a cancelled task is not retried
     assert "every task was cancelled" in err
+
+
+def test_arguments_that_do_not_fit_fail_once_with_a_clear_message() -> None:
+    done = capsule_cli("run", str(EXAMPLES / "hello.py"), "unexpected", "--json")
+    assert done.returncode == 1
+    envelope = done.json()
+    assert envelope["error"]["kind"] == "bad_arguments"
+    assert envelope["error"]["message"] == (
+        "task 'main' cannot take these arguments: "
+        "main() takes 0 positional arguments but 1 was given"
+    )
+    assert envelope["execution"]["attempts"] == 1  # no retry can fix it

@@ -10,8 +10,10 @@ class TaskError(Exception):
 
     Raised in the caller of a child task. ``kind`` is one of ``exception``,
     ``timeout``, ``fuel_exhausted``, ``memory_limit``, ``trap``, ``cancelled``,
-    ``child_failed`` (a child of its own failed unwatched) or ``limit`` (the host
-    refused to start it: too deep, too many children or live tasks);
+    ``child_failed`` (a child of its own failed unwatched), ``restart_intensity``,
+    ``bad_arguments`` (the arguments do not fit the task's signature; not retried)
+    or ``limit`` (the host refused to start it: too deep, too many children or live
+    tasks);
     ``traceback`` is the guest's traceback text when the failure was a Python
     exception. When the child failed only because a TaskError of its own went
     unhandled, ``cause`` holds the original failure: ``{"task", "kind",

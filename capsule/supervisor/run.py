@@ -57,7 +57,7 @@ HOST_FRAMES_PER_LEVEL = 40
 #: crosses the host, so the cap bounds what one task can make the host hold.
 MAX_PAYLOAD_BYTES = 64 * 1024**2
 #: Kinds that a retry cannot fix.
-NOT_RETRYABLE = frozenset({"cancelled"})
+NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments"})
 
 
 class ProgramError(Exception):

@@ -387,6 +387,15 @@ class Runner(exports.Runner):
         )
         try:
             result = fn.func(*inv["args"], **inv["kwargs"])
+        except TypeError as exc:
+            # Raised by the call itself (no frame of the task's own code): the
+            # arguments do not fit its signature, which no retry can fix.
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                raise _error(
+                    "bad_arguments", name, exc,
+                    f"task {name!r} cannot take these arguments: {exc}",
+                )
+            raise _failure(name, exc)
         except BaseException as exc:
             raise _failure(name, exc)
         finally:
