@@ -20,10 +20,10 @@ from capsule.supervisor.run import (
     Run,
     RunInterrupted,
     RunSettings,
-    TaskResult,
     new_run_id,
     program_module,
 )
+from capsule.supervisor.tree import TaskResult
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One run of a program: load it, then run its tasks as a tree of invocations.
+"""One run of a program: load it, then run its tasks as a tree of invocations,
+supervised (retries, restarts, strategies, intensity) and scheduled.
 
 ``main`` runs on a task thread owned by :meth:`Run.run_main`. Each attempt of an
 invocation runs in a fresh sandbox instance. A task calling another task reaches
@@ -14,13 +15,12 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capsule.actors.router import Message, Router, RoutingError
+from capsule.actors.router import Router, RoutingError
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -34,8 +34,6 @@ from capsule.sandbox.engine import (
 from capsule.supervisor.events import (
     ErrorDetail,
     EventStream,
-    MessageReceived,
-    MessageSent,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
@@ -47,6 +45,18 @@ from capsule.supervisor.events import (
     TaskStarted,
     TaskWaiting,
     WaitReason,
+)
+from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.tree import (
+    Attempt,
+    Child,
+    LiveTask,
+    Node,
+    Scope,
+    TaskResult,
+    nearest_deadline,
+    sleep_unless_stopped,
+    start_task_thread,
 )
 
 #: How deep task calls may nest before the call is refused.
@@ -90,62 +100,6 @@ class Backoff:
 
     def delay(self, failed_attempt: int) -> float:
         return float(min(self.max_s, self.initial_s * self.factor ** (failed_attempt - 1)))
-
-
-@dataclass
-class TaskResult:
-    """How a task invocation (all its attempts) ended."""
-
-    task_id: str
-    task: str
-    attempts: int
-    fuel_consumed: int
-    duration_s: float
-    result_json: str | None = None
-    error: ErrorDetail | None = None
-    peak_memory_bytes: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def value(self) -> Any:
-        return None if self.result_json is None else json.loads(self.result_json)
-
-
-@dataclass(frozen=True)
-class LiveTask:
-    """A running attempt, as :meth:`Run.snapshot` reports it."""
-
-    task_id: str
-    task: str
-    attempt: int
-    fuel_budget: int
-    fuel_used: int
-    mailbox_depth: int
-
-
-@dataclass
-class _Node:
-    """A task invocation across its attempts: numbers the calls it makes, so that
-    child ids are deterministic (the parent's id plus the call's sequence number;
-    attempts continue the count, so ids stay unique across retries)."""
-
-    task_id: str
-    children: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    messages: int = 0
-
-    def next_child_id(self) -> str:
-        with self.lock:
-            self.children += 1
-            return f"{self.task_id}/{self.children}"
-
-    def next_message_id(self) -> str:
-        with self.lock:
-            self.messages += 1
-            return f"{self.task_id}#{self.messages}"
 
 
 @dataclass(frozen=True)
@@ -199,9 +153,17 @@ class Run:
         self.settings = settings or RunSettings()
         self.run_id = run_id or new_run_id()
         self._lock = threading.Lock()
-        self._attempts: dict[Invocation, _Attempt] = {}
+        self._attempts: dict[Invocation, Attempt] = {}
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity)
+        self._messages = MessageCalls(
+            self._router,
+            self.events,
+            self.run_id,
+            self._block,
+            max_message_bytes=self.settings.max_message_bytes,
+            mailbox_capacity=self.settings.mailbox_capacity,
+        )
 
     def snapshot(self) -> list[LiveTask]:
         """The attempts running now, with the fuel each has used so far (read at
@@ -277,7 +239,7 @@ class Run:
                 f'declare the entry point with @task(name="main")'
             )
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-        root = _Scope(None, task_id="", task="<run>")
+        root = Scope(None, task_id="", task="<run>")
         outcome: list[TaskResult] = []
         failure: list[BaseException] = []
         finished = threading.Event()
@@ -321,7 +283,7 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any],
         parent: Invocation,
-        child: _Child | None,
+        child: Child | None,
     ) -> TaskResult:
         """Run one task invocation, with its retries, on the calling thread.
 
@@ -341,10 +303,10 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any],
         parent: Invocation,
-        child: _Child | None,
+        child: Child | None,
     ) -> TaskResult:
         config = self.configs[name]
-        node = _Node(task_id=task_id)
+        node = Node(task_id=task_id)
         limits = Limits.for_task(config, self.settings.caps)
         max_attempts = config.max_retries + 1
         emit = self.events.emit
@@ -430,7 +392,7 @@ class Run:
                 delay = self.settings.backoff.delay(failures)
                 emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
                 with self.sandbox.slots.released():
-                    resumed = _sleep_unless_stopped(parent, delay)
+                    resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
                     continue
             ended = TaskCancelled if error.kind == "cancelled" else TaskFailed
@@ -445,7 +407,7 @@ class Run:
             )
             return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
 
-    def _allow_restart(self, child: _Child, what: str) -> bool:
+    def _allow_restart(self, child: Child, what: str) -> bool:
         """Count a restart against the parent's intensity (``max_restarts`` within
         ``restart_window``). Over it, the parent fails instead, and its own
         supervisor takes over (escalation)."""
@@ -470,7 +432,7 @@ class Run:
             parent.wake()
         return allowed
 
-    def _restart_siblings(self, child: _Child) -> None:
+    def _restart_siblings(self, child: Child) -> None:
         """Apply the parent's strategy to a child that is about to restart."""
         parent = child.parent_attempt
         strategy = self.configs[parent.invocation.task].strategy
@@ -492,13 +454,13 @@ class Run:
     def _attempt(
         self,
         invocation: Invocation,
-        node: _Node,
-        child: _Child | None,
+        node: Node,
+        child: Child | None,
         args: list[Any],
         kwargs: dict[str, Any],
     ) -> AttemptOutcome:
         """One attempt in a fresh instance; its spawned children do not outlive it."""
-        attempt = _Attempt(invocation, node)
+        attempt = Attempt(invocation, node)
         with self._lock:
             self._attempts[invocation] = attempt
         if child is not None:
@@ -532,7 +494,7 @@ class Run:
 
     # -- the task tree ---------------------------------------------------------
 
-    def _admit(self, caller: _Attempt, name: str, spawned: bool) -> tuple[bool, str] | None:
+    def _admit(self, caller: Attempt, name: str, spawned: bool) -> tuple[bool, str] | None:
         """The refusal (as a host-call reply) of a new task under ``caller``, or
         None: admitted, and counted as live until ``_release``."""
         if name not in self.configs:
@@ -570,7 +532,7 @@ class Run:
         with self._lock:
             self._live_tasks -= 1
 
-    def _end_children(self, attempt: _Attempt) -> None:
+    def _end_children(self, attempt: Attempt) -> None:
         for child in list(attempt.children.values()):
             if not child.done.is_set():
                 self._cancel_scope(child.scope, "cancelled: its parent ended")
@@ -581,7 +543,7 @@ class Run:
                 if child.thread is not None:
                     child.thread.join()
 
-    def _cancel_scope(self, scope: _Scope, message: str) -> None:
+    def _cancel_scope(self, scope: Scope, message: str) -> None:
         """Cancel everything under ``scope``: instances running wasm trap at their
         next epoch tick; tasks blocked in a host call are woken now."""
         scope.cancel_message = message
@@ -648,8 +610,8 @@ class Run:
                 self._router.close(task_id)
                 self._release()
                 return _refusal(name, str(exc))
-        scope = _Scope(caller, task_id=caller.task_id, task=caller.task)
-        child = _Child(
+        scope = Scope(caller, task_id=caller.task_id, task=caller.task)
+        child = Child(
             task_id=task_id, name=name, scope=scope, awaited=awaited, parent_attempt=attempt
         )
         attempt.children[task_id] = child
@@ -672,7 +634,7 @@ class Run:
             return _refusal(name, f"the host cannot start another task thread: {exc}", "limit")
         return True, task_id
 
-    def _child_ended(self, parent: _Attempt, child: _Child) -> None:
+    def _child_ended(self, parent: Attempt, child: Child) -> None:
         result = child.result
         failed = result is not None and result.error is not None and not child.scope.cancelled
         temporary = self.configs[child.name].restart == "temporary"
@@ -745,137 +707,23 @@ class Run:
         attempt = self._attempts[caller]
         self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
 
-    # -- messages ---------------------------------------------------------------
+    # -- messages (see messages.MessageCalls) -----------------------------------
 
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._send(self._attempts[caller], target, body_json, timeout, ask=False)[0]
-
-    def _send(
-        self, attempt: _Attempt, target: str, body_json: str, timeout: float | None, ask: bool
-    ) -> tuple[tuple[bool, str], Message | None]:
-        caller = attempt.invocation
-        if len(body_json) > self.settings.max_message_bytes:
-            error = _message_error(
-                "too_large",
-                f"a message of {len(body_json):,} bytes (as JSON) exceeds the limit of "
-                f"{self.settings.max_message_bytes:,} bytes",
-            )
-            return error, None
-        try:
-            target_id = self._router.resolve(target)
-        except RoutingError as exc:
-            return _message_error(exc.kind, str(exc)), None
-        message = Message(attempt.node.next_message_id(), caller.task_id, body_json, ask)
-        if ask:
-            self._router.expect_reply(message.id, attempt, target_id)
-        failure: list[RoutingError] = []
-
-        def delivered() -> bool:
-            try:
-                return self._router.try_send(target_id, message, attempt)
-            except RoutingError as exc:
-                failure.append(exc)
-                return True
-
-        sent = self._block(attempt, delivered, timeout, "send")
-        if failure:
-            return _message_error(failure[0].kind, str(failure[0])), None
-        if not sent:
-            self._router.forget_sender(target_id, attempt)
-            if caller.check_stop() is not None:
-                return (False, "{}"), None  # the sandbox ends the caller
-            return _message_error(
-                "send_timeout",
-                f"the mailbox of {target!r} stayed full ({self.settings.mailbox_capacity} "
-                f"messages) for {timeout:g}s",
-            ), None
-        self.events.emit(
-            MessageSent(
-                run_id=self.run_id,
-                task_id=caller.task_id,
-                task=caller.task,
-                message_id=message.id,
-                target_id=target_id,
-                size=len(body_json),
-                expects_reply=ask,
-            )
-        )
-        return (True, ""), message
+        return self._messages.send(self._attempts[caller], target, body_json, timeout)
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
-        got: list[Message] = []
-
-        def arrived() -> bool:
-            message = self._router.try_receive(caller.task_id, attempt)
-            if message is not None:
-                got.append(message)
-            return bool(got)
-
-        if not self._block(attempt, arrived, timeout, "receive"):
-            if caller.check_stop() is not None:
-                return False, "{}"
-            return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
-        message = got[0]
-        self.events.emit(
-            MessageReceived(
-                run_id=self.run_id,
-                task_id=caller.task_id,
-                task=caller.task,
-                message_id=message.id,
-                sender_id=message.sender,
-            )
-        )
-        # The body is JSON already: spliced in, not parsed and dumped again.
-        envelope = json.dumps(
-            {"id": message.id, "sender": message.sender, "expects_reply": message.expects_reply}
-        )
-        return True, f'{envelope[:-1]}, "body": {message.body_json}}}'
+        return self._messages.receive(self._attempts[caller], timeout)
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
-        started = time.monotonic()
-        sent, message = self._send(attempt, target, body_json, timeout, ask=True)
-        if message is None:
-            return sent
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        answer: list[tuple[str | None, str | None]] = []
-
-        def answered() -> bool:
-            reply, failure = self._router.take_reply(message.id)
-            if reply is not None or failure is not None:
-                answer.append((reply, failure))
-            return bool(answer)
-
-        if not self._block(attempt, answered, left, "receive"):
-            self._router.abandon_replies([message.id])
-            if caller.check_stop() is not None:
-                return False, "{}"
-            return _message_error(
-                "receive_timeout", f"no reply from {target!r} within {timeout:g}s"
-            )
-        reply, failure = answer[0]
-        if failure is not None:
-            return _message_error("actor_ended", failure)
-        assert reply is not None
-        return True, reply
+        return self._messages.ask(self._attempts[caller], target, body_json, timeout)
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
-        if len(body_json) > self.settings.max_message_bytes:
-            return _message_error(
-                "too_large",
-                f"a reply of {len(body_json):,} bytes (as JSON) exceeds the limit of "
-                f"{self.settings.max_message_bytes:,} bytes",
-            )
-        try:
-            self._router.reply(message_id, caller.task_id, body_json)
-        except RoutingError as exc:
-            return _message_error(exc.kind, str(exc))
-        return True, ""
+        return self._messages.reply(caller, message_id, body_json)
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         self.events.emit(
@@ -889,7 +737,7 @@ class Run:
         )
 
     def _block(
-        self, attempt: _Attempt, ready: Callable[[], bool], timeout: float | None, on: WaitReason
+        self, attempt: Attempt, ready: Callable[[], bool], timeout: float | None, on: WaitReason
     ) -> bool:
         """Block the caller until ``ready()``, ``timeout`` or it must stop.
         Returns whether it became ready."""
@@ -914,7 +762,7 @@ class Run:
                         waiting = True
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
-                    bound = _nearest_deadline(invocation)
+                    bound = nearest_deadline(invocation)
                     ends = [t for t in (limit, bound) if t is not None]
                     attempt.condition.wait(min([*ends, now + 1.0]) - now)
         finally:
@@ -934,66 +782,10 @@ class Run:
             return f"malformed call from the guest: {exc}"
 
 
-@dataclass(eq=False)
-class _Attempt:
-    """A running attempt, as the tree sees it: its children and its wake-ups."""
-
-    invocation: Invocation
-    node: _Node
-    children: dict[str, _Child] = field(default_factory=dict)
-    #: Failures of children nobody waited on, by child id (link semantics).
-    linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
-    #: When its children were restarted (restart intensity).
-    restarts: deque[float] = field(default_factory=deque)
-    condition: threading.Condition = field(default_factory=threading.Condition)
-
-    def wake(self) -> None:
-        with self.condition:
-            self.condition.notify_all()
-
-
-@dataclass(eq=False)
-class _Child:
-    """A spawned child, from its parent attempt's side."""
-
-    task_id: str
-    name: str
-    scope: _Scope
-    awaited: bool
-    parent_attempt: _Attempt
-    done: threading.Event = field(default_factory=threading.Event)
-    result: TaskResult | None = None
-    thread: threading.Thread | None = None
-    current: _Attempt | None = None
-    #: Set when a sibling's failure restarts this child (the strategy).
-    restart_reason: str | None = None
-
-
-class _Scope(Invocation):
-    """Stands between a parent and a spawned child (or above ``main``): cancelling
-    it cancels the child's current attempt and everything under it, and it
-    carries the parent's deadline to them. Never runs itself."""
-
-    def __init__(self, parent: Invocation | None, task_id: str, task: str) -> None:
-        super().__init__(
-            task_id=task_id,
-            task=task,
-            attempt=1,
-            max_attempts=1,
-            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
-            host=RefusingHost(),
-            parent=parent,
-        )
-
-
 class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
-
-
-def _message_error(kind: str, message: str) -> tuple[bool, str]:
-    return False, json.dumps({"kind": kind, "message": message})
 
 
 def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:
@@ -1007,51 +799,9 @@ def _as_reply(result: TaskResult) -> tuple[bool, str]:
     return False, json.dumps({**result.error.model_dump(), "attempts": result.attempts})
 
 
-def _outcome_json(child: _Child) -> dict[str, Any]:
+def _outcome_json(child: Child) -> dict[str, Any]:
     result = child.result
     assert result is not None
     if result.error is None:
         return {"ok": True, "value": result.value()}
     return {"ok": False, "error": {**result.error.model_dump(), "attempts": result.attempts}}
-
-
-def _nearest_deadline(invocation: Invocation) -> float | None:
-    deadlines = []
-    node: Invocation | None = invocation
-    while node is not None:
-        if node.deadline is not None:
-            deadlines.append(node.deadline)
-        node = node.parent
-    return min(deadlines) if deadlines else None
-
-
-#: Stack for threads that run task trees. Nested calls run inline, one wasm
-#: activation above another on the same native stack, so it must hold
-#: MAX_DEPTH of them (wasmtime lets each use 512 KiB) plus the host frames
-#: between; reserved address space, committed only as used.
-TASK_THREAD_STACK = 256 * 1024**2
-_stack_lock = threading.Lock()
-
-
-def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """Start a thread with a stack deep enough for a tree of nested task calls."""
-    with _stack_lock:
-        previous = threading.stack_size(TASK_THREAD_STACK)
-        try:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-    return thread
-
-
-def _sleep_unless_stopped(parent: Invocation, seconds: float) -> bool:
-    """Sleep ``seconds`` (a retry backoff); False if the parent stopped meanwhile."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if parent.check_stop() is not None:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return True
-        time.sleep(min(left, 0.01))

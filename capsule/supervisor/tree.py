@@ -1,0 +1,167 @@
+"""The records of the task tree: invocations across attempts, running attempts,
+spawned children and the scopes that cancel them, results, and the threads tasks
+run on."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from capsule.sandbox.config import Limits
+from capsule.sandbox.engine import ErrorInfo, Invocation, RefusingHost
+from capsule.supervisor.events import ErrorDetail
+
+
+@dataclass
+class TaskResult:
+    """How a task invocation (all its attempts) ended."""
+
+    task_id: str
+    task: str
+    attempts: int
+    fuel_consumed: int
+    duration_s: float
+    result_json: str | None = None
+    error: ErrorDetail | None = None
+    peak_memory_bytes: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def value(self) -> Any:
+        return None if self.result_json is None else json.loads(self.result_json)
+
+
+@dataclass(frozen=True)
+class LiveTask:
+    """A running attempt, as :meth:`Run.snapshot` reports it."""
+
+    task_id: str
+    task: str
+    attempt: int
+    fuel_budget: int
+    fuel_used: int
+    mailbox_depth: int
+
+
+@dataclass
+class Node:
+    """A task invocation across its attempts: numbers the calls it makes, so that
+    child ids are deterministic (the parent's id plus the call's sequence number;
+    attempts continue the count, so ids stay unique across retries)."""
+
+    task_id: str
+    children: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    messages: int = 0
+
+    def next_child_id(self) -> str:
+        with self.lock:
+            self.children += 1
+            return f"{self.task_id}/{self.children}"
+
+    def next_message_id(self) -> str:
+        with self.lock:
+            self.messages += 1
+            return f"{self.task_id}#{self.messages}"
+
+
+@dataclass(eq=False)
+class Attempt:
+    """A running attempt, as the tree sees it: its children and its wake-ups."""
+
+    invocation: Invocation
+    node: Node
+    children: dict[str, Child] = field(default_factory=dict)
+    #: Failures of children nobody waited on, by child id (link semantics).
+    linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
+    #: When its children were restarted (restart intensity).
+    restarts: deque[float] = field(default_factory=deque)
+    condition: threading.Condition = field(default_factory=threading.Condition)
+
+    def wake(self) -> None:
+        with self.condition:
+            self.condition.notify_all()
+
+
+@dataclass(eq=False)
+class Child:
+    """A spawned child, from its parent attempt's side."""
+
+    task_id: str
+    name: str
+    scope: Scope
+    awaited: bool
+    parent_attempt: Attempt
+    done: threading.Event = field(default_factory=threading.Event)
+    result: TaskResult | None = None
+    thread: threading.Thread | None = None
+    current: Attempt | None = None
+    #: Set when a sibling's failure restarts this child (the strategy).
+    restart_reason: str | None = None
+
+
+class Scope(Invocation):
+    """Stands between a parent and a spawned child (or above ``main``): cancelling
+    it cancels the child's current attempt and everything under it, and it
+    carries the parent's deadline to them. Never runs itself."""
+
+    def __init__(self, parent: Invocation | None, task_id: str, task: str) -> None:
+        super().__init__(
+            task_id=task_id,
+            task=task,
+            attempt=1,
+            max_attempts=1,
+            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
+            host=RefusingHost(),
+            parent=parent,
+        )
+
+
+def nearest_deadline(invocation: Invocation) -> float | None:
+    deadlines = []
+    node: Invocation | None = invocation
+    while node is not None:
+        if node.deadline is not None:
+            deadlines.append(node.deadline)
+        node = node.parent
+    return min(deadlines) if deadlines else None
+
+
+#: Stack for threads that run task trees. Nested calls run inline, one wasm
+#: activation above another on the same native stack, so it must hold
+#: MAX_DEPTH of them (wasmtime lets each use 512 KiB) plus the host frames
+#: between; reserved address space, committed only as used.
+TASK_THREAD_STACK = 256 * 1024**2
+_stack_lock = threading.Lock()
+
+
+def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a thread with a stack deep enough for a tree of nested task calls."""
+    with _stack_lock:
+        previous = threading.stack_size(TASK_THREAD_STACK)
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
+
+
+def sleep_unless_stopped(parent: Invocation, seconds: float) -> bool:
+    """Sleep ``seconds`` (a retry backoff); False if the parent stopped meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if parent.check_stop() is not None:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, 0.01))
