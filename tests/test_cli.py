@@ -386,3 +386,33 @@ def test_arguments_that_do_not_fit_fail_once_with_a_clear_message() -> None:
         "main() takes 0 positional arguments but 1 was given"
     )
     assert envelope["execution"]["attempts"] == 1  # no retry can fix it
+
+
+def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        import capsule
+        from capsule import TaskError, task
+
+        @task
+        def idle():
+            capsule.receive()
+
+        @task(name="main")
+        def main():
+            started = []
+            try:
+                while True:
+                    started.append(idle.spawn())
+            except TaskError as error:
+                return [len(started), error.kind]
+        """,
+    )
+    done = capsule_cli("run", str(path), "--max-children", "3", "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert done.json() == [3, "limit"]
+    assert "cancelled main/1 (idle): cancelled: its parent ended" in done.stderr
+    bad = capsule_cli("run", str(path), "--max-message-size", "huge")
+    assert bad.returncode == 2
+    assert "--max-message-size 'huge' is invalid" in bad.stderr
