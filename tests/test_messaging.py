@@ -211,28 +211,6 @@ def test_ask_an_actor_that_ends_without_replying(run_program: ProgramRunner) -> 
     assert result == "got one, never replied"
 
 
-def test_cancel_reaches_a_child_blocked_in_receive_at_once(run_program: ProgramRunner) -> None:
-    outcome = run_program(
-        ACTORS
-        + """
-    @task(name="main")
-    def main():
-        actor = mute.spawn()
-        capsule.sleep(0.1)
-        started = time.monotonic()
-        actor.cancel()
-        try:
-            actor.result()
-        except TaskError as error:
-            return [error.kind, time.monotonic() - started]
-    """
-    )
-    kind, seconds = outcome.value
-    assert kind == "cancelled"
-    assert seconds < 1.0
-    assert any(e.type == "waiting" and e.on == "receive" for e in outcome.events)
-
-
 def test_messaging_outside_capsule_run_is_a_clear_error() -> None:
     import pytest
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from capsule.sandbox.engine import live_instances
 from tests.conftest import ProgramRunner
 
@@ -116,27 +118,6 @@ def test_result_timeout_then_cancel(run_program: ProgramRunner) -> None:
     timed_out, kind, message = outcome.value
     assert "had not ended after 0.2s" in timed_out
     assert (kind, message) == ("cancelled", "cancelled by its parent")
-
-
-def test_cancel_reaches_a_child_blocked_in_sleep_at_once(run_program: ProgramRunner) -> None:
-    outcome = run_program(
-        CHILDREN
-        + """
-    @task(name="main")
-    def main():
-        handle = sleeper.spawn()
-        capsule.sleep(0.1)
-        started = time.monotonic()
-        handle.cancel()
-        try:
-            handle.result()
-        except TaskError as error:
-            return [error.kind, time.monotonic() - started]
-    """
-    )
-    kind, seconds = outcome.value
-    assert kind == "cancelled"
-    assert seconds < 1.0  # not the 60 s it asked to sleep
 
 
 def test_unawaited_child_failure_fails_the_parent(run_program: ProgramRunner) -> None:
@@ -282,34 +263,6 @@ def test_no_threads_or_instances_left_after_cancellations(run_program: ProgramRu
     assert live_instances() == 0
 
 
-def test_cancel_reaches_a_child_blocked_in_result_at_once(run_program: ProgramRunner) -> None:
-    outcome = run_program(
-        CHILDREN
-        + """
-    @task(compute="HIGH", max_retries=0)
-    def waits_on_grandchild():
-        return sleeper.spawn().result()
-
-    @task(name="main")
-    def main():
-        handle = waits_on_grandchild.spawn()
-        capsule.sleep(0.2)
-        started = time.monotonic()
-        handle.cancel()
-        try:
-            handle.result()
-        except TaskError as error:
-            return [error.kind, time.monotonic() - started]
-    """
-    )
-    kind, seconds = outcome.value
-    assert kind == "cancelled"
-    assert seconds < 1.0
-    waited = [e.on for e in outcome.of_type("waiting") if e.task == "waits_on_grandchild"]
-    assert waited == ["result"]
-    assert {e.task for e in outcome.of_type("cancelled")} == {"waits_on_grandchild", "sleeper"}
-
-
 def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: ProgramRunner) -> None:
     outcome = run_program(
         CHILDREN
@@ -327,3 +280,45 @@ def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: Pro
     """
     )
     assert outcome.value == ["a", "a", ["a", "exception", "b"], 60]
+
+
+BLOCKED = {
+    "sleep": "sleeper",
+    "result": "waits_on_grandchild",
+    "receive": "receives",
+}
+
+
+@pytest.mark.parametrize("blocked_in", sorted(BLOCKED))
+def test_cancel_reaches_a_blocked_child_at_once(
+    run_program: ProgramRunner, blocked_in: str
+) -> None:
+    outcome = run_program(
+        CHILDREN
+        + f"""
+    @task(compute="HIGH", max_retries=0)
+    def waits_on_grandchild():
+        return sleeper.spawn().result()
+
+    @task(compute="HIGH", max_retries=0)
+    def receives():
+        capsule.receive()
+
+    @task(name="main")
+    def main():
+        handle = {BLOCKED[blocked_in]}.spawn()
+        capsule.sleep(0.2)
+        started = time.monotonic()
+        handle.cancel()
+        try:
+            handle.result()
+        except TaskError as error:
+            return [error.kind, time.monotonic() - started]
+    """
+    )
+    kind, seconds = outcome.value
+    assert kind == "cancelled"
+    assert seconds < 1.0  # not the 60 s sleep, nor forever
+    child = BLOCKED[blocked_in]
+    assert [e.on for e in outcome.of_type("waiting") if e.task == child] == [blocked_in]
+    assert child in {e.task for e in outcome.of_type("cancelled")}
