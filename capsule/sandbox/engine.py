@@ -201,6 +201,16 @@ class Invocation:
             return None
         return self.started + self.limits.timeout_s
 
+    def cancellation_message(self) -> str:
+        """Why this invocation is cancelled: the message of the nearest cancelled
+        ancestor (or itself), or the generic one when a caller stopped otherwise."""
+        node: Invocation | None = self
+        while node is not None and not node.cancelled and node.aborted is None:
+            node = node.parent
+        if node is not None and node.cancelled:
+            return node.cancel_message
+        return Invocation.cancel_message
+
     def check_stop(self) -> str | None:
         """Why this invocation must stop now, or None. Walks the ancestors: a
         child never outlives the deadline or cancellation of its callers."""
@@ -686,15 +696,7 @@ class Sandbox:
         if invocation.stop_reason == "timeout":
             return ErrorInfo("timeout", f"deadline of {limits.timeout_s:g}s exceeded")
         if invocation.stop_reason == "cancelled":
-            node: Invocation | None = invocation
-            while node is not None and not node.cancelled and node.aborted is None:
-                node = node.parent
-            message = (
-                node.cancel_message
-                if node is not None and node.cancelled
-                else Invocation.cancel_message
-            )
-            return ErrorInfo("cancelled", message)
+            return ErrorInfo("cancelled", invocation.cancellation_message())
         if invocation.host_error is not None:
             return ErrorInfo(
                 "trap", "the host failed while serving the task", traceback=invocation.host_error

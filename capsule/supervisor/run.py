@@ -328,7 +328,8 @@ class Run:
                 parent=parent,
             )
             if parent.check_stop() is not None:
-                outcome = AttemptOutcome(None, self._stopped_error(parent), 0, None, 0.0)
+                stopped = ErrorInfo("cancelled", parent.cancellation_message())
+                outcome = AttemptOutcome(None, stopped, 0, None, 0.0)
             else:
                 emit(TaskStarted(**ids, attempt=attempt_number, max_attempts=max_attempts))
                 outcome = self._attempt(invocation, node, child, args, kwargs)
@@ -483,14 +484,6 @@ class Run:
                 f"results are limited to {MAX_PAYLOAD_BYTES:,} bytes",
             )
         return outcome
-
-    @staticmethod
-    def _stopped_error(parent: Invocation) -> ErrorInfo:
-        node: Invocation | None = parent
-        while node is not None and not node.cancelled:
-            node = node.parent
-        message = node.cancel_message if node is not None else "its caller stopped"
-        return ErrorInfo("cancelled", message)
 
     # -- the task tree ---------------------------------------------------------
 

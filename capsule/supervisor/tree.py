@@ -108,6 +108,10 @@ class Child:
     restart_reason: str | None = None
 
 
+#: Scopes never run; they share one host that refuses everything.
+_SCOPE_HOST = RefusingHost()
+
+
 class Scope(Invocation):
     """Stands between a parent and a spawned child (or above ``main``): cancelling
     it cancels the child's current attempt and everything under it, and it
@@ -120,7 +124,7 @@ class Scope(Invocation):
             attempt=1,
             max_attempts=1,
             limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
-            host=RefusingHost(),
+            host=_SCOPE_HOST,
             parent=parent,
         )
 
