@@ -64,10 +64,13 @@ class Router:
 
     # -- lifetimes -------------------------------------------------------------
 
-    def open(self, task_id: str) -> None:
-        """Give a task its mailbox (it keeps it across retries)."""
+    def open(self, task_id: str, backlog: Iterable[Message] = ()) -> None:
+        """Give a task its mailbox (it keeps it across retries). ``backlog``:
+        messages it is owed from before a resume, put in ahead of any new one."""
         with self._lock:
-            self._mailboxes.setdefault(task_id, Mailbox(task_id, self.mailbox_capacity))
+            if task_id not in self._mailboxes:
+                mailbox = self._mailboxes[task_id] = Mailbox(task_id, self.mailbox_capacity)
+                mailbox.messages.extend(backlog)
 
     def close(self, task_id: str) -> list[Message]:
         """The task has ended: drop its mailbox and name, fail asks waiting on it

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import os
 import queue
 import threading
 import time
@@ -43,6 +44,8 @@ TICK_SECONDS = 0.005
 ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt=speed"
 #: Below this memory cap the guest CPython cannot even start.
 MIN_RAM_BYTES = 16 * 1024**2
+#: Most random bytes one WASI call may ask the host for.
+MAX_RANDOM_BYTES = 1024**2
 
 _PACKAGE = "capsule:runtime"
 _VERSION = "0.1.0"
@@ -120,8 +123,34 @@ class HostCalls(Protocol):
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
 
+    def wall_clock_ns(self, caller: Invocation) -> int:
+        """Nanoseconds since the Unix epoch, for the guest's WASI wall clock."""
+        ...
 
-class RefusingHost:
+    def monotonic_ns(self, caller: Invocation) -> int:
+        """Nanoseconds on a clock that never goes back, for ``time.monotonic``."""
+        ...
+
+    def random_bytes(self, caller: Invocation, count: int) -> bytes:
+        """``count`` random bytes, for the guest's WASI random (``os.urandom``)."""
+        ...
+
+
+class LiveClockAndRandom:
+    """Clock and random answers straight from the host: for instances that only
+    import the program, whose answers nothing replays."""
+
+    def wall_clock_ns(self, caller: Invocation) -> int:
+        return time.time_ns()
+
+    def monotonic_ns(self, caller: Invocation) -> int:
+        return time.monotonic_ns()
+
+    def random_bytes(self, caller: Invocation, count: int) -> bytes:
+        return os.urandom(count)
+
+
+class RefusingHost(LiveClockAndRandom):
     """Host calls for an instance that only imports the program: output is
     dropped and every task operation is refused (module-level code must not
     start tasks)."""
@@ -194,6 +223,8 @@ class Invocation:
     cancel_message: str = "cancelled because its caller stopped"
     #: Fuel left as of the last epoch tick (wasmtime-py reads it only between calls).
     fuel_left: int | None = None
+    #: Seed for the guest's ``random`` module (the same when a resumed run replays it).
+    seed: str = ""
 
     @property
     def deadline(self) -> float | None:
@@ -450,7 +481,19 @@ class Sandbox:
     def _make_linker(self) -> Linker:
         linker = Linker(self.engine)
         linker.add_wasip2()
+        # The WASI wall clock and random are served by the host (and journaled by
+        # the supervisor), so that time and randomness replay on resume.
+        linker.allow_shadowing = True
         root = linker.root()
+        wasi = {name.split("@")[0]: name for name in self.component.type.imports(self.engine)}
+        with root.add_instance(wasi["wasi:clocks/wall-clock"]) as wall_clock:
+            add_host_func(wall_clock, "now", _guarded(self._wall_clock_now))
+            add_host_func(wall_clock, "resolution", _guarded(self._wall_clock_resolution))
+        with root.add_instance(wasi["wasi:random/random"]) as random:
+            add_host_func(random, "get-random-bytes", _guarded(self._random_bytes))
+            add_host_func(random, "get-random-u64", _guarded(self._random_u64))
+        with root.add_instance(_interface("clock")) as clock:
+            add_host_func(clock, "monotonic-ns", _guarded(self._monotonic_ns))
         with root.add_instance(_interface("modules")) as modules:
             add_host_func(modules, "find", _guarded(self._find_module))
             add_host_func(modules, "offer-compiled", _guarded(self._offer_compiled))
@@ -468,6 +511,38 @@ class Sandbox:
         with root.add_instance(_interface("output")) as output:
             add_host_func(output, "write", _guarded(self._write))
         return linker
+
+    def _wall_clock_now(self, _store: Any) -> Any:
+        invocation = _current()
+        nanoseconds = invocation.host.wall_clock_ns(invocation)
+        _after_blocking(invocation, None)  # e.g. a replay that diverged here
+        return _record(seconds=nanoseconds // 10**9, nanoseconds=nanoseconds % 10**9)
+
+    def _wall_clock_resolution(self, _store: Any) -> Any:
+        return _record(seconds=0, nanoseconds=1000)
+
+    def _monotonic_ns(self, _store: Any) -> int:
+        invocation = _current()
+        nanoseconds = invocation.host.monotonic_ns(invocation)
+        _after_blocking(invocation, None)
+        return nanoseconds
+
+    def _random_bytes(self, _store: Any, count: int) -> bytes:
+        invocation = _current()
+        if count > MAX_RANDOM_BYTES:
+            invocation.aborted = ErrorInfo(
+                "limit",
+                f"the guest asked for {count:,} random bytes at once; "
+                f"the limit is {MAX_RANDOM_BYTES:,}",
+            )
+            invocation.stop_reason = "aborted"
+            raise _Stop("capsule: aborted")
+        data = invocation.host.random_bytes(invocation, count)
+        _after_blocking(invocation, None)
+        return data
+
+    def _random_u64(self, _store: Any) -> int:
+        return int.from_bytes(self._random_bytes(_store, 8), "little")
 
     def _find_module(self, _store: Any, fullname: str) -> Any:
         found = self.finder.find(fullname)
@@ -501,6 +576,7 @@ class Sandbox:
     def _cancel(self, _store: Any, task_id: str) -> None:
         invocation = _current()
         invocation.host.cancel(invocation, task_id)
+        _after_blocking(invocation, None)
 
     def _sleep(self, _store: Any, ms: int) -> None:
         invocation = _current()
@@ -532,6 +608,7 @@ class Sandbox:
     def _write(self, _store: Any, stream: str, text: str) -> None:
         invocation = _current()
         invocation.host.output(invocation, stream, text)
+        _after_blocking(invocation, None)
 
     # -- running -----------------------------------------------------------
 
@@ -603,6 +680,7 @@ class Sandbox:
                 "task_id": invocation.task_id,
                 "attempt": invocation.attempt,
                 "max_attempts": invocation.max_attempts,
+                "seed": invocation.seed,
             }
         )
         with self._running():

@@ -123,6 +123,17 @@ class MessageReceived(_Event):
     sender_id: str
 
 
+class TaskReplayed(_Event):
+    """Part of the task came from the journal of the run being resumed: its
+    outcome (``outcome`` set; the task did not execute again), or the first
+    ``steps`` host calls of the attempt now re-executing (``outcome`` None)."""
+
+    type: Literal["replayed"] = "replayed"
+    attempt: int
+    steps: int
+    outcome: Literal["completed", "failed", "cancelled"] | None = None
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -141,6 +152,7 @@ TaskEvent = Annotated[
     | TaskResumed
     | MessageSent
     | MessageReceived
+    | TaskReplayed
     | TaskOutput,
     Field(discriminator="type"),
 ]

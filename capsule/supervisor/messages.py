@@ -14,6 +14,7 @@ from collections.abc import Callable
 from capsule.actors.router import Message, Router, RoutingError
 from capsule.sandbox.engine import Invocation
 from capsule.supervisor.events import EventStream, MessageReceived, MessageSent, WaitReason
+from capsule.supervisor.steps import History, PendingMessage
 from capsule.supervisor.tree import Attempt
 
 #: The run's blocking wait: (attempt, ready, timeout, what it waits on) -> became ready.
@@ -31,7 +32,11 @@ class MessageCalls:
         block: Block,
         max_message_bytes: int,
         mailbox_capacity: int,
+        on_sent: Callable[[PendingMessage], None],
+        history: History | None = None,
     ) -> None:
+        self.on_sent = on_sent
+        self.history = history
         self.router = router
         self.emit = events.emit
         self.run_id = run_id
@@ -48,6 +53,8 @@ class MessageCalls:
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None, ask: bool
     ) -> tuple[tuple[bool, str], Message | None]:
         caller = attempt.invocation
+        # Numbered first, whatever happens next, so that a replay numbers alike.
+        message_id = attempt.node.next_message_id()
         if len(body_json) > self.max_message_bytes:
             error = _message_error(
                 "too_large",
@@ -59,9 +66,16 @@ class MessageCalls:
             target_id = self.router.resolve(target)
         except RoutingError as exc:
             return _message_error(exc.kind, str(exc)), None
-        message = Message(attempt.node.next_message_id(), caller.task_id, body_json, ask)
+        message = Message(message_id, caller.task_id, body_json, ask)
         if ask:
             self.router.expect_reply(message.id, attempt, target_id)
+            if self.history is not None and message.id in self.history.sent:
+                # Asked before the resume: the message was delivered then (or is
+                # back in the target's mailbox); only the reply is still awaited.
+                earlier = self.history.replies.get(message.id)
+                if earlier is not None:
+                    self.router.reply(message.id, target_id, earlier)
+                return (True, ""), message
         failure: list[RoutingError] = []
 
         def delivered() -> bool:
@@ -83,6 +97,7 @@ class MessageCalls:
                 f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
                 f"messages) for {timeout:g}s",
             ), None
+        self.on_sent(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
         self.emit(
             MessageSent(
                 run_id=self.run_id,

@@ -10,17 +10,20 @@ instance, and its result is returned to the caller.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capsule.actors.router import Router, RoutingError
+from capsule.actors.router import Message, Router, RoutingError
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -39,6 +42,7 @@ from capsule.supervisor.events import (
     TaskFailed,
     TaskOutput,
     TaskPending,
+    TaskReplayed,
     TaskRestarting,
     TaskResumed,
     TaskRetrying,
@@ -47,6 +51,14 @@ from capsule.supervisor.events import (
     WaitReason,
 )
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.steps import (
+    History,
+    JournalFailure,
+    NoStepLog,
+    PendingMessage,
+    Step,
+    StepLog,
+)
 from capsule.supervisor.tree import (
     Attempt,
     Child,
@@ -67,7 +79,7 @@ HOST_FRAMES_PER_LEVEL = 40
 #: crosses the host, so the cap bounds what one task can make the host hold.
 MAX_PAYLOAD_BYTES = 64 * 1024**2
 #: Kinds that a retry cannot fix.
-NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments"})
+NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence"})
 
 
 class ProgramError(Exception):
@@ -145,6 +157,9 @@ class Run:
         events: EventStream,
         settings: RunSettings | None = None,
         run_id: str | None = None,
+        steps: StepLog | None = None,
+        history: History | None = None,
+        seed: bytes = b"",
     ) -> None:
         self.sandbox = sandbox
         self.program = program
@@ -156,6 +171,18 @@ class Run:
         self._attempts: dict[Invocation, Attempt] = {}
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity)
+        self._steps: StepLog = steps or NoStepLog()
+        self._history = history
+        #: Key for the per-attempt seeds of the guests' ``random``.
+        self._seed = seed or os.urandom(16)
+        # Guests never see the monotonic clock go back, also across a resume.
+        self._monotonic_offset = max(
+            0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
+        )
+        self._root = Scope(None, task_id="", task="<run>")
+        #: Why the run was stopped: a replay diverged, or the journal failed.
+        self.divergence: ErrorInfo | None = None
+        self.journal_failure: str | None = None
         self._messages = MessageCalls(
             self._router,
             self.events,
@@ -163,6 +190,8 @@ class Run:
             self._block,
             max_message_bytes=self.settings.max_message_bytes,
             mailbox_capacity=self.settings.mailbox_capacity,
+            on_sent=lambda message: self._log(self._steps.message_sent, message),
+            history=history,
         )
 
     def snapshot(self) -> list[LiveTask]:
@@ -239,7 +268,7 @@ class Run:
                 f'declare the entry point with @task(name="main")'
             )
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-        root = Scope(None, task_id="", task="<run>")
+        root = self._root
         outcome: list[TaskResult] = []
         failure: list[BaseException] = []
         finished = threading.Event()
@@ -272,9 +301,17 @@ class Run:
         sys.setrecursionlimit(recursion_limit)
         if failure:
             raise failure[0]
+        if self.journal_failure is not None:
+            raise JournalFailure(self.journal_failure)
         if interrupted:
             raise RunInterrupted(outcome[0])
-        return outcome[0]
+        result = outcome[0]
+        if self.divergence is not None:
+            result.error = ErrorDetail(
+                kind="divergence", message=self.divergence.message, task=result.task
+            )
+            result.result_json = None
+        return result
 
     def run_task(
         self,
@@ -289,12 +326,59 @@ class Run:
 
         ``parent`` is the caller's invocation (a direct call) or the scope of a
         spawned ``child``. The task's mailbox lives as long as this call: messages
-        wait in it across retries."""
-        self._router.open(task_id)
+        wait in it across retries.
+
+        In a resumed run, a task whose outcome was journaled returns that outcome
+        without executing, and the last attempt of one that was in flight
+        re-executes with its journaled host calls answered from the journal."""
+        history = self._history.tasks.get(task_id) if self._history else None
+        if history is not None and history.final is not None:
+            final = history.final
+            kind = None if final.error is None else final.error.kind
+            self.events.emit(
+                TaskReplayed(
+                    **_EventIds(run_id=self.run_id, task_id=task_id, task=name),
+                    attempt=final.attempts,
+                    steps=0,
+                    outcome="completed"
+                    if kind is None
+                    else "cancelled"
+                    if kind == "cancelled"
+                    else "failed",
+                )
+            )
+            return final
+        self._open_mailbox(task_id)
         try:
-            return self._run_attempts(name, task_id, args, kwargs, parent, child)
+            result = self._run_attempts(name, task_id, args, kwargs, parent, child)
         finally:
             self._router.close(task_id)
+        stopping = self._root.cancelled and result.error is not None
+        if not stopping:
+            # Durable before the caller sees it. A task cancelled because the run
+            # is stopping (interrupted, diverged) is not over: a resume runs it.
+            self._log(self._steps.task_ended, result, parent.task_id or None)
+        return result
+
+    def _open_mailbox(self, task_id: str) -> None:
+        backlog: list[PendingMessage] = []
+        if self._history is not None:
+            backlog = self._history.undelivered.pop(task_id, [])
+        self._router.open(
+            task_id,
+            [Message(m.id, m.sender, m.body_json, m.expects_reply) for m in backlog],
+        )
+
+    def _log(self, record: Callable[..., None], *args: Any) -> None:
+        """Write to the journal; if it cannot be written, stop the run (what is
+        journaled so far stays consistent, and resumable)."""
+        try:
+            record(*args)
+        except JournalFailure as exc:
+            with self._lock:
+                if self.journal_failure is None:
+                    self.journal_failure = str(exc)
+            self._cancel_scope(self._root, f"cancelled: the journal failed: {exc}")
 
     def _run_attempts(
         self,
@@ -316,6 +400,17 @@ class Run:
         total_time = 0.0
         attempt_number = 0
         failures = 0
+        replay: list[Step] | None = None
+        history = self._history.tasks.get(task_id) if self._history else None
+        if history is not None and history.attempts:
+            # In flight when the run stopped: its last attempt runs again, its
+            # journaled host calls answered from the journal; the count goes on.
+            last = max(history.attempts)
+            attempt_number = last - 1
+            failures = history.failures
+            node.children = history.attempts[last].children_before
+            node.messages = history.attempts[last].messages_before
+            replay = history.attempts[last].steps
         while True:
             attempt_number += 1
             invocation = Invocation(
@@ -326,13 +421,27 @@ class Run:
                 limits=limits,
                 host=self,
                 parent=parent,
+                seed=hashlib.blake2b(
+                    f"{task_id}:{attempt_number}".encode(), key=self._seed, digest_size=16
+                ).hexdigest(),
             )
             if parent.check_stop() is not None:
                 stopped = ErrorInfo("cancelled", parent.cancellation_message())
                 outcome = AttemptOutcome(None, stopped, 0, None, 0.0)
             else:
+                self._log(
+                    self._steps.attempt_started,
+                    task_id,
+                    name,
+                    attempt_number,
+                    node.children,
+                    node.messages,
+                )
                 emit(TaskStarted(**ids, attempt=attempt_number, max_attempts=max_attempts))
-                outcome = self._attempt(invocation, node, child, args, kwargs)
+                if replay is not None:
+                    emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
+                outcome = self._attempt(invocation, node, child, args, kwargs, replay or [])
+                replay = None
             total_fuel += outcome.fuel_consumed
             total_time += outcome.duration_s
             if outcome.error is None:
@@ -459,9 +568,10 @@ class Run:
         child: Child | None,
         args: list[Any],
         kwargs: dict[str, Any],
+        replay: list[Step],
     ) -> AttemptOutcome:
         """One attempt in a fresh instance; its spawned children do not outlive it."""
-        attempt = Attempt(invocation, node)
+        attempt = Attempt(invocation, node, replay=deque(replay))
         with self._lock:
             self._attempts[invocation] = attempt
         if child is not None:
@@ -553,6 +663,59 @@ class Run:
 
     # -- host calls (on the calling task's thread) ----------------------------
 
+    def _step(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: str,
+        live: Callable[[], tuple[bool, str]],
+        replayed: Callable[[Step], object] | None = None,
+        durable: bool = True,
+    ) -> tuple[bool, str]:
+        """Answer one host call of ``caller`` (a step): from the journal while its
+        attempt replays one, else ``live()``, journaled before the guest sees it.
+
+        ``replayed`` redoes what a replayed step must still do inside this process
+        (number a child, start a spawned child again, route a reply)."""
+        attempt = self._attempts[caller]
+        attempt.steps_taken += 1
+        number = attempt.steps_taken
+        if attempt.replay:
+            recorded = attempt.replay.popleft()
+            if recorded.kind != kind or recorded.request != request:
+                self._diverged(attempt, number, recorded, Step(kind, request, True, ""))
+                return False, "{}"  # the sandbox ends the caller; never seen
+            if replayed is not None:
+                replayed(recorded)
+            return recorded.ok, recorded.answer
+        ok, answer = live()
+        if caller.check_stop() is None:  # else the guest never sees the answer
+            self._log(
+                self._steps.step,
+                caller.task_id,
+                caller.attempt,
+                number,
+                Step(kind, request, ok, answer),
+                durable,
+            )
+        return ok, answer
+
+    def _diverged(self, attempt: Attempt, number: int, expected: Step, actual: Step) -> None:
+        """A replayed task asked for something else than its journal holds: the
+        program no longer does what the run did. The whole run stops."""
+        invocation = attempt.invocation
+        message = (
+            f"task {invocation.task!r} ({invocation.task_id}) diverged from the journal at "
+            f"step {number} of attempt {invocation.attempt}: the journal has "
+            f"{_describe(expected)}, the program now makes {_describe(actual)}"
+        )
+        error = ErrorInfo("divergence", message)
+        invocation.aborted = error
+        with self._lock:
+            if self.divergence is None:
+                self.divergence = error
+        self._cancel_scope(self._root, f"cancelled: {message}")
+
     def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
         """A task called another: run the child to the end, inline.
 
@@ -560,6 +723,16 @@ class Run:
         right here, in its own fresh instance: no thread or event-loop hop on the
         path of a call. The child sees its caller's deadline and cancellation
         through ``Invocation.parent``."""
+        node = self._attempts[caller].node
+        return self._step(
+            caller,
+            "call",
+            json.dumps([name, call_json]),
+            lambda: self._call_task(caller, name, call_json),
+            replayed=lambda _: node.next_child_id(),
+        )
+
+    def _call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
         attempt = self._attempts[caller]
         parsed = self._parse_call(name, call_json)
         if isinstance(parsed, str):
@@ -575,6 +748,22 @@ class Run:
         return _as_reply(result)
 
     def spawn_task(
+        self, caller: Invocation, name: str, call_json: str, options_json: str
+    ) -> tuple[bool, str]:
+        def spawn() -> tuple[bool, str]:
+            return self._spawn_task(caller, name, call_json, options_json)
+
+        # Replayed, the child is started again all the same: it returns its
+        # journaled outcome at once if it had ended, or resumes where it was.
+        return self._step(
+            caller,
+            "spawn",
+            json.dumps([name, call_json, options_json]),
+            spawn,
+            replayed=lambda _: spawn(),
+        )
+
+    def _spawn_task(
         self, caller: Invocation, name: str, call_json: str, options_json: str
     ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
@@ -595,7 +784,7 @@ class Run:
         task_id = attempt.node.next_child_id()
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
-        self._router.open(task_id)
+        self._open_mailbox(task_id)
         if actor_name is not None:
             try:
                 self._router.register(actor_name, task_id)
@@ -651,6 +840,13 @@ class Run:
         parent.wake()
 
     def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+        def wait() -> tuple[bool, str]:
+            return self._wait(caller, ids_json, timeout)
+
+        # Replayed, the children are still joined and forgotten as they were.
+        return self._step(caller, "wait", ids_json, wait, replayed=lambda _: wait())
+
+    def _wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
         try:
             ids = [str(task_id) for task_id in json.loads(ids_json)]
@@ -691,43 +887,109 @@ class Run:
         return True, reply
 
     def cancel(self, caller: Invocation, task_id: str) -> None:
-        attempt = self._attempts[caller]
-        child = attempt.children.get(task_id)
-        if child is not None and not child.done.is_set():
-            self._cancel_scope(child.scope, "cancelled by its parent")
+        def cancel() -> tuple[bool, str]:
+            child = self._attempts[caller].children.get(task_id)
+            if child is not None and not child.done.is_set():
+                self._cancel_scope(child.scope, "cancelled by its parent")
+            return True, ""
+
+        self._step(caller, "cancel", task_id, cancel, replayed=lambda _: cancel())
 
     def sleep(self, caller: Invocation, seconds: float) -> None:
         attempt = self._attempts[caller]
-        self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
+
+        def sleep() -> tuple[bool, str]:
+            self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
+            return True, ""
+
+        # A replayed sleep has been slept.
+        self._step(caller, "sleep", repr(seconds), sleep)
 
     # -- messages (see messages.MessageCalls) -----------------------------------
+
+    # A replayed send or ask is not delivered again: its message was received
+    # then, or is put back in the target's mailbox when that opens (History).
 
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._messages.send(self._attempts[caller], target, body_json, timeout)
+        attempt = self._attempts[caller]
+        return self._step(
+            caller,
+            "send",
+            json.dumps([target, body_json]),
+            lambda: self._messages.send(attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),
+        )
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
-        return self._messages.receive(self._attempts[caller], timeout)
+        attempt = self._attempts[caller]
+        return self._step(
+            caller, "receive", "", lambda: self._messages.receive(attempt, timeout)
+        )
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._messages.ask(self._attempts[caller], target, body_json, timeout)
+        attempt = self._attempts[caller]
+        return self._step(
+            caller,
+            "ask",
+            json.dumps([target, body_json]),
+            lambda: self._messages.ask(attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),
+        )
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
-        return self._messages.reply(caller, message_id, body_json)
+        def route_again(_: Step) -> None:
+            # The asker may be waiting live for this reply (its ask was not journaled).
+            try:
+                self._router.reply(message_id, caller.task_id, body_json)
+            except (RoutingError, KeyError):
+                pass
+
+        return self._step(
+            caller,
+            "reply",
+            json.dumps([message_id, body_json]),
+            lambda: self._messages.reply(caller, message_id, body_json),
+            replayed=route_again,
+        )
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
-        self.events.emit(
-            TaskOutput(
-                run_id=self.run_id,
-                task_id=invocation.task_id,
-                task=invocation.task,
-                stream="stderr" if stream == "stderr" else "stdout",
-                text=text,
+        def write() -> tuple[bool, str]:
+            self.events.emit(
+                TaskOutput(
+                    run_id=self.run_id,
+                    task_id=invocation.task_id,
+                    task=invocation.task,
+                    stream="stderr" if stream == "stderr" else "stdout",
+                    text=text,
+                )
             )
+            return True, ""
+
+        # Replayed output was shown by the run that printed it: not shown again.
+        self._step(invocation, "output", json.dumps([stream, text]), write, durable=False)
+
+    # -- time and randomness: journaled, so that a replay sees the same --------
+
+    def wall_clock_ns(self, caller: Invocation) -> int:
+        ok, answer = self._step(caller, "wall_clock", "", lambda: (True, str(time.time_ns())))
+        return int(answer) if ok else 0
+
+    def monotonic_ns(self, caller: Invocation) -> int:
+        def now() -> tuple[bool, str]:
+            return True, str(time.monotonic_ns() + self._monotonic_offset)
+
+        ok, answer = self._step(caller, "monotonic", "", now)
+        return int(answer) if ok else 0
+
+    def random_bytes(self, caller: Invocation, count: int) -> bytes:
+        ok, answer = self._step(
+            caller, "random", str(count), lambda: (True, os.urandom(count).hex())
         )
+        return bytes.fromhex(answer) if ok else bytes(count)
 
     def _block(
         self, attempt: Attempt, ready: Callable[[], bool], timeout: float | None, on: WaitReason
@@ -779,6 +1041,11 @@ class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
+
+
+def _describe(step: Step) -> str:
+    request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
+    return f"{step.kind}({request})"
 
 
 def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:

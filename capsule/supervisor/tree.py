@@ -10,11 +10,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import ErrorInfo, Invocation, RefusingHost
 from capsule.supervisor.events import ErrorDetail
+
+if TYPE_CHECKING:
+    from capsule.supervisor.steps import Step
 
 
 @dataclass
@@ -85,6 +88,10 @@ class Attempt:
     #: When its children were restarted (restart intensity).
     restarts: deque[float] = field(default_factory=deque)
     condition: threading.Condition = field(default_factory=threading.Condition)
+    #: Host calls of the run being resumed still to be answered from its journal.
+    replay: deque[Step] = field(default_factory=deque)
+    #: Host calls (steps) made so far.
+    steps_taken: int = 0
 
     def wake(self) -> None:
         with self.condition:

@@ -46,7 +46,7 @@ for _name in GUEST_STDLIB:
 
 import wit_world
 from wit_world import exports
-from wit_world.imports import messaging, modules, output, tasks
+from wit_world.imports import clock, messaging, modules, output, tasks
 from componentize_py_types import Err
 
 import capsule
@@ -336,6 +336,23 @@ _backend = GuestBackend()
 sdk_task.install_backend(_backend)
 
 
+# Wall-clock time and randomness reach the guest through the WASI imports, which
+# the host serves and journals. The monotonic clocks are served by the host's own
+# import (the WASI one cannot be replaced alone), so a replay sees the same values.
+import random
+import time
+
+
+def _monotonic() -> float:
+    return clock.monotonic_ns() / 1e9
+
+
+time.monotonic = _monotonic
+time.perf_counter = _monotonic
+time.monotonic_ns = clock.monotonic_ns
+time.perf_counter_ns = clock.monotonic_ns
+
+
 _program = None
 
 
@@ -385,6 +402,9 @@ class Runner(exports.Runner):
         _backend.info = capsule.TaskInfo(
             id=inv["task_id"], name=name, attempt=inv["attempt"], max_attempts=inv["max_attempts"]
         )
+        # `random` draws from a seed the host derives from the run and the task:
+        # different for every task and run, the same when a resumed run replays it.
+        random.seed(inv["seed"])
         try:
             result = fn.func(*inv["args"], **inv["kwargs"])
         except TypeError as exc:

@@ -1,0 +1,122 @@
+"""Steps: the host calls of a task attempt, numbered, recorded as they are
+answered, and replayed when a journaled run is resumed.
+
+The supervisor knows what a step is; where steps are kept is the journal's
+business (``capsule.journal``), which implements :class:`StepLog` and builds the
+:class:`History` of an earlier run. A run without a journal uses
+:class:`NoStepLog` and no history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from capsule.supervisor.tree import TaskResult
+
+
+@dataclass(frozen=True)
+class Step:
+    """One answered host call of an attempt."""
+
+    kind: str
+    #: What the guest asked, as canonical JSON: a replay must ask the same.
+    request: str
+    ok: bool
+    answer: str
+
+
+@dataclass
+class AttemptHistory:
+    steps: list[Step]
+    #: The task's child and message counters when the attempt started, so that a
+    #: replay hands out the same child and message ids.
+    children_before: int
+    messages_before: int
+
+
+@dataclass
+class TaskHistory:
+    name: str
+    #: How the task ended, if it did: a resumed run returns this, unexecuted.
+    final: TaskResult | None = None
+    attempts: dict[int, AttemptHistory] = field(default_factory=dict)
+    #: Attempts that failed and were retried (they count against max_retries).
+    failures: int = 0
+
+
+@dataclass(frozen=True)
+class PendingMessage:
+    id: str
+    sender: str
+    target_id: str
+    body_json: str
+    expects_reply: bool
+
+
+@dataclass
+class History:
+    """What an earlier run (the one being resumed) journaled."""
+
+    tasks: dict[str, TaskHistory] = field(default_factory=dict)
+    #: Messages sent but never received, by target task id, in send order: they
+    #: are put back in the target's mailbox when it opens.
+    undelivered: dict[str, list[PendingMessage]] = field(default_factory=dict)
+    #: Ids of every message that was sent (a live ``ask`` does not send it again).
+    sent: set[str] = field(default_factory=set)
+    #: Replies given to asks whose asker had not seen them, by message id.
+    replies: dict[str, str] = field(default_factory=dict)
+    #: The largest monotonic clock reading a guest saw.
+    monotonic_ns: int = 0
+    #: Steps that will be replayed in total (for the resume's report).
+    steps: int = 0
+
+
+class JournalFailure(Exception):
+    """The journal cannot be written; the run stops (its journal stays consistent)."""
+
+
+class StepLog(Protocol):
+    """Where a run's steps, attempts, messages and task outcomes are recorded.
+
+    ``step`` and ``task_ended`` return once the record is durable (write-ahead:
+    the guest sees an answer, and a parent a child's result, only after that);
+    the others may be written later, but in order. All may raise JournalFailure."""
+
+    def attempt_started(
+        self, task_id: str, name: str, attempt: int, children_before: int, messages_before: int
+    ) -> None: ...
+
+    def step(
+        self,
+        task_id: str,
+        attempt: int,
+        number: int,
+        step: Step,
+        durable: bool = True,
+    ) -> None: ...
+
+    def message_sent(self, message: PendingMessage) -> None: ...
+
+    def task_ended(self, result: TaskResult, parent_id: str | None) -> None: ...
+
+
+class NoStepLog:
+    """A run without a journal."""
+
+    def attempt_started(
+        self, task_id: str, name: str, attempt: int, children_before: int, messages_before: int
+    ) -> None:
+        return None
+
+    def step(
+        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = True
+    ) -> None:
+        return None
+
+    def message_sent(self, message: PendingMessage) -> None:
+        return None
+
+    def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
+        return None
