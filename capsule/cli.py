@@ -1,8 +1,9 @@
 """The ``capsule`` command.
 
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
-failed after its retries); 2 usage, config or program error (nothing ran);
-3 the sandbox runtime could not be built or loaded; 130 interrupted.
+failed after its retries); 2 usage, config, program or journal error (nothing
+ran, or the journal could not be written); 3 the sandbox runtime could not be
+built or loaded; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -40,9 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run a program's main task",
         description="Run the task named 'main' in FILE, passing ARGS as positional string arguments.",
-        epilog="exit codes: 0 success, 1 the workflow failed, 2 usage, config or program "
-        "error (nothing ran), 3 the sandbox runtime could not be built or loaded, "
-        "130 interrupted",
+        epilog=_EXIT_CODES,
     )
     run.add_argument("file", metavar="FILE", help="the Python program (a .py file)")
     run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for main")
@@ -90,7 +89,52 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="delay before the first retry, doubled for each further one (default 0.05)",
     )
+    _journal_option(run)
+    run.add_argument(
+        "--no-journal", action="store_true", help="do not journal the run (it cannot be resumed)"
+    )
+
+    resume = commands.add_parser(
+        "resume",
+        help="resume a run that stopped before it ended",
+        description="Run main of a journaled run again: tasks that ended return their "
+        "journaled results without running, tasks in flight replay their journaled host "
+        "calls and go on live. The run keeps its id.",
+        epilog=_EXIT_CODES,
+    )
+    resume.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
+    resume.add_argument("--last", action="store_true", help="resume the newest run")
+    resume.add_argument(
+        "--force", action="store_true", help="resume even if the program file changed"
+    )
+    resume.add_argument("--json", action="store_true", help="print one JSON envelope")
+    resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
+    _journal_option(resume)
+
+    runs = commands.add_parser("runs", help="list journaled runs, newest first")
+    runs.add_argument("--json", action="store_true", help="print JSON")
+    _journal_option(runs)
+
+    inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
+    inspect.add_argument("run_id", metavar="RUN_ID", help="the run (or a prefix)")
+    inspect.add_argument("--json", action="store_true", help="print JSON")
+    _journal_option(inspect)
     return parser
+
+
+_EXIT_CODES = (
+    "exit codes: 0 success, 1 the workflow failed, 2 usage, config, program or journal "
+    "error, 3 the sandbox runtime could not be built or loaded, 130 interrupted"
+)
+
+
+def _journal_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="the journal file (default: $CAPSULE_JOURNAL, else .capsule/journal.db beside "
+        "the program, or in the current directory for commands without a program)",
+    )
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -100,12 +144,19 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # positionals after an option are still ARGS for main.
         options, extra = parser.parse_known_args(argv)
         unknown = [item for item in extra if item.startswith("-")]
-        if unknown or options.command != "run":
+        if unknown or (extra and options.command != "run"):
             parser.parse_args(argv)  # reports the unrecognised arguments and exits 2
-        options.args = [*options.args, *extra]
+        if options.command == "run":
+            options.args = [*options.args, *extra]
     except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help
         sys.exit(exc.code)
-    code = _run_command(options) if options.command == "run" else EXIT_USAGE
+    commands = {
+        "run": _run_command,
+        "resume": _resume_command,
+        "runs": _runs_command,
+        "inspect": _inspect_command,
+    }
+    code = commands[options.command](options)
     if argv is None:
         # Invoked as the `capsule` program: every instance and thread of the run
         # is closed by now, so skip the interpreter's teardown of wasmtime, pydantic
@@ -156,6 +207,9 @@ def _run_command(options: argparse.Namespace) -> int:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.supervisor.program import RunRequest, run_program
 
+    if options.no_journal and options.journal:
+        _error("give either --journal or --no-journal, not both")
+        return EXIT_USAGE
     request = RunRequest(
         path=path,
         args=args,
@@ -172,15 +226,134 @@ def _run_command(options: argparse.Namespace) -> int:
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()
     try:
-        report = run_program(request, renderer.on_event)
+        if options.no_journal:
+            report = run_program(request, renderer.on_event)
+        else:
+            from capsule.journal.schema import JournalError, default_journal
+            from capsule.journal.session import run_journaled
+
+            journal = Path(options.journal) if options.journal else default_journal(path)
+            try:
+                report = run_journaled(request, journal, renderer.on_event)
+            except JournalError as exc:
+                _error(str(exc))
+                return EXIT_USAGE
     except KeyboardInterrupt:  # before the run started, or while it was cleaning up
         _error(f"interrupted after {time.monotonic() - started:.1f}s")
         return EXIT_INTERRUPTED
+    return _report(renderer, report, started, resumable=not options.no_journal)
+
+
+def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -> int:
     code = renderer.finish(report)
     if report.interrupted:
-        _error(f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled")
+        hint = f"; resume with `capsule resume {report.run_id}`" if resumable else ""
+        _error(
+            f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled{hint}"
+        )
         return EXIT_INTERRUPTED
     return code
+
+
+def _journal_path(options: argparse.Namespace) -> Path:
+    from capsule.journal.schema import default_journal
+
+    return Path(options.journal) if options.journal else default_journal()
+
+
+def _resume_command(options: argparse.Namespace) -> int:
+    if (options.run_id is None) == (not options.last):
+        _error("give a RUN_ID or --last (`capsule runs` lists the runs)")
+        return EXIT_USAGE
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    from capsule.journal.schema import JournalError
+    from capsule.journal.session import resume_journaled
+
+    renderer = _Renderer(json_output=options.json, verbose=options.verbose)
+    started = time.monotonic()
+    try:
+        report = resume_journaled(
+            _journal_path(options), options.run_id, options.force, renderer.on_event
+        )
+    except JournalError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error(f"interrupted after {time.monotonic() - started:.1f}s")
+        return EXIT_INTERRUPTED
+    return _report(renderer, report, started, resumable=True)
+
+
+def _runs_command(options: argparse.Namespace) -> int:
+    import anyio
+
+    from capsule.journal.reader import list_runs
+    from capsule.journal.schema import JournalError
+
+    try:
+        runs = anyio.run(list_runs, _journal_path(options))
+    except JournalError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if options.json:
+        print(json.dumps([run.summary() for run in runs], indent=2))
+        return EXIT_OK
+    if not runs:
+        print("no runs journaled yet")
+        return EXIT_OK
+    print(f"{'RUN ID':12}  {'STATUS':11}  {'STARTED':19}  {'DURATION':>9}  PROGRAM")
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
+        duration = "-" if run.duration_s is None else f"{run.duration_s:.2f}s"
+        status = run.shown_status + (f" +{run.resumes}" if run.resumes else "")
+        print(f"{run.run_id:12}  {status:11}  {started:19}  {duration:>9}  {run.program}")
+    return EXIT_OK
+
+
+def _inspect_command(options: argparse.Namespace) -> int:
+    import anyio
+
+    from capsule.journal.reader import find_run, load_tasks
+    from capsule.journal.schema import JournalError
+
+    journal = _journal_path(options)
+    try:
+        run = anyio.run(find_run, journal, options.run_id)
+        tasks = anyio.run(load_tasks, journal, run.run_id)
+    except JournalError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    if options.json:
+        print(json.dumps({**run.summary(), "tasks": [t.as_dict() for t in tasks]}, indent=2))
+        return EXIT_OK
+    duration = "" if run.duration_s is None else f" in {run.duration_s:.2f}s"
+    resumed = f", resumed {run.resumes}x" if run.resumes else ""
+    print(f"run {run.run_id}: {run.shown_status}{duration}{resumed}  ({run.program})")
+    children: dict[str | None, list[Any]] = {}
+    for task in tasks:
+        children.setdefault(task.parent_id, []).append(task)
+
+    def show(task: Any, depth: int) -> None:
+        outcome = ""
+        if task.error is not None:
+            kind, message = task.error.get("kind"), str(task.error.get("message"))
+            outcome = f"  {message}" if message.startswith(f"{kind}:") else f"  {kind}: {message}"
+        elif task.result_json is not None:
+            text = (
+                task.result_json if len(task.result_json) <= 60 else task.result_json[:57] + "..."
+            )
+            outcome = f"  -> {text}"
+        print(
+            f"{'  ' * depth}{task.task_id} {task.name}  [{task.status}]  "
+            f"attempt {task.attempt}/{task.max_attempts}  {task.duration_ms:.1f} ms  "
+            f"fuel {task.fuel:,}{outcome}"
+        )
+        for child in children.get(task.task_id, []):
+            show(child, depth + 1)
+
+    for root in children.get(None, []):
+        show(root, 1)
+    return EXIT_OK
 
 
 class _Renderer:
@@ -228,6 +401,13 @@ class _Renderer:
             line = f"cancelled {label}: {event.error.message}"
         elif kind == "restarting":
             line = f"restarting {label}: {event.reason}"
+        elif kind == "replayed" and event.outcome is not None:
+            line = f"replayed {label}: {event.outcome} (from the journal, not run again)"
+        elif kind == "replayed":
+            line = (
+                f"replaying {label}, attempt {event.attempt}: its first {event.steps} host "
+                f"call(s) answered from the journal, then live"
+            )
         else:
             return
         sys.stderr.write(f"capsule: {line}\n")
@@ -236,6 +416,9 @@ class _Renderer:
     def finish(self, report: Any) -> int:
         if self.json_output:
             print(json.dumps(report.envelope(), indent=2))
+        if report.journal_error is not None:
+            _error(f"the run was stopped: {report.journal_error}")
+            return EXIT_USAGE
         nothing_ran = report.usage_error or report.runtime_error
         if nothing_ran is not None:
             _error(nothing_ran)

@@ -23,6 +23,7 @@ from capsule.supervisor.run import (
     new_run_id,
     program_module,
 )
+from capsule.supervisor.steps import History, JournalFailure, StepLog
 from capsule.supervisor.tree import TaskResult
 
 
@@ -54,18 +55,26 @@ class RunReport:
     traceback: str | None = None
     #: The run was interrupted (Ctrl-C) and its tasks cancelled.
     interrupted: bool = False
+    #: The journal could not be written, so the run was stopped.
+    journal_error: str | None = None
 
     def envelope(self) -> dict[str, Any]:
         """The ``--json`` envelope."""
         result = self.result
         if result is None:
-            kind = "config" if self.usage_error is not None else "runtime"
+            kind = (
+                "config"
+                if self.usage_error is not None
+                else "journal"
+                if self.journal_error is not None
+                else "runtime"
+            )
             return {
                 "success": False,
                 "result": None,
                 "error": {
                     "kind": kind,
-                    "message": self.usage_error or self.runtime_error,
+                    "message": self.usage_error or self.journal_error or self.runtime_error,
                     "task": None,
                     "traceback": self.traceback,
                 },
@@ -94,8 +103,19 @@ class RunReport:
         }
 
 
-def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunReport:
-    """Run ``main`` of the program at ``request.path``; blocks until the run ends."""
+def run_program(
+    request: RunRequest,
+    on_event: Callable[[Any], None],
+    *,
+    run_id: str | None = None,
+    steps: StepLog | None = None,
+    history: History | None = None,
+    seed: bytes = b"",
+) -> RunReport:
+    """Run ``main`` of the program at ``request.path``; blocks until the run ends.
+
+    With ``steps`` the run is journaled there; with ``history`` it resumes the
+    run ``run_id`` journaled earlier (same ``seed``)."""
     path = request.path.resolve()
     try:
         module = program_module(path)
@@ -115,7 +135,7 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
         sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
-    run_id = new_run_id()
+    run_id = run_id or new_run_id()
     with sandbox:
 
         def load_output(invocation: Invocation, stream: str, text: str) -> None:
@@ -135,11 +155,13 @@ def run_program(request: RunRequest, on_event: Callable[[Any], None]) -> RunRepo
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
-        run = Run(sandbox, module, configs, events, settings, run_id)
+        run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed)
         try:
             result = run.run_main(request.args, request.kwargs, first)
         except RunInterrupted as exc:
             return RunReport(run_id=run.run_id, result=exc.result, interrupted=True)
+        except JournalFailure as exc:
+            return RunReport(run_id=run.run_id, journal_error=str(exc))
         except ProgramError as exc:
             return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
         except Exception:  # a host bug: report it, never lose the traceback

@@ -957,7 +957,17 @@ class Run:
         )
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
-        def write() -> tuple[bool, str]:
+        # Journaled before it is shown, so that a replay knows exactly what was
+        # shown already: replayed output is not shown again.
+        replayed: list[Step] = []
+        ok, _ = self._step(
+            invocation,
+            "output",
+            json.dumps([stream, text]),
+            lambda: (True, ""),
+            replayed=replayed.append,
+        )
+        if ok and not replayed:
             self.events.emit(
                 TaskOutput(
                     run_id=self.run_id,
@@ -967,10 +977,6 @@ class Run:
                     text=text,
                 )
             )
-            return True, ""
-
-        # Replayed output was shown by the run that printed it: not shown again.
-        self._step(invocation, "output", json.dumps([stream, text]), write, durable=False)
 
     # -- time and randomness: journaled, so that a replay sees the same --------
 

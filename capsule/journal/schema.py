@@ -1,0 +1,170 @@
+"""The journal's SQLite schema, its version and migrations, and opening a
+journal file safely: a file that is not a journal, or one written by a newer
+Capsule, is refused and left untouched."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+#: The schema this Capsule writes (``PRAGMA user_version``).
+SCHEMA_VERSION = 1
+
+#: Statements that bring a journal from version N-1 to N, by N.
+MIGRATIONS: dict[int, list[str]] = {
+    1: [
+        """CREATE TABLE runs (
+            run_id TEXT PRIMARY KEY,
+            program TEXT NOT NULL,
+            program_hash TEXT NOT NULL,
+            args_json TEXT NOT NULL,
+            settings_json TEXT NOT NULL,
+            seed TEXT NOT NULL,
+            status TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            ended_at REAL,
+            result_json TEXT,
+            error_json TEXT,
+            resumes INTEGER NOT NULL DEFAULT 0,
+            host_pid INTEGER,
+            capsule_version TEXT NOT NULL
+        )""",
+        """CREATE TABLE tasks (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            parent_id TEXT,
+            status TEXT NOT NULL,
+            attempt INTEGER NOT NULL DEFAULT 0,
+            max_attempts INTEGER NOT NULL,
+            fuel INTEGER NOT NULL DEFAULT 0,
+            duration_ms REAL NOT NULL DEFAULT 0,
+            started_at REAL,
+            ended_at REAL,
+            final INTEGER NOT NULL DEFAULT 0,
+            result_json TEXT,
+            error_json TEXT,
+            PRIMARY KEY (run_id, task_id)
+        )""",
+        """CREATE TABLE attempts (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            children_before INTEGER NOT NULL,
+            messages_before INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            PRIMARY KEY (run_id, task_id, attempt)
+        )""",
+        """CREATE TABLE steps (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            request TEXT NOT NULL,
+            ok INTEGER NOT NULL,
+            answer TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (run_id, task_id, attempt, step)
+        )""",
+        """CREATE TABLE messages (
+            run_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            sender_id TEXT NOT NULL,
+            target_id TEXT NOT NULL,
+            body_json TEXT NOT NULL,
+            expects_reply INTEGER NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (run_id, message_id)
+        )""",
+        """CREATE TABLE events (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            task_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            at REAL NOT NULL,
+            data_json TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        )""",
+        "CREATE INDEX runs_by_start ON runs (started_at)",
+    ],
+}
+
+
+class JournalError(Exception):
+    """The journal cannot be used (corrupt, too new, unknown run, not writable).
+    Nothing in it was changed."""
+
+
+def default_journal(program: Path | None = None) -> Path:
+    """``CAPSULE_JOURNAL``, else ``.capsule/journal.db`` beside the program (or
+    in the current directory, for commands that take no program)."""
+    configured = os.environ.get("CAPSULE_JOURNAL")
+    if configured:
+        return Path(configured)
+    base = program.resolve().parent if program is not None else Path.cwd()
+    return base / ".capsule" / "journal.db"
+
+
+def describe_error(path: Path, exc: BaseException) -> str:
+    text = str(exc)
+    if "readonly" in text or "read-only" in text:
+        return f"the journal {path} is read-only ({text}); pass --journal PATH or --no-journal"
+    if "disk is full" in text or "disk I/O" in text or isinstance(exc, OSError):
+        return f"the journal {path} cannot be written: {text} (is the disk full?)"
+    if "not a database" in text or "malformed" in text:
+        return (
+            f"{path} is not a readable Capsule journal ({text}); it was left untouched. "
+            f"Move it away, or pass --journal PATH"
+        )
+    return f"the journal {path} cannot be used: {text}"
+
+
+def connect(path: Path, create: bool) -> sqlite3.Connection:
+    """Open a journal for writing (``create``: make it if missing, migrate an
+    older schema) and check that it is one this Capsule understands."""
+    if not create and not path.is_file():
+        raise JournalError(
+            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside "
+            f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
+        )
+    try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except (OSError, sqlite3.Error) as exc:
+        raise JournalError(describe_error(path, exc)) from None
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the journal {path} has schema version {version}, written by a newer "
+                f"Capsule; this one reads versions up to {SCHEMA_VERSION}. Upgrade Capsule, "
+                f"or pass --journal PATH for a new journal"
+            )
+        if version == 0 and tables > 0:
+            raise JournalError(
+                f"{path} is an SQLite database but not a Capsule journal; it was left "
+                f"untouched. Pass --journal PATH for a journal file"
+            )
+        connection.execute("PRAGMA journal_mode=WAL")
+        # WAL with NORMAL: a commit survives the process being killed; an OS crash
+        # or power cut may lose the last commits, never the file's consistency.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        connection.execute("PRAGMA busy_timeout=5000")
+        if version < SCHEMA_VERSION:
+            connection.execute("BEGIN IMMEDIATE")
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[number]:
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            connection.execute("COMMIT")
+    except JournalError:
+        connection.close()
+        raise
+    except sqlite3.Error as exc:
+        connection.close()
+        raise JournalError(describe_error(path, exc)) from None
+    return connection

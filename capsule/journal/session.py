@@ -1,0 +1,165 @@
+"""Journaled runs and resumes: the run's row, its records while it runs, and
+the checks that make a resume safe (same program, not still running, not over)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from capsule.journal.reader import RunRecord, find_run, load_history
+from capsule.journal.schema import JournalError
+from capsule.journal.writer import JournalWriter, start_run_row
+from capsule.supervisor.program import RunReport, RunRequest, run_program
+from capsule.supervisor.run import new_run_id
+from capsule.supervisor.steps import JournalFailure
+
+#: The RunRequest fields a resume takes over from the run (its limits).
+_SETTINGS = [f.name for f in fields(RunRequest) if f.name not in ("path", "args", "kwargs")]
+
+
+def program_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_journaled(request: RunRequest, journal: Path, on_event: Callable[[Any], None]) -> RunReport:
+    """Run the program with every event, step and outcome in ``journal``.
+    Raises JournalError if the journal cannot be opened (nothing ran)."""
+    path = request.path.resolve()
+    try:
+        digest = program_hash(path)
+    except OSError:
+        return run_program(request, on_event)  # reports the missing program
+    run_id = new_run_id()
+    seed = os.urandom(16)
+    with JournalWriter(journal, run_id) as writer:
+        settings = {name: getattr(request, name) for name in _SETTINGS}
+        _write(
+            writer,
+            lambda: start_run_row(
+                writer, path, digest, request.args, request.kwargs, settings, seed.hex()
+            ),
+        )
+        report = run_program(
+            request, _both(writer, on_event), run_id=run_id, steps=writer, seed=seed
+        )
+        _finish(writer, report)
+    return report
+
+
+def check_resumable(record: RunRecord, force: bool) -> Path:
+    """The program to resume ``record`` with, or JournalError saying why not."""
+    status = record.shown_status
+    if status in ("completed", "failed", "error"):
+        raise JournalError(
+            f"run {record.run_id} already ended ({status}); there is nothing to resume. "
+            f"`capsule inspect {record.run_id}` shows how it ended"
+        )
+    if status == "running":
+        raise JournalError(
+            f"run {record.run_id} is still running (process {record.host_pid}); "
+            f"`capsule tui {record.run_id}` can follow it"
+        )
+    program = Path(record.program)
+    if not program.is_file():
+        raise JournalError(f"run {record.run_id}'s program {program} no longer exists")
+    if program_hash(program) != record.program_hash and not force:
+        raise JournalError(
+            f"{program} changed since run {record.run_id} ran; a resume replays the "
+            f"journal into the program as it is now, and would diverge or do different "
+            f"work. Restore the program, or pass --force to resume anyway"
+        )
+    return program
+
+
+def resume_journaled(
+    journal: Path, run_id: str | None, force: bool, on_event: Callable[[Any], None]
+) -> RunReport:
+    """Resume a run that stopped before it ended (crash, kill, Ctrl-C): ``main``
+    runs again, tasks that ended return their journaled outcome, tasks in flight
+    replay their journaled host calls and go on live. Raises JournalError if the
+    run cannot be resumed."""
+    record = anyio.run(find_run, journal, run_id)
+    program = check_resumable(record, force)
+    history = anyio.run(load_history, journal, record.run_id)
+    request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
+    for name, value in record.settings.items():
+        if name in _SETTINGS:
+            setattr(request, name, value)
+    with JournalWriter(journal, record.run_id) as writer:
+        _write(
+            writer,
+            lambda: writer.execute(
+                "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
+                "program_hash = ?, ended_at = NULL WHERE run_id = ?",
+                (os.getpid(), program_hash(program), record.run_id),
+            ),
+        )
+        report = run_program(
+            request,
+            _both(writer, on_event),
+            run_id=record.run_id,
+            steps=writer,
+            history=history,
+            seed=bytes.fromhex(record.seed),
+        )
+        _finish(writer, report)
+    return report
+
+
+def _write(writer: JournalWriter, action: Callable[[], None]) -> None:
+    try:
+        action()
+    except JournalFailure as exc:
+        raise JournalError(str(exc)) from None
+
+
+def _both(writer: JournalWriter, on_event: Callable[[Any], None]) -> Callable[[Any], None]:
+    def deliver(event: Any) -> None:
+        try:
+            writer.on_event(event)
+        except JournalFailure:
+            pass  # the run stops at its next journaled step, which reports it
+        on_event(event)
+
+    return deliver
+
+
+def _finish(writer: JournalWriter, report: RunReport) -> None:
+    """Record how the run ended. An interrupted run stays resumable; one whose
+    journal failed cannot be updated (it shows as crashed, and is resumable)."""
+    if report.journal_error is not None or writer.failure is not None:
+        return
+    result = report.result
+    if report.interrupted:
+        status = "interrupted"
+    elif result is None:
+        status = "error"
+    else:
+        status = "completed" if result.ok else "failed"
+    error: dict[str, Any] | None = None
+    if result is not None and result.error is not None:
+        error = result.error.model_dump()
+    elif result is None:
+        error = {"kind": "error", "message": report.usage_error or report.runtime_error}
+    try:
+        writer.execute(
+            "UPDATE runs SET status = ?, ended_at = ?, result_json = ?, error_json = ? "
+            "WHERE run_id = ?",
+            (
+                status,
+                time.time(),
+                None if result is None else result.result_json,
+                None if error is None else json.dumps(error),
+                writer.run_id,
+            ),
+        )
+    except JournalFailure as exc:
+        report.journal_error = str(exc)

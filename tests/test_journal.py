@@ -1,0 +1,412 @@
+"""The journal: runs recorded in SQLite, `capsule runs` / `inspect`, resume after
+a real `kill -9` (exactly-once for journaled steps, same clock and random
+values), divergence, and journals that cannot be used."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import capsule_cli
+
+# A workflow with a chain of calls, a fan-out, an actor fed a burst of messages,
+# and guest clock / random reads. Every task prints a marker outside the sandbox.
+FLOW = """
+import random
+import time
+import uuid
+
+from capsule import receive, send, sleep, task
+
+
+@task(name="step")
+def step(n: int) -> int:
+    print(f"MARK step {n}")
+    sleep(0.05)
+    return n * 10
+
+
+@task(name="square")
+def square(x: int) -> int:
+    print(f"MARK square {x}")
+    sleep(0.05 * x)
+    return x * x
+
+
+@task(name="counter")
+def counter(expected: int) -> int:
+    total = 0
+    for _ in range(expected):
+        message = receive()
+        total += message.body
+        print(f"MARK counted {message.body}")
+    return total
+
+
+@task(name="main", timeout="5m")
+def main(burst: int = 200) -> dict:
+    stamp, draw, ident = time.time(), random.random(), str(uuid.uuid4())
+    print(f"MARK main {stamp!r} {draw!r} {ident}")
+    chain = [step(i) for i in range(4)]
+    squares = square.map(range(5))
+    sink = counter.spawn(burst)
+    for i in range(burst):
+        send(sink, i)
+        if i % 50 == 0:
+            sleep(0.05)
+    total = sink.result()
+    print("MARK done")
+    return {"stamp": stamp, "draw": draw, "id": ident, "chain": chain,
+            "squares": squares, "total": total}
+"""
+
+
+def _write(tmp_path: Path, source: str, name: str = "flow.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def _journal(tmp_path: Path) -> Path:
+    return tmp_path / ".capsule" / "journal.db"
+
+
+def _markers(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.startswith("MARK")]
+
+
+def _run_and_kill(program: Path, marker: str, extra_delay: float) -> str:
+    """Start `capsule run`, kill -9 it once ``marker`` was printed (and
+    ``extra_delay`` later); returns what it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=program.parent,
+    )
+    assert process.stdout is not None
+    seen: list[str] = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            break
+    time.sleep(extra_delay)
+    process.send_signal(signal.SIGKILL)
+    rest, _ = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {seen}"
+    return "".join(seen) + rest
+
+
+def _integrity(journal: Path) -> str:
+    with sqlite3.connect(journal) as connection:
+        return str(connection.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def _final_tasks(journal: Path) -> dict[str, str]:
+    with sqlite3.connect(journal) as connection:
+        rows = connection.execute("SELECT task_id, name FROM tasks WHERE final = 1").fetchall()
+    return dict(rows)
+
+
+def _last_event(journal: Path) -> int:
+    with sqlite3.connect(journal) as connection:
+        return int(connection.execute("SELECT max(seq) FROM events").fetchone()[0] or 0)
+
+
+def _started_after(journal: Path, seq: int) -> set[str]:
+    with sqlite3.connect(journal) as connection:
+        rows = connection.execute(
+            "SELECT task_id FROM events WHERE seq > ? AND type = 'started'", (seq,)
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    done = capsule_cli("run", str(_write(tmp_path, FLOW)), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["result"]
+
+
+@pytest.mark.parametrize(
+    ("marker", "delay"),
+    [
+        ("MARK main", 0.0),  # right after the first clock and random reads
+        ("MARK step 2", 0.0),  # in the chain of calls
+        ("MARK square 3", 0.05),  # in the fan-out
+        ("MARK counted 40", 0.02),  # in the burst of messages (journal writes)
+    ],
+)
+def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
+    tmp_path: Path, uninterrupted: dict, marker: str, delay: float
+) -> None:
+    program = _write(tmp_path, FLOW)
+    first = _run_and_kill(program, marker, delay)
+    journal = _journal(tmp_path)
+    assert _integrity(journal) == "ok"
+    ended_before = _final_tasks(journal)
+    killed_at = _last_event(journal)
+
+    runs = capsule_cli("runs", "--json", cwd=tmp_path)
+    assert runs.returncode == 0, runs.stderr
+    [run] = json.loads(runs.stdout)
+    assert run["status"] == "crashed"
+
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    envelope = json.loads(resumed.stdout)
+    assert envelope["execution"]["run_id"] == run["run_id"]  # the run keeps its id
+    result = envelope["result"]
+    # The same outcome as a run that was never interrupted...
+    for key in ("chain", "squares", "total"):
+        assert result[key] == uninterrupted[key]
+    # ...with the clock, random and uuid values the killed run had already seen.
+    main_marker = next(m for m in _markers(first) if m.startswith("MARK main"))
+    assert main_marker == f"MARK main {result['stamp']!r} {result['draw']!r} {result['id']}"
+
+    # Tasks whose end was journaled before the kill did not start again...
+    restarted = _started_after(journal, killed_at)
+    assert not restarted & set(ended_before), restarted & set(ended_before)
+    assert "main" in restarted  # (main was in flight: it re-executed, replaying)
+    # ...and no printed marker is shown twice (replayed output is not shown again).
+    markers = _markers(first) + _markers(resumed.stderr)
+    assert len(markers) == len(set(markers)), sorted(m for m in markers if markers.count(m) > 1)
+    expected = {f"MARK step {i}" for i in range(4)} | {f"MARK square {i}" for i in range(5)}
+    expected |= {f"MARK counted {i}" for i in range(200)} | {"MARK done"}
+    assert expected <= set(markers)
+    assert _integrity(journal) == "ok"
+
+    # Resuming again is refused clearly: the run is over.
+    again = capsule_cli("resume", run["run_id"], cwd=tmp_path)
+    assert again.returncode == 2
+    assert "already ended (completed)" in again.stderr
+
+
+def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
+    """A child whose completion was journaled returns its journaled result; the
+    task in flight re-executes only what it had not journaled."""
+    source = """
+    from capsule import sleep, task
+
+    @task(name="child")
+    def child(n: int) -> int:
+        print(f"MARK child {n} ran")
+        return n + 1
+
+    @task(name="main", timeout="5m")
+    def main() -> list:
+        done = [child(1), child(2)]
+        print("MARK waiting")
+        sleep(2)
+        return done + [child(3)]
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waiting", 0.1)
+    assert sorted(_final_tasks(_journal(tmp_path)).values()) == ["child", "child"]
+    resumed = capsule_cli("resume", "--last", "-v", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines() == ["[main/3 child] MARK child 3 ran", "[2, 3, 4]"]
+    # main replays its two calls and its first output from the journal.
+    assert "replaying main, attempt 1: its first 3 host call(s)" in resumed.stderr
+    assert not re.search(r"started main/[12] ", resumed.stderr)
+
+
+def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_step(
+    tmp_path: Path,
+) -> None:
+    source = """
+    from capsule import sleep, task
+
+    @task(name="child")
+    def child(n: int) -> int:
+        return n
+
+    @task(name="main", timeout="5m")
+    def main() -> int:
+        first = child(1)
+        print("MARK waiting")
+        sleep(30)
+        return first
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waiting", 0.1)
+    program.write_text(program.read_text().replace("first = child(1)", "first = child(7)"))
+
+    refused = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "changed since run" in refused.stderr and "--force" in refused.stderr
+
+    forced = capsule_cli("resume", "--last", "--force", "--json", cwd=tmp_path)
+    assert forced.returncode == 1, forced.stderr
+    error = json.loads(forced.stdout)["error"]
+    assert error["kind"] == "divergence"
+    assert "'main' (main) diverged from the journal at step" in error["message"]
+    assert "call(" in error["message"] and "[1]" in error["message"]
+    assert "[7]" in error["message"]
+
+
+def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
+    source = """
+    from capsule import sleep, task
+
+    @task(name="main", timeout="5m")
+    def main() -> str:
+        print("MARK one")
+        sleep(0.5)
+        print("MARK two")
+        sleep(1)
+        return "done"
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK one", 0.0)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "resume", "--last"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("MARK two"):
+            break
+    process.kill()
+    process.wait()
+    with sqlite3.connect(_journal(tmp_path)) as connection:
+        kinds = [row[0] for row in connection.execute("SELECT kind FROM steps ORDER BY step")]
+    assert kinds[:3] == ["output", "sleep", "output"]
+    assert _integrity(_journal(tmp_path)) == "ok"
+    runs = json.loads(capsule_cli("runs", "--json", cwd=tmp_path).stdout)
+    assert runs[0]["status"] == "crashed" and runs[0]["resumes"] == 1
+    # The second resume replays both outputs and the first sleep (printing
+    # nothing again), sleeps the second live, and ends the run.
+    second = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == "done\n"
+    runs = json.loads(capsule_cli("runs", "--json", cwd=tmp_path).stdout)
+    assert runs[0]["status"] == "completed" and runs[0]["resumes"] == 2
+
+
+def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
+    source = """
+    from capsule import task
+
+    @task(name="flaky", max_retries=2)
+    def flaky(n: int) -> int:
+        from capsule import current
+        if current().attempt < 2:
+            raise ValueError("not yet")
+        return n
+
+    @task(name="main")
+    def main() -> int:
+        return flaky(5)
+    """
+    program = _write(tmp_path, source, "tree.py")
+    assert capsule_cli("run", str(program), cwd=tmp_path).returncode == 0
+    listing = capsule_cli("runs", cwd=tmp_path)
+    assert listing.returncode == 0 and "completed" in listing.stdout and "tree.py" in listing.stdout
+    run_id = json.loads(capsule_cli("runs", "--json", cwd=tmp_path).stdout)[0]["run_id"]
+    shown = capsule_cli("inspect", run_id[:6], "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    tree = json.loads(shown.stdout)
+    tasks = {task["task_id"]: task for task in tree["tasks"]}
+    assert tasks["main"]["result"] == 5 and tasks["main"]["status"] == "completed"
+    assert tasks["main/1"]["parent_id"] == "main"
+    assert tasks["main/1"]["attempts"] == 2 and tasks["main/1"]["fuel_consumed"] > 0
+    text = capsule_cli("inspect", run_id, cwd=tmp_path).stdout
+    assert "main/1 flaky  [completed]  attempt 2/3" in text
+
+
+def test_no_journal_writes_nothing(tmp_path: Path) -> None:
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n    return 1\n",
+        "plain.py",
+    )
+    assert capsule_cli("run", str(program), "--no-journal", cwd=tmp_path).returncode == 0
+    assert not (tmp_path / ".capsule").exists()
+    env_journal = tmp_path / "elsewhere.db"
+    done = capsule_cli("run", str(program), cwd=tmp_path, env={"CAPSULE_JOURNAL": str(env_journal)})
+    assert done.returncode == 0 and env_journal.is_file()
+
+
+def test_bad_journals_are_refused_with_exit_2_and_left_untouched(tmp_path: Path) -> None:
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n    return 1\n",
+        "ok.py",
+    )
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    before = corrupt.read_bytes()
+    for command in (["run", str(program)], ["runs"], ["resume", "--last"]):
+        done = capsule_cli(*command, "--journal", str(corrupt), cwd=tmp_path)
+        assert done.returncode == 2, (command, done.stderr)
+        assert "not a readable Capsule journal" in done.stderr
+    assert corrupt.read_bytes() == before
+
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as connection:
+        connection.execute("PRAGMA user_version = 99")
+        connection.execute("CREATE TABLE future (x)")
+    for command in (["run", str(program)], ["runs"]):
+        done = capsule_cli(*command, "--journal", str(newer), cwd=tmp_path)
+        assert done.returncode == 2 and "schema version 99" in done.stderr, done.stderr
+
+    good = tmp_path / "good.db"
+    assert capsule_cli("run", str(program), "--journal", str(good), cwd=tmp_path).returncode == 0
+    unknown = capsule_cli("inspect", "nosuchrun", "--journal", str(good), cwd=tmp_path)
+    assert unknown.returncode == 2 and "no run 'nosuchrun'" in unknown.stderr
+    missing = capsule_cli("runs", "--journal", str(tmp_path / "none.db"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no journal at" in missing.stderr
+
+
+def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
+    tmp_path: Path,
+) -> None:
+    """The file-size limit makes the journal's writes fail as on a full disk."""
+    source = """
+    from capsule import task
+
+    @task(name="main", timeout="5m")
+    def main() -> int:
+        for i in range(20000):
+            print("x" * 200, i)
+        return 1
+    """
+    program = _write(tmp_path, source, "big.py")
+    journal = tmp_path / "small.db"
+
+    def limit_file_size() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
+
+    process = subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ},
+    )
+    assert process.returncode == 2, process.stderr[-2000:]
+    assert "cannot be written" in process.stderr
+    assert _integrity(journal) == "ok"
+    runs = capsule_cli("runs", "--json", "--journal", str(journal), cwd=tmp_path)
+    assert runs.returncode == 0 and json.loads(runs.stdout)[0]["status"] == "crashed"
