@@ -249,6 +249,63 @@ def idle_actor_rss(actors: int = 50) -> dict[str, float]:
     }
 
 
+def _journal_modes(tmp: Path) -> tuple[tuple[str, list[str]], ...]:
+    return (("off", ["--no-journal"]), ("on", ["--journal", str(tmp / "journal.db")]))
+
+
+def journal_overhead(repeats: int) -> dict[str, float]:
+    """The same benchmarks with the journal on and off (the default is on)."""
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, flags in _journal_modes(Path(tmp)):
+            p50s, mapped, one_way, asks, steps = [], [], [], [], []
+            for _ in range(max(1, repeats // 2)):
+                _, done = run_cli("run", str(PROGRAMS / "sequential_calls.py"), "200", *flags)
+                p50s.append(json.loads(done.stdout)["p50_ms"])
+                _, done = run_cli("run", str(PROGRAMS / "fan_out.py"), "100", "1", *flags)
+                mapped.append(json.loads(done.stdout)["map_s"])
+                _, done = run_cli("run", str(PROGRAMS / "messages.py"), "5000", *flags)
+                result = json.loads(done.stdout)
+                one_way.append(result["one_way_per_s"])
+                asks.append(result["ask_reply_per_s"])
+                _, done = run_cli("run", str(PROGRAMS / "journal_steps.py"), *flags)
+                steps.append(json.loads(done.stdout.splitlines()[-1])["steps_per_s"])
+            figures[f"call_p50_ms_journal_{mode}"] = statistics.median(p50s)
+            figures[f"map_100_s_journal_{mode}"] = statistics.median(mapped)
+            figures[f"one_way_per_s_journal_{mode}"] = statistics.median(one_way)
+            figures[f"ask_per_s_journal_{mode}"] = statistics.median(asks)
+            figures[f"steps_per_s_journal_{mode}"] = statistics.median(steps)
+    return figures
+
+
+def resume_time(repeats: int, steps: int = 10_000) -> dict[str, float]:
+    """Kill a run after it journaled ``steps`` steps, then time `capsule resume`
+    replaying them (minus the 1 s the program then sleeps live)."""
+    times = []
+    for _ in range(max(1, repeats // 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            journal = str(Path(tmp) / "journal.db")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "capsule.cli", "run", "--journal", journal,
+                 str(PROGRAMS / "journal_steps.py"), str(steps), "1"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert process.stdout is not None
+            for line in process.stdout:
+                if line.startswith("steps done"):
+                    break
+            process.kill()
+            process.wait()
+            started = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-m", "capsule.cli", "resume", "--last", "--journal", journal],
+                check=True,
+                capture_output=True,
+            )
+            times.append(time.perf_counter() - started - 1.0)
+    return {f"resume_{steps}_steps_s": statistics.median(times)}
+
+
 def warm_hello(repeats: int) -> dict[str, float]:
     hello = str(REPO / "examples" / "hello.py")
     run_cli("run", hello)  # make sure the runtime is built and the page cache warm
@@ -343,6 +400,8 @@ def main() -> None:
         ),
         ("messages between two actors", messages(options.repeats), ">= 10,000/s one-way"),
         ("an actor blocked in receive", idle_actor_rss(), "<= 6 MB"),
+        ("journal on vs off", journal_overhead(options.repeats), "<= 10% overhead"),
+        ("resume a run of 10,000 journaled steps", resume_time(options.repeats), "report"),
         (
             "timeout of `while True: pass` (200 ms)",
             timeout_overshoot(options.repeats),

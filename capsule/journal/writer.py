@@ -1,11 +1,14 @@
 """The journal writer: one thread that owns the SQLite connection and commits
 what the run's threads hand it, in order, in batches (group commit).
 
-Task threads only queue records. A record that must be durable before the run
-goes on (a host-call answer, a task's outcome) waits for the commit of the batch
-that holds it; records queued meanwhile by other threads share that commit.
-Everything is written in the order it was queued, so a crash can only lose a
-suffix of what was queued, never a record that an earlier one depends on.
+Task threads only queue records, in one order for the whole run: an answer is
+queued before the guest sees it, a child's outcome before its parent sees it,
+so whatever anyone did because of a record is queued after that record. Batches
+are committed in that order, so a crash (kill -9) loses only a suffix: never a
+record that a kept one depends on. A record whose effect leaves the process at
+once (printed output) is durable: its caller waits for the commit of the batch
+that holds it, which commits everything queued before it; records queued
+meanwhile by other threads share that commit (group commit).
 
 Why a thread with :mod:`sqlite3` and not aiosqlite here: the run executes on
 threads, and a commit through aiosqlite from them costs about 0.5 ms (event
@@ -30,6 +33,10 @@ from capsule.supervisor.tree import TaskResult
 
 #: A queued record: SQL and its parameters, computed on the writer thread.
 Record = Callable[[], tuple[str, tuple[Any, ...]]]
+
+#: Events whose content the journal holds already: the messages table and the
+#: send / receive steps record every message.
+_NOT_JOURNALED = frozenset({"message_sent", "message_received"})
 
 _STATUS_BY_EVENT = {
     "pending": "pending",
@@ -130,9 +137,19 @@ class JournalWriter:
                 upto = self._queued
             try:
                 connection.execute("BEGIN")
+                # Runs of the same statement go in one executemany (most of a
+                # busy batch is steps or events).
+                rows: list[tuple[Any, ...]] = []
+                current = ""
                 for record in batch:
                     sql, params = record()
-                    connection.execute(sql, params)
+                    if sql != current:
+                        if rows:
+                            connection.executemany(current, rows)
+                        current, rows = sql, []
+                    rows.append(params)
+                if rows:
+                    connection.executemany(current, rows)
                 connection.execute("COMMIT")
             except (sqlite3.Error, OSError) as exc:
                 try:
@@ -154,6 +171,8 @@ class JournalWriter:
 
     def on_event(self, event: Any) -> None:
         """Journal a lifecycle event (and the task's state it implies)."""
+        if event.type in _NOT_JOURNALED:
+            return
         run_id = self.run_id
 
         def record() -> tuple[str, tuple[Any, ...]]:
@@ -211,7 +230,7 @@ class JournalWriter:
         )
 
     def step(
-        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = True
+        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = False
     ) -> None:
         self.execute(
             "INSERT OR REPLACE INTO steps (run_id, task_id, attempt, step, kind, request, ok, "
@@ -277,6 +296,7 @@ class JournalWriter:
                 result.result_json,
                 error,
             ),
+            durable=False,
         )
 
 

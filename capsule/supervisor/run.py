@@ -670,10 +670,17 @@ class Run:
         request: str,
         live: Callable[[], tuple[bool, str]],
         replayed: Callable[[Step], object] | None = None,
-        durable: bool = True,
+        durable: bool = False,
     ) -> tuple[bool, str]:
         """Answer one host call of ``caller`` (a step): from the journal while its
         attempt replays one, else ``live()``, journaled before the guest sees it.
+
+        Journaled means queued in the journal's one write order; ``durable``
+        steps (those the outside world sees at once, like output) also wait for
+        the commit, which commits everything queued before them. Everything a
+        guest or a parent does after seeing an answer is queued after it, so a
+        crash loses only a suffix of that order: never an answer whose effects
+        were kept, and never one whose effects left the process.
 
         ``replayed`` redoes what a replayed step must still do inside this process
         (number a child, start a spawned child again, route a reply)."""
@@ -966,6 +973,7 @@ class Run:
             json.dumps([stream, text]),
             lambda: (True, ""),
             replayed=replayed.append,
+            durable=True,
         )
         if ok and not replayed:
             self.events.emit(

@@ -80,9 +80,10 @@ class JournalFailure(Exception):
 class StepLog(Protocol):
     """Where a run's steps, attempts, messages and task outcomes are recorded.
 
-    ``step`` and ``task_ended`` return once the record is durable (write-ahead:
-    the guest sees an answer, and a parent a child's result, only after that);
-    the others may be written later, but in order. All may raise JournalFailure."""
+    Records are written in the order they are made (one write order for the
+    whole run), so a crash loses a suffix of them at most. A ``durable`` step
+    returns only once it, and so everything recorded before it, is committed.
+    All may raise JournalFailure."""
 
     def attempt_started(
         self, task_id: str, name: str, attempt: int, children_before: int, messages_before: int
@@ -94,7 +95,7 @@ class StepLog(Protocol):
         attempt: int,
         number: int,
         step: Step,
-        durable: bool = True,
+        durable: bool = False,
     ) -> None: ...
 
     def message_sent(self, message: PendingMessage) -> None: ...
@@ -111,7 +112,7 @@ class NoStepLog:
         return None
 
     def step(
-        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = True
+        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = False
     ) -> None:
         return None
 
