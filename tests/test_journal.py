@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 
-from capsule import receive, send, sleep, task
+from capsule import ask, receive, send, sleep, task
 
 
 @task(name="step")
@@ -53,6 +53,15 @@ def counter(expected: int) -> int:
     return total
 
 
+@task(name="doubler")
+def doubler(count: int) -> int:
+    for _ in range(count):
+        message = receive()
+        print(f"MARK doubled {message.body}")
+        message.reply(message.body * 2)
+    return count
+
+
 @task(name="main", timeout="5m")
 def main(burst: int = 200) -> dict:
     stamp, draw, ident = time.time(), random.random(), str(uuid.uuid4())
@@ -65,9 +74,15 @@ def main(burst: int = 200) -> dict:
         if i % 50 == 0:
             sleep(0.05)
     total = sink.result()
+    partner = doubler.spawn(30)
+    doubled = []
+    for i in range(30):
+        doubled.append(ask(partner, i))
+        if i % 10 == 0:
+            sleep(0.05)
     print("MARK done")
     return {"stamp": stamp, "draw": draw, "id": ident, "chain": chain,
-            "squares": squares, "total": total}
+            "squares": squares, "total": total, "doubled": doubled}
 """
 
 
@@ -147,6 +162,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("MARK step 2", 0.0),  # in the chain of calls
         ("MARK square 3", 0.05),  # in the fan-out
         ("MARK counted 40", 0.02),  # in the burst of messages (journal writes)
+        ("MARK doubled 12", 0.0),  # in an ask / reply exchange
     ],
 )
 def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
@@ -170,7 +186,7 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     assert envelope["execution"]["run_id"] == run["run_id"]  # the run keeps its id
     result = envelope["result"]
     # The same outcome as a run that was never interrupted...
-    for key in ("chain", "squares", "total"):
+    for key in ("chain", "squares", "total", "doubled"):
         assert result[key] == uninterrupted[key]
     # ...with the clock, random and uuid values the killed run had already seen.
     main_marker = next(m for m in _markers(first) if m.startswith("MARK main"))
@@ -185,6 +201,7 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     assert len(markers) == len(set(markers)), sorted(m for m in markers if markers.count(m) > 1)
     expected = {f"MARK step {i}" for i in range(4)} | {f"MARK square {i}" for i in range(5)}
     expected |= {f"MARK counted {i}" for i in range(200)} | {"MARK done"}
+    expected |= {f"MARK doubled {i}" for i in range(30)}
     assert expected <= set(markers)
     assert _integrity(journal) == "ok"
 

@@ -24,6 +24,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,12 @@ from capsule.journal.schema import JournalError, connect, describe_error
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
 from capsule.supervisor.tree import TaskResult
 
-#: A queued record: SQL and its parameters, computed on the writer thread.
-Record = Callable[[], tuple[str, tuple[Any, ...]]]
+#: How long the writer lets a batch gather when no caller waits for its commit.
+LINGER_SECONDS = 0.005
+
+#: A queued record: computed on the writer thread, it gives a statement and its
+#: parameters, or None when it only changed a task's state (written per batch).
+Record = Callable[[], tuple[str, tuple[Any, ...]] | None]
 
 #: Events whose content the journal holds already: the messages table and the
 #: send / receive steps record every message.
@@ -71,6 +76,11 @@ class JournalWriter:
         self._committed = 0
         self._failure: str | None = None
         self._closing = False
+        #: Callers waiting for a commit: the writer commits at once for them.
+        self._durable_waiting = 0
+        #: Each task's row as the writer knows it, and those the batch changed.
+        self._tasks: dict[str, _TaskState] = {}
+        self._dirty: dict[str, None] = {}
         self._thread: threading.Thread | None = None
         #: Figures for benchmarks: records and commits written.
         self.records_written = 0
@@ -109,11 +119,17 @@ class JournalWriter:
             self._queue.append(record)
             self._queued += 1
             mine = self._queued
-            self._work.notify()
             if not durable:
+                if len(self._queue) == 1:
+                    self._work.notify()  # later ones join the batch it gathers
                 return
-            while self._committed < mine and self._failure is None:
-                self._committed_cv.wait()
+            self._durable_waiting += 1
+            self._work.notify()
+            try:
+                while self._committed < mine and self._failure is None:
+                    self._committed_cv.wait()
+            finally:
+                self._durable_waiting -= 1
             if self._failure is not None:
                 raise JournalFailure(self._failure)
 
@@ -126,34 +142,23 @@ class JournalWriter:
         self._put(lambda: ("SELECT 1", ()), durable=True)
 
     def _write_loop(self) -> None:
-        connection = self._connection
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
                     self._work.wait()
                 if not self._queue:
                     return
+                if not self._durable_waiting and not self._closing:
+                    # Nobody waits for this batch: let it gather for a moment, so
+                    # a busy run commits a few hundred times a second, not per record.
+                    self._work.wait(LINGER_SECONDS)
                 batch, self._queue = self._queue, []
                 upto = self._queued
             try:
-                connection.execute("BEGIN")
-                # Runs of the same statement go in one executemany (most of a
-                # busy batch is steps or events).
-                rows: list[tuple[Any, ...]] = []
-                current = ""
-                for record in batch:
-                    sql, params = record()
-                    if sql != current:
-                        if rows:
-                            connection.executemany(current, rows)
-                        current, rows = sql, []
-                    rows.append(params)
-                if rows:
-                    connection.executemany(current, rows)
-                connection.execute("COMMIT")
+                self._commit(batch)
             except (sqlite3.Error, OSError) as exc:
                 try:
-                    connection.execute("ROLLBACK")
+                    self._connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 with self._lock:
@@ -166,6 +171,28 @@ class JournalWriter:
                 self.records_written += len(batch)
                 self.commits += 1
                 self._committed_cv.notify_all()
+
+    def _commit(self, batch: list[Record]) -> None:
+        """Write one batch in one transaction, each statement once for all its
+        rows: every sqlite call gives up the GIL and must win it back, so a
+        batch costs a handful of them, not one per record. (Order within the
+        transaction does not matter: it is all or nothing, and every table but
+        ``tasks`` only gains rows, whose state is folded here first.)"""
+        statements: dict[str, list[tuple[Any, ...]]] = {}
+        self._dirty.clear()
+        for record in batch:
+            row = record()
+            if row is not None:
+                statements.setdefault(row[0], []).append(row[1])
+        if self._dirty:
+            statements[_TASK_UPSERT] = [
+                self._tasks[task_id].row(self.run_id, task_id) for task_id in self._dirty
+            ]
+        connection = self._connection
+        connection.execute("BEGIN")
+        for sql, rows in statements.items():
+            connection.executemany(sql, rows)
+        connection.execute("COMMIT")
 
     # -- the run's records -----------------------------------------------------
 
@@ -181,7 +208,7 @@ class JournalWriter:
             data = event.model_dump_json(exclude={"run_id", "task_id", "type", "at"})
             status = _STATUS_BY_EVENT.get(event.type)
             if status is not None:
-                self._task_state(event, status)
+                self._task_event(event, status)
             return (
                 "INSERT OR REPLACE INTO events (run_id, seq, task_id, type, at, data_json) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -190,34 +217,23 @@ class JournalWriter:
 
         self._put(record)
 
-    def _task_state(self, event: Any, status: str) -> None:
-        # Runs on the writer thread inside the batch's transaction.
-        connection = self._connection
+    def _task_event(self, event: Any, status: str) -> None:
+        # On the writer thread: the task's row is written once per batch.
+        state = self._tasks.get(event.task_id)
+        if state is None:
+            state = self._tasks[event.task_id] = _TaskState(name=event.task)
+        if state.final:
+            return
+        state.status = status
         if event.type == "pending":
-            connection.execute(
-                "INSERT INTO tasks (run_id, task_id, name, parent_id, status, max_attempts) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, task_id) DO UPDATE SET "
-                "status = excluded.status WHERE final = 0",
-                (
-                    self.run_id,
-                    event.task_id,
-                    event.task,
-                    event.parent_id,
-                    status,
-                    event.max_attempts,
-                ),
-            )
+            state.parent_id = event.parent_id
+            state.max_attempts = event.max_attempts
         elif event.type == "started":
-            connection.execute(
-                "UPDATE tasks SET status = ?, attempt = ?, started_at = coalesce(started_at, ?) "
-                "WHERE run_id = ? AND task_id = ? AND final = 0",
-                (status, event.attempt, event.at, self.run_id, event.task_id),
-            )
-        else:
-            connection.execute(
-                "UPDATE tasks SET status = ? WHERE run_id = ? AND task_id = ? AND final = 0",
-                (status, self.run_id, event.task_id),
-            )
+            state.attempt = event.attempt
+            state.max_attempts = event.max_attempts
+            if state.started_at is None:
+                state.started_at = event.at
+        self._dirty[event.task_id] = None
 
     def attempt_started(
         self, task_id: str, name: str, attempt: int, children_before: int, messages_before: int
@@ -266,37 +282,80 @@ class JournalWriter:
         )
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
-        error = None if result.error is None else result.error.model_dump_json()
-        status = (
-            "completed"
-            if result.error is None
-            else "cancelled"
-            if result.error.kind == "cancelled"
-            else "failed"
-        )
-        self.execute(
-            "INSERT INTO tasks (run_id, task_id, name, parent_id, status, attempt, "
-            "max_attempts, fuel, duration_ms, ended_at, final, result_json, error_json) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?) "
-            "ON CONFLICT (run_id, task_id) DO UPDATE SET status = excluded.status, "
-            "attempt = excluded.attempt, fuel = excluded.fuel, "
-            "duration_ms = excluded.duration_ms, ended_at = excluded.ended_at, final = 1, "
-            "result_json = excluded.result_json, error_json = excluded.error_json",
-            (
-                self.run_id,
-                result.task_id,
-                result.task,
-                parent_id,
-                status,
-                result.attempts,
-                result.attempts,
-                result.fuel_consumed,
-                result.duration_s * 1000,
-                time.time(),
-                result.result_json,
-                error,
-            ),
-            durable=False,
+        def record() -> None:
+            state = self._tasks.get(result.task_id)
+            if state is None:
+                state = self._tasks[result.task_id] = _TaskState(name=result.task)
+            error = result.error
+            state.status = (
+                "completed"
+                if error is None
+                else "cancelled"
+                if error.kind == "cancelled"
+                else "failed"
+            )
+            state.parent_id = parent_id
+            state.attempt = result.attempts
+            state.max_attempts = max(state.max_attempts, result.attempts)
+            state.fuel = result.fuel_consumed
+            state.duration_ms = result.duration_s * 1000
+            state.ended_at = time.time()
+            state.final = True
+            state.result_json = result.result_json
+            state.error_json = None if error is None else error.model_dump_json()
+            self._dirty[result.task_id] = None
+
+        self._put(record)
+
+
+#: Writes a task's row from the writer's state; an ended task's row stays as
+#: it ended (a resumed run only adds to it).
+_TASK_UPSERT = (
+    "INSERT INTO tasks (run_id, task_id, name, parent_id, status, attempt, max_attempts, "
+    "fuel, duration_ms, started_at, ended_at, final, result_json, error_json) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_id, task_id) DO UPDATE SET status = excluded.status, "
+    "parent_id = coalesce(excluded.parent_id, tasks.parent_id), attempt = excluded.attempt, "
+    "max_attempts = excluded.max_attempts, fuel = excluded.fuel, "
+    "duration_ms = excluded.duration_ms, "
+    "started_at = coalesce(tasks.started_at, excluded.started_at), "
+    "ended_at = excluded.ended_at, final = excluded.final, "
+    "result_json = excluded.result_json, error_json = excluded.error_json "
+    "WHERE tasks.final = 0"
+)
+
+
+@dataclass
+class _TaskState:
+    name: str
+    parent_id: str | None = None
+    status: str = "pending"
+    attempt: int = 0
+    max_attempts: int = 1
+    fuel: int = 0
+    duration_ms: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    final: bool = False
+    result_json: str | None = None
+    error_json: str | None = None
+
+    def row(self, run_id: str, task_id: str) -> tuple[Any, ...]:
+        return (
+            run_id,
+            task_id,
+            self.name,
+            self.parent_id,
+            self.status,
+            self.attempt,
+            self.max_attempts,
+            self.fuel,
+            self.duration_ms,
+            self.started_at,
+            self.ended_at,
+            int(self.final),
+            self.result_json,
+            self.error_json,
         )
 
 
