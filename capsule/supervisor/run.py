@@ -931,9 +931,7 @@ class Run:
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
-        return self._step(
-            caller, "receive", "", lambda: self._messages.receive(attempt, timeout)
-        )
+        return self._step(caller, "receive", "", lambda: self._messages.receive(attempt, timeout))
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
