@@ -427,3 +427,39 @@ def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
     assert _integrity(journal) == "ok"
     runs = capsule_cli("runs", "--json", "--journal", str(journal), cwd=tmp_path)
     assert runs.returncode == 0 and json.loads(runs.stdout)[0]["status"] == "crashed"
+
+
+def test_a_journal_that_cannot_be_written_is_refused_before_anything_runs(
+    tmp_path: Path,
+) -> None:
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n"
+        "    print('MARK ran')\n    return 1\n",
+        "ok.py",
+    )
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    done = capsule_cli("run", str(program), "--journal", str(blocker / "journal.db"))
+    assert done.returncode == 2
+    assert "cannot be written" in done.stderr and "MARK ran" not in done.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes read-only files anyway")
+def test_a_read_only_journal_is_refused_with_exit_2(tmp_path: Path) -> None:
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n    return 1\n",
+        "ok.py",
+    )
+    journal = tmp_path / "ro.db"
+    assert capsule_cli("run", str(program), "--journal", str(journal)).returncode == 0
+    before = journal.read_bytes()
+    journal.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        done = capsule_cli("run", str(program), "--journal", str(journal))
+    finally:
+        tmp_path.chmod(0o755)
+    assert done.returncode == 2 and "read-only" in done.stderr, done.stderr
+    assert journal.read_bytes() == before

@@ -4,6 +4,7 @@ Capsule, is refused and left untouched."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 from pathlib import Path
@@ -108,16 +109,23 @@ def default_journal(program: Path | None = None) -> Path:
 
 
 def describe_error(path: Path, exc: BaseException) -> str:
+    """What went wrong with the journal file, in words that suggest the fix."""
     text = str(exc)
-    if "readonly" in text or "read-only" in text:
-        return f"the journal {path} is read-only ({text}); pass --journal PATH or --no-journal"
-    if "disk is full" in text or "disk I/O" in text or isinstance(exc, OSError):
-        return f"the journal {path} cannot be written: {text} (is the disk full?)"
+    code = getattr(exc, "errno", None)
+    if "readonly" in text or code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (
+            f"the journal {path} cannot be written: it is read-only or not ours to write "
+            f"({text}); pass --journal PATH, or --no-journal"
+        )
+    if "disk is full" in text or code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return f"the journal {path} cannot be written: the disk is full ({text})"
     if "not a database" in text or "malformed" in text:
         return (
             f"{path} is not a readable Capsule journal ({text}); it was left untouched. "
             f"Move it away, or pass --journal PATH"
         )
+    if "disk I/O" in text or isinstance(exc, OSError):
+        return f"the journal {path} cannot be written: {text} (a full disk, or a failing one?)"
     return f"the journal {path} cannot be used: {text}"
 
 

@@ -65,7 +65,7 @@ def check_resumable(record: RunRecord, force: bool) -> Path:
     if status == "running":
         raise JournalError(
             f"run {record.run_id} is still running (process {record.host_pid}); "
-            f"`capsule tui {record.run_id}` can follow it"
+            f"`capsule inspect {record.run_id}` shows how far it got"
         )
     program = Path(record.program)
     if not program.is_file():
