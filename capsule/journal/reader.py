@@ -204,7 +204,7 @@ async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
         cursor = await db.execute(
             "SELECT task_id, name, parent_id, status, attempt, max_attempts, fuel, "
             "duration_ms, final, result_json, error_json FROM tasks WHERE run_id = ? "
-            "ORDER BY rowid",
+            "ORDER BY coalesce(started_at, ended_at), length(task_id), task_id",
             (run_id,),
         )
         return [
@@ -273,14 +273,20 @@ async def load_history(path: Path, run_id: str) -> History:
             task = history.tasks.setdefault(task_id, TaskHistory(name="?"))
             task.attempts[attempt] = AttemptHistory([], children_before, messages_before)
         received: set[str] = set()
+        sent: list[tuple[float, PendingMessage]] = []
         cursor = await db.execute(
-            "SELECT task_id, attempt, step, kind, request, ok, answer FROM steps "
+            "SELECT task_id, attempt, step, kind, request, ok, answer, at FROM steps "
             "WHERE run_id = ? ORDER BY task_id, attempt, step",
             (run_id,),
         )
-        async for task_id, attempt, number, kind, request, ok, answer in cursor:
+        async for task_id, attempt, number, kind, request, ok, answer, at in cursor:
             if kind == "receive" and ok:
                 received.add(json.loads(answer)["id"])
+            elif kind == "send" and ok:
+                delivered = json.loads(answer)
+                body = json.loads(request)[1]
+                message = PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
+                sent.append((at, message))
             elif kind == "reply" and ok:
                 message_id, body = json.loads(request)
                 history.replies[message_id] = body
@@ -293,16 +299,18 @@ async def load_history(path: Path, run_id: str) -> History:
             if number == len(steps) + 1:  # a gap would end what can be replayed
                 steps.append(Step(kind, request, bool(ok), answer))
         cursor = await db.execute(
-            "SELECT message_id, sender_id, target_id, body_json, expects_reply FROM messages "
-            "WHERE run_id = ? ORDER BY rowid",
+            "SELECT message_id, sender_id, target_id, body_json, expects_reply, at "
+            "FROM messages WHERE run_id = ?",
             (run_id,),
         )
-        for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
-            history.sent.add(message_id)
-            if message_id not in received:
-                history.undelivered.setdefault(target_id, []).append(
-                    PendingMessage(message_id, sender, target_id, body, bool(expects_reply))
-                )
+        for message_id, sender, target_id, body, expects_reply, at in await cursor.fetchall():
+            message = PendingMessage(message_id, sender, target_id, body, bool(expects_reply))
+            sent.append((at, message))
+        # Owed to their targets in the order they were sent.
+        for _, message in sorted(sent, key=lambda item: item[0]):
+            history.sent.add(message.id)
+            if message.id not in received:
+                history.undelivered.setdefault(message.target_id, []).append(message)
     for task in history.tasks.values():
         if task.final is None and task.attempts:
             history.steps += len(task.attempts[max(task.attempts)].steps)

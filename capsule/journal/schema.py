@@ -47,7 +47,7 @@ MIGRATIONS: dict[int, list[str]] = {
             result_json TEXT,
             error_json TEXT,
             PRIMARY KEY (run_id, task_id)
-        )""",
+        ) WITHOUT ROWID""",
         """CREATE TABLE attempts (
             run_id TEXT NOT NULL,
             task_id TEXT NOT NULL,
@@ -56,7 +56,7 @@ MIGRATIONS: dict[int, list[str]] = {
             messages_before INTEGER NOT NULL,
             started_at REAL NOT NULL,
             PRIMARY KEY (run_id, task_id, attempt)
-        )""",
+        ) WITHOUT ROWID""",
         """CREATE TABLE steps (
             run_id TEXT NOT NULL,
             task_id TEXT NOT NULL,
@@ -68,7 +68,7 @@ MIGRATIONS: dict[int, list[str]] = {
             answer TEXT NOT NULL,
             at REAL NOT NULL,
             PRIMARY KEY (run_id, task_id, attempt, step)
-        )""",
+        ) WITHOUT ROWID""",
         """CREATE TABLE messages (
             run_id TEXT NOT NULL,
             message_id TEXT NOT NULL,
@@ -78,7 +78,7 @@ MIGRATIONS: dict[int, list[str]] = {
             expects_reply INTEGER NOT NULL,
             at REAL NOT NULL,
             PRIMARY KEY (run_id, message_id)
-        )""",
+        ) WITHOUT ROWID""",
         """CREATE TABLE events (
             run_id TEXT NOT NULL,
             seq INTEGER NOT NULL,
@@ -87,7 +87,7 @@ MIGRATIONS: dict[int, list[str]] = {
             at REAL NOT NULL,
             data_json TEXT NOT NULL,
             PRIMARY KEY (run_id, seq)
-        )""",
+        ) WITHOUT ROWID""",
         "CREATE INDEX runs_by_start ON runs (started_at)",
     ],
 }

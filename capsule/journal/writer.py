@@ -18,6 +18,7 @@ call. The async readers (inspection, the TUI) use aiosqlite.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -32,15 +33,21 @@ from capsule.journal.schema import JournalError, connect, describe_error
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
 from capsule.supervisor.tree import TaskResult
 
-#: How long the writer lets a batch gather when no caller waits for its commit.
-LINGER_SECONDS = 0.005
+#: How long the writer lets a batch gather when no caller waits for its commit:
+#: a commit costs ~0.5 - 1 ms of writer CPU (WAL frames for every table touched),
+#: so a busy run commits 50 times a second, not per record. A crash loses at
+#: most this much of the suffix; output is committed before it is shown.
+LINGER_SECONDS = 0.02
+#: A batch this large is committed without waiting longer.
+MAX_BATCH = 5000
 
 #: A queued record: computed on the writer thread, it gives a statement and its
 #: parameters, or None when it only changed a task's state (written per batch).
 Record = Callable[[], tuple[str, tuple[Any, ...]] | None]
 
-#: Events whose content the journal holds already: the messages table and the
-#: send / receive steps record every message.
+#: Events whose content the journal holds already: every message is in the
+#: step that sent it (a send, or an ask and the messages table) and the receive
+#: step that took it.
 _NOT_JOURNALED = frozenset({"message_sent", "message_received"})
 
 _STATUS_BY_EVENT = {
@@ -120,7 +127,7 @@ class JournalWriter:
             self._queued += 1
             mine = self._queued
             if not durable:
-                if len(self._queue) == 1:
+                if len(self._queue) in (1, MAX_BATCH):
                     self._work.notify()  # later ones join the batch it gathers
                 return
             self._durable_waiting += 1
@@ -139,7 +146,7 @@ class JournalWriter:
 
     def flush(self) -> None:
         """Return once everything queued so far is committed."""
-        self._put(lambda: ("SELECT 1", ()), durable=True)
+        self._put(lambda: None, durable=True)
 
     def _write_loop(self) -> None:
         while True:
@@ -148,7 +155,11 @@ class JournalWriter:
                     self._work.wait()
                 if not self._queue:
                     return
-                if not self._durable_waiting and not self._closing:
+                if (
+                    not self._durable_waiting
+                    and not self._closing
+                    and len(self._queue) < MAX_BATCH
+                ):
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits a few hundred times a second, not per record.
                     self._work.wait(LINGER_SECONDS)
@@ -156,13 +167,17 @@ class JournalWriter:
                 upto = self._queued
             try:
                 self._commit(batch)
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # whatever it is, no caller may wait forever
                 try:
                     self._connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
                 with self._lock:
-                    self._failure = describe_error(self.path, exc)
+                    self._failure = (
+                        describe_error(self.path, exc)
+                        if isinstance(exc, (sqlite3.Error, OSError))
+                        else f"the journal writer failed: {exc!r}"
+                    )
                     self._queue.clear()
                     self._committed_cv.notify_all()
                 return
@@ -173,9 +188,10 @@ class JournalWriter:
                 self._committed_cv.notify_all()
 
     def _commit(self, batch: list[Record]) -> None:
-        """Write one batch in one transaction, each statement once for all its
-        rows: every sqlite call gives up the GIL and must win it back, so a
-        batch costs a handful of them, not one per record. (Order within the
+        """Write one batch in one transaction, each statement as multi-row
+        INSERTs: sqlite3 gives up the GIL around every step of a statement (every
+        row, with executemany) and must win it back from the task threads, so a
+        batch costs a handful of steps, not one per record. (Order within the
         transaction does not matter: it is all or nothing, and every table but
         ``tasks`` only gains rows, whose state is folded here first.)"""
         statements: dict[str, list[tuple[Any, ...]]] = {}
@@ -191,7 +207,17 @@ class JournalWriter:
         connection = self._connection
         connection.execute("BEGIN")
         for sql, rows in statements.items():
-            connection.executemany(sql, rows)
+            if not sql.startswith("INSERT"):
+                connection.executemany(sql, rows)  # the run's own row: rare
+                continue
+            done = 0
+            while done < len(rows):
+                count = _chunk(len(rows) - done)
+                chunk = rows[done : done + count]
+                connection.execute(
+                    _multi_row(sql, count), [value for row in chunk for value in row]
+                )
+                done += count
         connection.execute("COMMIT")
 
     # -- the run's records -----------------------------------------------------
@@ -265,7 +291,7 @@ class JournalWriter:
             durable,
         )
 
-    def message_sent(self, message: PendingMessage) -> None:
+    def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
             "INSERT OR IGNORE INTO messages (run_id, message_id, sender_id, target_id, "
             "body_json, expects_reply, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -306,6 +332,25 @@ class JournalWriter:
             self._dirty[result.task_id] = None
 
         self._put(record)
+
+
+#: Most rows in one INSERT (a power of two: a handful of distinct statements;
+#: 256 rows of 14 values stay below SQLite's 32,766 parameters).
+_MAX_ROWS = 256
+
+
+def _chunk(left: int) -> int:
+    """Rows for the next INSERT: the largest power of two that fits."""
+    return min(_MAX_ROWS, 1 << (left.bit_length() - 1))
+
+
+@functools.lru_cache(maxsize=256)
+def _multi_row(sql: str, rows: int) -> str:
+    """``INSERT ... VALUES (?, ...) [tail]`` for ``rows`` rows at once."""
+    head, values = sql.split(" VALUES ", 1)
+    end = values.index(")") + 1
+    group, tail = values[:end], values[end:]
+    return f"{head} VALUES {', '.join([group] * rows)}{tail}"
 
 
 #: Writes a task's row from the writer's state; an ended task's row stays as

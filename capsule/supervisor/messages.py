@@ -32,10 +32,10 @@ class MessageCalls:
         block: Block,
         max_message_bytes: int,
         mailbox_capacity: int,
-        on_sent: Callable[[PendingMessage], None],
+        on_ask: Callable[[PendingMessage], None],
         history: History | None = None,
     ) -> None:
-        self.on_sent = on_sent
+        self.on_ask = on_ask
         self.history = history
         self.router = router
         self.emit = events.emit
@@ -97,7 +97,10 @@ class MessageCalls:
                 f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
                 f"messages) for {timeout:g}s",
             ), None
-        self.on_sent(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
+        if ask:
+            # A sent message's id and target are in its send step's answer; an
+            # ask's answer is the reply, so the message is recorded on its own.
+            self.on_ask(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
         self.emit(
             MessageSent(
                 run_id=self.run_id,
@@ -109,7 +112,8 @@ class MessageCalls:
                 expects_reply=ask,
             )
         )
-        return (True, ""), message
+        # The guest ignores what an ok send carries; the journal keeps it.
+        return (True, json.dumps({"id": message.id, "to": target_id})), message
 
     def receive(self, attempt: Attempt, timeout: float | None) -> tuple[bool, str]:
         caller = attempt.invocation

@@ -190,7 +190,7 @@ class Run:
             self._block,
             max_message_bytes=self.settings.max_message_bytes,
             mailbox_capacity=self.settings.mailbox_capacity,
-            on_sent=lambda message: self._log(self._steps.message_sent, message),
+            on_ask=lambda message: self._log(self._steps.ask_sent, message),
             history=history,
         )
 

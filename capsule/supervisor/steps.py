@@ -98,7 +98,9 @@ class StepLog(Protocol):
         durable: bool = False,
     ) -> None: ...
 
-    def message_sent(self, message: PendingMessage) -> None: ...
+    def ask_sent(self, message: PendingMessage) -> None:
+        """The message of an ``ask`` was delivered (a send's is in its step)."""
+        ...
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None: ...
 
@@ -116,7 +118,7 @@ class NoStepLog:
     ) -> None:
         return None
 
-    def message_sent(self, message: PendingMessage) -> None:
+    def ask_sent(self, message: PendingMessage) -> None:
         return None
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
