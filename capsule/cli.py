@@ -401,6 +401,12 @@ class _Renderer:
             line = f"cancelled {label}: {event.error.message}"
         elif kind == "restarting":
             line = f"restarting {label}: {event.reason}"
+        elif kind == "http":
+            outcome = event.status if event.error_kind is None else event.error_kind
+            line = (
+                f"http {label}: {event.method} {event.url} -> {outcome} "
+                f"in {event.duration_ms:.0f} ms ({event.response_bytes:,} bytes)"
+            )
         elif kind == "replayed" and event.outcome is not None:
             line = f"replayed {label}: {event.outcome} (from the journal, not run again)"
         elif kind == "replayed":

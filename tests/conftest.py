@@ -8,10 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -105,3 +109,81 @@ def capsule_cli(
         timeout=timeout,
     )
     return Completed(process.returncode, process.stdout, process.stderr)
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """A local test server: /echo returns what it got, /status/N that status,
+    /bytes/N N bytes, /slow/S after S seconds, /redirect?to=URL a 302, /cookie
+    a Set-Cookie. It counts requests per path."""
+
+    server: LocalServer
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        self.server.hits[parts.path] = self.server.hits.get(parts.path, 0) + 1
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        status, headers, payload = 200, [("Content-Type", "application/json")], b""
+        if parts.path == "/echo":
+            payload = json.dumps(
+                {
+                    "method": self.command,
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body_hex": body.hex(),
+                }
+            ).encode()
+        elif parts.path.startswith("/status/"):
+            status = int(parts.path.rsplit("/", 1)[1])
+            payload = b'{"status": "as asked"}'
+        elif parts.path.startswith("/bytes/"):
+            count = int(parts.path.rsplit("/", 1)[1])
+            headers = [("Content-Type", "application/octet-stream")]
+            payload = bytes(range(256)) * (count // 256) + bytes(range(count % 256))
+        elif parts.path.startswith("/slow/"):
+            time.sleep(float(parts.path.rsplit("/", 1)[1]))
+            payload = b'{"slow": true}'
+        elif parts.path == "/redirect":
+            status, headers = 302, [("Location", parse_qs(parts.query)["to"][0])]
+        elif parts.path == "/cookie":
+            headers.append(("Set-Cookie", "session=SECRET-COOKIE"))
+            payload = b"{}"
+        else:
+            status, payload = 404, b'{"error": "no such path"}'
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class LocalServer(ThreadingHTTPServer):
+    daemon_threads = True
+    hits: dict[str, int]
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+
+@pytest.fixture
+def http_server() -> Iterator[LocalServer]:
+    """A real HTTP server on 127.0.0.1 (a free port), for the test's duration."""
+    server = LocalServer(("127.0.0.1", 0), _EchoHandler)
+    server.hits = {}
+    thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -62,7 +62,7 @@ def test_map_keeps_input_order(run_program: ProgramRunner) -> None:
         + """
     @task
     def slower_first(i):
-        capsule.sleep(0.05 * (4 - i))
+        capsule.sleep(0.25 * (4 - i))  # apart by more than a slow spawn takes
         return i * 10
 
     @task(name="main")

@@ -155,11 +155,7 @@ class JournalWriter:
                     self._work.wait()
                 if not self._queue:
                     return
-                if (
-                    not self._durable_waiting
-                    and not self._closing
-                    and len(self._queue) < MAX_BATCH
-                ):
+                if not self._durable_waiting and not self._closing and len(self._queue) < MAX_BATCH:
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits a few hundred times a second, not per record.
                     self._work.wait(LINGER_SECONDS)

@@ -56,6 +56,22 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_FORMS = '"transient" (the default), "permanent" or "temporary"'
 STRATEGY_FORMS = '"one_for_one" (the default), "one_for_all" or "rest_for_one"'
 MAX_RESTARTS_FORMS = "an integer from 0 to 1000"
+HOSTS_FORMS = (
+    'a list of hosts: "api.example.com" (that host), "*.example.com" (its subdomains), '
+    '"*" (every host), optionally with a scheme and a port ("https://api.example.com:8443")'
+)
+ENV_FORMS = (
+    "a list of environment variable names (letters, digits and _, not starting with a digit)"
+)
+FILES_FORMS = (
+    "a list of directories inside the program's directory, as relative paths; read-only, "
+    'or read-write with the suffix ":rw" (e.g. ["data", "out:rw"])'
+)
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOST_RE = re.compile(
+    r"^(?:(?P<scheme>https?)://)?(?P<host>\*|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
+    r"(?::(?P<port>\d{1,5}))?/?$"
+)
 #: Restart intensity defaults. OTP's 1 restart in 5 s escalates on the second
 #: crash of any child, which with a few retrying children is almost at once;
 #: 3 in 5 s lets each of a few children retry while a crash loop still escalates
@@ -127,6 +143,37 @@ def parse_max_retries(value: Any) -> int:
     return value
 
 
+def _string_list(value: Any, forms: str) -> list[str]:
+    if isinstance(value, str) or not isinstance(value, list | tuple):
+        raise ValueError(forms)
+    if not all(isinstance(item, str) for item in value):
+        raise ValueError(forms)
+    return list(value)
+
+
+def parse_host_pattern(value: str) -> str:
+    """A host pattern in its normal form (lower case); ValueError if malformed."""
+    text = value.strip().lower()
+    if not _HOST_RE.match(text):
+        raise ValueError(HOSTS_FORMS)
+    return text.rstrip("/")
+
+
+def parse_file_grant(value: str) -> str:
+    """A file grant ``dir`` or ``dir:rw`` (or ``dir:ro``), checked for form: a
+    relative path with no ``..``. Symlinks are checked when the program loads."""
+    path, _, mode = value.partition(":")
+    parts = path.replace("\\", "/").split("/")
+    if (
+        not path.strip()
+        or mode not in ("", "ro", "rw")
+        or path.startswith(("/", "~"))
+        or ".." in parts
+    ):
+        raise ValueError(FILES_FORMS)
+    return value
+
+
 class TaskConfig(BaseModel):
     """A task's validated config: what the host enforces for every invocation."""
 
@@ -142,6 +189,30 @@ class TaskConfig(BaseModel):
     strategy: str = "one_for_one"
     max_restarts: int = DEFAULT_MAX_RESTARTS
     restart_window_s: float = DEFAULT_RESTART_WINDOW_S
+    #: Hosts the task may send HTTP requests to (default: none).
+    allowed_hosts: tuple[str, ...] = ()
+    #: Host environment variables the task may read (default: none).
+    env: tuple[str, ...] = ()
+    #: Directories of the program it may read (``name:rw``: and write).
+    allowed_files: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts(cls, value: Any) -> tuple[str, ...]:
+        return tuple(parse_host_pattern(item) for item in _string_list(value, HOSTS_FORMS))
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env(cls, value: Any) -> tuple[str, ...]:
+        names = _string_list(value, ENV_FORMS)
+        if not all(_ENV_NAME_RE.match(name) for name in names):
+            raise ValueError(ENV_FORMS)
+        return tuple(names)
+
+    @field_validator("allowed_files", mode="before")
+    @classmethod
+    def _files(cls, value: Any) -> tuple[str, ...]:
+        return tuple(parse_file_grant(item) for item in _string_list(value, FILES_FORMS))
 
     @field_validator("restart", mode="before")
     @classmethod
@@ -208,15 +279,23 @@ _FIELD_OF_OPTION = {
     "strategy": "strategy",
     "max_restarts": "max_restarts",
     "restart_window": "restart_window_s",
+    "allowed_hosts": "allowed_hosts",
+    "env": "env",
+    "allowed_files": "allowed_files",
 }
 _OPTION_OF_FIELD = {field: option for option, field in _FIELD_OF_OPTION.items()}
 
 
-def validate_task(function: str, name: str, options: Mapping[str, Any]) -> TaskConfig:
-    """Validate one task's declared options; raises ConfigError naming task, option,
-    bad value and the accepted forms."""
+def validate_task(
+    function: str,
+    name: str,
+    options: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> TaskConfig:
+    """Validate one task's declared options (over ``defaults``, from capsule.toml);
+    raises ConfigError naming task, option, bad value and the accepted forms."""
     data: dict[str, Any] = {"name": name, "function": function}
-    for option, value in options.items():
+    for option, value in {**(defaults or {}), **options}.items():
         field = _FIELD_OF_OPTION.get(option)
         if field is None:
             raise ConfigError(
@@ -239,7 +318,9 @@ def validate_task(function: str, name: str, options: Mapping[str, Any]) -> TaskC
         raise ConfigError("\n".join(problems)) from None
 
 
-def validate_program(declared: Iterable[Mapping[str, Any]]) -> dict[str, TaskConfig]:
+def validate_program(
+    declared: Iterable[Mapping[str, Any]], defaults: Mapping[str, Any] | None = None
+) -> dict[str, TaskConfig]:
     """Validate every task a program declares; all problems are reported at once."""
     configs: dict[str, TaskConfig] = {}
     problems: list[str] = []
@@ -247,7 +328,7 @@ def validate_program(declared: Iterable[Mapping[str, Any]]) -> dict[str, TaskCon
         name = str(entry.get("name", "?"))
         function = str(entry.get("function", "?"))
         try:
-            config = validate_task(function, name, entry.get("options", {}))
+            config = validate_task(function, name, entry.get("options", {}), defaults)
         except ConfigError as exc:
             problems.append(str(exc))
             continue
@@ -270,6 +351,18 @@ class HostCaps:
     max_fuel: int | None = None
     max_ram_bytes: int | None = None
     max_timeout_s: float | None = None
+
+    def tightened(self, other: HostCaps) -> HostCaps:
+        """The stricter of two sets of caps (command line and capsule.toml)."""
+
+        def least(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else min(a, b)
+
+        return HostCaps(
+            least(self.max_fuel, other.max_fuel),
+            least(self.max_ram_bytes, other.max_ram_bytes),
+            least(self.max_timeout_s, other.max_timeout_s),
+        )
 
     @classmethod
     def parse(cls, max_fuel: str | None, max_ram: str | None, max_timeout: str | None) -> HostCaps:

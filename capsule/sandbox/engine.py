@@ -33,6 +33,7 @@ from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record, Variant
 
 from capsule.sandbox.config import Limits
+from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
 from capsule.sandbox.runtime import Progress, ensure_runtime
@@ -135,6 +136,10 @@ class HostCalls(Protocol):
         """``count`` random bytes, for the guest's WASI random (``os.urandom``)."""
         ...
 
+    def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        """Perform an HTTP request: (True, response JSON) or (False, error JSON)."""
+        ...
+
 
 class LiveClockAndRandom:
     """Clock and random answers straight from the host: for instances that only
@@ -196,6 +201,10 @@ class RefusingHost(LiveClockAndRandom):
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
         return self._no_messages()
 
+    def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        message = "HTTP requests cannot be made while the program is being imported"
+        return False, json.dumps({"kind": "host_not_allowed", "message": message})
+
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         return None
 
@@ -225,6 +234,8 @@ class Invocation:
     fuel_left: int | None = None
     #: Seed for the guest's ``random`` module (the same when a resumed run replays it).
     seed: str = ""
+    #: What the task may reach: hosts, environment variables, directories.
+    grants: Grants = NO_GRANTS
 
     @property
     def deadline(self) -> float | None:
@@ -369,6 +380,15 @@ def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
+    """WASI for a task granted directories: each preopened at ``/`` + its path
+    in the program (wasmtime refuses paths, and symlinks, that leave them)."""
+    config = wasmtime.WasiConfig()
+    for grant in grants.files:
+        config.preopen_dir(str(grant.host_path), grant.guest_path, grant.writable)
+    return config
+
+
 def _seconds(milliseconds: int | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1000
 
@@ -494,6 +514,8 @@ class Sandbox:
             add_host_func(random, "get-random-u64", _guarded(self._random_u64))
         with root.add_instance(_interface("clock")) as clock:
             add_host_func(clock, "monotonic-ns", _guarded(self._monotonic_ns))
+        with root.add_instance(_interface("http")) as http:
+            add_host_func(http, "request", _guarded(self._http_request))
         with root.add_instance(_interface("modules")) as modules:
             add_host_func(modules, "find", _guarded(self._find_module))
             add_host_func(modules, "offer-compiled", _guarded(self._offer_compiled))
@@ -540,6 +562,11 @@ class Sandbox:
         data = invocation.host.random_bytes(invocation, count)
         _after_blocking(invocation, None)
         return data
+
+    def _http_request(self, _store: Any, request_json: str) -> Any:
+        invocation = _current()
+        ok, payload = invocation.host.http(invocation, request_json)
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
 
     def _random_u64(self, _store: Any) -> int:
         return int.from_bytes(self._random_bytes(_store, 8), "little")
@@ -681,6 +708,7 @@ class Sandbox:
                 "attempt": invocation.attempt,
                 "max_attempts": invocation.max_attempts,
                 "seed": invocation.seed,
+                "env": dict(invocation.grants.env),
             }
         )
         with self._running():
@@ -708,6 +736,8 @@ class Sandbox:
             except PrepareError as exc:
                 return self._outcome(None, exc.error, 0, started)
         store = prepared.store
+        if invocation.grants.files:
+            store.set_wasi(_wasi_config(invocation.grants))
         invocation.started = time.monotonic()
         with _bound(invocation):
             try:

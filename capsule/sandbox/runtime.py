@@ -63,6 +63,7 @@ def guest_sources() -> dict[str, Path]:
     """Every file the component is built from, by its path inside the build."""
     files: dict[str, Path] = {
         "capsule/__init__.py": PACKAGE_DIR / "__init__.py",
+        "capsule/http.py": PACKAGE_DIR / "http.py",
         f"{GUEST_APP}.py": PACKAGE_DIR / "sandbox" / "guest" / f"{GUEST_APP}.py",
     }
     for path in sorted((PACKAGE_DIR / "sdk").glob("*.py")):

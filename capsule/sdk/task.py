@@ -73,6 +73,11 @@ class Backend(Protocol):
 
     def reply(self, message_id: str, body: Any) -> None: ...
 
+    def http(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Perform an HTTP request (see capsule.sdk.http): the response as a dict,
+        or raises HttpError."""
+        ...
+
     def current(self) -> TaskInfo | None: ...
 
 
@@ -183,6 +188,9 @@ def task(
     strategy: str | None = None,
     max_restarts: int | None = None,
     restart_window: str | int | float | None = None,
+    allowed_hosts: list[str] | None = None,
+    env: list[str] | None = None,
+    allowed_files: list[str] | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -199,6 +207,9 @@ def task(
     strategy: str | None = None,
     max_restarts: int | None = None,
     restart_window: str | int | float | None = None,
+    allowed_hosts: list[str] | None = None,
+    env: list[str] | None = None,
+    allowed_files: list[str] | None = None,
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a Capsule task: ``@task`` or ``@task(name=..., ...)``.
 
@@ -221,6 +232,15 @@ def task(
       it and those spawned after it).
     - ``max_restarts`` within ``restart_window``: more restarts than that fail
       this task (default 3 in 5 s), and its own supervisor takes over.
+
+    What it may reach (nothing by default; checked by the host, never inherited):
+
+    - ``allowed_hosts``: hosts for ``capsule.http``: ``"api.example.com"``,
+      ``"*.example.com"`` (subdomains), ``"*"``; optionally ``"https://host:port"``.
+    - ``env``: names of host environment variables it can read (``os.environ``),
+      from the environment of ``capsule run`` or ``.env`` beside the program.
+    - ``allowed_files``: directories of the program it can read, as relative
+      paths (``"data"``); ``"out:rw"`` can also be written.
     """
     given = {
         "name": name,
@@ -232,6 +252,9 @@ def task(
         "strategy": strategy,
         "max_restarts": max_restarts,
         "restart_window": restart_window,
+        "allowed_hosts": allowed_hosts,
+        "env": env,
+        "allowed_files": allowed_files,
     }
     declared = {key: value for key, value in given.items() if value is not None}
 

@@ -89,7 +89,7 @@ class TaskRestarting(_Event):
     reason: str
 
 
-WaitReason = Literal["result", "receive", "sleep", "send"]
+WaitReason = Literal["result", "receive", "sleep", "send", "http"]
 
 
 class TaskWaiting(_Event):
@@ -134,6 +134,20 @@ class TaskReplayed(_Event):
     outcome: Literal["completed", "failed", "cancelled"] | None = None
 
 
+class HttpExchange(_Event):
+    """The host performed an HTTP request for the task (``url`` with key-like
+    parameters redacted; headers are never in events)."""
+
+    type: Literal["http"] = "http"
+    method: str
+    url: str
+    status: int | None
+    error_kind: str | None = None
+    duration_ms: float
+    request_bytes: int
+    response_bytes: int
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -153,6 +167,7 @@ TaskEvent = Annotated[
     | MessageSent
     | MessageReceived
     | TaskReplayed
+    | HttpExchange
     | TaskOutput,
     Field(discriminator="type"),
 ]

@@ -11,7 +11,9 @@ from typing import Any
 
 from capsule.sandbox.config import RAM_FORMS, ConfigError, HostCaps, parse_ram
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
+from capsule.sandbox.grants import program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
+from capsule.sandbox.project import load_project
 from capsule.sandbox.runtime import RuntimeBuildError
 from capsule.supervisor.events import EventStream, TaskOutput
 from capsule.supervisor.run import (
@@ -119,14 +121,21 @@ def run_program(
     path = request.path.resolve()
     try:
         module = program_module(path)
+        project = load_project(path.parent)
         caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
+        caps = caps.tightened(project.caps)
     except (ProgramError, ConfigError) as exc:
         return RunReport(usage_error=str(exc))
     backoff = (
         Backoff() if request.retry_backoff is None else Backoff(initial_s=request.retry_backoff)
     )
     try:
-        settings = RunSettings(caps=caps, backoff=backoff, **_run_limits(request))
+        settings = RunSettings(
+            caps=caps,
+            backoff=backoff,
+            max_response_bytes=project.max_response_bytes,
+            **_run_limits(request),
+        )
     except ConfigError as exc:
         return RunReport(usage_error=str(exc))
     events = EventStream()
@@ -150,12 +159,21 @@ def run_program(
             )
 
         try:
-            configs, first = Run.load(sandbox, module, load_output)
+            configs, first = Run.load(sandbox, module, load_output, project.task_defaults)
         except ProgramError as exc:
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
-        run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed)
+        try:
+            environment = program_environment(path.parent)
+            grants = {
+                name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
+                for name, config in configs.items()
+            }
+        except ConfigError as exc:
+            first.store.close()
+            return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+        run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)
         try:
             result = run.run_main(request.args, request.kwargs, first)
         except RunInterrupted as exc:

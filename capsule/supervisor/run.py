@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from capsule.actors.router import Message, Router, RoutingError
+from capsule.net.http import HttpClient, HttpFailure, HttpRequest
+from capsule.net.redact import redact_headers, redact_url
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -34,9 +36,11 @@ from capsule.sandbox.engine import (
     RefusingHost,
     Sandbox,
 )
+from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.supervisor.events import (
     ErrorDetail,
     EventStream,
+    HttpExchange,
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
@@ -128,6 +132,8 @@ class RunSettings:
     mailbox_capacity: int = 1000
     #: Largest message body, as JSON.
     max_message_bytes: int = 1024**2
+    #: Largest HTTP response body a task may receive.
+    max_response_bytes: int = 10 * 1024**2
 
 
 def new_run_id() -> str:
@@ -160,6 +166,7 @@ class Run:
         steps: StepLog | None = None,
         history: History | None = None,
         seed: bytes = b"",
+        grants: dict[str, Grants] | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.program = program
@@ -172,6 +179,9 @@ class Run:
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity)
         self._steps: StepLog = steps or NoStepLog()
+        #: What each task may reach, by task name (nothing if absent).
+        self.grants = grants or {}
+        self._http = HttpClient(self.settings.max_response_bytes)
         self._history = history
         #: Key for the per-attempt seeds of the guests' ``random``.
         self._seed = seed or os.urandom(16)
@@ -218,7 +228,10 @@ class Run:
 
     @staticmethod
     def load(
-        sandbox: Sandbox, program: str, output: Callable[[Invocation, str, str], None]
+        sandbox: Sandbox,
+        program: str,
+        output: Callable[[Invocation, str, str], None],
+        task_defaults: dict[str, Any] | None = None,
     ) -> tuple[dict[str, TaskConfig], Prepared]:
         """Import the program in a sandbox and validate the tasks it declares.
 
@@ -237,7 +250,8 @@ class Run:
                 exc.error.traceback,
             ) from None
         try:
-            return validate_program(json.loads(prepared.declared)["tasks"]), prepared
+            declared = json.loads(prepared.declared)["tasks"]
+            return validate_program(declared, task_defaults), prepared
         except BaseException:
             prepared.store.close()
             raise
@@ -298,6 +312,7 @@ class Run:
                 interrupted = True
                 self._cancel_scope(root, "cancelled: the run was interrupted")
         thread.join()
+        self._http.close()
         sys.setrecursionlimit(recursion_limit)
         if failure:
             raise failure[0]
@@ -424,6 +439,7 @@ class Run:
                 seed=hashlib.blake2b(
                     f"{task_id}:{attempt_number}".encode(), key=self._seed, digest_size=16
                 ).hexdigest(),
+                grants=self.grants.get(name, NO_GRANTS),
             )
             if parent.check_stop() is not None:
                 stopped = ErrorInfo("cancelled", parent.cancellation_message())
@@ -671,6 +687,7 @@ class Run:
         live: Callable[[], tuple[bool, str]],
         replayed: Callable[[Step], object] | None = None,
         durable: bool = False,
+        for_journal: Callable[[str], str] | None = None,
     ) -> tuple[bool, str]:
         """Answer one host call of ``caller`` (a step): from the journal while its
         attempt replays one, else ``live()``, journaled before the guest sees it.
@@ -683,7 +700,8 @@ class Run:
         were kept, and never one whose effects left the process.
 
         ``replayed`` redoes what a replayed step must still do inside this process
-        (number a child, start a spawned child again, route a reply)."""
+        (number a child, start a spawned child again, route a reply);
+        ``for_journal`` gives the answer as it is recorded (secrets redacted)."""
         attempt = self._attempts[caller]
         attempt.steps_taken += 1
         number = attempt.steps_taken
@@ -702,7 +720,7 @@ class Run:
                 caller.task_id,
                 caller.attempt,
                 number,
-                Step(kind, request, ok, answer),
+                Step(kind, request, ok, answer if for_journal is None else for_journal(answer)),
                 durable,
             )
         return ok, answer
@@ -984,6 +1002,57 @@ class Run:
                 )
             )
 
+    # -- HTTP: performed on the run's client, journaled with secrets redacted ----
+
+    def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        try:
+            request = HttpRequest.from_json(request_json)
+        except HttpFailure as exc:
+            refusal = (False, exc.to_json())
+            return self._step(caller, "http", request_json[:1000], lambda: refusal)
+        recorded = json.dumps(
+            {
+                "method": request.method,
+                "url": redact_url(request.url),
+                "headers": redact_headers(request.headers),
+                "body_sha256": hashlib.sha256(request.body).hexdigest(),
+            }
+        )
+
+        def perform() -> tuple[bool, str]:
+            started = time.monotonic()
+            future = self._http.start(request, caller.grants.allows)
+            future.add_done_callback(lambda _: attempt.wake())
+            if not self._block(attempt, future.done, None, "http"):
+                future.cancel()  # the caller must stop; the request is abandoned
+                return False, "{}"
+            status: int | None = None
+            error_kind: str | None = None
+            received = 0
+            try:
+                response = future.result()
+                status, received = response.status, len(response.body)
+                answer = True, response.to_json()
+            except HttpFailure as exc:
+                error_kind = exc.kind
+                answer = False, exc.to_json()
+            self.events.emit(
+                HttpExchange(
+                    **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
+                    method=request.method,
+                    url=redact_url(request.url),
+                    status=status,
+                    error_kind=error_kind,
+                    duration_ms=(time.monotonic() - started) * 1000,
+                    request_bytes=len(request.body),
+                    response_bytes=received,
+                )
+            )
+            return answer
+
+        return self._step(caller, "http", recorded, perform, for_journal=_redact_response)
+
     # -- time and randomness: journaled, so that a replay sees the same --------
 
     def wall_clock_ns(self, caller: Invocation) -> int:
@@ -1053,6 +1122,19 @@ class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
+
+
+def _redact_response(answer: str) -> str:
+    """A response as the journal keeps it: credential headers and URL redacted."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return answer
+    if isinstance(data, dict) and "headers" in data:
+        data["headers"] = redact_headers([(k, v) for k, v in data["headers"]])
+        data["url"] = redact_url(str(data.get("url", "")))
+        return json.dumps(data)
+    return answer
 
 
 def _describe(step: Step) -> str:

@@ -46,11 +46,13 @@ for _name in GUEST_STDLIB:
 
 import wit_world
 from wit_world import exports
-from wit_world.imports import clock, messaging, modules, output, tasks
+from wit_world.imports import clock, http, messaging, modules, output, tasks
 from componentize_py_types import Err
 
 import capsule
+import capsule.http
 from capsule.sdk import task as sdk_task
+from capsule.sdk.http import http_error
 from capsule.sdk.errors import TaskError, message_error
 
 
@@ -331,6 +333,13 @@ class GuestBackend:
     def current(self):
         return self.info
 
+    def http(self, request):
+        _flush()
+        try:
+            return json.loads(http.request(json.dumps(request)))
+        except Err as err:
+            raise http_error(json.loads(err.value)) from None
+
 
 _backend = GuestBackend()
 sdk_task.install_backend(_backend)
@@ -339,6 +348,7 @@ sdk_task.install_backend(_backend)
 # Wall-clock time and randomness reach the guest through the WASI imports, which
 # the host serves and journals. The monotonic clocks are served by the host's own
 # import (the WASI one cannot be replaced alone), so a replay sees the same values.
+import os
 import random
 import time
 
@@ -405,6 +415,9 @@ class Runner(exports.Runner):
         # `random` draws from a seed the host derives from the run and the task:
         # different for every task and run, the same when a resumed run replays it.
         random.seed(inv["seed"])
+        # The environment variables the task was granted, and no others.
+        os.environ.clear()
+        os.environ.update(inv.get("env", {}))
         try:
             result = fn.func(*inv["args"], **inv["kwargs"])
         except TypeError as exc:

@@ -1,0 +1,233 @@
+"""HTTP requests the host performs for tasks, with httpx on an event loop the
+client owns: every hop (redirects too) checked against the task's allowed
+hosts, the response body capped while it streams, a timeout on the whole
+exchange, and cancellation that reaches a request in flight."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+#: Redirects followed before giving up.
+MAX_REDIRECTS = 10
+#: Largest request body a task may send.
+MAX_REQUEST_BYTES = 64 * 1024**2
+#: The longest timeout a request may ask for.
+MAX_TIMEOUT_S = 600.0
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+
+
+class HttpFailure(Exception):
+    """No response: ``kind`` is host_not_allowed, timeout, connection_failed,
+    too_large or invalid_request."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": self.kind, "message": self.message})
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    timeout_s: float
+
+    @classmethod
+    def from_json(cls, text: str) -> HttpRequest:
+        """The request a guest sent, checked; HttpFailure(invalid_request) if bad."""
+        try:
+            data = json.loads(text)
+            method = str(data["method"]).upper()
+            url = str(data["url"])
+            headers = [(str(name), str(value)) for name, value in data.get("headers", [])]
+            body = base64.b64decode(data.get("body", ""), validate=True)
+            timeout = float(data.get("timeout_s", 30.0))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise HttpFailure(
+                "invalid_request", f"malformed request from the guest: {exc}"
+            ) from None
+        if method not in _METHODS:
+            raise HttpFailure("invalid_request", f"unsupported HTTP method {method!r}")
+        if len(body) > MAX_REQUEST_BYTES:
+            raise HttpFailure(
+                "invalid_request",
+                f"a request body of {len(body):,} bytes exceeds the limit of "
+                f"{MAX_REQUEST_BYTES:,} bytes",
+            )
+        if not 0 < timeout <= MAX_TIMEOUT_S:
+            raise HttpFailure(
+                "invalid_request", f"timeout {timeout!r} is not within (0, {MAX_TIMEOUT_S:g}] s"
+            )
+        return cls(method, url, headers, body, timeout)
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "status": self.status,
+                "url": self.url,
+                "headers": self.headers,
+                "body": base64.b64encode(self.body).decode(),
+            }
+        )
+
+
+#: Whether a URL may be requested (raises ValueError for one that is not http(s)).
+HostCheck = Callable[[str], bool]
+
+
+class HttpClient(AbstractContextManager["HttpClient"]):
+    """One run's HTTP client: an event loop thread (anyio's blocking portal) and
+    an httpx client with its connection pool, both closed with it."""
+
+    def __init__(self, max_response_bytes: int) -> None:
+        self.max_response_bytes = max_response_bytes
+        self._portal_cm: Any = None
+        self._portal: BlockingPortal | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    def _started(self) -> BlockingPortal:
+        # The event loop starts with the first request: most runs make none.
+        if self._portal is None:
+            self._portal_cm = start_blocking_portal(name="capsule-http")
+            self._portal = self._portal_cm.__enter__()
+            self._client = self._portal.call(_new_client)
+        return self._portal
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections and stop the event loop (if it ever started)."""
+        if self._portal is not None:
+            assert self._client is not None
+            self._portal.call(self._client.aclose)
+            self._portal_cm.__exit__(None, None, None)
+            self._portal = None
+
+    def start(self, request: HttpRequest, allowed: HostCheck) -> Future[HttpResponse]:
+        """Begin a request on the client's loop; cancel the future to abort it."""
+        return self._started().start_task_soon(self._perform, request, allowed)
+
+    async def _perform(self, request: HttpRequest, allowed: HostCheck) -> HttpResponse:
+        assert self._client is not None
+        client = self._client
+        outgoing = _build(client, request)
+        try:
+            with anyio.fail_after(request.timeout_s):
+                for _ in range(MAX_REDIRECTS + 1):
+                    _check_host(str(outgoing.url), allowed, request.url)
+                    response = await client.send(outgoing, stream=True)
+                    try:
+                        next_request = response.next_request
+                        if response.is_redirect and next_request is not None:
+                            outgoing = next_request
+                            continue
+                        body = await self._read(response, request)
+                        return HttpResponse(
+                            response.status_code,
+                            str(response.url),
+                            [(k, v) for k, v in response.headers.multi_items()],
+                            body,
+                        )
+                    finally:
+                        await response.aclose()
+                raise HttpFailure(
+                    "connection_failed",
+                    f"{request.method} {request.url}: more than {MAX_REDIRECTS} redirects",
+                )
+        except TimeoutError:
+            raise HttpFailure(
+                "timeout", f"{request.method} {request.url} took longer than {request.timeout_s:g}s"
+            ) from None
+        except httpx.TimeoutException:
+            raise HttpFailure(
+                "timeout", f"{request.method} {request.url} took longer than {request.timeout_s:g}s"
+            ) from None
+        except httpx.InvalidURL as exc:
+            raise HttpFailure("invalid_request", f"invalid URL {request.url!r}: {exc}") from None
+        except httpx.HTTPError as exc:
+            raise HttpFailure(
+                "connection_failed", f"{request.method} {request.url} failed: {exc!r}"
+            ) from None
+
+    async def _read(self, response: httpx.Response, request: HttpRequest) -> bytes:
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_response_bytes:
+            raise _too_large(request, self.max_response_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > self.max_response_bytes:
+                raise _too_large(request, self.max_response_bytes)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _new_client() -> httpx.AsyncClient:
+    # No proxies or .netrc from the host's environment: a task reaches exactly
+    # the hosts it was granted. Content arrives as sent (aiter_raw), encoded or not.
+    return httpx.AsyncClient(
+        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(MAX_TIMEOUT_S)
+    )
+
+
+def _build(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Request:
+    try:
+        headers = httpx.Headers(request.headers)
+        if not any(name.lower() == "accept-encoding" for name, _ in request.headers):
+            headers["accept-encoding"] = "identity"  # bodies as the server sent them
+        return client.build_request(
+            request.method,
+            request.url,
+            headers=headers,
+            content=request.body or None,
+            timeout=request.timeout_s,
+        )
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as exc:
+        raise HttpFailure("invalid_request", f"invalid request to {request.url!r}: {exc}") from None
+
+
+def _check_host(url: str, allowed: HostCheck, first: str) -> None:
+    try:
+        ok = allowed(url)
+    except ValueError as exc:
+        raise HttpFailure("invalid_request", str(exc)) from None
+    if not ok:
+        via = "" if url == first else f" (a redirect from {first})"
+        raise HttpFailure(
+            "host_not_allowed",
+            f"{url}{via}: the host is not in the task's allowed_hosts; grant it with "
+            f"@task(allowed_hosts=[...])",
+        )
+
+
+def _too_large(request: HttpRequest, limit: int) -> HttpFailure:
+    return HttpFailure(
+        "too_large",
+        f"the response to {request.method} {request.url} is larger than the limit of "
+        f"{limit:,} bytes ([policy] max_response_size in capsule.toml)",
+    )

@@ -1,0 +1,131 @@
+"""``capsule.toml`` beside a program: ``[tasks]`` defaults for every option of
+``@task``, and ``[policy]`` caps no task may exceed. Every problem is reported
+with the file, the key and the accepted forms."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capsule.sandbox.config import (
+    COMPUTE_FORMS,
+    HOSTS_FORMS,
+    RAM_FORMS,
+    TIMEOUT_FORMS,
+    ConfigError,
+    HostCaps,
+    parse_compute,
+    parse_host_pattern,
+    parse_ram,
+    parse_timeout,
+    validate_task,
+)
+from capsule.sandbox.grants import HostRule
+
+PROJECT_FILE = "capsule.toml"
+#: Options of @task that [tasks] may set (all but the name).
+TASK_DEFAULT_KEYS = (
+    "compute",
+    "ram",
+    "timeout",
+    "max_retries",
+    "restart",
+    "strategy",
+    "max_restarts",
+    "restart_window",
+    "allowed_hosts",
+    "env",
+    "allowed_files",
+)
+_POLICY_KEYS = {
+    "max_fuel": (parse_compute, COMPUTE_FORMS),
+    "max_ram": (parse_ram, RAM_FORMS),
+    "max_timeout": (parse_timeout, TIMEOUT_FORMS),
+    "max_response_size": (parse_ram, RAM_FORMS),
+}
+#: Largest HTTP response body a task may receive, unless [policy] says otherwise.
+DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024**2
+
+
+@dataclass(frozen=True)
+class Project:
+    """What capsule.toml says (everything empty when there is none)."""
+
+    task_defaults: dict[str, Any] = field(default_factory=dict)
+    caps: HostCaps = field(default_factory=HostCaps)
+    #: Hosts any task may be granted; None: no policy on hosts.
+    allowed_hosts: tuple[HostRule, ...] | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+
+
+def load_project(program_dir: Path) -> Project:
+    path = program_dir / PROJECT_FILE
+    if not path.is_file():
+        return Project()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+    problems: list[str] = []
+    unknown = sorted(set(data) - {"tasks", "policy"})
+    if unknown:
+        problems.append(
+            f"{path}: unknown section or key {unknown[0]!r}; accepted sections are [tasks] "
+            f"(defaults for @task options) and [policy] (caps no task may exceed)"
+        )
+    defaults = _table(path, data, "tasks", problems)
+    for key in sorted(set(defaults) - set(TASK_DEFAULT_KEYS)):
+        problems.append(
+            f"{path}: unknown key [tasks] {key!r}; accepted keys are {', '.join(TASK_DEFAULT_KEYS)}"
+        )
+        defaults.pop(key)
+    if defaults:
+        try:
+            validate_task(str(path), "[tasks]", defaults)
+        except ConfigError as exc:
+            problems.extend(
+                f"{path}: " + line.replace("task '[tasks]' (" + str(path) + "): ", "[tasks] ")
+                for line in str(exc).splitlines()
+            )
+    policy = _table(path, data, "policy", problems)
+    values: dict[str, Any] = {}
+    for key, raw in policy.items():
+        if key == "allowed_hosts":
+            try:
+                if isinstance(raw, str) or not isinstance(raw, list):
+                    raise ValueError(HOSTS_FORMS)
+                values[key] = tuple(HostRule.parse(parse_host_pattern(str(p))) for p in raw)
+            except ValueError:
+                problems.append(
+                    f"{path}: [policy] allowed_hosts = {raw!r} is invalid; expected {HOSTS_FORMS}"
+                )
+            continue
+        if key not in _POLICY_KEYS:
+            problems.append(
+                f"{path}: unknown key [policy] {key!r}; accepted keys are "
+                f"{', '.join([*_POLICY_KEYS, 'allowed_hosts'])}"
+            )
+            continue
+        parse, forms = _POLICY_KEYS[key]
+        try:
+            values[key] = parse(raw)
+        except ValueError:
+            problems.append(f"{path}: [policy] {key} = {raw!r} is invalid; expected {forms}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return Project(
+        task_defaults=defaults,
+        caps=HostCaps(values.get("max_fuel"), values.get("max_ram"), values.get("max_timeout")),
+        allowed_hosts=values.get("allowed_hosts"),
+        max_response_bytes=values.get("max_response_size", DEFAULT_MAX_RESPONSE_BYTES),
+    )
+
+
+def _table(path: Path, data: dict[str, Any], name: str, problems: list[str]) -> dict[str, Any]:
+    table = data.get(name, {})
+    if not isinstance(table, dict):
+        problems.append(f"{path}: {name} must be a table ([{name}]), not {table!r}")
+        return {}
+    return dict(table)

@@ -1,0 +1,295 @@
+"""capsule.http against a real local server: methods, bodies, headers, status
+codes, timeouts, redirects, the size cap, allow-lists, cancellation, the CPU
+slot while waiting, journal replay after kill -9, and redaction."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from capsule.sandbox.grants import HostRule, url_parts
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli
+
+ROUND_TRIP = """
+import base64
+from capsule import task
+from capsule.http import delete, get, head, patch, post, put
+
+@task(name="main", allowed_hosts=["127.0.0.1"])
+def main(base: str) -> dict:
+    out = {}
+    binary = bytes(range(256)) * 4
+    for name, call in (("get", get), ("delete", delete)):
+        r = call(base + "/echo", params={"q": "a b", "n": 1}, headers={"X-Custom": "yes"})
+        out[name] = [r.status_code, r.ok(), r.json()]
+    for name, call in (("post", post), ("put", put), ("patch", patch)):
+        r = call(base + "/echo", json={"k": [1, 2]})
+        out[name] = [r.status_code, r.json()]
+    r = post(base + "/echo", data=binary, headers={"Content-Type": "application/octet-stream"})
+    out["binary_sent"] = bytes.fromhex(r.json()["body_hex"]) == binary
+    r = post(base + "/echo", data="plain text")
+    out["text_sent"] = bytes.fromhex(r.json()["body_hex"]).decode()
+    r = get(base + "/bytes/70000")
+    out["binary_received"] = r.content == (bytes(range(256)) * 273 + bytes(range(112)))
+    out["content_type"] = r.headers["content-type"]
+    r = head(base + "/echo")
+    out["head"] = [r.status_code, len(r.content)]
+    r = get(base + "/status/404")
+    out["404"] = [r.status_code, r.ok(), r.text()]
+    out["500"] = get(base + "/status/500").status_code
+    return out
+"""
+
+
+def test_methods_bodies_headers_and_statuses(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    value = run_program(ROUND_TRIP, http_server.url).value
+    status, ok, echoed = value["get"]
+    assert (status, ok, echoed["method"]) == (200, True, "GET")
+    assert echoed["path"] == "/echo?q=a+b&n=1"
+    assert echoed["headers"]["x-custom"] == "yes"
+    assert value["delete"][2]["method"] == "DELETE"
+    for name in ("post", "put", "patch"):
+        status, echoed = value[name]
+        assert echoed["method"] == name.upper()
+        assert json.loads(bytes.fromhex(echoed["body_hex"])) == {"k": [1, 2]}
+        assert echoed["headers"]["content-type"] == "application/json"
+    assert value["binary_sent"] is True and value["binary_received"] is True
+    assert value["text_sent"] == "plain text"
+    assert value["content_type"] == "application/octet-stream"
+    assert value["head"] == [200, 0]
+    assert value["404"] == [404, False, '{"status": "as asked"}']
+    assert value["500"] == 500
+
+
+ERRORS = """
+from capsule import task
+from capsule.http import HttpError, get
+
+@task(name="main", allowed_hosts=["127.0.0.1"])
+def main(url: str, timeout: float = 30.0) -> list:
+    try:
+        r = get(url, timeout=timeout)
+        return ["ok", r.status_code]
+    except HttpError as exc:
+        return [type(exc).__name__, exc.kind, str(exc)]
+"""
+
+
+def test_a_slow_response_times_out(run_program: ProgramRunner, http_server: LocalServer) -> None:
+    started = time.monotonic()
+    value = run_program(ERRORS, f"{http_server.url}/slow/3", 0.3).value
+    assert value[:2] == ["HttpTimeout", "timeout"]
+    assert "longer than 0.3s" in value[2]
+    assert time.monotonic() - started < 2.5
+
+
+def test_redirects_are_followed_only_to_allowed_hosts(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    inside = f"{http_server.url}/redirect?to=/status/201"
+    assert run_program(ERRORS, inside).value == ["ok", 201]
+    port = http_server.server_address[1]
+    outside = f"{http_server.url}/redirect?to=http://localhost:{port}/echo"
+    kind, code, message = run_program(ERRORS, outside).value
+    assert (kind, code) == ("HostNotAllowed", "host_not_allowed")
+    assert "localhost" in message and "a redirect from" in message
+    assert http_server.hits.get("/echo") is None  # never sent
+
+
+def test_hosts_not_granted_are_refused_and_connection_failures_reported(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    kind, code, message = run_program(ERRORS, "http://example.com/").value
+    assert (kind, code) == ("HostNotAllowed", "host_not_allowed")
+    assert "allowed_hosts" in message
+    kind, code, _ = run_program(ERRORS, "ftp://127.0.0.1/file").value
+    assert (kind, code) == ("InvalidRequest", "invalid_request")
+    # A granted host with nothing listening: connection_failed.
+    with socket_bound() as free_port:
+        kind, code, _ = run_program(ERRORS, f"http://127.0.0.1:{free_port}/").value
+    assert (kind, code) == ("ConnectionFailed", "connection_failed")
+
+
+class socket_bound:
+    """A port on 127.0.0.1 that is bound but not listening."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        return int(self.sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+
+def test_the_response_size_cap_comes_from_the_policy(
+    tmp_path: Path, http_server: LocalServer
+) -> None:
+    (tmp_path / "capsule.toml").write_text('[policy]\nmax_response_size = "1KB"\n')
+    program = tmp_path / "big.py"
+    program.write_text(textwrap.dedent(ERRORS))
+    done = capsule_cli("run", str(program), f"{http_server.url}/bytes/5000", "--no-journal")
+    kind, code, message = json.loads(done.stdout)
+    assert (kind, code) == ("ResponseTooLarge", "too_large")
+    assert "1,024 bytes" in message and "max_response_size" in message
+    small = capsule_cli("run", str(program), f"{http_server.url}/bytes/1000", "--no-journal")
+    assert json.loads(small.stdout) == ["ok", 200]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "url", "allowed"),
+    [
+        ("api.example.com", "https://api.example.com/v1", True),
+        ("api.example.com", "http://api.example.com:8080/", True),
+        ("api.example.com", "https://example.com/", False),
+        ("api.example.com", "https://evil-api.example.com/", False),
+        ("*.example.com", "https://a.b.example.com/", True),
+        ("*.example.com", "https://example.com/", False),
+        ("*.example.com", "https://example.com.evil.org/", False),
+        ("*", "http://anything.org/", True),
+        ("https://api.example.com", "http://api.example.com/", False),
+        ("api.example.com:8443", "https://api.example.com/", False),
+        ("api.example.com:8443", "https://api.example.com:8443/", True),
+        ("127.0.0.1", "http://127.0.0.1:9999/", True),
+        ("[::1]", "http://[::1]:8080/", True),
+    ],
+)
+def test_allowed_host_patterns(pattern: str, url: str, allowed: bool) -> None:
+    assert HostRule.parse(pattern).matches(*url_parts(url)) is allowed
+
+
+def test_a_child_gets_only_its_own_grants(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    source = """
+    from capsule import task
+    from capsule.http import HttpError, get
+
+    @task(name="child")
+    def child(url: str) -> str:
+        try:
+            return str(get(url).status_code)
+        except HttpError as exc:
+            return exc.kind
+
+    @task(name="main", allowed_hosts=["*"])
+    def main(url: str) -> list:
+        return [get(url).status_code, child(url)]
+    """
+    assert run_program(source, f"{http_server.url}/status/200").value == [200, "host_not_allowed"]
+
+
+def test_waiting_for_a_response_frees_the_cpu_slot_and_cancellation_aborts_it(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    source = """
+    import time
+    from capsule import task
+    from capsule.http import get
+
+    @task(name="fetch", allowed_hosts=["127.0.0.1"])
+    def fetch(url: str) -> int:
+        return get(url).status_code
+
+    @task(name="spin", compute="HIGH")
+    def spin() -> float:
+        total = 0
+        for i in range(300_000):
+            total += i
+        return time.time()
+
+    @task(name="main", compute="HIGH")
+    def main(base: str) -> dict:
+        slow = fetch.spawn(base + "/slow/2")
+        time.sleep(0)  # let the request start
+        spun_at = spin()
+        started = time.time()
+        slow.cancel()
+        try:
+            slow.result()
+            cancelled = False
+        except Exception as exc:
+            cancelled = getattr(exc, "kind", "") == "cancelled"
+        return {"spun_at": spun_at, "cancel_took": time.time() - started,
+                "cancelled": cancelled, "now": time.time()}
+    """
+    started = time.time()
+    outcome = run_program(source, http_server.url, cpu_slots=1)
+    value = outcome.value
+    # With one CPU slot, spin ran while fetch waited for its 2 s response...
+    assert value["spun_at"] - started < 1.8
+    # ...and cancelling fetch ended it without waiting for the response.
+    assert value["cancelled"] is True and value["cancel_took"] < 0.5
+    waits = [e for e in outcome.of_type("waiting") if e.on == "http"]
+    assert waits and waits[0].task == "fetch"
+
+
+REPLAYED = """
+import os
+from capsule import sleep, task
+from capsule.http import get, post
+
+@task(name="main", timeout="5m", allowed_hosts=["127.0.0.1"])
+def main(base: str) -> list:
+    first = post(base + "/echo?api_key=SECRET-KEY", json={"n": 1},
+                 headers={"Authorization": "Bearer SECRET-TOKEN"})
+    cookie = get(base + "/cookie")
+    print("MARK requested", flush=True)
+    sleep(1)
+    sent = first.json()["headers"]["authorization"] == "Bearer SECRET-TOKEN"
+    return [first.json()["method"], sent, cookie.headers.get("set-cookie")]
+"""
+
+
+def test_a_journaled_response_is_replayed_not_sent_again_and_secrets_are_redacted(
+    tmp_path: Path, http_server: LocalServer
+) -> None:
+    program = tmp_path / "fetcher.py"
+    program.write_text(textwrap.dedent(REPLAYED))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), http_server.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("MARK requested"):
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert http_server.hits == {"/echo": 1, "/cookie": 1}
+
+    resumed = capsule_cli("resume", "--last", "--json", "-v", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert http_server.hits == {"/echo": 1, "/cookie": 1}  # exactly once, over both runs
+    # The replayed response is the journaled one: its secrets were redacted.
+    method, sent, cookie = json.loads(resumed.stdout)["result"]
+    assert method == "POST"
+    assert sent is True  # the server got the real header
+    assert cookie == "[redacted]"
+
+    journal = (tmp_path / ".capsule" / "journal.db").read_bytes()
+    assert b"SECRET-TOKEN" not in journal  # (the echoed body is base64 in the journal)
+    with sqlite3.connect(tmp_path / ".capsule" / "journal.db") as connection:
+        requests = [
+            row[0] for row in connection.execute("SELECT request FROM steps WHERE kind = 'http'")
+        ]
+        events = " ".join(row[0] for row in connection.execute("SELECT data_json FROM events"))
+    assert "SECRET-KEY" not in " ".join(requests) and "SECRET-KEY" not in events
+    assert "Bearer" not in " ".join(requests)
+    assert "SECRET-COOKIE" not in journal.decode("utf-8", "replace")
+    assert "SECRET" not in resumed.stderr
