@@ -293,3 +293,24 @@ def test_a_journaled_response_is_replayed_not_sent_again_and_secrets_are_redacte
     assert "Bearer" not in " ".join(requests)
     assert "SECRET-COOKIE" not in journal.decode("utf-8", "replace")
     assert "SECRET" not in resumed.stderr
+
+
+def test_the_llm_agent_example_runs_against_its_stand_in_api() -> None:
+    """examples/agents/llm_demo.py starts the stand-in API and runs researcher.py."""
+    from tests.conftest import EXAMPLES
+
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "agents" / "llm_demo.py"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=EXAMPLES / "agents",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["result"]
+    assert result["topic"] == "sandboxed agents"
+    assert [section.split(":")[0] for section in result["sections"]] == [
+        "Isolation of sandboxed agents",
+        "Durability of sandboxed agents",
+        "Fairness of sandboxed agents",
+    ]

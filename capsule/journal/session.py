@@ -10,16 +10,16 @@ import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from capsule.journal.reader import RunRecord, find_run, load_history
 from capsule.journal.schema import JournalError
 from capsule.journal.writer import JournalWriter, start_run_row
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import new_run_id
 from capsule.supervisor.steps import JournalFailure
+
+if TYPE_CHECKING:
+    from capsule.journal.reader import RunRecord
 
 #: The RunRequest fields a resume takes over from the run (its limits).
 _SETTINGS = [f.name for f in fields(RunRequest) if f.name not in ("path", "args", "kwargs")]
@@ -86,6 +86,11 @@ def resume_journaled(
     runs again, tasks that ended return their journaled outcome, tasks in flight
     replay their journaled host calls and go on live. Raises JournalError if the
     run cannot be resumed."""
+    # The async readers (an event loop, aiosqlite) only when resuming.
+    import anyio
+
+    from capsule.journal.reader import find_run, load_history
+
     record = anyio.run(find_run, journal, run_id)
     program = check_resumable(record, force)
     history = anyio.run(load_history, journal, record.run_id)

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anyio
-import httpx
-from anyio.from_thread import BlockingPortal, start_blocking_portal
+if TYPE_CHECKING:  # imported when the first request starts: most runs make none
+    import httpx
+    from anyio.from_thread import BlockingPortal
 
 #: Redirects followed before giving up.
 MAX_REDIRECTS = 10
@@ -111,6 +111,8 @@ class HttpClient(AbstractContextManager["HttpClient"]):
     def _started(self) -> BlockingPortal:
         # The event loop starts with the first request: most runs make none.
         if self._portal is None:
+            from anyio.from_thread import start_blocking_portal
+
             self._portal_cm = start_blocking_portal(name="capsule-http")
             self._portal = self._portal_cm.__enter__()
             self._client = self._portal.call(_new_client)
@@ -132,6 +134,9 @@ class HttpClient(AbstractContextManager["HttpClient"]):
         return self._started().start_task_soon(self._perform, request, allowed)
 
     async def _perform(self, request: HttpRequest, allowed: HostCheck) -> HttpResponse:
+        import anyio
+        import httpx
+
         assert self._client is not None
         client = self._client
         outgoing = _build(client, request)
@@ -188,6 +193,8 @@ class HttpClient(AbstractContextManager["HttpClient"]):
 
 
 def _new_client() -> httpx.AsyncClient:
+    import httpx
+
     # No proxies or .netrc from the host's environment: a task reaches exactly
     # the hosts it was granted. Content arrives as sent (aiter_raw), encoded or not.
     return httpx.AsyncClient(
@@ -196,6 +203,8 @@ def _new_client() -> httpx.AsyncClient:
 
 
 def _build(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Request:
+    import httpx
+
     try:
         headers = httpx.Headers(request.headers)
         if not any(name.lower() == "accept-encoding" for name, _ in request.headers):

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
-
 from capsule.sandbox.config import ConfigError, TaskConfig
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -107,11 +105,11 @@ def program_environment(program_dir: Path) -> dict[str, str]:
     """Variables a task may be granted: ``.env`` beside the program, overridden
     by the environment of ``capsule run``."""
     dotenv = program_dir / ".env"
-    values = (
-        {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
-        if dotenv.is_file()
-        else {}
-    )
+    if not dotenv.is_file():
+        return dict(os.environ)
+    from dotenv import dotenv_values
+
+    values = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
     return {**values, **os.environ}
 
 
