@@ -241,3 +241,40 @@ def test_os_environ_is_empty_without_grants(run_program: ProgramRunner) -> None:
     """
     os.environ.setdefault("SOME_HOST_VAR", "1")
     assert run_program(source).value == {}
+
+
+def test_policy_caps_bound_what_a_task_declares(tmp_path: Path) -> None:
+    (tmp_path / "capsule.toml").write_text('[policy]\nmax_fuel = "LOW"\nmax_ram = "64MB"\n')
+    program = tmp_path / "greedy.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            from capsule import task
+
+            @task(name="spin", compute="HIGH", max_retries=0)
+            def spin() -> int:
+                total = 0
+                for i in range(50_000_000):
+                    total += i
+                return total
+
+            @task(name="hog", ram="2GB", max_retries=0)
+            def hog() -> int:
+                return len(bytearray(200 * 1024 * 1024))
+
+            @task(name="main")
+            def main() -> list:
+                kinds = []
+                for child in (spin, hog):
+                    try:
+                        child()
+                        kinds.append("finished")
+                    except Exception as exc:
+                        kinds.append(exc.kind)
+                return kinds
+            """
+        )
+    )
+    done = capsule_cli("run", str(program), "--no-journal")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["fuel_exhausted", "memory_limit"]

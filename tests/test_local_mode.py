@@ -11,6 +11,7 @@ import pytest
 import capsule
 from capsule import task
 from capsule.sdk.task import TaskDefinitionError
+from tests.conftest import LocalServer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -87,3 +88,16 @@ def test_spawn_map_gather_and_sleep_run_directly() -> None:
     with pytest.raises(capsule.TaskError):
         broken_local.spawn(3).result()
     capsule.sleep(0)
+
+
+def test_http_works_as_a_plain_function(http_server: LocalServer) -> None:
+    from capsule.http import ConnectionFailed, get, post
+
+    @task(allowed_hosts=["127.0.0.1"])
+    def fetch(base: str) -> list:
+        echoed = post(base + "/echo", json={"x": 1}).json()
+        return [get(base + "/status/404").status_code, echoed["method"]]
+
+    assert fetch(http_server.url) == [404, "POST"]
+    with pytest.raises(ConnectionFailed):
+        get("http://127.0.0.1:1/", timeout=2)
