@@ -93,6 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-journal", action="store_true", help="do not journal the run (it cannot be resumed)"
     )
+    run.add_argument(
+        "--tui", action="store_true", help="watch the run in the terminal UI (q quits)"
+    )
+
+    tui = commands.add_parser(
+        "tui",
+        help="open a journaled run in the terminal UI",
+        description="Watch a run from its journal: live while another process runs it, "
+        "or browse it once it ended. Without RUN_ID, pick one from a list.",
+    )
+    tui.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
+    _journal_option(tui)
 
     resume = commands.add_parser(
         "resume",
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         "resume": _resume_command,
         "runs": _runs_command,
         "inspect": _inspect_command,
+        "tui": _tui_command,
     }
     code = commands[options.command](options)
     if argv is None:
@@ -225,6 +238,8 @@ def _run_command(options: argparse.Namespace) -> int:
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()
+    if options.tui:
+        return _run_with_tui(request, options, renderer, path)
     try:
         if options.no_journal:
             report = run_program(request, renderer.on_event)
@@ -253,6 +268,92 @@ def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -
         )
         return EXIT_INTERRUPTED
     return code
+
+
+def _exit_code(report: Any) -> int:
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    if report.journal_error is not None or report.usage_error is not None:
+        return EXIT_USAGE
+    if report.result is None:
+        return EXIT_RUNTIME
+    return EXIT_OK if report.result.ok else EXIT_FAILED
+
+
+def _run_with_tui(
+    request: Any, options: argparse.Namespace, renderer: _Renderer, path: Path
+) -> int:
+    """The run on a thread this function owns; the TUI on the main thread. Quitting
+    the TUI while the run goes on stops the run (resumable); the exit code is the
+    run's."""
+    import threading
+
+    from capsule.journal.schema import JournalError, default_journal
+    from capsule.journal.session import run_journaled
+    from capsule.supervisor.program import RunReport, run_program
+    from capsule.tui.app import CapsuleApp
+    from capsule.tui.sources import LiveSource
+
+    source = LiveSource(str(path.resolve()))
+    reports: list[Any] = []
+
+    def run() -> None:
+        try:
+            if options.no_journal:
+                report = run_program(request, source.on_event, on_run=source.on_run)
+            else:
+                journal = Path(options.journal) if options.journal else default_journal(path)
+                report = run_journaled(request, journal, source.on_event, on_run=source.on_run)
+        except JournalError as exc:
+            report = RunReport(journal_error=str(exc))
+        reports.append(report)
+        status = (
+            "interrupted"
+            if report.interrupted
+            else "error"
+            if report.result is None
+            else "completed"
+            if report.result.ok
+            else "failed"
+        )
+        source.ended(status, _exit_code(report))
+
+    thread = threading.Thread(target=run, name="capsule-run")
+    thread.start()
+    try:
+        CapsuleApp(source).run()
+    finally:
+        source.stop()
+        thread.join()
+    report = reports[0]
+    renderer.finish(report)  # the outcome stays on the terminal once the TUI is gone
+    return _exit_code(report)
+
+
+def _tui_command(options: argparse.Namespace) -> int:
+    import anyio
+
+    from capsule.journal.reader import find_run, list_runs
+    from capsule.journal.schema import JournalError
+    from capsule.tui.app import CapsuleApp
+    from capsule.tui.sources import JournalSource
+
+    journal = _journal_path(options)
+    try:
+        if options.run_id is not None:
+            record = anyio.run(find_run, journal, options.run_id)
+            app = CapsuleApp(JournalSource(journal, record))
+        else:
+            runs = anyio.run(list_runs, journal)
+            if not runs:
+                raise JournalError(f"the journal {journal} holds no runs yet")
+            by_id = {run.run_id: run for run in runs}
+            app = CapsuleApp(picker=(runs, lambda run_id: JournalSource(journal, by_id[run_id])))
+    except JournalError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    app.run()
+    return EXIT_OK
 
 
 def _journal_path(options: argparse.Namespace) -> Path:

@@ -78,9 +78,10 @@ def main(burst: int = 200) -> dict:
     doubled = []
     for i in range(30):
         doubled.append(ask(partner, i))
-        if i % 10 == 0:
+        if i % 5 == 0:
             sleep(0.05)
     print("MARK done")
+    sleep(1)  # slack, so that a kill after any marker finds the run still going
     return {"stamp": stamp, "draw": draw, "id": ident, "chain": chain,
             "squares": squares, "total": total, "doubled": doubled}
 """
@@ -463,3 +464,8 @@ def test_a_read_only_journal_is_refused_with_exit_2(tmp_path: Path) -> None:
         tmp_path.chmod(0o755)
     assert done.returncode == 2 and "read-only" in done.stderr, done.stderr
     assert journal.read_bytes() == before
+
+
+def test_capsule_tui_without_a_journal_says_where_it_looked(tmp_path: Path) -> None:
+    done = capsule_cli("tui", "--journal", str(tmp_path / "none.db"))
+    assert done.returncode == 2 and "no journal at" in done.stderr

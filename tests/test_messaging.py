@@ -3,6 +3,9 @@ backpressure, size limits, timeouts, and cancellation of a blocked receiver."""
 
 from __future__ import annotations
 
+import pytest
+
+from capsule.actors.router import RoutingError
 from tests.conftest import ProgramRunner
 
 ACTORS = """
@@ -218,3 +221,23 @@ def test_messaging_outside_capsule_run_is_a_clear_error() -> None:
 
     with pytest.raises(RuntimeError, match="messaging needs `capsule run`"):
         capsule.send("anyone", 1)
+
+
+def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
+    """A replayed replier can answer before the replayed asker asks again: the
+    router keeps the reply for it (and the answers given before the resume)."""
+    from capsule.actors.router import Router
+
+    class Nobody:
+        def wake(self) -> None:
+            return None
+
+    router = Router(mailbox_capacity=10)
+    router.allow_early_replies(["main#1", "main#2"], {"main#2": '"given before"'})
+    router.reply("main#1", "main/1", '"early"')  # before the ask: kept
+    router.expect_reply("main#1", Nobody(), "main/1")
+    assert router.take_reply("main#1") == ('"early"', None)
+    router.expect_reply("main#2", Nobody(), "main/1")
+    assert router.take_reply("main#2") == ('"given before"', None)
+    with pytest.raises(RoutingError):  # any other message still needs its ask
+        router.reply("main#3", "main/1", "1")

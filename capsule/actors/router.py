@@ -61,6 +61,10 @@ class Router:
         self._mailboxes: dict[str, Mailbox] = {}
         self._names: dict[str, str] = {}
         self._replies: dict[str, _ReplySlot] = {}
+        #: Asks sent before a resume: their replies may come before the asker,
+        #: replaying, asks again; such replies wait here for it.
+        self._early_ids: frozenset[str] = frozenset()
+        self._early: dict[str, str] = {}
 
     # -- lifetimes -------------------------------------------------------------
 
@@ -153,13 +157,24 @@ class Router:
 
     # -- ask / reply -----------------------------------------------------------
 
+    def allow_early_replies(self, message_ids: Iterable[str], replies: dict[str, str]) -> None:
+        """After a resume: ``message_ids`` were asked before it (``replies``: the
+        answers already given), so a reply to one may arrive before its ask."""
+        with self._lock:
+            self._early_ids = frozenset(message_ids)
+            self._early = dict(replies)
+
     def expect_reply(self, message_id: str, asker: Waker, target_id: str) -> None:
         with self._lock:
-            self._replies[message_id] = _ReplySlot(asker, target_id)
+            slot = self._replies[message_id] = _ReplySlot(asker, target_id)
+            slot.reply_json = self._early.pop(message_id, None)
 
     def reply(self, message_id: str, replier_id: str, reply_json: str) -> None:
         with self._lock:
             slot = self._replies.get(message_id)
+            if slot is None and message_id in self._early_ids:
+                self._early.setdefault(message_id, reply_json)
+                return
             if slot is None or slot.target_id != replier_id:
                 raise RoutingError(
                     "no_reply_expected",

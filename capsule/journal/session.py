@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from capsule.journal.schema import JournalError
 from capsule.journal.writer import JournalWriter, start_run_row
 from capsule.supervisor.program import RunReport, RunRequest, run_program
-from capsule.supervisor.run import new_run_id
+from capsule.supervisor.run import Run, new_run_id
 from capsule.supervisor.steps import JournalFailure
 
 if TYPE_CHECKING:
@@ -29,7 +29,12 @@ def program_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_journaled(request: RunRequest, journal: Path, on_event: Callable[[Any], None]) -> RunReport:
+def run_journaled(
+    request: RunRequest,
+    journal: Path,
+    on_event: Callable[[Any], None],
+    on_run: Callable[[Run], None] | None = None,
+) -> RunReport:
     """Run the program with every event, step and outcome in ``journal``.
     Raises JournalError if the journal cannot be opened (nothing ran)."""
     path = request.path.resolve()
@@ -48,7 +53,7 @@ def run_journaled(request: RunRequest, journal: Path, on_event: Callable[[Any], 
             ),
         )
         report = run_program(
-            request, _both(writer, on_event), run_id=run_id, steps=writer, seed=seed
+            request, _both(writer, on_event), run_id=run_id, steps=writer, seed=seed, on_run=on_run
         )
         _finish(writer, report)
     return report

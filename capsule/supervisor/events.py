@@ -36,16 +36,31 @@ class _Event(BaseModel):
     at: float = Field(default_factory=time.time)
 
 
+#: Longest preview of a task's arguments or result carried by an event.
+PREVIEW_CHARS = 400
+
+
+def preview(text: str | None) -> str | None:
+    """``text`` cut to PREVIEW_CHARS (events carry previews, the journal the rest)."""
+    if text is None or len(text) <= PREVIEW_CHARS:
+        return text
+    return text[: PREVIEW_CHARS - 3] + "..."
+
+
 class TaskPending(_Event):
     type: Literal["pending"] = "pending"
     parent_id: str | None
     max_attempts: int
+    #: The arguments, as JSON ``[args, kwargs]`` (a preview).
+    call: str | None = None
 
 
 class TaskStarted(_Event):
     type: Literal["started"] = "started"
     attempt: int
     max_attempts: int
+    #: Fuel the attempt may burn.
+    fuel_budget: int | None = None
 
 
 class TaskRetrying(_Event):
@@ -60,6 +75,8 @@ class TaskCompleted(_Event):
     attempt: int
     duration_ms: float
     fuel_consumed: int
+    #: The returned value, as JSON (a preview).
+    result: str | None = None
 
 
 class TaskFailed(_Event):

@@ -71,10 +71,8 @@ class MessageCalls:
             self.router.expect_reply(message.id, attempt, target_id)
             if self.history is not None and message.id in self.history.sent:
                 # Asked before the resume: the message was delivered then (or is
-                # back in the target's mailbox); only the reply is still awaited.
-                earlier = self.history.replies.get(message.id)
-                if earlier is not None:
-                    self.router.reply(message.id, target_id, earlier)
+                # back in the target's mailbox); only the reply is still awaited
+                # (the router holds it if it came already).
                 return (True, ""), message
         failure: list[RoutingError] = []
 

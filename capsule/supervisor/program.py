@@ -113,11 +113,13 @@ def run_program(
     steps: StepLog | None = None,
     history: History | None = None,
     seed: bytes = b"",
+    on_run: Callable[[Run], None] | None = None,
 ) -> RunReport:
     """Run ``main`` of the program at ``request.path``; blocks until the run ends.
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
-    run ``run_id`` journaled earlier (same ``seed``)."""
+    run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
+    run once it starts (to watch it, cancel tasks, or stop it)."""
     path = request.path.resolve()
     try:
         module = program_module(path)
@@ -174,6 +176,8 @@ def run_program(
             first.store.close()
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)
+        if on_run is not None:
+            on_run(run)
         try:
             result = run.run_main(request.args, request.kwargs, first)
         except RunInterrupted as exc:

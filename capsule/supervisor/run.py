@@ -53,6 +53,7 @@ from capsule.supervisor.events import (
     TaskStarted,
     TaskWaiting,
     WaitReason,
+    preview,
 )
 from capsule.supervisor.messages import MessageCalls
 from capsule.supervisor.steps import (
@@ -178,6 +179,8 @@ class Run:
         self._attempts: dict[Invocation, Attempt] = {}
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity)
+        if history is not None:
+            self._router.allow_early_replies(history.sent, history.replies)
         self._steps: StepLog = steps or NoStepLog()
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
@@ -193,6 +196,8 @@ class Run:
         #: Why the run was stopped: a replay diverged, or the journal failed.
         self.divergence: ErrorInfo | None = None
         self.journal_failure: str | None = None
+        #: Set by stop(): the run was stopped from outside (like Ctrl-C).
+        self.stopped = False
         self._messages = MessageCalls(
             self._router,
             self.events,
@@ -223,6 +228,33 @@ class Run:
             )
             for a in attempts
         ]
+
+    def cancel_task(self, task_id: str, reason: str = "cancelled by the user") -> bool:
+        """Cancel a running task (and everything under it) from outside the run;
+        False if no such task is running. Cancelling ``main`` stops the run."""
+        if task_id == "main":
+            self.stop(reason)
+            return True
+        with self._lock:
+            attempts = list(self._attempts.values())
+        for attempt in attempts:
+            child = attempt.children.get(task_id)
+            if child is not None and not child.done.is_set():
+                self._cancel_scope(child.scope, reason)  # as its parent would
+                return True
+        for attempt in attempts:
+            invocation = attempt.invocation
+            if invocation.task_id == task_id:  # a direct call: its caller sees the error
+                invocation.cancel_message = reason
+                invocation.cancelled = True
+                self._wake_all()
+                return True
+        return False
+
+    def stop(self, reason: str = "cancelled: the run was stopped") -> None:
+        """Cancel the whole tree; the run ends as interrupted (and resumable)."""
+        self.stopped = True
+        self._cancel_scope(self._root, reason)
 
     # -- loading -------------------------------------------------------------
 
@@ -318,7 +350,7 @@ class Run:
             raise failure[0]
         if self.journal_failure is not None:
             raise JournalFailure(self.journal_failure)
-        if interrupted:
+        if interrupted or self.stopped:
             raise RunInterrupted(outcome[0])
         result = outcome[0]
         if self.divergence is not None:
@@ -410,7 +442,14 @@ class Run:
         max_attempts = config.max_retries + 1
         emit = self.events.emit
         ids = _EventIds(run_id=self.run_id, task_id=task_id, task=name)
-        emit(TaskPending(**ids, parent_id=parent.task_id or None, max_attempts=max_attempts))
+        emit(
+            TaskPending(
+                **ids,
+                parent_id=parent.task_id or None,
+                max_attempts=max_attempts,
+                call=preview(json.dumps([args, kwargs])),
+            )
+        )
         total_fuel = 0
         total_time = 0.0
         attempt_number = 0
@@ -453,7 +492,14 @@ class Run:
                     node.children,
                     node.messages,
                 )
-                emit(TaskStarted(**ids, attempt=attempt_number, max_attempts=max_attempts))
+                emit(
+                    TaskStarted(
+                        **ids,
+                        attempt=attempt_number,
+                        max_attempts=max_attempts,
+                        fuel_budget=limits.fuel,
+                    )
+                )
                 if replay is not None:
                     emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
                 outcome = self._attempt(invocation, node, child, args, kwargs, replay or [])
@@ -467,6 +513,7 @@ class Run:
                         attempt=attempt_number,
                         duration_ms=outcome.duration_s * 1000,
                         fuel_consumed=outcome.fuel_consumed,
+                        result=preview(outcome.result_json),
                     )
                 )
                 if (

@@ -1,0 +1,166 @@
+"""Where the TUI's events come from: a run in this process (``capsule run
+--tui``), or a journal (``capsule tui``: a finished run, or one another process
+is still writing, followed as it grows)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiosqlite
+
+from capsule.journal.reader import RunRecord, find_run, open_journal
+
+
+class Source(Protocol):
+    """What the app reads from; ``fetch`` is called a few times a second."""
+
+    #: Whether tasks can be cancelled from the TUI (only in a run it started).
+    can_cancel: bool
+    run_id: str
+    program: str
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        """Events since the last call, oldest first."""
+        ...
+
+    def live(self) -> list[Any]:
+        """Live readings of running attempts (fuel, mailbox depth), if any."""
+        ...
+
+    def outcome(self) -> tuple[str, int | None] | None:
+        """(status, exit code) once the run has ended, else None."""
+        ...
+
+    def cancel(self, task_id: str) -> str:
+        """Cancel a task; what happened, for the user."""
+        ...
+
+    def stop(self) -> None:
+        """Stop the whole run (when the user quits while it runs)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LiveSource:
+    """A run in this process. The run's threads only append to a deque; the app
+    converts and applies the events on its own loop."""
+
+    can_cancel = True
+
+    def __init__(self, program: str) -> None:
+        self.run_id = ""
+        self.program = program
+        self._events: deque[Any] = deque()
+        self._run: Any = None
+        self._ended = threading.Event()
+        self._outcome: tuple[str, int | None] | None = None
+
+    # -- fed by the run ----------------------------------------------------------
+
+    def on_event(self, event: Any) -> None:
+        self._events.append(event)
+
+    def on_run(self, run: Any) -> None:
+        self._run = run
+        self.run_id = run.run_id
+
+    def ended(self, status: str, exit_code: int | None) -> None:
+        self._outcome = (status, exit_code)
+        self._ended.set()
+
+    # -- read by the app ---------------------------------------------------------
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        events = []
+        while self._events:
+            events.append(self._events.popleft().model_dump())
+        return events
+
+    def live(self) -> list[Any]:
+        run = self._run
+        return [] if run is None or self._ended.is_set() else list(run.snapshot())
+
+    def outcome(self) -> tuple[str, int | None] | None:
+        return self._outcome
+
+    def cancel(self, task_id: str) -> str:
+        if self._run is None or self._ended.is_set():
+            return "the run has ended; nothing to cancel"
+        if self._run.cancel_task(task_id, "cancelled from the TUI"):
+            return f"cancelling {task_id}"
+        return f"{task_id} is not running"
+
+    def stop(self) -> None:
+        if self._run is not None and not self._ended.is_set():
+            self._run.stop("cancelled: the TUI was closed while the run went on")
+
+    async def close(self) -> None:
+        return None
+
+
+class JournalSource:
+    """A journaled run, read as it grows (another process may be writing it)."""
+
+    can_cancel = False
+
+    def __init__(self, journal: Path, record: RunRecord) -> None:
+        self.journal = journal
+        self.record = record
+        self.run_id = record.run_id
+        self.program = record.program
+        self._seq = 0
+        self._outcome: tuple[str, int | None] | None = None
+        self._db: aiosqlite.Connection | None = None
+        self._context: Any = None
+
+    @classmethod
+    async def open(cls, journal: Path, run_id: str | None) -> JournalSource:
+        return cls(journal, await find_run(journal, run_id))
+
+    async def fetch(self) -> list[dict[str, Any]]:
+        if self._db is None:
+            self._context = open_journal(self.journal)
+            self._db = await self._context.__aenter__()
+        db = self._db
+        cursor = await db.execute(
+            "SELECT seq, task_id, type, at, data_json FROM events WHERE run_id = ? AND seq > ? "
+            "ORDER BY seq LIMIT 20000",
+            (self.run_id, self._seq),
+        )
+        events = []
+        for seq, task_id, kind, at, data in await cursor.fetchall():
+            self._seq = seq
+            events.append({**json.loads(data), "type": kind, "task_id": task_id, "at": at})
+        if not events and self._outcome is None:
+            cursor = await db.execute(
+                "SELECT status, host_pid FROM runs WHERE run_id = ?", (self.run_id,)
+            )
+            row = await cursor.fetchone()
+            if row is not None:
+                record = RunRecord(**{**self.record.__dict__, "status": row[0], "host_pid": row[1]})
+                status = record.shown_status
+                if status != "running":
+                    self._outcome = (status, None)
+        return events
+
+    def live(self) -> list[Any]:
+        return []
+
+    def outcome(self) -> tuple[str, int | None] | None:
+        return self._outcome
+
+    def cancel(self, task_id: str) -> str:
+        return "this run belongs to another process (or has ended): it cannot be cancelled here"
+
+    def stop(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        if self._context is not None:
+            await self._context.__aexit__(None, None, None)
+            self._context = self._db = None

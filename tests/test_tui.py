@@ -1,0 +1,427 @@
+"""The TUI, headless with Textual's Pilot, against real runs: a live run with a
+retried and a failing task, the keys, cancelling a live task, attaching to a
+run another process is writing, and SVG snapshots of the main screens."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsule.journal.reader import find_run
+from capsule.supervisor.program import RunRequest, run_program
+from capsule.tui.app import CapsuleApp, ConfirmScreen, HelpScreen
+from capsule.tui.sources import JournalSource, LiveSource
+from tests.conftest import capsule_cli
+
+WORKFLOW = """
+from capsule import current, sleep, task
+
+@task(max_retries=2)
+def flaky(n: int) -> int:
+    print(f"flaky attempt {current().attempt}")
+    if current().attempt < 2:
+        raise ValueError("not yet")
+    return n * 2
+
+@task(max_retries=0)
+def broken() -> None:
+    raise RuntimeError("this one always fails")
+
+@task
+def napper(seconds: float) -> str:
+    sleep(seconds)
+    return "rested"
+
+@task(name="main", max_retries=0)
+def main(nap: float = 0.0) -> dict:
+    outcome = {"flaky": flaky(21)}
+    try:
+        broken()
+    except Exception as exc:
+        outcome["broken"] = exc.kind
+    if nap:
+        outcome["napper"] = napper.spawn(nap).result()
+    return outcome
+"""
+
+
+def _program(tmp_path: Path, source: str = WORKFLOW, name: str = "flow.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+class LiveRun:
+    """A run on a thread, fed to a LiveSource, as `capsule run --tui` does."""
+
+    def __init__(self, program: Path, *args: Any) -> None:
+        self.source = LiveSource(str(program))
+        self.reports: list[Any] = []
+
+        def run() -> None:
+            report = run_program(
+                RunRequest(path=program, args=list(args)),
+                self.source.on_event,
+                on_run=self.source.on_run,
+            )
+            self.reports.append(report)
+            ok = report.result is not None and report.result.ok
+            self.source.ended(
+                "interrupted" if report.interrupted else "completed" if ok else "failed",
+                0 if ok else 1,
+            )
+
+        self.thread = threading.Thread(target=run, name="test-run")
+        self.thread.start()
+
+    def join(self) -> Any:
+        self.source.stop()
+        self.thread.join()
+        return self.reports[0]
+
+
+async def _until(pilot: Any, check: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting for the TUI"
+        await pilot.pause(0.1)
+
+
+def _labels(app: CapsuleApp) -> dict[str, str]:
+    """Each task's line in the tree, as drawn."""
+    return {task_id: str(app._label_of(task_id)) for task_id in app._tree_nodes}
+
+
+def test_a_live_run_with_a_retried_and_a_failing_task(tmp_path: Path) -> None:
+    live = LiveRun(_program(tmp_path))
+
+    async def drive() -> None:
+        app = CapsuleApp(live.source)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await _until(pilot, lambda: app.model.ended_at is not None)
+            await pilot.pause(0.3)
+            labels = _labels(app)
+            assert labels["main"].startswith("✓ main")
+            assert "completed 2/3" in labels["main/1"]  # flaky: retried once
+            assert labels["main/2"].startswith("✗ broken") and "failed 1/1" in labels["main/2"]
+            summary = str(app._summary.render())
+            assert "ended: completed" in summary and "✗ failed 1" in summary
+
+            # The detail pane of the failing task: its error and guest traceback.
+            app._tree_widget.move_cursor(app._tree_nodes["main/2"])
+            await pilot.pause(0.1)
+            detail = str(app._detail.render())
+            assert "this one always fails" in detail and "traceback" in detail
+            assert "raise RuntimeError" in detail
+            app._tree_widget.move_cursor(app._tree_nodes["main/1"])
+            await pilot.pause(0.1)
+            detail = str(app._detail.render())
+            assert "flaky attempt 1" in detail and "flaky attempt 2" in detail  # output
+            assert "flaky(21)" in detail  # the call
+            assert "42" in detail and "retrying" in detail  # result, timeline
+
+            # f cycles the state filter: running, waiting, failed -> only broken (and main).
+            for _ in range(3):
+                await pilot.press("f")
+            await pilot.pause(0.1)
+            assert set(app._tree_nodes) == {"main", "main/2"}
+            assert "filter: failed" in str(app._summary.render())
+            for _ in range(3):
+                await pilot.press("f")  # back to all
+            await pilot.pause(0.1)
+            assert set(app._tree_nodes) == {"main", "main/1", "main/2"}
+
+            # / searches by name.
+            await pilot.press("slash", *"flaky", "enter")
+            await pilot.pause(0.1)
+            assert set(app._tree_nodes) == {"main", "main/1"}
+            await pilot.press("slash", "escape")
+            await pilot.pause(0.1)
+            assert len(app._tree_nodes) == 3
+
+            await pilot.press("l")
+            assert app.follow is True
+            await pilot.press("question_mark")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
+            assert not isinstance(app.screen, HelpScreen)
+            await pilot.press("c")  # the selected task has ended: nothing to confirm
+            assert not isinstance(app.screen, ConfirmScreen)
+            await pilot.press("q")
+        assert app.return_code == 0
+
+    asyncio.run(drive())
+    report = live.join()
+    assert report.result.value() == {"flaky": 42, "broken": "exception"}
+
+
+def test_cancel_a_live_task_after_confirming(tmp_path: Path) -> None:
+    live = LiveRun(_program(tmp_path), 30.0)
+
+    async def drive() -> None:
+        app = CapsuleApp(live.source)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _until(
+                pilot,
+                lambda: (
+                    app.model.tasks.get("main/3") is not None
+                    and app.model.tasks["main/3"].state == "waiting"
+                ),
+            )
+            await pilot.pause(0.3)
+            app._tree_widget.move_cursor(app._tree_nodes["main/3"])
+            await pilot.pause(0.1)
+            await pilot.press("c")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+            await _until(pilot, lambda: app.model.ended_at is not None, timeout=20)
+            await pilot.pause(0.3)
+            assert app.model.tasks["main/3"].state == "cancelled"
+            assert app.model.tasks["main"].state == "failed"  # its result() raised
+            await pilot.press("q")
+        assert app.return_code == 1
+
+    asyncio.run(drive())
+    report = live.join()
+    assert report.result.error.kind == "exception"
+
+
+def test_quitting_a_live_run_stops_it_and_it_can_be_resumed(tmp_path: Path) -> None:
+    program = _program(tmp_path)
+    source = LiveSource(str(program))
+    reports: list[Any] = []
+
+    def run() -> None:
+        from capsule.journal.session import run_journaled
+
+        report = run_journaled(
+            RunRequest(path=program, args=[60.0]),
+            tmp_path / "journal.db",
+            source.on_event,
+            on_run=source.on_run,
+        )
+        reports.append(report)
+        source.ended("interrupted", 130)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    async def drive() -> None:
+        app = CapsuleApp(source)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _until(pilot, lambda: "main/3" in app.model.tasks)
+            await pilot.press("q")
+            assert isinstance(app.screen, ConfirmScreen)
+            await pilot.press("y")
+
+    asyncio.run(drive())
+    thread.join(timeout=30)
+    assert reports and reports[0].interrupted
+    runs = json.loads(
+        capsule_cli("runs", "--json", "--journal", str(tmp_path / "journal.db")).stdout
+    )
+    assert runs[0]["status"] == "interrupted"
+
+
+ATTACHED = """
+from capsule import sleep, task
+
+@task
+def step(n: int) -> int:
+    print(f"step {n}")
+    sleep(0.3)
+    return n
+
+@task(name="main")
+def main() -> int:
+    return sum(step(n) for n in range(6))
+"""
+
+
+def test_attach_to_a_run_another_process_is_writing(tmp_path: Path) -> None:
+    program = _program(tmp_path, ATTACHED, "slow.py")
+    journal = tmp_path / "journal.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not journal.exists() or not _has_run(journal):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        record = asyncio.run(find_run(journal, None))
+
+        async def drive() -> list[int]:
+            app = CapsuleApp(JournalSource(journal, record))
+            seen: list[int] = []
+            async with app.run_test(size=(80, 24)) as pilot:
+                await _until(pilot, lambda: "main/1" in app.model.tasks)
+                while app.model.ended_at is None:  # follows the growing journal
+                    seen.append(sum(v.state == "completed" for v in app.model.tasks.values()))
+                    await pilot.pause(0.2)
+                await pilot.pause(0.3)
+                assert app.model.status == "completed"
+                assert all(view.state == "completed" for view in app.model.tasks.values())
+                assert len(app.model.tasks) == 7
+                await pilot.press("c")  # not this process's run: refused, nothing asked
+                assert not isinstance(app.screen, ConfirmScreen)
+                await pilot.press("q")
+            return seen
+
+        seen = asyncio.run(drive())
+        assert seen == sorted(seen) and seen[0] < 6  # it saw the run progress live
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == 0
+
+
+def _has_run(journal: Path) -> bool:
+    try:
+        with sqlite3.connect(journal) as connection:
+            return bool(connection.execute("SELECT count(*) FROM runs").fetchone()[0])
+    except sqlite3.Error:
+        return False
+
+
+# -- snapshots -------------------------------------------------------------------
+
+FIXED_NOW = 1_800_000_100.0
+
+
+@pytest.fixture(scope="module")
+def finished_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A journal of a real run of WORKFLOW, with its varying parts (ids, times,
+    paths) fixed, so that screens render the same every time."""
+    tmp_path = tmp_path_factory.mktemp("snapshot")
+    program = _program(tmp_path)
+    journal = tmp_path / "journal.db"
+    done = capsule_cli("run", str(program), "--journal", str(journal))
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(journal) as connection:
+        for table in ("runs", "tasks", "attempts", "steps", "messages", "events"):
+            connection.execute(f"UPDATE {table} SET run_id = 'snapshotrun1'")
+        connection.execute(
+            "UPDATE runs SET program = '/project/flow.py', started_at = 1800000000.0, "
+            "ended_at = 1800000001.5"
+        )
+        connection.execute("UPDATE events SET at = 1800000000.0 + seq * 0.01")
+        rows = connection.execute("SELECT seq, data_json FROM events").fetchall()
+        for seq, data in rows:
+            fields = json.loads(data)
+            for key in ("duration_ms", "backoff_s"):
+                if key in fields:
+                    fields[key] = 10.0
+            error = fields.get("error")
+            if isinstance(error, dict) and error.get("traceback"):
+                error["traceback"] = error["traceback"].replace(str(tmp_path), "/project")
+            connection.execute(
+                "UPDATE events SET data_json = ? WHERE seq = ?", (json.dumps(fields), seq)
+            )
+    yield journal
+
+
+def _browsing_app(journal: Path) -> CapsuleApp:
+    record = asyncio.run(find_run(journal, None))
+    return CapsuleApp(JournalSource(journal, record), clock=lambda: FIXED_NOW)
+
+
+def test_snapshot_of_a_finished_run(finished_journal: Path, snap_compare: Any) -> None:
+    app = _browsing_app(finished_journal)
+
+    async def settle(pilot: Any) -> None:
+        await _until(pilot, lambda: app.model.ended_at is not None)
+        await pilot.pause(0.3)
+        await pilot.press("down", "down")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+
+
+def test_snapshot_of_the_help_screen(finished_journal: Path, snap_compare: Any) -> None:
+    app = _browsing_app(finished_journal)
+
+    async def settle(pilot: Any) -> None:
+        await _until(pilot, lambda: app.model.ended_at is not None)
+        await pilot.press("question_mark")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle)
+
+
+def test_snapshot_of_the_failed_filter_wide(finished_journal: Path, snap_compare: Any) -> None:
+    app = _browsing_app(finished_journal)
+
+    async def settle(pilot: Any) -> None:
+        await _until(pilot, lambda: app.model.ended_at is not None)
+        await pilot.pause(0.3)
+        await pilot.press("f", "f", "f", "down")
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=(120, 36), run_before=settle)
+
+
+def _run_in_terminal(args: list[str], keys_after: float, keys: bytes) -> tuple[int, str]:
+    """Run `capsule` in a pseudo-terminal, type ``keys`` after ``keys_after`` s."""
+    import os
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", *args],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"},
+        close_fds=True,
+    )
+    os.close(slave)
+    output = b""
+    sent = False
+    started = time.monotonic()
+    try:
+        while process.poll() is None:
+            assert time.monotonic() - started < 120, output[-2000:]
+            if not sent and time.monotonic() - started > keys_after:
+                os.write(master, keys)
+                sent = True
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    output += os.read(master, 65536)
+                except OSError:
+                    break
+    finally:
+        process.wait(timeout=30)
+        os.close(master)
+    return process.returncode, output.decode("utf-8", "replace")
+
+
+@pytest.mark.parametrize(("source", "code"), [("ok", 0), ("fails", 1)])
+def test_capsule_run_tui_in_a_real_terminal_exits_with_the_runs_code(
+    tmp_path: Path, source: str, code: int
+) -> None:
+    body = "return 'all good'" if source == "ok" else "raise ValueError('bad input')"
+    program = _program(
+        tmp_path,
+        f"from capsule import task\n@task(name='main', max_retries=0)\ndef main():\n    {body}\n",
+        "term.py",
+    )
+    returncode, output = _run_in_terminal(
+        ["run", "--tui", str(program), "--no-journal"], keys_after=6.0, keys=b"q"
+    )
+    assert returncode == code, output[-3000:]
+    assert ("all good" if code == 0 else "bad input") in output  # printed after the TUI
