@@ -425,3 +425,26 @@ def test_capsule_run_tui_in_a_real_terminal_exits_with_the_runs_code(
     )
     assert returncode == code, output[-3000:]
     assert ("all good" if code == 0 else "bad input") in output  # printed after the TUI
+
+
+def test_without_a_run_id_the_tui_lists_the_runs_to_pick_from(finished_journal: Path) -> None:
+    from capsule.journal.reader import list_runs
+    from capsule.tui.app import RunPicker
+
+    runs = asyncio.run(list_runs(finished_journal))
+    by_id = {run.run_id: run for run in runs}
+
+    async def drive() -> None:
+        app = CapsuleApp(
+            picker=(runs, lambda run_id: JournalSource(finished_journal, by_id[run_id]))
+        )
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, RunPicker)
+            await pilot.press("enter")
+            await _until(pilot, lambda: app.model.ended_at is not None)
+            assert app.model.run_id == "snapshotrun1"
+            assert {"main", "main/1", "main/2"} <= set(app.model.tasks)
+            await pilot.press("q")
+
+    asyncio.run(drive())
