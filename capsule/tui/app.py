@@ -226,6 +226,9 @@ class CapsuleApp(App[int]):
         self._selected: str | None = None
         self._last_full = 0.0
         self._rebuild = False
+        self._refreshing = False
+        #: Why updates stopped, if they did (shown in the header).
+        self.problem: str | None = None
 
     # -- layout -------------------------------------------------------------------
 
@@ -264,7 +267,7 @@ class CapsuleApp(App[int]):
         self.model = RunModel(self.source.run_id, self.source.program)
         self._tree_widget.focus()
         self.set_interval(REFRESH_S, self.refresh_run)
-        self.call_later(self.refresh_run)
+        self.call_later(self.refresh_run)  # at once, not a period later
 
     async def on_unmount(self) -> None:
         if self.source is not None:
@@ -273,11 +276,25 @@ class CapsuleApp(App[int]):
     # -- updates --------------------------------------------------------------------
 
     async def refresh_run(self) -> None:
+        """Take the events that arrived, apply them, redraw what changed. One at a
+        time: a slow read of the journal makes the next tick wait, not overlap."""
         source = self.source
-        if source is None or not self.is_running:
+        if source is None or not self.is_running or self._refreshing:
             return
+        self._refreshing = True
+        try:
+            await self._refresh(source)
+        finally:
+            self._refreshing = False
+
+    async def _refresh(self, source: Source) -> None:
         model = self.model
-        for event in await source.fetch():
+        try:
+            events = await source.fetch()
+        except Exception as exc:  # a journal that went away, say: shown, not fatal
+            self.problem = f"cannot read the run: {exc}"
+            events = []
+        for event in events:
             model.apply(event)
         model.apply_live(source.live())
         model.run_id = model.run_id or source.run_id
@@ -389,6 +406,8 @@ class CapsuleApp(App[int]):
         line2 = escape(states or "no tasks yet") + (
             f"   [{escape(', '.join(modes))}]" if modes else ""
         )
+        if self.problem:
+            line2 = f"[b red]{escape(self.problem)}[/]"
         self._summary.update(f"{line1}\n{line2}")
 
     def _show_detail(self, task_id: str | None) -> None:

@@ -4,6 +4,7 @@ is still writing, followed as it grows)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections import deque
@@ -117,12 +118,22 @@ class JournalSource:
         self._outcome: tuple[str, int | None] | None = None
         self._db: aiosqlite.Connection | None = None
         self._context: Any = None
+        self._closed = False
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, journal: Path, run_id: str | None) -> JournalSource:
         return cls(journal, await find_run(journal, run_id))
 
     async def fetch(self) -> list[dict[str, Any]]:
+        # One read at a time: two first reads would each open the journal, and
+        # the connection whose context was dropped is closed under the other.
+        async with self._lock:
+            return await self._fetch()
+
+    async def _fetch(self) -> list[dict[str, Any]]:
+        if self._closed:
+            return []
         if self._db is None:
             self._context = open_journal(self.journal)
             self._db = await self._context.__aenter__()
@@ -161,6 +172,7 @@ class JournalSource:
         return None
 
     async def close(self) -> None:
+        self._closed = True
         if self._context is not None:
             await self._context.__aexit__(None, None, None)
             self._context = self._db = None
