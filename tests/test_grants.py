@@ -278,3 +278,38 @@ def test_policy_caps_bound_what_a_task_declares(tmp_path: Path) -> None:
     done = capsule_cli("run", str(program), "--no-journal")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == ["fuel_exhausted", "memory_limit"]
+
+
+def test_a_symlink_planted_in_a_writable_grant_cannot_be_imported_to_read_files(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / ".env").write_text("SECRET_TOKEN=sk-live-123456\n")
+    program = tmp_path / "planter.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import os
+            from capsule import task
+
+            def try_import(name):
+                try:
+                    __import__(name)
+                    return "imported"
+                except BaseException as exc:
+                    return f"{type(exc).__name__}: {exc}"
+
+            @task(name="main", allowed_files=["out:rw"])
+            def main() -> list:
+                os.symlink("../.env", "/out/leak.py")
+                os.symlink("../../../../../../../../etc/passwd", "/out/passwd.py")
+                return [try_import("out.leak"), try_import("out.passwd")]
+            """
+        )
+    )
+    done = capsule_cli("run", str(program), "--no-journal")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert all("only Python source files inside" in result for result in results), results
+    assert "sk-live" not in done.stdout + done.stderr
+    assert "root:" not in done.stdout + done.stderr

@@ -469,3 +469,67 @@ def test_a_read_only_journal_is_refused_with_exit_2(tmp_path: Path) -> None:
 def test_capsule_tui_without_a_journal_says_where_it_looked(tmp_path: Path) -> None:
     done = capsule_cli("tui", "--journal", str(tmp_path / "none.db"))
     assert done.returncode == 2 and "no journal at" in done.stderr
+
+
+def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path: Path) -> None:
+    source = """
+    from capsule import current, task
+
+    @task(name="main", max_retries=1)
+    def main() -> int:
+        print(f"MARK attempt {current().attempt}")
+        if current().attempt == 1:
+            raise ValueError("first attempt fails")
+        return current().attempt
+    """
+    program = _write(tmp_path, source)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), "--retry-backoff", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("MARK attempt 1"):
+            break
+    time.sleep(1.0)  # the failure is journaled; the 30 s backoff is under way
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    envelope = json.loads(resumed.stdout)
+    assert envelope["result"] == 2 and envelope["execution"]["attempts"] == 2
+
+
+def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> None:
+    source = """
+    from capsule import sleep, task
+    from capsule.sdk import task as sdk
+
+    @task
+    def child() -> str:
+        print("MARK child ran")
+        return "done"
+
+    @task(name="main", timeout="5m")
+    def main() -> list:
+        try:
+            sdk._backend.call_task("no_such_task", (), {})
+        except Exception as exc:
+            refused = exc.kind
+        handle = child.spawn()
+        result = handle.result()
+        print("MARK waiting")
+        sleep(2)
+        return [refused, result]
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waiting", 0.1)
+    journal = _journal(tmp_path)
+    killed_at = _last_event(journal)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["result"] == ["exception", "done"]
+    assert not _started_after(journal, killed_at) - {"main"}  # the child did not run again

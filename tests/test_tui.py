@@ -448,3 +448,18 @@ def test_without_a_run_id_the_tui_lists_the_runs_to_pick_from(finished_journal: 
             await pilot.press("q")
 
     asyncio.run(drive())
+
+
+def test_quitting_while_the_program_loads_stops_the_run_as_soon_as_it_starts() -> None:
+    stops: list[str] = []
+
+    class Run:
+        run_id = "r1"
+
+        def stop(self, reason: str) -> None:
+            stops.append(reason)
+
+    source = LiveSource("prog.py")
+    source.stop()  # the user quit before the run existed
+    source.on_run(Run())
+    assert stops and "before the run started" in stops[0]

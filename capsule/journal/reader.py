@@ -16,6 +16,7 @@ from typing import Any
 import aiosqlite
 
 from capsule.journal.schema import SCHEMA_VERSION, JournalError, describe_error
+from capsule.journal.secrets import load_secret_answers
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.steps import (
     AttemptHistory,
@@ -257,13 +258,17 @@ async def load_history(path: Path, run_id: str) -> History:
                     error=None if error is None else ErrorDetail.model_validate_json(error),
                 )
         cursor = await db.execute(
-            "SELECT task_id, count(*) FROM events WHERE run_id = ? AND type = 'retrying' "
-            "GROUP BY task_id",
+            "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
+            "AND type IN ('retrying', 'completed')",
             (run_id,),
         )
-        for task_id, failures in await cursor.fetchall():
-            if task_id in history.tasks:
-                history.tasks[task_id].failures = failures
+        for task_id, kind, data in await cursor.fetchall():
+            ended = history.tasks.get(task_id)
+            if ended is None:
+                continue
+            ended.ended_attempts.add(int(json.loads(data).get("attempt", 0)))
+            if kind == "retrying":
+                ended.failures += 1
         cursor = await db.execute(
             "SELECT task_id, attempt, children_before, messages_before FROM attempts "
             "WHERE run_id = ?",
@@ -306,12 +311,29 @@ async def load_history(path: Path, run_id: str) -> History:
         for message_id, sender, target_id, body, expects_reply, at in await cursor.fetchall():
             message = PendingMessage(message_id, sender, target_id, body, bool(expects_reply))
             sent.append((at, message))
+        history.received = received
         # Owed to their targets in the order they were sent.
         for _, message in sorted(sent, key=lambda item: item[0]):
             history.sent.add(message.id)
             if message.id not in received:
                 history.undelivered.setdefault(message.target_id, []).append(message)
-    for task in history.tasks.values():
+    for task_id in history.tasks:
+        parent, _, number = task_id.rpartition("/")
+        if parent in history.tasks and number.isdigit():
+            owner = history.tasks[parent]
+            owner.children_used = max(owner.children_used, int(number))
+    for message_id in history.sent:
+        sender, _, number = message_id.rpartition("#")
+        if sender in history.tasks and number.isdigit():
+            owner = history.tasks[sender]
+            owner.messages_used = max(owner.messages_used, int(number))
+    secrets = load_secret_answers(run_id)
+    for task_id, task in history.tasks.items():
+        for attempt, past in task.attempts.items():
+            for index, step in enumerate(past.steps):
+                answer = secrets.get((task_id, attempt, index + 1))
+                if answer is not None:  # what the guest saw, not its redacted record
+                    past.steps[index] = Step(step.kind, step.request, step.ok, answer)
         if task.final is None and task.attempts:
             history.steps += len(task.attempts[max(task.attempts)].steps)
     return history

@@ -154,6 +154,7 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
         status = "error"
     else:
         status = "completed" if result.ok else "failed"
+        writer.secrets.discard()  # the run is over: nothing will replay it
     error: dict[str, Any] | None = None
     if result is not None and result.error is not None:
         error = result.error.model_dump()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from capsule.journal.schema import JournalError, connect, describe_error
+from capsule.journal.secrets import SecretAnswers
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
 from capsule.supervisor.tree import TaskResult
 
@@ -71,6 +72,8 @@ class JournalWriter:
         self.path = path
         self.run_id = run_id
         self._connection = connect(path, create=True)
+        #: Unredacted answers, kept apart from the journal (see secrets.py).
+        self.secrets = SecretAnswers(run_id)
         row = self._connection.execute(
             "SELECT max(seq) FROM events WHERE run_id = ?", (run_id,)
         ).fetchone()
@@ -268,8 +271,19 @@ class JournalWriter:
         )
 
     def step(
-        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = False
+        self,
+        task_id: str,
+        attempt: int,
+        number: int,
+        step: Step,
+        durable: bool = False,
+        unredacted: str | None = None,
     ) -> None:
+        if unredacted is not None:
+            try:  # before the step is queued: a journaled step always has it
+                self.secrets.add(task_id, attempt, number, unredacted)
+            except OSError as exc:
+                raise JournalFailure(describe_error(self.secrets.path, exc)) from None
         self.execute(
             "INSERT OR REPLACE INTO steps (run_id, task_id, attempt, step, kind, request, ok, "
             "answer, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

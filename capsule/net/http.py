@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from capsule.net.redact import is_sensitive, redact_url
 
 if TYPE_CHECKING:  # imported when the first request starts: most runs make none
     import httpx
@@ -107,27 +110,33 @@ class HttpClient(AbstractContextManager["HttpClient"]):
         self._portal_cm: Any = None
         self._portal: BlockingPortal | None = None
         self._client: httpx.AsyncClient | None = None
+        self._lock = threading.Lock()
 
     def _started(self) -> BlockingPortal:
-        # The event loop starts with the first request: most runs make none.
-        if self._portal is None:
-            from anyio.from_thread import start_blocking_portal
+        # The event loop starts with the first request (most runs make none),
+        # once, however many tasks make their first request at the same time.
+        with self._lock:
+            if self._portal is None:
+                from anyio.from_thread import start_blocking_portal
 
-            self._portal_cm = start_blocking_portal(name="capsule-http")
-            self._portal = self._portal_cm.__enter__()
-            self._client = self._portal.call(_new_client)
-        return self._portal
+                portal_cm = start_blocking_portal(name="capsule-http")
+                portal = portal_cm.__enter__()
+                self._client = portal.call(_new_client)
+                self._portal_cm, self._portal = portal_cm, portal
+            return self._portal
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
-        """Close the connections and stop the event loop (if it ever started)."""
-        if self._portal is not None:
+        """Close the connections and stop the event loop (if it ever started);
+        safe to call again."""
+        with self._lock:
+            portal, self._portal = self._portal, None
+        if portal is not None:
             assert self._client is not None
-            self._portal.call(self._client.aclose)
+            portal.call(self._client.aclose)
             self._portal_cm.__exit__(None, None, None)
-            self._portal = None
 
     def start(self, request: HttpRequest, allowed: HostCheck) -> Future[HttpResponse]:
         """Begin a request on the client's loop; cancel the future to abort it."""
@@ -148,6 +157,12 @@ class HttpClient(AbstractContextManager["HttpClient"]):
                     try:
                         next_request = response.next_request
                         if response.is_redirect and next_request is not None:
+                            if _origin(next_request.url) != _origin(outgoing.url):
+                                # httpx drops Authorization across origins; API keys
+                                # and cookies must not follow either.
+                                for name in list(next_request.headers):
+                                    if is_sensitive(name):
+                                        del next_request.headers[name]
                             outgoing = next_request
                             continue
                         body = await self._read(response, request)
@@ -161,21 +176,27 @@ class HttpClient(AbstractContextManager["HttpClient"]):
                         await response.aclose()
                 raise HttpFailure(
                     "connection_failed",
-                    f"{request.method} {request.url}: more than {MAX_REDIRECTS} redirects",
+                    f"{request.method} {redact_url(request.url)}: more than {MAX_REDIRECTS} redirects",
                 )
         except TimeoutError:
             raise HttpFailure(
-                "timeout", f"{request.method} {request.url} took longer than {request.timeout_s:g}s"
+                "timeout",
+                f"{request.method} {redact_url(request.url)} took longer than {request.timeout_s:g}s",
             ) from None
         except httpx.TimeoutException:
             raise HttpFailure(
-                "timeout", f"{request.method} {request.url} took longer than {request.timeout_s:g}s"
+                "timeout",
+                f"{request.method} {redact_url(request.url)} took longer than {request.timeout_s:g}s",
             ) from None
         except httpx.InvalidURL as exc:
-            raise HttpFailure("invalid_request", f"invalid URL {request.url!r}: {exc}") from None
+            raise HttpFailure(
+                "invalid_request", f"invalid URL {redact_url(request.url)!r}: {exc}"
+            ) from None
         except httpx.HTTPError as exc:
             raise HttpFailure(
-                "connection_failed", f"{request.method} {request.url} failed: {exc!r}"
+                "connection_failed",
+                f"{request.method} {redact_url(request.url)} failed: {type(exc).__name__}: "
+                + str(exc).replace(request.url, redact_url(request.url)),
             ) from None
 
     async def _read(self, response: httpx.Response, request: HttpRequest) -> bytes:
@@ -193,12 +214,20 @@ class HttpClient(AbstractContextManager["HttpClient"]):
 
 
 def _new_client() -> httpx.AsyncClient:
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+
     import httpx
 
-    # No proxies or .netrc from the host's environment: a task reaches exactly
-    # the hosts it was granted. Content arrives as sent (aiter_raw), encoded or not.
+    # No proxies or .netrc from the host's environment: a task reaches exactly the
+    # hosts it was granted. No cookie is kept: a cookie one task received must never
+    # go out with another task's request (grants are per task), nor differ between
+    # a run and its replay.
+    jar = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
     return httpx.AsyncClient(
-        follow_redirects=False, trust_env=False, timeout=httpx.Timeout(MAX_TIMEOUT_S)
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(MAX_TIMEOUT_S),
+        cookies=jar,
     )
 
 
@@ -217,7 +246,9 @@ def _build(client: httpx.AsyncClient, request: HttpRequest) -> httpx.Request:
             timeout=request.timeout_s,
         )
     except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as exc:
-        raise HttpFailure("invalid_request", f"invalid request to {request.url!r}: {exc}") from None
+        raise HttpFailure(
+            "invalid_request", f"invalid request to {redact_url(request.url)!r}: {exc}"
+        ) from None
 
 
 def _check_host(url: str, allowed: HostCheck, first: str) -> None:
@@ -226,17 +257,21 @@ def _check_host(url: str, allowed: HostCheck, first: str) -> None:
     except ValueError as exc:
         raise HttpFailure("invalid_request", str(exc)) from None
     if not ok:
-        via = "" if url == first else f" (a redirect from {first})"
+        via = "" if url == first else f" (a redirect from {redact_url(first)})"
         raise HttpFailure(
             "host_not_allowed",
-            f"{url}{via}: the host is not in the task's allowed_hosts; grant it with "
+            f"{redact_url(url)}{via}: the host is not in the task's allowed_hosts; grant it with "
             f"@task(allowed_hosts=[...])",
         )
+
+
+def _origin(url: Any) -> tuple[str, str, int | None]:
+    return (url.scheme, url.host, url.port)
 
 
 def _too_large(request: HttpRequest, limit: int) -> HttpFailure:
     return HttpFailure(
         "too_large",
-        f"the response to {request.method} {request.url} is larger than the limit of "
+        f"the response to {request.method} {redact_url(request.url)} is larger than the limit of "
         f"{limit:,} bytes ([policy] max_response_size in capsule.toml)",
     )

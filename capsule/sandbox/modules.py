@@ -99,11 +99,11 @@ class ModuleFinder:
         package_dir = directory / leaf
         init = package_dir / "__init__.py"
         if init.is_file():
-            return self._read(init, is_package=True)
+            return self._read(root, init, is_package=True)
         for suffix in _SOURCE_SUFFIXES:
             candidate = directory / f"{leaf}{suffix}"
             if candidate.is_file():
-                return self._read(candidate, is_package=False)
+                return self._read(root, candidate, is_package=False)
         if directory.is_dir():
             for entry in directory.iterdir():
                 if entry.name.startswith(f"{leaf}.") and entry.name.endswith(_EXTENSION_SUFFIXES):
@@ -118,7 +118,20 @@ class ModuleFinder:
         return None
 
     @staticmethod
-    def _read(path: Path, is_package: bool) -> ModuleSource | Refused:
+    def _read(root: Path, path: Path, is_package: bool) -> ModuleSource | Refused:
+        # A guest that may write a directory of the program could plant a symlink
+        # named like a module: only Python sources inside the root are served.
+        resolved = path.resolve()
+        inside = root.resolve()
+        if (
+            inside not in resolved.parents
+            or resolved.suffix != ".py"
+            or ".capsule" in resolved.relative_to(inside).parts
+        ):
+            return Refused(
+                f"{path} leads to {resolved}: only Python source files inside "
+                f"{root} are served to the sandbox"
+            )
         try:
             code = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

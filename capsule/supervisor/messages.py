@@ -74,6 +74,9 @@ class MessageCalls:
                 # back in the target's mailbox); only the reply is still awaited
                 # (the router holds it if it came already).
                 return (True, ""), message
+        if self.history is not None and message.id in self.history.received:
+            # Received before the resume, though the crash lost its send step.
+            return (True, json.dumps({"id": message.id, "to": target_id})), message
         failure: list[RoutingError] = []
 
         def delivered() -> bool:

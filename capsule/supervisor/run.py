@@ -459,12 +459,19 @@ class Run:
         if history is not None and history.attempts:
             # In flight when the run stopped: its last attempt runs again, its
             # journaled host calls answered from the journal; the count goes on.
+            # If that attempt had ended already (it failed and was to be retried,
+            # or returned and was to restart), the next one starts afresh.
             last = max(history.attempts)
-            attempt_number = last - 1
             failures = history.failures
-            node.children = history.attempts[last].children_before
-            node.messages = history.attempts[last].messages_before
-            replay = history.attempts[last].steps
+            if last in history.ended_attempts:
+                attempt_number = last
+                node.children = history.children_used
+                node.messages = history.messages_used
+            else:
+                attempt_number = last - 1
+                node.children = history.attempts[last].children_before
+                node.messages = history.attempts[last].messages_before
+                replay = history.attempts[last].steps
         while True:
             attempt_number += 1
             invocation = Invocation(
@@ -762,13 +769,15 @@ class Run:
             return recorded.ok, recorded.answer
         ok, answer = live()
         if caller.check_stop() is None:  # else the guest never sees the answer
+            journaled = answer if for_journal is None else for_journal(answer)
             self._log(
                 self._steps.step,
                 caller.task_id,
                 caller.attempt,
                 number,
-                Step(kind, request, ok, answer if for_journal is None else for_journal(answer)),
+                Step(kind, request, ok, journaled),
                 durable,
+                None if journaled == answer else answer,
             )
         return ok, answer
 
@@ -806,6 +815,8 @@ class Run:
 
     def _call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
         attempt = self._attempts[caller]
+        # Numbered first, whatever happens next, so that a replay numbers alike.
+        task_id = attempt.node.next_child_id()
         parsed = self._parse_call(name, call_json)
         if isinstance(parsed, str):
             return _refusal(name, parsed)
@@ -814,7 +825,7 @@ class Run:
             return refusal
         try:
             args, kwargs = parsed
-            result = self.run_task(name, attempt.node.next_child_id(), args, kwargs, caller, None)
+            result = self.run_task(name, task_id, args, kwargs, caller, None)
         finally:
             self._release()
         return _as_reply(result)
@@ -839,6 +850,7 @@ class Run:
         self, caller: Invocation, name: str, call_json: str, options_json: str
     ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
+        task_id = attempt.node.next_child_id()  # first, as in _call_task
         parsed = self._parse_call(name, call_json)
         if isinstance(parsed, str):
             return _refusal(name, parsed)
@@ -853,7 +865,6 @@ class Run:
         refusal = self._admit(attempt, name, spawned=True)
         if refusal is not None:
             return refusal
-        task_id = attempt.node.next_child_id()
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
         self._open_mailbox(task_id)
@@ -1057,7 +1068,9 @@ class Run:
             request = HttpRequest.from_json(request_json)
         except HttpFailure as exc:
             refusal = (False, exc.to_json())
-            return self._step(caller, "http", request_json[:1000], lambda: refusal)
+            # Recorded by its digest: a malformed request may still carry secrets.
+            digest = hashlib.sha256(request_json.encode()).hexdigest()
+            return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: refusal)
         recorded = json.dumps(
             {
                 "method": request.method,
@@ -1098,7 +1111,10 @@ class Run:
             )
             return answer
 
-        return self._step(caller, "http", recorded, perform, for_journal=_redact_response)
+        # Durable: once a request has been sent, a crash must not send it again.
+        return self._step(
+            caller, "http", recorded, perform, durable=True, for_journal=_redact_response
+        )
 
     # -- time and randomness: journaled, so that a replay sees the same --------
 

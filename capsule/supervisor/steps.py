@@ -44,6 +44,12 @@ class TaskHistory:
     attempts: dict[int, AttemptHistory] = field(default_factory=dict)
     #: Attempts that failed and were retried (they count against max_retries).
     failures: int = 0
+    #: Attempts that ended (failed and retried, or returned and restarted): a
+    #: resume starts the next one afresh instead of replaying them.
+    ended_attempts: set[int] = field(default_factory=set)
+    #: The highest child and message numbers the task used (for a fresh attempt).
+    children_used: int = 0
+    messages_used: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,9 @@ class History:
     undelivered: dict[str, list[PendingMessage]] = field(default_factory=dict)
     #: Ids of every message that was sent (a live ``ask`` does not send it again).
     sent: set[str] = field(default_factory=set)
+    #: Ids of every message that was received (never delivered again, even if
+    #: the crash lost the step that sent it).
+    received: set[str] = field(default_factory=set)
     #: Replies given to asks whose asker had not seen them, by message id.
     replies: dict[str, str] = field(default_factory=dict)
     #: The largest monotonic clock reading a guest saw.
@@ -96,7 +105,11 @@ class StepLog(Protocol):
         number: int,
         step: Step,
         durable: bool = False,
-    ) -> None: ...
+        unredacted: str | None = None,
+    ) -> None:
+        """``unredacted``: the answer before secrets were redacted from ``step``,
+        kept apart from the journal so that a replay sees what the guest saw."""
+        ...
 
     def ask_sent(self, message: PendingMessage) -> None:
         """The message of an ``ask`` was delivered (a send's is in its step)."""
@@ -114,7 +127,13 @@ class NoStepLog:
         return None
 
     def step(
-        self, task_id: str, attempt: int, number: int, step: Step, durable: bool = False
+        self,
+        task_id: str,
+        attempt: int,
+        number: int,
+        step: Step,
+        durable: bool = False,
+        unredacted: str | None = None,
     ) -> None:
         return None
 

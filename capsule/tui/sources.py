@@ -60,6 +60,7 @@ class LiveSource:
         self._run: Any = None
         self._ended = threading.Event()
         self._outcome: tuple[str, int | None] | None = None
+        self._stop_requested = False
 
     # -- fed by the run ----------------------------------------------------------
 
@@ -69,6 +70,8 @@ class LiveSource:
     def on_run(self, run: Any) -> None:
         self._run = run
         self.run_id = run.run_id
+        if self._stop_requested:  # the user quit while the program was loading
+            run.stop("cancelled: the TUI was closed before the run started")
 
     def ended(self, status: str, exit_code: int | None) -> None:
         self._outcome = (status, exit_code)
@@ -97,6 +100,7 @@ class LiveSource:
         return f"{task_id} is not running"
 
     def stop(self) -> None:
+        self._stop_requested = True
         if self._run is not None and not self._ended.is_set():
             self._run.stop("cancelled: the TUI was closed while the run went on")
 
@@ -172,7 +176,8 @@ class JournalSource:
         return None
 
     async def close(self) -> None:
-        self._closed = True
-        if self._context is not None:
-            await self._context.__aexit__(None, None, None)
-            self._context = self._db = None
+        async with self._lock:  # not under a read that is still going
+            self._closed = True
+            if self._context is not None:
+                await self._context.__aexit__(None, None, None)
+                self._context = self._db = None
