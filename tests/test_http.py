@@ -376,3 +376,25 @@ def test_cookies_are_not_shared_between_tasks_and_errors_hide_secrets(
     assert logged_in is True and cookie_sent == "none"
     assert "api_key=[redacted]" in refused
     assert b"SECRET9" not in journal.read_bytes()
+
+
+def test_credentials_do_not_follow_a_redirect_to_another_origin(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    source = """
+    from capsule import task
+    from capsule.http import get
+
+    @task(name="main", allowed_hosts=["127.0.0.1", "localhost"])
+    def main(url: str) -> dict:
+        headers = {"X-Api-Key": "k-123", "Authorization": "Bearer t", "X-Plain": "p"}
+        return get(url, headers=headers).json()["headers"]
+    """
+    port = http_server.server_address[1]
+    same = f"{http_server.url}/redirect?to=/echo"
+    other = f"{http_server.url}/redirect?to=http://localhost:{port}/echo"
+    kept = run_program(source, same).value
+    assert kept["x-api-key"] == "k-123" and kept["x-plain"] == "p"
+    dropped = run_program(source, other).value
+    assert "x-api-key" not in dropped and "authorization" not in dropped
+    assert dropped["x-plain"] == "p"
