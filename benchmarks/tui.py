@@ -32,6 +32,7 @@ class Reading:
 
 class SyntheticSource:
     can_cancel = False
+    owns_run = False
     run_id = "benchmark"
     program = "synthetic.py"
 

@@ -463,3 +463,65 @@ def test_quitting_while_the_program_loads_stops_the_run_as_soon_as_it_starts() -
     source.stop()  # the user quit before the run existed
     source.on_run(Run())
     assert stops and "before the run started" in stops[0]
+
+
+SLEEPER = """
+from capsule import sleep, task
+
+@task(max_retries=0)
+def sleeper() -> str:
+    sleep(60)
+    return "woke"
+
+@task(name="main", max_retries=0)
+def main() -> str:
+    try:
+        return sleeper.spawn().result()
+    except Exception as exc:
+        return f"sleeper {exc.kind}"
+"""
+
+
+def test_cancel_from_a_tui_attached_to_another_process(tmp_path: Path) -> None:
+    program = _program(tmp_path, SLEEPER, "sleepy.py")
+    journal = tmp_path / "journal.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not journal.exists() or not _has_run(journal):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        record = asyncio.run(find_run(journal, None))
+
+        async def drive() -> None:
+            app = CapsuleApp(JournalSource(journal, record))
+            async with app.run_test(size=(80, 24)) as pilot:
+                await _until(
+                    pilot,
+                    lambda: (
+                        "main/1" in app.model.tasks and app.model.tasks["main/1"].state == "waiting"
+                    ),
+                )
+                await pilot.pause(0.3)
+                app._tree_widget.move_cursor(app._tree_nodes["main/1"])
+                await pilot.pause(0.1)
+                await pilot.press("c")
+                assert isinstance(app.screen, ConfirmScreen)
+                await pilot.press("y")
+                await _until(pilot, lambda: app.model.ended_at is not None, timeout=30)
+                await pilot.pause(0.3)
+                assert app.model.tasks["main/1"].state == "cancelled"
+                await pilot.press("q")  # a viewer: quitting does not touch the run
+
+        asyncio.run(drive())
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+    assert out.strip() == "sleeper cancelled"

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -89,6 +89,16 @@ MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (run_id, seq)
         ) WITHOUT ROWID""",
         "CREATE INDEX runs_by_start ON runs (started_at)",
+    ],
+    # Cancellation asked for by another process (`capsule tui` attached to a run).
+    2: [
+        """CREATE TABLE cancel_requests (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            requested_at REAL NOT NULL,
+            handled_at REAL,
+            PRIMARY KEY (run_id, task_id, requested_at)
+        )""",
     ],
 }
 

@@ -53,7 +53,12 @@ def run_journaled(
             ),
         )
         report = run_program(
-            request, _both(writer, on_event), run_id=run_id, steps=writer, seed=seed, on_run=on_run
+            request,
+            _both(writer, on_event),
+            run_id=run_id,
+            steps=writer,
+            seed=seed,
+            on_run=_watched(writer, on_run),
         )
         _finish(writer, report)
     return report
@@ -119,9 +124,25 @@ def resume_journaled(
             steps=writer,
             history=history,
             seed=bytes.fromhex(record.seed),
+            on_run=_watched(writer, None),
         )
         _finish(writer, report)
     return report
+
+
+def _watched(writer: JournalWriter, on_run: Callable[[Run], None] | None) -> Callable[[Run], None]:
+    """Once the run starts: cancellations another process writes to the journal
+    (`capsule tui` attached to this run) reach it."""
+
+    def started(run: Run) -> None:
+        def cancel(task_id: str) -> None:
+            run.cancel_task(task_id, "cancelled from `capsule tui`")
+
+        writer.on_cancel_request = cancel
+        if on_run is not None:
+            on_run(run)
+
+    return started
 
 
 def _write(writer: JournalWriter, action: Callable[[], None]) -> None:

@@ -39,6 +39,8 @@ from capsule.supervisor.tree import TaskResult
 #: so a busy run commits 50 times a second, not per record. A crash loses at
 #: most this much of the suffix; output is committed before it is shown.
 LINGER_SECONDS = 0.02
+#: How often a running run looks for cancellations asked by another process.
+CANCEL_POLL_SECONDS = 0.25
 #: A batch this large is committed without waiting longer.
 MAX_BATCH = 5000
 
@@ -74,6 +76,9 @@ class JournalWriter:
         self._connection = connect(path, create=True)
         #: Unredacted answers, kept apart from the journal (see secrets.py).
         self.secrets = SecretAnswers(run_id)
+        #: Called (on the writer thread) with the task id of each cancellation
+        #: another process asked for; None: nobody listens.
+        self.on_cancel_request: Callable[[str], None] | None = None
         row = self._connection.execute(
             "SELECT max(seq) FROM events WHERE run_id = ?", (run_id,)
         ).fetchone()
@@ -152,12 +157,21 @@ class JournalWriter:
         self._put(lambda: None, durable=True)
 
     def _write_loop(self) -> None:
+        next_poll = time.monotonic()
         while True:
+            if self.on_cancel_request is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL_SECONDS
+                self._poll_cancel_requests()
             with self._lock:
                 while not self._queue and not self._closing:
-                    self._work.wait()
+                    if self.on_cancel_request is None:
+                        self._work.wait()
+                    elif not self._work.wait(CANCEL_POLL_SECONDS):
+                        break  # time to look for cancel requests
                 if not self._queue:
-                    return
+                    if self._closing:
+                        return
+                    continue
                 if not self._durable_waiting and not self._closing and len(self._queue) < MAX_BATCH:
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits a few hundred times a second, not per record.
@@ -185,6 +199,26 @@ class JournalWriter:
                 self.records_written += len(batch)
                 self.commits += 1
                 self._committed_cv.notify_all()
+
+    def _poll_cancel_requests(self) -> None:
+        """Cancellations another process asked for (``capsule tui``): handed to
+        ``on_cancel_request`` and marked handled."""
+        assert self.on_cancel_request is not None
+        try:
+            rows = self._connection.execute(
+                "SELECT task_id, requested_at FROM cancel_requests "
+                "WHERE run_id = ? AND handled_at IS NULL",
+                (self.run_id,),
+            ).fetchall()
+            for task_id, requested_at in rows:
+                self.on_cancel_request(task_id)
+                self._connection.execute(
+                    "UPDATE cancel_requests SET handled_at = ? WHERE run_id = ? AND "
+                    "task_id = ? AND requested_at = ?",
+                    (time.time(), self.run_id, task_id, requested_at),
+                )
+        except sqlite3.Error:
+            pass  # a busy journal: asked again at the next poll
 
     def _commit(self, batch: list[Record]) -> None:
         """Write one batch in one transaction, each statement as multi-row

@@ -131,11 +131,11 @@ class HelpScreen(ModalScreen[None]):
             "  up/down, left/right  move in the task tree, fold and unfold\n"
             "  ?    this help\n"
             "  /    search tasks by name or id (Enter; Escape clears)\n"
-            "  f    filter by state: all, running, waiting, failed, completed, cancelled\n"
+            "  f    filter: all, running, waiting, failed, completed, cancelled\n"
             "  l    follow the newest activity on or off\n"
-            "  c    cancel the selected task (a run started here; asks first)\n"
+            "  c    cancel the selected task while the run goes on (asks first)\n"
             "  q    quit (a run still going is stopped first, and can be resumed)\n\n"
-            "States: · pending  ▶ running  ⏸ waiting  ↻ retrying  ⟳ restarting\n"
+            "States: · pending  ▶ running  … waiting  ↻ retrying  ⟳ restarting\n"
             "        ✓ completed  ✗ failed  ⊘ cancelled\n\n"
             "Escape closes this help.",
             id="help",
@@ -521,7 +521,7 @@ class CapsuleApp(App[int]):
 
     def action_quit_app(self) -> None:
         source = self.source
-        if source is not None and source.can_cancel and source.outcome() is None:
+        if source is not None and source.owns_run and source.outcome() is None:
 
             def answered(yes: bool | None) -> None:
                 if yes:

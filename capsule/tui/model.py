@@ -29,7 +29,7 @@ STATES = (
 SYMBOLS = {
     "pending": "·",
     "running": "▶",
-    "waiting": "⏸",
+    "waiting": "…",
     "retrying": "↻",
     "restarting": "⟳",
     "completed": "✓",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,10 +21,15 @@ from capsule.journal.reader import RunRecord, find_run, open_journal
 class Source(Protocol):
     """What the app reads from; ``fetch`` is called a few times a second."""
 
-    #: Whether tasks can be cancelled from the TUI (only in a run it started).
-    can_cancel: bool
+    @property
+    def can_cancel(self) -> bool:
+        """Whether tasks can be cancelled from the TUI now (a run still going)."""
+        ...
+
     run_id: str
     program: str
+    #: Whether the run lives in this process (quitting the TUI stops it).
+    owns_run: bool
 
     async def fetch(self) -> list[dict[str, Any]]:
         """Events since the last call, oldest first."""
@@ -51,7 +58,7 @@ class LiveSource:
     """A run in this process. The run's threads only append to a deque; the app
     converts and applies the events on its own loop."""
 
-    can_cancel = True
+    owns_run = True
 
     def __init__(self, program: str) -> None:
         self.run_id = ""
@@ -63,6 +70,10 @@ class LiveSource:
         self._stop_requested = False
 
     # -- fed by the run ----------------------------------------------------------
+
+    @property
+    def can_cancel(self) -> bool:
+        return not self._ended.is_set()
 
     def on_event(self, event: Any) -> None:
         self._events.append(event)
@@ -109,9 +120,11 @@ class LiveSource:
 
 
 class JournalSource:
-    """A journaled run, read as it grows (another process may be writing it)."""
+    """A journaled run, read as it grows (another process may be writing it).
+    While it runs, a cancellation is written to the journal, where the running
+    process picks it up within a quarter of a second."""
 
-    can_cancel = False
+    owns_run = False
 
     def __init__(self, journal: Path, record: RunRecord) -> None:
         self.journal = journal
@@ -169,8 +182,22 @@ class JournalSource:
     def outcome(self) -> tuple[str, int | None] | None:
         return self._outcome
 
+    @property
+    def can_cancel(self) -> bool:
+        return self._outcome is None
+
     def cancel(self, task_id: str) -> str:
-        return "this run belongs to another process (or has ended): it cannot be cancelled here"
+        if self._outcome is not None:
+            return "the run has ended; nothing to cancel"
+        try:
+            with sqlite3.connect(self.journal, timeout=5) as connection:
+                connection.execute(
+                    "INSERT INTO cancel_requests (run_id, task_id, requested_at) VALUES (?, ?, ?)",
+                    (self.run_id, task_id, time.time()),
+                )
+        except sqlite3.Error as exc:
+            return f"cannot ask the run to cancel {task_id}: {exc}"
+        return f"asked the run (process {self.record.host_pid}) to cancel {task_id}"
 
     def stop(self) -> None:
         return None
