@@ -533,3 +533,30 @@ def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> No
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["result"] == ["exception", "done"]
     assert not _started_after(journal, killed_at) - {"main"}  # the child did not run again
+
+
+def test_an_older_journal_is_migrated_in_place_and_keeps_its_runs(tmp_path: Path) -> None:
+    from capsule.journal.schema import MIGRATIONS, SCHEMA_VERSION
+
+    journal = tmp_path / "old.db"
+    with sqlite3.connect(journal) as connection:
+        for statement in MIGRATIONS[1]:
+            connection.execute(statement)
+        connection.execute(
+            "INSERT INTO runs (run_id, program, program_hash, args_json, settings_json, seed, "
+            "status, started_at, capsule_version) VALUES ('oldrun', '/p.py', 'h', '[[], {}]', "
+            "'{}', '00', 'completed', 1.0, '0.0.1')"
+        )
+        connection.execute("PRAGMA user_version = 1")
+    listed = capsule_cli("runs", "--json", "--journal", str(journal))
+    assert listed.returncode == 0 and json.loads(listed.stdout)[0]["run_id"] == "oldrun"
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n    return 1\n",
+        "new.py",
+    )
+    assert capsule_cli("run", str(program), "--journal", str(journal)).returncode == 0
+    with sqlite3.connect(journal) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        runs = {row[0] for row in connection.execute("SELECT run_id FROM runs")}
+    assert "oldrun" in runs and len(runs) == 2
