@@ -260,17 +260,17 @@ def _run_command(options: argparse.Namespace) -> int:
 
 
 def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -> int:
-    code = renderer.finish(report)
+    renderer.finish(report)
     if report.interrupted:
         hint = f"; resume with `capsule resume {report.run_id}`" if resumable else ""
         _error(
             f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled{hint}"
         )
-        return EXIT_INTERRUPTED
-    return code
+    return _exit_code(report)
 
 
 def _exit_code(report: Any) -> int:
+    """The exit code of a run (see the module docstring)."""
     if report.interrupted:
         return EXIT_INTERRUPTED
     if report.journal_error is not None or report.usage_error is not None:
@@ -307,16 +307,7 @@ def _run_with_tui(
         except JournalError as exc:
             report = RunReport(journal_error=str(exc))
         reports.append(report)
-        status = (
-            "interrupted"
-            if report.interrupted
-            else "error"
-            if report.result is None
-            else "completed"
-            if report.result.ok
-            else "failed"
-        )
-        source.ended(status, _exit_code(report))
+        source.ended(report.status, _exit_code(report))
 
     thread = threading.Thread(target=run, name="capsule-run")
     thread.start()
@@ -520,18 +511,19 @@ class _Renderer:
         sys.stderr.write(f"capsule: {line}\n")
         sys.stderr.flush()
 
-    def finish(self, report: Any) -> int:
+    def finish(self, report: Any) -> None:
+        """Show how the run ended (its exit code is ``_exit_code``)."""
         if self.json_output:
             print(json.dumps(report.envelope(), indent=2))
         if report.journal_error is not None:
             _error(f"the run was stopped: {report.journal_error}")
-            return EXIT_USAGE
+            return
         nothing_ran = report.usage_error or report.runtime_error
         if nothing_ran is not None:
             _error(nothing_ran)
             if report.traceback:
                 sys.stderr.write(report.traceback)
-            return EXIT_USAGE if report.usage_error is not None else EXIT_RUNTIME
+            return
         result = report.result
         if self.json_output or report.interrupted:
             pass  # the envelope says it all; an interrupt is reported by the caller
@@ -546,7 +538,6 @@ class _Renderer:
             )
             if error.traceback and error.kind == "exception":
                 sys.stderr.write(error.traceback)
-        return EXIT_OK if result.ok else EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -187,3 +188,27 @@ def http_server() -> Iterator[LocalServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def kill_at_marker(
+    args: list[str], marker: str, cwd: Path, extra_delay: float = 0.0
+) -> tuple[str, int]:
+    """Start `capsule ARGS`, kill -9 it once a line of its stdout starts with
+    ``marker`` (and ``extra_delay`` seconds later): (what it printed, exit code)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=cwd,
+    )
+    assert process.stdout is not None
+    seen: list[str] = []
+    for line in process.stdout:
+        seen.append(line)
+        if line.startswith(marker):
+            break
+    time.sleep(extra_delay)
+    process.send_signal(signal.SIGKILL)
+    rest, _ = process.communicate()
+    return "".join(seen) + rest, process.returncode

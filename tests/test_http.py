@@ -5,7 +5,6 @@ slot while waiting, journal replay after kill -9, and redaction."""
 from __future__ import annotations
 
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from capsule.sandbox.grants import HostRule, url_parts
-from tests.conftest import LocalServer, ProgramRunner, capsule_cli
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli, kill_at_marker
 
 ROUND_TRIP = """
 import base64
@@ -258,19 +257,7 @@ def test_a_journaled_response_is_replayed_not_sent_again_and_secrets_are_redacte
 ) -> None:
     program = tmp_path / "fetcher.py"
     program.write_text(textwrap.dedent(REPLAYED))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program), http_server.url],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK requested"):
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_at_marker(["run", str(program), http_server.url], "MARK requested", tmp_path)
     assert http_server.hits == {"/echo": 1, "/cookie": 1}
 
     resumed = capsule_cli("resume", "--last", "--json", "-v", cwd=tmp_path)

@@ -12,12 +12,11 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import capsule_cli
+from tests.conftest import capsule_cli, kill_at_marker
 
 # A workflow with a chain of calls, a fan-out, an actor fed a burst of messages,
 # and guest clock / random reads. Every task prints a marker outside the sandbox.
@@ -104,24 +103,9 @@ def _markers(text: str) -> list[str]:
 def _run_and_kill(program: Path, marker: str, extra_delay: float) -> str:
     """Start `capsule run`, kill -9 it once ``marker`` was printed (and
     ``extra_delay`` later); returns what it printed."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=program.parent,
-    )
-    assert process.stdout is not None
-    seen: list[str] = []
-    for line in process.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            break
-    time.sleep(extra_delay)
-    process.send_signal(signal.SIGKILL)
-    rest, _ = process.communicate()
-    assert process.returncode == -signal.SIGKILL, f"the run ended before the kill: {seen}"
-    return "".join(seen) + rest
+    printed, code = kill_at_marker(["run", str(program)], marker, program.parent, extra_delay)
+    assert code == -signal.SIGKILL, f"the run ended before the kill: {printed}"
+    return printed
 
 
 def _integrity(journal: Path) -> str:
@@ -289,19 +273,7 @@ def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
     """
     program = _write(tmp_path, source)
     _run_and_kill(program, "MARK one", 0.0)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "resume", "--last"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK two"):
-            break
-    process.kill()
-    process.wait()
+    kill_at_marker(["resume", "--last"], "MARK two", tmp_path)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         kinds = [row[0] for row in connection.execute("SELECT kind FROM steps ORDER BY step")]
     assert kinds[:3] == ["output", "sleep", "output"]
@@ -483,20 +455,8 @@ def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path:
         return current().attempt
     """
     program = _write(tmp_path, source)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program), "--retry-backoff", "30"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK attempt 1"):
-            break
-    time.sleep(1.0)  # the failure is journaled; the 30 s backoff is under way
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # Killed 1 s after the failure: it is journaled, and the 30 s backoff is under way.
+    kill_at_marker(["run", str(program), "--retry-backoff", "30"], "MARK attempt 1", tmp_path, 1.0)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     envelope = json.loads(resumed.stdout)

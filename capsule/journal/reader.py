@@ -277,6 +277,12 @@ async def load_history(path: Path, run_id: str) -> History:
         for task_id, attempt, children_before, messages_before in await cursor.fetchall():
             task = history.tasks.setdefault(task_id, TaskHistory(name="?"))
             task.attempts[attempt] = AttemptHistory([], children_before, messages_before)
+        # Only the last attempt of a task in flight is ever replayed.
+        replayable = {
+            task_id: max(task.attempts)
+            for task_id, task in history.tasks.items()
+            if task.final is None and task.attempts
+        }
         received: set[str] = set()
         sent: list[tuple[float, PendingMessage]] = []
         cursor = await db.execute(
@@ -297,10 +303,9 @@ async def load_history(path: Path, run_id: str) -> History:
                 history.replies[message_id] = body
             elif kind == "monotonic":
                 history.monotonic_ns = max(history.monotonic_ns, int(answer))
-            owner = history.tasks.get(task_id)
-            if owner is None or owner.final is not None or attempt not in owner.attempts:
+            if attempt != replayable.get(task_id):
                 continue
-            steps = owner.attempts[attempt].steps
+            steps = history.tasks[task_id].attempts[attempt].steps
             if number == len(steps) + 1:  # a gap would end what can be replayed
                 steps.append(Step(kind, request, bool(ok), answer))
         cursor = await db.execute(
@@ -334,6 +339,4 @@ async def load_history(path: Path, run_id: str) -> History:
                 answer = secrets.get((task_id, attempt, index + 1))
                 if answer is not None:  # what the guest saw, not its redacted record
                     past.steps[index] = Step(step.kind, step.request, step.ok, answer)
-        if task.final is None and task.attempts:
-            history.steps += len(task.attempts[max(task.attempts)].steps)
     return history

@@ -169,12 +169,8 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
     if report.journal_error is not None or writer.failure is not None:
         return
     result = report.result
-    if report.interrupted:
-        status = "interrupted"
-    elif result is None:
-        status = "error"
-    else:
-        status = "completed" if result.ok else "failed"
+    status = report.status
+    if status in ("completed", "failed"):
         writer.secrets.discard()  # the run is over: nothing will replay it
     error: dict[str, Any] | None = None
     if result is not None and result.error is not None:

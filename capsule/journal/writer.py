@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capsule.journal.schema import JournalError, connect, describe_error
+from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
 from capsule.supervisor.tree import TaskResult
@@ -97,9 +97,6 @@ class JournalWriter:
         self._tasks: dict[str, _TaskState] = {}
         self._dirty: dict[str, None] = {}
         self._thread: threading.Thread | None = None
-        #: Figures for benchmarks: records and commits written.
-        self.records_written = 0
-        self.commits = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -152,10 +149,6 @@ class JournalWriter:
         """Queue one statement of the caller's (the run's own row, for instance)."""
         self._put(lambda: (sql, params), durable)
 
-    def flush(self) -> None:
-        """Return once everything queued so far is committed."""
-        self._put(lambda: None, durable=True)
-
     def _write_loop(self) -> None:
         next_poll = time.monotonic()
         while True:
@@ -196,8 +189,6 @@ class JournalWriter:
                 return
             with self._lock:
                 self._committed = upto
-                self.records_written += len(batch)
-                self.commits += 1
                 self._committed_cv.notify_all()
 
     def _poll_cancel_requests(self) -> None:
@@ -475,9 +466,3 @@ def start_run_row(
             __version__,
         ),
     )
-
-
-def check_writable(writer: JournalWriter) -> None:
-    """Raise JournalError if the writer failed (the run could not be recorded)."""
-    if writer.failure is not None:
-        raise JournalError(writer.failure)

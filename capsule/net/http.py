@@ -6,15 +6,15 @@ exchange, and cancellation that reaches a request in flight."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from capsule.net.redact import is_sensitive, redact_url
+from capsule.net.redact import is_sensitive, redact_headers, redact_url
 
 if TYPE_CHECKING:  # imported when the first request starts: most runs make none
     import httpx
@@ -78,6 +78,18 @@ class HttpRequest:
             )
         return cls(method, url, headers, body, timeout)
 
+    def journal_form(self) -> str:
+        """The request as the journal keeps it, and as a replay compares it:
+        secrets redacted, the body by its digest."""
+        return json.dumps(
+            {
+                "method": self.method,
+                "url": redact_url(self.url),
+                "headers": redact_headers(self.headers),
+                "body_sha256": hashlib.sha256(self.body).hexdigest(),
+            }
+        )
+
 
 @dataclass(frozen=True)
 class HttpResponse:
@@ -101,7 +113,7 @@ class HttpResponse:
 HostCheck = Callable[[str], bool]
 
 
-class HttpClient(AbstractContextManager["HttpClient"]):
+class HttpClient:
     """One run's HTTP client: an event loop thread (anyio's blocking portal) and
     an httpx client with its connection pool, both closed with it."""
 
@@ -124,9 +136,6 @@ class HttpClient(AbstractContextManager["HttpClient"]):
                 self._client = portal.call(_new_client)
                 self._portal_cm, self._portal = portal_cm, portal
             return self._portal
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def close(self) -> None:
         """Close the connections and stop the event loop (if it ever started);

@@ -3,6 +3,7 @@ key-like URL parameters are replaced by a marker."""
 
 from __future__ import annotations
 
+import json
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REDACTED = "[redacted]"
@@ -57,3 +58,17 @@ def redact_url(url: str) -> str:
                 safe="[]",
             )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_response_json(answer: str) -> str:
+    """An HTTP response (HttpResponse.to_json) with credential headers and its URL
+    redacted; anything else as it is."""
+    try:
+        data = json.loads(answer)
+    except ValueError:
+        return answer
+    if isinstance(data, dict) and "headers" in data:
+        data["headers"] = redact_headers([(k, v) for k, v in data["headers"]])
+        data["url"] = redact_url(str(data.get("url", "")))
+        return json.dumps(data)
+    return answer

@@ -284,6 +284,8 @@ _FIELD_OF_OPTION = {
     "allowed_files": "allowed_files",
 }
 _OPTION_OF_FIELD = {field: option for option, field in _FIELD_OF_OPTION.items()}
+#: Every option @task accepts.
+TASK_OPTIONS = tuple(_FIELD_OF_OPTION)
 
 
 def validate_task(

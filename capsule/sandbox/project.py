@@ -13,6 +13,7 @@ from capsule.sandbox.config import (
     COMPUTE_FORMS,
     HOSTS_FORMS,
     RAM_FORMS,
+    TASK_OPTIONS,
     TIMEOUT_FORMS,
     ConfigError,
     HostCaps,
@@ -26,19 +27,7 @@ from capsule.sandbox.grants import HostRule
 
 PROJECT_FILE = "capsule.toml"
 #: Options of @task that [tasks] may set (all but the name).
-TASK_DEFAULT_KEYS = (
-    "compute",
-    "ram",
-    "timeout",
-    "max_retries",
-    "restart",
-    "strategy",
-    "max_restarts",
-    "restart_window",
-    "allowed_hosts",
-    "env",
-    "allowed_files",
-)
+TASK_DEFAULT_KEYS = tuple(option for option in TASK_OPTIONS if option != "name")
 _POLICY_KEYS = {
     "max_fuel": (parse_compute, COMPUTE_FORMS),
     "max_ram": (parse_ram, RAM_FORMS),

@@ -60,6 +60,15 @@ class RunReport:
     #: The journal could not be written, so the run was stopped.
     journal_error: str | None = None
 
+    @property
+    def status(self) -> str:
+        """How the run ended: completed, failed, interrupted, or error (nothing ran)."""
+        if self.interrupted:
+            return "interrupted"
+        if self.result is None:
+            return "error"
+        return "completed" if self.result.ok else "failed"
+
     def envelope(self) -> dict[str, Any]:
         """The ``--json`` envelope."""
         result = self.result

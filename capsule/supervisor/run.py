@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 
 from capsule.actors.router import Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest
-from capsule.net.redact import redact_headers, redact_url
+from capsule.net.redact import redact_response_json, redact_url
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
@@ -996,14 +996,7 @@ class Run:
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
-        return self._step(
-            caller,
-            "send",
-            json.dumps([target, body_json]),
-            lambda: self._messages.send(attempt, target, body_json, timeout),
-            replayed=lambda _: attempt.node.next_message_id(),
-        )
+        return self._outgoing(caller, "send", target, body_json, timeout)
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
@@ -1012,13 +1005,19 @@ class Run:
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
+        return self._outgoing(caller, "ask", target, body_json, timeout)
+
+    def _outgoing(
+        self, caller: Invocation, kind: str, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
+        deliver = self._messages.ask if kind == "ask" else self._messages.send
         return self._step(
             caller,
-            "ask",
+            kind,
             json.dumps([target, body_json]),
-            lambda: self._messages.ask(attempt, target, body_json, timeout),
-            replayed=lambda _: attempt.node.next_message_id(),
+            lambda: deliver(attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
@@ -1026,7 +1025,7 @@ class Run:
             # The asker may be waiting live for this reply (its ask was not journaled).
             try:
                 self._router.reply(message_id, caller.task_id, body_json)
-            except (RoutingError, KeyError):
+            except RoutingError:
                 pass
 
         return self._step(
@@ -1071,14 +1070,6 @@ class Run:
             # Recorded by its digest: a malformed request may still carry secrets.
             digest = hashlib.sha256(request_json.encode()).hexdigest()
             return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: refusal)
-        recorded = json.dumps(
-            {
-                "method": request.method,
-                "url": redact_url(request.url),
-                "headers": redact_headers(request.headers),
-                "body_sha256": hashlib.sha256(request.body).hexdigest(),
-            }
-        )
 
         def perform() -> tuple[bool, str]:
             started = time.monotonic()
@@ -1113,7 +1104,12 @@ class Run:
 
         # Durable: once a request has been sent, a crash must not send it again.
         return self._step(
-            caller, "http", recorded, perform, durable=True, for_journal=_redact_response
+            caller,
+            "http",
+            request.journal_form(),
+            perform,
+            durable=True,
+            for_journal=redact_response_json,
         )
 
     # -- time and randomness: journaled, so that a replay sees the same --------
@@ -1185,19 +1181,6 @@ class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
-
-
-def _redact_response(answer: str) -> str:
-    """A response as the journal keeps it: credential headers and URL redacted."""
-    try:
-        data = json.loads(answer)
-    except ValueError:
-        return answer
-    if isinstance(data, dict) and "headers" in data:
-        data["headers"] = redact_headers([(k, v) for k, v in data["headers"]])
-        data["url"] = redact_url(str(data.get("url", "")))
-        return json.dumps(data)
-    return answer
 
 
 def _describe(step: Step) -> str:

@@ -78,8 +78,6 @@ class History:
     replies: dict[str, str] = field(default_factory=dict)
     #: The largest monotonic clock reading a guest saw.
     monotonic_ns: int = 0
-    #: Steps that will be replayed in total (for the resume's report).
-    steps: int = 0
 
 
 class JournalFailure(Exception):

@@ -482,16 +482,19 @@ class CapsuleApp(App[int]):
         search = self._search
         search.remove_class("visible")
         self._tree_widget.focus()
+        self._rebuild_now()
+
+    def _rebuild_now(self) -> None:
+        """Redraw the tree for a new filter or search, and the header that names it."""
         self._rebuild = True
-        self._apply_dirty(self.clock())
-        self._show_summary(self.clock())
+        now = self.clock()
+        self._apply_dirty(now)
+        self._show_summary(now)
 
     def action_filter(self) -> None:
         index = FILTERS.index(self.state_filter)
         self.state_filter = FILTERS[(index + 1) % len(FILTERS)]
-        self._rebuild = True
-        self._apply_dirty(self.clock())
-        self._show_summary(self.clock())
+        self._rebuild_now()
 
     def action_follow(self) -> None:
         self.follow = not self.follow

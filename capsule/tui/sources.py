@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -170,8 +171,7 @@ class JournalSource:
             )
             row = await cursor.fetchone()
             if row is not None:
-                record = RunRecord(**{**self.record.__dict__, "status": row[0], "host_pid": row[1]})
-                status = record.shown_status
+                status = replace(self.record, status=row[0], host_pid=row[1]).shown_status
                 if status != "running":
                     self._outcome = (status, None)
         return events
