@@ -242,14 +242,16 @@ def _run_command(options: argparse.Namespace) -> int:
         return _run_with_tui(request, options, renderer, path)
     try:
         if options.no_journal:
-            report = run_program(request, renderer.on_event)
+            report = run_program(request, renderer.on_event, event_types=renderer.event_types)
         else:
             from capsule.journal.schema import JournalError, default_journal
             from capsule.journal.session import run_journaled
 
             journal = Path(options.journal) if options.journal else default_journal(path)
             try:
-                report = run_journaled(request, journal, renderer.on_event)
+                report = run_journaled(
+                    request, journal, renderer.on_event, event_types=renderer.event_types
+                )
             except JournalError as exc:
                 _error(str(exc))
                 return EXIT_USAGE
@@ -365,7 +367,11 @@ def _resume_command(options: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         report = resume_journaled(
-            _journal_path(options), options.run_id, options.force, renderer.on_event
+            _journal_path(options),
+            options.run_id,
+            options.force,
+            renderer.on_event,
+            event_types=renderer.event_types,
         )
     except JournalError as exc:
         _error(str(exc))
@@ -456,6 +462,13 @@ class _Renderer:
         self.verbose = verbose
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
         self.guest_out = sys.stderr if json_output else sys.stdout
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        """The events it shows (the run builds no others for it)."""
+        from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+
+        return EVENT_TYPES - MESSAGE_EVENT_TYPES if self.verbose else frozenset({"output"})
 
     def on_event(self, event: Any) -> None:
         kind = event.type

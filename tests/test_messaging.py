@@ -3,6 +3,10 @@ backpressure, size limits, timeouts, and cancellation of a blocked receiver."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from capsule.actors.router import RoutingError
@@ -77,6 +81,59 @@ def test_messages_arrive_in_order(run_program: ProgramRunner) -> None:
     """
     )
     assert outcome.value == list(range(50))
+
+
+def test_strings_cross_the_boundary_unchanged(run_program: ProgramRunner) -> None:
+    # The host lowers and lifts strings itself (one copy, GIL held): empty,
+    # non-ASCII, NUL and large strings must come back exactly as sent.
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        bodies = ["", "héllo ✓ 日本 🎉", "a\\x00b", "x" * 300_000, {"ü": ["", None]}]
+        actor = echo.spawn()
+        echoed = [ask(actor, body)["echo"] for body in bodies]
+        send(actor, "stop")
+        actor.result()
+        return [echoed == bodies, [len(str(b)) for b in echoed]]
+    """
+    )
+    assert outcome.value == [True, [0, 12, 3, 300_000, 17]]
+
+
+def test_message_events_are_built_only_when_someone_takes_them(
+    program: Callable[[str, str], Path],
+) -> None:
+    from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+    from capsule.supervisor.program import RunRequest, run_program
+
+    path = program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        collector = collect.spawn(3)
+        for i in range(3):
+            send(collector, i)
+        return collector.result()
+    """,
+        "prog.py",
+    )
+    everything: list[Any] = []
+    report = run_program(RunRequest(path=path, args=[]), everything.append)
+    assert report.result is not None and report.result.value() == [0, 1, 2]
+    kinds = [event.type for event in everything]
+    assert kinds.count("message_sent") == 3 and kinds.count("message_received") == 3
+
+    some: list[Any] = []
+    wanted = EVENT_TYPES - MESSAGE_EVENT_TYPES
+    report = run_program(RunRequest(path=path, args=[]), some.append, event_types=wanted)
+    assert report.result is not None and report.result.value() == [0, 1, 2]
+    assert {event.type for event in some} <= wanted
+    assert [e.type for e in some if e.type in ("started", "completed")] == [
+        e.type for e in everything if e.type in ("started", "completed")
+    ]
 
 
 def test_receive_timeout(run_program: ProgramRunner) -> None:

@@ -7,13 +7,13 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsule.journal.schema import JournalError
-from capsule.journal.writer import JournalWriter, start_run_row
+from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
 from capsule.supervisor.steps import JournalFailure
@@ -34,6 +34,7 @@ def run_journaled(
     journal: Path,
     on_event: Callable[[Any], None],
     on_run: Callable[[Run], None] | None = None,
+    event_types: Collection[str] | None = None,
 ) -> RunReport:
     """Run the program with every event, step and outcome in ``journal``.
     Raises JournalError if the journal cannot be opened (nothing ran)."""
@@ -54,11 +55,12 @@ def run_journaled(
         )
         report = run_program(
             request,
-            _both(writer, on_event),
+            _both(writer, on_event, event_types),
             run_id=run_id,
             steps=writer,
             seed=seed,
             on_run=_watched(writer, on_run),
+            event_types=_with_journaled(event_types),
         )
         _finish(writer, report)
     return report
@@ -90,7 +92,11 @@ def check_resumable(record: RunRecord, force: bool) -> Path:
 
 
 def resume_journaled(
-    journal: Path, run_id: str | None, force: bool, on_event: Callable[[Any], None]
+    journal: Path,
+    run_id: str | None,
+    force: bool,
+    on_event: Callable[[Any], None],
+    event_types: Collection[str] | None = None,
 ) -> RunReport:
     """Resume a run that stopped before it ended (crash, kill, Ctrl-C): ``main``
     runs again, tasks that ended return their journaled outcome, tasks in flight
@@ -119,12 +125,13 @@ def resume_journaled(
         )
         report = run_program(
             request,
-            _both(writer, on_event),
+            _both(writer, on_event, event_types),
             run_id=record.run_id,
             steps=writer,
             history=history,
             seed=bytes.fromhex(record.seed),
             on_run=_watched(writer, None),
+            event_types=_with_journaled(event_types),
         )
         _finish(writer, report)
     return report
@@ -152,13 +159,22 @@ def _write(writer: JournalWriter, action: Callable[[], None]) -> None:
         raise JournalError(str(exc)) from None
 
 
-def _both(writer: JournalWriter, on_event: Callable[[Any], None]) -> Callable[[Any], None]:
+def _with_journaled(event_types: Collection[str] | None) -> frozenset[str] | None:
+    return None if event_types is None else JOURNALED_EVENT_TYPES | frozenset(event_types)
+
+
+def _both(
+    writer: JournalWriter,
+    on_event: Callable[[Any], None],
+    event_types: Collection[str] | None = None,
+) -> Callable[[Any], None]:
     def deliver(event: Any) -> None:
         try:
             writer.on_event(event)
         except JournalFailure:
             pass  # the run stops at its next journaled step, which reports it
-        on_event(event)
+        if event_types is None or event.type in event_types:
+            on_event(event)
 
     return deliver
 

@@ -26,11 +26,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
+from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
 from capsule.supervisor.tree import TaskResult
 
@@ -44,14 +46,15 @@ CANCEL_POLL_SECONDS = 0.25
 #: A batch this large is committed without waiting longer.
 MAX_BATCH = 5000
 
-#: A queued record: computed on the writer thread, it gives a statement and its
-#: parameters, or None when it only changed a task's state (written per batch).
+#: A record computed on the writer thread (events are numbered there, task
+#: states folded): it gives a statement and its parameters, or None when it
+#: only changed a task's state (written per batch).
 Record = Callable[[], tuple[str, tuple[Any, ...]] | None]
 
-#: Events whose content the journal holds already: every message is in the
-#: step that sent it (a send, or an ask and the messages table) and the receive
-#: step that took it.
-_NOT_JOURNALED = frozenset({"message_sent", "message_received"})
+#: The events journaled. Not the message events: every message is in the step
+#: that sent it (a send, or an ask and the messages table) and the receive step
+#: that took it.
+JOURNALED_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
 
 _STATUS_BY_EVENT = {
     "pending": "pending",
@@ -86,7 +89,10 @@ class JournalWriter:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._committed_cv = threading.Condition(self._lock)
-        self._queue: list[Record] = []
+        #: The batch being gathered: rows by statement (most records: a row
+        #: costs one append on the caller's thread), and records to compute.
+        self._rows: dict[str, list[tuple[Any, ...]]] = {}
+        self._records: list[Record] = []
         self._queued = 0
         self._committed = 0
         self._failure: str | None = None
@@ -124,30 +130,47 @@ class JournalWriter:
 
     # -- queueing --------------------------------------------------------------
 
-    def _put(self, record: Record, durable: bool = False) -> None:
+    def _put(self, sql: str, params: tuple[Any, ...], durable: bool = False) -> None:
+        """Queue one statement's row (statements are grouped per batch)."""
         with self._lock:
             if self._failure is not None:
                 raise JournalFailure(self._failure)
-            self._queue.append(record)
+            rows = self._rows.get(sql)
+            if rows is None:
+                rows = self._rows[sql] = []
+            rows.append(params)
             self._queued += 1
-            mine = self._queued
-            if not durable:
-                if len(self._queue) in (1, MAX_BATCH):
-                    self._work.notify()  # later ones join the batch it gathers
-                return
-            self._durable_waiting += 1
-            self._work.notify()
-            try:
-                while self._committed < mine and self._failure is None:
-                    self._committed_cv.wait()
-            finally:
-                self._durable_waiting -= 1
+            if durable:
+                self._wait_for_commit()
+            elif self._queued - self._committed in (1, MAX_BATCH):
+                self._work.notify()  # later ones join the batch it gathers
+
+    def _put_record(self, record: Record) -> None:
+        """Queue a record computed on the writer thread."""
+        with self._lock:
             if self._failure is not None:
                 raise JournalFailure(self._failure)
+            self._records.append(record)
+            self._queued += 1
+            if self._queued - self._committed in (1, MAX_BATCH):
+                self._work.notify()
+
+    def _wait_for_commit(self) -> None:
+        # Holding the lock: wait until everything queued so far is committed.
+        mine = self._queued
+        self._durable_waiting += 1
+        self._work.notify()
+        try:
+            while self._committed < mine and self._failure is None:
+                self._committed_cv.wait()
+        finally:
+            self._durable_waiting -= 1
+        if self._failure is not None:
+            raise JournalFailure(self._failure)
 
     def execute(self, sql: str, params: tuple[Any, ...], durable: bool = True) -> None:
         """Queue one statement of the caller's (the run's own row, for instance)."""
-        self._put(lambda: (sql, params), durable)
+        self._put(sql, params, durable)
 
     def _write_loop(self) -> None:
         next_poll = time.monotonic()
@@ -156,23 +179,28 @@ class JournalWriter:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
                 self._poll_cancel_requests()
             with self._lock:
-                while not self._queue and not self._closing:
+                while self._queued == self._committed and not self._closing:
                     if self.on_cancel_request is None:
                         self._work.wait()
                     elif not self._work.wait(CANCEL_POLL_SECONDS):
                         break  # time to look for cancel requests
-                if not self._queue:
+                if self._queued == self._committed:
                     if self._closing:
                         return
                     continue
-                if not self._durable_waiting and not self._closing and len(self._queue) < MAX_BATCH:
+                if (
+                    not self._durable_waiting
+                    and not self._closing
+                    and self._queued - self._committed < MAX_BATCH
+                ):
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits a few hundred times a second, not per record.
                     self._work.wait(LINGER_SECONDS)
-                batch, self._queue = self._queue, []
+                rows, self._rows = self._rows, {}
+                records, self._records = self._records, []
                 upto = self._queued
             try:
-                self._commit(batch)
+                self._commit(rows, records)
             except Exception as exc:  # whatever it is, no caller may wait forever
                 try:
                     self._connection.execute("ROLLBACK")
@@ -184,7 +212,8 @@ class JournalWriter:
                         if isinstance(exc, (sqlite3.Error, OSError))
                         else f"the journal writer failed: {exc!r}"
                     )
-                    self._queue.clear()
+                    self._rows.clear()
+                    self._records.clear()
                     self._committed_cv.notify_all()
                 return
             with self._lock:
@@ -211,16 +240,15 @@ class JournalWriter:
         except sqlite3.Error:
             pass  # a busy journal: asked again at the next poll
 
-    def _commit(self, batch: list[Record]) -> None:
+    def _commit(self, statements: dict[str, list[tuple[Any, ...]]], records: list[Record]) -> None:
         """Write one batch in one transaction, each statement as multi-row
         INSERTs: sqlite3 gives up the GIL around every step of a statement (every
         row, with executemany) and must win it back from the task threads, so a
         batch costs a handful of steps, not one per record. (Order within the
         transaction does not matter: it is all or nothing, and every table but
         ``tasks`` only gains rows, whose state is folded here first.)"""
-        statements: dict[str, list[tuple[Any, ...]]] = {}
         self._dirty.clear()
-        for record in batch:
+        for record in records:
             row = record()
             if row is not None:
                 statements.setdefault(row[0], []).append(row[1])
@@ -238,9 +266,7 @@ class JournalWriter:
             while done < len(rows):
                 count = _chunk(len(rows) - done)
                 chunk = rows[done : done + count]
-                connection.execute(
-                    _multi_row(sql, count), [value for row in chunk for value in row]
-                )
+                connection.execute(_multi_row(sql, count), list(chain.from_iterable(chunk)))
                 done += count
         connection.execute("COMMIT")
 
@@ -248,7 +274,7 @@ class JournalWriter:
 
     def on_event(self, event: Any) -> None:
         """Journal a lifecycle event (and the task's state it implies)."""
-        if event.type in _NOT_JOURNALED:
+        if event.type not in JOURNALED_EVENT_TYPES:
             return
         run_id = self.run_id
 
@@ -265,7 +291,7 @@ class JournalWriter:
                 (run_id, self._event_seq, event.task_id, event.type, event.at, data),
             )
 
-        self._put(record)
+        self._put_record(record)
 
     def _task_event(self, event: Any, status: str) -> None:
         # On the writer thread: the task's row is written once per batch.
@@ -309,9 +335,8 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        self.execute(
-            "INSERT OR REPLACE INTO steps (run_id, task_id, attempt, step, kind, request, ok, "
-            "answer, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self._put(
+            _STEP_INSERT,
             (
                 self.run_id,
                 task_id,
@@ -366,8 +391,13 @@ class JournalWriter:
             state.error_json = None if error is None else error.model_dump_json()
             self._dirty[result.task_id] = None
 
-        self._put(record)
+        self._put_record(record)
 
+
+_STEP_INSERT = (
+    "INSERT OR REPLACE INTO steps (run_id, task_id, attempt, step, kind, request, ok, "
+    "answer, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
 #: 256 rows of 14 values stay below SQLite's 32,766 parameters).

@@ -29,7 +29,7 @@ from wasmtime.component import (
     VariantType,
 )
 from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import VariantLikeType
+from wasmtime.component._types import String, VariantLikeType
 
 HostFunc = Callable[..., Any]
 
@@ -68,6 +68,64 @@ for _cls, _name in (
     (VariantLikeType, "_tagged"),
 ):
     _memoize(_cls, _name)
+
+
+#: C functions on the path of every crossing that only allocate, free or read a
+#: field. ctypes releases the GIL around every foreign call; for calls this
+#: short that costs more than the call, and on a busy run each release hands the
+#: GIL to another thread that the caller must then wait out. Bound again as
+#: Python-API functions, which keep it. (Calls that run wasm, compile or
+#: instantiate keep releasing it: other threads run meanwhile.)
+_HOLD_GIL = (
+    "wasm_byte_vec_new",
+    "wasm_byte_vec_new_uninitialized",
+    "wasm_byte_vec_delete",
+    "wasmtime_component_val_new",
+    "wasmtime_component_val_delete",
+    "wasmtime_component_vallist_new_uninit",
+    "wasmtime_component_valrecord_new_uninit",
+    "wasmtime_context_get_fuel",
+)
+
+
+_LIBRARY: ctypes.CDLL = _bindings.dll  # type: ignore[attr-defined]
+
+
+def _bind_holding_gil(name: str) -> None:
+    releasing = getattr(_bindings, f"_{name}")
+    prototype = ctypes.PYFUNCTYPE(releasing.restype, *releasing.argtypes)
+    setattr(_bindings, f"_{name}", prototype((name, _LIBRARY)))
+
+
+for _function in _HOLD_GIL:
+    _bind_holding_gil(_function)
+
+#: wasm_byte_vec_new taking the source bytes as they are (one copy, in C).
+_byte_vec_from = ctypes.PYFUNCTYPE(
+    None, ctypes.POINTER(ffi.wasm_byte_vec_t), ctypes.c_size_t, ctypes.c_char_p
+)(("wasm_byte_vec_new", _LIBRARY))
+
+
+def _string_to_c(self: Any, store: Any, val: Any, ptr: Any) -> None:
+    # wasmtime-py copies a string three times on its way in (encode, a ctypes
+    # array, memmove into the vector); the vector can take the encoded bytes.
+    if not isinstance(val, str):
+        raise TypeError("expected string type")
+    encoded = val.encode("utf-8")
+    contents = ptr.contents
+    contents.kind = ffi.WASMTIME_COMPONENT_STRING
+    _byte_vec_from(ctypes.byref(contents.of.string), len(encoded), encoded)
+
+
+def _string_from_c(self: Any, c: Any) -> str:
+    vec = c.of.string
+    text = ctypes.string_at(vec.data, vec.size).decode("utf-8") if vec.size else ""
+    ffi.wasm_byte_vec_delete(ctypes.byref(vec))
+    return text
+
+
+String.convert_to_c = _string_to_c  # type: ignore[method-assign]
+String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
 
 class _Import:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Collection
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -191,6 +191,14 @@ TaskEvent = Annotated[
 
 Subscriber = Callable[[Any], None]
 
+#: Every event type (the ``type`` of each model in TaskEvent).
+EVENT_TYPES: frozenset[str] = frozenset(
+    model.model_fields["type"].default for model in get_args(get_args(TaskEvent)[0])
+)
+#: One event per message sent or received: a run that nobody watches that
+#: closely (no TUI) does not build them.
+MESSAGE_EVENT_TYPES = frozenset({"message_sent", "message_received"})
+
 
 class EventStream:
     """Fan-out of events to subscribers, in emission order, from any thread.
@@ -200,22 +208,43 @@ class EventStream:
     """
 
     def __init__(self) -> None:
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []
         self._lock = threading.Lock()
+        #: The types some subscriber takes (None: all).
+        self._wanted: frozenset[str] | None = frozenset()
 
-    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
-        """Add a subscriber; returns a function that removes it."""
+    def subscribe(
+        self, subscriber: Subscriber, types: Collection[str] | None = None
+    ) -> Callable[[], None]:
+        """Add a subscriber for ``types`` (None: every event); returns a function
+        that removes it."""
+        entry = (subscriber, None if types is None else frozenset(types))
         with self._lock:
-            self._subscribers.append(subscriber)
+            self._subscribers.append(entry)
+            self._update_wanted()
 
         def unsubscribe() -> None:
             with self._lock:
-                if subscriber in self._subscribers:
-                    self._subscribers.remove(subscriber)
+                if entry in self._subscribers:
+                    self._subscribers.remove(entry)
+                    self._update_wanted()
 
         return unsubscribe
 
+    def _update_wanted(self) -> None:
+        wanted: frozenset[str] | None = frozenset()
+        for _, types in self._subscribers:
+            wanted = None if wanted is None or types is None else wanted | types
+        self._wanted = wanted
+
+    def wants(self, event_type: str) -> bool:
+        """Whether any subscriber takes events of ``event_type``: an emitter
+        may skip building one nobody takes."""
+        wanted = self._wanted
+        return wanted is None or event_type in wanted
+
     def emit(self, event: Any) -> None:
         with self._lock:
-            for subscriber in list(self._subscribers):
-                subscriber(event)
+            for subscriber, types in list(self._subscribers):
+                if types is None or event.type in types:
+                    subscriber(event)

@@ -39,6 +39,7 @@ class MessageCalls:
         self.history = history
         self.router = router
         self.emit = events.emit
+        self.wants = events.wants
         self.run_id = run_id
         self.block = block
         self.max_message_bytes = max_message_bytes
@@ -102,17 +103,18 @@ class MessageCalls:
             # A sent message's id and target are in its send step's answer; an
             # ask's answer is the reply, so the message is recorded on its own.
             self.on_ask(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
-        self.emit(
-            MessageSent(
-                run_id=self.run_id,
-                task_id=caller.task_id,
-                task=caller.task,
-                message_id=message.id,
-                target_id=target_id,
-                size=len(body_json),
-                expects_reply=ask,
+        if self.wants("message_sent"):
+            self.emit(
+                MessageSent(
+                    run_id=self.run_id,
+                    task_id=caller.task_id,
+                    task=caller.task,
+                    message_id=message.id,
+                    target_id=target_id,
+                    size=len(body_json),
+                    expects_reply=ask,
+                )
             )
-        )
         # The guest ignores what an ok send carries; the journal keeps it.
         return (True, json.dumps({"id": message.id, "to": target_id})), message
 
@@ -131,15 +133,16 @@ class MessageCalls:
                 return False, "{}"
             return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
         message = got[0]
-        self.emit(
-            MessageReceived(
-                run_id=self.run_id,
-                task_id=caller.task_id,
-                task=caller.task,
-                message_id=message.id,
-                sender_id=message.sender,
+        if self.wants("message_received"):
+            self.emit(
+                MessageReceived(
+                    run_id=self.run_id,
+                    task_id=caller.task_id,
+                    task=caller.task,
+                    message_id=message.id,
+                    sender_id=message.sender,
+                )
             )
-        )
         # The body is JSON already: spliced in, not parsed and dumped again.
         envelope = json.dumps(
             {"id": message.id, "sender": message.sender, "expects_reply": message.expects_reply}

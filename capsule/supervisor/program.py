@@ -4,7 +4,7 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,8 +123,10 @@ def run_program(
     history: History | None = None,
     seed: bytes = b"",
     on_run: Callable[[Run], None] | None = None,
+    event_types: Collection[str] | None = None,
 ) -> RunReport:
     """Run ``main`` of the program at ``request.path``; blocks until the run ends.
+    ``on_event`` receives the run's events of ``event_types`` (None: all).
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
@@ -150,7 +152,7 @@ def run_program(
     except ConfigError as exc:
         return RunReport(usage_error=str(exc))
     events = EventStream()
-    events.subscribe(on_event)
+    events.subscribe(on_event, event_types)
     try:
         sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
     except RuntimeBuildError as exc:

@@ -182,6 +182,8 @@ class Run:
         if history is not None:
             self._router.allow_early_replies(history.sent, history.replies)
         self._steps: StepLog = steps or NoStepLog()
+        #: Without a journal, steps are only counted: nothing is serialised.
+        self._journaling = steps is not None and not isinstance(steps, NoStepLog)
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
         self._http = HttpClient(self.settings.max_response_bytes)
@@ -737,7 +739,7 @@ class Run:
         self,
         caller: Invocation,
         kind: str,
-        request: str,
+        request: str | Callable[[], str],
         live: Callable[[], tuple[bool, str]],
         replayed: Callable[[Step], object] | None = None,
         durable: bool = False,
@@ -755,11 +757,15 @@ class Run:
 
         ``replayed`` redoes what a replayed step must still do inside this process
         (number a child, start a spawned child again, route a reply);
-        ``for_journal`` gives the answer as it is recorded (secrets redacted)."""
+        ``for_journal`` gives the answer as it is recorded (secrets redacted).
+        ``request`` may be given as a function: it is serialised only when a
+        journal or a replay needs it (a few microseconds on every host call)."""
         attempt = self._attempts[caller]
         attempt.steps_taken += 1
         number = attempt.steps_taken
         if attempt.replay:
+            if not isinstance(request, str):
+                request = request()
             recorded = attempt.replay.popleft()
             if recorded.kind != kind or recorded.request != request:
                 self._diverged(attempt, number, recorded, Step(kind, request, True, ""))
@@ -768,7 +774,9 @@ class Run:
                 replayed(recorded)
             return recorded.ok, recorded.answer
         ok, answer = live()
-        if caller.check_stop() is None:  # else the guest never sees the answer
+        if self._journaling and caller.check_stop() is None:  # else never seen
+            if not isinstance(request, str):
+                request = request()
             journaled = answer if for_journal is None else for_journal(answer)
             self._log(
                 self._steps.step,
@@ -808,7 +816,7 @@ class Run:
         return self._step(
             caller,
             "call",
-            json.dumps([name, call_json]),
+            lambda: json.dumps([name, call_json]),
             lambda: self._call_task(caller, name, call_json),
             replayed=lambda _: node.next_child_id(),
         )
@@ -841,7 +849,7 @@ class Run:
         return self._step(
             caller,
             "spawn",
-            json.dumps([name, call_json, options_json]),
+            lambda: json.dumps([name, call_json, options_json]),
             spawn,
             replayed=lambda _: spawn(),
         )
@@ -1015,7 +1023,7 @@ class Run:
         return self._step(
             caller,
             kind,
-            json.dumps([target, body_json]),
+            lambda: json.dumps([target, body_json]),
             lambda: deliver(attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
@@ -1031,7 +1039,7 @@ class Run:
         return self._step(
             caller,
             "reply",
-            json.dumps([message_id, body_json]),
+            lambda: json.dumps([message_id, body_json]),
             lambda: self._messages.reply(caller, message_id, body_json),
             replayed=route_again,
         )
@@ -1043,7 +1051,7 @@ class Run:
         ok, _ = self._step(
             invocation,
             "output",
-            json.dumps([stream, text]),
+            lambda: json.dumps([stream, text]),
             lambda: (True, ""),
             replayed=replayed.append,
             durable=True,
