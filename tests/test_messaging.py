@@ -136,6 +136,30 @@ def test_message_events_are_built_only_when_someone_takes_them(
     ]
 
 
+def test_only_waits_longer_than_the_grace_are_reported(run_program: ProgramRunner) -> None:
+    # 40 asks to an echo: every ask waits for its reply and the echo waits for
+    # every message, but for well under WAITING_GRACE_S; the sleeps are longer.
+    outcome = run_program(
+        ACTORS
+        + """
+    @task(name="main")
+    def main():
+        actor = echo.spawn()
+        for i in range(40):
+            ask(actor, i)
+        send(actor, "stop")
+        capsule.sleep(0.05)
+        return actor.result()
+    """
+    )
+    assert outcome.value == "echo stopped"
+    waits = outcome.of_type("waiting")
+    assert [e.on for e in waits].count("sleep") == 1
+    assert len(waits) < 20, [e.on for e in waits]  # 81 waits were reported before
+    resumed = outcome.of_type("resumed")
+    assert len(resumed) == len(waits)
+
+
 def test_receive_timeout(run_program: ProgramRunner) -> None:
     outcome = run_program(
         ACTORS

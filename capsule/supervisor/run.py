@@ -1147,7 +1147,12 @@ class Run:
         if ready():  # the common case on a busy mailbox: no slot handover, no events
             return True
         invocation = attempt.invocation
-        limit = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        limit = None if timeout is None else started + timeout
+        # A wait is reported (a waiting event, then a resumed one) once it has
+        # lasted WAITING_GRACE_S: the waits of an ask/reply exchange are far
+        # shorter, and reporting each doubled what journaling an exchange cost.
+        report_at = started + WAITING_GRACE_S
         ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
         waiting = False
         try:
@@ -1160,13 +1165,15 @@ class Run:
                     now = time.monotonic()
                     if limit is not None and now >= limit:
                         return False
-                    if not waiting:
+                    if not waiting and now >= report_at:
                         self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
                     bound = nearest_deadline(invocation)
                     ends = [t for t in (limit, bound) if t is not None]
+                    if not waiting:
+                        ends.append(report_at)
                     attempt.condition.wait(min([*ends, now + 1.0]) - now)
         finally:
             if waiting:
@@ -1183,6 +1190,10 @@ class Run:
             return list(call["args"]), dict(call["kwargs"])
         except (ValueError, KeyError, TypeError) as exc:
             return f"malformed call from the guest: {exc}"
+
+
+#: How long a task waits in a host call before it is reported as waiting.
+WAITING_GRACE_S = 0.005
 
 
 class _EventIds(TypedDict):
