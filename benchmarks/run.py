@@ -5,6 +5,7 @@ here is asserted: targets are compared in the printed table.
 
     python3 benchmarks/run.py               # everything, including a fresh build
     python3 benchmarks/run.py --skip-build  # everything but the first build (~25 s)
+    python3 benchmarks/run.py --only messages journal  # some rows (see --help)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,27 +256,33 @@ def _journal_modes(tmp: Path) -> tuple[tuple[str, list[str]], ...]:
 
 
 def journal_overhead(repeats: int) -> dict[str, float]:
-    """The same benchmarks with the journal on and off (the default is on)."""
-    figures: dict[str, float] = {}
+    """The same benchmarks with the journal on and off (the default is on),
+    the two modes alternating so that the machine's drift hits both alike."""
+    samples: dict[str, list[float]] = {}
+
+    def add(name: str, mode: str, value: float) -> None:
+        samples.setdefault(f"{name}_journal_{mode}", []).append(value)
+
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, flags in _journal_modes(Path(tmp)):
-            p50s, mapped, one_way, asks, steps = [], [], [], [], []
-            for _ in range(max(1, repeats // 2)):
+        for _ in range(repeats):
+            for mode, flags in _journal_modes(Path(tmp)):
                 _, done = run_cli("run", str(PROGRAMS / "sequential_calls.py"), "200", *flags)
-                p50s.append(json.loads(done.stdout)["p50_ms"])
+                add("call_p50_ms", mode, json.loads(done.stdout)["p50_ms"])
                 _, done = run_cli("run", str(PROGRAMS / "fan_out.py"), "100", "1", *flags)
-                mapped.append(json.loads(done.stdout)["map_s"])
+                add("map_100_s", mode, json.loads(done.stdout)["map_s"])
                 _, done = run_cli("run", str(PROGRAMS / "messages.py"), "5000", *flags)
                 result = json.loads(done.stdout)
-                one_way.append(result["one_way_per_s"])
-                asks.append(result["ask_reply_per_s"])
+                add("one_way_per_s", mode, result["one_way_per_s"])
+                add("ask_per_s", mode, result["ask_reply_per_s"])
                 _, done = run_cli("run", str(PROGRAMS / "journal_steps.py"), *flags)
-                steps.append(json.loads(done.stdout.splitlines()[-1])["steps_per_s"])
-            figures[f"call_p50_ms_journal_{mode}"] = statistics.median(p50s)
-            figures[f"map_100_s_journal_{mode}"] = statistics.median(mapped)
-            figures[f"one_way_per_s_journal_{mode}"] = statistics.median(one_way)
-            figures[f"ask_per_s_journal_{mode}"] = statistics.median(asks)
-            figures[f"steps_per_s_journal_{mode}"] = statistics.median(steps)
+                add("steps_per_s", mode, json.loads(done.stdout.splitlines()[-1])["steps_per_s"])
+    figures = {name: statistics.median(values) for name, values in sorted(samples.items())}
+    for name in ("call_p50_ms", "map_100_s"):  # lower is better
+        off, on = figures[f"{name}_journal_off"], figures[f"{name}_journal_on"]
+        figures[f"{name}_overhead_pct"] = (on - off) / off * 100
+    for name in ("one_way_per_s", "ask_per_s", "steps_per_s"):  # higher is better
+        off, on = figures[f"{name}_journal_off"], figures[f"{name}_journal_on"]
+        figures[f"{name}_overhead_pct"] = (off - on) / off * 100
     return figures
 
 
@@ -368,56 +376,63 @@ def first_build() -> dict[str, float]:
     return {"first_run_with_build_s": elapsed, "steps": steps}  # type: ignore[dict-item]
 
 
+#: Each row: (key for --only, title, what measures it, target).
+ROWS: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
+    ("calls", "sequential child call (200 in a row)", sequential_calls, "p50 <= 1.0 ms"),
+    ("instance", "one fresh instance", instance_costs, "diagnostic"),
+    (
+        "pool",
+        "sequential calls, pool filled before the calls",
+        calls_with_ready_pool,
+        "diagnostic",
+    ),
+    ("hello", "warm `capsule run hello.py`", warm_hello, "<= 0.35 s"),
+    ("edit", "edit -> re-run", edit_rerun, "<= 1 s"),
+    ("fan_out", "100 children: map vs one by one", fan_out, ">= 1.7x"),
+    (
+        "fairness",
+        "fairness: 8 CPU-bound tasks",
+        fairness,
+        "spread <= ±25%, loop lag p99 <= 20 ms",
+    ),
+    ("messages", "messages between two actors", messages, ">= 10,000/s one-way"),
+    ("idle", "an actor blocked in receive", lambda _: idle_actor_rss(), "<= 6 MB"),
+    ("journal", "journal on vs off", journal_overhead, "<= 10% overhead"),
+    ("resume", "resume a run of 10,000 journaled steps", resume_time, "report"),
+    ("timeout", "timeout of `while True: pass` (200 ms)", timeout_overshoot, "<= 50 ms late"),
+    ("build", "first build of the guest runtime", lambda _: first_build(), "report"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[key for key, *_ in ROWS],
+        help="run these rows only",
+    )
     options = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
-    rows = [
-        (
-            "sequential child call (200 in a row)",
-            sequential_calls(options.repeats),
-            "p50 <= 1.0 ms",
-        ),
-        ("one fresh instance", instance_costs(options.repeats), "diagnostic"),
-        (
-            "sequential calls, pool filled before the calls",
-            calls_with_ready_pool(options.repeats),
-            "diagnostic",
-        ),
-        ("warm `capsule run hello.py`", warm_hello(options.repeats), "<= 0.35 s"),
-        ("edit -> re-run", edit_rerun(options.repeats), "<= 1 s"),
-        ("100 children: map vs one by one", fan_out(options.repeats), ">= 1.7x"),
-        (
-            "fairness: 8 CPU-bound tasks",
-            fairness(options.repeats),
-            "spread <= ±25%, loop lag p99 <= 20 ms",
-        ),
-        ("messages between two actors", messages(options.repeats), ">= 10,000/s one-way"),
-        ("an actor blocked in receive", idle_actor_rss(), "<= 6 MB"),
-        ("journal on vs off", journal_overhead(options.repeats), "<= 10% overhead"),
-        ("resume a run of 10,000 journaled steps", resume_time(options.repeats), "report"),
-        (
-            "timeout of `while True: pass` (200 ms)",
-            timeout_overshoot(options.repeats),
-            "<= 50 ms late",
-        ),
-    ]
-    if not options.skip_build:
-        rows.append(("first build of the guest runtime", first_build(), "report"))
-    for name, figures, target in rows:
-        print(f"\n{name}  (target: {target})")
-        for key, value in figures.items():
+    for key, name, measure, target in ROWS:
+        if options.only is not None and key not in options.only:
+            continue
+        if key == "build" and options.skip_build:
+            continue
+        figures = measure(options.repeats)
+        print(f"\n{name}  (target: {target})", flush=True)
+        for label, value in figures.items():
             if isinstance(value, float):
-                print(f"  {key:28s} {value:10.3f}")
+                print(f"  {label:28s} {value:10.3f}", flush=True)
             else:
                 for line in value:
-                    print(f"  {line}")
+                    print(f"  {line}", flush=True)
 
 
 if __name__ == "__main__":
