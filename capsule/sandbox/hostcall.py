@@ -106,9 +106,23 @@ _byte_vec_from = ctypes.PYFUNCTYPE(
 )(("wasm_byte_vec_new", _LIBRARY))
 
 
+def _bytes_to_c(s: bytes | bytearray) -> ffi.wasm_byte_vec_t:
+    # wasmtime-py copies bytes twice on their way in (a ctypes array, then a
+    # memmove that gives up the GIL); the vector can take them as they are.
+    if not isinstance(s, (bytes, bytearray)):
+        raise TypeError("expected bytes or bytearray")
+    vec = ffi.wasm_byte_vec_t()
+    _byte_vec_from(ctypes.byref(vec), len(s), bytes(s))
+    return vec
+
+
+def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
+    if not isinstance(s, str):
+        raise TypeError("expected a string")
+    return _bytes_to_c(s.encode("utf-8"))
+
+
 def _string_to_c(self: Any, store: Any, val: Any, ptr: Any) -> None:
-    # wasmtime-py copies a string three times on its way in (encode, a ctypes
-    # array, memmove into the vector); the vector can take the encoded bytes.
     if not isinstance(val, str):
         raise TypeError("expected string type")
     encoded = val.encode("utf-8")
@@ -124,6 +138,10 @@ def _string_from_c(self: Any, c: Any) -> str:
     return text
 
 
+# Strings, and the names of record fields, variant cases and enum values, which
+# the C API takes as byte vectors on every value lowered.
+ffi.bytes_to_capi = _bytes_to_c
+ffi.str_to_capi = _str_to_c
 String.convert_to_c = _string_to_c  # type: ignore[method-assign]
 String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
