@@ -197,7 +197,7 @@ class JournalWriter:
                     and self._queued - self._committed < MAX_BATCH
                 ):
                     # Nobody waits for this batch: let it gather for a moment, so
-                    # a busy run commits a few hundred times a second, not per record.
+                    # a busy run commits some 20 times a second, not per record.
                     self._work.wait(LINGER_SECONDS)
                 rows, self._rows = self._rows, {}
                 if self._step_rows:
