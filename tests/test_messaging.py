@@ -96,15 +96,22 @@ def test_strings_cross_the_boundary_unchanged(run_program: ProgramRunner) -> Non
         echoed = [ask(actor, body)["echo"] for body in bodies]
         send(actor, "stop")
         actor.result()
+        # JSON bodies cross as ASCII escapes; printed text crosses raw.
+        print("héllo\\x00 ✓ 🎉", end="|", flush=True)
+        print("", end="", flush=True)
+        print("z" * 70_000, flush=True)
         return [echoed == bodies, [len(str(b)) for b in echoed]]
     """
     )
     assert outcome.value == [True, [0, 12, 3, 300_000, 17]]
+    printed = "".join(e.text for e in outcome.of_type("output"))
+    assert printed == "héllo\x00 ✓ 🎉|" + "z" * 70_000 + "\n"
 
 
 def test_message_events_are_built_only_when_someone_takes_them(
-    program: Callable[[str, str], Path],
+    program: Callable[[str, str], Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from capsule.supervisor import messages
     from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
     from capsule.supervisor.program import RunRequest, run_program
 
@@ -126,10 +133,18 @@ def test_message_events_are_built_only_when_someone_takes_them(
     kinds = [event.type for event in everything]
     assert kinds.count("message_sent") == 3 and kinds.count("message_received") == 3
 
+    # Not merely filtered out on delivery: never built.
+    built: list[str] = []
+    for name in ("MessageSent", "MessageReceived"):
+        model = getattr(messages, name)
+        monkeypatch.setattr(
+            messages, name, lambda *a, _model=model, **k: built.append(_model.__name__)
+        )
     some: list[Any] = []
     wanted = EVENT_TYPES - MESSAGE_EVENT_TYPES
     report = run_program(RunRequest(path=path, args=[]), some.append, event_types=wanted)
     assert report.result is not None and report.result.value() == [0, 1, 2]
+    assert built == []
     assert {event.type for event in some} <= wanted
     assert [e.type for e in some if e.type in ("started", "completed")] == [
         e.type for e in everything if e.type in ("started", "completed")

@@ -132,6 +132,7 @@ def _string_to_c(self: Any, store: Any, val: Any, ptr: Any) -> None:
 
 
 def _string_from_c(self: Any, c: Any) -> str:
+    assert c.kind == ffi.WASMTIME_COMPONENT_STRING.value
     vec = c.of.string
     text = ctypes.string_at(vec.data, vec.size).decode("utf-8") if vec.size else ""
     ffi.wasm_byte_vec_delete(ctypes.byref(vec))
