@@ -94,8 +94,6 @@ class JournalWriter:
         #: costs one append on the caller's thread), and records to compute.
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
-        #: Rows of _STEP_INSERT (most rows: kept apart, a dict lookup less each).
-        self._step_rows: list[tuple[Any, ...]] = []
         self._queued = 0
         self._committed = 0
         self._failure: str | None = None
@@ -136,27 +134,26 @@ class JournalWriter:
     def _put(self, sql: str, params: tuple[Any, ...], durable: bool = False) -> None:
         """Queue one statement's row (statements are grouped per batch)."""
         with self._lock:
-            if self._failure is not None:
-                raise JournalFailure(self._failure)
             rows = self._rows.get(sql)
             if rows is None:
                 rows = self._rows[sql] = []
-            rows.append(params)
-            self._queued += 1
-            if durable:
-                self._wait_for_commit()
-            elif self._queued - self._committed in (1, MAX_BATCH):
-                self._work.notify()  # later ones join the batch it gathers
+            self._append(rows, params, durable)
 
     def _put_record(self, record: Record) -> None:
         """Queue a record computed on the writer thread."""
         with self._lock:
-            if self._failure is not None:
-                raise JournalFailure(self._failure)
-            self._records.append(record)
-            self._queued += 1
-            if self._queued - self._committed in (1, MAX_BATCH):
-                self._work.notify()
+            self._append(self._records, record, durable=False)
+
+    def _append(self, queue: list[Any], item: Any, durable: bool) -> None:
+        # Holding the lock.
+        if self._failure is not None:
+            raise JournalFailure(self._failure)
+        queue.append(item)
+        self._queued += 1
+        if durable:
+            self._wait_for_commit()
+        elif self._queued - self._committed in (1, MAX_BATCH):
+            self._work.notify()  # later ones join the batch it gathers
 
     def _wait_for_commit(self) -> None:
         # Holding the lock: wait until everything queued so far is committed.
@@ -200,9 +197,6 @@ class JournalWriter:
                     # a busy run commits some 20 times a second, not per record.
                     self._work.wait(LINGER_SECONDS)
                 rows, self._rows = self._rows, {}
-                if self._step_rows:
-                    rows.setdefault(_STEP_INSERT, []).extend(self._step_rows)
-                    self._step_rows = []
                 records, self._records = self._records, []
                 upto = self._queued
             try:
@@ -220,7 +214,6 @@ class JournalWriter:
                     )
                     self._rows.clear()
                     self._records.clear()
-                    self._step_rows.clear()
                     self._committed_cv.notify_all()
                 return
             with self._lock:
@@ -342,17 +335,9 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        row = (self.run_id, task_id, attempt, number, *step, time.time())
-        if durable:
-            self._put(_STEP_INSERT, row, durable)
-            return
-        with self._lock:  # _put inlined: this is the journal's busiest path
-            if self._failure is not None:
-                raise JournalFailure(self._failure)
-            self._step_rows.append(row)
-            self._queued += 1
-            if self._queued - self._committed in (1, MAX_BATCH):
-                self._work.notify()
+        self._put(
+            _STEP_INSERT, (self.run_id, task_id, attempt, number, *step, time.time()), durable
+        )
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(

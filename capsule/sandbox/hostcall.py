@@ -122,15 +122,6 @@ def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
     return _bytes_to_c(s.encode("utf-8"))
 
 
-def _string_to_c(self: Any, store: Any, val: Any, ptr: Any) -> None:
-    if not isinstance(val, str):
-        raise TypeError("expected string type")
-    encoded = val.encode("utf-8")
-    contents = ptr.contents
-    contents.kind = ffi.WASMTIME_COMPONENT_STRING
-    _byte_vec_from(ctypes.byref(contents.of.string), len(encoded), encoded)
-
-
 def _string_from_c(self: Any, c: Any) -> str:
     assert c.kind == ffi.WASMTIME_COMPONENT_STRING.value
     vec = c.of.string
@@ -139,11 +130,11 @@ def _string_from_c(self: Any, c: Any) -> str:
     return text
 
 
-# Strings, and the names of record fields, variant cases and enum values, which
-# the C API takes as byte vectors on every value lowered.
+# Strings (String.convert_to_c calls str_to_capi), and the names of record
+# fields, variant cases and enum values, which the C API takes as byte vectors
+# on every value lowered.
 ffi.bytes_to_capi = _bytes_to_c
 ffi.str_to_capi = _str_to_c
-String.convert_to_c = _string_to_c  # type: ignore[method-assign]
 String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
 
