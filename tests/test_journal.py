@@ -520,3 +520,76 @@ def test_an_older_journal_is_migrated_in_place_and_keeps_its_runs(tmp_path: Path
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         runs = {row[0] for row in connection.execute("SELECT run_id FROM runs")}
     assert "oldrun" in runs and len(runs) == 2
+
+
+def _as_schema_2(journal: Path) -> None:
+    """Rewrite a journal as Capsule wrote it with schema version 2: a row per step."""
+    from capsule.journal.schema import MIGRATIONS
+
+    create_steps = next(s for s in MIGRATIONS[1] if "CREATE TABLE steps" in s)
+    with sqlite3.connect(journal) as connection:
+        rows = connection.execute("SELECT * FROM steps").fetchall()
+        connection.execute("DROP VIEW steps")
+        connection.execute("DROP TABLE step_batches")
+        connection.execute(create_steps)
+        connection.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        connection.execute("PRAGMA user_version = 2")
+
+
+def test_a_run_in_flight_in_a_schema_2_journal_resumes_after_migrating(tmp_path: Path) -> None:
+    """Version 3 keeps steps in batches: a run interrupted under version 2 has
+    its steps moved over, and its resume replays them."""
+    source = """
+    from capsule import sleep, task
+
+    @task(name="main", timeout="5m")
+    def main() -> str:
+        print("MARK one")
+        sleep(0.2)
+        print("MARK two")
+        return "done"
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK one", 0.0)
+    journal = _journal(tmp_path)
+    _as_schema_2(journal)
+    with sqlite3.connect(journal) as connection:
+        old = connection.execute("SELECT kind, request FROM steps ORDER BY step").fetchall()
+    assert old[0] == ("output", '["stdout", "MARK one\\n"]')
+
+    resumed = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == "MARK two\ndone\n"  # "MARK one" was replayed, not shown again
+    with sqlite3.connect(journal) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        steps = connection.execute("SELECT step, kind, request FROM steps ORDER BY step").fetchall()
+        batches = connection.execute("SELECT count(*) FROM step_batches").fetchone()[0]
+    assert steps[: len(old)] == [(n + 1, *row) for n, row in enumerate(old)]
+    assert [kind for _, kind, _ in steps] == ["output", "sleep", "output"]
+    assert batches >= 2  # the migrated step(s), and what the resume journaled
+    assert _integrity(journal) == "ok"
+
+
+def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> None:
+    source = """
+    import time
+    from capsule import task
+
+    @task(name="main")
+    def main() -> int:
+        return sum(1 for _ in range(600) if time.time() > 0)
+    """
+    program = _write(tmp_path, source)
+    done = capsule_cli("run", str(program), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(_journal(tmp_path)) as connection:
+        steps = connection.execute("SELECT step, kind FROM steps ORDER BY step").fetchall()
+        batches = connection.execute(
+            "SELECT first_step, last_step, steps_json FROM step_batches ORDER BY first_step"
+        ).fetchall()
+    assert [kind for _, kind in steps].count("wall_clock") == 600
+    assert [number for number, _ in steps] == list(range(1, len(steps) + 1))
+    assert len(batches) < 60  # committed some 20 times a second, not once a step
+    for first, last, steps_json in batches:
+        numbers = [step[0] for step in json.loads(steps_json)]
+        assert numbers == list(range(first, last + 1))

@@ -299,6 +299,7 @@ def _has_run(journal: Path) -> bool:
 # -- snapshots -------------------------------------------------------------------
 
 FIXED_NOW = 1_800_000_100.0
+FIXED_FUEL = {"main": 640_000, "flaky": 380_000, "broken": 1_500_000}
 
 
 @pytest.fixture(scope="module")
@@ -311,19 +312,25 @@ def finished_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
     done = capsule_cli("run", str(program), "--journal", str(journal))
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(journal) as connection:
-        for table in ("runs", "tasks", "attempts", "steps", "messages", "events"):
+        for table in ("runs", "tasks", "attempts", "step_batches", "messages", "events"):
             connection.execute(f"UPDATE {table} SET run_id = 'snapshotrun1'")
         connection.execute(
             "UPDATE runs SET program = '/project/flow.py', started_at = 1800000000.0, "
             "ended_at = 1800000001.5"
         )
         connection.execute("UPDATE events SET at = 1800000000.0 + seq * 0.01")
+        # Fuel counts the guest runtime's instructions too: fixed, so that a
+        # change of the runtime does not change the screens.
+        for name, fuel in FIXED_FUEL.items():
+            connection.execute("UPDATE tasks SET fuel = ? WHERE name = ?", (fuel, name))
         rows = connection.execute("SELECT seq, data_json FROM events").fetchall()
         for seq, data in rows:
             fields = json.loads(data)
             for key in ("duration_ms", "backoff_s"):
                 if key in fields:
                     fields[key] = 10.0
+            if "fuel_consumed" in fields:
+                fields["fuel_consumed"] = FIXED_FUEL[fields["task"]]
             error = fields.get("error")
             if isinstance(error, dict) and error.get("traceback"):
                 error["traceback"] = error["traceback"].replace(str(tmp_path), "/project")

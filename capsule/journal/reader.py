@@ -286,28 +286,32 @@ async def load_history(path: Path, run_id: str) -> History:
         received: set[str] = set()
         sent: list[tuple[float, PendingMessage]] = []
         cursor = await db.execute(
-            "SELECT task_id, attempt, step, kind, request, ok, answer, at FROM steps "
-            "WHERE run_id = ? ORDER BY task_id, attempt, step",
+            "SELECT task_id, attempt, steps_json FROM step_batches "
+            "WHERE run_id = ? ORDER BY task_id, attempt, first_step",
             (run_id,),
         )
-        async for task_id, attempt, number, kind, request, ok, answer, at in cursor:
-            if kind == "receive" and ok:
-                received.add(json.loads(answer)["id"])
-            elif kind == "send" and ok:
-                delivered = json.loads(answer)
-                body = json.loads(request)[1]
-                message = PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
-                sent.append((at, message))
-            elif kind == "reply" and ok:
-                message_id, body = json.loads(request)
-                history.replies[message_id] = body
-            elif kind == "monotonic":
-                history.monotonic_ns = max(history.monotonic_ns, int(answer))
-            if attempt != replayable.get(task_id):
-                continue
-            steps = history.tasks[task_id].attempts[attempt].steps
-            if number == len(steps) + 1:  # a gap would end what can be replayed
-                steps.append(Step(kind, request, bool(ok), answer))
+        async for task_id, attempt, batch in cursor:
+            replayed = (
+                history.tasks[task_id].attempts[attempt].steps
+                if attempt == replayable.get(task_id)
+                else None
+            )
+            for number, kind, request, ok, answer, at in json.loads(batch):
+                if kind == "receive" and ok:
+                    received.add(json.loads(answer)["id"])
+                elif kind == "send" and ok:
+                    delivered = json.loads(answer)
+                    body = json.loads(request)[1]
+                    message = PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
+                    sent.append((at, message))
+                elif kind == "reply" and ok:
+                    message_id, body = json.loads(request)
+                    history.replies[message_id] = body
+                elif kind == "monotonic":
+                    history.monotonic_ns = max(history.monotonic_ns, int(answer))
+                # A gap would end what can be replayed.
+                if replayed is not None and number == len(replayed) + 1:
+                    replayed.append(Step(kind, request, bool(ok), answer))
         cursor = await db.execute(
             "SELECT message_id, sender_id, target_id, body_json, expects_reply, at "
             "FROM messages WHERE run_id = ?",

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -99,6 +99,32 @@ MIGRATIONS: dict[int, list[str]] = {
             handled_at REAL,
             PRIMARY KEY (run_id, task_id, requested_at)
         )""",
+    ],
+    # Steps kept as batches: each commit writes one row per task attempt with all
+    # the steps it took since the last one (a busy actor takes thousands of steps
+    # a second, and a row costs the writer as much as a hundred steps inside one).
+    # The ``steps`` view shows them a step per row, as version 2 stored them.
+    3: [
+        """CREATE TABLE step_batches (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            steps_json TEXT NOT NULL,
+            PRIMARY KEY (run_id, task_id, attempt, first_step)
+        ) WITHOUT ROWID""",
+        """INSERT INTO step_batches
+            SELECT run_id, task_id, attempt, step, step,
+                   json_array(json_array(step, kind, request, ok, answer, at))
+            FROM steps""",
+        "DROP TABLE steps",
+        """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
+            SELECT batch.run_id, batch.task_id, batch.attempt,
+                   json_extract(one.value, '$[0]'), json_extract(one.value, '$[1]'),
+                   json_extract(one.value, '$[2]'), json_extract(one.value, '$[3]'),
+                   json_extract(one.value, '$[4]'), json_extract(one.value, '$[5]')
+            FROM step_batches AS batch, json_each(batch.steps_json) AS one""",
     ],
 }
 

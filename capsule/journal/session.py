@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsule.journal.schema import JournalError
+from capsule.journal.schema import JournalError, connect
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
@@ -107,6 +107,9 @@ def resume_journaled(
 
     from capsule.journal.reader import find_run, load_history
 
+    # A resume writes to the journal: bring it to this Capsule's schema (a
+    # migration, if it is older) before reading what to replay from it.
+    connect(journal, create=False).close()
     record = anyio.run(find_run, journal, run_id)
     program = check_resumable(record, force)
     history = anyio.run(load_history, journal, record.run_id)

@@ -94,6 +94,8 @@ class JournalWriter:
         #: costs one append on the caller's thread), and records to compute.
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
+        #: Steps by task attempt: each commit writes one row per attempt.
+        self._steps: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
         self._queued = 0
         self._committed = 0
         self._failure: str | None = None
@@ -198,9 +200,10 @@ class JournalWriter:
                     self._work.wait(LINGER_SECONDS)
                 rows, self._rows = self._rows, {}
                 records, self._records = self._records, []
+                steps, self._steps = self._steps, {}
                 upto = self._queued
             try:
-                self._commit(rows, records)
+                self._commit(rows, records, steps)
             except Exception as exc:  # whatever it is, no caller may wait forever
                 try:
                     self._connection.execute("ROLLBACK")
@@ -214,6 +217,7 @@ class JournalWriter:
                     )
                     self._rows.clear()
                     self._records.clear()
+                    self._steps.clear()
                     self._committed_cv.notify_all()
                 return
             with self._lock:
@@ -240,13 +244,23 @@ class JournalWriter:
         except sqlite3.Error:
             pass  # a busy journal: asked again at the next poll
 
-    def _commit(self, statements: dict[str, list[tuple[Any, ...]]], records: list[Record]) -> None:
+    def _commit(
+        self,
+        statements: dict[str, list[tuple[Any, ...]]],
+        records: list[Record],
+        steps: dict[tuple[str, int], list[tuple[Any, ...]]],
+    ) -> None:
         """Write one batch in one transaction, each statement as multi-row
         INSERTs: sqlite3 gives up the GIL around every step of a statement (every
         row, with executemany) and must win it back from the task threads, so a
         batch costs a handful of steps, not one per record. (Order within the
         transaction does not matter: it is all or nothing, and every table but
         ``tasks`` only gains rows, whose state is folded here first.)"""
+        if steps:
+            statements[_STEP_BATCH_INSERT] = [
+                (self.run_id, task_id, attempt, taken[0][0], taken[-1][0], json.dumps(taken))
+                for (task_id, attempt), taken in steps.items()
+            ]
         self._dirty.clear()
         for record in records:
             row = record()
@@ -335,9 +349,11 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        self._put(
-            _STEP_INSERT, (self.run_id, task_id, attempt, number, *step, time.time()), durable
-        )
+        with self._lock:
+            taken = self._steps.get((task_id, attempt))
+            if taken is None:
+                taken = self._steps[task_id, attempt] = []
+            self._append(taken, (number, *step, time.time()), durable)
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
@@ -382,9 +398,11 @@ class JournalWriter:
         self._put_record(record)
 
 
-_STEP_INSERT = (
-    "INSERT OR REPLACE INTO steps (run_id, task_id, attempt, step, kind, request, ok, "
-    "answer, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+#: The steps an attempt took since the last commit, as one row: a JSON array
+#: of ``[step, kind, request, ok, answer, at]`` arrays.
+_STEP_BATCH_INSERT = (
+    "INSERT OR REPLACE INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
+    "steps_json) VALUES (?, ?, ?, ?, ?, ?)"
 )
 
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
