@@ -29,7 +29,7 @@ from wasmtime.component import (
     VariantType,
 )
 from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import String, VariantLikeType
+from wasmtime.component._types import String, Variant, VariantLikeType
 
 HostFunc = Callable[..., Any]
 
@@ -138,11 +138,81 @@ ffi.str_to_capi = _str_to_c
 String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
 
+#: Lowers a host function's result into the value slot the guest reads.
+Lowering = Callable[[Any, Any, Any], None]
+
+_STRING = ffi.WASMTIME_COMPONENT_STRING.value
+_RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
+
+
+def _set_string(slot: Any, text: Any) -> None:
+    if not isinstance(text, str):
+        raise TypeError("expected string type")
+    slot.kind = _STRING
+    slot.of.string = _str_to_c(text)
+
+
+def _lower_string(_store: Any, text: Any, ptr: Any) -> None:
+    _set_string(ptr.contents, text)
+
+
+def _result_lowering(ty: ResultType) -> Lowering:
+    """``result<string?, string?>`` lowered directly, with wasmtime-py's rules
+    for which Python values stand for which case (a Variant when both cases
+    are alike, else the case whose type the value has)."""
+    ok_is_string = isinstance(ty.ok, String)
+    err_is_string = isinstance(ty.err, String)
+    tagged = ok_is_string == err_is_string
+
+    def lower(_store: Any, value: Any, ptr: Any) -> None:
+        if tagged:
+            if not isinstance(value, Variant):
+                raise TypeError("expected Variant type")
+            if value.tag not in ("ok", "err"):
+                raise ValueError("value not valid for this variant")
+            is_ok = value.tag == "ok"
+            payload = value.payload
+        elif isinstance(value, str):
+            is_ok, payload = ok_is_string, value
+        elif value is None:
+            is_ok, payload = not ok_is_string, None
+        else:
+            raise ValueError("value not valid for this variant")
+        slot = ptr.contents
+        slot.kind = _RESULT
+        result = slot.of.result
+        result.is_ok = is_ok
+        if ok_is_string if is_ok else err_is_string:
+            raw = ffi.wasmtime_component_val_t()
+            _set_string(raw, payload)
+            result.val = ffi.wasmtime_component_val_new(ctypes.byref(raw))
+        else:
+            result.val = None
+
+    return lower
+
+
+def _lowering(ty: Any) -> Lowering:
+    """How to lower results of type ``ty``. Every import of ours returns a
+    string or a result of strings: those are lowered directly. wasmtime-py's
+    own converters look a variant's cases up again on every value, and pick
+    the case of an untagged one through a process-wide set that concurrent
+    calls on other threads clear under each other."""
+    if isinstance(ty, String):
+        return _lower_string
+    if isinstance(ty, ResultType) and all(
+        case is None or isinstance(case, String) for case in (ty.ok, ty.err)
+    ):
+        return _result_lowering(ty)
+    lowering: Lowering = ty.convert_to_c
+    return lowering
+
+
 class _Import:
     def __init__(self, func: HostFunc) -> None:
         self.func = func
         self.params: list[Any] | None = None
-        self.result: Any = None
+        self.lower_result: Lowering | None = None
 
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
@@ -159,12 +229,14 @@ def _call_import(
     def run(store: Any) -> None:
         if entry.params is None:
             with FuncType._from_ptr(ty_raw, owner=store) as fty:
-                entry.result = fty.result
+                result_type = fty.result
+                if result_type is not None:
+                    entry.lower_result = _lowering(result_type)
                 entry.params = [ty for _, ty in fty.params]
         params = entry.params
         result = entry.func(store, *[params[i].convert_from_c(args[i]) for i in range(nargs)])
-        if entry.result is not None:
-            entry.result.convert_to_c(store, result, results)
+        if entry.lower_result is not None:
+            entry.lower_result(store, result, results)
 
     return int(catch_exceptions(context, run))
 

@@ -63,6 +63,7 @@ from capsule.supervisor.steps import (
     PendingMessage,
     Step,
     StepLog,
+    json_strings,
 )
 from capsule.supervisor.tree import (
     Attempt,
@@ -1023,7 +1024,7 @@ class Run:
         return self._step(
             caller,
             kind,
-            lambda: json.dumps([target, body_json]),
+            lambda: json_strings(target, body_json),
             lambda: deliver(attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
@@ -1039,7 +1040,7 @@ class Run:
         return self._step(
             caller,
             "reply",
-            lambda: json.dumps([message_id, body_json]),
+            lambda: json_strings(message_id, body_json),
             lambda: self._messages.reply(caller, message_id, body_json),
             replayed=route_again,
         )
@@ -1051,7 +1052,7 @@ class Run:
         ok, _ = self._step(
             invocation,
             "output",
-            lambda: json.dumps([stream, text]),
+            lambda: json_strings(stream, text),
             lambda: (True, ""),
             replayed=replayed.append,
             durable=True,

@@ -9,11 +9,23 @@ business (``capsule.journal``), which implements :class:`StepLog` and builds the
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from capsule.supervisor.tree import TaskResult
+
+
+#: A string as JSON, exactly as ``json.dumps`` writes it.
+json_string = json.encoder.encode_basestring_ascii
+
+
+def json_strings(*texts: str) -> str:
+    """``json.dumps(list(texts))``, byte for byte (a replay compares requests as
+    text, with those of journals written before), at a tenth of its cost: one
+    is built on every journaled message."""
+    return f"[{', '.join(map(json_string, texts))}]"
 
 
 class Step(NamedTuple):
