@@ -337,3 +337,54 @@ def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
     assert router.take_reply("main#2") == ('"given before"', None)
     with pytest.raises(RoutingError):  # any other message still needs its ask
         router.reply("main#3", "main/1", "1")
+
+
+def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
+    run_program: ProgramRunner,
+) -> None:
+    """The guest encodes and decodes messages without json's Python layers: the
+    text must be json.dumps' own, every value must come back equal, and a body
+    json cannot write must fail as json.dumps does, naming the target."""
+    outcome = run_program(
+        ACTORS
+        + """
+    import json
+    import capsule_guest
+
+    VALUES = [
+        0, -7, 2**70, 1.5, -0.0, 1e300, float("inf"), True, False, None, "", "plain",
+        "quote \\" backslash \\\\ newline \\n nul \\x00 é 漢 😀", [], {}, [1, [2, [3]]],
+        {"a": {"b": [None, 1.25, "x"]}, "k": [True, {"": 0}]}, (1, "tuple"),
+    ]
+
+    @task(name="main")
+    def main():
+        differ = [repr(v) for v in VALUES if capsule_guest._dumps(v) != json.dumps(v)]
+        texts = [json.dumps(v) for v in VALUES] + ['{"id": "x#1", "body": [1, {"a": null}]}']
+        misread = [t for t in texts if capsule_guest._loads(t) != json.loads(t)]
+        actor = echo.spawn(name="echo")
+        echoed = [ask(actor, value)["echo"] for value in VALUES]
+        refusals = []
+        loop = []
+        loop.append(loop)
+        for bad in ({1, 2}, loop, object()):
+            try:
+                send(actor, bad)
+            except (TypeError, ValueError) as exc:
+                refusals.append(f"{type(exc).__name__}: {exc}")
+        send(actor, "stop")
+        return {"differ": differ, "misread": misread, "echoed": echoed, "refusals": refusals}
+    """
+    )
+    value = outcome.value
+    assert value["differ"] == [] and value["misread"] == []
+    expected = [
+        0, -7, 2**70, 1.5, -0.0, 1e300, float("inf"), True, False, None, "", "plain",
+        "quote \" backslash \\ newline \n nul \x00 é 漢 😀", [], {}, [1, [2, [3]]],
+        {"a": {"b": [None, 1.25, "x"]}, "k": [True, {"": 0}]}, [1, "tuple"],
+    ]  # fmt: skip
+    assert value["echoed"] == expected
+    assert [type(v) for v in value["echoed"]] == [type(v) for v in expected]
+    assert len(value["refusals"]) == 3
+    assert all("not JSON-serializable" in text for text in value["refusals"]), value
+    assert "Circular reference" in value["refusals"][1]

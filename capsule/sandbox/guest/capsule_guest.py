@@ -56,6 +56,46 @@ from capsule.sdk.http import http_error
 from capsule.sdk.errors import TaskError, message_error
 
 
+def _not_serializable(value):
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+_scan_json = json.decoder.JSONDecoder().scan_once
+
+
+def _dumps(value) -> str:
+    """``json.dumps(value)``, the same text, without its Python layers: it makes
+    the same C encoder, and in the guest's interpreter the layers around it
+    cost more than encoding a small message does."""
+    make_encoder = json.encoder.c_make_encoder
+    if make_encoder is None:
+        return json.dumps(value)
+    encode = make_encoder(
+        {},
+        _not_serializable,
+        json.encoder.encode_basestring_ascii,
+        None,
+        ": ",
+        ", ",
+        False,
+        False,
+        True,
+    )
+    return "".join(encode(value, 0))
+
+
+def _loads(text: str):
+    """``json.loads(text)`` for the host's JSON (no surrounding whitespace),
+    straight through the scanner; anything else goes the long way."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        return json.loads(text)  # raises json.loads' own error
+    if end != len(text):
+        return json.loads(text)
+    return value
+
+
 class HostStream(io.TextIOBase):
     """stdout/stderr of the guest: line-buffered writes to the host."""
 
@@ -226,14 +266,14 @@ def _failure(task: str, exc: BaseException) -> Err:
 
 def _payload(name, args, kwargs) -> str:
     try:
-        return json.dumps({"args": list(args), "kwargs": kwargs})
+        return _dumps({"args": list(args), "kwargs": kwargs})
     except (TypeError, ValueError) as exc:
         raise TypeError(f"arguments to task {name!r} are not JSON-serializable: {exc}") from None
 
 
 def _body(target, body) -> str:
     try:
-        return json.dumps(body)
+        return _dumps(body)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"message for {target!r} is not JSON-serializable: {exc}") from None
 
@@ -262,7 +302,7 @@ class GuestBackend:
         payload = _payload(name, args, kwargs)
         _flush()
         try:
-            return json.loads(tasks.call(name, payload))
+            return _loads(tasks.call(name, payload))
         except Err as err:  # componentize-py's form of an import's result::err
             raise TaskError.from_dict(json.loads(err.value)) from None
 
@@ -284,7 +324,7 @@ class GuestBackend:
                 raise TimeoutError(error.get("message", "timed out")) from None
             raise TaskError.from_dict(error) from None
         outcomes = []
-        for item in json.loads(reply):
+        for item in _loads(reply):
             if item["ok"]:
                 outcomes.append((True, item["value"]))
             else:
@@ -312,14 +352,14 @@ class GuestBackend:
             message = messaging.receive(_ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
-        data = json.loads(message)
+        data = _loads(message)
         return data["id"], data["sender"], data["body"], data["expects_reply"]
 
     def ask(self, target, body, timeout):
         text = _body(target, body)
         _flush()
         try:
-            return json.loads(messaging.ask(target, text, _ms(timeout)))
+            return _loads(messaging.ask(target, text, _ms(timeout)))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
 
@@ -399,7 +439,7 @@ class Runner(exports.Runner):
         return json.dumps({"tasks": declared})
 
     def run(self, invocation_json: str) -> str:
-        inv = json.loads(invocation_json)
+        inv = _loads(invocation_json)
         name = inv["task"]
         fn = sdk_task.registry.get(name)
         if fn is None:
@@ -435,7 +475,7 @@ class Runner(exports.Runner):
             sys.stdout.flush()
             sys.stderr.flush()
         try:
-            return json.dumps(result)
+            return _dumps(result)
         except (TypeError, ValueError) as exc:
             raise _error(
                 "exception",
