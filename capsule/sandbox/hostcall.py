@@ -11,6 +11,7 @@ is cached (the types are owned copies, independent of the call).
 from __future__ import annotations
 
 import ctypes
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +30,7 @@ from wasmtime.component import (
     VariantType,
 )
 from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import String, Variant, VariantLikeType
+from wasmtime.component._types import U64, String, Variant, VariantLikeType
 
 HostFunc = Callable[..., Any]
 
@@ -138,33 +139,120 @@ ffi.str_to_capi = _str_to_c
 String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
 
-#: Lowers a host function's result into the value slot the guest reads.
-Lowering = Callable[[Any, Any, Any], None]
+# -- values of our imports, read and written by address ----------------------
+#
+# Each import's arguments arrive as an array of wasmtime_component_val_t and its
+# result goes into one; wasmtime-py reads and writes them through ctypes
+# structures, a handful of Python objects per field. Our imports take strings,
+# integers and option<u64>, and return strings and result<string?, string?>:
+# those are read and written here by address, with the GIL held throughout.
 
+
+def _offset(structure: Any, field: str) -> int:
+    return int(getattr(structure, field).offset)
+
+
+_VAL = ffi.wasmtime_component_val_t
+_VAL_SIZE = ctypes.sizeof(_VAL)
+#: Where a value's payload starts (after its kind byte).
+_PAYLOAD = _offset(_VAL, "of")
+_RESULT_OK_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "is_ok")
+_RESULT_VAL_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "val")
 _STRING = ffi.WASMTIME_COMPONENT_STRING.value
+_STRING_KIND = bytes((_STRING,))
 _RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
+#: A byte vector (size, then data, as in wasm.h) and a 64-bit word.
+_BYTE_VEC = struct.Struct("@NN")
+_WORD = struct.Struct("@Q")
+#: A result slot: kind, is_ok, and the boxed value of its case.
+_RESULT_SLOT = struct.Struct(f"@B{_RESULT_OK_AT - 1}x?{_RESULT_VAL_AT - _RESULT_OK_AT - 1}xN")
+assert _RESULT_SLOT.size <= _VAL_SIZE
+assert (_offset(ffi.wasm_byte_vec_t, "size"), _offset(ffi.wasm_byte_vec_t, "data")) == (0, 8)
+
+_read = ctypes._string_at  # type: ignore[attr-defined]  # (address, size) -> bytes
+_write = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
+    ctypes._memmove_addr  # type: ignore[attr-defined]
+)
+_vec_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)(
+    ("wasm_byte_vec_new", _LIBRARY)
+)
+_vec_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("wasm_byte_vec_delete", _LIBRARY))
+_val_new_at = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+    ("wasmtime_component_val_new", _LIBRARY)
+)
+_val_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(
+    ("wasmtime_component_val_delete", _LIBRARY)
+)
 
 
-def _set_string(slot: Any, text: Any) -> None:
+def _lift_string(address: int) -> str:
+    size, data = _BYTE_VEC.unpack(_read(address + _PAYLOAD, _BYTE_VEC.size))
+    text = _read(data, size).decode("utf-8") if size else ""
+    _vec_delete_at(address + _PAYLOAD)  # the callee owns its arguments
+    return text
+
+
+def _lift_u64(address: int) -> int:
+    value: int = _WORD.unpack(_read(address + _PAYLOAD, _WORD.size))[0]
+    return value
+
+
+def _lift_option_u64(address: int) -> int | None:
+    (boxed,) = _WORD.unpack(_read(address + _PAYLOAD, _WORD.size))
+    if not boxed:
+        return None
+    value = _lift_u64(boxed)
+    _val_delete_at(boxed)
+    return value
+
+
+def _lifting(ty: Any) -> Callable[[int], Any] | None:
+    """How to read an argument of type ``ty`` by address (None: wasmtime-py's way)."""
+    if isinstance(ty, String):
+        return _lift_string
+    if isinstance(ty, U64):
+        return _lift_u64
+    if isinstance(ty, OptionType) and isinstance(ty.payload, U64):
+        return _lift_option_u64
+    return None
+
+
+def _string_vec(text: Any, address: int) -> None:
+    """Write ``text`` as a new byte vector at ``address`` (the value then owns it)."""
     if not isinstance(text, str):
         raise TypeError("expected string type")
-    slot.kind = _STRING
-    slot.of.string = _str_to_c(text)
+    data = text.encode("utf-8")
+    _vec_new_at(address, len(data), data)
 
 
-def _lower_string(_store: Any, text: Any, ptr: Any) -> None:
-    _set_string(ptr.contents, text)
+def _boxed_string(text: Any) -> int:
+    """A new heap value holding ``text`` (what a result's case points to)."""
+    scratch = (ctypes.c_char * _VAL_SIZE)()
+    scratch[0] = _STRING_KIND
+    address = ctypes.addressof(scratch)
+    _string_vec(text, address + _PAYLOAD)
+    boxed: int = _val_new_at(address)  # moves the value into the box
+    return boxed
+
+
+#: Lowers a host function's result into the value slot (by address) the guest reads.
+Lowering = Callable[[Any, Any, int], None]
+
+
+def _lower_string(_store: Any, text: Any, address: int) -> None:
+    _string_vec(text, address + _PAYLOAD)
+    _write(address, _STRING_KIND, 1)
 
 
 def _result_lowering(ty: ResultType) -> Lowering:
-    """``result<string?, string?>`` lowered directly, with wasmtime-py's rules
-    for which Python values stand for which case (a Variant when both cases
-    are alike, else the case whose type the value has)."""
+    """``result<string?, string?>``, with wasmtime-py's rules for which Python
+    values stand for which case (a Variant when both cases are alike, else the
+    case whose type the value has)."""
     ok_is_string = isinstance(ty.ok, String)
     err_is_string = isinstance(ty.err, String)
     tagged = ok_is_string == err_is_string
 
-    def lower(_store: Any, value: Any, ptr: Any) -> None:
+    def lower(_store: Any, value: Any, address: int) -> None:
         if tagged:
             if not isinstance(value, Variant):
                 raise TypeError("expected Variant type")
@@ -178,63 +266,86 @@ def _result_lowering(ty: ResultType) -> Lowering:
             is_ok, payload = not ok_is_string, None
         else:
             raise ValueError("value not valid for this variant")
-        slot = ptr.contents
-        slot.kind = _RESULT
-        result = slot.of.result
-        result.is_ok = is_ok
-        if ok_is_string if is_ok else err_is_string:
-            raw = ffi.wasmtime_component_val_t()
-            _set_string(raw, payload)
-            result.val = ffi.wasmtime_component_val_new(ctypes.byref(raw))
-        else:
-            result.val = None
+        boxed = _boxed_string(payload) if (ok_is_string if is_ok else err_is_string) else 0
+        _write(address, _RESULT_SLOT.pack(_RESULT, is_ok, boxed), _RESULT_SLOT.size)
 
     return lower
 
 
 def _lowering(ty: Any) -> Lowering:
-    """How to lower results of type ``ty``. Every import of ours returns a
-    string or a result of strings: those are lowered directly. wasmtime-py's
-    own converters look a variant's cases up again on every value, and pick
-    the case of an untagged one through a process-wide set that concurrent
-    calls on other threads clear under each other."""
+    """How to lower results of type ``ty``: strings and results of strings by
+    address; anything else with wasmtime-py's converter. (Its variant lowering
+    also picks the case of an untagged variant through a process-wide set that
+    concurrent calls on other threads clear under each other.)"""
     if isinstance(ty, String):
         return _lower_string
     if isinstance(ty, ResultType) and all(
         case is None or isinstance(case, String) for case in (ty.ok, ty.err)
     ):
         return _result_lowering(ty)
-    lowering: Lowering = ty.convert_to_c
-    return lowering
+    convert = ty.convert_to_c
+
+    def lower(store: Any, value: Any, address: int) -> None:
+        convert(store, value, ctypes.pointer(_VAL.from_address(address)))
+
+    return lower
 
 
 class _Import:
     def __init__(self, func: HostFunc) -> None:
         self.func = func
-        self.params: list[Any] | None = None
+        #: Per parameter: read it by address, or (None) with its wasmtime-py type.
+        self.lifts: list[tuple[Callable[[int], Any] | None, Any]] | None = None
         self.lower_result: Lowering | None = None
+
+    def resolve(self, store: Any, ty_raw: Any) -> None:
+        with FuncType._from_ptr(ty_raw, owner=store) as fty:
+            result_type = fty.result
+            if result_type is not None:
+                self.lower_result = _lowering(result_type)
+            self.lifts = [(_lifting(ty), ty) for _, ty in fty.params]
+
+    def arguments(self, address: int, count: int) -> list[Any]:
+        assert self.lifts is not None
+        values = []
+        for index in range(count):
+            lift, ty = self.lifts[index]
+            at = address + index * _VAL_SIZE
+            values.append(
+                lift(at) if lift is not None else ty.convert_from_c(_VAL.from_address(at))
+            )
+        return values
 
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
 _IMPORTS: list[_Import | None] = [None]
 
 
-@_bindings.wasmtime_component_func_callback_t  # type: ignore[untyped-decorator]
+_CALLBACK = _bindings.wasmtime_component_func_callback_t
+_DATA, _CONTEXT, _FUNC_TYPE = _CALLBACK._argtypes_[:3]
+
+
+# wasmtime's callback type, with the argument and result arrays as addresses.
+@ctypes.CFUNCTYPE(  # type: ignore[untyped-decorator]
+    _CALLBACK._restype_,
+    _DATA,
+    _CONTEXT,
+    _FUNC_TYPE,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+)
 def _call_import(
-    idx: int, context: Any, ty_raw: Any, args: Any, nargs: int, results: Any, nresults: int
+    idx: int, context: Any, ty_raw: Any, args: int, nargs: int, results: int, nresults: int
 ) -> int:
     entry = _IMPORTS[idx]
     assert entry is not None
 
     def run(store: Any) -> None:
-        if entry.params is None:
-            with FuncType._from_ptr(ty_raw, owner=store) as fty:
-                result_type = fty.result
-                if result_type is not None:
-                    entry.lower_result = _lowering(result_type)
-                entry.params = [ty for _, ty in fty.params]
-        params = entry.params
-        result = entry.func(store, *[params[i].convert_from_c(args[i]) for i in range(nargs)])
+        if entry.lifts is None:
+            entry.resolve(store, ty_raw)
+        result = entry.func(store, *entry.arguments(args, nargs))
         if entry.lower_result is not None:
             entry.lower_result(store, result, results)
 
@@ -254,7 +365,7 @@ def add_host_func(instance: LinkerInstance, name: str, func: HostFunc) -> None:
         instance.ptr(),
         ctypes.create_string_buffer(encoded),
         len(encoded),
-        _call_import,
+        ctypes.cast(_call_import, _CALLBACK),
         len(_IMPORTS) - 1,
         _keep,
     )
