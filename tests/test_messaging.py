@@ -388,3 +388,33 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
     assert len(value["refusals"]) == 3
     assert all("not JSON-serializable" in text for text in value["refusals"]), value
     assert "Circular reference" in value["refusals"][1]
+
+
+def test_a_wakeup_that_comes_before_the_wait_is_kept_and_wakeups_do_not_pile_up() -> None:
+    """A receiver checks its mailbox, then waits: a message arriving between the
+    two must end the wait at once (a lost wake-up would stall the receiver)."""
+    import threading
+    import time
+
+    from capsule.sandbox.engine import Invocation, Limits, RefusingHost
+    from capsule.supervisor.tree import Attempt, Node
+
+    limits = Limits(fuel=1, ram_bytes=1, timeout_s=None)
+    invocation = Invocation("t", "t", 1, 1, limits, host=RefusingHost())
+    attempt = Attempt(invocation=invocation, node=Node("t"))
+
+    def waited(timeout: float) -> float:
+        started = time.monotonic()
+        attempt.wait_for_wakeup(timeout)
+        return time.monotonic() - started
+
+    attempt.wake()  # before the wait: pending
+    assert waited(5.0) < 1.0
+    attempt.wake()
+    attempt.wake()  # two wake-ups before one wait: one pending, not two
+    assert waited(5.0) < 1.0
+    assert waited(0.1) >= 0.09  # nothing pending: the wait runs its course
+    waker = threading.Timer(0.05, attempt.wake)
+    waker.start()
+    assert waited(5.0) < 1.0  # woken while waiting
+    waker.join()

@@ -33,7 +33,7 @@ from typing import Any
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
 from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
-from capsule.supervisor.steps import JournalFailure, PendingMessage, Step
+from capsule.supervisor.steps import JournalFailure, PendingMessage, Request
 from capsule.supervisor.tree import TaskResult
 
 #: How long the writer lets a batch gather when no caller waits for its commit:
@@ -258,7 +258,19 @@ class JournalWriter:
         ``tasks`` only gains rows, whose state is folded here first.)"""
         if steps:
             statements[_STEP_BATCH_INSERT] = [
-                (self.run_id, task_id, attempt, taken[0][0], taken[-1][0], json.dumps(taken))
+                (
+                    self.run_id,
+                    task_id,
+                    attempt,
+                    taken[0][0],
+                    taken[-1][0],
+                    json.dumps(
+                        [
+                            (number, kind, request if type(request) is str else request(), *rest)
+                            for number, kind, request, *rest in taken
+                        ]
+                    ),
+                )
                 for (task_id, attempt), taken in steps.items()
             ]
         self._dirty.clear()
@@ -340,7 +352,10 @@ class JournalWriter:
         task_id: str,
         attempt: int,
         number: int,
-        step: Step,
+        kind: str,
+        request: Request,
+        ok: bool,
+        answer: str,
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:
@@ -353,7 +368,7 @@ class JournalWriter:
             taken = self._steps.get((task_id, attempt))
             if taken is None:
                 taken = self._steps[task_id, attempt] = []
-            self._append(taken, (number, *step, time.time()), durable)
+            self._append(taken, (number, kind, request, ok, answer, time.time()), durable)
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(

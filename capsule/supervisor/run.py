@@ -61,6 +61,7 @@ from capsule.supervisor.steps import (
     JournalFailure,
     NoStepLog,
     PendingMessage,
+    Request,
     Step,
     StepLog,
     json_strings,
@@ -740,7 +741,7 @@ class Run:
         self,
         caller: Invocation,
         kind: str,
-        request: str | Callable[[], str],
+        request: Request,
         live: Callable[[], tuple[bool, str]],
         replayed: Callable[[Step], object] | None = None,
         durable: bool = False,
@@ -760,7 +761,11 @@ class Run:
         (number a child, start a spawned child again, route a reply);
         ``for_journal`` gives the answer as it is recorded (secrets redacted).
         ``request`` may be given as a function: it is serialised only when a
-        journal or a replay needs it (a few microseconds on every host call)."""
+        replay needs it here, or by the journal's own thread (on the caller's,
+        it cost a few microseconds of every host call).
+
+        Journaled with the GIL held and two busy actors contending for it, each
+        microsecond here costs about three: keep this path short."""
         attempt = self._attempts[caller]
         attempt.steps_taken += 1
         number = attempt.steps_taken
@@ -775,16 +780,18 @@ class Run:
                 replayed(recorded)
             return recorded.ok, recorded.answer
         ok, answer = live()
-        if self._journaling and caller.check_stop() is None:  # else never seen
-            if not isinstance(request, str):
-                request = request()
+        # A failure may be the caller's stop ("{}", never seen): not journaled.
+        if self._journaling and (ok or caller.check_stop() is None):
             journaled = answer if for_journal is None else for_journal(answer)
             self._log(
                 self._steps.step,
                 caller.task_id,
                 caller.attempt,
                 number,
-                Step(kind, request, ok, journaled),
+                kind,
+                request,
+                ok,
+                journaled,
                 durable,
                 None if journaled == answer else answer,
             )
@@ -992,6 +999,8 @@ class Run:
 
         def sleep() -> tuple[bool, str]:
             self._block(attempt, lambda: False, max(0.0, seconds), "sleep")
+            if caller.check_stop() is not None:
+                return False, "{}"  # cut short: the sandbox ends the caller
             return True, ""
 
         # A replayed sleep has been slept.
@@ -1157,7 +1166,7 @@ class Run:
         ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
         waiting = False
         try:
-            with self.sandbox.slots.released(), attempt.condition:
+            with self.sandbox.slots.released():
                 while True:
                     if ready():
                         return True
@@ -1175,7 +1184,7 @@ class Run:
                     ends = [t for t in (limit, bound) if t is not None]
                     if not waiting:
                         ends.append(report_at)
-                    attempt.condition.wait(min([*ends, now + 1.0]) - now)
+                    attempt.wait_for_wakeup(min([*ends, now + 1.0]) - now)
         finally:
             if waiting:
                 self.events.emit(TaskResumed(**ids))

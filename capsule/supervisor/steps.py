@@ -10,6 +10,7 @@ business (``capsule.journal``), which implements :class:`StepLog` and builds the
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -26,6 +27,11 @@ def json_strings(*texts: str) -> str:
     text, with those of journals written before), at a tenth of its cost: one
     is built on every journaled message."""
     return f"[{', '.join(map(json_string, texts))}]"
+
+
+#: What the guest asked, as canonical JSON, or a function that gives it: built
+#: only if a journal or a replay needs it, and by the journal on its own thread.
+Request = str | Callable[[], str]
 
 
 class Step(NamedTuple):
@@ -113,12 +119,17 @@ class StepLog(Protocol):
         task_id: str,
         attempt: int,
         number: int,
-        step: Step,
+        kind: str,
+        request: Request,
+        ok: bool,
+        answer: str,
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:
-        """``unredacted``: the answer before secrets were redacted from ``step``,
-        kept apart from the journal so that a replay sees what the guest saw."""
+        """One answered host call (what a :class:`Step` holds). ``request`` may
+        be a function that gives it, called when the step is written (off the
+        caller's thread). ``unredacted``: the answer before secrets were
+        redacted from it, kept apart so that a replay sees what the guest saw."""
         ...
 
     def ask_sent(self, message: PendingMessage) -> None:
@@ -141,7 +152,10 @@ class NoStepLog:
         task_id: str,
         attempt: int,
         number: int,
-        step: Step,
+        kind: str,
+        request: Request,
+        ok: bool,
+        answer: str,
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:

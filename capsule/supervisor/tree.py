@@ -76,6 +76,12 @@ class Node:
             return f"{self.task_id}#{self.messages}"
 
 
+def _held_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class Attempt:
     """A running attempt, as the tree sees it: its children and its wake-ups."""
@@ -87,15 +93,29 @@ class Attempt:
     linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
     #: When its children were restarted (restart intensity).
     restarts: deque[float] = field(default_factory=deque)
-    condition: threading.Condition = field(default_factory=threading.Condition)
     #: Host calls of the run being resumed still to be answered from its journal.
     replay: deque[Step] = field(default_factory=deque)
     #: Host calls (steps) made so far.
     steps_taken: int = 0
+    #: Held while no wake-up is pending; a wake releases it, the wait takes it.
+    _no_wakeup: threading.Lock = field(default_factory=_held_lock, repr=False)
 
     def wake(self) -> None:
-        with self.condition:
-            self.condition.notify_all()
+        """Something the attempt may be waiting on changed (a message came, a
+        child ended, it was cancelled): its wait, or its next one, returns."""
+        try:
+            self._no_wakeup.release()
+        except RuntimeError:
+            pass  # a wake-up is pending already
+
+    def wait_for_wakeup(self, timeout: float) -> None:
+        """Until woken (or woken since the last wait), or ``timeout`` seconds.
+        Callers check what they wait for before and after: a wake-up that came
+        in between is pending, so none is lost. (A bare lock, not a Condition:
+        on a busy mailbox the receiver waits for every message, and a
+        Condition's Python-level wait and notify cost more than the rest of
+        the receive.)"""
+        self._no_wakeup.acquire(timeout=max(0.0, timeout))
 
 
 @dataclass(eq=False)
