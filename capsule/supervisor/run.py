@@ -764,8 +764,9 @@ class Run:
         replay needs it here, or by the journal's own thread (on the caller's,
         it cost a few microseconds of every host call).
 
-        Journaled with the GIL held and two busy actors contending for it, each
-        microsecond here costs about three: keep this path short."""
+        This path runs with the GIL held on every host call; with two busy
+        actors contending for it, each microsecond here cost two to three
+        (measured): keep it short."""
         attempt = self._attempts[caller]
         attempt.steps_taken += 1
         number = attempt.steps_taken

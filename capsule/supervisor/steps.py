@@ -35,8 +35,9 @@ Request = str | Callable[[], str]
 
 
 class Step(NamedTuple):
-    """One answered host call of an attempt. (A named tuple: one is made on
-    every journaled host call, and a frozen dataclass costs four times more.)"""
+    """One answered host call of an attempt, as a resume replays it. (A named
+    tuple: a resume reads thousands, and a frozen dataclass costs four times
+    more.)"""
 
     kind: str
     #: What the guest asked, as canonical JSON: a replay must ask the same.
