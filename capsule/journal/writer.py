@@ -258,19 +258,7 @@ class JournalWriter:
         ``tasks`` only gains rows, whose state is folded here first.)"""
         if steps:
             statements[_STEP_BATCH_INSERT] = [
-                (
-                    self.run_id,
-                    task_id,
-                    attempt,
-                    taken[0][0],
-                    taken[-1][0],
-                    json.dumps(
-                        [
-                            (number, kind, request if type(request) is str else request(), *rest)
-                            for number, kind, request, *rest in taken
-                        ]
-                    ),
-                )
+                (self.run_id, task_id, attempt, taken[0][0], taken[-1][0], _steps_json(taken))
                 for (task_id, attempt), taken in steps.items()
             ]
         self._dirty.clear()
@@ -419,6 +407,18 @@ _STEP_BATCH_INSERT = (
     "INSERT OR REPLACE INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
     "steps_json) VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+
+def _steps_json(taken: list[tuple[Any, ...]]) -> str:
+    """An attempt's steps as one JSON array, each request serialised now if the
+    task thread left it as a function."""
+    return json.dumps(
+        [
+            (number, kind, request if type(request) is str else request(), *rest)
+            for number, kind, request, *rest in taken
+        ]
+    )
+
 
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
 #: 256 rows of 14 values stay below SQLite's 32,766 parameters).

@@ -101,51 +101,14 @@ def _bind_holding_gil(name: str) -> None:
 for _function in _HOLD_GIL:
     _bind_holding_gil(_function)
 
-#: wasm_byte_vec_new taking the source bytes as they are (one copy, in C).
-_byte_vec_from = ctypes.PYFUNCTYPE(
-    None, ctypes.POINTER(ffi.wasm_byte_vec_t), ctypes.c_size_t, ctypes.c_char_p
-)(("wasm_byte_vec_new", _LIBRARY))
-
-
-def _bytes_to_c(s: bytes | bytearray) -> ffi.wasm_byte_vec_t:
-    # wasmtime-py copies bytes twice on their way in (a ctypes array, then a
-    # memmove that gives up the GIL); the vector can take them as they are.
-    if not isinstance(s, (bytes, bytearray)):
-        raise TypeError("expected bytes or bytearray")
-    vec = ffi.wasm_byte_vec_t()
-    _byte_vec_from(ctypes.byref(vec), len(s), bytes(s))
-    return vec
-
-
-def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
-    if not isinstance(s, str):
-        raise TypeError("expected a string")
-    return _bytes_to_c(s.encode("utf-8"))
-
-
-def _string_from_c(self: Any, c: Any) -> str:
-    assert c.kind == ffi.WASMTIME_COMPONENT_STRING.value
-    vec = c.of.string
-    text = ctypes.string_at(vec.data, vec.size).decode("utf-8") if vec.size else ""
-    ffi.wasm_byte_vec_delete(ctypes.byref(vec))
-    return text
-
-
-# Strings (String.convert_to_c calls str_to_capi), and the names of record
-# fields, variant cases and enum values, which the C API takes as byte vectors
-# on every value lowered.
-ffi.bytes_to_capi = _bytes_to_c
-ffi.str_to_capi = _str_to_c
-String.convert_from_c = _string_from_c  # type: ignore[method-assign]
-
-
 # -- values of our imports, read and written by address ----------------------
 #
 # Each import's arguments arrive as an array of wasmtime_component_val_t and its
 # result goes into one; wasmtime-py reads and writes them through ctypes
 # structures, a handful of Python objects per field. Our imports take strings,
-# integers and option<u64>, and return strings and result<string?, string?>:
-# those are read and written here by address, with the GIL held throughout.
+# integers and option<u64>, and return result<string?, string?>: those are
+# read and written here by address, with the GIL held throughout. The strings
+# wasmtime-py itself converts go through the same functions (patched below).
 
 
 def _offset(structure: Any, field: str) -> int:
@@ -222,7 +185,7 @@ def _string_vec(text: Any, address: int) -> None:
     if not isinstance(text, str):
         raise TypeError("expected string type")
     data = text.encode("utf-8")
-    _vec_new_at(address, len(data), data)
+    _vec_new_at(address, len(data), data)  # one copy, in C
 
 
 def _boxed_string(text: Any) -> int:
@@ -235,13 +198,38 @@ def _boxed_string(text: Any) -> int:
     return boxed
 
 
+# (Parameter names as wasmtime-py's, whose functions these replace.)
+def _bytes_to_c(s: bytes | bytearray) -> ffi.wasm_byte_vec_t:
+    if not isinstance(s, (bytes, bytearray)):
+        raise TypeError("expected bytes or bytearray")
+    vec = ffi.wasm_byte_vec_t()
+    _vec_new_at(ctypes.addressof(vec), len(s), bytes(s))
+    return vec
+
+
+def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
+    vec = ffi.wasm_byte_vec_t()
+    _string_vec(s, ctypes.addressof(vec))
+    return vec
+
+
+def _string_from_c(self: Any, c: Any) -> str:
+    assert c.kind == _STRING
+    return _lift_string(ctypes.addressof(c))
+
+
+# The byte vectors wasmtime-py makes and reads itself: strings (its
+# String.convert_to_c calls str_to_capi), and the names of record fields, variant
+# cases and enum values, which the C API takes as byte vectors on every value
+# lowered. It copies bytes twice on their way in (a ctypes array, then a memmove
+# that gives up the GIL); these take them as they are.
+ffi.bytes_to_capi = _bytes_to_c
+ffi.str_to_capi = _str_to_c
+String.convert_from_c = _string_from_c  # type: ignore[method-assign]
+
+
 #: Lowers a host function's result into the value slot (by address) the guest reads.
 Lowering = Callable[[Any, Any, int], None]
-
-
-def _lower_string(_store: Any, text: Any, address: int) -> None:
-    _string_vec(text, address + _PAYLOAD)
-    _write(address, _STRING_KIND, 1)
 
 
 def _result_lowering(ty: ResultType) -> Lowering:
@@ -273,12 +261,10 @@ def _result_lowering(ty: ResultType) -> Lowering:
 
 
 def _lowering(ty: Any) -> Lowering:
-    """How to lower results of type ``ty``: strings and results of strings by
-    address; anything else with wasmtime-py's converter. (Its variant lowering
+    """How to lower results of type ``ty``: results of strings by address;
+    anything else with wasmtime-py's converter. (Its variant lowering
     also picks the case of an untagged variant through a process-wide set that
     concurrent calls on other threads clear under each other.)"""
-    if isinstance(ty, String):
-        return _lower_string
     if isinstance(ty, ResultType) and all(
         case is None or isinstance(case, String) for case in (ty.ok, ty.err)
     ):

@@ -825,7 +825,7 @@ class Run:
         return self._step(
             caller,
             "call",
-            lambda: json.dumps([name, call_json]),
+            lambda: json_strings(name, call_json),
             lambda: self._call_task(caller, name, call_json),
             replayed=lambda _: node.next_child_id(),
         )
@@ -858,7 +858,7 @@ class Run:
         return self._step(
             caller,
             "spawn",
-            lambda: json.dumps([name, call_json, options_json]),
+            lambda: json_strings(name, call_json, options_json),
             spawn,
             replayed=lambda _: spawn(),
         )
