@@ -372,8 +372,19 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
                 send(actor, bad)
             except (TypeError, ValueError) as exc:
                 refusals.append(f"{type(exc).__name__}: {exc}")
+        # A refusal deep inside containers must not poison later messages (the
+        # guest keeps one encoder, whose cycle markers such a failure leaves).
+        mended = [{"k": [1]}, {3}]
+        try:
+            send(actor, mended)
+        except TypeError:
+            mended.pop()  # now it can be sent, and is not a cycle
+        later = [ask(actor, mended)["echo"] for _ in range(2)]
         send(actor, "stop")
-        return {"differ": differ, "misread": misread, "echoed": echoed, "refusals": refusals}
+        return {
+            "differ": differ, "misread": misread, "echoed": echoed, "refusals": refusals,
+            "later": later,
+        }
     """
     )
     value = outcome.value
@@ -388,6 +399,7 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
     assert len(value["refusals"]) == 3
     assert all("not JSON-serializable" in text for text in value["refusals"]), value
     assert "Circular reference" in value["refusals"][1]
+    assert value["later"] == [[{"k": [1]}]] * 2
 
 
 def test_a_wakeup_that_comes_before_the_wait_is_kept_and_wakeups_do_not_pile_up() -> None:
@@ -418,3 +430,45 @@ def test_a_wakeup_that_comes_before_the_wait_is_kept_and_wakeups_do_not_pile_up(
     waker.start()
     assert waited(5.0) < 1.0  # woken while waiting
     waker.join()
+
+
+def test_output_without_a_newline_is_shown_before_a_receive_waits(
+    run_program: ProgramRunner,
+) -> None:
+    """Output still buffered in the guest (no newline yet) reaches the host
+    before the task waits for a message, on both streams; a stream the program
+    put in place of stdout is flushed too, not skipped."""
+    outcome = run_program(
+        ACTORS
+        + """
+    import contextlib
+    import io
+    import sys
+
+    class Counting(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            Counting.flushes += 1
+
+    @task(name="main")
+    def main():
+        print("partial out", end="")
+        print("partial err", end="", file=sys.stderr)
+        try:
+            receive(timeout=0.2)
+        except ReceiveTimeout:
+            pass
+        with contextlib.redirect_stdout(Counting()):
+            try:
+                receive(timeout=0.01)
+            except ReceiveTimeout:
+                pass
+        return Counting.flushes
+    """
+    )
+    assert outcome.value >= 1
+    seen = [(e.type, getattr(e, "text", getattr(e, "on", None))) for e in outcome.events]
+    waited = seen.index(("waiting", "receive"))
+    assert ("output", "partial out") in seen[:waited]
+    assert ("output", "partial err") in seen[:waited]

@@ -6,7 +6,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class Waker(Protocol):
@@ -23,8 +23,7 @@ class RoutingError(Exception):
         self.kind = kind
 
 
-@dataclass(frozen=True)
-class Message:
+class Message(NamedTuple):  # a tuple: made on every send, and cheaper than a frozen dataclass
     id: str
     sender: str
     body_json: str

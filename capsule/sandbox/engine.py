@@ -403,6 +403,16 @@ def _after_blocking(invocation: Invocation, value: Any) -> Any:
     return value
 
 
+def _answered(invocation: Invocation, ok: bool, value: Any) -> Any:
+    """Hand the guest the answer of a messaging call. An ok answer is a real
+    effect (a message delivered or taken) and goes as it is: if the caller must
+    stop, its next epoch tick ends it. Only a failure may be the caller's stop
+    (the "{}" of a wait cut short), so only a failure pays for the check."""
+    if ok:
+        return value
+    return _after_blocking(invocation, value)
+
+
 def _current() -> Invocation:
     invocation: Invocation | None = getattr(_thread, "invocation", None)
     if invocation is None:  # pragma: no cover - an import called outside invoke()
@@ -615,17 +625,17 @@ class Sandbox:
     def _send(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, None if ok else payload)
+        return _answered(invocation, ok, None if ok else payload)
 
     def _receive(self, _store: Any, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.receive(invocation, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _answered(invocation, ok, Variant("ok" if ok else "err", payload))
 
     def _ask(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _answered(invocation, ok, Variant("ok" if ok else "err", payload))
 
     def _reply(self, _store: Any, message_id: str, body_json: str) -> Any:
         invocation = _current()

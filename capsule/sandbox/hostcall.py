@@ -148,36 +148,53 @@ _val_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(
 )
 
 
-def _lift_string(address: int) -> str:
-    size, data = _BYTE_VEC.unpack(_read(address + _PAYLOAD, _BYTE_VEC.size))
+def _take_string(address: int) -> str:
+    """The string value at ``address``, whose byte vector is then freed (the
+    callee owns its arguments)."""
+    header = _read(address, _PAYLOAD + _BYTE_VEC.size)
+    return _take_string_from(header, 0, address)
+
+
+# Lifts read one argument from a copy of the whole argument array (``raw``, read
+# at once: each read through ctypes costs a foreign call) at ``offset``; those
+# that must free what the value points to use ``base``, the array's address.
+Lift = Callable[[bytes, int, int], Any]
+
+
+def _take_string_from(raw: bytes, offset: int, base: int) -> str:
+    size, data = _BYTE_VEC.unpack_from(raw, offset + _PAYLOAD)
     text = _read(data, size).decode("utf-8") if size else ""
-    _vec_delete_at(address + _PAYLOAD)  # the callee owns its arguments
+    _vec_delete_at(base + offset + _PAYLOAD)
     return text
 
 
-def _lift_u64(address: int) -> int:
-    value: int = _WORD.unpack(_read(address + _PAYLOAD, _WORD.size))[0]
+def _u64_from(raw: bytes, offset: int, _base: int) -> int:
+    value: int = _WORD.unpack_from(raw, offset + _PAYLOAD)[0]
     return value
 
 
-def _lift_option_u64(address: int) -> int | None:
-    (boxed,) = _WORD.unpack(_read(address + _PAYLOAD, _WORD.size))
+def _take_option_u64_from(raw: bytes, offset: int, _base: int) -> int | None:
+    (boxed,) = _WORD.unpack_from(raw, offset + _PAYLOAD)
     if not boxed:
         return None
-    value = _lift_u64(boxed)
+    value: int = _WORD.unpack(_read(boxed + _PAYLOAD, _WORD.size))[0]
     _val_delete_at(boxed)
     return value
 
 
-def _lifting(ty: Any) -> Callable[[int], Any] | None:
-    """How to read an argument of type ``ty`` by address (None: wasmtime-py's way)."""
+def _lifting(ty: Any) -> Lift:
+    """How to read an argument of type ``ty`` (others: wasmtime-py's way)."""
     if isinstance(ty, String):
-        return _lift_string
+        return _take_string_from
     if isinstance(ty, U64):
-        return _lift_u64
+        return _u64_from
     if isinstance(ty, OptionType) and isinstance(ty.payload, U64):
-        return _lift_option_u64
-    return None
+        return _take_option_u64_from
+
+    def convert(_raw: bytes, offset: int, base: int) -> Any:
+        return ty.convert_from_c(_VAL.from_address(base + offset))
+
+    return convert
 
 
 def _string_vec(text: Any, address: int) -> None:
@@ -215,7 +232,7 @@ def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
 
 def _string_from_c(self: Any, c: Any) -> str:
     assert c.kind == _STRING
-    return _lift_string(ctypes.addressof(c))
+    return _take_string(ctypes.addressof(c))
 
 
 # The byte vectors wasmtime-py makes and reads itself: strings (its
@@ -280,8 +297,8 @@ def _lowering(ty: Any) -> Lowering:
 class _Import:
     def __init__(self, func: HostFunc) -> None:
         self.func = func
-        #: Per parameter: read it by address, or (None) with its wasmtime-py type.
-        self.lifts: list[tuple[Callable[[int], Any] | None, Any]] | None = None
+        #: How to read each parameter.
+        self.lifts: list[Lift] | None = None
         self.lower_result: Lowering | None = None
 
     def resolve(self, store: Any, ty_raw: Any) -> None:
@@ -289,18 +306,16 @@ class _Import:
             result_type = fty.result
             if result_type is not None:
                 self.lower_result = _lowering(result_type)
-            self.lifts = [(_lifting(ty), ty) for _, ty in fty.params]
+            self.lifts = [_lifting(ty) for _, ty in fty.params]
 
     def arguments(self, address: int, count: int) -> list[Any]:
-        assert self.lifts is not None
-        values = []
-        for index in range(count):
-            lift, ty = self.lifts[index]
-            at = address + index * _VAL_SIZE
-            values.append(
-                lift(at) if lift is not None else ty.convert_from_c(_VAL.from_address(at))
-            )
-        return values
+        assert self.lifts is not None and count == len(self.lifts)
+        if not count:
+            return []
+        raw = _read(address, count * _VAL_SIZE)
+        return [
+            lift(raw, index * _VAL_SIZE, address) for index, lift in enumerate(self.lifts)
+        ]
 
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).

@@ -63,14 +63,12 @@ def _not_serializable(value):
 _scan_json = json.decoder.JSONDecoder().scan_once
 
 
-def _dumps(value) -> str:
-    """``json.dumps(value)``, the same text, without its Python layers: it makes
-    the same C encoder, and in the guest's interpreter the layers around it
-    cost more than encoding a small message does."""
+def _new_encoder():
+    """json's C encoder, made as json.dumps makes it (None where it is absent)."""
     make_encoder = json.encoder.c_make_encoder
     if make_encoder is None:
-        return json.dumps(value)
-    encode = make_encoder(
+        return None
+    return make_encoder(
         {},
         _not_serializable,
         json.encoder.encode_basestring_ascii,
@@ -81,7 +79,24 @@ def _dumps(value) -> str:
         False,
         True,
     )
-    return "".join(encode(value, 0))
+
+
+_encoder = _new_encoder()
+
+
+def _dumps(value) -> str:
+    """``json.dumps(value)``, the same text, without its Python layers and with
+    one encoder kept: in the guest's interpreter, making the encoder and the
+    layers around it cost more than encoding a small message does."""
+    global _encoder
+    if _encoder is None:
+        return json.dumps(value)
+    try:
+        return "".join(_encoder(value, 0))
+    except BaseException:
+        # A failed encoding may leave entries in the encoder's cycle markers.
+        _encoder = _new_encoder()
+        raise
 
 
 def _loads(text: str):
@@ -119,8 +134,8 @@ class HostStream(io.TextIOBase):
             output.write(self._stream, text)
 
 
-sys.stdout = HostStream(output.OutputStream.STDOUT)
-sys.stderr = HostStream(output.OutputStream.STDERR)
+_stdout = sys.stdout = HostStream(output.OutputStream.STDOUT)
+_stderr = sys.stderr = HostStream(output.OutputStream.STDERR)
 
 
 class SandboxImportError(ModuleNotFoundError):
@@ -280,8 +295,13 @@ def _body(target, body) -> str:
 
 def _flush() -> None:
     # Output written before a blocking call reaches the host before the wait.
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # (Runs before every message: our own streams are flushed only when they
+    # hold something, streams a program put in their place always.)
+    stdout, stderr = sys.stdout, sys.stderr
+    if stdout is not _stdout or _stdout._buffer:
+        stdout.flush()
+    if stderr is not _stderr or _stderr._buffer:
+        stderr.flush()
 
 
 def _ms(seconds):
