@@ -313,9 +313,7 @@ class _Import:
         if not count:
             return []
         raw = _read(address, count * _VAL_SIZE)
-        return [
-            lift(raw, index * _VAL_SIZE, address) for index, lift in enumerate(self.lifts)
-        ]
+        return [lift(raw, index * _VAL_SIZE, address) for index, lift in enumerate(self.lifts)]
 
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
