@@ -410,14 +410,13 @@ _STEP_BATCH_INSERT = (
 
 
 def _steps_json(taken: list[tuple[Any, ...]]) -> str:
-    """An attempt's steps as one JSON array, each request serialised now if the
-    task thread left it as a function."""
-    return json.dumps(
-        [
-            (number, kind, request if type(request) is str else request(), *rest)
-            for number, kind, request, *rest in taken
-        ]
-    )
+    """An attempt's steps as one JSON array; a request the task thread left as
+    a function is called by the encoder (no list is rebuilt per step)."""
+    return json.dumps(taken, default=_serialised_request)
+
+
+def _serialised_request(request: Callable[[], str]) -> str:
+    return request()
 
 
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
