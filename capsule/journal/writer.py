@@ -94,8 +94,13 @@ class JournalWriter:
         #: costs one append on the caller's thread), and records to compute.
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
-        #: Steps by task attempt: each commit writes one row per attempt.
-        self._steps: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        #: Steps in the order they were taken, run-wide: (task id, attempt,
+        #: step, kind, request, ok, answer, at). Appended without the lock (a
+        #: list's append is atomic; the lock cost every host call a few
+        #: microseconds with two busy actors) and never replaced: the writer
+        #: takes a prefix (see _take_steps). Each commit writes one row per
+        #: task attempt.
+        self._step_queue: list[tuple[Any, ...]] = []
         self._queued = 0
         self._committed = 0
         self._failure: str | None = None
@@ -181,26 +186,28 @@ class JournalWriter:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
                 self._poll_cancel_requests()
             with self._lock:
-                while self._queued == self._committed and not self._closing:
-                    if self.on_cancel_request is None:
-                        self._work.wait()
-                    elif not self._work.wait(CANCEL_POLL_SECONDS):
+                while self._idle() and not self._closing:
+                    # Steps come without a notification: looked for this often.
+                    self._work.wait(LINGER_SECONDS)
+                    if self.on_cancel_request is not None and time.monotonic() >= next_poll:
                         break  # time to look for cancel requests
-                if self._queued == self._committed:
+                if self._idle():
                     if self._closing:
                         return
                     continue
                 if (
                     not self._durable_waiting
                     and not self._closing
-                    and self._queued - self._committed < MAX_BATCH
+                    and self._queued - self._committed + len(self._step_queue) < MAX_BATCH
                 ):
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits some 20 times a second, not per record.
                     self._work.wait(LINGER_SECONDS)
                 rows, self._rows = self._rows, {}
                 records, self._records = self._records, []
-                steps, self._steps = self._steps, {}
+                # Taken last, holding the lock: every step taken before a record
+                # of this batch is in it (and none taken after the records).
+                steps = self._take_steps()
                 upto = self._queued
             try:
                 self._commit(rows, records, steps)
@@ -217,12 +224,22 @@ class JournalWriter:
                     )
                     self._rows.clear()
                     self._records.clear()
-                    self._steps.clear()
+                    self._take_steps()
                     self._committed_cv.notify_all()
                 return
             with self._lock:
                 self._committed = upto
                 self._committed_cv.notify_all()
+
+    def _idle(self) -> bool:
+        return self._queued == self._committed and not self._step_queue
+
+    def _take_steps(self) -> list[tuple[Any, ...]]:
+        """The steps queued so far. A copy, then a deletion of that many: each
+        one C call, so that a step appended meanwhile stays, in its place."""
+        steps = self._step_queue[:]
+        del self._step_queue[: len(steps)]
+        return steps
 
     def _poll_cancel_requests(self) -> None:
         """Cancellations another process asked for (``capsule tui``): handed to
@@ -248,7 +265,7 @@ class JournalWriter:
         self,
         statements: dict[str, list[tuple[Any, ...]]],
         records: list[Record],
-        steps: dict[tuple[str, int], list[tuple[Any, ...]]],
+        steps: list[tuple[Any, ...]],
     ) -> None:
         """Write one batch in one transaction, each statement as multi-row
         INSERTs: sqlite3 gives up the GIL around every step of a statement (every
@@ -257,9 +274,15 @@ class JournalWriter:
         transaction does not matter: it is all or nothing, and every table but
         ``tasks`` only gains rows, whose state is folded here first.)"""
         if steps:
+            by_attempt: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+            for step in steps:
+                taken = by_attempt.get(step[:2])
+                if taken is None:
+                    taken = by_attempt[step[:2]] = []
+                taken.append(step[2:])
             statements[_STEP_BATCH_INSERT] = [
                 (self.run_id, task_id, attempt, taken[0][0], taken[-1][0], _steps_json(taken))
-                for (task_id, attempt), taken in steps.items()
+                for (task_id, attempt), taken in by_attempt.items()
             ]
         self._dirty.clear()
         for record in records:
@@ -352,11 +375,14 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        with self._lock:
-            taken = self._steps.get((task_id, attempt))
-            if taken is None:
-                taken = self._steps[task_id, attempt] = []
-            self._append(taken, (number, kind, request, ok, answer, time.time()), durable)
+        step = (task_id, attempt, number, kind, request, ok, answer, time.time())
+        if durable:
+            with self._lock:  # counted, so that it can wait for its commit
+                self._append(self._step_queue, step, durable)
+            return
+        if self._failure is not None:
+            raise JournalFailure(self._failure)
+        self._step_queue.append(step)
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
