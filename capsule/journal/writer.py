@@ -96,10 +96,9 @@ class JournalWriter:
         self._records: list[Record] = []
         #: Steps in the order they were taken, run-wide: (task id, attempt,
         #: step, kind, request, ok, answer, at). Appended without the lock (a
-        #: list's append is atomic; the lock cost every host call a few
-        #: microseconds with two busy actors) and never replaced: the writer
-        #: takes a prefix (see _take_steps). Each commit writes one row per
-        #: task attempt.
+        #: list's append is atomic; with two threads journaling at once, the
+        #: lock doubled a step's cost) and never replaced: the writer takes a
+        #: prefix (see _take_steps). Each commit writes one row per task attempt.
         self._step_queue: list[tuple[Any, ...]] = []
         self._queued = 0
         self._committed = 0
