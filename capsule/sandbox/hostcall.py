@@ -148,17 +148,17 @@ _val_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(
 )
 
 
+# Lifts read one argument from a copy of the whole argument array (``raw``, read
+# at once: each read through ctypes costs a foreign call) at ``offset``; those
+# that must free what the value points to use ``base``, the array's address.
+Lift = Callable[[bytes, int, int], Any]
+
+
 def _take_string(address: int) -> str:
     """The string value at ``address``, whose byte vector is then freed (the
     callee owns its arguments)."""
     header = _read(address, _PAYLOAD + _BYTE_VEC.size)
     return _take_string_from(header, 0, address)
-
-
-# Lifts read one argument from a copy of the whole argument array (``raw``, read
-# at once: each read through ctypes costs a foreign call) at ``offset``; those
-# that must free what the value points to use ``base``, the array's address.
-Lift = Callable[[bytes, int, int], Any]
 
 
 def _take_string_from(raw: bytes, offset: int, base: int) -> str:
@@ -177,7 +177,7 @@ def _take_option_u64_from(raw: bytes, offset: int, _base: int) -> int | None:
     (boxed,) = _WORD.unpack_from(raw, offset + _PAYLOAD)
     if not boxed:
         return None
-    value: int = _WORD.unpack(_read(boxed + _PAYLOAD, _WORD.size))[0]
+    value = _u64_from(_read(boxed, _PAYLOAD + _WORD.size), 0, boxed)
     _val_delete_at(boxed)
     return value
 
