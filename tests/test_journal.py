@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,34 @@ def _started_after(journal: Path, seq: int) -> set[str]:
     return {row[0] for row in rows}
 
 
+def _as_schema_3(journal: Path) -> None:
+    """Rewrite a journal as Capsule wrote it with schema version 3: every request
+    as its text and every step with its time; batches without theirs."""
+    from capsule.journal.schema import MIGRATIONS
+    from capsule.supervisor.steps import json_strings
+
+    create_view = next(s for s in MIGRATIONS[3] if "CREATE VIEW" in s)
+    with sqlite3.connect(journal) as connection:
+        batches = connection.execute(
+            "SELECT run_id, task_id, attempt, first_step, steps_json, committed_at "
+            "FROM step_batches"
+        ).fetchall()
+        connection.execute("DROP VIEW steps")
+        connection.execute("ALTER TABLE step_batches DROP COLUMN committed_at")
+        for run_id, task_id, attempt, first_step, steps_json, at in batches:
+            steps = [
+                [number, kind, r if isinstance(r, str) else json_strings(*r), ok, answer, at]
+                for number, kind, r, ok, answer in json.loads(steps_json)
+            ]
+            connection.execute(
+                "UPDATE step_batches SET steps_json = ? "
+                "WHERE run_id = ? AND task_id = ? AND attempt = ? AND first_step = ?",
+                (json.dumps(steps), run_id, task_id, attempt, first_step),
+            )
+        connection.execute(create_view)
+        connection.execute("PRAGMA user_version = 3")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
@@ -141,22 +170,30 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("marker", "delay"),
+    ("marker", "delay", "as_written_by"),
     [
-        ("MARK main", 0.0),  # right after the first clock and random reads
-        ("MARK step 2", 0.0),  # in the chain of calls
-        ("MARK square 3", 0.05),  # in the fan-out
-        ("MARK counted 40", 0.02),  # in the burst of messages (journal writes)
-        ("MARK doubled 12", 0.0),  # in an ask / reply exchange
+        ("MARK main", 0.0, None),  # right after the first clock and random reads
+        ("MARK step 2", 0.0, None),  # in the chain of calls
+        ("MARK square 3", 0.05, None),  # in the fan-out
+        ("MARK counted 40", 0.02, None),  # in the burst of messages (journal writes)
+        ("MARK doubled 12", 0.0, None),  # in an ask / reply exchange
+        # killed by a Capsule that wrote schema version 3, resumed by this one
+        ("MARK counted 40", 0.02, _as_schema_3),
     ],
 )
 def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
-    tmp_path: Path, uninterrupted: dict, marker: str, delay: float
+    tmp_path: Path,
+    uninterrupted: dict,
+    marker: str,
+    delay: float,
+    as_written_by: Callable[[Path], None] | None,
 ) -> None:
     program = _write(tmp_path, FLOW)
     first = _run_and_kill(program, marker, delay)
     journal = _journal(tmp_path)
     assert _integrity(journal) == "ok"
+    if as_written_by is not None:
+        as_written_by(journal)
     ended_before = _final_tasks(journal)
     killed_at = _last_event(journal)
 
@@ -525,10 +562,19 @@ def test_an_older_journal_is_migrated_in_place_and_keeps_its_runs(tmp_path: Path
 def _as_schema_2(journal: Path) -> None:
     """Rewrite a journal as Capsule wrote it with schema version 2: a row per step."""
     from capsule.journal.schema import MIGRATIONS
+    from capsule.supervisor.steps import json_strings
 
     create_steps = next(s for s in MIGRATIONS[1] if "CREATE TABLE steps" in s)
     with sqlite3.connect(journal) as connection:
-        rows = connection.execute("SELECT * FROM steps").fetchall()
+        rows = []
+        batches = "SELECT run_id, task_id, attempt, steps_json, committed_at FROM step_batches"
+        for run_id, task_id, attempt, steps_json, committed_at in connection.execute(batches):
+            for number, kind, request, ok, answer in json.loads(steps_json):
+                # Version 2 kept every request as its text.
+                text = request if isinstance(request, str) else json_strings(*request)
+                rows.append(
+                    (run_id, task_id, attempt, number, kind, text, ok, answer, committed_at)
+                )
         connection.execute("DROP VIEW steps")
         connection.execute("DROP TABLE step_batches")
         connection.execute(create_steps)
@@ -537,8 +583,11 @@ def _as_schema_2(journal: Path) -> None:
 
 
 def test_a_run_in_flight_in_a_schema_2_journal_resumes_after_migrating(tmp_path: Path) -> None:
-    """Version 3 keeps steps in batches: a run interrupted under version 2 has
-    its steps moved over, and its resume replays them."""
+    """Version 3 keeps steps in batches (and 4 a request of strings as their
+    array): a run interrupted under version 2 has its steps moved over, and its
+    resume replays them."""
+    from capsule.journal.schema import SCHEMA_VERSION
+
     source = """
     from capsule import sleep, task
 
@@ -561,7 +610,7 @@ def test_a_run_in_flight_in_a_schema_2_journal_resumes_after_migrating(tmp_path:
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == "MARK two\ndone\n"  # "MARK one" was replayed, not shown again
     with sqlite3.connect(journal) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         steps = connection.execute("SELECT step, kind, request FROM steps ORDER BY step").fetchall()
         batches = connection.execute("SELECT count(*) FROM step_batches").fetchone()[0]
     assert steps[: len(old)] == [(n + 1, *row) for n, row in enumerate(old)]

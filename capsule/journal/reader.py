@@ -24,6 +24,7 @@ from capsule.supervisor.steps import (
     PendingMessage,
     Step,
     TaskHistory,
+    json_strings,
 )
 from capsule.supervisor.tree import TaskResult
 
@@ -284,7 +285,7 @@ async def load_history(path: Path, run_id: str) -> History:
             if task.final is None and task.attempts
         }
         received: set[str] = set()
-        sent: list[tuple[float, PendingMessage]] = []
+        sent: list[PendingMessage] = []
         cursor = await db.execute(
             "SELECT task_id, attempt, steps_json FROM step_batches "
             "WHERE run_id = ? ORDER BY task_id, attempt, first_step",
@@ -296,33 +297,39 @@ async def load_history(path: Path, run_id: str) -> History:
                 if attempt == replayable.get(task_id)
                 else None
             )
-            for number, kind, request, ok, answer, at in json.loads(batch):
+            # [step, kind, request, ok, answer] (version 3 added the time); a
+            # request is text, or (from version 4) the array of its strings.
+            for number, kind, request, ok, answer, *_ in json.loads(batch):
+                strings = request if isinstance(request, list) else None
                 if kind == "receive" and ok:
                     received.add(json.loads(answer)["id"])
                 elif kind == "send" and ok:
                     delivered = json.loads(answer)
-                    body = json.loads(request)[1]
-                    message = PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
-                    sent.append((at, message))
+                    body = (strings or json.loads(request))[1]
+                    sent.append(
+                        PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
+                    )
                 elif kind == "reply" and ok:
-                    message_id, body = json.loads(request)
+                    message_id, body = strings or json.loads(request)
                     history.replies[message_id] = body
                 elif kind == "monotonic":
                     history.monotonic_ns = max(history.monotonic_ns, int(answer))
                 # A gap would end what can be replayed.
                 if replayed is not None and number == len(replayed) + 1:
-                    replayed.append(Step(kind, request, bool(ok), answer))
+                    text = request if strings is None else json_strings(*strings)
+                    replayed.append(Step(kind, text, bool(ok), answer))
         cursor = await db.execute(
-            "SELECT message_id, sender_id, target_id, body_json, expects_reply, at "
+            "SELECT message_id, sender_id, target_id, body_json, expects_reply "
             "FROM messages WHERE run_id = ?",
             (run_id,),
         )
-        for message_id, sender, target_id, body, expects_reply, at in await cursor.fetchall():
-            message = PendingMessage(message_id, sender, target_id, body, bool(expects_reply))
-            sent.append((at, message))
+        for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
+            sent.append(PendingMessage(message_id, sender, target_id, body, bool(expects_reply)))
         history.received = received
-        # Owed to their targets in the order they were sent.
-        for _, message in sorted(sent, key=lambda item: item[0]):
+        # Owed to their targets in the order each sender sent them (a sender
+        # numbers its messages, sends and asks alike; between senders, a
+        # mailbox promises no order).
+        for message in sorted(sent, key=_sending_order):
             history.sent.add(message.id)
             if message.id not in received:
                 history.undelivered.setdefault(message.target_id, []).append(message)
@@ -344,3 +351,9 @@ async def load_history(path: Path, run_id: str) -> History:
                 if answer is not None:  # what the guest saw, not its redacted record
                     past.steps[index] = Step(step.kind, step.request, step.ok, answer)
     return history
+
+
+def _sending_order(message: PendingMessage) -> tuple[int, str]:
+    """Where a message comes in its sender's numbering ("sender#N")."""
+    sender, _, number = message.id.rpartition("#")
+    return int(number) if number.isdigit() else 0, sender

@@ -95,7 +95,7 @@ class JournalWriter:
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
         #: Steps in the order they were taken, run-wide: (task id, attempt,
-        #: step, kind, request, ok, answer, at). Appended without the lock (a
+        #: step, kind, request, ok, answer). Appended without the lock (a
         #: list's append is atomic; with two threads journaling at once, the
         #: lock doubled a step's cost) and never replaced: the writer takes a
         #: prefix (see _take_steps). Each commit writes one row per task attempt.
@@ -273,6 +273,7 @@ class JournalWriter:
         transaction does not matter: it is all or nothing, and every table but
         ``tasks`` only gains rows, whose state is folded here first.)"""
         if steps:
+            committed_at = time.time()
             by_attempt: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
             for step in steps:
                 taken = by_attempt.get(step[:2])
@@ -280,7 +281,15 @@ class JournalWriter:
                     taken = by_attempt[step[:2]] = []
                 taken.append(step[2:])
             statements[_STEP_BATCH_INSERT] = [
-                (self.run_id, task_id, attempt, taken[0][0], taken[-1][0], _steps_json(taken))
+                (
+                    self.run_id,
+                    task_id,
+                    attempt,
+                    taken[0][0],
+                    taken[-1][0],
+                    json.dumps(taken),
+                    committed_at,
+                )
                 for (task_id, attempt), taken in by_attempt.items()
             ]
         self._dirty.clear()
@@ -374,7 +383,7 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        step = (task_id, attempt, number, kind, request, ok, answer, time.time())
+        step = (task_id, attempt, number, kind, request, ok, answer)
         if durable:
             with self._lock:  # counted, so that it can wait for its commit
                 self._append(self._step_queue, step, durable)
@@ -427,21 +436,13 @@ class JournalWriter:
 
 
 #: The steps an attempt took since the last commit, as one row: a JSON array
-#: of ``[step, kind, request, ok, answer, at]`` arrays.
+#: of ``[step, kind, request, ok, answer]`` arrays (a request given as strings
+#: is an array of them), and when they were committed. (Steps carry no time of
+#: their own: formatting a float per step was a third of the encoding's cost.)
 _STEP_BATCH_INSERT = (
     "INSERT OR REPLACE INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
-    "steps_json) VALUES (?, ?, ?, ?, ?, ?)"
+    "steps_json, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _steps_json(taken: list[tuple[Any, ...]]) -> str:
-    """An attempt's steps as one JSON array; a request the task thread left as
-    a function is called by the encoder (no list is rebuilt per step)."""
-    return json.dumps(taken, default=_serialised_request)
-
-
-def _serialised_request(request: Callable[[], str]) -> str:
-    return request()
 
 
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;

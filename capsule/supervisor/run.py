@@ -64,7 +64,7 @@ from capsule.supervisor.steps import (
     Request,
     Step,
     StepLog,
-    json_strings,
+    request_text,
 )
 from capsule.supervisor.tree import (
     Attempt,
@@ -763,9 +763,9 @@ class Run:
         ``replayed`` redoes what a replayed step must still do inside this process
         (number a child, start a spawned child again, route a reply);
         ``for_journal`` gives the answer as it is recorded (secrets redacted).
-        ``request`` may be given as a function: it is serialised only when a
-        replay needs it here, or by the journal's own thread (on the caller's,
-        it cost a few microseconds of every host call).
+        ``request`` may be given as the strings of a JSON array: its text is
+        built only when a replay compares it (on every host call, it cost a few
+        microseconds).
 
         This path runs with the GIL held on every host call; with two busy
         actors contending for it, each microsecond here cost two to three
@@ -774,8 +774,7 @@ class Run:
         attempt.steps_taken += 1
         number = attempt.steps_taken
         if attempt.replay:
-            if not isinstance(request, str):
-                request = request()
+            request = request_text(request)
             recorded = attempt.replay.popleft()
             if recorded.kind != kind or recorded.request != request:
                 self._diverged(attempt, number, recorded, Step(kind, request, True, ""))
@@ -830,7 +829,7 @@ class Run:
         return self._step(
             caller,
             "call",
-            lambda: json_strings(name, call_json),
+            (name, call_json),
             lambda: self._call_task(caller, name, call_json),
             replayed=lambda _: node.next_child_id(),
         )
@@ -863,7 +862,7 @@ class Run:
         return self._step(
             caller,
             "spawn",
-            lambda: json_strings(name, call_json, options_json),
+            (name, call_json, options_json),
             spawn,
             replayed=lambda _: spawn(),
         )
@@ -1039,7 +1038,7 @@ class Run:
         return self._step(
             caller,
             kind,
-            lambda: json_strings(target, body_json),
+            (target, body_json),
             lambda: deliver(attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
@@ -1055,7 +1054,7 @@ class Run:
         return self._step(
             caller,
             "reply",
-            lambda: json_strings(message_id, body_json),
+            (message_id, body_json),
             lambda: self._messages.reply(caller, message_id, body_json),
             replayed=route_again,
         )
@@ -1067,7 +1066,7 @@ class Run:
         ok, _ = self._step(
             invocation,
             "output",
-            lambda: json_strings(stream, text),
+            (stream, text),
             lambda: (True, ""),
             replayed=replayed.append,
             durable=True,

@@ -10,7 +10,6 @@ business (``capsule.journal``), which implements :class:`StepLog` and builds the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -29,9 +28,17 @@ def json_strings(*texts: str) -> str:
     return f"[{', '.join(map(json_string, texts))}]"
 
 
-#: What the guest asked, as canonical JSON, or a function that gives it: built
-#: only if a journal or a replay needs it, and by the journal on its own thread.
-Request = str | Callable[[], str]
+#: What the guest asked: canonical JSON text, or the strings of a JSON array of
+#: strings (what most requests are), whose text is ``json_strings(*request)``:
+#: built only if a replay compares it. A journal keeps such a request as the
+#: array itself (encoding it as text inside its batch, then again as a string,
+#: cost the journal's thread a third of its time on a stream of messages).
+Request = str | tuple[str, ...]
+
+
+def request_text(request: Request) -> str:
+    """A request as the canonical JSON text a replay compares."""
+    return request if isinstance(request, str) else json_strings(*request)
 
 
 class Step(NamedTuple):
@@ -127,9 +134,7 @@ class StepLog(Protocol):
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:
-        """One answered host call (what a :class:`Step` holds). ``request`` may
-        be a function that gives it, called when the step is written (off the
-        caller's thread). ``unredacted``: the answer before secrets were
+        """One answered host call (what a :class:`Step` holds). ``unredacted``: the answer before secrets were
         redacted from it, kept apart so that a replay sees what the guest saw."""
         ...
 
