@@ -255,7 +255,7 @@ def _journal_modes(tmp: Path) -> tuple[tuple[str, list[str]], ...]:
     return (("off", ["--no-journal"]), ("on", ["--journal", str(tmp / "journal.db")]))
 
 
-def journal_overhead(repeats: int) -> dict[str, float]:
+def journal_overhead(repeats: int) -> dict[str, Any]:
     """The same benchmarks with the journal on and off (the default is on), run
     in pairs back to back, which of the two goes first alternating. The
     overhead is the median of the pairs' own overheads: this machine's speed
@@ -295,9 +295,14 @@ def journal_overhead(repeats: int) -> dict[str, float]:
                 on = samples[f"{name}_journal_on"][-1]
                 cost = (on - off) / off if lower_is_better else (off - on) / off
                 pairs.setdefault(name, []).append(cost * 100)
-    figures = {name: statistics.median(values) for name, values in sorted(samples.items())}
+    figures: dict[str, Any] = {
+        name: statistics.median(values) for name, values in sorted(samples.items())
+    }
     for name, _ in metrics:
         figures[f"{name}_overhead_pct"] = statistics.median(pairs[name])
+    figures["each pair's overhead, %"] = [
+        f"{name}: {' '.join(f'{cost:.0f}' for cost in pairs[name])}" for name, _ in metrics
+    ]
     return figures
 
 
@@ -446,8 +451,9 @@ def main() -> None:
             if isinstance(value, float):
                 print(f"  {label:28s} {value:10.3f}", flush=True)
             else:
+                print(f"  {label}:", flush=True)
                 for line in value:
-                    print(f"  {line}", flush=True)
+                    print(f"    {line}", flush=True)
 
 
 if __name__ == "__main__":
