@@ -393,24 +393,22 @@ def _seconds(milliseconds: int | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1000
 
 
-def _after_blocking(invocation: Invocation, value: Any) -> Any:
+def _after_blocking(invocation: Invocation, value: Any, ok: bool = False) -> Any:
     """After a host call that may have blocked: end the instance if it must stop
-    (deadline, cancellation, abort), else hand the guest its answer."""
+    (deadline, cancellation, abort), else hand the guest its answer.
+
+    An ``ok`` answer is a real effect (a message delivered or taken, a child's
+    result) and goes as it is: if the caller must stop, its next epoch tick
+    ends it. Only a failure may be the caller's stop (the "{}" of a wait cut
+    short, a replay that diverged), so only a failure pays for the check: on a
+    stream of messages, it ran twice per message."""
+    if ok:
+        return value
     reason = invocation.check_stop()
     if reason is not None:
         invocation.stop_reason = reason
         raise _Stop(f"capsule: {reason}")
     return value
-
-
-def _answered(invocation: Invocation, ok: bool, value: Any) -> Any:
-    """Hand the guest the answer of a messaging call. An ok answer is a real
-    effect (a message delivered or taken) and goes as it is: if the caller must
-    stop, its next epoch tick ends it. Only a failure may be the caller's stop
-    (the "{}" of a wait cut short), so only a failure pays for the check."""
-    if ok:
-        return value
-    return _after_blocking(invocation, value)
 
 
 def _current() -> Invocation:
@@ -576,7 +574,7 @@ class Sandbox:
     def _http_request(self, _store: Any, request_json: str) -> Any:
         invocation = _current()
         ok, payload = invocation.host.http(invocation, request_json)
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _random_u64(self, _store: Any) -> int:
         return int.from_bytes(self._random_bytes(_store, 8), "little")
@@ -598,17 +596,17 @@ class Sandbox:
     def _call_task(self, _store: Any, name: str, call_json: str) -> Any:
         invocation = _current()
         ok, payload = invocation.host.call_task(invocation, name, call_json)
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _spawn_task(self, _store: Any, name: str, call_json: str, options_json: str | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _wait(self, _store: Any, ids_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.wait(invocation, ids_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _cancel(self, _store: Any, task_id: str) -> None:
         invocation = _current()
@@ -625,17 +623,17 @@ class Sandbox:
     def _send(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
-        return _answered(invocation, ok, None if ok else payload)
+        return _after_blocking(invocation, None if ok else payload, ok)
 
     def _receive(self, _store: Any, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.receive(invocation, _seconds(timeout_ms))
-        return _answered(invocation, ok, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _ask(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
         invocation = _current()
         ok, payload = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
-        return _answered(invocation, ok, Variant("ok" if ok else "err", payload))
+        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
 
     def _reply(self, _store: Any, message_id: str, body_json: str) -> Any:
         invocation = _current()
