@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -642,3 +643,35 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
     for first, last, steps_json in batches:
         numbers = [step[0] for step in json.loads(steps_json)]
         assert numbers == list(range(first, last + 1))
+
+
+def test_a_step_queued_while_the_writer_sleeps_is_committed(tmp_path: Path) -> None:
+    """Steps are queued without the writer's lock; one that comes while the
+    writer sleeps (nothing queued, no cancellations to look for) wakes it, and
+    is kept as schema 4 keeps it: a request of strings as their array."""
+    from capsule.journal.writer import JournalWriter
+
+    journal = tmp_path / "journal.db"
+
+    def steps() -> list[tuple]:
+        with sqlite3.connect(journal) as connection:
+            return connection.execute(
+                "SELECT step, kind, request, ok, answer, at FROM steps"
+            ).fetchall()
+
+    with JournalWriter(journal, "run1") as writer:
+        time.sleep(0.3)  # the writer has found nothing to write, and sleeps
+        before = time.time()
+        writer.step("main", 1, 1, "send", ("main/1", "0"), True, '{"id": "main#1"}')
+        deadline = time.monotonic() + 10  # generous: a sleeping writer never wakes by itself
+        while not steps() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        [(number, kind, request, ok, answer, at)] = steps()
+    assert (number, kind, request, ok, answer) == (
+        1,
+        "send",
+        '["main/1","0"]',
+        1,
+        '{"id": "main#1"}',
+    )
+    assert before <= at <= time.time()  # the time of its batch

@@ -148,7 +148,7 @@ def _watched(writer: JournalWriter, on_run: Callable[[Run], None] | None) -> Cal
         def cancel(task_id: str) -> None:
             run.cancel_task(task_id, "cancelled from `capsule tui`")
 
-        writer.on_cancel_request = cancel
+        writer.watch_cancel_requests(cancel)
         if on_run is not None:
             on_run(run)
 

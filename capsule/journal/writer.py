@@ -81,7 +81,7 @@ class JournalWriter:
         #: Unredacted answers, kept apart from the journal (see secrets.py).
         self.secrets = SecretAnswers(run_id)
         #: Called (on the writer thread) with the task id of each cancellation
-        #: another process asked for; None: nobody listens.
+        #: another process asked for; None: nobody listens (see watch_cancel_requests).
         self.on_cancel_request: Callable[[str], None] | None = None
         row = self._connection.execute(
             "SELECT max(seq) FROM events WHERE run_id = ?", (run_id,)
@@ -100,6 +100,9 @@ class JournalWriter:
         #: lock doubled a step's cost) and never replaced: the writer takes a
         #: prefix (see _take_steps). Each commit writes one row per task attempt.
         self._step_queue: list[tuple[Any, ...]] = []
+        #: The writer waits with nothing queued: the next step must wake it
+        #: (a step is queued without the lock; see _wait_for_work).
+        self._sleeping = False
         self._queued = 0
         self._committed = 0
         self._failure: str | None = None
@@ -185,11 +188,7 @@ class JournalWriter:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
                 self._poll_cancel_requests()
             with self._lock:
-                while self._idle() and not self._closing:
-                    # Steps come without a notification: looked for this often.
-                    self._work.wait(LINGER_SECONDS)
-                    if self.on_cancel_request is not None and time.monotonic() >= next_poll:
-                        break  # time to look for cancel requests
+                self._wait_for_work(next_poll)
                 if self._idle():
                     if self._closing:
                         return
@@ -229,6 +228,30 @@ class JournalWriter:
             with self._lock:
                 self._committed = upto
                 self._committed_cv.notify_all()
+
+    def _wait_for_work(self, next_poll: float) -> None:
+        # Holding the lock. Says it sleeps before it looks at the step queue
+        # once more: a step queued after that look sees the flag and wakes it
+        # (the GIL orders the two threads' reads and writes).
+        while not self._closing:
+            self._sleeping = True
+            if not self._idle():
+                break
+            if self.on_cancel_request is None:
+                self._work.wait()  # nothing to look for meanwhile
+            else:
+                left = next_poll - time.monotonic()
+                if left <= 0:
+                    break  # time to look for cancel requests
+                self._work.wait(left)
+        self._sleeping = False
+
+    def watch_cancel_requests(self, handler: Callable[[str], None]) -> None:
+        """Look for cancellations another process asks for (``capsule tui``)
+        every CANCEL_POLL_SECONDS, handing each task id to ``handler``."""
+        with self._lock:
+            self.on_cancel_request = handler
+            self._work.notify()  # a sleeping writer starts looking
 
     def _idle(self) -> bool:
         return self._queued == self._committed and not self._step_queue
@@ -391,6 +414,11 @@ class JournalWriter:
         if self._failure is not None:
             raise JournalFailure(self._failure)
         self._step_queue.append(step)
+        if self._sleeping:  # read after the append (see _wait_for_work)
+            with self._lock:
+                if self._sleeping:
+                    self._sleeping = False
+                    self._work.notify()
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
