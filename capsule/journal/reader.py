@@ -24,7 +24,7 @@ from capsule.supervisor.steps import (
     PendingMessage,
     Step,
     TaskHistory,
-    json_strings,
+    request_text,
 )
 from capsule.supervisor.tree import TaskResult
 
@@ -316,8 +316,7 @@ async def load_history(path: Path, run_id: str) -> History:
                     history.monotonic_ns = max(history.monotonic_ns, int(answer))
                 # A gap would end what can be replayed.
                 if replayed is not None and number == len(replayed) + 1:
-                    text = request if strings is None else json_strings(*strings)
-                    replayed.append(Step(kind, text, bool(ok), answer))
+                    replayed.append(Step(kind, request_text(request), bool(ok), answer))
         cursor = await db.execute(
             "SELECT message_id, sender_id, target_id, body_json, expects_reply "
             "FROM messages WHERE run_id = ?",

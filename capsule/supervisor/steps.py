@@ -10,6 +10,7 @@ business (``capsule.journal``), which implements :class:`StepLog` and builds the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -36,8 +37,9 @@ def json_strings(*texts: str) -> str:
 Request = str | tuple[str, ...]
 
 
-def request_text(request: Request) -> str:
-    """A request as the canonical JSON text a replay compares."""
+def request_text(request: str | Sequence[str]) -> str:
+    """A request (or one read back from a journal: a list) as the canonical
+    JSON text a replay compares."""
     return request if isinstance(request, str) else json_strings(*request)
 
 
@@ -134,8 +136,9 @@ class StepLog(Protocol):
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:
-        """One answered host call (what a :class:`Step` holds). ``unredacted``: the answer before secrets were
-        redacted from it, kept apart so that a replay sees what the guest saw."""
+        """One answered host call (what a :class:`Step` holds). ``unredacted``:
+        the answer before secrets were redacted from it, kept apart so that a
+        replay sees what the guest saw."""
         ...
 
     def ask_sent(self, message: PendingMessage) -> None:
