@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from capsule.journal.schema import JournalError, connect
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
+from capsule.supervisor.events import EventStream
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
 from capsule.supervisor.steps import JournalFailure
@@ -55,12 +56,13 @@ def run_journaled(
         )
         report = run_program(
             request,
-            _both(writer, on_event, event_types),
+            on_event,
             run_id=run_id,
             steps=writer,
             seed=seed,
             on_run=_watched(writer, on_run),
-            event_types=_with_journaled(event_types),
+            event_types=event_types,
+            events=_journaled_events(writer),
         )
         _finish(writer, report)
     return report
@@ -128,13 +130,14 @@ def resume_journaled(
         )
         report = run_program(
             request,
-            _both(writer, on_event, event_types),
+            on_event,
             run_id=record.run_id,
             steps=writer,
             history=history,
             seed=bytes.fromhex(record.seed),
             on_run=_watched(writer, None),
-            event_types=_with_journaled(event_types),
+            event_types=event_types,
+            events=_journaled_events(writer),
         )
         _finish(writer, report)
     return report
@@ -162,24 +165,19 @@ def _write(writer: JournalWriter, action: Callable[[], None]) -> None:
         raise JournalError(str(exc)) from None
 
 
-def _with_journaled(event_types: Collection[str] | None) -> frozenset[str] | None:
-    return None if event_types is None else JOURNALED_EVENT_TYPES | frozenset(event_types)
+def _journaled_events(writer: JournalWriter) -> EventStream:
+    """A run's event stream whose journaled events reach ``writer`` (before any
+    subscriber the run adds)."""
 
-
-def _both(
-    writer: JournalWriter,
-    on_event: Callable[[Any], None],
-    event_types: Collection[str] | None = None,
-) -> Callable[[Any], None]:
-    def deliver(event: Any) -> None:
+    def journal(event: Any) -> None:
         try:
             writer.on_event(event)
         except JournalFailure:
             pass  # the run stops at its next journaled step, which reports it
-        if event_types is None or event.type in event_types:
-            on_event(event)
 
-    return deliver
+    events = EventStream()
+    events.subscribe(journal, JOURNALED_EVENT_TYPES)
+    return events
 
 
 def _finish(writer: JournalWriter, report: RunReport) -> None:

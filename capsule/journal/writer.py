@@ -72,7 +72,7 @@ _STATUS_BY_EVENT = {
 
 class JournalWriter:
     """Records one run. Implements the supervisor's StepLog; subscribe
-    :meth:`on_event` to the run's events. Use as a context manager."""
+    :meth:`on_event` to the run's JOURNALED_EVENT_TYPES. Use as a context manager."""
 
     def __init__(self, path: Path, run_id: str) -> None:
         self.path = path
@@ -82,7 +82,7 @@ class JournalWriter:
         self.secrets = SecretAnswers(run_id)
         #: Called (on the writer thread) with the task id of each cancellation
         #: another process asked for; None: nobody listens (see watch_cancel_requests).
-        self.on_cancel_request: Callable[[str], None] | None = None
+        self._on_cancel_request: Callable[[str], None] | None = None
         row = self._connection.execute(
             "SELECT max(seq) FROM events WHERE run_id = ?", (run_id,)
         ).fetchone()
@@ -184,7 +184,7 @@ class JournalWriter:
     def _write_loop(self) -> None:
         next_poll = time.monotonic()
         while True:
-            if self.on_cancel_request is not None and time.monotonic() >= next_poll:
+            if self._on_cancel_request is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
                 self._poll_cancel_requests()
             with self._lock:
@@ -237,7 +237,7 @@ class JournalWriter:
             self._sleeping = True
             if not self._idle():
                 break
-            if self.on_cancel_request is None:
+            if self._on_cancel_request is None:
                 self._work.wait()  # nothing to look for meanwhile
             else:
                 left = next_poll - time.monotonic()
@@ -250,7 +250,7 @@ class JournalWriter:
         """Look for cancellations another process asks for (``capsule tui``)
         every CANCEL_POLL_SECONDS, handing each task id to ``handler``."""
         with self._lock:
-            self.on_cancel_request = handler
+            self._on_cancel_request = handler
             self._work.notify()  # a sleeping writer starts looking
 
     def _idle(self) -> bool:
@@ -265,8 +265,8 @@ class JournalWriter:
 
     def _poll_cancel_requests(self) -> None:
         """Cancellations another process asked for (``capsule tui``): handed to
-        ``on_cancel_request`` and marked handled."""
-        assert self.on_cancel_request is not None
+        ``_on_cancel_request`` and marked handled."""
+        assert self._on_cancel_request is not None
         try:
             rows = self._connection.execute(
                 "SELECT task_id, requested_at FROM cancel_requests "
@@ -274,7 +274,7 @@ class JournalWriter:
                 (self.run_id,),
             ).fetchall()
             for task_id, requested_at in rows:
-                self.on_cancel_request(task_id)
+                self._on_cancel_request(task_id)
                 self._connection.execute(
                     "UPDATE cancel_requests SET handled_at = ? WHERE run_id = ? AND "
                     "task_id = ? AND requested_at = ?",
@@ -341,9 +341,8 @@ class JournalWriter:
     # -- the run's records -----------------------------------------------------
 
     def on_event(self, event: Any) -> None:
-        """Journal a lifecycle event (and the task's state it implies)."""
-        if event.type not in JOURNALED_EVENT_TYPES:
-            return
+        """Journal a lifecycle event (and the task's state it implies): one of
+        JOURNALED_EVENT_TYPES, which is what it is subscribed to."""
         run_id = self.run_id
 
         def record() -> tuple[str, tuple[Any, ...]]:

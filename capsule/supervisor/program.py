@@ -124,9 +124,11 @@ def run_program(
     seed: bytes = b"",
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
+    events: EventStream | None = None,
 ) -> RunReport:
     """Run ``main`` of the program at ``request.path``; blocks until the run ends.
-    ``on_event`` receives the run's events of ``event_types`` (None: all).
+    ``on_event`` receives the run's events of ``event_types`` (None: all), from
+    ``events`` if given (a stream with subscribers of its own: the journal).
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
@@ -151,7 +153,7 @@ def run_program(
         )
     except ConfigError as exc:
         return RunReport(usage_error=str(exc))
-    events = EventStream()
+    events = events or EventStream()
     events.subscribe(on_event, event_types)
     try:
         sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
