@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 from tests.conftest import ProgramRunner
 
@@ -89,3 +91,50 @@ def test_common_stdlib_is_available(run_program: ProgramRunner) -> None:
         "uuid_len": 36,
         "decimal": "3.3",
     }
+
+
+def test_a_failure_of_the_host_ends_only_the_instance_it_served(
+    program: Callable[[str, str], Path],
+) -> None:
+    """Host code that raises while serving an import (here: the output call,
+    and an answer the binding cannot lower) ends that instance as a trap that
+    carries the host traceback; the sandbox goes on serving the next one."""
+    from capsule.sandbox.engine import Invocation, Limits, RefusingHost, Sandbox
+
+    class BrokenOutput(RefusingHost):
+        def output(self, invocation: Invocation, stream: str, text: str) -> None:
+            raise RuntimeError("the host's output broke")
+
+    class MalformedAnswer(RefusingHost):
+        def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+            return "not an (ok, payload) pair"  # type: ignore[return-value]
+
+    path = program(
+        """
+        from capsule import receive, task
+
+        @task(name="main")
+        def main(mode):
+            if mode == "print":
+                print("hello")
+            else:
+                receive()
+            return mode
+        """
+    )
+    limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
+    hosts = [("print", BrokenOutput()), ("receive", MalformedAnswer()), ("print", RefusingHost())]
+    with Sandbox([path.parent]) as sandbox:
+        outcomes = [
+            sandbox.invoke(Invocation(f"t{n}", "main", 1, 1, limits, host=host), "prog", [mode], {})
+            for n, (mode, host) in enumerate(hosts)
+        ]
+    expected = ["RuntimeError: the host's output broke", "Error"]
+    tracebacks = []
+    for outcome, error_line in zip(outcomes[:2], expected, strict=True):
+        assert outcome.error is not None and outcome.error.kind == "trap", outcome
+        assert outcome.error.message == "the host failed while serving the task"
+        tracebacks.append(outcome.error.traceback or "")
+        assert error_line in tracebacks[-1], tracebacks[-1]
+    assert "hostcall.py" in tracebacks[1]  # it failed in the binding's lowering
+    assert outcomes[2].error is None and outcomes[2].result_json == '"print"'

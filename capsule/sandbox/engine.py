@@ -14,14 +14,13 @@ has passed or it was cancelled.
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import os
 import queue
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,24 +359,13 @@ def _source_record(source: ModuleSource) -> Record:
     )
 
 
-def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a host import so that a failure of the host's own code ends the
-    instance as a trap carrying the host traceback. (wasmtime-py would keep any
-    other exception in one process-wide slot, which threads would race for.)"""
-
-    @functools.wraps(func)
-    def guarded(*args: Any) -> Any:
-        try:
-            return func(*args)
-        except wasmtime.WasmtimeError:
-            raise
-        except Exception:
-            invocation: Invocation | None = getattr(_thread, "invocation", None)
-            if invocation is not None:
-                invocation.host_error = traceback.format_exc()
-            raise _Stop("capsule: host error") from None
-
-    return guarded
+def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
+    """What ends an instance when the host's own code failed while serving it:
+    a trap, with the host traceback kept on the invocation for the outcome."""
+    invocation: Invocation | None = getattr(_thread, "invocation", None)
+    if invocation is not None:
+        invocation.host_error = "".join(traceback.format_exception(exc))
+    return _Stop("capsule: host error")
 
 
 def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
@@ -393,29 +381,29 @@ def _seconds(milliseconds: int | None) -> float | None:
     return None if milliseconds is None else milliseconds / 1000
 
 
-def _after_blocking(invocation: Invocation, value: Any, ok: bool = False) -> Any:
-    """After a host call that may have blocked: end the instance if it must stop
-    (deadline, cancellation, abort), else hand the guest its answer.
-
-    An ``ok`` answer is a real effect (a message delivered or taken, a child's
-    result) and goes as it is: if the caller must stop, its next epoch tick
-    ends it. Only a failure may be the caller's stop (the "{}" of a wait cut
-    short, a replay that diverged), so only a failure pays for the check: on a
-    stream of messages, it ran twice per message."""
-    if ok:
-        return value
+def _stop_if_asked(invocation: Invocation) -> None:
+    """After a host call that may have blocked: end the instance if it must
+    stop (deadline, cancellation, abort)."""
     reason = invocation.check_stop()
     if reason is not None:
         invocation.stop_reason = reason
         raise _Stop(f"capsule: {reason}")
-    return value
 
 
-def _current() -> Invocation:
-    invocation: Invocation | None = getattr(_thread, "invocation", None)
-    if invocation is None:  # pragma: no cover - an import called outside invoke()
-        raise _Stop("capsule: host import called with no invocation on this thread")
-    return invocation
+#: What a host call answers the guest: (True, value) or (False, error JSON).
+Answer = tuple[bool, str]
+
+
+def _failed(invocation: Invocation, answer: Answer) -> Answer:
+    """A failed answer may be the caller's stop (the "{}" of a wait cut short, a
+    replay that diverged): end the instance then, else hand the failure over.
+
+    An ok answer is a real effect (a message delivered or taken, a child's
+    result) and goes as it is, unchecked: if the caller must stop, its next
+    epoch tick ends it. On a stream of messages the check ran twice per
+    message."""
+    _stop_if_asked(invocation)
+    return answer
 
 
 # wasmtime-py has no high-level epoch callback; the raw C API binding works with
@@ -515,50 +503,53 @@ class Sandbox:
         root = linker.root()
         wasi = {name.split("@")[0]: name for name in self.component.type.imports(self.engine)}
         with root.add_instance(wasi["wasi:clocks/wall-clock"]) as wall_clock:
-            add_host_func(wall_clock, "now", _guarded(self._wall_clock_now))
-            add_host_func(wall_clock, "resolution", _guarded(self._wall_clock_resolution))
+            add_host_func(wall_clock, "now", self._wall_clock_now, _host_failure)
+            add_host_func(wall_clock, "resolution", self._wall_clock_resolution, _host_failure)
         with root.add_instance(wasi["wasi:random/random"]) as random:
-            add_host_func(random, "get-random-bytes", _guarded(self._random_bytes))
-            add_host_func(random, "get-random-u64", _guarded(self._random_u64))
+            add_host_func(random, "get-random-bytes", self._random_bytes, _host_failure)
+            add_host_func(random, "get-random-u64", self._random_u64, _host_failure)
         with root.add_instance(_interface("clock")) as clock:
-            add_host_func(clock, "monotonic-ns", _guarded(self._monotonic_ns))
+            add_host_func(clock, "monotonic-ns", self._monotonic_ns, _host_failure)
         with root.add_instance(_interface("http")) as http:
-            add_host_func(http, "request", _guarded(self._http_request))
+            add_host_func(http, "request", self._http_request, _host_failure)
         with root.add_instance(_interface("modules")) as modules:
-            add_host_func(modules, "find", _guarded(self._find_module))
-            add_host_func(modules, "offer-compiled", _guarded(self._offer_compiled))
+            add_host_func(modules, "find", self._find_module, _host_failure)
+            add_host_func(modules, "offer-compiled", self._offer_compiled, _host_failure)
         with root.add_instance(_interface("tasks")) as tasks:
-            add_host_func(tasks, "call", _guarded(self._call_task))
-            add_host_func(tasks, "spawn", _guarded(self._spawn_task))
-            add_host_func(tasks, "wait", _guarded(self._wait))
-            add_host_func(tasks, "cancel", _guarded(self._cancel))
-            add_host_func(tasks, "sleep", _guarded(self._sleep))
+            add_host_func(tasks, "call", self._call_task, _host_failure)
+            add_host_func(tasks, "spawn", self._spawn_task, _host_failure)
+            add_host_func(tasks, "wait", self._wait, _host_failure)
+            add_host_func(tasks, "cancel", self._cancel, _host_failure)
+            add_host_func(tasks, "sleep", self._sleep, _host_failure)
         with root.add_instance(_interface("messaging")) as messaging:
-            add_host_func(messaging, "send", _guarded(self._send))
-            add_host_func(messaging, "receive", _guarded(self._receive))
-            add_host_func(messaging, "ask", _guarded(self._ask))
-            add_host_func(messaging, "reply", _guarded(self._reply))
+            add_host_func(messaging, "send", self._send, _host_failure)
+            add_host_func(messaging, "receive", self._receive, _host_failure)
+            add_host_func(messaging, "ask", self._ask, _host_failure)
+            add_host_func(messaging, "reply", self._reply, _host_failure)
         with root.add_instance(_interface("output")) as output:
-            add_host_func(output, "write", _guarded(self._write))
+            add_host_func(output, "write", self._write, _host_failure)
         return linker
 
-    def _wall_clock_now(self, _store: Any) -> Any:
-        invocation = _current()
+    # Each function below serves one import: it takes the import's arguments
+    # and answers a result<...> as an (ok, payload) pair (see hostcall).
+
+    def _wall_clock_now(self) -> Any:
+        invocation: Invocation = _thread.invocation
         nanoseconds = invocation.host.wall_clock_ns(invocation)
-        _after_blocking(invocation, None)  # e.g. a replay that diverged here
+        _stop_if_asked(invocation)  # e.g. a replay that diverged here
         return _record(seconds=nanoseconds // 10**9, nanoseconds=nanoseconds % 10**9)
 
-    def _wall_clock_resolution(self, _store: Any) -> Any:
+    def _wall_clock_resolution(self) -> Any:
         return _record(seconds=0, nanoseconds=1000)
 
-    def _monotonic_ns(self, _store: Any) -> int:
-        invocation = _current()
+    def _monotonic_ns(self) -> int:
+        invocation: Invocation = _thread.invocation
         nanoseconds = invocation.host.monotonic_ns(invocation)
-        _after_blocking(invocation, None)
+        _stop_if_asked(invocation)
         return nanoseconds
 
-    def _random_bytes(self, _store: Any, count: int) -> bytes:
-        invocation = _current()
+    def _random_bytes(self, count: int) -> bytes:
+        invocation: Invocation = _thread.invocation
         if count > MAX_RANDOM_BYTES:
             invocation.aborted = ErrorInfo(
                 "limit",
@@ -568,18 +559,18 @@ class Sandbox:
             invocation.stop_reason = "aborted"
             raise _Stop("capsule: aborted")
         data = invocation.host.random_bytes(invocation, count)
-        _after_blocking(invocation, None)
+        _stop_if_asked(invocation)
         return data
 
-    def _http_request(self, _store: Any, request_json: str) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.http(invocation, request_json)
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _random_u64(self) -> int:
+        return int.from_bytes(self._random_bytes(8), "little")
 
-    def _random_u64(self, _store: Any) -> int:
-        return int.from_bytes(self._random_bytes(_store, 8), "little")
+    def _http_request(self, request_json: str) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.http(invocation, request_json)
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _find_module(self, _store: Any, fullname: str) -> Any:
+    def _find_module(self, fullname: str) -> Any:
         found = self.finder.find(fullname)
         if found is None:
             return None
@@ -587,63 +578,60 @@ class Sandbox:
             return found.reason
         return _source_record(found)
 
-    def _offer_compiled(self, _store: Any, origin: str, compiled: str) -> None:
+    def _offer_compiled(self, origin: str, compiled: str) -> None:
         # Only an instance importing the program, before any task input reached
         # it, may supply code that later instances will run.
-        if _current().task_id == LOAD_TASK_ID:
+        if _thread.invocation.task_id == LOAD_TASK_ID:
             self.finder.remember_compiled(origin, compiled)
 
-    def _call_task(self, _store: Any, name: str, call_json: str) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.call_task(invocation, name, call_json)
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _call_task(self, name: str, call_json: str) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.call_task(invocation, name, call_json)
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _spawn_task(self, _store: Any, name: str, call_json: str, options_json: str | None) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _wait(self, _store: Any, ids_json: str, timeout_ms: int | None) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.wait(invocation, ids_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.wait(invocation, ids_json, _seconds(timeout_ms))
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _cancel(self, _store: Any, task_id: str) -> None:
-        invocation = _current()
+    def _cancel(self, task_id: str) -> None:
+        invocation: Invocation = _thread.invocation
         invocation.host.cancel(invocation, task_id)
-        _after_blocking(invocation, None)
+        _stop_if_asked(invocation)
 
-    def _sleep(self, _store: Any, ms: int) -> None:
-        invocation = _current()
+    def _sleep(self, ms: int) -> None:
+        invocation: Invocation = _thread.invocation
         invocation.host.sleep(invocation, ms / 1000)
-        _after_blocking(invocation, None)
+        _stop_if_asked(invocation)
 
-    # result<_, string> lowers untagged: None for ok, the error string for err.
+    def _send(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _send(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, None if ok else payload, ok)
+    def _receive(self, timeout_ms: int | None) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.receive(invocation, _seconds(timeout_ms))
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _receive(self, _store: Any, timeout_ms: int | None) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.receive(invocation, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _ask(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
+        invocation: Invocation = _thread.invocation
+        answer = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
+        return answer if answer[0] else _failed(invocation, answer)
 
-    def _ask(self, _store: Any, target: str, body_json: str, timeout_ms: int | None) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
-        return _after_blocking(invocation, Variant("ok" if ok else "err", payload), ok)
+    def _reply(self, message_id: str, body_json: str) -> Answer:
+        invocation: Invocation = _thread.invocation
+        return invocation.host.reply(invocation, message_id, body_json)
 
-    def _reply(self, _store: Any, message_id: str, body_json: str) -> Any:
-        invocation = _current()
-        ok, payload = invocation.host.reply(invocation, message_id, body_json)
-        return None if ok else payload
-
-    def _write(self, _store: Any, stream: str, text: str) -> None:
-        invocation = _current()
+    def _write(self, stream: str, text: str) -> None:
+        invocation: Invocation = _thread.invocation
         invocation.host.output(invocation, stream, text)
-        _after_blocking(invocation, None)
+        _stop_if_asked(invocation)
 
     # -- running -----------------------------------------------------------
 

@@ -4,8 +4,10 @@ wasmtime-py's component API re-reads a function's type (a dozen ctypes calls
 and objects) on every call into or out of the guest. Task calls, messages and
 module lookups cross that boundary constantly, so these trampolines do the same
 conversions with each function's parameter and result types resolved once.
-They use wasmtime-py's own converters and error handling; only the type lookup
-is cached (the types are owned copies, independent of the call).
+They use wasmtime-py's own converters where ours do not apply; the type lookup
+is cached (the types are owned copies, independent of the call), and a host
+function's failure goes to a handler of the caller's instead of wasmtime-py's
+one process-wide slot.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import wasmtime
-from wasmtime import _bindings
+from wasmtime import StoreContext, _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import (
     EnumType,
@@ -29,8 +31,8 @@ from wasmtime.component import (
     ResultType,
     VariantType,
 )
-from wasmtime.component._enter import catch_exceptions, enter_wasm
-from wasmtime.component._types import U64, String, Variant, VariantLikeType
+from wasmtime.component._enter import enter_wasm
+from wasmtime.component._types import U64, String, VariantLikeType
 
 HostFunc = Callable[..., Any]
 
@@ -205,13 +207,18 @@ def _string_vec(text: Any, address: int) -> None:
     _vec_new_at(address, len(data), data)  # one copy, in C
 
 
+# The string value that _boxed_string fills, then moves into a box (which
+# leaves it reset). One for all threads: every step from filling to moving is a
+# Python-API call, which keeps the GIL, so no other thread runs in between.
+_SCRATCH = (ctypes.c_char * _VAL_SIZE)()
+_SCRATCH_AT = ctypes.addressof(_SCRATCH)
+
+
 def _boxed_string(text: Any) -> int:
     """A new heap value holding ``text`` (what a result's case points to)."""
-    scratch = (ctypes.c_char * _VAL_SIZE)()
-    scratch[0] = _STRING_KIND
-    address = ctypes.addressof(scratch)
-    _string_vec(text, address + _PAYLOAD)
-    boxed: int = _val_new_at(address)  # moves the value into the box
+    _SCRATCH[0] = _STRING_KIND
+    _string_vec(text, _SCRATCH_AT + _PAYLOAD)
+    boxed: int = _val_new_at(_SCRATCH_AT)  # moves the value into the box
     return boxed
 
 
@@ -245,40 +252,28 @@ ffi.str_to_capi = _str_to_c
 String.convert_from_c = _string_from_c  # type: ignore[method-assign]
 
 
-#: Lowers a host function's result into the value slot (by address) the guest reads.
-Lowering = Callable[[Any, Any, int], None]
+#: Lowers a host function's answer into the value slot (by address) the guest
+#: reads; the store's context comes as an address, made a StoreContext only
+#: where wasmtime-py's converters need one.
+Lowering = Callable[[int, Any, int], None]
 
 
 def _result_lowering(ty: ResultType) -> Lowering:
-    """``result<string?, string?>``, with wasmtime-py's rules for which Python
-    values stand for which case (a Variant when both cases are alike, else the
-    case whose type the value has)."""
-    ok_is_string = isinstance(ty.ok, String)
-    err_is_string = isinstance(ty.err, String)
-    tagged = ok_is_string == err_is_string
+    """``result<string?, string?>`` from an ``(ok, payload)`` pair: the payload
+    is the string of the case, ignored where the case carries none."""
+    ok_has_string = isinstance(ty.ok, String)
+    err_has_string = isinstance(ty.err, String)
 
-    def lower(_store: Any, value: Any, address: int) -> None:
-        if tagged:
-            if not isinstance(value, Variant):
-                raise TypeError("expected Variant type")
-            if value.tag not in ("ok", "err"):
-                raise ValueError("value not valid for this variant")
-            is_ok = value.tag == "ok"
-            payload = value.payload
-        elif isinstance(value, str):
-            is_ok, payload = ok_is_string, value
-        elif value is None:
-            is_ok, payload = not ok_is_string, None
-        else:
-            raise ValueError("value not valid for this variant")
-        boxed = _boxed_string(payload) if (ok_is_string if is_ok else err_is_string) else 0
-        _write(address, _RESULT_SLOT.pack(_RESULT, is_ok, boxed), _RESULT_SLOT.size)
+    def lower(_context: int, answer: tuple[bool, str | None], address: int) -> None:
+        ok, payload = answer
+        boxed = _boxed_string(payload) if (ok_has_string if ok else err_has_string) else 0
+        _write(address, _RESULT_SLOT.pack(_RESULT, ok, boxed), _RESULT_SLOT.size)
 
     return lower
 
 
 def _lowering(ty: Any) -> Lowering:
-    """How to lower results of type ``ty``: results of strings by address;
+    """How to lower answers of type ``ty``: results of strings by address;
     anything else with wasmtime-py's converter. (Its variant lowering
     also picks the case of an untagged variant through a process-wide set that
     concurrent calls on other threads clear under each other.)"""
@@ -288,32 +283,80 @@ def _lowering(ty: Any) -> Lowering:
         return _result_lowering(ty)
     convert = ty.convert_to_c
 
-    def lower(store: Any, value: Any, address: int) -> None:
-        convert(store, value, ctypes.pointer(_VAL.from_address(address)))
+    def lower(context: int, value: Any, address: int) -> None:
+        store = StoreContext(ctypes.cast(context, _CONTEXT))
+        try:
+            convert(store, value, ctypes.pointer(_VAL.from_address(address)))
+        finally:
+            store._invalidate()
 
     return lower
 
 
+#: Reads an import's arguments from the address of its argument array.
+ArgumentReader = Callable[[int], tuple[Any, ...]]
+
+
+def _argument_reader(lifts: list[Lift]) -> ArgumentReader:
+    """One read of the whole array, then each argument from it: unrolled for up
+    to three arguments (all of ours), since every call here is on a crossing."""
+    size = len(lifts) * _VAL_SIZE
+    if not lifts:
+        return lambda _address: ()
+    if len(lifts) == 1:
+        (first,) = lifts
+        return lambda address: (first(_read(address, size), 0, address),)
+    if len(lifts) == 2:
+        first, second = lifts
+
+        def read_two(address: int) -> tuple[Any, ...]:
+            raw = _read(address, size)
+            return first(raw, 0, address), second(raw, _VAL_SIZE, address)
+
+        return read_two
+    if len(lifts) == 3:
+        first, second, third = lifts
+
+        def read_three(address: int) -> tuple[Any, ...]:
+            raw = _read(address, size)
+            return (
+                first(raw, 0, address),
+                second(raw, _VAL_SIZE, address),
+                third(raw, 2 * _VAL_SIZE, address),
+            )
+
+        return read_three
+
+    def read(address: int) -> tuple[Any, ...]:
+        raw = _read(address, size)
+        return tuple(lift(raw, index * _VAL_SIZE, address) for index, lift in enumerate(lifts))
+
+    return read
+
+
+#: Turns an exception of a host function into the error that traps the guest.
+OnError = Callable[[Exception], wasmtime.WasmtimeError]
+
+
 class _Import:
-    def __init__(self, func: HostFunc) -> None:
+    def __init__(self, func: HostFunc, on_error: OnError) -> None:
         self.func = func
-        #: How to read each parameter.
-        self.lifts: list[Lift] | None = None
+        self.on_error = on_error
+        self.read_arguments: ArgumentReader | None = None
         self.lower_result: Lowering | None = None
 
-    def resolve(self, store: Any, ty_raw: Any) -> None:
-        with FuncType._from_ptr(ty_raw, owner=store) as fty:
-            result_type = fty.result
-            if result_type is not None:
-                self.lower_result = _lowering(result_type)
-            self.lifts = [_lifting(ty) for _, ty in fty.params]
-
-    def arguments(self, address: int, count: int) -> list[Any]:
-        assert self.lifts is not None and count == len(self.lifts)
-        if not count:
-            return []
-        raw = _read(address, count * _VAL_SIZE)
-        return [lift(raw, index * _VAL_SIZE, address) for index, lift in enumerate(self.lifts)]
+    def resolve(self, context: int, ty_raw: int) -> ArgumentReader:
+        store = StoreContext(ctypes.cast(context, _CONTEXT))
+        try:
+            with FuncType._from_ptr(ctypes.cast(ty_raw, _FUNC_TYPE), owner=store) as fty:
+                result_type = fty.result
+                if result_type is not None:
+                    self.lower_result = _lowering(result_type)
+                read = _argument_reader([_lifting(ty) for _, ty in fty.params])
+        finally:
+            store._invalidate()
+        self.read_arguments = read
+        return read
 
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
@@ -321,34 +364,48 @@ _IMPORTS: list[_Import | None] = [None]
 
 
 _CALLBACK = _bindings.wasmtime_component_func_callback_t
-_DATA, _CONTEXT, _FUNC_TYPE = _CALLBACK._argtypes_[:3]
+_DATA = _CALLBACK._argtypes_[0]
+_CONTEXT = ctypes.POINTER(ffi.wasmtime_context_t)
+_FUNC_TYPE = ctypes.POINTER(ffi.wasmtime_component_func_type_t)
 
 
-# wasmtime's callback type, with the argument and result arrays as addresses.
+def _error_address(error: wasmtime.WasmtimeError) -> int:
+    """Hand ``error`` over to wasmtime (which traps the guest with it)."""
+    return ctypes.cast(error._consume(), ctypes.c_void_p).value or 0
+
+
+# wasmtime's callback type, with the context, function type and the argument
+# and result arrays as addresses: ctypes would make a pointer object of each on
+# every call, and only the first call of an import needs them.
 @ctypes.CFUNCTYPE(  # type: ignore[untyped-decorator]
     _CALLBACK._restype_,
     _DATA,
-    _CONTEXT,
-    _FUNC_TYPE,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
     ctypes.c_void_p,
     ctypes.c_size_t,
     ctypes.c_void_p,
     ctypes.c_size_t,
 )
 def _call_import(
-    idx: int, context: Any, ty_raw: Any, args: int, nargs: int, results: int, nresults: int
+    idx: int, context: int, ty_raw: int, args: int, _nargs: int, results: int, _nresults: int
 ) -> int:
+    # wasmtime-py's catch_exceptions, without its StoreContext and closure per
+    # call (no host function here takes the store), and with the host's own
+    # failures handed to on_error rather than to wasmtime-py's one
+    # process-wide slot, which threads would race for.
     entry = _IMPORTS[idx]
     assert entry is not None
-
-    def run(store: Any) -> None:
-        if entry.lifts is None:
-            entry.resolve(store, ty_raw)
-        result = entry.func(store, *entry.arguments(args, nargs))
+    try:
+        read = entry.read_arguments or entry.resolve(context, ty_raw)
+        answer = entry.func(*read(args))
         if entry.lower_result is not None:
-            entry.lower_result(store, result, results)
-
-    return int(catch_exceptions(context, run))
+            entry.lower_result(context, answer, results)
+        return 0
+    except wasmtime.WasmtimeError as error:
+        return _error_address(error)
+    except Exception as exc:
+        return _error_address(entry.on_error(exc))
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
@@ -356,9 +413,13 @@ def _keep(_idx: Any) -> None:
     return None  # the entries live as long as the process: a handful per linker
 
 
-def add_host_func(instance: LinkerInstance, name: str, func: HostFunc) -> None:
-    """Like ``LinkerInstance.add_func``, with the function's types cached."""
-    _IMPORTS.append(_Import(func))
+def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, on_error: OnError) -> None:
+    """Like ``LinkerInstance.add_func``, with the function's types resolved on
+    its first call. ``func`` takes the import's arguments (no store) and
+    answers a ``result`` as an ``(ok, payload)`` pair; an exception it raises
+    traps the guest: a WasmtimeError as it is, any other as ``on_error`` makes
+    it."""
+    _IMPORTS.append(_Import(func, on_error))
     encoded = name.encode("utf-8")
     error = ffi.wasmtime_component_linker_instance_add_func(
         instance.ptr(),
