@@ -136,7 +136,8 @@ def _started_after(journal: Path, seq: int) -> set[str]:
 
 def _as_schema_3(journal: Path) -> None:
     """Rewrite a journal as Capsule wrote it with schema version 3: every request
-    as its text and every step with its time; batches without theirs."""
+    as its text, every step with its time, a received message as an object;
+    batches without their time."""
     from capsule.journal.schema import MIGRATIONS
     from capsule.supervisor.steps import json_strings
 
@@ -153,6 +154,17 @@ def _as_schema_3(journal: Path) -> None:
                 [number, kind, r if isinstance(r, str) else json_strings(*r), ok, answer, at]
                 for number, kind, r, ok, answer in json.loads(steps_json)
             ]
+            for step in steps:
+                if step[1] == "receive" and step[3]:
+                    message_id, sender, body, expects_reply = json.loads(step[4])
+                    step[4] = json.dumps(
+                        {
+                            "id": message_id,
+                            "sender": sender,
+                            "expects_reply": expects_reply,
+                            "body": body,
+                        }
+                    )
             connection.execute(
                 "UPDATE step_batches SET steps_json = ? "
                 "WHERE run_id = ? AND task_id = ? AND attempt = ? AND first_step = ?",

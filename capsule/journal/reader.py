@@ -302,7 +302,8 @@ async def load_history(path: Path, run_id: str) -> History:
             for number, kind, request, ok, answer, *_ in json.loads(batch):
                 strings = request if isinstance(request, list) else None
                 if kind == "receive" and ok:
-                    received.add(json.loads(answer)["id"])
+                    envelope = json.loads(answer)  # an object before version 5
+                    received.add(envelope[0] if isinstance(envelope, list) else envelope["id"])
                 elif kind == "send" and ok:
                     delivered = json.loads(answer)
                     body = (strings or json.loads(request))[1]

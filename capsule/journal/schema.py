@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -141,6 +141,11 @@ MIGRATIONS: dict[int, list[str]] = {
                    coalesce(json_extract(one.value, '$[5]'), batch.committed_at)
             FROM step_batches AS batch, json_each(batch.steps_json) AS one""",
     ],
+    # A receive's answer is the message as an array [id, sender, body,
+    # expects_reply], no longer an object. Nothing stored changes (this
+    # Capsule replays both); the version keeps an older one from replaying
+    # arrays its guest cannot read.
+    5: [],
 }
 
 

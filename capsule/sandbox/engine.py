@@ -110,7 +110,8 @@ class HostCalls(Protocol):
         ...
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
-        """(True, message JSON: id, sender, body, expects_reply) or (False, error JSON)."""
+        """(True, the message as a JSON array: id, sender, body, expects_reply) or
+        (False, error JSON)."""
         ...
 
     def ask(
@@ -377,10 +378,6 @@ def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
     return config
 
 
-def _seconds(milliseconds: int | None) -> float | None:
-    return None if milliseconds is None else milliseconds / 1000
-
-
 def _stop_if_asked(invocation: Invocation) -> None:
     """After a host call that may have blocked: end the instance if it must
     stop (deadline, cancellation, abort)."""
@@ -532,6 +529,8 @@ class Sandbox:
 
     # Each function below serves one import: it takes the import's arguments
     # and answers a result<...> as an (ok, payload) pair (see hostcall).
+    # Timeouts come in milliseconds and are converted inline: a helper's call
+    # per message cost more than the division.
 
     def _wall_clock_now(self) -> Any:
         invocation: Invocation = _thread.invocation
@@ -596,7 +595,9 @@ class Sandbox:
 
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
-        answer = invocation.host.wait(invocation, ids_json, _seconds(timeout_ms))
+        answer = invocation.host.wait(
+            invocation, ids_json, None if timeout_ms is None else timeout_ms / 1000
+        )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _cancel(self, task_id: str) -> None:
@@ -611,17 +612,23 @@ class Sandbox:
 
     def _send(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
-        answer = invocation.host.send(invocation, target, body_json, _seconds(timeout_ms))
+        answer = invocation.host.send(
+            invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
+        )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _receive(self, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
-        answer = invocation.host.receive(invocation, _seconds(timeout_ms))
+        answer = invocation.host.receive(
+            invocation, None if timeout_ms is None else timeout_ms / 1000
+        )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _ask(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
-        answer = invocation.host.ask(invocation, target, body_json, _seconds(timeout_ms))
+        answer = invocation.host.ask(
+            invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
+        )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _reply(self, message_id: str, body_json: str) -> Answer:

@@ -216,8 +216,11 @@ _SCRATCH_AT = ctypes.addressof(_SCRATCH)
 
 def _boxed_string(text: Any) -> int:
     """A new heap value holding ``text`` (what a result's case points to)."""
+    if not isinstance(text, str):
+        raise TypeError("expected string type")
+    data = text.encode("utf-8")
     _SCRATCH[0] = _STRING_KIND
-    _string_vec(text, _SCRATCH_AT + _PAYLOAD)
+    _vec_new_at(_SCRATCH_AT + _PAYLOAD, len(data), data)  # as _string_vec, one call fewer
     boxed: int = _val_new_at(_SCRATCH_AT)  # moves the value into the box
     return boxed
 

@@ -141,11 +141,12 @@ class MessageCalls:
                     sender_id=message.sender,
                 )
             )
-        # The body is JSON already: spliced in, not parsed and dumped again.
+        # [id, sender, body, expects_reply]: an array, which the guest reads in
+        # half the time of an object. The body is JSON already: spliced in, not
+        # parsed and dumped again.
         return True, (
-            f'{{"id": {json_string(message.id)}, "sender": {json_string(message.sender)}, '
-            f'"expects_reply": {"true" if message.expects_reply else "false"}, '
-            f'"body": {message.body_json}}}'
+            f"[{json_string(message.id)},{json_string(message.sender)},{message.body_json},"
+            f"{'true' if message.expects_reply else 'false'}]"
         )
 
     def ask(

@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -1016,30 +1017,34 @@ class Run:
     # A replayed send or ask is not delivered again: its message was received
     # then, or is put back in the target's mailbox when that opens (History).
 
+    # The message calls hand _step a partial, not a lambda: one Python frame
+    # fewer on every message (each costs about a microsecond on a busy run).
+
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._outgoing(caller, "send", target, body_json, timeout)
+        attempt = self._attempts[caller]
+        return self._step(
+            caller,
+            "send",
+            (target, body_json),
+            partial(self._messages.send, attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
+        )
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
-        return self._step(caller, "receive", "", lambda: self._messages.receive(attempt, timeout))
+        return self._step(caller, "receive", "", partial(self._messages.receive, attempt, timeout))
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._outgoing(caller, "ask", target, body_json, timeout)
-
-    def _outgoing(
-        self, caller: Invocation, kind: str, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
-        deliver = self._messages.ask if kind == "ask" else self._messages.send
         return self._step(
             caller,
-            kind,
+            "ask",
             (target, body_json),
-            lambda: deliver(attempt, target, body_json, timeout),
+            partial(self._messages.ask, attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
 

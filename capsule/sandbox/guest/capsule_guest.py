@@ -372,8 +372,11 @@ class GuestBackend:
             message = messaging.receive(_ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
-        data = _loads(message)
-        return data["id"], data["sender"], data["body"], data["expects_reply"]
+        envelope = _loads(message)
+        if envelope.__class__ is list:  # [id, sender, body, expects_reply]
+            return envelope
+        # An object, as journals before schema version 5 hold it (a replay).
+        return envelope["id"], envelope["sender"], envelope["body"], envelope["expects_reply"]
 
     def ask(self, target, body, timeout):
         text = _body(target, body)
