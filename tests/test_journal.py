@@ -657,6 +657,30 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
         assert numbers == list(range(first, last + 1))
 
 
+def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path) -> None:
+    # os.urandom in the guest goes through WASI random (a list<u8> per 256
+    # bytes), which the host lowers in bulk; an empty draw is one too.
+    source = """
+    import os
+    from capsule import task
+
+    @task(name="main")
+    def main() -> list:
+        return [os.urandom(300).hex(), os.urandom(0).hex()]
+    """
+    program = _write(tmp_path, source)
+    done = capsule_cli("run", str(program), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    drawn, empty = json.loads(done.stdout)["result"]
+    with sqlite3.connect(_journal(tmp_path)) as connection:
+        journaled = connection.execute(
+            "SELECT answer FROM steps WHERE kind = 'random' ORDER BY step"
+        ).fetchall()
+    assert len(drawn) == 600 and empty == ""
+    assert drawn in "".join(answer for (answer,) in journaled), (drawn, journaled)
+    assert len(set(bytes.fromhex(drawn))) > 100  # not a constant or a pattern
+
+
 def test_a_step_queued_while_the_writer_sleeps_is_committed(tmp_path: Path) -> None:
     """Steps are queued without the writer's lock; one that comes while the
     writer sleeps (nothing queued, no cancellations to look for) wakes it, and
