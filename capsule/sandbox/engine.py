@@ -41,7 +41,7 @@ from capsule.sandbox.scheduler import CpuSlots
 #: How often the epoch advances; the deadline check runs this often per instance.
 TICK_SECONDS = 0.005
 #: Engine settings the compiled artifact depends on (part of its cache key).
-ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt=speed"
+ENGINE_SETTINGS = "consume_fuel=1;epoch_interruption=1;cranelift_opt=speed;concurrency=0"
 #: Below this memory cap the guest CPython cannot even start.
 MIN_RAM_BYTES = 16 * 1024**2
 #: Most random bytes one WASI call may ask the host for.
@@ -451,6 +451,10 @@ class Sandbox:
         config.consume_fuel = True
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
+        # The component model's async support (concurrent tasks, streams) is
+        # unused here, and with it on every host call goes through its task
+        # machinery: off, a message costs ~6% less CPU. (No Config property.)
+        ffi.wasmtime_config_concurrency_support_set(config.ptr(), False)
         self.engine = wasmtime.Engine(config)
         artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
         self.component = Component.deserialize_file(self.engine, str(artifacts.compiled))
