@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,8 @@ class JournalWriter:
         #: costs one append on the caller's thread), and records to compute.
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
-        #: Steps in the order they were taken, run-wide: (task id, attempt,
-        #: step, kind, request, ok, answer). Appended without the lock (a
+        #: Steps in the order they were taken, run-wide: ((task id, attempt),
+        #: (step, kind, request, ok, answer)). Appended without the lock (a
         #: list's append is atomic; with two threads journaling at once, the
         #: lock doubled a step's cost) and never replaced: the writer takes a
         #: prefix (see _take_steps). Each commit writes one row per task attempt.
@@ -297,24 +298,17 @@ class JournalWriter:
         ``tasks`` only gains rows, whose state is folded here first.)"""
         if steps:
             committed_at = time.time()
-            by_attempt: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
-            for step in steps:
-                taken = by_attempt.get(step[:2])
-                if taken is None:
-                    taken = by_attempt[step[:2]] = []
-                taken.append(step[2:])
-            statements[_STEP_BATCH_INSERT] = [
-                (
-                    self.run_id,
-                    task_id,
-                    attempt,
-                    taken[0][0],
-                    taken[-1][0],
-                    json.dumps(taken),
-                    committed_at,
+            # Grouped by attempt in C (a stable sort keeps each attempt's order):
+            # a Python loop over the steps was half the writer's time per step.
+            steps.sort(key=_ATTEMPT)
+            rows = []
+            for (task_id, attempt), group in groupby(steps, _ATTEMPT):
+                taken = list(map(_STEP, group))
+                first, last = taken[0][0], taken[-1][0]
+                rows.append(
+                    (self.run_id, task_id, attempt, first, last, json.dumps(taken), committed_at)
                 )
-                for (task_id, attempt), taken in by_attempt.items()
-            ]
+            statements[_STEP_BATCH_INSERT] = rows
         self._dirty.clear()
         for record in records:
             row = record()
@@ -405,7 +399,7 @@ class JournalWriter:
                 self.secrets.add(task_id, attempt, number, unredacted)
             except OSError as exc:
                 raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        step = (task_id, attempt, number, kind, request, ok, answer)
+        step = ((task_id, attempt), (number, kind, request, ok, answer))
         if durable:
             with self._lock:  # counted, so that it can wait for its commit
                 self._append(self._step_queue, step, durable)
@@ -461,6 +455,9 @@ class JournalWriter:
 
         self._put_record(record)
 
+
+#: A queued step's attempt and what is journaled of it.
+_ATTEMPT, _STEP = itemgetter(0), itemgetter(1)
 
 #: The steps an attempt took since the last commit, as one row: a JSON array
 #: of ``[step, kind, request, ok, answer]`` arrays (a request given as strings
