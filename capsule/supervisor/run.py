@@ -1023,14 +1023,7 @@ class Run:
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
-        return self._step(
-            caller,
-            "send",
-            (target, body_json),
-            partial(self._messages.send, attempt, target, body_json, timeout),
-            replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
-        )
+        return self._outgoing(caller, "send", target, body_json, timeout)
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
@@ -1039,12 +1032,18 @@ class Run:
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
+        return self._outgoing(caller, "ask", target, body_json, timeout)
+
+    def _outgoing(
+        self, caller: Invocation, kind: str, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
+        deliver = self._messages.ask if kind == "ask" else self._messages.send
         return self._step(
             caller,
-            "ask",
+            kind,
             (target, body_json),
-            partial(self._messages.ask, attempt, target, body_json, timeout),
+            partial(deliver, attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
 
