@@ -150,53 +150,84 @@ _val_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(
 )
 
 
-# Lifts read one argument from a copy of the whole argument array (``raw``, read
-# at once: each read through ctypes costs a foreign call) at ``offset``; those
-# that must free what the value points to use ``base``, the array's address.
-Lift = Callable[[bytes, int, int], Any]
+#: Reads an import's arguments from the address of its argument array.
+ArgumentReader = Callable[[int], tuple[Any, ...]]
+#: Reads an argument of another type from its value's address (wasmtime-py's way).
+Lift = Callable[[int], Any]
+
+# How an argument of our imports' types is read, as source for a reader made
+# for the signature (see _argument_reader): from ``raw``, a copy of the whole
+# argument array, at ``{at}`` (the payload's offset); the callee owns its
+# arguments, so what a value points to is freed. ``{i}``: the argument's index.
+_STRING_LIFT = (
+    "size, data = _BYTE_VEC.unpack_from(raw, {at})\n"
+    "a{i} = _read(data, size).decode('utf-8') if size else ''\n"
+    "_vec_delete_at(address + {at})\n"
+)
+_U64_LIFT = "(a{i},) = _WORD.unpack_from(raw, {at})\n"
+_OPTION_U64_LIFT = (
+    "(boxed,) = _WORD.unpack_from(raw, {at})\na{i} = _take_boxed_u64(boxed) if boxed else None\n"
+)
 
 
-def _take_string(address: int) -> str:
-    """The string value at ``address``, whose byte vector is then freed (the
-    callee owns its arguments)."""
-    header = _read(address, _PAYLOAD + _BYTE_VEC.size)
-    return _take_string_from(header, 0, address)
-
-
-def _take_string_from(raw: bytes, offset: int, base: int) -> str:
-    size, data = _BYTE_VEC.unpack_from(raw, offset + _PAYLOAD)
-    text = _read(data, size).decode("utf-8") if size else ""
-    _vec_delete_at(base + offset + _PAYLOAD)
-    return text
-
-
-def _u64_from(raw: bytes, offset: int, _base: int) -> int:
-    value: int = _WORD.unpack_from(raw, offset + _PAYLOAD)[0]
-    return value
-
-
-def _take_option_u64_from(raw: bytes, offset: int, _base: int) -> int | None:
-    (boxed,) = _WORD.unpack_from(raw, offset + _PAYLOAD)
-    if not boxed:
-        return None
-    value = _u64_from(_read(boxed, _PAYLOAD + _WORD.size), 0, boxed)
+def _take_boxed_u64(boxed: int) -> int:
+    """The u64 in the heap value at ``boxed`` (an option's payload), then freed."""
+    value: int = _WORD.unpack(_read(boxed + _PAYLOAD, _WORD.size))[0]
     _val_delete_at(boxed)
     return value
 
 
-def _lifting(ty: Any) -> Lift:
-    """How to read an argument of type ``ty`` (others: wasmtime-py's way)."""
+def _lifting(ty: Any) -> str | Lift:
+    """How to read an argument of type ``ty``: the source that reads it inline,
+    or for other types wasmtime-py's converter."""
     if isinstance(ty, String):
-        return _take_string_from
+        return _STRING_LIFT
     if isinstance(ty, U64):
-        return _u64_from
+        return _U64_LIFT
     if isinstance(ty, OptionType) and isinstance(ty.payload, U64):
-        return _take_option_u64_from
+        return _OPTION_U64_LIFT
 
-    def convert(_raw: bytes, offset: int, base: int) -> Any:
-        return ty.convert_from_c(_VAL.from_address(base + offset))
+    def convert(address: int) -> Any:
+        return ty.convert_from_c(_VAL.from_address(address))
 
     return convert
+
+
+def _argument_reader(lifts: list[str | Lift]) -> ArgumentReader:
+    """A function that reads the whole argument array at once, then every
+    argument from that copy, inline where the type allows: made from source
+    for each signature, as namedtuple and dataclasses make their methods,
+    since a call per argument cost about a microsecond each on a busy run."""
+    lines = [f"raw = _read(address, {len(lifts) * _VAL_SIZE})\n" if lifts else ""]
+    namespace: dict[str, Any] = {
+        "_read": _read,
+        "_BYTE_VEC": _BYTE_VEC,
+        "_WORD": _WORD,
+        "_vec_delete_at": _vec_delete_at,
+        "_take_boxed_u64": _take_boxed_u64,
+    }
+    for index, lift in enumerate(lifts):
+        offset = index * _VAL_SIZE
+        if isinstance(lift, str):
+            lines.append(lift.format(at=offset + _PAYLOAD, i=index))
+        else:
+            namespace[f"lift{index}"] = lift
+            lines.append(f"a{index} = lift{index}(address + {offset})\n")
+    result = "".join(f"a{index}, " for index in range(len(lifts)))
+    body = "".join(lines) + f"return ({result})\n"
+    source = "def read(address):\n" + "".join(f"    {line}\n" for line in body.splitlines())
+    exec(source, namespace)
+    reader: ArgumentReader = namespace["read"]
+    return reader
+
+
+_read_one_string = _argument_reader([_STRING_LIFT])
+
+
+def _take_string(address: int) -> str:
+    """The string value at ``address``, whose byte vector is then freed."""
+    text: str = _read_one_string(address)[0]
+    return text
 
 
 def _string_vec(text: Any, address: int) -> None:
@@ -320,55 +351,6 @@ def _lowering(ty: Any) -> Lowering:
             store._invalidate()
 
     return lower
-
-
-#: Reads an import's arguments from the address of its argument array.
-ArgumentReader = Callable[[int], tuple[Any, ...]]
-
-# The arguments of our imports' types read inline by a reader made for the
-# signature (see _argument_reader): ``{offset}`` is the value's offset in the
-# array, ``{at}`` its payload's, ``{i}`` the argument's index.
-_INLINE_LIFTS: dict[Lift, str] = {
-    _take_string_from: (
-        "size, data = _BYTE_VEC.unpack_from(raw, {at})\n"
-        "a{i} = _read(data, size).decode('utf-8') if size else ''\n"
-        "_vec_delete_at(address + {at})\n"
-    ),
-    _u64_from: "(a{i},) = _WORD.unpack_from(raw, {at})\n",
-    _take_option_u64_from: (
-        "(boxed,) = _WORD.unpack_from(raw, {at})\n"
-        "a{i} = _take_option_u64_from(raw, {offset}, address) if boxed else None\n"
-    ),
-}
-
-
-def _argument_reader(lifts: list[Lift]) -> ArgumentReader:
-    """A function that reads the whole argument array at once, then every
-    argument from that copy, inline where the type allows: made from source
-    for each signature, as namedtuple and dataclasses make their methods,
-    since a call per argument cost about a microsecond each on a busy run."""
-    lines = [f"raw = _read(address, {len(lifts) * _VAL_SIZE})\n" if lifts else ""]
-    namespace: dict[str, Any] = {
-        "_read": _read,
-        "_BYTE_VEC": _BYTE_VEC,
-        "_WORD": _WORD,
-        "_vec_delete_at": _vec_delete_at,
-        "_take_option_u64_from": _take_option_u64_from,
-    }
-    for index, lift in enumerate(lifts):
-        offset = index * _VAL_SIZE
-        inline = _INLINE_LIFTS.get(lift)
-        if inline is None:
-            namespace[f"lift{index}"] = lift
-            lines.append(f"a{index} = lift{index}(raw, {offset}, address)\n")
-        else:
-            lines.append(inline.format(offset=offset, at=offset + _PAYLOAD, i=index))
-    result = "".join(f"a{index}, " for index in range(len(lifts)))
-    body = "".join(lines) + f"return ({result})\n"
-    source = "def read(address):\n" + "".join(f"    {line}\n" for line in body.splitlines())
-    exec(source, namespace)
-    reader: ArgumentReader = namespace["read"]
-    return reader
 
 
 #: Turns an exception of a host function into the error that traps the guest.
