@@ -35,6 +35,7 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.prefault import Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
 
@@ -284,7 +285,7 @@ class Prepared:
     """A fresh instance with the program imported, waiting for its one task."""
 
     program: str
-    store: wasmtime.Store
+    store: _TrackedStore
     instance: Instance
     #: What the guest's load returned: the program's declared tasks, as JSON.
     declared: str
@@ -298,16 +299,20 @@ class PrepareError(Exception):
 
 class _TrackedStore(wasmtime.Store):
     """A Store that counts itself while open, so tests and diagnostics can check
-    that no instance outlives its invocation."""
+    that no instance outlives its invocation, and tells the prefaulter when its
+    instance's memory is gone."""
 
     _live = 0
     _lock = threading.Lock()
 
-    def __init__(self, engine: wasmtime.Engine) -> None:
+    def __init__(self, engine: wasmtime.Engine, prefaulter: Prefaulter) -> None:
         super().__init__(engine)
         with _TrackedStore._lock:
             _TrackedStore._live += 1
         self._counted = True
+        self._prefaulter = prefaulter
+        #: Where its instance's memory image is mapped, if the prefaulter found it.
+        self.memory: Memory | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -315,6 +320,9 @@ class _TrackedStore(wasmtime.Store):
             with _TrackedStore._lock:
                 _TrackedStore._live -= 1
         super().close()
+        if self.memory is not None:
+            self._prefaulter.unmapped(self.memory)
+            self.memory = None
 
 
 def live_instances() -> int:
@@ -458,6 +466,7 @@ class Sandbox:
         self.engine = wasmtime.Engine(config)
         artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
         self.component = Component.deserialize_file(self.engine, str(artifacts.compiled))
+        self.prefaulter = Prefaulter(artifacts.compiled)
         self.finder = ModuleFinder(roots)
         runner = self.component.get_export_index(_interface("runner"))
         assert runner is not None, "guest runtime exports no runner interface"
@@ -646,8 +655,8 @@ class Sandbox:
 
     # -- running -----------------------------------------------------------
 
-    def _new_store(self, limits: Limits) -> wasmtime.Store:
-        store = _TrackedStore(self.engine)
+    def _new_store(self, limits: Limits) -> _TrackedStore:
+        store = _TrackedStore(self.engine, self.prefaulter)
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_wasi(wasmtime.WasiConfig())  # no env, args, files or stdin
@@ -683,7 +692,7 @@ class Sandbox:
         with _bound(invocation):
             store = self._new_store(PREPARE_LIMITS)
             try:
-                instance = self.linker.instantiate(store, self.component)
+                instance = self._instantiate(store, program)
                 result = self._call_export(store, instance, self._load_index, payload)
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 store.close()
@@ -692,6 +701,15 @@ class Sandbox:
                 store.close()
                 raise PrepareError(result)
         return Prepared(program, store, instance, declared=result)
+
+    def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
+        """A new instance of the guest runtime in ``store``, its memory
+        prefaulted for ``program`` (see prefault.py)."""
+        instance = self.linker.instantiate(store, self.component)
+        store.memory = self.prefaulter.find(program, live_instances())
+        if store.memory is not None:
+            self.prefaulter.prefault(store.memory)
+        return instance
 
     def invoke(
         self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
@@ -757,6 +775,8 @@ class Sandbox:
                 result = self._classify(invocation, exc)
             finally:
                 fuel = self._used(store, invocation)
+                if store.memory is not None:
+                    self.prefaulter.finished(store.memory)
                 if self._pool is not None:
                     self._pool.retire(store)
                 else:
