@@ -76,7 +76,8 @@ def test_a_fresh_mapping_gets_the_pages_two_samples_wrote_without_a_byte_changed
             elif memory.sample:
                 for page in written_by_sample[number - 2]:
                     mapping[page * mmap.PAGESIZE] = 0xFF
-                prefaulter.finished(memory)
+                memory.ran = True
+                prefaulter.closing(memory)
         prefaulter.unmapped(memory)
         memories.append(memory)
     assert prefaulter.learned_pages("prog") == 4

@@ -319,10 +319,12 @@ class _TrackedStore(wasmtime.Store):
             self._counted = False
             with _TrackedStore._lock:
                 _TrackedStore._live -= 1
+        memory, self.memory = getattr(self, "memory", None), None
+        if memory is not None:
+            self._prefaulter.closing(memory)
         super().close()
-        if self.memory is not None:
-            self._prefaulter.unmapped(self.memory)
-            self.memory = None
+        if memory is not None:
+            self._prefaulter.unmapped(memory)
 
 
 def live_instances() -> int:
@@ -776,7 +778,7 @@ class Sandbox:
             finally:
                 fuel = self._used(store, invocation)
                 if store.memory is not None:
-                    self.prefaulter.finished(store.memory)
+                    store.memory.ran = True  # learned from at teardown if a sample
                 if self._pool is not None:
                     self._pool.retire(store)
                 else:

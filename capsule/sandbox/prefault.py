@@ -75,6 +75,8 @@ class Memory:
     program: str
     #: Left as the guest makes it, to learn the program's written pages from.
     sample: bool
+    #: Its task ran (a sample is learned from only then: it wrote what tasks write).
+    ran: bool = False
 
 
 class Prefaulter:
@@ -125,9 +127,10 @@ class Prefaulter:
         if runs and not memory.sample and self._enabled:
             self._populate(memory.start, runs)
 
-    def finished(self, memory: Memory) -> None:
-        """At the end of an instance's task (still mapped): learn from a sample."""
-        if not memory.sample:
+    def closing(self, memory: Memory) -> None:
+        """Before the instance's store is closed (off the task's critical path:
+        reading the pagemap costs ~0.8 ms): learn from a sample whose task ran."""
+        if not (memory.sample and memory.ran):
             return
         written = _written_pages(memory.start, memory.end)
         if not written:
@@ -229,10 +232,15 @@ def _pagemap(start: int, end: int) -> bytes:
 
 
 def _untouched(start: int, end: int) -> bool:
-    """No page of [start, end) is mapped: nothing has run in that memory."""
-    entries = _pagemap(start, end)
-    # Bit 63 (present) is the top bit of each entry's last byte.
-    return bool(entries) and max(entries[7::8]) < 0x80
+    """No page of [start, end) is mapped: nothing has run in that memory. (Its
+    first pages are looked at first: anything that ran there mapped some, and
+    the kernel reads a used mapping's entries slowly: 0.24 ms for the image.)"""
+    for upto in (min(end, start + 256 * _PAGE), end):
+        entries = _pagemap(start, upto)
+        # Bit 63 (present) is the top bit of each entry's last byte.
+        if not entries or max(entries[7::8]) >= 0x80:
+            return False
+    return True
 
 
 def _written_pages(start: int, end: int) -> set[int]:
