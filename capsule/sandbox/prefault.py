@@ -35,7 +35,6 @@ Linux only (5.14 or newer for ``MADV_POPULATE_WRITE``); elsewhere, or with
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import sys
@@ -194,21 +193,23 @@ class Prefaulter:
             return True
 
     def _populate(self, start: int, runs: Runs) -> None:
-        failure = _populate_all(start, runs)
-        if failure == errno.EINVAL:  # a kernel before 5.14: no MADV_POPULATE_WRITE
-            self._enabled = False
-        elif not failure:  # (else the mapping went away: nothing to prefault)
+        if _populate_all(start, runs) == 0:  # (else the mapping went away)
             self.prefaulted += 1
 
 
 def _supported() -> bool:
+    """Linux with pagemap and map_files readable and MADV_POPULATE_WRITE (5.14)."""
     if not sys.platform.startswith("linux") or os.environ.get("CAPSULE_PREFAULT") == "0":
         return False
     try:
         with open("/proc/self/pagemap", "rb") as pagemap:
             pagemap.read(8)
-        return os.path.isdir("/proc/self/map_files")
-    except OSError:
+        if not os.path.isdir("/proc/self/map_files"):
+            return False
+        with mmap.mmap(-1, _PAGE) as page:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+            return _populate_all(address, [(0, 1)]) == 0
+    except (OSError, BufferError):
         return False
 
 
