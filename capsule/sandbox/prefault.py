@@ -36,6 +36,7 @@ Linux only (5.14 or newer for ``MADV_POPULATE_WRITE``); elsewhere, or with
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import sys
@@ -44,8 +45,9 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 #: One instance in this many is a sample (left alone and learned from).
 SAMPLE_EVERY = 32
@@ -217,11 +219,56 @@ def _supported() -> bool:
 
 def _populate_all(start: int, runs: Runs) -> int:
     """Make the pages of ``runs`` (from ``start``) private copies, as a write
-    would, without writing: 0, or the errno of the first run that failed."""
+    would, without writing: 0, or the errno of what failed."""
+    global _one_call
+    if _one_call:
+        # All runs in one process_madvise (any advice for the caller's own
+        # process since Linux 6.13): a madvise per run cost ~3 us each, ~0.7 ms
+        # for the ~230 runs an instance gets. The iovec array is (base, length)
+        # pairs of 64-bit words.
+        vector = array(
+            "Q",
+            chain.from_iterable((start + first * _PAGE, count * _PAGE) for first, count in runs),
+        )
+        address = vector.buffer_info()[0]
+        for done in range(0, len(runs), _MAX_IOVECS):
+            count = min(_MAX_IOVECS, len(runs) - done)
+            if _process_madvise(address + done * 16, count) < 0:
+                failure = ctypes.get_errno()
+                if failure not in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EBADF):
+                    return failure
+                _one_call = False  # an older kernel: one madvise a run
+                break
+        else:
+            return 0
     for first, count in runs:
         if _madvise(start + first * _PAGE, count * _PAGE, _MADV_POPULATE_WRITE) != 0:
             return ctypes.get_errno()
     return 0
+
+
+#: Whether process_madvise takes MADV_POPULATE_WRITE here (until it says no).
+_one_call = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+#: Most iovecs one process_madvise call takes (UIO_MAXIOV).
+_MAX_IOVECS = 1024
+_SYS_PROCESS_MADVISE = 440  # the same number on every Linux architecture
+#: (pid, pidfd) of this process, opened on first use and kept for its life.
+_self: tuple[int, int] | None = None
+
+
+def _process_madvise(iovecs: int, count: int) -> int:
+    global _self
+    if _self is None or _self[0] != os.getpid():
+        _self = (os.getpid(), os.pidfd_open(os.getpid()))
+    result: int = _syscall(
+        ctypes.c_long(_SYS_PROCESS_MADVISE),
+        ctypes.c_int(_self[1]),
+        ctypes.c_void_p(iovecs),
+        ctypes.c_size_t(count),
+        ctypes.c_int(_MADV_POPULATE_WRITE),
+        ctypes.c_uint(0),
+    )
+    return result
 
 
 def _pagemap(start: int, end: int) -> bytes:
@@ -273,3 +320,7 @@ def _load_madvise() -> Callable[[int, int, int], int]:
 
 #: libc's madvise (it gives up the GIL while the kernel copies the pages).
 _madvise = _load_madvise()
+#: libc's syscall(2), for process_madvise (variadic: arguments typed per call).
+_syscall: Any = ctypes.CDLL(None, use_errno=True).syscall if _one_call else None
+if _syscall is not None:
+    _syscall.restype = ctypes.c_long
