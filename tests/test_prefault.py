@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +18,8 @@ from capsule.sandbox.engine import Invocation, RefusingHost, Sandbox
 from capsule.sandbox.prefault import Memory, Prefaulter, _pagemap, _populate_all
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not Prefaulter(Path("/")).enabled,
-    reason="prefaulting needs Linux's pagemap, map_files and MADV_POPULATE_WRITE",
+    not prefault._supported(),
+    reason="prefaulting needs Linux 6.13: pagemap, PROCMAP_QUERY, MADV_POPULATE_WRITE",
 )
 
 PAGES = 64
@@ -28,7 +27,8 @@ PAGES = 64
 
 def _own_pages(start: int, pages: int) -> set[int]:
     """Pages of the mapping at ``start`` that are present and private copies."""
-    entries = _pagemap(start, start + pages * mmap.PAGESIZE)
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        entries = _pagemap(pagemap.fileno(), start, start + pages * mmap.PAGESIZE)
     own = set()
     for page in range(pages):
         entry = int.from_bytes(entries[page * 8 : page * 8 + 8], "little")
@@ -57,10 +57,16 @@ def instance(image: Path) -> Iterator[tuple[mmap.mmap, int]]:
         mapping.close()
 
 
-def test_a_fresh_mapping_gets_the_pages_two_samples_wrote_without_a_byte_changed(
-    image: Path,
-) -> None:
+@pytest.fixture
+def prefaulter(image: Path) -> Iterator[Prefaulter]:
     prefaulter = Prefaulter(image)
+    yield prefaulter
+    prefaulter.close()
+
+
+def test_a_fresh_mapping_gets_the_pages_two_samples_wrote_without_a_byte_changed(
+    image: Path, prefaulter: Prefaulter
+) -> None:
     written_by_sample = [{3, 5, 6, 40, 41}, {3, 5, 6, 40, 50}]
     memories: list[Memory] = []
     for number in range(1, 5):
@@ -100,8 +106,9 @@ def test_prefaulting_a_mapping_in_use_keeps_what_was_written(
         assert _own_pages(start, PAGES) == set(range(PAGES))
 
 
-def test_a_mapping_something_ran_in_is_not_taken_for_a_new_one(image: Path) -> None:
-    prefaulter = Prefaulter(image)
+def test_a_mapping_something_ran_in_is_not_taken_for_a_new_one(
+    image: Path, prefaulter: Prefaulter
+) -> None:
     with instance(image) as (mapping, _):
         _ = mapping[0]  # its "guest" ran: a page is mapped
         assert prefaulter.find("prog", live_instances=1) is None

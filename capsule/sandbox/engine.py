@@ -495,6 +495,7 @@ class Sandbox:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+        self.prefaulter.close()
         self._ticker_stop.set()
         if self._ticker is not None:
             self._ticker.join()
