@@ -110,10 +110,10 @@ class Prefaulter:
     def close(self) -> None:
         """Stop prefaulting and close the files it reads."""
         self._enabled = False
-        for fd in (self._maps, self._pagemap):
+        files, self._maps, self._pagemap = (self._maps, self._pagemap), -1, -1
+        for fd in files:  # (after the fields: a closed number may be reused at once)
             if fd >= 0:
                 os.close(fd)
-        self._maps = self._pagemap = -1
 
     @property
     def enabled(self) -> bool:
