@@ -327,9 +327,10 @@ def _process_madvise(iovecs: int, count: int) -> int:
 def _pagemap(fd: int, start: int, end: int) -> bytes:
     """The pagemap entries of [start, end): 8 bytes a page, little-endian."""
     try:
-        return os.pread(fd, (end - start) // _PAGE * 8, start // _PAGE * 8)
+        entries = os.pread(fd, (end - start) // _PAGE * 8, start // _PAGE * 8)
     except OSError:
         return b""
+    return entries[: len(entries) // 8 * 8]  # whole entries only, whatever the kernel did
 
 
 def _untouched(pagemap: int, start: int) -> bool:
