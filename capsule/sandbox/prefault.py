@@ -41,6 +41,7 @@ import errno
 import fcntl
 import mmap
 import os
+import platform
 import sys
 import threading
 from array import array
@@ -91,6 +92,7 @@ class Prefaulter:
 
     def __init__(self, image: Path) -> None:
         self._image = os.stat(image)
+        self._path = os.fsencode(os.path.realpath(image))
         self._enabled = _supported()
         #: /proc/self/maps (asked with PROCMAP_QUERY) and /proc/self/pagemap,
         #: open while the prefaulter is (a path lookup in /proc costs ~40 us).
@@ -143,22 +145,30 @@ class Prefaulter:
         """Before the instance's guest runs: make the pages its program's
         instances wrote its own (a sample is left alone)."""
         runs = self._learned.get(memory.program)
-        if runs and not memory.sample:
+        if not runs or memory.sample:
+            return
+        # Still the image there? (Taken from another thread's instance, it may
+        # have been torn down meanwhile, its address given to something else.)
+        mapping = self._mapping(memory.start, 0)
+        if mapping is not None and mapping.vma_start == memory.start and self._is_image(mapping):
             self._populate(memory.start, runs)
 
     def closing(self, memory: Memory) -> None:
-        """Before the instance's store is closed (off the task's critical path:
-        reading the pagemap costs ~0.8 ms): learn from a sample whose task ran."""
+        """Before the instance's store is closed (by the pool's thread, off the
+        task's critical path: reading the pagemap costs ~0.8 ms): learn from a
+        sample whose task ran (or failed)."""
         if not (memory.sample and memory.ran):
             return
         written = _written_pages(self._pagemap, memory.start, memory.end)
         if not written:
             return
+        # (Computed outside the lock: an allocation may run the garbage
+        # collector, whose finalizer of a lost store would take it again.)
         with self._lock:
             before = self._last_sample.get(memory.program)
             self._last_sample[memory.program] = written
-            if before is not None:
-                self._learned[memory.program] = _runs(sorted(before & written))
+        if before is not None:
+            self._learned[memory.program] = _runs(sorted(before & written))
 
     def unmapped(self, memory: Memory) -> None:
         """After the instance's store was closed: its address may come back."""
@@ -189,16 +199,24 @@ class Prefaulter:
         query.query_addr = address
         try:
             fcntl.ioctl(self._maps, _PROCMAP_QUERY, query, True)
-        except OSError:
-            return None  # none there (ENOENT), or the prefaulter was closed
+        except (OSError, ValueError):  # none there (ENOENT); closed (fd -1: ValueError)
+            return None
         return query
 
     def _is_image(self, mapping: _MappingQuery) -> bool:
-        return bool(
-            mapping.inode == self._image.st_ino
-            and os.makedev(mapping.dev_major, mapping.dev_minor) == self._image.st_dev
-            and mapping.vma_flags & _WRITABLE
-        )
+        """A writable mapping of the image file. (By inode, then by path: the
+        device PROCMAP_QUERY gives is the superblock's, which on btrfs is not
+        the one ``stat`` gives.)"""
+        if mapping.inode != self._image.st_ino or not mapping.vma_flags & _WRITABLE:
+            return False
+        name = ctypes.create_string_buffer(4096)
+        query = _MappingQuery(size=ctypes.sizeof(_MappingQuery), query_addr=mapping.vma_start)
+        query.vma_name_addr, query.vma_name_size = ctypes.addressof(name), len(name)
+        try:
+            fcntl.ioctl(self._maps, _PROCMAP_QUERY, query, True)
+        except (OSError, ValueError):
+            return False
+        return name.value == self._path
 
     def _claim(self, start: int, end: int) -> bool:
         """Take the image mapping at [start, end) if it is fresh (no page of it
@@ -226,6 +244,8 @@ class Prefaulter:
 def _supported() -> bool:
     """Linux with pagemap, PROCMAP_QUERY (6.11) and MADV_POPULATE_WRITE (5.14)."""
     if not sys.platform.startswith("linux") or os.environ.get("CAPSULE_PREFAULT") == "0":
+        return False
+    if sys.byteorder != "little":  # _untouched reads an entry's top byte
         return False
     try:
         with open("/proc/self/pagemap", "rb") as pagemap:
@@ -286,8 +306,13 @@ def _populate_all(start: int, runs: Runs) -> int:
         address = vector.buffer_info()[0]
         for done in range(0, len(runs), _MAX_IOVECS):
             count = min(_MAX_IOVECS, len(runs) - done)
-            if _process_madvise(address + done * 16, count) < 0:
+            try:
+                result = _process_madvise(address + done * 16, count)
+            except OSError:  # no pidfd (say, out of file descriptors)
+                result, failure = -1, errno.EBADF
+            else:
                 failure = ctypes.get_errno()
+            if result < 0:
                 if failure not in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EBADF):
                     return failure
                 _one_call = False  # an older kernel: one madvise a run
@@ -301,10 +326,14 @@ def _populate_all(start: int, runs: Runs) -> int:
 
 
 #: Whether process_madvise takes MADV_POPULATE_WRITE here (until it says no).
-_one_call = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+_one_call = (
+    sys.platform.startswith("linux")
+    and hasattr(os, "pidfd_open")
+    and platform.machine() in ("x86_64", "aarch64", "riscv64")
+)
 #: Most iovecs one process_madvise call takes (UIO_MAXIOV).
 _MAX_IOVECS = 1024
-_SYS_PROCESS_MADVISE = 440  # the same number on every Linux architecture
+_SYS_PROCESS_MADVISE = 440  # on the architectures _one_call allows
 #: (pid, pidfd) of this process, opened on first use and kept for its life.
 _self: tuple[int, int] | None = None
 
@@ -325,7 +354,7 @@ def _process_madvise(iovecs: int, count: int) -> int:
 
 
 def _pagemap(fd: int, start: int, end: int) -> bytes:
-    """The pagemap entries of [start, end): 8 bytes a page, little-endian."""
+    """The pagemap entries of [start, end): 8 bytes a page, in native order."""
     try:
         entries = os.pread(fd, (end - start) // _PAGE * 8, start // _PAGE * 8)
     except OSError:
@@ -340,8 +369,9 @@ def _untouched(pagemap: int, start: int) -> bool:
     kernel ~0.25 ms even when none is mapped; and a wrong answer here only
     prefaults the wrong instance.)"""
     entries = _pagemap(pagemap, start, start + _FIRST_PAGES * _PAGE)
-    # Bit 63 (present) is the top bit of each entry's last byte.
-    return bool(entries) and max(entries[7::8]) < 0x80
+    # Bits 63 (present) and 62 (swapped) are the top of each entry's last byte
+    # (little-endian: see _supported).
+    return bool(entries) and max(entries[7::8]) < 0x40
 
 
 def _written_pages(pagemap: int, start: int, end: int) -> set[int]:
