@@ -219,10 +219,10 @@ class Prefaulter:
         return name.value == self._path
 
     def _claim(self, start: int, end: int) -> bool:
-        """Take the image mapping at [start, end) if it is fresh (no page of it
-        mapped yet: its guest has not run) and nobody took it. (Another thread's
-        new instance may be taken so, and that thread takes this one's: each
-        fresh instance is prefaulted all the same.)"""
+        """Take the image mapping at [start, end) if it is fresh (none of its
+        first pages mapped: its guest has not run) and nobody took it. (Another
+        thread's new instance may be taken so, and that thread takes this one's:
+        each fresh instance is prefaulted all the same.)"""
         if start in self._claimed or not _untouched(self._pagemap, start):
             with self._lock:
                 if start in self._freed:
