@@ -283,7 +283,7 @@ def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: Pro
 
 
 BLOCKED = {
-    "sleep": "sleeper",
+    "sleep": "sleeps",
     "result": "waits_on_grandchild",
     "receive": "receives",
 }
@@ -293,20 +293,33 @@ BLOCKED = {
 def test_cancel_reaches_a_blocked_child_at_once(
     run_program: ProgramRunner, blocked_in: str
 ) -> None:
+    # Each child tells main it is about to block; main then gives it 0.2 s to be
+    # blocked for longer than a wait takes to be reported. (Sleeping 0.2 s from
+    # the spawn was not always enough for a child to get there, in whole-suite
+    # runs on a busy machine.)
     outcome = run_program(
         CHILDREN
         + f"""
     @task(compute="HIGH", max_retries=0)
-    def waits_on_grandchild():
-        return sleeper.spawn().result()
+    def sleeps(parent):
+        capsule.send(parent, "blocking")
+        capsule.sleep(60)
 
     @task(compute="HIGH", max_retries=0)
-    def receives():
+    def waits_on_grandchild(parent):
+        grandchild = sleeper.spawn()
+        capsule.send(parent, "blocking")
+        return grandchild.result()
+
+    @task(compute="HIGH", max_retries=0)
+    def receives(parent):
+        capsule.send(parent, "blocking")
         capsule.receive()
 
     @task(name="main")
     def main():
-        handle = {BLOCKED[blocked_in]}.spawn()
+        handle = {BLOCKED[blocked_in]}.spawn(capsule.current().id)
+        capsule.receive(timeout=60)
         capsule.sleep(0.2)
         started = time.monotonic()
         handle.cancel()
@@ -316,9 +329,11 @@ def test_cancel_reaches_a_blocked_child_at_once(
             return [error.kind, time.monotonic() - started]
     """
     )
-    # (What happened, in each assertion's message: this failed in two of six runs
-    # of the whole suite on 2026-11-27, without a message, and never alone.)
-    timeline = [(e.type, e.task, getattr(e, "on", None), e.at) for e in outcome.events]
+    began = outcome.events[0].at if outcome.events else 0.0
+    timeline = "\n".join(
+        f"{e.at - began:+.3f} {e.type} {e.task} {getattr(e, 'on', '') or ''}"
+        for e in outcome.events
+    )
     kind, seconds = outcome.value
     assert kind == "cancelled", timeline
     assert seconds < 1.0, timeline  # not the 60 s sleep, nor forever
