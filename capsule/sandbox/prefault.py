@@ -39,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import platform
@@ -149,8 +150,7 @@ class Prefaulter:
             return
         # Still the image there? (Taken from another thread's instance, it may
         # have been torn down meanwhile, its address given to something else.)
-        mapping = self._mapping(memory.start, 0)
-        if mapping is not None and mapping.vma_start == memory.start and self._is_image(mapping):
+        if self._image_at(memory.start) is not None:
             self._populate(memory.start, runs)
 
     def closing(self, memory: Memory) -> None:
@@ -178,10 +178,16 @@ class Prefaulter:
 
     def _claim_freed(self) -> tuple[int, int] | None:
         for start in reversed(self._freed.copy()):
-            mapping = self._mapping(start, 0)
-            if mapping is not None and mapping.vma_start == start:
-                if self._is_image(mapping) and self._claim(start, mapping.vma_end):
-                    return start, mapping.vma_end
+            end = self._image_at(start)
+            if end is not None and self._claim(start, end):
+                return start, end
+        return None
+
+    def _image_at(self, start: int) -> int | None:
+        """The end of the image mapping that starts at ``start``, if one does."""
+        mapping = self._mapping(start, 0)
+        if mapping is not None and mapping.vma_start == start and self._is_image(mapping):
+            return int(mapping.vma_end)
         return None
 
     def _scan(self) -> tuple[int, int] | None:
@@ -242,11 +248,15 @@ class Prefaulter:
 
 
 def _supported() -> bool:
+    """Whether to prefault: ``CAPSULE_PREFAULT`` is not 0 and the kernel can."""
+    return os.environ.get("CAPSULE_PREFAULT") != "0" and _kernel_can_prefault()
+
+
+@functools.cache  # the kernel does not change: asked once per process, not per run
+def _kernel_can_prefault() -> bool:
     """Linux with pagemap, PROCMAP_QUERY (6.11) and MADV_POPULATE_WRITE (5.14)."""
-    if not sys.platform.startswith("linux") or os.environ.get("CAPSULE_PREFAULT") == "0":
-        return False
-    if sys.byteorder != "little":  # _untouched reads an entry's top byte
-        return False
+    if not sys.platform.startswith("linux") or sys.byteorder != "little":
+        return False  # (_untouched reads a pagemap entry's top byte)
     try:
         with open("/proc/self/pagemap", "rb") as pagemap:
             pagemap.read(8)
