@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-message-size", metavar="SIZE", help='largest message, as JSON (default "1MB")'
     )
     run.add_argument(
+        "--hibernate-after",
+        metavar="SECONDS",
+        help="a task blocked this long gives back the memory pages it only read "
+        '(default 1; "off": never)',
+    )
+    run.add_argument(
         "--retry-backoff",
         metavar="SECONDS",
         type=float,
@@ -234,6 +240,7 @@ def _run_command(options: argparse.Namespace) -> int:
         max_children=options.max_children,
         mailbox_capacity=options.mailbox_capacity,
         max_message_size=options.max_message_size,
+        hibernate_after=options.hibernate_after,
         cpu_slots=options.cpu_slots,
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)

@@ -416,3 +416,6 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
     bad = capsule_cli("run", str(path), "--max-message-size", "huge")
     assert bad.returncode == 2
     assert "--max-message-size 'huge' is invalid" in bad.stderr
+    bad = capsule_cli("run", str(path), "--hibernate-after", "soon")
+    assert bad.returncode == 2
+    assert "--hibernate-after 'soon' is invalid; expected seconds" in bad.stderr

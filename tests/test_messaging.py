@@ -472,3 +472,45 @@ def test_output_without_a_newline_is_shown_before_a_receive_waits(
     waited = seen.index(("waiting", "receive"))
     assert ("output", "partial out") in seen[:waited]
     assert ("output", "partial err") in seen[:waited]
+
+
+@pytest.mark.parametrize("hibernate_after", [0.05, "off"])
+def test_an_idle_actor_hibernates_and_answers_from_its_state(
+    program: Callable[..., Path], hibernate_after: float | str
+) -> None:
+    from capsule.supervisor.program import RunRequest, run_program
+    from capsule.supervisor.run import Run
+
+    path = program(
+        """
+        import capsule
+        from capsule import ask, receive, task
+
+        @task(compute="HIGH")
+        def keeper(n):
+            table = {i: i * i for i in range(n)}
+            while True:
+                message = receive()
+                message.reply(sum(table[i] for i in message.body))
+
+        @task(name="main")
+        def main():
+            handle = keeper.spawn(5000)
+            first = ask(handle, [1, 2, 3])
+            capsule.sleep(0.4)  # the keeper waits in receive meanwhile
+            return [first, ask(handle, list(range(5000)))]
+        """
+    )
+    runs: list[Run] = []
+    report = run_program(
+        RunRequest(path=path, args=[], hibernate_after=hibernate_after),
+        lambda _: None,
+        on_run=runs.append,
+    )
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == [14, sum(i * i for i in range(5000))]
+    released = runs[0].sandbox.prefaulter.released
+    if hibernate_after == "off":
+        assert released == 0
+    elif runs[0].sandbox.prefaulter.enabled:
+        assert released >= 2, released  # the keeper and main (in its sleep), at least

@@ -5,7 +5,9 @@ without changing a byte of them."""
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from capsule.sandbox import prefault
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost, Sandbox
-from capsule.sandbox.prefault import Prefaulter, _pagemap, _populate_all
+from capsule.sandbox.prefault import Marker, Prefaulter, _pagemap, _populate_all
 
 pytestmark = pytest.mark.skipif(
     not prefault._supported(),
@@ -35,6 +37,13 @@ def _own_pages(start: int, pages: int) -> set[int]:
         if entry >> 63 & 1 and not entry >> 61 & 1 and entry >> 56 & 1:
             own.add(page)
     return own
+
+
+def _present_pages(start: int, pages: int) -> set[int]:
+    """Pages of the mapping at ``start`` that are mapped (read or written)."""
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        entries = _pagemap(pagemap.fileno(), start, start + pages * mmap.PAGESIZE)
+    return {page for page in range(pages) if entries[page * 8 + 7] & 0x80}
 
 
 @pytest.fixture
@@ -144,3 +153,98 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
     # Instances 2 and 3 are the samples; from the 4th on each is prefaulted.
     assert learned > 50, learned
     assert prefaulted >= 5, prefaulted
+
+
+def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
+    image: Path, prefaulter: Prefaulter
+) -> None:
+    page = mmap.PAGESIZE
+    nonce = os.urandom(16)
+    with instance(image) as (other, other_at), instance(image) as (mapping, start):
+        mapping[7 * page] = 0xAB  # written: its own copy
+        mapping[20 * page : 20 * page + 16] = nonce  # the marker (its page written too)
+        other[20 * page : 20 * page + 16] = os.urandom(16)  # another instance, same place
+        for view in (mapping, other):
+            assert view[9 * page] == 9 and view[40 * page] == 40  # read: the file's pages
+        assert {9, 40} <= _present_pages(start, PAGES)
+        others_before = _present_pages(other_at, PAGES)
+
+        assert prefaulter.release(None, Marker(20 * page, os.urandom(16))) == 0  # no such marker
+        assert _present_pages(start, PAGES) >= {7, 9, 20, 40}
+
+        released = prefaulter.release(None, Marker(20 * page, nonce))
+        assert released >= 2 * page
+        assert _present_pages(start, PAGES) == {7, 20} == _own_pages(start, PAGES)
+        assert _present_pages(other_at, PAGES) == others_before  # the other one untouched
+        # Every byte reads as before: the written pages kept, the others the file's.
+        assert mapping[7 * page] == 0xAB and mapping[20 * page : 20 * page + 16] == nonce
+        assert all(mapping[n * page + 1] == n for n in range(PAGES) if n != 20)
+    assert prefaulter.released == 1
+
+
+class _HibernatingHost(RefusingHost):
+    """Hibernates the task in every sleep, noting the image pages mapped from
+    the file (read, not written) by the process before and after."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self.sandbox = sandbox
+        self.released: list[int] = []
+        self.read_pages: list[tuple[int, int]] = []
+
+    def sleep(self, caller: Invocation, seconds: float) -> None:
+        before = _image_pages_read(self.sandbox)
+        self.released.append(self.sandbox.hibernate())
+        self.read_pages.append((before, _image_pages_read(self.sandbox)))
+
+
+def _image_pages_read(sandbox: Sandbox) -> int:
+    """Bytes of the instances' memory images that are the file's pages (read,
+    not written): the writable mappings of the runtime's file (its code is
+    mapped from the same file, read-only)."""
+    image = os.path.realpath(sandbox.artifacts.compiled)
+    total, in_image = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                in_image = fields[-1] == image and fields[1].startswith("rw")
+            elif in_image and fields[0] in ("Rss:", "Anonymous:"):
+                total += int(fields[1]) * 1024 * (1 if fields[0] == "Rss:" else -1)
+    return total
+
+
+def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
+    program: Callable[..., Path],
+) -> None:
+    path = program(
+        """
+        import capsule, statistics
+        from capsule import task
+
+        @task(name="main")
+        def main(n):
+            table = {str(i): [i, i * i] for i in range(n)}
+            before = (sum(v[1] for v in table.values()), statistics.mean(range(n)))
+            answers = []
+            for _ in range(2):
+                capsule.sleep(0)  # hibernates here
+                table[str(n)] = [n, n * n]
+                answers.append((sum(v[1] for v in table.values()), statistics.mean(range(n))))
+            return [before, answers]
+        """
+    )
+    limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
+    with Sandbox([path.parent]) as sandbox:
+        host = _HibernatingHost(sandbox)
+        outcome = sandbox.invoke(Invocation("t1", "main", 1, 1, limits, host), "prog", [5000], {})
+    squares = sum(i * i for i in range(5000))
+    assert json.loads(outcome.result_json or "null") == [
+        [squares, 2499.5],
+        [[squares + 5000**2, 2499.5]] * 2,
+    ], outcome.error
+    # The only instance alive gave back ~8 MB of pages it had read.
+    assert host.released[0] > 4 * 1024**2, host.released
+    (before, after), _ = host.read_pages
+    assert before - after >= host.released[0] * 0.9, host.read_pages
+    assert after < 1024**2, host.read_pages
+    assert host.released[1] > 0  # (what the task read again since)

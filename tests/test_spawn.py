@@ -272,8 +272,11 @@ def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: Pro
         first = nap.spawn(0, "a")
         once = first.result()
         again = first.result()
+        later = nap.spawn(0, "b")
+        # Waited on right after its spawn: a child failing before its parent
+        # waits on it fails the parent (link semantics), which is not this test.
         failing = fails.spawn(3)
-        both = gather(first, failing, nap.spawn(0, "b"), return_exceptions=True)
+        both = gather(first, failing, later, return_exceptions=True)
         # Many short children, each collected: the parent does not accumulate them.
         total = sum(len(nap.spawn(0, "x").result()) for _ in range(60))
         return [once, again, [x if isinstance(x, str) else x.kind for x in both], total]

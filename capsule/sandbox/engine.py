@@ -35,7 +35,7 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
-from capsule.sandbox.prefault import Memory, Prefaulter
+from capsule.sandbox.prefault import Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
 
@@ -313,6 +313,8 @@ class _TrackedStore(wasmtime.Store):
         self._prefaulter = prefaulter
         #: Where its instance's memory image is mapped, if the prefaulter found it.
         self.memory: Memory | None = None
+        #: What only its instance's memory holds, and where (from the guest's load).
+        self.marker: Marker | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -340,15 +342,15 @@ _thread = threading.local()
 
 
 @contextmanager
-def _bound(invocation: Invocation) -> Iterator[None]:
+def _bound(invocation: Invocation, store: _TrackedStore | None = None) -> Iterator[None]:
     """Make ``invocation`` the one host imports and the epoch callback on this
-    thread act for, while its instance runs here."""
-    previous = getattr(_thread, "invocation", None)
-    _thread.invocation = invocation
+    thread act for, while its instance (in ``store``) runs here."""
+    previous = getattr(_thread, "invocation", None), getattr(_thread, "store", None)
+    _thread.invocation, _thread.store = invocation, store
     try:
         yield
     finally:
-        _thread.invocation = previous
+        _thread.invocation, _thread.store = previous
 
 
 def _record(**fields: Any) -> Record:
@@ -368,6 +370,17 @@ def _source_record(source: ModuleSource) -> Record:
             "compiled": source.compiled,
         }
     )
+
+
+def _memory_marker(loaded: str) -> Marker | None:
+    """The marker in what the guest's load returned (nothing if malformed: the
+    program's import ran before it returned, and may have meddled)."""
+    try:
+        address, nonce = json.loads(loaded)["marker"]
+        marker = Marker(int(address), bytes.fromhex(nonce))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return marker if 0 <= marker.address < 2**32 and len(marker.nonce) == 16 else None
 
 
 def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
@@ -466,9 +479,10 @@ class Sandbox:
         # machinery: off, a message costs ~6% less CPU. (No Config property.)
         ffi.wasmtime_config_concurrency_support_set(config.ptr(), False)
         self.engine = wasmtime.Engine(config)
-        artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
-        self.component = Component.deserialize_file(self.engine, str(artifacts.compiled))
-        self.prefaulter = Prefaulter(artifacts.compiled)
+        #: The guest runtime's files (instances map their memory image from ``compiled``).
+        self.artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
+        self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
+        self.prefaulter = Prefaulter(self.artifacts.compiled)
         self.finder = ModuleFinder(roots)
         runner = self.component.get_export_index(_interface("runner"))
         assert runner is not None, "guest runtime exports no runner interface"
@@ -703,6 +717,7 @@ class Sandbox:
             if isinstance(result, ErrorInfo):
                 store.close()
                 raise PrepareError(result)
+        store.marker = _memory_marker(result)
         return Prepared(program, store, instance, declared=result)
 
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
@@ -713,6 +728,16 @@ class Sandbox:
         if store.memory is not None:
             self.prefaulter.prefault(store.memory)
         return instance
+
+    def hibernate(self) -> int:
+        """Called on the thread of a task whose guest waits in a host call (and
+        so cannot write its memory meanwhile): give back the pages of its memory
+        it has only read. They are the shared image's; the guest gets them back
+        when it reads them again. Returns how many bytes were unmapped."""
+        store: _TrackedStore | None = getattr(_thread, "store", None)
+        if store is None or store.marker is None:
+            return 0
+        return self.prefaulter.release(store.memory, store.marker)
 
     def invoke(
         self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
@@ -767,7 +792,7 @@ class Sandbox:
         if invocation.grants.files:
             store.set_wasi(_wasi_config(invocation.grants))
         invocation.started = time.monotonic()
-        with _bound(invocation):
+        with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
                 store.set_limits(memory_size=limits.ram_bytes)

@@ -1,5 +1,6 @@
-"""Prefaulting a fresh instance's memory: the pages its guest is going to
-write are made its own, in one system call per run of pages, before it runs.
+"""The pages of instances' memory: a fresh instance's are prefaulted (the
+pages its guest is going to write are made its own, in one system call per run
+of pages, before it runs); an idle one's pages it only read are released.
 
 Why: an instance's memory starts as a copy-on-write mapping of the guest
 runtime's 16.8 MB memory image (CPython's heap after start-up). The guest
@@ -30,6 +31,15 @@ mapping, ~5 us; reading the text of that file cost 0.4 - 1.5 ms). A mapping is
 taken only if none of its first pages is mapped yet (``pagemap``): its guest
 has not run, so it is a new instance's.
 
+Releasing (``release``, for a task hibernating while blocked in a host call):
+most of an idle instance's resident memory is pages of the image it only read
+(~8 of ~10 MB), shared with every other instance but counted in the RSS once
+for each. ``MADV_DONTNEED`` unmaps them; they come back when read again. It
+would throw away what a guest wrote to such a page meanwhile, so it is done
+only on the instance's own thread while its guest is not running, and only to
+the mapping proven to be that instance's: the guest's load reports where 16
+random bytes only it holds are in its memory, and they are looked for there.
+
 Linux 6.11 or newer (``PROCMAP_QUERY``); elsewhere, or with
 ``CAPSULE_PREFAULT=0``, nothing is done.
 """
@@ -47,7 +57,7 @@ import sys
 import threading
 from array import array
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -63,15 +73,28 @@ _CANDIDATES = 8
 #: How many of a mapping's first pages tell whether anything ran in it.
 _FIRST_PAGES = 64
 
-_MADV_POPULATE_WRITE = 23
+_MADV_DONTNEED, _MADV_POPULATE_WRITE = 4, 23
 _PAGE = mmap.PAGESIZE
 #: A pagemap entry: present (bit 63), file-backed or shared (61), mapped once (56).
 _PRESENT, _FILE, _EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
 #: A page the instance made its own: present, anonymous, mapped only there.
 _WRITTEN_MASK, _WRITTEN = _PRESENT | _FILE | _EXCLUSIVE, _PRESENT | _EXCLUSIVE
+#: A page of the image the instance only read: present, the file's page.
+_READ_ONLY = _PRESENT | _FILE
 
 #: Runs of pages, as (first page from the image's start, count).
 Runs = list[tuple[int, int]]
+
+
+@dataclass(eq=False)
+class Marker:
+    """Bytes only one instance holds, and where in its linear memory: they
+    tell its memory from every other instance's (see ``Prefaulter.release``)."""
+
+    address: int
+    nonce: bytes
+    #: The image mapping they were found in last, as (start, end).
+    image: tuple[int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -97,23 +120,27 @@ class Prefaulter:
         self._enabled = _supported()
         #: /proc/self/maps (asked with PROCMAP_QUERY) and /proc/self/pagemap,
         #: open while the prefaulter is (a path lookup in /proc costs ~40 us).
-        self._maps = self._pagemap = -1
+        self._maps = self._pagemap = self._mem = -1
         if self._enabled:
             self._maps = os.open("/proc/self/maps", os.O_RDONLY)
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY)
+            # (Reading memory through it fails cleanly where nothing is mapped.)
+            self._mem = os.open("/proc/self/mem", os.O_RDONLY)
         self._lock = threading.Lock()
         self._claimed: set[int] = set()
         self._freed: deque[int] = deque(maxlen=_CANDIDATES)
         self._instances: dict[str, int] = {}
         self._last_sample: dict[str, set[int]] = {}
         self._learned: dict[str, Runs] = {}
-        #: Instances whose memory was prefaulted (for tests and diagnostics).
-        self.prefaulted = 0
+        #: Instances whose memory was prefaulted, and times an idle one's read
+        #: pages were released (for tests and diagnostics).
+        self.prefaulted = self.released = 0
 
     def close(self) -> None:
         """Stop prefaulting and close the files it reads."""
         self._enabled = False
-        files, self._maps, self._pagemap = (self._maps, self._pagemap), -1, -1
+        files = (self._maps, self._pagemap, self._mem)
+        self._maps = self._pagemap = self._mem = -1
         for fd in files:  # (after the fields: a closed number may be reused at once)
             if fd >= 0:
                 os.close(fd)
@@ -176,6 +203,60 @@ class Prefaulter:
             self._claimed.discard(memory.start)
             self._freed.append(memory.start)
 
+    def release(self, memory: Memory | None, marker: Marker) -> int:
+        """Unmap the pages of an instance's memory image that it has only read
+        (they come back from the shared image when it reads them again);
+        returns how many bytes. Only on the instance's own thread while its
+        guest waits in a host call: a page it wrote between the look at the
+        pagemap and the unmapping would be lost.
+
+        Its memory is the image mapping that holds ``marker`` (``memory``, the
+        guess made at its start, is looked at first): unmapping pages of another
+        instance's could lose what that one is writing meanwhile."""
+        if not self._enabled:
+            return 0
+        guesses = [marker.image] if marker.image else []
+        if memory is not None:
+            guesses.append((memory.start, memory.end))
+        # (Going through all image mappings costs ~10 us each: once per
+        # instance at most, when neither guess is right.)
+        candidates = chain(
+            (guess for guess in guesses if self._image_at(guess[0]) == guess[1]),
+            self._images(),
+        )
+        found = next((span for span in candidates if self._holds(span[0], marker)), None)
+        if found is None:
+            return 0
+        marker.image = start, end = found
+        entries = array("Q", _pagemap(self._pagemap, start, end))
+        pages = [page for page, entry in enumerate(entries) if entry & _READ_ONLY == _READ_ONLY]
+        if _advise_all(start, _runs(pages), _MADV_DONTNEED) != 0:
+            return 0
+        self.released += 1
+        return len(pages) * _PAGE
+
+    def _holds(self, start: int, marker: Marker) -> bool:
+        """Whether the image mapping at ``start`` is that of the linear memory
+        holding ``marker``. (The memory begins where the writable anonymous
+        mapping just below the image does, if there is one: wasmtime maps the
+        image over the memory's data, after its stack.)"""
+        bases = [start]
+        below = self._mapping(start - 1, 0) if start else None
+        if (
+            below is not None
+            and below.vma_end == start
+            and below.inode == 0
+            and below.vma_flags & _WRITABLE
+        ):
+            bases.insert(0, below.vma_start)
+        for base in bases:
+            try:
+                if os.pread(self._mem, len(marker.nonce), base + marker.address) == marker.nonce:
+                    return True
+            except (OSError, OverflowError):  # nothing mapped there
+                pass
+        return False
+
     def _claim_freed(self) -> tuple[int, int] | None:
         for start in reversed(self._freed.copy()):
             end = self._image_at(start)
@@ -191,13 +272,19 @@ class Prefaulter:
         return None
 
     def _scan(self) -> tuple[int, int] | None:
-        """A fresh image mapping nobody claimed, among the writable file mappings."""
+        """A fresh image mapping nobody claimed."""
+        for start, end in self._images():
+            if self._claim(start, end):
+                return start, end
+        return None
+
+    def _images(self) -> Iterator[tuple[int, int]]:
+        """The image's mappings, among the process's writable file mappings."""
         address = 0
         while (mapping := self._mapping(address, _NEXT_WRITABLE_FILE)) is not None:
-            if self._is_image(mapping) and self._claim(mapping.vma_start, mapping.vma_end):
-                return mapping.vma_start, mapping.vma_end
+            if self._is_image(mapping):
+                yield mapping.vma_start, mapping.vma_end
             address = mapping.vma_end
-        return None
 
     def _mapping(self, address: int, flags: int) -> _MappingQuery | None:
         """The mapping at ``address`` (or, with _NEXT_WRITABLE_FILE, the next such one)."""
@@ -210,10 +297,11 @@ class Prefaulter:
         return query
 
     def _is_image(self, mapping: _MappingQuery) -> bool:
-        """A writable mapping of the image file. (By inode, then by path: the
-        device PROCMAP_QUERY gives is the superblock's, which on btrfs is not
-        the one ``stat`` gives.)"""
-        if mapping.inode != self._image.st_ino or not mapping.vma_flags & _WRITABLE:
+        """A private writable mapping of the image file (as wasmtime maps it
+        copy-on-write). (By inode, then by path: the device PROCMAP_QUERY gives
+        is the superblock's, which on btrfs is not the one ``stat`` gives.)"""
+        flags = mapping.vma_flags
+        if mapping.inode != self._image.st_ino or flags & (_WRITABLE | _SHARED) != _WRITABLE:
             return False
         name = ctypes.create_string_buffer(4096)
         query = _MappingQuery(size=ctypes.sizeof(_MappingQuery), query_addr=mapping.vma_start)
@@ -296,13 +384,19 @@ class _MappingQuery(ctypes.Structure):
 
 #: _IOWR('f', 17, struct procmap_query)
 _PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_MappingQuery) << 16) | (ord("f") << 8) | 17
-_WRITABLE, _COVERING_OR_NEXT, _FILE_BACKED = 0x02, 0x10, 0x20
+_WRITABLE, _SHARED, _COVERING_OR_NEXT, _FILE_BACKED = 0x02, 0x08, 0x10, 0x20
 _NEXT_WRITABLE_FILE = _COVERING_OR_NEXT | _FILE_BACKED | _WRITABLE
 
 
 def _populate_all(start: int, runs: Runs) -> int:
     """Make the pages of ``runs`` (from ``start``) private copies, as a write
     would, without writing: 0, or the errno of what failed."""
+    return _advise_all(start, runs, _MADV_POPULATE_WRITE)
+
+
+def _advise_all(start: int, runs: Runs, advice: int) -> int:
+    """``madvise`` the pages of ``runs`` (from ``start``): 0, or the errno of
+    what failed."""
     global _one_call
     if _one_call:
         # All runs in one process_madvise (any advice for the caller's own
@@ -317,7 +411,7 @@ def _populate_all(start: int, runs: Runs) -> int:
         for done in range(0, len(runs), _MAX_IOVECS):
             count = min(_MAX_IOVECS, len(runs) - done)
             try:
-                result = _process_madvise(address + done * 16, count)
+                result = _process_madvise(address + done * 16, count, advice)
             except OSError:  # no pidfd (say, out of file descriptors)
                 result, failure = -1, errno.EBADF
             else:
@@ -330,7 +424,7 @@ def _populate_all(start: int, runs: Runs) -> int:
         else:
             return 0
     for first, count in runs:
-        if _madvise(start + first * _PAGE, count * _PAGE, _MADV_POPULATE_WRITE) != 0:
+        if _madvise(start + first * _PAGE, count * _PAGE, advice) != 0:
             return ctypes.get_errno()
     return 0
 
@@ -348,7 +442,7 @@ _SYS_PROCESS_MADVISE = 440  # on the architectures _one_call allows
 _self: tuple[int, int] | None = None
 
 
-def _process_madvise(iovecs: int, count: int) -> int:
+def _process_madvise(iovecs: int, count: int, advice: int) -> int:
     global _self
     if _self is None or _self[0] != os.getpid():
         _self = (os.getpid(), os.pidfd_open(os.getpid()))
@@ -357,7 +451,7 @@ def _process_madvise(iovecs: int, count: int) -> int:
         ctypes.c_int(_self[1]),
         ctypes.c_void_p(iovecs),
         ctypes.c_size_t(count),
-        ctypes.c_int(_MADV_POPULATE_WRITE),
+        ctypes.c_int(advice),
         ctypes.c_uint(0),
     )
     return result

@@ -3,6 +3,7 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 
 from __future__ import annotations
 
+import math
 import traceback as tb
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ class RunRequest:
     max_children: int | None = None
     mailbox_capacity: int | None = None
     max_message_size: str | int | None = None
+    #: Seconds blocked before a task hibernates, or "off" (default: RunSettings').
+    hibernate_after: str | float | None = None
     #: Instances running wasm at once (default: CPU cores).
     cpu_slots: int | None = None
 
@@ -206,9 +209,9 @@ def run_program(
         return RunReport(run_id=run.run_id, result=result)
 
 
-def _run_limits(request: RunRequest) -> dict[str, int]:
+def _run_limits(request: RunRequest) -> dict[str, Any]:
     """The per-run limits the request overrides, validated."""
-    limits: dict[str, int] = {}
+    limits: dict[str, Any] = {}
     if request.cpu_slots is not None and (
         isinstance(request.cpu_slots, bool)
         or not isinstance(request.cpu_slots, int)
@@ -235,4 +238,20 @@ def _run_limits(request: RunRequest) -> dict[str, int]:
             raise ConfigError(
                 f"--max-message-size {request.max_message_size!r} is invalid; expected {RAM_FORMS}"
             ) from None
+    if request.hibernate_after is not None:
+        limits["hibernate_after"] = _hibernate_after(request.hibernate_after)
     return limits
+
+
+def _hibernate_after(value: str | float) -> float | None:
+    if value == "off":
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ConfigError(
+            f"--hibernate-after {value!r} is invalid; expected seconds (a number >= 0) or 'off'"
+        )
+    return seconds

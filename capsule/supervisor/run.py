@@ -138,6 +138,10 @@ class RunSettings:
     max_message_bytes: int = 1024**2
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
+    #: Seconds a task waits in receive, result, sleep (any blocking call)
+    #: before it hibernates: the memory pages it has only read are given back
+    #: (None: never). Like gen_server's hibernate_after, for idle actors.
+    hibernate_after: float | None = 1.0
 
 
 def new_run_id() -> str:
@@ -1172,6 +1176,8 @@ class Run:
         # lasted WAITING_GRACE_S: the waits of an ask/reply exchange are far
         # shorter, and reporting each doubled what journaling an exchange cost.
         report_at = started + WAITING_GRACE_S
+        after = self.settings.hibernate_after
+        hibernate_at = None if after is None else started + after
         ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
         waiting = False
         try:
@@ -1187,10 +1193,13 @@ class Run:
                     if not waiting and now >= report_at:
                         self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
+                    if hibernate_at is not None and now >= hibernate_at:
+                        self.sandbox.hibernate()
+                        hibernate_at = None
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
                     bound = nearest_deadline(invocation)
-                    ends = [t for t in (limit, bound) if t is not None]
+                    ends = [t for t in (limit, bound, hibernate_at) if t is not None]
                     if not waiting:
                         ends.append(report_at)
                     attempt.wait_for_wakeup(min([*ends, now + 1.0]) - now)

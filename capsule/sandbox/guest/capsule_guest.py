@@ -427,12 +427,25 @@ time.perf_counter_ns = clock.monotonic_ns
 
 
 _program = None
+#: Random bytes only this instance holds, made before the program is imported:
+#: the host finds this instance's memory by them (see ``_memory_marker``).
+_marker = b""
+
+
+def _memory_marker():
+    """Where this instance's marker bytes are in its memory, and what they are.
+    (``id`` is an object's address in linear memory; a bytes object's data
+    starts one byte before its type's basic size, which counts the final NUL.)"""
+    global _marker
+    _marker = os.urandom(16)
+    return [id(_marker) + bytes.__basicsize__ - 1, _marker.hex()]
 
 
 class Runner(exports.Runner):
     def load(self, program) -> str:
         global _program
         name, source = program.name, program.source
+        marker = _memory_marker()
         try:
             if name in sys.modules:
                 raise ImportError(
@@ -454,12 +467,12 @@ class Runner(exports.Runner):
             raise _failure("<load>", exc)
         _program = module
         if not program.describe:
-            return ""
+            return json.dumps({"marker": marker})
         declared = [
             {"name": fn.name, "function": fn.qualified_name, "options": fn.options}
             for fn in sdk_task.registry.values()
         ]
-        return json.dumps({"tasks": declared})
+        return json.dumps({"marker": marker, "tasks": declared})
 
     def run(self, invocation_json: str) -> str:
         inv = _loads(invocation_json)
