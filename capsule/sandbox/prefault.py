@@ -53,6 +53,7 @@ import functools
 import mmap
 import os
 import platform
+import re
 import sys
 import threading
 from array import array
@@ -132,6 +133,8 @@ class Prefaulter:
         self._instances: dict[str, int] = {}
         self._last_sample: dict[str, set[int]] = {}
         self._learned: dict[str, Runs] = {}
+        #: How far into an instance's linear memory its image is mapped.
+        self._image_offset: int | None = None
         #: Instances whose memory was prefaulted, and times an idle one's read
         #: pages were released (for tests and diagnostics).
         self.prefaulted = self.released = 0
@@ -222,24 +225,26 @@ class Prefaulter:
         # instance at most, when neither guess is right.)
         candidates = chain(
             (guess for guess in guesses if self._image_at(guess[0]) == guess[1]),
-            self._images(),
+            self._images(by_path=False),  # (the marker is the proof)
         )
         found = next((span for span in candidates if self._holds(span[0], marker)), None)
         if found is None:
             return 0
         marker.image = start, end = found
-        entries = array("Q", _pagemap(self._pagemap, start, end))
-        pages = [page for page, entry in enumerate(entries) if entry & _READ_ONLY == _READ_ONLY]
-        if _advise_all(start, _runs(pages), _MADV_DONTNEED) != 0:
+        runs = _read_only_runs(_pagemap(self._pagemap, start, end))
+        if _advise_all(start, runs, _MADV_DONTNEED) != 0:
             return 0
         self.released += 1
-        return len(pages) * _PAGE
+        return sum(count for _, count in runs) * _PAGE
 
     def _holds(self, start: int, marker: Marker) -> bool:
         """Whether the image mapping at ``start`` is that of the linear memory
         holding ``marker``. (The memory begins where the writable anonymous
         mapping just below the image does, if there is one: wasmtime maps the
-        image over the memory's data, after its stack.)"""
+        image over the memory's data, after its stack. That offset is the same
+        for every instance of the runtime, so it is looked up once.)"""
+        if self._image_offset is not None:
+            return self._marker_at(start - self._image_offset, marker)
         bases = [start]
         below = self._mapping(start - 1, 0) if start else None
         if (
@@ -250,12 +255,18 @@ class Prefaulter:
         ):
             bases.insert(0, below.vma_start)
         for base in bases:
-            try:
-                if os.pread(self._mem, len(marker.nonce), base + marker.address) == marker.nonce:
-                    return True
-            except (OSError, OverflowError):  # nothing mapped there
-                pass
+            if self._marker_at(base, marker):
+                self._image_offset = start - base
+                return True
         return False
+
+    def _marker_at(self, base: int, marker: Marker) -> bool:
+        """Whether the linear memory at ``base`` holds ``marker``."""
+        try:
+            found = os.pread(self._mem, len(marker.nonce), base + marker.address)
+        except (OSError, OverflowError):  # nothing mapped there
+            return False
+        return found == marker.nonce
 
     def _claim_freed(self) -> tuple[int, int] | None:
         for start in reversed(self._freed.copy()):
@@ -278,11 +289,12 @@ class Prefaulter:
                 return start, end
         return None
 
-    def _images(self) -> Iterator[tuple[int, int]]:
-        """The image's mappings, among the process's writable file mappings."""
+    def _images(self, by_path: bool = True) -> Iterator[tuple[int, int]]:
+        """The image's mappings, among the process's writable file mappings
+        (``by_path=False``: by inode alone, one system call less a mapping)."""
         address = 0
         while (mapping := self._mapping(address, _NEXT_WRITABLE_FILE)) is not None:
-            if self._is_image(mapping):
+            if self._is_image(mapping, by_path):
                 yield mapping.vma_start, mapping.vma_end
             address = mapping.vma_end
 
@@ -296,13 +308,15 @@ class Prefaulter:
             return None
         return query
 
-    def _is_image(self, mapping: _MappingQuery) -> bool:
+    def _is_image(self, mapping: _MappingQuery, by_path: bool = True) -> bool:
         """A private writable mapping of the image file (as wasmtime maps it
         copy-on-write). (By inode, then by path: the device PROCMAP_QUERY gives
         is the superblock's, which on btrfs is not the one ``stat`` gives.)"""
         flags = mapping.vma_flags
         if mapping.inode != self._image.st_ino or flags & (_WRITABLE | _SHARED) != _WRITABLE:
             return False
+        if not by_path:
+            return True
         name = ctypes.create_string_buffer(4096)
         query = _MappingQuery(size=ctypes.sizeof(_MappingQuery), query_addr=mapping.vma_start)
         query.vma_name_addr, query.vma_name_size = ctypes.addressof(name), len(name)
@@ -482,6 +496,17 @@ def _written_pages(pagemap: int, start: int, end: int) -> set[int]:
     """The pages of [start, end) this process made its own copy of."""
     entries = array("Q", _pagemap(pagemap, start, end))
     return {page for page, entry in enumerate(entries) if entry & _WRITTEN_MASK == _WRITTEN}
+
+
+#: A pagemap entry's top byte -> 1 if it is a page of the file only read (see _READ_ONLY).
+_READ_ONLY_TOP = bytes(int(top << 56 & _READ_ONLY == _READ_ONLY) for top in range(256))
+
+
+def _read_only_runs(entries: bytes) -> Runs:
+    """The runs of pages present and the file's (read, never written) among
+    pagemap ``entries``: found in C, by each entry's top byte (little-endian)."""
+    flags = entries[7::8].translate(_READ_ONLY_TOP)
+    return [(run.start(), run.end() - run.start()) for run in re.finditer(b"\x01+", flags)]
 
 
 def _runs(pages: list[int]) -> Runs:
