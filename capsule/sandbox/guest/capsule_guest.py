@@ -433,12 +433,13 @@ _marker = b""
 
 
 def _memory_marker():
-    """Where this instance's marker bytes are in its memory, and what they are.
-    (``id`` is an object's address in linear memory; a bytes object's data
-    starts one byte before its type's basic size, which counts the final NUL.)"""
+    """Where this instance's marker bytes are in its memory, and what they are,
+    as JSON. (``id`` is an object's address in linear memory; a bytes object's
+    data starts one byte before its type's basic size, which counts the final
+    NUL. Formatted by hand: json.dumps would touch pages no task needs.)"""
     global _marker
     _marker = os.urandom(16)
-    return [id(_marker) + bytes.__basicsize__ - 1, _marker.hex()]
+    return '[%d, "%s"]' % (id(_marker) + bytes.__basicsize__ - 1, _marker.hex())
 
 
 class Runner(exports.Runner):
@@ -467,12 +468,12 @@ class Runner(exports.Runner):
             raise _failure("<load>", exc)
         _program = module
         if not program.describe:
-            return json.dumps({"marker": marker})
+            return '{"marker": %s}' % marker
         declared = [
             {"name": fn.name, "function": fn.qualified_name, "options": fn.options}
             for fn in sdk_task.registry.values()
         ]
-        return json.dumps({"marker": marker, "tasks": declared})
+        return '{"marker": %s, "tasks": %s}' % (marker, json.dumps(declared))
 
     def run(self, invocation_json: str) -> str:
         inv = _loads(invocation_json)
