@@ -248,3 +248,38 @@ def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
     assert before - after >= host.released[0] * 0.9, host.read_pages
     assert after < 1024**2, host.read_pages
     assert host.released[1] > 0  # (what the task read again since)
+
+
+def test_a_program_that_moves_its_marker_gets_nothing_released(
+    program: Callable[..., Path],
+) -> None:
+    # The program's import runs inside the guest's load, before it returns where
+    # it keeps the host's marker: a hostile one can change that address, to the
+    # zeros of its own memory or anywhere. Only the host's bytes prove a memory,
+    # and no memory but the instance's own was given them.
+    path = program(
+        """
+        import sys, capsule
+        from capsule import task
+
+        zeros = bytes(64)
+        frame = sys._getframe()
+        while frame is not None and "marker" not in frame.f_locals:
+            frame = frame.f_back
+        assert frame is not None, "no load frame"
+        frame.f_locals["marker"] = id(zeros) + 32  # all zeros there
+        assert frame.f_locals["marker"] == id(zeros) + 32
+
+        @task(name="main")
+        def main():
+            capsule.sleep(0)
+            return "still here"
+        """
+    )
+    limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
+    with Sandbox([path.parent]) as sandbox:
+        host = _HibernatingHost(sandbox)
+        moved = sandbox.invoke(Invocation("t1", "main", 1, 1, limits, host), "prog", [], {})
+    assert moved.result_json == '"still here"', moved.error
+    assert host.released == [0]
+    assert sandbox.prefaulter.released == 0

@@ -372,15 +372,18 @@ def _source_record(source: ModuleSource) -> Record:
     )
 
 
-def _memory_marker(loaded: str) -> Marker | None:
-    """The marker in what the guest's load returned (nothing if malformed: the
-    program's import ran before it returned, and may have meddled)."""
+def _memory_marker(loaded: str, nonce: bytes) -> Marker | None:
+    """Where the guest's load says it keeps ``nonce`` (nothing if malformed).
+    The address is the guest's word (the program's import ran before load
+    returned, and may have meddled); the bytes are the host's, which no other
+    instance has, so only this instance's memory can hold them."""
     try:
-        address, nonce = json.loads(loaded)["marker"]
-        marker = Marker(int(address), bytes.fromhex(nonce))
+        address = json.loads(loaded)["marker"]
     except (ValueError, KeyError, TypeError):
         return None
-    return marker if 0 <= marker.address < 2**32 and len(marker.nonce) == 16 else None
+    if type(address) is not int or not 0 <= address < 2**32:
+        return None
+    return Marker(address, nonce)
 
 
 def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
@@ -702,7 +705,10 @@ class Sandbox:
         if not isinstance(source, ModuleSource):
             reason = source.reason if isinstance(source, Refused) else "no such module"
             raise PrepareError(ErrorInfo("exception", f"cannot load {program!r}: {reason}"))
-        payload = _record(name=program, source=_source_record(source), describe=describe)
+        nonce = os.urandom(16)
+        payload = _record(
+            name=program, source=_source_record(source), describe=describe, marker=nonce.hex()
+        )
         invocation = Invocation(
             LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, PREPARE_LIMITS, host or _PREPARE_HOST
         )
@@ -717,7 +723,7 @@ class Sandbox:
             if isinstance(result, ErrorInfo):
                 store.close()
                 raise PrepareError(result)
-        store.marker = _memory_marker(result)
+        store.marker = _memory_marker(result, nonce)
         return Prepared(program, store, instance, declared=result)
 
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:

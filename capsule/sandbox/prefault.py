@@ -37,8 +37,10 @@ most of an idle instance's resident memory is pages of the image it only read
 for each. ``MADV_DONTNEED`` unmaps them; they come back when read again. It
 would throw away what a guest wrote to such a page meanwhile, so it is done
 only on the instance's own thread while its guest is not running, and only to
-the mapping proven to be that instance's: the guest's load reports where 16
-random bytes only it holds are in its memory, and they are looked for there.
+the mapping proven to be that instance's: the host hands each instance 16
+random bytes as it loads the program, the guest says where in its memory it
+keeps them, and they are looked for there (what the guest says is only where
+to look: no other instance was given those bytes).
 
 Linux 6.11 or newer (``PROCMAP_QUERY``); elsewhere, or with
 ``CAPSULE_PREFAULT=0``, nothing is done.
@@ -89,8 +91,9 @@ Runs = list[tuple[int, int]]
 
 @dataclass(eq=False)
 class Marker:
-    """Bytes only one instance holds, and where in its linear memory: they
-    tell its memory from every other instance's (see ``Prefaulter.release``)."""
+    """Random bytes the host gave one instance alone, and where in its linear
+    memory the guest says it keeps them: they tell its memory from every other
+    instance's (see ``Prefaulter.release``)."""
 
     address: int
     nonce: bytes
@@ -133,20 +136,22 @@ class Prefaulter:
         self._instances: dict[str, int] = {}
         self._last_sample: dict[str, set[int]] = {}
         self._learned: dict[str, Runs] = {}
-        #: How far into an instance's linear memory its image is mapped.
-        self._image_offset: int | None = None
+        #: The device the image's mappings are on (from the first found by path).
+        self._image_device: tuple[int, int] | None = None
+        self._releasing = threading.Lock()
         #: Instances whose memory was prefaulted, and times an idle one's read
         #: pages were released (for tests and diagnostics).
         self.prefaulted = self.released = 0
 
     def close(self) -> None:
         """Stop prefaulting and close the files it reads."""
-        self._enabled = False
-        files = (self._maps, self._pagemap, self._mem)
-        self._maps = self._pagemap = self._mem = -1
-        for fd in files:  # (after the fields: a closed number may be reused at once)
-            if fd >= 0:
-                os.close(fd)
+        with self._releasing:  # (not while a release reads through them)
+            self._enabled = False
+            files = (self._maps, self._pagemap, self._mem)
+            self._maps = self._pagemap = self._mem = -1
+            for fd in files:  # (after the fields: a closed number may be reused at once)
+                if fd >= 0:
+                    os.close(fd)
 
     @property
     def enabled(self) -> bool:
@@ -216,35 +221,37 @@ class Prefaulter:
         Its memory is the image mapping that holds ``marker`` (``memory``, the
         guess made at its start, is looked at first): unmapping pages of another
         instance's could lose what that one is writing meanwhile."""
-        if not self._enabled:
-            return 0
-        guesses = [marker.image] if marker.image else []
-        if memory is not None:
-            guesses.append((memory.start, memory.end))
-        # (Going through all image mappings costs ~10 us each: once per
-        # instance at most, when neither guess is right.)
-        candidates = chain(
-            (guess for guess in guesses if self._image_at(guess[0]) == guess[1]),
-            self._images(by_path=False),  # (the marker is the proof)
-        )
-        found = next((span for span in candidates if self._holds(span[0], marker)), None)
-        if found is None:
-            return 0
-        marker.image = start, end = found
-        runs = _read_only_runs(_pagemap(self._pagemap, start, end))
-        if _advise_all(start, runs, _MADV_DONTNEED) != 0:
-            return 0
-        self.released += 1
-        return sum(count for _, count in runs) * _PAGE
+        # (Held throughout: close() must not close, and the number be reused
+        # by another file, between reading the pagemap and unmapping.)
+        with self._releasing:
+            if not self._enabled:
+                return 0
+            guesses = [marker.image] if marker.image else []
+            if memory is not None:
+                guesses.append((memory.start, memory.end))
+            # (Going through all image mappings costs ~10 us each: once per
+            # instance at most, when neither guess is right.)
+            candidates = chain(
+                (guess for guess in guesses if self._image_at(guess[0]) == guess[1]),
+                self._images(by_path=False),  # (the marker is the proof)
+            )
+            found = next((span for span in candidates if self._holds(span[0], marker)), None)
+            if found is None:
+                return 0
+            marker.image = start, end = found
+            runs = _read_only_runs(_pagemap(self._pagemap, start, end))
+            if not runs or _advise_all(start, runs, _MADV_DONTNEED) != 0:
+                return 0
+            self.released += 1
+            return sum(count for _, count in runs) * _PAGE
 
     def _holds(self, start: int, marker: Marker) -> bool:
         """Whether the image mapping at ``start`` is that of the linear memory
         holding ``marker``. (The memory begins where the writable anonymous
         mapping just below the image does, if there is one: wasmtime maps the
-        image over the memory's data, after its stack. That offset is the same
-        for every instance of the runtime, so it is looked up once.)"""
-        if self._image_offset is not None:
-            return self._marker_at(start - self._image_offset, marker)
+        image over the memory's data, after its stack. Either way, the marker's
+        bytes found there are inside that instance's memory reservation, and
+        only that instance was given them.)"""
         bases = [start]
         below = self._mapping(start - 1, 0) if start else None
         if (
@@ -254,11 +261,7 @@ class Prefaulter:
             and below.vma_flags & _WRITABLE
         ):
             bases.insert(0, below.vma_start)
-        for base in bases:
-            if self._marker_at(base, marker):
-                self._image_offset = start - base
-                return True
-        return False
+        return any(self._marker_at(base, marker) for base in bases)
 
     def _marker_at(self, base: int, marker: Marker) -> bool:
         """Whether the linear memory at ``base`` holds ``marker``."""
@@ -315,8 +318,8 @@ class Prefaulter:
         flags = mapping.vma_flags
         if mapping.inode != self._image.st_ino or flags & (_WRITABLE | _SHARED) != _WRITABLE:
             return False
-        if not by_path:
-            return True
+        if not by_path and self._image_device is not None:
+            return (mapping.dev_major, mapping.dev_minor) == self._image_device
         name = ctypes.create_string_buffer(4096)
         query = _MappingQuery(size=ctypes.sizeof(_MappingQuery), query_addr=mapping.vma_start)
         query.vma_name_addr, query.vma_name_size = ctypes.addressof(name), len(name)
@@ -324,7 +327,10 @@ class Prefaulter:
             fcntl.ioctl(self._maps, _PROCMAP_QUERY, query, True)
         except (OSError, ValueError):
             return False
-        return name.value == self._path
+        if name.value != self._path:
+            return False
+        self._image_device = mapping.dev_major, mapping.dev_minor
+        return True
 
     def _claim(self, start: int, end: int) -> bool:
         """Take the image mapping at [start, end) if it is fresh (none of its

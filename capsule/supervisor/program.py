@@ -247,7 +247,7 @@ def _hibernate_after(value: str | float) -> float | None:
     if value == "off":
         return None
     try:
-        seconds = float(value)
+        seconds = math.nan if isinstance(value, bool) else float(value)
     except (TypeError, ValueError):
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds >= 0):

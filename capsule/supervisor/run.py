@@ -1196,6 +1196,7 @@ class Run:
                     if hibernate_at is not None and now >= hibernate_at:
                         self.sandbox.hibernate()
                         hibernate_at = None
+                        now = time.monotonic()  # (it took a few milliseconds)
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
                     bound = nearest_deadline(invocation)

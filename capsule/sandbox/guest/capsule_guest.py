@@ -427,26 +427,25 @@ time.perf_counter_ns = clock.monotonic_ns
 
 
 _program = None
-#: Random bytes only this instance holds, made before the program is imported:
-#: the host finds this instance's memory by them (see ``_memory_marker``).
+#: Random bytes from the host that only this instance holds, kept from before
+#: the program is imported: the host finds this instance's memory by them.
 _marker = b""
 
 
-def _memory_marker():
-    """Where this instance's marker bytes are in its memory, and what they are,
-    as JSON. (``id`` is an object's address in linear memory; a bytes object's
-    data starts one byte before its type's basic size, which counts the final
-    NUL. Formatted by hand: json.dumps would touch pages no task needs.)"""
+def _keep_marker(marker_hex):
+    """Keep the host's marker bytes; returns where their data is in linear
+    memory. (``id`` is an object's address there; a bytes object's data starts
+    one byte before its type's basic size, which counts the final NUL.)"""
     global _marker
-    _marker = os.urandom(16)
-    return '[%d, "%s"]' % (id(_marker) + bytes.__basicsize__ - 1, _marker.hex())
+    _marker = bytes.fromhex(marker_hex)
+    return id(_marker) + bytes.__basicsize__ - 1
 
 
 class Runner(exports.Runner):
     def load(self, program) -> str:
         global _program
         name, source = program.name, program.source
-        marker = _memory_marker()
+        marker = _keep_marker(program.marker)
         try:
             if name in sys.modules:
                 raise ImportError(
@@ -468,12 +467,13 @@ class Runner(exports.Runner):
             raise _failure("<load>", exc)
         _program = module
         if not program.describe:
-            return '{"marker": %s}' % marker
+            # (Formatted by hand: json.dumps would touch pages no task needs.)
+            return '{"marker": %d}' % marker
         declared = [
             {"name": fn.name, "function": fn.qualified_name, "options": fn.options}
             for fn in sdk_task.registry.values()
         ]
-        return '{"marker": %s, "tasks": %s}' % (marker, json.dumps(declared))
+        return '{"marker": %d, "tasks": %s}' % (marker, json.dumps(declared))
 
     def run(self, invocation_json: str) -> str:
         inv = _loads(invocation_json)
