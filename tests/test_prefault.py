@@ -19,10 +19,27 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost, Sandbox
 from capsule.sandbox.prefault import Marker, Prefaulter, _pagemap, _populate_all
 
-pytestmark = pytest.mark.skipif(
+needs_prefault = pytest.mark.skipif(
     not prefault._supported(),
     reason="prefaulting needs Linux 6.11: pagemap, PROCMAP_QUERY, MADV_POPULATE_WRITE",
 )
+needs_release = pytest.mark.skipif(
+    not prefault._kernel_can_release(), reason="releasing needs Linux's pagemap"
+)
+
+
+@pytest.fixture(params=["procmap_query", "maps_text"])
+def mappings_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Releasing both ways of asking about mappings: with PROCMAP_QUERY (Linux
+    6.11) and, as on older kernels, by reading /proc/self/maps."""
+    if request.param == "procmap_query":
+        if not prefault._kernel_can_query_mappings():
+            pytest.skip("this kernel has no PROCMAP_QUERY (6.11)")
+    else:
+        monkeypatch.setenv("CAPSULE_PREFAULT", "0")
+        monkeypatch.setattr(prefault, "_kernel_can_query_mappings", lambda: False)
+    return str(request.param)
+
 
 PAGES = 64
 
@@ -73,6 +90,7 @@ def prefaulter(image: Path) -> Iterator[Prefaulter]:
     prefaulter.close()
 
 
+@needs_prefault
 def test_a_fresh_mapping_gets_the_pages_two_samples_wrote_without_a_byte_changed(
     image: Path, prefaulter: Prefaulter
 ) -> None:
@@ -98,6 +116,7 @@ def test_a_fresh_mapping_gets_the_pages_two_samples_wrote_without_a_byte_changed
     assert prefaulter.prefaulted == 1
 
 
+@needs_prefault
 @pytest.mark.parametrize("one_call", [True, False], ids=["process_madvise", "madvise"])
 def test_prefaulting_a_mapping_in_use_keeps_what_was_written(
     image: Path, one_call: bool, monkeypatch: pytest.MonkeyPatch
@@ -117,6 +136,7 @@ def test_prefaulting_a_mapping_in_use_keeps_what_was_written(
         assert _own_pages(start, PAGES) == set(range(PAGES))
 
 
+@needs_prefault
 def test_a_mapping_something_ran_in_is_not_taken_for_a_new_one(
     image: Path, prefaulter: Prefaulter
 ) -> None:
@@ -127,6 +147,7 @@ def test_a_mapping_something_ran_in_is_not_taken_for_a_new_one(
         assert prefaulter.find("prog", live_instances=2) is None  # the used one is left
 
 
+@needs_prefault
 def test_instances_of_a_program_are_prefaulted_once_learned(
     program: Callable[..., Path],
 ) -> None:
@@ -155,11 +176,14 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
     assert prefaulted >= 5, prefaulted
 
 
+@needs_release
 def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
-    image: Path, prefaulter: Prefaulter
+    image: Path, mappings_by: str
 ) -> None:
     page = mmap.PAGESIZE
     nonce = os.urandom(16)
+    prefaulter = Prefaulter(image)
+    assert prefaulter._query == (mappings_by == "procmap_query")
     with instance(image) as (other, other_at), instance(image) as (mapping, start):
         mapping[7 * page] = 0xAB  # written: its own copy
         mapping[20 * page : 20 * page + 16] = nonce  # the marker (its page written too)
@@ -180,6 +204,7 @@ def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
         assert mapping[7 * page] == 0xAB and mapping[20 * page : 20 * page + 16] == nonce
         assert all(mapping[n * page + 1] == n for n in range(PAGES) if n != 20)
     assert prefaulter.released == 1
+    prefaulter.close()
 
 
 class _HibernatingHost(RefusingHost):
@@ -213,8 +238,9 @@ def _image_pages_read(sandbox: Sandbox) -> int:
     return total
 
 
+@needs_release
 def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
-    program: Callable[..., Path],
+    program: Callable[..., Path], mappings_by: str
 ) -> None:
     path = program(
         """
@@ -235,6 +261,7 @@ def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
     )
     limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
     with Sandbox([path.parent]) as sandbox:
+        assert sandbox.prefaulter._query == (mappings_by == "procmap_query")
         host = _HibernatingHost(sandbox)
         outcome = sandbox.invoke(Invocation("t1", "main", 1, 1, limits, host), "prog", [5000], {})
     squares = sum(i * i for i in range(5000))
@@ -250,6 +277,7 @@ def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
     assert host.released[1] > 0  # (what the task read again since)
 
 
+@needs_release
 def test_a_program_that_moves_its_marker_gets_nothing_released(
     program: Callable[..., Path],
 ) -> None:
