@@ -234,7 +234,9 @@ class Prefaulter:
         with self._releasing:
             if not self._releasing_enabled:
                 return 0
-            mappings: _Mappings = self if self._query else _MapsText(self._image, self._path)
+            mappings: _Mappings = (
+                _QueriedMappings(self) if self._query else _MapsText(self._image, self._path)
+            )
             guesses = [marker.image] if marker.image else []
             if memory is not None:
                 guesses.append((memory.start, memory.end))
@@ -266,25 +268,6 @@ class Prefaulter:
         below = mappings.memory_below(start)
         bases = [start] if below is None else [below, start]
         return any(self._marker_at(base, marker) for base in bases)
-
-    # The _Mappings that PROCMAP_QUERY answers (see _MapsText for the other).
-
-    def image_at(self, start: int) -> int | None:
-        return self._image_at(start)
-
-    def images(self) -> Iterator[tuple[int, int]]:
-        return self._images(by_path=False)  # (the marker is the proof)
-
-    def memory_below(self, start: int) -> int | None:
-        below = self._mapping(start - 1, 0) if start else None
-        if (
-            below is not None
-            and below.vma_end == start
-            and below.inode == 0
-            and below.vma_flags & _WRITABLE
-        ):
-            return int(below.vma_start)
-        return None
 
     def _marker_at(self, base: int, marker: Marker) -> bool:
         """Whether the linear memory at ``base`` holds ``marker``."""
@@ -391,6 +374,30 @@ class _Mappings(Protocol):
         """The start of the writable anonymous mapping that ends at ``start``."""
 
 
+class _QueriedMappings:
+    """The image's mappings as PROCMAP_QUERY tells them (Linux 6.11)."""
+
+    def __init__(self, prefaulter: Prefaulter) -> None:
+        self._prefaulter = prefaulter
+
+    def image_at(self, start: int) -> int | None:
+        return self._prefaulter._image_at(start)
+
+    def images(self) -> Iterator[tuple[int, int]]:
+        return self._prefaulter._images(by_path=False)  # (the marker is the proof)
+
+    def memory_below(self, start: int) -> int | None:
+        below = self._prefaulter._mapping(start - 1, 0) if start else None
+        if (
+            below is not None
+            and below.vma_end == start
+            and below.inode == 0
+            and below.vma_flags & _WRITABLE
+        ):
+            return int(below.vma_start)
+        return None
+
+
 class _MapsText:
     """The process's mappings as ``/proc/self/maps`` lists them, read once: for
     kernels before PROCMAP_QUERY (6.11), where releasing still works (reading
@@ -435,7 +442,7 @@ def _supported() -> bool:
     return os.environ.get("CAPSULE_PREFAULT") != "0" and _kernel_can_prefault()
 
 
-@functools.cache
+@functools.cache  # the kernel does not change: asked once per process, not per run
 def _kernel_can_release() -> bool:
     """Linux with a pagemap that says which pages are the file's (4.2 for a
     process without privileges), and its own memory readable by offset."""
@@ -466,13 +473,11 @@ def _kernel_can_query_mappings() -> bool:
         return False
 
 
-@functools.cache  # the kernel does not change: asked once per process, not per run
+@functools.cache
 def _kernel_can_prefault() -> bool:
     """Linux with pagemap, PROCMAP_QUERY (6.11) and MADV_POPULATE_WRITE (5.14)."""
-    if not sys.platform.startswith("linux") or sys.byteorder != "little":
-        return False  # (_untouched reads a pagemap entry's top byte)
     if not (_kernel_can_release() and _kernel_can_query_mappings()):
-        return False
+        return False  # (also on big-endian hosts: _untouched reads an entry's top byte)
     try:
         with mmap.mmap(-1, _PAGE) as page:
             address = ctypes.addressof(ctypes.c_char.from_buffer(page))
