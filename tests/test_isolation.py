@@ -138,3 +138,53 @@ def test_a_failure_of_the_host_ends_only_the_instance_it_served(
         assert error_line in tracebacks[-1], tracebacks[-1]
     assert "hostcall.py" in tracebacks[1]  # it failed in the binding's lowering
     assert outcomes[2].error is None and outcomes[2].result_json == '"print"'
+
+
+def test_random_is_per_instance_without_host_draws_while_an_instance_starts(
+    program: Callable[[str, str], Path],
+) -> None:
+    """componentize-py reseeds `random` from WASI randomness as an instance
+    starts (ten host calls); the guest seeds it from the bytes the host hands
+    its load instead. Module-level code still sees its own random numbers in
+    every instance, and a task's `random.seed()` still draws from the host."""
+    import json
+
+    from capsule.sandbox.engine import Invocation, Limits, RefusingHost, Sandbox
+
+    class CountingDraws(RefusingHost):
+        def __init__(self) -> None:
+            self.draws = 0
+
+        def random_bytes(self, caller: Invocation, count: int) -> bytes:
+            self.draws += 1
+            return super().random_bytes(caller, count)
+
+    path = program(
+        """
+        import random
+        from capsule import task
+
+        AT_IMPORT = random.random()
+
+        @task(name="main")
+        def main():
+            random.seed()  # from the host's randomness
+            return [AT_IMPORT, random.random()]
+        """,
+        "prog.py",
+    )
+    limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
+    with Sandbox([path.parent]) as sandbox:
+        starting = CountingDraws()
+        sandbox.prepare("prog", starting).store.close()
+        running = CountingDraws()
+        outcomes = [
+            sandbox.invoke(Invocation(f"t{n}", "main", 1, 1, limits, running), "prog", [], {})
+            for n in range(3)
+        ]
+    assert starting.draws == 0
+    values = [json.loads(outcome.result_json or "null") for outcome in outcomes]
+    assert all(value is not None for value in values), [o.error for o in outcomes]
+    assert len({at_import for at_import, _ in values}) == 3, values
+    assert len({drawn for _, drawn in values}) == 3, values
+    assert running.draws >= 3  # each task's random.seed() asked the host
