@@ -530,3 +530,55 @@ def test_an_idle_actor_hibernates_and_answers_from_its_state(
         assert keeper, hibernated  # it waited in receive for 0.4 s
         if prefault._supported():
             assert keeper[0] > 1024**2, hibernated
+
+
+def test_actors_hibernating_while_others_run_keep_their_state(
+    program: Callable[..., Path],
+) -> None:
+    # Many instances hibernating (at every wait over 0.03 s) while the others
+    # write their memory: each actor's state must come through every release
+    # intact (its sums are checked after each round), and each hibernates in
+    # (nearly) every round.
+    from capsule.supervisor.program import RunRequest, run_program
+    from capsule.supervisor.run import Run
+
+    path = program(
+        """
+        import capsule
+        from capsule import task
+
+        @task(compute="HIGH")
+        def keeper(job):
+            seed, rounds = job
+            table = {i: (i * seed) % 7919 for i in range(4000)}
+            sums = []
+            for r in range(rounds):
+                capsule.sleep(0.05)  # hibernates after 0.03 s
+                for i in range(0, 4000, 3):
+                    table[i] = (table[i] + r + seed) % 7919
+                sums.append(sum(table.values()))
+            return sums
+
+        def expected(seed, rounds):
+            table = {i: (i * seed) % 7919 for i in range(4000)}
+            sums = []
+            for r in range(rounds):
+                for i in range(0, 4000, 3):
+                    table[i] = (table[i] + r + seed) % 7919
+                sums.append(sum(table.values()))
+            return sums
+
+        @task(name="main", timeout="2m")
+        def main(actors=16, rounds=8):
+            got = keeper.map([[seed, rounds] for seed in range(1, actors + 1)])
+            return [g == expected(seed, rounds) for seed, g in zip(range(1, actors + 1), got)]
+        """
+    )
+    runs: list[Run] = []
+    report = run_program(
+        RunRequest(path=path, args=[], hibernate_after=0.03), lambda _: None, on_run=runs.append
+    )
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == [True] * 16
+    if prefault._kernel_can_release():
+        assert runs[0].sandbox.prefaulter.released >= 64, runs[0].sandbox.prefaulter.released
