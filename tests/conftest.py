@@ -33,6 +33,23 @@ def guest_runtime() -> None:
         pass
 
 
+@pytest.fixture(params=["procmap_query", "maps_text"])
+def mappings_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Releasing an idle instance's pages both ways of asking about the
+    process's mappings: with PROCMAP_QUERY (Linux 6.11) and, as on older
+    kernels, by reading /proc/self/maps (prefaulting, which needs the former,
+    is off then)."""
+    from capsule.sandbox import prefault
+
+    if request.param == "procmap_query":
+        if not prefault._kernel_can_query_mappings():
+            pytest.skip("this kernel has no PROCMAP_QUERY (6.11)")
+    else:
+        monkeypatch.setenv("CAPSULE_PREFAULT", "0")
+        monkeypatch.setattr(prefault, "_kernel_can_query_mappings", lambda: False)
+    return str(request.param)
+
+
 @dataclass
 class Outcome:
     report: Any

@@ -28,19 +28,6 @@ needs_release = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=["procmap_query", "maps_text"])
-def mappings_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Releasing both ways of asking about mappings: with PROCMAP_QUERY (Linux
-    6.11) and, as on older kernels, by reading /proc/self/maps."""
-    if request.param == "procmap_query":
-        if not prefault._kernel_can_query_mappings():
-            pytest.skip("this kernel has no PROCMAP_QUERY (6.11)")
-    else:
-        monkeypatch.setenv("CAPSULE_PREFAULT", "0")
-        monkeypatch.setattr(prefault, "_kernel_can_query_mappings", lambda: False)
-    return str(request.param)
-
-
 PAGES = 64
 
 
@@ -178,11 +165,12 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
 
 @needs_release
 def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
-    image: Path, mappings_by: str
+    image: Path, mappings_by: str, request: pytest.FixtureRequest
 ) -> None:
     page = mmap.PAGESIZE
     nonce = os.urandom(16)
     prefaulter = Prefaulter(image)
+    request.addfinalizer(prefaulter.close)
     assert prefaulter._query == (mappings_by == "procmap_query")
     with instance(image) as (other, other_at), instance(image) as (mapping, start):
         mapping[7 * page] = 0xAB  # written: its own copy
@@ -204,7 +192,6 @@ def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
         assert mapping[7 * page] == 0xAB and mapping[20 * page : 20 * page + 16] == nonce
         assert all(mapping[n * page + 1] == n for n in range(PAGES) if n != 20)
     assert prefaulter.released == 1
-    prefaulter.close()
 
 
 class _HibernatingHost(RefusingHost):

@@ -229,14 +229,21 @@ class Prefaulter:
         Its memory is the image mapping that holds ``marker`` (``memory``, the
         guess made at its start, is looked at first): unmapping pages of another
         instance's could lose what that one is writing meanwhile."""
+        mappings: _Mappings
+        if self._query:
+            mappings = _QueriedMappings(self)
+        else:
+            # Read before taking the lock (4 - 8 ms with many instances alive):
+            # a stale list only misguides where to look; the marker decides.
+            try:
+                mappings = _MapsText(self._image, self._path)
+            except OSError:
+                return 0
         # (Held throughout: close() must not close, and the number be reused
         # by another file, between reading the pagemap and unmapping.)
         with self._releasing:
             if not self._releasing_enabled:
                 return 0
-            mappings: _Mappings = (
-                _QueriedMappings(self) if self._query else _MapsText(self._image, self._path)
-            )
             guesses = [marker.image] if marker.image else []
             if memory is not None:
                 guesses.append((memory.start, memory.end))
@@ -333,7 +340,7 @@ class Prefaulter:
             fcntl.ioctl(self._maps, _PROCMAP_QUERY, query, True)
         except (OSError, ValueError):
             return False
-        if name.value != self._path:
+        if name.value not in (self._path, self._path + _DELETED):
             return False
         self._image_device = mapping.dev_major, mapping.dev_minor
         return True
@@ -372,6 +379,11 @@ class _Mappings(Protocol):
 
     def memory_below(self, start: int) -> int | None:
         """The start of the writable anonymous mapping that ends at ``start``."""
+
+
+#: What the kernel appends to the name of a mapped file since removed (the
+#: runtime cache prunes old builds; a process may still run one).
+_DELETED = b" (deleted)"
 
 
 class _QueriedMappings:
@@ -423,7 +435,7 @@ class _MapsText:
                 perms[3:4] == b"p"
                 and int(inode) == image.st_ino
                 and len(fields) == 6
-                and fields[5].strip() == path
+                and fields[5] in (path, path + _DELETED)
             ):
                 self._ends[start] = end
 
@@ -469,8 +481,8 @@ def _kernel_can_query_mappings() -> bool:
             )
             fcntl.ioctl(maps.fileno(), _PROCMAP_QUERY, query, True)
         return True
-    except OSError:
-        return False
+    except OSError as error:
+        return error.errno == errno.ENOENT  # (asked and answered: none there)
 
 
 @functools.cache

@@ -411,6 +411,7 @@ sdk_task.install_backend(_backend)
 # Wall-clock time and randomness reach the guest through the WASI imports, which
 # the host serves and journals. The monotonic clocks are served by the host's own
 # import (the WASI one cannot be replaced alone), so a replay sees the same values.
+import hashlib
 import os
 import random
 import time
@@ -447,14 +448,16 @@ _marker = b""
 
 
 def _keep_marker(marker_hex):
-    """Keep the host's marker bytes, and seed `random` from them (the
-    program's import may use it); returns where their data is in linear
+    """Keep the host's marker bytes, and seed `random` from a digest of them
+    (the program's import may use it); returns where their data is in linear
     memory. (``id`` is an object's address there; a bytes object's data starts
     one byte before its type's basic size, which counts the final NUL.)"""
     global _marker
     _marker = bytes.fromhex(marker_hex)
     random.seed = _seed_random
-    _seed_random(int.from_bytes(_marker, "little"))
+    # (From a digest: the generator's outputs reveal its seed, and the marker's
+    # bytes are to be in this instance's memory alone.)
+    _seed_random(hashlib.sha512(b"capsule random " + _marker).digest())
     return id(_marker) + bytes.__basicsize__ - 1
 
 
