@@ -429,8 +429,9 @@ time.perf_counter_ns = clock.monotonic_ns
 
 # componentize-py reseeds `random` from WASI randomness as an instance starts
 # (`random.seed()`, before the first export call): 2,496 bytes in ten host
-# calls, ~0.3 ms of every fresh instance. load seeds it from the random bytes the
-# host hands over instead (a task then seeds it from its own seed, see run).
+# calls, then the generator set up from them, in every fresh instance (a tenth
+# of the process's CPU on back-to-back calls). load seeds it from the random
+# bytes the host hands over instead (a task then seeds it from its own seed).
 _seed_random = random.seed
 
 
