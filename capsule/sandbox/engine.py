@@ -287,7 +287,8 @@ class Prepared:
     program: str
     store: _TrackedStore
     instance: Instance
-    #: What the guest's load returned: the program's declared tasks, as JSON.
+    #: What the guest's load returned, as JSON: where it keeps its marker and,
+    #: if asked to describe the program, the tasks it declares.
     declared: str
 
 

@@ -229,6 +229,8 @@ class Prefaulter:
         Its memory is the image mapping that holds ``marker`` (``memory``, the
         guess made at its start, is looked at first): unmapping pages of another
         instance's could lose what that one is writing meanwhile."""
+        if not self._releasing_enabled:  # (looked at again under the lock)
+            return 0
         mappings: _Mappings
         if self._query:
             mappings = _QueriedMappings(self)
