@@ -137,7 +137,7 @@ def _started_after(journal: Path, seq: int) -> set[str]:
 def _as_schema_3(journal: Path) -> None:
     """Rewrite a journal as Capsule wrote it with schema version 3: every request
     as its text, every step with its time, a received message as an object;
-    batches without their time."""
+    batches without their time; no source files recorded."""
     from capsule.journal.schema import MIGRATIONS
     from capsule.supervisor.steps import json_strings
 
@@ -171,6 +171,7 @@ def _as_schema_3(journal: Path) -> None:
                 (json.dumps(steps), run_id, task_id, attempt, first_step),
             )
         connection.execute(create_view)
+        connection.execute("DROP TABLE program_files")  # (version 6)
         connection.execute("PRAGMA user_version = 3")
 
 
@@ -307,6 +308,56 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
     assert "'main' (main) diverged from the journal at step" in error["message"]
     assert "call(" in error["message"] and "[1]" in error["message"]
     assert "[7]" in error["message"]
+
+
+def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
+    """The main file is not the whole program: a module it imports (read by a
+    task, after the run started) is journaled with its hash and checked too."""
+    _write(
+        tmp_path,
+        """
+        def scale(n: int) -> int:
+            return n * 10
+        """,
+        name="helper.py",
+    )
+    source = """
+    from capsule import sleep, task
+
+    @task(name="child")
+    def child(n: int) -> int:
+        import helper
+        return helper.scale(n)
+
+    @task(name="main", timeout="5m")
+    def main() -> int:
+        first = child(1)
+        print("MARK waiting", first)
+        sleep(3)  # killed during it; the resume sleeps it again
+        return first
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waiting", 0.1)
+    with sqlite3.connect(_journal(tmp_path)) as connection:
+        recorded = dict(connection.execute("SELECT path, sha256 FROM program_files"))
+    helper = tmp_path / "helper.py"
+    assert set(recorded) == {str(program.resolve()), str(helper.resolve())}
+    original = helper.read_text()
+    helper.write_text(original.replace("n * 10", "n * 20"))
+
+    refused = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert f"{helper.resolve()} changed since run" in refused.stderr
+    assert str(program.resolve()) not in refused.stderr  # only what changed is named
+
+    helper.unlink()
+    gone = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert gone.returncode == 2 and "helper.py changed since run" in gone.stderr
+
+    helper.write_text(original)  # restored: the resume goes on
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["result"] == 10
 
 
 def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
@@ -592,6 +643,7 @@ def _as_schema_2(journal: Path) -> None:
         connection.execute("DROP TABLE step_batches")
         connection.execute(create_steps)
         connection.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        connection.execute("DROP TABLE program_files")  # (version 6)
         connection.execute("PRAGMA user_version = 2")
 
 

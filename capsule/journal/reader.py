@@ -227,6 +227,16 @@ async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
         ]
 
 
+async def load_program_files(path: Path, run_id: str) -> dict[str, str]:
+    """The source files ``run_id`` read, with their SHA-256 (schema 6 on; a run
+    journaled before that has none recorded)."""
+    async with open_journal(path) as db:
+        cursor = await db.execute(
+            "SELECT path, sha256 FROM program_files WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return {row[0]: row[1] for row in await cursor.fetchall()}
+
+
 async def load_history(path: Path, run_id: str) -> History:
     """What a resume of ``run_id`` replays: ended tasks' outcomes, the steps of
     the attempts in flight, and the messages still owed."""

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -146,6 +146,16 @@ MIGRATIONS: dict[int, list[str]] = {
     # Capsule replays both); the version keeps an older one from replaying
     # arrays its guest cannot read.
     5: [],
+    # The source files a run read (its own modules and the pure-Python packages
+    # it imported), with their SHA-256: a resume refuses if any changed.
+    6: [
+        """CREATE TABLE program_files (
+            run_id TEXT NOT NULL,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            PRIMARY KEY (run_id, path)
+        ) WITHOUT ROWID""",
+    ],
 }
 
 

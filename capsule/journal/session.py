@@ -68,8 +68,9 @@ def run_journaled(
     return report
 
 
-def check_resumable(record: RunRecord, force: bool) -> Path:
-    """The program to resume ``record`` with, or JournalError saying why not."""
+def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Path:
+    """The program to resume ``record`` with, or JournalError saying why not.
+    ``files``: the source files the run read, with their SHA-256."""
     status = record.shown_status
     if status in ("completed", "failed", "error"):
         raise JournalError(
@@ -84,13 +85,28 @@ def check_resumable(record: RunRecord, force: bool) -> Path:
     program = Path(record.program)
     if not program.is_file():
         raise JournalError(f"run {record.run_id}'s program {program} no longer exists")
-    if program_hash(program) != record.program_hash and not force:
+    if force:
+        return program
+    changed = [] if program_hash(program) == record.program_hash else [str(program)]
+    changed += [path for path, digest in files.items() if _file_hash(Path(path)) != digest]
+    changed = list(dict.fromkeys(changed))  # the program is among the files too
+    if changed:
+        shown = ", ".join(changed[:5]) + (
+            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        )
         raise JournalError(
-            f"{program} changed since run {record.run_id} ran; a resume replays the "
-            f"journal into the program as it is now, and would diverge or do different "
-            f"work. Restore the program, or pass --force to resume anyway"
+            f"{shown} changed since run {record.run_id} ran; a resume replays the journal "
+            f"into the program as it is now, and would diverge or do different work. "
+            f"Restore the program, or pass --force to resume anyway"
         )
     return program
+
+
+def _file_hash(path: Path) -> str | None:
+    try:
+        return program_hash(path)
+    except OSError:
+        return None  # gone, or unreadable: changed
 
 
 def resume_journaled(
@@ -107,13 +123,18 @@ def resume_journaled(
     # The async readers (an event loop, aiosqlite) only when resuming.
     import anyio
 
-    from capsule.journal.reader import find_run, load_history
+    from capsule.journal.reader import find_run, load_history, load_program_files
 
     # A resume writes to the journal: bring it to this Capsule's schema (a
     # migration, if it is older) before reading what to replay from it.
     connect(journal, create=False).close()
-    record = anyio.run(find_run, journal, run_id)
-    program = check_resumable(record, force)
+
+    async def read_run() -> tuple[RunRecord, dict[str, str]]:
+        record = await find_run(journal, run_id)
+        return record, await load_program_files(journal, record.run_id)
+
+    record, files = anyio.run(read_run)
+    program = check_resumable(record, files, force)
     history = anyio.run(load_history, journal, record.run_id)
     request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
     for name, value in record.settings.items():

@@ -429,6 +429,13 @@ class JournalWriter:
             durable=False,
         )
 
+    def program_file(self, path: str, digest: str) -> None:
+        # A resume reads the files again: what it read is what a later one checks.
+        self._put(
+            "INSERT OR REPLACE INTO program_files (run_id, path, sha256) VALUES (?, ?, ?)",
+            (self.run_id, path, digest),
+        )
+
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
         def record() -> None:
             state = self._tasks.get(result.task_id)

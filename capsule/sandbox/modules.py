@@ -10,9 +10,11 @@ in the sandbox.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.machinery
 import site
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +28,8 @@ class ModuleSource:
     code: str
     is_package: bool
     compiled: str | None = None
+    #: SHA-256 of the file as read (hex); empty for a namespace package.
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,23 @@ class ModuleFinder:
         # same source even if the file is edited meanwhile.
         self._cache: dict[str, ModuleSource | Refused | None] = {}
         self._compiled: dict[str, str] = {}
+        self._on_source: Callable[[str, str], None] | None = None
+
+    def watch(self, on_source: Callable[[str, str], None]) -> None:
+        """Call ``on_source(path, sha256)`` for every source file served so far
+        and for each one served from now on (once per file: the journal keeps
+        them, so that a resume can tell whether the program's code changed)."""
+        self._on_source = on_source
+        for found in list(self._cache.values()):
+            if isinstance(found, ModuleSource) and found.digest:
+                on_source(found.origin, found.digest)
 
     def find(self, fullname: str) -> ModuleSource | Refused | None:
         if fullname not in self._cache:
-            self._cache[fullname] = self._find(fullname)
+            found = self._cache[fullname] = self._find(fullname)
+            on_source = self._on_source
+            if on_source is not None and isinstance(found, ModuleSource) and found.digest:
+                on_source(found.origin, found.digest)
         found = self._cache[fullname]
         if isinstance(found, ModuleSource) and found.compiled is None:
             compiled = self._compiled.get(found.origin)
@@ -133,7 +150,14 @@ class ModuleFinder:
                 f"{root} are served to the sandbox"
             )
         try:
-            code = path.read_text(encoding="utf-8")
+            data = path.read_bytes()
+            # Newlines as read_text gives them (universal newlines).
+            code = data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         except (OSError, UnicodeDecodeError) as exc:
             return Refused(f"cannot read {path}: {exc}")
-        return ModuleSource(origin=str(path), code=code, is_package=is_package)
+        return ModuleSource(
+            origin=str(path),
+            code=code,
+            is_package=is_package,
+            digest=hashlib.sha256(data).hexdigest(),
+        )

@@ -162,6 +162,8 @@ def run_program(
         sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
+    if steps is not None:
+        sandbox.finder.watch(steps.program_file)
     run_id = run_id or new_run_id()
     with sandbox:
 

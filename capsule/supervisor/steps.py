@@ -147,6 +147,11 @@ class StepLog(Protocol):
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None: ...
 
+    def program_file(self, path: str, digest: str) -> None:
+        """A source file of the program (or a package it imports) was read,
+        with this SHA-256: a resume checks that it did not change."""
+        ...
+
 
 class NoStepLog:
     """A run without a journal."""
@@ -174,4 +179,7 @@ class NoStepLog:
         return None
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
+        return None
+
+    def program_file(self, path: str, digest: str) -> None:
         return None
