@@ -84,9 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--hibernate-after",
-        metavar="SECONDS",
+        metavar="DURATION",
         help="a task blocked this long gives back the memory pages it only read "
-        '(default 1; "off": never)',
+        '(default 1s; "500ms", "2m"; "off": never)',
     )
     run.add_argument(
         "--retry-backoff",

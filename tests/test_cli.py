@@ -409,13 +409,16 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
                 return [len(started), error.kind]
         """,
     )
-    done = capsule_cli("run", str(path), "--max-children", "3", "--verbose")
+    done = capsule_cli(
+        "run", str(path), "--max-children", "3", "--hibernate-after", "50ms", "--verbose"
+    )
     assert done.returncode == 0, done.stderr
     assert done.json() == [3, "limit"]
     assert "cancelled main/1 (idle): cancelled: its parent ended" in done.stderr
     bad = capsule_cli("run", str(path), "--max-message-size", "huge")
     assert bad.returncode == 2
     assert "--max-message-size 'huge' is invalid" in bad.stderr
-    bad = capsule_cli("run", str(path), "--hibernate-after", "soon")
-    assert bad.returncode == 2
-    assert "--hibernate-after 'soon' is invalid; expected seconds" in bad.stderr
+    for never in ("soon", "0"):  # 0 would hibernate at every blocking wait
+        bad = capsule_cli("run", str(path), "--hibernate-after", never)
+        assert bad.returncode == 2
+        assert f"--hibernate-after '{never}' is invalid; expected a duration" in bad.stderr

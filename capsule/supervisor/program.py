@@ -3,14 +3,20 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 
 from __future__ import annotations
 
-import math
 import traceback as tb
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule.sandbox.config import RAM_FORMS, ConfigError, HostCaps, parse_ram
+from capsule.sandbox.config import (
+    RAM_FORMS,
+    TIMEOUT_FORMS,
+    ConfigError,
+    HostCaps,
+    parse_ram,
+    parse_timeout,
+)
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.grants import program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
@@ -249,11 +255,9 @@ def _hibernate_after(value: str | float) -> float | None:
     if value == "off":
         return None
     try:
-        seconds = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if not (math.isfinite(seconds) and seconds >= 0):
+        return parse_timeout(value)
+    except ValueError:
+        # Not 0: every wait that blocks would then hibernate, ~2 ms of CPU each.
         raise ConfigError(
-            f"--hibernate-after {value!r} is invalid; expected seconds (a number >= 0) or 'off'"
-        )
-    return seconds
+            f"--hibernate-after {value!r} is invalid; expected {TIMEOUT_FORMS}, or 'off'"
+        ) from None
