@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     _journal_option(runs)
 
     inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
-    inspect.add_argument("run_id", metavar="RUN_ID", help="the run (or a prefix)")
+    inspect.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
+    inspect.add_argument("--last", action="store_true", help="show the newest run")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(inspect)
     return parser
@@ -362,9 +363,15 @@ def _journal_path(options: argparse.Namespace) -> Path:
     return Path(options.journal) if options.journal else default_journal()
 
 
-def _resume_command(options: argparse.Namespace) -> int:
+def _one_run_given(options: argparse.Namespace) -> bool:
     if (options.run_id is None) == (not options.last):
         _error("give a RUN_ID or --last (`capsule runs` lists the runs)")
+        return False
+    return True
+
+
+def _resume_command(options: argparse.Namespace) -> int:
+    if not _one_run_given(options):
         return EXIT_USAGE
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.journal.schema import JournalError
@@ -421,6 +428,8 @@ def _inspect_command(options: argparse.Namespace) -> int:
     from capsule.journal.reader import find_run, load_tasks
     from capsule.journal.schema import JournalError
 
+    if not _one_run_given(options):
+        return EXIT_USAGE
     journal = _journal_path(options)
     try:
         run = anyio.run(find_run, journal, options.run_id)

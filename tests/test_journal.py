@@ -417,11 +417,22 @@ def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
     def main() -> int:
         return flaky(5)
     """
-    program = _write(tmp_path, source, "tree.py")
+    (tmp_path / "project").mkdir()
+    program = _write(tmp_path / "project", source, "tree.py")
     assert capsule_cli("run", str(program), cwd=tmp_path).returncode == 0
-    listing = capsule_cli("runs", cwd=tmp_path)
+    # Journaled beside the program, not here: the error says where it is.
+    elsewhere = capsule_cli("runs", cwd=tmp_path)
+    assert elsewhere.returncode == 2
+    assert "there is one at project/.capsule/journal.db" in elsewhere.stderr
+    assert "pass --journal project/.capsule/journal.db" in elsewhere.stderr
+    listing = capsule_cli("runs", "--journal", "project/.capsule/journal.db", cwd=tmp_path)
     assert listing.returncode == 0 and "completed" in listing.stdout and "tree.py" in listing.stdout
+    tmp_path = tmp_path / "project"  # the rest from the program's directory
     run_id = json.loads(capsule_cli("runs", "--json", cwd=tmp_path).stdout)[0]["run_id"]
+    latest = capsule_cli("inspect", "--last", "--json", cwd=tmp_path)
+    assert latest.returncode == 0 and json.loads(latest.stdout)["run_id"] == run_id
+    neither = capsule_cli("inspect", cwd=tmp_path)
+    assert neither.returncode == 2 and "give a RUN_ID or --last" in neither.stderr
     shown = capsule_cli("inspect", run_id[:6], "--json", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     tree = json.loads(shown.stdout)

@@ -15,7 +15,12 @@ from typing import Any
 
 import aiosqlite
 
-from capsule.journal.schema import SCHEMA_VERSION, JournalError, describe_error
+from capsule.journal.schema import (
+    SCHEMA_VERSION,
+    JournalError,
+    describe_error,
+    missing_journal,
+)
 from capsule.journal.secrets import load_secret_answers
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.steps import (
@@ -113,10 +118,7 @@ def _alive(pid: int | None) -> bool:
 async def open_journal(path: Path) -> AsyncIterator[aiosqlite.Connection]:
     """A read connection to an existing journal this Capsule understands."""
     if not path.is_file():
-        raise JournalError(
-            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside "
-            f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
-        )
+        raise missing_journal(path)
     try:
         connection = await aiosqlite.connect(path)
     except sqlite3.Error as exc:

@@ -195,14 +195,36 @@ def describe_error(path: Path, exc: BaseException) -> str:
     return f"the journal {path} cannot be used: {text}"
 
 
+def missing_journal(path: Path) -> JournalError:
+    """The error for a journal that is not there. `capsule run` journals beside
+    the program, so a program run from another directory has its journal in a
+    subdirectory of this one: those nearby are named."""
+    nearby: list[Path] = []
+    cwd = Path.cwd()
+    if path.parent.parent.resolve() == cwd.resolve():
+        try:
+            nearby = sorted(found for found in cwd.glob("*/.capsule/journal.db") if found.is_file())
+        except OSError:
+            pass  # an unreadable directory: no hint
+    if not nearby:
+        return JournalError(
+            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside "
+            f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
+        )
+    shown = [str(found.relative_to(cwd)) for found in nearby[:3]]
+    more = f" (and {len(nearby) - 3} more)" if len(nearby) > 3 else ""
+    return JournalError(
+        f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside the "
+        f"program, and there is one at {', '.join(shown)}{more}: pass --journal "
+        f"{shown[0]}, or set CAPSULE_JOURNAL"
+    )
+
+
 def connect(path: Path, create: bool) -> sqlite3.Connection:
     """Open a journal for writing (``create``: make it if missing, migrate an
     older schema) and check that it is one this Capsule understands."""
     if not create and not path.is_file():
-        raise JournalError(
-            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside "
-            f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
-        )
+        raise missing_journal(path)
     try:
         if create:
             path.parent.mkdir(parents=True, exist_ok=True)
