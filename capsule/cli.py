@@ -247,6 +247,8 @@ def _run_command(options: argparse.Namespace) -> int:
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()
     if options.tui:
+        if not _in_terminal("--tui"):
+            return EXIT_USAGE
         return _run_with_tui(request, options, renderer, path)
     try:
         if options.no_journal:
@@ -331,6 +333,19 @@ def _run_with_tui(
     return _exit_code(report)
 
 
+def _in_terminal(what: str) -> bool:
+    """Whether the terminal UI can run: it draws on stdout and reads keys from
+    stdin. (Without a terminal, Textual would wait for a key that never comes.)"""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return True
+    which = "stdout" if sys.stdin.isatty() else "stdin"
+    _error(
+        f"{what} needs a terminal, and {which} is not one; `capsule run` without "
+        f"--tui prints the run, `capsule inspect` shows a journaled one"
+    )
+    return False
+
+
 def _tui_command(options: argparse.Namespace) -> int:
     import anyio
 
@@ -352,6 +367,8 @@ def _tui_command(options: argparse.Namespace) -> int:
             app = CapsuleApp(picker=(runs, lambda run_id: JournalSource(journal, by_id[run_id])))
     except JournalError as exc:
         _error(str(exc))
+        return EXIT_USAGE
+    if not _in_terminal("capsule tui"):
         return EXIT_USAGE
     app.run()
     return EXIT_OK

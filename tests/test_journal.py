@@ -567,6 +567,22 @@ def test_capsule_tui_without_a_journal_says_where_it_looked(tmp_path: Path) -> N
     assert done.returncode == 2 and "no journal at" in done.stderr
 
 
+def test_the_tui_without_a_terminal_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    """Textual would wait for keys on a pipe: a clear error instead, before the
+    program runs (the tests' subprocesses have pipes, not a terminal)."""
+    program = _write(
+        tmp_path,
+        "from capsule import task\n@task(name='main')\ndef main():\n    print('MARK ran')\n",
+    )
+    done = capsule_cli("run", "--tui", str(program), cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert "--tui needs a terminal, and std" in done.stderr
+    assert "MARK" not in done.stdout + done.stderr and not _journal(tmp_path).exists()
+    assert capsule_cli("run", str(program), cwd=tmp_path).returncode == 0
+    browse = capsule_cli("tui", cwd=tmp_path, timeout=60)
+    assert browse.returncode == 2 and "capsule tui needs a terminal" in browse.stderr
+
+
 def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path: Path) -> None:
     source = """
     from capsule import current, task
