@@ -122,6 +122,21 @@ FAILURES = """
     def hoards_strings():
         return "x" * (100 << 20)
 
+    # Small pieces fill the heap to its last bytes: reporting the MemoryError
+    # needs memory too (it trapped in the guest runtime, unexplained).
+    @task(max_retries=0, ram="32MB", compute="HIGH")
+    def hoards_crumbs():
+        hoard = []
+        while True:
+            hoard.append("x" * 10_000)
+
+    HOARD = []
+
+    @task(max_retries=0, ram="32MB", compute="HIGH")
+    def hoards_globally():  # what it holds stays held while the error is reported
+        while True:
+            HOARD.append("x" * 10_000)
+
     @task(max_retries=0, compute="HIGH", ram="1GB")
     def overflows():
         sys.setrecursionlimit(10_000_000)
@@ -132,7 +147,8 @@ FAILURES = """
     @task(name="main", max_retries=0)
     def main(which):
         return {"raises": raises, "spins": spins, "burns": burns, "hoards": hoards,
-                "hoards_strings": hoards_strings, "overflows": overflows}[which]()
+                "hoards_strings": hoards_strings, "hoards_crumbs": hoards_crumbs,
+                "hoards_globally": hoards_globally, "overflows": overflows}[which]()
 """
 
 
@@ -144,6 +160,8 @@ FAILURES = """
         ("burns", "fuel_exhausted", "50,000,000 fuel"),
         ("hoards", "memory_limit", "MemoryError"),
         ("hoards_strings", "memory_limit", "MemoryError"),
+        ("hoards_crumbs", "memory_limit", "MemoryError"),
+        ("hoards_globally", "memory_limit", "MemoryError"),
         ("overflows", "trap", "trapped"),
     ],
 )

@@ -265,10 +265,21 @@ def _refusal_in_chain(exc: BaseException):
     return None
 
 
+#: Memory kept in the image for reporting a MemoryError: with the heap full,
+#: formatting the error and handing it to the host need room of their own.
+_MEMORY_RESERVE: bytearray | None = bytearray(64 << 10)
+
+
 def _failure(task: str, exc: BaseException) -> Err:
     if isinstance(exc, TaskError):
         return _unhandled_task_error(task, exc)
     if isinstance(exc, MemoryError):
+        # What the task's frames held (the list it grew, say) is garbage now,
+        # but the traceback keeps their locals alive: let them go, keeping the
+        # line numbers; then the reserve, for what little still holds on.
+        global _MEMORY_RESERVE
+        _MEMORY_RESERVE = None
+        traceback.clear_frames(exc.__traceback__)
         return _error("memory_limit", task, exc, "MemoryError: the task ran out of memory")
     if isinstance(exc, ImportError):
         refusal = _refusal_in_chain(exc)
