@@ -372,6 +372,45 @@ def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["result"] == 10
 
 
+def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends(
+    tmp_path: Path,
+) -> None:
+    """A task that prints does not wait for a commit per line (it did: 2,000
+    lines were 2,000 commits); each line is still journaled before it is shown,
+    all are shown in order, and before the task is reported completed."""
+    source = """
+    from capsule import task
+
+    @task(name="main", timeout="5m")
+    def main() -> int:
+        for i in range(2000):
+            print(f"MARK line {i} " + "x" * 1000)
+        return 2000
+    """
+    program = _write(tmp_path, source)
+    # With --json, output and the lifecycle (-v) share stderr: their order shows.
+    done = capsule_cli("run", str(program), "--json", "-v", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.json()["result"] == 2000
+    shown = done.stderr.splitlines()
+    marks = [line.split("] ", 1)[1].split(" x")[0] for line in shown if "] MARK" in line]
+    assert marks == [f"MARK line {i}" for i in range(2000)]
+    last_mark = max(i for i, line in enumerate(shown) if "] MARK" in line)
+    assert any("completed main" in line for line in shown[last_mark:]), shown[-5:]
+    journal = _journal(tmp_path)
+    with sqlite3.connect(journal) as connection:
+        batches = connection.execute(
+            "SELECT count(*) FROM step_batches WHERE task_id = 'main'"
+        ).fetchone()[0]
+        journaled = _journaled_markers(journal)
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert batches < 500, batches  # bursts of lines share a commit
+    assert {line.split(" x")[0] for line in journaled} == set(marks)
+    # Each line is in an output event and a step: about twice its size, not the
+    # ~9 times of rows that spilled into an overflow page each.
+    assert journal.stat().st_size < 4 * 2000 * 1000, journal.stat().st_size
+
+
 def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
     source = """
     from capsule import sleep, task

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
@@ -155,6 +155,48 @@ MIGRATIONS: dict[int, list[str]] = {
             sha256 TEXT NOT NULL,
             PRIMARY KEY (run_id, path)
         ) WITHOUT ROWID""",
+    ],
+    # Events and step batches become rowid tables, keyed by a unique index: a
+    # WITHOUT ROWID row over ~1,000 bytes keeps only ~500 in its page and the
+    # rest in an overflow page of its own, so each line of output (an event
+    # and, in a batch of one, a step) took ~4.5 KB per KB. A rowid table keeps
+    # rows of up to ~4 KB in place.
+    7: [
+        "DROP VIEW steps",
+        """CREATE TABLE events_by_rowid (
+            run_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            task_id TEXT NOT NULL,
+            type TEXT NOT NULL,
+            at REAL NOT NULL,
+            data_json TEXT NOT NULL
+        )""",
+        "INSERT INTO events_by_rowid SELECT run_id, seq, task_id, type, at, data_json FROM events",
+        "DROP TABLE events",
+        "ALTER TABLE events_by_rowid RENAME TO events",
+        "CREATE UNIQUE INDEX events_in_order ON events (run_id, seq)",
+        """CREATE TABLE step_batches_by_rowid (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            first_step INTEGER NOT NULL,
+            last_step INTEGER NOT NULL,
+            steps_json TEXT NOT NULL,
+            committed_at REAL
+        )""",
+        """INSERT INTO step_batches_by_rowid SELECT run_id, task_id, attempt, first_step,
+            last_step, steps_json, committed_at FROM step_batches""",
+        "DROP TABLE step_batches",
+        "ALTER TABLE step_batches_by_rowid RENAME TO step_batches",
+        """CREATE UNIQUE INDEX step_batches_in_order
+            ON step_batches (run_id, task_id, attempt, first_step)""",
+        """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
+            SELECT batch.run_id, batch.task_id, batch.attempt,
+                   json_extract(one.value, '$[0]'), json_extract(one.value, '$[1]'),
+                   json_extract(one.value, '$[2]'), json_extract(one.value, '$[3]'),
+                   json_extract(one.value, '$[4]'),
+                   coalesce(json_extract(one.value, '$[5]'), batch.committed_at)
+            FROM step_batches AS batch, json_each(batch.steps_json) AS one""",
     ],
 }
 

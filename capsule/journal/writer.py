@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,9 @@ from capsule.supervisor.tree import TaskResult
 #: 100 cost 13 us of writer CPU, of 400 6 us, of 1,000 5.8 us). A crash loses at
 #: most this much of the suffix; output is committed before it is shown.
 LINGER_SECONDS = 0.05
+#: ...and at most this long while something waits to be shown once committed
+#: (output): long enough to gather a burst of lines, short enough to look live.
+SHOW_LINGER_SECONDS = 0.01
 #: How often a running run looks for cancellations asked by another process.
 CANCEL_POLL_SECONDS = 0.25
 #: A batch this large is committed without waiting longer.
@@ -95,6 +99,8 @@ class JournalWriter:
         #: costs one append on the caller's thread), and records to compute.
         self._rows: dict[str, list[tuple[Any, ...]]] = {}
         self._records: list[Record] = []
+        #: What to run once the batch being gathered is committed (see after_commit).
+        self._after_commit: list[Callable[[], None]] = []
         #: Steps in the order they were taken, run-wide: ((task id, attempt),
         #: (step, kind, request, ok, answer)). Appended without the lock (a
         #: list's append is atomic; with two threads journaling at once, the
@@ -178,6 +184,19 @@ class JournalWriter:
         if self._failure is not None:
             raise JournalFailure(self._failure)
 
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the writer's thread once everything queued so far
+        is committed (an action must not raise, nor wait for a commit)."""
+        with self._lock:
+            self._append(self._after_commit, action, durable=False)
+
+    def sync(self) -> None:
+        """Wait until everything queued so far is committed, and the actions
+        waiting for that have run."""
+        with self._lock:
+            if self._queued != self._committed:
+                self._wait_for_commit()
+
     def execute(self, sql: str, params: tuple[Any, ...], durable: bool = True) -> None:
         """Queue one statement of the caller's (the run's own row, for instance)."""
         self._put(sql, params, durable)
@@ -201,11 +220,12 @@ class JournalWriter:
                 ):
                     # Nobody waits for this batch: let it gather for a moment, so
                     # a busy run commits some 20 times a second, not per record.
-                    self._work.wait(LINGER_SECONDS)
+                    self._work.wait(SHOW_LINGER_SECONDS if self._after_commit else LINGER_SECONDS)
                 rows, self._rows = self._rows, {}
                 records, self._records = self._records, []
+                actions, self._after_commit = self._after_commit, []
                 # Taken last, holding the lock: every step taken before a record
-                # of this batch is in it (and none taken after the records).
+                # or an action of this batch is in it (and none taken after them).
                 steps = self._take_steps()
                 upto = self._queued
             try:
@@ -223,9 +243,14 @@ class JournalWriter:
                     )
                     self._rows.clear()
                     self._records.clear()
+                    self._after_commit.clear()
                     self._take_steps()
                     self._committed_cv.notify_all()
                 return
+            # Before the commit is announced: whoever waits for it (sync) finds
+            # the actions done.
+            for action in actions:
+                _run_action(action)
             with self._lock:
                 self._committed = upto
                 self._committed_cv.notify_all()
@@ -479,6 +504,19 @@ _STEP_BATCH_INSERT = (
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
 #: 256 rows of 14 values stay below SQLite's 32,766 parameters).
 _MAX_ROWS = 256
+
+
+def _run_action(action: Callable[[], None]) -> None:
+    """An after-commit action (showing output): what it shows is journaled
+    already, so its failure (a closed pipe, say) is reported, and the writer
+    goes on."""
+    try:
+        action()
+    except Exception as exc:
+        try:
+            print(f"capsule: showing a journaled record failed: {exc!r}", file=sys.stderr)
+        except Exception:
+            pass  # stderr is gone too
 
 
 def _chunk(left: int) -> int:

@@ -191,6 +191,9 @@ class Run:
         self._steps: StepLog = steps or NoStepLog()
         #: Without a journal, steps are only counted: nothing is serialised.
         self._journaling = steps is not None and not isinstance(steps, NoStepLog)
+        #: Characters of output journaled but not yet shown (see output).
+        self._output_lock = threading.Lock()
+        self._output_unshown = 0
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
         self._http = HttpClient(self.settings.max_response_bytes)
@@ -523,6 +526,7 @@ class Run:
                     emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
                 outcome = self._attempt(invocation, node, child, args, kwargs, replay or [])
                 replay = None
+                self._output_shown()
             total_fuel += outcome.fuel_consumed
             total_time += outcome.duration_s
             if outcome.error is None:
@@ -1069,7 +1073,14 @@ class Run:
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         # Journaled before it is shown, so that a replay knows exactly what was
-        # shown already: replayed output is not shown again.
+        # shown already: replayed output is not shown again. The task does not
+        # wait for the commit: the line is shown once its batch is committed
+        # (lines in bursts share one commit; waiting, each was one). Unless too
+        # much waits to be shown already: then it waits.
+        size = len(text)
+        with self._output_lock:
+            self._output_unshown += size
+            durable = self._output_unshown > OUTPUT_UNSHOWN_LIMIT
         replayed: list[Step] = []
         ok, _ = self._step(
             invocation,
@@ -1077,18 +1088,31 @@ class Run:
             (stream, text),
             lambda: (True, ""),
             replayed=replayed.append,
-            durable=True,
+            durable=durable,
+        )
+        shown = TaskOutput(
+            run_id=self.run_id,
+            task_id=invocation.task_id,
+            task=invocation.task,
+            stream="stderr" if stream == "stderr" else "stdout",
+            text=text,
         )
         if ok and not replayed:
-            self.events.emit(
-                TaskOutput(
-                    run_id=self.run_id,
-                    task_id=invocation.task_id,
-                    task=invocation.task,
-                    stream="stderr" if stream == "stderr" else "stdout",
-                    text=text,
-                )
-            )
+            self._log(self._steps.after_commit, partial(self._show_output, shown, size))
+        else:
+            self._show_output(None, size)
+
+    def _show_output(self, event: TaskOutput | None, size: int) -> None:
+        with self._output_lock:
+            self._output_unshown -= size
+        if event is not None:
+            self.events.emit(event)
+
+    def _output_shown(self) -> None:
+        """Before a task's lifecycle goes on (it waits, or its attempt ended):
+        what it printed is shown first."""
+        if self._output_unshown:
+            self._log(self._steps.sync)
 
     # -- HTTP: performed on the run's client, journaled with secrets redacted ----
 
@@ -1191,6 +1215,7 @@ class Run:
                     if limit is not None and now >= limit:
                         return False
                     if not waiting and now >= report_at:
+                        self._output_shown()
                         self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
                     if hibernate_at is not None and now >= hibernate_at:
@@ -1223,6 +1248,9 @@ class Run:
 
 #: How long a task waits in a host call before it is reported as waiting.
 WAITING_GRACE_S = 0.005
+#: Output journaled but not yet shown, in characters, beyond which a task's
+#: output waits for its commit (and so for the display).
+OUTPUT_UNSHOWN_LIMIT = 1 << 20
 
 
 class _EventIds(TypedDict):

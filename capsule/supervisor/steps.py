@@ -10,7 +10,7 @@ business (``capsule.journal``), which implements :class:`StepLog` and builds the
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -152,6 +152,16 @@ class StepLog(Protocol):
         with this SHA-256: a resume checks that it did not change."""
         ...
 
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once everything recorded so far is committed (on the
+        writer's thread, in the order they were given)."""
+        ...
+
+    def sync(self) -> None:
+        """Return once everything recorded so far is committed and the actions
+        waiting for that have run."""
+        ...
+
 
 class NoStepLog:
     """A run without a journal."""
@@ -182,4 +192,10 @@ class NoStepLog:
         return None
 
     def program_file(self, path: str, digest: str) -> None:
+        return None
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        action()  # nothing to wait for
+
+    def sync(self) -> None:
         return None
