@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-message-size", metavar="SIZE", help='largest message, as JSON (default "1MB")'
     )
     run.add_argument(
+        "--max-queued-size",
+        metavar="SIZE",
+        help='messages sent and not yet received, in all (default "256MB"); sends wait beyond',
+    )
+    run.add_argument(
         "--hibernate-after",
         metavar="DURATION",
         help="a task blocked this long gives back the memory pages it only read "
@@ -241,6 +246,7 @@ def _run_command(options: argparse.Namespace) -> int:
         max_children=options.max_children,
         mailbox_capacity=options.mailbox_capacity,
         max_message_size=options.max_message_size,
+        max_queued_size=options.max_queued_size,
         hibernate_after=options.hibernate_after,
         cpu_slots=options.cpu_slots,
     )

@@ -415,9 +415,10 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.json() == [3, "limit"]
     assert "cancelled main/1 (idle): cancelled: its parent ended" in done.stderr
-    bad = capsule_cli("run", str(path), "--max-message-size", "huge")
-    assert bad.returncode == 2
-    assert "--max-message-size 'huge' is invalid" in bad.stderr
+    for flag in ("--max-message-size", "--max-queued-size"):
+        bad = capsule_cli("run", str(path), flag, "huge")
+        assert bad.returncode == 2
+        assert f"{flag} 'huge' is invalid" in bad.stderr
     for never in ("soon", "0"):  # 0 would hibernate at every blocking wait
         bad = capsule_cli("run", str(path), "--hibernate-after", never)
         assert bad.returncode == 2

@@ -52,11 +52,21 @@ class _ReplySlot:
 
 
 class Router:
-    """Routes messages between the live tasks of one run. Thread-safe."""
+    """Routes messages between the live tasks of one run. Thread-safe.
 
-    def __init__(self, mailbox_capacity: int) -> None:
+    Messages sent and not yet received live in the host's memory: besides each
+    mailbox's count, their total size in the run is bounded (``max_queued_bytes``),
+    so that guests cannot make the host hold more than that, however many
+    mailboxes they fill. A send over either limit waits, as for a full mailbox."""
+
+    def __init__(self, mailbox_capacity: int, max_queued_bytes: int = 256 * 1024**2) -> None:
         self.mailbox_capacity = mailbox_capacity
+        self.max_queued_bytes = max_queued_bytes
         self._lock = threading.Lock()
+        #: Size of the bodies of every message sent and not yet received.
+        self._queued_bytes = 0
+        #: Senders waiting because the run's queued messages were too large.
+        self._waiting_for_bytes: list[Waker] = []
         self._mailboxes: dict[str, Mailbox] = {}
         self._names: dict[str, str] = {}
         self._replies: dict[str, _ReplySlot] = {}
@@ -74,6 +84,7 @@ class Router:
             if task_id not in self._mailboxes:
                 mailbox = self._mailboxes[task_id] = Mailbox(task_id, self.mailbox_capacity)
                 mailbox.messages.extend(backlog)
+                self._queued_bytes += sum(len(message.body_json) for message in backlog)
 
     def close(self, task_id: str) -> list[Message]:
         """The task has ended: drop its mailbox and name, fail asks waiting on it
@@ -83,6 +94,10 @@ class Router:
             for name in [n for n, owner in self._names.items() if owner == task_id]:
                 del self._names[name]
             to_wake: list[Waker] = list(mailbox.blocked_senders) if mailbox else []
+            if mailbox is not None and mailbox.messages:
+                self._queued_bytes -= sum(len(message.body_json) for message in mailbox.messages)
+                to_wake += self._waiting_for_bytes
+                self._waiting_for_bytes = []
             for slot in self._replies.values():
                 if slot.target_id == task_id and slot.reply_json is None and slot.failure is None:
                     slot.failure = f"{task_id} ended without replying"
@@ -124,6 +139,14 @@ class Router:
                 if sender not in mailbox.blocked_senders:
                     mailbox.blocked_senders.append(sender)
                 return False
+            size = len(message.body_json)
+            # (A message is let through when nothing is queued: one of any
+            # allowed size always fits.)
+            if self._queued_bytes + size > self.max_queued_bytes and self._queued_bytes:
+                if sender not in self._waiting_for_bytes:
+                    self._waiting_for_bytes.append(sender)
+                return False
+            self._queued_bytes += size
             mailbox.messages.append(message)
             receiver, mailbox.receiver = mailbox.receiver, None
         if receiver is not None:
@@ -138,7 +161,11 @@ class Router:
                 mailbox.receiver = receiver
                 return None
             message = mailbox.messages.popleft()
+            self._queued_bytes -= len(message.body_json)
             senders, mailbox.blocked_senders = mailbox.blocked_senders, []
+            if self._waiting_for_bytes:
+                senders += self._waiting_for_bytes
+                self._waiting_for_bytes = []
         for sender in senders:
             sender.wake()
         return message
@@ -148,6 +175,17 @@ class Router:
             mailbox = self._mailboxes.get(target_id)
             if mailbox is not None and sender in mailbox.blocked_senders:
                 mailbox.blocked_senders.remove(sender)
+            if sender in self._waiting_for_bytes:
+                self._waiting_for_bytes.remove(sender)
+
+    def mailbox_full(self, target_id: str) -> bool:
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            return mailbox is not None and len(mailbox.messages) >= mailbox.capacity
+
+    def queued_bytes(self) -> int:
+        with self._lock:
+            return self._queued_bytes
 
     def depth(self, task_id: str) -> int:
         with self._lock:

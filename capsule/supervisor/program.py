@@ -49,6 +49,7 @@ class RunRequest:
     max_children: int | None = None
     mailbox_capacity: int | None = None
     max_message_size: str | int | None = None
+    max_queued_size: str | int | None = None
     #: Seconds blocked before a task hibernates, or "off" (default: RunSettings').
     hibernate_after: str | float | None = None
     #: Instances running wasm at once (default: CPU cores).
@@ -239,13 +240,17 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{flag} {value!r} is invalid; expected a positive integer")
         limits[field_name] = value
-    if request.max_message_size is not None:
+    for field_name, flag, setting in (
+        ("max_message_size", "--max-message-size", "max_message_bytes"),
+        ("max_queued_size", "--max-queued-size", "max_queued_bytes"),
+    ):
+        value = getattr(request, field_name)
+        if value is None:
+            continue
         try:
-            limits["max_message_bytes"] = parse_ram(request.max_message_size)
+            limits[setting] = parse_ram(value)
         except ValueError:
-            raise ConfigError(
-                f"--max-message-size {request.max_message_size!r} is invalid; expected {RAM_FORMS}"
-            ) from None
+            raise ConfigError(f"{flag} {value!r} is invalid; expected {RAM_FORMS}") from None
     if request.hibernate_after is not None:
         limits["hibernate_after"] = _hibernate_after(request.hibernate_after)
     return limits

@@ -136,6 +136,9 @@ class RunSettings:
     mailbox_capacity: int = 1000
     #: Largest message body, as JSON.
     max_message_bytes: int = 1024**2
+    #: Total size of the messages sent and not yet received in the run: the
+    #: host memory guests can fill with them (a send over it waits).
+    max_queued_bytes: int = 256 * 1024**2
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
     #: Seconds a task waits in receive, result, sleep (any blocking call)
@@ -185,7 +188,7 @@ class Run:
         self._lock = threading.Lock()
         self._attempts: dict[Invocation, Attempt] = {}
         self._live_tasks = 0
-        self._router = Router(self.settings.mailbox_capacity)
+        self._router = Router(self.settings.mailbox_capacity, self.settings.max_queued_bytes)
         if history is not None:
             self._router.allow_early_replies(history.sent, history.replies)
         self._steps: StepLog = steps or NoStepLog()
