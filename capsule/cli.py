@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     resume.add_argument("--last", action="store_true", help="resume the newest run")
     resume.add_argument(
-        "--force", action="store_true", help="resume even if the program file changed"
+        "--force", action="store_true", help="resume even if the program's code changed"
     )
     resume.add_argument("--json", action="store_true", help="print one JSON envelope")
     resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
@@ -278,13 +278,24 @@ def _run_command(options: argparse.Namespace) -> int:
 
 
 def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -> int:
-    renderer.finish(report)
+    _finish(renderer, report)
     if report.interrupted:
         hint = f"; resume with `capsule resume {report.run_id}`" if resumable else ""
         _error(
             f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled{hint}"
         )
     return _exit_code(report)
+
+
+def _finish(renderer: _Renderer, report: Any) -> None:
+    try:
+        renderer.finish(report)
+    except BrokenPipeError:
+        # stdout was closed (`capsule run prog.py | head`): the outcome cannot
+        # be shown; the exit code still says it. (Output after the close was
+        # reported once; the journal has it.) Python would also fail flushing
+        # stdout at exit: it goes to /dev/null from here.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _exit_code(report: Any) -> int:
@@ -335,7 +346,7 @@ def _run_with_tui(
         source.stop()
         thread.join()
     report = reports[0]
-    renderer.finish(report)  # the outcome stays on the terminal once the TUI is gone
+    _finish(renderer, report)  # the outcome stays on the terminal once the TUI is gone
     return _exit_code(report)
 
 

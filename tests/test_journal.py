@@ -372,6 +372,39 @@ def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["result"] == 10
 
 
+def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> None:
+    """After --force, the next resume checks the files as the forced one found
+    them, also a module that only a task ended before the crash imported."""
+    helper = tmp_path / "helper.py"
+    helper.write_text("def scale(n: int) -> int:\n    return n * 10\n")
+    source = """
+    from capsule import sleep, task
+
+    @task(name="child")
+    def child(n: int) -> int:
+        import helper
+        return helper.scale(n)
+
+    @task(name="main", timeout="5m")
+    def main() -> int:
+        first = child(1)
+        print("MARK waiting", first)
+        sleep(3)
+        print("MARK again")
+        sleep(3)
+        return first
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waiting", 0.1)
+    helper.write_text("def scale(n: int) -> int:\n    return n * 20\n")
+    assert capsule_cli("resume", "--last", cwd=tmp_path).returncode == 2
+    printed, code = kill_at_marker(["resume", "--last", "--force"], "MARK again", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["result"] == 10  # the child's journaled result
+
+
 def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends(
     tmp_path: Path,
 ) -> None:
@@ -409,6 +442,65 @@ def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends
     # Each line is in an output event and a step: about twice its size, not the
     # ~9 times of rows that spilled into an overflow page each.
     assert journal.stat().st_size < 4 * 2000 * 1000, journal.stat().st_size
+
+
+def test_a_parents_lines_are_shown_before_the_child_it_then_starts(tmp_path: Path) -> None:
+    source = """
+    from capsule import task
+
+    @task(name="child")
+    def child() -> int:
+        print("MARK child")
+        return 1
+
+    @task(name="main")
+    def main() -> int:
+        print("MARK parent")
+        return child()
+    """
+    done = capsule_cli("run", str(_write(tmp_path, source)), "--json", "-v", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    shown = done.stderr.splitlines()
+    order = [
+        i
+        for mark in ("MARK parent", "started main/1", "MARK child", "completed main/1")
+        for i, line in enumerate(shown)
+        if mark in line
+    ]
+    assert order == sorted(order) and len(order) == 4, shown
+
+
+@pytest.mark.parametrize("journaled", [True, False])
+def test_a_closed_stdout_is_said_once_and_the_run_goes_on(tmp_path: Path, journaled: bool) -> None:
+    """`capsule run prog.py | head -1`: the pipe closes while the task prints."""
+    source = """
+    from capsule import task
+
+    @task(name="main")
+    def main() -> str:
+        for i in range(3000):
+            print("MARK line", i)
+        return "done"
+    """
+    program = _write(tmp_path, source)
+    flags = [] if journaled else ["--no-journal"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program), *flags],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.readline() == "MARK line 0\n"
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr  # the run's own exit code
+    assert stderr.count("output can no longer be shown (BrokenPipeError") == 1, stderr
+    assert "Traceback" not in stderr
+    assert ("the journal keeps it" in stderr) == journaled
+    if journaled:
+        assert len(_journaled_markers(_journal(tmp_path))) == 3000
 
 
 def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
@@ -699,6 +791,60 @@ def test_an_older_journal_is_migrated_in_place_and_keeps_its_runs(tmp_path: Path
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         runs = {row[0] for row in connection.execute("SELECT run_id FROM runs")}
     assert "oldrun" in runs and len(runs) == 2
+
+
+def test_a_version_6_journal_moves_its_events_and_steps_to_rowid_tables(tmp_path: Path) -> None:
+    """Built as version 6 created it (WITHOUT ROWID tables), with rows of both
+    sizes: migrated in place, every row and the steps view intact."""
+    from capsule.journal.schema import MIGRATIONS, SCHEMA_VERSION, connect
+
+    journal = tmp_path / "v6.db"
+    big = json.dumps({"text": "x" * 3000})
+    steps = json.dumps([[1, "output", ["stdout", "y" * 2000], True, ""], [2, "sleep", "1", 1, ""]])
+    with sqlite3.connect(journal) as connection:
+        for version in range(1, 7):
+            for statement in MIGRATIONS[version]:
+                connection.execute(statement)
+        connection.execute(
+            "INSERT INTO runs (run_id, program, program_hash, args_json, settings_json, seed, "
+            "status, started_at, capsule_version) VALUES ('r6', '/p.py', 'h', '[[], {}]', "
+            "'{}', '00', 'completed', 1.0, '0.0.1')"
+        )
+        connection.executemany(
+            "INSERT INTO events VALUES ('r6', ?, 'main', ?, 1.0, ?)",
+            [(1, "started", "{}"), (2, "output", big), (3, "completed", "{}")],
+        )
+        connection.execute(
+            "INSERT INTO step_batches VALUES ('r6', 'main', 1, 1, 2, ?, 2.0)", (steps,)
+        )
+        connection.execute("PRAGMA user_version = 6")
+        assert (
+            "WITHOUT ROWID"
+            in connection.execute("SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()[
+                0
+            ]
+        )
+
+    connect(journal, create=False).close()  # migrates
+    with sqlite3.connect(journal) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        for table in ("events", "step_batches"):
+            sql = connection.execute(
+                "SELECT sql FROM sqlite_master WHERE name = ?", (table,)
+            ).fetchone()[0]
+            assert "WITHOUT ROWID" not in sql, sql
+        rows = connection.execute("SELECT seq, type, data_json FROM events ORDER BY seq")
+        assert [tuple(row) for row in rows] == [
+            (1, "started", "{}"),
+            (2, "output", big),
+            (3, "completed", "{}"),
+        ]
+        view = connection.execute("SELECT step, kind, at FROM steps ORDER BY step").fetchall()
+        assert view == [(1, "output", 2.0), (2, "sleep", 2.0)]
+        # The unique index keeps (run, seq) a key: a second write replaces.
+        connection.execute("INSERT OR REPLACE INTO events VALUES ('r6', 2, 'main', 'x', 1, '{}')")
+        assert connection.execute("SELECT count(*) FROM events").fetchone()[0] == 3
 
 
 def _as_schema_2(journal: Path) -> None:

@@ -97,7 +97,7 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
         raise JournalError(
             f"{shown} changed since run {record.run_id} ran; a resume replays the journal "
             f"into the program as it is now, and would diverge or do different work. "
-            f"Restore the program, or pass --force to resume anyway"
+            f"Restore them, or pass --force to resume anyway"
         )
     return program
 
@@ -149,6 +149,7 @@ def resume_journaled(
                 (os.getpid(), program_hash(program), record.run_id),
             ),
         )
+        _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         report = run_program(
             request,
             on_event,
@@ -162,6 +163,22 @@ def resume_journaled(
         )
         _finish(writer, report)
     return report
+
+
+def _refresh_program_files(writer: JournalWriter, run_id: str, files: dict[str, str]) -> None:
+    """The run's files as they are now (after --force, what the next resume
+    checks). Those this resume reads again are recorded as it reads them, but
+    a module only an ended task imported would keep its old hash."""
+    for path in files:
+        digest = _file_hash(Path(path))
+        if digest is not None:
+            writer.program_file(path, digest)
+        else:
+            writer.execute(
+                "DELETE FROM program_files WHERE run_id = ? AND path = ?",
+                (run_id, path),
+                durable=False,
+            )
 
 
 def _watched(writer: JournalWriter, on_run: Callable[[Run], None] | None) -> Callable[[Run], None]:

@@ -22,9 +22,9 @@ import functools
 import json
 import os
 import sqlite3
-import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, groupby
@@ -455,11 +455,15 @@ class JournalWriter:
         )
 
     def program_file(self, path: str, digest: str) -> None:
-        # A resume reads the files again: what it read is what a later one checks.
-        self._put(
-            "INSERT OR REPLACE INTO program_files (run_id, path, sha256) VALUES (?, ?, ?)",
-            (self.run_id, path, digest),
-        )
+        # Called from the guest's import (through the module finder): a failed
+        # journal is not its to report; the run stops at its next step.
+        try:
+            self._put(
+                "INSERT OR REPLACE INTO program_files (run_id, path, sha256) VALUES (?, ?, ?)",
+                (self.run_id, path, digest),
+            )
+        except JournalFailure:
+            pass
 
     def task_ended(self, result: TaskResult, parent_id: str | None) -> None:
         def record() -> None:
@@ -507,16 +511,12 @@ _MAX_ROWS = 256
 
 
 def _run_action(action: Callable[[], None]) -> None:
-    """An after-commit action (showing output): what it shows is journaled
-    already, so its failure (a closed pipe, say) is reported, and the writer
-    goes on."""
+    """An after-commit action. It must not raise (the run's own handle their
+    failures); if one does, the writer still goes on."""
     try:
         action()
-    except Exception as exc:
-        try:
-            print(f"capsule: showing a journaled record failed: {exc!r}", file=sys.stderr)
-        except Exception:
-            pass  # stderr is gone too
+    except Exception:  # pragma: no cover - a bug in an action
+        traceback.print_exc()
 
 
 def _chunk(left: int) -> int:

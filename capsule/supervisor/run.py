@@ -194,9 +194,13 @@ class Run:
         self._steps: StepLog = steps or NoStepLog()
         #: Without a journal, steps are only counted: nothing is serialised.
         self._journaling = steps is not None and not isinstance(steps, NoStepLog)
-        #: Characters of output journaled but not yet shown (see output).
+        #: Characters of output journaled but not yet shown (see output): in
+        #: all, and by task (only tasks with some have an entry).
         self._output_lock = threading.Lock()
-        self._output_unshown = 0
+        self._unshown_total = 0
+        self._unshown: dict[str, int] = {}
+        #: Showing output failed once (a closed pipe): said once, not per line.
+        self._output_failed = False
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
         self._http = HttpClient(self.settings.max_response_bytes)
@@ -460,6 +464,7 @@ class Run:
         max_attempts = config.max_retries + 1
         emit = self.events.emit
         ids = _EventIds(run_id=self.run_id, task_id=task_id, task=name)
+        self._output_shown(parent.task_id)
         emit(
             TaskPending(
                 **ids,
@@ -529,7 +534,7 @@ class Run:
                     emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
                 outcome = self._attempt(invocation, node, child, args, kwargs, replay or [])
                 replay = None
-                self._output_shown()
+                self._output_shown(task_id)
             total_fuel += outcome.fuel_consumed
             total_time += outcome.duration_s
             if outcome.error is None:
@@ -1080,10 +1085,11 @@ class Run:
         # wait for the commit: the line is shown once its batch is committed
         # (lines in bursts share one commit; waiting, each was one). Unless too
         # much waits to be shown already: then it waits.
-        size = len(text)
+        task_id, size = invocation.task_id, len(text)
         with self._output_lock:
-            self._output_unshown += size
-            durable = self._output_unshown > OUTPUT_UNSHOWN_LIMIT
+            self._unshown_total += size
+            self._unshown[task_id] = self._unshown.get(task_id, 0) + size
+            durable = self._unshown_total > OUTPUT_UNSHOWN_LIMIT
         replayed: list[Step] = []
         ok, _ = self._step(
             invocation,
@@ -1095,7 +1101,7 @@ class Run:
         )
         shown = TaskOutput(
             run_id=self.run_id,
-            task_id=invocation.task_id,
+            task_id=task_id,
             task=invocation.task,
             stream="stderr" if stream == "stderr" else "stdout",
             text=text,
@@ -1103,18 +1109,36 @@ class Run:
         if ok and not replayed:
             self._log(self._steps.after_commit, partial(self._show_output, shown, size))
         else:
-            self._show_output(None, size)
+            self._show_output(None, size, task_id)
 
-    def _show_output(self, event: TaskOutput | None, size: int) -> None:
-        with self._output_lock:
-            self._output_unshown -= size
-        if event is not None:
-            self.events.emit(event)
+    def _show_output(self, event: TaskOutput | None, size: int, task_id: str = "") -> None:
+        try:
+            if event is not None:
+                task_id = event.task_id
+                self.events.emit(event)
+        except Exception as exc:
+            # It is journaled; the run goes on (it used to fail the task that
+            # printed). Said once: a closed pipe fails every line after it.
+            if not self._output_failed:
+                self._output_failed = True
+                kept = "; the journal keeps it" if self._journaling else ""
+                _say(f"capsule: output can no longer be shown ({exc!r}){kept}")
+        finally:
+            # Counted down only once shown: a task whose count is 0 has shown
+            # all it printed (see _output_shown).
+            with self._output_lock:
+                self._unshown_total -= size
+                left = self._unshown.get(task_id, 0) - size
+                if left > 0:
+                    self._unshown[task_id] = left
+                else:
+                    self._unshown.pop(task_id, None)
 
-    def _output_shown(self) -> None:
-        """Before a task's lifecycle goes on (it waits, or its attempt ended):
-        what it printed is shown first."""
-        if self._output_unshown:
+    def _output_shown(self, task_id: str) -> None:
+        """Before a task's lifecycle is reported further (it waits, starts a
+        child, made an HTTP request, or its attempt ended): what it printed is
+        shown first."""
+        if self._unshown.get(task_id):
             self._log(self._steps.sync)
 
     # -- HTTP: performed on the run's client, journaled with secrets redacted ----
@@ -1146,6 +1170,7 @@ class Run:
             except HttpFailure as exc:
                 error_kind = exc.kind
                 answer = False, exc.to_json()
+            self._output_shown(caller.task_id)
             self.events.emit(
                 HttpExchange(
                     **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
@@ -1218,7 +1243,7 @@ class Run:
                     if limit is not None and now >= limit:
                         return False
                     if not waiting and now >= report_at:
-                        self._output_shown()
+                        self._output_shown(invocation.task_id)
                         self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
                     if hibernate_at is not None and now >= hibernate_at:
@@ -1260,6 +1285,13 @@ class _EventIds(TypedDict):
     run_id: str
     task_id: str
     task: str
+
+
+def _say(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except Exception:
+        pass  # stderr is gone too
 
 
 def _describe(step: Step) -> str:
