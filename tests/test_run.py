@@ -162,7 +162,7 @@ FAILURES = """
         ("hoards_strings", "memory_limit", "MemoryError"),
         ("hoards_crumbs", "memory_limit", "MemoryError"),
         ("hoards_globally", "memory_limit", "MemoryError"),
-        ("overflows", "trap", "trapped"),
+        ("overflows", "trap", "trapped: its call stack overflowed (recursion too deep?)"),
     ],
 )
 def test_each_failure_kind(run_program: ProgramRunner, which: str, kind: str, message: str) -> None:

@@ -878,8 +878,19 @@ class Sandbox:
                 "memory_limit",
                 f"the ram limit of {limits.ram_bytes} bytes is too small to start the instance",
             )
-        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return ErrorInfo("trap", f"the instance trapped: {first_line}", traceback=text)
+        return ErrorInfo("trap", f"the instance trapped: {_trap_cause(exc)}", traceback=text)
+
+
+def _trap_cause(exc: Exception) -> str:
+    """What a trap says in a line. wasmtime's text starts with "error while
+    executing at wasm backtrace:" and a frame per line, and ends with the cause."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    cause = lines[-1] if "Caused by:" in lines else lines[0]
+    if "call stack exhausted" in cause:
+        return f"its call stack overflowed (recursion too deep?): {cause}"
+    return cause
 
 
 class InstancePool:
