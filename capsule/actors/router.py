@@ -15,6 +15,10 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
+#: The size of the messages a run may hold sent and not yet received.
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024**2
+
+
 class RoutingError(Exception):
     """A message that cannot be routed; ``kind`` names why."""
 
@@ -59,7 +63,9 @@ class Router:
     so that guests cannot make the host hold more than that, however many
     mailboxes they fill. A send over either limit waits, as for a full mailbox."""
 
-    def __init__(self, mailbox_capacity: int, max_queued_bytes: int = 256 * 1024**2) -> None:
+    def __init__(
+        self, mailbox_capacity: int, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
+    ) -> None:
         self.mailbox_capacity = mailbox_capacity
         self.max_queued_bytes = max_queued_bytes
         self._lock = threading.Lock()

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capsule.actors.router import Message, Router, RoutingError
+from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest
 from capsule.net.redact import redact_response_json, redact_url
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
@@ -138,7 +138,7 @@ class RunSettings:
     max_message_bytes: int = 1024**2
     #: Total size of the messages sent and not yet received in the run: the
     #: host memory guests can fill with them (a send over it waits).
-    max_queued_bytes: int = 256 * 1024**2
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
     #: Seconds a task waits in receive, result, sleep (any blocking call)
@@ -1099,6 +1099,9 @@ class Run:
             replayed=replayed.append,
             durable=durable,
         )
+        if not ok or replayed:
+            self._show_output(task_id, size, None)
+            return
         shown = TaskOutput(
             run_id=self.run_id,
             task_id=task_id,
@@ -1106,15 +1109,11 @@ class Run:
             stream="stderr" if stream == "stderr" else "stdout",
             text=text,
         )
-        if ok and not replayed:
-            self._log(self._steps.after_commit, partial(self._show_output, shown, size))
-        else:
-            self._show_output(None, size, task_id)
+        self._log(self._steps.after_commit, partial(self._show_output, task_id, size, shown))
 
-    def _show_output(self, event: TaskOutput | None, size: int, task_id: str = "") -> None:
+    def _show_output(self, task_id: str, size: int, event: TaskOutput | None) -> None:
         try:
             if event is not None:
-                task_id = event.task_id
                 self.events.emit(event)
         except Exception as exc:
             # It is journaled; the run goes on (it used to fail the task that
