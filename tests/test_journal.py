@@ -322,33 +322,32 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
     assert "[7]" in error["message"]
 
 
+#: A program whose child imports a module of the program's directory (HELPER).
+USES_HELPER = """
+from capsule import sleep, task
+
+@task(name="child")
+def child(n: int) -> int:
+    import helper
+    return helper.scale(n)
+
+@task(name="main", timeout="5m")
+def main() -> int:
+    first = child(1)
+    print("MARK waiting", first)
+    sleep(3)  # killed during it; a resume sleeps it again
+    print("MARK again")
+    sleep(3)
+    return first
+"""
+HELPER = "def scale(n: int) -> int:\n    return n * 10\n"
+
+
 def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
     """The main file is not the whole program: a module it imports (read by a
     task, after the run started) is journaled with its hash and checked too."""
-    _write(
-        tmp_path,
-        """
-        def scale(n: int) -> int:
-            return n * 10
-        """,
-        name="helper.py",
-    )
-    source = """
-    from capsule import sleep, task
-
-    @task(name="child")
-    def child(n: int) -> int:
-        import helper
-        return helper.scale(n)
-
-    @task(name="main", timeout="5m")
-    def main() -> int:
-        first = child(1)
-        print("MARK waiting", first)
-        sleep(3)  # killed during it; the resume sleeps it again
-        return first
-    """
-    program = _write(tmp_path, source)
+    (tmp_path / "helper.py").write_text(HELPER)
+    program = _write(tmp_path, USES_HELPER)
     _run_and_kill(program, "MARK waiting", 0.1)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         recorded = dict(connection.execute("SELECT path, sha256 FROM program_files"))
@@ -376,27 +375,10 @@ def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> No
     """After --force, the next resume checks the files as the forced one found
     them, also a module that only a task ended before the crash imported."""
     helper = tmp_path / "helper.py"
-    helper.write_text("def scale(n: int) -> int:\n    return n * 10\n")
-    source = """
-    from capsule import sleep, task
-
-    @task(name="child")
-    def child(n: int) -> int:
-        import helper
-        return helper.scale(n)
-
-    @task(name="main", timeout="5m")
-    def main() -> int:
-        first = child(1)
-        print("MARK waiting", first)
-        sleep(3)
-        print("MARK again")
-        sleep(3)
-        return first
-    """
-    program = _write(tmp_path, source)
+    helper.write_text(HELPER)
+    program = _write(tmp_path, USES_HELPER)
     _run_and_kill(program, "MARK waiting", 0.1)
-    helper.write_text("def scale(n: int) -> int:\n    return n * 20\n")
+    helper.write_text(HELPER.replace("n * 10", "n * 20"))
     assert capsule_cli("resume", "--last", cwd=tmp_path).returncode == 2
     printed, code = kill_at_marker(["resume", "--last", "--force"], "MARK again", tmp_path)
     assert code == -signal.SIGKILL, printed

@@ -12,6 +12,15 @@ from pathlib import Path
 #: The schema this Capsule writes (``PRAGMA user_version``).
 SCHEMA_VERSION = 7
 
+#: The ``steps`` view since version 4: a step per row, from the batches.
+_STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
+    SELECT batch.run_id, batch.task_id, batch.attempt,
+           json_extract(one.value, '$[0]'), json_extract(one.value, '$[1]'),
+           json_extract(one.value, '$[2]'), json_extract(one.value, '$[3]'),
+           json_extract(one.value, '$[4]'),
+           coalesce(json_extract(one.value, '$[5]'), batch.committed_at)
+    FROM step_batches AS batch, json_each(batch.steps_json) AS one"""
+
 #: Statements that bring a journal from version N-1 to N, by N.
 MIGRATIONS: dict[int, list[str]] = {
     1: [
@@ -133,13 +142,7 @@ MIGRATIONS: dict[int, list[str]] = {
     4: [
         "ALTER TABLE step_batches ADD COLUMN committed_at REAL",
         "DROP VIEW steps",
-        """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
-            SELECT batch.run_id, batch.task_id, batch.attempt,
-                   json_extract(one.value, '$[0]'), json_extract(one.value, '$[1]'),
-                   json_extract(one.value, '$[2]'), json_extract(one.value, '$[3]'),
-                   json_extract(one.value, '$[4]'),
-                   coalesce(json_extract(one.value, '$[5]'), batch.committed_at)
-            FROM step_batches AS batch, json_each(batch.steps_json) AS one""",
+        _STEPS_VIEW,
     ],
     # A receive's answer is the message as an array [id, sender, body,
     # expects_reply], no longer an object. Nothing stored changes (this
@@ -190,13 +193,7 @@ MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE step_batches_by_rowid RENAME TO step_batches",
         """CREATE UNIQUE INDEX step_batches_in_order
             ON step_batches (run_id, task_id, attempt, first_step)""",
-        """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
-            SELECT batch.run_id, batch.task_id, batch.attempt,
-                   json_extract(one.value, '$[0]'), json_extract(one.value, '$[1]'),
-                   json_extract(one.value, '$[2]'), json_extract(one.value, '$[3]'),
-                   json_extract(one.value, '$[4]'),
-                   coalesce(json_extract(one.value, '$[5]'), batch.committed_at)
-            FROM step_batches AS batch, json_each(batch.steps_json) AS one""",
+        _STEPS_VIEW,
     ],
 }
 
