@@ -556,6 +556,11 @@ class _Renderer:
             line = f"cancelled {label}: {event.error.message}"
         elif kind == "restarting":
             line = f"restarting {label}: {event.reason}"
+        elif kind == "hibernated":
+            line = (
+                f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "
+                f"of memory it had only read"
+            )
         elif kind == "http":
             outcome = event.status if event.error_kind is None else event.error_kind
             line = (

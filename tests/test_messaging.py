@@ -584,20 +584,24 @@ def test_an_idle_actor_hibernates_and_answers_from_its_state(
 
         run.sandbox.hibernate = hibernate_and_note  # type: ignore[method-assign]
 
+    events: list[Any] = []
     report = run_program(
         RunRequest(path=path, args=[], hibernate_after=hibernate_after),
-        lambda _: None,
+        events.append,
         on_run=watch,
     )
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == [14, sum(i * i for i in range(5000))]
+    reported = [(e.task_id, e.released_bytes) for e in events if e.type == "hibernated"]
     if hibernate_after == "off":
-        assert hibernated == []
+        assert hibernated == [] and reported == []
     else:
         keeper = [released for thread, released in hibernated if thread.endswith("main/1")]
         assert keeper, hibernated  # it waited in receive for 0.4 s
         if prefault._kernel_can_release():
             assert keeper[0] > 1024**2, hibernated
+            # Reported as a typed event, with what it gave back.
+            assert ("main/1", keeper[0]) in reported, reported
 
 
 def test_actors_hibernating_while_others_run_keep_their_state(

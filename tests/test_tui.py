@@ -532,3 +532,30 @@ def test_cancel_from_a_tui_attached_to_another_process(tmp_path: Path) -> None:
             process.kill()
     assert process.returncode == 0
     assert out.strip() == "sleeper cancelled"
+
+
+def test_a_hibernated_task_shows_what_it_gave_back(capsys: pytest.CaptureFixture[str]) -> None:
+    """The hibernated event, in the TUI's model (its detail and timeline) and in
+    `capsule run -v`, until the task runs again."""
+    from capsule.cli import _Renderer
+    from capsule.supervisor.events import TaskHibernated
+    from capsule.tui.model import RunModel
+
+    model = RunModel("r1", "prog.py")
+    ids = {"task_id": "main/1", "task": "keeper", "at": 1.0}
+    model.apply({**ids, "type": "pending", "parent_id": "main", "max_attempts": 1})
+    model.apply({**ids, "type": "started", "attempt": 1, "max_attempts": 1})
+    model.apply({**ids, "type": "waiting", "on": "receive"})
+    model.apply({**ids, "type": "hibernated", "released_bytes": 9 * 2**20})
+    view = model.tasks["main/1"]
+    assert view.state == "waiting" and view.hibernated_bytes == 9 * 2**20
+    assert view.timeline[-1][1] == "hibernated: gave back 9.0 MB only read"
+    model.apply({**ids, "type": "resumed"})
+    assert view.state == "running" and view.hibernated_bytes is None
+
+    _Renderer(json_output=False, verbose=True).on_event(
+        TaskHibernated(run_id="r1", task_id="main/1", task="keeper", released_bytes=9 * 2**20)
+    )
+    assert "hibernated main/1 (keeper): gave back 9.0 MB of memory it had only read" in (
+        capsys.readouterr().err
+    )

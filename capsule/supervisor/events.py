@@ -116,6 +116,14 @@ class TaskWaiting(_Event):
     on: WaitReason
 
 
+class TaskHibernated(_Event):
+    """The task, waiting, gave back the memory pages it had only read (see
+    RunSettings.hibernate_after); it reads them back as it needs them."""
+
+    type: Literal["hibernated"] = "hibernated"
+    released_bytes: int
+
+
 class TaskResumed(_Event):
     """The task's blocking host call returned; it runs again."""
 
@@ -180,6 +188,7 @@ TaskEvent = Annotated[
     | TaskCancelled
     | TaskRestarting
     | TaskWaiting
+    | TaskHibernated
     | TaskResumed
     | MessageSent
     | MessageReceived

@@ -45,6 +45,7 @@ from capsule.supervisor.events import (
     TaskCancelled,
     TaskCompleted,
     TaskFailed,
+    TaskHibernated,
     TaskOutput,
     TaskPending,
     TaskReplayed,
@@ -1246,7 +1247,9 @@ class Run:
                         self.events.emit(TaskWaiting(**ids, on=on))
                         waiting = True
                     if hibernate_at is not None and now >= hibernate_at:
-                        self.sandbox.hibernate()
+                        released = self.sandbox.hibernate()
+                        if released:
+                            self.events.emit(TaskHibernated(**ids, released_bytes=released))
                         hibernate_at = None
                         now = time.monotonic()  # (it took a few milliseconds)
                     # Woken by a child ending, a cancellation or an abort; the

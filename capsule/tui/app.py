@@ -425,6 +425,11 @@ class CapsuleApp(App[int]):
                 if view.state == "waiting" and view.waiting_on
                 else ""
             )
+            + (
+                f" (hibernated: {view.hibernated_bytes / 2**20:.1f} MB given back)"
+                if view.state == "waiting" and view.hibernated_bytes
+                else ""
+            )
             + f"  attempt {view.attempt}/{view.max_attempts}  {duration(view.elapsed(now))}",
             f"fuel {view.fuel:,}"
             + (f" (budget {view.fuel_budget:,} per attempt)" if view.fuel_budget else "")

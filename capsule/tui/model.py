@@ -68,6 +68,8 @@ class TaskView:
     peak_memory: int | None = None
     mailbox_depth: int | None = None
     waiting_on: str | None = None
+    #: Bytes its instance gave back while it waited (hibernated), if it did.
+    hibernated_bytes: int | None = None
     call: str | None = None
     result: str | None = None
     error: dict[str, Any] | None = None
@@ -145,6 +147,7 @@ class RunModel:
             view.max_attempts = int(event.get("max_attempts", view.max_attempts))
             view.fuel_budget = event.get("fuel_budget", view.fuel_budget)
             view.fuel_live = 0
+            view.hibernated_bytes = None
             if view.started_at is None:
                 view.started_at = at
             view.ended_at = None
@@ -152,8 +155,13 @@ class RunModel:
         elif kind == "waiting":
             view.waiting_on = str(event.get("on", ""))
             self._state(view, "waiting", at, f"waiting on {view.waiting_on}")
+        elif kind == "hibernated":
+            view.hibernated_bytes = int(event.get("released_bytes", 0))
+            view.timeline.append(
+                (at, f"hibernated: gave back {view.hibernated_bytes / 2**20:.1f} MB only read")
+            )
         elif kind == "resumed":
-            view.waiting_on = None
+            view.waiting_on = view.hibernated_bytes = None
             self._state(view, "running", at, "resumed")
         elif kind == "retrying":
             self._ended_attempt(view, event)
