@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -325,6 +326,53 @@ def test_many_tasks_making_their_first_request_at_once(
         return gather(*[fetch.spawn(url) for _ in range(8)])
     """
     assert run_program(source, f"{http_server.url}/status/200").value == [200] * 8
+
+
+@pytest.mark.parametrize("granted", [True, False])
+def test_the_client_starts_with_the_run_when_a_task_may_make_requests(
+    program: Any, http_server: LocalServer, granted: bool
+) -> None:
+    """Starting the client (importing httpx, a TLS context with its CA bundle)
+    took the first request ~0.5 s on this machine: a run whose tasks are
+    granted hosts starts it at once, on a thread of its own; other runs never."""
+    import threading
+
+    from capsule.net.http import HttpClient
+    from capsule.supervisor.program import RunRequest, run_program
+
+    hosts = '["127.0.0.1"]' if granted else "[]"
+    path = program(
+        f"""
+        import capsule
+        from capsule import task
+        from capsule.http import get
+
+        @task(name="main", allowed_hosts={hosts})
+        def main(url: str) -> int:
+            capsule.sleep(0.3)
+            return get(url).status_code if url else 0
+        """
+    )
+    started_on: list[str] = []
+    started = HttpClient._started
+
+    def note(client: HttpClient) -> Any:
+        started_on.append(threading.current_thread().name)
+        return started(client)
+
+    HttpClient._started = note  # type: ignore[method-assign]
+    try:
+        url = f"{http_server.url}/status/200" if granted else ""
+        report = run_program(RunRequest(path=path, args=[url]), lambda _: None)
+    finally:
+        HttpClient._started = started  # type: ignore[method-assign]
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == (200 if granted else 0)
+    if granted:
+        assert started_on[0] == "capsule-http-start", started_on  # not the task's thread
+    else:
+        assert started_on == []
+    assert "capsule-http-start" not in {t.name for t in threading.enumerate()}
 
 
 def test_cookies_are_not_shared_between_tasks_and_errors_hide_secrets(

@@ -205,6 +205,8 @@ class Run:
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
         self._http = HttpClient(self.settings.max_response_bytes)
+        if any(task_grants.hosts for task_grants in self.grants.values()):
+            self._http.warm_up()  # some task may make requests: ready for the first
         self._history = history
         #: Key for the per-attempt seeds of the guests' ``random``.
         self._seed = seed or os.urandom(16)
