@@ -201,6 +201,26 @@ def messages(repeats: int) -> dict[str, float]:
     }
 
 
+def printed_output(repeats: int, lines: int = 10_000) -> dict[str, float]:
+    """A task printing ``lines`` lines of 1 KB through `capsule run` (journaled),
+    its stdout a pipe: the run's wall time, and the journal's size per KB printed."""
+    times, sizes = [], []
+    for _ in range(max(1, repeats // 2)):
+        with tempfile.TemporaryDirectory() as tmp:
+            journal = Path(tmp) / "journal.db"
+            elapsed, done = run_cli(
+                "run", "--journal", str(journal), str(PROGRAMS / "output.py"), str(lines)
+            )
+            assert done.stdout.count("\n") == lines + 1, done.stderr
+            printed = len(done.stdout.encode()) - len(done.stdout.splitlines()[-1]) - 1
+            times.append(elapsed)
+            sizes.append(sum(path.stat().st_size for path in Path(tmp).iterdir()) / printed)
+    return {
+        f"run_s ({lines:,} lines of 1 KB)": statistics.median(times),
+        "journal KB per KB printed": statistics.median(sizes),
+    }
+
+
 def idle_actors(actors: int = 50) -> dict[str, float]:
     """Memory per actor blocked in receive, once hibernated (after the default
     1 s) and, with hibernation off, as it first blocks."""
@@ -434,6 +454,7 @@ ROWS: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
     ),
     ("messages", "messages between two actors", messages, ">= 10,000/s one-way"),
     ("idle", "an actor blocked in receive", lambda _: idle_actors(), "<= 6 MB"),
+    ("output", "printed output, journaled", printed_output, "report"),
     ("journal", "journal on vs off", journal_overhead, "<= 10% overhead"),
     ("resume", "resume a run of 10,000 journaled steps", resume_time, "report"),
     ("timeout", "timeout of `while True: pass` (200 ms)", timeout_overshoot, "<= 50 ms late"),
