@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-queued-size",
         metavar="SIZE",
-        help='messages sent and not yet received, in all (default "256MB"); sends wait beyond',
+        help='messages sent and not yet received, in all (default "256MB"); a send over it fails',
     )
     run.add_argument(
         "--hibernate-after",

@@ -419,6 +419,9 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
         bad = capsule_cli("run", str(path), flag, "huge")
         assert bad.returncode == 2
         assert f"{flag} 'huge' is invalid" in bad.stderr
+    bad = capsule_cli("run", str(path), "--max-queued-size", "100KB")
+    assert bad.returncode == 2
+    assert "--max-queued-size (102,400 bytes) is below the largest message" in bad.stderr
     for never in ("soon", "0"):  # 0 would hibernate at every blocking wait
         bad = capsule_cli("run", str(path), "--hibernate-after", never)
         assert bad.returncode == 2

@@ -232,68 +232,61 @@ def test_the_runs_queued_messages_are_bounded_in_size_across_mailboxes(
     run_program: ProgramRunner,
 ) -> None:
     """Mailboxes that each have room can still not make the host hold more than
-    --max-queued-size of undelivered messages: a send over it waits until a
-    receive makes room, or times out naming the limit."""
+    --max-queued-size of undelivered messages: a send over it is refused at once,
+    naming the mailbox that holds the most; once received, there is room again."""
     outcome = run_program(
         ACTORS
         + """
     @task(name="main")
     def main():
         chunk = "x" * 300_000
-        readers = [slow_reader.spawn(2, 0.6) for _ in range(3)]
-        started = time.monotonic()
-        for reader in readers:       # 6 x 300 KB: the 4th waits for a reader
-            send(reader, chunk)
-            send(reader, chunk)
-        waited = time.monotonic() - started
-        got = [len("".join(reader.result())) for reader in readers]
-        idle = slow_reader.spawn(1, 30)
-        others = slow_reader.spawn(1, 30)
+        hoarder = slow_reader.spawn(3, 0.5)
+        other = slow_reader.spawn(1, 0.5)
         for _ in range(3):
-            send(idle, chunk)        # 900 KB waiting, in one mailbox of capacity 1000
+            send(hoarder, chunk)     # 900 KB waiting, in a mailbox with room for 1000
         try:
-            send(others, chunk, timeout=0.2)
-        except SendTimeout as error:
-            timed_out = str(error)
-        idle.cancel()
-        others.cancel()
-        return {"waited": waited, "got": got, "timed_out": timed_out}
+            send(other, chunk)
+        except MessageError as error:
+            refused = [error.kind, str(error)]
+        got = len("".join(hoarder.result()))
+        send(other, chunk)           # received: room again
+        return {"refused": refused, "got": got, "other": len(other.result()[0])}
     """,
         max_queued_size="1MB",
     )
     result = outcome.value
-    assert result["got"] == [600_000] * 3
-    assert result["waited"] >= 0.4  # held until the readers woke and received
-    assert "a message to 'main/" in result["timed_out"]
-    timed_out = result["timed_out"]
-    assert "waited 0.2s: the run's messages not yet received hold 900,006 bytes" in timed_out
-    assert "at most 1,048,576 may wait (--max-queued-size)" in timed_out
+    assert result["got"] == 900_000 and result["other"] == 300_000
+    kind, message = result["refused"]
+    assert kind == "queue_full"
+    assert (
+        "a message of 300,002 bytes would take the run's messages not yet received over "
+        "1,048,576 bytes (--max-queued-size); the most wait for task main/1 (900,006 bytes "
+        "in its mailbox)"
+    ) in message
 
 
 def test_router_counts_queued_bytes_back_down() -> None:
     """Received, and dropped with a mailbox that closed: the count goes back to
-    zero, and a sender waiting for room is woken by either."""
+    zero. Bodies are counted in bytes, not characters."""
     from capsule.actors.router import Message, Router
 
     class Sender:
-        woken = 0
-
         def wake(self) -> None:
-            self.woken += 1
+            return None
 
     router = Router(mailbox_capacity=10, max_queued_bytes=10)
     sender = Sender()
     for task_id in ("a", "b"):
         router.open(task_id)
     assert router.try_send("a", Message("1", "s", "123456"), sender)
-    assert not router.try_send("b", Message("2", "s", "123456"), sender)  # 12 > 10
-    assert router.try_receive("a", sender) is not None and sender.woken == 1
+    with pytest.raises(RoutingError, match=r"the most wait for task a \(6 bytes"):
+        router.try_send("b", Message("2", "s", "123456"), sender)  # 12 > 10
+    assert router.try_receive("a", sender) is not None and router.queued_bytes() == 0
+    assert router.try_send("b", Message("2", "s", '"ééé"'), sender)  # 8 bytes, 5 characters
+    assert router.queued_bytes() == 8
+    router.close("b")  # its message was never received: dropped
     assert router.queued_bytes() == 0
-    assert router.try_send("b", Message("2", "s", "123456"), sender)
-    assert not router.try_send("a", Message("3", "s", "123456"), sender)
-    router.close("b")  # its message was never received: dropped, room again
-    assert sender.woken == 2 and router.queued_bytes() == 0
-    assert router.try_send("a", Message("3", "s", "123456789012"), sender)  # alone: fits
+    assert router.try_send("a", Message("3", "s", "1234567890"), sender)
 
 
 def test_message_size_limit(run_program: ProgramRunner) -> None:

@@ -44,6 +44,8 @@ class Mailbox:
     receiver: Waker | None = None
     #: Senders blocked because the mailbox was full.
     blocked_senders: list[Waker] = field(default_factory=list)
+    #: Size of the bodies of its messages.
+    queued_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -55,13 +57,22 @@ class _ReplySlot:
     failure: str | None = None
 
 
+def _size(message: Message) -> int:
+    """Bytes of a message body (JSON text; ASCII unless the guest sent otherwise)."""
+    body = message.body_json
+    return len(body) if body.isascii() else len(body.encode())
+
+
 class Router:
     """Routes messages between the live tasks of one run. Thread-safe.
 
-    Messages sent and not yet received live in the host's memory: besides each
-    mailbox's count, their total size in the run is bounded (``max_queued_bytes``),
-    so that guests cannot make the host hold more than that, however many
-    mailboxes they fill. A send over either limit waits, as for a full mailbox."""
+    Messages sent and not yet received live in the host's memory. A full mailbox
+    (``mailbox_capacity`` messages) makes its senders wait; their total size in
+    the run is bounded too (``max_queued_bytes``), so that guests cannot make the
+    host hold more however many mailboxes they fill: a send over that is refused
+    at once (kind ``queue_full``), naming the mailbox that holds the most. (It
+    does not wait: a receiver that stopped would hold up unrelated senders, and
+    small sends could keep overtaking a large one.)"""
 
     def __init__(
         self, mailbox_capacity: int, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
@@ -71,8 +82,6 @@ class Router:
         self._lock = threading.Lock()
         #: Size of the bodies of every message sent and not yet received.
         self._queued_bytes = 0
-        #: Senders waiting because the run's queued messages were too large.
-        self._waiting_for_bytes: list[Waker] = []
         self._mailboxes: dict[str, Mailbox] = {}
         self._names: dict[str, str] = {}
         self._replies: dict[str, _ReplySlot] = {}
@@ -90,7 +99,8 @@ class Router:
             if task_id not in self._mailboxes:
                 mailbox = self._mailboxes[task_id] = Mailbox(task_id, self.mailbox_capacity)
                 mailbox.messages.extend(backlog)
-                self._queued_bytes += sum(len(message.body_json) for message in backlog)
+                mailbox.queued_bytes = sum(_size(message) for message in backlog)
+                self._queued_bytes += mailbox.queued_bytes
 
     def close(self, task_id: str) -> list[Message]:
         """The task has ended: drop its mailbox and name, fail asks waiting on it
@@ -100,10 +110,8 @@ class Router:
             for name in [n for n, owner in self._names.items() if owner == task_id]:
                 del self._names[name]
             to_wake: list[Waker] = list(mailbox.blocked_senders) if mailbox else []
-            if mailbox is not None and mailbox.messages:
-                self._queued_bytes -= sum(len(message.body_json) for message in mailbox.messages)
-                to_wake += self._waiting_for_bytes
-                self._waiting_for_bytes = []
+            if mailbox is not None:
+                self._queued_bytes -= mailbox.queued_bytes
             for slot in self._replies.values():
                 if slot.target_id == task_id and slot.reply_json is None and slot.failure is None:
                     slot.failure = f"{task_id} ended without replying"
@@ -145,14 +153,11 @@ class Router:
                 if sender not in mailbox.blocked_senders:
                     mailbox.blocked_senders.append(sender)
                 return False
-            size = len(message.body_json)
-            # (A message is let through when nothing is queued: one of any
-            # allowed size always fits.)
-            if self._queued_bytes + size > self.max_queued_bytes and self._queued_bytes:
-                if sender not in self._waiting_for_bytes:
-                    self._waiting_for_bytes.append(sender)
-                return False
+            size = _size(message)
+            if self._queued_bytes + size > self.max_queued_bytes:
+                raise self._queue_full(size)
             self._queued_bytes += size
+            mailbox.queued_bytes += size
             mailbox.messages.append(message)
             receiver, mailbox.receiver = mailbox.receiver, None
         if receiver is not None:
@@ -167,11 +172,10 @@ class Router:
                 mailbox.receiver = receiver
                 return None
             message = mailbox.messages.popleft()
-            self._queued_bytes -= len(message.body_json)
+            size = _size(message)
+            self._queued_bytes -= size
+            mailbox.queued_bytes -= size
             senders, mailbox.blocked_senders = mailbox.blocked_senders, []
-            if self._waiting_for_bytes:
-                senders += self._waiting_for_bytes
-                self._waiting_for_bytes = []
         for sender in senders:
             sender.wake()
         return message
@@ -181,13 +185,16 @@ class Router:
             mailbox = self._mailboxes.get(target_id)
             if mailbox is not None and sender in mailbox.blocked_senders:
                 mailbox.blocked_senders.remove(sender)
-            if sender in self._waiting_for_bytes:
-                self._waiting_for_bytes.remove(sender)
 
-    def mailbox_full(self, target_id: str) -> bool:
-        with self._lock:
-            mailbox = self._mailboxes.get(target_id)
-            return mailbox is not None and len(mailbox.messages) >= mailbox.capacity
+    def _queue_full(self, size: int) -> RoutingError:
+        # Holding the lock.
+        fullest = max(self._mailboxes.values(), key=lambda mailbox: mailbox.queued_bytes)
+        return RoutingError(
+            "queue_full",
+            f"a message of {size:,} bytes would take the run's messages not yet received "
+            f"over {self.max_queued_bytes:,} bytes (--max-queued-size); the most wait for "
+            f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox)",
+        )
 
     def queued_bytes(self) -> int:
         with self._lock:

@@ -83,24 +83,18 @@ class MessageCalls:
             sent = self.router.try_send(target_id, message, attempt) or self.block(
                 attempt, lambda: self.router.try_send(target_id, message, attempt), timeout, "send"
             )
-        except RoutingError as exc:
+        except RoutingError as exc:  # the target ended, or the run's queue is full
+            self.router.forget_sender(target_id, attempt)
             return _message_error(exc.kind, str(exc)), None
         if not sent:
             self.router.forget_sender(target_id, attempt)
             if caller.check_stop() is not None:
                 return (False, "{}"), None  # the sandbox ends the caller
-            if self.router.mailbox_full(target_id):
-                why = (
-                    f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
-                    f"messages) for {timeout:g}s"
-                )
-            else:
-                why = (
-                    f"a message to {target!r} waited {timeout:g}s: the run's messages not "
-                    f"yet received hold {self.router.queued_bytes():,} bytes, and at most "
-                    f"{self.router.max_queued_bytes:,} may wait (--max-queued-size)"
-                )
-            return _message_error("send_timeout", why), None
+            return _message_error(
+                "send_timeout",
+                f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
+                f"messages) for {timeout:g}s",
+            ), None
         if ask:
             # A sent message's id and target are in its send step's answer; an
             # ask's answer is the reply, so the message is recorded on its own.

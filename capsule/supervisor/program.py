@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES
 from capsule.sandbox.config import (
     RAM_FORMS,
     TIMEOUT_FORMS,
@@ -251,6 +252,13 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
             limits[setting] = parse_ram(value)
         except ValueError:
             raise ConfigError(f"{flag} {value!r} is invalid; expected {RAM_FORMS}") from None
+    queued = limits.get("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES)
+    largest = limits.get("max_message_bytes", RunSettings.max_message_bytes)
+    if queued < largest:
+        raise ConfigError(
+            f"--max-queued-size ({queued:,} bytes) is below the largest message "
+            f"(--max-message-size, {largest:,} bytes): such a message could never be sent"
+        )
     if request.hibernate_after is not None:
         limits["hibernate_after"] = _hibernate_after(request.hibernate_after)
     return limits
