@@ -278,7 +278,7 @@ def _run_command(options: argparse.Namespace) -> int:
 
 
 def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -> int:
-    _finish(renderer, report)
+    renderer.finish(report)
     if report.interrupted:
         hint = f"; resume with `capsule resume {report.run_id}`" if resumable else ""
         _error(
@@ -287,15 +287,16 @@ def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -
     return _exit_code(report)
 
 
-def _finish(renderer: _Renderer, report: Any) -> None:
+def _print_out(text: str) -> None:
+    """The run's outcome on stdout. If stdout was closed (`capsule run ... | head`),
+    it is not shown; what follows on stderr and the exit code still are."""
     try:
-        renderer.finish(report)
+        print(text, flush=True)
     except BrokenPipeError:
-        # stdout was closed (`capsule run prog.py | head`): the outcome cannot
-        # be shown; the exit code still says it. (Output after the close was
-        # reported once; the journal has it.) Python would also fail flushing
-        # stdout at exit: it goes to /dev/null from here.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # Python would also fail flushing stdout at exit: /dev/null from here.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _exit_code(report: Any) -> int:
@@ -346,7 +347,7 @@ def _run_with_tui(
         source.stop()
         thread.join()
     report = reports[0]
-    _finish(renderer, report)  # the outcome stays on the terminal once the TUI is gone
+    renderer.finish(report)  # the outcome stays on the terminal once the TUI is gone
     return _exit_code(report)
 
 
@@ -582,7 +583,7 @@ class _Renderer:
     def finish(self, report: Any) -> None:
         """Show how the run ended (its exit code is ``_exit_code``)."""
         if self.json_output:
-            print(json.dumps(report.envelope(), indent=2))
+            _print_out(json.dumps(report.envelope(), indent=2))
         if report.journal_error is not None:
             _error(f"the run was stopped: {report.journal_error}")
             return
@@ -597,7 +598,7 @@ class _Renderer:
             pass  # the envelope says it all; an interrupt is reported by the caller
         elif result.ok:
             value = result.value()
-            print(value if isinstance(value, str) else json.dumps(value))
+            _print_out(value if isinstance(value, str) else json.dumps(value))
         else:
             error = result.error
             _error(

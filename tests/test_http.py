@@ -433,3 +433,28 @@ def test_credentials_do_not_follow_a_redirect_to_another_origin(
     dropped = run_program(source, other).value
     assert "x-api-key" not in dropped and "authorization" not in dropped
     assert dropped["x-plain"] == "p"
+
+
+def test_a_client_that_fails_to_start_is_reported_by_the_request_not_the_warm_up(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Starting ahead of need must not print a traceback of its own, nor leave
+    the event loop's thread behind; the first request then says what failed."""
+    import threading
+
+    from capsule.net import http
+
+    def broken() -> Any:
+        raise ImportError("no httpx here")
+
+    monkeypatch.setattr(http, "_new_client", broken)
+    client = http.HttpClient(1024)
+    client.warm_up()
+    client.close()
+    assert "Traceback" not in capfd.readouterr().err
+    request = http.HttpRequest("GET", "http://127.0.0.1:9/", [], b"", 5.0)
+    with pytest.raises(ImportError, match="no httpx here"):
+        client.start(request, lambda _: True)
+    client.close()
+    names = {thread.name for thread in threading.enumerate()}
+    assert not {"capsule-http", "capsule-http-start"} & names, names

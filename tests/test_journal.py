@@ -485,6 +485,22 @@ def test_a_closed_stdout_is_said_once_and_the_run_goes_on(tmp_path: Path, journa
         assert len(_journaled_markers(_journal(tmp_path))) == 3000
 
 
+def test_with_json_and_stdout_closed_the_error_still_reaches_stderr(tmp_path: Path) -> None:
+    program = _write(tmp_path, "from capsule import task\n@task(name='main')\ndef main(:\n")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", "--json", str(program)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # `| true`: nobody reads the envelope
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2
+    assert "importing the program failed" in stderr and "Traceback (most" not in stderr
+
+
 def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
     source = """
     from capsule import sleep, task

@@ -554,3 +554,22 @@ def test_oversized_results_and_arguments_are_refused(run_program: ProgramRunner)
     assert (
         "the arguments to 'takes' are" in arguments and "limited to 67,108,864 bytes" in arguments
     )
+
+
+def test_a_traps_message_is_its_cause_on_one_line() -> None:
+    from capsule.sandbox.engine import _trap_cause
+
+    backtrace = "error while executing at wasm backtrace:\n    0: 0x1f - libc.so!abort\n\n"
+    assert _trap_cause(
+        Exception(
+            backtrace + "Caused by:\n    0: memory fault at wasm address 0xf423f in linear "
+            "memory of size 0x10000\n    1: wasm trap: out of bounds memory access"
+        )
+    ) == (
+        "wasm trap: out of bounds memory access: memory fault at wasm address 0xf423f "
+        "in linear memory of size 0x10000"
+    )
+    assert _trap_cause(
+        Exception(backtrace + "Caused by:\n    wasm trap: call stack exhausted")
+    ) == ("its call stack overflowed (recursion too deep?): wasm trap: call stack exhausted")
+    assert _trap_cause(Exception("one line, no backtrace")) == "one line, no backtrace"

@@ -135,7 +135,11 @@ class HttpClient:
 
                 portal_cm = start_blocking_portal(name="capsule-http")
                 portal = portal_cm.__enter__()
-                self._client = portal.call(_new_client)
+                try:
+                    self._client = portal.call(_new_client)
+                except BaseException:
+                    portal_cm.__exit__(None, None, None)  # its loop thread stops
+                    raise
                 self._portal_cm, self._portal = portal_cm, portal
             return self._portal
 
@@ -147,9 +151,15 @@ class HttpClient:
             if self._portal is not None or self._warming is not None:
                 return
             self._warming = threading.Thread(
-                target=self._started, name="capsule-http-start", daemon=True
+                target=self._warm, name="capsule-http-start", daemon=True
             )
             self._warming.start()
+
+    def _warm(self) -> None:
+        try:
+            self._started()
+        except Exception:
+            pass  # the first request starts it again, and reports what fails then
 
     def close(self) -> None:
         """Close the connections and stop the event loop (if it ever started);

@@ -17,6 +17,7 @@ import ctypes
 import json
 import os
 import queue
+import re
 import threading
 import time
 import traceback
@@ -883,11 +884,16 @@ class Sandbox:
 
 def _trap_cause(exc: Exception) -> str:
     """What a trap says in a line. wasmtime's text starts with "error while
-    executing at wasm backtrace:" and a frame per line, and ends with the cause."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    executing at wasm backtrace:" and a frame per line, and ends with "Caused
+    by:" and the causes, numbered ("0: memory fault at ...", "1: wasm trap: ...")."""
+    text = str(exc).strip()
+    head, _, causes = text.partition("Caused by:")
+    lines = [line.strip() for line in (causes or head).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    cause = lines[-1] if "Caused by:" in lines else lines[0]
+    if not causes:
+        return lines[0]
+    cause = ": ".join(reversed([re.sub(r"^\d+: ", "", line) for line in lines]))
     if "call stack exhausted" in cause:
         return f"its call stack overflowed (recursion too deep?): {cause}"
     return cause

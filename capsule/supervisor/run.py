@@ -366,8 +366,10 @@ class Run:
                 interrupted = True
                 self._cancel_scope(root, "cancelled: the run was interrupted")
         thread.join()
-        self._http.close()
-        sys.setrecursionlimit(recursion_limit)
+        try:
+            self._http.close()
+        finally:
+            sys.setrecursionlimit(recursion_limit)
         if failure:
             raise failure[0]
         if self.journal_failure is not None:
@@ -1250,7 +1252,7 @@ class Run:
                         waiting = True
                     if hibernate_at is not None and now >= hibernate_at:
                         released = self.sandbox.hibernate()
-                        if released:
+                        if released and waiting:  # (a wait too short to report, silent)
                             self.events.emit(TaskHibernated(**ids, released_bytes=released))
                         hibernate_at = None
                         now = time.monotonic()  # (it took a few milliseconds)
