@@ -144,7 +144,8 @@ class Router:
 
     def try_send(self, target_id: str, message: Message, sender: Waker) -> bool:
         """Deliver, or return False (mailbox full: ``sender`` is woken when it
-        may try again). Raises RoutingError if the target has ended."""
+        may try again). Raises RoutingError if the target has ended, or if the
+        run's messages not yet received would be over ``max_queued_bytes``."""
         with self._lock:
             mailbox = self._mailboxes.get(target_id)
             if mailbox is None:
