@@ -3,7 +3,7 @@
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
 failed after its retries); 2 usage, config, program or journal error (nothing
 ran, or the journal could not be written); 3 the sandbox runtime could not be
-built or loaded; 130 interrupted.
+built or loaded; 130 interrupted (Ctrl-C, or SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -148,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _EXIT_CODES = (
     "exit codes: 0 success, 1 the workflow failed, 2 usage, config, program or journal "
-    "error, 3 the sandbox runtime could not be built or loaded, 130 interrupted"
+    "error, 3 the sandbox runtime could not be built or loaded, 130 interrupted (Ctrl-C, "
+    "SIGTERM)"
 )
 
 
@@ -256,6 +258,7 @@ def _run_command(options: argparse.Namespace) -> int:
         if not _in_terminal("--tui"):
             return EXIT_USAGE
         return _run_with_tui(request, options, renderer, path)
+    _stop_on_sigterm()
     try:
         if options.no_journal:
             report = run_program(request, renderer.on_event, event_types=renderer.event_types)
@@ -285,6 +288,14 @@ def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -
             f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled{hint}"
         )
     return _exit_code(report)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (`kill`, `docker stop`, systemd) stops a run as Ctrl-C does: every
+    task cancelled, the journal written, exit 130, resumable. By default Python
+    would die at once, like kill -9 (resumable too, but with the last moments of
+    the journal and of the output lost)."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _print_out(text: str) -> None:
@@ -414,6 +425,7 @@ def _resume_command(options: argparse.Namespace) -> int:
 
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()
+    _stop_on_sigterm()
     try:
         report = resume_journaled(
             _journal_path(options),

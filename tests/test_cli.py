@@ -335,7 +335,9 @@ def test_user_modules_and_pure_python_packages_load_at_run_time(tmp_path: Path) 
     assert "building the guest runtime" not in done.stderr
 
 
-def test_interrupt_cancels_every_task_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_cancels_every_task_and_exits_130(tmp_path: Path, signal_name: str) -> None:
+    """Ctrl-C, and SIGTERM (`kill`, `docker stop`) alike."""
     import signal
     import sys
     import time
@@ -364,7 +366,7 @@ def test_interrupt_cancels_every_task_and_exits_130(tmp_path: Path) -> None:
     )
     assert process.stderr is not None
     assert process.stderr.readline() == "spinning\n"  # the child is in its CPU loop
-    process.send_signal(signal.SIGINT)
+    process.send_signal(getattr(signal, signal_name))
     interrupted_at = time.monotonic()
     out, err = process.communicate(timeout=60)
     assert process.returncode == 130, err
