@@ -696,6 +696,15 @@ def test_capsule_tui_without_a_journal_says_where_it_looked(tmp_path: Path) -> N
     assert done.returncode == 2 and "no journal at" in done.stderr
 
 
+def test_a_directory_given_as_the_journal_is_named_as_such(tmp_path: Path) -> None:
+    program = _write(
+        tmp_path, "from capsule import task\n@task(name='main')\ndef main():\n    return 1\n"
+    )
+    done = capsule_cli("run", str(program), "--journal", str(tmp_path))
+    assert done.returncode == 2
+    assert f"the journal {tmp_path} is a directory" in done.stderr
+
+
 def test_the_tui_without_a_terminal_is_refused_not_left_waiting(tmp_path: Path) -> None:
     """Textual would wait for keys on a pipe: a clear error instead, before the
     program runs (the tests' subprocesses have pipes, not a terminal)."""

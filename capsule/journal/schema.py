@@ -217,6 +217,8 @@ def describe_error(path: Path, exc: BaseException) -> str:
     """What went wrong with the journal file, in words that suggest the fix."""
     text = str(exc)
     code = getattr(exc, "errno", None)
+    if path.is_dir():
+        return f"the journal {path} is a directory; pass the journal's file (--journal PATH)"
     if "readonly" in text or code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return (
             f"the journal {path} cannot be written: it is read-only or not ours to write "
