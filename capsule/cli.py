@@ -365,9 +365,10 @@ def _run_with_tui(
 def _in_terminal(what: str) -> bool:
     """Whether the terminal UI can run: it draws on stdout and reads keys from
     stdin. (Without a terminal, Textual would wait for a key that never comes.)"""
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    keys = sys.stdin is not None and sys.stdin.isatty()
+    if keys and sys.stdout is not None and sys.stdout.isatty():
         return True
-    which = "stdout" if sys.stdin.isatty() else "stdin"
+    which = "stdout" if keys else "stdin"
     _error(
         f"{what} needs a terminal, and {which} is not one; `capsule run` without "
         f"--tui prints the run, `capsule inspect` shows a journaled one"
