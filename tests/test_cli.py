@@ -308,6 +308,35 @@ def test_unavailable_module_names_module(tmp_path: Path) -> None:
     assert "No module named 'tkinter': it is not in the sandbox's standard library" in done.stderr
 
 
+def test_the_stdlib_modules_libraries_import_and_every_codec_are_there(tmp_path: Path) -> None:
+    """Libraries import platform, pickle, threading, asyncio... at their top
+    (attrs imported platform and failed), and codecs are modules the registry
+    imports by name (idna's punycode failed): all are in the snapshot."""
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main", max_retries=0)
+        def main():
+            import asyncio, configparser, pickle, platform, queue, shutil, tempfile
+            import threading, zipfile, xml.etree.ElementTree as tree
+
+            assert pickle.loads(pickle.dumps({"a": [1, 2]})) == {"a": [1, 2]}
+            assert tree.fromstring("<a><b/></a>")[0].tag == "b"
+            return [
+                "bücher".encode("punycode").decode(),
+                "bü".encode("cp1252").hex(),
+                "€".encode("utf-16-le").hex(),
+                platform.python_implementation(),
+            ]
+        """,
+    )
+    done = capsule_cli("run", str(path), "--no-journal")
+    assert done.returncode == 0, done.stderr
+    assert done.json() == ["bcher-kva", "62fc", "ac20", "CPython"]
+
+
 def test_user_modules_and_pure_python_packages_load_at_run_time(tmp_path: Path) -> None:
     (tmp_path / "helpers").mkdir()
     (tmp_path / "helpers" / "__init__.py").write_text("from .text import shout\n")

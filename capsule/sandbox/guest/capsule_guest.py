@@ -35,10 +35,27 @@ GUEST_STDLIB = (
     "logging.handlers math numbers operator os pathlib pprint quopri random re "
     "reprlib secrets shlex statistics string stringprep struct textwrap time "
     "timeit tokenize tomllib traceback types typing unicodedata urllib urllib.parse "
-    "uuid warnings weakref zlib zoneinfo datetime"
+    "uuid warnings weakref zlib zoneinfo datetime "
+    # Pure-Python modules that libraries commonly import at their top (attrs
+    # imports platform, for one): importable here even where they can do little.
+    "asyncio bz2 codeop concurrent.futures configparser copyreg dis errno filecmp "
+    "fileinput getopt glob gzip http http.cookies importlib.metadata importlib.resources "
+    "lzma mimetypes opcode optparse pickle pkgutil platform plistlib queue sched selectors "
+    "shutil signal stat sysconfig tarfile tempfile threading token wave "
+    "xml.dom.minidom xml.etree.ElementTree zipfile"
 ).split()
 
-for _name in GUEST_STDLIB:
+
+def _encodings() -> list[str]:
+    # Every codec ("x".encode("cp1252"), idna's punycode): each is a module the
+    # codec registry imports by name, which it could not do after the snapshot.
+    import encodings
+    import pkgutil
+
+    return [f"encodings.{info.name}" for info in pkgutil.iter_modules(encodings.__path__)]
+
+
+for _name in [*GUEST_STDLIB, *_encodings()]:
     try:
         importlib.import_module(_name)
     except Exception:  # absent from this CPython build: leave it out
