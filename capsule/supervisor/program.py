@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES
 from capsule.sandbox.config import (
     RAM_FORMS,
     TIMEOUT_FORMS,
@@ -252,7 +251,7 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
             limits[setting] = parse_ram(value)
         except ValueError:
             raise ConfigError(f"{flag} {value!r} is invalid; expected {RAM_FORMS}") from None
-    queued = limits.get("max_queued_bytes", DEFAULT_MAX_QUEUED_BYTES)
+    queued = limits.get("max_queued_bytes", RunSettings.max_queued_bytes)
     largest = limits.get("max_message_bytes", RunSettings.max_message_bytes)
     if queued < largest:
         raise ConfigError(

@@ -138,7 +138,7 @@ class RunSettings:
     #: Largest message body, as JSON.
     max_message_bytes: int = 1024**2
     #: Total size of the messages sent and not yet received in the run: the
-    #: host memory guests can fill with them (a send over it waits).
+    #: host memory guests can fill with them (a send over it is refused).
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
