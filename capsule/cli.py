@@ -575,6 +575,11 @@ class _Renderer:
                 f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "
                 f"of memory it had only read"
             )
+        elif kind == "messages_returned":
+            line = (
+                f"{len(event.message_ids)} message(s) {label} had taken and not received went "
+                f"back to its mailbox as attempt {event.attempt} ended"
+            )
         elif kind == "http":
             outcome = event.status if event.error_kind is None else event.error_kind
             line = (

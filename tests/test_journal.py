@@ -163,7 +163,9 @@ def _as_schema_3(journal: Path) -> None:
                 for number, kind, r, ok, answer in json.loads(steps_json)
             ]
             for step in steps:
-                if step[1] == "receive" and step[3]:
+                # (A batch of messages, which that Capsule never took in one
+                # receive, is left as it is: the replay reads both forms.)
+                if step[1] == "receive" and step[3] and not step[4].startswith("[["):
                     message_id, sender, body, expects_reply = json.loads(step[4])
                     step[4] = json.dumps(
                         {

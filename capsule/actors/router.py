@@ -17,6 +17,11 @@ class Waker(Protocol):
 
 #: The size of the messages a run may hold sent and not yet received.
 DEFAULT_MAX_QUEUED_BYTES = 256 * 1024**2
+#: How many bytes of messages one receive takes at most (past the first).
+RECEIVED_BYTES = 256 * 1024
+#: The largest message (bytes of JSON) that may be sent on reserved room: a
+#: reservation holds this much of the run's queued size.
+RESERVED_MESSAGE_BYTES = 4096
 
 
 class RoutingError(Exception):
@@ -46,6 +51,8 @@ class Mailbox:
     blocked_senders: list[Waker] = field(default_factory=list)
     #: Size of the bodies of its messages.
     queued_bytes: int = 0
+    #: Places reserved for messages its senders are yet to deliver (see reserve).
+    reserved: int = 0
 
 
 @dataclass(eq=False)
@@ -72,7 +79,13 @@ class Router:
     host hold more however many mailboxes they fill: a send over that is refused
     at once (kind ``queue_full``), naming the mailbox that holds the most. (It
     does not wait: a receiver that stopped would hold up unrelated senders, and
-    small sends could keep overtaking a large one.)"""
+    small sends could keep overtaking a large one.)
+
+    A sender may reserve room in a mailbox (``reserve``) and deliver into it
+    later without a check that could fail or wait (``deliver_reserved``): its
+    task gathers those messages in its own memory and the host delivers them
+    in bulk. A reservation counts as a message in the mailbox, and as
+    RESERVED_MESSAGE_BYTES of the run's queued size, until used or released."""
 
     def __init__(
         self, mailbox_capacity: int, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
@@ -82,6 +95,8 @@ class Router:
         self._lock = threading.Lock()
         #: Size of the bodies of every message sent and not yet received.
         self._queued_bytes = 0
+        #: RESERVED_MESSAGE_BYTES for every reserved place.
+        self._reserved_bytes = 0
         self._mailboxes: dict[str, Mailbox] = {}
         self._names: dict[str, str] = {}
         self._replies: dict[str, _ReplySlot] = {}
@@ -112,6 +127,7 @@ class Router:
             to_wake: list[Waker] = list(mailbox.blocked_senders) if mailbox else []
             if mailbox is not None:
                 self._queued_bytes -= mailbox.queued_bytes
+                self._reserved_bytes -= mailbox.reserved * RESERVED_MESSAGE_BYTES
             for slot in self._replies.values():
                 if slot.target_id == task_id and slot.reply_json is None and slot.failure is None:
                     slot.failure = f"{task_id} ended without replying"
@@ -150,12 +166,12 @@ class Router:
             mailbox = self._mailboxes.get(target_id)
             if mailbox is None:
                 raise RoutingError("no_such_actor", f"task {target_id} has ended")
-            if len(mailbox.messages) >= mailbox.capacity:
+            if len(mailbox.messages) + mailbox.reserved >= mailbox.capacity:
                 if sender not in mailbox.blocked_senders:
                     mailbox.blocked_senders.append(sender)
                 return False
             size = _size(message)
-            if self._queued_bytes + size > self.max_queued_bytes:
+            if self._queued_bytes + self._reserved_bytes + size > self.max_queued_bytes:
                 raise self._queue_full(size)
             self._queued_bytes += size
             mailbox.queued_bytes += size
@@ -165,21 +181,90 @@ class Router:
             receiver.wake()
         return True
 
-    def try_receive(self, task_id: str, receiver: Waker) -> Message | None:
-        """The oldest message, or None (``receiver`` is woken when one arrives)."""
+    def reserve(self, target_id: str, wanted: int) -> int:
+        """Reserve up to ``wanted`` places in a mailbox for one sender's next
+        messages (each of at most RESERVED_MESSAGE_BYTES); returns how many (0
+        if the mailbox is nearly full, or the run's queued size nearly used)."""
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            if mailbox is None:
+                return 0
+            places = min(
+                wanted,
+                mailbox.capacity - len(mailbox.messages) - mailbox.reserved,
+                (self.max_queued_bytes - self._queued_bytes - self._reserved_bytes)
+                // RESERVED_MESSAGE_BYTES,
+            )
+            if places <= 0:
+                return 0
+            mailbox.reserved += places
+            self._reserved_bytes += places * RESERVED_MESSAGE_BYTES
+            return places
+
+    def release(self, target_id: str, places: int) -> None:
+        """Give back reserved places the sender did not use."""
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            if mailbox is None or places <= 0:
+                return
+            mailbox.reserved -= places
+            self._reserved_bytes -= places * RESERVED_MESSAGE_BYTES
+            senders, mailbox.blocked_senders = mailbox.blocked_senders, []
+        for sender in senders:
+            sender.wake()
+
+    def deliver_reserved(self, target_id: str, message: Message) -> None:
+        """Deliver a message into a place reserved for it. A mailbox gone (its
+        task ended since) drops it, as it drops the messages in it."""
+        with self._lock:
+            mailbox = self._mailboxes.get(target_id)
+            if mailbox is None:
+                return
+            mailbox.reserved -= 1
+            self._reserved_bytes -= RESERVED_MESSAGE_BYTES
+            size = _size(message)
+            self._queued_bytes += size
+            mailbox.queued_bytes += size
+            mailbox.messages.append(message)
+            receiver, mailbox.receiver = mailbox.receiver, None
+        if receiver is not None:
+            receiver.wake()
+
+    def try_receive(self, task_id: str, receiver: Waker, most: int = 1) -> list[Message]:
+        """The oldest messages, up to ``most`` (past the first, as many as fit in
+        RECEIVED_BYTES), or none (``receiver`` is woken when one arrives)."""
         with self._lock:
             mailbox = self._mailboxes[task_id]
-            if not mailbox.messages:
+            messages = mailbox.messages
+            if not messages:
                 mailbox.receiver = receiver
-                return None
-            message = mailbox.messages.popleft()
-            size = _size(message)
+                return []
+            taken = [messages.popleft()]
+            size = _size(taken[0])
+            while messages and len(taken) < most:
+                next_size = _size(messages[0])
+                if size + next_size > RECEIVED_BYTES:
+                    break
+                taken.append(messages.popleft())
+                size += next_size
             self._queued_bytes -= size
             mailbox.queued_bytes -= size
             senders, mailbox.blocked_senders = mailbox.blocked_senders, []
         for sender in senders:
             sender.wake()
-        return message
+        return taken
+
+    def put_back(self, task_id: str, messages: list[Message]) -> None:
+        """Return messages taken and not consumed to the front of a mailbox, in
+        their order (over its capacity if need be: they were in it before)."""
+        with self._lock:
+            mailbox = self._mailboxes.get(task_id)
+            if mailbox is None:
+                return
+            mailbox.messages.extendleft(reversed(messages))
+            size = sum(_size(message) for message in messages)
+            self._queued_bytes += size
+            mailbox.queued_bytes += size
 
     def forget_sender(self, target_id: str, sender: Waker) -> None:
         with self._lock:

@@ -272,14 +272,24 @@ async def load_history(path: Path, run_id: str) -> History:
                 )
         cursor = await db.execute(
             "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
-            "AND type IN ('retrying', 'completed')",
+            "AND type IN ('retrying', 'completed', 'messages_returned')",
             (run_id,),
         )
+        #: By message id: the last attempt of its target that took it from its
+        #: mailbox, and the last that put it back unreceived.
+        received_in: dict[str, int] = {}
+        returned_in: dict[str, int] = {}
         for task_id, kind, data in await cursor.fetchall():
+            fields = json.loads(data)
+            attempt = int(fields.get("attempt", 0))
+            if kind == "messages_returned":
+                for message_id in fields.get("message_ids", ()):
+                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
             ended = history.tasks.get(task_id)
             if ended is None:
                 continue
-            ended.ended_attempts.add(int(json.loads(data).get("attempt", 0)))
+            # (An attempt that put messages back was ending: not replayed.)
+            ended.ended_attempts.add(attempt)
             if kind == "retrying":
                 ended.failures += 1
         cursor = await db.execute(
@@ -296,7 +306,6 @@ async def load_history(path: Path, run_id: str) -> History:
             for task_id, task in history.tasks.items()
             if task.final is None and task.attempts
         }
-        received: set[str] = set()
         sent: list[PendingMessage] = []
         cursor = await db.execute(
             "SELECT task_id, attempt, steps_json FROM step_batches "
@@ -314,8 +323,12 @@ async def load_history(path: Path, run_id: str) -> History:
             for number, kind, request, ok, answer, *_ in json.loads(batch):
                 strings = request if isinstance(request, list) else None
                 if kind == "receive" and ok:
-                    envelope = json.loads(answer)  # an object before version 5
-                    received.add(envelope[0] if isinstance(envelope, list) else envelope["id"])
+                    # [id, ...], or a batch of them; an object before version 5.
+                    envelope = json.loads(answer)
+                    if isinstance(envelope, dict):
+                        envelope = [envelope["id"]]
+                    for taken in envelope if isinstance(envelope[0], list) else [envelope]:
+                        received_in[taken[0]] = max(received_in.get(taken[0], 0), attempt)
                 elif kind == "send" and ok:
                     delivered = json.loads(answer)
                     body = (strings or json.loads(request))[1]
@@ -337,6 +350,11 @@ async def load_history(path: Path, run_id: str) -> History:
         )
         for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
             sent.append(PendingMessage(message_id, sender, target_id, body, bool(expects_reply)))
+        received = {
+            message_id
+            for message_id, attempt in received_in.items()
+            if attempt > returned_in.get(message_id, 0)
+        }
         history.received = received
         # Owed to their targets in the order each sender sent them (a sender
         # numbers its messages, sends and asks alike; between senders, a

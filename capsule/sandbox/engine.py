@@ -32,6 +32,8 @@ from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record, Variant
 
+from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
+from capsule.sandbox.channel import Channel, ChannelError
 from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
@@ -126,6 +128,17 @@ class HostCalls(Protocol):
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
 
+    def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
+        """Messages the guest wrote to its channel (see channel.py), as (target,
+        body JSON), in its order: sends the host has not seen yet."""
+        ...
+
+    def ending(self, caller: Invocation, batch_taken: int | None) -> None:
+        """The attempt's instance is about to close (its last gathered messages
+        were handed over): ``batch_taken`` messages of the last batch it
+        received were given to its code (None: not known)."""
+        ...
+
     def wall_clock_ns(self, caller: Invocation) -> int:
         """Nanoseconds since the Unix epoch, for the guest's WASI wall clock."""
         ...
@@ -207,6 +220,12 @@ class RefusingHost(LiveClockAndRandom):
         message = "HTTP requests cannot be made while the program is being imported"
         return False, json.dumps({"kind": "host_not_allowed", "message": message})
 
+    def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
+        return None  # no credit is ever given: nothing to take
+
+    def ending(self, caller: Invocation, batch_taken: int | None) -> None:
+        return None
+
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         return None
 
@@ -238,6 +257,8 @@ class Invocation:
     seed: str = ""
     #: What the task may reach: hosts, environment variables, directories.
     grants: Grants = NO_GRANTS
+    #: Its instance's message channel, once the host opened it (channel.py).
+    channel: Channel | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -317,6 +338,10 @@ class _TrackedStore(wasmtime.Store):
         self.memory: Memory | None = None
         #: What only its instance's memory holds, and where (from the guest's load).
         self.marker: Marker | None = None
+        #: Where the guest says its message channel is: (offset, size).
+        self.channel_at: tuple[int, int] | None = None
+        #: Its channel, once opened (None, and channel_at None, if it cannot be).
+        self.channel: Channel | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -374,18 +399,28 @@ def _source_record(source: ModuleSource) -> Record:
     )
 
 
-def _memory_marker(loaded: str, nonce: bytes) -> Marker | None:
-    """Where the guest's load says it keeps ``nonce`` (nothing if malformed).
-    The address is the guest's word (the program's import ran before load
-    returned, and may have meddled); the bytes are the host's, which no other
-    instance has, so only this instance's memory can hold them."""
+def _memory_layout(loaded: str, nonce: bytes) -> tuple[Marker | None, tuple[int, int] | None]:
+    """Where the guest's load says it keeps ``nonce``, and its message channel
+    as (offset, size) (each None if malformed). Addresses are the guest's word
+    (the program's import ran before load returned, and may have meddled); the
+    nonce's bytes are the host's, which no other instance has, so only this
+    instance's memory can hold them, and the channel is looked for only there."""
     try:
-        address = json.loads(loaded)["marker"]
-    except (ValueError, KeyError, TypeError):
-        return None
+        layout = json.loads(loaded)
+        address, channel = layout["marker"], layout.get("channel")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, None
     if type(address) is not int or not 0 <= address < 2**32:
-        return None
-    return Marker(address, nonce)
+        return None, None
+    marker = Marker(address, nonce)
+    if (
+        not isinstance(channel, list)
+        or len(channel) != 2
+        or not all(type(value) is int for value in channel)
+        or not (0 <= channel[0] < 2**32 and 16 <= channel[1] <= MAX_CHANNEL_SIZE)
+    ):
+        return marker, None
+    return marker, (channel[0], channel[1])
 
 
 def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
@@ -431,6 +466,32 @@ def _failed(invocation: Invocation, answer: Answer) -> Answer:
     return answer
 
 
+def _take_gathered(invocation: Invocation, channel: Channel, restart: bool) -> None:
+    """Hand the host the messages the guest wrote to its channel since the last
+    look (see channel.py); ``restart`` (only inside a host call): start the
+    channel's records again. Ends the instance if the channel holds garbage, or
+    if handing them over ended the caller (a replay that diverged)."""
+    try:
+        records = channel.take()
+    except ChannelError as exc:
+        invocation.aborted = ErrorInfo("trap", f"the task's message channel is corrupt: {exc}")
+        invocation.stop_reason = "aborted"
+        raise _Stop("capsule: aborted") from None
+    if records:
+        invocation.host.gathered(invocation, records)
+        if invocation.aborted is not None:
+            invocation.stop_reason = "aborted"
+            raise _Stop("capsule: aborted")
+    if restart:
+        channel.restart()
+
+
+def _trap_with(message: str) -> int:
+    """What the epoch callback returns to trap the instance."""
+    error = ffi.wasmtime_error_new(message.encode())
+    return ctypes.cast(error, ctypes.c_void_p).value or 0
+
+
 # wasmtime-py has no high-level epoch callback; the raw C API binding works with
 # component instances. The callback and finalizer types are the binding's own.
 _EPOCH_CALLBACK_TYPE, _FINALIZER_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[
@@ -446,19 +507,28 @@ def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
         left = ctypes.c_uint64(0)
         if not ffi.wasmtime_context_get_fuel(context, ctypes.byref(left)):
             invocation.fuel_left = left.value
+        channel = invocation.channel
+        if channel is not None:
+            # Messages a task gathered reach their targets within a tick, even
+            # if it computes after sending instead of calling the host.
+            try:
+                _take_gathered(invocation, channel, restart=False)
+            except _Stop:
+                return _trap_with("capsule: aborted")
+            except Exception as exc:
+                _host_failure(exc)
+                return _trap_with("capsule: host error")
         reason = invocation.check_stop()
         if reason is not None:
             invocation.stop_reason = reason
-            error = ffi.wasmtime_error_new(f"capsule: {reason}".encode())
-            return ctypes.cast(error, ctypes.c_void_p).value or 0
+            return _trap_with(f"capsule: {reason}")
         slots: CpuSlots | None = getattr(_thread, "slots", None)
         if slots is not None:
             slots.yield_turn()  # blocks while other instances take their turn
             reason = invocation.check_stop()
             if reason is not None:  # cancelled while it waited for its turn
                 invocation.stop_reason = reason
-                error = ffi.wasmtime_error_new(f"capsule: {reason}".encode())
-                return ctypes.cast(error, ctypes.c_void_p).value or 0
+                return _trap_with(f"capsule: {reason}")
     delta[0] = 1
     kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
     return 0
@@ -563,12 +633,16 @@ class Sandbox:
         return linker
 
     # Each function below serves one import: it takes the import's arguments
-    # and answers a result<...> as an (ok, payload) pair (see hostcall).
+    # and answers a result<...> as an (ok, payload) pair (see hostcall). Those
+    # that are steps first take the messages the guest gathered in its channel,
+    # which it sent before making this call.
     # Timeouts come in milliseconds and are converted inline: a helper's call
     # per message cost more than the division.
 
     def _wall_clock_now(self) -> Any:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         nanoseconds = invocation.host.wall_clock_ns(invocation)
         _stop_if_asked(invocation)  # e.g. a replay that diverged here
         return _record(seconds=nanoseconds // 10**9, nanoseconds=nanoseconds % 10**9)
@@ -578,12 +652,16 @@ class Sandbox:
 
     def _monotonic_ns(self) -> int:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         nanoseconds = invocation.host.monotonic_ns(invocation)
         _stop_if_asked(invocation)
         return nanoseconds
 
     def _random_bytes(self, count: int) -> bytes:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         if count > MAX_RANDOM_BYTES:
             invocation.aborted = ErrorInfo(
                 "limit",
@@ -601,6 +679,8 @@ class Sandbox:
 
     def _http_request(self, request_json: str) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.http(invocation, request_json)
         return answer if answer[0] else _failed(invocation, answer)
 
@@ -620,16 +700,22 @@ class Sandbox:
 
     def _call_task(self, name: str, call_json: str) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.call_task(invocation, name, call_json)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
         return answer if answer[0] else _failed(invocation, answer)
 
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.wait(
             invocation, ids_json, None if timeout_ms is None else timeout_ms / 1000
         )
@@ -637,16 +723,22 @@ class Sandbox:
 
     def _cancel(self, task_id: str) -> None:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         invocation.host.cancel(invocation, task_id)
         _stop_if_asked(invocation)
 
     def _sleep(self, ms: int) -> None:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         invocation.host.sleep(invocation, ms / 1000)
         _stop_if_asked(invocation)
 
     def _send(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.send(
             invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
         )
@@ -654,6 +746,8 @@ class Sandbox:
 
     def _receive(self, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.receive(
             invocation, None if timeout_ms is None else timeout_ms / 1000
         )
@@ -661,6 +755,8 @@ class Sandbox:
 
     def _ask(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         answer = invocation.host.ask(
             invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
         )
@@ -668,10 +764,14 @@ class Sandbox:
 
     def _reply(self, message_id: str, body_json: str) -> Answer:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         return invocation.host.reply(invocation, message_id, body_json)
 
     def _write(self, stream: str, text: str) -> None:
         invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            _take_gathered(invocation, invocation.channel, restart=True)
         invocation.host.output(invocation, stream, text)
         _stop_if_asked(invocation)
 
@@ -725,7 +825,7 @@ class Sandbox:
             if isinstance(result, ErrorInfo):
                 store.close()
                 raise PrepareError(result)
-        store.marker = _memory_marker(result, nonce)
+        store.marker, store.channel_at = _memory_layout(result, nonce)
         return Prepared(program, store, instance, declared=result)
 
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
@@ -746,6 +846,25 @@ class Sandbox:
         if store is None or store.marker is None:
             return 0
         return self.prefaulter.release(store.memory, store.marker)
+
+    def open_channel(self) -> Channel | None:
+        """On the thread of a task whose guest is in a host call: its instance's
+        message channel (channel.py), opened on first use; None if it cannot be
+        (the guest gave no marker or channel, or its memory was not found: the
+        same lookup as hibernation's, ~20 us once per instance)."""
+        invocation: Invocation = _thread.invocation
+        if invocation.channel is not None:
+            return invocation.channel
+        store: _TrackedStore | None = getattr(_thread, "store", None)
+        if store is None or store.channel_at is None or store.marker is None:
+            return None
+        offset, size = store.channel_at
+        located = self.prefaulter.linear_memory(store.memory, store.marker)
+        if located is None or located[0] + offset + size > located[1]:
+            store.channel_at = None  # (not looked for again)
+            return None
+        store.channel = invocation.channel = Channel(located[0] + offset, size)
+        return store.channel
 
     def invoke(
         self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
@@ -810,6 +929,7 @@ class Sandbox:
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 result = self._classify(invocation, exc)
             finally:
+                ending_failure = self._end_attempt(invocation)
                 fuel = self._used(store, invocation)
                 if store.memory is not None:
                     store.memory.ran = True  # learned from at teardown if a sample
@@ -817,9 +937,39 @@ class Sandbox:
                     self._pool.retire(store)
                 else:
                     store.close()
+        if ending_failure is not None and not isinstance(result, ErrorInfo):
+            result = ending_failure
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started)
         return self._outcome(result, None, fuel, started)
+
+    @staticmethod
+    def _end_attempt(invocation: Invocation) -> ErrorInfo | None:
+        """Before the attempt's instance closes, however it ended (a trap too):
+        hand the host what is left in its channel, and tell it how much of the
+        last batch of messages the guest took."""
+        channel = invocation.channel
+        failure = None
+        taken = None
+        try:
+            if channel is not None:
+                taken = channel.batch_taken()
+                records = channel.take()
+                if records:
+                    invocation.host.gathered(invocation, records)
+        except ChannelError as exc:
+            failure = ErrorInfo("trap", f"the task's message channel is corrupt: {exc}")
+        except Exception:
+            failure = ErrorInfo(
+                "trap", "the host failed while ending the task", traceback=traceback.format_exc()
+            )
+        try:
+            invocation.host.ending(invocation, taken)
+        except Exception:
+            failure = failure or ErrorInfo(
+                "trap", "the host failed while ending the task", traceback=traceback.format_exc()
+            )
+        return failure
 
     def _call_export(
         self, store: wasmtime.Store, instance: Instance, index: Any, payload: Any

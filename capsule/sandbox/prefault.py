@@ -231,52 +231,78 @@ class Prefaulter:
         instance's could lose what that one is writing meanwhile."""
         if not self._releasing_enabled:  # (looked at again under the lock)
             return 0
-        mappings: _Mappings
-        if self._query:
-            mappings = _QueriedMappings(self)
-        else:
-            # Read before taking the lock (4 - 8 ms with many instances alive):
-            # a stale list only misguides where to look; the marker decides.
-            try:
-                mappings = _MapsText(self._image, self._path)
-            except OSError:
-                return 0
+        mappings = self._mappings()
+        if mappings is None:
+            return 0
         # (Held throughout: close() must not close, and the number be reused
         # by another file, between reading the pagemap and unmapping.)
         with self._releasing:
-            if not self._releasing_enabled:
-                return 0
-            guesses = [marker.image] if marker.image else []
-            if memory is not None:
-                guesses.append((memory.start, memory.end))
-            # (Going through all image mappings costs ~10 us each: once per
-            # instance at most, when neither guess is right.)
-            candidates = chain(
-                (guess for guess in guesses if mappings.image_at(guess[0]) == guess[1]),
-                mappings.images(),
-            )
-            found = next(
-                (span for span in candidates if self._holds(mappings, span[0], marker)), None
-            )
+            found = self._locate(mappings, memory, marker)
             if found is None:
                 return 0
-            marker.image = start, end = found
+            start, end, _ = found
             runs = _read_only_runs(_pagemap(self._pagemap, start, end))
             if not runs or _advise_all(start, runs, _MADV_DONTNEED) != 0:
                 return 0
             self.released += 1
             return sum(count for _, count in runs) * _PAGE
 
-    def _holds(self, mappings: _Mappings, start: int, marker: Marker) -> bool:
-        """Whether the image mapping at ``start`` is that of the linear memory
-        holding ``marker``. (The memory begins where the writable anonymous
-        mapping just below the image does, if there is one: wasmtime maps the
-        image over the memory's data, after its stack. Either way, the marker's
-        bytes found there are inside that instance's memory reservation, and
-        only that instance was given them.)"""
+    def linear_memory(self, memory: Memory | None, marker: Marker) -> tuple[int, int] | None:
+        """Where the linear memory holding ``marker`` starts in this process, and
+        where the image mapped in it ends: every address between is that
+        instance's memory, mapped as long as its store is open."""
+        if not self._releasing_enabled:
+            return None
+        mappings = self._mappings()
+        if mappings is None:
+            return None
+        with self._releasing:
+            found = self._locate(mappings, memory, marker)
+        return None if found is None else (found[2], found[1])
+
+    def _mappings(self) -> _Mappings | None:
+        if self._query:
+            return _QueriedMappings(self)
+        # Read before taking the lock (4 - 8 ms with many instances alive):
+        # a stale list only misguides where to look; the marker decides.
+        try:
+            return _MapsText(self._image, self._path)
+        except OSError:
+            return None
+
+    def _locate(
+        self, mappings: _Mappings, memory: Memory | None, marker: Marker
+    ) -> tuple[int, int, int] | None:
+        """The image mapping holding ``marker``, as (start, end, where the linear
+        memory starts). Holding ``_releasing``."""
+        if not self._releasing_enabled:
+            return None
+        guesses = [marker.image] if marker.image else []
+        if memory is not None:
+            guesses.append((memory.start, memory.end))
+        # (Going through all image mappings costs ~10 us each: once per
+        # instance at most, when neither guess is right.)
+        candidates = chain(
+            (guess for guess in guesses if mappings.image_at(guess[0]) == guess[1]),
+            mappings.images(),
+        )
+        for start, end in candidates:
+            base = self._base(mappings, start, marker)
+            if base is not None:
+                marker.image = start, end
+                return start, end, base
+        return None
+
+    def _base(self, mappings: _Mappings, start: int, marker: Marker) -> int | None:
+        """Where the linear memory starts if the image mapping at ``start`` is
+        that of the one holding ``marker``. (The memory begins where the
+        writable anonymous mapping just below the image does, if there is one:
+        wasmtime maps the image over the memory's data, after its stack. Either
+        way, the marker's bytes found there are inside that instance's memory
+        reservation, and only that instance was given them.)"""
         below = mappings.memory_below(start)
         bases = [start] if below is None else [below, start]
-        return any(self._marker_at(base, marker) for base in bases)
+        return next((base for base in bases if self._marker_at(base, marker)), None)
 
     def _marker_at(self, base: int, marker: Marker) -> bool:
         """Whether the linear memory at ``base`` holds ``marker``."""

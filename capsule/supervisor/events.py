@@ -148,6 +148,15 @@ class MessageReceived(_Event):
     sender_id: str
 
 
+class MessagesReturned(_Event):
+    """Messages the attempt had taken from its mailbox in one batch and its code
+    never received went back to the front of its mailbox as it ended."""
+
+    type: Literal["messages_returned"] = "messages_returned"
+    attempt: int
+    message_ids: list[str]
+
+
 class TaskReplayed(_Event):
     """Part of the task came from the journal of the run being resumed: its
     outcome (``outcome`` set; the task did not execute again), or the first
@@ -192,6 +201,7 @@ TaskEvent = Annotated[
     | TaskResumed
     | MessageSent
     | MessageReceived
+    | MessagesReturned
     | TaskReplayed
     | HttpExchange
     | TaskOutput,

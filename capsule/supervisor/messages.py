@@ -11,14 +11,29 @@ import json
 import time
 from collections.abc import Callable
 
-from capsule.actors.router import Message, Router, RoutingError
-from capsule.sandbox.engine import Invocation
-from capsule.supervisor.events import EventStream, MessageReceived, MessageSent, WaitReason
+from capsule.actors.router import RESERVED_MESSAGE_BYTES, Message, Router, RoutingError
+from capsule.sandbox.channel import Channel
+from capsule.sandbox.engine import ErrorInfo, Invocation
+from capsule.supervisor.events import (
+    EventStream,
+    MessageReceived,
+    MessageSent,
+    MessagesReturned,
+    WaitReason,
+)
 from capsule.supervisor.steps import History, PendingMessage, json_string
 from capsule.supervisor.tree import Attempt
 
 #: The run's blocking wait: (attempt, ready, timeout, what it waits on) -> became ready.
 Block = Callable[[Attempt, Callable[[], bool], float | None, WaitReason], bool]
+
+#: How many places a send reserves in its target's mailbox for the sender's next
+#: messages to it, which its guest then writes to its channel instead of making
+#: a host call each (see capsule/sandbox/channel.py).
+CREDIT = 32
+#: How many waiting messages one receive hands over at most (the guest counts
+#: them in a byte).
+BATCH = 64
 
 
 class MessageCalls:
@@ -33,8 +48,11 @@ class MessageCalls:
         max_message_bytes: int,
         mailbox_capacity: int,
         on_ask: Callable[[PendingMessage], None],
+        open_channel: Callable[[], Channel | None],
         history: History | None = None,
     ) -> None:
+        #: The calling task's channel, opened on first use (on its thread).
+        self.open_channel = open_channel
         self.on_ask = on_ask
         self.history = history
         self.router = router
@@ -48,7 +66,59 @@ class MessageCalls:
     def send(
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._send(attempt, target, body_json, timeout, ask=False)[0]
+        answer, message = self._send(attempt, target, body_json, timeout, ask=False)
+        if message is not None:
+            # Room for the next messages to this target, which the guest may
+            # then write to its channel: one host call for CREDIT messages.
+            self._reserve(attempt, target)
+        return answer
+
+    def _reserve(self, attempt: Attempt, target: str) -> None:
+        previous = attempt.credit.pop(target, None)
+        if previous is not None:
+            self.router.release(previous[0], previous[1])
+        if self.open_channel() is None:
+            return
+        try:
+            target_id = self.router.resolve(target)
+        except RoutingError:  # it ended just now
+            return
+        places = self.router.reserve(target_id, CREDIT)
+        if places:
+            attempt.credit[target] = [target_id, places]
+            attempt.granted = places
+
+    def end_credit(self, attempt: Attempt) -> None:
+        """The guest forgot its credit (it made a call that may tell it more about
+        its targets, or ended): give the places it did not use back."""
+        credit = attempt.credit
+        if credit:
+            for target_id, places in credit.values():
+                self.router.release(target_id, places)
+            credit.clear()
+
+    def gathered(self, attempt: Attempt, target: str, body_json: str) -> tuple[bool, str]:
+        """Deliver a message the guest wrote to its channel (a send it made on
+        credit): into the place reserved for it, which neither waits nor fails.
+        A guest that wrote one without credit is ended."""
+        caller = attempt.invocation
+        message_id = attempt.node.next_message_id()
+        credit = attempt.credit.get(target)
+        if credit is None or credit[1] <= 0 or len(body_json) > RESERVED_MESSAGE_BYTES:
+            caller.aborted = ErrorInfo(
+                "trap",
+                f"the task wrote a message for {target!r} to its channel without room "
+                f"reserved for it",
+            )
+            return False, "{}"
+        credit[1] -= 1
+        target_id = credit[0]
+        message = Message(message_id, caller.task_id, body_json)
+        if self.history is None or message.id not in self.history.received:
+            self.router.deliver_reserved(target_id, message)
+        if self.wants("message_sent"):
+            self._sent_event(caller, message, target_id)
+        return True, _sent(message.id, target_id)
 
     def _send(
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None, ask: bool
@@ -100,54 +170,98 @@ class MessageCalls:
             # ask's answer is the reply, so the message is recorded on its own.
             self.on_ask(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
         if self.wants("message_sent"):
-            self.emit(
-                MessageSent(
-                    run_id=self.run_id,
-                    task_id=caller.task_id,
-                    task=caller.task,
-                    message_id=message.id,
-                    target_id=target_id,
-                    size=len(body_json),
-                    expects_reply=ask,
-                )
-            )
-        # The guest ignores what an ok send carries; the journal keeps it.
+            self._sent_event(caller, message, target_id)
         return (True, _sent(message.id, target_id)), message
+
+    def _sent_event(self, caller: Invocation, message: Message, target_id: str) -> None:
+        self.emit(
+            MessageSent(
+                run_id=self.run_id,
+                task_id=caller.task_id,
+                task=caller.task,
+                message_id=message.id,
+                target_id=target_id,
+                size=len(message.body_json),
+                expects_reply=message.expects_reply,
+            )
+        )
 
     def receive(self, attempt: Attempt, timeout: float | None) -> tuple[bool, str]:
         caller = attempt.invocation
+        attempt.batch = None  # (the guest asks only once it took all of it)
+        # Every message waiting goes at once if the guest can count them in its
+        # channel: one host call for a burst.
+        most = BATCH if caller.channel is not None or self.open_channel() is not None else 1
         # A waiting message is the common case on a busy mailbox: taken at once.
-        message = self.router.try_receive(caller.task_id, attempt)
-        if message is None:
-            got: list[Message] = []
+        messages = self.router.try_receive(caller.task_id, attempt, most)
+        if not messages:
 
             def arrived() -> bool:
-                message = self.router.try_receive(caller.task_id, attempt)
-                if message is not None:
-                    got.append(message)
-                return bool(got)
+                messages.extend(self.router.try_receive(caller.task_id, attempt, most))
+                return bool(messages)
 
             if not self.block(attempt, arrived, timeout, "receive"):
                 if caller.check_stop() is not None:
                     return False, "{}"
                 return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
-            message = got[0]
         if self.wants("message_received"):
-            self.emit(
-                MessageReceived(
-                    run_id=self.run_id,
-                    task_id=caller.task_id,
-                    task=caller.task,
-                    message_id=message.id,
-                    sender_id=message.sender,
+            for message in messages:
+                self.emit(
+                    MessageReceived(
+                        run_id=self.run_id,
+                        task_id=caller.task_id,
+                        task=caller.task,
+                        message_id=message.id,
+                        sender_id=message.sender,
+                    )
                 )
+        if len(messages) == 1:
+            return True, _envelope(messages[0])
+        self.batch_handed(attempt, messages)
+        return True, f"[{','.join(map(_envelope, messages))}]"
+
+    def batch_handed(self, attempt: Attempt, messages: list[Message]) -> None:
+        """The guest got ``messages`` at once, and gives them to the task's code
+        one by one, counting them in its channel."""
+        attempt.batch = messages
+        channel = attempt.invocation.channel
+        if channel is not None:
+            channel.batch_handed()
+
+    def replayed_receive(self, attempt: Attempt, answer: str) -> None:
+        """A receive answered from the journal: a batch is the guest's to hand
+        out as it was live (and what it does not take goes back at its end)."""
+        attempt.batch = None
+        if not answer.startswith("[["):
+            return
+        self.open_channel()
+        self.batch_handed(
+            attempt,
+            [
+                Message(message_id, sender, json.dumps(body), expects_reply)
+                for message_id, sender, body, expects_reply in json.loads(answer)
+            ],
+        )
+
+    def ending(self, attempt: Attempt, batch_taken: int | None) -> None:
+        """The attempt ends: give back its reserved places, and put the messages
+        of its last batch that its code never took back in its mailbox (the
+        next attempt, or a restart, gets them)."""
+        self.end_credit(attempt)
+        batch, attempt.batch = attempt.batch, None
+        if batch is None or batch_taken is None or batch_taken >= len(batch):
+            return
+        caller = attempt.invocation
+        returned = batch[max(0, batch_taken) :]
+        self.router.put_back(caller.task_id, returned)
+        self.emit(
+            MessagesReturned(
+                run_id=self.run_id,
+                task_id=caller.task_id,
+                task=caller.task,
+                attempt=caller.attempt,
+                message_ids=[message.id for message in returned],
             )
-        # [id, sender, body, expects_reply]: an array, which the guest reads in
-        # half the time of an object. The body is JSON already: spliced in, not
-        # parsed and dumped again.
-        return True, (
-            f"[{json_string(message.id)},{json_string(message.sender)},{message.body_json},"
-            f"{'true' if message.expects_reply else 'false'}]"
         )
 
     def ask(
@@ -192,6 +306,16 @@ class MessageCalls:
         except RoutingError as exc:
             return _message_error(exc.kind, str(exc))
         return True, ""
+
+
+def _envelope(message: Message) -> str:
+    """A received message as the guest reads it: [id, sender, body, expects_reply],
+    an array, which it reads in half the time of an object. The body is JSON
+    already: spliced in, not parsed and dumped again."""
+    return (
+        f"[{json_string(message.id)},{json_string(message.sender)},{message.body_json},"
+        f"{'true' if message.expects_reply else 'false'}]"
+    )
 
 
 def _sent(message_id: str, target_id: str) -> str:

@@ -24,7 +24,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
+from capsule.actors.router import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    RESERVED_MESSAGE_BYTES,
+    Message,
+    Router,
+    RoutingError,
+)
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest
 from capsule.net.redact import redact_response_json, redact_url
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
@@ -89,6 +95,10 @@ HOST_FRAMES_PER_LEVEL = 40
 MAX_PAYLOAD_BYTES = 64 * 1024**2
 #: Kinds that a retry cannot fix.
 NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence"})
+#: Steps before which a guest forgets the credit its sends were given (after
+#: them it may know more about its targets: that one ended, say), and the host
+#: gives back the places reserved for it (see MessageCalls.send).
+ENDS_CREDIT = frozenset({"call", "spawn", "wait", "cancel", "sleep", "ask", "http"})
 
 
 class ProgramError(Exception):
@@ -228,6 +238,7 @@ class Run:
             max_message_bytes=self.settings.max_message_bytes,
             mailbox_capacity=self.settings.mailbox_capacity,
             on_ask=lambda message: self._log(self._steps.ask_sent, message),
+            open_channel=self.sandbox.open_channel,
             history=history,
         )
 
@@ -795,6 +806,8 @@ class Run:
         attempt = self._attempts[caller]
         attempt.steps_taken += 1
         number = attempt.steps_taken
+        if attempt.credit and kind in ENDS_CREDIT:  # as the guest forgot its credit
+            self._messages.end_credit(attempt)
         if attempt.replay:
             request = request_text(request)
             recorded = attempt.replay.popleft()
@@ -1044,11 +1057,46 @@ class Run:
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
-        return self._outgoing(caller, "send", target, body_json, timeout)
+        answer = self._outgoing(caller, "send", target, body_json, timeout)
+        attempt = self._attempts[caller]
+        granted = attempt.granted
+        if not granted:
+            return answer
+        # Credit goes to the guest, not to the journal: a replay's sends all go
+        # through the host, and are the same steps in the same order.
+        attempt.granted = 0
+        return True, f'{answer[1][:-1]}, "credit": [{granted}, {RESERVED_MESSAGE_BYTES}]}}'
+
+    def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
+        # Each a send step, in the guest's order and before the step of the
+        # call during which they are taken (if any), as if sent one by one.
+        attempt = self._attempts[caller]
+        deliver = self._messages.gathered
+        for target, body_json in records:
+            self._step(
+                caller,
+                "send",
+                (target, body_json),
+                partial(deliver, attempt, target, body_json),
+                replayed=lambda _: attempt.node.next_message_id(),
+            )
+            if caller.aborted is not None:
+                return
+
+    def ending(self, caller: Invocation, batch_taken: int | None) -> None:
+        attempt = self._attempts.get(caller)
+        if attempt is not None:
+            self._messages.ending(attempt, batch_taken)
 
     def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
-        return self._step(caller, "receive", "", partial(self._messages.receive, attempt, timeout))
+        return self._step(
+            caller,
+            "receive",
+            "",
+            partial(self._messages.receive, attempt, timeout),
+            replayed=lambda step: self._messages.replayed_receive(attempt, step.answer),
+        )
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None

@@ -17,6 +17,7 @@ from capsule.sandbox.engine import ErrorInfo, Invocation, RefusingHost
 from capsule.supervisor.events import ErrorDetail
 
 if TYPE_CHECKING:
+    from capsule.actors.router import Message
     from capsule.supervisor.steps import Step
 
 
@@ -97,6 +98,14 @@ class Attempt:
     replay: deque[Step] = field(default_factory=deque)
     #: Host calls (steps) made so far.
     steps_taken: int = 0
+    #: Room reserved for its messages in targets' mailboxes, by target as the
+    #: guest names it: [target id, messages left] (see MessageCalls.send).
+    credit: dict[str, list[Any]] = field(default_factory=dict)
+    #: Places its last send reserved, for the answer the guest sees (0: none).
+    granted: int = 0
+    #: The last batch of messages it received, which its guest hands to the
+    #: task's code one by one (the rest go back to its mailbox when it ends).
+    batch: list[Message] | None = None
     #: Held while no wake-up is pending; a wake releases it, the wait takes it.
     _no_wakeup: threading.Lock = field(default_factory=_held_lock, repr=False)
 

@@ -200,6 +200,11 @@ class RunModel:
         elif kind == "http":
             status = event.get("status") or event.get("error_kind")
             view.timeline.append((at, f"http {event.get('method')} {event.get('url')} -> {status}"))
+        elif kind == "messages_returned":
+            count = len(event.get("message_ids") or [])
+            view.timeline.append(
+                (at, f"{count} message(s) it had not received back in its mailbox")
+            )
         elif kind in ("message_sent", "message_received"):
             other = event.get("target_id") or event.get("sender_id")
             word = "sent to" if kind == "message_sent" else "received from"

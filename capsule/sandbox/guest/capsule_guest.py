@@ -13,6 +13,7 @@ This file runs inside the sandbox only; it is data to the host.
 # ruff: noqa
 # mypy: ignore-errors
 
+import collections
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -21,8 +22,10 @@ import io
 import json
 import linecache
 import marshal
+import struct
 import sys
 import traceback
+from array import array
 
 # The standard library on offer. Each is imported now so that it is part of the
 # pre-initialised snapshot; a module that fails to import here is simply absent.
@@ -340,14 +343,66 @@ def _ms(seconds):
     return int(seconds * 1000)
 
 
+# The message channel this instance shares with the host (the host's
+# capsule/sandbox/channel.py says why and how): byte 0, how many messages of the
+# last batch received the task's code took; then records, each
+# [ready u8][target length u16][body length u32][target][body]. Allocated here,
+# in the snapshot, and filled, so that it lies in the memory image where the
+# host looks for it.
+_CHANNEL_SIZE = 64 * 1024
+_channel = array("B", b"\xff" * _CHANNEL_SIZE)
+_channel[0] = _channel[1] = 0
+_channel_bytes = memoryview(_channel)
+_RECORDS = 1
+_RECORD_HEAD = struct.Struct("<HI")
+
+
+def _channel_put(target: str, text: str, at: int) -> int:
+    """Write a message record at ``at`` (at the start again if the host, inside
+    a host call, cleared the first record's ready byte); returns where the next
+    one goes, or 0 if there is no room."""
+    name = target.encode()
+    record = _RECORD_HEAD.pack(len(name), len(text)) + name + text.encode()
+    while True:
+        if at > _RECORDS and _channel[_RECORDS] == 0:  # the host took them all
+            at = _RECORDS
+        end = at + 1 + len(record)
+        if end >= _CHANNEL_SIZE:
+            return 0
+        _channel[end] = 0  # the next record is not ready...
+        _channel_bytes[at + 1 : end] = record
+        _channel[at] = 1  # ...this one is: the host may take it from now on
+        if at == _RECORDS or _channel[_RECORDS] != 0:
+            return end
+        # The host started again while this one was written (a finalizer that
+        # printed, say, made a host call): it never saw it; written again.
+
+
 class GuestBackend:
     """Routes task calls in user code to the host."""
 
     def __init__(self) -> None:
         self.info = None
+        #: Messages each target (as the code names it) may still get through the
+        #: channel without a host call: room the host reserved in its mailbox.
+        self._credit = {}
+        #: Bodies larger than this (JSON characters) go through the host.
+        self._credit_bytes = 0
+        self._channel_at = _RECORDS
+        #: The rest of the last batch of messages the host handed over.
+        self._inbox = collections.deque()
+        self._taken = 0
+
+    def _end_credit(self) -> None:
+        # Before a call after which the code may know more about its targets
+        # (that one ended, say): the next send to each goes through the host,
+        # which says no_such_actor then. The host drops its reservations alike.
+        if self._credit:
+            self._credit.clear()
 
     def call_task(self, name, args, kwargs):
         payload = _payload(name, args, kwargs)
+        self._end_credit()
         _flush()
         try:
             return _loads(tasks.call(name, payload))
@@ -357,12 +412,14 @@ class GuestBackend:
     def spawn_task(self, name, args, kwargs, actor_name, awaited):
         payload = _payload(name, args, kwargs)
         options = json.dumps({"actor_name": actor_name, "awaited": awaited})
+        self._end_credit()
         try:
             return tasks.spawn(name, payload, options)
         except Err as err:
             raise TaskError.from_dict(json.loads(err.value)) from None
 
     def wait(self, task_ids, timeout):
+        self._end_credit()
         _flush()
         try:
             reply = tasks.wait(json.dumps(list(task_ids)), _ms(timeout))
@@ -380,34 +437,57 @@ class GuestBackend:
         return outcomes
 
     def cancel(self, task_id):
+        self._end_credit()
         tasks.cancel(task_id)
 
     def sleep(self, seconds):
+        self._end_credit()
         _flush()
         tasks.sleep(_ms(seconds) or 0)
 
     def send(self, target, body, timeout):
         text = _body(target, body)
         _flush()
+        credit = self._credit.get(target)
+        if credit and len(text) <= self._credit_bytes:
+            at = _channel_put(target, text, self._channel_at)
+            if at:
+                self._channel_at = at
+                self._credit[target] = credit - 1
+                return
         try:
-            messaging.send(target, text, _ms(timeout))
+            answer = messaging.send(target, text, _ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
+        if answer.endswith("]}"):  # {..., "credit": [messages, body characters]}
+            self._credit[target], self._credit_bytes = _loads(answer)["credit"]
 
     def receive(self, timeout):
+        inbox = self._inbox
+        if inbox:
+            self._taken += 1
+            _channel[0] = self._taken  # (the host puts back what was not taken)
+            return inbox.popleft()
         _flush()
         try:
             message = messaging.receive(_ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
         envelope = _loads(message)
-        if envelope.__class__ is list:  # [id, sender, body, expects_reply]
-            return envelope
+        if envelope.__class__ is list:
+            first = envelope[0]
+            if first.__class__ is list:  # a batch: every message that was waiting
+                inbox.extend(envelope[1:])
+                self._taken = 1
+                _channel[0] = 1
+                return first
+            return envelope  # [id, sender, body, expects_reply]
         # An object, as journals before schema version 5 hold it (a replay).
         return envelope["id"], envelope["sender"], envelope["body"], envelope["expects_reply"]
 
     def ask(self, target, body, timeout):
         text = _body(target, body)
+        self._end_credit()
         _flush()
         try:
             return _loads(messaging.ask(target, text, _ms(timeout)))
@@ -425,6 +505,7 @@ class GuestBackend:
         return self.info
 
     def http(self, request):
+        self._end_credit()
         _flush()
         try:
             return json.loads(http.request(json.dumps(request)))
@@ -515,14 +596,17 @@ class Runner(exports.Runner):
         except BaseException as exc:
             raise _failure("<load>", exc)
         _program = module
+        layout = '"marker": %d, "channel": [%d, %d]' % (
+            marker, _channel.buffer_info()[0], _CHANNEL_SIZE
+        )
         if not program.describe:
             # (Formatted by hand: json.dumps would touch pages no task needs.)
-            return '{"marker": %d}' % marker
+            return "{%s}" % layout
         declared = [
             {"name": fn.name, "function": fn.qualified_name, "options": fn.options}
             for fn in sdk_task.registry.values()
         ]
-        return '{"marker": %d, "tasks": %s}' % (marker, json.dumps(declared))
+        return '{%s, "tasks": %s}' % (layout, json.dumps(declared))
 
     def run(self, invocation_json: str) -> str:
         inv = _loads(invocation_json)

@@ -1,0 +1,389 @@
+"""Reading journals (aiosqlite): the list of runs, one run's task tree, and the
+history a resumed run replays. Safe while another process writes the journal
+(WAL readers never block the writer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from capsule.journal.schema import (
+    SCHEMA_VERSION,
+    JournalError,
+    describe_error,
+    missing_journal,
+)
+from capsule.journal.secrets import load_secret_answers
+from capsule.supervisor.events import ErrorDetail
+from capsule.supervisor.steps import (
+    AttemptHistory,
+    History,
+    PendingMessage,
+    Step,
+    TaskHistory,
+    request_text,
+)
+from capsule.supervisor.tree import TaskResult
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    program: str
+    program_hash: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    settings: dict[str, Any]
+    seed: str
+    status: str
+    started_at: float
+    ended_at: float | None
+    result_json: str | None
+    error: dict[str, Any] | None
+    resumes: int
+    host_pid: int | None
+
+    @property
+    def shown_status(self) -> str:
+        """The status, with a run whose process died marked as such."""
+        if self.status == "running" and not _alive(self.host_pid):
+            return "crashed"
+        return self.status
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.ended_at is None else self.ended_at - self.started_at
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "program": self.program,
+            "status": self.shown_status,
+            "started_at": self.started_at,
+            "duration_s": self.duration_s,
+            "resumes": self.resumes,
+        }
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    task_id: str
+    name: str
+    parent_id: str | None
+    status: str
+    attempt: int
+    max_attempts: int
+    fuel: int
+    duration_ms: float
+    final: bool
+    result_json: str | None
+    error: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "name": self.name,
+            "parent_id": self.parent_id,
+            "status": self.status,
+            "attempts": self.attempt,
+            "max_attempts": self.max_attempts,
+            "duration_ms": round(self.duration_ms, 3),
+            "fuel_consumed": self.fuel,
+            "result": None if self.result_json is None else json.loads(self.result_json),
+            "error": self.error,
+        }
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@asynccontextmanager
+async def open_journal(path: Path) -> AsyncIterator[aiosqlite.Connection]:
+    """A read connection to an existing journal this Capsule understands."""
+    if not path.is_file():
+        raise missing_journal(path)
+    try:
+        connection = await aiosqlite.connect(path)
+    except sqlite3.Error as exc:
+        raise JournalError(describe_error(path, exc)) from None
+    try:
+        try:
+            cursor = await connection.execute("PRAGMA user_version")
+            row = await cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(describe_error(path, exc)) from None
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"the journal {path} has schema version {version}, written by a newer "
+                f"Capsule; this one reads versions up to {SCHEMA_VERSION}"
+            )
+        if version == 0:
+            raise JournalError(f"{path} is not a Capsule journal (no schema version)")
+        yield connection
+    except sqlite3.Error as exc:
+        raise JournalError(describe_error(path, exc)) from None
+    finally:
+        await connection.close()
+
+
+_RUN_COLUMNS = (
+    "run_id, program, program_hash, args_json, settings_json, seed, status, started_at, "
+    "ended_at, result_json, error_json, resumes, host_pid"
+)
+
+
+def _run_record(row: Any) -> RunRecord:
+    args, kwargs = json.loads(row[3])
+    return RunRecord(
+        run_id=row[0],
+        program=row[1],
+        program_hash=row[2],
+        args=args,
+        kwargs=kwargs,
+        settings=json.loads(row[4]),
+        seed=row[5],
+        status=row[6],
+        started_at=row[7],
+        ended_at=row[8],
+        result_json=row[9],
+        error=None if row[10] is None else json.loads(row[10]),
+        resumes=row[11],
+        host_pid=row[12],
+    )
+
+
+async def list_runs(path: Path) -> list[RunRecord]:
+    """Every run in the journal, newest first."""
+    async with open_journal(path) as db:
+        cursor = await db.execute(
+            f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC"
+        )
+        return [_run_record(row) for row in await cursor.fetchall()]
+
+
+async def find_run(path: Path, run_id: str | None) -> RunRecord:
+    """The run with this id (or a unique prefix of it); None: the newest run."""
+    async with open_journal(path) as db:
+        if run_id is None:
+            cursor = await db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
+            )
+        else:
+            cursor = await db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id LIKE ? || '%' LIMIT 2",
+                (run_id,),
+            )
+        rows = list(await cursor.fetchall())
+    if not rows:
+        raise JournalError(
+            f"no run {run_id!r} in the journal {path}; `capsule runs` lists them"
+            if run_id is not None
+            else f"the journal {path} holds no runs"
+        )
+    if len(rows) > 1:
+        raise JournalError(f"{run_id!r} matches several runs; give more of the run id")
+    return _run_record(rows[0])
+
+
+async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
+    async with open_journal(path) as db:
+        cursor = await db.execute(
+            "SELECT task_id, name, parent_id, status, attempt, max_attempts, fuel, "
+            "duration_ms, final, result_json, error_json FROM tasks WHERE run_id = ? "
+            "ORDER BY coalesce(started_at, ended_at), length(task_id), task_id",
+            (run_id,),
+        )
+        return [
+            TaskRecord(
+                task_id=row[0],
+                name=row[1],
+                parent_id=row[2],
+                status=row[3],
+                attempt=row[4],
+                max_attempts=row[5],
+                fuel=row[6],
+                duration_ms=row[7],
+                final=bool(row[8]),
+                result_json=row[9],
+                error=None if row[10] is None else json.loads(row[10]),
+            )
+            for row in await cursor.fetchall()
+        ]
+
+
+async def load_program_files(path: Path, run_id: str) -> dict[str, str]:
+    """The source files ``run_id`` read, with their SHA-256 (schema 6 on; a run
+    journaled before that has none recorded)."""
+    async with open_journal(path) as db:
+        cursor = await db.execute(
+            "SELECT path, sha256 FROM program_files WHERE run_id = ? ORDER BY path", (run_id,)
+        )
+        return {row[0]: row[1] for row in await cursor.fetchall()}
+
+
+async def load_history(path: Path, run_id: str) -> History:
+    """What a resume of ``run_id`` replays: ended tasks' outcomes, the steps of
+    the attempts in flight, and the messages still owed."""
+    history = History()
+    async with open_journal(path) as db:
+        cursor = await db.execute(
+            "SELECT task_id, name, final, attempt, fuel, duration_ms, result_json, error_json "
+            "FROM tasks WHERE run_id = ?",
+            (run_id,),
+        )
+        for (
+            task_id,
+            name,
+            final,
+            attempts,
+            fuel,
+            duration_ms,
+            result,
+            error,
+        ) in await cursor.fetchall():
+            task = history.tasks[task_id] = TaskHistory(name=name)
+            if final:
+                task.final = TaskResult(
+                    task_id=task_id,
+                    task=name,
+                    attempts=attempts,
+                    fuel_consumed=fuel,
+                    duration_s=duration_ms / 1000,
+                    result_json=result,
+                    error=None if error is None else ErrorDetail.model_validate_json(error),
+                )
+        cursor = await db.execute(
+            "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
+            "AND type IN ('retrying', 'completed', 'messages_returned')",
+            (run_id,),
+        )
+        #: By message id: the last attempt of its target that took it from its
+        #: mailbox, and the last that put it back unreceived.
+        received_in: dict[str, int] = {}
+        returned_in: dict[str, int] = {}
+        for task_id, kind, data in await cursor.fetchall():
+            fields = json.loads(data)
+            attempt = int(fields.get("attempt", 0))
+            if kind == "messages_returned":
+                for message_id in fields.get("message_ids", ()):
+                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
+            ended = history.tasks.get(task_id)
+            if ended is None:
+                continue
+            # (An attempt that put messages back was ending: not replayed.)
+            ended.ended_attempts.add(attempt)
+            if kind == "retrying":
+                ended.failures += 1
+        cursor = await db.execute(
+            "SELECT task_id, attempt, children_before, messages_before FROM attempts "
+            "WHERE run_id = ?",
+            (run_id,),
+        )
+        for task_id, attempt, children_before, messages_before in await cursor.fetchall():
+            task = history.tasks.setdefault(task_id, TaskHistory(name="?"))
+            task.attempts[attempt] = AttemptHistory([], children_before, messages_before)
+        # Only the last attempt of a task in flight is ever replayed.
+        replayable = {
+            task_id: max(task.attempts)
+            for task_id, task in history.tasks.items()
+            if task.final is None and task.attempts
+        }
+        sent: list[PendingMessage] = []
+        cursor = await db.execute(
+            "SELECT task_id, attempt, steps_json FROM step_batches "
+            "WHERE run_id = ? ORDER BY task_id, attempt, first_step",
+            (run_id,),
+        )
+        async for task_id, attempt, batch in cursor:
+            replayed = (
+                history.tasks[task_id].attempts[attempt].steps
+                if attempt == replayable.get(task_id)
+                else None
+            )
+            # [step, kind, request, ok, answer] (version 3 added the time); a
+            # request is text, or (from version 4) the array of its strings.
+            for number, kind, request, ok, answer, *_ in json.loads(batch):
+                strings = request if isinstance(request, list) else None
+                if kind == "receive" and ok:
+                    # [id, ...], or a batch of them; an object before version 5.
+                    envelope = json.loads(answer)
+                    if isinstance(envelope, dict):
+                        envelope = [envelope["id"]]
+                    for taken in envelope if isinstance(envelope[0], list) else [envelope]:
+                        received_in[taken[0]] = max(received_in.get(taken[0], 0), attempt)
+                elif kind == "send" and ok:
+                    delivered = json.loads(answer)
+                    body = (strings or json.loads(request))[1]
+                    sent.append(
+                        PendingMessage(delivered["id"], task_id, delivered["to"], body, False)
+                    )
+                elif kind == "reply" and ok:
+                    message_id, body = strings or json.loads(request)
+                    history.replies[message_id] = body
+                elif kind == "monotonic":
+                    history.monotonic_ns = max(history.monotonic_ns, int(answer))
+                # A gap would end what can be replayed.
+                if replayed is not None and number == len(replayed) + 1:
+                    replayed.append(Step(kind, request_text(request), bool(ok), answer))
+        cursor = await db.execute(
+            "SELECT message_id, sender_id, target_id, body_json, expects_reply "
+            "FROM messages WHERE run_id = ?",
+            (run_id,),
+        )
+        for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
+            sent.append(PendingMessage(message_id, sender, target_id, body, bool(expects_reply)))
+        received = {
+            message_id
+            for message_id, attempt in received_in.items()
+            if attempt > returned_in.get(message_id, 0)
+        }
+        history.received = received
+        # Owed to their targets in the order each sender sent them (a sender
+        # numbers its messages, sends and asks alike; between senders, a
+        # mailbox promises no order).
+        for message in sorted(sent, key=_sending_order):
+            history.sent.add(message.id)
+            if message.id not in received:
+                history.undelivered.setdefault(message.target_id, []).append(message)
+    for task_id in history.tasks:
+        parent, _, number = task_id.rpartition("/")
+        if parent in history.tasks and number.isdigit():
+            owner = history.tasks[parent]
+            owner.children_used = max(owner.children_used, int(number))
+    for message_id in history.sent:
+        sender, _, number = message_id.rpartition("#")
+        if sender in history.tasks and number.isdigit():
+            owner = history.tasks[sender]
+            owner.messages_used = max(owner.messages_used, int(number))
+    secrets = load_secret_answers(run_id)
+    for task_id, task in history.tasks.items():
+        for attempt, past in task.attempts.items():
+            for index, step in enumerate(past.steps):
+                answer = secrets.get((task_id, attempt, index + 1))
+                if answer is not None:  # what the guest saw, not its redacted record
+                    past.steps[index] = Step(step.kind, step.request, step.ok, answer)
+    return history
+
+
+def _sending_order(message: PendingMessage) -> tuple[int, str]:
+    """Where a message comes in its sender's numbering ("sender#N")."""
+    sender, _, number = message.id.rpartition("#")
+    return int(number) if number.isdigit() else 0, sender
