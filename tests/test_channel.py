@@ -6,6 +6,10 @@ write garbage to it."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,23 +259,273 @@ def test_reserved_places_count_against_the_mailbox_and_the_runs_size() -> None:
             Sender.woken += 1
 
     sender = Sender()
-    router = Router(mailbox_capacity=4, max_queued_bytes=3 * RESERVED_MESSAGE_BYTES + 10)
+    # A quarter of the run's queued size, 4 places' worth, may be reserved.
+    router = Router(mailbox_capacity=8, max_queued_bytes=16 * RESERVED_MESSAGE_BYTES + 100)
     router.open("a")
     router.open("b")
-    assert router.reserve("a", 32) == 3  # bounded by the run's queued size
-    assert router.reserve("b", 32) == 0
-    assert router.try_send("a", Message("1", "s", "12"), sender)  # 3 reserved + 1 = full
-    assert not router.try_send("a", Message("2", "s", "12"), sender)
-    with pytest.raises(RoutingError, match="not yet received over"):
-        router.try_send("b", Message("3", "s", "x" * 20), sender)
-    router.deliver_reserved("a", Message("4", "s", "34"))
-    assert router.depth("a") == 2 and router.queued_bytes() == 4
-    router.release("a", 2)  # the rest given back: the blocked sender may retry
+    assert router.reserve("a", 32) == 4
+    assert router.reserve("b", 32) == 0  # the quarter is taken
+    for number in "123":
+        assert router.try_send("a", Message(number, "s", "12"), sender)
+    assert router.try_send("a", Message("4", "s", "12"), sender)  # 4 + 4 reserved: full
+    assert not router.try_send("a", Message("5", "s", "12"), sender)
+    with pytest.raises(RoutingError, match="bytes are reserved for messages running senders"):
+        router.try_send("b", Message("6", "s", "x" * 50_000), sender)
+    router.deliver_reserved("a", Message("7", "s", "34"))
+    assert router.depth("a") == 5 and router.queued_bytes() == 10
+    router.release("a", 3)  # the rest given back: the blocked sender may try again
     assert Sender.woken == 1
-    assert router.try_send("a", Message("2", "s", "12"), sender)
-    assert [m.id for m in router.try_receive("a", sender, most=10)] == ["1", "4", "2"]
-    router.put_back("a", [Message("4", "s", "34"), Message("2", "s", "12")])
-    assert [m.id for m in router.try_receive("a", sender, most=1)] == ["4"]
-    assert router.reserve("b", 32) == 3
+    assert router.try_send("a", Message("5", "s", "12"), sender)
+    taken = router.try_receive("a", sender, most=10)
+    assert [m.id for m in taken] == ["1", "2", "3", "4", "7", "5"]
+    router.put_back("a", taken[4:])
+    assert [m.id for m in router.try_receive("a", sender, most=1)] == ["7"]
+    assert router.reserve("b", 32) == 4  # half its mailbox, a quarter of the run
     router.close("b")  # its reservations go with it
-    assert router.reserve("a", 32) == 3
+    assert router.reserve("a", 32) == 4
+
+
+def test_sends_on_credit_keep_the_message_size_limit(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        sink = collect.spawn(2)
+        kinds = []
+        for body in ["x" * 10, "y" * 3000, "z" * 3000, "w"]:
+            try:
+                send(sink, body)
+                kinds.append("sent")
+            except MessageError as error:
+                kinds.append(error.kind)
+        return [kinds, sink.result()]
+    """,
+        max_message_size="1KB",
+    )
+    assert outcome.value == [["sent", "too_large", "too_large", "sent"], ["x" * 10, "w"]]
+
+
+def test_room_reserved_by_a_waiting_sender_is_given_back(run_program: ProgramRunner) -> None:
+    """Reserved places count against the mailbox and the run's queued size only
+    while their holder runs: one waiting in receive holds none."""
+    outcome = run_program(
+        TASKS
+        + """
+    @task
+    def late_reader(n):
+        capsule.sleep(2)  # nothing received meanwhile
+        return len([receive(timeout=20) for _ in range(n)])
+
+    @task
+    def other(target):
+        capsule.sleep(0.5)  # main holds its credit, then waits in receive
+        for i in range(10):
+            send(target, i, timeout=1)
+        send("main", "all 10 sent")
+
+    @task(name="main", max_retries=0)
+    def main():
+        reader = late_reader.spawn(11)
+        other.spawn(reader.id)
+        send(reader, "hello")  # room reserved for main's next ones to it
+        return receive(timeout=20).body
+    """,
+        mailbox_capacity=40,
+    )
+    assert outcome.value == "all 10 sent"
+
+
+def test_a_run_with_little_queued_is_not_full_of_reservations(
+    run_program: ProgramRunner,
+) -> None:
+    outcome = run_program(
+        TASKS
+        + """
+    @task
+    def late_collect(n):
+        capsule.sleep(1)  # its mailbox holds what main sent, and main's reservations
+        return [receive(timeout=20).body for _ in range(n)]
+
+    @task(name="main", max_retries=0)
+    def main():
+        sinks = [late_collect.spawn(1) for _ in range(9)]
+        for sink in sinks[:8]:
+            send(sink, "hi")  # each also reserves room for 32 more
+        try:
+            send(sinks[8], "x" * 10_000)
+            outcome = "sent"
+        except MessageError as error:
+            outcome = str(error)
+        for sink in sinks[:8]:
+            sink.result()
+        return [outcome, sinks[8].result()[0] == "x" * 10_000]
+    """,
+        max_queued_size="1MB",
+    )
+    assert outcome.value == ["sent", True]
+
+
+def test_a_trace_function_in_the_task_loses_and_doubles_no_message(
+    run_program: ProgramRunner,
+) -> None:
+    """A trace function runs between the lines of the guest's own code; these
+    make a host call there (the host then takes the channel's records and starts
+    them again): at every line, or just after a record was made ready."""
+    outcome = run_program(
+        TASKS
+        + """
+    import sys, time
+
+    def at_every_line(frame):
+        return True
+
+    def after_a_record(frame):
+        at = frame.f_locals.get("at")
+        return bool(at) and at > 1 and sys.modules["capsule_guest"]._channel[at] == 1
+
+    def tracer_calling(when):
+        def each_line(frame, event, arg):
+            if event == "line" and when(frame):
+                time.time()  # a host call (a wall-clock step)
+            return each_line
+
+        def tracer(frame, event, arg):
+            return each_line if "capsule_guest" in frame.f_code.co_filename else None
+
+        return tracer
+
+    @task(name="main")
+    def main():
+        sink = collect.spawn(16)
+        for when in (at_every_line, after_a_record):
+            send(sink, [when.__name__, 0])  # credit for the next ones
+            sys.settrace(tracer_calling(when))
+            for i in range(1, 8):
+                send(sink, [when.__name__, i])
+            sys.settrace(None)
+        return sink.result()
+    """
+    )
+    assert outcome.value == [
+        [when, i] for when in ("at_every_line", "after_a_record") for i in range(8)
+    ]
+
+
+def test_time_sleep_is_a_host_sleep_and_lets_gathered_messages_go(
+    run_program: ProgramRunner,
+) -> None:
+    outcome = run_program(
+        TASKS
+        + """
+    import time
+
+    @task(compute="HIGH")
+    def stamp(n):
+        got = []
+        for _ in range(n):
+            message = receive(timeout=20)
+            got.append([message.body, time.monotonic()])
+        return got
+
+    @task(name="main")
+    def main():
+        receiver = stamp.spawn(2)
+        capsule.sleep(0.2)
+        started = time.monotonic()  # (a host call: it would take the channel's messages)
+        send(receiver, "through the host")
+        send(receiver, "through the channel")
+        time.sleep(2)
+        return [started, time.monotonic(), receiver.result()]
+    """
+    )
+    started, finished, got = outcome.value
+    assert finished - started >= 2
+    assert got[1][0] == "through the channel"
+    assert got[1][1] < started + 1, (started, got)
+    assert any(e.type == "waiting" and e.on == "sleep" and e.task == "main" for e in outcome.events)
+
+
+INTERRUPTED_READER = """
+from capsule import receive, send, sleep, task
+
+@task(max_retries=0)
+def reader(n):
+    sleep(1.0)  # the messages pile up: the next receive takes them all
+    got = [receive(timeout=20).body]
+    print("MARK got", got, flush=True)
+    sleep(30)  # stopped here
+    return got + [receive(timeout=5).body for _ in range(n - 1)]
+
+@task(name="main", max_retries=0)
+def main():
+    reader_task = reader.spawn(5)
+    for i in range(5):
+        send(reader_task, i)
+    return reader_task.result()
+"""
+
+
+def test_an_attempt_stopped_with_a_batch_in_hand_is_replayed_on_resume(tmp_path: Path) -> None:
+    """Ctrl-C while a task holds messages it took in a batch: the messages go
+    back as the attempt ends, but the attempt did not end for good: a resume
+    replays it (its batch from the journal), and nothing is lost or redone."""
+    program = tmp_path / "reader.py"
+    program.write_text(INTERRUPTED_READER)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("MARK got"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode == 130
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    envelope = json.loads(resumed.stdout)
+    assert envelope["result"] == [0, 1, 2, 3, 4], envelope
+
+
+def test_a_replayed_batch_without_a_channel_loses_no_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resumed where an instance's memory cannot be read (no /proc/self/pagemap),
+    a replayed batch's messages all go back if the attempt fails: the ones its
+    code had taken may come again, none is lost."""
+    from capsule.journal.session import resume_journaled
+    from capsule.sandbox import prefault
+
+    source = (
+        TASKS
+        + FLAKY_READER
+        + """
+    @task(name="main", max_retries=0)
+    def main():
+        reader = flaky_reader.spawn(4, "raise")
+        for i in range(5):
+            send(reader, i)
+        return reader.result()
+    """
+    ).replace(
+        'raise ValueError(f"failed after taking {first.body}")',
+        'print("MARK took", flush=True)\n                capsule.sleep(30)\n'
+        '                raise ValueError(f"failed after taking {first.body}")',
+    )
+    program = tmp_path / "reader.py"
+    program.write_text("\n".join(line[4:] for line in source.splitlines()))
+    printed, code = kill_at_marker(["run", str(program)], "MARK took", tmp_path, 0.5)
+    assert code < 0, printed
+    monkeypatch.setattr(prefault, "_kernel_can_release", lambda: False)
+    monkeypatch.setattr(prefault, "_supported", lambda: False)
+    events: list[Any] = []
+    # (The replayed attempt sleeps its 30 s again, from the journal: at once.)
+    report = resume_journaled(tmp_path / ".capsule" / "journal.db", None, False, events.append)
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == [0, 1, 2, 3]  # 0 came again

@@ -183,8 +183,9 @@ class Router:
 
     def reserve(self, target_id: str, wanted: int) -> int:
         """Reserve up to ``wanted`` places in a mailbox for one sender's next
-        messages (each of at most RESERVED_MESSAGE_BYTES); returns how many (0
-        if the mailbox is nearly full, or the run's queued size nearly used)."""
+        messages (each of at most RESERVED_MESSAGE_BYTES); returns how many.
+        Reservations take at most half a mailbox and a quarter of the run's
+        queued size, so that messages themselves always have room."""
         with self._lock:
             mailbox = self._mailboxes.get(target_id)
             if mailbox is None:
@@ -192,8 +193,10 @@ class Router:
             places = min(
                 wanted,
                 mailbox.capacity - len(mailbox.messages) - mailbox.reserved,
+                mailbox.capacity // 2 - mailbox.reserved,
                 (self.max_queued_bytes - self._queued_bytes - self._reserved_bytes)
                 // RESERVED_MESSAGE_BYTES,
+                (self.max_queued_bytes // 4 - self._reserved_bytes) // RESERVED_MESSAGE_BYTES,
             )
             if places <= 0:
                 return 0
@@ -275,11 +278,17 @@ class Router:
     def _queue_full(self, size: int) -> RoutingError:
         # Holding the lock.
         fullest = max(self._mailboxes.values(), key=lambda mailbox: mailbox.queued_bytes)
+        reserved = (
+            f", and {self._reserved_bytes:,} bytes are reserved for messages running "
+            f"senders are about to deliver"
+            if self._reserved_bytes
+            else ""
+        )
         return RoutingError(
             "queue_full",
             f"a message of {size:,} bytes would take the run's messages not yet received "
             f"over {self.max_queued_bytes:,} bytes (--max-queued-size); the most wait for "
-            f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox)",
+            f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox){reserved}",
         )
 
     def queued_bytes(self) -> int:

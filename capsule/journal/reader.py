@@ -275,23 +275,30 @@ async def load_history(path: Path, run_id: str) -> History:
             "AND type IN ('retrying', 'completed', 'messages_returned')",
             (run_id,),
         )
-        #: By message id: the last attempt of its target that took it from its
-        #: mailbox, and the last that put it back unreceived.
-        received_in: dict[str, int] = {}
-        returned_in: dict[str, int] = {}
+        returns: list[tuple[str, int, list[str]]] = []
         for task_id, kind, data in await cursor.fetchall():
             fields = json.loads(data)
             attempt = int(fields.get("attempt", 0))
             if kind == "messages_returned":
-                for message_id in fields.get("message_ids", ()):
-                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
+                returns.append((task_id, attempt, fields.get("message_ids", [])))
+                continue
             ended = history.tasks.get(task_id)
             if ended is None:
                 continue
-            # (An attempt that put messages back was ending: not replayed.)
             ended.ended_attempts.add(attempt)
             if kind == "retrying":
                 ended.failures += 1
+        #: By message id: the last attempt of its target that took it from its
+        #: mailbox, and the last that put it back unreceived. (Only an attempt
+        #: that ended puts back for good: one the crash or a stop interrupted is
+        #: replayed, and takes the same messages from its journaled batch.)
+        received_in: dict[str, int] = {}
+        returned_in: dict[str, int] = {}
+        for task_id, attempt, message_ids in returns:
+            owner = history.tasks.get(task_id)
+            if owner is not None and (owner.final is not None or attempt in owner.ended_attempts):
+                for message_id in message_ids:
+                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
         cursor = await db.execute(
             "SELECT task_id, attempt, children_before, messages_before FROM attempts "
             "WHERE run_id = ?",

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: The ``steps`` view since version 4: a step per row, from the batches.
 _STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
@@ -195,6 +195,11 @@ MIGRATIONS: dict[int, list[str]] = {
             ON step_batches (run_id, task_id, attempt, first_step)""",
         _STEPS_VIEW,
     ],
+    # A receive's answer may be a batch of messages (an array of the version 5
+    # arrays), and a `messages_returned` event says which an attempt put back.
+    # Nothing stored changes; the version keeps an older Capsule from misreading
+    # them on a resume.
+    8: [],
 }
 
 

@@ -28,8 +28,15 @@ The guest writes a record, clears the ready byte just after it, then sets the
 record's own: a record is the host's to take once its ready byte is 1 (a one-
 byte store, which an epoch tick cannot split). The host remembers how far it
 took. It starts the records again (clearing the first ready byte) only while
-the guest is inside a host call, so never in the middle of the guest's writing
-one; the guest sees the cleared byte and writes from the start again.
+the guest is inside a host call, which the guest never makes while it writes a
+record (it writes in C calls only, with its garbage collector off, and not at
+all while a trace or profile function could run between its lines); the guest
+sees the cleared byte and writes from the start again.
+
+Credit lasts only while the guest runs: it forgets it, and the host gives the
+places back, at every call that may wait or tell it more about its targets
+(call, spawn, wait, cancel, sleep, ask, receive, http, a send that had to wait
+or failed) and when the attempt ends (``capsule.supervisor.messages``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,10 @@ Block = Callable[[Attempt, Callable[[], bool], float | None, WaitReason], bool]
 
 #: How many places a send reserves in its target's mailbox for the sender's next
 #: messages to it, which its guest then writes to its channel instead of making
-#: a host call each (see capsule/sandbox/channel.py).
+#: a host call each (see capsule/sandbox/channel.py): FIRST_CREDIT, then twice
+#: as many each time the sender used all it had, up to CREDIT. (A task sending
+#: one message to each of many targets holds few places in each.)
+FIRST_CREDIT = 4
 CREDIT = 32
 #: How many waiting messages one receive hands over at most (the guest counts
 #: them in a byte).
@@ -62,38 +65,65 @@ class MessageCalls:
         self.block = block
         self.max_message_bytes = max_message_bytes
         self.mailbox_capacity = mailbox_capacity
+        #: The largest message a guest may write to its channel.
+        self.credit_bytes = min(RESERVED_MESSAGE_BYTES, max_message_bytes)
+
+    # -- credit: room reserved for a sender's next messages ------------------
+    #
+    # A send the host delivered also reserves places in the target's mailbox
+    # for the sender's next CREDIT messages to it; the guest writes those to its
+    # channel, and the host delivers them into the places (gathered). The
+    # places count against the mailbox's capacity and the run's queued size
+    # until used or given back, so the guest holds credit only while it runs:
+    # it forgets it, and the host gives the places back, at every call that may
+    # wait or tell it more about its targets (ENDS_CREDIT, and a send that had
+    # to wait), and when the attempt ends.
 
     def send(
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:
+        # Its own places for this target must not make the mailbox look full.
+        used_up = self._release_credit(attempt, target)
         answer, message = self._send(attempt, target, body_json, timeout, ask=False)
-        if message is not None:
-            # Room for the next messages to this target, which the guest may
-            # then write to its channel: one host call for CREDIT messages.
-            self._reserve(attempt, target)
+        if message is None:  # refused: the guest forgets its credit (as after a wait)
+            self.end_credit(attempt)
+            attempt.credit_forgotten = False
+        elif self.open_channel() is not None:
+            places = self._reserve(
+                attempt, target, min(CREDIT, 2 * used_up) if used_up else FIRST_CREDIT
+            )
+            forgot = 1 if attempt.credit_forgotten else 0
+            attempt.credit_forgotten = False
+            # For the guest alone (see Run.send): [places, size, forget the rest].
+            attempt.credit_note = f', "credit": [{places}, {self.credit_bytes}, {forgot}]'
         return answer
 
-    def _reserve(self, attempt: Attempt, target: str) -> None:
-        previous = attempt.credit.pop(target, None)
-        if previous is not None:
-            self.router.release(previous[0], previous[1])
-        if self.open_channel() is None:
-            return
+    def _reserve(self, attempt: Attempt, target: str, wanted: int) -> int:
         try:
             target_id = self.router.resolve(target)
         except RoutingError:  # it ended just now
-            return
-        places = self.router.reserve(target_id, CREDIT)
+            return 0
+        places = self.router.reserve(target_id, wanted)
         if places:
-            attempt.credit[target] = [target_id, places]
-            attempt.granted = places
+            attempt.credit[target] = [target_id, places, places]
+        return places
+
+    def _release_credit(self, attempt: Attempt, target: str) -> int:
+        """Give back the places held for ``target``; returns how many it was
+        given if it used them all (else 0)."""
+        credit = attempt.credit.pop(target, None)
+        if credit is None:
+            return 0
+        target_id, left, given = credit
+        self.router.release(target_id, left)
+        return given if left == 0 else 0
 
     def end_credit(self, attempt: Attempt) -> None:
-        """The guest forgot its credit (it made a call that may tell it more about
-        its targets, or ended): give the places it did not use back."""
+        """The guest forgot its credit (it made a call that may wait, or tell it
+        more about its targets, or it ended): give the places back."""
         credit = attempt.credit
         if credit:
-            for target_id, places in credit.values():
+            for target_id, places, _ in credit.values():
                 self.router.release(target_id, places)
             credit.clear()
 
@@ -104,7 +134,7 @@ class MessageCalls:
         caller = attempt.invocation
         message_id = attempt.node.next_message_id()
         credit = attempt.credit.get(target)
-        if credit is None or credit[1] <= 0 or len(body_json) > RESERVED_MESSAGE_BYTES:
+        if credit is None or credit[1] <= 0 or len(body_json) > self.credit_bytes:
             caller.aborted = ErrorInfo(
                 "trap",
                 f"the task wrote a message for {target!r} to its channel without room "
@@ -114,7 +144,9 @@ class MessageCalls:
         credit[1] -= 1
         target_id = credit[0]
         message = Message(message_id, caller.task_id, body_json)
-        if self.history is None or message.id not in self.history.received:
+        if self.history is not None and message.id in self.history.received:
+            self.router.release(target_id, 1)  # received before the resume
+        else:
             self.router.deliver_reserved(target_id, message)
         if self.wants("message_sent"):
             self._sent_event(caller, message, target_id)
@@ -150,8 +182,8 @@ class MessageCalls:
             return (True, _sent(message.id, target_id)), message
         try:
             # Room in the mailbox is the common case: no wait set up for it.
-            sent = self.router.try_send(target_id, message, attempt) or self.block(
-                attempt, lambda: self.router.try_send(target_id, message, attempt), timeout, "send"
+            sent = self.router.try_send(target_id, message, attempt) or self._wait_for_room(
+                attempt, target_id, message, timeout
             )
         except RoutingError as exc:  # the target ended, or the run's queue is full
             self.router.forget_sender(target_id, attempt)
@@ -172,6 +204,18 @@ class MessageCalls:
         if self.wants("message_sent"):
             self._sent_event(caller, message, target_id)
         return (True, _sent(message.id, target_id)), message
+
+    def _wait_for_room(
+        self, attempt: Attempt, target_id: str, message: Message, timeout: float | None
+    ) -> bool:
+        # Waiting, it holds no places anywhere (others' room may be what it waits
+        # for); its answer tells the guest to forget its credit.
+        if attempt.credit:
+            self.end_credit(attempt)
+            attempt.credit_forgotten = True
+        return self.block(
+            attempt, lambda: self.router.try_send(target_id, message, attempt), timeout, "send"
+        )
 
     def _sent_event(self, caller: Invocation, message: Message, target_id: str) -> None:
         self.emit(
@@ -234,14 +278,15 @@ class MessageCalls:
         attempt.batch = None
         if not answer.startswith("[["):
             return
-        self.open_channel()
-        self.batch_handed(
-            attempt,
-            [
+        try:
+            batch = [
                 Message(message_id, sender, json.dumps(body), expects_reply)
                 for message_id, sender, body, expects_reply in json.loads(answer)
-            ],
-        )
+            ]
+        except ValueError:  # a body that is not JSON (a hostile sender's): kept by none
+            return
+        self.open_channel()
+        self.batch_handed(attempt, batch)
 
     def ending(self, attempt: Attempt, batch_taken: int | None) -> None:
         """The attempt ends: give back its reserved places, and put the messages
@@ -249,10 +294,15 @@ class MessageCalls:
         next attempt, or a restart, gets them)."""
         self.end_credit(attempt)
         batch, attempt.batch = attempt.batch, None
-        if batch is None or batch_taken is None or batch_taken >= len(batch):
+        if batch_taken is None:
+            # A replayed batch whose instance's channel could not be opened (a
+            # resume on a machine without /proc/self/pagemap): how many its code
+            # took is unknown. All go back: some may come twice, none is lost.
+            batch_taken = 0
+        if batch is None or batch_taken >= len(batch):
             return
         caller = attempt.invocation
-        returned = batch[max(0, batch_taken) :]
+        returned = batch[batch_taken:]
         self.router.put_back(caller.task_id, returned)
         self.emit(
             MessagesReturned(

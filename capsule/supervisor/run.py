@@ -24,13 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
-from capsule.actors.router import (
-    DEFAULT_MAX_QUEUED_BYTES,
-    RESERVED_MESSAGE_BYTES,
-    Message,
-    Router,
-    RoutingError,
-)
+from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest
 from capsule.net.redact import redact_response_json, redact_url
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
@@ -95,10 +89,11 @@ HOST_FRAMES_PER_LEVEL = 40
 MAX_PAYLOAD_BYTES = 64 * 1024**2
 #: Kinds that a retry cannot fix.
 NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence"})
-#: Steps before which a guest forgets the credit its sends were given (after
-#: them it may know more about its targets: that one ended, say), and the host
-#: gives back the places reserved for it (see MessageCalls.send).
-ENDS_CREDIT = frozenset({"call", "spawn", "wait", "cancel", "sleep", "ask", "http"})
+#: Steps before which a guest forgets the credit its sends were given (they may
+#: wait, holding places others need, or tell it more about its targets: that
+#: one ended, say), and the host gives back the places reserved for it (see
+#: MessageCalls.send).
+ENDS_CREDIT = frozenset({"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive"})
 
 
 class ProgramError(Exception):
@@ -1059,13 +1054,13 @@ class Run:
     ) -> tuple[bool, str]:
         answer = self._outgoing(caller, "send", target, body_json, timeout)
         attempt = self._attempts[caller]
-        granted = attempt.granted
-        if not granted:
+        note = attempt.credit_note
+        if not note:
             return answer
         # Credit goes to the guest, not to the journal: a replay's sends all go
         # through the host, and are the same steps in the same order.
-        attempt.granted = 0
-        return True, f'{answer[1][:-1]}, "credit": [{granted}, {RESERVED_MESSAGE_BYTES}]}}'
+        attempt.credit_note = ""
+        return True, f"{answer[1][:-1]}{note}}}"
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         # Each a send step, in the guest's order and before the step of the
@@ -1073,14 +1068,14 @@ class Run:
         attempt = self._attempts[caller]
         deliver = self._messages.gathered
         for target, body_json in records:
-            self._step(
+            ok, _ = self._step(
                 caller,
                 "send",
                 (target, body_json),
                 partial(deliver, attempt, target, body_json),
                 replayed=lambda _: attempt.node.next_message_id(),
             )
-            if caller.aborted is not None:
+            if not ok:  # written without credit, or the replay diverged: it ends
                 return
 
     def ending(self, caller: Invocation, batch_taken: int | None) -> None:

@@ -99,10 +99,12 @@ class Attempt:
     #: Host calls (steps) made so far.
     steps_taken: int = 0
     #: Room reserved for its messages in targets' mailboxes, by target as the
-    #: guest names it: [target id, messages left] (see MessageCalls.send).
+    #: guest names it: [target id, places left, places given] (see MessageCalls.send).
     credit: dict[str, list[Any]] = field(default_factory=dict)
-    #: Places its last send reserved, for the answer the guest sees (0: none).
-    granted: int = 0
+    #: What its last send tells the guest about its credit (see MessageCalls.send).
+    credit_note: str = ""
+    #: Its last send had to wait and gave back every place it held.
+    credit_forgotten: bool = False
     #: The last batch of messages it received, which its guest hands to the
     #: task's code one by one (the rest go back to its mailbox when it ends).
     batch: list[Message] | None = None

@@ -14,6 +14,7 @@ This file runs inside the sandbox only; it is data to the host.
 # mypy: ignore-errors
 
 import collections
+import gc
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -360,10 +361,22 @@ _RECORD_HEAD = struct.Struct("<HI")
 def _channel_put(target: str, text: str, at: int) -> int:
     """Write a message record at ``at`` (at the start again if the host, inside
     a host call, cleared the first record's ready byte); returns where the next
-    one goes, or 0 if there is no room."""
+    one goes, or 0 if it cannot be written here.
+
+    No host call may come while it writes (the host would take the records and
+    start again under it): the code is all C calls, the garbage collector (whose
+    finalizers may print) is off meanwhile, and nothing is written while a
+    trace, profile or monitoring function (which may run between its lines) is
+    set."""
+    if _tracing():
+        return 0
     name = target.encode()
+    if len(name) > 0xFFFF:
+        return 0
     record = _RECORD_HEAD.pack(len(name), len(text)) + name + text.encode()
-    while True:
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
         if at > _RECORDS and _channel[_RECORDS] == 0:  # the host took them all
             at = _RECORDS
         end = at + 1 + len(record)
@@ -372,10 +385,18 @@ def _channel_put(target: str, text: str, at: int) -> int:
         _channel[end] = 0  # the next record is not ready...
         _channel_bytes[at + 1 : end] = record
         _channel[at] = 1  # ...this one is: the host may take it from now on
-        if at == _RECORDS or _channel[_RECORDS] != 0:
-            return end
-        # The host started again while this one was written (a finalizer that
-        # printed, say, made a host call): it never saw it; written again.
+        return end
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _tracing() -> bool:
+    """Whether code may run between the lines of this module's functions."""
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return True
+    get_tool = sys.monitoring.get_tool
+    return any(get_tool(tool) is not None for tool in range(6))
 
 
 class GuestBackend:
@@ -458,9 +479,14 @@ class GuestBackend:
         try:
             answer = messaging.send(target, text, _ms(timeout))
         except Err as err:
+            self._end_credit()  # (the host gave back every reservation)
             raise message_error(json.loads(err.value)) from None
-        if answer.endswith("]}"):  # {..., "credit": [messages, body characters]}
-            self._credit[target], self._credit_bytes = _loads(answer)["credit"]
+        if answer.endswith("]}"):
+            # {..., "credit": [messages, JSON characters each, forget the rest]}
+            places, self._credit_bytes, forget = _loads(answer)["credit"]
+            if forget:  # (it had to wait: the host gave back every reservation)
+                self._credit.clear()
+            self._credit[target] = places
 
     def receive(self, timeout):
         inbox = self._inbox
@@ -468,6 +494,7 @@ class GuestBackend:
             self._taken += 1
             _channel[0] = self._taken  # (the host puts back what was not taken)
             return inbox.popleft()
+        self._end_credit()  # (it may wait: the host gives back the reservations)
         _flush()
         try:
             message = messaging.receive(_ms(timeout))
@@ -534,6 +561,19 @@ time.monotonic = _monotonic
 time.perf_counter = _monotonic
 time.monotonic_ns = clock.monotonic_ns
 time.perf_counter_ns = clock.monotonic_ns
+
+
+def _sleep(seconds) -> None:
+    """``time.sleep`` as ``capsule.sleep``: on the host, the CPU slot free
+    meanwhile, journaled (a replay does not wait again). WASI's own sleep held
+    the slot, and ran no wasm, so no epoch tick took the task's gathered
+    messages to their targets meanwhile."""
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    _backend.sleep(seconds)
+
+
+time.sleep = _sleep
 
 
 # componentize-py reseeds `random` from WASI randomness as an instance starts
@@ -659,7 +699,5 @@ class Runner(exports.Runner):
 # Everything above is in the pre-initialised snapshot. Freezing it keeps the
 # garbage collector from walking (and so copying-on-write) those pages in every
 # instance.
-import gc
-
 gc.collect()
 gc.freeze()
