@@ -19,12 +19,23 @@ from capsule.actors.router import RESERVED_MESSAGE_BYTES, Message, Router, Routi
 from tests.conftest import ProgramRunner, capsule_cli, kill_at_marker
 
 TASKS = """
+    import time
+
     import capsule
     from capsule import MessageError, current, receive, send, task
 
     @task(compute="HIGH")
     def collect(n):
         return [receive(timeout=20).body for _ in range(n)]
+
+    @task(compute="HIGH")
+    def stamp(n):
+        # Each message, with when it came (the run's clock, the same in all tasks).
+        got = []
+        for _ in range(n):
+            message = receive(timeout=20)
+            got.append([message.body, time.monotonic()])
+        return got
 
     def spin(rounds):
         # CPU only: no host call (time.monotonic would be one).
@@ -81,16 +92,6 @@ def test_a_sender_that_computes_after_sending_does_not_hold_its_messages(
     outcome = run_program(
         TASKS
         + """
-    import time
-
-    @task(compute="HIGH")
-    def stamp(n):
-        got = []
-        for _ in range(n):
-            message = receive(timeout=20)
-            got.append([message.body, time.monotonic()])
-        return got
-
     @task(name="main", compute="HIGH", timeout="60s")
     def main():
         receiver = stamp.spawn(2)
@@ -418,16 +419,6 @@ def test_time_sleep_is_a_host_sleep_and_lets_gathered_messages_go(
     outcome = run_program(
         TASKS
         + """
-    import time
-
-    @task(compute="HIGH")
-    def stamp(n):
-        got = []
-        for _ in range(n):
-            message = receive(timeout=20)
-            got.append([message.body, time.monotonic()])
-        return got
-
     @task(name="main")
     def main():
         receiver = stamp.spawn(2)

@@ -173,13 +173,18 @@ class Router:
             size = _size(message)
             if self._queued_bytes + self._reserved_bytes + size > self.max_queued_bytes:
                 raise self._queue_full(size)
-            self._queued_bytes += size
-            mailbox.queued_bytes += size
-            mailbox.messages.append(message)
-            receiver, mailbox.receiver = mailbox.receiver, None
+            receiver = self._enqueue(mailbox, message, size)
         if receiver is not None:
             receiver.wake()
         return True
+
+    def _enqueue(self, mailbox: Mailbox, message: Message, size: int) -> Waker | None:
+        """Holding the lock: put ``message`` in; returns its receiver to wake."""
+        self._queued_bytes += size
+        mailbox.queued_bytes += size
+        mailbox.messages.append(message)
+        receiver, mailbox.receiver = mailbox.receiver, None
+        return receiver
 
     def reserve(self, target_id: str, wanted: int) -> int:
         """Reserve up to ``wanted`` places in a mailbox for one sender's next
@@ -225,11 +230,7 @@ class Router:
                 return
             mailbox.reserved -= 1
             self._reserved_bytes -= RESERVED_MESSAGE_BYTES
-            size = _size(message)
-            self._queued_bytes += size
-            mailbox.queued_bytes += size
-            mailbox.messages.append(message)
-            receiver, mailbox.receiver = mailbox.receiver, None
+            receiver = self._enqueue(mailbox, message, _size(message))
         if receiver is not None:
             receiver.wake()
 
