@@ -208,10 +208,15 @@ def http_server() -> Iterator[LocalServer]:
 
 
 def kill_at_marker(
-    args: list[str], marker: str, cwd: Path, extra_delay: float = 0.0
+    args: list[str],
+    marker: str,
+    cwd: Path,
+    extra_delay: float = 0.0,
+    sig: signal.Signals = signal.SIGKILL,
 ) -> tuple[str, int]:
-    """Start `capsule ARGS`, kill -9 it once a line of its stdout starts with
-    ``marker`` (and ``extra_delay`` seconds later): (what it printed, exit code)."""
+    """Start `capsule ARGS`, kill -9 it (or send it ``sig``) once a line of its
+    stdout starts with ``marker`` (and ``extra_delay`` seconds later): (what it
+    printed, exit code)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "capsule.cli", *args],
         stdout=subprocess.PIPE,
@@ -226,6 +231,6 @@ def kill_at_marker(
         if line.startswith(marker):
             break
     time.sleep(extra_delay)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(sig)
     rest, _ = process.communicate()
     return "".join(seen) + rest, process.returncode

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +219,6 @@ GARBAGE = {
 def test_garbage_in_the_channel_ends_that_task_with_a_clear_error(
     run_program: ProgramRunner, garbage: str
 ) -> None:
-    import textwrap
 
     writes = textwrap.indent(textwrap.dedent(GARBAGE[garbage]).strip(), " " * 8)
     outcome = run_program(
@@ -270,8 +267,11 @@ def test_reserved_places_count_against_the_mailbox_and_the_runs_size() -> None:
         assert router.try_send("a", Message(number, "s", "12"), sender)
     assert router.try_send("a", Message("4", "s", "12"), sender)  # 4 + 4 reserved: full
     assert not router.try_send("a", Message("5", "s", "12"), sender)
-    with pytest.raises(RoutingError, match="bytes are reserved for messages running senders"):
-        router.try_send("b", Message("6", "s", "x" * 50_000), sender)
+    # Room merely reserved refuses no send: these 60,000 bytes fit beside it.
+    assert router.try_send("b", Message("6", "s", "x" * 60_000), sender)
+    with pytest.raises(RoutingError, match="not yet received over"):
+        router.try_send("b", Message("8", "s", "x" * 6_000), sender)
+    assert [m.id for m in router.try_receive("b", sender)] == ["6"]
     router.deliver_reserved("a", Message("7", "s", "34"))
     assert router.depth("a") == 5 and router.queued_bytes() == 10
     router.release("a", 3)  # the rest given back: the blocked sender may try again
@@ -463,21 +463,8 @@ def test_an_attempt_stopped_with_a_batch_in_hand_is_replayed_on_resume(tmp_path:
     replays it (its batch from the journal), and nothing is lost or redone."""
     program = tmp_path / "reader.py"
     program.write_text(INTERRUPTED_READER)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK got"):
-            break
-    time.sleep(0.5)
-    process.send_signal(signal.SIGINT)
-    process.communicate(timeout=60)
-    assert process.returncode == 130
+    printed, code = kill_at_marker(["run", str(program)], "MARK got", tmp_path, 0.5, signal.SIGINT)
+    assert code == 130, printed
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     envelope = json.loads(resumed.stdout)
@@ -520,3 +507,140 @@ def test_a_replayed_batch_without_a_channel_loses_no_message(
     report = resume_journaled(tmp_path / ".capsule" / "journal.db", None, False, events.append)
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == [0, 1, 2, 3]  # 0 came again
+
+
+def _resumed(program: Path, source: str, *kills: tuple[str, signal.Signals]) -> Any:
+    """Run ``source``, stop it at each (marker, signal) in turn (the first run,
+    then resumes), then resume it to the end: its result."""
+    program.write_text(textwrap.dedent(source))
+    for number, (marker, sig) in enumerate(kills):
+        args = ["run", str(program)] if number == 0 else ["resume", "--last"]
+        printed, code = kill_at_marker(args, marker, program.parent, 0.5, sig)
+        assert code in (130, -signal.SIGKILL), printed
+    resumed = capsule_cli("resume", "--last", "--json", cwd=program.parent)
+    assert resumed.returncode == 0, resumed.stderr
+    return json.loads(resumed.stdout)["result"]
+
+
+def test_what_an_attempt_restarted_by_a_sibling_put_back_is_owed_after_a_kill(
+    tmp_path: Path,
+) -> None:
+    """An attempt restarted because its sibling failed (one_for_all) ends with
+    no event of its own that says so: what it put back is still owed."""
+    source = """
+    from capsule import current, receive, send, sleep, task
+
+    @task(max_retries=3)
+    def actor(n):
+        if current().attempt == 1:
+            sleep(1.0)  # the messages pile up: one batch
+            receive(timeout=20)
+            sleep(60)  # restarted here: its sibling failed
+        print("MARK attempt", current().attempt, flush=True)
+        sleep(3)  # killed here
+        return [receive(timeout=5).body for _ in range(n - 1)]
+
+    @task(max_retries=1)
+    def failer():
+        if current().attempt == 1:
+            sleep(2.0)
+            raise RuntimeError("boom")
+        return "ok"
+
+    @task(name="main", strategy="one_for_all", max_retries=0)
+    def main():
+        actor_task, failing = actor.spawn(5), failer.spawn()
+        for i in range(5):
+            send(actor_task, i)
+        return [actor_task.result(), failing.result()]
+    """
+    result = _resumed(tmp_path / "siblings.py", source, ("MARK attempt 2", signal.SIGKILL))
+    assert result == [[1, 2, 3, 4], "ok"]
+
+
+def test_a_put_back_said_again_after_a_resume_counts_once(tmp_path: Path) -> None:
+    """Ctrl-C puts back what an attempt held; replayed after the resume, it
+    takes some of them and puts back the rest as it ends: only that last word
+    counts (a later resume does not deliver what it took again)."""
+    source = """
+    from capsule import current, receive, send, sleep, task
+
+    @task(max_retries=3)
+    def actor():
+        if current().attempt == 1:
+            sleep(1.0)  # the messages pile up: one batch
+            got = [receive(timeout=20).body]
+            print("MARK took the first", flush=True)
+            sleep(5)  # Ctrl-C here
+            got += [receive(timeout=20).body, receive(timeout=20).body]
+            raise RuntimeError(f"failed after taking {got}")
+        print("MARK attempt 2", flush=True)
+        sleep(3)  # kill -9 here
+        out = []
+        while True:
+            try:
+                out.append(receive(timeout=2).body)
+            except Exception:
+                return out
+
+    @task(name="main", max_retries=0)
+    def main():
+        actor_task = actor.spawn()
+        for i in range(5):
+            send(actor_task, i)
+        return actor_task.result()
+    """
+    result = _resumed(
+        tmp_path / "twice.py",
+        source,
+        ("MARK took the first", signal.SIGINT),
+        ("MARK attempt 2", signal.SIGKILL),
+    )
+    assert result == [3, 4]
+
+
+def test_a_large_message_is_not_refused_for_room_merely_reserved(
+    run_program: ProgramRunner,
+) -> None:
+    outcome = run_program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        stream, single = collect.spawn(41), collect.spawn(1)
+        for i in range(40):
+            send(stream, i)  # its credit grows: up to 32 places held
+        send(single, "x" * 1_000_000)  # nothing else is queued in the run
+        send(stream, "last")
+        return [stream.result()[-1], len(single.result()[0])]
+    """,
+        max_queued_size="1MB",
+    )
+    assert outcome.value == ["last", 1_000_000]
+
+
+def test_a_bad_timeout_is_refused_alike_with_credit_or_without(
+    run_program: ProgramRunner,
+) -> None:
+    """A send on credit waits for nothing, but its timeout is checked as the
+    host's send checks it: a replay (which has no credit) must do the same."""
+    outcome = run_program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        sink = collect.spawn(2)
+        send(sink, 0)  # credit for the next ones
+        errors = []
+        for attempt in range(2):
+            try:
+                send(sink, 1, timeout=-1)
+            except ValueError as error:
+                errors.append(str(error))
+        send(sink, 1)
+        return [errors, sink.result()]
+    """
+    )
+    errors, received = outcome.value
+    assert len(errors) == 2 and "timeout must be >= 0" in errors[0]
+    assert received == [0, 1]

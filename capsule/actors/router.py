@@ -84,8 +84,11 @@ class Router:
     A sender may reserve room in a mailbox (``reserve``) and deliver into it
     later without a check that could fail or wait (``deliver_reserved``): its
     task gathers those messages in its own memory and the host delivers them
-    in bulk. A reservation counts as a message in the mailbox, and as
-    RESERVED_MESSAGE_BYTES of the run's queued size, until used or released."""
+    in bulk. A reservation counts as a message in the mailbox until used or
+    released. It is made only while the run's queued size has room for it (at
+    RESERVED_MESSAGE_BYTES a place), and reservations take at most a quarter of
+    that size: the messages held may exceed ``max_queued_bytes`` by that
+    quarter, and a send is never refused for room merely reserved."""
 
     def __init__(
         self, mailbox_capacity: int, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
@@ -171,7 +174,7 @@ class Router:
                     mailbox.blocked_senders.append(sender)
                 return False
             size = _size(message)
-            if self._queued_bytes + self._reserved_bytes + size > self.max_queued_bytes:
+            if self._queued_bytes + size > self.max_queued_bytes:
                 raise self._queue_full(size)
             receiver = self._enqueue(mailbox, message, size)
         if receiver is not None:
@@ -279,17 +282,11 @@ class Router:
     def _queue_full(self, size: int) -> RoutingError:
         # Holding the lock.
         fullest = max(self._mailboxes.values(), key=lambda mailbox: mailbox.queued_bytes)
-        reserved = (
-            f", and {self._reserved_bytes:,} bytes are reserved for messages running "
-            f"senders are about to deliver"
-            if self._reserved_bytes
-            else ""
-        )
         return RoutingError(
             "queue_full",
             f"a message of {size:,} bytes would take the run's messages not yet received "
             f"over {self.max_queued_bytes:,} bytes (--max-queued-size); the most wait for "
-            f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox){reserved}",
+            f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox)",
         )
 
     def queued_bytes(self) -> int:

@@ -272,15 +272,18 @@ async def load_history(path: Path, run_id: str) -> History:
                 )
         cursor = await db.execute(
             "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
-            "AND type IN ('retrying', 'completed', 'messages_returned')",
+            "AND type IN ('retrying', 'completed', 'messages_returned') ORDER BY seq",
             (run_id,),
         )
-        returns: list[tuple[str, int, list[str]]] = []
+        #: What each attempt put back as it ended, by (task, attempt): its last
+        #: word (an attempt stopped by Ctrl-C puts back, and again, from what its
+        #: replay took, when it ends after the resume).
+        returns: dict[tuple[str, int], list[str]] = {}
         for task_id, kind, data in await cursor.fetchall():
             fields = json.loads(data)
             attempt = int(fields.get("attempt", 0))
             if kind == "messages_returned":
-                returns.append((task_id, attempt, fields.get("message_ids", [])))
+                returns[task_id, attempt] = fields.get("message_ids", [])
                 continue
             ended = history.tasks.get(task_id)
             if ended is None:
@@ -288,17 +291,6 @@ async def load_history(path: Path, run_id: str) -> History:
             ended.ended_attempts.add(attempt)
             if kind == "retrying":
                 ended.failures += 1
-        #: By message id: the last attempt of its target that took it from its
-        #: mailbox, and the last that put it back unreceived. (Only an attempt
-        #: that ended puts back for good: one the crash or a stop interrupted is
-        #: replayed, and takes the same messages from its journaled batch.)
-        received_in: dict[str, int] = {}
-        returned_in: dict[str, int] = {}
-        for task_id, attempt, message_ids in returns:
-            owner = history.tasks.get(task_id)
-            if owner is not None and (owner.final is not None or attempt in owner.ended_attempts):
-                for message_id in message_ids:
-                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
         cursor = await db.execute(
             "SELECT task_id, attempt, children_before, messages_before FROM attempts "
             "WHERE run_id = ?",
@@ -307,6 +299,23 @@ async def load_history(path: Path, run_id: str) -> History:
         for task_id, attempt, children_before, messages_before in await cursor.fetchall():
             task = history.tasks.setdefault(task_id, TaskHistory(name="?"))
             task.attempts[attempt] = AttemptHistory([], children_before, messages_before)
+        #: By message id: the last attempt of its target that took it from its
+        #: mailbox, and the last that put it back unreceived. Only an attempt
+        #: that ended puts back for good (one the crash or a stop interrupted is
+        #: replayed, and takes the same messages from its journaled batch): it
+        #: failed or returned, or a later one started (a sibling's failure
+        #: restarted it), or the task is over.
+        received_in: dict[str, int] = {}
+        returned_in: dict[str, int] = {}
+        for (task_id, attempt), message_ids in returns.items():
+            owner = history.tasks.get(task_id)
+            if owner is not None and (
+                owner.final is not None
+                or attempt in owner.ended_attempts
+                or attempt < max(owner.attempts, default=0)
+            ):
+                for message_id in message_ids:
+                    returned_in[message_id] = max(returned_in.get(message_id, 0), attempt)
         # Only the last attempt of a task in flight is ever replayed.
         replayable = {
             task_id: max(task.attempts)

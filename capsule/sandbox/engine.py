@@ -478,8 +478,9 @@ def _take_gathered(invocation: Invocation, channel: Channel, restart: bool) -> N
         invocation.stop_reason = "aborted"
         raise _Stop("capsule: aborted") from None
     if records:
+        aborted = invocation.aborted
         invocation.host.gathered(invocation, records)
-        if invocation.aborted is not None:
+        if invocation.aborted is not aborted:  # written without credit, or diverged
             invocation.stop_reason = "aborted"
             raise _Stop("capsule: aborted")
     if restart:

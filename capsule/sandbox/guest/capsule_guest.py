@@ -468,6 +468,7 @@ class GuestBackend:
 
     def send(self, target, body, timeout):
         text = _body(target, body)
+        timeout_ms = _ms(timeout)  # (checked alike on either path)
         _flush()
         credit = self._credit.get(target)
         if credit and len(text) <= self._credit_bytes:
@@ -477,7 +478,7 @@ class GuestBackend:
                 self._credit[target] = credit - 1
                 return
         try:
-            answer = messaging.send(target, text, _ms(timeout))
+            answer = messaging.send(target, text, timeout_ms)
         except Err as err:
             self._end_credit()  # (the host gave back every reservation)
             raise message_error(json.loads(err.value)) from None
