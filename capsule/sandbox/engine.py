@@ -487,6 +487,15 @@ def _take_gathered(invocation: Invocation, channel: Channel, restart: bool) -> N
         channel.restart()
 
 
+def _step_caller() -> Invocation:
+    """The invocation a step's import serves on this thread, once the messages
+    its guest gathered in its channel (sent before this call) are taken."""
+    invocation: Invocation = _thread.invocation
+    if invocation.channel is not None:
+        _take_gathered(invocation, invocation.channel, restart=True)
+    return invocation
+
+
 def _trap_with(message: str) -> int:
     """What the epoch callback returns to trap the instance."""
     error = ffi.wasmtime_error_new(message.encode())
@@ -635,15 +644,13 @@ class Sandbox:
 
     # Each function below serves one import: it takes the import's arguments
     # and answers a result<...> as an (ok, payload) pair (see hostcall). Those
-    # that are steps first take the messages the guest gathered in its channel,
-    # which it sent before making this call.
+    # that are steps find their caller with _step_caller, which first takes the
+    # messages the guest gathered in its channel (sent before this call).
     # Timeouts come in milliseconds and are converted inline: a helper's call
     # per message cost more than the division.
 
     def _wall_clock_now(self) -> Any:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         nanoseconds = invocation.host.wall_clock_ns(invocation)
         _stop_if_asked(invocation)  # e.g. a replay that diverged here
         return _record(seconds=nanoseconds // 10**9, nanoseconds=nanoseconds % 10**9)
@@ -652,17 +659,13 @@ class Sandbox:
         return _record(seconds=0, nanoseconds=1000)
 
     def _monotonic_ns(self) -> int:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         nanoseconds = invocation.host.monotonic_ns(invocation)
         _stop_if_asked(invocation)
         return nanoseconds
 
     def _random_bytes(self, count: int) -> bytes:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         if count > MAX_RANDOM_BYTES:
             invocation.aborted = ErrorInfo(
                 "limit",
@@ -679,9 +682,7 @@ class Sandbox:
         return int.from_bytes(self._random_bytes(8), "little")
 
     def _http_request(self, request_json: str) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.http(invocation, request_json)
         return answer if answer[0] else _failed(invocation, answer)
 
@@ -700,79 +701,59 @@ class Sandbox:
             self.finder.remember_compiled(origin, compiled)
 
     def _call_task(self, name: str, call_json: str) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.call_task(invocation, name, call_json)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
         return answer if answer[0] else _failed(invocation, answer)
 
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.wait(
             invocation, ids_json, None if timeout_ms is None else timeout_ms / 1000
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _cancel(self, task_id: str) -> None:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         invocation.host.cancel(invocation, task_id)
         _stop_if_asked(invocation)
 
     def _sleep(self, ms: int) -> None:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         invocation.host.sleep(invocation, ms / 1000)
         _stop_if_asked(invocation)
 
     def _send(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.send(
             invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _receive(self, timeout_ms: int | None) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.receive(
             invocation, None if timeout_ms is None else timeout_ms / 1000
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _ask(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         answer = invocation.host.ask(
             invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _reply(self, message_id: str, body_json: str) -> Answer:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         return invocation.host.reply(invocation, message_id, body_json)
 
     def _write(self, stream: str, text: str) -> None:
-        invocation: Invocation = _thread.invocation
-        if invocation.channel is not None:
-            _take_gathered(invocation, invocation.channel, restart=True)
+        invocation = _step_caller()
         invocation.host.output(invocation, stream, text)
         _stop_if_asked(invocation)
 

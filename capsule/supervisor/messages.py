@@ -71,13 +71,14 @@ class MessageCalls:
     # -- credit: room reserved for a sender's next messages ------------------
     #
     # A send the host delivered also reserves places in the target's mailbox
-    # for the sender's next CREDIT messages to it; the guest writes those to its
-    # channel, and the host delivers them into the places (gathered). The
-    # places count against the mailbox's capacity and the run's queued size
-    # until used or given back, so the guest holds credit only while it runs:
-    # it forgets it, and the host gives the places back, at every call that may
-    # wait or tell it more about its targets (ENDS_CREDIT, and a send that had
-    # to wait), and when the attempt ends.
+    # for the sender's next messages to it (FIRST_CREDIT, growing to CREDIT);
+    # the guest writes those to its channel, and the host delivers them into
+    # the places (gathered). The places count against the mailbox's capacity
+    # until used or given back (and are made only while the run's queued size
+    # has room for them), so the guest holds credit only while it runs: it
+    # forgets it, and the host gives the places back, at every call that may
+    # wait or tell it more about its targets (ENDS_CREDIT, a send that had to
+    # wait or failed), and when the attempt ends.
 
     def send(
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None

@@ -415,9 +415,11 @@ class GuestBackend:
         self._taken = 0
 
     def _end_credit(self) -> None:
-        # Before a call after which the code may know more about its targets
-        # (that one ended, say): the next send to each goes through the host,
-        # which says no_such_actor then. The host drops its reservations alike.
+        # Before a call that may wait (the room reserved for this task is then
+        # given back to others), or after which the code may know more about
+        # its targets (that one ended, say): the next send to each goes through
+        # the host, which says no_such_actor then. The host drops its
+        # reservations at the same calls (ENDS_CREDIT).
         if self._credit:
             self._credit.clear()
 
