@@ -45,11 +45,12 @@ TASKS = """
 
 
 def test_a_stream_goes_mostly_through_the_channel_and_arrives_in_order(
-    run_program: ProgramRunner, monkeypatch: pytest.MonkeyPatch
+    run_program: ProgramRunner, monkeypatch: pytest.MonkeyPatch, mappings_by: str
 ) -> None:
     """Sends after the first to a target are written to the sender's channel
     and taken by the host in bulk; large ones, and those to a target without
-    credit, still go through the host; each target gets its messages in order."""
+    credit, still go through the host; each target gets its messages in order.
+    (The channel is found either way the host can ask about its mappings.)"""
     from capsule.supervisor.run import Run
 
     taken: list[int] = []
