@@ -41,8 +41,9 @@ or failed) and when the attempt ends (``capsule.supervisor.messages``).
 
 from __future__ import annotations
 
-import ctypes
 import struct
+
+from capsule.sandbox.hostcall import read_at, write_at
 
 #: Where the records start.
 RECORDS = 1
@@ -51,11 +52,6 @@ _HEAD = struct.Struct("<BHI")
 _READY = 1
 #: The largest region a guest may declare.
 MAX_SIZE = 1024**2
-
-_read = ctypes._string_at  # type: ignore[attr-defined]  # (address, size) -> bytes
-_write = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
-    ctypes._memmove_addr  # type: ignore[attr-defined]
-)
 
 
 class ChannelError(Exception):
@@ -77,19 +73,19 @@ class Channel:
         body JSON), in the order it wrote them."""
         at = self._next
         address = self.address
-        if _read(address + at, 1)[0] != _READY:  # the common case: nothing new
+        if read_at(address + at, 1)[0] != _READY:  # the common case: nothing new
             return []
         records = []
         limit = self.size - _HEAD.size
         while at <= limit:
-            ready, target_length, body_length = _HEAD.unpack(_read(address + at, _HEAD.size))
+            ready, target_length, body_length = _HEAD.unpack(read_at(address + at, _HEAD.size))
             if ready != _READY:
                 break
             start = at + _HEAD.size
             end = start + target_length + body_length
             if end >= self.size:  # (the ready byte after it must fit too)
                 raise ChannelError(f"a record at byte {at} runs past the channel's end")
-            data = _read(address + start, end - start)
+            data = read_at(address + start, end - start)
             try:
                 target = data[:target_length].decode()
                 body = data[target_length:].decode("ascii")
@@ -104,13 +100,13 @@ class Channel:
         """Start the records again. Only while the guest is inside a host call
         (having taken every record first)."""
         if self._next != RECORDS:
-            _write(self.address + RECORDS, b"\0", 1)
+            write_at(self.address + RECORDS, b"\0", 1)
             self._next = RECORDS
 
     def batch_handed(self) -> None:
         """A new batch of messages goes to the guest: none of it taken yet."""
-        _write(self.address, b"\0", 1)
+        write_at(self.address, b"\0", 1)
 
     def batch_taken(self) -> int:
         """How many messages of the last batch the guest gave to the task."""
-        return int(_read(self.address, 1)[0])
+        return int(read_at(self.address, 1)[0])

@@ -937,14 +937,9 @@ class Sandbox:
         try:
             if channel is not None:
                 taken = channel.batch_taken()
-                records = channel.take()
-                if records:
-                    aborted = invocation.aborted
-                    invocation.host.gathered(invocation, records)
-                    if invocation.aborted is not aborted:  # written without credit
-                        failure = invocation.aborted
-        except ChannelError as exc:
-            failure = ErrorInfo("trap", f"the task's message channel is corrupt: {exc}")
+                _take_gathered(invocation, channel, restart=False)
+        except _Stop:  # garbage in the channel, or written without credit
+            failure = invocation.aborted
         except Exception:
             failure = ErrorInfo(
                 "trap", "the host failed while ending the task", traceback=traceback.format_exc()

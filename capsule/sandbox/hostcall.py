@@ -134,8 +134,10 @@ _RESULT_SLOT = struct.Struct(f"@B{_RESULT_OK_AT - 1}x?{_RESULT_VAL_AT - _RESULT_
 assert _RESULT_SLOT.size <= _VAL_SIZE
 assert (_offset(ffi.wasm_byte_vec_t, "size"), _offset(ffi.wasm_byte_vec_t, "data")) == (0, 8)
 
-_read = ctypes._string_at  # type: ignore[attr-defined]  # (address, size) -> bytes
-_write = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
+#: Raw reads and writes of this process's memory, GIL held (the values above,
+#: and an instance's message channel: capsule/sandbox/channel.py).
+read_at = ctypes._string_at  # type: ignore[attr-defined]  # (address, size) -> bytes
+write_at = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
     ctypes._memmove_addr  # type: ignore[attr-defined]
 )
 _vec_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)(
@@ -161,7 +163,7 @@ Lift = Callable[[int], Any]
 # arguments, so what a value points to is freed. ``{i}``: the argument's index.
 _STRING_LIFT = (
     "size, data = _BYTE_VEC.unpack_from(raw, {at})\n"
-    "a{i} = _read(data, size).decode('utf-8') if size else ''\n"
+    "a{i} = read_at(data, size).decode('utf-8') if size else ''\n"
     "_vec_delete_at(address + {at})\n"
 )
 _U64_LIFT = "(a{i},) = _WORD.unpack_from(raw, {at})\n"
@@ -172,7 +174,7 @@ _OPTION_U64_LIFT = (
 
 def _take_boxed_u64(boxed: int) -> int:
     """The u64 in the heap value at ``boxed`` (an option's payload), then freed."""
-    value: int = _WORD.unpack(_read(boxed + _PAYLOAD, _WORD.size))[0]
+    value: int = _WORD.unpack(read_at(boxed + _PAYLOAD, _WORD.size))[0]
     _val_delete_at(boxed)
     return value
 
@@ -198,9 +200,9 @@ def _argument_reader(lifts: list[str | Lift]) -> ArgumentReader:
     argument from that copy, inline where the type allows: made from source
     for each signature, as namedtuple and dataclasses make their methods,
     since a call per argument cost about a microsecond each on a busy run."""
-    lines = [f"raw = _read(address, {len(lifts) * _VAL_SIZE})\n" if lifts else ""]
+    lines = [f"raw = read_at(address, {len(lifts) * _VAL_SIZE})\n" if lifts else ""]
     namespace: dict[str, Any] = {
-        "_read": _read,
+        "read_at": read_at,
         "_BYTE_VEC": _BYTE_VEC,
         "_WORD": _WORD,
         "_vec_delete_at": _vec_delete_at,
@@ -301,7 +303,7 @@ def _result_lowering(ty: ResultType) -> Lowering:
     def lower(_context: int, answer: tuple[bool, str | None], address: int) -> None:
         ok, payload = answer
         boxed = _boxed_string(payload) if (ok_has_string if ok else err_has_string) else 0
-        _write(address, _RESULT_SLOT.pack(_RESULT, ok, boxed), _RESULT_SLOT.size)
+        write_at(address, _RESULT_SLOT.pack(_RESULT, ok, boxed), _RESULT_SLOT.size)
 
     return lower
 
@@ -322,12 +324,12 @@ def _lower_bytes(_context: int, data: bytes, address: int) -> None:
     count = len(data)
     _vallist_new_at(address + _PAYLOAD, count)  # the list value's (size, elements)
     if count:
-        _, elements_at = _BYTE_VEC.unpack(_read(address + _PAYLOAD, _BYTE_VEC.size))
+        _, elements_at = _BYTE_VEC.unpack(read_at(address + _PAYLOAD, _BYTE_VEC.size))
         elements = bytearray(count * _VAL_SIZE)
         elements[0::_VAL_SIZE] = _U8_KIND * count
         elements[_PAYLOAD::_VAL_SIZE] = data
-        _write(elements_at, bytes(elements), len(elements))
-    _write(address, _LIST_KIND, 1)
+        write_at(elements_at, bytes(elements), len(elements))
+    write_at(address, _LIST_KIND, 1)
 
 
 def _lowering(ty: Any) -> Lowering:

@@ -566,17 +566,10 @@ time.monotonic_ns = clock.monotonic_ns
 time.perf_counter_ns = clock.monotonic_ns
 
 
-def _sleep(seconds) -> None:
-    """``time.sleep`` as ``capsule.sleep``: on the host, the CPU slot free
-    meanwhile, journaled (a replay does not wait again). WASI's own sleep held
-    the slot, and ran no wasm, so no epoch tick took the task's gathered
-    messages to their targets meanwhile."""
-    if seconds < 0:
-        raise ValueError("sleep length must be non-negative")
-    _backend.sleep(seconds)
-
-
-time.sleep = _sleep
+# ``time.sleep`` is ``capsule.sleep``: on the host, the CPU slot free meanwhile,
+# journaled (a replay does not wait again). WASI's own sleep held the slot, and
+# ran no wasm, so no epoch tick took the task's gathered messages meanwhile.
+time.sleep = capsule.sleep
 
 
 # componentize-py reseeds `random` from WASI randomness as an instance starts
