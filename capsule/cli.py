@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help='messages sent and not yet received, in all (default "256MB"); a send over it fails',
     )
     run.add_argument(
+        "--max-total-ram",
+        metavar="SIZE",
+        help="resident memory of the whole run: over it, the largest running task is "
+        'stopped (default: half the machine\'s memory; "off": no bound)',
+    )
+    run.add_argument(
         "--hibernate-after",
         metavar="DURATION",
         help="a task blocked this long gives back the memory pages it only read "
@@ -251,6 +257,7 @@ def _run_command(options: argparse.Namespace) -> int:
         max_queued_size=options.max_queued_size,
         hibernate_after=options.hibernate_after,
         cpu_slots=options.cpu_slots,
+        max_total_ram=options.max_total_ram,
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()

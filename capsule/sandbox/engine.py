@@ -32,6 +32,7 @@ from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record, Variant
 
+from capsule.sandbox.budget import MemoryBudget
 from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
 from capsule.sandbox.channel import Channel, ChannelError
 from capsule.sandbox.config import Limits
@@ -539,6 +540,13 @@ def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
             if reason is not None:  # cancelled while it waited for its turn
                 invocation.stop_reason = reason
                 return _trap_with(f"capsule: {reason}")
+        budget: MemoryBudget | None = getattr(_thread, "budget", None)
+        if budget is not None and budget.over and invocation.task_id != LOAD_TASK_ID:
+            why = budget.stop(invocation)
+            if why is not None:
+                invocation.aborted = ErrorInfo("memory_limit", why)
+                invocation.stop_reason = "aborted"
+                return _trap_with("capsule: aborted")
     delta[0] = 1
     kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
     return 0
@@ -553,7 +561,11 @@ class Sandbox:
     """The engine, compiled runtime and linker of one run; use as a context manager."""
 
     def __init__(
-        self, roots: list[Path], progress: Progress | None = None, cpu_slots: int | None = None
+        self,
+        roots: list[Path],
+        progress: Progress | None = None,
+        cpu_slots: int | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         config = wasmtime.Config()
         config.consume_fuel = True
@@ -582,6 +594,10 @@ class Sandbox:
         self._pool: InstancePool | None = None
         #: At most this many threads run task wasm at once (default: CPU cores).
         self.slots = CpuSlots(cpu_slots)
+        #: The run's resident memory bound (None: none), read at every tick.
+        self.budget = (
+            None if memory_budget is None else MemoryBudget(memory_budget, self._memory_size)
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -594,15 +610,26 @@ class Sandbox:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        self.prefaulter.close()
         self._ticker_stop.set()
         if self._ticker is not None:
             self._ticker.join()
             self._ticker = None
+        self.prefaulter.close()
+        if self.budget is not None:
+            self.budget.close()
 
     def _tick(self) -> None:
         while not self._ticker_stop.wait(TICK_SECONDS):
             self.engine.increment_epoch()
+            if self.budget is not None:
+                self.budget.sample()
+
+    def _memory_size(self) -> int | None:
+        """On a task's thread: the size of its instance's linear memory."""
+        store: _TrackedStore | None = getattr(_thread, "store", None)
+        if store is None or store.marker is None:
+            return None
+        return self.prefaulter.memory_size(store.memory, store.marker)
 
     # -- host imports ------------------------------------------------------
 
@@ -879,14 +906,15 @@ class Sandbox:
 
     @contextmanager
     def _running(self) -> Iterator[None]:
-        """Hold a CPU slot on this thread; the epoch callback yields it in turn."""
-        previous = getattr(_thread, "slots", None)
-        _thread.slots = self.slots
+        """Hold a CPU slot on this thread; the epoch callback yields it in turn
+        (and looks at the run's memory budget)."""
+        previous = getattr(_thread, "slots", None), getattr(_thread, "budget", None)
+        _thread.slots, _thread.budget = self.slots, self.budget
         try:
             with self.slots.running():
                 yield
         finally:
-            _thread.slots = previous
+            _thread.slots, _thread.budget = previous
 
     def _invoke(
         self, invocation: Invocation, program: str, payload: str, started: float
@@ -916,10 +944,13 @@ class Sandbox:
                 fuel = self._used(store, invocation)
                 if store.memory is not None:
                     store.memory.ran = True  # learned from at teardown if a sample
-                if self._pool is not None:
+                over_budget = self.budget is not None and self.budget.stopping(invocation)
+                if self._pool is not None and not over_budget:
                     self._pool.retire(store)
-                else:
+                else:  # (stopped for the budget: its memory must go now)
                     store.close()
+                if self.budget is not None:
+                    self.budget.forget(invocation)
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
         if isinstance(result, ErrorInfo):

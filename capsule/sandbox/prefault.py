@@ -260,6 +260,23 @@ class Prefaulter:
             found = self._locate(mappings, memory, marker)
         return None if found is None else (found[2], found[1])
 
+    def memory_size(self, memory: Memory | None, marker: Marker) -> int | None:
+        """How large the linear memory holding ``marker`` is now: from its start
+        to the end of the writable anonymous mapping just above the image
+        (``memory.grow`` extends it), or to the image's end if there is none."""
+        if not self._releasing_enabled:
+            return None
+        mappings = self._mappings()
+        if mappings is None:
+            return None
+        with self._releasing:
+            found = self._locate(mappings, memory, marker)
+            if found is None:
+                return None
+            _, end, base = found
+            above = mappings.memory_above(end)
+        return (end if above is None else above) - base
+
     def _mappings(self) -> _Mappings | None:
         if self._query:
             return _QueriedMappings(self)
@@ -408,6 +425,9 @@ class _Mappings(Protocol):
     def memory_below(self, start: int) -> int | None:
         """The start of the writable anonymous mapping that ends at ``start``."""
 
+    def memory_above(self, end: int) -> int | None:
+        """The end of the writable anonymous mapping that starts at ``end``."""
+
 
 #: What the kernel appends to the name of a mapped file since removed (the
 #: runtime cache prunes old builds; a process may still run one).
@@ -437,6 +457,17 @@ class _QueriedMappings:
             return int(below.vma_start)
         return None
 
+    def memory_above(self, end: int) -> int | None:
+        above = self._prefaulter._mapping(end, 0)
+        if (
+            above is not None
+            and above.vma_start == end
+            and above.inode == 0
+            and above.vma_flags & _WRITABLE
+        ):
+            return int(above.vma_end)
+        return None
+
 
 class _MapsText:
     """The process's mappings as ``/proc/self/maps`` lists them, read once: for
@@ -446,6 +477,7 @@ class _MapsText:
     def __init__(self, image: os.stat_result, path: bytes) -> None:
         self._ends: dict[int, int] = {}  # image mappings: start -> end
         self._anonymous: dict[int, int] = {}  # writable anonymous ones: end -> start
+        self._anonymous_ends: dict[int, int] = {}  # the same: start -> end
         with open("/proc/self/maps", "rb") as maps:
             lines = maps.read().splitlines()
         for line in lines:
@@ -459,6 +491,7 @@ class _MapsText:
                 continue
             if int(inode) == 0:
                 self._anonymous[end] = start
+                self._anonymous_ends[start] = end
             elif (
                 perms[3:4] == b"p"
                 and int(inode) == image.st_ino
@@ -475,6 +508,9 @@ class _MapsText:
 
     def memory_below(self, start: int) -> int | None:
         return self._anonymous.get(start)
+
+    def memory_above(self, end: int) -> int | None:
+        return self._anonymous_ends.get(end)
 
 
 def _supported() -> bool:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capsule.sandbox.budget import MIN_BUDGET_BYTES, default_budget
 from capsule.sandbox.config import (
     RAM_FORMS,
     TIMEOUT_FORMS,
@@ -54,6 +55,8 @@ class RunRequest:
     hibernate_after: str | float | None = None
     #: Instances running wasm at once (default: CPU cores).
     cpu_slots: int | None = None
+    #: Resident memory of the whole run (a size, or "off"; default: half the machine's).
+    max_total_ram: str | int | None = None
 
 
 @dataclass
@@ -166,7 +169,15 @@ def run_program(
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     try:
-        sandbox = Sandbox([path.parent, *site_package_dirs()], cpu_slots=request.cpu_slots)
+        memory_budget = _memory_budget(request.max_total_ram)
+    except ConfigError as exc:
+        return RunReport(usage_error=str(exc))
+    try:
+        sandbox = Sandbox(
+            [path.parent, *site_package_dirs()],
+            cpu_slots=request.cpu_slots,
+            memory_budget=memory_budget,
+        )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     if steps is not None:
@@ -261,6 +272,26 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
     if request.hibernate_after is not None:
         limits["hibernate_after"] = _hibernate_after(request.hibernate_after)
     return limits
+
+
+def _memory_budget(value: str | int | None) -> int | None:
+    """The run's memory budget in bytes (None: "off")."""
+    if value is None:
+        return default_budget()
+    if value == "off":
+        return None
+    try:
+        budget = parse_ram(value)
+    except ValueError:
+        raise ConfigError(
+            f"--max-total-ram {value!r} is invalid; expected {RAM_FORMS}, or 'off'"
+        ) from None
+    if budget < MIN_BUDGET_BYTES:
+        raise ConfigError(
+            f"--max-total-ram {value!r} is below {MIN_BUDGET_BYTES // 1024**2} MB, "
+            "the least Capsule itself needs with a few tasks running"
+        )
+    return budget
 
 
 def _hibernate_after(value: str | float) -> float | None:
