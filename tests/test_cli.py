@@ -194,6 +194,30 @@ def test_json_envelope_on_success() -> None:
     assert len(execution["run_id"]) >= 8
 
 
+def test_peak_memory_is_the_size_of_the_main_task_s_memory(tmp_path: Path) -> None:
+    from capsule.sandbox.engine import MIN_RAM_BYTES
+    from capsule.sandbox.prefault import _kernel_can_query_mappings
+
+    if not _kernel_can_query_mappings():
+        pytest.skip("this kernel has no PROCMAP_QUERY (6.11): peak memory is not measured")
+    path = tmp_path / "grows.py"
+    path.write_text(
+        "from capsule import task\n\n"
+        "@task(name='main', ram='512MB')\n"
+        "def main(mb: str) -> int:\n"
+        "    kept = b'x' * (int(mb) * 1024 * 1024)\n"
+        "    return len(kept) // (1024 * 1024)\n"
+    )
+    peaks = []
+    for mb in ("1", "200"):
+        done = capsule_cli("run", str(path), mb, "--json", "--no-journal")
+        assert done.returncode == 0, done.stderr
+        peaks.append(done.json()["execution"]["peak_memory_bytes"])
+    small, large = peaks
+    assert MIN_RAM_BYTES <= small < 64 * 1024**2  # the runtime's own memory
+    assert large - small >= 190 * 1024**2
+
+
 def test_json_envelope_on_failure(tmp_path: Path) -> None:
     path = write(tmp_path, FAILING)
     done = capsule_cli("run", str(path), "--json", "--retry-backoff", "0")

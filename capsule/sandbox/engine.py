@@ -942,6 +942,8 @@ class Sandbox:
             finally:
                 ending_failure = self._end_attempt(invocation)
                 fuel = self._used(store, invocation)
+                # (Linear memory only grows: its size now is its largest.)
+                peak = self._memory_size() if self.prefaulter.asks_cheaply else None
                 if store.memory is not None:
                     store.memory.ran = True  # learned from at teardown if a sample
                 over_budget = self.budget is not None and self.budget.stopping(invocation)
@@ -954,8 +956,8 @@ class Sandbox:
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
         if isinstance(result, ErrorInfo):
-            return self._outcome(None, result, fuel, started)
-        return self._outcome(result, None, fuel, started)
+            return self._outcome(None, result, fuel, started, peak)
+        return self._outcome(result, None, fuel, started, peak)
 
     @staticmethod
     def _end_attempt(invocation: Invocation) -> ErrorInfo | None:
@@ -1010,13 +1012,17 @@ class Sandbox:
 
     @staticmethod
     def _outcome(
-        result: str | None, error: ErrorInfo | None, fuel: int, started: float
+        result: str | None,
+        error: ErrorInfo | None,
+        fuel: int,
+        started: float,
+        peak_memory_bytes: int | None = None,
     ) -> AttemptOutcome:
         return AttemptOutcome(
             result_json=result,
             error=error,
             fuel_consumed=fuel,
-            peak_memory_bytes=None,
+            peak_memory_bytes=peak_memory_bytes,
             duration_s=time.monotonic() - started,
         )
 

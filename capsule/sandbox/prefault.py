@@ -167,6 +167,12 @@ class Prefaulter:
         and MADV_POPULATE_WRITE), ``CAPSULE_PREFAULT`` is not 0 and it is open."""
         return self._enabled
 
+    @property
+    def asks_cheaply(self) -> bool:
+        """Whether it asks about mappings with PROCMAP_QUERY (microseconds)
+        rather than by reading ``/proc/self/maps`` (milliseconds)."""
+        return self._query and self._releasing_enabled
+
     def learned_pages(self, program: str) -> int:
         """How many pages a fresh instance of ``program`` gets prefaulted."""
         return sum(count for _, count in self._learned.get(program, ()))
