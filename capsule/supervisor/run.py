@@ -516,6 +516,8 @@ class Run:
                 limits=limits,
                 host=self,
                 parent=parent,
+                # (Only main's is shown: the --json envelope's peak_memory_bytes.)
+                measure_memory=parent is self._root,
                 seed=hashlib.blake2b(
                     f"{task_id}:{attempt_number}".encode(), key=self._seed, digest_size=16
                 ).hexdigest(),
