@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-total-ram",
         metavar="SIZE",
-        help="resident memory of the whole run: over it, the largest running task is "
-        'stopped (default: half the machine\'s memory; "off": no bound)',
+        help="memory of the whole run: over it, the task holding the most is stopped "
+        '(default: half the machine\'s memory; "off": no bound)',
     )
     run.add_argument(
         "--hibernate-after",

@@ -1,7 +1,7 @@
 """The run's memory budget (--max-total-ram): tasks that together fill more
-than it are stopped, the largest running one first, and the host stays within
-it. Real runs of `capsule run` in subprocesses, whose peak resident memory the
-kernel reports (wait4)."""
+than it are stopped, the largest first (running or blocked), and the host
+stays within it. Real runs of `capsule run` in subprocesses, whose peak
+resident memory the kernel reports (wait4)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from capsule.sandbox.budget import MIN_BUDGET_BYTES, MemoryBudget, default_budget, machine_memory
+from capsule.sandbox.budget import MemoryBudget, machine_memory
 from tests.conftest import capsule_cli
 
 MB = 1024**2
@@ -82,25 +84,26 @@ def test_tasks_over_the_budget_are_stopped_and_the_host_stays_within_it(
     tmp_path: Path,
 ) -> None:
     path = _write(tmp_path, HOGS)
-    budget = 700 * MB
-    code, result, peak = _run_measured(path, "--max-total-ram", "700MB", "--args-json", "[3, 300]")
+    budget = 600 * MB
+    code, result, peak = _run_measured(path, "--max-total-ram", "600MB", "--args-json", "[3, 300]")
     assert code == 0, result
     stopped = [hog for hog in result["hogs"] if isinstance(hog, list)]
     assert stopped, result
     for kind, message in stopped:
         assert kind == "memory_limit"
-        assert "went over its budget of 700 MB (--max-total-ram)" in message
-        assert "had the largest memory of those running" in message
+        assert "went over its budget of 600.0 MB (--max-total-ram)" in message
+        assert "this task held the most of any" in message
     assert all(hog == 300 for hog in result["hogs"] if not isinstance(hog, list))
     assert result["bystander"] == sum(range(2_000_000))
-    # Over by at most what the running tasks add in a few ticks.
-    assert peak < budget + 150 * MB, peak / MB
+    # (The peak counts the files the host maps too, ~70 - 100 MB, which the
+    # budget leaves out: they are in the page cache once, however many map them.)
+    assert peak < budget + 200 * MB, peak / MB
 
     # The same run without a budget: every hog gets its memory, well over it.
     code, result, peak = _run_measured(path, "--max-total-ram", "off", "--args-json", "[3, 300]")
     assert code == 0, result
     assert result["hogs"] == [300, 300, 300]
-    assert peak > budget + 150 * MB, peak / MB
+    assert peak > budget + 300 * MB, peak / MB
 
 
 def test_the_largest_running_task_is_stopped_not_the_one_allocating_beside_it(
@@ -137,10 +140,49 @@ def test_the_largest_running_task_is_stopped_not_the_one_allocating_beside_it(
         """,
     )
     code, result, _ = _run_measured(
-        path, "--max-total-ram", "450MB", "--cpu-slots", "2", "--args-json", "[]"
+        path, "--max-total-ram", "400MB", "--cpu-slots", "2", "--args-json", "[]"
     )
     assert code == 0, result
     assert result == ["memory_limit", 160]
+
+
+def test_a_blocked_task_holding_the_most_is_the_one_stopped(tmp_path: Path) -> None:
+    # The others grow while it sleeps: they are not the ones to stop.
+    path = _write(
+        tmp_path,
+        """
+        import time
+        import capsule
+        from capsule import task
+
+        @task(ram="1GB", compute="HIGH", max_retries=0)
+        def holder() -> int:
+            kept = [b"h" * (4 * 1024 * 1024) for _ in range(75)]  # 300 MB
+            time.sleep(3)
+            return len(kept)
+
+        @task(ram="1GB", compute="HIGH", max_retries=0)
+        def worker() -> int:
+            kept = []
+            for _ in range(40):  # 80 MB, a little at a time
+                kept.append(b"w" * (2 * 1024 * 1024))
+                total = 0
+                for i in range(20_000):
+                    total += i
+            return len(kept)
+
+        @task(name="main", compute="HIGH", timeout="2m")
+        def main() -> list:
+            first = holder.spawn()
+            capsule.sleep(1.5)
+            handles = [first] + [worker.spawn() for _ in range(3)]
+            outcomes = capsule.gather(*handles, return_exceptions=True)
+            return [o if isinstance(o, int) else o.kind for o in outcomes]
+        """,
+    )
+    code, result, _ = _run_measured(path, "--max-total-ram", "500MB", "--args-json", "[]")
+    assert code == 0, result
+    assert result == ["memory_limit", 40, 40, 40]
 
 
 @pytest.mark.parametrize(
@@ -157,31 +199,50 @@ def test_a_bad_budget_is_a_usage_error(tmp_path: Path, value: str, expected: str
     assert expected in done.stderr
 
 
-def test_the_default_budget_is_half_of_what_the_machine_gives() -> None:
+def test_the_machine_s_memory_is_the_lowest_cgroup_limit_on_the_way_up(tmp_path: Path) -> None:
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    assert 0 < machine_memory() <= physical
-    assert default_budget() == max(machine_memory() // 2, MIN_BUDGET_BYTES)
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "cgroup").write_text("0::/machine/service/task\n")
+    levels = {"machine": "max", "machine/service": str(3 * 1024**3), "machine/service/task": "max"}
+    for level, limit in levels.items():
+        (cgroups / level).mkdir(parents=True)
+        (cgroups / level / "memory.max").write_text(limit + "\n")
+    assert machine_memory(proc, cgroups) == min(physical, 3 * 1024**3)
+    # cgroup v1: the memory controller's own hierarchy.
+    (proc / "self" / "cgroup").write_text("4:cpu:/x\n7:memory:/docker/abc\n")
+    (cgroups / "memory" / "docker" / "abc").mkdir(parents=True)
+    (cgroups / "memory" / "docker" / "abc" / "memory.limit_in_bytes").write_text("536870912\n")
+    assert machine_memory(proc, cgroups) == min(physical, 512 * MB)
+    (proc / "self" / "cgroup").unlink()
+    assert machine_memory(proc, cgroups) == physical
 
 
-def test_a_task_is_chosen_only_once_every_running_one_could_report() -> None:
-    sizes = {"a": 100 * MB, "b": 300 * MB}
-    current = ["a"]
-    budget = MemoryBudget(1, lambda: sizes[current[0]])  # (always over)
+def test_the_largest_task_is_chosen_once_until_its_instance_is_closed() -> None:
+    sizes: dict[object, int | None] = {"a": 100 * MB, "b": 300 * MB, "c": None}
+    stopped: list[tuple[object, str]] = []
+    budget = MemoryBudget(
+        1,  # (always over)
+        lambda tasks: [sizes[task] for task in tasks],
+        lambda task, why: stopped.append((task, why)),
+    )
+
+    def stops_after_a_tick() -> list[object]:
+        budget.sample()
+        time.sleep(0.2)  # (the budget's thread chooses)
+        return [task for task, _ in stopped]
+
     try:
-        assert budget.over
-        assert budget.stop("a") is None  # a's first report: b has not said yet
-        current[0] = "b"
-        assert budget.stop("b") is None
-        current[0] = "a"
-        assert budget.stop("a") is None  # b is larger
-        current[0] = "b"
-        why = budget.stop("b")
-        assert why is not None and "(300 MB)" in why
+        for task in sizes:
+            budget.register(task)
+        assert stops_after_a_tick() == ["b"]
+        assert "this task held the most of any (300.0 MB)" in stopped[0][1]
         assert budget.stopping("b") and budget.stopped == 1
-        current[0] = "a"
-        assert budget.stop("a") is None  # not while b's instance is still open
+        assert stops_after_a_tick() == ["b"]  # not again while b's instance is open
         budget.forget("b")
-        assert not budget.stopping("b")
-        assert budget.stop("a") is not None  # now a is the largest left
+        assert stops_after_a_tick() == ["b", "a"]  # c's size is not known
+        budget.forget("a")
+        assert stops_after_a_tick() == ["b", "a"]  # only c is left: nobody
     finally:
         budget.close()
+    assert not any(thread.name == "capsule-memory" for thread in threading.enumerate())

@@ -1,52 +1,61 @@
-"""The run's memory budget: a bound on the resident memory of the whole run.
+"""The run's memory budget: a bound on the memory of the whole run.
 
 Each task has its own ``ram`` cap, but a program may start hundreds of tasks
 (``--max-live-tasks``) that each fill theirs: 512 x 256 MB is more than most
 machines have, and the kernel's OOM killer would then end the host (or another
-process of the machine). So the epoch ticker reads the process's resident
-memory at every tick (``/proc/self/statm``, a few microseconds), and while it is
-over the budget the tasks executing wasm (only they can grow it) compare the
-size of their linear memory: at its next tick the largest is stopped with
-``memory_limit``, its instance closed at once, and the memory read again before
-another is chosen. A task blocked in a host call is left alone: it grows
-nothing meanwhile.
-
-Like the OOM killer, it stops the largest consumer rather than the one that
-asked last: a small task that happens to allocate at the wrong moment goes on.
+process of the machine). So the epoch ticker reads the process's anonymous
+resident memory at every tick (``/proc/self/statm``, a few microseconds: what
+guests wrote, and the host's own heap; not the pages of the runtime's image
+that instances only read, which exist once however many map them). When it is
+over the budget, the budget's own thread looks at the size of every live
+task's linear memory (7 ms for 200 tasks; up to ~150 ms the first time, when
+their memory must be found among all the image's mappings: not on the ticker,
+which deadlines and time slices depend on), and the largest task is stopped
+with ``memory_limit``, running or blocked, like the kernel's OOM killer does:
+not whichever task happens to allocate next. Its instance is closed at once,
+and the memory is read again before another is chosen.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-#: Below this, Capsule itself (the host, the compiled runtime, a few instances)
-#: does not fit: every running task would be stopped.
+#: Below this, Capsule itself (the host, a few instances) does not fit.
 MIN_BUDGET_BYTES = 256 * 1024**2
-#: A report of a task's size older than this is stale: it stopped running
-#: (blocked, or waiting for a CPU slot) and grows nothing.
-_REPORT_TTL_S = 0.05
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_STATM = "/proc/self/statm"
 
 
-def machine_memory() -> int:
-    """Bytes of memory this process may use: the machine's, or its cgroup's
-    limit if lower (a container's ``memory.max``)."""
+def machine_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes of memory this process may use: the machine's, or the lowest
+    limit of its cgroup and the cgroups above it (a container's), if lower."""
     total = os.sysconf("SC_PHYS_PAGES") * _PAGE
-    for limit_file in (
-        "/sys/fs/cgroup/memory.max",  # cgroup v2
-        "/sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v1
-    ):
-        try:
-            text = Path(limit_file).read_text().strip()
-        except OSError:
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return total
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: memory.max along the path
+            directory, limit_file = cgroups / path.lstrip("/"), "memory.max"
+        elif "memory" in controllers.split(","):  # cgroup v1
+            directory, limit_file = cgroups / "memory" / path.lstrip("/"), "memory.limit_in_bytes"
+        else:
             continue
-        if text.isdigit():
-            total = min(total, int(text))
+        for level in (directory, *directory.parents):
+            try:
+                text = (level / limit_file).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                total = min(total, int(text))
+            if level == cgroups:
+                break
     return total
 
 
@@ -55,74 +64,61 @@ def default_budget() -> int:
     return max(machine_memory() // 2, MIN_BUDGET_BYTES)
 
 
-class MemoryBudget:
-    """Resident memory of the run, against ``limit_bytes``. Thread-safe:
-    ``sample`` runs on the epoch ticker, ``stop`` on task threads at their
-    epoch ticks, ``forget`` when a task's attempt ends. ``measure``, called on
-    a task's thread, gives the size of its linear memory (None: unknown,
-    counted as 0)."""
+def can_read_memory() -> bool:
+    """Whether this system tells a process its resident memory (Linux)."""
+    return os.access(_STATM, os.R_OK)
 
-    def __init__(self, limit_bytes: int, measure: Callable[[], int | None]) -> None:
+
+class MemoryBudget:
+    """The run's anonymous resident memory against ``limit_bytes``.
+
+    Tasks are registered while their attempt's instance is open. ``measure``
+    gives the size of the linear memory of each of the tasks it is handed
+    (None: not known); ``stop`` is called with the one chosen to stop and why;
+    both on the budget's thread, which ``close`` stops. Thread-safe: ``sample``
+    runs on the epoch ticker, ``register`` and ``forget`` on task threads."""
+
+    def __init__(
+        self,
+        limit_bytes: int,
+        measure: Callable[[list[object]], list[int | None]],
+        stop: Callable[[object, str], None],
+    ) -> None:
         self.limit_bytes = limit_bytes
         self._measure = measure
-        self._statm = os.open("/proc/self/statm", os.O_RDONLY)
+        self._stop = stop
+        self._statm = os.open(_STATM, os.O_RDONLY)
+        #: Held while reading the memory, so a stale reading never lands last.
         self._lock = threading.Lock()
-        #: Sizes of linear memory the running tasks reported while over, and when.
-        self._reports: dict[object, tuple[int, float]] = {}
+        self._tasks: dict[object, None] = {}
         #: The task chosen to stop, until its instance is closed.
         self._stopping: object | None = None
-        #: Resident bytes at the last sample.
+        #: Anonymous resident bytes at the last reading.
         self.resident = 0
         #: Tasks stopped for it so far (for tests and diagnostics).
         self.stopped = 0
-        self.sample()
+        #: Set when the memory is over the budget and no task is being stopped.
+        self._over = threading.Event()
+        self._closed = False
+        #: Started the first time the memory is over the budget.
+        self._thread: threading.Thread | None = None
 
     def close(self) -> None:
-        fd, self._statm = self._statm, -1
+        """Stop the budget's thread and close the file it reads."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._over.set()
+        if thread is not None:
+            thread.join()
+        with self._lock:
+            fd, self._statm = self._statm, -1
         if fd >= 0:
             os.close(fd)
 
-    @property
-    def over(self) -> bool:
-        return self.resident > self.limit_bytes
-
-    def sample(self) -> None:
-        """Read the process's resident memory (on the ticker, every tick)."""
-        try:
-            fields = os.pread(self._statm, 128, 0).split()
-        except (OSError, ValueError):  # closed
-            return
-        self.resident = int(fields[1]) * _PAGE
-        if not self.over and self._reports:
-            with self._lock:
-                self._reports.clear()
-
-    def stop(self, task: object) -> str | None:
-        """At an epoch tick of ``task`` while :attr:`over`: why it must stop now,
-        if it is the largest of the tasks running, else None.
-
-        Its first report only registers it: the other running tasks report at
-        their own ticks, within one, before anyone is chosen."""
-        size = self._measure() or 0
-        now = time.monotonic()
+    def register(self, task: object) -> None:
         with self._lock:
-            first = task not in self._reports
-            self._reports[task] = size, now
-            if first or self._stopping is not None:
-                return None
-            largest = max(
-                (reported for reported, at in self._reports.values() if now - at <= _REPORT_TTL_S),
-                default=0,
-            )
-            if size < largest:
-                return None
-            self._stopping = task
-            self.stopped += 1
-        return (
-            f"the run's resident memory ({self.resident / 1024**2:,.0f} MB) went over its "
-            f"budget of {self.limit_bytes / 1024**2:,.0f} MB (--max-total-ram); this task "
-            f"had the largest memory of those running ({size / 1024**2:,.0f} MB)"
-        )
+            self._tasks[task] = None
 
     def stopping(self, task: object) -> bool:
         """Whether ``task`` is the one chosen to stop (its instance must be
@@ -132,8 +128,67 @@ class MemoryBudget:
     def forget(self, task: object) -> None:
         """``task``'s attempt ended and its instance is closed."""
         with self._lock:
-            self._reports.pop(task, None)
-            if self._stopping is not task:
+            self._tasks.pop(task, None)
+            if self._stopping is task:
+                self._stopping = None
+                self._read()  # (its memory is gone: decide on fresh figures)
+
+    def sample(self) -> None:
+        """Read the memory; if it is over the budget and no task is being
+        stopped already, have the budget's thread stop the largest. On the
+        epoch ticker, every tick."""
+        with self._lock:
+            self._read()
+            if self.resident <= self.limit_bytes or self._stopping is not None:
                 return
-            self._stopping = None
-        self.sample()  # (its memory is gone: decide on fresh figures)
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._watch, name="capsule-memory", daemon=True
+                )
+                self._thread.start()
+        self._over.set()
+
+    def _watch(self) -> None:
+        while True:
+            self._over.wait()
+            self._over.clear()
+            if self._closed:
+                return
+            try:
+                self._choose()
+            except Exception:  # (a look at /proc that failed: try at the next tick)
+                traceback.print_exc()
+
+    def _choose(self) -> None:
+        with self._lock:
+            if self.resident <= self.limit_bytes or self._stopping is not None:
+                return
+            tasks = list(self._tasks)
+        # (Outside the lock: task threads register and forget meanwhile.)
+        sizes = zip(self._measure(tasks), tasks, strict=True)
+        known = [(size, task) for size, task in sizes if size]
+        if not known:
+            return
+        size, task = max(known, key=lambda pair: pair[0])
+        with self._lock:
+            if task not in self._tasks or self._stopping is not None:
+                return  # (it ended meanwhile)
+            self._stopping = task
+            self.stopped += 1
+            resident = self.resident
+        mb = 1024**2
+        self._stop(
+            task,
+            f"the run's memory ({resident / mb:,.1f} MB) went over its budget of "
+            f"{self.limit_bytes / mb:,.1f} MB (--max-total-ram), and this task held "
+            f"the most of any ({size / mb:,.1f} MB)",
+        )
+
+    def _read(self) -> None:
+        """Holding the lock."""
+        if self._statm < 0:
+            return
+        fields = os.pread(self._statm, 128, 0).split()
+        # (Resident minus shared: pages of files, like the runtime's image, are
+        # in the page cache once however many instances map them.)
+        self.resident = (int(fields[1]) - int(fields[2])) * _PAGE

@@ -130,6 +130,11 @@ class HostCalls(Protocol):
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
 
+    def wake(self, invocation: Invocation) -> None:
+        """The sandbox set ``invocation.aborted`` from another thread (the run's
+        memory budget stopped it): a blocking host call of it must return now."""
+        ...
+
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         """Messages the guest wrote to its channel (see channel.py), as (target,
         body JSON), in its order: sends the host has not seen yet."""
@@ -230,6 +235,9 @@ class RefusingHost(LiveClockAndRandom):
 
     def output(self, invocation: Invocation, stream: str, text: str) -> None:
         return None
+
+    def wake(self, invocation: Invocation) -> None:
+        return None  # (it never blocks)
 
 
 @dataclass(eq=False)
@@ -346,6 +354,8 @@ class _TrackedStore(wasmtime.Store):
         self.channel_at: tuple[int, int] | None = None
         #: Its channel, once opened (None, and channel_at None, if it cannot be).
         self.channel: Channel | None = None
+        #: The task attempt it serves (None while it only has the program imported).
+        self.invocation: Invocation | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -543,13 +553,6 @@ def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
             if reason is not None:  # cancelled while it waited for its turn
                 invocation.stop_reason = reason
                 return _trap_with(f"capsule: {reason}")
-        budget: MemoryBudget | None = getattr(_thread, "budget", None)
-        if budget is not None and budget.over and invocation.task_id != LOAD_TASK_ID:
-            why = budget.stop(invocation)
-            if why is not None:
-                invocation.aborted = ErrorInfo("memory_limit", why)
-                invocation.stop_reason = "aborted"
-                return _trap_with("capsule: aborted")
     delta[0] = 1
     kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
     return 0
@@ -597,9 +600,11 @@ class Sandbox:
         self._pool: InstancePool | None = None
         #: At most this many threads run task wasm at once (default: CPU cores).
         self.slots = CpuSlots(cpu_slots)
-        #: The run's resident memory bound (None: none), read at every tick.
+        #: The run's memory bound (None: none), read at every tick.
         self.budget = (
-            None if memory_budget is None else MemoryBudget(memory_budget, self._memory_size)
+            None
+            if memory_budget is None
+            else MemoryBudget(memory_budget, self._memory_sizes, self._stop_for_memory)
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -625,14 +630,26 @@ class Sandbox:
         while not self._ticker_stop.wait(TICK_SECONDS):
             self.engine.increment_epoch()
             if self.budget is not None:
-                self.budget.sample()
+                try:
+                    self.budget.sample()
+                except Exception:  # (a failed read must not end the ticker)
+                    traceback.print_exc()
 
-    def _memory_size(self) -> int | None:
-        """On a task's thread: the size of its instance's linear memory."""
-        store: _TrackedStore | None = getattr(_thread, "store", None)
-        if store is None or store.marker is None:
-            return None
-        return self.prefaulter.memory_size(store.memory, store.marker)
+    def _memory_sizes(self, stores: list[Any]) -> list[int | None]:
+        """The size of each open task instance's linear memory (the budget's)."""
+        located = [(store.memory, store.marker) for store in stores if store.marker]
+        sizes = iter(self.prefaulter.memory_sizes(located))
+        return [next(sizes) if store.marker else None for store in stores]
+
+    def _stop_for_memory(self, store: Any, why: str) -> None:
+        """The budget chose this task instance's attempt to stop: it traps at
+        its next epoch tick, or its blocking host call returns now."""
+        invocation: Invocation | None = store.invocation
+        if invocation is None:
+            return
+        if invocation.aborted is None:
+            invocation.aborted = ErrorInfo("memory_limit", why)
+        invocation.host.wake(invocation)
 
     # -- host imports ------------------------------------------------------
 
@@ -909,15 +926,14 @@ class Sandbox:
 
     @contextmanager
     def _running(self) -> Iterator[None]:
-        """Hold a CPU slot on this thread; the epoch callback yields it in turn
-        (and looks at the run's memory budget)."""
-        previous = getattr(_thread, "slots", None), getattr(_thread, "budget", None)
-        _thread.slots, _thread.budget = self.slots, self.budget
+        """Hold a CPU slot on this thread; the epoch callback yields it in turn."""
+        previous = getattr(_thread, "slots", None)
+        _thread.slots = self.slots
         try:
             with self.slots.running():
                 yield
         finally:
-            _thread.slots, _thread.budget = previous
+            _thread.slots = previous
 
     def _invoke(
         self, invocation: Invocation, program: str, payload: str, started: float
@@ -933,6 +949,9 @@ class Sandbox:
         if invocation.grants.files:
             store.set_wasi(_wasi_config(invocation.grants))
         invocation.started = time.monotonic()
+        store.invocation = invocation
+        if self.budget is not None:
+            self.budget.register(store)
         with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
@@ -947,21 +966,29 @@ class Sandbox:
                 fuel = self._used(store, invocation)
                 peak = None
                 if invocation.measure_memory and self.prefaulter.asks_cheaply:
-                    peak = self._memory_size()  # (it only grows: now is its largest)
-                if store.memory is not None:
-                    store.memory.ran = True  # learned from at teardown if a sample
-                over_budget = self.budget is not None and self.budget.stopping(invocation)
-                if self._pool is not None and not over_budget:
-                    self._pool.retire(store)
-                else:  # (stopped for the budget: its memory must go now)
-                    store.close()
-                if self.budget is not None:
-                    self.budget.forget(invocation)
+                    # (Linear memory only grows: its size now is its largest.)
+                    peak = self._memory_sizes([store])[0]
+                self._close(store)
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started, peak)
         return self._outcome(result, None, fuel, started, peak)
+
+    def _close(self, store: _TrackedStore) -> None:
+        """After a task's attempt: close its instance, or have the pool's thread
+        do it (off the task's path) unless the memory budget stopped it: its
+        memory must go now."""
+        try:
+            if store.memory is not None:
+                store.memory.ran = True  # learned from at teardown if a sample
+            if self._pool is not None and not (self.budget and self.budget.stopping(store)):
+                self._pool.retire(store)
+            else:
+                store.close()
+        finally:
+            if self.budget is not None:
+                self.budget.forget(store)
 
     @staticmethod
     def _end_attempt(invocation: Invocation) -> ErrorInfo | None:

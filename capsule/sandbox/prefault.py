@@ -168,6 +168,12 @@ class Prefaulter:
         return self._enabled
 
     @property
+    def measures(self) -> bool:
+        """Whether it can tell the size of an instance's memory (Linux's pagemap
+        and /proc/self/mem, as releasing needs), and is open."""
+        return self._releasing_enabled
+
+    @property
     def asks_cheaply(self) -> bool:
         """Whether it asks about mappings with PROCMAP_QUERY (microseconds)
         rather than by reading ``/proc/self/maps`` (milliseconds)."""
@@ -266,22 +272,28 @@ class Prefaulter:
             found = self._locate(mappings, memory, marker)
         return None if found is None else (found[2], found[1])
 
-    def memory_size(self, memory: Memory | None, marker: Marker) -> int | None:
-        """How large the linear memory holding ``marker`` is now: from its start
+    def memory_sizes(self, instances: list[tuple[Memory | None, Marker]]) -> list[int | None]:
+        """How large the linear memory holding each marker is now: from its start
         to the end of the writable anonymous mapping just above the image
-        (``memory.grow`` extends it), or to the image's end if there is none."""
-        if not self._releasing_enabled:
-            return None
+        (``memory.grow`` extends it), or to the image's end if there is none;
+        None where not found. (One look at the mappings for all: before Linux
+        6.11 that is reading /proc/self/maps, milliseconds.)"""
+        if not self._releasing_enabled or not instances:
+            return [None] * len(instances)
         mappings = self._mappings()
         if mappings is None:
-            return None
+            return [None] * len(instances)
+        sizes: list[int | None] = []
         with self._releasing:
-            found = self._locate(mappings, memory, marker)
-            if found is None:
-                return None
-            _, end, base = found
-            above = mappings.memory_above(end)
-        return (end if above is None else above) - base
+            for memory, marker in instances:
+                found = self._locate(mappings, memory, marker)
+                if found is None:
+                    sizes.append(None)
+                    continue
+                _, end, base = found
+                above = mappings.memory_above(end)
+                sizes.append((end if above is None else above) - base)
+        return sizes
 
     def _mappings(self) -> _Mappings | None:
         if self._query:
@@ -525,6 +537,12 @@ def _supported() -> bool:
 
 
 @functools.cache  # the kernel does not change: asked once per process, not per run
+def can_measure_memory() -> bool:
+    """Whether the size of an instance's memory can be found (as releasing
+    does: Linux's pagemap and /proc/self/mem)."""
+    return _kernel_can_release()
+
+
 def _kernel_can_release() -> bool:
     """Linux with a pagemap that says which pages are the file's (4.2 for a
     process without privileges), and its own memory readable by offset."""

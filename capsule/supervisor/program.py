@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from capsule.sandbox.budget import MIN_BUDGET_BYTES, default_budget
+from capsule.sandbox.budget import MIN_BUDGET_BYTES, can_read_memory, default_budget
 from capsule.sandbox.config import (
     RAM_FORMS,
     TIMEOUT_FORMS,
@@ -21,6 +21,7 @@ from capsule.sandbox.config import (
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.grants import program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
+from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import load_project
 from capsule.sandbox.runtime import RuntimeBuildError
 from capsule.supervisor.events import EventStream, TaskOutput
@@ -275,11 +276,18 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
 
 
 def _memory_budget(value: str | int | None) -> int | None:
-    """The run's memory budget in bytes (None: "off")."""
+    """The run's memory budget in bytes (None: "off", or not given where it
+    cannot be kept: it needs Linux's /proc)."""
+    can_keep = can_read_memory() and can_measure_memory()
     if value is None:
-        return default_budget()
+        return default_budget() if can_keep else None
     if value == "off":
         return None
+    if not can_keep:
+        raise ConfigError(
+            "--max-total-ram needs Linux's /proc/self/statm, pagemap and mem, which "
+            "this system does not have; leave it out (or 'off')"
+        )
     try:
         budget = parse_ram(value)
     except ValueError:

@@ -760,6 +760,12 @@ class Run:
         scope.cancelled = True
         self._wake_all()
 
+    def wake(self, invocation: Invocation) -> None:
+        with self._lock:
+            attempt = self._attempts.get(invocation)
+        if attempt is not None:
+            attempt.wake()
+
     def _wake_all(self) -> None:
         """Wake every blocked task that must now stop."""
         with self._lock:
