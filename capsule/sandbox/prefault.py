@@ -465,26 +465,19 @@ class _QueriedMappings:
         return self._prefaulter._images(by_path=False)  # (the marker is the proof)
 
     def memory_below(self, start: int) -> int | None:
-        below = self._prefaulter._mapping(start - 1, 0) if start else None
-        if (
-            below is not None
-            and below.vma_end == start
-            and below.inode == 0
-            and below.vma_flags & _WRITABLE
-        ):
-            return int(below.vma_start)
-        return None
+        below = self._anonymous_at(start - 1) if start else None
+        return None if below is None or below[1] != start else below[0]
 
     def memory_above(self, end: int) -> int | None:
-        above = self._prefaulter._mapping(end, 0)
-        if (
-            above is not None
-            and above.vma_start == end
-            and above.inode == 0
-            and above.vma_flags & _WRITABLE
-        ):
-            return int(above.vma_end)
-        return None
+        above = self._anonymous_at(end)
+        return None if above is None or above[0] != end else above[1]
+
+    def _anonymous_at(self, address: int) -> tuple[int, int] | None:
+        """The writable anonymous mapping holding ``address``, as (start, end)."""
+        found = self._prefaulter._mapping(address, 0)
+        if found is None or found.inode != 0 or not found.vma_flags & _WRITABLE:
+            return None
+        return int(found.vma_start), int(found.vma_end)
 
 
 class _MapsText:
