@@ -8,16 +8,18 @@ resident memory at every tick (``/proc/self/statm``, a few microseconds: what
 guests wrote, and the host's own heap; not the pages of the runtime's image
 that instances only read, which exist once however many map them). When it is
 over the budget, the budget's own thread looks at the size of every live
-task's linear memory (7 ms for 200 tasks; up to ~150 ms the first time, when
-their memory must be found among all the image's mappings: not on the ticker,
-which deadlines and time slices depend on), and the largest task is stopped
-with ``memory_limit``, running or blocked, like the kernel's OOM killer does:
-not whichever task happens to allocate next. Its instance is closed at once,
-and the memory is read again before another is chosen.
+task's linear memory (8 ms for 400 tasks, 14 ms the first time: not on the
+ticker, which deadlines and time slices depend on), and the largest task is
+stopped with ``memory_limit``, running or blocked, like the kernel's OOM killer
+does: not whichever task happens to allocate next. A task whose memory cannot
+be found (its guest overwrote the bytes that find it) counts as the largest.
+It gets the next CPU slot, its instance is closed as it stops, and the memory is
+read again before another is chosen.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import traceback
@@ -165,11 +167,12 @@ class MemoryBudget:
                 return
             tasks = list(self._tasks)
         # (Outside the lock: task threads register and forget meanwhile.)
-        sizes = zip(self._measure(tasks), tasks, strict=True)
-        known = [(size, task) for size, task in sizes if size]
-        if not known:
+        # A task whose memory cannot be found (its guest overwrote the bytes
+        # that find it) comes first: hiding must not make a task immune.
+        sizes = [math.inf if size is None else size for size in self._measure(tasks)]
+        if not tasks:
             return
-        size, task = max(known, key=lambda pair: pair[0])
+        size, task = max(zip(sizes, tasks, strict=True), key=lambda pair: pair[0])
         with self._lock:
             if task not in self._tasks or self._stopping is not None:
                 return  # (it ended meanwhile)
@@ -177,12 +180,18 @@ class MemoryBudget:
             self.stopped += 1
             resident = self.resident
         mb = 1024**2
-        self._stop(
-            task,
-            f"the run's memory ({resident / mb:,.1f} MB) went over its budget of "
-            f"{self.limit_bytes / mb:,.1f} MB (--max-total-ram), and this task held "
-            f"the most of any ({size / mb:,.1f} MB)",
-        )
+        held = "its memory could not be found" if size == math.inf else f"{size / mb:,.1f} MB"
+        try:
+            self._stop(
+                task,
+                f"the run's memory ({resident / mb:,.1f} MB) went over its budget of "
+                f"{self.limit_bytes / mb:,.1f} MB (--max-total-ram), and this task held "
+                f"the most of any ({held})",
+            )
+        except BaseException:
+            with self._lock:
+                self._stopping = None
+            raise
 
     def _read(self) -> None:
         """Holding the lock."""

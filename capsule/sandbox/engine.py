@@ -39,7 +39,7 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
-from capsule.sandbox.prefault import Marker, Memory, Prefaulter
+from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
 
@@ -131,8 +131,9 @@ class HostCalls(Protocol):
     def output(self, invocation: Invocation, stream: str, text: str) -> None: ...
 
     def wake(self, invocation: Invocation) -> None:
-        """The sandbox set ``invocation.aborted`` from another thread (the run's
-        memory budget stopped it): a blocking host call of it must return now."""
+        """The sandbox set ``invocation.evicted`` from another thread (the run's
+        memory budget stopped it): a blocking host call of it, or of a task it
+        runs inline, must return now."""
         ...
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
@@ -257,6 +258,9 @@ class Invocation:
     #: Set by the host to end this invocation with this error (e.g. a linked
     #: child failed); seen at the next epoch tick or host call.
     aborted: ErrorInfo | None = None
+    #: Set by the sandbox to end it (the run's memory budget): like
+    #: ``aborted``, but nothing the task does takes it back.
+    evicted: ErrorInfo | None = None
     #: The host's traceback if a host import failed while serving this invocation.
     host_error: str | None = None
     #: Why it was cancelled, for the error its descendants report.
@@ -282,7 +286,12 @@ class Invocation:
         """Why this invocation is cancelled: the message of the nearest cancelled
         ancestor (or itself), or the generic one when a caller stopped otherwise."""
         node: Invocation | None = self
-        while node is not None and not node.cancelled and node.aborted is None:
+        while (
+            node is not None
+            and not node.cancelled
+            and node.aborted is None
+            and node.evicted is None
+        ):
             node = node.parent
         if node is not None and node.cancelled:
             return node.cancel_message
@@ -292,11 +301,13 @@ class Invocation:
         """Why this invocation must stop now, or None. Walks the ancestors: a
         child never outlives the deadline or cancellation of its callers."""
         now = time.monotonic()
-        if self.aborted is not None:
+        if self.aborted is not None or self.evicted is not None:
             return "aborted"
         node: Invocation | None = self
         while node is not None:
-            if node.cancelled or (node is not self and node.aborted is not None):
+            if node.cancelled or (
+                node is not self and (node.aborted is not None or node.evicted is not None)
+            ):
                 return "cancelled"
             deadline = node.deadline
             if deadline is not None and now >= deadline:
@@ -354,8 +365,11 @@ class _TrackedStore(wasmtime.Store):
         self.channel_at: tuple[int, int] | None = None
         #: Its channel, once opened (None, and channel_at None, if it cannot be).
         self.channel: Channel | None = None
-        #: The task attempt it serves (None while it only has the program imported).
+        #: The task attempt it serves, and on which thread (once it serves one).
         self.invocation: Invocation | None = None
+        self.thread: int | None = None
+        #: The run's memory budget, told when it is closed (while it serves a task).
+        self.budget: MemoryBudget | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -368,6 +382,9 @@ class _TrackedStore(wasmtime.Store):
         super().close()
         if memory is not None:
             self._prefaulter.unmapped(memory)
+        budget, self.budget = getattr(self, "budget", None), None
+        if budget is not None:
+            budget.forget(self)
 
 
 def live_instances() -> int:
@@ -643,13 +660,15 @@ class Sandbox:
 
     def _stop_for_memory(self, store: Any, why: str) -> None:
         """The budget chose this task instance's attempt to stop: it traps at
-        its next epoch tick, or its blocking host call returns now."""
+        its next epoch tick, or its blocking host call returns now; waiting for
+        a CPU slot, it gets the next one."""
         invocation: Invocation | None = store.invocation
         if invocation is None:
             return
-        if invocation.aborted is None:
-            invocation.aborted = ErrorInfo("memory_limit", why)
+        invocation.evicted = ErrorInfo("memory_limit", why)
         invocation.host.wake(invocation)
+        if store.thread is not None:
+            self.slots.hurry(store.thread)
 
     # -- host imports ------------------------------------------------------
 
@@ -836,7 +855,7 @@ class Sandbox:
         if not isinstance(source, ModuleSource):
             reason = source.reason if isinstance(source, Refused) else "no such module"
             raise PrepareError(ErrorInfo("exception", f"cannot load {program!r}: {reason}"))
-        nonce = os.urandom(16)
+        nonce = os.urandom(NONCE_SIZE)
         payload = _record(
             name=program, source=_source_record(source), describe=describe, marker=nonce.hex()
         )
@@ -949,8 +968,9 @@ class Sandbox:
         if invocation.grants.files:
             store.set_wasi(_wasi_config(invocation.grants))
         invocation.started = time.monotonic()
-        store.invocation = invocation
+        store.invocation, store.thread = invocation, threading.get_ident()
         if self.budget is not None:
+            store.budget = self.budget
             self.budget.register(store)
         with _bound(invocation, store):
             try:
@@ -978,17 +998,13 @@ class Sandbox:
     def _close(self, store: _TrackedStore) -> None:
         """After a task's attempt: close its instance, or have the pool's thread
         do it (off the task's path) unless the memory budget stopped it: its
-        memory must go now."""
-        try:
-            if store.memory is not None:
-                store.memory.ran = True  # learned from at teardown if a sample
-            if self._pool is not None and not (self.budget and self.budget.stopping(store)):
-                self._pool.retire(store)
-            else:
-                store.close()
-        finally:
-            if self.budget is not None:
-                self.budget.forget(store)
+        memory must go now. (The budget counts it until it is closed.)"""
+        if store.memory is not None:
+            store.memory.ran = True  # learned from at teardown if a sample
+        if self._pool is not None and not (self.budget and self.budget.stopping(store)):
+            self._pool.retire(store)
+        else:
+            store.close()
 
     @staticmethod
     def _end_attempt(invocation: Invocation) -> ErrorInfo | None:
@@ -1061,8 +1077,10 @@ class Sandbox:
     def _classify(invocation: Invocation, exc: Exception) -> ErrorInfo:
         text = str(exc)
         limits = invocation.limits
-        if invocation.stop_reason == "aborted" and invocation.aborted is not None:
-            return invocation.aborted
+        if invocation.stop_reason == "aborted":
+            error = invocation.evicted or invocation.aborted
+            if error is not None:
+                return error
         if invocation.stop_reason == "timeout":
             return ErrorInfo("timeout", f"deadline of {limits.timeout_s:g}s exceeded")
         if invocation.stop_reason == "cancelled":

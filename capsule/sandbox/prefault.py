@@ -80,6 +80,8 @@ _CANDIDATES = 8
 _FIRST_PAGES = 64
 
 _MADV_DONTNEED, _MADV_POPULATE_WRITE = 4, 23
+#: How many random bytes a marker is (the host's nonce).
+NONCE_SIZE = 16
 _PAGE = mmap.PAGESIZE
 #: A pagemap entry: present (bit 63), file-backed or shared (61), mapped once (56).
 _PRESENT, _FILE, _EXCLUSIVE = 1 << 63, 1 << 61, 1 << 56
@@ -166,12 +168,6 @@ class Prefaulter:
         """Whether this machine can prefault (Linux's pagemap, PROCMAP_QUERY
         and MADV_POPULATE_WRITE), ``CAPSULE_PREFAULT`` is not 0 and it is open."""
         return self._enabled
-
-    @property
-    def measures(self) -> bool:
-        """Whether it can tell the size of an instance's memory (Linux's pagemap
-        and /proc/self/mem, as releasing needs), and is open."""
-        return self._releasing_enabled
 
     @property
     def asks_cheaply(self) -> bool:
@@ -285,8 +281,19 @@ class Prefaulter:
             return [None] * len(instances)
         sizes: list[int | None] = []
         with self._releasing:
-            for memory, marker in instances:
-                found = self._locate(mappings, memory, marker)
+            located = [self._locate(mappings, *instance, scan=False) for instance in instances]
+            lost = [
+                marker
+                for (_, marker), found in zip(instances, located, strict=True)
+                if found is None
+            ]
+            if lost:
+                self._find_markers(mappings, lost)
+                located = [
+                    found or self._locate(mappings, *instance, scan=False)
+                    for instance, found in zip(instances, located, strict=True)
+                ]
+            for found in located:
                 if found is None:
                     sizes.append(None)
                     continue
@@ -306,10 +313,11 @@ class Prefaulter:
             return None
 
     def _locate(
-        self, mappings: _Mappings, memory: Memory | None, marker: Marker
+        self, mappings: _Mappings, memory: Memory | None, marker: Marker, scan: bool = True
     ) -> tuple[int, int, int] | None:
         """The image mapping holding ``marker``, as (start, end, where the linear
-        memory starts). Holding ``_releasing``."""
+        memory starts); without ``scan``, only if a guess is right. Holding
+        ``_releasing``."""
         if not self._releasing_enabled:
             return None
         guesses = [marker.image] if marker.image else []
@@ -319,7 +327,7 @@ class Prefaulter:
         # instance at most, when neither guess is right.)
         candidates = chain(
             (guess for guess in guesses if mappings.image_at(guess[0]) == guess[1]),
-            mappings.images(),
+            mappings.images() if scan else (),
         )
         for start, end in candidates:
             base = self._base(mappings, start, marker)
@@ -327,6 +335,27 @@ class Prefaulter:
                 marker.image = start, end
                 return start, end, base
         return None
+
+    def _find_markers(self, mappings: _Mappings, lost: list[Marker]) -> None:
+        """Where the image mappings holding these markers are (``marker.image``),
+        in one pass over them all rather than one each (a read per mapping and
+        marker address: many tasks alive and not located yet would otherwise
+        cost the square of their number). Holding ``_releasing``."""
+        by_nonce = {marker.nonce: marker for marker in lost}
+        addresses = {marker.address for marker in lost}
+        for start, end in mappings.images():
+            below = mappings.memory_below(start)
+            for base in [start] if below is None else [below, start]:
+                for address in addresses:
+                    try:
+                        found = os.pread(self._mem, NONCE_SIZE, base + address)
+                    except (OSError, OverflowError):  # nothing mapped there
+                        continue
+                    marker = by_nonce.pop(found, None)
+                    if marker is not None:
+                        marker.image = start, end
+            if not by_nonce:
+                return
 
     def _base(self, mappings: _Mappings, start: int, marker: Marker) -> int | None:
         """Where the linear memory starts if the image mapping at ``start`` is
@@ -529,13 +558,13 @@ def _supported() -> bool:
     return os.environ.get("CAPSULE_PREFAULT") != "0" and _kernel_can_prefault()
 
 
-@functools.cache  # the kernel does not change: asked once per process, not per run
 def can_measure_memory() -> bool:
     """Whether the size of an instance's memory can be found (as releasing
     does: Linux's pagemap and /proc/self/mem)."""
     return _kernel_can_release()
 
 
+@functools.cache  # the kernel does not change: asked once per process, not per run
 def _kernel_can_release() -> bool:
     """Linux with a pagemap that says which pages are the file's (4.2 for a
     process without privileges), and its own memory readable by offset."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 
@@ -24,18 +24,30 @@ class CpuSlots:
         self._queue: deque[threading.Event] = deque()
         self._lock = threading.Lock()
         self._held = threading.local()
+        #: The turn each queued thread waits for, by thread id (see ``hurry``).
+        self._turns: dict[int, threading.Event] = {}
 
     def _depth(self) -> int:
         return getattr(self._held, "depth", 0)
 
-    def _acquire(self) -> None:
+    def _acquire(self, first: bool = False) -> None:
         with self._lock:
             if self._free > 0 and not self._queue:
                 self._free -= 1
                 return
             turn = threading.Event()
-            self._queue.append(turn)
-        turn.wait()  # the releasing thread hands its slot over directly
+            if first:
+                self._queue.appendleft(turn)
+            else:
+                self._queue.append(turn)
+        self._wait(turn)
+
+    def _wait(self, turn: threading.Event) -> None:
+        """Wait for a turn queued (the releasing thread hands its slot over directly)."""
+        thread = threading.get_ident()
+        self._turns[thread] = turn
+        turn.wait()
+        del self._turns[thread]
 
     def _release(self) -> None:
         with self._lock:
@@ -59,8 +71,9 @@ class CpuSlots:
                 self._release()
 
     @contextmanager
-    def released(self) -> Iterator[None]:
-        """Give the slot up while the body blocks (a host call waiting)."""
+    def released(self, urgent: Callable[[], bool] | None = None) -> Iterator[None]:
+        """Give the slot up while the body blocks (a host call waiting). If
+        ``urgent()`` says so afterwards (it must stop), take it back first."""
         depth = self._depth()
         if depth == 0:
             yield
@@ -70,8 +83,18 @@ class CpuSlots:
         try:
             yield
         finally:
-            self._acquire()
+            self._acquire(first=urgent is not None and urgent())
             self._held.depth = depth
+
+    def hurry(self, thread: int) -> None:
+        """If ``thread`` waits for its turn, give it the next one (a task that
+        must stop: its instance, and memory, go sooner)."""
+        with self._lock:
+            turn = self._turns.get(thread)
+            if turn is None or turn.is_set() or turn not in self._queue:
+                return
+            self._queue.remove(turn)
+            self._queue.appendleft(turn)
 
     def yield_turn(self) -> None:
         """At an epoch tick: if others wait, pass the slot on and queue behind them."""
@@ -83,7 +106,7 @@ class CpuSlots:
             self._queue.popleft().set()
             turn = threading.Event()
             self._queue.append(turn)
-        turn.wait()
+        self._wait(turn)
 
     @property
     def waiting(self) -> int:

@@ -56,7 +56,7 @@ class RunRequest:
     hibernate_after: str | float | None = None
     #: Instances running wasm at once (default: CPU cores).
     cpu_slots: int | None = None
-    #: Resident memory of the whole run (a size, or "off"; default: half the machine's).
+    #: Memory of the whole run (a size, or "off"; default: half the machine's).
     max_total_ram: str | int | None = None
 
 

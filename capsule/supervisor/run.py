@@ -761,10 +761,8 @@ class Run:
         self._wake_all()
 
     def wake(self, invocation: Invocation) -> None:
-        with self._lock:
-            attempt = self._attempts.get(invocation)
-        if attempt is not None:
-            attempt.wake()
+        # (Its descendants too: a child it runs inline blocks its thread.)
+        self._wake_all()
 
     def _wake_all(self) -> None:
         """Wake every blocked task that must now stop."""
@@ -1288,7 +1286,9 @@ class Run:
         ids = _EventIds(run_id=self.run_id, task_id=invocation.task_id, task=invocation.task)
         waiting = False
         try:
-            with self.sandbox.slots.released():
+            # (One that must stop takes its slot back first: its instance, and
+            # memory, go sooner.)
+            with self.sandbox.slots.released(lambda: invocation.check_stop() is not None):
                 while True:
                     if ready():
                         return True
