@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -573,3 +574,25 @@ def test_a_traps_message_is_its_cause_on_one_line() -> None:
         Exception(backtrace + "Caused by:\n    wasm trap: call stack exhausted")
     ) == ("its call stack overflowed (recursion too deep?): wasm trap: call stack exhausted")
     assert _trap_cause(Exception("one line, no backtrace")) == "one line, no backtrace"
+
+
+def test_nothing_of_a_run_outlives_it() -> None:
+    # wasmtime-py keeps host functions until their linker is gone, and ours
+    # are bound methods of the sandbox: each run in a process (an embedding
+    # program, these tests) kept its engine and compiled code (~11 MB).
+    import gc
+    import weakref
+    from pathlib import Path
+
+    from capsule.supervisor.program import RunRequest, run_program
+
+    sandboxes: list[weakref.ref[Any]] = []
+    for _ in range(2):
+        report = run_program(
+            RunRequest(path=Path(EXAMPLES / "hello.py"), args=[], max_total_ram="1GB"),
+            lambda event: None,
+            on_run=lambda run: sandboxes.append(weakref.ref(run.sandbox)),
+        )
+        assert report.result is not None and report.result.ok
+    gc.collect()
+    assert [ref() for ref in sandboxes] == [None, None]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -382,6 +383,9 @@ class _Import:
 
 # Indexed from 1: the C side hands index 0 back as a NULL pointer (None).
 _IMPORTS: list[_Import | None] = [None]
+#: Indexes of entries wasmtime let go of (reused), and the lock for both.
+_FREE: list[int] = []
+_IMPORTS_LOCK = threading.Lock()
 
 
 _CALLBACK = _bindings.wasmtime_component_func_callback_t
@@ -434,8 +438,12 @@ def _call_import(
 
 
 @ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
-def _keep(_idx: Any) -> None:
-    return None  # the entries live as long as the process: a handful per linker
+def _forget(idx: Any) -> None:
+    # wasmtime let go of the function (its linker and every store that used it
+    # are gone): its entry, which holds the host's bound method, goes too.
+    with _IMPORTS_LOCK:
+        _IMPORTS[idx] = None
+        _FREE.append(idx)
 
 
 def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, on_error: OnError) -> None:
@@ -444,15 +452,21 @@ def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, on_error:
     answers a ``result`` as an ``(ok, payload)`` pair; an exception it raises
     traps the guest: a WasmtimeError as it is, any other as ``on_error`` makes
     it."""
-    _IMPORTS.append(_Import(func, on_error))
+    with _IMPORTS_LOCK:
+        if _FREE:
+            index = _FREE.pop()
+            _IMPORTS[index] = _Import(func, on_error)
+        else:
+            index = len(_IMPORTS)
+            _IMPORTS.append(_Import(func, on_error))
     encoded = name.encode("utf-8")
     error = ffi.wasmtime_component_linker_instance_add_func(
         instance.ptr(),
         ctypes.create_string_buffer(encoded),
         len(encoded),
         ctypes.cast(_call_import, _CALLBACK),
-        len(_IMPORTS) - 1,
-        _keep,
+        index,
+        _forget,
     )
     if error:
         raise wasmtime.WasmtimeError._from_ptr(error)
