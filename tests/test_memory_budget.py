@@ -290,6 +290,10 @@ def test_the_largest_task_is_chosen_once_until_its_instance_is_closed() -> None:
         assert stops_after_a_tick() == ["c", "b", "a"]
         budget.forget("a")
         assert stops_after_a_tick() == ["c", "b", "a"]  # nobody left
+        sizes["d"] = None
+        budget.register("d")
+        # Only tasks of unknown size (the host could not look): no grounds.
+        assert stops_after_a_tick() == ["c", "b", "a"]
     finally:
         budget.close()
     assert not any(thread.name == "capsule-memory" for thread in threading.enumerate())

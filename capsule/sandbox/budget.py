@@ -167,11 +167,13 @@ class MemoryBudget:
                 return
             tasks = list(self._tasks)
         # (Outside the lock: task threads register and forget meanwhile.)
-        # A task whose memory cannot be found (its guest overwrote the bytes
-        # that find it) comes first: hiding must not make a task immune.
-        sizes = [math.inf if size is None else size for size in self._measure(tasks)]
-        if not tasks:
-            return
+        # A task whose memory cannot be found while others' can (its guest
+        # overwrote the bytes that find it) comes first: hiding must not make a
+        # task immune.
+        measured = self._measure(tasks)
+        if all(size is None for size in measured):
+            return  # (the host could not look: no grounds to choose anyone)
+        sizes = [math.inf if size is None else size for size in measured]
         size, task = max(zip(sizes, tasks, strict=True), key=lambda pair: pair[0])
         with self._lock:
             if task not in self._tasks or self._stopping is not None:

@@ -1006,6 +1006,7 @@ class Sandbox:
         memory must go now. (The budget counts it until it is closed.)"""
         if store.memory is not None:
             store.memory.ran = True  # learned from at teardown if a sample
+        store.invocation = store.thread = None  # (its attempt is over)
         if self._pool is not None and not (self.budget and self.budget.stopping(store)):
             self._pool.retire(store)
         else:
@@ -1144,7 +1145,7 @@ class InstancePool:
 
     def retire(self, store: wasmtime.Store) -> None:
         """Hand over a used instance to be torn down off the caller's critical path."""
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # (it gave up)
             store.close()
         else:
             self._retired.put(store)

@@ -385,7 +385,8 @@ class _Import:
 _IMPORTS: list[_Import | None] = [None]
 #: Indexes of entries wasmtime let go of (reused), and the lock for both.
 _FREE: list[int] = []
-_IMPORTS_LOCK = threading.Lock()
+#: (Reentrant: an allocation under it may collect a store whose functions go.)
+_IMPORTS_LOCK = threading.RLock()
 
 
 _CALLBACK = _bindings.wasmtime_component_func_callback_t
@@ -452,13 +453,14 @@ def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, on_error:
     answers a ``result`` as an ``(ok, payload)`` pair; an exception it raises
     traps the guest: a WasmtimeError as it is, any other as ``on_error`` makes
     it."""
+    entry = _Import(func, on_error)
     with _IMPORTS_LOCK:
         if _FREE:
             index = _FREE.pop()
-            _IMPORTS[index] = _Import(func, on_error)
+            _IMPORTS[index] = entry
         else:
             index = len(_IMPORTS)
-            _IMPORTS.append(_Import(func, on_error))
+            _IMPORTS.append(entry)
     encoded = name.encode("utf-8")
     error = ffi.wasmtime_component_linker_instance_add_func(
         instance.ptr(),

@@ -40,14 +40,14 @@ class CpuSlots:
                 self._queue.appendleft(turn)
             else:
                 self._queue.append(turn)
+            self._turns[threading.get_ident()] = turn
         self._wait(turn)
 
     def _wait(self, turn: threading.Event) -> None:
-        """Wait for a turn queued (the releasing thread hands its slot over directly)."""
-        thread = threading.get_ident()
-        self._turns[thread] = turn
+        """Wait for a turn queued (the releasing thread hands its slot over
+        directly); it was put in ``_turns`` with it, under the lock."""
         turn.wait()
-        del self._turns[thread]
+        del self._turns[threading.get_ident()]
 
     def _release(self) -> None:
         with self._lock:
@@ -83,7 +83,11 @@ class CpuSlots:
         try:
             yield
         finally:
-            self._acquire(first=urgent is not None and urgent())
+            try:
+                first = urgent is not None and urgent()
+            except Exception:
+                first = False
+            self._acquire(first=first)
             self._held.depth = depth
 
     def hurry(self, thread: int) -> None:
@@ -106,6 +110,7 @@ class CpuSlots:
             self._queue.popleft().set()
             turn = threading.Event()
             self._queue.append(turn)
+            self._turns[threading.get_ident()] = turn
         self._wait(turn)
 
     @property
