@@ -181,10 +181,10 @@ def run_program(
         )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
-    if steps is not None:
-        sandbox.finder.watch(steps.program_file)
     run_id = run_id or new_run_id()
     with sandbox:
+        if steps is not None:
+            sandbox.finder.watch(steps.program_file)
 
         def load_output(invocation: Invocation, stream: str, text: str) -> None:
             events.emit(
