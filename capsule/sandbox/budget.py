@@ -91,7 +91,9 @@ class MemoryBudget:
         self._stop = stop
         self._statm = os.open(_STATM, os.O_RDONLY)
         #: Held while reading the memory, so a stale reading never lands last.
-        self._lock = threading.Lock()
+        #: (Reentrant: an allocation under it may collect a lost store, whose
+        #: close tells ``forget``.)
+        self._lock = threading.RLock()
         self._tasks: dict[object, None] = {}
         #: The task chosen to stop, until its instance is closed.
         self._stopping: object | None = None
