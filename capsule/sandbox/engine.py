@@ -659,9 +659,7 @@ class Sandbox:
 
     def _memory_sizes(self, stores: list[Any]) -> list[int | None]:
         """The size of each open task instance's linear memory (the budget's)."""
-        located = [(store.memory, store.marker) for store in stores if store.marker]
-        sizes = iter(self.prefaulter.memory_sizes(located))
-        return [next(sizes) if store.marker else None for store in stores]
+        return self.prefaulter.memory_sizes([(store.memory, store.marker) for store in stores])
 
     def _stop_for_memory(self, store: Any, why: str) -> None:
         """The budget chose this task instance's attempt to stop: it traps at

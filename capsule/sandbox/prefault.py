@@ -268,29 +268,37 @@ class Prefaulter:
             found = self._locate(mappings, memory, marker)
         return None if found is None else (found[2], found[1])
 
-    def memory_sizes(self, instances: list[tuple[Memory | None, Marker]]) -> list[int | None]:
+    def memory_sizes(
+        self, instances: list[tuple[Memory | None, Marker | None]]
+    ) -> list[int | None]:
         """How large the linear memory holding each marker is now: from its start
         to the end of the writable anonymous mapping just above the image
         (``memory.grow`` extends it), or to the image's end if there is none;
-        None where not found. (One look at the mappings for all: before Linux
-        6.11 that is reading /proc/self/maps, milliseconds.)"""
+        None where not found (or no marker). (One look at the mappings for all:
+        before Linux 6.11 that is reading /proc/self/maps, milliseconds.)"""
         if not self._releasing_enabled or not instances:
             return [None] * len(instances)
         mappings = self._mappings()
         if mappings is None:
             return [None] * len(instances)
+
+        def look(memory: Memory | None, marker: Marker | None) -> tuple[int, int, int] | None:
+            if marker is None:
+                return None
+            return self._locate(mappings, memory, marker, scan=False)
+
         sizes: list[int | None] = []
         with self._releasing:
-            located = [self._locate(mappings, *instance, scan=False) for instance in instances]
+            located = [look(*instance) for instance in instances]
             lost = [
                 marker
                 for (_, marker), found in zip(instances, located, strict=True)
-                if found is None
+                if marker is not None and found is None
             ]
             if lost:
                 self._find_markers(mappings, lost)
                 located = [
-                    found or self._locate(mappings, *instance, scan=False)
+                    found or look(*instance)
                     for instance, found in zip(instances, located, strict=True)
                 ]
             for found in located:

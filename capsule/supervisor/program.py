@@ -165,14 +165,11 @@ def run_program(
             max_response_bytes=project.max_response_bytes,
             **_run_limits(request),
         )
+        memory_budget = _memory_budget(request.max_total_ram)
     except ConfigError as exc:
         return RunReport(usage_error=str(exc))
     events = events or EventStream()
     events.subscribe(on_event, event_types)
-    try:
-        memory_budget = _memory_budget(request.max_total_ram)
-    except ConfigError as exc:
-        return RunReport(usage_error=str(exc))
     try:
         sandbox = Sandbox(
             [path.parent, *site_package_dirs()],
