@@ -147,7 +147,7 @@ def _as_schema_3(journal: Path) -> None:
     as its text, every step with its time, a received message as an object;
     batches without their time; no source files recorded."""
     from capsule.journal.schema import MIGRATIONS
-    from capsule.supervisor.steps import json_strings
+    from capsule.supervisor.steps import json_strings, received_messages
 
     create_view = next(s for s in MIGRATIONS[3] if "CREATE VIEW" in s)
     with sqlite3.connect(journal) as connection:
@@ -164,17 +164,22 @@ def _as_schema_3(journal: Path) -> None:
             ]
             for step in steps:
                 # (A batch of messages, which that Capsule never took in one
-                # receive, is left as it is: the replay reads both forms.)
-                if step[1] == "receive" and step[3] and not step[4].startswith("[["):
-                    message_id, sender, body, expects_reply = json.loads(step[4])
-                    step[4] = json.dumps(
-                        {
-                            "id": message_id,
-                            "sender": sender,
-                            "expects_reply": expects_reply,
-                            "body": body,
-                        }
-                    )
+                # receive, is left as version 8 wrote it: an array of arrays,
+                # the bodies as values; the replay reads every form.)
+                if step[1] == "receive" and step[3]:
+                    received = received_messages(step[4])
+                    if len(received) == 1:
+                        ((message_id, sender, body, expects_reply),) = received
+                        step[4] = json.dumps(
+                            {
+                                "id": message_id,
+                                "sender": sender,
+                                "expects_reply": expects_reply,
+                                "body": json.loads(body),
+                            }
+                        )
+                    else:
+                        step[4] = json.dumps([[m, s, json.loads(b), e] for m, s, b, e in received])
             connection.execute(
                 "UPDATE step_batches SET steps_json = ? "
                 "WHERE run_id = ? AND task_id = ? AND attempt = ? AND first_step = ?",

@@ -407,7 +407,8 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
 ) -> None:
     """The guest encodes and decodes messages without json's Python layers: the
     text must be json.dumps' own, every value must come back equal, and a body
-    json cannot write must fail as json.dumps does, naming the target."""
+    json cannot write (or the host would refuse: NaN, Infinity, a lone
+    surrogate) must fail as json.dumps does, naming the target."""
     outcome = run_program(
         ACTORS
         + """
@@ -415,14 +416,16 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
     import capsule_guest
 
     VALUES = [
-        0, -7, 2**70, 1.5, -0.0, 1e300, float("inf"), True, False, None, "", "plain",
+        0, -7, 2**70, 1.5, -0.0, 1e300, True, False, None, "", "plain",
         "quote \\" backslash \\\\ newline \\n nul \\x00 é 漢 😀", [], {}, [1, [2, [3]]],
         {"a": {"b": [None, 1.25, "x"]}, "k": [True, {"": 0}]}, (1, "tuple"),
     ]
 
     @task(name="main")
     def main():
-        differ = [repr(v) for v in VALUES if capsule_guest._dumps(v) != json.dumps(v)]
+        differ = [
+            repr(v) for v in VALUES if capsule_guest._dumps(v) != json.dumps(v, allow_nan=False)
+        ]
         texts = [json.dumps(v) for v in VALUES] + ['{"id": "x#1", "body": [1, {"a": null}]}']
         misread = [t for t in texts if capsule_guest._loads(t) != json.loads(t)]
         actor = echo.spawn(name="echo")
@@ -430,7 +433,7 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
         refusals = []
         loop = []
         loop.append(loop)
-        for bad in ({1, 2}, loop, object()):
+        for bad in ({1, 2}, loop, object(), float("nan"), [float("-inf")], {"k": "\\ud800"}):
             try:
                 send(actor, bad)
             except (TypeError, ValueError) as exc:
@@ -453,15 +456,17 @@ def test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused(
     value = outcome.value
     assert value["differ"] == [] and value["misread"] == []
     expected = [
-        0, -7, 2**70, 1.5, -0.0, 1e300, float("inf"), True, False, None, "", "plain",
+        0, -7, 2**70, 1.5, -0.0, 1e300, True, False, None, "", "plain",
         "quote \" backslash \\ newline \n nul \x00 é 漢 😀", [], {}, [1, [2, [3]]],
         {"a": {"b": [None, 1.25, "x"]}, "k": [True, {"": 0}]}, [1, "tuple"],
     ]  # fmt: skip
     assert value["echoed"] == expected
     assert [type(v) for v in value["echoed"]] == [type(v) for v in expected]
-    assert len(value["refusals"]) == 3
+    assert len(value["refusals"]) == 6
     assert all("not JSON-serializable" in text for text in value["refusals"]), value
     assert "Circular reference" in value["refusals"][1]
+    assert "Out of range float values" in value["refusals"][3]
+    assert "lone surrogate" in value["refusals"][5]
     assert value["later"] == [[{"k": [1]}]] * 2
 
 

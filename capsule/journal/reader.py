@@ -29,6 +29,7 @@ from capsule.supervisor.steps import (
     PendingMessage,
     Step,
     TaskHistory,
+    received_messages,
     request_text,
 )
 from capsule.supervisor.tree import TaskResult
@@ -339,12 +340,8 @@ async def load_history(path: Path, run_id: str) -> History:
             for number, kind, request, ok, answer, *_ in json.loads(batch):
                 strings = request if isinstance(request, list) else None
                 if kind == "receive" and ok:
-                    # [id, ...], or a batch of them; an object before version 5.
-                    envelope = json.loads(answer)
-                    if isinstance(envelope, dict):
-                        envelope = [envelope["id"]]
-                    for taken in envelope if isinstance(envelope[0], list) else [envelope]:
-                        received_in[taken[0]] = max(received_in.get(taken[0], 0), attempt)
+                    for message_id, *_ in received_messages(answer):
+                        received_in[message_id] = max(received_in.get(message_id, 0), attempt)
                 elif kind == "send" and ok:
                     delivered = json.loads(answer)
                     body = (strings or json.loads(request))[1]

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +30,15 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime import _bindings
 from wasmtime import _ffi as ffi
-from wasmtime.component import Component, Instance, Linker, Record, Variant
+from wasmtime.component import Component, Instance, Linker, Record
 
+from capsule.sandbox import guest_data
 from capsule.sandbox.budget import MemoryBudget
 from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
 from capsule.sandbox.channel import Channel, ChannelError
 from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
+from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
@@ -60,10 +62,23 @@ def _interface(name: str) -> str:
     return f"{_PACKAGE}/{name}@{_VERSION}"
 
 
+#: A received message as the guest gets it (the WIT record ``envelope``'s
+#: fields in order): id, sender, body (checked JSON), expects-reply.
+Envelope = tuple[str, str, str, bool]
+
+#: The kinds of failure a guest may report of itself; any other is the host's
+#: to decide (a timeout, a cancellation), and a guest claiming one breaks the
+#: protocol.
+GUEST_FAILURE_KINDS = frozenset({"exception", "bad_arguments", "memory_limit"})
+#: Most tasks an unhandled TaskError's cause may name as its way.
+MAX_CAUSE_VIA = 16
+
+
 @dataclass
 class ErrorInfo:
     """Why an attempt failed: ``kind`` is exception, timeout, fuel_exhausted,
-    memory_limit, trap or cancelled."""
+    memory_limit, trap, cancelled, protocol (the guest broke the host's
+    protocol: see guest_data), ..."""
 
     kind: str
     message: str
@@ -91,17 +106,19 @@ class HostCalls(Protocol):
     or ``result::err`` with that payload (JSON). Blocking calls return when done
     or when the caller must stop; the sandbox then ends the caller's instance."""
 
-    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+    def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
         """Run a child task to the end: (True, result JSON) or (False, error JSON)."""
         ...
 
     def spawn_task(
-        self, caller: Invocation, name: str, call_json: str, options_json: str
+        self, caller: Invocation, call: TaskCall, options: SpawnOptions
     ) -> tuple[bool, str]:
         """Start a concurrent child: (True, its task id) or (False, error JSON)."""
         ...
 
-    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+    def wait(
+        self, caller: Invocation, task_ids: list[str], timeout: float | None
+    ) -> tuple[bool, str]:
         """Wait for children to end: (True, outcomes JSON) or (False, error JSON)."""
         ...
 
@@ -115,9 +132,10 @@ class HostCalls(Protocol):
         """Deliver a message: (True, "") or (False, error JSON)."""
         ...
 
-    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
-        """(True, the message as a JSON array: id, sender, body, expects_reply) or
-        (False, error JSON)."""
+    def receive(
+        self, caller: Invocation, timeout: float | None
+    ) -> tuple[bool, Sequence[Envelope] | str]:
+        """(True, the messages taken, oldest first) or (False, error JSON)."""
         ...
 
     def ask(
@@ -187,15 +205,17 @@ class RefusingHost(LiveClockAndRandom):
         message = f"task {name!r} was called while the program was being imported"
         return False, json.dumps({"kind": "exception", "task": name, "message": message})
 
-    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
-        return self._refuse(name)
+    def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
+        return self._refuse(call.name)
 
     def spawn_task(
-        self, caller: Invocation, name: str, call_json: str, options_json: str
+        self, caller: Invocation, call: TaskCall, options: SpawnOptions
     ) -> tuple[bool, str]:
-        return self._refuse(name)
+        return self._refuse(call.name)
 
-    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+    def wait(
+        self, caller: Invocation, task_ids: list[str], timeout: float | None
+    ) -> tuple[bool, str]:
         return self._refuse("?")
 
     def cancel(self, caller: Invocation, task_id: str) -> None:
@@ -213,7 +233,9 @@ class RefusingHost(LiveClockAndRandom):
     ) -> tuple[bool, str]:
         return self._no_messages()
 
-    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+    def receive(
+        self, caller: Invocation, timeout: float | None
+    ) -> tuple[bool, Sequence[Envelope] | str]:
         return self._no_messages()
 
     def ask(
@@ -437,9 +459,9 @@ def _memory_layout(loaded: str, nonce: bytes) -> tuple[Marker | None, tuple[int,
     nonce's bytes are the host's, which no other instance has, so only this
     instance's memory can hold them, and the channel is looked for only there."""
     try:
-        layout = json.loads(loaded)
+        layout = guest_data.json_value(loaded, "the program's layout")
         address, channel = layout["marker"], layout.get("channel")
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ProtocolError, KeyError, TypeError, AttributeError):
         return None, None
     if type(address) is not int or not 0 <= address < 2**32:
         return None, None
@@ -455,12 +477,25 @@ def _memory_layout(loaded: str, nonce: bytes) -> tuple[Marker | None, tuple[int,
 
 
 def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
-    """What ends an instance when the host's own code failed while serving it:
-    a trap, with the host traceback kept on the invocation for the outcome."""
+    """What ends an instance when serving one of its imports failed: its guest
+    broke the protocol (a ProtocolError: it fails with kind protocol), or the
+    host's own code failed (a trap, with the host traceback kept on the
+    invocation for the outcome)."""
     invocation: Invocation | None = getattr(_thread, "invocation", None)
+    if isinstance(exc, ProtocolError):
+        if invocation is not None:
+            invocation.aborted = ErrorInfo("protocol", str(exc))
+            invocation.stop_reason = "aborted"
+        return _Stop("capsule: aborted")
     if invocation is not None:
         invocation.host_error = "".join(traceback.format_exception(exc))
     return _Stop("capsule: host error")
+
+
+def _refused(name: str, message: str) -> Answer:
+    """A task call refused before it reached the run (an error the guest raises
+    as TaskError)."""
+    return False, json.dumps({"kind": "exception", "task": name, "message": message})
 
 
 def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
@@ -771,24 +806,34 @@ class Sandbox:
 
     def _call_task(self, name: str, call_json: str) -> Answer:
         invocation = _step_caller()
-        answer = invocation.host.call_task(invocation, name, call_json)
+        try:
+            call = guest_data.task_call(name, call_json)
+        except TooLarge as exc:
+            return _refused(name, str(exc))
+        answer = invocation.host.call_task(invocation, call)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:
         invocation = _step_caller()
-        answer = invocation.host.spawn_task(invocation, name, call_json, options_json or "{}")
+        try:
+            call = guest_data.task_call(name, call_json)
+        except TooLarge as exc:
+            return _refused(name, str(exc))
+        options = guest_data.spawn_options(options_json or "{}")
+        answer = invocation.host.spawn_task(invocation, call, options)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
         invocation = _step_caller()
+        task_ids = guest_data.names(ids_json, "the task ids to wait on")
         answer = invocation.host.wait(
-            invocation, ids_json, None if timeout_ms is None else timeout_ms / 1000
+            invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _cancel(self, task_id: str) -> None:
         invocation = _step_caller()
-        invocation.host.cancel(invocation, task_id)
+        invocation.host.cancel(invocation, guest_data.name(task_id, "the task id to cancel"))
         _stop_if_asked(invocation)
 
     def _sleep(self, ms: int) -> None:
@@ -796,30 +841,44 @@ class Sandbox:
         invocation.host.sleep(invocation, ms / 1000)
         _stop_if_asked(invocation)
 
+    # Message bodies are checked by the run (capsule.supervisor.messages), after
+    # its size limit: a body over it is refused unparsed.
+
     def _send(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation = _step_caller()
         answer = invocation.host.send(
-            invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
+            invocation,
+            guest_data.name(target, "a message's target"),
+            body_json,
+            None if timeout_ms is None else timeout_ms / 1000,
         )
         return answer if answer[0] else _failed(invocation, answer)
 
-    def _receive(self, timeout_ms: int | None) -> Answer:
+    def _receive(self, timeout_ms: int | None) -> tuple[bool, Sequence[Envelope] | str]:
         invocation = _step_caller()
         answer = invocation.host.receive(
             invocation, None if timeout_ms is None else timeout_ms / 1000
         )
-        return answer if answer[0] else _failed(invocation, answer)
+        if answer[0]:
+            return answer
+        _stop_if_asked(invocation)
+        return answer
 
     def _ask(self, target: str, body_json: str, timeout_ms: int | None) -> Answer:
         invocation = _step_caller()
         answer = invocation.host.ask(
-            invocation, target, body_json, None if timeout_ms is None else timeout_ms / 1000
+            invocation,
+            guest_data.name(target, "a message's target"),
+            body_json,
+            None if timeout_ms is None else timeout_ms / 1000,
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _reply(self, message_id: str, body_json: str) -> Answer:
         invocation = _step_caller()
-        return invocation.host.reply(invocation, message_id, body_json)
+        return invocation.host.reply(
+            invocation, guest_data.name(message_id, "the id of the message replied to"), body_json
+        )
 
     def _write(self, stream: str, text: str) -> None:
         invocation = _step_caller()
@@ -984,6 +1043,9 @@ class Sandbox:
                 result = self._call_export(store, prepared.instance, self._run_index, payload)
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 result = self._classify(invocation, exc)
+            else:
+                if isinstance(result, str):
+                    result = _checked_result(invocation, result)
             finally:
                 ending_failure = self._end_attempt(invocation)
                 fuel = self._used(store, invocation)
@@ -1024,6 +1086,8 @@ class Sandbox:
                 _take_gathered(invocation, channel, restart=False)
         except _Stop:  # garbage in the channel, or written without credit
             failure = invocation.aborted
+        except ProtocolError as exc:  # a malformed message in it
+            failure = ErrorInfo("protocol", str(exc))
         except Exception:
             failure = ErrorInfo(
                 "trap", "the host failed while ending the task", traceback=traceback.format_exc()
@@ -1039,18 +1103,14 @@ class Sandbox:
     def _call_export(
         self, store: wasmtime.Store, instance: Instance, index: Any, payload: Any
     ) -> str | ErrorInfo:
+        """Call ``load`` or ``run``: what it returned (text, checked by the
+        caller), or the failure it reported, checked here."""
+        # (result<string, failure> comes back untagged from wasmtime-py: the
+        # string, or the failure's record.)
         value = self._exports[index](store, instance, payload)
-        assert isinstance(value, Variant)
-        if value.tag == "ok":
-            return str(value.payload)
-        data = json.loads(str(value.payload))
-        return ErrorInfo(
-            kind=data.get("kind", "exception"),
-            message=data.get("message", ""),
-            traceback=data.get("traceback"),
-            type=data.get("type"),
-            cause=data.get("cause"),
-        )
+        if isinstance(value, str):
+            return value
+        return _reported_failure(value)
 
     @staticmethod
     def _used(store: wasmtime.Store, invocation: Invocation) -> int:
@@ -1101,6 +1161,53 @@ class Sandbox:
                 f"the ram limit of {limits.ram_bytes} bytes is too small to start the instance",
             )
         return ErrorInfo("trap", f"the instance trapped: {_trap_cause(exc)}", traceback=text)
+
+
+def _reported_failure(failure: Any) -> ErrorInfo:
+    """The failure a guest reported (the WIT record ``failure``): texts kept to
+    their bounds; a kind only the host may give is a protocol failure."""
+    kind = failure.kind
+    if kind not in GUEST_FAILURE_KINDS:
+        return ErrorInfo(
+            "protocol",
+            f"the task reported a failure of kind {guest_data.kept_text(kind, 80)!r}; a task "
+            f"may report only {', '.join(sorted(GUEST_FAILURE_KINDS))}",
+        )
+    cause = failure.cause
+    return ErrorInfo(
+        kind=kind,
+        message=guest_data.kept_text(failure.message, guest_data.MAX_ERROR_MESSAGE_CHARS),
+        traceback=None
+        if failure.traceback is None
+        else guest_data.kept_text(failure.traceback, guest_data.MAX_TRACEBACK_CHARS),
+        type=None if failure.type is None else guest_data.kept_text(failure.type, 200),
+        cause=None
+        if cause is None
+        else {
+            "task": guest_data.kept_text(cause.task, guest_data.MAX_NAME_CHARS),
+            "kind": guest_data.kept_text(cause.kind, 80),
+            "message": guest_data.kept_text(cause.message, guest_data.MAX_ERROR_MESSAGE_CHARS),
+            "via": [
+                guest_data.kept_text(task, guest_data.MAX_NAME_CHARS)
+                for task in cause.via[:MAX_CAUSE_VIA]
+            ],
+        },
+    )
+
+
+def _checked_result(invocation: Invocation, text: str) -> str | ErrorInfo:
+    """A task's result, as its guest returned it, once checked: one strict JSON
+    value, within the size results may have."""
+    if len(text) > guest_data.MAX_PAYLOAD_CHARS:
+        return ErrorInfo(
+            "exception",
+            f"task {invocation.task!r} returned {len(text):,} bytes of JSON; "
+            f"results are limited to {guest_data.MAX_PAYLOAD_CHARS:,} bytes",
+        )
+    try:
+        return guest_data.json_text(text, f"the result of task {invocation.task!r}")
+    except ProtocolError as exc:
+        return ErrorInfo("protocol", str(exc))
 
 
 def _trap_cause(exc: Exception) -> str:

@@ -33,7 +33,7 @@ from wasmtime.component import (
     VariantType,
 )
 from wasmtime.component._enter import enter_wasm
-from wasmtime.component._types import U8, U64, String, VariantLikeType
+from wasmtime.component._types import U8, U64, Bool, String, VariantLikeType
 
 HostFunc = Callable[..., Any]
 
@@ -333,6 +333,87 @@ def _lower_bytes(_context: int, data: bytes, address: int) -> None:
     write_at(address, _LIST_KIND, 1)
 
 
+_valrecord_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(
+    ("wasmtime_component_valrecord_new_uninit", _LIBRARY)
+)
+_RECORD_KIND = bytes((ffi.WASMTIME_COMPONENT_RECORD.value,))
+_BOOL_KIND = ffi.WASMTIME_COMPONENT_BOOL.value
+_ENTRY = _bindings.wasmtime_component_valrecord_entry
+_ENTRY_SIZE = ctypes.sizeof(_ENTRY)
+_ENTRY_VAL = _offset(_ENTRY, "val")
+#: A bool value: kind, then the flag at the payload's offset.
+_BOOL_VAL = struct.Struct(f"@B{_PAYLOAD - 1}x?")
+
+#: Writes a list of records (each given as a tuple of its fields' values, in
+#: the record's order) as a list value at an address.
+RecordsWriter = Callable[[list[tuple[Any, ...]], int], None]
+
+
+def _records_writer(ty: ListType) -> RecordsWriter | None:
+    """How to write a ``list<record>`` whose fields are strings and bools, by
+    address (wasmtime-py's converter made a dozen Python objects per field: a
+    received message is such a record); None for other types."""
+    element = ty.element
+    if not isinstance(element, RecordType):
+        return None
+    fields = element.fields
+    if not all(isinstance(field_type, (String, Bool)) for _, field_type in fields):
+        return None
+    names = [field_name.encode("utf-8") for field_name, _ in fields]
+    strings = [isinstance(field_type, String) for _, field_type in fields]
+    count = len(fields)
+
+    def write(rows: list[tuple[Any, ...]], address: int) -> None:
+        # Every value is checked before anything is allocated: a failure
+        # half-way would leave the list half made.
+        for row in rows:
+            if len(row) != count or not all(
+                isinstance(value, str) if is_string else isinstance(value, bool)
+                for value, is_string in zip(row, strings, strict=True)
+            ):
+                raise TypeError(f"expected records of {count} fields, not {row!r:.200}")
+        _vallist_new_at(address + _PAYLOAD, len(rows))
+        if rows:
+            _, elements_at = _BYTE_VEC.unpack(read_at(address + _PAYLOAD, _BYTE_VEC.size))
+            for index, row in enumerate(rows):
+                element_at = elements_at + index * _VAL_SIZE
+                write_at(element_at, _RECORD_KIND, 1)
+                _valrecord_new_at(element_at + _PAYLOAD, count)
+                _, entries_at = _BYTE_VEC.unpack(read_at(element_at + _PAYLOAD, _BYTE_VEC.size))
+                for position, value in enumerate(row):
+                    entry_at = entries_at + position * _ENTRY_SIZE
+                    field_name = names[position]
+                    _vec_new_at(entry_at, len(field_name), field_name)
+                    value_at = entry_at + _ENTRY_VAL
+                    if strings[position]:
+                        data = value.encode("utf-8")
+                        write_at(value_at, _STRING_KIND, 1)
+                        _vec_new_at(value_at + _PAYLOAD, len(data), data)
+                    else:
+                        packed = _BOOL_VAL.pack(_BOOL_KIND, value)
+                        write_at(value_at, packed, len(packed))
+        write_at(address, _LIST_KIND, 1)
+
+    return write
+
+
+def _records_result_lowering(ty: ResultType, write_records: RecordsWriter) -> Lowering:
+    """``result<list<record>, string>`` from an ``(ok, payload)`` pair: the
+    records as tuples when ok, the error's string when not."""
+
+    def lower(_context: int, answer: tuple[bool, Any], address: int) -> None:
+        ok, payload = answer
+        if ok:
+            value = (ctypes.c_char * _VAL_SIZE)()  # (its own: filled, then boxed)
+            write_records(payload, ctypes.addressof(value))
+            boxed: int = _val_new_at(ctypes.addressof(value))
+        else:
+            boxed = _boxed_string(payload)
+        write_at(address, _RESULT_SLOT.pack(_RESULT, ok, boxed), _RESULT_SLOT.size)
+
+    return lower
+
+
 def _lowering(ty: Any) -> Lowering:
     """How to lower answers of type ``ty``: results of strings and lists of
     bytes by address; anything else with wasmtime-py's converter. (Its variant lowering
@@ -342,6 +423,13 @@ def _lowering(ty: Any) -> Lowering:
         case is None or isinstance(case, String) for case in (ty.ok, ty.err)
     ):
         return _result_lowering(ty)
+    if (
+        isinstance(ty, ResultType)
+        and isinstance(ty.ok, ListType)
+        and isinstance(ty.err, String)
+        and (write_records := _records_writer(ty.ok)) is not None
+    ):
+        return _records_result_lowering(ty, write_records)
     if isinstance(ty, ListType) and isinstance(ty.element, U8):
         return _lower_bytes
     convert = ty.convert_to_c

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 from capsule.actors.router import RESERVED_MESSAGE_BYTES, Message, Router, RoutingError
+from capsule.sandbox import guest_data
 from capsule.sandbox.channel import Channel
 from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.events import (
@@ -21,7 +22,13 @@ from capsule.supervisor.events import (
     MessagesReturned,
     WaitReason,
 )
-from capsule.supervisor.steps import History, PendingMessage, json_string
+from capsule.supervisor.steps import (
+    History,
+    PendingMessage,
+    json_string,
+    received_answer,
+    received_messages,
+)
 from capsule.supervisor.tree import Attempt
 
 #: The run's blocking wait: (attempt, ready, timeout, what it waits on) -> became ready.
@@ -142,6 +149,7 @@ class MessageCalls:
                 f"reserved for it",
             )
             return False, "{}"
+        guest_data.json_value(body_json, f"the body of a message to {target!r:.80}")
         credit[1] -= 1
         target_id = credit[0]
         message = Message(message_id, caller.task_id, body_json)
@@ -166,6 +174,7 @@ class MessageCalls:
                 f"{self.max_message_bytes:,} bytes",
             )
             return error, None
+        guest_data.json_value(body_json, f"the body of a message to {target!r:.80}")
         try:
             target_id = self.router.resolve(target)
         except RoutingError as exc:
@@ -231,7 +240,11 @@ class MessageCalls:
             )
         )
 
-    def receive(self, attempt: Attempt, timeout: float | None) -> tuple[bool, str]:
+    def receive(
+        self, attempt: Attempt, timeout: float | None, taken: list[Message]
+    ) -> tuple[bool, str]:
+        """Take the oldest message (or all waiting, up to BATCH) into ``taken``;
+        the answer is their journal form (steps.received_answer)."""
         caller = attempt.invocation
         attempt.batch = None  # (the guest asks only once it took all of it)
         # Every message waiting goes at once if the guest can count them in its
@@ -260,10 +273,10 @@ class MessageCalls:
                         sender_id=message.sender,
                     )
                 )
-        if len(messages) == 1:
-            return True, _envelope(messages[0])
-        self.batch_handed(attempt, messages)
-        return True, f"[{','.join(map(_envelope, messages))}]"
+        if len(messages) > 1:
+            self.batch_handed(attempt, messages)
+        taken.extend(messages)
+        return True, received_answer(messages)
 
     def batch_handed(self, attempt: Attempt, messages: list[Message]) -> None:
         """The guest got ``messages`` at once, and gives them to the task's code
@@ -277,14 +290,8 @@ class MessageCalls:
         """A receive answered from the journal: a batch is the guest's to hand
         out as it was live (and what it does not take goes back at its end)."""
         attempt.batch = None
-        if not answer.startswith("[["):
-            return
-        try:
-            batch = [
-                Message(message_id, sender, json.dumps(body), expects_reply)
-                for message_id, sender, body, expects_reply in json.loads(answer)
-            ]
-        except ValueError:  # a body that is not JSON (a hostile sender's): kept by none
+        batch = [Message(*message) for message in received_messages(answer)]
+        if len(batch) < 2:
             return
         self.open_channel()
         self.batch_handed(attempt, batch)
@@ -352,21 +359,12 @@ class MessageCalls:
                 f"a reply of {len(body_json):,} bytes (as JSON) exceeds the limit of "
                 f"{self.max_message_bytes:,} bytes",
             )
+        guest_data.json_value(body_json, f"the reply to {message_id!r:.80}")
         try:
             self.router.reply(message_id, caller.task_id, body_json)
         except RoutingError as exc:
             return _message_error(exc.kind, str(exc))
         return True, ""
-
-
-def _envelope(message: Message) -> str:
-    """A received message as the guest reads it: [id, sender, body, expects_reply],
-    an array, which it reads in half the time of an object. The body is JSON
-    already: spliced in, not parsed and dumped again."""
-    return (
-        f"[{json_string(message.id)},{json_string(message.sender)},{message.body_json},"
-        f"{'true' if message.expects_reply else 'false'}]"
-    )
 
 
 def _sent(message_id: str, target_id: str) -> str:

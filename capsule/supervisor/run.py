@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,9 +27,11 @@ from typing import Any, TypedDict
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest
 from capsule.net.redact import redact_response_json, redact_url
+from capsule.sandbox import guest_data
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
     AttemptOutcome,
+    Envelope,
     ErrorInfo,
     Invocation,
     Prepared,
@@ -38,6 +40,7 @@ from capsule.sandbox.engine import (
     Sandbox,
 )
 from capsule.sandbox.grants import NO_GRANTS, Grants
+from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall
 from capsule.supervisor.events import (
     ErrorDetail,
     EventStream,
@@ -66,6 +69,7 @@ from capsule.supervisor.steps import (
     Request,
     Step,
     StepLog,
+    received_messages,
     request_text,
 )
 from capsule.supervisor.tree import (
@@ -84,11 +88,9 @@ from capsule.supervisor.tree import (
 MAX_DEPTH = 64
 #: Python frames the host adds per level of nested task calls (with margin).
 HOST_FRAMES_PER_LEVEL = 40
-#: Largest JSON a task may pass as arguments or return as its result. The value
-#: crosses the host, so the cap bounds what one task can make the host hold.
-MAX_PAYLOAD_BYTES = 64 * 1024**2
-#: Kinds that a retry cannot fix.
-NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence"})
+#: Kinds that a retry cannot fix (a guest that broke the protocol gets no
+#: second chance either).
+NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol"})
 #: Steps before which a guest forgets the credit its sends were given (they may
 #: wait, holding places others need, or tell it more about its targets: that
 #: one ended, say), and the host gives back the places reserved for it (see
@@ -310,8 +312,7 @@ class Run:
                 exc.error.traceback,
             ) from None
         try:
-            declared = json.loads(prepared.declared)["tasks"]
-            return validate_program(declared, task_defaults), prepared
+            return validate_program(_declared_tasks(prepared.declared), task_defaults), prepared
         except BaseException:
             prepared.store.close()
             raise
@@ -692,14 +693,6 @@ class Run:
             self._end_children(attempt)
             with self._lock:
                 del self._attempts[invocation]
-        size = len(outcome.result_json or "")
-        if size > MAX_PAYLOAD_BYTES:
-            outcome.result_json = None
-            outcome.error = ErrorInfo(
-                "exception",
-                f"task {invocation.task!r} returned {size:,} bytes of JSON; "
-                f"results are limited to {MAX_PAYLOAD_BYTES:,} bytes",
-            )
         return outcome
 
     # -- the task tree ---------------------------------------------------------
@@ -854,7 +847,7 @@ class Run:
                 self.divergence = error
         self._cancel_scope(self._root, f"cancelled: {message}")
 
-    def call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+    def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
         """A task called another: run the child to the end, inline.
 
         The caller's thread is blocked in this host call anyway, so the child runs
@@ -865,60 +858,46 @@ class Run:
         return self._step(
             caller,
             "call",
-            (name, call_json),
-            lambda: self._call_task(caller, name, call_json),
+            (call.name, call.call_json),
+            lambda: self._call_task(caller, call),
             replayed=lambda _: node.next_child_id(),
         )
 
-    def _call_task(self, caller: Invocation, name: str, call_json: str) -> tuple[bool, str]:
+    def _call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
         attempt = self._attempts[caller]
         # Numbered first, whatever happens next, so that a replay numbers alike.
         task_id = attempt.node.next_child_id()
-        parsed = self._parse_call(name, call_json)
-        if isinstance(parsed, str):
-            return _refusal(name, parsed)
-        refusal = self._admit(attempt, name, spawned=False)
+        refusal = self._admit(attempt, call.name, spawned=False)
         if refusal is not None:
             return refusal
         try:
-            args, kwargs = parsed
-            result = self.run_task(name, task_id, args, kwargs, caller, None)
+            result = self.run_task(call.name, task_id, call.args, call.kwargs, caller, None)
         finally:
             self._release()
         return _as_reply(result)
 
     def spawn_task(
-        self, caller: Invocation, name: str, call_json: str, options_json: str
+        self, caller: Invocation, call: TaskCall, options: SpawnOptions
     ) -> tuple[bool, str]:
         def spawn() -> tuple[bool, str]:
-            return self._spawn_task(caller, name, call_json, options_json)
+            return self._spawn_task(caller, call, options)
 
         # Replayed, the child is started again all the same: it returns its
         # journaled outcome at once if it had ended, or resumes where it was.
         return self._step(
             caller,
             "spawn",
-            (name, call_json, options_json),
+            (call.name, call.call_json, options.text),
             spawn,
             replayed=lambda _: spawn(),
         )
 
     def _spawn_task(
-        self, caller: Invocation, name: str, call_json: str, options_json: str
+        self, caller: Invocation, call: TaskCall, options: SpawnOptions
     ) -> tuple[bool, str]:
         attempt = self._attempts[caller]
         task_id = attempt.node.next_child_id()  # first, as in _call_task
-        parsed = self._parse_call(name, call_json)
-        if isinstance(parsed, str):
-            return _refusal(name, parsed)
-        try:
-            options = json.loads(options_json)
-            actor_name = options.get("actor_name")
-            awaited = bool(options.get("awaited", False))
-        except (ValueError, AttributeError) as exc:
-            return _refusal(name, f"malformed spawn options from the guest: {exc}")
-        if actor_name is not None and not isinstance(actor_name, str):
-            return _refusal(name, f"an actor name is a string, not {actor_name!r}")
+        name, actor_name = call.name, options.actor_name
         refusal = self._admit(attempt, name, spawned=True)
         if refusal is not None:
             return refusal
@@ -934,10 +913,14 @@ class Run:
                 return _refusal(name, str(exc))
         scope = Scope(caller, task_id=caller.task_id, task=caller.task)
         child = Child(
-            task_id=task_id, name=name, scope=scope, awaited=awaited, parent_attempt=attempt
+            task_id=task_id,
+            name=name,
+            scope=scope,
+            awaited=options.awaited,
+            parent_attempt=attempt,
         )
         attempt.children[task_id] = child
-        args, kwargs = parsed
+        args, kwargs = call.args, call.kwargs
 
         def body() -> None:
             try:
@@ -979,19 +962,17 @@ class Run:
             parent.invocation.aborted = next(iter(parent.linked_failures.values()))
         parent.wake()
 
-    def wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+    def wait(
+        self, caller: Invocation, task_ids: list[str], timeout: float | None
+    ) -> tuple[bool, str]:
         def wait() -> tuple[bool, str]:
-            return self._wait(caller, ids_json, timeout)
+            return self._wait(caller, task_ids, timeout)
 
         # Replayed, the children are still joined and forgotten as they were.
-        return self._step(caller, "wait", ids_json, wait, replayed=lambda _: wait())
+        return self._step(caller, "wait", tuple(task_ids), wait, replayed=lambda _: wait())
 
-    def _wait(self, caller: Invocation, ids_json: str, timeout: float | None) -> tuple[bool, str]:
+    def _wait(self, caller: Invocation, ids: list[str], timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]
-        try:
-            ids = [str(task_id) for task_id in json.loads(ids_json)]
-        except (ValueError, TypeError) as exc:
-            return _refusal("?", f"malformed wait from the guest: {exc}")
         unknown = [task_id for task_id in ids if task_id not in attempt.children]
         if unknown:
             return _refusal(
@@ -1089,15 +1070,22 @@ class Run:
         if attempt is not None:
             self._messages.ending(attempt, batch_taken)
 
-    def receive(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+    def receive(
+        self, caller: Invocation, timeout: float | None
+    ) -> tuple[bool, Sequence[Envelope] | str]:
         attempt = self._attempts[caller]
-        return self._step(
+        taken: list[Message] = []
+        ok, answer = self._step(
             caller,
             "receive",
             "",
-            partial(self._messages.receive, attempt, timeout),
+            partial(self._messages.receive, attempt, timeout, taken),
             replayed=lambda step: self._messages.replayed_receive(attempt, step.answer),
         )
+        if not ok:
+            return False, answer
+        # Live, the messages themselves; replayed, those of the journaled answer.
+        return True, taken or received_messages(answer)
 
     def ask(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
@@ -1318,18 +1306,6 @@ class Run:
             if waiting:
                 self.events.emit(TaskResumed(**ids))
 
-    def _parse_call(self, name: str, call_json: str) -> tuple[list[Any], dict[str, Any]] | str:
-        if len(call_json) > MAX_PAYLOAD_BYTES:
-            return (
-                f"the arguments to {name!r} are {len(call_json):,} bytes of JSON; "
-                f"arguments are limited to {MAX_PAYLOAD_BYTES:,} bytes"
-            )
-        try:
-            call = json.loads(call_json)
-            return list(call["args"]), dict(call["kwargs"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return f"malformed call from the guest: {exc}"
-
 
 #: How long a task waits in a host call before it is reported as waiting.
 WAITING_GRACE_S = 0.005
@@ -1354,6 +1330,38 @@ def _say(text: str) -> None:
 def _describe(step: Step) -> str:
     request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
     return f"{step.kind}({request})"
+
+
+#: Most tasks a program may declare.
+MAX_DECLARED_TASKS = 10_000
+
+
+def _declared_tasks(loaded: str) -> list[dict[str, Any]]:
+    """The tasks the program declared, from what its import returned (the
+    guest's word: module-level code may have replaced the SDK): a list of
+    {"name", "function", "options"}; ProgramError if it is anything else."""
+    try:
+        value = guest_data.json_value(loaded, "the program's description of its tasks")
+    except ProtocolError as exc:
+        raise ProgramError(str(exc)) from None
+    tasks = value.get("tasks") if isinstance(value, dict) else None
+    if (
+        not isinstance(tasks, list)
+        or len(tasks) > MAX_DECLARED_TASKS
+        or not all(
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("function"), str)
+            and isinstance(entry.get("options", {}), dict)
+            for entry in tasks
+        )
+    ):
+        raise ProgramError(
+            "the program's description of its tasks is malformed (its module-level code "
+            f"replaced the SDK?); expected at most {MAX_DECLARED_TASKS:,} tasks, each "
+            '{"name": text, "function": text, "options": {...}}'
+        )
+    return tasks
 
 
 def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:

@@ -43,6 +43,57 @@ def request_text(request: str | Sequence[str]) -> str:
     return request if isinstance(request, str) else json_strings(*request)
 
 
+#: A received message as a receive step's answer holds it: id, sender, body
+#: (JSON text), expects_reply.
+Received = tuple[str, str, str, bool]
+
+
+def received_answer(messages: Sequence[Received]) -> str:
+    """A receive step's answer, as journaled: ``{"messages": [[id, sender,
+    body, expects_reply], ...]}``, each body a JSON string holding the body's
+    JSON text (never spliced in as a value)."""
+    return json.dumps({"messages": [list(message) for message in messages]})
+
+
+def received_messages(answer: str) -> list[Received]:
+    """The messages of a receive step's answer, from any journal: the form
+    above, or the older ones (version 5 to 8: an array [id, sender, body,
+    expects_reply], or an array of them, the body as a JSON value; before
+    version 5: an object). ValueError if it is none of these."""
+    data = json.loads(answer)
+    if isinstance(data, dict) and "messages" in data:
+        rows = data["messages"]
+        if not isinstance(rows, list):
+            raise ValueError("malformed receive answer")
+        return [_received(row, body_is_text=True) for row in rows]
+    if isinstance(data, dict):  # (before version 5)
+        return [
+            _received(
+                [data.get("id"), data.get("sender"), data.get("body"), data.get("expects_reply")],
+                body_is_text=False,
+            )
+        ]
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        return [_received(row, body_is_text=False) for row in data]
+    return [_received(data, body_is_text=False)]
+
+
+def _received(row: object, body_is_text: bool) -> Received:
+    if not isinstance(row, list) or len(row) != 4:
+        raise ValueError("malformed message in a receive answer")
+    message_id, sender, body, expects_reply = row
+    if not body_is_text:
+        body = json.dumps(body)
+    if not (
+        isinstance(message_id, str)
+        and isinstance(sender, str)
+        and isinstance(body, str)
+        and isinstance(expects_reply, bool)
+    ):
+        raise ValueError("malformed message in a receive answer")
+    return message_id, sender, body, expects_reply
+
+
 class Step(NamedTuple):
     """One answered host call of an attempt, as a resume replays it. (A named
     tuple: a resume reads thousands, and a frozen dataclass costs four times

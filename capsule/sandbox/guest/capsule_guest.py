@@ -67,6 +67,7 @@ for _name in [*GUEST_STDLIB, *_encodings()]:
 
 import wit_world
 from wit_world import exports
+from wit_world.exports import runner as runner_types
 from wit_world.imports import clock, http, messaging, modules, output, tasks
 from componentize_py_types import Err
 
@@ -85,7 +86,8 @@ _scan_json = json.decoder.JSONDecoder().scan_once
 
 
 def _new_encoder():
-    """json's C encoder, made as json.dumps makes it (None where it is absent)."""
+    """json's C encoder, made as json.dumps makes it, but refusing NaN and
+    Infinity as the host does (None where it is absent)."""
     make_encoder = json.encoder.c_make_encoder
     if make_encoder is None:
         return None
@@ -98,7 +100,7 @@ def _new_encoder():
         ", ",
         False,
         False,
-        True,
+        False,
     )
 
 
@@ -106,18 +108,53 @@ _encoder = _new_encoder()
 
 
 def _dumps(value) -> str:
-    """``json.dumps(value)``, the same text, without its Python layers and with
-    one encoder kept: in the guest's interpreter, making the encoder and the
-    layers around it cost more than encoding a small message does."""
+    """``json.dumps(value, allow_nan=False)``, the same text, without its Python
+    layers and with one encoder kept: in the guest's interpreter, making the
+    encoder and the layers around it cost more than encoding a small message
+    does. What the host would refuse is refused here, as a ValueError the
+    task can catch: NaN and Infinity, and strings with lone surrogates."""
     global _encoder
     if _encoder is None:
-        return json.dumps(value)
+        text = json.dumps(value, allow_nan=False)
+    else:
+        try:
+            text = "".join(_encoder(value, 0))
+        except BaseException:
+            # A failed encoding may leave entries in the encoder's cycle markers.
+            _encoder = _new_encoder()
+            raise
+    if "\\ud" in text or "\\uD" in text:  # (rare: only then look closer)
+        _refuse_lone_surrogates(value)
+    return text
+
+
+def _refuse_lone_surrogates(value) -> None:
     try:
-        return "".join(_encoder(value, 0))
-    except BaseException:
-        # A failed encoding may leave entries in the encoder's cycle markers.
-        _encoder = _new_encoder()
-        raise
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"a string holds a lone surrogate ({exc.object[exc.start:exc.end]!r}), "
+            f"which is not text: JSON for the host must be valid Unicode"
+        ) from None
+
+
+def _text(value, limit=None) -> str:
+    """``value`` as text the host can take (WIT strings are UTF-8): lone
+    surrogates shown as escapes; cut to ``limit`` characters, as the host
+    would cut it (head, then tail: a traceback's last lines say the most)."""
+    text = value if isinstance(value, str) else str(value)
+    if limit is not None and len(text) > limit:
+        head = limit // 4
+        cut = len(text) - limit
+        text = f"{text[:head]}\n... [{cut:,} characters not kept] ...\n{text[-(limit - head):]}"
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+#: What the host keeps of a failure's texts (capsule/sandbox/guest_data.py).
+_MESSAGE_CHARS = 16 * 1024
+_TRACEBACK_CHARS = 64 * 1024
 
 
 def _loads(text: str):
@@ -152,7 +189,7 @@ class HostStream(io.TextIOBase):
         if self._buffer:
             text = "".join(self._buffer)
             self._buffer.clear()
-            output.write(self._stream, text)
+            output.write(self._stream, _text(text))
 
 
 _stdout = sys.stdout = HostStream(output.OutputStream.STDOUT)
@@ -242,16 +279,25 @@ def _error(
 ) -> Err:
     if message is None:
         message = f"{type(exc).__name__}: {exc}"
+    return _err(kind, message, type(exc).__name__, _format_traceback(exc), cause)
+
+
+def _err(kind, message, type_name=None, traceback_text=None, cause=None) -> Err:
+    """The failure a task's attempt (or the program's import) returns."""
+    if cause is not None:
+        cause = runner_types.FailureCause(
+            task=_text(cause.get("task", "?"), 1024),
+            kind=_text(cause.get("kind", "exception"), 80),
+            message=_text(cause.get("message", ""), _MESSAGE_CHARS),
+            via=[_text(via, 1024) for via in cause.get("via", [])[:16]],
+        )
     return Err(
-        json.dumps(
-            {
-                "kind": kind,
-                "task": task,
-                "message": message,
-                "type": type(exc).__name__,
-                "traceback": _format_traceback(exc),
-                "cause": cause,
-            }
+        runner_types.Failure(
+            kind=kind,
+            message=_text(message, _MESSAGE_CHARS),
+            type=None if type_name is None else _text(type_name, 200),
+            traceback=None if traceback_text is None else _text(traceback_text, _TRACEBACK_CHARS),
+            cause=cause,
         )
     )
 
@@ -496,24 +542,18 @@ class GuestBackend:
         if inbox:
             self._taken += 1
             _channel[0] = self._taken  # (the host puts back what was not taken)
-            return inbox.popleft()
+            return _message(inbox.popleft())
         self._end_credit()  # (it may wait: the host gives back the reservations)
         _flush()
         try:
-            message = messaging.receive(_ms(timeout))
+            envelopes = messaging.receive(_ms(timeout))
         except Err as err:
             raise message_error(json.loads(err.value)) from None
-        envelope = _loads(message)
-        if envelope.__class__ is list:
-            first = envelope[0]
-            if first.__class__ is list:  # a batch: every message that was waiting
-                inbox.extend(envelope[1:])
-                self._taken = 1
-                _channel[0] = 1
-                return first
-            return envelope  # [id, sender, body, expects_reply]
-        # An object, as journals before schema version 5 hold it (a replay).
-        return envelope["id"], envelope["sender"], envelope["body"], envelope["expects_reply"]
+        if len(envelopes) > 1:  # a batch: every message that was waiting
+            inbox.extend(envelopes[1:])
+            self._taken = 1
+            _channel[0] = 1
+        return _message(envelopes[0])
 
     def ask(self, target, body, timeout):
         text = _body(target, body)
@@ -541,6 +581,11 @@ class GuestBackend:
             return json.loads(http.request(json.dumps(request)))
         except Err as err:
             raise http_error(json.loads(err.value)) from None
+
+
+def _message(envelope):
+    """(id, sender, body, expects_reply) of a received envelope."""
+    return envelope.id, envelope.sender, _loads(envelope.body), envelope.expects_reply
 
 
 _backend = GuestBackend()
@@ -649,12 +694,7 @@ class Runner(exports.Runner):
         name = inv["task"]
         fn = sdk_task.registry.get(name)
         if fn is None:
-            raise Err(
-                json.dumps(
-                    {"kind": "exception", "task": name, "message": f"no task named {name!r}",
-                     "traceback": None}
-                )
-            )
+            raise _err("exception", f"no task named {name!r}")
         _backend.info = capsule.TaskInfo(
             id=inv["task_id"], name=name, attempt=inv["attempt"], max_attempts=inv["max_attempts"]
         )

@@ -1,0 +1,172 @@
+"""What a guest hands the host, checked once where it enters.
+
+Every value a task passes to a host import is the task's word, and the task may
+be hostile: it can call the raw imports, or replace the guest SDK. So each value
+is parsed and checked here, at the boundary, before the host acts on it, logs
+it or passes it on: JSON must be strict (one value; no NaN or Infinity, which
+JSON does not have, nor numbers that overflow to them; no lone surrogates, which
+are not text; nested at most :data:`MAX_JSON_DEPTH` deep), names must be short,
+and texts that the host only keeps (error messages, tracebacks) are cut to a
+bound. What fails a check is a :class:`ProtocolError`, which fails the task that
+sent it with kind ``protocol``: never the host, never another task.
+
+The parser is pydantic-core's (already a dependency, through pydantic): strict
+by design, a third of the cost of :func:`json.loads` on small values, and it
+refuses lone surrogates and deep nesting itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import from_json
+
+#: How deep JSON from a guest may nest (arrays and objects): pydantic-core's
+#: own limit, which it enforces while parsing.
+MAX_JSON_DEPTH = 200
+#: The longest name a guest may give (a task, an actor, a message target or id).
+MAX_NAME_CHARS = 1024
+#: Error texts a guest reports are kept to these lengths (see kept_text).
+MAX_ERROR_MESSAGE_CHARS = 16 * 1024
+MAX_TRACEBACK_CHARS = 64 * 1024
+#: A number whose exponent has three digits or more may overflow a float.
+_LARGE_EXPONENT = re.compile(r"[eE][+]?0*[1-9][0-9]{2}")
+
+
+class ProtocolError(Exception):
+    """A guest handed the host something malformed. Fails the task that sent it
+    (kind ``protocol``); the message says what and where."""
+
+
+def json_value(text: str, what: str, max_chars: int | None = None) -> Any:
+    """The value of ``text``, strict JSON from a guest; ``what`` names it in the
+    error (e.g. "the body of a message to 'worker'")."""
+    if max_chars is not None and len(text) > max_chars:
+        raise ProtocolError(
+            f"{what} is {len(text):,} characters of JSON; the limit is {max_chars:,}"
+        )
+    try:
+        value = from_json(text, allow_inf_nan=False, cache_strings=False)
+    except ValueError as exc:
+        raise ProtocolError(f"{what} is not valid JSON: {_why(exc)}") from None
+    if _LARGE_EXPONENT.search(text) is not None:
+        try:  # (only then: a float that overflowed is the one thing left to find)
+            json.dumps(value, allow_nan=False)
+        except ValueError:
+            raise ProtocolError(f"{what} holds a number too large for JSON") from None
+    return value
+
+
+def json_text(text: str, what: str, max_chars: int | None = None) -> str:
+    """``text`` itself, once checked to be one strict JSON value (bodies and
+    results pass through the host as the guest wrote them)."""
+    json_value(text, what, max_chars)
+    return text
+
+
+def _why(exc: ValueError) -> str:
+    message = str(exc)
+    if message.startswith("recursion limit exceeded"):
+        return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+    if "surrogate" in message or "hex escape" in message:
+        return f"a string holds a lone surrogate, which is not text ({message})"
+    return message  # (NaN and Infinity: "expected value at line 1 column N")
+
+
+def name(text: str, what: str) -> str:
+    """A name or id from a guest: at most MAX_NAME_CHARS characters."""
+    if len(text) > MAX_NAME_CHARS:
+        raise ProtocolError(
+            f"{what} is {len(text):,} characters long; names are at most {MAX_NAME_CHARS:,}"
+        )
+    return text
+
+
+def names(text: str, what: str) -> list[str]:
+    """A JSON array of names (task ids to wait on, say)."""
+    value = json_value(text, what)
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProtocolError(f"{what} must be a JSON array of strings")
+    return [name(item, what) for item in value]
+
+
+def kept_text(text: str, limit: int) -> str:
+    """``text`` cut to about ``limit`` characters: its head, then its tail (the
+    last lines of a traceback say the most), saying how much was cut. (The
+    guest runtime cuts what it reports the same way.)"""
+    if len(text) <= limit:
+        return text
+    head = limit // 4
+    cut = len(text) - limit
+    return f"{text[:head]}\n... [{cut:,} characters not kept] ...\n{text[-(limit - head) :]}"
+
+
+#: The largest JSON a task may pass as arguments or return as its result. The
+#: value crosses the host, so the cap bounds what one task can make it hold.
+MAX_PAYLOAD_CHARS = 64 * 1024**2
+
+
+class TooLarge(Exception):
+    """A value larger than the host takes: refused to the task that offered it
+    (an honest program may try; it is told why), not a protocol failure."""
+
+
+@dataclass(frozen=True)
+class TaskCall:
+    """A call or spawn of a task, as a guest asked for it, checked."""
+
+    name: str
+    #: The arguments as the guest wrote them (journaled, compared on replay).
+    call_json: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+def task_call(task: str, call_json: str) -> TaskCall:
+    """The call of ``task`` with ``call_json`` = ``{"args": [...], "kwargs": {...}}``."""
+    task = name(task, "a task name")
+    if len(call_json) > MAX_PAYLOAD_CHARS:
+        raise TooLarge(
+            f"the arguments to {task!r} are {len(call_json):,} bytes of JSON; "
+            f"arguments are limited to {MAX_PAYLOAD_CHARS:,} bytes"
+        )
+    value = json_value(call_json, f"the arguments to {task!r}")
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"args", "kwargs"}
+        or not isinstance(value["args"], list)
+        or not isinstance(value["kwargs"], dict)
+    ):
+        raise ProtocolError(
+            f'the arguments to {task!r} must be a JSON object {{"args": [...], "kwargs": {{...}}}}'
+        )
+    return TaskCall(task, call_json, value["args"], value["kwargs"])
+
+
+@dataclass(frozen=True)
+class SpawnOptions:
+    actor_name: str | None
+    awaited: bool
+    #: As the guest wrote them (journaled, compared on replay).
+    text: str
+
+
+def spawn_options(text: str) -> SpawnOptions:
+    """``{"actor_name": name or null, "awaited": bool}``."""
+    value = json_value(text, "the spawn options")
+    if not isinstance(value, dict) or not set(value) <= {"actor_name", "awaited"}:
+        raise ProtocolError(
+            'the spawn options must be a JSON object {"actor_name": name or null, '
+            '"awaited": true or false}'
+        )
+    actor_name, awaited = value.get("actor_name"), value.get("awaited", False)
+    if actor_name is not None and not isinstance(actor_name, str):
+        raise ProtocolError(f"an actor name must be a string or null, not {actor_name!r:.80}")
+    if not isinstance(awaited, bool):
+        raise ProtocolError(f"the spawn option awaited must be true or false, not {awaited!r:.80}")
+    if actor_name is not None:
+        name(actor_name, "an actor name")
+    return SpawnOptions(actor_name, awaited, text)
