@@ -95,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         '(default: half the machine\'s memory; "off": no bound)',
     )
     run.add_argument(
+        "--max-task-output",
+        metavar="SIZE",
+        help="what one attempt of a task may make the host record: output, messages, "
+        'random bytes, HTTP exchanges (default "64MB"); past it the task fails '
+        "(kind output_limit)",
+    )
+    run.add_argument(
+        "--max-run-journal",
+        metavar="SIZE",
+        help='what the run may write to its journal (default "1GB"); past it the run stops, '
+        "resumable with a larger limit",
+    )
+    run.add_argument(
         "--hibernate-after",
         metavar="DURATION",
         help="a task blocked this long gives back the memory pages it only read "
@@ -138,6 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="resume even if the program's code changed"
     )
     resume.add_argument("--json", action="store_true", help="print one JSON envelope")
+    resume.add_argument(
+        "--max-run-journal",
+        metavar="SIZE",
+        help="a new limit on what the run may write to its journal (one it stopped at)",
+    )
+    resume.add_argument(
+        "--max-task-output",
+        metavar="SIZE",
+        help="a new limit on what one attempt of a task may make the host record",
+    )
     resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
     _journal_option(resume)
 
@@ -258,6 +281,8 @@ def _run_command(options: argparse.Namespace) -> int:
         hibernate_after=options.hibernate_after,
         cpu_slots=options.cpu_slots,
         max_total_ram=options.max_total_ram,
+        max_task_output=options.max_task_output,
+        max_run_journal=options.max_run_journal,
     )
     renderer = _Renderer(json_output=options.json, verbose=options.verbose)
     started = time.monotonic()
@@ -441,6 +466,14 @@ def _resume_command(options: argparse.Namespace) -> int:
             options.force,
             renderer.on_event,
             event_types=renderer.event_types,
+            overrides={
+                name: value
+                for name, value in (
+                    ("max_run_journal", options.max_run_journal),
+                    ("max_task_output", options.max_task_output),
+                )
+                if value is not None
+            },
         )
     except JournalError as exc:
         _error(str(exc))

@@ -330,6 +330,7 @@ async def load_history(path: Path, run_id: str) -> History:
             (run_id,),
         )
         async for task_id, attempt, batch in cursor:
+            history.recorded += len(batch)
             replayed = (
                 history.tasks[task_id].attempts[attempt].steps
                 if attempt == replayable.get(task_id)

@@ -115,11 +115,13 @@ def resume_journaled(
     force: bool,
     on_event: Callable[[Any], None],
     event_types: Collection[str] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> RunReport:
     """Resume a run that stopped before it ended (crash, kill, Ctrl-C): ``main``
     runs again, tasks that ended return their journaled outcome, tasks in flight
-    replay their journaled host calls and go on live. Raises JournalError if the
-    run cannot be resumed."""
+    replay their journaled host calls and go on live. ``overrides``: RunRequest
+    settings to change from the run's (a larger journal limit, say). Raises
+    JournalError if the run cannot be resumed."""
     # The async readers (an event loop, aiosqlite) only when resuming.
     import anyio
 
@@ -137,7 +139,7 @@ def resume_journaled(
     program = check_resumable(record, files, force)
     history = anyio.run(load_history, journal, record.run_id)
     request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
-    for name, value in record.settings.items():
+    for name, value in {**record.settings, **(overrides or {})}.items():
         if name in _SETTINGS:
             setattr(request, name, value)
     with JournalWriter(journal, record.run_id) as writer:

@@ -33,6 +33,8 @@ _POLICY_KEYS = {
     "max_ram": (parse_ram, RAM_FORMS),
     "max_timeout": (parse_timeout, TIMEOUT_FORMS),
     "max_response_size": (parse_ram, RAM_FORMS),
+    "max_task_output": (parse_ram, RAM_FORMS),
+    "max_run_journal": (parse_ram, RAM_FORMS),
 }
 #: Largest HTTP response body a task may receive, unless [policy] says otherwise.
 DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024**2
@@ -47,6 +49,10 @@ class Project:
     #: Hosts any task may be granted; None: no policy on hosts.
     allowed_hosts: tuple[HostRule, ...] | None = None
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    #: What one attempt may make the host record (None: the run's default).
+    max_task_output_bytes: int | None = None
+    #: What a run may write to its journal (None: the default).
+    max_run_journal_bytes: int | None = None
 
 
 def load_project(program_dir: Path) -> Project:
@@ -109,6 +115,8 @@ def load_project(program_dir: Path) -> Project:
         caps=HostCaps(values.get("max_fuel"), values.get("max_ram"), values.get("max_timeout")),
         allowed_hosts=values.get("allowed_hosts"),
         max_response_bytes=values.get("max_response_size", DEFAULT_MAX_RESPONSE_BYTES),
+        max_task_output_bytes=values.get("max_task_output"),
+        max_run_journal_bytes=values.get("max_run_journal"),
     )
 
 

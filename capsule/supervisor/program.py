@@ -58,6 +58,10 @@ class RunRequest:
     cpu_slots: int | None = None
     #: Memory of the whole run (a size, or "off"; default: half the machine's).
     max_total_ram: str | int | None = None
+    #: What one attempt may make the host record (a size; default: RunSettings').
+    max_task_output: str | int | None = None
+    #: What the run may write to its journal (a size; default: JournalLimit's).
+    max_run_journal: str | int | None = None
 
 
 @dataclass
@@ -159,11 +163,18 @@ def run_program(
         Backoff() if request.retry_backoff is None else Backoff(initial_s=request.retry_backoff)
     )
     try:
+        limits = _run_limits(request)
+        for setting, policy in (
+            ("max_task_output_bytes", project.max_task_output_bytes),
+            ("max_run_journal_bytes", project.max_run_journal_bytes),
+        ):
+            if policy is not None:  # a cap: the stricter of it and the flag
+                limits[setting] = min(policy, limits.get(setting, policy))
         settings = RunSettings(
             caps=caps,
             backoff=backoff,
             max_response_bytes=project.max_response_bytes,
-            **_run_limits(request),
+            **limits,
         )
         memory_budget = _memory_budget(request.max_total_ram)
     except ConfigError as exc:
@@ -252,6 +263,8 @@ def _run_limits(request: RunRequest) -> dict[str, Any]:
     for field_name, flag, setting in (
         ("max_message_size", "--max-message-size", "max_message_bytes"),
         ("max_queued_size", "--max-queued-size", "max_queued_bytes"),
+        ("max_task_output", "--max-task-output", "max_task_output_bytes"),
+        ("max_run_journal", "--max-run-journal", "max_run_journal_bytes"),
     ):
         value = getattr(request, field_name)
         if value is None:

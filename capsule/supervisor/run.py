@@ -88,9 +88,16 @@ from capsule.supervisor.tree import (
 MAX_DEPTH = 64
 #: Python frames the host adds per level of nested task calls (with margin).
 HOST_FRAMES_PER_LEVEL = 40
-#: Kinds that a retry cannot fix (a guest that broke the protocol gets no
-#: second chance either).
-NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol"})
+#: Kinds that a retry cannot fix (a guest that broke the protocol, or wrote
+#: more than it may, gets no second chance either).
+NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol", "output_limit"})
+#: What a step costs to record beyond its request and answer (the step's own
+#: entry in its batch, and the waiting and resumed events a blocking one
+#: adds), counted against RunSettings.max_task_output_bytes.
+STEP_RECORD_OVERHEAD = 128
+#: An attempt adds what it recorded to the run's total in steps of this much
+#: (and when it ends): the total may lag by this much per live attempt.
+RECORDED_COUNT_STEP = 1 << 20
 #: Steps before which a guest forgets the credit its sends were given (they may
 #: wait, holding places others need, or tell it more about its targets: that
 #: one ended, say), and the host gives back the places reserved for it (see
@@ -149,6 +156,15 @@ class RunSettings:
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
+    #: What one attempt may make the host record, in characters: its output,
+    #: random bytes, messages, HTTP exchanges and other host calls. Past it the
+    #: attempt fails with kind output_limit (the journal and the host's output
+    #: are bounded per attempt by this, plus its last answer).
+    max_task_output_bytes: int = 64 * 1024**2
+    #: What the whole run may record in its journal, in characters (steps and
+    #: their overhead, counted as above). Past it the run stops, as when its
+    #: journal cannot be written: resumable, with a larger limit.
+    max_run_journal_bytes: int = 1024**3
     #: Seconds a task waits in receive, result, sleep (any blocking call)
     #: before it hibernates: the memory pages it has only read are given back
     #: (None: never). Like gen_server's hibernate_after, for idle actors.
@@ -222,6 +238,8 @@ class Run:
             0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
         )
         self._root = Scope(None, task_id="", task="<run>")
+        #: What the run's steps recorded (see _count_recorded), from its start.
+        self._recorded = history.recorded if history else 0
         #: Why the run was stopped: a replay diverged, or the journal failed.
         self.divergence: ErrorInfo | None = None
         self.journal_failure: str | None = None
@@ -691,6 +709,7 @@ class Run:
             # children are cancelled, and their threads joined, before it counts
             # as ended.
             self._end_children(attempt)
+            self._count_recorded(attempt)
             with self._lock:
                 del self._attempts[invocation]
         return outcome
@@ -798,10 +817,16 @@ class Run:
         actors contending for it, each microsecond here cost two to three
         (measured): keep it short."""
         attempt = self._attempts[caller]
+        if attempt.recorded > self.settings.max_task_output_bytes:
+            self._output_limit(attempt)
+            return False, "{}"  # the sandbox ends the caller; never seen
         attempt.steps_taken += 1
         number = attempt.steps_taken
         if attempt.credit and kind in ENDS_CREDIT:  # as the guest forgot its credit
             self._messages.end_credit(attempt)
+        attempt.recorded += STEP_RECORD_OVERHEAD + (
+            len(request) if request.__class__ is str else sum(map(len, request))
+        )
         if attempt.replay:
             request = request_text(request)
             recorded = attempt.replay.popleft()
@@ -810,8 +835,12 @@ class Run:
                 return False, "{}"  # the sandbox ends the caller; never seen
             if replayed is not None:
                 replayed(recorded)
+            attempt.recorded += len(recorded.answer)
             return recorded.ok, recorded.answer
         ok, answer = live()
+        attempt.recorded += len(answer)
+        if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:
+            self._count_recorded(attempt)
         # A failure may be the caller's stop ("{}", never seen): not journaled.
         if self._journaling and (ok or caller.check_stop() is None):
             journaled = answer if for_journal is None else for_journal(answer)
@@ -830,6 +859,37 @@ class Run:
             except JournalFailure as exc:
                 self._journal_failed(exc)
         return ok, answer
+
+    def _count_recorded(self, attempt: Attempt) -> None:
+        """Add what ``attempt`` recorded since the last count to the run's
+        total; over the run's journal limit, the run stops."""
+        with self._lock:
+            self._recorded += attempt.recorded - attempt.recorded_counted
+            attempt.recorded_counted = attempt.recorded
+            over = self._journaling and self._recorded > self.settings.max_run_journal_bytes
+        if over and self.journal_failure is None:
+            limit = self.settings.max_run_journal_bytes
+            self._journal_failed(
+                JournalFailure(
+                    f"run {self.run_id} recorded {self._recorded / 2**20:.1f} MB in its journal; "
+                    f"its limit is {limit / 2**20:.1f} MB (--max-run-journal, or max_run_journal "
+                    f"in capsule.toml's [policy]). It can be resumed with a larger one: "
+                    f"`capsule resume {self.run_id} --max-run-journal SIZE`"
+                )
+            )
+
+    def _output_limit(self, attempt: Attempt) -> None:
+        """The attempt made the host record more than it may: it ends."""
+        invocation = attempt.invocation
+        if invocation.aborted is None:
+            limit = self.settings.max_task_output_bytes
+            invocation.aborted = ErrorInfo(
+                "output_limit",
+                f"task {invocation.task!r} ({invocation.task_id}) made the host record "
+                f"{attempt.recorded / 2**20:.1f} MB of output, messages and host calls in "
+                f"attempt {invocation.attempt}; the limit is {limit / 2**20:.1f} MB per "
+                f"attempt (--max-task-output, or max_task_output in capsule.toml's [policy])",
+            )
 
     def _diverged(self, attempt: Attempt, number: int, expected: Step, actual: Step) -> None:
         """A replayed task asked for something else than its journal holds: the

@@ -157,6 +157,8 @@ class History:
     replies: dict[str, str] = field(default_factory=dict)
     #: The largest monotonic clock reading a guest saw.
     monotonic_ns: int = 0
+    #: What its steps recorded, in characters (the run's journal limit counts it).
+    recorded: int = 0
 
 
 class JournalFailure(Exception):

@@ -98,6 +98,11 @@ class Attempt:
     replay: deque[Step] = field(default_factory=deque)
     #: Host calls (steps) made so far.
     steps_taken: int = 0
+    #: What its steps made the host record so far, in characters (see
+    #: Run._step): bounded by RunSettings.max_task_output_bytes.
+    recorded: int = 0
+    #: How much of that the run's total counts already (see Run._count_recorded).
+    recorded_counted: int = 0
     #: Room reserved for its messages in targets' mailboxes, by target as the
     #: guest names it: [target id, places left, places given] (see MessageCalls.send).
     credit: dict[str, list[Any]] = field(default_factory=dict)
