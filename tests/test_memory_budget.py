@@ -297,3 +297,54 @@ def test_the_largest_task_is_chosen_once_until_its_instance_is_closed() -> None:
     finally:
         budget.close()
     assert not any(thread.name == "capsule-memory" for thread in threading.enumerate())
+
+
+def test_what_the_host_holds_for_a_task_counts_as_its_memory(tmp_path: Path) -> None:
+    """A task whose mailbox holds 200 MB of messages it never reads makes the
+    host hold them: over the budget, it is the one stopped (its mailbox goes
+    with it), not a task with a larger linear memory of its own."""
+    path = tmp_path / "inbox.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import capsule
+            from capsule import receive, send, task
+
+            @task(ram="512MB", compute="HIGH", max_retries=0)
+            def hog() -> int:
+                held = [b"x" * (4 * 1024 * 1024) for _ in range(15)]
+                receive(timeout=90)
+                return len(held) * 4
+
+            @task(max_retries=0, restart="temporary")
+            def inbox() -> str:
+                capsule.sleep(90)
+                return "never read"
+
+            @task(name="main", compute="HIGH", ram="256MB", timeout="2m")
+            def main() -> dict:
+                big = hog.spawn()
+                sink = inbox.spawn()
+                chunk = "m" * (1024 * 1024 - 16)
+                try:
+                    for _ in range(200):
+                        send(sink, chunk)
+                except capsule.MessageError:
+                    pass  # (it was stopped: its mailbox went with it)
+                (stopped,) = capsule.gather(sink, return_exceptions=True)
+                send(big, "done")
+                return {"hog": big.result(), "inbox": getattr(stopped, "kind", None)}
+            """
+        )
+    )
+    code, value, _ = _run_measured(
+        path,
+        "--max-total-ram",
+        "256MB",
+        "--max-message-size",
+        "2MB",
+        "--max-queued-size",
+        "250MB",
+    )
+    assert code == 0, value
+    assert value == {"hog": 60, "inbox": "memory_limit"}, value

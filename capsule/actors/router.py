@@ -293,6 +293,12 @@ class Router:
         with self._lock:
             return self._queued_bytes
 
+    def queued_bytes_for(self, task_id: str) -> int:
+        """Size of the messages waiting in a task's mailbox."""
+        with self._lock:
+            mailbox = self._mailboxes.get(task_id)
+            return mailbox.queued_bytes if mailbox else 0
+
     def depth(self, task_id: str) -> int:
         with self._lock:
             mailbox = self._mailboxes.get(task_id)

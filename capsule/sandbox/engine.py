@@ -154,6 +154,12 @@ class HostCalls(Protocol):
         runs inline, must return now."""
         ...
 
+    def held_bytes(self, invocation: Invocation) -> int:
+        """Bytes the host holds for ``invocation``'s task (its mailbox, its
+        output not yet shown, ...): counted with its memory by the run's
+        memory budget. Called from the budget's thread."""
+        ...
+
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         """Messages the guest wrote to its channel (see channel.py), as (target,
         body JSON), in its order: sends the host has not seen yet."""
@@ -261,6 +267,9 @@ class RefusingHost(LiveClockAndRandom):
 
     def wake(self, invocation: Invocation) -> None:
         return None  # (it never blocks)
+
+    def held_bytes(self, invocation: Invocation) -> int:
+        return 0
 
 
 @dataclass(eq=False)
@@ -656,7 +665,7 @@ class Sandbox:
         self.budget = (
             None
             if memory_budget is None
-            else MemoryBudget(memory_budget, self._memory_sizes, self._stop_for_memory)
+            else MemoryBudget(memory_budget, self._task_sizes, self._stop_for_memory)
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -695,6 +704,17 @@ class Sandbox:
     def _memory_sizes(self, stores: list[Any]) -> list[int | None]:
         """The size of each open task instance's linear memory (the budget's)."""
         return self.prefaulter.memory_sizes([(store.memory, store.marker) for store in stores])
+
+    def _task_sizes(self, stores: list[Any]) -> list[int | None]:
+        """What each open task instance holds, for the budget: its linear
+        memory, and what the host holds for its task (HostCalls.held_bytes)."""
+        sizes = self._memory_sizes(stores)
+        for index, store in enumerate(stores):
+            invocation: Invocation | None = store.invocation
+            size = sizes[index]
+            if size is not None and invocation is not None:
+                sizes[index] = size + invocation.host.held_bytes(invocation)
+        return sizes
 
     def _stop_for_memory(self, store: Any, why: str) -> None:
         """The budget chose this task instance's attempt to stop: it traps at

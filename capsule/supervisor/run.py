@@ -156,10 +156,10 @@ class RunSettings:
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
     #: Largest HTTP response body a task may receive.
     max_response_bytes: int = 10 * 1024**2
-    #: What one attempt may make the host record, in characters: its output,
-    #: random bytes, messages, HTTP exchanges and other host calls. Past it the
-    #: attempt fails with kind output_limit (the journal and the host's output
-    #: are bounded per attempt by this, plus its last answer).
+    #: What one attempt of a journaled run may make the host record, in
+    #: characters: its output, random bytes, messages, HTTP exchanges and other
+    #: host calls. Past it the attempt fails with kind output_limit (what it
+    #: journals is bounded by this, plus its last answer).
     max_task_output_bytes: int = 64 * 1024**2
     #: What the whole run may record in its journal, in characters (steps and
     #: their overhead, counted as above). Past it the run stops, as when its
@@ -240,6 +240,10 @@ class Run:
         self._root = Scope(None, task_id="", task="<run>")
         #: What the run's steps recorded (see _count_recorded), from its start.
         self._recorded = history.recorded if history else 0
+        #: What an attempt may record (without a journal nothing is kept).
+        self._max_recorded = (
+            self.settings.max_task_output_bytes if self._journaling else float("inf")
+        )
         #: Why the run was stopped: a replay diverged, or the journal failed.
         self.divergence: ErrorInfo | None = None
         self.journal_failure: str | None = None
@@ -776,6 +780,11 @@ class Run:
         # (Its descendants too: a child it runs inline blocks its thread.)
         self._wake_all()
 
+    def held_bytes(self, invocation: Invocation) -> int:
+        # Its mailbox (dropped when it ends) and its output waiting to be shown.
+        task_id = invocation.task_id
+        return self._router.queued_bytes_for(task_id) + self._unshown.get(task_id, 0)
+
     def _wake_all(self) -> None:
         """Wake every blocked task that must now stop."""
         with self._lock:
@@ -817,7 +826,7 @@ class Run:
         actors contending for it, each microsecond here cost two to three
         (measured): keep it short."""
         attempt = self._attempts[caller]
-        if attempt.recorded > self.settings.max_task_output_bytes:
+        if attempt.recorded > self._max_recorded:
             self._output_limit(attempt)
             return False, "{}"  # the sandbox ends the caller; never seen
         attempt.steps_taken += 1
