@@ -343,6 +343,22 @@ class JournalWriter:
             statements[_TASK_UPSERT] = [
                 self._tasks[task_id].row(self.run_id, task_id) for task_id in self._dirty
             ]
+        try:
+            self._execute(statements)
+        except (ValueError, OverflowError):
+            # A value SQLite cannot take (a lone surrogate, an integer past 64
+            # bits): nothing a guest hands over should be one (the host checks
+            # it first), but the content of a record must never stop the
+            # journal. The batch again, every such value made storable.
+            self._connection.execute("ROLLBACK")
+            self._execute(
+                {
+                    sql: [tuple(map(_storable, row)) for row in rows]
+                    for sql, rows in statements.items()
+                }
+            )
+
+    def _execute(self, statements: dict[str, list[tuple[Any, ...]]]) -> None:
         connection = self._connection
         connection.execute("BEGIN")
         for sql, rows in statements.items():
@@ -367,7 +383,7 @@ class JournalWriter:
         def record() -> tuple[str, tuple[Any, ...]]:
             # Numbered and serialised here, on the writer thread, in queue order.
             self._event_seq += 1
-            data = event.model_dump_json(exclude={"run_id", "task_id", "type", "at"})
+            data = model_json(event, exclude={"run_id", "task_id", "type", "at"})
             status = _STATUS_BY_EVENT.get(event.type)
             if status is not None:
                 self._task_event(event, status)
@@ -486,10 +502,30 @@ class JournalWriter:
             state.ended_at = time.time()
             state.final = True
             state.result_json = result.result_json
-            state.error_json = None if error is None else error.model_dump_json()
+            state.error_json = None if error is None else model_json(error)
             self._dirty[result.task_id] = None
 
         self._put_record(record)
+
+
+def model_json(model: Any, exclude: set[str] | None = None) -> str:
+    """A pydantic model as JSON, whatever its strings hold: one with a lone
+    surrogate (which UTF-8 cannot encode) is written with it escaped."""
+    try:
+        text: str = model.model_dump_json(exclude=exclude)
+    except ValueError:
+        text = json.dumps(model.model_dump(mode="json", exclude=exclude))
+    return text
+
+
+def _storable(value: Any) -> Any:
+    """``value`` as SQLite can store it: lone surrogates escaped, integers past
+    64 bits as text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return str(value)
+    return value
 
 
 #: A queued step's attempt and what is journaled of it.
