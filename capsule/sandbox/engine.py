@@ -476,7 +476,9 @@ def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
         try:
             config.preopen_dir(descriptor_path(fd), grant.guest_path, grant.writable)
         except wasmtime.WasmtimeError as exc:
-            raise PathRefused(f"allowed_files {grant.declared!r}: cannot be opened: {exc}") from None
+            raise PathRefused(
+                f"allowed_files {grant.declared!r}: cannot be opened: {exc}"
+            ) from None
         finally:
             os.close(fd)
     return config

@@ -12,7 +12,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from capsule.sandbox.config import ConfigError, TaskConfig
-from capsule.sandbox.paths import PathRefused, can_hand_over_directories, open_directory_beneath
+from capsule.sandbox.paths import (
+    IsSymlink,
+    PathRefused,
+    can_hand_over_directories,
+    open_directory_beneath,
+)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -106,15 +111,17 @@ class FileGrant:
         naming the grant if it cannot be reached without following a symlink."""
         try:
             return open_directory_beneath(self.root, self.parts)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise PathRefused(
                 f"allowed_files {self.declared!r}: {self.host_path} is not a directory"
             ) from None
-        except PathRefused as exc:
+        except IsSymlink as exc:
             raise PathRefused(
                 f"allowed_files {self.declared!r}: {exc}; the host follows no symlink in "
                 f"a granted directory (a task that may write there could have made it)"
             ) from None
+        except PathRefused as exc:
+            raise PathRefused(f"allowed_files {self.declared!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -190,15 +197,17 @@ def _file_grant(where: str, grant: str, root: Path) -> FileGrant:
     granted = FileGrant(root, parts, writable=mode == "rw", declared=grant)
     try:
         os.close(open_directory_beneath(root, parts))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(
             f"{where}: allowed_files {grant!r}: {granted.host_path} is not a directory"
         ) from None
-    except PathRefused as exc:
+    except IsSymlink as exc:
         raise ConfigError(
             f"{where}: allowed_files {grant!r}: {exc}. A granted directory is reached "
             f"without following symlinks (a task could make one to reach any host file): "
             f"grant the real directory inside {root}, or put the directory itself in "
             f"place of the symlink"
         ) from None
+    except PathRefused as exc:
+        raise ConfigError(f"{where}: allowed_files {grant!r}: {exc}") from None
     return granted

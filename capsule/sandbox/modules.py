@@ -21,11 +21,12 @@ import hashlib
 import importlib.machinery
 import os
 import site
+import sys
 import sysconfig
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from capsule.sandbox import paths
 from capsule.sandbox.paths import IsSymlink, PathRefused
@@ -58,7 +59,7 @@ class Refused:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Served:
     """A module served in this run: where it is, and its file's digest."""
 
@@ -90,12 +91,12 @@ class ModuleFinder:
     """Resolves dotted module names against a fixed list of root directories.
 
     What it holds is bounded whatever guests ask: nothing for a name not found
-    or refused; for each module served, one record (its name, origin path and
-    digest: about 0.5 KB), and these are at most the module files and
-    directories below the roots outside every writable grant, which no task can
-    add to; source text up to ``cached_source_bytes`` and compiled forms up to
-    ``cached_compiled_bytes`` in all. A lookup reads at most one file of
-    ``MAX_SOURCE_BYTES``."""
+    or refused; for each module served, one record (its name, path and digest:
+    ~500 bytes plus the name's and the path's lengths), and these are at most
+    the module files and directories below the roots outside every writable
+    grant, which no task can add to; source text up to ``cached_source_bytes``
+    and compiled forms up to ``cached_compiled_bytes`` in all. A lookup holds
+    at most one file of ``MAX_SOURCE_BYTES`` while it reads it."""
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class ModuleFinder:
         # Each root as given and as resolved: a directory a task may write is
         # recognised under either name (see forbid_below).
         self._root_names = [
-            (PurePath(os.path.abspath(root)), PurePath(os.path.realpath(root))) for root in roots
+            tuple(dict.fromkeys((os.path.abspath(root), os.path.realpath(root)))) for root in roots
         ]
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
@@ -117,7 +118,7 @@ class ModuleFinder:
         self._compiled: dict[str, str] = {}
         self._compiled_room = cached_compiled_bytes
         #: Directories any task may write -> who may (for messages).
-        self._writable: dict[PurePath, str] = {}
+        self._writable: dict[str, str] = {}
         self._on_source: Callable[[str, str], None] | None = None
 
     def watch(self, on_source: Callable[[str, str], None]) -> None:
@@ -136,13 +137,17 @@ class ModuleFinder:
         (each mapped to who may write it, e.g. "task 'x' (allowed_files 'out:rw')"):
         a task could have put code there that every later instance would run.
         Returns what is wrong with the modules served so far (one line each)."""
+        added = {os.path.abspath(path): who for path, who in writable.items()}
         with self._lock:
-            self._writable.update({PurePath(path): who for path, who in writable.items()})
+            # (Replaced, not updated: lookups read it without the lock.)
+            self._writable = {**self._writable, **added}
             served = list(self._served.items())
         problems = []
         for fullname, record in served:
             where = self._writable_above(record.root, record.parts)
             if where is not None:
+                with self._lock:  # looked up again, it is refused
+                    self._served.pop(fullname, None)
                 problems.append(
                     f"module {fullname!r} ({record.origin}) is in {where[0]}, which "
                     f"{where[1]} may write: code there could be a task's; move the module "
@@ -174,13 +179,14 @@ class ModuleFinder:
     def remember_compiled(self, origin: str, compiled: str) -> None:
         """Keep a module's compiled form (from the guest) to serve with its source."""
         with self._lock:
+            size = sys.getsizeof(compiled)
             if (
                 origin in self._origins
                 and origin not in self._compiled
-                and len(compiled) <= self._compiled_room
+                and size <= self._compiled_room
             ):
                 self._compiled[origin] = compiled
-                self._compiled_room -= len(compiled)
+                self._compiled_room -= size
 
     def _remember(
         self, fullname: str, found: tuple[_Served, ModuleSource] | Refused
@@ -193,9 +199,10 @@ class ModuleFinder:
             if pinned is None:
                 self._served[fullname] = record
                 self._origins.add(record.origin)
-                if len(source.code) <= self._source_room:
+                size = sys.getsizeof(source.code)
+                if size <= self._source_room:
                     self._sources[record.origin] = source.code
-                    self._source_room -= len(source.code)
+                    self._source_room -= size
         if pinned is not None:  # another thread served it meanwhile
             return self._pinned(pinned, source)
         on_source = self._on_source
@@ -204,9 +211,7 @@ class ModuleFinder:
         return source
 
     def _serve_again(self, fullname: str, record: _Served) -> ModuleSource | Refused:
-        where = self._writable_above(record.root, record.parts)
-        if where is not None:
-            return self._writable_refusal(fullname, where)
+        # (A module below a writable directory is no longer in _served: forbid_below.)
         with self._lock:
             code = self._sources.get(record.origin)
             compiled = self._compiled.get(record.origin)
@@ -232,20 +237,22 @@ class ModuleFinder:
             compiled = self._compiled.get(record.origin)
         return replace(source, compiled=compiled)
 
-    def _writable_above(self, root: int, parts: tuple[str, ...]) -> tuple[PurePath, str] | None:
-        """The writable directory holding ``parts`` below root ``root``, if any."""
-        if not self._writable:
+    def _writable_above(self, root: int, parts: tuple[str, ...]) -> tuple[str, str] | None:
+        """The writable directory holding ``parts`` below root ``root``, if any,
+        and who may write it."""
+        writable = self._writable
+        if not writable:
             return None
+        relative = "/".join(parts)
         for name in self._root_names[root]:
-            place = name.joinpath(*parts)
-            for directory in (place, *place.parents):
-                who = self._writable.get(directory)
-                if who is not None:
+            place = os.path.join(name, relative)
+            for directory, who in writable.items():
+                if place == directory or place.startswith(directory + os.sep):
                     return directory, who
         return None
 
     @staticmethod
-    def _writable_refusal(fullname: str, where: tuple[PurePath, str]) -> Refused:
+    def _writable_refusal(fullname: str, where: tuple[str, str]) -> Refused:
         return Refused(
             f"module {fullname!r} is in {where[0]}, which {where[1]} may write: modules "
             f"are not imported from a directory a task may write (it could be a task's "
@@ -272,7 +279,7 @@ class ModuleFinder:
             for index, package in enumerate(packages):
                 try:
                     inner = paths.open_directory_at(fd, package)
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
                     return None
                 except PathRefused as exc:
                     return self._refused_entry(fullname, base, parts[: index + 1], exc)
@@ -292,7 +299,7 @@ class ModuleFinder:
         if package_kind == "directory":
             try:
                 package_fd = paths.open_directory_at(dir_fd, leaf)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 package_fd = None
             except PathRefused as exc:
                 return self._refused_entry(fullname, base, [*packages, leaf], exc)

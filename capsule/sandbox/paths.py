@@ -95,8 +95,8 @@ def _check_name(name: str) -> None:
 
 def open_directory_at(dir_fd: int, name: str) -> int:
     """The directory ``name`` in ``dir_fd``, opened without following a symlink;
-    PathRefused if it is a symlink or not a directory, FileNotFoundError if
-    there is nothing by that name."""
+    IsSymlink if it is one, FileNotFoundError if there is nothing by that name,
+    NotADirectoryError if it is something else, PathRefused if it cannot be opened."""
     _check_name(name)
     try:
         return os.open(name, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC, dir_fd=dir_fd)
@@ -107,7 +107,7 @@ def open_directory_at(dir_fd: int, name: str) -> int:
         if kind == "symlink":
             raise IsSymlink("is a symlink") from None
         if kind != "directory":
-            raise PathRefused("is not a directory") from None
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", name) from None
         raise PathRefused(f"cannot be opened: {exc.strerror}") from None
 
 
@@ -144,7 +144,7 @@ def open_root(path: Path) -> int:
 def open_directory_beneath(root: Path, parts: Sequence[str]) -> int:
     """The directory ``root/parts...``, each part opened from the one before
     without following a symlink (the caller closes it). PathRefused (naming the
-    part) or FileNotFoundError if it cannot be reached that way."""
+    part), FileNotFoundError or NotADirectoryError if it cannot be reached that way."""
     fd = open_root(root)
     try:
         for index, part in enumerate(parts):

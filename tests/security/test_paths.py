@@ -464,7 +464,7 @@ def test_compiled_forms_offered_are_bounded(tmp_path: Path) -> None:
 
     for index in range(4):
         (tmp_path / f"m{index}.py").write_text(f"VALUE = {index}\n")
-    finder = ModuleFinder([tmp_path], cached_compiled_bytes=1000)
+    finder = ModuleFinder([tmp_path], cached_compiled_bytes=1000)  # two of ~450 bytes
     origins = []
     for index in range(4):
         found = finder.find(f"m{index}")
