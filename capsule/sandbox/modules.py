@@ -10,7 +10,7 @@ in the sandbox.
 Every name a guest asks for is attacker-controlled, and tasks may write some
 directories of the program. So: each file is reached from its root one
 component at a time without following a symlink and read from the descriptor
-opened (paths.py); a module below a directory any task may write is refused
+opened (paths.py); a module in a directory granted to a task is refused
 (``forbid_below``); a module once served is pinned by its digest for the run;
 and what the finder keeps is bounded (see ``ModuleFinder``).
 """
@@ -42,6 +42,11 @@ MAX_SOURCE_BYTES = 16 * 1024**2
 CACHED_SOURCE_BYTES = 64 * 1024**2
 #: Compiled forms (from load instances) kept for the run; past it, none more.
 CACHED_COMPILED_BYTES = 64 * 1024**2
+_GRANTED_WHY = (
+    "modules are not imported from a granted directory (a task may have written "
+    "the code there, or every task could read through an import what only the "
+    "granted tasks may)"
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,8 @@ class ModuleFinder:
     What it holds is bounded whatever guests ask: nothing for a name not found
     or refused; for each module served, one record (its name, path and digest:
     ~500 bytes plus the name's and the path's lengths), and these are at most
-    the module files and directories below the roots outside every writable
-    grant, which no task can add to; source text up to ``cached_source_bytes``
+    the module files and directories below the roots outside every granted
+    directory, which no task can add to; source text up to ``cached_source_bytes``
     and compiled forms up to ``cached_compiled_bytes`` in all. A lookup holds
     at most one file of ``MAX_SOURCE_BYTES`` while it reads it."""
 
@@ -118,7 +123,7 @@ class ModuleFinder:
         self._compiled: dict[str, str] = {}
         self._compiled_room = cached_compiled_bytes
         #: Directories any task may write -> who may (for messages).
-        self._writable: dict[str, str] = {}
+        self._granted: dict[str, str] = {}
         self._on_source: Callable[[str, str], None] | None = None
 
     def watch(self, on_source: Callable[[str, str], None]) -> None:
@@ -132,26 +137,28 @@ class ModuleFinder:
             if record.digest:
                 on_source(record.origin, record.digest)
 
-    def forbid_below(self, writable: Mapping[Path, str]) -> list[str]:
+    def forbid_below(self, granted: Mapping[Path, str]) -> list[str]:
         """Refuse, from now on, every module in or below these directories
-        (each mapped to who may write it, e.g. "task 'x' (allowed_files 'out:rw')"):
-        a task could have put code there that every later instance would run.
-        Returns what is wrong with the modules served so far (one line each)."""
-        added = {os.path.abspath(path): who for path, who in writable.items()}
+        (each mapped to a task granted it, e.g. "task 'x' (allowed_files 'out:rw')"):
+        a task could have put code in a writable one that every later instance
+        would run, and a module of a read-only one would let any task read what
+        only the granted tasks may. Returns what is wrong with the modules served
+        so far (one line each)."""
+        added = {os.path.abspath(path): who for path, who in granted.items()}
         with self._lock:
             # (Replaced, not updated: lookups read it without the lock.)
-            self._writable = {**self._writable, **added}
+            self._granted = {**self._granted, **added}
             served = list(self._served.items())
         problems = []
         for fullname, record in served:
-            where = self._writable_above(record.root, record.parts)
+            where = self._granted_above(record.root, record.parts)
             if where is not None:
                 with self._lock:  # looked up again, it is refused
                     self._served.pop(fullname, None)
                 problems.append(
-                    f"module {fullname!r} ({record.origin}) is in {where[0]}, which "
-                    f"{where[1]} may write: code there could be a task's; move the module "
-                    f"out of that directory (or grant a directory that holds no modules)"
+                    f"module {fullname!r} ({record.origin}) is in {where[0]}, which is "
+                    f"granted to {where[1]}; {_GRANTED_WHY}: move the module out of that "
+                    f"directory (or grant a directory that holds no modules)"
                 )
         return problems
 
@@ -211,7 +218,7 @@ class ModuleFinder:
         return source
 
     def _serve_again(self, fullname: str, record: _Served) -> ModuleSource | Refused:
-        # (A module below a writable directory is no longer in _served: forbid_below.)
+        # (A module below a granted directory is no longer in _served: forbid_below.)
         with self._lock:
             code = self._sources.get(record.origin)
             compiled = self._compiled.get(record.origin)
@@ -237,26 +244,25 @@ class ModuleFinder:
             compiled = self._compiled.get(record.origin)
         return replace(source, compiled=compiled)
 
-    def _writable_above(self, root: int, parts: tuple[str, ...]) -> tuple[str, str] | None:
-        """The writable directory holding ``parts`` below root ``root``, if any,
-        and who may write it."""
-        writable = self._writable
-        if not writable:
+    def _granted_above(self, root: int, parts: tuple[str, ...]) -> tuple[str, str] | None:
+        """The granted directory holding ``parts`` below root ``root``, if any,
+        and a task granted it."""
+        granted = self._granted
+        if not granted:
             return None
         relative = "/".join(parts)
         for name in self._root_names[root]:
             place = os.path.join(name, relative)
-            for directory, who in writable.items():
+            for directory, who in granted.items():
                 if place == directory or place.startswith(directory + os.sep):
                     return directory, who
         return None
 
     @staticmethod
-    def _writable_refusal(fullname: str, where: tuple[str, str]) -> Refused:
+    def _granted_refusal(fullname: str, where: tuple[str, str]) -> Refused:
         return Refused(
-            f"module {fullname!r} is in {where[0]}, which {where[1]} may write: modules "
-            f"are not imported from a directory a task may write (it could be a task's "
-            f"code); move the module out of it"
+            f"module {fullname!r} is in {where[0]}, which is granted to {where[1]}; "
+            f"{_GRANTED_WHY}: move the module out of it"
         )
 
     def _find_in(
@@ -265,11 +271,11 @@ class ModuleFinder:
         """The module ``parts`` below root number ``root``, reached without
         following a symlink and read from the descriptor opened."""
         *packages, leaf = parts
-        # Nothing in or below a writable directory is looked at (the package
+        # Nothing in or below a granted directory is looked at (the package
         # directory ``parts`` itself included: a task could add __init__.py).
-        where = self._writable_above(root, tuple(parts))
+        where = self._granted_above(root, tuple(parts))
         if where is not None:
-            return self._writable_refusal(fullname, where)
+            return self._granted_refusal(fullname, where)
         base = self.roots[root]
         try:
             fd = paths.open_root(base)

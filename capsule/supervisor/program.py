@@ -210,8 +210,8 @@ def run_program(
             first.store.close()
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         # The program's import ran before the grants were known: what it got
-        # from a directory a task may write is refused now, and from now on.
-        problems = sandbox.finder.forbid_below(_writable_directories(grants))
+        # from a directory granted to a task is refused now, and from now on.
+        problems = sandbox.finder.forbid_below(_granted_directories(grants))
         if problems:
             first.store.close()
             return RunReport(usage_error=f"{path}: " + "\n".join(problems))
@@ -233,16 +233,18 @@ def run_program(
         return RunReport(run_id=run.run_id, result=result)
 
 
-def _writable_directories(grants: dict[str, Grants]) -> dict[Path, str]:
-    """Each directory some task may write, and who (the first such task)."""
-    writable: dict[Path, str] = {}
-    for name, task_grants in grants.items():
-        for grant in task_grants.files:
-            if grant.writable:
-                writable.setdefault(
-                    grant.host_path, f"task {name!r} (allowed_files {grant.declared!r})"
-                )
-    return writable
+def _granted_directories(grants: dict[str, Grants]) -> dict[Path, str]:
+    """Each directory granted to some task, and a task granted it (one that
+    may write it, if any does)."""
+    granted: dict[Path, str] = {}
+    for writable_first in (True, False):
+        for name, task_grants in grants.items():
+            for grant in task_grants.files:
+                if grant.writable == writable_first:
+                    granted.setdefault(
+                        grant.host_path, f"task {name!r} (allowed_files {grant.declared!r})"
+                    )
+    return granted
 
 
 def _run_limits(request: RunRequest) -> dict[str, Any]:

@@ -375,6 +375,33 @@ def test_a_module_in_a_writable_grant_is_not_imported(tmp_path: Path) -> None:
         assert part in message, message
 
 
+def test_a_module_in_a_read_only_grant_is_not_imported_by_other_tasks(tmp_path: Path) -> None:
+    # Only `reader` may read data/; an import must not hand its .py files to
+    # every task (nor to `reader`: a granted directory holds data, not code).
+    program = make_program(
+        tmp_path,
+        """
+        @task(name="reader", allowed_files=["data"])
+        def reader() -> str:
+            return read("/data/private.py")[:5]
+
+        @task(name="main")
+        def main() -> list:
+            from wit_world.imports import modules
+            return [reader(), attempt(lambda: __import__("data.private")),
+                    type(modules.find("data.private")).__name__]
+        """,
+    )
+    (program.parent / "data").mkdir()
+    (program.parent / "data" / "private.py").write_text(f"KEY = {SECRET!r}\n")
+    done = run(program)
+    assert_contained(done, tmp_path)
+    granted_read, imported, raw = result_of(done)
+    assert granted_read == "KEY ="
+    assert imported[0] == "SandboxImportError" and "task 'reader'" in imported[1], imported
+    assert raw == "Lookup_Refused"
+
+
 def test_a_symlinked_module_is_refused(tmp_path: Path) -> None:
     program = make_program(
         tmp_path,
