@@ -118,7 +118,8 @@ class ModuleFinder:
         self._lock = threading.Lock()
         self._served: dict[str, _Served] = {}
         self._origins: set[str] = set()
-        self._sources: dict[str, str] = {}
+        #: Origin -> what is served for it, while there is room (compiled form included).
+        self._sources: dict[str, ModuleSource] = {}
         self._source_room = cached_source_bytes
         self._compiled: dict[str, str] = {}
         self._compiled_room = cached_compiled_bytes
@@ -155,6 +156,7 @@ class ModuleFinder:
             if where is not None:
                 with self._lock:  # looked up again, it is refused
                     self._served.pop(fullname, None)
+                    self._sources.pop(record.origin, None)
                 problems.append(
                     f"module {fullname!r} ({record.origin}) is in {where[0]}, which is "
                     f"granted to {where[1]}; {_GRANTED_WHY}: move the module out of that "
@@ -168,10 +170,11 @@ class ModuleFinder:
         parts = fullname.split(".")
         if any(not part.isidentifier() for part in parts):
             return None
-        with self._lock:
-            record = self._served.get(fullname)
+        # (Read without the lock: a dict lookup is atomic, and the common case.)
+        record = self._served.get(fullname)
         if record is not None:
-            return self._serve_again(fullname, record)
+            cached = self._sources.get(record.origin)
+            return cached if cached is not None else self._serve_again(fullname, record)
         if not paths.can_open_beneath():
             return Refused(
                 "this platform cannot open a file without following symlinks (no "
@@ -194,6 +197,9 @@ class ModuleFinder:
             ):
                 self._compiled[origin] = compiled
                 self._compiled_room -= size
+                cached = self._sources.get(origin)
+                if cached is not None:
+                    self._sources[origin] = replace(cached, compiled=compiled)
 
     def _remember(
         self, fullname: str, found: tuple[_Served, ModuleSource] | Refused
@@ -208,7 +214,7 @@ class ModuleFinder:
                 self._origins.add(record.origin)
                 size = sys.getsizeof(source.code)
                 if size <= self._source_room:
-                    self._sources[record.origin] = source.code
+                    self._sources[record.origin] = source
                     self._source_room -= size
         if pinned is not None:  # another thread served it meanwhile
             return self._pinned(pinned, source)
@@ -219,13 +225,6 @@ class ModuleFinder:
 
     def _serve_again(self, fullname: str, record: _Served) -> ModuleSource | Refused:
         # (A module below a granted directory is no longer in _served: forbid_below.)
-        with self._lock:
-            code = self._sources.get(record.origin)
-            compiled = self._compiled.get(record.origin)
-        if code is not None or not record.digest:
-            return ModuleSource(
-                record.origin, code or "", record.is_package, compiled, record.digest
-            )
         found = self._find_in(record.root, list(fullname.split(".")), fullname)
         if isinstance(found, Refused):
             return found
