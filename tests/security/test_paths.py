@@ -85,35 +85,52 @@ def result_of(done: Completed) -> Any:
 # -- Granted directories ---------------------------------------------------------
 
 
-def test_a_grant_replaced_by_a_symlink_is_refused_at_task_start(tmp_path: Path) -> None:
-    # `plant` may write out/ and replaces out/sub (which `victim` is granted)
-    # by a symlink to a host directory; the host must not hand that to `victim`.
+@pytest.mark.parametrize(
+    ("granted", "made", "target", "reason"),
+    [
+        # The granted directory itself becomes a symlink to a host directory.
+        ("out/sub", "sub", "../../outside", "symlink"),
+        # A directory above it does: out/sub -> the parent of the program's
+        # directory, so out/sub/outside is the host's directory.
+        ("out/sub/outside", "sub", "../..", "symlink"),
+        # It becomes a file (a FIFO or device could not be made through WASI).
+        ("out/sub", "sub", None, "not a directory"),
+    ],
+)
+def test_a_grant_replaced_by_a_symlink_is_refused_at_task_start(
+    tmp_path: Path, granted: str, made: str, target: str | None, reason: str
+) -> None:
+    # `plant` may write out/ and replaces what `victim` is granted there; the
+    # host must not hand `victim` whatever that leads to.
     program = make_program(
         tmp_path,
-        """
+        f"""
         @task(name="plant", allowed_files=["out:rw"], max_retries=0)
         def plant() -> str:
-            os.rename("/out/sub", "/out/sub-moved")
-            os.symlink("../../outside", "/out/sub")
+            os.rename("/out/{made}", "/out/moved")
+            if {target!r} is None:
+                write("/out/{made}")
+            else:
+                os.symlink({target!r}, "/out/{made}")
             return "planted"
 
-        @task(name="victim", allowed_files=["out/sub:rw"], max_retries=0)
+        @task(name="victim", allowed_files=["{granted}:rw"], max_retries=0)
         def victim() -> list:
-            return [attempt(lambda: read("/out/sub/secret.txt")),
-                    attempt(lambda: write("/out/sub/pwned.txt"))]
+            return [attempt(lambda: read("/{granted}/secret.txt")),
+                    attempt(lambda: write("/{granted}/pwned.txt"))]
 
         @task(name="main")
         def main() -> list:
             return [plant(), failure(victim)]
         """,
     )
-    (program.parent / "out" / "sub").mkdir()
+    (program.parent / granted).mkdir(parents=True)
     done = run(program)
     assert_contained(done, tmp_path)
     planted, (kind, message) = result_of(done)
     assert planted == "planted"
     assert kind == "limit", message
-    assert "allowed_files 'out/sub:rw'" in message and "symlink" in message, message
+    assert f"allowed_files '{granted}:rw'" in message and reason in message, message
 
 
 def test_a_retry_does_not_fall_into_the_trap_its_first_attempt_set(tmp_path: Path) -> None:
