@@ -97,7 +97,7 @@ class ModuleFinder:
 
     What it holds is bounded whatever guests ask: nothing for a name not found
     or refused; for each module served, one record (its name, path and digest:
-    ~500 bytes plus the name's and the path's lengths), and these are at most
+    ~550 bytes plus the name's and the path's lengths), and these are at most
     the module files and directories below the roots outside every granted
     directory, which no task can add to; source text up to ``cached_source_bytes``
     and compiled forms up to ``cached_compiled_bytes`` in all. A lookup holds
