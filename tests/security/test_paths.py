@@ -494,13 +494,14 @@ def test_lookups_of_fresh_names_do_not_grow_the_hosts_memory(tmp_path: Path) -> 
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for i in range(50_000):
+        for i in range(5_000):
             finder.find(f"pkg.missing_{i}")
             finder.find(f"absent_{i}.deeper")
         grown = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert grown < 256 * 1024, grown
+    # (The finder that kept every name grew by 2.7 MB here.)
+    assert grown < 64 * 1024, grown
 
 
 def test_compiled_forms_offered_are_bounded(tmp_path: Path) -> None:
