@@ -41,6 +41,7 @@ from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
 from capsule.sandbox.hostcall import ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
@@ -509,10 +510,21 @@ def _refused(name: str, message: str) -> Answer:
 
 def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
     """WASI for a task granted directories: each preopened at ``/`` + its path
-    in the program (wasmtime refuses paths, and symlinks, that leave them)."""
+    in the program (wasmtime refuses paths, and symlinks, that leave them).
+    Each directory is opened here, from the program's directory, without
+    following a symlink, and wasmtime is handed that open directory (it opens
+    it at once, in ``preopen_dir``); PathRefused if one cannot be."""
     config = wasmtime.WasiConfig()
     for grant in grants.files:
-        config.preopen_dir(str(grant.host_path), grant.guest_path, grant.writable)
+        fd = grant.open()
+        try:
+            config.preopen_dir(descriptor_path(fd), grant.guest_path, grant.writable)
+        except wasmtime.WasmtimeError as exc:
+            raise PathRefused(
+                f"allowed_files {grant.declared!r}: cannot be opened: {exc}"
+            ) from None
+        finally:
+            os.close(fd)
     return config
 
 
@@ -1040,6 +1052,13 @@ class Sandbox:
         self, invocation: Invocation, program: str, payload: str, started: float
     ) -> AttemptOutcome:
         limits = invocation.limits
+        wasi = None
+        if invocation.grants.files:
+            try:
+                wasi = _wasi_config(invocation.grants)
+            except PathRefused as exc:
+                error = ErrorInfo("limit", f"the host did not start the task: {exc}")
+                return self._outcome(None, error, 0, started)
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:
@@ -1047,8 +1066,8 @@ class Sandbox:
             except PrepareError as exc:
                 return self._outcome(None, exc.error, 0, started)
         store = prepared.store
-        if invocation.grants.files:
-            store.set_wasi(_wasi_config(invocation.grants))
+        if wasi is not None:
+            store.set_wasi(wasi)
         invocation.started = time.monotonic()
         store.invocation, store.thread = invocation, threading.get_ident()
         if self.budget is not None:

@@ -12,6 +12,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from capsule.sandbox.config import ConfigError, TaskConfig
+from capsule.sandbox.paths import (
+    IsSymlink,
+    PathRefused,
+    can_hand_over_directories,
+    open_directory_beneath,
+)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -80,11 +86,42 @@ def url_parts(url: str) -> tuple[str, str, int]:
 
 @dataclass(frozen=True)
 class FileGrant:
-    """A directory of the program, as the guest sees it (``/`` + its relative path)."""
+    """A directory of the program granted to a task, as the guest sees it
+    (``/`` + its relative path). It is reached from the program's directory one
+    component at a time, never through a symlink (see paths.py)."""
 
-    host_path: Path
-    guest_path: str
+    #: The program's directory, as resolved when the program loaded.
+    root: Path
+    #: The directory's components below ``root`` (none is "", "." or "..").
+    parts: tuple[str, ...]
     writable: bool
+    #: The grant as the task declared it, for messages ("out:rw").
+    declared: str = ""
+
+    @property
+    def host_path(self) -> Path:
+        return self.root.joinpath(*self.parts)
+
+    @property
+    def guest_path(self) -> str:
+        return "/" + "/".join(self.parts)
+
+    def open(self) -> int:
+        """The granted directory, open (the caller closes it); PathRefused
+        naming the grant if it cannot be reached without following a symlink."""
+        try:
+            return open_directory_beneath(self.root, self.parts)
+        except (FileNotFoundError, NotADirectoryError):
+            raise PathRefused(
+                f"allowed_files {self.declared!r}: {self.host_path} is not a directory"
+            ) from None
+        except IsSymlink as exc:
+            raise PathRefused(
+                f"allowed_files {self.declared!r}: {exc}; the host follows no symlink in "
+                f"a granted directory (a task that may write there could have made it)"
+            ) from None
+        except PathRefused as exc:
+            raise PathRefused(f"allowed_files {self.declared!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -132,24 +169,45 @@ def resolve_grants(
                     f"capsule.toml (allowed_hosts = {allowed_text})"
                 )
     root = program_dir.resolve()
-    files = []
-    for grant in config.allowed_files:
-        relative, _, mode = grant.partition(":")
-        candidate = program_dir / relative
-        resolved = candidate.resolve()
-        if resolved != root and root not in resolved.parents:
-            raise ConfigError(
-                f"{where}: allowed_files {grant!r} leads outside the program's directory "
-                f"{root} (through a symlink); grant a directory inside it"
-            )
-        if resolved == root or ".capsule" in resolved.relative_to(root).parts:
-            raise ConfigError(
-                f"{where}: allowed_files {grant!r} would expose the program's directory "
-                f"itself, with its journal (.capsule) and .env; grant a subdirectory"
-            )
-        if not resolved.is_dir():
-            raise ConfigError(f"{where}: allowed_files {grant!r}: {candidate} is not a directory")
-        guest = "/" + resolved.relative_to(root).as_posix()
-        files.append(FileGrant(resolved, guest, writable=mode == "rw"))
+    files = tuple(_file_grant(where, grant, root) for grant in config.allowed_files)
     env = {name: environment[name] for name in config.env if name in environment}
-    return Grants(hosts, env, tuple(files))
+    return Grants(hosts, env, files)
+
+
+def _file_grant(where: str, grant: str, root: Path) -> FileGrant:
+    """One ``allowed_files`` entry, checked as each task start will open it."""
+    relative, _, mode = grant.partition(":")
+    parts = tuple(part for part in relative.split("/") if part not in ("", "."))
+    if relative.startswith("/") or ".." in parts:  # (refused by the config already)
+        raise ConfigError(
+            f"{where}: allowed_files {grant!r} leads outside the program's directory "
+            f"{root}; grant a directory inside it"
+        )
+    if not parts or ".capsule" in parts:
+        raise ConfigError(
+            f"{where}: allowed_files {grant!r} would expose the program's directory "
+            f"itself, with its journal (.capsule) and .env; grant a subdirectory"
+        )
+    if not can_hand_over_directories():
+        raise ConfigError(
+            f"{where}: allowed_files {grant!r}: directories can be granted only on Linux "
+            f"with /proc mounted, where the host hands the sandbox the very directory it "
+            f"checked (/proc/self/fd); this system cannot, so grant no directories"
+        )
+    granted = FileGrant(root, parts, writable=mode == "rw", declared=grant)
+    try:
+        os.close(open_directory_beneath(root, parts))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ConfigError(
+            f"{where}: allowed_files {grant!r}: {granted.host_path} is not a directory"
+        ) from None
+    except IsSymlink as exc:
+        raise ConfigError(
+            f"{where}: allowed_files {grant!r}: {exc}. A granted directory is reached "
+            f"without following symlinks (a task could make one to reach any host file): "
+            f"grant the real directory inside {root}, or put the directory itself in "
+            f"place of the symlink"
+        ) from None
+    except PathRefused as exc:
+        raise ConfigError(f"{where}: allowed_files {grant!r}: {exc}") from None
+    return granted

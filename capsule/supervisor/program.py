@@ -19,7 +19,7 @@ from capsule.sandbox.config import (
     parse_timeout,
 )
 from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
-from capsule.sandbox.grants import program_environment, resolve_grants
+from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import load_project
@@ -220,6 +220,12 @@ def run_program(
         except ConfigError as exc:
             first.store.close()
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+        # The program's import ran before the grants were known: what it got
+        # from a directory granted to a task is refused now, and from now on.
+        problems = sandbox.finder.forbid_below(_granted_directories(grants))
+        if problems:
+            first.store.close()
+            return RunReport(usage_error=f"{path}: " + "\n".join(problems))
         run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)
         if on_run is not None:
             on_run(run)
@@ -236,6 +242,20 @@ def run_program(
                 run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
             )
         return RunReport(run_id=run.run_id, result=result)
+
+
+def _granted_directories(grants: dict[str, Grants]) -> dict[Path, str]:
+    """Each directory granted to some task, and a task granted it (one that
+    may write it, if any does)."""
+    granted: dict[Path, str] = {}
+    for writable_first in (True, False):
+        for name, task_grants in grants.items():
+            for grant in task_grants.files:
+                if grant.writable == writable_first:
+                    granted.setdefault(
+                        grant.host_path, f"task {name!r} (allowed_files {grant.declared!r})"
+                    )
+    return granted
 
 
 def _run_limits(request: RunRequest) -> dict[str, Any]:
