@@ -376,8 +376,8 @@ class HttpClient:
         outgoing = _build(client, request, shown)
         try:
             with anyio.fail_after(request.timeout_s):
-                for _ in range(MAX_REDIRECTS + 1):
-                    _check_destination(outgoing.url, allowed, request.url, secrets)
+                for hop in range(MAX_REDIRECTS + 1):
+                    _check_destination(outgoing.url, allowed, secrets, shown if hop else None)
                     response = await client.send(outgoing, stream=True)
                     try:
                         next_request = response.next_request
@@ -467,19 +467,22 @@ def _build(client: httpx.AsyncClient, request: HttpRequest, shown: str) -> httpx
         raise _invalid(f"invalid request to {shown}: {exc}") from None
 
 
-def _check_destination(url: httpx.URL, allowed: HostCheck, first: str, secrets: Secrets) -> None:
+def _check_destination(
+    url: httpx.URL, allowed: HostCheck, secrets: Secrets, redirected_from: str | None
+) -> None:
     """Refuse a hop whose host the task was not granted. The host checked is
     the one httpx connects to (its parse of the URL, not another parser's): a
     URL two parsers read differently cannot pass one check and go elsewhere."""
+    shown = redact_url(str(url), secrets)
     scheme = url.scheme
     if scheme not in _DEFAULT_PORTS:
-        raise _invalid(f"only http and https URLs can be requested, not {url}")
+        raise _invalid(f"only http and https URLs can be requested, not {shown}")
     host = url.raw_host.decode("ascii", "replace").lower()
     if not host:
-        raise _invalid(f"the URL {url} has no host")
+        raise _invalid(f"the URL {shown} has no host")
     port = url.port or _DEFAULT_PORTS[scheme]
     if not 0 < port < 65536:
-        raise _invalid(f"the port of {url} is not between 1 and 65535")
+        raise _invalid(f"the port of {shown} is not between 1 and 65535")
     if ":" in host:  # an IPv6 literal, in brackets in a URL
         host = f"[{host}]"
     canonical = f"{scheme}://{host}:{port}/"
@@ -488,11 +491,11 @@ def _check_destination(url: httpx.URL, allowed: HostCheck, first: str, secrets: 
     except ValueError:
         ok = False
     if not ok:
-        via = "" if str(url) == first else f" (a redirect from {redact_url(first, secrets)})"
+        via = "" if redirected_from is None else f" (a redirect from {redirected_from})"
         raise HttpFailure(
             "host_not_allowed",
-            f"{redact_url(str(url), secrets)}{via}: the host is not in the task's "
-            f"allowed_hosts; grant it with @task(allowed_hosts=[...])",
+            f"{shown}{via}: the host is not in the task's allowed_hosts; grant it with "
+            f"@task(allowed_hosts=[...])",
         )
 
 

@@ -1207,10 +1207,10 @@ class Run:
         except HttpFailure as exc:
             refusal = (False, exc.redacted(known.granted).to_json())
             # Recorded by its digest: a malformed request may still carry secrets.
-            digest = hashlib.sha256(request_json.encode("utf-8", "surrogatepass")).hexdigest()
+            digest = hashlib.sha256(request_json.encode()).hexdigest()
             return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: refusal)
         secrets = known.learn(request.credentials)
-        #: The response, for its journaled form (made only if it is journaled).
+        # The response, for its journaled form (made only if it is journaled).
         received: list[HttpResponse] = []
 
         def perform() -> tuple[bool, str]:
