@@ -38,7 +38,7 @@ MAX_REQUEST_BYTES = 64 * 1024**2
 #: The longest timeout a request may ask for.
 MAX_TIMEOUT_S = 600.0
 #: The longest URL a task may request.
-MAX_URL_CHARS = 64 * 1024
+MAX_URL_CHARS = 16 * 1024
 #: Headers a request may have, their size in all (names and values), and the
 #: longest name.
 MAX_HEADERS = 128

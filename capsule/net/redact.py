@@ -20,6 +20,7 @@ import binascii
 import re
 import threading
 from collections.abc import Iterable
+from functools import lru_cache
 from itertools import islice
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
@@ -53,6 +54,8 @@ _SENSITIVE_PARTS = (
 )
 #: A name with one of these as a word (between separators or at a camelCase step).
 _SENSITIVE_WORDS = frozenset({"key", "pwd", "pw", "pass", "sig", "sid", "otp", "csrf", "xsrf"})
+_SENSITIVE_PART = re.compile("|".join(map(re.escape, _SENSITIVE_PARTS)))
+_SENSITIVE_WORD = re.compile("|".join(map(re.escape, _SENSITIVE_WORDS)))
 #: Names too common as words to count there, sensitive as a whole (OAuth's ``code``).
 _SENSITIVE_NAMES = frozenset({"code"})
 #: Path segments after which the next one is a secret (Slack's, GitHub's, Discord's hooks).
@@ -76,13 +79,16 @@ _UNPRINTABLE = re.compile(
 _URL_CHARS = "!#$%&'()*+,-./:;=?@[]_~"
 
 
+@lru_cache(maxsize=1024)
 def is_sensitive(name: str) -> bool:
     """Whether a header or URL parameter of this name carries a credential."""
     lowered = name.lower()
     if lowered in _SENSITIVE_HEADERS or lowered in _SENSITIVE_NAMES:
         return True
-    if any(part in lowered for part in _SENSITIVE_PARTS):
+    if _SENSITIVE_PART.search(lowered):
         return True
+    if not _SENSITIVE_WORD.search(lowered):  # (the words are not even in it)
+        return False
     words = re.split(r"[^a-z0-9]+", _CAMEL_STEP.sub(r"\1_\2", name).lower())
     return not _SENSITIVE_WORDS.isdisjoint(words)
 
@@ -91,7 +97,8 @@ def looks_like_token(text: str) -> bool:
     """Long, of the characters of keys and tokens, with lower and upper case
     letters and digits: a generated credential (not a word, a UUID or a hash)."""
     return (
-        _TOKEN_CHARS.fullmatch(text) is not None
+        len(text) >= 20
+        and _TOKEN_CHARS.fullmatch(text) is not None
         and any(c.islower() for c in text)
         and any(c.isupper() for c in text)
         and any(c.isdigit() for c in text)
@@ -192,24 +199,44 @@ def _url_credentials(url: str, depth: int) -> set[str]:
     for segment, previous in _segments(parts.path):
         if _is_secret_segment(segment, previous, depth):
             # The token of /bot<id>:<token>, the value of ;name=value, or all of it.
+            matrix = _parameters_credentials(segment.partition(";")[2], depth)
             secret = _BOT_PREFIX.sub("", segment.partition(";")[0])
-            for name, value in _parameters(segment.partition(";")[2]):
-                if _is_secret_parameter(name, value, depth):
-                    secret = value
-            found |= {secret, unquote(secret)}
+            found |= matrix or {secret, _plain(secret)}
     for query in (parts.query, parts.fragment):
-        for name, value in _parameters(query or ""):
-            if _is_secret_parameter(name, value, depth):
-                found |= {value, unquote_plus(value)}
-                if _is_url(unquote_plus(value)) and depth < _MAX_NESTING:
-                    found |= _url_credentials(unquote_plus(value), depth + 1)
+        found |= _parameters_credentials(query or "", depth)
     return found
+
+
+def _parameters_credentials(query: str, depth: int) -> set[str]:
+    found: set[str] = set()
+    for name, value in _parameters(query):
+        found |= _parameter_credentials(name, value, depth)
+    return found
+
+
+def _parameter_credentials(name: str, value: str, depth: int) -> set[str]:
+    """The credentials of one parameter (none: it is not secret): its value if
+    its name or shape says so, and those of a URL in it (next=, redirect_uri=)."""
+    if not value:
+        return set()
+    plain = _plain(value, plus=True)
+    if is_sensitive(_plain(name, plus=True)) or looks_like_token(plain):
+        return {value, plain}
+    if _is_url(plain) and depth < _MAX_NESTING:
+        nested = _url_credentials(plain, depth + 1)
+        return nested | {value, plain} if nested else set()
+    return set()
 
 
 def redact_url(url: str, secrets: Secrets = NO_SECRETS) -> str:
     """The URL as it may be journaled or shown, whatever it is: userinfo,
     fragment, key-like parameter values, token-like segments and values, and
     known secrets replaced; what a terminal would act on percent-encoded."""
+    return _percent_unprintable(secrets.text(_redact_by_place(url)))
+
+
+@lru_cache(maxsize=32)  # (an exchange shows its URL in the journal, an event, errors)
+def _redact_by_place(url: str) -> str:
     parts = _Parts(url)
     redacted = [parts.scheme, parts.slashes]
     if parts.userinfo is not None:
@@ -223,7 +250,7 @@ def redact_url(url: str, secrets: Secrets = NO_SECRETS) -> str:
         redacted.append("?" + _redact_parameters(parts.query))
     if parts.fragment is not None:
         redacted.append("#" + (REDACTED if parts.fragment else ""))
-    return _percent_unprintable(secrets.text("".join(redacted)))
+    return "".join(redacted)
 
 
 def redact_headers(
@@ -300,15 +327,17 @@ def _segments(path: str) -> list[tuple[str, str]]:
 
 
 def _is_secret_segment(segment: str, previous: str, depth: int = 0) -> bool:
+    # (Cheap tests first: a path may have thousands of segments.)
     if not segment:
         return False
-    if unquote(previous).lower() in _SECRET_PARENTS:
+    if len(previous) <= 16 and _plain(previous).lower() in _SECRET_PARENTS:
         return True
-    plain = unquote(segment)
-    if _BOT_TOKEN.fullmatch(plain) or looks_like_token(plain):
-        return True
+    if len(segment) >= 20 or segment.startswith("bot"):
+        plain = _plain(segment)
+        if _BOT_TOKEN.fullmatch(plain) or looks_like_token(plain):
+            return True
     # Matrix parameters: /path;jsessionid=...
-    return any(
+    return ";" in segment and any(
         _is_secret_parameter(name, value, depth)
         for name, value in _parameters(segment.partition(";")[2])
     )
@@ -325,13 +354,14 @@ def _parameters(query: str) -> list[tuple[str, str]]:
 
 
 def _is_secret_parameter(name: str, value: str, depth: int = 0) -> bool:
-    if not value:
-        return False
-    plain = unquote_plus(value)
-    if is_sensitive(unquote_plus(name)) or looks_like_token(plain):
-        return True
-    # A URL in a parameter (next=, redirect_uri=) with credentials of its own.
-    return _is_url(plain) and depth < _MAX_NESTING and bool(_url_credentials(plain, depth + 1))
+    return bool(_parameter_credentials(name, value, depth))
+
+
+def _plain(text: str, plus: bool = False) -> str:
+    """``text`` percent-decoded (and ``+`` as a space, in a query)."""
+    if plus:
+        return unquote_plus(text) if "%" in text or "+" in text else text
+    return unquote(text) if "%" in text else text
 
 
 def _is_url(text: str) -> bool:
@@ -344,7 +374,7 @@ def _redact_parameters(query: str) -> str:
         name, equals, value = pieces[i].partition("=")
         if equals and _is_secret_parameter(name, value):
             pieces[i] = f"{name}={REDACTED}"
-        elif not equals and looks_like_token(unquote_plus(name)):
+        elif not equals and looks_like_token(_plain(name, plus=True)):
             pieces[i] = REDACTED
     return "".join(pieces)
 
