@@ -179,8 +179,10 @@ class KnownSecrets:
 def credentials(url: str, headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """The credentials a request carries: values of credential headers (with
     their tokens, Basic passwords and cookies), the URL's userinfo (with the
-    Basic credentials httpx makes of it), values of key-like parameters, its
-    fragment, and token-like path segments and values."""
+    Basic credentials httpx makes of it), values of key-like parameters (in its
+    query, fragment, path parameters and nested URLs), and token-like path
+    segments and values. (Not a fragment as a whole: it is hidden where it
+    stands, but anchors are no secret elsewhere.)"""
     found = _url_credentials(url, 0)
     for name, value in headers:
         if is_sensitive(name):
@@ -330,7 +332,7 @@ def _is_secret_segment(segment: str, previous: str, depth: int = 0) -> bool:
     # (Cheap tests first: a path may have thousands of segments.)
     if not segment:
         return False
-    if len(previous) <= 16 and _plain(previous).lower() in _SECRET_PARENTS:
+    if len(previous) <= 32 and _plain(previous).lower() in _SECRET_PARENTS:
         return True
     if len(segment) >= 20 or segment.startswith("bot"):
         plain = _plain(segment)
