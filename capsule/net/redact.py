@@ -62,6 +62,8 @@ _SENSITIVE_NAMES = frozenset({"code"})
 _SECRET_PARENTS = frozenset(
     {"hooks", "hook", "webhooks", "webhook", "token", "tokens", "key", "keys", "secret", "secrets"}
 )
+#: Headers whose value is a URL, perhaps relative.
+_URL_HEADERS = frozenset({"location", "content-location", "referer"})
 #: URLs inside URLs' parameters looked into (a redirect_uri's own query).
 _MAX_NESTING = 2
 #: A Telegram bot's path: /bot<id>:<token>/method.
@@ -260,10 +262,15 @@ def redact_headers(
 ) -> list[tuple[str, str]]:
     """Headers as they may be journaled: credential headers' values replaced,
     URLs in the others (Location, Referer, Link) redacted, known secrets too."""
-    return [
-        (secrets.text(name), REDACTED if is_sensitive(name) else _redact_urls(value, secrets))
-        for name, value in headers
-    ]
+    return [(secrets.text(name), _redact_header(name, value, secrets)) for name, value in headers]
+
+
+def _redact_header(name: str, value: str, secrets: Secrets) -> str:
+    if is_sensitive(name):
+        return REDACTED
+    if name.lower() in _URL_HEADERS:  # (relative URLs too)
+        return redact_url(value, secrets)
+    return _redact_urls(value, secrets)
 
 
 def redact_text(text: str, secrets: Secrets = NO_SECRETS) -> str:

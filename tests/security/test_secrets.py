@@ -580,3 +580,18 @@ def test_request_bounds() -> None:
             HttpRequest.from_json(text)
     accepted = HttpRequest.from_json(request(headers=[["X-A", "  padded\t"]], timeout_s=600))
     assert accepted.headers == [("X-A", "padded")] and accepted.timeout_s == 600.0
+
+
+def test_urls_in_other_headers_and_in_messages_are_redacted() -> None:
+    from capsule.net.redact import redact_headers, redact_text
+
+    headers = redact_headers(
+        [
+            ("Referer", f"https://u:{SECRET}@host/?token={SECRET}2"),
+            ("Location", f"/next?code={SECRET}3#id_token={SECRET}4"),
+            ("Link", f'<https://host/?page=2&access_token={SECRET}5>; rel="next"'),
+        ]
+    )
+    assert SECRET not in json.dumps(headers), headers
+    message = redact_text(f"failed: 'mailto:x' and http://u:{SECRET}@h/\x1b[2J\u202e")
+    assert SECRET not in message and "\x1b" not in message and "\u202e" not in message
