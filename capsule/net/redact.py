@@ -21,14 +21,15 @@ import re
 import threading
 from collections.abc import Iterable
 from functools import lru_cache
-from itertools import islice
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 REDACTED = "[redacted]"
 #: Shorter values are not replaced where they appear, only where they stand.
 MIN_SECRET_CHARS = 8
-#: Credentials of requests a run remembers (beyond: redacted in their own request only).
+#: Credentials of requests a run remembers, and the longest (beyond: redacted in
+#: their own exchange only).
 MAX_LEARNED = 64
+MAX_LEARNED_CHARS = 4096
 
 _SENSITIVE_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "set-cookie2"}
@@ -173,8 +174,9 @@ class KnownSecrets:
             known = self._known
             new = {value for value in credentials if _long_enough(value)} - known.values
             room = MAX_LEARNED - (len(known.values) - len(self.granted.values))
-            if new and room > 0:
-                known = self._known = known.union(islice(new, room))
+            kept = [value for value in new if len(value) <= MAX_LEARNED_CHARS][: max(room, 0)]
+            if kept:
+                known = self._known = known.union(kept)
         return known if new <= known.values else known.union(new)
 
 

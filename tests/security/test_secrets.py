@@ -516,7 +516,7 @@ def test_a_granted_value_that_is_not_utf8_is_redacted_in_bodies() -> None:
 
 
 def test_what_a_run_learns_is_bounded() -> None:
-    from capsule.net.redact import MAX_LEARNED, KnownSecrets
+    from capsule.net.redact import MAX_LEARNED, MAX_LEARNED_CHARS, KnownSecrets
 
     known = KnownSecrets(["granted-value-1"])
     for number in range(MAX_LEARNED * 3):
@@ -524,6 +524,10 @@ def test_what_a_run_learns_is_bounded() -> None:
         assert f"credential-{number:04}" in secrets.values  # redacted in its own request
     assert len(known.learn(frozenset()).values) == MAX_LEARNED + 1
     assert "granted-value-1" in known.learn(frozenset()).values
+    huge = "h" * (MAX_LEARNED_CHARS + 1)
+    fresh = KnownSecrets([])
+    assert huge in fresh.learn(frozenset({huge})).values
+    assert fresh.learn(frozenset()).values == frozenset()
 
 
 @pytest.mark.parametrize(
