@@ -443,6 +443,7 @@ def test_a_client_that_fails_to_start_is_reported_by_the_request_not_the_warm_up
     import threading
 
     from capsule.net import http
+    from capsule.net.redact import NO_SECRETS
 
     def broken() -> Any:
         raise ImportError("no httpx here")
@@ -454,7 +455,7 @@ def test_a_client_that_fails_to_start_is_reported_by_the_request_not_the_warm_up
     assert "Traceback" not in capfd.readouterr().err
     request = http.HttpRequest("GET", "http://127.0.0.1:9/", [], b"", 5.0)
     with pytest.raises(ImportError, match="no httpx here"):
-        client.start(request, lambda _: True)
+        client.start(request, lambda _: True, NO_SECRETS)
     client.close()
     names = {thread.name for thread in threading.enumerate()}
     assert not {"capsule-http", "capsule-http-start"} & names, names

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
-from capsule.net.http import HttpClient, HttpFailure, HttpRequest
-from capsule.net.redact import redact_response_json, redact_url
+from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse
+from capsule.net.redact import redact_url
 from capsule.sandbox import guest_data
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
@@ -227,7 +227,10 @@ class Run:
         self._output_failed = False
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants or {}
-        self._http = HttpClient(self.settings.max_response_bytes)
+        self._http = HttpClient(
+            self.settings.max_response_bytes,
+            granted=[value for task in self.grants.values() for value in task.env.values()],
+        )
         if any(task_grants.hosts for task_grants in self.grants.values()):
             self._http.warm_up()  # some task may make requests: ready for the first
         self._history = history
@@ -1255,29 +1258,33 @@ class Run:
 
     def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         attempt = self._attempts[caller]
+        known = self._http.secrets
         try:
             request = HttpRequest.from_json(request_json)
         except HttpFailure as exc:
-            refusal = (False, exc.to_json())
+            refusal = (False, exc.redacted(known.granted).to_json())
             # Recorded by its digest: a malformed request may still carry secrets.
             digest = hashlib.sha256(request_json.encode()).hexdigest()
             return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: refusal)
+        secrets = known.learn(request.credentials)
+        # The response, for its journaled form (made only if it is journaled).
+        received: list[HttpResponse] = []
 
         def perform() -> tuple[bool, str]:
             started = time.monotonic()
-            future = self._http.start(request, caller.grants.allows)
+            future = self._http.start(request, caller.grants.allows, secrets)
             future.add_done_callback(lambda _: attempt.wake())
             if not self._block(attempt, future.done, None, "http"):
                 future.cancel()  # the caller must stop; the request is abandoned
                 return False, "{}"
             status: int | None = None
             error_kind: str | None = None
-            received = 0
             try:
                 response = future.result()
-                status, received = response.status, len(response.body)
+                received.append(response)
+                status = response.status
                 answer = True, response.to_json()
-            except HttpFailure as exc:
+            except HttpFailure as exc:  # (its message redacted by the client)
                 error_kind = exc.kind
                 answer = False, exc.to_json()
             self._output_shown(caller.task_id)
@@ -1285,24 +1292,27 @@ class Run:
                 HttpExchange(
                     **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
                     method=request.method,
-                    url=redact_url(request.url),
+                    url=redact_url(request.url, secrets),
                     status=status,
                     error_kind=error_kind,
                     duration_ms=(time.monotonic() - started) * 1000,
                     request_bytes=len(request.body),
-                    response_bytes=received,
+                    response_bytes=len(received[0].body) if received else 0,
                 )
             )
             return answer
+
+        def for_journal(answer: str) -> str:
+            return received[0].journal_json(secrets) if received else answer
 
         # Durable: once a request has been sent, a crash must not send it again.
         return self._step(
             caller,
             "http",
-            request.journal_form(),
+            request.journal_form(known.granted),
             perform,
             durable=True,
-            for_journal=redact_response_json,
+            for_journal=for_journal,
         )
 
     # -- time and randomness: journaled, so that a replay sees the same --------
