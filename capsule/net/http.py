@@ -25,7 +25,9 @@ from capsule.net.redact import (
     redact_text,
     redact_url,
 )
+from capsule.sandbox import guest_data
 from capsule.sandbox.grants import url_parts
+from capsule.sandbox.guest_data import ProtocolError
 
 if TYPE_CHECKING:  # imported when the first request starts: most runs make none
     import httpx
@@ -125,8 +127,8 @@ class HttpRequest:
         if len(text) > MAX_REQUEST_JSON_CHARS:
             raise _invalid(f"the request is larger than {MAX_REQUEST_JSON_CHARS:,} characters")
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
+            data = guest_data.json_value(text, "the request")
+        except ProtocolError:  # (strict: no NaN, lone surrogates or deep nesting)
             raise _invalid("the request is not JSON") from None
         if not isinstance(data, dict):
             raise _invalid("the request is not a JSON object")
