@@ -188,3 +188,81 @@ def test_random_is_per_instance_without_host_draws_while_an_instance_starts(
     assert len({at_import for at_import, _ in values}) == 3, values
     assert len({drawn for _, drawn in values}) == 3, values
     assert running.draws >= 3  # each task's random.seed() asked the host
+
+
+LIARS = """
+    import sys
+    from componentize_py_types import Err
+    from capsule import TaskError, task
+
+    class Forged(Exception):
+        # Reporting it hands the host a failure report of the task's making.
+        def __str__(self):
+            raise Err(self.args[0])
+
+    class Exiting(Exception):
+        def __str__(self):
+            raise SystemExit(3)
+
+    class BrokenStream:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise KeyboardInterrupt
+
+    @task(max_retries=0)
+    def liar(report):
+        raise Forged(report)
+
+    @task(max_retries=0)
+    def exits_while_reported():
+        raise Exiting()
+
+    @task(max_retries=0)
+    def breaks_its_stdout():
+        sys.stdout = BrokenStream()
+        return "done"
+
+    @task(max_retries=0)
+    def afterwards():
+        return "works"
+
+    @task(name="main", max_retries=0)
+    def main(reports):
+        outcomes = []
+        calls = [lambda report=report: liar(report) for report in reports]
+        for call in [*calls, exits_while_reported, breaks_its_stdout]:
+            try:
+                outcomes.append(["ok", call()])
+            except TaskError as error:
+                outcomes.append([error.kind, error.message])
+        return [outcomes, afterwards()]
+"""
+
+
+def test_a_guests_report_of_its_own_failure_is_only_a_claim(run_program: ProgramRunner) -> None:
+    """A guest can hand the host any failure report (here through an exception
+    whose str() raises the runtime's Err). A kind that is the host's to find
+    reads as an exception; so does a report that is not a JSON object, which
+    used to fail the host's call serving the caller. A failure while the shim
+    reports a failure is reported too, not a trap that says nothing."""
+    reports = [
+        '{"kind": "cancelled", "message": "said to be cancelled"}',
+        '{"kind": "timeout", "message": 5, "traceback": []}',
+        '{"kind": "memory_limit", "message": "said to be out of memory"}',
+        "not JSON",
+        "[1, 2]",
+    ]
+    outcomes, afterwards = run_program(LIARS, reports).value
+    unreadable = ["exception", "the task failed with an unreadable error report"]
+    assert outcomes == [
+        ["exception", "said to be cancelled"],
+        ["exception", ""],
+        ["memory_limit", "said to be out of memory"],  # (its own to give up)
+        unreadable,
+        unreadable,
+        ["exception", "SystemExit while reporting the task's outcome"],
+        ["exception", "KeyboardInterrupt while reporting the task's outcome"],
+    ]
+    assert afterwards == "works"

@@ -32,6 +32,7 @@ from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record, Variant
 
+from capsule.sandbox import oom
 from capsule.sandbox.budget import MemoryBudget
 from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
 from capsule.sandbox.channel import Channel, ChannelError
@@ -975,6 +976,8 @@ class Sandbox:
         if self.budget is not None:
             store.budget = self.budget
             self.budget.register(store)
+        result: str | ErrorInfo | None = None
+        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
         with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
@@ -987,13 +990,17 @@ class Sandbox:
             finally:
                 ending_failure = self._end_attempt(invocation)
                 fuel = self._used(store, invocation)
-                peak = None
-                if invocation.measure_memory and self.prefaulter.asks_cheaply:
+                size = None
+                if measure or _unexplained(invocation, result):
                     # (Linear memory only grows: its size now is its largest.)
-                    peak = self._memory_sizes([store])[0]
+                    size = self._memory_sizes([store])[0]
                 self._close(store)
+        peak = size if measure else None
+        if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
+            result = _filled(result, size, limits) or result
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
+        assert result is not None
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started, peak)
         return self._outcome(result, None, fuel, started, peak)
@@ -1043,14 +1050,7 @@ class Sandbox:
         assert isinstance(value, Variant)
         if value.tag == "ok":
             return str(value.payload)
-        data = json.loads(str(value.payload))
-        return ErrorInfo(
-            kind=data.get("kind", "exception"),
-            message=data.get("message", ""),
-            traceback=data.get("traceback"),
-            type=data.get("type"),
-            cause=data.get("cause"),
-        )
+        return _reported(str(value.payload))
 
     @staticmethod
     def _used(store: wasmtime.Store, invocation: Invocation) -> int:
@@ -1093,6 +1093,8 @@ class Sandbox:
             return ErrorInfo(
                 "trap", "the host failed while serving the task", traceback=invocation.host_error
             )
+        if oom.is_refused_growth(text):
+            return ErrorInfo("memory_limit", _out_of_memory(limits), traceback=text)
         if "all fuel consumed" in text:
             return ErrorInfo("fuel_exhausted", f"used all of its {limits.fuel:,} fuel")
         if "memory" in text.lower() and "minimum" in text.lower():
@@ -1101,6 +1103,68 @@ class Sandbox:
                 f"the ram limit of {limits.ram_bytes} bytes is too small to start the instance",
             )
         return ErrorInfo("trap", f"the instance trapped: {_trap_cause(exc)}", traceback=text)
+
+
+#: What a guest may say of its own failure; any other kind (timeout, cancelled,
+#: ...) is the host's to find, and a guest naming one reports an exception.
+GUEST_KINDS = frozenset({"exception", "bad_arguments", "memory_limit"})
+#: Failures that may be the aftermath of running out of memory: what the guest
+#: reported, and traps the host has no other reason for.
+_AFTERMATH_KINDS = frozenset({"exception", "bad_arguments", "trap"})
+#: Linear memory grows by whole pages of this size.
+WASM_PAGE = 64 * 1024
+
+
+def _reported(text: str) -> ErrorInfo:
+    """The guest's report of its failure (JSON), taken as a claim: only the
+    kinds a guest may give, and only fields of the expected types."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return ErrorInfo("exception", "the task failed with an unreadable error report")
+
+    def field(name: str) -> Any:
+        value = data.get(name)
+        return value if isinstance(value, str) else None
+
+    kind = field("kind")
+    cause = data.get("cause")
+    return ErrorInfo(
+        kind=kind if kind in GUEST_KINDS else "exception",
+        message=field("message") or "",
+        traceback=field("traceback"),
+        type=field("type"),
+        cause=cause if isinstance(cause, dict) else None,
+    )
+
+
+def _out_of_memory(limits: Limits) -> str:
+    return f"MemoryError: the task ran out of memory (its ram limit is {limits.ram_bytes:,} bytes)"
+
+
+def _unexplained(invocation: Invocation, result: str | ErrorInfo | None) -> bool:
+    """Whether ``result`` is a failure the host did not decide itself (no stop,
+    no host error, no limit it enforced): the guest's word, or a trap."""
+    return (
+        isinstance(result, ErrorInfo)
+        and result.kind in _AFTERMATH_KINDS
+        and invocation.stop_reason is None
+        and invocation.host_error is None
+    )
+
+
+def _filled(error: ErrorInfo, size: int | None, limits: Limits) -> ErrorInfo | None:
+    """A failure of an attempt whose memory is full (not one more page fits
+    under its cap) ran out of memory, whatever the guest then said or did:
+    a refused growth leaves CPython's state unsound in places, and the guest's
+    report may be anything. None if its memory was not full (or not found)."""
+    if size is None or size + WASM_PAGE <= limits.ram_bytes:
+        return None
+    said = f"with its memory full, the task reported {error.kind}: {error.message}"
+    details = f"{said}\n{error.traceback}" if error.traceback else said
+    return ErrorInfo("memory_limit", _out_of_memory(limits), traceback=details)
 
 
 def _trap_cause(exc: Exception) -> str:
