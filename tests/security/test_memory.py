@@ -291,3 +291,46 @@ def test_running_out_of_memory_while_importing_the_program(run_program: ProgramR
     )
     error = outcome.report.usage_error or ""
     assert "importing the program failed (memory_limit)" in error, outcome.report
+
+
+LOWERING = """
+    from capsule import TaskError, task
+
+    @task(max_retries=0, ram="256MB", compute="HIGH")
+    def producer(size):
+        return "q" * size
+
+    @task(max_retries=0, ram="32MB", compute="HIGH")
+    def takes_a_result(size):
+        return len(producer(size))
+
+    @task(max_retries=0, ram="32MB", compute="HIGH")
+    def takes_arguments(text):
+        return len(text)
+
+    @task(max_retries=0)
+    def afterwards():
+        return "works"
+
+    @task(name="main", max_retries=0, ram="256MB", compute="HIGH")
+    def main(size):
+        outcomes = []
+        for call in (lambda: takes_a_result(size), lambda: takes_arguments("a" * size)):
+            try:
+                outcomes.append(["ok", call()])
+            except TaskError as error:
+                outcomes.append([error.kind, error.message])
+        return [outcomes, afterwards()]
+"""
+
+
+def test_a_host_answer_too_large_for_the_task_s_memory(run_program: ProgramRunner) -> None:
+    """What the host hands a task (a child's result, its own arguments) is
+    copied into its memory by the runtime's allocator; when that cannot grow,
+    the task ran out of memory. (Carrying on from that failed allocation,
+    the runtime went on to trap on an out-of-bounds table access.)"""
+    outcomes, afterwards = run_program(LOWERING, 12_000_000).value
+    for kind, message in outcomes:
+        assert kind == "memory_limit", (kind, message)
+        assert message.startswith("MemoryError: the task ran out of memory"), message
+    assert afterwards == "works"
