@@ -188,3 +188,86 @@ def test_random_is_per_instance_without_host_draws_while_an_instance_starts(
     assert len({at_import for at_import, _ in values}) == 3, values
     assert len({drawn for _, drawn in values}) == 3, values
     assert running.draws >= 3  # each task's random.seed() asked the host
+
+
+LIARS = """
+    import sys
+    from componentize_py_types import Err
+    from wit_world.exports.runner import Failure
+    from capsule import TaskError, task
+
+    class Forged(Exception):
+        # Reporting it hands the host a failure report of the task's making.
+        def __str__(self):
+            if isinstance(self.args[0], str):
+                raise Err(self.args[0])  # (not even a failure record)
+            kind, message = self.args[0]
+            raise Err(Failure(kind=kind, message=message, type=None, traceback=None, cause=None))
+
+    class Exiting(Exception):
+        def __str__(self):
+            raise SystemExit(3)
+
+    class BrokenStream:
+        def write(self, text):
+            return len(text)
+
+        def flush(self):
+            raise KeyboardInterrupt
+
+    @task(max_retries=0)
+    def liar(report):
+        raise Forged(report)
+
+    @task(max_retries=0)
+    def exits_while_reported():
+        raise Exiting()
+
+    @task(max_retries=0)
+    def breaks_its_stdout():
+        sys.stdout = BrokenStream()
+        return "done"
+
+    @task(max_retries=0)
+    def afterwards():
+        return "works"
+
+    @task(name="main", max_retries=0)
+    def main(reports):
+        outcomes = []
+        calls = [lambda report=report: liar(report) for report in reports]
+        for call in [*calls, exits_while_reported, breaks_its_stdout]:
+            try:
+                outcomes.append(["ok", call()])
+            except TaskError as error:
+                outcomes.append([error.kind, error.message])
+        return [outcomes, afterwards()]
+"""
+
+
+def test_a_guests_report_of_its_own_failure_is_only_a_claim(run_program: ProgramRunner) -> None:
+    """A guest can hand the host any failure report (here through an exception
+    whose str() raises the runtime's Err). A kind that is the host's to find
+    is a protocol failure; a report that is not a failure record cannot cross
+    (the attempt traps). A failure while the shim reports a failure is
+    reported too, not a trap that says nothing."""
+    reports = [
+        ["cancelled", "said to be cancelled"],
+        ["timeout", "said to be late"],
+        ["memory_limit", "said to be out of memory"],
+        "not a failure record",
+    ]
+    outcomes, afterwards = run_program(LIARS, reports).value
+    assert outcomes[:3] == [
+        ["protocol", "the task reported a failure of kind 'cancelled'; a task may report "
+         "only bad_arguments, exception, memory_limit"],
+        ["protocol", "the task reported a failure of kind 'timeout'; a task may report "
+         "only bad_arguments, exception, memory_limit"],
+        ["memory_limit", "said to be out of memory"],  # (its own to give up)
+    ]  # fmt: skip
+    assert outcomes[3][0] == "trap", outcomes[3]
+    assert outcomes[4:] == [
+        ["exception", "SystemExit while reporting the task's outcome"],
+        ["exception", "KeyboardInterrupt while reporting the task's outcome"],
+    ]
+    assert afterwards == "works"

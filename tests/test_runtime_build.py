@@ -35,6 +35,11 @@ def test_cache_key_covers_sources_versions_and_engine(
 
     monkeypatch.setattr(runtime, "_version", lambda dist: "9.9.9")
     assert runtime.cache_key("settings-a") != base
+    monkeypatch.undo()
+
+    # A runtime built without the current patches to its binary is rebuilt.
+    monkeypatch.setattr(runtime.oom, "PATCH_VERSION", "another")
+    assert runtime.cache_key("settings-a") != base
 
 
 def test_capsule_home_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

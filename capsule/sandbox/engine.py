@@ -32,7 +32,7 @@ from wasmtime import _bindings
 from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record
 
-from capsule.sandbox import guest_data
+from capsule.sandbox import guest_data, oom
 from capsule.sandbox.budget import MemoryBudget
 from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
 from capsule.sandbox.channel import Channel, ChannelError
@@ -1073,6 +1073,8 @@ class Sandbox:
         if self.budget is not None:
             store.budget = self.budget
             self.budget.register(store)
+        result: str | ErrorInfo | None = None
+        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
         with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
@@ -1088,13 +1090,17 @@ class Sandbox:
             finally:
                 ending_failure = self._end_attempt(invocation)
                 fuel = self._used(store, invocation)
-                peak = None
-                if invocation.measure_memory and self.prefaulter.asks_cheaply:
+                size = None
+                if measure or _unexplained(invocation, result):
                     # (Linear memory only grows: its size now is its largest.)
-                    peak = self._memory_sizes([store])[0]
+                    size = self._memory_sizes([store])[0]
                 self._close(store)
+        peak = size if measure else None
+        if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
+            result = _filled(result, size, limits) or result
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
+        assert result is not None
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started, peak)
         return self._outcome(result, None, fuel, started, peak)
@@ -1192,6 +1198,8 @@ class Sandbox:
             return ErrorInfo(
                 "trap", "the host failed while serving the task", traceback=invocation.host_error
             )
+        if oom.is_refused_growth(text):
+            return ErrorInfo("memory_limit", _out_of_memory(limits), traceback=text)
         if "all fuel consumed" in text:
             return ErrorInfo("fuel_exhausted", f"used all of its {limits.fuel:,} fuel")
         if "memory" in text.lower() and "minimum" in text.lower():
@@ -1247,6 +1255,41 @@ def _checked_result(invocation: Invocation, text: str) -> str | ErrorInfo:
         return guest_data.json_text(text, f"the result of task {invocation.task!r}")
     except ProtocolError as exc:
         return ErrorInfo("protocol", str(exc))
+
+
+#: Failures that may be the aftermath of running out of memory: what the guest
+#: reported (or claimed, or returned malformed), and traps the host has no
+#: other reason for.
+_AFTERMATH_KINDS = frozenset({"exception", "bad_arguments", "trap", "protocol"})
+#: Linear memory grows by whole pages of this size.
+WASM_PAGE = 64 * 1024
+
+
+def _out_of_memory(limits: Limits) -> str:
+    return f"MemoryError: the task ran out of memory (its ram limit is {limits.ram_bytes:,} bytes)"
+
+
+def _unexplained(invocation: Invocation, result: str | ErrorInfo | None) -> bool:
+    """Whether ``result`` is a failure the host did not decide itself (no stop,
+    no host error, no limit it enforced): the guest's word, or a trap."""
+    return (
+        isinstance(result, ErrorInfo)
+        and result.kind in _AFTERMATH_KINDS
+        and invocation.stop_reason is None
+        and invocation.host_error is None
+    )
+
+
+def _filled(error: ErrorInfo, size: int | None, limits: Limits) -> ErrorInfo | None:
+    """A failure of an attempt whose memory is full (not one more page fits
+    under its cap) ran out of memory, whatever the guest then said or did:
+    a refused growth leaves CPython's state unsound in places, and the guest's
+    report may be anything. None if its memory was not full (or not found)."""
+    if size is None or size + WASM_PAGE <= limits.ram_bytes:
+        return None
+    said = f"with its memory full, the task reported {error.kind}: {error.message}"
+    details = f"{said}\n{error.traceback}" if error.traceback else said
+    return ErrorInfo("memory_limit", _out_of_memory(limits), traceback=details)
 
 
 def _trap_cause(exc: Exception) -> str:

@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
+from capsule.sandbox import oom
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
 GUEST_APP = "capsule_guest"
 WORLD = "task-runtime"
@@ -97,6 +99,7 @@ def cache_key(engine_settings: str) -> str:
     digest.update(f"componentize-py={_version('componentize-py')}\0".encode())
     digest.update(f"wasmtime={_version('wasmtime')}\0".encode())
     digest.update(f"engine={engine_settings}\0".encode())
+    digest.update(f"patches={oom.PATCH_VERSION}\0".encode())
     return digest.hexdigest()[:24]
 
 
@@ -183,6 +186,19 @@ def _componentize(staging: Path, output: Path) -> None:
         )
 
 
+def _patch_refused_growth(component: Path, progress: Progress) -> None:
+    """Make a refused memory growth trap where the host can tell (see oom.py)."""
+    patched = oom.patch_refused_growth(component.read_bytes())
+    if patched is None:
+        # (The host then tells from the memory's size alone, less surely.)
+        progress.stream.write(
+            "capsule: warning: the guest runtime's sbrk is not of the expected shape; "
+            "running out of memory is reported less reliably\n"
+        )
+        return
+    component.write_bytes(patched)
+
+
 def ensure_runtime(
     engine: object, engine_settings: str, progress: Progress | None = None
 ) -> RuntimeArtifacts:
@@ -223,6 +239,7 @@ def ensure_runtime(
             out.mkdir()
             with progress.step("componentize-py: CPython + Capsule SDK -> component"):
                 _componentize(staging, out / COMPONENT_FILE)
+            _patch_refused_growth(out / COMPONENT_FILE, progress)
             with progress.step("compiling the component to native code (Cranelift)"):
                 component = Component.from_file(engine, str(out / COMPONENT_FILE))  # type: ignore[arg-type]
                 (out / COMPILED_FILE).write_bytes(bytes(component.serialize()))

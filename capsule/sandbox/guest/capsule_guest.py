@@ -357,6 +357,38 @@ def _failure(task: str, exc: BaseException) -> Err:
     return _error("exception", task, exc)
 
 
+#: What an export raises when even its failure cannot be reported: made here,
+#: so that raising them needs next to no memory.
+_OUT_OF_MEMORY = _err("memory_limit", "MemoryError: the task ran out of memory")
+_UNREPORTABLE = _err("exception", "the task failed, and so did reporting how")
+
+
+def _fails_with_err(export):
+    """An export that fails only with an Err. Anything else escaping it (a
+    failure while reporting a failure or serialising a result: a str() or
+    flush() that raises, memory running out) panics the runtime, and the task
+    would end in a trap that says nothing of why."""
+
+    def guarded(self, *args):
+        try:
+            return export(self, *args)
+        except Err:
+            raise
+        except MemoryError:
+            raise _OUT_OF_MEMORY from None
+        except BaseException as exc:
+            try:
+                error = _error(
+                    "exception", "?", exc,
+                    f"{type(exc).__name__} while reporting the task's outcome",
+                )
+            except BaseException:
+                error = _UNREPORTABLE
+            raise error from None
+
+    return guarded
+
+
 def _payload(name, args, kwargs) -> str:
     try:
         return _dumps({"args": list(args), "kwargs": kwargs})
@@ -653,6 +685,7 @@ def _keep_marker(marker_hex):
 
 
 class Runner(exports.Runner):
+    @_fails_with_err
     def load(self, program) -> str:
         global _program
         name, source = program.name, program.source
@@ -689,6 +722,7 @@ class Runner(exports.Runner):
         ]
         return '{%s, "tasks": %s}' % (layout, json.dumps(declared))
 
+    @_fails_with_err
     def run(self, invocation_json: str) -> str:
         inv = _loads(invocation_json)
         name = inv["task"]
