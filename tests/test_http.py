@@ -459,3 +459,54 @@ def test_a_client_that_fails_to_start_is_reported_by_the_request_not_the_warm_up
     client.close()
     names = {thread.name for thread in threading.enumerate()}
     assert not {"capsule-http", "capsule-http-start"} & names, names
+
+
+def test_what_an_exchange_in_flight_holds_is_counted_as_it_arrives() -> None:
+    """The run's memory budget counts a task's HTTP exchange with its memory:
+    the request's body, and the response's as it streams in (a real server
+    that sends half a body, then waits)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from capsule.net import http
+    from capsule.net.redact import NO_SECRETS
+
+    half_sent, finish = threading.Event(), threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(2 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * (1 << 20))
+            self.wfile.flush()
+            half_sent.set()
+            finish.wait(30)
+            self.wfile.write(b"y" * (1 << 20))
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    client = http.HttpClient(16 << 20)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        request = http.HttpRequest("POST", url, [], b"z" * 5000, 30.0)
+        held = http.Transfer()
+        future = client.start(request, lambda _: True, NO_SECRETS, held)
+        assert half_sent.wait(30)
+        deadline = time.monotonic() + 30
+        while held.bytes < 5000 + (1 << 20) and time.monotonic() < deadline:
+            time.sleep(0.01)  # (the client reads what was sent: a poll, not a timing)
+        assert held.bytes >= 5000 + (1 << 20), held.bytes
+        finish.set()
+        assert len(future.result(30).body) == 2 << 20
+        assert held.bytes == 5000 + (2 << 20)
+    finally:
+        finish.set()
+        client.close()
+        server.shutdown()
+        server.server_close()

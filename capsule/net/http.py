@@ -283,6 +283,14 @@ class HttpResponse:
         return json.dumps({"status": self.status, "url": url, "headers": headers, "body": body})
 
 
+@dataclass
+class Transfer:
+    """What an exchange in flight makes the host hold: the request's body and
+    the response's so far (the run's memory budget counts it for the task)."""
+
+    bytes: int = 0
+
+
 #: Whether a URL may be requested (raises ValueError for one that is not http(s)).
 HostCheck = Callable[[str], bool]
 
@@ -352,22 +360,30 @@ class HttpClient:
             self._portal_cm.__exit__(None, None, None)
 
     def start(
-        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets
+        self,
+        request: HttpRequest,
+        allowed: HostCheck,
+        secrets: Secrets,
+        held: Transfer | None = None,
     ) -> Future[HttpResponse]:
         """Begin a request on the client's loop; cancel the future to abort it.
-        A failure's message has ``secrets`` (and what redact_text finds) redacted."""
-        return self._started().start_task_soon(self._perform, request, allowed, secrets)
+        A failure's message has ``secrets`` (and what redact_text finds) redacted.
+        ``held`` counts what the exchange makes the host hold meanwhile."""
+        return self._started().start_task_soon(
+            self._perform, request, allowed, secrets, held or Transfer()
+        )
 
     async def _perform(
-        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets
+        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets, held: Transfer
     ) -> HttpResponse:
+        held.bytes = len(request.body)
         try:
-            return await self._exchange(request, allowed, secrets)
+            return await self._exchange(request, allowed, secrets, held)
         except HttpFailure as failure:
             raise failure.redacted(secrets) from None
 
     async def _exchange(
-        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets
+        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets, held: Transfer
     ) -> HttpResponse:
         import anyio
         import httpx
@@ -393,7 +409,7 @@ class HttpClient:
                                         del next_request.headers[name]
                             outgoing = next_request
                             continue
-                        body = await self._read(response, request, shown)
+                        body = await self._read(response, request, shown, held)
                         return HttpResponse(
                             response.status_code,
                             str(response.url),
@@ -419,7 +435,9 @@ class HttpClient:
                 "connection_failed", f"{request.method} {shown} failed: {type(exc).__name__}: {exc}"
             ) from None
 
-    async def _read(self, response: httpx.Response, request: HttpRequest, shown: str) -> bytes:
+    async def _read(
+        self, response: httpx.Response, request: HttpRequest, shown: str, held: Transfer
+    ) -> bytes:
         declared = response.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_response_bytes:
             raise _too_large(request, shown, self.max_response_bytes)
@@ -430,6 +448,7 @@ class HttpClient:
             if size > self.max_response_bytes:
                 raise _too_large(request, shown, self.max_response_bytes)
             chunks.append(chunk)
+            held.bytes = len(request.body) + size
         return b"".join(chunks)
 
 

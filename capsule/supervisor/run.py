@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
-from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse
+from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import redact_url
 from capsule.sandbox import guest_data
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
@@ -784,9 +784,16 @@ class Run:
         self._wake_all()
 
     def held_bytes(self, invocation: Invocation) -> int:
-        # Its mailbox (dropped when it ends) and its output waiting to be shown.
+        # Its mailbox (dropped when it ends), its output waiting to be shown
+        # and its HTTP exchange in flight.
         task_id = invocation.task_id
-        return self._router.queued_bytes_for(task_id) + self._unshown.get(task_id, 0)
+        attempt = self._attempts.get(invocation)
+        transfer = None if attempt is None else attempt.transfer
+        return (
+            self._router.queued_bytes_for(task_id)
+            + self._unshown.get(task_id, 0)
+            + (0 if transfer is None else transfer.bytes)
+        )
 
     def _wake_all(self) -> None:
         """Wake every blocked task that must now stop."""
@@ -1272,11 +1279,15 @@ class Run:
 
         def perform() -> tuple[bool, str]:
             started = time.monotonic()
-            future = self._http.start(request, caller.grants.allows, secrets)
+            attempt.transfer = Transfer()
+            future = self._http.start(request, caller.grants.allows, secrets, attempt.transfer)
             future.add_done_callback(lambda _: attempt.wake())
-            if not self._block(attempt, future.done, None, "http"):
-                future.cancel()  # the caller must stop; the request is abandoned
-                return False, "{}"
+            try:
+                if not self._block(attempt, future.done, None, "http"):
+                    future.cancel()  # the caller must stop; the request is abandoned
+                    return False, "{}"
+            finally:
+                attempt.transfer = None
             status: int | None = None
             error_kind: str | None = None
             try:

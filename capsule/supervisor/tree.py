@@ -18,6 +18,7 @@ from capsule.supervisor.events import ErrorDetail
 
 if TYPE_CHECKING:
     from capsule.actors.router import Message
+    from capsule.net.http import Transfer
     from capsule.supervisor.steps import Step
 
 
@@ -103,6 +104,8 @@ class Attempt:
     recorded: int = 0
     #: How much of that the run's total counts already (see Run._count_recorded).
     recorded_counted: int = 0
+    #: Its HTTP exchange in flight, if any (what the host holds for it).
+    transfer: Transfer | None = None
     #: Room reserved for its messages in targets' mailboxes, by target as the
     #: guest names it: [target id, places left, places given] (see MessageCalls.send).
     credit: dict[str, list[Any]] = field(default_factory=dict)
