@@ -128,8 +128,8 @@ class HttpRequest:
             raise _invalid(f"the request is larger than {MAX_REQUEST_JSON_CHARS:,} characters")
         try:
             data = guest_data.json_value(text, "the request")
-        except ProtocolError:  # (strict: no NaN, lone surrogates or deep nesting)
-            raise _invalid("the request is not JSON") from None
+        except ProtocolError as exc:  # (says where, never quotes what)
+            raise _invalid(str(exc)) from None
         if not isinstance(data, dict):
             raise _invalid("the request is not a JSON object")
         if not data.keys() <= _FIELDS:

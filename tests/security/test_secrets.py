@@ -533,14 +533,14 @@ def test_what_a_run_learns_is_bounded() -> None:
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("[" * 100_000, "not JSON"),
+        ("[" * 100_000, "deeper than 200 levels"),
         ('{"method": "GET", "url": "http://h/", "timeout_s": 1' + "0" * 400 + "}", "timeout_s"),
-        ('{"method": "GET", "url": "http://h/", "timeout_s": NaN}', "timeout_s"),
+        ('{"method": "GET", "url": "http://h/", "timeout_s": NaN}', "not valid JSON"),
         ('{"method": "GET", "url": "http://h/", "timeout_s": true}', "timeout_s"),
         ('{"method": "GET", "url": "http://h/", "timeout_s": "SECRET-1"}', "timeout_s"),
         ('{"method": "SECRET-1", "url": "http://h/"}', "method"),
         ('{"method": "GET", "url": ["SECRET-1"]}', "URL"),
-        ('{"method": "GET", "url": "http://h/\\ud800SECRET-1"}', "Unicode"),
+        ('{"method": "GET", "url": "http://h/\\ud800SECRET-1"}', "lone surrogate"),
         ('{"method": "GET", "url": "http://h/", "SECRET-1": 1}', "fields"),
         ('{"method": "GET", "url": "http://h/", "body": "SECRET-1!"}', "base64"),
         ('{"method": "GET", "url": "http://h/", "headers": {"a": "SECRET-1"}}', "list"),
