@@ -1,0 +1,68 @@
+"""Compare two checkouts of Capsule on one benchmark program, in alternating pairs.
+
+These machines are noisy: a figure measured an hour apart moves by 20-40%. So
+the two sides run back to back, A then B then A..., each as `capsule run` of the
+same program (its JSON result's figures), and the medians are compared.
+
+    python3 benchmarks/ab.py OTHER_CHECKOUT --pairs 8 messages.py 20000
+
+OTHER_CHECKOUT is another working tree of the repository (``git worktree add
+../base <commit>``); this one is B. Each side builds its own guest runtime on
+first use, before the pairs start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def run(checkout: Path, program: Path, args: list[str]) -> dict[str, Any]:
+    """One `capsule run` of ``program`` with ``checkout``'s Capsule: its result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "run", "--json", str(program), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(checkout)},
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{checkout}: capsule run failed ({done.returncode}):\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)["result"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("other", type=Path, help="checkout A (this one is B)")
+    parser.add_argument("program", help="a program in benchmarks/programs")
+    parser.add_argument("args", nargs="*", help="its arguments")
+    parser.add_argument("--pairs", type=int, default=8)
+    options = parser.parse_args()
+    program = HERE / "programs" / options.program
+    sides = {"A": options.other.resolve(), "B": REPO}
+    for checkout in sides.values():  # builds (or finds) each side's runtime first
+        run(checkout, program, options.args)
+    figures: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
+    for pair in range(options.pairs):
+        order = ("A", "B") if pair % 2 == 0 else ("B", "A")
+        for side in order:
+            for name, value in run(sides[side], program, options.args).items():
+                figures[side].setdefault(name, []).append(float(value))
+    print(f"A = {sides['A']}\nB = {sides['B']}\n{options.pairs} pairs of {options.program}")
+    for name in figures["A"]:
+        a, b = statistics.median(figures["A"][name]), statistics.median(figures["B"][name])
+        print(f"  {name}: A {a:,.1f}  B {b:,.1f}  (B/A {b / a:.3f})")
+
+
+if __name__ == "__main__":
+    main()
