@@ -274,3 +274,34 @@ def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     # The guest's own text is 40 MB; the runtime and the host ~200 MB.
     assert peak < 600 * MB, f"the host peaked at {peak / MB:,.0f} MB"
+
+
+def test_waiting_on_one_child_many_times_cannot_blow_up_the_answer(tmp_path: Path) -> None:
+    """The answer of a wait holds each id's outcome: a few KB of ids naming the
+    same child (with a 4 MB result) 200 times made an 800 MB answer, built in
+    the host's memory and journaled whole, past --max-task-output. Naming a
+    child twice is refused (the SDK never does)."""
+    program = write(
+        tmp_path,
+        """
+        import json
+        from capsule import task
+        from componentize_py_types import Err
+        from wit_world.imports import tasks
+
+        @task(name="child", compute="HIGH")
+        def child():
+            return "x" * (4 * 1024 * 1024)
+
+        @task(name="main", compute="HIGH", ram="2GB", timeout="120s", max_retries=0)
+        def main():
+            handle = child.spawn()
+            return len(tasks.wait(json.dumps([handle.id] * 200), None))
+        """,
+    )
+    done = capsule_cli("run", str(program), "--json", "--max-task-output", "2MB", cwd=tmp_path)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    envelope = json.loads(done.stdout)
+    assert envelope["error"]["kind"] == "protocol", envelope
+    assert "more than once" in envelope["error"]["message"]
+    assert journal_bytes(tmp_path) < 20 * MB
