@@ -214,7 +214,7 @@ class Run:
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity, self.settings.max_queued_bytes)
         if history is not None:
-            self._router.allow_early_replies(history.sent, history.replies)
+            self._router.allow_early_replies(history.asked, history.replies)
         self._steps: StepLog = steps or NoStepLog()
         #: Without a journal, steps are only counted: nothing is serialised.
         self._journaling = steps is not None and not isinstance(steps, NoStepLog)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import capsule_cli
+from tests.conftest import capsule_cli, kill_at_marker
 
 MB = 1024**2
 
@@ -338,3 +338,51 @@ def test_a_number_that_overflows_without_an_exponent_is_refused(tmp_path: Path) 
     inspected = capsule_cli("inspect", "--last", "--json", cwd=tmp_path)
     _strict_json(inspected.stdout)
     assert envelope["error"]["kind"] == "protocol", envelope  # type: ignore[index]
+
+
+def test_after_a_resume_only_the_task_asked_can_answer_an_ask(tmp_path: Path) -> None:
+    """Asks in flight when a run stopped may be answered, after the resume,
+    before the asker asks again (its replayer may be faster): such early
+    replies were taken from any task, a replayed reply step that had been
+    refused included. A task that guessed the ask's id (ids are
+    deterministic) answered in place of the task asked."""
+    write(
+        tmp_path,
+        """
+        from capsule import ask, receive, task
+        from componentize_py_types import Err
+        from wit_world.imports import messaging
+
+        @task(name="oracle", restart="temporary")
+        def oracle():
+            receive()
+            print("MARK oracle has the question", flush=True)
+            receive()  # never answers
+
+        @task(name="evil", restart="temporary")
+        def evil():
+            for number in range(1, 4):  # refused now; replayed after the resume
+                try:
+                    messaging.reply(f"main#{number}", '"forged"')
+                except Err:
+                    pass
+            receive()
+
+        @task(name="main", compute="HIGH", timeout="60s", max_retries=0)
+        def main():
+            evil.spawn()
+            target = oracle.spawn()
+            total = 0
+            for number in range(1_000_000):  # evil's replay comes first
+                total += number
+            try:
+                return ask(target, "question", timeout=2)
+            except Exception as error:
+                return f"no reply: {type(error).__name__}"
+        """,
+    )
+    printed, code = kill_at_marker(["run", "prog.py"], "MARK", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    done = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert "forged" not in done.stdout, done.stdout
+    assert done.stdout.startswith("no reply"), (done.stdout, done.stderr[-2000:])
