@@ -386,3 +386,49 @@ def test_after_a_resume_only_the_task_asked_can_answer_an_ask(tmp_path: Path) ->
     done = capsule_cli("resume", "--last", cwd=tmp_path)
     assert "forged" not in done.stdout, done.stdout
     assert done.stdout.startswith("no reply"), (done.stdout, done.stderr[-2000:])
+
+
+def test_a_task_cannot_register_under_another_tasks_id(tmp_path: Path) -> None:
+    """Targets are looked up as registered names first, then as task ids: a
+    child registered under the id of another task got every message sent to
+    that task, and answered its asks."""
+    program = write(
+        tmp_path,
+        """
+        import capsule
+        from capsule import ask, receive, send, task
+
+        @task(name="critic", restart="temporary")
+        def critic():
+            while True:
+                receive().reply("genuine review")
+
+        @task(name="impostor", restart="temporary")
+        def impostor():
+            while True:
+                message = receive()
+                if message.expects_reply:
+                    message.reply("forged review")
+
+        @task(name="evil", restart="temporary")
+        def evil(victim_id, parent_id):
+            try:
+                impostor.spawn(name=victim_id)
+                outcome = "registered"
+            except capsule.TaskError as error:
+                outcome = f"refused: {error.message}"
+            send(parent_id, outcome)
+            receive()
+
+        @task(name="main", timeout="30s", max_retries=0)
+        def main():
+            critic_handle = critic.spawn()
+            evil.spawn(critic_handle.id, capsule.current().id)
+            outcome = receive().body
+            return [outcome, ask(critic_handle, "please review", timeout=10)]
+        """,
+    )
+    done = capsule_cli("run", str(program), "--json", cwd=tmp_path)
+    outcome, review = json.loads(done.stdout)["result"]
+    assert review == "genuine review"
+    assert outcome.startswith("refused") and "task id" in outcome, outcome
