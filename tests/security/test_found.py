@@ -432,3 +432,44 @@ def test_a_task_cannot_register_under_another_tasks_id(tmp_path: Path) -> None:
     outcome, review = json.loads(done.stdout)["result"]
     assert review == "genuine review"
     assert outcome.startswith("refused") and "task id" in outcome, outcome
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="output is shown on the journal's writer thread: while stdout is a pipe "
+    "nobody reads, the writer blocks in the write, and the run neither journals "
+    "nor ends (SIGTERM, Ctrl-C) until the reader reads",
+)
+def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
+    program = write(
+        tmp_path,
+        """
+        import sys
+        from capsule import receive, task
+
+        @task(name="main", compute="HIGH", timeout="5m")
+        def main():
+            print("MARK flooding", file=sys.stderr, flush=True)
+            print("x" * (1024 * 1024), flush=True)  # more than a pipe holds
+            receive()
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        stdout=subprocess.PIPE,  # never read until the end
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith(b"MARK"):
+            break
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("SIGTERM did not stop the run while stdout was blocked") from None
+    process.communicate()
+    assert process.returncode == 130
