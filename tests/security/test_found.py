@@ -473,3 +473,35 @@ def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
         raise AssertionError("SIGTERM did not stop the run while stdout was blocked") from None
     process.communicate()
     assert process.returncode == 130
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("timeout", "10**400"), ("restart_window", "10**400"), ("ram", '"9" * 400 + "GB"'),
+     ("timeout", '"9" * 400 + "h"')],
+)
+def test_task_options_too_large_for_a_float_are_config_errors(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """The program declares its tasks' options (its module-level code may
+    write any JSON there): a number no float holds crashed the host with a
+    traceback (OverflowError) and left the run as crashed in the journal."""
+    program = write(
+        tmp_path,
+        f"""
+        from capsule import task
+        from capsule.sdk import task as sdk_task
+
+        @task(name="main")
+        def main():
+            return "ran"
+
+        for declared in sdk_task.registry.values():
+            declared.options["{option}"] = {value}
+        """,
+    )
+    done = capsule_cli("run", str(program), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and option in done.stderr, done.stderr[-2000:]
+    runs = capsule_cli("runs", "--json", cwd=tmp_path)
+    assert [run["status"] for run in json.loads(runs.stdout)] == ["error"]
