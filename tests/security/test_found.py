@@ -84,7 +84,12 @@ def test_results_nobody_waits_for_count_against_the_journal_limits(tmp_path: Pat
         """,
     )
     capsule_cli(
-        "run", str(program), "--max-run-journal", "20MB", "--max-task-output", "2MB",
+        "run",
+        str(program),
+        "--max-run-journal",
+        "20MB",
+        "--max-task-output",
+        "2MB",
         cwd=tmp_path,
     )
     assert journal_bytes(tmp_path) < 60 * MB
@@ -238,9 +243,7 @@ def test_an_interrupt_while_the_program_is_first_imported(
     "check (task ids to wait on, an HTTP request, a task call's arguments): ~25x "
     "the text in host memory, which the run's memory budget cannot stop",
 )
-def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(
-    tmp_path: Path, call: str
-) -> None:
+def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(tmp_path: Path, call: str) -> None:
     program = write(
         tmp_path,
         """
@@ -477,8 +480,12 @@ def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("timeout", "10**400"), ("restart_window", "10**400"), ("ram", '"9" * 400 + "GB"'),
-     ("timeout", '"9" * 400 + "h"')],
+    [
+        ("timeout", "10**400"),
+        ("restart_window", "10**400"),
+        ("ram", '"9" * 400 + "GB"'),
+        ("timeout", '"9" * 400 + "h"'),
+    ],
 )
 def test_task_options_too_large_for_a_float_are_config_errors(
     tmp_path: Path, option: str, value: str
@@ -539,8 +546,6 @@ def test_instances_importing_the_program_count_against_the_memory_budget(
             """
         ),
     )
-    peak, done = peak_rss_of_run(
-        "run", str(program), "--max-total-ram", "512MB", cwd=tmp_path
-    )
+    peak, done = peak_rss_of_run("run", str(program), "--max-total-ram", "512MB", cwd=tmp_path)
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert peak < 1024 * MB, f"the host peaked at {peak / MB:,.0f} MB"
