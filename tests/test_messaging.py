@@ -392,7 +392,11 @@ def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
             return None
 
     router = Router(mailbox_capacity=10)
-    router.allow_early_replies(["main#1", "main#2"], {"main#2": '"given before"'})
+    router.allow_early_replies(
+        {"main#1": "main/1", "main#2": "main/1"}, {"main#2": '"given before"'}
+    )
+    with pytest.raises(RoutingError):  # only the task asked may reply
+        router.reply("main#1", "main/2", '"forged"')
     router.reply("main#1", "main/1", '"early"')  # before the ask: kept
     router.expect_reply("main#1", Nobody(), "main/1")
     assert router.take_reply("main#1") == ('"early"', None)

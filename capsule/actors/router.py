@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -103,9 +103,10 @@ class Router:
         self._mailboxes: dict[str, Mailbox] = {}
         self._names: dict[str, str] = {}
         self._replies: dict[str, _ReplySlot] = {}
-        #: Asks sent before a resume: their replies may come before the asker,
-        #: replaying, asks again; such replies wait here for it.
-        self._early_ids: frozenset[str] = frozenset()
+        #: Asks sent before a resume (by message id, the task asked): their
+        #: replies may come before the asker, replaying, asks again; such
+        #: replies (from that task alone) wait here for it.
+        self._early_targets: dict[str, str] = {}
         self._early: dict[str, str] = {}
 
     # -- lifetimes -------------------------------------------------------------
@@ -306,11 +307,12 @@ class Router:
 
     # -- ask / reply -----------------------------------------------------------
 
-    def allow_early_replies(self, message_ids: Iterable[str], replies: dict[str, str]) -> None:
-        """After a resume: ``message_ids`` were asked before it (``replies``: the
-        answers already given), so a reply to one may arrive before its ask."""
+    def allow_early_replies(self, asked: Mapping[str, str], replies: dict[str, str]) -> None:
+        """After a resume: the messages of ``asked`` were asked before it, each
+        of the task it maps to (``replies``: the answers already given), so a
+        reply to one may arrive, from that task, before its ask."""
         with self._lock:
-            self._early_ids = frozenset(message_ids)
+            self._early_targets = dict(asked)
             self._early = dict(replies)
 
     def expect_reply(self, message_id: str, asker: Waker, target_id: str) -> None:
@@ -321,7 +323,7 @@ class Router:
     def reply(self, message_id: str, replier_id: str, reply_json: str) -> None:
         with self._lock:
             slot = self._replies.get(message_id)
-            if slot is None and message_id in self._early_ids:
+            if slot is None and self._early_targets.get(message_id) == replier_id:
                 self._early.setdefault(message_id, reply_json)
                 return
             if slot is None or slot.target_id != replier_id:

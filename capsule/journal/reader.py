@@ -375,6 +375,8 @@ async def load_history(path: Path, run_id: str) -> History:
         # mailbox promises no order).
         for message in sorted(sent, key=_sending_order):
             history.sent.add(message.id)
+            if message.expects_reply:
+                history.asked[message.id] = message.target_id
             if message.id not in received:
                 history.undelivered.setdefault(message.target_id, []).append(message)
     for task_id in history.tasks:

@@ -113,7 +113,8 @@ def parse_ram(value: Any) -> int:
         match = _RAM_RE.match(value)
         if match:
             number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-            if unit in _RAM_UNITS and number > 0:
+            # (A number too long for a float is infinite: too large, not a crash.)
+            if unit in _RAM_UNITS and 0 < number * _RAM_UNITS[unit] < math.inf:
                 return int(number * _RAM_UNITS[unit])
     raise ValueError(RAM_FORMS)
 
@@ -123,14 +124,18 @@ def parse_timeout(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError(TIMEOUT_FORMS)
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value <= 0:
+        try:
+            seconds = float(value)  # (an int too large for a float: OverflowError)
+        except OverflowError:
+            raise ValueError(TIMEOUT_FORMS) from None
+        if not math.isfinite(seconds) or seconds <= 0:
             raise ValueError(TIMEOUT_FORMS)
-        return float(value)
+        return seconds
     if isinstance(value, str):
         match = _TIME_RE.match(value)
         if match:
             seconds = float(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
-            if seconds > 0:
+            if 0 < seconds < math.inf:
                 return seconds
     raise ValueError(TIMEOUT_FORMS)
 

@@ -858,6 +858,10 @@ class Sandbox:
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
         invocation = _step_caller()
         task_ids = guest_data.names(ids_json, "the task ids to wait on")
+        if len(set(task_ids)) != len(task_ids):
+            # Each id's outcome is in the answer: one child's result, repeated,
+            # would make the host build (and journal) an answer of any size.
+            raise ProtocolError("the task ids to wait on name a child more than once")
         answer = invocation.host.wait(
             invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000
         )

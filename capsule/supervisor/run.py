@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -91,6 +92,9 @@ HOST_FRAMES_PER_LEVEL = 40
 #: Kinds that a retry cannot fix (a guest that broke the protocol, or wrote
 #: more than it may, gets no second chance either).
 NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol", "output_limit"})
+#: What task ids look like ("main", "main/2/1"): no registered name may (see
+#: Run._spawn_task).
+TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
 #: What a step costs to record beyond its request and answer (the step's own
 #: entry in its batch, and the waiting and resumed events a blocking one
 #: adds), counted against RunSettings.max_task_output_bytes.
@@ -214,7 +218,7 @@ class Run:
         self._live_tasks = 0
         self._router = Router(self.settings.mailbox_capacity, self.settings.max_queued_bytes)
         if history is not None:
-            self._router.allow_early_replies(history.sent, history.replies)
+            self._router.allow_early_replies(history.asked, history.replies)
         self._steps: StepLog = steps or NoStepLog()
         #: Without a journal, steps are only counted: nothing is serialised.
         self._journaling = steps is not None and not isinstance(steps, NoStepLog)
@@ -980,6 +984,16 @@ class Run:
         refusal = self._admit(attempt, name, spawned=True)
         if refusal is not None:
             return refusal
+        if actor_name is not None and TASK_ID_SHAPE.fullmatch(actor_name):
+            # Names are looked up before ids: a task registered under another
+            # task's id (or a future one's) would get its messages, and answer
+            # its asks.
+            self._release()
+            return _refusal(
+                name,
+                f"the name {actor_name!r} has the form of a task id; a task cannot be "
+                f"registered under one",
+            )
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
         self._open_mailbox(task_id)

@@ -150,6 +150,9 @@ class History:
     undelivered: dict[str, list[PendingMessage]] = field(default_factory=dict)
     #: Ids of every message that was sent (a live ``ask`` does not send it again).
     sent: set[str] = field(default_factory=set)
+    #: The asks among them: message id -> the task asked (the only one whose
+    #: reply may arrive before the asker, replaying, asks again).
+    asked: dict[str, str] = field(default_factory=dict)
     #: Ids of every message that was received (never delivered again, even if
     #: the crash lost the step that sent it).
     received: set[str] = field(default_factory=set)
