@@ -16,6 +16,15 @@ import pytest
 from tests.conftest import Completed, capsule_cli
 
 
+def strict_json(text: str) -> Any:
+    """``text`` as JSON, refusing what Python's json takes beyond it (NaN, Infinity)."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 def hostile_run(tmp_path: Path, source: str, *args: str) -> tuple[dict[str, Any], Completed]:
     """Run ``source`` with ``capsule run --json``; the envelope and the process.
     Asserts what must hold of any run, however hostile: the envelope is JSON,
@@ -24,10 +33,10 @@ def hostile_run(tmp_path: Path, source: str, *args: str) -> tuple[dict[str, Any]
     path.write_text(textwrap.dedent(source))
     done = capsule_cli("run", str(path), "--json", *args, cwd=tmp_path)
     assert "Traceback" not in done.stderr, done.stderr
-    envelope = json.loads(done.stdout)
+    envelope = strict_json(done.stdout)
     inspected = capsule_cli("inspect", "--last", "--json", cwd=tmp_path)
     assert inspected.returncode == 0, inspected.stderr
-    json.loads(inspected.stdout)
+    strict_json(inspected.stdout)
     return envelope, done
 
 
@@ -145,6 +154,7 @@ def test_a_malformed_reply_fails_the_replier_and_the_asker_is_told(tmp_path: Pat
         ('{"a": "\\ud800"}', "lone surrogate"),
         ('"unterminated', "not valid JSON"),
         ("1e400", "number too large"),
+        ('{"a": 1' + "0" * 400 + ".5}", "number too large"),  # (no exponent)
         ('"ok" ["second value"]', "trailing characters"),
     ],
 )
