@@ -23,7 +23,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -229,7 +229,11 @@ class RefusingHost(LiveClockAndRandom):
         return None
 
     def sleep(self, caller: Invocation, seconds: float) -> None:
-        time.sleep(min(seconds, PREPARE_LIMITS.timeout_s or 0.0))
+        # In short steps: a stop (the import's deadline, its task's, a
+        # cancellation, the memory budget) ends it within one.
+        until = time.monotonic() + min(seconds, PREPARE_LIMITS.timeout_s or 0.0)
+        while caller.check_stop() is None and (left := until - time.monotonic()) > 0:
+            time.sleep(min(left, TICK_SECONDS))
 
     def _no_messages(self) -> tuple[bool, str]:
         message = "messages cannot be sent or received while the program is being imported"
@@ -400,8 +404,10 @@ class _TrackedStore(wasmtime.Store):
         #: The task attempt it serves, and on which thread (once it serves one).
         self.invocation: Invocation | None = None
         self.thread: int | None = None
-        #: The run's memory budget, told when it is closed (while it serves a task).
+        #: The run's memory budget, told when it is closed (counted from its start).
         self.budget: MemoryBudget | None = None
+        #: Why the budget stopped it while no attempt had it (its next one ends at once).
+        self.evicted: str | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -733,8 +739,13 @@ class Sandbox:
         its next epoch tick, or its blocking host call returns now; waiting for
         a CPU slot, it gets the next one."""
         invocation: Invocation | None = store.invocation
-        if invocation is None:
-            return
+        if invocation is None:  # an idle instance, the program imported
+            if self._pool is not None and self._pool.discard(store):
+                return
+            store.evicted = why  # (a task took it just now: it stops as it starts)
+            invocation = store.invocation
+            if invocation is None:
+                return
         invocation.evicted = ErrorInfo("memory_limit", why)
         invocation.host.wake(invocation)
         if store.thread is not None:
@@ -858,10 +869,6 @@ class Sandbox:
     def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
         invocation = _step_caller()
         task_ids = guest_data.names(ids_json, "the task ids to wait on")
-        if len(set(task_ids)) != len(task_ids):
-            # Each id's outcome is in the answer: one child's result, repeated,
-            # would make the host build (and journal) an answer of any size.
-            raise ProtocolError("the task ids to wait on name a child more than once")
         answer = invocation.host.wait(
             invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000
         )
@@ -941,14 +948,22 @@ class Sandbox:
             first.store.close()
 
     def prepare(
-        self, program: str, host: HostCalls | None = None, describe: bool = False
+        self,
+        program: str,
+        host: HostCalls | None = None,
+        describe: bool = False,
+        parent: Invocation | None = None,
+        limits: Limits = PREPARE_LIMITS,
     ) -> Prepared:
         """A fresh instance with the program imported, not yet used by any task.
 
-        Module-level code runs here under the prepare limits. Its output goes to
-        ``host``; by default it is dropped, since it was shown once already, when
-        the program was first loaded (``describe=True``, which also returns the
-        declared tasks in ``Prepared.declared``)."""
+        Module-level code runs here under the prepare limits, and stops with
+        ``parent`` (the task it is imported for, or a scope its owner cancels),
+        under ``limits`` (the load's, or less for a task's own).
+        The run's memory budget counts the instance from its start. Its output
+        goes to ``host``; by default it is dropped, since it was shown once
+        already, when the program was first loaded (``describe=True``, which also
+        returns the declared tasks in ``Prepared.declared``)."""
         source = self.finder.find(program)
         if not isinstance(source, ModuleSource):
             reason = source.reason if isinstance(source, Refused) else "no such module"
@@ -958,10 +973,14 @@ class Sandbox:
             name=program, source=_source_record(source), describe=describe, marker=nonce.hex()
         )
         invocation = Invocation(
-            LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, PREPARE_LIMITS, host or _PREPARE_HOST
+            LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, limits, host or _PREPARE_HOST, parent
         )
         with _bound(invocation):
-            store = self._new_store(PREPARE_LIMITS)
+            store = self._new_store(limits)
+            store.invocation, store.thread = invocation, threading.get_ident()
+            if self.budget is not None:
+                store.budget = self.budget
+                self.budget.register(store)
             try:
                 instance = self._instantiate(store, program)
                 result = self._call_export(store, instance, self._load_index, payload)
@@ -971,6 +990,7 @@ class Sandbox:
             if isinstance(result, ErrorInfo):
                 store.close()
                 raise PrepareError(result)
+        store.invocation = store.thread = None  # (imported: idle until a task takes it)
         store.marker, store.channel_at = _memory_layout(result, nonce)
         return Prepared(program, store, instance, declared=result)
 
@@ -1013,10 +1033,10 @@ class Sandbox:
         store.channel = invocation.channel = Channel(located[0] + offset, size)
         return store.channel
 
-    def invoke(
-        self, invocation: Invocation, program: str, args: list[Any], kwargs: dict[str, Any]
-    ) -> AttemptOutcome:
-        """Run one attempt of a task in a fresh instance; blocks until it ends."""
+    def invoke(self, invocation: Invocation, program: str, call_json: str) -> AttemptOutcome:
+        """Run one attempt of a task in a fresh instance, with ``call_json``
+        (checked ``{"args": [...], "kwargs": {...}}``) as its arguments; blocks
+        until it ends."""
         started = time.monotonic()
         limits = invocation.limits
         if limits.ram_bytes < MIN_RAM_BYTES:
@@ -1029,8 +1049,6 @@ class Sandbox:
         payload = json.dumps(
             {
                 "task": invocation.task,
-                "args": args,
-                "kwargs": kwargs,
                 "task_id": invocation.task_id,
                 "attempt": invocation.attempt,
                 "max_attempts": invocation.max_attempts,
@@ -1039,7 +1057,7 @@ class Sandbox:
             }
         )
         with self._running():
-            return self._invoke(invocation, program, payload, started)
+            return self._invoke(invocation, program, payload, call_json, started)
 
     @contextmanager
     def _running(self) -> Iterator[None]:
@@ -1053,7 +1071,7 @@ class Sandbox:
             _thread.slots = previous
 
     def _invoke(
-        self, invocation: Invocation, program: str, payload: str, started: float
+        self, invocation: Invocation, program: str, payload: str, call_json: str, started: float
     ) -> AttemptOutcome:
         limits = invocation.limits
         wasi = None
@@ -1066,7 +1084,15 @@ class Sandbox:
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:
-                prepared = self.prepare(program)
+                # Under the task's own memory cap too: the instance is its.
+                prepared = self.prepare(
+                    program,
+                    parent=invocation,
+                    limits=replace(
+                        PREPARE_LIMITS,
+                        ram_bytes=min(PREPARE_LIMITS.ram_bytes, invocation.limits.ram_bytes),
+                    ),
+                )
             except PrepareError as exc:
                 return self._outcome(None, exc.error, 0, started)
         store = prepared.store
@@ -1074,6 +1100,8 @@ class Sandbox:
             store.set_wasi(wasi)
         invocation.started = time.monotonic()
         store.invocation, store.thread = invocation, threading.get_ident()
+        if store.evicted is not None:  # (the budget chose it as the task took it)
+            invocation.evicted = ErrorInfo("memory_limit", store.evicted)
         if self.budget is not None:
             store.budget = self.budget
             self.budget.register(store)
@@ -1085,7 +1113,9 @@ class Sandbox:
                 store.set_limits(memory_size=limits.ram_bytes)
                 store.set_fuel(limits.fuel)
                 store.set_epoch_deadline(1)
-                result = self._call_export(store, prepared.instance, self._run_index, payload)
+                result = self._call_export(
+                    store, prepared.instance, self._run_index, payload, call_json
+                )
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 result = self._classify(invocation, exc)
             else:
@@ -1150,13 +1180,13 @@ class Sandbox:
         return failure
 
     def _call_export(
-        self, store: wasmtime.Store, instance: Instance, index: Any, payload: Any
+        self, store: wasmtime.Store, instance: Instance, index: Any, *payload: Any
     ) -> str | ErrorInfo:
         """Call ``load`` or ``run``: what it returned (text, checked by the
         caller), or the failure it reported, checked here."""
         # (result<string, failure> comes back untagged from wasmtime-py: the
         # string, or the failure's record.)
-        value = self._exports[index](store, instance, payload)
+        value = self._exports[index](store, instance, *payload)
         if isinstance(value, str):
             return value
         return _reported_failure(value)
@@ -1257,6 +1287,8 @@ def _checked_result(invocation: Invocation, text: str) -> str | ErrorInfo:
         )
     try:
         return guest_data.json_text(text, f"the result of task {invocation.task!r}")
+    except TooLarge as exc:  # (an honest task may return that much)
+        return ErrorInfo("exception", str(exc))
     except ProtocolError as exc:
         return ErrorInfo("protocol", str(exc))
 
@@ -1328,7 +1360,14 @@ class InstancePool:
         if first is not None:
             self._ready.put_nowait(first)
         self._stop = threading.Event()
-        self._retired: queue.SimpleQueue[wasmtime.Store] = queue.SimpleQueue()
+        #: What the filler's imports stop with: cancelled as the pool closes.
+        self._scope = Invocation(
+            "<pool>", "<pool>", 1, 1, Limits(fuel=0, ram_bytes=0, timeout_s=None), _PREPARE_HOST
+        )
+        #: Used instances the filler is to close, and the lock that claims one
+        #: (the filler, or the memory budget's thread: never both).
+        self._retired: list[wasmtime.Store] = []
+        self._retired_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         if size > 0:
             self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
@@ -1339,14 +1378,34 @@ class InstancePool:
         if self._thread is None or not self._thread.is_alive():  # (it gave up)
             store.close()
         else:
-            self._retired.put(store)
+            with self._retired_lock:
+                self._retired.append(store)
 
     def _close_retired(self) -> None:
-        while True:
-            try:
-                self._retired.get_nowait().close()
-            except queue.Empty:
-                return
+        with self._retired_lock:
+            retired, self._retired = self._retired, []
+        for store in retired:
+            store.close()
+
+    def discard(self, store: wasmtime.Store) -> bool:
+        """Close an instance the pool holds (ready, or used and not yet torn
+        down) now: the memory budget chose it. False if the pool does not hold
+        it (a task took it)."""
+        with self._retired_lock:
+            if store in self._retired:
+                self._retired.remove(store)
+                store.close()
+                return True
+        # (queue.Queue's own lock and deque: a ready instance is taken out
+        # from the middle, which its methods cannot do.)
+        with self._ready.mutex:
+            found = [prepared for prepared in self._ready.queue if prepared.store is store]
+            if not found:
+                return False
+            self._ready.queue.remove(found[0])
+            self._ready.not_full.notify()
+        store.close()
+        return True
 
     def take(self) -> Prepared | None:
         """A prepared instance, or None if the caller should prepare its own.
@@ -1364,7 +1423,7 @@ class InstancePool:
         while not self._stop.is_set():
             self._close_retired()
             try:
-                prepared = self._sandbox.prepare(self._program)
+                prepared = self._sandbox.prepare(self._program, parent=self._scope)
             except PrepareError:
                 # The program fails to import here; invocations will report why.
                 failures += 1
@@ -1384,6 +1443,7 @@ class InstancePool:
 
     def close(self) -> None:
         self._stop.set()
+        self._scope.cancelled = True  # (an import under way stops at its next tick)
         if self._thread is not None:
             self._thread.join()
         self._close_retired()

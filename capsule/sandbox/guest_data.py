@@ -29,6 +29,8 @@ from pydantic_core import from_json
 MAX_JSON_DEPTH = 200
 #: The longest name a guest may give (a task, an actor, a message target or id).
 MAX_NAME_CHARS = 1024
+#: The longest list of names (task ids to wait on).
+MAX_NAMES_CHARS = 4 * 1024**2
 #: Error texts a guest reports are kept to these lengths (see kept_text).
 MAX_ERROR_MESSAGE_CHARS = 16 * 1024
 MAX_TRACEBACK_CHARS = 64 * 1024
@@ -39,17 +41,35 @@ _LARGE_EXPONENT = re.compile(r"[eE][+]?0*[1-9][0-9]{2}")
 _MANY_DIGITS = re.compile(r"[0-9]{300}")
 
 
+#: Most items (array elements and object members, counted as the commas and
+#: brackets that make them) one JSON value from a guest may have. A parsed
+#: value takes up to ~24 times its text in the host's memory (``[[],[],...]``:
+#: a list object per three characters); this bounds that to ~150 MB, whatever
+#: the text's size, while a list of a million numbers still crosses.
+MAX_JSON_ITEMS = 2_000_000
+
+
 class ProtocolError(Exception):
     """A guest handed the host something malformed. Fails the task that sent it
     (kind ``protocol``); the message says what and where."""
+
+
+class TooLarge(ProtocolError):
+    """A value larger than the host takes. Where an honest program may offer
+    one (arguments, a result, a message), it is refused to the task that
+    offered it, saying why; elsewhere it is a protocol failure like any other."""
 
 
 def json_value(text: str, what: str, max_chars: int | None = None) -> Any:
     """The value of ``text``, strict JSON from a guest; ``what`` names it in the
     error (e.g. "the body of a message to 'worker'")."""
     if max_chars is not None and len(text) > max_chars:
-        raise ProtocolError(
-            f"{what} is {len(text):,} characters of JSON; the limit is {max_chars:,}"
+        raise TooLarge(f"{what} is {len(text):,} characters of JSON; the limit is {max_chars:,}")
+    items = _items(text)
+    if items > MAX_JSON_ITEMS:
+        raise TooLarge(
+            f"{what} has {items:,} items (array elements and object members); "
+            f"the limit is {MAX_JSON_ITEMS:,}"
         )
     try:
         value = from_json(text, allow_inf_nan=False, cache_strings=False)
@@ -61,6 +81,20 @@ def json_value(text: str, what: str, max_chars: int | None = None) -> Any:
         except ValueError:
             raise ProtocolError(f"{what} holds a number too large for JSON") from None
     return value
+
+
+#: A JSON string, escapes included (for counting items outside strings).
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _items(text: str) -> int:
+    """How many items ``text`` has, at most: its commas and opening brackets,
+    those inside strings left out if the quick count says too many."""
+    items = text.count(",") + text.count("[") + text.count("{")
+    if items > MAX_JSON_ITEMS:  # (rare: only then scan past the strings)
+        bare = _STRING.sub("", text)
+        items = bare.count(",") + bare.count("[") + bare.count("{")
+    return items
 
 
 def json_text(text: str, what: str, max_chars: int | None = None) -> str:
@@ -89,10 +123,14 @@ def name(text: str, what: str) -> str:
 
 
 def names(text: str, what: str) -> list[str]:
-    """A JSON array of names (task ids to wait on, say)."""
-    value = json_value(text, what)
+    """A JSON array of distinct names (task ids to wait on, say)."""
+    value = json_value(text, what, max_chars=MAX_NAMES_CHARS)
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ProtocolError(f"{what} must be a JSON array of strings")
+    if len(set(value)) != len(value):
+        # (The answer to a wait holds each id's outcome: one child's result,
+        # named many times, would make the host build an answer of any size.)
+        raise ProtocolError(f"{what} name one more than once")
     return [name(item, what) for item in value]
 
 
@@ -112,20 +150,15 @@ def kept_text(text: str, limit: int) -> str:
 MAX_PAYLOAD_CHARS = 64 * 1024**2
 
 
-class TooLarge(Exception):
-    """A value larger than the host takes: refused to the task that offered it
-    (an honest program may try; it is told why), not a protocol failure."""
-
-
 @dataclass(frozen=True)
 class TaskCall:
     """A call or spawn of a task, as a guest asked for it, checked."""
 
     name: str
-    #: The arguments as the guest wrote them (journaled, compared on replay).
+    #: The arguments as the guest wrote them, ``{"args": [...], "kwargs":
+    #: {...}}``: checked, then passed on as text (journaled, compared on
+    #: replay, and handed to the child's instance), never held parsed.
     call_json: str
-    args: list[Any]
-    kwargs: dict[str, Any]
 
 
 def task_call(task: str, call_json: str) -> TaskCall:
@@ -146,7 +179,7 @@ def task_call(task: str, call_json: str) -> TaskCall:
         raise ProtocolError(
             f'the arguments to {task!r} must be a JSON object {{"args": [...], "kwargs": {{...}}}}'
         )
-    return TaskCall(task, call_json, value["args"], value["kwargs"])
+    return TaskCall(task, call_json)
 
 
 @dataclass(frozen=True)
@@ -159,7 +192,7 @@ class SpawnOptions:
 
 def spawn_options(text: str) -> SpawnOptions:
     """``{"actor_name": name or null, "awaited": bool}``."""
-    value = json_value(text, "the spawn options")
+    value = json_value(text, "the spawn options", max_chars=4 * MAX_NAME_CHARS)
     if not isinstance(value, dict) or not set(value) <= {"actor_name", "awaited"}:
         raise ProtocolError(
             'the spawn options must be a JSON object {"actor_name": name or null, '

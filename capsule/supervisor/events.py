@@ -51,7 +51,8 @@ class TaskPending(_Event):
     type: Literal["pending"] = "pending"
     parent_id: str | None
     max_attempts: int
-    #: The arguments, as JSON ``[args, kwargs]`` (a preview).
+    #: The arguments, as JSON ``{"args": [...], "kwargs": {...}}`` (a preview;
+    #: ``[args, kwargs]`` in older journals).
     call: str | None = None
 
 

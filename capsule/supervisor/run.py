@@ -81,6 +81,7 @@ from capsule.supervisor.tree import (
     Scope,
     TaskResult,
     nearest_deadline,
+    run_interruptibly,
     sleep_unless_stopped,
     start_task_thread,
 )
@@ -333,13 +334,31 @@ class Run:
             def output(self, invocation: Invocation, stream: str, text: str) -> None:
                 output(invocation, stream, text)
 
+        # Off the main thread, which waits: Ctrl-C or SIGTERM there must not land
+        # in a host call of the instance importing the program (it corrupted the
+        # process), and stop the import instead (KeyboardInterrupt, once it has).
+        scope = Scope(None, task_id="", task="<load>")
+
+        def interrupt() -> None:
+            scope.cancel_message = "cancelled: the run was interrupted while it loaded"
+            scope.cancelled = True
+
         try:
-            prepared = sandbox.prepare(program, LoadHost(), describe=True)
+            prepared, interrupted = run_interruptibly(
+                lambda: sandbox.prepare(program, LoadHost(), describe=True, parent=scope),
+                interrupt,
+                name="capsule-load",
+            )
         except PrepareError as exc:
+            if scope.cancelled:
+                raise KeyboardInterrupt from None
             raise ProgramError(
                 f"importing the program failed ({exc.error.kind}): {exc.error.message}",
                 exc.error.traceback,
             ) from None
+        if interrupted:
+            prepared.store.close()
+            raise KeyboardInterrupt
         try:
             return validate_program(_declared_tasks(prepared.declared), task_defaults), prepared
         except BaseException:
@@ -371,48 +390,32 @@ class Run:
                 f"the program has no task named 'main' (tasks found: {names}); "
                 f'declare the entry point with @task(name="main")'
             )
+        try:
+            call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
+        except ValueError as exc:  # (a host API caller's NaN: never a guest's)
+            raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
         root = self._root
-        outcome: list[TaskResult] = []
-        failure: list[BaseException] = []
-        finished = threading.Event()
-
-        def body() -> None:
-            try:
-                outcome.append(self.run_task("main", "main", args, kwargs or {}, root, None))
-            except BaseException as exc:  # re-raised on the caller's thread
-                failure.append(exc)
-            finally:
-                finished.set()
-
         # Nested calls run inline: each level adds host frames (about 20) on the
         # task thread, whose stack is sized for MAX_DEPTH levels; the interpreter's
         # recursion limit must allow them too.
         recursion_limit = sys.getrecursionlimit()
         sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
-
-        thread = start_task_thread(body, name="capsule-main")
-        interrupted = False
-        # Wait on an Event, not on Thread.join: an interrupted join can mark a
-        # thread finished while it still runs (CPython < 3.13).
-        while not finished.is_set():
-            try:
-                finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
-            except KeyboardInterrupt:
-                interrupted = True
-                self._cancel_scope(root, "cancelled: the run was interrupted")
-        thread.join()
         try:
-            self._http.close()
+            result, interrupted = run_interruptibly(
+                lambda: self.run_task("main", "main", call_json, root, None),
+                lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
+                name="capsule-main",
+            )
         finally:
-            sys.setrecursionlimit(recursion_limit)
-        if failure:
-            raise failure[0]
+            try:
+                self._http.close()
+            finally:
+                sys.setrecursionlimit(recursion_limit)
         if self.journal_failure is not None:
             raise JournalFailure(self.journal_failure)
         if interrupted or self.stopped:
-            raise RunInterrupted(outcome[0])
-        result = outcome[0]
+            raise RunInterrupted(result)
         if self.divergence is not None:
             result.error = ErrorDetail(
                 kind="divergence", message=self.divergence.message, task=result.task
@@ -424,12 +427,12 @@ class Run:
         self,
         name: str,
         task_id: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
+        call_json: str,
         parent: Invocation,
         child: Child | None,
     ) -> TaskResult:
-        """Run one task invocation, with its retries, on the calling thread.
+        """Run one task invocation, with its retries, on the calling thread,
+        with ``call_json`` (checked ``{"args": [...], "kwargs": {...}}``).
 
         ``parent`` is the caller's invocation (a direct call) or the scope of a
         spawned ``child``. The task's mailbox lives as long as this call: messages
@@ -457,7 +460,7 @@ class Run:
             return final
         self._open_mailbox(task_id)
         try:
-            result = self._run_attempts(name, task_id, args, kwargs, parent, child)
+            result = self._run_attempts(name, task_id, call_json, parent, child)
         finally:
             self._router.close(task_id)
         stopping = self._root.cancelled and result.error is not None
@@ -494,8 +497,7 @@ class Run:
         self,
         name: str,
         task_id: str,
-        args: list[Any],
-        kwargs: dict[str, Any],
+        call_json: str,
         parent: Invocation,
         child: Child | None,
     ) -> TaskResult:
@@ -511,7 +513,7 @@ class Run:
                 **ids,
                 parent_id=parent.task_id or None,
                 max_attempts=max_attempts,
-                call=preview(json.dumps([args, kwargs])),
+                call=preview(call_json),
             )
         )
         total_fuel = 0
@@ -575,7 +577,7 @@ class Run:
                 )
                 if replay is not None:
                     emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
-                outcome = self._attempt(invocation, node, child, args, kwargs, replay or [])
+                outcome = self._attempt(invocation, node, child, call_json, replay or [])
                 replay = None
                 self._output_shown(task_id)
             total_fuel += outcome.fuel_consumed
@@ -703,8 +705,7 @@ class Run:
         invocation: Invocation,
         node: Node,
         child: Child | None,
-        args: list[Any],
-        kwargs: dict[str, Any],
+        call_json: str,
         replay: list[Step],
     ) -> AttemptOutcome:
         """One attempt in a fresh instance; its spawned children do not outlive it."""
@@ -714,7 +715,7 @@ class Run:
         if child is not None:
             child.current = attempt
         try:
-            outcome = self.sandbox.invoke(invocation, self.program, args, kwargs)
+            outcome = self.sandbox.invoke(invocation, self.program, call_json)
         finally:
             # Structured concurrency: however the attempt ended, its running
             # children are cancelled, and their threads joined, before it counts
@@ -954,7 +955,7 @@ class Run:
         if refusal is not None:
             return refusal
         try:
-            result = self.run_task(call.name, task_id, call.args, call.kwargs, caller, None)
+            result = self.run_task(call.name, task_id, call.call_json, caller, None)
         finally:
             self._release()
         return _as_reply(result)
@@ -1013,11 +1014,10 @@ class Run:
             parent_attempt=attempt,
         )
         attempt.children[task_id] = child
-        args, kwargs = call.args, call.kwargs
 
         def body() -> None:
             try:
-                child.result = self.run_task(name, task_id, args, kwargs, scope, child)
+                child.result = self.run_task(name, task_id, call.call_json, scope, child)
             finally:
                 self._release()
                 child.done.set()

@@ -10,11 +10,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import ErrorInfo, Invocation, RefusingHost
 from capsule.supervisor.events import ErrorDetail
+
+_T = TypeVar("_T")
 
 if TYPE_CHECKING:
     from capsule.actors.router import Message
@@ -203,6 +205,43 @@ def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread
         finally:
             threading.stack_size(previous)
     return thread
+
+
+def run_interruptibly(
+    body: Callable[[], _T], interrupt: Callable[[], None], name: str
+) -> tuple[_T, bool]:
+    """Run ``body`` on a task thread while this one (the main thread, where
+    Ctrl-C and SIGTERM land) waits: wasm never runs where a signal could
+    interrupt a host call of its in the middle. An interrupt calls
+    ``interrupt`` (which must make ``body`` end soon) and the wait goes on until
+    it has. Returns (what ``body`` returned, whether it was interrupted);
+    re-raises what ``body`` raised."""
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append(body())
+        except BaseException as exc:  # re-raised on the waiting thread
+            failure.append(exc)
+        finally:
+            finished.set()
+
+    thread = start_task_thread(run, name=name)
+    interrupted = False
+    # Wait on an Event, not on Thread.join: an interrupted join can mark a
+    # thread finished while it still runs (CPython < 3.13).
+    while not finished.is_set():
+        try:
+            finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
+        except KeyboardInterrupt:
+            interrupted = True
+            interrupt()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return outcome[0], interrupted
 
 
 def sleep_unless_stopped(parent: Invocation, seconds: float) -> bool:

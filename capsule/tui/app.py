@@ -64,8 +64,12 @@ def call_text(view: TaskView) -> str:
     if view.call is None:
         return "-"
     try:
-        args, kwargs = json.loads(view.call)
-    except (ValueError, TypeError):
+        call = json.loads(view.call)
+        # {"args", "kwargs"}, as the caller wrote them; [args, kwargs] in older journals.
+        args, kwargs = (call["args"], call["kwargs"]) if isinstance(call, dict) else call
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            return view.call
+    except (ValueError, TypeError, KeyError):
         return view.call
     parts = [json.dumps(arg) for arg in args]
     parts += [f"{key}={json.dumps(value)}" for key, value in kwargs.items()]

@@ -723,8 +723,9 @@ class Runner(exports.Runner):
         return '{%s, "tasks": %s}' % (layout, json.dumps(declared))
 
     @_fails_with_err
-    def run(self, invocation_json: str) -> str:
+    def run(self, invocation_json: str, call_json: str) -> str:
         inv = _loads(invocation_json)
+        call = _loads(call_json)
         name = inv["task"]
         fn = sdk_task.registry.get(name)
         if fn is None:
@@ -739,7 +740,7 @@ class Runner(exports.Runner):
         os.environ.clear()
         os.environ.update(inv.get("env", {}))
         try:
-            result = fn.func(*inv["args"], **inv["kwargs"])
+            result = fn.func(*call["args"], **call["kwargs"])
         except TypeError as exc:
             # Raised by the call itself (no frame of the task's own code): the
             # arguments do not fit its signature, which no retry can fix.
