@@ -50,6 +50,8 @@ class _Queue:
         self.dropped = 0
         #: The stream cannot be written any more (closed pipe, closed terminal).
         self.dead = False
+        #: When its oldest text started waiting, or its reader last took some.
+        self.progress_at = time.monotonic()
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
         except OSError:
@@ -80,12 +82,9 @@ class StdioWriter:
         self._lock = threading.Lock()
         #: Notified whenever something was written (or a stream died).
         self._progress = threading.Condition(self._lock)
-        #: When the oldest text now queued was queued, or last written from.
-        self._progress_at = time.monotonic()
         self._sequence = 0
         self._stopping = False
         self._closed = False
-        self._sleeping = False
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
@@ -131,12 +130,13 @@ class StdioWriter:
                     data = b""
                 else:
                     queue.droppable += len(data)
+            # The thread watches only the descriptors it had text for: a stream
+            # that had none must wake it.
+            wake = False
             if data:
-                self._append(queue, data, droppable)
+                wake = self._append(queue, data, droppable)
             if notice is not None:
-                self._append(self._queues["stderr"], notice, droppable=False)
-            wake = self._sleeping
-            self._sleeping = False
+                wake = self._append(self._queues["stderr"], notice, droppable=False) or wake
         if wake:
             self._wake()
 
@@ -146,16 +146,18 @@ class StdioWriter:
             return self._queues[stream].dropped
 
     def drain(self, stall_seconds: float) -> bool:
-        """Wait until everything queued is written, or until the readers took
-        nothing for ``stall_seconds``; whether it was all written. A signal
-        (Ctrl-C, SIGTERM) ends the wait as it does any."""
+        """Wait until everything queued is written, or until the reader of each
+        stream still holding text took nothing for ``stall_seconds``; whether it
+        was all written. A signal (Ctrl-C, SIGTERM) ends the wait as it does any."""
         with self._progress:
-            while any(q.chunks and not q.dead for q in self._queues.values()):
-                left = self._progress_at + stall_seconds - time.monotonic()
+            while True:
+                waiting = [q for q in self._queues.values() if q.chunks and not q.dead]
+                if not waiting:
+                    return True
+                left = max(q.progress_at for q in waiting) + stall_seconds - time.monotonic()
                 if left <= 0:
                     return False
                 self._progress.wait(left)
-        return True
 
     def close(self) -> None:
         """Stop the writing thread (what is still queued is dropped) and join it.
@@ -175,11 +177,14 @@ class StdioWriter:
 
     # -- the writing thread ------------------------------------------------------
 
-    def _append(self, queue: _Queue, data: bytes, droppable: bool) -> None:
-        if not any(q.chunks for q in self._queues.values()):
-            self._progress_at = time.monotonic()  # the oldest text starts waiting now
+    def _append(self, queue: _Queue, data: bytes, droppable: bool) -> bool:
+        """Queue ``data`` (under the lock); whether the stream had nothing queued."""
+        was_empty = not queue.chunks
+        if was_empty:
+            queue.progress_at = time.monotonic()  # its oldest text starts waiting now
         self._sequence += 1
         queue.chunks.append((self._sequence, droppable, data))
+        return was_empty
 
     def _wake(self) -> None:
         try:
@@ -193,7 +198,6 @@ class StdioWriter:
                 if self._stopping:
                     return
                 pending = [q for q in self._queues.values() if q.chunks and not q.dead]
-                self._sleeping = not pending
             try:
                 readable, writable, _ = select.select(
                     [self._wake_read], [q.fd for q in pending], []
@@ -236,7 +240,7 @@ class StdioWriter:
                 queue.chunks.popleft()
             if counted:
                 queue.droppable -= written
-            self._progress_at = time.monotonic()
+            queue.progress_at = time.monotonic()
             self._progress.notify_all()
 
     def _kill(self, queues: list[_Queue]) -> None:
