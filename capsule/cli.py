@@ -388,11 +388,9 @@ def _run_command(options: argparse.Namespace) -> int:
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    if path.is_dir():
-        _error(f"{path} is a directory; give the program's .py file")
-        return EXIT_USAGE
-    if not path.is_file():
-        _error(f"no such program file: {path}")
+    problem = _not_a_program(path)
+    if problem is not None:
+        _error(problem)
         return EXIT_USAGE
     # Heavy imports (wasmtime, pydantic) only once there is work to do. Our models
     # are internal: skip pydantic's scan of every installed distribution for plugins.
@@ -428,6 +426,19 @@ def _run_command(options: argparse.Namespace) -> int:
         return run_journaled(request, journal, renderer.on_event, event_types=renderer.event_types)
 
     return _show_run(options, run, journaled=journal is not None)
+
+
+def _not_a_program(path: Path) -> str | None:
+    """Why ``path`` cannot be a program file, if it cannot."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
+        return f"no such program file: {path}"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory; give the program's .py file"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, a device or a socket)"
+    return None
 
 
 def _show_run(options: argparse.Namespace, run: Any, journaled: bool) -> int:
@@ -567,8 +578,9 @@ def _tui_command(options: argparse.Namespace) -> int:
 
 def _journal_path(options: argparse.Namespace, program: Path | None = None) -> Path:
     """The journal --journal, $CAPSULE_JOURNAL or the default names; UsageError if
-    it is empty or names something other than a file (a FIFO, a device, a
-    socket: SQLite would fail on it with a misleading "disk I/O error")."""
+    it is empty or names something other than a file (a directory; a FIFO, a
+    device or a socket, on which SQLite fails with a misleading "disk I/O
+    error")."""
     from capsule.journal.schema import default_journal
 
     if options.journal is not None and not options.journal:
@@ -578,12 +590,27 @@ def _journal_path(options: argparse.Namespace, program: Path | None = None) -> P
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
         return path  # missing (or unreachable): the journal's own errors say so
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if stat.S_ISDIR(mode):
+        raise UsageError(
+            f"the journal {path} is a directory; pass the journal's file (--journal PATH)"
+        )
+    if not stat.S_ISREG(mode):
         raise UsageError(
             f"the journal {path} is not a regular file (a FIFO, a device or a socket); "
             f"pass --journal PATH for a journal file"
         )
     return path
+
+
+#: What reading or showing a damaged journal record may raise.
+_UNREADABLE_RECORD = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
 
 
 def _read_journal(journal: Path, read: Any, *args: Any) -> Any:
@@ -596,8 +623,19 @@ def _read_journal(journal: Path, read: Any, *args: Any) -> Any:
 
     try:
         return anyio.run(read, *args)
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except _UNREADABLE_RECORD as exc:
         raise JournalError(_unreadable(journal, exc)) from None
+
+
+#: What reading or showing a damaged journal record may raise.
+_UNREADABLE_RECORD = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
 
 
 def _unreadable(journal: Path, exc: BaseException) -> str:
@@ -658,7 +696,7 @@ def _runs_command(options: argparse.Namespace) -> int:
     except (UsageError, JournalError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except _UNREADABLE_RECORD as exc:
         _error(_unreadable(journal, exc))
         return EXIT_USAGE
     print(text)
@@ -698,7 +736,7 @@ def _inspect_command(options: argparse.Namespace) -> int:
     except (UsageError, JournalError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except _UNREADABLE_RECORD as exc:
         _error(_unreadable(journal, exc))
         return EXIT_USAGE
     print(text)

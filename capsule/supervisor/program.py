@@ -151,6 +151,7 @@ def run_program(
     try:
         module = program_module(path)
         project = load_project(path.parent)
+        environment = program_environment(path.parent)
         caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
         caps = caps.tightened(project.caps)
     except (ProgramError, ConfigError) as exc:
@@ -201,7 +202,6 @@ def run_program(
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         try:
-            environment = program_environment(path.parent)
             grants = {
                 name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
                 for name, config in configs.items()
