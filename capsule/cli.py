@@ -449,9 +449,9 @@ def _show_run(options: argparse.Namespace, run: Any, journaled: bool) -> int:
 
     started = time.monotonic()
     _stop_on_sigterm()
-    with StdioWriter() as out:
-        renderer = _Renderer(out, json_output=options.json, verbose=options.verbose)
-        renderer.journaled = journaled
+    kept = "; the journal keeps it" if journaled else ""
+    with StdioWriter(notice_suffix=kept) as out:
+        renderer = _Renderer(out, options.json, options.verbose, journaled)
         try:
             try:
                 report = run(renderer)
@@ -804,12 +804,12 @@ class _Renderer:
     lifecycle, errors, tracebacks, which quote guest text) always show them
     visibly: a log of stderr can be read on a terminal later."""
 
-    def __init__(self, out: StdioWriter, json_output: bool, verbose: bool) -> None:
+    def __init__(self, out: StdioWriter, json_output: bool, verbose: bool, journaled: bool) -> None:
         self.out = out
         self.json_output = json_output
         self.verbose = verbose
         #: Whether the run is journaled (a notice of dropped output says so).
-        self.journaled = False
+        self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
         self.guest_out: Stream = "stderr" if json_output else "stdout"
 
@@ -873,7 +873,7 @@ class _Renderer:
         """Write what is still queued, while its readers take some (a shorter
         while after an interrupt: the user asked to stop); then the exit code.
         A signal meanwhile ends the wait: exit 130."""
-        kept = "; the journal keeps all of it" if self.journaled else ""
+        kept = "; the journal keeps it" if self.journaled else ""
         for stream in STREAMS:
             dropped = self.out.dropped(stream)
             if dropped:

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 
@@ -39,7 +38,8 @@ _FILE_CHUNK_BYTES = 64 * 1024
 class _Queue:
     """One stream's text not yet written."""
 
-    def __init__(self, fd: int, encoding: str) -> None:
+    def __init__(self, name: Stream, fd: int, encoding: str) -> None:
+        self.name = name
         self.fd = fd
         self.encoding = encoding
         #: (order queued, counts against the bound, bytes), oldest first.
@@ -71,13 +71,15 @@ class StdioWriter:
         self,
         *,
         limit: int = BUFFER_LIMIT_BYTES,
-        drop_notice: Callable[[Stream], str] | None = None,
+        notice_suffix: str = "",
     ) -> None:
+        """``notice_suffix`` ends the notices it writes on stderr (where else
+        the dropped text can be found, say)."""
         self._limit = limit
-        self._drop_notice = drop_notice or _default_drop_notice
+        self._notice_suffix = notice_suffix
         self._queues: dict[Stream, _Queue] = {
-            "stdout": _Queue(1, _encoding(sys.stdout)),
-            "stderr": _Queue(2, _encoding(sys.stderr)),
+            "stdout": _Queue("stdout", 1, _encoding(sys.stdout)),
+            "stderr": _Queue("stderr", 2, _encoding(sys.stderr)),
         }
         self._lock = threading.Lock()
         #: Notified whenever something was written (or a stream died).
@@ -123,8 +125,8 @@ class StdioWriter:
                 if queue.dropping or queue.droppable + len(data) > self._limit:
                     if not queue.dropping:
                         queue.dropping = True
-                        notice = self._drop_notice(stream).encode(
-                            self._queues["stderr"].encoding, "backslashreplace"
+                        notice = self._notice(
+                            f"{stream} is not read fast enough: output to it is dropped until it is"
                         )
                     queue.dropped += len(data)
                     data = b""
@@ -228,8 +230,14 @@ class StdioWriter:
             written = os.write(queue.fd, piece)
         except (BlockingIOError, InterruptedError):
             return  # someone made the descriptor non-blocking; select again
-        except OSError:  # EPIPE (the reader is gone), EIO (the terminal closed)
+        except OSError as exc:  # EPIPE (`| head`), EIO (the terminal closed), ENOSPC, ...
             self._kill([queue])
+            if queue is not self._queues["stderr"]:
+                with self._lock:
+                    notice = self._notice(
+                        f"output can no longer be shown ({exc!r} writing {queue.name})"
+                    )
+                    self._append(self._queues["stderr"], notice, droppable=False)
             return
         with self._progress:
             if queue.dead:
@@ -243,9 +251,12 @@ class StdioWriter:
             queue.progress_at = time.monotonic()
             self._progress.notify_all()
 
+    def _notice(self, text: str) -> bytes:
+        line = f"capsule: {text}{self._notice_suffix}\n"
+        return line.encode(self._queues["stderr"].encoding, "backslashreplace")
+
     def _kill(self, queues: list[_Queue]) -> None:
-        """These streams cannot be written any more: what they hold is dropped
-        (silently: a closed stdout, as of `capsule run p.py | head`, is no news)."""
+        """These streams cannot be written any more: what they hold is dropped."""
         with self._progress:
             for queue in queues:
                 queue.dead = True
@@ -264,7 +275,3 @@ def _valid(fd: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def _default_drop_notice(stream: Stream) -> str:
-    return f"capsule: {stream} is not read fast enough: output to it is dropped until it is\n"

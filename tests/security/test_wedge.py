@@ -122,7 +122,7 @@ def test_a_deadline_ends_the_run_while_stdout_is_not_read(
     assert "capsule: error: task 'main' failed (timeout)" in stderr
     assert "capsule: stdout is not read fast enough" in stderr
     assert "bytes of output to stdout were not shown" in stderr
-    assert ("the journal keeps all of it" in stderr) == (journal == "journal")
+    assert ("the journal keeps it" in stderr) == (journal == "journal")
     assert "Traceback" not in stderr
     # What was written is what was printed, from its start.
     os.set_blocking(read_end, False)
@@ -200,3 +200,64 @@ def test_sigterm_stops_the_run_while_neither_stdout_nor_stderr_is_read(
     marker.wait_for_request()
     process.send_signal(signal.SIGTERM)
     assert wait_or_kill(process) == 130
+
+
+def test_sigterm_during_the_final_wait_for_the_reader_exits_130(
+    tmp_path: Path, unread_pipe: tuple[int, int], start: Starter
+) -> None:
+    """The run ended; what it printed waits for a reader that never reads: a
+    signal ends that wait (else the run's own exit code, 0, after it)."""
+    path = write(
+        tmp_path,
+        f"""
+        import sys
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            line = "x" * 65535 + "\\n"
+            for _ in range({PRINTED_MB} * 16):
+                sys.stdout.write(line)
+            return "done"
+        """,
+    )
+    _, write_end = unread_pipe
+    process = start(["run", str(path)], stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    assert process.stderr is not None
+    for line in process.stderr:  # said as the run ends, before the wait
+        if b"bytes of output to stdout were not shown" in line:
+            break
+    else:
+        pytest.fail("no notice of the dropped output")
+    process.send_signal(signal.SIGTERM)
+    assert wait_or_kill(process) == 130
+    assert b"Traceback" not in process.stderr.read()
+
+
+def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path) -> None:
+    """`capsule run p.py > /dev/full`: every write fails (ENOSPC)."""
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            for n in range(1000):
+                print("line", n)
+            return "done"
+        """,
+    )
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "capsule.cli", "run", str(path)],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            timeout=HANG_GUARD_SECONDS,
+        )
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert stderr.count("capsule: output can no longer be shown (OSError(28, ") == 1
+    assert "writing stdout); the journal keeps it" in stderr
+    assert "Traceback" not in stderr
