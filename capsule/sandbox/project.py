@@ -62,7 +62,7 @@ def load_project(program_dir: Path) -> Project:
         return Project()
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
         raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise ConfigError(_too_deep(path)) from None

@@ -206,7 +206,7 @@ def run_program(
                 name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
                 for name, config in configs.items()
             }
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
             first.store.close()
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)

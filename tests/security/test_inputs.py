@@ -172,6 +172,22 @@ def test_capsule_toml_too_large_or_not_utf8_is_refused(prog: Path) -> None:
     refused(capsule_cli("run", str(prog), "--no-journal"), str(toml), "line 3 is not valid UTF-8")
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        # Past int()'s digit limit: tomllib raises a plain ValueError.
+        ("[tasks]\ncompute = " + "9" * 5000, "capsule.toml: cannot be read as TOML"),
+        ("[tasks]\ntimeout = inf", "capsule.toml: [tasks] option timeout=inf is invalid"),
+        ("[tasks]\nram = 1e400", "capsule.toml: [tasks] option ram=inf is invalid"),
+        # A path the OS refuses (ENAMETOOLONG) as the grant is resolved.
+        ("[tasks]\nallowed_files = ['" + "a/" * 3000 + "']", "invalid task config"),
+    ],
+)
+def test_capsule_toml_odd_values_are_refused(prog: Path, content: str, message: str) -> None:
+    (prog.parent / "capsule.toml").write_text(content + "\n")
+    refused(capsule_cli("run", str(prog), "--no-journal"), message)
+
+
 def test_capsule_toml_policy_with_an_infinite_size_is_refused(prog: Path) -> None:
     toml = prog.parent / "capsule.toml"
     toml.write_text(f'[policy]\nmax_ram = "{"9" * 400}TB"\n')

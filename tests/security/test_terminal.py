@@ -14,6 +14,7 @@ import sys
 import textwrap
 import tty
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import capsule_cli
 
@@ -315,3 +316,32 @@ def test_errors_quoting_a_file_name_are_visible(tmp_path: Path) -> None:
     assert done.returncode == 2
     _visible_only(done.stderr)
     assert b"no\\x1b]52;c;SGFja2Vk\\x07such.py" in done.stderr
+
+
+def test_json_output_is_json_even_when_a_result_holds_nan(tmp_path: Path) -> None:
+    """A guest's JSON may hold NaN and Infinity, which JSON has not: a strict
+    reader of the envelope (or of inspect --json) must not choke on it."""
+    path = write(
+        tmp_path,
+        """
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            return {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "ok": 1.5}
+        """,
+    )
+
+    def strict(text: bytes) -> Any:
+        def refuse(name: str) -> Any:
+            raise ValueError(f"{name} is not JSON")
+
+        return json.loads(text, parse_constant=refuse)
+
+    journal = tmp_path / "journal.db"
+    done = capsule_raw("run", str(path), "--json", "--journal", str(journal))
+    assert done.returncode == 0, done.stderr
+    assert strict(done.stdout)["result"] == {"nan": None, "inf": [None, None], "ok": 1.5}
+    shown = capsule_raw("inspect", "--last", "--json", "--journal", str(journal))
+    assert shown.returncode == 0, shown.stderr
+    strict(shown.stdout)
