@@ -44,6 +44,8 @@ class _Queue:
         self.encoding = encoding
         #: (order queued, counts against the bound, bytes), oldest first.
         self.chunks: deque[tuple[int, bool, bytes]] = deque()
+        #: Bytes of the oldest chunk already written.
+        self.written = 0
         #: Bytes queued that count against the bound (droppable ones).
         self.droppable = 0
         self.dropping = False
@@ -224,10 +226,10 @@ class StdioWriter:
         flow, stdout and stderr keep the order they were written in."""
         with self._lock:
             queue = min(ready, key=lambda q: q.chunks[0][0])
-            sequence, counted, data = queue.chunks[0]
-        piece = data[: queue.chunk_bytes]
+            _, counted, data = queue.chunks[0]
+            start = queue.written
         try:
-            written = os.write(queue.fd, piece)
+            written = os.write(queue.fd, memoryview(data)[start : start + queue.chunk_bytes])
         except (BlockingIOError, InterruptedError):
             return  # someone made the descriptor non-blocking; select again
         except OSError as exc:  # EPIPE (`| head`), EIO (the terminal closed), ENOSPC, ...
@@ -242,10 +244,10 @@ class StdioWriter:
         with self._progress:
             if queue.dead:
                 return  # killed meanwhile: its counts were reset
-            if written < len(data):
-                queue.chunks[0] = (sequence, counted, data[written:])
-            else:
+            queue.written += written
+            if queue.written == len(data):
                 queue.chunks.popleft()
+                queue.written = 0
             if counted:
                 queue.droppable -= written
             queue.progress_at = time.monotonic()
@@ -261,7 +263,7 @@ class StdioWriter:
             for queue in queues:
                 queue.dead = True
                 queue.chunks.clear()
-                queue.droppable = 0
+                queue.written = queue.droppable = 0
             self._progress.notify_all()
 
 
