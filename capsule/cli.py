@@ -18,6 +18,7 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -441,13 +442,18 @@ def _not_a_program(path: Path) -> str | None:
     return None
 
 
-def _show_run(options: argparse.Namespace, run: Any, journaled: bool) -> int:
+def _show_run(
+    options: argparse.Namespace,
+    run: Callable[[_Renderer], Any],
+    journaled: bool,
+    started: float | None = None,
+) -> int:
     """Run (``run(renderer)`` returns the report) and show it; the exit code. What
     the run prints goes through a writer that never blocks it; at the end, what
     is still queued is written while its reader takes some (see _Renderer.end)."""
     from capsule.journal.schema import JournalError
 
-    started = time.monotonic()
+    started = time.monotonic() if started is None else started
     _stop_on_sigterm()
     kept = "; the journal keeps it" if journaled else ""
     with StdioWriter(notice_suffix=kept) as out:
@@ -510,6 +516,7 @@ def _run_with_tui(
     from capsule.tui.app import CapsuleApp
     from capsule.tui.sources import LiveSource
 
+    started = time.monotonic()
     source = LiveSource(str(path.resolve()))
     reports: list[Any] = []
 
@@ -533,7 +540,7 @@ def _run_with_tui(
         thread.join()
     report = reports[0]
     # The outcome stays on the terminal once the TUI is gone.
-    return _show_run(options, lambda _: report, journaled=journal is not None)
+    return _show_run(options, lambda _: report, journal is not None, started)
 
 
 def _in_terminal(what: str) -> bool:
@@ -613,7 +620,7 @@ _UNREADABLE_RECORD = (
 )
 
 
-def _read_journal(journal: Path, read: Any, *args: Any) -> Any:
+def _read_journal(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """``read(*args)`` (a reader of capsule.journal.reader); a JournalError also
     if the journal holds a record this Capsule cannot make sense of (a damaged
     or forged journal is input like any other)."""
