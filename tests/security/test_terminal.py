@@ -81,11 +81,16 @@ def run_on_terminal(
     return code, bytes(received["stdout"]), bytes(received["stderr"])
 
 
-def capsule_raw(*args: str) -> subprocess.CompletedProcess[bytes]:
+def capsule_raw(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
     """`capsule ARGS` on pipes, its output as bytes (text mode would turn a lone
     carriage return into a line end)."""
     return subprocess.run(
-        [sys.executable, "-m", "capsule.cli", *args], capture_output=True, timeout=300
+        [sys.executable, "-m", "capsule.cli", *args],
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -345,3 +350,24 @@ def test_json_output_is_json_even_when_a_result_holds_nan(tmp_path: Path) -> Non
     shown = capsule_raw("inspect", "--last", "--json", "--journal", str(journal))
     assert shown.returncode == 0, shown.stderr
     strict(shown.stdout)
+
+
+def test_text_the_output_encoding_cannot_hold_is_escaped_not_a_traceback(tmp_path: Path) -> None:
+    """PYTHONIOENCODING=ascii (or a Latin-1 locale) and a task printing Chinese."""
+    path = write(
+        tmp_path,
+        """
+        import sys
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            print("\u4e2d\u6587 ok")
+            print("\u2713 err", file=sys.stderr)
+            return "r\u00e9sum\u00e9"
+        """,
+    )
+    done = capsule_raw("run", str(path), "--no-journal", env={"PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"\\u4e2d\\u6587 ok\nr\\xe9sum\\xe9\n"
+    assert done.stderr == b"\\u2713 err\n"
