@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import select
 import signal
+import stat
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
+
+from capsule.stdio import STREAMS, StdioWriter, Stream
+from capsule.terminal import visible
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -28,8 +36,53 @@ class UsageError(Exception):
     """Bad command-line input; reported with exit code 2."""
 
 
+#: Largest value of a count flag (--cpu-slots, --max-live-tasks, ...).
+MAX_COUNT = 1_000_000_000
+#: Largest --retry-backoff, in seconds.
+MAX_RETRY_BACKOFF_S = 3600.0
+#: After a run, how long output still queued waits for a reader that takes
+#: nothing before it is dropped (and after an interrupt, which asked to stop).
+DRAIN_STALL_SECONDS = 10.0
+DRAIN_STALL_AFTER_INTERRUPT_SECONDS = 1.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose messages quote what was typed (file names included)
+    with control characters shown, not sent to the terminal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {visible(message)}\n")
+
+
+def _count(text: str) -> int:
+    """A count flag's value: a whole number from 1 to MAX_COUNT."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range; expected a whole number from 1 to {MAX_COUNT:,}"
+        )
+    return value
+
+
+def _backoff_seconds(text: str) -> float:
+    """--retry-backoff: seconds, finite, from 0 to MAX_RETRY_BACKOFF_S."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 <= value <= MAX_RETRY_BACKOFF_S):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range; expected seconds from 0 to {MAX_RETRY_BACKOFF_S:g}"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="capsule",
         description="Run multi-agent Python workflows with every task in its own WebAssembly sandbox.",
     )
@@ -65,19 +118,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--cpu-slots",
         metavar="N",
-        type=int,
+        type=_count,
         help="instances running wasm at once, shared round-robin (default: CPU cores)",
     )
     run.add_argument(
-        "--max-live-tasks", metavar="N", type=int, help="tasks alive at once in the run (512)"
+        "--max-live-tasks", metavar="N", type=_count, help="tasks alive at once in the run (512)"
     )
     run.add_argument(
-        "--max-children", metavar="N", type=int, help="running children per task (256)"
+        "--max-children", metavar="N", type=_count, help="running children per task (256)"
     )
     run.add_argument(
         "--mailbox-capacity",
         metavar="N",
-        type=int,
+        type=_count,
         help="messages a mailbox holds before send waits (1000)",
     )
     run.add_argument(
@@ -116,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--retry-backoff",
         metavar="SECONDS",
-        type=float,
+        type=_backoff_seconds,
         default=None,
         help="delay before the first retry, doubled for each further one (default 0.05)",
     )
@@ -193,6 +246,7 @@ def _journal_option(command: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    _open_standard_streams()
     parser = _parser()
     try:
         # Known-args, so that `capsule run FILE a --verbose b` works as people type it:
@@ -212,60 +266,161 @@ def main(argv: list[str] | None = None) -> NoReturn:
         "inspect": _inspect_command,
         "tui": _tui_command,
     }
-    code = commands[options.command](options)
+    try:
+        code = commands[options.command](options)
+        if argv is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+    except KeyboardInterrupt:  # a listing or a message written to a reader that stalls
+        _say_now("capsule: error: interrupted\n")
+        code = EXIT_INTERRUPTED
+        if argv is None:
+            os._exit(code)  # what is left in stdout's buffer would block again
+    except BrokenPipeError:  # `capsule runs | head -1`: the reader has what it wanted
+        _discard_stdout()
+        code = EXIT_OK
     if argv is None:
         # Invoked as the `capsule` program: every instance and thread of the run
         # is closed by now, so skip the interpreter's teardown of wasmtime, pydantic
         # and asyncio modules (about 0.1 s) once the output is flushed.
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 
 
+def _open_standard_streams() -> None:
+    """stdin, stdout and stderr open, on /dev/null if they were closed
+    (`capsule run p.py >&-`): else the journal, opened next, would get
+    descriptor 1, and what is meant for stdout would be written into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    # Python leaves a stream that was closed at start-up as None.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+
+
+def _discard_stdout() -> None:
+    """stdout's reader is gone: /dev/null from here (Python would fail flushing
+    it at exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _say_now(text: str) -> None:
+    """A last word on stderr, written only if stderr takes it at once: nothing
+    waits for a reader that does not read."""
+    data = text.encode(sys.stderr.encoding or "utf-8", "backslashreplace")[: select.PIPE_BUF]
+    try:
+        _, writable, _ = select.select([], [2], [], 0)
+        if writable:
+            os.write(2, data)
+    except (OSError, ValueError):
+        pass
+
+
 def _error(message: str) -> None:
-    sys.stderr.write(f"capsule: error: {message}\n")
+    """Report a usage or journal error before or without a run."""
+    sys.stderr.write(f"capsule: error: {visible(message)}\n")
 
 
 def _parse_args_json(raw: str | None, plain: list[str]) -> list[Any]:
+    """main's arguments: ARGS as strings, or --args-json as typed values. Both must
+    be text (a lone surrogate, from an argument that is not UTF-8 or from a
+    "\\ud800" escape, is refused) and JSON as RFC 8259 has it (no NaN, no
+    Infinity)."""
     if raw is None:
+        for number, arg in enumerate(plain, 1):
+            if not _is_text(arg):
+                raise UsageError(f"argument {number} for main is not valid UTF-8: {arg!r}")
         return list(plain)
     if plain:
         raise UsageError("give either ARGS or --args-json, not both")
+    if not _is_text(raw):
+        raise UsageError("--args-json is not valid UTF-8")
+
+    def refuse_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON; give a number, or a string")
+
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, parse_constant=refuse_constant)
+    except RecursionError:
+        raise UsageError("--args-json is nested too deeply") from None
     except ValueError as exc:
         raise UsageError(f"--args-json is not valid JSON: {exc}") from None
     if not isinstance(value, list):
         raise UsageError(
             f"--args-json must be a JSON list of arguments, got {type(value).__name__}"
         )
+    if not _all_text(value):
+        raise UsageError(
+            '--args-json holds a string with a lone surrogate (such as "\\ud800"), '
+            "which is not text; escape whole characters only"
+        )
     return value
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _all_text(value: Any) -> bool:
+    """Whether every string in a JSON value (keys too) is text (walked without
+    recursion: the value may be nested as deep as the parser allows)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_text(item):
+                return False
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return True
+
+
+def _as_json(value: Any) -> str:
+    """JSON text any reader accepts: a non-finite float, which a guest's JSON may
+    hold and JSON has not, is written as null (as JavaScript writes it)."""
+    try:
+        return json.dumps(value, indent=2, allow_nan=False)
+    except ValueError:
+        finite = json.loads(json.dumps(value), parse_constant=lambda _: None)
+        return json.dumps(finite, indent=2, allow_nan=False)
+
+
 def _run_command(options: argparse.Namespace) -> int:
+    path = Path(options.file)
     try:
         args = _parse_args_json(options.args_json, options.args)
-        if options.retry_backoff is not None and options.retry_backoff < 0:
-            raise UsageError("--retry-backoff must be >= 0")
+        if options.no_journal and options.journal is not None:
+            raise UsageError("give either --journal or --no-journal, not both")
+        journal = None if options.no_journal else _journal_path(options, program=path)
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    path = Path(options.file)
-    if path.is_dir():
-        _error(f"{path} is a directory; give the program's .py file")
-        return EXIT_USAGE
-    if not path.is_file():
-        _error(f"no such program file: {path}")
+    problem = _not_a_program(path)
+    if problem is not None:
+        _error(problem)
         return EXIT_USAGE
     # Heavy imports (wasmtime, pydantic) only once there is work to do. Our models
     # are internal: skip pydantic's scan of every installed distribution for plugins.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.supervisor.program import RunRequest, run_program
 
-    if options.no_journal and options.journal:
-        _error("give either --journal or --no-journal, not both")
-        return EXIT_USAGE
     request = RunRequest(
         path=path,
         args=args,
@@ -284,42 +439,73 @@ def _run_command(options: argparse.Namespace) -> int:
         max_task_output=options.max_task_output,
         max_run_journal=options.max_run_journal,
     )
-    renderer = _Renderer(json_output=options.json, verbose=options.verbose)
-    started = time.monotonic()
     if options.tui:
         if not _in_terminal("--tui"):
             return EXIT_USAGE
-        return _run_with_tui(request, options, renderer, path)
-    _stop_on_sigterm()
+        return _run_with_tui(request, options, journal, path)
+
+    def run(renderer: _Renderer) -> Any:
+        if journal is None:
+            return run_program(request, renderer.on_event, event_types=renderer.event_types)
+        from capsule.journal.session import run_journaled
+
+        return run_journaled(request, journal, renderer.on_event, event_types=renderer.event_types)
+
+    return _show_run(options, run, journaled=journal is not None)
+
+
+def _not_a_program(path: Path) -> str | None:
+    """Why ``path`` cannot be a program file, if it cannot."""
     try:
-        if options.no_journal:
-            report = run_program(request, renderer.on_event, event_types=renderer.event_types)
-        else:
-            from capsule.journal.schema import JournalError, default_journal
-            from capsule.journal.session import run_journaled
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
+        return f"no such program file: {path}"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory; give the program's .py file"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file (a FIFO, a device or a socket)"
+    return None
 
-            journal = Path(options.journal) if options.journal else default_journal(path)
+
+def _show_run(
+    options: argparse.Namespace,
+    run: Callable[[_Renderer], Any],
+    journaled: bool,
+    started: float | None = None,
+) -> int:
+    """Run (``run(renderer)`` returns the report) and show it; the exit code. What
+    the run prints goes through a writer that never blocks it; at the end, what
+    is still queued is written while its reader takes some (see _Renderer.end)."""
+    from capsule.journal.schema import JournalError
+
+    started = time.monotonic() if started is None else started
+    _stop_on_sigterm()
+    kept = "; the journal keeps it" if journaled else ""
+    with StdioWriter(notice_suffix=kept) as out:
+        renderer = _Renderer(out, options.json, options.verbose, journaled)
+        try:
             try:
-                report = run_journaled(
-                    request, journal, renderer.on_event, event_types=renderer.event_types
-                )
+                report = run(renderer)
             except JournalError as exc:
-                _error(str(exc))
-                return EXIT_USAGE
-    except KeyboardInterrupt:  # before the run started, or while it was cleaning up
-        _error(f"interrupted after {time.monotonic() - started:.1f}s")
-        return EXIT_INTERRUPTED
-    return _report(renderer, report, started, resumable=not options.no_journal)
-
-
-def _report(renderer: _Renderer, report: Any, started: float, resumable: bool) -> int:
-    renderer.finish(report)
-    if report.interrupted:
-        hint = f"; resume with `capsule resume {report.run_id}`" if resumable else ""
-        _error(
-            f"interrupted after {time.monotonic() - started:.1f}s; every task was cancelled{hint}"
-        )
-    return _exit_code(report)
+                renderer.error(str(exc))
+                return renderer.end(EXIT_USAGE)
+            except KeyboardInterrupt:  # before the run started, or while it was cleaning up
+                renderer.error(f"interrupted after {time.monotonic() - started:.1f}s")
+                return renderer.end(EXIT_INTERRUPTED, interrupted=True)
+            renderer.finish(report)
+            if report.interrupted:
+                hint = (
+                    f"; resume with `capsule resume {report.run_id}`"
+                    if journaled and report.run_id
+                    else ""
+                )
+                renderer.error(
+                    f"interrupted after {time.monotonic() - started:.1f}s; every task was "
+                    f"cancelled{hint}"
+                )
+            return renderer.end(_exit_code(report), interrupted=report.interrupted)
+        except KeyboardInterrupt:  # while the outcome was being written: stop now
+            return EXIT_INTERRUPTED
 
 
 def _stop_on_sigterm() -> None:
@@ -328,18 +514,6 @@ def _stop_on_sigterm() -> None:
     would die at once, like kill -9 (resumable too, but with the last moments of
     the journal and of the output lost)."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-
-
-def _print_out(text: str) -> None:
-    """The run's outcome on stdout. If stdout was closed (`capsule run ... | head`),
-    it is not shown; what follows on stderr and the exit code still are."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # Python would also fail flushing stdout at exit: /dev/null from here.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
 
 
 def _exit_code(report: Any) -> int:
@@ -354,28 +528,28 @@ def _exit_code(report: Any) -> int:
 
 
 def _run_with_tui(
-    request: Any, options: argparse.Namespace, renderer: _Renderer, path: Path
+    request: Any, options: argparse.Namespace, journal: Path | None, path: Path
 ) -> int:
     """The run on a thread this function owns; the TUI on the main thread. Quitting
     the TUI while the run goes on stops the run (resumable); the exit code is the
     run's."""
     import threading
 
-    from capsule.journal.schema import JournalError, default_journal
+    from capsule.journal.schema import JournalError
     from capsule.journal.session import run_journaled
     from capsule.supervisor.program import RunReport, run_program
     from capsule.tui.app import CapsuleApp
     from capsule.tui.sources import LiveSource
 
+    started = time.monotonic()
     source = LiveSource(str(path.resolve()))
     reports: list[Any] = []
 
     def run() -> None:
         try:
-            if options.no_journal:
+            if journal is None:
                 report = run_program(request, source.on_event, on_run=source.on_run)
             else:
-                journal = Path(options.journal) if options.journal else default_journal(path)
                 report = run_journaled(request, journal, source.on_event, on_run=source.on_run)
         except JournalError as exc:
             report = RunReport(journal_error=str(exc))
@@ -390,8 +564,8 @@ def _run_with_tui(
         source.stop()
         thread.join()
     report = reports[0]
-    renderer.finish(report)  # the outcome stays on the terminal once the TUI is gone
-    return _exit_code(report)
+    # The outcome stays on the terminal once the TUI is gone.
+    return _show_run(options, lambda _: report, journal is not None, started)
 
 
 def _in_terminal(what: str) -> bool:
@@ -409,25 +583,23 @@ def _in_terminal(what: str) -> bool:
 
 
 def _tui_command(options: argparse.Namespace) -> int:
-    import anyio
-
     from capsule.journal.reader import find_run, list_runs
     from capsule.journal.schema import JournalError
     from capsule.tui.app import CapsuleApp
     from capsule.tui.sources import JournalSource
 
-    journal = _journal_path(options)
     try:
+        journal = _journal_path(options)
         if options.run_id is not None:
-            record = anyio.run(find_run, journal, options.run_id)
+            record = _read_journal(journal, find_run, journal, options.run_id)
             app = CapsuleApp(JournalSource(journal, record))
         else:
-            runs = anyio.run(list_runs, journal)
+            runs = _read_journal(journal, list_runs, journal)
             if not runs:
                 raise JournalError(f"the journal {journal} holds no runs yet")
             by_id = {run.run_id: run for run in runs}
             app = CapsuleApp(picker=(runs, lambda run_id: JournalSource(journal, by_id[run_id])))
-    except JournalError as exc:
+    except (UsageError, JournalError) as exc:
         _error(str(exc))
         return EXIT_USAGE
     if not _in_terminal("capsule tui"):
@@ -436,10 +608,73 @@ def _tui_command(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _journal_path(options: argparse.Namespace) -> Path:
+def _journal_path(options: argparse.Namespace, program: Path | None = None) -> Path:
+    """The journal --journal, $CAPSULE_JOURNAL or the default names; UsageError if
+    it is empty or names something other than a file (a directory; a FIFO, a
+    device or a socket, on which SQLite fails with a misleading "disk I/O
+    error")."""
     from capsule.journal.schema import default_journal
 
-    return Path(options.journal) if options.journal else default_journal()
+    if options.journal is not None and not options.journal:
+        raise UsageError("--journal needs a path (or give --no-journal)")
+    path = Path(options.journal) if options.journal else default_journal(program)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return path  # missing (or unreachable): the journal's own errors say so
+    if stat.S_ISDIR(mode):
+        raise UsageError(
+            f"the journal {path} is a directory; pass the journal's file (--journal PATH)"
+        )
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"the journal {path} is not a regular file (a FIFO, a device or a socket); "
+            f"pass --journal PATH for a journal file"
+        )
+    return path
+
+
+#: What reading or showing a damaged journal record may raise.
+_UNREADABLE_RECORD = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
+
+
+def _read_journal(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """``read(*args)`` (a reader of capsule.journal.reader); a JournalError also
+    if the journal holds a record this Capsule cannot make sense of (a damaged
+    or forged journal is input like any other)."""
+    import anyio
+
+    from capsule.journal.schema import JournalError
+
+    try:
+        return anyio.run(read, *args)
+    except _UNREADABLE_RECORD as exc:
+        raise JournalError(_unreadable(journal, exc)) from None
+
+
+#: What reading or showing a damaged journal record may raise.
+_UNREADABLE_RECORD = (
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
+
+
+def _unreadable(journal: Path, exc: BaseException) -> str:
+    return (
+        f"the journal {journal} holds a record this Capsule cannot read "
+        f"({type(exc).__name__}: {exc}); it may be damaged"
+    )
 
 
 def _one_run_given(options: argparse.Namespace) -> bool:
@@ -452,16 +687,17 @@ def _one_run_given(options: argparse.Namespace) -> bool:
 def _resume_command(options: argparse.Namespace) -> int:
     if not _one_run_given(options):
         return EXIT_USAGE
+    try:
+        journal = _journal_path(options)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
-    from capsule.journal.schema import JournalError
     from capsule.journal.session import resume_journaled
 
-    renderer = _Renderer(json_output=options.json, verbose=options.verbose)
-    started = time.monotonic()
-    _stop_on_sigterm()
-    try:
-        report = resume_journaled(
-            _journal_path(options),
+    def run(renderer: _Renderer) -> Any:
+        return resume_journaled(
+            journal,
             options.run_id,
             options.force,
             renderer.on_event,
@@ -475,97 +711,147 @@ def _resume_command(options: argparse.Namespace) -> int:
                 if value is not None
             },
         )
-    except JournalError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        _error(f"interrupted after {time.monotonic() - started:.1f}s")
-        return EXIT_INTERRUPTED
-    return _report(renderer, report, started, resumable=True)
+
+    return _show_run(options, run, journaled=True)
 
 
 def _runs_command(options: argparse.Namespace) -> int:
-    import anyio
-
     from capsule.journal.reader import list_runs
     from capsule.journal.schema import JournalError
 
     try:
-        runs = anyio.run(list_runs, _journal_path(options))
-    except JournalError as exc:
+        journal = _journal_path(options)
+        runs = _read_journal(journal, list_runs, journal)
+        if options.json:
+            text = _as_json([run.summary() for run in runs])
+        elif not runs:
+            text = "no runs journaled yet"
+        else:
+            text = "\n".join(
+                [
+                    f"{'RUN ID':12}  {'STATUS':11}  {'STARTED':19}  {'DURATION':>9}  PROGRAM",
+                    *(_run_line(run) for run in runs),
+                ]
+            )
+    except (UsageError, JournalError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    if options.json:
-        print(json.dumps([run.summary() for run in runs], indent=2))
-        return EXIT_OK
-    if not runs:
-        print("no runs journaled yet")
-        return EXIT_OK
-    print(f"{'RUN ID':12}  {'STATUS':11}  {'STARTED':19}  {'DURATION':>9}  PROGRAM")
-    for run in runs:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
-        duration = "-" if run.duration_s is None else f"{run.duration_s:.2f}s"
-        status = run.shown_status + (f" +{run.resumes}" if run.resumes else "")
-        print(f"{run.run_id:12}  {status:11}  {started:19}  {duration:>9}  {run.program}")
+    except _UNREADABLE_RECORD as exc:
+        _error(_unreadable(journal, exc))
+        return EXIT_USAGE
+    print(text)
     return EXIT_OK
 
 
-def _inspect_command(options: argparse.Namespace) -> int:
-    import anyio
+def _run_line(run: Any) -> str:
+    """A run in `capsule runs`: one line, whatever its journal says."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
+    duration = "-" if run.duration_s is None else f"{run.duration_s:.2f}s"
+    status = run.shown_status + (f" +{run.resumes}" if run.resumes else "")
+    return (
+        f"{_field(run.run_id):12}  {_field(status):11}  {started:19}  {duration:>9}  "
+        f"{_field(run.program)}"
+    )
 
+
+def _field(value: Any) -> str:
+    """A value from a journal or a guest, on one line, shown not acted on."""
+    return visible(str(value), one_line=True)
+
+
+def _inspect_command(options: argparse.Namespace) -> int:
     from capsule.journal.reader import find_run, load_tasks
     from capsule.journal.schema import JournalError
 
     if not _one_run_given(options):
         return EXIT_USAGE
-    journal = _journal_path(options)
     try:
-        run = anyio.run(find_run, journal, options.run_id)
-        tasks = anyio.run(load_tasks, journal, run.run_id)
-    except JournalError as exc:
+        journal = _journal_path(options)
+        run = _read_journal(journal, find_run, journal, options.run_id)
+        tasks = _read_journal(journal, load_tasks, journal, run.run_id)
+        if options.json:
+            text = _as_json({**run.summary(), "tasks": [t.as_dict() for t in tasks]})
+        else:
+            text = "\n".join(_inspect_lines(run, tasks))
+    except (UsageError, JournalError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    if options.json:
-        print(json.dumps({**run.summary(), "tasks": [t.as_dict() for t in tasks]}, indent=2))
-        return EXIT_OK
+    except _UNREADABLE_RECORD as exc:
+        _error(_unreadable(journal, exc))
+        return EXIT_USAGE
+    print(text)
+    return EXIT_OK
+
+
+#: Levels of the task tree `capsule inspect` indents (task calls nest up to 64).
+_MAX_INDENT = 65
+
+
+def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
+    """A run and its task tree, a line each, guest text shown not acted on."""
     duration = "" if run.duration_s is None else f" in {run.duration_s:.2f}s"
     resumed = f", resumed {run.resumes}x" if run.resumes else ""
-    print(f"run {run.run_id}: {run.shown_status}{duration}{resumed}  ({run.program})")
+    lines = [
+        f"run {_field(run.run_id)}: {_field(run.shown_status)}{duration}{resumed}  "
+        f"({_field(run.program)})"
+    ]
     children: dict[str | None, list[Any]] = {}
     for task in tasks:
         children.setdefault(task.parent_id, []).append(task)
 
-    def show(task: Any, depth: int) -> None:
-        outcome = ""
-        if task.error is not None:
-            kind, message = task.error.get("kind"), str(task.error.get("message"))
-            outcome = f"  {message}" if message.startswith(f"{kind}:") else f"  {kind}: {message}"
-        elif task.result_json is not None:
-            text = (
-                task.result_json if len(task.result_json) <= 60 else task.result_json[:57] + "..."
-            )
-            outcome = f"  -> {text}"
-        print(
-            f"{'  ' * depth}{task.task_id} {task.name}  [{task.status}]  "
-            f"attempt {task.attempt}/{task.max_attempts}  {task.duration_ms:.1f} ms  "
-            f"fuel {task.fuel:,}{outcome}"
-        )
-        for child in children.get(task.task_id, []):
-            show(child, depth + 1)
+    # Walked with a stack, each record once: a damaged or forged journal may
+    # hold a chain of any depth, or a task listed as its own child.
+    stack = [(root, 1) for root in reversed(children.get(None, []))]
+    shown: set[int] = set()
+    while stack:
+        task, depth = stack.pop()
+        if id(task) in shown:
+            continue
+        shown.add(id(task))
+        # Indented up to the deepest nesting a run can have (a forged chain must
+        # not make the listing quadratic).
+        lines.append(f"{'  ' * min(depth, _MAX_INDENT)}{_task_line(task)}")
+        stack.extend((child, depth + 1) for child in reversed(children.get(task.task_id, [])))
+    return lines
 
-    for root in children.get(None, []):
-        show(root, 1)
-    return EXIT_OK
+
+def _task_line(task: Any) -> str:
+    outcome = ""
+    if task.error is not None:
+        kind, message = str(task.error.get("kind")), str(task.error.get("message"))
+        outcome = f"  {message}" if message.startswith(f"{kind}:") else f"  {kind}: {message}"
+    elif task.result_json is not None:
+        text = str(task.result_json)
+        outcome = f"  -> {text if len(text) <= 60 else text[:57] + '...'}"
+    return (
+        f"{_field(task.task_id)} {_field(task.name)}  [{_field(task.status)}]  "
+        f"attempt {task.attempt}/{task.max_attempts}  {task.duration_ms:.1f} ms  "
+        f"fuel {task.fuel:,}{_field(outcome)}"
+    )
+
+
+#: A line of text with its end, or the unfinished last one.
+_LINES = re.compile(r"[^\n]*\n|[^\n]+")
 
 
 class _Renderer:
-    """Shows a run on the terminal: guest output, --verbose lifecycle, the outcome."""
+    """Shows a run: guest output, --verbose lifecycle, the outcome. It never
+    waits for a reader: all it writes goes through a StdioWriter.
 
-    def __init__(self, json_output: bool, verbose: bool) -> None:
+    Guest output (what tasks print, and the result) is shown as it is, byte for
+    byte, on a pipe or in a file; on a terminal, its control characters and
+    escape sequences are shown as visible escapes. Capsule's own messages (the
+    lifecycle, errors, tracebacks, which quote guest text) always show them
+    visibly: a log of stderr can be read on a terminal later."""
+
+    def __init__(self, out: StdioWriter, json_output: bool, verbose: bool, journaled: bool) -> None:
+        self.out = out
         self.json_output = json_output
         self.verbose = verbose
+        #: Whether the run is journaled (a notice of dropped output says so).
+        self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
-        self.guest_out = sys.stderr if json_output else sys.stdout
+        self.guest_out: Stream = "stderr" if json_output else "stdout"
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -577,94 +863,128 @@ class _Renderer:
     def on_event(self, event: Any) -> None:
         kind = event.type
         if kind == "output":
-            stream = sys.stderr if event.stream == "stderr" else self.guest_out
+            stream: Stream = "stderr" if event.stream == "stderr" else self.guest_out
+            text = visible(event.text) if self.out.is_terminal(stream) else event.text
             if self.verbose:
-                prefix = f"[{event.task_id} {event.task}] "
-                lines = event.text.splitlines(keepends=True)
-                stream.write("".join(prefix + line for line in lines))
-            else:
-                stream.write(event.text)
-            stream.flush()
+                prefix = f"[{_field(event.task_id)} {_field(event.task)}] "
+                text = "".join(prefix + line for line in _LINES.findall(text))
+            self.out.write(stream, text)
             return
-        if not self.verbose:
-            return
-        label = f"{event.task_id} ({event.task})" if event.task_id != event.task else event.task
-        if kind == "started":
-            line = f"started {label}, attempt {event.attempt}/{event.max_attempts}"
-        elif kind == "completed":
-            line = (
-                f"completed {label} in {event.duration_ms:.1f} ms, "
-                f"fuel {event.fuel_consumed:,} (attempt {event.attempt})"
-            )
-        elif kind == "retrying":
-            line = (
-                f"retrying {label}: attempt {event.attempt} failed "
-                f"({event.error.kind}: {event.error.message}); next in {event.backoff_s:.2f}s"
-            )
-        elif kind == "failed":
-            line = (
-                f"failed {label} ({event.error.kind}) after {event.attempt} attempt(s): "
-                f"{event.error.message}"
-            )
-        elif kind == "cancelled":
-            line = f"cancelled {label}: {event.error.message}"
-        elif kind == "restarting":
-            line = f"restarting {label}: {event.reason}"
-        elif kind == "hibernated":
-            line = (
-                f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "
-                f"of memory it had only read"
-            )
-        elif kind == "messages_returned":
-            line = (
-                f"{len(event.message_ids)} message(s) {label} had taken and not received went "
-                f"back to its mailbox as attempt {event.attempt} ended"
-            )
-        elif kind == "http":
-            outcome = event.status if event.error_kind is None else event.error_kind
-            line = (
-                f"http {label}: {event.method} {event.url} -> {outcome} "
-                f"in {event.duration_ms:.0f} ms ({event.response_bytes:,} bytes)"
-            )
-        elif kind == "replayed" and event.outcome is not None:
-            line = f"replayed {label}: {event.outcome} (from the journal, not run again)"
-        elif kind == "replayed":
-            line = (
-                f"replaying {label}, attempt {event.attempt}: its first {event.steps} host "
-                f"call(s) answered from the journal, then live"
-            )
-        else:
-            return
-        sys.stderr.write(f"capsule: {line}\n")
-        sys.stderr.flush()
+        if self.verbose:
+            line = _lifecycle_line(event)
+            if line is not None:
+                self.out.write("stderr", f"capsule: {_field(line)}\n")
+
+    def error(self, message: str) -> None:
+        self.out.write("stderr", f"capsule: error: {visible(message)}\n", droppable=False)
 
     def finish(self, report: Any) -> None:
         """Show how the run ended (its exit code is ``_exit_code``)."""
         if self.json_output:
-            _print_out(json.dumps(report.envelope(), indent=2))
+            self.out.write("stdout", _as_json(report.envelope()) + "\n", droppable=False)
         if report.journal_error is not None:
-            _error(f"the run was stopped: {report.journal_error}")
+            self.error(f"the run was stopped: {report.journal_error}")
             return
         nothing_ran = report.usage_error or report.runtime_error
         if nothing_ran is not None:
-            _error(nothing_ran)
+            self.error(nothing_ran)
             if report.traceback:
-                sys.stderr.write(report.traceback)
+                self.out.write("stderr", visible(report.traceback), droppable=False)
             return
         result = report.result
         if self.json_output or report.interrupted:
             pass  # the envelope says it all; an interrupt is reported by the caller
         elif result.ok:
             value = result.value()
-            _print_out(value if isinstance(value, str) else json.dumps(value))
+            text = value if isinstance(value, str) else json.dumps(value)
+            if self.out.is_terminal("stdout"):
+                text = visible(text)
+            self.out.write("stdout", text + "\n", droppable=False)
         else:
             error = result.error
-            _error(
+            self.error(
                 f"task {error.task!r} failed ({error.kind}) after {result.attempts} attempt(s): "
                 f"{error.message}"
             )
             if error.traceback and error.kind == "exception":
-                sys.stderr.write(error.traceback)
+                self.out.write("stderr", visible(error.traceback), droppable=False)
+
+    def end(self, code: int, interrupted: bool = False) -> int:
+        """Write what is still queued, while its readers take some (a shorter
+        while after an interrupt: the user asked to stop); then the exit code.
+        A signal meanwhile ends the wait: exit 130."""
+        kept = "; the journal keeps it" if self.journaled else ""
+        for stream in STREAMS:
+            dropped = self.out.dropped(stream)
+            if dropped:
+                self.out.write(
+                    "stderr",
+                    f"capsule: {dropped:,} bytes of output to {stream} were not shown: "
+                    f"it was not read fast enough{kept}\n",
+                    droppable=False,
+                )
+        stall = DRAIN_STALL_AFTER_INTERRUPT_SECONDS if interrupted else DRAIN_STALL_SECONDS
+        try:
+            written = self.out.drain(stall)
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        if not written:
+            self.out.close()
+            _say_now(
+                f"capsule: output left unwritten: its reader took nothing for {stall:g}s{kept}\n"
+            )
+        return code
+
+
+def _lifecycle_line(event: Any) -> str | None:
+    """The --verbose line of a lifecycle event (None: not shown)."""
+    kind = event.type
+    label = f"{event.task_id} ({event.task})" if event.task_id != event.task else event.task
+    if kind == "started":
+        return f"started {label}, attempt {event.attempt}/{event.max_attempts}"
+    if kind == "completed":
+        return (
+            f"completed {label} in {event.duration_ms:.1f} ms, "
+            f"fuel {event.fuel_consumed:,} (attempt {event.attempt})"
+        )
+    if kind == "retrying":
+        return (
+            f"retrying {label}: attempt {event.attempt} failed "
+            f"({event.error.kind}: {event.error.message}); next in {event.backoff_s:.2f}s"
+        )
+    if kind == "failed":
+        return (
+            f"failed {label} ({event.error.kind}) after {event.attempt} attempt(s): "
+            f"{event.error.message}"
+        )
+    if kind == "cancelled":
+        return f"cancelled {label}: {event.error.message}"
+    if kind == "restarting":
+        return f"restarting {label}: {event.reason}"
+    if kind == "hibernated":
+        return (
+            f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "
+            f"of memory it had only read"
+        )
+    if kind == "messages_returned":
+        return (
+            f"{len(event.message_ids)} message(s) {label} had taken and not received went "
+            f"back to its mailbox as attempt {event.attempt} ended"
+        )
+    if kind == "http":
+        outcome = event.status if event.error_kind is None else event.error_kind
+        return (
+            f"http {label}: {event.method} {event.url} -> {outcome} "
+            f"in {event.duration_ms:.0f} ms ({event.response_bytes:,} bytes)"
+        )
+    if kind == "replayed" and event.outcome is not None:
+        return f"replayed {label}: {event.outcome} (from the journal, not run again)"
+    if kind == "replayed":
+        return (
+            f"replaying {label}, attempt {event.attempt}: its first {event.steps} host "
+            f"call(s) answered from the journal, then live"
+        )
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -135,3 +135,21 @@ def test_host_caps_bound_declared_limits() -> None:
 def test_bad_host_cap_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--max-ram 'huge'"):
         HostCaps.parse(None, "huge", None)
+
+
+def test_dotenv_references_expand_as_python_dotenv_expands_them() -> None:
+    """capsule.sandbox.env_file expands ${VAR} in linear time: the same values
+    as python-dotenv's own pattern, on every string of these pieces."""
+    import itertools
+
+    from dotenv.variables import parse_variables
+
+    from capsule.sandbox.env_file import expand_variables
+
+    env: dict[str, str | None] = {"A": "1", "B": None, "": "empty", "A:": "x", "C-": "y"}
+    pieces = ["$", "{", "}", ":", "-", "A", "B", "x", "${", ":-", "${A}", "${B:-d}"]
+    for size in range(6):
+        for combination in itertools.product(pieces, repeat=size):
+            value = "".join(combination)
+            expected = "".join(atom.resolve(env) for atom in parse_variables(value))
+            assert "".join(expand_variables(value, env)) == expected, value

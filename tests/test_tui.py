@@ -534,10 +534,10 @@ def test_cancel_from_a_tui_attached_to_another_process(tmp_path: Path) -> None:
     assert out.strip() == "sleeper cancelled"
 
 
-def test_a_hibernated_task_shows_what_it_gave_back(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_hibernated_task_shows_what_it_gave_back() -> None:
     """The hibernated event, in the TUI's model (its detail and timeline) and in
     `capsule run -v`, until the task runs again."""
-    from capsule.cli import _Renderer
+    from capsule.cli import _lifecycle_line
     from capsule.supervisor.events import TaskHibernated
     from capsule.tui.model import RunModel
 
@@ -553,9 +553,6 @@ def test_a_hibernated_task_shows_what_it_gave_back(capsys: pytest.CaptureFixture
     model.apply({**ids, "type": "resumed"})
     assert view.state == "running" and view.hibernated_bytes is None
 
-    _Renderer(json_output=False, verbose=True).on_event(
+    assert _lifecycle_line(
         TaskHibernated(run_id="r1", task_id="main/1", task="keeper", released_bytes=9 * 2**20)
-    )
-    assert "hibernated main/1 (keeper): gave back 9.0 MB of memory it had only read" in (
-        capsys.readouterr().err
-    )
+    ) == ("hibernated main/1 (keeper): gave back 9.0 MB of memory it had only read")

@@ -135,13 +135,21 @@ def resume_journaled(
         record = await find_run(journal, run_id)
         return record, await load_program_files(journal, record.run_id)
 
-    record, files = anyio.run(read_run)
-    program = check_resumable(record, files, force)
-    history = anyio.run(load_history, journal, record.run_id)
-    request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
-    for name, value in {**record.settings, **(overrides or {})}.items():
-        if name in _SETTINGS:
-            setattr(request, name, value)
+    try:
+        record, files = anyio.run(read_run)
+        program = check_resumable(record, files, force)
+        history = anyio.run(load_history, journal, record.run_id)
+        seed = bytes.fromhex(record.seed)
+        request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
+        for name, value in {**record.settings, **(overrides or {})}.items():
+            if name in _SETTINGS:
+                setattr(request, name, value)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        # A damaged (or forged) journal is input like any other.
+        raise JournalError(
+            f"the journal {journal} holds a record this Capsule cannot read "
+            f"({type(exc).__name__}: {exc}); it may be damaged"
+        ) from None
     with JournalWriter(journal, record.run_id) as writer:
         _write(
             writer,
@@ -158,7 +166,7 @@ def resume_journaled(
             run_id=record.run_id,
             steps=writer,
             history=history,
-            seed=bytes.fromhex(record.seed),
+            seed=seed,
             on_run=_watched(writer, None),
             event_types=event_types,
             events=_journaled_events(writer),

@@ -113,9 +113,10 @@ def parse_ram(value: Any) -> int:
         match = _RAM_RE.match(value)
         if match:
             number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-            # (A number too long for a float is infinite: too large, not a crash.)
-            if unit in _RAM_UNITS and 0 < number * _RAM_UNITS[unit] < math.inf:
-                return int(number * _RAM_UNITS[unit])
+            size = number * _RAM_UNITS.get(unit, 0)
+            # At least a byte, and finite ("9" * 400 + "TB" is a float infinity).
+            if size >= 1 and math.isfinite(size):
+                return int(size)
     raise ValueError(RAM_FORMS)
 
 
@@ -135,7 +136,7 @@ def parse_timeout(value: Any) -> float:
         match = _TIME_RE.match(value)
         if match:
             seconds = float(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
-            if 0 < seconds < math.inf:
+            if seconds > 0 and math.isfinite(seconds):
                 return seconds
     raise ValueError(TIMEOUT_FORMS)
 

@@ -140,14 +140,11 @@ NO_GRANTS = Grants()
 
 def program_environment(program_dir: Path) -> dict[str, str]:
     """Variables a task may be granted: ``.env`` beside the program, overridden
-    by the environment of ``capsule run``."""
-    dotenv = program_dir / ".env"
-    if not dotenv.is_file():
-        return dict(os.environ)
-    from dotenv import dotenv_values
+    by the environment of ``capsule run``. ConfigError if ``.env`` cannot be
+    read, parsed or expanded within bounds (see capsule.sandbox.env_file)."""
+    from capsule.sandbox.env_file import read_env_file
 
-    values = {k: v for k, v in dotenv_values(dotenv).items() if v is not None}
-    return {**values, **os.environ}
+    return {**read_env_file(program_dir / ".env"), **os.environ}
 
 
 def resolve_grants(

@@ -23,6 +23,7 @@ from capsule.sandbox.config import (
     parse_timeout,
     validate_task,
 )
+from capsule.sandbox.config_file import read_config_text
 from capsule.sandbox.grants import HostRule
 
 PROJECT_FILE = "capsule.toml"
@@ -36,6 +37,11 @@ _POLICY_KEYS = {
     "max_task_output": (parse_ram, RAM_FORMS),
     "max_run_journal": (parse_ram, RAM_FORMS),
 }
+#: Largest capsule.toml read (a few hundred bytes is usual).
+MAX_PROJECT_FILE_BYTES = 1024**2
+#: Deepest nesting of tables and arrays in capsule.toml: its deepest value, a
+#: list in [tasks], is 3 levels down.
+MAX_PROJECT_DEPTH = 8
 #: Largest HTTP response body a task may receive, unless [policy] says otherwise.
 DEFAULT_MAX_RESPONSE_BYTES = 10 * 1024**2
 
@@ -57,12 +63,17 @@ class Project:
 
 def load_project(program_dir: Path) -> Project:
     path = program_dir / PROJECT_FILE
-    if not path.is_file():
+    text = read_config_text(path, MAX_PROJECT_FILE_BYTES)
+    if text is None:
         return Project()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = tomllib.loads(text)
+    except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
         raise ConfigError(f"{path}: cannot be read as TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(_too_deep(path)) from None
+    if not _nested_at_most(data, MAX_PROJECT_DEPTH):
+        raise ConfigError(_too_deep(path))
     problems: list[str] = []
     unknown = sorted(set(data) - {"tasks", "policy"})
     if unknown:
@@ -126,3 +137,25 @@ def _table(path: Path, data: dict[str, Any], name: str, problems: list[str]) -> 
         problems.append(f"{path}: {name} must be a table ([{name}]), not {table!r}")
         return {}
     return dict(table)
+
+
+def _nested_at_most(data: dict[str, Any], limit: int) -> bool:
+    """Whether no value of ``data`` is nested deeper than ``limit`` (walked
+    without recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+    return True
+
+
+def _too_deep(path: Path) -> str:
+    return (
+        f"{path}: arrays or tables are nested too deeply (more than {MAX_PROJECT_DEPTH} "
+        f"levels); capsule.toml needs [tasks] and [policy] with plain values and lists"
+    )

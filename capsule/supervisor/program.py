@@ -155,6 +155,7 @@ def run_program(
     try:
         module = program_module(path)
         project = load_project(path.parent)
+        environment = program_environment(path.parent)
         caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
         caps = caps.tightened(project.caps)
     except (ProgramError, ConfigError) as exc:
@@ -212,12 +213,11 @@ def run_program(
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         try:
-            environment = program_environment(path.parent)
             grants = {
                 name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
                 for name, config in configs.items()
             }
-        except ConfigError as exc:
+        except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
             first.store.close()
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
         # The program's import ran before the grants were known: what it got
