@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -126,7 +127,11 @@ def test_a_failure_of_the_host_ends_only_the_instance_it_served(
     hosts = [("print", BrokenOutput()), ("receive", MalformedAnswer()), ("print", RefusingHost())]
     with Sandbox([path.parent]) as sandbox:
         outcomes = [
-            sandbox.invoke(Invocation(f"t{n}", "main", 1, 1, limits, host=host), "prog", [mode], {})
+            sandbox.invoke(
+                Invocation(f"t{n}", "main", 1, 1, limits, host=host),
+                "prog",
+                json.dumps({"args": [mode], "kwargs": {}}),
+            )
             for n, (mode, host) in enumerate(hosts)
         ]
     expected = ["RuntimeError: the host's output broke", "Error"]
@@ -179,7 +184,11 @@ def test_random_is_per_instance_without_host_draws_while_an_instance_starts(
         sandbox.prepare("prog", starting).store.close()
         running = CountingDraws()
         outcomes = [
-            sandbox.invoke(Invocation(f"t{n}", "main", 1, 1, limits, running), "prog", [], {})
+            sandbox.invoke(
+                Invocation(f"t{n}", "main", 1, 1, limits, running),
+                "prog",
+                '{"args": [], "kwargs": {}}',
+            )
             for n in range(3)
         ]
     assert starting.draws == 0

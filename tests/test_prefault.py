@@ -151,7 +151,9 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
     with Sandbox([path.parent]) as sandbox:
         outcomes = [
             sandbox.invoke(
-                Invocation(f"t{n}", "main", 1, 1, limits, RefusingHost()), "prog", [n], {}
+                Invocation(f"t{n}", "main", 1, 1, limits, RefusingHost()),
+                "prog",
+                json.dumps({"args": [n], "kwargs": {}}),
             )
             for n in range(10)
         ]
@@ -250,7 +252,9 @@ def test_a_hibernated_task_gives_back_the_pages_it_read_and_carries_on(
     with Sandbox([path.parent]) as sandbox:
         assert sandbox.prefaulter._query == (mappings_by == "procmap_query")
         host = _HibernatingHost(sandbox)
-        outcome = sandbox.invoke(Invocation("t1", "main", 1, 1, limits, host), "prog", [5000], {})
+        outcome = sandbox.invoke(
+            Invocation("t1", "main", 1, 1, limits, host), "prog", '{"args": [5000], "kwargs": {}}'
+        )
     squares = sum(i * i for i in range(5000))
     assert json.loads(outcome.result_json or "null") == [
         [squares, 2499.5],
@@ -294,7 +298,9 @@ def test_a_program_that_moves_its_marker_gets_nothing_released(
     limits = Limits(fuel=10**10, ram_bytes=256 * 1024**2, timeout_s=30.0)
     with Sandbox([path.parent]) as sandbox:
         host = _HibernatingHost(sandbox)
-        moved = sandbox.invoke(Invocation("t1", "main", 1, 1, limits, host), "prog", [], {})
+        moved = sandbox.invoke(
+            Invocation("t1", "main", 1, 1, limits, host), "prog", '{"args": [], "kwargs": {}}'
+        )
     assert moved.result_json == '"still here"', moved.error
     assert host.released == [0]
     assert sandbox.prefaulter.released == 0

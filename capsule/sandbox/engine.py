@@ -356,6 +356,9 @@ class Invocation:
 LOAD_TASK_ID = "<load>"
 #: Limits for importing the program into an instance before any task uses it.
 PREPARE_LIMITS = Limits(fuel=2_000_000_000, ram_bytes=256 * 1024**2, timeout_s=30.0)
+#: How much more memory than the program's first import a later one may use
+#: (its module-level code is the same; this is room for what varies).
+IMPORT_GROWTH_BYTES = 64 * 1024**2
 
 
 _PREPARE_HOST = RefusingHost()
@@ -674,6 +677,8 @@ class Sandbox:
         self._load_index, self._run_index = load, run
         self._exports = {load: ExportCaller(load), run: ExportCaller(run)}
         self.linker = self._make_linker()
+        #: The limits of imports after the first, by program (see prepare).
+        self._import_limits: dict[str, Limits] = {}
         self._ticker_stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._pool: InstancePool | None = None
@@ -953,13 +958,14 @@ class Sandbox:
         host: HostCalls | None = None,
         describe: bool = False,
         parent: Invocation | None = None,
-        limits: Limits = PREPARE_LIMITS,
     ) -> Prepared:
         """A fresh instance with the program imported, not yet used by any task.
 
         Module-level code runs here under the prepare limits, and stops with
-        ``parent`` (the task it is imported for, or a scope its owner cancels),
-        under ``limits`` (the load's, or less for a task's own).
+        ``parent`` (the task it is imported for, or a scope its owner cancels).
+        An import after the first may use at most IMPORT_GROWTH_BYTES more
+        memory than the first did: module-level code that does more in the
+        instances tasks run in than when the program loads is stopped there.
         The run's memory budget counts the instance from its start. Its output
         goes to ``host``; by default it is dropped, since it was shown once
         already, when the program was first loaded (``describe=True``, which also
@@ -972,6 +978,7 @@ class Sandbox:
         payload = _record(
             name=program, source=_source_record(source), describe=describe, marker=nonce.hex()
         )
+        limits = PREPARE_LIMITS if describe else self._import_limits.get(program, PREPARE_LIMITS)
         invocation = Invocation(
             LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, limits, host or _PREPARE_HOST, parent
         )
@@ -992,6 +999,13 @@ class Sandbox:
                 raise PrepareError(result)
         store.invocation = store.thread = None  # (imported: idle until a task takes it)
         store.marker, store.channel_at = _memory_layout(result, nonce)
+        if describe:
+            size = self._memory_sizes([store])[0]
+            if size is not None:
+                ram = -(-(size + IMPORT_GROWTH_BYTES) // WASM_PAGE) * WASM_PAGE
+                self._import_limits[program] = replace(
+                    PREPARE_LIMITS, ram_bytes=min(ram, PREPARE_LIMITS.ram_bytes)
+                )
         return Prepared(program, store, instance, declared=result)
 
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
@@ -1084,15 +1098,7 @@ class Sandbox:
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:
-                # Under the task's own memory cap too: the instance is its.
-                prepared = self.prepare(
-                    program,
-                    parent=invocation,
-                    limits=replace(
-                        PREPARE_LIMITS,
-                        ram_bytes=min(PREPARE_LIMITS.ram_bytes, invocation.limits.ram_bytes),
-                    ),
-                )
+                prepared = self.prepare(program, parent=invocation)
             except PrepareError as exc:
                 return self._outcome(None, exc.error, 0, started)
         store = prepared.store

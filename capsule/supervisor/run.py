@@ -100,6 +100,10 @@ TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
 #: entry in its batch, and the waiting and resumed events a blocking one
 #: adds), counted against RunSettings.max_task_output_bytes.
 STEP_RECORD_OVERHEAD = 128
+#: What the host keeps of a child that ended until its parent waits on it,
+#: besides its result (its thread, scope and outcome): counted as the
+#: parent's memory by the run's memory budget.
+ENDED_CHILD_BYTES = 10 * 1024
 #: An attempt adds what it recorded to the run's total in steps of this much
 #: (and when it ends): the total may lag by this much per live attempt.
 RECORDED_COUNT_STEP = 1 << 20
@@ -716,6 +720,15 @@ class Run:
             child.current = attempt
         try:
             outcome = self.sandbox.invoke(invocation, self.program, call_json)
+            # Its result and its failure's texts are recorded too (the task's
+            # row, its events): they count like its steps.
+            error = outcome.error
+            attempt.recorded += len(outcome.result_json or "") + (
+                0 if error is None else len(error.message) + len(error.traceback or "")
+            )
+            if outcome.result_json is not None and attempt.recorded > self._max_recorded:
+                self._output_limit(attempt)
+                outcome.result_json, outcome.error = None, invocation.aborted
         finally:
             # Structured concurrency: however the attempt ended, its running
             # children are cancelled, and their threads joined, before it counts
@@ -789,16 +802,20 @@ class Run:
         self._wake_all()
 
     def held_bytes(self, invocation: Invocation) -> int:
-        # Its mailbox (dropped when it ends), its output waiting to be shown
-        # and its HTTP exchange in flight.
+        # Its mailbox (dropped when it ends), its output waiting to be shown,
+        # its HTTP exchange in flight, and its children that ended and were
+        # not yet waited on (kept, with their results, until it does).
         task_id = invocation.task_id
         attempt = self._attempts.get(invocation)
-        transfer = None if attempt is None else attempt.transfer
-        return (
-            self._router.queued_bytes_for(task_id)
-            + self._unshown.get(task_id, 0)
-            + (0 if transfer is None else transfer.bytes)
-        )
+        held = self._router.queued_bytes_for(task_id) + self._unshown.get(task_id, 0)
+        if attempt is not None:
+            if attempt.transfer is not None:
+                held += attempt.transfer.bytes
+            for child in list(attempt.children.values()):
+                result = child.result
+                if result is not None:
+                    held += ENDED_CHILD_BYTES + len(result.result_json or "")
+        return held
 
     def _wake_all(self) -> None:
         """Wake every blocked task that must now stop."""

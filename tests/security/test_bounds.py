@@ -5,24 +5,12 @@ The journal of a run that tries to fill the disk stays near its limits."""
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import capsule_cli
-
-MB = 1024**2
-
-
-def journal_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in (directory / ".capsule").glob("journal.db*"))
-
-
-def write(directory: Path, source: str, name: str = "flood.py") -> Path:
-    path = directory / name
-    path.write_text(textwrap.dedent(source))
-    return path
+from tests.security.support import MB, journal_bytes, peak_rss_of_run, write
 
 
 @pytest.mark.parametrize(
@@ -123,3 +111,113 @@ def test_the_limits_are_checked_on_the_command_line(tmp_path: Path) -> None:
         done = capsule_cli("run", str(program), flag, "lots", cwd=tmp_path)
         assert done.returncode == 2
         assert f"{flag} 'lots' is invalid" in done.stderr
+
+
+def test_results_nobody_waits_for_count_against_the_journal_limits(tmp_path: Path) -> None:
+    """Children that each return tens of MB, never waited on: their results go
+    to the journal (the tasks table) outside every count, so a run writes
+    hundreds of MB under --max-run-journal 20MB."""
+    program = write(
+        tmp_path,
+        """
+        from capsule import MessageError, send, sleep, task
+
+        @task(name="big", restart="temporary", ram="512MB", compute="HIGH", max_retries=0)
+        def big(i):
+            return "x" * (30 * 1024 * 1024)
+
+        @task(name="main", compute="HIGH", timeout="120s", max_retries=0)
+        def main():
+            handles = [big.spawn(i) for i in range(6)]
+            for handle in handles:  # until each has ended (its mailbox is gone)
+                while True:
+                    try:
+                        send(handle.id, 0)
+                    except MessageError:
+                        break
+                    sleep(0.05)
+            return "done"
+        """,
+    )
+    capsule_cli(
+        "run",
+        str(program),
+        "--max-run-journal",
+        "20MB",
+        "--max-task-output",
+        "2MB",
+        cwd=tmp_path,
+    )
+    assert journal_bytes(tmp_path) < 60 * MB
+
+
+@pytest.mark.parametrize("call", ["wait", "http", "call"])
+def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(tmp_path: Path, call: str) -> None:
+    """Parsed, a JSON value takes up to ~25 times its text in the host's memory
+    (a list object per few characters): a value of more items than the host
+    takes is refused before it is parsed, and arguments are passed on as the
+    caller wrote them, never held parsed."""
+    program = write(
+        tmp_path,
+        """
+        import json
+        from capsule import task
+        from componentize_py_types import Err
+        from wit_world.imports import http, tasks
+
+        @task(name="child", ram="16MB", max_retries=0)
+        def child(*args):
+            return 1
+
+        @task(name="main", compute="HIGH", ram="512MB", timeout="120s", max_retries=0)
+        def main(call):
+            items = '"a"' + ',"a"' * (10_000_000 - 1)
+            try:
+                if call == "wait":
+                    tasks.wait("[" + items + "]", 0)
+                elif call == "http":
+                    http.request('{"method": "GET", "url": "http://x", "junk": [' + items + ']}')
+                else:
+                    tasks.call("child", '{"args": [' + items + '], "kwargs": {}}')
+            except Err:
+                pass
+            return "survived"
+        """,
+    )
+    peak, done = peak_rss_of_run(
+        "run", str(program), call, "--max-total-ram", "256MB", cwd=tmp_path
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    # The guest's own text is 40 MB; the runtime and the host ~200 MB.
+    assert peak < 600 * MB, f"the host peaked at {peak / MB:,.0f} MB"
+
+
+def test_waiting_on_one_child_many_times_cannot_blow_up_the_answer(tmp_path: Path) -> None:
+    """The answer of a wait holds each id's outcome: a few KB of ids naming the
+    same child (with a 4 MB result) 200 times made an 800 MB answer, built in
+    the host's memory and journaled whole, past --max-task-output. Naming a
+    child twice is refused (the SDK never does)."""
+    program = write(
+        tmp_path,
+        """
+        import json
+        from capsule import task
+        from componentize_py_types import Err
+        from wit_world.imports import tasks
+
+        @task(name="child", compute="HIGH")
+        def child():
+            return "x" * (4 * 1024 * 1024)
+
+        @task(name="main", compute="HIGH", ram="2GB", timeout="120s", max_retries=0)
+        def main():
+            handle = child.spawn()
+            return len(tasks.wait(json.dumps([handle.id] * 200), None))
+        """,
+    )
+    done = capsule_cli("run", str(program), "--json", "--max-task-output", "2MB", cwd=tmp_path)
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    envelope = json.loads(done.stdout)
+    assert envelope["error"]["kind"] == "protocol", envelope
+    assert "more than once" in envelope["error"]["message"]
+    assert journal_bytes(tmp_path) < 20 * MB

@@ -5,6 +5,7 @@ wrong: never a traceback, never a hang."""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import capsule_cli
+from tests.security.support import write
 
 PROGRAM = """
     import os
@@ -380,3 +382,39 @@ def test_a_closed_stdout_does_not_end_up_in_the_journal(prog: Path, tmp_path: Pa
     assert listed.json()["status"] == "completed"
     with sqlite3.connect(journal) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("timeout", "10**400"),
+        ("restart_window", "10**400"),
+        ("ram", '"9" * 400 + "GB"'),
+        ("timeout", '"9" * 400 + "h"'),
+    ],
+)
+def test_task_options_too_large_for_a_float_are_config_errors(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """The program declares its tasks' options (its module-level code may
+    write any JSON there): a number no float holds crashed the host with a
+    traceback (OverflowError) and left the run as crashed in the journal."""
+    program = write(
+        tmp_path,
+        f"""
+        from capsule import task
+        from capsule.sdk import task as sdk_task
+
+        @task(name="main")
+        def main():
+            return "ran"
+
+        for declared in sdk_task.registry.values():
+            declared.options["{option}"] = {value}
+        """,
+    )
+    done = capsule_cli("run", str(program), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and option in done.stderr, done.stderr[-2000:]
+    runs = capsule_cli("runs", "--json", cwd=tmp_path)
+    assert [run["status"] for run in json.loads(runs.stdout)] == ["error"]

@@ -233,28 +233,28 @@ def test_verbose_http_url_is_shown_visibly(tmp_path: Path, http_server: object) 
     assert b"capsule: http main: GET" in done.stderr
 
 
-def test_a_result_with_a_lone_surrogate_is_shown_not_a_traceback(tmp_path: Path) -> None:
-    """JSON may carry "\\ud800", which no UTF-8 stream can encode."""
+def test_a_result_with_a_lone_surrogate_never_reaches_a_stream(tmp_path: Path) -> None:
+    """No UTF-8 stream can encode "\\ud800": the guest refuses such a result
+    where it is returned (a ValueError of the task), and the error shows it
+    escaped, on a pipe as on a terminal."""
     path = write(
         tmp_path,
         """
         from capsule import task
 
-        @task(name="main")
+        @task(name="main", max_retries=0)
         def main():
             return "lone \\ud800 surrogate"
         """,
     )
     done = capsule_cli("run", str(path), "--no-journal")
-    assert done.returncode == 0, done.stderr
-    assert "Traceback" not in done.stderr
-    assert done.stdout == "lone \\ud800 surrogate\n"
-    assert capsule_cli("run", str(path), "--no-journal", "--json").json()["result"] == (
-        "lone \ud800 surrogate"
-    )
+    assert done.returncode == 1, done.stderr
+    assert "lone surrogate ('\\ud800')" in done.stderr
+    envelope = capsule_cli("run", str(path), "--no-journal", "--json").json()
+    assert envelope["error"]["kind"] == "exception" and envelope["result"] is None
     code, out, err = run_on_terminal(["run", str(path), "--no-journal"], tmp_path)
-    assert code == 0, err
-    assert out == b"lone \\ud800 surrogate\n"
+    assert code == 1 and out == b"", err
+    assert b"lone surrogate ('\\ud800')" in err
 
 
 def test_inspect_and_runs_show_journaled_guest_text_visibly(tmp_path: Path) -> None:
@@ -324,14 +324,15 @@ def test_errors_quoting_a_file_name_are_visible(tmp_path: Path) -> None:
 
 
 def test_json_output_is_json_even_when_a_result_holds_nan(tmp_path: Path) -> None:
-    """A guest's JSON may hold NaN and Infinity, which JSON has not: a strict
-    reader of the envelope (or of inspect --json) must not choke on it."""
+    """NaN and Infinity are not JSON: a result holding them is refused where
+    it is returned, and the envelope (and inspect --json) stay strict JSON for
+    a strict reader."""
     path = write(
         tmp_path,
         """
         from capsule import task
 
-        @task(name="main")
+        @task(name="main", max_retries=0)
         def main():
             return {"nan": float("nan"), "inf": [float("inf"), -float("inf")], "ok": 1.5}
         """,
@@ -345,8 +346,9 @@ def test_json_output_is_json_even_when_a_result_holds_nan(tmp_path: Path) -> Non
 
     journal = tmp_path / "journal.db"
     done = capsule_raw("run", str(path), "--json", "--journal", str(journal))
-    assert done.returncode == 0, done.stderr
-    assert strict(done.stdout)["result"] == {"nan": None, "inf": [None, None], "ok": 1.5}
+    assert done.returncode == 1, done.stderr
+    error = strict(done.stdout)["error"]
+    assert error["kind"] == "exception" and "Out of range float values" in error["message"]
     shown = capsule_raw("inspect", "--last", "--json", "--journal", str(journal))
     assert shown.returncode == 0, shown.stderr
     strict(shown.stdout)

@@ -261,3 +261,38 @@ def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path) ->
     assert stderr.count("capsule: output can no longer be shown (OSError(28, ") == 1
     assert "writing stdout); the journal keeps it" in stderr
     assert "Traceback" not in stderr
+
+
+def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
+    program = write(
+        tmp_path,
+        """
+        import sys
+        from capsule import receive, task
+
+        @task(name="main", compute="HIGH", timeout="5m")
+        def main():
+            print("MARK flooding", file=sys.stderr, flush=True)
+            print("x" * (1024 * 1024), flush=True)  # more than a pipe holds
+            receive()
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        stdout=subprocess.PIPE,  # never read until the end
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if line.startswith(b"MARK"):
+            break
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError("SIGTERM did not stop the run while stdout was blocked") from None
+    process.communicate()
+    assert process.returncode == 130
