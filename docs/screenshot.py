@@ -1,4 +1,4 @@
-"""Regenerate docs/tui.svg, the README's screenshot: run examples/agents/main.py
+"""Regenerate docs/tui.svg, the screenshot in docs/tui.md: run examples/agents/main.py
 with a journal, open it in the TUI headless, select a worker, export the screen.
 
     python3 docs/screenshot.py
