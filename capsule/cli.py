@@ -659,17 +659,6 @@ def _read_journal(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any
         raise JournalError(_unreadable(journal, exc)) from None
 
 
-#: What reading or showing a damaged journal record may raise.
-_UNREADABLE_RECORD = (
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    OverflowError,
-    RecursionError,
-)
-
-
 def _unreadable(journal: Path, exc: BaseException) -> str:
     return (
         f"the journal {journal} holds a record this Capsule cannot read "
