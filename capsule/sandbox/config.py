@@ -43,8 +43,12 @@ _TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _RAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
+#: The most fuel a task may have (wasmtime counts fuel in a signed 64-bit integer).
+MAX_FUEL = 2**63 - 1
+#: The largest memory cap (far past what a 32-bit wasm memory can use).
+MAX_RAM_BYTES = 2**62
 COMPUTE_FORMS = (
-    "LOW, MEDIUM or HIGH (any case), or a positive integer amount of fuel "
+    "LOW, MEDIUM or HIGH (any case), or a positive integer amount of fuel below 2**63 "
     '(e.g. compute="MEDIUM", compute=5000000 or compute="5000000")'
 )
 RAM_FORMS = 'a size such as "64KB", "512MB", "2GB" (units B, KB, MB, GB, TB; 1KB = 1024 bytes) or a positive int of bytes'
@@ -89,14 +93,14 @@ def parse_compute(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(COMPUTE_FORMS)
     if isinstance(value, int):
-        if value <= 0:
+        if not 0 < value <= MAX_FUEL:
             raise ValueError(COMPUTE_FORMS)
         return value
     if isinstance(value, str):
         text = value.strip()
         if text.upper() in COMPUTE_LEVELS:
             return COMPUTE_LEVELS[text.upper()]
-        if text.isdigit() and int(text) > 0:
+        if text.isdigit() and len(text) <= 19 and 0 < int(text) <= MAX_FUEL:
             return int(text)
     raise ValueError(COMPUTE_FORMS)
 
@@ -106,7 +110,7 @@ def parse_ram(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(RAM_FORMS)
     if isinstance(value, int):
-        if value <= 0:
+        if not 0 < value <= MAX_RAM_BYTES:
             raise ValueError(RAM_FORMS)
         return value
     if isinstance(value, str):
@@ -115,7 +119,7 @@ def parse_ram(value: Any) -> int:
             number, unit = float(match.group(1)), (match.group(2) or "B").upper()
             size = number * _RAM_UNITS.get(unit, 0)
             # At least a byte, and finite ("9" * 400 + "TB" is a float infinity).
-            if size >= 1 and math.isfinite(size):
+            if 1 <= size <= MAX_RAM_BYTES:
                 return int(size)
     raise ValueError(RAM_FORMS)
 

@@ -391,6 +391,9 @@ def test_a_closed_stdout_does_not_end_up_in_the_journal(prog: Path, tmp_path: Pa
         ("restart_window", "10**400"),
         ("ram", '"9" * 400 + "GB"'),
         ("timeout", '"9" * 400 + "h"'),
+        ("compute", "2**64"),  # (wasmtime's fuel would wrap around to nothing)
+        ("compute", '"9" * 30'),
+        ("ram", "10**30"),
     ],
 )
 def test_task_options_too_large_for_a_float_are_config_errors(
