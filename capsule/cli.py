@@ -345,24 +345,17 @@ def _parse_args_json(raw: str | None, plain: list[str]) -> list[Any]:
         raise UsageError("give either ARGS or --args-json, not both")
     if not _is_text(raw):
         raise UsageError("--args-json is not valid UTF-8")
-
-    def refuse_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON; give a number, or a string")
+    # Checked as a task's arguments are: strict JSON (no NaN or Infinity, no
+    # lone surrogate, nested at most 200 deep).
+    from capsule.sandbox.guest_data import ProtocolError, json_value
 
     try:
-        value = json.loads(raw, parse_constant=refuse_constant)
-    except RecursionError:
-        raise UsageError("--args-json is nested too deeply") from None
-    except ValueError as exc:
-        raise UsageError(f"--args-json is not valid JSON: {exc}") from None
+        value = json_value(raw, "--args-json")
+    except ProtocolError as exc:
+        raise UsageError(str(exc)) from None
     if not isinstance(value, list):
         raise UsageError(
             f"--args-json must be a JSON list of arguments, got {type(value).__name__}"
-        )
-    if not _all_text(value):
-        raise UsageError(
-            '--args-json holds a string with a lone surrogate (such as "\\ud800"), '
-            "which is not text; escape whole characters only"
         )
     return value
 
@@ -372,23 +365,6 @@ def _is_text(value: str) -> bool:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return True
-
-
-def _all_text(value: Any) -> bool:
-    """Whether every string in a JSON value (keys too) is text (walked without
-    recursion: the value may be nested as deep as the parser allows)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not _is_text(item):
-                return False
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
     return True
 
 

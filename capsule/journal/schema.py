@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: The ``steps`` view since version 4: a step per row, from the batches.
 _STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
@@ -200,6 +200,11 @@ MIGRATIONS: dict[int, list[str]] = {
     # Nothing stored changes; the version keeps an older Capsule from misreading
     # them on a resume.
     8: [],
+    # A receive's answer is {"messages": [[id, sender, body, expects_reply]]},
+    # each body the JSON text the sender wrote, as a string (it was spliced
+    # in as a value). Nothing stored changes; the version keeps an older
+    # Capsule from misreading them on a resume.
+    9: [],
 }
 
 

@@ -142,8 +142,6 @@ class HttpRequest:
             raise _invalid("the URL is not a string")
         if len(url) > MAX_URL_CHARS:
             raise _invalid(f"the URL is longer than {MAX_URL_CHARS:,} characters")
-        if not _is_unicode(url):
-            raise _invalid("the URL is not valid Unicode (it has a lone surrogate)")
         return cls(
             method.upper(),
             url,
@@ -244,14 +242,6 @@ def _timeout(given: object) -> float:
     ):
         raise _invalid(f"timeout_s is not a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     return float(given)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)

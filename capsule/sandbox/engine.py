@@ -229,11 +229,9 @@ class RefusingHost(LiveClockAndRandom):
         return None
 
     def sleep(self, caller: Invocation, seconds: float) -> None:
-        # In short steps: a stop (the import's deadline, its task's, a
-        # cancellation, the memory budget) ends it within one.
-        until = time.monotonic() + min(seconds, PREPARE_LIMITS.timeout_s or 0.0)
-        while caller.check_stop() is None and (left := until - time.monotonic()) > 0:
-            time.sleep(min(left, TICK_SECONDS))
+        # (A stop: the import's deadline, its task's, a cancellation, the
+        # memory budget, ends it within a tick.)
+        sleep_unless_stopped(caller, min(seconds, PREPARE_LIMITS.timeout_s or 0.0))
 
     def _no_messages(self) -> tuple[bool, str]:
         message = "messages cannot be sent or received while the program is being imported"
@@ -350,6 +348,20 @@ class Invocation:
                 return "timeout" if node is self else "cancelled"
             node = node.parent
         return None
+
+
+def sleep_unless_stopped(invocation: Invocation, seconds: float) -> bool:
+    """Sleep ``seconds`` on this thread, in epoch ticks; False if
+    ``invocation`` must stop meanwhile (a retry's backoff, a sleep while the
+    program is imported: nothing wakes them early but a stop)."""
+    until = time.monotonic() + seconds
+    while True:
+        if invocation.check_stop() is not None:
+            return False
+        left = until - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(left, TICK_SECONDS))
 
 
 #: The pseudo task id of an instance importing the program ahead of any task.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ MAX_TRACEBACK_CHARS = 64 * 1024
 #: digits or more, or it has over 300 digits before its point. (Two searches:
 #: one alternation of both scanned five times slower.)
 _LARGE_EXPONENT = re.compile(r"[eE][+]?0*[1-9][0-9]{2}")
-_MANY_DIGITS = re.compile(r"[0-9]{300}")
+_MANY_DIGITS = re.compile(r"(?<![0-9])[0-9]{300}")  # (from a run's start: linear)
 
 
 #: Most items (array elements and object members, counted as the commas and
@@ -60,27 +61,38 @@ class TooLarge(ProtocolError):
     offered it, saying why; elsewhere it is a protocol failure like any other."""
 
 
-def json_value(text: str, what: str, max_chars: int | None = None) -> Any:
+#: What names a value in an error: its text, or a function that makes it (on
+#: a hot path, built only if the value is refused).
+What = str | Callable[[], str]
+
+
+def json_value(text: str, what: What, max_chars: int | None = None) -> Any:
     """The value of ``text``, strict JSON from a guest; ``what`` names it in the
     error (e.g. "the body of a message to 'worker'")."""
     if max_chars is not None and len(text) > max_chars:
-        raise TooLarge(f"{what} is {len(text):,} characters of JSON; the limit is {max_chars:,}")
+        raise TooLarge(
+            f"{_named(what)} is {len(text):,} characters of JSON; the limit is {max_chars:,}"
+        )
     items = _items(text)
     if items > MAX_JSON_ITEMS:
         raise TooLarge(
-            f"{what} has {items:,} items (array elements and object members); "
+            f"{_named(what)} has {items:,} items (array elements and object members); "
             f"the limit is {MAX_JSON_ITEMS:,}"
         )
     try:
         value = from_json(text, allow_inf_nan=False, cache_strings=False)
     except ValueError as exc:
-        raise ProtocolError(f"{what} is not valid JSON: {_why(exc)}") from None
+        raise ProtocolError(f"{_named(what)} is not valid JSON: {_why(exc)}") from None
     if _LARGE_EXPONENT.search(text) is not None or _MANY_DIGITS.search(text) is not None:
         try:  # (only then: a float that overflowed is the one thing left to find)
             json.dumps(value, allow_nan=False)
         except ValueError:
-            raise ProtocolError(f"{what} holds a number too large for JSON") from None
+            raise ProtocolError(f"{_named(what)} holds a number too large for JSON") from None
     return value
+
+
+def _named(what: What) -> str:
+    return what if isinstance(what, str) else what()
 
 
 #: A JSON string, escapes included (for counting items outside strings).
@@ -97,7 +109,7 @@ def _items(text: str) -> int:
     return items
 
 
-def json_text(text: str, what: str, max_chars: int | None = None) -> str:
+def json_text(text: str, what: What, max_chars: int | None = None) -> str:
     """``text`` itself, once checked to be one strict JSON value (bodies and
     results pass through the host as the guest wrote them)."""
     json_value(text, what, max_chars)

@@ -21,8 +21,7 @@ import errno
 import functools
 import os
 import stat
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -159,16 +158,6 @@ def open_directory_beneath(root: Path, parts: Sequence[str]) -> int:
         os.close(fd)
         raise
     return fd
-
-
-@contextmanager
-def directory_beneath(root: Path, parts: Sequence[str]) -> Iterator[int]:
-    """``open_directory_beneath``, closed on exit."""
-    fd = open_directory_beneath(root, parts)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
 
 
 def read_bounded(fd: int, limit: int) -> bytes:

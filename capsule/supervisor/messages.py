@@ -60,7 +60,10 @@ class MessageCalls:
         on_ask: Callable[[PendingMessage], None],
         open_channel: Callable[[], Channel | None],
         history: History | None = None,
+        journaling: bool = True,
     ) -> None:
+        #: Whether answers are journaled (else a receive's journal form is not made).
+        self.journaling = journaling
         #: The calling task's channel, opened on first use (on its thread).
         self.open_channel = open_channel
         self.on_ask = on_ask
@@ -149,7 +152,8 @@ class MessageCalls:
                 f"reserved for it",
             )
             return False, "{}"
-        guest_data.json_value(body_json, f"the body of a message to {target!r:.80}")
+        # (At most credit_bytes: never too many items. Malformed, the sender fails.)
+        guest_data.json_value(body_json, lambda: f"the body of a message to {target!r:.80}")
         credit[1] -= 1
         target_id = credit[0]
         message = Message(message_id, caller.task_id, body_json)
@@ -174,7 +178,9 @@ class MessageCalls:
                 f"{self.max_message_bytes:,} bytes",
             )
             return error, None
-        guest_data.json_value(body_json, f"the body of a message to {target!r:.80}")
+        refused = _refused_body(body_json, target)
+        if refused is not None:
+            return refused, None
         try:
             target_id = self.router.resolve(target)
         except RoutingError as exc:
@@ -276,7 +282,7 @@ class MessageCalls:
         if len(messages) > 1:
             self.batch_handed(attempt, messages)
         taken.extend(messages)
-        return True, received_answer(messages)
+        return True, received_answer(messages) if self.journaling else ""
 
     def batch_handed(self, attempt: Attempt, messages: list[Message]) -> None:
         """The guest got ``messages`` at once, and gives them to the task's code
@@ -359,12 +365,27 @@ class MessageCalls:
                 f"a reply of {len(body_json):,} bytes (as JSON) exceeds the limit of "
                 f"{self.max_message_bytes:,} bytes",
             )
-        guest_data.json_value(body_json, f"the reply to {message_id!r:.80}")
+        refused = _refused_body(body_json, message_id, "the reply to")
+        if refused is not None:
+            return refused
         try:
             self.router.reply(message_id, caller.task_id, body_json)
         except RoutingError as exc:
             return _message_error(exc.kind, str(exc))
         return True, ""
+
+
+def _refused_body(
+    body_json: str, target: str, whose: str = "the body of a message to"
+) -> tuple[bool, str] | None:
+    """None if a message's body is one strict JSON value; the answer refusing
+    it if it has more items than the host takes (an honest task may send
+    that); ProtocolError (the sender fails) if it is malformed."""
+    try:
+        guest_data.json_value(body_json, lambda: f"{whose} {target!r:.80}")
+    except guest_data.TooLarge as exc:
+        return _message_error("too_large", str(exc))
+    return None
 
 
 def _sent(message_id: str, target_id: str) -> str:

@@ -39,6 +39,7 @@ from capsule.sandbox.engine import (
     PrepareError,
     RefusingHost,
     Sandbox,
+    sleep_unless_stopped,
 )
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall
@@ -82,7 +83,6 @@ from capsule.supervisor.tree import (
     TaskResult,
     nearest_deadline,
     run_interruptibly,
-    sleep_unless_stopped,
     start_task_thread,
 )
 
@@ -269,6 +269,7 @@ class Run:
             max_message_bytes=self.settings.max_message_bytes,
             mailbox_capacity=self.settings.mailbox_capacity,
             on_ask=lambda message: self._log(self._steps.ask_sent, message),
+            journaling=self._journaling,
             open_channel=self.sandbox.open_channel,
             history=history,
         )
@@ -865,9 +866,11 @@ class Run:
         number = attempt.steps_taken
         if attempt.credit and kind in ENDS_CREDIT:  # as the guest forgot its credit
             self._messages.end_credit(attempt)
-        attempt.recorded += STEP_RECORD_OVERHEAD + (
-            len(request) if request.__class__ is str else sum(map(len, request))
-        )
+        journaling = self._journaling
+        if journaling:  # (what it records counts only where it is recorded)
+            attempt.recorded += STEP_RECORD_OVERHEAD + (
+                len(request) if request.__class__ is str else sum(map(len, request))
+            )
         if attempt.replay:
             request = request_text(request)
             recorded = attempt.replay.popleft()
@@ -879,11 +882,13 @@ class Run:
             attempt.recorded += len(recorded.answer)
             return recorded.ok, recorded.answer
         ok, answer = live()
+        if not journaling:
+            return ok, answer
         attempt.recorded += len(answer)
         if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:
             self._count_recorded(attempt)
         # A failure may be the caller's stop ("{}", never seen): not journaled.
-        if self._journaling and (ok or caller.check_stop() is None):
+        if ok or caller.check_stop() is None:
             journaled = answer if for_journal is None else for_journal(answer)
             try:  # (not through _log: one call fewer on every journaled step)
                 self._steps.step(

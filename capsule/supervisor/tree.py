@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -242,15 +241,3 @@ def run_interruptibly(
     if failure:
         raise failure[0]
     return outcome[0], interrupted
-
-
-def sleep_unless_stopped(parent: Invocation, seconds: float) -> bool:
-    """Sleep ``seconds`` (a retry backoff); False if the parent stopped meanwhile."""
-    deadline = time.monotonic() + seconds
-    while True:
-        if parent.check_stop() is not None:
-            return False
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return True
-        time.sleep(min(left, 0.01))

@@ -64,15 +64,15 @@ def refused(done: object, *expected: str) -> None:
 
 def test_args_json_nested_too_deeply_is_refused(prog: Path) -> None:
     deep = "[" * 3000 + "]" * 3000
-    refused(capsule_cli("run", str(prog), "--args-json", deep), "--args-json is nested too deeply")
+    refused(capsule_cli("run", str(prog), "--args-json", deep), "nests deeper than 200 levels")
 
 
-@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity", "1e400"])
 def test_args_json_that_is_not_json_is_refused(prog: Path, constant: str) -> None:
     refused(
         capsule_cli("run", str(prog), "--args-json", f"[1, {constant}]"),
-        "--args-json is not valid JSON",
-        f"{constant} is not JSON",
+        "--args-json",
+        "not valid JSON" if "e" not in constant else "number too large",
     )
 
 
