@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import capsule_cli
-from tests.security.support import MB, peak_rss_of_run, write
+from tests.security.support import MB, peak_rss_of_run, signal_at_marker, write
 
 #: Module-level code that sleeps on the host while an instance imports the
 #: program for a task (not while the program is first loaded, so the run starts).
@@ -80,25 +78,8 @@ def test_sigterm_stops_a_run_whose_instances_sleep_while_importing(tmp_path: Pat
             """
         ),
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK"):
-            break
-    process.send_signal(signal.SIGTERM)
-    try:
-        _, stderr = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError("SIGTERM did not stop the run") from None
-    assert process.returncode == 130, stderr
+    code, _, stderr = signal_at_marker(["run", str(program)], tmp_path, signal.SIGTERM)
+    assert code == 130, stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -119,20 +100,8 @@ def test_an_interrupt_while_the_program_is_first_imported(
             return "ran"
         """,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK"):
-            break
-    process.send_signal(sig)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, (process.returncode, stderr[-2000:])
+    code, stdout, stderr = signal_at_marker(["run", str(program)], tmp_path, sig)
+    assert code == 130, (code, stderr[-2000:])
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
     assert "ran" not in stdout
 
