@@ -217,10 +217,27 @@ def kill_at_marker(
     """Start `capsule ARGS`, kill -9 it (or send it ``sig``) once a line of its
     stdout starts with ``marker`` (and ``extra_delay`` seconds later): (what it
     printed, exit code)."""
+    code, printed, _ = signal_at_marker(args, marker, cwd, sig, extra_delay)
+    return printed, code
+
+
+def signal_at_marker(
+    args: list[str],
+    marker: str,
+    cwd: Path,
+    sig: signal.Signals,
+    extra_delay: float = 0.0,
+    capture_stderr: bool = False,
+    hang_after: float | None = None,
+) -> tuple[int, str, str]:
+    """Start `capsule ARGS`, send it ``sig`` once a line of its stdout starts
+    with ``marker`` (and ``extra_delay`` seconds later): (exit code, what it
+    printed, its stderr if captured). Still running ``hang_after`` seconds
+    after the signal, it did not stop: an AssertionError."""
     process = subprocess.Popen(
         [sys.executable, "-m", "capsule.cli", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if capture_stderr else subprocess.DEVNULL,
         text=True,
         cwd=cwd,
     )
@@ -232,5 +249,10 @@ def kill_at_marker(
             break
     time.sleep(extra_delay)
     process.send_signal(sig)
-    rest, _ = process.communicate()
-    return "".join(seen) + rest, process.returncode
+    try:
+        rest, stderr = process.communicate(timeout=hang_after)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"{sig.name} did not stop the run") from None
+    return process.returncode, "".join(seen) + rest, stderr or ""

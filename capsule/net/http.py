@@ -26,7 +26,7 @@ from capsule.net.redact import (
     redact_url,
 )
 from capsule.sandbox import guest_data
-from capsule.sandbox.grants import url_parts
+from capsule.sandbox.grants import DEFAULT_PORTS, url_parts
 from capsule.sandbox.guest_data import ProtocolError
 
 if TYPE_CHECKING:  # imported when the first request starts: most runs make none
@@ -87,7 +87,6 @@ _FRAMING_HEADERS = frozenset(
 )
 _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
-_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class HttpFailure(Exception):
@@ -486,12 +485,12 @@ def _check_destination(
     URL two parsers read differently cannot pass one check and go elsewhere."""
     shown = redact_url(str(url), secrets)
     scheme = url.scheme
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         raise _invalid(f"only http and https URLs can be requested, not {shown}")
     host = url.raw_host.decode("ascii", "replace").lower()
     if not host:
         raise _invalid(f"the URL {shown} has no host")
-    port = url.port or _DEFAULT_PORTS[scheme]
+    port = url.port or DEFAULT_PORTS[scheme]
     if not 0 < port < 65536:
         raise _invalid(f"the port of {shown} is not between 1 and 65535")
     if ":" in host:  # an IPv6 literal, in brackets in a URL

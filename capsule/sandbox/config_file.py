@@ -14,6 +14,7 @@ import stat
 from pathlib import Path
 
 from capsule.sandbox.config import ConfigError
+from capsule.sandbox.paths import PathRefused, read_bounded
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
 
@@ -41,29 +42,17 @@ def read_config_text(
             raise ConfigError(f"{path} is a directory, not a file")
         if not stat.S_ISREG(mode):
             raise ConfigError(f"{path} is not a regular file (a FIFO, a device or a socket)")
-        data = _read_at_most(fd, max_bytes + 1)
+        data = read_bounded(fd, max_bytes)
+    except PathRefused:
+        raise ConfigError(
+            f"{path} is larger than {max_bytes:,} bytes, the most Capsule reads of it"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path} cannot be read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    if len(data) > max_bytes:
-        raise ConfigError(
-            f"{path} is larger than {max_bytes:,} bytes, the most Capsule reads of it"
-        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}: line {line} is not valid UTF-8") from None
-
-
-def _read_at_most(fd: int, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = os.read(fd, min(limit - size, 1 << 20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    return b"".join(chunks)

@@ -209,8 +209,7 @@ class RefusingHost(LiveClockAndRandom):
     start tasks)."""
 
     def _refuse(self, name: str) -> tuple[bool, str]:
-        message = f"task {name!r} was called while the program was being imported"
-        return False, json.dumps({"kind": "exception", "task": name, "message": message})
+        return refusal(name, f"task {name!r} was called while the program was being imported")
 
     def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
         return self._refuse(call.name)
@@ -523,10 +522,9 @@ def _host_failure(exc: Exception) -> wasmtime.WasmtimeError:
     return _Stop("capsule: host error")
 
 
-def _refused(name: str, message: str) -> Answer:
-    """A task call refused before it reached the run (an error the guest raises
-    as TaskError)."""
-    return False, json.dumps({"kind": "exception", "task": name, "message": message})
+def refusal(name: str, message: str, kind: str = "exception") -> Answer:
+    """A task call or spawn refused (the error its guest raises as TaskError)."""
+    return False, json.dumps({"kind": kind, "task": name, "message": message})
 
 
 def _wasi_config(grants: Grants) -> wasmtime.WasiConfig:
@@ -869,7 +867,7 @@ class Sandbox:
         try:
             call = guest_data.task_call(name, call_json)
         except TooLarge as exc:
-            return _refused(name, str(exc))
+            return refusal(name, str(exc))
         answer = invocation.host.call_task(invocation, call)
         return answer if answer[0] else _failed(invocation, answer)
 
@@ -878,7 +876,7 @@ class Sandbox:
         try:
             call = guest_data.task_call(name, call_json)
         except TooLarge as exc:
-            return _refused(name, str(exc))
+            return refusal(name, str(exc))
         options = guest_data.spawn_options(options_json or "{}")
         answer = invocation.host.spawn_task(invocation, call, options)
         return answer if answer[0] else _failed(invocation, answer)

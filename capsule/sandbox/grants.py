@@ -19,7 +19,8 @@ from capsule.sandbox.paths import (
     open_directory_beneath,
 )
 
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+#: The port of each scheme a task may request, when its URL names none.
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,14 @@ def url_parts(url: str) -> tuple[str, str, int]:
     """(scheme, host, port) of an http(s) URL; ValueError if it is not one."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
+    if scheme not in DEFAULT_PORTS:
         raise ValueError(f"only http and https URLs can be requested, not {url!r}")
     host = (parts.hostname or "").lower()
     if not host:
         raise ValueError(f"the URL {url!r} has no host")
     if ":" in host:  # urlsplit strips the brackets of an IPv6 literal
         host = f"[{host}]"
-    return scheme, host, parts.port or _DEFAULT_PORTS[scheme]
+    return scheme, host, parts.port or DEFAULT_PORTS[scheme]
 
 
 @dataclass(frozen=True)

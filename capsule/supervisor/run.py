@@ -39,6 +39,7 @@ from capsule.sandbox.engine import (
     PrepareError,
     RefusingHost,
     Sandbox,
+    refusal,
     sleep_unless_stopped,
 )
 from capsule.sandbox.grants import NO_GRANTS, Grants
@@ -746,19 +747,19 @@ class Run:
         """The refusal (as a host-call reply) of a new task under ``caller``, or
         None: admitted, and counted as live until ``_release``."""
         if name not in self.configs:
-            return _refusal(
+            return refusal(
                 name,
                 f"{caller.invocation.task!r} called a task named {name!r}, "
                 f"but the program declares no such task",
             )
         depth = caller.node.task_id.count("/") + 1
         if depth >= MAX_DEPTH:
-            return _refusal(
+            return refusal(
                 name, f"task calls are nested {depth} deep; the limit is {MAX_DEPTH}", "limit"
             )
         with self._lock:
             if self._live_tasks >= self.settings.max_live_tasks:
-                return _refusal(
+                return refusal(
                     name,
                     f"the run already has {self._live_tasks} live tasks, its limit; "
                     f"{caller.invocation.task!r} cannot start {name!r}",
@@ -767,7 +768,7 @@ class Run:
             if spawned:
                 alive = sum(1 for c in caller.children.values() if not c.done.is_set())
                 if alive >= self.settings.max_children:
-                    return _refusal(
+                    return refusal(
                         name,
                         f"{caller.invocation.task!r} already has {alive} running children, "
                         f"its limit; it cannot spawn {name!r}",
@@ -973,9 +974,9 @@ class Run:
         attempt = self._attempts[caller]
         # Numbered first, whatever happens next, so that a replay numbers alike.
         task_id = attempt.node.next_child_id()
-        refusal = self._admit(attempt, call.name, spawned=False)
-        if refusal is not None:
-            return refusal
+        refused = self._admit(attempt, call.name, spawned=False)
+        if refused is not None:
+            return refused
         try:
             result = self.run_task(call.name, task_id, call.call_json, caller, None)
         finally:
@@ -1004,15 +1005,15 @@ class Run:
         attempt = self._attempts[caller]
         task_id = attempt.node.next_child_id()  # first, as in _call_task
         name, actor_name = call.name, options.actor_name
-        refusal = self._admit(attempt, name, spawned=True)
-        if refusal is not None:
-            return refusal
+        refused = self._admit(attempt, name, spawned=True)
+        if refused is not None:
+            return refused
         if actor_name is not None and TASK_ID_SHAPE.fullmatch(actor_name):
             # Names are looked up before ids: a task registered under another
             # task's id (or a future one's) would get its messages, and answer
             # its asks.
             self._release()
-            return _refusal(
+            return refusal(
                 name,
                 f"the name {actor_name!r} has the form of a task id; a task cannot be "
                 f"registered under one",
@@ -1026,7 +1027,7 @@ class Run:
             except RoutingError as exc:
                 self._router.close(task_id)
                 self._release()
-                return _refusal(name, str(exc))
+                return refusal(name, str(exc))
         scope = Scope(caller, task_id=caller.task_id, task=caller.task)
         child = Child(
             task_id=task_id,
@@ -1051,7 +1052,7 @@ class Run:
             del attempt.children[task_id]
             self._router.close(task_id)
             self._release()
-            return _refusal(name, f"the host cannot start another task thread: {exc}", "limit")
+            return refusal(name, f"the host cannot start another task thread: {exc}", "limit")
         return True, task_id
 
     def _child_ended(self, parent: Attempt, child: Child) -> None:
@@ -1090,7 +1091,7 @@ class Run:
         attempt = self._attempts[caller]
         unknown = [task_id for task_id in ids if task_id not in attempt.children]
         if unknown:
-            return _refusal(
+            return refusal(
                 "?",
                 f"{caller.task!r} can only wait on its own running or unreported children, "
                 f"not {unknown[0]!r}",
@@ -1305,10 +1306,10 @@ class Run:
         try:
             request = HttpRequest.from_json(request_json)
         except HttpFailure as exc:
-            refusal = (False, exc.redacted(known.granted).to_json())
+            invalid = (False, exc.redacted(known.granted).to_json())
             # Recorded by its digest: a malformed request may still carry secrets.
             digest = hashlib.sha256(request_json.encode()).hexdigest()
-            return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: refusal)
+            return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: invalid)
         secrets = known.learn(request.credentials)
         # The response, for its journaled form (made only if it is journaled).
         received: list[HttpResponse] = []
@@ -1488,10 +1489,6 @@ def _declared_tasks(loaded: str) -> list[dict[str, Any]]:
             '{"name": text, "function": text, "options": {...}}'
         )
     return tasks
-
-
-def _refusal(name: str, message: str, kind: str = "exception") -> tuple[bool, str]:
-    return False, json.dumps({"kind": kind, "task": name, "message": message})
 
 
 def _as_reply(result: TaskResult) -> tuple[bool, str]:

@@ -3,7 +3,6 @@ a run's journal, the peak memory of a `capsule` process."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import textwrap
@@ -41,30 +40,3 @@ def peak_rss_of_run(*args: str, cwd: Path) -> tuple[int, subprocess.CompletedPro
         timeout=300,
     )
     return int(done.stderr.strip().splitlines()[-1]), done
-
-
-def signal_at_marker(
-    args: list[str], cwd: Path, sig: signal.Signals, hang_after: float = 60
-) -> tuple[int, str, str]:
-    """Start `capsule ARGS`, send it ``sig`` once a line of its stdout starts
-    with "MARK": (exit code, the rest of stdout, stderr). A process still
-    running ``hang_after`` seconds later did not stop: an AssertionError."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=cwd,
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("MARK"):
-            break
-    process.send_signal(sig)
-    try:
-        stdout, stderr = process.communicate(timeout=hang_after)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        raise AssertionError(f"{sig.name} did not stop the run") from None
-    return process.returncode, stdout, stderr

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import capsule_cli
-from tests.security.support import MB, peak_rss_of_run, signal_at_marker, write
+from tests.conftest import capsule_cli, signal_at_marker
+from tests.security.support import MB, peak_rss_of_run, write
 
 #: Module-level code that sleeps on the host while an instance imports the
 #: program for a task (not while the program is first loaded, so the run starts).
@@ -33,25 +33,27 @@ if not _describe:
 """
 
 
+#: A main (its options to fill in) that calls a child: the child's instance is
+#: imported for it. MARK tells a test the call is about to be made.
+CALLS_A_CHILD = """
+from capsule import task
+
+@task(name="child")
+def child():
+    return 1
+
+@task(name="main", {main})
+def main():
+    print("MARK calling", flush=True)
+    return child()
+"""
+
+
 def test_a_sleep_while_importing_the_program_does_not_outlast_a_deadline(
     tmp_path: Path,
 ) -> None:
     program = write(
-        tmp_path,
-        SLEEPS_WHEN_PREPARED
-        + textwrap.dedent(
-            """
-            from capsule import task
-
-            @task(name="child")
-            def child():
-                return 1
-
-            @task(name="main", timeout="2s", max_retries=0)
-            def main():
-                return child()
-            """
-        ),
+        tmp_path, SLEEPS_WHEN_PREPARED + CALLS_A_CHILD.format(main='timeout="2s", max_retries=0')
     )
     # The run's main has a 2 s deadline; the import of its child's instance
     # sleeps a minute. A wedge shows as the subprocess's timeout.
@@ -60,25 +62,10 @@ def test_a_sleep_while_importing_the_program_does_not_outlast_a_deadline(
 
 
 def test_sigterm_stops_a_run_whose_instances_sleep_while_importing(tmp_path: Path) -> None:
-    program = write(
-        tmp_path,
-        SLEEPS_WHEN_PREPARED
-        + textwrap.dedent(
-            """
-            from capsule import task
-
-            @task(name="child")
-            def child():
-                return 1
-
-            @task(name="main", timeout="5m")
-            def main():
-                print("MARK calling", flush=True)
-                return child()
-            """
-        ),
+    program = write(tmp_path, SLEEPS_WHEN_PREPARED + CALLS_A_CHILD.format(main='timeout="5m"'))
+    code, _, stderr = signal_at_marker(
+        ["run", str(program)], "MARK", tmp_path, signal.SIGTERM, capture_stderr=True, hang_after=60
     )
-    code, _, stderr = signal_at_marker(["run", str(program)], tmp_path, signal.SIGTERM)
     assert code == 130, stderr
 
 
@@ -100,7 +87,9 @@ def test_an_interrupt_while_the_program_is_first_imported(
             return "ran"
         """,
     )
-    code, stdout, stderr = signal_at_marker(["run", str(program)], tmp_path, sig)
+    code, stdout, stderr = signal_at_marker(
+        ["run", str(program)], "MARK", tmp_path, sig, capture_stderr=True, hang_after=120
+    )
     assert code == 130, (code, stderr[-2000:])
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
     assert "ran" not in stdout
