@@ -559,6 +559,25 @@ def test_a_child_failure_never_collected_fails_its_parent_when_it_returns() -> N
     assert careless("temporary") == "returned"
 
 
+def test_a_temporary_task_is_retried_only_when_called_directly() -> None:
+    @task(restart="temporary", max_retries=1)
+    def temporary_task() -> None:
+        raise RuntimeError("no")
+
+    @task
+    def spawner() -> str:
+        try:
+            temporary_task.spawn().result()
+        except TaskError as error:
+            return f"{error.kind} after {error.attempts}"
+        return "succeeded"
+
+    assert spawner() == "exception after 1"
+    with pytest.raises(TaskError) as raised:
+        temporary_task()
+    assert raised.value.attempts == 2
+
+
 def test_children_left_running_are_cancelled_and_joined_when_a_task_ends() -> None:
     started = threading.Barrier(4)
 

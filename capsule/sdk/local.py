@@ -174,7 +174,8 @@ class _Policy:
 
     max_attempts: int
     timeout_s: float | None
-    #: ``restart="temporary"``: never retried, and its failure never fails its parent.
+    #: ``restart="temporary"``: spawned, it is never retried, and its failure
+    #: never fails its parent.
     temporary: bool
 
     @classmethod
@@ -462,7 +463,7 @@ def _invoke(
     run.open(invocation.task_id)
     outcome: tuple[bool, Any] | None = None
     try:
-        outcome = _attempts(invocation, call_json, above)
+        outcome = _attempts(invocation, call_json, above, spawned=child is not None)
         return outcome
     except BaseException as exc:  # (KeyboardInterrupt, SystemExit: not the task's failure)
         outcome = (False, TaskError("exception", invocation.fn.name, _exception_text(exc)))
@@ -474,8 +475,11 @@ def _invoke(
                 child.outcome = outcome
 
 
-def _attempts(invocation: _Invocation, call_json: str, above: _Scope | None) -> tuple[bool, Any]:
+def _attempts(
+    invocation: _Invocation, call_json: str, above: _Scope | None, spawned: bool
+) -> tuple[bool, Any]:
     policy = invocation.policy
+    retried = not (spawned and policy.temporary)
     number = 0
     while True:
         number += 1
@@ -489,7 +493,7 @@ def _attempts(invocation: _Invocation, call_json: str, above: _Scope | None) -> 
             return True, value
         error: TaskError = value
         error.attempts = number
-        if error.kind in _NOT_RETRIED or policy.temporary or number >= policy.max_attempts:
+        if error.kind in _NOT_RETRIED or not retried or number >= policy.max_attempts:
             return False, error
 
 
