@@ -4,7 +4,7 @@ Under ``capsule run`` the host performs the request, and only to the hosts the
 task was granted (``@task(allowed_hosts=[...])``); redirects are followed only
 to granted hosts, the response size is capped, and the exchange is journaled
 (a resumed run gets the journaled response instead of sending it again).
-Called as a plain function (unit tests), the request is made directly.
+In local mode (outside ``capsule run``), the request is made directly.
 """
 
 from __future__ import annotations
