@@ -461,6 +461,40 @@ def test_message_errors_are_those_of_the_real_run() -> None:
     ]
 
 
+def test_a_full_mailbox_makes_send_wait_and_a_plain_message_takes_no_reply() -> None:
+    from capsule import SendTimeout
+
+    @task
+    def never_reads() -> None:
+        capsule.sleep(3600)
+
+    @task
+    def replies_to_a_send() -> str:
+        try:
+            capsule.receive().reply("unasked")
+        except MessageError as error:
+            return error.kind
+        return "replied"
+
+    @task
+    def floods() -> list[str]:
+        slow = never_reads.spawn()
+        for number in range(1000):  # a mailbox's capacity
+            capsule.send(slow, number)
+        try:
+            capsule.send(slow, "one too many", timeout=0)
+        except SendTimeout as error:
+            full = str(error)
+        replier = replies_to_a_send.spawn()
+        capsule.send(replier, "no reply wanted")
+        return [full, replier.result()]
+
+    assert floods() == [
+        "the mailbox of 'floods/1' stayed full (1000 messages) for 0s",
+        "no_reply_expected",
+    ]
+
+
 def test_a_registered_name_is_taken_until_its_task_ends() -> None:
     @task
     def named() -> None:
