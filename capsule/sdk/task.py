@@ -5,8 +5,9 @@ on where it runs:
 
 - inside the sandbox, the guest runtime has installed a :class:`Backend`, and the
   call asks the host to run the task as a child in a fresh instance;
-- in plain Python (no backend), the call runs the function directly, so tasks can
-  be unit-tested with pytest.
+- in plain Python (no backend installed), local mode's backend runs it in-process
+  with the same control flow (capsule.sdk.local), so tasks can be unit-tested
+  with pytest.
 
 The options given to ``@task`` are recorded as declared, unvalidated: the host
 validates them (with pydantic, which cannot run in the sandbox) when it loads the
@@ -15,13 +16,10 @@ program, and that validated copy is the only one limits are taken from.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
-
-from capsule.sdk.errors import TaskError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -82,9 +80,6 @@ class Backend(Protocol):
 
 
 _backend: Backend | None = None
-_local_current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
-    "capsule_local_current", default=None
-)
 
 #: Every task declared in this interpreter, by name.
 registry: dict[str, TaskFunction[Any, Any]] = {}
@@ -94,6 +89,16 @@ def install_backend(backend: Backend | None) -> None:
     """Route task calls through ``backend`` (``None`` restores local mode)."""
     global _backend
     _backend = backend
+
+
+def active_backend() -> Backend:
+    """The installed backend, or else local mode's."""
+    backend = _backend
+    if backend is None:
+        from capsule.sdk.local import LOCAL  # (never loaded in the sandbox)
+
+        backend = LOCAL
+    return backend
 
 
 class TaskDefinitionError(ValueError):
@@ -115,11 +120,8 @@ class TaskFunction(Generic[P, R]):
         return f"{self.func.__module__}.{self.func.__qualname__}"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        backend = _backend
-        if backend is not None:
-            result: R = backend.call_task(self.name, tuple(args), dict(kwargs))
-            return result
-        return self._call_local(*args, **kwargs)
+        result: R = active_backend().call_task(self.name, tuple(args), dict(kwargs))
+        return result
 
     def spawn(self, *args: Any, name: str | None = None, **kwargs: Any) -> TaskHandle[R]:
         """Start this task as a concurrent child and return its handle at once.
@@ -140,20 +142,8 @@ class TaskFunction(Generic[P, R]):
     def _spawn(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None, awaited: bool
     ) -> TaskHandle[R]:
-        backend = _backend
-        if backend is None:
-            return TaskHandle._local(self, args, kwargs)
-        task_id = backend.spawn_task(self.name, tuple(args), dict(kwargs), name, awaited)
+        task_id = active_backend().spawn_task(self.name, tuple(args), dict(kwargs), name, awaited)
         return TaskHandle(task_id, self.name)
-
-    def _call_local(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        parent = _local_current.get()
-        ident = f"{parent.id}/{self.name}" if parent else self.name
-        token = _local_current.set(TaskInfo(id=ident, name=self.name, attempt=1, max_attempts=1))
-        try:
-            return self.func(*args, **kwargs)
-        finally:
-            _local_current.reset(token)
 
     def __repr__(self) -> str:
         return f"<capsule task {self.name!r} ({self.qualified_name})>"
@@ -279,21 +269,6 @@ class TaskHandle(Generic[R]):
         #: The child's outcome, once known: (True, value) or (False, TaskError).
         self._local_outcome: tuple[bool, Any] | None = None
 
-    @classmethod
-    def _local(
-        cls, fn: TaskFunction[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> TaskHandle[R]:
-        # Local mode runs the child to the end right away, in plain Python.
-        handle: TaskHandle[R] = cls(f"local/{fn.name}", fn.name)
-        try:
-            handle._local_outcome = (True, fn._call_local(*args, **kwargs))
-        except Exception as exc:
-            handle._local_outcome = (
-                False,
-                TaskError("exception", fn.name, f"{type(exc).__name__}: {exc}"),
-            )
-        return handle
-
     def result(self, timeout: float | None = None) -> R:
         """The child's value once it ends; raises TaskError if it failed, or
         TimeoutError if it has not ended within ``timeout`` seconds."""
@@ -306,20 +281,14 @@ class TaskHandle(Generic[R]):
     def cancel(self) -> None:
         """Cancel the child (and its own children); waiting on it then raises
         TaskError with kind ``cancelled``."""
-        backend = _backend
-        if backend is not None:
-            backend.cancel(self.id)
+        active_backend().cancel(self.id)
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id} ({self.name})>"
 
 
 def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tuple[bool, Any]]:
-    backend = _backend
-    if backend is None:
-        return [
-            h._local_outcome or (False, TaskError("cancelled", h.name, "not run")) for h in handles
-        ]
+    backend = active_backend()
     # A handle keeps its child's outcome once collected: the host forgets a child
     # it has reported, so that a long-lived task spawning many does not grow.
     pending = list({h.id: h for h in handles if h._local_outcome is None}.values())
@@ -344,19 +313,12 @@ def gather(*handles: TaskHandle[Any], return_exceptions: bool = False) -> list[A
 
 def sleep(seconds: float) -> None:
     """Sleep on the host: the task's CPU slot is free meanwhile."""
-    backend = _backend
-    if backend is None:
-        import time
-
-        time.sleep(seconds)
-    else:
-        backend.sleep(seconds)
+    active_backend().sleep(seconds)
 
 
 def current() -> TaskInfo:
     """The task this code runs in: its id, name and attempt number."""
-    backend = _backend
-    info = backend.current() if backend is not None else _local_current.get()
+    info = active_backend().current()
     if info is None:
         raise RuntimeError("capsule.current() was called outside a running task")
     return info

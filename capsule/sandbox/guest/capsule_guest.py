@@ -75,7 +75,7 @@ import capsule
 import capsule.http
 from capsule.sdk import task as sdk_task
 from capsule.sdk.http import http_error
-from capsule.sdk.errors import TaskError, message_error
+from capsule.sdk.errors import TaskError, message_error, unhandled
 
 
 def _not_serializable(value):
@@ -303,20 +303,7 @@ def _err(kind, message, type_name=None, traceback_text=None, cause=None) -> Err:
 
 
 def _unhandled_task_error(task: str, exc: TaskError) -> Err:
-    # Name the original failure once, however many callers it went through,
-    # instead of wrapping one message in another at every level.
-    if exc.cause:
-        cause = dict(exc.cause)
-        cause["via"] = [exc.task, *cause.get("via", [])][:16]
-    else:
-        cause = {"task": exc.task, "kind": exc.kind, "message": exc.message, "via": []}
-    via = cause["via"]
-    shown = ", ".join(repr(t) for t in via[:3]) + (", ..." if len(via) > 3 else "")
-    through = f" (through {shown})" if via else ""
-    message = (
-        f"unhandled TaskError: task {cause['task']!r} failed ({cause['kind']}){through}: "
-        f"{cause['message']}"
-    )
+    message, cause = unhandled(exc)
     return _error("exception", task, exc, message, cause)
 
 
