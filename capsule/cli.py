@@ -93,12 +93,20 @@ def _parser() -> argparse.ArgumentParser:
     commands.required = True
     run = commands.add_parser(
         "run",
-        help="run a program's main task",
-        description="Run the task named 'main' in FILE, passing ARGS as positional string arguments.",
+        help="run a program's main task (or another: FILE:TASK)",
+        description="Run the task named 'main' in FILE (or the one FILE:TASK or --entry "
+        "names), passing ARGS as positional string arguments.",
         epilog=_EXIT_CODES,
     )
-    run.add_argument("file", metavar="FILE", help="the Python program (a .py file)")
-    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for main")
+    run.add_argument(
+        "file",
+        metavar="FILE[:TASK]",
+        help="the Python program (a .py file), and the task to run if not main",
+    )
+    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
+    run.add_argument(
+        "--entry", metavar="TASK", help="the task to run as the entry point (default: main)"
+    )
     run.add_argument(
         "--args-json",
         metavar="JSON",
@@ -379,8 +387,8 @@ def _as_json(value: Any) -> str:
 
 
 def _run_command(options: argparse.Namespace) -> int:
-    path = Path(options.file)
     try:
+        path, entry = _program_and_entry(options.file, options.entry)
         args = _parse_args_json(options.args_json, options.args)
         if options.no_journal and options.journal is not None:
             raise UsageError("give either --journal or --no-journal, not both")
@@ -400,6 +408,7 @@ def _run_command(options: argparse.Namespace) -> int:
     request = RunRequest(
         path=path,
         args=args,
+        entry=entry,
         max_fuel=options.max_fuel,
         max_ram=options.max_ram,
         max_timeout=options.max_timeout,
@@ -428,6 +437,23 @@ def _run_command(options: argparse.Namespace) -> int:
         return run_journaled(request, journal, renderer.on_event, event_types=renderer.event_types)
 
     return _show_run(options, run, journaled=journal is not None)
+
+
+def _program_and_entry(file: str, entry: str | None) -> tuple[Path, str]:
+    """The program file and the entry task of `capsule run FILE[:TASK]` and
+    --entry (a file whose own name has a colon is taken whole if it exists)."""
+    name, colon, task = file.rpartition(":")
+    if colon and name.endswith(".py") and not os.path.exists(file):
+        if not task.strip():
+            raise UsageError(f"{file!r} names no task after the colon; give FILE:TASK")
+        if entry is not None and entry != task:
+            raise UsageError(f"give the entry task once: {file!r} or --entry {entry!r}")
+        file, entry = name, task
+    if entry is not None and not entry.strip():
+        raise UsageError("--entry needs a task name (e.g. --entry main)")
+    if entry is not None and not _is_text(entry):
+        raise UsageError(f"the entry task {entry!r} is not valid UTF-8")
+    return Path(file), entry or "main"
 
 
 def _not_a_program(path: Path) -> str | None:

@@ -481,3 +481,47 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
         bad = capsule_cli("run", str(path), "--hibernate-after", never)
         assert bad.returncode == 2
         assert f"--hibernate-after '{never}' is invalid; expected a duration" in bad.stderr
+
+
+ENTRIES = """
+    from capsule import task
+
+    @task(name="main")
+    def main():
+        return "main ran"
+
+    @task(name="double")
+    def double(x):
+        return x * 2
+"""
+
+
+@pytest.mark.parametrize("how", ["file:task", "--entry"])
+def test_any_task_can_be_the_entry_point(tmp_path: Path, how: str) -> None:
+    path = write(tmp_path, ENTRIES)
+    target = [f"{path}:double"] if how == "file:task" else [str(path), "--entry", "double"]
+    done = capsule_cli("run", *target, "--args-json", "[21]", "--json", "--verbose")
+    assert done.returncode == 0, done.stderr
+    envelope = done.json()
+    assert envelope["result"] == 42 and envelope["execution"]["task"] == "double"
+    assert "started main (double), attempt 1/" in done.stderr  # the root's id stays main
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (["{path}:nope"], "no task named 'nope' to run as the entry point"),
+        (["{path}", "--entry", "nope"], "no task named 'nope' to run as the entry point"),
+        (["{path}:"], "names no task after the colon"),
+        (["{path}:double", "--entry", "main"], "give the entry task once"),
+    ],
+)
+def test_an_unknown_entry_point_exits_2_listing_the_tasks(
+    tmp_path: Path, target: list[str], message: str
+) -> None:
+    path = write(tmp_path, ENTRIES)
+    done = capsule_cli("run", *(part.format(path=path) for part in target))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    if "no task named" in message:
+        assert "tasks found: double, main" in done.stderr

@@ -43,6 +43,8 @@ class RunRequest:
     path: Path
     args: list[Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The task run as the root of the tree (``capsule run FILE:TASK``, --entry).
+    entry: str = "main"
     max_fuel: str | None = None
     max_ram: str | None = None
     max_timeout: str | None = None
@@ -144,7 +146,8 @@ def run_program(
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
 ) -> RunReport:
-    """Run ``main`` of the program at ``request.path``; blocks until the run ends.
+    """Run the entry task (``main`` unless ``request.entry`` names another) of
+    the program at ``request.path``; blocks until the run ends.
     ``on_event`` receives the run's events of ``event_types`` (None: all), from
     ``events`` if given (a stream with subscribers of its own: the journal).
 
@@ -152,6 +155,8 @@ def run_program(
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
     run once it starts (to watch it, cancel tasks, or stop it)."""
     path = request.path.resolve()
+    if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
+        return RunReport(usage_error=f"the entry task {request.entry!r} is not a task name")
     try:
         module = program_module(path)
         project = load_project(path.parent)
@@ -230,7 +235,7 @@ def run_program(
         if on_run is not None:
             on_run(run)
         try:
-            result = run.run_main(request.args, request.kwargs, first)
+            result = run.run_main(request.args, request.kwargs, first, request.entry)
         except RunInterrupted as exc:
             return RunReport(run_id=run.run_id, result=exc.result, interrupted=True)
         except JournalFailure as exc:

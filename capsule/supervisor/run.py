@@ -378,24 +378,23 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any] | None = None,
         first: Prepared | None = None,
+        entry: str = "main",
     ) -> TaskResult:
-        """Run ``main`` to the end and return how it ended.
+        """Run the task named ``entry`` (``main`` unless the user chose another)
+        as the root of the tree, to the end, and return how it ended. Whatever
+        its name, the root's task id is ``main``.
 
-        The task tree runs on task threads: ``main`` on one this call owns, each
+        The task tree runs on task threads: the root on one this call owns, each
         spawned child on one its parent's attempt owns (and joins before it ends);
         a direct call runs inline on its caller's thread. Interrupting the wait
         (Ctrl-C) cancels the whole tree: every instance traps at its next epoch
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        if "main" not in self.configs:
+        if entry not in self.configs:
             if first is not None:
                 first.store.close()
-            names = ", ".join(sorted(self.configs)) or "none"
-            raise ProgramError(
-                f"the program has no task named 'main' (tasks found: {names}); "
-                f'declare the entry point with @task(name="main")'
-            )
+            raise ProgramError(_no_entry(entry, sorted(self.configs)))
         try:
             call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
         except ValueError as exc:  # (a host API caller's NaN: never a guest's)
@@ -409,7 +408,7 @@ class Run:
         sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
         try:
             result, interrupted = run_interruptibly(
-                lambda: self.run_task("main", "main", call_json, root, None),
+                lambda: self.run_task(entry, "main", call_json, root, None),
                 lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
                 name="capsule-main",
             )
@@ -1452,6 +1451,20 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr)
     except Exception:
         pass  # stderr is gone too
+
+
+def _no_entry(entry: str, names: list[str]) -> str:
+    """Why a run cannot start at ``entry``: the tasks it could start at."""
+    found = ", ".join(names) or "none"
+    if entry == "main":
+        return (
+            f"the program has no task named 'main' (tasks found: {found}); declare the "
+            f'entry point with @task(name="main"), or run another task with --entry NAME'
+        )
+    return (
+        f"the program has no task named {entry!r} to run as the entry point (tasks "
+        f"found: {found}); pass one of them to --entry (or FILE:TASK)"
+    )
 
 
 def _describe(step: Step) -> str:
