@@ -484,7 +484,8 @@ def _show_run(
     _stop_on_sigterm()
     kept = "; the journal keeps it" if journaled else ""
     with StdioWriter(notice_suffix=kept) as out:
-        renderer = _Renderer(out, options.json, options.verbose, journaled)
+        string_args = bool(getattr(options, "args", None)) and options.args_json is None
+        renderer = _Renderer(out, options.json, options.verbose, journaled, string_args)
         try:
             try:
                 report = run(renderer)
@@ -761,7 +762,9 @@ def _inspect_command(options: argparse.Namespace) -> int:
         run = _read_journal(journal, find_run, journal, options.run_id)
         tasks = _read_journal(journal, load_tasks, journal, run.run_id)
         if options.json:
-            text = _as_json({**run.summary(), "tasks": [t.as_dict() for t in tasks]})
+            text = _as_json(
+                {**run.summary(), "error": run.error, "tasks": [t.as_dict() for t in tasks]}
+            )
         else:
             text = "\n".join(_inspect_lines(run, tasks))
     except (UsageError, JournalError) as exc:
@@ -786,6 +789,7 @@ def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
         f"run {_field(run.run_id)}: {_field(run.shown_status)}{duration}{resumed}  "
         f"({_field(run.program)})"
     ]
+    lines.extend(_run_error_lines(run))
     children: dict[str | None, list[Any]] = {}
     for task in tasks:
         children.setdefault(task.parent_id, []).append(task)
@@ -804,6 +808,21 @@ def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
         lines.append(f"{'  ' * min(depth, _MAX_INDENT)}{_task_line(task)}")
         stack.extend((child, depth + 1) for child in reversed(children.get(task.task_id, [])))
     return lines
+
+
+def _run_error_lines(run: Any) -> list[str]:
+    """Why a run ended in error (nothing ran: a config or program error) or
+    diverged on resume: its task tree does not say."""
+    error = run.error if isinstance(run.error, dict) else None
+    if error is None or (run.status != "error" and error.get("kind") != "divergence"):
+        return []
+    kind, message = str(error.get("kind")), str(error.get("message"))
+    text = message if message.startswith(f"{kind}:") else f"{kind}: {message}"
+    return [f"  error: {_field(line)}" for line in text.splitlines()[:_MAX_ERROR_LINES]]
+
+
+#: Lines of a run's error `capsule inspect` shows (a config error lists each problem).
+_MAX_ERROR_LINES = 50
 
 
 def _task_line(task: Any) -> str:
@@ -835,10 +854,22 @@ class _Renderer:
     lifecycle, errors, tracebacks, which quote guest text) always show them
     visibly: a log of stderr can be read on a terminal later."""
 
-    def __init__(self, out: StdioWriter, json_output: bool, verbose: bool, journaled: bool) -> None:
+    def __init__(
+        self,
+        out: StdioWriter,
+        json_output: bool,
+        verbose: bool,
+        journaled: bool,
+        string_args: bool = False,
+    ) -> None:
+        from capsule.diagnostics import FailureCauses
+
         self.out = out
         self.json_output = json_output
         self.verbose = verbose
+        #: The run's arguments were ARGS, which arrive as strings (a hint's cue).
+        self.string_args = string_args
+        self.causes = FailureCauses()
         #: Whether the run is journaled (a notice of dropped output says so).
         self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
@@ -847,12 +878,17 @@ class _Renderer:
     @property
     def event_types(self) -> frozenset[str]:
         """The events it shows (the run builds no others for it)."""
-        from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+        from capsule.supervisor.events import EVENT_TYPES
 
-        return EVENT_TYPES - MESSAGE_EVENT_TYPES if self.verbose else frozenset({"output"})
+        return EVENT_TYPES if self.verbose else frozenset({"output", "warning", "failed"})
 
     def on_event(self, event: Any) -> None:
         kind = event.type
+        if kind == "warning":
+            self.out.write("stderr", f"capsule: warning: {_field(event.text)}\n")
+            return
+        if kind == "failed":
+            self.causes.on_failed(event)
         if kind == "output":
             stream: Stream = "stderr" if event.stream == "stderr" else self.guest_out
             text = visible(event.text) if self.out.is_terminal(stream) else event.text
@@ -897,8 +933,26 @@ class _Renderer:
                 f"task {error.task!r} failed ({error.kind}) after {result.attempts} attempt(s): "
                 f"{error.message}"
             )
-            if error.traceback and error.kind == "exception":
+            if error.traceback and error.kind in ("exception", "child_failed"):
                 self.out.write("stderr", visible(error.traceback), droppable=False)
+            self._explain(error)
+
+    def _explain(self, error: Any) -> None:
+        """Where a failure began (the guest traceback of the task it came
+        from), and a hint if it looks like a common mistake."""
+        from capsule.diagnostics import args_hint
+
+        origin = self.causes.origin(error)
+        if origin is not None:
+            task, traceback = origin
+            self.out.write(
+                "stderr",
+                f"capsule: the failure began in task {_field(repr(task))}:\n{visible(traceback)}",
+                droppable=False,
+            )
+        hint = args_hint(error) if self.string_args else None
+        if hint is not None:
+            self.out.write("stderr", f"capsule: hint: {hint}\n", droppable=False)
 
     def end(self, code: int, interrupted: bool = False) -> int:
         """Write what is still queued, while its readers take some (a shorter
@@ -968,6 +1022,14 @@ def _lifecycle_line(event: Any) -> str | None:
             f"http {label}: {event.method} {event.url} -> {outcome} "
             f"in {event.duration_ms:.0f} ms ({event.response_bytes:,} bytes)"
         )
+    if kind == "message_sent":
+        asks = ", asking for a reply" if event.expects_reply else ""
+        return (
+            f"message {event.message_id} sent by {label} to {event.target_id} "
+            f"({event.size:,} bytes{asks})"
+        )
+    if kind == "message_received":
+        return f"message {event.message_id} received by {label} from {event.sender_id}"
     if kind == "replayed" and event.outcome is not None:
         return f"replayed {label}: {event.outcome} (from the journal, not run again)"
     if kind == "replayed":

@@ -327,6 +327,10 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
     assert "'main' (main) diverged from the journal at step" in error["message"]
     assert "call(" in error["message"] and "[1]" in error["message"]
     assert "[7]" in error["message"]
+    # `capsule inspect` says why the run ended so; its task tree does not.
+    shown = capsule_cli("inspect", "--last", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "error: divergence: " in shown.stdout and "diverged from the journal" in shown.stdout
 
 
 #: A program whose child imports a module of the program's directory (HELPER).

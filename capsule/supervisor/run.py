@@ -625,7 +625,7 @@ class Run:
                 # A sibling's failure restarts this one too (one_for_all, rest_for_one).
                 reason, child.restart_reason = child.restart_reason, None
                 if parent.check_stop() is None:
-                    emit(TaskRestarting(**ids, reason=reason))
+                    emit(TaskRestarting(**ids, reason=reason, fuel_consumed=outcome.fuel_consumed))
                     continue
             failures += 1
             retryable = error.kind not in NOT_RETRYABLE and not (
@@ -644,7 +644,15 @@ class Run:
                 if child is not None:
                     self._restart_siblings(child)
                 delay = self.settings.backoff.delay(failures)
-                emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
+                emit(
+                    TaskRetrying(
+                        **ids,
+                        attempt=attempt_number,
+                        error=error,
+                        backoff_s=delay,
+                        fuel_consumed=outcome.fuel_consumed,
+                    )
+                )
                 with self.sandbox.slots.released():
                     resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
