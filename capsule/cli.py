@@ -3,7 +3,8 @@
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
 failed after its retries); 2 usage, config, program or journal error (nothing
 ran, or the journal could not be written); 3 the sandbox runtime could not be
-built or loaded; 130 interrupted (Ctrl-C, or SIGTERM).
+built or loaded; 130 interrupted (Ctrl-C, or SIGTERM). `capsule send` and
+`capsule ask` add 4 to 8 (see capsule.supervisor.inbox_client).
 """
 
 from __future__ import annotations
@@ -229,6 +230,31 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(runs)
 
+    for op, summary in (
+        ("send", "send a message to an actor of a running run"),
+        ("ask", "send a message to an actor of a running run and print its reply"),
+    ):
+        message = commands.add_parser(
+            op,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
+            "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
+            "message. The task receives it from the sender 'cli'.",
+            epilog=_MESSAGE_EXIT_CODES,
+        )
+        message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
+        message.add_argument("target", metavar="NAME", help="the actor's name or task id")
+        message.add_argument("body", metavar="JSON", help="the message, a JSON value")
+        if op == "ask":
+            message.add_argument(
+                "--timeout",
+                metavar="SECONDS",
+                type=_ask_timeout,
+                default=60.0,
+                help="how long to wait for the reply (default 60)",
+            )
+        _journal_option(message)
+
     inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
     inspect.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     inspect.add_argument("--last", action="store_true", help="show the newest run")
@@ -242,6 +268,28 @@ _EXIT_CODES = (
     "error, 3 the sandbox runtime could not be built or loaded, 130 interrupted (Ctrl-C, "
     "SIGTERM)"
 )
+
+
+_MESSAGE_EXIT_CODES = (
+    "exit codes: 0 delivered (ask: the reply printed), 2 usage or bad JSON, 4 no such run, "
+    "5 the run is not running, 6 no such actor (or it ended without replying), 7 its "
+    "mailbox is full, 8 no reply in time"
+)
+
+
+def _ask_timeout(text: str) -> float:
+    """--timeout of `capsule ask`: seconds, finite, above 0, at most a week."""
+    from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_ASK_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range; expected seconds above 0, at most {MAX_ASK_TIMEOUT_S:g}"
+        )
+    return value
 
 
 def _journal_option(command: argparse.ArgumentParser) -> None:
@@ -273,6 +321,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         "runs": _runs_command,
         "inspect": _inspect_command,
         "tui": _tui_command,
+        "send": _message_command,
+        "ask": _message_command,
     }
     try:
         code = commands[options.command](options)
@@ -749,6 +799,71 @@ def _run_line(run: Any) -> str:
 def _field(value: Any) -> str:
     """A value from a journal or a guest, on one line, shown not acted on."""
     return visible(str(value), one_line=True)
+
+
+def _message_command(options: argparse.Namespace) -> int:
+    """`capsule send` and `capsule ask`: one message into a running run."""
+    from capsule.sandbox.guest_data import ProtocolError, json_value
+    from capsule.supervisor import inbox_client as client
+
+    try:
+        if not _is_text(options.body):
+            raise UsageError("the message is not valid UTF-8")
+        try:
+            body = json_value(options.body, "the message")
+        except ProtocolError as exc:
+            raise UsageError(
+                f"{exc}; give the message as JSON, e.g. '{{\"approved\": true}}'"
+            ) from None
+        if not _is_text(options.target):
+            raise UsageError("NAME is not valid UTF-8")
+        found = client.find_socket(options.run_id)
+        if found is None:
+            return _no_running_run(options)
+        run_id, path = found
+        asks = options.command == "ask"
+        timeout = options.timeout if asks else client.SEND_TIMEOUT_S
+        payload: dict[str, Any] = {"op": options.command, "to": options.target, "body": body}
+        if asks:
+            payload["timeout"] = timeout
+        answer = client.request(path, payload, timeout + 10)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except client.InboxClientError as exc:
+        _error(str(exc))
+        return EXIT_USAGE if exc.kind == "usage" else client.EXIT_BY_KIND.get(exc.kind, 1)
+    if not answer["ok"]:
+        kind = str(answer.get("kind"))
+        _error(f"run {run_id}: {_field(answer.get('message'))}")
+        if kind in ("too_large", "bad_request"):
+            return EXIT_USAGE
+        return client.EXIT_BY_KIND.get(kind, EXIT_FAILED)
+    if asks:
+        print(_as_json(answer.get("reply")))
+    return EXIT_OK
+
+
+def _no_running_run(options: argparse.Namespace) -> int:
+    """No running run has the id: the journal says whether it ran and ended."""
+    from capsule.journal.reader import find_run
+    from capsule.journal.schema import JournalError
+    from capsule.supervisor.inbox_client import EXIT_NO_SUCH_RUN, EXIT_NOT_RUNNING
+
+    try:
+        journal = _journal_path(options)
+        run = _read_journal(journal, find_run, journal, options.run_id)
+    except (UsageError, JournalError):
+        _error(
+            f"no running run has the id {options.run_id!r} (`capsule runs` lists the runs "
+            f"of a journal)"
+        )
+        return EXIT_NO_SUCH_RUN
+    _error(
+        f"run {_field(run.run_id)} is not running ({_field(run.shown_status)}); only a "
+        f"running run takes messages"
+    )
+    return EXIT_NOT_RUNNING
 
 
 def _inspect_command(options: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import load_project
 from capsule.sandbox.runtime import RuntimeBuildError
 from capsule.supervisor.events import EventStream, RunWarning, TaskOutput
+from capsule.supervisor.inbox import InboxError, RunInbox
 from capsule.supervisor.run import (
     Backoff,
     ProgramError,
@@ -254,7 +256,8 @@ def run_program(
             on_run(run)
         events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
         try:
-            result = run.run_main(request.args, request.kwargs, first, request.entry)
+            with _inbox(run, events):
+                result = run.run_main(request.args, request.kwargs, first, request.entry)
         except RunInterrupted as exc:
             totals.end()
             return RunReport(
@@ -270,6 +273,25 @@ def run_program(
             )
         totals.end()
         return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
+
+
+@contextmanager
+def _inbox(run: Run, events: EventStream) -> Iterator[None]:
+    """While the run runs, `capsule send` and `capsule ask` reach it (or a
+    warning says why they cannot; the run goes on)."""
+    inbox = RunInbox(run.run_id, run.external)
+    try:
+        inbox.start()
+    except InboxError as exc:
+        events.emit(
+            RunWarning(run_id=run.run_id, task_id=LOAD_TASK_ID, task=LOAD_TASK_ID, text=str(exc))
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        inbox.close()
 
 
 def _unset_variables(

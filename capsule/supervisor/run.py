@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
+from capsule.actors.external import EXTERNAL_SENDER, ExternalMessages
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import redact_url
@@ -274,6 +275,20 @@ class Run:
             open_channel=self.sandbox.open_channel,
             history=history,
         )
+
+        #: Messages from outside the run (`capsule send`, `capsule ask`).
+        self.external = ExternalMessages(
+            self._router, self.settings.max_message_bytes, self._external_sent
+        )
+
+    def _external_sent(self, message: Message, target_id: str) -> None:
+        """Journal a message from outside, durably before its sender is told
+        it was delivered: a resume delivers it again if it was not received."""
+        pending = PendingMessage(
+            message.id, message.sender, target_id, message.body_json, message.expects_reply
+        )
+        self._log(self._steps.ask_sent, pending)
+        self._log(self._steps.sync)
 
     def snapshot(self) -> list[LiveTask]:
         """The attempts running now, with the fuel each has used so far (read at
@@ -1015,15 +1030,21 @@ class Run:
         refused = self._admit(attempt, name, spawned=True)
         if refused is not None:
             return refused
-        if actor_name is not None and TASK_ID_SHAPE.fullmatch(actor_name):
+        if actor_name is not None and (
+            TASK_ID_SHAPE.fullmatch(actor_name) or actor_name == EXTERNAL_SENDER
+        ):
             # Names are looked up before ids: a task registered under another
             # task's id (or a future one's) would get its messages, and answer
-            # its asks.
+            # its asks; one registered as the sender of messages from outside
+            # would get the replies meant for it.
             self._release()
+            what = (
+                "is the sender of messages from outside the run"
+                if actor_name == EXTERNAL_SENDER
+                else "has the form of a task id"
+            )
             return refusal(
-                name,
-                f"the name {actor_name!r} has the form of a task id; a task cannot be "
-                f"registered under one",
+                name, f"the name {actor_name!r} {what}; a task cannot be registered under it"
             )
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
