@@ -4,8 +4,10 @@ actors, as a user types them (real runs, real subprocesses)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -85,7 +87,10 @@ def test_send_approves_an_actor_waiting_in_receive_and_ask_gets_its_reply(
     program = _write(tmp_path, APPROVAL)
     with _running(["run", str(program)], "MARK waiting", tmp_path) as process:
         run_id = _run_id(tmp_path)
-        assert socket_path(run_id).exists()
+        path = socket_path(run_id)
+        # Only the run's user reaches it.
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+        assert stat.S_IMODE(os.lstat(path.parent).st_mode) == 0o700
         sent = capsule_cli("send", run_id[:6], "approver", '{"approved": true}', cwd=tmp_path)
         assert sent.returncode == 0, sent.stderr
         asked = capsule_cli("ask", run_id, "approver", '["is", 2]', "--timeout", "60", cwd=tmp_path)
@@ -252,3 +257,28 @@ def test_no_task_may_register_as_the_sender_of_messages_from_outside(
         """
     )
     assert "the name 'cli' is the sender of messages from outside the run" in outcome.value
+
+
+def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
+    from capsule.actors.external import ExternalMessages
+    from capsule.actors.router import Router
+    from capsule.supervisor.inbox import REQUEST_OVERHEAD_BYTES, RunInbox
+    from capsule.supervisor.inbox_client import request
+
+    router = Router(mailbox_capacity=10)
+    router.open("main")
+    delivered: list[str] = []
+    external = ExternalMessages(router, 1000, lambda message, _: delivered.append(message.id))
+    with RunInbox("bounds-test", external) as inbox:
+        huge = "x" * (1000 + REQUEST_OVERHEAD_BYTES)
+        answer = request(inbox.path, {"op": "send", "to": "main", "body": huge}, 60)
+        assert answer["ok"] is False and answer["kind"] == "too_large"
+        small = request(inbox.path, {"op": "send", "to": "main", "body": "x" * 999}, 60)
+        assert small["ok"] is False and "exceeds the run's limit of 1,000 bytes" in small["message"]
+        fits = request(inbox.path, {"op": "send", "to": "main", "body": [1]}, 60)
+        assert fits["ok"] is True and fits["to"] == "main"
+        for shape in ({"op": "exec", "to": "main", "body": 1}, {"to": "main"}, [1]):
+            wrong = request(inbox.path, shape, 60)  # type: ignore[arg-type]
+            assert wrong["ok"] is False and wrong["kind"] == "bad_request", shape
+    assert delivered == [fits["id"]]
+    assert not inbox.path.exists()

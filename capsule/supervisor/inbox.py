@@ -157,15 +157,21 @@ class RunInbox:
                 connection.settimeout(READ_TIMEOUT_S)
                 if not _same_user(connection):
                     return
-                _answer(connection, self._answer(connection))
+                deadline = time.monotonic() + READ_TIMEOUT_S
+                answer = self._answer(connection, deadline)
+                _answer(connection, answer)
+                if answer.get("kind") == "too_large":
+                    # Read to its end (not kept): closed with data unread, the
+                    # connection would be reset before the client reads why.
+                    _discard(connection, deadline)
         finally:
             with self._lock:
                 self._handlers.discard(threading.current_thread())
                 self._connections.discard(connection)
 
-    def _answer(self, connection: socket.socket) -> dict[str, Any]:
+    def _answer(self, connection: socket.socket, deadline: float) -> dict[str, Any]:
         try:
-            raw = _read_request(connection, self._max_request, time.monotonic() + READ_TIMEOUT_S)
+            raw = _read_request(connection, self._max_request, deadline)
         except TimeoutError:
             return _error("bad_request", f"no whole request came within {READ_TIMEOUT_S:g}s")
         except OSError as exc:
@@ -243,6 +249,15 @@ def _read_request(connection: socket.socket, limit: int, deadline: float) -> byt
         size += len(chunk)
         if size > limit:
             return None
+
+
+def _discard(connection: socket.socket, deadline: float) -> None:
+    """Read what the client still sends, until it is done or ``deadline``."""
+    with contextlib.suppress(OSError):
+        while (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            if not connection.recv(1 << 16):
+                return
 
 
 def _answer(connection: socket.socket, answer: dict[str, Any]) -> None:

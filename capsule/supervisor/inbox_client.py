@@ -91,8 +91,11 @@ def request(path: Path, payload: dict[str, Any], timeout: float) -> dict[str, An
             raise InboxClientError(
                 "not_running", f"the run is not running (its socket {path} is left over)"
             ) from None
-        client.sendall(data)
-        client.shutdown(socket.SHUT_WR)
+        try:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the run refused it before the end: its answer says why
         chunks: list[bytes] = []
         size = 0
         while chunk := client.recv(1 << 16):
