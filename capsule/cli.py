@@ -815,8 +815,10 @@ def _message_command(options: argparse.Namespace) -> int:
             raise UsageError(
                 f"{exc}; give the message as JSON, e.g. '{{\"approved\": true}}'"
             ) from None
-        if not _is_text(options.target):
-            raise UsageError("NAME is not valid UTF-8")
+        if not options.target or not _is_text(options.target):
+            raise UsageError(
+                f"NAME {options.target!r} is not an actor's registered name or task id"
+            )
         found = client.find_socket(options.run_id)
         if found is None:
             return _no_running_run(options)

@@ -145,6 +145,8 @@ def test_each_refusal_has_its_own_exit_code_and_says_why(tmp_path: Path) -> None
         assert code == 8 and "no reply from 'deaf' within 0.5s" in err
         code, err = send("send", "ffffffffffff", "deaf", "1")
         assert code == 4 and "no running run has the id 'ffffffffffff'" in err
+        code, err = send("send", run_id, "", "1")
+        assert code == 2 and "NAME '' is not" in err
         code, err = send("send", "../../etc", "deaf", "1")
         assert code == 2 and "is not a run id" in err
         assert send("send", run_id, "main", '"stop"') == (0, "")
