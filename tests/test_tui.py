@@ -323,14 +323,15 @@ def finished_journal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
         # change of the runtime does not change the screens.
         for name, fuel in FIXED_FUEL.items():
             connection.execute("UPDATE tasks SET fuel = ? WHERE name = ?", (fuel, name))
-        rows = connection.execute("SELECT seq, data_json FROM events").fetchall()
-        for seq, data in rows:
+        rows = connection.execute("SELECT seq, type, data_json FROM events").fetchall()
+        for seq, kind, data in rows:
             fields = json.loads(data)
             for key in ("duration_ms", "backoff_s"):
                 if key in fields:
                     fields[key] = 10.0
             if "fuel_consumed" in fields:
-                fields["fuel_consumed"] = FIXED_FUEL[fields["task"]]
+                # A task's fixed fuel is all it burned: none in attempts it retried.
+                fields["fuel_consumed"] = 0 if kind == "retrying" else FIXED_FUEL[fields["task"]]
             error = fields.get("error")
             if isinstance(error, dict) and error.get("traceback"):
                 error["traceback"] = error["traceback"].replace(str(tmp_path), "/project")

@@ -1078,6 +1078,8 @@ class Sandbox:
                 "max_attempts": invocation.max_attempts,
                 "seed": invocation.seed,
                 "env": dict(invocation.grants.env),
+                # For the hint on a path no grant covers (the guest's own check).
+                "files": [grant.guest_path for grant in invocation.grants.files],
             }
         )
         with self._running():

@@ -69,6 +69,8 @@ class TaskRetrying(_Event):
     attempt: int
     error: ErrorDetail
     backoff_s: float
+    #: What the attempt that failed burned.
+    fuel_consumed: int = 0
 
 
 class TaskCompleted(_Event):
@@ -105,6 +107,9 @@ class TaskRestarting(_Event):
 
     type: Literal["restarting"] = "restarting"
     reason: str
+    #: What the attempt that failed burned (0 after one that returned: its
+    #: ``completed`` event has it).
+    fuel_consumed: int = 0
 
 
 WaitReason = Literal["result", "receive", "sleep", "send", "http"]
@@ -183,6 +188,14 @@ class HttpExchange(_Event):
     response_bytes: int
 
 
+class RunWarning(_Event):
+    """Something the user should know as the program loads, that does not stop
+    the run (a declared environment variable that is not set)."""
+
+    type: Literal["warning"] = "warning"
+    text: str
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -205,6 +218,7 @@ TaskEvent = Annotated[
     | MessagesReturned
     | TaskReplayed
     | HttpExchange
+    | RunWarning
     | TaskOutput,
     Field(discriminator="type"),
 ]

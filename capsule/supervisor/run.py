@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
+from capsule.actors.external import EXTERNAL_SENDER, ExternalMessages
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import redact_url
@@ -275,6 +276,20 @@ class Run:
             history=history,
         )
 
+        #: Messages from outside the run (`capsule send`, `capsule ask`).
+        self.external = ExternalMessages(
+            self._router, self.settings.max_message_bytes, self._external_sent
+        )
+
+    def _external_sent(self, message: Message, target_id: str) -> None:
+        """Journal a message from outside, durably before its sender is told
+        it was delivered: a resume delivers it again if it was not received."""
+        pending = PendingMessage(
+            message.id, message.sender, target_id, message.body_json, message.expects_reply
+        )
+        self._log(self._steps.ask_sent, pending)
+        self._log(self._steps.sync)
+
     def snapshot(self) -> list[LiveTask]:
         """The attempts running now, with the fuel each has used so far (read at
         every epoch tick, so live for code that calls functions; a loop that
@@ -378,24 +393,23 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any] | None = None,
         first: Prepared | None = None,
+        entry: str = "main",
     ) -> TaskResult:
-        """Run ``main`` to the end and return how it ended.
+        """Run the task named ``entry`` (``main`` unless the user chose another)
+        as the root of the tree, to the end, and return how it ended. Whatever
+        its name, the root's task id is ``main``.
 
-        The task tree runs on task threads: ``main`` on one this call owns, each
+        The task tree runs on task threads: the root on one this call owns, each
         spawned child on one its parent's attempt owns (and joins before it ends);
         a direct call runs inline on its caller's thread. Interrupting the wait
         (Ctrl-C) cancels the whole tree: every instance traps at its next epoch
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        if "main" not in self.configs:
+        if entry not in self.configs:
             if first is not None:
                 first.store.close()
-            names = ", ".join(sorted(self.configs)) or "none"
-            raise ProgramError(
-                f"the program has no task named 'main' (tasks found: {names}); "
-                f'declare the entry point with @task(name="main")'
-            )
+            raise ProgramError(_no_entry(entry, sorted(self.configs)))
         try:
             call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
         except ValueError as exc:  # (a host API caller's NaN: never a guest's)
@@ -409,7 +423,7 @@ class Run:
         sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
         try:
             result, interrupted = run_interruptibly(
-                lambda: self.run_task("main", "main", call_json, root, None),
+                lambda: self.run_task(entry, "main", call_json, root, None),
                 lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
                 name="capsule-main",
             )
@@ -626,7 +640,7 @@ class Run:
                 # A sibling's failure restarts this one too (one_for_all, rest_for_one).
                 reason, child.restart_reason = child.restart_reason, None
                 if parent.check_stop() is None:
-                    emit(TaskRestarting(**ids, reason=reason))
+                    emit(TaskRestarting(**ids, reason=reason, fuel_consumed=outcome.fuel_consumed))
                     continue
             failures += 1
             retryable = error.kind not in NOT_RETRYABLE and not (
@@ -645,7 +659,15 @@ class Run:
                 if child is not None:
                     self._restart_siblings(child)
                 delay = self.settings.backoff.delay(failures)
-                emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
+                emit(
+                    TaskRetrying(
+                        **ids,
+                        attempt=attempt_number,
+                        error=error,
+                        backoff_s=delay,
+                        fuel_consumed=outcome.fuel_consumed,
+                    )
+                )
                 with self.sandbox.slots.released():
                     resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
@@ -1008,15 +1030,21 @@ class Run:
         refused = self._admit(attempt, name, spawned=True)
         if refused is not None:
             return refused
-        if actor_name is not None and TASK_ID_SHAPE.fullmatch(actor_name):
+        if actor_name is not None and (
+            TASK_ID_SHAPE.fullmatch(actor_name) or actor_name == EXTERNAL_SENDER
+        ):
             # Names are looked up before ids: a task registered under another
             # task's id (or a future one's) would get its messages, and answer
-            # its asks.
+            # its asks; one registered as the sender of messages from outside
+            # would get the replies meant for it.
             self._release()
+            what = (
+                "is the sender of messages from outside the run"
+                if actor_name == EXTERNAL_SENDER
+                else "has the form of a task id"
+            )
             return refusal(
-                name,
-                f"the name {actor_name!r} has the form of a task id; a task cannot be "
-                f"registered under one",
+                name, f"the name {actor_name!r} {what}; a task cannot be registered under it"
             )
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
@@ -1452,6 +1480,20 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr)
     except Exception:
         pass  # stderr is gone too
+
+
+def _no_entry(entry: str, names: list[str]) -> str:
+    """Why a run cannot start at ``entry``: the tasks it could start at."""
+    found = ", ".join(names) or "none"
+    if entry == "main":
+        return (
+            f"the program has no task named 'main' (tasks found: {found}); declare the "
+            f'entry point with @task(name="main"), or run another task with --entry NAME'
+        )
+    return (
+        f"the program has no task named {entry!r} to run as the entry point (tasks "
+        f"found: {found}); pass one of them to --entry (or FILE:TASK)"
+    )
 
 
 def _describe(step: Step) -> str:

@@ -341,7 +341,33 @@ def _failure(task: str, exc: BaseException) -> Err:
             return _error("exception", task, exc, f"ImportError: {refusal}")
         if isinstance(exc, ModuleNotFoundError) and str(exc) == f"No module named {exc.name!r}":
             return _error("exception", task, exc, f"ModuleNotFoundError: {_explain_missing(exc)}")
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        hint = _ungranted_path_hint(exc.filename)
+        if hint is not None:
+            return _error("exception", task, exc, f"{type(exc).__name__}: {exc} ({hint})")
     return _error("exception", task, exc)
+
+
+#: The directories the running task was granted (allowed_files), as it sees them.
+_granted_dirs: list = []
+
+
+def _ungranted_path_hint(filename):
+    """A hint for a file the task could not reach because no allowed_files
+    entry grants its directory (None if one does: then it is really missing)."""
+    if not isinstance(filename, str):
+        return None
+    # (The task's working directory is "/": a relative path is below it.)
+    path = "/" + "/".join(part for part in filename.split("/") if part not in ("", "."))
+    for granted in _granted_dirs:
+        if path == granted or path.startswith(granted.rstrip("/") + "/"):
+            return None
+    declared = ", ".join(repr(d.lstrip("/")) for d in _granted_dirs) or "none"
+    return (
+        f"hint: a task reaches only the directories its allowed_files grants "
+        f"(this one: {declared}); grant the file's directory, e.g. "
+        f"@task(allowed_files=[\"data\"]) for data/..., relative to the program"
+    )
 
 
 #: What an export raises when even its failure cannot be reported: made here,
@@ -726,6 +752,7 @@ class Runner(exports.Runner):
         # The environment variables the task was granted, and no others.
         os.environ.clear()
         os.environ.update(inv.get("env", {}))
+        _granted_dirs[:] = inv.get("files", [])
         try:
             result = fn.func(*call["args"], **call["kwargs"])
         except TypeError as exc:
