@@ -1,10 +1,11 @@
 """Every code block of the README and of docs/ does what the page says.
 
 - A ``python`` block is a program: it must compile, and one that declares a ``main``
-  task must run to a successful end with ``capsule run``. A block whose first line
-  names a file of the repository (``# examples/analyze.py``) must be that file, word
-  for word; one that names another file (``# hello.py``) is written under that name
-  for the console blocks of the same page.
+  task must run to a successful end with ``capsule run``, unless the line before
+  the block says why not (``<!-- not run: it waits for a human -->``). A block
+  whose first line names a file of the repository (``# examples/analyze.py``) must
+  be that file, word for word; one that names another file (``# hello.py``) is
+  written under that name for the console blocks of the same page.
 - A ``console`` block's ``$ capsule ...`` and ``$ python ...`` lines are run, and
   what they print must be what the block shows: the same lines (those of
   concurrent tasks may interleave otherwise; the result is last), durations and
@@ -38,6 +39,8 @@ class Block:
     language: str
     text: str
     line: int
+    #: Why the block is not run, as the comment before it says.
+    not_run: str | None = None
 
     @property
     def id(self) -> str:
@@ -58,7 +61,11 @@ def blocks(language: str) -> list[Block]:
         for match in FENCE.finditer(text):
             if match.group(1) == language:
                 line = text.count("\n", 0, match.start()) + 1
-                found.append(Block(page, language, match.group(2), line))
+                before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+                reason = re.fullmatch(r"<!-- not run: (.+) -->", before)
+                found.append(
+                    Block(page, language, match.group(2), line, reason and reason.group(1))
+                )
     return found
 
 
@@ -80,7 +87,7 @@ def test_python_block_is_a_program_that_runs(block: Block, tmp_path: Path) -> No
     if name is not None and (REPO / name).is_file():
         shown = block.text.split("\n", 1)[1]  # (its first line names the file)
         assert shown == (REPO / name).read_text(), f"{block.id} differs from {name}"
-    if not declares_main(block.text):
+    if not declares_main(block.text) or block.not_run:
         return
     path = tmp_path / Path(name or "prog.py").name
     path.write_text(block.text)
