@@ -3,7 +3,12 @@ escalation, as lifecycle events and outcomes of real runs."""
 
 from __future__ import annotations
 
-from tests.conftest import ProgramRunner
+import json
+import re
+import textwrap
+from pathlib import Path
+
+from tests.conftest import ProgramRunner, capsule_cli
 
 COMMON = """
     import capsule
@@ -281,3 +286,50 @@ def test_agents_example(run_program: ProgramRunner) -> None:
     assert cancelled == [("critic", "cancelled: its parent ended")]
     asks = [m for m in outcome.of_type("message_sent") if m.expects_reply]
     assert len(asks) == 6 and {m.target_id for m in asks} == {"main/1"}
+
+
+def test_restarts_are_numbered_apart_from_attempts(tmp_path: Path) -> None:
+    # A permanent child restarted after returning: its attempts go on counting,
+    # its restarts are shown as such (not "attempt 3/2"), live and in inspect.
+    program = tmp_path / "beats.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import capsule
+            from capsule import receive, send, task
+
+            @task(restart="permanent", max_retries=1)
+            def beat():
+                send("main", capsule.current().attempt)
+                receive()  # until main has seen this attempt
+                return "done for now"
+
+            @task(name="main")
+            def main():
+                handle = beat.spawn()
+                seen = []
+                for _ in range(3):
+                    seen.append(receive(timeout=10).body)
+                    send(handle, "again")
+                return seen
+            """
+        )
+    )
+    done = capsule_cli("run", str(program), "-v", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[1, 2, 3]\n"
+    lines = done.stderr.splitlines()
+    assert "capsule: started main/1 (beat), attempt 1/2" in lines
+    assert (
+        "capsule: restarting main/1 (beat) (restart 1): it returned, and it is permanent" in lines
+    )
+    assert "capsule: started main/1 (beat), attempt 3 (restart 2)" in lines
+    assert not [line for line in lines if re.search(r"attempt [3-9]/2", line)]
+    shown = capsule_cli("inspect", "--last", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    match = re.search(r"main/1 beat  \[cancelled\]  attempt (\d+) \(restart (\d+)\)", shown.stdout)
+    assert match is not None, shown.stdout
+    attempt, restart = map(int, match.groups())
+    assert restart == attempt - 1 >= 2
+    tasks = json.loads(capsule_cli("inspect", "--last", "--json", cwd=tmp_path).stdout)["tasks"]
+    assert {t["task_id"]: t["restarts"] for t in tasks} == {"main": 0, "main/1": restart}
