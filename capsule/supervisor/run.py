@@ -1150,11 +1150,14 @@ class Run:
         with self._lock:
             for child in children:
                 child.waited_on = True
-        ended = all if not any_ended else any
+
+        def ready() -> bool:
+            ended = (c.done.is_set() for c in children)
+            return any(ended) or not children if any_ended else all(ended)
+
+        done = False
         try:
-            done = self._block(
-                attempt, lambda: ended(c.done.is_set() for c in children), timeout, "result"
-            )
+            done = self._block(attempt, ready, timeout, "result")
         finally:
             stopping = caller.check_stop() is not None
             with self._lock:
