@@ -101,3 +101,18 @@ def test_http_works_as_a_plain_function(http_server: LocalServer) -> None:
     assert fetch(http_server.url) == [404, "POST"]
     with pytest.raises(ConnectionFailed):
         get("http://127.0.0.1:1/", timeout=2)
+
+
+def test_wait_as_completed_and_map_with_exceptions_work_locally() -> None:
+    @task(name="local_maybe")
+    def maybe(x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        return x
+
+    results = maybe.map([1, -2], return_exceptions=True)
+    assert results[0] == 1 and isinstance(results[1], capsule.TaskError)
+    handles = [maybe.spawn(3), maybe.spawn(-4, link=True)]
+    done, pending = capsule.wait(handles, return_when=capsule.FIRST_EXCEPTION)
+    assert done == set(handles) and pending == set() and all(h.done() for h in handles)
+    assert [h.name for h in capsule.as_completed(handles)] == ["local_maybe"] * 2
