@@ -952,9 +952,18 @@ def _task_line(task: Any) -> str:
         outcome = f"  -> {text if len(text) <= 60 else text[:57] + '...'}"
     return (
         f"{_field(task.task_id)} {_field(task.name)}  [{_field(task.status)}]  "
-        f"attempt {task.attempt}/{task.max_attempts}  {task.duration_ms:.1f} ms  "
+        f"{_attempts_shown(task.attempt, task.max_attempts, task.restarts)}  "
+        f"{task.duration_ms:.1f} ms  "
         f"fuel {task.fuel:,}{_field(outcome)}"
     )
+
+
+def _attempts_shown(attempt: int, max_attempts: int, restarts: int) -> str:
+    """The attempts shown ("attempt 2/3"); for a task its supervisor restarted,
+    whose attempts go on counting across restarts, "attempt 5 (restart 3)"."""
+    if restarts:
+        return f"attempt {attempt} (restart {restarts})"
+    return f"attempt {attempt}/{max_attempts}"
 
 
 #: A line of text with its end, or the unfinished last one.
@@ -1103,7 +1112,9 @@ def _lifecycle_line(event: Any) -> str | None:
     kind = event.type
     label = f"{event.task_id} ({event.task})" if event.task_id != event.task else event.task
     if kind == "started":
-        return f"started {label}, attempt {event.attempt}/{event.max_attempts}"
+        return (
+            f"started {label}, {_attempts_shown(event.attempt, event.max_attempts, event.restart)}"
+        )
     if kind == "completed":
         return (
             f"completed {label} in {event.duration_ms:.1f} ms, "
@@ -1122,7 +1133,8 @@ def _lifecycle_line(event: Any) -> str | None:
     if kind == "cancelled":
         return f"cancelled {label}: {event.error.message}"
     if kind == "restarting":
-        return f"restarting {label}: {event.reason}"
+        number = f" (restart {event.restart})" if event.restart else ""
+        return f"restarting {label}{number}: {event.reason}"
     if kind == "hibernated":
         return (
             f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "

@@ -1027,3 +1027,38 @@ def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
     resumed = capsule_cli("resume", "--last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == "slow ran with hi\n"
+
+
+def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path) -> None:
+    """A wait that returned once some children had ended is replayed with the
+    same ones ended, even where more have ended by the time of the resume."""
+    source = """
+    import capsule
+    from capsule import gather, task
+
+    @task
+    def quick(tag: str) -> str:
+        return tag
+
+    @task
+    def slower(tag: str) -> str:
+        capsule.sleep(0.3)
+        return tag
+
+    @task(name="main", timeout="5m")
+    def main() -> list:
+        handles = [quick.spawn("a"), slower.spawn("b")]
+        done, pending = capsule.wait(handles, return_when=capsule.FIRST_COMPLETED)
+        first = sorted(h.result() for h in done)
+        print(f"MARK first {first}")
+        capsule.sleep(2)
+        return [first, gather(*pending)]
+    """
+    program = _write(tmp_path, source)
+    printed = _run_and_kill(program, "MARK first", 1.0)  # (slower has ended by then)
+    [marker] = _markers(printed)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    first, rest = json.loads(resumed.stdout)["result"]
+    assert marker == f"MARK first {first}"
+    assert sorted(first + rest) == ["a", "b"]

@@ -593,23 +593,43 @@ def test_a_child_failure_never_collected_fails_its_parent_when_it_returns() -> N
     assert careless("temporary") == "returned"
 
 
-def test_a_temporary_task_is_retried_only_when_called_directly() -> None:
+def test_a_temporary_child_keeps_its_retries_and_never_fails_its_parent() -> None:
     @task(restart="temporary", max_retries=1)
     def temporary_task() -> None:
         raise RuntimeError("no")
 
     @task
-    def spawner() -> str:
+    def collects() -> str:
         try:
             temporary_task.spawn().result()
         except TaskError as error:
             return f"{error.kind} after {error.attempts}"
         return "succeeded"
 
-    assert spawner() == "exception after 1"
+    @task(max_retries=0)
+    def ignores() -> str:
+        temporary_task.spawn()
+        return "fine"
+
+    assert collects() == "exception after 2"
+    assert ignores() == "fine"
+
+
+def test_a_linked_child_failure_fails_its_parent_at_once() -> None:
+    @task(max_retries=0)
+    def breaks() -> None:
+        raise RuntimeError("broken")
+
+    @task(max_retries=0)
+    def parent() -> str:
+        breaks.spawn(link=True)
+        capsule.receive(timeout=60)  # stopped by the linked failure, not the timeout
+        return "never"
+
     with pytest.raises(TaskError) as raised:
-        temporary_task()
-    assert raised.value.attempts == 2
+        parent()
+    assert raised.value.kind == "child_failed"
+    assert "linked child 'breaks'" in raised.value.message
 
 
 def test_children_left_running_are_cancelled_and_joined_when_a_task_ends() -> None:
@@ -660,3 +680,25 @@ def test_http_works_as_a_plain_function(http_server: LocalServer) -> None:
     assert fetch(http_server.url) == [404, "POST"]
     with pytest.raises(ConnectionFailed):
         get("http://127.0.0.1:1/", timeout=2)
+
+
+def test_wait_as_completed_and_map_with_exceptions_work_locally() -> None:
+    @task(name="local_maybe", max_retries=0)
+    def maybe(x: int) -> int:
+        if x < 0:
+            raise ValueError(f"negative {x}")
+        return x
+
+    @task
+    def collects() -> list:
+        results = maybe.map([1, -2], return_exceptions=True)
+        seen = [results[0], type(results[1]).__name__]
+        handles = [maybe.spawn(3), maybe.spawn(-4)]
+        done, pending = capsule.wait(handles, return_when=capsule.FIRST_EXCEPTION)
+        # (it returns at the failure, or once both ended: the failed one is done)
+        seen.append(handles[1] in done and all(h.done() for h in done) and len(pending) <= 1)
+        seen.append(sorted(h.name for h in capsule.as_completed(handles)))
+        seen.append(capsule.gather(*handles, return_exceptions=True)[0])
+        return seen
+
+    assert collects() == [1, "TaskError", True, ["local_maybe"] * 2, 3]

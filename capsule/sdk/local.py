@@ -64,6 +64,9 @@ class _Scope:
     started: float = field(default_factory=time.monotonic)
     #: Why it was cancelled, once it is.
     cancelled: str | None = None
+    #: (kind, message) of a failure that stops this attempt itself (a linked
+    #: child's), once there is one.
+    failed: tuple[str, str] | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -71,11 +74,15 @@ class _Scope:
 
     def stop(self) -> tuple[str, str] | None:
         """(kind, message) of why the attempt must stop now, or None."""
+        if self.failed is not None:
+            return self.failed
         now = time.monotonic()
         node: _Scope | None = self
         while node is not None:
             if node.cancelled is not None:
                 return "cancelled", node.cancelled
+            if node.failed is not None:
+                return "cancelled", "cancelled because its caller stopped"
             deadline = node.deadline
             if deadline is not None and now >= deadline:
                 if node is self:
@@ -228,6 +235,12 @@ class _Child:
     #: Cancelling it cancels the child's attempt and everything under it.
     scope: _Scope
     temporary: bool
+    #: spawn(link=True): its failure fails the parent at once (see _linked_failure).
+    link: bool = False
+    #: The parent attempt's scope, which a linked failure stops.
+    parent_scope: _Scope | None = None
+    #: Whether the parent is waiting on it now (its failure then goes there).
+    waited_on: bool = False
     thread: threading.Thread | None = None
     #: (True, value) or (False, TaskError), once it ended (under the run's condition).
     outcome: tuple[bool, Any] | None = None
@@ -278,16 +291,21 @@ class LocalBackend:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         actor_name: str | None,
-        awaited: bool,
+        link: bool,
     ) -> str:
-        # (awaited changes nothing here: a child's failure fails its parent only
-        # if the parent returns without having waited on it.)
         parent = _require(f"{name}.spawn()")
         fn, policy, call_json = _prepare(name, args, kwargs)
         parent.scope.check()
         run = parent.run
         task_id = parent.invocation.next_child_id()
-        child = _Child(task_id, name, _Scope(parent.scope), policy.temporary)
+        child = _Child(
+            task_id,
+            name,
+            _Scope(parent.scope),
+            policy.temporary,
+            link=link,
+            parent_scope=parent.scope,
+        )
         invocation = _Invocation(run, task_id, fn, policy)
         with run.cond:
             if actor_name is not None:
@@ -317,7 +335,9 @@ class LocalBackend:
         parent.children[task_id] = child
         return task_id
 
-    def wait(self, task_ids: list[str], timeout: float | None) -> list[tuple[bool, Any]]:
+    def wait(
+        self, task_ids: list[str], timeout: float | None, any_ended: bool = False
+    ) -> list[tuple[bool, Any] | None]:
         attempt = _require("waiting on a TaskHandle")
         _check_timeout(timeout)
         children = []
@@ -331,15 +351,29 @@ class LocalBackend:
                     f"children, not {task_id!r}",
                 )
             children.append(child)
-        if not _wait_for_children(attempt, children, timeout, all):
+        with attempt.run.cond:
+            for child in children:
+                child.waited_on = True
+        try:
+            ended = _wait_for_children(attempt, children, timeout, any if any_ended else all)
+        finally:
+            with attempt.run.cond:
+                for child in children:
+                    child.waited_on = False
+        if not ended and not any_ended:
+            with attempt.run.cond:
+                for child in children:  # (those that failed, undelivered)
+                    _linked_failure(child)
             pending = [child.task_id for child in children if child.outcome is None]
             raise TimeoutError(f"children {pending} had not ended after {timeout:g}s")
         # Reported: the handles keep the outcomes; the attempt forgets the children.
-        outcomes = []
+        outcomes: list[tuple[bool, Any] | None] = []
         for child in children:
+            if child.outcome is None:
+                outcomes.append(None)
+                continue
             _join(child)
             attempt.children.pop(child.task_id, None)
-            assert child.outcome is not None
             outcomes.append(child.outcome)
         return outcomes
 
@@ -473,13 +507,36 @@ def _invoke(
             run.close(invocation.task_id)
             if child is not None:
                 child.outcome = outcome
+                _linked_failure(child)
+
+
+def _linked_failure(child: _Child) -> None:
+    """A linked child that failed while its parent was not waiting on it fails
+    the parent at once (kind ``child_failed``), as in the real run. Under the
+    run's condition."""
+    outcome = child.outcome
+    if (
+        not child.link
+        or child.parent_scope is None
+        or outcome is None
+        or outcome[0]
+        or child.temporary
+        or child.waited_on
+        or child.scope.cancelled is not None
+        or child.parent_scope.failed is not None
+    ):
+        return
+    error: TaskError = outcome[1]
+    child.parent_scope.failed = (
+        "child_failed",
+        f"linked child {child.name!r} ({child.task_id}) failed ({error.kind}): {error.message}",
+    )
 
 
 def _attempts(
     invocation: _Invocation, call_json: str, above: _Scope | None, spawned: bool
 ) -> tuple[bool, Any]:
     policy = invocation.policy
-    retried = not (spawned and policy.temporary)
     number = 0
     while True:
         number += 1
@@ -493,7 +550,7 @@ def _attempts(
             return True, value
         error: TaskError = value
         error.attempts = number
-        if error.kind in _NOT_RETRIED or not retried or number >= policy.max_attempts:
+        if error.kind in _NOT_RETRIED or number >= policy.max_attempts:
             return False, error
 
 

@@ -62,6 +62,11 @@ class TaskStarted(_Event):
     max_attempts: int
     #: Fuel the attempt may burn.
     fuel_budget: int | None = None
+    #: Times its supervisor restarted it before this attempt (a permanent
+    #: child that returned, or one_for_all / rest_for_one): restarts are
+    #: numbered apart from attempts, which go on counting across them, while
+    #: max_attempts bounds the attempts after each (re)start.
+    restart: int = 0
 
 
 class TaskRetrying(_Event):
@@ -110,6 +115,9 @@ class TaskRestarting(_Event):
     #: What the attempt that failed burned (0 after one that returned: its
     #: ``completed`` event has it).
     fuel_consumed: int = 0
+    #: The attempt that ended, and the number of this restart (1 for the first).
+    attempt: int = 0
+    restart: int = 0
 
 
 WaitReason = Literal["result", "receive", "sleep", "send", "http"]

@@ -523,20 +523,21 @@ class GuestBackend:
         except Err as err:  # componentize-py's form of an import's result::err
             raise TaskError.from_dict(json.loads(err.value)) from None
 
-    def spawn_task(self, name, args, kwargs, actor_name, awaited):
+    def spawn_task(self, name, args, kwargs, actor_name, link):
         payload = _payload(name, args, kwargs)
-        options = json.dumps({"actor_name": actor_name, "awaited": awaited})
+        options = json.dumps({"actor_name": actor_name, "link": bool(link)})
         self._end_credit()
         try:
             return tasks.spawn(name, payload, options)
         except Err as err:
             raise TaskError.from_dict(json.loads(err.value)) from None
 
-    def wait(self, task_ids, timeout):
+    def wait(self, task_ids, timeout, any_ended=False):
         self._end_credit()
         _flush()
+        wait = tasks.wait_any if any_ended else tasks.wait
         try:
-            reply = tasks.wait(json.dumps(list(task_ids)), _ms(timeout))
+            reply = wait(json.dumps(list(task_ids)), _ms(timeout))
         except Err as err:
             error = json.loads(err.value)
             if error.get("kind") == "wait_timeout":
@@ -544,7 +545,9 @@ class GuestBackend:
             raise TaskError.from_dict(error) from None
         outcomes = []
         for item in _loads(reply):
-            if item["ok"]:
+            if item is None:  # (wait-any: it has not ended)
+                outcomes.append(None)
+            elif item["ok"]:
                 outcomes.append((True, item["value"]))
             else:
                 outcomes.append((False, TaskError.from_dict(item["error"])))
