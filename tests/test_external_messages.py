@@ -11,9 +11,13 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import ProgramRunner, capsule_cli
 
@@ -284,3 +288,45 @@ def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
             assert wrong["ok"] is False and wrong["kind"] == "bad_request", shape
     assert delivered == [fits["id"]]
     assert not inbox.path.exists()
+
+
+def test_a_message_delivered_as_the_run_ends_still_gets_its_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run may end the moment its task takes the message (its last act):
+    closing the inbox then must not cut the answer to the sender."""
+    from capsule.actors.external import Delivered, ExternalMessages
+    from capsule.actors.router import Router
+    from capsule.supervisor.inbox import RunInbox
+    from capsule.supervisor.inbox_client import request
+
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path))
+    closing = threading.Thread()
+
+    class EndsTheRunOnDelivery(ExternalMessages):
+        def send(self, target: str, body_json: str) -> Delivered:
+            nonlocal closing
+            closing = threading.Thread(target=inbox.close)
+            closing.start()
+            while not _joining(closing, threading.current_thread()):  # (the run waits for it)
+                time.sleep(0.001)
+            return Delivered("cli#1", "main")
+
+    external = EndsTheRunOnDelivery(
+        Router(mailbox_capacity=8), 1 << 20, lambda message, target: None
+    )
+    inbox = RunInbox("abcdef123456", external)
+    inbox.start()
+    answer = request(inbox.path, {"op": "send", "to": "main", "body": "1"}, timeout=30)
+    closing.join()
+    assert answer == {"ok": True, "id": "cli#1", "to": "main"}
+
+
+def _joining(thread: threading.Thread, joined: threading.Thread) -> bool:
+    """Whether ``thread`` is blocked joining ``joined``."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    while frame is not None:
+        if frame.f_code.co_name == "join" and frame.f_locals.get("self") is joined:
+            return True
+        frame = frame.f_back
+    return False

@@ -67,8 +67,11 @@ class RunInbox:
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
         self._handlers: set[threading.Thread] = set()
-        #: The connections being handled (shut on close: a read ends at once).
-        self._connections: set[socket.socket] = set()
+        #: The connections whose request is still being read (shut on close: a
+        #: silent client's read ends at once). One whose request was read is
+        #: answered, also while the run closes: a message delivered just before
+        #: the run ends still gets its answer.
+        self._reading: set[socket.socket] = set()
         self._closing = False
 
     def start(self) -> None:
@@ -111,7 +114,7 @@ class RunInbox:
                 os.unlink(self.path)
         with self._lock:
             handlers = list(self._handlers)
-            connections = list(self._connections)
+            connections = list(self._reading)
         for connection in connections:
             with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
@@ -144,7 +147,7 @@ class RunInbox:
                         target=self._handle, args=(connection,), name="capsule-inbox-request"
                     )
                     self._handlers.add(handler)
-                    self._connections.add(connection)
+                    self._reading.add(connection)
             if busy:
                 _answer(connection, _error("busy", "the run is handling too many requests"))
                 connection.close()
@@ -167,7 +170,7 @@ class RunInbox:
         finally:
             with self._lock:
                 self._handlers.discard(threading.current_thread())
-                self._connections.discard(connection)
+                self._reading.discard(connection)
 
     def _answer(self, connection: socket.socket, deadline: float) -> dict[str, Any]:
         try:
@@ -176,6 +179,10 @@ class RunInbox:
             return _error("bad_request", f"no whole request came within {READ_TIMEOUT_S:g}s")
         except OSError as exc:
             return _error("bad_request", f"the request could not be read: {exc}")
+        with self._lock:
+            if self._closing:
+                return _error("run_ended", "the run is ending")
+            self._reading.discard(connection)
         if raw is None:
             return _error(
                 "too_large",
