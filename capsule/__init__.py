@@ -6,7 +6,13 @@ It re-exports the SDK only and must stay light: the same package is loaded insid
 the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 """
 
-from capsule.sdk.errors import MessageError, ReceiveTimeout, SendTimeout, TaskError
+from capsule.sdk.errors import (
+    MessageError,
+    NonRetryable,
+    ReceiveTimeout,
+    SendTimeout,
+    TaskError,
+)
 from capsule.sdk.messaging import Message, ask, receive, send
 from capsule.sdk.task import (
     TaskFunction,
@@ -21,6 +27,7 @@ from capsule.sdk.task import (
 __all__ = [
     "Message",
     "MessageError",
+    "NonRetryable",
     "ReceiveTimeout",
     "SendTimeout",
     "TaskError",

@@ -64,6 +64,7 @@ from capsule.supervisor.events import (
     preview,
 )
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.retry import retryable
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -91,9 +92,6 @@ from capsule.supervisor.tree import (
 MAX_DEPTH = 64
 #: Python frames the host adds per level of nested task calls (with margin).
 HOST_FRAMES_PER_LEVEL = 40
-#: Kinds that a retry cannot fix (a guest that broke the protocol, or wrote
-#: more than it may, gets no second chance either).
-NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol", "output_limit"})
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: Run._spawn_task).
 TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
@@ -424,7 +422,10 @@ class Run:
             raise RunInterrupted(result)
         if self.divergence is not None:
             result.error = ErrorDetail(
-                kind="divergence", message=self.divergence.message, task=result.task
+                kind="divergence",
+                message=self.divergence.message,
+                task=result.task,
+                retryable=False,
             )
             result.result_json = None
         return result
@@ -621,6 +622,7 @@ class Run:
                 task=name,
                 traceback=outcome.error.traceback,
                 cause=outcome.error.cause,
+                retryable=retryable(outcome.error),
             )
             if child is not None and child.restart_reason is not None:
                 # A sibling's failure restarts this one too (one_for_all, rest_for_one).
@@ -629,11 +631,9 @@ class Run:
                     emit(TaskRestarting(**ids, reason=reason))
                     continue
             failures += 1
-            retryable = error.kind not in NOT_RETRYABLE and not (
-                child is not None and config.restart == "temporary"
-            )
             if (
-                retryable
+                error.retryable
+                and not (child is not None and config.restart == "temporary")
                 and failures <= config.max_retries
                 and (
                     child is None
@@ -1074,6 +1074,7 @@ class Run:
                 f"child {child.name!r} ({child.task_id}) failed ({result.error.kind}) "
                 f"and nobody was waiting on it: {result.error.message}",
                 traceback=result.error.traceback,
+                retryable=result.error.retryable,  # (restarting it meets that failure again)
             )
             parent.invocation.aborted = next(iter(parent.linked_failures.values()))
         parent.wake()
