@@ -11,7 +11,6 @@ import pytest
 
 from capsule.sandbox.config import ConfigError, validate_task
 from capsule.sandbox.engine import ErrorInfo
-from capsule.supervisor.retry import retryable
 from tests.conftest import LocalServer, ProgramRunner
 
 #: Each child fails its every attempt in its own way; main reports, per
@@ -236,6 +235,8 @@ def test_a_whole_main_does_not_rerun_its_requests_for_a_non_retryable_failure(
 
 
 def test_a_guest_cannot_make_a_failure_retryable_that_the_host_never_retries() -> None:
+    from capsule.supervisor.retry import retryable
+
     for kind in ("bad_arguments", "protocol", "output_limit", "cancelled", "divergence"):
         assert not retryable(ErrorInfo(kind, "claimed retryable", retryable=True))
     assert retryable(ErrorInfo("exception", "flaky"))

@@ -650,6 +650,19 @@ class Run:
                     resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
                     continue
+                if self._root.cancelled:
+                    # The run stopped (Ctrl-C, SIGTERM) during the backoff: the task
+                    # has not failed, its retry is the resume's to make. It stays
+                    # "retrying" in the journal, and its caller sees it cancelled.
+                    interrupted = ErrorDetail(
+                        kind="cancelled",
+                        message=parent.cancellation_message(),
+                        task=name,
+                        retryable=False,
+                    )
+                    return TaskResult(
+                        task_id, name, attempt_number, total_fuel, total_time, error=interrupted
+                    )
             ended = TaskCancelled if error.kind == "cancelled" else TaskFailed
             emit(
                 ended(
