@@ -101,3 +101,29 @@ def test_http_works_as_a_plain_function(http_server: LocalServer) -> None:
     assert fetch(http_server.url) == [404, "POST"]
     with pytest.raises(ConnectionFailed):
         get("http://127.0.0.1:1/", timeout=2)
+
+
+def test_retry_rules_are_the_task_functions_own_locally() -> None:
+    class Transient(ConnectionError):
+        pass
+
+    @task(retry_on=(ConnectionError,), no_retry_on=Transient)
+    def picky_local() -> None: ...
+
+    assert picky_local.options["retry_on"] == ["builtins.ConnectionError"]
+    assert picky_local.options["no_retry_on"] == [f"{__name__}.{Transient.__qualname__}"]
+    assert picky_local.retries(ConnectionRefusedError())
+    assert not picky_local.retries(Transient())  # no_retry_on wins
+    assert not picky_local.retries(ValueError())  # not in retry_on
+    assert not picky_local.retries(capsule.NonRetryable("never"))
+
+    @task
+    def refuses_local() -> None:
+        raise capsule.NonRetryable("invalid input")
+
+    (error,) = capsule.gather(refuses_local.spawn(), return_exceptions=True)
+    assert (error.kind, error.retryable) == ("exception", False)
+    assert capsule.TaskError.from_dict(error.to_dict()).retryable is False
+
+    with pytest.raises(TaskDefinitionError, match="takes exception classes"):
+        task(no_retry_on=(ValueError, "KeyError"))  # type: ignore[arg-type]

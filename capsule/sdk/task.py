@@ -353,7 +353,12 @@ class TaskHandle(Generic[R]):
         except Exception as exc:
             handle._local_outcome = (
                 False,
-                TaskError("exception", fn.name, f"{type(exc).__name__}: {exc}"),
+                TaskError(
+                    "exception",
+                    fn.name,
+                    f"{type(exc).__name__}: {exc}",
+                    retryable=fn.retries(exc),
+                ),
             )
         return handle
 
