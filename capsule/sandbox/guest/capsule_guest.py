@@ -361,11 +361,6 @@ def _deterministic(exc: BaseException) -> bool:
 def _failure(task: str, exc: BaseException, fn=None) -> Err:
     """The failure ``exc`` ends an attempt of task ``fn`` with (``fn`` None: the
     program's import), retryable as the task's rules and the exception say."""
-    retryable = not _deterministic(exc) and (
-        fn.retries(exc) if fn is not None else not isinstance(exc, capsule.NonRetryable)
-    )
-    if isinstance(exc, TaskError):
-        return _unhandled_task_error(task, exc, retryable)
     if isinstance(exc, MemoryError):
         # What the task's frames held (the list it grew, say) is garbage now,
         # but the traceback keeps their locals alive: let them go, keeping the
@@ -374,6 +369,11 @@ def _failure(task: str, exc: BaseException, fn=None) -> Err:
         _MEMORY_RESERVE = None
         traceback.clear_frames(exc.__traceback__)
         return _error("memory_limit", task, exc, "MemoryError: the task ran out of memory")
+    retryable = not _deterministic(exc) and (
+        fn.retries(exc) if fn is not None else not isinstance(exc, capsule.NonRetryable)
+    )
+    if isinstance(exc, TaskError):
+        return _unhandled_task_error(task, exc, retryable)
     if isinstance(exc, ImportError):
         refusal = _refusal_in_chain(exc)
         if refusal is not None:
