@@ -11,7 +11,7 @@ import pytest
 
 from capsule.sandbox.config import ConfigError, validate_task
 from capsule.sandbox.engine import ErrorInfo
-from tests.conftest import LocalServer, ProgramRunner
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli
 
 #: Each child fails its every attempt in its own way; main reports, per
 #: child, the TaskError it got and how many attempts were made.
@@ -265,3 +265,26 @@ def test_retry_on_must_name_exception_classes(run_program: ProgramRunner) -> Non
     assert outcome.report.usage_error is not None
     assert "@task(retry_on=...) takes exception classes" in outcome.report.usage_error
     assert "not 'ValueError'" in outcome.report.usage_error
+
+
+def test_the_command_says_a_failure_was_not_retryable(program: Callable[..., Path]) -> None:
+    path = program(
+        """
+        from capsule import NonRetryable, task
+
+        @task(name="main", max_retries=3)
+        def main():
+            raise NonRetryable("the order does not exist")
+        """
+    )
+    done = capsule_cli("run", str(path), "--verbose", "--no-journal")
+    assert done.returncode == 1
+    assert "retrying" not in done.stderr
+    assert (
+        "capsule: failed main (exception, not retryable) after 1 attempt(s): "
+        "NonRetryable: the order does not exist"
+    ) in done.stderr
+    assert (
+        "capsule: error: task 'main' failed (exception, not retryable) after 1 attempt(s): "
+        "NonRetryable: the order does not exist"
+    ) in done.stderr
