@@ -89,6 +89,12 @@ def caller_of_non_retryable():
     return non_retryable()
 
 
+@task(max_retries=3)
+def caller_of_bad_arguments():
+    counted()
+    return plain_error("an argument it does not take")
+
+
 @task(max_retries=3, no_retry_on=TaskError)
 def caller_with_no_retry_on_task_error():
     counted()
@@ -172,17 +178,25 @@ def test_a_caller_failing_on_a_non_retryable_child_is_not_retried(
     run_program: ProgramRunner, program: Callable[..., Path]
 ) -> None:
     seen = run_children(
-        run_program, program, "caller_of_non_retryable", "caller_with_no_retry_on_task_error"
+        run_program,
+        program,
+        "caller_of_non_retryable",
+        "caller_of_bad_arguments",
+        "caller_with_no_retry_on_task_error",
     )
     errors, attempts = seen["errors"], seen["attempts"]
     kind, retryable_, count, message = errors["caller_of_non_retryable"]
     assert (kind, retryable_, count) == ("exception", False, 1)
     assert "unhandled TaskError: task 'non_retryable' failed (exception)" in message
+    kind, retryable_, count, message = errors["caller_of_bad_arguments"]
+    assert (kind, retryable_, count) == ("exception", False, 1)
+    assert "task 'plain_error' failed (bad_arguments)" in message
     # Its own no_retry_on=TaskError: the retryable child's 4 attempts, its own 1.
     assert errors["caller_with_no_retry_on_task_error"][:3] == ["exception", False, 1]
     assert attempts == {
         "caller_of_non_retryable": 1,
         "non_retryable": 1,
+        "caller_of_bad_arguments": 1,
         "caller_with_no_retry_on_task_error": 1,
         "plain_error": 4,
     }
