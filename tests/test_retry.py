@@ -95,6 +95,13 @@ def caller_of_bad_arguments():
     return plain_error("an argument it does not take")
 
 
+@task(max_retries=3)
+def parent_of_spawned():
+    counted()
+    non_retryable.spawn()  # nobody waits on it: its failure fails this task
+    capsule.receive(timeout=60)
+
+
 @task(max_retries=3, no_retry_on=TaskError)
 def caller_with_no_retry_on_task_error():
     counted()
@@ -183,6 +190,7 @@ def test_a_caller_failing_on_a_non_retryable_child_is_not_retried(
         "caller_of_non_retryable",
         "caller_of_bad_arguments",
         "caller_with_no_retry_on_task_error",
+        "parent_of_spawned",
     )
     errors, attempts = seen["errors"], seen["attempts"]
     kind, retryable_, count, message = errors["caller_of_non_retryable"]
@@ -191,11 +199,14 @@ def test_a_caller_failing_on_a_non_retryable_child_is_not_retried(
     kind, retryable_, count, message = errors["caller_of_bad_arguments"]
     assert (kind, retryable_, count) == ("exception", False, 1)
     assert "task 'plain_error' failed (bad_arguments)" in message
+    kind, retryable_, count, message = errors["parent_of_spawned"]
+    assert (kind, retryable_, count) == ("child_failed", False, 1)
     # Its own no_retry_on=TaskError: the retryable child's 4 attempts, its own 1.
     assert errors["caller_with_no_retry_on_task_error"][:3] == ["exception", False, 1]
     assert attempts == {
         "caller_of_non_retryable": 1,
-        "non_retryable": 1,
+        "parent_of_spawned": 1,
+        "non_retryable": 2,  # called by one, spawned by the other
         "caller_of_bad_arguments": 1,
         "caller_with_no_retry_on_task_error": 1,
         "plain_error": 4,
