@@ -651,9 +651,10 @@ class Run:
                 if resumed:
                     continue
                 if self._root.cancelled:
-                    # The run stopped (Ctrl-C, SIGTERM) during the backoff: the task
-                    # has not failed, its retry is the resume's to make. It stays
-                    # "retrying" in the journal, and its caller sees it cancelled.
+                    # The run is stopping (Ctrl-C, SIGTERM, its journal failed)
+                    # during the backoff: the task has not failed, its retry is
+                    # the resume's to make. It stays "retrying" in the journal,
+                    # and its caller sees it cancelled.
                     interrupted = ErrorDetail(
                         kind="cancelled",
                         message=parent.cancellation_message(),
