@@ -6,7 +6,13 @@ It re-exports the SDK only and must stay light: the same package is loaded insid
 the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 """
 
-from capsule.sdk.errors import MessageError, ReceiveTimeout, SendTimeout, TaskError
+from capsule.sdk.errors import (
+    MessageError,
+    NonRetryable,
+    ReceiveTimeout,
+    SendTimeout,
+    TaskError,
+)
 from capsule.sdk.messaging import Message, ask, receive, send
 from capsule.sdk.task import (
     ALL_COMPLETED,
@@ -31,6 +37,7 @@ __all__ = [
     "DoneAndPending",
     "Message",
     "MessageError",
+    "NonRetryable",
     "ReceiveTimeout",
     "SendTimeout",
     "TaskError",

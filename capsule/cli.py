@@ -1056,8 +1056,8 @@ class _Renderer:
         else:
             error = result.error
             self.error(
-                f"task {error.task!r} failed ({error.kind}) after {result.attempts} attempt(s): "
-                f"{error.message}"
+                f"task {error.task!r} failed ({_kind(error)}) after {result.attempts} "
+                f"attempt(s): {error.message}"
             )
             if error.traceback and error.kind in ("exception", "child_failed"):
                 self.out.write("stderr", visible(error.traceback), droppable=False)
@@ -1107,6 +1107,16 @@ class _Renderer:
         return code
 
 
+def _kind(error: Any) -> str:
+    """A failure's kind, saying when it was not retried because no retry could
+    fix it (a kind that is never retried, such as cancelled, goes without)."""
+    from capsule.supervisor.retry import NOT_RETRYABLE
+
+    if error.retryable or error.kind in NOT_RETRYABLE:
+        return str(error.kind)
+    return f"{error.kind}, not retryable"
+
+
 def _lifecycle_line(event: Any) -> str | None:
     """The --verbose line of a lifecycle event (None: not shown)."""
     kind = event.type
@@ -1127,7 +1137,7 @@ def _lifecycle_line(event: Any) -> str | None:
         )
     if kind == "failed":
         return (
-            f"failed {label} ({event.error.kind}) after {event.attempt} attempt(s): "
+            f"failed {label} ({_kind(event.error)}) after {event.attempt} attempt(s): "
             f"{event.error.message}"
         )
     if kind == "cancelled":

@@ -211,7 +211,12 @@ LIARS = """
             if isinstance(self.args[0], str):
                 raise Err(self.args[0])  # (not even a failure record)
             kind, message = self.args[0]
-            raise Err(Failure(kind=kind, message=message, type=None, traceback=None, cause=None))
+            raise Err(
+                Failure(
+                    kind=kind, message=message, type=None, traceback=None, cause=None,
+                    retryable=True,
+                )
+            )
 
     class Exiting(Exception):
         def __str__(self):

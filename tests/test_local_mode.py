@@ -702,3 +702,33 @@ def test_wait_as_completed_and_map_with_exceptions_work_locally() -> None:
         return seen
 
     assert collects() == [1, "TaskError", True, ["local_maybe"] * 2, 3]
+
+
+def test_retry_rules_are_the_task_functions_own_locally() -> None:
+    class Transient(ConnectionError):
+        pass
+
+    @task(retry_on=(ConnectionError,), no_retry_on=Transient)
+    def picky_local() -> None: ...
+
+    assert picky_local.options["retry_on"] == ["builtins.ConnectionError"]
+    assert picky_local.options["no_retry_on"] == [f"{__name__}.{Transient.__qualname__}"]
+    assert picky_local.retries(ConnectionRefusedError())
+    assert not picky_local.retries(Transient())  # no_retry_on wins
+    assert not picky_local.retries(ValueError())  # not in retry_on
+    assert not picky_local.retries(capsule.NonRetryable("never"))
+
+    @task
+    def refuses_local() -> None:
+        raise capsule.NonRetryable("invalid input")
+
+    @task
+    def collects_local() -> list:
+        (error,) = capsule.gather(refuses_local.spawn(), return_exceptions=True)
+        again = capsule.TaskError.from_dict(error.to_dict())
+        return [error.kind, error.retryable, error.attempts, again.retryable]
+
+    assert collects_local() == ["exception", False, 1, False]
+
+    with pytest.raises(TaskDefinitionError, match="takes exception classes"):
+        task(no_retry_on=(ValueError, "KeyError"))  # type: ignore[arg-type]

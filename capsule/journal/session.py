@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,16 +55,17 @@ def run_journaled(
                 writer, path, digest, request.args, request.kwargs, settings, seed.hex()
             ),
         )
-        report = run_program(
-            request,
-            on_event,
-            run_id=run_id,
-            steps=writer,
-            seed=seed,
-            on_run=_watched(writer, on_run),
-            event_types=event_types,
-            events=_journaled_events(writer),
-        )
+        with _interrupted_as_such(writer):
+            report = run_program(
+                request,
+                on_event,
+                run_id=run_id,
+                steps=writer,
+                seed=seed,
+                on_run=_watched(writer, on_run),
+                event_types=event_types,
+                events=_journaled_events(writer),
+            )
         _finish(writer, report)
     return report
 
@@ -160,17 +162,18 @@ def resume_journaled(
             ),
         )
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
-        report = run_program(
-            request,
-            on_event,
-            run_id=record.run_id,
-            steps=writer,
-            history=history,
-            seed=seed,
-            on_run=_watched(writer, None),
-            event_types=event_types,
-            events=_journaled_events(writer),
-        )
+        with _interrupted_as_such(writer):
+            report = run_program(
+                request,
+                on_event,
+                run_id=record.run_id,
+                steps=writer,
+                history=history,
+                seed=seed,
+                on_run=_watched(writer, None),
+                event_types=event_types,
+                events=_journaled_events(writer),
+            )
         _finish(writer, report)
     return report
 
@@ -226,6 +229,26 @@ def _journaled_events(writer: JournalWriter) -> EventStream:
     events = EventStream()
     events.subscribe(journal, JOURNALED_EVENT_TYPES)
     return events
+
+
+@contextmanager
+def _interrupted_as_such(writer: JournalWriter) -> Iterator[None]:
+    """A KeyboardInterrupt (Ctrl-C, SIGTERM) that stops the run before its
+    tasks run (while the program is imported) or after (while it is torn
+    down) leaves it ``interrupted``, not running: resumable, and not taken
+    for a crash. (One that stops its tasks is reported, and finished, as usual.)"""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if writer.failure is None:
+            try:
+                writer.execute(
+                    "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE run_id = ?",
+                    (time.time(), writer.run_id),
+                )
+            except JournalFailure:
+                pass  # it shows as crashed, which is resumable too
+        raise
 
 
 def _finish(writer: JournalWriter, report: RunReport) -> None:

@@ -72,6 +72,14 @@ FILES_FORMS = (
     "a list of directories inside the program's directory, as relative paths; read-only, "
     'or read-write with the suffix ":rw" (e.g. ["data", "out:rw"])'
 )
+EXCEPTION_TYPES_FORMS = (
+    "exception classes: one (ValueError), or a tuple of them (ValueError, KeyError)"
+)
+#: Most exception classes retry_on or no_retry_on may name.
+MAX_EXCEPTION_TYPES = 64
+#: A qualified class name as the SDK records it ("builtins.ValueError",
+#: "prog.Outer.Error"; "<locals>" appears for classes defined in a function).
+_QUALIFIED_RE = re.compile(r"^[A-Za-z_<][A-Za-z0-9_<>]*(?:\.[A-Za-z_<][A-Za-z0-9_<>]*)*$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HOST_RE = re.compile(
     r"^(?:(?P<scheme>https?)://)?(?P<host>\*|(?:\*\.)?[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
@@ -177,6 +185,21 @@ class TaskConfig(BaseModel):
     env: tuple[str, ...] = ()
     #: Directories of the program it may read (``name:rw``: and write).
     allowed_files: tuple[str, ...] = ()
+    #: The exception classes worth a retry (none: any), and those never
+    #: retried, by qualified name: the guest decides with the classes; the
+    #: host checks and shows them.
+    retry_on: tuple[str, ...] = ()
+    no_retry_on: tuple[str, ...] = ()
+
+    @field_validator("retry_on", "no_retry_on", mode="before")
+    @classmethod
+    def _exception_types(cls, value: Any) -> tuple[str, ...]:
+        names = _string_list(value, EXCEPTION_TYPES_FORMS)
+        if len(names) > MAX_EXCEPTION_TYPES or not all(
+            len(name) <= 300 and _QUALIFIED_RE.match(name) for name in names
+        ):
+            raise ValueError(f"at most {MAX_EXCEPTION_TYPES} {EXCEPTION_TYPES_FORMS}")
+        return tuple(names)
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod
@@ -264,6 +287,8 @@ _FIELD_OF_OPTION = {
     "allowed_hosts": "allowed_hosts",
     "env": "env",
     "allowed_files": "allowed_files",
+    "retry_on": "retry_on",
+    "no_retry_on": "no_retry_on",
 }
 _OPTION_OF_FIELD = {field: option for option, field in _FIELD_OF_OPTION.items()}
 #: Every option @task accepts.

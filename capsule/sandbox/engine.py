@@ -87,6 +87,9 @@ class ErrorInfo:
     type: str | None = None
     #: For a failure caused by an unhandled TaskError: the original failure.
     cause: dict[str, Any] | None = None
+    #: False if the guest said no retry can help (it can only make a failure
+    #: less retryable: see capsule.supervisor.retry).
+    retryable: bool = True
 
 
 @dataclass
@@ -1305,6 +1308,7 @@ def _reported_failure(failure: Any) -> ErrorInfo:
                 for task in cause.via[:MAX_CAUSE_VIA]
             ],
         },
+        retryable=failure.retryable is not False,
     )
 
 

@@ -27,8 +27,11 @@ from capsule.sandbox.config_file import read_config_text
 from capsule.sandbox.grants import HostRule
 
 PROJECT_FILE = "capsule.toml"
-#: Options of @task that [tasks] may set (all but the name).
-TASK_DEFAULT_KEYS = tuple(option for option in TASK_OPTIONS if option != "name")
+#: Options of @task that [tasks] may set: all but the name, and the exception
+#: classes of retry_on/no_retry_on (which the guest needs as classes).
+TASK_DEFAULT_KEYS = tuple(
+    option for option in TASK_OPTIONS if option not in ("name", "retry_on", "no_retry_on")
+)
 _POLICY_KEYS = {
     "max_fuel": (parse_compute, COMPUTE_FORMS),
     "max_ram": (parse_ram, RAM_FORMS),

@@ -132,14 +132,12 @@ class Progress:
 
             def tick() -> None:
                 while not stop.wait(0.2):
-                    self.stream.write(f"\rcapsule: {what} ... {time.monotonic() - start:.1f}s")
-                    self.stream.flush()
+                    self.say(f"\rcapsule: {what} ... {time.monotonic() - start:.1f}s")
 
             ticker = threading.Thread(target=tick, name="capsule-progress", daemon=True)
             ticker.start()
         else:
-            self.stream.write(f"capsule: {what} ...\n")
-            self.stream.flush()
+            self.say(f"capsule: {what} ...\n")
         try:
             yield
         except BaseException:
@@ -153,8 +151,16 @@ class Progress:
         stop.set()
         if ticker is not None:
             ticker.join()
-        self.stream.write(("\r\033[K" if live else "") + f"capsule: {text}\n")
-        self.stream.flush()
+        self.say(("\r\033[K" if live else "") + f"capsule: {text}\n")
+
+    def say(self, text: str) -> None:
+        """Write ``text``, unless the stream is gone (`| head` whose reader left):
+        the build goes on, and a Ctrl-C meanwhile stays an interrupt."""
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _componentize(staging: Path, output: Path) -> None:
@@ -178,7 +184,13 @@ def _componentize(staging: Path, output: Path) -> None:
     # An empty VIRTUAL_ENV stops componentize-py from adding the host's
     # site-packages to the build: the component holds exactly our sources.
     env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
-    result = subprocess.run(command, cwd=staging, env=env, capture_output=True, text=True)
+    # In a session of its own: Ctrl-C at a terminal signals the whole process
+    # group, and a build killed by it would fail the run (status "error", not
+    # resumable) instead of interrupting it. Capsule stops it itself: the
+    # KeyboardInterrupt in the wait below kills it.
+    result = subprocess.run(
+        command, cwd=staging, env=env, capture_output=True, text=True, start_new_session=True
+    )
     if result.returncode != 0:
         raise RuntimeBuildError(
             "componentize-py failed to build the guest runtime:\n"
@@ -191,7 +203,7 @@ def _patch_refused_growth(component: Path, progress: Progress) -> None:
     patched = oom.patch_refused_growth(component.read_bytes())
     if patched is None:
         # (The host then tells from the memory's size alone, less surely.)
-        progress.stream.write(
+        progress.say(
             "capsule: warning: the guest runtime's sbrk is not of the expected shape; "
             "running out of memory is reported less reliably\n"
         )
@@ -225,7 +237,7 @@ def ensure_runtime(
         if artifacts.compiled.is_file():  # another process built it while we waited
             return artifacts
         started = time.monotonic()
-        progress.stream.write(
+        progress.say(
             f"capsule: building the guest runtime once (about 20 s); cached in {artifacts.directory}\n"
         )
         with tempfile.TemporaryDirectory(dir=home, prefix=f".build-{key}-") as tmp:
@@ -246,10 +258,7 @@ def ensure_runtime(
             if artifacts.directory.exists():
                 shutil.rmtree(artifacts.directory)
             os.replace(out, artifacts.directory)
-        progress.stream.write(
-            f"capsule: guest runtime ready in {time.monotonic() - started:.1f}s\n"
-        )
-        progress.stream.flush()
+        progress.say(f"capsule: guest runtime ready in {time.monotonic() - started:.1f}s\n")
         _prune(home, keep=artifacts.directory)
     return artifacts
 

@@ -18,6 +18,13 @@ class TaskError(Exception):
     exception. When the child failed only because a TaskError of its own went
     unhandled, ``cause`` holds the original failure: ``{"task", "kind",
     "message", "via"}``, ``via`` being the tasks it propagated through.
+
+    ``retryable`` is False when no retry could have helped (so none was made): a
+    :class:`NonRetryable`, an exception the task's ``retry_on``/``no_retry_on``
+    excludes, a programming error (arguments that do not fit, a result that is
+    not JSON, a module that does not exist or does not compile, a host the task
+    may not reach), or a cancellation. Left unhandled in the caller, such an
+    error fails the caller without a retry too.
     """
 
     def __init__(
@@ -28,6 +35,7 @@ class TaskError(Exception):
         traceback: str | None = None,
         attempts: int | None = None,
         cause: dict[str, Any] | None = None,
+        retryable: bool = True,
     ) -> None:
         super().__init__(f"task {task!r} failed ({kind}): {message}")
         self.kind = kind
@@ -36,6 +44,7 @@ class TaskError(Exception):
         self.traceback = traceback
         self.attempts = attempts
         self.cause = cause
+        self.retryable = retryable
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +54,7 @@ class TaskError(Exception):
             "traceback": self.traceback,
             "attempts": self.attempts,
             "cause": self.cause,
+            "retryable": self.retryable,
         }
 
     @classmethod
@@ -56,6 +66,7 @@ class TaskError(Exception):
             traceback=data.get("traceback"),
             attempts=data.get("attempts"),
             cause=data.get("cause"),
+            retryable=data.get("retryable", True) is not False,
         )
 
 
@@ -77,6 +88,13 @@ def unhandled(exc: TaskError) -> tuple[str, dict[str, Any]]:
         f"{cause['message']}"
     )
     return message, cause
+
+
+class NonRetryable(Exception):
+    """Raise it (or a subclass) in a task to fail the task at once: it is not
+    retried, whatever its ``max_retries``, and its caller gets a TaskError of kind
+    ``exception`` with ``retryable`` False. For failures no retry can fix: input
+    that is invalid, a resource that does not exist."""
 
 
 class ReceiveTimeout(TimeoutError):

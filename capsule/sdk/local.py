@@ -550,7 +550,7 @@ def _attempts(
             return True, value
         error: TaskError = value
         error.attempts = number
-        if error.kind in _NOT_RETRIED or number >= policy.max_attempts:
+        if error.kind in _NOT_RETRIED or not error.retryable or number >= policy.max_attempts:
             return False, error
 
 
@@ -564,7 +564,7 @@ def _attempt(
     call = json.loads(call_json)  # (each attempt gets its own copy, as in the real run)
     token = _current.set(attempt)
     try:
-        value, failure, stopped = _run_function(fn.func, name, call)
+        value, failure, stopped = _run_function(fn, name, call)
     finally:
         try:
             unwaited = _end_children(attempt)
@@ -581,12 +581,12 @@ def _attempt(
 
 
 def _run_function(
-    func: Callable[..., Any], name: str, call: dict[str, Any]
+    fn: _task.TaskFunction[Any, Any], name: str, call: dict[str, Any]
 ) -> tuple[Any, TaskError | None, TaskStopped | None]:
     """Call the task's function: (its result through JSON, its failure, what
     stopped it)."""
     try:
-        result = func(*call["args"], **call["kwargs"])
+        result = fn.func(*call["args"], **call["kwargs"])
     except TaskStopped as exc:
         return None, None, exc
     except TypeError as exc:
@@ -594,9 +594,9 @@ def _run_function(
             # Raised by the call itself: the arguments do not fit the signature.
             message = f"task {name!r} cannot take these arguments: {exc}"
             return None, _failed("bad_arguments", name, exc, message), None
-        return None, _failure(name, exc), None
+        return None, _failure(name, exc, fn.retries(exc)), None
     except Exception as exc:
-        return None, _failure(name, exc), None
+        return None, _failure(name, exc, fn.retries(exc)), None
     try:
         return json.loads(_strict_json(result)), None, None
     except (TypeError, ValueError) as exc:
@@ -604,7 +604,7 @@ def _run_function(
             f"task {name!r} returned a value that is not JSON-serializable "
             f"({type(result).__name__}): {exc}"
         )
-        return None, _failed("exception", name, exc, message), None
+        return None, _failed("exception", name, exc, message, retryable=False), None
 
 
 def _end_children(attempt: _Attempt) -> TaskError | None:
@@ -628,6 +628,7 @@ def _end_children(attempt: _Attempt) -> TaskError | None:
                 f"child {child.name!r} ({child.task_id}) failed ({error.kind}) and was never "
                 f"waited on: {error.message}",
                 traceback=error.traceback,
+                retryable=error.retryable,
             )
     return None
 
@@ -729,12 +730,13 @@ def _exception_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _failure(name: str, exc: Exception) -> TaskError:
-    """The TaskError of a task whose code raised ``exc``, as the guest reports it."""
+def _failure(name: str, exc: Exception, retryable: bool) -> TaskError:
+    """The TaskError of a task whose code raised ``exc``, as the guest reports it
+    (``retryable``: as the task's retry rules say of it)."""
     if isinstance(exc, TaskError):
         message, cause = unhandled(exc)
-        return _failed("exception", name, exc, message, cause)
-    return _failed("exception", name, exc, _exception_text(exc))
+        return _failed("exception", name, exc, message, cause, retryable)
+    return _failed("exception", name, exc, _exception_text(exc), retryable=retryable)
 
 
 def _failed(
@@ -743,8 +745,9 @@ def _failed(
     exc: BaseException,
     message: str,
     cause: dict[str, Any] | None = None,
+    retryable: bool = True,
 ) -> TaskError:
-    error = TaskError(kind, name, message, _traceback_text(exc), cause=cause)
+    error = TaskError(kind, name, message, _traceback_text(exc), cause=cause, retryable=retryable)
     error.__cause__ = exc  # (shown by pytest: the task's own traceback)
     return error
 

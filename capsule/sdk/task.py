@@ -22,8 +22,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
+from capsule.sdk.errors import NonRetryable, TaskError
+
 P = ParamSpec("P")
 R = TypeVar("R")
+
+#: Exception classes as ``retry_on`` and ``no_retry_on`` take them: one, or a
+#: tuple (or list) of them, as ``except`` does.
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...] | list[type[BaseException]]
 
 
 @dataclass(frozen=True)
@@ -118,12 +124,30 @@ class TaskDefinitionError(ValueError):
 class TaskFunction(Generic[P, R]):
     """A function declared as a Capsule task."""
 
-    def __init__(self, func: Callable[P, R], options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        func: Callable[P, R],
+        options: dict[str, Any],
+        retry_on: tuple[type[BaseException], ...] = (),
+        no_retry_on: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self.func = func
         self.options = options
         name = options.get("name")
         self.name: str = name if isinstance(name, str) and name else func.__name__
+        #: The classes themselves (the options hold their names, for the host).
+        self.retry_on = retry_on
+        self.no_retry_on = no_retry_on
         functools.update_wrapper(self, func)
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure of this task with ``exc`` may be retried: not a
+        NonRetryable, nor one of ``no_retry_on``; one of ``retry_on`` if given."""
+        if not _retryable_itself(exc):
+            return False
+        if self.no_retry_on and isinstance(exc, self.no_retry_on):
+            return False
+        return not self.retry_on or isinstance(exc, self.retry_on)
 
     @property
     def qualified_name(self) -> str:
@@ -166,6 +190,31 @@ class TaskFunction(Generic[P, R]):
         return f"<capsule task {self.name!r} ({self.qualified_name})>"
 
 
+def _retryable_itself(exc: BaseException) -> bool:
+    if isinstance(exc, NonRetryable):
+        return False
+    return not isinstance(exc, TaskError) or exc.retryable
+
+
+def _exception_types(option: str, value: ExceptionTypes | None) -> tuple[type[BaseException], ...]:
+    """``retry_on``/``no_retry_on`` as a tuple of exception classes, or
+    TaskDefinitionError naming what is not one."""
+    if value is None:
+        return ()
+    classes = tuple(value) if isinstance(value, tuple | list) else (value,)
+    for item in classes:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TaskDefinitionError(
+                f"@task({option}=...) takes exception classes (ValueError, or a tuple of "
+                f"them), not {item!r}"
+            )
+    return classes
+
+
+def _qualified(cls: type[BaseException]) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _register(fn: TaskFunction[Any, Any]) -> None:
     existing = registry.get(fn.name)
     # Re-executing the same definition (a module reloaded in a test) is not a clash.
@@ -198,6 +247,8 @@ def task(
     allowed_hosts: list[str] | None = None,
     env: list[str] | None = None,
     allowed_files: list[str] | None = None,
+    retry_on: ExceptionTypes | None = None,
+    no_retry_on: ExceptionTypes | None = None,
 ) -> Callable[[Callable[P, R]], TaskFunction[P, R]]: ...
 
 
@@ -217,6 +268,8 @@ def task(
     allowed_hosts: list[str] | None = None,
     env: list[str] | None = None,
     allowed_files: list[str] | None = None,
+    retry_on: ExceptionTypes | None = None,
+    no_retry_on: ExceptionTypes | None = None,
 ) -> TaskFunction[P, R] | Callable[[Callable[P, R]], TaskFunction[P, R]]:
     """Declare a function as a Capsule task: ``@task`` or ``@task(name=..., ...)``.
 
@@ -225,6 +278,10 @@ def task(
     - ``ram``: memory cap such as ``"64MB"``, ``"2GB"`` or a number of bytes.
     - ``timeout``: wall-clock limit such as ``"500ms"``, ``"30s"``, ``"5m"`` or seconds.
     - ``max_retries``: attempts after the first failure (default 1).
+    - ``retry_on``: exception classes (one, or a tuple) worth a retry; an
+      exception of any other class fails the task at once. ``no_retry_on``:
+      classes that fail it at once (it wins over ``retry_on``). A
+      :class:`capsule.NonRetryable` is never retried.
 
     As a spawned child (supervised by the task that spawned it):
 
@@ -267,11 +324,19 @@ def task(
         "allowed_files": allowed_files,
     }
     declared = {key: value for key, value in given.items() if value is not None}
+    retry_classes = _exception_types("retry_on", retry_on)
+    no_retry_classes = _exception_types("no_retry_on", no_retry_on)
+    # The host records them by name (it validates and shows them); the guest
+    # decides with the classes, which know their subclasses.
+    if retry_on is not None:
+        declared["retry_on"] = [_qualified(cls) for cls in retry_classes]
+    if no_retry_on is not None:
+        declared["no_retry_on"] = [_qualified(cls) for cls in no_retry_classes]
 
     def decorate(fn: Callable[P, R]) -> TaskFunction[P, R]:
         if not callable(fn):
             raise TaskDefinitionError(f"@task must decorate a function, not {fn!r}")
-        wrapped = TaskFunction(fn, declared)
+        wrapped = TaskFunction(fn, declared, retry_classes, no_retry_classes)
         _register(wrapped)
         return wrapped
 

@@ -25,6 +25,9 @@ class ErrorDetail(BaseModel):
     #: For a failure caused by an unhandled TaskError from a child: the original
     #: failure, {"task", "kind", "message", "via"}.
     cause: dict[str, Any] | None = None
+    #: Whether another attempt could have ended otherwise (see supervisor.retry):
+    #: False for a failure no retry can fix, which is therefore not retried.
+    retryable: bool = True
 
 
 class _Event(BaseModel):

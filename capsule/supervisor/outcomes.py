@@ -52,6 +52,7 @@ def linked_failure(child: Child, configs: dict[str, TaskConfig]) -> ErrorInfo | 
         f"child {child.name!r} ({child.task_id}) failed ({error.kind}); it was spawned with "
         f"link=True, so its failure fails its parent at once: {error.message}",
         traceback=error.traceback,
+        retryable=error.retryable,  # (restarting it meets that failure again)
     )
 
 
@@ -71,6 +72,7 @@ def uncollected_failure(
                 f"({child.task_id}) failed ({error.kind}) and that failure was never "
                 f"collected: {error.message}. To handle it, {COLLECT_FIX}",
                 traceback=error.traceback,
+                retryable=error.retryable,
             )
     return None
 

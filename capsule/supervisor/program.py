@@ -129,6 +129,7 @@ class RunReport:
                 "message": error.message,
                 "task": error.task,
                 "traceback": error.traceback,
+                "retryable": error.retryable,
             },
             "execution": {
                 "run_id": self.run_id,

@@ -72,6 +72,7 @@ from capsule.supervisor.outcomes import (
     outcomes_answer,
     uncollected_failure,
 )
+from capsule.supervisor.retry import retryable
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -99,9 +100,6 @@ from capsule.supervisor.tree import (
 MAX_DEPTH = 64
 #: Python frames the host adds per level of nested task calls (with margin).
 HOST_FRAMES_PER_LEVEL = 40
-#: Kinds that a retry cannot fix (a guest that broke the protocol, or wrote
-#: more than it may, gets no second chance either).
-NOT_RETRYABLE = frozenset({"cancelled", "bad_arguments", "divergence", "protocol", "output_limit"})
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: Run._spawn_task).
 TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
@@ -445,7 +443,10 @@ class Run:
             raise RunInterrupted(result)
         if self.divergence is not None:
             result.error = ErrorDetail(
-                kind="divergence", message=self.divergence.message, task=result.task
+                kind="divergence",
+                message=self.divergence.message,
+                task=result.task,
+                retryable=False,
             )
             result.result_json = None
         return result
@@ -654,6 +655,7 @@ class Run:
                 task=name,
                 traceback=outcome.error.traceback,
                 cause=outcome.error.cause,
+                retryable=retryable(outcome.error),
             )
             if child is not None and child.restart_reason is not None:
                 # A sibling's failure restarts this one too (one_for_all, rest_for_one).
@@ -672,8 +674,7 @@ class Run:
                     continue
             failures += 1
             # Its own retries: never counted as its supervisor's restarts.
-            retryable = error.kind not in NOT_RETRYABLE
-            if retryable and failures <= config.max_retries:
+            if error.retryable and failures <= config.max_retries:
                 if child is not None:
                     self._restart_siblings(child, error)
                 delay = self.settings.backoff.delay(failures)
@@ -690,6 +691,20 @@ class Run:
                     resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
                     continue
+                if self._root.cancelled:
+                    # The run is stopping (Ctrl-C, SIGTERM, its journal failed)
+                    # during the backoff: the task has not failed, its retry is
+                    # the resume's to make. It stays "retrying" in the journal,
+                    # and its caller sees it cancelled.
+                    interrupted = ErrorDetail(
+                        kind="cancelled",
+                        message=parent.cancellation_message(),
+                        task=name,
+                        retryable=False,
+                    )
+                    return TaskResult(
+                        task_id, name, attempt_number, total_fuel, total_time, error=interrupted
+                    )
             ended = TaskCancelled if error.kind == "cancelled" else TaskFailed
             emit(
                 ended(

@@ -215,7 +215,7 @@ def test_a_guest_cannot_report_a_failure_only_the_host_decides(tmp_path: Path, k
 
         @task(name="main", max_retries=2)
         def main():
-            capsule_guest._failure = lambda task, exc: capsule_guest._err({kind!r}, "claimed")
+            capsule_guest._failure = lambda task, exc, fn: capsule_guest._err({kind!r}, "claimed")
             raise RuntimeError("boom")
         """,
     )

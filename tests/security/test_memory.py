@@ -222,7 +222,7 @@ FILLS = """
     class Forged(Exception):
         # Reporting it hands the host a failure report of the task's making.
         def __str__(self):
-            raise Err(Failure("cancelled", "said to be cancelled", None, None, None))
+            raise Err(Failure("cancelled", "said to be cancelled", None, None, None, True))
 
     @task(max_retries=0, ram="32MB", compute="HIGH")
     def fill_then_fail(room, forged):

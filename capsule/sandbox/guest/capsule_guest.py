@@ -74,7 +74,7 @@ from componentize_py_types import Err
 import capsule
 import capsule.http
 from capsule.sdk import task as sdk_task
-from capsule.sdk.http import http_error
+from capsule.sdk.http import HostNotAllowed, http_error
 from capsule.sdk.errors import TaskError, message_error, unhandled
 
 
@@ -222,7 +222,11 @@ class SourceLoader(importlib.abc.Loader):
         if code is None:
             # Compiling is the costliest step of an import in a fresh instance;
             # the host keeps the result for the instances after this one.
-            code = compile(self._source.code, self._source.origin, "exec", dont_inherit=True)
+            try:
+                code = compile(self._source.code, self._source.origin, "exec", dont_inherit=True)
+            except SyntaxError as exc:
+                exc._capsule_import = True  # (the same source fails alike every attempt)
+                raise
             modules.offer_compiled(self._source.origin, marshal.dumps(code).decode("latin-1"))
         exec(code, module.__dict__)
 
@@ -275,14 +279,19 @@ def _format_traceback(exc: BaseException) -> str:
 
 
 def _error(
-    kind: str, task: str, exc: BaseException, message: str | None = None, cause=None
+    kind: str,
+    task: str,
+    exc: BaseException,
+    message: str | None = None,
+    cause=None,
+    retryable: bool = True,
 ) -> Err:
     if message is None:
         message = f"{type(exc).__name__}: {exc}"
-    return _err(kind, message, type(exc).__name__, _format_traceback(exc), cause)
+    return _err(kind, message, type(exc).__name__, _format_traceback(exc), cause, retryable)
 
 
-def _err(kind, message, type_name=None, traceback_text=None, cause=None) -> Err:
+def _err(kind, message, type_name=None, traceback_text=None, cause=None, retryable=True) -> Err:
     """The failure a task's attempt (or the program's import) returns."""
     if cause is not None:
         cause = runner_types.FailureCause(
@@ -298,13 +307,14 @@ def _err(kind, message, type_name=None, traceback_text=None, cause=None) -> Err:
             type=None if type_name is None else _text(type_name, 200),
             traceback=None if traceback_text is None else _text(traceback_text, _TRACEBACK_CHARS),
             cause=cause,
+            retryable=retryable,
         )
     )
 
 
-def _unhandled_task_error(task: str, exc: TaskError) -> Err:
+def _unhandled_task_error(task: str, exc: TaskError, retryable: bool) -> Err:
     message, cause = unhandled(exc)
-    return _error("exception", task, exc, message, cause)
+    return _error("exception", task, exc, message, cause, retryable)
 
 
 def _refusal_in_chain(exc: BaseException):
@@ -324,9 +334,20 @@ def _refusal_in_chain(exc: BaseException):
 _MEMORY_RESERVE: bytearray | None = bytearray(64 << 10)
 
 
-def _failure(task: str, exc: BaseException) -> Err:
-    if isinstance(exc, TaskError):
-        return _unhandled_task_error(task, exc)
+def _deterministic(exc: BaseException) -> bool:
+    """Whether ``exc`` is a programming error that every attempt would meet
+    again: a module that does not exist, cannot run in the sandbox or does not
+    compile, a host the task was not granted."""
+    if isinstance(exc, HostNotAllowed) or _refusal_in_chain(exc) is not None:
+        return True
+    if isinstance(exc, ModuleNotFoundError) and str(exc) == f"No module named {exc.name!r}":
+        return True
+    return isinstance(exc, SyntaxError) and getattr(exc, "_capsule_import", False)
+
+
+def _failure(task: str, exc: BaseException, fn=None) -> Err:
+    """The failure ``exc`` ends an attempt of task ``fn`` with (``fn`` None: the
+    program's import), retryable as the task's rules and the exception say."""
     if isinstance(exc, MemoryError):
         # What the task's frames held (the list it grew, say) is garbage now,
         # but the traceback keeps their locals alive: let them go, keeping the
@@ -335,17 +356,24 @@ def _failure(task: str, exc: BaseException) -> Err:
         _MEMORY_RESERVE = None
         traceback.clear_frames(exc.__traceback__)
         return _error("memory_limit", task, exc, "MemoryError: the task ran out of memory")
+    retryable = not _deterministic(exc) and (
+        fn.retries(exc) if fn is not None else not isinstance(exc, capsule.NonRetryable)
+    )
+    if isinstance(exc, TaskError):
+        return _unhandled_task_error(task, exc, retryable)
     if isinstance(exc, ImportError):
         refusal = _refusal_in_chain(exc)
         if refusal is not None:
-            return _error("exception", task, exc, f"ImportError: {refusal}")
+            return _error("exception", task, exc, f"ImportError: {refusal}", retryable=False)
         if isinstance(exc, ModuleNotFoundError) and str(exc) == f"No module named {exc.name!r}":
-            return _error("exception", task, exc, f"ModuleNotFoundError: {_explain_missing(exc)}")
+            message = f"ModuleNotFoundError: {_explain_missing(exc)}"
+            return _error("exception", task, exc, message, retryable=False)
     if isinstance(exc, (FileNotFoundError, PermissionError)):
         hint = _ungranted_path_hint(exc.filename)
         if hint is not None:
-            return _error("exception", task, exc, f"{type(exc).__name__}: {exc} ({hint})")
-    return _error("exception", task, exc)
+            message = f"{type(exc).__name__}: {exc} ({hint})"
+            return _error("exception", task, exc, message, retryable=retryable)
+    return _error("exception", task, exc, retryable=retryable)
 
 
 #: The directories the running task was granted (allowed_files), as it sees them.
@@ -745,7 +773,7 @@ class Runner(exports.Runner):
         name = inv["task"]
         fn = sdk_task.registry.get(name)
         if fn is None:
-            raise _err("exception", f"no task named {name!r}")
+            raise _err("exception", f"no task named {name!r}", retryable=False)
         _backend.info = capsule.TaskInfo(
             id=inv["task_id"], name=name, attempt=inv["attempt"], max_attempts=inv["max_attempts"]
         )
@@ -765,10 +793,11 @@ class Runner(exports.Runner):
                 raise _error(
                     "bad_arguments", name, exc,
                     f"task {name!r} cannot take these arguments: {exc}",
+                    retryable=False,
                 )
-            raise _failure(name, exc)
+            raise _failure(name, exc, fn)
         except BaseException as exc:
-            raise _failure(name, exc)
+            raise _failure(name, exc, fn)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -781,6 +810,7 @@ class Runner(exports.Runner):
                 exc,
                 f"task {name!r} returned a value that is not JSON-serializable "
                 f"({type(result).__name__}): {exc}",
+                retryable=False,
             )
 
 
