@@ -54,6 +54,8 @@ class TaskPending(_Event):
     #: The arguments, as JSON ``{"args": [...], "kwargs": {...}}`` (a preview;
     #: ``[args, kwargs]`` in older journals).
     call: str | None = None
+    #: The name it was registered under at spawn (``spawn(name=...)``), if any.
+    actor_name: str | None = None
 
 
 class TaskStarted(_Event):
@@ -76,6 +78,9 @@ class TaskCompleted(_Event):
     attempt: int
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
     #: The returned value, as JSON (a preview).
     result: str | None = None
 
@@ -86,6 +91,9 @@ class TaskFailed(_Event):
     error: ErrorDetail
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
 
 
 class TaskCancelled(_Event):
@@ -97,6 +105,9 @@ class TaskCancelled(_Event):
     error: ErrorDetail
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
 
 
 class TaskRestarting(_Event):

@@ -147,6 +147,8 @@ class Child:
     scope: Scope
     awaited: bool
     parent_attempt: Attempt
+    #: The name it was registered under at spawn, if any.
+    actor_name: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: TaskResult | None = None
     thread: threading.Thread | None = None
