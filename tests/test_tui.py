@@ -1,6 +1,8 @@
 """The TUI, headless with Textual's Pilot, against real runs: a live run with a
 retried and a failing task, the keys, cancelling a live task, attaching to a
-run another process is writing, and SVG snapshots of the main screens."""
+run another process is writing, and SVG snapshots of the main screens. Guest
+text of every kind (markup, escapes, surrogates, huge) through every widget;
+a failure of the TUI, which must not stop the run nor exit 0."""
 
 from __future__ import annotations
 

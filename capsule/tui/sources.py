@@ -243,7 +243,8 @@ class JournalSource:
 
 def _journaled_result(journal: Path, run_id: str, task_id: str) -> str | None:
     """A task's result as its journal has it, whole (None: not written yet)."""
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as connection:
+    uri = f"{journal.resolve().as_uri()}?mode=ro"  # (read only: never creates one)
+    with sqlite3.connect(uri, uri=True, timeout=5) as connection:
         row = connection.execute(
             "SELECT result_json FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)
         ).fetchone()
