@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import sqlite3
 import subprocess
@@ -922,6 +923,32 @@ def test_each_attempts_output_apart_and_the_keys_to_scroll(finished_journal: Pat
             assert "page up" in str(app.screen.query_one("#help", Static).render())
             await pilot.press("escape", "tab")  # to the detail pane, which scrolls
             assert app.focused is app.query_one("#detail-box")
+            await pilot.press("q")
+
+    asyncio.run(drive())
+
+
+def test_siblings_are_in_spawn_order_whatever_order_their_events_arrive_in() -> None:
+    """Children's events come from their own threads, in any order: the tree
+    lists them by number all the same (main/2 before main/10)."""
+    numbers = list(range(1, 30))
+    random.Random(3).shuffle(numbers)
+    batches = [
+        [{"type": "pending", "task_id": "main", "task": "main", "parent_id": None, "at": 1.0}]
+    ]
+    for number in numbers:  # one batch each: each one added to a tree already drawn
+        event = {"type": "pending", "task_id": f"main/{number}", "task": "w", "at": 1.0}
+        batches.append([{**event, "parent_id": "main"}])
+
+    class Trickle(_Events):
+        async def fetch(self) -> list[dict[str, Any]]:
+            return batches.pop(0) if batches else []
+
+    async def drive() -> None:
+        app = CapsuleApp(Trickle([]))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await _until(pilot, lambda: len(app._tree_nodes) == 30)
+            assert _tree_order(app) == ["main", *(f"main/{n}" for n in range(1, 30))]
             await pilot.press("q")
 
     asyncio.run(drive())
