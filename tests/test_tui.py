@@ -714,6 +714,15 @@ NASTY = [
 ]
 
 
+#: What must never reach the terminal from a guest: C0 and C1 controls but tab and
+#: line feed, DEL, bidirectional overrides, lone surrogates.
+_ACTIVE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _assert_inert(shown: str) -> None:
+    assert not _ACTIVE.search(shown), ascii(shown[:300])
+
+
 def _drive_every_widget(texts: list[str]) -> None:
     """Show each of ``texts`` in every place the TUI shows guest text: the tree,
     the detail pane of each task, the header, a search for it, the cancel
@@ -729,8 +738,12 @@ def _drive_every_widget(texts: list[str]) -> None:
                 app._tree_widget.move_cursor(app._tree_nodes[task_id])
                 await pilot.pause()
                 assert task_id in _detail_text(app)
+                _assert_inert(_detail_text(app))
+                _assert_inert(str(app._label_of(task_id)))
+            _assert_inert(str(app._summary.render()))
             await pilot.press("c")  # the last task waits: a dialog quoting its name
             assert isinstance(app.screen, ConfirmScreen)
+            _assert_inert(str(app.screen.query_one("#confirm", Static).render()))
             await pilot.press("y")
             await pilot.pause()
             assert source.cancelled == [f"main/{count - 1}"]

@@ -671,7 +671,8 @@ class CapsuleApp(App[int]):
                 self._tell(source.cancel(task_id))
 
         self.push_screen(
-            ConfirmScreen(f"Cancel {view.name} ({task_id}) and everything under it?"), answered
+            ConfirmScreen(f"Cancel {shown_name(view)} ({task_id}) and everything under it?"),
+            answered,
         )
 
     async def action_quit(self) -> None:
