@@ -196,7 +196,7 @@ class HelpScreen(ModalScreen[None]):
             "  tab  move between the tree and the detail pane; there, up/down,\n"
             "       page up/page down and home/end scroll the selected task\n"
             "  ?    this help\n"
-            "  /    search tasks by name, registered name or id (Enter; Escape clears)\n"
+            "  /    search by name, registered name or id (Enter; Escape clears)\n"
             "  f    filter: all, running, waiting, failed, completed, cancelled\n"
             "  l    follow the newest activity on or off\n"
             "  c    cancel the selected task while the run goes on (asks first)\n"
