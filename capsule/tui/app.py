@@ -122,8 +122,7 @@ def column_headers() -> Text:
     return Text(
         "    "
         + " ".join(
-            name.rjust(width) if name in numbers else name.ljust(width)
-            for name, width in _COLUMNS
+            name.rjust(width) if name in numbers else name.ljust(width) for name, width in _COLUMNS
         ),
         style="bold",
     )
@@ -606,7 +605,9 @@ class CapsuleApp(App[int]):
         self._selected = message.node.data
         self._show_detail(self._selected)
 
-    def _tell(self, message: str, severity: Literal["information", "warning"] = "information") -> None:
+    def _tell(
+        self, message: str, severity: Literal["information", "warning"] = "information"
+    ) -> None:
         """A notification; it may quote a task's name or an error: never markup."""
         self.notify(plain(message, limit=300), severity=severity, markup=False)
 
