@@ -965,3 +965,29 @@ def test_siblings_are_in_spawn_order_whatever_order_their_events_arrive_in() -> 
             await pilot.press("q")
 
     asyncio.run(drive())
+
+
+def test_following_moves_to_new_activity_and_leaves_the_cursor_alone_between(
+    finished_journal: Path,
+) -> None:
+    app = _browsing_app(finished_journal)
+
+    async def drive() -> None:
+        async with app.run_test(size=(100, 32)) as pilot:
+            await _until(pilot, lambda: app.model.ended_at is not None)
+            await pilot.press("l")
+            await app.refresh_run()
+            await pilot.pause()
+            latest = app.model.latest
+            assert app._selected == latest
+            await pilot.press("up" if latest != "main" else "down")
+            moved = app._selected
+            assert moved != latest
+            for _ in range(3):  # refreshes with no new activity
+                app._last_full = 0.0
+                await app.refresh_run()
+                await pilot.pause()
+            assert app._selected == moved
+            await pilot.press("q")
+
+    asyncio.run(drive())

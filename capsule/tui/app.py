@@ -289,6 +289,8 @@ class CapsuleApp(App[int]):
         self.clock = clock
         self.model = RunModel()
         self.follow = False
+        #: model.state_changes when follow last moved the cursor.
+        self._followed = -1
         self.state_filter: str | None = None
         self.search = ""
         self._tree_nodes: dict[str, TreeNode[str]] = {}
@@ -423,7 +425,13 @@ class CapsuleApp(App[int]):
                 else:
                     changed.append(node)
             tree.changed(changed)
-        if self.follow and model.latest in self._tree_nodes:
+        # On new activity only: between two, the user moves the cursor freely.
+        if (
+            self.follow
+            and model.state_changes != self._followed
+            and model.latest in self._tree_nodes
+        ):
+            self._followed = model.state_changes
             tree.move_cursor(self._tree_nodes[model.latest])
         if self._selected in dirty:
             self._show_detail(self._selected)
@@ -651,6 +659,7 @@ class CapsuleApp(App[int]):
 
     def action_follow(self) -> None:
         self.follow = not self.follow
+        self._followed = -1  # (on: to the newest activity at once)
         self._tell("following the newest activity" if self.follow else "follow off")
         self._show_summary(self.clock())
 

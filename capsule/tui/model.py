@@ -108,6 +108,8 @@ class RunModel:
         self.dirty: set[str] = set()
         #: The task whose state changed last (for "follow").
         self.latest: str | None = None
+        #: State changes so far (follow moves the cursor only on a new one).
+        self.state_changes = 0
 
     # -- events ----------------------------------------------------------------
 
@@ -221,6 +223,7 @@ class RunModel:
         view.state = state
         view.timeline.append((at, note))
         self.latest = view.task_id
+        self.state_changes += 1
 
     @staticmethod
     def _ended_attempt(view: TaskView, event: dict[str, Any]) -> None:
