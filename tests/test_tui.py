@@ -920,6 +920,10 @@ def test_names_order_and_memory_live_and_from_the_journal(tmp_path: Path) -> Non
 
 def test_each_attempts_output_apart_and_the_keys_to_scroll(finished_journal: Path) -> None:
     app = _browsing_app(finished_journal)
+    with sqlite3.connect(finished_journal) as connection:
+        retried = connection.execute("SELECT data_json FROM events WHERE type = 'retrying'")
+        # The failed attempt's memory was measured too (then fixed by the fixture).
+        assert [json.loads(data)["peak_memory_bytes"] for (data,) in retried] == [23_000_000]
 
     async def drive() -> None:
         async with app.run_test(size=(100, 40)) as pilot:

@@ -71,6 +71,8 @@ class TaskRetrying(_Event):
     attempt: int
     error: ErrorDetail
     backoff_s: float
+    #: The failed attempt's memory at its end (see TaskCompleted).
+    peak_memory_bytes: int | None = None
 
 
 class TaskCompleted(_Event):

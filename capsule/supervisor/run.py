@@ -648,7 +648,15 @@ class Run:
                 if child is not None:
                     self._restart_siblings(child)
                 delay = self.settings.backoff.delay(failures)
-                emit(TaskRetrying(**ids, attempt=attempt_number, error=error, backoff_s=delay))
+                emit(
+                    TaskRetrying(
+                        **ids,
+                        attempt=attempt_number,
+                        error=error,
+                        backoff_s=delay,
+                        peak_memory_bytes=outcome.peak_memory_bytes,
+                    )
+                )
                 with self.sandbox.slots.released():
                     resumed = sleep_unless_stopped(parent, delay)
                 if resumed:
