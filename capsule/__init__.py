@@ -9,16 +9,26 @@ the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 from capsule.sdk.errors import MessageError, ReceiveTimeout, SendTimeout, TaskError
 from capsule.sdk.messaging import Message, ask, receive, send
 from capsule.sdk.task import (
+    ALL_COMPLETED,
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    DoneAndPending,
     TaskFunction,
     TaskHandle,
     TaskInfo,
+    as_completed,
     current,
     gather,
     sleep,
     task,
+    wait,
 )
 
 __all__ = [
+    "ALL_COMPLETED",
+    "FIRST_COMPLETED",
+    "FIRST_EXCEPTION",
+    "DoneAndPending",
     "Message",
     "MessageError",
     "ReceiveTimeout",
@@ -27,6 +37,7 @@ __all__ = [
     "TaskFunction",
     "TaskHandle",
     "TaskInfo",
+    "as_completed",
     "ask",
     "current",
     "gather",
@@ -34,5 +45,6 @@ __all__ = [
     "send",
     "sleep",
     "task",
+    "wait",
 ]
 __version__ = "0.1.0"

@@ -3,8 +3,9 @@
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
 failed after its retries); 2 usage, config, program or journal error (nothing
 ran, or the journal could not be written); 3 the sandbox runtime could not be
-built or loaded; 4 the terminal UI failed (``--tui``: the run went on without
-it, and succeeded); 130 interrupted (Ctrl-C, or SIGTERM).
+built or loaded; 9 the terminal UI failed (``--tui``: the run went on without
+it, and succeeded; ``capsule tui``); 130 interrupted (Ctrl-C, or SIGTERM).
+`capsule send` and `capsule ask` add 4 to 8 (see capsule.supervisor.inbox_client).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
-EXIT_TUI_FAILED = 4
+#: (Past 4 - 8, which `capsule send` and `capsule ask` use.)
+EXIT_TUI_FAILED = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -95,12 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     commands.required = True
     run = commands.add_parser(
         "run",
-        help="run a program's main task",
-        description="Run the task named 'main' in FILE, passing ARGS as positional string arguments.",
+        help="run a program's main task (or another: FILE:TASK)",
+        description="Run the task named 'main' in FILE (or the one FILE:TASK or --entry "
+        "names), passing ARGS as positional string arguments.",
         epilog=_EXIT_CODES,
     )
-    run.add_argument("file", metavar="FILE", help="the Python program (a .py file)")
-    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for main")
+    run.add_argument(
+        "file",
+        metavar="FILE[:TASK]",
+        help="the Python program (a .py file), and the task to run if not main",
+    )
+    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
+    run.add_argument(
+        "--entry", metavar="TASK", help="the task to run as the entry point (default: main)"
+    )
     run.add_argument(
         "--args-json",
         metavar="JSON",
@@ -223,6 +233,31 @@ def _parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(runs)
 
+    for op, summary in (
+        ("send", "send a message to an actor of a running run"),
+        ("ask", "send a message to an actor of a running run and print its reply"),
+    ):
+        message = commands.add_parser(
+            op,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
+            "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
+            "message. The task receives it from the sender 'cli'.",
+            epilog=_MESSAGE_EXIT_CODES,
+        )
+        message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
+        message.add_argument("target", metavar="NAME", help="the actor's name or task id")
+        message.add_argument("body", metavar="JSON", help="the message, a JSON value")
+        if op == "ask":
+            message.add_argument(
+                "--timeout",
+                metavar="SECONDS",
+                type=_ask_timeout,
+                default=60.0,
+                help="how long to wait for the reply (default 60)",
+            )
+        _journal_option(message)
+
     inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
     inspect.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     inspect.add_argument("--last", action="store_true", help="show the newest run")
@@ -233,9 +268,31 @@ def _parser() -> argparse.ArgumentParser:
 
 _EXIT_CODES = (
     "exit codes: 0 success, 1 the workflow failed, 2 usage, config, program or journal "
-    "error, 3 the sandbox runtime could not be built or loaded, 4 the terminal UI failed "
+    "error, 3 the sandbox runtime could not be built or loaded, 9 the terminal UI failed "
     "(the run went on without it), 130 interrupted (Ctrl-C, SIGTERM)"
 )
+
+
+_MESSAGE_EXIT_CODES = (
+    "exit codes: 0 delivered (ask: the reply printed), 2 usage or bad JSON, 4 no such run, "
+    "5 the run is not running, 6 no such actor (or it ended without replying), 7 its "
+    "mailbox is full, 8 no reply in time"
+)
+
+
+def _ask_timeout(text: str) -> float:
+    """--timeout of `capsule ask`: seconds, finite, above 0, at most a week."""
+    from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_ASK_TIMEOUT_S):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is out of range; expected seconds above 0, at most {MAX_ASK_TIMEOUT_S:g}"
+        )
+    return value
 
 
 def _journal_option(command: argparse.ArgumentParser) -> None:
@@ -267,6 +324,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         "runs": _runs_command,
         "inspect": _inspect_command,
         "tui": _tui_command,
+        "send": _message_command,
+        "ask": _message_command,
     }
     try:
         code = commands[options.command](options)
@@ -381,8 +440,8 @@ def _as_json(value: Any) -> str:
 
 
 def _run_command(options: argparse.Namespace) -> int:
-    path = Path(options.file)
     try:
+        path, entry = _program_and_entry(options.file, options.entry)
         args = _parse_args_json(options.args_json, options.args)
         if options.no_journal and options.journal is not None:
             raise UsageError("give either --journal or --no-journal, not both")
@@ -402,6 +461,7 @@ def _run_command(options: argparse.Namespace) -> int:
     request = RunRequest(
         path=path,
         args=args,
+        entry=entry,
         max_fuel=options.max_fuel,
         max_ram=options.max_ram,
         max_timeout=options.max_timeout,
@@ -432,6 +492,23 @@ def _run_command(options: argparse.Namespace) -> int:
     return _show_run(options, run, journaled=journal is not None)
 
 
+def _program_and_entry(file: str, entry: str | None) -> tuple[Path, str]:
+    """The program file and the entry task of `capsule run FILE[:TASK]` and
+    --entry (a file whose own name has a colon is taken whole if it exists)."""
+    name, colon, task = file.rpartition(":")
+    if colon and name.endswith(".py") and not os.path.exists(file):
+        if not task.strip():
+            raise UsageError(f"{file!r} names no task after the colon; give FILE:TASK")
+        if entry is not None and entry != task:
+            raise UsageError(f"give the entry task once: {file!r} or --entry {entry!r}")
+        file, entry = name, task
+    if entry is not None and not entry.strip():
+        raise UsageError("--entry needs a task name (e.g. --entry main)")
+    if entry is not None and not _is_text(entry):
+        raise UsageError(f"the entry task {entry!r} is not valid UTF-8")
+    return Path(file), entry or "main"
+
+
 def _not_a_program(path: Path) -> str | None:
     """Why ``path`` cannot be a program file, if it cannot."""
     try:
@@ -460,7 +537,8 @@ def _show_run(
     _stop_on_sigterm()
     kept = "; the journal keeps it" if journaled else ""
     with StdioWriter(notice_suffix=kept) as out:
-        renderer = _Renderer(out, options.json, options.verbose, journaled)
+        string_args = bool(getattr(options, "args", None)) and options.args_json is None
+        renderer = _Renderer(out, options.json, options.verbose, journaled, string_args)
         try:
             try:
                 report = run(renderer)
@@ -766,6 +844,73 @@ def _field(value: Any) -> str:
     return visible(str(value), one_line=True)
 
 
+def _message_command(options: argparse.Namespace) -> int:
+    """`capsule send` and `capsule ask`: one message into a running run."""
+    from capsule.sandbox.guest_data import ProtocolError, json_value
+    from capsule.supervisor import inbox_client as client
+
+    try:
+        if not _is_text(options.body):
+            raise UsageError("the message is not valid UTF-8")
+        try:
+            body = json_value(options.body, "the message")
+        except ProtocolError as exc:
+            raise UsageError(
+                f"{exc}; give the message as JSON, e.g. '{{\"approved\": true}}'"
+            ) from None
+        if not options.target or not _is_text(options.target):
+            raise UsageError(
+                f"NAME {options.target!r} is not an actor's registered name or task id"
+            )
+        found = client.find_socket(options.run_id)
+        if found is None:
+            return _no_running_run(options)
+        run_id, path = found
+        asks = options.command == "ask"
+        timeout = options.timeout if asks else client.SEND_TIMEOUT_S
+        payload: dict[str, Any] = {"op": options.command, "to": options.target, "body": body}
+        if asks:
+            payload["timeout"] = timeout
+        answer = client.request(path, payload, timeout + 10)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except client.InboxClientError as exc:
+        _error(str(exc))
+        return EXIT_USAGE if exc.kind == "usage" else client.EXIT_BY_KIND.get(exc.kind, 1)
+    if not answer["ok"]:
+        kind = str(answer.get("kind"))
+        _error(f"run {run_id}: {_field(answer.get('message'))}")
+        if kind in ("too_large", "bad_request"):
+            return EXIT_USAGE
+        return client.EXIT_BY_KIND.get(kind, EXIT_FAILED)
+    if asks:
+        print(_as_json(answer.get("reply")))
+    return EXIT_OK
+
+
+def _no_running_run(options: argparse.Namespace) -> int:
+    """No running run has the id: the journal says whether it ran and ended."""
+    from capsule.journal.reader import find_run
+    from capsule.journal.schema import JournalError
+    from capsule.supervisor.inbox_client import EXIT_NO_SUCH_RUN, EXIT_NOT_RUNNING
+
+    try:
+        journal = _journal_path(options)
+        run = _read_journal(journal, find_run, journal, options.run_id)
+    except (UsageError, JournalError):
+        _error(
+            f"no running run has the id {options.run_id!r} (`capsule runs` lists the runs "
+            f"of a journal)"
+        )
+        return EXIT_NO_SUCH_RUN
+    _error(
+        f"run {_field(run.run_id)} is not running ({_field(run.shown_status)}); only a "
+        f"running run takes messages"
+    )
+    return EXIT_NOT_RUNNING
+
+
 def _inspect_command(options: argparse.Namespace) -> int:
     from capsule.journal.reader import find_run, load_tasks
     from capsule.journal.schema import JournalError
@@ -777,7 +922,9 @@ def _inspect_command(options: argparse.Namespace) -> int:
         run = _read_journal(journal, find_run, journal, options.run_id)
         tasks = _read_journal(journal, load_tasks, journal, run.run_id)
         if options.json:
-            text = _as_json({**run.summary(), "tasks": [t.as_dict() for t in tasks]})
+            text = _as_json(
+                {**run.summary(), "error": run.error, "tasks": [t.as_dict() for t in tasks]}
+            )
         else:
             text = "\n".join(_inspect_lines(run, tasks))
     except (UsageError, JournalError) as exc:
@@ -802,6 +949,7 @@ def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
         f"run {_field(run.run_id)}: {_field(run.shown_status)}{duration}{resumed}  "
         f"({_field(run.program)})"
     ]
+    lines.extend(_run_error_lines(run))
     children: dict[str | None, list[Any]] = {}
     for task in tasks:
         children.setdefault(task.parent_id, []).append(task)
@@ -822,6 +970,21 @@ def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
     return lines
 
 
+def _run_error_lines(run: Any) -> list[str]:
+    """Why a run ended in error (nothing ran: a config or program error) or
+    diverged on resume: its task tree does not say."""
+    error = run.error if isinstance(run.error, dict) else None
+    if error is None or (run.status != "error" and error.get("kind") != "divergence"):
+        return []
+    kind, message = str(error.get("kind")), str(error.get("message"))
+    text = message if message.startswith(f"{kind}:") else f"{kind}: {message}"
+    return [f"  error: {_field(line)}" for line in text.splitlines()[:_MAX_ERROR_LINES]]
+
+
+#: Lines of a run's error `capsule inspect` shows (a config error lists each problem).
+_MAX_ERROR_LINES = 50
+
+
 def _task_line(task: Any) -> str:
     outcome = ""
     if task.error is not None:
@@ -832,9 +995,18 @@ def _task_line(task: Any) -> str:
         outcome = f"  -> {text if len(text) <= 60 else text[:57] + '...'}"
     return (
         f"{_field(task.task_id)} {_field(task.name)}  [{_field(task.status)}]  "
-        f"attempt {task.attempt}/{task.max_attempts}  {task.duration_ms:.1f} ms  "
+        f"{_attempts_shown(task.attempt, task.max_attempts, task.restarts)}  "
+        f"{task.duration_ms:.1f} ms  "
         f"fuel {task.fuel:,}{_field(outcome)}"
     )
+
+
+def _attempts_shown(attempt: int, max_attempts: int, restarts: int) -> str:
+    """The attempts shown ("attempt 2/3"); for a task its supervisor restarted,
+    whose attempts go on counting across restarts, "attempt 5 (restart 3)"."""
+    if restarts:
+        return f"attempt {attempt} (restart {restarts})"
+    return f"attempt {attempt}/{max_attempts}"
 
 
 #: A line of text with its end, or the unfinished last one.
@@ -851,10 +1023,22 @@ class _Renderer:
     lifecycle, errors, tracebacks, which quote guest text) always show them
     visibly: a log of stderr can be read on a terminal later."""
 
-    def __init__(self, out: StdioWriter, json_output: bool, verbose: bool, journaled: bool) -> None:
+    def __init__(
+        self,
+        out: StdioWriter,
+        json_output: bool,
+        verbose: bool,
+        journaled: bool,
+        string_args: bool = False,
+    ) -> None:
+        from capsule.diagnostics import FailureCauses
+
         self.out = out
         self.json_output = json_output
         self.verbose = verbose
+        #: The run's arguments were ARGS, which arrive as strings (a hint's cue).
+        self.string_args = string_args
+        self.causes = FailureCauses()
         #: Whether the run is journaled (a notice of dropped output says so).
         self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
@@ -865,12 +1049,17 @@ class _Renderer:
     @property
     def event_types(self) -> frozenset[str]:
         """The events it shows (the run builds no others for it)."""
-        from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+        from capsule.supervisor.events import EVENT_TYPES
 
-        return EVENT_TYPES - MESSAGE_EVENT_TYPES if self.verbose else frozenset({"output"})
+        return EVENT_TYPES if self.verbose else frozenset({"output", "warning", "failed"})
 
     def on_event(self, event: Any) -> None:
         kind = event.type
+        if kind == "warning":
+            self.out.write("stderr", f"capsule: warning: {_field(event.text)}\n")
+            return
+        if kind == "failed":
+            self.causes.on_failed(event)
         if kind == "output":
             stream: Stream = "stderr" if event.stream == "stderr" else self.guest_out
             text = visible(event.text) if self.out.is_terminal(stream) else event.text
@@ -917,8 +1106,26 @@ class _Renderer:
                 f"task {error.task!r} failed ({error.kind}) after {result.attempts} attempt(s): "
                 f"{error.message}"
             )
-            if error.traceback and error.kind == "exception":
+            if error.traceback and error.kind in ("exception", "child_failed"):
                 self.out.write("stderr", visible(error.traceback), droppable=False)
+            self._explain(error)
+
+    def _explain(self, error: Any) -> None:
+        """Where a failure began (the guest traceback of the task it came
+        from), and a hint if it looks like a common mistake."""
+        from capsule.diagnostics import args_hint
+
+        origin = self.causes.origin(error)
+        if origin is not None:
+            task, traceback = origin
+            self.out.write(
+                "stderr",
+                f"capsule: the failure began in task {_field(repr(task))}:\n{visible(traceback)}",
+                droppable=False,
+            )
+        hint = args_hint(error) if self.string_args else None
+        if hint is not None:
+            self.out.write("stderr", f"capsule: hint: {hint}\n", droppable=False)
 
     def end(self, code: int, interrupted: bool = False) -> int:
         """Write what is still queued, while its readers take some (a shorter
@@ -963,7 +1170,9 @@ def _lifecycle_line(event: Any, names: dict[str, str] | None = None) -> str | No
     name = _task_name(event, names or {})
     label = f"{event.task_id} ({name})" if event.task_id != name else name
     if kind == "started":
-        return f"started {label}, attempt {event.attempt}/{event.max_attempts}"
+        return (
+            f"started {label}, {_attempts_shown(event.attempt, event.max_attempts, event.restart)}"
+        )
     if kind == "completed":
         return (
             f"completed {label} in {event.duration_ms:.1f} ms, "
@@ -982,7 +1191,8 @@ def _lifecycle_line(event: Any, names: dict[str, str] | None = None) -> str | No
     if kind == "cancelled":
         return f"cancelled {label}: {event.error.message}"
     if kind == "restarting":
-        return f"restarting {label}: {event.reason}"
+        number = f" (restart {event.restart})" if event.restart else ""
+        return f"restarting {label}{number}: {event.reason}"
     if kind == "hibernated":
         return (
             f"hibernated {label}: gave back {event.released_bytes / 2**20:.1f} MB "
@@ -999,6 +1209,14 @@ def _lifecycle_line(event: Any, names: dict[str, str] | None = None) -> str | No
             f"http {label}: {event.method} {event.url} -> {outcome} "
             f"in {event.duration_ms:.0f} ms ({event.response_bytes:,} bytes)"
         )
+    if kind == "message_sent":
+        asks = ", asking for a reply" if event.expects_reply else ""
+        return (
+            f"message {event.message_id} sent by {label} to {event.target_id} "
+            f"({event.size:,} bytes{asks})"
+        )
+    if kind == "message_received":
+        return f"message {event.message_id} received by {label} from {event.sender_id}"
     if kind == "replayed" and event.outcome is not None:
         return f"replayed {label}: {event.outcome} (from the journal, not run again)"
     if kind == "replayed":

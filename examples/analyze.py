@@ -3,8 +3,6 @@ from capsule import task
 
 @task(name="analyze_data", compute="MEDIUM", ram="512MB", timeout="30s", max_retries=1)
 def analyze_data(dataset: list) -> dict:
-    """Process data in an isolated, resource-controlled environment."""
-    # Your code runs safely in a Wasm sandbox
     return {"processed": len(dataset), "status": "complete"}
 
 

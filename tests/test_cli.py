@@ -481,3 +481,176 @@ def test_run_limits_are_command_line_flags(tmp_path: Path) -> None:
         bad = capsule_cli("run", str(path), "--hibernate-after", never)
         assert bad.returncode == 2
         assert f"--hibernate-after '{never}' is invalid; expected a duration" in bad.stderr
+
+
+ENTRIES = """
+    from capsule import task
+
+    @task(name="main")
+    def main():
+        return "main ran"
+
+    @task(name="double")
+    def double(x):
+        return x * 2
+"""
+
+
+@pytest.mark.parametrize("how", ["file:task", "--entry"])
+def test_any_task_can_be_the_entry_point(tmp_path: Path, how: str) -> None:
+    path = write(tmp_path, ENTRIES)
+    target = [f"{path}:double"] if how == "file:task" else [str(path), "--entry", "double"]
+    done = capsule_cli("run", *target, "--args-json", "[21]", "--json", "--verbose")
+    assert done.returncode == 0, done.stderr
+    envelope = done.json()
+    assert envelope["result"] == 42 and envelope["execution"]["task"] == "double"
+    assert "started main (double), attempt 1/" in done.stderr  # the root's id stays main
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        (["{path}:nope"], "no task named 'nope' to run as the entry point"),
+        (["{path}", "--entry", "nope"], "no task named 'nope' to run as the entry point"),
+        (["{path}:"], "names no task after the colon"),
+        (["{path}:double", "--entry", "main"], "give the entry task once"),
+    ],
+)
+def test_an_unknown_entry_point_exits_2_listing_the_tasks(
+    tmp_path: Path, target: list[str], message: str
+) -> None:
+    path = write(tmp_path, ENTRIES)
+    done = capsule_cli("run", *(part.format(path=path) for part in target))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    if "no task named" in message:
+        assert "tasks found: double, main" in done.stderr
+
+
+CHILD_FAILS = """
+    from capsule import task
+
+    @task(name="worker", max_retries=0)
+    def worker(x):
+        return add_one(x)
+
+    def add_one(x):
+        return x + 1
+
+    @task(name="main", max_retries=0)
+    def main(x):
+        return worker(x)
+"""
+
+
+def test_a_failing_childs_traceback_and_a_hint_on_string_args_are_shown(tmp_path: Path) -> None:
+    path = write(tmp_path, CHILD_FAILS)
+    done = capsule_cli("run", str(path), "3", "--no-journal")
+    assert done.returncode == 1
+    err = done.stderr
+    assert "capsule: the failure began in task 'worker':" in err
+    began = err.index("the failure began in task 'worker'")
+    assert "in add_one" in err[began:] and "return x + 1" in err[began:]
+    assert "capsule: hint: ARGS on the command line reach the task as strings" in err
+    assert "--args-json" in err
+    # Typed arguments that still fail: no hint about ARGS.
+    typed = capsule_cli("run", str(path), "--args-json", '["3"]', "--no-journal")
+    assert typed.returncode == 1
+    assert "the failure began in task 'worker'" in typed.stderr
+    assert "hint" not in typed.stderr
+
+
+def test_inspect_shows_why_a_run_ended_in_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "from capsule import task\n\nraise RuntimeError('broken at import')\n")
+    done = capsule_cli("run", str(path), cwd=tmp_path)
+    assert done.returncode == 2
+    shown = capsule_cli("inspect", "--last", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert ": error" in shown.stdout.splitlines()[0]
+    assert "error: error: " in shown.stdout and "RuntimeError: broken at import" in shown.stdout
+    as_json = capsule_cli("inspect", "--last", "--json", cwd=tmp_path).json()
+    assert "broken at import" in as_json["error"]["message"]
+
+
+def test_json_envelope_has_the_runs_totals(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        import capsule
+        from capsule import task, TaskError
+
+        @task(max_retries=1)
+        def flaky():
+            if capsule.current().attempt == 1:
+                raise ValueError("first try")
+            return 1
+
+        @task(max_retries=0)
+        def broken():
+            raise ValueError("always")
+
+        @task(name="main")
+        def main():
+            try:
+                broken()
+            except TaskError:
+                pass
+            return flaky() + flaky()
+        """,
+    )
+    done = capsule_cli("run", str(path), "--json", "--retry-backoff", "0", "--no-journal")
+    assert done.returncode == 0, done.stderr
+    envelope = done.json()
+    totals = envelope["totals"]
+    assert set(totals) == {"tasks", "failed", "retried", "fuel_consumed", "duration_ms"}
+    assert (totals["tasks"], totals["failed"], totals["retried"]) == (4, 1, 2)
+    assert totals["fuel_consumed"] > envelope["execution"]["fuel_consumed"] > 0
+    assert totals["duration_ms"] >= envelope["execution"]["duration_ms"]
+
+
+def test_verbose_shows_messages_sent_and_received(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        from capsule import receive, send, task
+
+        @task(name="listener")
+        def listener():
+            return receive().body
+
+        @task(name="main")
+        def main():
+            child = listener.spawn()
+            send(child, {"hello": 1})
+            return child.result()
+        """,
+    )
+    done = capsule_cli("run", str(path), "--verbose", "--no-journal")
+    assert done.returncode == 0, done.stderr
+    sent = [line for line in done.stderr.splitlines() if " sent by main to main/1 " in line]
+    received = [
+        line
+        for line in done.stderr.splitlines()
+        if " received by main/1 (listener) from main" in line
+    ]
+    assert len(sent) == 1 and len(received) == 1, done.stderr
+
+
+def test_an_unset_declared_env_var_is_a_warning_at_load(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        import os
+        from capsule import task
+
+        @task(name="main", env=["CAPSULE_TEST_NEVER_SET", "CAPSULE_TEST_SET"])
+        def main():
+            return sorted(os.environ)
+        """,
+    )
+    done = capsule_cli("run", str(path), "--no-journal", env={"CAPSULE_TEST_SET": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.json() == ["CAPSULE_TEST_SET"]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("capsule: warning")]
+    assert len(warnings) == 1, done.stderr
+    assert "task 'main'" in warnings[0] and "CAPSULE_TEST_NEVER_SET" in warnings[0]

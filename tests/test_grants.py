@@ -316,3 +316,23 @@ def test_a_symlink_planted_in_a_writable_grant_cannot_be_imported_to_read_files(
     assert all("granted to task 'main' (allowed_files 'out:rw')" in r for r in results), results
     assert "sk-live" not in done.stdout + done.stderr
     assert "root:" not in done.stdout + done.stderr
+
+
+def test_a_file_outside_allowed_files_fails_with_a_hint_naming_them(
+    tmp_path: Path, run_program: ProgramRunner
+) -> None:
+    (tmp_path / "data").mkdir()
+    source = """
+    from capsule import task
+
+    @task(name="main", allowed_files=["data"], max_retries=0)
+    def main(path):
+        return open(path).read()
+    """
+    outside = run_program(source, "notes.txt").error
+    assert outside.message.startswith("FileNotFoundError: ")
+    assert "allowed_files" in outside.message and "'data'" in outside.message
+    # Inside a granted directory a missing file is just missing.
+    inside = run_program(source, "data/missing.txt").error
+    assert inside.message.startswith("FileNotFoundError: ")
+    assert "allowed_files" not in inside.message

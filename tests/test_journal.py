@@ -327,6 +327,10 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
     assert "'main' (main) diverged from the journal at step" in error["message"]
     assert "call(" in error["message"] and "[1]" in error["message"]
     assert "[7]" in error["message"]
+    # `capsule inspect` says why the run ended so; its task tree does not.
+    shown = capsule_cli("inspect", "--last", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "error: divergence: " in shown.stdout and "diverged from the journal" in shown.stdout
 
 
 #: A program whose child imports a module of the program's directory (HELPER).
@@ -1001,3 +1005,60 @@ def test_a_step_queued_while_the_writer_sleeps_is_committed(tmp_path: Path) -> N
         '{"id": "main#1"}',
     )
     assert before <= at <= time.time()  # the time of its batch
+
+
+def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
+    source = """
+    from capsule import sleep, task
+
+    @task(name="main")
+    def main() -> str:
+        return "main ran"
+
+    @task(name="slow", timeout="5m")
+    def slow(word: str) -> str:
+        print("MARK slept")
+        sleep(1)
+        return f"slow ran with {word}"
+    """
+    program = _write(tmp_path, source)
+    printed, code = kill_at_marker(["run", f"{program}:slow", "hi"], "MARK slept", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    resumed = capsule_cli("resume", "--last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == "slow ran with hi\n"
+
+
+def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path) -> None:
+    """A wait that returned once some children had ended is replayed with the
+    same ones ended, even where more have ended by the time of the resume."""
+    source = """
+    import capsule
+    from capsule import gather, task
+
+    @task
+    def quick(tag: str) -> str:
+        return tag
+
+    @task
+    def slower(tag: str) -> str:
+        capsule.sleep(0.3)
+        return tag
+
+    @task(name="main", timeout="5m")
+    def main() -> list:
+        handles = [quick.spawn("a"), slower.spawn("b")]
+        done, pending = capsule.wait(handles, return_when=capsule.FIRST_COMPLETED)
+        first = sorted(h.result() for h in done)
+        print(f"MARK first {first}")
+        capsule.sleep(2)
+        return [first, gather(*pending)]
+    """
+    program = _write(tmp_path, source)
+    printed = _run_and_kill(program, "MARK first", 1.0)  # (slower has ended by then)
+    [marker] = _markers(printed)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    first, rest = json.loads(resumed.stdout)["result"]
+    assert marker == f"MARK first {first}"
+    assert sorted(first + rest) == ["a", "b"]

@@ -373,15 +373,6 @@ def test_ask_an_actor_that_ends_without_replying(run_program: ProgramRunner) -> 
     assert result == "got one, never replied"
 
 
-def test_messaging_outside_capsule_run_is_a_clear_error() -> None:
-    import pytest
-
-    import capsule
-
-    with pytest.raises(RuntimeError, match="messaging needs `capsule run`"):
-        capsule.send("anyone", 1)
-
-
 def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
     """A replayed replier can answer before the replayed asker asks again: the
     router keeps the reply for it (and the answers given before the resume)."""

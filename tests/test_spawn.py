@@ -1,5 +1,6 @@
-"""Concurrent children: spawn, handles, map, gather, sleep, cancellation, link
-semantics, structured concurrency and the limits that stop a spawn bomb."""
+"""Concurrent children: spawn, handles, map, gather, sleep, cancellation, who a
+child's outcome belongs to (its handle; link=True), structured concurrency and
+the limits that stop a spawn bomb."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from tests.conftest import ProgramRunner
 CHILDREN = """
     import time
     import capsule
-    from capsule import TaskError, gather, task
+    from capsule import MessageError, TaskError, gather, send, task
+
+    def until_ended(handle):
+        # Its mailbox closes as it ends: a send then fails (without collecting it).
+        while True:
+            try:
+                send(handle.id, 0)
+            except MessageError:
+                return
+            capsule.sleep(0.01)
 
     @task(compute="HIGH")
     def nap(seconds, tag):
@@ -120,31 +130,79 @@ def test_result_timeout_then_cancel(run_program: ProgramRunner) -> None:
     assert (kind, message) == ("cancelled", "cancelled by its parent")
 
 
-def test_unawaited_child_failure_fails_the_parent(run_program: ProgramRunner) -> None:
+def test_a_failure_before_the_parent_collects_it_is_delivered_later(
+    run_program: ProgramRunner,
+) -> None:
+    # The pattern of the README: spawn, map, then the spawned child's result.
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task
+    def twice(x):
+        return 2 * x
+
+    @task(name="main", max_retries=0)
+    def main():
+        handle = fails.spawn(5)
+        until_ended(handle)  # it has failed, and nobody waits on it
+        more = twice.map([1, 2])
+        try:
+            handle.result()
+        except TaskError as error:
+            return [more, error.kind, error.message, handle.done()]
+    """
+    )
+    assert outcome.value == [[2, 4], "exception", "ValueError: bad 5", True]
+
+
+def test_a_failure_never_collected_fails_the_parent_when_it_returns(
+    run_program: ProgramRunner,
+) -> None:
     outcome = run_program(
         CHILDREN
         + """
     @task(name="main", max_retries=0)
     def main():
-        fails.spawn(7)
+        until_ended(fails.spawn(7))
+        return "returned"
+    """
+    )
+    error = outcome.error
+    assert error.kind == "child_failed"
+    assert error.message == (
+        "task 'main' (main) returned, but its child 'fails' (main/1) failed (exception) "
+        "and that failure was never collected: ValueError: bad 7. To handle it, call "
+        'handle.result(), gather() or capsule.wait() on it, or spawn it with restart="temporary"'
+    )
+
+
+def test_a_linked_child_failure_fails_the_parent_at_once(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main", max_retries=0)
+    def main():
+        fails.spawn(7, link=True)
         capsule.sleep(30)
         return "not reached"
     """
     )
     error = outcome.error
     assert error.kind == "child_failed"
-    assert "child 'fails' (main/1) failed (exception)" in error.message
+    assert "child 'fails' (main/1) failed (exception); it was spawned with link=True" in (
+        error.message
+    )
     assert "ValueError: bad 7" in error.message
     assert outcome.result.duration_s < 10
 
 
-def test_unawaited_child_failure_stops_a_parent_running_wasm(run_program: ProgramRunner) -> None:
+def test_a_linked_child_failure_stops_a_parent_running_wasm(run_program: ProgramRunner) -> None:
     outcome = run_program(
         CHILDREN
         + """
     @task(name="main", compute="HIGH", max_retries=0)
     def main():
-        fails.spawn(8)
+        fails.spawn(8, link=True)
         while True:
             pass
     """
@@ -232,14 +290,14 @@ def test_live_task_limit_across_the_tree(run_program: ProgramRunner) -> None:
     def main():
         try:
             for _ in range(10):
-                fan.spawn(100)
+                fan.spawn(100, link=True)
             capsule.sleep(30)
         except TaskError as error:
             return [error.kind, error.message]
     """
     )
-    # A fan child hit the run's live-task limit (512) and failed; main was not
-    # waiting on it, so main fails with child_failed naming that cause.
+    # A fan child hit the run's live-task limit (512) and failed; it was
+    # linked, so main fails with child_failed naming that cause.
     assert outcome.error.kind == "child_failed"
     assert "live tasks, its limit" in outcome.error.message
 
@@ -254,7 +312,7 @@ def test_no_threads_or_instances_left_after_cancellations(run_program: ProgramRu
         for _ in range(5):
             spin.spawn()
             sleeper.spawn()
-        fails.spawn(1)
+        fails.spawn(1, link=True)
         capsule.sleep(30)
     """
     )
@@ -273,8 +331,6 @@ def test_handles_keep_outcomes_after_the_host_forgets_the_child(run_program: Pro
         once = first.result()
         again = first.result()
         later = nap.spawn(0, "b")
-        # Waited on right after its spawn: a child failing before its parent
-        # waits on it fails the parent (link semantics), which is not this test.
         failing = fails.spawn(3)
         both = gather(first, failing, later, return_exceptions=True)
         # Many short children, each collected: the parent does not accumulate them.

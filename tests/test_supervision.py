@@ -3,7 +3,12 @@ escalation, as lifecycle events and outcomes of real runs."""
 
 from __future__ import annotations
 
-from tests.conftest import ProgramRunner
+import json
+import re
+import textwrap
+from pathlib import Path
+
+from tests.conftest import ProgramRunner, capsule_cli
 
 COMMON = """
     import capsule
@@ -57,19 +62,25 @@ def test_temporary_child_is_never_restarted_and_never_fails_its_parent(
     outcome = run_program(
         COMMON
         + """
-    @task(restart="temporary", max_retries=5)
+    @task(restart="temporary", max_retries=1)
     def one_shot():
-        raise RuntimeError("gone")
+        report("one_shot")
+        if capsule.current().attempt == 1:
+            raise RuntimeError("gone")
+        return "returned"
 
-    @task(name="main")
+    @task(name="main", strategy="one_for_all")
     def main():
         one_shot.spawn()
-        capsule.sleep(0.3)
-        return "main is fine"
-    """
+        fails_once.spawn("b")  # restarts its running siblings, but not a temporary one
+        return sorted(receive(timeout=10).body for _ in range(4))
+    """,
+        retry_backoff=0.01,
     )
-    assert outcome.value == "main is fine"
-    assert [e.attempt for e in outcome.of_type("started") if e.task == "one_shot"] == [1]
+    # Retried after its failure (its own max_retries); not restarted when it returned.
+    assert outcome.value == [["b", 1], ["b", 2], ["one_shot", 1], ["one_shot", 2]]
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "one_shot"] == [1, 2]
+    assert [e for e in outcome.of_type("restarting") if e.task == "one_shot"] == []
 
 
 def test_permanent_child_is_restarted_after_returning(run_program: ProgramRunner) -> None:
@@ -154,13 +165,13 @@ def test_restart_intensity_escalates_to_the_grandparent(run_program: ProgramRunn
     outcome = run_program(
         COMMON
         + """
-    @task(max_retries=10)
-    def crashes():
-        raise RuntimeError("always")
+    @task(restart="permanent")
+    def returns():
+        return "again"
 
     @task(max_restarts=2, restart_window="30s", max_retries=0)
     def supervisor():
-        crashes.spawn()
+        returns.spawn()
         capsule.sleep(30)
 
     @task(name="main")
@@ -169,15 +180,76 @@ def test_restart_intensity_escalates_to_the_grandparent(run_program: ProgramRunn
             supervisor.spawn().result()
         except TaskError as error:
             return [error.task, error.kind, error.message]
-    """,
-        retry_backoff=0.01,
+    """
     )
     task, kind, message = outcome.value
     assert (task, kind) == ("supervisor", "restart_intensity")
-    assert message.startswith("more than 2 restarts of its children within 30s; the last:")
-    assert "'crashes' (main/1/1) failed (exception)" in message
+    assert message == (
+        "more than 2 restarts of its children within 30s, which task 'supervisor' (main/1) "
+        "allows with max_restarts=2, restart_window='30s'; the last: 'returns' (main/1/1) "
+        "returned. If these restarts are expected, raise max_restarts (or shorten "
+        "restart_window) in the @task(...) of 'supervisor'; otherwise, find why its "
+        "children keep ending"
+    )
     # Two restarts allowed (attempts 1-3), the third refused.
-    assert [e.attempt for e in outcome.of_type("started") if e.task == "crashes"] == [1, 2, 3]
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "returns"] == [1, 2, 3]
+
+
+def test_a_childs_own_retries_are_not_restarts(run_program: ProgramRunner) -> None:
+    # 200 children, one in ten failing once: 20 retries within a second, far
+    # past the default intensity (3 in 5 s), which counts restarts only.
+    outcome = run_program(
+        COMMON
+        + """
+    @task(max_retries=2)
+    def flaky(i):
+        if i % 10 == 0 and capsule.current().attempt == 1:
+            raise RuntimeError(f"transient {i}")
+        return i
+
+    @task(name="main")
+    def main():
+        return sum(flaky.map(range(200)))
+    """,
+        retry_backoff=0.01,
+    )
+    assert outcome.value == sum(range(200))
+    assert len(outcome.of_type("retrying")) == 20
+
+
+def test_sibling_restarts_count_against_the_intensity(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        COMMON
+        + """
+    @task(compute="HIGH", max_retries=5)
+    def crashes(parent):
+        send(parent, capsule.current().attempt)
+        receive()  # until its parent has seen this attempt
+        raise RuntimeError("crashed")
+
+    @task(strategy="one_for_all", max_restarts=1, restart_window="1m", max_retries=0)
+    def supervisor(parent):
+        waits_forever.spawn("a")
+        crasher = crashes.spawn(capsule.current().id)
+        while True:
+            receive(timeout=10)
+            send(crasher, "go on")
+
+    @task(name="main")
+    def main():
+        try:
+            supervisor.spawn(capsule.current().id).result()
+        except TaskError as error:
+            return [error.kind, error.message]
+    """,
+        retry_backoff=0.01,
+    )
+    kind, message = outcome.value
+    assert kind == "restart_intensity"
+    assert "more than 1 restarts of its children within 60s" in message
+    assert "the last: 'crashes' (main/1/2) failed (exception) under one_for_all" in message
+    # Its first failure restarted its sibling (1 allowed); its second could not.
+    assert len([e for e in outcome.of_type("restarting") if e.task == "waits_forever"]) == 1
 
 
 def test_bad_supervision_options_are_config_errors(run_program: ProgramRunner) -> None:
@@ -214,3 +286,50 @@ def test_agents_example(run_program: ProgramRunner) -> None:
     assert cancelled == [("critic", "cancelled: its parent ended")]
     asks = [m for m in outcome.of_type("message_sent") if m.expects_reply]
     assert len(asks) == 6 and {m.target_id for m in asks} == {"main/1"}
+
+
+def test_restarts_are_numbered_apart_from_attempts(tmp_path: Path) -> None:
+    # A permanent child restarted after returning: its attempts go on counting,
+    # its restarts are shown as such (not "attempt 3/2"), live and in inspect.
+    program = tmp_path / "beats.py"
+    program.write_text(
+        textwrap.dedent(
+            """
+            import capsule
+            from capsule import receive, send, task
+
+            @task(restart="permanent", max_retries=1)
+            def beat():
+                send("main", capsule.current().attempt)
+                receive()  # until main has seen this attempt
+                return "done for now"
+
+            @task(name="main")
+            def main():
+                handle = beat.spawn()
+                seen = []
+                for _ in range(3):
+                    seen.append(receive(timeout=10).body)
+                    send(handle, "again")
+                return seen
+            """
+        )
+    )
+    done = capsule_cli("run", str(program), "-v", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[1, 2, 3]\n"
+    lines = done.stderr.splitlines()
+    assert "capsule: started main/1 (beat), attempt 1/2" in lines
+    assert (
+        "capsule: restarting main/1 (beat) (restart 1): it returned, and it is permanent" in lines
+    )
+    assert "capsule: started main/1 (beat), attempt 3 (restart 2)" in lines
+    assert not [line for line in lines if re.search(r"attempt [3-9]/2", line)]
+    shown = capsule_cli("inspect", "--last", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    match = re.search(r"main/1 beat  \[cancelled\]  attempt (\d+) \(restart (\d+)\)", shown.stdout)
+    assert match is not None, shown.stdout
+    attempt, restart = map(int, match.groups())
+    assert restart == attempt - 1 >= 2
+    tasks = json.loads(capsule_cli("inspect", "--last", "--json", cwd=tmp_path).stdout)["tasks"]
+    assert {t["task_id"]: t["restarts"] for t in tasks} == {"main": 0, "main/1": restart}

@@ -87,6 +87,9 @@ class TaskRecord:
     final: bool
     result_json: str | None
     error: dict[str, Any] | None
+    #: Times its supervisor restarted it (its attempts go on counting across
+    #: restarts; max_attempts bounds those after each).
+    restarts: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class TaskRecord:
             "status": self.status,
             "attempts": self.attempt,
             "max_attempts": self.max_attempts,
+            "restarts": self.restarts,
             "duration_ms": round(self.duration_ms, 3),
             "fuel_consumed": self.fuel,
             "result": None if self.result_json is None else json.loads(self.result_json),
@@ -212,6 +216,13 @@ async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
             "ORDER BY coalesce(started_at, ended_at), length(task_id), task_id",
             (run_id,),
         )
+        rows = await cursor.fetchall()
+        cursor = await db.execute(
+            "SELECT task_id, count(*) FROM events WHERE run_id = ? AND type = 'restarting' "
+            "GROUP BY task_id",
+            (run_id,),
+        )
+        restarts = {task_id: count for task_id, count in await cursor.fetchall()}
         return [
             TaskRecord(
                 task_id=row[0],
@@ -225,8 +236,9 @@ async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
                 final=bool(row[8]),
                 result_json=row[9],
                 error=None if row[10] is None else json.loads(row[10]),
+                restarts=restarts.get(row[0], 0),
             )
-            for row in await cursor.fetchall()
+            for row in rows
         ]
 
 
@@ -273,7 +285,8 @@ async def load_history(path: Path, run_id: str) -> History:
                 )
         cursor = await db.execute(
             "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
-            "AND type IN ('retrying', 'completed', 'messages_returned') ORDER BY seq",
+            "AND type IN ('retrying', 'completed', 'restarting', 'messages_returned') "
+            "ORDER BY seq",
             (run_id,),
         )
         #: What each attempt put back as it ended, by (task, attempt): its last
@@ -288,6 +301,11 @@ async def load_history(path: Path, run_id: str) -> History:
                 continue
             ended = history.tasks.get(task_id)
             if ended is None:
+                continue
+            if kind == "restarting":
+                # Retries are counted afresh after each restart.
+                ended.restarts += 1
+                ended.failures = 0
                 continue
             ended.ended_attempts.add(attempt)
             if kind == "retrying":

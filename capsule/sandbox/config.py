@@ -9,13 +9,20 @@ from what a guest sends at call time.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+# (The options local mode reads too; the host's other modules take them from here.)
+from capsule.sdk.options import (
+    DEFAULT_MAX_RETRIES,
+    parse_max_retries,
+)
+from capsule.sdk.options import TIMEOUT_FORMS as TIMEOUT_FORMS
+from capsule.sdk.options import parse_timeout as parse_timeout
 
 #: Fuel granted per compute level (the original system's values).
 COMPUTE_LEVELS: dict[str, int] = {
@@ -25,8 +32,6 @@ COMPUTE_LEVELS: dict[str, int] = {
 }
 DEFAULT_COMPUTE = "MEDIUM"
 DEFAULT_RAM_BYTES = 256 * 1024**2
-DEFAULT_MAX_RETRIES = 1
-MAX_RETRIES_LIMIT = 1000
 
 _RAM_UNITS = {
     "B": 1,
@@ -39,9 +44,7 @@ _RAM_UNITS = {
     "TB": 1024**4,
     "TIB": 1024**4,
 }
-_TIME_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _RAM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_TIME_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
 #: The most fuel a task may have (wasmtime counts fuel in a signed 64-bit integer).
 MAX_FUEL = 2**63 - 1
@@ -52,8 +55,6 @@ COMPUTE_FORMS = (
     '(e.g. compute="MEDIUM", compute=5000000 or compute="5000000")'
 )
 RAM_FORMS = 'a size such as "64KB", "512MB", "2GB" (units B, KB, MB, GB, TB; 1KB = 1024 bytes) or a positive int of bytes'
-TIMEOUT_FORMS = 'a duration such as "500ms", "30s", "5m", "1h", or a positive number of seconds'
-RETRIES_FORMS = f"an integer from 0 to {MAX_RETRIES_LIMIT}"
 NAME_FORMS = "a non-empty string without '/' (defaults to the function name)"
 RESTART_TYPES = ("transient", "permanent", "temporary")
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
@@ -122,35 +123,6 @@ def parse_ram(value: Any) -> int:
             if 1 <= size <= MAX_RAM_BYTES:
                 return int(size)
     raise ValueError(RAM_FORMS)
-
-
-def parse_timeout(value: Any) -> float:
-    """Seconds for a timeout option such as ``"30s"`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(TIMEOUT_FORMS)
-    if isinstance(value, int | float):
-        try:
-            seconds = float(value)  # (an int too large for a float: OverflowError)
-        except OverflowError:
-            raise ValueError(TIMEOUT_FORMS) from None
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(TIMEOUT_FORMS)
-        return seconds
-    if isinstance(value, str):
-        match = _TIME_RE.match(value)
-        if match:
-            seconds = float(match.group(1)) * _TIME_UNITS[match.group(2) or "s"]
-            if seconds > 0 and math.isfinite(seconds):
-                return seconds
-    raise ValueError(TIMEOUT_FORMS)
-
-
-def parse_max_retries(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(RETRIES_FORMS)
-    if not 0 <= value <= MAX_RETRIES_LIMIT:
-        raise ValueError(RETRIES_FORMS)
-    return value
 
 
 def _string_list(value: Any, forms: str) -> list[str]:

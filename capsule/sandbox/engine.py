@@ -118,9 +118,15 @@ class HostCalls(Protocol):
         ...
 
     def wait(
-        self, caller: Invocation, task_ids: list[str], timeout: float | None
+        self,
+        caller: Invocation,
+        task_ids: list[str],
+        timeout: float | None,
+        any_ended: bool = False,
     ) -> tuple[bool, str]:
-        """Wait for children to end: (True, outcomes JSON) or (False, error JSON)."""
+        """Wait for children to end (``any_ended``: for one of them to end):
+        (True, outcomes JSON, null for those still running) or (False, error
+        JSON)."""
         ...
 
     def cancel(self, caller: Invocation, task_id: str) -> None: ...
@@ -220,7 +226,11 @@ class RefusingHost(LiveClockAndRandom):
         return self._refuse(call.name)
 
     def wait(
-        self, caller: Invocation, task_ids: list[str], timeout: float | None
+        self,
+        caller: Invocation,
+        task_ids: list[str],
+        timeout: float | None,
+        any_ended: bool = False,
     ) -> tuple[bool, str]:
         return self._refuse("?")
 
@@ -793,6 +803,7 @@ class Sandbox:
             add_host_func(tasks, "call", self._call_task, _host_failure)
             add_host_func(tasks, "spawn", self._spawn_task, _host_failure)
             add_host_func(tasks, "wait", self._wait, _host_failure)
+            add_host_func(tasks, "wait-any", self._wait_any, _host_failure)
             add_host_func(tasks, "cancel", self._cancel, _host_failure)
             add_host_func(tasks, "sleep", self._sleep, _host_failure)
         with root.add_instance(_interface("messaging")) as messaging:
@@ -881,13 +892,16 @@ class Sandbox:
         answer = invocation.host.spawn_task(invocation, call, options)
         return answer if answer[0] else _failed(invocation, answer)
 
-    def _wait(self, ids_json: str, timeout_ms: int | None) -> Answer:
+    def _wait(self, ids_json: str, timeout_ms: int | None, any_ended: bool = False) -> Answer:
         invocation = _step_caller()
         task_ids = guest_data.names(ids_json, "the task ids to wait on")
         answer = invocation.host.wait(
-            invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000
+            invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000, any_ended
         )
         return answer if answer[0] else _failed(invocation, answer)
+
+    def _wait_any(self, ids_json: str, timeout_ms: int | None) -> Answer:
+        return self._wait(ids_json, timeout_ms, any_ended=True)
 
     def _cancel(self, task_id: str) -> None:
         invocation = _step_caller()
@@ -1078,6 +1092,8 @@ class Sandbox:
                 "max_attempts": invocation.max_attempts,
                 "seed": invocation.seed,
                 "env": dict(invocation.grants.env),
+                # For the hint on a path no grant covers (the guest's own check).
+                "files": [grant.guest_path for grant in invocation.grants.files],
             }
         )
         with self._running():

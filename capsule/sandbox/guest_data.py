@@ -197,24 +197,34 @@ def task_call(task: str, call_json: str) -> TaskCall:
 @dataclass(frozen=True)
 class SpawnOptions:
     actor_name: str | None
-    awaited: bool
+    #: The child's failure fails its parent at once (``spawn(..., link=True)``).
+    link: bool
     #: As the guest wrote them (journaled, compared on replay).
     text: str
 
 
+#: The spawn options a guest may give. ``awaited`` (what guests before link
+#: wrote) is still taken, and means nothing now.
+_SPAWN_OPTIONS = ("actor_name", "link", "awaited")
+
+
 def spawn_options(text: str) -> SpawnOptions:
-    """``{"actor_name": name or null, "awaited": bool}``."""
+    """``{"actor_name": name or null, "link": bool}``."""
     value = json_value(text, "the spawn options", max_chars=4 * MAX_NAME_CHARS)
-    if not isinstance(value, dict) or not set(value) <= {"actor_name", "awaited"}:
+    if not isinstance(value, dict) or not set(value) <= set(_SPAWN_OPTIONS):
         raise ProtocolError(
             'the spawn options must be a JSON object {"actor_name": name or null, '
-            '"awaited": true or false}'
+            '"link": true or false}'
         )
-    actor_name, awaited = value.get("actor_name"), value.get("awaited", False)
+    actor_name = value.get("actor_name")
     if actor_name is not None and not isinstance(actor_name, str):
         raise ProtocolError(f"an actor name must be a string or null, not {actor_name!r:.80}")
-    if not isinstance(awaited, bool):
-        raise ProtocolError(f"the spawn option awaited must be true or false, not {awaited!r:.80}")
+    for option in ("link", "awaited"):
+        flag = value.get(option, False)
+        if not isinstance(flag, bool):
+            raise ProtocolError(
+                f"the spawn option {option} must be true or false, not {flag!r:.80}"
+            )
     if actor_name is not None:
         name(actor_name, "an actor name")
-    return SpawnOptions(actor_name, awaited, text)
+    return SpawnOptions(actor_name, value.get("link", False), text)

@@ -59,6 +59,26 @@ class TaskError(Exception):
         )
 
 
+def unhandled(exc: TaskError) -> tuple[str, dict[str, Any]]:
+    """The message and ``cause`` of a task that failed only because ``exc`` (the
+    TaskError of a task it called or waited on) went unhandled in it. The original
+    failure is named once, however many callers it went through, instead of one
+    message wrapped in another at every level."""
+    if exc.cause:
+        cause = dict(exc.cause)
+        cause["via"] = [exc.task, *cause.get("via", [])][:16]
+    else:
+        cause = {"task": exc.task, "kind": exc.kind, "message": exc.message, "via": []}
+    via = cause["via"]
+    shown = ", ".join(repr(t) for t in via[:3]) + (", ..." if len(via) > 3 else "")
+    through = f" (through {shown})" if via else ""
+    message = (
+        f"unhandled TaskError: task {cause['task']!r} failed ({cause['kind']}){through}: "
+        f"{cause['message']}"
+    )
+    return message, cause
+
+
 class ReceiveTimeout(TimeoutError):
     """``receive`` or ``ask`` got no message or reply in time."""
 

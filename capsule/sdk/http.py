@@ -4,7 +4,7 @@ Under ``capsule run`` the host performs the request, and only to the hosts the
 task was granted (``@task(allowed_hosts=[...])``); redirects are followed only
 to granted hosts, the response size is capped, and the exchange is journaled
 (a resumed run gets the journaled response instead of sending it again).
-Called as a plain function (unit tests), the request is made directly.
+In local mode (outside ``capsule run``), the request is made directly.
 """
 
 from __future__ import annotations
@@ -157,8 +157,7 @@ def request(
         "body": base64.b64encode(body).decode(),
         "timeout_s": DEFAULT_TIMEOUT_S if timeout is None else float(timeout),
     }
-    backend = _task._backend
-    reply = _local_request(payload) if backend is None else backend.http(payload)
+    reply = _task.active_backend().http(payload)
     return Response(
         int(reply["status"]),
         Headers([(str(k), str(v)) for k, v in reply["headers"]]),
@@ -191,8 +190,8 @@ def head(url: str, **options: Any) -> Response:
     return request("HEAD", url, **options)
 
 
-def _local_request(payload: dict[str, Any]) -> dict[str, Any]:
-    """Outside ``capsule run``: the request made directly (no grants apply)."""
+def request_directly(payload: dict[str, Any]) -> dict[str, Any]:
+    """Local mode's request (outside ``capsule run``): made directly, no grants apply."""
     import urllib.error
     import urllib.request
 

@@ -1,8 +1,8 @@
 """Messages between running tasks: ``send``, ``receive``, ``ask`` and replies.
 
 Targets are a :class:`~capsule.sdk.task.TaskHandle`, a task id, or a name given
-at spawn (``worker.spawn(name="critic")``). Bodies are JSON values. Messaging
-exists only under ``capsule run``: a task run as a plain function has no mailbox.
+at spawn (``worker.spawn(name="critic")``). Bodies are JSON values. In local mode
+(outside ``capsule run``) mailboxes are in-process, with the same semantics.
 """
 
 from __future__ import annotations
@@ -27,20 +27,11 @@ class Message:
         """Answer the ``ask`` this message came from (once)."""
         if self._replied:
             raise MessageError("already_replied", f"message {self.id} was already replied to")
-        _backend().reply(self.id, value)
+        _task.active_backend().reply(self.id, value)
         self._replied = True
 
     def __repr__(self) -> str:
         return f"<Message {self.id} from {self.sender}: {self.body!r}>"
-
-
-def _backend() -> _task.Backend:
-    backend = _task._backend
-    if backend is None:
-        raise RuntimeError(
-            "messaging needs `capsule run`: a task called as a plain function has no mailbox"
-        )
-    return backend
 
 
 def _target(target: Any) -> str:
@@ -54,15 +45,15 @@ def _target(target: Any) -> str:
 def send(target: Any, message: Any, timeout: float | None = None) -> None:
     """Send ``message`` to ``target``. Waits while its mailbox is full; raises
     SendTimeout if it stays full for ``timeout`` seconds."""
-    _backend().send(_target(target), message, timeout)
+    _task.active_backend().send(_target(target), message, timeout)
 
 
 def receive(timeout: float | None = None) -> Message:
     """The next message for this task; raises ReceiveTimeout after ``timeout`` seconds."""
-    message_id, sender, body, expects_reply = _backend().receive(timeout)
+    message_id, sender, body, expects_reply = _task.active_backend().receive(timeout)
     return Message(message_id, sender, body, expects_reply)
 
 
 def ask(target: Any, message: Any, timeout: float | None = None) -> Any:
     """Send ``message`` and wait for the reply; raises ReceiveTimeout after ``timeout``."""
-    return _backend().ask(_target(target), message, timeout)
+    return _task.active_backend().ask(_target(target), message, timeout)

@@ -5,8 +5,9 @@ on where it runs:
 
 - inside the sandbox, the guest runtime has installed a :class:`Backend`, and the
   call asks the host to run the task as a child in a fresh instance;
-- in plain Python (no backend), the call runs the function directly, so tasks can
-  be unit-tested with pytest.
+- in plain Python (no backend installed), local mode's backend runs it in-process
+  with the same control flow (capsule.sdk.local), so tasks can be unit-tested
+  with pytest.
 
 The options given to ``@task`` are recorded as declared, unvalidated: the host
 validates them (with pydantic, which cannot run in the sandbox) when it loads the
@@ -15,13 +16,11 @@ program, and that validated copy is the only one limits are taken from.
 
 from __future__ import annotations
 
-import contextvars
 import functools
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
-
-from capsule.sdk.errors import TaskError
+from typing import Any, Generic, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -48,15 +47,24 @@ class Backend(Protocol):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         actor_name: str | None,
-        awaited: bool,
+        link: bool,
     ) -> str:
-        """Start a child concurrently; returns its task id. ``awaited``: the
-        caller will wait for it, so its failure is reported there."""
+        """Start a child concurrently; returns its task id. Its outcome is
+        kept for the caller until a ``wait`` returns it. ``link``: its failure
+        fails the caller at once instead (kind ``child_failed``), unless the
+        caller is waiting on it then."""
         ...
 
-    def wait(self, task_ids: list[str], timeout: float | None) -> list[tuple[bool, Any]]:
-        """Wait for children to end: per id, (True, value) or (False, TaskError).
-        Raises TimeoutError if they have not all ended in time."""
+    def wait(
+        self, task_ids: list[str], timeout: float | None, any_ended: bool = False
+    ) -> list[tuple[bool, Any] | None]:
+        """Wait for children to end: per id, (True, value), (False, TaskError),
+        or None for one that has not ended. Each outcome is returned once.
+
+        - ``any_ended=False``: until all have ended (no None); raises
+          TimeoutError, returning no outcome, if they have not all ended in time.
+        - ``any_ended=True``: until at least one has ended, or ``timeout``
+          (then all may be None; no error)."""
         ...
 
     def cancel(self, task_id: str) -> None: ...
@@ -82,9 +90,6 @@ class Backend(Protocol):
 
 
 _backend: Backend | None = None
-_local_current: contextvars.ContextVar[TaskInfo | None] = contextvars.ContextVar(
-    "capsule_local_current", default=None
-)
 
 #: Every task declared in this interpreter, by name.
 registry: dict[str, TaskFunction[Any, Any]] = {}
@@ -94,6 +99,16 @@ def install_backend(backend: Backend | None) -> None:
     """Route task calls through ``backend`` (``None`` restores local mode)."""
     global _backend
     _backend = backend
+
+
+def active_backend() -> Backend:
+    """The installed backend, or else local mode's."""
+    backend = _backend
+    if backend is None:
+        from capsule.sdk.local import LOCAL  # (never loaded in the sandbox)
+
+        backend = LOCAL
+    return backend
 
 
 class TaskDefinitionError(ValueError):
@@ -115,45 +130,37 @@ class TaskFunction(Generic[P, R]):
         return f"{self.func.__module__}.{self.func.__qualname__}"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        backend = _backend
-        if backend is not None:
-            result: R = backend.call_task(self.name, tuple(args), dict(kwargs))
-            return result
-        return self._call_local(*args, **kwargs)
+        result: R = active_backend().call_task(self.name, tuple(args), dict(kwargs))
+        return result
 
-    def spawn(self, *args: Any, name: str | None = None, **kwargs: Any) -> TaskHandle[R]:
+    def spawn(
+        self, *args: Any, name: str | None = None, link: bool = False, **kwargs: Any
+    ) -> TaskHandle[R]:
         """Start this task as a concurrent child and return its handle at once.
 
         ``name`` registers the child under that name for the run, for
         ``capsule.send`` and ``capsule.ask``; every other keyword goes to the task.
-        A child that fails while nobody waits on it fails its parent too
-        (kind ``child_failed``); waiting on it (``result``, ``gather``) gets
-        its TaskError instead.
+        The child's outcome belongs to the handle: ``result``, ``gather``,
+        ``capsule.wait`` or ``as_completed`` deliver it whenever they are called
+        (a failure as its TaskError). If the parent returns without ever
+        collecting a failure, the parent fails (kind ``child_failed``), unless
+        the child is ``temporary``. ``link=True``: the child's failure fails the
+        parent at once instead (OTP's link), unless it is waiting on it then.
         """
-        return self._spawn(args, kwargs, name, awaited=False)
+        return self._spawn(args, kwargs, name, link=bool(link))
 
-    def map(self, items: Iterable[Any]) -> list[R]:
-        """Run one child per item, concurrently; the results in input order."""
-        handles = [self._spawn((item,), {}, None, awaited=True) for item in items]
-        return gather(*handles)
+    def map(self, items: Iterable[Any], return_exceptions: bool = False) -> list[R]:
+        """Run one child per item, concurrently; the results in input order.
+        A failed child raises its TaskError once all have ended, or with
+        ``return_exceptions=True`` stands in the list in its place."""
+        handles = [self._spawn((item,), {}, None, link=False) for item in items]
+        return gather(*handles, return_exceptions=return_exceptions)
 
     def _spawn(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None, awaited: bool
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], name: str | None, link: bool
     ) -> TaskHandle[R]:
-        backend = _backend
-        if backend is None:
-            return TaskHandle._local(self, args, kwargs)
-        task_id = backend.spawn_task(self.name, tuple(args), dict(kwargs), name, awaited)
+        task_id = active_backend().spawn_task(self.name, tuple(args), dict(kwargs), name, link)
         return TaskHandle(task_id, self.name)
-
-    def _call_local(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        parent = _local_current.get()
-        ident = f"{parent.id}/{self.name}" if parent else self.name
-        token = _local_current.set(TaskInfo(id=ident, name=self.name, attempt=1, max_attempts=1))
-        try:
-            return self.func(*args, **kwargs)
-        finally:
-            _local_current.reset(token)
 
     def __repr__(self) -> str:
         return f"<capsule task {self.name!r} ({self.qualified_name})>"
@@ -221,17 +228,20 @@ def task(
 
     As a spawned child (supervised by the task that spawned it):
 
-    - ``restart``: ``"transient"`` (default: restart after a failure, up to
-      ``max_retries``), ``"permanent"`` (also after a normal return) or
-      ``"temporary"`` (never; its failure does not fail the parent).
+    - ``restart``: ``"transient"`` (default: retried after a failure, up to
+      ``max_retries``), ``"permanent"`` (also restarted after a normal return)
+      or ``"temporary"`` (retried, never restarted by its parent; its failure
+      never fails the parent).
 
     As a parent of spawned children:
 
     - ``strategy``: ``"one_for_one"`` (default: restart only the child that
       failed), ``"one_for_all"`` (restart them all) or ``"rest_for_one"`` (restart
       it and those spawned after it).
-    - ``max_restarts`` within ``restart_window``: more restarts than that fail
-      this task (default 3 in 5 s), and its own supervisor takes over.
+    - ``max_restarts`` within ``restart_window``: more restarts of its children
+      than that (permanent ones that returned, siblings restarted by the
+      strategy; not a child's own retries) fail this task (default 3 in 5 s),
+      and its own supervisor takes over.
 
     What it may reach (nothing by default; checked by the host, never inherited):
 
@@ -271,28 +281,15 @@ def task(
 
 
 class TaskHandle(Generic[R]):
-    """A child task started with ``spawn``: wait for it, or cancel it."""
+    """A child task started with ``spawn``: wait for it, or cancel it. The
+    child's outcome belongs to its handle once the child ends, until (and
+    after) a wait collects it."""
 
     def __init__(self, task_id: str, name: str) -> None:
         self.id = task_id
         self.name = name
-        #: The child's outcome, once known: (True, value) or (False, TaskError).
+        #: The child's outcome, once collected: (True, value) or (False, TaskError).
         self._local_outcome: tuple[bool, Any] | None = None
-
-    @classmethod
-    def _local(
-        cls, fn: TaskFunction[Any, R], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> TaskHandle[R]:
-        # Local mode runs the child to the end right away, in plain Python.
-        handle: TaskHandle[R] = cls(f"local/{fn.name}", fn.name)
-        try:
-            handle._local_outcome = (True, fn._call_local(*args, **kwargs))
-        except Exception as exc:
-            handle._local_outcome = (
-                False,
-                TaskError("exception", fn.name, f"{type(exc).__name__}: {exc}"),
-            )
-        return handle
 
     def result(self, timeout: float | None = None) -> R:
         """The child's value once it ends; raises TaskError if it failed, or
@@ -303,31 +300,38 @@ class TaskHandle(Generic[R]):
         result: R = value
         return result
 
+    def done(self) -> bool:
+        """Whether the child has ended (without waiting): its outcome is then
+        this handle's, and ``result()`` returns at once."""
+        if self._local_outcome is None:
+            _collect([self], 0, any_ended=True)
+        return self._local_outcome is not None
+
     def cancel(self) -> None:
         """Cancel the child (and its own children); waiting on it then raises
         TaskError with kind ``cancelled``."""
-        backend = _backend
-        if backend is not None:
-            backend.cancel(self.id)
+        active_backend().cancel(self.id)
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.id} ({self.name})>"
 
 
-def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tuple[bool, Any]]:
-    backend = _backend
-    if backend is None:
-        return [
-            h._local_outcome or (False, TaskError("cancelled", h.name, "not run")) for h in handles
-        ]
-    # A handle keeps its child's outcome once collected: the host forgets a child
-    # it has reported, so that a long-lived task spawning many does not grow.
+def _collect(handles: Iterable[TaskHandle[Any]], timeout: float | None, any_ended: bool) -> None:
+    """Ask the host for the outcomes of those of ``handles`` that have none
+    yet (see Backend.wait); each handle keeps its own. The host forgets a child
+    once it has delivered its outcome, so a long-lived task spawning many does
+    not grow."""
     pending = list({h.id: h for h in handles if h._local_outcome is None}.values())
-    if pending:
-        for handle, outcome in zip(
-            pending, backend.wait([h.id for h in pending], timeout), strict=True
-        ):
+    if not pending:
+        return
+    outcomes = active_backend().wait([h.id for h in pending], timeout, any_ended)
+    for handle, outcome in zip(pending, outcomes, strict=True):
+        if outcome is not None:
             handle._local_outcome = outcome
+
+
+def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tuple[bool, Any]]:
+    _collect(handles, timeout, any_ended=False)
     return [h._local_outcome for h in handles]  # type: ignore[misc]
 
 
@@ -342,21 +346,128 @@ def gather(*handles: TaskHandle[Any], return_exceptions: bool = False) -> list[A
     return [value for _, value in outcomes]
 
 
+#: When ``wait`` returns (as in concurrent.futures).
+FIRST_COMPLETED = "FIRST_COMPLETED"
+FIRST_EXCEPTION = "FIRST_EXCEPTION"
+ALL_COMPLETED = "ALL_COMPLETED"
+_RETURN_WHEN = (FIRST_COMPLETED, FIRST_EXCEPTION, ALL_COMPLETED)
+
+
+class DoneAndPending(NamedTuple):
+    """What ``wait`` returns: the handles whose children ended, and the others."""
+
+    done: set[TaskHandle[Any]]
+    pending: set[TaskHandle[Any]]
+
+
+def wait(
+    handles: Iterable[TaskHandle[Any]],
+    return_when: str = ALL_COMPLETED,
+    timeout: float | None = None,
+) -> DoneAndPending:
+    """Wait for children, as ``concurrent.futures.wait`` does for futures:
+    until one has ended (``FIRST_COMPLETED``), one has failed or all have ended
+    (``FIRST_EXCEPTION``), or all have ended (``ALL_COMPLETED``, the default),
+    or ``timeout`` seconds have passed. Returns ``(done, pending)``, two sets
+    of handles; no failure is raised: each done handle's ``result()`` returns
+    its value or raises its TaskError, at once."""
+    if return_when not in _RETURN_WHEN:
+        raise ValueError(
+            f"return_when must be capsule.FIRST_COMPLETED, FIRST_EXCEPTION or "
+            f"ALL_COMPLETED, not {return_when!r}"
+        )
+    chosen = _handles(handles, "wait")
+    deadline = _deadline(timeout)
+    if return_when == ALL_COMPLETED:
+        try:
+            _collect(chosen, timeout, any_ended=False)
+        except TimeoutError:
+            _collect(chosen, 0, any_ended=True)  # (those that have ended meanwhile)
+    else:
+        while not _wait_is_over(chosen, return_when):
+            left = _left(deadline)
+            _collect(chosen, left, any_ended=True)
+            if left is not None and _left(deadline) == 0:
+                break
+    done = {h for h in chosen if h._local_outcome is not None}
+    return DoneAndPending(done, set(chosen) - done)
+
+
+def as_completed(
+    handles: Iterable[TaskHandle[Any]], timeout: float | None = None
+) -> Iterator[TaskHandle[Any]]:
+    """The handles, each as its child ends (those ended already first), as
+    ``concurrent.futures.as_completed`` yields futures; its ``result()``
+    returns at once. Raises TimeoutError if ``timeout`` seconds (from this
+    call) pass before all have ended."""
+    chosen = _handles(handles, "as_completed")
+    deadline = _deadline(timeout)
+    return _completed(chosen, deadline, timeout)
+
+
+def _completed(
+    chosen: list[TaskHandle[Any]], deadline: float | None, timeout: float | None
+) -> Iterator[TaskHandle[Any]]:
+    pending = list(chosen)
+    while pending:
+        ended = [h for h in pending if h._local_outcome is not None]
+        if not ended:
+            left = _left(deadline)
+            _collect(pending, left, any_ended=True)
+            ended = [h for h in pending if h._local_outcome is not None]
+            if not ended:
+                if left is not None and _left(deadline) == 0:
+                    raise TimeoutError(
+                        f"{len(pending)} of {len(chosen)} children had not ended after {timeout:g}s"
+                    )
+                continue
+        for handle in ended:
+            pending.remove(handle)
+            yield handle
+
+
+def _handles(handles: Iterable[TaskHandle[Any]], caller: str) -> list[TaskHandle[Any]]:
+    """``handles``, each once, in order; TypeError if one is not a TaskHandle."""
+    chosen = list(dict.fromkeys(handles))
+    for handle in chosen:
+        if not isinstance(handle, TaskHandle):
+            raise TypeError(
+                f"capsule.{caller} takes TaskHandles (from some_task.spawn()), "
+                f"not {type(handle).__name__}"
+            )
+    return chosen
+
+
+def _wait_is_over(handles: list[TaskHandle[Any]], return_when: str) -> bool:
+    outcomes = [h._local_outcome for h in handles]
+    if all(outcome is not None for outcome in outcomes):
+        return True
+    if return_when == FIRST_COMPLETED:
+        return any(outcome is not None for outcome in outcomes)
+    return any(outcome is not None and not outcome[0] for outcome in outcomes)
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if timeout < 0:
+        raise ValueError(f"a timeout must be >= 0 seconds, not {timeout!r}")
+    return time.monotonic() + timeout
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds to ``deadline`` (never below 0), or None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def sleep(seconds: float) -> None:
     """Sleep on the host: the task's CPU slot is free meanwhile."""
-    backend = _backend
-    if backend is None:
-        import time
-
-        time.sleep(seconds)
-    else:
-        backend.sleep(seconds)
+    active_backend().sleep(seconds)
 
 
 def current() -> TaskInfo:
     """The task this code runs in: its id, name and attempt number."""
-    backend = _backend
-    info = backend.current() if backend is not None else _local_current.get()
+    info = active_backend().current()
     if info is None:
         raise RuntimeError("capsule.current() was called outside a running task")
     return info

@@ -64,6 +64,11 @@ class TaskStarted(_Event):
     max_attempts: int
     #: Fuel the attempt may burn.
     fuel_budget: int | None = None
+    #: Times its supervisor restarted it before this attempt (a permanent
+    #: child that returned, or one_for_all / rest_for_one): restarts are
+    #: numbered apart from attempts, which go on counting across them, while
+    #: max_attempts bounds the attempts after each (re)start.
+    restart: int = 0
 
 
 class TaskRetrying(_Event):
@@ -71,6 +76,8 @@ class TaskRetrying(_Event):
     attempt: int
     error: ErrorDetail
     backoff_s: float
+    #: What the attempt that failed burned.
+    fuel_consumed: int = 0
     #: The failed attempt's memory at its end (see TaskCompleted).
     peak_memory_bytes: int | None = None
 
@@ -118,6 +125,12 @@ class TaskRestarting(_Event):
 
     type: Literal["restarting"] = "restarting"
     reason: str
+    #: What the attempt that failed burned (0 after one that returned: its
+    #: ``completed`` event has it).
+    fuel_consumed: int = 0
+    #: The attempt that ended, and the number of this restart (1 for the first).
+    attempt: int = 0
+    restart: int = 0
 
 
 WaitReason = Literal["result", "receive", "sleep", "send", "http"]
@@ -196,6 +209,14 @@ class HttpExchange(_Event):
     response_bytes: int
 
 
+class RunWarning(_Event):
+    """Something the user should know as the program loads, that does not stop
+    the run (a declared environment variable that is not set)."""
+
+    type: Literal["warning"] = "warning"
+    text: str
+
+
 class TaskOutput(_Event):
     type: Literal["output"] = "output"
     stream: Literal["stdout", "stderr"]
@@ -218,6 +239,7 @@ TaskEvent = Annotated[
     | MessagesReturned
     | TaskReplayed
     | HttpExchange
+    | RunWarning
     | TaskOutput,
     Field(discriminator="type"),
 ]

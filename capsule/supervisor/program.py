@@ -4,7 +4,8 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from capsule.sandbox.config import (
     TIMEOUT_FORMS,
     ConfigError,
     HostCaps,
+    TaskConfig,
     parse_ram,
     parse_timeout,
 )
@@ -24,7 +26,8 @@ from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import load_project
 from capsule.sandbox.runtime import RuntimeBuildError
-from capsule.supervisor.events import EventStream, TaskOutput
+from capsule.supervisor.events import EventStream, RunWarning, TaskOutput
+from capsule.supervisor.inbox import InboxError, RunInbox
 from capsule.supervisor.run import (
     Backoff,
     ProgramError,
@@ -35,6 +38,7 @@ from capsule.supervisor.run import (
     program_module,
 )
 from capsule.supervisor.steps import History, JournalFailure, StepLog
+from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
 from capsule.supervisor.tree import TaskResult
 
 
@@ -43,6 +47,8 @@ class RunRequest:
     path: Path
     args: list[Any]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The task run as the root of the tree (``capsule run FILE:TASK``, --entry).
+    entry: str = "main"
     max_fuel: str | None = None
     max_ram: str | None = None
     max_timeout: str | None = None
@@ -77,6 +83,8 @@ class RunReport:
     interrupted: bool = False
     #: The journal could not be written, so the run was stopped.
     journal_error: str | None = None
+    #: What the run did in all (None: nothing ran).
+    totals: dict[str, Any] | None = None
 
     @property
     def status(self) -> str:
@@ -108,6 +116,7 @@ class RunReport:
                     "traceback": self.traceback,
                 },
                 "execution": None,
+                "totals": None,
             }
         error = result.error
         return {
@@ -129,6 +138,7 @@ class RunReport:
                 "fuel_consumed": result.fuel_consumed,
                 "peak_memory_bytes": result.peak_memory_bytes,
             },
+            "totals": self.totals,
         }
 
 
@@ -144,14 +154,18 @@ def run_program(
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
 ) -> RunReport:
-    """Run ``main`` of the program at ``request.path``; blocks until the run ends.
+    """Run the entry task (``main`` unless ``request.entry`` names another) of
+    the program at ``request.path``; blocks until the run ends.
     ``on_event`` receives the run's events of ``event_types`` (None: all), from
     ``events`` if given (a stream with subscribers of its own: the journal).
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
     run once it starts (to watch it, cancel tasks, or stop it)."""
+    totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
+    if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
+        return RunReport(usage_error=f"the entry task {request.entry!r} is not a task name")
     try:
         module = program_module(path)
         project = load_project(path.parent)
@@ -226,13 +240,29 @@ def run_program(
         if problems:
             first.store.close()
             return RunReport(usage_error=f"{path}: " + "\n".join(problems))
+        for task, variable in _unset_variables(configs, environment):
+            events.emit(
+                RunWarning(
+                    run_id=run_id,
+                    task_id=LOAD_TASK_ID,
+                    task=task,
+                    text=f"task {task!r} declares env={variable!r}, which is not set (in "
+                    f"the environment of `capsule run` or in .env beside the program); "
+                    f"the task will not see it",
+                )
+            )
         run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)
         if on_run is not None:
             on_run(run)
+        events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
         try:
-            result = run.run_main(request.args, request.kwargs, first)
+            with _inbox(run, events):
+                result = run.run_main(request.args, request.kwargs, first, request.entry)
         except RunInterrupted as exc:
-            return RunReport(run_id=run.run_id, result=exc.result, interrupted=True)
+            totals.end()
+            return RunReport(
+                run_id=run.run_id, result=exc.result, interrupted=True, totals=totals.as_dict()
+            )
         except JournalFailure as exc:
             return RunReport(run_id=run.run_id, journal_error=str(exc))
         except ProgramError as exc:
@@ -241,7 +271,40 @@ def run_program(
             return RunReport(
                 run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
             )
-        return RunReport(run_id=run.run_id, result=result)
+        totals.end()
+        return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
+
+
+@contextmanager
+def _inbox(run: Run, events: EventStream) -> Iterator[None]:
+    """While the run runs, `capsule send` and `capsule ask` reach it (or a
+    warning says why they cannot; the run goes on)."""
+    inbox = RunInbox(run.run_id, run.external)
+    try:
+        inbox.start()
+    except InboxError as exc:
+        events.emit(
+            RunWarning(run_id=run.run_id, task_id=LOAD_TASK_ID, task=LOAD_TASK_ID, text=str(exc))
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        inbox.close()
+
+
+def _unset_variables(
+    configs: dict[str, TaskConfig], environment: dict[str, str]
+) -> list[tuple[str, str]]:
+    """(task, variable) for each environment variable a task declares that is
+    not set: a warning, not an error (a task may do without it)."""
+    return [
+        (name, variable)
+        for name, config in configs.items()
+        for variable in config.env
+        if variable not in environment
+    ]
 
 
 def _granted_directories(grants: dict[str, Grants]) -> dict[Path, str]:

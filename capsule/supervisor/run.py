@@ -25,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypedDict
 
+from capsule.actors.external import EXTERNAL_SENDER, ExternalMessages
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import redact_url
@@ -63,7 +64,14 @@ from capsule.supervisor.events import (
     WaitReason,
     preview,
 )
+from capsule.supervisor.intensity import restart_intensity_error
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.outcomes import (
+    delivered_positions,
+    linked_failure,
+    outcomes_answer,
+    uncollected_failure,
+)
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -275,6 +283,20 @@ class Run:
             history=history,
         )
 
+        #: Messages from outside the run (`capsule send`, `capsule ask`).
+        self.external = ExternalMessages(
+            self._router, self.settings.max_message_bytes, self._external_sent
+        )
+
+    def _external_sent(self, message: Message, target_id: str) -> None:
+        """Journal a message from outside, durably before its sender is told
+        it was delivered: a resume delivers it again if it was not received."""
+        pending = PendingMessage(
+            message.id, message.sender, target_id, message.body_json, message.expects_reply
+        )
+        self._log(self._steps.ask_sent, pending)
+        self._log(self._steps.sync)
+
     def snapshot(self) -> list[LiveTask]:
         """The attempts running now, with the fuel each has used so far (read at
         every epoch tick, so live for code that calls functions; a loop that
@@ -378,24 +400,23 @@ class Run:
         args: list[Any],
         kwargs: dict[str, Any] | None = None,
         first: Prepared | None = None,
+        entry: str = "main",
     ) -> TaskResult:
-        """Run ``main`` to the end and return how it ended.
+        """Run the task named ``entry`` (``main`` unless the user chose another)
+        as the root of the tree, to the end, and return how it ended. Whatever
+        its name, the root's task id is ``main``.
 
-        The task tree runs on task threads: ``main`` on one this call owns, each
+        The task tree runs on task threads: the root on one this call owns, each
         spawned child on one its parent's attempt owns (and joins before it ends);
         a direct call runs inline on its caller's thread. Interrupting the wait
         (Ctrl-C) cancels the whole tree: every instance traps at its next epoch
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        if "main" not in self.configs:
+        if entry not in self.configs:
             if first is not None:
                 first.store.close()
-            names = ", ".join(sorted(self.configs)) or "none"
-            raise ProgramError(
-                f"the program has no task named 'main' (tasks found: {names}); "
-                f'declare the entry point with @task(name="main")'
-            )
+            raise ProgramError(_no_entry(entry, sorted(self.configs)))
         try:
             call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
         except ValueError as exc:  # (a host API caller's NaN: never a guest's)
@@ -409,7 +430,7 @@ class Run:
         sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
         try:
             result, interrupted = run_interruptibly(
-                lambda: self.run_task("main", "main", call_json, root, None),
+                lambda: self.run_task(entry, "main", call_json, root, None),
                 lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
                 name="capsule-main",
             )
@@ -526,7 +547,10 @@ class Run:
         total_fuel = 0
         total_time = 0.0
         attempt_number = 0
+        #: Failures since it was last (re)started: its own retries (max_retries).
         failures = 0
+        #: Times its supervisor restarted it (numbered apart from attempts).
+        restarts = 0
         replay: list[Step] | None = None
         history = self._history.tasks.get(task_id) if self._history else None
         if history is not None and history.attempts:
@@ -535,7 +559,7 @@ class Run:
             # If that attempt had ended already (it failed and was to be retried,
             # or returned and was to restart), the next one starts afresh.
             last = max(history.attempts)
-            failures = history.failures
+            failures, restarts = history.failures, history.restarts
             if last in history.ended_attempts:
                 attempt_number = last
                 node.children = history.children_used
@@ -581,6 +605,7 @@ class Run:
                         attempt=attempt_number,
                         max_attempts=max_attempts,
                         fuel_budget=limits.fuel,
+                        restart=restarts,
                     )
                 )
                 if replay is not None:
@@ -607,7 +632,15 @@ class Run:
                     and parent.check_stop() is None
                     and self._allow_restart(child, f"{name!r} ({task_id}) returned")
                 ):
-                    emit(TaskRestarting(**ids, reason="it returned, and it is permanent"))
+                    failures, restarts = 0, restarts + 1
+                    emit(
+                        TaskRestarting(
+                            **ids,
+                            reason="it returned, and it is permanent",
+                            attempt=attempt_number,
+                            restart=restarts,
+                        )
+                    )
                     continue
                 return TaskResult(
                     task_id,
@@ -629,24 +662,23 @@ class Run:
                 # A sibling's failure restarts this one too (one_for_all, rest_for_one).
                 reason, child.restart_reason = child.restart_reason, None
                 if parent.check_stop() is None:
-                    emit(TaskRestarting(**ids, reason=reason))
+                    failures, restarts = 0, restarts + 1
+                    emit(
+                        TaskRestarting(
+                            **ids,
+                            reason=reason,
+                            attempt=attempt_number,
+                            restart=restarts,
+                            fuel_consumed=outcome.fuel_consumed,
+                        )
+                    )
                     continue
             failures += 1
-            retryable = error.kind not in NOT_RETRYABLE and not (
-                child is not None and config.restart == "temporary"
-            )
-            if (
-                retryable
-                and failures <= config.max_retries
-                and (
-                    child is None
-                    or self._allow_restart(
-                        child, f"{name!r} ({task_id}) failed ({error.kind}): {error.message}"
-                    )
-                )
-            ):
+            # Its own retries: never counted as its supervisor's restarts.
+            retryable = error.kind not in NOT_RETRYABLE
+            if retryable and failures <= config.max_retries:
                 if child is not None:
-                    self._restart_siblings(child)
+                    self._restart_siblings(child, error)
                 delay = self.settings.backoff.delay(failures)
                 emit(
                     TaskRetrying(
@@ -654,6 +686,7 @@ class Run:
                         attempt=attempt_number,
                         error=error,
                         backoff_s=delay,
+                        fuel_consumed=outcome.fuel_consumed,
                         peak_memory_bytes=outcome.peak_memory_bytes,
                     )
                 )
@@ -675,9 +708,11 @@ class Run:
             return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
 
     def _allow_restart(self, child: Child, what: str) -> bool:
-        """Count a restart against the parent's intensity (``max_restarts`` within
-        ``restart_window``). Over it, the parent fails instead, and its own
-        supervisor takes over (escalation)."""
+        """Count a supervisor restart (a permanent child that returned, or
+        siblings restarted by one_for_all / rest_for_one) against the parent's
+        intensity (``max_restarts`` within ``restart_window``). Over it, the
+        parent fails instead, and its own supervisor takes over (escalation).
+        A child's own retries (``max_retries``) never count."""
         parent = child.parent_attempt
         config = self.configs[parent.invocation.task]
         now = time.monotonic()
@@ -686,10 +721,8 @@ class Run:
                 parent.restarts.popleft()
             if len(parent.restarts) >= config.max_restarts:
                 if parent.invocation.aborted is None:
-                    parent.invocation.aborted = ErrorInfo(
-                        "restart_intensity",
-                        f"more than {config.max_restarts} restarts of its children within "
-                        f"{config.restart_window_s:g}s; the last: {what}",
+                    parent.invocation.aborted = restart_intensity_error(
+                        parent.invocation, config, what
                     )
                 allowed = False
             else:
@@ -699,8 +732,9 @@ class Run:
             parent.wake()
         return allowed
 
-    def _restart_siblings(self, child: Child) -> None:
-        """Apply the parent's strategy to a child that is about to restart."""
+    def _restart_siblings(self, child: Child, error: ErrorDetail) -> None:
+        """Apply the parent's strategy to a child that is about to be retried:
+        restarting its running siblings is one restart of the parent's."""
         parent = child.parent_attempt
         strategy = self.configs[parent.invocation.task].strategy
         if strategy == "one_for_one":
@@ -708,11 +742,21 @@ class Run:
         siblings = list(parent.children.values())
         if strategy == "rest_for_one":
             siblings = siblings[siblings.index(child) + 1 :]
+        restarted = [
+            sibling
+            for sibling in siblings
+            if sibling is not child
+            and not sibling.done.is_set()
+            and sibling.current is not None
+            and self.configs[sibling.name].restart != "temporary"  # (never restarted)
+        ]
+        what = f"{child.name!r} ({child.task_id}) failed ({error.kind}) under {strategy}"
+        if not restarted or not self._allow_restart(child, what):
+            return
         reason = f"its sibling {child.name!r} ({child.task_id}) failed ({strategy})"
-        for sibling in siblings:
+        for sibling in restarted:
             current = sibling.current
-            if sibling is child or sibling.done.is_set() or current is None:
-                continue
+            assert current is not None
             sibling.restart_reason = reason
             current.invocation.cancel_message = f"restarting: {reason}"
             current.invocation.cancelled = True
@@ -734,6 +778,15 @@ class Run:
             child.current = attempt
         try:
             outcome = self.sandbox.invoke(invocation, self.program, call_json)
+            if outcome.error is None:
+                failure = uncollected_failure(
+                    invocation.task,
+                    invocation.task_id,
+                    list(attempt.children.values()),
+                    self.configs,
+                )
+                if failure is not None:
+                    outcome.result_json, outcome.error = None, failure
             # Its result and its failure's texts are recorded too (the task's
             # row, its events): they count like its steps.
             error = outcome.error
@@ -1020,15 +1073,21 @@ class Run:
         refused = self._admit(attempt, name, spawned=True)
         if refused is not None:
             return refused
-        if actor_name is not None and TASK_ID_SHAPE.fullmatch(actor_name):
+        if actor_name is not None and (
+            TASK_ID_SHAPE.fullmatch(actor_name) or actor_name == EXTERNAL_SENDER
+        ):
             # Names are looked up before ids: a task registered under another
             # task's id (or a future one's) would get its messages, and answer
-            # its asks.
+            # its asks; one registered as the sender of messages from outside
+            # would get the replies meant for it.
             self._release()
+            what = (
+                "is the sender of messages from outside the run"
+                if actor_name == EXTERNAL_SENDER
+                else "has the form of a task id"
+            )
             return refusal(
-                name,
-                f"the name {actor_name!r} has the form of a task id; a task cannot be "
-                f"registered under one",
+                name, f"the name {actor_name!r} {what}; a task cannot be registered under it"
             )
         # The mailbox (and name) exist before spawn returns, so the caller can
         # message the child at once.
@@ -1045,7 +1104,7 @@ class Run:
             task_id=task_id,
             name=name,
             scope=scope,
-            awaited=options.awaited,
+            link=options.link,
             parent_attempt=attempt,
             actor_name=actor_name,
         )
@@ -1069,68 +1128,103 @@ class Run:
         return True, task_id
 
     def _child_ended(self, parent: Attempt, child: Child) -> None:
-        result = child.result
-        failed = result is not None and result.error is not None and not child.scope.cancelled
-        temporary = self.configs[child.name].restart == "temporary"
-        if (
-            failed
-            and not child.awaited
-            and not temporary
-            and parent.invocation.check_stop() is None
-        ):
-            # Link semantics: a child failing while nobody waits on it fails its
-            # parent (kind child_failed); the parent's own supervisor takes it
-            # from there. Waiting on the child takes this back (see wait()).
-            assert result is not None and result.error is not None
-            parent.linked_failures[child.task_id] = ErrorInfo(
-                "child_failed",
-                f"child {child.name!r} ({child.task_id}) failed ({result.error.kind}) "
-                f"and nobody was waiting on it: {result.error.message}",
-                traceback=result.error.traceback,
-            )
-            parent.invocation.aborted = next(iter(parent.linked_failures.values()))
+        # Its outcome stays with its parent until a wait collects it (see
+        # outcomes); only a linked child's failure fails the parent now.
+        with self._lock:
+            failure = None if child.waited_on else linked_failure(child, self.configs)
+        if failure is not None:
+            self._linked_failed(parent, failure)
         parent.wake()
 
+    def _linked_failed(self, parent: Attempt, failure: ErrorInfo) -> None:
+        invocation = parent.invocation
+        if invocation.check_stop() is None and invocation.aborted is None:
+            invocation.aborted = failure  # its own supervisor takes it from there
+
     def wait(
-        self, caller: Invocation, task_ids: list[str], timeout: float | None
+        self,
+        caller: Invocation,
+        task_ids: list[str],
+        timeout: float | None,
+        any_ended: bool = False,
     ) -> tuple[bool, str]:
+        if any_ended:
+            # Replayed, the children the journaled answer delivered are joined
+            # and forgotten as they were: the guest sees the same ones ended.
+            return self._step(
+                caller,
+                "wait_any",
+                tuple(task_ids),
+                partial(self._wait, caller, task_ids, timeout, True),
+                replayed=lambda step: self._rewait(caller, task_ids, step.answer),
+            )
+
         def wait() -> tuple[bool, str]:
-            return self._wait(caller, task_ids, timeout)
+            return self._wait(caller, task_ids, timeout, False)
 
         # Replayed, the children are still joined and forgotten as they were.
         return self._step(caller, "wait", tuple(task_ids), wait, replayed=lambda _: wait())
 
-    def _wait(self, caller: Invocation, ids: list[str], timeout: float | None) -> tuple[bool, str]:
+    def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
+        delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
+        if delivered:
+            self._wait(caller, delivered, None, False)
+
+    def _wait(
+        self, caller: Invocation, ids: list[str], timeout: float | None, any_ended: bool
+    ) -> tuple[bool, str]:
+        """Block until every child in ``ids`` has ended (or, ``any_ended``, one
+        of them), or ``timeout``; deliver the outcomes of those that ended (all
+        or none of them, unless ``any_ended``) and forget those children."""
         attempt = self._attempts[caller]
         unknown = [task_id for task_id in ids if task_id not in attempt.children]
         if unknown:
             return refusal(
                 "?",
-                f"{caller.task!r} can only wait on its own running or unreported children, "
-                f"not {unknown[0]!r}",
+                f"{caller.task!r} can only wait on its own children whose outcomes it has "
+                f"not collected yet, not {unknown[0]!r}",
             )
         children = [attempt.children[task_id] for task_id in ids]
-        for child in children:
-            child.awaited = True
-            attempt.linked_failures.pop(child.task_id, None)
-        if not attempt.linked_failures and caller.aborted is not None:
-            if caller.aborted.kind == "child_failed":
-                caller.aborted = None
-        done = self._block(
-            attempt, lambda: all(c.done.is_set() for c in children), timeout, "result"
-        )
-        if caller.check_stop() is not None:
+        with self._lock:
+            for child in children:
+                child.waited_on = True
+
+        def ready() -> bool:
+            ended = (c.done.is_set() for c in children)
+            return any(ended) or not children if any_ended else all(ended)
+
+        done = False
+        try:
+            done = self._block(attempt, ready, timeout, "result")
+        finally:
+            stopping = caller.check_stop() is not None
+            with self._lock:
+                delivered = (
+                    []
+                    if stopping or not (done or any_ended)
+                    else [c for c in children if c.done.is_set()]
+                )
+                for child in children:
+                    child.waited_on = False
+                for child in delivered:
+                    child.collected = True
+                # A linked child that failed during the wait and was not delivered.
+                missed = [linked_failure(c, self.configs) for c in children if not c.collected]
+        for failure in missed:
+            if failure is not None:
+                self._linked_failed(attempt, failure)
+        if stopping:
             return False, "{}"  # the sandbox ends the caller; the payload is never seen
-        if not done:
+        if not done and not any_ended:
             pending = [c.task_id for c in children if not c.done.is_set()]
             message = f"children {pending} had not ended after {timeout:g}s"
             return False, json.dumps(
                 {"kind": "wait_timeout", "task": caller.task, "message": message}
             )
-        reply = json.dumps([_outcome_json(child) for child in children])
-        # Reported: the guest's handles keep the outcomes; forget these children
+        reply = outcomes_answer(children, {child.task_id for child in delivered})
+        # Collected: the guest's handles keep the outcomes; forget these children
         # (their threads have ended) so a long-lived parent does not accumulate them.
-        for child in children:
+        for child in delivered:
             if child.thread is not None:
                 child.thread.join()
             attempt.children.pop(child.task_id, None)
@@ -1467,6 +1561,20 @@ def _say(text: str) -> None:
         pass  # stderr is gone too
 
 
+def _no_entry(entry: str, names: list[str]) -> str:
+    """Why a run cannot start at ``entry``: the tasks it could start at."""
+    found = ", ".join(names) or "none"
+    if entry == "main":
+        return (
+            f"the program has no task named 'main' (tasks found: {found}); declare the "
+            f'entry point with @task(name="main"), or run another task with --entry NAME'
+        )
+    return (
+        f"the program has no task named {entry!r} to run as the entry point (tasks "
+        f"found: {found}); pass one of them to --entry (or FILE:TASK)"
+    )
+
+
 def _describe(step: Step) -> str:
     request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
     return f"{step.kind}({request})"
@@ -1509,11 +1617,3 @@ def _as_reply(result: TaskResult) -> tuple[bool, str]:
         assert result.result_json is not None
         return True, result.result_json
     return False, json.dumps({**result.error.model_dump(), "attempts": result.attempts})
-
-
-def _outcome_json(child: Child) -> dict[str, Any]:
-    result = child.result
-    assert result is not None
-    if result.error is None:
-        return {"ok": True, "value": result.value()}
-    return {"ok": False, "error": {**result.error.model_dump(), "attempts": result.attempts}}

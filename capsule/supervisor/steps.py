@@ -121,8 +121,11 @@ class TaskHistory:
     #: How the task ended, if it did: a resumed run returns this, unexecuted.
     final: TaskResult | None = None
     attempts: dict[int, AttemptHistory] = field(default_factory=dict)
-    #: Attempts that failed and were retried (they count against max_retries).
+    #: Attempts that failed and were retried since it was last (re)started
+    #: (they count against max_retries).
     failures: int = 0
+    #: Times its supervisor restarted it.
+    restarts: int = 0
     #: Attempts that ended (failed and retried, or returned and restarted): a
     #: resume starts the next one afresh instead of replaying them.
     ended_attempts: set[int] = field(default_factory=set)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from capsule.sandbox.config import Limits
-from capsule.sandbox.engine import ErrorInfo, Invocation, RefusingHost
+from capsule.sandbox.engine import Invocation, RefusingHost
 from capsule.supervisor.events import ErrorDetail
 
 _T = TypeVar("_T")
@@ -91,9 +91,9 @@ class Attempt:
 
     invocation: Invocation
     node: Node
+    #: Its spawned children, until their outcomes are collected (a wait
+    #: delivered them): running ones, and ended ones with their outcomes.
     children: dict[str, Child] = field(default_factory=dict)
-    #: Failures of children nobody waited on, by child id (link semantics).
-    linked_failures: dict[str, ErrorInfo] = field(default_factory=dict)
     #: When its children were restarted (restart intensity).
     restarts: deque[float] = field(default_factory=deque)
     #: Host calls of the run being resumed still to be answered from its journal.
@@ -145,7 +145,9 @@ class Child:
     task_id: str
     name: str
     scope: Scope
-    awaited: bool
+    #: Spawned with link=True: its failure fails its parent at once, unless
+    #: the parent is waiting on it then.
+    link: bool
     parent_attempt: Attempt
     #: The name it was registered under at spawn, if any.
     actor_name: str | None = None
@@ -155,6 +157,10 @@ class Child:
     current: Attempt | None = None
     #: Set when a sibling's failure restarts this child (the strategy).
     restart_reason: str | None = None
+    #: Its parent is blocked in a wait on it (changed under the run's lock).
+    waited_on: bool = False
+    #: A wait delivered its outcome to its parent (under the run's lock).
+    collected: bool = False
 
 
 #: Scopes never run; they share one host that refuses everything.

@@ -309,6 +309,11 @@ def test_prints_with_lone_surrogates_are_shown_escaped(tmp_path: Path) -> None:
         ),
         ('tasks.wait("{}", None)', "array of strings"),
         ('tasks.wait("[1, 2]", None)', "array of strings"),
+        ('tasks.wait_any("[1, 2]", None)', "array of strings"),
+        (
+            'tasks.spawn("main", \'{"args": [], "kwargs": {}}\', \'{"link": 1}\')',
+            "must be true or false",
+        ),
         ('tasks.cancel("x" * 100000)', "names are at most"),
         ('messaging.send("t" * 2000, "1", None)', "names are at most"),
         ('messaging.reply("i" * 2000, "1")', "names are at most"),

@@ -29,7 +29,7 @@ from wit_world.imports import clock, http, messaging, modules, output, tasks
 
 IMPORTS = [
     "modules.find", "modules.offer_compiled", "tasks.call", "tasks.spawn", "tasks.wait",
-    "tasks.cancel", "tasks.sleep", "messaging.send", "messaging.receive", "messaging.ask",
+    "tasks.wait_any", "tasks.cancel", "tasks.sleep", "messaging.send", "messaging.receive", "messaging.ask",
     "messaging.reply", "output.write", "clock.monotonic_ns", "http.request",
     "wasi.random", "wasi.clock",
 ]
@@ -37,7 +37,7 @@ IMPORTS = [
 FRAGMENTS = [
     "", "main", "echo", "main/1", "main/1#1", "nobody", "NaN", "Infinity", "-Infinity",
     "1e999", "null", "[]", "{}", '{"args": [], "kwargs": {}}', '{"args": [1], "kwargs": {}}',
-    '{"args": "x", "kwargs": []}', '{"actor_name": "a", "awaited": true}',
+    '{"args": "x", "kwargs": []}', '{"actor_name": "a", "awaited": true}', '{"link": true}',
     '{"actor_name": null}', '["main/1", "main/2"]', '"\\\\ud800"', '"\\\\udfff x"',
     '{"a": 1, "a": 2}', "[" * 300 + "]" * 300, '{"x": ' * 150 + "1" + "}" * 150,
     "1" * 5000, '{"method": "GET", "url": "http://127.0.0.1:1/", "headers": [], "body": ""}',
@@ -82,6 +82,8 @@ def call_one(rng, name):
         return tasks.spawn(rng.choice(["echo", "nope", text(rng)]), text(rng), text(rng))
     if name == "tasks.wait":
         return tasks.wait(text(rng), rng.choice([0, 1, 10]))
+    if name == "tasks.wait_any":
+        return tasks.wait_any(text(rng), rng.choice([0, 1, 10]))
     if name == "tasks.cancel":
         return tasks.cancel(text(rng))
     if name == "tasks.sleep":

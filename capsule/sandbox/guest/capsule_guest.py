@@ -75,7 +75,7 @@ import capsule
 import capsule.http
 from capsule.sdk import task as sdk_task
 from capsule.sdk.http import http_error
-from capsule.sdk.errors import TaskError, message_error
+from capsule.sdk.errors import TaskError, message_error, unhandled
 
 
 def _not_serializable(value):
@@ -303,20 +303,7 @@ def _err(kind, message, type_name=None, traceback_text=None, cause=None) -> Err:
 
 
 def _unhandled_task_error(task: str, exc: TaskError) -> Err:
-    # Name the original failure once, however many callers it went through,
-    # instead of wrapping one message in another at every level.
-    if exc.cause:
-        cause = dict(exc.cause)
-        cause["via"] = [exc.task, *cause.get("via", [])][:16]
-    else:
-        cause = {"task": exc.task, "kind": exc.kind, "message": exc.message, "via": []}
-    via = cause["via"]
-    shown = ", ".join(repr(t) for t in via[:3]) + (", ..." if len(via) > 3 else "")
-    through = f" (through {shown})" if via else ""
-    message = (
-        f"unhandled TaskError: task {cause['task']!r} failed ({cause['kind']}){through}: "
-        f"{cause['message']}"
-    )
+    message, cause = unhandled(exc)
     return _error("exception", task, exc, message, cause)
 
 
@@ -354,7 +341,33 @@ def _failure(task: str, exc: BaseException) -> Err:
             return _error("exception", task, exc, f"ImportError: {refusal}")
         if isinstance(exc, ModuleNotFoundError) and str(exc) == f"No module named {exc.name!r}":
             return _error("exception", task, exc, f"ModuleNotFoundError: {_explain_missing(exc)}")
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        hint = _ungranted_path_hint(exc.filename)
+        if hint is not None:
+            return _error("exception", task, exc, f"{type(exc).__name__}: {exc} ({hint})")
     return _error("exception", task, exc)
+
+
+#: The directories the running task was granted (allowed_files), as it sees them.
+_granted_dirs: list = []
+
+
+def _ungranted_path_hint(filename):
+    """A hint for a file the task could not reach because no allowed_files
+    entry grants its directory (None if one does: then it is really missing)."""
+    if not isinstance(filename, str):
+        return None
+    # (The task's working directory is "/": a relative path is below it.)
+    path = "/" + "/".join(part for part in filename.split("/") if part not in ("", "."))
+    for granted in _granted_dirs:
+        if path == granted or path.startswith(granted.rstrip("/") + "/"):
+            return None
+    declared = ", ".join(repr(d.lstrip("/")) for d in _granted_dirs) or "none"
+    return (
+        f"hint: a task reaches only the directories its allowed_files grants "
+        f"(this one: {declared}); grant the file's directory, e.g. "
+        f"@task(allowed_files=[\"data\"]) for data/..., relative to the program"
+    )
 
 
 #: What an export raises when even its failure cannot be reported: made here,
@@ -510,20 +523,21 @@ class GuestBackend:
         except Err as err:  # componentize-py's form of an import's result::err
             raise TaskError.from_dict(json.loads(err.value)) from None
 
-    def spawn_task(self, name, args, kwargs, actor_name, awaited):
+    def spawn_task(self, name, args, kwargs, actor_name, link):
         payload = _payload(name, args, kwargs)
-        options = json.dumps({"actor_name": actor_name, "awaited": awaited})
+        options = json.dumps({"actor_name": actor_name, "link": bool(link)})
         self._end_credit()
         try:
             return tasks.spawn(name, payload, options)
         except Err as err:
             raise TaskError.from_dict(json.loads(err.value)) from None
 
-    def wait(self, task_ids, timeout):
+    def wait(self, task_ids, timeout, any_ended=False):
         self._end_credit()
         _flush()
+        wait = tasks.wait_any if any_ended else tasks.wait
         try:
-            reply = tasks.wait(json.dumps(list(task_ids)), _ms(timeout))
+            reply = wait(json.dumps(list(task_ids)), _ms(timeout))
         except Err as err:
             error = json.loads(err.value)
             if error.get("kind") == "wait_timeout":
@@ -531,7 +545,9 @@ class GuestBackend:
             raise TaskError.from_dict(error) from None
         outcomes = []
         for item in _loads(reply):
-            if item["ok"]:
+            if item is None:  # (wait-any: it has not ended)
+                outcomes.append(None)
+            elif item["ok"]:
                 outcomes.append((True, item["value"]))
             else:
                 outcomes.append((False, TaskError.from_dict(item["error"])))
@@ -739,6 +755,7 @@ class Runner(exports.Runner):
         # The environment variables the task was granted, and no others.
         os.environ.clear()
         os.environ.update(inv.get("env", {}))
+        _granted_dirs[:] = inv.get("files", [])
         try:
             result = fn.func(*call["args"], **call["kwargs"])
         except TypeError as exc:

@@ -1,0 +1,148 @@
+"""Messages from outside a run (`capsule send`, `capsule ask`) into its actors'
+mailboxes: delivered by the run's Router like any message, with a sender id
+that no task has, journaled so that a resume delivers one not yet received."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from capsule.actors.router import Message, Router, RoutingError
+
+#: The sender of a message from outside the run (what ``Message.sender`` says in
+#: the receiving task). No task id has this form (ids are "main", "main/2/1"),
+#: and no task may register it as a name (see Run._spawn_task).
+EXTERNAL_SENDER = "cli"
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A message put in a mailbox: its id, and the task id it went to."""
+
+    message_id: str
+    target_id: str
+
+
+class ExternalError(Exception):
+    """Why a message from outside was not delivered or answered; ``kind`` is
+    ``no_such_actor``, ``mailbox_full``, ``queue_full``, ``too_large``,
+    ``timeout``, ``actor_ended`` or ``run_ended``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Waiter:
+    """The router's Waker for a message from outside: an event to wait on."""
+
+    def __init__(self) -> None:
+        self.woken = threading.Event()
+
+    def wake(self) -> None:
+        self.woken.set()
+
+
+class ExternalMessages:
+    """Delivers messages from outside into a run's mailboxes (thread-safe).
+    ``record`` journals a delivered message (as an ask is: the messages
+    table), and returns once it is durable."""
+
+    def __init__(
+        self, router: Router, max_message_bytes: int, record: Callable[[Message, str], None]
+    ) -> None:
+        self.router = router
+        self.max_message_bytes = max_message_bytes
+        self.record = record
+        # Ids unique across resumes too (a resume keeps the run's journal):
+        # numbered from the clock, in order of sending.
+        self._numbers = itertools.count(time.time_ns())
+        self._lock = threading.Lock()
+        self._waiters: set[_Waiter] = set()
+        self._closed = False
+
+    def send(self, target: str, body_json: str) -> Delivered:
+        """Deliver at once, or ExternalError (nothing waits for room)."""
+        delivered, waiter = self._deliver(target, body_json, asks=False)
+        with self._lock:
+            self._waiters.discard(waiter)
+        return delivered
+
+    def ask(self, target: str, body_json: str, timeout: float) -> str:
+        """Deliver a message that expects a reply; the reply's JSON text once
+        it came, or ExternalError (timeout, the target ended, the run ended)."""
+        delivered, waiter = self._deliver(target, body_json, asks=True)
+        message_id = delivered.message_id
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                reply, failure = self.router.take_reply(message_id)
+                if failure is not None:
+                    raise ExternalError(
+                        "actor_ended", f"the actor {target!r} ended without replying"
+                    )
+                if reply is not None:
+                    return reply
+                if self._closed:
+                    raise ExternalError("run_ended", "the run ended before a reply came")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ExternalError("timeout", f"no reply from {target!r} within {timeout:g}s")
+                waiter.woken.wait(left)
+                waiter.woken.clear()
+        except ExternalError:
+            self.router.abandon_replies([message_id])
+            raise
+        finally:
+            with self._lock:
+                self._waiters.discard(waiter)
+
+    def close(self) -> None:
+        """The run ends: asks still waiting end with kind run_ended."""
+        with self._lock:
+            self._closed = True
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+
+    def _deliver(self, target: str, body_json: str, asks: bool) -> tuple[Delivered, _Waiter]:
+        if len(body_json) > self.max_message_bytes:
+            raise ExternalError(
+                "too_large",
+                f"a message of {len(body_json):,} bytes (as JSON) exceeds the run's limit "
+                f"of {self.max_message_bytes:,} bytes (--max-message-size)",
+            )
+        waiter = _Waiter()
+        with self._lock:
+            if self._closed:
+                raise ExternalError("run_ended", "the run is ending")
+            self._waiters.add(waiter)
+        number = next(self._numbers)
+        message = Message(f"{EXTERNAL_SENDER}#{number}", EXTERNAL_SENDER, body_json, asks)
+        try:
+            target_id = self.router.resolve(target)
+            if asks:
+                self.router.expect_reply(message.id, waiter, target_id)
+            if not self.router.try_send(target_id, message, waiter):
+                self.router.forget_sender(target_id, waiter)
+                raise ExternalError(
+                    "mailbox_full",
+                    f"the mailbox of {target!r} is full ({self.router.mailbox_capacity} "
+                    f"messages); try again once it has taken some",
+                )
+        except RoutingError as exc:
+            self._forget(message, waiter)
+            raise ExternalError(exc.kind, str(exc)) from None
+        except ExternalError:
+            self._forget(message, waiter)
+            raise
+        self.record(message, target_id)
+        return Delivered(message.id, target_id), waiter
+
+    def _forget(self, message: Message, waiter: _Waiter) -> None:
+        self.router.abandon_replies([message.id])
+        with self._lock:
+            self._waiters.discard(waiter)
