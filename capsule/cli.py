@@ -3,8 +3,9 @@
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
 failed after its retries); 2 usage, config, program or journal error (nothing
 ran, or the journal could not be written); 3 the sandbox runtime could not be
-built or loaded; 130 interrupted (Ctrl-C, or SIGTERM). `capsule send` and
-`capsule ask` add 4 to 8 (see capsule.supervisor.inbox_client).
+built or loaded; 9 the terminal UI failed (``--tui``: the run went on without
+it, and succeeded; ``capsule tui``); 130 interrupted (Ctrl-C, or SIGTERM).
+`capsule send` and `capsule ask` add 4 to 8 (see capsule.supervisor.inbox_client).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_RUNTIME = 3
+#: (Past 4 - 8, which `capsule send` and `capsule ask` use.)
+EXIT_TUI_FAILED = 9
 EXIT_INTERRUPTED = 130
 
 
@@ -265,8 +268,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _EXIT_CODES = (
     "exit codes: 0 success, 1 the workflow failed, 2 usage, config, program or journal "
-    "error, 3 the sandbox runtime could not be built or loaded, 130 interrupted (Ctrl-C, "
-    "SIGTERM)"
+    "error, 3 the sandbox runtime could not be built or loaded, 9 the terminal UI failed "
+    "(the run went on without it), 130 interrupted (Ctrl-C, SIGTERM)"
 )
 
 
@@ -585,7 +588,8 @@ def _run_with_tui(
 ) -> int:
     """The run on a thread this function owns; the TUI on the main thread. Quitting
     the TUI while the run goes on stops the run (resumable); the exit code is the
-    run's."""
+    run's. If the TUI fails, the run goes on without it, shown as `capsule run`
+    shows one, and a run that succeeded exits with EXIT_TUI_FAILED."""
     import threading
 
     from capsule.journal.schema import JournalError
@@ -595,7 +599,7 @@ def _run_with_tui(
     from capsule.tui.sources import LiveSource
 
     started = time.monotonic()
-    source = LiveSource(str(path.resolve()))
+    source = LiveSource(str(path.resolve()), journal)
     reports: list[Any] = []
 
     def run() -> None:
@@ -612,13 +616,49 @@ def _run_with_tui(
     thread = threading.Thread(target=run, name="capsule-run")
     thread.start()
     try:
-        CapsuleApp(source).run()
-    finally:
+        failure = _run_app(CapsuleApp(source))
+    except BaseException:  # Ctrl-C as the app started, say: the run stops too
         source.stop()
         thread.join()
-    report = reports[0]
-    # The outcome stays on the terminal once the TUI is gone.
-    return _show_run(options, lambda _: report, journal is not None, started)
+        raise
+    if failure is None:
+        source.stop()  # (the user quit: a run still going was stopped, resumable)
+        thread.join()
+        report = reports[0]
+        # The outcome stays on the terminal once the TUI is gone.
+        return _show_run(options, lambda _: report, journal is not None, started)
+
+    def rest_of_run(renderer: _Renderer) -> Any:
+        """The TUI failed: the run goes on, shown as `capsule run` shows one."""
+        renderer.error(
+            f"the terminal UI failed ({type(failure).__name__}: {failure}); the run goes "
+            f"on without it, shown from here as `capsule run` shows it"
+        )
+        source.hand_over(renderer.on_event)
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            source.stop("cancelled: interrupted")
+            thread.join()
+        return reports[0]
+
+    code = _show_run(options, rest_of_run, journal is not None, started)
+    return EXIT_TUI_FAILED if code == EXIT_OK else code
+
+
+def _run_app(app: Any) -> BaseException | None:
+    """Run the TUI until it is quit: what made it fail, if something did (a
+    failure never passes for a quit, whose exit code is the run's)."""
+    try:
+        outcome = app.run()
+    except Exception as exc:  # the terminal itself failed (Textual's driver)
+        return exc
+    failure: BaseException | None = app.failure
+    if failure is not None:
+        return failure  # (Textual printed its traceback as it exited)
+    if outcome is None:
+        return RuntimeError("the terminal UI ended without being quit")
+    return None
 
 
 def _in_terminal(what: str) -> bool:
@@ -657,7 +697,10 @@ def _tui_command(options: argparse.Namespace) -> int:
         return EXIT_USAGE
     if not _in_terminal("capsule tui"):
         return EXIT_USAGE
-    app.run()
+    failure = _run_app(app)
+    if failure is not None:
+        _error(f"the terminal UI failed ({type(failure).__name__}: {failure})")
+        return EXIT_TUI_FAILED
     return EXIT_OK
 
 
@@ -1000,6 +1043,8 @@ class _Renderer:
         self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
         self.guest_out: Stream = "stderr" if json_output else "stdout"
+        #: The names tasks were registered under at spawn, by task id (--verbose).
+        self.names: dict[str, str] = {}
 
     @property
     def event_types(self) -> frozenset[str]:
@@ -1019,12 +1064,14 @@ class _Renderer:
             stream: Stream = "stderr" if event.stream == "stderr" else self.guest_out
             text = visible(event.text) if self.out.is_terminal(stream) else event.text
             if self.verbose:
-                prefix = f"[{_field(event.task_id)} {_field(event.task)}] "
+                prefix = f"[{_field(event.task_id)} {_field(_task_name(event, self.names))}] "
                 text = "".join(prefix + line for line in _LINES.findall(text))
             self.out.write(stream, text)
             return
         if self.verbose:
-            line = _lifecycle_line(event)
+            if kind == "pending" and event.actor_name is not None:
+                self.names[event.task_id] = event.actor_name
+            line = _lifecycle_line(event, self.names)
             if line is not None:
                 self.out.write("stderr", f"capsule: {_field(line)}\n")
 
@@ -1117,10 +1164,21 @@ def _kind(error: Any) -> str:
     return f"{error.kind}, not retryable"
 
 
-def _lifecycle_line(event: Any) -> str | None:
+def _task_name(event: Any, names: dict[str, str]) -> str:
+    """A task's name as --verbose shows it, with the name it was registered
+    under (``spawn(name=...)``), if any, quoted."""
+    name = str(event.task)
+    registered = names.get(event.task_id)
+    if registered is not None:
+        name += f" {json.dumps(registered, ensure_ascii=False)}"
+    return name
+
+
+def _lifecycle_line(event: Any, names: dict[str, str] | None = None) -> str | None:
     """The --verbose line of a lifecycle event (None: not shown)."""
     kind = event.type
-    label = f"{event.task_id} ({event.task})" if event.task_id != event.task else event.task
+    name = _task_name(event, names or {})
+    label = f"{event.task_id} ({name})" if event.task_id != name else name
     if kind == "started":
         return (
             f"started {label}, {_attempts_shown(event.attempt, event.max_attempts, event.restart)}"

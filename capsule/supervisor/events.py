@@ -57,6 +57,8 @@ class TaskPending(_Event):
     #: The arguments, as JSON ``{"args": [...], "kwargs": {...}}`` (a preview;
     #: ``[args, kwargs]`` in older journals).
     call: str | None = None
+    #: The name it was registered under at spawn (``spawn(name=...)``), if any.
+    actor_name: str | None = None
 
 
 class TaskStarted(_Event):
@@ -79,6 +81,8 @@ class TaskRetrying(_Event):
     backoff_s: float
     #: What the attempt that failed burned.
     fuel_consumed: int = 0
+    #: The failed attempt's memory at its end (see TaskCompleted).
+    peak_memory_bytes: int | None = None
 
 
 class TaskCompleted(_Event):
@@ -86,6 +90,9 @@ class TaskCompleted(_Event):
     attempt: int
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
     #: The returned value, as JSON (a preview).
     result: str | None = None
 
@@ -96,6 +103,9 @@ class TaskFailed(_Event):
     error: ErrorDetail
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
 
 
 class TaskCancelled(_Event):
@@ -107,6 +117,9 @@ class TaskCancelled(_Event):
     error: ErrorDetail
     duration_ms: float
     fuel_consumed: int
+    #: Size of its linear memory at the end of the attempt, its largest (None
+    #: where it cannot be measured cheaply: before Linux 6.11).
+    peak_memory_bytes: int | None = None
 
 
 class TaskRestarting(_Event):

@@ -149,6 +149,8 @@ class Child:
     #: the parent is waiting on it then.
     link: bool
     parent_attempt: Attempt
+    #: The name it was registered under at spawn, if any.
+    actor_name: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     result: TaskResult | None = None
     thread: threading.Thread | None = None

@@ -8,12 +8,12 @@ Everything works from the keyboard, in 80x24, without colour.
 
 from __future__ import annotations
 
+import bisect
 import json
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from rich.markup import escape
 from rich.style import Style
 from rich.text import Text
 from textual.app import App, ComposeResult
@@ -24,7 +24,18 @@ from textual.widgets import Footer, Input, OptionList, Static, Tree
 from textual.widgets.option_list import Option
 from textual.widgets.tree import TreeNode
 
-from capsule.tui.model import COLOURS, ENDED, STATES, SYMBOLS, RunModel, TaskView, pretty_json
+from capsule.supervisor.events import PREVIEW_CHARS
+from capsule.terminal import visible
+from capsule.tui.model import (
+    COLOURS,
+    ENDED,
+    STATES,
+    SYMBOLS,
+    RunModel,
+    TaskView,
+    pretty_json,
+    task_order,
+)
 from capsule.tui.sources import Source
 
 #: Seconds between two batches of updates.
@@ -35,6 +46,30 @@ _BAR = 8
 #: The style of a node's fold icon: its meta makes a click on it fold the node
 #: (as Textual's own tree does).
 TOGGLE_STYLE = Style.from_meta({"toggle": True})
+#: Longest line of guest text drawn (a longer one is cut, saying by how much).
+LINE_CHARS = 4000
+#: Longest result drawn (its pretty-printed JSON); the pane scrolls.
+RESULT_CHARS = 200_000
+#: Lines of output and timeline the detail pane shows (the newest).
+DETAIL_LINES = 200
+
+
+def plain(text: object, *, one_line: bool = False, limit: int = LINE_CHARS) -> str:
+    """Guest text as the TUI draws it: only ever inside ``Text`` (never read as
+    markup), with control characters, bidirectional overrides and lone
+    surrogates shown as escapes, and cut at ``limit`` characters."""
+    shown = visible(str(text), one_line=one_line)
+    if len(shown) > limit:
+        shown = f"{shown[:limit]}… ({len(shown) - limit:,} more characters)"
+    return shown
+
+
+def shown_name(view: TaskView) -> str:
+    """The task's name, and the name it was registered under, if any."""
+    name = plain(view.name, one_line=True, limit=200)
+    if view.actor_name is not None:
+        name += f' "{plain(view.actor_name, one_line=True, limit=200)}"'
+    return name
 
 
 def fuel_bar(used: int, budget: int | None) -> str:
@@ -69,30 +104,54 @@ def call_text(view: TaskView) -> str:
         args, kwargs = (call["args"], call["kwargs"]) if isinstance(call, dict) else call
         if not isinstance(args, list) or not isinstance(kwargs, dict):
             return view.call
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return view.call
     parts = [json.dumps(arg) for arg in args]
     parts += [f"{key}={json.dumps(value)}" for key, value in kwargs.items()]
     return f"{view.name}({', '.join(parts)})"
 
 
+#: Width of each column of the tree's lines (the header names them).
+_COLUMNS = (("task", 24), ("id", 12), ("state", 10), ("try", 5), ("time", 6),
+            ("fuel", 8 + 1 + 13), ("memory", 7), ("mbox", 4))  # fmt: skip
+
+
+def column_headers() -> Text:
+    """The line above the tree naming its columns (over a top-level task's)."""
+    numbers = {"time", "memory", "mbox"}
+    return Text(
+        "    "
+        + " ".join(
+            name.rjust(width) if name in numbers else name.ljust(width) for name, width in _COLUMNS
+        ),
+        style="bold",
+    )
+
+
 def task_label(view: TaskView, now: float) -> Text:
     state = view.state
-    label = Text()
+    widths = dict(_COLUMNS)
+    label = Text(no_wrap=True)
     label.append(f"{SYMBOLS.get(state, '?')} ", style=COLOURS.get(state, ""))
-    label.append(f"{view.name[:18]}", style="bold")
-    label.append(f" {view.task_id[-12:]}", style="dim")
-    label.append(f" {state}", style=COLOURS.get(state, ""))
-    if view.replayed:
-        label.append(" (journal)", style="dim")
-    label.append(f" {view.attempt}/{view.max_attempts} {duration(view.elapsed(now))}")
+    label.append(_fit(shown_name(view), widths["task"]), style="bold")
+    label.append(f" {_fit(plain(view.task_id[-12:], one_line=True), widths['id'])}", style="dim")
+    label.append(f" {state:<10}", style=COLOURS.get(state, ""))
+    label.append(f" {f'{view.attempt}/{view.max_attempts}':<5}")
+    label.append(f" {duration(view.elapsed(now)):>6}")
     label.append(f" {fuel_bar(view.fuel, view.fuel_budget)}", style="cyan")
     budget = short_number(view.fuel_budget) if view.fuel_budget else "-"
-    label.append(f" {short_number(view.fuel)}/{budget}")
+    label.append(f" {f'{short_number(view.fuel)}/{budget}':<13}")
     memory = "-" if view.peak_memory is None else short_number(view.peak_memory)
     mailbox = "-" if view.mailbox_depth is None else str(view.mailbox_depth)
-    label.append(f" mem {memory} mbox {mailbox}", style="dim")
+    label.append(f" {memory:>7} {mailbox:>4}", style="dim")
+    if view.replayed:
+        label.append(" (journal)", style="dim")
     return label
+
+
+def _fit(text: str, width: int) -> str:
+    """``text`` in exactly ``width`` characters: padded, or cut with an ellipsis."""
+    return text.ljust(width) if len(text) <= width else text[: width - 1] + "…"
 
 
 class TaskTree(Tree[str]):
@@ -133,8 +192,10 @@ class HelpScreen(ModalScreen[None]):
         yield Static(
             "[b]Capsule TUI[/b]\n\n"
             "  up/down, left/right  move in the task tree, fold and unfold\n"
+            "  tab  move between the tree and the detail pane; there, up/down,\n"
+            "       page up/page down and home/end scroll the selected task\n"
             "  ?    this help\n"
-            "  /    search tasks by name or id (Enter; Escape clears)\n"
+            "  /    search by name, registered name or id (Enter; Escape clears)\n"
             "  f    filter: all, running, waiting, failed, completed, cancelled\n"
             "  l    follow the newest activity on or off\n"
             "  c    cancel the selected task while the run goes on (asks first)\n"
@@ -157,7 +218,10 @@ class ConfirmScreen(ModalScreen[bool]):
         self.question = question
 
     def compose(self) -> ComposeResult:
-        yield Static(f"{escape(self.question)}\n\n[b]y[/b] yes   [b]n[/b] no", id="confirm")
+        question = Text(self.question)  # (quotes a task's name: never markup)
+        question.append("\n\n")
+        question.append_text(Text.assemble(("y", "bold"), " yes   ", ("n", "bold"), " no"))
+        yield Static(question, id="confirm")
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
@@ -166,7 +230,7 @@ class ConfirmScreen(ModalScreen[bool]):
 class RunPicker(ModalScreen[str]):
     """The runs of a journal, newest first: pick one to open."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.quit", "quit")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q", "app.quit_app", "quit")]
 
     def __init__(self, runs: list[Any]) -> None:
         super().__init__()
@@ -177,7 +241,7 @@ class RunPicker(ModalScreen[str]):
         for run in self.runs:
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started_at))
             text = f"{run.run_id}  {run.shown_status:10}  {started}  {run.program}"
-            options.append(Option(text, id=run.run_id))
+            options.append(Option(Text(plain(text, one_line=True)), id=run.run_id))
         yield Static("Pick a run (Enter), or q to quit", id="picker-title")
         yield OptionList(*options, id="runs")
 
@@ -192,6 +256,7 @@ class CapsuleApp(App[int]):
     TITLE = "Capsule"
     CSS = """
     #summary { height: 2; padding: 0 1; background: $boost; }
+    #columns { height: 1; padding: 0 1; }
     #tree { height: 3fr; border: round $primary; }
     #detail-box { height: 2fr; border: round $secondary; }
     #detail { padding: 0 1; }
@@ -224,6 +289,8 @@ class CapsuleApp(App[int]):
         self.clock = clock
         self.model = RunModel()
         self.follow = False
+        #: model.state_changes when follow last moved the cursor.
+        self._followed = -1
         self.state_filter: str | None = None
         self.search = ""
         self._tree_nodes: dict[str, TreeNode[str]] = {}
@@ -233,12 +300,25 @@ class CapsuleApp(App[int]):
         self._refreshing = False
         #: Why updates stopped, if they did (shown in the header).
         self.problem: str | None = None
+        #: Tasks whose whole result was asked for, and those that have it.
+        self._results_asked: set[str] = set()
+        self._whole_results: set[str] = set()
+        #: What made the app itself fail, if something did (it then exits at once).
+        self.failure: BaseException | None = None
+
+    def _handle_exception(self, error: Exception) -> None:
+        # Kept for whoever runs the app: a failure of the TUI must not pass for
+        # a quit (Textual exits with return code 1, which a failed run has too).
+        if self.failure is None:
+            self.failure = error
+        super()._handle_exception(error)
 
     # -- layout -------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
         yield Static(id="summary")
         with Vertical():
+            yield Static(column_headers(), id="columns")
             tree = TaskTree(self._label_of, id="tree")
             tree.show_root = False
             tree.guide_depth = 2
@@ -321,7 +401,8 @@ class CapsuleApp(App[int]):
             return False
         if self.search:
             needle = self.search.lower()
-            return needle in view.name.lower() or needle in view.task_id.lower()
+            names = (view.name, view.task_id, view.actor_name or "")
+            return any(needle in name.lower() for name in names)
         return True
 
     def _apply_dirty(self, now: float) -> None:
@@ -334,7 +415,7 @@ class CapsuleApp(App[int]):
             self._rebuild_tree(tree, now)
         else:
             changed = []
-            for task_id in sorted(dirty, key=lambda t: (t.count("/"), t)):
+            for task_id in sorted(dirty, key=task_order):
                 view = model.tasks.get(task_id)
                 if view is None:
                     continue
@@ -344,7 +425,13 @@ class CapsuleApp(App[int]):
                 else:
                     changed.append(node)
             tree.changed(changed)
-        if self.follow and model.latest in self._tree_nodes:
+        # On new activity only: between two, the user moves the cursor freely.
+        if (
+            self.follow
+            and model.state_changes != self._followed
+            and model.latest in self._tree_nodes
+        ):
+            self._followed = model.state_changes
             tree.move_cursor(self._tree_nodes[model.latest])
         if self._selected in dirty:
             self._show_detail(self._selected)
@@ -359,7 +446,16 @@ class CapsuleApp(App[int]):
         if parent is not tree.root and not parent.allow_expand:
             parent.allow_expand = True
             parent.expand()
-        node = parent.add(view.task_id, data=view.task_id, expand=True)
+        # Among its siblings in task order, however its events arrived (they
+        # come from several threads): the same tree live and from the journal.
+        # (Mostly in order already: a look at the last sibling, else a bisection.)
+        key = task_order(view.task_id)
+        siblings = parent.children
+        before = None
+        if siblings and task_order(siblings[-1].data or "") > key:
+            index = bisect.bisect_right(siblings, key, key=lambda n: task_order(n.data or ""))
+            before = siblings[index]
+        node = parent.add(Text(view.task_id), data=view.task_id, expand=True, before=before)
         node.allow_expand = False  # until a child arrives
         self._tree_nodes[view.task_id] = node
         return node
@@ -381,7 +477,7 @@ class CapsuleApp(App[int]):
                     shown.add(task_id)
                     parent = model.tasks.get(task_id)
                     task_id = parent.parent_id if parent else None
-        for task_id in sorted(shown, key=lambda t: (t.count("/"), t)):
+        for task_id in sorted(shown, key=task_order):
             self._add_node(tree, model.tasks[task_id], now)
 
     def _show_summary(self, now: float) -> None:
@@ -399,20 +495,25 @@ class CapsuleApp(App[int]):
         if self.state_filter:
             modes.append(f"filter: {self.state_filter}")
         if self.search:
-            modes.append(f"search: {self.search}")
+            modes.append(f"search: {plain(self.search, one_line=True, limit=60)}")
         if self.follow:
             modes.append("following")
-        program = model.program.rsplit("/", 1)[-1]
-        line1 = (
-            f"[b]run {escape(model.run_id or '-')}[/b]  {escape(program)}  {status}  "
-            f"elapsed {duration(model.elapsed(now))}  fuel {short_number(model.total_fuel())}"
-        )
-        line2 = escape(states or "no tasks yet") + (
-            f"   [{escape(', '.join(modes))}]" if modes else ""
+        program = plain(model.program.rsplit("/", 1)[-1], one_line=True, limit=60)
+        summary = Text(no_wrap=True)
+        summary.append(f"run {plain(model.run_id or '-', one_line=True)}", style="bold")
+        summary.append(
+            f"  {program}  {status}  elapsed {duration(model.elapsed(now))}  "
+            f"fuel {short_number(model.total_fuel())}\n"
         )
         if self.problem:
-            line2 = f"[b red]{escape(self.problem)}[/]"
-        self._summary.update(f"{line1}\n{line2}")
+            summary.append(plain(self.problem, one_line=True), style="bold red")
+        else:
+            summary.append(states or "no tasks yet")
+            if self.search and not self._tree_nodes:
+                summary.append("   no matches", style="bold")
+            if modes:
+                summary.append(f"   [{', '.join(modes)}]")
+        self._summary.update(summary)
 
     def _show_detail(self, task_id: str | None) -> None:
         detail = self._detail
@@ -421,51 +522,102 @@ class CapsuleApp(App[int]):
             detail.update("Select a task to see its details.")
             return
         now = self.clock()
-        lines = [
-            f"[b]{escape(view.name)}[/b] {escape(view.task_id)}  "
-            f"{SYMBOLS.get(view.state, '?')} {view.state}"
-            + (
-                f" on {escape(view.waiting_on)}"
-                if view.state == "waiting" and view.waiting_on
-                else ""
-            )
-            + (
-                f" (hibernated: {view.hibernated_bytes / 2**20:.1f} MB given back)"
-                if view.state == "waiting" and view.hibernated_bytes
-                else ""
-            )
-            + f"  attempt {view.attempt}/{view.max_attempts}  {duration(view.elapsed(now))}",
-            f"fuel {view.fuel:,}"
-            + (f" (budget {view.fuel_budget:,} per attempt)" if view.fuel_budget else "")
-            + "  "
-            f"peak memory {'-' if view.peak_memory is None else f'{view.peak_memory:,}'}  "
-            f"mailbox {'-' if view.mailbox_depth is None else view.mailbox_depth}",
-            "",
-            "[b]call[/b]",
-            escape(call_text(view)),
-        ]
+        text = Text()
+        text.append(shown_name(view), style="bold")
+        text.append(f" {plain(view.task_id, one_line=True)}  {SYMBOLS.get(view.state, '?')} ")
+        text.append(view.state)
+        if view.state == "waiting" and view.waiting_on:
+            text.append(f" on {plain(view.waiting_on, one_line=True)}")
+        if view.state == "waiting" and view.hibernated_bytes:
+            text.append(f" (hibernated: {view.hibernated_bytes / 2**20:.1f} MB given back)")
+        text.append(
+            f"  attempt {view.attempt}/{view.max_attempts}  {duration(view.elapsed(now))}\n"
+        )
+        text.append(f"fuel {view.fuel:,}")
+        if view.fuel_budget:
+            text.append(f" (budget {view.fuel_budget:,} per attempt)")
+        memory = "-" if view.peak_memory is None else f"{view.peak_memory:,} bytes"
+        mailbox = "-" if view.mailbox_depth is None else str(view.mailbox_depth)
+        text.append(f"  peak memory {memory}  mailbox {mailbox}\n")
+        self._section(text, "call", plain(call_text(view)))
         if view.error is not None:
-            lines += [
-                "",
-                f"[b]error[/b] ({escape(str(view.error.get('kind')))})",
-                escape(str(view.error.get("message"))),
-            ]
+            kind = plain(view.error.get("kind"), one_line=True, limit=60)
+            self._section(text, f"error ({kind})", plain(view.error.get("message")))
             if view.error.get("traceback"):
-                lines += ["", "[b]traceback[/b] (in the sandbox)", escape(view.error["traceback"])]
+                self._section(text, "traceback (in the sandbox)", plain(view.error["traceback"]))
         elif view.result is not None:
-            lines += ["", "[b]result[/b]", escape(pretty_json(view.result))]
-        lines += ["", f"[b]output[/b] ({len(view.output)} lines)"]
-        lines += [escape(line) for line in view.output[-50:]] or ["-"]
-        lines += ["", "[b]timeline[/b]"]
+            result = plain(pretty_json(view.result), limit=RESULT_CHARS)
+            cut = len(view.result) == PREVIEW_CHARS and view.result.endswith("...")
+            if cut and view.task_id not in self._whole_results:
+                if view.state == "completed":
+                    self._load_result(view.task_id)
+                result += f"\n(a preview: its first {PREVIEW_CHARS} characters)"
+            self._section(text, "result", result)
+        self._section(text, f"output ({len(view.output)} lines)", "")
+        self._output(text, view)
+        text.append("\n")
+        self._section(text, "timeline", "")
         start = self.model.started_at or 0.0
-        lines += [f"+{at - start:7.3f}s  {escape(note)}" for at, note in view.timeline[-50:]]
-        detail.update("\n".join(lines))
+        for at, note in view.timeline[-DETAIL_LINES:]:
+            text.append(f"+{at - start:7.3f}s  {plain(note)}\n")
+        text.rstrip()
+        detail.update(text)
+
+    def _load_result(self, task_id: str) -> None:
+        """Have the whole result of a task read (events carry a preview), once."""
+        if task_id in self._results_asked or self.source is None:
+            return
+        self._results_asked.add(task_id)
+        source = self.source
+
+        async def load() -> None:
+            try:
+                whole = await source.full_result(task_id)
+            except Exception:  # (a journal that went away: the preview stays)
+                whole = None
+            view = self.model.tasks.get(task_id)
+            if whole is None or view is None:
+                self._results_asked.discard(task_id)  # (not written yet: later)
+                return
+            view.result = whole
+            self._whole_results.add(task_id)
+            if self._selected == task_id:
+                self._show_detail(task_id)
+
+        self.run_worker(load(), group="results")
+
+    @staticmethod
+    def _section(text: Text, title: str, body: str) -> None:
+        text.append("\n")
+        text.append(title, style="bold")
+        text.append(f"\n{body}\n" if body else "\n")
+
+    @staticmethod
+    def _output(text: Text, view: TaskView) -> None:
+        """What the task printed, the newest lines, each attempt's apart."""
+        lines = view.output[-DETAIL_LINES:]
+        if not lines:
+            text.append("-\n")
+            return
+        several = any(attempt != lines[0][0] for attempt, _ in lines)
+        previous: int | None = None
+        for attempt, line in lines:
+            if several and attempt != previous:
+                text.append(f"── attempt {attempt} ──\n", style="reverse")
+                previous = attempt
+            text.append(f"{plain(line)}\n")
 
     # -- interaction ----------------------------------------------------------------
 
     def on_tree_node_highlighted(self, message: Tree.NodeHighlighted[str]) -> None:
         self._selected = message.node.data
         self._show_detail(self._selected)
+
+    def _tell(
+        self, message: str, severity: Literal["information", "warning"] = "information"
+    ) -> None:
+        """A notification; it may quote a task's name or an error: never markup."""
+        self.notify(plain(message, limit=300), severity=severity, markup=False)
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
@@ -507,29 +659,34 @@ class CapsuleApp(App[int]):
 
     def action_follow(self) -> None:
         self.follow = not self.follow
-        self.notify("following the newest activity" if self.follow else "follow off")
+        self._followed = -1  # (on: to the newest activity at once)
+        self._tell("following the newest activity" if self.follow else "follow off")
         self._show_summary(self.clock())
 
     def action_cancel(self) -> None:
         source, task_id = self.source, self._selected
         if source is None or task_id is None:
-            self.notify("select a task first")
+            self._tell("select a task first")
             return
         view = self.model.tasks.get(task_id)
         if not source.can_cancel:
-            self.notify(source.cancel(task_id), severity="warning")
+            self._tell(source.cancel(task_id), "warning")
             return
         if view is None or view.state in ENDED:
-            self.notify(f"{task_id} has ended; nothing to cancel", severity="warning")
+            self._tell(f"{task_id} has ended; nothing to cancel", "warning")
             return
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.notify(source.cancel(task_id))
+                self._tell(source.cancel(task_id))
 
         self.push_screen(
-            ConfirmScreen(f"Cancel {view.name} ({task_id}) and everything under it?"), answered
+            ConfirmScreen(f"Cancel {shown_name(view)} ({task_id}) and everything under it?"),
+            answered,
         )
+
+    async def action_quit(self) -> None:
+        self.action_quit_app()  # (ctrl+q too)
 
     def action_quit_app(self) -> None:
         source = self.source

@@ -70,10 +70,14 @@ class TaskView:
     waiting_on: str | None = None
     #: Bytes its instance gave back while it waited (hibernated), if it did.
     hibernated_bytes: int | None = None
+    #: The name it was registered under at spawn (``spawn(name=...)``), if any.
+    actor_name: str | None = None
     call: str | None = None
     result: str | None = None
     error: dict[str, Any] | None = None
-    output: list[str] = field(default_factory=list)
+    #: What it printed: (attempt, line) pairs, so that each attempt's output
+    #: shows apart from the one before (a guest cannot print a separator).
+    output: list[tuple[int, str]] = field(default_factory=list)
     timeline: list[tuple[float, str]] = field(default_factory=list)
     replayed: bool = False
     children: list[str] = field(default_factory=list)
@@ -104,6 +108,8 @@ class RunModel:
         self.dirty: set[str] = set()
         #: The task whose state changed last (for "follow").
         self.latest: str | None = None
+        #: State changes so far (follow moves the cursor only on a new one).
+        self.state_changes = 0
 
     # -- events ----------------------------------------------------------------
 
@@ -126,7 +132,7 @@ class RunModel:
         self.dirty.add(task_id)
         if kind == "output":
             text = str(event.get("text", ""))
-            view.output.extend(text.splitlines() or [""])
+            view.output.extend((view.attempt, line) for line in text.splitlines() or [""])
             del view.output[:-KEEP_LINES]
             return
         if kind == "pending":
@@ -141,6 +147,8 @@ class RunModel:
                 self.roots.append(task_id)
             view.max_attempts = int(event.get("max_attempts", 1))
             view.call = event.get("call") or view.call
+            actor_name = event.get("actor_name")
+            view.actor_name = view.actor_name if actor_name is None else str(actor_name)
             self._state(view, "pending", at, "pending")
         elif kind == "started":
             view.attempt = int(event.get("attempt", view.attempt + 1))
@@ -215,11 +223,15 @@ class RunModel:
         view.state = state
         view.timeline.append((at, note))
         self.latest = view.task_id
+        self.state_changes += 1
 
     @staticmethod
     def _ended_attempt(view: TaskView, event: dict[str, Any]) -> None:
         view.fuel_done += int(event.get("fuel_consumed", 0))
         view.fuel_live = 0
+        peak = event.get("peak_memory_bytes")
+        if isinstance(peak, int):  # the task's largest, over its attempts
+            view.peak_memory = max(peak, view.peak_memory or 0)
 
     def apply_live(self, live: list[Any]) -> None:
         """Live readings of running attempts (``Run.snapshot()``)."""
@@ -240,6 +252,11 @@ class RunModel:
 
     # -- what the header shows ---------------------------------------------------
 
+    def children_of(self, task_id: str | None) -> list[str]:
+        """A task's children (None: the roots), in task order."""
+        ids = self.roots if task_id is None else self.task(task_id, task_id).children
+        return sorted(ids, key=task_order)
+
     def counts(self) -> Counter[str]:
         return Counter(view.state for view in self.tasks.values())
 
@@ -252,10 +269,19 @@ class RunModel:
         return (self.ended_at or now or time.time()) - self.started_at
 
 
+def task_order(task_id: str) -> tuple[tuple[int, int, str], ...]:
+    """Where a task stands among its siblings: by its number ("main/2" before
+    "main/10"), the order they were spawned in; live and replayed alike."""
+    return tuple(
+        (0, int(part), "") if part.isascii() and part.isdigit() else (1, 0, part)
+        for part in task_id.split("/")
+    )
+
+
 def pretty_json(text: str | None) -> str:
     if text is None:
         return "-"
     try:
         return json.dumps(json.loads(text), indent=2)
-    except ValueError:
+    except (ValueError, RecursionError):  # a preview cut short; nested too deep
         return text

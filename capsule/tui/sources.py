@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +45,11 @@ class Source(Protocol):
         """(status, exit code) once the run has ended, else None."""
         ...
 
+    async def full_result(self, task_id: str) -> str | None:
+        """A completed task's whole result (events carry its first PREVIEW_CHARS),
+        if it can be had: from the journal."""
+        ...
+
     def cancel(self, task_id: str) -> str:
         """Cancel a task; what happened, for the user."""
         ...
@@ -61,10 +67,15 @@ class LiveSource:
 
     owns_run = True
 
-    def __init__(self, program: str) -> None:
+    def __init__(self, program: str, journal: Path | None = None) -> None:
         self.run_id = ""
         self.program = program
+        #: The journal the run writes, if it is journaled (whole results are there).
+        self.journal = journal
         self._events: deque[Any] = deque()
+        #: Where events go instead, once the app is gone (see hand_over).
+        self._forward: Callable[[Any], None] | None = None
+        self._lock = threading.Lock()
         self._run: Any = None
         self._ended = threading.Event()
         self._outcome: tuple[str, int | None] | None = None
@@ -77,7 +88,19 @@ class LiveSource:
         return not self._ended.is_set()
 
     def on_event(self, event: Any) -> None:
-        self._events.append(event)
+        with self._lock:
+            if self._forward is None:
+                self._events.append(event)
+                return
+            self._forward(event)
+
+    def hand_over(self, subscriber: Callable[[Any], None]) -> None:
+        """The app failed and the run goes on without it: ``subscriber`` gets the
+        events the app had not taken, then each new one, in order."""
+        with self._lock:
+            while self._events:
+                subscriber(self._events.popleft())
+            self._forward = subscriber
 
     def on_run(self, run: Any) -> None:
         self._run = run
@@ -104,6 +127,11 @@ class LiveSource:
     def outcome(self) -> tuple[str, int | None] | None:
         return self._outcome
 
+    async def full_result(self, task_id: str) -> str | None:
+        if self.journal is None or not self.run_id:
+            return None
+        return await asyncio.to_thread(_journaled_result, self.journal, self.run_id, task_id)
+
     def cancel(self, task_id: str) -> str:
         if self._run is None or self._ended.is_set():
             return "the run has ended; nothing to cancel"
@@ -111,10 +139,10 @@ class LiveSource:
             return f"cancelling {task_id}"
         return f"{task_id} is not running"
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "cancelled: the TUI was closed while the run went on") -> None:
         self._stop_requested = True
         if self._run is not None and not self._ended.is_set():
-            self._run.stop("cancelled: the TUI was closed while the run went on")
+            self._run.stop(reason)
 
     async def close(self) -> None:
         return None
@@ -186,6 +214,9 @@ class JournalSource:
     def can_cancel(self) -> bool:
         return self._outcome is None
 
+    async def full_result(self, task_id: str) -> str | None:
+        return await asyncio.to_thread(_journaled_result, self.journal, self.run_id, task_id)
+
     def cancel(self, task_id: str) -> str:
         if self._outcome is not None:
             return "the run has ended; nothing to cancel"
@@ -208,3 +239,13 @@ class JournalSource:
             if self._context is not None:
                 await self._context.__aexit__(None, None, None)
                 self._context = self._db = None
+
+
+def _journaled_result(journal: Path, run_id: str, task_id: str) -> str | None:
+    """A task's result as its journal has it, whole (None: not written yet)."""
+    uri = f"{journal.resolve().as_uri()}?mode=ro"  # (read only: never creates one)
+    with sqlite3.connect(uri, uri=True, timeout=5) as connection:
+        row = connection.execute(
+            "SELECT result_json FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)
+        ).fetchone()
+    return None if row is None else row[0]
