@@ -67,6 +67,28 @@ def _interface(name: str) -> str:
 #: fields in order): id, sender, body (checked JSON), expects-reply.
 Envelope = tuple[str, str, str, bool]
 
+#: A started operation that ended, as the guest gets it (the WIT record
+#: ``completion``'s fields in order): handle, ok, payload (JSON).
+Completion = tuple[int, bool, str]
+
+
+def completions(answer: str) -> list[Completion]:
+    """The completions of a poll's answer (JSON [[handle, ok, payload], ...],
+    the host's own or its journal's); ValueError if it is not of that shape."""
+    rows = json.loads(answer)
+    if not isinstance(rows, list) or not all(
+        isinstance(row, list)
+        and len(row) == 3
+        and isinstance(row[0], int)
+        and 0 < row[0] < 1 << 64
+        and isinstance(row[1], bool)
+        and isinstance(row[2], str)
+        for row in rows
+    ):
+        raise ValueError("malformed answer of a poll of operations")
+    return [(handle, ok, payload) for handle, ok, payload in rows]
+
+
 #: The kinds of failure a guest may report of itself; any other is the host's
 #: to decide (a timeout, a cancellation), and a guest claiming one breaks the
 #: protocol.
@@ -188,6 +210,20 @@ class HostCalls(Protocol):
         """Perform an HTTP request: (True, response JSON) or (False, error JSON)."""
         ...
 
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        """Start an HTTP request without waiting: (True, its handle, as
+        decimal text) or (False, error JSON)."""
+        ...
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        """Wait for started operations: (True, JSON [[handle, ok, payload],
+        ...] of those that ended) or (False, error JSON)."""
+        ...
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        """Stop a started operation; it is never reported."""
+        ...
+
 
 class LiveClockAndRandom:
     """Clock and random answers straight from the host: for instances that only
@@ -257,6 +293,15 @@ class RefusingHost(LiveClockAndRandom):
     def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         message = "HTTP requests cannot be made while the program is being imported"
         return False, json.dumps({"kind": "host_not_allowed", "message": message})
+
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        return self.http(caller, request_json)
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        return True, "[]"  # (nothing can have started)
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        return None
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         return None  # no credit is ever given: nothing to take
@@ -786,6 +831,10 @@ class Sandbox:
             add_host_func(clock, "monotonic-ns", self._monotonic_ns, _host_failure)
         with root.add_instance(_interface("http")) as http:
             add_host_func(http, "request", self._http_request, _host_failure)
+        with root.add_instance(_interface("operations")) as operations:
+            add_host_func(operations, "start-http", self._start_http, _host_failure)
+            add_host_func(operations, "poll", self._poll, _host_failure)
+            add_host_func(operations, "abandon", self._abandon, _host_failure)
         with root.add_instance(_interface("modules")) as modules:
             add_host_func(modules, "find", self._find_module, _host_failure)
             add_host_func(modules, "offer-compiled", self._offer_compiled, _host_failure)
@@ -847,6 +896,27 @@ class Sandbox:
         invocation = _step_caller()
         answer = invocation.host.http(invocation, request_json)
         return answer if answer[0] else _failed(invocation, answer)
+
+    def _start_http(self, request_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        ok, answer = invocation.host.start_http(invocation, request_json)
+        if ok:
+            return True, int(answer)
+        return _failed(invocation, (ok, answer))
+
+    def _poll(self, timeout_ms: int | None) -> tuple[bool, list[Completion] | str]:
+        invocation = _step_caller()
+        ok, answer = invocation.host.poll(
+            invocation, None if timeout_ms is None else timeout_ms / 1000
+        )
+        if not ok:
+            return _failed(invocation, (ok, answer))
+        return True, completions(answer)
+
+    def _abandon(self, handle: int) -> None:
+        invocation = _step_caller()
+        invocation.host.abandon(invocation, handle)
+        _stop_if_asked(invocation)
 
     def _find_module(self, fullname: str) -> Any:
         found = self.finder.find(fullname)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -76,6 +76,11 @@ class Backend(Protocol):
     def http(self, request: dict[str, Any]) -> dict[str, Any]:
         """Perform an HTTP request (see capsule.sdk.http): the response as a dict,
         or raises HttpError."""
+        ...
+
+    def http_async(self, request: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """Start an HTTP request without waiting for it, on the running event
+        loop: awaiting the result gives what ``http`` returns (or raises)."""
         ...
 
     def current(self) -> TaskInfo | None: ...

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, TypedDict
 
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
-from capsule.net.redact import redact_url
+from capsule.net.redact import Secrets, redact_url
 from capsule.sandbox import guest_data
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
@@ -39,6 +40,7 @@ from capsule.sandbox.engine import (
     PrepareError,
     RefusingHost,
     Sandbox,
+    completions,
     refusal,
     sleep_unless_stopped,
 )
@@ -64,6 +66,7 @@ from capsule.supervisor.events import (
     preview,
 )
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, http_operation
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -112,7 +115,9 @@ RECORDED_COUNT_STEP = 1 << 20
 #: wait, holding places others need, or tell it more about its targets: that
 #: one ended, say), and the host gives back the places reserved for it (see
 #: MessageCalls.send).
-ENDS_CREDIT = frozenset({"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive"})
+ENDS_CREDIT = frozenset(
+    {"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive", "http_start", "poll"}
+)
 
 
 class ProgramError(Exception):
@@ -734,7 +739,8 @@ class Run:
         finally:
             # Structured concurrency: however the attempt ended, its running
             # children are cancelled, and their threads joined, before it counts
-            # as ended.
+            # as ended; so are the operations it started.
+            attempt.operations.close()
             self._end_children(attempt)
             self._count_recorded(attempt)
             with self._lock:
@@ -813,6 +819,7 @@ class Run:
         if attempt is not None:
             if attempt.transfer is not None:
                 held += attempt.transfer.bytes
+            held += attempt.operations.held_bytes()
             for child in list(attempt.children.values()):
                 result = child.result
                 if result is not None:
@@ -1325,30 +1332,7 @@ class Run:
                     return False, "{}"
             finally:
                 attempt.transfer = None
-            status: int | None = None
-            error_kind: str | None = None
-            try:
-                response = future.result()
-                received.append(response)
-                status = response.status
-                answer = True, response.to_json()
-            except HttpFailure as exc:  # (its message redacted by the client)
-                error_kind = exc.kind
-                answer = False, exc.to_json()
-            self._output_shown(caller.task_id)
-            self.events.emit(
-                HttpExchange(
-                    **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
-                    method=request.method,
-                    url=redact_url(request.url, secrets),
-                    status=status,
-                    error_kind=error_kind,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    request_bytes=len(request.body),
-                    response_bytes=len(received[0].body) if received else 0,
-                )
-            )
-            return answer
+            return self._http_ended(caller, request, secrets, future, started, received)
 
         def for_journal(answer: str) -> str:
             return received[0].journal_json(secrets) if received else answer
@@ -1362,6 +1346,135 @@ class Run:
             durable=True,
             for_journal=for_journal,
         )
+
+    def _http_ended(
+        self,
+        caller: Invocation,
+        request: HttpRequest,
+        secrets: Secrets,
+        future: Future[HttpResponse],
+        started: float,
+        received: list[HttpResponse],
+    ) -> tuple[bool, str]:
+        """The answer of a request that ended (its response is added to
+        ``received``), reported as an HttpExchange event."""
+        status: int | None = None
+        error_kind: str | None = None
+        try:
+            response = future.result()
+            received.append(response)
+            status = response.status
+            answer = True, response.to_json()
+        except HttpFailure as exc:  # (its message redacted by the client)
+            error_kind = exc.kind
+            answer = False, exc.to_json()
+        self._output_shown(caller.task_id)
+        self.events.emit(
+            HttpExchange(
+                **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
+                method=request.method,
+                url=redact_url(request.url, secrets),
+                status=status,
+                error_kind=error_kind,
+                duration_ms=(time.monotonic() - started) * 1000,
+                request_bytes=len(request.body),
+                response_bytes=len(received[0].body) if received else 0,
+            )
+        )
+        return answer
+
+    # -- operations started without waiting (see operations.py) ---------------
+
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        known = self._http.secrets
+        try:
+            request = HttpRequest.from_json(request_json)
+        except HttpFailure as exc:
+            invalid = (False, exc.redacted(known.granted).to_json())
+            digest = hashlib.sha256(request_json.encode()).hexdigest()
+            return self._step(
+                caller, "http_start", json.dumps({"invalid": digest}), lambda: invalid
+            )
+        secrets = known.learn(request.credentials)
+        operations = attempt.operations
+
+        def operation(handle: int) -> Operation:
+            return http_operation(
+                handle,
+                lambda transfer: self._http.start(request, caller.grants.allows, secrets, transfer),
+                lambda future, started, received: self._http_ended(
+                    caller, request, secrets, future, started, received
+                ),
+                secrets,
+            )
+
+        def start() -> tuple[bool, str]:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                return False, json.dumps(
+                    {
+                        "kind": "limit",
+                        "message": f"task {caller.task!r} has {MAX_IN_FLIGHT} operations in "
+                        f"flight, its limit: await some before starting more",
+                    }
+                )
+            return True, str(operations.add(operation, live=True))
+
+        def replayed(step: Step) -> None:
+            if step.ok:  # (numbered alike; performed only if no poll reports it)
+                operations.add(operation, live=False)
+
+        return self._step(
+            caller,
+            "http_start",
+            request.journal_form(known.granted),
+            start,
+            replayed=replayed,
+        )
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        operations = attempt.operations
+        ended: list[tuple[int, Ended]] = []
+
+        def poll() -> tuple[bool, str]:
+            operations.start_unstarted()
+            if timeout != 0:
+                self._block(attempt, operations.any_ended, timeout, "http")
+            if caller.check_stop() is not None:
+                return False, "{}"  # the sandbox ends the caller; never seen
+            ended.extend(operations.take_ended())
+            return True, json.dumps([[handle, ok, payload] for handle, (ok, payload, _) in ended])
+
+        def for_journal(answer: str) -> str:
+            return json.dumps([[handle, ok, kept] for handle, (ok, _, kept) in ended])
+
+        def replayed(step: Step) -> None:
+            operations.forget([handle for handle, _, _ in completions(step.answer)])
+
+        answer = self._step(
+            caller,
+            "poll",
+            "" if timeout is None else repr(timeout),
+            poll,
+            replayed=replayed,
+            for_journal=for_journal,
+        )
+        if ended and self._journaling:
+            # Durable before the guest sees what ended (as a blocking request's
+            # step is): a crash must not send a request again once its
+            # response was seen.
+            self._log(self._steps.sync)
+        return answer
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        operations = self._attempts[caller].operations
+
+        def abandon() -> tuple[bool, str]:
+            operations.abandon(handle)
+            return True, ""
+
+        self._step(caller, "abandon", str(handle), abandon, replayed=lambda _: abandon())
 
     # -- time and randomness: journaled, so that a replay sees the same --------
 

@@ -1,0 +1,165 @@
+"""Operations a task starts without waiting for them, and waits for together:
+the host's side of the ``operations`` interface (wit/capsule.wit), which the
+guest's asyncio event loop awaits (an HTTP request of ``get_async``, say).
+
+One :class:`Operations` per attempt numbers its operations (1, 2, ...: the
+same in a replay), holds those in flight and those that ended and were not
+yet reported, and is closed with the attempt, stopping what is still in
+flight. An operation's work runs elsewhere (the HTTP client's loop); its
+future's end wakes the attempt, whose next ``poll`` reports it.
+
+A replayed start is not performed again: its operation waits, unstarted, for
+a replayed poll that reports it (the journal has its answer). One the journal
+never reported (the run stopped while it was in flight) is started when the
+attempt first polls live, as a blocking call cut off by a crash is made again.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from capsule.net.http import HttpResponse, Transfer
+from capsule.net.redact import Secrets
+
+#: Operations one attempt may have in flight (started and not yet reported).
+MAX_IN_FLIGHT = 64
+
+#: An operation's end as the guest gets it, and as the journal keeps it: ok,
+#: payload (JSON), journaled payload (secrets redacted).
+Ended = tuple[bool, str, str]
+
+
+@dataclass(eq=False)
+class Operation:
+    handle: int
+    #: Starts the work; returns the future whose end is the operation's end.
+    start: Callable[[], Future[Any]]
+    #: Makes the guest's answer of the future once it is done (on the
+    #: attempt's thread, in its poll).
+    finish: Callable[[Future[Any]], Ended]
+    #: Bytes the host holds for it meanwhile (the run's memory budget counts them).
+    held: Callable[[], int] = lambda: 0
+    future: Future[Any] | None = None
+
+
+@dataclass(eq=False)
+class Operations:
+    """The operations of one attempt."""
+
+    #: Wakes the attempt's blocking call (an operation ended).
+    wake: Callable[[], None]
+    _started: int = 0
+    _in_flight: dict[int, Operation] = field(default_factory=dict)
+    #: Handles of operations that ended, in the order they did, not yet reported.
+    _ended: deque[int] = field(default_factory=deque)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _closed: bool = False
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def add(self, operation_for: Callable[[int], Operation], live: bool) -> int:
+        """Number a new operation (made by ``operation_for(handle)``) and start
+        it, if ``live`` (a replayed one is not performed: see the module)."""
+        self._started += 1
+        handle = self._started
+        operation = operation_for(handle)
+        with self._lock:
+            self._in_flight[handle] = operation
+        if live:
+            self._begin(operation)
+        return handle
+
+    def _begin(self, operation: Operation) -> None:
+        future = operation.start()
+        operation.future = future
+        future.add_done_callback(lambda _: self._on_end(operation.handle))
+
+    def _on_end(self, handle: int) -> None:  # (on the thread the work ran on)
+        with self._lock:
+            if handle in self._in_flight and not self._closed:
+                self._ended.append(handle)
+        self.wake()
+
+    def start_unstarted(self) -> None:
+        """Start the operations a replay left unstarted (see the module): the
+        attempt now runs live."""
+        for operation in list(self._in_flight.values()):
+            if operation.future is None:
+                self._begin(operation)
+
+    def any_ended(self) -> bool:
+        return bool(self._ended)
+
+    def take_ended(self) -> list[tuple[int, Ended]]:
+        """The operations that ended since the last call, in order, with their
+        answers; they are forgotten."""
+        with self._lock:
+            handles = list(self._ended)
+            self._ended.clear()
+            ended = [self._in_flight.pop(handle) for handle in handles]
+        return [(operation.handle, operation.finish(operation.future)) for operation in ended]  # type: ignore[arg-type]
+
+    def forget(self, handles: list[int]) -> None:
+        """A replayed poll reported these: they are over (never started again)."""
+        with self._lock:
+            for handle in handles:
+                operation = self._in_flight.pop(handle, None)
+                if operation is not None and operation.future is not None:
+                    operation.future.cancel()
+            self._ended = deque(h for h in self._ended if h in self._in_flight)
+
+    def abandon(self, handle: int) -> None:
+        """The guest no longer waits for it: stopped, and never reported."""
+        with self._lock:
+            operation = self._in_flight.pop(handle, None)
+            if handle in self._ended:
+                self._ended.remove(handle)
+        if operation is not None and operation.future is not None:
+            operation.future.cancel()
+
+    def held_bytes(self) -> int:
+        with self._lock:
+            operations = list(self._in_flight.values())
+        return sum(operation.held() for operation in operations)
+
+    def close(self) -> None:
+        """The attempt ended: everything still in flight is stopped."""
+        with self._lock:
+            self._closed = True
+            operations = list(self._in_flight.values())
+            self._in_flight.clear()
+            self._ended.clear()
+        for operation in operations:
+            if operation.future is not None:
+                operation.future.cancel()
+
+
+def http_operation(
+    handle: int,
+    start: Callable[[Transfer], Future[HttpResponse]],
+    ended: Callable[[Future[HttpResponse], float, list[HttpResponse]], tuple[bool, str]],
+    secrets: Secrets,
+) -> Operation:
+    """An HTTP request as an operation: ``start(transfer)`` sends it,
+    ``ended(future, started, received)`` answers it once it ended (adding its
+    response to ``received``), journaled with ``secrets`` redacted."""
+    transfer = Transfer()
+    started = [0.0]
+
+    def begin() -> Future[HttpResponse]:
+        started[0] = time.monotonic()
+        return start(transfer)
+
+    def finish(future: Future[HttpResponse]) -> Ended:
+        received: list[HttpResponse] = []
+        ok, payload = ended(future, started[0], received)
+        return ok, payload, received[0].journal_json(secrets) if received else payload
+
+    return Operation(handle, begin, finish, held=lambda: transfer.bytes)
