@@ -32,7 +32,9 @@ async def double(x):
 def sync_child():
     async def both():
         return await asyncio.gather(asyncio.sleep(0.01, "a"), asyncio.sleep(0.02, "b"))
-    return asyncio.run(both())
+    with asyncio.Runner() as runner:
+        first = runner.run(both())
+    return asyncio.run(both()) + first
 
 @task
 async def main():
@@ -57,6 +59,25 @@ async def main():
     except TimeoutError:
         out["timeout"] = "timed out"
     out["loop"] = type(asyncio.get_running_loop()).__name__
+    queue, lock, event = asyncio.Queue(), asyncio.Lock(), asyncio.Event()
+    async def produce():
+        for n in range(3):
+            await queue.put(n)
+            await asyncio.sleep(0.01)
+        event.set()
+    async def consume():
+        got = []
+        while not (event.is_set() and queue.empty()):
+            try:
+                got.append(await asyncio.wait_for(queue.get(), 0.05))
+            except TimeoutError:
+                pass
+        async with lock:
+            return got
+    async with asyncio.TaskGroup() as group:
+        group.create_task(produce())
+        consumed = group.create_task(consume())
+    out["task_group"] = consumed.result()
     out["to_thread"] = await asyncio.to_thread(sum, [1, 2, 3])
     out["async_child"] = double(21)
     out["sync_child"] = sync_child()
@@ -72,9 +93,10 @@ def test_async_tasks_and_asyncio_run_on_the_hosts_loop(run_program: ProgramRunne
         "wait_for": "timed out",
         "timeout": "timed out",
         "loop": "CapsuleEventLoop",
+        "task_group": [0, 1, 2],
         "to_thread": 6,
         "async_child": 42,
-        "sync_child": ["a", "b"],
+        "sync_child": ["a", "b", "a", "b"],
     }
     # The loop's waits are the host's: sleeps that free the CPU slot.
     assert {event.on for event in outcome.of_type("waiting")} == {"sleep"}
@@ -221,6 +243,32 @@ def test_requests_in_flight_together_are_journaled_and_replayed(
     assert {"http_start", "poll", "abandon"} <= set(kinds)
     journal = (tmp_path / ".capsule" / "journal.db").read_bytes()
     assert b"SECRET-TOKEN" not in journal
+
+
+def test_a_task_has_at_most_64_requests_in_flight(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
+    value = run_program(
+        """
+        import asyncio
+        from capsule import task
+        from capsule.http import get_async
+
+        @task(allowed_hosts=["127.0.0.1"])
+        async def main(url):
+            started = [asyncio.ensure_future(get_async(url)) for _ in range(65)]
+            outcomes = await asyncio.gather(*started, return_exceptions=True)
+            return [
+                getattr(o, "status_code", None) or [type(o).__name__, o.kind, str(o)]
+                for o in outcomes
+            ]
+        """,
+        http_server.url + "/echo",
+    ).value
+    assert value[:64] == [200] * 64
+    name, kind, message = value[64]
+    assert (name, kind) == ("TooManyRequests", "limit")
+    assert "64 operations in flight" in message
 
 
 def test_threads_and_sockets_say_to_use_capsule_http(run_program: ProgramRunner) -> None:

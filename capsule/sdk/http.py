@@ -55,9 +55,23 @@ class InvalidRequest(HttpError, ValueError):
     kind = "invalid_request"
 
 
+class TooManyRequests(HttpError):
+    """The task has as many requests in flight as it may (async code): await
+    some before starting more."""
+
+    kind = "limit"
+
+
 _ERRORS: dict[str, type[HttpError]] = {
     cls.kind: cls
-    for cls in (HostNotAllowed, HttpTimeout, ConnectionFailed, ResponseTooLarge, InvalidRequest)
+    for cls in (
+        HostNotAllowed,
+        HttpTimeout,
+        ConnectionFailed,
+        ResponseTooLarge,
+        InvalidRequest,
+        TooManyRequests,
+    )
 }
 
 
