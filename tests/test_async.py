@@ -271,6 +271,71 @@ def test_a_task_has_at_most_64_requests_in_flight(
     assert "64 operations in flight" in message
 
 
+AWAITED = """
+import asyncio
+import capsule
+from capsule import task
+
+@task
+def echo():
+    return capsule.receive(timeout=30).body
+
+@task
+def failing():
+    raise ValueError("no")
+
+@task
+def greeter(target):
+    capsule.send(target, "hello")
+
+@task(timeout="60s")
+async def main():
+    out = {}
+    child = echo.spawn()
+    async def ping_later():
+        await asyncio.sleep(0.01)
+        capsule.send(child, "ping")
+    # The child ends only once the loop, awaiting it, has run ping_later.
+    out["echoed"], _ = await asyncio.gather(child, ping_later())
+    try:
+        await failing.spawn()
+        out["failed"] = "no"
+    except capsule.TaskError as exc:
+        out["failed"] = exc.kind
+    slow = echo.spawn()
+    try:
+        await slow.result_async(timeout=0.05)
+    except TimeoutError as exc:
+        out["timeout"] = str(exc)
+    capsule.send(slow, "late")
+    out["late"] = await slow
+    async def greet_later():
+        await asyncio.sleep(0.01)
+        greeter.spawn(capsule.current().id)
+    message, _ = await asyncio.gather(capsule.receive_async(timeout=30), greet_later())
+    out["received"] = [message.body, message.sender]
+    try:
+        await capsule.receive_async(timeout=0.05)
+    except capsule.ReceiveTimeout as exc:
+        out["receive_timeout"] = str(exc)
+    return out
+"""
+
+
+def test_children_and_messages_awaited_without_blocking_the_loop(
+    run_program: ProgramRunner,
+) -> None:
+    value = run_program(AWAITED).value
+    assert value == {
+        "echoed": "ping",
+        "failed": "exception",
+        "timeout": "children ['main/3'] had not ended after 0.05s",
+        "late": "late",
+        "received": ["hello", "main/4"],
+        "receive_timeout": "no message arrived within 0.05s",
+    }
+
+
 def test_threads_and_sockets_say_to_use_capsule_http(run_program: ProgramRunner) -> None:
     value = run_program(
         """

@@ -215,6 +215,16 @@ class HostCalls(Protocol):
         decimal text) or (False, error JSON)."""
         ...
 
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        """Start waiting for children to end (as ``wait`` does): (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        """Start waiting for a message in the caller's mailbox: (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         """Wait for started operations: (True, JSON [[handle, ok, payload],
         ...] of those that ended) or (False, error JSON)."""
@@ -296,6 +306,12 @@ class RefusingHost(LiveClockAndRandom):
 
     def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         return self.http(caller, request_json)
+
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        return self.wait(caller, task_ids, None)
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        return self._no_messages()
 
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         return True, "[]"  # (nothing can have started)
@@ -617,6 +633,14 @@ def _failed(invocation: Invocation, answer: Answer) -> Answer:
     return answer
 
 
+def _started(invocation: Invocation, answer: Answer) -> tuple[bool, int | str]:
+    """A started operation's answer for the guest: its handle as a number."""
+    ok, payload = answer
+    if ok:
+        return True, int(payload)
+    return _failed(invocation, answer)
+
+
 def _take_gathered(invocation: Invocation, channel: Channel, restart: bool) -> None:
     """Hand the host the messages the guest wrote to its channel since the last
     look (see channel.py); ``restart`` (only inside a host call): start the
@@ -833,6 +857,8 @@ class Sandbox:
             add_host_func(http, "request", self._http_request, _host_failure)
         with root.add_instance(_interface("operations")) as operations:
             add_host_func(operations, "start-http", self._start_http, _host_failure)
+            add_host_func(operations, "start-wait", self._start_wait, _host_failure)
+            add_host_func(operations, "start-receive", self._start_receive, _host_failure)
             add_host_func(operations, "poll", self._poll, _host_failure)
             add_host_func(operations, "abandon", self._abandon, _host_failure)
         with root.add_instance(_interface("modules")) as modules:
@@ -899,10 +925,16 @@ class Sandbox:
 
     def _start_http(self, request_json: str) -> tuple[bool, int | str]:
         invocation = _step_caller()
-        ok, answer = invocation.host.start_http(invocation, request_json)
-        if ok:
-            return True, int(answer)
-        return _failed(invocation, (ok, answer))
+        return _started(invocation, invocation.host.start_http(invocation, request_json))
+
+    def _start_wait(self, ids_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        task_ids = guest_data.names(ids_json, "the task ids to wait on")
+        return _started(invocation, invocation.host.start_wait(invocation, task_ids))
+
+    def _start_receive(self) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        return _started(invocation, invocation.host.start_receive(invocation))
 
     def _poll(self, timeout_ms: int | None) -> tuple[bool, list[Completion] | str]:
         invocation = _step_caller()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -81,6 +81,14 @@ class Backend(Protocol):
     def http_async(self, request: dict[str, Any]) -> Awaitable[dict[str, Any]]:
         """Start an HTTP request without waiting for it, on the running event
         loop: awaiting the result gives what ``http`` returns (or raises)."""
+        ...
+
+    def wait_async(self, task_ids: list[str]) -> Awaitable[list[tuple[bool, Any]]]:
+        """``wait`` without a timeout, without blocking the running event loop."""
+        ...
+
+    def receive_async(self, timeout: float | None) -> Awaitable[tuple[str, str, Any, bool]]:
+        """``receive``, without blocking the running event loop."""
         ...
 
     def current(self) -> TaskInfo | None: ...
@@ -308,6 +316,18 @@ class TaskHandle(Generic[R]):
         result: R = value
         return result
 
+    async def result_async(self, timeout: float | None = None) -> R:
+        """``result`` for async code: the task's other coroutines run while it
+        waits (``await handle`` is the same, without a timeout)."""
+        ((ok, value),) = await _wait_async([self], timeout)
+        if not ok:
+            raise value
+        result: R = value
+        return result
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.result_async().__await__()
+
     def cancel(self) -> None:
         """Cancel the child (and its own children); waiting on it then raises
         TaskError with kind ``cancelled``."""
@@ -333,6 +353,29 @@ def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tup
             pending, backend.wait([h.id for h in pending], timeout), strict=True
         ):
             handle._local_outcome = outcome
+    return [h._local_outcome for h in handles]  # type: ignore[misc]
+
+
+async def _wait_async(
+    handles: Sequence[TaskHandle[Any]], timeout: float | None
+) -> list[tuple[bool, Any]]:
+    backend = _backend
+    pending = list({h.id: h for h in handles if h._local_outcome is None}.values())
+    if backend is None or not pending:
+        return _wait(handles, timeout)
+    waiting = backend.wait_async([h.id for h in pending])
+    if timeout is None:
+        outcomes = await waiting
+    else:
+        import asyncio
+
+        try:
+            outcomes = await asyncio.wait_for(waiting, timeout)
+        except TimeoutError:
+            ids = [h.id for h in pending]
+            raise TimeoutError(f"children {ids} had not ended after {timeout:g}s") from None
+    for handle, outcome in zip(pending, outcomes, strict=True):
+        handle._local_outcome = outcome
     return [h._local_outcome for h in handles]  # type: ignore[misc]
 
 

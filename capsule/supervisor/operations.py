@@ -1,6 +1,8 @@
 """Operations a task starts without waiting for them, and waits for together:
 the host's side of the ``operations`` interface (wit/capsule.wit), which the
-guest's asyncio event loop awaits (an HTTP request of ``get_async``, say).
+guest's asyncio event loop awaits: an HTTP request of ``get_async`` (work done
+elsewhere, ending with its future), or a condition (children that end, a
+message that arrives), checked whenever the attempt is woken.
 
 One :class:`Operations` per attempt numbers its operations (1, 2, ...: the
 same in a replay), holds those in flight and those that ended and were not
@@ -39,12 +41,18 @@ Ended = tuple[bool, str, str]
 class Operation:
     handle: int
     #: Starts the work; returns the future whose end is the operation's end.
-    start: Callable[[], Future[Any]]
-    #: Makes the guest's answer of the future once it is done (on the
-    #: attempt's thread, in its poll).
-    finish: Callable[[Future[Any]], Ended]
+    #: None for an operation that is a condition (see ``ready``).
+    start: Callable[[], Future[Any]] | None
+    #: Makes the guest's answer once it ended (on the attempt's thread, in its
+    #: poll), from its future (None for a condition).
+    finish: Callable[[Future[Any] | None], Ended]
     #: Bytes the host holds for it meanwhile (the run's memory budget counts them).
     held: Callable[[], int] = lambda: 0
+    #: For a condition (waiting for children, for a message): whether it holds
+    #: now. Checked whenever the attempt is woken, and polls.
+    ready: Callable[[], bool] | None = None
+    #: What a replayed poll that reports it must still do in this process.
+    replayed: Callable[[], None] | None = None
     future: Future[Any] | None = None
 
 
@@ -77,6 +85,8 @@ class Operations:
         return handle
 
     def _begin(self, operation: Operation) -> None:
+        if operation.start is None:  # a condition: nothing to start
+            return
         future = operation.start()
         operation.future = future
         future.add_done_callback(lambda _: self._on_end(operation.handle))
@@ -95,25 +105,45 @@ class Operations:
                 self._begin(operation)
 
     def any_ended(self) -> bool:
+        self._check_conditions()
         return bool(self._ended)
+
+    def _check_conditions(self) -> None:
+        with self._lock:
+            conditions = [
+                operation
+                for operation in self._in_flight.values()
+                if operation.ready is not None and operation.handle not in self._ended
+            ]
+        for operation in conditions:
+            assert operation.ready is not None
+            if operation.ready():
+                with self._lock:
+                    if operation.handle in self._in_flight:
+                        self._ended.append(operation.handle)
 
     def take_ended(self) -> list[tuple[int, Ended]]:
         """The operations that ended since the last call, in order, with their
         answers; they are forgotten."""
+        self._check_conditions()
         with self._lock:
             handles = list(self._ended)
             self._ended.clear()
             ended = [self._in_flight.pop(handle) for handle in handles]
-        return [(operation.handle, operation.finish(operation.future)) for operation in ended]  # type: ignore[arg-type]
+        return [(operation.handle, operation.finish(operation.future)) for operation in ended]
 
     def forget(self, handles: list[int]) -> None:
         """A replayed poll reported these: they are over (never started again)."""
         with self._lock:
-            for handle in handles:
-                operation = self._in_flight.pop(handle, None)
-                if operation is not None and operation.future is not None:
-                    operation.future.cancel()
+            reported = [self._in_flight.pop(handle, None) for handle in handles]
             self._ended = deque(h for h in self._ended if h in self._in_flight)
+        for operation in reported:
+            if operation is None:
+                continue
+            if operation.future is not None:
+                operation.future.cancel()
+            if operation.replayed is not None:
+                operation.replayed()
 
     def abandon(self, handle: int) -> None:
         """The guest no longer waits for it: stopped, and never reported."""
@@ -157,9 +187,27 @@ def http_operation(
         started[0] = time.monotonic()
         return start(transfer)
 
-    def finish(future: Future[HttpResponse]) -> Ended:
+    def finish(future: Future[HttpResponse] | None) -> Ended:
+        assert future is not None
         received: list[HttpResponse] = []
         ok, payload = ended(future, started[0], received)
         return ok, payload, received[0].journal_json(secrets) if received else payload
 
     return Operation(handle, begin, finish, held=lambda: transfer.bytes)
+
+
+def condition(
+    handle: int,
+    ready: Callable[[], bool],
+    answer: Callable[[], tuple[bool, str]],
+    replayed: Callable[[], None] | None = None,
+) -> Operation:
+    """An operation that ends once ``ready()`` holds, answering ``answer()``
+    (journaled as it is); ``replayed``: what a replayed poll that reports it
+    must still do."""
+
+    def finish(_: Future[Any] | None) -> Ended:
+        ok, payload = answer()
+        return ok, payload, payload
+
+    return Operation(handle, None, finish, ready=ready, replayed=replayed)

@@ -66,7 +66,13 @@ from capsule.supervisor.events import (
     preview,
 )
 from capsule.supervisor.messages import MessageCalls
-from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, http_operation
+from capsule.supervisor.operations import (
+    MAX_IN_FLIGHT,
+    Ended,
+    Operation,
+    condition,
+    http_operation,
+)
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -116,7 +122,8 @@ RECORDED_COUNT_STEP = 1 << 20
 #: one ended, say), and the host gives back the places reserved for it (see
 #: MessageCalls.send).
 ENDS_CREDIT = frozenset(
-    {"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive", "http_start", "poll"}
+    {"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive"}
+    | {"http_start", "wait_start", "receive_start", "poll"}
 )
 
 
@@ -1104,12 +1111,7 @@ class Run:
                 f"not {unknown[0]!r}",
             )
         children = [attempt.children[task_id] for task_id in ids]
-        for child in children:
-            child.awaited = True
-            attempt.linked_failures.pop(child.task_id, None)
-        if not attempt.linked_failures and caller.aborted is not None:
-            if caller.aborted.kind == "child_failed":
-                caller.aborted = None
+        self._awaited(attempt, children)
         done = self._block(
             attempt, lambda: all(c.done.is_set() for c in children), timeout, "result"
         )
@@ -1129,6 +1131,18 @@ class Run:
                 child.thread.join()
             attempt.children.pop(child.task_id, None)
         return True, reply
+
+    @staticmethod
+    def _awaited(attempt: Attempt, children: list[Child]) -> None:
+        """Someone waits on these children now: a failure of theirs is reported
+        there, not as the parent's child_failed."""
+        for child in children:
+            child.awaited = True
+            attempt.linked_failures.pop(child.task_id, None)
+        caller = attempt.invocation
+        if not attempt.linked_failures and caller.aborted is not None:
+            if caller.aborted.kind == "child_failed":
+                caller.aborted = None
 
     def cancel(self, caller: Invocation, task_id: str) -> None:
         def cancel() -> tuple[bool, str]:
@@ -1386,7 +1400,6 @@ class Run:
     # -- operations started without waiting (see operations.py) ---------------
 
     def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
         known = self._http.secrets
         try:
             request = HttpRequest.from_json(request_json)
@@ -1397,7 +1410,6 @@ class Run:
                 caller, "http_start", json.dumps({"invalid": digest}), lambda: invalid
             )
         secrets = known.learn(request.credentials)
-        operations = attempt.operations
 
         def operation(handle: int) -> Operation:
             return http_operation(
@@ -1408,6 +1420,56 @@ class Run:
                 ),
                 secrets,
             )
+
+        return self._start_operation(
+            caller, "http_start", request.journal_form(known.granted), operation
+        )
+
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        if any(task_id not in attempt.children for task_id in task_ids):
+            # (Refused as a blocking wait refuses it.)
+            return self._step(
+                caller, "wait_start", tuple(task_ids), lambda: self._wait(caller, task_ids, 0)
+            )
+
+        def operation(handle: int) -> Operation:
+            children = [attempt.children[task_id] for task_id in task_ids]
+            self._awaited(attempt, children)
+
+            def replayed() -> None:
+                # Replayed, the children are still joined and forgotten as they were.
+                self._wait(caller, task_ids, None)
+
+            return condition(
+                handle,
+                lambda: all(child.done.is_set() for child in children),
+                lambda: self._wait(caller, task_ids, 0),
+                replayed,
+            )
+
+        return self._start_operation(caller, "wait_start", tuple(task_ids), operation)
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        task_id = caller.task_id
+
+        def operation(handle: int) -> Operation:
+            return condition(
+                handle, lambda: self._router.watch(task_id, attempt), lambda: (True, '""')
+            )
+
+        return self._start_operation(caller, "receive_start", "", operation)
+
+    def _start_operation(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        operation: Callable[[int], Operation],
+    ) -> tuple[bool, str]:
+        """A step that starts ``operation(handle)`` (see operations.py)."""
+        operations = self._attempts[caller].operations
 
         def start() -> tuple[bool, str]:
             if operations.in_flight() >= MAX_IN_FLIGHT:
@@ -1424,13 +1486,7 @@ class Run:
             if step.ok:  # (numbered alike; performed only if no poll reports it)
                 operations.add(operation, live=False)
 
-        return self._step(
-            caller,
-            "http_start",
-            request.journal_form(known.granted),
-            start,
-            replayed=replayed,
-        )
+        return self._step(caller, kind, request, start, replayed=replayed)
 
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         attempt = self._attempts[caller]

@@ -80,7 +80,7 @@ import capsule.http
 import capsule_loop
 from capsule.sdk import task as sdk_task
 from capsule.sdk.http import http_error
-from capsule.sdk.errors import TaskError, message_error
+from capsule.sdk.errors import ReceiveTimeout, TaskError, message_error
 
 
 def _not_serializable(value):
@@ -694,6 +694,26 @@ class GuestBackend:
     def http_async(self, request):
         return self._start(lambda: operations.start_http(json.dumps(request)), _http_answer)
 
+    def wait_async(self, task_ids):
+        ids = json.dumps(list(task_ids))
+        return self._start(lambda: operations.start_wait(ids), _wait_answer)
+
+    async def receive_async(self, timeout):
+        _ms(timeout)  # (checked as receive checks it)
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._inbox:
+                    # Until a message waits; then taken as receive takes it
+                    # (another coroutine of the task may have taken it first).
+                    await self._start(operations.start_receive, _no_answer)
+                    try:
+                        return self.receive(0)
+                    except ReceiveTimeout:
+                        continue
+        except TimeoutError:
+            raise ReceiveTimeout(f"no message arrived within {timeout:g}s") from None
+        return self.receive(0)  # (the rest of the last batch: no host call)
+
     def _start(self, start, answer):
         """Start a host operation; the future its completion settles with
         ``answer(ok, payload)``, on the running (host) event loop."""
@@ -759,6 +779,20 @@ def _settle(future, answer, ok, payload):
         future.set_exception(exc)
     else:
         future.set_result(value)
+
+
+def _wait_answer(ok, payload):
+    if not ok:
+        raise TaskError.from_dict(json.loads(payload))
+    return [
+        (True, item["value"]) if item["ok"] else (False, TaskError.from_dict(item["error"]))
+        for item in _loads(payload)
+    ]
+
+
+def _no_answer(ok, payload):
+    if not ok:
+        raise message_error(json.loads(payload))
 
 
 def _http_answer(ok, payload):
