@@ -40,7 +40,6 @@ from capsule.sandbox.engine import (
     PrepareError,
     RefusingHost,
     Sandbox,
-    completions,
     refusal,
     sleep_unless_stopped,
 )
@@ -66,13 +65,8 @@ from capsule.supervisor.events import (
     preview,
 )
 from capsule.supervisor.messages import MessageCalls
-from capsule.supervisor.operations import (
-    MAX_IN_FLIGHT,
-    Ended,
-    Operation,
-    condition,
-    http_operation,
-)
+from capsule.supervisor.operation_calls import OperationCalls
+from capsule.supervisor.operations import Operation, condition, http_operation
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -274,6 +268,9 @@ class Run:
         self.journal_failure: str | None = None
         #: Set by stop(): the run was stopped from outside (like Ctrl-C).
         self.stopped = False
+        self._operations = OperationCalls(
+            self._step, self._block, lambda: self._log(self._steps.sync), self._journaling
+        )
         self._messages = MessageCalls(
             self._router,
             self.events,
@@ -1468,69 +1465,13 @@ class Run:
         request: Request,
         operation: Callable[[int], Operation],
     ) -> tuple[bool, str]:
-        """A step that starts ``operation(handle)`` (see operations.py)."""
-        operations = self._attempts[caller].operations
-
-        def start() -> tuple[bool, str]:
-            if operations.in_flight() >= MAX_IN_FLIGHT:
-                return False, json.dumps(
-                    {
-                        "kind": "limit",
-                        "message": f"task {caller.task!r} has {MAX_IN_FLIGHT} operations in "
-                        f"flight, its limit: await some before starting more",
-                    }
-                )
-            return True, str(operations.add(operation, live=True))
-
-        def replayed(step: Step) -> None:
-            if step.ok:  # (numbered alike; performed only if no poll reports it)
-                operations.add(operation, live=False)
-
-        return self._step(caller, kind, request, start, replayed=replayed)
+        return self._operations.start(self._attempts[caller], kind, request, operation)
 
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
-        attempt = self._attempts[caller]
-        operations = attempt.operations
-        ended: list[tuple[int, Ended]] = []
-
-        def poll() -> tuple[bool, str]:
-            operations.start_unstarted()
-            if timeout != 0:
-                self._block(attempt, operations.any_ended, timeout, "http")
-            if caller.check_stop() is not None:
-                return False, "{}"  # the sandbox ends the caller; never seen
-            ended.extend(operations.take_ended())
-            return True, json.dumps([[handle, ok, payload] for handle, (ok, payload, _) in ended])
-
-        def for_journal(answer: str) -> str:
-            return json.dumps([[handle, ok, kept] for handle, (ok, _, kept) in ended])
-
-        def replayed(step: Step) -> None:
-            operations.forget([handle for handle, _, _ in completions(step.answer)])
-
-        answer = self._step(
-            caller,
-            "poll",
-            "" if timeout is None else repr(timeout),
-            poll,
-            replayed=replayed,
-            for_journal=for_journal,
-        )
-        if ended and self._journaling:
-            # Durable before the guest sees what ended (as a blocking request's
-            # step is): a crash must not send a request again once its
-            # response was seen.
-            self._log(self._steps.sync)
-        return answer
+        return self._operations.poll(self._attempts[caller], timeout)
 
     def abandon(self, caller: Invocation, handle: int) -> None:
-        operations = self._attempts[caller].operations
-
-        def abandon() -> tuple[bool, str]:
-            operations.abandon(handle)
-            return True, ""
-
-        self._step(caller, "abandon", str(handle), abandon, replayed=lambda _: abandon())
+        self._operations.abandon(self._attempts[caller], handle)
 
     # -- time and randomness: journaled, so that a replay sees the same --------
 
