@@ -325,8 +325,10 @@ async def main():
 def test_children_and_messages_awaited_without_blocking_the_loop(
     run_program: ProgramRunner,
 ) -> None:
-    value = run_program(AWAITED).value
-    assert value == {
+    outcome = run_program(AWAITED)
+    # Reported waiting on what its loop waits for.
+    assert {"result", "receive"} <= {event.on for event in outcome.of_type("waiting")}
+    assert outcome.value == {
         "echoed": "ping",
         "failed": "exception",
         "timeout": "children ['main/3'] had not ended after 0.05s",
@@ -334,6 +336,52 @@ def test_children_and_messages_awaited_without_blocking_the_loop(
         "received": ["hello", "main/4"],
         "receive_timeout": "no message arrived within 0.05s",
     }
+
+
+AWAITED_THEN_KILLED = """
+import asyncio
+import capsule
+from capsule import task
+
+@task
+def work(n):
+    print("work", n, flush=True)
+    return n * 10
+
+@task
+def greeter(target):
+    capsule.send(target, "hello")
+
+@task
+async def main():
+    values = await asyncio.gather(work.spawn(1), work.spawn(2))
+    greeter.spawn(capsule.current().id)
+    message = await capsule.receive_async(timeout=30)
+    print("MARK awaited", flush=True)
+    await asyncio.sleep(1)
+    return [values, message.body]
+"""
+
+
+def test_awaited_children_and_messages_are_replayed(tmp_path: Path) -> None:
+    program = tmp_path / "awaiting.py"
+    program.write_text(textwrap.dedent(AWAITED_THEN_KILLED))
+    printed, _ = kill_at_marker(["run", str(program)], "MARK awaited", tmp_path)
+    assert sorted(line for line in printed.splitlines() if line.startswith("work")) == [
+        "work 1",
+        "work 2",
+    ]
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["result"] == [[10, 20], "hello"]
+    with sqlite3.connect(tmp_path / ".capsule" / "journal.db") as connection:
+        kinds = [row[0] for row in connection.execute("SELECT kind FROM steps")]
+        started = [
+            row[0] for row in connection.execute("SELECT task_id FROM events WHERE type = 'started'")
+        ]
+    assert {"wait_start", "receive_start", "poll"} <= set(kinds)
+    # Only main ran again: the children's outcomes came from the journal.
+    assert sorted(started) == ["main", "main", "main/1", "main/2", "main/3"]
 
 
 def test_threads_and_sockets_say_to_use_capsule_http(run_program: ProgramRunner) -> None:

@@ -70,7 +70,7 @@ class OperationCalls:
         def poll() -> tuple[bool, str]:
             operations.start_unstarted()
             if timeout != 0:
-                self.block(attempt, operations.any_ended, timeout, "http")
+                self.block(attempt, operations.any_ended, timeout, operations.wait_reason())
             if caller.check_stop() is not None:
                 return False, "{}"  # the sandbox ends the caller; never seen
             ended.extend(operations.take_ended())

@@ -28,6 +28,7 @@ from typing import Any
 
 from capsule.net.http import HttpResponse, Transfer
 from capsule.net.redact import Secrets
+from capsule.supervisor.events import WaitReason
 
 #: Operations one attempt may have in flight (started and not yet reported).
 MAX_IN_FLIGHT = 64
@@ -53,6 +54,8 @@ class Operation:
     ready: Callable[[], bool] | None = None
     #: What a replayed poll that reports it must still do in this process.
     replayed: Callable[[], None] | None = None
+    #: What a task waiting for it is reported waiting on.
+    reason: WaitReason = "http"
     future: Future[Any] | None = None
 
 
@@ -103,6 +106,12 @@ class Operations:
         for operation in list(self._in_flight.values()):
             if operation.future is None:
                 self._begin(operation)
+
+    def wait_reason(self) -> WaitReason:
+        """What the attempt waits on while it polls: its oldest operation's."""
+        with self._lock:
+            oldest = next(iter(self._in_flight.values()), None)
+        return "http" if oldest is None else oldest.reason
 
     def any_ended(self) -> bool:
         self._check_conditions()
@@ -198,6 +207,7 @@ def http_operation(
 
 def condition(
     handle: int,
+    reason: WaitReason,
     ready: Callable[[], bool],
     answer: Callable[[], tuple[bool, str]],
     replayed: Callable[[], None] | None = None,
@@ -210,4 +220,4 @@ def condition(
         ok, payload = answer()
         return ok, payload, payload
 
-    return Operation(handle, None, finish, ready=ready, replayed=replayed)
+    return Operation(handle, None, finish, ready=ready, replayed=replayed, reason=reason)

@@ -1440,6 +1440,7 @@ class Run:
 
             return condition(
                 handle,
+                "result",
                 lambda: all(child.done.is_set() for child in children),
                 lambda: self._wait(caller, task_ids, 0),
                 replayed,
@@ -1453,7 +1454,10 @@ class Run:
 
         def operation(handle: int) -> Operation:
             return condition(
-                handle, lambda: self._router.watch(task_id, attempt), lambda: (True, '""')
+                handle,
+                "receive",
+                lambda: self._router.watch(task_id, attempt),
+                lambda: (True, '""'),
             )
 
         return self._start_operation(caller, "receive_start", "", operation)
