@@ -377,7 +377,8 @@ def test_awaited_children_and_messages_are_replayed(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / ".capsule" / "journal.db") as connection:
         kinds = [row[0] for row in connection.execute("SELECT kind FROM steps")]
         started = [
-            row[0] for row in connection.execute("SELECT task_id FROM events WHERE type = 'started'")
+            row[0]
+            for row in connection.execute("SELECT task_id FROM events WHERE type = 'started'")
         ]
     assert {"wait_start", "receive_start", "poll"} <= set(kinds)
     # Only main ran again: the children's outcomes came from the journal.
