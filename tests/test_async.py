@@ -37,6 +37,10 @@ def sync_child():
     return asyncio.run(both()) + first
 
 @task
+def calls_async():
+    return double(5)  # (no loop runs here: a call, as of any task)
+
+@task
 async def main():
     out = {}
     out["gather"] = await asyncio.gather(*(asyncio.sleep(0.05 * (3 - i), i) for i in range(3)))
@@ -79,8 +83,9 @@ async def main():
         consumed = group.create_task(consume())
     out["task_group"] = consumed.result()
     out["to_thread"] = await asyncio.to_thread(sum, [1, 2, 3])
-    out["async_child"] = double(21)
+    out["async_children"] = await asyncio.gather(double(21), double(1))
     out["sync_child"] = sync_child()
+    out["from_sync"] = calls_async()
     return out
 """
 
@@ -95,11 +100,12 @@ def test_async_tasks_and_asyncio_run_on_the_hosts_loop(run_program: ProgramRunne
         "loop": "CapsuleEventLoop",
         "task_group": [0, 1, 2],
         "to_thread": 6,
-        "async_child": 42,
+        "async_children": [42, 2],
         "sync_child": ["a", "b", "a", "b"],
+        "from_sync": 10,
     }
     # The loop's waits are the host's: sleeps that free the CPU slot.
-    assert {event.on for event in outcome.of_type("waiting")} == {"sleep"}
+    assert {"sleep", "result"} <= {event.on for event in outcome.of_type("waiting")}
 
 
 def test_an_async_tasks_deadline_ends_its_sleep(run_program: ProgramRunner) -> None:
@@ -438,3 +444,20 @@ def test_async_http_in_plain_python(http_server: LocalServer) -> None:
         return [response.status_code for response in responses]
 
     assert asyncio.run(both()) == [200, 201]
+
+
+def test_async_tasks_in_plain_python() -> None:
+    from capsule import current, task
+
+    @task(name="test_async_double")
+    async def double(x: int) -> list[Any]:
+        await asyncio.sleep(0)
+        return [x * 2, current().id]
+
+    @task(name="test_async_parent")
+    async def parent() -> list[Any]:
+        return await asyncio.gather(double(1), double(2))
+
+    assert double(21) == [42, "test_async_double"]  # from sync code: run to its end
+    child_id = "test_async_parent/test_async_double"
+    assert parent() == [[2, child_id], [4, child_id]]  # awaited from async code

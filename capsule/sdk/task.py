@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import sys
+import types
 from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
@@ -128,11 +130,35 @@ class TaskFunction(Generic[P, R]):
         return f"{self.func.__module__}.{self.func.__qualname__}"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.is_async and _loop_running():
+            # From async code, an async task is awaited, as its function would
+            # be: under ``capsule run`` it runs as a child meanwhile.
+            awaited: R = self._call_async(args, kwargs)  # type: ignore[assignment]
+            return awaited
         backend = _backend
         if backend is not None:
             result: R = backend.call_task(self.name, tuple(args), dict(kwargs))
             return result
         return self._call_local(*args, **kwargs)
+
+    @functools.cached_property
+    def is_async(self) -> bool:
+        """Whether the task's function is an ``async def``."""
+        import inspect  # (here: it would double the time ``import capsule`` takes)
+
+        return inspect.iscoroutinefunction(self.func)
+
+    async def _call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _backend is None:
+            parent = _local_current.get()
+            ident = f"{parent.id}/{self.name}" if parent else self.name
+            info = TaskInfo(id=ident, name=self.name, attempt=1, max_attempts=1)
+            token = _local_current.set(info)
+            try:
+                return await self.func(*args, **kwargs)  # type: ignore[misc]
+            finally:
+                _local_current.reset(token)
+        return await self._spawn(args, kwargs, None, awaited=True).result_async()
 
     def spawn(self, *args: Any, name: str | None = None, **kwargs: Any) -> TaskHandle[R]:
         """Start this task as a concurrent child and return its handle at once.
@@ -164,7 +190,12 @@ class TaskFunction(Generic[P, R]):
         ident = f"{parent.id}/{self.name}" if parent else self.name
         token = _local_current.set(TaskInfo(id=ident, name=self.name, attempt=1, max_attempts=1))
         try:
-            return self.func(*args, **kwargs)
+            result = self.func(*args, **kwargs)
+            if isinstance(result, types.CoroutineType):  # an async def task, from sync code
+                import asyncio
+
+                result = asyncio.run(result)
+            return result
         finally:
             _local_current.reset(token)
 
@@ -388,6 +419,13 @@ def gather(*handles: TaskHandle[Any], return_exceptions: bool = False) -> list[A
             if not ok:
                 raise value
     return [value for _, value in outcomes]
+
+
+def _loop_running() -> bool:
+    """Whether this code runs in an asyncio event loop (without importing
+    asyncio, which ``import capsule`` must not)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and asyncio.events._get_running_loop() is not None
 
 
 def sleep(seconds: float) -> None:
