@@ -34,7 +34,12 @@ def sync_child():
         return await asyncio.gather(asyncio.sleep(0.01, "a"), asyncio.sleep(0.02, "b"))
     with asyncio.Runner() as runner:
         first = runner.run(both())
-    return asyncio.run(both()) + first
+    loop = asyncio.new_event_loop()
+    try:
+        second = loop.run_until_complete(both())
+    finally:
+        loop.close()
+    return asyncio.run(both()) + first + second
 
 @task
 def calls_async():
@@ -101,7 +106,7 @@ def test_async_tasks_and_asyncio_run_on_the_hosts_loop(run_program: ProgramRunne
         "task_group": [0, 1, 2],
         "to_thread": 6,
         "async_children": [42, 2],
-        "sync_child": ["a", "b", "a", "b"],
+        "sync_child": ["a", "b", "a", "b", "a", "b"],
         "from_sync": 10,
     }
     # The loop's waits are the host's: sleeps that free the CPU slot.

@@ -40,7 +40,8 @@ class _HostWaits:
 
     def __init__(self, host):
         #: The guest backend: ``has_operations()``, ``poll_operations(timeout)``
-        #: (the completions' callbacks) and ``sleep(seconds)``.
+        #: (the completions' callbacks), ``abandon_operations(loop)`` and
+        #: ``sleep(seconds)``.
         self._host = host
 
     def select(self, timeout):
@@ -69,6 +70,12 @@ class CapsuleEventLoop(base_events.BaseEventLoop):
     def __init__(self, host):
         super().__init__()
         self._selector = _HostWaits(host)
+
+    def close(self):
+        if not self.is_running() and not self.is_closed():
+            # What its futures still wait for on the host stops with it.
+            self._selector._host.abandon_operations(self)
+        super().close()
 
     def _process_events(self, event_list):
         for complete in event_list:
