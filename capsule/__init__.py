@@ -7,7 +7,7 @@ the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
 """
 
 from capsule.sdk.errors import MessageError, ReceiveTimeout, SendTimeout, TaskError
-from capsule.sdk.messaging import Message, ask, receive, receive_async, send
+from capsule.sdk.messaging import Message, ask, ask_async, receive, receive_async, send
 from capsule.sdk.task import (
     TaskFunction,
     TaskHandle,
@@ -28,6 +28,7 @@ __all__ = [
     "TaskHandle",
     "TaskInfo",
     "ask",
+    "ask_async",
     "current",
     "gather",
     "receive",

@@ -299,6 +299,12 @@ def failing():
 def greeter(target):
     capsule.send(target, "hello")
 
+@task
+def answerer():
+    for _ in range(2):
+        message = capsule.receive(timeout=30)
+        message.reply(message.body * 2)
+
 @task(timeout="60s")
 async def main():
     out = {}
@@ -329,6 +335,15 @@ async def main():
         await capsule.receive_async(timeout=0.05)
     except capsule.ReceiveTimeout as exc:
         out["receive_timeout"] = str(exc)
+    answering = answerer.spawn(name="answerer")
+    out["asked"] = await asyncio.gather(
+        capsule.ask_async("answerer", 1, timeout=30), capsule.ask_async(answering, 2)
+    )
+    await answering  # (it ended: an ask to it is refused)
+    try:
+        await capsule.ask_async(answering, 3, timeout=30)
+    except capsule.MessageError as exc:
+        out["no_answer"] = exc.kind
     return out
 """
 
@@ -346,6 +361,8 @@ def test_children_and_messages_awaited_without_blocking_the_loop(
         "late": "late",
         "received": ["hello", "main/4"],
         "receive_timeout": "no message arrived within 0.05s",
+        "asked": [2, 4],
+        "no_answer": "no_such_actor",
     }
 
 
@@ -364,13 +381,19 @@ def greeter(target):
     capsule.send(target, "hello")
 
 @task
+def answerer():
+    message = capsule.receive(timeout=30)
+    message.reply(message.body * 2)
+
+@task
 async def main():
     values = await asyncio.gather(work.spawn(1), work.spawn(2))
     greeter.spawn(capsule.current().id)
     message = await capsule.receive_async(timeout=30)
+    reply = await capsule.ask_async(answerer.spawn(), 21, timeout=30)
     print("MARK awaited", flush=True)
     await asyncio.sleep(1)
-    return [values, message.body]
+    return [values, message.body, reply]
 """
 
 
@@ -384,16 +407,47 @@ def test_awaited_children_and_messages_are_replayed(tmp_path: Path) -> None:
     ]
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert json.loads(resumed.stdout)["result"] == [[10, 20], "hello"]
+    assert json.loads(resumed.stdout)["result"] == [[10, 20], "hello", 42]
     with sqlite3.connect(tmp_path / ".capsule" / "journal.db") as connection:
         kinds = [row[0] for row in connection.execute("SELECT kind FROM steps")]
         started = [
             row[0]
             for row in connection.execute("SELECT task_id FROM events WHERE type = 'started'")
         ]
-    assert {"wait_start", "receive_start", "poll"} <= set(kinds)
+    assert {"wait_start", "receive_start", "ask_start", "poll"} <= set(kinds)
     # Only main ran again: the children's outcomes came from the journal.
-    assert sorted(started) == ["main", "main", "main/1", "main/2", "main/3"]
+    assert sorted(started) == ["main", "main", "main/1", "main/2", "main/3", "main/4"]
+
+
+ASKED_THEN_KILLED = """
+import asyncio
+import capsule
+from capsule import task
+
+@task
+def answerer():
+    message = capsule.receive(timeout=30)
+    capsule.sleep(1.5)
+    message.reply(message.body * 2)
+
+@task
+async def main():
+    asking = asyncio.ensure_future(capsule.ask_async(answerer.spawn(), 21, timeout=60))
+    await asyncio.sleep(0.1)
+    print("MARK asking", flush=True)
+    return await asking
+"""
+
+
+def test_an_ask_in_flight_when_the_run_stopped_gets_its_reply_after_resume(
+    tmp_path: Path,
+) -> None:
+    program = tmp_path / "asking.py"
+    program.write_text(textwrap.dedent(ASKED_THEN_KILLED))
+    kill_at_marker(["run", str(program)], "MARK asking", tmp_path)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["result"] == 42
 
 
 def test_threads_and_sockets_say_to_use_capsule_http(run_program: ProgramRunner) -> None:

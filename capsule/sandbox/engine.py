@@ -225,6 +225,11 @@ class HostCalls(Protocol):
         operation's handle, as decimal text) or (False, error JSON)."""
         ...
 
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        """Ask ``target`` and start waiting for the reply: (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
         """Wait for started operations: (True, JSON [[handle, ok, payload],
         ...] of those that ended) or (False, error JSON)."""
@@ -311,6 +316,9 @@ class RefusingHost(LiveClockAndRandom):
         return self.wait(caller, task_ids, None)
 
     def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        return self._no_messages()
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
         return self._no_messages()
 
     def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
@@ -859,6 +867,7 @@ class Sandbox:
             add_host_func(operations, "start-http", self._start_http, _host_failure)
             add_host_func(operations, "start-wait", self._start_wait, _host_failure)
             add_host_func(operations, "start-receive", self._start_receive, _host_failure)
+            add_host_func(operations, "start-ask", self._start_ask, _host_failure)
             add_host_func(operations, "poll", self._poll, _host_failure)
             add_host_func(operations, "abandon", self._abandon, _host_failure)
         with root.add_instance(_interface("modules")) as modules:
@@ -935,6 +944,11 @@ class Sandbox:
     def _start_receive(self) -> tuple[bool, int | str]:
         invocation = _step_caller()
         return _started(invocation, invocation.host.start_receive(invocation))
+
+    def _start_ask(self, target: str, body_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        target = guest_data.name(target, "a message's target")
+        return _started(invocation, invocation.host.start_ask(invocation, target, body_json))
 
     def _poll(self, timeout_ms: int | None) -> tuple[bool, list[Completion] | str]:
         invocation = _step_caller()

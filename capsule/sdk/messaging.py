@@ -73,3 +73,9 @@ async def receive_async(timeout: float | None = None) -> Message:
 def ask(target: Any, message: Any, timeout: float | None = None) -> Any:
     """Send ``message`` and wait for the reply; raises ReceiveTimeout after ``timeout``."""
     return _backend().ask(_target(target), message, timeout)
+
+
+async def ask_async(target: Any, message: Any, timeout: float | None = None) -> Any:
+    """``ask`` for async code: the task's other coroutines run while it waits
+    for the reply."""
+    return await _backend().ask_async(_target(target), message, timeout)

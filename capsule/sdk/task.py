@@ -93,6 +93,11 @@ class Backend(Protocol):
         """``receive``, without blocking the running event loop."""
         ...
 
+    def ask_async(self, target: str, body: Any, timeout: float | None) -> Awaitable[Any]:
+        """``ask``, without blocking the running event loop while it waits for
+        the reply."""
+        ...
+
     def current(self) -> TaskInfo | None: ...
 
 

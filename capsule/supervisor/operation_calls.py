@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from capsule.sandbox.engine import completions
 from capsule.supervisor.messages import Block
-from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation
+from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, too_many_in_flight
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.tree import Attempt
 
@@ -45,13 +45,7 @@ class OperationCalls:
 
         def start() -> tuple[bool, str]:
             if operations.in_flight() >= MAX_IN_FLIGHT:
-                return False, json.dumps(
-                    {
-                        "kind": "limit",
-                        "message": f"task {caller.task!r} has {MAX_IN_FLIGHT} operations in "
-                        f"flight, its limit: await some before starting more",
-                    }
-                )
+                return False, too_many_in_flight(caller)
             return True, str(operations.add(operation, live=True))
 
         def replayed(step: Step) -> None:

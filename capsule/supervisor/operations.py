@@ -18,6 +18,7 @@ attempt first polls live, as a blocking call cut off by a crash is made again.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from typing import Any
 
 from capsule.net.http import HttpResponse, Transfer
 from capsule.net.redact import Secrets
+from capsule.sandbox.engine import Invocation
 from capsule.supervisor.events import WaitReason
 
 #: Operations one attempt may have in flight (started and not yet reported).
@@ -36,6 +38,17 @@ MAX_IN_FLIGHT = 64
 #: An operation's end as the guest gets it, and as the journal keeps it: ok,
 #: payload (JSON), journaled payload (secrets redacted).
 Ended = tuple[bool, str, str]
+
+
+def too_many_in_flight(caller: Invocation) -> str:
+    """The error (JSON) of a start refused for MAX_IN_FLIGHT."""
+    return json.dumps(
+        {
+            "kind": "limit",
+            "message": f"task {caller.task!r} has {MAX_IN_FLIGHT} operations in flight, "
+            f"its limit: await some before starting more",
+        }
+    )
 
 
 @dataclass(eq=False)
@@ -56,6 +69,8 @@ class Operation:
     replayed: Callable[[], None] | None = None
     #: What a task waiting for it is reported waiting on.
     reason: WaitReason = "http"
+    #: What stopping it (abandoned, or its attempt ended) must undo.
+    on_stop: Callable[[], None] | None = None
     future: Future[Any] | None = None
 
 
@@ -160,8 +175,8 @@ class Operations:
             operation = self._in_flight.pop(handle, None)
             if handle in self._ended:
                 self._ended.remove(handle)
-        if operation is not None and operation.future is not None:
-            operation.future.cancel()
+        if operation is not None:
+            _stop(operation)
 
     def held_bytes(self) -> int:
         with self._lock:
@@ -176,8 +191,14 @@ class Operations:
             self._in_flight.clear()
             self._ended.clear()
         for operation in operations:
-            if operation.future is not None:
-                operation.future.cancel()
+            _stop(operation)
+
+
+def _stop(operation: Operation) -> None:
+    if operation.future is not None:
+        operation.future.cancel()
+    if operation.on_stop is not None:
+        operation.on_stop()
 
 
 def http_operation(
@@ -211,13 +232,16 @@ def condition(
     ready: Callable[[], bool],
     answer: Callable[[], tuple[bool, str]],
     replayed: Callable[[], None] | None = None,
+    on_stop: Callable[[], None] | None = None,
 ) -> Operation:
     """An operation that ends once ``ready()`` holds, answering ``answer()``
     (journaled as it is); ``replayed``: what a replayed poll that reports it
-    must still do."""
+    must still do; ``on_stop``: what stopping it must undo."""
 
     def finish(_: Future[Any] | None) -> Ended:
         ok, payload = answer()
         return ok, payload, payload
 
-    return Operation(handle, None, finish, ready=ready, replayed=replayed, reason=reason)
+    return Operation(
+        handle, None, finish, ready=ready, replayed=replayed, reason=reason, on_stop=on_stop
+    )

@@ -66,7 +66,13 @@ from capsule.supervisor.events import (
 )
 from capsule.supervisor.messages import MessageCalls
 from capsule.supervisor.operation_calls import OperationCalls
-from capsule.supervisor.operations import Operation, condition, http_operation
+from capsule.supervisor.operations import (
+    MAX_IN_FLIGHT,
+    Operation,
+    condition,
+    http_operation,
+    too_many_in_flight,
+)
 from capsule.supervisor.steps import (
     History,
     JournalFailure,
@@ -117,7 +123,7 @@ RECORDED_COUNT_STEP = 1 << 20
 #: MessageCalls.send).
 ENDS_CREDIT = frozenset(
     {"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive"}
-    | {"http_start", "wait_start", "receive_start", "poll"}
+    | {"http_start", "wait_start", "receive_start", "ask_start", "poll"}
 )
 
 
@@ -1461,6 +1467,59 @@ class Run:
             )
 
         return self._start_operation(caller, "receive_start", "", operation)
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        operations = attempt.operations
+
+        def operation_for(
+            refused: tuple[bool, str], message: Message | None
+        ) -> Callable[[int], Operation]:
+            def operation(handle: int) -> Operation:
+                if message is None:  # (replayed, and refused now: it ends so)
+                    return condition(handle, "receive", lambda: True, lambda: refused)
+                reply: list[tuple[str | None, str | None]] = []
+
+                def ready() -> bool:
+                    if not reply:
+                        answer = self._router.take_reply(message.id)
+                        if answer != (None, None):
+                            reply.append(answer)
+                    return bool(reply)
+
+                def answered() -> tuple[bool, str]:
+                    text, failure = reply[0]
+                    if text is None:
+                        error = {"kind": "actor_ended", "message": failure}
+                        return False, json.dumps(error)
+                    return True, text
+
+                def stop() -> None:
+                    self._router.abandon_replies([message.id])
+
+                return condition(handle, "receive", ready, answered, stop, stop)
+
+            return operation
+
+        def start() -> tuple[bool, str]:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
+                return False, too_many_in_flight(caller)
+            answer, message = self._messages.send_ask(attempt, target, body_json)
+            if message is None:
+                return answer
+            return True, str(operations.add(operation_for(answer, message), live=True))
+
+        def replayed(step: Step) -> None:
+            if not step.ok:
+                attempt.node.next_message_id()  # numbered as it was
+                return
+            # Asked again: numbered alike, not sent again (see MessageCalls._send);
+            # its reply is awaited unless a replayed poll reports it.
+            answer, message = self._messages.send_ask(attempt, target, body_json)
+            operations.add(operation_for(answer, message), live=False)
+
+        return self._step(caller, "ask_start", (target, body_json), start, replayed=replayed)
 
     def _start_operation(
         self,

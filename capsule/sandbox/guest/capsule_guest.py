@@ -714,6 +714,17 @@ class GuestBackend:
             raise ReceiveTimeout(f"no message arrived within {timeout:g}s") from None
         return self.receive(0)  # (the rest of the last batch: no host call)
 
+    async def ask_async(self, target, body, timeout):
+        text = _body(target, body)
+        _ms(timeout)  # (checked as ask checks it)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._start(lambda: operations.start_ask(target, text), _reply_answer)
+        except TimeoutError as exc:
+            if isinstance(exc, ReceiveTimeout):
+                raise
+            raise ReceiveTimeout(f"no reply from {target!r} within {timeout:g}s") from None
+
     def _start(self, start, answer):
         """Start a host operation; the future its completion settles with
         ``answer(ok, payload)``, on the running (host) event loop."""
@@ -788,6 +799,12 @@ def _wait_answer(ok, payload):
         (True, item["value"]) if item["ok"] else (False, TaskError.from_dict(item["error"]))
         for item in _loads(payload)
     ]
+
+
+def _reply_answer(ok, payload):
+    if not ok:
+        raise message_error(json.loads(payload))
+    return _loads(payload)
 
 
 def _no_answer(ok, payload):
