@@ -13,7 +13,7 @@ from capsule.sdk.errors import (
     SendTimeout,
     TaskError,
 )
-from capsule.sdk.messaging import Message, ask, receive, send
+from capsule.sdk.messaging import Message, ask, ask_async, receive, receive_async, send
 from capsule.sdk.task import (
     ALL_COMPLETED,
     FIRST_COMPLETED,
@@ -46,9 +46,11 @@ __all__ = [
     "TaskInfo",
     "as_completed",
     "ask",
+    "ask_async",
     "current",
     "gather",
     "receive",
+    "receive_async",
     "send",
     "sleep",
     "task",

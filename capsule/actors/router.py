@@ -262,6 +262,18 @@ class Router:
             sender.wake()
         return taken
 
+    def watch(self, task_id: str, receiver: Waker) -> bool:
+        """Whether a message waits in a mailbox (none is taken); if none does,
+        ``receiver`` is woken when one arrives."""
+        with self._lock:
+            mailbox = self._mailboxes.get(task_id)
+            if mailbox is None:
+                return False
+            if mailbox.messages:
+                return True
+            mailbox.receiver = receiver
+            return False
+
     def put_back(self, task_id: str, messages: list[Message]) -> None:
         """Return messages taken and not consumed to the front of a mailbox, in
         their order (over its capacity if need be: they were in it before)."""

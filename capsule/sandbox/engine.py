@@ -67,6 +67,28 @@ def _interface(name: str) -> str:
 #: fields in order): id, sender, body (checked JSON), expects-reply.
 Envelope = tuple[str, str, str, bool]
 
+#: A started operation that ended, as the guest gets it (the WIT record
+#: ``completion``'s fields in order): handle, ok, payload (JSON).
+Completion = tuple[int, bool, str]
+
+
+def completions(answer: str) -> list[Completion]:
+    """The completions of a poll's answer (JSON [[handle, ok, payload], ...],
+    the host's own or its journal's); ValueError if it is not of that shape."""
+    rows = json.loads(answer)
+    if not isinstance(rows, list) or not all(
+        isinstance(row, list)
+        and len(row) == 3
+        and isinstance(row[0], int)
+        and 0 < row[0] < 1 << 64
+        and isinstance(row[1], bool)
+        and isinstance(row[2], str)
+        for row in rows
+    ):
+        raise ValueError("malformed answer of a poll of operations")
+    return [(handle, ok, payload) for handle, ok, payload in rows]
+
+
 #: The kinds of failure a guest may report of itself; any other is the host's
 #: to decide (a timeout, a cancellation), and a guest claiming one breaks the
 #: protocol.
@@ -197,6 +219,35 @@ class HostCalls(Protocol):
         """Perform an HTTP request: (True, response JSON) or (False, error JSON)."""
         ...
 
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        """Start an HTTP request without waiting: (True, its handle, as
+        decimal text) or (False, error JSON)."""
+        ...
+
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        """Start waiting for children to end (as ``wait`` does): (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        """Start waiting for a message in the caller's mailbox: (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        """Ask ``target`` and start waiting for the reply: (True, the
+        operation's handle, as decimal text) or (False, error JSON)."""
+        ...
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        """Wait for started operations: (True, JSON [[handle, ok, payload],
+        ...] of those that ended) or (False, error JSON)."""
+        ...
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        """Stop a started operation; it is never reported."""
+        ...
+
 
 class LiveClockAndRandom:
     """Clock and random answers straight from the host: for instances that only
@@ -270,6 +321,24 @@ class RefusingHost(LiveClockAndRandom):
     def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         message = "HTTP requests cannot be made while the program is being imported"
         return False, json.dumps({"kind": "host_not_allowed", "message": message})
+
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        return self.http(caller, request_json)
+
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        return self.wait(caller, task_ids, None)
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        return self._no_messages()
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        return self._no_messages()
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        return True, "[]"  # (nothing can have started)
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        return None
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         return None  # no credit is ever given: nothing to take
@@ -585,6 +654,14 @@ def _failed(invocation: Invocation, answer: Answer) -> Answer:
     return answer
 
 
+def _started(invocation: Invocation, answer: Answer) -> tuple[bool, int | str]:
+    """A started operation's answer for the guest: its handle as a number."""
+    ok, payload = answer
+    if ok:
+        return True, int(payload)
+    return _failed(invocation, answer)
+
+
 def _take_gathered(invocation: Invocation, channel: Channel, restart: bool) -> None:
     """Hand the host the messages the guest wrote to its channel since the last
     look (see channel.py); ``restart`` (only inside a host call): start the
@@ -799,6 +876,13 @@ class Sandbox:
             add_host_func(clock, "monotonic-ns", self._monotonic_ns, _host_failure)
         with root.add_instance(_interface("http")) as http:
             add_host_func(http, "request", self._http_request, _host_failure)
+        with root.add_instance(_interface("operations")) as operations:
+            add_host_func(operations, "start-http", self._start_http, _host_failure)
+            add_host_func(operations, "start-wait", self._start_wait, _host_failure)
+            add_host_func(operations, "start-receive", self._start_receive, _host_failure)
+            add_host_func(operations, "start-ask", self._start_ask, _host_failure)
+            add_host_func(operations, "poll", self._poll, _host_failure)
+            add_host_func(operations, "abandon", self._abandon, _host_failure)
         with root.add_instance(_interface("modules")) as modules:
             add_host_func(modules, "find", self._find_module, _host_failure)
             add_host_func(modules, "offer-compiled", self._offer_compiled, _host_failure)
@@ -861,6 +945,38 @@ class Sandbox:
         invocation = _step_caller()
         answer = invocation.host.http(invocation, request_json)
         return answer if answer[0] else _failed(invocation, answer)
+
+    def _start_http(self, request_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        return _started(invocation, invocation.host.start_http(invocation, request_json))
+
+    def _start_wait(self, ids_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        task_ids = guest_data.names(ids_json, "the task ids to wait on")
+        return _started(invocation, invocation.host.start_wait(invocation, task_ids))
+
+    def _start_receive(self) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        return _started(invocation, invocation.host.start_receive(invocation))
+
+    def _start_ask(self, target: str, body_json: str) -> tuple[bool, int | str]:
+        invocation = _step_caller()
+        target = guest_data.name(target, "a message's target")
+        return _started(invocation, invocation.host.start_ask(invocation, target, body_json))
+
+    def _poll(self, timeout_ms: int | None) -> tuple[bool, list[Completion] | str]:
+        invocation = _step_caller()
+        ok, answer = invocation.host.poll(
+            invocation, None if timeout_ms is None else timeout_ms / 1000
+        )
+        if not ok:
+            return _failed(invocation, (ok, answer))
+        return True, completions(answer)
+
+    def _abandon(self, handle: int) -> None:
+        invocation = _step_caller()
+        invocation.host.abandon(invocation, handle)
+        _stop_if_asked(invocation)
 
     def _find_module(self, fullname: str) -> Any:
         found = self.finder.find(fullname)

@@ -126,6 +126,9 @@ _RESULT_OK_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "is_o
 _RESULT_VAL_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "val")
 _STRING = ffi.WASMTIME_COMPONENT_STRING.value
 _STRING_KIND = bytes((_STRING,))
+_U64_KIND = ffi.WASMTIME_COMPONENT_U64.value
+#: A u64 value: kind, then the number at the payload's offset.
+_U64_VAL = struct.Struct(f"@B{_PAYLOAD - 1}xQ")
 _RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
 #: A byte vector (size, then data, as in wasm.h) and a 64-bit word.
 _BYTE_VEC = struct.Struct("@NN")
@@ -296,17 +299,32 @@ Lowering = Callable[[int, Any, int], None]
 
 
 def _result_lowering(ty: ResultType) -> Lowering:
-    """``result<string?, string?>`` from an ``(ok, payload)`` pair: the payload
-    is the string of the case, ignored where the case carries none."""
+    """``result<string?, string?>`` (or ``result<u64, string?>``) from an
+    ``(ok, payload)`` pair: the payload is the string (or number) of the case,
+    ignored where the case carries none."""
     ok_has_string = isinstance(ty.ok, String)
+    ok_has_number = isinstance(ty.ok, U64)
     err_has_string = isinstance(ty.err, String)
 
-    def lower(_context: int, answer: tuple[bool, str | None], address: int) -> None:
+    def lower(_context: int, answer: tuple[bool, Any], address: int) -> None:
         ok, payload = answer
-        boxed = _boxed_string(payload) if (ok_has_string if ok else err_has_string) else 0
+        if ok and ok_has_number:
+            boxed = _boxed_u64(payload)
+        else:
+            boxed = _boxed_string(payload) if (ok_has_string if ok else err_has_string) else 0
         write_at(address, _RESULT_SLOT.pack(_RESULT, ok, boxed), _RESULT_SLOT.size)
 
     return lower
+
+
+def _boxed_u64(value: Any) -> int:
+    """A new heap value holding the u64 ``value``."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise TypeError("expected a u64")
+    packed = _U64_VAL.pack(_U64_KIND, value)
+    write_at(_SCRATCH_AT, packed, len(packed))
+    boxed: int = _val_new_at(_SCRATCH_AT)
+    return boxed
 
 
 _vallist_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(
@@ -350,26 +368,39 @@ RecordsWriter = Callable[[list[tuple[Any, ...]], int], None]
 
 
 def _records_writer(ty: ListType) -> RecordsWriter | None:
-    """How to write a ``list<record>`` whose fields are strings and bools, by
-    address (wasmtime-py's converter made a dozen Python objects per field: a
-    received message is such a record); None for other types."""
+    """How to write a ``list<record>`` whose fields are strings, bools and
+    u64s, by address (wasmtime-py's converter made a dozen Python objects per
+    field: a received message is such a record); None for other types."""
     element = ty.element
     if not isinstance(element, RecordType):
         return None
     fields = element.fields
-    if not all(isinstance(field_type, (String, Bool)) for _, field_type in fields):
+    if not all(isinstance(field_type, (String, Bool, U64)) for _, field_type in fields):
         return None
     names = [field_name.encode("utf-8") for field_name, _ in fields]
     strings = [isinstance(field_type, String) for _, field_type in fields]
+    numbers = [isinstance(field_type, U64) for _, field_type in fields]
+    has_numbers = any(numbers)
     count = len(fields)
+
+    def fits(value: Any, position: int) -> bool:
+        if strings[position]:
+            return isinstance(value, str)
+        if numbers[position]:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+        return isinstance(value, bool)
 
     def write(rows: list[tuple[Any, ...]], address: int) -> None:
         # Every value is checked before anything is allocated: a failure
         # half-way would leave the list half made.
         for row in rows:
-            if len(row) != count or not all(
-                isinstance(value, str) if is_string else isinstance(value, bool)
-                for value, is_string in zip(row, strings, strict=True)
+            if len(row) != count or not (
+                all(fits(value, position) for position, value in enumerate(row))
+                if has_numbers
+                else all(  # (the common case, a message: no call per field)
+                    isinstance(value, str) if is_string else isinstance(value, bool)
+                    for value, is_string in zip(row, strings, strict=True)
+                )
             ):
                 raise TypeError(f"expected records of {count} fields, not {row!r:.200}")
         _vallist_new_at(address + _PAYLOAD, len(rows))
@@ -389,6 +420,9 @@ def _records_writer(ty: ListType) -> RecordsWriter | None:
                         data = value.encode("utf-8")
                         write_at(value_at, _STRING_KIND, 1)
                         _vec_new_at(value_at + _PAYLOAD, len(data), data)
+                    elif numbers[position]:
+                        packed = _U64_VAL.pack(_U64_KIND, value)
+                        write_at(value_at, packed, len(packed))
                     else:
                         packed = _BOOL_VAL.pack(_BOOL_KIND, value)
                         write_at(value_at, packed, len(packed))
@@ -419,8 +453,10 @@ def _lowering(ty: Any) -> Lowering:
     bytes by address; anything else with wasmtime-py's converter. (Its variant lowering
     also picks the case of an untagged variant through a process-wide set that
     concurrent calls on other threads clear under each other.)"""
-    if isinstance(ty, ResultType) and all(
-        case is None or isinstance(case, String) for case in (ty.ok, ty.err)
+    if (
+        isinstance(ty, ResultType)
+        and (ty.ok is None or isinstance(ty.ok, (String, U64)))
+        and (ty.err is None or isinstance(ty.err, String))
     ):
         return _result_lowering(ty)
     if (

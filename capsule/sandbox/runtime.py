@@ -31,6 +31,8 @@ from capsule.sandbox import oom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
 GUEST_APP = "capsule_guest"
+#: The guest's asyncio event loop, a module of its own beside the app.
+GUEST_LOOP = "capsule_loop"
 WORLD = "task-runtime"
 COMPONENT_FILE = "guest.wasm"
 COMPILED_FILE = "guest.cwasm"
@@ -67,6 +69,7 @@ def guest_sources() -> dict[str, Path]:
         "capsule/__init__.py": PACKAGE_DIR / "__init__.py",
         "capsule/http.py": PACKAGE_DIR / "http.py",
         f"{GUEST_APP}.py": PACKAGE_DIR / "sandbox" / "guest" / f"{GUEST_APP}.py",
+        f"{GUEST_LOOP}.py": PACKAGE_DIR / "sandbox" / "guest" / f"{GUEST_LOOP}.py",
     }
     for path in sorted((PACKAGE_DIR / "sdk").glob("*.py")):
         files[f"capsule/sdk/{path.name}"] = path

@@ -1,4 +1,6 @@
-"""HTTP from tasks: ``get``, ``post``, ``put``, ``delete``, ``patch``, ``head``.
+"""HTTP from tasks: ``get``, ``post``, ``put``, ``delete``, ``patch``, ``head``,
+and for async code ``get_async`` and the others (awaited together, they are in
+flight together).
 
 Under ``capsule run`` the host performs the request, and only to the hosts the
 task was granted (``@task(allowed_hosts=[...])``); redirects are followed only
@@ -53,9 +55,23 @@ class InvalidRequest(HttpError, ValueError):
     kind = "invalid_request"
 
 
+class TooManyRequests(HttpError):
+    """The task has as many requests in flight as it may (async code): await
+    some before starting more."""
+
+    kind = "limit"
+
+
 _ERRORS: dict[str, type[HttpError]] = {
     cls.kind: cls
-    for cls in (HostNotAllowed, HttpTimeout, ConnectionFailed, ResponseTooLarge, InvalidRequest)
+    for cls in (
+        HostNotAllowed,
+        HttpTimeout,
+        ConnectionFailed,
+        ResponseTooLarge,
+        InvalidRequest,
+        TooManyRequests,
+    )
 }
 
 
@@ -130,6 +146,37 @@ def request(
 ) -> Response:
     """Send a request and return its response (any status); raises HttpError
     subclasses when there is no response."""
+    payload = _payload(method, url, params, headers, json, data, timeout)
+    return _response(_task.active_backend().http(payload))
+
+
+async def request_async(
+    method: str,
+    url: str,
+    *,
+    params: Mapping[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+    json: Any = None,
+    data: str | bytes | None = None,
+    timeout: float | None = None,
+) -> Response:
+    """``request`` for async code: awaiting it lets the task's other coroutines
+    run meanwhile, and requests awaited together (``asyncio.gather``) are in
+    flight together, on the host."""
+    payload = _payload(method, url, params, headers, json, data, timeout)
+    return _response(await _task.active_backend().http_async(payload))
+
+
+def _payload(
+    method: str,
+    url: str,
+    params: Mapping[str, Any] | None,
+    headers: Mapping[str, str] | None,
+    json: Any,
+    data: str | bytes | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """The request as the host takes it (see wit/capsule.wit, http.request)."""
     if json is not None and data is not None:
         raise InvalidRequest("give json= or data=, not both")
     sent_headers = [(str(k), str(v)) for k, v in (headers or {}).items()]
@@ -150,14 +197,16 @@ def request(
         url = urlunsplit(parts._replace(query=f"{parts.query}&{query}" if parts.query else query))
     if timeout is not None and not timeout > 0:
         raise InvalidRequest(f"timeout= is a positive number of seconds, not {timeout!r}")
-    payload = {
+    return {
         "method": method.upper(),
         "url": url,
         "headers": sent_headers,
         "body": base64.b64encode(body).decode(),
         "timeout_s": DEFAULT_TIMEOUT_S if timeout is None else float(timeout),
     }
-    reply = _task.active_backend().http(payload)
+
+
+def _response(reply: dict[str, Any]) -> Response:
     return Response(
         int(reply["status"]),
         Headers([(str(k), str(v)) for k, v in reply["headers"]]),
@@ -188,6 +237,30 @@ def patch(url: str, **options: Any) -> Response:
 
 def head(url: str, **options: Any) -> Response:
     return request("HEAD", url, **options)
+
+
+async def get_async(url: str, **options: Any) -> Response:
+    return await request_async("GET", url, **options)
+
+
+async def post_async(url: str, **options: Any) -> Response:
+    return await request_async("POST", url, **options)
+
+
+async def put_async(url: str, **options: Any) -> Response:
+    return await request_async("PUT", url, **options)
+
+
+async def delete_async(url: str, **options: Any) -> Response:
+    return await request_async("DELETE", url, **options)
+
+
+async def patch_async(url: str, **options: Any) -> Response:
+    return await request_async("PATCH", url, **options)
+
+
+async def head_async(url: str, **options: Any) -> Response:
+    return await request_async("HEAD", url, **options)
 
 
 def request_directly(payload: dict[str, Any]) -> dict[str, Any]:

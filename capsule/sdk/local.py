@@ -22,7 +22,9 @@ deadline fails when it returns.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import json
 import threading
 import time
@@ -463,6 +465,22 @@ class LocalBackend:
 
         return request_directly(request)
 
+    # -- async forms: the blocking call on a thread (in the caller's context), so
+    # that the caller's event loop goes on meanwhile --------------------------
+
+    async def http_async(self, request: dict[str, Any]) -> dict[str, Any]:
+        return await asyncio.to_thread(self.http, request)
+
+    async def wait_async(self, task_ids: list[str]) -> list[tuple[bool, Any]]:
+        outcomes = await asyncio.to_thread(self.wait, task_ids, None)
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    async def receive_async(self, timeout: float | None) -> tuple[str, str, Any, bool]:
+        return await asyncio.to_thread(self.receive, timeout)
+
+    async def ask_async(self, target: str, body: Any, timeout: float | None) -> Any:
+        return await asyncio.to_thread(self.ask, target, body, timeout)
+
     def current(self) -> _task.TaskInfo | None:
         attempt = _current.get()
         return None if attempt is None else attempt.info
@@ -587,6 +605,8 @@ def _run_function(
     stopped it)."""
     try:
         result = fn.func(*call["args"], **call["kwargs"])
+        if inspect.iscoroutine(result):  # an async def task: run on its own loop
+            result = asyncio.run(result)
     except TaskStopped as exc:
         return None, None, exc
     except TypeError as exc:

@@ -54,6 +54,19 @@ def receive(timeout: float | None = None) -> Message:
     return Message(message_id, sender, body, expects_reply)
 
 
+async def receive_async(timeout: float | None = None) -> Message:
+    """``receive`` for async code: the task's other coroutines run while it
+    waits for a message."""
+    message_id, sender, body, expects_reply = await _task.active_backend().receive_async(timeout)
+    return Message(message_id, sender, body, expects_reply)
+
+
 def ask(target: Any, message: Any, timeout: float | None = None) -> Any:
     """Send ``message`` and wait for the reply; raises ReceiveTimeout after ``timeout``."""
     return _task.active_backend().ask(_target(target), message, timeout)
+
+
+async def ask_async(target: Any, message: Any, timeout: float | None = None) -> Any:
+    """``ask`` for async code: the task's other coroutines run while it waits
+    for the reply."""
+    return await _task.active_backend().ask_async(_target(target), message, timeout)

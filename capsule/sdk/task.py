@@ -17,8 +17,9 @@ program, and that validated copy is the only one limits are taken from.
 from __future__ import annotations
 
 import functools
+import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, ParamSpec, Protocol, TypeVar, overload
 
@@ -92,6 +93,24 @@ class Backend(Protocol):
         or raises HttpError."""
         ...
 
+    def http_async(self, request: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """Start an HTTP request without waiting for it, on the running event
+        loop: awaiting the result gives what ``http`` returns (or raises)."""
+        ...
+
+    def wait_async(self, task_ids: list[str]) -> Awaitable[list[tuple[bool, Any]]]:
+        """``wait`` without a timeout, without blocking the running event loop."""
+        ...
+
+    def receive_async(self, timeout: float | None) -> Awaitable[tuple[str, str, Any, bool]]:
+        """``receive``, without blocking the running event loop."""
+        ...
+
+    def ask_async(self, target: str, body: Any, timeout: float | None) -> Awaitable[Any]:
+        """``ask``, without blocking the running event loop while it waits for
+        the reply."""
+        ...
+
     def current(self) -> TaskInfo | None: ...
 
 
@@ -154,8 +173,30 @@ class TaskFunction(Generic[P, R]):
         return f"{self.func.__module__}.{self.func.__qualname__}"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.is_async and _loop_running():
+            # From async code, an async task is awaited, as its function would
+            # be: under ``capsule run`` it runs as a child meanwhile.
+            awaited: R = self._call_async(args, kwargs)  # type: ignore[assignment]
+            return awaited
         result: R = active_backend().call_task(self.name, tuple(args), dict(kwargs))
         return result
+
+    @functools.cached_property
+    def is_async(self) -> bool:
+        """Whether the task's function is an ``async def``."""
+        import inspect  # (here: it would double the time ``import capsule`` takes)
+
+        return inspect.iscoroutinefunction(self.func)
+
+    async def _call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _backend is None:
+            # Local mode: the call runs on a thread (in the calling task's
+            # context), so that this event loop goes on meanwhile.
+            import asyncio
+
+            call = active_backend().call_task
+            return await asyncio.to_thread(call, self.name, tuple(args), dict(kwargs))
+        return await self._spawn(args, kwargs, None, link=False).result_async()
 
     def spawn(
         self, *args: Any, name: str | None = None, link: bool = False, **kwargs: Any
@@ -372,6 +413,18 @@ class TaskHandle(Generic[R]):
             _collect([self], 0, any_ended=True)
         return self._local_outcome is not None
 
+    async def result_async(self, timeout: float | None = None) -> R:
+        """``result`` for async code: the task's other coroutines run while it
+        waits (``await handle`` is the same, without a timeout)."""
+        ((ok, value),) = await _wait_async([self], timeout)
+        if not ok:
+            raise value
+        result: R = value
+        return result
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self.result_async().__await__()
+
     def cancel(self) -> None:
         """Cancel the child (and its own children); waiting on it then raises
         TaskError with kind ``cancelled``."""
@@ -397,6 +450,28 @@ def _collect(handles: Iterable[TaskHandle[Any]], timeout: float | None, any_ende
 
 def _wait(handles: Sequence[TaskHandle[Any]], timeout: float | None) -> list[tuple[bool, Any]]:
     _collect(handles, timeout, any_ended=False)
+    return [h._local_outcome for h in handles]  # type: ignore[misc]
+
+
+async def _wait_async(
+    handles: Sequence[TaskHandle[Any]], timeout: float | None
+) -> list[tuple[bool, Any]]:
+    pending = list({h.id: h for h in handles if h._local_outcome is None}.values())
+    if not pending:
+        return [h._local_outcome for h in handles]  # type: ignore[misc]
+    waiting = active_backend().wait_async([h.id for h in pending])
+    if timeout is None:
+        outcomes = await waiting
+    else:
+        import asyncio
+
+        try:
+            outcomes = await asyncio.wait_for(waiting, timeout)
+        except TimeoutError:
+            ids = [h.id for h in pending]
+            raise TimeoutError(f"children {ids} had not ended after {timeout:g}s") from None
+    for handle, outcome in zip(pending, outcomes, strict=True):
+        handle._local_outcome = outcome
     return [h._local_outcome for h in handles]  # type: ignore[misc]
 
 
@@ -523,6 +598,13 @@ def _deadline(timeout: float | None) -> float | None:
 def _left(deadline: float | None) -> float | None:
     """Seconds to ``deadline`` (never below 0), or None for no deadline."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _loop_running() -> bool:
+    """Whether this code runs in an asyncio event loop (without importing
+    asyncio, which ``import capsule`` must not)."""
+    asyncio = sys.modules.get("asyncio")
+    return asyncio is not None and asyncio.events._get_running_loop() is not None
 
 
 def sleep(seconds: float) -> None:

@@ -328,6 +328,14 @@ class MessageCalls:
             )
         )
 
+    def send_ask(
+        self, attempt: Attempt, target: str, body_json: str
+    ) -> tuple[tuple[bool, str], Message | None]:
+        """The sending half of an ask (waiting while the target's mailbox is
+        full): the answer, and the message whose reply is now expected (None
+        if it was refused). After a resume, one sent before is not sent again."""
+        return self._send(attempt, target, body_json, None, ask=True)
+
     def ask(
         self, attempt: Attempt, target: str, body_json: str, timeout: float | None
     ) -> tuple[bool, str]:

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,7 @@ from typing import Any, TypedDict
 from capsule.actors.external import EXTERNAL_SENDER, ExternalMessages
 from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router, RoutingError
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
-from capsule.net.redact import redact_url
+from capsule.net.redact import Secrets, redact_url
 from capsule.sandbox import guest_data
 from capsule.sandbox.config import HostCaps, Limits, TaskConfig, validate_program
 from capsule.sandbox.engine import (
@@ -66,6 +67,14 @@ from capsule.supervisor.events import (
 )
 from capsule.supervisor.intensity import restart_intensity_error
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.operation_calls import OperationCalls
+from capsule.supervisor.operations import (
+    MAX_IN_FLIGHT,
+    Operation,
+    condition,
+    http_operation,
+    too_many_in_flight,
+)
 from capsule.supervisor.outcomes import (
     delivered_positions,
     linked_failure,
@@ -118,7 +127,10 @@ RECORDED_COUNT_STEP = 1 << 20
 #: wait, holding places others need, or tell it more about its targets: that
 #: one ended, say), and the host gives back the places reserved for it (see
 #: MessageCalls.send).
-ENDS_CREDIT = frozenset({"call", "spawn", "wait", "cancel", "sleep", "ask", "http", "receive"})
+ENDS_CREDIT = frozenset(
+    {"call", "spawn", "wait", "wait_any", "cancel", "sleep", "ask", "http", "receive"}
+    | {"http_start", "wait_start", "receive_start", "ask_start", "poll"}
+)
 
 
 class ProgramError(Exception):
@@ -268,6 +280,9 @@ class Run:
         self.journal_failure: str | None = None
         #: Set by stop(): the run was stopped from outside (like Ctrl-C).
         self.stopped = False
+        self._operations = OperationCalls(
+            self._step, self._block, lambda: self._log(self._steps.sync), self._journaling
+        )
         self._messages = MessageCalls(
             self._router,
             self.events,
@@ -814,7 +829,8 @@ class Run:
         finally:
             # Structured concurrency: however the attempt ended, its running
             # children are cancelled, and their threads joined, before it counts
-            # as ended.
+            # as ended; so are the operations it started.
+            attempt.operations.close()
             self._end_children(attempt)
             self._count_recorded(attempt)
             with self._lock:
@@ -893,6 +909,7 @@ class Run:
         if attempt is not None:
             if attempt.transfer is not None:
                 held += attempt.transfer.bytes
+            held += attempt.operations.held_bytes()
             for child in list(attempt.children.values()):
                 result = child.result
                 if result is not None:
@@ -1447,30 +1464,7 @@ class Run:
                     return False, "{}"
             finally:
                 attempt.transfer = None
-            status: int | None = None
-            error_kind: str | None = None
-            try:
-                response = future.result()
-                received.append(response)
-                status = response.status
-                answer = True, response.to_json()
-            except HttpFailure as exc:  # (its message redacted by the client)
-                error_kind = exc.kind
-                answer = False, exc.to_json()
-            self._output_shown(caller.task_id)
-            self.events.emit(
-                HttpExchange(
-                    **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
-                    method=request.method,
-                    url=redact_url(request.url, secrets),
-                    status=status,
-                    error_kind=error_kind,
-                    duration_ms=(time.monotonic() - started) * 1000,
-                    request_bytes=len(request.body),
-                    response_bytes=len(received[0].body) if received else 0,
-                )
-            )
-            return answer
+            return self._http_ended(caller, request, secrets, future, started, received)
 
         def for_journal(answer: str) -> str:
             return received[0].journal_json(secrets) if received else answer
@@ -1484,6 +1478,183 @@ class Run:
             durable=True,
             for_journal=for_journal,
         )
+
+    def _http_ended(
+        self,
+        caller: Invocation,
+        request: HttpRequest,
+        secrets: Secrets,
+        future: Future[HttpResponse],
+        started: float,
+        received: list[HttpResponse],
+    ) -> tuple[bool, str]:
+        """The answer of a request that ended (its response is added to
+        ``received``), reported as an HttpExchange event."""
+        status: int | None = None
+        error_kind: str | None = None
+        try:
+            response = future.result()
+            received.append(response)
+            status = response.status
+            answer = True, response.to_json()
+        except HttpFailure as exc:  # (its message redacted by the client)
+            error_kind = exc.kind
+            answer = False, exc.to_json()
+        self._output_shown(caller.task_id)
+        self.events.emit(
+            HttpExchange(
+                **_EventIds(run_id=self.run_id, task_id=caller.task_id, task=caller.task),
+                method=request.method,
+                url=redact_url(request.url, secrets),
+                status=status,
+                error_kind=error_kind,
+                duration_ms=(time.monotonic() - started) * 1000,
+                request_bytes=len(request.body),
+                response_bytes=len(received[0].body) if received else 0,
+            )
+        )
+        return answer
+
+    # -- operations started without waiting (see operations.py) ---------------
+
+    def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+        known = self._http.secrets
+        try:
+            request = HttpRequest.from_json(request_json)
+        except HttpFailure as exc:
+            invalid = (False, exc.redacted(known.granted).to_json())
+            digest = hashlib.sha256(request_json.encode()).hexdigest()
+            return self._step(
+                caller, "http_start", json.dumps({"invalid": digest}), lambda: invalid
+            )
+        secrets = known.learn(request.credentials)
+
+        def operation(handle: int) -> Operation:
+            return http_operation(
+                handle,
+                lambda transfer: self._http.start(request, caller.grants.allows, secrets, transfer),
+                lambda future, started, received: self._http_ended(
+                    caller, request, secrets, future, started, received
+                ),
+                secrets,
+            )
+
+        return self._start_operation(
+            caller, "http_start", request.journal_form(known.granted), operation
+        )
+
+    def start_wait(self, caller: Invocation, task_ids: list[str]) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        if any(task_id not in attempt.children for task_id in task_ids):
+            # (Refused as a blocking wait refuses it.)
+            return self._step(
+                caller,
+                "wait_start",
+                tuple(task_ids),
+                lambda: self._wait(caller, task_ids, 0, False),
+            )
+
+        def operation(handle: int) -> Operation:
+            children = [attempt.children[task_id] for task_id in task_ids]
+            with self._lock:  # (a linked child's failure now goes to this wait)
+                for child in children:
+                    child.waited_on = True
+
+            def replayed() -> None:
+                # Replayed, the children are still joined and forgotten as they were.
+                self._wait(caller, task_ids, None, False)
+
+            return condition(
+                handle,
+                "result",
+                lambda: all(child.done.is_set() for child in children),
+                lambda: self._wait(caller, task_ids, 0, False),
+                replayed,
+            )
+
+        return self._start_operation(caller, "wait_start", tuple(task_ids), operation)
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        task_id = caller.task_id
+
+        def operation(handle: int) -> Operation:
+            return condition(
+                handle,
+                "receive",
+                lambda: self._router.watch(task_id, attempt),
+                lambda: (True, '""'),
+            )
+
+        return self._start_operation(caller, "receive_start", "", operation)
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        attempt = self._attempts[caller]
+        operations = attempt.operations
+
+        def operation_for(
+            refused: tuple[bool, str], message: Message | None
+        ) -> Callable[[int], Operation]:
+            def operation(handle: int) -> Operation:
+                if message is None:  # (replayed, and refused now: it ends so)
+                    return condition(handle, "receive", lambda: True, lambda: refused)
+                reply: list[tuple[str | None, str | None]] = []
+
+                def ready() -> bool:
+                    if not reply:
+                        answer = self._router.take_reply(message.id)
+                        if answer != (None, None):
+                            reply.append(answer)
+                    return bool(reply)
+
+                def answered() -> tuple[bool, str]:
+                    text, failure = reply[0]
+                    if text is None:
+                        error = {"kind": "actor_ended", "message": failure}
+                        return False, json.dumps(error)
+                    return True, text
+
+                def stop() -> None:
+                    self._router.abandon_replies([message.id])
+
+                return condition(handle, "receive", ready, answered, stop, stop)
+
+            return operation
+
+        def start() -> tuple[bool, str]:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
+                return False, too_many_in_flight(caller)
+            answer, message = self._messages.send_ask(attempt, target, body_json)
+            if message is None:
+                return answer
+            return True, str(operations.add(operation_for(answer, message), live=True))
+
+        def replayed(step: Step) -> None:
+            if not step.ok:
+                attempt.node.next_message_id()  # numbered as it was
+                return
+            # Asked again: numbered alike, not sent again (see MessageCalls._send);
+            # its reply is awaited unless a replayed poll reports it.
+            answer, message = self._messages.send_ask(attempt, target, body_json)
+            operations.add(operation_for(answer, message), live=False)
+
+        return self._step(caller, "ask_start", (target, body_json), start, replayed=replayed)
+
+    def _start_operation(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        operation: Callable[[int], Operation],
+    ) -> tuple[bool, str]:
+        return self._operations.start(self._attempts[caller], kind, request, operation)
+
+    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+        return self._operations.poll(self._attempts[caller], timeout)
+
+    def abandon(self, caller: Invocation, handle: int) -> None:
+        self._operations.abandon(self._attempts[caller], handle)
 
     # -- time and randomness: journaled, so that a replay sees the same --------
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost
 from capsule.supervisor.events import ErrorDetail
+from capsule.supervisor.operations import Operations
 
 _T = TypeVar("_T")
 
@@ -107,6 +108,8 @@ class Attempt:
     recorded_counted: int = 0
     #: Its HTTP exchange in flight, if any (what the host holds for it).
     transfer: Transfer | None = None
+    #: The operations it started without waiting (its asyncio code's).
+    operations: Operations = field(init=False)
     #: Room reserved for its messages in targets' mailboxes, by target as the
     #: guest names it: [target id, places left, places given] (see MessageCalls.send).
     credit: dict[str, list[Any]] = field(default_factory=dict)
@@ -119,6 +122,9 @@ class Attempt:
     batch: list[Message] | None = None
     #: Held while no wake-up is pending; a wake releases it, the wait takes it.
     _no_wakeup: threading.Lock = field(default_factory=_held_lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.operations = Operations(self.wake)
 
     def wake(self) -> None:
         """Something the attempt may be waiting on changed (a message came, a

@@ -13,16 +13,20 @@ This file runs inside the sandbox only; it is data to the host.
 # ruff: noqa
 # mypy: ignore-errors
 
+import asyncio
 import collections
+import functools
 import gc
 import importlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import inspect
 import io
 import json
 import linecache
 import marshal
+import math
 import struct
 import sys
 import traceback
@@ -68,14 +72,15 @@ for _name in [*GUEST_STDLIB, *_encodings()]:
 import wit_world
 from wit_world import exports
 from wit_world.exports import runner as runner_types
-from wit_world.imports import clock, http, messaging, modules, output, tasks
+from wit_world.imports import clock, http, messaging, modules, operations, output, tasks
 from componentize_py_types import Err
 
 import capsule
 import capsule.http
+import capsule_loop
 from capsule.sdk import task as sdk_task
 from capsule.sdk.http import HostNotAllowed, http_error
-from capsule.sdk.errors import TaskError, message_error, unhandled
+from capsule.sdk.errors import ReceiveTimeout, TaskError, message_error, unhandled
 
 
 def _not_serializable(value):
@@ -259,6 +264,73 @@ sys.meta_path[:] = [
     if getattr(finder, "__name__", "") != "PathFinder"
 ]
 sys.meta_path.append(HostFinder())
+
+
+class NetworkModules(importlib.abc.MetaPathFinder):
+    """The standard library's own network clients, absent from the sandbox:
+    importing one says where a task's network is (``requests``, ``httpx`` and
+    ``urllib3`` stop at one of them)."""
+
+    NAMES = frozenset(
+        "ssl _ssl http.client urllib.request ftplib smtplib poplib imaplib nntplib "
+        "socketserver http.server xmlrpc.client xmlrpc.server".split()
+    )
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self.NAMES:
+            raise SandboxImportError(
+                f"No module named {fullname!r}: {capsule_loop.NO_NETWORK}", name=fullname
+            )
+        return None
+
+
+sys.meta_path.insert(len(sys.meta_path) - 1, NetworkModules())
+
+
+# No threads and no sockets in the sandbox. Importing threading and socket
+# works (libraries do at their top); starting a thread or opening a socket says
+# what to use instead.
+import _thread
+import socket
+import threading
+
+_NO_THREADS = (
+    "can't start new thread: a task runs on a single thread in its sandbox; run work "
+    "concurrently with asyncio (an async def task, asyncio.gather; for HTTP, "
+    "capsule.http's *_async functions) or in child tasks (task.spawn, task.map)"
+)
+
+
+def _no_thread(*args, **kwargs):
+    raise RuntimeError(_NO_THREADS)
+
+
+_thread.start_new_thread = _thread.start_new = _no_thread
+for _name in ("start_joinable_thread",):
+    if hasattr(_thread, _name):
+        setattr(_thread, _name, _no_thread)
+for _name in ("_start_joinable_thread", "_start_new_thread"):
+    if hasattr(threading, _name):
+        setattr(threading, _name, _no_thread)
+
+
+def _no_network(*args, **kwargs):
+    raise PermissionError(capsule_loop.NO_NETWORK)
+
+
+class _NoSocket(socket.socket):
+    __slots__ = ()
+
+    def __init__(self, *args, **kwargs):
+        raise PermissionError(capsule_loop.NO_NETWORK)
+
+
+socket.socket = _NoSocket
+for _name in (
+    "socketpair create_connection create_server fromfd getaddrinfo gethostbyname "
+    "gethostbyname_ex gethostbyaddr getnameinfo"
+).split():
+    setattr(socket, _name, _no_network)
 
 
 def _explain_missing(exc: ModuleNotFoundError) -> str:
@@ -532,6 +604,9 @@ class GuestBackend:
         #: The rest of the last batch of messages the host handed over.
         self._inbox = collections.deque()
         self._taken = 0
+        #: Host operations started and not yet reported: handle -> (future,
+        #: how its completion's payload becomes the future's outcome).
+        self._operations = {}
 
     def _end_credit(self) -> None:
         # Before a call that may wait (the room reserved for this task is then
@@ -658,6 +733,134 @@ class GuestBackend:
         except Err as err:
             raise http_error(json.loads(err.value)) from None
 
+    # -- operations the event loop waits for (capsule_loop) -------------------
+
+    def http_async(self, request):
+        return self._start(lambda: operations.start_http(json.dumps(request)), _http_answer)
+
+    def wait_async(self, task_ids):
+        ids = json.dumps(list(task_ids))
+        return self._start(lambda: operations.start_wait(ids), _wait_answer)
+
+    async def receive_async(self, timeout):
+        _ms(timeout)  # (checked as receive checks it)
+        try:
+            async with asyncio.timeout(timeout):
+                while not self._inbox:
+                    # Until a message waits; then taken as receive takes it
+                    # (another coroutine of the task may have taken it first).
+                    await self._start(operations.start_receive, _no_answer)
+                    try:
+                        return self.receive(0)
+                    except ReceiveTimeout:
+                        continue
+        except TimeoutError:
+            raise ReceiveTimeout(f"no message arrived within {timeout:g}s") from None
+        return self.receive(0)  # (the rest of the last batch: no host call)
+
+    async def ask_async(self, target, body, timeout):
+        text = _body(target, body)
+        _ms(timeout)  # (checked as ask checks it)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._start(lambda: operations.start_ask(target, text), _reply_answer)
+        except TimeoutError as exc:
+            if isinstance(exc, ReceiveTimeout):
+                raise
+            raise ReceiveTimeout(f"no reply from {target!r} within {timeout:g}s") from None
+
+    def _start(self, start, answer):
+        """Start a host operation; the future its completion settles with
+        ``answer(ok, payload)``, on the running (host) event loop."""
+        loop = asyncio.get_running_loop()
+        if not isinstance(loop, capsule_loop.CapsuleEventLoop):
+            raise RuntimeError(
+                "capsule's async calls run on the event loop asyncio makes in a task "
+                "(asyncio.run, or an async def task), not on another loop"
+            )
+        future = loop.create_future()
+        self._end_credit()
+        _flush()
+        try:
+            handle = start()
+        except Err as err:  # refused: nothing started, nothing to abandon
+            _settle(future, answer, False, err.value)
+            return future
+        self._operations[handle] = (future, answer)
+        future.add_done_callback(lambda done: self._cancelled(handle, done))
+        return future
+
+    def _cancelled(self, handle, future):
+        # A future cancelled before its operation ended (asyncio.wait_for's
+        # timeout, a cancelled task): the host stops the operation.
+        if future.cancelled() and self._operations.pop(handle, None) is not None:
+            operations.abandon(handle)
+
+    def has_operations(self):
+        return bool(self._operations)
+
+    def poll_operations(self, timeout):
+        """Wait on the host for started operations: the callbacks that settle
+        the futures of those that ended."""
+        self._end_credit()
+        _flush()
+        timeout_ms = None if timeout is None else math.ceil(timeout * 1000)
+        try:
+            completions = operations.poll(timeout_ms)
+        except Err as err:
+            raise RuntimeError(f"waiting for the task's operations failed: {err.value}") from None
+        settle = []
+        for completion in completions:
+            entry = self._operations.pop(completion.handle, None)
+            if entry is not None:
+                future, answer = entry
+                settle.append(functools.partial(_settle, future, answer, completion.ok, completion.payload))
+        return settle
+
+    def abandon_operations(self, loop):
+        """The loop closes: the operations its futures wait for are stopped."""
+        for handle, (future, _) in list(self._operations.items()):
+            if future.get_loop() is loop:
+                del self._operations[handle]
+                operations.abandon(handle)
+
+
+def _settle(future, answer, ok, payload):
+    if future.done():
+        return
+    try:
+        value = answer(ok, payload)
+    except Exception as exc:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
+
+
+def _wait_answer(ok, payload):
+    if not ok:
+        raise TaskError.from_dict(json.loads(payload))
+    return [
+        (True, item["value"]) if item["ok"] else (False, TaskError.from_dict(item["error"]))
+        for item in _loads(payload)
+    ]
+
+
+def _reply_answer(ok, payload):
+    if not ok:
+        raise message_error(json.loads(payload))
+    return _loads(payload)
+
+
+def _no_answer(ok, payload):
+    if not ok:
+        raise message_error(json.loads(payload))
+
+
+def _http_answer(ok, payload):
+    if ok:
+        return json.loads(payload)
+    raise http_error(json.loads(payload))
+
 
 def _message(envelope):
     """(id, sender, body, expects_reply) of a received envelope."""
@@ -666,6 +869,8 @@ def _message(envelope):
 
 _backend = GuestBackend()
 sdk_task.install_backend(_backend)
+# asyncio's loops wait on the host (see capsule_loop).
+capsule_loop.install(_backend)
 
 
 # Wall-clock time and randomness reach the guest through the WASI imports, which
@@ -786,6 +991,8 @@ class Runner(exports.Runner):
         _granted_dirs[:] = inv.get("files", [])
         try:
             result = fn.func(*call["args"], **call["kwargs"])
+            if inspect.iscoroutine(result):  # an async def task: run on the host loop
+                result = asyncio.run(result)
         except TypeError as exc:
             # Raised by the call itself (no frame of the task's own code): the
             # arguments do not fit its signature, which no retry can fix.
