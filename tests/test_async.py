@@ -415,8 +415,11 @@ def test_awaited_children_and_messages_are_replayed(tmp_path: Path) -> None:
             for row in connection.execute("SELECT task_id FROM events WHERE type = 'started'")
         ]
     assert {"wait_start", "receive_start", "ask_start", "poll"} <= set(kinds)
-    # Only main ran again: the children's outcomes came from the journal.
-    assert sorted(started) == ["main", "main", "main/1", "main/2", "main/3", "main/4"]
+    # The gathered children ran once: their outcomes came from the journal. (The
+    # greeter and the answerer may have been in flight at the kill: then they
+    # resume too.)
+    assert started.count("main") == 2
+    assert started.count("main/1") == started.count("main/2") == 1
 
 
 ASKED_THEN_KILLED = """

@@ -80,6 +80,16 @@ def capsule_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "CAPSULE_JOURNAL": str(tmp_path / "journal.db"), "PYTHONPATH": path}
 
 
+def capsule_run(program: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        capture_output=True,
+        text=True,
+        env=capsule_env(tmp_path),
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize("block", blocks("python"), ids=lambda b: b.id)
 def test_python_block_is_a_program_that_runs(block: Block, tmp_path: Path) -> None:
     compile(block.text, block.id, "exec")
@@ -91,13 +101,7 @@ def test_python_block_is_a_program_that_runs(block: Block, tmp_path: Path) -> No
         return
     path = tmp_path / Path(name or "prog.py").name
     path.write_text(block.text)
-    done = subprocess.run(
-        [sys.executable, "-m", "capsule.cli", "run", str(path)],
-        capture_output=True,
-        text=True,
-        env=capsule_env(tmp_path),
-        timeout=120,
-    )
+    done = capsule_run(path, tmp_path)
     assert done.returncode == 0, done.stderr
 
 
@@ -165,12 +169,6 @@ def test_toml_block_is_a_config_capsule_accepts(block: Block, tmp_path: Path) ->
     program.write_text(
         'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\n    return 1\n'
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
-        capture_output=True,
-        text=True,
-        env=capsule_env(tmp_path),
-        timeout=120,
-    )
+    done = capsule_run(program, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"

@@ -235,7 +235,7 @@ def test_a_message_sent_and_not_yet_received_is_delivered_after_a_resume(
         assert capsule_cli("send", run_id, "main", '"kept"', cwd=tmp_path).returncode == 0
         process.send_signal(signal.SIGKILL)
     resume = ["resume", run_id, "--verbose"]
-    with _running(resume, "capsule: replaying main/1 (gate)", tmp_path, "stderr") as process:
+    with _running(resume, "capsule: replaying main/1 (gate", tmp_path, "stderr") as process:
         assert capsule_cli("send", run_id, "gate", '"open"', cwd=tmp_path).returncode == 0
         out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err

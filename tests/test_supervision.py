@@ -327,7 +327,9 @@ def test_restarts_are_numbered_apart_from_attempts(tmp_path: Path) -> None:
     assert not [line for line in lines if re.search(r"attempt [3-9]/2", line)]
     shown = capsule_cli("inspect", "--last", cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
-    match = re.search(r"main/1 beat  \[cancelled\]  attempt (\d+) \(restart (\d+)\)", shown.stdout)
+    match = re.search(
+        r"main/1 beat  \[(?:cancelled|completed)\]  attempt (\d+) \(restart (\d+)\)", shown.stdout
+    )
     assert match is not None, shown.stdout
     attempt, restart = map(int, match.groups())
     assert restart == attempt - 1 >= 2

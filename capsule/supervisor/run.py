@@ -1439,16 +1439,24 @@ class Run:
 
     # -- HTTP: performed on the run's client, journaled with secrets redacted ----
 
+    def _http_request(
+        self, caller: Invocation, kind: str, request_json: str
+    ) -> HttpRequest | tuple[bool, str]:
+        """The guest's request, parsed; or, for a malformed one, the answer of
+        its step (recorded by its digest: it may still carry secrets)."""
+        try:
+            return HttpRequest.from_json(request_json)
+        except HttpFailure as exc:
+            invalid = (False, exc.redacted(self._http.secrets.granted).to_json())
+            digest = hashlib.sha256(request_json.encode()).hexdigest()
+            return self._step(caller, kind, json.dumps({"invalid": digest}), lambda: invalid)
+
     def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         attempt = self._attempts[caller]
         known = self._http.secrets
-        try:
-            request = HttpRequest.from_json(request_json)
-        except HttpFailure as exc:
-            invalid = (False, exc.redacted(known.granted).to_json())
-            # Recorded by its digest: a malformed request may still carry secrets.
-            digest = hashlib.sha256(request_json.encode()).hexdigest()
-            return self._step(caller, "http", json.dumps({"invalid": digest}), lambda: invalid)
+        request = self._http_request(caller, "http", request_json)
+        if not isinstance(request, HttpRequest):
+            return request
         secrets = known.learn(request.credentials)
         # The response, for its journaled form (made only if it is journaled).
         received: list[HttpResponse] = []
@@ -1519,14 +1527,9 @@ class Run:
 
     def start_http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
         known = self._http.secrets
-        try:
-            request = HttpRequest.from_json(request_json)
-        except HttpFailure as exc:
-            invalid = (False, exc.redacted(known.granted).to_json())
-            digest = hashlib.sha256(request_json.encode()).hexdigest()
-            return self._step(
-                caller, "http_start", json.dumps({"invalid": digest}), lambda: invalid
-            )
+        request = self._http_request(caller, "http_start", request_json)
+        if not isinstance(request, HttpRequest):
+            return request
         secrets = known.learn(request.credentials)
 
         def operation(handle: int) -> Operation:

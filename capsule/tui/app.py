@@ -12,6 +12,7 @@ import bisect
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 from rich.style import Style
@@ -50,6 +51,10 @@ TOGGLE_STYLE = Style.from_meta({"toggle": True})
 LINE_CHARS = 4000
 #: Longest result drawn (its pretty-printed JSON); the pane scrolls.
 RESULT_CHARS = 200_000
+#: A whole result not yet in the journal is asked for again after this many
+#: seconds, this many times at most (while its task stays selected).
+RESULT_RETRY_S = 0.25
+RESULT_TRIES = 40
 #: Lines of output and timeline the detail pane shows (the newest).
 DETAIL_LINES = 200
 
@@ -302,6 +307,8 @@ class CapsuleApp(App[int]):
         self.problem: str | None = None
         #: Tasks whose whole result was asked for, and those that have it.
         self._results_asked: set[str] = set()
+        #: How often a task's whole result was asked for and not there yet.
+        self._result_tries: dict[str, int] = {}
         self._whole_results: set[str] = set()
         #: What made the app itself fail, if something did (it then exits at once).
         self.failure: BaseException | None = None
@@ -578,6 +585,10 @@ class CapsuleApp(App[int]):
             view = self.model.tasks.get(task_id)
             if whole is None or view is None:
                 self._results_asked.discard(task_id)  # (not written yet: later)
+                tries = self._result_tries[task_id] = self._result_tries.get(task_id, 0) + 1
+                if view is not None and tries < RESULT_TRIES and self._selected == task_id:
+                    # Its completed event can come before the journal has it.
+                    self.set_timer(RESULT_RETRY_S, partial(self._show_again, task_id))
                 return
             view.result = whole
             self._whole_results.add(task_id)
@@ -585,6 +596,10 @@ class CapsuleApp(App[int]):
                 self._show_detail(task_id)
 
         self.run_worker(load(), group="results")
+
+    def _show_again(self, task_id: str) -> None:
+        if self._selected == task_id:
+            self._show_detail(task_id)
 
     @staticmethod
     def _section(text: Text, title: str, body: str) -> None:
