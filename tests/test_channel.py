@@ -446,7 +446,7 @@ def reader(n):
     sleep(1.0)  # the messages pile up: the next receive takes them all
     got = [receive(timeout=20).body]
     print("MARK got", got, flush=True)
-    sleep(30)  # stopped here
+    sleep(5)  # stopped here (a resume sleeps it again: it was not over)
     return got + [receive(timeout=5).body for _ in range(n - 1)]
 
 @task(name="main", max_retries=0)
@@ -494,7 +494,7 @@ def test_a_replayed_batch_without_a_channel_loses_no_message(
     """
     ).replace(
         'raise ValueError(f"failed after taking {first.body}")',
-        'print("MARK took", flush=True)\n                capsule.sleep(30)\n'
+        'print("MARK took", flush=True)\n                capsule.sleep(5)\n'
         '                raise ValueError(f"failed after taking {first.body}")',
     )
     program = tmp_path / "reader.py"
@@ -504,7 +504,7 @@ def test_a_replayed_batch_without_a_channel_loses_no_message(
     monkeypatch.setattr(prefault, "_kernel_can_release", lambda: False)
     monkeypatch.setattr(prefault, "_supported", lambda: False)
     events: list[Any] = []
-    # (The replayed attempt sleeps its 30 s again, from the journal: at once.)
+    # (The replayed attempt sleeps its 5 s again: the sleep was not over.)
     report = resume_journaled(tmp_path / ".capsule" / "journal.db", None, False, events.append)
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == [0, 1, 2, 3]  # 0 came again
