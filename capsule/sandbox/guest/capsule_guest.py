@@ -287,6 +287,23 @@ class NetworkModules(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(len(sys.meta_path) - 1, NetworkModules())
 
 
+class MissingHttpClients(importlib.abc.MetaPathFinder):
+    """Asked last: an HTTP client package the host does not have either says
+    where a task's network is, as one it has does (it stops at ``ssl``)."""
+
+    NAMES = frozenset("requests httpx aiohttp urllib3 websockets".split())
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self.NAMES:
+            raise SandboxImportError(
+                f"No module named {fullname!r}: {capsule_loop.NO_NETWORK}", name=fullname
+            )
+        return None
+
+
+sys.meta_path.append(MissingHttpClients())
+
+
 # No threads and no sockets in the sandbox. Importing threading and socket
 # works (libraries do at their top); starting a thread or opening a socket says
 # what to use instead.
