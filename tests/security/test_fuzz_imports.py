@@ -25,12 +25,14 @@ import time
 
 import capsule
 from capsule import TaskError, task
-from wit_world.imports import clock, http, messaging, modules, output, tasks
+from wit_world.imports import clock, http, messaging, modules, operations, output, tasks
 
 IMPORTS = [
     "modules.find", "modules.offer_compiled", "tasks.call", "tasks.spawn", "tasks.wait",
     "tasks.wait_any", "tasks.cancel", "tasks.sleep", "messaging.send", "messaging.receive", "messaging.ask",
     "messaging.reply", "output.write", "clock.monotonic_ns", "http.request",
+    "operations.start_http", "operations.start_wait", "operations.start_receive",
+    "operations.start_ask", "operations.poll", "operations.abandon",
     "wasi.random", "wasi.clock",
 ]
 
@@ -103,6 +105,18 @@ def call_one(rng, name):
         return clock.monotonic_ns()
     if name == "http.request":
         return http.request(text(rng))
+    if name == "operations.start_http":
+        return operations.start_http(text(rng))
+    if name == "operations.start_wait":
+        return operations.start_wait(text(rng))
+    if name == "operations.start_receive":
+        return operations.start_receive()
+    if name == "operations.start_ask":
+        return operations.start_ask(text(rng), text(rng))
+    if name == "operations.poll":
+        return operations.poll(rng.choice([0, 1, 10]))
+    if name == "operations.abandon":
+        return operations.abandon(rng.choice([0, 1, 2, 64, 65, (1 << 64) - 1]))
     if name == "wasi.random":
         return os.urandom(rng.choice([0, 1, 64, 4096, 1 << 20, (1 << 20) + 1, 1 << 22]))
     if name == "wasi.clock":
