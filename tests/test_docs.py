@@ -11,6 +11,10 @@
   concurrent tasks may interleave otherwise; the result is last), durations and
   fuel figures in ``capsule:`` lines aside.
 - A ``toml`` block is a ``capsule.toml`` that Capsule accepts.
+
+And every relative link of those pages, of BENCHMARKS.md and of SECURITY.md leads
+to a file that exists, and to a heading of it when it names one (``#anchor``, as
+GitHub makes them).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pytest
 from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+LINKED_PAGES = [*PAGES, REPO / "BENCHMARKS.md", REPO / "SECURITY.md"]
 FENCE = re.compile(r"^```([a-z]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 #: Figures that differ from run to run in a `capsule:` line: "1.5 ms", "fuel 173,196".
 VARYING = re.compile(r"\d[\d,]*(\.\d+)?")
@@ -172,3 +177,57 @@ def test_toml_block_is_a_config_capsule_accepts(block: Block, tmp_path: Path) ->
     done = capsule_run(program, tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1"
+
+
+#: A markdown link or image: ``[text](target)``, ``![alt](target)``.
+LINK = re.compile(r"!?\[[^\]]*\]\(([^()\s]+)\)")
+HEADING = re.compile(r"^#{1,6} +(.+?) *#*$", re.MULTILINE)
+
+
+def prose(text: str) -> str:
+    """The page without its fenced blocks and inline code, where a link is text."""
+    text = FENCE.sub("", text)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation
+    dropped, spaces as hyphens, a repeated one numbered (``-1``, ``-2``)."""
+    found: set[str] = set()
+    for heading in HEADING.findall(FENCE.sub("", page.read_text())):
+        text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link: its text
+        base = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        anchor, n = base, 0
+        while anchor in found:
+            n += 1
+            anchor = f"{base}-{n}"
+        found.add(anchor)
+    return found
+
+
+def relative_links(page: Path) -> list[str]:
+    return [
+        target
+        for target in LINK.findall(prose(page.read_text()))
+        if not re.match(r"[a-z][a-z0-9+.-]*:", target)  # https:, mailto:
+    ]
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_leads_to_a_file_and_heading(page: Path) -> None:
+    broken = []
+    for target in relative_links(page):
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            broken.append(f"{target}: no file {path}")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            broken.append(f"{target}: no heading #{anchor} in {linked.relative_to(REPO)}")
+    assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
+
+
+def test_the_link_check_sees_links_and_headings() -> None:
+    # The check above passes trivially if it finds no links or no anchors.
+    readme = REPO / "README.md"
+    assert any(link.startswith("docs/") for link in relative_links(readme))
+    assert "quick-start" in anchors(readme)
