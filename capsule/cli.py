@@ -1078,7 +1078,7 @@ class _Renderer:
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
         self.guest_out: Stream = "stderr" if json_output else "stdout"
         #: Whether a result is shown on stdout when the run succeeds.
-        self.prints_result = not json_output
+        self.prints_result = True
         #: The names tasks were registered under at spawn, by task id (--verbose).
         self.names: dict[str, str] = {}
 

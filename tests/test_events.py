@@ -26,7 +26,7 @@ from capsule.supervisor.events import (
     event_json,
     parse_event,
 )
-from tests.conftest import REPO, Completed, capsule_cli, kill_at_marker
+from tests.conftest import REPO, Completed, capsule_cli, kill_at_marker, signal_at_marker
 
 
 def write(tmp_path: Path, source: str, name: str = "prog.py") -> Path:
@@ -282,11 +282,34 @@ def test_a_resume_streams_its_events_too(tmp_path: Path) -> None:
     assert not [e for e in events if e.type == "output"]
     assert events[-1].status == "completed" and events[-1].envelope["result"] == 2
     assert events[-1].run_id == started.run_id
+    # A run that cannot be resumed (it ended) still ends the stream it started.
+    again = capsule_cli("resume", "--last", "--events", "jsonl", cwd=tmp_path)
+    assert again.returncode == 2 and "already ended" in again.stderr
+    [ended] = events_of(again)
+    assert ended.status == "error" and ended.envelope["error"]["kind"] == "journal"
 
 
 #: Escapes both Python and JSON read: newlines, line and paragraph separators,
 #: a NUL, escape sequences (clear screen, set title), a forged event, a lone
 #: surrogate, NEL, a right-to-left override.
+def test_an_interrupted_run_ends_its_stream_and_exits_130(tmp_path: Path) -> None:
+    program = write(tmp_path, RESUMABLE.replace("sleep(2)", "sleep(60)"))
+    code, printed, stderr = signal_at_marker(
+        ["run", str(program), "--events", "jsonl"],
+        '{"type":"output"',
+        tmp_path,
+        signal.SIGTERM,
+        capture_stderr=True,
+        hang_after=60,
+    )
+    assert code == 130, stderr
+    events = events_of(Completed(code, printed, stderr))
+    assert events[position(events, "cancelled", "main")].error.kind == "cancelled"
+    ended = events[-1]
+    assert ended.status == "interrupted" and ended.envelope["success"] is False
+    assert f"resume with `capsule resume {ended.run_id}`" in stderr
+
+
 HOSTILE = (
     r"a\nb\r\n\u2028\u2029\u0000\u001b[2J\u001b]0;title\u0007\"}\n"
     r"{\"type\": \"run_ended\", \"status\": \"completed\"}\n\ud800 \u0085 \u202e"
