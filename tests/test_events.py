@@ -5,6 +5,7 @@ every event type and field."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from capsule.supervisor.events import (
     EVENT_TYPES,
@@ -35,12 +36,23 @@ def write(tmp_path: Path, source: str, name: str = "prog.py") -> Path:
     return path
 
 
+@functools.cache
+def schema_validator() -> Any:
+    """A validator of the events' JSON Schema, as a non-Python reader gets it."""
+    import jsonschema
+
+    schema = TypeAdapter(Event).json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
 def events_of(done: Completed) -> list[Any]:
-    """The events a run wrote on stdout: every line one event that writes back
-    as the very same line."""
+    """The events a run wrote on stdout: every line one event, valid under the
+    published JSON Schema, that writes back as the very same line."""
     assert done.stdout.endswith("\n"), done.stdout[-200:]
     events = []
     for line in done.stdout.splitlines():
+        schema_validator().validate(json.loads(line))
         event = parse_event(line)
         assert not isinstance(event, UnknownEvent), line
         assert event_json(event) == line

@@ -9,10 +9,12 @@ them all, the schema that ``docs/events.md`` documents; :func:`event_json`
 writes one as a JSON line and :func:`parse_event` reads it back.
 
 The schema is versioned by :data:`EVENTS_SCHEMA_VERSION`. Adding an event type
-or an optional field leaves it as it is (readers ignore fields they do not
-know, and :func:`parse_event` returns an :class:`UnknownEvent` for a type it
-does not know); removing or renaming an event type or a field, changing a
-field's type or meaning, or making a field required bumps it.
+or a field leaves it as it is: readers ignore fields they do not know, and
+:func:`parse_event` returns an :class:`UnknownEvent` for a type it does not
+know (a new field has a default, so that lines of older runtimes still parse).
+Removing or renaming an event type or a field, changing a field's type or
+meaning, giving a field a value it could not take before, or dropping an order
+between events bumps it.
 """
 
 from __future__ import annotations
