@@ -168,6 +168,7 @@ def test_a_run_is_its_events_in_order_between_run_started_and_run_ended(
 MESSAGES = """
     from capsule import receive, send, task
 
+    COUNT = 40
 
     @task(name="collector")
     def collector(count: int) -> list:
@@ -176,28 +177,31 @@ MESSAGES = """
 
     @task(name="main")
     def main() -> list:
-        handle = collector.spawn(3, name="sink")
-        for n in range(3):
+        handle = collector.spawn(COUNT, name="sink")
+        for n in range(COUNT):
             send("sink", {"n": n})
         return handle.result()
 """
 
 
 def test_messages_are_in_the_stream_sent_before_received(tmp_path: Path) -> None:
+    """Each message's message_sent comes before its message_received, also when
+    the receiver, waiting, takes it the moment it is delivered."""
     done = capsule_cli(
         "run", str(write(tmp_path, MESSAGES)), "--events", "jsonl", "--no-journal", cwd=tmp_path
     )
     assert done.returncode == 0, done.stderr
     events = events_of(done)
-    assert events[-1].envelope["result"] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert events[-1].envelope["result"] == [{"n": n} for n in range(40)]
     assert events[position(events, "pending", "main/1")].actor_name == "sink"
     sent = {e.message_id: i for i, e in enumerate(events) if e.type == "message_sent"}
     received = {e.message_id: i for i, e in enumerate(events) if e.type == "message_received"}
-    assert len(sent) == 3 and sent.keys() == received.keys()
-    for message_id, index in sent.items():
+    assert len(sent) == 40 and sent.keys() == received.keys()
+    for n, (message_id, index) in enumerate(sent.items()):
         assert events[index].task_id == "main" and events[index].target_id == "main/1"
-        assert events[index].size == len('{"n": 0}') and events[index].expects_reply is False
-        assert index < received[message_id]
+        assert events[index].size == len(json.dumps({"n": n}))
+        assert events[index].expects_reply is False
+        assert index < received[message_id], message_id
         assert events[received[message_id]].sender_id == "main"
 
 
