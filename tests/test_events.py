@@ -124,6 +124,9 @@ def test_a_run_is_its_events_in_order_between_run_started_and_run_ended(
     assert events[1].parent_id is None
     tasks = {e.task_id: e.task for e in events if e.type == "pending"}
     assert tasks == {"main": "main", "main/1": "square", "main/2": "flaky"}
+    for child in ("main/1", "main/2"):
+        assert events[position(events, "pending", child)].parent_id == "main"
+        assert position(events, "started", "main") < position(events, "pending", child)
     flaky = [e.type for e in events if getattr(e, "task_id", None) == "main/2"]
     assert [kind for kind in flaky if kind != "output"] == [
         "pending",
