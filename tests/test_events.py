@@ -420,6 +420,8 @@ def test_events_of_a_newer_runtime_are_read_not_refused() -> None:
         '"at": 2.5, "since": 0.25}'
     )
     assert known.type == "resumed" and known.at == 2.5  # type: ignore[union-attr]
+    # As a reader gets lines from a pipe: bytes, with their line end.
+    assert parse_event(event_json(known).encode() + b"\n") == known
     for line in ["not json", "[1]", '{"no": "type"}', '{"type": 5}', '{"type": "started"}']:
         with pytest.raises(ValueError, match="not an event"):
             parse_event(line)
