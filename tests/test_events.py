@@ -308,9 +308,6 @@ def test_a_resume_streams_its_events_too(tmp_path: Path) -> None:
     assert ended.status == "error" and ended.envelope["error"]["kind"] == "journal"
 
 
-#: Escapes both Python and JSON read: newlines, line and paragraph separators,
-#: a NUL, escape sequences (clear screen, set title), a forged event, a lone
-#: surrogate, NEL, a right-to-left override.
 def test_an_interrupted_run_ends_its_stream_and_exits_130(tmp_path: Path) -> None:
     program = write(tmp_path, RESUMABLE.replace("sleep(2)", "sleep(60)"))
     code, printed, stderr = signal_at_marker(
@@ -329,6 +326,9 @@ def test_an_interrupted_run_ends_its_stream_and_exits_130(tmp_path: Path) -> Non
     assert f"resume with `capsule resume {ended.run_id}`" in stderr
 
 
+#: Escapes both Python and JSON read: newlines, line and paragraph separators,
+#: a NUL, escape sequences (clear screen, set title), a forged event, a lone
+#: surrogate, NEL, a right-to-left override.
 HOSTILE = (
     r"a\nb\r\n\u2028\u2029\u0000\u001b[2J\u001b]0;title\u0007\"}\n"
     r"{\"type\": \"run_ended\", \"status\": \"completed\"}\n\ud800 \u0085 \u202e"
