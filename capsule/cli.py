@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         help="arguments for main as a JSON list (typed values), instead of ARGS",
     )
     run.add_argument("--json", action="store_true", help="print one JSON envelope with the outcome")
+    _events_option(run)
     run.add_argument(
         "-v", "--verbose", action="store_true", help="print each task's lifecycle on stderr"
     )
@@ -216,6 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="resume even if the program's code changed"
     )
     resume.add_argument("--json", action="store_true", help="print one JSON envelope")
+    _events_option(resume)
     resume.add_argument(
         "--max-run-journal",
         metavar="SIZE",
@@ -293,6 +295,15 @@ def _ask_timeout(text: str) -> float:
             f"{text!r} is out of range; expected seconds above 0, at most {MAX_ASK_TIMEOUT_S:g}"
         )
     return value
+
+
+def _events_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--events",
+        choices=["jsonl"],
+        help="write every event of the run to stdout as a JSON line, the last one with "
+        "the outcome (instead of --json; see docs/events.md)",
+    )
 
 
 def _journal_option(command: argparse.ArgumentParser) -> None:
@@ -445,6 +456,7 @@ def _run_command(options: argparse.Namespace) -> int:
         args = _parse_args_json(options.args_json, options.args)
         if options.no_journal and options.journal is not None:
             raise UsageError("give either --journal or --no-journal, not both")
+        _check_events_option(options)
         journal = None if options.no_journal else _journal_path(options, program=path)
     except UsageError as exc:
         _error(str(exc))
@@ -490,6 +502,20 @@ def _run_command(options: argparse.Namespace) -> int:
         return run_journaled(request, journal, renderer.on_event, event_types=renderer.event_types)
 
     return _show_run(options, run, journaled=journal is not None)
+
+
+def _check_events_option(options: argparse.Namespace) -> None:
+    """--events writes stdout alone: no --json (its envelope is in the last
+    event, run_ended), no --tui (which draws on stdout)."""
+    if options.events is None:
+        return
+    for flag, given in (("--json", options.json), ("--tui", getattr(options, "tui", False))):
+        if given:
+            raise UsageError(
+                f"give either --events {options.events} or {flag}, not both (with --events, "
+                f"stdout carries the events alone; the last, run_ended, holds the outcome "
+                f"--json prints)"
+            )
 
 
 def _program_and_entry(file: str, entry: str | None) -> tuple[Path, str]:
@@ -538,15 +564,22 @@ def _show_run(
     kept = "; the journal keeps it" if journaled else ""
     with StdioWriter(notice_suffix=kept) as out:
         string_args = bool(getattr(options, "args", None)) and options.args_json is None
-        renderer = _Renderer(out, options.json, options.verbose, journaled, string_args)
+        renderer = (
+            _EventLines(out, options.verbose, journaled)
+            if getattr(options, "events", None) is not None
+            else _Renderer(out, options.json, options.verbose, journaled, string_args)
+        )
         try:
             try:
                 report = run(renderer)
             except JournalError as exc:
                 renderer.error(str(exc))
+                renderer.ended_without_report(journal_error=str(exc))
                 return renderer.end(EXIT_USAGE)
             except KeyboardInterrupt:  # before the run started, or while it was cleaning up
-                renderer.error(f"interrupted after {time.monotonic() - started:.1f}s")
+                message = f"interrupted after {time.monotonic() - started:.1f}s"
+                renderer.error(message)
+                renderer.ended_without_report(interrupted=message)
                 return renderer.end(EXIT_INTERRUPTED, interrupted=True)
             renderer.finish(report)
             if report.interrupted:
@@ -773,6 +806,7 @@ def _resume_command(options: argparse.Namespace) -> int:
     if not _one_run_given(options):
         return EXIT_USAGE
     try:
+        _check_events_option(options)
         journal = _journal_path(options)
     except UsageError as exc:
         _error(str(exc))
@@ -1043,15 +1077,17 @@ class _Renderer:
         self.journaled = journaled
         # With --json, stdout carries the envelope alone; guest output goes to stderr.
         self.guest_out: Stream = "stderr" if json_output else "stdout"
+        #: Whether a result is shown on stdout when the run succeeds.
+        self.prints_result = True
         #: The names tasks were registered under at spawn, by task id (--verbose).
         self.names: dict[str, str] = {}
 
     @property
     def event_types(self) -> frozenset[str]:
         """The events it shows (the run builds no others for it)."""
-        from capsule.supervisor.events import EVENT_TYPES
+        from capsule.supervisor.events import TASK_EVENT_TYPES
 
-        return EVENT_TYPES if self.verbose else frozenset({"output", "warning", "failed"})
+        return TASK_EVENT_TYPES if self.verbose else frozenset({"output", "warning", "failed"})
 
     def on_event(self, event: Any) -> None:
         kind = event.type
@@ -1095,6 +1131,8 @@ class _Renderer:
         if self.json_output or report.interrupted:
             pass  # the envelope says it all; an interrupt is reported by the caller
         elif result.ok:
+            if not self.prints_result:
+                return
             value = result.value()
             text = value if isinstance(value, str) else json.dumps(value)
             if self.out.is_terminal("stdout"):
@@ -1109,6 +1147,13 @@ class _Renderer:
             if error.traceback and error.kind in ("exception", "child_failed"):
                 self.out.write("stderr", visible(error.traceback), droppable=False)
             self._explain(error)
+
+    def ended_without_report(
+        self, journal_error: str | None = None, interrupted: str | None = None
+    ) -> None:
+        """The run ended with no report: its journal could not be opened, or it
+        was interrupted before it started or as it was torn down (those errors
+        are shown by the caller)."""
 
     def _explain(self, error: Any) -> None:
         """Where a failure began (the guest traceback of the task it came
@@ -1152,6 +1197,57 @@ class _Renderer:
                 f"capsule: output left unwritten: its reader took nothing for {stall:g}s{kept}\n"
             )
         return code
+
+
+class _EventLines(_Renderer):
+    """Shows a run as its events (``--events jsonl``, docs/events.md): each one
+    JSON line on stdout, guest output among them, the last one ``run_ended``
+    with the outcome. Capsule's own errors and warnings still go to stderr, and
+    with --verbose the lifecycle too. The lines are ASCII (guest text in them is
+    escaped by the JSON encoder), so they are written as they are, even to a
+    terminal."""
+
+    def __init__(self, out: StdioWriter, verbose: bool, journaled: bool) -> None:
+        super().__init__(out, json_output=False, verbose=verbose, journaled=journaled)
+        self.prints_result = False
+        #: The run's id, from its run_started (a report may have none).
+        self.run_id: str | None = None
+
+    @property
+    def event_types(self) -> frozenset[str]:
+        from capsule.supervisor.events import EVENT_TYPES
+
+        return EVENT_TYPES
+
+    def on_event(self, event: Any) -> None:
+        from capsule.supervisor.events import TASK_EVENT_TYPES, event_json
+
+        self.out.write("stdout", event_json(event) + "\n")
+        if event.type == "run_started":
+            self.run_id = event.run_id
+        elif event.type != "output" and event.type in TASK_EVENT_TYPES:
+            super().on_event(event)  # warnings, failure causes, --verbose lines
+
+    def finish(self, report: Any) -> None:
+        from capsule.supervisor.events import event_json
+
+        ended = report.ended_event(self.run_id)
+        self.out.write("stdout", event_json(ended) + "\n", droppable=False)
+        super().finish(report)
+
+    def ended_without_report(
+        self, journal_error: str | None = None, interrupted: str | None = None
+    ) -> None:
+        from capsule.supervisor.events import event_json
+        from capsule.supervisor.program import RunReport
+
+        report = (
+            RunReport(journal_error=journal_error)
+            if interrupted is None
+            else RunReport(interrupted=True, runtime_error=interrupted)
+        )
+        ended = report.ended_event(self.run_id)
+        self.out.write("stdout", event_json(ended) + "\n", droppable=False)
 
 
 def _kind(error: Any) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
-from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Request
 from capsule.supervisor.tree import TaskResult
 
@@ -60,7 +60,7 @@ Record = Callable[[], tuple[str, tuple[Any, ...]] | None]
 #: The events journaled. Not the message events: every message is in the step
 #: that sent it (a send, or an ask and the messages table) and the receive step
 #: that took it.
-JOURNALED_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
+JOURNALED_EVENT_TYPES = TASK_EVENT_TYPES - MESSAGE_EVENT_TYPES
 
 _STATUS_BY_EVENT = {
     "pending": "pending",

@@ -1,18 +1,34 @@
-"""Typed lifecycle events and the in-process stream that carries them.
+"""The run's events: the public, versioned schema, its JSON-lines form, and
+the in-process stream that carries them.
 
-Every change in a task's life is one pydantic model, emitted on an
-:class:`EventStream`. The CLI renders them (``--verbose``); later the journal
-and the TUI subscribe to the same stream.
+Every change in a task's life is one pydantic model with a ``type`` literal,
+emitted on an :class:`EventStream`; the journal, the CLI (``--verbose``,
+``--events jsonl``) and the TUI subscribe to it. A run also has a start and an
+end (:class:`RunStarted`, :class:`RunEnded`). :data:`Event` is the union of
+them all, the schema that ``docs/events.md`` documents; :func:`event_json`
+writes one as a JSON line and :func:`parse_event` reads it back.
+
+The schema is versioned by :data:`EVENTS_SCHEMA_VERSION`. Adding an event type
+or a field leaves it as it is: readers ignore fields they do not know, and
+:func:`parse_event` returns an :class:`UnknownEvent` for a type it does not
+know (a new field has a default, so that lines of older runtimes still parse).
+Removing or renaming an event type or a field, changing a field's type or
+meaning, giving a field a value it could not take before, or dropping an order
+between events bumps it.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Collection
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+#: The version of the event schema (see the module docstring for what bumps it).
+EVENTS_SCHEMA_VERSION = 1
 
 
 class ErrorDetail(BaseModel):
@@ -247,15 +263,158 @@ TaskEvent = Annotated[
     Field(discriminator="type"),
 ]
 
-Subscriber = Callable[[Any], None]
 
-#: Every event type (the ``type`` of each model in TaskEvent).
-EVENT_TYPES: frozenset[str] = frozenset(
-    model.model_fields["type"].default for model in get_args(get_args(TaskEvent)[0])
-)
+class _RunEvent(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    at: float = Field(default_factory=time.time)
+
+
+class RunStarted(_RunEvent):
+    """The run began (or a resume of it): the first event of its stream, before
+    anything the program prints as it loads."""
+
+    type: Literal["run_started"] = "run_started"
+    run_id: str
+    #: The program file, as an absolute path.
+    program: str
+    #: The task run as the root of the tree (``main`` unless another was named).
+    entry: str
+    #: Whether this is a resume of a run that stopped before it ended.
+    resumed: bool = False
+    #: The EVENTS_SCHEMA_VERSION of the runtime writing the stream.
+    schema_version: int = EVENTS_SCHEMA_VERSION
+
+
+RunStatus = Literal["completed", "failed", "interrupted", "error"]
+
+
+class RunEnded(_RunEvent):
+    """The run ended: the last event of its stream. It is made from the run's
+    final outcome, once its journal recorded it, so it is not emitted on the
+    run's EventStream (whose subscribers are gone by then)."""
+
+    type: Literal["run_ended"] = "run_ended"
+    #: None if the run never got an id (its program could not be loaded).
+    run_id: str | None
+    #: completed, failed, interrupted, or error (nothing ran).
+    status: RunStatus
+    #: The outcome as ``capsule run --json`` prints it: ``success``, ``result``,
+    #: ``error``, ``execution``, ``totals``.
+    envelope: dict[str, Any]
+
+
+#: Every event of a run: the schema non-Python callers read (docs/events.md).
+Event = Annotated[
+    RunStarted
+    | RunEnded
+    | TaskPending
+    | TaskStarted
+    | TaskRetrying
+    | TaskCompleted
+    | TaskFailed
+    | TaskCancelled
+    | TaskRestarting
+    | TaskWaiting
+    | TaskHibernated
+    | TaskResumed
+    | MessageSent
+    | MessageReceived
+    | MessagesReturned
+    | TaskReplayed
+    | HttpExchange
+    | RunWarning
+    | TaskOutput,
+    Field(discriminator="type"),
+]
+
+
+def _types_of(union: Any) -> frozenset[str]:
+    return frozenset(model.model_fields["type"].default for model in get_args(get_args(union)[0]))
+
+
+#: Every event type of the schema.
+EVENT_TYPES: frozenset[str] = _types_of(Event)
+#: The types of the events about tasks (TaskEvent: each has a task_id).
+TASK_EVENT_TYPES: frozenset[str] = _types_of(TaskEvent)
+#: The run's start and end.
+RUN_EVENT_TYPES: frozenset[str] = EVENT_TYPES - TASK_EVENT_TYPES
 #: One event per message sent or received: a run that nobody watches that
 #: closely (no TUI) does not build them.
 MESSAGE_EVENT_TYPES = frozenset({"message_sent", "message_received"})
+
+
+class UnknownEvent(BaseModel):
+    """An event of a type this version of Capsule does not know (written by a
+    newer one): its ``type`` and, as extra fields, the rest of what it holds."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    type: str
+
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+Subscriber = Callable[[Any], None]
+
+
+def event_json(event: BaseModel) -> str:
+    """``event`` as one line of JSON (without the newline), ``type`` included.
+
+    Pure ASCII: every character of guest text that could end the line, confuse
+    a terminal or a JavaScript reader (newlines, U+2028, NULs, escape sequences)
+    is a JSON escape; a lone surrogate becomes U+FFFD and a non-finite number
+    null, which strict JSON readers require."""
+    data = event.model_dump(mode="json")
+    return json.dumps(
+        _portable({"type": data.pop("type"), **data}),  # (type first: easier to read)
+        ensure_ascii=True,
+        allow_nan=False,
+        separators=(",", ":"),
+    )
+
+
+def _portable(value: Any) -> Any:
+    """``value`` (as model_dump gives it) with what JSON cannot carry replaced."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A pair of surrogates is one character; a lone one, U+FFFD.
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, float):
+        return value if value - value == 0 else None  # NaN and infinities: null
+    if isinstance(value, dict):
+        return {_portable(key): _portable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_portable(item) for item in value]
+    return value
+
+
+def parse_event(line: str | bytes) -> Event | UnknownEvent:
+    """The typed event of one JSON line (as :func:`event_json` writes it). An
+    event of a type this version does not know is an :class:`UnknownEvent`;
+    fields it does not know are ignored. Raises ValueError for a line that is
+    not an event (not JSON, not an object with a string ``type``, or a known
+    type whose fields do not validate)."""
+    try:
+        return _EVENT_ADAPTER.validate_json(line)
+    except ValidationError as exc:
+        if not any(error["type"] == "union_tag_invalid" for error in exc.errors()):
+            raise ValueError(f"not an event: {_first_error(exc)}") from None
+    try:
+        return UnknownEvent.model_validate(json.loads(line))
+    except ValidationError as exc:
+        raise ValueError(f"not an event: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"][1:])  # (loc[0]: the model)
+    return f"{where}: {error['msg']}" if where else str(error["msg"])
 
 
 class EventStream:
@@ -266,17 +425,18 @@ class EventStream:
     """
 
     def __init__(self) -> None:
-        self._subscribers: list[tuple[Subscriber, frozenset[str] | None]] = []
+        self._subscribers: list[tuple[Subscriber, frozenset[str]]] = []
         self._lock = threading.Lock()
-        #: The types some subscriber takes (None: all).
-        self._wanted: frozenset[str] | None = frozenset()
+        #: The types some subscriber takes.
+        self._wanted: frozenset[str] = frozenset()
 
     def subscribe(
         self, subscriber: Subscriber, types: Collection[str] | None = None
     ) -> Callable[[], None]:
-        """Add a subscriber for ``types`` (None: every event); returns a function
-        that removes it."""
-        entry = (subscriber, None if types is None else frozenset(types))
+        """Add a subscriber for ``types`` (None: every task event; the run's own
+        events, which have no task, go only to subscribers that name them);
+        returns a function that removes it."""
+        entry = (subscriber, TASK_EVENT_TYPES if types is None else frozenset(types))
         with self._lock:
             self._subscribers.append(entry)
             self._update_wanted()
@@ -290,19 +450,15 @@ class EventStream:
         return unsubscribe
 
     def _update_wanted(self) -> None:
-        wanted: frozenset[str] | None = frozenset()
-        for _, types in self._subscribers:
-            wanted = None if wanted is None or types is None else wanted | types
-        self._wanted = wanted
+        self._wanted = frozenset().union(*(types for _, types in self._subscribers))
 
     def wants(self, event_type: str) -> bool:
         """Whether any subscriber takes events of ``event_type``: an emitter
         may skip building one nobody takes."""
-        wanted = self._wanted
-        return wanted is None or event_type in wanted
+        return event_type in self._wanted
 
     def emit(self, event: Any) -> None:
         with self._lock:
             for subscriber, types in list(self._subscribers):
-                if types is None or event.type in types:
+                if event.type in types:
                     subscriber(event)

@@ -8,6 +8,7 @@ together and reports the typed message events.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 
@@ -77,6 +78,10 @@ class MessageCalls:
         self.mailbox_capacity = mailbox_capacity
         #: The largest message a guest may write to its channel.
         self.credit_bytes = min(RESERVED_MESSAGE_BYTES, max_message_bytes)
+        #: Held while a message is delivered and its message_sent emitted, and
+        #: while a message_received is emitted: a receiver that takes a message
+        #: the moment it arrives reports it after its sending, not before.
+        self._reporting = threading.Lock()
 
     # -- credit: room reserved for a sender's next messages ------------------
     #
@@ -159,10 +164,15 @@ class MessageCalls:
         message = Message(message_id, caller.task_id, body_json)
         if self.history is not None and message.id in self.history.received:
             self.router.release(target_id, 1)  # received before the resume
+            if self.wants("message_sent"):
+                self._sent_event(caller, message, target_id)
         else:
-            self.router.deliver_reserved(target_id, message)
-        if self.wants("message_sent"):
-            self._sent_event(caller, message, target_id)
+
+            def deliver() -> bool:
+                self.router.deliver_reserved(target_id, message)
+                return True
+
+            self._delivered(deliver, caller, message, target_id)
         return True, _sent(message.id, target_id)
 
     def _send(
@@ -198,9 +208,12 @@ class MessageCalls:
             return (True, _sent(message.id, target_id)), message
         try:
             # Room in the mailbox is the common case: no wait set up for it.
-            sent = self.router.try_send(target_id, message, attempt) or self._wait_for_room(
-                attempt, target_id, message, timeout
-            )
+            sent = self._delivered(
+                lambda: self.router.try_send(target_id, message, attempt),
+                caller,
+                message,
+                target_id,
+            ) or self._wait_for_room(attempt, target_id, message, timeout)
         except RoutingError as exc:  # the target ended, or the run's queue is full
             self.router.forget_sender(target_id, attempt)
             return _message_error(exc.kind, str(exc)), None
@@ -217,8 +230,6 @@ class MessageCalls:
             # A sent message's id and target are in its send step's answer; an
             # ask's answer is the reply, so the message is recorded on its own.
             self.on_ask(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
-        if self.wants("message_sent"):
-            self._sent_event(caller, message, target_id)
         return (True, _sent(message.id, target_id)), message
 
     def _wait_for_room(
@@ -230,8 +241,29 @@ class MessageCalls:
             self.end_credit(attempt)
             attempt.credit_forgotten = True
         return self.block(
-            attempt, lambda: self.router.try_send(target_id, message, attempt), timeout, "send"
+            attempt,
+            lambda: self._delivered(
+                lambda: self.router.try_send(target_id, message, attempt),
+                attempt.invocation,
+                message,
+                target_id,
+            ),
+            timeout,
+            "send",
         )
+
+    def _delivered(
+        self, deliver: Callable[[], bool], caller: Invocation, message: Message, target_id: str
+    ) -> bool:
+        """Whether ``deliver()`` put ``message`` in its target's mailbox (then
+        reported: its message_sent comes before its message_received)."""
+        if not self.wants("message_sent"):
+            return deliver()
+        with self._reporting:
+            delivered = deliver()
+            if delivered:
+                self._sent_event(caller, message, target_id)
+        return delivered
 
     def _sent_event(self, caller: Invocation, message: Message, target_id: str) -> None:
         self.emit(
@@ -269,16 +301,17 @@ class MessageCalls:
                     return False, "{}"
                 return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
         if self.wants("message_received"):
-            for message in messages:
-                self.emit(
-                    MessageReceived(
-                        run_id=self.run_id,
-                        task_id=caller.task_id,
-                        task=caller.task,
-                        message_id=message.id,
-                        sender_id=message.sender,
+            with self._reporting:
+                for message in messages:
+                    self.emit(
+                        MessageReceived(
+                            run_id=self.run_id,
+                            task_id=caller.task_id,
+                            task=caller.task,
+                            message_id=message.id,
+                            sender_id=message.sender,
+                        )
                     )
-                )
         if len(messages) > 1:
             self.batch_handed(attempt, messages)
         taken.extend(messages)

@@ -26,7 +26,14 @@ from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import load_project
 from capsule.sandbox.runtime import RuntimeBuildError
-from capsule.supervisor.events import EventStream, RunWarning, TaskOutput
+from capsule.supervisor.events import (
+    EventStream,
+    RunEnded,
+    RunStarted,
+    RunStatus,
+    RunWarning,
+    TaskOutput,
+)
 from capsule.supervisor.inbox import InboxError, RunInbox
 from capsule.supervisor.run import (
     Backoff,
@@ -87,7 +94,7 @@ class RunReport:
     totals: dict[str, Any] | None = None
 
     @property
-    def status(self) -> str:
+    def status(self) -> RunStatus:
         """How the run ended: completed, failed, interrupted, or error (nothing ran)."""
         if self.interrupted:
             return "interrupted"
@@ -141,6 +148,11 @@ class RunReport:
             },
             "totals": self.totals,
         }
+
+    def ended_event(self, run_id: str | None = None) -> RunEnded:
+        """The run's last event (``run_id``: the run's, where the report has
+        none: its program failed to load)."""
+        return RunEnded(run_id=self.run_id or run_id, status=self.status, envelope=self.envelope())
 
 
 def run_program(
@@ -206,6 +218,11 @@ def run_program(
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     run_id = run_id or new_run_id()
+    events.emit(
+        RunStarted(
+            run_id=run_id, program=str(path), entry=request.entry, resumed=history is not None
+        )
+    )
     with sandbox:
         if steps is not None:
             sandbox.finder.watch(steps.program_file)
