@@ -67,6 +67,7 @@ from capsule.supervisor.events import (
 )
 from capsule.supervisor.intensity import restart_intensity_error
 from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.nesting import recursion_headroom
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import (
     MAX_IN_FLIGHT,
@@ -438,20 +439,16 @@ class Run:
         root = self._root
         # Nested calls run inline: each level adds host frames (about 20) on the
         # task thread, whose stack is sized for MAX_DEPTH levels; the interpreter's
-        # recursion limit must allow them too.
-        recursion_limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
-        try:
-            result, interrupted = run_interruptibly(
-                lambda: self.run_task(entry, "main", call_json, root, None),
-                lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
-                name="capsule-main",
-            )
-        finally:
+        # recursion limit must allow them too, for as long as the tree runs.
+        with recursion_headroom(HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000):
             try:
-                self._http.close()
+                result, interrupted = run_interruptibly(
+                    lambda: self.run_task(entry, "main", call_json, root, None),
+                    lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
+                    name="capsule-main",
+                )
             finally:
-                sys.setrecursionlimit(recursion_limit)
+                self._http.close()
         if self.journal_failure is not None:
             raise JournalFailure(self.journal_failure)
         if interrupted or self.stopped:

@@ -1,0 +1,87 @@
+"""Room for a tree of nested task calls on one thread, borrowed from the
+interpreter's process-wide settings only while needed and given back.
+
+A direct task call runs inline: host Python calls into wasm, whose import calls
+back into host Python, which runs the callee's wasm, and so on, one level per
+nested call on the same thread. That needs a native stack deep enough for every
+level's wasm and host frames, and a recursion limit that lets the host frames
+pile up. CPython has neither per thread: ``threading.stack_size`` applies to
+every thread started while it is set, and ``sys.setrecursionlimit`` to every
+thread. So the stack size is set only around starting one task thread (under a
+lock) and the recursion limit is raised only while some run needs it, then
+restored; an application's own change made meanwhile is left as it is.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+#: Stack for threads that run task trees. Nested calls run inline, one wasm
+#: activation above another on the same native stack, so it must hold
+#: MAX_DEPTH of them (wasmtime lets each use 512 KiB) plus the host frames
+#: between; reserved address space, committed only as used.
+TASK_THREAD_STACK = 256 * 1024**2
+
+_stack_lock = threading.Lock()
+
+
+def start_deep_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """Start a daemon thread with a TASK_THREAD_STACK stack. The size is
+    process-wide while set (CPython takes no per-thread size), so it is set only
+    for the start of this one thread and then put back: an application thread
+    started at that same moment is the only other one that could get it."""
+    with _stack_lock:
+        previous = threading.stack_size(TASK_THREAD_STACK)
+        try:
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+        finally:
+            threading.stack_size(previous)
+    return thread
+
+
+class _RecursionHeadroom:
+    """The recursion limit raised while any holder needs more than it was, and
+    put back when the last holder ends (unless someone else set it meanwhile).
+    Holders overlap (runs on several threads), so no holder restores the limit
+    under another one that still nests deep."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        #: The limit before the first holder, and the one holders raised it to.
+        self._original = 0
+        self._raised: int | None = None
+
+    @contextmanager
+    def hold(self, limit: int) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._original, self._raised = sys.getrecursionlimit(), None
+            self._holders += 1
+            if sys.getrecursionlimit() < limit:
+                sys.setrecursionlimit(limit)
+                self._raised = limit
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if (
+                    self._holders == 0
+                    and self._raised is not None
+                    and sys.getrecursionlimit() == self._raised
+                ):
+                    sys.setrecursionlimit(self._original)
+
+
+_HEADROOM = _RecursionHeadroom()
+
+
+def recursion_headroom(limit: int) -> AbstractContextManager[None]:
+    """Hold the recursion limit at ``limit`` or above (never lowered) for the
+    ``with`` block; see _RecursionHeadroom."""
+    return _HEADROOM.hold(limit)
