@@ -437,7 +437,6 @@ _FREE: list[int] = []
 _IMPORTS_LOCK = threading.RLock()
 
 
-_CALLBACK = compat.CALLBACK_T
 _error_address = compat.error_address
 
 
@@ -445,7 +444,7 @@ _error_address = compat.error_address
 # and result arrays as addresses: ctypes would make a pointer object of each on
 # every call, and only the first call of an import needs them.
 @ctypes.CFUNCTYPE(  # type: ignore[untyped-decorator]
-    _CALLBACK._restype_,
+    compat.CALLBACK_RESULT_T,
     compat.CALLBACK_DATA_T,
     ctypes.c_void_p,
     ctypes.c_void_p,

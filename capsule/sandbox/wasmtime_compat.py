@@ -161,19 +161,20 @@ KIND: dict[str, int] = _require("component values", _kinds, "WASMTIME_COMPONENT_
 # process-wide slot that threads race for.
 
 
-def _callback_types() -> tuple[Any, Any, Any, Any]:
+def _callback_types() -> tuple[Any, Any, Any, Any, Any]:
     callback = _bindings.wasmtime_component_func_callback_t
     return (
         callback,
+        callback._restype_,
         callback._argtypes_[0],
         ctypes.POINTER(_ffi.wasmtime_context_t),
         ctypes.POINTER(_ffi.wasmtime_component_func_type_t),
     )
 
 
-#: wasmtime's host function callback type, its data argument's type, and the
-#: pointer types of a store context and a function type.
-CALLBACK_T, CALLBACK_DATA_T, _CONTEXT_P, _FUNC_TYPE_P = _require(
+#: wasmtime's host function callback type, its result and data argument's
+#: types, and the pointer types of a store context and a function type.
+CALLBACK_T, CALLBACK_RESULT_T, CALLBACK_DATA_T, _CONTEXT_P, _FUNC_TYPE_P = _require(
     "host functions", _callback_types, "wasmtime_component_func_callback_t"
 )
 _add_func = _require(
