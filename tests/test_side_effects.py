@@ -16,14 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from capsule.supervisor.nesting import recursion_headroom
+from capsule.sandbox.nesting import (
+    HOST_FRAMES_MARGIN,
+    HOST_FRAMES_PER_LEVEL,
+    nested_call,
+    recursion_headroom,
+    start_deep_thread,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Prints, as JSON, what differs between a snapshot of process-wide state taken
 # before ``ACTION`` and one taken after it.
 _PROBE = '''
-import atexit, gc, importlib, json, logging, os, pkgutil, signal, sys, threading, warnings
+import atexit, faulthandler, gc, importlib, json, logging, os, pkgutil, signal, socket, sys
+import threading, warnings
 import wasmtime, wasmtime.component
 from wasmtime import _bindings, _ffi
 from wasmtime.component import _types as component_types
@@ -68,6 +75,10 @@ def snapshot():
         "threading.excepthook": id(threading.excepthook),
         "sys trace/profile": [id(sys.gettrace()), id(sys.getprofile())],
         "switch interval": sys.getswitchinterval(),
+        "standard streams": [id(sys.stdin), id(sys.stdout), id(sys.stderr)],
+        "int digits limit": sys.get_int_max_str_digits(),
+        "faulthandler": faulthandler.is_enabled(),
+        "socket timeout": socket.getdefaulttimeout(),
         "gc": [gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()],
         "warnings filters": [repr(f) for f in warnings.filters],
         "logging": loggers(),
@@ -113,7 +124,7 @@ _RUN = """
 from pathlib import Path
 from capsule.supervisor.program import RunRequest, run_program
 events = []
-report = run_program(RunRequest(path=Path(PROGRAM), args=[3]), events.append)
+report = run_program(RunRequest(path=Path(PROGRAM), args=[DEPTH]), events.append)
 assert report.result is not None and report.result.ok, report
 print(json.dumps(report.result.value()))
 """
@@ -164,9 +175,10 @@ def test_a_run_in_process_leaves_everything_as_it_was(tmp_path: Path) -> None:
             """
         )
     )
-    action = _RUN.replace("PROGRAM", repr(str(program)))
+    # Deep enough that the recursion limit is raised for a while (nested_call).
+    action = _RUN.replace("PROGRAM", repr(str(program))).replace("DEPTH", "30")
     value, changes = _probe(action, tmp_path)
-    assert json.loads(value) == 3
+    assert json.loads(value) == 30
     assert json.loads(changes) == {}
 
 
@@ -222,8 +234,6 @@ def test_recursion_headroom_never_lowers_the_limit() -> None:
 
 @pytest.mark.parametrize("stack", [0, 1024 * 1024])
 def test_deep_stack_threads_leave_the_stack_size_as_it_was(stack: int) -> None:
-    from capsule.supervisor.nesting import start_deep_thread
-
     previous = threading.stack_size(stack)
     try:
         ran = threading.Event()
@@ -233,3 +243,22 @@ def test_deep_stack_threads_leave_the_stack_size_as_it_was(stack: int) -> None:
         assert threading.stack_size() == stack
     finally:
         threading.stack_size(previous)
+
+
+def test_nested_calls_raise_the_recursion_limit_only_while_they_nest_deep() -> None:
+    original = sys.getrecursionlimit()
+    limits: list[int] = []
+
+    def nest(levels: int) -> None:
+        with nested_call():
+            limits.append(sys.getrecursionlimit())
+            if levels > 1:
+                nest(levels - 1)
+
+    thread = threading.Thread(target=nest, args=(64,))  # (levels count per thread)
+    thread.start()
+    thread.join()
+    assert len(limits) == 64
+    assert limits[0] == original  # a shallow call leaves it alone
+    assert limits[-1] >= 65 * HOST_FRAMES_PER_LEVEL + HOST_FRAMES_MARGIN
+    assert sys.getrecursionlimit() == original

@@ -39,6 +39,7 @@ from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
 from capsule.sandbox.hostcall import CONVERTERS, ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.nesting import nested_call
 from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
@@ -994,7 +995,8 @@ class Sandbox:
             call = guest_data.task_call(name, call_json)
         except TooLarge as exc:
             return refusal(name, str(exc))
-        answer = invocation.host.call_task(invocation, call)
+        with nested_call():
+            answer = invocation.host.call_task(invocation, call)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:

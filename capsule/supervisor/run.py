@@ -67,7 +67,6 @@ from capsule.supervisor.events import (
 )
 from capsule.supervisor.intensity import restart_intensity_error
 from capsule.supervisor.messages import MessageCalls
-from capsule.supervisor.nesting import recursion_headroom
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import (
     MAX_IN_FLIGHT,
@@ -108,8 +107,6 @@ from capsule.supervisor.tree import (
 
 #: How deep task calls may nest before the call is refused.
 MAX_DEPTH = 64
-#: Python frames the host adds per level of nested task calls (with margin).
-HOST_FRAMES_PER_LEVEL = 40
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: Run._spawn_task).
 TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
@@ -437,18 +434,16 @@ class Run:
             raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
         root = self._root
-        # Nested calls run inline: each level adds host frames (about 20) on the
-        # task thread, whose stack is sized for MAX_DEPTH levels; the interpreter's
-        # recursion limit must allow them too, for as long as the tree runs.
-        with recursion_headroom(HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000):
-            try:
-                result, interrupted = run_interruptibly(
-                    lambda: self.run_task(entry, "main", call_json, root, None),
-                    lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
-                    name="capsule-main",
-                )
-            finally:
-                self._http.close()
+        # (Nested calls run inline on the task thread: the sandbox raises the
+        # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
+        try:
+            result, interrupted = run_interruptibly(
+                lambda: self.run_task(entry, "main", call_json, root, None),
+                lambda: self._cancel_scope(root, "cancelled: the run was interrupted"),
+                name="capsule-main",
+            )
+        finally:
+            self._http.close()
         if self.journal_failure is not None:
             raise JournalFailure(self.journal_failure)
         if interrupted or self.stopped:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost
+from capsule.sandbox.nesting import start_deep_thread
 from capsule.supervisor.events import ErrorDetail
-from capsule.supervisor.nesting import start_deep_thread
 from capsule.supervisor.operations import Operations
 
 _T = TypeVar("_T")

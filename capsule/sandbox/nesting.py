@@ -1,5 +1,5 @@
-"""Room for a tree of nested task calls on one thread, borrowed from the
-interpreter's process-wide settings only while needed and given back.
+"""Room for nested task calls on one thread, borrowed from the interpreter's
+process-wide settings only while needed and given back.
 
 A direct task call runs inline: host Python calls into wasm, whose import calls
 back into host Python, which runs the callee's wasm, and so on, one level per
@@ -8,8 +8,10 @@ level's wasm and host frames, and a recursion limit that lets the host frames
 pile up. CPython has neither per thread: ``threading.stack_size`` applies to
 every thread started while it is set, and ``sys.setrecursionlimit`` to every
 thread. So the stack size is set only around starting one task thread (under a
-lock) and the recursion limit is raised only while some run needs it, then
-restored; an application's own change made meanwhile is left as it is.
+lock), and the recursion limit is raised only while some thread's calls nest
+deeper than it allows (:func:`nested_call`), then restored; an application's
+own change made meanwhile is left as it is. Most programs never nest that deep,
+and never touch it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 #: Stack for threads that run task trees. Nested calls run inline, one wasm
 #: activation above another on the same native stack, so it must hold
@@ -85,3 +87,28 @@ def recursion_headroom(limit: int) -> AbstractContextManager[None]:
     """Hold the recursion limit at ``limit`` or above (never lowered) for the
     ``with`` block; see _RecursionHeadroom."""
     return _HEADROOM.hold(limit)
+
+
+#: Python frames the host adds per level of nested task calls (about 20
+#: measured; with margin).
+HOST_FRAMES_PER_LEVEL = 40
+#: Frames left for what the host does at the deepest level (json, journal).
+HOST_FRAMES_MARGIN = 300
+
+_levels = threading.local()
+
+
+@contextmanager
+def nested_call() -> Iterator[None]:
+    """Around a direct task call made on this thread (which runs the callee
+    inline, one level deeper): raises the recursion limit for the call if the
+    levels now under way on this thread need more than it allows. Task
+    threads are Capsule's own, so their depth is that of their calls alone."""
+    level = getattr(_levels, "count", 0) + 1
+    _levels.count = level
+    needed = (level + 1) * HOST_FRAMES_PER_LEVEL + HOST_FRAMES_MARGIN
+    try:
+        with recursion_headroom(needed) if needed > sys.getrecursionlimit() else nullcontext():
+            yield
+    finally:
+        _levels.count = level - 1
