@@ -787,9 +787,9 @@ class Sandbox:
     # -- lifecycle ---------------------------------------------------------
 
     def __enter__(self) -> Sandbox:
-        CONVERTERS.acquire()  # (wasmtime-py's converters are faster while it is open)
         self._ticker = threading.Thread(target=self._tick, name="capsule-epoch", daemon=True)
         self._ticker.start()
+        CONVERTERS.acquire()  # (wasmtime-py's converters are faster while it is open)
         return self
 
     def __exit__(self, *exc: object) -> None:
