@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from wasmtime import _ffi
+from wasmtime import _bindings, _ffi
 from wasmtime.component import RecordType, String
 
 from capsule.sandbox import engine, hostcall
@@ -16,8 +16,9 @@ from capsule.sandbox.engine import Sandbox
 from tests.conftest import ProgramRunner
 
 
-def _current() -> tuple[Any, Any, Any]:
+def _current() -> tuple[Any, Any, Any, Any]:
     return (
+        _bindings.__dict__["_wasmtime_component_val_delete"],
         _ffi.__dict__["str_to_capi"],
         String.__dict__["convert_from_c"],
         RecordType.__dict__["fields"],

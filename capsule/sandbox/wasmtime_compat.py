@@ -25,8 +25,8 @@ What happens when a name is missing, or the version is another one, by feature:
   when the last holder lets go.
 
 Capsule's own calls of short C functions use prototypes of its own (made here
-from the library handle) that keep the GIL; wasmtime-py's bindings are never
-replaced.
+from the library handle) that keep the GIL. The bindings wasmtime-py's
+converters call are rebound that way only as part of the converter patches.
 """
 
 from __future__ import annotations
@@ -339,6 +339,31 @@ def _memoized(cls: type, name: str) -> Any:
     return property(memoized) if isinstance(original, property) else memoized
 
 
+#: C functions wasmtime-py's converters call on every crossing that only
+#: allocate, free or read a field: bound again, while the patches are in
+#: place, as prototypes that keep the GIL (see gil_holding). (Calls that run
+#: wasm, compile or instantiate keep releasing it: other threads run meanwhile.)
+_HOLD_GIL = (
+    "wasm_byte_vec_new",
+    "wasm_byte_vec_new_uninitialized",
+    "wasm_byte_vec_delete",
+    "wasmtime_component_val_new",
+    "wasmtime_component_val_delete",
+    "wasmtime_component_vallist_new_uninit",
+    "wasmtime_component_valrecord_new_uninit",
+    "wasmtime_context_get_fuel",
+)
+
+
+def _gil_holding_bindings() -> list[tuple[Any, str, Any]]:
+    replacements = []
+    for name in _HOLD_GIL:
+        releasing = _bindings.__dict__[f"_{name}"]
+        holding = gil_holding(releasing.restype, *releasing.argtypes)(name)
+        replacements.append((_bindings, f"_{name}", holding))
+    return replacements
+
+
 def _memoizable() -> list[tuple[type, str]]:
     return [
         (RecordType, "fields"),
@@ -356,8 +381,9 @@ def _memoizable() -> list[tuple[type, str]]:
 
 
 class ConverterPatches:
-    """Faster replacements of some of wasmtime-py's value converters, in place
-    while at least one holder needs them (:meth:`held`) and put back after.
+    """Faster replacements of some of wasmtime-py's value converters, and of
+    the bindings of the short C calls they make (ones that keep the GIL), in
+    place while at least one holder needs them (:meth:`held`) and put back after.
 
     They make the same values as the originals. While they are in place they
     serve every user of wasmtime-py in the process, which is why they are not
@@ -378,7 +404,9 @@ class ConverterPatches:
                 (_ffi, "str_to_capi", str_to_capi),
                 (_ffi, "bytes_to_capi", bytes_to_capi),
                 (String, "convert_from_c", string_from_c),
-            ] + [(cls, name, _memoized(cls, name)) for cls, name in _memoizable()]
+            ]
+            self._replacements += [(cls, name, _memoized(cls, name)) for cls, name in _memoizable()]
+            self._replacements += _optional(_gil_holding_bindings) or []
         #: What the replaced names held, while replaced.
         self._originals: list[tuple[Any, str, Any]] = []
 
