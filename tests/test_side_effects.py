@@ -262,3 +262,46 @@ def test_nested_calls_raise_the_recursion_limit_only_while_they_nest_deep() -> N
     assert limits[0] == original  # a shallow call leaves it alone
     assert limits[-1] >= 65 * HOST_FRAMES_PER_LEVEL + HOST_FRAMES_MARGIN
     assert sys.getrecursionlimit() == original
+
+
+# -- who may change process-wide settings at all ------------------------------
+
+#: Calls that change the process for everyone, and the only modules that make
+#: them: the command line (it owns its process) and the nesting helpers.
+_PROCESS_WIDE_CALLS = {
+    "signal.signal": {"capsule/cli.py"},
+    "signal.set_wakeup_fd": set(),
+    "signal.setitimer": set(),
+    "sys.exit": {"capsule/cli.py"},
+    "os._exit": {"capsule/cli.py"},
+    "sys.setrecursionlimit": {"capsule/sandbox/nesting.py"},
+    "threading.stack_size": {"capsule/sandbox/nesting.py"},
+    "sys.setswitchinterval": set(),
+    "gc.disable": set(),
+    "gc.set_threshold": set(),
+    "warnings.filterwarnings": set(),
+    "warnings.simplefilter": set(),
+    "logging.basicConfig": set(),
+    "faulthandler.enable": set(),
+}
+
+
+def test_only_the_command_line_and_the_nesting_helpers_change_process_wide_settings() -> None:
+    import ast
+
+    found: list[str] = []
+    for path in sorted((REPO / "capsule").rglob("*.py")):
+        relative = path.relative_to(REPO).as_posix()
+        if relative.startswith("capsule/sandbox/guest/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), relative)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Name)
+            ):
+                called = f"{node.func.value.id}.{node.func.attr}"
+                allowed = _PROCESS_WIDE_CALLS.get(called)
+                if allowed is not None and relative not in allowed:
+                    found.append(f"{relative}:{node.lineno} {called}")
+    assert found == []
