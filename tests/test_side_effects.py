@@ -225,6 +225,31 @@ def test_recursion_headroom_leaves_a_limit_the_application_set_meanwhile() -> No
         sys.setrecursionlimit(original)
 
 
+def test_recursion_headroom_keeps_a_limit_set_between_two_holders_raising_it() -> None:
+    original = sys.getrecursionlimit()
+    release_first = threading.Event()
+    first_in = threading.Event()
+
+    def first() -> None:
+        with recursion_headroom(original + 500):
+            first_in.set()
+            release_first.wait()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait()
+    try:
+        sys.setrecursionlimit(original + 1000)  # the application's own
+        with recursion_headroom(original + 3000):
+            release_first.set()
+            thread.join()
+        assert sys.getrecursionlimit() == original + 1000
+    finally:
+        release_first.set()
+        thread.join()
+        sys.setrecursionlimit(original)
+
+
 def test_recursion_headroom_never_lowers_the_limit() -> None:
     original = sys.getrecursionlimit()
     with recursion_headroom(original - 100):

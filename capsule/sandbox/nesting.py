@@ -64,7 +64,11 @@ class _RecursionHeadroom:
             if self._holders == 0:
                 self._original, self._raised = sys.getrecursionlimit(), None
             self._holders += 1
-            if sys.getrecursionlimit() < limit:
+            current = sys.getrecursionlimit()
+            if self._raised is not None and current != self._raised:
+                # Set by someone else since a holder raised it: theirs to keep.
+                self._original, self._raised = current, None
+            if current < limit:
                 sys.setrecursionlimit(limit)
                 self._raised = limit
         try:
