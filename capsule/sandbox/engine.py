@@ -13,7 +13,6 @@ has passed or it was cancelled.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import queue
@@ -28,19 +27,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import wasmtime
-from wasmtime import _bindings
-from wasmtime import _ffi as ffi
 from wasmtime.component import Component, Instance, Linker, Record
 
 from capsule.sandbox import guest_data, oom
+from capsule.sandbox import wasmtime_compat as compat
 from capsule.sandbox.budget import MemoryBudget
 from capsule.sandbox.channel import MAX_SIZE as MAX_CHANNEL_SIZE
 from capsule.sandbox.channel import Channel, ChannelError
 from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
-from capsule.sandbox.hostcall import ExportCaller, add_host_func
+from capsule.sandbox.hostcall import CONVERTERS, ExportCaller, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.nesting import nested_call
 from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
@@ -694,25 +693,17 @@ def _step_caller() -> Invocation:
 
 def _trap_with(message: str) -> int:
     """What the epoch callback returns to trap the instance."""
-    error = ffi.wasmtime_error_new(message.encode())
-    return ctypes.cast(error, ctypes.c_void_p).value or 0
+    return compat.trap_address(message)
 
 
-# wasmtime-py has no high-level epoch callback; the raw C API binding works with
-# component instances. The callback and finalizer types are the binding's own.
-_EPOCH_CALLBACK_TYPE, _FINALIZER_TYPE = _bindings._wasmtime_store_epoch_deadline_callback.argtypes[
-    1::2
-]
-
-
-@_EPOCH_CALLBACK_TYPE  # type: ignore[untyped-decorator]
+@compat.EPOCH_CALLBACK_T  # type: ignore[untyped-decorator]
 def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
     # Runs on the wasm thread at every epoch tick the instance sees.
     invocation: Invocation | None = getattr(_thread, "invocation", None)
     if invocation is not None:
-        left = ctypes.c_uint64(0)
-        if not ffi.wasmtime_context_get_fuel(context, ctypes.byref(left)):
-            invocation.fuel_left = left.value
+        left = compat.fuel_left(context)
+        if left is not None:
+            invocation.fuel_left = left
         channel = invocation.channel
         if channel is not None:
             # Messages a task gathered reach their targets within a tick, even
@@ -740,7 +731,7 @@ def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
     return 0
 
 
-@_FINALIZER_TYPE  # type: ignore[untyped-decorator]
+@compat.EPOCH_FINALIZER_T  # type: ignore[untyped-decorator]
 def _no_finalizer(_data: Any) -> None:
     return None
 
@@ -761,11 +752,13 @@ class Sandbox:
         config.cranelift_opt_level = "speed"
         # The component model's async support (concurrent tasks, streams) is
         # unused here, and with it on every host call goes through its task
-        # machinery: off, a message costs ~6% less CPU. (No Config property.)
-        ffi.wasmtime_config_concurrency_support_set(config.ptr(), False)
+        # machinery: off, a message costs ~6% less CPU.
+        settings = ENGINE_SETTINGS
+        if not compat.disable_concurrency_support(config):
+            settings = settings.replace("concurrency=0", "concurrency=1")
         self.engine = wasmtime.Engine(config)
         #: The guest runtime's files (instances map their memory image from ``compiled``).
-        self.artifacts = ensure_runtime(self.engine, ENGINE_SETTINGS, progress)
+        self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
         self.prefaulter = Prefaulter(self.artifacts.compiled)
         self.finder = ModuleFinder(roots)
@@ -796,24 +789,28 @@ class Sandbox:
     def __enter__(self) -> Sandbox:
         self._ticker = threading.Thread(target=self._tick, name="capsule-epoch", daemon=True)
         self._ticker.start()
+        CONVERTERS.acquire()  # (wasmtime-py's converters are faster while it is open)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool = None
-        self._ticker_stop.set()
-        if self._ticker is not None:
-            self._ticker.join()
-            self._ticker = None
-        self.prefaulter.close()
-        if self.budget is not None:
-            self.budget.close()
-        # wasmtime-py keeps host functions in a registry of its own until their
-        # linker is deleted, and ours are bound methods of this sandbox: without
-        # this, every sandbox (engine, compiled code mapped) lived on (~11 MB a
-        # run, for a program that runs several in one process).
-        self.linker.close()
+        try:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
+            self._ticker_stop.set()
+            if self._ticker is not None:
+                self._ticker.join()
+                self._ticker = None
+            self.prefaulter.close()
+            if self.budget is not None:
+                self.budget.close()
+            # wasmtime-py keeps host functions in a registry of its own until their
+            # linker is deleted, and ours are bound methods of this sandbox: without
+            # this, every sandbox (engine, compiled code mapped) lived on (~11 MB a
+            # run, for a program that runs several in one process).
+            self.linker.close()
+        finally:
+            CONVERTERS.release()
 
     def _tick(self) -> None:
         while not self._ticker_stop.wait(TICK_SECONDS):
@@ -998,7 +995,8 @@ class Sandbox:
             call = guest_data.task_call(name, call_json)
         except TooLarge as exc:
             return refusal(name, str(exc))
-        answer = invocation.host.call_task(invocation, call)
+        with nested_call():
+            answer = invocation.host.call_task(invocation, call)
         return answer if answer[0] else _failed(invocation, answer)
 
     def _spawn_task(self, name: str, call_json: str, options_json: str | None) -> Answer:
@@ -1083,7 +1081,7 @@ class Sandbox:
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_wasi(wasmtime.WasiConfig())  # no env, args, files or stdin
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), _on_epoch, None, _no_finalizer)
+        compat.set_epoch_callback(store, _on_epoch, _no_finalizer)
         store.set_epoch_deadline(1)
         return store
 

@@ -19,90 +19,23 @@ from collections.abc import Callable
 from typing import Any
 
 import wasmtime
-from wasmtime import StoreContext, _bindings
-from wasmtime import _ffi as ffi
 from wasmtime.component import (
-    EnumType,
-    FuncType,
+    U8,
+    U64,
+    Bool,
     Instance,
     LinkerInstance,
     ListType,
     OptionType,
     RecordType,
     ResultType,
-    VariantType,
+    String,
 )
-from wasmtime.component._enter import enter_wasm
-from wasmtime.component._types import U8, U64, Bool, String, VariantLikeType
+
+from capsule.sandbox import wasmtime_compat as compat
 
 HostFunc = Callable[..., Any]
 
-
-def _memoize(cls: type, name: str) -> None:
-    """Cache what ``cls.name`` (a property or a no-argument method) computes, per
-    type object. Component types are immutable, and wasmtime-py recomputes these
-    lists with several ctypes calls on every value it converts."""
-    original = cls.__dict__[name]
-    compute: Callable[[Any], Any] = (
-        original.fget if isinstance(original, property) and original.fget else original
-    )
-    slot = f"_capsule_memo_{name}"
-
-    def memoized(self: Any) -> Any:
-        try:
-            return self.__dict__[slot]
-        except KeyError:
-            value = self.__dict__[slot] = compute(self)
-            return value
-
-    setattr(cls, name, property(memoized) if isinstance(original, property) else memoized)
-
-
-for _cls, _name in (
-    (RecordType, "fields"),
-    (ListType, "element"),
-    (VariantType, "cases"),
-    (VariantType, "_cases"),
-    (EnumType, "names"),
-    (OptionType, "payload"),
-    (OptionType, "_cases"),
-    (ResultType, "ok"),
-    (ResultType, "err"),
-    (ResultType, "_cases"),
-    (VariantLikeType, "_tagged"),
-):
-    _memoize(_cls, _name)
-
-
-#: C functions on the path of every crossing that only allocate, free or read a
-#: field. ctypes releases the GIL around every foreign call; for calls this
-#: short that costs more than the call, and on a busy run each release hands the
-#: GIL to another thread that the caller must then wait out. Bound again as
-#: Python-API functions, which keep it. (Calls that run wasm, compile or
-#: instantiate keep releasing it: other threads run meanwhile.)
-_HOLD_GIL = (
-    "wasm_byte_vec_new",
-    "wasm_byte_vec_new_uninitialized",
-    "wasm_byte_vec_delete",
-    "wasmtime_component_val_new",
-    "wasmtime_component_val_delete",
-    "wasmtime_component_vallist_new_uninit",
-    "wasmtime_component_valrecord_new_uninit",
-    "wasmtime_context_get_fuel",
-)
-
-
-_LIBRARY: ctypes.CDLL = _bindings.dll  # type: ignore[attr-defined]
-
-
-def _bind_holding_gil(name: str) -> None:
-    releasing = getattr(_bindings, f"_{name}")
-    prototype = ctypes.PYFUNCTYPE(releasing.restype, *releasing.argtypes)
-    setattr(_bindings, f"_{name}", prototype((name, _LIBRARY)))
-
-
-for _function in _HOLD_GIL:
-    _bind_holding_gil(_function)
 
 # -- values of our imports, read and written by address ----------------------
 #
@@ -118,25 +51,25 @@ def _offset(structure: Any, field: str) -> int:
     return int(getattr(structure, field).offset)
 
 
-_VAL = ffi.wasmtime_component_val_t
+_VAL = compat.VAL_T
 _VAL_SIZE = ctypes.sizeof(_VAL)
 #: Where a value's payload starts (after its kind byte).
 _PAYLOAD = _offset(_VAL, "of")
-_RESULT_OK_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "is_ok")
-_RESULT_VAL_AT = _PAYLOAD + _offset(_bindings.wasmtime_component_valresult, "val")
-_STRING = ffi.WASMTIME_COMPONENT_STRING.value
+_RESULT_OK_AT = _PAYLOAD + _offset(compat.VALRESULT_T, "is_ok")
+_RESULT_VAL_AT = _PAYLOAD + _offset(compat.VALRESULT_T, "val")
+_STRING = compat.KIND["STRING"]
 _STRING_KIND = bytes((_STRING,))
-_U64_KIND = ffi.WASMTIME_COMPONENT_U64.value
+_U64_KIND = compat.KIND["U64"]
 #: A u64 value: kind, then the number at the payload's offset.
 _U64_VAL = struct.Struct(f"@B{_PAYLOAD - 1}xQ")
-_RESULT = ffi.WASMTIME_COMPONENT_RESULT.value
+_RESULT = compat.KIND["RESULT"]
 #: A byte vector (size, then data, as in wasm.h) and a 64-bit word.
 _BYTE_VEC = struct.Struct("@NN")
 _WORD = struct.Struct("@Q")
 #: A result slot: kind, is_ok, and the boxed value of its case.
 _RESULT_SLOT = struct.Struct(f"@B{_RESULT_OK_AT - 1}x?{_RESULT_VAL_AT - _RESULT_OK_AT - 1}xN")
 assert _RESULT_SLOT.size <= _VAL_SIZE
-assert (_offset(ffi.wasm_byte_vec_t, "size"), _offset(ffi.wasm_byte_vec_t, "data")) == (0, 8)
+assert (_offset(compat.BYTE_VEC_T, "size"), _offset(compat.BYTE_VEC_T, "data")) == (0, 8)
 
 #: Raw reads and writes of this process's memory, GIL held (the values above,
 #: and an instance's message channel: capsule/sandbox/channel.py).
@@ -144,16 +77,13 @@ read_at = ctypes._string_at  # type: ignore[attr-defined]  # (address, size) -> 
 write_at = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t)(
     ctypes._memmove_addr  # type: ignore[attr-defined]
 )
-_vec_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)(
-    ("wasm_byte_vec_new", _LIBRARY)
+# wasmtime's allocators of values, GIL held (compat.gil_holding), by address.
+_vec_new_at = compat.gil_holding(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)(
+    "wasm_byte_vec_new"
 )
-_vec_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(("wasm_byte_vec_delete", _LIBRARY))
-_val_new_at = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
-    ("wasmtime_component_val_new", _LIBRARY)
-)
-_val_delete_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)(
-    ("wasmtime_component_val_delete", _LIBRARY)
-)
+_vec_delete_at = compat.gil_holding(None, ctypes.c_void_p)("wasm_byte_vec_delete")
+_val_new_at = compat.gil_holding(ctypes.c_void_p, ctypes.c_void_p)("wasmtime_component_val_new")
+_val_delete_at = compat.gil_holding(None, ctypes.c_void_p)("wasmtime_component_val_delete")
 
 
 #: Reads an import's arguments from the address of its argument array.
@@ -263,16 +193,16 @@ def _boxed_string(text: Any) -> int:
 
 
 # (Parameter names as wasmtime-py's, whose functions these replace.)
-def _bytes_to_c(s: bytes | bytearray) -> ffi.wasm_byte_vec_t:
+def _bytes_to_c(s: bytes | bytearray) -> Any:
     if not isinstance(s, (bytes, bytearray)):
         raise TypeError("expected bytes or bytearray")
-    vec = ffi.wasm_byte_vec_t()
+    vec = compat.BYTE_VEC_T()
     _vec_new_at(ctypes.addressof(vec), len(s), bytes(s))
     return vec
 
 
-def _str_to_c(s: str) -> ffi.wasm_byte_vec_t:
-    vec = ffi.wasm_byte_vec_t()
+def _str_to_c(s: str) -> Any:
+    vec = compat.BYTE_VEC_T()
     _string_vec(s, ctypes.addressof(vec))
     return vec
 
@@ -282,14 +212,15 @@ def _string_from_c(self: Any, c: Any) -> str:
     return _take_string(ctypes.addressof(c))
 
 
-# The byte vectors wasmtime-py makes and reads itself: strings (its
-# String.convert_to_c calls str_to_capi), and the names of record fields, variant
-# cases and enum values, which the C API takes as byte vectors on every value
-# lowered. It copies bytes twice on their way in (a ctypes array, then a memmove
-# that gives up the GIL); these take them as they are.
-ffi.bytes_to_capi = _bytes_to_c
-ffi.str_to_capi = _str_to_c
-String.convert_from_c = _string_from_c  # type: ignore[method-assign]
+#: The byte vectors wasmtime-py makes and reads itself: strings (its
+#: String.convert_to_c calls str_to_capi), and the names of record fields,
+#: variant cases and enum values, which the C API takes as byte vectors on every
+#: value lowered. It copies bytes twice on their way in (a ctypes array, then a
+#: memmove that gives up the GIL); these take them as they are. In place while
+#: a Sandbox is open (see compat.ConverterPatches).
+CONVERTERS = compat.ConverterPatches(
+    str_to_capi=_str_to_c, bytes_to_capi=_bytes_to_c, string_from_c=_string_from_c
+)
 
 
 #: Lowers a host function's answer into the value slot (by address) the guest
@@ -327,11 +258,11 @@ def _boxed_u64(value: Any) -> int:
     return boxed
 
 
-_vallist_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(
-    ("wasmtime_component_vallist_new_uninit", _LIBRARY)
+_vallist_new_at = compat.gil_holding(None, ctypes.c_void_p, ctypes.c_size_t)(
+    "wasmtime_component_vallist_new_uninit"
 )
-_U8_KIND = bytes((ffi.WASMTIME_COMPONENT_U8.value,))
-_LIST_KIND = bytes((ffi.WASMTIME_COMPONENT_LIST.value,))
+_U8_KIND = bytes((compat.KIND["U8"],))
+_LIST_KIND = bytes((compat.KIND["LIST"],))
 
 
 def _lower_bytes(_context: int, data: bytes, address: int) -> None:
@@ -351,12 +282,12 @@ def _lower_bytes(_context: int, data: bytes, address: int) -> None:
     write_at(address, _LIST_KIND, 1)
 
 
-_valrecord_new_at = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)(
-    ("wasmtime_component_valrecord_new_uninit", _LIBRARY)
+_valrecord_new_at = compat.gil_holding(None, ctypes.c_void_p, ctypes.c_size_t)(
+    "wasmtime_component_valrecord_new_uninit"
 )
-_RECORD_KIND = bytes((ffi.WASMTIME_COMPONENT_RECORD.value,))
-_BOOL_KIND = ffi.WASMTIME_COMPONENT_BOOL.value
-_ENTRY = _bindings.wasmtime_component_valrecord_entry
+_RECORD_KIND = bytes((compat.KIND["RECORD"],))
+_BOOL_KIND = compat.KIND["BOOL"]
+_ENTRY = compat.VALRECORD_ENTRY_T
 _ENTRY_SIZE = ctypes.sizeof(_ENTRY)
 _ENTRY_VAL = _offset(_ENTRY, "val")
 #: A bool value: kind, then the flag at the payload's offset.
@@ -471,11 +402,8 @@ def _lowering(ty: Any) -> Lowering:
     convert = ty.convert_to_c
 
     def lower(context: int, value: Any, address: int) -> None:
-        store = StoreContext(ctypes.cast(context, _CONTEXT))
-        try:
+        with compat.store_context(context) as store:
             convert(store, value, ctypes.pointer(_VAL.from_address(address)))
-        finally:
-            store._invalidate()
 
     return lower
 
@@ -492,15 +420,11 @@ class _Import:
         self.lower_result: Lowering | None = None
 
     def resolve(self, context: int, ty_raw: int) -> ArgumentReader:
-        store = StoreContext(ctypes.cast(context, _CONTEXT))
-        try:
-            with FuncType._from_ptr(ctypes.cast(ty_raw, _FUNC_TYPE), owner=store) as fty:
-                result_type = fty.result
-                if result_type is not None:
-                    self.lower_result = _lowering(result_type)
-                read = _argument_reader([_lifting(ty) for _, ty in fty.params])
-        finally:
-            store._invalidate()
+        with compat.store_context(context) as store, compat.func_type(ty_raw, store) as fty:
+            result_type = fty.result
+            if result_type is not None:
+                self.lower_result = _lowering(result_type)
+            read = _argument_reader([_lifting(ty) for _, ty in fty.params])
         self.read_arguments = read
         return read
 
@@ -513,23 +437,15 @@ _FREE: list[int] = []
 _IMPORTS_LOCK = threading.RLock()
 
 
-_CALLBACK = _bindings.wasmtime_component_func_callback_t
-_DATA = _CALLBACK._argtypes_[0]
-_CONTEXT = ctypes.POINTER(ffi.wasmtime_context_t)
-_FUNC_TYPE = ctypes.POINTER(ffi.wasmtime_component_func_type_t)
-
-
-def _error_address(error: wasmtime.WasmtimeError) -> int:
-    """Hand ``error`` over to wasmtime (which traps the guest with it)."""
-    return ctypes.cast(error._consume(), ctypes.c_void_p).value or 0
+_error_address = compat.error_address
 
 
 # wasmtime's callback type, with the context, function type and the argument
 # and result arrays as addresses: ctypes would make a pointer object of each on
 # every call, and only the first call of an import needs them.
 @ctypes.CFUNCTYPE(  # type: ignore[untyped-decorator]
-    _CALLBACK._restype_,
-    _DATA,
+    compat.CALLBACK_RESULT_T,
+    compat.CALLBACK_DATA_T,
     ctypes.c_void_p,
     ctypes.c_void_p,
     ctypes.c_void_p,
@@ -585,17 +501,7 @@ def add_host_func(instance: LinkerInstance, name: str, func: HostFunc, on_error:
         else:
             index = len(_IMPORTS)
             _IMPORTS.append(entry)
-    encoded = name.encode("utf-8")
-    error = ffi.wasmtime_component_linker_instance_add_func(
-        instance.ptr(),
-        ctypes.create_string_buffer(encoded),
-        len(encoded),
-        ctypes.cast(_call_import, _CALLBACK),
-        index,
-        _forget,
-    )
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(error)
+    compat.add_func(instance, name, _call_import, index, _forget)
 
 
 class ExportCaller:
@@ -608,28 +514,23 @@ class ExportCaller:
         self._result: Any = None
 
     def __call__(self, store: wasmtime.Store, instance: Instance, *params: Any) -> Any:
-        func = instance.get_func(store, self.index)
-        assert func is not None
+        func = compat.export_func(instance, store, self.index)
         if self._params is None:
             fty = func.type(store)
             self._result = fty.result
             self._params = [ty for _, ty in fty.params]
         types = self._params
-        raw = (ffi.wasmtime_component_val_t * len(params))()
+        raw = (_VAL * len(params))()
         lowered = 0
         try:
             for ty, value in zip(types, params, strict=True):
                 ty.convert_to_c(store, value, ctypes.pointer(raw[lowered]))
                 lowered += 1
-            space = ffi.wasmtime_component_val_t()
-            enter_wasm(
-                lambda: ffi.wasmtime_component_func_call(
-                    ctypes.byref(func._func), store._context(), raw, lowered, ctypes.byref(space), 1
-                )
-            )
+            space = _VAL()
+            compat.call_export(func, store, raw, lowered, space)
             value = self._result.convert_from_c(space)
         finally:
             for i in range(lowered):
-                ffi.wasmtime_component_val_delete(ctypes.byref(raw[i]))
+                compat.delete_val(ctypes.addressof(raw[i]))
         func.post_return(store)
         return value

@@ -107,8 +107,6 @@ from capsule.supervisor.tree import (
 
 #: How deep task calls may nest before the call is refused.
 MAX_DEPTH = 64
-#: Python frames the host adds per level of nested task calls (with margin).
-HOST_FRAMES_PER_LEVEL = 40
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: Run._spawn_task).
 TASK_ID_SHAPE = re.compile(r"main(/[0-9]+)*")
@@ -436,11 +434,8 @@ class Run:
             raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
         self.sandbox.start_pool(self.program, self.settings.pool_size, first)
         root = self._root
-        # Nested calls run inline: each level adds host frames (about 20) on the
-        # task thread, whose stack is sized for MAX_DEPTH levels; the interpreter's
-        # recursion limit must allow them too.
-        recursion_limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(recursion_limit, HOST_FRAMES_PER_LEVEL * MAX_DEPTH + 1000))
+        # (Nested calls run inline on the task thread: the sandbox raises the
+        # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
         try:
             result, interrupted = run_interruptibly(
                 lambda: self.run_task(entry, "main", call_json, root, None),
@@ -448,10 +443,7 @@ class Run:
                 name="capsule-main",
             )
         finally:
-            try:
-                self._http.close()
-            finally:
-                sys.setrecursionlimit(recursion_limit)
+            self._http.close()
         if self.journal_failure is not None:
             raise JournalFailure(self.journal_failure)
         if interrupted or self.stopped:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost
+from capsule.sandbox.nesting import start_deep_thread
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.operations import Operations
 
@@ -200,24 +201,9 @@ def nearest_deadline(invocation: Invocation) -> float | None:
     return min(deadlines) if deadlines else None
 
 
-#: Stack for threads that run task trees. Nested calls run inline, one wasm
-#: activation above another on the same native stack, so it must hold
-#: MAX_DEPTH of them (wasmtime lets each use 512 KiB) plus the host frames
-#: between; reserved address space, committed only as used.
-TASK_THREAD_STACK = 256 * 1024**2
-_stack_lock = threading.Lock()
-
-
 def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread:
     """Start a thread with a stack deep enough for a tree of nested task calls."""
-    with _stack_lock:
-        previous = threading.stack_size(TASK_THREAD_STACK)
-        try:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-        finally:
-            threading.stack_size(previous)
-    return thread
+    return start_deep_thread(target, name)
 
 
 def run_interruptibly(
