@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -475,3 +476,60 @@ def test_busy_calls_take_turns_under_fuel_yields(guest: Guest) -> None:
     # ends, every other is at most a chunk behind.
     fair = _race(guest, fuel_yield_interval=1_000_000)
     assert min(fair.values()) >= 7, fair
+
+
+# -- many calls on few threads ---------------------------------------------------------
+
+
+def test_thousands_of_waiting_calls_hold_no_thread_each(guest: Guest) -> None:
+    count, poll_threads = 2_000, 2
+    mailboxes = Mailboxes()
+    linker = guest.linker(mailboxes)
+    ended: list[CallFuture[Any]] = []
+    all_ended = threading.Event()
+
+    def on_done(future: CallFuture[Any]) -> None:
+        ended.append(future)
+        if len(ended) == count:
+            all_ended.set()
+
+    gc.collect()
+    threads_before, private_before = os_threads(), private_bytes()
+    active_before = threading.active_count()
+    futures = []
+    with Poller(threads=poll_threads) as poller:
+        for key in range(count):
+            future = guest.start(linker, "echo", data=key)
+            futures.append(future)
+            poller.submit(future, on_done)
+        mailboxes.wait_for(count)
+        assert all(future.blocked for future in futures)
+        threads = os_threads()
+        private = private_bytes()
+        assert threading.active_count() <= active_before + poll_threads
+        assert threads <= threads_before + poll_threads, (threads_before, threads)
+        per_call = (private - private_before) / count
+        print(
+            f"\n{count} suspended calls: {per_call / 1024**2:.2f} MB private each, {threads} threads"
+        )
+        assert per_call < 8 * 1024**2
+
+        # Half woken with a message of their own, half cancelled.
+        started = time.perf_counter()
+        for key in range(0, count, 2):
+            mailboxes.take(key).resolve(envelope({"n": key}, sender=f"s{key}"))
+        for key in range(1, count, 2):
+            poller.cancel(futures[key])
+        assert all_ended.wait(600)
+        print(f"woken or cancelled, and ended: {time.perf_counter() - started:.2f} s")
+        assert len(poller) == 0
+
+    for key, future in enumerate(futures):
+        if key % 2:
+            with pytest.raises(CallCancelled):
+                future.result()
+        else:
+            assert json.loads(future.result()) == {"got": {"n": key}, "from": f"s{key}"}
+        future.store.close()
+    assert not mailboxes.waiting.keys() - set(range(1, count, 2))
+    assert not wasm_async._PENDING_BY_KEY
