@@ -20,7 +20,7 @@ import pytest
 import wasmtime
 from wasmtime.component import Component, Linker, Record
 
-from capsule.sandbox import wasm_async
+from capsule.sandbox import wasm_async, wasmtime_compat
 from capsule.sandbox.hostcall import add_host_func
 from capsule.sandbox.wasm_async import (
     AsyncExport,
@@ -226,6 +226,19 @@ def private_bytes() -> int:
 def os_threads() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+# -- the bindings ----------------------------------------------------------------
+
+
+def test_a_function_the_library_lacks_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    declarations = {**wasmtime_compat._DECLARATIONS, "wasmtime_no_such_function": (None, [])}
+    monkeypatch.setattr(wasmtime_compat, "_DECLARATIONS", declarations)
+    monkeypatch.setattr(wasmtime_compat, "_api", None)
+    with pytest.raises(
+        wasmtime_compat.AsyncApiUnavailable, match="has no wasmtime_no_such_function"
+    ):
+        wasmtime_compat.async_api()
 
 
 # -- one call ------------------------------------------------------------------
