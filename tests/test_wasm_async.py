@@ -347,6 +347,8 @@ def test_a_store_with_a_live_call_cannot_be_closed(guest: Guest) -> None:
         store.close()
     with pytest.raises(StoreBusy, match="cancel it"), store:
         pass
+    with pytest.raises(StoreBusy, match="already has a live call"):
+        instantiate(store, guest.linker(mailboxes), guest.component)
     # The store is still open, and its call goes on.
     mailboxes.take("e").resolve(envelope("still here"))
     assert future.poll() is True
@@ -410,6 +412,33 @@ def test_a_store_lost_with_its_live_call_does_not_crash(tmp_path: Any) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert json.loads(completed.stdout) == {"got": "ok", "from": "x"}
+
+
+def test_a_poller_closed_cancels_the_calls_it_holds(guest: Guest) -> None:
+    mailboxes = Mailboxes()
+    linker = guest.linker(mailboxes)
+    futures = [guest.start(linker, "echo", data=key) for key in range(3)]
+    ended: list[CallFuture[Any]] = []
+    two_ended = threading.Event()
+
+    def on_done(future: CallFuture[Any]) -> None:
+        ended.append(future)
+        if len(ended) == 2:
+            two_ended.set()
+
+    with Poller(threads=2) as poller:
+        for future in futures:
+            poller.submit(future, on_done)
+        mailboxes.wait_for(3)
+        mailboxes.take(0).resolve(envelope("first"))
+        poller.cancel(futures[1])
+        assert two_ended.wait(60)
+        assert len(poller) == 1
+    assert json.loads(futures[0].result())["got"] == "first"
+    assert futures[1].cancelled and futures[2].cancelled
+    assert ended == [futures[0], futures[1]] or ended == [futures[1], futures[0]]
+    for future in futures:
+        future.store.close()
 
 
 # -- the fiber's stack ---------------------------------------------------------------

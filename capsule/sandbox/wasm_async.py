@@ -213,6 +213,8 @@ class CallFuture(Generic[T]):
         self.on_wake: Callable[[CallFuture[Any]], None] | None = None
         #: The host's own data about the call.
         self.data: Any = None
+        if store.busy:  # (checked again, under the store's lock, as it is adopted)
+            raise StoreBusy("the store already has a live call future")
         address = begin(ctypes.addressof(self._error))
         self._live = store._adopt(address, (*keep, self._error))
 
@@ -594,8 +596,9 @@ class Poller:
     A future is polled until it waits in an async import (then it is left
     alone until its Pending is resolved) or ends (then ``on_done`` is called,
     on a poll thread); one that yielded (its fuel yield interval) goes to the
-    back of the queue. No future is polled by two threads at once. Closing
-    stops the threads and cancels the futures left."""
+    back of the queue. No future is polled by two threads at once: a future
+    submitted is the poller's to poll. Closing stops the threads and cancels
+    the futures left (without their ``on_done``)."""
 
     def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
         if threads < 1:
@@ -673,7 +676,12 @@ class Poller:
                 future = self._ready.popleft()
                 entry = self._entries[future]
                 entry.state, entry.notified = _RUNNING, False
-            done = future.poll()
+            try:
+                done = future.poll()
+            except Exception:  # (polled elsewhere too: the poll thread must go on)
+                traceback.print_exc()
+                future.cancel()
+                done = True
             with self._lock:
                 if done:
                     del self._entries[future]
