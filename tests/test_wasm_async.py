@@ -303,6 +303,19 @@ def test_a_call_takes_many_answers_in_turn(guest: Guest) -> None:
     future.store.close()
 
 
+def test_an_interrupt_in_an_async_import_fails_the_call_then_is_raised(guest: Guest) -> None:
+    def receive(_timeout: int | None) -> Any:
+        raise KeyboardInterrupt
+
+    future = guest.start(guest.linker(receive), "echo", data="i")
+    with pytest.raises(KeyboardInterrupt):
+        future.poll()
+    assert future.done
+    with pytest.raises(wasmtime.WasmtimeError, match="interrupted"):
+        future.result()
+    future.store.close()
+
+
 # -- cancellation and the store's lifetime -------------------------------------------
 
 
@@ -508,6 +521,18 @@ def _race(guest: Guest, fuel_yield_interval: int | None) -> dict[Any, int]:
             poller.submit(future, on_done)
         assert ended.wait(300)
     return first
+
+
+def test_an_epoch_deadline_still_stops_a_busy_call(guest: Guest) -> None:
+    linker = guest.linker(lambda _timeout: envelope(None))
+    future = guest.start(linker, "spin", 1_000, 100_000, data="h", fuel_yield_interval=1_000_000)
+    assert future.poll() is False  # (it yielded: busy)
+    guest.engine.increment_epoch()  # its deadline (one tick) passes
+    while not future.poll():
+        pass
+    with pytest.raises(wasmtime.WasmtimeError, match="interrupt"):
+        future.result()
+    future.store.close()
 
 
 def test_busy_calls_take_turns_under_fuel_yields(guest: Guest) -> None:

@@ -211,6 +211,8 @@ class CallFuture(Generic[T]):
         #: The Pending this call waits on, if it waits in an async import.
         self._waiting: Pending | None = None
         self.on_wake: Callable[[CallFuture[Any]], None] | None = None
+        #: What interrupted a host function of the call (raised by its poll).
+        self._interrupted: BaseException | None = None
         #: The host's own data about the call.
         self.data: Any = None
         if store.busy:  # (checked again, under the store's lock, as it is adopted)
@@ -238,7 +240,9 @@ class CallFuture(Generic[T]):
         return waiting is not None and not waiting.resolved
 
     def poll(self) -> bool:
-        """Run the call until it ends (True) or waits or yields (False)."""
+        """Run the call until it ends (True) or waits or yields (False). A
+        KeyboardInterrupt (or other BaseException) raised in one of its host
+        functions fails the call, and is raised here once the call has ended."""
         store = self._store
         with store._future_lock:
             if self._state != _PENDING:
@@ -274,6 +278,9 @@ class CallFuture(Generic[T]):
             except Exception as exc:
                 self._failure = exc
         self._ended()
+        interrupted, self._interrupted = self._interrupted, None
+        if interrupted is not None:
+            raise interrupted
         return True
 
     def cancel(self) -> bool:
@@ -543,6 +550,16 @@ def _call_async_import(
         except Exception:  # the handler's own failure must still fail the call
             trap = wasmtime.WasmtimeError("capsule: host error")
         ctypes.c_void_p.from_address(error_ret).value = error_to_address(trap)
+    except BaseException as exc:
+        # (KeyboardInterrupt, SystemExit: the callback must fill the error or
+        # the continuation, or wasmtime aborts. The call fails; its poll
+        # raises the exception once the guest is off this thread's stack.)
+        ctypes.c_void_p.from_address(error_ret).value = error_to_address(
+            wasmtime.WasmtimeError(f"capsule: the host was interrupted ({type(exc).__name__})")
+        )
+        future = current_future()
+        if future is not None:
+            future._interrupted = exc
 
 
 @Finalizer  # type: ignore[untyped-decorator]
