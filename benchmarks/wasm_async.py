@@ -26,7 +26,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from capsule.sandbox.wasm_async import CallFuture, Poller  # noqa: E402
+from capsule.sandbox.poller import Poller  # noqa: E402
+from capsule.sandbox.wasm_async import CallFuture  # noqa: E402
 from tests.test_wasm_async import (  # noqa: E402
     Guest,
     Mailboxes,

@@ -22,13 +22,13 @@ from wasmtime.component import Component, Linker, Record
 
 from capsule.sandbox import wasm_async, wasmtime_compat
 from capsule.sandbox.hostcall import add_host_func
+from capsule.sandbox.poller import Poller
 from capsule.sandbox.wasm_async import (
     AsyncExport,
     AsyncStore,
     CallCancelled,
     CallFuture,
     Pending,
-    Poller,
     StoreBusy,
     add_async_func,
     current_future,
