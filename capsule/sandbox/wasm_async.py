@@ -63,8 +63,8 @@ def async_engine() -> wasmtime.Engine:
     """An engine for async calls, with the settings the cached guest runtime
     was compiled for (``engine.ENGINE_SETTINGS``) and fibers of
     FIBER_STACK_BYTES. (This wasmtime has no async-support switch: an engine
-    serves both kinds of call; a store's first async import or fuel yield
-    interval makes it async-only.)"""
+    serves both kinds of call, but a store with a fuel yield interval, or
+    whose instance has async imports, refuses sync ones.)"""
     config = wasmtime.Config()
     config.consume_fuel = True
     config.epoch_interruption = True
