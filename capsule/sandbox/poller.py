@@ -1,0 +1,135 @@
+"""A run queue of call futures (capsule.sandbox.wasm_async), polled by a few
+threads: a future is polled while it can run, left alone while it waits in an
+async import, and queued again when its answer is given."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from capsule.sandbox.wasm_async import CallFuture
+
+_IDLE, _QUEUED, _RUNNING = "idle", "queued", "running"
+
+OnDone = Callable[[CallFuture[Any]], None]
+
+
+@dataclass(eq=False)
+class _Entry:
+    on_done: OnDone | None
+    state: str = _QUEUED
+    #: Woken while being polled: polled again after.
+    notified: bool = False
+
+
+class Poller:
+    """A run queue of call futures, polled by ``threads`` threads it owns.
+
+    A future is polled until it waits in an async import (then it is left
+    alone until its Pending is resolved) or ends (then ``on_done`` is called,
+    on a poll thread); one that yielded (its fuel yield interval) goes to the
+    back of the queue. No future is polled by two threads at once: a future
+    submitted is the poller's to poll. Closing stops the threads and cancels
+    the futures left (without their ``on_done``)."""
+
+    def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
+        if threads < 1:
+            raise ValueError(f"a poller needs at least one thread, not {threads!r}")
+        self._lock = threading.Condition()
+        self._ready: deque[CallFuture[Any]] = deque()
+        self._entries: dict[CallFuture[Any], _Entry] = {}
+        self._closing = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
+            for index in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def __enter__(self) -> Poller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        """How many futures it holds (queued, polled or waiting)."""
+        return len(self._entries)
+
+    def submit(self, future: CallFuture[Any], on_done: OnDone | None = None) -> None:
+        with self._lock:
+            if self._closing:
+                raise RuntimeError("the poller is closed")
+            if future in self._entries:
+                raise ValueError("the future was submitted already")
+            self._entries[future] = _Entry(on_done)
+            future.on_wake = self._wake
+            self._ready.append(future)
+            self._lock.notify()
+
+    def cancel(self, future: CallFuture[Any]) -> None:
+        """Cancel ``future``; its ``on_done`` follows on a poll thread."""
+        future.cancel()
+        self._wake(future)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join()
+        with self._lock:
+            left = list(self._entries)
+            self._entries.clear()
+            self._ready.clear()
+        for future in left:
+            future.on_wake = None
+            future.cancel()
+
+    def _wake(self, future: CallFuture[Any]) -> None:
+        with self._lock:
+            entry = self._entries.get(future)
+            if entry is None:
+                return
+            if entry.state == _IDLE:
+                entry.state = _QUEUED
+                self._ready.append(future)
+                self._lock.notify()
+            elif entry.state == _RUNNING:
+                entry.notified = True
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and not self._closing:
+                    self._lock.wait()
+                if self._closing:
+                    return
+                future = self._ready.popleft()
+                entry = self._entries[future]
+                entry.state, entry.notified = _RUNNING, False
+            try:
+                done = future.poll()
+            except Exception:  # (polled elsewhere too: the poll thread must go on)
+                traceback.print_exc()
+                future.cancel()
+                done = True
+            with self._lock:
+                if done:
+                    del self._entries[future]
+                    future.on_wake = None
+                elif future.blocked and not entry.notified:
+                    entry.state = _IDLE
+                else:  # it yielded, or was woken while polled
+                    entry.state = _QUEUED
+                    self._ready.append(future)
+                    self._lock.notify()
+            if done and entry.on_done is not None:
+                try:
+                    entry.on_done(future)
+                except Exception:  # (the poll thread must go on)
+                    traceback.print_exc()
