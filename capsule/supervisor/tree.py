@@ -102,9 +102,9 @@ class Attempt:
     #: Host calls (steps) made so far.
     steps_taken: int = 0
     #: What its steps made the host record so far, in characters (see
-    #: Run._step): bounded by RunSettings.max_task_output_bytes.
+    #: JournaledSteps.step): bounded by RunSettings.max_task_output_bytes.
     recorded: int = 0
-    #: How much of that the run's total counts already (see Run._count_recorded).
+    #: How much of that the run's total counts already (see JournaledSteps.count).
     recorded_counted: int = 0
     #: Its HTTP exchange in flight, if any (what the host holds for it).
     transfer: Transfer | None = None
