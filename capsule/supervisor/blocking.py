@@ -84,7 +84,7 @@ class Blocking:
                         now = time.monotonic()  # (it took a few milliseconds)
                     # Woken by a child ending, a cancellation or an abort; the
                     # timed wait covers deadlines (checked by check_stop).
-                    bound = nearest_deadline(invocation)
+                    bound = nearest_deadline(attempt.scope)
                     ends = [t for t in (limit, bound, hibernate_at) if t is not None]
                     if not waiting:
                         ends.append(report_at)

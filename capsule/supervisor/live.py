@@ -19,7 +19,7 @@ class LiveTree:
         self.lock = threading.Lock()
         self.attempts: dict[Invocation, Attempt] = {}
         #: Above ``main``: cancelling it stops the whole run.
-        self.root = Scope(None, task_id="", task="<run>")
+        self.root = Scope(None, task_id="")
         #: Tasks alive in the run (admitted and not yet ended).
         self.live_tasks = 0
 
@@ -44,11 +44,8 @@ class LiveTree:
                 self.cancel(child.scope, reason)  # as its parent would
                 return True
         for attempt in attempts:
-            invocation = attempt.invocation
-            if invocation.task_id == task_id:  # a direct call: its caller sees the error
-                invocation.cancel_message = reason
-                invocation.cancelled = True
-                self.wake_all()
+            if attempt.invocation.task_id == task_id:  # a direct call: its caller sees the error
+                self.cancel(attempt.scope, reason)
                 return True
         return False
 

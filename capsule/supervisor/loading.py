@@ -58,7 +58,7 @@ def load_program(
     # Off the main thread, which waits: Ctrl-C or SIGTERM there must not land
     # in a host call of the instance importing the program (it corrupted the
     # process), and stop the import instead (KeyboardInterrupt, once it has).
-    scope = Scope(None, task_id="", task="<load>")
+    scope = Scope(None, task_id="")
 
     def interrupt() -> None:
         scope.cancel_message = "cancelled: the run was interrupted while it loaded"
@@ -66,7 +66,7 @@ def load_program(
 
     try:
         prepared, interrupted = run_interruptibly(
-            lambda: sandbox.prepare(program, LoadHost(), describe=True, parent=scope),
+            lambda: sandbox.prepare(program, LoadHost(), describe=True, within=scope),
             interrupt,
             name="capsule-load",
         )

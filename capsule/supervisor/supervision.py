@@ -44,7 +44,7 @@ from capsule.supervisor.live import LiveTree
 from capsule.supervisor.outcomes import uncollected_failure
 from capsule.supervisor.retry import retryable
 from capsule.supervisor.steps import History, PendingMessage, Step
-from capsule.supervisor.tree import Attempt, Child, Node, TaskResult
+from capsule.supervisor.tree import Attempt, Child, Node, Scope, TaskResult
 
 if TYPE_CHECKING:
     from capsule.supervisor.run import RunSettings
@@ -95,14 +95,14 @@ class Supervision:
         name: str,
         task_id: str,
         call_json: str,
-        parent: Invocation,
+        parent: Scope,
         child: Child | None,
     ) -> TaskResult:
         """Run one task invocation, with its retries, on the calling thread,
         with ``call_json`` (checked ``{"args": [...], "kwargs": {...}}``).
 
-        ``parent`` is the caller's invocation (a direct call) or the scope of a
-        spawned ``child``. The task's mailbox lives as long as this call: messages
+        ``parent`` is the scope of the caller's attempt (a direct call), of a
+        spawned ``child``, or of the run. The task's mailbox lives as long as this call: messages
         wait in it across retries.
 
         In a resumed run, a task whose outcome was journaled returns that outcome
@@ -153,7 +153,7 @@ class Supervision:
         name: str,
         task_id: str,
         call_json: str,
-        parent: Invocation,
+        parent: Scope,
         child: Child | None,
     ) -> TaskResult:
         config = self.configs[name]
@@ -199,6 +199,7 @@ class Supervision:
                 replay = history.attempts[last].steps
         while True:
             attempt_number += 1
+            scope = Scope(parent, task_id)
             invocation = Invocation(
                 task_id=task_id,
                 task=name,
@@ -206,7 +207,7 @@ class Supervision:
                 max_attempts=max_attempts,
                 limits=limits,
                 host=self.host,
-                parent=parent,
+                within=scope,
                 # (Every task's: its ended event carries it. ~40 us, and only
                 # where the mappings can be asked cheaply: Linux 6.11.)
                 measure_memory=True,
@@ -215,6 +216,7 @@ class Supervision:
                 ).hexdigest(),
                 grants=self.grants.get(name, NO_GRANTS),
             )
+            scope.invocation = invocation
             if parent.check_stop() is not None:
                 stopped = ErrorInfo("cancelled", parent.cancellation_message())
                 outcome = AttemptOutcome(None, stopped, 0, None, 0.0)
@@ -238,7 +240,7 @@ class Supervision:
                 )
                 if replay is not None:
                     emit(TaskReplayed(**ids, attempt=attempt_number, steps=len(replay)))
-                outcome = self._attempt(invocation, node, child, call_json, replay or [])
+                outcome = self._attempt(invocation, scope, node, child, call_json, replay or [])
                 replay = None
                 self.before_reporting(task_id)
             total_fuel += outcome.fuel_consumed
@@ -400,20 +402,21 @@ class Supervision:
             current = sibling.current
             assert current is not None
             sibling.restart_reason = reason
-            current.invocation.cancel_message = f"restarting: {reason}"
-            current.invocation.cancelled = True
+            current.scope.cancel_message = f"restarting: {reason}"
+            current.scope.cancelled = True
         self.tree.wake_all()
 
     def _attempt(
         self,
         invocation: Invocation,
+        scope: Scope,
         node: Node,
         child: Child | None,
         call_json: str,
         replay: list[Step],
     ) -> AttemptOutcome:
         """One attempt in a fresh instance; its spawned children do not outlive it."""
-        attempt = Attempt(invocation, node, replay=deque(replay))
+        attempt = Attempt(invocation, node, scope, replay=deque(replay))
         tree = self.tree
         with tree.lock:
             tree.attempts[invocation] = attempt

@@ -57,7 +57,7 @@ class TaskCalls:
         The caller's thread is blocked in this host call anyway, so the child runs
         right here, in its own fresh instance: no thread or event-loop hop on the
         path of a call. The child sees its caller's deadline and cancellation
-        through ``Invocation.parent``."""
+        through its scope, under its caller's."""
         node = self.tree.attempts[caller].node
         return self.journal.step(
             caller,
@@ -75,7 +75,9 @@ class TaskCalls:
         if refused is not None:
             return refused
         try:
-            result = self.supervision.run_task(call.name, task_id, call.call_json, caller, None)
+            result = self.supervision.run_task(
+                call.name, task_id, call.call_json, attempt.scope, None
+            )
         finally:
             self.admission.release()
         return _as_reply(result)
@@ -129,7 +131,7 @@ class TaskCalls:
                 self.router.close(task_id)
                 self.admission.release()
                 return refusal(name, str(exc))
-        scope = Scope(caller, task_id=caller.task_id, task=caller.task)
+        scope = Scope(attempt.scope, task_id=caller.task_id)
         child = Child(
             task_id=task_id,
             name=name,
