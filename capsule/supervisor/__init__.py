@@ -8,8 +8,9 @@ Its parts, each one job:
 
 - ``run``: the run as the rest of Capsule sees it (``Run``): builds the parts
   below and runs the entry task; ``loading``: importing the program.
-- ``supervision``: an invocation's attempts, retries and restarts (with
-  ``retry``, ``intensity``, ``outcomes``); ``admission``: limits on new tasks.
+- ``supervision``: an invocation's attempts and retries (with ``retry`` and
+  ``outcomes``); ``restarts``: a supervisor's restarts, its strategy and
+  intensity (``intensity``); ``admission``: limits on new tasks.
 - ``tree``: the records of the task tree; ``live``: the attempts running now,
   and cancelling parts of the tree.
 - ``journaled``: every host call as a step, recorded or replayed from the

@@ -1,13 +1,11 @@
 """Supervision of task invocations: the attempt loop of one invocation (each
 attempt in a fresh instance, its children ended with it), its retries with
-backoff, a supervisor's restarts (permanent children, the one_for_all and
-rest_for_one strategies) counted against the parent's intensity, and, in a
+backoff, its supervisor's restarts (decided in restarts.py), and, in a
 resumed run, the outcome or the replay of what the journal holds."""
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -38,10 +36,10 @@ from capsule.supervisor.events import (
     preview,
 )
 from capsule.supervisor.ids import EventIds
-from capsule.supervisor.intensity import restart_intensity_error
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.outcomes import uncollected_failure
+from capsule.supervisor.restarts import Restarts
 from capsule.supervisor.retry import retryable
 from capsule.supervisor.steps import History, PendingMessage, Step
 from capsule.supervisor.tree import Attempt, Child, Node, Scope, TaskResult
@@ -87,6 +85,7 @@ class Supervision:
         #: Called with a task's id before its lifecycle is reported further
         #: (what it printed is shown first).
         self.before_reporting = before_reporting
+        self.restarts = Restarts(configs, tree)
         #: Serves the host calls of the attempts' instances (the run's, once built).
         self.host: HostCalls = RefusingHost()
 
@@ -260,7 +259,7 @@ class Supervision:
                     child is not None
                     and config.restart == "permanent"
                     and parent.check_stop() is None
-                    and self._allow_restart(child, f"{name!r} ({task_id}) returned")
+                    and self.restarts.allow(child, f"{name!r} ({task_id}) returned")
                 ):
                     failures, restarts = 0, restarts + 1
                     emit(
@@ -308,7 +307,7 @@ class Supervision:
             # Its own retries: never counted as its supervisor's restarts.
             if error.retryable and failures <= config.max_retries:
                 if child is not None:
-                    self._restart_siblings(child, error)
+                    self.restarts.restart_siblings(child, error)
                 delay = self.settings.backoff.delay(failures)
                 emit(
                     TaskRetrying(
@@ -350,61 +349,6 @@ class Supervision:
                 )
             )
             return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
-
-    def _allow_restart(self, child: Child, what: str) -> bool:
-        """Count a supervisor restart (a permanent child that returned, or
-        siblings restarted by one_for_all / rest_for_one) against the parent's
-        intensity (``max_restarts`` within ``restart_window``). Over it, the
-        parent fails instead, and its own supervisor takes over (escalation).
-        A child's own retries (``max_retries``) never count."""
-        parent = child.parent_attempt
-        config = self.configs[parent.invocation.task]
-        now = time.monotonic()
-        with self.tree.lock:
-            while parent.restarts and parent.restarts[0] <= now - config.restart_window_s:
-                parent.restarts.popleft()
-            if len(parent.restarts) >= config.max_restarts:
-                if parent.invocation.aborted is None:
-                    parent.invocation.aborted = restart_intensity_error(
-                        parent.invocation, config, what
-                    )
-                allowed = False
-            else:
-                parent.restarts.append(now)
-                allowed = True
-        if not allowed:
-            parent.wake()
-        return allowed
-
-    def _restart_siblings(self, child: Child, error: ErrorDetail) -> None:
-        """Apply the parent's strategy to a child that is about to be retried:
-        restarting its running siblings is one restart of the parent's."""
-        parent = child.parent_attempt
-        strategy = self.configs[parent.invocation.task].strategy
-        if strategy == "one_for_one":
-            return
-        siblings = list(parent.children.values())
-        if strategy == "rest_for_one":
-            siblings = siblings[siblings.index(child) + 1 :]
-        restarted = [
-            sibling
-            for sibling in siblings
-            if sibling is not child
-            and not sibling.done.is_set()
-            and sibling.current is not None
-            and self.configs[sibling.name].restart != "temporary"  # (never restarted)
-        ]
-        what = f"{child.name!r} ({child.task_id}) failed ({error.kind}) under {strategy}"
-        if not restarted or not self._allow_restart(child, what):
-            return
-        reason = f"its sibling {child.name!r} ({child.task_id}) failed ({strategy})"
-        for sibling in restarted:
-            current = sibling.current
-            assert current is not None
-            sibling.restart_reason = reason
-            current.scope.cancel_message = f"restarting: {reason}"
-            current.scope.cancelled = True
-        self.tree.wake_all()
 
     def _attempt(
         self,
