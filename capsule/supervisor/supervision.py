@@ -173,29 +173,9 @@ class Supervision:
         )
         total_fuel = 0
         total_time = 0.0
-        attempt_number = 0
-        #: Failures since it was last (re)started: its own retries (max_retries).
-        failures = 0
-        #: Times its supervisor restarted it (numbered apart from attempts).
-        restarts = 0
-        replay: list[Step] | None = None
-        history = self.history.tasks.get(task_id) if self.history else None
-        if history is not None and history.attempts:
-            # In flight when the run stopped: its last attempt runs again, its
-            # journaled host calls answered from the journal; the count goes on.
-            # If that attempt had ended already (it failed and was to be retried,
-            # or returned and was to restart), the next one starts afresh.
-            last = max(history.attempts)
-            failures, restarts = history.failures, history.restarts
-            if last in history.ended_attempts:
-                attempt_number = last
-                node.children = history.children_used
-                node.messages = history.messages_used
-            else:
-                attempt_number = last - 1
-                node.children = history.attempts[last].children_before
-                node.messages = history.attempts[last].messages_before
-                replay = history.attempts[last].steps
+        #: Failures since it was last (re)started: its own retries (max_retries);
+        #: times its supervisor restarted it (numbered apart from attempts).
+        attempt_number, failures, restarts, replay = self._resumed(task_id, node)
         while True:
             attempt_number += 1
             scope = Scope(parent, task_id)
@@ -349,6 +329,26 @@ class Supervision:
                 )
             )
             return TaskResult(task_id, name, attempt_number, total_fuel, total_time, error=error)
+
+    def _resumed(self, task_id: str, node: Node) -> tuple[int, int, int, list[Step] | None]:
+        """Where an invocation's count of attempts, failures and restarts goes
+        on (0 for a new one), and the steps its next attempt replays, if any;
+        ``node`` numbers on from where it was."""
+        history = self.history.tasks.get(task_id) if self.history else None
+        if history is None or not history.attempts:
+            return 0, 0, 0, None
+        # In flight when the run stopped: its last attempt runs again, its
+        # journaled host calls answered from the journal; the count goes on.
+        # If that attempt had ended already (it failed and was to be retried,
+        # or returned and was to restart), the next one starts afresh.
+        last = max(history.attempts)
+        if last in history.ended_attempts:
+            node.children = history.children_used
+            node.messages = history.messages_used
+            return last, history.failures, history.restarts, None
+        node.children = history.attempts[last].children_before
+        node.messages = history.attempts[last].messages_before
+        return last - 1, history.failures, history.restarts, history.attempts[last].steps
 
     def _attempt(
         self,
