@@ -51,16 +51,16 @@ def test_a_stream_goes_mostly_through_the_channel_and_arrives_in_order(
     and taken by the host in bulk; large ones, and those to a target without
     credit, still go through the host; each target gets its messages in order.
     (The channel is found either way the host can ask about its mappings.)"""
-    from capsule.supervisor.run import Run
+    from capsule.supervisor.host_calls import RunHostCalls
 
     taken: list[int] = []
-    original = Run.gathered
+    original = RunHostCalls.gathered
 
-    def counting(self: Run, caller: Any, records: list[tuple[str, str]]) -> None:
+    def counting(self: RunHostCalls, caller: Any, records: list[tuple[str, str]]) -> None:
         taken.append(len(records))
         original(self, caller, records)
 
-    monkeypatch.setattr(Run, "gathered", counting)
+    monkeypatch.setattr(RunHostCalls, "gathered", counting)
     outcome = run_program(
         TASKS
         + """

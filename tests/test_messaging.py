@@ -472,11 +472,11 @@ def test_a_wakeup_that_comes_before_the_wait_is_kept_and_wakeups_do_not_pile_up(
     import time
 
     from capsule.sandbox.engine import Invocation, Limits, RefusingHost
-    from capsule.supervisor.tree import Attempt, Node
+    from capsule.supervisor.tree import Attempt, Node, Scope
 
     limits = Limits(fuel=1, ram_bytes=1, timeout_s=None)
     invocation = Invocation("t", "t", 1, 1, limits, host=RefusingHost())
-    attempt = Attempt(invocation=invocation, node=Node("t"))
+    attempt = Attempt(invocation=invocation, node=Node("t"), scope=Scope(None, "t", invocation))
 
     def waited(timeout: float) -> float:
         started = time.monotonic()

@@ -14,7 +14,7 @@ from capsule.actors.router import Message, Router, RoutingError
 
 #: The sender of a message from outside the run (what ``Message.sender`` says in
 #: the receiving task). No task id has this form (ids are "main", "main/2/1"),
-#: and no task may register it as a name (see Run._spawn_task).
+#: and no task may register it as a name (see TaskCalls._spawn).
 EXTERNAL_SENDER = "cli"
 
 

@@ -7,8 +7,8 @@ supervisor calls it on its task threads.
 
 Limits are enforced by wasmtime: fuel (``Config.consume_fuel``), a memory cap
 (``Store.set_limits``), and a deadline checked on every epoch tick by a callback
-that traps the instance once the deadline of the invocation, or of any ancestor,
-has passed or it was cancelled.
+that traps the instance once the invocation's deadline has passed, or once what
+it runs within (its owner's: see ``Within``) says it must stop.
 """
 
 from __future__ import annotations
@@ -355,6 +355,33 @@ class RefusingHost(LiveClockAndRandom):
         return 0
 
 
+#: Why an invocation was cancelled when nothing says more.
+CALLER_STOPPED = "cancelled because its caller stopped"
+
+
+class Within(Protocol):
+    """Where an invocation runs (in the task tree, kept by its owner): the
+    sandbox asks it whether the invocation must stop, and why."""
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        """Why ``invocation``, which runs here, must stop now: "timeout" (its
+        own deadline passed), "cancelled" (it or what it runs within was
+        cancelled or stopped), or None."""
+        ...
+
+    def cancellation_message(self, invocation: Invocation) -> str:
+        """Why ``invocation``, which runs here, was cancelled, for the error it
+        reports."""
+        ...
+
+
+class Stoppable(Protocol):
+    """An invocation, or a place in the task tree: says why what it stands for
+    must stop now, or None."""
+
+    def check_stop(self) -> str | None: ...
+
+
 @dataclass(eq=False)
 class Invocation:
     """One attempt of one task, as the sandbox sees it while it runs."""
@@ -365,10 +392,11 @@ class Invocation:
     max_attempts: int
     limits: Limits
     host: HostCalls
-    parent: Invocation | None = None
+    #: Where it runs: what stops it besides its own deadline and abort (None:
+    #: only those).
+    within: Within | None = None
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None
-    cancelled: bool = False
     #: Set by the host to end this invocation with this error (e.g. a linked
     #: child failed); seen at the next epoch tick or host call.
     aborted: ErrorInfo | None = None
@@ -377,8 +405,6 @@ class Invocation:
     evicted: ErrorInfo | None = None
     #: The host's traceback if a host import failed while serving this invocation.
     host_error: str | None = None
-    #: Why it was cancelled, for the error its descendants report.
-    cancel_message: str = "cancelled because its caller stopped"
     #: Fuel left as of the last epoch tick (wasmtime-py reads it only between calls).
     fuel_left: int | None = None
     #: Seed for the guest's ``random`` module (the same when a resumed run replays it).
@@ -397,40 +423,58 @@ class Invocation:
         return self.started + self.limits.timeout_s
 
     def cancellation_message(self) -> str:
-        """Why this invocation is cancelled: the message of the nearest cancelled
-        ancestor (or itself), or the generic one when a caller stopped otherwise."""
-        node: Invocation | None = self
-        while (
-            node is not None
-            and not node.cancelled
-            and node.aborted is None
-            and node.evicted is None
-        ):
-            node = node.parent
-        if node is not None and node.cancelled:
-            return node.cancel_message
-        return Invocation.cancel_message
+        """Why this invocation is cancelled (see Within)."""
+        within = self.within
+        return CALLER_STOPPED if within is None else within.cancellation_message(self)
 
     def check_stop(self) -> str | None:
-        """Why this invocation must stop now, or None. Walks the ancestors: a
-        child never outlives the deadline or cancellation of its callers."""
-        now = time.monotonic()
+        """Why this invocation must stop now, or None: aborted, or what it
+        runs within says (a child never outlives the deadline or cancellation
+        of its callers), or its own deadline."""
         if self.aborted is not None or self.evicted is not None:
             return "aborted"
-        node: Invocation | None = self
-        while node is not None:
-            if node.cancelled or (
-                node is not self and (node.aborted is not None or node.evicted is not None)
-            ):
-                return "cancelled"
-            deadline = node.deadline
-            if deadline is not None and now >= deadline:
-                return "timeout" if node is self else "cancelled"
-            node = node.parent
-        return None
+        within = self.within
+        if within is not None:
+            return within.stop_reason(self)
+        return past_deadline(self)
 
 
-def sleep_unless_stopped(invocation: Invocation, seconds: float) -> bool:
+def past_deadline(invocation: Invocation) -> str | None:
+    """ "timeout" if the invocation's own deadline has passed, else None."""
+    deadline = invocation.deadline
+    return "timeout" if deadline is not None and time.monotonic() >= deadline else None
+
+
+class _ImportFor:
+    """Importing the program for a task's invocation: it stops with the task."""
+
+    def __init__(self, task: Invocation) -> None:
+        self.task = task
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        return past_deadline(invocation) or (
+            "cancelled" if self.task.check_stop() is not None else None
+        )
+
+    def cancellation_message(self, invocation: Invocation) -> str:
+        if invocation.aborted is not None or invocation.evicted is not None:
+            return CALLER_STOPPED
+        return self.task.cancellation_message()
+
+
+class _Closing:
+    """The pool's imports: they stop once the pool closes."""
+
+    closed = False
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        return past_deadline(invocation) or ("cancelled" if self.closed else None)
+
+    def cancellation_message(self, invocation: Invocation) -> str:
+        return CALLER_STOPPED
+
+
+def sleep_unless_stopped(invocation: Stoppable, seconds: float) -> bool:
     """Sleep ``seconds`` on this thread, in epoch ticks; False if
     ``invocation`` must stop meanwhile (a retry's backoff, a sleep while the
     program is imported: nothing wakes them early but a stop)."""
@@ -1098,12 +1142,13 @@ class Sandbox:
         program: str,
         host: HostCalls | None = None,
         describe: bool = False,
-        parent: Invocation | None = None,
+        within: Within | None = None,
     ) -> Prepared:
         """A fresh instance with the program imported, not yet used by any task.
 
         Module-level code runs here under the prepare limits, and stops with
-        ``parent`` (the task it is imported for, or a scope its owner cancels).
+        what it runs ``within`` (the task it is imported for, or a scope its
+        owner cancels).
         An import after the first may use at most IMPORT_GROWTH_BYTES more
         memory than the first did: module-level code that does more in the
         instances tasks run in than when the program loads is stopped there.
@@ -1121,7 +1166,7 @@ class Sandbox:
         )
         limits = PREPARE_LIMITS if describe else self._import_limits.get(program, PREPARE_LIMITS)
         invocation = Invocation(
-            LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, limits, host or _PREPARE_HOST, parent
+            LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, limits, host or _PREPARE_HOST, within
         )
         with _bound(invocation):
             store = self._new_store(limits)
@@ -1241,7 +1286,7 @@ class Sandbox:
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:
-                prepared = self.prepare(program, parent=invocation)
+                prepared = self.prepare(program, within=_ImportFor(invocation))
             except PrepareError as exc:
                 return self._outcome(None, exc.error, 0, started)
         store = prepared.store
@@ -1511,9 +1556,7 @@ class InstancePool:
             self._ready.put_nowait(first)
         self._stop = threading.Event()
         #: What the filler's imports stop with: cancelled as the pool closes.
-        self._scope = Invocation(
-            "<pool>", "<pool>", 1, 1, Limits(fuel=0, ram_bytes=0, timeout_s=None), _PREPARE_HOST
-        )
+        self._scope = _Closing()
         #: Used instances the filler is to close, and the lock that claims one
         #: (the filler, or the memory budget's thread: never both).
         self._retired: list[wasmtime.Store] = []
@@ -1573,7 +1616,7 @@ class InstancePool:
         while not self._stop.is_set():
             self._close_retired()
             try:
-                prepared = self._sandbox.prepare(self._program, parent=self._scope)
+                prepared = self._sandbox.prepare(self._program, within=self._scope)
             except PrepareError:
                 # The program fails to import here; invocations will report why.
                 failures += 1
@@ -1593,7 +1636,7 @@ class InstancePool:
 
     def close(self) -> None:
         self._stop.set()
-        self._scope.cancelled = True  # (an import under way stops at its next tick)
+        self._scope.closed = True  # (an import under way stops at its next tick)
         if self._thread is not None:
             self._thread.join()
         self._close_retired()

@@ -4,4 +4,20 @@ exponential backoff, and the typed events that report it all (a public,
 versioned schema: docs/events.md) with the stream that carries them.
 
 It decides what runs and when; the sandbox decides how one attempt runs.
+
+Its parts, each one job:
+
+- ``run``: the run as the rest of Capsule sees it (``Run``): builds the parts
+  below and runs the entry task; ``loading``: importing the program.
+- ``supervision``: an invocation's attempts and retries (with ``retry`` and
+  ``outcomes``); ``restarts``: a supervisor's restarts, its strategy and
+  intensity (``intensity``); ``admission``: limits on new tasks.
+- ``tree``: the records of the task tree; ``live``: the attempts running now,
+  and cancelling parts of the tree.
+- ``journaled``: every host call as a step, recorded or replayed from the
+  journal (``steps``: the journal's side of it).
+- ``host_calls``: the sandbox's host calls, handed by kind to ``task_calls``,
+  ``message_steps`` (with ``messages``), ``time_calls``, ``http_calls`` and
+  ``operation_calls`` (with ``operations``); ``blocking``: how a call waits.
+- ``output``: what tasks print; ``events``: the typed event stream.
 """

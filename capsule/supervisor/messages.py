@@ -110,7 +110,7 @@ class MessageCalls:
             )
             forgot = 1 if attempt.credit_forgotten else 0
             attempt.credit_forgotten = False
-            # For the guest alone (see Run.send): [places, size, forget the rest].
+            # For the guest alone (see MessageSteps.send): [places, size, forget the rest].
             attempt.credit_note = f', "credit": [{places}, {self.credit_bytes}, {forgot}]'
         return answer
 

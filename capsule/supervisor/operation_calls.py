@@ -14,7 +14,7 @@ from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, too_m
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.tree import Attempt
 
-#: The run's step (Run._step): (caller, kind, request, live, replayed=...,
+#: The run's step (JournaledSteps.step): (caller, kind, request, live, replayed=...,
 #: for_journal=...) -> the answer.
 StepCall = Callable[..., tuple[bool, str]]
 

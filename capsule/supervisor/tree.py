@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from capsule.sandbox.config import Limits
-from capsule.sandbox.engine import Invocation, RefusingHost
+from capsule.sandbox.engine import CALLER_STOPPED, Invocation, past_deadline
 from capsule.sandbox.nesting import start_deep_thread
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.operations import Operations
@@ -93,6 +93,8 @@ class Attempt:
 
     invocation: Invocation
     node: Node
+    #: Its place in the tree: what it runs in, and what runs under it.
+    scope: Scope
     #: Its spawned children, until their outcomes are collected (a wait
     #: delivered them): running ones, and ended ones with their outcomes.
     children: dict[str, Child] = field(default_factory=dict)
@@ -103,9 +105,9 @@ class Attempt:
     #: Host calls (steps) made so far.
     steps_taken: int = 0
     #: What its steps made the host record so far, in characters (see
-    #: Run._step): bounded by RunSettings.max_task_output_bytes.
+    #: JournaledSteps.step): bounded by RunSettings.max_task_output_bytes.
     recorded: int = 0
-    #: How much of that the run's total counts already (see Run._count_recorded).
+    #: How much of that the run's total counts already (see JournaledSteps.count).
     recorded_counted: int = 0
     #: Its HTTP exchange in flight, if any (what the host holds for it).
     transfer: Transfer | None = None
@@ -170,33 +172,86 @@ class Child:
     collected: bool = False
 
 
-#: Scopes never run; they share one host that refuses everything.
-_SCOPE_HOST = RefusingHost()
+class Scope:
+    """A place in the task tree, which the sandbox asks whether what runs in it
+    must stop (see capsule.sandbox.engine.Within): an attempt's own (it
+    carries the attempt's deadline and abort to what runs under it), one
+    between a parent and a spawned child, or one above ``main`` (or the
+    program's import). Cancelling it cancels everything under it."""
+
+    def __init__(
+        self, parent: Scope | None, task_id: str, invocation: Invocation | None = None
+    ) -> None:
+        self.parent = parent
+        #: The task it belongs to ("" above ``main``): a spawned child's scope
+        #: belongs to its parent.
+        self.task_id = task_id
+        #: The attempt whose scope this is, if any (set once it exists).
+        self.invocation = invocation
+        self.cancelled = False
+        #: Why it was cancelled, for the error its descendants report.
+        self.cancel_message = CALLER_STOPPED
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        """Why ``invocation``, running here, must stop: its own deadline (unless
+        it runs in a scope of its own, where its place comes after the scope's
+        cancellation), or a scope it runs in cancelled, or an attempt above it
+        stopped (aborted, or past its deadline)."""
+        if self.invocation is not invocation:
+            reason = past_deadline(invocation)
+            if reason is not None:
+                return reason
+        return self._stopped(invocation)
+
+    def check_stop(self) -> str | None:
+        """Why what runs here must stop now (as the sandbox would see it), or None."""
+        owner = self.invocation
+        return self._stopped(None) if owner is None else owner.check_stop()
+
+    def _stopped(self, invocation: Invocation | None) -> str | None:
+        now = time.monotonic()
+        node: Scope | None = self
+        while node is not None:
+            if node.cancelled:
+                return "cancelled"
+            owner = node.invocation
+            if owner is not None:
+                if owner is not invocation and (
+                    owner.aborted is not None or owner.evicted is not None
+                ):
+                    return "cancelled"
+                deadline = owner.deadline
+                if deadline is not None and now >= deadline:
+                    return "timeout" if owner is invocation else "cancelled"
+            node = node.parent
+        return None
+
+    def cancellation_message(self, invocation: Invocation | None = None) -> str:
+        """Why what runs here (``invocation``, if given) was cancelled: the
+        message of the nearest cancelled scope from here up, or the generic one
+        when an attempt stopped otherwise first."""
+        if invocation is not None and invocation is not self.invocation:
+            if invocation.aborted is not None or invocation.evicted is not None:
+                return CALLER_STOPPED
+        node: Scope | None = self
+        while node is not None:
+            if node.cancelled:
+                return node.cancel_message
+            owner = node.invocation
+            if owner is not None and (owner.aborted is not None or owner.evicted is not None):
+                break
+            node = node.parent
+        return CALLER_STOPPED
 
 
-class Scope(Invocation):
-    """Stands between a parent and a spawned child (or above ``main``): cancelling
-    it cancels the child's current attempt and everything under it, and it
-    carries the parent's deadline to them. Never runs itself."""
-
-    def __init__(self, parent: Invocation | None, task_id: str, task: str) -> None:
-        super().__init__(
-            task_id=task_id,
-            task=task,
-            attempt=1,
-            max_attempts=1,
-            limits=Limits(fuel=0, ram_bytes=0, timeout_s=None),
-            host=_SCOPE_HOST,
-            parent=parent,
-        )
-
-
-def nearest_deadline(invocation: Invocation) -> float | None:
+def nearest_deadline(scope: Scope) -> float | None:
+    """The earliest deadline of the attempts from ``scope`` up."""
     deadlines = []
-    node: Invocation | None = invocation
+    node: Scope | None = scope
     while node is not None:
-        if node.deadline is not None:
-            deadlines.append(node.deadline)
+        owner = node.invocation
+        if owner is not None and owner.deadline is not None:
+            deadlines.append(owner.deadline)
         node = node.parent
     return min(deadlines) if deadlines else None
 

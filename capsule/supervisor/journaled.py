@@ -1,0 +1,211 @@
+"""Journaled host calls: each host call of a task (a step) is answered live and
+recorded, or, while its attempt replays a resumed run, answered from the
+journal; a replay that asks for something else has diverged. Also what
+recording may cost (per attempt and per run) and what stops the run when the
+journal cannot take more."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from capsule.sandbox.engine import ErrorInfo, Invocation
+from capsule.supervisor.live import LiveTree
+from capsule.supervisor.steps import JournalFailure, Request, Step, StepLog, request_text
+from capsule.supervisor.tree import Attempt
+
+#: What a step costs to record beyond its request and answer (the step's own
+#: entry in its batch, and the waiting and resumed events a blocking one
+#: adds), counted against RunSettings.max_task_output_bytes.
+STEP_RECORD_OVERHEAD = 128
+#: An attempt adds what it recorded to the run's total in steps of this much
+#: (and when it ends): the total may lag by this much per live attempt.
+RECORDED_COUNT_STEP = 1 << 20
+#: Steps before which a guest forgets the credit its sends were given (they may
+#: wait, holding places others need, or tell it more about its targets: that
+#: one ended, say), and the host gives back the places reserved for it (see
+#: MessageCalls.send).
+ENDS_CREDIT = frozenset(
+    {"call", "spawn", "wait", "wait_any", "cancel", "sleep", "ask", "http", "receive"}
+    | {"http_start", "wait_start", "receive_start", "ask_start", "poll"}
+)
+
+
+class JournaledSteps:
+    """Records and replays the steps of a run's attempts in its journal."""
+
+    def __init__(
+        self,
+        tree: LiveTree,
+        log: StepLog,
+        journaling: bool,
+        run_id: str,
+        max_task_output_bytes: int,
+        max_run_journal_bytes: int,
+        recorded: int,
+    ) -> None:
+        self.tree = tree
+        self.log = log
+        #: Without a journal, steps are only counted: nothing is serialised.
+        self.journaling = journaling
+        self.run_id = run_id
+        self.max_task_output_bytes = max_task_output_bytes
+        self.max_run_journal_bytes = max_run_journal_bytes
+        #: What the run's steps recorded (see count), from its start.
+        self.recorded = recorded
+        #: What an attempt may record (without a journal nothing is kept).
+        self.max_recorded = max_task_output_bytes if journaling else float("inf")
+        #: Gives back the credit of an attempt's sends (see ENDS_CREDIT).
+        self.end_credit: Callable[[Attempt], None] = _no_credit
+        #: Why the run was stopped: a replay diverged, or the journal failed.
+        self.divergence: ErrorInfo | None = None
+        self.journal_failure: str | None = None
+
+    def step(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], tuple[bool, str]],
+        replayed: Callable[[Step], object] | None = None,
+        durable: bool = False,
+        for_journal: Callable[[str], str] | None = None,
+    ) -> tuple[bool, str]:
+        """Answer one host call of ``caller`` (a step): from the journal while its
+        attempt replays one, else ``live()``, journaled before the guest sees it.
+
+        Journaled means queued in the journal's one write order; ``durable``
+        steps (those the outside world sees at once, like output) also wait for
+        the commit, which commits everything queued before them. Everything a
+        guest or a parent does after seeing an answer is queued after it, so a
+        crash loses only a suffix of that order: never an answer whose effects
+        were kept, and never one whose effects left the process.
+
+        ``replayed`` redoes what a replayed step must still do inside this process
+        (number a child, start a spawned child again, route a reply);
+        ``for_journal`` gives the answer as it is recorded (secrets redacted).
+        ``request`` may be given as the strings of a JSON array: its text is
+        built only when a replay compares it (on every host call, it cost a few
+        microseconds).
+
+        This path runs with the GIL held on every host call; with two busy
+        actors contending for it, each microsecond here cost two to three
+        (measured): keep it short."""
+        attempt = self.tree.attempts[caller]
+        if attempt.recorded > self.max_recorded:
+            self.over_limit(attempt)
+            return False, "{}"  # the sandbox ends the caller; never seen
+        attempt.steps_taken += 1
+        number = attempt.steps_taken
+        if attempt.credit and kind in ENDS_CREDIT:  # as the guest forgot its credit
+            self.end_credit(attempt)
+        journaling = self.journaling
+        if journaling:  # (what it records counts only where it is recorded)
+            attempt.recorded += STEP_RECORD_OVERHEAD + (
+                len(request) if request.__class__ is str else sum(map(len, request))
+            )
+        if attempt.replay:
+            request = request_text(request)
+            recorded = attempt.replay.popleft()
+            if recorded.kind != kind or recorded.request != request:
+                self._diverged(attempt, number, recorded, Step(kind, request, True, ""))
+                return False, "{}"  # the sandbox ends the caller; never seen
+            if replayed is not None:
+                replayed(recorded)
+            attempt.recorded += len(recorded.answer)
+            return recorded.ok, recorded.answer
+        ok, answer = live()
+        if not journaling:
+            return ok, answer
+        attempt.recorded += len(answer)
+        if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:
+            self.count(attempt)
+        # A failure may be the caller's stop ("{}", never seen): not journaled.
+        if ok or caller.check_stop() is None:
+            journaled = answer if for_journal is None else for_journal(answer)
+            try:  # (not through write: one call fewer on every journaled step)
+                self.log.step(
+                    caller.task_id,
+                    caller.attempt,
+                    number,
+                    kind,
+                    request,
+                    ok,
+                    journaled,
+                    durable,
+                    None if journaled == answer else answer,
+                )
+            except JournalFailure as exc:
+                self.failed(exc)
+        return ok, answer
+
+    def write(self, record: Callable[..., None], *args: Any) -> None:
+        """Write to the journal; if it cannot be written, stop the run (what is
+        journaled so far stays consistent, and resumable)."""
+        try:
+            record(*args)
+        except JournalFailure as exc:
+            self.failed(exc)
+
+    def failed(self, exc: JournalFailure) -> None:
+        """The journal cannot be written (or may take no more): the run stops."""
+        with self.tree.lock:
+            if self.journal_failure is None:
+                self.journal_failure = str(exc)
+        self.tree.cancel(self.tree.root, f"cancelled: the journal failed: {exc}")
+
+    def count(self, attempt: Attempt) -> None:
+        """Add what ``attempt`` recorded since the last count to the run's
+        total; over the run's journal limit, the run stops."""
+        with self.tree.lock:
+            self.recorded += attempt.recorded - attempt.recorded_counted
+            attempt.recorded_counted = attempt.recorded
+            over = self.journaling and self.recorded > self.max_run_journal_bytes
+        if over and self.journal_failure is None:
+            limit = self.max_run_journal_bytes
+            self.failed(
+                JournalFailure(
+                    f"run {self.run_id} recorded {self.recorded / 2**20:.1f} MB in its journal; "
+                    f"its limit is {limit / 2**20:.1f} MB (--max-run-journal, or max_run_journal "
+                    f"in capsule.toml's [policy]). It can be resumed with a larger one: "
+                    f"`capsule resume {self.run_id} --max-run-journal SIZE`"
+                )
+            )
+
+    def over_limit(self, attempt: Attempt) -> None:
+        """The attempt made the host record more than it may: it ends."""
+        invocation = attempt.invocation
+        if invocation.aborted is None:
+            limit = self.max_task_output_bytes
+            invocation.aborted = ErrorInfo(
+                "output_limit",
+                f"task {invocation.task!r} ({invocation.task_id}) made the host record "
+                f"{attempt.recorded / 2**20:.1f} MB of output, messages and host calls in "
+                f"attempt {invocation.attempt}; the limit is {limit / 2**20:.1f} MB per "
+                f"attempt (--max-task-output, or max_task_output in capsule.toml's [policy])",
+            )
+
+    def _diverged(self, attempt: Attempt, number: int, expected: Step, actual: Step) -> None:
+        """A replayed task asked for something else than its journal holds: the
+        program no longer does what the run did. The whole run stops."""
+        invocation = attempt.invocation
+        message = (
+            f"task {invocation.task!r} ({invocation.task_id}) diverged from the journal at "
+            f"step {number} of attempt {invocation.attempt}: the journal has "
+            f"{_describe(expected)}, the program now makes {_describe(actual)}"
+        )
+        error = ErrorInfo("divergence", message)
+        invocation.aborted = error
+        with self.tree.lock:
+            if self.divergence is None:
+                self.divergence = error
+        self.tree.cancel(self.tree.root, f"cancelled: {message}")
+
+
+def _no_credit(attempt: Attempt) -> None:
+    pass
+
+
+def _describe(step: Step) -> str:
+    request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
+    return f"{step.kind}({request})"

@@ -1,0 +1,56 @@
+"""The run's live tree: its running attempts, how many tasks are alive, and
+cancelling parts of it (a scope, a task, the whole run) with the wake-ups that
+make blocked tasks see it."""
+
+from __future__ import annotations
+
+import threading
+
+from capsule.sandbox.engine import Invocation
+from capsule.supervisor.tree import Attempt, Scope
+
+
+class LiveTree:
+    """The attempts of a run that are running now, by invocation, under one root
+    scope; its lock also guards what the supervisor changes across threads
+    (children's wait marks, restart counts, the run's totals)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.attempts: dict[Invocation, Attempt] = {}
+        #: Above ``main``: cancelling it stops the whole run.
+        self.root = Scope(None, task_id="")
+        #: Tasks alive in the run (admitted and not yet ended).
+        self.live_tasks = 0
+
+    def running(self) -> list[Attempt]:
+        with self.lock:
+            return list(self.attempts.values())
+
+    def cancel(self, scope: Scope, message: str) -> None:
+        """Cancel everything under ``scope``: instances running wasm trap at their
+        next epoch tick; tasks blocked in a host call are woken now."""
+        scope.cancel_message = message
+        scope.cancelled = True
+        self.wake_all()
+
+    def cancel_task(self, task_id: str, reason: str) -> bool:
+        """Cancel a running task (and everything under it), as its parent would;
+        False if no such task is running."""
+        attempts = self.running()
+        for attempt in attempts:
+            child = attempt.children.get(task_id)
+            if child is not None and not child.done.is_set():
+                self.cancel(child.scope, reason)  # as its parent would
+                return True
+        for attempt in attempts:
+            if attempt.invocation.task_id == task_id:  # a direct call: its caller sees the error
+                self.cancel(attempt.scope, reason)
+                return True
+        return False
+
+    def wake_all(self) -> None:
+        """Wake every blocked task that must now stop."""
+        for attempt in self.running():
+            if attempt.invocation.check_stop() is not None:
+                attempt.wake()

@@ -1,0 +1,202 @@
+"""The messaging host calls as journaled steps: send (and the sends a guest
+wrote to its channel), receive, ask and reply, blocking or started as
+operations. What each does live is MessageCalls' (messages.py); this module
+records it, and redoes on replay what a replayed call must still do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from capsule.actors.router import Message, Router, RoutingError
+from capsule.sandbox.engine import Envelope, Invocation
+from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.live import LiveTree
+from capsule.supervisor.messages import MessageCalls
+from capsule.supervisor.operation_calls import OperationCalls
+from capsule.supervisor.operations import (
+    MAX_IN_FLIGHT,
+    Operation,
+    condition,
+    too_many_in_flight,
+)
+from capsule.supervisor.steps import Step, received_messages
+
+# A replayed send or ask is not delivered again: its message was received
+# then, or is put back in the target's mailbox when that opens (History).
+
+# The message calls hand the step a partial, not a lambda: one Python frame
+# fewer on every message (each costs about a microsecond on a busy run).
+
+
+class MessageSteps:
+    """Messages of a run's tasks, journaled and replayed."""
+
+    def __init__(
+        self,
+        messages: MessageCalls,
+        router: Router,
+        journal: JournaledSteps,
+        tree: LiveTree,
+        operations: OperationCalls,
+    ) -> None:
+        self.messages = messages
+        self.router = router
+        self.journal = journal
+        self.tree = tree
+        self.operations = operations
+
+    def send(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        answer = self._outgoing(caller, "send", target, body_json, timeout)
+        attempt = self.tree.attempts[caller]
+        note = attempt.credit_note
+        if not note:
+            return answer
+        # Credit goes to the guest, not to the journal: a replay's sends all go
+        # through the host, and are the same steps in the same order.
+        attempt.credit_note = ""
+        return True, f"{answer[1][:-1]}{note}}}"
+
+    def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
+        # Each a send step, in the guest's order and before the step of the
+        # call during which they are taken (if any), as if sent one by one.
+        attempt = self.tree.attempts[caller]
+        deliver = self.messages.gathered
+        for target, body_json in records:
+            ok, _ = self.journal.step(
+                caller,
+                "send",
+                (target, body_json),
+                partial(deliver, attempt, target, body_json),
+                replayed=lambda _: attempt.node.next_message_id(),
+            )
+            if not ok:  # written without credit, or the replay diverged: it ends
+                return
+
+    def ending(self, caller: Invocation, batch_taken: int | None) -> None:
+        attempt = self.tree.attempts.get(caller)
+        if attempt is not None:
+            self.messages.ending(attempt, batch_taken)
+
+    def receive(
+        self, caller: Invocation, timeout: float | None
+    ) -> tuple[bool, Sequence[Envelope] | str]:
+        attempt = self.tree.attempts[caller]
+        taken: list[Message] = []
+        ok, answer = self.journal.step(
+            caller,
+            "receive",
+            "",
+            partial(self.messages.receive, attempt, timeout, taken),
+            replayed=lambda step: self.messages.replayed_receive(attempt, step.answer),
+        )
+        if not ok:
+            return False, answer
+        # Live, the messages themselves; replayed, those of the journaled answer.
+        return True, taken or received_messages(answer)
+
+    def ask(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        return self._outgoing(caller, "ask", target, body_json, timeout)
+
+    def _outgoing(
+        self, caller: Invocation, kind: str, target: str, body_json: str, timeout: float | None
+    ) -> tuple[bool, str]:
+        attempt = self.tree.attempts[caller]
+        deliver = self.messages.ask if kind == "ask" else self.messages.send
+        return self.journal.step(
+            caller,
+            kind,
+            (target, body_json),
+            partial(deliver, attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
+        )
+
+    def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
+        def route_again(_: Step) -> None:
+            # The asker may be waiting live for this reply (its ask was not journaled).
+            try:
+                self.router.reply(message_id, caller.task_id, body_json)
+            except RoutingError:
+                pass
+
+        return self.journal.step(
+            caller,
+            "reply",
+            (message_id, body_json),
+            lambda: self.messages.reply(caller, message_id, body_json),
+            replayed=route_again,
+        )
+
+    def start_receive(self, caller: Invocation) -> tuple[bool, str]:
+        """Start waiting for a message as an operation (see operations.py)."""
+        attempt = self.tree.attempts[caller]
+        task_id = caller.task_id
+
+        def operation(handle: int) -> Operation:
+            return condition(
+                handle,
+                "receive",
+                lambda: self.router.watch(task_id, attempt),
+                lambda: (True, '""'),
+            )
+
+        return self.operations.start(attempt, "receive_start", "", operation)
+
+    def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
+        """Ask, and wait for the reply as an operation (see operations.py)."""
+        attempt = self.tree.attempts[caller]
+        operations = attempt.operations
+
+        def operation_for(
+            refused: tuple[bool, str], message: Message | None
+        ) -> Callable[[int], Operation]:
+            def operation(handle: int) -> Operation:
+                if message is None:  # (replayed, and refused now: it ends so)
+                    return condition(handle, "receive", lambda: True, lambda: refused)
+                reply: list[tuple[str | None, str | None]] = []
+
+                def ready() -> bool:
+                    if not reply:
+                        answer = self.router.take_reply(message.id)
+                        if answer != (None, None):
+                            reply.append(answer)
+                    return bool(reply)
+
+                def answered() -> tuple[bool, str]:
+                    text, failure = reply[0]
+                    if text is None:
+                        error = {"kind": "actor_ended", "message": failure}
+                        return False, json.dumps(error)
+                    return True, text
+
+                def stop() -> None:
+                    self.router.abandon_replies([message.id])
+
+                return condition(handle, "receive", ready, answered, stop, stop)
+
+            return operation
+
+        def start() -> tuple[bool, str]:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
+                return False, too_many_in_flight(caller)
+            answer, message = self.messages.send_ask(attempt, target, body_json)
+            if message is None:
+                return answer
+            return True, str(operations.add(operation_for(answer, message), live=True))
+
+        def replayed(step: Step) -> None:
+            if not step.ok:
+                attempt.node.next_message_id()  # numbered as it was
+                return
+            # Asked again: numbered alike, not sent again (see MessageCalls._send);
+            # its reply is awaited unless a replayed poll reports it.
+            answer, message = self.messages.send_ask(attempt, target, body_json)
+            operations.add(operation_for(answer, message), live=False)
+
+        return self.journal.step(caller, "ask_start", (target, body_json), start, replayed=replayed)

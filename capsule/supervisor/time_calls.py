@@ -1,0 +1,57 @@
+"""The host calls about time and chance: the clocks, random bytes and sleep,
+journaled so that a replay sees the same."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from capsule.sandbox.engine import Invocation
+from capsule.supervisor.blocking import Blocking
+from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.live import LiveTree
+
+
+class TimeCalls:
+    """Clocks, randomness and sleeping for a run's tasks."""
+
+    def __init__(
+        self, journal: JournaledSteps, tree: LiveTree, blocking: Blocking, monotonic_offset: int
+    ) -> None:
+        self.journal = journal
+        self.tree = tree
+        self.blocking = blocking
+        #: Added to the monotonic clock: guests never see it go back, also across
+        #: a resume.
+        self.monotonic_offset = monotonic_offset
+
+    def wall_clock_ns(self, caller: Invocation) -> int:
+        ok, answer = self.journal.step(
+            caller, "wall_clock", "", lambda: (True, str(time.time_ns()))
+        )
+        return int(answer) if ok else 0
+
+    def monotonic_ns(self, caller: Invocation) -> int:
+        def now() -> tuple[bool, str]:
+            return True, str(time.monotonic_ns() + self.monotonic_offset)
+
+        ok, answer = self.journal.step(caller, "monotonic", "", now)
+        return int(answer) if ok else 0
+
+    def random_bytes(self, caller: Invocation, count: int) -> bytes:
+        ok, answer = self.journal.step(
+            caller, "random", str(count), lambda: (True, os.urandom(count).hex())
+        )
+        return bytes.fromhex(answer) if ok else bytes(count)
+
+    def sleep(self, caller: Invocation, seconds: float) -> None:
+        attempt = self.tree.attempts[caller]
+
+        def sleep() -> tuple[bool, str]:
+            self.blocking.block(attempt, lambda: False, max(0.0, seconds), "sleep")
+            if caller.check_stop() is not None:
+                return False, "{}"  # cut short: the sandbox ends the caller
+            return True, ""
+
+        # A replayed sleep has been slept.
+        self.journal.step(caller, "sleep", repr(seconds), sleep)
