@@ -242,7 +242,7 @@ class TaskOutput(_Event):
     text: str
 
 
-TaskEvent = Annotated[
+_TaskEvents = (
     TaskPending
     | TaskStarted
     | TaskRetrying
@@ -259,9 +259,9 @@ TaskEvent = Annotated[
     | TaskReplayed
     | HttpExchange
     | RunWarning
-    | TaskOutput,
-    Field(discriminator="type"),
-]
+    | TaskOutput
+)
+TaskEvent = Annotated[_TaskEvents, Field(discriminator="type")]
 
 
 class _RunEvent(BaseModel):
@@ -305,28 +305,7 @@ class RunEnded(_RunEvent):
 
 
 #: Every event of a run: the schema non-Python callers read (docs/events.md).
-Event = Annotated[
-    RunStarted
-    | RunEnded
-    | TaskPending
-    | TaskStarted
-    | TaskRetrying
-    | TaskCompleted
-    | TaskFailed
-    | TaskCancelled
-    | TaskRestarting
-    | TaskWaiting
-    | TaskHibernated
-    | TaskResumed
-    | MessageSent
-    | MessageReceived
-    | MessagesReturned
-    | TaskReplayed
-    | HttpExchange
-    | RunWarning
-    | TaskOutput,
-    Field(discriminator="type"),
-]
+Event = Annotated[RunStarted | RunEnded | _TaskEvents, Field(discriminator="type")]
 
 
 def _types_of(union: Any) -> frozenset[str]:
