@@ -2,9 +2,13 @@
 WebAssembly sandbox.
 
 This top-level package is what user programs import (``from capsule import task``).
-It re-exports the SDK only and must stay light: the same package is loaded inside
-the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
+It re-exports the SDK, and must stay light: the same package is loaded inside
+the sandbox, where wasmtime, pydantic and the rest of the host do not exist. The
+host API's names (``capsule.Runtime``, ...) are reached lazily, from
+:mod:`capsule.host`, on first use.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from capsule.sdk.errors import (
     MessageError,
@@ -30,16 +34,86 @@ from capsule.sdk.task import (
     wait,
 )
 
+if TYPE_CHECKING:
+    from capsule.host import (
+        CodeGrants,
+        CodeLimits,
+        DeliveryError,
+        InvalidRequest,
+        JournalUnavailable,
+        NotResumable,
+        ProgramFailed,
+        RunError,
+        RunFailure,
+        RunHandle,
+        RunNotFound,
+        RunOptions,
+        RunResult,
+        Runtime,
+        RuntimeFailure,
+        SyncRunHandle,
+        SyncRuntime,
+    )
+
+#: The host API's names, imported from capsule.host when first asked for.
+_HOST_NAMES = frozenset(
+    {
+        "CodeGrants",
+        "CodeLimits",
+        "DeliveryError",
+        "InvalidRequest",
+        "JournalUnavailable",
+        "NotResumable",
+        "ProgramFailed",
+        "RunError",
+        "RunFailure",
+        "RunHandle",
+        "RunNotFound",
+        "RunOptions",
+        "RunResult",
+        "Runtime",
+        "RuntimeFailure",
+        "SyncRunHandle",
+        "SyncRuntime",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOST_NAMES:
+        from capsule import host
+
+        return getattr(host, name)
+    raise AttributeError(f"module 'capsule' has no attribute {name!r}")
+
+
 __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
+    "CodeGrants",
+    "CodeLimits",
+    "DeliveryError",
     "DoneAndPending",
+    "InvalidRequest",
+    "JournalUnavailable",
     "Message",
     "MessageError",
     "NonRetryable",
+    "NotResumable",
+    "ProgramFailed",
     "ReceiveTimeout",
+    "RunError",
+    "RunFailure",
+    "RunHandle",
+    "RunNotFound",
+    "RunOptions",
+    "RunResult",
+    "Runtime",
+    "RuntimeFailure",
     "SendTimeout",
+    "SyncRunHandle",
+    "SyncRuntime",
     "TaskError",
     "TaskFunction",
     "TaskHandle",
