@@ -65,7 +65,9 @@ class RunHandle:
         self._schedule = _scheduler()
         self._changed = anyio.Event()
         self._wake_pending = False
+        #: Set once the root task began (its mailbox is open), or the run ended.
         self._started = anyio.Event()
+        self._root_began = False
         self._ended = anyio.Event()
         self._run: Run | None = None
         #: Why the run is to stop, if asked before it started.
@@ -80,11 +82,16 @@ class RunHandle:
         with self._lock:
             self._events.append((self._emitted, event))
             self._emitted += 1
-            if self._wake_pending:
+            # The root task's first event: its mailbox is open, messages reach it.
+            root_began = not self._root_began and event.task_id == "main"
+            self._root_began = self._root_began or root_began
+            if self._wake_pending and not root_began:
                 return
             self._wake_pending = True
         with suppress(RuntimeError):  # (the loop closed: nobody reads any more)
             self._schedule(self._wake)
+            if root_began:
+                self._schedule(self._started.set)
 
     def _on_run(self, run: Run) -> None:
         """The run started (on its thread): cancels asked before now reach it."""
@@ -93,8 +100,6 @@ class RunHandle:
             reason = self._stop_reason
         if reason is not None:
             run.stop(reason)
-        with suppress(RuntimeError):
-            self._schedule(self._started.set)
 
     def _wake(self) -> None:
         with self._lock:

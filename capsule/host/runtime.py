@@ -120,8 +120,14 @@ class Runtime:
         task_group = self._task_group
         assert task_group is not None
         task_group.cancel_scope.cancel()
+        exc = exc_info[1]
         try:
-            return await task_group.__aexit__(*exc_info)
+            if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+                return await task_group.__aexit__(*exc_info)
+            # The block's own error goes on as it is, not in an exception
+            # group: the runs (which never raise) are only waited for.
+            await task_group.__aexit__(None, None, None)
+            return None
         finally:
             self._task_group = None
             if self._code is not None:
@@ -354,32 +360,30 @@ class Runtime:
         cancelled (the Runtime closes), the run is stopped and waited for."""
         result: RunResult | None = None
         error: RunError | None = None
-        try:
-            async with anyio.create_task_group() as watch:
+        async with anyio.create_task_group() as watch:
 
-                async def stop_when_cancelled() -> None:
-                    try:
-                        await anyio.sleep_forever()
-                    finally:
-                        if result is None and error is None:
-                            handle._stop(CANCELLED_BY_HOST)
-
-                watch.start_soon(stop_when_cancelled)
+            async def stop_when_cancelled() -> None:
                 try:
-                    # (A worker thread is not abandoned: a cancel waits for it.)
-                    result = await anyio.to_thread.run_sync(work, handle, limiter=self._limiter)
-                except RunError as exc:
-                    error = exc
-                except Exception:
-                    error = RuntimeFailure("internal error", traceback.format_exc())
+                    await anyio.sleep_forever()
                 finally:
                     if result is None and error is None:
-                        error = RuntimeFailure("the run ended without a result")
-                    handle._end(result, error)
-                    watch.cancel_scope.cancel()
-        finally:
-            if self._live.get(handle.run_id) is handle:
-                del self._live[handle.run_id]
+                        handle._stop(CANCELLED_BY_HOST)
+
+            watch.start_soon(stop_when_cancelled)
+            try:
+                # (A worker thread is not abandoned: a cancel waits for it.)
+                result = await anyio.to_thread.run_sync(work, handle, limiter=self._limiter)
+            except RunError as exc:
+                error = exc
+            except Exception:
+                error = RuntimeFailure("internal error", traceback.format_exc())
+            finally:
+                if result is None and error is None:
+                    error = RuntimeFailure("the run ended without a result")
+                if self._live.get(handle.run_id) is handle:
+                    del self._live[handle.run_id]  # (before any waiter wakes)
+                handle._end(result, error)
+                watch.cancel_scope.cancel()
 
     def _execute(self, request: RunRequest, handle: RunHandle) -> RunResult:
         """On a worker thread: the run, to its end."""
