@@ -29,7 +29,9 @@ TRIVIAL = 'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\
 def summary(name: str, seconds: list[float]) -> None:
     ordered = sorted(seconds)
     p90 = ordered[max(0, int(len(ordered) * 0.9) - 1)]
-    print(f"{name:<34} median {statistics.median(ordered) * 1000:7.1f} ms  p90 {p90 * 1000:7.1f} ms")
+    print(
+        f"{name:<34} median {statistics.median(ordered) * 1000:7.1f} ms  p90 {p90 * 1000:7.1f} ms"
+    )
 
 
 async def timed(call: Callable[[], Awaitable[Any]], calls: int) -> list[float]:

@@ -19,6 +19,7 @@ from capsule.host import (
     CodeLimits,
     DeliveryError,
     InvalidRequest,
+    JournalUnavailable,
     NotResumable,
     ProgramFailed,
     RunHandle,
@@ -316,6 +317,10 @@ def test_bad_inputs_are_typed_errors_naming_the_value(
     in_runtime(tmp_path / "journal.db", body)
     with pytest.raises(InvalidRequest, match="journal"):
         Runtime(journal=tmp_path)  # a directory
+    not_a_journal = tmp_path / "notes.db"
+    not_a_journal.write_text("just some notes, not SQLite\n" * 100)
+    with pytest.raises(JournalUnavailable, match="not a readable Capsule journal"):
+        in_runtime(not_a_journal, lambda rt: rt.runs())
 
 
 def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
@@ -347,3 +352,38 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
         ).stdout
     )
     assert len(journal_runs) == 3
+
+
+def test_events_are_bounded_for_a_slow_consumer(programs: dict[str, Path]) -> None:
+    async def main() -> None:
+        async with Runtime(journal=False, event_buffer=2) as rt:
+            handle = await rt.start(programs["hello"])
+            await handle.result()  # the consumer reads only now: it fell behind
+            events = [event async for event in handle.events()]
+            assert len(events) == 2 and handle.events_dropped >= 2
+            assert isinstance(events[-1], TaskCompleted) and events[-1].task_id == "main"
+
+    anyio.run(main)
+
+
+def test_leaving_the_runtime_interrupts_its_runs_resumably(
+    programs: dict[str, Path], tmp_path: Path
+) -> None:
+    journal = tmp_path / "journal.db"
+
+    async def main() -> None:
+        async with Runtime(journal=journal) as rt:
+            handles = [await rt.start(programs["actor"]) for _ in range(2)]
+            for handle in handles:
+                await wait_for(handle, lambda e: isinstance(e, TaskWaiting))
+            assert handles[0]._run is not None and handles[1]._run is not None
+            # Two runs at once, on one engine and compiled runtime.
+            assert handles[0]._run.sandbox.engine is handles[1]._run.sandbox.engine
+        assert all(handle.done for handle in handles)
+        async with Runtime(journal=journal) as rt:
+            statuses = {run.run_id: run.status for run in await rt.runs()}
+            assert statuses == {handle.run_id: "interrupted" for handle in handles}
+            results = [(await handle.result()).status for handle in handles]
+            assert results == ["interrupted", "interrupted"]
+
+    anyio.run(main)

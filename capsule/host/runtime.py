@@ -107,6 +107,8 @@ class Runtime:
         from capsule.sandbox.engine import GuestComponent
         from capsule.sandbox.runtime import RuntimeBuildError
 
+        if self.journal is not None:
+            await anyio.to_thread.run_sync(_open_journal, self.journal)
         try:
             self._guest = await anyio.to_thread.run_sync(GuestComponent)
         except RuntimeBuildError as exc:
@@ -509,6 +511,17 @@ def _journal_path(journal: JournalSetting) -> Path | None:
             f"pass the path of a journal file"
         )
     return path
+
+
+def _open_journal(journal: Path) -> None:
+    """Make the journal, or bring it to this Capsule's schema: one that cannot
+    be used is refused as the Runtime opens, not at its first run."""
+    from capsule.journal.schema import JournalError, connect
+
+    try:
+        connect(journal, create=True).close()
+    except JournalError as exc:
+        raise JournalUnavailable(str(exc)) from None
 
 
 def _program(program: Any) -> Path:
