@@ -8,6 +8,7 @@ host API's names (``capsule.Runtime``, ...) are reached lazily, from
 :mod:`capsule.host`, on first use.
 """
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from capsule.sdk.errors import (
@@ -91,29 +92,12 @@ __all__ = [
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
     "FIRST_EXCEPTION",
-    "CodeGrants",
-    "CodeLimits",
-    "DeliveryError",
     "DoneAndPending",
-    "InvalidRequest",
-    "JournalUnavailable",
     "Message",
     "MessageError",
     "NonRetryable",
-    "NotResumable",
-    "ProgramFailed",
     "ReceiveTimeout",
-    "RunError",
-    "RunFailure",
-    "RunHandle",
-    "RunNotFound",
-    "RunOptions",
-    "RunResult",
-    "Runtime",
-    "RuntimeFailure",
     "SendTimeout",
-    "SyncRunHandle",
-    "SyncRuntime",
     "TaskError",
     "TaskFunction",
     "TaskHandle",
@@ -130,4 +114,24 @@ __all__ = [
     "task",
     "wait",
 ]
+if sys.platform != "wasi":  # (inside the sandbox the host API does not exist)
+    __all__ += [
+        "CodeGrants",
+        "CodeLimits",
+        "DeliveryError",
+        "InvalidRequest",
+        "JournalUnavailable",
+        "NotResumable",
+        "ProgramFailed",
+        "RunError",
+        "RunFailure",
+        "RunHandle",
+        "RunNotFound",
+        "RunOptions",
+        "RunResult",
+        "Runtime",
+        "RuntimeFailure",
+        "SyncRunHandle",
+        "SyncRuntime",
+    ]
 __version__ = "0.1.0"

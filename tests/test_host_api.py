@@ -111,6 +111,25 @@ def test_importing_capsule_loads_no_host_dependency() -> None:
     assert done.stdout.splitlines() == ["[]", "capsule.host.runtime True"]
 
 
+def test_a_program_may_import_everything_capsule_exports(tmp_path: Path) -> None:
+    star = write(
+        tmp_path,
+        "star.py",
+        """
+        from capsule import *
+
+        @task(name="main")
+        def main() -> str:
+            return "imported"
+        """,
+    )
+
+    async def body(rt: Runtime) -> None:
+        assert (await rt.run(star)).value == "imported"
+
+    in_runtime(False, body)
+
+
 def test_run_streams_events_in_order_and_keeps_the_loop_free(
     programs: dict[str, Path], tmp_path: Path
 ) -> None:
