@@ -300,6 +300,15 @@ def test_run_code_captures_output_and_enforces_limits_and_grants(tmp_path: Path)
             "import os\nresult = os.environ.get('TOKEN')", grants=CodeGrants(env={"TOKEN": "t"})
         )
         assert env.value == "t"
+        values: list[Any] = []
+
+        async def square(number: int) -> None:
+            values.append((await rt.run_code("result = args[0] ** 2", number)).value)
+
+        async with anyio.create_task_group() as group:  # at once, on the one warm sandbox
+            for number in range(4):
+                group.start_soon(square, number)
+        assert sorted(values) == [0, 1, 4, 9]
         failed = await rt.run_code("raise ValueError('bad input')")
         assert failed.error is not None and failed.error.kind == "exception"
         assert "bad input" in failed.error.message
