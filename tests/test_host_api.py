@@ -205,6 +205,8 @@ def test_cancelling_the_caller_interrupts_the_run_and_resume_finishes_it(
         assert details.run.status == "interrupted"
         assert [task.task_id for task in details.tasks] == ["main"]
         assert any(run.run_id == "nap-1" for run in await rt.runs())
+        again = await rt.start(programs["sleeper"], 0.5, run_id="nap-1")  # not a new run
+        assert (await again.result()).status == "interrupted"
         result = await rt.resume("nap-1")
         assert result.ok and result.value == "slept"
         with pytest.raises(NotResumable, match="already ended"):
