@@ -54,8 +54,12 @@ class RunHandle:
     falls further behind skips the oldest (counted in ``events_dropped``); the
     run never waits for a consumer."""
 
-    def __init__(self, run_id: str, event_buffer: int) -> None:
+    def __init__(
+        self, run_id: str, event_buffer: int, limiter: anyio.CapacityLimiter | None = None
+    ) -> None:
         self.run_id = run_id
+        #: The threads sends and asks wait on (the Runtime's, not the application's).
+        self._limiter = limiter
         #: Events a consumer of :meth:`events` skipped because it fell more
         #: than the buffer behind (summed over consumers).
         self.events_dropped = 0
@@ -186,7 +190,9 @@ class RunHandle:
         external = await self._external(name)
         body = _body_json(message)
         try:
-            delivered: Delivered = await anyio.to_thread.run_sync(external.send, name, body)
+            delivered: Delivered = await anyio.to_thread.run_sync(
+                external.send, name, body, limiter=self._limiter
+            )
         except ExternalError as exc:
             raise DeliveryError(exc.kind, str(exc)) from None
         return delivered.message_id
@@ -208,7 +214,12 @@ class RunHandle:
         try:
             # (Abandoned if the caller is cancelled: the ask ends by its timeout.)
             reply: str = await anyio.to_thread.run_sync(
-                external.ask, name, body, float(timeout), abandon_on_cancel=True
+                external.ask,
+                name,
+                body,
+                float(timeout),
+                abandon_on_cancel=True,
+                limiter=self._limiter,
             )
         except ExternalError as exc:
             raise DeliveryError(exc.kind, str(exc)) from None

@@ -202,7 +202,7 @@ class Runtime:
         live = self._live.get(run_id)
         if live is not None:
             return live
-        handle = RunHandle(run_id, self._event_buffer)
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
         self._live[run_id] = handle
         self._open().start_soon(self._drive, handle, partial(self._execute_resume, run_id))
         return handle
@@ -330,7 +330,7 @@ class Runtime:
             existing = await self._existing(run_id)
             if existing is not None:
                 return existing
-        handle = RunHandle(run_id, self._event_buffer)
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
         self._live[run_id] = handle
         task_group.start_soon(self._drive, handle, work)
         return handle
@@ -350,7 +350,7 @@ class Runtime:
                 f"run {run_id} is running in another process ({record.host_pid}) "
                 f"on the journal {self.journal}; choose another run_id"
             )
-        handle = RunHandle(run_id, self._event_buffer)
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
         try:
             handle._end(record_result(record), None)
         except RunError as exc:
