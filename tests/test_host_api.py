@@ -311,6 +311,8 @@ def test_run_code_captures_output_and_enforces_limits_and_grants(tmp_path: Path)
             for number in range(4):
                 group.start_soon(square, number)
         assert sorted(values) == [0, 1, 4, 9]
+        loud = await rt.run_code("print('x' * 5000)", limits=CodeLimits(max_output="1KB"))
+        assert loud.error is not None and loud.error.kind == "output_limit"
         failed = await rt.run_code("raise ValueError('bad input')")
         assert failed.error is not None and failed.error.kind == "exception"
         assert "bad input" in failed.error.message
@@ -384,14 +386,30 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
     assert len(journal_runs) == 3
 
 
-def test_events_are_bounded_for_a_slow_consumer(programs: dict[str, Path]) -> None:
+def test_events_are_bounded_for_a_slow_consumer(
+    programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsule.host import handle as handle_module
+
     async def main() -> None:
+        async with Runtime(journal=False) as rt:
+            # Held output is bounded too: printed text past it pushes out the oldest.
+            monkeypatch.setattr(handle_module, "MAX_HELD_OUTPUT_CHARS", 3000)
+            printing = await rt.start_code("for line in range(4):\n    print(str(line) * 1000)")
+            await printing.result()
+            texts = [e.text async for e in printing.events() if e.type == "output"]
+            assert texts == ["2" * 1000 + "\n", "3" * 1000 + "\n"]
+            assert printing.events_dropped >= 2
+            monkeypatch.undo()
+
         async with Runtime(journal=False, event_buffer=2) as rt:
             handle = await rt.start(programs["hello"])
             await handle.result()  # the consumer reads only now: it fell behind
             events = [event async for event in handle.events()]
             assert len(events) == 2 and handle.events_dropped >= 2
             assert isinstance(events[-1], TaskCompleted) and events[-1].task_id == "main"
+            loud = await rt.run_code("print('x' * 5000)", limits=CodeLimits(max_output="1KB"))
+            assert loud.stdout == "x" * 1024 + "\n[output cut at 1,024 characters]\n"
 
     anyio.run(main)
 

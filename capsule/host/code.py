@@ -27,7 +27,7 @@ from capsule.sandbox.config import (
     parse_ram,
     parse_timeout,
 )
-from capsule.sandbox.engine import GuestComponent, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, HostRule
 from capsule.sandbox.modules import site_package_dirs
 from capsule.supervisor.events import EventStream, TaskOutput
@@ -148,23 +148,32 @@ def code_request(source: str, args: list[Any], limits: CodeLimits) -> RunRequest
 
 
 class OutputCapture:
-    """What a run_code printed, from its output events (bounded by its
-    ``max_output``: past it the run fails)."""
+    """What a run_code printed, from its output events: at most ``limit``
+    characters in all (its ``max_output``; a journaled run fails past it, and
+    without a journal what comes past it is dropped, and the cut is marked)."""
 
-    def __init__(self, forward: Callable[[Any], None]) -> None:
+    def __init__(self, forward: Callable[[Any], None], limit: int) -> None:
         self._forward = forward
+        self._limit = limit
+        self._kept = 0
+        self._cut = False
         self._lock = threading.Lock()
         self._streams: dict[str, list[str]] = {"stdout": [], "stderr": []}
 
     def on_event(self, event: Any) -> None:
-        if isinstance(event, TaskOutput) and event.task_id != "<load>":
+        if isinstance(event, TaskOutput) and event.task_id != LOAD_TASK_ID:
             with self._lock:
-                self._streams[event.stream].append(event.text)
+                room = self._limit - self._kept
+                text = event.text if len(event.text) <= room else event.text[: max(room, 0)]
+                self._cut = self._cut or len(text) < len(event.text)
+                self._kept += len(text)
+                self._streams[event.stream].append(text)
         self._forward(event)
 
     def texts(self) -> tuple[str, str]:
         with self._lock:
-            return "".join(self._streams["stdout"]), "".join(self._streams["stderr"])
+            cut = f"\n[output cut at {self._limit:,} characters]\n" if self._cut else ""
+            return "".join(self._streams["stdout"]) + cut, "".join(self._streams["stderr"])
 
 
 class CodeRunner:

@@ -18,12 +18,16 @@ import sniffio
 from capsule.actors.external import Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
 from capsule.host.result import RunResult
+from capsule.supervisor.events import TaskOutput
 
 if TYPE_CHECKING:
     from capsule.supervisor.run import Run
 
 #: The longest ``ask`` may wait for its reply, in seconds (as `capsule ask`).
 MAX_ASK_TIMEOUT_S = 7 * 24 * 3600.0
+#: The most characters of output a handle's buffer holds: past it, its oldest
+#: events go, as past ``event_buffer`` events (one larger output is kept alone).
+MAX_HELD_OUTPUT_CHARS = 16 * 1024**2
 #: Why a run's tasks end when the host application cancels them.
 CANCELLED_BY_HOST = "cancelled by the host application"
 
@@ -50,7 +54,8 @@ def _scheduler() -> Callable[[Callable[[], None]], None]:
 
 class RunHandle:
     """A run started by :meth:`Runtime.start`. Its events are kept in a buffer
-    of at most ``event_buffer`` events, whoever reads them: a consumer that
+    of at most ``event_buffer`` events (and MAX_HELD_OUTPUT_CHARS of output),
+    whoever reads them: a consumer that
     falls further behind skips the oldest (counted in ``events_dropped``); the
     run never waits for a consumer."""
 
@@ -65,6 +70,8 @@ class RunHandle:
         self.events_dropped = 0
         self._lock = threading.Lock()
         self._events: deque[tuple[int, Any]] = deque(maxlen=event_buffer)
+        #: Characters of output the buffer holds (bounded too: see MAX_HELD_OUTPUT_CHARS).
+        self._held_chars = 0
         self._emitted = 0
         self._schedule = _scheduler()
         self._changed = anyio.Event()
@@ -83,9 +90,15 @@ class RunHandle:
 
     def _on_event(self, event: Any) -> None:
         """A run's event (on one of its threads): kept, and consumers woken."""
+        size = len(event.text) if isinstance(event, TaskOutput) else 0
         with self._lock:
+            if len(self._events) == self._events.maxlen:
+                self._forget_oldest()
             self._events.append((self._emitted, event))
             self._emitted += 1
+            self._held_chars += size
+            while self._held_chars > MAX_HELD_OUTPUT_CHARS and len(self._events) > 1:
+                self._forget_oldest()
             # The root task's first event: its mailbox is open, messages reach it.
             root_began = not self._root_began and event.task_id == "main"
             self._root_began = self._root_began or root_began
@@ -96,6 +109,11 @@ class RunHandle:
             self._schedule(self._wake)
             if root_began:
                 self._schedule(self._started.set)
+
+    def _forget_oldest(self) -> None:
+        _, event = self._events.popleft()
+        if isinstance(event, TaskOutput):
+            self._held_chars -= len(event.text)
 
     def _on_run(self, run: Run) -> None:
         """The run started (on its thread): cancels asked before now reach it."""

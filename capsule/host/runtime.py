@@ -450,8 +450,9 @@ class Runtime:
         self, runner: CodeRunner, request: RunRequest, grants: CodeGrants, handle: RunHandle
     ) -> RunResult:
         from capsule.host.code import OutputCapture
+        from capsule.sandbox.config import parse_ram
 
-        captured = OutputCapture(handle._on_event)
+        captured = OutputCapture(handle._on_event, parse_ram(request.max_task_output))
         report = self._journaled(
             request, handle, captured.on_event, partial(runner.run, grants=grants)
         )
