@@ -4,6 +4,7 @@ running event loop (and through the SyncRuntime), journaled in SQLite."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -227,6 +228,11 @@ def test_a_run_id_makes_a_start_idempotent(programs: dict[str, Path], tmp_path: 
         ended = await rt.start(programs["hello"], run_id="order-17")  # ended: its result
         assert ended.done and (await ended.result()).value == []
         assert [run.run_id for run in await rt.runs()] == ["order-17"]
+        with sqlite3.connect(rt.journal) as db:  # a damaged record is an error, not a crash
+            db.execute("UPDATE runs SET result_json = '{' WHERE run_id = 'order-17'")
+        damaged = await rt.start(programs["hello"], run_id="order-17")
+        with pytest.raises(JournalUnavailable, match="damaged"):
+            await damaged.result()
 
     in_runtime(tmp_path / "journal.db", body)
 
@@ -359,12 +365,16 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
     with SyncRuntime(journal=tmp_path / "journal.db") as rt:
         assert rt.run(programs["hello"], "sync").value == "hello sync!"
         handle = rt.start(programs["actor"], run_id="sync-actor")
+        live = rt.handle("sync-actor")
+        assert live is not None and live.run_id == "sync-actor" and not live.done
         assert handle.ask("main", [1], timeout=30) == {"echo": [1]}
         handle.send("main", "stop")
         types = [event.type for event in handle.events()]
         assert types[0] == "pending" and types[-1] == "completed"
         assert handle.result().value == []
         assert rt.run_code("result = args", "x").value == ["x"]
+        assert rt.start_code("result = 2", run_id="sync-code").result().value == 2
+        assert rt.handle("sync-code") is None  # ended: no longer live
         assert {run.run_id for run in rt.runs()} >= {"sync-actor"}
         assert rt.inspect("sync-actor").run.status == "completed"
     journal_runs = json.loads(
@@ -383,7 +393,7 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
             check=True,
         ).stdout
     )
-    assert len(journal_runs) == 3
+    assert len(journal_runs) == 4
 
 
 def test_events_are_bounded_for_a_slow_consumer(

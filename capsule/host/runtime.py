@@ -355,6 +355,14 @@ class Runtime:
             handle._end(record_result(record), None)
         except RunError as exc:
             handle._end(None, exc)
+        except (ValueError, TypeError) as exc:  # a damaged (or forged) journal
+            handle._end(
+                None,
+                JournalUnavailable(
+                    f"the journal {self.journal} holds a record of run {run_id} this "
+                    f"Capsule cannot read ({type(exc).__name__}: {exc}); it may be damaged"
+                ),
+            )
         return handle
 
     async def _drive(self, handle: RunHandle, work: Callable[[RunHandle], RunResult]) -> None:

@@ -160,6 +160,28 @@ class SyncRuntime:
 
         return portal.call(run_code)
 
+    def start_code(
+        self,
+        source: str,
+        *args: Any,
+        limits: CodeLimits | None = None,
+        grants: CodeGrants | None = None,
+        run_id: str | None = None,
+    ) -> SyncRunHandle:
+        portal = self._open()
+
+        async def start_code() -> RunHandle:
+            return await self._runtime.start_code(
+                source, *args, limits=limits, grants=grants, run_id=run_id
+            )
+
+        return SyncRunHandle(portal.call(start_code), portal)
+
+    def handle(self, run_id: str) -> SyncRunHandle | None:
+        portal = self._open()
+        handle = self._runtime.handle(run_id)
+        return None if handle is None else SyncRunHandle(handle, portal)
+
     def runs(self) -> list[RunRecord]:
         return self._open().call(self._runtime.runs)
 
