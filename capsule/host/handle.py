@@ -13,7 +13,6 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import sniffio
 
 from capsule.actors.external import Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
@@ -35,7 +34,9 @@ CANCELLED_BY_HOST = "cancelled by the host application"
 def _scheduler() -> Callable[[Callable[[], None]], None]:
     """A function that has the current event loop call a function soon, from
     any thread, without waiting for it (a run's threads never wait on the loop)."""
-    if sniffio.current_async_library() == "trio":
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: trio (anyio's other backend)
         import trio  # type: ignore[import-untyped]
 
         token = trio.lowlevel.current_trio_token()
@@ -44,7 +45,6 @@ def _scheduler() -> Callable[[Callable[[], None]], None]:
             token.run_sync_soon(function)
 
         return on_trio
-    loop = asyncio.get_running_loop()
 
     def on_asyncio(function: Callable[[], None]) -> None:
         loop.call_soon_threadsafe(function)
@@ -53,11 +53,10 @@ def _scheduler() -> Callable[[Callable[[], None]], None]:
 
 
 class RunHandle:
-    """A run started by :meth:`Runtime.start`. Its events are kept in a buffer
-    of at most ``event_buffer`` events (and MAX_HELD_OUTPUT_CHARS of output),
-    whoever reads them: a consumer that
-    falls further behind skips the oldest (counted in ``events_dropped``); the
-    run never waits for a consumer."""
+    """A run started by :meth:`Runtime.start`. Its events are kept in one
+    buffer of at most ``event_buffer`` events (and MAX_HELD_OUTPUT_CHARS of
+    output), whoever reads them: a consumer that falls further behind skips
+    the oldest (counted in ``events_dropped``); the run never waits for one."""
 
     def __init__(
         self, run_id: str, event_buffer: int, limiter: anyio.CapacityLimiter | None = None

@@ -389,7 +389,9 @@ class Runtime:
                 error = RuntimeFailure("internal error", traceback.format_exc())
             finally:
                 if result is None and error is None:
-                    error = RuntimeFailure("the run ended without a result")
+                    error = RuntimeFailure(
+                        f"run {handle.run_id} did not start: its Runtime is closing"
+                    )
                 if self._live.get(handle.run_id) is handle:
                     del self._live[handle.run_id]  # (before any waiter wakes)
                 handle._end(result, error)
