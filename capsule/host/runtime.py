@@ -4,16 +4,13 @@ task group) and shares one engine and compiled guest runtime across them."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import stat
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -27,6 +24,15 @@ from capsule.host.errors import (
     RuntimeFailure,
 )
 from capsule.host.handle import CANCELLED_BY_HOST, RunHandle
+from capsule.host.requests import (
+    JournalSetting,
+    arguments,
+    checked_run_id,
+    journal_path,
+    program_path,
+    run_options,
+    run_request,
+)
 from capsule.host.result import RunResult, record_result, report_result
 from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
 from capsule.supervisor.options import RunOptions
@@ -37,15 +43,10 @@ if TYPE_CHECKING:
     from capsule.sandbox.engine import GuestComponent
     from capsule.supervisor.program import RunReport, RunRequest
 
-#: A caller's run id: letters, digits, ``_`` and ``-``, starting with a letter
-#: or digit (it names files, and appears in commands), at most 64 characters.
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 #: The events a handle carries: all but one per message sent or received.
 HANDLE_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
 #: Events a handle keeps for its consumers, by default.
 DEFAULT_EVENT_BUFFER = 10_000
-
-JournalSetting = str | os.PathLike[str] | Literal[False] | None
 
 
 @dataclass(frozen=True)
@@ -54,21 +55,6 @@ class RunDetails:
 
     run: RunRecord
     tasks: list[TaskRecord]
-
-
-def run_request(
-    program: Path,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any],
-    entry: str,
-    options: RunOptions,
-) -> RunRequest:
-    """The supervisor's request for a run of ``program`` with ``options``."""
-    from capsule.supervisor.program import RunRequest
-
-    return RunRequest(
-        path=program, args=list(args), kwargs=dict(kwargs), entry=entry, **options.model_dump()
-    )
 
 
 class Runtime:
@@ -84,7 +70,7 @@ class Runtime:
     def __init__(
         self, journal: JournalSetting = None, *, event_buffer: int = DEFAULT_EVENT_BUFFER
     ) -> None:
-        self.journal = _journal_path(journal)
+        self.journal = journal_path(journal)
         if isinstance(event_buffer, bool) or not isinstance(event_buffer, int) or event_buffer < 1:
             raise InvalidRequest(
                 f"event_buffer {event_buffer!r} is invalid; expected a positive integer"
@@ -174,11 +160,11 @@ class Runtime:
         ``run_id`` this Runtime runs, or the journal holds, the existing run's
         handle is returned instead (whatever the other arguments)."""
         self._open()
-        path = _program(program)
-        call_args, call_kwargs = _arguments(args, kwargs)
+        path = program_path(program)
+        call_args, call_kwargs = arguments(args, kwargs)
         if not isinstance(entry, str) or not entry.isidentifier():
             raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
-        options = _options(options)
+        options = run_options(options)
         request = run_request(path, call_args, call_kwargs, entry, options)
         return await self._launch(run_id, partial(self._execute, request))
 
@@ -192,7 +178,7 @@ class Runtime:
         """Start resuming ``run_id`` (see :meth:`resume`); its handle."""
         self._open()
         journal = self._need_journal("resume")
-        run_id = _checked_run_id(run_id)
+        run_id = checked_run_id(run_id)
         live = self._live.get(run_id)
         if live is not None:
             return live
@@ -248,7 +234,7 @@ class Runtime:
             raise InvalidRequest(f"limits must be a CodeLimits, not {type(limits).__name__}")
         if not isinstance(grants, CodeGrants):
             raise InvalidRequest(f"grants must be a CodeGrants, not {type(grants).__name__}")
-        request = code_request(source, _arguments(args, None)[0], limits)
+        request = code_request(source, arguments(args, None)[0], limits)
         runner = await self._code_runner()
         return await self._launch(run_id, partial(self._execute_code, runner, request, grants))
 
@@ -283,7 +269,7 @@ class Runtime:
         from capsule.journal.reader import load_tasks
 
         journal = self._need_journal("inspect")
-        run_id = _checked_run_id(run_id)
+        run_id = checked_run_id(run_id)
         record = await self._record(run_id)
         if record is None:
             raise RunNotFound(f"no run {run_id!r} in the journal {journal}")
@@ -326,7 +312,7 @@ class Runtime:
         if run_id is None:
             run_id = new_run_id()
         else:
-            run_id = _checked_run_id(run_id)
+            run_id = checked_run_id(run_id)
             existing = await self._existing(run_id)
             if existing is not None:
                 return existing
@@ -497,33 +483,6 @@ async def _reading(journal: Path, read: Callable[..., Awaitable[Any]], *args: An
         ) from None
 
 
-def _journal_path(journal: JournalSetting) -> Path | None:
-    from capsule.journal.schema import default_journal
-
-    if journal is False:
-        return None
-    if journal is None:
-        path = default_journal()
-    elif isinstance(journal, (str, os.PathLike)) and str(journal):
-        path = Path(journal)
-    else:
-        raise InvalidRequest(
-            f"journal {journal!r:.80} is invalid; expected a file path, None (the default "
-            f"journal) or False (no journal)"
-        )
-    path = path.absolute()
-    try:
-        mode = os.stat(path).st_mode
-    except (OSError, ValueError):
-        return path  # (missing: made on the first run)
-    if not stat.S_ISREG(mode):
-        raise InvalidRequest(
-            f"journal {str(path)!r} is not a regular file (a directory, FIFO or device); "
-            f"pass the path of a journal file"
-        )
-    return path
-
-
 def _open_journal(journal: Path) -> None:
     """Make the journal, or bring it to this Capsule's schema: one that cannot
     be used is refused as the Runtime opens, not at its first run."""
@@ -533,53 +492,3 @@ def _open_journal(journal: Path) -> None:
         connect(journal, create=True).close()
     except JournalError as exc:
         raise JournalUnavailable(str(exc)) from None
-
-
-def _program(program: Any) -> Path:
-    if not isinstance(program, (str, os.PathLike)) or not str(program):
-        raise InvalidRequest(f"program {program!r:.80} is invalid; expected the path of a .py file")
-    path = Path(program)
-    if not path.is_file():
-        raise InvalidRequest(f"program {str(path)!r} does not exist (or is not a file)")
-    if path.suffix != ".py":
-        raise InvalidRequest(f"program {str(path)!r} is not a Python file ending in .py")
-    return path.resolve()
-
-
-def _arguments(
-    args: Sequence[Any], kwargs: Mapping[str, Any] | None
-) -> tuple[list[Any], dict[str, Any]]:
-    """The arguments, as JSON values; InvalidRequest if they are not."""
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise InvalidRequest(f"kwargs must be a mapping, not {type(kwargs).__name__}")
-    call_args, call_kwargs = list(args), dict(kwargs or {})
-    if not all(isinstance(key, str) for key in call_kwargs):
-        raise InvalidRequest("the keys of kwargs must be strings")
-    try:
-        json.dumps([call_args, call_kwargs], allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            f"the arguments are not JSON values ({type(exc).__name__}: {exc}); pass dicts, "
-            f"lists, strings, numbers, booleans or None"
-        ) from None
-    return call_args, call_kwargs
-
-
-def _options(options: Any) -> RunOptions:
-    if options is None:
-        return RunOptions.model_validate({})
-    if not isinstance(options, RunOptions):
-        raise InvalidRequest(
-            f"options must be a RunOptions (capsule.RunOptions(max_fuel=...)), "
-            f"not {type(options).__name__}"
-        )
-    return options
-
-
-def _checked_run_id(run_id: Any) -> str:
-    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
-        raise InvalidRequest(
-            f"run_id {run_id!r:.80} is invalid; expected 1 to 64 letters, digits, '_' or "
-            f"'-', starting with a letter or digit"
-        )
-    return run_id

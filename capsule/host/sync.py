@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from capsule.host.runtime import DEFAULT_EVENT_BUFFER, JournalSetting, RunDetails, Runtime
+from capsule.host.requests import JournalSetting
+from capsule.host.runtime import DEFAULT_EVENT_BUFFER, RunDetails, Runtime
 
 if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits
