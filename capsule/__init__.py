@@ -2,9 +2,14 @@
 WebAssembly sandbox.
 
 This top-level package is what user programs import (``from capsule import task``).
-It re-exports the SDK only and must stay light: the same package is loaded inside
-the sandbox, where wasmtime, pydantic and the rest of the host do not exist.
+It re-exports the SDK, and must stay light: the same package is loaded inside
+the sandbox, where wasmtime, pydantic and the rest of the host do not exist. The
+host API's names (``capsule.Runtime``, ...) are reached lazily, from
+:mod:`capsule.host`, on first use.
 """
+
+import sys
+from typing import TYPE_CHECKING, Any
 
 from capsule.sdk.errors import (
     MessageError,
@@ -29,6 +34,59 @@ from capsule.sdk.task import (
     task,
     wait,
 )
+
+if TYPE_CHECKING:
+    from capsule.host import (
+        CodeGrants,
+        CodeLimits,
+        DeliveryError,
+        InvalidRequest,
+        JournalUnavailable,
+        NotResumable,
+        ProgramFailed,
+        RunError,
+        RunFailure,
+        RunHandle,
+        RunNotFound,
+        RunOptions,
+        RunResult,
+        Runtime,
+        RuntimeFailure,
+        SyncRunHandle,
+        SyncRuntime,
+    )
+
+#: The host API's names, imported from capsule.host when first asked for.
+_HOST_NAMES = frozenset(
+    {
+        "CodeGrants",
+        "CodeLimits",
+        "DeliveryError",
+        "InvalidRequest",
+        "JournalUnavailable",
+        "NotResumable",
+        "ProgramFailed",
+        "RunError",
+        "RunFailure",
+        "RunHandle",
+        "RunNotFound",
+        "RunOptions",
+        "RunResult",
+        "Runtime",
+        "RuntimeFailure",
+        "SyncRunHandle",
+        "SyncRuntime",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOST_NAMES:
+        from capsule import host
+
+        return getattr(host, name)
+    raise AttributeError(f"module 'capsule' has no attribute {name!r}")
+
 
 __all__ = [
     "ALL_COMPLETED",
@@ -56,4 +114,24 @@ __all__ = [
     "task",
     "wait",
 ]
+if sys.platform != "wasi":  # (inside the sandbox the host API does not exist)
+    __all__ += [
+        "CodeGrants",
+        "CodeLimits",
+        "DeliveryError",
+        "InvalidRequest",
+        "JournalUnavailable",
+        "NotResumable",
+        "ProgramFailed",
+        "RunError",
+        "RunFailure",
+        "RunHandle",
+        "RunNotFound",
+        "RunOptions",
+        "RunResult",
+        "Runtime",
+        "RuntimeFailure",
+        "SyncRunHandle",
+        "SyncRuntime",
+    ]
 __version__ = "0.1.0"

@@ -1062,3 +1062,30 @@ def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path
     first, rest = json.loads(resumed.stdout)["result"]
     assert marker == f"MARK first {first}"
     assert sorted(first + rest) == ["a", "b"]
+
+
+def test_connections_creating_a_new_journal_at_once_all_succeed(tmp_path: Path) -> None:
+    """Runs that start together on a journal that does not exist yet each make
+    it: the one that waited for the lock finds it made, and uses it."""
+    import threading
+
+    from capsule.journal.schema import connect
+
+    journal = tmp_path / "journal.db"
+    ready = threading.Barrier(4)
+    failures: list[BaseException] = []
+
+    def open_it() -> None:
+        ready.wait()
+        try:
+            connect(journal, create=True).close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert sqlite3.connect(journal).execute("SELECT count(*) FROM runs").fetchone() == (0,)

@@ -184,10 +184,15 @@ async def list_runs(path: Path) -> list[RunRecord]:
         return [_run_record(row) for row in await cursor.fetchall()]
 
 
-async def find_run(path: Path, run_id: str | None) -> RunRecord:
-    """The run with this id (or a unique prefix of it); None: the newest run."""
+async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRecord:
+    """The run with this id (or a unique prefix of it, unless ``exact``); None:
+    the newest run."""
     async with open_journal(path) as db:
-        if run_id is None:
+        if exact:
+            cursor = await db.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
+            )
+        elif run_id is None:
             cursor = await db.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
             )

@@ -303,6 +303,9 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
         connection.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             connection.execute("BEGIN IMMEDIATE")
+            # Another connection (a run starting at the same time) may have
+            # migrated it while this one waited for the lock.
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
             for number in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[number]:
                     connection.execute(statement)

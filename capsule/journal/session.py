@@ -31,21 +31,29 @@ def program_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+#: Runs a program the way :func:`capsule.supervisor.program.run_program` does
+#: (the host API runs its code runner through one of its own).
+ProgramRunner = Callable[..., RunReport]
+
+
 def run_journaled(
     request: RunRequest,
     journal: Path,
     on_event: Callable[[Any], None],
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
+    run_id: str | None = None,
+    runner: ProgramRunner = run_program,
 ) -> RunReport:
-    """Run the program with every event, step and outcome in ``journal``.
+    """Run the program with every event, step and outcome in ``journal``, as
+    ``run_id`` (default: a fresh id; one the journal holds already is refused).
     Raises JournalError if the journal cannot be opened (nothing ran)."""
     path = request.path.resolve()
     try:
         digest = program_hash(path)
     except OSError:
-        return run_program(request, on_event)  # reports the missing program
-    run_id = new_run_id()
+        return runner(request, on_event)  # reports the missing program
+    run_id = run_id or new_run_id()
     seed = os.urandom(16)
     with JournalWriter(journal, run_id) as writer:
         settings = {name: getattr(request, name) for name in _SETTINGS}
@@ -56,7 +64,7 @@ def run_journaled(
             ),
         )
         with _interrupted_as_such(writer):
-            report = run_program(
+            report = runner(
                 request,
                 on_event,
                 run_id=run_id,
@@ -118,11 +126,15 @@ def resume_journaled(
     on_event: Callable[[Any], None],
     event_types: Collection[str] | None = None,
     overrides: dict[str, Any] | None = None,
+    on_run: Callable[[Run], None] | None = None,
+    runner: ProgramRunner = run_program,
+    exact: bool = False,
 ) -> RunReport:
     """Resume a run that stopped before it ended (crash, kill, Ctrl-C): ``main``
     runs again, tasks that ended return their journaled outcome, tasks in flight
     replay their journaled host calls and go on live. ``overrides``: RunRequest
-    settings to change from the run's (a larger journal limit, say). Raises
+    settings to change from the run's (a larger journal limit, say); ``exact``:
+    ``run_id`` is the whole id, not a prefix. Raises
     JournalError if the run cannot be resumed."""
     # The async readers (an event loop, aiosqlite) only when resuming.
     import anyio
@@ -134,7 +146,7 @@ def resume_journaled(
     connect(journal, create=False).close()
 
     async def read_run() -> tuple[RunRecord, dict[str, str]]:
-        record = await find_run(journal, run_id)
+        record = await find_run(journal, run_id, exact)
         return record, await load_program_files(journal, record.run_id)
 
     try:
@@ -163,14 +175,14 @@ def resume_journaled(
         )
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         with _interrupted_as_such(writer):
-            report = run_program(
+            report = runner(
                 request,
                 on_event,
                 run_id=record.run_id,
                 steps=writer,
                 history=history,
                 seed=seed,
-                on_run=_watched(writer, None),
+                on_run=_watched(writer, on_run),
                 event_types=event_types,
                 events=_journaled_events(writer),
             )

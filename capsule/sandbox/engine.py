@@ -1,7 +1,8 @@
 """The wasmtime engine and one fresh, limited instance per task invocation.
 
-One :class:`Sandbox` per run owns the engine, the compiled guest runtime, the
-linker with the host imports, and the epoch ticker thread. :meth:`Sandbox.invoke`
+One :class:`Sandbox` per run owns the linker with the host imports and the
+epoch ticker thread, on a :class:`GuestComponent` (the engine and the compiled
+guest runtime) of its own or shared with other runs. :meth:`Sandbox.invoke`
 runs one attempt of one task in a fresh instance and blocks until it ends; the
 supervisor calls it on its task threads.
 
@@ -780,16 +781,12 @@ def _no_finalizer(_data: Any) -> None:
     return None
 
 
-class Sandbox:
-    """The engine, compiled runtime and linker of one run; use as a context manager."""
+class GuestComponent:
+    """The wasmtime engine and the compiled guest runtime loaded in it: built
+    once, shared by every sandbox that is given it (each run of a host
+    application), read-only once made."""
 
-    def __init__(
-        self,
-        roots: list[Path],
-        progress: Progress | None = None,
-        cpu_slots: int | None = None,
-        memory_budget: int | None = None,
-    ) -> None:
+    def __init__(self, progress: Progress | None = None) -> None:
         config = wasmtime.Config()
         config.consume_fuel = True
         config.epoch_interruption = True
@@ -804,6 +801,24 @@ class Sandbox:
         #: The guest runtime's files (instances map their memory image from ``compiled``).
         self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
+
+
+class Sandbox:
+    """The linker and instances of one run, on an engine and compiled runtime
+    of its own or shared (``guest``); use as a context manager."""
+
+    def __init__(
+        self,
+        roots: list[Path],
+        progress: Progress | None = None,
+        cpu_slots: int | None = None,
+        memory_budget: int | None = None,
+        guest: GuestComponent | None = None,
+    ) -> None:
+        guest = guest or GuestComponent(progress)
+        self.engine = guest.engine
+        self.artifacts = guest.artifacts
+        self.component = guest.component
         self.prefaulter = Prefaulter(self.artifacts.compiled)
         self.finder = ModuleFinder(roots)
         runner = self.component.get_export_index(_interface("runner"))

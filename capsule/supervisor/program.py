@@ -20,7 +20,7 @@ from capsule.sandbox.config import (
     parse_ram,
     parse_timeout,
 )
-from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
@@ -166,6 +166,7 @@ def run_program(
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
+    guest: GuestComponent | None = None,
 ) -> RunReport:
     """Run the entry task (``main`` unless ``request.entry`` names another) of
     the program at ``request.path``; blocks until the run ends.
@@ -174,7 +175,8 @@ def run_program(
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
-    run once it starts (to watch it, cancel tasks, or stop it)."""
+    run once it starts (to watch it, cancel tasks, or stop it). ``guest``: the
+    engine and compiled runtime to run on (default: the run loads its own)."""
     totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
     if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
@@ -214,6 +216,7 @@ def run_program(
             [path.parent, *site_package_dirs()],
             cpu_slots=request.cpu_slots,
             memory_budget=memory_budget,
+            guest=guest,
         )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))

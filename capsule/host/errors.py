@@ -1,0 +1,79 @@
+"""The exceptions of the host API: what went wrong with a call, as opposed to
+a program that ran and failed (that is a value, on :class:`RunResult`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capsule.host.result import RunResult
+
+
+class RunError(Exception):
+    """Base of every error of a host API call; ``kind`` names the sort of error."""
+
+    kind = "error"
+
+
+class InvalidRequest(RunError):
+    """The call cannot be served as asked: a bad option, run id, argument or
+    grant, a missing program, or a program that does not load. The message
+    names the option, the value and the fix."""
+
+    kind = "config"
+
+
+class JournalUnavailable(RunError):
+    """The journal cannot be opened, read or written (the message says why)."""
+
+    kind = "journal"
+
+
+class RunNotFound(RunError):
+    """No run of that id in the journal (or the Runtime has no journal)."""
+
+    kind = "not_found"
+
+
+class NotResumable(RunError):
+    """The run cannot be resumed: it ended, it is running, or its program changed."""
+
+    kind = "not_resumable"
+
+
+class RuntimeFailure(RunError):
+    """Capsule itself failed (the guest runtime could not be built, or a host
+    bug; ``traceback`` has the host's traceback then)."""
+
+    kind = "runtime"
+
+    def __init__(self, message: str, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class DeliveryError(RunError):
+    """A message from the host application was not delivered or answered.
+    ``kind`` is ``no_such_actor``, ``mailbox_full``, ``queue_full``,
+    ``too_large``, ``timeout``, ``actor_ended`` or ``run_ended``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ProgramFailed(RunError):
+    """Raised by :meth:`RunResult.raise_for_error` for a run that did not
+    complete; ``result`` is the run's result, ``kind`` its error's kind."""
+
+    def __init__(self, result: RunResult) -> None:
+        error = result.error
+        message = (
+            f"run {result.run_id} {result.status}"
+            if error is None
+            else f"run {result.run_id} {result.status}: task {error.task!r} "
+            f"({error.kind}): {error.message}"
+        )
+        super().__init__(message)
+        self.result = result
+        self.kind = error.kind if error is not None else result.status

@@ -1,0 +1,121 @@
+"""What a caller hands the host API, checked once where it enters: a program
+path, arguments, options, a run id, a journal setting. Each check raises
+InvalidRequest naming the parameter, the value and the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from capsule.host.errors import InvalidRequest
+from capsule.supervisor.options import RunOptions
+
+if TYPE_CHECKING:
+    from capsule.supervisor.program import RunRequest
+
+#: A caller's run id: letters, digits, ``_`` and ``-``, starting with a letter
+#: or digit (it names files, and appears in commands), at most 64 characters.
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+JournalSetting = str | os.PathLike[str] | Literal[False] | None
+
+
+def run_request(
+    program: Path,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    entry: str,
+    options: RunOptions,
+) -> RunRequest:
+    """The supervisor's request for a run of ``program`` with ``options``."""
+    from capsule.supervisor.program import RunRequest
+
+    return RunRequest(
+        path=program, args=list(args), kwargs=dict(kwargs), entry=entry, **options.model_dump()
+    )
+
+
+def journal_path(journal: JournalSetting) -> Path | None:
+    """The journal file a Runtime uses (None: none)."""
+    from capsule.journal.schema import default_journal
+
+    if journal is False:
+        return None
+    if journal is None:
+        path = default_journal()
+    elif isinstance(journal, (str, os.PathLike)) and str(journal):
+        path = Path(journal)
+    else:
+        raise InvalidRequest(
+            f"journal {journal!r:.80} is invalid; expected a file path, None (the default "
+            f"journal) or False (no journal)"
+        )
+    path = path.absolute()
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return path  # (missing: made on the first run)
+    if not stat.S_ISREG(mode):
+        raise InvalidRequest(
+            f"journal {str(path)!r} is not a regular file (a directory, FIFO or device); "
+            f"pass the path of a journal file"
+        )
+    return path
+
+
+def program_path(program: Any) -> Path:
+    """The program file to run, resolved."""
+    if not isinstance(program, (str, os.PathLike)) or not str(program):
+        raise InvalidRequest(f"program {program!r:.80} is invalid; expected the path of a .py file")
+    path = Path(program)
+    if not path.is_file():
+        raise InvalidRequest(f"program {str(path)!r} does not exist (or is not a file)")
+    if path.suffix != ".py":
+        raise InvalidRequest(f"program {str(path)!r} is not a Python file ending in .py")
+    return path.resolve()
+
+
+def arguments(
+    args: Sequence[Any], kwargs: Mapping[str, Any] | None
+) -> tuple[list[Any], dict[str, Any]]:
+    """The arguments, as JSON values; InvalidRequest if they are not."""
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise InvalidRequest(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+    call_args, call_kwargs = list(args), dict(kwargs or {})
+    if not all(isinstance(key, str) for key in call_kwargs):
+        raise InvalidRequest("the keys of kwargs must be strings")
+    try:
+        json.dumps([call_args, call_kwargs], allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequest(
+            f"the arguments are not JSON values ({type(exc).__name__}: {exc}); pass dicts, "
+            f"lists, strings, numbers, booleans or None"
+        ) from None
+    return call_args, call_kwargs
+
+
+def run_options(options: Any) -> RunOptions:
+    """The run's options (None: every default)."""
+    if options is None:
+        return RunOptions.model_validate({})
+    if not isinstance(options, RunOptions):
+        raise InvalidRequest(
+            f"options must be a RunOptions (capsule.RunOptions(max_fuel=...)), "
+            f"not {type(options).__name__}"
+        )
+    return options
+
+
+def checked_run_id(run_id: Any) -> str:
+    """A caller's run id, if it is one (see RUN_ID_PATTERN)."""
+    if not isinstance(run_id, str) or not RUN_ID_PATTERN.fullmatch(run_id):
+        raise InvalidRequest(
+            f"run_id {run_id!r:.80} is invalid; expected 1 to 64 letters, digits, '_' or "
+            f"'-', starting with a letter or digit"
+        )
+    return run_id

@@ -1,0 +1,503 @@
+"""The Runtime: what a host application holds to run Capsule programs. It owns
+everything it starts (runs execute on worker threads it owns, inside an anyio
+task group) and shares one engine and compiled guest runtime across them."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from capsule.host.errors import (
+    InvalidRequest,
+    JournalUnavailable,
+    NotResumable,
+    RunError,
+    RunNotFound,
+    RuntimeFailure,
+)
+from capsule.host.handle import CANCELLED_BY_HOST, RunHandle
+from capsule.host.requests import (
+    JournalSetting,
+    arguments,
+    checked_run_id,
+    journal_path,
+    program_path,
+    run_options,
+    run_request,
+)
+from capsule.host.result import RunResult, record_result, report_result
+from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
+from capsule.supervisor.options import RunOptions
+
+if TYPE_CHECKING:
+    from capsule.host.code import CodeGrants, CodeLimits, CodeRunner
+    from capsule.journal.reader import RunRecord, TaskRecord
+    from capsule.sandbox.engine import GuestComponent
+    from capsule.supervisor.program import RunReport, RunRequest
+
+#: The events a handle carries: all but one per message sent or received.
+HANDLE_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
+#: Events a handle keeps for its consumers, by default.
+DEFAULT_EVENT_BUFFER = 10_000
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """A run as the journal holds it, and its tasks."""
+
+    run: RunRecord
+    tasks: list[TaskRecord]
+
+
+class Runtime:
+    """Runs Capsule programs inside an async application. Use it as an async
+    context manager (``async with Runtime() as rt``); leaving it cancels the
+    runs still running (they end as interrupted, and stay resumable).
+
+    ``journal``: the SQLite journal runs are recorded in (None: the file
+    ``$CAPSULE_JOURNAL`` names, else ``.capsule/journal.db`` in the current
+    directory; ``False``: none, and runs cannot be resumed or listed).
+    ``event_buffer``: the events each run's handle keeps for its consumers."""
+
+    def __init__(
+        self, journal: JournalSetting = None, *, event_buffer: int = DEFAULT_EVENT_BUFFER
+    ) -> None:
+        self.journal = journal_path(journal)
+        if isinstance(event_buffer, bool) or not isinstance(event_buffer, int) or event_buffer < 1:
+            raise InvalidRequest(
+                f"event_buffer {event_buffer!r} is invalid; expected a positive integer"
+            )
+        self._event_buffer = event_buffer
+        self._task_group: TaskGroup | None = None
+        self._guest: GuestComponent | None = None
+        self._live: dict[str, RunHandle] = {}
+        # Runs get threads of their own, not the application's (anyio's default
+        # limiter, which its to_thread calls share).
+        self._limiter = anyio.CapacityLimiter(float("inf"))
+        self._code: CodeRunner | None = None
+        self._code_lock = anyio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Runtime:
+        if self._task_group is not None:
+            raise RuntimeError("this Runtime is already open")
+        from capsule.sandbox.engine import GuestComponent
+        from capsule.sandbox.runtime import RuntimeBuildError
+
+        if self.journal is not None:
+            await anyio.to_thread.run_sync(_open_journal, self.journal)
+        try:
+            self._guest = await anyio.to_thread.run_sync(GuestComponent)
+        except RuntimeBuildError as exc:
+            raise RuntimeFailure(str(exc)) from None
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        task_group = self._task_group
+        assert task_group is not None
+        task_group.cancel_scope.cancel()
+        exc = exc_info[1]
+        try:
+            if exc is None or isinstance(exc, anyio.get_cancelled_exc_class()):
+                return await task_group.__aexit__(*exc_info)
+            # The block's own error goes on as it is, not in an exception
+            # group: the runs (which never raise) are only waited for.
+            await task_group.__aexit__(None, None, None)
+            return None
+        finally:
+            self._task_group = None
+            if self._code is not None:
+                code, self._code = self._code, None
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(code.close)
+
+    def _open(self) -> TaskGroup:
+        if self._task_group is None:
+            raise RuntimeError("use the Runtime inside `async with Runtime() as rt:`")
+        return self._task_group
+
+    # -- runs --------------------------------------------------------------
+
+    async def run(
+        self,
+        program: str | os.PathLike[str],
+        *args: Any,
+        entry: str = "main",
+        options: RunOptions | None = None,
+        run_id: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> RunResult:
+        """Run the task ``entry`` of the program file ``program`` with ``args``
+        and ``kwargs`` to its end. Cancelling the caller cancels the run (it
+        ends as interrupted, resumable with :meth:`resume`)."""
+        handle = await self.start(
+            program, *args, entry=entry, options=options, run_id=run_id, kwargs=kwargs
+        )
+        return await _awaited(handle)
+
+    async def start(
+        self,
+        program: str | os.PathLike[str],
+        *args: Any,
+        entry: str = "main",
+        options: RunOptions | None = None,
+        run_id: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> RunHandle:
+        """Start a run (see :meth:`run`) and return its handle at once. With a
+        ``run_id`` this Runtime runs, or the journal holds, the existing run's
+        handle is returned instead (whatever the other arguments)."""
+        self._open()
+        path = program_path(program)
+        call_args, call_kwargs = arguments(args, kwargs)
+        if not isinstance(entry, str) or not entry.isidentifier():
+            raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
+        options = run_options(options)
+        request = run_request(path, call_args, call_kwargs, entry, options)
+        return await self._launch(run_id, partial(self._execute, request))
+
+    async def resume(self, run_id: str) -> RunResult:
+        """Resume a run that stopped before it ended (cancelled, or its process
+        died) to its end: tasks that ended keep their outcome, those in flight
+        replay their journaled steps and go on."""
+        return await _awaited(await self.start_resume(run_id))
+
+    async def start_resume(self, run_id: str) -> RunHandle:
+        """Start resuming ``run_id`` (see :meth:`resume`); its handle."""
+        self._open()
+        journal = self._need_journal("resume")
+        run_id = checked_run_id(run_id)
+        live = self._live.get(run_id)
+        if live is not None:
+            return live
+        record = await self._record(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id!r} in the journal {journal}")
+        live = self._live.get(run_id)
+        if live is not None:
+            return live
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
+        self._live[run_id] = handle
+        self._open().start_soon(self._drive, handle, partial(self._execute_resume, run_id))
+        return handle
+
+    def handle(self, run_id: str) -> RunHandle | None:
+        """The handle of a run live in this Runtime (None if there is none)."""
+        return self._live.get(run_id)
+
+    # -- untrusted code ----------------------------------------------------
+
+    async def run_code(
+        self,
+        source: str,
+        *args: Any,
+        limits: CodeLimits | None = None,
+        grants: CodeGrants | None = None,
+        run_id: str | None = None,
+    ) -> RunResult:
+        """Run ``source`` (Python code, e.g. what a model wrote) in a fresh
+        sandbox, as a one-task program: ``args`` are its ``args`` variable,
+        what it assigns to ``result`` is the run's value, what it prints is
+        on the result (``stdout``, ``stderr``). ``limits`` and ``grants`` bound
+        what it may use and reach (default: CodeLimits(); no grants)."""
+        return await _awaited(
+            await self.start_code(source, *args, limits=limits, grants=grants, run_id=run_id)
+        )
+
+    async def start_code(
+        self,
+        source: str,
+        *args: Any,
+        limits: CodeLimits | None = None,
+        grants: CodeGrants | None = None,
+        run_id: str | None = None,
+    ) -> RunHandle:
+        """Start :meth:`run_code`; its handle."""
+        from capsule.host.code import CodeGrants, CodeLimits, code_request
+
+        self._open()
+        limits = limits if limits is not None else CodeLimits()
+        grants = grants if grants is not None else CodeGrants()
+        if not isinstance(limits, CodeLimits):
+            raise InvalidRequest(f"limits must be a CodeLimits, not {type(limits).__name__}")
+        if not isinstance(grants, CodeGrants):
+            raise InvalidRequest(f"grants must be a CodeGrants, not {type(grants).__name__}")
+        request = code_request(source, arguments(args, None)[0], limits)
+        runner = await self._code_runner()
+        return await self._launch(run_id, partial(self._execute_code, runner, request, grants))
+
+    async def _code_runner(self) -> CodeRunner:
+        """The warm sandbox run_code runs in, made on first use."""
+        from capsule.host.code import CodeRunner
+
+        async with self._code_lock:
+            if self._code is None:
+                guest = self._guest
+                assert guest is not None
+                try:
+                    self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
+                except RunError:
+                    raise
+            return self._code
+
+    # -- the journal -------------------------------------------------------
+
+    async def runs(self) -> list[RunRecord]:
+        """Every run in the journal, newest first."""
+        from capsule.journal.reader import list_runs
+
+        journal = self._need_journal("runs")
+        if not journal.is_file():
+            return []
+        runs: list[RunRecord] = await _reading(journal, list_runs, journal)
+        return runs
+
+    async def inspect(self, run_id: str) -> RunDetails:
+        """A run the journal holds, and its tasks."""
+        from capsule.journal.reader import load_tasks
+
+        journal = self._need_journal("inspect")
+        run_id = checked_run_id(run_id)
+        record = await self._record(run_id)
+        if record is None:
+            raise RunNotFound(f"no run {run_id!r} in the journal {journal}")
+        tasks = await _reading(journal, load_tasks, journal, run_id)
+        return RunDetails(record, tasks)
+
+    def _need_journal(self, what: str) -> Path:
+        if self.journal is None:
+            raise RunNotFound(
+                f"{what} needs a journal, and this Runtime has none (journal=False); "
+                f"make it with Runtime(journal=PATH) or Runtime()"
+            )
+        return self.journal
+
+    async def _record(self, run_id: str) -> RunRecord | None:
+        """The journal's record of ``run_id`` (None: none, or no journal)."""
+        from capsule.journal.reader import find_run
+
+        journal = self.journal
+        if journal is None or not journal.is_file():
+            return None
+        try:
+            record: RunRecord = await _reading(journal, find_run, journal, run_id, True)
+        except JournalUnavailable as exc:
+            if str(exc).startswith("no run "):
+                return None
+            raise
+        return record
+
+    # -- running -----------------------------------------------------------
+
+    async def _launch(
+        self, run_id: str | None, work: Callable[[RunHandle], RunResult]
+    ) -> RunHandle:
+        """A run's handle: that of the run ``run_id`` names if there is one, or
+        of a new run doing ``work`` on a worker thread."""
+        from capsule.supervisor.run import new_run_id
+
+        task_group = self._open()
+        if run_id is None:
+            run_id = new_run_id()
+        else:
+            run_id = checked_run_id(run_id)
+            existing = await self._existing(run_id)
+            if existing is not None:
+                return existing
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
+        self._live[run_id] = handle
+        task_group.start_soon(self._drive, handle, work)
+        return handle
+
+    async def _existing(self, run_id: str) -> RunHandle | None:
+        live = self._live.get(run_id)
+        if live is not None:
+            return live
+        record = await self._record(run_id)
+        live = self._live.get(run_id)  # (started while the journal was read)
+        if live is not None:
+            return live
+        if record is None:
+            return None
+        if record.shown_status == "running":
+            raise InvalidRequest(
+                f"run {run_id} is running in another process ({record.host_pid}) "
+                f"on the journal {self.journal}; choose another run_id"
+            )
+        handle = RunHandle(run_id, self._event_buffer, self._limiter)
+        try:
+            handle._end(record_result(record), None)
+        except RunError as exc:
+            handle._end(None, exc)
+        except (ValueError, TypeError) as exc:  # a damaged (or forged) journal
+            handle._end(
+                None,
+                JournalUnavailable(
+                    f"the journal {self.journal} holds a record of run {run_id} this "
+                    f"Capsule cannot read ({type(exc).__name__}: {exc}); it may be damaged"
+                ),
+            )
+        return handle
+
+    async def _drive(self, handle: RunHandle, work: Callable[[RunHandle], RunResult]) -> None:
+        """Run ``work`` on a worker thread to its end; if this task is
+        cancelled (the Runtime closes), the run is stopped and waited for."""
+        result: RunResult | None = None
+        error: RunError | None = None
+        async with anyio.create_task_group() as watch:
+
+            async def stop_when_cancelled() -> None:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    if result is None and error is None:
+                        handle._stop(CANCELLED_BY_HOST)
+
+            watch.start_soon(stop_when_cancelled)
+            try:
+                # (A worker thread is not abandoned: a cancel waits for it.)
+                result = await anyio.to_thread.run_sync(work, handle, limiter=self._limiter)
+            except RunError as exc:
+                error = exc
+            except Exception:
+                error = RuntimeFailure("internal error", traceback.format_exc())
+            finally:
+                if result is None and error is None:
+                    error = RuntimeFailure(
+                        f"run {handle.run_id} did not start: its Runtime is closing"
+                    )
+                if self._live.get(handle.run_id) is handle:
+                    del self._live[handle.run_id]  # (before any waiter wakes)
+                handle._end(result, error)
+                watch.cancel_scope.cancel()
+
+    def _execute(self, request: RunRequest, handle: RunHandle) -> RunResult:
+        """On a worker thread: the run, to its end."""
+        from capsule.supervisor.program import run_program
+
+        runner = partial(run_program, guest=self._guest)
+        report = self._journaled(request, handle, handle._on_event, runner)
+        return report_result(_ended(report, handle))
+
+    def _journaled(
+        self,
+        request: RunRequest,
+        handle: RunHandle,
+        on_event: Callable[[Any], None],
+        runner: Callable[..., RunReport],
+    ) -> RunReport:
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import run_journaled
+
+        if self.journal is None:
+            return runner(
+                request,
+                on_event,
+                run_id=handle.run_id,
+                on_run=handle._on_run,
+                event_types=HANDLE_EVENT_TYPES,
+            )
+        try:
+            return run_journaled(
+                request,
+                self.journal,
+                on_event,
+                on_run=handle._on_run,
+                event_types=HANDLE_EVENT_TYPES,
+                run_id=handle.run_id,
+                runner=runner,
+            )
+        except JournalError as exc:
+            raise JournalUnavailable(str(exc)) from None
+
+    def _execute_resume(self, run_id: str, handle: RunHandle) -> RunResult:
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import resume_journaled
+        from capsule.supervisor.program import run_program
+
+        assert self.journal is not None
+        try:
+            report = resume_journaled(
+                self.journal,
+                run_id,
+                False,
+                handle._on_event,
+                event_types=HANDLE_EVENT_TYPES,
+                on_run=handle._on_run,
+                runner=partial(run_program, guest=self._guest),
+                exact=True,
+            )
+        except JournalError as exc:
+            raise NotResumable(str(exc)) from None
+        return report_result(_ended(report, handle))
+
+    def _execute_code(
+        self, runner: CodeRunner, request: RunRequest, grants: CodeGrants, handle: RunHandle
+    ) -> RunResult:
+        from capsule.host.code import OutputCapture
+        from capsule.sandbox.config import parse_ram
+
+        captured = OutputCapture(handle._on_event, parse_ram(request.max_task_output))
+        report = self._journaled(
+            request, handle, captured.on_event, partial(runner.run, grants=grants)
+        )
+        return report_result(_ended(report, handle), *captured.texts())
+
+
+def _ended(report: RunReport, handle: RunHandle) -> RunReport:
+    """The report, once its ``run_ended`` event (the last of the run, made from
+    the final report: the journal's last write can still change the outcome)
+    reached the handle."""
+    handle._on_event(report.ended_event(handle.run_id))
+    return report
+
+
+async def _awaited(handle: RunHandle) -> RunResult:
+    """The handle's result; if the caller is cancelled meanwhile, the run is
+    stopped (resumable) and waited for before the cancellation goes on."""
+    try:
+        return await handle.result()
+    except anyio.get_cancelled_exc_class():
+        handle._stop(CANCELLED_BY_HOST)
+        with anyio.CancelScope(shield=True):
+            await handle._ended.wait()
+        raise
+
+
+async def _reading(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """``read(*args)``, a journal reader; JournalUnavailable if the journal
+    cannot be read or holds a record this Capsule cannot make sense of."""
+    from capsule.journal.schema import JournalError
+
+    try:
+        return await read(*args)
+    except JournalError as exc:
+        raise JournalUnavailable(str(exc)) from None
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise JournalUnavailable(
+            f"the journal {journal} holds a record this Capsule cannot read "
+            f"({type(exc).__name__}: {exc}); it may be damaged"
+        ) from None
+
+
+def _open_journal(journal: Path) -> None:
+    """Make the journal, or bring it to this Capsule's schema: one that cannot
+    be used is refused as the Runtime opens, not at its first run."""
+    from capsule.journal.schema import JournalError, connect
+
+    try:
+        connect(journal, create=True).close()
+    except JournalError as exc:
+        raise JournalUnavailable(str(exc)) from None
