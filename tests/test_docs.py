@@ -121,7 +121,9 @@ def console_commands(block: Block) -> list[tuple[str, list[str]]]:
     return commands
 
 
-CONSOLE = [block for block in blocks("console") if console_commands(block)]
+CONSOLE = [
+    block for block in blocks("console") if console_commands(block) and block.not_run is None
+]
 
 
 def normalized(line: str) -> str:
