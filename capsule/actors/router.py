@@ -298,7 +298,7 @@ class Router:
         return RoutingError(
             "queue_full",
             f"a message of {size:,} bytes would take the run's messages not yet received "
-            f"over {self.max_queued_bytes:,} bytes (--max-queued-size); the most wait for "
+            f"over {self.max_queued_bytes:,} bytes (the run option max_queued_size); the most wait for "
             f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox)",
         )
 
