@@ -382,7 +382,7 @@ def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
         def wake(self) -> None:
             return None
 
-    router = Router(mailbox_capacity=10)
+    router = Router(mailbox_capacity=10, max_queued_bytes=2**28)
     router.allow_early_replies(
         {"main#1": "main/1", "main#2": "main/1"}, {"main#2": '"given before"'}
     )

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES as DEFAULT_MAX_QUEUED_BYTES
-
 #: How an option's value is written and parsed: ``fuel`` LOW/MEDIUM/HIGH or an
 #: int; ``size`` "256MB" or an int of bytes; ``duration`` "30s" or seconds;
 #: ``count`` a whole number; ``seconds`` a number of seconds; ``*_or_off``
@@ -22,6 +20,7 @@ DEFAULT_MAX_LIVE_TASKS = 512
 DEFAULT_MAX_CHILDREN = 256
 DEFAULT_MAILBOX_CAPACITY = 1000
 DEFAULT_MAX_MESSAGE_BYTES = 1024**2
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024**2
 DEFAULT_MAX_TASK_OUTPUT_BYTES = 64 * 1024**2
 DEFAULT_MAX_RUN_JOURNAL_BYTES = 1024**3
 DEFAULT_HIBERNATE_AFTER_S = 1.0
