@@ -131,14 +131,6 @@ def _invalid(option: str, value: Any, forms: str) -> OptionError:
     )
 
 
-class _Invalid(ValueError):
-    """An OptionError on its way through pydantic (which wraps ValueErrors)."""
-
-    def __init__(self, error: OptionError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 def _field(name: str) -> Any:
     return Field(None, description=OPTION_SPECS[name].help)
 
@@ -150,7 +142,8 @@ class RunOptions(BaseModel):
     Values may be given in any accepted form (``max_ram="256MB"``,
     ``max_ram=268435456``); the model holds each in its canonical form."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # (Its schema is built when first needed: from_mapping never needs it.)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     max_fuel: str | int | None = _field("max_fuel")
     max_ram: str | int | None = _field("max_ram")
@@ -192,73 +185,71 @@ class RunOptions(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _parsed(cls, values: Any) -> Any:
-        if not isinstance(values, Mapping):
-            raise _Invalid(
-                OptionError(
-                    "", values, lambda _: f"run options are given by name, not as {shown(values)}"
-                )
-            )
-        parsed: dict[str, Any] = {}
-        for name, value in values.items():
-            spec = OPTION_SPECS.get(name) if isinstance(name, str) else None
-            if spec is None:
-                raise _Invalid(_unknown(name, value))
-            if value is None:
-                continue
-            parse, forms = FORM_PARSERS[spec.form]
-            try:
-                parsed[name] = parse(value)
-            except ValueError:
-                raise _Invalid(_invalid(name, value, forms)) from None
-        if _below(parsed, "max_total_ram", MIN_BUDGET_BYTES):
-            value = values["max_total_ram"]
-            raise _Invalid(
-                OptionError(
-                    "max_total_ram",
-                    value,
-                    lambda name: (
-                        f"{name('max_total_ram')} {shown(value)} is below "
-                        f"{MIN_BUDGET_BYTES // 1024**2} MB, the least Capsule itself needs with a "
-                        "few tasks running"
-                    ),
-                )
-            )
-        queued = parsed.get("max_queued_size", DEFAULT_MAX_QUEUED_BYTES)
-        largest = parsed.get("max_message_size", DEFAULT_MAX_MESSAGE_BYTES)
-        if queued < largest:
-            raise _Invalid(
-                OptionError(
-                    "max_queued_size",
-                    values.get("max_queued_size"),
-                    lambda name: (
-                        f"{name('max_queued_size')} ({queued:,} bytes) is below the "
-                        f"largest message ({name('max_message_size')}, {largest:,} bytes): such a "
-                        "message could never be sent"
-                    ),
-                )
-            )
-        return parsed
+        return checked_options(values)
 
     @classmethod
-    def from_mapping(cls, values: Mapping[Any, Any]) -> RunOptions:
+    def from_mapping(cls, values: Any) -> RunOptions:
         """Options from a mapping of names to values (a journal's, a config's);
         OptionError if a name is not an option or a value is not valid."""
-        if not isinstance(values, Mapping):
-            raise OptionError(
-                "", values, lambda _: f"run options are a mapping of names, not {shown(values)}"
-            )
-        for key, value in values.items():
-            if not isinstance(key, str):
-                raise _unknown(key, value)
-        return cls.model_validate(values)
+        # (Checked here, the values need no second look from pydantic: the
+        # CLI's start-up never builds the model's schema.)
+        return cls.model_construct(**checked_options(values))
 
     def given(self) -> dict[str, Any]:
         """The settings given (not left to their default), by name."""
-        return {name: value for name, value in self.model_dump().items() if value is not None}
+        return {
+            name: getattr(self, name)
+            for name in RunOptions.model_fields
+            if getattr(self, name) is not None
+        }
 
     def replaced(self, other: RunOptions) -> RunOptions:
         """These options, with those ``other`` gives in their place."""
         return RunOptions.from_mapping({**self.given(), **other.given()})
+
+
+def checked_options(values: Any) -> dict[str, Any]:
+    """The options ``values`` gives, by name, each in its canonical form;
+    OptionError if a name is not an option or a value cannot be used."""
+    if not isinstance(values, Mapping):
+        raise OptionError(
+            "", values, lambda _: f"run options are given by name, not as {shown(values)}"
+        )
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        spec = OPTION_SPECS.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise _unknown(name, value)
+        if value is None:
+            continue
+        parse, forms = FORM_PARSERS[spec.form]
+        try:
+            parsed[name] = parse(value)
+        except ValueError:
+            raise _invalid(name, value, forms) from None
+    if _below(parsed, "max_total_ram", MIN_BUDGET_BYTES):
+        ram = values["max_total_ram"]
+        raise OptionError(
+            "max_total_ram",
+            ram,
+            lambda name: (
+                f"{name('max_total_ram')} {shown(ram)} is below {MIN_BUDGET_BYTES // 1024**2} "
+                "MB, the least Capsule itself needs with a few tasks running"
+            ),
+        )
+    queued = parsed.get("max_queued_size", DEFAULT_MAX_QUEUED_BYTES)
+    largest = parsed.get("max_message_size", DEFAULT_MAX_MESSAGE_BYTES)
+    if queued < largest:
+        raise OptionError(
+            "max_queued_size",
+            values.get("max_queued_size"),
+            lambda name: (
+                f"{name('max_queued_size')} ({queued:,} bytes) is below the largest message "
+                f"({name('max_message_size')}, {largest:,} bytes): such a message could never "
+                "be sent"
+            ),
+        )
+    return parsed
 
 
 def _below(parsed: Mapping[str, Any], name: str, least: int) -> bool:
@@ -271,9 +262,7 @@ def _option_error(exc: ValidationError) -> OptionError:
     first error (which validators leave no room for)."""
     for error in exc.errors():
         cause = error.get("ctx", {}).get("error")
-        if isinstance(cause, _Invalid):
-            return cause.error
-        if isinstance(cause, OptionError):  # (from __init__, which model_validate calls)
+        if isinstance(cause, OptionError):  # (pydantic wraps what validators raise)
             return cause
     first = exc.errors()[0]
     option = ".".join(str(part) for part in first["loc"])
