@@ -134,6 +134,19 @@ def test_options_from_json_are_checked_as_any_others() -> None:
     assert RunOptions.model_validate_json('{"max_fuel": "LOW"}').max_fuel == 100_000_000
 
 
+def test_a_copy_with_changes_is_checked_too() -> None:
+    options = RunOptions(max_ram="64MB", retry_backoff=1)
+    changed = options.model_copy(update={"max_fuel": "low", "retry_backoff": None})
+    assert changed.given() == {"max_ram": 64 * 1024**2, "max_fuel": 100_000_000}
+    with pytest.raises(OptionError, match="max_fuel 'lots' is invalid"):
+        options.model_copy(update={"max_fuel": "lots"})
+    assert options.model_copy() == options
+    assert options.replaced(RunOptions(max_ram="1GB")).given() == {
+        "max_ram": 1024**3,
+        "retry_backoff": 1.0,
+    }
+
+
 def test_defaults_are_declared_once() -> None:
     """The settings of a run given no options are RunSettings' defaults, which
     the help and docs quote from the same constants."""

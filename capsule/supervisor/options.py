@@ -182,6 +182,12 @@ class RunOptions(BaseModel):
             except ValidationError as exc:
                 raise _option_error(exc) from None
 
+        def model_copy(self, *, update: Any = None, deep: bool = False) -> RunOptions:
+            # (pydantic's would take the update unchecked)
+            if not update:
+                return super().model_copy(deep=deep)
+            return RunOptions.from_mapping({**self.given(), **update})
+
     @model_validator(mode="before")
     @classmethod
     def _parsed(cls, values: Any) -> Any:
