@@ -98,11 +98,13 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(p50s)}
 
 
-def _run_in_process(program: str, *args: str, **request: Any) -> Any:
+def _run_in_process(program: str, *args: str, **options: Any) -> Any:
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
 
     report = run_program(
-        RunRequest(path=PROGRAMS / program, args=list(args), **request), lambda event: None
+        RunRequest(path=PROGRAMS / program, args=list(args), options=RunOptions(**options)),
+        lambda event: None,
     )
     assert report.result is not None and report.result.ok, report
     return report.result.value()
@@ -242,6 +244,7 @@ def idle_actor_rss(actors: int = 50, hibernate_after: str | None = None) -> dict
     has hibernated, unless ``hibernate_after`` says otherwise)."""
     import threading
 
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
 
     def memory() -> dict[str, int]:
@@ -265,7 +268,7 @@ def idle_actor_rss(actors: int = 50, hibernate_after: str | None = None) -> dict
     request = RunRequest(
         path=PROGRAMS / "idle_actors.py",
         args=[str(actors), "4"],
-        hibernate_after=hibernate_after,
+        options=RunOptions(hibernate_after=hibernate_after),
     )
     thread = threading.Thread(target=run_program, args=(request, on_event))
     thread.start()

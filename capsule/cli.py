@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from capsule.stdio import STREAMS, StdioWriter, Stream
+from capsule.supervisor.option_specs import RUN_OPTIONS, flag_of
 from capsule.terminal import visible
 
 EXIT_OK = 0
@@ -40,10 +41,6 @@ class UsageError(Exception):
     """Bad command-line input; reported with exit code 2."""
 
 
-#: Largest value of a count flag (--cpu-slots, --max-live-tasks, ...).
-MAX_COUNT = 1_000_000_000
-#: Largest --retry-backoff, in seconds.
-MAX_RETRY_BACKOFF_S = 3600.0
 #: After a run, how long output still queued waits for a reader that takes
 #: nothing before it is dropped (and after an interrupt, which asked to stop).
 DRAIN_STALL_SECONDS = 10.0
@@ -57,32 +54,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {visible(message)}\n")
-
-
-def _count(text: str) -> int:
-    """A count flag's value: a whole number from 1 to MAX_COUNT."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_COUNT:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is out of range; expected a whole number from 1 to {MAX_COUNT:,}"
-        )
-    return value
-
-
-def _backoff_seconds(text: str) -> float:
-    """--retry-backoff: seconds, finite, from 0 to MAX_RETRY_BACKOFF_S."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and 0 <= value <= MAX_RETRY_BACKOFF_S):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is out of range; expected seconds from 0 to {MAX_RETRY_BACKOFF_S:g}"
-        )
-    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,71 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-v", "--verbose", action="store_true", help="print each task's lifecycle on stderr"
     )
-    run.add_argument(
-        "--max-fuel", metavar="FUEL", help="cap on any task's fuel (LOW/MEDIUM/HIGH or an int)"
-    )
-    run.add_argument("--max-ram", metavar="SIZE", help='cap on any task\'s memory (e.g. "256MB")')
-    run.add_argument(
-        "--max-timeout", metavar="DURATION", help='cap on any task\'s timeout (e.g. "30s")'
-    )
-    run.add_argument(
-        "--cpu-slots",
-        metavar="N",
-        type=_count,
-        help="instances running wasm at once, shared round-robin (default: CPU cores)",
-    )
-    run.add_argument(
-        "--max-live-tasks", metavar="N", type=_count, help="tasks alive at once in the run (512)"
-    )
-    run.add_argument(
-        "--max-children", metavar="N", type=_count, help="running children per task (256)"
-    )
-    run.add_argument(
-        "--mailbox-capacity",
-        metavar="N",
-        type=_count,
-        help="messages a mailbox holds before send waits (1000)",
-    )
-    run.add_argument(
-        "--max-message-size", metavar="SIZE", help='largest message, as JSON (default "1MB")'
-    )
-    run.add_argument(
-        "--max-queued-size",
-        metavar="SIZE",
-        help='messages sent and not yet received, in all (default "256MB"); a send over it fails',
-    )
-    run.add_argument(
-        "--max-total-ram",
-        metavar="SIZE",
-        help="memory of the whole run: over it, the task holding the most is stopped "
-        '(default: half the machine\'s memory; "off": no bound)',
-    )
-    run.add_argument(
-        "--max-task-output",
-        metavar="SIZE",
-        help="what one attempt of a task may make the host record: output, messages, "
-        'random bytes, HTTP exchanges (default "64MB"); past it the task fails '
-        "(kind output_limit)",
-    )
-    run.add_argument(
-        "--max-run-journal",
-        metavar="SIZE",
-        help='what the run may write to its journal (default "1GB"); past it the run stops, '
-        "resumable with a larger limit",
-    )
-    run.add_argument(
-        "--hibernate-after",
-        metavar="DURATION",
-        help="a task blocked this long gives back the memory pages it only read "
-        '(default 1s; "500ms", "2m"; "off": never)',
-    )
-    run.add_argument(
-        "--retry-backoff",
-        metavar="SECONDS",
-        type=_backoff_seconds,
-        default=None,
-        help="delay before the first retry, doubled for each further one (default 0.05)",
-    )
+    _option_flags(run)
     _journal_option(run)
     run.add_argument(
         "--no-journal", action="store_true", help="do not journal the run (it cannot be resumed)"
@@ -218,16 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("--json", action="store_true", help="print one JSON envelope")
     _events_option(resume)
-    resume.add_argument(
-        "--max-run-journal",
-        metavar="SIZE",
-        help="a new limit on what the run may write to its journal (one it stopped at)",
-    )
-    resume.add_argument(
-        "--max-task-output",
-        metavar="SIZE",
-        help="a new limit on what one attempt of a task may make the host record",
-    )
+    _option_flags(resume, resuming=True)
     resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
     _journal_option(resume)
 
@@ -304,6 +202,40 @@ def _events_option(command: argparse.ArgumentParser) -> None:
         help="write every event of the run to stdout as a JSON line, the last one with "
         "the outcome (instead of --json; see docs/events.md)",
     )
+
+
+def _option_flags(command: argparse.ArgumentParser, resuming: bool = False) -> None:
+    """A flag for each run option (for `capsule resume`, each it may change),
+    as capsule.supervisor.option_specs declares them. Their values are checked
+    by RunOptions once the command runs (see _run_options)."""
+    for spec in RUN_OPTIONS:
+        text = spec.resume_help if resuming else spec.help
+        if text is not None:
+            command.add_argument(spec.flag, metavar=spec.metavar, dest=spec.name, help=text)
+
+
+def _run_options(options: argparse.Namespace, resuming: bool = False) -> Any:
+    """The RunOptions the flags give; OptionError (naming the option) if one
+    is not valid."""
+    from capsule.supervisor.options import RunOptions
+
+    return RunOptions.from_mapping(
+        {
+            spec.name: getattr(options, spec.name)
+            for spec in RUN_OPTIONS
+            if (spec.resume_help is not None or not resuming)
+            and getattr(options, spec.name) is not None
+        }
+    )
+
+
+def _refused_options(options: argparse.Namespace, error: Any) -> int:
+    """Flags RunOptions refused: reported as a run that could not start is
+    (with --json, in its envelope), naming the flag; exit 2."""
+    from capsule.supervisor.program import RunReport
+
+    report = RunReport(usage_error=error.message, option_error=error)
+    return _show_run(options, lambda _: report, journaled=False)
 
 
 def _journal_option(command: argparse.ArgumentParser) -> None:
@@ -468,27 +400,14 @@ def _run_command(options: argparse.Namespace) -> int:
     # Heavy imports (wasmtime, pydantic) only once there is work to do. Our models
     # are internal: skip pydantic's scan of every installed distribution for plugins.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    from capsule.supervisor.options import OptionError
     from capsule.supervisor.program import RunRequest, run_program
 
-    request = RunRequest(
-        path=path,
-        args=args,
-        entry=entry,
-        max_fuel=options.max_fuel,
-        max_ram=options.max_ram,
-        max_timeout=options.max_timeout,
-        retry_backoff=options.retry_backoff,
-        max_live_tasks=options.max_live_tasks,
-        max_children=options.max_children,
-        mailbox_capacity=options.mailbox_capacity,
-        max_message_size=options.max_message_size,
-        max_queued_size=options.max_queued_size,
-        hibernate_after=options.hibernate_after,
-        cpu_slots=options.cpu_slots,
-        max_total_ram=options.max_total_ram,
-        max_task_output=options.max_task_output,
-        max_run_journal=options.max_run_journal,
-    )
+    try:
+        run_options = _run_options(options)
+    except OptionError as exc:
+        return _refused_options(options, exc)
+    request = RunRequest(path=path, args=args, entry=entry, options=run_options)
     if options.tui:
         if not _in_terminal("--tui"):
             return EXIT_USAGE
@@ -572,6 +491,8 @@ def _show_run(
         try:
             try:
                 report = run(renderer)
+                if report.option_error is not None:  # named as the flag that set it
+                    report.usage_error = report.option_error.worded(flag_of)
             except JournalError as exc:
                 renderer.error(str(exc))
                 renderer.ended_without_report(journal_error=str(exc))
@@ -813,6 +734,12 @@ def _resume_command(options: argparse.Namespace) -> int:
         return EXIT_USAGE
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.journal.session import resume_journaled
+    from capsule.supervisor.options import OptionError
+
+    try:
+        overrides = _run_options(options, resuming=True)
+    except OptionError as exc:
+        return _refused_options(options, exc)
 
     def run(renderer: _Renderer) -> Any:
         return resume_journaled(
@@ -821,14 +748,7 @@ def _resume_command(options: argparse.Namespace) -> int:
             options.force,
             renderer.on_event,
             event_types=renderer.event_types,
-            overrides={
-                name: value
-                for name, value in (
-                    ("max_run_journal", options.max_run_journal),
-                    ("max_task_output", options.max_task_output),
-                )
-                if value is not None
-            },
+            overrides=overrides,
         )
 
     return _show_run(options, run, journaled=True)

@@ -92,13 +92,20 @@ def program(tmp_path: Path) -> Callable[[str, str], Path]:
 @pytest.fixture
 def run_program(program: Callable[[str, str], Path]) -> ProgramRunner:
     """Run a program's main in process; returns its report and every event."""
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest
     from capsule.supervisor.program import run_program as run
 
     def runner(source: str, *args: Any, **options: Any) -> Outcome:
+        """``options``: the run's options (``max_ram="64MB"``), and ``name``
+        (the program's file name), ``entry`` and ``kwargs`` of the request."""
         path = program(source, options.pop("name", "prog.py"))
+        request = {key: options.pop(key) for key in ("entry", "kwargs") if key in options}
         events: list[Any] = []
-        report = run(RunRequest(path=path, args=list(args), **options), events.append)
+        report = run(
+            RunRequest(path=path, args=list(args), options=RunOptions(**options), **request),
+            events.append,
+        )
         return Outcome(report, events)
 
     return runner

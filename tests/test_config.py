@@ -122,7 +122,7 @@ def test_defaults() -> None:
 
 def test_host_caps_bound_declared_limits() -> None:
     config = validate_task("m.f", "f", {"compute": "HIGH", "ram": "2GB", "timeout": "1h"})
-    caps = HostCaps.parse("LOW", "64MB", "2s")
+    caps = HostCaps(parse_compute("LOW"), parse_ram("64MB"), parse_timeout("2s"))
     limits = Limits.for_task(config, caps)
     assert limits == Limits(fuel=100_000_000, ram_bytes=64 * 1024**2, timeout_s=2.0)
     # A task with no timeout gets the host's.
@@ -133,8 +133,10 @@ def test_host_caps_bound_declared_limits() -> None:
 
 
 def test_bad_host_cap_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="--max-ram 'huge'"):
-        HostCaps.parse(None, "huge", None)
+    from capsule.supervisor.options import RunOptions
+
+    with pytest.raises(ConfigError, match="max_ram 'huge' is invalid"):
+        RunOptions(max_ram="huge")
 
 
 def test_dotenv_references_expand_as_python_dotenv_expands_them() -> None:

@@ -271,7 +271,7 @@ def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
     from capsule.supervisor.inbox import REQUEST_OVERHEAD_BYTES, RunInbox
     from capsule.supervisor.inbox_client import request
 
-    router = Router(mailbox_capacity=10)
+    router = Router(mailbox_capacity=10, max_queued_bytes=2**28)
     router.open("main")
     delivered: list[str] = []
     external = ExternalMessages(router, 1000, lambda message, _: delivered.append(message.id))
@@ -313,7 +313,7 @@ def test_a_message_delivered_as_the_run_ends_still_gets_its_answer(
             return Delivered("cli#1", "main")
 
     external = EndsTheRunOnDelivery(
-        Router(mailbox_capacity=8), 1 << 20, lambda message, target: None
+        Router(mailbox_capacity=8, max_queued_bytes=2**28), 1 << 20, lambda message, target: None
     )
     inbox = RunInbox("abcdef123456", external)
     inbox.start()

@@ -22,6 +22,7 @@ from capsule.host import (
     InvalidRequest,
     JournalUnavailable,
     NotResumable,
+    OptionError,
     ProgramFailed,
     RunHandle,
     RunNotFound,
@@ -333,8 +334,8 @@ def test_bad_inputs_are_typed_errors_naming_the_value(
     async def body(rt: Runtime) -> None:
         with pytest.raises(InvalidRequest, match="does not exist"):
             await rt.run(tmp_path / "missing.py")
-        with pytest.raises(InvalidRequest, match=r"max-fuel|max_fuel"):
-            await rt.run(programs["hello"], options=RunOptions(max_fuel="lots"))
+        with pytest.raises(OptionError, match=r"^max_fuel 'lots' is invalid; expected LOW"):
+            RunOptions(max_fuel="lots")
         for bad in ("", "a/b", "x" * 65, "-lead", 7):
             with pytest.raises(InvalidRequest, match="run_id"):
                 await rt.run(programs["hello"], run_id=bad)  # type: ignore[arg-type]

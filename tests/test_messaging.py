@@ -260,7 +260,7 @@ def test_the_runs_queued_messages_are_bounded_in_size_across_mailboxes(
     assert kind == "queue_full"
     assert (
         "a message of 300,002 bytes would take the run's messages not yet received over "
-        "1,048,576 bytes (--max-queued-size); the most wait for task main/1 (900,006 bytes "
+        "1,048,576 bytes (the run option max_queued_size); the most wait for task main/1 (900,006 bytes "
         "in its mailbox)"
     ) in message
 
@@ -382,7 +382,7 @@ def test_after_a_resume_a_reply_may_come_before_the_ask_is_made_again() -> None:
         def wake(self) -> None:
             return None
 
-    router = Router(mailbox_capacity=10)
+    router = Router(mailbox_capacity=10, max_queued_bytes=2**28)
     router.allow_early_replies(
         {"main#1": "main/1", "main#2": "main/1"}, {"main#2": '"given before"'}
     )
@@ -541,6 +541,7 @@ def test_output_without_a_newline_is_shown_before_a_receive_waits(
 def test_an_idle_actor_hibernates_and_answers_from_its_state(
     program: Callable[..., Path], hibernate_after: float | str
 ) -> None:
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
     from capsule.supervisor.run import Run
 
@@ -579,7 +580,7 @@ def test_an_idle_actor_hibernates_and_answers_from_its_state(
 
     events: list[Any] = []
     report = run_program(
-        RunRequest(path=path, args=[], hibernate_after=hibernate_after),
+        RunRequest(path=path, args=[], options=RunOptions(hibernate_after=hibernate_after)),
         events.append,
         on_run=watch,
     )
@@ -606,6 +607,7 @@ def test_actors_hibernating_while_others_run_keep_their_state(
     # (nearly) every round. (Which mapping a release picks is checked in
     # test_prefault.py: a release of another instance's pages would only show
     # here if that one wrote a page in the microseconds between.)
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
     from capsule.supervisor.run import Run
 
@@ -643,7 +645,9 @@ def test_actors_hibernating_while_others_run_keep_their_state(
     )
     runs: list[Run] = []
     report = run_program(
-        RunRequest(path=path, args=[], hibernate_after=0.03), lambda _: None, on_run=runs.append
+        RunRequest(path=path, args=[], options=RunOptions(hibernate_after=0.03)),
+        lambda _: None,
+        on_run=runs.append,
     )
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == [True] * 16

@@ -588,12 +588,17 @@ def test_nothing_of_a_run_outlives_it() -> None:
     import weakref
     from pathlib import Path
 
+    from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
 
     sandboxes: list[weakref.ref[Any]] = []
     for _ in range(2):
         report = run_program(
-            RunRequest(path=Path(EXAMPLES / "hello.py"), args=[], max_total_ram="1GB"),
+            RunRequest(
+                path=Path(EXAMPLES / "hello.py"),
+                args=[],
+                options=RunOptions(max_total_ram="1GB"),
+            ),
             lambda event: None,
             on_run=lambda run: sandboxes.append(weakref.ref(run.sandbox)),
         )

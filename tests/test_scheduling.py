@@ -3,6 +3,8 @@ every epoch tick; blocking host calls free the slot."""
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import ProgramRunner
 
 BURNERS = """
@@ -64,9 +66,14 @@ def test_blocked_tasks_free_their_slot(run_program: ProgramRunner) -> None:
     assert outcome.value < 0.25  # it did not wait for the 0.3 s naps
 
 
-def test_cpu_slots_must_be_positive(run_program: ProgramRunner) -> None:
-    outcome = run_program(BURNERS, cpu_slots=0)
-    assert outcome.report.usage_error == "--cpu-slots 0 is invalid; expected a positive integer"
+def test_cpu_slots_must_be_positive() -> None:
+    from capsule.supervisor.options import OptionError, RunOptions
+
+    with pytest.raises(OptionError) as raised:
+        RunOptions(cpu_slots=0)
+    assert str(raised.value) == (
+        "cpu_slots 0 is invalid; expected a whole number from 1 to 1,000,000,000"
+    )
 
 
 def test_fuel_is_accounted_while_a_task_runs(program) -> None:  # type: ignore[no-untyped-def]

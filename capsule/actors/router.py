@@ -15,8 +15,6 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
-#: The size of the messages a run may hold sent and not yet received.
-DEFAULT_MAX_QUEUED_BYTES = 256 * 1024**2
 #: How many bytes of messages one receive takes at most (past the first).
 RECEIVED_BYTES = 256 * 1024
 #: The largest message (bytes of JSON) that may be sent on reserved room: a
@@ -90,9 +88,7 @@ class Router:
     that size: the messages held may exceed ``max_queued_bytes`` by that
     quarter, and a send is never refused for room merely reserved."""
 
-    def __init__(
-        self, mailbox_capacity: int, max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
-    ) -> None:
+    def __init__(self, mailbox_capacity: int, max_queued_bytes: int) -> None:
         self.mailbox_capacity = mailbox_capacity
         self.max_queued_bytes = max_queued_bytes
         self._lock = threading.Lock()
@@ -298,7 +294,7 @@ class Router:
         return RoutingError(
             "queue_full",
             f"a message of {size:,} bytes would take the run's messages not yet received "
-            f"over {self.max_queued_bytes:,} bytes (--max-queued-size); the most wait for "
+            f"over {self.max_queued_bytes:,} bytes (the run option max_queued_size); the most wait for "
             f"task {fullest.task_id} ({fullest.queued_bytes:,} bytes in its mailbox)",
         )
 

@@ -17,7 +17,7 @@ from capsule.host.handle import RunHandle
 from capsule.host.result import RunFailure, RunResult, RunStatus
 from capsule.host.runtime import RunDetails, Runtime
 from capsule.host.sync import SyncRunHandle, SyncRuntime
-from capsule.supervisor.options import RunOptions
+from capsule.supervisor.options import OptionError, RunOptions
 
 __all__ = [
     "CodeGrants",
@@ -26,6 +26,7 @@ __all__ = [
     "InvalidRequest",
     "JournalUnavailable",
     "NotResumable",
+    "OptionError",
     "ProgramFailed",
     "RunDetails",
     "RunError",

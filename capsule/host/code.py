@@ -8,6 +8,7 @@ import re
 import threading
 import traceback as tb
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from capsule.sandbox.config import (
     RAM_FORMS,
     TIMEOUT_FORMS,
     ConfigError,
-    HostCaps,
     parse_compute,
     parse_host_pattern,
     parse_ram,
@@ -30,9 +30,11 @@ from capsule.sandbox.config import (
 from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, HostRule
 from capsule.sandbox.modules import site_package_dirs
+from capsule.sandbox.project import Project
 from capsule.supervisor.events import EventStream, TaskOutput
-from capsule.supervisor.program import RunReport, RunRequest
-from capsule.supervisor.run import Run, RunInterrupted, RunSettings
+from capsule.supervisor.options import RunOptions
+from capsule.supervisor.program import RunReport, RunRequest, resolve_settings
+from capsule.supervisor.run import Run, RunInterrupted
 from capsule.supervisor.steps import History, JournalFailure, StepLog
 from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
 
@@ -137,14 +139,13 @@ def code_request(source: str, args: list[Any], limits: CodeLimits) -> RunRequest
     """The run of ``source`` with ``args`` under ``limits``."""
     if not isinstance(source, str):
         raise InvalidRequest(f"source must be a str of Python code, not {type(source).__name__}")
-    return RunRequest(
-        path=RUNNER,
-        args=[source, args],
-        max_fuel=str(limits.fuel),
-        max_ram=str(limits.ram),
-        max_timeout=str(limits.timeout),
+    options = RunOptions(
+        max_fuel=limits.fuel,
+        max_ram=limits.ram,
+        max_timeout=limits.timeout,
         max_task_output=limits.max_output,
     )
+    return RunRequest(path=RUNNER, args=[source, args], options=options)
 
 
 class OutputCapture:
@@ -212,11 +213,10 @@ class CodeRunner:
         """As run_program, on the warm sandbox (a ProgramRunner)."""
         totals = RunTotals()
         try:
-            caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
-            output = parse_ram(request.max_task_output)
-        except (ConfigError, ValueError) as exc:
+            settings, _ = resolve_settings(request.options, Project())
+        except ConfigError as exc:
             return RunReport(usage_error=str(exc))
-        settings = RunSettings(caps=caps, pool_size=POOL_SIZE, max_task_output_bytes=output)
+        settings = replace(settings, pool_size=POOL_SIZE)
         events = events or EventStream()
         events.subscribe(on_event, event_types)
         run = Run(

@@ -36,7 +36,7 @@ def run_request(
     from capsule.supervisor.program import RunRequest
 
     return RunRequest(
-        path=program, args=list(args), kwargs=dict(kwargs), entry=entry, **options.model_dump()
+        path=program, args=list(args), kwargs=dict(kwargs), entry=entry, options=options
     )
 
 

@@ -447,9 +447,11 @@ class Runtime:
         self, runner: CodeRunner, request: RunRequest, grants: CodeGrants, handle: RunHandle
     ) -> RunResult:
         from capsule.host.code import OutputCapture
-        from capsule.sandbox.config import parse_ram
 
-        captured = OutputCapture(handle._on_event, parse_ram(request.max_task_output))
+        # (code_request always sets it, in bytes: RunOptions' canonical form)
+        limit = request.options.max_task_output
+        assert isinstance(limit, int)
+        captured = OutputCapture(handle._on_event, limit)
         report = self._journaled(
             request, handle, captured.on_event, partial(runner.run, grants=grants)
         )

@@ -9,13 +9,13 @@ import os
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsule.journal.schema import JournalError, connect
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
+from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
 from capsule.supervisor.steps import JournalFailure
@@ -23,8 +23,9 @@ from capsule.supervisor.steps import JournalFailure
 if TYPE_CHECKING:
     from capsule.journal.reader import RunRecord
 
-#: The RunRequest fields a resume takes over from the run (its limits).
-_SETTINGS = [f.name for f in fields(RunRequest) if f.name not in ("path", "args", "kwargs")]
+#: The key of a run's recorded settings that names its entry task (the
+#: others are its options, as RunOptions.given() has them).
+_ENTRY = "entry"
 
 
 def program_hash(path: Path) -> str:
@@ -56,7 +57,7 @@ def run_journaled(
     run_id = run_id or new_run_id()
     seed = os.urandom(16)
     with JournalWriter(journal, run_id) as writer:
-        settings = {name: getattr(request, name) for name in _SETTINGS}
+        settings = {_ENTRY: request.entry, **request.options.given()}
         _write(
             writer,
             lambda: start_run_row(
@@ -125,15 +126,15 @@ def resume_journaled(
     force: bool,
     on_event: Callable[[Any], None],
     event_types: Collection[str] | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: RunOptions | None = None,
     on_run: Callable[[Run], None] | None = None,
     runner: ProgramRunner = run_program,
     exact: bool = False,
 ) -> RunReport:
     """Resume a run that stopped before it ended (crash, kill, Ctrl-C): ``main``
     runs again, tasks that ended return their journaled outcome, tasks in flight
-    replay their journaled host calls and go on live. ``overrides``: RunRequest
-    settings to change from the run's (a larger journal limit, say); ``exact``:
+    replay their journaled host calls and go on live. ``overrides``: the
+    options to change from the run's (a larger journal limit, say); ``exact``:
     ``run_id`` is the whole id, not a prefix. Raises
     JournalError if the run cannot be resumed."""
     # The async readers (an event loop, aiosqlite) only when resuming.
@@ -154,16 +155,20 @@ def resume_journaled(
         program = check_resumable(record, files, force)
         history = anyio.run(load_history, journal, record.run_id)
         seed = bytes.fromhex(record.seed)
-        request = RunRequest(path=program, args=record.args, kwargs=record.kwargs)
-        for name, value in {**record.settings, **(overrides or {})}.items():
-            if name in _SETTINGS:
-                setattr(request, name, value)
+        entry, recorded = _recorded_settings(journal, record)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         # A damaged (or forged) journal is input like any other.
         raise JournalError(
             f"the journal {journal} holds a record this Capsule cannot read "
             f"({type(exc).__name__}: {exc}); it may be damaged"
         ) from None
+    try:
+        options = recorded if overrides is None else recorded.replaced(overrides)
+    except OptionError as exc:  # (overrides that do not go with the run's options)
+        return RunReport(usage_error=str(exc), option_error=exc)
+    request = RunRequest(
+        path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options
+    )
     with JournalWriter(journal, record.run_id) as writer:
         _write(
             writer,
@@ -188,6 +193,28 @@ def resume_journaled(
             )
         _finish(writer, report)
     return report
+
+
+def _recorded_settings(journal: Path, record: RunRecord) -> tuple[Any, RunOptions]:
+    """The entry task and the options a run was started with, as its journal
+    records them (a journal written before RunOptions records them the same
+    way, with None for each option left to its default). JournalError if the
+    record is not settings this Capsule can use."""
+    settings = record.settings
+    if not isinstance(settings, dict):
+        raise JournalError(
+            f"the journal {journal} records the settings of run {record.run_id} as "
+            f"{type(settings).__name__}, not a table of settings; it may be damaged"
+        )
+    given = {name: value for name, value in settings.items() if value is not None}
+    entry = given.pop(_ENTRY, "main")
+    try:
+        return entry, RunOptions.from_mapping(given)
+    except OptionError as exc:
+        raise JournalError(
+            f"the journal {journal} records settings of run {record.run_id} this Capsule "
+            f"cannot use ({exc}); it may be damaged"
+        ) from None
 
 
 def _refresh_program_files(writer: JournalWriter, run_id: str, files: dict[str, str]) -> None:

@@ -355,7 +355,8 @@ def validate_program(
 
 @dataclass(frozen=True)
 class HostCaps:
-    """Limits no task can exceed, whatever it declares (``capsule run --max-*``)."""
+    """Limits no task can exceed, whatever it declares (the run options max_fuel,
+    max_ram and max_timeout, and capsule.toml's [policy])."""
 
     max_fuel: int | None = None
     max_ram_bytes: int | None = None
@@ -371,22 +372,6 @@ class HostCaps:
             least(self.max_fuel, other.max_fuel),
             least(self.max_ram_bytes, other.max_ram_bytes),
             least(self.max_timeout_s, other.max_timeout_s),
-        )
-
-    @classmethod
-    def parse(cls, max_fuel: str | None, max_ram: str | None, max_timeout: str | None) -> HostCaps:
-        def one(flag: str, raw: str | None, parse: Any, forms: str) -> Any:
-            if raw is None:
-                return None
-            try:
-                return parse(raw)
-            except ValueError:
-                raise ConfigError(f"{flag} {raw!r} is invalid; expected {forms}") from None
-
-        return cls(
-            max_fuel=one("--max-fuel", max_fuel, parse_compute, COMPUTE_FORMS),
-            max_ram_bytes=one("--max-ram", max_ram, parse_ram, RAM_FORMS),
-            max_timeout_s=one("--max-timeout", max_timeout, parse_timeout, TIMEOUT_FORMS),
         )
 
 

@@ -32,6 +32,8 @@ PROJECT_FILE = "capsule.toml"
 TASK_DEFAULT_KEYS = tuple(
     option for option in TASK_OPTIONS if option not in ("name", "retry_on", "no_retry_on")
 )
+#: [policy] keys: caps on the run options of the same names (parsed as
+#: capsule.supervisor.options parses those), and the largest HTTP response.
 _POLICY_KEYS = {
     "max_fuel": (parse_compute, COMPUTE_FORMS),
     "max_ram": (parse_ram, RAM_FORMS),

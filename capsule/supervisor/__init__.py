@@ -1,7 +1,8 @@
 """The supervisor: the tree of task invocations of one run, their lifecycle
 (pending -> running -> completed | failed, through retrying), retries with
 exponential backoff, and the typed events that report it all (a public,
-versioned schema: docs/events.md) with the stream that carries them.
+versioned schema: docs/events.md) with the stream that carries them; and the
+options a run is given (RunOptions), which size and bound it.
 
 It decides what runs and when; the sandbox decides how one attempt runs.
 
@@ -20,4 +21,5 @@ Its parts, each one job:
   ``message_steps`` (with ``messages``), ``time_calls``, ``http_calls`` and
   ``operation_calls`` (with ``operations``); ``blocking``: how a call waits.
 - ``output``: what tasks print; ``events``: the typed event stream.
+- ``options`` (with ``option_specs``): the run's settings, declared once.
 """

@@ -8,23 +8,15 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from capsule.sandbox.budget import MIN_BUDGET_BYTES, can_read_memory, default_budget
-from capsule.sandbox.config import (
-    RAM_FORMS,
-    TIMEOUT_FORMS,
-    ConfigError,
-    HostCaps,
-    TaskConfig,
-    parse_ram,
-    parse_timeout,
-)
+from capsule.sandbox.budget import can_read_memory, default_budget
+from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
 from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
-from capsule.sandbox.project import load_project
+from capsule.sandbox.project import Project, load_project
 from capsule.sandbox.runtime import RuntimeBuildError
 from capsule.supervisor.events import (
     EventStream,
@@ -35,6 +27,7 @@ from capsule.supervisor.events import (
     TaskOutput,
 )
 from capsule.supervisor.inbox import InboxError, RunInbox
+from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.run import (
     Backoff,
     ProgramError,
@@ -56,25 +49,8 @@ class RunRequest:
     kwargs: dict[str, Any] = field(default_factory=dict)
     #: The task run as the root of the tree (``capsule run FILE:TASK``, --entry).
     entry: str = "main"
-    max_fuel: str | None = None
-    max_ram: str | None = None
-    max_timeout: str | None = None
-    retry_backoff: float | None = None
-    max_live_tasks: int | None = None
-    max_children: int | None = None
-    mailbox_capacity: int | None = None
-    max_message_size: str | int | None = None
-    max_queued_size: str | int | None = None
-    #: Seconds blocked before a task hibernates, or "off" (default: RunSettings').
-    hibernate_after: str | float | None = None
-    #: Instances running wasm at once (default: CPU cores).
-    cpu_slots: int | None = None
-    #: Memory of the whole run (a size, or "off"; default: half the machine's).
-    max_total_ram: str | int | None = None
-    #: What one attempt may make the host record (a size; default: RunSettings').
-    max_task_output: str | int | None = None
-    #: What the run may write to its journal (a size; default: JournalLimit's).
-    max_run_journal: str | int | None = None
+    #: The run's settings (limits, sizes, backoff), validated.
+    options: RunOptions = field(default_factory=RunOptions)
 
 
 @dataclass
@@ -92,6 +68,9 @@ class RunReport:
     journal_error: str | None = None
     #: What the run did in all (None: nothing ran).
     totals: dict[str, Any] | None = None
+    #: The run option that could not be used, if that is why nothing ran
+    #: (``usage_error`` says so naming the option).
+    option_error: OptionError | None = None
 
     @property
     def status(self) -> RunStatus:
@@ -185,36 +164,18 @@ def run_program(
         module = program_module(path)
         project = load_project(path.parent)
         environment = program_environment(path.parent)
-        caps = HostCaps.parse(request.max_fuel, request.max_ram, request.max_timeout)
-        caps = caps.tightened(project.caps)
     except (ProgramError, ConfigError) as exc:
         return RunReport(usage_error=str(exc))
-    backoff = (
-        Backoff() if request.retry_backoff is None else Backoff(initial_s=request.retry_backoff)
-    )
     try:
-        limits = _run_limits(request)
-        for setting, policy in (
-            ("max_task_output_bytes", project.max_task_output_bytes),
-            ("max_run_journal_bytes", project.max_run_journal_bytes),
-        ):
-            if policy is not None:  # a cap: the stricter of it and the flag
-                limits[setting] = min(policy, limits.get(setting, policy))
-        settings = RunSettings(
-            caps=caps,
-            backoff=backoff,
-            max_response_bytes=project.max_response_bytes,
-            **limits,
-        )
-        memory_budget = _memory_budget(request.max_total_ram)
-    except ConfigError as exc:
-        return RunReport(usage_error=str(exc))
+        settings, memory_budget = resolve_settings(request.options, project)
+    except OptionError as exc:
+        return RunReport(usage_error=str(exc), option_error=exc)
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     try:
         sandbox = Sandbox(
             [path.parent, *site_package_dirs()],
-            cpu_slots=request.cpu_slots,
+            cpu_slots=request.options.cpu_slots,
             memory_budget=memory_budget,
             guest=guest,
         )
@@ -342,51 +303,47 @@ def _granted_directories(grants: dict[str, Grants]) -> dict[Path, str]:
     return granted
 
 
-def _run_limits(request: RunRequest) -> dict[str, Any]:
-    """The per-run limits the request overrides, validated."""
-    limits: dict[str, Any] = {}
-    if request.cpu_slots is not None and (
-        isinstance(request.cpu_slots, bool)
-        or not isinstance(request.cpu_slots, int)
-        or request.cpu_slots < 1
-    ):
-        raise ConfigError(
-            f"--cpu-slots {request.cpu_slots!r} is invalid; expected a positive integer"
+def resolve_settings(options: RunOptions, project: Project) -> tuple[RunSettings, int | None]:
+    """The run's settings from its options and its capsule.toml's [policy] (the
+    stricter of each cap they both set), with the run's memory budget in bytes
+    (None: no budget). OptionError if an option cannot be kept here."""
+    # (RunOptions holds each value in its canonical form: fuel and sizes as
+    # ints, durations as seconds.)
+    caps = HostCaps(
+        cast(int | None, options.max_fuel),
+        cast(int | None, options.max_ram),
+        cast(float | None, options.max_timeout),
+    )
+    limits: dict[str, Any] = {
+        setting: value
+        for setting, value in (
+            ("max_live_tasks", options.max_live_tasks),
+            ("max_children", options.max_children),
+            ("mailbox_capacity", options.mailbox_capacity),
+            ("max_message_bytes", options.max_message_size),
+            ("max_queued_bytes", options.max_queued_size),
+            ("max_task_output_bytes", options.max_task_output),
+            ("max_run_journal_bytes", options.max_run_journal),
         )
-    for field_name, flag in (
-        ("max_live_tasks", "--max-live-tasks"),
-        ("max_children", "--max-children"),
-        ("mailbox_capacity", "--mailbox-capacity"),
+        if value is not None
+    }
+    for setting, policy in (
+        ("max_task_output_bytes", project.max_task_output_bytes),
+        ("max_run_journal_bytes", project.max_run_journal_bytes),
     ):
-        value = getattr(request, field_name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{flag} {value!r} is invalid; expected a positive integer")
-        limits[field_name] = value
-    for field_name, flag, setting in (
-        ("max_message_size", "--max-message-size", "max_message_bytes"),
-        ("max_queued_size", "--max-queued-size", "max_queued_bytes"),
-        ("max_task_output", "--max-task-output", "max_task_output_bytes"),
-        ("max_run_journal", "--max-run-journal", "max_run_journal_bytes"),
-    ):
-        value = getattr(request, field_name)
-        if value is None:
-            continue
-        try:
-            limits[setting] = parse_ram(value)
-        except ValueError:
-            raise ConfigError(f"{flag} {value!r} is invalid; expected {RAM_FORMS}") from None
-    queued = limits.get("max_queued_bytes", RunSettings.max_queued_bytes)
-    largest = limits.get("max_message_bytes", RunSettings.max_message_bytes)
-    if queued < largest:
-        raise ConfigError(
-            f"--max-queued-size ({queued:,} bytes) is below the largest message "
-            f"(--max-message-size, {largest:,} bytes): such a message could never be sent"
+        if policy is not None:  # a cap: the stricter of it and the option
+            limits[setting] = min(policy, limits.get(setting, policy))
+    if options.hibernate_after is not None:
+        limits["hibernate_after"] = (
+            None if options.hibernate_after == "off" else options.hibernate_after
         )
-    if request.hibernate_after is not None:
-        limits["hibernate_after"] = _hibernate_after(request.hibernate_after)
-    return limits
+    settings = RunSettings(
+        caps=caps.tightened(project.caps),
+        backoff=Backoff() if options.retry_backoff is None else Backoff(options.retry_backoff),
+        max_response_bytes=project.max_response_bytes,
+        **limits,
+    )
+    return settings, _memory_budget(options.max_total_ram)
 
 
 def _memory_budget(value: str | int | None) -> int | None:
@@ -398,31 +355,12 @@ def _memory_budget(value: str | int | None) -> int | None:
     if value == "off":
         return None
     if not can_keep:
-        raise ConfigError(
-            "--max-total-ram needs Linux's /proc/self/statm, pagemap and mem, which "
-            "this system does not have; leave it out (or 'off')"
+        raise OptionError(
+            "max_total_ram",
+            value,
+            lambda name: (
+                f"{name('max_total_ram')} needs Linux's /proc/self/statm, pagemap "
+                "and mem, which this system does not have; leave it out (or 'off')"
+            ),
         )
-    try:
-        budget = parse_ram(value)
-    except ValueError:
-        raise ConfigError(
-            f"--max-total-ram {value!r} is invalid; expected {RAM_FORMS}, or 'off'"
-        ) from None
-    if budget < MIN_BUDGET_BYTES:
-        raise ConfigError(
-            f"--max-total-ram {value!r} is below {MIN_BUDGET_BYTES // 1024**2} MB, "
-            "the least Capsule itself needs with a few tasks running"
-        )
-    return budget
-
-
-def _hibernate_after(value: str | float) -> float | None:
-    if value == "off":
-        return None
-    try:
-        return parse_timeout(value)
-    except ValueError:
-        # Not 0: every wait that blocks would then hibernate, ~2 ms of CPU each.
-        raise ConfigError(
-            f"--hibernate-after {value!r} is invalid; expected {TIMEOUT_FORMS}, or 'off'"
-        ) from None
+    return cast(int, value)  # (RunOptions holds a size in bytes)

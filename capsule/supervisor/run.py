@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from capsule.actors.external import ExternalMessages
-from capsule.actors.router import DEFAULT_MAX_QUEUED_BYTES, Message, Router
+from capsule.actors.router import Message, Router
 from capsule.net.http import HttpClient
 from capsule.sandbox.config import HostCaps, TaskConfig
 from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
@@ -37,6 +37,17 @@ from capsule.supervisor.loading import ProgramError, load_program, no_entry, pro
 from capsule.supervisor.message_steps import MessageSteps
 from capsule.supervisor.messages import MessageCalls
 from capsule.supervisor.operation_calls import OperationCalls
+from capsule.supervisor.option_specs import (
+    DEFAULT_HIBERNATE_AFTER_S,
+    DEFAULT_MAILBOX_CAPACITY,
+    DEFAULT_MAX_CHILDREN,
+    DEFAULT_MAX_LIVE_TASKS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MAX_RUN_JOURNAL_BYTES,
+    DEFAULT_MAX_TASK_OUTPUT_BYTES,
+    DEFAULT_RETRY_BACKOFF_S,
+)
 from capsule.supervisor.output import Output
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
 from capsule.supervisor.supervision import Supervision
@@ -67,7 +78,7 @@ class RunInterrupted(Exception):
 class Backoff:
     """Exponential backoff between attempts: ``initial * factor ** (n - 1)``, capped."""
 
-    initial_s: float = 0.05
+    initial_s: float = DEFAULT_RETRY_BACKOFF_S
     factor: float = 2.0
     max_s: float = 5.0
 
@@ -82,13 +93,13 @@ class RunSettings:
     #: Fresh instances kept ready with the program imported (0: prepare on demand).
     pool_size: int = 2
     #: Tasks alive at once in the run (each holds an instance and a thread).
-    max_live_tasks: int = 512
+    max_live_tasks: int = DEFAULT_MAX_LIVE_TASKS
     #: Spawned children alive at once under one task.
-    max_children: int = 256
+    max_children: int = DEFAULT_MAX_CHILDREN
     #: Messages a mailbox holds before ``send`` waits.
-    mailbox_capacity: int = 1000
+    mailbox_capacity: int = DEFAULT_MAILBOX_CAPACITY
     #: Largest message body, as JSON.
-    max_message_bytes: int = 1024**2
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Total size of the messages sent and not yet received in the run: the
     #: host memory guests can fill with them (a send over it is refused).
     max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES
@@ -98,15 +109,15 @@ class RunSettings:
     #: characters: its output, random bytes, messages, HTTP exchanges and other
     #: host calls. Past it the attempt fails with kind output_limit (what it
     #: journals is bounded by this, plus its last answer).
-    max_task_output_bytes: int = 64 * 1024**2
+    max_task_output_bytes: int = DEFAULT_MAX_TASK_OUTPUT_BYTES
     #: What the whole run may record in its journal, in characters (steps and
     #: their overhead, counted as above). Past it the run stops, as when its
     #: journal cannot be written: resumable, with a larger limit.
-    max_run_journal_bytes: int = 1024**3
+    max_run_journal_bytes: int = DEFAULT_MAX_RUN_JOURNAL_BYTES
     #: Seconds a task waits in receive, result, sleep (any blocking call)
     #: before it hibernates: the memory pages it has only read are given back
     #: (None: never). Like gen_server's hibernate_after, for idle actors.
-    hibernate_after: float | None = 1.0
+    hibernate_after: float | None = DEFAULT_HIBERNATE_AFTER_S
 
 
 def new_run_id() -> str:

@@ -1,0 +1,156 @@
+"""The run options as plain data: each one's name, form, default and help.
+
+Importing it costs nothing (no pydantic): the CLI builds its run flags from it
+at start-up, ``RunOptions`` (capsule.supervisor.options) declares a validated
+field for each, and the run's settings take their defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+#: How an option's value is written and parsed: ``fuel`` LOW/MEDIUM/HIGH or an
+#: int; ``size`` "256MB" or an int of bytes; ``duration`` "30s" or seconds;
+#: ``count`` a whole number; ``seconds`` a number of seconds; ``*_or_off``
+#: the same, or "off".
+Form = Literal["fuel", "size", "duration", "count", "seconds", "size_or_off", "duration_or_off"]
+
+DEFAULT_MAX_LIVE_TASKS = 512
+DEFAULT_MAX_CHILDREN = 256
+DEFAULT_MAILBOX_CAPACITY = 1000
+DEFAULT_MAX_MESSAGE_BYTES = 1024**2
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024**2
+DEFAULT_MAX_TASK_OUTPUT_BYTES = 64 * 1024**2
+DEFAULT_MAX_RUN_JOURNAL_BYTES = 1024**3
+DEFAULT_HIBERNATE_AFTER_S = 1.0
+DEFAULT_RETRY_BACKOFF_S = 0.05
+#: Largest value of a count option (cpu_slots, max_live_tasks, ...).
+MAX_COUNT = 1_000_000_000
+#: Largest retry_backoff, in seconds.
+MAX_RETRY_BACKOFF_S = 3600.0
+
+_METAVARS: dict[Form, str] = {
+    "fuel": "FUEL",
+    "size": "SIZE",
+    "duration": "DURATION",
+    "count": "N",
+    "seconds": "SECONDS",
+    "size_or_off": "SIZE",
+    "duration_or_off": "DURATION",
+}
+
+
+def size_text(size: int) -> str:
+    """A size in the largest unit that divides it ("1MB", "256MB", "1GB")."""
+    for unit, scale in (("TB", 1024**4), ("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One run option, as users see it."""
+
+    name: str
+    form: Form
+    #: What it sets, with its default.
+    help: str
+    #: `capsule resume` may give it a new value, with this help (None: it may not).
+    resume_help: str | None = None
+
+    @property
+    def flag(self) -> str:
+        """Its command-line flag (``--max-queued-size``)."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def metavar(self) -> str:
+        return _METAVARS[self.form]
+
+
+RUN_OPTIONS: tuple[OptionSpec, ...] = (
+    OptionSpec("max_fuel", "fuel", "cap on any task's fuel (LOW/MEDIUM/HIGH or an int)"),
+    OptionSpec("max_ram", "size", 'cap on any task\'s memory (e.g. "256MB")'),
+    OptionSpec("max_timeout", "duration", 'cap on any task\'s timeout (e.g. "30s")'),
+    OptionSpec(
+        "cpu_slots",
+        "count",
+        "instances running wasm at once, shared round-robin (default: CPU cores)",
+    ),
+    OptionSpec(
+        "max_live_tasks", "count", f"tasks alive at once in the run ({DEFAULT_MAX_LIVE_TASKS})"
+    ),
+    OptionSpec("max_children", "count", f"running children per task ({DEFAULT_MAX_CHILDREN})"),
+    OptionSpec(
+        "mailbox_capacity",
+        "count",
+        f"messages a mailbox holds before send waits ({DEFAULT_MAILBOX_CAPACITY})",
+    ),
+    OptionSpec(
+        "max_message_size",
+        "size",
+        f'largest message, as JSON (default "{size_text(DEFAULT_MAX_MESSAGE_BYTES)}")',
+    ),
+    OptionSpec(
+        "max_queued_size",
+        "size",
+        "messages sent and not yet received, in all (default "
+        f'"{size_text(DEFAULT_MAX_QUEUED_BYTES)}"); a send over it fails',
+    ),
+    OptionSpec(
+        "max_total_ram",
+        "size_or_off",
+        "memory of the whole run: over it, the task holding the most is stopped "
+        '(default: half the machine\'s memory; "off": no bound)',
+    ),
+    OptionSpec(
+        "max_task_output",
+        "size",
+        "what one attempt of a task may make the host record: output, messages, "
+        f'random bytes, HTTP exchanges (default "{size_text(DEFAULT_MAX_TASK_OUTPUT_BYTES)}"); '
+        "past it the task fails (kind output_limit)",
+        resume_help="a new limit on what one attempt of a task may make the host record",
+    ),
+    OptionSpec(
+        "max_run_journal",
+        "size",
+        "what the run may write to its journal (default "
+        f'"{size_text(DEFAULT_MAX_RUN_JOURNAL_BYTES)}"); past it the run stops, resumable '
+        "with a larger limit",
+        resume_help="a new limit on what the run may write to its journal (one it stopped at)",
+    ),
+    OptionSpec(
+        "hibernate_after",
+        "duration_or_off",
+        "a task blocked this long gives back the memory pages it only read "
+        f'(default {DEFAULT_HIBERNATE_AFTER_S:g}s; "500ms", "2m"; "off": never)',
+    ),
+    OptionSpec(
+        "retry_backoff",
+        "seconds",
+        "delay in seconds before the first retry, doubled for each further one "
+        f"(default {DEFAULT_RETRY_BACKOFF_S:g})",
+    ),
+)
+
+OPTION_SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in RUN_OPTIONS}
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of an option (``max_queued_size`` -> ``--max-queued-size``)."""
+    return "--" + name.replace("_", "-")
+
+
+def options_table() -> str:
+    """The run options as a Markdown table (docs/cli.md holds it)."""
+    rows = [
+        "| flag | option | what it sets |",
+        "|---|---|---|",
+        *(
+            f"| `{spec.flag} {spec.metavar}` | `{spec.name}` | {spec.help} |"
+            for spec in RUN_OPTIONS
+        ),
+    ]
+    return "\n".join(rows) + "\n"
