@@ -96,7 +96,7 @@ def test_tasks_over_the_budget_are_stopped_and_the_host_stays_within_it(
     assert stopped, result
     for kind, message in stopped:
         assert kind == "memory_limit"
-        assert "went over its budget of 600.0 MB (--max-total-ram)" in message
+        assert "went over its budget of 600.0 MB (the run option max_total_ram)" in message
         assert "this task held the most of any" in message
     assert all(hog == 300 for hog in result["hogs"] if not isinstance(hog, list))
     assert result["bystander"] == sum(range(2_000_000))

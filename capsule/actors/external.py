@@ -113,7 +113,7 @@ class ExternalMessages:
             raise ExternalError(
                 "too_large",
                 f"a message of {len(body_json):,} bytes (as JSON) exceeds the run's limit "
-                f"of {self.max_message_bytes:,} bytes (--max-message-size)",
+                f"of {self.max_message_bytes:,} bytes (the run option max_message_size)",
             )
         waiter = _Waiter()
         with self._lock:

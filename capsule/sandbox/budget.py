@@ -189,7 +189,7 @@ class MemoryBudget:
             self._stop(
                 task,
                 f"the run's memory ({resident / mb:,.1f} MB) went over its budget of "
-                f"{self.limit_bytes / mb:,.1f} MB (--max-total-ram), and this task held "
+                f"{self.limit_bytes / mb:,.1f} MB (the run option max_total_ram), and this task held "
                 f"the most of any ({held})",
             )
         except BaseException:

@@ -187,7 +187,7 @@ class RunInbox:
             return _error(
                 "too_large",
                 f"the request is over {self._max_request:,} bytes; the run's messages are "
-                f"at most {self.external.max_message_bytes:,} bytes (--max-message-size)",
+                f"at most {self.external.max_message_bytes:,} bytes (the run option max_message_size)",
             )
         try:
             op, target, body_json, timeout = parse_request(raw)

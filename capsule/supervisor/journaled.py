@@ -166,9 +166,9 @@ class JournaledSteps:
             self.failed(
                 JournalFailure(
                     f"run {self.run_id} recorded {self.recorded / 2**20:.1f} MB in its journal; "
-                    f"its limit is {limit / 2**20:.1f} MB (--max-run-journal, or max_run_journal "
-                    f"in capsule.toml's [policy]). It can be resumed with a larger one: "
-                    f"`capsule resume {self.run_id} --max-run-journal SIZE`"
+                    f"its limit is {limit / 2**20:.1f} MB (the run option max_run_journal, or "
+                    f"max_run_journal in capsule.toml's [policy]). It can be resumed with a "
+                    f"larger one: `capsule resume {self.run_id} --max-run-journal SIZE`"
                 )
             )
 
@@ -182,7 +182,8 @@ class JournaledSteps:
                 f"task {invocation.task!r} ({invocation.task_id}) made the host record "
                 f"{attempt.recorded / 2**20:.1f} MB of output, messages and host calls in "
                 f"attempt {invocation.attempt}; the limit is {limit / 2**20:.1f} MB per "
-                f"attempt (--max-task-output, or max_task_output in capsule.toml's [policy])",
+                f"attempt (the run option max_task_output, or max_task_output in capsule.toml's "
+                f"[policy])",
             )
 
     def _diverged(self, attempt: Attempt, number: int, expected: Step, actual: Step) -> None:
