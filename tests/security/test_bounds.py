@@ -48,7 +48,7 @@ def test_an_attempt_that_floods_the_journal_fails_with_output_limit(
     assert done.returncode == 1, (what, done.stderr[-2000:])
     envelope = json.loads(done.stdout)
     assert envelope["error"]["kind"] == "output_limit", envelope["error"]
-    assert "--max-task-output" in envelope["error"]["message"]
+    assert "the run option max_task_output" in envelope["error"]["message"]
     assert envelope["execution"]["attempts"] == 1  # not retried: it would flood again
     assert journal_bytes(tmp_path) < 6 * MB, what
 
