@@ -283,8 +283,15 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
     except (OSError, sqlite3.Error) as exc:
         raise JournalError(describe_error(path, exc)) from None
     try:
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        tables = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        # First: every statement below may meet another connection's lock (a
+        # run starting at the same time: switching to WAL takes an exclusive one).
+        connection.execute("PRAGMA busy_timeout=5000")
+        # (One statement, one snapshot: read apart, another connection's
+        # migration could commit between the two.)
+        version, tables = connection.execute(
+            "SELECT (SELECT user_version FROM pragma_user_version), "
+            "(SELECT count(*) FROM sqlite_master)"
+        ).fetchone()
         if version > SCHEMA_VERSION:
             raise JournalError(
                 f"the journal {path} has schema version {version}, written by a newer "
@@ -300,7 +307,6 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
         # WAL with NORMAL: a commit survives the process being killed; an OS crash
         # or power cut may lose the last commits, never the file's consistency.
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.execute("PRAGMA busy_timeout=5000")
         if version < SCHEMA_VERSION:
             connection.execute("BEGIN IMMEDIATE")
             # Another connection (a run starting at the same time) may have
