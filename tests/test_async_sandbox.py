@@ -71,6 +71,11 @@ def spin(chunks, steps):
     return total
 
 @capsule.task
+def nap(seconds):
+    capsule.sleep(seconds)
+    return "rested"
+
+@capsule.task
 def forever():
     while True:
         pass
@@ -102,6 +107,7 @@ class Waits:
         self.changed = threading.Condition()
         self.receiving: dict[str, Pending] = {}
         self.sent: dict[str, list[Any]] = {}
+        self.sleeping: dict[str, tuple[float, Pending]] = {}
         #: The thread each receive was called on, and the attempt it was polled for.
         self.children: list[Attempt] = []
 
@@ -130,7 +136,15 @@ class Waits:
         return False, json.dumps({"kind": "exception", "message": "not served here"})
 
     def sleep(self, caller: Invocation, seconds: float) -> Pending | None:
-        return None
+        if seconds == 0:
+            return None
+        if seconds >= 1000:
+            raise RuntimeError("the host cannot sleep that long")
+        pending = Pending()
+        with self.changed:
+            self.sleeping[caller.task_id] = (seconds, pending)
+            self.changed.notify_all()
+        return pending
 
     def send(
         self, caller: Invocation, target: str, body_json: str, timeout: float | None
@@ -377,8 +391,9 @@ def test_a_busy_attempt_is_stopped_by_its_deadline(
     assert 0 < outcome.fuel_consumed < limits.fuel
 
 
+@pytest.mark.parametrize("by", ["its next tick", "stop"])
 def test_a_busy_attempt_cancelled_ends_cancelled(
-    sandbox: AsyncSandbox, waits: Waits, host: Host
+    sandbox: AsyncSandbox, waits: Waits, host: Host, by: str
 ) -> None:
     scope, ended = Scope(), Ended()
     attempt = sandbox.start(
@@ -387,11 +402,14 @@ def test_a_busy_attempt_cancelled_ends_cancelled(
     with waits.changed:  # (it runs: it reported progress)
         assert waits.changed.wait_for(lambda: "h" in waits.sent, timeout=600)
     scope.cancelled = True
-    assert sandbox.stop(attempt) is True
+    if by == "stop":
+        assert sandbox.stop(attempt) is True
+    # (Else the epoch callback, at its next tick, sees it must stop.)
     ended.wait_for(1)
     outcome = attempt.outcome
     assert outcome is not None and outcome.error is not None
     assert outcome.error.kind == "cancelled"
+    assert attempt.future is not None and attempt.future.cancelled is (by == "stop")
     assert live_instances() == 0
 
 
@@ -493,3 +511,88 @@ def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
             assert json.loads(outcome.result_json or "") == {"got": {"n": key}, "from": f"s{key}"}
     assert sandbox.running == 0 and live_instances() == 0
     assert not wasm_async._PENDING_BY_KEY
+
+
+def test_a_sleep_waits_for_the_host_and_frees_its_poll_thread(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    sleeper = sandbox.start(invocation("s", "nap", host), "prog", args(30), waits, ended)
+    with waits.changed:
+        assert waits.changed.wait_for(lambda: "s" in waits.sleeping, timeout=600)
+    # Both poll threads are free meanwhile: another attempt runs to its end.
+    assert run(sandbox, waits, invocation("t", "hello", host), args("x")).outcome is not None
+    assert not sleeper.ended
+    seconds, pending = waits.sleeping.pop("s")
+    assert seconds == 30
+    pending.resolve(None)
+    ended.wait_for(1)
+    assert sleeper.outcome is not None and sleeper.outcome.result_json == '"rested"'
+
+
+def test_a_failure_of_the_waiting_host_fails_the_attempt_not_the_host(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    attempt = run(sandbox, waits, invocation("e", "nap", host), args(5000))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "trap", outcome.error
+    assert outcome.error.message == "the host failed while serving the task"
+    assert "the host cannot sleep that long" in (outcome.error.traceback or "")
+
+
+def test_an_answer_given_late_to_an_attempt_that_must_stop_ends_it(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    # Cancelled while it waited, without stop(): the failed answer it then
+    # gets ends it as cancelled (as a blocking call returning would).
+    scope, ended = Scope(), Ended()
+    attempt = sandbox.start(
+        invocation("l", "echo", host, within=scope), "prog", args(), waits, ended
+    )
+    waits.wait_receiving(1)
+    scope.cancelled = True
+    waits.receiving.pop("l").resolve((False, "{}"))
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "cancelled", outcome.error
+
+
+def test_an_attempt_that_cannot_start_ends_at_once(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    small = replace(LIMITS, ram_bytes=1024**2)
+    attempt = sandbox.start(invocation("r", "hello", host, small), "prog", args("x"), waits, ended)
+    assert attempt.ended and ended.attempts == [attempt]  # (on this thread)
+    assert attempt.outcome is not None and attempt.outcome.error is not None
+    assert attempt.outcome.error.kind == "memory_limit"
+    missing = sandbox.start(invocation("m", "hello", host), "no_such", args("x"), waits, ended)
+    assert missing.outcome is not None and missing.outcome.error is not None
+    assert "cannot load 'no_such'" in missing.outcome.error.message
+    assert sandbox.running == 0
+
+
+def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) -> None:
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    ended = Ended()
+    with AsyncSandbox([tmp_path], poll_threads=1) as sandbox:
+        waits = Waits(sandbox, host)
+        attempts = [
+            sandbox.start(invocation(f"w{key}", "echo", host), "prog", args(), waits, ended)
+            for key in range(3)
+        ]
+        waits.wait_receiving(3)
+    assert ended.attempts and len(ended.attempts) == 3
+    for attempt in attempts:
+        assert attempt.outcome is not None and attempt.outcome.error is not None
+        assert attempt.outcome.error.kind == "cancelled"
+    assert live_instances() == 0 and not wasm_async._PENDING_BY_KEY
+    with pytest.raises(RuntimeError, match="not open"):
+        sandbox.start(invocation("late", "echo", host), "prog", args(), waits, ended)
+
+
+def test_the_thread_mode_call_is_refused(sandbox: AsyncSandbox, host: Host) -> None:
+    with pytest.raises(TypeError, match="use start"):
+        sandbox.invoke(invocation("x", "hello", host), "prog", args("x"))

@@ -30,6 +30,7 @@ import itertools
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -259,7 +260,8 @@ class AsyncSandbox(Sandbox):
         #: Attempts started and not ended, and the lock of them and their deadlines.
         self._lock = threading.Lock()
         self._attempts: set[Attempt] = set()
-        self._deadlines: list[tuple[float, int, Attempt]] = []
+        #: (Weak: an attempt that ended early is not held until its deadline.)
+        self._deadlines: list[tuple[float, int, weakref.ref[Attempt]]] = []
         self._order = itertools.count()
 
     @staticmethod
@@ -308,8 +310,10 @@ class AsyncSandbox(Sandbox):
         due = []
         with self._lock:
             while self._deadlines and self._deadlines[0][0] <= now:
-                due.append(heapq.heappop(self._deadlines)[2])
-        return [attempt for attempt in due if not attempt.ended]
+                attempt = heapq.heappop(self._deadlines)[2]()
+                if attempt is not None and not attempt.ended:
+                    due.append(attempt)
+        return due
 
     # -- instances -----------------------------------------------------------
 
@@ -394,7 +398,7 @@ class AsyncSandbox(Sandbox):
         with self._lock:
             self._attempts.add(attempt)
             if deadline is not None:
-                heapq.heappush(self._deadlines, (deadline, next(self._order), attempt))
+                heapq.heappush(self._deadlines, (deadline, next(self._order), weakref.ref(attempt)))
         self._poller.submit(future, self._finished)
         return attempt
 
@@ -427,6 +431,12 @@ class AsyncSandbox(Sandbox):
         attempt: Attempt = future.data
         with self._lock:
             self._attempts.discard(attempt)
+            if len(self._deadlines) > 2 * len(self._attempts) + 1024:
+                # Most are of attempts that ended early: kept only those still on.
+                self._deadlines = [
+                    entry for entry in self._deadlines if entry[2]() in self._attempts
+                ]
+                heapq.heapify(self._deadlines)
         if attempt.ended:
             return
         attempt.outcome = self._concluded(attempt, future)
