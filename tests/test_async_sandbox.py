@@ -559,6 +559,21 @@ def test_an_answer_given_late_to_an_attempt_that_must_stop_ends_it(
     assert outcome.error.kind == "cancelled", outcome.error
 
 
+def test_a_late_answer_of_the_wrong_shape_fails_the_attempt_as_the_host_s(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    attempt = sandbox.start(invocation("b", "echo", host), "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    waits.receiving.pop("b").resolve((True, [("only", "two fields")]))
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "trap", outcome.error
+    assert outcome.error.message == "the host failed while serving the task"
+    assert "TypeError" in (outcome.error.traceback or "")
+
+
 def test_an_attempt_that_cannot_start_ends_at_once(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:

@@ -169,6 +169,8 @@ class Attempt:
     future: CallFuture[Any] | None = None
     #: What it produced, once it ended (then ``on_done`` was called).
     outcome: AttemptOutcome | None = None
+    #: The answer it waited for last, given later.
+    pending: Pending | None = None
 
     @property
     def ended(self) -> bool:
@@ -457,6 +459,7 @@ class AsyncSandbox(Sandbox):
                 try:
                     value = future.result()
                 except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
+                    _blame_the_answer(attempt)
                     result = self._classify(invocation, exc)
                 else:
                     result = (
@@ -507,6 +510,7 @@ class AsyncSandbox(Sandbox):
                 if not isinstance(answer, Pending):
                     return then(invocation, answer)
             answer.adapt = _adapter(attempt, then)
+            attempt.pending = answer
             return answer
 
         return waiting
@@ -609,6 +613,16 @@ def _polled(invocation: Invocation, answer: Answer) -> tuple[bool, list[Completi
     if not answer[0]:
         return _failed(invocation, answer)
     return True, completions(answer[1])
+
+
+def _blame_the_answer(attempt: Attempt) -> None:
+    """A failed call whose last answer, given later, could not be given to
+    the guest (the host's answer was not of the import's type) failed because
+    of the host: keep why, as a host import's failure is kept."""
+    pending, invocation = attempt.pending, attempt.invocation
+    failure = None if pending is None else pending.failure
+    if failure is not None and invocation.host_error is None and invocation.stop_reason is None:
+        invocation.host_error = "".join(traceback.format_exception(failure))
 
 
 def _adapter(attempt: Attempt, then: Then) -> Callable[[Any], Any]:
