@@ -187,6 +187,14 @@ class Waits:
         pending.resolve((True, [(f"{sender}#1", sender, json.dumps(body), False)]))
 
 
+def until(value: Callable[[], int]) -> int:
+    """``value()`` once it is not 0 or False (looked at again until then)."""
+    deadline = time.monotonic() + 60
+    while not (found := value()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return found
+
+
 def invocation(
     task_id: str, task: str, host: Host, limits: Limits = LIMITS, **options: Any
 ) -> Invocation:
@@ -611,3 +619,44 @@ def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) 
 def test_the_thread_mode_call_is_refused(sandbox: AsyncSandbox, host: Host) -> None:
     with pytest.raises(TypeError, match="use start"):
         sandbox.invoke(invocation("x", "hello", host), "prog", args("x"))
+
+
+def test_a_waiting_attempt_hibernates_then_goes_on(
+    mappings_by: str, sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    attempt = sandbox.start(invocation("z", "relay", host), "prog", args(2), waits, ended)
+    waits.wait_receiving(1)
+    waits.deliver("z", "before")
+    waits.wait_receiving(1)
+    # (Once its poll has returned: 0 until then.)
+    released = until(lambda: sandbox.hibernate_waiting(attempt))
+    assert released > 1024**2, released  # (most of the image it only read)
+    waits.deliver("z", "after")
+    ended.wait_for(1)
+    assert attempt.outcome is not None and attempt.outcome.result_json == "2"
+    assert waits.sent["z"] == ["before", "after"]
+    assert sandbox.hibernate_waiting(attempt) == 0  # (ended)
+
+
+def test_an_attempt_held_while_its_answer_comes_runs_after(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    poller = sandbox._poller
+    assert poller is not None
+    ended = Ended()
+    attempt = sandbox.start(invocation("y", "echo", host), "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    future = attempt.future
+    assert future is not None
+    until(lambda: poller.waiting(future))
+    with poller.held(future) as waiting:
+        assert waiting
+        waits.deliver("y", "held")
+        assert not poller.waiting(future)
+        with poller.held(future) as again:
+            assert not again  # (held once)
+        assert not attempt.ended and not future.done  # (not polled)
+    ended.wait_for(1)
+    assert attempt.outcome is not None and attempt.outcome.error is None
+    assert json.loads(attempt.outcome.result_json or "")["got"] == "held"

@@ -423,6 +423,19 @@ class AsyncSandbox(Sandbox):
             future.cancel()
         return True
 
+    def hibernate_waiting(self, attempt: Attempt) -> int:
+        """Give back the pages of a waiting attempt's memory it has only read
+        (they are the shared image's; it gets them back as it reads them
+        again): bytes unmapped, 0 if it is not waiting (its call is not
+        polled meanwhile, so its guest cannot write its memory)."""
+        future, poller, store = attempt.future, self._poller, attempt.store
+        if future is None or poller is None or store is None or store.marker is None:
+            return 0
+        with poller.held(future) as waiting:
+            if not waiting or attempt.ended:
+                return 0
+            return self.prefaulter.release(store.memory, store.marker)
+
     def _stop_for_memory(self, store: Any, why: str) -> None:
         super()._stop_for_memory(store, why)
         attempt = getattr(store, "attempt", None)
