@@ -5,7 +5,8 @@ prints, for attempts of a real program that wait in ``receive``:
 - the time to start them all until each waits (instances prepared on the
   starting thread, as when the pool is empty);
 - the private memory each waiting attempt holds (as /proc/self/smaps_rollup
-  counts it), and the process's threads before and after;
+  counts it), then once each hibernated, and the process's threads before
+  and after;
 - the time to wake them all with a message and have each end.
 Nothing here is asserted.
 """
@@ -33,6 +34,7 @@ from tests.test_async_sandbox import (  # noqa: E402
     os_threads,
     private_bytes,
     run,
+    until,
 )
 
 
@@ -47,12 +49,18 @@ def measure(attempts: int, poll_threads: int) -> None:
             gc.collect()
             threads_before, private_before = os_threads(), private_bytes()
             started = time.perf_counter()
-            for key in range(attempts):
+            started_attempts = [
                 sandbox.start(invocation(f"a{key}", "echo", host), "prog", args(), waits, ended)
+                for key in range(attempts)
+            ]
             waits.wait_receiving(attempts)
             start_s = time.perf_counter() - started
             private = (private_bytes() - private_before) / attempts
             threads = os_threads()
+            released = 0
+            for attempt in started_attempts:
+                released += until(lambda attempt=attempt: sandbox.hibernate_waiting(attempt))
+            hibernated = (private_bytes() - private_before) / attempts
             started = time.perf_counter()
             for key in range(attempts):
                 waits.deliver(f"a{key}", key)
@@ -61,6 +69,10 @@ def measure(attempts: int, poll_threads: int) -> None:
     print(f"{attempts} attempts waiting in receive, {poll_threads} poll threads:")
     print(f"  started and waiting: {start_s:.2f} s ({start_s / attempts * 1e3:.2f} ms each)")
     print(f"  private memory each: {private / 1024**2:.2f} MB")
+    print(
+        f"  hibernated:          {hibernated / 1024**2:.2f} MB each "
+        f"({released / attempts / 1024**2:.2f} MB given back each)"
+    )
     print(f"  threads: {threads_before} before, {threads} while they wait")
     print(f"  woken and ended:     {wake_s:.2f} s ({wake_s / attempts * 1e3:.2f} ms each)")
 
