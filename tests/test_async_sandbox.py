@@ -660,3 +660,18 @@ def test_an_attempt_held_while_its_answer_comes_runs_after(
     ended.wait_for(1)
     assert attempt.outcome is not None and attempt.outcome.error is None
     assert json.loads(attempt.outcome.result_json or "")["got"] == "held"
+
+
+def test_a_failure_while_ending_an_attempt_still_ends_it(
+    sandbox: AsyncSandbox, waits: Waits, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any) -> int:
+        raise RuntimeError("no fuel reading")
+
+    monkeypatch.setattr(sandbox, "_used", broken)
+    attempt = run(sandbox, waits, invocation("k", "hello", host), args("x"))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.message == "the host failed while ending the task"
+    assert "no fuel reading" in (outcome.error.traceback or "")
+    assert live_instances() == 0 and sandbox.running == 0

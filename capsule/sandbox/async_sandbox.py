@@ -371,7 +371,8 @@ class AsyncSandbox(Sandbox):
         """Start one attempt of a task in a fresh instance, with ``call_json``
         (checked ``{"args": [...], "kwargs": {...}}``) as its arguments, and
         return at once. ``on_done(attempt)`` is called once it ended (on a
-        poll thread; on this one if it could not start), with
+        poll thread; on this one if it could not start; on the one that
+        closes the sandbox for those it ends), with
         ``attempt.outcome`` set. If no prepared instance is ready, the program
         is imported into a new one here first (a few milliseconds)."""
         if self._poller is None:
@@ -454,7 +455,16 @@ class AsyncSandbox(Sandbox):
                 heapq.heapify(self._deadlines)
         if attempt.ended:
             return
-        attempt.outcome = self._concluded(attempt, future)
+        try:
+            attempt.outcome = self._concluded(attempt, future)
+        except Exception:  # (its owner must hear of its end all the same)
+            error = ErrorInfo(
+                "trap", "the host failed while ending the task", traceback=traceback.format_exc()
+            )
+            attempt.outcome = self._outcome(None, error, 0, attempt.started)
+            store = attempt.store
+            if store is not None and not store.busy:
+                store.close()
         if attempt.on_done is not None:
             attempt.on_done(attempt)
 
