@@ -76,6 +76,12 @@ def nap(seconds):
     return "rested"
 
 @capsule.task
+def hog(mb):
+    held = [b"x" * (4 * 1024 * 1024) for _ in range(mb // 4)]
+    message = capsule.receive()
+    return {"held": len(held) * 4, "got": message.body}
+
+@capsule.task
 def forever():
     while True:
         pass
@@ -675,3 +681,38 @@ def test_a_failure_while_ending_an_attempt_still_ends_it(
     assert outcome.error.message == "the host failed while ending the task"
     assert "no fuel reading" in (outcome.error.traceback or "")
     assert live_instances() == 0 and sandbox.running == 0
+
+
+def test_the_memory_budget_stops_the_largest_attempt_waiting_or_running(
+    tmp_path: Path, host: Host
+) -> None:
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    ended = Ended()
+    mb = 1024**2
+    with AsyncSandbox([tmp_path], poll_threads=2, memory_budget=1 << 50) as sandbox:
+        budget, waits = sandbox.budget, Waits(sandbox, host)
+        assert budget is not None
+        run(sandbox, waits, invocation("warm", "hello", host), args("warm"))
+        budget.sample()
+        # Room for one hog of 80 MB waiting, not two.
+        budget.limit_bytes = budget.resident + 120 * mb
+        big = replace(LIMITS, ram_bytes=512 * mb)
+        first = sandbox.start(invocation("h1", "hog", host, big), "prog", args(80), waits, ended)
+        waits.wait_receiving(1)
+        second = sandbox.start(invocation("h2", "hog", host, big), "prog", args(80), waits, ended)
+        ended.wait_for(1)  # (one of them stopped: they wait, or the second still runs)
+        [stopped] = ended.attempts
+        assert stopped.outcome is not None and stopped.outcome.error is not None
+        assert stopped.outcome.error.kind == "memory_limit", stopped.outcome.error
+        assert "went over its budget" in stopped.outcome.error.message
+        other = second if stopped is first else first
+        with waits.changed:
+            assert waits.changed.wait_for(
+                lambda: other.invocation.task_id in waits.receiving, timeout=600
+            )
+        waits.deliver(other.invocation.task_id, "still here")
+        ended.wait_for(2)
+        assert other.outcome is not None and other.outcome.error is None, other.outcome
+        assert json.loads(other.outcome.result_json or "") == {"held": 80, "got": "still here"}
+        assert budget.stopped == 1
+    assert live_instances() == 0
