@@ -21,14 +21,14 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import wasmtime
-from wasmtime.component import Component, Instance, Linker, Record
+from wasmtime.component import Component, Instance, Linker, LinkerInstance, Record
 
 from capsule.sandbox import guest_data, oom
 from capsule.sandbox import wasmtime_compat as compat
@@ -38,7 +38,7 @@ from capsule.sandbox.channel import Channel, ChannelError
 from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
-from capsule.sandbox.hostcall import CONVERTERS, ExportCaller, add_host_func
+from capsule.sandbox.hostcall import CONVERTERS, ExportCaller, HostFunc, add_host_func
 from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
 from capsule.sandbox.nesting import nested_call
 from capsule.sandbox.paths import PathRefused, descriptor_path
@@ -527,7 +527,7 @@ class _TrackedStore(wasmtime.Store):
     _live = 0
     _lock = threading.Lock()
 
-    def __init__(self, engine: wasmtime.Engine, prefaulter: Prefaulter) -> None:
+    def __init__(self, engine: wasmtime.Engine, prefaulter: Prefaulter | None = None) -> None:
         super().__init__(engine)
         with _TrackedStore._lock:
             _TrackedStore._live += 1
@@ -555,11 +555,12 @@ class _TrackedStore(wasmtime.Store):
             with _TrackedStore._lock:
                 _TrackedStore._live -= 1
         memory, self.memory = getattr(self, "memory", None), None
-        if memory is not None:
-            self._prefaulter.closing(memory)
+        prefaulter = getattr(self, "_prefaulter", None)
+        if memory is not None and prefaulter is not None:
+            prefaulter.closing(memory)
         super().close()
-        if memory is not None:
-            self._prefaulter.unmapped(memory)
+        if memory is not None and prefaulter is not None:
+            prefaulter.unmapped(memory)
         budget, self.budget = getattr(self, "budget", None), None
         if budget is not None:
             budget.forget(self)
@@ -741,29 +742,39 @@ def _trap_with(message: str) -> int:
     return compat.trap_address(message)
 
 
+def tick_check(invocation: Invocation, context: Any) -> int:
+    """At an epoch tick of ``invocation``'s instance (on the thread that runs
+    it): read its fuel, hand over the messages it gathered, and say whether it
+    must stop: 0 to go on, else the address of the error that traps it."""
+    left = compat.fuel_left(context)
+    if left is not None:
+        invocation.fuel_left = left
+    channel = invocation.channel
+    if channel is not None:
+        # Messages a task gathered reach their targets within a tick, even
+        # if it computes after sending instead of calling the host.
+        try:
+            _take_gathered(invocation, channel, restart=False)
+        except _Stop:
+            return _trap_with("capsule: aborted")
+        except Exception as exc:
+            _host_failure(exc)
+            return _trap_with("capsule: host error")
+    reason = invocation.check_stop()
+    if reason is not None:
+        invocation.stop_reason = reason
+        return _trap_with(f"capsule: {reason}")
+    return 0
+
+
 @compat.EPOCH_CALLBACK_T  # type: ignore[untyped-decorator]
 def _on_epoch(context: Any, _data: Any, delta: Any, kind: Any) -> int:
     # Runs on the wasm thread at every epoch tick the instance sees.
     invocation: Invocation | None = getattr(_thread, "invocation", None)
     if invocation is not None:
-        left = compat.fuel_left(context)
-        if left is not None:
-            invocation.fuel_left = left
-        channel = invocation.channel
-        if channel is not None:
-            # Messages a task gathered reach their targets within a tick, even
-            # if it computes after sending instead of calling the host.
-            try:
-                _take_gathered(invocation, channel, restart=False)
-            except _Stop:
-                return _trap_with("capsule: aborted")
-            except Exception as exc:
-                _host_failure(exc)
-                return _trap_with("capsule: host error")
-        reason = invocation.check_stop()
-        if reason is not None:
-            invocation.stop_reason = reason
-            return _trap_with(f"capsule: {reason}")
+        trap = tick_check(invocation, context)
+        if trap:
+            return trap
         slots: CpuSlots | None = getattr(_thread, "slots", None)
         if slots is not None:
             slots.yield_turn()  # blocks while other instances take their turn
@@ -781,23 +792,34 @@ def _no_finalizer(_data: Any) -> None:
     return None
 
 
+def default_engine() -> tuple[wasmtime.Engine, str]:
+    """The engine, and the settings its compiled artifact depends on."""
+    config = wasmtime.Config()
+    config.consume_fuel = True
+    config.epoch_interruption = True
+    config.cranelift_opt_level = "speed"
+    # The component model's async support (concurrent tasks, streams) is
+    # unused here, and with it on every host call goes through its task
+    # machinery: off, a message costs ~6% less CPU.
+    settings = ENGINE_SETTINGS
+    if not compat.disable_concurrency_support(config):
+        settings = settings.replace("concurrency=0", "concurrency=1")
+    return wasmtime.Engine(config), settings
+
+
 class GuestComponent:
     """The wasmtime engine and the compiled guest runtime loaded in it: built
     once, shared by every sandbox that is given it (each run of a host
     application), read-only once made."""
 
-    def __init__(self, progress: Progress | None = None) -> None:
-        config = wasmtime.Config()
-        config.consume_fuel = True
-        config.epoch_interruption = True
-        config.cranelift_opt_level = "speed"
-        # The component model's async support (concurrent tasks, streams) is
-        # unused here, and with it on every host call goes through its task
-        # machinery: off, a message costs ~6% less CPU.
-        settings = ENGINE_SETTINGS
-        if not compat.disable_concurrency_support(config):
-            settings = settings.replace("concurrency=0", "concurrency=1")
-        self.engine = wasmtime.Engine(config)
+    def __init__(
+        self,
+        progress: Progress | None = None,
+        make_engine: Callable[[], tuple[wasmtime.Engine, str]] | None = None,
+    ) -> None:
+        # (make_engine: the engine, and the settings its compiled artifact
+        # depends on; an async sandbox's engine differs only where it does not.)
+        self.engine, settings = (make_engine or default_engine)()
         #: The guest runtime's files (instances map their memory image from ``compiled``).
         self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
@@ -815,7 +837,7 @@ class Sandbox:
         memory_budget: int | None = None,
         guest: GuestComponent | None = None,
     ) -> None:
-        guest = guest or GuestComponent(progress)
+        guest = guest or GuestComponent(progress, self._make_engine)
         self.engine = guest.engine
         self.artifacts = guest.artifacts
         self.component = guest.component
@@ -842,6 +864,11 @@ class Sandbox:
             if memory_budget is None
             else MemoryBudget(memory_budget, self._task_sizes, self._stop_for_memory)
         )
+
+    @staticmethod
+    def _make_engine() -> tuple[wasmtime.Engine, str]:
+        """The engine of a sandbox made without a ``guest``, and its settings."""
+        return default_engine()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -923,40 +950,44 @@ class Sandbox:
         root = linker.root()
         wasi = {name.split("@")[0]: name for name in self.component.type.imports(self.engine)}
         with root.add_instance(wasi["wasi:clocks/wall-clock"]) as wall_clock:
-            add_host_func(wall_clock, "now", self._wall_clock_now, _host_failure)
-            add_host_func(wall_clock, "resolution", self._wall_clock_resolution, _host_failure)
+            self._add(wall_clock, "now", self._wall_clock_now)
+            self._add(wall_clock, "resolution", self._wall_clock_resolution)
         with root.add_instance(wasi["wasi:random/random"]) as random:
-            add_host_func(random, "get-random-bytes", self._random_bytes, _host_failure)
-            add_host_func(random, "get-random-u64", self._random_u64, _host_failure)
+            self._add(random, "get-random-bytes", self._random_bytes)
+            self._add(random, "get-random-u64", self._random_u64)
         with root.add_instance(_interface("clock")) as clock:
-            add_host_func(clock, "monotonic-ns", self._monotonic_ns, _host_failure)
+            self._add(clock, "monotonic-ns", self._monotonic_ns)
         with root.add_instance(_interface("http")) as http:
-            add_host_func(http, "request", self._http_request, _host_failure)
+            self._add(http, "request", self._http_request)
         with root.add_instance(_interface("operations")) as operations:
-            add_host_func(operations, "start-http", self._start_http, _host_failure)
-            add_host_func(operations, "start-wait", self._start_wait, _host_failure)
-            add_host_func(operations, "start-receive", self._start_receive, _host_failure)
-            add_host_func(operations, "start-ask", self._start_ask, _host_failure)
-            add_host_func(operations, "poll", self._poll, _host_failure)
-            add_host_func(operations, "abandon", self._abandon, _host_failure)
+            self._add(operations, "start-http", self._start_http)
+            self._add(operations, "start-wait", self._start_wait)
+            self._add(operations, "start-receive", self._start_receive)
+            self._add(operations, "start-ask", self._start_ask)
+            self._add(operations, "poll", self._poll)
+            self._add(operations, "abandon", self._abandon)
         with root.add_instance(_interface("modules")) as modules:
-            add_host_func(modules, "find", self._find_module, _host_failure)
-            add_host_func(modules, "offer-compiled", self._offer_compiled, _host_failure)
+            self._add(modules, "find", self._find_module)
+            self._add(modules, "offer-compiled", self._offer_compiled)
         with root.add_instance(_interface("tasks")) as tasks:
-            add_host_func(tasks, "call", self._call_task, _host_failure)
-            add_host_func(tasks, "spawn", self._spawn_task, _host_failure)
-            add_host_func(tasks, "wait", self._wait, _host_failure)
-            add_host_func(tasks, "wait-any", self._wait_any, _host_failure)
-            add_host_func(tasks, "cancel", self._cancel, _host_failure)
-            add_host_func(tasks, "sleep", self._sleep, _host_failure)
+            self._add(tasks, "call", self._call_task)
+            self._add(tasks, "spawn", self._spawn_task)
+            self._add(tasks, "wait", self._wait)
+            self._add(tasks, "wait-any", self._wait_any)
+            self._add(tasks, "cancel", self._cancel)
+            self._add(tasks, "sleep", self._sleep)
         with root.add_instance(_interface("messaging")) as messaging:
-            add_host_func(messaging, "send", self._send, _host_failure)
-            add_host_func(messaging, "receive", self._receive, _host_failure)
-            add_host_func(messaging, "ask", self._ask, _host_failure)
-            add_host_func(messaging, "reply", self._reply, _host_failure)
+            self._add(messaging, "send", self._send)
+            self._add(messaging, "receive", self._receive)
+            self._add(messaging, "ask", self._ask)
+            self._add(messaging, "reply", self._reply)
         with root.add_instance(_interface("output")) as output:
-            add_host_func(output, "write", self._write, _host_failure)
+            self._add(output, "write", self._write)
         return linker
+
+    def _add(self, instance: LinkerInstance, name: str, func: HostFunc) -> None:
+        """Define import ``name`` of ``instance`` as served by ``func``."""
+        add_host_func(instance, name, func, _host_failure)
 
     # Each function below serves one import: it takes the import's arguments
     # and answers a result<...> as an (ok, payload) pair (see hostcall). Those
@@ -1253,28 +1284,11 @@ class Sandbox:
         (checked ``{"args": [...], "kwargs": {...}}``) as its arguments; blocks
         until it ends."""
         started = time.monotonic()
-        limits = invocation.limits
-        if limits.ram_bytes < MIN_RAM_BYTES:
-            error = ErrorInfo(
-                "memory_limit",
-                f"the ram limit of {limits.ram_bytes:,} bytes is below the "
-                f"{MIN_RAM_BYTES // 1024**2} MiB the Python runtime needs to start",
-            )
+        error = too_little_ram(invocation.limits)
+        if error is not None:
             return self._outcome(None, error, 0, started)
-        payload = json.dumps(
-            {
-                "task": invocation.task,
-                "task_id": invocation.task_id,
-                "attempt": invocation.attempt,
-                "max_attempts": invocation.max_attempts,
-                "seed": invocation.seed,
-                "env": dict(invocation.grants.env),
-                # For the hint on a path no grant covers (the guest's own check).
-                "files": [grant.guest_path for grant in invocation.grants.files],
-            }
-        )
         with self._running():
-            return self._invoke(invocation, program, payload, call_json, started)
+            return self._invoke(invocation, program, task_input(invocation), call_json, started)
 
     @contextmanager
     def _running(self) -> Iterator[None]:
@@ -1287,33 +1301,42 @@ class Sandbox:
         finally:
             _thread.slots = previous
 
-    def _invoke(
-        self, invocation: Invocation, program: str, payload: str, call_json: str, started: float
-    ) -> AttemptOutcome:
-        limits = invocation.limits
+    def _instance_for(self, invocation: Invocation, program: str) -> Prepared | ErrorInfo:
+        """A fresh instance with ``program`` imported, taken by ``invocation``
+        (its clock starts now), or why there is none."""
         wasi = None
         if invocation.grants.files:
             try:
                 wasi = _wasi_config(invocation.grants)
             except PathRefused as exc:
-                error = ErrorInfo("limit", f"the host did not start the task: {exc}")
-                return self._outcome(None, error, 0, started)
+                return ErrorInfo("limit", f"the host did not start the task: {exc}")
         prepared = self._pool.take() if self._pool is not None else None
         if prepared is None or prepared.program != program:
             try:
                 prepared = self.prepare(program, within=_ImportFor(invocation))
             except PrepareError as exc:
-                return self._outcome(None, exc.error, 0, started)
+                return exc.error
         store = prepared.store
         if wasi is not None:
             store.set_wasi(wasi)
         invocation.started = time.monotonic()
-        store.invocation, store.thread = invocation, threading.get_ident()
+        store.invocation = invocation
         if store.evicted is not None:  # (the budget chose it as the task took it)
             invocation.evicted = ErrorInfo("memory_limit", store.evicted)
         if self.budget is not None:
             store.budget = self.budget
             self.budget.register(store)
+        return prepared
+
+    def _invoke(
+        self, invocation: Invocation, program: str, payload: str, call_json: str, started: float
+    ) -> AttemptOutcome:
+        limits = invocation.limits
+        prepared = self._instance_for(invocation, program)
+        if isinstance(prepared, ErrorInfo):
+            return self._outcome(None, prepared, 0, started)
+        store = prepared.store
+        store.thread = threading.get_ident()
         result: str | ErrorInfo | None = None
         measure = invocation.measure_memory and self.prefaulter.asks_cheaply
         with _bound(invocation, store):
@@ -1553,6 +1576,33 @@ def _trap_cause(exc: Exception) -> str:
     if "call stack exhausted" in cause:
         return f"its call stack overflowed (recursion too deep?): {cause}"
     return cause
+
+
+def too_little_ram(limits: Limits) -> ErrorInfo | None:
+    """Why an attempt with ``limits`` cannot even start, or None."""
+    if limits.ram_bytes >= MIN_RAM_BYTES:
+        return None
+    return ErrorInfo(
+        "memory_limit",
+        f"the ram limit of {limits.ram_bytes:,} bytes is below the "
+        f"{MIN_RAM_BYTES // 1024**2} MiB the Python runtime needs to start",
+    )
+
+
+def task_input(invocation: Invocation) -> str:
+    """What the guest's ``run`` is told of the attempt it runs (JSON)."""
+    return json.dumps(
+        {
+            "task": invocation.task,
+            "task_id": invocation.task_id,
+            "attempt": invocation.attempt,
+            "max_attempts": invocation.max_attempts,
+            "seed": invocation.seed,
+            "env": dict(invocation.grants.env),
+            # For the hint on a path no grant covers (the guest's own check).
+            "files": [grant.guest_path for grant in invocation.grants.files],
+        }
+    )
 
 
 class InstancePool:

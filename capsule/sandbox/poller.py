@@ -7,13 +7,14 @@ from __future__ import annotations
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from capsule.sandbox.wasm_async import CallFuture
 
-_IDLE, _QUEUED, _RUNNING = "idle", "queued", "running"
+_IDLE, _QUEUED, _RUNNING, _HELD = "idle", "queued", "running", "held"
 
 OnDone = Callable[[CallFuture[Any]], None]
 
@@ -76,6 +77,37 @@ class Poller:
         future.cancel()
         self._wake(future)
 
+    def waiting(self, future: CallFuture[Any]) -> bool:
+        """Whether ``future`` waits in an async import, left alone by the poll
+        threads (False while a poll that will leave it so has not returned)."""
+        with self._lock:
+            entry = self._entries.get(future)
+            return entry is not None and entry.state == _IDLE
+
+    @contextmanager
+    def held(self, future: CallFuture[Any]) -> Iterator[bool]:
+        """Keep ``future`` from being polled in the block, if it waits in an
+        async import: True then (its guest cannot run until the block ends,
+        even if its answer is given meanwhile); False if it is queued, being
+        polled, or not this poller's (nothing is held)."""
+        with self._lock:
+            entry = self._entries.get(future)
+            held = entry is not None and entry.state == _IDLE
+            if entry is not None and held:
+                entry.state, entry.notified = _HELD, False
+        try:
+            yield held
+        finally:
+            if entry is not None and held:
+                with self._lock:
+                    if self._entries.get(future) is entry:
+                        if entry.notified:  # woken meanwhile
+                            entry.state = _QUEUED
+                            self._ready.append(future)
+                            self._lock.notify()
+                        else:
+                            entry.state = _IDLE
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
@@ -99,7 +131,7 @@ class Poller:
                 entry.state = _QUEUED
                 self._ready.append(future)
                 self._lock.notify()
-            elif entry.state == _RUNNING:
+            elif entry.state in (_RUNNING, _HELD):
                 entry.notified = True
 
     def _work(self) -> None:

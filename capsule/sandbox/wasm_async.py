@@ -416,6 +416,9 @@ class Pending:
         self._results = 0
         #: Why the answer could not be given to the guest (its call then fails).
         self.failure: Exception | None = None
+        #: What turns the answer into the value the guest gets, on the poll
+        #: that delivers it (None: as it is); what it raises fails the call.
+        self.adapt: Callable[[Any], Any] | None = None
 
     @property
     def resolved(self) -> bool:
@@ -470,6 +473,8 @@ class Pending:
             answer, self._answer = self._answer, None
         assert self._lower is not None
         try:
+            if self.adapt is not None:
+                answer = self.adapt(answer)
             self._lower(self._context, answer, self._results)
         except Exception as exc:  # (wasmtime then fails the call: its result is missing)
             self.failure = exc

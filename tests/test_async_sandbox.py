@@ -1,0 +1,718 @@
+"""The sandbox in async mode (capsule.sandbox.async_sandbox): real programs'
+task attempts as call futures on poll threads, the waiting imports served by a
+small WaitingHost of the test's, direct calls as child futures, limits and
+stops, and thousands of waiting attempts on a few threads."""
+
+from __future__ import annotations
+
+import gc
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsule.sandbox import wasm_async
+from capsule.sandbox.async_sandbox import AsyncSandbox, Attempt
+from capsule.sandbox.config import Limits
+from capsule.sandbox.engine import (
+    Answer,
+    Envelope,
+    ErrorInfo,
+    Invocation,
+    RefusingHost,
+    live_instances,
+    past_deadline,
+)
+from capsule.sandbox.guest_data import TaskCall
+from capsule.sandbox.wasm_async import Pending, current_future
+
+PROGRAM = """
+import time
+import capsule
+
+@capsule.task
+def hello(name):
+    print("hello", name)
+    started = time.monotonic()
+    return {"greeting": f"hi {name}", "clock_ok": time.monotonic() >= started}
+
+@capsule.task
+def echo():
+    message = capsule.receive()
+    print("got", message.body)
+    return {"got": message.body, "from": message.sender}
+
+@capsule.task
+def relay(count):
+    for _ in range(count):
+        capsule.send("out", capsule.receive().body)
+    return count
+
+@capsule.task
+def square(x):
+    return x * x
+
+@capsule.task
+def parent(x):
+    return {"child": square(x), "after": "child"}
+
+@capsule.task
+def spin(chunks, steps):
+    total = 0
+    for chunk in range(chunks):
+        for step in range(steps):
+            total += step
+        capsule.send("progress", chunk + 1)
+    return total
+
+@capsule.task
+def nap(seconds):
+    capsule.sleep(seconds)
+    return "rested"
+
+@capsule.task
+def hog(mb):
+    held = [b"x" * (4 * 1024 * 1024) for _ in range(mb // 4)]
+    message = capsule.receive()
+    return {"held": len(held) * 4, "got": message.body}
+
+@capsule.task
+def forever():
+    while True:
+        pass
+"""
+
+LIMITS = Limits(fuel=10**12, ram_bytes=256 * 1024**2, timeout_s=None)
+
+
+class Host(RefusingHost):
+    """The cheap host calls: output kept, the rest as an importing instance's."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[str, str, str]] = []
+
+    def output_of(self, task_id: str) -> str:
+        return "".join(text for who, _stream, text in self.written if who == task_id)
+
+    def output(self, invocation: Invocation, stream: str, text: str) -> None:
+        self.written.append((invocation.task_id, stream, text))
+
+
+class Waits:
+    """A WaitingHost: receive waits for deliver(); send answers at once and is
+    kept; a direct call starts its child as an attempt of its own."""
+
+    def __init__(self, sandbox: AsyncSandbox, host: Host) -> None:
+        self.sandbox = sandbox
+        self.host = host
+        self.changed = threading.Condition()
+        self.receiving: dict[str, Pending] = {}
+        self.sent: dict[str, list[Any]] = {}
+        self.sleeping: dict[str, tuple[float, Pending]] = {}
+        #: The thread each receive was called on, and the attempt it was polled for.
+        self.children: list[Attempt] = []
+
+    # -- the protocol --
+
+    def call_task(self, caller: Invocation, call: TaskCall) -> Answer | Pending:
+        pending = Pending()
+
+        def child_ended(child: Attempt) -> None:
+            outcome = child.outcome
+            assert outcome is not None
+            if outcome.error is None:
+                assert outcome.result_json is not None
+                pending.resolve((True, outcome.result_json))
+            else:
+                error = {"kind": outcome.error.kind, "message": outcome.error.message}
+                pending.resolve((False, json.dumps({**error, "task": call.name})))
+
+        child = invocation(f"{caller.task_id}/{call.name}", call.name, self.host)
+        self.children.append(self.sandbox.start(child, "prog", call.call_json, self, child_ended))
+        return pending
+
+    def wait(
+        self, caller: Invocation, task_ids: list[str], timeout: float | None, any_ended: bool
+    ) -> Answer | Pending:
+        return False, json.dumps({"kind": "exception", "message": "not served here"})
+
+    def sleep(self, caller: Invocation, seconds: float) -> Pending | None:
+        if seconds == 0:
+            return None
+        if seconds >= 1000:
+            raise RuntimeError("the host cannot sleep that long")
+        pending = Pending()
+        with self.changed:
+            self.sleeping[caller.task_id] = (seconds, pending)
+            self.changed.notify_all()
+        return pending
+
+    def send(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> Answer | Pending:
+        with self.changed:
+            self.sent.setdefault(caller.task_id, []).append(json.loads(body_json))
+            self.changed.notify_all()
+        return True, json.dumps({"id": f"{caller.task_id}#s", "to": target})
+
+    def receive(
+        self, caller: Invocation, timeout: float | None
+    ) -> tuple[bool, Sequence[Envelope] | str] | Pending:
+        assert current_future() is not None  # (on a poll, in the caller's call)
+        pending = Pending()
+        with self.changed:
+            self.receiving[caller.task_id] = pending
+            self.changed.notify_all()
+        return pending
+
+    def ask(
+        self, caller: Invocation, target: str, body_json: str, timeout: float | None
+    ) -> Answer | Pending:
+        return False, json.dumps({"kind": "no_such_actor", "message": "none here"})
+
+    def http(self, caller: Invocation, request_json: str) -> Answer | Pending:
+        return False, json.dumps({"kind": "host_not_allowed", "message": "none here"})
+
+    def poll(self, caller: Invocation, timeout: float | None) -> Answer | Pending:
+        return True, "[]"
+
+    # -- the test's side --
+
+    def wait_receiving(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.receiving) >= count, timeout=600)
+
+    def deliver(self, task_id: str, body: Any, sender: str = "t0") -> None:
+        with self.changed:
+            pending = self.receiving.pop(task_id)
+        pending.resolve((True, [(f"{sender}#1", sender, json.dumps(body), False)]))
+
+
+def until(value: Callable[[], int]) -> int:
+    """``value()`` once it is not 0 or False (looked at again until then)."""
+    deadline = time.monotonic() + 60
+    while not (found := value()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return found
+
+
+def invocation(
+    task_id: str, task: str, host: Host, limits: Limits = LIMITS, **options: Any
+) -> Invocation:
+    return Invocation(task_id, task, 1, 1, limits, host, **options)
+
+
+class Ended:
+    """on_done for attempts: each attempt that ended, from the poll threads."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Attempt] = []
+        self.changed = threading.Condition()
+
+    def __call__(self, attempt: Attempt) -> None:
+        assert attempt.outcome is not None
+        with self.changed:
+            self.attempts.append(attempt)
+            self.changed.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.attempts) >= count, timeout=600)
+
+
+def args(*values: Any) -> str:
+    return json.dumps({"args": list(values), "kwargs": {}})
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[AsyncSandbox]:
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    with AsyncSandbox([tmp_path], poll_threads=2) as opened:
+        yield opened
+    assert live_instances() == 0
+
+
+@pytest.fixture
+def host() -> Host:
+    return Host()
+
+
+@pytest.fixture
+def waits(sandbox: AsyncSandbox, host: Host) -> Waits:
+    return Waits(sandbox, host)
+
+
+def run(
+    sandbox: AsyncSandbox,
+    waits: Waits,
+    inv: Invocation,
+    call: str,
+    then: Callable[[], None] = lambda: None,
+) -> Attempt:
+    ended = Ended()
+    attempt = sandbox.start(inv, "prog", call, waits, ended)
+    then()
+    ended.wait_for(1)
+    return attempt
+
+
+# -- one attempt -----------------------------------------------------------------
+
+
+def test_an_attempt_runs_as_a_future_with_output_and_cheap_imports(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    attempt = run(sandbox, waits, invocation("t1", "hello", host), args("ada"))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is None, outcome
+    assert json.loads(outcome.result_json or "") == {"greeting": "hi ada", "clock_ok": True}
+    assert outcome.fuel_consumed > 0
+    assert host.output_of("t1") == "hello ada\n"
+    assert sandbox.running == 0
+
+
+# -- waiting imports -------------------------------------------------------------
+
+
+def test_an_attempt_waits_in_receive_until_another_thread_delivers(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    attempt = sandbox.start(invocation("t2", "echo", host), "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    assert attempt.future is not None and attempt.future.blocked
+    assert not attempt.ended and sandbox.running == 1
+    deliverer = threading.Thread(target=waits.deliver, args=("t2", [1, "two"], "t9"))
+    deliverer.start()
+    deliverer.join()
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is None, outcome
+    assert json.loads(outcome.result_json or "") == {"got": [1, "two"], "from": "t9"}
+    assert host.output_of("t2") == "got [1, 'two']\n"
+
+
+def test_an_attempt_takes_many_messages_in_turn(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    sandbox.start(invocation("t3", "relay", host), "prog", args(4), waits, ended)
+    for body in range(4):
+        waits.wait_receiving(1)
+        waits.deliver("t3", {"n": body})
+    ended.wait_for(1)
+    outcome = ended.attempts[0].outcome
+    assert outcome is not None and json.loads(outcome.result_json or "") == 4
+    assert waits.sent["t3"] == [{"n": n} for n in range(4)]
+
+
+# -- direct task calls -------------------------------------------------------------
+
+
+def test_a_direct_call_runs_its_child_as_a_future_of_its_own(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    attempt = run(sandbox, waits, invocation("p", "parent", host), args(7))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is None, outcome
+    assert json.loads(outcome.result_json or "") == {"child": 49, "after": "child"}
+    [child] = waits.children
+    assert child.invocation.task_id == "p/square"
+    assert child.future is not None and child.future is not attempt.future
+    assert child.store is not attempt.store
+    assert child.outcome is not None and child.outcome.result_json == "49"
+
+
+# -- limits and stops ------------------------------------------------------------------
+
+
+class Scope:
+    """Where an invocation runs: cancelled when the test says."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        if self.cancelled:
+            return "cancelled"
+        return past_deadline(invocation)
+
+    def cancellation_message(self, invocation: Invocation) -> str:
+        return "cancelled by the test"
+
+
+def test_a_waiting_attempt_cancelled_ends_cancelled_and_leaves_nothing(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    scope, ended = Scope(), Ended()
+    attempt = sandbox.start(
+        invocation("c", "echo", host, within=scope), "prog", args(), waits, ended
+    )
+    waits.wait_receiving(1)
+    assert sandbox.stop(attempt) is False  # (nothing says it must stop yet)
+    assert live_instances() == 1
+    scope.cancelled = True
+    assert sandbox.stop(attempt) is True
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert (outcome.error.kind, outcome.error.message) == ("cancelled", "cancelled by the test")
+    assert attempt.future is not None and attempt.future.cancelled
+    assert sandbox.stop(attempt) is False  # (ended)
+    # Its answer, given late, reaches nobody; its instance is gone.
+    assert waits.receiving["c"].resolve((True, [])) is False
+    assert live_instances() == 0 and sandbox.running == 0
+    assert not wasm_async._PENDING_BY_KEY
+
+
+def test_a_waiting_attempt_past_its_deadline_ends_with_a_timeout(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    limits = replace(LIMITS, timeout_s=0.2)
+    attempt = run(sandbox, waits, invocation("d", "echo", host, limits), args())
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "timeout", outcome.error
+    assert "deadline of 0.2s exceeded" in outcome.error.message
+    assert "d" in waits.receiving  # it did wait, and nobody answered
+    assert live_instances() == 0 and not wasm_async._PENDING_BY_KEY
+
+
+def test_a_busy_attempt_is_stopped_by_its_fuel(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    limits = replace(LIMITS, fuel=50_000_000)
+    attempt = run(sandbox, waits, invocation("f", "forever", host, limits), args())
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "fuel_exhausted", outcome.error
+    assert outcome.fuel_consumed == 50_000_000
+
+
+def test_a_busy_attempt_is_stopped_by_its_deadline(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    limits = replace(LIMITS, timeout_s=0.3)
+    attempt = run(sandbox, waits, invocation("g", "forever", host, limits), args())
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "timeout", outcome.error
+    assert 0 < outcome.fuel_consumed < limits.fuel
+
+
+@pytest.mark.parametrize("by", ["its next tick", "stop"])
+def test_a_busy_attempt_cancelled_ends_cancelled(
+    sandbox: AsyncSandbox, waits: Waits, host: Host, by: str
+) -> None:
+    scope, ended = Scope(), Ended()
+    attempt = sandbox.start(
+        invocation("h", "spin", host, within=scope), "prog", args(10**6, 10**5), waits, ended
+    )
+    with waits.changed:  # (it runs: it reported progress)
+        assert waits.changed.wait_for(lambda: "h" in waits.sent, timeout=600)
+    scope.cancelled = True
+    if by == "stop":
+        assert sandbox.stop(attempt) is True
+    # (Else the epoch callback, at its next tick, sees it must stop.)
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "cancelled"
+    assert attempt.future is not None and attempt.future.cancelled is (by == "stop")
+    assert live_instances() == 0
+
+
+def race(tmp_path: Path, host: Host, fuel_yield_interval: int) -> dict[str, int]:
+    """Four busy attempts on one poll thread: how far each had got when the first ended."""
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    calls, chunks, steps = 4, 8, 100_000
+    first: dict[str, int] = {}
+    with AsyncSandbox(
+        [tmp_path], poll_threads=1, fuel_yield_interval=fuel_yield_interval
+    ) as sandbox:
+        waits, ended = Waits(sandbox, host), Ended()
+
+        def on_done(attempt: Attempt) -> None:
+            if not first:
+                first.update({key: len(waits.sent.get(key, [])) for key in map(str, range(calls))})
+            ended(attempt)
+
+        # (Prepared first: each starts running as soon as it is submitted.)
+        sandbox.start_pool("prog", calls)
+        attempts = [
+            sandbox.start(
+                invocation(str(key), "spin", host), "prog", args(chunks, steps), waits, on_done
+            )
+            for key in range(calls)
+        ]
+        ended.wait_for(calls)
+    for attempt in attempts:
+        assert attempt.outcome is not None and attempt.outcome.error is None
+        assert json.loads(attempt.outcome.result_json or "") == chunks * steps * (steps - 1) // 2
+    assert live_instances() == 0
+    return first
+
+
+def test_busy_attempts_take_turns_on_one_poll_thread(tmp_path: Path, host: Host) -> None:
+    # A yield each million units of fuel: when the first ends, every other is
+    # at most a chunk (of 8) behind.
+    fair = race(tmp_path, host, fuel_yield_interval=1_000_000)
+    assert min(fair.values()) >= 7, fair
+    # Without (practically), one poll thread runs each to its end in turn.
+    unfair = race(tmp_path, host, fuel_yield_interval=10**15)
+    assert sorted(unfair.values()) == [0, 0, 0, 8], unfair
+
+
+# -- many waiting attempts on few threads ----------------------------------------------
+
+
+def private_bytes() -> int:
+    """This process's private memory, as the system counts it."""
+    with open("/proc/self/smaps_rollup") as rollup:
+        fields = dict(line.split(":", 1) for line in rollup if line.startswith("Private_"))
+    return sum(int(value.split()[0]) for value in fields.values()) * 1024
+
+
+def os_threads() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
+def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    count = 1_000
+    ended = Ended()
+    run(sandbox, waits, invocation("warm", "hello", host), args("warm"))  # (warm: the image)
+    gc.collect()
+    threads_before, private_before = os_threads(), private_bytes()
+    started = time.perf_counter()
+    attempts = [
+        sandbox.start(invocation(f"a{key}", "echo", host), "prog", args(), waits, ended)
+        for key in range(count)
+    ]
+    waits.wait_receiving(count)
+    elapsed = time.perf_counter() - started
+    threads, private = os_threads(), private_bytes()
+    per_attempt = (private - private_before) / count
+    print(
+        f"\n{count} attempts started and waiting in receive in {elapsed:.2f} s; "
+        f"{per_attempt / 1024**2:.2f} MB private each; threads {threads_before} -> {threads}"
+    )
+    assert threads <= threads_before + 1, (threads_before, threads)  # (+1: a helper's own)
+    assert sandbox.running == count and live_instances() == count
+    assert all(attempt.future is not None and attempt.future.blocked for attempt in attempts)
+
+    # Half woken with a message of their own, half cancelled.
+    for key in range(0, count, 2):
+        waits.deliver(f"a{key}", {"n": key}, sender=f"s{key}")
+    for key in range(1, count, 2):
+        attempts[key].invocation.aborted = ErrorInfo("cancelled", "stopped by the test")
+        assert sandbox.stop(attempts[key])
+    ended.wait_for(count)
+    for key, attempt in enumerate(attempts):
+        outcome = attempt.outcome
+        assert outcome is not None
+        if key % 2:
+            assert outcome.error is not None and outcome.error.message == "stopped by the test"
+        else:
+            assert outcome.error is None, outcome.error
+            assert json.loads(outcome.result_json or "") == {"got": {"n": key}, "from": f"s{key}"}
+    assert sandbox.running == 0 and live_instances() == 0
+    assert not wasm_async._PENDING_BY_KEY
+
+
+def test_a_sleep_waits_for_the_host_and_frees_its_poll_thread(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    sleeper = sandbox.start(invocation("s", "nap", host), "prog", args(30), waits, ended)
+    with waits.changed:
+        assert waits.changed.wait_for(lambda: "s" in waits.sleeping, timeout=600)
+    # Both poll threads are free meanwhile: another attempt runs to its end.
+    assert run(sandbox, waits, invocation("t", "hello", host), args("x")).outcome is not None
+    assert not sleeper.ended
+    seconds, pending = waits.sleeping.pop("s")
+    assert seconds == 30
+    pending.resolve(None)
+    ended.wait_for(1)
+    assert sleeper.outcome is not None and sleeper.outcome.result_json == '"rested"'
+
+
+def test_a_failure_of_the_waiting_host_fails_the_attempt_not_the_host(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    attempt = run(sandbox, waits, invocation("e", "nap", host), args(5000))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "trap", outcome.error
+    assert outcome.error.message == "the host failed while serving the task"
+    assert "the host cannot sleep that long" in (outcome.error.traceback or "")
+
+
+def test_an_answer_given_late_to_an_attempt_that_must_stop_ends_it(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    # Cancelled while it waited, without stop(): the failed answer it then
+    # gets ends it as cancelled (as a blocking call returning would).
+    scope, ended = Scope(), Ended()
+    attempt = sandbox.start(
+        invocation("l", "echo", host, within=scope), "prog", args(), waits, ended
+    )
+    waits.wait_receiving(1)
+    scope.cancelled = True
+    waits.receiving.pop("l").resolve((False, "{}"))
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "cancelled", outcome.error
+
+
+def test_a_late_answer_of_the_wrong_shape_fails_the_attempt_as_the_host_s(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    attempt = sandbox.start(invocation("b", "echo", host), "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    waits.receiving.pop("b").resolve((True, [("only", "two fields")]))
+    ended.wait_for(1)
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.kind == "trap", outcome.error
+    assert outcome.error.message == "the host failed while serving the task"
+    assert "TypeError" in (outcome.error.traceback or "")
+
+
+def test_an_attempt_that_cannot_start_ends_at_once(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    small = replace(LIMITS, ram_bytes=1024**2)
+    attempt = sandbox.start(invocation("r", "hello", host, small), "prog", args("x"), waits, ended)
+    assert attempt.ended and ended.attempts == [attempt]  # (on this thread)
+    assert attempt.outcome is not None and attempt.outcome.error is not None
+    assert attempt.outcome.error.kind == "memory_limit"
+    missing = sandbox.start(invocation("m", "hello", host), "no_such", args("x"), waits, ended)
+    assert missing.outcome is not None and missing.outcome.error is not None
+    assert "cannot load 'no_such'" in missing.outcome.error.message
+    assert sandbox.running == 0
+
+
+def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) -> None:
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    ended = Ended()
+    with AsyncSandbox([tmp_path], poll_threads=1) as sandbox:
+        waits = Waits(sandbox, host)
+        attempts = [
+            sandbox.start(invocation(f"w{key}", "echo", host), "prog", args(), waits, ended)
+            for key in range(3)
+        ]
+        waits.wait_receiving(3)
+    assert ended.attempts and len(ended.attempts) == 3
+    for attempt in attempts:
+        assert attempt.outcome is not None and attempt.outcome.error is not None
+        assert attempt.outcome.error.kind == "cancelled"
+    assert live_instances() == 0 and not wasm_async._PENDING_BY_KEY
+    with pytest.raises(RuntimeError, match="not open"):
+        sandbox.start(invocation("late", "echo", host), "prog", args(), waits, ended)
+
+
+def test_the_thread_mode_call_is_refused(sandbox: AsyncSandbox, host: Host) -> None:
+    with pytest.raises(TypeError, match="use start"):
+        sandbox.invoke(invocation("x", "hello", host), "prog", args("x"))
+
+
+def test_a_waiting_attempt_hibernates_then_goes_on(
+    mappings_by: str, sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    ended = Ended()
+    attempt = sandbox.start(invocation("z", "relay", host), "prog", args(2), waits, ended)
+    waits.wait_receiving(1)
+    waits.deliver("z", "before")
+    waits.wait_receiving(1)
+    # (Once its poll has returned: 0 until then.)
+    released = until(lambda: sandbox.hibernate_waiting(attempt))
+    assert released > 1024**2, released  # (most of the image it only read)
+    waits.deliver("z", "after")
+    ended.wait_for(1)
+    assert attempt.outcome is not None and attempt.outcome.result_json == "2"
+    assert waits.sent["z"] == ["before", "after"]
+    assert sandbox.hibernate_waiting(attempt) == 0  # (ended)
+
+
+def test_an_attempt_held_while_its_answer_comes_runs_after(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    poller = sandbox._poller
+    assert poller is not None
+    ended = Ended()
+    attempt = sandbox.start(invocation("y", "echo", host), "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    future = attempt.future
+    assert future is not None
+    until(lambda: poller.waiting(future))
+    with poller.held(future) as waiting:
+        assert waiting
+        waits.deliver("y", "held")
+        assert not poller.waiting(future)
+        with poller.held(future) as again:
+            assert not again  # (held once)
+        assert not attempt.ended and not future.done  # (not polled)
+    ended.wait_for(1)
+    assert attempt.outcome is not None and attempt.outcome.error is None
+    assert json.loads(attempt.outcome.result_json or "")["got"] == "held"
+
+
+def test_a_failure_while_ending_an_attempt_still_ends_it(
+    sandbox: AsyncSandbox, waits: Waits, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: Any) -> int:
+        raise RuntimeError("no fuel reading")
+
+    monkeypatch.setattr(sandbox, "_used", broken)
+    attempt = run(sandbox, waits, invocation("k", "hello", host), args("x"))
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None
+    assert outcome.error.message == "the host failed while ending the task"
+    assert "no fuel reading" in (outcome.error.traceback or "")
+    assert live_instances() == 0 and sandbox.running == 0
+
+
+def test_the_memory_budget_stops_the_largest_attempt_waiting_or_running(
+    tmp_path: Path, host: Host
+) -> None:
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    ended = Ended()
+    mb = 1024**2
+    with AsyncSandbox([tmp_path], poll_threads=2, memory_budget=1 << 50) as sandbox:
+        budget, waits = sandbox.budget, Waits(sandbox, host)
+        assert budget is not None
+        run(sandbox, waits, invocation("warm", "hello", host), args("warm"))
+        budget.sample()
+        # Room for one hog of 80 MB waiting, not two.
+        budget.limit_bytes = budget.resident + 120 * mb
+        big = replace(LIMITS, ram_bytes=512 * mb)
+        first = sandbox.start(invocation("h1", "hog", host, big), "prog", args(80), waits, ended)
+        waits.wait_receiving(1)
+        second = sandbox.start(invocation("h2", "hog", host, big), "prog", args(80), waits, ended)
+        ended.wait_for(1)  # (one of them stopped: they wait, or the second still runs)
+        [stopped] = ended.attempts
+        assert stopped.outcome is not None and stopped.outcome.error is not None
+        assert stopped.outcome.error.kind == "memory_limit", stopped.outcome.error
+        assert "went over its budget" in stopped.outcome.error.message
+        other = second if stopped is first else first
+        with waits.changed:
+            assert waits.changed.wait_for(
+                lambda: other.invocation.task_id in waits.receiving, timeout=600
+            )
+        waits.deliver(other.invocation.task_id, "still here")
+        ended.wait_for(2)
+        assert other.outcome is not None and other.outcome.error is None, other.outcome
+        assert json.loads(other.outcome.result_json or "") == {"held": 80, "got": "still here"}
+        assert budget.stopped == 1
+    assert live_instances() == 0
