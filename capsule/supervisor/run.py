@@ -168,6 +168,7 @@ class Run:
         blocking = Blocking(
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
+        journal.run_wait = blocking.run
         operations = OperationCalls(
             journal.step, blocking.block, lambda: journal.write(log.sync), journaling
         )
@@ -207,7 +208,7 @@ class Run:
         supervision.host = RunHostCalls(
             TaskCalls(supervision, admission, configs, router, journal, tree, blocking, operations),
             MessageSteps(messages, router, journal, tree, operations),
-            TimeCalls(journal, tree, blocking, monotonic_offset),
+            TimeCalls(journal, tree, monotonic_offset),
             HttpCalls(
                 self._http, journal, tree, blocking, operations, events, run_id, output.shown
             ),
