@@ -22,6 +22,7 @@ from capsule.supervisor.operations import (
     too_many_in_flight,
 )
 from capsule.supervisor.steps import Step, received_messages
+from capsule.supervisor.waits import Answer, Wait, Waiting
 
 # A replayed send or ask is not delivered again: its message was received
 # then, or is put back in the target's mailbox when that opens (History).
@@ -181,22 +182,29 @@ class MessageSteps:
 
             return operation
 
-        def start() -> tuple[bool, str]:
-            if operations.in_flight() >= MAX_IN_FLIGHT:
-                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
-                return False, too_many_in_flight(caller)
-            answer, message = self.messages.send_ask(attempt, target, body_json)
+        def started(answer: Answer, message: Message | None) -> Answer:
             if message is None:
                 return answer
             return True, str(operations.add(operation_for(answer, message), live=True))
+
+        def start() -> Waiting:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
+                return False, too_many_in_flight(caller)
+            return self.messages.send_ask(attempt, target, body_json, started)
+
+        def added(answer: Answer, message: Message | None) -> Answer:
+            operations.add(operation_for(answer, message), live=False)
+            return answer
 
         def replayed(step: Step) -> None:
             if not step.ok:
                 attempt.node.next_message_id()  # numbered as it was
                 return
-            # Asked again: numbered alike, not sent again (see MessageCalls._send);
-            # its reply is awaited unless a replayed poll reports it.
-            answer, message = self.messages.send_ask(attempt, target, body_json)
-            operations.add(operation_for(answer, message), live=False)
+            # Asked again: numbered alike, not sent again (see MessageCalls._send):
+            # no wait. Its reply is awaited unless a replayed poll reports it.
+            asked = self.messages.send_ask(attempt, target, body_json, added)
+            if isinstance(asked, Wait):
+                self.journal.run_wait(asked)
 
         return self.journal.step(caller, "ask_start", (target, body_json), start, replayed=replayed)

@@ -169,14 +169,11 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        operations = OperationCalls(
-            journal.step, blocking.block, lambda: journal.write(log.sync), journaling
-        )
+        operations = OperationCalls(journal.step, lambda: journal.write(log.sync), journaling)
         messages = MessageCalls(
             router,
             events,
             run_id,
-            blocking.block,
             max_message_bytes=settings.max_message_bytes,
             mailbox_capacity=settings.mailbox_capacity,
             on_ask=lambda message: journal.write(log.ask_sent, message),
@@ -206,12 +203,10 @@ class Run:
             0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
         )
         supervision.host = RunHostCalls(
-            TaskCalls(supervision, admission, configs, router, journal, tree, blocking, operations),
+            TaskCalls(supervision, admission, configs, router, journal, tree, operations),
             MessageSteps(messages, router, journal, tree, operations),
             TimeCalls(journal, tree, monotonic_offset),
-            HttpCalls(
-                self._http, journal, tree, blocking, operations, events, run_id, output.shown
-            ),
+            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown),
             operations,
             output,
             tree,
