@@ -1,0 +1,390 @@
+"""Host calls that wait, run by continuation: a wait is checked at once, then
+again at each wake-up of its attempt and when its timers fire (its timeout,
+its attempt's deadline) on the run's timer service; it ends once, with its
+answer handed to a callback, as an async import's Pending would take it."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from capsule.sandbox.config import Limits
+from capsule.sandbox.engine import Invocation, RefusingHost
+from capsule.supervisor.continuations import Continuations
+from capsule.supervisor.events import EventStream
+from capsule.supervisor.live import LiveTree
+from capsule.supervisor.timers import Timers
+from capsule.supervisor.tree import Attempt, Node, Scope
+from capsule.supervisor.waits import Answer, Wait, Waiting, never
+
+#: How long a test waits for what must happen (a bound against hanging, not a
+#: figure it asserts).
+PATIENCE_S = 30.0
+
+
+class FakePoller:
+    """Stands in for the async core: takes each host call's answer as an async
+    import's Pending would (its resolve), from whichever thread gives it."""
+
+    def __init__(self) -> None:
+        self.answers: list[Answer | BaseException] = []
+        self.threads: list[int] = []
+        self._arrived = threading.Condition()
+
+    def resolve(self, answer: Answer | BaseException) -> None:
+        with self._arrived:
+            self.answers.append(answer)
+            self.threads.append(threading.get_ident())
+            self._arrived.notify_all()
+
+    def wait_for(self, count: int) -> list[Answer | BaseException]:
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: len(self.answers) >= count, PATIENCE_S)
+            return list(self.answers)
+
+
+@pytest.fixture
+def timers() -> Iterator[Timers]:
+    service = Timers("capsule-timers test")
+    yield service
+    service.close()
+    assert service.failures == []
+
+
+@pytest.fixture
+def events() -> tuple[EventStream, list[Any]]:
+    stream = EventStream()
+    seen: list[Any] = []
+    stream.subscribe(seen.append)
+    return stream, seen
+
+
+@pytest.fixture
+def driver(timers: Timers, events: tuple[EventStream, list[Any]]) -> Continuations:
+    return Continuations(timers, events[0], "run", lambda task_id: None)
+
+
+def make_attempt(
+    tree: LiveTree | None = None, timeout_s: float | None = None, task_id: str = "main"
+) -> Attempt:
+    """A running attempt as the tree sees it (no instance: the waits here
+    need none)."""
+    root = tree.root if tree is not None else Scope(None, task_id="")
+    scope = Scope(root, task_id)
+    invocation = Invocation(
+        task_id=task_id,
+        task="worker",
+        attempt=1,
+        max_attempts=1,
+        limits=Limits(fuel=1, ram_bytes=1, timeout_s=timeout_s),
+        host=RefusingHost(),
+        within=scope,
+    )
+    scope.invocation = invocation
+    attempt = Attempt(invocation, Node(task_id), scope)
+    if tree is not None:
+        tree.attempts[invocation] = attempt
+    return attempt
+
+
+class Finishes:
+    """A wait's finish that records how it was called."""
+
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    def __call__(self, ready: bool) -> Answer:
+        self.calls.append(ready)
+        return (True, '"ready"') if ready else (False, '"over"')
+
+
+def test_a_wait_ready_at_once_is_answered_on_the_calling_thread(
+    driver: Continuations, timers: Timers, events: tuple[EventStream, list[Any]]
+) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    finish = Finishes()
+    driver.run(Wait(attempt, "receive", lambda: True, finish, timeout=5), poller.resolve)
+    # Given before run returned, on this thread, with no timer set and nothing reported.
+    assert poller.answers == [(True, '"ready"')]
+    assert poller.threads == [threading.get_ident()]
+    assert finish.calls == [True]
+    assert timers.pending() == 0
+    assert attempt.waker is None
+    assert events[1] == []
+
+
+def test_an_answer_that_needs_no_wait_goes_straight_through(driver: Continuations) -> None:
+    poller = FakePoller()
+    driver.run((False, '{"kind": "refused"}'), poller.resolve)
+    assert poller.answers == [(False, '{"kind": "refused"}')]
+
+
+def test_a_wait_ends_once_a_wake_up_finds_it_ready(
+    driver: Continuations, events: tuple[EventStream, list[Any]]
+) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    finish = Finishes()
+    arrived: list[str] = []
+    driver.run(Wait(attempt, "receive", lambda: bool(arrived), finish), poller.resolve)
+    assert poller.answers == [] and attempt.waker is not None
+    attempt.wake()  # a wake-up that changes nothing: it waits on
+    arrived.append("a message")
+    attempt.wake()
+    assert poller.wait_for(1) == [(True, '"ready"')]
+    assert finish.calls == [True]
+    assert attempt.waker is None  # unhooked: later wake-ups go nowhere
+    attempt.wake()
+    # Reported (if it lasted long enough to be) as waiting, then resumed: in pairs.
+    kinds = [event.type for event in events[1]]
+    assert kinds in ([], ["waiting", "resumed"])
+
+
+def test_a_wait_times_out_reported_waiting_on_what_it_waited_for(
+    driver: Continuations, events: tuple[EventStream, list[Any]]
+) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    finish = Finishes()
+    driver.run(Wait(attempt, "sleep", never, finish, timeout=0.05), poller.resolve)
+    assert poller.wait_for(1) == [(False, '"over"')]
+    assert finish.calls == [False]
+    # Reported waiting first (its report falls due before its timeout), then resumed.
+    assert [event.type for event in events[1]] == ["waiting", "resumed"]
+    assert events[1][0].on == "sleep" and events[1][0].task_id == "main"
+    assert attempt.invocation.check_stop() is None  # it timed out; it need not stop
+
+
+def test_a_stopped_task_ends_its_wait(driver: Continuations) -> None:
+    tree = LiveTree()
+    attempt = make_attempt(tree)
+    poller = FakePoller()
+    finish = Finishes()
+    driver.run(Wait(attempt, "receive", never, finish), poller.resolve)
+    tree.cancel(tree.root, "cancelled: the run was stopped")  # wakes those that must stop
+    assert poller.wait_for(1) == [(False, '"over"')]
+    assert finish.calls == [False]
+    assert attempt.invocation.check_stop() == "cancelled"
+
+
+def test_a_deadline_ends_a_wait_without_a_timeout(driver: Continuations) -> None:
+    attempt = make_attempt(timeout_s=0.05)
+    poller = FakePoller()
+    finish = Finishes()
+    driver.run(Wait(attempt, "result", never, finish), poller.resolve)
+    assert poller.wait_for(1) == [(False, '"over"')]
+    assert attempt.invocation.check_stop() == "timeout"
+
+
+def test_a_parents_deadline_ends_its_childs_wait(driver: Continuations) -> None:
+    parent = make_attempt(timeout_s=0.05)
+    child_scope = Scope(parent.scope, "main")
+    invocation = Invocation(
+        task_id="main/1",
+        task="worker",
+        attempt=1,
+        max_attempts=1,
+        limits=Limits(fuel=1, ram_bytes=1, timeout_s=None),
+        host=RefusingHost(),
+        within=child_scope,
+    )
+    child = Attempt(invocation, Node("main/1"), Scope(child_scope, "main/1", invocation))
+    poller = FakePoller()
+    driver.run(Wait(child, "receive", never, Finishes()), poller.resolve)
+    assert poller.wait_for(1) == [(False, '"over"')]
+    assert invocation.check_stop() == "cancelled"
+
+
+def test_a_wait_until_ready_outlasts_its_tasks_stop_and_starts_what_it_waits_for(
+    driver: Continuations,
+) -> None:
+    tree = LiveTree()
+    attempt = make_attempt(tree)
+    poller = FakePoller()
+    finish = Finishes()
+    started: list[threading.Thread] = []
+    ended = threading.Event()
+
+    def start() -> None:  # as a direct call starts its child, ending with a wake
+        def child() -> None:
+            assert ended.wait(PATIENCE_S)
+            attempt.wake()
+
+        started.append(threading.Thread(target=child))
+        started[0].start()
+
+    wait = Wait(attempt, "result", ended.is_set, finish, until_ready=True, start=start)
+    driver.run(wait, poller.resolve)
+    assert len(started) == 1
+    tree.cancel(tree.root, "cancelled")
+    # Its task must stop, but what it waits for still runs: it waits on, and
+    # its deadline or stop never ends it (only a wake-up that finds it ready).
+    checked = threading.Event()
+    driver.timers.soon(checked.set)  # (after the check the cancellation queued)
+    assert checked.wait(PATIENCE_S)
+    assert poller.answers == []
+    ended.set()
+    assert poller.wait_for(1) == [(True, '"ready"')]
+    started[0].join()
+
+
+def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    room: list[bool] = []
+    replied: list[bool] = []
+
+    def sent(ready: bool) -> Waiting:  # as an ask: room in the mailbox, then its reply
+        assert ready
+        return Wait(attempt, "receive", lambda: bool(replied), lambda r: (r, '"reply"'))
+
+    driver.run(Wait(attempt, "send", lambda: bool(room), sent), poller.resolve)
+    room.append(True)
+    attempt.wake()
+    replied.append(True)
+    attempt.wake()
+    assert poller.wait_for(1) == [(True, '"reply"')]
+
+
+def test_what_a_check_raises_fails_the_call_not_the_timer_thread(
+    driver: Continuations, timers: Timers
+) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    broken: list[bool] = []
+
+    def ready() -> bool:
+        if broken:
+            raise ValueError("a bug in ready")
+        return False
+
+    driver.run(Wait(attempt, "receive", ready, Finishes()), poller.resolve)
+    broken.append(True)
+    attempt.wake()
+    (answer,) = poller.wait_for(1)
+    assert isinstance(answer, ValueError)
+    assert attempt.waker is None
+    assert timers.failures == []
+
+
+def test_many_waits_share_one_timer_service_thread(driver: Continuations, timers: Timers) -> None:
+    poller = FakePoller()
+    timed: list[Attempt] = []
+    woken: list[tuple[Attempt, list[bool]]] = []
+    for index in range(300):
+        attempt = make_attempt(task_id=f"main/{index}")
+        if index % 2:
+            driver.run(
+                Wait(attempt, "sleep", never, Finishes(), timeout=0.001 * (index % 40)),
+                poller.resolve,
+            )
+            timed.append(attempt)
+        else:
+            flag: list[bool] = []
+            driver.run(Wait(attempt, "receive", lambda f=flag: bool(f), Finishes()), poller.resolve)
+            woken.append((attempt, flag))
+    for attempt, flag in woken:
+        flag.append(True)
+        attempt.wake()
+    answers = poller.wait_for(300)
+    assert sorted(answers) == [(False, '"over"')] * 150 + [(True, '"ready"')] * 150
+    # Those that waited were answered on the timer service's one thread
+    # (a timeout of 0 is over at once, on the caller's).
+    assert len(set(poller.threads) - {threading.get_ident()}) == 1
+    assert all(attempt.waker is None for attempt in timed)
+
+
+def test_concurrent_wake_ups_never_lose_a_wait_nor_finish_one_twice(
+    driver: Continuations,
+) -> None:
+    """Waits that take what they wait for (as a receive takes a message), each
+    woken from many threads at once while what they wait for comes: each ends
+    exactly once, its ready() never runs on two threads at once nor after it
+    held, and no wake-up is lost (every wait ends)."""
+    waits = 200
+    poller = FakePoller()
+    overlaps: list[str] = []
+    finished: dict[str, list[bool]] = {}
+    tokens: dict[str, list[int]] = {}
+    attempts: list[Attempt] = []
+
+    for index in range(waits):
+        attempt = make_attempt(task_id=f"main/{index}")
+        task_id = attempt.invocation.task_id
+        tokens[task_id] = []
+        finished[task_id] = []
+        checking = threading.Lock()
+        held: list[bool] = []
+
+        def ready(
+            task_id: str = task_id, checking: threading.Lock = checking, held: list[bool] = held
+        ) -> bool:
+            if not checking.acquire(blocking=False):
+                overlaps.append(f"{task_id}: checked on two threads at once")
+                return False
+            try:
+                if held:
+                    overlaps.append(f"{task_id}: checked after it held")
+                if tokens[task_id]:
+                    tokens[task_id].pop()  # (takes it, as a receive takes a message)
+                    held.append(True)
+                    return True
+                return False
+            finally:
+                checking.release()
+
+        def finish(ok: bool, task_id: str = task_id) -> Answer:
+            finished[task_id].append(ok)
+            return True, task_id
+
+        driver.run(Wait(attempt, "receive", ready, finish), poller.resolve)
+        attempts.append(attempt)
+
+    go = threading.Barrier(8)
+
+    def wake_randomly(seed: int) -> None:
+        chooser = random.Random(seed)
+        go.wait()
+        for _ in range(3000):
+            chooser.choice(attempts).wake()
+
+    def deliver() -> None:
+        go.wait()
+        for attempt in attempts:
+            tokens[attempt.invocation.task_id].append(1)
+            attempt.wake()
+
+    threads = [threading.Thread(target=wake_randomly, args=(seed,)) for seed in range(7)]
+    threads.append(threading.Thread(target=deliver))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    answers = poller.wait_for(waits)
+    assert overlaps == []
+    assert sorted(answers) == sorted((True, a.invocation.task_id) for a in attempts)
+    assert all(calls == [True] for calls in finished.values())
+    assert all(a.waker is None for a in attempts)
+
+
+def test_the_timer_service_runs_callbacks_in_time_order_and_stops(timers: Timers) -> None:
+    ran: list[str] = []
+    done = threading.Event()
+    now = time.monotonic()
+    timers.at(now + 0.03, lambda: ran.append("third"))
+    cancelled = timers.at(now + 0.02, lambda: ran.append("cancelled"))
+    timers.at(now + 0.01, lambda: ran.append("second"))
+    timers.soon(lambda: ran.append("first"))
+    timers.at(now + 0.04, done.set)
+    cancelled.cancel()
+    assert done.wait(PATIENCE_S)
+    assert ran == ["first", "second", "third"]
+    timers.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        timers.soon(lambda: None)
