@@ -1,14 +1,17 @@
 """Host calls that wait, run by continuation: a wait is checked at once, then
 again at each wake-up of its attempt and when its timers fire (its timeout,
 its attempt's deadline) on the run's timer service; it ends once, with its
-answer handed to a callback, as an async import's Pending would take it."""
+answer handed to a callback, as an async import's Pending would take it.
+The same waits are run with real wasm: a run whose host calls' waits go
+through the continuation driver while its task threads wait for the answer."""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,9 +21,12 @@ from capsule.sandbox.engine import Invocation, RefusingHost
 from capsule.supervisor.continuations import Continuations
 from capsule.supervisor.events import EventStream
 from capsule.supervisor.live import LiveTree
+from capsule.supervisor.program import RunRequest, run_program
+from capsule.supervisor.run import Run
 from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import Attempt, Node, Scope
 from capsule.supervisor.waits import Answer, Wait, Waiting, never
+from tests.conftest import LocalServer
 
 #: How long a test waits for what must happen (a bound against hanging, not a
 #: figure it asserts).
@@ -388,3 +394,188 @@ def test_the_timer_service_runs_callbacks_in_time_order_and_stops(timers: Timers
     timers.close()
     with pytest.raises(RuntimeError, match="stopped"):
         timers.soon(lambda: None)
+
+
+# -- with real wasm: the thread core's host calls, their waits run by continuation --
+
+WAITING = """
+    import capsule
+    from capsule import ReceiveTimeout, SendTimeout, TaskError, ask, receive, send, task
+
+    @task(compute="HIGH")
+    def echo():
+        while True:
+            message = receive(timeout=10)
+            if message.body == "stop":
+                return "echo stopped"
+            message.reply({"echo": message.body})
+
+    @task(compute="HIGH", max_retries=0)
+    def slow_reader(n, pause):
+        capsule.sleep(pause)
+        return [receive().body for _ in range(n)]
+
+    @task(compute="HIGH")
+    def double(x):
+        capsule.sleep(0.01)
+        return 2 * x
+
+    @task(compute="HIGH", timeout=0.3, max_retries=0)
+    def stuck():
+        receive()
+
+    @task(name="main")
+    def main():
+        actor = echo.spawn(name="echo")
+        replies = [ask("echo", i) for i in range(20)]
+        send("echo", "stop")
+        reader = slow_reader.spawn(5, 0.2)
+        for i in range(5):          # capacity 2: the third send waits for the reader
+            send(reader, i)
+        try:
+            receive(timeout=0.05)
+            timed_out = None
+        except ReceiveTimeout as error:
+            timed_out = str(error)
+        try:
+            stuck()
+            deadline = None
+        except TaskError as error:
+            deadline = error.kind
+        return {
+            "replies": replies,
+            "echo": actor.result(),
+            "read": reader.result(),
+            "called": double(21),
+            "children": [h.result() for h in [double.spawn(i) for i in range(4)]],
+            "timed_out": timed_out,
+            "deadline": deadline,
+        }
+"""
+
+
+def test_a_run_whose_waits_run_by_continuation_answers_as_on_threads(
+    program: Callable[[str, str], Path],
+) -> None:
+    path = program(WAITING, "prog.py")
+    runs: list[Run] = []
+    events: list[Any] = []
+
+    def by_continuation(run: Run) -> None:
+        run.wait_by_continuation()
+        runs.append(run)
+
+    report = run_program(
+        RunRequest(path=path, args=[], mailbox_capacity=2),
+        events.append,
+        on_run=by_continuation,
+    )
+    assert runs, report
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == {
+        "replies": [{"echo": i} for i in range(20)],
+        "echo": "echo stopped",
+        "read": [0, 1, 2, 3, 4],
+        "called": 42,
+        "children": [0, 2, 4, 6],
+        "timed_out": "no message arrived within 0.05s",
+        "deadline": "timeout",
+    }
+    waited_on = {event.on for event in events if event.type == "waiting"}
+    assert {"send", "receive", "sleep", "result"} <= waited_on
+    resumed = [event for event in events if event.type == "resumed"]
+    assert len(resumed) == len([event for event in events if event.type == "waiting"])
+
+
+HTTP_AND_ASYNC = """
+import asyncio
+import capsule
+from capsule import receive, send, task
+from capsule.http import get, get_async
+
+@task(compute="HIGH")
+async def late(x):
+    await asyncio.sleep(0.05)
+    return x + 1
+
+@task(compute="HIGH")
+def forward(to):
+    send(to, receive().body * 2)
+
+@task(compute="HIGH")
+def replier():
+    message = receive()
+    message.reply(message.body * 3)
+
+@task(name="main", allowed_hosts=["127.0.0.1"])
+async def main(base):
+    status = get(base + "/status/201").status_code
+    responses = await asyncio.gather(*(get_async(f"{base}/echo?n={n}") for n in range(3)))
+    children = await asyncio.gather(*(late.spawn(i) for i in range(3)))
+    forwarder = forward.spawn(capsule.current().id)
+    send(forwarder, 21)
+    asked = await capsule.ask_async(replier.spawn(), 5, timeout=30)
+    return {
+        "status": status,
+        "echoed": [r.json()["path"] for r in responses],
+        "children": list(children),
+        "forwarded": (await capsule.receive_async(timeout=30)).body,
+        "asked": asked,
+    }
+"""
+
+
+def test_http_and_operations_run_by_continuation(
+    program: Callable[[str, str], Path], http_server: LocalServer
+) -> None:
+    path = program(HTTP_AND_ASYNC, "prog.py")
+    events: list[Any] = []
+    report = run_program(
+        RunRequest(path=path, args=[http_server.url]),
+        events.append,
+        on_run=lambda run: run.wait_by_continuation(),
+    )
+    assert report.result is not None and report.result.ok, report
+    value = report.result.value()
+    assert value["status"] == 201
+    assert value["children"] == [1, 2, 3]
+    assert value["forwarded"] == 42
+    assert value["asked"] == 15
+    assert value["echoed"] == [f"/echo?n={n}" for n in range(3)]
+    assert len([event for event in events if event.type == "http"]) == 4
+
+
+def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
+    program: Callable[[str, str], Path],
+) -> None:
+    path = program(
+        """
+    from capsule import receive, task
+
+    @task(compute="HIGH")
+    def idle():
+        receive()
+
+    @task(name="main")
+    def main():
+        idle.spawn(name="idle")
+        receive()
+    """,
+        "prog.py",
+    )
+    runs: list[Run] = []
+    waiting: set[str] = set()
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting":
+            waiting.add(event.task_id)
+            if waiting == {"main", "main/1"}:
+                runs[0].stop()  # (on the timer service's thread, which reports waits)
+
+    def by_continuation(run: Run) -> None:
+        run.wait_by_continuation()
+        runs.append(run)
+
+    report = run_program(RunRequest(path=path, args=[]), on_event, on_run=by_continuation)
+    assert report.interrupted, report
+    assert report.result.error.kind == "cancelled"
