@@ -20,9 +20,11 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost
 from capsule.supervisor.continuations import Continuations
 from capsule.supervisor.events import EventStream
+from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.program import RunRequest, run_program
 from capsule.supervisor.run import Run
+from capsule.supervisor.steps import NoStepLog, Request, Step
 from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import Attempt, Node, Scope
 from capsule.supervisor.waits import Answer, Wait, Waiting, never
@@ -394,6 +396,78 @@ def test_the_timer_service_runs_callbacks_in_time_order_and_stops(timers: Timers
     timers.close()
     with pytest.raises(RuntimeError, match="stopped"):
         timers.soon(lambda: None)
+
+
+class RecordingLog(NoStepLog):
+    """A journal that keeps the steps it is given."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int, str, bool, str]] = []
+
+    def step(
+        self,
+        task_id: str,
+        attempt: int,
+        number: int,
+        kind: str,
+        request: Request,
+        ok: bool,
+        answer: str,
+        durable: bool = False,
+        unredacted: str | None = None,
+    ) -> None:
+        self.steps.append((task_id, number, kind, ok, answer))
+
+
+def journaled_steps(tree: LiveTree, log: RecordingLog) -> JournaledSteps:
+    return JournaledSteps(tree, log, True, "run", 1 << 20, 1 << 30, recorded=0)
+
+
+def test_a_step_whose_wait_runs_by_continuation_is_journaled_before_it_is_answered(
+    driver: Continuations,
+) -> None:
+    tree = LiveTree()
+    attempt = make_attempt(tree)
+    log = RecordingLog()
+    journal = journaled_steps(tree, log)
+    journaled_when_answered: list[int] = []
+    poller = FakePoller()
+
+    def answered(answer: Answer | BaseException) -> None:
+        journaled_when_answered.append(len(log.steps))
+        poller.resolve(answer)
+
+    arrived: list[str] = []
+
+    def receive() -> Waiting:
+        return Wait(attempt, "receive", lambda: bool(arrived), lambda ok: (ok, f'"{arrived[0]}"'))
+
+    journal.step_later(attempt.invocation, "receive", "", receive, driver.run, answered)
+    assert poller.answers == [] and log.steps == []
+    arrived.append("hello")
+    attempt.wake()
+    assert poller.wait_for(1) == [(True, '"hello"')]
+    assert log.steps == [("main", 1, "receive", True, '"hello"')]
+    assert journaled_when_answered == [1]
+
+
+def test_a_replayed_step_is_answered_from_the_journal_without_waiting(
+    driver: Continuations,
+) -> None:
+    tree = LiveTree()
+    attempt = make_attempt(tree)
+    attempt.replay.append(Step("receive", "", True, '"from the journal"'))
+    log = RecordingLog()
+    poller = FakePoller()
+
+    def live() -> Waiting:
+        raise AssertionError("a replayed step is not performed")
+
+    journaled_steps(tree, log).step_later(
+        attempt.invocation, "receive", "", live, driver.run, poller.resolve
+    )
+    assert poller.answers == [(True, '"from the journal"')]
+    assert log.steps == []
 
 
 # -- with real wasm: the thread core's host calls, their waits run by continuation --

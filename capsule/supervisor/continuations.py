@@ -23,10 +23,7 @@ from capsule.supervisor.events import EventStream, TaskResumed, TaskWaiting
 from capsule.supervisor.ids import EventIds
 from capsule.supervisor.timers import Timer, Timers
 from capsule.supervisor.tree import nearest_deadline
-from capsule.supervisor.waits import Answer, Wait, Waiting
-
-#: Takes a host call's answer, or what its wait raised (a host bug).
-Resolve = Callable[[Answer | BaseException], object]
+from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
 
 
 class Continuations:

@@ -13,7 +13,7 @@ from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.steps import JournalFailure, Request, Step, StepLog, request_text
 from capsule.supervisor.tree import Attempt
-from capsule.supervisor.waits import Answer, Wait, Waiting
+from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
 
 #: What a step costs to record beyond its request and answer (the step's own
 #: entry in its batch, and the waiting and resumed events a blocking one
@@ -105,6 +105,34 @@ class JournaledSteps:
             self._record(caller, begun, kind, request, answer, durable, for_journal)
         return answer
 
+    def step_later(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], Waiting],
+        run: Callable[[Waiting, Resolve], None],
+        answered: Resolve,
+        replayed: Callable[[Step], object] | None = None,
+        durable: bool = False,
+        for_journal: Callable[[str], str] | None = None,
+    ) -> None:
+        """A step (see :meth:`step`) whose wait runs by continuation: ``run``
+        (the continuation driver's) runs what ``live()`` returns, and
+        ``answered`` gets the answer once it is over, journaled first; from
+        the journal at once while the attempt replays."""
+        begun = self._begin(caller, kind, request, replayed)
+        if isinstance(begun, tuple):
+            answered(begun)
+            return
+
+        def record(answer: Answer | BaseException) -> None:
+            if self.journaling and not isinstance(answer, BaseException):
+                self._record(caller, begun, kind, request, answer, durable, for_journal)
+            answered(answer)
+
+        run(live(), record)
+
     def _begin(
         self,
         caller: Invocation,
@@ -149,7 +177,9 @@ class JournaledSteps:
         for_journal: Callable[[str], str] | None,
     ) -> None:
         """Journal the live answer of step ``number`` of ``caller``."""
-        attempt = self.tree.attempts[caller]
+        attempt = self.tree.attempts.get(caller)
+        if attempt is None:  # (it ended while its wait ran: no guest sees the answer)
+            return
         ok, text = answer
         attempt.recorded += len(text)
         if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:

@@ -56,6 +56,10 @@ class Wait:
 #: What a host call that may wait returns: its answer, or the wait for it.
 Waiting = Answer | Wait
 
+#: Takes a host call's answer once its wait is over, or what the wait raised
+#: (a host bug), when a wait runs by continuation.
+Resolve = Callable[[Answer | BaseException], object]
+
 
 def never() -> bool:
     """What a sleep waits for: nothing but its time."""
