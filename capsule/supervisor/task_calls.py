@@ -99,7 +99,11 @@ class TaskCalls:
                 finally:
                     attempt.wake()
 
-            thread.append(start_task_thread(body, name=f"capsule-task {task_id}"))
+            try:
+                thread.append(start_task_thread(body, name=f"capsule-task {task_id}"))
+            except RuntimeError:  # the OS refused another thread: the call fails
+                self.admission.release()
+                raise
 
         def finish(_: bool) -> Answer:
             for started in thread:
