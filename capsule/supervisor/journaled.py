@@ -95,14 +95,28 @@ class JournaledSteps:
         This path runs with the GIL held on every host call; with two busy
         actors contending for it, each microsecond here cost two to three
         (measured): keep it short."""
-        begun = self._begin(caller, kind, request, replayed)
-        if isinstance(begun, tuple):
-            return begun
+        attempt = self.tree.attempts[caller]
+        if (
+            attempt.replay
+            or attempt.recorded > self.max_recorded
+            or (attempt.credit and kind in ENDS_CREDIT)
+        ):
+            begun = self._begin(caller, kind, request, replayed)
+            if isinstance(begun, tuple):
+                return begun
+            number = begun
+        else:  # (the common case, inline: what _begin does then)
+            attempt.steps_taken += 1
+            number = attempt.steps_taken
+            if self.journaling:
+                attempt.recorded += STEP_RECORD_OVERHEAD + (
+                    len(request) if request.__class__ is str else sum(map(len, request))
+                )
         answer = live()
         if isinstance(answer, Wait):
             answer = self.run_wait(answer)
         if self.journaling:
-            self._record(caller, begun, kind, request, answer, durable, for_journal)
+            self._record(attempt, number, kind, request, answer, durable, for_journal)
         return answer
 
     def step_later(
@@ -127,8 +141,10 @@ class JournaledSteps:
             return
 
         def record(answer: Answer | BaseException) -> None:
-            if self.journaling and not isinstance(answer, BaseException):
-                self._record(caller, begun, kind, request, answer, durable, for_journal)
+            attempt = self.tree.attempts.get(caller)
+            # (No attempt: it ended while its wait ran; no guest sees the answer.)
+            if self.journaling and attempt is not None and not isinstance(answer, BaseException):
+                self._record(attempt, begun, kind, request, answer, durable, for_journal)
             answered(answer)
 
         run(live(), record)
@@ -168,7 +184,7 @@ class JournaledSteps:
 
     def _record(
         self,
-        caller: Invocation,
+        attempt: Attempt,
         number: int,
         kind: str,
         request: Request,
@@ -176,10 +192,8 @@ class JournaledSteps:
         durable: bool,
         for_journal: Callable[[str], str] | None,
     ) -> None:
-        """Journal the live answer of step ``number`` of ``caller``."""
-        attempt = self.tree.attempts.get(caller)
-        if attempt is None:  # (it ended while its wait ran: no guest sees the answer)
-            return
+        """Journal the live answer of step ``number`` of ``attempt``."""
+        caller = attempt.invocation
         ok, text = answer
         attempt.recorded += len(text)
         if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:
