@@ -454,8 +454,14 @@ class MessageCalls:
         at ``started``, given ``timeout`` in all)."""
         if message is None:
             return sent
-        caller = attempt.invocation
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self.reply_wait(attempt, target, message, left)
+
+    def reply_wait(
+        self, attempt: Attempt, target: str, message: Message, timeout: float | None
+    ) -> Wait:
+        """The wait for the reply to ``message``, asked of ``target``."""
+        caller = attempt.invocation
         answer: list[tuple[str | None, str | None]] = []
 
         def answered() -> bool:
@@ -478,7 +484,7 @@ class MessageCalls:
             assert reply is not None
             return True, reply
 
-        return Wait(attempt, "receive", answered, finish, left)
+        return Wait(attempt, "receive", answered, finish, timeout)
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
         if len(body_json) > self.max_message_bytes:

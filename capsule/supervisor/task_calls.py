@@ -23,7 +23,7 @@ from capsule.supervisor.outcomes import delivered_positions, linked_failure, out
 from capsule.supervisor.steps import Step
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult, start_task_thread
-from capsule.supervisor.waits import Answer, Wait, Waiting
+from capsule.supervisor.waits import Answer, Wait, Waiting, over
 
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: TaskCalls._spawn).
@@ -336,22 +336,16 @@ class TaskCalls:
             )
 
         def operation(handle: int) -> Operation:
-            children = [attempt.children[task_id] for task_id in task_ids]
-            with self.tree.lock:  # (a linked child's failure now goes to this wait)
-                for child in children:
-                    child.waited_on = True
+            # Waits as a blocking wait on them waits (a linked child's failure
+            # now goes to this wait).
+            waiting = self._wait(caller, task_ids, None, False)
+            wait = waiting if isinstance(waiting, Wait) else over(attempt, "result", waiting)
 
             def replayed() -> None:
                 # Replayed, the children are still joined and forgotten as they were.
-                self.settle(self._wait(caller, task_ids, None, False))
+                self.settle(wait)
 
-            return condition(
-                handle,
-                "result",
-                lambda: all(child.done.is_set() for child in children),
-                lambda: self.settle(self._wait(caller, task_ids, 0, False)),
-                replayed,
-            )
+            return condition(handle, wait, replayed)
 
         return self.operations.start(attempt, "wait_start", tuple(task_ids), operation)
 

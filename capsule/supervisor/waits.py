@@ -16,9 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from capsule.supervisor.events import WaitReason
-from capsule.supervisor.tree import Attempt
+
+if TYPE_CHECKING:
+    from capsule.supervisor.tree import Attempt
 
 #: A host call's answer: (ok, payload JSON).
 Answer = tuple[bool, str]
@@ -64,3 +67,13 @@ Resolve = Callable[[Answer | BaseException], object]
 def never() -> bool:
     """What a sleep waits for: nothing but its time."""
     return False
+
+
+def over(attempt: Attempt, reason: WaitReason, answer: Answer) -> Wait:
+    """A wait that is over at once, with ``answer`` (a call refused where a
+    wait was expected)."""
+    return Wait(attempt, reason, _always, lambda _: answer)
+
+
+def _always() -> bool:
+    return True
