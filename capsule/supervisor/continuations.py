@@ -111,7 +111,7 @@ class _Continuation:
             # Hooked before it is first checked: a wake-up from then on is
             # seen by that check or queues another.
             self.wait.attempt.waker = self.hook
-            outcome = self._settle(starting=True)
+            outcome = self._decide(starting=True)
             if outcome is None:
                 self._set_timers()
         if outcome is not None:
@@ -140,11 +140,11 @@ class _Continuation:
         with self.lock:
             if self.over:
                 return
-            outcome = self._settle()
+            outcome = self._decide()
         if outcome is not None:
             self._deliver(outcome)
 
-    def _settle(self, starting: bool = False) -> bool | BaseException | None:
+    def _decide(self, starting: bool = False) -> bool | BaseException | None:
         """Holding the lock: whether it became ready, or what its check
         raised, if it is over now (then it has ended); None while it waits on.
         ``starting``: what it waits for is started first."""

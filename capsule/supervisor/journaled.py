@@ -119,6 +119,13 @@ class JournaledSteps:
             self._record(attempt, number, kind, request, answer, durable, for_journal)
         return answer
 
+    def settle(self, waiting: Waiting) -> Answer:
+        """The answer of a host call that may wait, waiting on this thread: a
+        wait made while a replayed step is redone (for children the journal
+        says ended), or one that cannot wait (no timeout, what it waits for
+        holds)."""
+        return self.run_wait(waiting) if isinstance(waiting, Wait) else waiting
+
     def step_later(
         self,
         caller: Invocation,

@@ -185,9 +185,7 @@ class MessageSteps:
                 return
             # Asked again: numbered alike, not sent again (see MessageCalls._send):
             # no wait. Its reply is awaited unless a replayed poll reports it.
-            asked = self.messages.send_ask(attempt, target, body_json, added)
-            if isinstance(asked, Wait):
-                self.journal.run_wait(asked)
+            self.journal.settle(self.messages.send_ask(attempt, target, body_json, added))
 
         return self.journal.step(caller, "ask_start", (target, body_json), start, replayed=replayed)
 

@@ -233,21 +233,15 @@ class TaskCalls:
             return self._wait(caller, task_ids, timeout, False)
 
         def rewait(_: Step) -> None:
-            self.settle(wait())
+            self.journal.settle(wait())
 
         # Replayed, the children are still joined and forgotten as they were.
         return self.journal.step(caller, "wait", tuple(task_ids), wait, replayed=rewait)
 
-    def settle(self, waiting: Waiting) -> Answer:
-        """The answer of a wait made while a replay redoes a step (it waits on
-        this thread, for children the journal says ended), or of one that
-        cannot wait (no timeout, or children ended)."""
-        return self.journal.run_wait(waiting) if isinstance(waiting, Wait) else waiting
-
     def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
         delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
         if delivered:
-            self.settle(self._wait(caller, delivered, None, False))
+            self.journal.settle(self._wait(caller, delivered, None, False))
 
     def _wait(
         self, caller: Invocation, ids: list[str], timeout: float | None, any_ended: bool
@@ -332,7 +326,7 @@ class TaskCalls:
                 caller,
                 "wait_start",
                 tuple(task_ids),
-                lambda: self.settle(self._wait(caller, task_ids, 0, False)),
+                lambda: self.journal.settle(self._wait(caller, task_ids, 0, False)),
             )
 
         def operation(handle: int) -> Operation:
@@ -343,7 +337,7 @@ class TaskCalls:
 
             def replayed() -> None:
                 # Replayed, the children are still joined and forgotten as they were.
-                self.settle(wait)
+                self.journal.settle(wait)
 
             return condition(handle, wait, replayed)
 
