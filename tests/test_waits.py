@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -468,6 +469,23 @@ def test_a_replayed_step_is_answered_from_the_journal_without_waiting(
     )
     assert poller.answers == [(True, '"from the journal"')]
     assert log.steps == []
+
+
+def test_cancelled_timers_let_go_of_what_their_callbacks_hold(timers: Timers) -> None:
+    """A wait with a long timeout that ended early holds nothing until then."""
+
+    class Held:
+        pass
+
+    held = Held()
+    alive = weakref.ref(held)
+    later = time.monotonic() + 3600
+    cancelled = [timers.at(later, lambda held=held: None) for _ in range(200)]
+    del held
+    for timer in cancelled:
+        timer.cancel()
+    assert alive() is None
+    assert timers.pending() < 200  # (most of the heap was cancelled: it was compacted)
 
 
 # -- with real wasm: the thread core's host calls, their waits run by continuation --

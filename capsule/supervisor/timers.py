@@ -16,15 +16,20 @@ from collections.abc import Callable
 class Timer:
     """A callback due at a time; cancelled, it never runs."""
 
-    __slots__ = ("callback", "cancelled", "when")
+    __slots__ = ("callback", "cancelled", "owner", "when")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, owner: Timers, when: float, callback: Callable[[], None]) -> None:
+        self.owner = owner
         self.when = when
         self.callback = callback
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True  # (dropped from the heap once it is due)
+        self.owner.cancel(self)
+
+
+def _nothing() -> None:
+    pass
 
 
 class Timers:
@@ -39,6 +44,9 @@ class Timers:
         self._due: list[tuple[float, int, Timer]] = []
         self._now: deque[Callable[[], None]] = deque()
         self._order = itertools.count()
+        #: Cancelled timers still in the heap (dropped once due, or all at
+        #: once when they are most of it).
+        self._cancelled = 0
         self._thread: threading.Thread | None = None
         self._closed = False
         #: What callbacks raised (a bug in one of them).
@@ -46,7 +54,7 @@ class Timers:
 
     def at(self, when: float, callback: Callable[[], None]) -> Timer:
         """Run ``callback`` at ``when`` (time.monotonic()), unless cancelled first."""
-        timer = Timer(when, callback)
+        timer = Timer(self, when, callback)
         with self._changed:
             self._running()
             heapq.heappush(self._due, (when, next(self._order), timer))
@@ -63,6 +71,21 @@ class Timers:
             self._now.append(callback)
             if len(self._now) == 1:
                 self._changed.notify()
+
+    def cancel(self, timer: Timer) -> None:
+        """``timer`` never runs. What its callback holds is let go now: a wait
+        with a long timeout that ended early must not keep it until then."""
+        with self._changed:
+            if timer.cancelled:
+                return
+            timer.cancelled = True
+            timer.callback = _nothing
+            self._cancelled += 1
+            due = self._due
+            if self._cancelled > 64 and 2 * self._cancelled > len(due):
+                self._due = [entry for entry in due if not entry[2].cancelled]
+                heapq.heapify(self._due)
+                self._cancelled = 0
 
     def pending(self) -> int:
         """Timers not yet run or dropped (cancelled ones included until due)."""
@@ -96,12 +119,15 @@ class Timers:
                 due = self._due
                 while due and due[0][2].cancelled:
                     heapq.heappop(due)
+                    self._cancelled -= 1
                 if not due:
                     self._changed.wait()
                     continue
                 wait = due[0][0] - time.monotonic()
                 if wait <= 0:
-                    return heapq.heappop(due)[2].callback
+                    timer = heapq.heappop(due)[2]
+                    timer.cancelled = True  # (it runs now: cancelling it is too late)
+                    return timer.callback
                 self._changed.wait(wait)
             return None
 
