@@ -516,6 +516,14 @@ WAITING = """
     def stuck():
         receive()
 
+    @task(compute="HIGH", max_retries=0)
+    def forever():
+        receive()
+
+    @task(compute="HIGH", timeout=0.3, max_retries=0)
+    def impatient():
+        forever()   # a direct call: its wait outlasts the deadline until the child ended
+
     @task(name="main")
     def main():
         actor = echo.spawn(name="echo")
@@ -534,6 +542,11 @@ WAITING = """
             deadline = None
         except TaskError as error:
             deadline = error.kind
+        try:
+            impatient()
+            callers_deadline = None
+        except TaskError as error:
+            callers_deadline = error.kind
         return {
             "replies": replies,
             "echo": actor.result(),
@@ -542,25 +555,26 @@ WAITING = """
             "children": [h.result() for h in [double.spawn(i) for i in range(4)]],
             "timed_out": timed_out,
             "deadline": deadline,
+            "callers_deadline": callers_deadline,
         }
 """
 
 
-def test_a_run_whose_waits_run_by_continuation_answers_as_on_threads(
-    program: Callable[[str, str], Path],
+@pytest.mark.parametrize("driver", ["thread", "continuation"])
+def test_a_run_answers_alike_whichever_driver_runs_its_waits(
+    program: Callable[[str, str], Path], driver: str
 ) -> None:
     path = program(WAITING, "prog.py")
     runs: list[Run] = []
     events: list[Any] = []
 
-    def by_continuation(run: Run) -> None:
-        run.wait_by_continuation()
+    def started(run: Run) -> None:
+        if driver == "continuation":
+            run.wait_by_continuation()
         runs.append(run)
 
     report = run_program(
-        RunRequest(path=path, args=[], mailbox_capacity=2),
-        events.append,
-        on_run=by_continuation,
+        RunRequest(path=path, args=[], mailbox_capacity=2), events.append, on_run=started
     )
     assert runs, report
     assert report.result is not None and report.result.ok, report
@@ -572,9 +586,10 @@ def test_a_run_whose_waits_run_by_continuation_answers_as_on_threads(
         "children": [0, 2, 4, 6],
         "timed_out": "no message arrived within 0.05s",
         "deadline": "timeout",
+        "callers_deadline": "timeout",
     }
     waited_on = {event.on for event in events if event.type == "waiting"}
-    assert {"send", "receive", "sleep", "result"} <= waited_on
+    assert {"send", "receive", "sleep"} <= waited_on
     resumed = [event for event in events if event.type == "resumed"]
     assert len(resumed) == len([event for event in events if event.type == "waiting"])
 
