@@ -243,6 +243,26 @@ def test_a_wait_until_ready_outlasts_its_tasks_stop_and_starts_what_it_waits_for
     started[0].join()
 
 
+def test_the_checks_wake_ups_queue_run_where_the_driver_is_told(
+    timers: Timers, events: tuple[EventStream, list[Any]]
+) -> None:
+    """As a poll thread's run queue would take them: a wake-up only queues a
+    check; the answer comes when the queue's owner runs it."""
+    queue: list[Callable[[], None]] = []
+    driver = Continuations(timers, events[0], "run", lambda task_id: None, queue.append)
+    attempt = make_attempt()
+    poller = FakePoller()
+    arrived: list[str] = []
+    driver.run(Wait(attempt, "receive", lambda: bool(arrived), Finishes()), poller.resolve)
+    arrived.append("a message")
+    attempt.wake()
+    attempt.wake()  # (one check queued for both)
+    assert len(queue) == 1 and poller.answers == []
+    queue.pop()()
+    assert poller.answers == [(True, '"ready"')]
+    assert poller.threads == [threading.get_ident()]
+
+
 def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations) -> None:
     attempt = make_attempt()
     poller = FakePoller()

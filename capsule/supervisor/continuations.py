@@ -35,6 +35,7 @@ class Continuations:
         events: EventStream,
         run_id: str,
         before_waiting: Callable[[str], None],
+        schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.timers = timers
         self.events = events
@@ -42,6 +43,10 @@ class Continuations:
         #: Called with the task's id before it is reported as waiting (its
         #: output is shown first).
         self.before_waiting = before_waiting
+        #: Where the check a wake-up queues runs (never on the waker's
+        #: thread): the timer service's thread unless given (a poll thread's
+        #: run queue, say).
+        self.schedule = timers.soon if schedule is None else schedule
 
     def run(self, waiting: Waiting, resolve: Resolve) -> None:
         """Give ``resolve`` the answer of a host call that may wait, once its
@@ -133,7 +138,7 @@ class _Continuation:
         if self.queued or self.over:
             return
         self.queued = True
-        self.driver.timers.soon(self.check)
+        self.driver.schedule(self.check)
 
     def check(self) -> None:
         self.queued = False  # (before it looks: a wake from now on queues another)
