@@ -19,7 +19,9 @@ Its parts, each one job:
   journal (``steps``: the journal's side of it).
 - ``host_calls``: the sandbox's host calls, handed by kind to ``task_calls``,
   ``message_steps`` (with ``messages``), ``time_calls``, ``http_calls`` and
-  ``operation_calls`` (with ``operations``); ``blocking``: how a call waits.
+  ``operation_calls`` (with ``operations``); ``waits``: a host call that
+  waits, as a wait, run by a driver: ``blocking`` (on the task's thread) or
+  ``continuations`` (no thread; its timers on ``timers``).
 - ``output``: what tasks print; ``events``: the typed event stream.
 - ``options`` (with ``option_specs``): the run's settings, declared once.
 """

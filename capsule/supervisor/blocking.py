@@ -1,7 +1,7 @@
-"""How a task waits in a blocking host call (a receive, a wait on children, a
-sleep, an HTTP request): without its CPU slot, woken by what it waits on or by
-its stop, reported as waiting once the wait lasts, and hibernated once it
-lasts longer."""
+"""The thread driver of waits (see waits.py): how a task waits in a blocking
+host call (a receive, a wait on children, a sleep, an HTTP request) on its
+own thread: without its CPU slot, woken by what it waits on or by its stop,
+reported as waiting once the wait lasts, and hibernated once it lasts longer."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from capsule.supervisor.events import (
 )
 from capsule.supervisor.ids import EventIds
 from capsule.supervisor.tree import Attempt, nearest_deadline
+from capsule.supervisor.waits import Answer, Wait, Waiting
 
 #: How long a task waits in a host call before it is reported as waiting.
 WAITING_GRACE_S = 0.005
@@ -41,6 +42,20 @@ class Blocking:
         #: Called with the task's id before it is reported as waiting (its
         #: output is shown first).
         self.before_waiting = before_waiting
+
+    def run(self, waiting: Waiting) -> Answer:
+        """The answer of a host call that may wait, once its wait (and the
+        next ones it makes) is over, waiting on the calling thread."""
+        while isinstance(waiting, Wait):
+            wait = waiting
+            if wait.inline is not None:
+                wait.inline()  # (what it waits for is over once this returns)
+                waiting = wait.finish(True)
+            else:
+                waiting = wait.finish(
+                    self.block(wait.attempt, wait.ready, wait.timeout, wait.reason)
+                )
+        return waiting
 
     def block(
         self, attempt: Attempt, ready: Callable[[], bool], timeout: float | None, on: WaitReason

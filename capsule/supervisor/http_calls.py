@@ -13,13 +13,13 @@ from concurrent.futures import Future
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import Secrets, redact_url
 from capsule.sandbox.engine import Invocation
-from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.events import EventStream, HttpExchange
 from capsule.supervisor.ids import EventIds
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import Operation, http_operation
+from capsule.supervisor.waits import Answer, Wait
 
 
 class HttpCalls:
@@ -30,7 +30,6 @@ class HttpCalls:
         client: HttpClient,
         journal: JournaledSteps,
         tree: LiveTree,
-        blocking: Blocking,
         operations: OperationCalls,
         events: EventStream,
         run_id: str,
@@ -39,7 +38,6 @@ class HttpCalls:
         self.client = client
         self.journal = journal
         self.tree = tree
-        self.blocking = blocking
         self.operations = operations
         self.events = events
         self.run_id = run_id
@@ -69,18 +67,20 @@ class HttpCalls:
         # The response, for its journaled form (made only if it is journaled).
         received: list[HttpResponse] = []
 
-        def perform() -> tuple[bool, str]:
+        def perform() -> Wait:
             started = time.monotonic()
             attempt.transfer = Transfer()
             future = self.client.start(request, caller.grants.allows, secrets, attempt.transfer)
             future.add_done_callback(lambda _: attempt.wake())
-            try:
-                if not self.blocking.block(attempt, future.done, None, "http"):
+
+            def finish(done: bool) -> Answer:
+                attempt.transfer = None
+                if not done:
                     future.cancel()  # the caller must stop; the request is abandoned
                     return False, "{}"
-            finally:
-                attempt.transfer = None
-            return self._ended(caller, request, secrets, future, started, received)
+                return self._ended(caller, request, secrets, future, started, received)
+
+            return Wait(attempt, "http", future.done, finish)
 
         def for_journal(answer: str) -> str:
             return received[0].journal_json(secrets) if received else answer

@@ -13,6 +13,7 @@ from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.steps import JournalFailure, Request, Step, StepLog, request_text
 from capsule.supervisor.tree import Attempt
+from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
 
 #: What a step costs to record beyond its request and answer (the step's own
 #: entry in its batch, and the waiting and resumed events a blocking one
@@ -57,6 +58,8 @@ class JournaledSteps:
         self.max_recorded = max_task_output_bytes if journaling else float("inf")
         #: Gives back the credit of an attempt's sends (see ENDS_CREDIT).
         self.end_credit: Callable[[Attempt], None] = _no_credit
+        #: Runs a step's wait on the calling thread (the run's Blocking.run).
+        self.run_wait: Callable[[Wait], Answer] = _no_waiting
         #: Why the run was stopped: a replay diverged, or the journal failed.
         self.divergence: ErrorInfo | None = None
         self.journal_failure: str | None = None
@@ -66,13 +69,14 @@ class JournaledSteps:
         caller: Invocation,
         kind: str,
         request: Request,
-        live: Callable[[], tuple[bool, str]],
+        live: Callable[[], Waiting],
         replayed: Callable[[Step], object] | None = None,
         durable: bool = False,
         for_journal: Callable[[str], str] | None = None,
-    ) -> tuple[bool, str]:
+    ) -> Answer:
         """Answer one host call of ``caller`` (a step): from the journal while its
-        attempt replays one, else ``live()``, journaled before the guest sees it.
+        attempt replays one, else ``live()`` (once its wait, if it returns one,
+        is over: see waits.py), journaled before the guest sees it.
 
         Journaled means queued in the journal's one write order; ``durable``
         steps (those the outside world sees at once, like output) also wait for
@@ -92,6 +96,76 @@ class JournaledSteps:
         actors contending for it, each microsecond here cost two to three
         (measured): keep it short."""
         attempt = self.tree.attempts[caller]
+        if (
+            attempt.replay
+            or attempt.recorded > self.max_recorded
+            or (attempt.credit and kind in ENDS_CREDIT)
+        ):
+            begun = self._begin(caller, kind, request, replayed)
+            if isinstance(begun, tuple):
+                return begun
+            number = begun
+        else:  # (the common case, inline: what _begin does then)
+            attempt.steps_taken += 1
+            number = attempt.steps_taken
+            if self.journaling:
+                attempt.recorded += STEP_RECORD_OVERHEAD + (
+                    len(request) if request.__class__ is str else sum(map(len, request))
+                )
+        answer = live()
+        if isinstance(answer, Wait):
+            answer = self.run_wait(answer)
+        if self.journaling:
+            self._record(attempt, number, kind, request, answer, durable, for_journal)
+        return answer
+
+    def settle(self, waiting: Waiting) -> Answer:
+        """The answer of a host call that may wait, waiting on this thread: a
+        wait made while a replayed step is redone (for children the journal
+        says ended), or one that cannot wait (no timeout, what it waits for
+        holds)."""
+        return self.run_wait(waiting) if isinstance(waiting, Wait) else waiting
+
+    def step_later(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], Waiting],
+        run: Callable[[Waiting, Resolve], None],
+        answered: Resolve,
+        replayed: Callable[[Step], object] | None = None,
+        durable: bool = False,
+        for_journal: Callable[[str], str] | None = None,
+    ) -> None:
+        """A step (see :meth:`step`) whose wait runs by continuation: ``run``
+        (the continuation driver's) runs what ``live()`` returns, and
+        ``answered`` gets the answer once it is over, journaled first; from
+        the journal at once while the attempt replays."""
+        begun = self._begin(caller, kind, request, replayed)
+        if isinstance(begun, tuple):
+            answered(begun)
+            return
+
+        def record(answer: Answer | BaseException) -> None:
+            attempt = self.tree.attempts.get(caller)
+            # (No attempt: it ended while its wait ran; no guest sees the answer.)
+            if self.journaling and attempt is not None and not isinstance(answer, BaseException):
+                self._record(attempt, begun, kind, request, answer, durable, for_journal)
+            answered(answer)
+
+        run(live(), record)
+
+    def _begin(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        replayed: Callable[[Step], object] | None,
+    ) -> int | Answer:
+        """Count a step of ``caller``: its number if it is to be answered live,
+        else its answer (from the journal, or refused)."""
+        attempt = self.tree.attempts[caller]
         if attempt.recorded > self.max_recorded:
             self.over_limit(attempt)
             return False, "{}"  # the sandbox ends the caller; never seen
@@ -99,8 +173,7 @@ class JournaledSteps:
         number = attempt.steps_taken
         if attempt.credit and kind in ENDS_CREDIT:  # as the guest forgot its credit
             self.end_credit(attempt)
-        journaling = self.journaling
-        if journaling:  # (what it records counts only where it is recorded)
+        if self.journaling:  # (what it records counts only where it is recorded)
             attempt.recorded += STEP_RECORD_OVERHEAD + (
                 len(request) if request.__class__ is str else sum(map(len, request))
             )
@@ -114,15 +187,27 @@ class JournaledSteps:
                 replayed(recorded)
             attempt.recorded += len(recorded.answer)
             return recorded.ok, recorded.answer
-        ok, answer = live()
-        if not journaling:
-            return ok, answer
-        attempt.recorded += len(answer)
+        return number
+
+    def _record(
+        self,
+        attempt: Attempt,
+        number: int,
+        kind: str,
+        request: Request,
+        answer: Answer,
+        durable: bool,
+        for_journal: Callable[[str], str] | None,
+    ) -> None:
+        """Journal the live answer of step ``number`` of ``attempt``."""
+        caller = attempt.invocation
+        ok, text = answer
+        attempt.recorded += len(text)
         if attempt.recorded - attempt.recorded_counted >= RECORDED_COUNT_STEP:
             self.count(attempt)
         # A failure may be the caller's stop ("{}", never seen): not journaled.
         if ok or caller.check_stop() is None:
-            journaled = answer if for_journal is None else for_journal(answer)
+            journaled = text if for_journal is None else for_journal(text)
             try:  # (not through write: one call fewer on every journaled step)
                 self.log.step(
                     caller.task_id,
@@ -133,11 +218,10 @@ class JournaledSteps:
                     ok,
                     journaled,
                     durable,
-                    None if journaled == answer else answer,
+                    None if journaled == text else text,
                 )
             except JournalFailure as exc:
                 self.failed(exc)
-        return ok, answer
 
     def write(self, record: Callable[..., None], *args: Any) -> None:
         """Write to the journal; if it cannot be written, stop the run (what is
@@ -205,6 +289,10 @@ class JournaledSteps:
 
 def _no_credit(attempt: Attempt) -> None:
     pass
+
+
+def _no_waiting(wait: Wait) -> Answer:
+    raise RuntimeError("no driver runs the waits of this run's host calls")
 
 
 def _describe(step: Step) -> str:

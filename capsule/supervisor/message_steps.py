@@ -5,7 +5,6 @@ records it, and redoes on replay what a replayed call must still do."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from functools import partial
 
@@ -22,6 +21,7 @@ from capsule.supervisor.operations import (
     too_many_in_flight,
 )
 from capsule.supervisor.steps import Step, received_messages
+from capsule.supervisor.waits import Answer, Wait, Waiting, over
 
 # A replayed send or ask is not delivered again: its message was received
 # then, or is put back in the target's mailbox when that opens (History).
@@ -138,12 +138,11 @@ class MessageSteps:
         task_id = caller.task_id
 
         def operation(handle: int) -> Operation:
-            return condition(
-                handle,
-                "receive",
-                lambda: self.router.watch(task_id, attempt),
-                lambda: (True, '""'),
+            # (It takes no message: the guest's receive that follows does.)
+            arrived = Wait(
+                attempt, "receive", lambda: self.router.watch(task_id, attempt), _arrived
             )
+            return condition(handle, arrived)
 
         return self.operations.start(attempt, "receive_start", "", operation)
 
@@ -157,46 +156,39 @@ class MessageSteps:
         ) -> Callable[[int], Operation]:
             def operation(handle: int) -> Operation:
                 if message is None:  # (replayed, and refused now: it ends so)
-                    return condition(handle, "receive", lambda: True, lambda: refused)
-                reply: list[tuple[str | None, str | None]] = []
-
-                def ready() -> bool:
-                    if not reply:
-                        answer = self.router.take_reply(message.id)
-                        if answer != (None, None):
-                            reply.append(answer)
-                    return bool(reply)
-
-                def answered() -> tuple[bool, str]:
-                    text, failure = reply[0]
-                    if text is None:
-                        error = {"kind": "actor_ended", "message": failure}
-                        return False, json.dumps(error)
-                    return True, text
-
-                def stop() -> None:
-                    self.router.abandon_replies([message.id])
-
-                return condition(handle, "receive", ready, answered, stop, stop)
+                    return condition(handle, over(attempt, "receive", refused))
+                # Waits as a blocking ask waits for its reply.
+                reply = self.messages.reply_wait(attempt, target, message, None)
+                stop = partial(self.router.abandon_replies, [message.id])
+                return condition(handle, reply, stop, stop)
 
             return operation
 
-        def start() -> tuple[bool, str]:
-            if operations.in_flight() >= MAX_IN_FLIGHT:
-                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
-                return False, too_many_in_flight(caller)
-            answer, message = self.messages.send_ask(attempt, target, body_json)
+        def started(answer: Answer, message: Message | None) -> Answer:
             if message is None:
                 return answer
             return True, str(operations.add(operation_for(answer, message), live=True))
+
+        def start() -> Waiting:
+            if operations.in_flight() >= MAX_IN_FLIGHT:
+                attempt.node.next_message_id()  # (numbered all the same, as a replay does)
+                return False, too_many_in_flight(caller)
+            return self.messages.send_ask(attempt, target, body_json, started)
+
+        def added(answer: Answer, message: Message | None) -> Answer:
+            operations.add(operation_for(answer, message), live=False)
+            return answer
 
         def replayed(step: Step) -> None:
             if not step.ok:
                 attempt.node.next_message_id()  # numbered as it was
                 return
-            # Asked again: numbered alike, not sent again (see MessageCalls._send);
-            # its reply is awaited unless a replayed poll reports it.
-            answer, message = self.messages.send_ask(attempt, target, body_json)
-            operations.add(operation_for(answer, message), live=False)
+            # Asked again: numbered alike, not sent again (see MessageCalls._send):
+            # no wait. Its reply is awaited unless a replayed poll reports it.
+            self.journal.settle(self.messages.send_ask(attempt, target, body_json, added))
 
         return self.journal.step(caller, "ask_start", (target, body_json), start, replayed=replayed)
+
+
+def _arrived(_: bool) -> Answer:
+    return True, '""'

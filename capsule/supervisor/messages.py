@@ -1,7 +1,7 @@
 """The messaging host calls of a run: send, receive, ask and reply.
 
-Routing is the Router's (capsule.actors); waiting is the run's (its ``block``,
-which frees the CPU slot and wakes on cancellation); this module puts the two
+Routing is the Router's (capsule.actors); a call that must wait returns its
+wait (waits.py), which the run's driver runs; this module puts the two
 together and reports the typed message events.
 """
 
@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 
 from capsule.actors.router import RESERVED_MESSAGE_BYTES, Message, Router, RoutingError
 from capsule.sandbox import guest_data
@@ -21,7 +22,6 @@ from capsule.supervisor.events import (
     MessageReceived,
     MessageSent,
     MessagesReturned,
-    WaitReason,
 )
 from capsule.supervisor.steps import (
     History,
@@ -31,9 +31,11 @@ from capsule.supervisor.steps import (
     received_messages,
 )
 from capsule.supervisor.tree import Attempt
+from capsule.supervisor.waits import Answer, Wait, Waiting
 
-#: The run's blocking wait: (attempt, ready, timeout, what it waits on) -> became ready.
-Block = Callable[[Attempt, Callable[[], bool], float | None, WaitReason], bool]
+#: What a send does once its message was delivered (or refused: None): the
+#: host call's answer, or its next wait (an ask's reply).
+AfterSend = Callable[[Answer, Message | None], Waiting]
 
 #: How many places a send reserves in its target's mailbox for the sender's next
 #: messages to it, which its guest then writes to its channel instead of making
@@ -55,7 +57,6 @@ class MessageCalls:
         router: Router,
         events: EventStream,
         run_id: str,
-        block: Block,
         max_message_bytes: int,
         mailbox_capacity: int,
         on_ask: Callable[[PendingMessage], None],
@@ -73,7 +74,6 @@ class MessageCalls:
         self.emit = events.emit
         self.wants = events.wants
         self.run_id = run_id
-        self.block = block
         self.max_message_bytes = max_message_bytes
         self.mailbox_capacity = mailbox_capacity
         #: The largest message a guest may write to its channel.
@@ -95,16 +95,36 @@ class MessageCalls:
     # wait or tell it more about its targets (ENDS_CREDIT, a send that had to
     # wait or failed), and when the attempt ends.
 
-    def send(
-        self, attempt: Attempt, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
+    def send(self, attempt: Attempt, target: str, body_json: str, timeout: float | None) -> Waiting:
         # Its own places for this target must not make the mailbox look full.
         used_up = self._release_credit(attempt, target)
-        answer, message = self._send(attempt, target, body_json, timeout, ask=False)
+        # (Looked up here, on the caller's thread: its answer may be made on
+        # another, once it waited.)
+        channel = self.open_channel() is not None
+        return self._send(
+            attempt,
+            target,
+            body_json,
+            timeout,
+            False,
+            partial(self._credited, attempt, target, used_up, channel),
+        )
+
+    def _credited(
+        self,
+        attempt: Attempt,
+        target: str,
+        used_up: int,
+        channel: bool,
+        answer: Answer,
+        message: Message | None,
+    ) -> Answer:
+        """A send's answer, with the credit it gives (see below) if the
+        caller has a ``channel``."""
         if message is None:  # refused: the guest forgets its credit (as after a wait)
             self.end_credit(attempt)
             attempt.credit_forgotten = False
-        elif self.open_channel() is not None:
+        elif channel:
             places = self._reserve(
                 attempt, target, min(CREDIT, 2 * used_up) if used_up else FIRST_CREDIT
             )
@@ -176,8 +196,16 @@ class MessageCalls:
         return True, _sent(message.id, target_id)
 
     def _send(
-        self, attempt: Attempt, target: str, body_json: str, timeout: float | None, ask: bool
-    ) -> tuple[tuple[bool, str], Message | None]:
+        self,
+        attempt: Attempt,
+        target: str,
+        body_json: str,
+        timeout: float | None,
+        ask: bool,
+        then: AfterSend,
+    ) -> Waiting:
+        """Deliver a message (waiting while its target's mailbox is full), then
+        ``then(answer, the message, or None if it was refused)``."""
         caller = attempt.invocation
         # Numbered first, whatever happens next, so that a replay numbers alike.
         message_id = attempt.node.next_message_id()
@@ -187,14 +215,14 @@ class MessageCalls:
                 f"a message of {len(body_json):,} bytes (as JSON) exceeds the limit of "
                 f"{self.max_message_bytes:,} bytes",
             )
-            return error, None
+            return then(error, None)
         refused = _refused_body(body_json, target)
         if refused is not None:
-            return refused, None
+            return then(refused, None)
         try:
             target_id = self.router.resolve(target)
         except RoutingError as exc:
-            return _message_error(exc.kind, str(exc)), None
+            return then(_message_error(exc.kind, str(exc)), None)
         message = Message(message_id, caller.task_id, body_json, ask)
         if ask:
             self.router.expect_reply(message.id, attempt, target_id)
@@ -202,10 +230,10 @@ class MessageCalls:
                 # Asked before the resume: the message was delivered then (or is
                 # back in the target's mailbox); only the reply is still awaited
                 # (the router holds it if it came already).
-                return (True, ""), message
+                return then((True, ""), message)
         if self.history is not None and message.id in self.history.received:
             # Received before the resume, though the crash lost its send step.
-            return (True, _sent(message.id, target_id)), message
+            return then((True, _sent(message.id, target_id)), message)
         try:
             # Room in the mailbox is the common case: no wait set up for it.
             sent = self._delivered(
@@ -213,44 +241,71 @@ class MessageCalls:
                 caller,
                 message,
                 target_id,
-            ) or self._wait_for_room(attempt, target_id, message, timeout)
+            )
         except RoutingError as exc:  # the target ended, or the run's queue is full
             self.router.forget_sender(target_id, attempt)
-            return _message_error(exc.kind, str(exc)), None
-        if not sent:
-            self.router.forget_sender(target_id, attempt)
-            if caller.check_stop() is not None:
-                return (False, "{}"), None  # the sandbox ends the caller
-            return _message_error(
-                "send_timeout",
-                f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
-                f"messages) for {timeout:g}s",
-            ), None
-        if ask:
+            return then(_message_error(exc.kind, str(exc)), None)
+        if sent:
+            return self._sent(attempt, message, target_id, then)
+        return self._wait_for_room(attempt, target, target_id, message, timeout, then)
+
+    def _sent(self, attempt: Attempt, message: Message, target_id: str, then: AfterSend) -> Waiting:
+        if message.expects_reply:
             # A sent message's id and target are in its send step's answer; an
             # ask's answer is the reply, so the message is recorded on its own.
-            self.on_ask(PendingMessage(message.id, caller.task_id, target_id, body_json, ask))
-        return (True, _sent(message.id, target_id)), message
+            self.on_ask(
+                PendingMessage(message.id, message.sender, target_id, message.body_json, True)
+            )
+        return then((True, _sent(message.id, target_id)), message)
 
     def _wait_for_room(
-        self, attempt: Attempt, target_id: str, message: Message, timeout: float | None
-    ) -> bool:
+        self,
+        attempt: Attempt,
+        target: str,
+        target_id: str,
+        message: Message,
+        timeout: float | None,
+        then: AfterSend,
+    ) -> Wait:
+        caller = attempt.invocation
+        failed: list[RoutingError] = []
+
+        def delivered() -> bool:
+            try:
+                return self._delivered(
+                    lambda: self.router.try_send(target_id, message, attempt),
+                    caller,
+                    message,
+                    target_id,
+                )
+            except RoutingError as exc:  # the target ended, or the run's queue is full
+                failed.append(exc)
+                return True
+
+        def finish(sent: bool) -> Waiting:
+            if failed:
+                self.router.forget_sender(target_id, attempt)
+                return then(_message_error(failed[0].kind, str(failed[0])), None)
+            if sent:
+                return self._sent(attempt, message, target_id, then)
+            self.router.forget_sender(target_id, attempt)
+            if caller.check_stop() is not None:
+                return then((False, "{}"), None)  # the sandbox ends the caller
+            return then(
+                _message_error(
+                    "send_timeout",
+                    f"the mailbox of {target!r} stayed full ({self.mailbox_capacity} "
+                    f"messages) for {timeout:g}s",
+                ),
+                None,
+            )
+
         # Waiting, it holds no places anywhere (others' room may be what it waits
         # for); its answer tells the guest to forget its credit.
         if attempt.credit:
             self.end_credit(attempt)
             attempt.credit_forgotten = True
-        return self.block(
-            attempt,
-            lambda: self._delivered(
-                lambda: self.router.try_send(target_id, message, attempt),
-                attempt.invocation,
-                message,
-                target_id,
-            ),
-            timeout,
-            "send",
-        )
+        return Wait(attempt, "send", delivered, finish, timeout)
 
     def _delivered(
         self, deliver: Callable[[], bool], caller: Invocation, message: Message, target_id: str
@@ -278,9 +333,7 @@ class MessageCalls:
             )
         )
 
-    def receive(
-        self, attempt: Attempt, timeout: float | None, taken: list[Message]
-    ) -> tuple[bool, str]:
+    def receive(self, attempt: Attempt, timeout: float | None, taken: list[Message]) -> Waiting:
         """Take the oldest message (or all waiting, up to BATCH) into ``taken``;
         the answer is their journal form (steps.received_answer)."""
         caller = attempt.invocation
@@ -290,16 +343,25 @@ class MessageCalls:
         most = BATCH if caller.channel is not None or self.open_channel() is not None else 1
         # A waiting message is the common case on a busy mailbox: taken at once.
         messages = self.router.try_receive(caller.task_id, attempt, most)
-        if not messages:
+        if messages:
+            return self._received(attempt, messages, taken)
 
-            def arrived() -> bool:
-                messages.extend(self.router.try_receive(caller.task_id, attempt, most))
-                return bool(messages)
+        def arrived() -> bool:
+            messages.extend(self.router.try_receive(caller.task_id, attempt, most))
+            return bool(messages)
 
-            if not self.block(attempt, arrived, timeout, "receive"):
-                if caller.check_stop() is not None:
-                    return False, "{}"
-                return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
+        def finish(got: bool) -> Answer:
+            if got:
+                return self._received(attempt, messages, taken)
+            if caller.check_stop() is not None:
+                return False, "{}"
+            return _message_error("receive_timeout", f"no message arrived within {timeout:g}s")
+
+        return Wait(attempt, "receive", arrived, finish, timeout)
+
+    def _received(self, attempt: Attempt, messages: list[Message], taken: list[Message]) -> Answer:
+        """A receive took ``messages``: reported, and handed to the guest."""
+        caller = attempt.invocation
         if self.wants("message_received"):
             with self._reporting:
                 for message in messages:
@@ -361,23 +423,45 @@ class MessageCalls:
             )
         )
 
-    def send_ask(
-        self, attempt: Attempt, target: str, body_json: str
-    ) -> tuple[tuple[bool, str], Message | None]:
+    def send_ask(self, attempt: Attempt, target: str, body_json: str, then: AfterSend) -> Waiting:
         """The sending half of an ask (waiting while the target's mailbox is
-        full): the answer, and the message whose reply is now expected (None
-        if it was refused). After a resume, one sent before is not sent again."""
-        return self._send(attempt, target, body_json, None, ask=True)
+        full), then ``then(answer, the message whose reply is now expected, or
+        None if it was refused)``. After a resume, one sent before is not sent
+        again."""
+        return self._send(attempt, target, body_json, None, True, then)
 
-    def ask(
-        self, attempt: Attempt, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
-        caller = attempt.invocation
+    def ask(self, attempt: Attempt, target: str, body_json: str, timeout: float | None) -> Waiting:
         started = time.monotonic()
-        sent, message = self._send(attempt, target, body_json, timeout, ask=True)
+        return self._send(
+            attempt,
+            target,
+            body_json,
+            timeout,
+            True,
+            partial(self._await_reply, attempt, target, timeout, started),
+        )
+
+    def _await_reply(
+        self,
+        attempt: Attempt,
+        target: str,
+        timeout: float | None,
+        started: float,
+        sent: Answer,
+        message: Message | None,
+    ) -> Waiting:
+        """An ask's second half: the wait for the reply to ``message`` (asked
+        at ``started``, given ``timeout`` in all)."""
         if message is None:
             return sent
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        return self.reply_wait(attempt, target, message, left)
+
+    def reply_wait(
+        self, attempt: Attempt, target: str, message: Message, timeout: float | None
+    ) -> Wait:
+        """The wait for the reply to ``message``, asked of ``target``."""
+        caller = attempt.invocation
         answer: list[tuple[str | None, str | None]] = []
 
         def answered() -> bool:
@@ -386,18 +470,21 @@ class MessageCalls:
                 answer.append((reply, failure))
             return bool(answer)
 
-        if not self.block(attempt, answered, left, "receive"):
-            self.router.abandon_replies([message.id])
-            if caller.check_stop() is not None:
-                return False, "{}"
-            return _message_error(
-                "receive_timeout", f"no reply from {target!r} within {timeout:g}s"
-            )
-        reply, failure = answer[0]
-        if failure is not None:
-            return _message_error("actor_ended", failure)
-        assert reply is not None
-        return True, reply
+        def finish(got: bool) -> Answer:
+            if not got:
+                self.router.abandon_replies([message.id])
+                if caller.check_stop() is not None:
+                    return False, "{}"
+                return _message_error(
+                    "receive_timeout", f"no reply from {target!r} within {timeout:g}s"
+                )
+            reply, failure = answer[0]
+            if failure is not None:
+                return _message_error("actor_ended", failure)
+            assert reply is not None
+            return True, reply
+
+        return Wait(attempt, "receive", answered, finish, timeout)
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
         if len(body_json) > self.max_message_bytes:

@@ -9,10 +9,10 @@ import json
 from collections.abc import Callable
 
 from capsule.sandbox.engine import completions
-from capsule.supervisor.messages import Block
 from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, too_many_in_flight
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.tree import Attempt
+from capsule.supervisor.waits import Answer, Wait, Waiting
 
 #: The run's step (JournaledSteps.step): (caller, kind, request, live, replayed=...,
 #: for_journal=...) -> the answer.
@@ -22,11 +22,8 @@ StepCall = Callable[..., tuple[bool, str]]
 class OperationCalls:
     """Starts, polls and abandons the operations of a run's attempts."""
 
-    def __init__(
-        self, step: StepCall, block: Block, commit: Callable[[], None], journaling: bool
-    ) -> None:
+    def __init__(self, step: StepCall, commit: Callable[[], None], journaling: bool) -> None:
         self.step = step
-        self.block = block
         #: Returns once everything journaled so far is committed.
         self.commit = commit
         self.journaling = journaling
@@ -61,14 +58,17 @@ class OperationCalls:
         operations = attempt.operations
         ended: list[tuple[int, Ended]] = []
 
-        def poll() -> tuple[bool, str]:
-            operations.start_unstarted()
-            if timeout != 0:
-                self.block(attempt, operations.any_ended, timeout, operations.wait_reason())
+        def polled(_: bool) -> Answer:
             if caller.check_stop() is not None:
                 return False, "{}"  # the sandbox ends the caller; never seen
             ended.extend(operations.take_ended())
             return True, json.dumps([[handle, ok, payload] for handle, (ok, payload, _) in ended])
+
+        def poll() -> Waiting:
+            operations.start_unstarted()
+            if timeout == 0:
+                return polled(True)
+            return Wait(attempt, operations.wait_reason(), operations.any_ended, polled, timeout)
 
         def for_journal(answer: str) -> str:
             return json.dumps([[handle, ok, kept] for handle, (ok, _, kept) in ended])

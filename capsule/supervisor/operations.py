@@ -2,7 +2,8 @@
 the host's side of the ``operations`` interface (wit/capsule.wit), which the
 guest's asyncio event loop awaits: an HTTP request of ``get_async`` (work done
 elsewhere, ending with its future), or a condition (children that end, a
-message that arrives), checked whenever the attempt is woken.
+message that arrives, a reply): the wait of the same host call's blocking
+form (waits.py), checked whenever the attempt is woken.
 
 One :class:`Operations` per attempt numbers its operations (1, 2, ...: the
 same in a replay), holds those in flight and those that ended and were not
@@ -31,6 +32,7 @@ from capsule.net.http import HttpResponse, Transfer
 from capsule.net.redact import Secrets
 from capsule.sandbox.engine import Invocation
 from capsule.supervisor.events import WaitReason
+from capsule.supervisor.waits import Wait
 
 #: Operations one attempt may have in flight (started and not yet reported).
 MAX_IN_FLIGHT = 64
@@ -228,20 +230,28 @@ def http_operation(
 
 def condition(
     handle: int,
-    reason: WaitReason,
-    ready: Callable[[], bool],
-    answer: Callable[[], tuple[bool, str]],
+    wait: Wait,
     replayed: Callable[[], None] | None = None,
     on_stop: Callable[[], None] | None = None,
 ) -> Operation:
-    """An operation that ends once ``ready()`` holds, answering ``answer()``
-    (journaled as it is); ``replayed``: what a replayed poll that reports it
-    must still do; ``on_stop``: what stopping it must undo."""
+    """An operation that ends once ``wait`` (what the blocking form of the same
+    host call waits for: see waits.py) is ready, answering what its finish
+    makes then (journaled as it is); ``replayed``: what a replayed poll that
+    reports it must still do; ``on_stop``: what stopping it must undo."""
 
     def finish(_: Future[Any] | None) -> Ended:
-        ok, payload = answer()
+        answer = wait.finish(True)
+        if isinstance(answer, Wait):  # (an operation's wait answers once ready)
+            raise TypeError(f"the wait of an operation ({wait.reason}) made another")
+        ok, payload = answer
         return ok, payload, payload
 
     return Operation(
-        handle, None, finish, ready=ready, replayed=replayed, reason=reason, on_stop=on_stop
+        handle,
+        None,
+        finish,
+        ready=wait.ready,
+        replayed=replayed,
+        reason=wait.reason,
+        on_stop=on_stop,
     )

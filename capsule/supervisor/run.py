@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from capsule.actors.external import ExternalMessages
@@ -28,6 +29,7 @@ from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
 from capsule.supervisor.blocking import Blocking
+from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
@@ -53,6 +55,7 @@ from capsule.supervisor.steps import History, JournalFailure, NoStepLog, Pending
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
+from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import LiveTask, TaskResult, run_interruptibly
 
 __all__ = [
@@ -179,14 +182,16 @@ class Run:
         blocking = Blocking(
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
-        operations = OperationCalls(
-            journal.step, blocking.block, lambda: journal.write(log.sync), journaling
-        )
+        journal.run_wait = blocking.run
+        #: The timer service of the continuation driver (its thread starts at
+        #: first use; stopped when the run ends).
+        self._timers = Timers(f"capsule-timers {run_id}")
+        self._continuations = Continuations(self._timers, events, run_id, output.shown)
+        operations = OperationCalls(journal.step, lambda: journal.write(log.sync), journaling)
         messages = MessageCalls(
             router,
             events,
             run_id,
-            blocking.block,
             max_message_bytes=settings.max_message_bytes,
             mailbox_capacity=settings.mailbox_capacity,
             on_ask=lambda message: journal.write(log.ask_sent, message),
@@ -216,12 +221,10 @@ class Run:
             0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
         )
         supervision.host = RunHostCalls(
-            TaskCalls(supervision, admission, configs, router, journal, tree, blocking, operations),
+            TaskCalls(supervision, admission, configs, router, journal, tree, operations),
             MessageSteps(messages, router, journal, tree, operations),
-            TimeCalls(journal, tree, blocking, monotonic_offset),
-            HttpCalls(
-                self._http, journal, tree, blocking, operations, events, run_id, output.shown
-            ),
+            TimeCalls(journal, tree, monotonic_offset),
+            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown),
             operations,
             output,
             tree,
@@ -230,6 +233,14 @@ class Run:
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
+
+    def wait_by_continuation(self) -> None:
+        """Run the waits of this run's host calls by continuation (see
+        continuations.py) instead of on their threads: each task thread waits,
+        without its CPU slot, for the answer the driver gives (nor hibernated).
+        How the waits of async imports run, on today's threads. Call it before
+        run_main."""
+        self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
 
     @property
     def divergence(self) -> ErrorInfo | None:
@@ -330,6 +341,7 @@ class Run:
             )
         finally:
             self._http.close()
+            self._timers.close()
         if self._journal.journal_failure is not None:
             raise JournalFailure(self._journal.journal_failure)
         if interrupted or self.stopped:

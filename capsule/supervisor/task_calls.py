@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from functools import partial
 
 from capsule.actors.external import EXTERNAL_SENDER
@@ -14,14 +15,15 @@ from capsule.sandbox.config import TaskConfig
 from capsule.sandbox.engine import ErrorInfo, Invocation, refusal
 from capsule.sandbox.guest_data import SpawnOptions, TaskCall
 from capsule.supervisor.admission import Admission
-from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import Operation, condition
 from capsule.supervisor.outcomes import delivered_positions, linked_failure, outcomes_answer
+from capsule.supervisor.steps import Step
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult, start_task_thread
+from capsule.supervisor.waits import Answer, Wait, Waiting, over
 
 #: What task ids look like ("main", "main/2/1"): no registered name may (see
 #: TaskCalls._spawn).
@@ -39,7 +41,6 @@ class TaskCalls:
         router: Router,
         journal: JournaledSteps,
         tree: LiveTree,
-        blocking: Blocking,
         operations: OperationCalls,
     ) -> None:
         self.supervision = supervision
@@ -48,16 +49,10 @@ class TaskCalls:
         self.router = router
         self.journal = journal
         self.tree = tree
-        self.blocking = blocking
         self.operations = operations
 
     def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
-        """A task called another: run the child to the end, inline.
-
-        The caller's thread is blocked in this host call anyway, so the child runs
-        right here, in its own fresh instance: no thread or event-loop hop on the
-        path of a call. The child sees its caller's deadline and cancellation
-        through its scope, under its caller's."""
+        """A task called another: a wait on the child's end (see _call)."""
         node = self.tree.attempts[caller].node
         return self.journal.step(
             caller,
@@ -67,20 +62,66 @@ class TaskCalls:
             replayed=lambda _: node.next_child_id(),
         )
 
-    def _call(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
+    def _call(self, caller: Invocation, call: TaskCall) -> Waiting:
+        """The wait of a direct call on its child's end, which its driver runs.
+
+        The thread driver runs the child right here, inline: the caller's thread
+        is blocked in this host call anyway, so the child runs on it, in its own
+        fresh instance, with no thread or event-loop hop on the path of a call.
+        The continuation driver starts it as a task of its own. Either way the
+        child sees its caller's deadline and cancellation through its scope,
+        under its caller's, and the wait lasts until it ended."""
         attempt = self.tree.attempts[caller]
         # Numbered first, whatever happens next, so that a replay numbers alike.
         task_id = attempt.node.next_child_id()
         refused = self.admission.admit(attempt, call.name, spawned=False)
         if refused is not None:
             return refused
-        try:
-            result = self.supervision.run_task(
-                call.name, task_id, call.call_json, attempt.scope, None
-            )
-        finally:
-            self.admission.release()
-        return _as_reply(result)
+        ended: list[TaskResult | BaseException] = []
+        thread: list[threading.Thread] = []
+
+        def run_child() -> None:
+            try:
+                ended.append(
+                    self.supervision.run_task(
+                        call.name, task_id, call.call_json, attempt.scope, None
+                    )
+                )
+            finally:
+                self.admission.release()
+
+        def start_child() -> None:
+            def body() -> None:
+                try:
+                    run_child()
+                except BaseException as exc:  # re-raised by the caller's finish
+                    ended.append(exc)
+                finally:
+                    attempt.wake()
+
+            try:
+                thread.append(start_task_thread(body, name=f"capsule-task {task_id}"))
+            except RuntimeError:  # the OS refused another thread: the call fails
+                self.admission.release()
+                raise
+
+        def finish(_: bool) -> Answer:
+            for started in thread:
+                started.join()  # (it ended: only its last lines are left)
+            result = ended[0]
+            if isinstance(result, BaseException):
+                raise result
+            return _as_reply(result)
+
+        return Wait(
+            attempt,
+            "result",
+            lambda: bool(ended),
+            finish,
+            until_ready=True,
+            inline=run_child,
+            start=start_child,
+        )
 
     def spawn_task(
         self, caller: Invocation, call: TaskCall, options: SpawnOptions
@@ -188,21 +229,24 @@ class TaskCalls:
                 replayed=lambda step: self._rewait(caller, task_ids, step.answer),
             )
 
-        def wait() -> tuple[bool, str]:
+        def wait() -> Waiting:
             return self._wait(caller, task_ids, timeout, False)
 
+        def rewait(_: Step) -> None:
+            self.journal.settle(wait())
+
         # Replayed, the children are still joined and forgotten as they were.
-        return self.journal.step(caller, "wait", tuple(task_ids), wait, replayed=lambda _: wait())
+        return self.journal.step(caller, "wait", tuple(task_ids), wait, replayed=rewait)
 
     def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
         delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
         if delivered:
-            self._wait(caller, delivered, None, False)
+            self.journal.settle(self._wait(caller, delivered, None, False))
 
     def _wait(
         self, caller: Invocation, ids: list[str], timeout: float | None, any_ended: bool
-    ) -> tuple[bool, str]:
-        """Block until every child in ``ids`` has ended (or, ``any_ended``, one
+    ) -> Waiting:
+        """Wait until every child in ``ids`` has ended (or, ``any_ended``, one
         of them), or ``timeout``; deliver the outcomes of those that ended (all
         or none of them, unless ``any_ended``) and forget those children."""
         attempt = self.tree.attempts[caller]
@@ -223,23 +267,36 @@ class TaskCalls:
             ended = (c.done.is_set() for c in children)
             return any(ended) or not children if any_ended else all(ended)
 
-        done = False
-        try:
-            done = self.blocking.block(attempt, ready, timeout, "result")
-        finally:
-            stopping = caller.check_stop() is not None
-            with lock:
-                delivered = (
-                    []
-                    if stopping or not (done or any_ended)
-                    else [c for c in children if c.done.is_set()]
-                )
-                for child in children:
-                    child.waited_on = False
-                for child in delivered:
-                    child.collected = True
-                # A linked child that failed during the wait and was not delivered.
-                missed = [linked_failure(c, self.configs) for c in children if not c.collected]
+        def finish(done: bool) -> Answer:
+            return self._waited(attempt, children, timeout, any_ended, done)
+
+        return Wait(attempt, "result", ready, finish, timeout)
+
+    def _waited(
+        self,
+        attempt: Attempt,
+        children: list[Child],
+        timeout: float | None,
+        any_ended: bool,
+        done: bool,
+    ) -> Answer:
+        """The answer of a wait on ``children`` that ended (``done``: what it
+        waited for holds)."""
+        caller = attempt.invocation
+        lock = self.tree.lock
+        stopping = caller.check_stop() is not None
+        with lock:
+            delivered = (
+                []
+                if stopping or not (done or any_ended)
+                else [c for c in children if c.done.is_set()]
+            )
+            for child in children:
+                child.waited_on = False
+            for child in delivered:
+                child.collected = True
+            # A linked child that failed during the wait and was not delivered.
+            missed = [linked_failure(c, self.configs) for c in children if not c.collected]
         for failure in missed:
             if failure is not None:
                 _linked_failed(attempt, failure)
@@ -269,26 +326,20 @@ class TaskCalls:
                 caller,
                 "wait_start",
                 tuple(task_ids),
-                lambda: self._wait(caller, task_ids, 0, False),
+                lambda: self.journal.settle(self._wait(caller, task_ids, 0, False)),
             )
 
         def operation(handle: int) -> Operation:
-            children = [attempt.children[task_id] for task_id in task_ids]
-            with self.tree.lock:  # (a linked child's failure now goes to this wait)
-                for child in children:
-                    child.waited_on = True
+            # Waits as a blocking wait on them waits (a linked child's failure
+            # now goes to this wait).
+            waiting = self._wait(caller, task_ids, None, False)
+            wait = waiting if isinstance(waiting, Wait) else over(attempt, "result", waiting)
 
             def replayed() -> None:
                 # Replayed, the children are still joined and forgotten as they were.
-                self._wait(caller, task_ids, None, False)
+                self.journal.settle(wait)
 
-            return condition(
-                handle,
-                "result",
-                lambda: all(child.done.is_set() for child in children),
-                lambda: self._wait(caller, task_ids, 0, False),
-                replayed,
-            )
+            return condition(handle, wait, replayed)
 
         return self.operations.start(attempt, "wait_start", tuple(task_ids), operation)
 

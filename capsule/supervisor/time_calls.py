@@ -7,20 +7,17 @@ import os
 import time
 
 from capsule.sandbox.engine import Invocation
-from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
+from capsule.supervisor.waits import Answer, Wait, never
 
 
 class TimeCalls:
     """Clocks, randomness and sleeping for a run's tasks."""
 
-    def __init__(
-        self, journal: JournaledSteps, tree: LiveTree, blocking: Blocking, monotonic_offset: int
-    ) -> None:
+    def __init__(self, journal: JournaledSteps, tree: LiveTree, monotonic_offset: int) -> None:
         self.journal = journal
         self.tree = tree
-        self.blocking = blocking
         #: Added to the monotonic clock: guests never see it go back, also across
         #: a resume.
         self.monotonic_offset = monotonic_offset
@@ -45,13 +42,15 @@ class TimeCalls:
         return bytes.fromhex(answer) if ok else bytes(count)
 
     def sleep(self, caller: Invocation, seconds: float) -> None:
-        attempt = self.tree.attempts[caller]
+        # A replayed sleep has been slept.
+        self.journal.step(caller, "sleep", repr(seconds), lambda: self.sleeping(caller, seconds))
 
-        def sleep() -> tuple[bool, str]:
-            self.blocking.block(attempt, lambda: False, max(0.0, seconds), "sleep")
+    def sleeping(self, caller: Invocation, seconds: float) -> Wait:
+        """The wait of a sleep of ``seconds``."""
+
+        def slept(_: bool) -> Answer:
             if caller.check_stop() is not None:
                 return False, "{}"  # cut short: the sandbox ends the caller
             return True, ""
 
-        # A replayed sleep has been slept.
-        self.journal.step(caller, "sleep", repr(seconds), sleep)
+        return Wait(self.tree.attempts[caller], "sleep", never, slept, max(0.0, seconds))

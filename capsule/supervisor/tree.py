@@ -125,17 +125,26 @@ class Attempt:
     batch: list[Message] | None = None
     #: Held while no wake-up is pending; a wake releases it, the wait takes it.
     _no_wakeup: threading.Lock = field(default_factory=_held_lock, repr=False)
+    #: Called by every wake while a wait of its runs by continuation (see
+    #: continuations.py), which sets it.
+    waker: Callable[[], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.operations = Operations(self.wake)
 
     def wake(self) -> None:
         """Something the attempt may be waiting on changed (a message came, a
-        child ended, it was cancelled): its wait, or its next one, returns."""
+        child ended, it was cancelled, it must stop, an operation ended): its
+        wait, or its next one, returns, or is checked again. Every wake-up of
+        an attempt comes through here (from any thread, maybe holding the
+        router's lock)."""
         try:
             self._no_wakeup.release()
         except RuntimeError:
             pass  # a wake-up is pending already
+        waker = self.waker
+        if waker is not None:
+            waker()
 
     def wait_for_wakeup(self, timeout: float) -> None:
         """Until woken (or woken since the last wait), or ``timeout`` seconds.
