@@ -1,0 +1,324 @@
+"""Attacks on the host API: code handed to ``run_code`` (written by a model or
+an attacker), and the values an application passes on from its own users
+(message bodies, timeouts, run ids, options). Each runs for real: wasm
+instances, SQLite journals."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from capsule.host import (
+    CodeLimits,
+    InvalidRequest,
+    OptionError,
+    RunOptions,
+    Runtime,
+)
+from capsule.host.code import RUNNER_MODULE
+from capsule.sandbox.guest_data import MAX_JSON_DEPTH
+from capsule.supervisor.events import TaskWaiting
+
+#: An actor that echoes what it is asked, and returns the sends it kept on "stop".
+ECHO_ACTOR = """
+from capsule import receive, task
+
+@task(name="main")
+def main() -> list:
+    kept = []
+    while True:
+        message = receive()
+        if message.expects_reply:
+            message.reply({"echo": message.body})
+        elif message.body == "stop":
+            return kept
+        else:
+            kept.append(message.body)
+"""
+
+
+def in_runtime(journal: Path | bool, body: Callable[[Runtime], Coroutine[Any, Any, Any]]) -> Any:
+    async def main() -> Any:
+        async with Runtime(journal=False if journal is False else journal) as rt:
+            return await body(rt)
+
+    return anyio.run(main)
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+# -- run_code: the code's limits are the whole run's -------------------------
+
+
+def test_run_code_cannot_start_tasks_that_would_get_limits_of_their_own() -> None:
+    """Each task gets its own fuel and memory: code that could start copies of
+    the runner's task (spawned, or called) would use a multiple of its limits
+    (eight children held 8 x 200 MB under ram="256MB")."""
+    spawn = f"""
+import {RUNNER_MODULE} as runner
+refused = []
+for start in (runner.main.spawn, runner.main):
+    try:
+        start("x = bytearray(200 * 1024 * 1024)", [])
+    except Exception as exc:
+        refused.append(type(exc).__name__)
+result = refused
+"""
+
+    async def body(rt: Runtime) -> None:
+        done = await rt.run_code(spawn, limits=CodeLimits(ram="256MB"))
+        assert done.ok, done.error
+        assert done.value == ["TaskError", "TaskError"]
+        assert done.totals is not None and done.totals["tasks"] == 1
+
+    in_runtime(False, body)
+
+
+def test_a_resumed_run_code_still_cannot_start_tasks(tmp_path: Path) -> None:
+    """A resume runs the runner as a program, from the journal's recorded
+    options: the limit on tasks is one of them, not a trait of the warm sandbox."""
+    wait_then_spawn = f"""
+import capsule
+import {RUNNER_MODULE} as runner
+capsule.receive()
+try:
+    runner.main.spawn("result = 1", [])
+    result = "started"
+except Exception as exc:
+    result = type(exc).__name__
+"""
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start_code(wait_then_spawn)
+        async for event in handle.events():
+            if isinstance(event, TaskWaiting):
+                break
+        await handle.cancel()
+        assert (await handle.result()).status == "interrupted"
+        resumed = await rt.start_resume(handle.run_id)
+        await resumed.send("main", "go")
+        done = await resumed.result()
+        assert done.ok and done.value == "TaskError", done.error
+
+    in_runtime(tmp_path / "journal.db", body)
+
+
+def test_run_code_messages_to_itself_are_bounded_by_max_output_without_a_journal() -> None:
+    """Without a journal nothing counts what a task records, and a task may
+    send to its own mailbox: the messages it queues were bounded only by the
+    run's 256 MB default (the host held 268 MB for code limited to 64 MB)."""
+    flood = """
+import capsule
+sent = 0
+try:
+    for _ in range(100):
+        capsule.send("main", "x" * 8000)
+        sent += 1
+except Exception as exc:
+    result = [sent, type(exc).__name__, str(exc)]
+"""
+
+    async def body(rt: Runtime) -> None:
+        done = await rt.run_code(flood, limits=CodeLimits(max_output="64KB"))
+        assert done.ok, done.error
+        sent, kind, message = done.value
+        assert sent == 8 and kind == "MessageError"
+        assert "max_queued_size" in message
+
+    in_runtime(False, body)
+
+
+def test_run_code_leaves_nothing_for_the_next_call() -> None:
+    """Patched builtins, a poisoned sys.modules, attributes set on the runner
+    module: each call runs on a fresh instance of the warm sandbox."""
+    poison = f"""
+import builtins, sys, json
+import {RUNNER_MODULE} as runner
+builtins.len = lambda value: 42
+sys.modules["json"] = None
+runner.LEFT_BEHIND = True
+result = len([])
+"""
+    look = f"""
+import sys
+import {RUNNER_MODULE} as runner
+result = [len([1]), sys.modules.get("json") is None, hasattr(runner, "LEFT_BEHIND")]
+"""
+
+    async def body(rt: Runtime) -> None:
+        assert (await rt.run_code(poison)).value == 42
+        assert (await rt.run_code(look)).value == [1, False, False]
+
+    in_runtime(False, body)
+
+
+def test_run_code_base_exceptions_and_bad_results_are_failures_not_crashes(
+    tmp_path: Path,
+) -> None:
+    """SystemExit, KeyboardInterrupt and BaseException subclasses raised by the
+    code, results that are not JSON (an object, NaN, nested past the host's
+    limit, a lone surrogate): each a failed result, and the Runtime goes on."""
+    cases = {
+        "raise SystemExit(3)": ("exception", "SystemExit"),
+        "raise KeyboardInterrupt": ("exception", "KeyboardInterrupt"),
+        "class Escape(BaseException): pass\nraise Escape('out')": ("exception", "Escape"),
+        "result = object()": ("exception", "not JSON-serializable"),
+        "result = float('nan')": ("exception", "not JSON-serializable"),
+        "result = chr(0xD800)": ("exception", "lone surrogate"),
+        f"x = []\nfor _ in range({MAX_JSON_DEPTH + 50}): x = [x]\nresult = x": (
+            "protocol",
+            "deeper",
+        ),
+    }
+
+    async def body(rt: Runtime) -> None:
+        for source, (kind, words) in cases.items():
+            done = await rt.run_code(source)
+            assert done.status == "failed" and done.error is not None, source
+            assert done.error.kind == kind and words in done.error.message, (source, done.error)
+        assert (await rt.run_code("result = 'still serving'")).value == "still serving"
+
+    in_runtime(tmp_path / "journal.db", body)
+
+
+# -- values an application passes on from its users ---------------------------
+
+
+def test_message_bodies_a_task_could_not_hand_back_are_refused_when_sent(
+    tmp_path: Path,
+) -> None:
+    """A body nested deeper than the host takes from a guest was delivered, and
+    the actor's echo of it failed the whole run (kind protocol); a lone
+    surrogate raised UnicodeEncodeError. Both are InvalidRequest now, and the
+    run goes on."""
+    program = tmp_path / "echo.py"
+    program.write_text(ECHO_ACTOR)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        for bad in (nested(MAX_JSON_DEPTH + 10), "\ud800", {"key": ["\udfff"]}):
+            with pytest.raises(InvalidRequest, match="the message"):
+                await handle.send("main", bad)
+            with pytest.raises(InvalidRequest, match="the message"):
+                await handle.ask("main", bad, timeout=30)
+        deepest = nested(MAX_JSON_DEPTH - 1)  # (the echo adds a level)
+        assert await handle.ask("main", deepest, timeout=30) == {"echo": deepest}
+        await handle.send("main", "stop")
+        done = await handle.result()
+        assert done.ok, done.error
+
+    in_runtime(tmp_path / "journal.db", body)
+
+
+def test_arguments_a_task_could_not_hand_back_are_refused_at_the_call(tmp_path: Path) -> None:
+    program = tmp_path / "echo.py"
+    program.write_text(
+        "from capsule import task\n\n@task(name='main')\ndef main(x):\n    return x\n"
+    )
+
+    async def body(rt: Runtime) -> None:
+        for bad in (nested(MAX_JSON_DEPTH + 10), "\ud800"):
+            with pytest.raises(InvalidRequest, match="the arguments"):
+                await rt.run(program, bad)
+            with pytest.raises(InvalidRequest, match="the arguments"):
+                await rt.run_code("result = 1", bad)
+        with pytest.raises(InvalidRequest, match="the arguments"):
+            await rt.run(program, kwargs={"\ud800": 1})
+        assert (await rt.run(program, {"ok": ["ü"]})).value == {"ok": ["ü"]}
+
+    in_runtime(False, body)
+
+
+@pytest.mark.parametrize("timeout", [10**400, -(10**400), float("nan"), float("inf"), True, 0])
+def test_ask_timeouts_out_of_range_are_invalid_requests(tmp_path: Path, timeout: Any) -> None:
+    """An int past a float's range raised OverflowError from math.isfinite."""
+    program = tmp_path / "echo.py"
+    program.write_text(ECHO_ACTOR)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        with pytest.raises(InvalidRequest, match="timeout"):
+            await handle.ask("main", 1, timeout=timeout)
+        await handle.cancel()
+
+    in_runtime(False, body)
+
+
+# -- limits and options: values given as they are, in ASCII ------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("fuel", True),
+        ("ram", False),
+        ("ram", b"64MB"),
+        ("timeout", "\u0663"),  # ARABIC-INDIC DIGIT THREE
+        ("max_output", "\uff11MB"),  # FULLWIDTH DIGIT ONE
+        ("fuel", "\uff2d\uff25\uff24\uff29\uff35\uff2d"),  # FULLWIDTH "MEDIUM"
+    ],
+)
+def test_code_limits_take_no_bools_bytes_or_other_scripts_digits(field: str, value: Any) -> None:
+    """pydantic took True as fuel 1 and b"64MB" as "64MB", and int() reads
+    digits of any script."""
+    with pytest.raises(InvalidRequest, match=f"CodeLimits.{field}"):
+        CodeLimits(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("max_live_tasks", "\uff11\uff12"),
+        ("cpu_slots", "\u0663"),
+        ("max_message_size", "\u0661MB"),
+        ("retry_backoff", "\u0663"),
+        ("hibernate_after", "\u0663s"),
+    ],
+)
+def test_run_options_take_no_other_scripts_digits(option: str, value: str) -> None:
+    with pytest.raises(OptionError, match=option) as raised:
+        RunOptions(**{option: value})
+    assert raised.value.option == option
+    with pytest.raises(OptionError, match=option):
+        RunOptions.from_mapping({option: value})
+
+
+def test_a_journal_recording_other_scripts_digits_is_not_resumed_with_them(
+    tmp_path: Path,
+) -> None:
+    """A journal's recorded settings are read back through the same checks."""
+    import sqlite3
+
+    program = tmp_path / "echo.py"
+    program.write_text(ECHO_ACTOR)
+    journal = tmp_path / "journal.db"
+
+    async def start(rt: Runtime) -> str:
+        handle = await rt.start(program)
+        await handle.cancel()
+        return handle.run_id
+
+    run_id = in_runtime(journal, start)
+    with sqlite3.connect(journal) as db:
+        db.execute(
+            "UPDATE runs SET settings_json = ? WHERE run_id = ?",
+            (json.dumps({"entry": "main", "max_live_tasks": "\uff19" * 9}), run_id),
+        )
+
+    async def resume(rt: Runtime) -> None:
+        from capsule.host import NotResumable
+
+        with pytest.raises(NotResumable, match="max_live_tasks"):
+            await rt.resume(run_id)
+
+    in_runtime(journal, resume)
