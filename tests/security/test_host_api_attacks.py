@@ -5,6 +5,7 @@ instances, SQLite journals."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 
 from capsule.host import (
     CodeLimits,
+    DeliveryError,
     InvalidRequest,
+    NotResumable,
     OptionError,
     RunOptions,
     Runtime,
@@ -322,3 +325,55 @@ def test_a_journal_recording_other_scripts_digits_is_not_resumed_with_them(
             await rt.resume(run_id)
 
     in_runtime(journal, resume)
+
+
+# -- runs and journals ---------------------------------------------------------
+
+#: An actor counting the messages it gets until "stop".
+COUNTER = """
+from capsule import receive, task
+
+@task(name="main")
+def main() -> int:
+    count = 0
+    while receive().body != "stop":
+        count += 1
+    return count
+"""
+
+
+def test_two_runtimes_resuming_one_run_at_once_run_it_once(tmp_path: Path) -> None:
+    """Both read the run as interrupted and both marked it running: the run
+    executed twice at once, on one journal. Now the second resume is refused."""
+    program = tmp_path / "counter.py"
+    program.write_text(COUNTER)
+    journal = tmp_path / "journal.db"
+
+    async def main() -> None:
+        async with Runtime(journal=journal) as first, Runtime(journal=journal) as second:
+            handle = await first.start(program)
+            async for event in handle.events():
+                if isinstance(event, TaskWaiting):
+                    break
+            await handle.cancel()
+            resumed: list[Any] = []
+
+            async def resume(rt: Runtime) -> None:
+                resumed.append(await rt.start_resume(handle.run_id))
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(resume, first)
+                group.start_soon(resume, second)
+            for each in resumed:  # (the refused one has ended: it takes none)
+                with contextlib.suppress(DeliveryError):
+                    await each.send("main", "stop")
+            outcomes: list[str] = []
+            for each in resumed:
+                try:
+                    outcomes.append((await each.result()).status)
+                except NotResumable as exc:
+                    assert "was resumed by another" in str(exc)
+                    outcomes.append("refused")
+            assert sorted(outcomes) == ["completed", "refused"]
+
+    anyio.run(main)
