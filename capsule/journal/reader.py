@@ -197,8 +197,12 @@ async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRe
                 f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
             )
         else:
+            # The run of that whole id, else those it begins (compared as text:
+            # LIKE would take "_" and "%" in an id for wildcards).
             cursor = await db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id LIKE ? || '%' LIMIT 2",
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?1 OR "
+                "(substr(run_id, 1, length(?1)) = ?1 AND NOT EXISTS "
+                "(SELECT 1 FROM runs WHERE run_id = ?1)) LIMIT 2",
                 (run_id,),
             )
         rows = list(await cursor.fetchall())

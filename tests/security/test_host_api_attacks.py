@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -377,3 +379,38 @@ def test_two_runtimes_resuming_one_run_at_once_run_it_once(tmp_path: Path) -> No
             assert sorted(outcomes) == ["completed", "refused"]
 
     anyio.run(main)
+
+
+def test_a_run_id_given_on_the_command_line_is_text_not_a_pattern(tmp_path: Path) -> None:
+    """`capsule inspect ID` looks a run up by its id or a prefix of it: "job-1"
+    was ambiguous forever beside "job-10", and "_" and "%" in what was given
+    matched any character (a_b found axb-1)."""
+    from capsule.journal.reader import find_run
+    from capsule.journal.schema import JournalError
+
+    program = tmp_path / "hello.py"
+    program.write_text(
+        "from capsule import task\n\n@task(name='main')\ndef main():\n    return 1\n"
+    )
+    journal = tmp_path / "journal.db"
+
+    async def runs(rt: Runtime) -> None:
+        for run_id in ("job-1", "job-10", "axb-1"):
+            assert (await rt.run(program, run_id=run_id)).ok
+
+    in_runtime(journal, runs)
+    assert anyio.run(find_run, journal, "job-1").run_id == "job-1"
+    assert anyio.run(find_run, journal, "job-10").run_id == "job-10"
+    assert anyio.run(find_run, journal, "ax").run_id == "axb-1"
+    for pattern in ("a_b", "%", "job%"):
+        with pytest.raises(JournalError, match="no run"):
+            anyio.run(find_run, journal, pattern)
+    with pytest.raises(JournalError, match="several runs"):
+        anyio.run(find_run, journal, "job")
+    done = subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "inspect", "job-1", "--journal", str(journal)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "job-1" in done.stdout, done.stderr
