@@ -414,3 +414,49 @@ def test_a_run_id_given_on_the_command_line_is_text_not_a_pattern(tmp_path: Path
         timeout=120,
     )
     assert done.returncode == 0 and "job-1" in done.stdout, done.stderr
+
+
+def test_forged_run_rows_are_listed_as_damaged_and_do_not_crash_lookups(tmp_path: Path) -> None:
+    """One row whose arguments are not a pair made `runs` fail for every run;
+    a host_pid past what os.kill takes raised OverflowError from a lookup by id."""
+    import sqlite3
+
+    program = tmp_path / "hello.py"
+    program.write_text(
+        "from capsule import task\n\n@task(name='main')\ndef main():\n    return 1\n"
+    )
+    journal = tmp_path / "journal.db"
+
+    async def runs(rt: Runtime) -> None:
+        for run_id in ("good", "bad-args", "bad-time", "bad-pid"):
+            assert (await rt.run(program, run_id=run_id)).ok
+
+    in_runtime(journal, runs)
+    with sqlite3.connect(journal) as db:
+        for column, value, run_id in (
+            ("args_json", '{"a": 1}', "bad-args"),
+            ("started_at", "yesterday", "bad-time"),
+            ("host_pid", 2**62, "bad-pid"),
+            ("status", "running", "bad-pid"),
+        ):
+            db.execute(f"UPDATE runs SET {column} = ? WHERE run_id = ?", (value, run_id))
+
+    async def look(rt: Runtime) -> None:
+        listed = {record.run_id: record.shown_status for record in await rt.runs()}
+        assert listed == {
+            "good": "completed",
+            "bad-args": "damaged",
+            "bad-time": "damaged",
+            "bad-pid": "crashed",
+        }
+        handle = await rt.start(program, run_id="bad-pid")  # (the journal's run)
+        assert (await handle.result()).status == "crashed"
+
+    in_runtime(journal, look)
+    done = subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "runs", "--journal", str(journal)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "damaged" in done.stdout, done.stderr
