@@ -177,6 +177,12 @@ class RunHandle:
         """Wait for the run to end: its result, or the RunError of the call (the
         program could not be loaded, the journal failed)."""
         await self._ended.wait()
+        return self.ended_result()
+
+    def ended_result(self) -> RunResult:
+        """The result of a run that ended (see :meth:`result`), without waiting."""
+        if not self.done:
+            raise RuntimeError(f"run {self.run_id} has not ended; await result()")
         if self._error is not None:
             raise self._error
         assert self._result is not None

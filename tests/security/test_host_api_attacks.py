@@ -9,6 +9,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from capsule.host import (
     OptionError,
     RunOptions,
     Runtime,
+    SyncRuntime,
 )
 from capsule.host.code import RUNNER_MODULE
 from capsule.sandbox.guest_data import MAX_JSON_DEPTH
@@ -156,6 +158,7 @@ result = len([])
 """
     look = f"""
 import sys
+import threading
 import {RUNNER_MODULE} as runner
 result = [len([1]), sys.modules.get("json") is None, hasattr(runner, "LEFT_BEHIND")]
 """
@@ -460,3 +463,31 @@ def test_forged_run_rows_are_listed_as_damaged_and_do_not_crash_lookups(tmp_path
         timeout=120,
     )
     assert done.returncode == 0 and "damaged" in done.stdout, done.stderr
+
+
+def test_the_sync_face_from_many_threads_and_after_it_closed(tmp_path: Path) -> None:
+    """Threads share one SyncRuntime; once it closed, a handle's result is still
+    there (it raised anyio's "This portal is not running"), and what needs the
+    run says its SyncRuntime is closed."""
+    program = tmp_path / "counter.py"
+    program.write_text(COUNTER)
+    values: list[Any] = []
+    with SyncRuntime(journal=False) as rt:
+
+        def work(number: int) -> None:
+            values.append(rt.run_code("result = args[0] * 2", number).value)
+            handle = rt.start(program)
+            handle.send("main", number)
+            handle.send("main", "stop")
+            values.append(handle.result().value)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        left = rt.start(program)
+    assert sorted(values) == [0, 1, 1, 1, 1, 1, 1, 2, 4, 6, 8, 10]
+    assert left.done and left.result().status == "interrupted"
+    with pytest.raises(RuntimeError, match="SyncRuntime is closed"):
+        left.send("main", "stop")
