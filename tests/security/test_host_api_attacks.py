@@ -491,3 +491,10 @@ def test_the_sync_face_from_many_threads_and_after_it_closed(tmp_path: Path) -> 
     assert left.done and left.result().status == "interrupted"
     with pytest.raises(RuntimeError, match="SyncRuntime is closed"):
         left.send("main", "stop")
+
+
+@pytest.mark.parametrize("size", [10**19, 0, -1, True, 1.5, "100"])
+def test_an_event_buffer_out_of_range_is_refused_as_the_runtime_is_made(size: Any) -> None:
+    """10**19 was taken, and overflowed the handle's deque as the first run started."""
+    with pytest.raises(InvalidRequest, match="event_buffer"):
+        Runtime(journal=False, event_buffer=size)
