@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -16,6 +15,7 @@ import anyio
 
 from capsule.actors.external import Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
+from capsule.host.requests import json_text
 from capsule.host.result import RunResult
 from capsule.supervisor.events import TaskOutput
 
@@ -177,6 +177,12 @@ class RunHandle:
         """Wait for the run to end: its result, or the RunError of the call (the
         program could not be loaded, the journal failed)."""
         await self._ended.wait()
+        return self.ended_result()
+
+    def ended_result(self) -> RunResult:
+        """The result of a run that ended (see :meth:`result`), without waiting."""
+        if not self.done:
+            raise RuntimeError(f"run {self.run_id} has not ended; await result()")
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -218,10 +224,11 @@ class RunHandle:
         """Send ``message`` to the actor ``name`` and wait for its reply (the
         value it replied). DeliveryError: not delivered, or no reply within
         ``timeout`` seconds (kind ``timeout``), or the actor or run ended."""
+        # (Compared as given: float() of an int past 1e308 would overflow.)
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or not (math.isfinite(timeout) and 0 < timeout <= MAX_ASK_TIMEOUT_S)
+            or not (0 < timeout <= MAX_ASK_TIMEOUT_S)
         ):
             raise InvalidRequest(
                 f"timeout {timeout!r} is invalid; expected seconds from 0 to {MAX_ASK_TIMEOUT_S:g}"
@@ -259,10 +266,4 @@ class RunHandle:
 
 
 def _body_json(message: Any) -> str:
-    try:
-        return json.dumps(message, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            f"the message is not a JSON value ({type(exc).__name__}: {exc}); "
-            f"send dicts, lists, strings, numbers, booleans or None"
-        ) from None
+    return json_text(message, "the message")
