@@ -31,7 +31,7 @@ from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, San
 from capsule.sandbox.grants import Grants, HostRule
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.project import Project
-from capsule.supervisor.events import EventStream, TaskOutput
+from capsule.supervisor.events import EventStream, RunStarted, TaskOutput
 from capsule.supervisor.option_specs import DEFAULT_MAX_MESSAGE_BYTES
 from capsule.supervisor.options import RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, resolve_settings
@@ -234,6 +234,11 @@ class CodeRunner:
         settings = replace(settings, pool_size=POOL_SIZE)
         events = events or EventStream()
         events.subscribe(on_event, event_types)
+        events.emit(
+            RunStarted(
+                run_id=run_id, program=str(RUNNER), entry="main", resumed=history is not None
+            )
+        )
         run = Run(
             self.sandbox,
             RUNNER_MODULE,

@@ -254,10 +254,7 @@ class Runtime:
             if self._code is None:
                 guest = self._guest
                 assert guest is not None
-                try:
-                    self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
-                except RunError:
-                    raise
+                self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
             return self._code
 
     # -- the journal -------------------------------------------------------

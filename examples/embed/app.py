@@ -36,6 +36,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from capsule.host import DeliveryError, InvalidRequest, RunError, RunHandle, Runtime
+from capsule.supervisor.events import event_json
 
 WORKFLOW = Path(__file__).with_name("workflow.py")
 #: What a client may send as an Idempotency-Key (it becomes the run id).
@@ -96,7 +97,7 @@ async def events(request: Request) -> StreamingResponse | JSONResponse:
         # Each event is one line of JSON (the encoder escapes any newline a
         # task put in its output), so it is one SSE data line.
         async for event in handle.events():
-            yield f"event: {event.type}\ndata: {event.model_dump_json()}\n\n"
+            yield f"event: {event.type}\ndata: {event_json(event)}\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream")
 
