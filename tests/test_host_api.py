@@ -471,3 +471,47 @@ def test_leaving_the_runtime_interrupts_its_runs_resumably(
             assert results == ["interrupted", "interrupted"]
 
     anyio.run(main)
+
+
+def test_a_resume_started_as_its_runtime_closes_leaves_no_handle_behind(
+    programs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal is read before a resume starts: a Runtime that closed
+    meanwhile refuses it, and holds no handle that would never end."""
+    journal = tmp_path / "journal.db"
+
+    async def interrupt_one() -> None:
+        async with Runtime(journal=journal) as rt:
+            handle = await rt.start(programs["actor"], run_id="late-1")
+            await wait_for(handle, lambda e: isinstance(e, TaskWaiting))
+            await handle.cancel()
+
+    anyio.run(interrupt_one)
+    reading, closed = anyio.Event(), anyio.Event()
+    read = Runtime._record
+
+    async def slow_read(self: Runtime, run_id: str) -> Any:
+        reading.set()
+        await closed.wait()
+        return await read(self, run_id)
+
+    monkeypatch.setattr(Runtime, "_record", slow_read)
+
+    async def main() -> None:
+        refused: list[BaseException] = []
+
+        async def resume(rt: Runtime) -> None:
+            try:
+                await rt.start_resume("late-1")
+            except Exception as exc:
+                refused.append(exc)
+
+        async with anyio.create_task_group() as group:
+            async with Runtime(journal=journal) as rt:
+                group.start_soon(resume, rt)
+                await reading.wait()
+            closed.set()  # (the Runtime closed while the resume read the journal)
+        assert len(refused) == 1 and "Runtime" in str(refused[0]), refused
+        assert rt.handle("late-1") is None
+
+    anyio.run(main)

@@ -196,10 +196,7 @@ class Runtime:
         live = self._live.get(run_id)
         if live is not None:
             return live
-        handle = RunHandle(run_id, self._event_buffer, self._limiter)
-        self._live[run_id] = handle
-        self._open().start_soon(self._drive, handle, partial(self._execute_resume, run_id))
-        return handle
+        return self._begin(run_id, partial(self._execute_resume, run_id))
 
     def handle(self, run_id: str) -> RunHandle | None:
         """The handle of a run live in this Runtime (None if there is none)."""
@@ -313,7 +310,7 @@ class Runtime:
         of a new run doing ``work`` on a worker thread."""
         from capsule.supervisor.run import new_run_id
 
-        task_group = self._open()
+        self._open()
         if run_id is None:
             run_id = new_run_id()
         else:
@@ -321,9 +318,18 @@ class Runtime:
             existing = await self._existing(run_id)
             if existing is not None:
                 return existing
+        return self._begin(run_id, work)
+
+    def _begin(self, run_id: str, work: Callable[[RunHandle], RunResult]) -> RunHandle:
+        """The handle of a new run doing ``work``, registered and started at
+        once (no await between: the Runtime may have closed during the last)."""
+        task_group = self._open()
         handle = RunHandle(run_id, self._event_buffer, self._limiter)
+        try:
+            task_group.start_soon(self._drive, handle, work)
+        except RuntimeError:  # (its task group is no longer active)
+            raise RuntimeFailure(f"run {run_id} did not start: its Runtime is closing") from None
         self._live[run_id] = handle
-        task_group.start_soon(self._drive, handle, work)
         return handle
 
     async def _existing(self, run_id: str) -> RunHandle | None:
