@@ -44,11 +44,18 @@ class Admission:
             )
         tree = self.tree
         with tree.lock:
+            if self.max_live_tasks == 0:  # (run_code's: one task, the entry)
+                return refusal(
+                    name,
+                    f"the run may start no task besides its entry task (max_live_tasks 0); "
+                    f"{caller.invocation.task!r} cannot start {name!r}",
+                    "limit",
+                )
             if tree.live_tasks >= self.max_live_tasks:
                 return refusal(
                     name,
-                    f"the run already has {tree.live_tasks} live tasks, its limit; "
-                    f"{caller.invocation.task!r} cannot start {name!r}",
+                    f"the run already has {tree.live_tasks} live tasks, its limit "
+                    f"(max_live_tasks); {caller.invocation.task!r} cannot start {name!r}",
                     "limit",
                 )
             if spawned:

@@ -78,14 +78,15 @@ for start in (runner.main.spawn, runner.main):
     try:
         start("x = bytearray(200 * 1024 * 1024)", [])
     except Exception as exc:
-        refused.append(type(exc).__name__)
+        refused.append([type(exc).__name__, str(exc)])
 result = refused
 """
 
     async def body(rt: Runtime) -> None:
         done = await rt.run_code(spawn, limits=CodeLimits(ram="256MB"))
         assert done.ok, done.error
-        assert done.value == ["TaskError", "TaskError"]
+        assert [kind for kind, _ in done.value] == ["TaskError", "TaskError"]
+        assert all("no task besides its entry task" in text for _, text in done.value)
         assert done.totals is not None and done.totals["tasks"] == 1
 
     in_runtime(False, body)
