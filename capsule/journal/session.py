@@ -30,7 +30,9 @@ _ENTRY = "entry"
 
 
 def program_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    # (Streamed: a journal may name any file, as large as it likes.)
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 #: Runs a program the way :func:`capsule.supervisor.program.run_program` does
