@@ -1,0 +1,295 @@
+"""Idle actors at scale: `python3 benchmarks/actors.py [--actors 1000] [--repeats 3]`
+prints, for each core the checkout has, the medians of a few runs of
+`capsule run` of benchmarks/programs/waiting_actors.py, measured from outside
+the run's process (its events, and its /proc files):
+
+- spawn: from the first actor's `pending` to the last one's `waiting` (in
+  `receive`), and the rate;
+- memory as the system counts it once every actor waits: the process's private
+  memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) and its PSS,
+  in all and per actor; the peak of its private memory (sampled every 0.2 s)
+  and of its RSS (VmHWM, which counts shared pages once per mapping);
+- the process's threads (/proc/PID/status) then;
+- wake: from main taking the go-ahead (a `capsule send`) and sending each actor a
+  message to the last actor's `completed`, and to the end of the run.
+
+Nothing here is asserted. The run's limits are raised to fit the actors, and
+its memory bound is off; instead, the run is killed if the machine's available
+memory falls under 4 GB (`--min-available`), and the benchmark says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PROGRAM = HERE / "programs" / "waiting_actors.py"
+CLI = [sys.executable, "-m", "capsule.cli"]
+#: The checkout's Capsule, in `capsule run` and `capsule send` alike.
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+MB = 1024**2
+SAMPLE_EVERY_S = 0.2
+
+
+class Stopped(Exception):
+    """The run could not be measured to its end: why, in words."""
+
+
+def cores() -> list[str | None]:
+    """The cores to measure: the run option `core`'s thread and async cores if
+    the checkout has that option, else only the one core (None: no flag)."""
+    specs = subprocess.run(
+        [sys.executable, "-c", "from capsule.supervisor.option_specs import OPTION_SPECS as o;"
+         "print('core' in o)"],
+        capture_output=True, text=True, env=ENV, check=True,
+    )  # fmt: skip
+    return ["thread", "async"] if specs.stdout.strip() == "True" else [None]
+
+
+def core_name(core: str | None) -> str:
+    return core if core is not None else "thread (the only core)"
+
+
+@dataclass(frozen=True)
+class Memory:
+    """A process's memory, in bytes, as /proc counts it."""
+
+    private: int
+    pss: int
+    threads: int
+    peak_rss: int
+
+
+def memory_of(pid: int) -> Memory | None:
+    """``pid``'s memory now; None once it has ended."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            rolled = _kilobytes(rollup)
+        with open(f"/proc/{pid}/status") as status:
+            stated = _kilobytes(status)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return Memory(
+        private=rolled.get("Private_Clean", 0) + rolled.get("Private_Dirty", 0),
+        pss=rolled.get("Pss", 0),
+        threads=stated.get("Threads", 0),
+        peak_rss=stated.get("VmHWM", 0),
+    )
+
+
+def _kilobytes(lines: IO[str]) -> dict[str, int]:
+    """The ``Key: N kB`` (and ``Threads: N``) lines of a /proc file, in bytes."""
+    figures = {}
+    for line in lines:
+        key, _, rest = line.partition(":")
+        words = rest.split()
+        if words and words[0].isdigit():
+            figures[key] = int(words[0]) * (1024 if words[1:] == ["kB"] else 1)
+    return figures
+
+
+def available_bytes() -> int:
+    with open("/proc/meminfo") as meminfo:
+        return _kilobytes(meminfo)["MemAvailable"]
+
+
+class Sampler:
+    """Samples a process's memory every SAMPLE_EVERY_S on its own thread,
+    keeping the peaks, and kills the process if the machine's available memory
+    falls under ``min_available`` bytes (other work shares the machine)."""
+
+    def __init__(self, process: subprocess.Popen[str], min_available: int) -> None:
+        self.process = process
+        self.min_available = min_available
+        self.peak_private = 0
+        self.peak_rss = 0
+        self.killed_for_memory = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
+
+    def sample(self) -> Memory | None:
+        memory = memory_of(self.process.pid)
+        if memory is not None:
+            self.peak_private = max(self.peak_private, memory.private)
+            self.peak_rss = max(self.peak_rss, memory.peak_rss)
+        return memory
+
+    def _sample_until_stopped(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            if available_bytes() < self.min_available:
+                self.killed_for_memory = True
+                self.process.kill()
+                return
+            self.sample()
+
+    @contextmanager
+    def running(self) -> Iterator[Sampler]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+def measure_once(actors: int, core: str | None, min_available: int) -> dict[str, float]:
+    """One run of ``actors`` waiting actors on ``core``: its figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        journal = str(Path(tmp) / "journal.db")
+        core_flags = ["--core", core] if core is not None else []
+        command = [
+            *CLI, "run", "--events", "jsonl", "--journal", journal,
+            "--max-live-tasks", str(actors + 1), "--max-children", str(actors),
+            "--max-total-ram", "off", *core_flags, str(PROGRAM), str(actors),
+        ]  # fmt: skip
+        with (
+            open(Path(tmp) / "stderr", "w+") as stderr,
+            subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV
+            ) as process,
+        ):
+            sampler = Sampler(process, min_available)
+            try:
+                with sampler.running():
+                    assert process.stdout is not None
+                    return _follow(process.stdout, sampler, actors, journal)
+            except Stopped as stopped:
+                try:  # (it is ending: its events ended, or it was killed)
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+                if sampler.killed_for_memory:
+                    raise Stopped(
+                        f"killed the run: the machine's available memory fell under "
+                        f"{min_available / 1024**3:.1f} GB ({stopped})"
+                    ) from None
+                stderr.seek(0)
+                raise Stopped(
+                    f"{stopped}; exit code {process.returncode}:\n{stderr.read()}"
+                ) from None
+
+
+def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict[str, float]:
+    """Reads the run's events to its end, sampling its memory as main starts and
+    once every actor waits, then sending main the go-ahead."""
+    run_id = ""
+    start: Memory | None = None
+    waiting: Memory | None = None
+    first_pending = all_waiting = woken = last_completed = 0.0
+    waiters: set[str] = set()
+    completed = 0
+    for line in lines:
+        event = json.loads(line)
+        kind, at, task = event["type"], float(event["at"]), event.get("task")
+        if kind == "run_started":
+            run_id = event["run_id"]
+        elif kind == "started" and event["task_id"] == "main" and start is None:
+            start = sampler.sample()
+        elif kind == "pending" and task == "actor" and not first_pending:
+            first_pending = at
+        elif kind == "waiting" and task == "actor" and event["on"] == "receive":
+            waiters.add(event["task_id"])
+            if len(waiters) == actors and waiting is None:
+                all_waiting = at
+                waiting = sampler.sample()
+                _send_go_ahead(run_id, journal)
+        elif kind == "resumed" and event["task_id"] == "main" and waiting and not woken:
+            woken = at
+        elif kind == "completed" and task == "actor":
+            completed += 1
+            last_completed = at
+        elif kind == "run_ended":
+            result = event["envelope"].get("result")
+            if result != {"woken": actors} or start is None or waiting is None:
+                raise Stopped(
+                    f"the run ended {event['status']} with {len(waiters)} of {actors} actors "
+                    f"waiting, {completed} ended: {json.dumps(event['envelope'].get('error'))}"
+                )
+            return {
+                "spawn_s": all_waiting - first_pending,
+                "spawned_per_s": actors / (all_waiting - first_pending),
+                "private_mb": waiting.private / MB,
+                "pss_mb": waiting.pss / MB,
+                "private_mb_per_actor": waiting.private / actors / MB,
+                "private_mb_per_actor_above_start": (waiting.private - start.private) / actors / MB,
+                "pss_mb_per_actor": waiting.pss / actors / MB,
+                "threads": float(waiting.threads),
+                "peak_private_mb (sampled)": sampler.peak_private / MB,
+                "peak_rss_mb (VmHWM)": sampler.peak_rss / MB,
+                "wake_all_s": last_completed - woken,
+                "wake_to_run_end_s": at - woken,
+            }
+    raise Stopped(f"the run's events stopped with {len(waiters)} of {actors} actors waiting")
+
+
+def _send_go_ahead(run_id: str, journal: str) -> None:
+    sent = subprocess.run(
+        [*CLI, "send", "--journal", journal, run_id, "main", '"go"'],
+        capture_output=True, text=True, env=ENV, check=False,
+    )  # fmt: skip
+    if sent.returncode != 0:
+        raise Stopped(f"capsule send failed ({sent.returncode}): {sent.stderr.strip()}")
+
+
+def measure(
+    actors: int, core: str | None, repeats: int, min_available: int = 4 * 1024**3
+) -> dict[str, float]:
+    """The medians of ``repeats`` runs."""
+    runs = [measure_once(actors, core, min_available) for _ in range(repeats)]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--actors", type=int, default=1000, help="waiting actors (1000)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per core (3)")
+    parser.add_argument(
+        "--core", action="append", help="measure this core only (default: every core there is)"
+    )
+    parser.add_argument(
+        "--min-available",
+        type=float,
+        default=4.0,
+        metavar="GB",
+        help="kill the run if the machine's available memory falls under this (4)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    options = parser.parse_args()
+    if options.actors < 1 or options.repeats < 1:
+        parser.error("--actors and --repeats take a whole number of at least 1")
+    results = []
+    for core in options.core or cores():
+        try:
+            figures = measure(
+                options.actors, core, options.repeats, int(options.min_available * 1024**3)
+            )
+        except Stopped as stopped:
+            print(f"{core_name(core)}: {stopped}", file=sys.stderr)
+            raise SystemExit(1) from None
+        results.append({"core": core_name(core), "actors": options.actors, **figures})
+        if not options.json:
+            print(f"\n{options.actors:,} idle actors, core {core_name(core)}", flush=True)
+            for label, value in figures.items():
+                print(f"  {label:36s} {value:10.3f}", flush=True)
+    if options.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
