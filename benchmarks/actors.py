@@ -15,7 +15,8 @@ the run's process (its events, and its /proc files):
 
 Nothing here is asserted. The run's limits are raised to fit the actors, and
 its memory bound is off; instead, the run is killed if the machine's available
-memory falls under 4 GB (`--min-available`), and the benchmark says so.
+memory falls under 4 GB (`--min-available`), or if it reports nothing for
+two minutes (`--stall-after`), and the benchmark says so.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,17 +108,28 @@ def available_bytes() -> int:
         return _kilobytes(meminfo)["MemAvailable"]
 
 
+@dataclass(frozen=True)
+class Guards:
+    """When the benchmark kills the run it measures: the machine's available
+    memory under ``min_available`` bytes (other work shares the machine), or no
+    event for ``stall_after`` seconds."""
+
+    min_available: int = 4 * 1024**3
+    stall_after: float = 120.0
+
+
 class Sampler:
     """Samples a process's memory every SAMPLE_EVERY_S on its own thread,
-    keeping the peaks, and kills the process if the machine's available memory
-    falls under ``min_available`` bytes (other work shares the machine)."""
+    keeping the peaks, and kills the process when ``guards`` say."""
 
-    def __init__(self, process: subprocess.Popen[str], min_available: int) -> None:
+    def __init__(self, process: subprocess.Popen[str], guards: Guards) -> None:
         self.process = process
-        self.min_available = min_available
+        self.guards = guards
         self.peak_private = 0
         self.peak_rss = 0
-        self.killed_for_memory = False
+        #: Why the sampler killed the process, if it did.
+        self.killed_because: str | None = None
+        self.last_event = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
@@ -129,8 +142,12 @@ class Sampler:
 
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):
-            if available_bytes() < self.min_available:
-                self.killed_for_memory = True
+            if available_bytes() < self.guards.min_available:
+                gigabytes = self.guards.min_available / 1024**3
+                self.killed_because = f"the machine's available memory fell under {gigabytes} GB"
+            elif time.monotonic() - self.last_event > self.guards.stall_after:
+                self.killed_because = f"no event for {self.guards.stall_after:g} s"
+            if self.killed_because is not None:
                 self.process.kill()
                 return
             self.sample()
@@ -145,7 +162,7 @@ class Sampler:
             self._thread.join()
 
 
-def measure_once(actors: int, core: str | None, min_available: int) -> dict[str, float]:
+def measure_once(actors: int, core: str | None, guards: Guards) -> dict[str, float]:
     """One run of ``actors`` waiting actors on ``core``: its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         journal = str(Path(tmp) / "journal.db")
@@ -161,7 +178,7 @@ def measure_once(actors: int, core: str | None, min_available: int) -> dict[str,
                 command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV
             ) as process,
         ):
-            sampler = Sampler(process, min_available)
+            sampler = Sampler(process, guards)
             try:
                 with sampler.running():
                     assert process.stdout is not None
@@ -172,11 +189,8 @@ def measure_once(actors: int, core: str | None, min_available: int) -> dict[str,
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-                if sampler.killed_for_memory:
-                    raise Stopped(
-                        f"killed the run: the machine's available memory fell under "
-                        f"{min_available / 1024**3:.1f} GB ({stopped})"
-                    ) from None
+                if sampler.killed_because is not None:
+                    raise Stopped(f"killed the run: {sampler.killed_because} ({stopped})") from None
                 stderr.seek(0)
                 raise Stopped(
                     f"{stopped}; exit code {process.returncode}:\n{stderr.read()}"
@@ -194,6 +208,7 @@ def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict
     completed = 0
     for line in lines:
         event = json.loads(line)
+        sampler.last_event = time.monotonic()
         kind, at, task = event["type"], float(event["at"]), event.get("task")
         if kind == "run_started":
             run_id = event["run_id"]
@@ -246,10 +261,10 @@ def _send_go_ahead(run_id: str, journal: str) -> None:
 
 
 def measure(
-    actors: int, core: str | None, repeats: int, min_available: int = 4 * 1024**3
+    actors: int, core: str | None, repeats: int, guards: Guards | None = None
 ) -> dict[str, float]:
     """The medians of ``repeats`` runs."""
-    runs = [measure_once(actors, core, min_available) for _ in range(repeats)]
+    runs = [measure_once(actors, core, guards or Guards()) for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
@@ -269,6 +284,13 @@ def main() -> None:
         metavar="GB",
         help="kill the run if the machine's available memory falls under this (4)",
     )
+    parser.add_argument(
+        "--stall-after",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="kill the run if it reports no event for this long (120)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     options = parser.parse_args()
     if options.actors < 1 or options.repeats < 1:
@@ -277,7 +299,10 @@ def main() -> None:
     for core in options.core or cores():
         try:
             figures = measure(
-                options.actors, core, options.repeats, int(options.min_available * 1024**3)
+                options.actors,
+                core,
+                options.repeats,
+                Guards(int(options.min_available * 1024**3), options.stall_after),
             )
         except Stopped as stopped:
             print(f"{core_name(core)}: {stopped}", file=sys.stderr)

@@ -69,3 +69,10 @@ def test_idle_actors_benchmark_kills_the_run_when_the_machine_runs_low() -> None
     killed = "killed the run: the machine's available memory fell under 1000000.0 GB"
     assert killed in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_idle_actors_benchmark_kills_a_run_that_stops_reporting() -> None:
+    done = run_actors_benchmark("--stall-after", "0")
+    assert done.returncode == 1
+    assert "killed the run: no event for 0 s" in done.stderr
+    assert "Traceback" not in done.stderr
