@@ -7,8 +7,9 @@ the run's process (its events, and its /proc files):
   `receive`), and the rate;
 - memory as the system counts it once every actor waits: the process's private
   memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) and its PSS,
-  in all and per actor; the peak of its private memory (sampled every 0.2 s)
-  and of its RSS (VmHWM, which counts shared pages once per mapping);
+  in all and per actor; the peak of its private memory (sampled every 0.2 s,
+  `--sample-every`) and of its RSS (VmHWM, which counts shared pages once per
+  mapping);
 - the process's threads (/proc/PID/status) then;
 - wake: from main taking the go-ahead (a `capsule send`) and sending each actor a
   message to the last actor's `completed`, and to the end of the run.
@@ -43,7 +44,6 @@ CLI = [sys.executable, "-m", "capsule.cli"]
 #: The checkout's Capsule, in `capsule run` and `capsule send` alike.
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MB = 1024**2
-SAMPLE_EVERY_S = 0.2
 
 
 class Stopped(Exception):
@@ -109,22 +109,24 @@ def available_bytes() -> int:
 
 
 @dataclass(frozen=True)
-class Guards:
-    """When the benchmark kills the run it measures: the machine's available
-    memory under ``min_available`` bytes (other work shares the machine), or no
-    event for ``stall_after`` seconds."""
+class Watch:
+    """How the benchmark watches the run it measures: its memory sampled every
+    ``sample_every`` seconds; the run killed when the machine's available memory
+    falls under ``min_available`` bytes (other work shares the machine), or after
+    ``stall_after`` seconds without an event."""
 
+    sample_every: float = 0.2
     min_available: int = 4 * 1024**3
     stall_after: float = 120.0
 
 
 class Sampler:
-    """Samples a process's memory every SAMPLE_EVERY_S on its own thread,
-    keeping the peaks, and kills the process when ``guards`` say."""
+    """Samples a process's memory on its own thread, keeping the peaks, and
+    kills the process when ``watch`` says."""
 
-    def __init__(self, process: subprocess.Popen[str], guards: Guards) -> None:
+    def __init__(self, process: subprocess.Popen[str], watch: Watch) -> None:
         self.process = process
-        self.guards = guards
+        self.watch = watch
         self.peak_private = 0
         self.peak_rss = 0
         #: Why the sampler killed the process, if it did.
@@ -141,12 +143,12 @@ class Sampler:
         return memory
 
     def _sample_until_stopped(self) -> None:
-        while not self._stop.wait(SAMPLE_EVERY_S):
-            if available_bytes() < self.guards.min_available:
-                gigabytes = self.guards.min_available / 1024**3
+        while not self._stop.wait(self.watch.sample_every):
+            if available_bytes() < self.watch.min_available:
+                gigabytes = self.watch.min_available / 1024**3
                 self.killed_because = f"the machine's available memory fell under {gigabytes} GB"
-            elif time.monotonic() - self.last_event > self.guards.stall_after:
-                self.killed_because = f"no event for {self.guards.stall_after:g} s"
+            elif time.monotonic() - self.last_event > self.watch.stall_after:
+                self.killed_because = f"no event for {self.watch.stall_after:g} s"
             if self.killed_because is not None:
                 self.process.kill()
                 return
@@ -162,7 +164,7 @@ class Sampler:
             self._thread.join()
 
 
-def measure_once(actors: int, core: str | None, guards: Guards) -> dict[str, float]:
+def measure_once(actors: int, core: str | None, watch: Watch) -> dict[str, float]:
     """One run of ``actors`` waiting actors on ``core``: its figures."""
     with tempfile.TemporaryDirectory() as tmp:
         journal = str(Path(tmp) / "journal.db")
@@ -178,7 +180,7 @@ def measure_once(actors: int, core: str | None, guards: Guards) -> dict[str, flo
                 command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV
             ) as process,
         ):
-            sampler = Sampler(process, guards)
+            sampler = Sampler(process, watch)
             try:
                 with sampler.running():
                     assert process.stdout is not None
@@ -261,10 +263,10 @@ def _send_go_ahead(run_id: str, journal: str) -> None:
 
 
 def measure(
-    actors: int, core: str | None, repeats: int, guards: Guards | None = None
+    actors: int, core: str | None, repeats: int, watch: Watch | None = None
 ) -> dict[str, float]:
     """The medians of ``repeats`` runs."""
-    runs = [measure_once(actors, core, guards or Guards()) for _ in range(repeats)]
+    runs = [measure_once(actors, core, watch or Watch()) for _ in range(repeats)]
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
@@ -285,6 +287,13 @@ def main() -> None:
         help="kill the run if the machine's available memory falls under this (4)",
     )
     parser.add_argument(
+        "--sample-every",
+        type=float,
+        default=0.2,
+        metavar="SECONDS",
+        help="sample the run's memory this often (0.2)",
+    )
+    parser.add_argument(
         "--stall-after",
         type=float,
         default=120.0,
@@ -302,7 +311,9 @@ def main() -> None:
                 options.actors,
                 core,
                 options.repeats,
-                Guards(int(options.min_available * 1024**3), options.stall_after),
+                Watch(
+                    options.sample_every, int(options.min_available * 1024**3), options.stall_after
+                ),
             )
         except Stopped as stopped:
             print(f"{core_name(core)}: {stopped}", file=sys.stderr)
