@@ -7,7 +7,7 @@ the run's process (its events, and its /proc files):
   `receive`), and the rate;
 - memory as the system counts it once every actor waits: the process's private
   memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) and its PSS,
-  in all and per actor; the peak of its private memory (sampled every 0.2 s,
+  in all and per actor; the peak of its private memory (sampled every second,
   `--sample-every`) and of its RSS (VmHWM, which counts shared pages once per
   mapping);
 - the process's threads (/proc/PID/status) then;
@@ -115,7 +115,7 @@ class Watch:
     falls under ``min_available`` bytes (other work shares the machine), or after
     ``stall_after`` seconds without an event."""
 
-    sample_every: float = 0.2
+    sample_every: float = 1.0
     min_available: int = 4 * 1024**3
     stall_after: float = 120.0
 
@@ -289,9 +289,9 @@ def main() -> None:
     parser.add_argument(
         "--sample-every",
         type=float,
-        default=0.2,
+        default=1.0,
         metavar="SECONDS",
-        help="sample the run's memory this often (0.2)",
+        help="sample the run's memory this often (1)",
     )
     parser.add_argument(
         "--stall-after",

@@ -63,8 +63,9 @@ def test_idle_actors_benchmark_reports_every_figure_for_each_core() -> None:
 
 
 def test_idle_actors_benchmark_kills_the_run_when_the_machine_runs_low() -> None:
-    # No machine has a million GB available: the first sample stops the run.
-    done = run_actors_benchmark("--min-available", "1000000")
+    # No machine has a million GB available: the first sample, taken before the
+    # run has started, stops it.
+    done = run_actors_benchmark("--min-available", "1000000", "--sample-every", "0.05")
     assert done.returncode == 1
     killed = "killed the run: the machine's available memory fell under 1000000.0 GB"
     assert killed in done.stderr
@@ -72,7 +73,7 @@ def test_idle_actors_benchmark_kills_the_run_when_the_machine_runs_low() -> None
 
 
 def test_idle_actors_benchmark_kills_a_run_that_stops_reporting() -> None:
-    done = run_actors_benchmark("--stall-after", "0")
+    done = run_actors_benchmark("--stall-after", "0", "--sample-every", "0.05")
     assert done.returncode == 1
     assert "killed the run: no event for 0 s" in done.stderr
     assert "Traceback" not in done.stderr
