@@ -51,18 +51,18 @@ class Stopped(Exception):
 
 
 def cores() -> list[str | None]:
-    """The cores to measure: the run option `core`'s thread and async cores if
+    """The cores to measure: the run option `core`'s "threads" and "async" if
     the checkout has that option, else only the one core (None: no flag)."""
     specs = subprocess.run(
         [sys.executable, "-c", "from capsule.supervisor.option_specs import OPTION_SPECS as o;"
          "print('core' in o)"],
         capture_output=True, text=True, env=ENV, check=True,
     )  # fmt: skip
-    return ["thread", "async"] if specs.stdout.strip() == "True" else [None]
+    return ["threads", "async"] if specs.stdout.strip() == "True" else [None]
 
 
 def core_name(core: str | None) -> str:
-    return core if core is not None else "thread (the only core)"
+    return core if core is not None else "threads (the only core)"
 
 
 @dataclass(frozen=True)
