@@ -1,7 +1,8 @@
 """Idle actors at scale: `python3 benchmarks/actors.py [--actors 1000] [--repeats 3]`
 prints, for each core the checkout has, the medians of a few runs of
-`capsule run` of benchmarks/programs/waiting_actors.py, measured from outside
-the run's process (its events, and its /proc files):
+benchmarks/programs/waiting_actors.py, each in a process of its own (through the
+host API, without a journal: benchmarks/host_run.py), measured from outside that
+process (its events, and its /proc files):
 
 - spawn: from the first actor's `pending` to the last one's `waiting` (in
   `receive`), and the rate;
@@ -11,7 +12,7 @@ the run's process (its events, and its /proc files):
   `--sample-every`) and of its RSS (VmHWM, which counts shared pages once per
   mapping);
 - the process's threads (/proc/PID/status) then;
-- wake: from main taking the go-ahead (a `capsule send`) and sending each actor a
+- wake: from main taking the benchmark's go-ahead and sending each actor a
   message to the last actor's `completed`, and to the end of the run.
 
 Nothing here is asserted. The run's limits are raised to fit the actors, and
@@ -35,13 +36,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROGRAM = HERE / "programs" / "waiting_actors.py"
-CLI = [sys.executable, "-m", "capsule.cli"]
-#: The checkout's Capsule, in `capsule run` and `capsule send` alike.
+HOST_RUN = [sys.executable, str(HERE / "host_run.py")]
+#: The checkout's Capsule, in the measured run too.
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MB = 1024**2
 
@@ -166,25 +167,30 @@ class Sampler:
 
 def measure_once(actors: int, core: str | None, watch: Watch) -> dict[str, float]:
     """One run of ``actors`` waiting actors on ``core``: its figures."""
+    options: dict[str, Any] = {
+        "max_live_tasks": actors + 1,
+        "max_children": actors,
+        "max_total_ram": "off",
+        **({"core": core} if core is not None else {}),
+    }
+    command = [*HOST_RUN, json.dumps(options), str(PROGRAM), str(actors)]
     with tempfile.TemporaryDirectory() as tmp:
-        journal = str(Path(tmp) / "journal.db")
-        core_flags = ["--core", core] if core is not None else []
-        command = [
-            *CLI, "run", "--events", "jsonl", "--journal", journal,
-            "--max-live-tasks", str(actors + 1), "--max-children", str(actors),
-            "--max-total-ram", "off", *core_flags, str(PROGRAM), str(actors),
-        ]  # fmt: skip
         with (
             open(Path(tmp) / "stderr", "w+") as stderr,
             subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+                env=ENV,
             ) as process,
         ):
             sampler = Sampler(process, watch)
             try:
                 with sampler.running():
-                    assert process.stdout is not None
-                    return _follow(process.stdout, sampler, actors, journal)
+                    assert process.stdout is not None and process.stdin is not None
+                    return _follow(process.stdout, process.stdin, sampler, actors)
             except Stopped as stopped:
                 try:  # (it is ending: its events ended, or it was killed)
                     process.wait(timeout=30)
@@ -199,10 +205,9 @@ def measure_once(actors: int, core: str | None, watch: Watch) -> dict[str, float
                 ) from None
 
 
-def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict[str, float]:
+def _follow(lines: IO[str], go: IO[str], sampler: Sampler, actors: int) -> dict[str, float]:
     """Reads the run's events to its end, sampling its memory as main starts and
     once every actor waits, then sending main the go-ahead."""
-    run_id = ""
     start: Memory | None = None
     waiting: Memory | None = None
     first_pending = all_waiting = woken = last_completed = 0.0
@@ -212,9 +217,7 @@ def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict
         event = json.loads(line)
         sampler.last_event = time.monotonic()
         kind, at, task = event["type"], float(event["at"]), event.get("task")
-        if kind == "run_started":
-            run_id = event["run_id"]
-        elif kind == "started" and event["task_id"] == "main" and start is None:
+        if kind == "started" and event["task_id"] == "main" and start is None:
             start = sampler.sample()
         elif kind == "pending" and task == "actor" and not first_pending:
             first_pending = at
@@ -223,15 +226,19 @@ def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict
             if len(waiters) == actors and waiting is None:
                 all_waiting = at
                 waiting = sampler.sample()
-                _send_go_ahead(run_id, journal)
+                go.write("go\n")
+                go.flush()
         elif kind == "resumed" and event["task_id"] == "main" and waiting and not woken:
             woken = at
         elif kind == "completed" and task == "actor":
             completed += 1
             last_completed = at
         elif kind == "run_ended":
-            result = event["envelope"].get("result")
-            if result != {"woken": actors} or start is None or waiting is None:
+            if (
+                event["envelope"].get("result") != {"woken": actors}
+                or start is None
+                or waiting is None
+            ):
                 raise Stopped(
                     f"the run ended {event['status']} with {len(waiters)} of {actors} actors "
                     f"waiting, {completed} ended: {json.dumps(event['envelope'].get('error'))}"
@@ -251,15 +258,6 @@ def _follow(lines: IO[str], sampler: Sampler, actors: int, journal: str) -> dict
                 "wake_to_run_end_s": at - woken,
             }
     raise Stopped(f"the run's events stopped with {len(waiters)} of {actors} actors waiting")
-
-
-def _send_go_ahead(run_id: str, journal: str) -> None:
-    sent = subprocess.run(
-        [*CLI, "send", "--journal", journal, run_id, "main", '"go"'],
-        capture_output=True, text=True, env=ENV, check=False,
-    )  # fmt: skip
-    if sent.returncode != 0:
-        raise Stopped(f"capsule send failed ({sent.returncode}): {sent.stderr.strip()}")
 
 
 def measure(
