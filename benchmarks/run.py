@@ -291,6 +291,19 @@ def idle_actor_rss(actors: int = 50, hibernate_after: str | None = None) -> dict
     }
 
 
+def idle_actors_at_scale(repeats: int, actors: int = 1000) -> dict[str, float]:
+    """``actors`` actors blocked in receive, on each core the checkout has:
+    spawn rate, the process's memory and threads, waking them (benchmarks/actors.py,
+    which also measures 5,000: `--actors 5000`)."""
+    from actors import core_name, cores, measure
+
+    figures = {}
+    for core in cores():
+        for label, value in measure(actors, core, max(1, repeats // 2)).items():
+            figures[f"{core_name(core)}: {label}"] = value
+    return figures
+
+
 def _journal_modes(tmp: Path) -> tuple[tuple[str, list[str]], ...]:
     return (("off", ["--no-journal"]), ("on", ["--journal", str(tmp / "journal.db")]))
 
@@ -457,6 +470,12 @@ ROWS: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
     ),
     ("messages", "messages between two actors", messages, ">= 10,000/s one-way"),
     ("idle", "an actor blocked in receive", lambda _: idle_actors(), "<= 6 MB"),
+    (
+        "actors",
+        "1,000 actors blocked in receive",
+        idle_actors_at_scale,
+        ">= 1,000 spawned/s, <= 1.5 MB private each",
+    ),
     ("output", "printed output, journaled", printed_output, "report"),
     ("journal", "journal on vs off", journal_overhead, "<= 10% overhead"),
     ("resume", "resume a run of 10,000 journaled steps", resume_time, "report"),
