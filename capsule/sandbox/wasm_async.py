@@ -113,7 +113,9 @@ class AsyncStore(wasmtime.Store):
     ) -> None:
         super().__init__(engine)
         #: Guards the live future: its deletion, and the flag of its poll.
-        self._future_lock = threading.Lock()
+        #: (Re-entrant: a garbage collection while it is held, by a close,
+        #: may collect a future of this store, whose deletion takes it too.)
+        self._future_lock = threading.RLock()
         self._future: _Live | None = None
         self.set_fuel(fuel)
         self.set_epoch_deadline(epoch_deadline)

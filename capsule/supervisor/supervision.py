@@ -32,6 +32,7 @@ from capsule.supervisor.steps import History, PendingMessage, Step
 from capsule.supervisor.tree import Attempt, Child, Node, Scope, TaskResult
 
 if TYPE_CHECKING:
+    from capsule.supervisor.async_core import AsyncCore
     from capsule.supervisor.run import RunSettings
 
 
@@ -75,6 +76,9 @@ class Supervision:
         self.restarts = Restarts(configs, tree)
         #: Serves the host calls of the attempts' instances (the run's, once built).
         self.host: HostCalls = RefusingHost()
+        #: Runs the invocations of spawned children and direct calls on the
+        #: async core (None: each on a task thread).
+        self.core: AsyncCore | None = None
 
     def run_task(
         self,
