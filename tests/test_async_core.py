@@ -132,7 +132,7 @@ PROGRAMS: dict[str, str] = {
 }
 
 #: Events whose number depends on timing (reported waits).
-TIMING = {"waiting", "resumed", "output"}
+TIMING = {"waiting", "resumed", "hibernated", "output"}
 
 
 def by_task(events: list[Any]) -> dict[str, list[tuple[Any, ...]]]:

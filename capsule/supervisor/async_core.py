@@ -148,6 +148,8 @@ class _Invocation:
                 self.core.timers.soon(check)  # (never on the waker's thread)
 
         attempt.waker = woken
+        if earlier is not None:
+            earlier()  # (a wait of an attempt stopped while it waited ends now)
         check()
 
     def _attempt_ended(self, attempt: Attempt, outcome: AttemptOutcome) -> None:

@@ -8,15 +8,17 @@ are refused on this core for now."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 from capsule.actors.router import Message
+from capsule.sandbox.async_sandbox import Attempt as Running
 from capsule.sandbox.async_sandbox import Received
 from capsule.sandbox.engine import Answer, Envelope, Invocation, refusal
 from capsule.sandbox.guest_data import TaskCall
-from capsule.sandbox.wasm_async import Pending
+from capsule.sandbox.wasm_async import Pending, current_future
 from capsule.supervisor.continuations import Continuations
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.live import LiveTree
@@ -41,6 +43,8 @@ class AsyncHostCalls:
         tasks: TaskCalls,
         messages: MessageCalls,
         time: TimeCalls,
+        hibernate: Callable[[Running], object],
+        hibernate_after: float | None,
     ) -> None:
         self.journal = journal
         self.continuations = continuations
@@ -48,6 +52,10 @@ class AsyncHostCalls:
         self.tasks = tasks
         self.messages = messages
         self.time = time
+        #: Gives back the pages a waiting attempt only read (as a task thread's
+        #: wait does once it lasted ``hibernate_after`` seconds; None: never).
+        self.hibernate = hibernate
+        self.hibernate_after = hibernate_after
 
     def _later(
         self,
@@ -79,11 +87,26 @@ class AsyncHostCalls:
         with lock:
             returned = True
             if not now:
+                self._hibernate_later(pending)
                 return pending
         answer = now[0]
         if isinstance(answer, BaseException):
             raise answer
         return answer if then is None else then(answer)
+
+    def _hibernate_later(self, pending: Pending) -> None:
+        """Once the wait has lasted hibernate_after, its attempt hibernates."""
+        future = current_future()
+        running = None if future is None else future.data
+        after = self.hibernate_after
+        if after is None or not isinstance(running, Running):
+            return
+
+        def hibernate() -> None:
+            if not pending.resolved:
+                self.hibernate(running)
+
+        self.continuations.timers.at(time.monotonic() + after, hibernate)
 
     def call_task(self, caller: Invocation, call: TaskCall) -> Answer | Pending:
         return self._later(  # type: ignore[no-any-return]

@@ -253,7 +253,14 @@ class Run:
             # timeout of 0): they run by continuation too.
             journal.run_wait = partial(wait_here, self._continuations, sandbox.slots)
             waiting = AsyncHostCalls(
-                journal, self._continuations, tree, tasks, messages, time_calls
+                journal,
+                self._continuations,
+                tree,
+                tasks,
+                messages,
+                time_calls,
+                sandbox.hibernate_waiting,
+                settings.hibernate_after,
             )
             supervision.core = AsyncCore(supervision, sandbox, waiting, self._timers)
 
