@@ -335,3 +335,93 @@ def _private_kb() -> float:
         key, value = line.split(":", 1)
         fields[key] = int(value.split()[0])
     return float(fields["Private_Clean"] + fields["Private_Dirty"])
+
+
+#: Tests of the thread core (those taking only run_program) that hold on the
+#: async core too: each runs again on it.
+ON_BOTH_CORES = [
+    "test_supervision:test_transient_child_is_restarted_after_a_failure",
+    "test_supervision:test_temporary_child_is_never_restarted_and_never_fails_its_parent",
+    "test_supervision:test_permanent_child_is_restarted_after_returning",
+    "test_supervision:test_one_for_one_restarts_only_the_failed_child",
+    "test_supervision:test_one_for_all_restarts_every_running_child",
+    "test_supervision:test_rest_for_one_restarts_the_children_started_after",
+    "test_supervision:test_restart_intensity_escalates_to_the_grandparent",
+    "test_supervision:test_a_childs_own_retries_are_not_restarts",
+    "test_supervision:test_sibling_restarts_count_against_the_intensity",
+    "test_supervision:test_bad_supervision_options_are_config_errors",
+    "test_supervision:test_agents_example",
+    "test_outcomes:test_map_with_return_exceptions_keeps_every_result",
+    "test_outcomes:test_wait_first_completed_then_all_completed",
+    "test_outcomes:test_wait_first_exception_returns_at_the_first_failure",
+    "test_outcomes:test_as_completed_yields_each_handle_as_its_child_ends",
+    "test_outcomes:test_wait_refuses_what_is_not_a_handle_or_a_mode",
+    "test_outcomes:test_a_temporary_childs_failure_is_retried_and_never_fails_its_parent",
+    "test_retry:test_retry_on_must_name_exception_classes",
+    "test_spawn:test_spawn_returns_at_once_and_children_overlap",
+    "test_spawn:test_map_keeps_input_order",
+    "test_spawn:test_gather_with_and_without_return_exceptions",
+    "test_spawn:test_result_timeout_then_cancel",
+    "test_spawn:test_a_failure_before_the_parent_collects_it_is_delivered_later",
+    "test_spawn:test_a_failure_never_collected_fails_the_parent_when_it_returns",
+    "test_spawn:test_a_linked_child_failure_fails_the_parent_at_once",
+    "test_spawn:test_a_linked_child_failure_stops_a_parent_running_wasm",
+    "test_spawn:test_children_do_not_outlive_their_parent",
+    "test_spawn:test_sleep_sleeps",
+    "test_spawn:test_spawn_bomb_is_stopped_and_the_host_stays_up",
+    "test_spawn:test_live_task_limit_across_the_tree",
+    "test_spawn:test_no_threads_or_instances_left_after_cancellations",
+    "test_spawn:test_handles_keep_outcomes_after_the_host_forgets_the_child",
+    "test_messaging:test_ask_reply_round_trip_with_a_named_actor",
+    "test_messaging:test_messages_arrive_in_order",
+    "test_messaging:test_strings_cross_the_boundary_unchanged",
+    "test_messaging:test_only_waits_longer_than_the_grace_are_reported",
+    "test_messaging:test_receive_timeout",
+    "test_messaging:test_full_mailbox_makes_send_wait_then_time_out",
+    "test_messaging:test_the_runs_queued_messages_are_bounded_in_size_across_mailboxes",
+    "test_messaging:test_message_size_limit",
+    "test_messaging:test_unknown_target_taken_name_and_bad_replies",
+    "test_messaging:test_ask_an_actor_that_ends_without_replying",
+    "test_messaging:test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused",
+    "test_messaging:test_output_without_a_newline_is_shown_before_a_receive_waits",
+    "test_run:test_hello",
+    "test_run:test_spec_analyze_example",
+    "test_run:test_nested_calls_three_deep_with_kwargs",
+    "test_run:test_instances_share_no_state",
+    "test_run:test_exception_carries_guest_traceback",
+    "test_run:test_timeout_stops_cpu_loop_promptly",
+    "test_run:test_retry_then_success_and_caught_task_error",
+    "test_run:test_main_is_retried_and_attempts_reported",
+    "test_run:test_retries_exhausted_reports_all_attempts",
+    "test_run:test_host_fuel_cap_wins_over_declared",
+    "test_run:test_host_timeout_cap_wins_over_declared",
+    "test_run:test_host_ram_cap_wins_over_declared",
+    "test_run:test_ram_below_runtime_minimum_is_memory_limit",
+    "test_run:test_non_serializable_result_names_the_task",
+    "test_run:test_non_serializable_arguments_name_the_task",
+    "test_run:test_non_serializable_main_result",
+    "test_run:test_unknown_task_call_is_a_clear_error",
+    "test_run:test_guest_output_is_tagged_with_its_task",
+    "test_run:test_no_threads_or_instances_left_after_failed_run",
+    "test_run:test_child_never_outlives_its_callers_deadline",
+    "test_run:test_deep_call_chain_is_bounded_and_reports_the_root_cause",
+    "test_run:test_lifecycle_events_are_typed_and_ordered",
+    "test_run:test_limits_come_from_the_host_not_from_the_caller",
+    "test_run:test_oversized_results_and_arguments_are_refused",
+]
+
+
+@pytest.mark.parametrize("name", ON_BOTH_CORES)
+def test_on_the_async_core_too(run_program: ProgramRunner, name: str) -> None:
+    import importlib
+    import inspect
+
+    module, function = name.split(":")
+    test = getattr(importlib.import_module(f"tests.{module}"), function)
+
+    def on_async_core(source: str, *args: Any, **options: Any) -> Outcome:
+        return run_program(source, *args, core="async", **options)
+
+    parameters = inspect.signature(test).parameters
+    assert list(parameters) == ["run_program"], parameters
+    test(on_async_core)
