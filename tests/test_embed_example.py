@@ -83,3 +83,45 @@ def test_a_cancelled_run_is_interrupted_and_bad_requests_are_refused(client: Tes
     assert refused.status_code == 400
     assert client.get("/runs/nope/events").status_code == 404
     assert client.post("/runs/nope/cancel").status_code == 404
+
+
+def test_hostile_request_bodies_and_keys_are_refused_not_server_errors(
+    client: TestClient,
+) -> None:
+    """A key the Runtime refuses ("_x"), a verdict that is NaN or nested
+    deeper than a task takes, a body of megabytes, JSON nested past Python's
+    recursion: each a 4xx, and the service goes on."""
+    started = client.post("/runs", json={"topic": "x"}, headers={"Idempotency-Key": "_x"})
+    assert started.status_code == 400
+    run_id = client.post("/runs", json={"topic": "kites"}).json()["run_id"]
+    for body in (b'{"approved": NaN}', b"[" * 300 + b"]" * 300):
+        refused = client.post(
+            f"/runs/{run_id}/messages", content=body, headers={"content-type": "application/json"}
+        )
+        assert refused.status_code == 400, refused.text
+    assert client.post("/runs", content=b"[" * 50_000).status_code == 400
+    huge = json.dumps({"topic": "x" * 1024**2})
+    assert client.post("/runs", content=huge).status_code == 413
+    assert client.post(f"/runs/{run_id}/messages", json={"approved": True}).status_code == 202
+    assert sse_events(client.get(f"/runs/{run_id}/events").text)[-1]["status"] == "completed"
+    assert client.get(f"/runs/{run_id}").json()["value"]["approved"] is True
+
+
+def test_the_service_bounds_the_runs_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request started a run whose handle the service kept forever."""
+    monkeypatch.setenv("CAPSULE_JOURNAL", str(tmp_path / "journal.db"))
+    example = load_example()
+    example.MAX_LIVE_RUNS, example.MAX_ENDED_RUNS = 2, 1
+    with TestClient(example.app) as client:
+        first, second = (client.post("/runs", json={"topic": t}).json()["run_id"] for t in "ab")
+        assert client.post("/runs", json={"topic": "c"}).status_code == 503
+        client.post(f"/runs/{first}/cancel")
+        third = client.post("/runs", json={"topic": "c"}).json()["run_id"]
+        client.post(f"/runs/{second}/cancel")
+        client.post(f"/runs/{third}/cancel")
+        client.post("/runs", json={"topic": "d"})  # (the two oldest ended are let go)
+        assert client.get(f"/runs/{first}").status_code == 404
+        assert client.get(f"/runs/{second}").status_code == 404
+        assert client.get(f"/runs/{third}").json()["status"] == "interrupted"

@@ -330,3 +330,45 @@ def _joining(thread: threading.Thread, joined: threading.Thread) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def test_a_second_run_of_the_same_id_leaves_the_first_one_reachable(tmp_path: Path) -> None:
+    """Caller-chosen run ids repeat (two services, two journals): the run that
+    holds the id's socket keeps it while it runs; the later one runs on, told
+    that `capsule send` cannot reach it."""
+    from capsule.host import SyncRuntime
+
+    program = _write(
+        tmp_path,
+        """
+        from capsule import receive, task
+
+        @task(name="main")
+        def main(tag):
+            while True:
+                message = receive(timeout=120)
+                if message.body == "stop":
+                    return tag
+                message.reply(tag)
+        """,
+    )
+
+    def ask_from_outside() -> object:
+        asked = capsule_cli("ask", "order-17", "main", '"who"', "--timeout", "60", cwd=tmp_path)
+        assert asked.returncode == 0, asked.stderr
+        return json.loads(asked.stdout)
+
+    with SyncRuntime(journal=False) as one, SyncRuntime(journal=False) as other:
+        first = one.start(program, "first", run_id="order-17")
+        assert first.ask("main", "who", timeout=60) == "first"
+        second = other.start(program, "second", run_id="order-17")
+        assert second.ask("main", "who", timeout=60) == "second"
+        assert ask_from_outside() == "first"
+        second.send("main", "stop")
+        assert second.result().value == "second"
+        warnings = [e.text for e in second.events() if e.type == "warning"]
+        assert any("another running run has its id" in text for text in warnings), warnings
+        # The second run's end left the first one's socket in place.
+        assert ask_from_outside() == "first"
+        first.send("main", "stop")
+        assert first.result().value == "first"

@@ -375,7 +375,10 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
         assert types[:2] == ["run_started", "pending"] and types[-2:] == ["completed", "run_ended"]
         assert handle.result().value == []
         assert rt.run_code("result = args", "x").value == ["x"]
-        assert rt.start_code("result = 2", run_id="sync-code").result().value == 2
+        coded = rt.start_code("result = 2", run_id="sync-code")
+        assert coded.result().value == 2
+        types = [event.type for event in coded.events()]
+        assert types[0] == "run_started" and types[-1] == "run_ended", types
         assert rt.handle("sync-code") is None  # ended: no longer live
         assert {run.run_id for run in rt.runs()} >= {"sync-actor"}
         assert rt.inspect("sync-actor").run.status == "completed"
@@ -399,19 +402,39 @@ def test_sync_runtime(programs: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_events_are_bounded_for_a_slow_consumer(
-    programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    programs: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from capsule.host import handle as handle_module
 
     async def main() -> None:
         async with Runtime(journal=False) as rt:
             # Held output is bounded too: printed text past it pushes out the oldest.
-            monkeypatch.setattr(handle_module, "MAX_HELD_OUTPUT_CHARS", 3000)
+            monkeypatch.setattr(handle_module, "MAX_HELD_TEXT_CHARS", 3000)
             printing = await rt.start_code("for line in range(4):\n    print(str(line) * 1000)")
             await printing.result()
             texts = [e.text async for e in printing.events() if e.type == "output"]
             assert texts == ["2" * 1000 + "\n", "3" * 1000 + "\n"]
             assert printing.events_dropped >= 2
+            # And so is the text of errors (a guest makes them as long as it likes).
+            failing = tmp_path / "failing.py"
+            failing.write_text(
+                "from capsule import task\n"
+                "@task(name='main', max_retries=3, retry_on=ValueError)\n"
+                "def main():\n"
+                "    raise ValueError('e' * 2000)\n"
+            )
+            errors = await rt.start(failing, options=RunOptions(retry_backoff=0))
+            await errors.result()
+            held = [e async for e in errors.events()]
+            assert (
+                sum(
+                    len(getattr(e, "error", None).message)
+                    for e in held
+                    if getattr(e, "error", None)
+                )
+                <= 3000
+            )
+            assert errors.events_dropped >= 2
             monkeypatch.undo()
 
         async with Runtime(journal=False, event_buffer=2) as rt:

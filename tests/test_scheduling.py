@@ -134,3 +134,29 @@ def test_one_slot_never_deadlocks_an_inline_call_ending_with_children(
     )
     assert outcome.value == "returned"
     assert len(outcome.of_type("cancelled")) == 3
+
+
+def test_sandboxes_sharing_an_engine_share_one_epoch_ticker(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Runs of one Runtime share its engine: they tick it from one thread, so
+    a tick (a CPU slot's turn, a deadline's grain) lasts as long however many
+    runs are open, and an engine nobody uses ticks no more."""
+    import threading
+
+    from capsule.sandbox.engine import GuestComponent, Sandbox
+
+    def tickers() -> int:
+        return sum(thread.name == "capsule-epoch" for thread in threading.enumerate())
+
+    guest = GuestComponent()
+    before = tickers()
+    sandboxes = [Sandbox([tmp_path], guest=guest) for _ in range(3)]
+    for sandbox in sandboxes:
+        sandbox.__enter__()
+    try:
+        assert tickers() == before + 1
+        sandboxes.pop().__exit__(None, None, None)
+        assert tickers() == before + 1
+    finally:
+        for sandbox in sandboxes:
+            sandbox.__exit__(None, None, None)
+    assert tickers() == before

@@ -31,7 +31,8 @@ from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, San
 from capsule.sandbox.grants import Grants, HostRule
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.project import Project
-from capsule.supervisor.events import EventStream, TaskOutput
+from capsule.supervisor.events import EventStream, RunStarted, TaskOutput
+from capsule.supervisor.option_specs import DEFAULT_MAX_MESSAGE_BYTES
 from capsule.supervisor.options import RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, resolve_settings
 from capsule.supervisor.run import Run, RunInterrupted
@@ -75,19 +76,19 @@ class CodeLimits(_Checked):
     timeout: str | float = "30s"
     max_output: str | int = "1MB"
 
-    @field_validator("fuel")
+    @field_validator("fuel", mode="before")
     @classmethod
     def _fuel(cls, value: str | int) -> str | int:
         _checked(value, parse_compute, COMPUTE_FORMS)
         return value
 
-    @field_validator("ram", "max_output")
+    @field_validator("ram", "max_output", mode="before")
     @classmethod
     def _size(cls, value: str | int) -> str | int:
         _checked(value, parse_ram, RAM_FORMS)
         return value
 
-    @field_validator("timeout")
+    @field_validator("timeout", mode="before")
     @classmethod
     def _timeout(cls, value: str | float) -> str | float:
         _checked(value, parse_timeout, TIMEOUT_FORMS)
@@ -126,8 +127,13 @@ class CodeGrants(_Checked):
 
 
 def _checked(value: Any, parse: Callable[[Any], Any], forms: str) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"expected {forms}")
+    # (Checked as given: pydantic would take True as 1 and b"5" as "5".)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int, float))
+        or (isinstance(value, str) and not value.isascii())
+    ):
+        raise ValueError(f"{value!r:.80} is invalid; expected {forms}")
     try:
         parse(value)
     except (ValueError, TypeError):
@@ -136,14 +142,23 @@ def _checked(value: Any, parse: Callable[[Any], Any], forms: str) -> Any:
 
 
 def code_request(source: str, args: list[Any], limits: CodeLimits) -> RunRequest:
-    """The run of ``source`` with ``args`` under ``limits``."""
+    """The run of ``source`` with ``args`` under ``limits``, as its one task:
+    what it may make the host hold (its output, and the messages it sends
+    itself, journaled or not) is bounded by ``max_output``. (Its options are
+    journaled: a resume keeps them.)"""
     if not isinstance(source, str):
         raise InvalidRequest(f"source must be a str of Python code, not {type(source).__name__}")
+    max_output = parse_ram(limits.max_output)
     options = RunOptions(
+        # The code is the run's one task: it starts no other (each would get
+        # limits of its own: the run's fuel and memory, a multiple of these).
+        max_live_tasks=0,
         max_fuel=limits.fuel,
         max_ram=limits.ram,
         max_timeout=limits.timeout,
-        max_task_output=limits.max_output,
+        max_task_output=max_output,
+        max_message_size=min(max_output, DEFAULT_MAX_MESSAGE_BYTES),
+        max_queued_size=max_output,
     )
     return RunRequest(path=RUNNER, args=[source, args], options=options)
 
@@ -219,6 +234,11 @@ class CodeRunner:
         settings = replace(settings, pool_size=POOL_SIZE)
         events = events or EventStream()
         events.subscribe(on_event, event_types)
+        events.emit(
+            RunStarted(
+                run_id=run_id, program=str(RUNNER), entry="main", resumed=history is not None
+            )
+        )
         run = Run(
             self.sandbox,
             RUNNER_MODULE,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -16,17 +15,17 @@ import anyio
 
 from capsule.actors.external import Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
+from capsule.host.requests import json_text
 from capsule.host.result import RunResult
-from capsule.supervisor.events import TaskOutput
+from capsule.supervisor.events import ErrorDetail
+from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from capsule.supervisor.run import Run
 
-#: The longest ``ask`` may wait for its reply, in seconds (as `capsule ask`).
-MAX_ASK_TIMEOUT_S = 7 * 24 * 3600.0
 #: The most characters of output a handle's buffer holds: past it, its oldest
 #: events go, as past ``event_buffer`` events (one larger output is kept alone).
-MAX_HELD_OUTPUT_CHARS = 16 * 1024**2
+MAX_HELD_TEXT_CHARS = 16 * 1024**2
 #: Why a run's tasks end when the host application cancels them.
 CANCELLED_BY_HOST = "cancelled by the host application"
 
@@ -54,7 +53,7 @@ def _scheduler() -> Callable[[Callable[[], None]], None]:
 
 class RunHandle:
     """A run started by :meth:`Runtime.start`. Its events are kept in one
-    buffer of at most ``event_buffer`` events (and MAX_HELD_OUTPUT_CHARS of
+    buffer of at most ``event_buffer`` events (and MAX_HELD_TEXT_CHARS of
     output), whoever reads them: a consumer that falls further behind skips
     the oldest (counted in ``events_dropped``); the run never waits for one."""
 
@@ -69,7 +68,7 @@ class RunHandle:
         self.events_dropped = 0
         self._lock = threading.Lock()
         self._events: deque[tuple[int, Any]] = deque(maxlen=event_buffer)
-        #: Characters of output the buffer holds (bounded too: see MAX_HELD_OUTPUT_CHARS).
+        #: Characters of text the buffer holds (bounded too: see MAX_HELD_TEXT_CHARS).
         self._held_chars = 0
         self._emitted = 0
         self._schedule = _scheduler()
@@ -89,14 +88,14 @@ class RunHandle:
 
     def _on_event(self, event: Any) -> None:
         """A run's event (on one of its threads): kept, and consumers woken."""
-        size = len(event.text) if isinstance(event, TaskOutput) else 0
+        size = _text_size(event)
         with self._lock:
             if len(self._events) == self._events.maxlen:
                 self._forget_oldest()
             self._events.append((self._emitted, event))
             self._emitted += 1
             self._held_chars += size
-            while self._held_chars > MAX_HELD_OUTPUT_CHARS and len(self._events) > 1:
+            while self._held_chars > MAX_HELD_TEXT_CHARS and len(self._events) > 1:
                 self._forget_oldest()
             # The root task's first event: its mailbox is open, messages reach it.
             root_began = not self._root_began and getattr(event, "task_id", None) == "main"
@@ -111,8 +110,7 @@ class RunHandle:
 
     def _forget_oldest(self) -> None:
         _, event = self._events.popleft()
-        if isinstance(event, TaskOutput):
-            self._held_chars -= len(event.text)
+        self._held_chars -= _text_size(event)
 
     def _on_run(self, run: Run) -> None:
         """The run started (on its thread): cancels asked before now reach it."""
@@ -177,6 +175,12 @@ class RunHandle:
         """Wait for the run to end: its result, or the RunError of the call (the
         program could not be loaded, the journal failed)."""
         await self._ended.wait()
+        return self.ended_result()
+
+    def ended_result(self) -> RunResult:
+        """The result of a run that ended (see :meth:`result`), without waiting."""
+        if not self.done:
+            raise RuntimeError(f"run {self.run_id} has not ended; await result()")
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -218,10 +222,11 @@ class RunHandle:
         """Send ``message`` to the actor ``name`` and wait for its reply (the
         value it replied). DeliveryError: not delivered, or no reply within
         ``timeout`` seconds (kind ``timeout``), or the actor or run ended."""
+        # (Compared as given: float() of an int past 1e308 would overflow.)
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
-            or not (math.isfinite(timeout) and 0 < timeout <= MAX_ASK_TIMEOUT_S)
+            or not (0 < timeout <= MAX_ASK_TIMEOUT_S)
         ):
             raise InvalidRequest(
                 f"timeout {timeout!r} is invalid; expected seconds from 0 to {MAX_ASK_TIMEOUT_S:g}"
@@ -259,10 +264,17 @@ class RunHandle:
 
 
 def _body_json(message: Any) -> str:
-    try:
-        return json.dumps(message, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            f"the message is not a JSON value ({type(exc).__name__}: {exc}); "
-            f"send dicts, lists, strings, numbers, booleans or None"
-        ) from None
+    return json_text(message, "the message")
+
+
+def _text_size(event: Any) -> int:
+    """The characters of text an event carries, what a guest can make large:
+    output, a warning's text, an error's message and traceback (the previews
+    of arguments and results are short)."""
+    size = 0
+    for value in vars(event).values():
+        if isinstance(value, str):
+            size += len(value)
+        elif isinstance(value, ErrorDetail):
+            size += len(value.message) + len(value.traceback or "")
+    return size

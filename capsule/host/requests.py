@@ -89,14 +89,28 @@ def arguments(
     call_args, call_kwargs = list(args), dict(kwargs or {})
     if not all(isinstance(key, str) for key in call_kwargs):
         raise InvalidRequest("the keys of kwargs must be strings")
-    try:
-        json.dumps([call_args, call_kwargs], allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidRequest(
-            f"the arguments are not JSON values ({type(exc).__name__}: {exc}); pass dicts, "
-            f"lists, strings, numbers, booleans or None"
-        ) from None
+    json_text([call_args, call_kwargs], "the arguments")
     return call_args, call_kwargs
+
+
+def json_text(value: Any, what: str) -> str:
+    """``value`` as JSON text, if it is a JSON value the run's tasks can hand
+    back (guests' JSON is held to the same rules: no lone surrogates, at most
+    MAX_JSON_DEPTH deep); InvalidRequest naming ``what`` if it is not."""
+    from capsule.sandbox import guest_data
+
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+        guest_data.json_value(text, what)
+    except (TypeError, ValueError, RecursionError, guest_data.ProtocolError) as exc:
+        why = str(exc)
+        raise InvalidRequest(
+            f"{what}: not a JSON value a task can take ({type(exc).__name__}: {why:.300}); "
+            f"pass dicts, lists, strings, numbers, booleans or None, nested at most "
+            f"{guest_data.MAX_JSON_DEPTH} deep"
+        ) from None
+    return text
 
 
 def run_options(options: Any) -> RunOptions:

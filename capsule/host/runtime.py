@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 HANDLE_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
 #: Events a handle keeps for its consumers, by default.
 DEFAULT_EVENT_BUFFER = 10_000
+#: The most it may keep (a deque's length past sys.maxsize overflows when a
+#: run starts; well before that, the buffer is memory the host holds).
+MAX_EVENT_BUFFER = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,14 @@ class Runtime:
         self, journal: JournalSetting = None, *, event_buffer: int = DEFAULT_EVENT_BUFFER
     ) -> None:
         self.journal = journal_path(journal)
-        if isinstance(event_buffer, bool) or not isinstance(event_buffer, int) or event_buffer < 1:
+        if (
+            isinstance(event_buffer, bool)
+            or not isinstance(event_buffer, int)
+            or not 1 <= event_buffer <= MAX_EVENT_BUFFER
+        ):
             raise InvalidRequest(
-                f"event_buffer {event_buffer!r} is invalid; expected a positive integer"
+                f"event_buffer {event_buffer!r:.80} is invalid; expected a whole number "
+                f"from 1 to {MAX_EVENT_BUFFER:,}"
             )
         self._event_buffer = event_buffer
         self._task_group: TaskGroup | None = None
@@ -246,10 +254,7 @@ class Runtime:
             if self._code is None:
                 guest = self._guest
                 assert guest is not None
-                try:
-                    self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
-                except RunError:
-                    raise
+                self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
             return self._code
 
     # -- the journal -------------------------------------------------------

@@ -5,14 +5,16 @@ thread the SyncRuntime owns."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from capsule.host.requests import JournalSetting
 from capsule.host.runtime import DEFAULT_EVENT_BUFFER, RunDetails, Runtime
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits
@@ -52,17 +54,29 @@ class SyncRunHandle:
                 self._portal.call(close)
 
     def result(self) -> RunResult:
-        return self._portal.call(self._handle.result)
+        if self._handle.done:  # (its SyncRuntime may be closed: it needs no loop)
+            return self._handle.ended_result()
+        return self._call(self._handle.result)
 
     def cancel(self, task_id: str | None = None) -> bool:
-        return self._portal.call(self._handle.cancel, task_id)
+        return self._call(self._handle.cancel, task_id)
 
     def send(self, name: str, message: Any) -> str:
-        message_id: str = self._portal.call(self._handle.send, name, message)
+        message_id: str = self._call(self._handle.send, name, message)
         return message_id
 
     def ask(self, name: str, message: Any, timeout: float = 60.0) -> Any:
-        return self._portal.call(self._handle.ask, name, message, timeout)
+        return self._call(self._handle.ask, name, message, timeout)
+
+    def _call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            return self._portal.call(function, *args)
+        except RuntimeError as exc:
+            if "portal is not running" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"run {self.run_id}'s SyncRuntime is closed; only its result() is left"
+            ) from None
 
 
 class SyncRuntime:

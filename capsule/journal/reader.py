@@ -107,8 +107,14 @@ class TaskRecord:
         }
 
 
+#: Past the largest process id a kernel hands out (os.kill overflows past it).
+_PID_LIMIT = 2**31
+
+
 def _alive(pid: int | None) -> bool:
-    if pid is None:
+    # (A journal's pid may be anything: 0 and -1 would signal whole process
+    # groups, which always "exist".)
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < _PID_LIMIT:
         return False
     try:
         os.kill(pid, 0)
@@ -181,7 +187,47 @@ async def list_runs(path: Path) -> list[RunRecord]:
         cursor = await db.execute(
             f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC"
         )
-        return [_run_record(row) for row in await cursor.fetchall()]
+        return [_listed(row) for row in await cursor.fetchall()]
+
+
+#: The status of a run whose journal row cannot be read.
+DAMAGED = "damaged"
+
+
+def _listed(row: Any) -> RunRecord:
+    """A run as listed: a row that is damaged (or forged) is listed as such,
+    with what can be read of it, and does not end the listing."""
+    try:
+        record = _run_record(row)
+        numbers = (record.started_at, record.ended_at or 0, record.resumes)
+        if not (
+            isinstance(record.run_id, str)
+            and isinstance(record.program, str)
+            and isinstance(record.status, str)
+            and isinstance(record.args, list)
+            and isinstance(record.kwargs, dict)
+            and all(isinstance(n, int | float) and not isinstance(n, bool) for n in numbers)
+        ):
+            raise TypeError("a column holds a value of the wrong type")
+        return record
+    except (ValueError, TypeError, RecursionError) as exc:
+        started = row[7] if isinstance(row[7], int | float) else 0.0
+        return RunRecord(
+            run_id=str(row[0]),
+            program=str(row[1]),
+            program_hash="",
+            args=[],
+            kwargs={},
+            settings={},
+            seed="",
+            status=DAMAGED,
+            started_at=started,
+            ended_at=None,
+            result_json=None,
+            error={"kind": DAMAGED, "message": f"{type(exc).__name__}: {exc}"[:300]},
+            resumes=0,
+            host_pid=None,
+        )
 
 
 async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRecord:
@@ -197,8 +243,12 @@ async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRe
                 f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
             )
         else:
+            # The run of that whole id, else those it begins (compared as text:
+            # LIKE would take "_" and "%" in an id for wildcards).
             cursor = await db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id LIKE ? || '%' LIMIT 2",
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?1 OR "
+                "(substr(run_id, 1, length(?1)) = ?1 AND NOT EXISTS "
+                "(SELECT 1 FROM runs WHERE run_id = ?1)) LIMIT 2",
                 (run_id,),
             )
         rows = list(await cursor.fetchall())

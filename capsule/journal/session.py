@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsule.journal.schema import JournalError, connect
+from capsule.journal.schema import JournalError, connect, describe_error
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
 from capsule.supervisor.options import OptionError, RunOptions
@@ -169,15 +170,8 @@ def resume_journaled(
     request = RunRequest(
         path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options
     )
+    _claim(journal, record, program_hash(program))
     with JournalWriter(journal, record.run_id) as writer:
-        _write(
-            writer,
-            lambda: writer.execute(
-                "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
-                "program_hash = ?, ended_at = NULL WHERE run_id = ?",
-                (os.getpid(), program_hash(program), record.run_id),
-            ),
-        )
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         with _interrupted_as_such(writer):
             report = runner(
@@ -193,6 +187,29 @@ def resume_journaled(
             )
         _finish(writer, report)
     return report
+
+
+def _claim(journal: Path, record: RunRecord, digest: str) -> None:
+    """Mark the run as running in this process, if it is still as ``record``
+    read it: of two resumes at once (two Runtimes, two processes), one runs
+    it and the other gets a JournalError, never both."""
+    connection = connect(journal, create=False)
+    try:
+        claimed = connection.execute(
+            "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
+            "program_hash = ?, ended_at = NULL "
+            "WHERE run_id = ? AND status = ? AND resumes = ?",
+            (os.getpid(), digest, record.run_id, record.status, record.resumes),
+        ).rowcount
+    except sqlite3.Error as exc:
+        raise JournalError(describe_error(journal, exc)) from None
+    finally:
+        connection.close()
+    if claimed != 1:
+        raise JournalError(
+            f"run {record.run_id} was resumed by another process or Runtime while this "
+            f"one prepared to; `capsule inspect {record.run_id}` shows how far it got"
+        )
 
 
 def _recorded_settings(journal: Path, record: RunRecord) -> tuple[Any, RunOptions]:

@@ -44,7 +44,6 @@ from capsule.sandbox import guest_data
 from capsule.sandbox import wasmtime_compat as compat
 from capsule.sandbox.engine import (
     ENGINE_SETTINGS,
-    TICK_SECONDS,
     Answer,
     AttemptOutcome,
     Completion,
@@ -296,16 +295,10 @@ class AsyncSandbox(Sandbox):
         """How many attempts started and have not ended."""
         return len(self._attempts)
 
-    def _tick(self) -> None:
-        while not self._ticker_stop.wait(TICK_SECONDS):
-            self.engine.increment_epoch()
-            if self.budget is not None:
-                try:
-                    self.budget.sample()
-                except Exception:  # (a failed read must not end the ticker)
-                    traceback.print_exc()
-            for attempt in self._due(time.monotonic()):
-                self.stop(attempt)
+    def _on_tick(self) -> None:
+        super()._on_tick()
+        for attempt in self._due(time.monotonic()):
+            self.stop(attempt)
 
     def _due(self, now: float) -> list[Attempt]:
         """The attempts whose deadline has passed (each once)."""

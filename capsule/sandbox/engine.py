@@ -792,6 +792,54 @@ def _no_finalizer(_data: Any) -> None:
     return None
 
 
+class EpochTicker:
+    """Advances one engine's epoch every TICK_SECONDS (what deadlines, turns
+    on the CPU slots and cancellation are measured in) while any sandbox on it
+    is open. One thread per engine, however many runs share it: a tick is
+    TICK_SECONDS for every instance. Each open sandbox's own work for the tick
+    (``add``) runs after the increment."""
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._work: list[Callable[[], None]] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def add(self, work: Callable[[], None]) -> None:
+        """Run ``work`` at each tick until ``remove``; ticking starts with the first."""
+        with self._lock:
+            self._work.append(work)
+            if self._thread is None:
+                self._stop = stop = threading.Event()
+                self._thread = threading.Thread(
+                    target=self._run, args=(stop,), name="capsule-epoch", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, work: Callable[[], None]) -> None:
+        """Stop running ``work``; ticking stops (its thread joined) with the last."""
+        with self._lock:
+            self._work.remove(work)
+            if self._work or self._thread is None:
+                return
+            thread, stop = self._thread, self._stop
+            self._thread = None
+        stop.set()
+        thread.join()
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(TICK_SECONDS):
+            self._engine.increment_epoch()
+            with self._lock:
+                work = list(self._work)
+            for each in work:
+                try:
+                    each()
+                except Exception:  # (one sandbox's failed tick must not end the others')
+                    traceback.print_exc()
+
+
 def default_engine() -> tuple[wasmtime.Engine, str]:
     """The engine, and the settings its compiled artifact depends on."""
     config = wasmtime.Config()
@@ -823,6 +871,7 @@ class GuestComponent:
         #: The guest runtime's files (instances map their memory image from ``compiled``).
         self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
+        self.ticker = EpochTicker(self.engine)
 
 
 class Sandbox:
@@ -839,6 +888,7 @@ class Sandbox:
     ) -> None:
         guest = guest or GuestComponent(progress, self._make_engine)
         self.engine = guest.engine
+        self.ticker = guest.ticker
         self.artifacts = guest.artifacts
         self.component = guest.component
         self.prefaulter = Prefaulter(self.artifacts.compiled)
@@ -853,8 +903,6 @@ class Sandbox:
         self.linker = self._make_linker()
         #: The limits of imports after the first, by program (see prepare).
         self._import_limits: dict[str, Limits] = {}
-        self._ticker_stop = threading.Event()
-        self._ticker: threading.Thread | None = None
         self._pool: InstancePool | None = None
         #: At most this many threads run task wasm at once (default: CPU cores).
         self.slots = CpuSlots(cpu_slots)
@@ -873,8 +921,7 @@ class Sandbox:
     # -- lifecycle ---------------------------------------------------------
 
     def __enter__(self) -> Sandbox:
-        self._ticker = threading.Thread(target=self._tick, name="capsule-epoch", daemon=True)
-        self._ticker.start()
+        self.ticker.add(self._on_tick)
         CONVERTERS.acquire()  # (wasmtime-py's converters are faster while it is open)
         return self
 
@@ -883,10 +930,7 @@ class Sandbox:
             if self._pool is not None:
                 self._pool.close()
                 self._pool = None
-            self._ticker_stop.set()
-            if self._ticker is not None:
-                self._ticker.join()
-                self._ticker = None
+            self.ticker.remove(self._on_tick)
             self.prefaulter.close()
             if self.budget is not None:
                 self.budget.close()
@@ -898,14 +942,10 @@ class Sandbox:
         finally:
             CONVERTERS.release()
 
-    def _tick(self) -> None:
-        while not self._ticker_stop.wait(TICK_SECONDS):
-            self.engine.increment_epoch()
-            if self.budget is not None:
-                try:
-                    self.budget.sample()
-                except Exception:  # (a failed read must not end the ticker)
-                    traceback.print_exc()
+    def _on_tick(self) -> None:
+        """This sandbox's work at each epoch tick (on the engine's ticker)."""
+        if self.budget is not None:
+            self.budget.sample()
 
     def _memory_sizes(self, stores: list[Any]) -> list[int | None]:
         """The size of each open task instance's linear memory (the budget's)."""

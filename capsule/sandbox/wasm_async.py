@@ -113,8 +113,8 @@ class AsyncStore(wasmtime.Store):
     ) -> None:
         super().__init__(engine)
         #: Guards the live future: its deletion, and the flag of its poll.
-        #: (Re-entrant: a garbage collection while it is held, by a close,
-        #: may collect a future of this store, whose deletion takes it too.)
+        # (Reentrant: a pending future collected by the cycle collector cancels
+        # itself, which may happen on a thread that holds this lock.)
         self._future_lock = threading.RLock()
         self._future: _Live | None = None
         self.set_fuel(fuel)
@@ -320,7 +320,8 @@ class CallFuture(Generic[T]):
             on_wake(self)
 
     def __del__(self) -> None:
-        if getattr(self, "_live", None) is not None:
+        # (Only a call still pending: one that ended holds nothing to delete.)
+        if getattr(self, "_state", None) == _PENDING and getattr(self, "_live", None) is not None:
             self.cancel()
 
 

@@ -64,6 +64,8 @@ class RunInbox:
         self.external = external
         self._max_request = external.max_message_bytes + REQUEST_OVERHEAD_BYTES
         self._socket: socket.socket | None = None
+        #: The (device, inode) of the socket file this run made.
+        self._bound: tuple[int, int] | None = None
         self._listener: threading.Thread | None = None
         self._lock = threading.Lock()
         self._handlers: set[threading.Thread] = set()
@@ -78,6 +80,13 @@ class RunInbox:
         """Make the socket and listen on it; InboxError if it cannot be made."""
         try:
             directory = _private_directory(self.path.parent)
+            if _listened_on(self.path, directory):
+                # A run of the same id is running (a caller-chosen id, in
+                # another journal or Runtime): it keeps its socket.
+                raise InboxError(
+                    f"`capsule send` and `capsule ask` cannot reach this run: another "
+                    f"running run has its id and socket {self.path}; they reach that one"
+                )
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)  # left by a run of this id that crashed
             listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -85,6 +94,7 @@ class RunInbox:
                 with _reachable(self.path, directory) as address:
                     listening.bind(address)
                 os.chmod(self.path, 0o600)
+                self._bound = _identity(self.path)
                 listening.listen(MAX_CONNECTIONS)
             except BaseException:
                 listening.close()
@@ -110,8 +120,11 @@ class RunInbox:
             self._listener.join()
         if listening is not None:
             listening.close()
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+            # Only the socket this run made: another run of the same id may
+            # have made its own since (this one's was a crashed run's, to it).
+            if self._bound is not None and _identity(self.path) == self._bound:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
         with self._lock:
             handlers = list(self._handlers)
             connections = list(self._reading)
@@ -315,6 +328,31 @@ def _reachable(path: Path, directory: Path) -> Any:
         yield f"/proc/self/fd/{fd}/{path.name}"
     finally:
         os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+def _listened_on(path: Path, directory: Path) -> bool:
+    """Whether a run listens on the socket at ``path`` now (a crashed run's
+    socket file refuses connections)."""
+    if not os.path.lexists(path):
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        with _reachable(path, directory) as address:
+            probe.connect(address)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def connectable(path: Path) -> Any:

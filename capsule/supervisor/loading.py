@@ -93,11 +93,13 @@ def no_entry(entry: str, names: list[str]) -> str:
     if entry == "main":
         return (
             f"the program has no task named 'main' (tasks found: {found}); declare the "
-            f'entry point with @task(name="main"), or run another task with --entry NAME'
+            f'entry point with @task(name="main"), or start the run at another task '
+            f"(the entry: `capsule run FILE:TASK`, or entry= in the host API)"
         )
     return (
-        f"the program has no task named {entry!r} to run as the entry point (tasks "
-        f"found: {found}); pass one of them to --entry (or FILE:TASK)"
+        f"the program has no task named {entry!r:.80} to run as the entry point (tasks "
+        f"found: {found}); start the run at one of them (`capsule run FILE:TASK`, or "
+        f"entry= in the host API)"
     )
 
 

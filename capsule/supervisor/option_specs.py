@@ -12,10 +12,18 @@ from typing import Literal
 
 #: How an option's value is written and parsed: ``fuel`` LOW/MEDIUM/HIGH or an
 #: int; ``size`` "256MB" or an int of bytes; ``duration`` "30s" or seconds;
-#: ``count`` a whole number; ``seconds`` a number of seconds; ``*_or_off``
-#: the same, or "off".
+#: ``count`` a whole number; ``tasks`` the same, or 0; ``seconds`` a number
+#: of seconds; ``*_or_off`` the same, or "off"; ``core`` one of CORES.
 Form = Literal[
-    "fuel", "size", "duration", "count", "seconds", "size_or_off", "duration_or_off", "core"
+    "fuel",
+    "size",
+    "duration",
+    "count",
+    "tasks",
+    "seconds",
+    "size_or_off",
+    "duration_or_off",
+    "core",
 ]
 
 DEFAULT_MAX_LIVE_TASKS = 512
@@ -37,6 +45,7 @@ _METAVARS: dict[Form, str] = {
     "size": "SIZE",
     "duration": "DURATION",
     "count": "N",
+    "tasks": "N",
     "seconds": "SECONDS",
     "size_or_off": "SIZE",
     "duration_or_off": "DURATION",
@@ -87,7 +96,10 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
         "instances running wasm at once, shared round-robin (default: CPU cores)",
     ),
     OptionSpec(
-        "max_live_tasks", "count", f"tasks alive at once in the run ({DEFAULT_MAX_LIVE_TASKS})"
+        "max_live_tasks",
+        "tasks",
+        f"tasks alive at once in the run besides its entry task ({DEFAULT_MAX_LIVE_TASKS}) "
+        "(0: it starts none)",
     ),
     OptionSpec("max_children", "count", f"running children per task ({DEFAULT_MAX_CHILDREN})"),
     OptionSpec(

@@ -42,16 +42,23 @@ Naming = Callable[[str], str]
 
 COUNT_FORMS = f"a whole number from 1 to {MAX_COUNT:,}"
 CORE_FORMS = " or ".join(repr(core) for core in CORES)
+TASKS_FORMS = f"a whole number from 0 to {MAX_COUNT:,}"
 SECONDS_FORMS = f"a number of seconds from 0 to {MAX_RETRY_BACKOFF_S:g}"
 
 
-def parse_count(value: Any) -> int:
-    """A count option: a whole number from 1 to MAX_COUNT (an int, or its digits)."""
+def parse_count(value: Any, least: int = 1) -> int:
+    """A count option: a whole number from ``least`` to MAX_COUNT (an int, or
+    its digits)."""
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 10:
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_COUNT:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_COUNT:
         raise ValueError(COUNT_FORMS)
     return value
+
+
+def parse_tasks(value: Any) -> int:
+    """A count of tasks besides the entry task: a whole number from 0."""
+    return parse_count(value, least=0)
 
 
 def parse_seconds(value: Any) -> float:
@@ -94,6 +101,7 @@ FORM_PARSERS: dict[Form, tuple[Callable[[Any], Any], str]] = {
     "size": (parse_ram, RAM_FORMS),
     "duration": (parse_timeout, TIMEOUT_FORMS),
     "count": (parse_count, COUNT_FORMS),
+    "tasks": (parse_tasks, TASKS_FORMS),
     "seconds": (parse_seconds, SECONDS_FORMS),
     "size_or_off": (parse_size_or_off, f"{RAM_FORMS}, or 'off'"),
     "duration_or_off": (parse_duration_or_off, f"{TIMEOUT_FORMS}, or 'off'"),
@@ -240,6 +248,9 @@ def checked_options(values: Any) -> dict[str, Any]:
         if value is None:
             continue
         parse, forms = FORM_PARSERS[spec.form]
+        # (Digits of other scripts, "١٢", are not the forms a user reads.)
+        if isinstance(value, str) and not value.isascii():
+            raise _invalid(name, value, forms)
         try:
             parsed[name] = parse(value)
         except ValueError:

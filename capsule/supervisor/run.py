@@ -354,32 +354,30 @@ class Run:
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        if entry not in self.configs:
-            if first is not None:
-                first.store.close()
-            raise ProgramError(no_entry(entry, sorted(self.configs)))
+        # (What the run started as it was made, its HTTP client's threads and
+        # its timers, stop however this ends: an unknown entry too.)
         try:
-            call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
-        except ValueError as exc:  # (a host API caller's NaN: never a guest's)
-            raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
-        self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-        root = self._tree.root
-        core = self._supervision.core
-        if core is not None:
+            if entry not in self.configs:
+                if first is not None:
+                    first.store.close()
+                raise ProgramError(no_entry(entry, sorted(self.configs)))
             try:
+                call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
+            except ValueError as exc:  # (a host API caller's NaN: never a guest's)
+                raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
+            self.sandbox.start_pool(self.program, self.settings.pool_size, first)
+            root = self._tree.root
+            core = self._supervision.core
+            if core is not None:
                 result, interrupted = _run_on_core(core, entry, call_json, root, self._timers)
-            finally:
-                self._http.close()
-                self._timers.close()
-            return self._outcome(result, interrupted)
-        # (Nested calls run inline on the task thread: the sandbox raises the
-        # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
-        try:
-            result, interrupted = run_interruptibly(
-                lambda: self._supervision.run_task(entry, "main", call_json, root, None),
-                lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
-                name="capsule-main",
-            )
+            else:
+                # (Nested calls run inline on the task thread: the sandbox raises the
+                # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
+                result, interrupted = run_interruptibly(
+                    lambda: self._supervision.run_task(entry, "main", call_json, root, None),
+                    lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
+                    name="capsule-main",
+                )
         finally:
             self._http.close()
             self._timers.close()
