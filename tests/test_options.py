@@ -37,6 +37,7 @@ ACCEPTED: dict[str, list[tuple[Any, Any]]] = {
     "seconds": [(0, 0.0), (0.25, 0.25), ("3600", 3600.0)],
     "size_or_off": [("off", "off"), ("1GB", 1024**3)],
     "duration_or_off": [("off", "off"), ("50ms", 0.05)],
+    "core": [("threads", "threads"), ("async", "async")],
 }
 REFUSED: dict[str, list[Any]] = {
     "fuel": ["loads", 0, -1, True, 2**63, 1.5],
@@ -47,6 +48,7 @@ REFUSED: dict[str, list[Any]] = {
     "seconds": ["later", -0.1, 3600.5, math.nan, math.inf, True, "nan"],
     "size_or_off": ["on", "lots", 0, "1MB", True],
     "duration_or_off": ["never", 0, "0s", True],
+    "core": ["fibers", "", "ASYNC", 1, True, ["async"]],
 }
 
 

@@ -525,7 +525,7 @@ class AsyncSandbox(Sandbox):
                 answer, then = serve(attempt.waiting, invocation, *args)
                 if not isinstance(answer, Pending):
                     return then(invocation, answer)
-            answer.adapt = _adapter(attempt, then)
+            answer.adapt = _adapter(attempt, then, self.stop)
             attempt.pending = answer
             return answer
 
@@ -641,14 +641,19 @@ def _blame_the_answer(attempt: Attempt) -> None:
         invocation.host_error = "".join(traceback.format_exception(failure))
 
 
-def _adapter(attempt: Attempt, then: Then) -> Callable[[Any], Any]:
-    """``then`` for an answer given later, on the poll that delivers it."""
+def _adapter(
+    attempt: Attempt, then: Then, stop: Callable[[Attempt], object]
+) -> Callable[[Any], Any]:
+    """``then`` for an answer given later, on the poll that delivers it. A
+    caller that must stop is stopped (an import with no result, a sleep,
+    would not fail its call for what ``then`` raised)."""
 
     def adapt(answer: Any) -> Any:
         with _bound(attempt.invocation, attempt.store):
             try:
                 return then(attempt.invocation, answer)
             except _Stop:
+                stop(attempt)
                 raise
             except Exception as exc:
                 _host_failure(exc)

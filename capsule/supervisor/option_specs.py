@@ -13,9 +13,17 @@ from typing import Literal
 #: How an option's value is written and parsed: ``fuel`` LOW/MEDIUM/HIGH or an
 #: int; ``size`` "256MB" or an int of bytes; ``duration`` "30s" or seconds;
 #: ``count`` a whole number; ``tasks`` the same, or 0; ``seconds`` a number
-#: of seconds; ``*_or_off`` the same, or "off".
+#: of seconds; ``*_or_off`` the same, or "off"; ``core`` one of CORES.
 Form = Literal[
-    "fuel", "size", "duration", "count", "tasks", "seconds", "size_or_off", "duration_or_off"
+    "fuel",
+    "size",
+    "duration",
+    "count",
+    "tasks",
+    "seconds",
+    "size_or_off",
+    "duration_or_off",
+    "core",
 ]
 
 DEFAULT_MAX_LIVE_TASKS = 512
@@ -41,7 +49,12 @@ _METAVARS: dict[Form, str] = {
     "seconds": "SECONDS",
     "size_or_off": "SIZE",
     "duration_or_off": "DURATION",
+    "core": "CORE",
 }
+
+#: The cores a run may run its tasks on: a thread per live task, or call
+#: futures on a few poll threads (a task waiting holds no thread).
+CORES = ("threads", "async")
 
 
 def size_text(size: int) -> str:
@@ -138,6 +151,12 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
         "seconds",
         "delay in seconds before the first retry, doubled for each further one "
         f"(default {DEFAULT_RETRY_BACKOFF_S:g})",
+    ),
+    OptionSpec(
+        "core",
+        "core",
+        'how tasks run: "threads" (default), a thread per live task, or "async", '
+        "a few poll threads in all, a waiting task holding none",
     ),
 )
 

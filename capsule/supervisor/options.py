@@ -27,6 +27,7 @@ from capsule.sandbox.config import (
     parse_timeout,
 )
 from capsule.supervisor.option_specs import (
+    CORES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_QUEUED_BYTES,
     MAX_COUNT,
@@ -40,6 +41,7 @@ from capsule.supervisor.option_specs import (
 Naming = Callable[[str], str]
 
 COUNT_FORMS = f"a whole number from 1 to {MAX_COUNT:,}"
+CORE_FORMS = " or ".join(repr(core) for core in CORES)
 TASKS_FORMS = f"a whole number from 0 to {MAX_COUNT:,}"
 SECONDS_FORMS = f"a number of seconds from 0 to {MAX_RETRY_BACKOFF_S:g}"
 
@@ -72,6 +74,13 @@ def parse_seconds(value: Any) -> float:
     return seconds
 
 
+def parse_core(value: Any) -> str:
+    """The core tasks run on: one of CORES."""
+    if value not in CORES:
+        raise ValueError(CORE_FORMS)
+    return str(value)
+
+
 def parse_size_or_off(value: Any) -> int | str:
     if value == "off":
         return "off"
@@ -96,6 +105,7 @@ FORM_PARSERS: dict[Form, tuple[Callable[[Any], Any], str]] = {
     "seconds": (parse_seconds, SECONDS_FORMS),
     "size_or_off": (parse_size_or_off, f"{RAM_FORMS}, or 'off'"),
     "duration_or_off": (parse_duration_or_off, f"{TIMEOUT_FORMS}, or 'off'"),
+    "core": (parse_core, CORE_FORMS),
 }
 
 #: Most characters of a value an error message quotes.
@@ -167,6 +177,7 @@ class RunOptions(BaseModel):
     max_run_journal: str | int | None = _field("max_run_journal")
     hibernate_after: str | float | None = _field("hibernate_after")
     retry_backoff: float | None = _field("retry_backoff")
+    core: str | None = _field("core")
 
     if not TYPE_CHECKING:  # (type checkers keep the fields' signature)
 

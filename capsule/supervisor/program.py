@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
 from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
@@ -170,14 +171,22 @@ def run_program(
         settings, memory_budget = resolve_settings(request.options, project)
     except OptionError as exc:
         return RunReport(usage_error=str(exc), option_error=exc)
+    if settings.core == "async" and (steps is not None or history is not None):
+        refused = OptionError("core", "async", lambda name: _async_not_journaled(name))
+        return RunReport(usage_error=refused.message, option_error=refused)
     events = events or EventStream()
     events.subscribe(on_event, event_types)
+    roots = [path.parent, *site_package_dirs()]
     try:
-        sandbox = Sandbox(
-            [path.parent, *site_package_dirs()],
-            cpu_slots=request.options.cpu_slots,
-            memory_budget=memory_budget,
-            guest=guest,
+        sandbox = (
+            AsyncSandbox(roots, poll_threads=request.options.cpu_slots, memory_budget=memory_budget)
+            if settings.core == "async"
+            else Sandbox(
+                roots,
+                cpu_slots=request.options.cpu_slots,
+                memory_budget=memory_budget,
+                guest=guest,
+            )
         )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
@@ -276,6 +285,13 @@ def _inbox(run: Run, events: EventStream) -> Iterator[None]:
         inbox.close()
 
 
+def _async_not_journaled(name: Callable[[str], str]) -> str:
+    return (
+        f"{name('core')} 'async' does not yet journal runs: run with --no-journal "
+        f"(the host API: no journal), or {name('core')} 'threads'"
+    )
+
+
 def _unset_variables(
     configs: dict[str, TaskConfig], environment: dict[str, str]
 ) -> list[tuple[str, str]]:
@@ -333,6 +349,8 @@ def resolve_settings(options: RunOptions, project: Project) -> tuple[RunSettings
     ):
         if policy is not None:  # a cap: the stricter of it and the option
             limits[setting] = min(policy, limits.get(setting, policy))
+    if options.core is not None:
+        limits["core"] = options.core
     if options.hibernate_after is not None:
         limits["hibernate_after"] = (
             None if options.hibernate_after == "off" else options.hibernate_after

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -24,10 +25,13 @@ from typing import Any
 from capsule.actors.external import ExternalMessages
 from capsule.actors.router import Message, Router
 from capsule.net.http import HttpClient
+from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.config import HostCaps, TaskConfig
 from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
+from capsule.supervisor.async_core import AsyncCore
+from capsule.supervisor.async_host import AsyncHostCalls
 from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
@@ -56,7 +60,7 @@ from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
 from capsule.supervisor.timers import Timers
-from capsule.supervisor.tree import LiveTask, TaskResult, run_interruptibly
+from capsule.supervisor.tree import LiveTask, Scope, TaskResult, run_interruptibly
 
 __all__ = [
     "Backoff",
@@ -67,6 +71,10 @@ __all__ = [
     "new_run_id",
     "program_module",
 ]
+
+
+#: Why a journaled (or resumed) run cannot run on the async core.
+ASYNC_NOT_JOURNALED = "core='async' does not yet journal runs: use --no-journal, or core='threads'"
 
 
 class RunInterrupted(Exception):
@@ -121,6 +129,9 @@ class RunSettings:
     #: before it hibernates: the memory pages it has only read are given back
     #: (None: never). Like gen_server's hibernate_after, for idle actors.
     hibernate_after: float | None = DEFAULT_HIBERNATE_AFTER_S
+    #: How tasks run: "threads" (a thread per live task) or "async" (call
+    #: futures on the sandbox's poll threads: it must be an AsyncSandbox).
+    core: str = "threads"
 
 
 def new_run_id() -> str:
@@ -220,16 +231,38 @@ class Run:
         monotonic_offset = max(
             0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
         )
+        tasks = TaskCalls(supervision, admission, configs, router, journal, tree, operations)
+        time_calls = TimeCalls(journal, tree, monotonic_offset)
         supervision.host = RunHostCalls(
-            TaskCalls(supervision, admission, configs, router, journal, tree, operations),
+            tasks,
             MessageSteps(messages, router, journal, tree, operations),
-            TimeCalls(journal, tree, monotonic_offset),
+            time_calls,
             HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown),
             operations,
             output,
             tree,
             router,
         )
+
+        if settings.core == "async":
+            if not isinstance(sandbox, AsyncSandbox):
+                raise TypeError("core='async' runs its tasks in an AsyncSandbox")
+            if journaling or history is not None:
+                raise ProgramError(ASYNC_NOT_JOURNALED)
+            # The waits a cheap host call may still make cannot wait (a
+            # timeout of 0): they run by continuation too.
+            journal.run_wait = partial(wait_here, self._continuations, sandbox.slots)
+            waiting = AsyncHostCalls(
+                journal,
+                self._continuations,
+                tree,
+                tasks,
+                messages,
+                time_calls,
+                sandbox.hibernate_waiting,
+                settings.hibernate_after,
+            )
+            supervision.core = AsyncCore(supervision, sandbox, waiting, self._timers)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
@@ -334,16 +367,24 @@ class Run:
                 raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
             self.sandbox.start_pool(self.program, self.settings.pool_size, first)
             root = self._tree.root
-            # (Nested calls run inline on the task thread: the sandbox raises the
-            # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
-            result, interrupted = run_interruptibly(
-                lambda: self._supervision.run_task(entry, "main", call_json, root, None),
-                lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
-                name="capsule-main",
-            )
+            core = self._supervision.core
+            if core is not None:
+                result, interrupted = _run_on_core(core, entry, call_json, root, self._timers)
+            else:
+                # (Nested calls run inline on the task thread: the sandbox raises the
+                # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
+                result, interrupted = run_interruptibly(
+                    lambda: self._supervision.run_task(entry, "main", call_json, root, None),
+                    lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
+                    name="capsule-main",
+                )
         finally:
             self._http.close()
             self._timers.close()
+        return self._outcome(result, interrupted)
+
+    def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
+        """How the run ended, from how its root did."""
         if self._journal.journal_failure is not None:
             raise JournalFailure(self._journal.journal_failure)
         if interrupted or self.stopped:
@@ -358,3 +399,28 @@ class Run:
             )
             result.result_json = None
         return result
+
+
+def _run_on_core(
+    core: AsyncCore, entry: str, call_json: str, root: Scope, timers: Timers
+) -> tuple[TaskResult, bool]:
+    """Run the root invocation on the async core while this thread waits for
+    its end: (how it ended, whether the wait was interrupted). An interrupt
+    (Ctrl-C) cancels the tree, and the wait goes on until it has stopped. The
+    root starts on the timer thread: no wasm runs where a signal lands."""
+    ended: list[TaskResult] = []
+    finished = threading.Event()
+
+    def end(result: TaskResult) -> None:
+        ended.append(result)
+        finished.set()
+
+    timers.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
+    interrupted = False
+    while not finished.is_set():
+        try:
+            finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
+        except KeyboardInterrupt:
+            interrupted = True
+            core.supervision.tree.cancel(root, "cancelled: the run was interrupted")
+    return ended[0], interrupted

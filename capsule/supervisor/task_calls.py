@@ -58,11 +58,11 @@ class TaskCalls:
             caller,
             "call",
             (call.name, call.call_json),
-            lambda: self._call(caller, call),
+            lambda: self.direct_call(caller, call),
             replayed=lambda _: node.next_child_id(),
         )
 
-    def _call(self, caller: Invocation, call: TaskCall) -> Waiting:
+    def direct_call(self, caller: Invocation, call: TaskCall) -> Waiting:
         """The wait of a direct call on its child's end, which its driver runs.
 
         The thread driver runs the child right here, inline: the caller's thread
@@ -91,6 +91,23 @@ class TaskCalls:
                 self.admission.release()
 
         def start_child() -> None:
+            core = self.supervision.core
+            if core is not None:
+                # A task of its own, as a spawned child is.
+                def child_ended(result: TaskResult) -> None:
+                    self.admission.release()
+                    with self.tree.lock:
+                        ended.append(result)
+                        attempt.calling -= 1
+                    attempt.wake()
+
+                with self.tree.lock:
+                    attempt.calling += 1
+                core.start_task(
+                    call.name, task_id, call.call_json, attempt.scope, None, child_ended
+                )
+                return
+
             def body() -> None:
                 try:
                     run_child()
@@ -182,6 +199,17 @@ class TaskCalls:
             actor_name=actor_name,
         )
         attempt.children[task_id] = child
+        core = self.supervision.core
+        if core is not None:  # an attempt of its own, on no thread
+
+            def ended(result: TaskResult) -> None:
+                child.result = result
+                self.admission.release()
+                child.done.set()
+                self._child_ended(attempt, child)
+
+            core.start_task(name, task_id, call.call_json, scope, child, ended)
+            return True, task_id
 
         def body() -> None:
             try:
@@ -225,12 +253,12 @@ class TaskCalls:
                 caller,
                 "wait_any",
                 tuple(task_ids),
-                partial(self._wait, caller, task_ids, timeout, True),
+                partial(self.waiting_on, caller, task_ids, timeout, True),
                 replayed=lambda step: self._rewait(caller, task_ids, step.answer),
             )
 
         def wait() -> Waiting:
-            return self._wait(caller, task_ids, timeout, False)
+            return self.waiting_on(caller, task_ids, timeout, False)
 
         def rewait(_: Step) -> None:
             self.journal.settle(wait())
@@ -241,9 +269,9 @@ class TaskCalls:
     def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
         delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
         if delivered:
-            self.journal.settle(self._wait(caller, delivered, None, False))
+            self.journal.settle(self.waiting_on(caller, delivered, None, False))
 
-    def _wait(
+    def waiting_on(
         self, caller: Invocation, ids: list[str], timeout: float | None, any_ended: bool
     ) -> Waiting:
         """Wait until every child in ``ids`` has ended (or, ``any_ended``, one
@@ -326,13 +354,13 @@ class TaskCalls:
                 caller,
                 "wait_start",
                 tuple(task_ids),
-                lambda: self.journal.settle(self._wait(caller, task_ids, 0, False)),
+                lambda: self.journal.settle(self.waiting_on(caller, task_ids, 0, False)),
             )
 
         def operation(handle: int) -> Operation:
             # Waits as a blocking wait on them waits (a linked child's failure
             # now goes to this wait).
-            waiting = self._wait(caller, task_ids, None, False)
+            waiting = self.waiting_on(caller, task_ids, None, False)
             wait = waiting if isinstance(waiting, Wait) else over(attempt, "result", waiting)
 
             def replayed() -> None:

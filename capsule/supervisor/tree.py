@@ -123,6 +123,9 @@ class Attempt:
     #: The last batch of messages it received, which its guest hands to the
     #: task's code one by one (the rest go back to its mailbox when it ends).
     batch: list[Message] | None = None
+    #: Direct calls whose child runs as a task of its own (the async core) and
+    #: has not ended (changed under the run's lock).
+    calling: int = 0
     #: Held while no wake-up is pending; a wake releases it, the wait takes it.
     _no_wakeup: threading.Lock = field(default_factory=_held_lock, repr=False)
     #: Called by every wake while a wait of its runs by continuation (see

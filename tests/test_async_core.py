@@ -1,0 +1,427 @@
+"""The async core (core="async"): the same programs give the same results and
+events as on task threads; a waiting task holds no thread; cancellation,
+deadlines and a stopped run reach waiting tasks; nothing is left behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from capsule.sandbox.engine import live_instances
+from tests.conftest import Outcome, ProgramRunner
+
+TASKS = """
+    import capsule
+    from capsule import TaskError, ask, gather, receive, send, task
+
+    @task
+    def leaf(x):
+        return x + 1
+
+    @task
+    def middle(x):
+        return leaf(x) * 10
+
+    @task(compute="HIGH")
+    def nap(seconds, tag):
+        capsule.sleep(seconds)
+        return tag
+
+    @task(max_retries=2)
+    def flaky(x):
+        raise ValueError(f"bad {x}")
+
+    @task(compute="HIGH", max_retries=0)
+    def sleeper():
+        capsule.sleep(60)
+
+    @task(compute="HIGH", max_retries=0, timeout="300ms")
+    def slow():
+        capsule.sleep(60)
+
+    @task(compute="LOW", max_retries=0)
+    def spin():
+        while True:
+            pass
+
+    @task(compute="HIGH")
+    def echo():
+        while True:
+            message = receive()
+            if message.body == "stop":
+                return "stopped"
+            if message.expects_reply:
+                message.reply({"echo": message.body})
+
+    @task(compute="HIGH")
+    def collector(n):
+        return [receive().body for _ in range(n)]
+"""
+
+PROGRAMS: dict[str, str] = {
+    "direct_call_chain": """
+    @task(name="main")
+    def main():
+        return [middle(i) for i in range(3)]
+    """,
+    "spawn_result_gather_map": """
+    @task(name="main")
+    def main():
+        handles = [nap.spawn(0.05, f"t{i}") for i in range(3)]
+        first = [h.result() for h in handles]
+        together = gather(nap.spawn(0, "a"), nap.spawn(0.02, "b"))
+        mapped = leaf.map(range(4))
+        return {"first": first, "together": together, "mapped": mapped}
+    """,
+    "messages": """
+    @task(name="main")
+    def main():
+        actor = echo.spawn()
+        sink = collector.spawn(3)
+        for i in range(3):
+            send(sink, i)
+        answers = [ask(actor, i) for i in range(2)]
+        send(actor, "stop")
+        return {"answers": answers, "collected": sink.result(), "echo": actor.result()}
+    """,
+    "sleep": """
+    @task(name="main")
+    def main():
+        capsule.sleep(0.05)
+        return "rested"
+    """,
+    "retries": """
+    @task(name="main")
+    def main():
+        try:
+            flaky(1)
+        except TaskError as exc:
+            return {"kind": exc.kind, "attempts": exc.attempts}
+    """,
+    "timeout": """
+    @task(name="main")
+    def main():
+        try:
+            slow()
+        except TaskError as exc:
+            return exc.kind
+    """,
+    "fuel": """
+    @task(name="main")
+    def main():
+        try:
+            spin()
+        except TaskError as exc:
+            return exc.kind
+    """,
+    "cancel_waiting": """
+    @task(name="main")
+    def main():
+        handle = sleeper.spawn()
+        handle.cancel()
+        try:
+            handle.result()
+        except TaskError as exc:
+            return exc.kind
+    """,
+}
+
+#: Events whose number depends on timing (reported waits).
+TIMING = {"waiting", "resumed", "hibernated", "output"}
+
+
+def by_task(events: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    """Each task's lifecycle events, in order, without timings or fuel."""
+    lives: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+    for event in events:
+        kind = event.type
+        task_id = getattr(event, "task_id", None)
+        if (
+            task_id is None
+            or kind in TIMING
+            or kind.startswith("message")
+            or kind.startswith("run")
+        ):
+            continue
+        error = getattr(event, "error", None)
+        lives[task_id].append(
+            (kind, event.task, getattr(event, "attempt", None), error and error.kind)
+        )
+    return dict(lives)
+
+
+def both(run_program: ProgramRunner, source: str, **options: Any) -> tuple[Outcome, Outcome]:
+    threads = run_program(source, **options)
+    before = threading.active_count()
+    on_core = run_program(source, core="async", **options)
+    assert live_instances() == 0
+    # Its poll, ticker and timer threads are gone with the run.
+    assert threading.active_count() <= before
+    return threads, on_core
+
+
+@pytest.mark.parametrize("name", sorted(PROGRAMS))
+def test_the_same_program_gives_the_same_results_and_events(
+    run_program: ProgramRunner, name: str
+) -> None:
+    threads, on_core = both(run_program, TASKS + PROGRAMS[name])
+    assert threads.report.status == "completed", threads.report
+    assert on_core.report.result.result_json == threads.report.result.result_json
+    assert by_task(on_core.events) == by_task(threads.events)
+
+
+def test_the_expected_answers_on_the_async_core(run_program: ProgramRunner) -> None:
+    # (What the parity above compares is itself right.)
+    expected = {
+        "direct_call_chain": [10, 20, 30],
+        "retries": {"kind": "exception", "attempts": 3},
+        "timeout": "timeout",
+        "fuel": "fuel_exhausted",
+        "cancel_waiting": "cancelled",
+        "sleep": "rested",
+    }
+    for name, value in expected.items():
+        outcome = run_program(TASKS + PROGRAMS[name], core="async")
+        assert outcome.report.result.value() == value, name
+
+
+def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+    from capsule.supervisor.run import Run
+
+    path: Path = program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        return sleeper.spawn().result()
+    """
+    )
+    runs: list[Run] = []
+    events: list[Any] = []
+
+    def on_event(event: Any) -> None:
+        events.append(event)
+        if event.type == "started" and event.task == "sleeper":
+            runs[0].stop()
+
+    report = run_program(
+        RunRequest(path=path, args=[], options=RunOptions(core="async")),
+        on_event,
+        on_run=runs.append,
+    )
+    assert report.interrupted
+    assert report.result is not None and report.result.error is not None
+    assert report.result.error.kind == "cancelled"
+    ended = [e for e in events if e.type == "cancelled"]
+    assert {e.task for e in ended} == {"sleeper", "main"}
+    assert live_instances() == 0
+
+
+def test_a_journaled_run_is_refused_naming_the_option(tmp_path: Path) -> None:
+    from tests.conftest import capsule_cli
+
+    path = tmp_path / "prog.py"
+    path.write_text(
+        "import capsule\n\n@capsule.task\ndef main():\n    return 1\n", encoding="utf-8"
+    )
+    refused = capsule_cli("run", str(path), "--core", "async")
+    assert refused.returncode == 2
+    assert "--core 'async' does not yet journal runs" in refused.stderr
+    ran = capsule_cli("run", str(path), "--core", "async", "--no-journal", "--json")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.json()["result"] == 1
+    bad = capsule_cli("run", str(path), "--core", "fibers", "--no-journal")
+    assert bad.returncode == 2
+    assert "--core 'fibers' is invalid; expected 'threads' or 'async'" in bad.stderr
+
+
+def test_http_is_refused_on_the_async_core(run_program: ProgramRunner) -> None:
+    outcome = run_program(
+        """
+    import capsule
+    from capsule import TaskError, http, task
+
+    @task(name="main", allowed_hosts=["127.0.0.1"])
+    def main():
+        try:
+            http.get("http://127.0.0.1:9/")
+        except Exception as exc:
+            return str(exc)
+    """,
+        core="async",
+    )
+    assert "core='async' does not yet run HTTP requests" in outcome.report.result.value()
+
+
+ACTORS = 2000
+
+
+def test_idle_actors_hold_no_thread(program: Any) -> None:
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+    from capsule.supervisor.run import Run
+
+    path: Path = program(
+        """
+    import capsule
+    from capsule import receive, send, task
+
+    @task(compute="HIGH", ram="64MB")
+    def actor():
+        return receive().body * 2
+
+    @task(name="main", compute="HIGH", timeout="10m")
+    def main(n):
+        actors = [actor.spawn() for _ in range(n)]
+        receive()  # the go from outside, once every actor waits
+        for i, handle in enumerate(actors):
+            send(handle, i)
+        return sum(handle.result() for handle in actors)
+    """
+    )
+    runs: list[Run] = []
+    waiting: set[str] = set()
+    all_waiting = threading.Event()
+    measured: dict[str, float] = {}
+    started = time.monotonic()
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting":
+            waiting.add(event.task_id)
+            if len(waiting) == ACTORS + 1 and not all_waiting.is_set():
+                measured["spawned_s"] = time.monotonic() - started
+                all_waiting.set()
+
+    baseline = threading.active_count()
+    private_before = _private_kb()
+
+    def go() -> None:
+        all_waiting.wait()
+        measured["threads"] = threading.active_count()
+        measured["private_kb"] = _private_kb()
+        runs[0].external.send("main", '"go"')
+
+    goer = threading.Thread(target=go)
+    goer.start()
+    options = RunOptions(core="async", max_live_tasks=ACTORS + 10, max_children=ACTORS + 10)
+    try:
+        report = run_program(
+            RunRequest(path=path, args=[ACTORS], options=options), on_event, on_run=runs.append
+        )
+    finally:
+        all_waiting.set()
+        goer.join()
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == 2 * sum(range(ACTORS))
+    # Poll threads (one per core), the ticker, the pool's preparer, the timer
+    # service, the inbox: a constant, however many tasks wait.
+    assert measured["threads"] - baseline <= 16, measured
+    assert live_instances() == 0
+    per_actor_kb = (measured["private_kb"] - private_before) / ACTORS
+    print(f"\n{ACTORS} actors waiting: {measured}, private per actor: {per_actor_kb:.0f} KB")
+
+
+def _private_kb() -> float:
+    """Private memory of the process, as the system counts it."""
+    fields = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0])
+    return float(fields["Private_Clean"] + fields["Private_Dirty"])
+
+
+#: Tests of the thread core (those taking only run_program) that hold on the
+#: async core too: each runs again on it.
+ON_BOTH_CORES = [
+    "test_supervision:test_transient_child_is_restarted_after_a_failure",
+    "test_supervision:test_temporary_child_is_never_restarted_and_never_fails_its_parent",
+    "test_supervision:test_permanent_child_is_restarted_after_returning",
+    "test_supervision:test_one_for_one_restarts_only_the_failed_child",
+    "test_supervision:test_one_for_all_restarts_every_running_child",
+    "test_supervision:test_rest_for_one_restarts_the_children_started_after",
+    "test_supervision:test_restart_intensity_escalates_to_the_grandparent",
+    "test_supervision:test_a_childs_own_retries_are_not_restarts",
+    "test_supervision:test_sibling_restarts_count_against_the_intensity",
+    "test_supervision:test_bad_supervision_options_are_config_errors",
+    "test_supervision:test_agents_example",
+    "test_outcomes:test_map_with_return_exceptions_keeps_every_result",
+    "test_outcomes:test_wait_first_completed_then_all_completed",
+    "test_outcomes:test_wait_first_exception_returns_at_the_first_failure",
+    "test_outcomes:test_as_completed_yields_each_handle_as_its_child_ends",
+    "test_outcomes:test_wait_refuses_what_is_not_a_handle_or_a_mode",
+    "test_outcomes:test_a_temporary_childs_failure_is_retried_and_never_fails_its_parent",
+    "test_retry:test_retry_on_must_name_exception_classes",
+    "test_spawn:test_spawn_returns_at_once_and_children_overlap",
+    "test_spawn:test_map_keeps_input_order",
+    "test_spawn:test_gather_with_and_without_return_exceptions",
+    "test_spawn:test_result_timeout_then_cancel",
+    "test_spawn:test_a_failure_before_the_parent_collects_it_is_delivered_later",
+    "test_spawn:test_a_failure_never_collected_fails_the_parent_when_it_returns",
+    "test_spawn:test_a_linked_child_failure_fails_the_parent_at_once",
+    "test_spawn:test_a_linked_child_failure_stops_a_parent_running_wasm",
+    "test_spawn:test_children_do_not_outlive_their_parent",
+    "test_spawn:test_sleep_sleeps",
+    "test_spawn:test_spawn_bomb_is_stopped_and_the_host_stays_up",
+    "test_spawn:test_live_task_limit_across_the_tree",
+    "test_spawn:test_no_threads_or_instances_left_after_cancellations",
+    "test_spawn:test_handles_keep_outcomes_after_the_host_forgets_the_child",
+    "test_messaging:test_ask_reply_round_trip_with_a_named_actor",
+    "test_messaging:test_messages_arrive_in_order",
+    "test_messaging:test_strings_cross_the_boundary_unchanged",
+    "test_messaging:test_only_waits_longer_than_the_grace_are_reported",
+    "test_messaging:test_receive_timeout",
+    "test_messaging:test_full_mailbox_makes_send_wait_then_time_out",
+    "test_messaging:test_the_runs_queued_messages_are_bounded_in_size_across_mailboxes",
+    "test_messaging:test_message_size_limit",
+    "test_messaging:test_unknown_target_taken_name_and_bad_replies",
+    "test_messaging:test_ask_an_actor_that_ends_without_replying",
+    "test_messaging:test_bodies_cross_as_json_dumps_writes_them_and_bad_ones_are_refused",
+    "test_messaging:test_output_without_a_newline_is_shown_before_a_receive_waits",
+    "test_run:test_hello",
+    "test_run:test_spec_analyze_example",
+    "test_run:test_nested_calls_three_deep_with_kwargs",
+    "test_run:test_instances_share_no_state",
+    "test_run:test_exception_carries_guest_traceback",
+    "test_run:test_timeout_stops_cpu_loop_promptly",
+    "test_run:test_retry_then_success_and_caught_task_error",
+    "test_run:test_main_is_retried_and_attempts_reported",
+    "test_run:test_retries_exhausted_reports_all_attempts",
+    "test_run:test_host_fuel_cap_wins_over_declared",
+    "test_run:test_host_timeout_cap_wins_over_declared",
+    "test_run:test_host_ram_cap_wins_over_declared",
+    "test_run:test_ram_below_runtime_minimum_is_memory_limit",
+    "test_run:test_non_serializable_result_names_the_task",
+    "test_run:test_non_serializable_arguments_name_the_task",
+    "test_run:test_non_serializable_main_result",
+    "test_run:test_unknown_task_call_is_a_clear_error",
+    "test_run:test_guest_output_is_tagged_with_its_task",
+    "test_run:test_no_threads_or_instances_left_after_failed_run",
+    "test_run:test_child_never_outlives_its_callers_deadline",
+    "test_run:test_deep_call_chain_is_bounded_and_reports_the_root_cause",
+    "test_run:test_lifecycle_events_are_typed_and_ordered",
+    "test_run:test_limits_come_from_the_host_not_from_the_caller",
+    "test_run:test_oversized_results_and_arguments_are_refused",
+]
+
+
+@pytest.mark.parametrize("name", ON_BOTH_CORES)
+def test_on_the_async_core_too(run_program: ProgramRunner, name: str) -> None:
+    import importlib
+    import inspect
+
+    module, function = name.split(":")
+    test = getattr(importlib.import_module(f"tests.{module}"), function)
+
+    def on_async_core(source: str, *args: Any, **options: Any) -> Outcome:
+        return run_program(source, *args, core="async", **options)
+
+    parameters = inspect.signature(test).parameters
+    assert list(parameters) == ["run_program"], parameters
+    test(on_async_core)
