@@ -709,3 +709,16 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
     report = run_program(RunRequest(path=path, args=[]), on_event, on_run=by_continuation)
     assert report.interrupted, report
     assert report.result.error.kind == "cancelled"
+
+
+def test_a_wait_begun_once_its_timers_are_closed_is_answered_with_the_error() -> None:
+    """A chained wait made as its run ends (the timer service closed) is
+    answered, with the failure, rather than left waiting for ever."""
+    timers = Timers("capsule-timers test")
+    driver = Continuations(timers, EventStream(), "run", lambda task_id: None)
+    timers.close()
+    attempt = make_attempt()
+    answers: list[Any] = []
+    driver.run(Wait(attempt, "receive", never, Finishes(), timeout=60), answers.append)
+    assert len(answers) == 1 and isinstance(answers[0], RuntimeError), answers
+    assert attempt.waker is None

@@ -118,7 +118,11 @@ class _Continuation:
             self.wait.attempt.waker = self.hook
             outcome = self._decide(starting=True)
             if outcome is None:
-                self._set_timers()
+                try:
+                    self._set_timers()
+                except Exception as exc:  # (its run ended: the timer service is closed)
+                    self._end()
+                    outcome = exc
         if outcome is not None:
             self._deliver(outcome)
 
