@@ -36,7 +36,7 @@ def _scheduler() -> Callable[[Callable[[], None]], None]:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio: trio (anyio's other backend)
-        import trio  # type: ignore[import-untyped]
+        import trio
 
         token = trio.lowlevel.current_trio_token()
 
