@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import threading
-import traceback as tb
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,9 +33,9 @@ from capsule.sandbox.project import Project
 from capsule.supervisor.events import EventStream, RunStarted, TaskOutput
 from capsule.supervisor.option_specs import DEFAULT_MAX_MESSAGE_BYTES
 from capsule.supervisor.options import RunOptions
-from capsule.supervisor.program import RunReport, RunRequest, resolve_settings
-from capsule.supervisor.run import Run, RunInterrupted
-from capsule.supervisor.steps import History, JournalFailure, StepLog
+from capsule.supervisor.program import RunReport, RunRequest, report_of, resolve_settings
+from capsule.supervisor.run import Run
+from capsule.supervisor.steps import History, StepLog
 from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
 
 #: The runner program (its directory is the sandbox's only program root).
@@ -254,21 +253,9 @@ class CodeRunner:
         if on_run is not None:
             on_run(run)
         events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
-        try:
-            result = run.run_main(request.args, request.kwargs, None, "main")
-        except RunInterrupted as exc:
-            totals.end()
-            return RunReport(
-                run_id=run_id, result=exc.result, interrupted=True, totals=totals.as_dict()
-            )
-        except JournalFailure as exc:
-            return RunReport(run_id=run_id, journal_error=str(exc))
-        except Exception:  # a host bug: report it, never lose the traceback
-            return RunReport(
-                run_id=run_id, runtime_error="internal error", traceback=tb.format_exc()
-            )
-        totals.end()
-        return RunReport(run_id=run_id, result=result, totals=totals.as_dict())
+        return report_of(
+            run, lambda: run.run_main(request.args, request.kwargs, None, "main"), totals, RUNNER
+        )
 
 
 def _drop_output(invocation: Invocation, stream: str, text: str) -> None:

@@ -166,14 +166,7 @@ class SyncRuntime:
         grants: CodeGrants | None = None,
         run_id: str | None = None,
     ) -> RunResult:
-        portal = self._open()
-
-        async def run_code() -> RunResult:
-            return await self._runtime.run_code(
-                source, *args, limits=limits, grants=grants, run_id=run_id
-            )
-
-        return portal.call(run_code)
+        return self.start_code(source, *args, limits=limits, grants=grants, run_id=run_id).result()
 
     def start_code(
         self,

@@ -246,24 +246,36 @@ def run_program(
         if on_run is not None:
             on_run(run)
         events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
-        try:
+
+        def run_main() -> TaskResult:
             with _inbox(run, events):
-                result = run.run_main(request.args, request.kwargs, first, request.entry)
-        except RunInterrupted as exc:
-            totals.end()
-            return RunReport(
-                run_id=run.run_id, result=exc.result, interrupted=True, totals=totals.as_dict()
-            )
-        except JournalFailure as exc:
-            return RunReport(run_id=run.run_id, journal_error=str(exc))
-        except ProgramError as exc:
-            return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
-        except Exception:  # a host bug: report it, never lose the traceback
-            return RunReport(
-                run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
-            )
+                return run.run_main(request.args, request.kwargs, first, request.entry)
+
+        return report_of(run, run_main, totals, path)
+
+
+def report_of(
+    run: Run, run_main: Callable[[], TaskResult], totals: RunTotals, path: Path
+) -> RunReport:
+    """The report of ``run``, once ``run_main`` (its entry task, run) ended:
+    its result, or how the run ended without one."""
+    try:
+        result = run_main()
+    except RunInterrupted as exc:
         totals.end()
-        return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
+        return RunReport(
+            run_id=run.run_id, result=exc.result, interrupted=True, totals=totals.as_dict()
+        )
+    except JournalFailure as exc:
+        return RunReport(run_id=run.run_id, journal_error=str(exc))
+    except ProgramError as exc:
+        return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
+    except Exception:  # a host bug: report it, never lose the traceback
+        return RunReport(
+            run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
+        )
+    totals.end()
+    return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
 
 
 @contextmanager
