@@ -102,10 +102,12 @@ def _markers(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.startswith("MARK")]
 
 
-def _run_and_kill(program: Path, marker: str, extra_delay: float) -> str:
-    """Start `capsule run`, kill -9 it once ``marker`` was printed (and
-    ``extra_delay`` later); returns what it printed."""
-    printed, code = kill_at_marker(["run", str(program)], marker, program.parent, extra_delay)
+def _run_and_kill(program: Path, marker: str, extra_delay: float, core: str = "threads") -> str:
+    """Start `capsule run` on ``core``, kill -9 it once ``marker`` was printed
+    (and ``extra_delay`` later); returns what it printed. (Its resume runs on
+    the core its journal records.)"""
+    args = ["run", str(program), "--core", core]
+    printed, code = kill_at_marker(args, marker, program.parent, extra_delay)
     assert code == -signal.SIGKILL, f"the run ended before the kill: {printed}"
     return printed
 
@@ -199,15 +201,21 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("marker", "delay", "as_written_by"),
+    ("marker", "delay", "as_written_by", "core"),
     [
-        ("MARK main", 0.0, None),  # right after the first clock and random reads
-        ("MARK step 2", 0.0, None),  # in the chain of calls
-        ("MARK square 3", 0.05, None),  # in the fan-out
-        ("MARK counted 40", 0.02, None),  # in the burst of messages (journal writes)
-        ("MARK doubled 12", 0.0, None),  # in an ask / reply exchange
+        ("MARK main", 0.0, None, "threads"),  # right after the first clock and random reads
+        ("MARK step 2", 0.0, None, "threads"),  # in the chain of calls
+        ("MARK square 3", 0.05, None, "threads"),  # in the fan-out
+        ("MARK counted 40", 0.02, None, "threads"),  # in the burst of messages (journal writes)
+        ("MARK doubled 12", 0.0, None, "threads"),  # in an ask / reply exchange
         # killed by a Capsule that wrote schema version 3, resumed by this one
-        ("MARK counted 40", 0.02, _as_schema_3),
+        ("MARK counted 40", 0.02, _as_schema_3, "threads"),
+        # the same on the async core (no thread per task)
+        ("MARK main", 0.0, None, "async"),
+        ("MARK step 2", 0.0, None, "async"),
+        ("MARK square 3", 0.05, None, "async"),
+        ("MARK counted 40", 0.02, None, "async"),
+        ("MARK doubled 12", 0.0, None, "async"),
     ],
 )
 def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
@@ -216,9 +224,10 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     marker: str,
     delay: float,
     as_written_by: Callable[[Path], None] | None,
+    core: str,
 ) -> None:
     program = _write(tmp_path, FLOW)
-    first = _run_and_kill(program, marker, delay)
+    first = _run_and_kill(program, marker, delay, core)
     journal = _journal(tmp_path)
     assert _integrity(journal) == "ok"
     if as_written_by is not None:
@@ -266,7 +275,7 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     assert "already ended (completed)" in again.stderr
 
 
-def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
+def test_completed_tasks_are_not_executed_again(tmp_path: Path, core: str) -> None:
     """A child whose completion was journaled returns its journaled result; the
     task in flight re-executes only what it had not journaled."""
     source = """
@@ -285,7 +294,7 @@ def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
         return done + [child(3)]
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     assert sorted(_final_tasks(_journal(tmp_path)).values()) == ["child", "child"]
     resumed = capsule_cli("resume", "--last", "-v", cwd=tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
@@ -296,7 +305,7 @@ def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
 
 
 def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_step(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     source = """
     from capsule import sleep, task
@@ -313,7 +322,7 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
         return first
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     program.write_text(program.read_text().replace("first = child(1)", "first = child(7)"))
 
     refused = capsule_cli("resume", "--last", cwd=tmp_path)
@@ -512,7 +521,7 @@ def test_with_json_and_stdout_closed_the_error_still_reaches_stderr(tmp_path: Pa
     assert "importing the program failed" in stderr and "Traceback (most" not in stderr
 
 
-def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
+def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
 
@@ -525,7 +534,7 @@ def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
         return "done"
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK one", 0.0)
+    _run_and_kill(program, "MARK one", 0.0, core)
     kill_at_marker(["resume", "--last"], "MARK two", tmp_path)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         kinds = [row[0] for row in connection.execute("SELECT kind FROM steps ORDER BY step")]
@@ -629,7 +638,7 @@ def test_bad_journals_are_refused_with_exit_2_and_left_untouched(tmp_path: Path)
 
 
 def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     """The file-size limit makes the journal's writes fail as on a full disk."""
     source = """
@@ -650,8 +659,9 @@ def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
 
+    command = [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)]
     process = subprocess.run(
-        [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)],
+        [*command, "--core", core],
         capture_output=True,
         text=True,
         preexec_fn=limit_file_size,
@@ -732,7 +742,9 @@ def test_the_tui_without_a_terminal_is_refused_not_left_waiting(tmp_path: Path) 
     assert browse.returncode == 2 and "capsule tui needs a terminal" in browse.stderr
 
 
-def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path: Path) -> None:
+def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(
+    tmp_path: Path, core: str
+) -> None:
     source = """
     from capsule import current, task
 
@@ -745,14 +757,15 @@ def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path:
     """
     program = _write(tmp_path, source)
     # Killed 1 s after the failure: it is journaled, and the 30 s backoff is under way.
-    kill_at_marker(["run", str(program), "--retry-backoff", "30"], "MARK attempt 1", tmp_path, 1.0)
+    args = ["run", str(program), "--retry-backoff", "30", "--core", core]
+    kill_at_marker(args, "MARK attempt 1", tmp_path, 1.0)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     envelope = json.loads(resumed.stdout)
     assert envelope["result"] == 2 and envelope["execution"]["attempts"] == 2
 
 
-def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> None:
+def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
     from capsule.sdk import task as sdk
@@ -775,7 +788,7 @@ def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> No
         return [refused, result]
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     journal = _journal(tmp_path)
     killed_at = _last_event(journal)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
@@ -951,7 +964,7 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
         assert numbers == list(range(first, last + 1))
 
 
-def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path) -> None:
+def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path, core: str) -> None:
     # os.urandom in the guest goes through WASI random (a list<u8> per 256
     # bytes), which the host lowers in bulk; an empty draw is one too.
     source = """
@@ -963,7 +976,7 @@ def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path) -> 
         return [os.urandom(300).hex(), os.urandom(0).hex()]
     """
     program = _write(tmp_path, source)
-    done = capsule_cli("run", str(program), "--json", cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--json", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     drawn, empty = json.loads(done.stdout)["result"]
     with sqlite3.connect(_journal(tmp_path)) as connection:
@@ -1007,7 +1020,43 @@ def test_a_step_queued_while_the_writer_sleeps_is_committed(tmp_path: Path) -> N
     assert before <= at <= time.time()  # the time of its batch
 
 
-def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
+def test_a_continuation_waiting_for_a_commit_is_told_of_it_or_of_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable step of a task that holds no thread (the async core) waits for
+    its commit by continuation: called once it is committed, or, if the journal
+    fails first, with why (never left waiting)."""
+    import threading
+
+    from capsule.journal.writer import JournalWriter
+
+    told: list[str | None] = []
+    each = threading.Event()
+
+    def then(failure: str | None) -> None:
+        told.append(failure)
+        each.set()
+
+    with JournalWriter(tmp_path / "journal.db", "run1") as writer:
+        writer.step("main", 1, 1, "http", "GET", True, "{}")
+        writer.when_committed(then)
+        assert each.wait(30)
+        assert told == [None]
+        with sqlite3.connect(tmp_path / "journal.db") as connection:
+            assert connection.execute("SELECT count(*) FROM steps").fetchone() == (1,)
+
+        def full_disk(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(writer, "_commit", full_disk)
+        each.clear()
+        writer.step("main", 1, 2, "http", "GET", True, "{}")
+        writer.when_committed(then)
+        assert each.wait(30)
+    assert len(told) == 2 and told[1] is not None and "disk is full" in told[1]
+
+
+def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
 
@@ -1022,14 +1071,17 @@ def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
         return f"slow ran with {word}"
     """
     program = _write(tmp_path, source)
-    printed, code = kill_at_marker(["run", f"{program}:slow", "hi"], "MARK slept", tmp_path)
+    args = ["run", f"{program}:slow", "hi", "--core", core]
+    printed, code = kill_at_marker(args, "MARK slept", tmp_path)
     assert code == -signal.SIGKILL, printed
     resumed = capsule_cli("resume", "--last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == "slow ran with hi\n"
 
 
-def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path) -> None:
+def test_a_resumed_wait_delivers_the_children_it_delivered_before(
+    tmp_path: Path, core: str
+) -> None:
     """A wait that returned once some children had ended is replayed with the
     same ones ended, even where more have ended by the time of the resume."""
     source = """
@@ -1055,7 +1107,7 @@ def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path
         return [first, gather(*pending)]
     """
     program = _write(tmp_path, source)
-    printed = _run_and_kill(program, "MARK first", 1.0)  # (slower has ended by then)
+    printed = _run_and_kill(program, "MARK first", 1.0, core)  # (slower has ended by then)
     [marker] = _markers(printed)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
