@@ -1116,6 +1116,41 @@ def test_a_resumed_wait_delivers_the_children_it_delivered_before(
     assert sorted(first + rest) == ["a", "b"]
 
 
+def test_a_resumed_wait_that_timed_out_delivers_nothing_and_does_not_wait_again(
+    tmp_path: Path, core: str
+) -> None:
+    """A wait that timed out is replayed as it ended: it delivered no child (not
+    one that has ended by the time of the resume), and it is not waited again."""
+    source = """
+    import capsule
+    from capsule import task
+
+    @task
+    def slow() -> str:
+        capsule.sleep(0.5)
+        return "slow"
+
+    @task(name="main", timeout="5m", max_retries=0)
+    def main() -> list:
+        handle = slow.spawn()
+        try:
+            handle.result(timeout=0.1)
+            first = "ended"
+        except TimeoutError:
+            first = "timed out"
+        print("MARK waited", flush=True)
+        capsule.sleep(3)
+        return [first, handle.result()]
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waited", 1.0, core)  # (slow has ended by then)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    envelope = json.loads(resumed.stdout)
+    assert envelope["result"] == ["timed out", "slow"]
+    assert envelope["execution"]["attempts"] == 1  # (its replay did not fail)
+
+
 def test_connections_creating_a_new_journal_at_once_all_succeed(tmp_path: Path) -> None:
     """Runs that start together on a journal that does not exist yet each make
     it: the one that waited for the lock finds it made, and uses it."""

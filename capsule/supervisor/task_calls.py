@@ -21,7 +21,6 @@ from capsule.supervisor.live import LiveTree
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import Operation, condition
 from capsule.supervisor.outcomes import delivered_positions, linked_failure, outcomes_answer
-from capsule.supervisor.steps import Step
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult, start_task_thread
 from capsule.supervisor.waits import Answer, Wait, Waiting, over
@@ -253,27 +252,20 @@ class TaskCalls:
     ) -> Any:
         """Wait on children (see waiting_on). Returns as the run's
         StepDriver does."""
-        if any_ended:
-            # Replayed, the children the journaled answer delivered are joined
-            # and forgotten as they were: the guest sees the same ones ended.
-            return self.drive(
-                caller,
-                "wait_any",
-                tuple(task_ids),
-                partial(self.waiting_on, caller, task_ids, timeout, True),
-                replayed=lambda step: self._rewait(caller, task_ids, step.answer),
-            )
-
-        def wait() -> Waiting:
-            return self.waiting_on(caller, task_ids, timeout, False)
-
-        def rewait(_: Step) -> None:
-            self.journal.settle(wait())
-
-        # Replayed, the children are still joined and forgotten as they were.
-        return self.drive(caller, "wait", tuple(task_ids), wait, replayed=rewait)
+        # Replayed, the children the journaled answer delivered (all, any, or
+        # none: it timed out) are joined and forgotten as they were, never
+        # waited for again: the guest sees the same ones ended.
+        return self.drive(
+            caller,
+            "wait_any" if any_ended else "wait",
+            tuple(task_ids),
+            partial(self.waiting_on, caller, task_ids, timeout, any_ended),
+            replayed=lambda step: self._rewait(caller, task_ids, step.answer),
+        )
 
     def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
+        """Deliver again the children of ``ids`` a journaled wait's ``answer``
+        delivered (their outcomes are journaled: they have ended)."""
         delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
         if delivered:
             self.journal.settle(self.waiting_on(caller, delivered, None, False))
