@@ -147,9 +147,9 @@ class JournaledSteps:
         (number a child, start a spawned child again, route a reply);
         ``for_journal`` gives the answer as it is recorded (secrets redacted);
         ``then`` makes what the guest gets of it (see StepDriver: this is the
-        thread core's). ``request`` may be given as the strings of a JSON array: its text is
-        built only when a replay compares it (on every host call, it cost a few
-        microseconds).
+        thread core's). ``request`` may be given as the strings of a JSON
+        array: its text is built only when a replay compares it (on every host
+        call, it cost a few microseconds).
 
         This path runs with the GIL held on every host call; with two busy
         actors contending for it, each microsecond here cost two to three
