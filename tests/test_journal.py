@@ -363,12 +363,12 @@ def main() -> int:
 HELPER = "def scale(n: int) -> int:\n    return n * 10\n"
 
 
-def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
+def test_a_changed_imported_module_is_refused_too(tmp_path: Path, core: str) -> None:
     """The main file is not the whole program: a module it imports (read by a
     task, after the run started) is journaled with its hash and checked too."""
     (tmp_path / "helper.py").write_text(HELPER)
     program = _write(tmp_path, USES_HELPER)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         recorded = dict(connection.execute("SELECT path, sha256 FROM program_files"))
     helper = tmp_path / "helper.py"
@@ -391,13 +391,13 @@ def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["result"] == 10
 
 
-def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> None:
+def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path, core: str) -> None:
     """After --force, the next resume checks the files as the forced one found
     them, also a module that only a task ended before the crash imported."""
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)
     program = _write(tmp_path, USES_HELPER)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     helper.write_text(HELPER.replace("n * 10", "n * 20"))
     assert capsule_cli("resume", "--last", cwd=tmp_path).returncode == 2
     printed, code = kill_at_marker(["resume", "--last", "--force"], "MARK again", tmp_path)
@@ -408,7 +408,7 @@ def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> No
 
 
 def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     """A task that prints does not wait for a commit per line (it did: 2,000
     lines were 2,000 commits); each line is still journaled before it is shown,
@@ -424,7 +424,7 @@ def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends
     """
     program = _write(tmp_path, source)
     # With --json, output and the lifecycle (-v) share stderr: their order shows.
-    done = capsule_cli("run", str(program), "--json", "-v", cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--json", "-v", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.json()["result"] == 2000
     shown = done.stderr.splitlines()
@@ -446,7 +446,9 @@ def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends
     assert journal.stat().st_size < 4 * 2000 * 1000, journal.stat().st_size
 
 
-def test_a_parents_lines_are_shown_before_the_child_it_then_starts(tmp_path: Path) -> None:
+def test_a_parents_lines_are_shown_before_the_child_it_then_starts(
+    tmp_path: Path, core: str
+) -> None:
     source = """
     from capsule import task
 
@@ -460,7 +462,8 @@ def test_a_parents_lines_are_shown_before_the_child_it_then_starts(tmp_path: Pat
         print("MARK parent")
         return child()
     """
-    done = capsule_cli("run", str(_write(tmp_path, source)), "--json", "-v", cwd=tmp_path)
+    program = _write(tmp_path, source)
+    done = capsule_cli("run", str(program), "--json", "-v", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     shown = done.stderr.splitlines()
     order = [
@@ -551,7 +554,7 @@ def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path, core: st
     assert runs[0]["status"] == "completed" and runs[0]["resumes"] == 2
 
 
-def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
+def test_runs_and_inspect_show_the_task_tree(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import task
 
@@ -568,7 +571,7 @@ def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
     """
     (tmp_path / "project").mkdir()
     program = _write(tmp_path / "project", source, "tree.py")
-    assert capsule_cli("run", str(program), cwd=tmp_path).returncode == 0
+    assert capsule_cli("run", str(program), "--core", core, cwd=tmp_path).returncode == 0
     # Journaled beside the program, not here: the error says where it is.
     elsewhere = capsule_cli("runs", cwd=tmp_path)
     assert elsewhere.returncode == 2
@@ -939,7 +942,7 @@ def test_a_run_in_flight_in_a_schema_2_journal_resumes_after_migrating(tmp_path:
     assert _integrity(journal) == "ok"
 
 
-def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> None:
+def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path, core: str) -> None:
     source = """
     import time
     from capsule import task
@@ -949,7 +952,7 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
         return sum(1 for _ in range(600) if time.time() > 0)
     """
     program = _write(tmp_path, source)
-    done = capsule_cli("run", str(program), cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(_journal(tmp_path)) as connection:
         steps = connection.execute("SELECT step, kind FROM steps ORDER BY step").fetchall()
