@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+#: The cores a run may run its tasks on (RunOptions.core, --core).
+CORES = ("threads", "async")
+
+
+@pytest.fixture(params=CORES)
+def core(request: pytest.FixtureRequest) -> str:
+    """Each core a run may run its tasks on: a test taking it runs on both."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def guest_runtime() -> None:
     """Build (or find) the guest runtime once, before any test times itself."""
@@ -107,6 +117,16 @@ def run_program(program: Callable[[str, str], Path]) -> ProgramRunner:
             events.append,
         )
         return Outcome(report, events)
+
+    return runner
+
+
+def on_core(run_program: ProgramRunner, core: str) -> ProgramRunner:
+    """``run_program`` with its runs on ``core`` (a module that overrides its
+    run_program fixture with it runs each of its programs on both cores)."""
+
+    def runner(source: str, *args: Any, **options: Any) -> Outcome:
+        return run_program(source, *args, core=core, **options)
 
     return runner
 

@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import LocalServer, ProgramRunner, capsule_cli, kill_at_marker
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli, kill_at_marker, on_core
+
+
+@pytest.fixture
+def run_program(run_program: ProgramRunner, core: str) -> ProgramRunner:
+    """Each program of this module runs on each core (they must answer alike)."""
+    return on_core(run_program, core)
+
 
 ASYNCIO = """
 import asyncio
@@ -231,11 +238,12 @@ async def main(base):
 
 
 def test_requests_in_flight_together_are_journaled_and_replayed(
-    tmp_path: Path, http_server: LocalServer
+    tmp_path: Path, http_server: LocalServer, core: str
 ) -> None:
     program = tmp_path / "fetcher.py"
     program.write_text(textwrap.dedent(REPLAYED))
-    kill_at_marker(["run", str(program), http_server.url], "MARK requested", tmp_path)
+    args = ["run", str(program), http_server.url, "--core", core]
+    kill_at_marker(args, "MARK requested", tmp_path)
     hits = dict(http_server.hits)
     assert hits == {"/echo": 1, "/status/404": 1, "/slow/30": 1}
 
@@ -397,10 +405,10 @@ async def main():
 """
 
 
-def test_awaited_children_and_messages_are_replayed(tmp_path: Path) -> None:
+def test_awaited_children_and_messages_are_replayed(tmp_path: Path, core: str) -> None:
     program = tmp_path / "awaiting.py"
     program.write_text(textwrap.dedent(AWAITED_THEN_KILLED))
-    printed, _ = kill_at_marker(["run", str(program)], "MARK awaited", tmp_path)
+    printed, _ = kill_at_marker(["run", str(program), "--core", core], "MARK awaited", tmp_path)
     assert sorted(line for line in printed.splitlines() if line.startswith("work")) == [
         "work 1",
         "work 2",
@@ -443,11 +451,11 @@ async def main():
 
 
 def test_an_ask_in_flight_when_the_run_stopped_gets_its_reply_after_resume(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     program = tmp_path / "asking.py"
     program.write_text(textwrap.dedent(ASKED_THEN_KILLED))
-    kill_at_marker(["run", str(program)], "MARK asking", tmp_path)
+    kill_at_marker(["run", str(program), "--core", core], "MARK asking", tmp_path)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["result"] == 42

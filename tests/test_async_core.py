@@ -4,6 +4,7 @@ deadlines and a stopped run reach waiting tasks; nothing is left behind."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from capsule.sandbox.engine import live_instances
-from tests.conftest import Outcome, ProgramRunner
+from tests.conftest import LocalServer, Outcome, ProgramRunner
 
 TASKS = """
     import capsule
@@ -224,17 +225,76 @@ def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
     assert live_instances() == 0
 
 
-def test_a_journaled_run_is_refused_naming_the_option(tmp_path: Path) -> None:
+RESUMED = """
+from capsule import sleep, task
+
+@task
+def child(n: int) -> int:
+    print(f"MARK child {n} ran")
+    return n + 1
+
+@task(name="main", timeout="5m")
+def main() -> list:
+    done = [child(1), child.spawn(2).result()]
+    print("MARK waiting")
+    sleep(2)
+    return done + [child(3)]
+"""
+
+
+@pytest.mark.parametrize(
+    ("ran_on", "resumed_on"), [("async", None), ("async", "threads"), ("threads", "async")]
+)
+def test_a_journaled_run_is_resumed_on_its_core_or_on_the_one_given(
+    tmp_path: Path, ran_on: str, resumed_on: str | None
+) -> None:
+    """The journal is the same on both cores: a run killed on one resumes on
+    the core it recorded, or on the one the resume gives, alike."""
+    from capsule.journal.session import resume_journaled
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunReport, RunRequest, run_program
+    from tests.conftest import kill_at_marker
+
+    path = tmp_path / "prog.py"
+    path.write_text(RESUMED, encoding="utf-8")
+    printed, code = kill_at_marker(
+        ["run", str(path), "--core", ran_on], "MARK waiting", tmp_path, 0.1
+    )
+    assert code == -signal.SIGKILL, printed
+    assert sorted(line for line in printed.splitlines() if "child" in line) == [
+        "MARK child 1 ran",
+        "MARK child 2 ran",
+    ]
+    cores: list[str | None] = []
+
+    def runner(request: RunRequest, *args: Any, **kwargs: Any) -> RunReport:
+        cores.append(request.options.core)
+        return run_program(request, *args, **kwargs)
+
+    events: list[Any] = []
+    report = resume_journaled(
+        tmp_path / ".capsule" / "journal.db",
+        None,
+        False,
+        events.append,
+        overrides=None if resumed_on is None else RunOptions(core=resumed_on),
+        runner=runner,
+    )
+    assert cores == [resumed_on or ran_on]
+    assert report.result is not None and report.result.value() == [2, 3, 4]
+    # The children that ended were not run again; main replayed its steps.
+    started = [e.task_id for e in events if e.type == "started"]
+    assert started == ["main", "main/3"], started
+    printed_again = [e.text for e in events if e.type == "output"]
+    assert printed_again == ["MARK child 3 ran\n"], printed_again
+
+
+def test_an_unknown_core_is_refused_naming_the_option(tmp_path: Path) -> None:
     from tests.conftest import capsule_cli
 
     path = tmp_path / "prog.py"
-    path.write_text(
-        "import capsule\n\n@capsule.task\ndef main():\n    return 1\n", encoding="utf-8"
-    )
-    refused = capsule_cli("run", str(path), "--core", "async")
-    assert refused.returncode == 2
-    assert "--core 'async' does not yet journal runs" in refused.stderr
-    ran = capsule_cli("run", str(path), "--core", "async", "--no-journal", "--json")
+    path.write_text("import capsule\n\n@capsule.task\ndef main():\n    return 1\n")
+    ran = capsule_cli("run", str(path), "--core", "async", "--json")
     assert ran.returncode == 0, ran.stderr
     assert ran.json()["result"] == 1
     bad = capsule_cli("run", str(path), "--core", "fibers", "--no-journal")
@@ -242,22 +302,38 @@ def test_a_journaled_run_is_refused_naming_the_option(tmp_path: Path) -> None:
     assert "--core 'fibers' is invalid; expected 'threads' or 'async'" in bad.stderr
 
 
-def test_http_is_refused_on_the_async_core(run_program: ProgramRunner) -> None:
+def test_http_and_asyncio_operations_run_on_the_async_core(
+    run_program: ProgramRunner, http_server: LocalServer
+) -> None:
     outcome = run_program(
         """
+    import asyncio
     import capsule
-    from capsule import TaskError, http, task
+    from capsule import task
+    from capsule.http import get, get_async
+
+    @task
+    def echo():
+        message = capsule.receive(timeout=30)
+        message.reply(message.body * 2)
+
+    @task
+    async def leaf(n):
+        return n + 1
 
     @task(name="main", allowed_hosts=["127.0.0.1"])
-    def main():
-        try:
-            http.get("http://127.0.0.1:9/")
-        except Exception as exc:
-            return str(exc)
+    async def main(base):
+        blocking = get(base + "/status/201").status_code
+        statuses = await asyncio.gather(*(get_async(f"{base}/status/{s}") for s in (200, 404)))
+        children = await asyncio.gather(leaf(1), leaf(2))
+        answer = await capsule.ask_async(echo.spawn(), 21, timeout=30)
+        return [blocking, [r.status_code for r in statuses], children, answer]
     """,
+        http_server.url,
         core="async",
     )
-    assert "core='async' does not yet run HTTP requests" in outcome.report.result.value()
+    assert outcome.value == [201, [200, 404], [2, 3], 42]
+    assert len(outcome.of_type("http")) == 3
 
 
 ACTORS = 2000

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LocalServer, ProgramRunner, capsule_cli
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli, on_core
+
+
+@pytest.fixture
+def run_program(run_program: ProgramRunner, core: str) -> ProgramRunner:
+    """Each program of this module runs on each core (they must answer alike)."""
+    return on_core(run_program, core)
+
 
 HOSTILE = """
 import os
@@ -66,7 +73,7 @@ def main(port: int, home: str, cache: str, journal: str) -> dict:
 
 
 def test_a_hostile_task_reaches_only_what_it_was_granted(
-    tmp_path: Path, http_server: LocalServer
+    tmp_path: Path, http_server: LocalServer, core: str
 ) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "notes.txt").write_text("granted notes")
@@ -87,6 +94,8 @@ def test_a_hostile_task_reaches_only_what_it_was_granted(
         "--args-json",
         json.dumps([int(port), home, cache, journal]),
         "--json",
+        "--core",
+        core,
         cwd=tmp_path,
         env={"NOT_GRANTED_SECRET": "hunter2"},
     )
@@ -167,7 +176,9 @@ def test_bad_grants_are_refused_at_load(tmp_path: Path, grant: str, message: str
     assert message in done.stderr and "'main'" in done.stderr
 
 
-def test_capsule_toml_sets_defaults_and_caps(tmp_path: Path, http_server: LocalServer) -> None:
+def test_capsule_toml_sets_defaults_and_caps(
+    tmp_path: Path, http_server: LocalServer, core: str
+) -> None:
     (tmp_path / "capsule.toml").write_text(
         textwrap.dedent(
             """
@@ -196,7 +207,8 @@ def test_capsule_toml_sets_defaults_and_caps(tmp_path: Path, http_server: LocalS
             """
         )
     )
-    done = capsule_cli("run", str(program), f"{http_server.url}/status/200", "--json", "-v")
+    url = f"{http_server.url}/status/200"
+    done = capsule_cli("run", str(program), url, "--json", "-v", "--core", core)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["result"] == [200, 1]  # hosts and retries from [tasks]
     fuel = json.loads(done.stdout)["execution"]["fuel_consumed"]

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from capsule.sandbox.grants import HostRule, url_parts
-from tests.conftest import LocalServer, ProgramRunner, capsule_cli, kill_at_marker
+from tests.conftest import LocalServer, ProgramRunner, capsule_cli, kill_at_marker, on_core
+
+
+@pytest.fixture
+def run_program(run_program: ProgramRunner, core: str) -> ProgramRunner:
+    """Each program of this module runs on each core (they must answer alike)."""
+    return on_core(run_program, core)
+
 
 ROUND_TRIP = """
 import base64
@@ -254,11 +261,12 @@ def main(base: str) -> list:
 
 
 def test_a_journaled_response_is_replayed_not_sent_again_and_secrets_are_redacted(
-    tmp_path: Path, http_server: LocalServer
+    tmp_path: Path, http_server: LocalServer, core: str
 ) -> None:
     program = tmp_path / "fetcher.py"
     program.write_text(textwrap.dedent(REPLAYED))
-    kill_at_marker(["run", str(program), http_server.url], "MARK requested", tmp_path)
+    args = ["run", str(program), http_server.url, "--core", core]
+    kill_at_marker(args, "MARK requested", tmp_path)
     assert http_server.hits == {"/echo": 1, "/cookie": 1}
 
     resumed = capsule_cli("resume", "--last", "--json", "-v", cwd=tmp_path)
@@ -376,7 +384,7 @@ def test_the_client_starts_with_the_run_when_a_task_may_make_requests(
 
 
 def test_cookies_are_not_shared_between_tasks_and_errors_hide_secrets(
-    tmp_path: Path, http_server: LocalServer
+    tmp_path: Path, http_server: LocalServer, core: str
 ) -> None:
     program = tmp_path / "cookies.py"
     program.write_text(
@@ -405,7 +413,9 @@ def test_cookies_are_not_shared_between_tasks_and_errors_hide_secrets(
         )
     )
     journal = tmp_path / "journal.db"
-    done = capsule_cli("run", str(program), http_server.url, "--journal", str(journal))
+    done = capsule_cli(
+        "run", str(program), http_server.url, "--journal", str(journal), "--core", core
+    )
     assert done.returncode == 0, done.stderr
     logged_in, cookie_sent, refused = json.loads(done.stdout)
     assert logged_in is True and cookie_sent == "none"

@@ -102,10 +102,12 @@ def _markers(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.startswith("MARK")]
 
 
-def _run_and_kill(program: Path, marker: str, extra_delay: float) -> str:
-    """Start `capsule run`, kill -9 it once ``marker`` was printed (and
-    ``extra_delay`` later); returns what it printed."""
-    printed, code = kill_at_marker(["run", str(program)], marker, program.parent, extra_delay)
+def _run_and_kill(program: Path, marker: str, extra_delay: float, core: str = "threads") -> str:
+    """Start `capsule run` on ``core``, kill -9 it once ``marker`` was printed
+    (and ``extra_delay`` later); returns what it printed. (Its resume runs on
+    the core its journal records.)"""
+    args = ["run", str(program), "--core", core]
+    printed, code = kill_at_marker(args, marker, program.parent, extra_delay)
     assert code == -signal.SIGKILL, f"the run ended before the kill: {printed}"
     return printed
 
@@ -199,15 +201,21 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("marker", "delay", "as_written_by"),
+    ("marker", "delay", "as_written_by", "core"),
     [
-        ("MARK main", 0.0, None),  # right after the first clock and random reads
-        ("MARK step 2", 0.0, None),  # in the chain of calls
-        ("MARK square 3", 0.05, None),  # in the fan-out
-        ("MARK counted 40", 0.02, None),  # in the burst of messages (journal writes)
-        ("MARK doubled 12", 0.0, None),  # in an ask / reply exchange
+        ("MARK main", 0.0, None, "threads"),  # right after the first clock and random reads
+        ("MARK step 2", 0.0, None, "threads"),  # in the chain of calls
+        ("MARK square 3", 0.05, None, "threads"),  # in the fan-out
+        ("MARK counted 40", 0.02, None, "threads"),  # in the burst of messages (journal writes)
+        ("MARK doubled 12", 0.0, None, "threads"),  # in an ask / reply exchange
         # killed by a Capsule that wrote schema version 3, resumed by this one
-        ("MARK counted 40", 0.02, _as_schema_3),
+        ("MARK counted 40", 0.02, _as_schema_3, "threads"),
+        # the same on the async core (no thread per task)
+        ("MARK main", 0.0, None, "async"),
+        ("MARK step 2", 0.0, None, "async"),
+        ("MARK square 3", 0.05, None, "async"),
+        ("MARK counted 40", 0.02, None, "async"),
+        ("MARK doubled 12", 0.0, None, "async"),
     ],
 )
 def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
@@ -216,9 +224,10 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     marker: str,
     delay: float,
     as_written_by: Callable[[Path], None] | None,
+    core: str,
 ) -> None:
     program = _write(tmp_path, FLOW)
-    first = _run_and_kill(program, marker, delay)
+    first = _run_and_kill(program, marker, delay, core)
     journal = _journal(tmp_path)
     assert _integrity(journal) == "ok"
     if as_written_by is not None:
@@ -266,7 +275,7 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     assert "already ended (completed)" in again.stderr
 
 
-def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
+def test_completed_tasks_are_not_executed_again(tmp_path: Path, core: str) -> None:
     """A child whose completion was journaled returns its journaled result; the
     task in flight re-executes only what it had not journaled."""
     source = """
@@ -285,7 +294,7 @@ def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
         return done + [child(3)]
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     assert sorted(_final_tasks(_journal(tmp_path)).values()) == ["child", "child"]
     resumed = capsule_cli("resume", "--last", "-v", cwd=tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
@@ -296,7 +305,7 @@ def test_completed_tasks_are_not_executed_again(tmp_path: Path) -> None:
 
 
 def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_step(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     source = """
     from capsule import sleep, task
@@ -313,7 +322,7 @@ def test_a_changed_program_is_refused_unless_forced_and_divergence_names_the_ste
         return first
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     program.write_text(program.read_text().replace("first = child(1)", "first = child(7)"))
 
     refused = capsule_cli("resume", "--last", cwd=tmp_path)
@@ -354,12 +363,12 @@ def main() -> int:
 HELPER = "def scale(n: int) -> int:\n    return n * 10\n"
 
 
-def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
+def test_a_changed_imported_module_is_refused_too(tmp_path: Path, core: str) -> None:
     """The main file is not the whole program: a module it imports (read by a
     task, after the run started) is journaled with its hash and checked too."""
     (tmp_path / "helper.py").write_text(HELPER)
     program = _write(tmp_path, USES_HELPER)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         recorded = dict(connection.execute("SELECT path, sha256 FROM program_files"))
     helper = tmp_path / "helper.py"
@@ -382,13 +391,13 @@ def test_a_changed_imported_module_is_refused_too(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["result"] == 10
 
 
-def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> None:
+def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path, core: str) -> None:
     """After --force, the next resume checks the files as the forced one found
     them, also a module that only a task ended before the crash imported."""
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)
     program = _write(tmp_path, USES_HELPER)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     helper.write_text(HELPER.replace("n * 10", "n * 20"))
     assert capsule_cli("resume", "--last", cwd=tmp_path).returncode == 2
     printed, code = kill_at_marker(["resume", "--last", "--force"], "MARK again", tmp_path)
@@ -399,7 +408,7 @@ def test_a_forced_resume_records_the_files_as_they_are_now(tmp_path: Path) -> No
 
 
 def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     """A task that prints does not wait for a commit per line (it did: 2,000
     lines were 2,000 commits); each line is still journaled before it is shown,
@@ -415,7 +424,7 @@ def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends
     """
     program = _write(tmp_path, source)
     # With --json, output and the lifecycle (-v) share stderr: their order shows.
-    done = capsule_cli("run", str(program), "--json", "-v", cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--json", "-v", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.json()["result"] == 2000
     shown = done.stderr.splitlines()
@@ -437,7 +446,9 @@ def test_printed_lines_share_commits_and_are_shown_in_order_before_the_task_ends
     assert journal.stat().st_size < 4 * 2000 * 1000, journal.stat().st_size
 
 
-def test_a_parents_lines_are_shown_before_the_child_it_then_starts(tmp_path: Path) -> None:
+def test_a_parents_lines_are_shown_before_the_child_it_then_starts(
+    tmp_path: Path, core: str
+) -> None:
     source = """
     from capsule import task
 
@@ -451,7 +462,8 @@ def test_a_parents_lines_are_shown_before_the_child_it_then_starts(tmp_path: Pat
         print("MARK parent")
         return child()
     """
-    done = capsule_cli("run", str(_write(tmp_path, source)), "--json", "-v", cwd=tmp_path)
+    program = _write(tmp_path, source)
+    done = capsule_cli("run", str(program), "--json", "-v", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     shown = done.stderr.splitlines()
     order = [
@@ -512,7 +524,7 @@ def test_with_json_and_stdout_closed_the_error_still_reaches_stderr(tmp_path: Pa
     assert "importing the program failed" in stderr and "Traceback (most" not in stderr
 
 
-def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
+def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
 
@@ -525,7 +537,7 @@ def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
         return "done"
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK one", 0.0)
+    _run_and_kill(program, "MARK one", 0.0, core)
     kill_at_marker(["resume", "--last"], "MARK two", tmp_path)
     with sqlite3.connect(_journal(tmp_path)) as connection:
         kinds = [row[0] for row in connection.execute("SELECT kind FROM steps ORDER BY step")]
@@ -542,7 +554,7 @@ def test_an_interrupted_run_can_be_resumed_twice_safely(tmp_path: Path) -> None:
     assert runs[0]["status"] == "completed" and runs[0]["resumes"] == 2
 
 
-def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
+def test_runs_and_inspect_show_the_task_tree(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import task
 
@@ -559,7 +571,7 @@ def test_runs_and_inspect_show_the_task_tree(tmp_path: Path) -> None:
     """
     (tmp_path / "project").mkdir()
     program = _write(tmp_path / "project", source, "tree.py")
-    assert capsule_cli("run", str(program), cwd=tmp_path).returncode == 0
+    assert capsule_cli("run", str(program), "--core", core, cwd=tmp_path).returncode == 0
     # Journaled beside the program, not here: the error says where it is.
     elsewhere = capsule_cli("runs", cwd=tmp_path)
     assert elsewhere.returncode == 2
@@ -629,7 +641,7 @@ def test_bad_journals_are_refused_with_exit_2_and_left_untouched(tmp_path: Path)
 
 
 def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     """The file-size limit makes the journal's writes fail as on a full disk."""
     source = """
@@ -650,8 +662,9 @@ def test_a_full_disk_stops_the_run_with_exit_2_and_a_consistent_journal(
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, 400_000))
 
+    command = [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)]
     process = subprocess.run(
-        [sys.executable, "-m", "capsule.cli", "run", str(program), "--journal", str(journal)],
+        [*command, "--core", core],
         capture_output=True,
         text=True,
         preexec_fn=limit_file_size,
@@ -732,7 +745,9 @@ def test_the_tui_without_a_terminal_is_refused_not_left_waiting(tmp_path: Path) 
     assert browse.returncode == 2 and "capsule tui needs a terminal" in browse.stderr
 
 
-def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path: Path) -> None:
+def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(
+    tmp_path: Path, core: str
+) -> None:
     source = """
     from capsule import current, task
 
@@ -745,14 +760,15 @@ def test_a_kill_during_the_retry_backoff_resumes_with_the_next_attempt(tmp_path:
     """
     program = _write(tmp_path, source)
     # Killed 1 s after the failure: it is journaled, and the 30 s backoff is under way.
-    kill_at_marker(["run", str(program), "--retry-backoff", "30"], "MARK attempt 1", tmp_path, 1.0)
+    args = ["run", str(program), "--retry-backoff", "30", "--core", core]
+    kill_at_marker(args, "MARK attempt 1", tmp_path, 1.0)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     envelope = json.loads(resumed.stdout)
     assert envelope["result"] == 2 and envelope["execution"]["attempts"] == 2
 
 
-def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> None:
+def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
     from capsule.sdk import task as sdk
@@ -775,7 +791,7 @@ def test_a_refused_call_does_not_shift_child_ids_on_replay(tmp_path: Path) -> No
         return [refused, result]
     """
     program = _write(tmp_path, source)
-    _run_and_kill(program, "MARK waiting", 0.1)
+    _run_and_kill(program, "MARK waiting", 0.1, core)
     journal = _journal(tmp_path)
     killed_at = _last_event(journal)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
@@ -926,7 +942,7 @@ def test_a_run_in_flight_in_a_schema_2_journal_resumes_after_migrating(tmp_path:
     assert _integrity(journal) == "ok"
 
 
-def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> None:
+def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path, core: str) -> None:
     source = """
     import time
     from capsule import task
@@ -936,7 +952,7 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
         return sum(1 for _ in range(600) if time.time() > 0)
     """
     program = _write(tmp_path, source)
-    done = capsule_cli("run", str(program), cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     with sqlite3.connect(_journal(tmp_path)) as connection:
         steps = connection.execute("SELECT step, kind FROM steps ORDER BY step").fetchall()
@@ -951,7 +967,7 @@ def test_a_busy_task_journals_its_steps_a_batch_per_commit(tmp_path: Path) -> No
         assert numbers == list(range(first, last + 1))
 
 
-def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path) -> None:
+def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path, core: str) -> None:
     # os.urandom in the guest goes through WASI random (a list<u8> per 256
     # bytes), which the host lowers in bulk; an empty draw is one too.
     source = """
@@ -963,7 +979,7 @@ def test_the_random_bytes_a_task_sees_are_the_ones_journaled(tmp_path: Path) -> 
         return [os.urandom(300).hex(), os.urandom(0).hex()]
     """
     program = _write(tmp_path, source)
-    done = capsule_cli("run", str(program), "--json", cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--json", "--core", core, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     drawn, empty = json.loads(done.stdout)["result"]
     with sqlite3.connect(_journal(tmp_path)) as connection:
@@ -1007,7 +1023,43 @@ def test_a_step_queued_while_the_writer_sleeps_is_committed(tmp_path: Path) -> N
     assert before <= at <= time.time()  # the time of its batch
 
 
-def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
+def test_a_continuation_waiting_for_a_commit_is_told_of_it_or_of_the_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A durable step of a task that holds no thread (the async core) waits for
+    its commit by continuation: called once it is committed, or, if the journal
+    fails first, with why (never left waiting)."""
+    import threading
+
+    from capsule.journal.writer import JournalWriter
+
+    told: list[str | None] = []
+    each = threading.Event()
+
+    def then(failure: str | None) -> None:
+        told.append(failure)
+        each.set()
+
+    with JournalWriter(tmp_path / "journal.db", "run1") as writer:
+        writer.step("main", 1, 1, "http", "GET", True, "{}")
+        writer.when_committed(then)
+        assert each.wait(30)
+        assert told == [None]
+        with sqlite3.connect(tmp_path / "journal.db") as connection:
+            assert connection.execute("SELECT count(*) FROM steps").fetchone() == (1,)
+
+        def full_disk(*args: object) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(writer, "_commit", full_disk)
+        each.clear()
+        writer.step("main", 1, 2, "http", "GET", True, "{}")
+        writer.when_committed(then)
+        assert each.wait(30)
+    assert len(told) == 2 and told[1] is not None and "disk is full" in told[1]
+
+
+def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path, core: str) -> None:
     source = """
     from capsule import sleep, task
 
@@ -1022,14 +1074,17 @@ def test_a_resumed_run_keeps_its_entry_point(tmp_path: Path) -> None:
         return f"slow ran with {word}"
     """
     program = _write(tmp_path, source)
-    printed, code = kill_at_marker(["run", f"{program}:slow", "hi"], "MARK slept", tmp_path)
+    args = ["run", f"{program}:slow", "hi", "--core", core]
+    printed, code = kill_at_marker(args, "MARK slept", tmp_path)
     assert code == -signal.SIGKILL, printed
     resumed = capsule_cli("resume", "--last", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout == "slow ran with hi\n"
 
 
-def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path) -> None:
+def test_a_resumed_wait_delivers_the_children_it_delivered_before(
+    tmp_path: Path, core: str
+) -> None:
     """A wait that returned once some children had ended is replayed with the
     same ones ended, even where more have ended by the time of the resume."""
     source = """
@@ -1055,13 +1110,48 @@ def test_a_resumed_wait_delivers_the_children_it_delivered_before(tmp_path: Path
         return [first, gather(*pending)]
     """
     program = _write(tmp_path, source)
-    printed = _run_and_kill(program, "MARK first", 1.0)  # (slower has ended by then)
+    printed = _run_and_kill(program, "MARK first", 1.0, core)  # (slower has ended by then)
     [marker] = _markers(printed)
     resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     first, rest = json.loads(resumed.stdout)["result"]
     assert marker == f"MARK first {first}"
     assert sorted(first + rest) == ["a", "b"]
+
+
+def test_a_resumed_wait_that_timed_out_delivers_nothing_and_does_not_wait_again(
+    tmp_path: Path, core: str
+) -> None:
+    """A wait that timed out is replayed as it ended: it delivered no child (not
+    one that has ended by the time of the resume), and it is not waited again."""
+    source = """
+    import capsule
+    from capsule import task
+
+    @task
+    def slow() -> str:
+        capsule.sleep(0.5)
+        return "slow"
+
+    @task(name="main", timeout="5m", max_retries=0)
+    def main() -> list:
+        handle = slow.spawn()
+        try:
+            handle.result(timeout=0.1)
+            first = "ended"
+        except TimeoutError:
+            first = "timed out"
+        print("MARK waited", flush=True)
+        capsule.sleep(3)
+        return [first, handle.result()]
+    """
+    program = _write(tmp_path, source)
+    _run_and_kill(program, "MARK waited", 1.0, core)  # (slow has ended by then)
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    envelope = json.loads(resumed.stdout)
+    assert envelope["result"] == ["timed out", "slow"]
+    assert envelope["execution"]["attempts"] == 1  # (its replay did not fail)
 
 
 def test_connections_creating_a_new_journal_at_once_all_succeed(tmp_path: Path) -> None:

@@ -255,6 +255,7 @@ def test_every_option_is_a_flag_of_capsule_run_and_resume_flags_are_declared() -
     assert {spec.name for spec in RUN_OPTIONS if spec.resume_help} == {
         "max_task_output",
         "max_run_journal",
+        "core",
     }
 
 

@@ -250,9 +250,10 @@ def test_a_whole_main_does_not_rerun_its_requests_for_a_non_retryable_failure(
     error: str,
     requests: int,
     attempts: int,
+    core: str,
 ) -> None:
     source = SIDE_EFFECT_THEN_FAILURE.format(error=error)
-    outcome = run_program(source, http_server.url, retry_backoff=0.001)
+    outcome = run_program(source, http_server.url, retry_backoff=0.001, core=core)
     assert outcome.error.kind == "exception"
     assert outcome.error.retryable is (error != "NonRetryable")
     assert outcome.result.attempts == attempts

@@ -116,6 +116,9 @@ class JournalWriter:
         self._closing = False
         #: Callers waiting for a commit: the writer commits at once for them.
         self._durable_waiting = 0
+        #: Continuations waiting for a commit (see when_committed) in the batch
+        #: being gathered: it is committed at once for them too.
+        self._continuations_waiting = 0
         #: Each task's row as the writer knows it, and those the batch changed.
         self._tasks: dict[str, _TaskState] = {}
         self._dirty: dict[str, None] = {}
@@ -190,6 +193,17 @@ class JournalWriter:
         with self._lock:
             self._append(self._after_commit, action, durable=False)
 
+    def when_committed(self, then: Callable[[str | None], None]) -> None:
+        """Call ``then(None)`` on the writer's thread once everything queued so
+        far is committed, or ``then(why)`` once the journal failed first (a
+        durable step of a task that holds no thread waits so: see
+        JournaledSteps.step_later). ``then`` must not raise, nor wait for a
+        commit."""
+        with self._lock:
+            self._append(self._after_commit, _Committed(then), durable=False)
+            self._continuations_waiting += 1
+            self._work.notify()  # (committed at once, as for a caller waiting)
+
     def sync(self) -> None:
         """Wait until everything queued so far is committed, and the actions
         waiting for that have run."""
@@ -215,6 +229,7 @@ class JournalWriter:
                     continue
                 if (
                     not self._durable_waiting
+                    and not self._continuations_waiting
                     and not self._closing
                     and self._queued - self._committed + len(self._step_queue) < MAX_BATCH
                 ):
@@ -224,6 +239,7 @@ class JournalWriter:
                 rows, self._rows = self._rows, {}
                 records, self._records = self._records, []
                 actions, self._after_commit = self._after_commit, []
+                self._continuations_waiting = 0
                 # Taken last, holding the lock: every step taken before a record
                 # or an action of this batch is in it (and none taken after them).
                 steps = self._take_steps()
@@ -243,9 +259,16 @@ class JournalWriter:
                     )
                     self._rows.clear()
                     self._records.clear()
+                    dropped = actions + self._after_commit
                     self._after_commit.clear()
                     self._take_steps()
                     self._committed_cv.notify_all()
+                    failure = self._failure
+                # (Outside the lock: a continuation told may stop the run,
+                # which writes to the journal, and fails there at once.)
+                for action in dropped:
+                    if isinstance(action, _Committed):
+                        _run_action(functools.partial(action.then, failure))
                 return
             # Before the commit is announced: whoever waits for it (sync) finds
             # the actions done.
@@ -544,6 +567,17 @@ _STEP_BATCH_INSERT = (
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
 #: 256 rows of 14 values stay below SQLite's 32,766 parameters).
 _MAX_ROWS = 256
+
+
+class _Committed:
+    """A continuation waiting for a commit (see JournalWriter.when_committed),
+    among the after-commit actions."""
+
+    def __init__(self, then: Callable[[str | None], None]) -> None:
+        self.then = then
+
+    def __call__(self) -> None:
+        self.then(None)
 
 
 def _run_action(action: Callable[[], None]) -> None:

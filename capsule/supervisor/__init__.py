@@ -16,7 +16,9 @@ Its parts, each one job:
 - ``tree``: the records of the task tree; ``live``: the attempts running now,
   and cancelling parts of the tree.
 - ``journaled``: every host call as a step, recorded or replayed from the
-  journal (``steps``: the journal's side of it).
+  journal (``steps``: the journal's side of it); the steps that may wait run
+  by the run's core's StepDriver: on the task's thread, or by continuation
+  (``async_host``, for the async core: ``async_core``).
 - ``host_calls``: the sandbox's host calls, handed by kind to ``task_calls``,
   ``message_steps`` (with ``messages``), ``time_calls``, ``http_calls`` and
   ``operation_calls`` (with ``operations``); ``waits``: a host call that

@@ -1,13 +1,19 @@
-"""The host calls of a run's tasks (the sandbox's HostCalls), each handed to
-the part of the run that serves its kind: tasks, messages, time, HTTP,
-operations, output; and what the host holds for a task, for its memory."""
+"""The host calls of a run's tasks (the sandbox's HostCalls, and on the async
+core its WaitingHost too), each handed to the part of the run that serves its
+kind: tasks, messages, time, HTTP, operations, output; and what the host holds
+for a task, for its memory.
+
+The host calls that may wait (a task call, a wait, a sleep, send, receive,
+ask, an HTTP request, a poll) are steps run by the run's StepDriver
+(journaled.py): on task threads they return their answer; on the async core,
+that or a Pending of it (their return type says Any: the core's to say)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 from capsule.actors.router import Router
-from capsule.sandbox.engine import Envelope, Invocation
+from capsule.sandbox.engine import Invocation
 from capsule.sandbox.guest_data import SpawnOptions, TaskCall
 from capsule.supervisor.http_calls import HttpCalls
 from capsule.supervisor.live import LiveTree
@@ -48,7 +54,7 @@ class RunHostCalls:
 
     # -- tasks -------------------------------------------------------------------
 
-    def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
+    def call_task(self, caller: Invocation, call: TaskCall) -> Any:
         return self.tasks.call_task(caller, call)
 
     def spawn_task(
@@ -62,7 +68,7 @@ class RunHostCalls:
         task_ids: list[str],
         timeout: float | None,
         any_ended: bool = False,
-    ) -> tuple[bool, str]:
+    ) -> Any:
         return self.tasks.wait(caller, task_ids, timeout, any_ended)
 
     def cancel(self, caller: Invocation, task_id: str) -> None:
@@ -70,9 +76,7 @@ class RunHostCalls:
 
     # -- messages ------------------------------------------------------------------
 
-    def send(
-        self, caller: Invocation, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
+    def send(self, caller: Invocation, target: str, body_json: str, timeout: float | None) -> Any:
         return self.messages.send(caller, target, body_json, timeout)
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
@@ -81,14 +85,11 @@ class RunHostCalls:
     def ending(self, caller: Invocation, batch_taken: int | None) -> None:
         self.messages.ending(caller, batch_taken)
 
-    def receive(
-        self, caller: Invocation, timeout: float | None
-    ) -> tuple[bool, Sequence[Envelope] | str]:
+    def receive(self, caller: Invocation, timeout: float | None) -> Any:
+        """(True, the messages) or (False, error JSON), as the driver returns it."""
         return self.messages.receive(caller, timeout)
 
-    def ask(
-        self, caller: Invocation, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
+    def ask(self, caller: Invocation, target: str, body_json: str, timeout: float | None) -> Any:
         return self.messages.ask(caller, target, body_json, timeout)
 
     def reply(self, caller: Invocation, message_id: str, body_json: str) -> tuple[bool, str]:
@@ -96,8 +97,8 @@ class RunHostCalls:
 
     # -- time and randomness ---------------------------------------------------------
 
-    def sleep(self, caller: Invocation, seconds: float) -> None:
-        self.time.sleep(caller, seconds)
+    def sleep(self, caller: Invocation, seconds: float) -> Any:
+        return self.time.sleep(caller, seconds)
 
     def wall_clock_ns(self, caller: Invocation) -> int:
         return self.time.wall_clock_ns(caller)
@@ -110,7 +111,7 @@ class RunHostCalls:
 
     # -- HTTP ------------------------------------------------------------------------
 
-    def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+    def http(self, caller: Invocation, request_json: str) -> Any:
         return self.http_calls.http(caller, request_json)
 
     # -- operations started without waiting (see operations.py) -------------------
@@ -127,7 +128,7 @@ class RunHostCalls:
     def start_ask(self, caller: Invocation, target: str, body_json: str) -> tuple[bool, str]:
         return self.messages.start_ask(caller, target, body_json)
 
-    def poll(self, caller: Invocation, timeout: float | None) -> tuple[bool, str]:
+    def poll(self, caller: Invocation, timeout: float | None) -> Any:
         return self.operations.poll(self.tree.attempts[caller], timeout)
 
     def abandon(self, caller: Invocation, handle: int) -> None:

@@ -9,13 +9,14 @@ import json
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from capsule.net.http import HttpClient, HttpFailure, HttpRequest, HttpResponse, Transfer
 from capsule.net.redact import Secrets, redact_url
 from capsule.sandbox.engine import Invocation
 from capsule.supervisor.events import EventStream, HttpExchange
 from capsule.supervisor.ids import EventIds
-from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import Operation, http_operation
@@ -34,6 +35,7 @@ class HttpCalls:
         events: EventStream,
         run_id: str,
         before_reporting: Callable[[str], None],
+        drive: StepDriver,
     ) -> None:
         self.client = client
         self.journal = journal
@@ -44,6 +46,8 @@ class HttpCalls:
         #: Called with the task's id before an exchange of its is reported
         #: (its output is shown first).
         self.before_reporting = before_reporting
+        #: Runs the steps that may wait (a blocking request), as the run's core does.
+        self.drive = drive
 
     def _request(
         self, caller: Invocation, kind: str, request_json: str
@@ -57,7 +61,8 @@ class HttpCalls:
             digest = hashlib.sha256(request_json.encode()).hexdigest()
             return self.journal.step(caller, kind, json.dumps({"invalid": digest}), lambda: invalid)
 
-    def http(self, caller: Invocation, request_json: str) -> tuple[bool, str]:
+    def http(self, caller: Invocation, request_json: str) -> Any:
+        """A blocking request: returns as the run's StepDriver does."""
         attempt = self.tree.attempts[caller]
         known = self.client.secrets
         request = self._request(caller, "http", request_json)
@@ -86,7 +91,7 @@ class HttpCalls:
             return received[0].journal_json(secrets) if received else answer
 
         # Durable: once a request has been sent, a crash must not send it again.
-        return self.journal.step(
+        return self.drive(
             caller,
             "http",
             request.journal_form(known.granted),

@@ -7,7 +7,7 @@ journal cannot take more."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, overload
 
 from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.live import LiveTree
@@ -30,6 +30,37 @@ ENDS_CREDIT = frozenset(
     {"call", "spawn", "wait", "wait_any", "cancel", "sleep", "ask", "http", "receive"}
     | {"http_start", "wait_start", "receive_start", "ask_start", "poll"}
 )
+
+#: Whether a step waits for its commit before its answer is given: always, or
+#: as its live answer says (called once it is made: a poll that reported
+#: operations which ended).
+Durable = bool | Callable[[], bool]
+
+
+class StepDriver(Protocol):
+    """Runs the steps that may wait, as the run's core does: the thread core's
+    is :meth:`JournaledSteps.step` (the calling thread waits, and gets the
+    answer), the async core's runs the wait by continuation and returns the
+    answer, or a Pending resolved with it later (async_host.py). Each such
+    step is declared once, by the host call that makes it, with what a replay
+    and the journal need, and runs on either core alike.
+
+    ``then`` makes what the guest gets from the step's answer (not journaled:
+    a send's credit, a receive's messages). Returns what ``then`` made (the
+    answer without one), or, on the async core, a Pending of it (typed Any:
+    which of them is the run's core's to say)."""
+
+    def __call__(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], Waiting],
+        replayed: Callable[[Step], object] | None = None,
+        durable: Durable = False,
+        for_journal: Callable[[str], str] | None = None,
+        then: Callable[[Answer], Any] | None = None,
+    ) -> Any: ...
 
 
 class JournaledSteps:
@@ -64,6 +95,7 @@ class JournaledSteps:
         self.divergence: ErrorInfo | None = None
         self.journal_failure: str | None = None
 
+    @overload
     def step(
         self,
         caller: Invocation,
@@ -71,9 +103,35 @@ class JournaledSteps:
         request: Request,
         live: Callable[[], Waiting],
         replayed: Callable[[Step], object] | None = None,
-        durable: bool = False,
+        durable: Durable = False,
         for_journal: Callable[[str], str] | None = None,
-    ) -> Answer:
+        then: None = None,
+    ) -> Answer: ...
+
+    @overload
+    def step(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], Waiting],
+        replayed: Callable[[Step], object] | None = None,
+        durable: Durable = False,
+        for_journal: Callable[[str], str] | None = None,
+        then: Callable[[Answer], Any] | None = None,
+    ) -> Any: ...
+
+    def step(
+        self,
+        caller: Invocation,
+        kind: str,
+        request: Request,
+        live: Callable[[], Waiting],
+        replayed: Callable[[Step], object] | None = None,
+        durable: Durable = False,
+        for_journal: Callable[[str], str] | None = None,
+        then: Callable[[Answer], Any] | None = None,
+    ) -> Any:
         """Answer one host call of ``caller`` (a step): from the journal while its
         attempt replays one, else ``live()`` (once its wait, if it returns one,
         is over: see waits.py), journaled before the guest sees it.
@@ -87,10 +145,11 @@ class JournaledSteps:
 
         ``replayed`` redoes what a replayed step must still do inside this process
         (number a child, start a spawned child again, route a reply);
-        ``for_journal`` gives the answer as it is recorded (secrets redacted).
-        ``request`` may be given as the strings of a JSON array: its text is
-        built only when a replay compares it (on every host call, it cost a few
-        microseconds).
+        ``for_journal`` gives the answer as it is recorded (secrets redacted);
+        ``then`` makes what the guest gets of it (see StepDriver: this is the
+        thread core's). ``request`` may be given as the strings of a JSON
+        array: its text is built only when a replay compares it (on every host
+        call, it cost a few microseconds).
 
         This path runs with the GIL held on every host call; with two busy
         actors contending for it, each microsecond here cost two to three
@@ -103,7 +162,7 @@ class JournaledSteps:
         ):
             begun = self._begin(caller, kind, request, replayed)
             if isinstance(begun, tuple):
-                return begun
+                return begun if then is None else then(begun)
             number = begun
         else:  # (the common case, inline: what _begin does then)
             attempt.steps_taken += 1
@@ -117,7 +176,7 @@ class JournaledSteps:
             answer = self.run_wait(answer)
         if self.journaling:
             self._record(attempt, number, kind, request, answer, durable, for_journal)
-        return answer
+        return answer if then is None else then(answer)
 
     def settle(self, waiting: Waiting) -> Answer:
         """The answer of a host call that may wait, waiting on this thread: a
@@ -135,13 +194,15 @@ class JournaledSteps:
         run: Callable[[Waiting, Resolve], None],
         answered: Resolve,
         replayed: Callable[[Step], object] | None = None,
-        durable: bool = False,
+        durable: Durable = False,
         for_journal: Callable[[str], str] | None = None,
     ) -> None:
         """A step (see :meth:`step`) whose wait runs by continuation: ``run``
         (the continuation driver's) runs what ``live()`` returns, and
-        ``answered`` gets the answer once it is over, journaled first; from
-        the journal at once while the attempt replays."""
+        ``answered`` gets the answer once it is over, journaled first (and,
+        ``durable``, committed: the journal writer calls on once it is, no
+        thread waits meanwhile); from the journal at once while the attempt
+        replays."""
         begun = self._begin(caller, kind, request, replayed)
         if isinstance(begun, tuple):
             answered(begun)
@@ -151,10 +212,31 @@ class JournaledSteps:
             attempt = self.tree.attempts.get(caller)
             # (No attempt: it ended while its wait ran; no guest sees the answer.)
             if self.journaling and attempt is not None and not isinstance(answer, BaseException):
-                self._record(attempt, begun, kind, request, answer, durable, for_journal)
+                committed = durable if isinstance(durable, bool) else durable()
+                self._record(attempt, begun, kind, request, answer, False, for_journal)
+                if committed:
+                    self._once_committed(answer, answered)
+                    return
             answered(answer)
 
         run(live(), record)
+
+    def _once_committed(self, answer: Answer, answered: Resolve) -> None:
+        """``answered(answer)`` once everything journaled so far is committed
+        (on the journal writer's thread); if the journal fails first, the run
+        stops, and the caller gets the answer of one that must stop."""
+
+        def committed(failure: str | None) -> None:
+            if failure is None:
+                answered(answer)
+                return
+            self.failed(JournalFailure(failure))
+            answered((False, "{}"))  # the sandbox ends the caller; never seen
+
+        try:
+            self.log.when_committed(committed)
+        except JournalFailure as exc:  # it had failed already
+            committed(str(exc))
 
     def _begin(
         self,
@@ -196,10 +278,11 @@ class JournaledSteps:
         kind: str,
         request: Request,
         answer: Answer,
-        durable: bool,
+        durable: Durable,
         for_journal: Callable[[str], str] | None,
     ) -> None:
-        """Journal the live answer of step ``number`` of ``attempt``."""
+        """Journal the live answer of step ``number`` of ``attempt`` (and wait
+        for its commit if it is ``durable``)."""
         caller = attempt.invocation
         ok, text = answer
         attempt.recorded += len(text)
@@ -208,6 +291,8 @@ class JournaledSteps:
         # A failure may be the caller's stop ("{}", never seen): not journaled.
         if ok or caller.check_stop() is None:
             journaled = text if for_journal is None else for_journal(text)
+            if not isinstance(durable, bool):
+                durable = durable()
             try:  # (not through write: one call fewer on every journaled step)
                 self.log.step(
                     caller.task_id,

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 from capsule.actors.router import Message, Router, RoutingError
 from capsule.sandbox.engine import Envelope, Invocation
-from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.messages import MessageCalls
 from capsule.supervisor.operation_calls import OperationCalls
@@ -21,6 +22,7 @@ from capsule.supervisor.operations import (
     too_many_in_flight,
 )
 from capsule.supervisor.steps import Step, received_messages
+from capsule.supervisor.tree import Attempt
 from capsule.supervisor.waits import Answer, Wait, Waiting, over
 
 # A replayed send or ask is not delivered again: its message was received
@@ -40,25 +42,29 @@ class MessageSteps:
         journal: JournaledSteps,
         tree: LiveTree,
         operations: OperationCalls,
+        drive: StepDriver,
     ) -> None:
         self.messages = messages
         self.router = router
         self.journal = journal
         self.tree = tree
         self.operations = operations
+        #: Runs the steps that may wait, as the run's core does.
+        self.drive = drive
 
-    def send(
-        self, caller: Invocation, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
-        answer = self._outgoing(caller, "send", target, body_json, timeout)
+    # The steps that may wait (send, receive, ask) return as the run's
+    # StepDriver does: their answer, or on the async core a Pending of it.
+
+    def send(self, caller: Invocation, target: str, body_json: str, timeout: float | None) -> Any:
         attempt = self.tree.attempts[caller]
-        note = attempt.credit_note
-        if not note:
-            return answer
-        # Credit goes to the guest, not to the journal: a replay's sends all go
-        # through the host, and are the same steps in the same order.
-        attempt.credit_note = ""
-        return True, f"{answer[1][:-1]}{note}}}"
+        return self.drive(
+            caller,
+            "send",
+            (target, body_json),
+            partial(self.messages.send, attempt, target, body_json, timeout),
+            replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
+            then=partial(_with_credit, attempt),
+        )
 
     def gathered(self, caller: Invocation, records: list[tuple[str, str]]) -> None:
         # Each a send step, in the guest's order and before the step of the
@@ -81,38 +87,25 @@ class MessageSteps:
         if attempt is not None:
             self.messages.ending(attempt, batch_taken)
 
-    def receive(
-        self, caller: Invocation, timeout: float | None
-    ) -> tuple[bool, Sequence[Envelope] | str]:
+    def receive(self, caller: Invocation, timeout: float | None) -> Any:
         attempt = self.tree.attempts[caller]
         taken: list[Message] = []
-        ok, answer = self.journal.step(
+        return self.drive(
             caller,
             "receive",
             "",
             partial(self.messages.receive, attempt, timeout, taken),
             replayed=lambda step: self.messages.replayed_receive(attempt, step.answer),
+            then=partial(_received, taken),
         )
-        if not ok:
-            return False, answer
-        # Live, the messages themselves; replayed, those of the journaled answer.
-        return True, taken or received_messages(answer)
 
-    def ask(
-        self, caller: Invocation, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
-        return self._outgoing(caller, "ask", target, body_json, timeout)
-
-    def _outgoing(
-        self, caller: Invocation, kind: str, target: str, body_json: str, timeout: float | None
-    ) -> tuple[bool, str]:
+    def ask(self, caller: Invocation, target: str, body_json: str, timeout: float | None) -> Any:
         attempt = self.tree.attempts[caller]
-        deliver = self.messages.ask if kind == "ask" else self.messages.send
-        return self.journal.step(
+        return self.drive(
             caller,
-            kind,
+            "ask",
             (target, body_json),
-            partial(deliver, attempt, target, body_json, timeout),
+            partial(self.messages.ask, attempt, target, body_json, timeout),
             replayed=lambda _: attempt.node.next_message_id(),  # numbered as it was
         )
 
@@ -188,6 +181,26 @@ class MessageSteps:
             self.journal.settle(self.messages.send_ask(attempt, target, body_json, added))
 
         return self.journal.step(caller, "ask_start", (target, body_json), start, replayed=replayed)
+
+
+def _with_credit(attempt: Attempt, answer: Answer) -> Answer:
+    """A send's answer as its guest gets it: with the credit it was given.
+    Credit goes to the guest, not to the journal: a replay's sends all go
+    through the host, and are the same steps in the same order."""
+    note = attempt.credit_note
+    if not note:
+        return answer
+    attempt.credit_note = ""
+    return True, f"{answer[1][:-1]}{note}}}"
+
+
+def _received(taken: list[Message], answer: Answer) -> tuple[bool, Sequence[Envelope] | str]:
+    """A receive's answer as its guest gets it: live, the messages themselves;
+    replayed, those of the journaled answer."""
+    ok, text = answer
+    if not ok:
+        return False, text
+    return True, taken or received_messages(text)
 
 
 def _arrived(_: bool) -> Answer:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from capsule.sandbox.engine import completions
+from capsule.supervisor.journaled import StepDriver
 from capsule.supervisor.operations import MAX_IN_FLIGHT, Ended, Operation, too_many_in_flight
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.tree import Attempt
@@ -22,11 +24,10 @@ StepCall = Callable[..., tuple[bool, str]]
 class OperationCalls:
     """Starts, polls and abandons the operations of a run's attempts."""
 
-    def __init__(self, step: StepCall, commit: Callable[[], None], journaling: bool) -> None:
+    def __init__(self, step: StepCall, drive: StepDriver) -> None:
         self.step = step
-        #: Returns once everything journaled so far is committed.
-        self.commit = commit
-        self.journaling = journaling
+        #: Runs the steps that may wait (a poll), as the run's core does.
+        self.drive = drive
 
     def start(
         self,
@@ -51,9 +52,10 @@ class OperationCalls:
 
         return self.step(caller, kind, request, start, replayed=replayed)
 
-    def poll(self, attempt: Attempt, timeout: float | None) -> tuple[bool, str]:
+    def poll(self, attempt: Attempt, timeout: float | None) -> Any:
         """A step that waits (up to ``timeout``; 0: not at all) for operations
-        to end: JSON [[handle, ok, payload], ...] of those that did."""
+        to end: JSON [[handle, ok, payload], ...] of those that did. Returns
+        as the run's StepDriver does."""
         caller = attempt.invocation
         operations = attempt.operations
         ended: list[tuple[int, Ended]] = []
@@ -76,20 +78,18 @@ class OperationCalls:
         def replayed(step: Step) -> None:
             operations.forget([handle for handle, _, _ in completions(step.answer)])
 
-        answer = self.step(
+        # Durable once it reports operations that ended (as a blocking
+        # request's step is): a crash must not send a request again once its
+        # response was seen.
+        return self.drive(
             caller,
             "poll",
             "" if timeout is None else repr(timeout),
             poll,
             replayed=replayed,
+            durable=lambda: bool(ended),
             for_journal=for_journal,
         )
-        if ended and self.journaling:
-            # Durable before the guest sees what ended (as a blocking request's
-            # step is): a crash must not send a request again once its
-            # response was seen.
-            self.commit()
-        return answer
 
     def abandon(self, attempt: Attempt, handle: int) -> None:
         """A step that stops an operation, which is never reported."""

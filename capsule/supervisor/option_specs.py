@@ -157,6 +157,8 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
         "core",
         'how tasks run: "threads" (default), a thread per live task, or "async", '
         "a few poll threads in all, a waiting task holding none",
+        resume_help="the core to resume on (default: the one the run ran on; the "
+        "journal replays alike on both)",
     ),
 )
 

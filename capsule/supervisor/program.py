@@ -171,9 +171,6 @@ def run_program(
         settings, memory_budget = resolve_settings(request.options, project)
     except OptionError as exc:
         return RunReport(usage_error=str(exc), option_error=exc)
-    if settings.core == "async" and (steps is not None or history is not None):
-        refused = OptionError("core", "async", lambda name: _async_not_journaled(name))
-        return RunReport(usage_error=refused.message, option_error=refused)
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     roots = [path.parent, *site_package_dirs()]
@@ -295,13 +292,6 @@ def _inbox(run: Run, events: EventStream) -> Iterator[None]:
         yield
     finally:
         inbox.close()
-
-
-def _async_not_journaled(name: Callable[[str], str]) -> str:
-    return (
-        f"{name('core')} 'async' does not yet journal runs: run with --no-journal "
-        f"(the host API: no journal), or {name('core')} 'threads'"
-    )
 
 
 def _unset_variables(

@@ -31,13 +31,13 @@ from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
 from capsule.supervisor.async_core import AsyncCore
-from capsule.supervisor.async_host import AsyncHostCalls
+from capsule.supervisor.async_host import ContinuedSteps
 from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
-from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.loading import ProgramError, load_program, no_entry, program_module
 from capsule.supervisor.message_steps import MessageSteps
@@ -71,10 +71,6 @@ __all__ = [
     "new_run_id",
     "program_module",
 ]
-
-
-#: Why a journaled (or resumed) run cannot run on the async core.
-ASYNC_NOT_JOURNALED = "core='async' does not yet journal runs: use --no-journal, or core='threads'"
 
 
 class RunInterrupted(Exception):
@@ -198,7 +194,19 @@ class Run:
         #: first use; stopped when the run ends).
         self._timers = Timers(f"capsule-timers {run_id}")
         self._continuations = Continuations(self._timers, events, run_id, output.shown)
-        operations = OperationCalls(journal.step, lambda: journal.write(log.sync), journaling)
+        # The steps that may wait (declared once, by the host calls that make
+        # them) run as the run's core runs them: on the task's thread, or by
+        # continuation with no thread waiting.
+        drive: StepDriver = journal.step
+        async_sandbox: AsyncSandbox | None = None
+        if settings.core == "async":
+            if not isinstance(sandbox, AsyncSandbox):
+                raise TypeError("core='async' runs its tasks in an AsyncSandbox")
+            async_sandbox = sandbox
+            drive = ContinuedSteps(
+                journal, self._continuations, sandbox.hibernate_waiting, settings.hibernate_after
+            ).step
+        operations = OperationCalls(journal.step, drive)
         messages = MessageCalls(
             router,
             events,
@@ -231,38 +239,23 @@ class Run:
         monotonic_offset = max(
             0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
         )
-        tasks = TaskCalls(supervision, admission, configs, router, journal, tree, operations)
-        time_calls = TimeCalls(journal, tree, monotonic_offset)
-        supervision.host = RunHostCalls(
-            tasks,
-            MessageSteps(messages, router, journal, tree, operations),
-            time_calls,
-            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown),
+        host = RunHostCalls(
+            TaskCalls(supervision, admission, configs, router, journal, tree, operations, drive),
+            MessageSteps(messages, router, journal, tree, operations, drive),
+            TimeCalls(journal, tree, monotonic_offset, drive),
+            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown, drive),
             operations,
             output,
             tree,
             router,
         )
-
-        if settings.core == "async":
-            if not isinstance(sandbox, AsyncSandbox):
-                raise TypeError("core='async' runs its tasks in an AsyncSandbox")
-            if journaling or history is not None:
-                raise ProgramError(ASYNC_NOT_JOURNALED)
-            # The waits a cheap host call may still make cannot wait (a
-            # timeout of 0): they run by continuation too.
-            journal.run_wait = partial(wait_here, self._continuations, sandbox.slots)
-            waiting = AsyncHostCalls(
-                journal,
-                self._continuations,
-                tree,
-                tasks,
-                messages,
-                time_calls,
-                sandbox.hibernate_waiting,
-                settings.hibernate_after,
-            )
-            supervision.core = AsyncCore(supervision, sandbox, waiting, self._timers)
+        supervision.host = host
+        if async_sandbox is not None:
+            # The waits a host call that does not wait may still make run by
+            # continuation too: they cannot wait (a timeout of 0), or are over
+            # at once (a replayed wait on children the journal says ended).
+            journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
+            supervision.core = AsyncCore(supervision, async_sandbox, host, self._timers)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)

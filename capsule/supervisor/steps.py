@@ -216,6 +216,13 @@ class StepLog(Protocol):
         writer's thread, in the order they were given)."""
         ...
 
+    def when_committed(self, then: Callable[[str | None], None]) -> None:
+        """Call ``then(None)`` once everything recorded so far is committed, or
+        ``then(why)`` if the journal fails first (on the writer's thread: it
+        must not raise, nor wait for a commit). Waits as a durable record
+        does, holding no thread meanwhile."""
+        ...
+
     def sync(self) -> None:
         """Return once everything recorded so far is committed and the actions
         waiting for that have run."""
@@ -255,6 +262,9 @@ class NoStepLog:
 
     def after_commit(self, action: Callable[[], None]) -> None:
         action()  # nothing to wait for
+
+    def when_committed(self, then: Callable[[str | None], None]) -> None:
+        then(None)
 
     def sync(self) -> None:
         return None

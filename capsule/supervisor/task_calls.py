@@ -8,6 +8,7 @@ import json
 import re
 import threading
 from functools import partial
+from typing import Any
 
 from capsule.actors.external import EXTERNAL_SENDER
 from capsule.actors.router import Router, RoutingError
@@ -15,12 +16,11 @@ from capsule.sandbox.config import TaskConfig
 from capsule.sandbox.engine import ErrorInfo, Invocation, refusal
 from capsule.sandbox.guest_data import SpawnOptions, TaskCall
 from capsule.supervisor.admission import Admission
-from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.operations import Operation, condition
 from capsule.supervisor.outcomes import delivered_positions, linked_failure, outcomes_answer
-from capsule.supervisor.steps import Step
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult, start_task_thread
 from capsule.supervisor.waits import Answer, Wait, Waiting, over
@@ -42,6 +42,7 @@ class TaskCalls:
         journal: JournaledSteps,
         tree: LiveTree,
         operations: OperationCalls,
+        drive: StepDriver,
     ) -> None:
         self.supervision = supervision
         self.admission = admission
@@ -50,11 +51,14 @@ class TaskCalls:
         self.journal = journal
         self.tree = tree
         self.operations = operations
+        #: Runs the steps that may wait, as the run's core does.
+        self.drive = drive
 
-    def call_task(self, caller: Invocation, call: TaskCall) -> tuple[bool, str]:
-        """A task called another: a wait on the child's end (see _call)."""
+    def call_task(self, caller: Invocation, call: TaskCall) -> Any:
+        """A task called another: a wait on the child's end (see
+        direct_call). Returns as the run's StepDriver does."""
         node = self.tree.attempts[caller].node
-        return self.journal.step(
+        return self.drive(
             caller,
             "call",
             (call.name, call.call_json),
@@ -245,28 +249,23 @@ class TaskCalls:
         task_ids: list[str],
         timeout: float | None,
         any_ended: bool = False,
-    ) -> tuple[bool, str]:
-        if any_ended:
-            # Replayed, the children the journaled answer delivered are joined
-            # and forgotten as they were: the guest sees the same ones ended.
-            return self.journal.step(
-                caller,
-                "wait_any",
-                tuple(task_ids),
-                partial(self.waiting_on, caller, task_ids, timeout, True),
-                replayed=lambda step: self._rewait(caller, task_ids, step.answer),
-            )
-
-        def wait() -> Waiting:
-            return self.waiting_on(caller, task_ids, timeout, False)
-
-        def rewait(_: Step) -> None:
-            self.journal.settle(wait())
-
-        # Replayed, the children are still joined and forgotten as they were.
-        return self.journal.step(caller, "wait", tuple(task_ids), wait, replayed=rewait)
+    ) -> Any:
+        """Wait on children (see waiting_on). Returns as the run's
+        StepDriver does."""
+        # Replayed, the children the journaled answer delivered (all, any, or
+        # none: it timed out) are joined and forgotten as they were, never
+        # waited for again: the guest sees the same ones ended.
+        return self.drive(
+            caller,
+            "wait_any" if any_ended else "wait",
+            tuple(task_ids),
+            partial(self.waiting_on, caller, task_ids, timeout, any_ended),
+            replayed=lambda step: self._rewait(caller, task_ids, step.answer),
+        )
 
     def _rewait(self, caller: Invocation, ids: list[str], answer: str) -> None:
+        """Deliver again the children of ``ids`` a journaled wait's ``answer``
+        delivered (their outcomes are journaled: they have ended)."""
         delivered = [ids[index] for index in delivered_positions(answer) if index < len(ids)]
         if delivered:
             self.journal.settle(self.waiting_on(caller, delivered, None, False))

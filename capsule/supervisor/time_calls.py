@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from capsule.sandbox.engine import Invocation
-from capsule.supervisor.journaled import JournaledSteps
+from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.waits import Answer, Wait, never
 
@@ -15,9 +16,17 @@ from capsule.supervisor.waits import Answer, Wait, never
 class TimeCalls:
     """Clocks, randomness and sleeping for a run's tasks."""
 
-    def __init__(self, journal: JournaledSteps, tree: LiveTree, monotonic_offset: int) -> None:
+    def __init__(
+        self,
+        journal: JournaledSteps,
+        tree: LiveTree,
+        monotonic_offset: int,
+        drive: StepDriver,
+    ) -> None:
         self.journal = journal
         self.tree = tree
+        #: Runs the steps that may wait (a sleep), as the run's core does.
+        self.drive = drive
         #: Added to the monotonic clock: guests never see it go back, also across
         #: a resume.
         self.monotonic_offset = monotonic_offset
@@ -41,9 +50,12 @@ class TimeCalls:
         )
         return bytes.fromhex(answer) if ok else bytes(count)
 
-    def sleep(self, caller: Invocation, seconds: float) -> None:
+    def sleep(self, caller: Invocation, seconds: float) -> Any:
+        """Sleep: None once slept, or (the async core) a Pending of None."""
         # A replayed sleep has been slept.
-        self.journal.step(caller, "sleep", repr(seconds), lambda: self.sleeping(caller, seconds))
+        return self.drive(
+            caller, "sleep", repr(seconds), lambda: self.sleeping(caller, seconds), then=_nothing
+        )
 
     def sleeping(self, caller: Invocation, seconds: float) -> Wait:
         """The wait of a sleep of ``seconds``."""
@@ -54,3 +66,8 @@ class TimeCalls:
             return True, ""
 
         return Wait(self.tree.attempts[caller], "sleep", never, slept, max(0.0, seconds))
+
+
+def _nothing(_: Answer) -> None:
+    """What a sleep gives its guest (it is ended if it must stop)."""
+    return None

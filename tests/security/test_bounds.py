@@ -74,7 +74,7 @@ def test_the_policy_in_capsule_toml_caps_the_flag(tmp_path: Path) -> None:
 
 
 def test_a_run_over_its_journal_limit_stops_and_resumes_with_a_larger_one(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     """Children that each stay under the per-attempt limit still add up: past
     the run's limit the run stops (exit 2, a journal error), its journal
@@ -94,7 +94,9 @@ def test_a_run_over_its_journal_limit_stops_and_resumes_with_a_larger_one(
             return sum(chatty(i % 10) for i in range(12))
         """,
     )
-    done = capsule_cli("run", str(program), "--max-run-journal", "3MB", cwd=tmp_path)
+    done = capsule_cli(
+        "run", str(program), "--max-run-journal", "3MB", "--core", core, cwd=tmp_path
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "--max-run-journal" in done.stderr and "capsule resume" in done.stderr
     assert journal_bytes(tmp_path) < 8 * MB

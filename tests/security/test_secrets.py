@@ -273,7 +273,7 @@ def leaks(text: str) -> set[str]:
 
 
 def test_no_secret_reaches_the_journal_the_events_or_the_terminal(
-    tmp_path: Path, http_server: LocalServer, header_echo: str, closed_port: str
+    tmp_path: Path, http_server: LocalServer, header_echo: str, closed_port: str, core: str
 ) -> None:
     names = ", ".join(f'"K{n:02}"' for n in range(1, ATTACKS + 1))
     program = tmp_path / "hostile.py"
@@ -284,7 +284,7 @@ def test_no_secret_reaches_the_journal_the_events_or_the_terminal(
     journal = tmp_path / "journal.db"
     done = capsule_cli(
         "run", str(program), http_server.url, header_echo, closed_port, "-v",
-        "--journal", str(journal), env=env,
+        "--journal", str(journal), "--core", core, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     outcomes = {int(number): outcome for number, outcome in json.loads(done.stdout).items()}
