@@ -1,5 +1,5 @@
-"""What the hostile runs of this suite share: writing a program, the size of
-a run's journal, the peak memory of a `capsule` process."""
+"""What the hostile runs of this suite share: the cores they run on, writing
+a program, the size of a run's journal, the peak memory of a `capsule` process."""
 
 from __future__ import annotations
 
@@ -8,7 +8,29 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 MB = 1024**2
+
+#: Every hostile run runs on both: task threads, and the async core.
+CORES = ("threads", "async")
+
+
+def core_flags(core: str) -> list[str]:
+    """The `capsule run` flags of a run on ``core`` (the async core journals
+    no run yet: it refuses one without --no-journal)."""
+    return [] if core == "threads" else ["--core", "async", "--no-journal"]
+
+
+def journaled(core: str) -> bool:
+    """Whether a run on ``core`` keeps a journal to read back."""
+    return core == "threads"
+
+
+def skip_on_async_core(core: str, needs: str) -> None:
+    """Skip a test whose attack needs what the async core does not serve yet."""
+    if core == "async":
+        pytest.skip(f"the async core does not serve {needs} yet")
 
 
 def write(directory: Path, source: str, name: str = "prog.py") -> Path:
