@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from capsule.logs import show_on_stderr
 from capsule.stdio import STREAMS, StdioWriter, Stream
 from capsule.supervisor.option_specs import RUN_OPTIONS, flag_of
 from capsule.terminal import visible
@@ -249,6 +250,7 @@ def _journal_option(command: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     _open_standard_streams()
+    show_on_stderr()  # (the command owns its stderr; a library's logs are its app's)
     parser = _parser()
     try:
         # Known-args, so that `capsule run FILE a --verbose b` works as people type it:

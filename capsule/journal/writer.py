@@ -24,7 +24,6 @@ import os
 import sqlite3
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, groupby
@@ -34,9 +33,12 @@ from typing import Any
 
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
+from capsule.logs import logger
 from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Request
 from capsule.supervisor.tree import TaskResult
+
+_log = logger("journal")
 
 #: How long the writer lets a batch gather when no caller waits for its commit:
 #: a commit costs ~0.5 - 1 ms of writer CPU (WAL frames for every page touched),
@@ -552,7 +554,7 @@ def _run_action(action: Callable[[], None]) -> None:
     try:
         action()
     except Exception:  # pragma: no cover - a bug in an action
-        traceback.print_exc()
+        _log.exception("an action after a journal commit failed; the writer goes on")
 
 
 def _chunk(left: int) -> int:

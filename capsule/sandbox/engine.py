@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime.component import Component, Instance, Linker, LinkerInstance, Record
 
+from capsule.logs import logger
 from capsule.sandbox import guest_data, oom
 from capsule.sandbox import wasmtime_compat as compat
 from capsule.sandbox.budget import MemoryBudget
@@ -45,6 +46,8 @@ from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
+
+_log = logger("sandbox")
 
 #: How often the epoch advances; the deadline check runs this often per instance.
 TICK_SECONDS = 0.005
@@ -837,7 +840,7 @@ class EpochTicker:
                 try:
                     each()
                 except Exception:  # (one sandbox's failed tick must not end the others')
-                    traceback.print_exc()
+                    _log.exception("a sandbox's epoch tick failed; the ticker goes on")
 
 
 def default_engine() -> tuple[wasmtime.Engine, str]:
