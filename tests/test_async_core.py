@@ -234,6 +234,7 @@ def test_a_journaled_run_is_refused_naming_the_option(tmp_path: Path) -> None:
     refused = capsule_cli("run", str(path), "--core", "async")
     assert refused.returncode == 2
     assert "--core 'async' does not yet journal runs" in refused.stderr
+    assert "run it without a journal (--no-journal)" in refused.stderr
     ran = capsule_cli("run", str(path), "--core", "async", "--no-journal", "--json")
     assert ran.returncode == 0, ran.stderr
     assert ran.json()["result"] == 1

@@ -515,3 +515,39 @@ def test_a_resume_started_as_its_runtime_closes_leaves_no_handle_behind(
         assert rt.handle("late-1") is None
 
     anyio.run(main)
+
+
+def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
+    programs: dict[str, Path], tmp_path: Path
+) -> None:
+    """What fixes an error is said as an application gives it: a journal file
+    is Runtime(journal=...), not `--journal PATH` (the CLI words the same
+    errors with its flags)."""
+    not_a_journal = tmp_path / "notes.db"
+    not_a_journal.write_text("just some notes, not SQLite\n" * 100)
+    with pytest.raises(JournalUnavailable) as unreadable:
+        in_runtime(not_a_journal, lambda rt: rt.runs())
+    assert "Move it away, or pass Runtime(journal=PATH)" in str(unreadable.value)
+
+    async def on_the_async_core(rt: Runtime) -> None:
+        await rt.run(programs["hello"], options=RunOptions(core="async"))
+
+    with pytest.raises(InvalidRequest) as journaled:
+        in_runtime(tmp_path / "journal.db", on_the_async_core)
+    assert "run it without a journal (Runtime(journal=False))" in str(journaled.value)
+
+    program = tmp_path / "changes.py"
+    program.write_text(SLEEPER)
+
+    async def interrupted_then_changed(rt: Runtime) -> None:
+        handle = await rt.start(program, 60, run_id="changes")
+        await wait_for(handle, lambda event: isinstance(event, TaskWaiting))
+        await handle.cancel()
+        program.write_text(SLEEPER + "\n# changed\n")
+        await rt.resume("changes")
+
+    with pytest.raises(NotResumable) as changed:
+        in_runtime(tmp_path / "journal.db", interrupted_then_changed)
+    assert "resume anyway with `capsule resume --force`" in str(changed.value)
+    for error in (unreadable.value, journaled.value, changed.value):
+        assert "--journal" not in str(error) and "--no-journal" not in str(error)

@@ -109,9 +109,11 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
             f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         )
         raise JournalError(
-            f"{shown} changed since run {record.run_id} ran; a resume replays the journal "
-            f"into the program as it is now, and would diverge or do different work. "
-            f"Restore them, or pass --force to resume anyway"
+            lambda name: (
+                f"{shown} changed since run {record.run_id} ran; a resume replays "
+                f"the journal into the program as it is now, and would diverge or do different "
+                f"work. Restore them, or resume anyway with {name('force')}"
+            )
         )
     return program
 
@@ -271,7 +273,7 @@ def _write(writer: JournalWriter, action: Callable[[], None]) -> None:
     try:
         action()
     except JournalFailure as exc:
-        raise JournalError(str(exc)) from None
+        raise JournalError(exc.wording) from None
 
 
 def _journaled_events(writer: JournalWriter) -> EventStream:

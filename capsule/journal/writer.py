@@ -35,6 +35,7 @@ from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
 from capsule.logs import logger
 from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
+from capsule.supervisor.option_specs import Wording, parameter_of
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Request
 from capsule.supervisor.tree import TaskResult
 
@@ -114,7 +115,8 @@ class JournalWriter:
         self._sleeping = False
         self._queued = 0
         self._committed = 0
-        self._failure: str | None = None
+        #: Why the journal cannot be written, once it cannot (as JournalFailure words it).
+        self._failure: Wording | None = None
         self._closing = False
         #: Callers waiting for a commit: the writer commits at once for them.
         self._durable_waiting = 0
@@ -145,7 +147,7 @@ class JournalWriter:
 
     @property
     def failure(self) -> str | None:
-        return self._failure
+        return None if self._failure is None else self._failure(parameter_of)
 
     # -- queueing --------------------------------------------------------------
 
@@ -241,7 +243,7 @@ class JournalWriter:
                     self._failure = (
                         describe_error(self.path, exc)
                         if isinstance(exc, (sqlite3.Error, OSError))
-                        else f"the journal writer failed: {exc!r}"
+                        else _failed_with(exc)
                     )
                     self._rows.clear()
                     self._records.clear()
@@ -546,6 +548,10 @@ _STEP_BATCH_INSERT = (
 #: Most rows in one INSERT (a power of two: a handful of distinct statements;
 #: 256 rows of 14 values stay below SQLite's 32,766 parameters).
 _MAX_ROWS = 256
+
+
+def _failed_with(exc: Exception) -> Wording:
+    return lambda _: f"the journal writer failed: {exc!r}"
 
 
 def _run_action(action: Callable[[], None]) -> None:

@@ -53,6 +53,7 @@ from capsule.supervisor.option_specs import (
     DEFAULT_MAX_RUN_JOURNAL_BYTES,
     DEFAULT_MAX_TASK_OUTPUT_BYTES,
     DEFAULT_RETRY_BACKOFF_S,
+    parameter_of,
 )
 from capsule.supervisor.output import Output
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
@@ -74,7 +75,10 @@ __all__ = [
 
 
 #: Why a journaled (or resumed) run cannot run on the async core.
-ASYNC_NOT_JOURNALED = "core='async' does not yet journal runs: use --no-journal, or core='threads'"
+ASYNC_NOT_JOURNALED = (
+    f"core='async' does not yet journal runs: run it without a journal "
+    f"({parameter_of('no_journal')}), or with core='threads'"
+)
 
 
 class RunInterrupted(Exception):
