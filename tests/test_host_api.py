@@ -28,6 +28,7 @@ from capsule.host import (
     RunNotFound,
     RunOptions,
     Runtime,
+    RuntimeFailure,
     SyncRuntime,
 )
 from capsule.supervisor.events import TaskCompleted, TaskWaiting
@@ -551,3 +552,33 @@ def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
     assert "resume anyway with `capsule resume --force`" in str(changed.value)
     for error in (unreadable.value, journaled.value, changed.value):
         assert "--journal" not in str(error) and "--no-journal" not in str(error)
+
+
+def test_a_host_failure_read_back_from_the_journal_is_still_the_hosts(
+    programs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run the host failed (a bug: nothing ran) was read back from the
+    journal as the caller's InvalidRequest, its traceback lost."""
+    from capsule.sandbox.engine import live_instances
+    from capsule.supervisor.run import Run
+
+    def broken(run: Run, args: Any, kwargs: Any, first: Any, *rest: Any) -> Any:
+        first.store.close()  # (the program's first instance, which main would have run in)
+        raise LookupError("a bug in the host")
+
+    monkeypatch.setattr(Run, "run_main", broken)
+
+    async def body(rt: Runtime) -> tuple[RuntimeFailure, RuntimeFailure]:
+        with pytest.raises(RuntimeFailure) as live:
+            await rt.run(programs["hello"], run_id="host-bug")
+        again = await rt.start(programs["hello"], run_id="host-bug")  # (read back)
+        with pytest.raises(RuntimeFailure) as read_back:
+            await again.result()
+        return live.value, read_back.value
+
+    live, read_back = in_runtime(tmp_path / "journal.db", body)
+    assert live_instances() == 0
+    assert str(read_back) == str(live)
+    assert (
+        read_back.traceback is not None and "LookupError: a bug in the host" in read_back.traceback
+    )

@@ -210,6 +210,11 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
+#: The kind of the error a run that never ran records when the host failed
+#: (with the host's traceback), not what it was asked (kind "error").
+INTERNAL_ERROR = "internal"
+
+
 class JournalError(WordedError):
     """The journal cannot be used (corrupt, too new, unknown run, not writable).
     Nothing in it was changed. Its message names the settings that fix it as

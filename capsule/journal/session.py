@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsule.journal.schema import JournalError, connect, describe_error
+from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
 from capsule.supervisor.options import OptionError, RunOptions
@@ -324,7 +324,13 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
     if result is not None and result.error is not None:
         error = result.error.model_dump()
     elif result is None:
-        error = {"kind": "error", "message": report.usage_error or report.runtime_error}
+        # Nothing ran: because of what was asked (kind "error"), or because the
+        # host failed (kind "internal", with the host's traceback).
+        error = {
+            "kind": "error" if report.usage_error is not None else INTERNAL_ERROR,
+            "message": report.usage_error or report.runtime_error,
+            "traceback": report.traceback,
+        }
     try:
         writer.execute(
             "UPDATE runs SET status = ?, ended_at = ?, result_json = ?, error_json = ? "
@@ -338,4 +344,4 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
             ),
         )
     except JournalFailure as exc:
-        report.journal_error = str(exc)
+        report.journal_error, report.journal_failure = str(exc), exc
