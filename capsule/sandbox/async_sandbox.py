@@ -379,15 +379,25 @@ class AsyncSandbox(Sandbox):
             return attempt
         store = prepared.store
         assert isinstance(store, _AsyncTrackedStore)
+        store.attempt, attempt.store = attempt, store
+        try:
+            self._begin(attempt, prepared.instance, call_json, self._poller)
+        except Exception:  # (the attempt never ran: its instance must not outlive it)
+            self._not_started(attempt, traceback.format_exc())
+        return attempt
+
+    def _begin(self, attempt: Attempt, instance: Instance, call_json: str, poller: Poller) -> None:
+        """Make the attempt's call in its instance and hand it to the poll threads."""
+        invocation, store = attempt.invocation, attempt.store
+        assert store is not None
         limits = invocation.limits
         # The task's own budget, from now: nothing spent while preparing counts.
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_epoch_deadline(1)
         store.set_fuel_yield_interval(self.fuel_yield_interval)
-        store.attempt, attempt.store = attempt, store
         future = self._async_exports[self._run_index].call(
-            store, prepared.instance, task_input(invocation), call_json
+            store, instance, task_input(invocation), call_json
         )
         future.data, attempt.future = attempt, future
         deadline = invocation.deadline
@@ -395,8 +405,25 @@ class AsyncSandbox(Sandbox):
             self._attempts.add(attempt)
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, next(self._order), weakref.ref(attempt)))
-        self._poller.submit(future, self._finished)
-        return attempt
+        poller.submit(future, self._finished)
+
+    def _not_started(self, attempt: Attempt, host_traceback: str) -> None:
+        """End an attempt the host failed to start once its instance was taken:
+        its call (if made) deleted, its instance closed, ``on_done`` here."""
+        if attempt.future is not None:
+            attempt.future.cancel()
+        with self._lock:
+            self._attempts.discard(attempt)
+        store = attempt.store
+        if store is not None:
+            store.attempt = store.invocation = None
+            store.close()
+        error = ErrorInfo(
+            "trap", "the host failed while starting the task", traceback=host_traceback
+        )
+        attempt.outcome = self._outcome(None, error, 0, attempt.started)
+        if attempt.on_done is not None:
+            attempt.on_done(attempt)
 
     def stop(self, attempt: Attempt) -> bool:
         """End ``attempt`` now if it must stop (its invocation's check_stop:
