@@ -54,7 +54,6 @@ from capsule.sandbox.engine import (
     _bound,
     _checked_result,
     _failed,
-    _filled,
     _host_failure,
     _no_finalizer,
     _reported_failure,
@@ -63,7 +62,6 @@ from capsule.sandbox.engine import (
     _stop_if_asked,
     _thread,
     _TrackedStore,
-    _unexplained,
     completions,
     refusal,
     task_input,
@@ -476,7 +474,7 @@ class AsyncSandbox(Sandbox):
         if attempt.ended:
             return
         try:
-            attempt.outcome = self._concluded(attempt, future)
+            attempt.outcome = self._ended(attempt, future)
         except Exception:  # (its owner must hear of its end all the same)
             error = ErrorInfo(
                 "trap", "the host failed while ending the task", traceback=traceback.format_exc()
@@ -488,7 +486,7 @@ class AsyncSandbox(Sandbox):
         if attempt.on_done is not None:
             attempt.on_done(attempt)
 
-    def _concluded(self, attempt: Attempt, future: CallFuture[Any]) -> AttemptOutcome:
+    def _ended(self, attempt: Attempt, future: CallFuture[Any]) -> AttemptOutcome:
         """The outcome of an attempt whose call ended; its instance is closed."""
         invocation, store = attempt.invocation, attempt.store
         assert store is not None
@@ -510,22 +508,8 @@ class AsyncSandbox(Sandbox):
                         if isinstance(value, str)
                         else _reported_failure(value)
                     )
-            ending_failure = self._end_attempt(invocation)
-            fuel = self._used(store, invocation)
-            size = None
-            measure = invocation.measure_memory and self.prefaulter.asks_cheaply
-            if measure or _unexplained(invocation, result):
-                size = self._memory_sizes([store])[0]
             store.attempt = None
-            self._close(store)
-        if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
-            result = _filled(result, size, invocation.limits) or result
-        if ending_failure is not None and not isinstance(result, ErrorInfo):
-            result = ending_failure
-        peak = size if measure else None
-        if isinstance(result, ErrorInfo):
-            return self._outcome(None, result, fuel, attempt.started, peak)
-        return self._outcome(result, None, fuel, attempt.started, peak)
+            return self._concluded(invocation, store, result, attempt.started)
 
     # -- imports -------------------------------------------------------------
 

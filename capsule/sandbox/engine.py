@@ -1381,7 +1381,6 @@ class Sandbox:
         store = prepared.store
         store.thread = threading.get_ident()
         result: str | ErrorInfo | None = None
-        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
         with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
@@ -1396,20 +1395,35 @@ class Sandbox:
             else:
                 if isinstance(result, str):
                     result = _checked_result(invocation, result)
-            finally:
-                ending_failure = self._end_attempt(invocation)
-                fuel = self._used(store, invocation)
-                size = None
-                if measure or _unexplained(invocation, result):
-                    # (Linear memory only grows: its size now is its largest.)
-                    size = self._memory_sizes([store])[0]
-                self._close(store)
+            finally:  # (an interrupt too: the instance is closed, and it goes on up)
+                outcome = self._concluded(invocation, store, result, started)
+        return outcome
+
+    def _concluded(
+        self,
+        invocation: Invocation,
+        store: _TrackedStore,
+        result: str | ErrorInfo | None,
+        started: float,
+    ) -> AttemptOutcome:
+        """The outcome of an attempt whose call ended with ``result`` (None: it
+        never returned), on either mode's thread, with the attempt bound: what
+        ending it finds (its channel's last messages), its fuel and, if it
+        says why it failed or is asked, its memory's size; its instance is
+        closed."""
+        ending_failure = self._end_attempt(invocation)
+        fuel = self._used(store, invocation)
+        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
+        size = None
+        if measure or _unexplained(invocation, result):
+            # (Linear memory only grows: its size now is its largest.)
+            size = self._memory_sizes([store])[0]
+        self._close(store)
         peak = size if measure else None
         if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
-            result = _filled(result, size, limits) or result
+            result = _filled(result, size, invocation.limits) or result
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
-        assert result is not None
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started, peak)
         return self._outcome(result, None, fuel, started, peak)
