@@ -582,3 +582,58 @@ def test_a_host_failure_read_back_from_the_journal_is_still_the_hosts(
     assert (
         read_back.traceback is not None and "LookupError: a bug in the host" in read_back.traceback
     )
+
+
+SILENT = """
+from capsule import receive, task
+
+@task(name="main")
+def main() -> str:
+    while True:
+        message = receive()
+        if message.expects_reply:
+            print("asked, and never replying", flush=True)
+        elif message.body == "stop":
+            return "stopped"
+"""
+
+
+def _asks_waiting() -> int:
+    """Threads of this process blocked in a wait of an ask from outside (for
+    its reply, or to be told it has a reply)."""
+    import threading
+
+    import capsule.actors.external
+
+    where = capsule.actors.external.__file__
+    count = 0
+    for frame in sys._current_frames().values():
+        inner = None
+        while frame is not None and frame.f_code.co_filename != where:
+            inner, frame = frame, frame.f_back  # type: ignore[assignment]
+        if frame is not None and inner is not None:
+            count += inner.f_code is threading.Event.wait.__code__
+    return count
+
+
+def test_a_cancelled_ask_stops_waiting_for_its_reply(tmp_path: Path) -> None:
+    program = write(tmp_path, "silent.py", SILENT)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        async with anyio.create_task_group() as group:
+
+            async def ask() -> None:
+                await handle.ask("main", "anyone?", timeout=600)
+                raise AssertionError("the silent actor replied")
+
+            group.start_soon(ask)
+            await wait_for(handle, lambda e: "never replying" in getattr(e, "text", ""))
+            assert _asks_waiting() == 1
+            group.cancel_scope.cancel()
+        # Its thread let go of the ask as the cancellation ended; the run goes on.
+        assert _asks_waiting() == 0
+        await handle.send("main", "stop")
+        assert (await handle.result()).value == "stopped"
+
+    in_runtime(False, body)
