@@ -550,8 +550,16 @@ def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
     with pytest.raises(NotResumable) as changed:
         in_runtime(tmp_path / "journal.db", interrupted_then_changed)
     assert "resume anyway with `capsule resume --force`" in str(changed.value)
-    for error in (unreadable.value, journaled.value, changed.value):
-        assert "--journal" not in str(error) and "--no-journal" not in str(error)
+
+    async def ended_then_resumed(rt: Runtime) -> None:
+        await rt.run(programs["hello"], run_id="ended")
+        await rt.resume("ended")
+
+    with pytest.raises(NotResumable) as ended:
+        in_runtime(tmp_path / "journal.db", ended_then_resumed)
+    assert "Runtime.inspect('ended') shows how it ended" in str(ended.value)
+    for error in (unreadable.value, journaled.value, changed.value, ended.value):
+        assert "--journal" not in str(error) and "`capsule inspect" not in str(error)
 
 
 def test_a_host_failure_read_back_from_the_journal_is_still_the_hosts(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
+from capsule.supervisor.option_specs import Naming
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
@@ -88,13 +89,17 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
     status = record.shown_status
     if status in ("completed", "failed", "error"):
         raise JournalError(
-            f"run {record.run_id} already ended ({status}); there is nothing to resume. "
-            f"`capsule inspect {record.run_id}` shows how it ended"
+            lambda name: (
+                f"run {record.run_id} already ended ({status}); there is nothing to "
+                f"resume. {_inspect(name, record.run_id)} shows how it ended"
+            )
         )
     if status == "running":
         raise JournalError(
-            f"run {record.run_id} is still running (process {record.host_pid}); "
-            f"`capsule inspect {record.run_id}` shows how far it got"
+            lambda name: (
+                f"run {record.run_id} is still running (process {record.host_pid}); "
+                f"{_inspect(name, record.run_id)} shows how far it got"
+            )
         )
     program = Path(record.program)
     if not program.is_file():
@@ -116,6 +121,11 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
             )
         )
     return program
+
+
+def _inspect(name: Naming, run_id: str) -> str:
+    """How to inspect ``run_id``, for a Naming of the settings."""
+    return name("inspect").replace("RUN_ID", run_id)
 
 
 def _file_hash(path: Path) -> str | None:
@@ -211,8 +221,10 @@ def _claim(journal: Path, record: RunRecord, digest: str) -> None:
         connection.close()
     if claimed != 1:
         raise JournalError(
-            f"run {record.run_id} was resumed by another process or Runtime while this "
-            f"one prepared to; `capsule inspect {record.run_id}` shows how far it got"
+            lambda name: (
+                f"run {record.run_id} was resumed by another process or Runtime "
+                f"while this one prepared to; {_inspect(name, record.run_id)} shows how far it got"
+            )
         )
 
 

@@ -164,8 +164,9 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
 OPTION_SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in RUN_OPTIONS}
 
 
-#: Settings a message may name besides the run options: the journal's (where,
-#: or none) and resume's (anyway), as the host API takes them and as flags.
+#: What a message may name besides the run options: the journal's settings
+#: (where, or none), resume's (anyway) and the ways to read a journal, as the
+#: host API has them and as the CLI's flags and commands. (RUN_ID: the run's.)
 OTHER_SETTINGS: dict[str, tuple[str, str]] = {
     "journal": ("Runtime(journal=PATH)", "--journal PATH"),
     "no_journal": ("Runtime(journal=False)", "--no-journal"),
@@ -173,6 +174,8 @@ OTHER_SETTINGS: dict[str, tuple[str, str]] = {
         "`capsule resume --force` (the host API resumes only an unchanged program)",
         "--force",
     ),
+    "runs": ("Runtime.runs()", "`capsule runs`"),
+    "inspect": ("Runtime.inspect('RUN_ID')", "`capsule inspect RUN_ID`"),
 }
 
 #: How a message names a setting (``parameter_of``, ``flag_of``).
