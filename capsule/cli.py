@@ -24,8 +24,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from capsule.logs import show_on_stderr
 from capsule.stdio import STREAMS, StdioWriter, Stream
-from capsule.supervisor.option_specs import RUN_OPTIONS, flag_of
+from capsule.supervisor.option_specs import RUN_OPTIONS, WordedError, flag_of
 from capsule.terminal import visible
 
 EXIT_OK = 0
@@ -37,7 +38,7 @@ EXIT_TUI_FAILED = 9
 EXIT_INTERRUPTED = 130
 
 
-class UsageError(Exception):
+class UsageError(WordedError):
     """Bad command-line input; reported with exit code 2."""
 
 
@@ -249,6 +250,7 @@ def _journal_option(command: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     _open_standard_streams()
+    show_on_stderr()  # (the command owns its stderr; a library's logs are its app's)
     parser = _parser()
     try:
         # Known-args, so that `capsule run FILE a --verbose b` works as people type it:
@@ -493,9 +495,11 @@ def _show_run(
                 report = run(renderer)
                 if report.option_error is not None:  # named as the flag that set it
                     report.usage_error = report.option_error.worded(flag_of)
+                if report.journal_failure is not None:
+                    report.journal_error = report.journal_failure.worded(flag_of)
             except JournalError as exc:
-                renderer.error(str(exc))
-                renderer.ended_without_report(journal_error=str(exc))
+                renderer.error(exc.worded(flag_of))
+                renderer.ended_without_report(journal_error=exc.worded(flag_of))
                 return renderer.end(EXIT_USAGE)
             except KeyboardInterrupt:  # before the run started, or while it was cleaning up
                 message = f"interrupted after {time.monotonic() - started:.1f}s"
@@ -563,7 +567,7 @@ def _run_with_tui(
             else:
                 report = run_journaled(request, journal, source.on_event, on_run=source.on_run)
         except JournalError as exc:
-            report = RunReport(journal_error=str(exc))
+            report = RunReport(journal_error=exc.worded(flag_of))
         reports.append(report)
         source.ended(report.status, _exit_code(report))
 
@@ -647,7 +651,7 @@ def _tui_command(options: argparse.Namespace) -> int:
             by_id = {run.run_id: run for run in runs}
             app = CapsuleApp(picker=(runs, lambda run_id: JournalSource(journal, by_id[run_id])))
     except (UsageError, JournalError) as exc:
-        _error(str(exc))
+        _error(exc.worded(flag_of))
         return EXIT_USAGE
     if not _in_terminal("capsule tui"):
         return EXIT_USAGE
@@ -773,7 +777,7 @@ def _runs_command(options: argparse.Namespace) -> int:
                 ]
             )
     except (UsageError, JournalError) as exc:
-        _error(str(exc))
+        _error(exc.worded(flag_of))
         return EXIT_USAGE
     except _UNREADABLE_RECORD as exc:
         _error(_unreadable(journal, exc))
@@ -882,7 +886,7 @@ def _inspect_command(options: argparse.Namespace) -> int:
         else:
             text = "\n".join(_inspect_lines(run, tasks))
     except (UsageError, JournalError) as exc:
-        _error(str(exc))
+        _error(exc.worded(flag_of))
         return EXIT_USAGE
     except _UNREADABLE_RECORD as exc:
         _error(_unreadable(journal, exc))

@@ -603,6 +603,27 @@ def test_an_attempt_that_cannot_start_ends_at_once(
     assert sandbox.running == 0
 
 
+def test_an_attempt_the_host_fails_to_start_leaves_no_instance(
+    sandbox: AsyncSandbox, waits: Waits, host: Host
+) -> None:
+    """Its instance taken, the call cannot be made (arguments that cannot be
+    handed to the guest: a lone surrogate is no UTF-8): the instance is closed,
+    and the attempt ends at once as the host's failure."""
+    ended = Ended()
+    unlowerable = '{"args": ["\ud800"], "kwargs": {}}'
+    attempt = sandbox.start(invocation("u", "hello", host), "prog", unlowerable, waits, ended)
+    assert attempt.ended and ended.attempts == [attempt]  # (on this thread)
+    assert attempt.outcome is not None and attempt.outcome.error is not None
+    assert attempt.outcome.error.kind == "trap"
+    assert attempt.outcome.error.message == "the host failed while starting the task"
+    assert "UnicodeEncodeError" in (attempt.outcome.error.traceback or "")
+    assert sandbox.running == 0
+    gc.collect()
+    assert live_instances() == 0
+    after = run(sandbox, waits, invocation("v", "hello", host), args("x"))
+    assert after.outcome is not None and after.outcome.error is None
+
+
 def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) -> None:
     (tmp_path / "prog.py").write_text(PROGRAM)
     ended = Ended()

@@ -28,6 +28,7 @@ from capsule.host import (
     RunNotFound,
     RunOptions,
     Runtime,
+    RuntimeFailure,
     SyncRuntime,
 )
 from capsule.supervisor.events import TaskCompleted, TaskWaiting
@@ -515,3 +516,132 @@ def test_a_resume_started_as_its_runtime_closes_leaves_no_handle_behind(
         assert rt.handle("late-1") is None
 
     anyio.run(main)
+
+
+def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
+    programs: dict[str, Path], tmp_path: Path
+) -> None:
+    """What fixes an error is said as an application gives it: a journal file
+    is Runtime(journal=...), not `--journal PATH` (the CLI words the same
+    errors with its flags)."""
+    not_a_journal = tmp_path / "notes.db"
+    not_a_journal.write_text("just some notes, not SQLite\n" * 100)
+    with pytest.raises(JournalUnavailable) as unreadable:
+        in_runtime(not_a_journal, lambda rt: rt.runs())
+    assert "Move it away, or pass Runtime(journal=PATH)" in str(unreadable.value)
+
+    async def on_the_async_core(rt: Runtime) -> None:
+        await rt.run(programs["hello"], options=RunOptions(core="async"))
+
+    with pytest.raises(InvalidRequest) as journaled:
+        in_runtime(tmp_path / "journal.db", on_the_async_core)
+    assert "run it without a journal (Runtime(journal=False))" in str(journaled.value)
+
+    program = tmp_path / "changes.py"
+    program.write_text(SLEEPER)
+
+    async def interrupted_then_changed(rt: Runtime) -> None:
+        handle = await rt.start(program, 60, run_id="changes")
+        await wait_for(handle, lambda event: isinstance(event, TaskWaiting))
+        await handle.cancel()
+        program.write_text(SLEEPER + "\n# changed\n")
+        await rt.resume("changes")
+
+    with pytest.raises(NotResumable) as changed:
+        in_runtime(tmp_path / "journal.db", interrupted_then_changed)
+    assert "resume anyway with `capsule resume --force`" in str(changed.value)
+
+    async def ended_then_resumed(rt: Runtime) -> None:
+        await rt.run(programs["hello"], run_id="ended")
+        await rt.resume("ended")
+
+    with pytest.raises(NotResumable) as ended:
+        in_runtime(tmp_path / "journal.db", ended_then_resumed)
+    assert "Runtime.inspect('ended') shows how it ended" in str(ended.value)
+    for error in (unreadable.value, journaled.value, changed.value, ended.value):
+        assert "--journal" not in str(error) and "`capsule inspect" not in str(error)
+
+
+def test_a_host_failure_read_back_from_the_journal_is_still_the_hosts(
+    programs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run the host failed (a bug: nothing ran) was read back from the
+    journal as the caller's InvalidRequest, its traceback lost."""
+    from capsule.sandbox.engine import live_instances
+    from capsule.supervisor.run import Run
+
+    def broken(run: Run, args: Any, kwargs: Any, first: Any, *rest: Any) -> Any:
+        first.store.close()  # (the program's first instance, which main would have run in)
+        raise LookupError("a bug in the host")
+
+    monkeypatch.setattr(Run, "run_main", broken)
+
+    async def body(rt: Runtime) -> tuple[RuntimeFailure, RuntimeFailure]:
+        with pytest.raises(RuntimeFailure) as live:
+            await rt.run(programs["hello"], run_id="host-bug")
+        again = await rt.start(programs["hello"], run_id="host-bug")  # (read back)
+        with pytest.raises(RuntimeFailure) as read_back:
+            await again.result()
+        return live.value, read_back.value
+
+    live, read_back = in_runtime(tmp_path / "journal.db", body)
+    assert live_instances() == 0
+    assert str(read_back) == str(live)
+    assert (
+        read_back.traceback is not None and "LookupError: a bug in the host" in read_back.traceback
+    )
+
+
+SILENT = """
+from capsule import receive, task
+
+@task(name="main")
+def main() -> str:
+    while True:
+        message = receive()
+        if message.expects_reply:
+            print("asked, and never replying", flush=True)
+        elif message.body == "stop":
+            return "stopped"
+"""
+
+
+def _asks_waiting() -> int:
+    """Threads of this process blocked in a wait of an ask from outside (for
+    its reply, or to be told it has a reply)."""
+    import threading
+
+    import capsule.actors.external
+
+    where = capsule.actors.external.__file__
+    count = 0
+    for frame in sys._current_frames().values():
+        inner = None
+        while frame is not None and frame.f_code.co_filename != where:
+            inner, frame = frame, frame.f_back  # type: ignore[assignment]
+        if frame is not None and inner is not None:
+            count += inner.f_code is threading.Event.wait.__code__
+    return count
+
+
+def test_a_cancelled_ask_stops_waiting_for_its_reply(tmp_path: Path) -> None:
+    program = write(tmp_path, "silent.py", SILENT)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        async with anyio.create_task_group() as group:
+
+            async def ask() -> None:
+                await handle.ask("main", "anyone?", timeout=600)
+                raise AssertionError("the silent actor replied")
+
+            group.start_soon(ask)
+            await wait_for(handle, lambda e: "never replying" in getattr(e, "text", ""))
+            assert _asks_waiting() == 1
+            group.cancel_scope.cancel()
+        # Its thread let go of the ask as the cancellation ended; the run goes on.
+        assert _asks_waiting() == 0
+        await handle.send("main", "stop")
+        assert (await handle.result()).value == "stopped"
+
+    in_runtime(False, body)

@@ -273,6 +273,7 @@ def test_kill_9_then_resume_finishes_the_run_with_journaled_steps_run_once(
     again = capsule_cli("resume", run["run_id"], cwd=tmp_path)
     assert again.returncode == 2
     assert "already ended (completed)" in again.stderr
+    assert f"`capsule inspect {run['run_id']}` shows how it ended" in again.stderr
 
 
 def test_completed_tasks_are_not_executed_again(tmp_path: Path, core: str) -> None:
@@ -636,6 +637,7 @@ def test_bad_journals_are_refused_with_exit_2_and_left_untouched(tmp_path: Path)
     assert capsule_cli("run", str(program), "--journal", str(good), cwd=tmp_path).returncode == 0
     unknown = capsule_cli("inspect", "nosuchrun", "--journal", str(good), cwd=tmp_path)
     assert unknown.returncode == 2 and "no run 'nosuchrun'" in unknown.stderr
+    assert "`capsule runs` lists them" in unknown.stderr
     missing = capsule_cli("runs", "--journal", str(tmp_path / "none.db"), cwd=tmp_path)
     assert missing.returncode == 2 and "no journal at" in missing.stderr
 

@@ -49,21 +49,27 @@ def test_blocked_tasks_free_their_slot(run_program: ProgramRunner) -> None:
     outcome = run_program(
         BURNERS
         + """
-    @task(name="main", compute="HIGH")
+    @task(compute="HIGH")
+    def blocked():
+        capsule.send("main", "about to block")
+        capsule.receive()  # until main has burned
+        return "released"
+
+    @task(name="main", compute="HIGH", timeout="30s", max_retries=0)
     def main():
-        sleepers = [nap_then_burn.spawn(10) for _ in range(3)]
-        capsule.sleep(0.05)
-        # main waits (slot free) while three children sleep (slots free): this
-        # child gets the only slot at once.
-        started = time.monotonic()
+        handles = [blocked.spawn() for _ in range(3)]
+        for _ in handles:
+            capsule.receive()
+        # Three children wait in receive: were they holding the only slot,
+        # main would never run again (its deadline is a hang guard).
         burn(10)
-        took = time.monotonic() - started
-        capsule.gather(*sleepers)
-        return took
+        for handle in handles:
+            capsule.send(handle, "go")
+        return capsule.gather(*handles)
     """,
         cpu_slots=1,
     )
-    assert outcome.value < 0.25  # it did not wait for the 0.3 s naps
+    assert outcome.value == ["released"] * 3
 
 
 def test_cpu_slots_must_be_positive() -> None:

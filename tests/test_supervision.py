@@ -59,28 +59,53 @@ def test_transient_child_is_restarted_after_a_failure(run_program: ProgramRunner
 def test_temporary_child_is_never_restarted_and_never_fails_its_parent(
     run_program: ProgramRunner,
 ) -> None:
+    # Each step waits for the last one's report: a sibling's failure restarts
+    # the running children it finds, so which are running when is set here.
     outcome = run_program(
         COMMON
         + """
     @task(restart="temporary", max_retries=1)
     def one_shot():
         report("one_shot")
+        receive()  # until main says
         if capsule.current().attempt == 1:
             raise RuntimeError("gone")
         return "returned"
 
+    @task(compute="HIGH", max_retries=3)
+    def crashes_when_told(tag):
+        report(tag)
+        receive()
+        if capsule.current().attempt == 1:
+            raise RuntimeError(f"{tag} crashed")
+        receive()
+
     @task(name="main", strategy="one_for_all")
     def main():
-        one_shot.spawn()
-        fails_once.spawn("b")  # restarts its running siblings, but not a temporary one
-        return sorted(receive(timeout=10).body for _ in range(4))
+        one = one_shot.spawn()
+        seen = [receive(timeout=10).body]
+        send(one, "fail")  # retried by its own max_retries: no sibling runs yet
+        seen.append(receive(timeout=10).body)
+        b = crashes_when_told.spawn("b")
+        seen.append(receive(timeout=10).body)
+        send(b, "crash")  # restarts its running siblings, but not a temporary one
+        seen.append(receive(timeout=10).body)
+        send(one, "return")
+        return [seen, one.result(timeout=10)]
     """,
         retry_backoff=0.01,
     )
-    # Retried after its failure (its own max_retries); not restarted when it returned.
-    assert outcome.value == [["b", 1], ["b", 2], ["one_shot", 1], ["one_shot", 2]]
+    seen, returned = outcome.value
+    assert seen == [["one_shot", 1], ["one_shot", 2], ["b", 1], ["b", 2]]
+    assert returned == "returned"
+    # Retried after its failure (its own max_retries); not restarted when a
+    # sibling failed, nor when it returned.
     assert [e.attempt for e in outcome.of_type("started") if e.task == "one_shot"] == [1, 2]
     assert [e for e in outcome.of_type("restarting") if e.task == "one_shot"] == []
+    assert [e.attempt for e in outcome.of_type("started") if e.task == "crashes_when_told"] == [
+        1,
+        2,
+    ]
 
 
 def test_permanent_child_is_restarted_after_returning(run_program: ProgramRunner) -> None:

@@ -454,6 +454,29 @@ def test_a_poller_closed_cancels_the_calls_it_holds(guest: Guest) -> None:
         future.store.close()
 
 
+def test_a_failure_handing_on_a_calls_end_is_logged_and_the_poller_goes_on(
+    guest: Guest, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    linker = guest.linker(lambda _timeout: envelope("at once"))
+    futures = [guest.start(linker, "echo", data=key) for key in range(2)]
+    second_ended = threading.Event()
+
+    def on_done(future: CallFuture[Any]) -> None:
+        if future is futures[0]:
+            raise LookupError("a bug in on_done")
+        second_ended.set()
+
+    with Poller(threads=1) as poller:
+        poller.submit(futures[0], on_done)
+        poller.submit(futures[1], on_done)
+        assert second_ended.wait(60)
+    [record] = [r for r in caplog.records if r.name == "capsule.sandbox"]
+    assert record.exc_info is not None and record.exc_info[0] is LookupError
+    assert capfd.readouterr().err == ""
+    for future in futures:
+        future.store.close()
+
+
 # -- the fiber's stack ---------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ class Delivered:
 class ExternalError(Exception):
     """Why a message from outside was not delivered or answered; ``kind`` is
     ``no_such_actor``, ``mailbox_full``, ``queue_full``, ``too_large``,
-    ``timeout``, ``actor_ended`` or ``run_ended``."""
+    ``timeout``, ``actor_ended``, ``run_ended`` or ``cancelled``."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -44,6 +44,44 @@ class _Waiter:
 
     def wake(self) -> None:
         self.woken.set()
+
+
+class Asking:
+    """An ask from outside that its caller may stop (from any thread) while it
+    waits for its reply; ``on_end`` is called once a wait that began is over."""
+
+    def __init__(self, on_end: Callable[[], None] = lambda: None) -> None:
+        self.waiter = _Waiter()
+        self._on_end = on_end
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._waiting = False
+
+    def stop(self) -> bool:
+        """Stop it: its wait ends at once (or never begins). True if a wait
+        was under way: ``on_end`` follows once it let go of the ask."""
+        with self._lock:
+            self._stopped = True
+            waiting = self._waiting
+        self.waiter.wake()
+        return waiting
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def begin(self) -> None:
+        """The wait begins (ExternalError if it was stopped first)."""
+        with self._lock:
+            if self._stopped:
+                raise ExternalError("cancelled", "the ask was cancelled")
+            self._waiting = True
+
+    def end(self) -> None:
+        with self._lock:
+            waited, self._waiting = self._waiting, False
+        if waited:
+            self._on_end()
 
 
 class ExternalMessages:
@@ -71,10 +109,19 @@ class ExternalMessages:
             self._waiters.discard(waiter)
         return delivered
 
-    def ask(self, target: str, body_json: str, timeout: float) -> str:
+    def ask(self, target: str, body_json: str, timeout: float, asking: Asking | None = None) -> str:
         """Deliver a message that expects a reply; the reply's JSON text once
-        it came, or ExternalError (timeout, the target ended, the run ended)."""
-        delivered, waiter = self._deliver(target, body_json, asks=True)
+        it came, or ExternalError (timeout, the target ended, the run ended,
+        or ``asking`` was stopped)."""
+        asking = asking or Asking()
+        asking.begin()
+        try:
+            return self._ask(target, body_json, timeout, asking)
+        finally:
+            asking.end()
+
+    def _ask(self, target: str, body_json: str, timeout: float, asking: Asking) -> str:
+        delivered, waiter = self._deliver(target, body_json, asks=True, waiter=asking.waiter)
         message_id = delivered.message_id
         deadline = time.monotonic() + timeout
         try:
@@ -88,6 +135,8 @@ class ExternalMessages:
                     return reply
                 if self._closed:
                     raise ExternalError("run_ended", "the run ended before a reply came")
+                if asking.stopped:
+                    raise ExternalError("cancelled", "the ask was cancelled")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ExternalError("timeout", f"no reply from {target!r} within {timeout:g}s")
@@ -108,14 +157,16 @@ class ExternalMessages:
         for waiter in waiters:
             waiter.wake()
 
-    def _deliver(self, target: str, body_json: str, asks: bool) -> tuple[Delivered, _Waiter]:
+    def _deliver(
+        self, target: str, body_json: str, asks: bool, waiter: _Waiter | None = None
+    ) -> tuple[Delivered, _Waiter]:
         if len(body_json) > self.max_message_bytes:
             raise ExternalError(
                 "too_large",
                 f"a message of {len(body_json):,} bytes (as JSON) exceeds the run's limit "
                 f"of {self.max_message_bytes:,} bytes (the run option max_message_size)",
             )
-        waiter = _Waiter()
+        waiter = waiter or _Waiter()
         with self._lock:
             if self._closed:
                 raise ExternalError("run_ended", "the run is ending")

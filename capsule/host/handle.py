@@ -9,11 +9,12 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from capsule.actors.external import Delivered, ExternalError, ExternalMessages
+from capsule.actors.external import Asking, Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
 from capsule.host.requests import json_text
 from capsule.host.result import RunResult
@@ -107,6 +108,11 @@ class RunHandle:
             self._schedule(self._wake)
             if root_began:
                 self._schedule(self._started.set)
+
+    def _soon(self, function: Callable[[], None]) -> None:
+        """Have the loop call ``function`` soon (from a run's thread)."""
+        with suppress(RuntimeError):  # (the loop closed: nobody waits any more)
+            self._schedule(function)
 
     def _forget_oldest(self) -> None:
         _, event = self._events.popleft()
@@ -233,18 +239,23 @@ class RunHandle:
             )
         external = await self._external(name)
         body = _body_json(message)
+        let_go = anyio.Event()
+        asking = Asking(on_end=lambda: self._soon(let_go.set))
         try:
-            # (Abandoned if the caller is cancelled: the ask ends by its timeout.)
             reply: str = await anyio.to_thread.run_sync(
-                external.ask,
-                name,
-                body,
-                float(timeout),
+                partial(external.ask, name, body, float(timeout), asking),
                 abandon_on_cancel=True,
                 limiter=self._limiter,
             )
         except ExternalError as exc:
             raise DeliveryError(exc.kind, str(exc)) from None
+        except anyio.get_cancelled_exc_class():
+            # The caller was cancelled: its thread stops waiting for the reply
+            # now, and is back (the ask forgotten) before the cancellation goes on.
+            if asking.stop():
+                with anyio.CancelScope(shield=True):
+                    await let_go.wait()
+            raise
         return json.loads(reply)
 
     async def _external(self, name: str) -> ExternalMessages:

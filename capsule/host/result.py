@@ -117,12 +117,18 @@ def report_result(report: RunReport, stdout: str = "", stderr: str = "") -> RunR
 
 def record_result(record: RunRecord) -> RunResult:
     """The result of a run the journal holds, as far as it says (a run that
-    could not start raises its error again, as InvalidRequest)."""
+    could not start raises its error again: InvalidRequest, or RuntimeFailure
+    if the host failed, as when it ran)."""
+    from capsule.journal.schema import INTERNAL_ERROR
+
     status = record.shown_status
     error = record.error if isinstance(record.error, dict) else None
     if status == "error":
-        message = error.get("message") if error else None
-        raise InvalidRequest(str(message or f"run {record.run_id} did not start"))
+        message = str((error or {}).get("message") or f"run {record.run_id} did not start")
+        if error is not None and error.get("kind") == INTERNAL_ERROR:
+            traceback = error.get("traceback")
+            raise RuntimeFailure(message, traceback if isinstance(traceback, str) else None)
+        raise InvalidRequest(message)
     failure = None
     if error is not None and isinstance(error.get("kind"), str):
         failure = RunFailure(

@@ -254,7 +254,7 @@ async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRe
         rows = list(await cursor.fetchall())
     if not rows:
         raise JournalError(
-            f"no run {run_id!r} in the journal {path}; `capsule runs` lists them"
+            (lambda name: f"no run {run_id!r} in the journal {path}; {name('runs')} lists them")
             if run_id is not None
             else f"the journal {path} holds no runs"
         )

@@ -9,6 +9,8 @@ import os
 import sqlite3
 from pathlib import Path
 
+from capsule.supervisor.option_specs import WordedError, Wording
+
 #: The schema this Capsule writes (``PRAGMA user_version``).
 SCHEMA_VERSION = 9
 
@@ -208,9 +210,15 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
-class JournalError(Exception):
+#: The kind of the error a run that never ran records when the host failed
+#: (with the host's traceback), not what it was asked (kind "error").
+INTERNAL_ERROR = "internal"
+
+
+class JournalError(WordedError):
     """The journal cannot be used (corrupt, too new, unknown run, not writable).
-    Nothing in it was changed."""
+    Nothing in it was changed. Its message names the settings that fix it as
+    the host API takes them; ``worded(flag_of)``, as the CLI's flags."""
 
 
 def default_journal(program: Path | None = None) -> Path:
@@ -223,27 +231,32 @@ def default_journal(program: Path | None = None) -> Path:
     return base / ".capsule" / "journal.db"
 
 
-def describe_error(path: Path, exc: BaseException) -> str:
-    """What went wrong with the journal file, in words that suggest the fix."""
+def describe_error(path: Path, exc: BaseException) -> Wording:
+    """What went wrong with the journal file, in words that suggest the fix
+    (for a Naming of the settings: see JournalError)."""
     text = str(exc)
     code = getattr(exc, "errno", None)
     if path.is_dir():
-        return f"the journal {path} is a directory; pass the journal's file (--journal PATH)"
+        return lambda name: (
+            f"the journal {path} is a directory; pass the journal's file ({name('journal')})"
+        )
     if "readonly" in text or code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return (
+        return lambda name: (
             f"the journal {path} cannot be written: it is read-only or not ours to write "
-            f"({text}); pass --journal PATH, or --no-journal"
+            f"({text}); pass {name('journal')}, or {name('no_journal')}"
         )
     if "disk is full" in text or code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"the journal {path} cannot be written: the disk is full ({text})"
+        return lambda _: f"the journal {path} cannot be written: the disk is full ({text})"
     if "not a database" in text or "malformed" in text:
-        return (
+        return lambda name: (
             f"{path} is not a readable Capsule journal ({text}); it was left untouched. "
-            f"Move it away, or pass --journal PATH"
+            f"Move it away, or pass {name('journal')}"
         )
     if "disk I/O" in text or isinstance(exc, OSError):
-        return f"the journal {path} cannot be written: {text} (a full disk, or a failing one?)"
-    return f"the journal {path} cannot be used: {text}"
+        return lambda _: (
+            f"the journal {path} cannot be written: {text} (a full disk, or a failing one?)"
+        )
+    return lambda _: f"the journal {path} cannot be used: {text}"
 
 
 def missing_journal(path: Path) -> JournalError:
@@ -259,15 +272,19 @@ def missing_journal(path: Path) -> JournalError:
             pass  # an unreadable directory: no hint
     if not nearby:
         return JournalError(
-            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside "
-            f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
+            lambda name: (
+                f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db "
+                f"beside the program (pass {name('journal')}, or set CAPSULE_JOURNAL)"
+            )
         )
     shown = [str(found.relative_to(cwd)) for found in nearby[:3]]
     more = f" (and {len(nearby) - 3} more)" if len(nearby) > 3 else ""
     return JournalError(
-        f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db beside the "
-        f"program, and there is one at {', '.join(shown)}{more}: pass --journal "
-        f"{shown[0]}, or set CAPSULE_JOURNAL"
+        lambda name: (
+            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db "
+            f"beside the program, and there is one at {', '.join(shown)}{more}: pass "
+            f"{name('journal').replace('PATH', shown[0])}, or set CAPSULE_JOURNAL"
+        )
     )
 
 
@@ -294,14 +311,18 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
         ).fetchone()
         if version > SCHEMA_VERSION:
             raise JournalError(
-                f"the journal {path} has schema version {version}, written by a newer "
-                f"Capsule; this one reads versions up to {SCHEMA_VERSION}. Upgrade Capsule, "
-                f"or pass --journal PATH for a new journal"
+                lambda name: (
+                    f"the journal {path} has schema version {version}, written by a "
+                    f"newer Capsule; this one reads versions up to {SCHEMA_VERSION}. Upgrade "
+                    f"Capsule, or pass {name('journal')} for a new journal"
+                )
             )
         if version == 0 and tables > 0:
             raise JournalError(
-                f"{path} is an SQLite database but not a Capsule journal; it was left "
-                f"untouched. Pass --journal PATH for a journal file"
+                lambda name: (
+                    f"{path} is an SQLite database but not a Capsule journal; it was "
+                    f"left untouched. Pass {name('journal')} for a journal file"
+                )
             )
         connection.execute("PRAGMA journal_mode=WAL")
         # WAL with NORMAL: a commit survives the process being killed; an OS crash

@@ -13,9 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from capsule.journal.schema import JournalError, connect, describe_error
+from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
+from capsule.supervisor.option_specs import Naming
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, run_program
 from capsule.supervisor.run import Run, new_run_id
@@ -88,13 +89,17 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
     status = record.shown_status
     if status in ("completed", "failed", "error"):
         raise JournalError(
-            f"run {record.run_id} already ended ({status}); there is nothing to resume. "
-            f"`capsule inspect {record.run_id}` shows how it ended"
+            lambda name: (
+                f"run {record.run_id} already ended ({status}); there is nothing to "
+                f"resume. {_inspect(name, record.run_id)} shows how it ended"
+            )
         )
     if status == "running":
         raise JournalError(
-            f"run {record.run_id} is still running (process {record.host_pid}); "
-            f"`capsule inspect {record.run_id}` shows how far it got"
+            lambda name: (
+                f"run {record.run_id} is still running (process {record.host_pid}); "
+                f"{_inspect(name, record.run_id)} shows how far it got"
+            )
         )
     program = Path(record.program)
     if not program.is_file():
@@ -109,11 +114,18 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
             f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         )
         raise JournalError(
-            f"{shown} changed since run {record.run_id} ran; a resume replays the journal "
-            f"into the program as it is now, and would diverge or do different work. "
-            f"Restore them, or pass --force to resume anyway"
+            lambda name: (
+                f"{shown} changed since run {record.run_id} ran; a resume replays "
+                f"the journal into the program as it is now, and would diverge or do different "
+                f"work. Restore them, or resume anyway with {name('force')}"
+            )
         )
     return program
+
+
+def _inspect(name: Naming, run_id: str) -> str:
+    """How to inspect ``run_id``, for a Naming of the settings."""
+    return name("inspect").replace("RUN_ID", run_id)
 
 
 def _file_hash(path: Path) -> str | None:
@@ -209,8 +221,10 @@ def _claim(journal: Path, record: RunRecord, digest: str) -> None:
         connection.close()
     if claimed != 1:
         raise JournalError(
-            f"run {record.run_id} was resumed by another process or Runtime while this "
-            f"one prepared to; `capsule inspect {record.run_id}` shows how far it got"
+            lambda name: (
+                f"run {record.run_id} was resumed by another process or Runtime "
+                f"while this one prepared to; {_inspect(name, record.run_id)} shows how far it got"
+            )
         )
 
 
@@ -271,7 +285,7 @@ def _write(writer: JournalWriter, action: Callable[[], None]) -> None:
     try:
         action()
     except JournalFailure as exc:
-        raise JournalError(str(exc)) from None
+        raise JournalError(exc.wording) from None
 
 
 def _journaled_events(writer: JournalWriter) -> EventStream:
@@ -322,7 +336,13 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
     if result is not None and result.error is not None:
         error = result.error.model_dump()
     elif result is None:
-        error = {"kind": "error", "message": report.usage_error or report.runtime_error}
+        # Nothing ran: because of what was asked (kind "error"), or because the
+        # host failed (kind "internal", with the host's traceback).
+        error = {
+            "kind": "error" if report.usage_error is not None else INTERNAL_ERROR,
+            "message": report.usage_error or report.runtime_error,
+            "traceback": report.traceback,
+        }
     try:
         writer.execute(
             "UPDATE runs SET status = ?, ended_at = ?, result_json = ?, error_json = ? "
@@ -336,4 +356,4 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
             ),
         )
     except JournalFailure as exc:
-        report.journal_error = str(exc)
+        report.journal_error, report.journal_failure = str(exc), exc

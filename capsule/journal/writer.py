@@ -24,7 +24,6 @@ import os
 import sqlite3
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, groupby
@@ -34,9 +33,13 @@ from typing import Any
 
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
+from capsule.logs import logger
 from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
+from capsule.supervisor.option_specs import Wording, parameter_of
 from capsule.supervisor.steps import JournalFailure, PendingMessage, Request
 from capsule.supervisor.tree import TaskResult
+
+_log = logger("journal")
 
 #: How long the writer lets a batch gather when no caller waits for its commit:
 #: a commit costs ~0.5 - 1 ms of writer CPU (WAL frames for every page touched),
@@ -112,7 +115,8 @@ class JournalWriter:
         self._sleeping = False
         self._queued = 0
         self._committed = 0
-        self._failure: str | None = None
+        #: Why the journal cannot be written, once it cannot (as JournalFailure words it).
+        self._failure: Wording | None = None
         self._closing = False
         #: Callers waiting for a commit: the writer commits at once for them.
         self._durable_waiting = 0
@@ -146,7 +150,7 @@ class JournalWriter:
 
     @property
     def failure(self) -> str | None:
-        return self._failure
+        return None if self._failure is None else self._failure(parameter_of)
 
     # -- queueing --------------------------------------------------------------
 
@@ -255,7 +259,7 @@ class JournalWriter:
                     self._failure = (
                         describe_error(self.path, exc)
                         if isinstance(exc, (sqlite3.Error, OSError))
-                        else f"the journal writer failed: {exc!r}"
+                        else _failed_with(exc)
                     )
                     self._rows.clear()
                     self._records.clear()
@@ -580,13 +584,17 @@ class _Committed:
         self.then(None)
 
 
+def _failed_with(exc: Exception) -> Wording:
+    return lambda _: f"the journal writer failed: {exc!r}"
+
+
 def _run_action(action: Callable[[], None]) -> None:
     """An after-commit action. It must not raise (the run's own handle their
     failures); if one does, the writer still goes on."""
     try:
         action()
     except Exception:  # pragma: no cover - a bug in an action
-        traceback.print_exc()
+        _log.exception("an action after a journal commit failed; the writer goes on")
 
 
 def _chunk(left: int) -> int:

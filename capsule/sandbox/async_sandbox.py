@@ -54,7 +54,6 @@ from capsule.sandbox.engine import (
     _bound,
     _checked_result,
     _failed,
-    _filled,
     _host_failure,
     _no_finalizer,
     _reported_failure,
@@ -63,7 +62,6 @@ from capsule.sandbox.engine import (
     _stop_if_asked,
     _thread,
     _TrackedStore,
-    _unexplained,
     completions,
     refusal,
     task_input,
@@ -379,15 +377,25 @@ class AsyncSandbox(Sandbox):
             return attempt
         store = prepared.store
         assert isinstance(store, _AsyncTrackedStore)
+        store.attempt, attempt.store = attempt, store
+        try:
+            self._begin(attempt, prepared.instance, call_json, self._poller)
+        except Exception:  # (the attempt never ran: its instance must not outlive it)
+            self._not_started(attempt, traceback.format_exc())
+        return attempt
+
+    def _begin(self, attempt: Attempt, instance: Instance, call_json: str, poller: Poller) -> None:
+        """Make the attempt's call in its instance and hand it to the poll threads."""
+        invocation, store = attempt.invocation, attempt.store
+        assert store is not None
         limits = invocation.limits
         # The task's own budget, from now: nothing spent while preparing counts.
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_epoch_deadline(1)
         store.set_fuel_yield_interval(self.fuel_yield_interval)
-        store.attempt, attempt.store = attempt, store
         future = self._async_exports[self._run_index].call(
-            store, prepared.instance, task_input(invocation), call_json
+            store, instance, task_input(invocation), call_json
         )
         future.data, attempt.future = attempt, future
         deadline = invocation.deadline
@@ -395,8 +403,25 @@ class AsyncSandbox(Sandbox):
             self._attempts.add(attempt)
             if deadline is not None:
                 heapq.heappush(self._deadlines, (deadline, next(self._order), weakref.ref(attempt)))
-        self._poller.submit(future, self._finished)
-        return attempt
+        poller.submit(future, self._finished)
+
+    def _not_started(self, attempt: Attempt, host_traceback: str) -> None:
+        """End an attempt the host failed to start once its instance was taken:
+        its call (if made) deleted, its instance closed, ``on_done`` here."""
+        if attempt.future is not None:
+            attempt.future.cancel()
+        with self._lock:
+            self._attempts.discard(attempt)
+        store = attempt.store
+        if store is not None:
+            store.attempt = store.invocation = None
+            store.close()
+        error = ErrorInfo(
+            "trap", "the host failed while starting the task", traceback=host_traceback
+        )
+        attempt.outcome = self._outcome(None, error, 0, attempt.started)
+        if attempt.on_done is not None:
+            attempt.on_done(attempt)
 
     def stop(self, attempt: Attempt) -> bool:
         """End ``attempt`` now if it must stop (its invocation's check_stop:
@@ -449,7 +474,7 @@ class AsyncSandbox(Sandbox):
         if attempt.ended:
             return
         try:
-            attempt.outcome = self._concluded(attempt, future)
+            attempt.outcome = self._ended(attempt, future)
         except Exception:  # (its owner must hear of its end all the same)
             error = ErrorInfo(
                 "trap", "the host failed while ending the task", traceback=traceback.format_exc()
@@ -461,7 +486,7 @@ class AsyncSandbox(Sandbox):
         if attempt.on_done is not None:
             attempt.on_done(attempt)
 
-    def _concluded(self, attempt: Attempt, future: CallFuture[Any]) -> AttemptOutcome:
+    def _ended(self, attempt: Attempt, future: CallFuture[Any]) -> AttemptOutcome:
         """The outcome of an attempt whose call ended; its instance is closed."""
         invocation, store = attempt.invocation, attempt.store
         assert store is not None
@@ -483,22 +508,8 @@ class AsyncSandbox(Sandbox):
                         if isinstance(value, str)
                         else _reported_failure(value)
                     )
-            ending_failure = self._end_attempt(invocation)
-            fuel = self._used(store, invocation)
-            size = None
-            measure = invocation.measure_memory and self.prefaulter.asks_cheaply
-            if measure or _unexplained(invocation, result):
-                size = self._memory_sizes([store])[0]
             store.attempt = None
-            self._close(store)
-        if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
-            result = _filled(result, size, invocation.limits) or result
-        if ending_failure is not None and not isinstance(result, ErrorInfo):
-            result = ending_failure
-        peak = size if measure else None
-        if isinstance(result, ErrorInfo):
-            return self._outcome(None, result, fuel, attempt.started, peak)
-        return self._outcome(result, None, fuel, attempt.started, peak)
+            return self._concluded(invocation, store, result, attempt.started)
 
     # -- imports -------------------------------------------------------------
 

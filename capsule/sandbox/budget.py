@@ -22,9 +22,12 @@ from __future__ import annotations
 import math
 import os
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+from capsule.logs import logger
+
+_log = logger("sandbox")
 
 #: Below this, Capsule itself (the host, a few instances) does not fit.
 MIN_BUDGET_BYTES = 256 * 1024**2
@@ -161,7 +164,7 @@ class MemoryBudget:
             try:
                 self._choose()
             except Exception:  # (a look at /proc that failed: try at the next tick)
-                traceback.print_exc()
+                _log.exception("the memory budget failed choosing a task to stop; tried again")
 
     def _choose(self) -> None:
         with self._lock:

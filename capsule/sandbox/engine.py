@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime.component import Component, Instance, Linker, LinkerInstance, Record
 
+from capsule.logs import logger
 from capsule.sandbox import guest_data, oom
 from capsule.sandbox import wasmtime_compat as compat
 from capsule.sandbox.budget import MemoryBudget
@@ -45,6 +46,8 @@ from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
 from capsule.sandbox.runtime import Progress, ensure_runtime
 from capsule.sandbox.scheduler import CpuSlots
+
+_log = logger("sandbox")
 
 #: How often the epoch advances; the deadline check runs this often per instance.
 TICK_SECONDS = 0.005
@@ -837,7 +840,7 @@ class EpochTicker:
                 try:
                     each()
                 except Exception:  # (one sandbox's failed tick must not end the others')
-                    traceback.print_exc()
+                    _log.exception("a sandbox's epoch tick failed; the ticker goes on")
 
 
 def default_engine() -> tuple[wasmtime.Engine, str]:
@@ -1378,7 +1381,6 @@ class Sandbox:
         store = prepared.store
         store.thread = threading.get_ident()
         result: str | ErrorInfo | None = None
-        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
         with _bound(invocation, store):
             try:
                 # The task's own budget, from now: nothing spent while preparing counts.
@@ -1393,20 +1395,35 @@ class Sandbox:
             else:
                 if isinstance(result, str):
                     result = _checked_result(invocation, result)
-            finally:
-                ending_failure = self._end_attempt(invocation)
-                fuel = self._used(store, invocation)
-                size = None
-                if measure or _unexplained(invocation, result):
-                    # (Linear memory only grows: its size now is its largest.)
-                    size = self._memory_sizes([store])[0]
-                self._close(store)
+            finally:  # (an interrupt too: the instance is closed, and it goes on up)
+                outcome = self._concluded(invocation, store, result, started)
+        return outcome
+
+    def _concluded(
+        self,
+        invocation: Invocation,
+        store: _TrackedStore,
+        result: str | ErrorInfo | None,
+        started: float,
+    ) -> AttemptOutcome:
+        """The outcome of an attempt whose call ended with ``result`` (None: it
+        never returned), on either mode's thread, with the attempt bound: what
+        ending it finds (its channel's last messages), its fuel and, if it
+        says why it failed or is asked, its memory's size; its instance is
+        closed."""
+        ending_failure = self._end_attempt(invocation)
+        fuel = self._used(store, invocation)
+        measure = invocation.measure_memory and self.prefaulter.asks_cheaply
+        size = None
+        if measure or _unexplained(invocation, result):
+            # (Linear memory only grows: its size now is its largest.)
+            size = self._memory_sizes([store])[0]
+        self._close(store)
         peak = size if measure else None
         if isinstance(result, ErrorInfo) and _unexplained(invocation, result):
-            result = _filled(result, size, limits) or result
+            result = _filled(result, size, invocation.limits) or result
         if ending_failure is not None and not isinstance(result, ErrorInfo):
             result = ending_failure
-        assert result is not None
         if isinstance(result, ErrorInfo):
             return self._outcome(None, result, fuel, started, peak)
         return self._outcome(result, None, fuel, started, peak)

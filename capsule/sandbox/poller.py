@@ -5,14 +5,16 @@ async import, and queued again when its answer is given."""
 from __future__ import annotations
 
 import threading
-import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from capsule.logs import logger
 from capsule.sandbox.wasm_async import CallFuture
+
+_log = logger("sandbox")
 
 _IDLE, _QUEUED, _RUNNING, _HELD = "idle", "queued", "running", "held"
 
@@ -147,7 +149,7 @@ class Poller:
             try:
                 done = future.poll()
             except Exception:  # (polled elsewhere too: the poll thread must go on)
-                traceback.print_exc()
+                _log.exception("a poll thread failed polling a call; the call is cancelled")
                 future.cancel()
                 done = True
             with self._lock:
@@ -164,4 +166,4 @@ class Poller:
                 try:
                     entry.on_done(future)
                 except Exception:  # (the poll thread must go on)
-                    traceback.print_exc()
+                    _log.exception("a poll thread failed handing on the end of a call")

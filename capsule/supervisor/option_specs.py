@@ -7,6 +7,7 @@ field for each, and the run's settings take their defaults from here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -165,9 +166,53 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
 OPTION_SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in RUN_OPTIONS}
 
 
+#: What a message may name besides the run options: the journal's settings
+#: (where, or none), resume's (anyway) and the ways to read a journal, as the
+#: host API has them and as the CLI's flags and commands. (RUN_ID: the run's.)
+OTHER_SETTINGS: dict[str, tuple[str, str]] = {
+    "journal": ("Runtime(journal=PATH)", "--journal PATH"),
+    "no_journal": ("Runtime(journal=False)", "--no-journal"),
+    "force": (
+        "`capsule resume --force` (the host API resumes only an unchanged program)",
+        "--force",
+    ),
+    "runs": ("Runtime.runs()", "`capsule runs`"),
+    "inspect": ("Runtime.inspect('RUN_ID')", "`capsule inspect RUN_ID`"),
+}
+
+#: How a message names a setting (``parameter_of``, ``flag_of``).
+Naming = Callable[[str], str]
+#: A message that names settings, made for a Naming.
+Wording = Callable[[Naming], str]
+
+
+def parameter_of(name: str) -> str:
+    """A setting as the host API takes it: a run option as RunOptions' field."""
+    other = OTHER_SETTINGS.get(name)
+    return name if other is None else other[0]
+
+
 def flag_of(name: str) -> str:
-    """The command-line flag of an option (``max_queued_size`` -> ``--max-queued-size``)."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a setting (``max_queued_size`` -> ``--max-queued-size``)."""
+    other = OTHER_SETTINGS.get(name)
+    return "--" + name.replace("_", "-") if other is None else other[1]
+
+
+class WordedError(Exception):
+    """An error whose message names settings of a run: ``str()`` as the host API
+    takes them, ``worded(flag_of)`` as the CLI's flags."""
+
+    def __init__(self, wording: str | Wording) -> None:
+        self.wording: Wording = wording if callable(wording) else _fixed(wording)
+        super().__init__(self.wording(parameter_of))
+
+    def worded(self, naming: Naming) -> str:
+        """The message, with each setting named by ``naming``."""
+        return self.wording(naming)
+
+
+def _fixed(text: str) -> Wording:
+    return lambda _naming: text
 
 
 def options_table() -> str:

@@ -34,11 +34,9 @@ from capsule.supervisor.option_specs import (
     MAX_RETRY_BACKOFF_S,
     OPTION_SPECS,
     Form,
+    Naming,
+    parameter_of,
 )
-
-#: Turns an option's name into what the reader knows it as (the name itself,
-#: or a command-line flag).
-Naming = Callable[[str], str]
 
 COUNT_FORMS = f"a whole number from 1 to {MAX_COUNT:,}"
 CORE_FORMS = " or ".join(repr(core) for core in CORES)
@@ -120,13 +118,14 @@ def shown(value: Any) -> str:
 
 class OptionError(ConfigError):
     """A run option whose value cannot be used. ``message`` names the option
-    (``max_queued_size``); ``worded(flag_of)`` names it as the CLI does."""
+    as the host API takes it (``max_queued_size``); ``worded(flag_of)`` as the
+    CLI does."""
 
     def __init__(self, option: str, value: Any, describe: Callable[[Naming], str]) -> None:
         self.option = option
         self.value = value
         self._describe = describe
-        self.message = describe(str)
+        self.message = describe(parameter_of)
         super().__init__(self.message)
 
     def worded(self, naming: Naming) -> str:

@@ -4,14 +4,16 @@ shown (held by the host, so bounded and counted as the task's memory)."""
 
 from __future__ import annotations
 
-import sys
 import threading
 from functools import partial
 
+from capsule.logs import logger
 from capsule.sandbox.engine import Invocation
 from capsule.supervisor.events import EventStream, TaskOutput
 from capsule.supervisor.journaled import JournaledSteps
 from capsule.supervisor.steps import Step
+
+_log = logger("supervisor")
 
 #: Output journaled but not yet shown, in characters, beyond which a task's
 #: output waits for its commit (and so for the display).
@@ -75,7 +77,7 @@ class Output:
             if not self._failed:
                 self._failed = True
                 kept = "; the journal keeps it" if self.journal.journaling else ""
-                _say(f"capsule: output can no longer be shown ({exc!r}){kept}")
+                _log.warning("output can no longer be shown (%r)%s", exc, kept)
         finally:
             # Counted down only once shown: a task whose count is 0 has shown
             # all it printed (see shown).
@@ -97,10 +99,3 @@ class Output:
     def unshown(self, task_id: str) -> int:
         """What the task printed that waits to be shown, in characters."""
         return self._unshown.get(task_id, 0)
-
-
-def _say(text: str) -> None:
-    try:
-        print(text, file=sys.stderr)
-    except Exception:
-        pass  # stderr is gone too

@@ -67,6 +67,9 @@ class RunReport:
     interrupted: bool = False
     #: The journal could not be written, so the run was stopped.
     journal_error: str | None = None
+    #: Why, as an error whose message can name its fix as flags
+    #: (``journal_error`` names it as the host API takes it).
+    journal_failure: JournalFailure | None = None
     #: What the run did in all (None: nothing ran).
     totals: dict[str, Any] | None = None
     #: The run option that could not be used, if that is why nothing ran
@@ -264,7 +267,7 @@ def report_of(
             run_id=run.run_id, result=exc.result, interrupted=True, totals=totals.as_dict()
         )
     except JournalFailure as exc:
-        return RunReport(run_id=run.run_id, journal_error=str(exc))
+        return RunReport(run_id=run.run_id, journal_error=str(exc), journal_failure=exc)
     except ProgramError as exc:
         return RunReport(run_id=run.run_id, usage_error=f"{path}: {exc}")
     except Exception:  # a host bug: report it, never lose the traceback

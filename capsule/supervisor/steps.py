@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from capsule.supervisor.option_specs import WordedError
+
 if TYPE_CHECKING:
     from capsule.supervisor.tree import TaskResult
 
@@ -167,7 +169,7 @@ class History:
     recorded: int = 0
 
 
-class JournalFailure(Exception):
+class JournalFailure(WordedError):
     """The journal cannot be written; the run stops (its journal stays consistent)."""
 
 

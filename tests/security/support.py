@@ -1,5 +1,5 @@
-"""What the hostile runs of this suite share: writing a program, the size of
-a run's journal, the peak memory of a `capsule` process."""
+"""What the hostile runs of this suite share: the cores they run on, writing
+a program, the size of a run's journal, the peak memory of a `capsule` process."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import textwrap
 from pathlib import Path
 
 MB = 1024**2
+
+
+def core_flags(core: str) -> list[str]:
+    """The `capsule run` flags of a run on ``core``."""
+    return ["--core", core]
 
 
 def write(directory: Path, source: str, name: str = "prog.py") -> Path:

@@ -1,7 +1,8 @@
 """Hostile guests at the host-guest boundary: whatever a task hands the host
 (message bodies, results, failures, call requests), through the SDK or the raw
 WIT imports, it fails only that task, with kind ``protocol``: no forged
-message reaches another task, no host traceback, no poisoned journal."""
+message reaches another task, no host traceback, no poisoned journal; on
+either core."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Completed, capsule_cli
+from tests.security.support import core_flags
 
 
 def strict_json(text: str) -> Any:
@@ -25,13 +27,16 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-def hostile_run(tmp_path: Path, source: str, *args: str) -> tuple[dict[str, Any], Completed]:
-    """Run ``source`` with ``capsule run --json``; the envelope and the process.
-    Asserts what must hold of any run, however hostile: the envelope is JSON,
-    the host printed no traceback of its own, the journal reads back."""
+def hostile_run(
+    tmp_path: Path, core: str, source: str, *args: str
+) -> tuple[dict[str, Any], Completed]:
+    """Run ``source`` with ``capsule run --json`` on ``core``; the envelope and
+    the process. Asserts what must hold of any run, however hostile: the
+    envelope is JSON, the host printed no traceback of its own, the journal
+    (if the core keeps one) reads back."""
     path = tmp_path / "hostile.py"
     path.write_text(textwrap.dedent(source))
-    done = capsule_cli("run", str(path), "--json", *args, cwd=tmp_path)
+    done = capsule_cli("run", str(path), "--json", *core_flags(core), *args, cwd=tmp_path)
     assert "Traceback" not in done.stderr, done.stderr
     envelope = strict_json(done.stdout)
     inspected = capsule_cli("inspect", "--last", "--json", cwd=tmp_path)
@@ -49,12 +54,13 @@ def assert_protocol_failure(envelope: dict[str, Any], done: Completed, *phrases:
         assert phrase in error["message"], error["message"]
 
 
-def test_a_body_cannot_forge_messages_for_its_receiver(tmp_path: Path) -> None:
+def test_a_body_cannot_forge_messages_for_its_receiver(tmp_path: Path, core: str) -> None:
     """A body spliced into the receive envelope could close it and add messages
     with any sender and id: bodies are checked as one JSON value when sent, and
     cross to the receiver as a record field."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         """
         from capsule import receive, task
         from wit_world.imports import messaging
@@ -89,12 +95,13 @@ def test_a_body_cannot_forge_messages_for_its_receiver(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_bodies_fail_their_sender_and_spare_the_receiver(
-    tmp_path: Path, body: str, why: str
+    tmp_path: Path, core: str, body: str, why: str
 ) -> None:
     """Each raw body is refused where it enters; the receiver, which would have
     crashed parsing it, never sees it, and is cancelled with its parent."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         f"""
         from capsule import receive, task
         from wit_world.imports import messaging
@@ -116,9 +123,12 @@ def test_malformed_bodies_fail_their_sender_and_spare_the_receiver(
     assert receiver["status"] == "cancelled", receiver
 
 
-def test_a_malformed_reply_fails_the_replier_and_the_asker_is_told(tmp_path: Path) -> None:
+def test_a_malformed_reply_fails_the_replier_and_the_asker_is_told(
+    tmp_path: Path, core: str
+) -> None:
     envelope, done = hostile_run(
         tmp_path,
+        core,
         """
         from capsule import MessageError, ask, receive, task
         from wit_world.imports import messaging
@@ -159,12 +169,13 @@ def test_a_malformed_reply_fails_the_replier_and_the_asker_is_told(tmp_path: Pat
     ],
 )
 def test_a_result_that_is_not_json_fails_the_task_not_the_host(
-    tmp_path: Path, result: str, why: str
+    tmp_path: Path, core: str, result: str, why: str
 ) -> None:
     """A guest that replaces its own encoder returns whatever text it likes;
     the host refuses it before any event, journal row or output holds it."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         f"""
         import capsule_guest
         from capsule import task
@@ -178,9 +189,10 @@ def test_a_result_that_is_not_json_fails_the_task_not_the_host(
     assert_protocol_failure(envelope, done, "the result of task 'main'", why)
 
 
-def test_a_childs_bad_result_is_its_own_protocol_failure(tmp_path: Path) -> None:
+def test_a_childs_bad_result_is_its_own_protocol_failure(tmp_path: Path, core: str) -> None:
     envelope, done = hostile_run(
         tmp_path,
+        core,
         """
         import capsule_guest
         from capsule import TaskError, task
@@ -203,12 +215,15 @@ def test_a_childs_bad_result_is_its_own_protocol_failure(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("kind", ["cancelled", "timeout", "divergence", "restart_intensity", ""])
-def test_a_guest_cannot_report_a_failure_only_the_host_decides(tmp_path: Path, kind: str) -> None:
+def test_a_guest_cannot_report_a_failure_only_the_host_decides(
+    tmp_path: Path, core: str, kind: str
+) -> None:
     """A claimed ``cancelled`` would dodge retries, a claimed ``divergence``
     would stop the run: a task may report exception, bad_arguments or
     memory_limit only."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         f"""
         import capsule_guest
         from capsule import task
@@ -222,12 +237,15 @@ def test_a_guest_cannot_report_a_failure_only_the_host_decides(tmp_path: Path, k
     assert_protocol_failure(envelope, done, f"reported a failure of kind {kind!r}")
 
 
-def test_huge_and_odd_failure_texts_are_bounded_and_the_journal_survives(tmp_path: Path) -> None:
+def test_huge_and_odd_failure_texts_are_bounded_and_the_journal_survives(
+    tmp_path: Path, core: str
+) -> None:
     """A 60 MB exception (twice, with a retry) and lone surrogates in the
     failure's texts: the failure keeps the head of the message and both ends of
     the traceback, and the journal stays small and readable."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         """
         import capsule_guest
         from capsule import task
@@ -251,12 +269,13 @@ def test_huge_and_odd_failure_texts_are_bounded_and_the_journal_survives(tmp_pat
     assert size < 4 * 1024**2, size
 
 
-def test_a_failure_with_a_lone_surrogate_cannot_kill_the_journal(tmp_path: Path) -> None:
+def test_a_failure_with_a_lone_surrogate_cannot_kill_the_journal(tmp_path: Path, core: str) -> None:
     """Raw failure records with lone surrogates cannot even be handed over
     (WIT strings are UTF-8): the attempt traps, the journal writer lives, the
     run ends normally and reads back."""
     envelope, done = hostile_run(
         tmp_path,
+        core,
         """
         import capsule_guest
         from capsule import task
@@ -272,7 +291,7 @@ def test_a_failure_with_a_lone_surrogate_cannot_kill_the_journal(tmp_path: Path)
     assert envelope["error"]["kind"] in ("trap", "exception"), envelope["error"]
 
 
-def test_prints_with_lone_surrogates_are_shown_escaped(tmp_path: Path) -> None:
+def test_prints_with_lone_surrogates_are_shown_escaped(tmp_path: Path, core: str) -> None:
     path = tmp_path / "prints.py"
     path.write_text(
         textwrap.dedent(
@@ -286,7 +305,7 @@ def test_prints_with_lone_surrogates_are_shown_escaped(tmp_path: Path) -> None:
             """
         )
     )
-    done = capsule_cli("run", str(path), cwd=tmp_path)
+    done = capsule_cli("run", str(path), *core_flags(core), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "a \\ud800 b\ndone\n"
 
@@ -320,10 +339,11 @@ def test_prints_with_lone_surrogates_are_shown_escaped(tmp_path: Path) -> None:
     ],
 )
 def test_malformed_requests_through_the_raw_imports_are_protocol_failures(
-    tmp_path: Path, call: str, why: str
+    tmp_path: Path, core: str, call: str, why: str
 ) -> None:
     envelope, done = hostile_run(
         tmp_path,
+        core,
         f"""
         from capsule import task
         from wit_world.imports import messaging, tasks
@@ -339,6 +359,7 @@ def test_malformed_requests_through_the_raw_imports_are_protocol_failures(
 
 def test_module_level_code_that_fakes_the_program_description_is_refused(
     tmp_path: Path,
+    core: str,
 ) -> None:
     """What a program's import returns is the guest's word too: a description
     that is not a list of tasks stops the run with a clear error (exit 2)."""
@@ -363,17 +384,18 @@ def test_module_level_code_that_fakes_the_program_description_is_refused(
             """
         )
     )
-    done = capsule_cli("run", str(path), cwd=tmp_path)
+    done = capsule_cli("run", str(path), *core_flags(core), cwd=tmp_path)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr
     assert "description of its tasks is malformed" in done.stderr
 
 
-def test_the_journal_of_a_hostile_run_resumes_and_inspects(tmp_path: Path) -> None:
+def test_the_journal_of_a_hostile_run_resumes_and_inspects(tmp_path: Path, core: str) -> None:
     """After protocol failures the journal is consistent: every step batch is
     JSON, and an interrupted run of the same program resumes."""
     hostile_run(
         tmp_path,
+        core,
         """
         from capsule import task
         from wit_world.imports import messaging

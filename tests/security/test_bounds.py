@@ -1,6 +1,7 @@
 """What a task makes the host record is bounded: per attempt (kind
 ``output_limit``) and per run (the run stops, resumable with a larger limit).
-The journal of a run that tries to fill the disk stays near its limits."""
+The journal of a run that tries to fill the disk stays near its limits. What
+the host holds of a task's JSON is bounded on either core."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import capsule_cli
-from tests.security.support import MB, journal_bytes, peak_rss_of_run, write
+from tests.security.support import (
+    MB,
+    core_flags,
+    journal_bytes,
+    peak_rss_of_run,
+    write,
+)
 
 
 @pytest.mark.parametrize(
@@ -23,7 +30,7 @@ from tests.security.support import MB, journal_bytes, peak_rss_of_run, write
     ],
 )
 def test_an_attempt_that_floods_the_journal_fails_with_output_limit(
-    tmp_path: Path, flood: str, what: str
+    tmp_path: Path, core: str, flood: str, what: str
 ) -> None:
     program = write(
         tmp_path,
@@ -44,7 +51,9 @@ def test_an_attempt_that_floods_the_journal_fails_with_output_limit(
                 {flood}
         """,
     )
-    done = capsule_cli("run", str(program), "--json", "--max-task-output", "2MB", cwd=tmp_path)
+    done = capsule_cli(
+        "run", str(program), "--json", "--max-task-output", "2MB", *core_flags(core), cwd=tmp_path
+    )
     assert done.returncode == 1, (what, done.stderr[-2000:])
     envelope = json.loads(done.stdout)
     assert envelope["error"]["kind"] == "output_limit", envelope["error"]
@@ -53,7 +62,7 @@ def test_an_attempt_that_floods_the_journal_fails_with_output_limit(
     assert journal_bytes(tmp_path) < 6 * MB, what
 
 
-def test_the_policy_in_capsule_toml_caps_the_flag(tmp_path: Path) -> None:
+def test_the_policy_in_capsule_toml_caps_the_flag(tmp_path: Path, core: str) -> None:
     (tmp_path / "capsule.toml").write_text('[policy]\nmax_task_output = "1MB"\n')
     program = write(
         tmp_path,
@@ -67,7 +76,9 @@ def test_the_policy_in_capsule_toml_caps_the_flag(tmp_path: Path) -> None:
             return "printed 3 MB"
         """,
     )
-    done = capsule_cli("run", str(program), "--json", "--max-task-output", "100MB", cwd=tmp_path)
+    done = capsule_cli(
+        "run", str(program), "--json", "--max-task-output", "100MB", *core_flags(core), cwd=tmp_path
+    )
     assert done.returncode == 1
     error = json.loads(done.stdout)["error"]
     assert error["kind"] == "output_limit" and "limit is 1.0 MB" in error["message"], error
@@ -115,7 +126,9 @@ def test_the_limits_are_checked_on_the_command_line(tmp_path: Path) -> None:
         assert f"{flag} 'lots' is invalid" in done.stderr
 
 
-def test_results_nobody_waits_for_count_against_the_journal_limits(tmp_path: Path) -> None:
+def test_results_nobody_waits_for_count_against_the_journal_limits(
+    tmp_path: Path, core: str
+) -> None:
     """Children that each return tens of MB, never waited on: their results go
     to the journal (the tasks table) outside every count, so a run writes
     hundreds of MB under --max-run-journal 20MB."""
@@ -148,13 +161,16 @@ def test_results_nobody_waits_for_count_against_the_journal_limits(tmp_path: Pat
         "20MB",
         "--max-task-output",
         "2MB",
+        *core_flags(core),
         cwd=tmp_path,
     )
     assert journal_bytes(tmp_path) < 60 * MB
 
 
 @pytest.mark.parametrize("call", ["wait", "http", "call"])
-def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(tmp_path: Path, call: str) -> None:
+def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(
+    tmp_path: Path, core: str, call: str
+) -> None:
     """Parsed, a JSON value takes up to ~25 times its text in the host's memory
     (a list object per few characters): a value of more items than the host
     takes is refused before it is parsed, and arguments are passed on as the
@@ -187,14 +203,16 @@ def test_json_a_task_hands_the_host_cannot_blow_up_in_its_memory(tmp_path: Path,
         """,
     )
     peak, done = peak_rss_of_run(
-        "run", str(program), call, "--max-total-ram", "256MB", cwd=tmp_path
+        "run", str(program), call, "--max-total-ram", "256MB", *core_flags(core), cwd=tmp_path
     )
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     # The guest's own text is 40 MB; the runtime and the host ~200 MB.
     assert peak < 600 * MB, f"the host peaked at {peak / MB:,.0f} MB"
 
 
-def test_waiting_on_one_child_many_times_cannot_blow_up_the_answer(tmp_path: Path) -> None:
+def test_waiting_on_one_child_many_times_cannot_blow_up_the_answer(
+    tmp_path: Path, core: str
+) -> None:
     """The answer of a wait holds each id's outcome: a few KB of ids naming the
     same child (with a 4 MB result) 200 times made an 800 MB answer, built in
     the host's memory and journaled whole, past --max-task-output. Naming a
@@ -217,7 +235,9 @@ def test_waiting_on_one_child_many_times_cannot_blow_up_the_answer(tmp_path: Pat
             return len(tasks.wait(json.dumps([handle.id] * 200), None))
         """,
     )
-    done = capsule_cli("run", str(program), "--json", "--max-task-output", "2MB", cwd=tmp_path)
+    done = capsule_cli(
+        "run", str(program), "--json", "--max-task-output", "2MB", *core_flags(core), cwd=tmp_path
+    )
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     envelope = json.loads(done.stdout)
     assert envelope["error"]["kind"] == "protocol", envelope

@@ -1,6 +1,6 @@
 """A task cannot pass for another: it cannot register a name that is another
 task's id (and take its messages), nor answer, after a resume, an ask it was
-not asked."""
+not asked; on either core."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import signal
 from pathlib import Path
 
 from tests.conftest import capsule_cli, kill_at_marker
-from tests.security.support import write
+from tests.security.support import core_flags, write
 
 
-def test_after_a_resume_only_the_task_asked_can_answer_an_ask(tmp_path: Path) -> None:
+def test_after_a_resume_only_the_task_asked_can_answer_an_ask(tmp_path: Path, core: str) -> None:
     """Asks in flight when a run stopped may be answered, after the resume,
     before the asker asks again (its replayer may be faster): such early
     replies were taken from any task, a replayed reply step that had been
@@ -53,14 +53,14 @@ def test_after_a_resume_only_the_task_asked_can_answer_an_ask(tmp_path: Path) ->
                 return f"no reply: {type(error).__name__}"
         """,
     )
-    printed, code = kill_at_marker(["run", "prog.py"], "MARK", tmp_path)
+    printed, code = kill_at_marker(["run", "prog.py", *core_flags(core)], "MARK", tmp_path)
     assert code == -signal.SIGKILL, printed
     done = capsule_cli("resume", "--last", cwd=tmp_path)
     assert "forged" not in done.stdout, done.stdout
     assert done.stdout.startswith("no reply"), (done.stdout, done.stderr[-2000:])
 
 
-def test_a_task_cannot_register_under_another_tasks_id(tmp_path: Path) -> None:
+def test_a_task_cannot_register_under_another_tasks_id(tmp_path: Path, core: str) -> None:
     """Targets are looked up as registered names first, then as task ids: a
     child registered under the id of another task got every message sent to
     that task, and answered its asks."""
@@ -100,7 +100,7 @@ def test_a_task_cannot_register_under_another_tasks_id(tmp_path: Path) -> None:
             return [outcome, ask(critic_handle, "please review", timeout=10)]
         """,
     )
-    done = capsule_cli("run", str(program), "--json", cwd=tmp_path)
+    done = capsule_cli("run", str(program), "--json", *core_flags(core), cwd=tmp_path)
     outcome, review = json.loads(done.stdout)["result"]
     assert review == "genuine review"
     assert outcome.startswith("refused") and "task id" in outcome, outcome

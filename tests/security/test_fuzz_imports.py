@@ -1,6 +1,6 @@
 """Every host import, called from a guest with random and malformed arguments
 (the raw WIT imports, past the SDK): the host answers each or fails the task
-that called it, never fails itself, and a run afterwards works.
+that called it, never fails itself, and a run afterwards works; on either core.
 
 The guest draws its calls from a seeded generator, so a failure names the
 seed that reproduces it. CI runs a few seeds; CAPSULE_FUZZ_SEEDS=N runs more.
@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 from tests.conftest import capsule_cli
+from tests.security.support import core_flags
 
 SEEDS = int(os.environ.get("CAPSULE_FUZZ_SEEDS", "6"))
 
@@ -155,7 +156,7 @@ def main(seeds, calls):
 """
 
 
-def test_every_import_survives_random_and_malformed_calls(tmp_path: Path) -> None:
+def test_every_import_survives_random_and_malformed_calls(tmp_path: Path, core: str) -> None:
     program = tmp_path / "fuzzer.py"
     program.write_text(textwrap.dedent(FUZZER))
     done = capsule_cli(
@@ -164,6 +165,7 @@ def test_every_import_survives_random_and_malformed_calls(tmp_path: Path) -> Non
         "--json",
         "--args-json",
         json.dumps([list(range(SEEDS)), 12]),
+        *core_flags(core),
         cwd=tmp_path,
         timeout=900,
     )
@@ -188,5 +190,5 @@ def test_every_import_survives_random_and_malformed_calls(tmp_path: Path) -> Non
     json.loads(inspected.stdout)
     hello = tmp_path / "hello.py"
     hello.write_text('from capsule import task\n\n@task(name="main")\ndef main():\n    return 1\n')
-    again = capsule_cli("run", str(hello), cwd=tmp_path)
+    again = capsule_cli("run", str(hello), *core_flags(core), cwd=tmp_path)
     assert (again.returncode, again.stdout) == (0, "1\n"), again.stderr

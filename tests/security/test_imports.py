@@ -2,7 +2,8 @@
 fills its memory, in every instance that imports the program (the pool's, a
 task's own) stops with the task or the run, within the task's deadline and
 its memory cap, counted by the run's memory budget; and Ctrl-C or SIGTERM
-while the program is first imported stop the run cleanly (exit 130)."""
+while the program is first imported stop the run cleanly (exit 130); on either
+core."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import capsule_cli, signal_at_marker
-from tests.security.support import MB, peak_rss_of_run, write
+from tests.security.support import MB, core_flags, peak_rss_of_run, write
 
 #: Module-level code that sleeps on the host while an instance imports the
 #: program for a task (not while the program is first loaded, so the run starts).
@@ -51,27 +52,35 @@ def main():
 
 def test_a_sleep_while_importing_the_program_does_not_outlast_a_deadline(
     tmp_path: Path,
+    core: str,
 ) -> None:
     program = write(
         tmp_path, SLEEPS_WHEN_PREPARED + CALLS_A_CHILD.format(main='timeout="2s", max_retries=0')
     )
     # The run's main has a 2 s deadline; the import of its child's instance
     # sleeps a minute. A wedge shows as the subprocess's timeout.
-    done = capsule_cli("run", str(program), "--json", cwd=tmp_path, timeout=40)
+    done = capsule_cli("run", str(program), "--json", *core_flags(core), cwd=tmp_path, timeout=40)
     assert json.loads(done.stdout)["error"]["kind"] == "timeout"
 
 
-def test_sigterm_stops_a_run_whose_instances_sleep_while_importing(tmp_path: Path) -> None:
+def test_sigterm_stops_a_run_whose_instances_sleep_while_importing(
+    tmp_path: Path, core: str
+) -> None:
     program = write(tmp_path, SLEEPS_WHEN_PREPARED + CALLS_A_CHILD.format(main='timeout="5m"'))
     code, _, stderr = signal_at_marker(
-        ["run", str(program)], "MARK", tmp_path, signal.SIGTERM, capture_stderr=True, hang_after=60
+        ["run", str(program), *core_flags(core)],
+        "MARK",
+        tmp_path,
+        signal.SIGTERM,
+        capture_stderr=True,
+        hang_after=60,
     )
     assert code == 130, stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupt_while_the_program_is_first_imported(
-    tmp_path: Path, sig: signal.Signals
+    tmp_path: Path, core: str, sig: signal.Signals
 ) -> None:
     program = write(
         tmp_path,
@@ -88,7 +97,12 @@ def test_an_interrupt_while_the_program_is_first_imported(
         """,
     )
     code, stdout, stderr = signal_at_marker(
-        ["run", str(program)], "MARK", tmp_path, sig, capture_stderr=True, hang_after=120
+        ["run", str(program), *core_flags(core)],
+        "MARK",
+        tmp_path,
+        sig,
+        capture_stderr=True,
+        hang_after=120,
     )
     assert code == 130, (code, stderr[-2000:])
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-2000:]
@@ -97,6 +111,7 @@ def test_an_interrupt_while_the_program_is_first_imported(
 
 def test_instances_importing_the_program_count_against_the_memory_budget(
     tmp_path: Path,
+    core: str,
 ) -> None:
     program = write(
         tmp_path,
@@ -121,6 +136,8 @@ def test_instances_importing_the_program_count_against_the_memory_budget(
             """
         ),
     )
-    peak, done = peak_rss_of_run("run", str(program), "--max-total-ram", "512MB", cwd=tmp_path)
+    peak, done = peak_rss_of_run(
+        "run", str(program), "--max-total-ram", "512MB", *core_flags(core), cwd=tmp_path
+    )
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert peak < 1024 * MB, f"the host peaked at {peak / MB:,.0f} MB"

@@ -1,5 +1,6 @@
 """Running out of memory inside a task ends it with ``memory_limit``, however
-the memory runs out and whatever the guest says afterwards, and the run goes on.
+the memory runs out and whatever the guest says afterwards, and the run goes on,
+on either core.
 
 Each pattern runs for real at three caps, each attempt in its own instance;
 after each, a task in a fresh instance must still work."""
@@ -194,14 +195,14 @@ PATTERN_NAMES = [
 
 
 @pytest.mark.parametrize("which", PATTERN_NAMES)
-def test_running_out_of_memory_is_memory_limit(run_program: ProgramRunner, which: str) -> None:
+def test_running_out_of_memory_is_memory_limit(run_on_core: ProgramRunner, which: str) -> None:
     """The hazards: CPython 3.14.0's in-place str concatenation leaves a NULL
     in the local when its allocation fails, and carries on (``string_doubling``
     then reports ``TypeError: ... '' and ''`` or traps on "uninitialized
     element"); the shim's own reporting of a failure, or serialising of a
     result, needs memory too; a task that catches a MemoryError carries on in
     an interpreter that may be unsound."""
-    outcome = run_program(PATTERNS, which)
+    outcome = run_on_core(PATTERNS, which)
     by_cap = dict(zip(CAPS_MIB, outcome.value, strict=True))
     for mib, (kind, message, afterwards) in by_cap.items():
         assert kind == "memory_limit", (mib, kind, message)
@@ -252,12 +253,12 @@ FILLS = """
 
 @pytest.mark.parametrize("forged", [False, True])
 def test_a_failure_with_the_memory_full_is_memory_limit(
-    run_program: ProgramRunner, forged: bool
+    run_on_core: ProgramRunner, forged: bool
 ) -> None:
     """Whatever a task reports once its memory is full (no page fits under its
     cap any more) - its own exception, or a kind it has no say in - the host,
     which sees the memory's size, says it ran out of memory."""
-    kind, message, details, afterwards = run_program(FILLS, 60_000, forged).value
+    kind, message, details, afterwards = run_on_core(FILLS, 60_000, forged).value
     assert kind == "memory_limit", (kind, message)
     assert message.startswith("MemoryError: the task ran out of memory")
     reported = (
@@ -270,15 +271,15 @@ def test_a_failure_with_the_memory_full_is_memory_limit(
     assert afterwards == "works"
 
 
-def test_a_failure_with_room_left_keeps_its_kind(run_program: ProgramRunner) -> None:
+def test_a_failure_with_room_left_keeps_its_kind(run_on_core: ProgramRunner) -> None:
     """The same failure 2 MB short of the cap is what the task says it is."""
-    kind, message, _, afterwards = run_program(FILLS, 2 << 20, False).value
+    kind, message, _, afterwards = run_on_core(FILLS, 2 << 20, False).value
     assert (kind, message) == ("exception", "ValueError: a failure of its own")
     assert afterwards == "works"
 
 
-def test_running_out_of_memory_while_importing_the_program(run_program: ProgramRunner) -> None:
-    outcome = run_program(
+def test_running_out_of_memory_while_importing_the_program(run_on_core: ProgramRunner) -> None:
+    outcome = run_on_core(
         """
         from capsule import task
 
@@ -329,12 +330,12 @@ LOWERING = """
 """
 
 
-def test_a_host_answer_too_large_for_the_task_s_memory(run_program: ProgramRunner) -> None:
+def test_a_host_answer_too_large_for_the_task_s_memory(run_on_core: ProgramRunner) -> None:
     """What the host hands a task (a child's result, its own arguments) is
     copied into its memory by the runtime's allocator; when that cannot grow,
     the task ran out of memory. (Carrying on from that failed allocation,
     the runtime went on to trap on an out-of-bounds table access.)"""
-    outcomes, afterwards = run_program(LOWERING, 12_000_000).value
+    outcomes, afterwards = run_on_core(LOWERING, 12_000_000).value
     for kind, message in outcomes:
         assert kind == "memory_limit", (kind, message)
         assert message.startswith("MemoryError: the task ran out of memory"), message

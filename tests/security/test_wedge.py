@@ -1,7 +1,7 @@
 """A reader that never reads cannot wedge a run: with stdout (and stderr) a
 pipe nobody reads, a task's deadline still ends the run, and SIGTERM still
 stops it (exit 130). The output the run could not write is dropped, said so on
-stderr when stderr is read, and kept by the journal.
+stderr when stderr is read, and kept by the journal. On either core.
 
 Each test reads no byte of the unread pipe until the process has ended; its
 `wait(timeout=...)` only guards against a hang (the run itself ends in seconds).
@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.security.support import core_flags
 
 Starter = Callable[..., subprocess.Popen[bytes]]
 #: Far past what the host buffers (8 MB) and a pipe holds (64 KB).
@@ -107,14 +109,14 @@ def prints_then_loops(tmp_path: Path, timeout: str, marker_port: int | None = No
 
 @pytest.mark.parametrize("journal", ["journal", "no-journal"])
 def test_a_deadline_ends_the_run_while_stdout_is_not_read(
-    tmp_path: Path, unread_pipe: tuple[int, int], start: Starter, journal: str
+    tmp_path: Path, core: str, unread_pipe: tuple[int, int], start: Starter, journal: str
 ) -> None:
     path = prints_then_loops(tmp_path, timeout="3s")
     read_end, write_end = unread_pipe
     err_path = tmp_path / "stderr.txt"
     flags = ["--no-journal"] if journal == "no-journal" else []
     with err_path.open("wb") as err:
-        process = start(["run", str(path), *flags], stdout=write_end, stderr=err)
+        process = start(["run", str(path), *flags, *core_flags(core)], stdout=write_end, stderr=err)
     os.close(write_end)
     code = wait_or_kill(process)
     stderr = err_path.read_text()
@@ -168,6 +170,7 @@ def marker() -> Iterator[MarkerServer]:
 @pytest.mark.parametrize("journal", ["journal", "no-journal"])
 def test_sigterm_stops_the_run_while_stdout_is_not_read(
     tmp_path: Path,
+    core: str,
     unread_pipe: tuple[int, int],
     marker: MarkerServer,
     start: Starter,
@@ -176,7 +179,9 @@ def test_sigterm_stops_the_run_while_stdout_is_not_read(
     path = prints_then_loops(tmp_path, timeout="10m", marker_port=marker.port)
     _, write_end = unread_pipe
     flags = ["--no-journal"] if journal == "no-journal" else []
-    process = start(["run", str(path), *flags], stdout=write_end, stderr=subprocess.PIPE)
+    process = start(
+        ["run", str(path), *flags, *core_flags(core)], stdout=write_end, stderr=subprocess.PIPE
+    )
     os.close(write_end)
     assert process.stderr is not None
     marker.wait_for_request()  # printed it all (most of it dropped), then asked
@@ -190,12 +195,12 @@ def test_sigterm_stops_the_run_while_stdout_is_not_read(
 
 
 def test_sigterm_stops_the_run_while_neither_stdout_nor_stderr_is_read(
-    tmp_path: Path, unread_pipe: tuple[int, int], marker: MarkerServer, start: Starter
+    tmp_path: Path, core: str, unread_pipe: tuple[int, int], marker: MarkerServer, start: Starter
 ) -> None:
     """`capsule run p.py 2>&1 | sleep 600`: not even the notices can be written."""
     path = prints_then_loops(tmp_path, timeout="10m", marker_port=marker.port)
     _, write_end = unread_pipe
-    process = start(["run", str(path)], stdout=write_end, stderr=write_end)
+    process = start(["run", str(path), *core_flags(core)], stdout=write_end, stderr=write_end)
     os.close(write_end)
     marker.wait_for_request()
     process.send_signal(signal.SIGTERM)
@@ -203,7 +208,7 @@ def test_sigterm_stops_the_run_while_neither_stdout_nor_stderr_is_read(
 
 
 def test_sigterm_during_the_final_wait_for_the_reader_exits_130(
-    tmp_path: Path, unread_pipe: tuple[int, int], start: Starter
+    tmp_path: Path, core: str, unread_pipe: tuple[int, int], start: Starter
 ) -> None:
     """The run ended; what it printed waits for a reader that never reads: a
     signal ends that wait (else the run's own exit code, 0, after it)."""
@@ -222,7 +227,7 @@ def test_sigterm_during_the_final_wait_for_the_reader_exits_130(
         """,
     )
     _, write_end = unread_pipe
-    process = start(["run", str(path)], stdout=write_end, stderr=subprocess.PIPE)
+    process = start(["run", str(path), *core_flags(core)], stdout=write_end, stderr=subprocess.PIPE)
     os.close(write_end)
     assert process.stderr is not None
     for line in process.stderr:  # said as the run ends, before the wait
@@ -235,7 +240,7 @@ def test_sigterm_during_the_final_wait_for_the_reader_exits_130(
     assert b"Traceback" not in process.stderr.read()
 
 
-def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path) -> None:
+def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path, core: str) -> None:
     """`capsule run p.py > /dev/full`: every write fails (ENOSPC)."""
     path = write(
         tmp_path,
@@ -251,7 +256,7 @@ def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path) ->
     )
     with open("/dev/full", "wb") as full:
         done = subprocess.run(
-            [sys.executable, "-m", "capsule.cli", "run", str(path)],
+            [sys.executable, "-m", "capsule.cli", "run", str(path), *core_flags(core)],
             stdout=full,
             stderr=subprocess.PIPE,
             timeout=HANG_GUARD_SECONDS,
@@ -259,11 +264,12 @@ def test_a_stdout_that_fails_is_said_once_and_the_run_goes_on(tmp_path: Path) ->
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
     assert stderr.count("capsule: output can no longer be shown (OSError(28, ") == 1
-    assert "writing stdout); the journal keeps it" in stderr
+    kept = "; the journal keeps it"
+    assert f"writing stdout){kept}" in stderr
     assert "Traceback" not in stderr
 
 
-def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
+def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path, core: str) -> None:
     program = write(
         tmp_path,
         """
@@ -278,7 +284,7 @@ def test_sigterm_stops_a_run_whose_stdout_nobody_reads(tmp_path: Path) -> None:
         """,
     )
     process = subprocess.Popen(
-        [sys.executable, "-m", "capsule.cli", "run", str(program)],
+        [sys.executable, "-m", "capsule.cli", "run", str(program), *core_flags(core)],
         stdout=subprocess.PIPE,  # never read until the end
         stderr=subprocess.PIPE,
         cwd=tmp_path,
