@@ -1038,8 +1038,8 @@ def test_a_continuation_waiting_for_a_commit_is_told_of_it_or_of_the_failure(
     told: list[str | None] = []
     each = threading.Event()
 
-    def then(failure: str | None) -> None:
-        told.append(failure)
+    def then(failure: Exception | None) -> None:
+        told.append(None if failure is None else str(failure))
         each.set()
 
     with JournalWriter(tmp_path / "journal.db", "run1") as writer:

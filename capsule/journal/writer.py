@@ -197,9 +197,9 @@ class JournalWriter:
         with self._lock:
             self._append(self._after_commit, action, durable=False)
 
-    def when_committed(self, then: Callable[[str | None], None]) -> None:
+    def when_committed(self, then: Callable[[JournalFailure | None], None]) -> None:
         """Call ``then(None)`` on the writer's thread once everything queued so
-        far is committed, or ``then(why)`` once the journal failed first (a
+        far is committed, or ``then(failure)`` once the journal failed first (a
         durable step of a task that holds no thread waits so: see
         JournaledSteps.step_later). ``then`` must not raise, nor wait for a
         commit."""
@@ -267,7 +267,7 @@ class JournalWriter:
                     self._after_commit.clear()
                     self._take_steps()
                     self._committed_cv.notify_all()
-                    failure = self._failure
+                    failure = JournalFailure(self._failure)
                 # (Outside the lock: a continuation told may stop the run,
                 # which writes to the journal, and fails there at once.)
                 for action in dropped:
@@ -577,7 +577,7 @@ class _Committed:
     """A continuation waiting for a commit (see JournalWriter.when_committed),
     among the after-commit actions."""
 
-    def __init__(self, then: Callable[[str | None], None]) -> None:
+    def __init__(self, then: Callable[[JournalFailure | None], None]) -> None:
         self.then = then
 
     def __call__(self) -> None:

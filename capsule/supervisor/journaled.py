@@ -226,17 +226,17 @@ class JournaledSteps:
         (on the journal writer's thread); if the journal fails first, the run
         stops, and the caller gets the answer of one that must stop."""
 
-        def committed(failure: str | None) -> None:
+        def committed(failure: JournalFailure | None) -> None:
             if failure is None:
                 answered(answer)
                 return
-            self.failed(JournalFailure(failure))
+            self.failed(failure)
             answered((False, "{}"))  # the sandbox ends the caller; never seen
 
         try:
             self.log.when_committed(committed)
         except JournalFailure as exc:  # it had failed already
-            committed(str(exc))
+            committed(exc)
 
     def _begin(
         self,

@@ -218,9 +218,9 @@ class StepLog(Protocol):
         writer's thread, in the order they were given)."""
         ...
 
-    def when_committed(self, then: Callable[[str | None], None]) -> None:
+    def when_committed(self, then: Callable[[JournalFailure | None], None]) -> None:
         """Call ``then(None)`` once everything recorded so far is committed, or
-        ``then(why)`` if the journal fails first (on the writer's thread: it
+        ``then(failure)`` if the journal fails first (on the writer's thread: it
         must not raise, nor wait for a commit). Waits as a durable record
         does, holding no thread meanwhile."""
         ...
@@ -265,7 +265,7 @@ class NoStepLog:
     def after_commit(self, action: Callable[[], None]) -> None:
         action()  # nothing to wait for
 
-    def when_committed(self, then: Callable[[str | None], None]) -> None:
+    def when_committed(self, then: Callable[[JournalFailure | None], None]) -> None:
         then(None)
 
     def sync(self) -> None:
