@@ -224,6 +224,32 @@ def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
     assert live_instances() == 0
 
 
+def test_the_runs_event_loop_is_a_thread_of_its_own_stopped_with_the_run(program: Any) -> None:
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+
+    path: Path = program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        return [nap.spawn(0, "a").result(), leaf(1)]
+    """
+    )
+    started_on: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if event.type == "started":
+            started_on.append(threading.current_thread().name)
+
+    report = run_program(RunRequest(path=path, args=[], options=RunOptions(core="async")), on_event)
+    assert report.result is not None and report.result.value() == ["a", 2], report
+    # The root was started on the run's loop.
+    assert len(started_on) == 3
+    assert started_on[0].startswith("capsule-loop "), started_on
+    assert [t.name for t in threading.enumerate() if t.name.startswith("capsule-loop")] == []
+
+
 def test_a_journaled_run_is_refused_naming_the_option(tmp_path: Path) -> None:
     from tests.conftest import capsule_cli
 

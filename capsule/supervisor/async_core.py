@@ -16,9 +16,9 @@ from capsule.sandbox.async_sandbox import AsyncSandbox, WaitingHost
 from capsule.sandbox.async_sandbox import Attempt as Running
 from capsule.sandbox.engine import AttemptOutcome
 from capsule.supervisor.attempt_loop import AttemptLoop
+from capsule.supervisor.continuations import TimerService
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.supervision import Supervision
-from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult
 
 #: How often a retry's backoff checks whether its task must stop meanwhile.
@@ -36,7 +36,7 @@ class AsyncCore:
         supervision: Supervision,
         sandbox: AsyncSandbox,
         waiting: WaitingHost,
-        timers: Timers,
+        timers: TimerService,
     ) -> None:
         self.supervision = supervision
         self.sandbox = sandbox
@@ -118,7 +118,7 @@ class _Invocation:
 
     def _once_children_ended(self, attempt: Attempt, then: Callable[[], None]) -> None:
         """Call ``then`` once every child of ``attempt`` (spawned, or run by a
-        direct call) has ended: now, or on the timer thread after the wake-up
+        direct call) has ended: now, or on the loop after the wake-up
         of the last one's end."""
         lock = threading.Lock()
         done = False

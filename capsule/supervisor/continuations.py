@@ -16,14 +16,27 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from capsule.sandbox.scheduler import CpuSlots
 from capsule.supervisor.blocking import WAITING_GRACE_S
 from capsule.supervisor.events import EventStream, TaskResumed, TaskWaiting
 from capsule.supervisor.ids import EventIds
-from capsule.supervisor.timers import Timer, Timers
 from capsule.supervisor.tree import nearest_deadline
 from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
+
+
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class TimerService(Protocol):
+    """Where waits run by continuation are checked and timed: the thread
+    core's Timers, or the async core's RunLoop."""
+
+    def at(self, when: float, callback: Callable[[], None]) -> Cancellable: ...
+
+    def soon(self, callback: Callable[[], None]) -> None: ...
 
 
 class Continuations:
@@ -31,7 +44,7 @@ class Continuations:
 
     def __init__(
         self,
-        timers: Timers,
+        timers: TimerService,
         events: EventStream,
         run_id: str,
         before_waiting: Callable[[str], None],
@@ -107,7 +120,7 @@ class _Continuation:
         #: the check before it looks).
         self.queued = False
         self.reported = False
-        self.timers: list[Timer] = []
+        self.timers: list[Cancellable] = []
         #: What its attempt's wake calls while it waits (one object, to unhook it).
         self.hook = self.woken
 

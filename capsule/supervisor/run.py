@@ -33,7 +33,7 @@ from capsule.supervisor.admission import Admission
 from capsule.supervisor.async_core import AsyncCore
 from capsule.supervisor.async_host import AsyncHostCalls
 from capsule.supervisor.blocking import Blocking
-from capsule.supervisor.continuations import Continuations, wait_here
+from capsule.supervisor.continuations import Continuations, TimerService, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
@@ -55,6 +55,7 @@ from capsule.supervisor.option_specs import (
     DEFAULT_RETRY_BACKOFF_S,
 )
 from capsule.supervisor.output import Output
+from capsule.supervisor.run_loop import RunLoop
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
@@ -194,10 +195,19 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The timer service of the continuation driver (its thread starts at
-        #: first use; stopped when the run ends).
-        self._timers = Timers(f"capsule-timers {run_id}")
-        self._continuations = Continuations(self._timers, events, run_id, output.shown)
+        #: The async core's event loop, on a thread of the run's (started with
+        #: the run, stopped when it ends); None on task threads.
+        self._loop: RunLoop | None = None
+        #: The continuation driver's timer service on task threads (a thread
+        #: started at first use, if a wait runs by continuation; stopped when
+        #: the run ends); on the async core, the loop.
+        self._timers: Timers | None = None
+        service: TimerService
+        if settings.core == "async":
+            self._loop = service = RunLoop(f"capsule-loop {run_id}")
+        else:
+            self._timers = service = Timers(f"capsule-timers {run_id}")
+        self._continuations = Continuations(service, events, run_id, output.shown)
         operations = OperationCalls(journal.step, lambda: journal.write(log.sync), journaling)
         messages = MessageCalls(
             router,
@@ -262,7 +272,7 @@ class Run:
                 sandbox.hibernate_waiting,
                 settings.hibernate_after,
             )
-            supervision.core = AsyncCore(supervision, sandbox, waiting, self._timers)
+            supervision.core = AsyncCore(supervision, sandbox, waiting, service)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
@@ -369,7 +379,8 @@ class Run:
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
-                result, interrupted = _run_on_core(core, entry, call_json, root, self._timers)
+                assert self._loop is not None
+                result, interrupted = _run_on_core(core, entry, call_json, root, self._loop)
             else:
                 # (Nested calls run inline on the task thread: the sandbox raises the
                 # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
@@ -380,7 +391,9 @@ class Run:
                 )
         finally:
             self._http.close()
-            self._timers.close()
+            for service in (self._loop, self._timers):
+                if service is not None:
+                    service.close()
         return self._outcome(result, interrupted)
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
@@ -402,12 +415,13 @@ class Run:
 
 
 def _run_on_core(
-    core: AsyncCore, entry: str, call_json: str, root: Scope, timers: Timers
+    core: AsyncCore, entry: str, call_json: str, root: Scope, loop: RunLoop
 ) -> tuple[TaskResult, bool]:
     """Run the root invocation on the async core while this thread waits for
     its end: (how it ended, whether the wait was interrupted). An interrupt
     (Ctrl-C) cancels the tree, and the wait goes on until it has stopped. The
-    root starts on the timer thread: no wasm runs where a signal lands."""
+    root runs on the run's loop, started here: no wasm runs where a signal
+    lands."""
     ended: list[TaskResult] = []
     finished = threading.Event()
 
@@ -415,7 +429,8 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    timers.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
+    loop.start()
+    loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = False
     while not finished.is_set():
         try:

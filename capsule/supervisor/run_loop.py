@@ -1,0 +1,189 @@
+"""One run's event loop, for the async core: an anyio event loop (the asyncio
+backend) on one thread the run owns, started with the run and stopped when it
+ends. Its task group holds the root invocation, under which every other one
+is a task (async_core.py); the continuation driver's checks and timers are its
+callbacks (:meth:`RunLoop.soon`, :meth:`RunLoop.at`: the interface of the
+thread core's ``Timers``).
+
+Callbacks go through the loop's own thread-safe ``call_soon_threadsafe`` and
+``call_at``, not an anyio portal: a wake-up of a waiting task is one of them,
+and a portal adds a future and a coroutine to each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+
+def _nothing() -> None:
+    pass
+
+
+class LoopTimer:
+    """A callback due at a time on a RunLoop; cancelled, it never runs."""
+
+    __slots__ = ("callback", "cancelled", "handle", "owner")
+
+    def __init__(self, owner: RunLoop, callback: Callable[[], None]) -> None:
+        self.owner = owner
+        self.callback = callback
+        self.cancelled = False
+        #: The loop's timer, once set (on the loop's thread).
+        self.handle: asyncio.TimerHandle | None = None
+
+    def cancel(self) -> None:
+        """It never runs; what its callback holds is let go now (a wait with
+        a long timeout that ended early must not keep it until then)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.callback = _nothing
+        handle = self.handle
+        if handle is not None:
+            try:
+                # (A loop's timer is cancelled on its own thread: it counts them.)
+                self.owner.call(handle.cancel)
+            except RuntimeError:  # its loop has stopped: the timer went with it
+                pass
+
+    def _fire(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True  # (it runs now: cancelling it is too late)
+            self.owner._guarded(self.callback)
+
+
+class RunLoop:
+    """An anyio event loop on a thread of its own (see the module). A callback
+    must not raise: one that does is kept in ``failures`` and the loop goes on."""
+
+    def __init__(self, name: str = "capsule-loop") -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The context callbacks run in: the loop's, where anyio knows its
+        #: backend (a callback starts tasks and cancels scopes).
+        self._context = contextvars.Context()
+        self._group: TaskGroup | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._ready = threading.Event()
+        self._closed = False
+        #: What callbacks raised (a bug in one of them).
+        self.failures: list[BaseException] = []
+
+    # -- its thread --------------------------------------------------------
+
+    def start(self) -> None:
+        """Start its thread; returns once the loop runs."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} was started already")
+        if self._closed:
+            raise RuntimeError(f"{self.name} is stopped: its run has ended")
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                anyio.run(self._main, backend="asyncio")
+            except BaseException as exc:  # (seen by start, or kept)
+                failed.append(exc)
+            finally:
+                self._ready.set()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if failed:
+            raise RuntimeError(f"{self.name} could not start its event loop") from failed[0]
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()
+        self._thread_id = threading.get_ident()
+        async with anyio.create_task_group() as group:
+            self._group = group
+            self._ready.set()
+            await anyio.sleep_forever()  # (until close cancels the group)
+
+    def close(self) -> None:
+        """Stop: callbacks and timers not yet run never run, and tasks still
+        in its task group (none once its run ended) are cancelled. Returns once
+        its thread ended (at once if called on it)."""
+        self._closed = True
+        thread, loop, group = self._thread, self._loop, self._group
+        if thread is None or loop is None or group is None:
+            return
+        try:
+            loop.call_soon_threadsafe(group.cancel_scope.cancel)
+        except RuntimeError:  # its loop has stopped already
+            pass
+        if thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def running(self) -> bool:
+        """Whether its thread runs (started and not yet ended)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def on_loop(self) -> bool:
+        """Whether this is the loop's thread."""
+        return threading.get_ident() == self._thread_id
+
+    # -- what runs on it -----------------------------------------------------
+
+    def call(self, callback: Callable[[], Any]) -> None:
+        """Run ``callback`` on the loop's thread: now if this is it, else as
+        soon as the loop gets to it."""
+        if self.on_loop():
+            callback()
+        else:
+            self._running().call_soon_threadsafe(callback, context=self._context)
+
+    def soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the loop as soon as it gets to it (never now),
+        in the order given. Safe from any thread, also holding locks the
+        callback takes."""
+        loop = self._running()
+        if self.on_loop():
+            loop.call_soon(self._guarded, callback, context=self._context)
+        else:
+            loop.call_soon_threadsafe(self._guarded, callback, context=self._context)
+
+    def at(self, when: float, callback: Callable[[], None]) -> LoopTimer:
+        """Run ``callback`` at ``when`` (time.monotonic(), the asyncio loop's
+        clock), unless cancelled first."""
+        loop = self._running()
+        timer = LoopTimer(self, callback)
+
+        def arm() -> None:
+            if not timer.cancelled:
+                timer.handle = loop.call_at(when, timer._fire, context=self._context)
+
+        if self.on_loop():
+            arm()
+        else:
+            loop.call_soon_threadsafe(arm, context=self._context)
+        return timer
+
+    def start_soon(self, task: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """On the loop's thread: start ``task`` in the loop's own task group."""
+        assert self._group is not None and self.on_loop()
+        self._group.start_soon(task, name=name)
+
+    def _running(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if self._closed or loop is None:
+            state = "stopped: its run has ended" if self._closed else "not started"
+            raise RuntimeError(f"{self.name} is {state}")
+        return loop
+
+    def _guarded(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception as exc:  # a bug: kept, and the loop goes on
+            self.failures.append(exc)
