@@ -1,47 +1,55 @@
 """The async core: a run's task invocations with no thread of their own.
-Each attempt is a call future on the sandbox's poll threads
-(AsyncSandbox.start); its waiting host calls are answered by continuation
-(async_host.py). What follows an attempt is decided, as on task threads, by
-its AttemptLoop, and is driven by completions: the attempt's end, its
-children's ends, the timer of a retry's backoff."""
+Each invocation is an anyio task on the run's event loop (run_loop.py),
+started in its parent's attempt's task group (the root's in the loop's own),
+so an attempt's children end before it does. Each attempt is a call future
+on the sandbox's poll threads (AsyncSandbox.start) whose end the task awaits;
+its waiting host calls are answered by continuation (async_host.py). What
+follows an attempt is decided, as on task threads, by its AttemptLoop.
+
+Stops are cancel scopes: an attempt's deadline, and its task's stop (what it
+runs within cancelled or past its deadline, from LiveTree.wake_all), cancel
+the scope its call is awaited in, which has the sandbox end the call
+(AsyncSandbox.stop); the same cut a retry's backoff short."""
 
 from __future__ import annotations
 
-import threading
-import time
+import math
 import traceback
 from collections.abc import Callable
 
-from capsule.sandbox.async_sandbox import AsyncSandbox, WaitingHost
-from capsule.sandbox.async_sandbox import Attempt as Running
-from capsule.sandbox.engine import AttemptOutcome
-from capsule.supervisor.attempt_loop import AttemptLoop
-from capsule.supervisor.continuations import TimerService
-from capsule.supervisor.events import ErrorDetail
-from capsule.supervisor.supervision import Supervision
-from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult
+import anyio
+from anyio.abc import TaskGroup
 
-#: How often a retry's backoff checks whether its task must stop meanwhile.
-BACKOFF_CHECK_S = 0.05
+from capsule.sandbox.async_sandbox import AsyncSandbox, WaitingHost
+from capsule.sandbox.engine import AttemptOutcome
+from capsule.supervisor.attempt_loop import HOST_FAILED, AttemptLoop
+from capsule.supervisor.events import ErrorDetail
+from capsule.supervisor.run_loop import RunLoop
+from capsule.supervisor.supervision import Supervision
+from capsule.supervisor.tree import Attempt, Child, Scope, TaskResult, nearest_deadline
 
 #: Takes how an invocation ended.
 OnEnd = Callable[[TaskResult], None]
 
 
 class AsyncCore:
-    """Starts a run's task invocations on the async core."""
+    """Starts a run's task invocations on the async core, as tasks on the
+    run's loop."""
 
     def __init__(
         self,
         supervision: Supervision,
         sandbox: AsyncSandbox,
         waiting: WaitingHost,
-        timers: TimerService,
+        loop: RunLoop,
     ) -> None:
         self.supervision = supervision
         self.sandbox = sandbox
         self.waiting = waiting
-        self.timers = timers
+        self.loop = loop
+        #: The task group of each running attempt, by its scope (on the loop's
+        #: thread only): where the invocations it starts run.
+        self.groups: dict[Scope, TaskGroup] = {}
 
     def start_task(
         self,
@@ -53,8 +61,11 @@ class AsyncCore:
         on_end: OnEnd,
     ) -> None:
         """Start one task invocation (as Supervision.run_task runs one) and
-        return; ``on_end`` gets how it ended, from whichever thread ends it
-        (this one if it ends at once)."""
+        return: from any thread, it is reported pending here and runs on the
+        loop, in the task group of the attempt that made it (``parent`` is
+        that attempt's scope, or the scope of a child it spawned, or the
+        run's). ``on_end`` gets how it ended (on this thread if it ends at
+        once, else on the loop's)."""
         supervision = self.supervision
         final = supervision.replayed_final(name, task_id)
         if final is not None:
@@ -67,12 +78,27 @@ class AsyncCore:
             supervision.router.close(task_id)
             on_end(_host_failed(name, task_id))
             return
-        _Invocation(self, loop, on_end).next()
+        invocation = _Invocation(self, loop, on_end)
+        self.loop.soon(lambda: self._start(invocation, parent))
+
+    def _start(self, invocation: _Invocation, parent: Scope) -> None:
+        """On the loop: ``invocation`` starts in its parent attempt's group."""
+        # A spawned child's scope is its parent attempt's child; a direct
+        # call's is that attempt's own; the root's is the run's.
+        owner = parent if parent.invocation is not None else parent.parent
+        group = None if owner is None else self.groups.get(owner)
+        name = f"capsule-task {invocation.loop.task_id}"
+        if group is None:
+            # The root; or one whose parent attempt ended before it could
+            # start (it was cancelled with it, and ends at once): the run's.
+            self.loop.start_soon(invocation.run, name)
+        else:
+            group.start_soon(invocation.run, name=name)
 
 
 class _Invocation:
     """One task invocation on the async core, from its first attempt to its
-    end: each step runs when what it waits for completes."""
+    end: an anyio task on the run's loop."""
 
     def __init__(self, core: AsyncCore, loop: AttemptLoop, on_end: OnEnd) -> None:
         self.core = core
@@ -80,139 +106,137 @@ class _Invocation:
         self.on_end = on_end
         #: Its attempt running now, as the tree sees it.
         self.attempt: Attempt | None = None
-        self.ended = False
 
-    def next(self) -> None:
-        """Start its next attempt (or decide what its not starting means)."""
+    async def run(self) -> None:
+        """Its attempts, retries and restarts, to its end. A host bug while
+        driving it fails it, not the loop (nor its parent's task group)."""
         try:
-            started = self.loop.next()
-            if isinstance(started, AttemptOutcome):
-                self._decided(started)
-                return
-            self.attempt = started
-            supervision = self.core.supervision
-            supervision.begin(started, self.loop.child)
-            self.core.sandbox.start(
-                started.invocation,
-                supervision.program,
-                self.loop.call_json,
-                self.core.waiting,
-                self._attempt_done,
-            )
+            result = await self._attempts()
+        except _HostBug as bug:
+            result = self._failed(str(bug))
         except Exception:
-            self._failed()
-
-    def _attempt_done(self, running: Running) -> None:
-        """Its attempt's call ended (on a poll thread): its children are
-        cancelled, and it counts as ended once they have."""
-        try:
-            attempt = self.attempt
-            assert attempt is not None and running.outcome is not None
-            supervision = self.core.supervision
-            outcome = supervision.concluded(attempt, running.outcome)
-            attempt.operations.close()
-            supervision.cancel_children(attempt)
-            self._once_children_ended(attempt, lambda: self._attempt_ended(attempt, outcome))
-        except Exception:
-            self._failed()
-
-    def _once_children_ended(self, attempt: Attempt, then: Callable[[], None]) -> None:
-        """Call ``then`` once every child of ``attempt`` (spawned, or run by a
-        direct call) has ended: now, or on the loop after the wake-up
-        of the last one's end."""
-        lock = threading.Lock()
-        done = False
-        earlier = attempt.waker  # (a wait of its may still be hooked: it is woken too)
-
-        def check() -> None:
-            nonlocal done
-            with lock:
-                if done:
-                    return
-                with self.core.supervision.tree.lock:
-                    running = attempt.calling > 0 or any(
-                        not child.done.is_set() for child in attempt.children.values()
-                    )
-                if running:
-                    return
-                done = True
-            try:
-                then()
-            except Exception:
-                self._failed()
-
-        def woken() -> None:
-            if earlier is not None:
-                earlier()
-            if not done:
-                self.core.timers.soon(check)  # (never on the waker's thread)
-
-        attempt.waker = woken
-        if earlier is not None:
-            earlier()  # (a wait of an attempt stopped while it waited ends now)
-        check()
-
-    def _attempt_ended(self, attempt: Attempt, outcome: AttemptOutcome) -> None:
-        supervision = self.core.supervision
-        self.attempt = None
-        supervision.release(attempt)
-        supervision.before_reporting(self.loop.task_id)
-        self._decided(outcome)
-
-    def _decided(self, outcome: AttemptOutcome) -> None:
-        decision = self.loop.decide(outcome)
-        if isinstance(decision, TaskResult):
-            self._end(decision)
-        elif decision.backoff is None:
-            self.next()
-        else:
-            self._back_off(time.monotonic() + decision.backoff)
-
-    def _back_off(self, until: float) -> None:
-        """Wait, on a timer, for a retry's backoff to pass (or for its task
-        to have to stop: checked every BACKOFF_CHECK_S)."""
-        stopped = self.loop.parent.check_stop() is not None
-        now = time.monotonic()
-        if stopped or now >= until:
-            try:
-                ended = self.loop.after_backoff(not stopped)
-            except Exception:
-                self._failed()
-                return
-            if ended is None:
-                self.next()
-            else:
-                self._end(ended)
-            return
-        self.core.timers.at(min(until, now + BACKOFF_CHECK_S), lambda: self._back_off(until))
-
-    def _end(self, result: TaskResult) -> None:
-        if self.ended:
-            return
-        self.ended = True
+            result = self._failed(traceback.format_exc())
         supervision = self.core.supervision
         try:
             supervision.router.close(self.loop.task_id)
             supervision.ended(result, self.loop.parent)
+        except Exception:
+            self.core.loop.failures.append(_HostBug(traceback.format_exc()))
         finally:
             self.on_end(result)
 
-    def _failed(self) -> None:
-        """A host bug while driving it: it ends failed (never silently: the
-        traceback is kept), out of the live tree if it was in it."""
-        text = traceback.format_exc()
+    async def _attempts(self) -> TaskResult:
+        loop = self.loop
+        while True:
+            started = loop.next()
+            outcome = started if isinstance(started, AttemptOutcome) else await self._run(started)
+            decision = loop.decide(outcome)
+            if isinstance(decision, TaskResult):
+                return decision
+            if decision.backoff is not None:
+                ended = loop.after_backoff(await self._backed_off(decision.backoff))
+                if ended is not None:
+                    return ended
+
+    async def _run(self, attempt: Attempt) -> AttemptOutcome:
+        """One attempt, in its task group: its call, then its children
+        cancelled, and ended (the group's end), before it counts as ended."""
+        core, supervision = self.core, self.core.supervision
+        self.attempt = attempt
+        supervision.begin(attempt, self.loop.child)
+        failure: str | None = None
+        async with anyio.create_task_group() as children:
+            core.groups[attempt.scope] = children
+            try:
+                outcome = supervision.concluded(attempt, await self._call(attempt))
+            except Exception:  # (kept: an error here must not cancel its children's tasks)
+                failure = traceback.format_exc()
+            try:
+                attempt.operations.close()
+                supervision.cancel_children(attempt)
+            except Exception:
+                failure = failure or traceback.format_exc()
+        del core.groups[attempt.scope]
+        if failure is not None:
+            raise _HostBug(failure)
+        self.attempt = None
+        supervision.release(attempt)
+        supervision.before_reporting(self.loop.task_id)
+        return outcome
+
+    async def _call(self, attempt: Attempt) -> AttemptOutcome:
+        """Its attempt's call, from its start to its end (on a poll thread),
+        ended by the sandbox once its task must stop."""
+        core = self.core
+        invocation = attempt.invocation
+        ended = anyio.Event()
+        running = core.sandbox.start(
+            invocation,
+            core.supervision.program,
+            self.loop.call_json,
+            core.waiting,
+            lambda _: core.loop.soon(ended.set),
+        )
+        deadline = invocation.deadline
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
+            self._watch(attempt.scope, stopping)
+            try:
+                await ended.wait()
+            finally:
+                core.supervision.tree.unwatch(self)
+        if not ended.is_set():  # it must stop: the sandbox ends its call
+            core.sandbox.stop(running)
+            await ended.wait()
+        # A wait of its still hooked (it was stopped while waiting) ends now.
+        attempt.wake()
+        assert running.outcome is not None
+        return running.outcome
+
+    async def _backed_off(self, delay: float) -> bool:
+        """A retry's backoff: True once it passed, False if its task must
+        stop first (what it runs within cancelled, or past its deadline)."""
+        parent = self.loop.parent
+        deadline = nearest_deadline(parent)
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
+            self._watch(parent, stopping)
+            try:
+                if parent.check_stop() is None:
+                    await anyio.sleep(delay)
+            finally:
+                self.core.supervision.tree.unwatch(self)
+        return parent.check_stop() is None
+
+    def _watch(self, scope: Scope, stopping: anyio.CancelScope) -> None:
+        """``stopping`` is cancelled once what runs in ``scope`` must stop
+        (on the loop: the stop may come from any thread)."""
+        loop = self.core.loop
+        self.core.supervision.tree.watch(self, scope, lambda: loop.soon(stopping.cancel))
+        if scope.check_stop() is not None:  # (stopped before it watched)
+            stopping.cancel()
+
+    def _failed(self, text: str) -> TaskResult:
+        """A host bug while driving it: it ends failed, reported (never
+        silently: its traceback, ``text``, is kept), out of the live tree if
+        it was in it."""
         attempt, self.attempt = self.attempt, None
         tree = self.core.supervision.tree
         if attempt is not None:
             with tree.lock:
                 tree.attempts.pop(attempt.invocation, None)
-        self._end(_host_failed(self.loop.name, self.loop.task_id, text))
+        try:
+            return self.loop.host_failed(text)
+        except Exception:  # (reporting it failed too: it ends all the same)
+            return _host_failed(self.loop.name, self.loop.task_id, text)
+
+
+class _HostBug(Exception):
+    """A host bug while an attempt ended (its traceback, as text)."""
 
 
 def _host_failed(name: str, task_id: str, text: str | None = None) -> TaskResult:
     error = ErrorDetail(
         kind="trap",
-        message="the host failed while running the task",
+        message=HOST_FAILED,
         task=name,
         traceback=text or traceback.format_exc(),
         retryable=False,

@@ -272,7 +272,8 @@ class Run:
                 sandbox.hibernate_waiting,
                 settings.hibernate_after,
             )
-            supervision.core = AsyncCore(supervision, sandbox, waiting, service)
+            assert self._loop is not None
+            supervision.core = AsyncCore(supervision, sandbox, waiting, self._loop)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
@@ -379,8 +380,7 @@ class Run:
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
-                assert self._loop is not None
-                result, interrupted = _run_on_core(core, entry, call_json, root, self._loop)
+                result, interrupted = _run_on_core(core, entry, call_json, root)
             else:
                 # (Nested calls run inline on the task thread: the sandbox raises the
                 # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
@@ -415,7 +415,7 @@ class Run:
 
 
 def _run_on_core(
-    core: AsyncCore, entry: str, call_json: str, root: Scope, loop: RunLoop
+    core: AsyncCore, entry: str, call_json: str, root: Scope
 ) -> tuple[TaskResult, bool]:
     """Run the root invocation on the async core while this thread waits for
     its end: (how it ended, whether the wait was interrupted). An interrupt
@@ -429,8 +429,8 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    loop.start()
-    loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
+    core.loop.start()
+    core.start_task(entry, "main", call_json, root, None, end)
     interrupted = False
     while not finished.is_set():
         try:
