@@ -89,8 +89,9 @@ class RunLoop:
         def run() -> None:
             try:
                 anyio.run(self._main, backend="asyncio")
-            except BaseException as exc:  # (seen by start, or kept)
+            except BaseException as exc:  # (seen by start, or kept: a bug)
                 failed.append(exc)
+                self.failures.append(exc)
             finally:
                 self._ready.set()
 

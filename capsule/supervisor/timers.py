@@ -1,7 +1,8 @@
-"""One run's timer service: callbacks due at given times (the timeouts and
-deadlines of waits run by continuation) and callbacks due now (the re-check of
-a wait whose attempt was woken), run one at a time, in order, on one thread
-the run owns: started at first use, stopped by :meth:`Timers.close`."""
+"""One run's timer service on task threads: callbacks due at given times (the
+timeouts and deadlines of waits run by continuation) and callbacks due now (the
+re-check of a wait whose attempt was woken), run one at a time, in order, on
+one thread the run owns: started at first use, stopped by :meth:`Timers.close`.
+(The async core's are its event loop's: run_loop.py.)"""
 
 from __future__ import annotations
 
