@@ -238,17 +238,18 @@ def test_the_runs_event_loop_is_a_thread_of_its_own_stopped_with_the_run(program
         return [nap.spawn(0, "a").result(), leaf(1)]
     """
     )
-    started_on: list[str] = []
+    ended_on: list[str] = []
 
     def on_event(event: Any) -> None:
-        if event.type == "started":
-            started_on.append(threading.current_thread().name)
+        if event.type == "completed":
+            ended_on.append(threading.current_thread().name)
 
     report = run_program(RunRequest(path=path, args=[], options=RunOptions(core="async")), on_event)
     assert report.result is not None and report.result.value() == ["a", 2], report
-    # Every attempt was started by its invocation's task, on the run's loop.
-    assert len(started_on) == 3
-    assert {name.split(" ")[0] for name in started_on} == {"capsule-loop"}, started_on
+    # What follows each attempt was decided by its invocation's task, on the
+    # run's loop.
+    assert len(ended_on) == 3
+    assert {name.split(" ")[0] for name in ended_on} == {"capsule-loop"}, ended_on
     assert [t.name for t in threading.enumerate() if t.name.startswith("capsule-loop")] == []
 
 

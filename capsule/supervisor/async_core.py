@@ -14,8 +14,10 @@ the scope its call is awaited in, which has the sandbox end the call
 from __future__ import annotations
 
 import math
+import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 from anyio.abc import TaskGroup
@@ -79,21 +81,34 @@ class AsyncCore:
             on_end(_host_failed(name, task_id))
             return
         invocation = _Invocation(self, loop, on_end)
-        self.loop.soon(lambda: self._start(invocation, parent))
+        try:
+            # Its first attempt is made (reported started) before its maker
+            # goes on, as on task threads; it runs on the loop.
+            first = loop.next()
+        except Exception:
+            supervision.router.close(task_id)
+            on_end(invocation._failed(traceback.format_exc()))
+            return
+        self.loop.soon(lambda: self._start(invocation, first, parent))
 
-    def _start(self, invocation: _Invocation, parent: Scope) -> None:
-        """On the loop: ``invocation`` starts in its parent attempt's group."""
+    def _start(
+        self, invocation: _Invocation, first: Attempt | AttemptOutcome, parent: Scope
+    ) -> None:
+        """On the loop: ``invocation`` starts in its parent attempt's group,
+        with its ``first`` attempt (or that attempt's outcome if it could not
+        start)."""
         # A spawned child's scope is its parent attempt's child; a direct
         # call's is that attempt's own; the root's is the run's.
         owner = parent if parent.invocation is not None else parent.parent
         group = None if owner is None else self.groups.get(owner)
         name = f"capsule-task {invocation.loop.task_id}"
+        run = partial(invocation.run, first)
         if group is None:
             # The root; or one whose parent attempt ended before it could
             # start (it was cancelled with it, and ends at once): the run's.
-            self.loop.start_soon(invocation.run, name)
+            self.loop.start_soon(run, name)
         else:
-            group.start_soon(invocation.run, name=name)
+            group.start_soon(run, name=name)
 
 
 class _Invocation:
@@ -107,11 +122,12 @@ class _Invocation:
         #: Its attempt running now, as the tree sees it.
         self.attempt: Attempt | None = None
 
-    async def run(self) -> None:
-        """Its attempts, retries and restarts, to its end. A host bug while
-        driving it fails it, not the loop (nor its parent's task group)."""
+    async def run(self, first: Attempt | AttemptOutcome) -> None:
+        """Its attempts from its ``first``, retries and restarts, to its end.
+        A host bug while driving it fails it, not the loop (nor its parent's
+        task group)."""
         try:
-            result = await self._attempts()
+            result = await self._attempts(first)
         except _HostBug as bug:
             result = self._failed(str(bug))
         except Exception:
@@ -125,10 +141,9 @@ class _Invocation:
         finally:
             self.on_end(result)
 
-    async def _attempts(self) -> TaskResult:
+    async def _attempts(self, started: Attempt | AttemptOutcome) -> TaskResult:
         loop = self.loop
         while True:
-            started = loop.next()
             outcome = started if isinstance(started, AttemptOutcome) else await self._run(started)
             decision = loop.decide(outcome)
             if isinstance(decision, TaskResult):
@@ -137,6 +152,7 @@ class _Invocation:
                 ended = loop.after_backoff(await self._backed_off(decision.backoff))
                 if ended is not None:
                     return ended
+            started = loop.next()
 
     async def _run(self, attempt: Attempt) -> AttemptOutcome:
         """One attempt, in its task group: its call, then its children
@@ -197,13 +213,16 @@ class _Invocation:
         stop first (what it runs within cancelled, or past its deadline)."""
         parent = self.loop.parent
         deadline = nearest_deadline(parent)
-        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
-            self._watch(parent, stopping)
-            try:
-                if parent.check_stop() is None:
-                    await anyio.sleep(delay)
-            finally:
-                self.core.supervision.tree.unwatch(self)
+        until = time.monotonic() + delay
+        # (Again if cut short by nothing: asyncio ends a scope at its deadline
+        # up to its clock's resolution early.)
+        while parent.check_stop() is None and time.monotonic() < until:
+            with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
+                self._watch(parent, stopping)
+                try:
+                    await anyio.sleep_until(until)
+                finally:
+                    self.core.supervision.tree.unwatch(self)
         return parent.check_stop() is None
 
     def _watch(self, scope: Scope, stopping: anyio.CancelScope) -> None:

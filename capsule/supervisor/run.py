@@ -430,7 +430,7 @@ def _run_on_core(
         finished.set()
 
     core.loop.start()
-    core.start_task(entry, "main", call_json, root, None, end)
+    core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = False
     while not finished.is_set():
         try:

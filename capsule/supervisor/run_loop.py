@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,10 +29,11 @@ def _nothing() -> None:
 class LoopTimer:
     """A callback due at a time on a RunLoop; cancelled, it never runs."""
 
-    __slots__ = ("callback", "cancelled", "handle", "owner")
+    __slots__ = ("callback", "cancelled", "handle", "owner", "when")
 
-    def __init__(self, owner: RunLoop, callback: Callable[[], None]) -> None:
+    def __init__(self, owner: RunLoop, when: float, callback: Callable[[], None]) -> None:
         self.owner = owner
+        self.when = when
         self.callback = callback
         self.cancelled = False
         #: The loop's timer, once set (on the loop's thread).
@@ -52,10 +54,23 @@ class LoopTimer:
             except RuntimeError:  # its loop has stopped: the timer went with it
                 pass
 
-    def _fire(self) -> None:
+    def _arm(self) -> None:
+        """On the loop's thread: set the loop's timer, unless cancelled."""
         if not self.cancelled:
-            self.cancelled = True  # (it runs now: cancelling it is too late)
-            self.owner._guarded(self.callback)
+            self.handle = self.owner._running().call_at(
+                self.when, self._fire, context=self.owner._context
+            )
+
+    def _fire(self) -> None:
+        if self.cancelled:
+            return
+        if time.monotonic() < self.when:
+            # (asyncio runs a timer up to its clock's resolution early: a
+            # check at a deadline must find it passed.)
+            self._arm()
+            return
+        self.cancelled = True  # (it runs now: cancelling it is too late)
+        self.owner._guarded(self.callback)
 
 
 class RunLoop:
@@ -159,16 +174,11 @@ class RunLoop:
         """Run ``callback`` at ``when`` (time.monotonic(), the asyncio loop's
         clock), unless cancelled first."""
         loop = self._running()
-        timer = LoopTimer(self, callback)
-
-        def arm() -> None:
-            if not timer.cancelled:
-                timer.handle = loop.call_at(when, timer._fire, context=self._context)
-
+        timer = LoopTimer(self, when, callback)
         if self.on_loop():
-            arm()
+            timer._arm()
         else:
-            loop.call_soon_threadsafe(arm, context=self._context)
+            loop.call_soon_threadsafe(timer._arm, context=self._context)
         return timer
 
     def start_soon(self, task: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
