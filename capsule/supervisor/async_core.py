@@ -193,7 +193,8 @@ class _Invocation:
             core.waiting,
             lambda _: core.loop.soon(ended.set),
         )
-        deadline = invocation.deadline
+        # (Its own deadline, or a caller's before it: either stops it.)
+        deadline = nearest_deadline(attempt.scope)
         with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
             self._watch(attempt.scope, stopping)
             try:
