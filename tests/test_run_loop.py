@@ -96,3 +96,27 @@ def test_close_cancels_the_tasks_left_in_its_task_group() -> None:
     loop.close()
     assert cancelled.is_set()
     assert loop_threads() == []
+
+
+def test_callbacks_from_many_threads_all_run_each_threads_in_order(loop: RunLoop) -> None:
+    ran: dict[int, list[int]] = {thread: [] for thread in range(4)}
+    done = threading.Event()
+    total = 4 * 500
+
+    def record(thread: int, index: int) -> None:
+        ran[thread].append(index)
+        if sum(len(indices) for indices in ran.values()) == total:
+            done.set()
+
+    def give(thread: int) -> None:
+        for index in range(500):
+            loop.soon(lambda thread=thread, index=index: record(thread, index))
+
+    givers = [threading.Thread(target=give, args=(thread,)) for thread in range(4)]
+    for giver in givers:
+        giver.start()
+    for giver in givers:
+        giver.join()
+    assert done.wait(PATIENCE_S)
+    assert ran == {thread: list(range(500)) for thread in range(4)}
+    assert loop.failures == []

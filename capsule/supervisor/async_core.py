@@ -16,13 +16,15 @@ from __future__ import annotations
 import math
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from capsule.sandbox.async_sandbox import AsyncSandbox, WaitingHost
+from capsule.sandbox.async_sandbox import Attempt as Running
 from capsule.sandbox.engine import AttemptOutcome
 from capsule.supervisor.attempt_loop import HOST_FAILED, AttemptLoop
 from capsule.supervisor.events import ErrorDetail
@@ -52,6 +54,10 @@ class AsyncCore:
         #: The task group of each running attempt, by its scope (on the loop's
         #: thread only): where the invocations it starts run.
         self.groups: dict[Scope, TaskGroup] = {}
+        #: The invocations started by a first attempt whose task group is not
+        #: open yet (its call started where it was made, before its task ran),
+        #: by its scope: they start in it once it opens.
+        self.early: dict[Scope, list[Callable[[TaskGroup], object]]] = {}
 
     def start_task(
         self,
@@ -81,34 +87,44 @@ class AsyncCore:
             on_end(_host_failed(name, task_id))
             return
         invocation = _Invocation(self, loop, on_end)
+        made: Attempt | AttemptOutcome | None = None
         try:
-            # Its first attempt is made (reported started) before its maker
-            # goes on, as on task threads; it runs on the loop.
-            first = loop.next()
+            # Its first attempt is made (reported started) and its call
+            # started before its maker goes on, as on task threads (where the
+            # instance is made: the loop never waits for one).
+            made = loop.next()
+            first: AttemptOutcome | _Call
+            if isinstance(made, Attempt):
+                self.early[made.scope] = []
+                first = invocation.call(made)
+            else:
+                first = made
         except Exception:
+            if isinstance(made, Attempt):
+                self.early.pop(made.scope, None)
             supervision.router.close(task_id)
             on_end(invocation._failed(traceback.format_exc()))
             return
         self.loop.soon(lambda: self._start(invocation, first, parent))
 
-    def _start(
-        self, invocation: _Invocation, first: Attempt | AttemptOutcome, parent: Scope
-    ) -> None:
+    def _start(self, invocation: _Invocation, first: AttemptOutcome | _Call, parent: Scope) -> None:
         """On the loop: ``invocation`` starts in its parent attempt's group,
-        with its ``first`` attempt (or that attempt's outcome if it could not
-        start)."""
+        with its ``first`` attempt's call (or that attempt's outcome if it
+        could not start)."""
         # A spawned child's scope is its parent attempt's child; a direct
         # call's is that attempt's own; the root's is the run's.
         owner = parent if parent.invocation is not None else parent.parent
-        group = None if owner is None else self.groups.get(owner)
         name = f"capsule-task {invocation.loop.task_id}"
         run = partial(invocation.run, first)
-        if group is None:
+        group = None if owner is None else self.groups.get(owner)
+        if group is not None:
+            group.start_soon(run, name=name)
+        elif owner is not None and owner in self.early:
+            self.early[owner].append(partial(_start_soon, run=run, name=name))
+        else:
             # The root; or one whose parent attempt ended before it could
             # start (it was cancelled with it, and ends at once): the run's.
             self.loop.start_soon(run, name)
-        else:
-            group.start_soon(run, name=name)
 
 
 class _Invocation:
@@ -122,7 +138,14 @@ class _Invocation:
         #: Its attempt running now, as the tree sees it.
         self.attempt: Attempt | None = None
 
-    async def run(self, first: Attempt | AttemptOutcome) -> None:
+    def call(self, attempt: Attempt) -> _Call:
+        """Start ``attempt``'s call (from any thread): it is in the live tree."""
+        core = self.core
+        core.supervision.begin(attempt, self.loop.child)
+        self.attempt = attempt
+        return _Call(core, attempt, self.loop.call_json)
+
+    async def run(self, first: AttemptOutcome | _Call) -> None:
         """Its attempts from its ``first``, retries and restarts, to its end.
         A host bug while driving it fails it, not the loop (nor its parent's
         task group)."""
@@ -141,7 +164,7 @@ class _Invocation:
         finally:
             self.on_end(result)
 
-    async def _attempts(self, started: Attempt | AttemptOutcome) -> TaskResult:
+    async def _attempts(self, started: Attempt | AttemptOutcome | _Call) -> TaskResult:
         loop = self.loop
         while True:
             outcome = started if isinstance(started, AttemptOutcome) else await self._run(started)
@@ -154,17 +177,20 @@ class _Invocation:
                     return ended
             started = loop.next()
 
-    async def _run(self, attempt: Attempt) -> AttemptOutcome:
-        """One attempt, in its task group: its call, then its children
-        cancelled, and ended (the group's end), before it counts as ended."""
+    async def _run(self, started: Attempt | _Call) -> AttemptOutcome:
+        """One attempt (its call started already, or started here), in its
+        task group: its call, then its children cancelled, and ended (the
+        group's end), before it counts as ended."""
         core, supervision = self.core, self.core.supervision
-        self.attempt = attempt
-        supervision.begin(attempt, self.loop.child)
+        attempt = started if isinstance(started, Attempt) else started.attempt
         failure: str | None = None
         async with anyio.create_task_group() as children:
             core.groups[attempt.scope] = children
+            for start in core.early.pop(attempt.scope, ()):
+                start(children)
             try:
-                outcome = supervision.concluded(attempt, await self._call(attempt))
+                call = self.call(started) if isinstance(started, Attempt) else started
+                outcome = supervision.concluded(attempt, await self._ended(call))
             except Exception:  # (kept: an error here must not cancel its children's tasks)
                 failure = traceback.format_exc()
             try:
@@ -180,34 +206,25 @@ class _Invocation:
         supervision.before_reporting(self.loop.task_id)
         return outcome
 
-    async def _call(self, attempt: Attempt) -> AttemptOutcome:
-        """Its attempt's call, from its start to its end (on a poll thread),
-        ended by the sandbox once its task must stop."""
-        core = self.core
-        invocation = attempt.invocation
-        ended = anyio.Event()
-        running = core.sandbox.start(
-            invocation,
-            core.supervision.program,
-            self.loop.call_json,
-            core.waiting,
-            lambda _: core.loop.soon(ended.set),
-        )
+    async def _ended(self, call: _Call) -> AttemptOutcome:
+        """Its attempt's call, to its end (on a poll thread), ended by the
+        sandbox once its task must stop."""
+        core, attempt = self.core, call.attempt
         # (Its own deadline, or a caller's before it: either stops it.)
         deadline = nearest_deadline(attempt.scope)
         with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as stopping:
             self._watch(attempt.scope, stopping)
             try:
-                await ended.wait()
+                await call.ended()
             finally:
                 core.supervision.tree.unwatch(self)
-        if not ended.is_set():  # it must stop: the sandbox ends its call
-            core.sandbox.stop(running)
-            await ended.wait()
+        if not call.over:  # it must stop: the sandbox ends its call
+            core.sandbox.stop(call.running)
+            await call.ended()
         # A wait of its still hooked (it was stopped while waiting) ends now.
         attempt.wake()
-        assert running.outcome is not None
-        return running.outcome
+        assert call.running.outcome is not None
+        return call.running.outcome
 
     async def _backed_off(self, delay: float) -> bool:
         """A retry's backoff: True once it passed, False if its task must
@@ -247,6 +264,40 @@ class _Invocation:
             return self.loop.host_failed(text)
         except Exception:  # (reporting it failed too: it ends all the same)
             return _host_failed(self.loop.name, self.loop.task_id, text)
+
+
+class _Call:
+    """An attempt's call on the sandbox's poll threads, started from any
+    thread; its end is signalled to the loop, where its invocation awaits it."""
+
+    def __init__(self, core: AsyncCore, attempt: Attempt, call_json: str) -> None:
+        self.attempt = attempt
+        self._loop = core.loop
+        #: Its call has ended (on the loop's thread).
+        self.over = False
+        self._ending: anyio.Event | None = None
+        self.running = core.sandbox.start(
+            attempt.invocation, core.supervision.program, call_json, core.waiting, self._done
+        )
+
+    def _done(self, _: Running) -> None:
+        self._loop.soon(self._over)
+
+    def _over(self) -> None:
+        self.over = True
+        if self._ending is not None:
+            self._ending.set()
+
+    async def ended(self) -> None:
+        """On the loop: until its call has ended."""
+        if not self.over:
+            if self._ending is None:
+                self._ending = anyio.Event()
+            await self._ending.wait()
+
+
+def _start_soon(group: TaskGroup, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+    group.start_soon(run, name=name)
 
 
 class _HostBug(Exception):

@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -88,6 +89,9 @@ class RunLoop:
         self._thread_id: int | None = None
         self._ready = threading.Event()
         self._closed = False
+        #: Callbacks given by other threads, not yet run (see soon).
+        self._queued: deque[Callable[[], None]] = deque()
+        self._drain_due = False
         #: What callbacks raised (a bug in one of them).
         self.failures: list[BaseException] = []
 
@@ -167,8 +171,22 @@ class RunLoop:
         loop = self._running()
         if self.on_loop():
             loop.call_soon(self._guarded, callback, context=self._context)
-        else:
-            loop.call_soon_threadsafe(self._guarded, callback, context=self._context)
+            return
+        # From another thread: queued, and the loop woken only if no drain of
+        # the queue is due already (a burst of wake-ups wakes it once).
+        self._queued.append(callback)
+        if not self._drain_due:
+            self._drain_due = True
+            loop.call_soon_threadsafe(self._drain, context=self._context)
+
+    def _drain(self) -> None:
+        """On the loop: run the callbacks queued from other threads."""
+        self._drain_due = False  # (before it looks: one queued from now on is drained next)
+        queued = self._queued
+        # Those queued meanwhile wait for the next drain: the loop's other
+        # callbacks and tasks are not held up behind a stream of them.
+        for _ in range(len(queued)):
+            self._guarded(queued.popleft())
 
     def at(self, when: float, callback: Callable[[], None]) -> LoopTimer:
         """Run ``callback`` at ``when`` (time.monotonic(), the asyncio loop's
