@@ -325,6 +325,39 @@ def test_a_stop_ends_a_retrys_backoff_and_a_wait_for_children(program: Any, whic
     assert live_instances() == 0
 
 
+def test_an_attempt_ends_after_the_children_it_spawned_before_its_task_ran(
+    run_program: ProgramRunner,
+) -> None:
+    """A child's call starts where it is spawned, before its task opened its
+    task group: what it spawns at once still runs in that group, so the child
+    counts as ended only once its own child, cancelled with it, has."""
+    outcome = run_program(
+        """
+    from capsule import receive, task
+
+    @task
+    def grandchild():
+        receive()
+
+    @task
+    def child():
+        grandchild.spawn()
+        return "child done"
+
+    @task(name="main")
+    def main():
+        return [child.spawn().result() for _ in range(5)]
+    """,
+        core="async",
+    )
+    assert outcome.report.result.value() == ["child done"] * 5, outcome.report
+    ends = [(e.type, e.task_id) for e in outcome.events if e.type in ("completed", "cancelled")]
+    for index in range(1, 6):
+        child, grandchild = f"main/{index}", f"main/{index}/1"
+        assert ends.index(("cancelled", grandchild)) < ends.index(("completed", child)), ends
+    assert live_instances() == 0
+
+
 def test_a_host_bug_in_the_driver_fails_the_invocation_not_the_loop(
     run_program: ProgramRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
