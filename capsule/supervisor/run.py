@@ -33,7 +33,7 @@ from capsule.supervisor.admission import Admission
 from capsule.supervisor.async_core import AsyncCore
 from capsule.supervisor.async_host import AsyncHostCalls
 from capsule.supervisor.blocking import Blocking
-from capsule.supervisor.continuations import Continuations, TimerService, wait_here
+from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
@@ -60,7 +60,6 @@ from capsule.supervisor.steps import History, JournalFailure, NoStepLog, Pending
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
-from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import LiveTask, Scope, TaskResult, run_interruptibly
 
 __all__ = [
@@ -195,19 +194,11 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The async core's event loop, on a thread of the run's (started with
-        #: the run, stopped when it ends); None on task threads.
-        self._loop: RunLoop | None = None
-        #: The continuation driver's timer service on task threads (a thread
-        #: started at first use, if a wait runs by continuation; stopped when
-        #: the run ends); on the async core, the loop.
-        self._timers: Timers | None = None
-        service: TimerService
-        if settings.core == "async":
-            self._loop = service = RunLoop(f"capsule-loop {run_id}")
-        else:
-            self._timers = service = Timers(f"capsule-timers {run_id}")
-        self._continuations = Continuations(service, events, run_id, output.shown)
+        #: The run's event loop, on a thread of the run's: on the async core
+        #: (or where waits run by continuation) started with the run, stopped
+        #: when it ends; never started on task threads.
+        self._loop = RunLoop(f"capsule-loop {run_id}")
+        self._continuations = Continuations(self._loop, events, run_id, output.shown)
         operations = OperationCalls(journal.step, lambda: journal.write(log.sync), journaling)
         messages = MessageCalls(
             router,
@@ -272,7 +263,6 @@ class Run:
                 sandbox.hibernate_waiting,
                 settings.hibernate_after,
             )
-            assert self._loop is not None
             supervision.core = AsyncCore(supervision, sandbox, waiting, self._loop)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
@@ -283,7 +273,8 @@ class Run:
         continuations.py) instead of on their threads: each task thread waits,
         without its CPU slot, for the answer the driver gives (nor hibernated).
         How the waits of async imports run, on today's threads. Call it before
-        run_main."""
+        run_main: the run's loop starts now."""
+        self._loop.start()
         self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
 
     @property
@@ -391,9 +382,7 @@ class Run:
                 )
         finally:
             self._http.close()
-            for service in (self._loop, self._timers):
-                if service is not None:
-                    service.close()
+            self._loop.close()
         return self._outcome(result, interrupted)
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:

@@ -1,9 +1,9 @@
-"""One run's event loop, for the async core: an anyio event loop (the asyncio
-backend) on one thread the run owns, started with the run and stopped when it
-ends. Its task group holds the root invocation, under which every other one
-is a task (async_core.py); the continuation driver's checks and timers are its
-callbacks (:meth:`RunLoop.soon`, :meth:`RunLoop.at`: the interface of the
-thread core's ``Timers``).
+"""One run's event loop: an anyio event loop (the asyncio backend) on one
+thread the run owns, started with the run (on the async core, or where waits
+run by continuation) and stopped when it ends. Its task group holds the root
+invocation, under which every other one is a task (async_core.py), and the
+waits run by continuation (continuations.py); callbacks (:meth:`RunLoop.soon`)
+and timers (:meth:`RunLoop.at`) come to it from any thread.
 
 Callbacks go through the loop's own thread-safe ``call_soon_threadsafe`` and
 ``call_at``, not an anyio portal: a wake-up of a waiting task is one of them,
