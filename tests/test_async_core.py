@@ -162,7 +162,7 @@ def both(run_program: ProgramRunner, source: str, **options: Any) -> tuple[Outco
     before = threading.active_count()
     on_core = run_program(source, core="async", **options)
     assert live_instances() == 0
-    # Its poll, ticker and timer threads are gone with the run.
+    # Its poll, ticker and loop threads are gone with the run.
     assert threading.active_count() <= before
     return threads, on_core
 

@@ -1,6 +1,6 @@
 """The async core's event loop (RunLoop): an anyio loop on one thread its run
 owns, which runs callbacks from any thread, timers, and tasks, and is gone
-once closed. (Its use as the continuation driver's timer service is tested
+once closed. (Its use by the continuation driver is tested
 in test_waits.py; the invocations on it in test_async_core.py.)"""
 
 from __future__ import annotations

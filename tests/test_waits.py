@@ -284,7 +284,7 @@ def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations)
     assert poller.wait_for(1) == [(True, '"reply"')]
 
 
-def test_what_a_check_raises_fails_the_call_not_the_timer_thread(
+def test_what_a_check_raises_fails_the_call_not_the_loop(
     driver: Continuations, timers: RunLoop
 ) -> None:
     attempt = make_attempt()
@@ -305,7 +305,7 @@ def test_what_a_check_raises_fails_the_call_not_the_timer_thread(
     assert timers.failures == []
 
 
-def test_many_waits_share_one_timer_service_thread(driver: Continuations, timers: RunLoop) -> None:
+def test_many_waits_share_the_runs_one_loop_thread(driver: Continuations, timers: RunLoop) -> None:
     poller = FakePoller()
     timed: list[Attempt] = []
     woken: list[tuple[Attempt, list[bool]]] = []
@@ -326,7 +326,7 @@ def test_many_waits_share_one_timer_service_thread(driver: Continuations, timers
         attempt.wake()
     answers = poller.wait_for(300)
     assert sorted(answers) == [(False, '"over"')] * 150 + [(True, '"ready"')] * 150
-    # Those that waited were answered on the timer service's one thread
+    # Those that waited were answered on the loop's one thread
     # (a timeout of 0 is over at once, on the caller's).
     assert len(set(poller.threads) - {threading.get_ident()}) == 1
     assert all(attempt.waker is None for attempt in timed)
@@ -405,7 +405,7 @@ def test_concurrent_wake_ups_never_lose_a_wait_nor_finish_one_twice(
     assert all(a.waker is None for a in attempts)
 
 
-def test_the_timer_service_runs_callbacks_in_time_order_and_stops(timers: RunLoop) -> None:
+def test_the_loop_runs_callbacks_in_time_order_and_stops(timers: RunLoop) -> None:
     ran: list[str] = []
     done = threading.Event()
     now = time.monotonic()
@@ -701,7 +701,7 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
         if event.type == "waiting":
             waiting.add(event.task_id)
             if waiting == {"main", "main/1"}:
-                runs[0].stop()  # (on the timer service's thread, which reports waits)
+                runs[0].stop()  # (on the loop's thread, which reports waits)
 
     def by_continuation(run: Run) -> None:
         run.wait_by_continuation()
@@ -712,8 +712,8 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
     assert report.result.error.kind == "cancelled"
 
 
-def test_a_wait_begun_once_its_timers_are_closed_is_answered_with_the_error() -> None:
-    """A chained wait made as its run ends (the timer service closed) is
+def test_a_wait_begun_once_its_loop_is_closed_is_answered_with_the_error() -> None:
+    """A chained wait made as its run ends (its loop closed) is
     answered, with the failure, rather than left waiting for ever."""
     timers = RunLoop("capsule-loop test")
     timers.start()
