@@ -4,10 +4,12 @@ deadlines and a stopped run reach waiting tasks; nothing is left behind."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,7 @@ def both(run_program: ProgramRunner, source: str, **options: Any) -> tuple[Outco
     before = threading.active_count()
     on_core = run_program(source, core="async", **options)
     assert live_instances() == 0
-    # Its poll, ticker and timer threads are gone with the run.
+    # Its poll, ticker and loop threads are gone with the run.
     assert threading.active_count() <= before
     return threads, on_core
 
@@ -222,6 +224,176 @@ def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
     assert report.result.error.kind == "cancelled"
     ended = [e for e in events if e.type == "cancelled"]
     assert {e.task for e in ended} == {"sleeper", "main"}
+    assert live_instances() == 0
+
+
+def test_the_runs_event_loop_is_a_thread_of_its_own_stopped_with_the_run(program: Any) -> None:
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+
+    path: Path = program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        return [nap.spawn(0, "a").result(), leaf(1)]
+    """
+    )
+    ended_on: list[str] = []
+
+    def on_event(event: Any) -> None:
+        if event.type == "completed":
+            ended_on.append(threading.current_thread().name)
+
+    report = run_program(RunRequest(path=path, args=[], options=RunOptions(core="async")), on_event)
+    assert report.result is not None and report.result.value() == ["a", 2], report
+    # What follows each attempt was decided by its invocation's task, on the
+    # run's loop.
+    assert len(ended_on) == 3
+    assert {name.split(" ")[0] for name in ended_on} == {"capsule-loop"}, ended_on
+    assert [t.name for t in threading.enumerate() if t.name.startswith("capsule-loop")] == []
+
+
+@pytest.fixture
+def hour_long_backoffs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry's backoff lasts as long as retry_backoff says, up to an hour:
+    only a stop ends it early (a missed stop hangs the test)."""
+    from capsule.supervisor import program as program_module
+    from capsule.supervisor.run import Backoff
+
+    monkeypatch.setattr(program_module, "Backoff", partial(Backoff, max_s=3600.0))
+
+
+BACKING_OFF = """
+    import capsule
+    from capsule import TaskError, receive, task
+
+    @task(max_retries=1)
+    def failing():
+        raise ValueError("again")
+
+    @task
+    def boss():
+        failing.spawn()
+        receive()
+
+    @task(name="main")
+    def main(which):
+        handle = (failing if which == "failing" else boss).spawn()
+        receive()  # the go, once failing waits in its backoff
+        handle.cancel()
+        try:
+            return handle.result()
+        except TaskError as exc:
+            return exc.kind
+"""
+
+
+@pytest.mark.parametrize("which", ["failing", "boss"])
+@pytest.mark.usefixtures("hour_long_backoffs")
+def test_a_stop_ends_a_retrys_backoff_and_a_wait_for_children(program: Any, which: str) -> None:
+    """``failing`` is cancelled in its backoff; or ``boss``, whose attempt
+    then waits for its child ``failing``, in its backoff, to end: the stop
+    ends the backoff, which would last an hour."""
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+    from capsule.supervisor.run import Run
+
+    path: Path = program(BACKING_OFF)
+    runs: list[Run] = []
+    events: list[Any] = []
+
+    def go() -> None:
+        runs[0].external.send("main", '"go"')
+
+    def on_event(event: Any) -> None:
+        events.append(event)
+        if event.type == "retrying":
+            # (On the loop, once the invocation's task awaits its backoff.)
+            asyncio.get_running_loop().call_soon(go)
+
+    report = run_program(
+        RunRequest(path=path, args=[which], options=RunOptions(core="async", retry_backoff=3600)),
+        on_event,
+        on_run=runs.append,
+    )
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == ("cancelled" if which == "boss" else "exception")
+    lives = by_task(events)
+    failing = next(task_id for task_id, life in lives.items() if life[0][1] == "failing")
+    # Its retry was never made: the backoff ended with the stop.
+    assert [kind for kind, *_ in lives[failing]] == ["pending", "started", "retrying", "failed"]
+    assert live_instances() == 0
+
+
+def test_an_attempt_ends_after_the_children_it_spawned_before_its_task_ran(
+    run_program: ProgramRunner,
+) -> None:
+    """A child's call starts where it is spawned, before its task opened its
+    task group: what it spawns at once still runs in that group, so the child
+    counts as ended only once its own child, cancelled with it, has."""
+    outcome = run_program(
+        """
+    from capsule import receive, task
+
+    @task
+    def grandchild():
+        receive()
+
+    @task
+    def child():
+        grandchild.spawn()
+        return "child done"
+
+    @task(name="main")
+    def main():
+        return [child.spawn().result() for _ in range(5)]
+    """,
+        core="async",
+    )
+    assert outcome.report.result.value() == ["child done"] * 5, outcome.report
+    ends = [(e.type, e.task_id) for e in outcome.events if e.type in ("completed", "cancelled")]
+    for index in range(1, 6):
+        child, grandchild = f"main/{index}", f"main/{index}/1"
+        assert ends.index(("cancelled", grandchild)) < ends.index(("completed", child)), ends
+    assert live_instances() == 0
+
+
+def test_a_host_bug_in_the_driver_fails_the_invocation_not_the_loop(
+    run_program: ProgramRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsule.supervisor.supervision import Supervision
+
+    concluded = Supervision.concluded
+    broken: list[str] = []
+
+    def bug_once(self: Supervision, attempt: Any, outcome: Any) -> Any:
+        if attempt.invocation.task == "leaf" and not broken:
+            broken.append(attempt.invocation.task_id)
+            raise RuntimeError("a bug in the host")
+        return concluded(self, attempt, outcome)
+
+    monkeypatch.setattr(Supervision, "concluded", bug_once)
+    outcome = run_program(
+        TASKS
+        + """
+    @task(name="main")
+    def main():
+        try:
+            leaf(1)
+        except TaskError as exc:
+            first = [exc.kind, str(exc)]
+        return [first, leaf(2), nap.spawn(0, "after").result()]
+    """,
+        core="async",
+    )
+    assert outcome.report.result.ok, outcome.report
+    first, second, spawned = outcome.report.result.value()
+    assert first[0] == "trap" and "the host failed while running the task" in first[1], first
+    assert [second, spawned] == [3, "after"]
+    failed = [e for e in outcome.events if e.type == "failed"]
+    assert [e.task_id for e in failed] == broken
+    assert "a bug in the host" in failed[0].error.traceback
     assert live_instances() == 0
 
 

@@ -1,6 +1,7 @@
 """Host calls that wait, run by continuation: a wait is checked at once, then
 again at each wake-up of its attempt and when its timers fire (its timeout,
-its attempt's deadline) on the run's timer service; it ends once, with its
+its attempt's deadline), awaited on the run's event loop (RunLoop); it ends
+once, with its
 answer handed to a callback, as an async import's Pending would take it.
 The same waits are run with real wasm: a run whose host calls' waits go
 through the continuation driver while its task threads wait for the answer."""
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from capsule.sandbox.config import Limits
@@ -26,8 +28,8 @@ from capsule.supervisor.live import LiveTree
 from capsule.supervisor.options import RunOptions
 from capsule.supervisor.program import RunRequest, run_program
 from capsule.supervisor.run import Run
+from capsule.supervisor.run_loop import RunLoop
 from capsule.supervisor.steps import NoStepLog, Request, Step
-from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import Attempt, Node, Scope
 from capsule.supervisor.waits import Answer, Wait, Waiting, never
 from tests.conftest import LocalServer
@@ -59,8 +61,9 @@ class FakePoller:
 
 
 @pytest.fixture
-def timers() -> Iterator[Timers]:
-    service = Timers("capsule-timers test")
+def timers() -> Iterator[RunLoop]:
+    service = RunLoop("capsule-loop test")
+    service.start()
     yield service
     service.close()
     assert service.failures == []
@@ -75,7 +78,7 @@ def events() -> tuple[EventStream, list[Any]]:
 
 
 @pytest.fixture
-def driver(timers: Timers, events: tuple[EventStream, list[Any]]) -> Continuations:
+def driver(timers: RunLoop, events: tuple[EventStream, list[Any]]) -> Continuations:
     return Continuations(timers, events[0], "run", lambda task_id: None)
 
 
@@ -114,7 +117,7 @@ class Finishes:
 
 
 def test_a_wait_ready_at_once_is_answered_on_the_calling_thread(
-    driver: Continuations, timers: Timers, events: tuple[EventStream, list[Any]]
+    driver: Continuations, timers: RunLoop, events: tuple[EventStream, list[Any]]
 ) -> None:
     attempt = make_attempt()
     poller = FakePoller()
@@ -124,7 +127,6 @@ def test_a_wait_ready_at_once_is_answered_on_the_calling_thread(
     assert poller.answers == [(True, '"ready"')]
     assert poller.threads == [threading.get_ident()]
     assert finish.calls == [True]
-    assert timers.pending() == 0
     assert attempt.waker is None
     assert events[1] == []
 
@@ -244,24 +246,24 @@ def test_a_wait_until_ready_outlasts_its_tasks_stop_and_starts_what_it_waits_for
     started[0].join()
 
 
-def test_the_checks_wake_ups_queue_run_where_the_driver_is_told(
-    timers: Timers, events: tuple[EventStream, list[Any]]
+def test_a_wait_that_must_wait_is_awaited_by_a_task_on_the_runs_loop(
+    driver: Continuations,
 ) -> None:
-    """As a poll thread's run queue would take them: a wake-up only queues a
-    check; the answer comes when the queue's owner runs it."""
-    queue: list[Callable[[], None]] = []
-    driver = Continuations(timers, events[0], "run", lambda task_id: None, queue.append)
     attempt = make_attempt()
     poller = FakePoller()
-    arrived: list[str] = []
-    driver.run(Wait(attempt, "receive", lambda: bool(arrived), Finishes()), poller.resolve)
-    arrived.append("a message")
+    arrived: list[bool] = []
+    checked_in: list[str] = []
+
+    def ready() -> bool:
+        if arrived:
+            checked_in.append(anyio.get_current_task().name)
+        return bool(arrived)
+
+    driver.run(Wait(attempt, "receive", ready, Finishes(), timeout=60), poller.resolve)
+    arrived.append(True)
     attempt.wake()
-    attempt.wake()  # (one check queued for both)
-    assert len(queue) == 1 and poller.answers == []
-    queue.pop()()
-    assert poller.answers == [(True, '"ready"')]
-    assert poller.threads == [threading.get_ident()]
+    assert poller.wait_for(1) == [(True, '"ready"')]
+    assert checked_in == ["capsule-wait main"]
 
 
 def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations) -> None:
@@ -282,8 +284,8 @@ def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations)
     assert poller.wait_for(1) == [(True, '"reply"')]
 
 
-def test_what_a_check_raises_fails_the_call_not_the_timer_thread(
-    driver: Continuations, timers: Timers
+def test_what_a_check_raises_fails_the_call_not_the_loop(
+    driver: Continuations, timers: RunLoop
 ) -> None:
     attempt = make_attempt()
     poller = FakePoller()
@@ -303,7 +305,7 @@ def test_what_a_check_raises_fails_the_call_not_the_timer_thread(
     assert timers.failures == []
 
 
-def test_many_waits_share_one_timer_service_thread(driver: Continuations, timers: Timers) -> None:
+def test_many_waits_share_the_runs_one_loop_thread(driver: Continuations, timers: RunLoop) -> None:
     poller = FakePoller()
     timed: list[Attempt] = []
     woken: list[tuple[Attempt, list[bool]]] = []
@@ -324,7 +326,7 @@ def test_many_waits_share_one_timer_service_thread(driver: Continuations, timers
         attempt.wake()
     answers = poller.wait_for(300)
     assert sorted(answers) == [(False, '"over"')] * 150 + [(True, '"ready"')] * 150
-    # Those that waited were answered on the timer service's one thread
+    # Those that waited were answered on the loop's one thread
     # (a timeout of 0 is over at once, on the caller's).
     assert len(set(poller.threads) - {threading.get_ident()}) == 1
     assert all(attempt.waker is None for attempt in timed)
@@ -403,7 +405,7 @@ def test_concurrent_wake_ups_never_lose_a_wait_nor_finish_one_twice(
     assert all(a.waker is None for a in attempts)
 
 
-def test_the_timer_service_runs_callbacks_in_time_order_and_stops(timers: Timers) -> None:
+def test_the_loop_runs_callbacks_in_time_order_and_stops(timers: RunLoop) -> None:
     ran: list[str] = []
     done = threading.Event()
     now = time.monotonic()
@@ -492,7 +494,7 @@ def test_a_replayed_step_is_answered_from_the_journal_without_waiting(
     assert log.steps == []
 
 
-def test_cancelled_timers_let_go_of_what_their_callbacks_hold(timers: Timers) -> None:
+def test_cancelled_timers_let_go_of_what_their_callbacks_hold(timers: RunLoop) -> None:
     """A wait with a long timeout that ended early holds nothing until then."""
 
     class Held:
@@ -506,7 +508,6 @@ def test_cancelled_timers_let_go_of_what_their_callbacks_hold(timers: Timers) ->
     for timer in cancelled:
         timer.cancel()
     assert alive() is None
-    assert timers.pending() < 200  # (most of the heap was cancelled: it was compacted)
 
 
 # -- with real wasm: the thread core's host calls, their waits run by continuation --
@@ -700,7 +701,7 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
         if event.type == "waiting":
             waiting.add(event.task_id)
             if waiting == {"main", "main/1"}:
-                runs[0].stop()  # (on the timer service's thread, which reports waits)
+                runs[0].stop()  # (on the loop's thread, which reports waits)
 
     def by_continuation(run: Run) -> None:
         run.wait_by_continuation()
@@ -711,10 +712,11 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
     assert report.result.error.kind == "cancelled"
 
 
-def test_a_wait_begun_once_its_timers_are_closed_is_answered_with_the_error() -> None:
-    """A chained wait made as its run ends (the timer service closed) is
+def test_a_wait_begun_once_its_loop_is_closed_is_answered_with_the_error() -> None:
+    """A chained wait made as its run ends (its loop closed) is
     answered, with the failure, rather than left waiting for ever."""
-    timers = Timers("capsule-timers test")
+    timers = RunLoop("capsule-loop test")
+    timers.start()
     driver = Continuations(timers, EventStream(), "run", lambda task_id: None)
     timers.close()
     attempt = make_attempt()

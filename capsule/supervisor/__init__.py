@@ -23,7 +23,8 @@ Its parts, each one job:
   ``message_steps`` (with ``messages``), ``time_calls``, ``http_calls`` and
   ``operation_calls`` (with ``operations``); ``waits``: a host call that
   waits, as a wait, run by a driver: ``blocking`` (on the task's thread) or
-  ``continuations`` (no thread; its timers on ``timers``).
+  ``continuations`` (no thread: awaits on the run's event loop,
+  ``run_loop``); ``async_core``: invocations as tasks on that loop.
 - ``output``: what tasks print; ``events``: the typed event stream.
 - ``options`` (with ``option_specs``): the run's settings, declared once.
 """

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from capsule.supervisor.supervision import Supervision
 
 
+#: Why an invocation whose driver failed (a host bug) ended.
+HOST_FAILED = "the host failed while running the task"
+
+
 @dataclass(frozen=True)
 class Again:
     """Another attempt follows: at once (``backoff`` None), or once the
@@ -253,6 +257,18 @@ class AttemptLoop:
                 error=interrupted,
             )
         return self._failure(error, outcome)
+
+    def host_failed(self, traceback: str) -> TaskResult:
+        """The host failed while driving the invocation (a bug, whose
+        ``traceback`` is kept): it ends failed, reported so, never retried."""
+        error = ErrorDetail(
+            kind="trap",
+            message=HOST_FAILED,
+            task=self.name,
+            traceback=traceback,
+            retryable=False,
+        )
+        return self._failure(error, AttemptOutcome(None, None, 0, None, 0.0))
 
     def _failure(self, error: ErrorDetail, outcome: AttemptOutcome) -> TaskResult:
         ended = TaskCancelled if error.kind == "cancelled" else TaskFailed

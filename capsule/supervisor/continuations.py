@@ -1,11 +1,13 @@
 """The continuation driver of waits (see waits.py): a host call's wait runs
-without a thread of its own. It is checked at once; if it must wait, it hooks
-its attempt's wake-ups (Attempt.wake: a message came, a child ended, it was
-cancelled, an operation ended) and sets timers on the run's timer service for
-its timeout, its attempt's deadline and the moment it is reported waiting.
-Each wake-up and timer re-checks it on the timer service's thread; once it is
-ready, timed out or its task must stop, its ``finish`` makes the answer, which
-goes to a callback (an async import's ``Pending.resolve``, say).
+without a thread of its own, as an await on the run's event loop (RunLoop).
+It is checked at once; if it must wait, it hooks its attempt's wake-ups
+(Attempt.wake: a message came, a child ended, it was cancelled, an operation
+ended) and a task on the loop awaits them: each wake-up sets an anyio Event
+and the task checks the wait again, in a cancel scope whose deadline is its
+timeout or its attempt's deadline (what stops it too), whichever is first. A
+timer on the loop reports it waiting. Once it is ready, timed out or its task
+must stop, its ``finish`` makes the answer, which goes to a callback (an
+async import's ``Pending.resolve``, say).
 
 A wait is checked by one thread at a time and finished once, however many
 wake-ups race; a wake-up never runs a check on the waker's thread (it may
@@ -13,15 +15,18 @@ hold the router's lock, which a check takes)."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
+
+import anyio
 
 from capsule.sandbox.scheduler import CpuSlots
 from capsule.supervisor.blocking import WAITING_GRACE_S
 from capsule.supervisor.events import EventStream, TaskResumed, TaskWaiting
 from capsule.supervisor.ids import EventIds
-from capsule.supervisor.timers import Timer, Timers
+from capsule.supervisor.run_loop import LoopTimer, RunLoop
 from capsule.supervisor.tree import nearest_deadline
 from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
 
@@ -31,27 +36,24 @@ class Continuations:
 
     def __init__(
         self,
-        timers: Timers,
+        timers: RunLoop,
         events: EventStream,
         run_id: str,
         before_waiting: Callable[[str], None],
-        schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
+        #: The run's loop, where waits are awaited and timed (async_host.py
+        #: sets the timers of its hibernations there too).
         self.timers = timers
         self.events = events
         self.run_id = run_id
         #: Called with the task's id before it is reported as waiting (its
         #: output is shown first).
         self.before_waiting = before_waiting
-        #: Where the check a wake-up queues runs (never on the waker's
-        #: thread): the timer service's thread unless given (a poll thread's
-        #: run queue, say).
-        self.schedule = timers.soon if schedule is None else schedule
 
     def run(self, waiting: Waiting, resolve: Resolve) -> None:
         """Give ``resolve`` the answer of a host call that may wait, once its
         wait (and the next ones it makes) is over: on this thread if it is
-        over at once, else later, on the timer service's thread."""
+        over at once, else later, on the loop's thread."""
         if isinstance(waiting, Wait):
             _Continuation(self, waiting, resolve).begin()
         else:
@@ -103,55 +105,74 @@ class _Continuation:
         #: Guards the checks and the end: one thread at a time.
         self.lock = threading.Lock()
         self.over = False
-        #: A check is queued on the timer service (set by a wake, cleared by
-        #: the check before it looks).
+        #: A wake-up is on its way to its task (set by a wake, cleared by the
+        #: task before it looks).
         self.queued = False
+        #: What a wake-up sets while its task awaits it (made by the task).
+        self.woken_event: anyio.Event | None = None
         self.reported = False
-        self.timers: list[Timer] = []
+        self.report_timer: LoopTimer | None = None
         #: What its attempt's wake calls while it waits (one object, to unhook it).
         self.hook = self.woken
 
     def begin(self) -> None:
         with self.lock:
             # Hooked before it is first checked: a wake-up from then on is
-            # seen by that check or queues another.
+            # seen by that check or by its task's.
             self.wait.attempt.waker = self.hook
             outcome = self._decide(starting=True)
             if outcome is None:
                 try:
-                    self._set_timers()
-                except Exception as exc:  # (its run ended: the timer service is closed)
+                    self.driver.timers.soon(self._start)
+                except Exception as exc:  # (its run ended: the loop is closed)
                     self._end()
                     outcome = exc
         if outcome is not None:
             self._deliver(outcome)
 
-    def _set_timers(self) -> None:
-        """Holding the lock: the checks due at its timeout and its attempt's
-        deadline (what stops it too), and its report as waiting."""
-        timers = self.driver.timers
+    def _start(self) -> None:
+        """On the loop: its task starts, in the loop's task group."""
+        invocation = self.wait.attempt.invocation
+        self.driver.timers.start_soon(self._waiting, f"capsule-wait {invocation.task_id}")
+
+    async def _waiting(self) -> None:
+        """Its task: checks it after each wake-up, and once its time is up,
+        until it is over."""
         wait = self.wait
+        deadline = math.inf
         if not wait.until_ready:
             for when in (self.limit, nearest_deadline(wait.attempt.scope)):
                 if when is not None:
-                    self.timers.append(timers.at(when, self.check))
-        self.timers.append(timers.at(self.started + WAITING_GRACE_S, self.report))
+                    deadline = min(deadline, when)
+        self.report_timer = self.driver.timers.at(self.started + WAITING_GRACE_S, self.report)
+        while True:
+            self.woken_event = woken = anyio.Event()
+            self.queued = False  # (before it looks: a wake from now on sets this event)
+            with self.lock:
+                if self.over:
+                    return
+                outcome = self._decide()
+            if outcome is not None:
+                self._deliver(outcome)
+                return
+            if deadline == math.inf:  # (no scope to make: most waits have no time limit)
+                await woken.wait()
+            else:
+                with anyio.CancelScope(deadline=deadline):
+                    await woken.wait()
 
     def woken(self) -> None:
-        """Its attempt was woken (on the waker's thread): a check is queued."""
+        """Its attempt was woken (on the waker's thread): its task is told."""
         if self.queued or self.over:
             return
         self.queued = True
-        self.driver.schedule(self.check)
+        self.driver.timers.soon(self._wake)
 
-    def check(self) -> None:
-        self.queued = False  # (before it looks: a wake from now on queues another)
-        with self.lock:
-            if self.over:
-                return
-            outcome = self._decide()
-        if outcome is not None:
-            self._deliver(outcome)
+    def _wake(self) -> None:
+        """On the loop: its task checks it (it checks first once started)."""
+        woken = self.woken_event
+        if woken is not None:
+            woken.set()
 
     def _decide(self, starting: bool = False) -> bool | BaseException | None:
         """Holding the lock: whether it became ready, or what its check
@@ -190,14 +211,14 @@ class _Continuation:
         return None
 
     def _end(self) -> None:
-        """Holding the lock: it is over; unhooked, its timers cancelled, and
-        reported resumed if it was reported waiting."""
+        """Holding the lock: it is over; unhooked, its report's timer
+        cancelled, and reported resumed if it was reported waiting."""
         self.over = True
         attempt = self.wait.attempt
         if attempt.waker is self.hook:
             attempt.waker = None
-        for timer in self.timers:
-            timer.cancel()
+        if self.report_timer is not None:
+            self.report_timer.cancel()
         if self.reported:
             self.driver.events.emit(TaskResumed(**self._ids()))
 

@@ -5,6 +5,7 @@ make blocked tasks see it."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from capsule.sandbox.engine import Invocation
 from capsule.supervisor.tree import Attempt, Scope
@@ -22,6 +23,10 @@ class LiveTree:
         self.root = Scope(None, task_id="")
         #: Tasks alive in the run (admitted and not yet ended).
         self.live_tasks = 0
+        #: What else a stop must reach, by its owner: the async core's
+        #: invocations, in a retry's backoff or awaiting their attempt's call
+        #: (the scope whose stop they watch, and what tells them).
+        self._watchers: dict[object, tuple[Scope, Callable[[], None]]] = {}
 
     def running(self) -> list[Attempt]:
         with self.lock:
@@ -49,8 +54,25 @@ class LiveTree:
                 return True
         return False
 
+    def watch(self, owner: object, scope: Scope, stopped: Callable[[], None]) -> None:
+        """Call ``stopped`` (on the thread that stops it, maybe holding the
+        router's lock) when what runs in ``scope`` must stop, until
+        :meth:`unwatch`: ``owner`` watches one scope at a time."""
+        with self.lock:
+            self._watchers[owner] = (scope, stopped)
+
+    def unwatch(self, owner: object) -> None:
+        with self.lock:
+            self._watchers.pop(owner, None)
+
     def wake_all(self) -> None:
         """Wake every blocked task that must now stop."""
         for attempt in self.running():
             if attempt.invocation.check_stop() is not None:
                 attempt.wake()
+        if self._watchers:
+            with self.lock:
+                watchers = list(self._watchers.values())
+            for scope, stopped in watchers:
+                if scope.check_stop() is not None:
+                    stopped()

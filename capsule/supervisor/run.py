@@ -55,11 +55,11 @@ from capsule.supervisor.option_specs import (
     DEFAULT_RETRY_BACKOFF_S,
 )
 from capsule.supervisor.output import Output
+from capsule.supervisor.run_loop import RunLoop
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
-from capsule.supervisor.timers import Timers
 from capsule.supervisor.tree import LiveTask, Scope, TaskResult, run_interruptibly
 
 __all__ = [
@@ -190,10 +190,11 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The timer service of the continuation driver (its thread starts at
-        #: first use; stopped when the run ends).
-        self._timers = Timers(f"capsule-timers {run_id}")
-        self._continuations = Continuations(self._timers, events, run_id, output.shown)
+        #: The run's event loop, on a thread of the run's: on the async core
+        #: (or where waits run by continuation) started with the run, stopped
+        #: when it ends; never started on task threads.
+        self._loop = RunLoop(f"capsule-loop {run_id}")
+        self._continuations = Continuations(self._loop, events, run_id, output.shown)
         # The steps that may wait (declared once, by the host calls that make
         # them) run as the run's core runs them: on the task's thread, or by
         # continuation with no thread waiting.
@@ -255,7 +256,7 @@ class Run:
             # continuation too: they cannot wait (a timeout of 0), or are over
             # at once (a replayed wait on children the journal says ended).
             journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
-            supervision.core = AsyncCore(supervision, async_sandbox, host, self._timers)
+            supervision.core = AsyncCore(supervision, async_sandbox, host, self._loop)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
@@ -265,7 +266,8 @@ class Run:
         continuations.py) instead of on their threads: each task thread waits,
         without its CPU slot, for the answer the driver gives (nor hibernated).
         How the waits of async imports run, on today's threads. Call it before
-        run_main."""
+        run_main: the run's loop starts now."""
+        self._loop.start()
         self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
 
     @property
@@ -362,7 +364,7 @@ class Run:
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
-                result, interrupted = _run_on_core(core, entry, call_json, root, self._timers)
+                result, interrupted = _run_on_core(core, entry, call_json, root)
             else:
                 # (Nested calls run inline on the task thread: the sandbox raises the
                 # recursion limit while they nest deep; see capsule/sandbox/nesting.py.)
@@ -373,7 +375,7 @@ class Run:
                 )
         finally:
             self._http.close()
-            self._timers.close()
+            self._loop.close()
         return self._outcome(result, interrupted)
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
@@ -395,12 +397,13 @@ class Run:
 
 
 def _run_on_core(
-    core: AsyncCore, entry: str, call_json: str, root: Scope, timers: Timers
+    core: AsyncCore, entry: str, call_json: str, root: Scope
 ) -> tuple[TaskResult, bool]:
     """Run the root invocation on the async core while this thread waits for
     its end: (how it ended, whether the wait was interrupted). An interrupt
     (Ctrl-C) cancels the tree, and the wait goes on until it has stopped. The
-    root starts on the timer thread: no wasm runs where a signal lands."""
+    root runs on the run's loop, started here: no wasm runs where a signal
+    lands."""
     ended: list[TaskResult] = []
     finished = threading.Event()
 
@@ -408,7 +411,8 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    timers.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
+    core.loop.start()
+    core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = False
     while not finished.is_set():
         try:

@@ -9,7 +9,8 @@ it is ready, timed out or stopped (``finish``).
 What runs a wait is a driver: the thread driver (``Blocking.run``) blocks the
 calling thread until the wait is over; the continuation driver
 (``continuations.Continuations``) keeps the wait, re-checks it whenever its
-attempt is woken and when its timers fire, and hands the answer to a callback.
+attempt is woken and once its time is up (a task on the run's event loop), and
+hands the answer to a callback.
 The host call's code is the same under both."""
 
 from __future__ import annotations
