@@ -7,20 +7,36 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from capsule.host.result import RunResult
+    from capsule.supervisor.options import OptionError
 
 
 class RunError(Exception):
-    """Base of every error of a host API call; ``kind`` names the sort of error."""
+    """Base of every error of a host API call; ``kind`` names the sort of
+    error; ``traceback``, if not None, where it came from (the guest's, for a
+    program whose import raised; the host's, for a host bug)."""
 
     kind = "error"
+    traceback: str | None = None
 
 
 class InvalidRequest(RunError):
     """The call cannot be served as asked: a bad option, run id, argument or
     grant, a missing program, or a program that does not load. The message
-    names the option, the value and the fix."""
+    names the option, the value and the fix; ``option_error``, if the run
+    option (or the capsule.toml setting) that could not be used is why, says
+    which (its ``worded(naming)`` names it as the caller spells options)."""
 
     kind = "config"
+
+    def __init__(
+        self,
+        message: str,
+        traceback: str | None = None,
+        option_error: OptionError | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.option_error = option_error
 
 
 class JournalUnavailable(RunError):
