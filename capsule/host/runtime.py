@@ -220,7 +220,7 @@ class Runtime:
         run_id = checked_run_id(run_id)
         if not isinstance(force, bool):
             raise InvalidRequest(f"force {force!r:.80} is invalid; expected True or False")
-        overrides = None if options is None else run_options(options)
+        overrides = None if options is None else resume_options(options)
         types = handle_event_types(event_types)
         live = self._live.get(run_id)
         if live is not None:
@@ -471,9 +471,6 @@ class Runtime:
         runner: Callable[..., RunReport],
         event_types: Collection[str] = HANDLE_EVENT_TYPES,
     ) -> RunReport:
-        from capsule.journal.schema import JournalError
-        from capsule.journal.session import run_journaled
-
         if self.journal is None:
             return runner(
                 request,
@@ -482,6 +479,9 @@ class Runtime:
                 on_run=handle._on_run,
                 event_types=event_types,
             )
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import run_journaled
+
         try:
             return run_journaled(
                 request,
@@ -542,6 +542,22 @@ class Runtime:
             request, handle, captured.on_event, partial(runner.run, grants=grants)
         )
         return report_result(_ended(report, handle), *captured.texts())
+
+
+def resume_options(options: Any) -> RunOptions:
+    """The options a resume changes, checked: only those the replay does not
+    depend on (limits on what the run may record)."""
+    from capsule.supervisor.option_specs import RUN_OPTIONS
+
+    checked = run_options(options)
+    changeable = sorted(spec.name for spec in RUN_OPTIONS if spec.resume_help is not None)
+    fixed = sorted(set(checked.given()) - set(changeable))
+    if fixed:
+        raise InvalidRequest(
+            f"options {', '.join(fixed)} cannot change when a run resumes (its replay "
+            f"depends on them); a resume may change {', '.join(changeable)}"
+        )
+    return checked
 
 
 def handle_event_types(event_types: Collection[str] | None) -> frozenset[str]:
