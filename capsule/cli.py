@@ -428,6 +428,7 @@ def _run_command(options: argparse.Namespace) -> int:
 
         return _run_through_host(journal, start, renderer)
 
+    _load_run_modules()
     return _show_run(options, run, journaled=journal is not None)
 
 
@@ -532,6 +533,16 @@ class _Outcome:
             error=InvalidRequest(message, error.traceback, error.option_error),
             ended=ended,
         )
+
+
+def _load_run_modules() -> None:
+    """Load what a run through the host API needs (the loop, the Runtime, the
+    supervisor) before the run's clock starts: the time an interrupt reports
+    is the run's own."""
+    import anyio.from_thread  # noqa: F401
+
+    import capsule.host.runtime
+    import capsule.supervisor.program  # noqa: F401
 
 
 def _run_through_host(
@@ -878,6 +889,7 @@ def _resume_command(options: argparse.Namespace) -> int:
 
         return _run_through_host(journal, start, renderer)
 
+    _load_run_modules()
     return _show_run(options, run, journaled=True)
 
 

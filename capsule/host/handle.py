@@ -17,6 +17,7 @@ from capsule.actors.external import Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
 from capsule.host.requests import json_text
 from capsule.host.result import RunResult
+from capsule.interrupts import StopRequest
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
 
@@ -81,8 +82,8 @@ class RunHandle:
         self._run: Run | None = None
         #: Why the run is to stop, if asked before it started.
         self._stop_reason: str | None = None
-        #: Set by :meth:`interrupt`; the run's worker thread watches it.
-        self._interrupted = threading.Event()
+        #: What :meth:`interrupt` asks of the run's worker thread.
+        self._interrupted = StopRequest()
         self._result: RunResult | None = None
         self._error: RunError | None = None
 
@@ -213,7 +214,7 @@ class RunHandle:
         ``cancelled: the run was interrupted``). It ends as interrupted, its
         journal written, resumable. Thread-safe and without waiting (a signal
         handler's thread may call it); :meth:`result` waits for the end."""
-        self._interrupted.set()
+        self._interrupted.request()
 
     async def send(self, name: str, message: Any) -> str:
         """Put ``message`` (a JSON value) in the mailbox of the actor ``name``

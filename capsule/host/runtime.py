@@ -591,7 +591,7 @@ def _interruptible(handle: RunHandle, work: Callable[[], RunResult]) -> RunResul
         with interrupted_by(handle._interrupted):
             return work()
     except KeyboardInterrupt:
-        if not handle._interrupted.is_set():
+        if not handle._interrupted.requested:
             raise  # (not this run's: no signal lands on a worker thread)
     message = "cancelled: the run was interrupted before its tasks ran"
     _ended(RunReport(interrupted=True, runtime_error=message), handle)

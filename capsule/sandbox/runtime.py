@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
-from capsule.interrupts import POLL_SECONDS, stop_event
+from capsule.interrupts import on_stop, stop_requested
 from capsule.sandbox import oom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
@@ -215,14 +215,13 @@ def _componentize(staging: Path, output: Path) -> None:
 
 def _communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
     """The process's output once it ended; KeyboardInterrupt if this thread's
-    run is interrupted meanwhile (a signal, or its owner's stop event)."""
-    stop = stop_event()
-    while True:
-        try:
-            return process.communicate(timeout=None if stop is None else POLL_SECONDS)
-        except subprocess.TimeoutExpired:
-            if stop is not None and stop.is_set():
-                raise KeyboardInterrupt from None
+    run is interrupted meanwhile (a signal, or its owner's stop request, which
+    kills the process)."""
+    with on_stop(process.kill):
+        stdout, stderr = process.communicate()
+    if stop_requested():
+        raise KeyboardInterrupt
+    return stdout, stderr
 
 
 def _patch_refused_growth(component: Path, progress: Progress) -> None:
