@@ -585,7 +585,10 @@ def _run_through_host(
             return _Outcome(None, exc, ended, True, dropped)
         return _Outcome(result, None, ended, True, dropped)
 
-    runtime = Runtime(journal if journal is not None else False, prepare=False)
+    try:
+        runtime = Runtime(journal if journal is not None else False, prepare=False)
+    except RunError as exc:  # (a journal that is not a regular file)
+        return _Outcome(None, exc, None)
     with start_blocking_portal(name="capsule-loop") as portal:
         with portal.wrap_async_context_manager(runtime) as rt:
             outcome = portal.start_task_soon(watch, rt)
