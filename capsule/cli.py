@@ -11,6 +11,7 @@ it, and succeeded; ``capsule tui``); 130 interrupted (Ctrl-C, or SIGTERM).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -19,15 +20,21 @@ import select
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from capsule.logs import show_on_stderr
 from capsule.stdio import STREAMS, StdioWriter, Stream
 from capsule.supervisor.option_specs import RUN_OPTIONS, WordedError, flag_of
 from capsule.terminal import visible
+
+if TYPE_CHECKING:
+    from capsule.host import RunError, RunHandle, RunResult, Runtime
+    from capsule.supervisor.events import RunEnded
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -235,8 +242,8 @@ def _refused_options(options: argparse.Namespace, error: Any) -> int:
     (with --json, in its envelope), naming the flag; exit 2."""
     from capsule.supervisor.program import RunReport
 
-    report = RunReport(usage_error=error.message, option_error=error)
-    return _show_run(options, lambda _: report, journaled=False)
+    outcome = _Outcome.of_report(RunReport(usage_error=error.message, option_error=error))
+    return _show_run(options, lambda _: outcome, journaled=False)
 
 
 def _journal_option(command: argparse.ArgumentParser) -> None:
@@ -403,25 +410,28 @@ def _run_command(options: argparse.Namespace) -> int:
     # are internal: skip pydantic's scan of every installed distribution for plugins.
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     from capsule.supervisor.options import OptionError
-    from capsule.supervisor.program import RunRequest, run_program
 
     try:
         run_options = _run_options(options)
     except OptionError as exc:
         return _refused_options(options, exc)
-    request = RunRequest(path=path, args=args, entry=entry, options=run_options)
     if options.tui:
+        from capsule.supervisor.program import RunRequest
+
         if not _in_terminal("--tui"):
             return EXIT_USAGE
+        request = RunRequest(path=path, args=args, entry=entry, options=run_options)
         return _run_with_tui(request, options, journal, path)
 
-    def run(renderer: _Renderer) -> Any:
-        if journal is None:
-            return run_program(request, renderer.on_event, event_types=renderer.event_types)
-        from capsule.journal.session import run_journaled
+    def run(renderer: _Renderer) -> _Outcome:
+        async def start(rt: Runtime) -> RunHandle:
+            return await rt.start(
+                path, *args, entry=entry, options=run_options, event_types=renderer.event_types
+            )
 
-        return run_journaled(request, journal, renderer.on_event, event_types=renderer.event_types)
+        return _run_through_host(journal, start, renderer)
 
+    _load_run_modules()
     return _show_run(options, run, journaled=journal is not None)
 
 
@@ -469,17 +479,137 @@ def _not_a_program(path: Path) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """How a run the command shows ended: its result, or the error of the call
+    (nothing ran, or the journal failed); and its last event, ``run_ended``
+    (None: the run never began: the journal could not be opened, or the run
+    to resume is not there or cannot be resumed)."""
+
+    result: RunResult | None
+    error: RunError | None
+    ended: RunEnded | None
+    #: Whether it came from the run's own event stream (not made from a report).
+    streamed: bool = False
+    #: Events the stream skipped because they were not read fast enough.
+    events_dropped: int = 0
+
+    @classmethod
+    def of_report(cls, report: Any, run_id: str | None = None) -> _Outcome:
+        """The outcome a supervisor's report says (the TUI runs on it directly)."""
+        from capsule.host.errors import RunError
+        from capsule.host.result import report_result
+
+        ended = report.ended_event(run_id)
+        try:
+            return cls(report_result(report), None, ended)
+        except RunError as exc:
+            return cls(None, exc, ended)
+
+    @property
+    def interrupted(self) -> bool:
+        if self.ended is not None and self.ended.status == "interrupted":
+            return True
+        return self.result is not None and self.result.status == "interrupted"
+
+    @property
+    def run_id(self) -> str | None:
+        if self.result is not None:
+            return self.result.run_id
+        return None if self.ended is None else self.ended.run_id
+
+    def worded(self) -> _Outcome:
+        """The outcome, each run setting its error names (a refused option, the
+        journal) named as the flag that sets it (--max-fuel, not max_fuel)."""
+        error = self.error
+        if error is None or error.named is None:
+            return self
+        message = error.worded(flag_of)
+        ended = self.ended
+        if ended is not None and isinstance(ended.envelope.get("error"), dict):
+            envelope = {**ended.envelope, "error": {**ended.envelope["error"], "message": message}}
+            ended = ended.model_copy(update={"envelope": envelope})
+        reworded = copy.copy(error)
+        reworded.args = (message,)
+        return replace(self, error=reworded, ended=ended)
+
+
+def _load_run_modules() -> None:
+    """Load what a run through the host API needs (the loop, the Runtime, the
+    supervisor) before the run's clock starts: the time an interrupt reports
+    is the run's own."""
+    import anyio.from_thread  # noqa: F401
+
+    import capsule.host.runtime
+    import capsule.supervisor.program  # noqa: F401
+
+
+def _run_through_host(
+    journal: Path | None,
+    start: Callable[[Runtime], Awaitable[RunHandle]],
+    renderer: _Renderer,
+) -> _Outcome:
+    """A run through the host API: a Runtime on an event loop on a thread this
+    function owns, where the renderer is given the run's events; this thread
+    waits, where Ctrl-C and SIGTERM land, and an interrupt stops the run
+    (RunHandle.interrupt), whose outcome is then waited for as any other."""
+    from anyio.from_thread import start_blocking_portal
+
+    from capsule.host import InvalidRequest, RunError, Runtime
+    from capsule.supervisor.program import RunReport
+
+    handles: list[RunHandle] = []
+    interrupted = threading.Event()
+
+    async def watch(rt: Runtime) -> _Outcome:
+        try:
+            handle = await start(rt)
+        except InvalidRequest as exc:  # (a request the command checks less: the entry's name)
+            return _Outcome.of_report(RunReport(usage_error=str(exc), traceback=exc.traceback))
+        except RunError as exc:
+            return _Outcome(None, exc, None)
+        handles.append(handle)
+        if interrupted.is_set():  # (set before the handle was there)
+            handle.interrupt()
+        ended: RunEnded | None = None
+        async for event in handle.events():
+            if event.type == "run_ended":
+                ended = event
+            else:
+                renderer.on_event(event)
+        dropped = handle.events_dropped
+        try:
+            result = await handle.result()
+        except RunError as exc:
+            return _Outcome(None, exc, ended, True, dropped)
+        return _Outcome(result, None, ended, True, dropped)
+
+    try:
+        runtime = Runtime(journal if journal is not None else False, prepare=False)
+    except RunError as exc:  # (a journal that is not a regular file)
+        return _Outcome(None, exc, None)
+    with start_blocking_portal(name="capsule-loop") as portal:
+        with portal.wrap_async_context_manager(runtime) as rt:
+            outcome = portal.start_task_soon(watch, rt)
+            while True:
+                try:
+                    return outcome.result()
+                except KeyboardInterrupt:
+                    interrupted.set()
+                    for handle in handles:
+                        handle.interrupt()
+
+
 def _show_run(
     options: argparse.Namespace,
-    run: Callable[[_Renderer], Any],
+    run: Callable[[_Renderer], _Outcome],
     journaled: bool,
     started: float | None = None,
 ) -> int:
-    """Run (``run(renderer)`` returns the report) and show it; the exit code. What
-    the run prints goes through a writer that never blocks it; at the end, what
-    is still queued is written while its reader takes some (see _Renderer.end)."""
-    from capsule.journal.schema import JournalError
-
+    """Run (``run(renderer)`` returns its outcome) and show it; the exit code.
+    What the run prints goes through a writer that never blocks it; at the end,
+    what is still queued is written while its reader takes some (see
+    _Renderer.end)."""
     started = time.monotonic() if started is None else started
     _stop_on_sigterm()
     kept = "; the journal keeps it" if journaled else ""
@@ -492,32 +622,35 @@ def _show_run(
         )
         try:
             try:
-                report = run(renderer)
-                if report.option_error is not None:  # named as the flag that set it
-                    report.usage_error = report.option_error.worded(flag_of)
-                if report.journal_failure is not None:
-                    report.journal_error = report.journal_failure.worded(flag_of)
-            except JournalError as exc:
-                renderer.error(exc.worded(flag_of))
-                renderer.ended_without_report(journal_error=exc.worded(flag_of))
-                return renderer.end(EXIT_USAGE)
+                outcome = run(renderer).worded()
             except KeyboardInterrupt:  # before the run started, or while it was cleaning up
                 message = f"interrupted after {time.monotonic() - started:.1f}s"
                 renderer.error(message)
                 renderer.ended_without_report(interrupted=message)
                 return renderer.end(EXIT_INTERRUPTED, interrupted=True)
-            renderer.finish(report)
-            if report.interrupted:
+            if outcome.ended is None and outcome.error is not None:  # it never began
+                renderer.error(str(outcome.error))
+                renderer.ended_without_report(journal_error=str(outcome.error))
+                return renderer.end(_exit_code(outcome))
+            renderer.finish(outcome)
+            if outcome.events_dropped:
+                renderer.out.write(
+                    "stderr",
+                    f"capsule: {outcome.events_dropped:,} events of the run were not shown: "
+                    f"they were not read fast enough{kept}\n",
+                    droppable=False,
+                )
+            if outcome.interrupted:
                 hint = (
-                    f"; resume with `capsule resume {report.run_id}`"
-                    if journaled and report.run_id
+                    f"; resume with `capsule resume {outcome.run_id}`"
+                    if journaled and outcome.run_id
                     else ""
                 )
                 renderer.error(
                     f"interrupted after {time.monotonic() - started:.1f}s; every task was "
                     f"cancelled{hint}"
                 )
-            return renderer.end(_exit_code(report), interrupted=report.interrupted)
+            return renderer.end(_exit_code(outcome), interrupted=outcome.interrupted)
         except KeyboardInterrupt:  # while the outcome was being written: stop now
             return EXIT_INTERRUPTED
 
@@ -530,15 +663,17 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
-def _exit_code(report: Any) -> int:
+def _exit_code(outcome: _Outcome) -> int:
     """The exit code of a run (see the module docstring)."""
-    if report.interrupted:
+    from capsule.host.errors import RuntimeFailure
+
+    if outcome.interrupted:
         return EXIT_INTERRUPTED
-    if report.journal_error is not None or report.usage_error is not None:
-        return EXIT_USAGE
-    if report.result is None:
+    if isinstance(outcome.error, RuntimeFailure):
         return EXIT_RUNTIME
-    return EXIT_OK if report.result.ok else EXIT_FAILED
+    if outcome.error is not None or outcome.result is None:
+        return EXIT_USAGE
+    return EXIT_OK if outcome.result.ok else EXIT_FAILED
 
 
 def _run_with_tui(
@@ -569,7 +704,7 @@ def _run_with_tui(
         except JournalError as exc:
             report = RunReport(journal_error=exc.worded(flag_of))
         reports.append(report)
-        source.ended(report.status, _exit_code(report))
+        source.ended(report.status, _exit_code(_Outcome.of_report(report)))
 
     thread = threading.Thread(target=run, name="capsule-run")
     thread.start()
@@ -582,11 +717,11 @@ def _run_with_tui(
     if failure is None:
         source.stop()  # (the user quit: a run still going was stopped, resumable)
         thread.join()
-        report = reports[0]
+        outcome = _Outcome.of_report(reports[0])
         # The outcome stays on the terminal once the TUI is gone.
-        return _show_run(options, lambda _: report, journal is not None, started)
+        return _show_run(options, lambda _: outcome, journal is not None, started)
 
-    def rest_of_run(renderer: _Renderer) -> Any:
+    def rest_of_run(renderer: _Renderer) -> _Outcome:
         """The TUI failed: the run goes on, shown as `capsule run` shows one."""
         renderer.error(
             f"the terminal UI failed ({type(failure).__name__}: {failure}); the run goes "
@@ -598,7 +733,7 @@ def _run_with_tui(
         except KeyboardInterrupt:
             source.stop("cancelled: interrupted")
             thread.join()
-        return reports[0]
+        return _Outcome.of_report(reports[0])
 
     code = _show_run(options, rest_of_run, journal is not None, started)
     return EXIT_TUI_FAILED if code == EXIT_OK else code
@@ -737,7 +872,6 @@ def _resume_command(options: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
-    from capsule.journal.session import resume_journaled
     from capsule.supervisor.options import OptionError
 
     try:
@@ -745,16 +879,19 @@ def _resume_command(options: argparse.Namespace) -> int:
     except OptionError as exc:
         return _refused_options(options, exc)
 
-    def run(renderer: _Renderer) -> Any:
-        return resume_journaled(
-            journal,
-            options.run_id,
-            options.force,
-            renderer.on_event,
-            event_types=renderer.event_types,
-            overrides=overrides,
-        )
+    def run(renderer: _Renderer) -> _Outcome:
+        async def start(rt: Runtime) -> RunHandle:
+            record = await rt.find(options.run_id)  # (a prefix of its id, or the newest)
+            return await rt.start_resume(
+                record.run_id,
+                force=options.force,
+                options=overrides,
+                event_types=renderer.event_types,
+            )
 
+        return _run_through_host(journal, start, renderer)
+
+    _load_run_modules()
     return _show_run(options, run, journaled=True)
 
 
@@ -1038,39 +1175,43 @@ class _Renderer:
     def error(self, message: str) -> None:
         self.out.write("stderr", f"capsule: error: {visible(message)}\n", droppable=False)
 
-    def finish(self, report: Any) -> None:
+    def finish(self, outcome: _Outcome) -> None:
         """Show how the run ended (its exit code is ``_exit_code``)."""
-        if self.json_output:
-            self.out.write("stdout", _as_json(report.envelope()) + "\n", droppable=False)
-        if report.journal_error is not None:
-            self.error(f"the run was stopped: {report.journal_error}")
+        from capsule.host.errors import JournalUnavailable
+
+        if self.json_output and outcome.ended is not None:
+            self.out.write("stdout", _as_json(outcome.ended.envelope) + "\n", droppable=False)
+        error = outcome.error
+        if isinstance(error, JournalUnavailable):  # (once the run began: it was stopped)
+            self.error(f"the run was stopped: {error}")
             return
-        nothing_ran = report.usage_error or report.runtime_error
-        if nothing_ran is not None:
-            self.error(nothing_ran)
-            if report.traceback:
-                self.out.write("stderr", visible(report.traceback), droppable=False)
+        if error is not None:  # nothing ran: a usage or program error, or Capsule's
+            self.error(str(error))
+            if error.traceback:
+                self.out.write("stderr", visible(error.traceback), droppable=False)
             return
-        result = report.result
-        if self.json_output or report.interrupted:
+        result = outcome.result
+        assert result is not None
+        if self.json_output or outcome.interrupted:
             pass  # the envelope says it all; an interrupt is reported by the caller
         elif result.ok:
             if not self.prints_result:
                 return
-            value = result.value()
+            value = result.value
             text = value if isinstance(value, str) else json.dumps(value)
             if self.out.is_terminal("stdout"):
                 text = visible(text)
             self.out.write("stdout", text + "\n", droppable=False)
         else:
-            error = result.error
+            failure = result.error
+            assert failure is not None
             self.error(
-                f"task {error.task!r} failed ({_kind(error)}) after {result.attempts} "
-                f"attempt(s): {error.message}"
+                f"task {failure.task!r} failed ({_kind(failure)}) after {result.attempts} "
+                f"attempt(s): {failure.message}"
             )
-            if error.traceback and error.kind in ("exception", "child_failed"):
-                self.out.write("stderr", visible(error.traceback), droppable=False)
-            self._explain(error)
+            if failure.traceback and failure.kind in ("exception", "child_failed"):
+                self.out.write("stderr", visible(failure.traceback), droppable=False)
+            self._explain(failure)
 
     def ended_without_report(
         self, journal_error: str | None = None, interrupted: str | None = None
@@ -1152,12 +1293,16 @@ class _EventLines(_Renderer):
         elif event.type != "output" and event.type in TASK_EVENT_TYPES:
             super().on_event(event)  # warnings, failure causes, --verbose lines
 
-    def finish(self, report: Any) -> None:
+    def finish(self, outcome: _Outcome) -> None:
         from capsule.supervisor.events import event_json
 
-        ended = report.ended_event(self.run_id)
-        self.out.write("stdout", event_json(ended) + "\n", droppable=False)
-        super().finish(report)
+        ended = outcome.ended
+        if ended is not None:
+            # A run that never got as far as its run_started has no id here.
+            run_id = self.run_id if outcome.streamed else ended.run_id
+            ended = ended.model_copy(update={"run_id": run_id})
+            self.out.write("stdout", event_json(ended) + "\n", droppable=False)
+        super().finish(outcome)
 
     def ended_without_report(
         self, journal_error: str | None = None, interrupted: str | None = None

@@ -7,20 +7,51 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from capsule.host.result import RunResult
+    from capsule.supervisor.option_specs import Naming, Worded
+    from capsule.supervisor.options import OptionError
 
 
 class RunError(Exception):
-    """Base of every error of a host API call; ``kind`` names the sort of error."""
+    """Base of every error of a host API call; ``kind`` names the sort of
+    error; ``traceback``, if not None, where it came from (the guest's, for a
+    program whose import raised; the host's, for a host bug)."""
 
     kind = "error"
+    traceback: str | None = None
+    #: The error this one reports, if its message names settings of a run
+    #: (a run option, the journal): ``worded`` names them as a caller spells them.
+    named: Worded | None = None
+
+    def worded(self, naming: Naming) -> str:
+        """The message, with each setting it names named by ``naming`` (the
+        CLI's flags: ``flag_of``)."""
+        return str(self) if self.named is None else self.named.worded(naming)
+
+    def naming(self, named: Worded | None) -> RunError:
+        """This error, reporting ``named`` (see :meth:`worded`)."""
+        self.named = named
+        return self
 
 
 class InvalidRequest(RunError):
     """The call cannot be served as asked: a bad option, run id, argument or
     grant, a missing program, or a program that does not load. The message
-    names the option, the value and the fix."""
+    names the option, the value and the fix; ``option_error``, if the run
+    option (or the capsule.toml setting) that could not be used is why, says
+    which (its ``worded(naming)`` names it as the caller spells options)."""
 
     kind = "config"
+
+    def __init__(
+        self,
+        message: str,
+        traceback: str | None = None,
+        option_error: OptionError | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.traceback = traceback
+        self.option_error = option_error
+        self.named = option_error
 
 
 class JournalUnavailable(RunError):

@@ -18,6 +18,7 @@ from capsule.actors.external import Asking, Delivered, ExternalError, ExternalMe
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
 from capsule.host.requests import json_text
 from capsule.host.result import RunResult
+from capsule.interrupts import StopRequest
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
 
@@ -82,6 +83,8 @@ class RunHandle:
         self._run: Run | None = None
         #: Why the run is to stop, if asked before it started.
         self._stop_reason: str | None = None
+        #: What :meth:`interrupt` asks of the run's worker thread.
+        self._interrupted = StopRequest()
         self._result: RunResult | None = None
         self._error: RunError | None = None
 
@@ -209,6 +212,15 @@ class RunHandle:
         if run is None or self.done:
             return False
         return run.cancel_task(task_id, CANCELLED_BY_HOST)
+
+    def interrupt(self) -> None:
+        """Stop the run as Ctrl-C stops ``capsule run``, wherever it is: while
+        the guest runtime is built or the program imported (those stop at
+        once), or while its tasks run (every task is cancelled, with the error
+        ``cancelled: the run was interrupted``). It ends as interrupted, its
+        journal written, resumable. Thread-safe and without waiting (a signal
+        handler's thread may call it); :meth:`result` waits for the end."""
+        self._interrupted.request()
 
     async def send(self, name: str, message: Any) -> str:
         """Put ``message`` (a JSON value) in the mailbox of the actor ``name``

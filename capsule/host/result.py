@@ -38,6 +38,9 @@ class RunFailure(BaseModel):
     traceback: str | None = None
     #: Whether another attempt could have ended otherwise.
     retryable: bool = True
+    #: For a failure an unhandled TaskError from a child caused: that child's
+    #: error (``task``, ``kind``, ``message``), where the failure began.
+    cause: dict[str, Any] | None = None
 
 
 class RunResult(BaseModel):
@@ -79,12 +82,12 @@ def report_result(report: RunReport, stdout: str = "", stderr: str = "") -> RunR
     ran, or the journal failed) as a RunError."""
     if report.result is None or report.run_id is None:
         if report.usage_error is not None:
-            raise InvalidRequest(report.usage_error)
+            raise InvalidRequest(report.usage_error, report.traceback, report.option_error)
         if report.journal_error is not None:
-            raise JournalUnavailable(report.journal_error)
+            raise JournalUnavailable(report.journal_error).naming(report.journal_failure)
         raise RuntimeFailure(report.runtime_error or "the run did not start", report.traceback)
     if report.journal_error is not None:
-        raise JournalUnavailable(report.journal_error)
+        raise JournalUnavailable(report.journal_error).naming(report.journal_failure)
     outcome = report.result
     error = outcome.error
     status = report.status
@@ -104,6 +107,7 @@ def report_result(report: RunReport, stdout: str = "", stderr: str = "") -> RunR
             task=error.task,
             traceback=error.traceback,
             retryable=error.retryable,
+            cause=error.cause if isinstance(error.cause, dict) else None,
         ),
         attempts=outcome.attempts,
         duration_s=outcome.duration_s,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from capsule.host.requests import (
     run_options,
     run_request,
 )
-from capsule.host.result import RunResult, record_result, report_result
+from capsule.host.result import RunFailure, RunResult, record_result, report_result
 from capsule.supervisor.events import EVENT_TYPES, MESSAGE_EVENT_TYPES
 from capsule.supervisor.options import RunOptions
 
@@ -68,12 +68,24 @@ class Runtime:
     ``journal``: the SQLite journal runs are recorded in (None: the file
     ``$CAPSULE_JOURNAL`` names, else ``.capsule/journal.db`` in the current
     directory; ``False``: none, and runs cannot be resumed or listed).
-    ``event_buffer``: the events each run's handle keeps for its consumers."""
+    ``event_buffer``: the events each run's handle keeps for its consumers.
+    ``prepare``: build (or load) the guest runtime, and open the journal, as
+    the Runtime opens, where their errors are raised (False: each run does so
+    itself as it starts, where they end that run; for a Runtime that makes one
+    run, as the ``capsule`` command does: a Ctrl-C while the runtime is built
+    then interrupts the run, and nothing is made that the run does not use)."""
 
     def __init__(
-        self, journal: JournalSetting = None, *, event_buffer: int = DEFAULT_EVENT_BUFFER
+        self,
+        journal: JournalSetting = None,
+        *,
+        event_buffer: int = DEFAULT_EVENT_BUFFER,
+        prepare: bool = True,
     ) -> None:
         self.journal = journal_path(journal)
+        if not isinstance(prepare, bool):
+            raise InvalidRequest(f"prepare {prepare!r:.80} is invalid; expected True or False")
+        self._prepare = prepare
         if (
             isinstance(event_buffer, bool)
             or not isinstance(event_buffer, int)
@@ -101,12 +113,13 @@ class Runtime:
         from capsule.sandbox.engine import GuestComponent
         from capsule.sandbox.runtime import RuntimeBuildError
 
-        if self.journal is not None:
-            await anyio.to_thread.run_sync(_open_journal, self.journal)
-        try:
-            self._guest = await anyio.to_thread.run_sync(GuestComponent)
-        except RuntimeBuildError as exc:
-            raise RuntimeFailure(str(exc)) from None
+        if self._prepare:
+            if self.journal is not None:
+                await anyio.to_thread.run_sync(_open_journal, self.journal)
+            try:
+                self._guest = await anyio.to_thread.run_sync(GuestComponent)
+            except RuntimeBuildError as exc:
+                raise RuntimeFailure(str(exc)) from None
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -163,30 +176,52 @@ class Runtime:
         options: RunOptions | None = None,
         run_id: str | None = None,
         kwargs: Mapping[str, Any] | None = None,
+        event_types: Collection[str] | None = None,
     ) -> RunHandle:
         """Start a run (see :meth:`run`) and return its handle at once. With a
         ``run_id`` this Runtime runs, or the journal holds, the existing run's
-        handle is returned instead (whatever the other arguments)."""
+        handle is returned instead (whatever the other arguments).
+        ``event_types``: the types of the events its handle carries (default:
+        all but the per-message ones; ``run_ended`` always); a run builds no
+        event it has no use for."""
         self._open()
         path = program_path(program)
         call_args, call_kwargs = arguments(args, kwargs)
         if not isinstance(entry, str) or not entry.isidentifier():
             raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
         options = run_options(options)
+        types = handle_event_types(event_types)
         request = run_request(path, call_args, call_kwargs, entry, options)
-        return await self._launch(run_id, partial(self._execute, request))
+        return await self._launch(run_id, partial(self._execute, request, types))
 
-    async def resume(self, run_id: str) -> RunResult:
+    async def resume(
+        self, run_id: str, *, force: bool = False, options: RunOptions | None = None
+    ) -> RunResult:
         """Resume a run that stopped before it ended (cancelled, or its process
         died) to its end: tasks that ended keep their outcome, those in flight
-        replay their journaled steps and go on."""
-        return await _awaited(await self.start_resume(run_id))
+        replay their journaled steps and go on. ``force``: resume even if the
+        program's source changed since it ran (it may diverge); ``options``:
+        the run options to change from the run's (those a resume may change:
+        limits and sizes, not what the replay depends on)."""
+        return await _awaited(await self.start_resume(run_id, force=force, options=options))
 
-    async def start_resume(self, run_id: str) -> RunHandle:
-        """Start resuming ``run_id`` (see :meth:`resume`); its handle."""
+    async def start_resume(
+        self,
+        run_id: str,
+        *,
+        force: bool = False,
+        options: RunOptions | None = None,
+        event_types: Collection[str] | None = None,
+    ) -> RunHandle:
+        """Start resuming ``run_id`` (see :meth:`resume`; ``event_types`` as
+        for :meth:`start`); its handle."""
         self._open()
         journal = self._need_journal("resume")
         run_id = checked_run_id(run_id)
+        if not isinstance(force, bool):
+            raise InvalidRequest(f"force {force!r:.80} is invalid; expected True or False")
+        overrides = None if options is None else resume_options(options)
+        types = handle_event_types(event_types)
         live = self._live.get(run_id)
         if live is not None:
             return live
@@ -196,7 +231,7 @@ class Runtime:
         live = self._live.get(run_id)
         if live is not None:
             return live
-        return self._begin(run_id, partial(self._execute_resume, run_id))
+        return self._begin(run_id, partial(self._execute_resume, run_id, force, overrides, types))
 
     def handle(self, run_id: str) -> RunHandle | None:
         """The handle of a run live in this Runtime (None if there is none)."""
@@ -265,6 +300,26 @@ class Runtime:
             return []
         runs: list[RunRecord] = await _reading(journal, list_runs, journal)
         return runs
+
+    async def find(self, run_id: str | None = None) -> RunRecord:
+        """The journal's record of the run ``run_id`` names: the run of that
+        id, else the one run whose id begins with it (None: the newest run).
+        RunNotFound if there is none, or several."""
+        from capsule.journal.reader import find_run
+
+        journal = self._need_journal("find")
+        if run_id is not None and not isinstance(run_id, str):
+            raise InvalidRequest(f"run_id {run_id!r:.80} is invalid; expected a run id or None")
+        try:
+            record: RunRecord = await _reading(journal, find_run, journal, run_id)
+        except JournalUnavailable as exc:
+            message = str(exc)
+            if message.startswith("no run ") or message.endswith(
+                ("holds no runs", "give more of the run id")
+            ):
+                raise RunNotFound(message) from None
+            raise
+        return record
 
     async def inspect(self, run_id: str) -> RunDetails:
         """A run the journal holds, and its tasks."""
@@ -394,13 +449,19 @@ class Runtime:
                 handle._end(result, error)
                 watch.cancel_scope.cancel()
 
-    def _execute(self, request: RunRequest, handle: RunHandle) -> RunResult:
+    def _execute(
+        self, request: RunRequest, event_types: frozenset[str], handle: RunHandle
+    ) -> RunResult:
         """On a worker thread: the run, to its end."""
         from capsule.supervisor.program import run_program
 
         runner = partial(run_program, guest=self._guest)
-        report = self._journaled(request, handle, handle._on_event, runner)
-        return report_result(_ended(report, handle))
+
+        def run() -> RunResult:
+            report = self._journaled(request, handle, handle._on_event, runner, event_types)
+            return report_result(_ended(report, handle))
+
+        return _interruptible(handle, run)
 
     def _journaled(
         self,
@@ -408,51 +469,65 @@ class Runtime:
         handle: RunHandle,
         on_event: Callable[[Any], None],
         runner: Callable[..., RunReport],
+        event_types: Collection[str] = HANDLE_EVENT_TYPES,
     ) -> RunReport:
-        from capsule.journal.schema import JournalError
-        from capsule.journal.session import run_journaled
-
         if self.journal is None:
             return runner(
                 request,
                 on_event,
                 run_id=handle.run_id,
                 on_run=handle._on_run,
-                event_types=HANDLE_EVENT_TYPES,
+                event_types=event_types,
             )
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import run_journaled
+
         try:
             return run_journaled(
                 request,
                 self.journal,
                 on_event,
                 on_run=handle._on_run,
-                event_types=HANDLE_EVENT_TYPES,
+                event_types=event_types,
                 run_id=handle.run_id,
                 runner=runner,
             )
         except JournalError as exc:
-            raise JournalUnavailable(str(exc)) from None
+            raise JournalUnavailable(str(exc)).naming(exc) from None
 
-    def _execute_resume(self, run_id: str, handle: RunHandle) -> RunResult:
+    def _execute_resume(
+        self,
+        run_id: str,
+        force: bool,
+        overrides: RunOptions | None,
+        event_types: frozenset[str],
+        handle: RunHandle,
+    ) -> RunResult:
         from capsule.journal.schema import JournalError
         from capsule.journal.session import resume_journaled
         from capsule.supervisor.program import run_program
 
-        assert self.journal is not None
-        try:
-            report = resume_journaled(
-                self.journal,
-                run_id,
-                False,
-                handle._on_event,
-                event_types=HANDLE_EVENT_TYPES,
-                on_run=handle._on_run,
-                runner=partial(run_program, guest=self._guest),
-                exact=True,
-            )
-        except JournalError as exc:
-            raise NotResumable(str(exc)) from None
-        return report_result(_ended(report, handle))
+        journal = self.journal
+        assert journal is not None
+
+        def resume() -> RunResult:
+            try:
+                report = resume_journaled(
+                    journal,
+                    run_id,
+                    force,
+                    handle._on_event,
+                    event_types=event_types,
+                    overrides=overrides,
+                    on_run=handle._on_run,
+                    runner=partial(run_program, guest=self._guest),
+                    exact=True,
+                )
+            except JournalError as exc:
+                raise NotResumable(str(exc)).naming(exc) from None
+            return report_result(_ended(report, handle))
+
+        return _interruptible(handle, resume)
 
     def _execute_code(
         self, runner: CodeRunner, request: RunRequest, grants: CodeGrants, handle: RunHandle
@@ -467,6 +542,64 @@ class Runtime:
             request, handle, captured.on_event, partial(runner.run, grants=grants)
         )
         return report_result(_ended(report, handle), *captured.texts())
+
+
+def resume_options(options: Any) -> RunOptions:
+    """The options a resume changes, checked: only those the replay does not
+    depend on (limits on what the run may record)."""
+    from capsule.supervisor.option_specs import RUN_OPTIONS
+
+    checked = run_options(options)
+    changeable = sorted(spec.name for spec in RUN_OPTIONS if spec.resume_help is not None)
+    fixed = sorted(set(checked.given()) - set(changeable))
+    if fixed:
+        raise InvalidRequest(
+            f"options {', '.join(fixed)} cannot change when a run resumes (its replay "
+            f"depends on them); a resume may change {', '.join(changeable)}"
+        )
+    return checked
+
+
+def handle_event_types(event_types: Collection[str] | None) -> frozenset[str]:
+    """The event types a caller asked a handle to carry, checked."""
+    if event_types is None:
+        return HANDLE_EVENT_TYPES
+    if isinstance(event_types, str) or not isinstance(event_types, Collection):
+        raise InvalidRequest(
+            f"event_types {event_types!r:.80} is invalid; expected a collection of event "
+            f"types, e.g. {{'output', 'failed'}}"
+        )
+    types = frozenset(event_types)
+    unknown = sorted(str(kind) for kind in types - EVENT_TYPES)
+    if unknown:
+        raise InvalidRequest(
+            f"event_types holds {', '.join(repr(kind) for kind in unknown[:5]):.300}, not "
+            f"event types; the event types are {', '.join(sorted(EVENT_TYPES))}"
+        )
+    return types
+
+
+def _interruptible(handle: RunHandle, work: Callable[[], RunResult]) -> RunResult:
+    """``work()``, on the run's worker thread, which ``handle.interrupt()``
+    interrupts as Ctrl-C does a run on the main thread. An interrupt that stops
+    the run before its tasks ran (the import or the build raise
+    KeyboardInterrupt, once its journal says interrupted) is its result."""
+    from capsule.interrupts import interrupted_by
+    from capsule.supervisor.program import RunReport
+
+    try:
+        with interrupted_by(handle._interrupted):
+            return work()
+    except KeyboardInterrupt:
+        if not handle._interrupted.requested:
+            raise  # (not this run's: no signal lands on a worker thread)
+    message = "cancelled: the run was interrupted before its tasks ran"
+    _ended(RunReport(interrupted=True, runtime_error=message), handle)
+    return RunResult(
+        run_id=handle.run_id,
+        status="interrupted",
+        error=RunFailure(kind="cancelled", message=message, retryable=False),
+    )
 
 
 def _ended(report: RunReport, handle: RunHandle) -> RunReport:
@@ -497,7 +630,7 @@ async def _reading(journal: Path, read: Callable[..., Awaitable[Any]], *args: An
     try:
         return await read(*args)
     except JournalError as exc:
-        raise JournalUnavailable(str(exc)) from None
+        raise JournalUnavailable(str(exc)).naming(exc) from None
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
         raise JournalUnavailable(
             f"the journal {journal} holds a record this Capsule cannot read "
@@ -513,4 +646,4 @@ def _open_journal(journal: Path) -> None:
     try:
         connect(journal, create=True).close()
     except JournalError as exc:
-        raise JournalUnavailable(str(exc)) from None
+        raise JournalUnavailable(str(exc)).naming(exc) from None

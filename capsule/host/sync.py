@@ -5,7 +5,7 @@ thread the SyncRuntime owns."""
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,6 +61,9 @@ class SyncRunHandle:
     def cancel(self, task_id: str | None = None) -> bool:
         return self._call(self._handle.cancel, task_id)
 
+    def interrupt(self) -> None:
+        self._handle.interrupt()  # (thread-safe: no call into the loop)
+
     def send(self, name: str, message: Any) -> str:
         message_id: str = self._call(self._handle.send, name, message)
         return message_id
@@ -84,9 +87,13 @@ class SyncRuntime:
     SyncRuntime() as rt``). Leaving it cancels the runs still running."""
 
     def __init__(
-        self, journal: JournalSetting = None, *, event_buffer: int = DEFAULT_EVENT_BUFFER
+        self,
+        journal: JournalSetting = None,
+        *,
+        event_buffer: int = DEFAULT_EVENT_BUFFER,
+        prepare: bool = True,
     ) -> None:
-        self._runtime = Runtime(journal, event_buffer=event_buffer)
+        self._runtime = Runtime(journal, event_buffer=event_buffer, prepare=prepare)
         self.journal = self._runtime.journal
         self._portal_context: AbstractContextManager[BlockingPortal] | None = None
         self._portal: BlockingPortal | None = None
@@ -141,22 +148,44 @@ class SyncRuntime:
         options: RunOptions | None = None,
         run_id: str | None = None,
         kwargs: Mapping[str, Any] | None = None,
+        event_types: Collection[str] | None = None,
     ) -> SyncRunHandle:
         portal = self._open()
 
         async def start() -> RunHandle:
             return await self._runtime.start(
-                program, *args, entry=entry, options=options, run_id=run_id, kwargs=kwargs
+                program,
+                *args,
+                entry=entry,
+                options=options,
+                run_id=run_id,
+                kwargs=kwargs,
+                event_types=event_types,
             )
 
         return SyncRunHandle(portal.call(start), portal)
 
-    def resume(self, run_id: str) -> RunResult:
-        return self.start_resume(run_id).result()
+    def resume(
+        self, run_id: str, *, force: bool = False, options: RunOptions | None = None
+    ) -> RunResult:
+        return self.start_resume(run_id, force=force, options=options).result()
 
-    def start_resume(self, run_id: str) -> SyncRunHandle:
+    def start_resume(
+        self,
+        run_id: str,
+        *,
+        force: bool = False,
+        options: RunOptions | None = None,
+        event_types: Collection[str] | None = None,
+    ) -> SyncRunHandle:
         portal = self._open()
-        return SyncRunHandle(portal.call(self._runtime.start_resume, run_id), portal)
+
+        async def start_resume() -> RunHandle:
+            return await self._runtime.start_resume(
+                run_id, force=force, options=options, event_types=event_types
+            )
+
+        return SyncRunHandle(portal.call(start_resume), portal)
 
     def run_code(
         self,
@@ -192,6 +221,9 @@ class SyncRuntime:
 
     def runs(self) -> list[RunRecord]:
         return self._open().call(self._runtime.runs)
+
+    def find(self, run_id: str | None = None) -> RunRecord:
+        return self._open().call(self._runtime.find, run_id)
 
     def inspect(self, run_id: str) -> RunDetails:
         return self._open().call(self._runtime.inspect, run_id)

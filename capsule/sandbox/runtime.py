@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
+from capsule.interrupts import on_stop, stop_requested
 from capsule.sandbox import oom
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
@@ -189,16 +190,38 @@ def _componentize(staging: Path, output: Path) -> None:
     env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
     # In a session of its own: Ctrl-C at a terminal signals the whole process
     # group, and a build killed by it would fail the run (status "error", not
-    # resumable) instead of interrupting it. Capsule stops it itself: the
-    # KeyboardInterrupt in the wait below kills it.
-    result = subprocess.run(
-        command, cwd=staging, env=env, capture_output=True, text=True, start_new_session=True
-    )
-    if result.returncode != 0:
+    # resumable) instead of interrupting it. Capsule stops it itself: an
+    # interrupt in the wait below (capsule.interrupts) kills it.
+    with subprocess.Popen(
+        command,
+        cwd=staging,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            stdout, stderr = _communicate_interruptibly(process)
+        except BaseException:
+            process.kill()
+            raise
+    if process.returncode != 0:
         raise RuntimeBuildError(
             "componentize-py failed to build the guest runtime:\n"
-            + (result.stderr or result.stdout).strip()[-4000:]
+            + (stderr or stdout).strip()[-4000:]
         )
+
+
+def _communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """The process's output once it ended; KeyboardInterrupt if this thread's
+    run is interrupted meanwhile (a signal, or its owner's stop request, which
+    kills the process)."""
+    with on_stop(process.kill):
+        stdout, stderr = process.communicate()
+    if stop_requested():
+        raise KeyboardInterrupt
+    return stdout, stderr
 
 
 def _patch_refused_growth(component: Path, progress: Progress) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 #: How an option's value is written and parsed: ``fuel`` LOW/MEDIUM/HIGH or an
 #: int; ``size`` "256MB" or an int of bytes; ``duration`` "30s" or seconds;
@@ -196,6 +196,12 @@ def flag_of(name: str) -> str:
     """The command-line flag of a setting (``max_queued_size`` -> ``--max-queued-size``)."""
     other = OTHER_SETTINGS.get(name)
     return "--" + name.replace("_", "-") if other is None else other[1]
+
+
+class Worded(Protocol):
+    """An error whose message names settings of a run (WordedError, OptionError)."""
+
+    def worded(self, naming: Naming) -> str: ...
 
 
 class WordedError(Exception):

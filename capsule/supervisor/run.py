@@ -24,6 +24,7 @@ from typing import Any
 
 from capsule.actors.external import ExternalMessages
 from capsule.actors.router import Message, Router
+from capsule.interrupts import wait_interruptibly
 from capsule.net.http import HttpClient
 from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.config import HostCaps, TaskConfig
@@ -413,11 +414,7 @@ def _run_on_core(
 
     core.loop.start()
     core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
-    interrupted = False
-    while not finished.is_set():
-        try:
-            finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
-        except KeyboardInterrupt:
-            interrupted = True
-            core.supervision.tree.cancel(root, "cancelled: the run was interrupted")
+    interrupted = wait_interruptibly(
+        finished, lambda: core.supervision.tree.cancel(root, "cancelled: the run was interrupted")
+    )
     return ended[0], interrupted

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from capsule.interrupts import wait_interruptibly
 from capsule.sandbox.engine import CALLER_STOPPED, Invocation, past_deadline
 from capsule.sandbox.nesting import start_deep_thread
 from capsule.supervisor.events import ErrorDetail
@@ -277,8 +278,9 @@ def run_interruptibly(
     body: Callable[[], _T], interrupt: Callable[[], None], name: str
 ) -> tuple[_T, bool]:
     """Run ``body`` on a task thread while this one (the main thread, where
-    Ctrl-C and SIGTERM land) waits: wasm never runs where a signal could
-    interrupt a host call of its in the middle. An interrupt calls
+    Ctrl-C and SIGTERM land, or one whose owner stops it: capsule.interrupts)
+    waits: wasm never runs where a signal could interrupt a host call of its
+    in the middle. An interrupt calls
     ``interrupt`` (which must make ``body`` end soon) and the wait goes on until
     it has. Returns (what ``body`` returned, whether it was interrupted);
     re-raises what ``body`` raised."""
@@ -295,15 +297,9 @@ def run_interruptibly(
             finished.set()
 
     thread = start_task_thread(run, name=name)
-    interrupted = False
     # Wait on an Event, not on Thread.join: an interrupted join can mark a
     # thread finished while it still runs (CPython < 3.13).
-    while not finished.is_set():
-        try:
-            finished.wait(0.1)  # a timed wait so that Ctrl-C is seen promptly
-        except KeyboardInterrupt:
-            interrupted = True
-            interrupt()
+    interrupted = wait_interruptibly(finished, interrupt)
     thread.join()
     if failure:
         raise failure[0]

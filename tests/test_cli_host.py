@@ -1,0 +1,272 @@
+"""`capsule run` and `capsule resume` as clients of the host API, and what the
+API gained for them: interrupting a run wherever it is (RunHandle.interrupt),
+a KeyboardInterrupt reaching a thread blocked in a SyncRuntime call, the
+events a handle carries, resuming with --force and new limits, finding a run
+by a prefix of its id."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from capsule.host import (
+    InvalidRequest,
+    NotResumable,
+    RunHandle,
+    RunNotFound,
+    RunOptions,
+    Runtime,
+)
+from capsule.supervisor.events import EVENT_TYPES, event_json, parse_event
+from tests.conftest import capsule_cli
+
+#: A run with a child task that fails once and is retried, output from both,
+#: and a warning-free result: the same events however it is watched.
+FAMILY = """
+import capsule
+from capsule import task
+
+@task(name="child", max_retries=1)
+def child(n: int) -> int:
+    print("child attempt", capsule.current().attempt)
+    if capsule.current().attempt == 1:
+        raise ValueError("the first attempt fails")
+    return n * 2
+
+@task(name="main")
+def main() -> int:
+    print("main starts")
+    return child(21)
+"""
+
+#: Main waits for a message, and returns it.
+RECEIVER = """
+from capsule import receive, task
+
+@task(name="main")
+def main() -> str:
+    return receive().body
+"""
+
+#: Prints a marker while the program is imported, then takes ten minutes.
+IMPORTS_SLOWLY = """
+import time
+print("MARK importing", flush=True)
+time.sleep(600)
+
+from capsule import task
+
+@task(name="main")
+def main() -> str:
+    return "ran"
+"""
+
+SLEEPER = """
+from capsule import sleep, task
+
+@task(name="main")
+def main(seconds: float) -> str:
+    sleep(seconds)
+    return "slept"
+"""
+
+
+def write(directory: Path, name: str, source: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def in_runtime(journal: Path | bool, body: Callable[[Runtime], Coroutine[Any, Any, Any]]) -> Any:
+    async def main() -> Any:
+        async with Runtime(journal=False if journal is False else journal) as rt:
+            # (A guard against a hang, not a measure: each run here takes seconds.)
+            with anyio.fail_after(300):
+                return await body(rt)
+
+    return anyio.run(main)
+
+
+async def wait_for(handle: RunHandle, accept: Callable[[Any], bool]) -> Any:
+    async for event in handle.events():
+        if accept(event):
+            return event
+    raise AssertionError("the run ended before the event came")
+
+
+def shape(event: Any) -> tuple[Any, ...]:
+    """What an event says, without when, or which run, it was."""
+    data = json.loads(event_json(event))
+    for varying in ("at", "run_id", "duration_ms", "program", "backoff_s", "peak_memory_bytes"):
+        data.pop(varying, None)
+    data.pop("envelope", None)
+    return tuple(sorted((key, json.dumps(value)) for key, value in data.items()))
+
+
+def test_capsule_run_shows_the_event_stream_the_api_gives(tmp_path: Path) -> None:
+    program = write(tmp_path, "family.py", FAMILY)
+    done = capsule_cli(
+        "run",
+        str(program),
+        "--events",
+        "jsonl",
+        "--retry-backoff",
+        "0.01",
+        "--journal",
+        str(tmp_path / "cli.db"),
+    )
+    assert done.returncode == 0, done.stderr
+    from_cli = [parse_event(line) for line in done.stdout.splitlines()]
+
+    async def body(rt: Runtime) -> list[Any]:
+        options = RunOptions(retry_backoff=0.01)
+        handle = await rt.start(program, options=options, event_types=EVENT_TYPES)
+        events = [event async for event in handle.events()]
+        assert (await handle.result()).value == 42
+        return events
+
+    from_api = in_runtime(tmp_path / "api.db", body)
+    assert [shape(event) for event in from_cli] == [shape(event) for event in from_api]
+    assert [event.type for event in from_cli].count("retrying") == 1
+    assert from_cli[-1].type == "run_ended" and from_cli[-1].envelope["result"] == 42
+
+
+def test_interrupt_stops_a_run_while_its_program_is_imported(tmp_path: Path) -> None:
+    program = write(tmp_path, "slow.py", IMPORTS_SLOWLY)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program, run_id="slow-1")
+        await wait_for(handle, lambda event: "MARK" in getattr(event, "text", ""))
+        handle.interrupt()
+        result = await handle.result()
+        assert result.status == "interrupted"
+        assert result.error is not None and result.error.kind == "cancelled"
+        assert "interrupted before its tasks ran" in result.error.message
+        assert (await rt.find("slow-1")).status == "interrupted"  # resumable
+
+    in_runtime(tmp_path / "journal.db", body)
+
+
+def test_interrupt_cancels_every_task_as_ctrl_c_does(tmp_path: Path) -> None:
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program, 600)
+        await wait_for(handle, lambda event: event.type == "started")
+        handle.interrupt()
+        result = await handle.result()
+        assert result.status == "interrupted"
+        assert result.error is not None
+        assert result.error.message == "cancelled: the run was interrupted"
+
+    in_runtime(False, body)
+
+
+def test_a_thread_blocked_in_a_sync_call_gets_ctrl_c_at_once(tmp_path: Path) -> None:
+    """The SyncRuntime's loop runs on its own thread: the caller waits in a
+    portal call, where SIGINT must still raise KeyboardInterrupt (long before
+    the ten-minute run would end)."""
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+    script = write(
+        tmp_path,
+        "blocked.py",
+        f"""
+        from capsule.host import SyncRuntime
+
+        with SyncRuntime(journal=False) as rt:
+            handle = rt.start({str(program)!r}, 600)
+            for event in handle.events():
+                if event.type == "started":
+                    break
+            try:
+                print("WAITING", flush=True)
+                handle.result()
+                print("NOT INTERRUPTED", flush=True)
+            except KeyboardInterrupt:
+                print("INTERRUPTED", flush=True)
+                handle.interrupt()
+                print(handle.result().status, flush=True)
+        """,
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert process.stdout is not None
+    assert process.stdout.readline() == "WAITING\n"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert stdout.splitlines() == ["INTERRUPTED", "interrupted"]
+
+
+def test_a_handle_carries_the_event_types_asked_for(tmp_path: Path) -> None:
+    program = write(tmp_path, "family.py", FAMILY)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program, event_types={"output"})
+        types = [event.type async for event in handle.events()]
+        assert types == ["output", "output", "output", "run_ended"]
+        for wrong in ({"output", "nope"}, "output"):
+            with pytest.raises(InvalidRequest, match="event_types"):
+                await rt.start(program, event_types=wrong)  # type: ignore[arg-type]
+
+    in_runtime(False, body)
+
+
+def test_resume_takes_force_and_new_limits_and_find_takes_a_prefix(tmp_path: Path) -> None:
+    program = write(tmp_path, "receiver.py", RECEIVER)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program, run_id="receiver-1")
+        await wait_for(handle, lambda event: event.type == "started")
+        handle.interrupt()
+        assert (await handle.result()).status == "interrupted"
+        assert (await rt.find("receiver")).run_id == "receiver-1"
+        assert (await rt.find()).run_id == "receiver-1"  # the newest
+        with pytest.raises(RunNotFound, match="no run 'other'"):
+            await rt.find("other")
+
+        program.write_text(program.read_text() + "# changed\n")
+        refused = await rt.start_resume("receiver-1")
+        with pytest.raises(NotResumable, match="pass --force"):
+            await refused.result()
+        with pytest.raises(InvalidRequest, match="max_fuel cannot change"):
+            await rt.start_resume("receiver-1", options=RunOptions(max_fuel=10**9))
+
+        resumed = await rt.start_resume(
+            "receiver-1", force=True, options=RunOptions(max_run_journal="64MB")
+        )
+        await wait_for(resumed, lambda event: event.type == "started")
+        await resumed.send("main", "resumed")
+        assert (await resumed.result()).value == "resumed"
+
+    in_runtime(tmp_path / "journal.db", body)
+
+
+def test_a_program_that_raises_on_import_is_an_invalid_request_with_its_traceback(
+    tmp_path: Path,
+) -> None:
+    program = write(tmp_path, "broken.py", "raise RuntimeError('broken')\n")
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        with pytest.raises(InvalidRequest, match="RuntimeError: broken") as raised:
+            await handle.result()
+        assert raised.value.traceback is not None
+        assert "raise RuntimeError('broken')" in raised.value.traceback
+
+    in_runtime(False, body)
