@@ -242,7 +242,7 @@ def test_resume_takes_force_and_new_limits_and_find_takes_a_prefix(tmp_path: Pat
 
         program.write_text(program.read_text() + "# changed\n")
         refused = await rt.start_resume("receiver-1")
-        with pytest.raises(NotResumable, match="pass --force"):
+        with pytest.raises(NotResumable, match=r"resume anyway with resume\(\.\.\., force=True\)"):
             await refused.result()
         with pytest.raises(InvalidRequest, match="max_fuel cannot change"):
             await rt.start_resume("receiver-1", options=RunOptions(max_fuel=10**9))

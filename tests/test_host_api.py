@@ -530,13 +530,6 @@ def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
         in_runtime(not_a_journal, lambda rt: rt.runs())
     assert "Move it away, or pass Runtime(journal=PATH)" in str(unreadable.value)
 
-    async def on_the_async_core(rt: Runtime) -> None:
-        await rt.run(programs["hello"], options=RunOptions(core="async"))
-
-    with pytest.raises(InvalidRequest) as journaled:
-        in_runtime(tmp_path / "journal.db", on_the_async_core)
-    assert "run it without a journal (Runtime(journal=False))" in str(journaled.value)
-
     program = tmp_path / "changes.py"
     program.write_text(SLEEPER)
 
@@ -549,7 +542,7 @@ def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
 
     with pytest.raises(NotResumable) as changed:
         in_runtime(tmp_path / "journal.db", interrupted_then_changed)
-    assert "resume anyway with `capsule resume --force`" in str(changed.value)
+    assert "resume anyway with resume(..., force=True)" in str(changed.value)
 
     async def ended_then_resumed(rt: Runtime) -> None:
         await rt.run(programs["hello"], run_id="ended")
@@ -558,7 +551,7 @@ def test_errors_name_the_host_apis_parameters_not_the_clis_flags(
     with pytest.raises(NotResumable) as ended:
         in_runtime(tmp_path / "journal.db", ended_then_resumed)
     assert "Runtime.inspect('ended') shows how it ended" in str(ended.value)
-    for error in (unreadable.value, journaled.value, changed.value, ended.value):
+    for error in (unreadable.value, changed.value, ended.value):
         assert "--journal" not in str(error) and "`capsule inspect" not in str(error)
 
 

@@ -61,6 +61,12 @@ def loggers():
     found = {"": (logging.root.level, [id(h) for h in logging.root.handlers])}
     for name, logger in logging.Logger.manager.loggerDict.items():
         if isinstance(logger, logging.Logger) and logger.handlers:
+            # (Capsule's own logger may hold a NullHandler, as the logging
+            # docs advise a library: what it logs is shown as the app says.)
+            if name == "capsule" and all(
+                type(h) is logging.NullHandler for h in logger.handlers
+            ):
+                continue
             found[name] = (logger.level, [id(h) for h in logger.handlers])
     return found
 

@@ -172,10 +172,7 @@ OPTION_SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in RUN_OPTIONS}
 OTHER_SETTINGS: dict[str, tuple[str, str]] = {
     "journal": ("Runtime(journal=PATH)", "--journal PATH"),
     "no_journal": ("Runtime(journal=False)", "--no-journal"),
-    "force": (
-        "`capsule resume --force` (the host API resumes only an unchanged program)",
-        "--force",
-    ),
+    "force": ("resume(..., force=True)", "--force"),
     "runs": ("Runtime.runs()", "`capsule runs`"),
     "inspect": ("Runtime.inspect('RUN_ID')", "`capsule inspect RUN_ID`"),
 }
