@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from capsule.logs import show_on_stderr
 from capsule.stdio import STREAMS, StdioWriter, Stream
@@ -33,8 +33,14 @@ from capsule.supervisor.option_specs import RUN_OPTIONS, WordedError, flag_of
 from capsule.terminal import visible
 
 if TYPE_CHECKING:
-    from capsule.host import RunError, RunHandle, RunResult, Runtime
+    from concurrent.futures import Future
+
+    from anyio.from_thread import BlockingPortal
+
+    from capsule.host import LiveTask, RunError, RunHandle, RunResult, Runtime, SyncRunHandle
     from capsule.supervisor.events import RunEnded
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -416,12 +422,9 @@ def _run_command(options: argparse.Namespace) -> int:
     except OptionError as exc:
         return _refused_options(options, exc)
     if options.tui:
-        from capsule.supervisor.program import RunRequest
-
         if not _in_terminal("--tui"):
             return EXIT_USAGE
-        request = RunRequest(path=path, args=args, entry=entry, options=run_options)
-        return _run_with_tui(request, options, journal, path)
+        return _run_with_tui(path, args, entry, run_options, options, journal)
 
     def run(renderer: _Renderer) -> _Outcome:
         async def start(rt: Runtime) -> RunHandle:
@@ -429,7 +432,7 @@ def _run_command(options: argparse.Namespace) -> int:
                 path, *args, entry=entry, options=run_options, event_types=renderer.event_types
             )
 
-        return _run_through_host(journal, start, renderer)
+        return _run_through_host(journal, start, renderer.on_event, _HostedRun.wait)
 
     _load_run_modules()
     return _show_run(options, run, journaled=journal is not None)
@@ -547,12 +550,14 @@ def _load_run_modules() -> None:
 def _run_through_host(
     journal: Path | None,
     start: Callable[[Runtime], Awaitable[RunHandle]],
-    renderer: _Renderer,
-) -> _Outcome:
+    on_event: Callable[[Any], None],
+    attend: Callable[[_HostedRun], T],
+) -> T:
     """A run through the host API: a Runtime on an event loop on a thread this
-    function owns, where the renderer is given the run's events; this thread
-    waits, where Ctrl-C and SIGTERM land, and an interrupt stops the run
-    (RunHandle.interrupt), whose outcome is then waited for as any other."""
+    function owns, where ``on_event`` is given the run's events (all but the
+    last, run_ended); this thread attends to the run (``attend``: waits for
+    its outcome, say, where Ctrl-C and SIGTERM land and interrupt it) while
+    the Runtime is open."""
     from anyio.from_thread import start_blocking_portal
 
     from capsule.host import InvalidRequest, RunError, Runtime
@@ -576,7 +581,7 @@ def _run_through_host(
             if event.type == "run_ended":
                 ended = event
             else:
-                renderer.on_event(event)
+                on_event(event)
         dropped = handle.events_dropped
         try:
             result = await handle.result()
@@ -587,17 +592,72 @@ def _run_through_host(
     try:
         runtime = Runtime(journal if journal is not None else False, prepare=False)
     except RunError as exc:  # (a journal that is not a regular file)
-        return _Outcome(None, exc, None)
+        return attend(_HostedRun.ended(_Outcome(None, exc, None)))
     with start_blocking_portal(name="capsule-loop") as portal:
         with portal.wrap_async_context_manager(runtime) as rt:
             outcome = portal.start_task_soon(watch, rt)
-            while True:
-                try:
-                    return outcome.result()
-                except KeyboardInterrupt:
-                    interrupted.set()
-                    for handle in handles:
-                        handle.interrupt()
+            return attend(_HostedRun(outcome, handles, interrupted, portal))
+
+
+class _HostedRun:
+    """A run _run_through_host started, as the command's main thread holds it
+    while the loop's thread runs it: its outcome to come, the run to interrupt
+    (before its handle exists too), and its handle's controls (the TUI's)."""
+
+    def __init__(
+        self,
+        outcome: Future[_Outcome],
+        handles: list[RunHandle],
+        interrupted: threading.Event,
+        portal: BlockingPortal | None,
+    ) -> None:
+        self.outcome = outcome
+        #: The run's handle, once the Runtime started it (on the loop's thread).
+        self._handles = handles
+        #: Set by interrupt(); a handle that comes later is interrupted as it does.
+        self._interrupted = interrupted
+        self._portal = portal
+
+    @classmethod
+    def ended(cls, outcome: _Outcome) -> _HostedRun:
+        """A run that ended before it had a Runtime (its journal was refused)."""
+        from concurrent.futures import Future
+
+        done: Future[_Outcome] = Future()
+        done.set_result(outcome)
+        return cls(done, [], threading.Event(), None)
+
+    @property
+    def handle(self) -> SyncRunHandle | None:
+        """The run's handle, blocking (None until the run started, or if it never did)."""
+        from capsule.host import SyncRunHandle
+
+        if not self._handles or self._portal is None:
+            return None
+        return SyncRunHandle(self._handles[0], self._portal)
+
+    def wait(self) -> _Outcome:
+        """The run's outcome, once it ended; Ctrl-C (or SIGTERM) meanwhile
+        interrupts the run, whose outcome is then waited for as any other."""
+        while True:
+            try:
+                return self.outcome.result()
+            except KeyboardInterrupt:
+                self.interrupt()
+
+    def interrupt(self) -> None:
+        """Stop the run (resumable) without waiting, as Ctrl-C does."""
+        self._interrupted.set()
+        for handle in self._handles:
+            handle.interrupt()
+
+    def live_tasks(self) -> list[LiveTask]:
+        handle = self.handle
+        return [] if handle is None else handle.live_tasks()
+
+    def cancel(self, task_id: str) -> bool:
+        handle = self.handle
+        return handle is not None and handle.cancel(task_id)
 
 
 def _show_run(
@@ -677,66 +737,74 @@ def _exit_code(outcome: _Outcome) -> int:
 
 
 def _run_with_tui(
-    request: Any, options: argparse.Namespace, journal: Path | None, path: Path
+    path: Path,
+    args: list[Any],
+    entry: str,
+    run_options: Any,
+    options: argparse.Namespace,
+    journal: Path | None,
 ) -> int:
-    """The run on a thread this function owns; the TUI on the main thread. Quitting
-    the TUI while the run goes on stops the run (resumable); the exit code is the
-    run's. If the TUI fails, the run goes on without it, shown as `capsule run`
-    shows one, and a run that succeeded exits with EXIT_TUI_FAILED."""
-    import threading
-
-    from capsule.journal.schema import JournalError
-    from capsule.journal.session import run_journaled
-    from capsule.supervisor.program import RunReport, run_program
+    """The run through the host API, as `capsule run` runs one; the TUI on the
+    main thread, fed the run's events, reading and cancelling its tasks through
+    its handle. Quitting the TUI while the run goes on interrupts the run
+    (resumable); the exit code is the run's. If the TUI fails, the run goes on
+    without it, shown as `capsule run` shows one, and a run that succeeded
+    exits with EXIT_TUI_FAILED."""
+    from capsule.supervisor.events import EVENT_TYPES
     from capsule.tui.app import CapsuleApp
     from capsule.tui.sources import LiveSource
 
     started = time.monotonic()
+    journaled = journal is not None
     source = LiveSource(str(path.resolve()), journal)
-    reports: list[Any] = []
 
-    def run() -> None:
-        try:
-            if journal is None:
-                report = run_program(request, source.on_event, on_run=source.on_run)
-            else:
-                report = run_journaled(request, journal, source.on_event, on_run=source.on_run)
-        except JournalError as exc:
-            report = RunReport(journal_error=exc.worded(flag_of))
-        reports.append(report)
-        source.ended(report.status, _exit_code(_Outcome.of_report(report)))
-
-    thread = threading.Thread(target=run, name="capsule-run")
-    thread.start()
-    try:
-        failure = _run_app(CapsuleApp(source))
-    except BaseException:  # Ctrl-C as the app started, say: the run stops too
-        source.stop()
-        thread.join()
-        raise
-    if failure is None:
-        source.stop()  # (the user quit: a run still going was stopped, resumable)
-        thread.join()
-        outcome = _Outcome.of_report(reports[0])
-        # The outcome stays on the terminal once the TUI is gone.
-        return _show_run(options, lambda _: outcome, journal is not None, started)
-
-    def rest_of_run(renderer: _Renderer) -> _Outcome:
-        """The TUI failed: the run goes on, shown as `capsule run` shows one."""
-        renderer.error(
-            f"the terminal UI failed ({type(failure).__name__}: {failure}); the run goes "
-            f"on without it, shown from here as `capsule run` shows it"
+    async def start(rt: Runtime) -> RunHandle:
+        # Every type of event: the TUI's timelines show the messages too.
+        handle = await rt.start(
+            path, *args, entry=entry, options=run_options, event_types=EVENT_TYPES
         )
-        source.hand_over(renderer.on_event)
-        try:
-            thread.join()
-        except KeyboardInterrupt:
-            source.stop("cancelled: interrupted")
-            thread.join()
-        return _Outcome.of_report(reports[0])
+        source.run_id = handle.run_id
+        return handle
 
-    code = _show_run(options, rest_of_run, journal is not None, started)
-    return EXIT_TUI_FAILED if code == EXIT_OK else code
+    def show_end(done: Future[_Outcome]) -> None:
+        """The run ended (on the loop's thread): its status and exit code to the TUI."""
+        outcome = None if done.cancelled() or done.exception() else done.result()
+        if outcome is None:  # (wait() raises why, once the TUI is gone)
+            source.ended("error", None)
+        elif outcome.ended is not None:
+            source.ended(outcome.ended.status, _exit_code(outcome))
+        else:
+            status = "error" if outcome.result is None else outcome.result.status
+            source.ended(status, _exit_code(outcome))
+
+    def attend(run: _HostedRun) -> int:
+        source.attach(run)
+        run.outcome.add_done_callback(show_end)
+        try:
+            failure = _run_app(CapsuleApp(source))
+        except BaseException:  # Ctrl-C as the app started, say: the run stops too
+            source.stop()
+            run.wait()
+            raise
+        if failure is None:
+            source.stop()  # (the user quit: a run still going was stopped, resumable)
+            outcome = run.wait()
+            # The outcome stays on the terminal once the TUI is gone.
+            return _show_run(options, lambda _: outcome, journaled, started)
+
+        def rest_of_run(renderer: _Renderer) -> _Outcome:
+            """The TUI failed: the run goes on, shown as `capsule run` shows one."""
+            renderer.error(
+                f"the terminal UI failed ({type(failure).__name__}: {failure}); the run goes "
+                f"on without it, shown from here as `capsule run` shows it"
+            )
+            source.hand_over(renderer.on_event)
+            return run.wait()
+
+        code = _show_run(options, rest_of_run, journaled, started)
+        return EXIT_TUI_FAILED if code == EXIT_OK else code
+
+    return _run_through_host(journal, start, source.on_event, attend)
 
 
 def _run_app(app: Any) -> BaseException | None:
@@ -889,7 +957,7 @@ def _resume_command(options: argparse.Namespace) -> int:
                 event_types=renderer.event_types,
             )
 
-        return _run_through_host(journal, start, renderer)
+        return _run_through_host(journal, start, renderer.on_event, _HostedRun.wait)
 
     _load_run_modules()
     return _show_run(options, run, journaled=True)

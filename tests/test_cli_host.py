@@ -270,3 +270,173 @@ def test_a_program_that_raises_on_import_is_an_invalid_request_with_its_tracebac
         assert "raise RuntimeError('broken')" in raised.value.traceback
 
     in_runtime(False, body)
+
+
+#: Main waits on a child that sleeps for ten minutes, and says how the child
+#: ended (its error names who cancelled it).
+PARENT_OF_A_NAPPER = """
+from capsule import TaskError, sleep, task
+
+@task(name="napper", max_retries=0)
+def napper() -> str:
+    sleep(600)
+    return "woke"
+
+@task(name="main", max_retries=0)
+def main() -> str:
+    try:
+        return napper.spawn().result()
+    except TaskError as exc:
+        return f"napper {exc.kind}: {exc.message}"
+"""
+
+
+def both_waiting(seen: set[str], event: Any) -> bool:
+    """Whether main and its child are both waiting (``seen``: so far)."""
+    if event.type == "waiting":
+        seen.add(event.task_id)
+    return seen >= {"main", "main/1"}
+
+
+def check_live_tasks(readings: list[Any]) -> None:
+    """Main (one message waiting in its mailbox) and its child, running."""
+    from capsule.host import LiveTask
+
+    by_id = {reading.task_id: reading for reading in readings}
+    assert set(by_id) == {"main", "main/1"}, readings
+    assert all(isinstance(reading, LiveTask) for reading in readings)
+    main, napper = by_id["main"], by_id["main/1"]
+    assert (main.task, main.attempt, main.mailbox_depth) == ("main", 1, 1)
+    assert (napper.task, napper.attempt, napper.mailbox_depth) == ("napper", 1, 0)
+    # (Fuel is read at epoch ticks: main's loop may have ended before one came.)
+    assert all(0 <= reading.fuel_used <= reading.fuel_budget for reading in readings)
+    assert main.fuel_budget > 0
+
+
+def test_live_tasks_reads_the_running_attempts_async_and_sync(tmp_path: Path) -> None:
+    from capsule.host import SyncRuntime
+
+    program = write(tmp_path, "parent.py", PARENT_OF_A_NAPPER)
+
+    async def body(rt: Runtime) -> None:
+        handle = await rt.start(program)
+        seen: set[str] = set()
+        await wait_for(handle, lambda event: both_waiting(seen, event))
+        await handle.send("main", "for later")  # (main waits on its child, not on this)
+        check_live_tasks(handle.live_tasks())
+        await handle.cancel()
+        assert (await handle.result()).status == "interrupted"
+        assert handle.live_tasks() == []  # ended: nothing runs
+
+    in_runtime(False, body)
+
+    with SyncRuntime(journal=False) as rt:
+        handle = rt.start(program)
+        seen: set[str] = set()
+        for event in handle.events():
+            if both_waiting(seen, event):
+                break
+        handle.send("main", "for later")
+        check_live_tasks(handle.live_tasks())
+        handle.cancel()
+        assert handle.result().status == "interrupted"
+        assert handle.live_tasks() == []
+
+
+#: `capsule run --tui` with the app swapped for one that drives the TUI's
+#: source as the app does, without a terminal: it reads the live tasks once
+#: main and its child wait, cancels the child, and quits once the run ended.
+#: The handle's calls are counted on the way.
+TUI_THROUGH_THE_HANDLE = """
+import sys
+import threading
+
+import capsule.cli
+from capsule.host.handle import RunHandle
+from capsule.tui import app
+from capsule.tui.sources import LiveSource
+
+calls = []
+live_tasks, cancel = RunHandle.live_tasks, RunHandle.cancel
+
+def counted_live_tasks(self):
+    calls.append("live_tasks")
+    return live_tasks(self)
+
+async def counted_cancel(self, task_id=None):
+    calls.append("cancel")
+    return await cancel(self, task_id)
+
+RunHandle.live_tasks, RunHandle.cancel = counted_live_tasks, counted_cancel
+
+waiting, ended = set(), threading.Event()
+both_waiting = threading.Event()
+on_event, on_end = LiveSource.on_event, LiveSource.ended
+
+def seen(self, event):
+    if event.type == "waiting":
+        waiting.add(event.task_id)
+        if waiting >= {"main", "main/1"}:
+            both_waiting.set()
+    on_event(self, event)
+
+def end(self, status, exit_code):
+    on_end(self, status, exit_code)
+    ended.set()
+
+LiveSource.on_event, LiveSource.ended = seen, end
+
+class HeadlessApp:
+    failure = None
+
+    def __init__(self, source):
+        self.source = source
+
+    def run(self):
+        assert both_waiting.wait(300), "main and its child never both waited"
+        readings = sorted(
+            (type(r).__module__, r.task_id, r.task) for r in self.source.live()
+        )
+        print("READINGS", readings, file=sys.stderr, flush=True)
+        print("CANCEL", self.source.cancel("main/1"), file=sys.stderr, flush=True)
+        assert ended.wait(300), "the run never ended"
+        return 0
+
+app.CapsuleApp = HeadlessApp
+capsule.cli._in_terminal = lambda what: True
+try:
+    capsule.cli.main(sys.argv[1:])
+finally:
+    print("CALLS", sorted(set(calls)), file=sys.stderr, flush=True)
+"""
+
+
+def test_capsule_run_tui_reads_and_cancels_tasks_through_the_run_handle(
+    tmp_path: Path,
+) -> None:
+    program = write(tmp_path, "parent.py", PARENT_OF_A_NAPPER)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            TUI_THROUGH_THE_HANDLE,
+            "run",
+            "--tui",
+            str(program),
+            "--no-journal",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    readings = [
+        ("capsule.host.live", "main", "main"),
+        ("capsule.host.live", "main/1", "napper"),
+    ]
+    assert f"READINGS {readings}" in done.stderr
+    assert "CANCEL cancelling main/1" in done.stderr
+    assert "CALLS ['cancel', 'live_tasks']" in done.stderr
+    # The child's error says the host application cancelled it (its handle did).
+    assert "napper cancelled: cancelled by the host application" in done.stdout

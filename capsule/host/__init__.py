@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         RuntimeFailure,
     )
     from capsule.host.handle import RunHandle
+    from capsule.host.live import LiveTask
     from capsule.host.result import RunFailure, RunResult, RunStatus
     from capsule.host.runtime import RunDetails, Runtime
     from capsule.host.sync import SyncRunHandle, SyncRuntime
@@ -42,6 +43,7 @@ _MODULES = {
     "RunNotFound": "capsule.host.errors",
     "RuntimeFailure": "capsule.host.errors",
     "RunHandle": "capsule.host.handle",
+    "LiveTask": "capsule.host.live",
     "RunFailure": "capsule.host.result",
     "RunResult": "capsule.host.result",
     "RunStatus": "capsule.host.result",
@@ -71,6 +73,7 @@ __all__ = [
     "DeliveryError",
     "InvalidRequest",
     "JournalUnavailable",
+    "LiveTask",
     "NotResumable",
     "OptionError",
     "ProgramFailed",

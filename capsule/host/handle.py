@@ -16,6 +16,7 @@ import anyio
 
 from capsule.actors.external import Asking, Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
+from capsule.host.live import LiveTask
 from capsule.host.requests import json_text
 from capsule.host.result import RunResult
 from capsule.interrupts import StopRequest
@@ -212,6 +213,27 @@ class RunHandle:
         if run is None or self.done:
             return False
         return run.cancel_task(task_id, CANCELLED_BY_HOST)
+
+    def live_tasks(self) -> list[LiveTask]:
+        """The task attempts running now, each with the fuel it has burned so far
+        and the messages waiting in its mailbox (none before the run's tasks
+        begin, nor once it ended). Thread-safe and without waiting (it reads
+        the run, never its loop): a dashboard may call it a few times a second."""
+        with self._lock:
+            run = self._run
+        if run is None or self.done:
+            return []
+        return [
+            LiveTask(
+                task_id=reading.task_id,
+                task=reading.task,
+                attempt=reading.attempt,
+                fuel_used=reading.fuel_used,
+                fuel_budget=reading.fuel_budget,
+                mailbox_depth=reading.mailbox_depth,
+            )
+            for reading in run.snapshot()
+        ]
 
     def interrupt(self) -> None:
         """Stop the run as Ctrl-C stops ``capsule run``, wherever it is: while

@@ -19,6 +19,7 @@ T = TypeVar("T")
 if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits
     from capsule.host.handle import RunHandle
+    from capsule.host.live import LiveTask
     from capsule.host.result import RunResult
     from capsule.journal.reader import RunRecord
     from capsule.supervisor.options import RunOptions
@@ -60,6 +61,9 @@ class SyncRunHandle:
 
     def cancel(self, task_id: str | None = None) -> bool:
         return self._call(self._handle.cancel, task_id)
+
+    def live_tasks(self) -> list[LiveTask]:
+        return self._handle.live_tasks()  # (thread-safe: no call into the loop)
 
     def interrupt(self) -> None:
         self._handle.interrupt()  # (thread-safe: no call into the loop)

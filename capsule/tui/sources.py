@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,9 +61,29 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
+class RunControls(Protocol):
+    """How the TUI reaches into a run in this process: a host API run handle
+    (SyncRunHandle) has these."""
+
+    def live_tasks(self) -> Sequence[Any]:
+        """The attempts running now (task_id, fuel_used, fuel_budget, mailbox_depth)."""
+        ...
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel a running task; False if none of that id runs."""
+        ...
+
+    def interrupt(self) -> None:
+        """Stop the whole run (resumable), without waiting."""
+        ...
+
+
 class LiveSource:
-    """A run in this process. The run's threads only append to a deque; the app
-    converts and applies the events on its own loop."""
+    """A run in this process: its events, fed here by whoever watches the run,
+    and the run's controls (:meth:`attach`: a host API handle; or
+    :meth:`on_run`: a supervisor's run, for code that runs one directly). The
+    feeding thread only appends to a deque; the app converts and applies the
+    events on its own loop."""
 
     owns_run = True
 
@@ -76,7 +96,7 @@ class LiveSource:
         #: Where events go instead, once the app is gone (see hand_over).
         self._forward: Callable[[Any], None] | None = None
         self._lock = threading.Lock()
-        self._run: Any = None
+        self._controls: RunControls | None = None
         self._ended = threading.Event()
         self._outcome: tuple[str, int | None] | None = None
         self._stop_requested = False
@@ -102,10 +122,22 @@ class LiveSource:
                 subscriber(self._events.popleft())
             self._forward = subscriber
 
+    def attach(self, controls: RunControls) -> None:
+        """The run's controls: from now on the TUI reads and stops the run through
+        them (a stop asked before now stops it at once)."""
+        with self._lock:
+            self._controls = controls
+            stop = self._stop_requested
+        if stop:
+            controls.interrupt()
+
     def on_run(self, run: Any) -> None:
-        self._run = run
+        """A supervisor's ``Run`` started (``run_program``'s ``on_run``)."""
         self.run_id = run.run_id
-        if self._stop_requested:  # the user quit while the program was loading
+        with self._lock:
+            self._controls = _SupervisorRun(run)
+            stop = self._stop_requested
+        if stop:  # the user quit while the program was loading
             run.stop("cancelled: the TUI was closed before the run started")
 
     def ended(self, status: str, exit_code: int | None) -> None:
@@ -121,8 +153,8 @@ class LiveSource:
         return events
 
     def live(self) -> list[Any]:
-        run = self._run
-        return [] if run is None or self._ended.is_set() else list(run.snapshot())
+        controls = self._controls
+        return [] if controls is None or self._ended.is_set() else list(controls.live_tasks())
 
     def outcome(self) -> tuple[str, int | None] | None:
         return self._outcome
@@ -133,19 +165,38 @@ class LiveSource:
         return await asyncio.to_thread(_journaled_result, self.journal, self.run_id, task_id)
 
     def cancel(self, task_id: str) -> str:
-        if self._run is None or self._ended.is_set():
+        controls = self._controls
+        if controls is None or self._ended.is_set():
             return "the run has ended; nothing to cancel"
-        if self._run.cancel_task(task_id, "cancelled from the TUI"):
+        if controls.cancel(task_id):
             return f"cancelling {task_id}"
         return f"{task_id} is not running"
 
-    def stop(self, reason: str = "cancelled: the TUI was closed while the run went on") -> None:
-        self._stop_requested = True
-        if self._run is not None and not self._ended.is_set():
-            self._run.stop(reason)
+    def stop(self) -> None:
+        with self._lock:
+            controls = self._controls
+            self._stop_requested = controls is None
+        if controls is not None and not self._ended.is_set():
+            controls.interrupt()
 
     async def close(self) -> None:
         return None
+
+
+class _SupervisorRun:
+    """A supervisor's ``Run`` as the TUI's RunControls."""
+
+    def __init__(self, run: Any) -> None:
+        self._run = run
+
+    def live_tasks(self) -> Sequence[Any]:
+        return self._run.snapshot()  # type: ignore[no-any-return]
+
+    def cancel(self, task_id: str) -> bool:
+        return bool(self._run.cancel_task(task_id, "cancelled from the TUI"))
+
+    def interrupt(self) -> None:
+        self._run.stop("cancelled: the TUI was closed while the run went on")
 
 
 class JournalSource:
