@@ -11,24 +11,21 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
 from capsule.host import (
     InvalidRequest,
     NotResumable,
-    RunHandle,
     RunNotFound,
     RunOptions,
     Runtime,
 )
 from capsule.supervisor.events import EVENT_TYPES, event_json, parse_event
 from tests.conftest import capsule_cli
+from tests.test_host_api import SLEEPER, in_runtime, wait_for, write
 
 #: A run with a child task that fails once and is retried, output from both,
 #: and a warning-free result: the same events however it is watched.
@@ -70,38 +67,6 @@ from capsule import task
 def main() -> str:
     return "ran"
 """
-
-SLEEPER = """
-from capsule import sleep, task
-
-@task(name="main")
-def main(seconds: float) -> str:
-    sleep(seconds)
-    return "slept"
-"""
-
-
-def write(directory: Path, name: str, source: str) -> Path:
-    path = directory / name
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-def in_runtime(journal: Path | bool, body: Callable[[Runtime], Coroutine[Any, Any, Any]]) -> Any:
-    async def main() -> Any:
-        async with Runtime(journal=False if journal is False else journal) as rt:
-            # (A guard against a hang, not a measure: each run here takes seconds.)
-            with anyio.fail_after(300):
-                return await body(rt)
-
-    return anyio.run(main)
-
-
-async def wait_for(handle: RunHandle, accept: Callable[[Any], bool]) -> Any:
-    async for event in handle.events():
-        if accept(event):
-            return event
-    raise AssertionError("the run ended before the event came")
 
 
 def shape(event: Any) -> tuple[Any, ...]:

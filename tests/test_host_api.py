@@ -90,7 +90,9 @@ def in_runtime(journal: Path | bool, body: Callable[[Runtime], Coroutine[Any, An
 
     async def main() -> Any:
         async with Runtime(journal=False if journal is False else journal) as rt:
-            return await body(rt)
+            # (A guard against a hang, not a measure: each run here takes seconds.)
+            with anyio.fail_after(300):
+                return await body(rt)
 
     return anyio.run(main)
 
