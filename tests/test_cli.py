@@ -654,3 +654,22 @@ def test_an_unset_declared_env_var_is_a_warning_at_load(tmp_path: Path) -> None:
     warnings = [line for line in done.stderr.splitlines() if line.startswith("capsule: warning")]
     assert len(warnings) == 1, done.stderr
     assert "task 'main'" in warnings[0] and "CAPSULE_TEST_NEVER_SET" in warnings[0]
+
+
+def test_the_run_modules_load_without_collections_and_the_run_collects() -> None:
+    """`capsule run` loads its modules with the garbage collector off (it would
+    only walk what they made), then freezes what they made and turns it on
+    again before the run starts."""
+    import sys
+
+    probe = (
+        "import gc, capsule.cli as cli\n"
+        "collections = []\n"
+        "gc.callbacks.append(lambda phase, info: collections.append(phase))\n"
+        "cli._load_run_modules()\n"
+        "print(len(collections), gc.isenabled(), gc.get_freeze_count() > 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["0", "True", "True"]
