@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -673,3 +674,26 @@ def test_the_run_modules_load_without_collections_and_the_run_collects() -> None
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.split() == ["0", "True", "True"]
+
+
+def test_a_run_without_a_journal_loads_no_module_it_does_not_use() -> None:
+    """Start-up: no journal (sqlite3) without --journal, no TOML parser without
+    a capsule.toml, no package-metadata machinery (pydantic's plugin loader,
+    with plugins disabled; wasmtime's version comes from its .dist-info)."""
+    import sys
+
+    unused = ("sqlite3", "tomllib", "importlib.metadata", "email")
+    probe = (
+        "import sys, capsule.cli as cli\n"
+        "try:\n"
+        f"    cli.main(['run', {str(EXAMPLES / 'hello.py')!r}, '--no-journal'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(name for name in {unused!r} if name in sys.modules))\n"
+    )
+    env = {**os.environ}
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.stdout.splitlines() == ["Hello from Capsule!", "[]"], done.stderr
