@@ -66,7 +66,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {visible(message)}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given the ``command`` the line names, only its
+    subcommand is declared (declaring the rest is ~1 % of a run's start-up);
+    without, every one (for ``capsule --help``, and a line that names none)."""
     parser = _Parser(
         prog="capsule",
         description="Run multi-agent Python workflows with every task in its own WebAssembly sandbox.",
@@ -76,13 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"capsule {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    run = commands.add_parser(
-        "run",
-        help="run a program's main task (or another: FILE:TASK)",
-        description="Run the task named 'main' in FILE (or the one FILE:TASK or --entry "
-        "names), passing ARGS as positional string arguments.",
-        epilog=_EXIT_CODES,
-    )
+    for name, (summary, declare) in _COMMANDS.items():
+        if command is None or command == name:
+            declare(commands.add_parser(name, **summary))
+    return parser
+
+
+def _command_named(argv: list[str] | None) -> str | None:
+    """The subcommand a command line names, if its first word is one (the
+    top level takes no option but --version and --help, which come first)."""
+    words = sys.argv[1:] if argv is None else argv
+    return words[0] if words and words[0] in _COMMANDS else None
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "file",
         metavar="FILE[:TASK]",
@@ -111,23 +121,13 @@ def _parser() -> argparse.ArgumentParser:
         "--tui", action="store_true", help="watch the run in the terminal UI (q quits)"
     )
 
-    tui = commands.add_parser(
-        "tui",
-        help="open a journaled run in the terminal UI",
-        description="Watch a run from its journal: live while another process runs it, "
-        "or browse it once it ended. Without RUN_ID, pick one from a list.",
-    )
+
+def _tui_arguments(tui: argparse.ArgumentParser) -> None:
     tui.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     _journal_option(tui)
 
-    resume = commands.add_parser(
-        "resume",
-        help="resume a run that stopped before it ended",
-        description="Run main of a journaled run again: tasks that ended return their "
-        "journaled results without running, tasks in flight replay their journaled host "
-        "calls and go on live. The run keeps its id.",
-        epilog=_EXIT_CODES,
-    )
+
+def _resume_arguments(resume: argparse.ArgumentParser) -> None:
     resume.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     resume.add_argument("--last", action="store_true", help="resume the newest run")
     resume.add_argument(
@@ -139,41 +139,46 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
     _journal_option(resume)
 
-    runs = commands.add_parser("runs", help="list journaled runs, newest first")
+
+def _runs_arguments(runs: argparse.ArgumentParser) -> None:
     runs.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(runs)
 
-    for op, summary in (
-        ("send", "send a message to an actor of a running run"),
-        ("ask", "send a message to an actor of a running run and print its reply"),
-    ):
-        message = commands.add_parser(
-            op,
-            help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
-            "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
-            "message. The task receives it from the sender 'cli'.",
-            epilog=_MESSAGE_EXIT_CODES,
-        )
-        message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
-        message.add_argument("target", metavar="NAME", help="the actor's name or task id")
-        message.add_argument("body", metavar="JSON", help="the message, a JSON value")
-        if op == "ask":
-            message.add_argument(
-                "--timeout",
-                metavar="SECONDS",
-                type=_ask_timeout,
-                default=60.0,
-                help="how long to wait for the reply (default 60)",
-            )
-        _journal_option(message)
 
-    inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
+def _message_arguments(message: argparse.ArgumentParser, asks: bool = False) -> None:
+    message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
+    message.add_argument("target", metavar="NAME", help="the actor's name or task id")
+    message.add_argument("body", metavar="JSON", help="the message, a JSON value")
+    if asks:
+        message.add_argument(
+            "--timeout",
+            metavar="SECONDS",
+            type=_ask_timeout,
+            default=60.0,
+            help="how long to wait for the reply (default 60)",
+        )
+    _journal_option(message)
+
+
+def _ask_arguments(ask: argparse.ArgumentParser) -> None:
+    _message_arguments(ask, asks=True)
+
+
+def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     inspect.add_argument("--last", action="store_true", help="show the newest run")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(inspect)
-    return parser
+
+
+def _message_summary(summary: str) -> dict[str, Any]:
+    return {
+        "help": summary,
+        "description": f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
+        "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
+        "message. The task receives it from the sender 'cli'.",
+        "epilog": _MESSAGE_EXIT_CODES,
+    }
 
 
 _EXIT_CODES = (
@@ -188,6 +193,46 @@ _MESSAGE_EXIT_CODES = (
     "5 the run is not running, 6 no such actor (or it ended without replying), 7 its "
     "mailbox is full, 8 no reply in time"
 )
+
+
+#: Each subcommand: what `capsule --help` and its own --help say of it, and
+#: what declares its arguments, in the order --help lists them.
+_COMMANDS: dict[str, tuple[dict[str, Any], Callable[[argparse.ArgumentParser], None]]] = {
+    "run": (
+        {
+            "help": "run a program's main task (or another: FILE:TASK)",
+            "description": "Run the task named 'main' in FILE (or the one FILE:TASK or "
+            "--entry names), passing ARGS as positional string arguments.",
+            "epilog": _EXIT_CODES,
+        },
+        _run_arguments,
+    ),
+    "tui": (
+        {
+            "help": "open a journaled run in the terminal UI",
+            "description": "Watch a run from its journal: live while another process runs "
+            "it, or browse it once it ended. Without RUN_ID, pick one from a list.",
+        },
+        _tui_arguments,
+    ),
+    "resume": (
+        {
+            "help": "resume a run that stopped before it ended",
+            "description": "Run main of a journaled run again: tasks that ended return their "
+            "journaled results without running, tasks in flight replay their journaled host "
+            "calls and go on live. The run keeps its id.",
+            "epilog": _EXIT_CODES,
+        },
+        _resume_arguments,
+    ),
+    "runs": ({"help": "list journaled runs, newest first"}, _runs_arguments),
+    "send": (_message_summary("send a message to an actor of a running run"), _message_arguments),
+    "ask": (
+        _message_summary("send a message to an actor of a running run and print its reply"),
+        _ask_arguments,
+    ),
+    "inspect": ({"help": "show a run's task tree and outcomes"}, _inspect_arguments),
+}
 
 
 def _ask_timeout(text: str) -> float:
@@ -260,7 +305,7 @@ def _journal_option(command: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> NoReturn:
     _open_standard_streams()
     show_on_stderr()  # (the command owns its stderr; a library's logs are its app's)
-    parser = _parser()
+    parser = _parser(_command_named(argv))
     try:
         # Known-args, so that `capsule run FILE a --verbose b` works as people type it:
         # positionals after an option are still ARGS for main.

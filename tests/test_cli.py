@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -697,3 +698,22 @@ def test_a_run_without_a_journal_loads_no_module_it_does_not_use() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
     )
     assert done.stdout.splitlines() == ["Hello from Capsule!", "[]"], done.stderr
+
+
+def test_a_command_line_naming_a_command_declares_only_it_and_parses_the_same() -> None:
+    from capsule.cli import _COMMANDS, _command_named, _parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        action = next(action for action in parser._actions if action.dest == "command")
+        assert isinstance(action.choices, dict)
+        return action.choices
+
+    every = subcommands(_parser())
+    assert list(every) == list(_COMMANDS)
+    for name in _COMMANDS:
+        assert _command_named([name, "--help"]) == name
+        only = subcommands(_parser(name))
+        assert list(only) == [name]
+        assert only[name].format_help() == every[name].format_help()
+    assert _command_named(["--version"]) is None
+    assert _command_named(["bogus", "run"]) is None
