@@ -191,11 +191,12 @@ def run_program(
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     run_id = run_id or new_run_id()
-    events.emit(
-        RunStarted(
-            run_id=run_id, program=str(path), entry=request.entry, resumed=history is not None
+    if events.wants("run_started"):  # (an event nobody takes is not built)
+        events.emit(
+            RunStarted(
+                run_id=run_id, program=str(path), entry=request.entry, resumed=history is not None
+            )
         )
-    )
     with sandbox:
         if steps is not None:
             sandbox.finder.watch(steps.program_file)
