@@ -585,7 +585,7 @@ def _load_run_modules() -> None:
 
     Without the garbage collector: these imports make hundreds of thousands of
     objects and no garbage, which every collection they set off would walk for
-    nothing (~5 % of the command's start-up). What they made lives as long as
+    nothing (~7 % of the command's start-up). What they made lives as long as
     the process (modules, classes, functions), so it is frozen: the run's
     collections do not walk it either."""
     # Our models are internal: skip pydantic's scan of every installed
