@@ -32,6 +32,7 @@ def run(checkout: Path, program: Path, args: list[str]) -> dict[str, Any]:
         [sys.executable, "-m", "capsule.cli", "run", "--json", str(program), *args],
         capture_output=True,
         text=True,
+        cwd=checkout,  # (`python -m` puts the current directory first on sys.path)
         env={**os.environ, "PYTHONPATH": str(checkout)},
         check=False,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import stat
 import sys
 import threading
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -70,7 +72,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {visible(message)}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. Given the ``command`` the line names, only its
+    subcommand is declared (declaring the rest is ~1 % of a run's start-up);
+    without, every one (for ``capsule --help``, and a line that names none)."""
     parser = _Parser(
         prog="capsule",
         description="Run multi-agent Python workflows with every task in its own WebAssembly sandbox.",
@@ -80,13 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"capsule {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    run = commands.add_parser(
-        "run",
-        help="run a program's main task (or another: FILE:TASK)",
-        description="Run the task named 'main' in FILE (or the one FILE:TASK or --entry "
-        "names), passing ARGS as positional string arguments.",
-        epilog=_EXIT_CODES,
-    )
+    for name, (summary, declare) in _COMMANDS.items():
+        if command is None or command == name:
+            declare(commands.add_parser(name, **summary))
+    return parser
+
+
+def _command_named(argv: list[str] | None) -> str | None:
+    """The subcommand a command line names, if its first word is one (the
+    top level takes no option but --version and --help, which come first)."""
+    words = sys.argv[1:] if argv is None else argv
+    return words[0] if words and words[0] in _COMMANDS else None
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "file",
         metavar="FILE[:TASK]",
@@ -115,23 +127,13 @@ def _parser() -> argparse.ArgumentParser:
         "--tui", action="store_true", help="watch the run in the terminal UI (q quits)"
     )
 
-    tui = commands.add_parser(
-        "tui",
-        help="open a journaled run in the terminal UI",
-        description="Watch a run from its journal: live while another process runs it, "
-        "or browse it once it ended. Without RUN_ID, pick one from a list.",
-    )
+
+def _tui_arguments(tui: argparse.ArgumentParser) -> None:
     tui.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     _journal_option(tui)
 
-    resume = commands.add_parser(
-        "resume",
-        help="resume a run that stopped before it ended",
-        description="Run main of a journaled run again: tasks that ended return their "
-        "journaled results without running, tasks in flight replay their journaled host "
-        "calls and go on live. The run keeps its id.",
-        epilog=_EXIT_CODES,
-    )
+
+def _resume_arguments(resume: argparse.ArgumentParser) -> None:
     resume.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     resume.add_argument("--last", action="store_true", help="resume the newest run")
     resume.add_argument(
@@ -143,41 +145,46 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("-v", "--verbose", action="store_true", help="print the lifecycle")
     _journal_option(resume)
 
-    runs = commands.add_parser("runs", help="list journaled runs, newest first")
+
+def _runs_arguments(runs: argparse.ArgumentParser) -> None:
     runs.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(runs)
 
-    for op, summary in (
-        ("send", "send a message to an actor of a running run"),
-        ("ask", "send a message to an actor of a running run and print its reply"),
-    ):
-        message = commands.add_parser(
-            op,
-            help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
-            "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
-            "message. The task receives it from the sender 'cli'.",
-            epilog=_MESSAGE_EXIT_CODES,
-        )
-        message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
-        message.add_argument("target", metavar="NAME", help="the actor's name or task id")
-        message.add_argument("body", metavar="JSON", help="the message, a JSON value")
-        if op == "ask":
-            message.add_argument(
-                "--timeout",
-                metavar="SECONDS",
-                type=_ask_timeout,
-                default=60.0,
-                help="how long to wait for the reply (default 60)",
-            )
-        _journal_option(message)
 
-    inspect = commands.add_parser("inspect", help="show a run's task tree and outcomes")
+def _message_arguments(message: argparse.ArgumentParser, asks: bool = False) -> None:
+    message.add_argument("run_id", metavar="RUN_ID", help="the running run (or a prefix)")
+    message.add_argument("target", metavar="NAME", help="the actor's name or task id")
+    message.add_argument("body", metavar="JSON", help="the message, a JSON value")
+    if asks:
+        message.add_argument(
+            "--timeout",
+            metavar="SECONDS",
+            type=_ask_timeout,
+            default=60.0,
+            help="how long to wait for the reply (default 60)",
+        )
+    _journal_option(message)
+
+
+def _ask_arguments(ask: argparse.ArgumentParser) -> None:
+    _message_arguments(ask, asks=True)
+
+
+def _inspect_arguments(inspect: argparse.ArgumentParser) -> None:
     inspect.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     inspect.add_argument("--last", action="store_true", help="show the newest run")
     inspect.add_argument("--json", action="store_true", help="print JSON")
     _journal_option(inspect)
-    return parser
+
+
+def _message_summary(summary: str) -> dict[str, Any]:
+    return {
+        "help": summary,
+        "description": f"{summary[0].upper()}{summary[1:]}: NAME is the name it was "
+        "registered under (spawn(..., name=NAME)) or its task id; JSON is the "
+        "message. The task receives it from the sender 'cli'.",
+        "epilog": _MESSAGE_EXIT_CODES,
+    }
 
 
 _EXIT_CODES = (
@@ -192,6 +199,46 @@ _MESSAGE_EXIT_CODES = (
     "5 the run is not running, 6 no such actor (or it ended without replying), 7 its "
     "mailbox is full, 8 no reply in time"
 )
+
+
+#: Each subcommand: what `capsule --help` and its own --help say of it, and
+#: what declares its arguments, in the order --help lists them.
+_COMMANDS: dict[str, tuple[dict[str, Any], Callable[[argparse.ArgumentParser], None]]] = {
+    "run": (
+        {
+            "help": "run a program's main task (or another: FILE:TASK)",
+            "description": "Run the task named 'main' in FILE (or the one FILE:TASK or "
+            "--entry names), passing ARGS as positional string arguments.",
+            "epilog": _EXIT_CODES,
+        },
+        _run_arguments,
+    ),
+    "tui": (
+        {
+            "help": "open a journaled run in the terminal UI",
+            "description": "Watch a run from its journal: live while another process runs "
+            "it, or browse it once it ended. Without RUN_ID, pick one from a list.",
+        },
+        _tui_arguments,
+    ),
+    "resume": (
+        {
+            "help": "resume a run that stopped before it ended",
+            "description": "Run main of a journaled run again: tasks that ended return their "
+            "journaled results without running, tasks in flight replay their journaled host "
+            "calls and go on live. The run keeps its id.",
+            "epilog": _EXIT_CODES,
+        },
+        _resume_arguments,
+    ),
+    "runs": ({"help": "list journaled runs, newest first"}, _runs_arguments),
+    "send": (_message_summary("send a message to an actor of a running run"), _message_arguments),
+    "ask": (
+        _message_summary("send a message to an actor of a running run and print its reply"),
+        _ask_arguments,
+    ),
+    "inspect": ({"help": "show a run's task tree and outcomes"}, _inspect_arguments),
+}
 
 
 def _ask_timeout(text: str) -> float:
@@ -264,7 +311,7 @@ def _journal_option(command: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> NoReturn:
     _open_standard_streams()
     show_on_stderr()  # (the command owns its stderr; a library's logs are its app's)
-    parser = _parser()
+    parser = _parser(_command_named(argv))
     try:
         # Known-args, so that `capsule run FILE a --verbose b` works as people type it:
         # positionals after an option are still ARGS for main.
@@ -412,9 +459,7 @@ def _run_command(options: argparse.Namespace) -> int:
     if problem is not None:
         _error(problem)
         return EXIT_USAGE
-    # Heavy imports (wasmtime, pydantic) only once there is work to do. Our models
-    # are internal: skip pydantic's scan of every installed distribution for plugins.
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    _load_run_modules()
     from capsule.supervisor.options import OptionError
 
     try:
@@ -434,7 +479,6 @@ def _run_command(options: argparse.Namespace) -> int:
 
         return _run_through_host(journal, start, renderer.on_event, _HostedRun.wait)
 
-    _load_run_modules()
     return _show_run(options, run, journaled=journal is not None)
 
 
@@ -539,12 +583,59 @@ class _Outcome:
 
 def _load_run_modules() -> None:
     """Load what a run through the host API needs (the loop, the Runtime, the
-    supervisor) before the run's clock starts: the time an interrupt reports
-    is the run's own."""
-    import anyio.from_thread  # noqa: F401
+    supervisor, wasmtime, pydantic) once there is work to do, and before the
+    run's clock starts: the time an interrupt reports is the run's own.
 
-    import capsule.host.runtime
-    import capsule.supervisor.program  # noqa: F401
+    Without the garbage collector: these imports make hundreds of thousands of
+    objects and no garbage, which every collection they set off would walk for
+    nothing (~7 % of the command's start-up). What they made lives as long as
+    the process (modules, classes, functions), so it is frozen: the run's
+    collections do not walk it either."""
+    # Our models are internal: skip pydantic's scan of every installed
+    # distribution for plugins.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    if "capsule.supervisor.program" in sys.modules:
+        return
+    _without_pydantic_plugin_loader()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        import anyio.from_thread  # noqa: F401
+
+        import capsule.host.runtime
+        import capsule.supervisor.program  # noqa: F401
+    finally:
+        if collecting:
+            gc.freeze()
+            gc.enable()
+
+
+#: What PYDANTIC_DISABLE_PLUGINS says when it disables every plugin.
+_NO_PYDANTIC_PLUGINS = ("1", "true", "__all__")
+
+
+def _no_pydantic_plugins() -> tuple[()]:
+    return ()
+
+
+def _without_pydantic_plugin_loader() -> None:
+    """Spare the command pydantic's plugin loader when plugins are disabled.
+
+    pydantic imports it as it builds its first validator, even when
+    PYDANTIC_DISABLE_PLUGINS says there are none to load, and the loader
+    imports importlib.metadata and the email package (~2 % of the command's
+    start-up) for a function that then returns no plugins. In its place goes
+    a module whose ``get_plugins`` returns none at once (the only name
+    pydantic takes from it); only when the variable disables every plugin, as
+    this command sets it, so that pydantic's answer is the same."""
+    name = "pydantic.plugin._loader"
+    if os.environ.get("PYDANTIC_DISABLE_PLUGINS") not in _NO_PYDANTIC_PLUGINS:
+        return
+    if name in sys.modules:
+        return
+    loader = types.ModuleType(name, "pydantic's plugin loader, when every plugin is disabled")
+    loader.get_plugins = _no_pydantic_plugins  # type: ignore[attr-defined]
+    sys.modules[name] = loader
 
 
 def _run_through_host(
@@ -939,7 +1030,7 @@ def _resume_command(options: argparse.Namespace) -> int:
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
+    _load_run_modules()
     from capsule.supervisor.options import OptionError
 
     try:
@@ -959,7 +1050,6 @@ def _resume_command(options: argparse.Namespace) -> int:
 
         return _run_through_host(journal, start, renderer.on_event, _HostedRun.wait)
 
-    _load_run_modules()
     return _show_run(options, run, journaled=True)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -654,3 +656,64 @@ def test_an_unset_declared_env_var_is_a_warning_at_load(tmp_path: Path) -> None:
     warnings = [line for line in done.stderr.splitlines() if line.startswith("capsule: warning")]
     assert len(warnings) == 1, done.stderr
     assert "task 'main'" in warnings[0] and "CAPSULE_TEST_NEVER_SET" in warnings[0]
+
+
+def test_the_run_modules_load_without_collections_and_the_run_collects() -> None:
+    """`capsule run` loads its modules with the garbage collector off (it would
+    only walk what they made), then freezes what they made and turns it on
+    again before the run starts."""
+    import sys
+
+    probe = (
+        "import gc, capsule.cli as cli\n"
+        "collections = []\n"
+        "gc.callbacks.append(lambda phase, info: collections.append(phase))\n"
+        "cli._load_run_modules()\n"
+        "print(len(collections), gc.isenabled(), gc.get_freeze_count() > 0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.split() == ["0", "True", "True"]
+
+
+def test_a_run_without_a_journal_loads_no_module_it_does_not_use() -> None:
+    """Start-up: no journal (sqlite3) without --journal, no TOML parser without
+    a capsule.toml, no package-metadata machinery (pydantic's plugin loader,
+    with plugins disabled; wasmtime's version comes from its .dist-info)."""
+    import sys
+
+    unused = ("sqlite3", "tomllib", "importlib.metadata", "email")
+    probe = (
+        "import sys, capsule.cli as cli\n"
+        "try:\n"
+        f"    cli.main(['run', {str(EXAMPLES / 'hello.py')!r}, '--no-journal'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(name for name in {unused!r} if name in sys.modules))\n"
+    )
+    env = {**os.environ}
+    env.pop("PYDANTIC_DISABLE_PLUGINS", None)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.stdout.splitlines() == ["Hello from Capsule!", "[]"], done.stderr
+
+
+def test_a_command_line_naming_a_command_declares_only_it_and_parses_the_same() -> None:
+    from capsule.cli import _COMMANDS, _command_named, _parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        action = next(action for action in parser._actions if action.dest == "command")
+        assert isinstance(action.choices, dict)
+        return action.choices
+
+    every = subcommands(_parser())
+    assert list(every) == list(_COMMANDS)
+    for name in _COMMANDS:
+        assert _command_named([name, "--help"]) == name
+        only = subcommands(_parser(name))
+        assert list(only) == [name]
+        assert only[name].format_help() == every[name].format_help()
+    assert _command_named(["--version"]) is None
+    assert _command_named(["bogus", "run"]) is None

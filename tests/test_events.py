@@ -443,6 +443,35 @@ def test_run_events_reach_only_subscribers_that_ask_for_them(tmp_path: Path) -> 
     assert [e.type for e in asked[1:]] == [e.type for e in every]
 
 
+def test_a_run_builds_no_start_event_nobody_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capsule.supervisor import attempt_loop, program
+    from capsule.supervisor.program import RunRequest, run_program
+
+    built: list[str] = []
+
+    def counted(model: type[BaseModel]) -> Any:
+        def build(**fields: Any) -> BaseModel:
+            built.append(model.__name__)
+            return model(**fields)
+
+        return build
+
+    monkeypatch.setattr(program, "RunStarted", counted(program.RunStarted))
+    monkeypatch.setattr(attempt_loop, "TaskStarted", counted(attempt_loop.TaskStarted))
+    path = write(
+        tmp_path, 'from capsule import task\n\n@task(name="main")\ndef main():\n    return 1\n'
+    )
+    taken: list[Any] = []
+    report = run_program(RunRequest(path=path, args=[]), taken.append, event_types={"completed"})
+    assert report.result is not None and report.result.ok
+    assert [event.type for event in taken] == ["completed"]
+    assert built == []
+    run_program(RunRequest(path=path, args=[]), taken.append, event_types=EVENT_TYPES)
+    assert built == ["RunStarted", "TaskStarted"]
+
+
 def _fields(model: type[BaseModel]) -> set[str]:
     return set(model.model_fields) - {"type"}
 

@@ -33,7 +33,7 @@ def test_cache_key_covers_sources_versions_and_engine(
     assert runtime.cache_key("settings-a") != base
     monkeypatch.undo()
 
-    monkeypatch.setattr(runtime, "_version", lambda dist: "9.9.9")
+    monkeypatch.setattr(runtime, "installed_version", lambda dist: "9.9.9")
     assert runtime.cache_key("settings-a") != base
     monkeypatch.undo()
 

@@ -42,11 +42,11 @@ def run_request(
 
 def journal_path(journal: JournalSetting) -> Path | None:
     """The journal file a Runtime uses (None: none)."""
-    from capsule.journal.schema import default_journal
-
     if journal is False:
-        return None
+        return None  # (without loading the journal's modules, and sqlite3)
     if journal is None:
+        from capsule.journal.schema import default_journal
+
         path = default_journal()
     elif isinstance(journal, (str, os.PathLike)) and str(journal):
         path = Path(journal)

@@ -4,7 +4,6 @@ with the file, the key and the accepted forms."""
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +70,8 @@ def load_project(program_dir: Path) -> Project:
     text = read_config_text(path, MAX_PROJECT_FILE_BYTES)
     if text is None:
         return Project()
+    import tomllib  # (most programs have no capsule.toml: not loaded for them)
+
     try:
         data = tomllib.loads(text)
     except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits

@@ -12,7 +12,6 @@ atomic rename, so a reader only ever sees a complete entry.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,12 +22,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import TextIO
 
 from capsule.interrupts import on_stop, stop_requested
 from capsule.sandbox import oom
+from capsule.sandbox.distributions import installed_version
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../capsule
 GUEST_APP = "capsule_guest"
@@ -79,29 +78,13 @@ def guest_sources() -> dict[str, Path]:
     return files
 
 
-def _version(dist: str) -> str:
-    """The installed version of ``dist``, found cheaply: its ``.dist-info`` beside
-    the package (no import, no scan of every path entry); falls back to
-    importlib.metadata for other layouts."""
-    module = dist.replace("-", "_")
-    spec = importlib.util.find_spec(module)
-    if spec is not None and spec.submodule_search_locations:
-        site_dir = Path(next(iter(spec.submodule_search_locations))).parent
-        for info in site_dir.glob(f"{module}-*.dist-info"):
-            return info.name[len(module) + 1 : -len(".dist-info")]
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "missing"
-
-
 def cache_key(engine_settings: str) -> str:
     """A digest of everything the built and compiled artifacts depend on."""
     digest = hashlib.sha256()
     for name, path in sorted(guest_sources().items()):
         digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(f"componentize-py={_version('componentize-py')}\0".encode())
-    digest.update(f"wasmtime={_version('wasmtime')}\0".encode())
+    digest.update(f"componentize-py={installed_version('componentize-py') or 'missing'}\0".encode())
+    digest.update(f"wasmtime={installed_version('wasmtime') or 'missing'}\0".encode())
     digest.update(f"engine={engine_settings}\0".encode())
     digest.update(f"patches={oom.PATCH_VERSION}\0".encode())
     return digest.hexdigest()[:24]

@@ -32,7 +32,6 @@ converters call are rebound that way only as part of the converter patches.
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -54,21 +53,16 @@ from wasmtime.component import (
     VariantType,
 )
 
+from capsule.sandbox.distributions import installed_version
+
 # -- versions -----------------------------------------------------------------
 
 #: The wasmtime-py major version these accesses were written against.
 SUPPORTED_MAJOR = 50
 
 
-def installed_version() -> str | None:
-    """wasmtime-py's installed version (None: not known to the package metadata)."""
-    try:
-        return importlib.metadata.version("wasmtime")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-VERSION = installed_version()
+#: wasmtime-py's installed version (None: not known to the package metadata).
+VERSION = installed_version("wasmtime")
 #: Whether the installed wasmtime-py is one these accesses were written against.
 SUPPORTED = VERSION is not None and VERSION.split(".")[0] == str(SUPPORTED_MAJOR)
 

@@ -127,15 +127,16 @@ class AttemptLoop:
             self.node.messages,
         )
         emit = supervision.events.emit
-        emit(
-            TaskStarted(
-                **self.ids,
-                attempt=self.number,
-                max_attempts=self.max_attempts,
-                fuel_budget=self.limits.fuel,
-                restart=self.restarts,
+        if supervision.events.wants("started"):  # (an event nobody takes is not built)
+            emit(
+                TaskStarted(
+                    **self.ids,
+                    attempt=self.number,
+                    max_attempts=self.max_attempts,
+                    fuel_budget=self.limits.fuel,
+                    restart=self.restarts,
+                )
             )
-        )
         replay, self.replay = self.replay, None
         if replay is not None:
             emit(TaskReplayed(**self.ids, attempt=self.number, steps=len(replay)))

@@ -19,6 +19,7 @@ between events bumps it.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -32,7 +33,7 @@ EVENTS_SCHEMA_VERSION = 1
 
 
 class ErrorDetail(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     kind: str
     message: str
@@ -47,7 +48,7 @@ class ErrorDetail(BaseModel):
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     run_id: str
     task_id: str
@@ -265,7 +266,7 @@ TaskEvent = Annotated[_TaskEvents, Field(discriminator="type")]
 
 
 class _RunEvent(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     at: float = Field(default_factory=time.time)
 
@@ -332,7 +333,12 @@ class UnknownEvent(BaseModel):
     type: str
 
 
-_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+@functools.cache
+def _event_adapter() -> TypeAdapter[Event]:
+    """The union's validator, built when first asked for: building it builds
+    every event's schema, which a run that only makes events never needs."""
+    return TypeAdapter(Event)
+
 
 Subscriber = Callable[[Any], None]
 
@@ -380,7 +386,7 @@ def parse_event(line: str | bytes) -> Event | UnknownEvent:
     not an event (not JSON, not an object with a string ``type``, or a known
     type whose fields do not validate)."""
     try:
-        return _EVENT_ADAPTER.validate_json(line)
+        return _event_adapter().validate_json(line)
     except ValidationError as exc:
         if not any(error["type"] == "union_tag_invalid" for error in exc.errors()):
             raise ValueError(f"not an event: {_first_error(exc)}") from None

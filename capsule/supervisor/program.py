@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
 from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
@@ -177,25 +176,27 @@ def run_program(
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     roots = [path.parent, *site_package_dirs()]
+    sandbox: Sandbox
     try:
-        sandbox = (
-            AsyncSandbox(roots, poll_threads=request.options.cpu_slots, memory_budget=memory_budget)
-            if settings.core == "async"
-            else Sandbox(
-                roots,
-                cpu_slots=request.options.cpu_slots,
-                memory_budget=memory_budget,
-                guest=guest,
+        if settings.core == "async":
+            from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
+
+            sandbox = AsyncSandbox(
+                roots, poll_threads=request.options.cpu_slots, memory_budget=memory_budget
             )
-        )
+        else:
+            sandbox = Sandbox(
+                roots, cpu_slots=request.options.cpu_slots, memory_budget=memory_budget, guest=guest
+            )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     run_id = run_id or new_run_id()
-    events.emit(
-        RunStarted(
-            run_id=run_id, program=str(path), entry=request.entry, resumed=history is not None
+    if events.wants("run_started"):  # (an event nobody takes is not built)
+        events.emit(
+            RunStarted(
+                run_id=run_id, program=str(path), entry=request.entry, resumed=history is not None
+            )
         )
-    )
     with sandbox:
         if steps is not None:
             sandbox.finder.watch(steps.program_file)

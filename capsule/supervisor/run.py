@@ -20,19 +20,16 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsule.actors.external import ExternalMessages
 from capsule.actors.router import Message, Router
 from capsule.interrupts import wait_interruptibly
 from capsule.net.http import HttpClient
-from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.config import HostCaps, TaskConfig
 from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
-from capsule.supervisor.async_core import AsyncCore
-from capsule.supervisor.async_host import ContinuedSteps
 from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
@@ -62,6 +59,10 @@ from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
 from capsule.supervisor.tree import LiveTask, Scope, TaskResult, run_interruptibly
+
+if TYPE_CHECKING:  # (the async core's modules load only for a run on it)
+    from capsule.sandbox.async_sandbox import AsyncSandbox
+    from capsule.supervisor.async_core import AsyncCore
 
 __all__ = [
     "Backoff",
@@ -202,6 +203,9 @@ class Run:
         drive: StepDriver = journal.step
         async_sandbox: AsyncSandbox | None = None
         if settings.core == "async":
+            from capsule.sandbox.async_sandbox import AsyncSandbox
+            from capsule.supervisor.async_host import ContinuedSteps
+
             if not isinstance(sandbox, AsyncSandbox):
                 raise TypeError("core='async' runs its tasks in an AsyncSandbox")
             async_sandbox = sandbox
@@ -256,6 +260,8 @@ class Run:
             # The waits a host call that does not wait may still make run by
             # continuation too: they cannot wait (a timeout of 0), or are over
             # at once (a replayed wait on children the journal says ended).
+            from capsule.supervisor.async_core import AsyncCore
+
             journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
             supervision.core = AsyncCore(supervision, async_sandbox, host, self._loop)
 

@@ -1,0 +1,83 @@
+"""Warm start-up of `capsule run examples/hello.py`: wall and CPU time, journaled and not.
+
+A run's CPU time (user + sys, from ``os.wait4``) moves far less than its wall time
+when other processes share the machine, so both are printed. With another checkout
+(``git worktree add ../base <commit>``), the two run in alternating pairs and the
+medians are compared side by side:
+
+    python3 benchmarks/startup.py                       # this checkout
+    python3 benchmarks/startup.py --other ../base -n 21 # the other one (A) vs this one (B)
+
+Bytecode is cached as on a user's machine (``PYTHONDONTWRITEBYTECODE`` is unset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+#: (in each checkout: see one_run)
+HELLO = "examples/hello.py"
+VARIANTS: dict[str, list[str]] = {"journaled": [], "--no-journal": ["--no-journal"]}
+
+
+def one_run(checkout: Path, flags: list[str]) -> tuple[float, float]:
+    """One `capsule run examples/hello.py` with ``checkout``'s Capsule: (wall s,
+    CPU s). It runs in ``checkout``: ``python -m`` puts the current directory
+    first on sys.path, before PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    command = [sys.executable, "-m", "capsule.cli", "run", HELLO, *flags]
+    start = time.perf_counter()
+    process = subprocess.Popen(
+        command, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if process.returncode != 0:
+        raise SystemExit(
+            f"{checkout}: {' '.join(command)} failed ({process.returncode}):\n{stderr}"
+        )
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--other", type=Path, help="checkout A to compare with (this one is B)")
+    parser.add_argument("-n", "--runs", type=int, default=21, help="runs of each side and variant")
+    options = parser.parse_args()
+    sides = {"B": REPO} if options.other is None else {"A": options.other.resolve(), "B": REPO}
+    for checkout in sides.values():  # warms the page cache and the bytecode caches
+        for flags in VARIANTS.values():
+            one_run(checkout, flags)
+    figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for index in range(options.runs):
+        order = list(sides) if index % 2 == 0 else list(reversed(sides))
+        for variant, flags in VARIANTS.items():
+            for side in order:
+                figures.setdefault((side, variant), []).append(one_run(sides[side], flags))
+    print(f"median of {options.runs} runs, ms")
+    for side, checkout in sides.items():
+        print(f"  {side} = {checkout}")
+    for variant in VARIANTS:
+        row = []
+        for side in sides:
+            runs = figures[(side, variant)]
+            wall = statistics.median(wall for wall, _ in runs) * 1000
+            cpu = statistics.median(cpu for _, cpu in runs) * 1000
+            least = min(cpu for _, cpu in runs) * 1000
+            row.append(f"{side}: wall {wall:6.1f}  cpu {cpu:6.1f} (min {least:6.1f})")
+        print(f"{variant:>13}  " + "   ".join(row))
+
+
+if __name__ == "__main__":
+    main()
