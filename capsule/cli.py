@@ -23,7 +23,6 @@ import stat
 import sys
 import threading
 import time
-import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -596,7 +595,6 @@ def _load_run_modules() -> None:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "1")
     if "capsule.supervisor.program" in sys.modules:
         return
-    _without_pydantic_plugin_loader()
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -608,34 +606,6 @@ def _load_run_modules() -> None:
         if collecting:
             gc.freeze()
             gc.enable()
-
-
-#: What PYDANTIC_DISABLE_PLUGINS says when it disables every plugin.
-_NO_PYDANTIC_PLUGINS = ("1", "true", "__all__")
-
-
-def _no_pydantic_plugins() -> tuple[()]:
-    return ()
-
-
-def _without_pydantic_plugin_loader() -> None:
-    """Spare the command pydantic's plugin loader when plugins are disabled.
-
-    pydantic imports it as it builds its first validator, even when
-    PYDANTIC_DISABLE_PLUGINS says there are none to load, and the loader
-    imports importlib.metadata and the email package (~2 % of the command's
-    start-up) for a function that then returns no plugins. In its place goes
-    a module whose ``get_plugins`` returns none at once (the only name
-    pydantic takes from it); only when the variable disables every plugin, as
-    this command sets it, so that pydantic's answer is the same."""
-    name = "pydantic.plugin._loader"
-    if os.environ.get("PYDANTIC_DISABLE_PLUGINS") not in _NO_PYDANTIC_PLUGINS:
-        return
-    if name in sys.modules:
-        return
-    loader = types.ModuleType(name, "pydantic's plugin loader, when every plugin is disabled")
-    loader.get_plugins = _no_pydantic_plugins  # type: ignore[attr-defined]
-    sys.modules[name] = loader
 
 
 def _run_through_host(
