@@ -13,8 +13,9 @@ from typing import Any, cast
 from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
-from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
+from capsule.sandbox.guests import SharedGuests
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
 from capsule.sandbox.project import Project, load_project
@@ -149,7 +150,7 @@ def run_program(
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
-    guest: GuestComponent | None = None,
+    guests: SharedGuests | None = None,
 ) -> RunReport:
     """Run the entry task (``main`` unless ``request.entry`` names another) of
     the program at ``request.path``; blocks until the run ends.
@@ -158,8 +159,9 @@ def run_program(
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
-    run once it starts (to watch it, cancel tasks, or stop it). ``guest``: the
-    engine and compiled runtime to run on (default: the run loads its own)."""
+    run once it starts (to watch it, cancel tasks, or stop it). ``guests``: the
+    engines and compiled runtimes to run on, one per core, shared with other
+    runs (default: the run loads its own)."""
     totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
     if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
@@ -178,8 +180,14 @@ def run_program(
     events.subscribe(on_event, event_types)
     roots = [path.parent, *site_package_dirs()]
     try:
+        guest = guests.for_core(settings.core) if guests is not None else None
         sandbox = (
-            AsyncSandbox(roots, poll_threads=request.options.cpu_slots, memory_budget=memory_budget)
+            AsyncSandbox(
+                roots,
+                poll_threads=request.options.cpu_slots,
+                memory_budget=memory_budget,
+                guest=guest,
+            )
             if settings.core == "async"
             else Sandbox(
                 roots,
