@@ -476,6 +476,38 @@ def test_leaving_the_runtime_interrupts_its_runs_resumably(
     anyio.run(main)
 
 
+def test_runs_on_each_core_share_that_cores_engine(programs: dict[str, Path]) -> None:
+    """The async core's engine has async support: runs on the thread core
+    share an engine of their own, and the two cores' runs run side by side."""
+    from capsule.sandbox.async_sandbox import AsyncSandbox
+
+    async def main() -> None:
+        async with Runtime(journal=False) as rt:
+            cores = ["threads", "async", "threads", "async"]
+            handles = [
+                await rt.start(programs["actor"], options=RunOptions(core=core)) for core in cores
+            ]
+            for handle in handles:
+                await wait_for(handle, lambda e: isinstance(e, TaskWaiting))
+            runs = [handle._run for handle in handles]
+            assert all(run is not None for run in runs)
+            sandboxes = [run.sandbox for run in runs if run is not None]
+            assert [isinstance(sandbox, AsyncSandbox) for sandbox in sandboxes] == [
+                False,
+                True,
+                False,
+                True,
+            ]
+            assert sandboxes[0].engine is sandboxes[2].engine
+            assert sandboxes[1].engine is sandboxes[3].engine
+            assert sandboxes[0].engine is not sandboxes[1].engine
+            for handle in handles:
+                await handle.send("main", "stop")
+            assert [(await handle.result()).value for handle in handles] == [[], [], [], []]
+
+    anyio.run(main)
+
+
 def test_a_resume_started_as_its_runtime_closes_leaves_no_handle_behind(
     programs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,14 +82,16 @@ def test_cpu_slots_must_be_positive() -> None:
     )
 
 
-def test_fuel_is_accounted_while_a_task_runs(program) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("core", ["threads", "async"])
+def test_fuel_is_accounted_while_a_task_runs(program, core: str) -> None:  # type: ignore[no-untyped-def]
     import threading
     import time
 
+    from capsule.sandbox.async_sandbox import AsyncSandbox
     from capsule.sandbox.engine import Sandbox
     from capsule.sandbox.modules import site_package_dirs
     from capsule.supervisor.events import EventStream
-    from capsule.supervisor.run import Run
+    from capsule.supervisor.run import Run, RunSettings
 
     path = program(
         """
@@ -105,9 +107,10 @@ def test_fuel_is_accounted_while_a_task_runs(program) -> None:  # type: ignore[n
         """
     )
     readings: list[int] = []
-    with Sandbox([path.parent, *site_package_dirs()]) as sandbox:
+    sandbox_type = AsyncSandbox if core == "async" else Sandbox
+    with sandbox_type([path.parent, *site_package_dirs()]) as sandbox:
         configs, first = Run.load(sandbox, "prog", lambda *a: None)
-        run = Run(sandbox, "prog", configs, EventStream())
+        run = Run(sandbox, "prog", configs, EventStream(), RunSettings(core=core))
         thread = threading.Thread(target=run.run_main, args=([], {}, first))
         thread.start()
         for _ in range(6):

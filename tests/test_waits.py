@@ -582,6 +582,11 @@ WAITING = """
 """
 
 
+#: The tests below drive the waits of task threads (Run.wait_by_continuation):
+#: the thread core's, pinned (the async core runs every wait by continuation).
+ON_THREADS = "threads"
+
+
 @pytest.mark.parametrize("driver", ["thread", "continuation"])
 def test_a_run_answers_alike_whichever_driver_runs_its_waits(
     program: Callable[[str, str], Path], driver: str
@@ -596,7 +601,7 @@ def test_a_run_answers_alike_whichever_driver_runs_its_waits(
         runs.append(run)
 
     report = run_program(
-        RunRequest(path=path, args=[], options=RunOptions(mailbox_capacity=2)),
+        RunRequest(path=path, args=[], options=RunOptions(mailbox_capacity=2, core=ON_THREADS)),
         events.append,
         on_run=started,
     )
@@ -662,7 +667,7 @@ def test_http_and_operations_run_by_continuation(
     path = program(HTTP_AND_ASYNC, "prog.py")
     events: list[Any] = []
     report = run_program(
-        RunRequest(path=path, args=[http_server.url]),
+        RunRequest(path=path, args=[http_server.url], options=RunOptions(core=ON_THREADS)),
         events.append,
         on_run=lambda run: run.wait_by_continuation(),
     )
@@ -707,7 +712,11 @@ def test_stopping_a_run_ends_the_waits_it_runs_by_continuation(
         run.wait_by_continuation()
         runs.append(run)
 
-    report = run_program(RunRequest(path=path, args=[]), on_event, on_run=by_continuation)
+    report = run_program(
+        RunRequest(path=path, args=[], options=RunOptions(core=ON_THREADS)),
+        on_event,
+        on_run=by_continuation,
+    )
     assert report.interrupted, report
     assert report.result.error.kind == "cancelled"
 

@@ -152,6 +152,9 @@ def code_request(source: str, args: list[Any], limits: CodeLimits) -> RunRequest
         # The code is the run's one task: it starts no other (each would get
         # limits of its own: the run's fuel and memory, a multiple of these).
         max_live_tasks=0,
+        # The warm sandbox (CodeRunner) is a thread core's: with one task a
+        # thread per task costs nothing. (A resume runs on it too.)
+        core="threads",
         max_fuel=limits.fuel,
         max_ram=limits.ram,
         max_timeout=limits.timeout,
@@ -194,7 +197,8 @@ class OutputCapture:
 class CodeRunner:
     """The warm sandbox of ``run_code``: the runner imported once, fresh
     instances of it prepared ahead; each call is a run of its own on it
-    (thread-safe: runs at once share the pool). ``close`` when done."""
+    (thread-safe: runs at once share the pool), on the thread core (``guest``:
+    the thread core's). ``close`` when done."""
 
     def __init__(self, guest: GuestComponent) -> None:
         self.sandbox = Sandbox([RUNNER.parent, *site_package_dirs()], guest=guest)

@@ -1,6 +1,6 @@
 """The Runtime: what a host application holds to run Capsule programs. It owns
 everything it starts (runs execute on worker threads it owns, inside an anyio
-task group) and shares one engine and compiled guest runtime across them."""
+task group) and shares one engine and compiled guest runtime per core across them."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from capsule.supervisor.options import RunOptions
 if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits, CodeRunner
     from capsule.journal.reader import RunRecord, TaskRecord
-    from capsule.sandbox.engine import GuestComponent
+    from capsule.sandbox.guests import SharedGuests
     from capsule.supervisor.program import RunReport, RunRequest
 
 #: The events a handle carries: all but one per message sent or received.
@@ -97,7 +97,10 @@ class Runtime:
             )
         self._event_buffer = event_buffer
         self._task_group: TaskGroup | None = None
-        self._guest: GuestComponent | None = None
+        #: The engine and compiled guest runtime of each core its runs (and
+        #: run_code's runner) use, shared by them, each made on first use (the
+        #: default core's as the Runtime opens, with ``prepare``).
+        self._guests: SharedGuests | None = None
         self._live: dict[str, RunHandle] = {}
         # Runs get threads of their own, not the application's (anyio's default
         # limiter, which its to_thread calls share).
@@ -110,16 +113,21 @@ class Runtime:
     async def __aenter__(self) -> Runtime:
         if self._task_group is not None:
             raise RuntimeError("this Runtime is already open")
-        from capsule.sandbox.engine import GuestComponent
+        from capsule.sandbox.guests import SharedGuests
         from capsule.sandbox.runtime import RuntimeBuildError
+        from capsule.supervisor.option_specs import DEFAULT_CORE
 
+        guests = SharedGuests()
         if self._prepare:
             if self.journal is not None:
                 await anyio.to_thread.run_sync(_open_journal, self.journal)
             try:
-                self._guest = await anyio.to_thread.run_sync(GuestComponent)
+                # (A run on the other core builds its guest as it starts: from
+                # the compiled runtime cached now, without building it.)
+                await anyio.to_thread.run_sync(guests.for_core, DEFAULT_CORE)
             except RuntimeBuildError as exc:
                 raise RuntimeFailure(str(exc)) from None
+        self._guests = guests
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -143,6 +151,11 @@ class Runtime:
                 code, self._code = self._code, None
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(code.close)
+
+    def _run_guests(self) -> SharedGuests | None:
+        """The guests runs share: None without ``prepare`` (each run loads
+        its own as it starts, where an interrupt reaches its build)."""
+        return self._guests if self._prepare else None
 
     def _open(self) -> TaskGroup:
         if self._task_group is None:
@@ -281,11 +294,17 @@ class Runtime:
     async def _code_runner(self) -> CodeRunner:
         """The warm sandbox run_code runs in, made on first use."""
         from capsule.host.code import CodeRunner
+        from capsule.sandbox.runtime import RuntimeBuildError
 
         async with self._code_lock:
             if self._code is None:
-                guest = self._guest
-                assert guest is not None
+                guests = self._guests
+                assert guests is not None
+                try:
+                    # (On the thread core: see CodeRunner.)
+                    guest = await anyio.to_thread.run_sync(guests.for_core, "threads")
+                except RuntimeBuildError as exc:
+                    raise RuntimeFailure(str(exc)) from None
                 self._code = await anyio.to_thread.run_sync(CodeRunner, guest)
             return self._code
 
@@ -455,7 +474,7 @@ class Runtime:
         """On a worker thread: the run, to its end."""
         from capsule.supervisor.program import run_program
 
-        runner = partial(run_program, guest=self._guest)
+        runner = partial(run_program, guests=self._run_guests())
 
         def run() -> RunResult:
             report = self._journaled(request, handle, handle._on_event, runner, event_types)
@@ -520,7 +539,7 @@ class Runtime:
                     event_types=event_types,
                     overrides=overrides,
                     on_run=handle._on_run,
-                    runner=partial(run_program, guest=self._guest),
+                    runner=partial(run_program, guests=self._run_guests()),
                     exact=True,
                 )
             except JournalError as exc:

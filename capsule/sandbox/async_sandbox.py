@@ -49,6 +49,7 @@ from capsule.sandbox.engine import (
     Completion,
     Envelope,
     ErrorInfo,
+    GuestComponent,
     Invocation,
     Sandbox,
     _bound,
@@ -237,7 +238,9 @@ class AsyncSandbox(Sandbox):
     """A Sandbox whose task attempts run as call futures on ``poll_threads``
     threads (default: the CPU cores), each given the turn after
     ``fuel_yield_interval`` fuel; use as a context manager. ``invoke`` (the
-    thread mode's blocking call) is not available: :meth:`start` instead."""
+    thread mode's blocking call) is not available: :meth:`start` instead.
+    ``guest``: an engine and compiled runtime shared with other async
+    sandboxes (made with this class's engine: ``SharedGuests.for_core("async")``)."""
 
     def __init__(
         self,
@@ -246,10 +249,13 @@ class AsyncSandbox(Sandbox):
         poll_threads: int | None = None,
         memory_budget: int | None = None,
         fuel_yield_interval: int = FUEL_YIELD_INTERVAL,
+        guest: GuestComponent | None = None,
     ) -> None:
         if fuel_yield_interval <= 0:
             raise ValueError(f"fuel_yield_interval must be > 0, not {fuel_yield_interval!r}")
-        super().__init__(roots, progress, cpu_slots=poll_threads, memory_budget=memory_budget)
+        super().__init__(
+            roots, progress, cpu_slots=poll_threads, memory_budget=memory_budget, guest=guest
+        )
         self.fuel_yield_interval = fuel_yield_interval
         self._async_exports = {
             self._load_index: AsyncExport(self._load_index),

@@ -15,7 +15,9 @@ from typing import Any
 from capsule.sandbox.async_sandbox import Attempt as Running
 from capsule.sandbox.engine import Answer, Invocation
 from capsule.sandbox.wasm_async import Pending, current_future
+from capsule.supervisor.blocking import WAITING_GRACE_S
 from capsule.supervisor.continuations import Continuations
+from capsule.supervisor.events import TaskHibernated
 from capsule.supervisor.journaled import Durable, JournaledSteps
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.waits import Waiting
@@ -28,13 +30,14 @@ class ContinuedSteps:
         self,
         journal: JournaledSteps,
         continuations: Continuations,
-        hibernate: Callable[[Running], object],
+        hibernate: Callable[[Running], int],
         hibernate_after: float | None,
     ) -> None:
         self.journal = journal
         self.continuations = continuations
-        #: Gives back the pages a waiting attempt only read (as a task thread's
-        #: wait does once it lasted ``hibernate_after`` seconds; None: never).
+        #: Gives back the pages a waiting attempt only read, the bytes it gave
+        #: back (as a task thread's wait does once it lasted
+        #: ``hibernate_after`` seconds; None: never).
         self.hibernate = hibernate
         self.hibernate_after = hibernate_after
 
@@ -101,7 +104,20 @@ class ContinuedSteps:
             return
 
         def hibernate() -> None:
-            if not pending.resolved:
-                self.hibernate(running)
+            if pending.resolved:
+                return
+            released = self.hibernate(running)
+            # Reported as the thread core reports it: after its wait was
+            # (a wait too short to report hibernates silently).
+            if released and after >= WAITING_GRACE_S:
+                invocation = running.invocation
+                self.continuations.events.emit(
+                    TaskHibernated(
+                        run_id=self.continuations.run_id,
+                        task_id=invocation.task_id,
+                        task=invocation.task,
+                        released_bytes=released,
+                    )
+                )
 
         self.continuations.timers.at(time.monotonic() + after, hibernate)

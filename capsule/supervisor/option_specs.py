@@ -56,6 +56,8 @@ _METAVARS: dict[Form, str] = {
 #: The cores a run may run its tasks on: a thread per live task, or call
 #: futures on a few poll threads (a task waiting holds no thread).
 CORES = ("threads", "async")
+#: The core a run runs on unless its options name one.
+DEFAULT_CORE = "threads"
 
 
 def size_text(size: int) -> str:

@@ -8,11 +8,11 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
-from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
@@ -38,6 +38,9 @@ from capsule.supervisor.run import (
     program_module,
 )
 from capsule.supervisor.steps import History, JournalFailure, StepLog
+
+if TYPE_CHECKING:
+    from capsule.sandbox.guests import SharedGuests
 from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
 from capsule.supervisor.tree import TaskResult
 
@@ -148,7 +151,7 @@ def run_program(
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
-    guest: GuestComponent | None = None,
+    guests: SharedGuests | None = None,
 ) -> RunReport:
     """Run the entry task (``main`` unless ``request.entry`` names another) of
     the program at ``request.path``; blocks until the run ends.
@@ -157,8 +160,9 @@ def run_program(
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
-    run once it starts (to watch it, cancel tasks, or stop it). ``guest``: the
-    engine and compiled runtime to run on (default: the run loads its own)."""
+    run once it starts (to watch it, cancel tasks, or stop it). ``guests``: the
+    engines and compiled runtimes to run on, one per core, shared with other
+    runs (default: the run loads its own)."""
     totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
     if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
@@ -178,15 +182,22 @@ def run_program(
     roots = [path.parent, *site_package_dirs()]
     sandbox: Sandbox
     try:
+        guest = guests.for_core(settings.core) if guests is not None else None
         if settings.core == "async":
             from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
 
             sandbox = AsyncSandbox(
-                roots, poll_threads=request.options.cpu_slots, memory_budget=memory_budget
+                roots,
+                poll_threads=request.options.cpu_slots,
+                memory_budget=memory_budget,
+                guest=guest,
             )
         else:
             sandbox = Sandbox(
-                roots, cpu_slots=request.options.cpu_slots, memory_budget=memory_budget, guest=guest
+                roots,
+                cpu_slots=request.options.cpu_slots,
+                memory_budget=memory_budget,
+                guest=guest,
             )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))

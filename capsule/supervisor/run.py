@@ -42,6 +42,7 @@ from capsule.supervisor.message_steps import MessageSteps
 from capsule.supervisor.messages import MessageCalls
 from capsule.supervisor.operation_calls import OperationCalls
 from capsule.supervisor.option_specs import (
+    DEFAULT_CORE,
     DEFAULT_HIBERNATE_AFTER_S,
     DEFAULT_MAILBOX_CAPACITY,
     DEFAULT_MAX_CHILDREN,
@@ -127,9 +128,9 @@ class RunSettings:
     #: before it hibernates: the memory pages it has only read are given back
     #: (None: never). Like gen_server's hibernate_after, for idle actors.
     hibernate_after: float | None = DEFAULT_HIBERNATE_AFTER_S
-    #: How tasks run: "threads" (a thread per live task) or "async" (call
-    #: futures on the sandbox's poll threads: it must be an AsyncSandbox).
-    core: str = "threads"
+    #: How tasks run: "async" (call futures on the sandbox's poll threads: it
+    #: must be an AsyncSandbox) or "threads" (a thread per live task).
+    core: str = DEFAULT_CORE
 
 
 def new_run_id() -> str:
@@ -207,7 +208,11 @@ class Run:
             from capsule.supervisor.async_host import ContinuedSteps
 
             if not isinstance(sandbox, AsyncSandbox):
-                raise TypeError("core='async' runs its tasks in an AsyncSandbox")
+                raise TypeError(
+                    f"run {run_id}: core='async' (the default) runs its tasks in an "
+                    f"AsyncSandbox, not a {type(sandbox).__name__}; for a Sandbox, pass "
+                    "RunSettings(core='threads')"
+                )
             async_sandbox = sandbox
             drive = ContinuedSteps(
                 journal, self._continuations, sandbox.hibernate_waiting, settings.hibernate_after
@@ -273,7 +278,12 @@ class Run:
         continuations.py) instead of on their threads: each task thread waits,
         without its CPU slot, for the answer the driver gives (nor hibernated).
         How the waits of async imports run, on today's threads. Call it before
-        run_main: the run's loop starts now."""
+        run_main: the run's loop starts now. (The thread core's: the async
+        core runs every wait so.)"""
+        if self._supervision.core is not None:
+            raise RuntimeError(
+                f"run {self.run_id} is on the async core: its waits run by continuation already"
+            )
         self._loop.start()
         self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
 
