@@ -203,7 +203,10 @@ def test_a_task_that_hides_its_memory_from_the_host_is_stopped_first(tmp_path: P
         @task(ram="1GB", compute="HIGH", max_retries=0)
         def sneaky() -> int:
             sys.modules["capsule_guest"]._marker = b""
-            junk = [bytes(40) for _ in range(20000)]  # (the bytes' memory reused)
+            # (Its marker's memory reused: bytes of the marker's length (16,
+            # prefault.NONCE_SIZE), so of its
+            # allocator size class, whatever else the runtime allocated before.)
+            junk = [bytes(16) for _ in range(20000)]
             del junk
             kept = [b"x" * (4 * 1024 * 1024) for _ in range(150)]  # 600 MB
             capsule.sleep(2)
