@@ -570,7 +570,7 @@ class AsyncSandbox(Sandbox):
         any_ended: bool = False,
     ) -> tuple[Any, Then]:
         task_ids = guest_data.names(ids_json, "the task ids to wait on")
-        timeout = None if timeout_ms is None else timeout_ms / 1000
+        timeout = guest_data.timeout_s(timeout_ms)
         return host.wait(invocation, task_ids, timeout, any_ended), _answered
 
     def _later_wait_any(
@@ -590,13 +590,13 @@ class AsyncSandbox(Sandbox):
         timeout_ms: int | None,
     ) -> tuple[Any, Then]:
         target = guest_data.name(target, "a message's target")
-        timeout = None if timeout_ms is None else timeout_ms / 1000
+        timeout = guest_data.timeout_s(timeout_ms)
         return host.send(invocation, target, body_json, timeout), _answered
 
     def _later_receive(
         self, host: WaitingHost, invocation: Invocation, timeout_ms: int | None
     ) -> tuple[Any, Then]:
-        timeout = None if timeout_ms is None else timeout_ms / 1000
+        timeout = guest_data.timeout_s(timeout_ms)
         return host.receive(invocation, timeout), _received
 
     def _later_ask(
@@ -608,7 +608,7 @@ class AsyncSandbox(Sandbox):
         timeout_ms: int | None,
     ) -> tuple[Any, Then]:
         target = guest_data.name(target, "a message's target")
-        timeout = None if timeout_ms is None else timeout_ms / 1000
+        timeout = guest_data.timeout_s(timeout_ms)
         return host.ask(invocation, target, body_json, timeout), _answered
 
     def _later_http_request(
@@ -619,7 +619,7 @@ class AsyncSandbox(Sandbox):
     def _later_poll(
         self, host: WaitingHost, invocation: Invocation, timeout_ms: int | None
     ) -> tuple[Any, Then]:
-        timeout = None if timeout_ms is None else timeout_ms / 1000
+        timeout = guest_data.timeout_s(timeout_ms)
         return host.poll(invocation, timeout), _polled
 
 

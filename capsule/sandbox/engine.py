@@ -1096,9 +1096,7 @@ class Sandbox:
 
     def _poll(self, timeout_ms: int | None) -> tuple[bool, list[Completion] | str]:
         invocation = _step_caller()
-        ok, answer = invocation.host.poll(
-            invocation, None if timeout_ms is None else timeout_ms / 1000
-        )
+        ok, answer = invocation.host.poll(invocation, guest_data.timeout_s(timeout_ms))
         if not ok:
             return _failed(invocation, (ok, answer))
         return True, completions(answer)
@@ -1146,7 +1144,7 @@ class Sandbox:
         invocation = _step_caller()
         task_ids = guest_data.names(ids_json, "the task ids to wait on")
         answer = invocation.host.wait(
-            invocation, task_ids, None if timeout_ms is None else timeout_ms / 1000, any_ended
+            invocation, task_ids, guest_data.timeout_s(timeout_ms), any_ended
         )
         return answer if answer[0] else _failed(invocation, answer)
 
@@ -1172,15 +1170,13 @@ class Sandbox:
             invocation,
             guest_data.name(target, "a message's target"),
             body_json,
-            None if timeout_ms is None else timeout_ms / 1000,
+            guest_data.timeout_s(timeout_ms),
         )
         return answer if answer[0] else _failed(invocation, answer)
 
     def _receive(self, timeout_ms: int | None) -> tuple[bool, Sequence[Envelope] | str]:
         invocation = _step_caller()
-        answer = invocation.host.receive(
-            invocation, None if timeout_ms is None else timeout_ms / 1000
-        )
+        answer = invocation.host.receive(invocation, guest_data.timeout_s(timeout_ms))
         if answer[0]:
             return answer
         _stop_if_asked(invocation)
@@ -1192,7 +1188,7 @@ class Sandbox:
             invocation,
             guest_data.name(target, "a message's target"),
             body_json,
-            None if timeout_ms is None else timeout_ms / 1000,
+            guest_data.timeout_s(timeout_ms),
         )
         return answer if answer[0] else _failed(invocation, answer)
 

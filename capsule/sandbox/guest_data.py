@@ -125,6 +125,12 @@ def _why(exc: ValueError) -> str:
     return message  # (NaN and Infinity: "expected value at line 1 column N")
 
 
+def timeout_s(timeout_ms: int | None) -> float | None:
+    """A guest's timeout in milliseconds (an unsigned WIT integer, so bounded
+    and never negative) in seconds; None: none."""
+    return None if timeout_ms is None else timeout_ms / 1000
+
+
 def name(text: str, what: str) -> str:
     """A name or id from a guest: at most MAX_NAME_CHARS characters."""
     if len(text) > MAX_NAME_CHARS:
