@@ -442,7 +442,8 @@ def race(tmp_path: Path, host: Host, fuel_yield_interval: int) -> dict[str, int]
                 first.update({key: len(waits.sent.get(key, [])) for key in map(str, range(calls))})
             ended(attempt)
 
-        # (Prepared first: each starts running as soon as it is submitted.)
+        # (The first start finds the pool empty and starts its filler: the
+        # later ones take what it prepared, or prepare their own.)
         sandbox.start_pool("prog", calls)
         attempts = [
             sandbox.start(

@@ -1663,7 +1663,10 @@ class InstancePool:
 
     Instantiating and importing the program costs a few milliseconds; doing it
     here, off the critical path, leaves a task call only its own run. A take that
-    finds the pool empty prepares inline rather than waiting.
+    finds the pool empty prepares inline rather than waiting. The filler starts
+    at the first such take, not with the pool: a run whose only task takes the
+    instance its program was loaded in (``first``) never pays for one, nor
+    shares the CPU (and the GIL) with it while it starts.
     """
 
     def __init__(self, sandbox: Sandbox, program: str, size: int, first: Prepared | None) -> None:
@@ -1679,10 +1682,10 @@ class InstancePool:
         #: (the filler, or the memory budget's thread: never both).
         self._retired: list[wasmtime.Store] = []
         self._retired_lock = threading.Lock()
+        self._size = size
+        #: The filler, once a take found the pool empty (and the lock that starts it once).
         self._thread: threading.Thread | None = None
-        if size > 0:
-            self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
-            self._thread.start()
+        self._starting = threading.Lock()
 
     def retire(self, store: wasmtime.Store) -> None:
         """Hand over a used instance to be torn down off the caller's critical path."""
@@ -1727,7 +1730,17 @@ class InstancePool:
         try:
             return self._ready.get_nowait()
         except queue.Empty:
+            self._start_filling()
             return None
+
+    def _start_filling(self) -> None:
+        """Start the filler (once; none for a pool of size 0, or closed)."""
+        if self._thread is not None or self._size <= 0:
+            return
+        with self._starting:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
+                self._thread.start()
 
     def _fill(self) -> None:
         failures = 0
@@ -1753,7 +1766,8 @@ class InstancePool:
                 prepared.store.close()
 
     def close(self) -> None:
-        self._stop.set()
+        with self._starting:  # (no filler starts from now on)
+            self._stop.set()
         self._scope.closed = True  # (an import under way stops at its next tick)
         if self._thread is not None:
             self._thread.join()
