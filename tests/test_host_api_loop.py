@@ -1,7 +1,8 @@
-"""The event loop a Runtime's runs on the async core share: one loop thread
-per Runtime, each run a task group on it that leaves nothing behind as it
-ends or is cancelled, and the loop stopped as the Runtime closes. (The host
-API's behaviour is tested in test_host_api.py.)"""
+"""What a Runtime's runs on the async core share: one loop thread per
+Runtime, each run a task group on it that leaves nothing behind as it ends or
+is cancelled, and one warm sandbox's poll threads and linker, each run's
+modules still its own; both stopped as the Runtime closes. (The host API's
+behaviour is tested in test_host_api.py.)"""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import anyio
 import pytest
 
 from capsule.host import RunHandle, RunOptions, Runtime
+from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.supervisor.events import TaskWaiting
 from capsule.supervisor.run_loop import LoopThread
 
@@ -110,6 +112,12 @@ def test_runs_at_once_share_one_loop_and_leave_nothing_on_it(programs: dict[str,
                 assert {t for t in capsule_threads() if t.name == "capsule-loop"} == loops_before
                 runs = [ended._run, cancelled._run]
                 assert all(run is not None and run._loop._host is loop for run in runs)
+                # And on its one warm sandbox's poll threads.
+                sandboxes = [run.sandbox for run in runs if run is not None]
+                assert all(isinstance(sandbox, AsyncSandbox) for sandbox in sandboxes)
+                warm = {sandbox._warm for sandbox in sandboxes if isinstance(sandbox, AsyncSandbox)}
+                assert len(warm) == 1 and None not in warm
+                assert len({sandbox._poller for sandbox in sandboxes}) == 1  # type: ignore[attr-defined]
                 during = await anyio.to_thread.run_sync(tasks_on, loop)
                 for handle in (ended, cancelled):
                     assert f"capsule-loop {handle.run_id}" in during
@@ -137,3 +145,33 @@ def test_leaving_the_runtime_stops_its_loop_and_poll_threads(programs: dict[str,
 
     anyio.run(main)
     assert capsule_threads() == before
+
+
+def test_runs_on_the_warm_sandbox_import_their_own_modules(tmp_path: Path) -> None:
+    """Two programs of one name, each beside a module of one name: each run
+    imports its own, also as its task runs (its linker is shared)."""
+    programs = []
+    for name in ("first", "second"):
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "helper.py").write_text(f"VALUE = {name!r}\n")
+        (directory / "prog.py").write_text(
+            textwrap.dedent(
+                """
+                from capsule import task
+
+                @task(name="main")
+                def main() -> str:
+                    import helper
+                    return helper.VALUE
+                """
+            )
+        )
+        programs.append(directory / "prog.py")
+
+    async def main() -> list[object]:
+        async with Runtime(journal=False) as rt:
+            with anyio.fail_after(PATIENCE_S):
+                return [(await rt.run(program, options=ASYNC)).value for program in programs * 2]
+
+    assert anyio.run(main) == ["first", "second", "first", "second"]

@@ -193,6 +193,7 @@ def run_program(
                 poll_threads=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
+                warm=shared.async_sandbox() if shared is not None else None,
             )
         else:
             sandbox = Sandbox(
