@@ -286,8 +286,11 @@ class AsyncSandbox(Sandbox):
         #: The poll threads of a warm sandbox (see open_warm), once open.
         self._warm_poller: Poller | None = None
         #: Attempts started and not ended, and the lock of them and their
-        #: deadlines (notified as the last ends, for a close on shared poll threads).
+        #: deadlines (notified once none is left nor ending: a close on shared
+        #: poll threads waits for that).
         self._lock = threading.Condition(threading.Lock())
+        #: How many attempts' ends are being made (their on_done not yet returned).
+        self._ending = 0
         self._attempts: set[Attempt] = set()
         #: (Weak: an attempt that ended early is not held until its deadline.)
         self._deadlines: list[tuple[float, int, weakref.ref[Attempt]]] = []
@@ -322,7 +325,7 @@ class AsyncSandbox(Sandbox):
                     if future is not None:
                         poller.cancel(future)
                 with self._lock:
-                    self._lock.wait_for(lambda: not self._attempts)
+                    self._lock.wait_for(lambda: not self._attempts and not self._ending)
             elif poller is not None:
                 poller.close()  # (cancels the calls left, without their on_done)
             with self._lock:
@@ -524,11 +527,20 @@ class AsyncSandbox(Sandbox):
             self.stop(attempt)
 
     def _finished(self, future: CallFuture[Any]) -> None:
+        with self._lock:
+            self._ending += 1
+        try:
+            self._end(future)
+        finally:
+            with self._lock:
+                self._ending -= 1
+                if not self._attempts and not self._ending:
+                    self._lock.notify_all()
+
+    def _end(self, future: CallFuture[Any]) -> None:
         attempt: Attempt = future.data
         with self._lock:
             self._attempts.discard(attempt)
-            if not self._attempts:
-                self._lock.notify_all()
             if len(self._deadlines) > 2 * len(self._attempts) + 1024:
                 # Most are of attempts that ended early: kept only those still on.
                 self._deadlines = [
