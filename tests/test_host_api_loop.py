@@ -102,14 +102,14 @@ def test_runs_at_once_share_one_loop_and_leave_nothing_on_it(programs: dict[str,
                 assert (await rt.run(programs["hello"], options=ASYNC)).value == 1
                 loop = runs_loop(rt)
                 before = await anyio.to_thread.run_sync(tasks_on, loop)
-                loops_before = {t for t in capsule_threads() if t.name == "capsule-loop"}
+                loops_before = {t for t in capsule_threads() if t.name == "capsule-runs"}
                 ended = await rt.start(programs["actor"], options=ASYNC)
                 cancelled = await rt.start(programs["parent"], options=ASYNC)
                 await waiting(ended)
                 await waiting(cancelled, "main/1")
                 # Both on the Runtime's loop (no thread of their own), each
                 # a task group on it, with its tasks in it.
-                assert {t for t in capsule_threads() if t.name == "capsule-loop"} == loops_before
+                assert {t for t in capsule_threads() if t.name == "capsule-runs"} == loops_before
                 runs = [ended._run, cancelled._run]
                 assert all(run is not None and run._loop._host is loop for run in runs)
                 # And on its one warm sandbox's poll threads.
@@ -140,7 +140,7 @@ def test_leaving_the_runtime_stops_its_loop_and_poll_threads(programs: dict[str,
                 handle = await rt.start(programs["actor"], options=ASYNC)
                 await waiting(handle)
                 started = {thread.name for thread in capsule_threads() - before}
-                for kind in ("capsule-loop", "capsule-poll"):
+                for kind in ("capsule-runs", "capsule-poll"):
                     assert any(name.startswith(kind) for name in started), started
 
     anyio.run(main)

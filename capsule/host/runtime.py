@@ -1,6 +1,8 @@
 """The Runtime: what a host application holds to run Capsule programs. It owns
 everything it starts (runs execute on worker threads it owns, inside an anyio
-task group) and shares one engine and compiled guest runtime per core across them."""
+task group) and shares across them one engine and compiled guest runtime per
+core and, for the async core, one event loop thread and warm sandbox
+(capsule/supervisor/shared.py), stopped as it closes."""
 
 from __future__ import annotations
 

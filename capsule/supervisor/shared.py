@@ -36,7 +36,7 @@ class SharedRuns:
                 raise RuntimeError("the runs' loop is stopped: its Runtime has closed")
             loop = self._loop
             if loop is None or not loop.running:
-                loop = LoopThread("capsule-loop")
+                loop = LoopThread("capsule-runs")
                 loop.start()
                 self._loop = loop
             return loop
