@@ -530,14 +530,15 @@ class AsyncSandbox(Sandbox):
         with self._lock:
             self._ending += 1
         try:
-            self._end(future)
+            self._finish(future)
         finally:
             with self._lock:
                 self._ending -= 1
                 if not self._attempts and not self._ending:
                     self._lock.notify_all()
 
-    def _end(self, future: CallFuture[Any]) -> None:
+    def _finish(self, future: CallFuture[Any]) -> None:
+        """Make the outcome of an attempt whose call ended, and call its on_done."""
         attempt: Attempt = future.data
         with self._lock:
             self._attempts.discard(attempt)

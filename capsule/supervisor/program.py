@@ -162,8 +162,9 @@ def run_program(
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
     run once it starts (to watch it, cancel tasks, or stop it). ``shared``:
     what it shares with the other runs of its host application (the engines
-    and compiled runtimes to run on, the event loop of the async core; by
-    default the run loads its own and starts a loop of its own)."""
+    and compiled runtimes to run on; on the async core, the event loop and
+    the warm sandbox's linker and poll threads); by default the run loads
+    its own, and starts a loop and poll threads of its own."""
     totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
     if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
