@@ -21,6 +21,8 @@ from typing import Any
 import anyio
 
 from capsule.host import Runtime
+from capsule.supervisor.option_specs import CORES
+from capsule.supervisor.options import RunOptions
 from capsule.supervisor.program import RunRequest, run_program
 
 TRIVIAL = 'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\n    return 1\n'
@@ -53,6 +55,18 @@ async def main(calls: int, journaled: bool) -> None:
         async with Runtime(journal=journal) as rt:
             summary("run_code('result = 1')", await timed(lambda: rt.run_code("result = 1"), calls))
             summary("rt.run(trivial.py)", await timed(lambda: rt.run(program), calls))
+            # Each core in turn, call by call: the machine's load moves both alike.
+            on_core = {core: RunOptions(core=core) for core in CORES}
+            seconds: dict[str, list[float]] = {core: [] for core in CORES}
+            for core in CORES:  # warm-up
+                await rt.run(program, options=on_core[core])
+            for _ in range(calls):
+                for core in CORES:
+                    started = time.perf_counter()
+                    await rt.run(program, options=on_core[core])
+                    seconds[core].append(time.perf_counter() - started)
+            for core in CORES:
+                summary(f"rt.run(trivial.py), core={core}", seconds[core])
 
         def direct() -> Any:
             return run_program(RunRequest(path=program, args=[]), lambda event: None)

@@ -442,7 +442,8 @@ def race(tmp_path: Path, host: Host, fuel_yield_interval: int) -> dict[str, int]
                 first.update({key: len(waits.sent.get(key, [])) for key in map(str, range(calls))})
             ended(attempt)
 
-        # (Prepared first: each starts running as soon as it is submitted.)
+        # (The first start finds the pool empty and starts its filler: the
+        # later ones take what it prepared, or prepare their own.)
         sandbox.start_pool("prog", calls)
         attempts = [
             sandbox.start(
@@ -736,4 +737,54 @@ def test_the_memory_budget_stops_the_largest_attempt_waiting_or_running(
         assert other.outcome is not None and other.outcome.error is None, other.outcome
         assert json.loads(other.outcome.result_json or "") == {"held": 80, "got": "still here"}
         assert budget.stopped == 1
+    assert live_instances() == 0
+
+
+def poll_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("capsule-poll")}
+
+
+def test_sandboxes_on_a_warm_one_share_its_poll_threads_and_end_their_own_calls(
+    tmp_path: Path,
+) -> None:
+    """A host application's runs' sandboxes use its warm sandbox's poll
+    threads (and linker); one closing with a call left ends that call there,
+    with its on_done, and the poll threads go on until the warm one closes."""
+    from capsule.sandbox.guests import SharedGuests
+
+    (tmp_path / "prog.py").write_text(PROGRAM)
+    guest = SharedGuests().for_core("async")
+    before = poll_threads()
+    warm = AsyncSandbox([], guest=guest).open_warm()
+    try:
+        host = Host()
+        with (
+            AsyncSandbox([tmp_path], guest=guest, warm=warm) as first,
+            AsyncSandbox([tmp_path], guest=guest, warm=warm) as second,
+        ):
+            assert first._poller is second._poller is warm._warm_poller
+            assert first.linker is second.linker is warm.linker
+            for sandbox, name in ((first, "ada"), (second, "bob")):
+                attempt = run(
+                    sandbox, Waits(sandbox, host), invocation(name, "hello", host), args(name)
+                )
+                assert attempt.outcome is not None and attempt.outcome.error is None
+                assert json.loads(attempt.outcome.result_json or "")["greeting"] == f"hi {name}"
+        shared = poll_threads() - before
+        assert len(shared) == warm.slots.size
+        ended = Ended()
+        with AsyncSandbox([tmp_path], guest=guest, warm=warm) as sandbox:
+            waits = Waits(sandbox, host)
+            left = sandbox.start(invocation("e", "echo", host), "prog", args(), waits, ended)
+            waits.wait_receiving(1)
+        assert ended.attempts == [left]
+        assert left.outcome is not None and left.outcome.error is not None
+        assert left.outcome.error.kind == "cancelled", left.outcome.error
+        assert poll_threads() - before == shared
+        other_size = warm.slots.size + 1
+        with AsyncSandbox([tmp_path], guest=guest, warm=warm, poll_threads=other_size) as other:
+            assert other._poller is not warm._warm_poller
+    finally:
+        warm.close_warm()
+    assert poll_threads() == before
     assert live_instances() == 0

@@ -1,18 +1,19 @@
-"""The async core's event loop (RunLoop): an anyio loop on one thread its run
-owns, which runs callbacks from any thread, timers, and tasks, and is gone
-once closed. (Its use by the continuation driver is tested
+"""The async core's event loop (RunLoop): a run's task group on an anyio loop
+on one thread (its own, or its Runtime's LoopThread), which runs callbacks
+from any thread, timers, and tasks, and is gone once closed. (Its use by the continuation driver is tested
 in test_waits.py; the invocations on it in test_async_core.py.)"""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 import anyio
 import pytest
 
-from capsule.supervisor.run_loop import RunLoop
+from capsule.supervisor.run_loop import LoopThread, RunLoop
 
 #: A bound against hanging, not a figure a test asserts.
 PATIENCE_S = 30.0
@@ -120,3 +121,50 @@ def test_callbacks_from_many_threads_all_run_each_threads_in_order(loop: RunLoop
     assert done.wait(PATIENCE_S)
     assert ran == {thread: list(range(500)) for thread in range(4)}
     assert loop.failures == []
+
+
+def test_runs_on_one_loop_thread_close_only_their_own_tasks_and_timers() -> None:
+    """Two runs' RunLoops on one LoopThread: closing one cancels its tasks
+    and its timers (they never run), and leaves the other's running; the
+    thread stops with the LoopThread."""
+    shared = LoopThread("capsule-loop shared")
+    shared.start()
+    first, second = RunLoop("capsule-loop first", shared), RunLoop("capsule-loop second", shared)
+    first.start()
+    second.start()
+    started: list[str] = []
+    both_started = threading.Event()
+    cancelled: list[str] = []
+    fired: list[str] = []
+
+    def task(name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def waits() -> None:
+            try:
+                started.append(name)
+                if len(started) == 2:
+                    both_started.set()
+                await anyio.sleep_forever()
+            finally:
+                cancelled.append(name)
+
+        return waits
+
+    first.soon(lambda: first.start_soon(task("first"), "a task of first"))
+    second.soon(lambda: second.start_soon(task("second"), "a task of second"))
+    assert both_started.wait(PATIENCE_S)
+    first.at(time.monotonic() + 0.05, lambda: fired.append("first"))
+    first.close()
+    assert cancelled == ["first"]
+    assert not first.running and second.running
+    with pytest.raises(RuntimeError, match="stopped: its run has ended"):
+        first.soon(lambda: None)
+    done = threading.Event()
+    second.at(time.monotonic() + 0.1, done.set)  # (after first's timer was due)
+    assert done.wait(PATIENCE_S)
+    assert fired == []
+    assert shared.running and loop_threads() == ["capsule-loop shared"]
+    second.close()
+    assert cancelled == ["first", "second"]
+    shared.close()
+    assert loop_threads() == []
+    assert first.failures == second.failures == shared.failures == []

@@ -1,6 +1,8 @@
 """The Runtime: what a host application holds to run Capsule programs. It owns
 everything it starts (runs execute on worker threads it owns, inside an anyio
-task group) and shares one engine and compiled guest runtime per core across them."""
+task group) and shares across them one engine and compiled guest runtime per
+core and, for the async core, one event loop thread and warm sandbox
+(capsule/supervisor/shared.py), stopped as it closes."""
 
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from capsule.journal.reader import RunRecord, TaskRecord
     from capsule.sandbox.guests import SharedGuests
     from capsule.supervisor.program import RunReport, RunRequest
+    from capsule.supervisor.shared import SharedRuns
 
 #: The events a handle carries: all but one per message sent or received.
 HANDLE_EVENT_TYPES = EVENT_TYPES - MESSAGE_EVENT_TYPES
@@ -101,6 +104,9 @@ class Runtime:
         #: run_code's runner) use, shared by them, each made on first use (the
         #: default core's as the Runtime opens, with ``prepare``).
         self._guests: SharedGuests | None = None
+        #: What its runs share (the guests, with ``prepare``; the async core's
+        #: event loop thread): stopped as it closes.
+        self._shared: SharedRuns | None = None
         self._live: dict[str, RunHandle] = {}
         # Runs get threads of their own, not the application's (anyio's default
         # limiter, which its to_thread calls share).
@@ -116,6 +122,7 @@ class Runtime:
         from capsule.sandbox.guests import SharedGuests
         from capsule.sandbox.runtime import RuntimeBuildError
         from capsule.supervisor.option_specs import DEFAULT_CORE
+        from capsule.supervisor.shared import SharedRuns
 
         guests = SharedGuests()
         if self._prepare:
@@ -128,6 +135,7 @@ class Runtime:
             except RuntimeBuildError as exc:
                 raise RuntimeFailure(str(exc)) from None
         self._guests = guests
+        self._shared = SharedRuns(guests if self._prepare else None)
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -147,15 +155,13 @@ class Runtime:
             return None
         finally:
             self._task_group = None
-            if self._code is not None:
-                code, self._code = self._code, None
-                with anyio.CancelScope(shield=True):
+            shared, self._shared = self._shared, None
+            with anyio.CancelScope(shield=True):
+                if self._code is not None:
+                    code, self._code = self._code, None
                     await anyio.to_thread.run_sync(code.close)
-
-    def _run_guests(self) -> SharedGuests | None:
-        """The guests runs share: None without ``prepare`` (each run loads
-        its own as it starts, where an interrupt reaches its build)."""
-        return self._guests if self._prepare else None
+                if shared is not None:  # (its runs have ended: nothing of theirs is on it)
+                    await anyio.to_thread.run_sync(shared.close)
 
     def _open(self) -> TaskGroup:
         if self._task_group is None:
@@ -474,7 +480,7 @@ class Runtime:
         """On a worker thread: the run, to its end."""
         from capsule.supervisor.program import run_program
 
-        runner = partial(run_program, guests=self._run_guests())
+        runner = partial(run_program, shared=self._shared)
 
         def run() -> RunResult:
             report = self._journaled(request, handle, handle._on_event, runner, event_types)
@@ -539,7 +545,7 @@ class Runtime:
                     event_types=event_types,
                     overrides=overrides,
                     on_run=handle._on_run,
-                    runner=partial(run_program, guests=self._run_guests()),
+                    runner=partial(run_program, shared=self._shared),
                     exact=True,
                 )
             except JournalError as exc:

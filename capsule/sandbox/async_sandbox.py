@@ -240,7 +240,13 @@ class AsyncSandbox(Sandbox):
     ``fuel_yield_interval`` fuel; use as a context manager. ``invoke`` (the
     thread mode's blocking call) is not available: :meth:`start` instead.
     ``guest``: an engine and compiled runtime shared with other async
-    sandboxes (made with this class's engine: ``SharedGuests.for_core("async")``)."""
+    sandboxes (made with this class's engine: ``SharedGuests.for_core("async")``).
+
+    ``warm``: a host application's warm sandbox on the same ``guest`` (one
+    opened with :meth:`open_warm`), whose linker and poll threads this one
+    uses rather than making its own, if it has as many poll threads; what is
+    the run's (its module finder, memory budget, CPU slots, instances) stays
+    its own."""
 
     def __init__(
         self,
@@ -250,11 +256,26 @@ class AsyncSandbox(Sandbox):
         memory_budget: int | None = None,
         fuel_yield_interval: int = FUEL_YIELD_INTERVAL,
         guest: GuestComponent | None = None,
+        warm: AsyncSandbox | None = None,
     ) -> None:
         if fuel_yield_interval <= 0:
             raise ValueError(f"fuel_yield_interval must be > 0, not {fuel_yield_interval!r}")
+        if warm is not None and (
+            warm._warm_poller is None
+            or guest is None
+            or warm.engine is not guest.engine
+            or (poll_threads is not None and poll_threads != warm.slots.size)
+        ):
+            warm = None  # (not open, on another engine, or of other poll threads)
+        #: The warm sandbox whose linker and poll threads it uses (None: its own).
+        self._warm = warm
         super().__init__(
-            roots, progress, cpu_slots=poll_threads, memory_budget=memory_budget, guest=guest
+            roots,
+            progress,
+            cpu_slots=poll_threads,
+            memory_budget=memory_budget,
+            guest=guest,
+            linker=None if warm is None else warm.linker,
         )
         self.fuel_yield_interval = fuel_yield_interval
         self._async_exports = {
@@ -262,8 +283,14 @@ class AsyncSandbox(Sandbox):
             self._run_index: AsyncExport(self._run_index),
         }
         self._poller: Poller | None = None
-        #: Attempts started and not ended, and the lock of them and their deadlines.
-        self._lock = threading.Lock()
+        #: The poll threads of a warm sandbox (see open_warm), once open.
+        self._warm_poller: Poller | None = None
+        #: Attempts started and not ended, and the lock of them and their
+        #: deadlines (notified once none is left nor ending: a close on shared
+        #: poll threads waits for that).
+        self._lock = threading.Condition(threading.Lock())
+        #: How many attempts' ends are being made (their on_done not yet returned).
+        self._ending = 0
         self._attempts: set[Attempt] = set()
         #: (Weak: an attempt that ended early is not held until its deadline.)
         self._deadlines: list[tuple[float, int, weakref.ref[Attempt]]] = []
@@ -278,21 +305,53 @@ class AsyncSandbox(Sandbox):
 
     def __enter__(self) -> AsyncSandbox:
         super().__enter__()
-        self._poller = Poller(threads=self.slots.size, name="capsule-poll")
+        warm = self._warm
+        if warm is not None and warm._warm_poller is not None:
+            self._poller = warm._warm_poller
+        else:
+            self._warm = None
+            self._poller = Poller(threads=self.slots.size, name="capsule-poll")
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self._poller is not None:
-                self._poller.close()  # (cancels the calls left, without their on_done)
-                self._poller = None
+            poller, self._poller = self._poller, None
+            if poller is not None and self._warm is not None:
+                # (Shared poll threads go on: the calls left, none once its
+                # run ended, end there, with their on_done.)
+                with self._lock:
+                    left = [attempt.future for attempt in self._attempts]
+                for future in left:
+                    if future is not None:
+                        poller.cancel(future)
+                with self._lock:
+                    self._lock.wait_for(lambda: not self._attempts and not self._ending)
+            elif poller is not None:
+                poller.close()  # (cancels the calls left, without their on_done)
             with self._lock:
-                left, self._attempts = list(self._attempts), set()
-            for attempt in left:
+                left_attempts, self._attempts = list(self._attempts), set()
+            for attempt in left_attempts:
                 assert attempt.future is not None
                 self._finished(attempt.future)
         finally:
             super().__exit__(*exc)
+
+    def open_warm(self) -> AsyncSandbox:
+        """Start its poll threads, as a host application's warm sandbox: the
+        sandboxes of its runs (made with ``warm=`` it) use them and its linker.
+        It runs nothing itself (it is not opened, nor ticks); :meth:`close_warm`
+        once they have all closed."""
+        if self._warm_poller is None:
+            self._warm_poller = self._poller = Poller(threads=self.slots.size, name="capsule-poll")
+        return self
+
+    def close_warm(self) -> None:
+        """Stop its poll threads (joined) and let go of its linker."""
+        poller, self._warm_poller, self._poller = self._warm_poller, None, None
+        if poller is not None:
+            poller.close()
+        self.prefaulter.close()
+        self.linker.close()
 
     @property
     def running(self) -> int:
@@ -468,6 +527,18 @@ class AsyncSandbox(Sandbox):
             self.stop(attempt)
 
     def _finished(self, future: CallFuture[Any]) -> None:
+        with self._lock:
+            self._ending += 1
+        try:
+            self._finish(future)
+        finally:
+            with self._lock:
+                self._ending -= 1
+                if not self._attempts and not self._ending:
+                    self._lock.notify_all()
+
+    def _finish(self, future: CallFuture[Any]) -> None:
+        """Make the outcome of an attempt whose call ended, and call its on_done."""
         attempt: Attempt = future.data
         with self._lock:
             self._attempts.discard(attempt)

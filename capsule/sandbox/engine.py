@@ -551,6 +551,9 @@ class _TrackedStore(wasmtime.Store):
         self.budget: MemoryBudget | None = None
         #: Why the budget stopped it while no attempt had it (its next one ends at once).
         self.evicted: str | None = None
+        #: Where its guest's imports find modules: its sandbox's (whose linker
+        #: may be another's, shared: see Sandbox).
+        self.finder: ModuleFinder | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -879,7 +882,10 @@ class GuestComponent:
 
 class Sandbox:
     """The linker and instances of one run, on an engine and compiled runtime
-    of its own or shared (``guest``); use as a context manager."""
+    of its own or shared (``guest``); use as a context manager. ``linker``: one
+    made by another sandbox on the same guest, shared with it (its imports
+    act for the instance they serve: they find its module finder by its
+    store); by default it makes its own."""
 
     def __init__(
         self,
@@ -888,6 +894,7 @@ class Sandbox:
         cpu_slots: int | None = None,
         memory_budget: int | None = None,
         guest: GuestComponent | None = None,
+        linker: Linker | None = None,
     ) -> None:
         guest = guest or GuestComponent(progress, self._make_engine)
         self.engine = guest.engine
@@ -903,7 +910,8 @@ class Sandbox:
         assert load is not None and run is not None
         self._load_index, self._run_index = load, run
         self._exports = {load: ExportCaller(load), run: ExportCaller(run)}
-        self.linker = self._make_linker()
+        self._owns_linker = linker is None
+        self.linker = self._make_linker() if linker is None else linker
         #: The limits of imports after the first, by program (see prepare).
         self._import_limits: dict[str, Limits] = {}
         self._pool: InstancePool | None = None
@@ -941,7 +949,8 @@ class Sandbox:
             # linker is deleted, and ours are bound methods of this sandbox: without
             # this, every sandbox (engine, compiled code mapped) lived on (~11 MB a
             # run, for a program that runs several in one process).
-            self.linker.close()
+            if self._owns_linker:
+                self.linker.close()
         finally:
             CONVERTERS.release()
 
@@ -1106,8 +1115,14 @@ class Sandbox:
         invocation.host.abandon(invocation, handle)
         _stop_if_asked(invocation)
 
+    def _finder_here(self) -> ModuleFinder:
+        """The module finder of the instance whose import is served on this
+        thread: its sandbox's (this one's, unless this linker is shared)."""
+        finder = getattr(getattr(_thread, "store", None), "finder", None)
+        return finder if finder is not None else self.finder
+
     def _find_module(self, fullname: str) -> Any:
-        found = self.finder.find(fullname)
+        found = self._finder_here().find(fullname)
         if found is None:
             return None
         if isinstance(found, Refused):
@@ -1118,7 +1133,7 @@ class Sandbox:
         # Only an instance importing the program, before any task input reached
         # it, may supply code that later instances will run.
         if _thread.invocation.task_id == LOAD_TASK_ID:
-            self.finder.remember_compiled(origin, compiled)
+            self._finder_here().remember_compiled(origin, compiled)
 
     def _call_task(self, name: str, call_json: str) -> Answer:
         invocation = _step_caller()
@@ -1255,6 +1270,7 @@ class Sandbox:
         )
         with _bound(invocation):
             store = self._new_store(limits)
+            store.finder = self.finder
             store.invocation, store.thread = invocation, threading.get_ident()
             if self.budget is not None:
                 store.budget = self.budget
@@ -1663,7 +1679,10 @@ class InstancePool:
 
     Instantiating and importing the program costs a few milliseconds; doing it
     here, off the critical path, leaves a task call only its own run. A take that
-    finds the pool empty prepares inline rather than waiting.
+    finds the pool empty prepares inline rather than waiting. The filler starts
+    at the first such take, not with the pool: a run whose only task takes the
+    instance its program was loaded in (``first``) never pays for one, nor
+    shares the CPU (and the GIL) with it while it starts.
     """
 
     def __init__(self, sandbox: Sandbox, program: str, size: int, first: Prepared | None) -> None:
@@ -1679,10 +1698,10 @@ class InstancePool:
         #: (the filler, or the memory budget's thread: never both).
         self._retired: list[wasmtime.Store] = []
         self._retired_lock = threading.Lock()
+        self._size = size
+        #: The filler, once a take found the pool empty (and the lock that starts it once).
         self._thread: threading.Thread | None = None
-        if size > 0:
-            self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
-            self._thread.start()
+        self._starting = threading.Lock()
 
     def retire(self, store: wasmtime.Store) -> None:
         """Hand over a used instance to be torn down off the caller's critical path."""
@@ -1727,7 +1746,17 @@ class InstancePool:
         try:
             return self._ready.get_nowait()
         except queue.Empty:
+            self._start_filling()
             return None
+
+    def _start_filling(self) -> None:
+        """Start the filler (once; none for a pool of size 0, or closed)."""
+        if self._thread is not None or self._size <= 0:
+            return
+        with self._starting:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._fill, name="capsule-pool", daemon=True)
+                self._thread.start()
 
     def _fill(self) -> None:
         failures = 0
@@ -1753,7 +1782,8 @@ class InstancePool:
                 prepared.store.close()
 
     def close(self) -> None:
-        self._stop.set()
+        with self._starting:  # (no filler starts from now on)
+            self._stop.set()
         self._scope.closed = True  # (an import under way stops at its next tick)
         if self._thread is not None:
             self._thread.join()

@@ -40,7 +40,7 @@ from capsule.supervisor.run import (
 from capsule.supervisor.steps import History, JournalFailure, StepLog
 
 if TYPE_CHECKING:
-    from capsule.sandbox.guests import SharedGuests
+    from capsule.supervisor.shared import SharedRuns
 from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
 from capsule.supervisor.tree import TaskResult
 
@@ -151,7 +151,7 @@ def run_program(
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
     events: EventStream | None = None,
-    guests: SharedGuests | None = None,
+    shared: SharedRuns | None = None,
 ) -> RunReport:
     """Run the entry task (``main`` unless ``request.entry`` names another) of
     the program at ``request.path``; blocks until the run ends.
@@ -160,9 +160,11 @@ def run_program(
 
     With ``steps`` the run is journaled there; with ``history`` it resumes the
     run ``run_id`` journaled earlier (same ``seed``). ``on_run`` receives the
-    run once it starts (to watch it, cancel tasks, or stop it). ``guests``: the
-    engines and compiled runtimes to run on, one per core, shared with other
-    runs (default: the run loads its own)."""
+    run once it starts (to watch it, cancel tasks, or stop it). ``shared``:
+    what it shares with the other runs of its host application (the engines
+    and compiled runtimes to run on; on the async core, the event loop and
+    the warm sandbox's linker and poll threads); by default the run loads
+    its own, and starts a loop and poll threads of its own."""
     totals = RunTotals()  # (its duration counts the load too)
     path = request.path.resolve()
     if not isinstance(request.entry, str):  # (a damaged journal's, on resume)
@@ -182,6 +184,7 @@ def run_program(
     roots = [path.parent, *site_package_dirs()]
     sandbox: Sandbox
     try:
+        guests = shared.guests if shared is not None else None
         guest = guests.for_core(settings.core) if guests is not None else None
         if settings.core == "async":
             from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
@@ -191,6 +194,7 @@ def run_program(
                 poll_threads=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
+                warm=shared.async_sandbox() if shared is not None else None,
             )
         else:
             sandbox = Sandbox(
@@ -254,7 +258,11 @@ def run_program(
                     f"the task will not see it",
                 )
             )
-        run = Run(sandbox, module, configs, events, settings, run_id, steps, history, seed, grants)
+        # (A loop thread is started for a run on the async core only.)
+        loop = shared.loop() if shared is not None and settings.core == "async" else None
+        run = Run(
+            sandbox, module, configs, events, settings, run_id, steps, history, seed, grants, loop
+        )
         if on_run is not None:
             on_run(run)
         events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)

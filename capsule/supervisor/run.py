@@ -54,7 +54,7 @@ from capsule.supervisor.option_specs import (
     DEFAULT_RETRY_BACKOFF_S,
 )
 from capsule.supervisor.output import Output
-from capsule.supervisor.run_loop import RunLoop
+from capsule.supervisor.run_loop import LoopThread, RunLoop
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
@@ -153,6 +153,7 @@ class Run:
         history: History | None = None,
         seed: bytes = b"",
         grants: dict[str, Grants] | None = None,
+        loop: LoopThread | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.program = program
@@ -193,10 +194,11 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The run's event loop, on a thread of the run's: on the async core
-        #: (or where waits run by continuation) started with the run, stopped
-        #: when it ends; never started on task threads.
-        self._loop = RunLoop(f"capsule-loop {run_id}")
+        #: The run's part of an event loop (``loop``, its host application's,
+        #: else one on a thread of the run's own): on the async core (or where
+        #: waits run by continuation) opened with the run, closed when it
+        #: ends; never opened on task threads.
+        self._loop = RunLoop(f"capsule-loop {run_id}", loop)
         self._continuations = Continuations(self._loop, events, run_id, output.shown)
         # The steps that may wait (declared once, by the host calls that make
         # them) run as the run's core runs them: on the task's thread, or by

@@ -1,9 +1,14 @@
-"""One run's event loop: an anyio event loop (the asyncio backend) on one
-thread the run owns, started with the run (on the async core, or where waits
-run by continuation) and stopped when it ends. Its task group holds the root
-invocation, under which every other one is a task (async_core.py), and the
-waits run by continuation (continuations.py); callbacks (:meth:`RunLoop.soon`)
-and timers (:meth:`RunLoop.at`) come to it from any thread.
+"""The event loop runs are driven on: an anyio event loop (the asyncio
+backend) on a thread of its own (:class:`LoopThread`), and each run's part of
+it (:class:`RunLoop`), a task group on it. A Runtime's runs share one loop
+thread, started by its first run that needs one and stopped as the Runtime
+closes; a run made without one (``run_program`` alone) starts a loop thread of
+its own and stops it as it ends. A run's task group holds the root invocation,
+under which every other one is a task (async_core.py), and the waits run by
+continuation (continuations.py); callbacks (:meth:`RunLoop.soon`) and timers
+(:meth:`RunLoop.at`) come to it from any thread. Once the run ends its group
+is cancelled, its timers and callbacks not yet run never run, and nothing of
+it is left on the loop.
 
 Callbacks go through the loop's own thread-safe ``call_soon_threadsafe`` and
 ``call_at``, not an anyio portal: a wake-up of a waiting task is one of them,
@@ -17,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
+from functools import partial
 from typing import Any
 
 import anyio
@@ -25,6 +31,93 @@ from anyio.abc import TaskGroup
 
 def _nothing() -> None:
     pass
+
+
+class LoopThread:
+    """An anyio event loop (the asyncio backend) on a thread of its own, whose
+    task group owns the task groups of the runs on it (see the module)."""
+
+    def __init__(self, name: str = "capsule-loop") -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: The context callbacks run in: the loop's, where anyio knows its
+        #: backend (a callback starts tasks and cancels scopes).
+        self.context = contextvars.Context()
+        self._group: TaskGroup | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._ready = threading.Event()
+        self._closed = False
+        #: Why its loop ended other than by close (a bug), if it did.
+        self.failures: list[BaseException] = []
+
+    def start(self) -> None:
+        """Start its thread; returns once the loop runs."""
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} was started already")
+        if self._closed:
+            raise RuntimeError(f"{self.name} is stopped")
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                anyio.run(self._main, backend="asyncio")
+            except BaseException as exc:  # (seen by start, or kept: a bug)
+                failed.append(exc)
+                self.failures.append(exc)
+            finally:
+                self._ready.set()
+
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if failed:
+            raise RuntimeError(f"{self.name} could not start its event loop") from failed[0]
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.context = contextvars.copy_context()
+        self._thread_id = threading.get_ident()
+        async with anyio.create_task_group() as group:
+            self._group = group
+            self._ready.set()
+            await anyio.sleep_forever()  # (until close cancels the group)
+
+    def close(self) -> None:
+        """Stop: the task groups still on it (none once their runs ended) are
+        cancelled. Returns once its thread ended (at once if called on it)."""
+        self._closed = True
+        thread, loop, group = self._thread, self._loop, self._group
+        if thread is None or loop is None or group is None:
+            return
+        try:
+            loop.call_soon_threadsafe(group.cancel_scope.cancel)
+        except RuntimeError:  # its loop has stopped already
+            pass
+        if thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def running(self) -> bool:
+        """Whether its thread runs (started and not yet ended)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def on_loop(self) -> bool:
+        """Whether this is the loop's thread."""
+        return threading.get_ident() == self._thread_id
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """Its asyncio loop; RuntimeError unless it runs."""
+        loop = self._loop
+        if self._closed or loop is None:
+            raise RuntimeError(f"{self.name} is {'stopped' if self._closed else 'not started'}")
+        return loop
+
+    def start_soon(self, task: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """On the loop's thread: start ``task`` in its own task group."""
+        assert self._group is not None and self.on_loop()
+        self._group.start_soon(task, name=name)
 
 
 class LoopTimer:
@@ -47,20 +140,26 @@ class LoopTimer:
             return
         self.cancelled = True
         self.callback = _nothing
-        handle = self.handle
-        if handle is not None:
+        if self.handle is not None:
             try:
                 # (A loop's timer is cancelled on its own thread: it counts them.)
-                self.owner.call(handle.cancel)
-            except RuntimeError:  # its loop has stopped: the timer went with it
+                self.owner.call(self._disarm)
+            except RuntimeError:  # its run's loop has stopped: the timer went with it
                 pass
 
     def _arm(self) -> None:
         """On the loop's thread: set the loop's timer, unless cancelled."""
         if not self.cancelled:
-            self.handle = self.owner._running().call_at(
-                self.when, self._fire, context=self.owner._context
-            )
+            owner = self.owner
+            self.handle = owner._running().call_at(self.when, self._fire, context=owner._context)
+            owner._timers.add(self)
+
+    def _disarm(self) -> None:
+        """On the loop's thread: its loop's timer is cancelled and let go."""
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.cancel()
+        self.owner._timers.discard(self)
 
     def _fire(self) -> None:
         if self.cancelled:
@@ -71,98 +170,128 @@ class LoopTimer:
             self._arm()
             return
         self.cancelled = True  # (it runs now: cancelling it is too late)
+        self.handle = None
+        self.owner._timers.discard(self)
         self.owner._guarded(self.callback)
 
 
 class RunLoop:
-    """An anyio event loop on a thread of its own (see the module). A callback
-    must not raise: one that does is kept in ``failures`` and the loop goes on."""
+    """One run's part of a :class:`LoopThread`: a task group on it, opened by
+    :meth:`start` and cancelled by :meth:`close` (see the module). ``shared``:
+    the loop thread of the Runtime the run is of (None: the run starts one of
+    its own, and stops it as it closes). A callback must not raise: one that
+    does is kept in ``failures`` and the loop goes on."""
 
-    def __init__(self, name: str = "capsule-loop") -> None:
+    def __init__(self, name: str = "capsule-loop", shared: LoopThread | None = None) -> None:
         self.name = name
+        self._shared = shared
+        self._host: LoopThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: The context callbacks run in: the loop's, where anyio knows its
-        #: backend (a callback starts tasks and cancels scopes).
         self._context = contextvars.Context()
         self._group: TaskGroup | None = None
-        self._thread: threading.Thread | None = None
-        self._thread_id: int | None = None
-        self._ready = threading.Event()
+        #: Set once its task group has ended (on the loop's thread).
+        self._ended = threading.Event()
         self._closed = False
+        #: Its timers set on the loop and not yet run (on the loop's thread):
+        #: cancelled as its group ends.
+        self._timers: set[LoopTimer] = set()
         #: Callbacks given by other threads, not yet run (see soon).
         self._queued: deque[Callable[[], None]] = deque()
         self._drain_due = False
         #: What callbacks raised (a bug in one of them).
         self.failures: list[BaseException] = []
 
-    # -- its thread --------------------------------------------------------
+    # -- its task group ------------------------------------------------------
 
     def start(self) -> None:
-        """Start its thread; returns once the loop runs."""
-        if self._thread is not None:
+        """Open its task group on the loop (starting a loop thread of its own
+        if it has no shared one); returns once it is open."""
+        if self._host is not None:
             raise RuntimeError(f"{self.name} was started already")
         if self._closed:
             raise RuntimeError(f"{self.name} is stopped: its run has ended")
-        failed: list[BaseException] = []
+        host = self._shared
+        if host is None:
+            host = LoopThread(self.name)
+            host.start()
+        self._host = host
+        try:
+            self._open(host)
+        except BaseException:
+            if host is not self._shared:
+                host.close()
+            raise
 
-        def run() -> None:
-            try:
-                anyio.run(self._main, backend="asyncio")
-            except BaseException as exc:  # (seen by start, or kept: a bug)
-                failed.append(exc)
-                self.failures.append(exc)
-            finally:
-                self._ready.set()
+    def _open(self, host: LoopThread) -> None:
+        opened = threading.Event()
+        try:
+            loop = host.loop()
+            loop.call_soon_threadsafe(
+                host.start_soon, partial(self._hold, opened), self.name, context=host.context
+            )
+        except RuntimeError as exc:  # the shared loop has stopped: its Runtime closed
+            raise RuntimeError(f"{self.name} could not start: {exc}") from None
+        while not opened.wait(0.5):
+            if not host.running:
+                raise RuntimeError(f"{self.name} could not start: {host.name} has stopped")
+        self._context = host.context
+        self._loop = loop
 
-        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if failed:
-            raise RuntimeError(f"{self.name} could not start its event loop") from failed[0]
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._context = contextvars.copy_context()
-        self._thread_id = threading.get_ident()
-        async with anyio.create_task_group() as group:
-            self._group = group
-            self._ready.set()
-            await anyio.sleep_forever()  # (until close cancels the group)
+    async def _hold(self, opened: threading.Event) -> None:
+        """Its task group, on the loop, until close cancels it."""
+        try:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                opened.set()
+                await anyio.sleep_forever()
+        finally:
+            self._closed = True
+            for timer in list(self._timers):  # (they were its run's: none runs now)
+                timer.cancel()
+            self._queued.clear()
+            self._ended.set()
 
     def close(self) -> None:
         """Stop: callbacks and timers not yet run never run, and tasks still
         in its task group (none once its run ended) are cancelled. Returns once
-        its thread ended (at once if called on it)."""
+        its group ended, and its own loop thread if it has one (at once if
+        called on the loop's thread)."""
         self._closed = True
-        thread, loop, group = self._thread, self._loop, self._group
-        if thread is None or loop is None or group is None:
+        host, loop = self._host, self._loop
+        if host is None or loop is None:
             return
-        try:
-            loop.call_soon_threadsafe(group.cancel_scope.cancel)
-        except RuntimeError:  # its loop has stopped already
-            pass
-        if thread is not threading.current_thread():
-            thread.join()
+        group = self._group
+        if group is not None:
+            try:
+                loop.call_soon_threadsafe(group.cancel_scope.cancel, context=self._context)
+            except RuntimeError:  # its loop has stopped already (so has its group)
+                pass
+            if not host.on_loop():
+                while not self._ended.wait(0.5) and host.running:
+                    pass
+        if host is not self._shared:
+            host.close()
 
     @property
     def running(self) -> bool:
-        """Whether its thread runs (started and not yet ended)."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
+        """Whether its task group is open on a running loop."""
+        host = self._host
+        return host is not None and host.running and not self._ended.is_set()
 
     def on_loop(self) -> bool:
         """Whether this is the loop's thread."""
-        return threading.get_ident() == self._thread_id
+        host = self._host
+        return host is not None and host.on_loop()
 
     # -- what runs on it -----------------------------------------------------
 
     def call(self, callback: Callable[[], Any]) -> None:
         """Run ``callback`` on the loop's thread: now if this is it, else as
-        soon as the loop gets to it."""
+        soon as the loop gets to it (unless its run has ended by then)."""
         if self.on_loop():
             callback()
         else:
-            self._running().call_soon_threadsafe(callback, context=self._context)
+            self._running().call_soon_threadsafe(self._guarded, callback, context=self._context)
 
     def soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the loop as soon as it gets to it (never now),
@@ -186,6 +315,8 @@ class RunLoop:
         # Those queued meanwhile wait for the next drain: the loop's other
         # callbacks and tasks are not held up behind a stream of them.
         for _ in range(len(queued)):
+            if not queued:  # (its group ended meanwhile: they were let go)
+                return
             self._guarded(queued.popleft())
 
     def at(self, when: float, callback: Callable[[], None]) -> LoopTimer:
@@ -196,11 +327,11 @@ class RunLoop:
         if self.on_loop():
             timer._arm()
         else:
-            loop.call_soon_threadsafe(timer._arm, context=self._context)
+            loop.call_soon_threadsafe(self._guarded, timer._arm, context=self._context)
         return timer
 
     def start_soon(self, task: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        """On the loop's thread: start ``task`` in the loop's own task group."""
+        """On the loop's thread: start ``task`` in the run's task group."""
         assert self._group is not None and self.on_loop()
         self._group.start_soon(task, name=name)
 
@@ -212,6 +343,8 @@ class RunLoop:
         return loop
 
     def _guarded(self, callback: Callable[[], None]) -> None:
+        if self._closed:  # (given before its run ended: it never runs)
+            return
         try:
             callback()
         except Exception as exc:  # a bug: kept, and the loop goes on

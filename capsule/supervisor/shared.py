@@ -1,0 +1,71 @@
+"""What the runs of one host application (a Runtime) share, each made on
+first use and stopped as the application closes it: the guests (an engine and
+compiled guest runtime per core), the event loop thread the runs on the async
+core are task groups on (run_loop.py), and the warm AsyncSandbox whose linker
+and poll threads their sandboxes use (each keeps what is its run's own: its
+module finder, memory budget, CPU slots and instances)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from capsule.sandbox.guests import SharedGuests
+from capsule.supervisor.run_loop import LoopThread
+
+if TYPE_CHECKING:
+    from capsule.sandbox.async_sandbox import AsyncSandbox
+
+
+class SharedRuns:
+    """The guests, loop thread and warm sandbox a Runtime's runs share (see
+    the module). ``guests``: None to have each run load its own (as it starts,
+    where an interrupt reaches its build; then no sandbox is shared either)."""
+
+    def __init__(self, guests: SharedGuests | None) -> None:
+        self.guests = guests
+        self._lock = threading.Lock()
+        self._loop: LoopThread | None = None
+        self._sandbox: AsyncSandbox | None = None
+        self._closed = False
+
+    def loop(self) -> LoopThread:
+        """The runs' loop thread, started now if no run started it yet."""
+        with self._lock:  # (one loop, however many runs start at once)
+            if self._closed:
+                raise RuntimeError("the runs' loop is stopped: its Runtime has closed")
+            loop = self._loop
+            if loop is None or not loop.running:
+                loop = LoopThread("capsule-runs")
+                loop.start()
+                self._loop = loop
+            return loop
+
+    def async_sandbox(self) -> AsyncSandbox | None:
+        """The warm sandbox of the async core's runs, opened now if no run
+        opened it yet (None without shared guests)."""
+        guests = self.guests
+        if guests is None:
+            return None
+        guest = guests.for_core("async")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the runs' sandbox is closed: its Runtime has closed")
+            if self._sandbox is None:
+                from capsule.sandbox.async_sandbox import AsyncSandbox
+
+                self._sandbox = AsyncSandbox([], guest=guest).open_warm()
+            return self._sandbox
+
+    def close(self) -> None:
+        """Stop the loop thread and the warm sandbox's poll threads (once the
+        runs ended: nothing of theirs is on them by then); returns once they
+        ended."""
+        with self._lock:
+            self._closed = True
+            loop, self._loop = self._loop, None
+            sandbox, self._sandbox = self._sandbox, None
+        if loop is not None:
+            loop.close()
+        if sandbox is not None:
+            sandbox.close_warm()
