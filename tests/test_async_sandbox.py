@@ -599,6 +599,7 @@ def test_an_attempt_that_cannot_start_ends_at_once(
     assert attempt.outcome is not None and attempt.outcome.error is not None
     assert attempt.outcome.error.kind == "memory_limit"
     missing = sandbox.start(invocation("m", "hello", host), "no_such", args("x"), waits, ended)
+    ended.wait_for(2)  # (found missing as it is imported: on a preparer thread)
     assert missing.outcome is not None and missing.outcome.error is not None
     assert "cannot load 'no_such'" in missing.outcome.error.message
     assert sandbox.running == 0
@@ -613,7 +614,8 @@ def test_an_attempt_the_host_fails_to_start_leaves_no_instance(
     ended = Ended()
     unlowerable = '{"args": ["\ud800"], "kwargs": {}}'
     attempt = sandbox.start(invocation("u", "hello", host), "prog", unlowerable, waits, ended)
-    assert attempt.ended and ended.attempts == [attempt]  # (on this thread)
+    ended.wait_for(1)
+    assert ended.attempts == [attempt]
     assert attempt.outcome is not None and attempt.outcome.error is not None
     assert attempt.outcome.error.kind == "trap"
     assert attempt.outcome.error.message == "the host failed while starting the task"
@@ -623,6 +625,71 @@ def test_an_attempt_the_host_fails_to_start_leaves_no_instance(
     assert live_instances() == 0
     after = run(sandbox, waits, invocation("v", "hello", host), args("x"))
     assert after.outcome is not None and after.outcome.error is None
+
+
+class Switch:
+    """Where a test's invocation runs: it stops once switched off."""
+
+    def __init__(self) -> None:
+        self.off = False
+
+    def stop_reason(self, invocation: Invocation) -> str | None:
+        return "cancelled" if self.off else past_deadline(invocation)
+
+    def cancellation_message(self, invocation: Invocation) -> str:
+        return "switched off by the test"
+
+
+#: A program whose import never ends (module-level code that naps forever;
+#: its import's own time limit is far beyond a test's).
+STUCK = """
+import time
+import capsule
+
+@capsule.task
+def never():
+    return 1
+
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_an_import_that_never_ends_holds_no_thread_that_starts_an_attempt(
+    sandbox: AsyncSandbox, waits: Waits, host: Host, tmp_path: Path
+) -> None:
+    """No instance ready: the program is imported for the attempt on a
+    thread of the sandbox's, not on the starter's (a poll thread serving a
+    task call, or the run's loop: a slow import there stalls every task)."""
+    (tmp_path / "stuck.py").write_text(STUCK)
+    ended, switch = Ended(), Switch()
+    stuck = invocation("s", "never", host, within=switch)
+    attempt = sandbox.start(stuck, "stuck", args(), waits, ended)
+    assert not attempt.ended and ended.attempts == []  # (returned while it imports)
+    after = run(sandbox, waits, invocation("h", "hello", host), args("x"))
+    assert after.outcome is not None and after.outcome.error is None
+    switch.off = True
+    ended.wait_for(1)
+    assert attempt.outcome is not None and attempt.outcome.error is not None
+    assert attempt.outcome.error.kind == "cancelled", attempt.outcome.error
+    assert sandbox.running == 0
+
+
+def test_closing_the_sandbox_ends_an_attempt_whose_import_is_under_way(
+    tmp_path: Path, host: Host
+) -> None:
+    (tmp_path / "stuck.py").write_text(STUCK)
+    ended = Ended()
+    with AsyncSandbox([tmp_path], poll_threads=1) as sandbox:
+        waits = Waits(sandbox, host)
+        attempt = sandbox.start(invocation("s", "never", host), "stuck", args(), waits, ended)
+        assert not attempt.ended
+    assert ended.attempts == [attempt]
+    assert attempt.outcome is not None and attempt.outcome.error is not None
+    assert attempt.outcome.error.kind == "cancelled", attempt.outcome.error
+    assert not any(thread.name.startswith("capsule-prepare") for thread in threading.enumerate())
+    gc.collect()
+    assert live_instances() == 0
 
 
 def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) -> None:

@@ -588,16 +588,21 @@ def test_nothing_of_a_run_outlives_it() -> None:
     import weakref
     from pathlib import Path
 
+    from capsule.sandbox.budget import machine_memory
     from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
 
+    # A memory budget of its own (its thread must not keep the run either),
+    # but one the test process itself never fills: the budget counts the
+    # whole process, which the tests before this one may have grown.
+    budget = f"{machine_memory() // 1024**2}MB"
     sandboxes: list[weakref.ref[Any]] = []
     for _ in range(2):
         report = run_program(
             RunRequest(
                 path=Path(EXAMPLES / "hello.py"),
                 args=[],
-                options=RunOptions(max_total_ram="1GB"),
+                options=RunOptions(max_total_ram=budget),
             ),
             lambda event: None,
             on_run=lambda run: sandboxes.append(weakref.ref(run.sandbox)),

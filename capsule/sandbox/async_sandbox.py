@@ -32,6 +32,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from wasmtime.component import Instance, LinkerInstance
 from capsule.sandbox import guest_data
 from capsule.sandbox import wasmtime_compat as compat
 from capsule.sandbox.engine import (
+    CALLER_STOPPED,
     ENGINE_SETTINGS,
     Answer,
     AttemptOutcome,
@@ -51,6 +53,7 @@ from capsule.sandbox.engine import (
     ErrorInfo,
     GuestComponent,
     Invocation,
+    Prepared,
     Sandbox,
     _bound,
     _checked_result,
@@ -291,7 +294,14 @@ class AsyncSandbox(Sandbox):
         self._lock = threading.Condition(threading.Lock())
         #: How many attempts' ends are being made (their on_done not yet returned).
         self._ending = 0
+        #: Prepares an instance for an attempt that found none ready, off its
+        #: starter's thread (a poll thread or the run's loop: neither may wait
+        #: for a program's import, which may take long). Its threads start
+        #: with the first such attempt.
+        self._preparer: ThreadPoolExecutor | None = None
         self._attempts: set[Attempt] = set()
+        self._importing: set[Attempt] = set()
+        self._closing = False
         #: (Weak: an attempt that ended early is not held until its deadline.)
         self._deadlines: list[tuple[float, int, weakref.ref[Attempt]]] = []
         self._order = itertools.count()
@@ -311,10 +321,22 @@ class AsyncSandbox(Sandbox):
         else:
             self._warm = None
             self._poller = Poller(threads=self.slots.size, name="capsule-poll")
+        self._closing = False
+        self._preparer = ThreadPoolExecutor(
+            max_workers=self.slots.size, thread_name_prefix="capsule-prepare"
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
+            with self._lock:
+                self._closing = True
+                preparing = list(self._importing)
+            for attempt in preparing:  # (their imports stop at the next tick)
+                attempt.invocation.aborted = ErrorInfo("cancelled", CALLER_STOPPED)
+            if self._preparer is not None:
+                self._preparer.shutdown(wait=True)
+                self._preparer = None
             poller, self._poller = self._poller, None
             if poller is not None and self._warm is not None:
                 # (Shared poll threads go on: the calls left, none once its
@@ -427,27 +449,66 @@ class AsyncSandbox(Sandbox):
         """Start one attempt of a task in a fresh instance, with ``call_json``
         (checked ``{"args": [...], "kwargs": {...}}``) as its arguments, and
         return at once. ``on_done(attempt)`` is called once it ended (on a
-        poll thread; on this one if it could not start; on the one that
-        closes the sandbox for those it ends), with
+        poll thread; on this one or a preparer's if it could not start; on
+        the one that closes the sandbox for those it ends), with
         ``attempt.outcome`` set. If no prepared instance is ready, the program
-        is imported into a new one here first (a few milliseconds)."""
-        if self._poller is None:
+        is imported into a new one first, on a thread of the sandbox's (a few
+        milliseconds, or as long as the program's import takes)."""
+        if self._poller is None or self._preparer is None:
             raise RuntimeError("the sandbox is not open")
         attempt = Attempt(invocation, waiting, on_done)
         error = too_little_ram(invocation.limits)
-        prepared = error or self._instance_for(invocation, program)
+        if error is not None:
+            self._launch(attempt, error, call_json)
+            return attempt
+        ready = self._ready_instance(program)
+        if ready is not None:
+            self._launch(attempt, self._taken(invocation, ready), call_json)
+            return attempt
+        with self._lock:
+            closing = self._closing
+            if not closing:
+                self._importing.add(attempt)
+        if closing:
+            self._launch(attempt, ErrorInfo("cancelled", CALLER_STOPPED), call_json)
+        else:
+            self._preparer.submit(self._prepare_then_launch, attempt, program, call_json)
+        return attempt
+
+    def _prepare_then_launch(self, attempt: Attempt, program: str, call_json: str) -> None:
+        """On a preparer thread: an instance for ``attempt``, then its call."""
+        try:
+            prepared = self._instance_for(attempt.invocation, program)
+        except Exception:  # (its owner must hear of its end all the same)
+            error = ErrorInfo(
+                "trap", "the host failed while starting the task", traceback=traceback.format_exc()
+            )
+            prepared = error
+        finally:
+            with self._lock:
+                self._importing.discard(attempt)
+        self._launch(attempt, prepared, call_json)
+
+    def _launch(self, attempt: Attempt, prepared: Prepared | ErrorInfo, call_json: str) -> None:
+        """Make ``attempt``'s call in its ``prepared`` instance, or end it with
+        why it has none."""
+        poller = self._poller
+        if poller is None and isinstance(prepared, Prepared):  # (the sandbox closed meanwhile)
+            prepared.store.close()
+            prepared = ErrorInfo("cancelled", CALLER_STOPPED)
         if isinstance(prepared, ErrorInfo):
             attempt.outcome = self._outcome(None, prepared, 0, attempt.started)
-            on_done(attempt)
-            return attempt
+            if attempt.on_done is not None:
+                attempt.on_done(attempt)
+            return
+        assert poller is not None
         store = prepared.store
         assert isinstance(store, _AsyncTrackedStore)
         store.attempt, attempt.store = attempt, store
         try:
-            self._begin(attempt, prepared.instance, call_json, self._poller)
+            self._begin(attempt, prepared.instance, call_json, poller)
         except Exception:  # (the attempt never ran: its instance must not outlive it)
             self._not_started(attempt, traceback.format_exc())
-        return attempt
 
     def _begin(self, attempt: Attempt, instance: Instance, call_json: str, poller: Poller) -> None:
         """Make the attempt's call in its instance and hand it to the poll threads."""

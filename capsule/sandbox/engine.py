@@ -1358,22 +1358,36 @@ class Sandbox:
 
     def _instance_for(self, invocation: Invocation, program: str) -> Prepared | ErrorInfo:
         """A fresh instance with ``program`` imported, taken by ``invocation``
-        (its clock starts now), or why there is none."""
-        wasi = None
-        if invocation.grants.files:
-            try:
-                wasi = _wasi_config(invocation.grants)
-            except PathRefused as exc:
-                return ErrorInfo("limit", f"the host did not start the task: {exc}")
-        prepared = self._pool.take() if self._pool is not None else None
-        if prepared is None or prepared.program != program:
+        (its clock starts now), or why there is none: a ready one from the
+        pool, else one prepared here."""
+        prepared = self._ready_instance(program)
+        if prepared is None:
             try:
                 prepared = self.prepare(program, within=_ImportFor(invocation))
             except PrepareError as exc:
                 return exc.error
+        return self._taken(invocation, prepared)
+
+    def _ready_instance(self, program: str) -> Prepared | None:
+        """A prepared instance of ``program`` from the pool, or None if it has
+        none ready (it is not waited on)."""
+        prepared = self._pool.take() if self._pool is not None else None
+        if prepared is not None and prepared.program != program:
+            prepared.store.close()  # (the pool's is another program's)
+            return None
+        return prepared
+
+    def _taken(self, invocation: Invocation, prepared: Prepared) -> Prepared | ErrorInfo:
+        """``prepared``, taken by ``invocation``: its clock starts now, with
+        the files it was granted; or why it cannot start (then its instance is
+        closed)."""
         store = prepared.store
-        if wasi is not None:
-            store.set_wasi(wasi)
+        if invocation.grants.files:
+            try:
+                store.set_wasi(_wasi_config(invocation.grants))
+            except PathRefused as exc:
+                store.close()
+                return ErrorInfo("limit", f"the host did not start the task: {exc}")
         invocation.started = time.monotonic()
         store.invocation = invocation
         if store.evicted is not None:  # (the budget chose it as the task took it)
