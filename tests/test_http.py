@@ -362,18 +362,18 @@ def test_the_client_starts_with_the_run_when_a_task_may_make_requests(
         """
     )
     started_on: list[str] = []
-    started = HttpClient._started
+    made = HttpClient._made
 
     def note(client: HttpClient) -> Any:
         started_on.append(threading.current_thread().name)
-        return started(client)
+        return made(client)
 
-    HttpClient._started = note  # type: ignore[method-assign]
+    HttpClient._made = note  # type: ignore[method-assign]
     try:
         url = f"{http_server.url}/status/200" if granted else ""
         report = run_program(RunRequest(path=path, args=[url]), lambda _: None)
     finally:
-        HttpClient._started = started  # type: ignore[method-assign]
+        HttpClient._made = made  # type: ignore[method-assign]
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == (200 if granted else 0)
     if granted:
@@ -469,6 +469,51 @@ def test_a_client_that_fails_to_start_is_reported_by_the_request_not_the_warm_up
     client.close()
     names = {thread.name for thread in threading.enumerate()}
     assert not {"capsule-http", "capsule-http-start"} & names, names
+
+
+def test_on_the_async_core_requests_run_on_the_run_s_loop_not_a_thread_of_their_own(
+    program: Any, http_server: LocalServer
+) -> None:
+    """The async core's run has an event loop already: its HTTP requests run
+    there (no capsule-http loop thread), and end with the run."""
+    import threading
+
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+
+    path = program(
+        """
+        from capsule import task
+        from capsule.http import get
+
+        @task(name="main", allowed_hosts=["127.0.0.1"])
+        def main(url: str) -> int:
+            return get(url).status_code
+        """
+    )
+    url = f"{http_server.url}/slow/0.5"
+    reports: list[Any] = []
+    running = threading.Thread(
+        target=lambda: reports.append(
+            run_program(
+                RunRequest(path=path, args=[url], options=RunOptions(core="async")),
+                lambda _: None,
+            )
+        )
+    )
+    running.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not http_server.hits.get("/slow/0.5") and time.monotonic() < deadline:
+            time.sleep(0.005)  # (until the request reached the server)
+        during = {thread.name for thread in threading.enumerate()}
+    finally:
+        running.join()
+    assert http_server.hits.get("/slow/0.5") == 1
+    assert not {"capsule-http", "capsule-http-start"} & during, during
+    assert any(name.startswith("capsule-loop") for name in during), during
+    report = reports[0]
+    assert report.result is not None and report.result.value() == 200, report
 
 
 def test_what_an_exchange_in_flight_holds_is_counted_as_it_arrives() -> None:

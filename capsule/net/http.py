@@ -285,44 +285,62 @@ HostCheck = Callable[[str], bool]
 
 
 class HttpClient:
-    """One run's HTTP client: an event loop thread (anyio's blocking portal) and
-    an httpx client with its connection pool, both closed with it."""
+    """One run's HTTP client: an httpx client with its connection pool, whose
+    requests run on an event loop (``portal``: the run's, given as a way to
+    reach it; else one of its own, on a thread it starts with the first
+    request), closed with it."""
 
-    def __init__(self, max_response_bytes: int, granted: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        max_response_bytes: int,
+        granted: Iterable[str] = (),
+        portal: Callable[[], BlockingPortal] | None = None,
+    ) -> None:
         self.max_response_bytes = max_response_bytes
         #: What the run knows to be secret: ``granted`` (the values of its tasks'
         #: env grants), and the credentials its requests carry.
         self.secrets = KnownSecrets(granted)
-        self._portal_cm: Any = None
+        self._loop_portal = portal
+        #: The portal its requests went through, once one did (the run's
+        #: loop's, or its own loop thread's: then ``_portal_cm`` stops it).
         self._portal: BlockingPortal | None = None
+        self._portal_cm: Any = None
         self._client: httpx.AsyncClient | None = None
         self._lock = threading.Lock()
-        #: Starting the loop and client ahead of the first request (see warm_up).
+        #: Making the client ahead of the first request (see warm_up).
         self._warming: threading.Thread | None = None
 
+    def _made(self) -> httpx.AsyncClient:
+        # Made with the first request (most runs make none), once, however
+        # many tasks make their first request at the same time; on the
+        # calling thread, never on the loop (importing httpx and loading the
+        # CA bundle take long).
+        with self._lock:
+            if self._client is None:
+                self._client = _new_client()
+            return self._client
+
     def _started(self) -> BlockingPortal:
-        # The event loop starts with the first request (most runs make none),
-        # once, however many tasks make their first request at the same time.
+        """The portal requests are started through (its own loop thread
+        started now, if it has no run's loop and none started yet)."""
+        self._made()
         with self._lock:
             if self._portal is None:
-                from anyio.from_thread import start_blocking_portal
+                if self._loop_portal is not None:
+                    self._portal = self._loop_portal()
+                else:
+                    from anyio.from_thread import start_blocking_portal
 
-                portal_cm = start_blocking_portal(name="capsule-http")
-                portal = portal_cm.__enter__()
-                try:
-                    self._client = portal.call(_new_client)
-                except BaseException:
-                    portal_cm.__exit__(None, None, None)  # its loop thread stops
-                    raise
-                self._portal_cm, self._portal = portal_cm, portal
+                    portal_cm = start_blocking_portal(name="capsule-http")
+                    self._portal, self._portal_cm = portal_cm.__enter__(), portal_cm
             return self._portal
 
     def warm_up(self) -> None:
-        """Start the event loop and the client now, on a thread of their own
-        (joined by close): the first request would wait for them, ~0.2 - 0.5 s
-        (importing httpx, and the TLS context loading its CA bundle)."""
+        """Make the client now, on a thread of its own (joined by close): the
+        first request would wait for it, ~0.2 - 0.5 s (importing httpx, and
+        the TLS context loading its CA bundle)."""
         with self._lock:
-            if self._portal is not None or self._warming is not None:
+            if self._client is not None or self._warming is not None:
                 return
             self._warming = threading.Thread(
                 target=self._warm, name="capsule-http-start", daemon=True
@@ -331,22 +349,25 @@ class HttpClient:
 
     def _warm(self) -> None:
         try:
-            self._started()
+            self._made()
         except Exception:
-            pass  # the first request starts it again, and reports what fails then
+            pass  # the first request makes it again, and reports what fails then
 
     def close(self) -> None:
-        """Close the connections and stop the event loop (if it ever started);
-        safe to call again."""
+        """Close the connections, and stop its own event loop (if it ever
+        started one); before the run's loop closes. Safe to call again."""
         warming = self._warming
         if warming is not None:
             warming.join()
         with self._lock:
+            # (A client no request used holds no connection: let go as it is.)
+            client, self._client = self._client, None
             portal, self._portal = self._portal, None
-        if portal is not None:
-            assert self._client is not None
-            portal.call(self._client.aclose)
-            self._portal_cm.__exit__(None, None, None)
+            portal_cm, self._portal_cm = self._portal_cm, None
+        if client is not None and portal is not None:
+            portal.call(client.aclose)
+        if portal_cm is not None:
+            portal_cm.__exit__(None, None, None)
 
     def start(
         self,

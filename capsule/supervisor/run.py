@@ -173,6 +173,9 @@ class Run:
         self._http = HttpClient(
             settings.max_response_bytes,
             granted=[value for task in grants.values() for value in task.env.values()],
+            # (On the async core its requests run on the run's loop: no loop
+            # thread of their own.)
+            portal=(lambda: self._loop.portal()) if settings.core == "async" else None,
         )
         if any(task_grants.hosts for task_grants in grants.values()):
             self._http.warm_up()  # some task may make requests: ready for the first

@@ -23,10 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
+
+if TYPE_CHECKING:  # (a run that makes no HTTP request needs no portal)
+    from anyio.from_thread import BlockingPortal
 
 
 def _nothing() -> None:
@@ -200,6 +203,9 @@ class RunLoop:
         self._drain_due = False
         #: What callbacks raised (a bug in one of them).
         self.failures: list[BaseException] = []
+        #: A blocking portal into its task group, once asked for (see portal).
+        self._portal: BlockingPortal | None = None
+        self._portal_lock = threading.Lock()
 
     # -- its task group ------------------------------------------------------
 
@@ -334,6 +340,31 @@ class RunLoop:
         """On the loop's thread: start ``task`` in the run's task group."""
         assert self._group is not None and self.on_loop()
         self._group.start_soon(task, name=name)
+
+    def portal(self) -> BlockingPortal:
+        """A blocking portal into its task group, made on first use (from a
+        thread other than the loop's): how other threads run coroutines of
+        the run's on its loop (its HTTP requests), cancelled with the run.
+        RuntimeError once its run has ended."""
+        from anyio.from_thread import BlockingPortal
+
+        with self._portal_lock:
+            if self._portal is None:
+                made: list[BlockingPortal] = []
+                ready = threading.Event()
+
+                async def serve() -> None:
+                    async with BlockingPortal() as portal:
+                        made.append(portal)
+                        ready.set()
+                        await anyio.sleep_forever()  # (until its group is cancelled)
+
+                self.soon(lambda: self.start_soon(serve, f"{self.name} portal"))
+                while not ready.wait(0.5):
+                    if not self.running:
+                        raise RuntimeError(f"{self.name} is stopped: its run has ended")
+                self._portal = made[0]
+            return self._portal
 
     def _running(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
