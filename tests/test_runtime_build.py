@@ -3,7 +3,9 @@ keyed on every input, safe to build from two processes at once."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +79,23 @@ def test_two_processes_build_a_fresh_cache_at_once(tmp_path: Path) -> None:
     # A warm start reuses the cache and builds nothing.
     warm = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert warm.returncode == 0 and warm.stderr == ""
+
+
+def test_the_build_starts_deaf_to_the_signals_that_interrupt_the_run(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group, and the build's process is in
+    it until it makes a session of its own: it must not die of the signal
+    meanwhile (the run would fail instead of being interrupted). It starts
+    with them blocked; this thread's mask is as it was."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    show = (
+        "import signal; print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+    )
+    with runtime._detached([sys.executable, "-c", show], tmp_path, dict(os.environ)) as process:
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    blocked = set(json.loads(stdout))
+    assert {int(signal.SIGINT), int(signal.SIGTERM)} <= blocked
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
 
 
 def test_old_builds_are_pruned(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -171,19 +172,7 @@ def _componentize(staging: Path, output: Path) -> None:
     # An empty VIRTUAL_ENV stops componentize-py from adding the host's
     # site-packages to the build: the component holds exactly our sources.
     env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
-    # In a session of its own: Ctrl-C at a terminal signals the whole process
-    # group, and a build killed by it would fail the run (status "error", not
-    # resumable) instead of interrupting it. Capsule stops it itself: an
-    # interrupt in the wait below (capsule.interrupts) kills it.
-    with subprocess.Popen(
-        command,
-        cwd=staging,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
+    with _detached(command, cwd=staging, env=env) as process:
         try:
             stdout, stderr = _communicate_interruptibly(process)
         except BaseException:
@@ -194,6 +183,37 @@ def _componentize(staging: Path, output: Path) -> None:
             "componentize-py failed to build the guest runtime:\n"
             + (stderr or stdout).strip()[-4000:]
         )
+
+
+#: The signals Ctrl-C and `kill` send: a build must not die of them (see _detached).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``command`` (its output piped) beyond the reach of the signals
+    that interrupt this process. Ctrl-C at a terminal signals the whole
+    process group, and a build killed by it would fail the run (status
+    "error", not resumable) instead of interrupting it; Capsule stops it
+    itself (an interrupt in the wait for it kills it, see capsule.interrupts).
+
+    A session of its own is not enough: the child leaves the group only
+    after it reset its signal handlers (subprocess's vfork path), and a
+    signal in between kills it, failing the build before the interrupt
+    reaches the run. So the child starts with the stop signals blocked (it
+    inherits this thread's mask) and keeps them blocked: SIGKILL stops it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
