@@ -293,7 +293,7 @@ class Run:
         return self._journal.divergence
 
     @property
-    def journal_failure(self) -> str | None:
+    def journal_failure(self) -> JournalFailure | None:
         """Why the run was stopped, if its journal could not be written."""
         return self._journal.journal_failure
 
@@ -404,8 +404,10 @@ class Run:
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
         """How the run ended, from how its root did."""
-        if self._journal.journal_failure is not None:
-            raise JournalFailure(self._journal.journal_failure)
+        failure = self._journal.journal_failure
+        if failure is not None:
+            # (A new one: that one was raised on a task's thread, or never.)
+            raise JournalFailure(failure.wording)
         if interrupted or self.stopped:
             raise RunInterrupted(result)
         divergence = self._journal.divergence
