@@ -436,7 +436,9 @@ def test_a_run_over_its_journal_limit_names_the_fix_as_its_caller_makes_it(
         return str(stopped.value)
 
     message = in_runtime(journal, body)
-    assert "its limit is" in message and "(max_run_journal, or max_run_journal in" in message
+    assert (
+        "bytes in its journal; its limit is 4KB (max_run_journal, or max_run_journal in" in message
+    )
     assert message.endswith(
         "resumed with a larger one: "
         "Runtime.resume('api-run', options=RunOptions(max_run_journal=SIZE))"

@@ -11,7 +11,7 @@ from typing import Any, Protocol, overload
 
 from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.live import LiveTree
-from capsule.supervisor.option_specs import resume_with
+from capsule.supervisor.option_specs import resume_with, size_text
 from capsule.supervisor.steps import JournalFailure, Request, Step, StepLog, request_text
 from capsule.supervisor.tree import Attempt
 from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
@@ -336,8 +336,8 @@ class JournaledSteps:
             self.failed(
                 JournalFailure(
                     lambda name: (
-                        f"run {run_id} recorded {recorded / 2**20:.1f} MB in its journal; its "
-                        f"limit is {limit / 2**20:.1f} MB ({name('max_run_journal')}, or "
+                        f"run {run_id} recorded {_amount(recorded)} in its journal; its "
+                        f"limit is {size_text(limit)} ({name('max_run_journal')}, or "
                         f"max_run_journal in capsule.toml's [policy]). It can be resumed with "
                         f"a larger one: "
                         f"{resume_with(name, run_id, 'max_run_journal', 'SIZE')}"
@@ -387,3 +387,8 @@ def _no_waiting(wait: Wait) -> Answer:
 def _describe(step: Step) -> str:
     request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
     return f"{step.kind}({request})"
+
+
+def _amount(size: int) -> str:
+    """A size recorded (not a round one): in MB from 1 MB, else in bytes."""
+    return f"{size / 2**20:,.1f} MB" if size >= 2**20 else f"{size:,} bytes"
