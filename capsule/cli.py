@@ -699,12 +699,15 @@ class _HostedRun:
 
     def wait(self) -> _Outcome:
         """The run's outcome, once it ended; Ctrl-C (or SIGTERM) meanwhile
-        interrupts the run, whose outcome is then waited for as any other."""
-        while True:
-            try:
-                return self.outcome.result()
-            except KeyboardInterrupt:
-                self.interrupt()
+        interrupts the run, whose outcome is then waited for as any other.
+        (A timed wait: a signal another thread received is raised here only
+        once this thread looks up from its wait; see capsule.interrupts.)"""
+        from capsule.interrupts import wait_interruptibly
+
+        ended = threading.Event()
+        self.outcome.add_done_callback(lambda _: ended.set())
+        wait_interruptibly(ended, self.interrupt)
+        return self.outcome.result()
 
     def interrupt(self) -> None:
         """Stop the run (resumable) without waiting, as Ctrl-C does."""

@@ -19,10 +19,23 @@ def logger(package: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{package}")
 
 
+#: Packages whose progress (INFO records) the `capsule` command shows too:
+#: the guest runtime's first build, which takes a while.
+SHOWN_PROGRESS = (f"{ROOT}.sandbox.build",)
+
+
 def show_on_stderr() -> None:
-    """Show warnings and errors of every package on this process's stderr, as
-    ``capsule: ...`` lines (for the `capsule` command, which owns its stderr)."""
+    """Show warnings and errors of every package, and the progress of the
+    long steps (SHOWN_PROGRESS), on this process's stderr, as ``capsule: ...``
+    lines (for the `capsule` command, which owns its stderr)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{ROOT}: %(message)s"))
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(logging.INFO)
+    handler.addFilter(_warnings_or_progress)
     logging.getLogger(ROOT).addHandler(handler)
+    for name in SHOWN_PROGRESS:
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _warnings_or_progress(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name in SHOWN_PROGRESS

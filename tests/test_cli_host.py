@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from capsule.host import (
     InvalidRequest,
+    JournalUnavailable,
     NotResumable,
     RunNotFound,
     RunOptions,
@@ -405,3 +407,81 @@ def test_capsule_run_tui_reads_and_cancels_tasks_through_the_run_handle(
     assert "CALLS ['cancel', 'live_tasks']" in done.stderr
     # The child's error says the host application cancelled it (its handle did).
     assert "napper cancelled: cancelled by the host application" in done.stdout
+
+
+#: Records a step per sleep: more than a few KB of journal in all.
+RECORDS_STEPS = """
+import capsule
+from capsule import task
+
+@task(name="main")
+def main():
+    for _ in range(200):
+        capsule.sleep(0)
+    return "done"
+"""
+
+
+def test_a_run_over_its_journal_limit_names_the_fix_as_its_caller_makes_it(
+    tmp_path: Path,
+) -> None:
+    """The host API's error names the run option and resume's call; the
+    command's, the flag and `capsule resume`, which resumes it."""
+    program = write(tmp_path, "steps.py", RECORDS_STEPS)
+    journal = tmp_path / "journal.db"
+
+    async def body(rt: Runtime) -> str:
+        with pytest.raises(JournalUnavailable) as stopped:
+            await rt.run(program, run_id="api-run", options=RunOptions(max_run_journal="4KB"))
+        return str(stopped.value)
+
+    message = in_runtime(journal, body)
+    assert (
+        "bytes in its journal; its limit is 4KB (max_run_journal, or max_run_journal in" in message
+    )
+    assert message.endswith(
+        "resumed with a larger one: "
+        "Runtime.resume('api-run', options=RunOptions(max_run_journal=SIZE))"
+    )
+    assert "`capsule" not in message and "--" not in message
+
+    done = capsule_cli(
+        "run", str(program), "--journal", str(journal), "--max-run-journal", "4KB", cwd=tmp_path
+    )
+    assert done.returncode == 2, done.stderr
+    runs = capsule_cli("runs", "--json", "--journal", str(journal)).json()
+    (run_id,) = [run["run_id"] for run in runs if run["run_id"] != "api-run"]
+    assert "(--max-run-journal, or max_run_journal in" in done.stderr
+    assert f"larger one: `capsule resume {run_id} --max-run-journal SIZE`" in done.stderr
+    assert "RunOptions" not in done.stderr
+    resumed = capsule_cli(
+        "resume", run_id, "--journal", str(journal), "--max-run-journal", "1MB", "--json"
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["result"] == "done"
+
+
+def test_a_missing_journal_says_where_its_caller_keeps_one(tmp_path: Path) -> None:
+    missing = tmp_path / "none.db"
+
+    async def body(rt: Runtime) -> str:
+        with pytest.raises(JournalUnavailable) as refused:
+            await rt.find()
+        return str(refused.value)
+
+    async def main() -> str:
+        # (A Runtime that prepares makes its journal as it opens.)
+        async with Runtime(missing, prepare=False) as rt:
+            return await body(rt)
+
+    message = anyio.run(main)
+    assert message == (
+        f"no journal at {missing}; a Runtime keeps it as .capsule/journal.db in the "
+        f"current directory (pass Runtime(journal=PATH), or set CAPSULE_JOURNAL)"
+    )
+    done = capsule_cli("runs", "--journal", str(missing), cwd=tmp_path)
+    assert done.returncode == 2
+    assert (
+        f"no journal at {missing}; `capsule run` keeps it as .capsule/journal.db beside "
+        f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
+    ) in done.stderr

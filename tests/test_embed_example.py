@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +31,18 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClie
     monkeypatch.setenv("CAPSULE_JOURNAL", str(tmp_path / "journal.db"))
     with TestClient(load_example().app) as client:  # (runs the lifespan: the Runtime)
         yield client
+
+
+def test_the_test_client_runs_on_the_http_client_starlette_supports() -> None:
+    """Starlette's TestClient is built on httpx2 (the test extra's); on httpx
+    it still works, with a deprecation warning, an error here."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error", "-c", "import starlette.testclient"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def sse_events(text: str) -> list[dict[str, Any]]:

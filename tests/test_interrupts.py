@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,45 @@ def test_an_interrupt_while_the_runtime_is_built_leaves_the_run_interrupted(
     assert process.wait(timeout=120) == 130
     runs = capsule_cli("runs", "--json", cwd=tmp_path)
     assert [run["status"] for run in runs.json()] == ["interrupted"]  # resumable
+
+
+def test_a_signal_another_thread_received_interrupts_the_run_the_command_waits_for() -> None:
+    """A process-directed signal may be taken by any thread (one starting a
+    subprocess, say): its handler then runs on the main thread only once that
+    thread looks up from its wait, so the command's wait for the run must."""
+    from capsule.cli import _HostedRun
+
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    outcome: Future[Any] = Future()
+    interrupted = threading.Event()
+    run = _HostedRun(outcome, [], interrupted, None)
+    pause = threading.Event()  # (never set: a wait that yields)
+    seen: list[bool] = []  # whether the run was interrupted before it ended
+
+    def waiting_for_the_run() -> bool:
+        frame = sys._current_frames()[main]
+        if frame.f_code is not threading.Condition.wait.__code__:
+            return False
+        while frame is not None and frame.f_code is not _HostedRun.wait.__code__:
+            frame = frame.f_back
+        return frame is not None
+
+    def signalled_here_then_ended() -> None:
+        # Once the main thread waits (polled: nothing tells when a thread blocks).
+        while not waiting_for_the_run():
+            pause.wait(0.001)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        # (bounded only so that the test fails, not hangs, if it is never seen)
+        seen.append(interrupted.wait(timeout=30))
+        outcome.set_result("the run's outcome")
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    other = threading.Thread(target=signalled_here_then_ended)
+    try:
+        other.start()
+        assert run.wait() == "the run's outcome"
+    finally:
+        other.join()
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [True]

@@ -425,6 +425,22 @@ def test_no_threads_or_instances_left_after_failed_run(run_program: ProgramRunne
     assert live_instances() == 0
 
 
+@pytest.mark.parametrize("core", ["threads", "async"])
+def test_a_run_refused_before_main_starts_leaves_no_instance(
+    run_program: ProgramRunner, core: str
+) -> None:
+    """The program is imported in an instance main would have run in: a run
+    that ends before main starts (arguments that are not JSON, an entry task
+    the program does not declare) closes it."""
+    hello = (EXAMPLES / "hello.py").read_text()
+    outcome = run_program(hello, float("nan"), core=core)
+    assert "not strict JSON" in outcome.report.usage_error
+    assert live_instances() == 0
+    outcome = run_program(hello, entry="nothing_here", core=core)
+    assert "nothing_here" in outcome.report.usage_error
+    assert live_instances() == 0
+
+
 def test_child_never_outlives_its_callers_deadline(run_program: ProgramRunner) -> None:
     outcome = run_program(
         """

@@ -3,7 +3,10 @@ keyed on every input, safe to build from two processes at once."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +80,71 @@ def test_two_processes_build_a_fresh_cache_at_once(tmp_path: Path) -> None:
     # A warm start reuses the cache and builds nothing.
     warm = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert warm.returncode == 0 and warm.stderr == ""
+
+
+def test_the_build_starts_deaf_to_the_signals_that_interrupt_the_run(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group, and the build's process is in
+    it until it makes a session of its own: it must not die of the signal
+    meanwhile (the run would fail instead of being interrupted). It starts
+    with them blocked; this thread's mask is as it was."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    show = (
+        "import signal; print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
+    )
+    with runtime._detached([sys.executable, "-c", show], tmp_path, dict(os.environ)) as process:
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    blocked = set(json.loads(stdout))
+    assert {int(signal.SIGINT), int(signal.SIGTERM)} <= blocked
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+def test_the_build_progress_is_logged_never_written_to_stderr(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An application's stderr is its own: the build's progress goes to the
+    "capsule.sandbox.build" logger, at INFO."""
+    progress = runtime.Progress()
+    with caplog.at_level(logging.INFO, logger="capsule.sandbox.build"):
+        with progress.step("compiling"):
+            pass
+        with pytest.raises(RuntimeError), progress.step("linking"):
+            raise RuntimeError("no")
+        progress.warn("an odd shape")
+    assert capsys.readouterr().err == ""
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert [(name, level) for name, level, _ in records] == [
+        ("capsule.sandbox.build", logging.INFO)
+    ] * 4 + [("capsule.sandbox.build", logging.WARNING)]
+    texts = [text for _, _, text in records]
+    assert texts[0] == "compiling ..." and texts[1].startswith("compiling: done in ")
+    assert texts[2] == "linking ..." and texts[3].startswith("linking failed after ")
+    assert texts[4] == "an odd shape"
+
+
+def test_the_command_shows_the_build_progress_on_its_stderr() -> None:
+    """What `capsule` does with its logs (capsule.logs.show_on_stderr): the
+    build's steps as `capsule: ...` lines, a warning once, nothing else at INFO."""
+    script = """if True:
+        import logging
+        from capsule.logs import logger, show_on_stderr
+        from capsule.sandbox.runtime import Progress
+
+        show_on_stderr()
+        progress = Progress()
+        with progress.step("compiling"):
+            pass
+        progress.warn("an odd shape")
+        logger("journal").info("not progress")
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines[0] == "capsule: compiling ..."
+    assert lines[1].startswith("capsule: compiling: done in ")
+    assert lines[2:] == ["capsule: an odd shape"]
 
 
 def test_old_builds_are_pruned(tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ core and, for the async core, one event loop thread and warm sandbox
 
 from __future__ import annotations
 
+import asyncio
 import os
 import traceback
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -647,13 +648,13 @@ async def _awaited(handle: RunHandle) -> RunResult:
         raise
 
 
-async def _reading(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+async def _reading(journal: Path, read: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
     """``read(*args)``, a journal reader; JournalUnavailable if the journal
     cannot be read or holds a record this Capsule cannot make sense of."""
     from capsule.journal.schema import JournalError
 
     try:
-        return await read(*args)
+        return await _on_asyncio(read, *args)
     except JournalError as exc:
         raise JournalUnavailable(str(exc)).naming(exc) from None
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
@@ -661,6 +662,17 @@ async def _reading(journal: Path, read: Callable[..., Awaitable[Any]], *args: An
             f"the journal {journal} holds a record this Capsule cannot read "
             f"({type(exc).__name__}: {exc}); it may be damaged"
         ) from None
+
+
+async def _on_asyncio(read: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+    """``read(*args)``, a coroutine that needs asyncio (the journal's readers:
+    aiosqlite): on the caller's loop if it is asyncio's; on trio, on an
+    asyncio loop of its own in a worker thread, which this call waits for."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # (trio: anyio's other backend)
+        return await anyio.to_thread.run_sync(lambda: asyncio.run(read(*args)))
+    return await read(*args)
 
 
 def _open_journal(journal: Path) -> None:

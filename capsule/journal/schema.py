@@ -262,7 +262,8 @@ def describe_error(path: Path, exc: BaseException) -> Wording:
 def missing_journal(path: Path) -> JournalError:
     """The error for a journal that is not there. `capsule run` journals beside
     the program, so a program run from another directory has its journal in a
-    subdirectory of this one: those nearby are named."""
+    subdirectory of this one: those nearby are named. (Where each journals by
+    default is a setting: the message names the caller's.)"""
     nearby: list[Path] = []
     cwd = Path.cwd()
     if path.parent.parent.resolve() == cwd.resolve():
@@ -273,16 +274,16 @@ def missing_journal(path: Path) -> JournalError:
     if not nearby:
         return JournalError(
             lambda name: (
-                f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db "
-                f"beside the program (pass {name('journal')}, or set CAPSULE_JOURNAL)"
+                f"no journal at {path}; {name('default_journal')} "
+                f"(pass {name('journal')}, or set CAPSULE_JOURNAL)"
             )
         )
     shown = [str(found.relative_to(cwd)) for found in nearby[:3]]
     more = f" (and {len(nearby) - 3} more)" if len(nearby) > 3 else ""
     return JournalError(
         lambda name: (
-            f"no journal at {path}; `capsule run` keeps it as .capsule/journal.db "
-            f"beside the program, and there is one at {', '.join(shown)}{more}: pass "
+            f"no journal at {path}; {name('default_journal')}, and there is one at "
+            f"{', '.join(shown)}{more}: pass "
             f"{name('journal').replace('PATH', shown[0])}, or set CAPSULE_JOURNAL"
         )
     )

@@ -12,19 +12,20 @@ atomic rename, so a reader only ever sees a complete entry.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
+from capsule import logs
 from capsule.interrupts import on_stop, stop_requested
 from capsule.sandbox import oom
 from capsule.sandbox.distributions import installed_version
@@ -36,6 +37,8 @@ GUEST_LOOP = "capsule_loop"
 WORLD = "task-runtime"
 COMPONENT_FILE = "guest.wasm"
 COMPILED_FILE = "guest.cwasm"
+#: The logger (below "capsule") the build's progress goes to.
+BUILD_LOGGER = "sandbox.build"
 
 
 class RuntimeBuildError(RuntimeError):
@@ -104,50 +107,30 @@ class RuntimeArtifacts:
 
 
 class Progress:
-    """One-line progress of a long step on stderr, with a live elapsed time on a TTY."""
+    """Progress of the guest runtime's build (a long first step): INFO records
+    on the ``capsule.sandbox.build`` logger, never the process's stderr (an
+    application shows them as it shows its logs; the `capsule` command, on its
+    stderr: capsule.logs.show_on_stderr)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+    def __init__(self, log: logging.Logger | None = None) -> None:
+        self.log = log if log is not None else logs.logger(BUILD_LOGGER)
 
     @contextmanager
     def step(self, what: str) -> Iterator[None]:
         start = time.monotonic()
-        live = self.stream.isatty()
-        stop = threading.Event()
-        ticker: threading.Thread | None = None
-        if live:
-
-            def tick() -> None:
-                while not stop.wait(0.2):
-                    self.say(f"\rcapsule: {what} ... {time.monotonic() - start:.1f}s")
-
-            ticker = threading.Thread(target=tick, name="capsule-progress", daemon=True)
-            ticker.start()
-        else:
-            self.say(f"capsule: {what} ...\n")
+        self.say(f"{what} ...")
         try:
             yield
         except BaseException:
-            self._finish(stop, ticker, live, f"{what} failed after {time.monotonic() - start:.1f}s")
+            self.say(f"{what} failed after {time.monotonic() - start:.1f}s")
             raise
-        self._finish(stop, ticker, live, f"{what}: done in {time.monotonic() - start:.1f}s")
-
-    def _finish(
-        self, stop: threading.Event, ticker: threading.Thread | None, live: bool, text: str
-    ) -> None:
-        stop.set()
-        if ticker is not None:
-            ticker.join()
-        self.say(("\r\033[K" if live else "") + f"capsule: {text}\n")
+        self.say(f"{what}: done in {time.monotonic() - start:.1f}s")
 
     def say(self, text: str) -> None:
-        """Write ``text``, unless the stream is gone (`| head` whose reader left):
-        the build goes on, and a Ctrl-C meanwhile stays an interrupt."""
-        try:
-            self.stream.write(text)
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass
+        self.log.info(text)
+
+    def warn(self, text: str) -> None:
+        self.log.warning(text)
 
 
 def _componentize(staging: Path, output: Path) -> None:
@@ -171,19 +154,7 @@ def _componentize(staging: Path, output: Path) -> None:
     # An empty VIRTUAL_ENV stops componentize-py from adding the host's
     # site-packages to the build: the component holds exactly our sources.
     env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
-    # In a session of its own: Ctrl-C at a terminal signals the whole process
-    # group, and a build killed by it would fail the run (status "error", not
-    # resumable) instead of interrupting it. Capsule stops it itself: an
-    # interrupt in the wait below (capsule.interrupts) kills it.
-    with subprocess.Popen(
-        command,
-        cwd=staging,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    ) as process:
+    with _detached(command, cwd=staging, env=env) as process:
         try:
             stdout, stderr = _communicate_interruptibly(process)
         except BaseException:
@@ -194,6 +165,37 @@ def _componentize(staging: Path, output: Path) -> None:
             "componentize-py failed to build the guest runtime:\n"
             + (stderr or stdout).strip()[-4000:]
         )
+
+
+#: The signals Ctrl-C and `kill` send: a build must not die of them (see _detached).
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def _detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start ``command`` (its output piped) beyond the reach of the signals
+    that interrupt this process. Ctrl-C at a terminal signals the whole
+    process group, and a build killed by it would fail the run (status
+    "error", not resumable) instead of interrupting it; Capsule stops it
+    itself (an interrupt in the wait for it kills it, see capsule.interrupts).
+
+    A session of its own is not enough: the child leaves the group only
+    after it reset its signal handlers (subprocess's vfork path), and a
+    signal in between kills it, failing the build before the interrupt
+    reaches the run. So the child starts with the stop signals blocked (it
+    inherits this thread's mask) and keeps them blocked: SIGKILL stops it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
@@ -212,9 +214,9 @@ def _patch_refused_growth(component: Path, progress: Progress) -> None:
     patched = oom.patch_refused_growth(component.read_bytes())
     if patched is None:
         # (The host then tells from the memory's size alone, less surely.)
-        progress.say(
-            "capsule: warning: the guest runtime's sbrk is not of the expected shape; "
-            "running out of memory is reported less reliably\n"
+        progress.warn(
+            "the guest runtime's sbrk is not of the expected shape; "
+            "running out of memory is reported less reliably"
         )
         return
     component.write_bytes(patched)
@@ -247,7 +249,7 @@ def ensure_runtime(
             return artifacts
         started = time.monotonic()
         progress.say(
-            f"capsule: building the guest runtime once (about 20 s); cached in {artifacts.directory}\n"
+            f"building the guest runtime once (about 20 s); cached in {artifacts.directory}"
         )
         with tempfile.TemporaryDirectory(dir=home, prefix=f".build-{key}-") as tmp:
             work = Path(tmp)
@@ -267,7 +269,7 @@ def ensure_runtime(
             if artifacts.directory.exists():
                 shutil.rmtree(artifacts.directory)
             os.replace(out, artifacts.directory)
-        progress.say(f"capsule: guest runtime ready in {time.monotonic() - started:.1f}s\n")
+        progress.say(f"guest runtime ready in {time.monotonic() - started:.1f}s")
         _prune(home, keep=artifacts.directory)
     return artifacts
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol, overload
 
 from capsule.sandbox.engine import ErrorInfo, Invocation
 from capsule.supervisor.live import LiveTree
+from capsule.supervisor.option_specs import resume_with, size_text
 from capsule.supervisor.steps import JournalFailure, Request, Step, StepLog, request_text
 from capsule.supervisor.tree import Attempt
 from capsule.supervisor.waits import Answer, Resolve, Wait, Waiting
@@ -93,7 +94,7 @@ class JournaledSteps:
         self.run_wait: Callable[[Wait], Answer] = _no_waiting
         #: Why the run was stopped: a replay diverged, or the journal failed.
         self.divergence: ErrorInfo | None = None
-        self.journal_failure: str | None = None
+        self.journal_failure: JournalFailure | None = None
 
     @overload
     def step(
@@ -320,7 +321,7 @@ class JournaledSteps:
         """The journal cannot be written (or may take no more): the run stops."""
         with self.tree.lock:
             if self.journal_failure is None:
-                self.journal_failure = str(exc)
+                self.journal_failure = exc
         self.tree.cancel(self.tree.root, f"cancelled: the journal failed: {exc}")
 
     def count(self, attempt: Attempt) -> None:
@@ -331,13 +332,16 @@ class JournaledSteps:
             attempt.recorded_counted = attempt.recorded
             over = self.journaling and self.recorded > self.max_run_journal_bytes
         if over and self.journal_failure is None:
-            limit = self.max_run_journal_bytes
+            limit, recorded, run_id = self.max_run_journal_bytes, self.recorded, self.run_id
             self.failed(
                 JournalFailure(
-                    f"run {self.run_id} recorded {self.recorded / 2**20:.1f} MB in its journal; "
-                    f"its limit is {limit / 2**20:.1f} MB (the run option max_run_journal, or "
-                    f"max_run_journal in capsule.toml's [policy]). It can be resumed with a "
-                    f"larger one: `capsule resume {self.run_id} --max-run-journal SIZE`"
+                    lambda name: (
+                        f"run {run_id} recorded {_amount(recorded)} in its journal; its "
+                        f"limit is {size_text(limit)} ({name('max_run_journal')}, or "
+                        f"max_run_journal in capsule.toml's [policy]). It can be resumed with "
+                        f"a larger one: "
+                        f"{resume_with(name, run_id, 'max_run_journal', 'SIZE')}"
+                    )
                 )
             )
 
@@ -383,3 +387,8 @@ def _no_waiting(wait: Wait) -> Answer:
 def _describe(step: Step) -> str:
     request = step.request if len(step.request) <= 200 else step.request[:200] + "..."
     return f"{step.kind}({request})"
+
+
+def _amount(size: int) -> str:
+    """A size recorded (not a round one): in MB from 1 MB, else in bytes."""
+    return f"{size / 2**20:,.1f} MB" if size >= 2**20 else f"{size:,} bytes"

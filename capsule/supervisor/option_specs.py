@@ -169,12 +169,21 @@ OPTION_SPECS: dict[str, OptionSpec] = {spec.name: spec for spec in RUN_OPTIONS}
 
 
 #: What a message may name besides the run options: the journal's settings
-#: (where, or none), resume's (anyway) and the ways to read a journal, as the
-#: host API has them and as the CLI's flags and commands. (RUN_ID: the run's.)
+#: (where, where by default, or none), resume's (anyway; with an option
+#: changed, see resume_with) and the ways to read a journal, as the host API
+#: has them and as the CLI's flags and commands. (RUN_ID: the run's.)
 OTHER_SETTINGS: dict[str, tuple[str, str]] = {
     "journal": ("Runtime(journal=PATH)", "--journal PATH"),
+    "default_journal": (
+        "a Runtime keeps it as .capsule/journal.db in the current directory",
+        "`capsule run` keeps it as .capsule/journal.db beside the program",
+    ),
     "no_journal": ("Runtime(journal=False)", "--no-journal"),
     "force": ("resume(..., force=True)", "--force"),
+    "resume_with": (
+        "Runtime.resume({run_id!r}, options=RunOptions({option}={value}))",
+        "`capsule resume {run_id} {option} {value}`",
+    ),
     "runs": ("Runtime.runs()", "`capsule runs`"),
     "inspect": ("Runtime.inspect('RUN_ID')", "`capsule inspect RUN_ID`"),
 }
@@ -195,6 +204,13 @@ def flag_of(name: str) -> str:
     """The command-line flag of a setting (``max_queued_size`` -> ``--max-queued-size``)."""
     other = OTHER_SETTINGS.get(name)
     return "--" + name.replace("_", "-") if other is None else other[1]
+
+
+def resume_with(naming: Naming, run_id: str, option: str, value: str) -> str:
+    """How to resume ``run_id`` with the run option ``option`` set to
+    ``value`` (a placeholder such as SIZE), as ``naming`` names settings:
+    resume's call in the host API, its command in the CLI."""
+    return naming("resume_with").format(run_id=run_id, option=naming(option), value=value)
 
 
 class Worded(Protocol):

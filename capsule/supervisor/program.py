@@ -254,7 +254,7 @@ def run_program(
                     task_id=LOAD_TASK_ID,
                     task=task,
                     text=f"task {task!r} declares env={variable!r}, which is not set (in "
-                    f"the environment of `capsule run` or in .env beside the program); "
+                    f"the environment of this process, or in .env beside the program); "
                     f"the task will not see it",
                 )
             )

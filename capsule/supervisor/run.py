@@ -298,7 +298,7 @@ class Run:
         return self._journal.divergence
 
     @property
-    def journal_failure(self) -> str | None:
+    def journal_failure(self) -> JournalFailure | None:
         """Why the run was stopped, if its journal could not be written."""
         return self._journal.journal_failure
 
@@ -374,15 +374,22 @@ class Run:
         # (What the run started as it was made, its HTTP client's threads and
         # its timers, stop however this ends: an unknown entry too.)
         try:
-            if entry not in self.configs:
+            try:
+                if entry not in self.configs:
+                    raise ProgramError(no_entry(entry, sorted(self.configs)))
+                try:
+                    call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
+                except ValueError as exc:  # (a host API caller's NaN: never a guest's)
+                    raise ProgramError(
+                        f"the arguments to main are not strict JSON: {exc}"
+                    ) from None
+                self.sandbox.start_pool(self.program, self.settings.pool_size, first)
+            except BaseException:
+                # The instance the program was loaded in is the pool's once it
+                # started; until then it is this call's to close.
                 if first is not None:
                     first.store.close()
-                raise ProgramError(no_entry(entry, sorted(self.configs)))
-            try:
-                call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
-            except ValueError as exc:  # (a host API caller's NaN: never a guest's)
-                raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
-            self.sandbox.start_pool(self.program, self.settings.pool_size, first)
+                raise
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
@@ -402,8 +409,10 @@ class Run:
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
         """How the run ended, from how its root did."""
-        if self._journal.journal_failure is not None:
-            raise JournalFailure(self._journal.journal_failure)
+        failure = self._journal.journal_failure
+        if failure is not None:
+            # (A new one: that one was raised on a task's thread, or never.)
+            raise JournalFailure(failure.wording)
         if interrupted or self.stopped:
             raise RunInterrupted(result)
         divergence = self._journal.divergence
