@@ -170,7 +170,7 @@ def test_a_live_run_with_a_retried_and_a_failing_task(tmp_path: Path) -> None:
             await pilot.press("c")  # the selected task has ended: nothing to confirm
             assert not isinstance(app.screen, ConfirmScreen)
             await pilot.press("q")
-        assert app.return_code == 0
+        assert app.return_value == 0 and app.failure is None
 
     asyncio.run(drive())
     report = live.join()
@@ -201,7 +201,8 @@ def test_cancel_a_live_task_after_confirming(tmp_path: Path) -> None:
             assert app.model.tasks["main/3"].state == "cancelled"
             assert app.model.tasks["main"].state == "failed"  # its result() raised
             await pilot.press("q")
-        assert app.return_code == 1
+        # The run failed (its exit code); the TUI did not (its return code).
+        assert app.return_value == 1 and app.return_code == 0 and app.failure is None
 
     asyncio.run(drive())
     report = live.join()
