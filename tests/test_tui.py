@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from textual.widgets import Static
 
 from capsule.journal.reader import find_run
+from capsule.supervisor.events import PREVIEW_CHARS
 from capsule.supervisor.program import RunRequest, run_program
 from capsule.tui.app import CapsuleApp, ConfirmScreen, HelpScreen, short_number
 from capsule.tui.sources import JournalSource, LiveSource
@@ -170,7 +171,7 @@ def test_a_live_run_with_a_retried_and_a_failing_task(tmp_path: Path) -> None:
             await pilot.press("c")  # the selected task has ended: nothing to confirm
             assert not isinstance(app.screen, ConfirmScreen)
             await pilot.press("q")
-        assert app.return_code == 0
+        assert app.return_value == 0 and app.failure is None
 
     asyncio.run(drive())
     report = live.join()
@@ -201,7 +202,8 @@ def test_cancel_a_live_task_after_confirming(tmp_path: Path) -> None:
             assert app.model.tasks["main/3"].state == "cancelled"
             assert app.model.tasks["main"].state == "failed"  # its result() raised
             await pilot.press("q")
-        assert app.return_code == 1
+        # The run failed (its exit code); the TUI did not (its return code).
+        assert app.return_value == 1 and app.return_code == 0 and app.failure is None
 
     asyncio.run(drive())
     report = live.join()
@@ -853,6 +855,154 @@ def test_capsule_tui_exits_non_zero_when_the_tui_fails(finished_journal: Path) -
     )
     assert returncode == 9, output[-3000:]
     assert "the terminal UI failed (RuntimeError: injected failure of the TUI)" in output
+
+
+def _failing_app() -> CapsuleApp:
+    """An app that fails as it first draws its header (an injected fault)."""
+
+    class Failing(CapsuleApp):
+        def _show_summary(self, now: float) -> None:
+            raise RuntimeError("injected failure of the TUI")
+
+    return Failing(_Events([]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("supported", [True, False], ids=["checked-textual", "other-textual"])
+def test_a_failure_of_the_tui_is_not_a_quit_on_any_textual_version(
+    monkeypatch: pytest.MonkeyPatch, supported: bool
+) -> None:
+    """On the Textual version textual_compat was checked against, the failure is
+    the exception itself (its private record); on any other, Textual's public
+    return code still tells it from a quit, whose return value is the run's
+    exit code (1 here, as for a failed run)."""
+    from capsule.tui import textual_compat
+
+    monkeypatch.setattr(textual_compat, "SUPPORTED", supported)
+    failing = _failing_app()
+    assert failing.run(headless=True, size=(80, 24)) is None
+    failure = failing.failure
+    if supported:
+        assert isinstance(failure, RuntimeError)
+        assert str(failure) == "injected failure of the TUI"
+    else:
+        assert isinstance(failure, textual_compat.TuiFailed)
+        assert "exited with return code 1" in str(failure)
+        assert "pip install 'textual>=8,<9'" in str(failure)
+
+    quitting = CapsuleApp(_Events([]))  # type: ignore[arg-type]
+
+    async def quit_at_once(pilot: Any) -> None:
+        quitting.model.exit_code = 1  # (the run failed: its exit code)
+        await pilot.press("q")
+
+    assert quitting.run(headless=True, size=(80, 24), auto_pilot=quit_at_once) == 1
+    assert quitting.failure is None and quitting.return_code == 0
+
+
+def test_the_private_name_read_is_there_on_the_checked_textual() -> None:
+    """Caught here, not by a user, if a Textual release drops it."""
+    from textual.app import App
+
+    from capsule.tui import textual_compat
+
+    assert textual_compat.SUPPORTED, (
+        f"textual {textual_compat.VERSION} is not the one textual_compat was checked "
+        f"against: check App._exception there, then SUPPORTED_MAJOR"
+    )
+    assert App()._exception is None  # (the attribute textual_compat reads)
+
+
+# -- whole results, once the journal has committed them -----------------------------
+
+BIG_RESULT = """
+from capsule import task
+
+@task(name="main", max_retries=0)
+def main() -> list:
+    return [{"name": f"item {i}"} for i in range(60)]
+"""
+
+
+class _Dumped(dict[str, Any]):
+    """A journaled event as a run's thread hands it to a LiveSource."""
+
+    def model_dump(self) -> dict[str, Any]:
+        return dict(self)
+
+
+@pytest.mark.parametrize("kind", ["live", "journal"])
+def test_a_result_committed_after_its_completed_event_shows_whole_once_committed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The completed event (a preview) comes before the journal commits the
+    whole result: the journal is held at that point (its task row completed,
+    without a result), the task selected, then the result committed. Nothing
+    is read again until that commit; after it, the whole result shows."""
+    program = _program(tmp_path, BIG_RESULT, "big.py")
+    journal = tmp_path / "journal.db"
+    done = capsule_cli("run", str(program), "--journal", str(journal))
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(journal) as connection:
+        run_id, whole = connection.execute(
+            "SELECT run_id, result_json FROM tasks WHERE task_id = 'main'"
+        ).fetchone()
+        connection.execute("UPDATE tasks SET result_json = NULL WHERE task_id = 'main'")
+    assert len(whole) > PREVIEW_CHARS
+
+    reads: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.set_trace_callback(reads.append)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    record = asyncio.run(find_run(journal, run_id))
+    source: Any
+    if kind == "journal":
+        source = JournalSource(journal, record)
+    else:
+        source = LiveSource(str(program), journal)
+        source.run_id = run_id
+        events = asyncio.run(JournalSource(journal, record).fetch())
+        for event in events:
+            source.on_event(_Dumped(event))
+    fetches = 0
+    fetch = source.fetch
+
+    async def counted() -> list[dict[str, Any]]:
+        nonlocal fetches
+        fetches += 1
+        return await fetch()  # type: ignore[no-any-return]
+
+    source.fetch = counted
+
+    def result_reads() -> int:
+        return sum("SELECT result_json" in statement for statement in reads)
+
+    async def drive() -> None:
+        app = CapsuleApp(source)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await _until(pilot, lambda: "main" in app._tree_nodes)
+            app._tree_widget.move_cursor(app._tree_nodes["main"])
+            await _until(pilot, lambda: result_reads() == 1)
+            seen = fetches
+            await _until(pilot, lambda: fetches >= seen + 3)  # three batches more
+            assert result_reads() == 1  # nothing committed: nothing read
+            assert f"(a preview: its first {PREVIEW_CHARS} characters)" in _detail_text(app)
+            assert '"name": "item 59"' not in _detail_text(app)
+
+            with connect(journal) as writer:  # the journal writer's commit
+                writer.execute("UPDATE tasks SET result_json = ? WHERE task_id = 'main'", (whole,))
+            await _until(pilot, lambda: '"name": "item 59"' in _detail_text(app))
+            assert "(a preview" not in _detail_text(app)
+            assert result_reads() == 2
+            assert app.model.tasks["main"].result == whole
+            await pilot.press("q")
+        assert app.failure is None
+
+    asyncio.run(drive())
 
 
 # -- names, order, memory, attempts ------------------------------------------------

@@ -12,7 +12,6 @@ import bisect
 import json
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any, ClassVar, Literal
 
 from rich.style import Style
@@ -38,6 +37,7 @@ from capsule.tui.model import (
     task_order,
 )
 from capsule.tui.sources import Source
+from capsule.tui.textual_compat import failure_of
 
 #: Seconds between two batches of updates.
 REFRESH_S = 0.25
@@ -51,10 +51,6 @@ TOGGLE_STYLE = Style.from_meta({"toggle": True})
 LINE_CHARS = 4000
 #: Longest result drawn (its pretty-printed JSON); the pane scrolls.
 RESULT_CHARS = 200_000
-#: A whole result not yet in the journal is asked for again after this many
-#: seconds, this many times at most (while its task stays selected).
-RESULT_RETRY_S = 0.25
-RESULT_TRIES = 40
 #: Lines of output and timeline the detail pane shows (the newest).
 DETAIL_LINES = 200
 
@@ -305,20 +301,15 @@ class CapsuleApp(App[int]):
         self._refreshing = False
         #: Why updates stopped, if they did (shown in the header).
         self.problem: str | None = None
-        #: Tasks whose whole result was asked for, and those that have it.
-        self._results_asked: set[str] = set()
-        #: How often a task's whole result was asked for and not there yet.
-        self._result_tries: dict[str, int] = {}
-        self._whole_results: set[str] = set()
-        #: What made the app itself fail, if something did (it then exits at once).
-        self.failure: BaseException | None = None
+        #: Tasks whose whole result cannot be read (their preview stays).
+        self._unreadable_results: set[str] = set()
 
-    def _handle_exception(self, error: Exception) -> None:
-        # Kept for whoever runs the app: a failure of the TUI must not pass for
-        # a quit (Textual exits with return code 1, which a failed run has too).
-        if self.failure is None:
-            self.failure = error
-        super()._handle_exception(error)
+    @property
+    def failure(self) -> BaseException | None:
+        """What made the app itself fail, if something did (it then exits at
+        once): a failure of the TUI must not pass for a quit, whose return
+        value is the run's exit code (its return code is 0)."""
+        return failure_of(self)
 
     # -- layout -------------------------------------------------------------------
 
@@ -387,6 +378,7 @@ class CapsuleApp(App[int]):
             events = []
         for event in events:
             model.apply(event)
+        await self._whole_result(source)
         model.apply_live(source.live())
         model.run_id = model.run_id or source.run_id
         outcome = source.outcome()
@@ -554,10 +546,7 @@ class CapsuleApp(App[int]):
                 self._section(text, "traceback (in the sandbox)", plain(view.error["traceback"]))
         elif view.result is not None:
             result = plain(pretty_json(view.result), limit=RESULT_CHARS)
-            cut = len(view.result) == PREVIEW_CHARS and view.result.endswith("...")
-            if cut and view.task_id not in self._whole_results:
-                if view.state == "completed":
-                    self._load_result(view.task_id)
+            if self._cut(view):
                 result += f"\n(a preview: its first {PREVIEW_CHARS} characters)"
             self._section(text, "result", result)
         self._section(text, f"output ({len(view.output)} lines)", "")
@@ -570,36 +559,42 @@ class CapsuleApp(App[int]):
         text.rstrip()
         detail.update(text)
 
-    def _load_result(self, task_id: str) -> None:
-        """Have the whole result of a task read (events carry a preview), once."""
-        if task_id in self._results_asked or self.source is None:
+    def _cut(self, view: TaskView) -> bool:
+        """Whether the result shown is its event's preview, the whole not had."""
+        result = view.result
+        return (
+            result is not None
+            and len(result) == PREVIEW_CHARS
+            and result.endswith("...")
+            and not view.whole_result
+        )
+
+    def _wants_result(self, view: TaskView | None) -> bool:
+        """Whether the whole result of this task is to be read (it completed)."""
+        return (
+            view is not None
+            and view.state == "completed"
+            and self._cut(view)
+            and view.task_id not in self._unreadable_results
+        )
+
+    async def _whole_result(self, source: Source) -> None:
+        """The whole result of the selected task, if the journal has it now: its
+        completed event carries a preview, and can arrive before the journal
+        has committed the rest. The source reads only after a commit, so asking
+        at each batch costs nothing while nothing is written. A whole result is
+        held once: the model keeps it in place of its preview."""
+        view = self.model.tasks.get(self._selected or "")
+        if view is None or not self._wants_result(view):
             return
-        self._results_asked.add(task_id)
-        source = self.source
-
-        async def load() -> None:
-            try:
-                whole = await source.full_result(task_id)
-            except Exception:  # (a journal that went away: the preview stays)
-                whole = None
-            view = self.model.tasks.get(task_id)
-            if whole is None or view is None:
-                self._results_asked.discard(task_id)  # (not written yet: later)
-                tries = self._result_tries[task_id] = self._result_tries.get(task_id, 0) + 1
-                if view is not None and tries < RESULT_TRIES and self._selected == task_id:
-                    # Its completed event can come before the journal has it.
-                    self.set_timer(RESULT_RETRY_S, partial(self._show_again, task_id))
-                return
-            view.result = whole
-            self._whole_results.add(task_id)
-            if self._selected == task_id:
-                self._show_detail(task_id)
-
-        self.run_worker(load(), group="results")
-
-    def _show_again(self, task_id: str) -> None:
-        if self._selected == task_id:
-            self._show_detail(task_id)
+        try:
+            whole = await source.full_result(view.task_id)
+        except Exception:  # (a journal that went away: the preview stays)
+            self._unreadable_results.add(view.task_id)
+            return
+        if whole is not None:
+            view.result, view.whole_result = whole, True
+            self.model.dirty.add(view.task_id)  # (drawn again, whole)
 
     @staticmethod
     def _section(text: Text, title: str, body: str) -> None:
@@ -627,6 +622,8 @@ class CapsuleApp(App[int]):
     def on_tree_node_highlighted(self, message: Tree.NodeHighlighted[str]) -> None:
         self._selected = message.node.data
         self._show_detail(self._selected)
+        if self._wants_result(self.model.tasks.get(self._selected or "")):
+            self.call_later(self.refresh_run)  # its whole result now, not a period later
 
     def _tell(
         self, message: str, severity: Literal["information", "warning"] = "information"
@@ -704,17 +701,19 @@ class CapsuleApp(App[int]):
         self.action_quit_app()  # (ctrl+q too)
 
     def action_quit_app(self) -> None:
+        """Quit: the run's exit code is the app's return value; its return code
+        stays 0, Textual's 1 meaning the app failed (see textual_compat)."""
         source = self.source
         if source is not None and source.owns_run and source.outcome() is None:
 
             def answered(yes: bool | None) -> None:
                 if yes:
                     source.stop()
-                    self.exit(self.model.exit_code or 0, return_code=self.model.exit_code or 0)
+                    self.exit(self.model.exit_code or 0)
 
             self.push_screen(
                 ConfirmScreen("The run is still going. Stop it (it can be resumed) and quit?"),
                 answered,
             )
             return
-        self.exit(self.model.exit_code or 0, return_code=self.model.exit_code or 0)
+        self.exit(self.model.exit_code or 0)

@@ -74,6 +74,9 @@ class TaskView:
     actor_name: str | None = None
     call: str | None = None
     result: str | None = None
+    #: Whether ``result`` is the whole result read from the journal (an event
+    #: carries a preview: its first PREVIEW_CHARS characters).
+    whole_result: bool = False
     error: dict[str, Any] | None = None
     #: What it printed: (attempt, line) pairs, so that each attempt's output
     #: shows apart from the one before (a guest cannot print a separator).
@@ -187,6 +190,7 @@ class RunModel:
         elif kind == "completed":
             self._ended_attempt(view, event)
             view.result = event.get("result")
+            view.whole_result = False
             view.error = None
             view.ended_at = at
             self._state(view, "completed", at, f"completed attempt {event.get('attempt')}")

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import aiosqlite
 
 from capsule.journal.reader import RunRecord, find_run, open_journal
+from capsule.tui.results import JournaledResults
 
 
 class Source(Protocol):
@@ -47,7 +48,8 @@ class Source(Protocol):
 
     async def full_result(self, task_id: str) -> str | None:
         """A completed task's whole result (events carry its first PREVIEW_CHARS),
-        if it can be had: from the journal."""
+        once the journal has committed it; None until then, or if it cannot be
+        had. Asked again before the journal's next commit, it reads nothing."""
         ...
 
     def cancel(self, task_id: str) -> str:
@@ -92,6 +94,7 @@ class LiveSource:
         self.program = program
         #: The journal the run writes, if it is journaled (whole results are there).
         self.journal = journal
+        self._results = None if journal is None else JournaledResults(journal)
         self._events: deque[Any] = deque()
         #: Where events go instead, once the app is gone (see hand_over).
         self._forward: Callable[[Any], None] | None = None
@@ -160,9 +163,9 @@ class LiveSource:
         return self._outcome
 
     async def full_result(self, task_id: str) -> str | None:
-        if self.journal is None or not self.run_id:
+        if self._results is None or not self.run_id:
             return None
-        return await asyncio.to_thread(_journaled_result, self.journal, self.run_id, task_id)
+        return await self._results.result(self.run_id, task_id)
 
     def cancel(self, task_id: str) -> str:
         controls = self._controls
@@ -180,7 +183,8 @@ class LiveSource:
             controls.interrupt()
 
     async def close(self) -> None:
-        return None
+        if self._results is not None:
+            await self._results.close()
 
 
 class _SupervisorRun:
@@ -217,6 +221,7 @@ class JournalSource:
         self._context: Any = None
         self._closed = False
         self._lock = asyncio.Lock()
+        self._results = JournaledResults(journal)
 
     @classmethod
     async def open(cls, journal: Path, run_id: str | None) -> JournalSource:
@@ -266,7 +271,7 @@ class JournalSource:
         return self._outcome is None
 
     async def full_result(self, task_id: str) -> str | None:
-        return await asyncio.to_thread(_journaled_result, self.journal, self.run_id, task_id)
+        return await self._results.result(self.run_id, task_id)
 
     def cancel(self, task_id: str) -> str:
         if self._outcome is not None:
@@ -285,18 +290,9 @@ class JournalSource:
         return None
 
     async def close(self) -> None:
+        await self._results.close()
         async with self._lock:  # not under a read that is still going
             self._closed = True
             if self._context is not None:
                 await self._context.__aexit__(None, None, None)
                 self._context = self._db = None
-
-
-def _journaled_result(journal: Path, run_id: str, task_id: str) -> str | None:
-    """A task's result as its journal has it, whole (None: not written yet)."""
-    uri = f"{journal.resolve().as_uri()}?mode=ro"  # (read only: never creates one)
-    with sqlite3.connect(uri, uri=True, timeout=5) as connection:
-        row = connection.execute(
-            "SELECT result_json FROM tasks WHERE run_id = ? AND task_id = ?", (run_id, task_id)
-        ).fetchone()
-    return None if row is None else row[0]
