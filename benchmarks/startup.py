@@ -7,6 +7,10 @@ medians are compared side by side:
 
     python3 benchmarks/startup.py                       # this checkout
     python3 benchmarks/startup.py --other ../base -n 21 # the other one (A) vs this one (B)
+    python3 benchmarks/startup.py --core async          # on the async core (`--core async`)
+
+A checkout whose async core does not journal runs is measured on it with
+``--variant no-journal``.
 
 Bytecode is cached as on a user's machine (``PYTHONDONTWRITEBYTECODE`` is unset).
 """
@@ -54,21 +58,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--other", type=Path, help="checkout A to compare with (this one is B)")
     parser.add_argument("-n", "--runs", type=int, default=21, help="runs of each side and variant")
+    parser.add_argument(
+        "--core", choices=["threads", "async"], help="the core to run on (default: the default)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        choices=[name.lstrip("-") for name in VARIANTS],
+        help="measure only this variant (repeatable; default: every one)",
+    )
     options = parser.parse_args()
+    core = [] if options.core is None else ["--core", options.core]
+    variants = {
+        name: [*flags, *core]
+        for name, flags in VARIANTS.items()
+        if options.variant is None or name.lstrip("-") in options.variant
+    }
     sides = {"B": REPO} if options.other is None else {"A": options.other.resolve(), "B": REPO}
     for checkout in sides.values():  # warms the page cache and the bytecode caches
-        for flags in VARIANTS.values():
+        for flags in variants.values():
             one_run(checkout, flags)
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for index in range(options.runs):
         order = list(sides) if index % 2 == 0 else list(reversed(sides))
-        for variant, flags in VARIANTS.items():
+        for variant, flags in variants.items():
             for side in order:
                 figures.setdefault((side, variant), []).append(one_run(sides[side], flags))
-    print(f"median of {options.runs} runs, ms")
+    print(f"median of {options.runs} runs, ms{'' if not core else ', ' + ' '.join(core)}")
     for side, checkout in sides.items():
         print(f"  {side} = {checkout}")
-    for variant in VARIANTS:
+    for variant in variants:
         row = []
         for side in sides:
             runs = figures[(side, variant)]

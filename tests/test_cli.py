@@ -679,14 +679,21 @@ def test_the_run_modules_load_without_collections_and_the_run_collects() -> None
 
 def test_a_run_without_a_journal_loads_no_module_it_does_not_use() -> None:
     """Start-up: no journal (sqlite3) without --journal, no TOML parser without
-    a capsule.toml."""
+    a capsule.toml, no live-task model (the TUI's) without --tui, no event loop
+    of the run's own on task threads (the command's loop runs the host API)."""
     import sys
 
-    unused = ("sqlite3", "tomllib")
+    unused = (
+        "sqlite3",
+        "tomllib",
+        "capsule.host.live",
+        "capsule.supervisor.run_loop",
+        "capsule.supervisor.continuations",
+    )
     probe = (
         "import sys, capsule.cli as cli\n"
         "try:\n"
-        f"    cli.main(['run', {str(EXAMPLES / 'hello.py')!r}, '--no-journal'])\n"
+        f"    cli.main(['run', {str(EXAMPLES / 'hello.py')!r}, '--no-journal', '--core', 'threads'])\n"
         "except SystemExit:\n"
         "    pass\n"
         f"print(sorted(name for name in {unused!r} if name in sys.modules))\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -16,6 +18,28 @@ def test_hello(run_program: ProgramRunner) -> None:
     assert outcome.value == "Hello from Capsule!"
     assert outcome.result.attempts == 1
     assert outcome.result.fuel_consumed > 0
+
+
+def test_a_run_on_task_threads_loads_no_event_loop() -> None:
+    """The run's event loop and its continuation driver (anyio, asyncio) are
+    made for the async core only: a run on task threads never loads them."""
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from capsule.supervisor.options import RunOptions\n"
+        "from capsule.supervisor.program import RunRequest, run_program\n"
+        f"request = RunRequest(Path({str(EXAMPLES / 'hello.py')!r}), [], "
+        "options=RunOptions(core='threads'))\n"
+        "report = run_program(request, lambda event: None)\n"
+        "print(report.result.value())\n"
+        "loaded = ('asyncio', 'anyio', 'capsule.supervisor.run_loop',\n"
+        "          'capsule.supervisor.continuations')\n"
+        "print(sorted(name for name in loaded if name in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300
+    )
+    assert done.stdout.splitlines() == ["Hello from Capsule!", "[]"], done.stderr
 
 
 def test_spec_analyze_example(run_program: ProgramRunner) -> None:

@@ -16,7 +16,6 @@ import anyio
 
 from capsule.actors.external import Asking, Delivered, ExternalError, ExternalMessages
 from capsule.host.errors import DeliveryError, InvalidRequest, RunError
-from capsule.host.live import LiveTask
 from capsule.host.requests import json_text
 from capsule.host.result import RunResult
 from capsule.interrupts import StopRequest
@@ -24,6 +23,7 @@ from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.inbox import MAX_ASK_TIMEOUT_S
 
 if TYPE_CHECKING:
+    from capsule.host.live import LiveTask
     from capsule.supervisor.run import Run
 
 #: The most characters of output a handle's buffer holds: past it, its oldest
@@ -219,6 +219,9 @@ class RunHandle:
         and the messages waiting in its mailbox (none before the run's tasks
         begin, nor once it ended). Thread-safe and without waiting (it reads
         the run, never its loop): a dashboard may call it a few times a second."""
+        # (A model built only for a caller that reads live tasks: a TUI, a dashboard.)
+        from capsule.host.live import LiveTask
+
         with self._lock:
             run = self._run
         if run is None or self.done:

@@ -31,7 +31,6 @@ from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
 from capsule.supervisor.blocking import Blocking
-from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
@@ -54,16 +53,20 @@ from capsule.supervisor.option_specs import (
     DEFAULT_RETRY_BACKOFF_S,
 )
 from capsule.supervisor.output import Output
-from capsule.supervisor.run_loop import LoopThread, RunLoop
 from capsule.supervisor.steps import History, JournalFailure, NoStepLog, PendingMessage, StepLog
 from capsule.supervisor.supervision import Supervision
 from capsule.supervisor.task_calls import TaskCalls
 from capsule.supervisor.time_calls import TimeCalls
 from capsule.supervisor.tree import LiveTask, Scope, TaskResult, run_interruptibly
 
-if TYPE_CHECKING:  # (the async core's modules load only for a run on it)
+if TYPE_CHECKING:
+    # (The async core's modules load only for a run on it; the run's loop and
+    # its continuation driver, with anyio and asyncio, only for a run whose
+    # waits run by continuation.)
     from capsule.sandbox.async_sandbox import AsyncSandbox
     from capsule.supervisor.async_core import AsyncCore
+    from capsule.supervisor.continuations import Continuations
+    from capsule.supervisor.run_loop import LoopThread, RunLoop
 
 __all__ = [
     "Backoff",
@@ -175,7 +178,9 @@ class Run:
             granted=[value for task in grants.values() for value in task.env.values()],
             # (On the async core its requests run on the run's loop: no loop
             # thread of their own.)
-            portal=(lambda: self._loop.portal()) if settings.core == "async" else None,
+            portal=(lambda: self._continued().timers.portal())
+            if settings.core == "async"
+            else None,
         )
         if any(task_grants.hosts for task_grants in grants.values()):
             self._http.warm_up()  # some task may make requests: ready for the first
@@ -197,12 +202,14 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The run's part of an event loop (``loop``, its host application's,
-        #: else one on a thread of the run's own): on the async core (or where
-        #: waits run by continuation) opened with the run, closed when it
-        #: ends; never opened on task threads.
-        self._loop = RunLoop(f"capsule-loop {run_id}", loop)
-        self._continuations = Continuations(self._loop, events, run_id, output.shown)
+        #: The run's part of an event loop (on ``loop``, its host
+        #: application's, else on a thread of the run's own), and the driver
+        #: of the waits that run by continuation on it: made for the async
+        #: core (or where waits run by continuation), opened with the run and
+        #: closed when it ends; never on task threads.
+        self._loop_thread = loop
+        self._loop: RunLoop | None = None
+        self._continuations: Continuations | None = None
         # The steps that may wait (declared once, by the host calls that make
         # them) run as the run's core runs them: on the task's thread, or by
         # continuation with no thread waiting.
@@ -220,7 +227,7 @@ class Run:
                 )
             async_sandbox = sandbox
             drive = ContinuedSteps(
-                journal, self._continuations, sandbox.hibernate_waiting, settings.hibernate_after
+                journal, self._continued(), sandbox.hibernate_waiting, settings.hibernate_after
             ).step
         operations = OperationCalls(journal.step, drive)
         messages = MessageCalls(
@@ -271,9 +278,11 @@ class Run:
             # continuation too: they cannot wait (a timeout of 0), or are over
             # at once (a replayed wait on children the journal says ended).
             from capsule.supervisor.async_core import AsyncCore
+            from capsule.supervisor.continuations import wait_here
 
-            journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
-            supervision.core = AsyncCore(supervision, async_sandbox, host, self._loop)
+            continuations = self._continued()
+            journal.run_wait = partial(wait_here, continuations, async_sandbox.slots)
+            supervision.core = AsyncCore(supervision, async_sandbox, host, continuations.timers)
 
         #: Messages from outside the run (`capsule send`, `capsule ask`).
         self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
@@ -289,8 +298,24 @@ class Run:
             raise RuntimeError(
                 f"run {self.run_id} is on the async core: its waits run by continuation already"
             )
-        self._loop.start()
-        self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
+        from capsule.supervisor.continuations import wait_here
+
+        continuations = self._continued()
+        continuations.timers.start()
+        self._journal.run_wait = partial(wait_here, continuations, self.sandbox.slots)
+
+    def _continued(self) -> Continuations:
+        """The driver of this run's waits by continuation, and the run's loop
+        it runs them on, made on first use."""
+        if self._continuations is None:
+            from capsule.supervisor.continuations import Continuations
+            from capsule.supervisor.run_loop import RunLoop
+
+            self._loop = RunLoop(f"capsule-loop {self.run_id}", self._loop_thread)
+            self._continuations = Continuations(
+                self._loop, self.events, self.run_id, self._output.shown
+            )
+        return self._continuations
 
     @property
     def divergence(self) -> ErrorInfo | None:
@@ -404,7 +429,8 @@ class Run:
                 )
         finally:
             self._http.close()
-            self._loop.close()
+            if self._loop is not None:
+                self._loop.close()
         return self._outcome(result, interrupted)
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:

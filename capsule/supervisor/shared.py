@@ -11,10 +11,10 @@ import threading
 from typing import TYPE_CHECKING
 
 from capsule.sandbox.guests import SharedGuests
-from capsule.supervisor.run_loop import LoopThread
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (loaded by a run on the async core only)
     from capsule.sandbox.async_sandbox import AsyncSandbox
+    from capsule.supervisor.run_loop import LoopThread
 
 
 class SharedRuns:
@@ -36,6 +36,8 @@ class SharedRuns:
                 raise RuntimeError("the runs' loop is stopped: its Runtime has closed")
             loop = self._loop
             if loop is None or not loop.running:
+                from capsule.supervisor.run_loop import LoopThread
+
                 loop = LoopThread("capsule-runs")
                 loop.start()
                 self._loop = loop
