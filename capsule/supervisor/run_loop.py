@@ -150,6 +150,11 @@ class RunLoop:
         thread = self._thread
         return thread is not None and thread.is_alive()
 
+    @property
+    def closed(self) -> bool:
+        """Whether it was stopped (its run ended): what is given to it never runs."""
+        return self._closed
+
     def on_loop(self) -> bool:
         """Whether this is the loop's thread."""
         return threading.get_ident() == self._thread_id
