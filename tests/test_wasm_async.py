@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import operator
 import os
 import subprocess
 import sys
@@ -15,14 +14,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import pytest
 import wasmtime
 from wasmtime.component import Component, Linker, Record
 
-from capsule.sandbox import after_import, wasm_async, wasmtime_compat
+from capsule.sandbox import wasm_async, wasmtime_compat
 from capsule.sandbox.hostcall import add_host_func
 from capsule.sandbox.poller import Poller
 from capsule.sandbox.wasm_async import (
@@ -452,59 +450,6 @@ def test_a_poller_closed_cancels_the_calls_it_holds(guest: Guest) -> None:
     assert json.loads(futures[0].result())["got"] == "first"
     assert futures[1].cancelled and futures[2].cancelled
     assert ended == [futures[0], futures[1]] or ended == [futures[1], futures[0]]
-    for future in futures:
-        future.store.close()
-
-
-def test_a_call_woken_by_an_import_whose_caller_then_waits_is_polled_by_the_same_thread(
-    guest: Guest,
-) -> None:
-    # (As an ask wakes its receiver, then waits for the reply: the receiver
-    # runs next on the asker's poll thread, no other thread is woken for it.)
-    rounds = 10
-    receivers: dict[int, Pending] = {}
-    served_on: dict[Any, int] = {}
-    ended_on: dict[Any, int] = {}
-    changed = threading.Condition()
-
-    def on_receive(_timeout_ms: int | None) -> Pending:
-        future = current_future()
-        assert future is not None
-        pending = Pending()
-        key = future.data
-        if key[0] == "asker":
-            served_on[key] = threading.get_ident()
-            receiver = receivers.pop(key[1])
-            after_import.defer(lambda: receiver.resolve(envelope("ping")))
-        else:
-            with changed:
-                receivers[key[1]] = pending
-                changed.notify_all()
-        return pending
-
-    def on_done(future: CallFuture[Any]) -> None:
-        with changed:
-            ended_on[future.data] = threading.get_ident()
-            changed.notify_all()
-
-    linker = guest.linker(on_receive)
-    futures = []
-    with Poller(threads=2) as poller:
-        for round_ in range(rounds):
-            receiver = guest.start(linker, "echo", data=("receiver", round_))
-            poller.submit(receiver, on_done)
-            with changed:
-                assert changed.wait_for(partial(operator.contains, receivers, round_), 60)
-            asker = guest.start(linker, "echo", data=("asker", round_))
-            poller.submit(asker, on_done)
-            with changed:
-                receiver_ended = partial(operator.contains, ended_on, ("receiver", round_))
-                assert changed.wait_for(receiver_ended, 60)
-            poller.cancel(asker)
-            futures += [receiver, asker]
-    assert all(
-        ended_on[("receiver", round_)] == served_on[("asker", round_)] for round_ in range(rounds)
-    )
     for future in futures:
         future.store.close()
 

@@ -22,15 +22,6 @@ OnDone = Callable[[CallFuture[Any]], None]
 
 
 @dataclass(eq=False)
-class _Polling:
-    """What a poll thread polls now."""
-
-    future: CallFuture[Any] | None = None
-    #: A future woken during this poll was left for this thread (see _wake).
-    kept: bool = False
-
-
-@dataclass(eq=False)
 class _Entry:
     on_done: OnDone | None
     state: str = _QUEUED
@@ -46,12 +37,7 @@ class Poller:
     on a poll thread); one that yielded (its fuel yield interval) goes to the
     back of the queue. No future is polled by two threads at once: a future
     submitted is the poller's to poll. Closing stops the threads and cancels
-    the futures left (without their ``on_done``).
-
-    A future woken by a host function of a future that then waits (an ask
-    whose message wakes its receiver) is polled next by the same thread,
-    which is about to be free, rather than by another one woken for it: a
-    ping-pong of two tasks runs on one thread, without a thread switch."""
+    the futures left (without their ``on_done``)."""
 
     def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
         if threads < 1:
@@ -60,7 +46,6 @@ class Poller:
         self._ready: deque[CallFuture[Any]] = deque()
         self._entries: dict[CallFuture[Any], _Entry] = {}
         self._closing = False
-        self._local = threading.local()
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
             for index in range(threads)
@@ -147,25 +132,11 @@ class Poller:
             if entry.state == _IDLE:
                 entry.state = _QUEUED
                 self._ready.append(future)
-                if not self._polled_here_next():
-                    self._lock.notify()
+                self._lock.notify()
             elif entry.state in (_RUNNING, _HELD):
                 entry.notified = True
 
-    def _polled_here_next(self) -> bool:
-        """Holding the lock, for a future just queued: whether this thread
-        polls it next, for the future it polls now waits in an async import
-        (its poll is about to return); once per poll."""
-        polling: _Polling | None = getattr(self._local, "polling", None)
-        if polling is None or polling.kept or polling.future is None:
-            return False
-        if not polling.future.blocked:
-            return False
-        polling.kept = True
-        return True
-
     def _work(self) -> None:
-        polling = self._local.polling = _Polling()
         while True:
             with self._lock:
                 while not self._ready and not self._closing:
@@ -175,7 +146,6 @@ class Poller:
                 future = self._ready.popleft()
                 entry = self._entries[future]
                 entry.state, entry.notified = _RUNNING, False
-                polling.future, polling.kept = future, False
             try:
                 done = future.poll()
             except Exception:  # (polled elsewhere too: the poll thread must go on)
@@ -183,9 +153,6 @@ class Poller:
                 future.cancel()
                 done = True
             with self._lock:
-                # (A future it kept is at most one of those now ready: this
-                # thread takes one of them next.)
-                polling.future = None
                 if done:
                     del self._entries[future]
                     future.on_wake = None
