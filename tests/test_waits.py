@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import anyio
 import pytest
 
+from capsule.sandbox import after_import
 from capsule.sandbox.config import Limits
 from capsule.sandbox.engine import Invocation, RefusingHost
 from capsule.supervisor.continuations import Continuations
@@ -103,6 +103,10 @@ def make_attempt(
     if tree is not None:
         tree.attempts[invocation] = attempt
     return attempt
+
+
+def assert_set(event: threading.Event) -> None:
+    assert event.wait(PATIENCE_S)
 
 
 class Finishes:
@@ -246,24 +250,78 @@ def test_a_wait_until_ready_outlasts_its_tasks_stop_and_starts_what_it_waits_for
     started[0].join()
 
 
-def test_a_wait_that_must_wait_is_awaited_by_a_task_on_the_runs_loop(
+def test_a_wait_woken_by_a_thread_serving_no_import_is_checked_on_the_runs_loop(
     driver: Continuations,
 ) -> None:
     attempt = make_attempt()
     poller = FakePoller()
     arrived: list[bool] = []
-    checked_in: list[str] = []
+    checked_on_loop: list[bool] = []
 
     def ready() -> bool:
         if arrived:
-            checked_in.append(anyio.get_current_task().name)
+            checked_on_loop.append(driver.timers.on_loop())
         return bool(arrived)
 
     driver.run(Wait(attempt, "receive", ready, Finishes(), timeout=60), poller.resolve)
     arrived.append(True)
     attempt.wake()
     assert poller.wait_for(1) == [(True, '"ready"')]
-    assert checked_in == ["capsule-wait main"]
+    assert checked_on_loop == [True]
+
+
+def test_a_wait_woken_by_an_import_is_checked_on_its_thread_once_the_import_returned(
+    driver: Continuations,
+) -> None:
+    attempt = make_attempt()
+    poller = FakePoller()
+    router = threading.Lock()
+    arrived: list[bool] = []
+    checked: list[tuple[int, bool]] = []
+
+    def ready() -> bool:
+        if arrived:
+            checked.append((threading.get_ident(), router.locked()))
+        return bool(arrived)
+
+    driver.run(Wait(attempt, "receive", ready, Finishes(), timeout=60), poller.resolve)
+    with after_import.serving():
+        with router:  # (as a send wakes its receiver: holding the router's lock)
+            arrived.append(True)
+            attempt.wake()
+        assert checked == []
+    assert poller.answers == [(True, '"ready"')]
+    assert checked == [(threading.get_ident(), False)]
+
+
+def test_a_wait_answered_before_its_lazy_start_gets_no_task_on_the_loop(
+    driver: Continuations, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    start_soon = driver.timers.start_soon
+
+    def recorded(task: Callable[[], Any], name: str) -> None:
+        started.append(name)
+        start_soon(task, name)
+
+    monkeypatch.setattr(driver.timers, "start_soon", recorded)
+    # (The loop is held meanwhile: however slow this thread, no sweep comes first.)
+    go = threading.Event()
+    driver.timers.soon(lambda: assert_set(go))
+    quick, slow = make_attempt(task_id="quick"), make_attempt(task_id="slow")
+    poller = FakePoller()
+    arrived: list[bool] = []
+    driver.run(Wait(quick, "receive", lambda: bool(arrived), Finishes()), poller.resolve)
+    driver.run(Wait(slow, "receive", never, Finishes(), timeout=60), poller.resolve)
+    with after_import.serving():
+        arrived.append(True)
+        quick.wake()
+    assert poller.answers == [(True, '"ready"')]
+    go.set()
+    swept = threading.Event()
+    driver.later(swept.set)  # (after the waits' own: they run in the order they came)
+    assert swept.wait(PATIENCE_S)
+    assert started == ["capsule-wait slow"]
 
 
 def test_a_finish_may_make_the_next_wait_of_the_same_call(driver: Continuations) -> None:

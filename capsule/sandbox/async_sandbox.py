@@ -43,6 +43,7 @@ from wasmtime.component import Instance, LinkerInstance
 
 from capsule.sandbox import guest_data
 from capsule.sandbox import wasmtime_compat as compat
+from capsule.sandbox.after_import import serving
 from capsule.sandbox.engine import (
     CALLER_STOPPED,
     ENGINE_SETTINGS,
@@ -815,8 +816,12 @@ def _bound_import(func: HostFunc) -> HostFunc:
     """``func`` (a thread mode import) served for the attempt polled here."""
 
     def serve(*args: Any) -> Any:
-        with _bound_here():
-            return func(*args)
+        with serving():
+            attempt = _serving()
+            if attempt is None:
+                return func(*args)
+            with _bound(attempt.invocation, attempt.store):
+                return func(*args)
 
     return serve
 

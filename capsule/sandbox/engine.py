@@ -584,16 +584,24 @@ class _Stop(wasmtime.WasmtimeError):
 _thread = threading.local()
 
 
-@contextmanager
-def _bound(invocation: Invocation, store: _TrackedStore | None = None) -> Iterator[None]:
+# (A class, not a generator: it wraps every host call on the async core.)
+class _bound:
     """Make ``invocation`` the one host imports and the epoch callback on this
-    thread act for, while its instance (in ``store``) runs here."""
-    previous = getattr(_thread, "invocation", None), getattr(_thread, "store", None)
-    _thread.invocation, _thread.store = invocation, store
-    try:
-        yield
-    finally:
-        _thread.invocation, _thread.store = previous
+    thread act for, while its instance (in ``store``) runs here (a context
+    manager)."""
+
+    __slots__ = ("invocation", "previous", "store")
+
+    def __init__(self, invocation: Invocation, store: _TrackedStore | None = None) -> None:
+        self.invocation = invocation
+        self.store = store
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_thread, "invocation", None), getattr(_thread, "store", None)
+        _thread.invocation, _thread.store = self.invocation, self.store
+
+    def __exit__(self, *exc: object) -> None:
+        _thread.invocation, _thread.store = self.previous
 
 
 def _record(**fields: Any) -> Record:

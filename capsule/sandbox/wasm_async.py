@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 import wasmtime
 from wasmtime.component import Component, ExportIndex, Instance, Linker, LinkerInstance
 
+from capsule.sandbox.after_import import serving
 from capsule.sandbox.engine import ENGINE_SETTINGS
 from capsule.sandbox.hostcall import OnError, _Import
 from capsule.sandbox.runtime import Progress, ensure_runtime
@@ -531,6 +532,21 @@ def _call_async_import(
     _nargs: int,
     results: int,
     _nresults: int,
+    error_ret: int,
+    continuation_ret: int,
+) -> None:
+    # (The work its handler deferred runs once its Pending is bound: a wait
+    # it makes ready may be the caller's own.)
+    with serving():
+        _serve_async_import(key, context, ty_raw, args, results, error_ret, continuation_ret)
+
+
+def _serve_async_import(
+    key: int,
+    context: int,
+    ty_raw: int,
+    args: int,
+    results: int,
     error_ret: int,
     continuation_ret: int,
 ) -> None:

@@ -16,7 +16,7 @@ from capsule.sandbox.async_sandbox import Attempt as Running
 from capsule.sandbox.engine import Answer, Invocation
 from capsule.sandbox.wasm_async import Pending, current_future
 from capsule.supervisor.blocking import WAITING_GRACE_S
-from capsule.supervisor.continuations import Continuations
+from capsule.supervisor.continuations import LAZY_START_S, Continuations
 from capsule.supervisor.events import TaskHibernated
 from capsule.supervisor.journaled import Durable, JournaledSteps
 from capsule.supervisor.steps import Request, Step
@@ -120,4 +120,14 @@ class ContinuedSteps:
                     )
                 )
 
-        self.continuations.timers.at(time.monotonic() + after, hibernate)
+        when = time.monotonic() + after
+        if after < 2 * LAZY_START_S:
+            self.continuations.timers.at(when, hibernate)
+            return
+
+        def arm() -> None:
+            # (Most waits are over before: they set no timer.)
+            if not pending.resolved:
+                self.continuations.timers.at(when, hibernate)
+
+        self.continuations.later(arm)

@@ -284,6 +284,11 @@ class RunLoop:
         host = self._host
         return host is not None and host.running and not self._ended.is_set()
 
+    @property
+    def closed(self) -> bool:
+        """Whether it was stopped (its run ended): what is given to it never runs."""
+        return self._closed
+
     def on_loop(self) -> bool:
         """Whether this is the loop's thread."""
         host = self._host

@@ -1,0 +1,64 @@
+"""Work a host function leaves for the moment its import has returned, on the
+same thread.
+
+A host function of the async core may wake another task's wait while it
+holds a lock the wait's check takes (the router's): the check cannot run
+there. Rather than send it to another thread (a hop per wake-up), the wake
+defers it here, and it runs on this thread as soon as the import served here
+returns (capsule.sandbox.wasm_async and async_sandbox serve imports inside
+:func:`serving`), before the guest goes on."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from capsule.logs import logger
+
+_log = logger("sandbox")
+
+_local = threading.local()
+
+
+def defer(work: Callable[[], None]) -> bool:
+    """Run ``work`` on this thread once the import served here has returned;
+    False (nothing deferred) if no import is served on this thread: the
+    caller runs it elsewhere."""
+    queue: deque[Callable[[], None]] | None = getattr(_local, "queue", None)
+    if queue is None:
+        return False
+    queue.append(work)
+    return True
+
+
+# (A class, not a generator: it wraps every host call.)
+class serving:
+    """Serve one import in the block (a context manager): the work deferred
+    in it runs after it (also if it raised), in order, and so does the work
+    that work defers. An import served within another (nested) leaves its
+    work to the outer one."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        #: Its deferred work (None: an outer import's runs it).
+        self.queue: deque[Callable[[], None]] | None = None
+
+    def __enter__(self) -> None:
+        if getattr(_local, "queue", None) is None:
+            self.queue = _local.queue = deque()
+
+    def __exit__(self, *exc: object) -> None:
+        queue = self.queue
+        if queue is None:
+            return
+        try:
+            while queue:
+                work = queue.popleft()
+                try:
+                    work()
+                except Exception:  # (a bug in one: the others still run, the import still returns)
+                    _log.exception("work deferred to the end of an import failed")
+        finally:
+            _local.queue = None
