@@ -328,6 +328,37 @@ def test_a_direct_call_runs_its_child_as_a_future_of_its_own(
     assert child.outcome is not None and child.outcome.result_json == "49"
 
 
+@pytest.mark.parametrize(
+    ("last_import_s", "imported_on"), [(0.001, "capsule-poll"), (5.0, "capsule-prepare")]
+)
+def test_a_child_s_program_is_imported_on_its_caller_s_poll_thread_only_if_that_is_quick(
+    sandbox: AsyncSandbox,
+    waits: Waits,
+    host: Host,
+    monkeypatch: pytest.MonkeyPatch,
+    last_import_s: float,
+    imported_on: str,
+) -> None:
+    """No instance ready for a child its caller started from a poll thread:
+    a program whose last import was quick is imported there (a handover to
+    another thread costs the caller more than the import), a slow one on a
+    preparer thread (it must not hold up the tasks that poll thread serves)."""
+    threads: list[str] = []
+    instance_for = sandbox._instance_for
+
+    def noted(invocation: Invocation, program: str) -> Any:
+        threads.append(threading.current_thread().name)
+        return instance_for(invocation, program)
+
+    monkeypatch.setattr(sandbox, "_instance_for", noted)
+    monkeypatch.setattr(sandbox, "import_seconds", {"prog": last_import_s})
+    attempt = run(sandbox, waits, invocation("p", "parent", host), args(3))
+    assert attempt.outcome is not None and attempt.outcome.error is None, attempt.outcome
+    # (The parent's own, started by the test: a preparer's; then its child's.)
+    assert len(threads) == 2 and threads[0].startswith("capsule-prepare"), threads
+    assert threads[1].startswith(imported_on), threads
+
+
 # -- limits and stops ------------------------------------------------------------------
 
 

@@ -922,6 +922,8 @@ class Sandbox:
         self.linker = self._make_linker() if linker is None else linker
         #: The limits of imports after the first, by program (see prepare).
         self._import_limits: dict[str, Limits] = {}
+        #: How long the last import of each program took (seconds of wall time).
+        self.import_seconds: dict[str, float] = {}
         self._pool: InstancePool | None = None
         #: At most this many threads run task wasm at once (default: CPU cores).
         self.slots = CpuSlots(cpu_slots)
@@ -1276,6 +1278,7 @@ class Sandbox:
         invocation = Invocation(
             LOAD_TASK_ID, LOAD_TASK_ID, 1, 1, limits, host or _PREPARE_HOST, within
         )
+        began = time.monotonic()
         with _bound(invocation):
             store = self._new_store(limits)
             store.finder = self.finder
@@ -1293,6 +1296,7 @@ class Sandbox:
                 store.close()
                 raise PrepareError(result)
         store.invocation = store.thread = None  # (imported: idle until a task takes it)
+        self.import_seconds[program] = time.monotonic() - began
         store.marker, store.channel_at = _memory_layout(result, nonce)
         if describe:
             size = self._memory_sizes([store])[0]
