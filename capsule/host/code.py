@@ -242,7 +242,7 @@ class CodeRunner:
                 run_id=run_id, program=str(RUNNER), entry="main", resumed=history is not None
             )
         )
-        run = Run(
+        with Run(
             self.sandbox,
             RUNNER_MODULE,
             self.configs,
@@ -253,13 +253,13 @@ class CodeRunner:
             history,
             seed,
             {"main": grants.resolved()},
-        )
-        if on_run is not None:
-            on_run(run)
-        events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
-        return report_of(
-            run, lambda: run.run_main(request.args, request.kwargs, None, "main"), totals, RUNNER
-        )
+        ) as run:
+            if on_run is not None:
+                on_run(run)
+            events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
+            return report_of(
+                run, lambda: run.run_main(request.args, request.kwargs), totals, RUNNER
+            )
 
 
 def _drop_output(invocation: Invocation, stream: str, text: str) -> None:

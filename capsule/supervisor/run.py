@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -154,129 +155,154 @@ class Run:
         seed: bytes = b"",
         grants: dict[str, Grants] | None = None,
         loop: LoopThread | None = None,
+        first: Prepared | None = None,
     ) -> None:
-        self.sandbox = sandbox
-        self.program = program
-        self.configs = configs
-        self.events = events
-        self.settings = settings = settings or RunSettings()
-        self.run_id = run_id = run_id or new_run_id()
-        self._router = router = Router(settings.mailbox_capacity, settings.max_queued_bytes)
-        if history is not None:
-            router.allow_early_replies(history.asked, history.replies)
-        log: StepLog = steps or NoStepLog()
-        self._log = log
-        #: Without a journal, steps are only counted: nothing is serialised.
-        journaling = steps is not None and not isinstance(steps, NoStepLog)
-        #: What each task may reach, by task name (nothing if absent).
-        self.grants = grants = grants or {}
-        self._http = HttpClient(
-            settings.max_response_bytes,
-            granted=[value for task in grants.values() for value in task.env.values()],
-            # (On the async core its requests run on the run's loop: no loop
-            # thread of their own.)
-            portal=(lambda: self._loop.portal()) if settings.core == "async" else None,
-        )
-        if any(task_grants.hosts for task_grants in grants.values()):
-            self._http.warm_up()  # some task may make requests: ready for the first
-        #: Set by stop(): the run was stopped from outside (like Ctrl-C).
-        self.stopped = False
+        """``first``: the instance the program was loaded in, the one main runs
+        in (None: main takes a fresh one). It is the run's from this call:
+        closed by close() (or at once if the run cannot be made), unless
+        run_main has given it to the sandbox's pool by then."""
+        # What the run makes to run on is closed by close(), whoever calls it
+        # (run_main as it ends, or whoever made the run), or here if making
+        # it fails.
+        with ExitStack() as made:
+            self._first = first
+            made.callback(self._close_first)
+            self.sandbox = sandbox
+            self.program = program
+            self.configs = configs
+            self.events = events
+            self.settings = settings = settings or RunSettings()
+            self.run_id = run_id = run_id or new_run_id()
+            self._router = router = Router(settings.mailbox_capacity, settings.max_queued_bytes)
+            if history is not None:
+                router.allow_early_replies(history.asked, history.replies)
+            log: StepLog = steps or NoStepLog()
+            self._log = log
+            #: Without a journal, steps are only counted: nothing is serialised.
+            journaling = steps is not None and not isinstance(steps, NoStepLog)
+            #: What each task may reach, by task name (nothing if absent).
+            self.grants = grants = grants or {}
+            async_sandbox: AsyncSandbox | None = None
+            if settings.core == "async":
+                from capsule.sandbox.async_sandbox import AsyncSandbox
 
-        self._tree = tree = LiveTree()
-        self._journal = journal = JournaledSteps(
-            tree,
-            log,
-            journaling,
-            run_id,
-            settings.max_task_output_bytes,
-            settings.max_run_journal_bytes,
-            recorded=history.recorded if history else 0,
-        )
-        self._output = output = Output(run_id, events, journal)
-        blocking = Blocking(
-            sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
-        )
-        journal.run_wait = blocking.run
-        #: The run's part of an event loop (``loop``, its host application's,
-        #: else one on a thread of the run's own): on the async core (or where
-        #: waits run by continuation) opened with the run, closed when it
-        #: ends; never opened on task threads.
-        self._loop = RunLoop(f"capsule-loop {run_id}", loop)
-        self._continuations = Continuations(self._loop, events, run_id, output.shown)
-        # The steps that may wait (declared once, by the host calls that make
-        # them) run as the run's core runs them: on the task's thread, or by
-        # continuation with no thread waiting.
-        drive: StepDriver = journal.step
-        async_sandbox: AsyncSandbox | None = None
-        if settings.core == "async":
-            from capsule.sandbox.async_sandbox import AsyncSandbox
-            from capsule.supervisor.async_host import ContinuedSteps
+                if not isinstance(sandbox, AsyncSandbox):
+                    raise TypeError(
+                        f"run {run_id}: core='async' (the default) runs its tasks in an "
+                        f"AsyncSandbox, not a {type(sandbox).__name__}; for a Sandbox, pass "
+                        "RunSettings(core='threads')"
+                    )
+                async_sandbox = sandbox
+            #: The run's part of an event loop (``loop``, its host application's,
+            #: else one on a thread of the run's own): on the async core (or where
+            #: waits run by continuation) opened with the run, closed when it
+            #: ends; never opened on task threads.
+            self._loop = RunLoop(f"capsule-loop {run_id}", loop)
+            made.callback(self._loop.close)
+            self._http = HttpClient(
+                settings.max_response_bytes,
+                granted=[value for task in grants.values() for value in task.env.values()],
+                # (On the async core its requests run on the run's loop: no loop
+                # thread of their own.)
+                portal=self._loop.portal if async_sandbox is not None else None,
+            )
+            made.callback(self._http.close)  # (before the loop its requests may run on)
+            if any(task_grants.hosts for task_grants in grants.values()):
+                self._http.warm_up()  # some task may make requests: ready for the first
+            #: Set by stop(): the run was stopped from outside (like Ctrl-C).
+            self.stopped = False
 
-            if not isinstance(sandbox, AsyncSandbox):
-                raise TypeError(
-                    f"run {run_id}: core='async' (the default) runs its tasks in an "
-                    f"AsyncSandbox, not a {type(sandbox).__name__}; for a Sandbox, pass "
-                    "RunSettings(core='threads')"
-                )
-            async_sandbox = sandbox
-            drive = ContinuedSteps(
-                journal, self._continuations, sandbox.hibernate_waiting, settings.hibernate_after
-            ).step
-        operations = OperationCalls(journal.step, drive)
-        messages = MessageCalls(
-            router,
-            events,
-            run_id,
-            max_message_bytes=settings.max_message_bytes,
-            mailbox_capacity=settings.mailbox_capacity,
-            on_ask=lambda message: journal.write(log.ask_sent, message),
-            journaling=journaling,
-            open_channel=sandbox.open_channel,
-            history=history,
-        )
-        journal.end_credit = messages.end_credit
-        self._supervision = supervision = Supervision(
-            sandbox,
-            program,
-            configs,
-            settings,
-            events,
-            run_id,
-            journal,
-            tree,
-            router,
-            history,
-            seed or os.urandom(16),
-            grants,
-            before_reporting=output.shown,
-        )
-        admission = Admission(configs, tree, settings.max_live_tasks, settings.max_children)
-        # Guests never see the monotonic clock go back, also across a resume.
-        monotonic_offset = max(
-            0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
-        )
-        host = RunHostCalls(
-            TaskCalls(supervision, admission, configs, router, journal, tree, operations, drive),
-            MessageSteps(messages, router, journal, tree, operations, drive),
-            TimeCalls(journal, tree, monotonic_offset, drive),
-            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown, drive),
-            operations,
-            output,
-            tree,
-            router,
-        )
-        supervision.host = host
-        if async_sandbox is not None:
-            # The waits a host call that does not wait may still make run by
-            # continuation too: they cannot wait (a timeout of 0), or are over
-            # at once (a replayed wait on children the journal says ended).
-            from capsule.supervisor.async_core import AsyncCore
+            self._tree = tree = LiveTree()
+            self._journal = journal = JournaledSteps(
+                tree,
+                log,
+                journaling,
+                run_id,
+                settings.max_task_output_bytes,
+                settings.max_run_journal_bytes,
+                recorded=history.recorded if history else 0,
+            )
+            self._output = output = Output(run_id, events, journal)
+            blocking = Blocking(
+                sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
+            )
+            journal.run_wait = blocking.run
+            self._continuations = Continuations(self._loop, events, run_id, output.shown)
+            # The steps that may wait (declared once, by the host calls that make
+            # them) run as the run's core runs them: on the task's thread, or by
+            # continuation with no thread waiting.
+            drive: StepDriver = journal.step
+            if async_sandbox is not None:
+                from capsule.supervisor.async_host import ContinuedSteps
 
-            journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
-            supervision.core = AsyncCore(supervision, async_sandbox, host, self._loop)
+                drive = ContinuedSteps(
+                    journal,
+                    self._continuations,
+                    async_sandbox.hibernate_waiting,
+                    settings.hibernate_after,
+                ).step
+            operations = OperationCalls(journal.step, drive)
+            messages = MessageCalls(
+                router,
+                events,
+                run_id,
+                max_message_bytes=settings.max_message_bytes,
+                mailbox_capacity=settings.mailbox_capacity,
+                on_ask=lambda message: journal.write(log.ask_sent, message),
+                journaling=journaling,
+                open_channel=sandbox.open_channel,
+                history=history,
+            )
+            journal.end_credit = messages.end_credit
+            self._supervision = supervision = Supervision(
+                sandbox,
+                program,
+                configs,
+                settings,
+                events,
+                run_id,
+                journal,
+                tree,
+                router,
+                history,
+                seed or os.urandom(16),
+                grants,
+                before_reporting=output.shown,
+            )
+            admission = Admission(configs, tree, settings.max_live_tasks, settings.max_children)
+            # Guests never see the monotonic clock go back, also across a resume.
+            monotonic_offset = max(
+                0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
+            )
+            host = RunHostCalls(
+                TaskCalls(
+                    supervision, admission, configs, router, journal, tree, operations, drive
+                ),
+                MessageSteps(messages, router, journal, tree, operations, drive),
+                TimeCalls(journal, tree, monotonic_offset, drive),
+                HttpCalls(
+                    self._http, journal, tree, operations, events, run_id, output.shown, drive
+                ),
+                operations,
+                output,
+                tree,
+                router,
+            )
+            supervision.host = host
+            if async_sandbox is not None:
+                # The waits a host call that does not wait may still make run by
+                # continuation too: they cannot wait (a timeout of 0), or are over
+                # at once (a replayed wait on children the journal says ended).
+                from capsule.supervisor.async_core import AsyncCore
 
-        #: Messages from outside the run (`capsule send`, `capsule ask`).
-        self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
+                journal.run_wait = partial(wait_here, self._continuations, async_sandbox.slots)
+                supervision.core = AsyncCore(supervision, async_sandbox, host, self._loop)
+
+            #: Messages from outside the run (`capsule send`, `capsule ask`).
+            self.external = ExternalMessages(
+                router, settings.max_message_bytes, self._external_sent
+            )
+            self._owned = made.pop_all()
 
     def wait_by_continuation(self) -> None:
         """Run the waits of this run's host calls by continuation (see
@@ -354,15 +380,12 @@ class Run:
         return load_program(sandbox, program, output, task_defaults)
 
     def run_main(
-        self,
-        args: list[Any],
-        kwargs: dict[str, Any] | None = None,
-        first: Prepared | None = None,
-        entry: str = "main",
+        self, args: list[Any], kwargs: dict[str, Any] | None = None, entry: str = "main"
     ) -> TaskResult:
         """Run the task named ``entry`` (``main`` unless the user chose another)
         as the root of the tree, to the end, and return how it ended. Whatever
-        its name, the root's task id is ``main``.
+        its name, the root's task id is ``main``. The run is closed as this
+        returns (or raises): what it made to run on stops.
 
         The task tree runs on task threads: the root on one this call owns, each
         spawned child on one its parent's attempt owns (and joins before it ends);
@@ -371,25 +394,15 @@ class Run:
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        # (What the run started as it was made, its HTTP client's threads and
-        # its timers, stop however this ends: an unknown entry too.)
-        try:
+        with self:
+            if entry not in self.configs:
+                raise ProgramError(no_entry(entry, sorted(self.configs)))
             try:
-                if entry not in self.configs:
-                    raise ProgramError(no_entry(entry, sorted(self.configs)))
-                try:
-                    call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
-                except ValueError as exc:  # (a host API caller's NaN: never a guest's)
-                    raise ProgramError(
-                        f"the arguments to main are not strict JSON: {exc}"
-                    ) from None
-                self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-            except BaseException:
-                # The instance the program was loaded in is the pool's once it
-                # started; until then it is this call's to close.
-                if first is not None:
-                    first.store.close()
-                raise
+                call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
+            except ValueError as exc:  # (a host API caller's NaN: never a guest's)
+                raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
+            first, self._first = self._first, None  # (the pool's now)
+            self.sandbox.start_pool(self.program, self.settings.pool_size, first)
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
@@ -402,10 +415,24 @@ class Run:
                     lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
                     name="capsule-main",
                 )
-        finally:
-            self._http.close()
-            self._loop.close()
         return self._outcome(result, interrupted)
+
+    def close(self) -> None:
+        """Stop what the run made to run on (its HTTP client, its loop) and
+        close its first instance if its pool never took it. Safe to call
+        again; run_main calls it as it ends."""
+        self._owned.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _close_first(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            first.store.close()
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
         """How the run ended, from how its root did."""
