@@ -4,8 +4,8 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Callable, Collection, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Collection
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,7 +26,7 @@ from capsule.supervisor.events import (
     RunWarning,
     TaskOutput,
 )
-from capsule.supervisor.inbox import InboxError, RunInbox
+from capsule.supervisor.inbox import InboxError
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.run import (
     Backoff,
@@ -283,8 +283,8 @@ def run_program(
             events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
 
             def run_main() -> TaskResult:
-                with _inbox(run, events):
-                    return run.run_main(request.args, request.kwargs, request.entry)
+                _listen(run, events)
+                return run.run_main(request.args, request.kwargs, request.entry)
 
             return report_of(run, run_main, totals, path)
 
@@ -313,23 +313,15 @@ def report_of(
     return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
 
 
-@contextmanager
-def _inbox(run: Run, events: EventStream) -> Iterator[None]:
+def _listen(run: Run, events: EventStream) -> None:
     """While the run runs, `capsule send` and `capsule ask` reach it (or a
     warning says why they cannot; the run goes on)."""
-    inbox = RunInbox(run.run_id, run.external)
     try:
-        inbox.start()
+        run.listen()
     except InboxError as exc:
         events.emit(
             RunWarning(run_id=run.run_id, task_id=LOAD_TASK_ID, task=LOAD_TASK_ID, text=str(exc))
         )
-        yield
-        return
-    try:
-        yield
-    finally:
-        inbox.close()
 
 
 def _unset_variables(

@@ -36,6 +36,7 @@ from capsule.supervisor.continuations import Continuations, wait_here
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
+from capsule.supervisor.inbox import RunInbox
 from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.loading import ProgramError, load_program, no_entry, program_module
@@ -318,6 +319,17 @@ class Run:
         self._loop.start()
         self._journal.run_wait = partial(wait_here, self._continuations, self.sandbox.slots)
 
+    def listen(self) -> None:
+        """Let `capsule send` and `capsule ask` reach the run until it closes
+        (see RunInbox), on its loop if it has one (the async core's, started
+        now); InboxError if its socket cannot be made (the run goes on)."""
+        if self._supervision.core is not None and not self._loop.started:
+            self._loop.start()
+        inbox = RunInbox(self.run_id, self.external, self._loop if self._loop.running else None)
+        inbox.start()
+        # (Closed before the loop it serves on: it answers what it read first.)
+        self._owned.callback(inbox.close)
+
     @property
     def divergence(self) -> ErrorInfo | None:
         """Why the run was stopped, if a replay diverged from its journal."""
@@ -469,7 +481,8 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    core.loop.start()
+    if not core.loop.started:  # (it may serve the run's inbox already)
+        core.loop.start()
     core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = wait_interruptibly(
         finished, lambda: core.supervision.tree.cancel(root, "cancelled: the run was interrupted")

@@ -279,6 +279,11 @@ class RunLoop:
             host.close()
 
     @property
+    def started(self) -> bool:
+        """Whether start was called (and succeeded)."""
+        return self._host is not None
+
+    @property
     def running(self) -> bool:
         """Whether its task group is open on a running loop."""
         host = self._host
