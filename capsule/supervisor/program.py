@@ -275,7 +275,7 @@ def run_program(
             seed,
             grants,
             loop,
-            first,
+            first=first,
         )
         with run:
             if on_run is not None:
