@@ -347,6 +347,38 @@ def test_a_message_delivered_as_the_run_ends_still_gets_its_answer(
     assert answer == {"ok": True, "id": "cli#1", "to": "main"}
 
 
+def test_a_request_the_inbox_fails_on_is_answered_and_the_inbox_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inbox_loop: RunLoop | None
+) -> None:
+    """A failure answering a request (a bug) is told to its client, and the
+    inbox (on the run's loop: the run's tasks with it) goes on."""
+    from capsule.actors.external import Delivered, ExternalMessages
+    from capsule.actors.router import Router
+    from capsule.supervisor.inbox import RunInbox
+    from capsule.supervisor.inbox_client import request
+
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path))
+
+    class FailsOnce(ExternalMessages):
+        failed = False
+
+        def send(self, target: str, body_json: str) -> Delivered:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug in delivering")
+            return Delivered("cli#2", "main")
+
+    external = FailsOnce(
+        Router(mailbox_capacity=8, max_queued_bytes=2**28), 1 << 20, lambda message, target: None
+    )
+    with RunInbox("fails-once", external, inbox_loop) as inbox:
+        failed = request(inbox.path, {"op": "send", "to": "main", "body": 1}, 30)
+        assert failed["ok"] is False and failed["kind"] == "internal", failed
+        again = request(inbox.path, {"op": "send", "to": "main", "body": 2}, 30)
+        assert again == {"ok": True, "id": "cli#2", "to": "main"}
+    assert inbox_loop is None or inbox_loop.running
+
+
 def _waiting_in_close(thread: threading.Thread, inbox: object) -> bool:
     """Whether ``thread`` is blocked in ``inbox.close()``, waiting for what
     the inbox handles to end."""

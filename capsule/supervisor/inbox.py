@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from capsule.actors.external import ExternalError, ExternalMessages
+from capsule.logs import logger
 from capsule.sandbox import guest_data
 from capsule.sandbox.runtime import capsule_home
 
 if TYPE_CHECKING:
     from capsule.supervisor.run_loop import RunLoop
+
+_log = logger("supervisor")
 
 #: How long a client may take to send its request, and to take its answer.
 READ_TIMEOUT_S = 5.0
@@ -216,7 +219,11 @@ class RunInbox:
                     return
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + READ_TIMEOUT_S
-                answer = await self._answer(connection, deadline)
+                try:
+                    answer = await self._answer(connection, deadline)
+                except Exception:  # a bug: on the run's loop, it must not end the run
+                    _log.exception("the inbox of %s failed answering a request", self.path)
+                    answer = _error("internal", "the run failed answering (a bug in Capsule)")
                 with contextlib.suppress(OSError, TimeoutError):  # the client left: nothing to tell
                     async with asyncio.timeout(READ_TIMEOUT_S):
                         await loop.sock_sendall(connection, _line(answer))
