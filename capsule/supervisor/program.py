@@ -277,23 +277,34 @@ def run_program(
             loop,
             first=first,
         )
-        with run:
-            if on_run is not None:
-                on_run(run)
-            events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
 
-            def run_main() -> TaskResult:
-                _listen(run, events)
-                return run.run_main(request.args, request.kwargs, request.entry)
+        def run_main() -> TaskResult:
+            _listen(run, events)
+            return run.run_main(request.args, request.kwargs, request.entry)
 
-            return report_of(run, run_main, totals, path)
+        return report_of(run, run_main, totals, path, on_run)
 
 
 def report_of(
-    run: Run, run_main: Callable[[], TaskResult], totals: RunTotals, path: Path
+    run: Run,
+    run_main: Callable[[], TaskResult],
+    totals: RunTotals,
+    path: Path,
+    on_run: Callable[[Run], None] | None = None,
 ) -> RunReport:
     """The report of ``run``, once ``run_main`` (its entry task, run) ended:
-    its result, or how the run ended without one."""
+    its result, or how the run ended without one. ``on_run`` is given the
+    run first; the run is closed as this returns, whatever happens."""
+    with run:
+        if on_run is not None:
+            on_run(run)
+        run.events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
+        return _report(run, run_main, totals, path)
+
+
+def _report(
+    run: Run, run_main: Callable[[], TaskResult], totals: RunTotals, path: Path
+) -> RunReport:
     try:
         result = run_main()
     except RunInterrupted as exc:
