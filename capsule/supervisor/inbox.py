@@ -17,11 +17,11 @@ import contextlib
 import json
 import math
 import os
+import select
 import socket
 import stat
 import struct
 import threading
-from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,7 +67,8 @@ class RunInbox:
     """Listens for messages from outside the run while it runs: ``start``,
     then ``close`` (which stops the listener, ends what it handles and removes
     the socket). It serves on an event loop: the run's (``loop``, on the async
-    core: no thread of its own), else one on a thread of its own. One task
+    core: no thread of its own), else one on a thread of its own, made once
+    the first client comes (see _serve_alone). One task
     listens, one per request handles it: an ask waits for its reply there,
     holding no thread; only the durable journal write of a delivery runs on
     the loop's executor (it may wait for the disk)."""
@@ -82,10 +83,12 @@ class RunInbox:
         self._socket: socket.socket | None = None
         #: The (device, inode) of the socket file this run made.
         self._bound: tuple[int, int] | None = None
-        #: Runs a callback on the loop it serves on (from any thread), once started.
-        self._post: Callable[[Callable[[], None]], object] | None = None
-        #: Its own loop's thread, if the run has no loop.
+        #: Whether it serves on the run's loop (once started).
+        self._started = False
+        #: Its own loop's thread, if the run has no loop, and the pipe that
+        #: wakes it before its loop runs (see _serve_alone).
         self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
         #: Set once its listener and every request it took ended (or never began).
         self._served = threading.Event()
         # (On the loop's thread only, from here on.)
@@ -130,16 +133,11 @@ class RunInbox:
         self._socket = listening
         run_loop = self._run_loop
         if run_loop is not None:
-            self._post = run_loop.soon
+            self._started = True
             run_loop.soon(lambda: run_loop.start_soon(self._serve, f"capsule-inbox {self.path}"))
             return
-        # A loop of its own: plain asyncio (importing anyio's backend would
-        # cost a run on the thread core more start-up than the whole inbox).
-        own = asyncio.new_event_loop()
-        self._post = own.call_soon_threadsafe
-        self._thread = threading.Thread(
-            target=_serve_on, args=(own, self._serve), name="capsule-inbox"
-        )
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._serve_alone, name="capsule-inbox")
         self._thread.start()
 
     def close(self) -> None:
@@ -147,13 +145,15 @@ class RunInbox:
         of silent clients, answer the requests already read, and remove the
         socket. Returns once all that is done."""
         self.external.close()  # asks waiting end now
-        post, listening, run_loop = self._post, self._socket, self._run_loop
-        if post is not None:
-            with contextlib.suppress(RuntimeError):  # (its loop stopped: so did its tasks)
-                post(self._stop)
-        if self._thread is not None:
+        listening, run_loop, wake = self._socket, self._run_loop, self._wake
+        if self._thread is not None and wake is not None:
+            os.write(wake[1], b"x")  # (to its loop, or its wait for one: see _serve_alone)
             self._thread.join()
-        elif run_loop is not None and post is not None:
+            for fd in wake:
+                os.close(fd)
+        elif run_loop is not None and self._started:
+            with contextlib.suppress(RuntimeError):  # (its loop stopped: so did its tasks)
+                run_loop.soon(self._stop)
             while not self._served.wait(0.5) and run_loop.running:
                 pass  # (a run's loop that ended took the inbox's tasks with it)
         if listening is not None:
@@ -170,6 +170,31 @@ class RunInbox:
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+    def _serve_alone(self) -> None:
+        """On its own thread: serve on a loop of its own once a client comes,
+        until close wakes it; or nothing, if close comes first. Most runs get
+        no message: their inbox makes no loop, and its thread waits in
+        select(), not holding the GIL the run starts up with. (Plain asyncio:
+        importing anyio's backend would cost a run on the thread core more
+        start-up than the whole inbox.)"""
+        assert self._socket is not None and self._wake is not None
+        woken = self._wake[0]
+        came, _, _ = select.select([self._socket.fileno(), woken], [], [])
+        if woken in came:
+            return
+        loop = asyncio.new_event_loop()
+
+        def stop() -> None:
+            loop.remove_reader(woken)  # (once: the pipe stays readable)
+            self._stop()
+
+        try:
+            loop.add_reader(woken, stop)
+            loop.run_until_complete(self._serve())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
     # -- on its loop ---------------------------------------------------------
 
@@ -303,17 +328,6 @@ class _LoopWaker:
     def wake(self) -> None:
         with contextlib.suppress(RuntimeError):  # (its loop has stopped: no one waits)
             self._loop.call_soon_threadsafe(self.woken.set)
-
-
-def _serve_on(
-    loop: asyncio.AbstractEventLoop, serve: Callable[[], Coroutine[Any, Any, None]]
-) -> None:
-    """Run ``serve`` on ``loop`` (a loop of the inbox's own), then close it."""
-    try:
-        loop.run_until_complete(serve())
-        loop.run_until_complete(loop.shutdown_default_executor())
-    finally:
-        loop.close()
 
 
 def parse_request(raw: bytes) -> tuple[str, str, str, float]:
