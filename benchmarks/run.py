@@ -92,8 +92,8 @@ def calls_with_ready_pool(repeats: int) -> dict[str, float]:
             configs, first = Run.load(sandbox, "sequential_calls", lambda *a: None)
             # (The thread core's pool: a Sandbox's.)
             settings = RunSettings(pool_size=220, core="threads")
-            run = Run(sandbox, "sequential_calls", configs, EventStream(), settings)
-            result = run.run_main(["200", "3"], {}, first)  # 3 s for the pool to fill
+            run = Run(sandbox, "sequential_calls", configs, EventStream(), settings, first=first)
+            result = run.run_main(["200", "3"], {})  # 3 s for the pool to fill
             p50s.append(json.loads(result.result_json or "{}")["p50_ms"])
     return {"p50_ms": statistics.median(p50s)}
 

@@ -60,6 +60,50 @@ def mappings_by(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     return str(request.param)
 
 
+#: A guest task (a program's, which imports capsule) that is busy: it counts
+#: in ``chunks`` of ``steps`` with no host call between, and sends each
+#: chunk's number to "progress" as it is done (how far it got, and when).
+SPIN_TASK = """
+@capsule.task
+def spin(chunks, steps):
+    total = 0
+    for chunk in range(chunks):
+        for step in range(steps):
+            total += step
+        capsule.send("progress", chunk + 1)
+    return total
+"""
+
+
+def assert_busy_calls_take_turns(
+    race: Callable[[Any], dict[Any, int]], without_yields: int | None
+) -> None:
+    """Four busy calls of SPIN_TASK (8 chunks each) raced on one poll thread:
+    ``race(fuel_yield_interval)`` says how many chunks each had done when the
+    first ended. With a yield each million units of fuel they take turns:
+    every other is at most a chunk behind; ``without_yields`` one poll thread
+    runs each to its end in turn."""
+    fair = race(1_000_000)
+    assert min(fair.values()) >= 7, fair
+    unfair = race(without_yields)
+    assert sorted(unfair.values()) == [0, 0, 0, 8], unfair
+
+
+def private_bytes() -> int:
+    """This process's private memory, as the system counts it (what many
+    waiting tasks or calls cost, each)."""
+    with open("/proc/self/smaps_rollup") as rollup:
+        fields = dict(line.split(":", 1) for line in rollup if line.startswith("Private_"))
+    return sum(int(value.split()[0]) for value in fields.values()) * 1024
+
+
+def os_threads() -> int:
+    """This process's threads, as the system counts them (Python's and
+    wasmtime's)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+
 @dataclass
 class Outcome:
     report: Any

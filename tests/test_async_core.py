@@ -9,14 +9,19 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from capsule.sandbox.engine import live_instances
-from tests.conftest import LocalServer, Outcome, ProgramRunner
+from tests.conftest import LocalServer, Outcome, ProgramRunner, private_bytes
+
+if TYPE_CHECKING:
+    from capsule.supervisor.program import RunReport
+    from capsule.supervisor.run import Run
 
 TASKS = """
     import capsule
@@ -66,6 +71,21 @@ TASKS = """
         return [receive().body for _ in range(n)]
 """
 
+
+def _error_kind_of(failing: str, *before: str) -> str:
+    """A main (after TASKS) that runs ``before``, then ``failing``, and
+    returns the kind of the TaskError that raises."""
+    lines = "".join(f"        {line}\n" for line in before)
+    return f"""
+    @task(name="main")
+    def main():
+{lines}        try:
+            {failing}
+        except TaskError as exc:
+            return exc.kind
+    """
+
+
 PROGRAMS: dict[str, str] = {
     "direct_call_chain": """
     @task(name="main")
@@ -106,32 +126,11 @@ PROGRAMS: dict[str, str] = {
         except TaskError as exc:
             return {"kind": exc.kind, "attempts": exc.attempts}
     """,
-    "timeout": """
-    @task(name="main")
-    def main():
-        try:
-            slow()
-        except TaskError as exc:
-            return exc.kind
-    """,
-    "fuel": """
-    @task(name="main")
-    def main():
-        try:
-            spin()
-        except TaskError as exc:
-            return exc.kind
-    """,
-    "cancel_waiting": """
-    @task(name="main")
-    def main():
-        handle = sleeper.spawn()
-        handle.cancel()
-        try:
-            handle.result()
-        except TaskError as exc:
-            return exc.kind
-    """,
+    "timeout": _error_kind_of("slow()"),
+    "fuel": _error_kind_of("spin()"),
+    "cancel_waiting": _error_kind_of(
+        "handle.result()", "handle = sleeper.spawn()", "handle.cancel()"
+    ),
 }
 
 #: Events whose number depends on timing (reported waits).
@@ -193,11 +192,24 @@ def test_the_expected_answers_on_the_async_core(run_program: ProgramRunner) -> N
         assert outcome.report.result.value() == value, name
 
 
-def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
+def run_on_async_core(
+    path: Path,
+    on_event: Callable[[Any], None],
+    *args: Any,
+    on_run: Callable[[Run], None] | None = None,
+    **options: Any,
+) -> RunReport:
+    """Run ``path``'s main on the async core, in process (``options``: the
+    run's other options), with the run's events and the run itself given
+    to the test."""
     from capsule.supervisor.options import RunOptions
     from capsule.supervisor.program import RunRequest, run_program
-    from capsule.supervisor.run import Run
 
+    request = RunRequest(path=path, args=list(args), options=RunOptions(core="async", **options))
+    return run_program(request, on_event, on_run=on_run)
+
+
+def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
     path: Path = program(
         TASKS
         + """
@@ -214,11 +226,7 @@ def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
         if event.type == "started" and event.task == "sleeper":
             runs[0].stop()
 
-    report = run_program(
-        RunRequest(path=path, args=[], options=RunOptions(core="async")),
-        on_event,
-        on_run=runs.append,
-    )
+    report = run_on_async_core(path, on_event, on_run=runs.append)
     assert report.interrupted
     assert report.result is not None and report.result.error is not None
     assert report.result.error.kind == "cancelled"
@@ -228,9 +236,6 @@ def test_a_stopped_run_ends_its_waiting_tasks(program: Any) -> None:
 
 
 def test_the_runs_event_loop_is_a_thread_of_its_own_stopped_with_the_run(program: Any) -> None:
-    from capsule.supervisor.options import RunOptions
-    from capsule.supervisor.program import RunRequest, run_program
-
     path: Path = program(
         TASKS
         + """
@@ -245,7 +250,7 @@ def test_the_runs_event_loop_is_a_thread_of_its_own_stopped_with_the_run(program
         if event.type == "completed":
             ended_on.append(threading.current_thread().name)
 
-    report = run_program(RunRequest(path=path, args=[], options=RunOptions(core="async")), on_event)
+    report = run_on_async_core(path, on_event)
     assert report.result is not None and report.result.value() == ["a", 2], report
     # What follows each attempt was decided by its invocation's task, on the
     # run's loop.
@@ -295,10 +300,6 @@ def test_a_stop_ends_a_retrys_backoff_and_a_wait_for_children(program: Any, whic
     """``failing`` is cancelled in its backoff; or ``boss``, whose attempt
     then waits for its child ``failing``, in its backoff, to end: the stop
     ends the backoff, which would last an hour."""
-    from capsule.supervisor.options import RunOptions
-    from capsule.supervisor.program import RunRequest, run_program
-    from capsule.supervisor.run import Run
-
     path: Path = program(BACKING_OFF)
     runs: list[Run] = []
     events: list[Any] = []
@@ -312,11 +313,7 @@ def test_a_stop_ends_a_retrys_backoff_and_a_wait_for_children(program: Any, whic
             # (On the loop, once the invocation's task awaits its backoff.)
             asyncio.get_running_loop().call_soon(go)
 
-    report = run_program(
-        RunRequest(path=path, args=[which], options=RunOptions(core="async", retry_backoff=3600)),
-        on_event,
-        on_run=runs.append,
-    )
+    report = run_on_async_core(path, on_event, which, on_run=runs.append, retry_backoff=3600)
     assert report.result is not None and report.result.ok, report
     assert report.result.value() == ("cancelled" if which == "boss" else "exception")
     lives = by_task(events)
@@ -424,7 +421,7 @@ def test_a_journaled_run_is_resumed_on_its_core_or_on_the_one_given(
     the core it recorded, or on the one the resume gives, alike."""
     from capsule.journal.session import resume_journaled
     from capsule.supervisor.options import RunOptions
-    from capsule.supervisor.program import RunReport, RunRequest, run_program
+    from capsule.supervisor.program import RunRequest, run_program
     from tests.conftest import kill_at_marker
 
     path = tmp_path / "prog.py"
@@ -512,10 +509,6 @@ ACTORS = 2000
 
 
 def test_idle_actors_hold_no_thread(program: Any) -> None:
-    from capsule.supervisor.options import RunOptions
-    from capsule.supervisor.program import RunRequest, run_program
-    from capsule.supervisor.run import Run
-
     path: Path = program(
         """
     import capsule
@@ -548,20 +541,24 @@ def test_idle_actors_hold_no_thread(program: Any) -> None:
                 all_waiting.set()
 
     baseline = threading.active_count()
-    private_before = _private_kb()
+    private_before = private_bytes() / 1024
 
     def go() -> None:
         all_waiting.wait()
         measured["threads"] = threading.active_count()
-        measured["private_kb"] = _private_kb()
+        measured["private_kb"] = private_bytes() / 1024
         runs[0].external.send("main", '"go"')
 
     goer = threading.Thread(target=go)
     goer.start()
-    options = RunOptions(core="async", max_live_tasks=ACTORS + 10, max_children=ACTORS + 10)
     try:
-        report = run_program(
-            RunRequest(path=path, args=[ACTORS], options=options), on_event, on_run=runs.append
+        report = run_on_async_core(
+            path,
+            on_event,
+            ACTORS,
+            on_run=runs.append,
+            max_live_tasks=ACTORS + 10,
+            max_children=ACTORS + 10,
         )
     finally:
         all_waiting.set()
@@ -574,15 +571,6 @@ def test_idle_actors_hold_no_thread(program: Any) -> None:
     assert live_instances() == 0
     per_actor_kb = (measured["private_kb"] - private_before) / ACTORS
     print(f"\n{ACTORS} actors waiting: {measured}, private per actor: {per_actor_kb:.0f} KB")
-
-
-def _private_kb() -> float:
-    """Private memory of the process, as the system counts it."""
-    fields = {}
-    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        fields[key] = int(value.split()[0])
-    return float(fields["Private_Clean"] + fields["Private_Dirty"])
 
 
 #: Tests of the thread core (those taking only run_program) that hold on the

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ from capsule.sandbox.engine import (
 )
 from capsule.sandbox.guest_data import TaskCall
 from capsule.sandbox.wasm_async import Pending, current_future
+from tests.conftest import SPIN_TASK, assert_busy_calls_take_turns, os_threads, private_bytes
 
-PROGRAM = """
+PROGRAM = (
+    """
 import time
 import capsule
 
@@ -62,15 +65,6 @@ def parent(x):
     return {"child": square(x), "after": "child"}
 
 @capsule.task
-def spin(chunks, steps):
-    total = 0
-    for chunk in range(chunks):
-        for step in range(steps):
-            total += step
-        capsule.send("progress", chunk + 1)
-    return total
-
-@capsule.task
 def nap(seconds):
     capsule.sleep(seconds)
     return "rested"
@@ -86,6 +80,8 @@ def forever():
     while True:
         pass
 """
+    + SPIN_TASK
+)
 
 LIMITS = Limits(fuel=10**12, ram_bytes=256 * 1024**2, timeout_s=None)
 
@@ -261,6 +257,39 @@ def run(
     return attempt
 
 
+def waiting_in_receive(
+    sandbox: AsyncSandbox, waits: Waits, inv: Invocation
+) -> tuple[Attempt, Ended]:
+    """An attempt of echo for ``inv``, once it waits in receive; and its on_done."""
+    ended = Ended()
+    attempt = sandbox.start(inv, "prog", args(), waits, ended)
+    waits.wait_receiving(1)
+    return attempt, ended
+
+
+def value_of(attempt: Attempt) -> Any:
+    """What ``attempt`` returned (it ended, succeeding)."""
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is None, outcome
+    return json.loads(outcome.result_json or "")
+
+
+def error_of(attempt: Attempt) -> ErrorInfo:
+    """How ``attempt`` failed (it ended, failing)."""
+    outcome = attempt.outcome
+    assert outcome is not None and outcome.error is not None, outcome
+    return outcome.error
+
+
+def assert_host_failed(attempt: Attempt, doing: str, cause: str) -> None:
+    """``attempt`` failed as the host's failure (not the task's) while
+    ``doing`` the task, ``cause`` in its traceback."""
+    error = error_of(attempt)
+    assert error.kind == "trap", error
+    assert error.message == f"the host failed while {doing} the task"
+    assert cause in (error.traceback or "")
+
+
 # -- one attempt -----------------------------------------------------------------
 
 
@@ -268,10 +297,8 @@ def test_an_attempt_runs_as_a_future_with_output_and_cheap_imports(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
     attempt = run(sandbox, waits, invocation("t1", "hello", host), args("ada"))
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is None, outcome
-    assert json.loads(outcome.result_json or "") == {"greeting": "hi ada", "clock_ok": True}
-    assert outcome.fuel_consumed > 0
+    assert value_of(attempt) == {"greeting": "hi ada", "clock_ok": True}
+    assert attempt.outcome is not None and attempt.outcome.fuel_consumed > 0
     assert host.output_of("t1") == "hello ada\n"
     assert sandbox.running == 0
 
@@ -282,18 +309,14 @@ def test_an_attempt_runs_as_a_future_with_output_and_cheap_imports(
 def test_an_attempt_waits_in_receive_until_another_thread_delivers(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
-    ended = Ended()
-    attempt = sandbox.start(invocation("t2", "echo", host), "prog", args(), waits, ended)
-    waits.wait_receiving(1)
+    attempt, ended = waiting_in_receive(sandbox, waits, invocation("t2", "echo", host))
     assert attempt.future is not None and attempt.future.blocked
     assert not attempt.ended and sandbox.running == 1
     deliverer = threading.Thread(target=waits.deliver, args=("t2", [1, "two"], "t9"))
     deliverer.start()
     deliverer.join()
     ended.wait_for(1)
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is None, outcome
-    assert json.loads(outcome.result_json or "") == {"got": [1, "two"], "from": "t9"}
+    assert value_of(attempt) == {"got": [1, "two"], "from": "t9"}
     assert host.output_of("t2") == "got [1, 'two']\n"
 
 
@@ -318,9 +341,7 @@ def test_a_direct_call_runs_its_child_as_a_future_of_its_own(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
     attempt = run(sandbox, waits, invocation("p", "parent", host), args(7))
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is None, outcome
-    assert json.loads(outcome.result_json or "") == {"child": 49, "after": "child"}
+    assert value_of(attempt) == {"child": 49, "after": "child"}
     [child] = waits.children
     assert child.invocation.task_id == "p/square"
     assert child.future is not None and child.future is not attempt.future
@@ -350,8 +371,15 @@ def test_a_child_s_program_is_imported_on_its_caller_s_poll_thread_only_if_that_
         threads.append(threading.current_thread().name)
         return instance_for(invocation, program)
 
+    prepare = sandbox.prepare
+
+    def taking(program: str, *args: Any, **options: Any) -> Any:
+        prepared = prepare(program, *args, **options)
+        sandbox.import_seconds[program] = last_import_s  # (as if it took that long)
+        return prepared
+
     monkeypatch.setattr(sandbox, "_instance_for", noted)
-    monkeypatch.setattr(sandbox, "import_seconds", {"prog": last_import_s})
+    monkeypatch.setattr(sandbox, "prepare", taking)
     attempt = run(sandbox, waits, invocation("p", "parent", host), args(3))
     assert attempt.outcome is not None and attempt.outcome.error is None, attempt.outcome
     # (The parent's own, started by the test: a preparer's; then its child's.)
@@ -380,19 +408,15 @@ class Scope:
 def test_a_waiting_attempt_cancelled_ends_cancelled_and_leaves_nothing(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
-    scope, ended = Scope(), Ended()
-    attempt = sandbox.start(
-        invocation("c", "echo", host, within=scope), "prog", args(), waits, ended
-    )
-    waits.wait_receiving(1)
+    scope = Scope()
+    attempt, ended = waiting_in_receive(sandbox, waits, invocation("c", "echo", host, within=scope))
     assert sandbox.stop(attempt) is False  # (nothing says it must stop yet)
     assert live_instances() == 1
     scope.cancelled = True
     assert sandbox.stop(attempt) is True
     ended.wait_for(1)
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert (outcome.error.kind, outcome.error.message) == ("cancelled", "cancelled by the test")
+    error = error_of(attempt)
+    assert (error.kind, error.message) == ("cancelled", "cancelled by the test")
     assert attempt.future is not None and attempt.future.cancelled
     assert sandbox.stop(attempt) is False  # (ended)
     # Its answer, given late, reaches nobody; its instance is gone.
@@ -406,34 +430,31 @@ def test_a_waiting_attempt_past_its_deadline_ends_with_a_timeout(
 ) -> None:
     limits = replace(LIMITS, timeout_s=0.2)
     attempt = run(sandbox, waits, invocation("d", "echo", host, limits), args())
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "timeout", outcome.error
-    assert "deadline of 0.2s exceeded" in outcome.error.message
+    error = error_of(attempt)
+    assert error.kind == "timeout", error
+    assert "deadline of 0.2s exceeded" in error.message
     assert "d" in waits.receiving  # it did wait, and nobody answered
     assert live_instances() == 0 and not wasm_async._PENDING_BY_KEY
 
 
-def test_a_busy_attempt_is_stopped_by_its_fuel(
-    sandbox: AsyncSandbox, waits: Waits, host: Host
+@pytest.mark.parametrize(
+    ("limits", "kind"),
+    [
+        (replace(LIMITS, fuel=50_000_000), "fuel_exhausted"),
+        (replace(LIMITS, timeout_s=0.3), "timeout"),
+    ],
+    ids=["its fuel", "its deadline"],
+)
+def test_a_busy_attempt_is_stopped_by(
+    sandbox: AsyncSandbox, waits: Waits, host: Host, limits: Limits, kind: str
 ) -> None:
-    limits = replace(LIMITS, fuel=50_000_000)
     attempt = run(sandbox, waits, invocation("f", "forever", host, limits), args())
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "fuel_exhausted", outcome.error
-    assert outcome.fuel_consumed == 50_000_000
-
-
-def test_a_busy_attempt_is_stopped_by_its_deadline(
-    sandbox: AsyncSandbox, waits: Waits, host: Host
-) -> None:
-    limits = replace(LIMITS, timeout_s=0.3)
-    attempt = run(sandbox, waits, invocation("g", "forever", host, limits), args())
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "timeout", outcome.error
-    assert 0 < outcome.fuel_consumed < limits.fuel
+    assert error_of(attempt).kind == kind, error_of(attempt)
+    assert attempt.outcome is not None
+    if kind == "fuel_exhausted":
+        assert attempt.outcome.fuel_consumed == limits.fuel  # (all of it)
+    else:
+        assert 0 < attempt.outcome.fuel_consumed < limits.fuel
 
 
 @pytest.mark.parametrize("by", ["its next tick", "stop"])
@@ -441,9 +462,8 @@ def test_a_busy_attempt_cancelled_ends_cancelled(
     sandbox: AsyncSandbox, waits: Waits, host: Host, by: str
 ) -> None:
     scope, ended = Scope(), Ended()
-    attempt = sandbox.start(
-        invocation("h", "spin", host, within=scope), "prog", args(10**6, 10**5), waits, ended
-    )
+    busy = invocation("h", "spin", host, within=scope)
+    attempt = sandbox.start(busy, "prog", args(10**6, 10**5), waits, ended)
     with waits.changed:  # (it runs: it reported progress)
         assert waits.changed.wait_for(lambda: "h" in waits.sent, timeout=600)
     scope.cancelled = True
@@ -451,9 +471,7 @@ def test_a_busy_attempt_cancelled_ends_cancelled(
         assert sandbox.stop(attempt) is True
     # (Else the epoch callback, at its next tick, sees it must stop.)
     ended.wait_for(1)
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "cancelled"
+    assert error_of(attempt).kind == "cancelled"
     assert attempt.future is not None and attempt.future.cancelled is (by == "stop")
     assert live_instances() == 0
 
@@ -484,35 +502,17 @@ def race(tmp_path: Path, host: Host, fuel_yield_interval: int) -> dict[str, int]
         ]
         ended.wait_for(calls)
     for attempt in attempts:
-        assert attempt.outcome is not None and attempt.outcome.error is None
-        assert json.loads(attempt.outcome.result_json or "") == chunks * steps * (steps - 1) // 2
+        assert value_of(attempt) == chunks * steps * (steps - 1) // 2
     assert live_instances() == 0
     return first
 
 
 def test_busy_attempts_take_turns_on_one_poll_thread(tmp_path: Path, host: Host) -> None:
-    # A yield each million units of fuel: when the first ends, every other is
-    # at most a chunk (of 8) behind.
-    fair = race(tmp_path, host, fuel_yield_interval=1_000_000)
-    assert min(fair.values()) >= 7, fair
-    # Without (practically), one poll thread runs each to its end in turn.
-    unfair = race(tmp_path, host, fuel_yield_interval=10**15)
-    assert sorted(unfair.values()) == [0, 0, 0, 8], unfair
+    # (A sandbox always yields: without, practically, is once in 10**15.)
+    assert_busy_calls_take_turns(partial(race, tmp_path, host), without_yields=10**15)
 
 
 # -- many waiting attempts on few threads ----------------------------------------------
-
-
-def private_bytes() -> int:
-    """This process's private memory, as the system counts it."""
-    with open("/proc/self/smaps_rollup") as rollup:
-        fields = dict(line.split(":", 1) for line in rollup if line.startswith("Private_"))
-    return sum(int(value.split()[0]) for value in fields.values()) * 1024
-
-
-def os_threads() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
 
 
 def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
@@ -548,13 +548,10 @@ def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
         assert sandbox.stop(attempts[key])
     ended.wait_for(count)
     for key, attempt in enumerate(attempts):
-        outcome = attempt.outcome
-        assert outcome is not None
         if key % 2:
-            assert outcome.error is not None and outcome.error.message == "stopped by the test"
+            assert error_of(attempt).message == "stopped by the test"
         else:
-            assert outcome.error is None, outcome.error
-            assert json.loads(outcome.result_json or "") == {"got": {"n": key}, "from": f"s{key}"}
+            assert value_of(attempt) == {"got": {"n": key}, "from": f"s{key}"}
     assert sandbox.running == 0 and live_instances() == 0
     assert not wasm_async._PENDING_BY_KEY
 
@@ -580,11 +577,7 @@ def test_a_failure_of_the_waiting_host_fails_the_attempt_not_the_host(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
     attempt = run(sandbox, waits, invocation("e", "nap", host), args(5000))
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "trap", outcome.error
-    assert outcome.error.message == "the host failed while serving the task"
-    assert "the host cannot sleep that long" in (outcome.error.traceback or "")
+    assert_host_failed(attempt, "serving", "the host cannot sleep that long")
 
 
 def test_an_answer_given_late_to_an_attempt_that_must_stop_ends_it(
@@ -592,32 +585,21 @@ def test_an_answer_given_late_to_an_attempt_that_must_stop_ends_it(
 ) -> None:
     # Cancelled while it waited, without stop(): the failed answer it then
     # gets ends it as cancelled (as a blocking call returning would).
-    scope, ended = Scope(), Ended()
-    attempt = sandbox.start(
-        invocation("l", "echo", host, within=scope), "prog", args(), waits, ended
-    )
-    waits.wait_receiving(1)
+    scope = Scope()
+    attempt, ended = waiting_in_receive(sandbox, waits, invocation("l", "echo", host, within=scope))
     scope.cancelled = True
     waits.receiving.pop("l").resolve((False, "{}"))
     ended.wait_for(1)
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "cancelled", outcome.error
+    assert error_of(attempt).kind == "cancelled", error_of(attempt)
 
 
 def test_a_late_answer_of_the_wrong_shape_fails_the_attempt_as_the_host_s(
     sandbox: AsyncSandbox, waits: Waits, host: Host
 ) -> None:
-    ended = Ended()
-    attempt = sandbox.start(invocation("b", "echo", host), "prog", args(), waits, ended)
-    waits.wait_receiving(1)
+    attempt, ended = waiting_in_receive(sandbox, waits, invocation("b", "echo", host))
     waits.receiving.pop("b").resolve((True, [("only", "two fields")]))
     ended.wait_for(1)
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.kind == "trap", outcome.error
-    assert outcome.error.message == "the host failed while serving the task"
-    assert "TypeError" in (outcome.error.traceback or "")
+    assert_host_failed(attempt, "serving", "TypeError")
 
 
 def test_an_attempt_that_cannot_start_ends_at_once(
@@ -627,12 +609,10 @@ def test_an_attempt_that_cannot_start_ends_at_once(
     small = replace(LIMITS, ram_bytes=1024**2)
     attempt = sandbox.start(invocation("r", "hello", host, small), "prog", args("x"), waits, ended)
     assert attempt.ended and ended.attempts == [attempt]  # (on this thread)
-    assert attempt.outcome is not None and attempt.outcome.error is not None
-    assert attempt.outcome.error.kind == "memory_limit"
+    assert error_of(attempt).kind == "memory_limit"
     missing = sandbox.start(invocation("m", "hello", host), "no_such", args("x"), waits, ended)
     ended.wait_for(2)  # (found missing as it is imported: on a preparer thread)
-    assert missing.outcome is not None and missing.outcome.error is not None
-    assert "cannot load 'no_such'" in missing.outcome.error.message
+    assert "cannot load 'no_such'" in error_of(missing).message
     assert sandbox.running == 0
 
 
@@ -647,28 +627,12 @@ def test_an_attempt_the_host_fails_to_start_leaves_no_instance(
     attempt = sandbox.start(invocation("u", "hello", host), "prog", unlowerable, waits, ended)
     ended.wait_for(1)
     assert ended.attempts == [attempt]
-    assert attempt.outcome is not None and attempt.outcome.error is not None
-    assert attempt.outcome.error.kind == "trap"
-    assert attempt.outcome.error.message == "the host failed while starting the task"
-    assert "UnicodeEncodeError" in (attempt.outcome.error.traceback or "")
+    assert_host_failed(attempt, "starting", "UnicodeEncodeError")
     assert sandbox.running == 0
     gc.collect()
     assert live_instances() == 0
     after = run(sandbox, waits, invocation("v", "hello", host), args("x"))
-    assert after.outcome is not None and after.outcome.error is None
-
-
-class Switch:
-    """Where a test's invocation runs: it stops once switched off."""
-
-    def __init__(self) -> None:
-        self.off = False
-
-    def stop_reason(self, invocation: Invocation) -> str | None:
-        return "cancelled" if self.off else past_deadline(invocation)
-
-    def cancellation_message(self, invocation: Invocation) -> str:
-        return "switched off by the test"
+    value_of(after)  # (it succeeded)
 
 
 #: A program whose import never ends (module-level code that naps forever;
@@ -693,16 +657,15 @@ def test_an_import_that_never_ends_holds_no_thread_that_starts_an_attempt(
     thread of the sandbox's, not on the starter's (a poll thread serving a
     task call, or the run's loop: a slow import there stalls every task)."""
     (tmp_path / "stuck.py").write_text(STUCK)
-    ended, switch = Ended(), Switch()
-    stuck = invocation("s", "never", host, within=switch)
+    ended, scope = Ended(), Scope()
+    stuck = invocation("s", "never", host, within=scope)
     attempt = sandbox.start(stuck, "stuck", args(), waits, ended)
     assert not attempt.ended and ended.attempts == []  # (returned while it imports)
     after = run(sandbox, waits, invocation("h", "hello", host), args("x"))
-    assert after.outcome is not None and after.outcome.error is None
-    switch.off = True
+    value_of(after)  # (it succeeded)
+    scope.cancelled = True
     ended.wait_for(1)
-    assert attempt.outcome is not None and attempt.outcome.error is not None
-    assert attempt.outcome.error.kind == "cancelled", attempt.outcome.error
+    assert error_of(attempt).kind == "cancelled", error_of(attempt)
     assert sandbox.running == 0
 
 
@@ -716,8 +679,7 @@ def test_closing_the_sandbox_ends_an_attempt_whose_import_is_under_way(
         attempt = sandbox.start(invocation("s", "never", host), "stuck", args(), waits, ended)
         assert not attempt.ended
     assert ended.attempts == [attempt]
-    assert attempt.outcome is not None and attempt.outcome.error is not None
-    assert attempt.outcome.error.kind == "cancelled", attempt.outcome.error
+    assert error_of(attempt).kind == "cancelled", error_of(attempt)
     assert not any(thread.name.startswith("capsule-prepare") for thread in threading.enumerate())
     gc.collect()
     assert live_instances() == 0
@@ -735,8 +697,7 @@ def test_closing_the_sandbox_ends_the_attempts_left(tmp_path: Path, host: Host) 
         waits.wait_receiving(3)
     assert ended.attempts and len(ended.attempts) == 3
     for attempt in attempts:
-        assert attempt.outcome is not None and attempt.outcome.error is not None
-        assert attempt.outcome.error.kind == "cancelled"
+        assert error_of(attempt).kind == "cancelled"
     assert live_instances() == 0 and not wasm_async._PENDING_BY_KEY
     with pytest.raises(RuntimeError, match="not open"):
         sandbox.start(invocation("late", "echo", host), "prog", args(), waits, ended)
@@ -770,9 +731,7 @@ def test_an_attempt_held_while_its_answer_comes_runs_after(
 ) -> None:
     poller = sandbox._poller
     assert poller is not None
-    ended = Ended()
-    attempt = sandbox.start(invocation("y", "echo", host), "prog", args(), waits, ended)
-    waits.wait_receiving(1)
+    attempt, ended = waiting_in_receive(sandbox, waits, invocation("y", "echo", host))
     future = attempt.future
     assert future is not None
     until(lambda: poller.waiting(future))
@@ -784,8 +743,7 @@ def test_an_attempt_held_while_its_answer_comes_runs_after(
             assert not again  # (held once)
         assert not attempt.ended and not future.done  # (not polled)
     ended.wait_for(1)
-    assert attempt.outcome is not None and attempt.outcome.error is None
-    assert json.loads(attempt.outcome.result_json or "")["got"] == "held"
+    assert value_of(attempt)["got"] == "held"
 
 
 def test_a_failure_while_ending_an_attempt_still_ends_it(
@@ -796,10 +754,7 @@ def test_a_failure_while_ending_an_attempt_still_ends_it(
 
     monkeypatch.setattr(sandbox, "_used", broken)
     attempt = run(sandbox, waits, invocation("k", "hello", host), args("x"))
-    outcome = attempt.outcome
-    assert outcome is not None and outcome.error is not None
-    assert outcome.error.message == "the host failed while ending the task"
-    assert "no fuel reading" in (outcome.error.traceback or "")
+    assert_host_failed(attempt, "ending", "no fuel reading")
     assert live_instances() == 0 and sandbox.running == 0
 
 
@@ -822,9 +777,8 @@ def test_the_memory_budget_stops_the_largest_attempt_waiting_or_running(
         second = sandbox.start(invocation("h2", "hog", host, big), "prog", args(80), waits, ended)
         ended.wait_for(1)  # (one of them stopped: they wait, or the second still runs)
         [stopped] = ended.attempts
-        assert stopped.outcome is not None and stopped.outcome.error is not None
-        assert stopped.outcome.error.kind == "memory_limit", stopped.outcome.error
-        assert "went over its budget" in stopped.outcome.error.message
+        assert error_of(stopped).kind == "memory_limit", error_of(stopped)
+        assert "went over its budget" in error_of(stopped).message
         other = second if stopped is first else first
         with waits.changed:
             assert waits.changed.wait_for(
@@ -832,8 +786,7 @@ def test_the_memory_budget_stops_the_largest_attempt_waiting_or_running(
             )
         waits.deliver(other.invocation.task_id, "still here")
         ended.wait_for(2)
-        assert other.outcome is not None and other.outcome.error is None, other.outcome
-        assert json.loads(other.outcome.result_json or "") == {"held": 80, "got": "still here"}
+        assert value_of(other) == {"held": 80, "got": "still here"}
         assert budget.stopped == 1
     assert live_instances() == 0
 
@@ -866,8 +819,7 @@ def test_sandboxes_on_a_warm_one_share_its_poll_threads_and_end_their_own_calls(
                 attempt = run(
                     sandbox, Waits(sandbox, host), invocation(name, "hello", host), args(name)
                 )
-                assert attempt.outcome is not None and attempt.outcome.error is None
-                assert json.loads(attempt.outcome.result_json or "")["greeting"] == f"hi {name}"
+                assert value_of(attempt)["greeting"] == f"hi {name}"
         shared = poll_threads() - before
         assert len(shared) == warm.slots.size
         ended = Ended()
@@ -876,8 +828,7 @@ def test_sandboxes_on_a_warm_one_share_its_poll_threads_and_end_their_own_calls(
             left = sandbox.start(invocation("e", "echo", host), "prog", args(), waits, ended)
             waits.wait_receiving(1)
         assert ended.attempts == [left]
-        assert left.outcome is not None and left.outcome.error is not None
-        assert left.outcome.error.kind == "cancelled", left.outcome.error
+        assert error_of(left).kind == "cancelled", error_of(left)
         assert poll_threads() - before == shared
         other_size = warm.slots.size + 1
         with AsyncSandbox([tmp_path], guest=guest, warm=warm, poll_threads=other_size) as other:

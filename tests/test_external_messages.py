@@ -16,10 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import ProgramRunner, capsule_cli
+
+if TYPE_CHECKING:
+    from capsule.supervisor.run_loop import RunLoop
 
 
 def _write(tmp_path: Path, source: str) -> Path:
@@ -84,12 +88,12 @@ APPROVAL = """
 
 
 def test_send_approves_an_actor_waiting_in_receive_and_ask_gets_its_reply(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     from capsule.supervisor.inbox import socket_path
 
     program = _write(tmp_path, APPROVAL)
-    with _running(["run", str(program)], "MARK waiting", tmp_path) as process:
+    with _running(["run", str(program), "--core", core], "MARK waiting", tmp_path) as process:
         run_id = _run_id(tmp_path)
         path = socket_path(run_id)
         # Only the run's user reaches it.
@@ -127,9 +131,9 @@ ACTORS = """
 """
 
 
-def test_each_refusal_has_its_own_exit_code_and_says_why(tmp_path: Path) -> None:
+def test_each_refusal_has_its_own_exit_code_and_says_why(tmp_path: Path, core: str) -> None:
     program = _write(tmp_path, ACTORS)
-    args = ["run", str(program), "--mailbox-capacity", "1"]
+    args = ["run", str(program), "--mailbox-capacity", "1", "--core", core]
     with _running(args, "MARK ready", tmp_path) as process:
         run_id = _run_id(tmp_path)
 
@@ -162,12 +166,12 @@ def test_each_refusal_has_its_own_exit_code_and_says_why(tmp_path: Path) -> None
 
 
 def test_a_client_that_sends_garbage_or_nothing_does_not_hold_up_the_run(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     from capsule.supervisor.inbox import socket_path
 
     program = _write(tmp_path, ACTORS)
-    with _running(["run", str(program)], "MARK ready", tmp_path) as process:
+    with _running(["run", str(program), "--core", core], "MARK ready", tmp_path) as process:
         run_id = _run_id(tmp_path)
         path = str(socket_path(run_id))
         with socket.socket(socket.AF_UNIX) as garbage:
@@ -184,7 +188,9 @@ def test_a_client_that_sends_garbage_or_nothing_does_not_hold_up_the_run(
         assert out == "done\n"
 
 
-def test_a_message_from_outside_is_journaled_and_replayed_on_resume(tmp_path: Path) -> None:
+def test_a_message_from_outside_is_journaled_and_replayed_on_resume(
+    tmp_path: Path, core: str
+) -> None:
     program = _write(
         tmp_path,
         """
@@ -199,7 +205,7 @@ def test_a_message_from_outside_is_journaled_and_replayed_on_resume(tmp_path: Pa
             return {"approval": approval.body, "from": approval.sender}
         """,
     )
-    with _running(["run", str(program)], "MARK waiting", tmp_path) as process:
+    with _running(["run", str(program), "--core", core], "MARK waiting", tmp_path) as process:
         run_id = _run_id(tmp_path)
         assert capsule_cli("send", run_id, "main", "[42]", cwd=tmp_path).returncode == 0
         assert process.stdout is not None
@@ -211,7 +217,7 @@ def test_a_message_from_outside_is_journaled_and_replayed_on_resume(tmp_path: Pa
 
 
 def test_a_message_sent_and_not_yet_received_is_delivered_after_a_resume(
-    tmp_path: Path,
+    tmp_path: Path, core: str
 ) -> None:
     program = _write(
         tmp_path,
@@ -230,7 +236,7 @@ def test_a_message_sent_and_not_yet_received_is_delivered_after_a_resume(
             return receive(timeout=100).body
         """,
     )
-    with _running(["run", str(program)], "MARK ready", tmp_path) as process:
+    with _running(["run", str(program), "--core", core], "MARK ready", tmp_path) as process:
         run_id = _run_id(tmp_path)
         assert capsule_cli("send", run_id, "main", '"kept"', cwd=tmp_path).returncode == 0
         process.send_signal(signal.SIGKILL)
@@ -265,7 +271,26 @@ def test_no_task_may_register_as_the_sender_of_messages_from_outside(
     assert "the name 'cli' is the sender of messages from outside the run" in outcome.value
 
 
-def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
+@pytest.fixture(params=["own loop", "run's loop"])
+def inbox_loop(request: pytest.FixtureRequest) -> Iterator[RunLoop | None]:
+    """The loop a RunInbox serves on: one of its own (a run with none, on the
+    thread core), or a run's (the async core's)."""
+    from capsule.supervisor.run_loop import RunLoop
+
+    if request.param == "own loop":
+        yield None
+        return
+    loop = RunLoop("capsule-loop inbox-test")
+    loop.start()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+def test_a_request_over_the_runs_message_size_is_refused_unread(
+    inbox_loop: RunLoop | None,
+) -> None:
     from capsule.actors.external import ExternalMessages
     from capsule.actors.router import Router
     from capsule.supervisor.inbox import REQUEST_OVERHEAD_BYTES, RunInbox
@@ -275,7 +300,7 @@ def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
     router.open("main")
     delivered: list[str] = []
     external = ExternalMessages(router, 1000, lambda message, _: delivered.append(message.id))
-    with RunInbox("bounds-test", external) as inbox:
+    with RunInbox("bounds-test", external, inbox_loop) as inbox:
         huge = "x" * (1000 + REQUEST_OVERHEAD_BYTES)
         answer = request(inbox.path, {"op": "send", "to": "main", "body": huge}, 60)
         assert answer["ok"] is False and answer["kind"] == "too_large"
@@ -291,7 +316,7 @@ def test_a_request_over_the_runs_message_size_is_refused_unread() -> None:
 
 
 def test_a_message_delivered_as_the_run_ends_still_gets_its_answer(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inbox_loop: RunLoop | None
 ) -> None:
     """The run may end the moment its task takes the message (its last act):
     closing the inbox then must not cut the answer to the sender."""
@@ -308,36 +333,74 @@ def test_a_message_delivered_as_the_run_ends_still_gets_its_answer(
             nonlocal closing
             closing = threading.Thread(target=inbox.close)
             closing.start()
-            while not _joining(closing, threading.current_thread()):  # (the run waits for it)
+            while not _waiting_in_close(closing, inbox):  # (the run waits for the inbox)
                 time.sleep(0.001)
             return Delivered("cli#1", "main")
 
     external = EndsTheRunOnDelivery(
         Router(mailbox_capacity=8, max_queued_bytes=2**28), 1 << 20, lambda message, target: None
     )
-    inbox = RunInbox("abcdef123456", external)
+    inbox = RunInbox("abcdef123456", external, inbox_loop)
     inbox.start()
     answer = request(inbox.path, {"op": "send", "to": "main", "body": "1"}, timeout=30)
     closing.join()
     assert answer == {"ok": True, "id": "cli#1", "to": "main"}
 
 
-def _joining(thread: threading.Thread, joined: threading.Thread) -> bool:
-    """Whether ``thread`` is blocked joining ``joined``."""
+def test_a_request_the_inbox_fails_on_is_answered_and_the_inbox_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inbox_loop: RunLoop | None
+) -> None:
+    """A failure answering a request (a bug) is told to its client, and the
+    inbox (on the run's loop: the run's tasks with it) goes on."""
+    from capsule.actors.external import Delivered, ExternalMessages
+    from capsule.actors.router import Router
+    from capsule.supervisor.inbox import RunInbox
+    from capsule.supervisor.inbox_client import request
+
+    monkeypatch.setenv("CAPSULE_HOME", str(tmp_path))
+
+    class FailsOnce(ExternalMessages):
+        failed = False
+
+        def send(self, target: str, body_json: str) -> Delivered:
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a bug in delivering")
+            return Delivered("cli#2", "main")
+
+    external = FailsOnce(
+        Router(mailbox_capacity=8, max_queued_bytes=2**28), 1 << 20, lambda message, target: None
+    )
+    with RunInbox("fails-once", external, inbox_loop) as inbox:
+        failed = request(inbox.path, {"op": "send", "to": "main", "body": 1}, 30)
+        assert failed["ok"] is False and failed["kind"] == "internal", failed
+        again = request(inbox.path, {"op": "send", "to": "main", "body": 2}, 30)
+        assert again == {"ok": True, "id": "cli#2", "to": "main"}
+    assert inbox_loop is None or inbox_loop.running
+
+
+def _waiting_in_close(thread: threading.Thread, inbox: object) -> bool:
+    """Whether ``thread`` is blocked in ``inbox.close()``, waiting for what
+    the inbox handles to end."""
     frame = sys._current_frames().get(thread.ident or 0)
+    blocked = frame is not None and frame.f_code.co_name in ("wait", "_wait_for_tstate_lock")
     while frame is not None:
-        if frame.f_code.co_name == "join" and frame.f_locals.get("self") is joined:
-            return True
+        if frame.f_code.co_name == "close" and frame.f_locals.get("self") is inbox:
+            return blocked
         frame = frame.f_back
     return False
 
 
-def test_a_second_run_of_the_same_id_leaves_the_first_one_reachable(tmp_path: Path) -> None:
+def test_a_second_run_of_the_same_id_leaves_the_first_one_reachable(
+    tmp_path: Path, core: str
+) -> None:
     """Caller-chosen run ids repeat (two services, two journals): the run that
     holds the id's socket keeps it while it runs; the later one runs on, told
     that `capsule send` cannot reach it."""
     from capsule.host import SyncRuntime
+    from capsule.supervisor.options import RunOptions
 
+    options = RunOptions(core=core)
     program = _write(
         tmp_path,
         """
@@ -359,9 +422,9 @@ def test_a_second_run_of_the_same_id_leaves_the_first_one_reachable(tmp_path: Pa
         return json.loads(asked.stdout)
 
     with SyncRuntime(journal=False) as one, SyncRuntime(journal=False) as other:
-        first = one.start(program, "first", run_id="order-17")
+        first = one.start(program, "first", run_id="order-17", options=options)
         assert first.ask("main", "who", timeout=60) == "first"
-        second = other.start(program, "second", run_id="order-17")
+        second = other.start(program, "second", run_id="order-17", options=options)
         assert second.ask("main", "who", timeout=60) == "second"
         assert ask_from_outside() == "first"
         second.send("main", "stop")
@@ -372,3 +435,57 @@ def test_a_second_run_of_the_same_id_leaves_the_first_one_reachable(tmp_path: Pa
         assert ask_from_outside() == "first"
         first.send("main", "stop")
         assert first.result().value == "first"
+
+
+def test_on_the_async_core_the_inbox_holds_no_thread_and_capsule_send_reaches_the_run(
+    tmp_path: Path,
+) -> None:
+    """On the async core the inbox listens and answers on the run's loop: a
+    live run has no capsule-inbox thread, and `capsule send` still reaches it."""
+    from capsule.supervisor.events import TaskOutput
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+
+    program = _write(
+        tmp_path,
+        """
+        from capsule import receive, task
+
+        @task(name="main", timeout="2m")
+        def main():
+            print("MARK waiting", flush=True)
+            return receive(timeout=100).body
+        """,
+    )
+    waiting = threading.Event()
+    runs: list[Any] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, TaskOutput) and event.text.startswith("MARK waiting"):
+            waiting.set()
+
+    threads_while_waiting: list[str] = []
+    sent: list[Any] = []
+
+    def send_from_outside() -> None:
+        waiting.wait()
+        if runs:
+            threads_while_waiting.extend(t.name for t in threading.enumerate())
+            sent.append(capsule_cli("send", runs[0].run_id, "main", '"from outside"', cwd=tmp_path))
+
+    sender = threading.Thread(target=send_from_outside)
+    sender.start()
+    try:
+        report = run_program(
+            RunRequest(path=program, args=[], options=RunOptions(core="async")),
+            on_event,
+            on_run=runs.append,
+        )
+    finally:
+        waiting.set()
+        sender.join()
+    assert sent[0].returncode == 0, sent[0].stderr
+    assert report.result is not None and report.result.ok, report
+    assert report.result.value() == "from outside"
+    assert [name for name in threads_while_waiting if name.startswith("capsule-inbox")] == []
+    assert any(name.startswith("capsule-loop") for name in threads_while_waiting)

@@ -597,8 +597,7 @@ def test_a_host_failure_read_back_from_the_journal_is_still_the_hosts(
     from capsule.sandbox.engine import live_instances
     from capsule.supervisor.run import Run
 
-    def broken(run: Run, args: Any, kwargs: Any, first: Any, *rest: Any) -> Any:
-        first.store.close()  # (the program's first instance, which main would have run in)
+    def broken(run: Run, *_: Any) -> Any:
         raise LookupError("a bug in the host")
 
     monkeypatch.setattr(Run, "run_main", broken)

@@ -650,3 +650,65 @@ def test_nothing_of_a_run_outlives_it() -> None:
         assert report.result is not None and report.result.ok
     gc.collect()
     assert [ref() for ref in sandboxes] == [None, None]
+
+
+GRANTED_A_HOST = """
+from capsule import task
+
+@task(name="main", allowed_hosts=["127.0.0.1"])
+def main():
+    return "never runs"
+"""
+
+
+def _capsule_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("capsule"))
+
+
+@pytest.mark.parametrize("core", ["threads", "async"])
+@pytest.mark.parametrize("fails_in", ["Run.__init__", "on_run"])
+def test_a_run_failing_before_main_leaks_no_instance_nor_thread(
+    program: Any, monkeypatch: pytest.MonkeyPatch, core: str, fails_in: str
+) -> None:
+    """A run that fails once its program's first instance is loaded and its
+    HTTP client's warm-up started (its task is granted a host), as it is made
+    or as its caller is told of it, closes that instance and joins that
+    warm-up, on both cores."""
+    from capsule.supervisor import run as run_module
+    from capsule.supervisor.options import RunOptions
+    from capsule.supervisor.program import RunRequest, run_program
+
+    class Broken(Exception):
+        pass
+
+    def broken(*_: Any) -> Any:
+        raise Broken(fails_in)
+
+    if fails_in == "Run.__init__":  # (made last: everything else was made before)
+        monkeypatch.setattr(run_module, "ExternalMessages", broken)
+    request = RunRequest(program(GRANTED_A_HOST), [], options=RunOptions(core=core))
+    before = _capsule_threads()
+    with pytest.raises(Broken):
+        run_program(request, lambda event: None, on_run=broken if fails_in == "on_run" else None)
+    assert _capsule_threads() == before
+    assert live_instances() == 0
+
+
+def test_a_run_on_the_wrong_core_leaks_no_instance_nor_thread(program: Any) -> None:
+    """Run() refuses a sandbox of the other core (a host application's bug);
+    the instance handed to it, and whatever it started, are closed."""
+    from capsule.sandbox.engine import Sandbox
+    from capsule.sandbox.grants import Grants, HostRule
+    from capsule.supervisor.events import EventStream
+    from capsule.supervisor.run import Run, RunSettings
+
+    path = program(GRANTED_A_HOST)
+    with Sandbox([path.parent]) as sandbox:
+        configs, first = Run.load(sandbox, "prog", lambda *a: None)
+        before = _capsule_threads()  # (the sandbox's own)
+        grants = {"main": Grants(hosts=(HostRule.parse("127.0.0.1"),))}
+        with pytest.raises(TypeError, match="core='async'"):
+            Run(sandbox, "prog", configs, EventStream(), RunSettings(core="async"),
+                grants=grants, first=first)  # fmt: skip
+        assert live_instances() == 0
+        assert _capsule_threads() == before

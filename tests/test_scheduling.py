@@ -110,8 +110,8 @@ def test_fuel_is_accounted_while_a_task_runs(program, core: str) -> None:  # typ
     sandbox_type = AsyncSandbox if core == "async" else Sandbox
     with sandbox_type([path.parent, *site_package_dirs()]) as sandbox:
         configs, first = Run.load(sandbox, "prog", lambda *a: None)
-        run = Run(sandbox, "prog", configs, EventStream(), RunSettings(core=core))
-        thread = threading.Thread(target=run.run_main, args=([], {}, first))
+        run = Run(sandbox, "prog", configs, EventStream(), RunSettings(core=core), first=first)
+        thread = threading.Thread(target=run.run_main, args=([], {}))
         thread.start()
         for _ in range(6):
             time.sleep(0.1)

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -34,6 +35,7 @@ from capsule.sandbox.wasm_async import (
     current_future,
     instantiate,
 )
+from tests.conftest import SPIN_TASK, assert_busy_calls_take_turns, os_threads, private_bytes
 
 PACKAGE = "capsule:runtime/{}@0.1.0"
 #: Every import of the guest runtime's world (wit/capsule.wit), by interface.
@@ -48,7 +50,8 @@ IMPORTS = {
 }
 FUEL = 10**12
 
-PROGRAM = """
+PROGRAM = (
+    """
 import json
 import capsule
 
@@ -64,16 +67,9 @@ def echo_forever():
         if message.body == "stop":
             return "stopped"
         capsule.send("out", message.body)
-
-@capsule.task
-def spin(chunks, steps):
-    total = 0
-    for chunk in range(chunks):
-        for step in range(steps):
-            total += step
-        capsule.send("progress", chunk + 1)
-    return total
 """
+    + SPIN_TASK
+)
 
 
 def _record(**fields: Any) -> Record:
@@ -170,6 +166,24 @@ def finish(future: CallFuture[Any]) -> Any:
     return future.result()
 
 
+def ended_with(future: CallFuture[Any]) -> Any:
+    """What an ended call returned; its store is closed."""
+    try:
+        return json.loads(future.result())
+    finally:
+        future.store.close()
+
+
+def failed(future: CallFuture[Any], match: str | None = None) -> None:
+    """An ended call failed (a trap: WasmtimeError, matching ``match``); its
+    store is closed."""
+    try:
+        with pytest.raises(wasmtime.WasmtimeError, match=match):
+            future.result()
+    finally:
+        future.store.close()
+
+
 def envelope(body: Any, sender: str = "t0") -> tuple[bool, list[tuple[str, str, str, bool]]]:
     """receive's answer: one message."""
     return True, [(f"{sender}#1", sender, json.dumps(body), False)]
@@ -216,16 +230,14 @@ class Mailboxes:
             assert self.changed.wait_for(lambda: len(self.waiting) >= count, timeout=600)
 
 
-def private_bytes() -> int:
-    """This process's private memory, as the system counts it."""
-    with open("/proc/self/smaps_rollup") as rollup:
-        fields = dict(line.split(":", 1) for line in rollup if line.startswith("Private_"))
-    return sum(int(value.split()[0]) for value in fields.values()) * 1024
-
-
-def os_threads() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+def suspended(
+    guest: Guest, mailboxes: Mailboxes, key: Any, linker: Linker | None = None
+) -> tuple[CallFuture[Any], Pending]:
+    """An echo call (``data`` ``key``) polled once: suspended in receive; and
+    that receive's Pending."""
+    future = guest.start(linker or guest.linker(mailboxes), "echo", data=key)
+    assert future.poll() is False
+    return future, mailboxes.take(key)
 
 
 # -- the bindings ----------------------------------------------------------------
@@ -263,30 +275,23 @@ def test_a_call_waits_in_an_async_import_until_its_answer_is_given(guest: Guest)
     resolver.join()
     assert pending.resolved and not future.blocked
     assert future.poll() is True
-    assert json.loads(future.result()) == {"got": [1, "two"], "from": "t9"}
+    assert ended_with(future) == {"got": [1, "two"], "from": "t9"}
     assert pending.delivered
     assert pending.resolve(envelope("again")) is False  # (answered once)
-    future.store.close()
 
 
 def test_an_async_import_answering_at_once_does_not_suspend(guest: Guest) -> None:
     future = guest.start(guest.linker(lambda _timeout: envelope("now")), "echo", data="b")
     assert future.poll() is True
-    assert json.loads(future.result())["got"] == "now"
-    future.store.close()
+    assert ended_with(future)["got"] == "now"
 
 
 def test_a_wrong_answer_fails_the_call_not_the_host(guest: Guest) -> None:
-    mailboxes = Mailboxes()
-    future = guest.start(guest.linker(mailboxes), "echo", data="c")
-    assert future.poll() is False
-    pending = mailboxes.take("c")
+    future, pending = suspended(guest, Mailboxes(), "c")
     pending.resolve((True, [("only", "two fields")]))
     assert future.poll() is True
-    with pytest.raises(wasmtime.WasmtimeError):
-        future.result()
+    failed(future)
     assert isinstance(pending.failure, TypeError)
-    future.store.close()
 
 
 def test_a_call_takes_many_answers_in_turn(guest: Guest) -> None:
@@ -298,9 +303,8 @@ def test_a_call_takes_many_answers_in_turn(guest: Guest) -> None:
     assert future.poll() is False
     mailboxes.take("d").resolve(envelope("stop"))
     assert future.poll() is True
-    assert json.loads(future.result()) == "stopped"
+    assert ended_with(future) == "stopped"
     assert guest.sent["d"] == [0, 1, 2, 3, 4]
-    future.store.close()
 
 
 def test_an_interrupt_in_an_async_import_fails_the_call_then_is_raised(guest: Guest) -> None:
@@ -311,9 +315,7 @@ def test_an_interrupt_in_an_async_import_fails_the_call_then_is_raised(guest: Gu
     with pytest.raises(KeyboardInterrupt):
         future.poll()
     assert future.done
-    with pytest.raises(wasmtime.WasmtimeError, match="interrupted"):
-        future.result()
-    future.store.close()
+    failed(future, match="interrupted")
 
 
 # -- cancellation and the store's lifetime -------------------------------------------
@@ -324,9 +326,7 @@ def test_a_suspended_call_cancelled_leaves_nothing_behind(guest: Guest) -> None:
     linker = guest.linker(mailboxes)
 
     def cancel_one(key: Any) -> None:
-        future = guest.start(linker, "echo", data=key)
-        assert future.poll() is False
-        pending = mailboxes.take(key)
+        future, pending = suspended(guest, mailboxes, key, linker)
         assert future.cancel() is True
         assert future.done and future.cancelled
         with pytest.raises(CallCancelled):
@@ -352,8 +352,7 @@ def test_a_suspended_call_cancelled_leaves_nothing_behind(guest: Guest) -> None:
 
 def test_a_store_with_a_live_call_cannot_be_closed(guest: Guest) -> None:
     mailboxes = Mailboxes()
-    future = guest.start(guest.linker(mailboxes), "echo", data="e")
-    assert future.poll() is False
+    future, pending = suspended(guest, mailboxes, "e")
     store = future.store
     assert store.busy
     with pytest.raises(StoreBusy, match="cancel it"):
@@ -363,10 +362,9 @@ def test_a_store_with_a_live_call_cannot_be_closed(guest: Guest) -> None:
     with pytest.raises(StoreBusy, match="already has a live call"):
         instantiate(store, guest.linker(mailboxes), guest.component)
     # The store is still open, and its call goes on.
-    mailboxes.take("e").resolve(envelope("still here"))
+    pending.resolve(envelope("still here"))
     assert future.poll() is True
-    assert json.loads(future.result())["got"] == "still here"
-    store.close()
+    assert ended_with(future)["got"] == "still here"
 
 
 def test_a_call_cancelled_while_polled_ends_when_its_poll_returns(guest: Guest) -> None:
@@ -510,8 +508,7 @@ def test_deep_json_in_an_async_import_does_not_overflow_the_fiber(guest: Guest) 
     assert parsed == [depth - 1]
     pendings[0].resolve(envelope("deep"))
     assert future.poll() is True
-    assert json.loads(future.result())["got"] == "deep"
-    future.store.close()
+    assert ended_with(future)["got"] == "deep"
 
 
 # -- fuel yields ------------------------------------------------------------------
@@ -525,10 +522,9 @@ def _race(guest: Guest, fuel_yield_interval: int | None) -> dict[Any, int]:
     linker = guest.linker(lambda _timeout: envelope(None))
 
     def on_done(future: CallFuture[Any]) -> None:
-        assert json.loads(future.result()) == chunks * steps * (steps - 1) // 2
         if not first:
             first.update({key: len(guest.sent.get(key, [])) for key in range(calls)})
-        future.store.close()
+        assert ended_with(future) == chunks * steps * (steps - 1) // 2
         if all(len(guest.sent.get(key, [])) == chunks for key in range(calls)):
             ended.set()
 
@@ -553,19 +549,11 @@ def test_an_epoch_deadline_still_stops_a_busy_call(guest: Guest) -> None:
     guest.engine.increment_epoch()  # its deadline (one tick) passes
     while not future.poll():
         pass
-    with pytest.raises(wasmtime.WasmtimeError, match="interrupt"):
-        future.result()
-    future.store.close()
+    failed(future, match="interrupt")
 
 
 def test_busy_calls_take_turns_under_fuel_yields(guest: Guest) -> None:
-    # Without yields, one poll thread runs each call to its end in turn.
-    unfair = _race(guest, fuel_yield_interval=None)
-    assert sorted(unfair.values()) == [0, 0, 0, 8]
-    # With a yield each million units of fuel, they take turns: when the first
-    # ends, every other is at most a chunk behind.
-    fair = _race(guest, fuel_yield_interval=1_000_000)
-    assert min(fair.values()) >= 7, fair
+    assert_busy_calls_take_turns(partial(_race, guest), without_yields=None)
 
 
 # -- many calls on few threads ---------------------------------------------------------
@@ -618,8 +606,8 @@ def test_thousands_of_waiting_calls_hold_no_thread_each(guest: Guest) -> None:
         if key % 2:
             with pytest.raises(CallCancelled):
                 future.result()
+            future.store.close()
         else:
-            assert json.loads(future.result()) == {"got": {"n": key}, "from": f"s{key}"}
-        future.store.close()
+            assert ended_with(future) == {"got": {"n": key}, "from": f"s{key}"}
     assert not mailboxes.waiting.keys() - set(range(1, count, 2))
     assert not wasm_async._PENDING_BY_KEY

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from capsule.actors.router import Message, Router, RoutingError
+from capsule.actors.router import Message, Router, RoutingError, Waker
 
 #: The sender of a message from outside the run (what ``Message.sender`` says in
 #: the receiving task). No task id has this form (ids are "main", "main/2/1"),
@@ -99,7 +99,7 @@ class ExternalMessages:
         # numbered from the clock, in order of sending.
         self._numbers = itertools.count(time.time_ns())
         self._lock = threading.Lock()
-        self._waiters: set[_Waiter] = set()
+        self._waiters: set[Waker] = set()
         self._closed = False
 
     def send(self, target: str, body_json: str) -> Delivered:
@@ -121,20 +121,12 @@ class ExternalMessages:
             asking.end()
 
     def _ask(self, target: str, body_json: str, timeout: float, asking: Asking) -> str:
-        delivered, waiter = self._deliver(target, body_json, asks=True, waiter=asking.waiter)
-        message_id = delivered.message_id
+        waiter = asking.waiter
+        delivered = self.begin_ask(target, body_json, waiter)
         deadline = time.monotonic() + timeout
+        answered = False
         try:
-            while True:
-                reply, failure = self.router.take_reply(message_id)
-                if failure is not None:
-                    raise ExternalError(
-                        "actor_ended", f"the actor {target!r} ended without replying"
-                    )
-                if reply is not None:
-                    return reply
-                if self._closed:
-                    raise ExternalError("run_ended", "the run ended before a reply came")
+            while (reply := self.reply_to(delivered, target)) is None:
                 if asking.stopped:
                     raise ExternalError("cancelled", "the ask was cancelled")
                 left = deadline - time.monotonic()
@@ -142,12 +134,40 @@ class ExternalMessages:
                     raise ExternalError("timeout", f"no reply from {target!r} within {timeout:g}s")
                 waiter.woken.wait(left)
                 waiter.woken.clear()
-        except ExternalError:
-            self.router.abandon_replies([message_id])
-            raise
+            answered = True
+            return reply
         finally:
-            with self._lock:
-                self._waiters.discard(waiter)
+            self.end_ask(delivered, waiter, answered)
+
+    # An ask in steps, for a caller that waits for its reply without a thread
+    # (on an event loop): begin_ask, reply_to each time ``waker`` is woken,
+    # end_ask.
+
+    def begin_ask(self, target: str, body_json: str, waker: Waker) -> Delivered:
+        """Deliver a message that expects a reply (journaled, durably: this
+        may wait for the disk); ``waker`` is woken when its reply comes, its
+        target ends or the run ends. ExternalError if it cannot be delivered."""
+        return self._deliver(target, body_json, asks=True, waiter=waker)[0]
+
+    def reply_to(self, delivered: Delivered, target: str) -> str | None:
+        """The reply's JSON text if it came, None while it may still come;
+        ExternalError if it never will (the target or the run ended)."""
+        reply, failure = self.router.take_reply(delivered.message_id)
+        if failure is not None:
+            raise ExternalError("actor_ended", f"the actor {target!r} ended without replying")
+        if reply is not None:
+            return reply
+        if self._closed:
+            raise ExternalError("run_ended", "the run ended before a reply came")
+        return None
+
+    def end_ask(self, delivered: Delivered, waker: Waker, answered: bool) -> None:
+        """The ask is over: a reply that comes after all (if it was not
+        ``answered``) is dropped, and ``waker`` let go."""
+        if not answered:
+            self.router.abandon_replies([delivered.message_id])
+        with self._lock:
+            self._waiters.discard(waker)
 
     def close(self) -> None:
         """The run ends: asks still waiting end with kind run_ended."""
@@ -158,8 +178,8 @@ class ExternalMessages:
             waiter.wake()
 
     def _deliver(
-        self, target: str, body_json: str, asks: bool, waiter: _Waiter | None = None
-    ) -> tuple[Delivered, _Waiter]:
+        self, target: str, body_json: str, asks: bool, waiter: Waker | None = None
+    ) -> tuple[Delivered, Waker]:
         if len(body_json) > self.max_message_bytes:
             raise ExternalError(
                 "too_large",
@@ -193,7 +213,7 @@ class ExternalMessages:
         self.record(message, target_id)
         return Delivered(message.id, target_id), waiter
 
-    def _forget(self, message: Message, waiter: _Waiter) -> None:
+    def _forget(self, message: Message, waiter: Waker) -> None:
         self.router.abandon_replies([message.id])
         with self._lock:
             self._waiters.discard(waiter)

@@ -36,7 +36,7 @@ from capsule.supervisor.options import RunOptions
 from capsule.supervisor.program import RunReport, RunRequest, report_of, resolve_settings
 from capsule.supervisor.run import Run
 from capsule.supervisor.steps import History, StepLog
-from capsule.supervisor.totals import TOTALS_EVENT_TYPES, RunTotals
+from capsule.supervisor.totals import RunTotals
 
 #: The runner program (its directory is the sandbox's only program root).
 RUNNER = Path(__file__).resolve().parent / "runner" / "capsule_code.py"
@@ -254,11 +254,8 @@ class CodeRunner:
             seed,
             {"main": grants.resolved()},
         )
-        if on_run is not None:
-            on_run(run)
-        events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
         return report_of(
-            run, lambda: run.run_main(request.args, request.kwargs, None, "main"), totals, RUNNER
+            run, lambda: run.run_main(request.args, request.kwargs), totals, RUNNER, on_run
         )
 
 

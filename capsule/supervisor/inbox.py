@@ -7,7 +7,9 @@ One request per connection: a JSON object of at most the run's largest message
 and a little more, read within READ_TIMEOUT_S; then one JSON line answers it.
 What a client sends is input like a guest's: bounded, and checked once here
 (capsule.sandbox.guest_data); a client that sends nothing, or never reads its
-answer, holds a thread of its own for a few seconds, never the run."""
+answer, holds a task on the inbox's loop for a few seconds, never a thread
+nor the run. (asyncio is imported where it is used: a run on task threads
+that no client reaches never loads it.)"""
 
 from __future__ import annotations
 
@@ -15,17 +17,26 @@ import contextlib
 import json
 import math
 import os
+import select
 import socket
 import stat
 import struct
 import threading
-import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from capsule.actors.external import ExternalError, ExternalMessages
+from capsule.logs import logger
 from capsule.sandbox import guest_data
 from capsule.sandbox.runtime import capsule_home
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from capsule.supervisor.run_loop import RunLoop
+
+_log = logger("supervisor")
 
 #: How long a client may take to send its request, and to take its answer.
 READ_TIMEOUT_S = 5.0
@@ -57,24 +68,40 @@ class InboxError(Exception):
 class RunInbox:
     """Listens for messages from outside the run while it runs: ``start``,
     then ``close`` (which stops the listener, ends what it handles and removes
-    the socket). Owns its threads: the listener and one per request."""
+    the socket). It serves on an event loop: the run's (``loop``, on the async
+    core: no thread of its own), else one on a thread of its own, made once
+    the first client comes (see _serve_alone). One task
+    listens, one per request handles it: an ask waits for its reply there,
+    holding no thread; only the durable journal write of a delivery runs on
+    the loop's executor (it may wait for the disk)."""
 
-    def __init__(self, run_id: str, external: ExternalMessages) -> None:
+    def __init__(
+        self, run_id: str, external: ExternalMessages, loop: RunLoop | None = None
+    ) -> None:
         self.path = socket_path(run_id)
         self.external = external
         self._max_request = external.max_message_bytes + REQUEST_OVERHEAD_BYTES
+        self._run_loop = loop
         self._socket: socket.socket | None = None
         #: The (device, inode) of the socket file this run made.
         self._bound: tuple[int, int] | None = None
-        self._listener: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._handlers: set[threading.Thread] = set()
+        #: Whether it serves on the run's loop (once started).
+        self._started = False
+        #: Its own loop's thread, if the run has no loop, and the pipe that
+        #: wakes it before its loop runs (see _serve_alone).
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None
+        #: Set once its listener and every request it took ended (or never began).
+        self._served = threading.Event()
+        # (On the loop's thread only, from here on.)
+        self._stopping = False
+        self._listener: asyncio.Task[None] | None = None
+        self._handling = 0
         #: The connections whose request is still being read (shut on close: a
         #: silent client's read ends at once). One whose request was read is
         #: answered, also while the run closes: a message delivered just before
         #: the run ends still gets its answer.
         self._reading: set[socket.socket] = set()
-        self._closing = False
 
     def start(self) -> None:
         """Make the socket and listen on it; InboxError if it cannot be made."""
@@ -95,6 +122,7 @@ class RunInbox:
                     listening.bind(address)
                 os.chmod(self.path, 0o600)
                 self._bound = _identity(self.path)
+                listening.setblocking(False)
                 listening.listen(MAX_CONNECTIONS)
             except BaseException:
                 listening.close()
@@ -105,19 +133,31 @@ class RunInbox:
                 f"{self.path} cannot be made ({exc.strerror or exc})"
             ) from None
         self._socket = listening
-        self._listener = threading.Thread(target=self._listen, name="capsule-inbox")
-        self._listener.start()
+        run_loop = self._run_loop
+        if run_loop is not None:
+            self._started = True
+            run_loop.soon(lambda: run_loop.start_soon(self._serve, f"capsule-inbox {self.path}"))
+            return
+        self._wake = os.pipe()
+        self._thread = threading.Thread(target=self._serve_alone, name="capsule-inbox")
+        self._thread.start()
 
     def close(self) -> None:
-        with self._lock:
-            self._closing = True
+        """Stop listening, end the asks still waiting (run_ended) and the reads
+        of silent clients, answer the requests already read, and remove the
+        socket. Returns once all that is done."""
         self.external.close()  # asks waiting end now
-        listening = self._socket
-        if listening is not None:
-            with contextlib.suppress(OSError):
-                listening.shutdown(socket.SHUT_RDWR)  # wakes accept()
-        if self._listener is not None:
-            self._listener.join()
+        listening, run_loop, wake = self._socket, self._run_loop, self._wake
+        if self._thread is not None and wake is not None:
+            os.write(wake[1], b"x")  # (to its loop, or its wait for one: see _serve_alone)
+            self._thread.join()
+            for fd in wake:
+                os.close(fd)
+        elif run_loop is not None and self._started:
+            with contextlib.suppress(RuntimeError):  # (its loop stopped: so did its tasks)
+                run_loop.soon(self._stop)
+            while not self._served.wait(0.5) and run_loop.running:
+                pass  # (a run's loop that ended took the inbox's tasks with it)
         if listening is not None:
             listening.close()
             # Only the socket this run made: another run of the same id may
@@ -125,14 +165,6 @@ class RunInbox:
             if self._bound is not None and _identity(self.path) == self._bound:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path)
-        with self._lock:
-            handlers = list(self._handlers)
-            connections = list(self._reading)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        for handler in handlers:
-            handler.join()
 
     def __enter__(self) -> RunInbox:
         self.start()
@@ -141,61 +173,118 @@ class RunInbox:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _listen(self) -> None:
+    def _serve_alone(self) -> None:
+        """On its own thread: serve on a loop of its own once a client comes,
+        until close wakes it; or nothing, if close comes first. Most runs get
+        no message: their inbox makes no loop, and its thread waits in
+        select(), not holding the GIL the run starts up with. (Plain asyncio:
+        importing anyio's backend would cost a run on the thread core more
+        start-up than the whole inbox.)"""
+        assert self._socket is not None and self._wake is not None
+        woken = self._wake[0]
+        came, _, _ = select.select([self._socket.fileno(), woken], [], [])
+        if woken in came:
+            return
+        import asyncio
+
+        loop = asyncio.new_event_loop()
+
+        def stop() -> None:
+            loop.remove_reader(woken)  # (once: the pipe stays readable)
+            self._stop()
+
+        try:
+            loop.add_reader(woken, stop)
+            loop.run_until_complete(self._serve())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+    # -- on its loop ---------------------------------------------------------
+
+    def _stop(self) -> None:
+        self._stopping = True
+        if self._listener is not None:
+            self._listener.cancel()
+        for connection in self._reading:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    async def _serve(self) -> None:
+        """Listen until close, each request handled in a task of its own;
+        ends once the last one it took is answered."""
+        import asyncio
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._listener = tasks.create_task(self._listen(tasks))
+                if self._stopping:  # (closed before it began)
+                    self._listener.cancel()
+        finally:
+            self._served.set()
+
+    async def _listen(self, tasks: asyncio.TaskGroup) -> None:
+        import asyncio
+
         assert self._socket is not None
+        loop = asyncio.get_running_loop()
         while True:
             try:
-                connection, _ = self._socket.accept()
+                connection, _ = await loop.sock_accept(self._socket)
             except OSError:
-                return  # closed
-            with self._lock:
-                if self._closing:
-                    connection.close()
-                    return
-                if len(self._handlers) >= MAX_CONNECTIONS:
-                    busy = True
-                else:
-                    busy = False
-                    handler = threading.Thread(
-                        target=self._handle, args=(connection,), name="capsule-inbox-request"
-                    )
-                    self._handlers.add(handler)
-                    self._reading.add(connection)
-            if busy:
-                _answer(connection, _error("busy", "the run is handling too many requests"))
-                connection.close()
-            else:
-                handler.start()
+                return  # (its socket failed: `capsule send` cannot reach the run now)
+            if self._handling >= MAX_CONNECTIONS:
+                with connection:
+                    # (A short line: the socket's buffer takes it at once.)
+                    with contextlib.suppress(OSError):
+                        connection.send(
+                            _line(_error("busy", "the run is handling too many requests"))
+                        )
+                continue
+            self._handling += 1
+            self._reading.add(connection)
+            tasks.create_task(self._handle(connection))
 
-    def _handle(self, connection: socket.socket) -> None:
+    async def _handle(self, connection: socket.socket) -> None:
+        import asyncio
+
         try:
             with connection:
-                connection.settimeout(READ_TIMEOUT_S)
                 if not _same_user(connection):
                     return
-                deadline = time.monotonic() + READ_TIMEOUT_S
-                answer = self._answer(connection, deadline)
-                _answer(connection, answer)
-                if answer.get("kind") == "too_large":
-                    # Read to its end (not kept): closed with data unread, the
-                    # connection would be reset before the client reads why.
-                    _discard(connection, deadline)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + READ_TIMEOUT_S
+                try:
+                    answer = await self._answer(connection, deadline)
+                except Exception:  # a bug: on the run's loop, it must not end the run
+                    _log.exception("the inbox of %s failed answering a request", self.path)
+                    answer = _error("internal", "the run failed answering (a bug in Capsule)")
+                with contextlib.suppress(OSError, TimeoutError):  # the client left: nothing to tell
+                    async with asyncio.timeout(READ_TIMEOUT_S):
+                        await loop.sock_sendall(connection, _line(answer))
+                    if answer.get("kind") == "too_large":
+                        # Read to its end (not kept): closed with data unread, the
+                        # connection would be reset before the client reads why.
+                        async with asyncio.timeout_at(deadline):
+                            while await loop.sock_recv(connection, 1 << 16):
+                                pass
         finally:
-            with self._lock:
-                self._handlers.discard(threading.current_thread())
-                self._reading.discard(connection)
+            self._handling -= 1
+            self._reading.discard(connection)
 
-    def _answer(self, connection: socket.socket, deadline: float) -> dict[str, Any]:
+    async def _answer(self, connection: socket.socket, deadline: float) -> dict[str, Any]:
+        import asyncio
+
         try:
-            raw = _read_request(connection, self._max_request, deadline)
+            async with asyncio.timeout_at(deadline):
+                raw = await _read_request(connection, self._max_request)
         except TimeoutError:
             return _error("bad_request", f"no whole request came within {READ_TIMEOUT_S:g}s")
         except OSError as exc:
             return _error("bad_request", f"the request could not be read: {exc}")
-        with self._lock:
-            if self._closing:
-                return _error("run_ended", "the run is ending")
-            self._reading.discard(connection)
+        if self._stopping:
+            return _error("run_ended", "the run is ending")
+        self._reading.discard(connection)
         if raw is None:
             return _error(
                 "too_large",
@@ -206,15 +295,55 @@ class RunInbox:
             op, target, body_json, timeout = parse_request(raw)
         except guest_data.ProtocolError as exc:
             return _error("bad_request", str(exc))
+        loop = asyncio.get_running_loop()
         try:
             if op == "send":
-                delivered = self.external.send(target, body_json)
+                send = partial(self.external.send, target, body_json)
+                delivered = await loop.run_in_executor(None, send)
                 return {"ok": True, "id": delivered.message_id, "to": delivered.target_id}
-            reply_json = self.external.ask(target, body_json, timeout)
+            reply_json = await self._ask(target, body_json, timeout)
         except ExternalError as exc:
             return _error(exc.kind, str(exc))
         # (A reply was checked as strict JSON when its task gave it.)
         return {"ok": True, "reply": json.loads(reply_json)}
+
+    async def _ask(self, target: str, body_json: str, timeout: float) -> str:
+        """The reply to an ask, waited for on the loop (no thread held)."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        waker = _LoopWaker(loop)
+        begin = partial(self.external.begin_ask, target, body_json, waker)
+        delivered = await loop.run_in_executor(None, begin)
+        answered = False
+        try:
+            async with asyncio.timeout(timeout):
+                while (reply := self.external.reply_to(delivered, target)) is None:
+                    await waker.woken.wait()
+                    waker.woken.clear()
+        except TimeoutError:
+            raise ExternalError(
+                "timeout", f"no reply from {target!r} within {timeout:g}s"
+            ) from None
+        else:
+            answered = True
+            return reply
+        finally:
+            self.external.end_ask(delivered, waker, answered)
+
+
+class _LoopWaker:
+    """Wakes an ask waiting on a loop (the router wakes it from any thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import asyncio
+
+        self._loop = loop
+        self.woken = asyncio.Event()
+
+    def wake(self) -> None:
+        with contextlib.suppress(RuntimeError):  # (its loop has stopped: no one waits)
+            self._loop.call_soon_threadsafe(self.woken.set)
 
 
 def parse_request(raw: bytes) -> tuple[str, str, str, float]:
@@ -251,18 +380,16 @@ def parse_request(raw: bytes) -> tuple[str, str, str, float]:
     return op, target, body_json, float(timeout)
 
 
-def _read_request(connection: socket.socket, limit: int, deadline: float) -> bytes | None:
+async def _read_request(connection: socket.socket, limit: int) -> bytes | None:
     """The request (what comes before the client shuts its side), or None if
-    it is over ``limit`` bytes; TimeoutError if it is not whole by ``deadline``
-    (however slowly it trickles in)."""
+    it is over ``limit`` bytes."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
     chunks: list[bytes] = []
     size = 0
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        connection.settimeout(left)
-        chunk = connection.recv(min(1 << 16, limit + 1 - size))
+        chunk = await loop.sock_recv(connection, min(1 << 16, limit + 1 - size))
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
@@ -271,18 +398,8 @@ def _read_request(connection: socket.socket, limit: int, deadline: float) -> byt
             return None
 
 
-def _discard(connection: socket.socket, deadline: float) -> None:
-    """Read what the client still sends, until it is done or ``deadline``."""
-    with contextlib.suppress(OSError):
-        while (left := deadline - time.monotonic()) > 0:
-            connection.settimeout(left)
-            if not connection.recv(1 << 16):
-                return
-
-
-def _answer(connection: socket.socket, answer: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError):  # the client left: nothing to tell
-        connection.sendall(json.dumps(answer).encode() + b"\n")
+def _line(answer: dict[str, Any]) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
 
 
 def _error(kind: str, message: str) -> dict[str, Any]:

@@ -4,8 +4,8 @@ the sandbox, validate its tasks, run ``main``, and report the outcome."""
 from __future__ import annotations
 
 import traceback as tb
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,7 +26,7 @@ from capsule.supervisor.events import (
     RunWarning,
     TaskOutput,
 )
-from capsule.supervisor.inbox import InboxError, RunInbox
+from capsule.supervisor.inbox import InboxError
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.run import (
     Backoff,
@@ -233,52 +233,78 @@ def run_program(
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
-        try:
-            grants = {
-                name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
-                for name, config in configs.items()
-            }
-        except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
-            first.store.close()
-            return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
-        # The program's import ran before the grants were known: what it got
-        # from a directory granted to a task is refused now, and from now on.
-        problems = sandbox.finder.forbid_below(_granted_directories(grants))
-        if problems:
-            first.store.close()
-            return RunReport(usage_error=f"{path}: " + "\n".join(problems))
-        for task, variable in _unset_variables(configs, environment):
-            events.emit(
-                RunWarning(
-                    run_id=run_id,
-                    task_id=LOAD_TASK_ID,
-                    task=task,
-                    text=f"task {task!r} declares env={variable!r}, which is not set (in "
-                    f"the environment of this process, or in .env beside the program); "
-                    f"the task will not see it",
+        # The instance the program was loaded in is this call's to close until
+        # the run is made: the run's from then on (see Run), whatever happens.
+        with ExitStack() as loaded:
+            loaded.callback(first.store.close)
+            try:
+                grants = {
+                    name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
+                    for name, config in configs.items()
+                }
+            except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
+                return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+            # The program's import ran before the grants were known: what it got
+            # from a directory granted to a task is refused now, and from now on.
+            problems = sandbox.finder.forbid_below(_granted_directories(grants))
+            if problems:
+                return RunReport(usage_error=f"{path}: " + "\n".join(problems))
+            for task, variable in _unset_variables(configs, environment):
+                events.emit(
+                    RunWarning(
+                        run_id=run_id,
+                        task_id=LOAD_TASK_ID,
+                        task=task,
+                        text=f"task {task!r} declares env={variable!r}, which is not set (in "
+                        f"the environment of this process, or in .env beside the program); "
+                        f"the task will not see it",
+                    )
                 )
-            )
-        # (A loop thread is started for a run on the async core only.)
-        loop = shared.loop() if shared is not None and settings.core == "async" else None
+            # (A loop thread is started for a run on the async core only.)
+            loop = shared.loop() if shared is not None and settings.core == "async" else None
+            loaded.pop_all()
         run = Run(
-            sandbox, module, configs, events, settings, run_id, steps, history, seed, grants, loop
+            sandbox,
+            module,
+            configs,
+            events,
+            settings,
+            run_id,
+            steps,
+            history,
+            seed,
+            grants,
+            loop,
+            first=first,
         )
-        if on_run is not None:
-            on_run(run)
-        events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
 
         def run_main() -> TaskResult:
-            with _inbox(run, events):
-                return run.run_main(request.args, request.kwargs, first, request.entry)
+            _listen(run, events)
+            return run.run_main(request.args, request.kwargs, request.entry)
 
-        return report_of(run, run_main, totals, path)
+        return report_of(run, run_main, totals, path, on_run)
 
 
 def report_of(
-    run: Run, run_main: Callable[[], TaskResult], totals: RunTotals, path: Path
+    run: Run,
+    run_main: Callable[[], TaskResult],
+    totals: RunTotals,
+    path: Path,
+    on_run: Callable[[Run], None] | None = None,
 ) -> RunReport:
     """The report of ``run``, once ``run_main`` (its entry task, run) ended:
-    its result, or how the run ended without one."""
+    its result, or how the run ended without one. ``on_run`` is given the
+    run first; the run is closed as this returns, whatever happens."""
+    with run:
+        if on_run is not None:
+            on_run(run)
+        run.events.subscribe(totals.on_event, TOTALS_EVENT_TYPES)
+        return _report(run, run_main, totals, path)
+
+
+def _report(
+    run: Run, run_main: Callable[[], TaskResult], totals: RunTotals, path: Path
+) -> RunReport:
     try:
         result = run_main()
     except RunInterrupted as exc:
@@ -298,23 +324,15 @@ def report_of(
     return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
 
 
-@contextmanager
-def _inbox(run: Run, events: EventStream) -> Iterator[None]:
+def _listen(run: Run, events: EventStream) -> None:
     """While the run runs, `capsule send` and `capsule ask` reach it (or a
     warning says why they cannot; the run goes on)."""
-    inbox = RunInbox(run.run_id, run.external)
     try:
-        inbox.start()
+        run.listen()
     except InboxError as exc:
         events.emit(
             RunWarning(run_id=run.run_id, task_id=LOAD_TASK_ID, task=LOAD_TASK_ID, text=str(exc))
         )
-        yield
-        return
-    try:
-        yield
-    finally:
-        inbox.close()
 
 
 def _unset_variables(

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from capsule.supervisor.blocking import Blocking
 from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
+from capsule.supervisor.inbox import RunInbox
 from capsule.supervisor.journaled import JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.loading import ProgramError, load_program, no_entry, program_module
@@ -157,7 +159,50 @@ class Run:
         seed: bytes = b"",
         grants: dict[str, Grants] | None = None,
         loop: LoopThread | None = None,
+        first: Prepared | None = None,
     ) -> None:
+        """``first``: the instance the program was loaded in, the one main runs
+        in (None: main takes a fresh one). It is the run's from this call:
+        closed by close() (or at once if the run cannot be made), unless
+        run_main has given it to the sandbox's pool by then."""
+        # What the run makes to run on is closed by close(), whoever calls it
+        # (run_main as it ends, or whoever made the run), or here if making
+        # it fails.
+        with ExitStack() as made:
+            self._first = first
+            made.callback(self._close_first)
+            self._assemble(
+                made,
+                sandbox,
+                program,
+                configs,
+                events,
+                settings,
+                run_id,
+                steps,
+                history,
+                seed,
+                grants,
+                loop,
+            )
+            self._owned = made.pop_all()
+
+    def _assemble(
+        self,
+        made: ExitStack,
+        sandbox: Sandbox,
+        program: str,
+        configs: dict[str, TaskConfig],
+        events: EventStream,
+        settings: RunSettings | None,
+        run_id: str | None,
+        steps: StepLog | None,
+        history: History | None,
+        seed: bytes,
+        grants: dict[str, Grants] | None,
+        loop: LoopThread | None,
+    ) -> None:
+        """Put the run's parts together; what it starts is closed by ``made``."""
         self.sandbox = sandbox
         self.program = program
         self.configs = configs
@@ -173,6 +218,15 @@ class Run:
         journaling = steps is not None and not isinstance(steps, NoStepLog)
         #: What each task may reach, by task name (nothing if absent).
         self.grants = grants = grants or {}
+        #: The run's part of an event loop (on ``loop``, its host
+        #: application's, else on a thread of the run's own), and the driver
+        #: of the waits that run by continuation on it: made for the async
+        #: core (or where waits run by continuation), opened with the run and
+        #: closed when it ends (after what runs on it); never on task threads.
+        self._loop_thread = loop
+        self._loop: RunLoop | None = None
+        self._continuations: Continuations | None = None
+        made.callback(self._close_loop)
         self._http = HttpClient(
             settings.max_response_bytes,
             granted=[value for task in grants.values() for value in task.env.values()],
@@ -182,6 +236,7 @@ class Run:
             if settings.core == "async"
             else None,
         )
+        made.callback(self._http.close)  # (before the loop its requests may run on)
         if any(task_grants.hosts for task_grants in grants.values()):
             self._http.warm_up()  # some task may make requests: ready for the first
         #: Set by stop(): the run was stopped from outside (like Ctrl-C).
@@ -202,14 +257,6 @@ class Run:
             sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
         )
         journal.run_wait = blocking.run
-        #: The run's part of an event loop (on ``loop``, its host
-        #: application's, else on a thread of the run's own), and the driver
-        #: of the waits that run by continuation on it: made for the async
-        #: core (or where waits run by continuation), opened with the run and
-        #: closed when it ends; never on task threads.
-        self._loop_thread = loop
-        self._loop: RunLoop | None = None
-        self._continuations: Continuations | None = None
         # The steps that may wait (declared once, by the host calls that make
         # them) run as the run's core runs them: on the task's thread, or by
         # continuation with no thread waiting.
@@ -317,6 +364,24 @@ class Run:
             )
         return self._continuations
 
+    def _close_loop(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+
+    def listen(self) -> None:
+        """Let `capsule send` and `capsule ask` reach the run until it closes
+        (see RunInbox), on its loop if it has one (the async core's, started
+        now); InboxError if its socket cannot be made (the run goes on)."""
+        if self._supervision.core is not None:
+            run_loop = self._continued().timers
+            if not run_loop.started:
+                run_loop.start()
+        loop = self._loop if self._loop is not None and self._loop.running else None
+        inbox = RunInbox(self.run_id, self.external, loop)
+        inbox.start()
+        # (Closed before the loop it serves on: it answers what it read first.)
+        self._owned.callback(inbox.close)
+
     @property
     def divergence(self) -> ErrorInfo | None:
         """Why the run was stopped, if a replay diverged from its journal."""
@@ -379,15 +444,12 @@ class Run:
         return load_program(sandbox, program, output, task_defaults)
 
     def run_main(
-        self,
-        args: list[Any],
-        kwargs: dict[str, Any] | None = None,
-        first: Prepared | None = None,
-        entry: str = "main",
+        self, args: list[Any], kwargs: dict[str, Any] | None = None, entry: str = "main"
     ) -> TaskResult:
         """Run the task named ``entry`` (``main`` unless the user chose another)
         as the root of the tree, to the end, and return how it ended. Whatever
-        its name, the root's task id is ``main``.
+        its name, the root's task id is ``main``. The run is closed as this
+        returns (or raises): what it made to run on stops.
 
         The task tree runs on task threads: the root on one this call owns, each
         spawned child on one its parent's attempt owns (and joins before it ends);
@@ -396,25 +458,15 @@ class Run:
         tick, every blocked host call returns, and RunInterrupted is raised once
         the tree has stopped.
         """
-        # (What the run started as it was made, its HTTP client's threads and
-        # its timers, stop however this ends: an unknown entry too.)
-        try:
+        with self:
+            if entry not in self.configs:
+                raise ProgramError(no_entry(entry, sorted(self.configs)))
             try:
-                if entry not in self.configs:
-                    raise ProgramError(no_entry(entry, sorted(self.configs)))
-                try:
-                    call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
-                except ValueError as exc:  # (a host API caller's NaN: never a guest's)
-                    raise ProgramError(
-                        f"the arguments to main are not strict JSON: {exc}"
-                    ) from None
-                self.sandbox.start_pool(self.program, self.settings.pool_size, first)
-            except BaseException:
-                # The instance the program was loaded in is the pool's once it
-                # started; until then it is this call's to close.
-                if first is not None:
-                    first.store.close()
-                raise
+                call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
+            except ValueError as exc:  # (a host API caller's NaN: never a guest's)
+                raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
+            first, self._first = self._first, None  # (the pool's now)
+            self.sandbox.start_pool(self.program, self.settings.pool_size, first)
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
@@ -427,11 +479,24 @@ class Run:
                     lambda: self._tree.cancel(root, "cancelled: the run was interrupted"),
                     name="capsule-main",
                 )
-        finally:
-            self._http.close()
-            if self._loop is not None:
-                self._loop.close()
         return self._outcome(result, interrupted)
+
+    def close(self) -> None:
+        """Stop what the run made to run on (its HTTP client, its loop) and
+        close its first instance if its pool never took it. Safe to call
+        again; run_main calls it as it ends."""
+        self._owned.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _close_first(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            first.store.close()
 
     def _outcome(self, result: TaskResult, interrupted: bool) -> TaskResult:
         """How the run ended, from how its root did."""
@@ -468,7 +533,8 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    core.loop.start()
+    if not core.loop.started:  # (it may serve the run's inbox already)
+        core.loop.start()
     core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = wait_interruptibly(
         finished, lambda: core.supervision.tree.cancel(root, "cancelled: the run was interrupted")

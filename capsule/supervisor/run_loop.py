@@ -4,8 +4,9 @@ it (:class:`RunLoop`), a task group on it. A Runtime's runs share one loop
 thread, started by its first run that needs one and stopped as the Runtime
 closes; a run made without one (``run_program`` alone) starts a loop thread of
 its own and stops it as it ends. A run's task group holds the root invocation,
-under which every other one is a task (async_core.py), and the waits run by
-continuation (continuations.py); callbacks (:meth:`RunLoop.soon`) and timers
+under which every other one is a task (async_core.py), the waits run by
+continuation (continuations.py), and its inbox's listener and requests
+(inbox.py); callbacks (:meth:`RunLoop.soon`) and timers
 (:meth:`RunLoop.at`) come to it from any thread. Once the run ends its group
 is cancelled, its timers and callbacks not yet run never run, and nothing of
 it is left on the loop.
@@ -277,6 +278,11 @@ class RunLoop:
                     pass
         if host is not self._shared:
             host.close()
+
+    @property
+    def started(self) -> bool:
+        """Whether start was called (and succeeded)."""
+        return self._host is not None
 
     @property
     def running(self) -> bool:
