@@ -485,3 +485,46 @@ def test_a_missing_journal_says_where_its_caller_keeps_one(tmp_path: Path) -> No
         f"no journal at {missing}; `capsule run` keeps it as .capsule/journal.db beside "
         f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
     ) in done.stderr
+
+
+def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
+    tmp_path: Path,
+) -> None:
+    """The command's loop thread is also its run's on the async core: no
+    second loop thread starts for the runs of its Runtime, and the run on it
+    is still interrupted (resumable) as Ctrl-C interrupts it."""
+    import threading
+
+    from capsule.cli import _HostedRun, _Outcome, _run_through_host
+    from capsule.host import RunHandle
+
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+    sleeping = threading.Event()
+    during: list[set[str]] = []
+
+    async def start(rt: Runtime) -> RunHandle:
+        options = RunOptions(core="async")
+        return await rt.start(program, 600, options=options, event_types=EVENT_TYPES)
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting" and event.task_id == "main":
+            sleeping.set()
+
+    def attend(run: _HostedRun) -> _Outcome:
+        # (bounded only so that the test fails, not hangs, if it never sleeps)
+        if sleeping.wait(timeout=300):
+            during.append({thread.name for thread in threading.enumerate()})
+        run.interrupt()
+        return run.wait()
+
+    outcome = _run_through_host(tmp_path / "journal.db", start, on_event, attend)
+    assert during, "main never slept"
+    assert "capsule-loop" in during[0] and "capsule-runs" not in during[0], during[0]
+    assert outcome.interrupted and outcome.ended is not None
+    assert not any(thread.name == "capsule-loop" for thread in threading.enumerate())
+
+    async def status(rt: Runtime) -> str:
+        assert outcome.run_id is not None
+        return (await rt.find(outcome.run_id)).status
+
+    assert in_runtime(tmp_path / "journal.db", status) == "interrupted"  # resumable
