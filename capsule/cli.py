@@ -621,6 +621,8 @@ def _run_through_host(
     same loop (Runtime._on_loop_thread): one loop thread, not two."""
     from concurrent.futures import Future
 
+    import anyio
+
     from capsule.host import InvalidRequest, RunError
     from capsule.host.runtime import Runtime
     from capsule.supervisor.loop_thread import LoopThread
@@ -656,13 +658,27 @@ def _run_through_host(
     closed = threading.Event()
     #: What closing the Runtime raised once the outcome was told (a bug).
     failed: list[Exception] = []
+    #: Set if the command stops attending before the run ended: the Runtime
+    #: closes then, stopping the run while the loop still runs (its scope,
+    #: cancelled on the loop's thread).
+    stopping = threading.Event()
+    scopes: list[anyio.CancelScope] = []
+
+    def stop() -> None:
+        stopping.set()
+        for scope in scopes:
+            scope.cancel()
 
     async def host(runtime: Runtime) -> None:
         """On the loop: the Runtime open while the run goes on; its outcome
         is told as it is known (the Runtime then closes meanwhile)."""
         try:
-            async with runtime as rt:
-                outcome.set_result(await watch(rt))
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                if stopping.is_set():  # (stopped before this task began)
+                    scope.cancel()
+                async with runtime as rt:
+                    outcome.set_result(await watch(rt))
         except Exception as exc:  # (a bug: the command is told)
             if outcome.done():
                 failed.append(exc)
@@ -678,15 +694,23 @@ def _run_through_host(
         return attend(_HostedRun.ended(_Outcome(None, exc, None)))
     loop.start()
     try:
-        loop.loop().call_soon_threadsafe(
+        asyncio_loop = loop.loop()
+        asyncio_loop.call_soon_threadsafe(
             loop.start_soon, partial(host, runtime), "capsule run", context=loop.context
         )
-        attended = attend(_HostedRun(outcome, handles, interrupted, loop))
-        while not closed.wait(0.5) and loop.running:
-            pass
+        try:
+            attended = attend(_HostedRun(outcome, handles, interrupted, loop))
+        except BaseException:
+            # (Ctrl-C as the TUI started, say.) The run is stopped, resumable,
+            # as the Runtime closes, on the loop its run is on: the loop stops
+            # only once the run ended (closing it first would cancel the run's
+            # task group under it).
+            asyncio_loop.call_soon_threadsafe(stop, context=loop.context)
+            raise
+        finally:
+            while not closed.wait(0.5) and loop.running:
+                pass
     finally:
-        # (Unless the Runtime closed already, it is closed now, its runs
-        # stopped, resumable, and waited for: Ctrl-C as the TUI started, say.)
         loop.close()
     if failed:
         raise failed[0]

@@ -528,3 +528,50 @@ def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
         return (await rt.find(outcome.run_id)).status
 
     assert in_runtime(tmp_path / "journal.db", status) == "interrupted"  # resumable
+
+
+def test_ctrl_c_outside_the_commands_wait_stops_the_async_run_on_its_loop(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt out of the command's side while its run on the
+    async core goes on (one that lands between waits): the run is stopped as
+    the Runtime closes, on the loop it runs on, which stops only then; it
+    ends as interrupted, and stays resumable."""
+    import threading
+
+    from capsule.cli import _HostedRun, _run_through_host
+    from capsule.host import RunHandle
+
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+    sleeping = threading.Event()
+    raised: list[BaseException] = []
+
+    async def start(rt: Runtime) -> RunHandle:
+        options = RunOptions(core="async")
+        return await rt.start(program, 600, options=options, event_types=EVENT_TYPES)
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting" and event.task_id == "main":
+            sleeping.set()
+
+    def attend(run: _HostedRun) -> None:
+        assert sleeping.wait(timeout=300), "main never slept"
+        raise KeyboardInterrupt
+
+    def command() -> None:
+        try:
+            _run_through_host(tmp_path / "journal.db", start, on_event, attend)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    # (bounded only so that the test fails, not hangs, if the command never returns)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the command never returned"
+    assert [type(exc) for exc in raised] == [KeyboardInterrupt]
+
+    async def statuses(rt: Runtime) -> list[str]:
+        return [run.status for run in await rt.runs()]
+
+    assert in_runtime(tmp_path / "journal.db", statuses) == ["interrupted"]  # resumable
