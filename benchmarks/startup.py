@@ -12,7 +12,8 @@ medians are compared side by side:
                                                         # A on its thread core, B on the async one
 
 A checkout whose async core does not journal runs is measured on it with
-``--variant no-journal``.
+``--variant no-journal``. With another checkout it also prints the median of the
+differences within pairs, which the machine's load moves less than either side.
 
 Bytecode is cached as on a user's machine (``PYTHONDONTWRITEBYTECODE`` is unset).
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -109,6 +111,25 @@ def main() -> None:
             least = min(cpu for _, cpu in runs) * 1000
             row.append(f"{side}: wall {wall:6.1f}  cpu {cpu:6.1f} (min {least:6.1f})")
         print(f"{variant:>13}  " + "   ".join(row))
+    if len(sides) == 2:
+        # The load of the machine moves between rounds; the difference within
+        # each pair (run back to back) moves less.
+        print("B - A, median of the pairs' differences, ms (95 % bootstrap interval)")
+        for variant in names:
+            pairs = list(zip(figures[("A", variant)], figures[("B", variant)], strict=True))
+            wall = _median_and_interval([(b[0] - a[0]) * 1000 for a, b in pairs])
+            cpu = _median_and_interval([(b[1] - a[1]) * 1000 for a, b in pairs])
+            print(f"{variant:>13}  wall {wall}   cpu {cpu}")
+
+
+def _median_and_interval(differences: list[float]) -> str:
+    """The median of ``differences`` and its 95 % bootstrap interval."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(differences, k=len(differences))) for _ in range(2000)
+    )
+    middle = statistics.median(differences)
+    return f"{middle:+6.1f} ({medians[50]:+.1f} .. {medians[1949]:+.1f})"
 
 
 if __name__ == "__main__":
