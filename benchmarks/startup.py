@@ -8,9 +8,12 @@ medians are compared side by side:
     python3 benchmarks/startup.py                       # this checkout
     python3 benchmarks/startup.py --other ../base -n 21 # the other one (A) vs this one (B)
     python3 benchmarks/startup.py --core async          # on the async core (`--core async`)
+    python3 benchmarks/startup.py --other ../base --core async --other-core threads
+                                                        # A on its thread core, B on the async one
 
 A checkout whose async core does not journal runs is measured on it with
-``--variant no-journal``.
+``--variant no-journal``. With another checkout it also prints the median of the
+differences within pairs, which the machine's load moves less than either side.
 
 Bytecode is cached as on a user's machine (``PYTHONDONTWRITEBYTECODE`` is unset).
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -62,6 +66,11 @@ def main() -> None:
         "--core", choices=["threads", "async"], help="the core to run on (default: the default)"
     )
     parser.add_argument(
+        "--other-core",
+        choices=["threads", "async"],
+        help="the core the other checkout (A) runs on (default: --core's)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         choices=[name.lstrip("-") for name in VARIANTS],
@@ -69,25 +78,31 @@ def main() -> None:
     )
     options = parser.parse_args()
     core = [] if options.core is None else ["--core", options.core]
-    variants = {
-        name: [*flags, *core]
-        for name, flags in VARIANTS.items()
-        if options.variant is None or name.lstrip("-") in options.variant
-    }
+    other_core = options.other_core or options.core
+    cores = {"A": [] if other_core is None else ["--core", other_core], "B": core}
+    names = [
+        name for name in VARIANTS if options.variant is None or name.lstrip("-") in options.variant
+    ]
     sides = {"B": REPO} if options.other is None else {"A": options.other.resolve(), "B": REPO}
-    for checkout in sides.values():  # warms the page cache and the bytecode caches
-        for flags in variants.values():
-            one_run(checkout, flags)
+
+    def flags(side: str, variant: str) -> list[str]:
+        return [*VARIANTS[variant], *cores[side]]
+
+    for side, checkout in sides.items():  # warms the page cache and the bytecode caches
+        for variant in names:
+            one_run(checkout, flags(side, variant))
     figures: dict[tuple[str, str], list[tuple[float, float]]] = {}
     for index in range(options.runs):
         order = list(sides) if index % 2 == 0 else list(reversed(sides))
-        for variant, flags in variants.items():
+        for variant in names:
             for side in order:
-                figures.setdefault((side, variant), []).append(one_run(sides[side], flags))
-    print(f"median of {options.runs} runs, ms{'' if not core else ', ' + ' '.join(core)}")
+                figures.setdefault((side, variant), []).append(
+                    one_run(sides[side], flags(side, variant))
+                )
+    print(f"median of {options.runs} runs, ms")
     for side, checkout in sides.items():
-        print(f"  {side} = {checkout}")
-    for variant in variants:
+        print(f"  {side} = {checkout} {' '.join(cores[side]) or '(default core)'}")
+    for variant in names:
         row = []
         for side in sides:
             runs = figures[(side, variant)]
@@ -96,6 +111,25 @@ def main() -> None:
             least = min(cpu for _, cpu in runs) * 1000
             row.append(f"{side}: wall {wall:6.1f}  cpu {cpu:6.1f} (min {least:6.1f})")
         print(f"{variant:>13}  " + "   ".join(row))
+    if len(sides) == 2:
+        # The load of the machine moves between rounds; the difference within
+        # each pair (run back to back) moves less.
+        print("B - A, median of the pairs' differences, ms (95 % bootstrap interval)")
+        for variant in names:
+            pairs = list(zip(figures[("A", variant)], figures[("B", variant)], strict=True))
+            wall = _median_and_interval([(b[0] - a[0]) * 1000 for a, b in pairs])
+            cpu = _median_and_interval([(b[1] - a[1]) * 1000 for a, b in pairs])
+            print(f"{variant:>13}  wall {wall}   cpu {cpu}")
+
+
+def _median_and_interval(differences: list[float]) -> str:
+    """The median of ``differences`` and its 95 % bootstrap interval."""
+    rng = random.Random(0)
+    medians = sorted(
+        statistics.median(rng.choices(differences, k=len(differences))) for _ in range(2000)
+    )
+    middle = statistics.median(differences)
+    return f"{middle:+6.1f} ({medians[50]:+.1f} .. {medians[1949]:+.1f})"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -36,10 +37,9 @@ from capsule.terminal import visible
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from anyio.from_thread import BlockingPortal
-
-    from capsule.host import LiveTask, RunError, RunHandle, RunResult, Runtime, SyncRunHandle
+    from capsule.host import LiveTask, RunError, RunHandle, RunResult, Runtime
     from capsule.supervisor.events import RunEnded
+    from capsule.supervisor.loop_thread import LoopThread
 
 T = TypeVar("T")
 
@@ -598,9 +598,8 @@ def _load_run_modules() -> None:
     collecting = gc.isenabled()
     gc.disable()
     try:
-        import anyio.from_thread  # noqa: F401
-
         import capsule.host.runtime
+        import capsule.supervisor.loop_thread
         import capsule.supervisor.program  # noqa: F401
     finally:
         if collecting:
@@ -618,14 +617,20 @@ def _run_through_host(
     function owns, where ``on_event`` is given the run's events (all but the
     last, run_ended); this thread attends to the run (``attend``: waits for
     its outcome, say, where Ctrl-C and SIGTERM land and interrupt it) while
-    the Runtime is open."""
-    from anyio.from_thread import start_blocking_portal
+    the Runtime is open. On the async core the run is a task group on that
+    same loop (Runtime._on_loop_thread): one loop thread, not two."""
+    from concurrent.futures import Future
 
-    from capsule.host import InvalidRequest, RunError, Runtime
+    import anyio
+
+    from capsule.host import InvalidRequest, RunError
+    from capsule.host.runtime import Runtime
+    from capsule.supervisor.loop_thread import LoopThread
     from capsule.supervisor.program import RunReport
 
     handles: list[RunHandle] = []
     interrupted = threading.Event()
+    outcome: Future[_Outcome] = Future()
 
     async def watch(rt: Runtime) -> _Outcome:
         try:
@@ -650,14 +655,66 @@ def _run_through_host(
             return _Outcome(None, exc, ended, True, dropped)
         return _Outcome(result, None, ended, True, dropped)
 
+    closed = threading.Event()
+    #: What closing the Runtime raised once the outcome was told (a bug).
+    failed: list[Exception] = []
+    #: Set if the command stops attending before the run ended: the Runtime
+    #: closes then, stopping the run while the loop still runs (its scope,
+    #: cancelled on the loop's thread).
+    stopping = threading.Event()
+    scopes: list[anyio.CancelScope] = []
+
+    def stop() -> None:
+        stopping.set()
+        for scope in scopes:
+            scope.cancel()
+
+    async def host(runtime: Runtime) -> None:
+        """On the loop: the Runtime open while the run goes on; its outcome
+        is told as it is known (the Runtime then closes meanwhile)."""
+        try:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                if stopping.is_set():  # (stopped before this task began)
+                    scope.cancel()
+                async with runtime as rt:
+                    outcome.set_result(await watch(rt))
+        except Exception as exc:  # (a bug: the command is told)
+            if outcome.done():
+                failed.append(exc)
+            else:
+                outcome.set_exception(exc)
+        finally:
+            closed.set()
+
+    loop = LoopThread("capsule-loop")
     try:
-        runtime = Runtime(journal if journal is not None else False, prepare=False)
+        runtime = Runtime._on_loop_thread(loop, journal if journal is not None else False, False)
     except RunError as exc:  # (a journal that is not a regular file)
         return attend(_HostedRun.ended(_Outcome(None, exc, None)))
-    with start_blocking_portal(name="capsule-loop") as portal:
-        with portal.wrap_async_context_manager(runtime) as rt:
-            outcome = portal.start_task_soon(watch, rt)
-            return attend(_HostedRun(outcome, handles, interrupted, portal))
+    loop.start()
+    try:
+        asyncio_loop = loop.loop()
+        asyncio_loop.call_soon_threadsafe(
+            loop.start_soon, partial(host, runtime), "capsule run", context=loop.context
+        )
+        try:
+            attended = attend(_HostedRun(outcome, handles, interrupted, loop))
+        except BaseException:
+            # (Ctrl-C as the TUI started, say.) The run is stopped, resumable,
+            # as the Runtime closes, on the loop its run is on: the loop stops
+            # only once the run ended (closing it first would cancel the run's
+            # task group under it).
+            asyncio_loop.call_soon_threadsafe(stop, context=loop.context)
+            raise
+        finally:
+            while not closed.wait(0.5) and loop.running:
+                pass
+    finally:
+        loop.close()
+    if failed:
+        raise failed[0]
+    return attended
 
 
 class _HostedRun:
@@ -670,14 +727,14 @@ class _HostedRun:
         outcome: Future[_Outcome],
         handles: list[RunHandle],
         interrupted: threading.Event,
-        portal: BlockingPortal | None,
+        loop: LoopThread | None,
     ) -> None:
         self.outcome = outcome
         #: The run's handle, once the Runtime started it (on the loop's thread).
         self._handles = handles
         #: Set by interrupt(); a handle that comes later is interrupted as it does.
         self._interrupted = interrupted
-        self._portal = portal
+        self._loop = loop
 
     @classmethod
     def ended(cls, outcome: _Outcome) -> _HostedRun:
@@ -687,15 +744,6 @@ class _HostedRun:
         done: Future[_Outcome] = Future()
         done.set_result(outcome)
         return cls(done, [], threading.Event(), None)
-
-    @property
-    def handle(self) -> SyncRunHandle | None:
-        """The run's handle, blocking (None until the run started, or if it never did)."""
-        from capsule.host import SyncRunHandle
-
-        if not self._handles or self._portal is None:
-            return None
-        return SyncRunHandle(self._handles[0], self._portal)
 
     def wait(self) -> _Outcome:
         """The run's outcome, once it ended; Ctrl-C (or SIGTERM) meanwhile
@@ -716,12 +764,19 @@ class _HostedRun:
             handle.interrupt()
 
     def live_tasks(self) -> list[LiveTask]:
-        handle = self.handle
-        return [] if handle is None else handle.live_tasks()
+        # (Thread-safe, and it never waits on the loop.)
+        return self._handles[0].live_tasks() if self._handles else []
 
     def cancel(self, task_id: str) -> bool:
-        handle = self.handle
-        return handle is not None and handle.cancel(task_id)
+        """Cancel a running task of the run (False if none of that id runs)."""
+        import asyncio
+
+        if not self._handles or self._loop is None:
+            return False
+        cancelled = asyncio.run_coroutine_threadsafe(
+            self._handles[0].cancel(task_id), self._loop.loop()
+        )
+        return cancelled.result()
 
 
 def _show_run(

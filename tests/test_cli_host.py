@@ -485,3 +485,93 @@ def test_a_missing_journal_says_where_its_caller_keeps_one(tmp_path: Path) -> No
         f"no journal at {missing}; `capsule run` keeps it as .capsule/journal.db beside "
         f"the program (pass --journal PATH, or set CAPSULE_JOURNAL)"
     ) in done.stderr
+
+
+def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
+    tmp_path: Path,
+) -> None:
+    """The command's loop thread is also its run's on the async core: no
+    second loop thread starts for the runs of its Runtime, and the run on it
+    is still interrupted (resumable) as Ctrl-C interrupts it."""
+    import threading
+
+    from capsule.cli import _HostedRun, _Outcome, _run_through_host
+    from capsule.host import RunHandle
+
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+    sleeping = threading.Event()
+    during: list[set[str]] = []
+
+    async def start(rt: Runtime) -> RunHandle:
+        options = RunOptions(core="async")
+        return await rt.start(program, 600, options=options, event_types=EVENT_TYPES)
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting" and event.task_id == "main":
+            sleeping.set()
+
+    def attend(run: _HostedRun) -> _Outcome:
+        # (bounded only so that the test fails, not hangs, if it never sleeps)
+        if sleeping.wait(timeout=300):
+            during.append({thread.name for thread in threading.enumerate()})
+        run.interrupt()
+        return run.wait()
+
+    outcome = _run_through_host(tmp_path / "journal.db", start, on_event, attend)
+    assert during, "main never slept"
+    assert "capsule-loop" in during[0] and "capsule-runs" not in during[0], during[0]
+    assert outcome.interrupted and outcome.ended is not None
+    assert not any(thread.name == "capsule-loop" for thread in threading.enumerate())
+
+    async def status(rt: Runtime) -> str:
+        assert outcome.run_id is not None
+        return (await rt.find(outcome.run_id)).status
+
+    assert in_runtime(tmp_path / "journal.db", status) == "interrupted"  # resumable
+
+
+def test_ctrl_c_outside_the_commands_wait_stops_the_async_run_on_its_loop(
+    tmp_path: Path,
+) -> None:
+    """A KeyboardInterrupt out of the command's side while its run on the
+    async core goes on (one that lands between waits): the run is stopped as
+    the Runtime closes, on the loop it runs on, which stops only then; it
+    ends as interrupted, and stays resumable."""
+    import threading
+
+    from capsule.cli import _HostedRun, _run_through_host
+    from capsule.host import RunHandle
+
+    program = write(tmp_path, "sleeper.py", SLEEPER)
+    sleeping = threading.Event()
+    raised: list[BaseException] = []
+
+    async def start(rt: Runtime) -> RunHandle:
+        options = RunOptions(core="async")
+        return await rt.start(program, 600, options=options, event_types=EVENT_TYPES)
+
+    def on_event(event: Any) -> None:
+        if event.type == "waiting" and event.task_id == "main":
+            sleeping.set()
+
+    def attend(run: _HostedRun) -> None:
+        assert sleeping.wait(timeout=300), "main never slept"
+        raise KeyboardInterrupt
+
+    def command() -> None:
+        try:
+            _run_through_host(tmp_path / "journal.db", start, on_event, attend)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=command)
+    thread.start()
+    # (bounded only so that the test fails, not hangs, if the command never returns)
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "the command never returned"
+    assert [type(exc) for exc in raised] == [KeyboardInterrupt]
+
+    async def statuses(rt: Runtime) -> list[str]:
+        return [run.status for run in await rt.runs()]
+
+    assert in_runtime(tmp_path / "journal.db", statuses) == ["interrupted"]  # resumable

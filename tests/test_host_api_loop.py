@@ -18,7 +18,7 @@ import pytest
 from capsule.host import RunHandle, RunOptions, Runtime
 from capsule.sandbox.async_sandbox import AsyncSandbox
 from capsule.supervisor.events import TaskWaiting
-from capsule.supervisor.run_loop import LoopThread
+from capsule.supervisor.loop_thread import LoopThread
 
 #: A bound against hanging, not a figure a test asserts.
 PATIENCE_S = 60.0

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from capsule.supervisor.run_loop import LoopThread, RunLoop
+from capsule.supervisor.loop_thread import LoopThread
+from capsule.supervisor.run_loop import RunLoop
 
 #: A bound against hanging, not a figure a test asserts.
 PATIENCE_S = 30.0

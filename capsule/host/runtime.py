@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits, CodeRunner
     from capsule.journal.reader import RunRecord, TaskRecord
     from capsule.sandbox.guests import SharedGuests
+    from capsule.supervisor.loop_thread import LoopThread
     from capsule.supervisor.program import RunReport, RunRequest
     from capsule.supervisor.shared import SharedRuns
 
@@ -114,6 +115,21 @@ class Runtime:
         self._limiter = anyio.CapacityLimiter(float("inf"))
         self._code: CodeRunner | None = None
         self._code_lock = anyio.Lock()
+        #: The loop thread its runs on the async core use, if it is given one
+        #: (see _on_loop_thread); None: they start one of their own.
+        self._runs_loop: LoopThread | None = None
+
+    @classmethod
+    def _on_loop_thread(cls, loop: LoopThread, journal: JournalSetting, prepare: bool) -> Runtime:
+        """A Runtime to be entered on ``loop``, whose runs on the async core
+        use that loop too rather than start a thread of their own: the
+        ``capsule`` command's. An application's loop is not shared so (see
+        docs/architecture.md, "the runs' loop"): the command's side of it
+        only hands each event on to its output thread and never holds the
+        loop up, so its runs' tasks do not wait behind it, nor it behind them."""
+        runtime = cls(journal, prepare=prepare)
+        runtime._runs_loop = loop
+        return runtime
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -136,7 +152,7 @@ class Runtime:
             except RuntimeBuildError as exc:
                 raise RuntimeFailure(str(exc)) from None
         self._guests = guests
-        self._shared = SharedRuns(guests if self._prepare else None)
+        self._shared = SharedRuns(guests if self._prepare else None, self._runs_loop)
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group

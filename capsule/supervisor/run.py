@@ -68,7 +68,8 @@ if TYPE_CHECKING:
     from capsule.sandbox.async_sandbox import AsyncSandbox
     from capsule.supervisor.async_core import AsyncCore
     from capsule.supervisor.continuations import Continuations
-    from capsule.supervisor.run_loop import LoopThread, RunLoop
+    from capsule.supervisor.loop_thread import LoopThread
+    from capsule.supervisor.run_loop import RunLoop
 
 __all__ = [
     "Backoff",

@@ -14,17 +14,21 @@ from capsule.sandbox.guests import SharedGuests
 
 if TYPE_CHECKING:  # (loaded by a run on the async core only)
     from capsule.sandbox.async_sandbox import AsyncSandbox
-    from capsule.supervisor.run_loop import LoopThread
+    from capsule.supervisor.loop_thread import LoopThread
 
 
 class SharedRuns:
     """The guests, loop thread and warm sandbox a Runtime's runs share (see
     the module). ``guests``: None to have each run load its own (as it starts,
-    where an interrupt reaches its build; then no sandbox is shared either)."""
+    where an interrupt reaches its build; then no sandbox is shared either).
+    ``loop``: a loop thread its owner runs and stops, for the runs to use
+    rather than start their own (the ``capsule`` command's; see
+    Runtime._on_loop_thread); None: started by the first run that needs one."""
 
-    def __init__(self, guests: SharedGuests | None) -> None:
+    def __init__(self, guests: SharedGuests | None, loop: LoopThread | None = None) -> None:
         self.guests = guests
         self._lock = threading.Lock()
+        self._given = loop
         self._loop: LoopThread | None = None
         self._sandbox: AsyncSandbox | None = None
         self._closed = False
@@ -34,9 +38,11 @@ class SharedRuns:
         with self._lock:  # (one loop, however many runs start at once)
             if self._closed:
                 raise RuntimeError("the runs' loop is stopped: its Runtime has closed")
+            if self._given is not None:
+                return self._given
             loop = self._loop
             if loop is None or not loop.running:
-                from capsule.supervisor.run_loop import LoopThread
+                from capsule.supervisor.loop_thread import LoopThread
 
                 loop = LoopThread("capsule-runs")
                 loop.start()
@@ -60,9 +66,9 @@ class SharedRuns:
             return self._sandbox
 
     def close(self) -> None:
-        """Stop the loop thread and the warm sandbox's poll threads (once the
-        runs ended: nothing of theirs is on them by then); returns once they
-        ended."""
+        """Stop the loop thread it started and the warm sandbox's poll threads
+        (once the runs ended: nothing of theirs is on them by then); returns
+        once they ended. A given loop thread is left to its owner."""
         with self._lock:
             self._closed = True
             loop, self._loop = self._loop, None
