@@ -674,6 +674,8 @@ class AsyncSandbox(Sandbox):
                 invocation = _step_caller()
                 answer, then = serve(attempt.waiting, invocation, *args)
                 if not isinstance(answer, Pending):
+                    if then in _PASS_OK and answer[0]:
+                        return answer
                     return then(invocation, answer)
             answer.adapt = _adapter(attempt, then, self.stop)
             attempt.pending = answer
@@ -781,6 +783,10 @@ def _polled(invocation: Invocation, answer: Answer) -> tuple[bool, list[Completi
     return True, completions(answer[1])
 
 
+#: The Thens that give an ok answer to the guest as it is (no check needed).
+_PASS_OK: frozenset[Then] = frozenset({_answered, _received})
+
+
 def _blame_the_answer(attempt: Attempt) -> None:
     """A failed call whose last answer, given later, could not be given to
     the guest (the host's answer was not of the import's type) failed because
@@ -798,7 +804,11 @@ def _adapter(
     caller that must stop is stopped (an import with no result, a sleep,
     would not fail its call for what ``then`` raised)."""
 
+    passes_ok = then in _PASS_OK
+
     def adapt(answer: Any) -> Any:
+        if passes_ok and answer.__class__ is tuple and answer[0]:
+            return answer
         with _bound(attempt.invocation, attempt.store):
             try:
                 return then(attempt.invocation, answer)

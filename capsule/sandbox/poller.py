@@ -42,7 +42,13 @@ class Poller:
     def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
         if threads < 1:
             raise ValueError(f"a poller needs at least one thread, not {threads!r}")
-        self._lock = threading.Condition()
+        # (Taken as a bare lock, its Condition used only to sleep and wake: a
+        # Condition's own enter/exit are Python calls, several per message.)
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
+        #: How many poll threads sleep for want of a future to poll (none to
+        #: notify: a wake-up costs no Condition.notify).
+        self._sleeping = 0
         self._ready: deque[CallFuture[Any]] = deque()
         self._entries: dict[CallFuture[Any], _Entry] = {}
         self._closing = False
@@ -125,22 +131,28 @@ class Poller:
             future.cancel()
 
     def _wake(self, future: CallFuture[Any]) -> None:
-        with self._lock:
+        with self._mutex:
             entry = self._entries.get(future)
             if entry is None:
                 return
-            if entry.state == _IDLE:
+            state = entry.state
+            if state is _IDLE:
                 entry.state = _QUEUED
                 self._ready.append(future)
-                self._lock.notify()
-            elif entry.state in (_RUNNING, _HELD):
+                if self._sleeping:
+                    self._lock.notify()
+            elif state is _RUNNING or state is _HELD:
                 entry.notified = True
 
     def _work(self) -> None:
         while True:
-            with self._lock:
+            with self._mutex:
                 while not self._ready and not self._closing:
-                    self._lock.wait()
+                    self._sleeping += 1
+                    try:
+                        self._lock.wait()
+                    finally:
+                        self._sleeping -= 1
                 if self._closing:
                     return
                 future = self._ready.popleft()
@@ -152,16 +164,17 @@ class Poller:
                 _log.exception("a poll thread failed polling a call; the call is cancelled")
                 future.cancel()
                 done = True
-            with self._lock:
+            with self._mutex:
                 if done:
                     del self._entries[future]
                     future.on_wake = None
                 elif future.blocked and not entry.notified:
                     entry.state = _IDLE
-                else:  # it yielded, or was woken while polled
+                else:  # it yielded, or was woken while polled (this thread polls on)
                     entry.state = _QUEUED
                     self._ready.append(future)
-                    self._lock.notify()
+                    if self._sleeping:
+                        self._lock.notify()
             if done and entry.on_done is not None:
                 try:
                     entry.on_done(future)

@@ -501,7 +501,12 @@ _PENDING_BY_KEY: dict[int, Pending] = {}
 
 @ContinuationCallback  # type: ignore[untyped-decorator]
 def _continue(key: int) -> bool:
-    return _PENDING_BY_KEY[key]._deliver()
+    pending = _PENDING_BY_KEY[key]
+    # wasmtime polls the continuation as soon as the import returned, before
+    # its answer is given, as a rule: that poll is told no without a lock.
+    if pending._state is _WAITING:
+        return False
+    return pending._deliver()
 
 
 @ContinuationCallback  # type: ignore[untyped-decorator]

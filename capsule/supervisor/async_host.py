@@ -22,6 +22,39 @@ from capsule.supervisor.journaled import Durable, JournaledSteps
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.waits import Waiting
 
+#: What _StepAnswer.now holds until the answer comes.
+_NOT_YET: Any = object()
+
+
+class _StepAnswer:
+    """Where a step's answer goes (its Resolve): kept for the step to return
+    if it comes before the step returned, else given to the step's Pending
+    (made then: a step answered at once makes none)."""
+
+    __slots__ = ("lock", "now", "pending", "then")
+
+    def __init__(self, then: Callable[[Answer], Any] | None) -> None:
+        #: Guards the moment the step returns against an answer from another thread.
+        self.lock = threading.Lock()
+        self.now: Answer | BaseException = _NOT_YET
+        self.pending: Pending | None = None
+        self.then = then
+
+    def __call__(self, answer: Answer | BaseException) -> None:
+        with self.lock:
+            pending = self.pending
+            if pending is None:
+                self.now = answer
+                return
+        then = self.then
+        # (A host bug's exception fails the call: the sandbox keeps why.)
+        if then is not None and not isinstance(answer, BaseException):
+            try:
+                answer = then(answer)
+            except Exception as exc:
+                answer = exc
+        pending.resolve(answer)
+
 
 class ContinuedSteps:
     """Runs the steps that may wait of a run on the async core."""
@@ -55,42 +88,26 @@ class ContinuedSteps:
         """The step's answer (through ``then``) if it is over at once, else a
         Pending resolved with it once its wait (and its commit, if durable)
         is over."""
-        pending = Pending()
-        lock = threading.Lock()
-        returned = False
-        now: list[Answer | BaseException] = []
-
-        def answered(answer: Answer | BaseException) -> None:
-            nonlocal returned
-            with lock:
-                if not returned:
-                    now.append(answer)
-                    return
-            # (A host bug's exception fails the call: the sandbox keeps why.)
-            if then is not None and not isinstance(answer, BaseException):
-                try:
-                    answer = then(answer)
-                except Exception as exc:
-                    answer = exc
-            pending.resolve(answer)
-
+        answer_to = _StepAnswer(then)
         self.journal.step_later(
             caller,
             kind,
             request,
             live,
             self.continuations.run,
-            answered,
+            answer_to,
             replayed=replayed,
             durable=durable,
             for_journal=for_journal,
         )
-        with lock:
-            returned = True
-            if not now:
+        with answer_to.lock:
+            answer = answer_to.now
+            if answer is _NOT_YET:
+                pending = answer_to.pending = Pending()
+        if answer is _NOT_YET:
+            if self.hibernate_after is not None:
                 self._hibernate_later(pending)
-                return pending
-        answer = now[0]
+            return pending
         if isinstance(answer, BaseException):
             raise answer
         return answer if then is None else then(answer)

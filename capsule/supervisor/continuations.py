@@ -153,6 +153,22 @@ def wait_here(driver: Continuations, slots: CpuSlots, waiting: Waiting) -> Answe
 class _Continuation:
     """One wait run by continuation, from its start to its finish."""
 
+    __slots__ = (
+        "driver",
+        "hook",
+        "limit",
+        "lock",
+        "over",
+        "queued",
+        "report_timer",
+        "reported",
+        "resolve",
+        "started",
+        "started_task",
+        "wait",
+        "woken_event",
+    )
+
     def __init__(self, driver: Continuations, wait: Wait, resolve: Resolve) -> None:
         self.driver = driver
         self.wait = wait
