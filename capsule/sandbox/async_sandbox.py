@@ -41,9 +41,8 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime.component import Instance, LinkerInstance
 
-from capsule.sandbox import guest_data
+from capsule.sandbox import after_import, guest_data
 from capsule.sandbox import wasmtime_compat as compat
-from capsule.sandbox.after_import import serving
 from capsule.sandbox.engine import (
     CALLER_STOPPED,
     ENGINE_SETTINGS,
@@ -666,8 +665,9 @@ class AsyncSandbox(Sandbox):
         serve = getattr(self, f"_later{func.__name__}")
 
         def waiting(*args: Any) -> Any:
-            attempt = _serving()
-            if attempt is None or attempt.waiting is None:
+            future = current_future()
+            attempt = None if future is None else future.data
+            if not isinstance(attempt, Attempt) or attempt.waiting is None:
                 with _bound_here():
                     return func(*args)
             with _bound(attempt.invocation, attempt.store):
@@ -826,12 +826,17 @@ def _bound_import(func: HostFunc) -> HostFunc:
     """``func`` (a thread mode import) served for the attempt polled here."""
 
     def serve(*args: Any) -> Any:
-        with serving():
-            attempt = _serving()
-            if attempt is None:
+        deferred = after_import.begin()
+        try:
+            future = current_future()
+            attempt = None if future is None else future.data
+            if not isinstance(attempt, Attempt):
                 return func(*args)
             with _bound(attempt.invocation, attempt.store):
                 return func(*args)
+        finally:
+            if deferred is not None:
+                after_import.end(deferred)
 
     return serve
 
