@@ -42,13 +42,11 @@ class Poller:
     def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
         if threads < 1:
             raise ValueError(f"a poller needs at least one thread, not {threads!r}")
-        # (Taken as a bare lock, its Condition used only to sleep and wake: a
-        # Condition's own enter/exit are Python calls, several per message.)
-        self._mutex = threading.Lock()
-        self._lock = threading.Condition(self._mutex)
-        #: How many poll threads sleep for want of a future to poll (none to
-        #: notify: a wake-up costs no Condition.notify).
-        self._sleeping = 0
+        self._lock = threading.Lock()
+        #: The poll threads asleep for want of a future to poll, each as the
+        #: lock it sleeps on (held; released to wake it). Not a Condition:
+        #: its wait and notify are a dozen Python calls, for every message.
+        self._parked: list[threading.Lock] = []
         self._ready: deque[CallFuture[Any]] = deque()
         self._entries: dict[CallFuture[Any], _Entry] = {}
         self._closing = False
@@ -78,7 +76,7 @@ class Poller:
             self._entries[future] = _Entry(on_done)
             future.on_wake = self._wake
             self._ready.append(future)
-            self._lock.notify()
+            self._wake_one()
 
     def cancel(self, future: CallFuture[Any]) -> None:
         """Cancel ``future``; its ``on_done`` follows on a poll thread."""
@@ -112,14 +110,16 @@ class Poller:
                         if entry.notified:  # woken meanwhile
                             entry.state = _QUEUED
                             self._ready.append(future)
-                            self._lock.notify()
+                            self._wake_one()
                         else:
                             entry.state = _IDLE
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            self._lock.notify_all()
+            parked, self._parked = self._parked, []
+        for park in parked:
+            park.release()
         for thread in self._threads:
             thread.join()
         with self._lock:
@@ -131,7 +131,7 @@ class Poller:
             future.cancel()
 
     def _wake(self, future: CallFuture[Any]) -> None:
-        with self._mutex:
+        with self._lock:
             entry = self._entries.get(future)
             if entry is None:
                 return
@@ -139,20 +139,29 @@ class Poller:
             if state is _IDLE:
                 entry.state = _QUEUED
                 self._ready.append(future)
-                if self._sleeping:
-                    self._lock.notify()
+                self._wake_one()
             elif state is _RUNNING or state is _HELD:
                 entry.notified = True
 
+    def _wake_one(self) -> None:
+        """Holding the lock: wake a sleeping poll thread, if any."""
+        if self._parked:
+            self._parked.pop().release()
+
     def _work(self) -> None:
+        park = threading.Lock()
+        park.acquire()
         while True:
-            with self._mutex:
+            with self._lock:
                 while not self._ready and not self._closing:
-                    self._sleeping += 1
+                    # (Whoever takes it off _parked releases it: a wake-up
+                    # before the acquire below is not lost.)
+                    self._parked.append(park)
+                    self._lock.release()
                     try:
-                        self._lock.wait()
+                        park.acquire()
                     finally:
-                        self._sleeping -= 1
+                        self._lock.acquire()
                 if self._closing:
                     return
                 future = self._ready.popleft()
@@ -164,7 +173,7 @@ class Poller:
                 _log.exception("a poll thread failed polling a call; the call is cancelled")
                 future.cancel()
                 done = True
-            with self._mutex:
+            with self._lock:
                 if done:
                     del self._entries[future]
                     future.on_wake = None
@@ -173,8 +182,7 @@ class Poller:
                 else:  # it yielded, or was woken while polled (this thread polls on)
                     entry.state = _QUEUED
                     self._ready.append(future)
-                    if self._sleeping:
-                        self._lock.notify()
+                    self._wake_one()
             if done and entry.on_done is not None:
                 try:
                     entry.on_done(future)

@@ -569,7 +569,8 @@ def _serve_async_import(
         answer = entry.func(*read(args))
         continuation = Continuation.from_address(continuation_ret)
         if isinstance(answer, Pending):
-            env = answer._bind(current_future(), entry.lower_result, context, results)
+            future = getattr(_current, "future", None)  # (current_future(), inline)
+            env = answer._bind(future, entry.lower_result, context, results)
             continuation.callback = _continue
             continuation.env = env
             continuation.finalizer = _release_pending

@@ -119,32 +119,49 @@ class ContinuedSteps:
         after = self.hibernate_after
         if after is None or not isinstance(running, Running):
             return
-
-        def hibernate() -> None:
-            if pending.resolved:
-                return
-            released = self.hibernate(running)
-            # Reported as the thread core reports it: after its wait was
-            # (a wait too short to report hibernates silently).
-            if released and after >= WAITING_GRACE_S:
-                invocation = running.invocation
-                self.continuations.events.emit(
-                    TaskHibernated(
-                        run_id=self.continuations.run_id,
-                        task_id=invocation.task_id,
-                        task=invocation.task,
-                        released_bytes=released,
-                    )
-                )
-
-        when = time.monotonic() + after
+        hibernation = _Hibernation(self, pending, running, time.monotonic() + after)
         if after < 2 * LAZY_START_S:
-            self.continuations.timers.at(when, hibernate)
+            self.continuations.timers.at(hibernation.when, hibernation.hibernate)
+        else:
+            self.continuations.later(hibernation.arm)
+
+
+class _Hibernation:
+    """A waiting step's attempt, to hibernate at ``when`` if its step still
+    waits then (one object, not closures: most waiting steps make one)."""
+
+    __slots__ = ("pending", "running", "steps", "when")
+
+    def __init__(
+        self, steps: ContinuedSteps, pending: Pending, running: Running, when: float
+    ) -> None:
+        self.steps = steps
+        self.pending = pending
+        self.running = running
+        self.when = when
+
+    def arm(self) -> None:
+        """On the loop, LAZY_START_S after the step began waiting: its timer
+        is set if it still waits (most waits are over before: no timer)."""
+        if not self.pending.resolved:
+            self.steps.continuations.timers.at(self.when, self.hibernate)
+
+    def hibernate(self) -> None:
+        if self.pending.resolved:
             return
-
-        def arm() -> None:
-            # (Most waits are over before: they set no timer.)
-            if not pending.resolved:
-                self.continuations.timers.at(when, hibernate)
-
-        self.continuations.later(arm)
+        steps, running = self.steps, self.running
+        released = steps.hibernate(running)
+        after = steps.hibernate_after
+        # Reported as the thread core reports it: after its wait was
+        # (a wait too short to report hibernates silently).
+        if released and after is not None and after >= WAITING_GRACE_S:
+            invocation = running.invocation
+            continuations = steps.continuations
+            continuations.events.emit(
+                TaskHibernated(
+                    run_id=continuations.run_id,
+                    task_id=invocation.task_id,
+                    task=invocation.task,
+                    released_bytes=released,
+                )
+            )
