@@ -5,8 +5,8 @@ A host function of the async core may wake another task's wait while it
 holds a lock the wait's check takes (the router's): the check cannot run
 there. Rather than send it to another thread (a hop per wake-up), the wake
 defers it here, and it runs on this thread as soon as the import served here
-returns (capsule.sandbox.wasm_async and async_sandbox serve imports inside
-:func:`serving`), before the guest goes on."""
+returns (capsule.sandbox.wasm_async and async_sandbox serve imports between
+:func:`begin` and :func:`end`), before the guest goes on."""
 
 from __future__ import annotations
 
@@ -32,12 +32,37 @@ def defer(work: Callable[[], None]) -> bool:
     return True
 
 
-# (A class, not a generator: it wraps every host call.)
+def begin() -> deque[Callable[[], None]] | None:
+    """An import is served on this thread from now: its deferred work's
+    queue, to give :func:`end` once it returned (None: it is served within
+    another import, whose end runs it). (Two functions, not a context
+    manager: they wrap every host call.)"""
+    if getattr(_local, "queue", None) is not None:
+        return None
+    queue: deque[Callable[[], None]] = deque()
+    _local.queue = queue
+    return queue
+
+
+def end(queue: deque[Callable[[], None]]) -> None:
+    """The import :func:`begin` gave ``queue`` for has returned (or raised):
+    its deferred work runs, in order, and so does the work that work defers."""
+    try:
+        while queue:
+            work = queue.popleft()
+            try:
+                work()
+            except Exception:  # (a bug in one: the others still run, the import still returns)
+                _log.exception("work deferred to the end of an import failed")
+    finally:
+        _local.queue = None
+
+
 class serving:
-    """Serve one import in the block (a context manager): the work deferred
-    in it runs after it (also if it raised), in order, and so does the work
-    that work defers. An import served within another (nested) leaves its
-    work to the outer one."""
+    """Serve one import in the block (a context manager, as :func:`begin`
+    and :func:`end`): the work deferred in it runs after it (also if it
+    raised), in order, and so does the work that work defers. An import
+    served within another (nested) leaves its work to the outer one."""
 
     __slots__ = ("queue",)
 
@@ -46,19 +71,8 @@ class serving:
         self.queue: deque[Callable[[], None]] | None = None
 
     def __enter__(self) -> None:
-        if getattr(_local, "queue", None) is None:
-            self.queue = _local.queue = deque()
+        self.queue = begin()
 
     def __exit__(self, *exc: object) -> None:
-        queue = self.queue
-        if queue is None:
-            return
-        try:
-            while queue:
-                work = queue.popleft()
-                try:
-                    work()
-                except Exception:  # (a bug in one: the others still run, the import still returns)
-                    _log.exception("work deferred to the end of an import failed")
-        finally:
-            _local.queue = None
+        if self.queue is not None:
+            end(self.queue)

@@ -41,9 +41,8 @@ from typing import Any, Protocol
 import wasmtime
 from wasmtime.component import Instance, LinkerInstance
 
-from capsule.sandbox import guest_data
+from capsule.sandbox import after_import, guest_data
 from capsule.sandbox import wasmtime_compat as compat
-from capsule.sandbox.after_import import serving
 from capsule.sandbox.engine import (
     CALLER_STOPPED,
     ENGINE_SETTINGS,
@@ -683,14 +682,17 @@ class AsyncSandbox(Sandbox):
         serve = getattr(self, f"_later{func.__name__}")
 
         def waiting(*args: Any) -> Any:
-            attempt = _serving()
-            if attempt is None or attempt.waiting is None:
+            future = current_future()
+            attempt = None if future is None else future.data
+            if not isinstance(attempt, Attempt) or attempt.waiting is None:
                 with _bound_here():
                     return func(*args)
             with _bound(attempt.invocation, attempt.store):
                 invocation = _step_caller()
                 answer, then = serve(attempt.waiting, invocation, *args)
                 if not isinstance(answer, Pending):
+                    if then in _PASS_OK and answer[0]:
+                        return answer
                     return then(invocation, answer)
             answer.adapt = _adapter(attempt, then, self.stop)
             attempt.pending = answer
@@ -798,6 +800,10 @@ def _polled(invocation: Invocation, answer: Answer) -> tuple[bool, list[Completi
     return True, completions(answer[1])
 
 
+#: The Thens that give an ok answer to the guest as it is (no check needed).
+_PASS_OK: frozenset[Then] = frozenset({_answered, _received})
+
+
 def _blame_the_answer(attempt: Attempt) -> None:
     """A failed call whose last answer, given later, could not be given to
     the guest (the host's answer was not of the import's type) failed because
@@ -815,7 +821,11 @@ def _adapter(
     caller that must stop is stopped (an import with no result, a sleep,
     would not fail its call for what ``then`` raised)."""
 
+    passes_ok = then in _PASS_OK
+
     def adapt(answer: Any) -> Any:
+        if passes_ok and answer.__class__ is tuple and answer[0]:
+            return answer
         with _bound(attempt.invocation, attempt.store):
             try:
                 return then(attempt.invocation, answer)
@@ -833,12 +843,17 @@ def _bound_import(func: HostFunc) -> HostFunc:
     """``func`` (a thread mode import) served for the attempt polled here."""
 
     def serve(*args: Any) -> Any:
-        with serving():
-            attempt = _serving()
-            if attempt is None:
+        deferred = after_import.begin()
+        try:
+            future = current_future()
+            attempt = None if future is None else future.data
+            if not isinstance(attempt, Attempt):
                 return func(*args)
             with _bound(attempt.invocation, attempt.store):
                 return func(*args)
+        finally:
+            if deferred is not None:
+                after_import.end(deferred)
 
     return serve
 

@@ -42,7 +42,11 @@ class Poller:
     def __init__(self, threads: int = 1, name: str = "capsule-poll") -> None:
         if threads < 1:
             raise ValueError(f"a poller needs at least one thread, not {threads!r}")
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
+        #: The poll threads asleep for want of a future to poll, each as the
+        #: lock it sleeps on (held; released to wake it). Not a Condition:
+        #: its wait and notify are a dozen Python calls, for every message.
+        self._parked: list[threading.Lock] = []
         self._ready: deque[CallFuture[Any]] = deque()
         self._entries: dict[CallFuture[Any], _Entry] = {}
         self._closing = False
@@ -72,7 +76,7 @@ class Poller:
             self._entries[future] = _Entry(on_done)
             future.on_wake = self._wake
             self._ready.append(future)
-            self._lock.notify()
+            self._wake_one()
 
     def cancel(self, future: CallFuture[Any]) -> None:
         """Cancel ``future``; its ``on_done`` follows on a poll thread."""
@@ -106,14 +110,16 @@ class Poller:
                         if entry.notified:  # woken meanwhile
                             entry.state = _QUEUED
                             self._ready.append(future)
-                            self._lock.notify()
+                            self._wake_one()
                         else:
                             entry.state = _IDLE
 
     def close(self) -> None:
         with self._lock:
             self._closing = True
-            self._lock.notify_all()
+            parked, self._parked = self._parked, []
+        for park in parked:
+            park.release()
         for thread in self._threads:
             thread.join()
         with self._lock:
@@ -129,18 +135,33 @@ class Poller:
             entry = self._entries.get(future)
             if entry is None:
                 return
-            if entry.state == _IDLE:
+            state = entry.state
+            if state is _IDLE:
                 entry.state = _QUEUED
                 self._ready.append(future)
-                self._lock.notify()
-            elif entry.state in (_RUNNING, _HELD):
+                self._wake_one()
+            elif state is _RUNNING or state is _HELD:
                 entry.notified = True
 
+    def _wake_one(self) -> None:
+        """Holding the lock: wake a sleeping poll thread, if any."""
+        if self._parked:
+            self._parked.pop().release()
+
     def _work(self) -> None:
+        park = threading.Lock()
+        park.acquire()
         while True:
             with self._lock:
                 while not self._ready and not self._closing:
-                    self._lock.wait()
+                    # (Whoever takes it off _parked releases it: a wake-up
+                    # before the acquire below is not lost.)
+                    self._parked.append(park)
+                    self._lock.release()
+                    try:
+                        park.acquire()
+                    finally:
+                        self._lock.acquire()
                 if self._closing:
                     return
                 future = self._ready.popleft()
@@ -158,10 +179,10 @@ class Poller:
                     future.on_wake = None
                 elif future.blocked and not entry.notified:
                     entry.state = _IDLE
-                else:  # it yielded, or was woken while polled
+                else:  # it yielded, or was woken while polled (this thread polls on)
                     entry.state = _QUEUED
                     self._ready.append(future)
-                    self._lock.notify()
+                    self._wake_one()
             if done and entry.on_done is not None:
                 try:
                     entry.on_done(future)

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar
 import wasmtime
 from wasmtime.component import Component, ExportIndex, Instance, Linker, LinkerInstance
 
-from capsule.sandbox.after_import import serving
+from capsule.sandbox import after_import
 from capsule.sandbox.engine import ENGINE_SETTINGS
 from capsule.sandbox.hostcall import OnError, _Import
 from capsule.sandbox.runtime import Progress, ensure_runtime
@@ -238,7 +238,7 @@ class CallFuture(Generic[T]):
     def blocked(self) -> bool:
         """Whether the call waits in an async import for an answer not given yet."""
         waiting = self._waiting
-        return waiting is not None and not waiting.resolved
+        return waiting is not None and waiting._state is _WAITING
 
     def poll(self) -> bool:
         """Run the call until it ends (True) or waits or yields (False). A
@@ -444,9 +444,13 @@ class Pending:
             if self._state != _WAITING:
                 return False
             self._answer, self._state = answer, _ANSWERED
-        future = self.future
+        # (CallFuture._wake inline: this runs on every answer given later.)
+        ref = self._future
+        future = None if ref is None else ref()
         if future is not None:
-            future._wake()
+            on_wake = future.on_wake
+            if on_wake is not None:
+                on_wake(future)
         return True
 
     def _bind(
@@ -501,7 +505,12 @@ _PENDING_BY_KEY: dict[int, Pending] = {}
 
 @ContinuationCallback  # type: ignore[untyped-decorator]
 def _continue(key: int) -> bool:
-    return _PENDING_BY_KEY[key]._deliver()
+    pending = _PENDING_BY_KEY[key]
+    # wasmtime polls the continuation as soon as the import returned, before
+    # its answer is given, as a rule: that poll is told no without a lock.
+    if pending._state is _WAITING:
+        return False
+    return pending._deliver()
 
 
 @ContinuationCallback  # type: ignore[untyped-decorator]
@@ -537,8 +546,12 @@ def _call_async_import(
 ) -> None:
     # (The work its handler deferred runs once its Pending is bound: a wait
     # it makes ready may be the caller's own.)
-    with serving():
+    deferred = after_import.begin()
+    try:
         _serve_async_import(key, context, ty_raw, args, results, error_ret, continuation_ret)
+    finally:
+        if deferred is not None:
+            after_import.end(deferred)
 
 
 def _serve_async_import(
@@ -556,7 +569,8 @@ def _serve_async_import(
         answer = entry.func(*read(args))
         continuation = Continuation.from_address(continuation_ret)
         if isinstance(answer, Pending):
-            env = answer._bind(current_future(), entry.lower_result, context, results)
+            future = getattr(_current, "future", None)  # (current_future(), inline)
+            env = answer._bind(future, entry.lower_result, context, results)
             continuation.callback = _continue
             continuation.env = env
             continuation.finalizer = _release_pending

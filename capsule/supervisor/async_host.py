@@ -22,6 +22,39 @@ from capsule.supervisor.journaled import Durable, JournaledSteps
 from capsule.supervisor.steps import Request, Step
 from capsule.supervisor.waits import Waiting
 
+#: What _StepAnswer.now holds until the answer comes.
+_NOT_YET: Any = object()
+
+
+class _StepAnswer:
+    """Where a step's answer goes (its Resolve): kept for the step to return
+    if it comes before the step returned, else given to the step's Pending
+    (made then: a step answered at once makes none)."""
+
+    __slots__ = ("lock", "now", "pending", "then")
+
+    def __init__(self, then: Callable[[Answer], Any] | None) -> None:
+        #: Guards the moment the step returns against an answer from another thread.
+        self.lock = threading.Lock()
+        self.now: Answer | BaseException = _NOT_YET
+        self.pending: Pending | None = None
+        self.then = then
+
+    def __call__(self, answer: Answer | BaseException) -> None:
+        with self.lock:
+            pending = self.pending
+            if pending is None:
+                self.now = answer
+                return
+        then = self.then
+        # (A host bug's exception fails the call: the sandbox keeps why.)
+        if then is not None and not isinstance(answer, BaseException):
+            try:
+                answer = then(answer)
+            except Exception as exc:
+                answer = exc
+        pending.resolve(answer)
+
 
 class ContinuedSteps:
     """Runs the steps that may wait of a run on the async core."""
@@ -55,42 +88,26 @@ class ContinuedSteps:
         """The step's answer (through ``then``) if it is over at once, else a
         Pending resolved with it once its wait (and its commit, if durable)
         is over."""
-        pending = Pending()
-        lock = threading.Lock()
-        returned = False
-        now: list[Answer | BaseException] = []
-
-        def answered(answer: Answer | BaseException) -> None:
-            nonlocal returned
-            with lock:
-                if not returned:
-                    now.append(answer)
-                    return
-            # (A host bug's exception fails the call: the sandbox keeps why.)
-            if then is not None and not isinstance(answer, BaseException):
-                try:
-                    answer = then(answer)
-                except Exception as exc:
-                    answer = exc
-            pending.resolve(answer)
-
+        answer_to = _StepAnswer(then)
         self.journal.step_later(
             caller,
             kind,
             request,
             live,
             self.continuations.run,
-            answered,
+            answer_to,
             replayed=replayed,
             durable=durable,
             for_journal=for_journal,
         )
-        with lock:
-            returned = True
-            if not now:
+        with answer_to.lock:
+            answer = answer_to.now
+            if answer is _NOT_YET:
+                pending = answer_to.pending = Pending()
+        if answer is _NOT_YET:
+            if self.hibernate_after is not None:
                 self._hibernate_later(pending)
-                return pending
-        answer = now[0]
+            return pending
         if isinstance(answer, BaseException):
             raise answer
         return answer if then is None else then(answer)
@@ -102,32 +119,49 @@ class ContinuedSteps:
         after = self.hibernate_after
         if after is None or not isinstance(running, Running):
             return
-
-        def hibernate() -> None:
-            if pending.resolved:
-                return
-            released = self.hibernate(running)
-            # Reported as the thread core reports it: after its wait was
-            # (a wait too short to report hibernates silently).
-            if released and after >= WAITING_GRACE_S:
-                invocation = running.invocation
-                self.continuations.events.emit(
-                    TaskHibernated(
-                        run_id=self.continuations.run_id,
-                        task_id=invocation.task_id,
-                        task=invocation.task,
-                        released_bytes=released,
-                    )
-                )
-
-        when = time.monotonic() + after
+        hibernation = _Hibernation(self, pending, running, time.monotonic() + after)
         if after < 2 * LAZY_START_S:
-            self.continuations.timers.at(when, hibernate)
+            self.continuations.timers.at(hibernation.when, hibernation.hibernate)
+        else:
+            self.continuations.later(hibernation.arm)
+
+
+class _Hibernation:
+    """A waiting step's attempt, to hibernate at ``when`` if its step still
+    waits then (one object, not closures: most waiting steps make one)."""
+
+    __slots__ = ("pending", "running", "steps", "when")
+
+    def __init__(
+        self, steps: ContinuedSteps, pending: Pending, running: Running, when: float
+    ) -> None:
+        self.steps = steps
+        self.pending = pending
+        self.running = running
+        self.when = when
+
+    def arm(self) -> None:
+        """On the loop, LAZY_START_S after the step began waiting: its timer
+        is set if it still waits (most waits are over before: no timer)."""
+        if not self.pending.resolved:
+            self.steps.continuations.timers.at(self.when, self.hibernate)
+
+    def hibernate(self) -> None:
+        if self.pending.resolved:
             return
-
-        def arm() -> None:
-            # (Most waits are over before: they set no timer.)
-            if not pending.resolved:
-                self.continuations.timers.at(when, hibernate)
-
-        self.continuations.later(arm)
+        steps, running = self.steps, self.running
+        released = steps.hibernate(running)
+        after = steps.hibernate_after
+        # Reported as the thread core reports it: after its wait was
+        # (a wait too short to report hibernates silently).
+        if released and after is not None and after >= WAITING_GRACE_S:
+            invocation = running.invocation
+            continuations = steps.continuations
+            continuations.events.emit(
+                TaskHibernated(
+                    run_id=continuations.run_id,
+                    task_id=invocation.task_id,
+                    task=invocation.task,
+                    released_bytes=released,
+                )
+            )

@@ -116,15 +116,6 @@ class Continuations:
             except Exception as exc:  # a bug: kept, as the loop keeps its callbacks'
                 self.timers.failures.append(exc)
 
-    def finished(self, wait: Wait, ready: bool, resolve: Resolve) -> None:
-        """``wait`` is over (``ready``: what it waited for holds)."""
-        try:
-            waiting = wait.finish(ready)
-        except Exception as exc:  # a host bug: its host call fails, not this thread
-            resolve(exc)
-            return
-        self.run(waiting, resolve)
-
 
 def wait_here(driver: Continuations, slots: CpuSlots, waiting: Waiting) -> Answer:
     """Run a wait by continuation while the calling thread waits for its
@@ -152,6 +143,22 @@ def wait_here(driver: Continuations, slots: CpuSlots, waiting: Waiting) -> Answe
 
 class _Continuation:
     """One wait run by continuation, from its start to its finish."""
+
+    __slots__ = (
+        "driver",
+        "hook",
+        "limit",
+        "lock",
+        "over",
+        "queued",
+        "report_timer",
+        "reported",
+        "resolve",
+        "started",
+        "started_task",
+        "wait",
+        "woken_event",
+    )
 
     def __init__(self, driver: Continuations, wait: Wait, resolve: Resolve) -> None:
         self.driver = driver
@@ -182,7 +189,7 @@ class _Continuation:
             outcome = self._decide(starting=True)
             if outcome is None:
                 try:
-                    if self._deadline() - self.started < 2 * LAZY_START_S:
+                    if self._deadline_near():
                         self.driver.timers.soon(self._start)
                     else:
                         self.driver.later(self._start)
@@ -191,6 +198,18 @@ class _Continuation:
                     outcome = exc
         if outcome is not None:
             self._deliver(outcome)
+
+    def _deadline_near(self) -> bool:
+        """Whether its time is up within 2 * LAZY_START_S of its start (then
+        its task starts at once: its lazy start would come too late)."""
+        wait = self.wait
+        if wait.until_ready:
+            return False
+        near = self.started + 2 * LAZY_START_S
+        if self.limit is not None and self.limit < near:
+            return True
+        deadline = nearest_deadline(wait.attempt.scope)
+        return deadline is not None and deadline < near
 
     def _deadline(self) -> float:
         """When its time is up (its timeout, or its attempt's deadline); inf: never."""
@@ -264,40 +283,46 @@ class _Continuation:
             self._deliver(outcome)
 
     def _decide(self, starting: bool = False) -> bool | BaseException | None:
-        """Holding the lock: whether it became ready, or what its check
-        raised, if it is over now (then it has ended); None while it waits on.
-        ``starting``: what it waits for is started first."""
+        """Holding the lock: True once what it waits for holds, False once it
+        timed out or its task must stop, or what its check raised, if it is
+        over now (then it has ended); None while it waits on. ``starting``:
+        what it waits for is started first."""
+        wait = self.wait
+        outcome: bool | BaseException | None = None
         try:
-            start = self.wait.start
+            start = wait.start
             if starting and start is not None:
                 start()
-            outcome: bool | BaseException | None = self._outcome()
+            if wait.ready():
+                outcome = True
+            elif wait.until_ready:
+                return None
+            elif wait.attempt.invocation.check_stop() is not None or (
+                self.limit is not None and time.monotonic() >= self.limit
+            ):
+                outcome = False
+            else:
+                return None
         except Exception as exc:  # a host bug: its host call fails
             outcome = exc
-        if outcome is not None:
-            self._end()
+        self._end()
         return outcome
 
     def _deliver(self, outcome: bool | BaseException) -> None:
-        """Outside the lock: the answer of a wait that is over goes on."""
+        """Outside the lock: the answer of a wait that is over goes on (as
+        Continuations.finished gives it, one call fewer on every wait)."""
         if isinstance(outcome, BaseException):
             self.resolve(outcome)
+            return
+        try:
+            waiting = self.wait.finish(outcome)
+        except Exception as exc:  # a host bug: its host call fails, not this thread
+            self.resolve(exc)
+            return
+        if isinstance(waiting, Wait):
+            _Continuation(self.driver, waiting, self.resolve).begin()
         else:
-            self.driver.finished(self.wait, outcome, self.resolve)
-
-    def _outcome(self) -> bool | None:
-        """Holding the lock: True once what it waits for holds, False once it
-        timed out or its task must stop, None while it waits on."""
-        wait = self.wait
-        if wait.ready():
-            return True
-        if wait.until_ready:
-            return None
-        if wait.attempt.invocation.check_stop() is not None:
-            return False
-        if self.limit is not None and time.monotonic() >= self.limit:
-            return False
-        return None
+            self.resolve(waiting)
 
     def _end(self) -> None:
         """Holding the lock: it is over; unhooked, its report's timer

@@ -142,10 +142,12 @@ class Attempt:
         wait, or its next one, returns, or is checked again. Every wake-up of
         an attempt comes through here (from any thread, maybe holding the
         router's lock)."""
-        try:
-            self._no_wakeup.release()
-        except RuntimeError:
-            pass  # a wake-up is pending already
+        no_wakeup = self._no_wakeup
+        if no_wakeup.locked():  # (else a wake-up is pending already: no exception raised)
+            try:
+                no_wakeup.release()
+            except RuntimeError:
+                pass  # another wake released it just now
         waker = self.waker
         if waker is not None:
             waker()
@@ -259,14 +261,16 @@ class Scope:
 
 def nearest_deadline(scope: Scope) -> float | None:
     """The earliest deadline of the attempts from ``scope`` up."""
-    deadlines = []
+    nearest: float | None = None
     node: Scope | None = scope
     while node is not None:
         owner = node.invocation
-        if owner is not None and owner.deadline is not None:
-            deadlines.append(owner.deadline)
+        if owner is not None:
+            deadline = owner.deadline
+            if deadline is not None and (nearest is None or deadline < nearest):
+                nearest = deadline
         node = node.parent
-    return min(deadlines) if deadlines else None
+    return nearest
 
 
 def start_task_thread(target: Callable[[], None], name: str) -> threading.Thread:
