@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 from capsule.supervisor.option_specs import WordedError, Wording
@@ -289,6 +290,28 @@ def missing_journal(path: Path) -> JournalError:
     )
 
 
+#: How long a journal's connection waits for another's lock.
+BUSY_TIMEOUT_S = 5.0
+
+
+def _use_wal(connection: sqlite3.Connection) -> None:
+    """Switch the journal to WAL. A switch racing another connection's (runs
+    starting together on a journal that does not exist yet) is answered
+    SQLITE_BUSY at once, without the busy handler: so it is tried again, for
+    up to BUSY_TIMEOUT_S."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.001
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname != "SQLITE_BUSY" or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def connect(path: Path, create: bool) -> sqlite3.Connection:
     """Open a journal for writing (``create``: make it if missing, migrate an
     older schema) and check that it is one this Capsule understands."""
@@ -303,7 +326,7 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
     try:
         # First: every statement below may meet another connection's lock (a
         # run starting at the same time: switching to WAL takes an exclusive one).
-        connection.execute("PRAGMA busy_timeout=5000")
+        connection.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
         # (One statement, one snapshot: read apart, another connection's
         # migration could commit between the two.)
         version, tables = connection.execute(
@@ -325,7 +348,7 @@ def connect(path: Path, create: bool) -> sqlite3.Connection:
                     f"left untouched. Pass {name('journal')} for a journal file"
                 )
             )
-        connection.execute("PRAGMA journal_mode=WAL")
+        _use_wal(connection)
         # WAL with NORMAL: a commit survives the process being killed; an OS crash
         # or power cut may lose the last commits, never the file's consistency.
         connection.execute("PRAGMA synchronous=NORMAL")
