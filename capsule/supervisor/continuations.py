@@ -238,12 +238,7 @@ class _Continuation:
         while True:
             self.woken_event = woken = anyio.Event()
             self.queued = False  # (before it looks: a wake from now on sets this event)
-            with self.lock:
-                if self.over:
-                    return
-                outcome = self._decide()
-            if outcome is not None:
-                self._deliver(outcome)
+            if self._settled():
                 return
             if deadline == math.inf:  # (no scope to make: most waits have no time limit)
                 await woken.wait()
@@ -275,12 +270,19 @@ class _Continuation:
         it is over (a wait still waiting waits for the next wake-up, or for
         its task's deadline)."""
         self.queued = False  # (before it looks: a wake from now on checks again)
+        self._settled()
+
+    def _settled(self) -> bool:
+        """Checked (one thread at a time): whether it is over, its answer
+        delivered (outside the lock) if it just ended."""
         with self.lock:
             if self.over:
-                return
+                return True
             outcome = self._decide()
-        if outcome is not None:
-            self._deliver(outcome)
+        if outcome is None:
+            return False
+        self._deliver(outcome)
+        return True
 
     def _decide(self, starting: bool = False) -> bool | BaseException | None:
         """Holding the lock: True once what it waits for holds, False once it
