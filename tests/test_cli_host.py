@@ -11,6 +11,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from capsule.host import (
     InvalidRequest,
     JournalUnavailable,
     NotResumable,
+    RunHandle,
     RunNotFound,
     RunOptions,
     Runtime,
@@ -487,20 +490,13 @@ def test_a_missing_journal_says_where_its_caller_keeps_one(tmp_path: Path) -> No
     ) in done.stderr
 
 
-def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
+def _sleeper_on_the_async_core(
     tmp_path: Path,
-) -> None:
-    """The command's loop thread is also its run's on the async core: no
-    second loop thread starts for the runs of its Runtime, and the run on it
-    is still interrupted (resumable) as Ctrl-C interrupts it."""
-    import threading
-
-    from capsule.cli import _HostedRun, _Outcome, _run_through_host
-    from capsule.host import RunHandle
-
+) -> tuple[Callable[[Runtime], Awaitable[RunHandle]], Callable[[Any], None], threading.Event]:
+    """How a command starts a long sleeper on the async core, its event
+    callback, and what that sets once main sleeps."""
     program = write(tmp_path, "sleeper.py", SLEEPER)
     sleeping = threading.Event()
-    during: list[set[str]] = []
 
     async def start(rt: Runtime) -> RunHandle:
         options = RunOptions(core="async")
@@ -509,6 +505,20 @@ def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
     def on_event(event: Any) -> None:
         if event.type == "waiting" and event.task_id == "main":
             sleeping.set()
+
+    return start, on_event, sleeping
+
+
+def test_capsule_run_on_the_async_core_runs_it_on_the_commands_one_loop(
+    tmp_path: Path,
+) -> None:
+    """The command's loop thread is also its run's on the async core: no
+    second loop thread starts for the runs of its Runtime, and the run on it
+    is still interrupted (resumable) as Ctrl-C interrupts it."""
+    from capsule.cli import _HostedRun, _Outcome, _run_through_host
+
+    start, on_event, sleeping = _sleeper_on_the_async_core(tmp_path)
+    during: list[set[str]] = []
 
     def attend(run: _HostedRun) -> _Outcome:
         # (bounded only so that the test fails, not hangs, if it never sleeps)
@@ -537,22 +547,10 @@ def test_ctrl_c_outside_the_commands_wait_stops_the_async_run_on_its_loop(
     async core goes on (one that lands between waits): the run is stopped as
     the Runtime closes, on the loop it runs on, which stops only then; it
     ends as interrupted, and stays resumable."""
-    import threading
-
     from capsule.cli import _HostedRun, _run_through_host
-    from capsule.host import RunHandle
 
-    program = write(tmp_path, "sleeper.py", SLEEPER)
-    sleeping = threading.Event()
+    start, on_event, sleeping = _sleeper_on_the_async_core(tmp_path)
     raised: list[BaseException] = []
-
-    async def start(rt: Runtime) -> RunHandle:
-        options = RunOptions(core="async")
-        return await rt.start(program, 600, options=options, event_types=EVENT_TYPES)
-
-    def on_event(event: Any) -> None:
-        if event.type == "waiting" and event.task_id == "main":
-            sleeping.set()
 
     def attend(run: _HostedRun) -> None:
         assert sleeping.wait(timeout=300), "main never slept"
