@@ -60,6 +60,8 @@ class UsageError(WordedError):
 #: nothing before it is dropped (and after an interrupt, which asked to stop).
 DRAIN_STALL_SECONDS = 10.0
 DRAIN_STALL_AFTER_INTERRUPT_SECONDS = 1.0
+#: How long the TUI waits for a task's cancellation to be answered.
+CANCEL_ANSWER_S = 10.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -773,10 +775,15 @@ class _HostedRun:
 
         if not self._handles or self._loop is None:
             return False
-        cancelled = asyncio.run_coroutine_threadsafe(
-            self._handles[0].cancel(task_id), self._loop.loop()
-        )
-        return cancelled.result()
+        try:
+            cancelled = asyncio.run_coroutine_threadsafe(
+                self._handles[0].cancel(task_id), self._loop.loop()
+            )
+            # (Bounded: the TUI's thread asks, and a loop that stopped meanwhile
+            # would never answer.)
+            return bool(cancelled.result(timeout=CANCEL_ANSWER_S))
+        except (RuntimeError, TimeoutError):  # the run's loop has stopped
+            return False
 
 
 def _show_run(

@@ -661,3 +661,30 @@ def test_on_the_async_core_too(run_program: ProgramRunner, name: str) -> None:
     parameters = inspect.signature(test).parameters
     assert list(parameters) == ["run_program"], parameters
     test(on_async_core)
+
+
+def test_a_host_bug_that_ends_the_run_s_loop_group_ends_the_run_as_failed_not_hung(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task of the run's on its loop raises (a host bug, here in a wait
+    that lasts): the run's task group ends, and its root is reported failed
+    by the host, with the bug's traceback, instead of being waited for
+    forever."""
+    from capsule.supervisor import continuations
+
+    async def broken(self: Any) -> None:
+        raise RuntimeError("a bug in the wait's task")
+
+    monkeypatch.setattr(continuations._Continuation, "_waiting", broken)
+    path = tmp_path / "waits.py"
+    path.write_text(
+        "from capsule import receive, task\n\n"
+        "@task(name='main')\n"
+        "def main() -> str:\n"
+        "    receive(timeout=5)\n"
+        "    return 'never'\n"
+    )
+    report = run_on_async_core(path, lambda event: None)
+    assert report.result is not None and report.result.error is not None
+    assert report.result.error.kind == "trap", report.result.error
+    assert "a bug in the wait's task" in (report.result.error.traceback or "")

@@ -169,3 +169,36 @@ def test_runs_on_one_loop_thread_close_only_their_own_tasks_and_timers() -> None
     shared.close()
     assert loop_threads() == []
     assert first.failures == second.failures == shared.failures == []
+
+
+def test_a_task_that_raises_ends_its_run_s_group_not_the_loop_other_runs_share() -> None:
+    """A host bug in one run's task (it raises out of the run's task group):
+    that group ends, the error kept, and what waits for the run's end is
+    told; the other run on the same LoopThread, and the thread, go on."""
+    shared = LoopThread("capsule-loop shared")
+    shared.start()
+    broken, other = RunLoop("capsule-loop broken", shared), RunLoop("capsule-loop other", shared)
+    broken.start()
+    other.start()
+    ended = threading.Event()
+    broken.when_ended(ended.set)
+
+    async def bug() -> None:
+        raise RuntimeError("a bug in a task of the run")
+
+    broken.soon(lambda: broken.start_soon(bug, "a buggy task"))
+    assert ended.wait(PATIENCE_S)
+    assert not broken.running
+    assert "a bug in a task of the run" in repr(broken.failures)
+    assert other.running and shared.running
+    done = threading.Event()
+    other.soon(done.set)
+    assert done.wait(PATIENCE_S)
+    told: list[str] = []
+    broken.when_ended(lambda: told.append("at once"))  # (after it ended: now)
+    assert told == ["at once"]
+    other.close()
+    broken.close()
+    shared.close()
+    assert shared.failures == [] and other.failures == []
+    assert loop_threads() == []

@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +251,18 @@ def test_a_wait_until_ready_outlasts_its_tasks_stop_and_starts_what_it_waits_for
     started[0].join()
 
 
+@contextmanager
+def _serving() -> Iterator[None]:
+    """As a poll thread serves one import: the work deferred in the block
+    runs after it (after_import.begin and end)."""
+    queue = after_import.begin()
+    try:
+        yield
+    finally:
+        if queue is not None:
+            after_import.end(queue)
+
+
 def test_a_wait_woken_by_a_thread_serving_no_import_is_checked_on_the_runs_loop(
     driver: Continuations,
 ) -> None:
@@ -285,7 +298,7 @@ def test_a_wait_woken_by_an_import_is_checked_on_its_thread_once_the_import_retu
         return bool(arrived)
 
     driver.run(Wait(attempt, "receive", ready, Finishes(), timeout=60), poller.resolve)
-    with after_import.serving():
+    with _serving():
         with router:  # (as a send wakes its receiver: holding the router's lock)
             arrived.append(True)
             attempt.wake()
@@ -313,7 +326,7 @@ def test_a_wait_answered_before_its_lazy_start_gets_no_task_on_the_loop(
     arrived: list[bool] = []
     driver.run(Wait(quick, "receive", lambda: bool(arrived), Finishes()), poller.resolve)
     driver.run(Wait(slow, "receive", never, Finishes(), timeout=60), poller.resolve)
-    with after_import.serving():
+    with _serving():
         arrived.append(True)
         quick.wake()
     assert poller.answers == [(True, '"ready"')]

@@ -6,6 +6,7 @@ exchange, and cancellation that reaches a request in flight."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -365,7 +366,9 @@ class HttpClient:
             portal, self._portal = self._portal, None
             portal_cm, self._portal_cm = self._portal_cm, None
         if client is not None and portal is not None:
-            portal.call(client.aclose)
+            # (A run's loop that ended took its connections' tasks with it.)
+            with contextlib.suppress(RuntimeError):
+                portal.call(client.aclose)
         if portal_cm is not None:
             portal_cm.__exit__(None, None, None)
 

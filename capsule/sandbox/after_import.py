@@ -56,23 +56,3 @@ def end(queue: deque[Callable[[], None]]) -> None:
                 _log.exception("work deferred to the end of an import failed")
     finally:
         _local.queue = None
-
-
-class serving:
-    """Serve one import in the block (a context manager, as :func:`begin`
-    and :func:`end`): the work deferred in it runs after it (also if it
-    raised), in order, and so does the work that work defers. An import
-    served within another (nested) leaves its work to the outer one."""
-
-    __slots__ = ("queue",)
-
-    def __init__(self) -> None:
-        #: Its deferred work (None: an outer import's runs it).
-        self.queue: deque[Callable[[], None]] | None = None
-
-    def __enter__(self) -> None:
-        self.queue = begin()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.queue is not None:
-            end(self.queue)

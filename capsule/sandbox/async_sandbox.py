@@ -476,14 +476,14 @@ class AsyncSandbox(Sandbox):
             # caller a GIL handover, ~20 % of a call measured).
             self._launch(attempt, self._instance_for(invocation, program), call_json)
             return attempt
-        with self._lock:
+        preparer = self._preparer
+        with self._lock:  # (a close from now on waits for this import)
             closing = self._closing
             if not closing:
                 self._importing.add(attempt)
+                preparer.submit(self._prepare_then_launch, attempt, program, call_json)
         if closing:
             self._launch(attempt, ErrorInfo("cancelled", CALLER_STOPPED), call_json)
-        else:
-            self._preparer.submit(self._prepare_then_launch, attempt, program, call_json)
         return attempt
 
     def _quick_import(self, program: str) -> bool:

@@ -84,7 +84,7 @@ class AsyncCore:
             loop = AttemptLoop(supervision, name, task_id, call_json, parent, child)
         except Exception:  # a host bug: the invocation fails, the run goes on
             supervision.router.close(task_id)
-            on_end(_host_failed(name, task_id))
+            on_end(host_failed(name, task_id))
             return
         invocation = _Invocation(self, loop, on_end)
         made: Attempt | AttemptOutcome | None = None
@@ -263,7 +263,7 @@ class _Invocation:
         try:
             return self.loop.host_failed(text)
         except Exception:  # (reporting it failed too: it ends all the same)
-            return _host_failed(self.loop.name, self.loop.task_id, text)
+            return host_failed(self.loop.name, self.loop.task_id, text)
 
 
 class _Call:
@@ -281,7 +281,10 @@ class _Call:
         )
 
     def _done(self, _: Running) -> None:
-        self._loop.soon(self._over)
+        try:
+            self._loop.soon(self._over)
+        except RuntimeError:  # its run's loop has ended: no one awaits it
+            pass
 
     def _over(self) -> None:
         self.over = True
@@ -304,7 +307,9 @@ class _HostBug(Exception):
     """A host bug while an attempt ended (its traceback, as text)."""
 
 
-def _host_failed(name: str, task_id: str, text: str | None = None) -> TaskResult:
+def host_failed(name: str, task_id: str, text: str | None = None) -> TaskResult:
+    """How an invocation the host failed to drive ended (``text``: the
+    traceback; by default the one being handled)."""
     error = ErrorDetail(
         kind="trap",
         message=HOST_FAILED,

@@ -311,8 +311,7 @@ class _Continuation:
         return outcome
 
     def _deliver(self, outcome: bool | BaseException) -> None:
-        """Outside the lock: the answer of a wait that is over goes on (as
-        Continuations.finished gives it, one call fewer on every wait)."""
+        """Outside the lock: the answer of a wait that is over goes on."""
         if isinstance(outcome, BaseException):
             self.resolve(outcome)
             return

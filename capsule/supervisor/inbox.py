@@ -135,8 +135,15 @@ class RunInbox:
         self._socket = listening
         run_loop = self._run_loop
         if run_loop is not None:
+            try:
+                run_loop.soon(
+                    lambda: run_loop.start_soon(self._serve, f"capsule-inbox {self.path}")
+                )
+            except RuntimeError as exc:  # its run's loop has ended
+                raise InboxError(
+                    f"`capsule send` and `capsule ask` cannot reach this run: {exc}"
+                ) from None
             self._started = True
-            run_loop.soon(lambda: run_loop.start_soon(self._serve, f"capsule-inbox {self.path}"))
             return
         self._wake = os.pipe()
         self._thread = threading.Thread(target=self._serve_alone, name="capsule-inbox")

@@ -16,6 +16,7 @@ import json
 import os
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -379,9 +380,10 @@ class Run:
                 run_loop.start()
         loop = self._loop if self._loop is not None and self._loop.running else None
         inbox = RunInbox(self.run_id, self.external, loop)
-        inbox.start()
-        # (Closed before the loop it serves on: it answers what it read first.)
+        # (Closed before the loop it serves on: it answers what it read first;
+        # and if it starts only in part, what it made is let go all the same.)
         self._owned.callback(inbox.close)
+        inbox.start()
 
     @property
     def divergence(self) -> ErrorInfo | None:
@@ -466,8 +468,8 @@ class Run:
                 call_json = json.dumps({"args": args, "kwargs": kwargs or {}}, allow_nan=False)
             except ValueError as exc:  # (a host API caller's NaN: never a guest's)
                 raise ProgramError(f"the arguments to main are not strict JSON: {exc}") from None
-            first, self._first = self._first, None  # (the pool's now)
-            self.sandbox.start_pool(self.program, self.settings.pool_size, first)
+            self.sandbox.start_pool(self.program, self.settings.pool_size, self._first)
+            self._first = None  # (the pool's now)
             root = self._tree.root
             core = self._supervision.core
             if core is not None:
@@ -527,6 +529,8 @@ def _run_on_core(
     (Ctrl-C) cancels the tree, and the wait goes on until it has stopped. The
     root runs on the run's loop, started here: no wasm runs where a signal
     lands."""
+    from capsule.supervisor.async_core import host_failed
+
     ended: list[TaskResult] = []
     finished = threading.Event()
 
@@ -534,10 +538,17 @@ def _run_on_core(
         ended.append(result)
         finished.set()
 
-    if not core.loop.started:  # (it may serve the run's inbox already)
-        core.loop.start()
-    core.loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
+    loop = core.loop
+    if not loop.started:  # (it may serve the run's inbox already)
+        loop.start()
+    # (Its loop's task group ending under it, a host bug, ends the wait too.)
+    loop.when_ended(finished.set)
+    loop.soon(lambda: core.start_task(entry, "main", call_json, root, None, end))
     interrupted = wait_interruptibly(
         finished, lambda: core.supervision.tree.cancel(root, "cancelled: the run was interrupted")
     )
+    if not ended:
+        failure = loop.failures[-1] if loop.failures else None
+        text = "".join(traceback.format_exception(failure)) if failure else "its run's loop ended"
+        return host_failed(entry, "main", text), interrupted
     return ended[0], interrupted

@@ -111,6 +111,9 @@ class RunLoop:
         self._group: TaskGroup | None = None
         #: Set once its task group has ended (on the loop's thread).
         self._ended = threading.Event()
+        #: Called once it has ended (see when_ended), and their lock.
+        self._on_end: list[Callable[[], None]] = []
+        self._on_end_lock = threading.Lock()
         self._closed = False
         #: Its timers set on the loop and not yet run (on the loop's thread):
         #: cancelled as its group ends.
@@ -161,18 +164,38 @@ class RunLoop:
         self._loop = loop
 
     async def _hold(self, opened: threading.Event) -> None:
-        """Its task group, on the loop, until close cancels it."""
+        """Its task group, on the loop, until close cancels it. A task of its
+        that raises (a host bug) ends it, kept in ``failures``: its run ends,
+        not the loop other runs share."""
         try:
             async with anyio.create_task_group() as group:
                 self._group = group
                 opened.set()
                 await anyio.sleep_forever()
+        except Exception as exc:
+            self.failures.append(exc)
         finally:
             self._closed = True
             for timer in list(self._timers):  # (they were its run's: none runs now)
                 timer.cancel()
             self._queued.clear()
             self._ended.set()
+            for callback in self._take_on_end():
+                callback()
+
+    def when_ended(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once its task group has ended (now if it has;
+        else on the loop's thread, as it ends). It must not raise."""
+        with self._on_end_lock:
+            if not self._ended.is_set():
+                self._on_end.append(callback)
+                return
+        callback()
+
+    def _take_on_end(self) -> list[Callable[[], None]]:
+        with self._on_end_lock:
+            taken, self._on_end = self._on_end, []
+        return taken
 
     def close(self) -> None:
         """Stop: callbacks and timers not yet run never run, and tasks still
