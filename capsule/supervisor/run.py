@@ -170,171 +170,149 @@ class Run:
         # What the run makes to run on is closed by close(), whoever calls it
         # (run_main as it ends, or whoever made the run), or here if making
         # it fails.
-        with ExitStack() as made:
-            self._first = first
-            made.callback(self._close_first)
-            self._assemble(
-                made,
+        self._owned = made = ExitStack()
+        self._first = first
+        made.callback(self._close_first)
+        try:
+            self.sandbox = sandbox
+            self.program = program
+            self.configs = configs
+            self.events = events
+            self.settings = settings = settings or RunSettings()
+            self.run_id = run_id = run_id or new_run_id()
+            self._router = router = Router(settings.mailbox_capacity, settings.max_queued_bytes)
+            if history is not None:
+                router.allow_early_replies(history.asked, history.replies)
+            log: StepLog = steps or NoStepLog()
+            self._log = log
+            #: Without a journal, steps are only counted: nothing is serialised.
+            journaling = steps is not None and not isinstance(steps, NoStepLog)
+            #: What each task may reach, by task name (nothing if absent).
+            self.grants = grants = grants or {}
+            #: The run's part of an event loop (on ``loop``, its host
+            #: application's, else on a thread of the run's own), and the driver
+            #: of the waits that run by continuation on it: made for the async
+            #: core (or where waits run by continuation), opened with the run and
+            #: closed when it ends (after what runs on it); never on task threads.
+            self._loop_thread = loop
+            self._loop: RunLoop | None = None
+            self._continuations: Continuations | None = None
+            made.callback(self._close_loop)
+            self._http = HttpClient(
+                settings.max_response_bytes,
+                granted=[value for task in grants.values() for value in task.env.values()],
+                # (On the async core its requests run on the run's loop: no loop
+                # thread of their own.)
+                portal=(lambda: self._continued().timers.portal())
+                if settings.core == "async"
+                else None,
+            )
+            made.callback(self._http.close)  # (before the loop its requests may run on)
+            if any(task_grants.hosts for task_grants in grants.values()):
+                self._http.warm_up()  # some task may make requests: ready for the first
+            #: Set by stop(): the run was stopped from outside (like Ctrl-C).
+            self.stopped = False
+
+            self._tree = tree = LiveTree()
+            self._journal = journal = JournaledSteps(
+                tree,
+                log,
+                journaling,
+                run_id,
+                settings.max_task_output_bytes,
+                settings.max_run_journal_bytes,
+                recorded=history.recorded if history else 0,
+            )
+            self._output = output = Output(run_id, events, journal)
+            blocking = Blocking(
+                sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
+            )
+            journal.run_wait = blocking.run
+            # The steps that may wait (declared once, by the host calls that make
+            # them) run as the run's core runs them: on the task's thread, or by
+            # continuation with no thread waiting.
+            drive: StepDriver = journal.step
+            async_sandbox: AsyncSandbox | None = None
+            if settings.core == "async":
+                from capsule.sandbox.async_sandbox import AsyncSandbox
+                from capsule.supervisor.async_host import ContinuedSteps
+
+                if not isinstance(sandbox, AsyncSandbox):
+                    raise TypeError(
+                        f"run {run_id}: core='async' (the default) runs its tasks in an "
+                        f"AsyncSandbox, not a {type(sandbox).__name__}; for a Sandbox, pass "
+                        "RunSettings(core='threads')"
+                    )
+                async_sandbox = sandbox
+                drive = ContinuedSteps(
+                    journal, self._continued(), sandbox.hibernate_waiting, settings.hibernate_after
+                ).step
+            operations = OperationCalls(journal.step, drive)
+            messages = MessageCalls(
+                router,
+                events,
+                run_id,
+                max_message_bytes=settings.max_message_bytes,
+                mailbox_capacity=settings.mailbox_capacity,
+                on_ask=lambda message: journal.write(log.ask_sent, message),
+                journaling=journaling,
+                open_channel=sandbox.open_channel,
+                history=history,
+            )
+            journal.end_credit = messages.end_credit
+            self._supervision = supervision = Supervision(
                 sandbox,
                 program,
                 configs,
-                events,
                 settings,
+                events,
                 run_id,
-                steps,
+                journal,
+                tree,
+                router,
                 history,
-                seed,
+                seed or os.urandom(16),
                 grants,
-                loop,
+                before_reporting=output.shown,
             )
-            self._owned = made.pop_all()
+            admission = Admission(configs, tree, settings.max_live_tasks, settings.max_children)
+            # Guests never see the monotonic clock go back, also across a resume.
+            monotonic_offset = max(
+                0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
+            )
+            host = RunHostCalls(
+                TaskCalls(
+                    supervision, admission, configs, router, journal, tree, operations, drive
+                ),
+                MessageSteps(messages, router, journal, tree, operations, drive),
+                TimeCalls(journal, tree, monotonic_offset, drive),
+                HttpCalls(
+                    self._http, journal, tree, operations, events, run_id, output.shown, drive
+                ),
+                operations,
+                output,
+                tree,
+                router,
+            )
+            supervision.host = host
+            if async_sandbox is not None:
+                # The waits a host call that does not wait may still make run by
+                # continuation too: they cannot wait (a timeout of 0), or are over
+                # at once (a replayed wait on children the journal says ended).
+                from capsule.supervisor.async_core import AsyncCore
+                from capsule.supervisor.continuations import wait_here
 
-    def _assemble(
-        self,
-        made: ExitStack,
-        sandbox: Sandbox,
-        program: str,
-        configs: dict[str, TaskConfig],
-        events: EventStream,
-        settings: RunSettings | None,
-        run_id: str | None,
-        steps: StepLog | None,
-        history: History | None,
-        seed: bytes,
-        grants: dict[str, Grants] | None,
-        loop: LoopThread | None,
-    ) -> None:
-        """Put the run's parts together; what it starts is closed by ``made``."""
-        self.sandbox = sandbox
-        self.program = program
-        self.configs = configs
-        self.events = events
-        self.settings = settings = settings or RunSettings()
-        self.run_id = run_id = run_id or new_run_id()
-        self._router = router = Router(settings.mailbox_capacity, settings.max_queued_bytes)
-        if history is not None:
-            router.allow_early_replies(history.asked, history.replies)
-        log: StepLog = steps or NoStepLog()
-        self._log = log
-        #: Without a journal, steps are only counted: nothing is serialised.
-        journaling = steps is not None and not isinstance(steps, NoStepLog)
-        #: What each task may reach, by task name (nothing if absent).
-        self.grants = grants = grants or {}
-        #: The run's part of an event loop (on ``loop``, its host
-        #: application's, else on a thread of the run's own), and the driver
-        #: of the waits that run by continuation on it: made for the async
-        #: core (or where waits run by continuation), opened with the run and
-        #: closed when it ends (after what runs on it); never on task threads.
-        self._loop_thread = loop
-        self._loop: RunLoop | None = None
-        self._continuations: Continuations | None = None
-        made.callback(self._close_loop)
-        self._http = HttpClient(
-            settings.max_response_bytes,
-            granted=[value for task in grants.values() for value in task.env.values()],
-            # (On the async core its requests run on the run's loop: no loop
-            # thread of their own.)
-            portal=(lambda: self._continued().timers.portal())
-            if settings.core == "async"
-            else None,
-        )
-        made.callback(self._http.close)  # (before the loop its requests may run on)
-        if any(task_grants.hosts for task_grants in grants.values()):
-            self._http.warm_up()  # some task may make requests: ready for the first
-        #: Set by stop(): the run was stopped from outside (like Ctrl-C).
-        self.stopped = False
+                continuations = self._continued()
+                journal.run_wait = partial(wait_here, continuations, async_sandbox.slots)
+                supervision.core = AsyncCore(supervision, async_sandbox, host, continuations.timers)
 
-        self._tree = tree = LiveTree()
-        self._journal = journal = JournaledSteps(
-            tree,
-            log,
-            journaling,
-            run_id,
-            settings.max_task_output_bytes,
-            settings.max_run_journal_bytes,
-            recorded=history.recorded if history else 0,
-        )
-        self._output = output = Output(run_id, events, journal)
-        blocking = Blocking(
-            sandbox, events, run_id, settings.hibernate_after, before_waiting=output.shown
-        )
-        journal.run_wait = blocking.run
-        # The steps that may wait (declared once, by the host calls that make
-        # them) run as the run's core runs them: on the task's thread, or by
-        # continuation with no thread waiting.
-        drive: StepDriver = journal.step
-        async_sandbox: AsyncSandbox | None = None
-        if settings.core == "async":
-            from capsule.sandbox.async_sandbox import AsyncSandbox
-            from capsule.supervisor.async_host import ContinuedSteps
-
-            if not isinstance(sandbox, AsyncSandbox):
-                raise TypeError(
-                    f"run {run_id}: core='async' (the default) runs its tasks in an "
-                    f"AsyncSandbox, not a {type(sandbox).__name__}; for a Sandbox, pass "
-                    "RunSettings(core='threads')"
-                )
-            async_sandbox = sandbox
-            drive = ContinuedSteps(
-                journal, self._continued(), sandbox.hibernate_waiting, settings.hibernate_after
-            ).step
-        operations = OperationCalls(journal.step, drive)
-        messages = MessageCalls(
-            router,
-            events,
-            run_id,
-            max_message_bytes=settings.max_message_bytes,
-            mailbox_capacity=settings.mailbox_capacity,
-            on_ask=lambda message: journal.write(log.ask_sent, message),
-            journaling=journaling,
-            open_channel=sandbox.open_channel,
-            history=history,
-        )
-        journal.end_credit = messages.end_credit
-        self._supervision = supervision = Supervision(
-            sandbox,
-            program,
-            configs,
-            settings,
-            events,
-            run_id,
-            journal,
-            tree,
-            router,
-            history,
-            seed or os.urandom(16),
-            grants,
-            before_reporting=output.shown,
-        )
-        admission = Admission(configs, tree, settings.max_live_tasks, settings.max_children)
-        # Guests never see the monotonic clock go back, also across a resume.
-        monotonic_offset = max(
-            0, (history.monotonic_ns if history else 0) + 1 - time.monotonic_ns()
-        )
-        host = RunHostCalls(
-            TaskCalls(supervision, admission, configs, router, journal, tree, operations, drive),
-            MessageSteps(messages, router, journal, tree, operations, drive),
-            TimeCalls(journal, tree, monotonic_offset, drive),
-            HttpCalls(self._http, journal, tree, operations, events, run_id, output.shown, drive),
-            operations,
-            output,
-            tree,
-            router,
-        )
-        supervision.host = host
-        if async_sandbox is not None:
-            # The waits a host call that does not wait may still make run by
-            # continuation too: they cannot wait (a timeout of 0), or are over
-            # at once (a replayed wait on children the journal says ended).
-            from capsule.supervisor.async_core import AsyncCore
-            from capsule.supervisor.continuations import wait_here
-
-            continuations = self._continued()
-            journal.run_wait = partial(wait_here, continuations, async_sandbox.slots)
-            supervision.core = AsyncCore(supervision, async_sandbox, host, continuations.timers)
-
-        #: Messages from outside the run (`capsule send`, `capsule ask`).
-        self.external = ExternalMessages(router, settings.max_message_bytes, self._external_sent)
+            #: Messages from outside the run (`capsule send`, `capsule ask`).
+            self.external = ExternalMessages(
+                router, settings.max_message_bytes, self._external_sent
+            )
+        except BaseException:
+            made.close()
+            raise
 
     def wait_by_continuation(self) -> None:
         """Run the waits of this run's host calls by continuation (see
