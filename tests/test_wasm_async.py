@@ -539,6 +539,25 @@ def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> 
     woken.store.close()
 
 
+def test_a_poller_starts_its_threads_as_calls_need_them(guest: Guest) -> None:
+    linker = guest.linker(lambda _timeout: envelope("at once"))
+    ended = threading.Semaphore(0)
+    with Poller(threads=3) as poller:
+        assert poller.threads == 0
+        alone = guest.start(linker, "echo", data="alone")
+        poller.submit(alone, lambda _future: ended.release())
+        assert ended.acquire(timeout=60)
+        assert poller.threads == 1  # (nothing else wanted a thread meanwhile)
+        busy = [guest.start(linker, "spin", 4, 20_000, data=key) for key in range(6)]
+        for future in busy:
+            poller.submit(future, lambda _future: ended.release())
+        for _ in busy:
+            assert ended.acquire(timeout=60)
+        assert 1 < poller.threads <= 3
+    for future in [alone, *busy]:
+        future.store.close()
+
+
 def test_a_store_told_to_yield_soon_yields_until_told_otherwise(guest: Guest) -> None:
     linker = guest.linker(lambda _timeout: envelope(None))
     soon = guest.start(linker, "spin", 2, 10_000, data="soon")

@@ -51,7 +51,8 @@ class _Entry:
 
 
 class Poller:
-    """A run queue of call futures, polled by ``threads`` threads it owns.
+    """A run queue of call futures, polled by up to ``threads`` threads it
+    owns, each started once a future is queued with every other one busy.
 
     A future is polled until it waits in an async import (then it is left
     alone until its Pending is resolved) or ends (then ``on_done`` is called,
@@ -74,12 +75,12 @@ class Poller:
         #: This poller's poll threads' slots (a thread-local: found by the
         #: host functions that wake a future, on the thread they run on).
         self._slots = threading.local()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
-            for index in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._name = name
+        #: At most this many poll threads; each starts when a future is
+        #: queued and every thread started is busy (a run that never has two
+        #: tasks runnable at once never starts a second one).
+        self._most_threads = threads
+        self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> Poller:
         return self
@@ -138,13 +139,19 @@ class Poller:
                         else:
                             entry.state = _IDLE
 
+    @property
+    def threads(self) -> int:
+        """How many poll threads it has started."""
+        return len(self._threads)
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
             parked, self._parked = self._parked, []
+            threads = list(self._threads)
         for park in parked:
             park.release()
-        for thread in self._threads:
+        for thread in threads:
             thread.join()
         with self._lock:
             left = list(self._entries)
@@ -176,9 +183,23 @@ class Poller:
                 entry.notified = True
 
     def _wake_one(self) -> None:
-        """Holding the lock: wake a sleeping poll thread, if any."""
+        """Holding the lock: wake a sleeping poll thread, if any; else start
+        one, if it has started fewer than it may."""
         if self._parked:
             self._parked.pop().release()
+        elif len(self._threads) < self._most_threads and not self._closing:
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            try:
+                thread.start()  # (it takes the lock once this caller lets go of it)
+            except RuntimeError:  # the system's thread limit
+                if not self._threads:
+                    raise
+                _log.warning("a poll thread could not start: %d poll the calls", len(self._threads))
+                self._most_threads = len(self._threads)
+                return
+            self._threads.append(thread)
 
     def _work(self) -> None:
         park = threading.Lock()
