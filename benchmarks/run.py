@@ -6,6 +6,7 @@ here is asserted: targets are compared in the printed table.
     python3 benchmarks/run.py               # everything, including a fresh build
     python3 benchmarks/run.py --skip-build  # everything but the first build (~25 s)
     python3 benchmarks/run.py --only messages journal  # some rows (see --help)
+    python3 benchmarks/run.py --core threads --only calls  # on the thread core
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PROGRAMS = HERE / "programs"
 CLI = [sys.executable, "-m", "capsule.cli"]
+#: Flags every `capsule run` here is given (`--core CORE`: see main).
+RUN_FLAGS: list[str] = []
 
 
 def run_cli(
     *args: str, env: dict[str, str] | None = None
 ) -> tuple[float, subprocess.CompletedProcess[str]]:
+    if args and args[0] == "run":
+        args = ("run", *RUN_FLAGS, *args[1:])
     start = time.perf_counter()
     done = subprocess.run(
         [*CLI, *args],
@@ -496,7 +501,14 @@ def main() -> None:
         choices=[key for key, *_ in ROWS],
         help="run these rows only",
     )
+    parser.add_argument(
+        "--core",
+        choices=["async", "threads"],
+        help="the core every `capsule run` here runs on (default: Capsule's default)",
+    )
     options = parser.parse_args()
+    if options.core is not None:
+        RUN_FLAGS[:] = ["--core", options.core]
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )

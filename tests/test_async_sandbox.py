@@ -523,6 +523,9 @@ def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
     run(sandbox, waits, invocation("warm", "hello", host), args("warm"))  # (warm: the image)
     gc.collect()
     threads_before, private_before = os_threads(), private_bytes()
+    # (The poll threads not started yet may start.)
+    assert sandbox._poller is not None
+    may_start = sandbox.slots.size - sandbox._poller.threads
     started = time.perf_counter()
     attempts = [
         sandbox.start(invocation(f"a{key}", "echo", host), "prog", args(), waits, ended)
@@ -536,7 +539,10 @@ def test_a_thousand_attempts_waiting_in_receive_hold_no_thread_each(
         f"\n{count} attempts started and waiting in receive in {elapsed:.2f} s; "
         f"{per_attempt / 1024**2:.2f} MB private each; threads {threads_before} -> {threads}"
     )
-    assert threads <= threads_before + 1, (threads_before, threads)  # (+1: a helper's own)
+    assert threads <= threads_before + may_start + 1, (
+        threads_before,
+        threads,
+    )  # (+1: a helper's own)
     assert sandbox.running == count and live_instances() == count
     assert all(attempt.future is not None and attempt.future.blocked for attempt in attempts)
 
@@ -821,7 +827,7 @@ def test_sandboxes_on_a_warm_one_share_its_poll_threads_and_end_their_own_calls(
                 )
                 assert value_of(attempt)["greeting"] == f"hi {name}"
         shared = poll_threads() - before
-        assert len(shared) == warm.slots.size
+        assert 1 <= len(shared) <= warm.slots.size  # (started as its calls needed them)
         ended = Ended()
         with AsyncSandbox([tmp_path], guest=guest, warm=warm) as sandbox:
             waits = Waits(sandbox, host)
@@ -829,7 +835,8 @@ def test_sandboxes_on_a_warm_one_share_its_poll_threads_and_end_their_own_calls(
             waits.wait_receiving(1)
         assert ended.attempts == [left]
         assert error_of(left).kind == "cancelled", error_of(left)
-        assert poll_threads() - before == shared
+        still = poll_threads() - before
+        assert shared <= still and len(still) <= warm.slots.size
         other_size = warm.slots.size + 1
         with AsyncSandbox([tmp_path], guest=guest, warm=warm, poll_threads=other_size) as other:
             assert other._poller is not warm._warm_poller

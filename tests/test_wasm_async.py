@@ -67,6 +67,12 @@ def echo_forever():
         if message.body == "stop":
             return "stopped"
         capsule.send("out", message.body)
+
+@capsule.task
+def wake_then_spin():
+    capsule.send("out", "wake")
+    while True:
+        pass
 """
     + SPIN_TASK
 )
@@ -100,11 +106,15 @@ class Guest:
     sent: dict[Any, list[Any]] = field(default_factory=dict)
     output: list[str] = field(default_factory=list)
 
-    def linker(self, on_receive: Callable[[int | None], Any]) -> Linker:
+    def linker(
+        self,
+        on_receive: Callable[[int | None], Any],
+        on_send: Callable[[str, str, int | None], tuple[bool, str]] | None = None,
+    ) -> Linker:
         linker = Linker(self.engine)
         linker.add_wasip2()
         served: dict[tuple[str, str], Callable[..., Any]] = {
-            ("messaging", "send"): self._send,
+            ("messaging", "send"): on_send or self._send,
             ("output", "write"): self._write,
             ("modules", "find"): lambda _name: None,
             ("modules", "offer-compiled"): lambda _origin, _compiled: None,
@@ -450,6 +460,112 @@ def test_a_poller_closed_cancels_the_calls_it_holds(guest: Guest) -> None:
     assert ended == [futures[0], futures[1]] or ended == [futures[1], futures[0]]
     for future in futures:
         future.store.close()
+
+
+def test_a_call_woken_by_another_is_polled_next_by_the_wakers_thread(guest: Guest) -> None:
+    """A send that wakes a call leaves it to the thread polling the sender,
+    once that poll returns (the sender waits again here): the other poll
+    thread is not woken for it, so a ping-pong stays on one thread."""
+    mailboxes = Mailboxes()
+    woken_ended, handled = threading.Event(), threading.Event()
+    seen: dict[str, Any] = {}
+
+    def on_send(_target: str, body: str, _timeout: int | None) -> tuple[bool, str]:
+        seen["sender's thread"] = threading.get_ident()
+        mailboxes.take("woken").resolve(envelope(json.loads(body)))
+        # (Polled elsewhere meanwhile, it would end now.)
+        seen["ended meanwhile"] = woken_ended.wait(0.3)
+        handled.set()
+        return True, json.dumps({"id": "m", "to": "woken"})
+
+    sender_ended = threading.Event()
+
+    def on_done(future: CallFuture[Any]) -> None:
+        if future.data == "woken":
+            seen["woken's thread"] = threading.get_ident()
+            woken_ended.set()
+        else:
+            sender_ended.set()
+
+    linker = guest.linker(mailboxes, on_send)
+    sender = guest.start(linker, "echo_forever", data="sender")
+    woken = guest.start(linker, "echo", data="woken")
+    with Poller(threads=2) as poller:
+        poller.submit(sender, on_done)
+        poller.submit(woken, on_done)
+        mailboxes.wait_for(2)
+        mailboxes.take("sender").resolve(envelope("ping"))
+        assert handled.wait(60) and woken_ended.wait(60)
+        assert seen["ended meanwhile"] is False
+        assert seen["woken's thread"] == seen["sender's thread"]
+        mailboxes.wait_for(1)  # the sender waits for its next message
+        mailboxes.take("sender").resolve(envelope("stop"))
+        assert sender_ended.wait(60)
+    assert json.loads(woken.result())["got"] == "ping"
+    assert json.loads(sender.result()) == "stopped"
+    for future in (sender, woken):
+        future.store.close()
+
+
+def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> None:
+    """The thread polling a call that woke another polls the woken one next;
+    if the waker keeps running (it never yields here on its own), it yields
+    soon after, and the woken call runs."""
+    mailboxes = Mailboxes()
+    woken_ended = threading.Event()
+
+    def on_send(_target: str, _body: str, _timeout: int | None) -> tuple[bool, str]:
+        mailboxes.take("woken").resolve(envelope("wake"))
+        return True, json.dumps({"id": "m", "to": "woken"})
+
+    busy_ended = threading.Event()
+
+    def on_done(future: CallFuture[Any]) -> None:
+        (woken_ended if future.data == "woken" else busy_ended).set()
+
+    linker = guest.linker(mailboxes, on_send)
+    woken = guest.start(linker, "echo", data="woken")
+    busy = guest.start(linker, "wake_then_spin", data="busy")
+    with Poller(threads=2) as poller:
+        poller.submit(woken, on_done)
+        mailboxes.wait_for(1)
+        poller.submit(busy, on_done)
+        assert woken_ended.wait(60)
+        assert not busy.done
+        guest.engine.increment_epoch()  # its deadline (one tick) passes
+        assert busy_ended.wait(60)
+    assert json.loads(woken.result())["got"] == "wake"
+    failed(busy, match="interrupt")
+    woken.store.close()
+
+
+def test_a_poller_starts_its_threads_as_calls_need_them(guest: Guest) -> None:
+    linker = guest.linker(lambda _timeout: envelope("at once"))
+    ended = threading.Semaphore(0)
+    with Poller(threads=3) as poller:
+        assert poller.threads == 0
+        alone = guest.start(linker, "echo", data="alone")
+        poller.submit(alone, lambda _future: ended.release())
+        assert ended.acquire(timeout=60)
+        assert poller.threads == 1  # (nothing else wanted a thread meanwhile)
+        busy = [guest.start(linker, "spin", 4, 20_000, data=key) for key in range(6)]
+        for future in busy:
+            poller.submit(future, lambda _future: ended.release())
+        for _ in busy:
+            assert ended.acquire(timeout=60)
+        assert 1 < poller.threads <= 3
+    for future in [alone, *busy]:
+        future.store.close()
+
+
+def test_a_store_told_to_yield_soon_yields_until_told_otherwise(guest: Guest) -> None:
+    linker = guest.linker(lambda _timeout: envelope(None))
+    soon = guest.start(linker, "spin", 2, 10_000, data="soon")
+    soon.store.yield_soon(50_000)
+    assert soon.poll() is False and not soon.blocked  # it yielded
+    soon.store.yield_as_set()  # (it never yields on its own)
+    assert soon.poll() is True
+    assert ended_with(soon) == sum(range(10_000)) * 2
 
 
 def test_a_failure_handing_on_a_calls_end_is_logged_and_the_poller_goes_on(

@@ -1,6 +1,11 @@
 """A run queue of call futures (capsule.sandbox.wasm_async), polled by a few
 threads: a future is polled while it can run, left alone while it waits in an
-async import, and queued again when its answer is given."""
+async import, and queued again when its answer is given.
+
+A future woken by a host function of another (a send, a reply) is polled next
+by the thread that polls its waker, once that poll returns: the waker mostly
+waits soon after (an ask, a receive), and a ping-pong of two tasks then stays
+on one thread instead of waking another one for every message."""
 
 from __future__ import annotations
 
@@ -21,6 +26,22 @@ _IDLE, _QUEUED, _RUNNING, _HELD = "idle", "queued", "running", "held"
 OnDone = Callable[[CallFuture[Any]], None]
 
 
+#: How much more fuel (~10 µs of guest work) a future that woke another runs
+#: before its thread polls the woken one instead (it mostly waits before).
+HANDOFF_FUEL = 50_000
+
+
+class _Slot:
+    """A poll thread's own: the future it polls (None: none now), and the one
+    that future woke, which it polls next."""
+
+    __slots__ = ("next", "polled")
+
+    def __init__(self) -> None:
+        self.polled: CallFuture[Any] | None = None
+        self.next: CallFuture[Any] | None = None
+
+
 @dataclass(eq=False)
 class _Entry:
     on_done: OnDone | None
@@ -30,7 +51,8 @@ class _Entry:
 
 
 class Poller:
-    """A run queue of call futures, polled by ``threads`` threads it owns.
+    """A run queue of call futures, polled by up to ``threads`` threads it
+    owns, each started once a future is queued with every other one busy.
 
     A future is polled until it waits in an async import (then it is left
     alone until its Pending is resolved) or ends (then ``on_done`` is called,
@@ -50,12 +72,15 @@ class Poller:
         self._ready: deque[CallFuture[Any]] = deque()
         self._entries: dict[CallFuture[Any], _Entry] = {}
         self._closing = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
-            for index in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        #: This poller's poll threads' slots (a thread-local: found by the
+        #: host functions that wake a future, on the thread they run on).
+        self._slots = threading.local()
+        self._name = name
+        #: At most this many poll threads; each starts when a future is
+        #: queued and every thread started is busy (a run that never has two
+        #: tasks runnable at once never starts a second one).
+        self._most_threads = threads
+        self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> Poller:
         return self
@@ -114,13 +139,19 @@ class Poller:
                         else:
                             entry.state = _IDLE
 
+    @property
+    def threads(self) -> int:
+        """How many poll threads it has started."""
+        return len(self._threads)
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
             parked, self._parked = self._parked, []
+            threads = list(self._threads)
         for park in parked:
             park.release()
-        for thread in self._threads:
+        for thread in threads:
             thread.join()
         with self._lock:
             left = list(self._entries)
@@ -138,35 +169,61 @@ class Poller:
             state = entry.state
             if state is _IDLE:
                 entry.state = _QUEUED
+                slot: _Slot | None = getattr(self._slots, "slot", None)
+                polled = None if slot is None else slot.polled
+                if slot is not None and polled is not None:  # woken by the future it polls
+                    handed, slot.next = slot.next, future
+                    if handed is None:
+                        polled.store.yield_soon(HANDOFF_FUEL)
+                        return
+                    future = handed  # (the one woken before goes to the queue)
                 self._ready.append(future)
                 self._wake_one()
             elif state is _RUNNING or state is _HELD:
                 entry.notified = True
 
     def _wake_one(self) -> None:
-        """Holding the lock: wake a sleeping poll thread, if any."""
+        """Holding the lock: wake a sleeping poll thread, if any; else start
+        one, if it has started fewer than it may."""
         if self._parked:
             self._parked.pop().release()
+        elif len(self._threads) < self._most_threads and not self._closing:
+            thread = threading.Thread(
+                target=self._work, name=f"{self._name}-{len(self._threads)}", daemon=True
+            )
+            try:
+                thread.start()  # (it takes the lock once this caller lets go of it)
+            except RuntimeError:  # the system's thread limit
+                if not self._threads:
+                    raise
+                _log.warning("a poll thread could not start: %d poll the calls", len(self._threads))
+                self._most_threads = len(self._threads)
+                return
+            self._threads.append(thread)
 
     def _work(self) -> None:
         park = threading.Lock()
         park.acquire()
+        slot = self._slots.slot = _Slot()
+        handed: CallFuture[Any] | None = None
         while True:
             with self._lock:
-                while not self._ready and not self._closing:
-                    # (Whoever takes it off _parked releases it: a wake-up
-                    # before the acquire below is not lost.)
-                    self._parked.append(park)
-                    self._lock.release()
-                    try:
-                        park.acquire()
-                    finally:
-                        self._lock.acquire()
+                if handed is None:
+                    while not self._ready and not self._closing:
+                        # (Whoever takes it off _parked releases it: a wake-up
+                        # before the acquire below is not lost.)
+                        self._parked.append(park)
+                        self._lock.release()
+                        try:
+                            park.acquire()
+                        finally:
+                            self._lock.acquire()
                 if self._closing:
                     return
-                future = self._ready.popleft()
+                future = self._ready.popleft() if handed is None else handed
                 entry = self._entries[future]
                 entry.state, entry.notified = _RUNNING, False
+                slot.polled = future
             try:
                 done = future.poll()
             except Exception:  # (polled elsewhere too: the poll thread must go on)
@@ -174,12 +231,22 @@ class Poller:
                 future.cancel()
                 done = True
             with self._lock:
+                slot.polled = None
+                handed, slot.next = slot.next, None
+                if handed is not None and not done:
+                    future.store.yield_as_set()
                 if done:
                     del self._entries[future]
                     future.on_wake = None
+                    if handed is not None and entry.on_done is not None:
+                        # (This thread hands the end on first: the woken
+                        # future should not wait for that.)
+                        self._ready.append(handed)
+                        self._wake_one()
+                        handed = None
                 elif future.blocked and not entry.notified:
                     entry.state = _IDLE
-                else:  # it yielded, or was woken while polled (this thread polls on)
+                else:  # it yielded, or was woken while polled (another thread polls on)
                     entry.state = _QUEUED
                     self._ready.append(future)
                     self._wake_one()

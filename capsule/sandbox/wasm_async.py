@@ -118,6 +118,8 @@ class AsyncStore(wasmtime.Store):
         # itself, which may happen on a thread that holds this lock.)
         self._future_lock = threading.RLock()
         self._future: _Live | None = None
+        self._yield_interval: int | None = None
+        self._yield_shortened = False
         self.set_fuel(fuel)
         self.set_epoch_deadline(epoch_deadline)
         if fuel_yield_interval is not None:
@@ -127,6 +129,25 @@ class AsyncStore(wasmtime.Store):
         """Have a running call yield each time it used ``fuel`` (None: never)."""
         if fuel is not None and fuel <= 0:
             raise ValueError(f"a fuel yield interval must be > 0, not {fuel!r}")
+        self._set_yield_interval(fuel)
+        self._yield_interval, self._yield_shortened = fuel, False
+
+    def yield_soon(self, fuel: int) -> None:
+        """Have the running call yield once it used ``fuel`` more (or its
+        interval's rest, if less), until :meth:`yield_as_set`."""
+        if not self._yield_shortened:
+            interval = self._yield_interval
+            if interval is None or fuel < interval:
+                self._set_yield_interval(fuel)
+                self._yield_shortened = True
+
+    def yield_as_set(self) -> None:
+        """Undo :meth:`yield_soon`: the interval is the one set again."""
+        if self._yield_shortened:
+            self._yield_shortened = False
+            self._set_yield_interval(self._yield_interval)
+
+    def _set_yield_interval(self, fuel: int | None) -> None:
         error = async_api().context_fuel_async_yield_interval(context_address(self), fuel or 0)
         if error:
             raise error_from_address(error)

@@ -57,7 +57,7 @@ _METAVARS: dict[Form, str] = {
 #: futures on a few poll threads (a task waiting holds no thread).
 CORES = ("threads", "async")
 #: The core a run runs on unless its options name one.
-DEFAULT_CORE = "threads"
+DEFAULT_CORE = "async"
 
 
 def size_text(size: int) -> str:
@@ -158,8 +158,8 @@ RUN_OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "core",
         "core",
-        'how tasks run: "threads" (default), a thread per live task, or "async", '
-        "a few poll threads in all, a waiting task holding none",
+        'how tasks run: "async" (default), a few poll threads in all, a waiting '
+        'task holding none, or "threads", a thread per live task',
         resume_help="the core to resume on (default: the one the run ran on; the "
         "journal replays alike on both)",
     ),
