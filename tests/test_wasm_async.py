@@ -169,6 +169,15 @@ class Guest:
         return future
 
 
+def until_waiting(poller: Poller, *futures: CallFuture[Any]) -> None:
+    """Until each of ``futures`` waits in an async import with its poll
+    returned (a wake before that only has its poll thread poll it again)."""
+    deadline = time.monotonic() + 60
+    while not all(poller.waiting(future) for future in futures):
+        assert time.monotonic() < deadline, "the calls did not come to wait"
+        time.sleep(0.001)
+
+
 def finish(future: CallFuture[Any]) -> Any:
     """Poll a call that waits on nothing until it ends; its result."""
     while not future.poll():
@@ -494,6 +503,7 @@ def test_a_call_woken_by_another_is_polled_next_by_the_wakers_thread(guest: Gues
         poller.submit(sender, on_done)
         poller.submit(woken, on_done)
         mailboxes.wait_for(2)
+        until_waiting(poller, woken)
         mailboxes.take("sender").resolve(envelope("ping"))
         assert handled.wait(60) and woken_ended.wait(60)
         assert seen["ended meanwhile"] is False
@@ -529,6 +539,7 @@ def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> 
     with Poller(threads=2) as poller:
         poller.submit(woken, on_done)
         mailboxes.wait_for(1)
+        until_waiting(poller, woken)
         poller.submit(busy, on_done)
         assert woken_ended.wait(60)
         assert not busy.done
@@ -576,6 +587,7 @@ def test_a_ping_pong_on_one_poll_thread_does_not_keep_the_queue_waiting(guest: G
         for future in pair:
             poller.submit(future, on_done)
         mailboxes.wait_for(2)
+        until_waiting(poller, *pair)
         mailboxes.take("a").resolve(envelope("ping"))
         assert ten_exchanges.wait(60)
         poller.submit(other, on_done)
@@ -614,6 +626,7 @@ def test_a_call_handed_to_a_busy_poll_thread_is_queued_at_the_next_flush(guest: 
         poller.submit(sender, on_done)
         poller.submit(woken, on_done)
         mailboxes.wait_for(2)
+        until_waiting(poller, woken)
         mailboxes.take("sender").resolve(envelope("ping"))
         assert in_send.wait(60)
         poller.flush_handed()  # the first sees it there
