@@ -169,6 +169,15 @@ class Guest:
         return future
 
 
+def until_waiting(poller: Poller, *futures: CallFuture[Any]) -> None:
+    """Until each of ``futures`` waits in an async import with its poll
+    returned (a wake before that only has its poll thread poll it again)."""
+    deadline = time.monotonic() + 60
+    while not all(poller.waiting(future) for future in futures):
+        assert time.monotonic() < deadline, "the calls did not come to wait"
+        time.sleep(0.001)
+
+
 def finish(future: CallFuture[Any]) -> Any:
     """Poll a call that waits on nothing until it ends; its result."""
     while not future.poll():
@@ -494,6 +503,7 @@ def test_a_call_woken_by_another_is_polled_next_by_the_wakers_thread(guest: Gues
         poller.submit(sender, on_done)
         poller.submit(woken, on_done)
         mailboxes.wait_for(2)
+        until_waiting(poller, woken)
         mailboxes.take("sender").resolve(envelope("ping"))
         assert handled.wait(60) and woken_ended.wait(60)
         assert seen["ended meanwhile"] is False
@@ -529,6 +539,7 @@ def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> 
     with Poller(threads=2) as poller:
         poller.submit(woken, on_done)
         mailboxes.wait_for(1)
+        until_waiting(poller, woken)
         poller.submit(busy, on_done)
         assert woken_ended.wait(60)
         assert not busy.done
@@ -537,6 +548,98 @@ def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> 
     assert json.loads(woken.result())["got"] == "wake"
     failed(busy, match="interrupt")
     woken.store.close()
+
+
+def test_a_ping_pong_on_one_poll_thread_does_not_keep_the_queue_waiting(guest: Guest) -> None:
+    """Two calls waking each other in turn stay on one thread, but a call
+    queued meanwhile runs next, not once the pair yields: a woken call goes
+    behind the calls queued before it."""
+    mailboxes = Mailboxes()
+    cap = 2_000
+    exchanges = {"count": 0}
+    at_other_end: list[int] = []
+    ten_exchanges, other_ended, pair_stopped = (threading.Event() for _ in range(3))
+
+    def on_send(_target: str, body: str, _timeout: int | None) -> tuple[bool, str]:
+        sender = current_future()
+        assert sender is not None
+        if sender.data not in ("a", "b"):  # (the spinning call's progress)
+            return True, json.dumps({"id": "m", "to": "progress"})
+        partner = "b" if sender.data == "a" else "a"
+        exchanges["count"] += 1
+        if exchanges["count"] == 10:
+            ten_exchanges.set()
+        answer = "stop" if exchanges["count"] >= cap or other_ended.is_set() else body
+        mailboxes.take(partner).resolve(envelope(answer))
+        return True, json.dumps({"id": "m", "to": partner})
+
+    def on_done(future: CallFuture[Any]) -> None:
+        if future.data == "other":
+            at_other_end.append(exchanges["count"])
+            other_ended.set()
+        else:
+            pair_stopped.set()
+
+    linker = guest.linker(mailboxes, on_send)
+    pair = [guest.start(linker, "echo_forever", data=key) for key in ("a", "b")]
+    other = guest.start(linker, "spin", 1, 1_000, data="other")
+    with Poller(threads=1) as poller:
+        for future in pair:
+            poller.submit(future, on_done)
+        mailboxes.wait_for(2)
+        until_waiting(poller, *pair)
+        mailboxes.take("a").resolve(envelope("ping"))
+        assert ten_exchanges.wait(60)
+        poller.submit(other, on_done)
+        at_submit = exchanges["count"]
+        assert other_ended.wait(60)
+        assert pair_stopped.wait(60)  # one of the pair took "stop"
+        mailboxes.wait_for(1)
+        [last] = mailboxes.waiting
+        mailboxes.take(last).resolve(envelope("stop"))
+    # (It ran once the exchange under way, if any, had ended.)
+    assert at_other_end and at_other_end[0] - at_submit <= 2, (at_submit, at_other_end)
+    for future in [*pair, other]:
+        future.store.close()
+
+
+def test_a_call_handed_to_a_busy_poll_thread_is_queued_at_the_next_flush(guest: Guest) -> None:
+    """A waker whose poll does not return (slow host work here) does not
+    keep the call it woke: the second flush_handed (each epoch tick makes
+    one) queues it, and another poll thread runs it."""
+    mailboxes = Mailboxes()
+    in_send, woken_ended, sender_ended = (threading.Event() for _ in range(3))
+
+    def on_send(_target: str, body: str, _timeout: int | None) -> tuple[bool, str]:
+        mailboxes.take("woken").resolve(envelope(json.loads(body)))
+        in_send.set()
+        assert woken_ended.wait(60)  # (the slow host work: until the woken call ended)
+        return True, json.dumps({"id": "m", "to": "woken"})
+
+    def on_done(future: CallFuture[Any]) -> None:
+        (woken_ended if future.data == "woken" else sender_ended).set()
+
+    linker = guest.linker(mailboxes, on_send)
+    sender = guest.start(linker, "echo_forever", data="sender")
+    woken = guest.start(linker, "echo", data="woken")
+    with Poller(threads=2) as poller:
+        poller.submit(sender, on_done)
+        poller.submit(woken, on_done)
+        mailboxes.wait_for(2)
+        until_waiting(poller, woken)
+        mailboxes.take("sender").resolve(envelope("ping"))
+        assert in_send.wait(60)
+        poller.flush_handed()  # the first sees it there
+        assert not woken_ended.is_set()
+        poller.flush_handed()  # the second queues it
+        assert woken_ended.wait(60)
+        mailboxes.wait_for(1)
+        mailboxes.take("sender").resolve(envelope("stop"))
+        assert sender_ended.wait(60)
+    assert json.loads(woken.result())["got"] == "ping"
+    assert json.loads(sender.result()) == "stopped"
+    for future in (sender, woken):
+        future.store.close()
 
 
 def test_a_poller_starts_its_threads_as_calls_need_them(guest: Guest) -> None:

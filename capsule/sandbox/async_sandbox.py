@@ -387,6 +387,9 @@ class AsyncSandbox(Sandbox):
 
     def _on_tick(self) -> None:
         super()._on_tick()
+        poller = self._poller
+        if poller is not None:
+            poller.flush_handed()
         for attempt in self._due(time.monotonic()):
             self.stop(attempt)
 

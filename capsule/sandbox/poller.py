@@ -5,7 +5,10 @@ async import, and queued again when its answer is given.
 A future woken by a host function of another (a send, a reply) is polled next
 by the thread that polls its waker, once that poll returns: the waker mostly
 waits soon after (an ask, a receive), and a ping-pong of two tasks then stays
-on one thread instead of waking another one for every message."""
+on one thread instead of waking another one for every message. Not ahead of
+the queue: if other futures are queued, it goes behind them. Nor for long: a
+waker's poll that does not return within an epoch tick or two (slow host
+work, a blocking WASI call) lets it go to the queue (:meth:`Poller.flush_handed`)."""
 
 from __future__ import annotations
 
@@ -35,11 +38,13 @@ class _Slot:
     """A poll thread's own: the future it polls (None: none now), and the one
     that future woke, which it polls next."""
 
-    __slots__ = ("next", "polled")
+    __slots__ = ("next", "next_seen", "polled")
 
     def __init__(self) -> None:
         self.polled: CallFuture[Any] | None = None
         self.next: CallFuture[Any] | None = None
+        #: Whether a flush_handed found ``next`` there already.
+        self.next_seen = False
 
 
 @dataclass(eq=False)
@@ -75,6 +80,7 @@ class Poller:
         #: This poller's poll threads' slots (a thread-local: found by the
         #: host functions that wake a future, on the thread they run on).
         self._slots = threading.local()
+        self._all_slots: list[_Slot] = []
         self._name = name
         #: At most this many poll threads; each starts when a future is
         #: queued and every thread started is busy (a run that never has two
@@ -144,6 +150,21 @@ class Poller:
         """How many poll threads it has started."""
         return len(self._threads)
 
+    def flush_handed(self) -> None:
+        """Queue each future handed to a poll thread that a previous call
+        found there already: its waker's poll has not returned since (call
+        it at each epoch tick)."""
+        with self._lock:
+            for slot in self._all_slots:
+                if slot.next is None:
+                    continue
+                if slot.next_seen:
+                    handed, slot.next = slot.next, None
+                    self._ready.append(handed)
+                    self._wake_one()
+                else:
+                    slot.next_seen = True
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
@@ -173,6 +194,7 @@ class Poller:
                 polled = None if slot is None else slot.polled
                 if slot is not None and polled is not None:  # woken by the future it polls
                     handed, slot.next = slot.next, future
+                    slot.next_seen = False
                     if handed is None:
                         polled.store.yield_soon(HANDOFF_FUEL)
                         return
@@ -205,9 +227,14 @@ class Poller:
         park = threading.Lock()
         park.acquire()
         slot = self._slots.slot = _Slot()
+        with self._lock:
+            self._all_slots.append(slot)
         handed: CallFuture[Any] | None = None
         while True:
             with self._lock:
+                if handed is not None and self._ready:
+                    self._ready.append(handed)  # (behind the futures queued before)
+                    handed = None
                 if handed is None:
                     while not self._ready and not self._closing:
                         # (Whoever takes it off _parked releases it: a wake-up
@@ -233,7 +260,7 @@ class Poller:
             with self._lock:
                 slot.polled = None
                 handed, slot.next = slot.next, None
-                if handed is not None and not done:
+                if not done:  # (if it woke one: the interval, even if flush_handed took it)
                     future.store.yield_as_set()
                 if done:
                     del self._entries[future]

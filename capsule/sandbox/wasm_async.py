@@ -133,8 +133,9 @@ class AsyncStore(wasmtime.Store):
         self._yield_interval, self._yield_shortened = fuel, False
 
     def yield_soon(self, fuel: int) -> None:
-        """Have the running call yield once it used ``fuel`` more (or its
-        interval's rest, if less), until :meth:`yield_as_set`."""
+        """Have the running call yield once it has used ``fuel`` more (if
+        that is less than its interval: wasmtime starts a slice anew when the
+        interval is set), until :meth:`yield_as_set`."""
         if not self._yield_shortened:
             interval = self._yield_interval
             if interval is None or fuel < interval:
@@ -142,7 +143,8 @@ class AsyncStore(wasmtime.Store):
                 self._yield_shortened = True
 
     def yield_as_set(self) -> None:
-        """Undo :meth:`yield_soon`: the interval is the one set again."""
+        """Undo :meth:`yield_soon`: the interval is the one set again (its next
+        slice starts whole)."""
         if self._yield_shortened:
             self._yield_shortened = False
             self._set_yield_interval(self._yield_interval)
