@@ -471,6 +471,45 @@ def test_a_poller_closed_cancels_the_calls_it_holds(guest: Guest) -> None:
         future.store.close()
 
 
+def sender_pinged(
+    guest: Guest,
+    poller: Poller,
+    mailboxes: Mailboxes,
+    on_send: Callable[[str, str, int | None], tuple[bool, str]],
+    on_done: Callable[[CallFuture[Any]], None],
+) -> tuple[CallFuture[Any], CallFuture[Any]]:
+    """An echo_forever call ("sender") and an echo call ("woken") on
+    ``poller``, both waiting in receive; then the sender given "ping", which
+    it sends on (``on_send``, which may wake the woken one)."""
+    linker = guest.linker(mailboxes, on_send)
+    sender = guest.start(linker, "echo_forever", data="sender")
+    woken = guest.start(linker, "echo", data="woken")
+    poller.submit(sender, on_done)
+    poller.submit(woken, on_done)
+    mailboxes.wait_for(2)
+    until_waiting(poller, woken)
+    mailboxes.take("sender").resolve(envelope("ping"))
+    return sender, woken
+
+
+def sender_stopped(
+    mailboxes: Mailboxes,
+    sender_ended: threading.Event,
+    sender: CallFuture[Any],
+    woken: CallFuture[Any],
+) -> None:
+    """After sender_pinged, once the woken call ended: the sender, waiting for
+    its next message, given "stop"; what both returned checked, their stores
+    closed."""
+    mailboxes.wait_for(1)
+    mailboxes.take("sender").resolve(envelope("stop"))
+    assert sender_ended.wait(60)
+    assert json.loads(woken.result())["got"] == "ping"
+    assert json.loads(sender.result()) == "stopped"
+    for future in (sender, woken):
+        future.store.close()
+
+
 def test_a_call_woken_by_another_is_polled_next_by_the_wakers_thread(guest: Guest) -> None:
     """A send that wakes a call leaves it to the thread polling the sender,
     once that poll returns (the sender waits again here): the other poll
@@ -496,25 +535,12 @@ def test_a_call_woken_by_another_is_polled_next_by_the_wakers_thread(guest: Gues
         else:
             sender_ended.set()
 
-    linker = guest.linker(mailboxes, on_send)
-    sender = guest.start(linker, "echo_forever", data="sender")
-    woken = guest.start(linker, "echo", data="woken")
     with Poller(threads=2) as poller:
-        poller.submit(sender, on_done)
-        poller.submit(woken, on_done)
-        mailboxes.wait_for(2)
-        until_waiting(poller, woken)
-        mailboxes.take("sender").resolve(envelope("ping"))
+        sender, woken = sender_pinged(guest, poller, mailboxes, on_send, on_done)
         assert handled.wait(60) and woken_ended.wait(60)
         assert seen["ended meanwhile"] is False
         assert seen["woken's thread"] == seen["sender's thread"]
-        mailboxes.wait_for(1)  # the sender waits for its next message
-        mailboxes.take("sender").resolve(envelope("stop"))
-        assert sender_ended.wait(60)
-    assert json.loads(woken.result())["got"] == "ping"
-    assert json.loads(sender.result()) == "stopped"
-    for future in (sender, woken):
-        future.store.close()
+        sender_stopped(mailboxes, sender_ended, sender, woken)
 
 
 def test_a_call_woken_by_a_busy_one_is_not_left_waiting_for_it(guest: Guest) -> None:
@@ -619,27 +645,14 @@ def test_a_call_handed_to_a_busy_poll_thread_is_queued_at_the_next_flush(guest: 
     def on_done(future: CallFuture[Any]) -> None:
         (woken_ended if future.data == "woken" else sender_ended).set()
 
-    linker = guest.linker(mailboxes, on_send)
-    sender = guest.start(linker, "echo_forever", data="sender")
-    woken = guest.start(linker, "echo", data="woken")
     with Poller(threads=2) as poller:
-        poller.submit(sender, on_done)
-        poller.submit(woken, on_done)
-        mailboxes.wait_for(2)
-        until_waiting(poller, woken)
-        mailboxes.take("sender").resolve(envelope("ping"))
+        sender, woken = sender_pinged(guest, poller, mailboxes, on_send, on_done)
         assert in_send.wait(60)
         poller.flush_handed()  # the first sees it there
         assert not woken_ended.is_set()
         poller.flush_handed()  # the second queues it
         assert woken_ended.wait(60)
-        mailboxes.wait_for(1)
-        mailboxes.take("sender").resolve(envelope("stop"))
-        assert sender_ended.wait(60)
-    assert json.loads(woken.result())["got"] == "ping"
-    assert json.loads(sender.result()) == "stopped"
-    for future in (sender, woken):
-        future.store.close()
+        sender_stopped(mailboxes, sender_ended, sender, woken)
 
 
 def test_a_poller_starts_its_threads_as_calls_need_them(guest: Guest) -> None:
