@@ -275,6 +275,9 @@ class Poller:
                     entry.state = _IDLE
                 else:  # it yielded, or was woken while polled (another thread polls on)
                     entry.state = _QUEUED
+                    if handed is not None:  # (ahead of its waker, which had its turn)
+                        self._ready.append(handed)
+                        handed = None
                     self._ready.append(future)
                     self._wake_one()
             if done and entry.on_done is not None:
