@@ -91,7 +91,7 @@ def test_the_build_starts_deaf_to_the_signals_that_interrupt_the_run(tmp_path: P
     show = (
         "import signal; print(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))"
     )
-    with runtime._detached([sys.executable, "-c", show], tmp_path, dict(os.environ)) as process:
+    with runtime.detached([sys.executable, "-c", show], tmp_path, dict(os.environ)) as process:
         stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     blocked = set(json.loads(stdout))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from capsule.host.errors import InvalidRequest
+from capsule.sandbox import js
 from capsule.supervisor.options import RunOptions
 
 if TYPE_CHECKING:
@@ -71,12 +72,17 @@ def journal_path(journal: JournalSetting) -> Path | None:
 def program_path(program: Any) -> Path:
     """The program file to run, resolved."""
     if not isinstance(program, (str, os.PathLike)) or not str(program):
-        raise InvalidRequest(f"program {program!r:.80} is invalid; expected the path of a .py file")
+        raise InvalidRequest(
+            f"program {program!r:.80} is invalid; expected the path of a .py, .ts or .js file"
+        )
     path = Path(program)
     if not path.is_file():
         raise InvalidRequest(f"program {str(path)!r} does not exist (or is not a file)")
-    if path.suffix != ".py":
-        raise InvalidRequest(f"program {str(path)!r} is not a Python file ending in .py")
+    if path.suffix != ".py" and path.suffix not in js.SUFFIXES:
+        raise InvalidRequest(
+            f"program {str(path)!r} is not a Python file (.py), nor a TypeScript or "
+            f"JavaScript file ({', '.join(js.SUFFIXES)})"
+        )
     return path.resolve()
 
 

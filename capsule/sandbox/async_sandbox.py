@@ -74,6 +74,7 @@ from capsule.sandbox.engine import (
 )
 from capsule.sandbox.guest_data import TaskCall, TooLarge
 from capsule.sandbox.hostcall import HostFunc, add_host_func
+from capsule.sandbox.modules import ProgramFinder
 from capsule.sandbox.poller import Poller
 from capsule.sandbox.prefault import Prefaulter
 from capsule.sandbox.runtime import Progress
@@ -265,6 +266,7 @@ class AsyncSandbox(Sandbox):
         fuel_yield_interval: int = FUEL_YIELD_INTERVAL,
         guest: GuestComponent | None = None,
         warm: AsyncSandbox | None = None,
+        finder: ProgramFinder | None = None,
     ) -> None:
         if fuel_yield_interval <= 0:
             raise ValueError(f"fuel_yield_interval must be > 0, not {fuel_yield_interval!r}")
@@ -284,6 +286,7 @@ class AsyncSandbox(Sandbox):
             memory_budget=memory_budget,
             guest=guest,
             linker=None if warm is None else warm.linker,
+            finder=finder,
         )
         self.fuel_yield_interval = fuel_yield_interval
         self._async_exports = {

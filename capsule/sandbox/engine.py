@@ -40,7 +40,7 @@ from capsule.sandbox.config import Limits
 from capsule.sandbox.grants import NO_GRANTS, Grants
 from capsule.sandbox.guest_data import ProtocolError, SpawnOptions, TaskCall, TooLarge
 from capsule.sandbox.hostcall import CONVERTERS, ExportCaller, HostFunc, add_host_func
-from capsule.sandbox.modules import ModuleFinder, ModuleSource, Refused
+from capsule.sandbox.modules import ModuleFinder, ModuleSource, ProgramFinder, Refused
 from capsule.sandbox.nesting import nested_call
 from capsule.sandbox.paths import PathRefused, descriptor_path
 from capsule.sandbox.prefault import NONCE_SIZE, Marker, Memory, Prefaulter
@@ -553,7 +553,7 @@ class _TrackedStore(wasmtime.Store):
         self.evicted: str | None = None
         #: Where its guest's imports find modules: its sandbox's (whose linker
         #: may be another's, shared: see Sandbox).
-        self.finder: ModuleFinder | None = None
+        self.finder: ProgramFinder | None = None
 
     def close(self) -> None:
         if getattr(self, "_counted", False):
@@ -878,12 +878,20 @@ class GuestComponent:
         self,
         progress: Progress | None = None,
         make_engine: Callable[[], tuple[wasmtime.Engine, str]] | None = None,
+        language: str = "python",
     ) -> None:
         # (make_engine: the engine, and the settings its compiled artifact
         # depends on; an async sandbox's engine differs only where it does not.)
         self.engine, settings = (make_engine or default_engine)()
+        #: The language of the programs it runs: "python" or "javascript".
+        self.language = language
         #: The guest runtime's files (instances map their memory image from ``compiled``).
-        self.artifacts = ensure_runtime(self.engine, settings, progress)
+        if language == "javascript":
+            from capsule.sandbox.js.build import ensure_js_runtime  # (only JS runs need it)
+
+            self.artifacts = ensure_js_runtime(self.engine, settings, progress)
+        else:
+            self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
         self.ticker = EpochTicker(self.engine)
 
@@ -903,6 +911,7 @@ class Sandbox:
         memory_budget: int | None = None,
         guest: GuestComponent | None = None,
         linker: Linker | None = None,
+        finder: ProgramFinder | None = None,
     ) -> None:
         guest = guest or GuestComponent(progress, self._make_engine)
         self.engine = guest.engine
@@ -910,7 +919,9 @@ class Sandbox:
         self.artifacts = guest.artifacts
         self.component = guest.component
         self.prefaulter = Prefaulter(self.artifacts.compiled)
-        self.finder = ModuleFinder(roots)
+        #: Where instances get the program's code (by default: a module
+        #: finder on ``roots``, for a Python program).
+        self.finder: ProgramFinder = finder if finder is not None else ModuleFinder(roots)
         runner = self.component.get_export_index(_interface("runner"))
         assert runner is not None, "guest runtime exports no runner interface"
         load = self.component.get_export_index("load", instance=runner)
@@ -1125,7 +1136,7 @@ class Sandbox:
         invocation.host.abandon(invocation, handle)
         _stop_if_asked(invocation)
 
-    def _finder_here(self) -> ModuleFinder:
+    def _finder_here(self) -> ProgramFinder:
         """The module finder of the instance whose import is served on this
         thread: its sandbox's (this one's, unless this linker is shared)."""
         finder = getattr(getattr(_thread, "store", None), "finder", None)

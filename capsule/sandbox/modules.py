@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 from capsule.sandbox import paths
 from capsule.sandbox.paths import IsSymlink, PathRefused
@@ -62,6 +63,19 @@ class ModuleSource:
 @dataclass(frozen=True)
 class Refused:
     reason: str
+
+
+class ProgramFinder(Protocol):
+    """Where a sandbox's instances get the program's code: a :class:`ModuleFinder`
+    for a Python program, a bundle for a JS/TS one (capsule.sandbox.js)."""
+
+    def find(self, fullname: str) -> ModuleSource | Refused | None: ...
+
+    def watch(self, on_source: Callable[[str, str], None]) -> None: ...
+
+    def forbid_below(self, granted: Mapping[Path, str]) -> list[str]: ...
+
+    def remember_compiled(self, origin: str, compiled: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)

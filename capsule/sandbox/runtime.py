@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,24 +154,32 @@ def _componentize(staging: Path, output: Path) -> None:
     # An empty VIRTUAL_ENV stops componentize-py from adding the host's
     # site-packages to the build: the component holds exactly our sources.
     env = {**os.environ, "VIRTUAL_ENV": str(staging / "no-venv")}
-    with _detached(command, cwd=staging, env=env) as process:
-        try:
-            stdout, stderr = _communicate_interruptibly(process)
-        except BaseException:
-            process.kill()
-            raise
-    if process.returncode != 0:
+    returncode, stdout, stderr = run_tool(command, staging, env)
+    if returncode != 0:
         raise RuntimeBuildError(
             "componentize-py failed to build the guest runtime:\n"
             + (stderr or stdout).strip()[-4000:]
         )
 
 
-#: The signals Ctrl-C and `kill` send: a build must not die of them (see _detached).
+def run_tool(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """Run a build tool to its end, out of the reach of stop signals but
+    killed if this thread's run is interrupted (see detached): its exit
+    status, stdout and stderr."""
+    with detached(command, cwd=cwd, env=env) as process:
+        try:
+            stdout, stderr = communicate_interruptibly(process)
+        except BaseException:
+            process.kill()
+            raise
+    return process.returncode, stdout, stderr
+
+
+#: The signals Ctrl-C and `kill` send: a build must not die of them (see detached).
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
-def _detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     """Start ``command`` (its output piped) beyond the reach of the signals
     that interrupt this process. Ctrl-C at a terminal signals the whole
     process group, and a build killed by it would fail the run (status
@@ -198,7 +206,7 @@ def _detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
+def communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
     """The process's output once it ended; KeyboardInterrupt if this thread's
     run is interrupted meanwhile (a signal, or its owner's stop request, which
     kills the process)."""
@@ -229,10 +237,44 @@ def ensure_runtime(
 
     ``engine`` is the wasmtime Engine the compiled artifact must match.
     """
+
+    def build(staging: Path, component: Path, progress: Progress) -> None:
+        for name, source in guest_sources().items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        with progress.step("componentize-py: CPython + Capsule SDK -> component"):
+            _componentize(staging, component)
+        _patch_refused_growth(component, progress)
+
+    return cached_build(
+        capsule_home() / "runtime",
+        cache_key(engine_settings),
+        "the guest runtime",
+        "about 20 s",
+        build,
+        engine,
+        progress,
+    )
+
+
+def cached_build(
+    home: Path,
+    key: str,
+    name: str,
+    duration: str,
+    build: Callable[[Path, Path, Progress], None],
+    engine: object,
+    progress: Progress | None = None,
+) -> RuntimeArtifacts:
+    """The artifacts cached in ``home`` under ``key``; if there are none,
+    ``build(staging, component, progress)`` writes the component (``staging``:
+    an empty directory for its inputs), which is compiled for ``engine``, and
+    both are published at once. Concurrent builders are serialised by a file
+    lock; a reader only ever sees a complete entry. ``name`` and ``duration``
+    are for its progress: "the guest runtime", "about 20 s"."""
     from wasmtime.component import Component
 
-    home = capsule_home() / "runtime"
-    key = cache_key(engine_settings)
     artifacts = RuntimeArtifacts(home / key)
     if artifacts.compiled.is_file():
         _touch(artifacts.directory)
@@ -248,28 +290,21 @@ def ensure_runtime(
         if artifacts.compiled.is_file():  # another process built it while we waited
             return artifacts
         started = time.monotonic()
-        progress.say(
-            f"building the guest runtime once (about 20 s); cached in {artifacts.directory}"
-        )
+        progress.say(f"building {name} once ({duration}); cached in {artifacts.directory}")
         with tempfile.TemporaryDirectory(dir=home, prefix=f".build-{key}-") as tmp:
             work = Path(tmp)
             staging = work / "staging"
-            for name, source in guest_sources().items():
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, target)
+            staging.mkdir()
             out = work / "out"
             out.mkdir()
-            with progress.step("componentize-py: CPython + Capsule SDK -> component"):
-                _componentize(staging, out / COMPONENT_FILE)
-            _patch_refused_growth(out / COMPONENT_FILE, progress)
+            build(staging, out / COMPONENT_FILE, progress)
             with progress.step("compiling the component to native code (Cranelift)"):
                 component = Component.from_file(engine, str(out / COMPONENT_FILE))  # type: ignore[arg-type]
                 (out / COMPILED_FILE).write_bytes(bytes(component.serialize()))
             if artifacts.directory.exists():
                 shutil.rmtree(artifacts.directory)
             os.replace(out, artifacts.directory)
-        progress.say(f"guest runtime ready in {time.monotonic() - started:.1f}s")
+        progress.say(f"{name} ready in {time.monotonic() - started:.1f}s")
         _prune(home, keep=artifacts.directory)
     return artifacts
 
@@ -287,10 +322,22 @@ def _touch(directory: Path) -> None:
         pass
 
 
+def _family(name: str) -> str:
+    """The runtime a build is of: its key's prefix ("js" for "js-1a2b..."; the
+    Python runtime's keys have none)."""
+    return name.rpartition("-")[0]
+
+
 def _prune(home: Path, keep: Path) -> None:
-    """Remove all but the KEEP_BUILDS most recently used builds."""
+    """Remove all but the KEEP_BUILDS most recently used builds of the same
+    runtime as ``keep``."""
+    family = _family(keep.name)
     entries = sorted(
-        (entry for entry in home.iterdir() if entry.is_dir() and not entry.name.startswith(".")),
+        (
+            entry
+            for entry in home.iterdir()
+            if entry.is_dir() and not entry.name.startswith(".") and _family(entry.name) == family
+        ),
         key=lambda entry: entry.stat().st_mtime,
         reverse=True,
     )

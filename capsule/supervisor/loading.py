@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from capsule.sandbox import guest_data
+from capsule.sandbox import guest_data, js
 from capsule.sandbox.config import TaskConfig, validate_program
 from capsule.sandbox.engine import Invocation, Prepared, PrepareError, RefusingHost, Sandbox
 from capsule.sandbox.guest_data import ProtocolError
 from capsule.supervisor.tree import Scope, run_interruptibly
+
+if TYPE_CHECKING:
+    from capsule.sandbox.js.bundle import ScriptFinder
 
 #: Most tasks a program may declare.
 MAX_DECLARED_TASKS = 10_000
@@ -29,15 +32,39 @@ class ProgramError(Exception):
         self.traceback = traceback
 
 
+def program_language(path: Path) -> str:
+    """The language of a program file, by its name: "python" or "javascript"."""
+    if path.suffix == ".py":
+        return "python"
+    if path.suffix in js.SUFFIXES:
+        return "javascript"
+    raise ProgramError(
+        f"{path}: a Capsule program is a Python file (.py), or a TypeScript or "
+        f"JavaScript file ({', '.join(js.SUFFIXES)})"
+    )
+
+
 def program_module(path: Path) -> str:
     """The module name a program file is imported under in the guest."""
-    if path.suffix != ".py":
-        raise ProgramError(f"{path}: a Capsule program is a Python file ending in .py")
+    if program_language(path) == "javascript":
+        return path.stem  # (only a name the runtime is handed the bundle under)
     if not path.stem.isidentifier():
         raise ProgramError(
             f"{path}: the file name must be a valid Python module name (letters, digits, _)"
         )
     return path.stem
+
+
+def script_finder(module: str, path: Path) -> ScriptFinder:
+    """The code of the JS/TS program at ``path``: bundled (or taken from the
+    bundle cache), served under ``module``. ProgramError if it cannot be
+    bundled; RuntimeBuildError if the toolchain cannot be installed."""
+    from capsule.sandbox.js.bundle import BundleError, ScriptFinder, bundle_program
+
+    try:
+        return ScriptFinder(module, path, bundle_program(path))
+    except BundleError as exc:
+        raise ProgramError(f"{path}: {exc}") from None
 
 
 def load_program(

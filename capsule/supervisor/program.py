@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
-from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
@@ -27,6 +27,7 @@ from capsule.supervisor.events import (
     TaskOutput,
 )
 from capsule.supervisor.inbox import InboxError
+from capsule.supervisor.loading import program_language, script_finder
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.run import (
     Backoff,
@@ -182,29 +183,39 @@ def run_program(
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     roots = [path.parent, *site_package_dirs()]
+    language = program_language(path)
     sandbox: Sandbox
     try:
+        finder = None if language == "python" else script_finder(module, path)
         guests = shared.guests if shared is not None else None
-        guest = guests.for_core(settings.core) if guests is not None else None
+        guest = guests.for_core(settings.core, language) if guests is not None else None
         if settings.core == "async":
             from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
 
+            if guest is None and language != "python":
+                guest = GuestComponent(make_engine=AsyncSandbox._make_engine, language=language)
             sandbox = AsyncSandbox(
                 roots,
                 poll_threads=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
                 warm=shared.async_sandbox() if shared is not None else None,
+                finder=finder,
             )
         else:
+            if guest is None and language != "python":
+                guest = GuestComponent(language=language)
             sandbox = Sandbox(
                 roots,
                 cpu_slots=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
+                finder=finder,
             )
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
+    except ProgramError as exc:
+        return RunReport(usage_error=str(exc))
     run_id = run_id or new_run_id()
     if events.wants("run_started"):  # (an event nobody takes is not built)
         events.emit(

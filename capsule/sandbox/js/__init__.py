@@ -1,0 +1,14 @@
+"""JavaScript and TypeScript programs: the JS guest runtime and the program's bundle.
+
+A JS/TS task runs in an instance of one generic component (StarlingMonkey, built
+by componentize-js from ``guest/``) that exports the same ``runner`` world as
+the Python runtime, so the host runs both alike. The user's program reaches it
+as one script, bundled by esbuild on the host (npm packages from the program's
+``node_modules`` included, Node built-ins refused) and evaluated at load: an
+edit needs no rebuild. Both tools are npm packages, installed once, at pinned
+versions, into Capsule's cache (``toolchain/``); only JS/TS programs need node
+and npm.
+"""
+
+#: The file name endings of TypeScript and JavaScript programs.
+SUFFIXES = (".ts", ".mts", ".cts", ".js", ".mjs", ".cjs")

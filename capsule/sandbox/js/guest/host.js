@@ -1,0 +1,202 @@
+// The guest's side of the host: the WIT imports, wrapped so that an error
+// result becomes a JS value, and the event loop that waits on the host.
+//
+// A task's code is asynchronous, and everything it can wait for is the host's:
+// a child task, a message, an HTTP request, a timer. So the loop is simple:
+// run every JS job that is ready; then fire the timers that are due; then, if
+// a host operation is in flight, poll the host for completions (until the next
+// timer at most); with none in flight, sleep on the host until the next timer.
+// The host's waits free the task's CPU slot, honour its deadline and
+// cancellation, and are journaled, so a replay takes the same turns.
+
+import * as clock from "capsule:runtime/clock@0.1.0";
+import * as httpImport from "capsule:runtime/http@0.1.0";
+import * as messaging from "capsule:runtime/messaging@0.1.0";
+import * as operations from "capsule:runtime/operations@0.1.0";
+import * as output from "capsule:runtime/output@0.1.0";
+import * as tasks from "capsule:runtime/tasks@0.1.0";
+
+// The engine's own timer, kept before the program can replace it: only the
+// loop uses it, with a delay of 0, to let every ready job run.
+const engineSetTimeout = globalThis.setTimeout;
+
+/** The error payload of an import's `result::err` (a JSON text). */
+function errorText(error) {
+  if (error !== null && typeof error === "object" && "payload" in error) {
+    return error.payload;
+  }
+  throw error;
+}
+
+/** Calls `fn`; an error result comes back as {ok: false, error: parsed JSON}. */
+export function attempt(fn) {
+  try {
+    return { ok: true, value: fn() };
+  } catch (error) {
+    return { ok: false, error: parseError(errorText(error)) };
+  }
+}
+
+function parseError(text) {
+  try {
+    const value = JSON.parse(text);
+    if (value !== null && typeof value === "object") return value;
+  } catch (_) {
+    // (the host always answers JSON; this is only a fallback)
+  }
+  return { kind: "exception", message: String(text) };
+}
+
+export function write(stream, text) {
+  output.write(stream, text);
+}
+
+/** Milliseconds on the host's monotonic clock (journaled, replayed). */
+export function monotonicMs() {
+  return Number(clock.monotonicNs()) / 1e6;
+}
+
+/** Optional timeout in seconds -> option<u64> milliseconds. */
+export function timeoutMs(seconds, what) {
+  if (seconds === undefined || seconds === null) return undefined;
+  if (typeof seconds !== "number" || !(seconds >= 0) || !Number.isFinite(seconds)) {
+    throw new TypeError(`${what}: a timeout is a number of seconds >= 0, not ${String(seconds)}`);
+  }
+  return BigInt(Math.ceil(seconds * 1000));
+}
+
+// -- host operations -------------------------------------------------------
+
+/** Started operations not yet reported: handle -> {resolve, reject, answer}. */
+const inFlight = new Map();
+
+/**
+ * Starts a host operation; the promise its completion settles with
+ * `answer(ok, payload)`. A refused start settles it at once.
+ */
+export function startOperation(start, answer) {
+  return new Promise((resolve, reject) => {
+    let handle;
+    try {
+      handle = start();
+    } catch (error) {
+      settleWith(resolve, reject, answer, false, errorText(error));
+      return;
+    }
+    inFlight.set(handle, { resolve, reject, answer });
+  });
+}
+
+function settleWith(resolve, reject, answer, ok, payload) {
+  try {
+    resolve(answer(ok, payload));
+  } catch (error) {
+    reject(error);
+  }
+}
+
+/** Stops every operation still in flight (the attempt ends). */
+export function abandonAll() {
+  for (const handle of inFlight.keys()) operations.abandon(handle);
+  inFlight.clear();
+}
+
+// -- timers ----------------------------------------------------------------
+
+const timers = new Map();
+let nextTimerId = 1;
+
+export function setTimer(callback, delay, args, repeat) {
+  if (typeof callback !== "function") {
+    throw new TypeError("setTimeout/setInterval take a function (strings are not evaluated)");
+  }
+  const ms = Math.max(0, Number(delay) || 0);
+  const id = nextTimerId++;
+  timers.set(id, { at: monotonicMs() + ms, ms, callback, args, repeat });
+  return id;
+}
+
+export function clearTimer(id) {
+  timers.delete(Number(id));
+}
+
+/** The timer due first, or undefined. */
+function firstTimer() {
+  let first;
+  for (const [id, timer] of timers) {
+    if (first === undefined || timer.at < first[1].at) first = [id, timer];
+  }
+  return first;
+}
+
+// -- the loop --------------------------------------------------------------
+
+class Deadlock extends Error {}
+Object.defineProperty(Deadlock.prototype, "name", { value: "Deadlock" });
+
+function ready() {
+  return new Promise((resolve) => engineSetTimeout(resolve, 0));
+}
+
+/**
+ * Runs the loop until `promise` settles; its value, or throws its reason.
+ * An exception thrown by a timer's callback fails the task with it.
+ */
+export async function runUntilSettled(promise) {
+  let state = 0;
+  let outcome;
+  promise.then(
+    (value) => {
+      state = 1;
+      outcome = value;
+    },
+    (reason) => {
+      state = 2;
+      outcome = reason;
+    },
+  );
+  for (;;) {
+    await ready(); // every job that is ready has run
+    if (state !== 0) break;
+    // (The clock is read only with a timer set: each read is a journaled step.)
+    const first = firstTimer();
+    const now = first === undefined ? 0 : monotonicMs();
+    if (first !== undefined && first[1].at <= now) {
+      const [id, timer] = first;
+      if (timer.repeat) timer.at = now + Math.max(timer.ms, 1);
+      else timers.delete(id);
+      timer.callback(...timer.args);
+      continue;
+    }
+    const wait = first === undefined ? undefined : BigInt(Math.ceil(first[1].at - now));
+    if (inFlight.size > 0) {
+      poll(wait);
+    } else if (wait === undefined) {
+      throw new Deadlock(
+        "deadlock: the task's promise never settles: nothing it awaits can happen " +
+          "(no timer, no host operation in flight: a Promise nobody resolves?)",
+      );
+    } else {
+      tasks.sleep(wait);
+    }
+  }
+  if (state === 2) throw outcome;
+  return outcome;
+}
+
+function poll(timeout) {
+  let completions;
+  try {
+    completions = operations.poll(timeout);
+  } catch (error) {
+    throw new Error(`waiting for the task's operations failed: ${errorText(error)}`);
+  }
+  for (const completion of completions) {
+    const entry = inFlight.get(completion.handle);
+    if (entry === undefined) continue;
+    inFlight.delete(completion.handle);
+    settleWith(entry.resolve, entry.reject, entry.answer, completion.ok, completion.payload);
+  }
+}
+
+export { httpImport, messaging, operations, tasks };

@@ -1,0 +1,338 @@
+"""TypeScript and JavaScript programs: real runs of the JS runtime component
+(built by componentize-js on first use), bundled by esbuild, through the CLI
+and the in-process entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import EXAMPLES, REPO, LocalServer, ProgramRunner, capsule_cli, kill_at_marker
+
+VENDORED = REPO / "tests" / "js" / "node_modules"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def js_runtime() -> None:
+    """Build (or find) the JS runtime once for these tests. Without node and
+    npm they skip, except in CI, where they must run."""
+    if (shutil.which("node") is None or shutil.which("npm") is None) and not os.environ.get("CI"):
+        pytest.skip("node and npm are not installed: JS/TS programs cannot run here")
+    from capsule.sandbox.engine import GuestComponent
+
+    GuestComponent(language="javascript")
+
+
+@pytest.fixture
+def run_ts(run_program: ProgramRunner) -> ProgramRunner:
+    """Run a TypeScript program's main in process."""
+
+    def runner(source: str, *args: Any, **options: Any) -> Any:
+        return run_program(source, *args, name=options.pop("name", "prog.ts"), **options)
+
+    return runner
+
+
+def test_the_seed_hello_ts_runs_verbatim() -> None:
+    done = capsule_cli("run", str(EXAMPLES / "hello.ts"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Hello from Capsule!\n"
+
+
+def test_the_seed_analyze_example_calls_its_child_task() -> None:
+    done = capsule_cli("run", str(EXAMPLES / "analyze.ts"), "--json")
+    assert done.returncode == 0, done.stderr
+    outcome = done.json()
+    assert outcome["result"] == {"processed": 5, "status": "complete"}
+    assert outcome["totals"]["tasks"] == 2 and outcome["totals"]["failed"] == 0
+
+
+def test_console_output_goes_to_the_run_output(tmp_path: Path) -> None:
+    program = tmp_path / "talk.js"
+    program.write_text(
+        textwrap.dedent(
+            """
+            const { task } = require("@capsule-run/sdk");
+            exports.main = task({ name: "main" }, () => {
+              console.log("to stdout", 1, { a: [2] });
+              console.error("to stderr");
+              return null;
+            });
+            """
+        )
+    )
+    done = capsule_cli("run", str(program))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == 'to stdout 1 {"a":[2]}\nnull\n'
+    assert "to stderr\n" in done.stderr
+
+
+def test_limits_mean_what_they_mean_for_python(run_ts: ProgramRunner) -> None:
+    """Fuel, memory, a deadline with a timer pending, and a promise nothing
+    can settle each fail the task with the kind a Python task gets."""
+    outcome = run_ts(
+        """
+        import { task } from "@capsule-run/sdk";
+
+        export const spin = task({ name: "spin", compute: "LOW", maxRetries: 0 }, () => {
+          for (;;) {}
+        });
+        export const slow = task({ name: "slow", timeout: "300ms", maxRetries: 0 }, () =>
+          new Promise((resolve) => setTimeout(resolve, 60_000)));
+        export const stuck = task({ name: "stuck", maxRetries: 0 }, () => new Promise(() => {}));
+        export const hog = task({ name: "hog", ram: "64MB", maxRetries: 0 }, () => {
+          const kept: Uint8Array[] = [];
+          for (;;) kept.push(new Uint8Array(1 << 20).fill(1));
+        });
+
+        export const main = task({ name: "main" }, async () => {
+          const kinds: Record<string, string> = {};
+          for (const child of [spin, slow, stuck, hog]) {
+            try {
+              await child();
+              kinds[child.taskName] = "returned";
+            } catch (error: any) {
+              kinds[error.task] = error.kind;
+            }
+          }
+          return kinds;
+        });
+        """
+    )
+    assert outcome.value == {
+        "spin": "fuel_exhausted",
+        "slow": "timeout",
+        "stuck": "exception",
+        "hog": "memory_limit",
+    }
+    failed = {event.task: event for event in outcome.of_type("failed")}
+    assert "never settles" in failed["stuck"].error.message
+    assert failed["slow"].duration_ms < 10_000  # (the 60 s timer did not hold it)
+
+
+def test_children_spawn_map_gather_and_errors(run_ts: ProgramRunner) -> None:
+    outcome = run_ts(
+        """
+        import { task, gather, current, TaskError } from "@capsule-run/sdk";
+
+        export const square = task({ name: "square" }, (n: number) => n * n);
+        export const fail = task({ name: "fail", maxRetries: 0 }, (why: string) => {
+          throw new RangeError(why);
+        });
+
+        export const main = task({ name: "main" }, async () => {
+          const both = await Promise.all([square(2), square(3)]);
+          const mapped = await square.map([1, 2, 3]);
+          const handles = [square.spawn(4), square.spawn(5)];
+          const gathered = await gather(...handles);
+          let error: any;
+          try {
+            await fail("no good");
+          } catch (e) {
+            error = e;
+          }
+          return {
+            both, mapped, gathered,
+            me: current().name,
+            isTaskError: error instanceof TaskError,
+            kind: error.kind, task: error.task, reason: error.reason,
+            stack: String(error.stack).includes("RangeError"),
+            retryable: error.retryable,
+          };
+        });
+        """
+    )
+    assert outcome.value == {
+        "both": [4, 9],
+        "mapped": [1, 4, 9],
+        "gathered": [16, 25],
+        "me": "main",
+        "isTaskError": True,
+        "kind": "exception",
+        "task": "fail",
+        "reason": "no good",
+        "stack": True,
+        "retryable": True,
+    }
+
+
+def test_an_unhandled_child_failure_fails_the_caller_naming_the_cause(
+    run_ts: ProgramRunner,
+) -> None:
+    outcome = run_ts(
+        """
+        import { task, NonRetryable } from "@capsule-run/sdk";
+        export const leaf = task({ name: "leaf" }, () => { throw new NonRetryable("bad input"); });
+        export const main = task({ name: "main" }, () => leaf());
+        """
+    )
+    error = outcome.error
+    assert error.kind == "exception"
+    assert error.cause["task"] == "leaf" and error.cause["message"] == "bad input"
+    assert not error.retryable
+    # NonRetryable: one attempt of each, no retry.
+    assert len(outcome.of_type("started")) == 2
+
+
+def test_messages_between_js_tasks(run_ts: ProgramRunner) -> None:
+    outcome = run_ts(
+        """
+        import { task, receive, send, ask } from "@capsule-run/sdk";
+
+        export const echo = task({ name: "echo" }, async () => {
+          for (;;) {
+            const message = await receive();
+            if (message.body === "stop") return "stopped";
+            message.reply({ echoed: message.body, from: message.sender.length > 0 });
+          }
+        });
+
+        export const main = task({ name: "main" }, async () => {
+          const child = echo.spawnWith({ name: "echoer" });
+          const first = await ask("echoer", "hi");
+          const second = await ask(child, 42, { timeout: 5 });
+          await send("echoer", "stop");
+          return [first, second, await child];
+        });
+        """
+    )
+    assert outcome.value == [
+        {"echoed": "hi", "from": True},
+        {"echoed": 42, "from": True},
+        "stopped",
+    ]
+
+
+def test_bad_options_and_a_missing_main_are_usage_errors(
+    program: Callable[[str, str], Path],
+) -> None:
+    cases = {
+        "bad_compute.ts": ('task({ name: "main", compute: "SUPER" }, () => 1)', "compute"),
+        "unknown.ts": ('task({ name: "main", maxRetry: 2 }, () => 1)', "maxRetry"),
+        "no_main.ts": ('task({ name: "other" }, () => 1)', "no task named 'main'"),
+    }
+    for name, (declaration, named) in cases.items():
+        path = program(
+            f'import {{ task }} from "@capsule-run/sdk";\nexport const t = {declaration};\n', name
+        )
+        done = capsule_cli("run", str(path))
+        assert done.returncode == 2, (name, done.stderr)
+        assert named in done.stderr, (name, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("module", ["fs", "node:path", "child_process"])
+def test_node_builtins_are_refused_naming_the_module(
+    program: Callable[[str, str], Path], module: str
+) -> None:
+    path = program(
+        f'import {{ task }} from "@capsule-run/sdk";\nimport * as m from "{module}";\n'
+        'export const main = task({ name: "main" }, () => typeof m);\n',
+        "builtin.ts",
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 2, done.stderr
+    assert f"imports {module!r}" in done.stderr and "Node.js built-in" in done.stderr
+
+
+def test_an_npm_package_from_node_modules_is_bundled(tmp_path: Path) -> None:
+    shutil.copytree(VENDORED, tmp_path / "node_modules")
+    program = tmp_path / "slugs.ts"
+    program.write_text(
+        'import { task } from "@capsule-run/sdk";\nimport { slug } from "tiny-slug";\n'
+        'export const main = task({ name: "main" }, () => slug("  Hello, Capsule World! "));\n'
+    )
+    done = capsule_cli("run", str(program))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "hello-capsule-world\n"
+
+
+def test_an_edit_runs_without_a_rebuild_and_an_unchanged_program_is_not_rebundled(
+    tmp_path: Path,
+) -> None:
+    program = tmp_path / "edit.ts"
+    template = 'import {{ task }} from "@capsule-run/sdk";\nexport const main = task({{ name: "main" }}, () => {value});\n'
+    program.write_text(template.format(value=1))
+    assert capsule_cli("run", str(program)).stdout == "1\n"
+    program.write_text(template.format(value=2))
+    second = capsule_cli("run", str(program))
+    assert second.stdout == "2\n" and "building" not in second.stderr
+    from capsule.sandbox.js import bundle
+
+    calls = []
+    real = bundle.run_tool
+    bundle.run_tool = lambda *args: calls.append(args) or real(*args)  # type: ignore[assignment]
+    try:
+        cached = bundle.bundle_program(program.resolve())
+    finally:
+        bundle.run_tool = real  # type: ignore[assignment]
+    assert calls == [] and "() => 2" in cached.code
+    assert str(program.resolve()) in cached.inputs
+
+
+def test_fetch_and_http_go_through_the_hosts_allow_list(
+    run_ts: ProgramRunner, http_server: LocalServer
+) -> None:
+    outcome = run_ts(
+        f"""
+        import {{ task, http, HttpError }} from "@capsule-run/sdk";
+
+        export const allowed = task({{ name: "allowed", allowedHosts: ["127.0.0.1"] }}, async () => {{
+          const response = await fetch("{http_server.url}/echo", {{ method: "POST", body: "ping" }});
+          const echoed = await response.json();
+          const viaHttp = await http.get("{http_server.url}/status/201");
+          return [response.status, echoed.method, echoed.body_hex, viaHttp.statusCode, viaHttp.ok()];
+        }});
+
+        export const denied = task({{ name: "denied" }}, async () => {{
+          try {{
+            await fetch("{http_server.url}/echo");
+            return "sent";
+          }} catch (error: any) {{
+            return [error instanceof HttpError, error.kind];
+          }}
+        }});
+
+        export const main = task({{ name: "main" }}, async () => [await allowed(), await denied()]);
+        """
+    )
+    assert outcome.value == [
+        [200, "POST", b"ping".hex(), 201, True],
+        [True, "host_not_allowed"],
+    ]
+    assert http_server.hits == {"/echo": 1, "/status/201": 1}
+
+
+RESUMED = """
+import { task, sleep } from "@capsule-run/sdk";
+
+export const pick = task({ name: "pick" }, (n: number) => n + Math.random());
+
+export const main = task({ name: "main" }, async () => {
+  const drawn = [Date.now(), Math.random(), await pick(1)];
+  const bytes = crypto.getRandomValues(new Uint8Array(4));
+  console.log("MARK " + JSON.stringify([...drawn, ...bytes]));
+  await sleep(30);
+  return [...drawn, ...bytes];
+});
+"""
+
+
+def test_a_js_workflow_killed_with_9_resumes_to_the_same_result(tmp_path: Path) -> None:
+    program = tmp_path / "durable.ts"
+    program.write_text(RESUMED)
+    printed, code = kill_at_marker(["run", str(program)], "MARK", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    before = json.loads(printed.split("MARK ", 1)[1].splitlines()[0])
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    # The clock, the random draws and the child's result are the journal's.
+    assert resumed.json()["result"] == before
