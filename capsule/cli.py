@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from capsule.logs import show_on_stderr
+from capsule.sandbox import js
 from capsule.stdio import STREAMS, StdioWriter, Stream
 from capsule.supervisor.option_specs import RUN_OPTIONS, WordedError, flag_of
 from capsule.terminal import visible
@@ -103,7 +104,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument(
         "file",
         metavar="FILE[:TASK]",
-        help="the Python program (a .py file), and the task to run if not main",
+        help="the program (a .py, .ts or .js file), and the task to run if not main",
     )
     run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
     run.add_argument(
@@ -501,7 +502,7 @@ def _program_and_entry(file: str, entry: str | None) -> tuple[Path, str]:
     """The program file and the entry task of `capsule run FILE[:TASK]` and
     --entry (a file whose own name has a colon is taken whole if it exists)."""
     name, colon, task = file.rpartition(":")
-    if colon and name.endswith(".py") and not os.path.exists(file):
+    if colon and name.endswith((".py", *js.SUFFIXES)) and not os.path.exists(file):
         if not task.strip():
             raise UsageError(f"{file!r} names no task after the colon; give FILE:TASK")
         if entry is not None and entry != task:
@@ -521,7 +522,7 @@ def _not_a_program(path: Path) -> str | None:
     except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
         return f"no such program file: {path}"
     if stat.S_ISDIR(mode):
-        return f"{path} is a directory; give the program's .py file"
+        return f"{path} is a directory; give the program's file (.py, .ts or .js)"
     if not stat.S_ISREG(mode):
         return f"{path} is not a regular file (a FIFO, a device or a socket)"
     return None

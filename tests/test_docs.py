@@ -110,6 +110,16 @@ def test_python_block_is_a_program_that_runs(block: Block, tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("block", blocks("typescript"), ids=lambda b: b.id)
+def test_typescript_block_is_the_example_it_names(block: Block) -> None:
+    """A TypeScript block that names a file (``// examples/hello.ts``) shows
+    that file as it is (the console blocks run it)."""
+    first, _, shown = block.text.partition("\n")
+    match = re.fullmatch(r"// ([\w./-]+\.ts)", first)
+    assert match is not None, f"{block.id}: a TypeScript block names its file first"
+    assert shown == (REPO / match.group(1)).read_text(), f"{block.id} differs from the file"
+
+
 def console_commands(block: Block) -> list[tuple[str, list[str]]]:
     """The block's commands, each with the lines it should print."""
     commands: list[tuple[str, list[str]]] = []

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,39 @@ def test_the_seed_analyze_example_calls_its_child_task() -> None:
     outcome = done.json()
     assert outcome["result"] == {"processed": 5, "status": "complete"}
     assert outcome["totals"]["tasks"] == 2 and outcome["totals"]["failed"] == 0
+
+
+def test_the_sdk_types_check_the_examples_and_catch_a_wrong_option(tmp_path: Path) -> None:
+    """The shipped declarations (capsule/sandbox/js/sdk/index.d.ts) type the
+    seed's programs, and tsc rejects an option the SDK does not have."""
+    from capsule.sandbox import js
+    from capsule.sandbox.js.toolchain import ensure_toolchain
+
+    wrong = tmp_path / "wrong.ts"
+    wrong.write_text(
+        'import { task } from "@capsule-run/sdk";\n'
+        'export const main = task({ name: "main", maxRetry: 2 }, () => 1);\n'
+    )
+    config = {
+        "compilerOptions": {
+            "strict": True,
+            "noEmit": True,
+            "target": "es2022",
+            "module": "es2022",
+            "moduleResolution": "bundler",
+            "lib": ["es2022", "dom"],
+            "paths": {"@capsule-run/sdk": [str(js.SDK_TYPES)]},
+        },
+        "files": [str(EXAMPLES / "hello.ts"), str(EXAMPLES / "analyze.ts")],
+    }
+    tsc = str(ensure_toolchain().tsc)
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    checked = subprocess.run([tsc, "-p", str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout
+    config["files"].append(str(wrong))  # type: ignore[attr-defined]
+    (tmp_path / "tsconfig.json").write_text(json.dumps(config))
+    checked = subprocess.run([tsc, "-p", str(tmp_path)], capture_output=True, text=True)
+    assert checked.returncode != 0 and "'maxRetry' does not exist" in checked.stdout
 
 
 def test_console_output_goes_to_the_run_output(tmp_path: Path) -> None:
@@ -336,3 +370,15 @@ def test_a_js_workflow_killed_with_9_resumes_to_the_same_result(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stderr
     # The clock, the random draws and the child's result are the journal's.
     assert resumed.json()["result"] == before
+
+
+def test_file_colon_task_starts_a_ts_run_at_another_task(tmp_path: Path) -> None:
+    program = tmp_path / "two.ts"
+    program.write_text(
+        'import { task } from "@capsule-run/sdk";\n'
+        'export const main = task({ name: "main" }, () => "main");\n'
+        'export const other = task({ name: "other" }, (n: number) => n + 1);\n'
+    )
+    done = capsule_cli("run", f"{program}:other", "--args-json", "[41]")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "42\n"

@@ -157,5 +157,18 @@ def test_old_builds_are_pruned(tmp_path: Path) -> None:
         os.utime(entry, (1000 + age, 1000 + age))
     (home / "a.lock").write_text("")
     (home / "b.lock").write_text("")
-    runtime._prune(home, keep=home / "a")
+    runtime.prune_builds(home, keep=home / "a")
     assert sorted(p.name for p in home.iterdir()) == ["a", "a.lock", "c", "d", "e"]
+
+
+def test_builds_of_one_runtime_do_not_prune_the_others(tmp_path: Path) -> None:
+    """The JS runtime's builds ("js-" keys) and the Python runtime's are kept
+    apart: building one never removes the other's newest builds."""
+    home = tmp_path / "runtime"
+    home.mkdir()
+    names = ["0a", "0b", "0c", "js-1", "js-2", "js-3", "js-4"]
+    for age, name in enumerate(names):
+        (home / name).mkdir()
+        os.utime(home / name, (1000 + age, 1000 + age))
+    runtime.prune_builds(home, keep=home / "js-4")
+    assert sorted(p.name for p in home.iterdir()) == ["0a", "0b", "0c", "js-2", "js-3", "js-4"]

@@ -305,7 +305,7 @@ def cached_build(
                 shutil.rmtree(artifacts.directory)
             os.replace(out, artifacts.directory)
         progress.say(f"{name} ready in {time.monotonic() - started:.1f}s")
-        _prune(home, keep=artifacts.directory)
+        prune_builds(home, keep=artifacts.directory)
     return artifacts
 
 
@@ -328,7 +328,7 @@ def _family(name: str) -> str:
     return name.rpartition("-")[0]
 
 
-def _prune(home: Path, keep: Path) -> None:
+def prune_builds(home: Path, keep: Path) -> None:
     """Remove all but the KEEP_BUILDS most recently used builds of the same
     runtime as ``keep``."""
     family = _family(keep.name)

@@ -10,5 +10,9 @@ versions, into Capsule's cache (``toolchain/``); only JS/TS programs need node
 and npm.
 """
 
+from pathlib import Path
+
 #: The file name endings of TypeScript and JavaScript programs.
 SUFFIXES = (".ts", ".mts", ".cts", ".js", ".mjs", ".cjs")
+#: The SDK's TypeScript declarations, for editors and tsc (see docs/javascript.md).
+SDK_TYPES = Path(__file__).resolve().parent / "sdk" / "index.d.ts"

@@ -14,6 +14,7 @@ from capsule.sandbox.runtime import (
     Progress,
     RuntimeBuildError,
     capsule_home,
+    prune_builds,
     run_tool,
 )
 
@@ -53,6 +54,11 @@ class Toolchain:
         if found:
             return found[0]
         return self.directory / "node_modules" / "esbuild" / "bin" / "esbuild"
+
+    @property
+    def tsc(self) -> Path:
+        """TypeScript's compiler (a type checker only: programs are bundled by esbuild)."""
+        return self.directory / "node_modules" / ".bin" / "tsc"
 
     @property
     def version_key(self) -> str:
@@ -124,8 +130,8 @@ def ensure_toolchain(progress: Progress | None = None) -> Toolchain:
             if toolchain.directory.exists():
                 shutil.rmtree(toolchain.directory)
             os.replace(work, toolchain.directory)
-            # (TemporaryDirectory's cleanup of a moved directory is a no-op.)
-            work.mkdir()
+            work.mkdir()  # (for TemporaryDirectory's cleanup)
+        prune_builds(home, keep=toolchain.directory)
     return toolchain
 
 
