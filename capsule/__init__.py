@@ -35,6 +35,7 @@ if TYPE_CHECKING or sys.platform == "wasi":
         gather,
         sleep,
         task,
+        task_ref,
         wait,
     )
 
@@ -63,6 +64,7 @@ _SDK_MODULES = {
             "gather",
             "sleep",
             "task",
+            "task_ref",
             "wait",
         ),
         "capsule.sdk.task",
@@ -157,6 +159,7 @@ __all__ = [
     "send",
     "sleep",
     "task",
+    "task_ref",
     "wait",
 ]
 if sys.platform != "wasi":  # (inside the sandbox the host API does not exist)

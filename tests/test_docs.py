@@ -24,6 +24,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def test_python_block_is_a_program_that_runs(block: Block, tmp_path: Path) -> No
     if not declares_main(block.text) or block.not_run:
         return
     path = tmp_path / Path(name or "prog.py").name
-    path.write_text(block.text)
+    if name is not None and (REPO / name).is_file():
+        path = REPO / name  # (run where it is: beside its capsule.toml and modules)
+    else:
+        path.write_text(block.text)
     done = capsule_run(path, tmp_path)
     assert done.returncode == 0, done.stderr
 
@@ -182,6 +186,10 @@ def test_console_block_prints_what_it_shows(block: Block, tmp_path: Path) -> Non
 @pytest.mark.parametrize("block", blocks("toml"), ids=lambda b: b.id)
 def test_toml_block_is_a_config_capsule_accepts(block: Block, tmp_path: Path) -> None:
     (tmp_path / "capsule.toml").write_text(block.text)
+    # The program files it lists exist (declaring no tasks).
+    for module in tomllib.loads(block.text).get("program", {}).get("modules", []):
+        (tmp_path / module).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / module).write_text("" if module.endswith(".py") else "export {};\n")
     program = tmp_path / "prog.py"
     program.write_text(
         'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\n    return 1\n'

@@ -370,6 +370,11 @@ def test_a_js_workflow_killed_with_9_resumes_to_the_same_result(tmp_path: Path) 
     assert resumed.returncode == 0, resumed.stderr
     # The clock, the random draws and the child's result are the journal's.
     assert resumed.json()["result"] == before
+    # The readers of the journal see a JS run as any other.
+    inspected = capsule_cli("inspect", "--last", "--json", cwd=tmp_path)
+    assert inspected.returncode == 0, inspected.stderr
+    tasks = {task["name"]: task["status"] for task in inspected.json()["tasks"]}
+    assert tasks == {"main": "completed", "pick": "completed"}
 
 
 def test_file_colon_task_starts_a_ts_run_at_another_task(tmp_path: Path) -> None:

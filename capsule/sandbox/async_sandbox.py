@@ -274,6 +274,7 @@ class AsyncSandbox(Sandbox):
             warm._warm_poller is None
             or guest is None
             or warm.engine is not guest.engine
+            or warm.component is not guest.component
             or (poll_threads is not None and poll_threads != warm.slots.size)
         ):
             warm = None  # (not open, on another engine, or of other poll threads)
@@ -366,6 +367,12 @@ class AsyncSandbox(Sandbox):
         finally:
             super().__exit__(*exc)
 
+    def add_program(self, module: str, guest: GuestComponent, finder: ProgramFinder) -> None:
+        super().add_program(module, guest, finder)
+        image = self._image(module)
+        for index in (image.load_index, image.run_index):
+            self._async_exports[index] = AsyncExport(index)
+
     def open_warm(self) -> AsyncSandbox:
         """Start its poll threads, as a host application's warm sandbox: the
         sandboxes of its runs (made with ``warm=`` it) use them and its linker.
@@ -408,8 +415,8 @@ class AsyncSandbox(Sandbox):
 
     # -- instances -----------------------------------------------------------
 
-    def _new_store(self, limits: Any) -> _AsyncTrackedStore:
-        store = _AsyncTrackedStore(self.engine, self.prefaulter)
+    def _new_store(self, limits: Any, prefaulter: Prefaulter | None = None) -> _AsyncTrackedStore:
+        store = _AsyncTrackedStore(self.engine, prefaulter or self.prefaulter)
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_wasi(wasmtime.WasiConfig())  # no env, args, files or stdin
@@ -420,10 +427,11 @@ class AsyncSandbox(Sandbox):
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
         assert isinstance(store, _AsyncTrackedStore)
         attempt = self._preparing(store)
-        instance: Instance = _driven(instantiate(store, self.linker, self.component), attempt)
-        store.memory = self.prefaulter.find(program, _TrackedStore._live)
+        image = self._image(program)
+        instance: Instance = _driven(instantiate(store, self.linker, image.component), attempt)
+        store.memory = image.prefaulter.find(program, _TrackedStore._live)
         if store.memory is not None:
-            self.prefaulter.prefault(store.memory)
+            image.prefaulter.prefault(store.memory)
         return instance
 
     def _call_export(
@@ -529,11 +537,11 @@ class AsyncSandbox(Sandbox):
         assert isinstance(store, _AsyncTrackedStore)
         store.attempt, attempt.store = attempt, store
         try:
-            self._begin(attempt, prepared.instance, call_json, poller)
+            self._begin(attempt, prepared, call_json, poller)
         except Exception:  # (the attempt never ran: its instance must not outlive it)
             self._not_started(attempt, traceback.format_exc())
 
-    def _begin(self, attempt: Attempt, instance: Instance, call_json: str, poller: Poller) -> None:
+    def _begin(self, attempt: Attempt, prepared: Prepared, call_json: str, poller: Poller) -> None:
         """Make the attempt's call in its instance and hand it to the poll threads."""
         invocation, store = attempt.invocation, attempt.store
         assert store is not None
@@ -543,8 +551,8 @@ class AsyncSandbox(Sandbox):
         store.set_fuel(limits.fuel)
         store.set_epoch_deadline(1)
         store.set_fuel_yield_interval(self.fuel_yield_interval)
-        future = self._async_exports[self._run_index].call(
-            store, instance, task_input(invocation), call_json
+        future = self._async_exports[self._image(prepared.program).run_index].call(
+            store, prepared.instance, task_input(invocation), call_json
         )
         future.data, attempt.future = attempt, future
         deadline = invocation.deadline
@@ -602,7 +610,7 @@ class AsyncSandbox(Sandbox):
         with poller.held(future) as waiting:
             if not waiting or attempt.ended:
                 return 0
-            return self.prefaulter.release(store.memory, store.marker)
+            return (store.prefaulter or self.prefaulter).release(store.memory, store.marker)
 
     def _stop_for_memory(self, store: Any, why: str) -> None:
         super()._stop_for_memory(store, why)

@@ -555,6 +555,12 @@ class _TrackedStore(wasmtime.Store):
         #: may be another's, shared: see Sandbox).
         self.finder: ProgramFinder | None = None
 
+    @property
+    def prefaulter(self) -> Prefaulter | None:
+        """The prefaulter of its runtime's memory image (a sandbox may run
+        programs of two runtimes)."""
+        return self._prefaulter
+
     def close(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
@@ -879,10 +885,20 @@ class GuestComponent:
         progress: Progress | None = None,
         make_engine: Callable[[], tuple[wasmtime.Engine, str]] | None = None,
         language: str = "python",
+        beside: GuestComponent | None = None,
     ) -> None:
         # (make_engine: the engine, and the settings its compiled artifact
-        # depends on; an async sandbox's engine differs only where it does not.)
-        self.engine, settings = (make_engine or default_engine)()
+        # depends on; an async sandbox's engine differs only where it does not.
+        # beside: a guest of another language whose engine and ticker this one
+        # shares, so that one sandbox runs both.)
+        engine: wasmtime.Engine
+        settings: str
+        if beside is not None:
+            engine, settings = beside.engine, beside.settings
+        else:
+            engine, settings = (make_engine or default_engine)()
+        self.engine: wasmtime.Engine = engine
+        self.settings: str = settings
         #: The language of the programs it runs: "python" or "javascript".
         self.language = language
         #: The guest runtime's files (instances map their memory image from ``compiled``).
@@ -893,7 +909,30 @@ class GuestComponent:
         else:
             self.artifacts = ensure_runtime(self.engine, settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
-        self.ticker = EpochTicker(self.engine)
+        self.ticker: EpochTicker = beside.ticker if beside is not None else EpochTicker(engine)
+
+
+@dataclass
+class ProgramImage:
+    """A program a sandbox runs: the guest runtime it runs on (its component,
+    with the runner's exports, and the prefaulter of its memory image) and
+    where its instances get the program's code."""
+
+    component: Component
+    prefaulter: Prefaulter
+    finder: ProgramFinder
+    load_index: Any
+    run_index: Any
+
+    @classmethod
+    def of(cls, guest: GuestComponent, finder: ProgramFinder) -> ProgramImage:
+        component = guest.component
+        runner = component.get_export_index(_interface("runner"))
+        assert runner is not None, "guest runtime exports no runner interface"
+        load = component.get_export_index("load", instance=runner)
+        run = component.get_export_index("run", instance=runner)
+        assert load is not None and run is not None
+        return cls(component, Prefaulter(guest.artifacts.compiled), finder, load, run)
 
 
 class Sandbox:
@@ -918,17 +957,17 @@ class Sandbox:
         self.ticker = guest.ticker
         self.artifacts = guest.artifacts
         self.component = guest.component
-        self.prefaulter = Prefaulter(self.artifacts.compiled)
-        #: Where instances get the program's code (by default: a module
-        #: finder on ``roots``, for a Python program).
-        self.finder: ProgramFinder = finder if finder is not None else ModuleFinder(roots)
-        runner = self.component.get_export_index(_interface("runner"))
-        assert runner is not None, "guest runtime exports no runner interface"
-        load = self.component.get_export_index("load", instance=runner)
-        run = self.component.get_export_index("run", instance=runner)
-        assert load is not None and run is not None
-        self._load_index, self._run_index = load, run
-        self._exports = {load: ExportCaller(load), run: ExportCaller(run)}
+        #: The run's program (where instances get its code: by default a
+        #: module finder on ``roots``, for a Python program), and the other
+        #: programs whose tasks it runs too, by module name (add_program).
+        self._main = ProgramImage.of(guest, finder if finder is not None else ModuleFinder(roots))
+        self._others: dict[str, ProgramImage] = {}
+        self.prefaulter = self._main.prefaulter
+        self.finder = self._main.finder
+        self._load_index, self._run_index = self._main.load_index, self._main.run_index
+        self._exports = {
+            index: ExportCaller(index) for index in (self._load_index, self._run_index)
+        }
         self._owns_linker = linker is None
         self.linker = self._make_linker() if linker is None else linker
         #: The limits of imports after the first, by program (see prepare).
@@ -963,7 +1002,8 @@ class Sandbox:
                 self._pool.close()
                 self._pool = None
             self.ticker.remove(self._on_tick)
-            self.prefaulter.close()
+            for image in (self._main, *self._others.values()):
+                image.prefaulter.close()
             if self.budget is not None:
                 self.budget.close()
             # wasmtime-py keeps host functions in a registry of its own until their
@@ -982,7 +1022,13 @@ class Sandbox:
 
     def _memory_sizes(self, stores: list[Any]) -> list[int | None]:
         """The size of each open task instance's linear memory (the budget's)."""
-        return self.prefaulter.memory_sizes([(store.memory, store.marker) for store in stores])
+        if not self._others:  # (one look at the mappings for all)
+            return self.prefaulter.memory_sizes([(store.memory, store.marker) for store in stores])
+        sizes: list[int | None] = []
+        for store in stores:
+            prefaulter = store.prefaulter or self.prefaulter
+            sizes += prefaulter.memory_sizes([(store.memory, store.marker)])
+        return sizes
 
     def _task_sizes(self, stores: list[Any]) -> list[int | None]:
         """What each open task instance holds, for the budget: its linear
@@ -1021,13 +1067,7 @@ class Sandbox:
         # the supervisor), so that time and randomness replay on resume.
         linker.allow_shadowing = True
         root = linker.root()
-        wasi = {name.split("@")[0]: name for name in self.component.type.imports(self.engine)}
-        with root.add_instance(wasi["wasi:clocks/wall-clock"]) as wall_clock:
-            self._add(wall_clock, "now", self._wall_clock_now)
-            self._add(wall_clock, "resolution", self._wall_clock_resolution)
-        with root.add_instance(wasi["wasi:random/random"]) as random:
-            self._add(random, "get-random-bytes", self._random_bytes)
-            self._add(random, "get-random-u64", self._random_u64)
+        self._shadow_wasi(root, self.component)
         with root.add_instance(_interface("clock")) as clock:
             self._add(clock, "monotonic-ns", self._monotonic_ns)
         with root.add_instance(_interface("http")) as http:
@@ -1057,6 +1097,46 @@ class Sandbox:
         with root.add_instance(_interface("output")) as output:
             self._add(output, "write", self._write)
         return linker
+
+    def _shadow_wasi(self, root: LinkerInstance, component: Component) -> None:
+        """Serve ``component``'s WASI wall clock and random from the host, at
+        the versions it imports (each runtime's WASI is of its own version)."""
+        wasi = {name.split("@")[0]: name for name in component.type.imports(self.engine)}
+        with root.add_instance(wasi["wasi:clocks/wall-clock"]) as wall_clock:
+            self._add(wall_clock, "now", self._wall_clock_now)
+            self._add(wall_clock, "resolution", self._wall_clock_resolution)
+        with root.add_instance(wasi["wasi:random/random"]) as random:
+            self._add(random, "get-random-bytes", self._random_bytes)
+            self._add(random, "get-random-u64", self._random_u64)
+
+    def add_program(self, module: str, guest: GuestComponent, finder: ProgramFinder) -> None:
+        """Run the tasks of another program, ``module``, too: its instances are
+        of ``guest``'s runtime (another language's, on this sandbox's engine:
+        ``GuestComponent(beside=...)``) and get its code from ``finder``."""
+        if guest.engine is not self.engine:
+            raise ValueError("a program added to a sandbox must run on the sandbox's engine")
+        if not self._owns_linker:
+            raise ValueError("a sandbox on a shared linker runs one program")
+        if module in self._others:
+            raise ValueError(f"the sandbox runs a program named {module!r} already")
+        image = ProgramImage.of(guest, finder)
+        if not any(other.component is guest.component for other in self._images()):
+            with self.linker.root() as root:
+                self._shadow_wasi(root, guest.component)
+        self._others[module] = image
+        for index in (image.load_index, image.run_index):
+            self._exports[index] = ExportCaller(index)
+
+    def finders(self) -> list[ProgramFinder]:
+        """Where the instances of each of its programs get their code."""
+        return [image.finder for image in self._images()]
+
+    def _images(self) -> list[ProgramImage]:
+        return [self._main, *self._others.values()]
+
+    def _image(self, program: str) -> ProgramImage:
+        """The image ``program`` runs on (the run's program: the main one)."""
+        return self._others.get(program, self._main)
 
     def _add(self, instance: LinkerInstance, name: str, func: HostFunc) -> None:
         """Define import ``name`` of ``instance`` as served by ``func``."""
@@ -1241,8 +1321,8 @@ class Sandbox:
 
     # -- running -----------------------------------------------------------
 
-    def _new_store(self, limits: Limits) -> _TrackedStore:
-        store = _TrackedStore(self.engine, self.prefaulter)
+    def _new_store(self, limits: Limits, prefaulter: Prefaulter | None = None) -> _TrackedStore:
+        store = _TrackedStore(self.engine, prefaulter or self.prefaulter)
         store.set_limits(memory_size=limits.ram_bytes)
         store.set_fuel(limits.fuel)
         store.set_wasi(wasmtime.WasiConfig())  # no env, args, files or stdin
@@ -1277,7 +1357,8 @@ class Sandbox:
         goes to ``host``; by default it is dropped, since it was shown once
         already, when the program was first loaded (``describe=True``, which also
         returns the declared tasks in ``Prepared.declared``)."""
-        source = self.finder.find(program)
+        image = self._image(program)
+        source = image.finder.find(program)
         if not isinstance(source, ModuleSource):
             reason = source.reason if isinstance(source, Refused) else "no such module"
             raise PrepareError(ErrorInfo("exception", f"cannot load {program!r}: {reason}"))
@@ -1291,15 +1372,15 @@ class Sandbox:
         )
         began = time.monotonic()
         with _bound(invocation):
-            store = self._new_store(limits)
-            store.finder = self.finder
+            store = self._new_store(limits, image.prefaulter)
+            store.finder = image.finder
             store.invocation, store.thread = invocation, threading.get_ident()
             if self.budget is not None:
                 store.budget = self.budget
                 self.budget.register(store)
             try:
                 instance = self._instantiate(store, program)
-                result = self._call_export(store, instance, self._load_index, payload)
+                result = self._call_export(store, instance, image.load_index, payload)
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 store.close()
                 raise PrepareError(self._classify(invocation, exc)) from None
@@ -1310,7 +1391,7 @@ class Sandbox:
         self.import_seconds[program] = time.monotonic() - began
         store.marker, store.channel_at = _memory_layout(result, nonce)
         if describe:
-            size = self._memory_sizes([store])[0]
+            size = image.prefaulter.memory_sizes([(store.memory, store.marker)])[0]
             if size is not None:
                 ram = -(-(size + IMPORT_GROWTH_BYTES) // WASM_PAGE) * WASM_PAGE
                 self._import_limits[program] = replace(
@@ -1321,10 +1402,11 @@ class Sandbox:
     def _instantiate(self, store: _TrackedStore, program: str) -> Instance:
         """A new instance of the guest runtime in ``store``, its memory
         prefaulted for ``program`` (see prefault.py)."""
-        instance = self.linker.instantiate(store, self.component)
-        store.memory = self.prefaulter.find(program, live_instances())
+        image = self._image(program)
+        instance = self.linker.instantiate(store, image.component)
+        store.memory = image.prefaulter.find(program, live_instances())
         if store.memory is not None:
-            self.prefaulter.prefault(store.memory)
+            image.prefaulter.prefault(store.memory)
         return instance
 
     def hibernate(self) -> int:
@@ -1335,7 +1417,7 @@ class Sandbox:
         store: _TrackedStore | None = getattr(_thread, "store", None)
         if store is None or store.marker is None:
             return 0
-        return self.prefaulter.release(store.memory, store.marker)
+        return (store.prefaulter or self.prefaulter).release(store.memory, store.marker)
 
     def open_channel(self) -> Channel | None:
         """On the thread of a task whose guest is in a host call: its instance's
@@ -1350,7 +1432,7 @@ class Sandbox:
         if store is None or store.channel_at is None or store.marker is None:
             return None
         offset, size = store.channel_at
-        located = self.prefaulter.linear_memory(store.memory, store.marker)
+        located = (store.prefaulter or self.prefaulter).linear_memory(store.memory, store.marker)
         if located is None or located[0] + offset + size > located[1]:
             store.channel_at = None  # (not looked for again)
             return None
@@ -1394,7 +1476,9 @@ class Sandbox:
     def _ready_instance(self, program: str) -> Prepared | None:
         """A prepared instance of ``program`` from the pool, or None if it has
         none ready (it is not waited on)."""
-        prepared = self._pool.take() if self._pool is not None else None
+        if self._pool is None or self._pool.program != program:
+            return None
+        prepared = self._pool.take()
         if prepared is not None and prepared.program != program:
             prepared.store.close()  # (the pool's is another program's)
             return None
@@ -1437,7 +1521,7 @@ class Sandbox:
                 store.set_fuel(limits.fuel)
                 store.set_epoch_deadline(1)
                 result = self._call_export(
-                    store, prepared.instance, self._run_index, payload, call_json
+                    store, prepared.instance, self._image(program).run_index, payload, call_json
                 )
             except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
                 result = self._classify(invocation, exc)
@@ -1725,6 +1809,8 @@ class InstancePool:
     def __init__(self, sandbox: Sandbox, program: str, size: int, first: Prepared | None) -> None:
         self._sandbox = sandbox
         self._program = program
+        #: The program its instances have imported.
+        self.program = program
         self._ready: queue.Queue[Prepared] = queue.Queue(maxsize=max(size, 1))
         if first is not None:
             self._ready.put_nowait(first)

@@ -39,6 +39,11 @@ class SharedGuests:
                     from capsule.sandbox.async_sandbox import AsyncSandbox
 
                     make_engine = AsyncSandbox._make_engine
-                guest = GuestComponent(make_engine=make_engine, language=language)
+                # (Beside another language's guest of the core, if one was
+                # made: one engine runs both, so one sandbox can.)
+                beside = next(
+                    (made for (of_core, _), made in self._guests.items() if of_core == core), None
+                )
+                guest = GuestComponent(make_engine=make_engine, language=language, beside=beside)
                 self._guests[core, language] = guest
             return guest

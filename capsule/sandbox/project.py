@@ -63,6 +63,9 @@ class Project:
     max_task_output_bytes: int | None = None
     #: What a run may write to its journal (None: the default).
     max_run_journal_bytes: int | None = None
+    #: Other program files whose tasks run in the same runs ([program]
+    #: modules): paths relative to the program's directory.
+    modules: tuple[str, ...] = ()
 
 
 def load_project(program_dir: Path) -> Project:
@@ -81,12 +84,14 @@ def load_project(program_dir: Path) -> Project:
     if not _nested_at_most(data, MAX_PROJECT_DEPTH):
         raise ConfigError(_too_deep(path))
     problems: list[str] = []
-    unknown = sorted(set(data) - {"tasks", "policy"})
+    unknown = sorted(set(data) - {"tasks", "policy", "program"})
     if unknown:
         problems.append(
             f"{path}: unknown section or key {unknown[0]!r}; accepted sections are [tasks] "
-            f"(defaults for @task options) and [policy] (caps no task may exceed)"
+            f"(defaults for @task options), [policy] (caps no task may exceed) and "
+            f"[program] (modules: other program files whose tasks the run runs)"
         )
+    modules = _modules(path, _table(path, data, "program", problems), problems)
     defaults = _table(path, data, "tasks", problems)
     for key in sorted(set(defaults) - set(TASK_DEFAULT_KEYS)):
         problems.append(
@@ -134,7 +139,34 @@ def load_project(program_dir: Path) -> Project:
         max_response_bytes=values.get("max_response_size", DEFAULT_MAX_RESPONSE_BYTES),
         max_task_output_bytes=values.get("max_task_output"),
         max_run_journal_bytes=values.get("max_run_journal"),
+        modules=modules,
     )
+
+
+#: Most other program files a program may list.
+MAX_MODULES = 16
+MODULES_FORMS = (
+    f"a list of at most {MAX_MODULES} relative paths of program files (.py, .ts, .js), "
+    f'e.g. modules = ["tools.ts"]'
+)
+
+
+def _modules(path: Path, program: dict[str, Any], problems: list[str]) -> tuple[str, ...]:
+    """[program] modules: other program files, relative to the program's directory."""
+    for key in sorted(set(program) - {"modules"}):
+        problems.append(f"{path}: unknown key [program] {key!r}; the accepted key is modules")
+    raw = program.get("modules", [])
+    if (
+        not isinstance(raw, list)
+        or len(raw) > MAX_MODULES
+        or not all(isinstance(item, str) and item and len(item) <= 4096 for item in raw)
+        or any(Path(item).is_absolute() or "\0" in item for item in raw)
+    ):
+        problems.append(
+            f"{path}: [program] modules = {raw!r:.200} is invalid; expected {MODULES_FORMS}"
+        )
+        return ()
+    return tuple(raw)
 
 
 def _table(path: Path, data: dict[str, Any], name: str, problems: list[str]) -> dict[str, Any]:

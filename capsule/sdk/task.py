@@ -386,6 +386,23 @@ def task(
     return decorate
 
 
+def task_ref(name: str) -> TaskFunction[..., Any]:
+    """A task another program of the run declares, by its name: a TypeScript
+    or JavaScript task (or another Python file's) that the program's
+    ``capsule.toml`` lists under ``[program] modules``. Call it, ``spawn`` it
+    or ``map`` it as a task of this program: it runs in a sandbox of its own
+    language, as a child of the caller."""
+    if not isinstance(name, str) or not name:
+        raise TaskDefinitionError(f"task_ref takes a task's name, not {name!r:.80}")
+
+    def elsewhere(*args: Any, **kwargs: Any) -> Any:
+        raise TaskDefinitionError(f"task {name!r} is another program's: it runs only as a task")
+
+    elsewhere.__name__ = elsewhere.__qualname__ = name
+    elsewhere.__module__ = "<another program>"
+    return TaskFunction(elsewhere, {"name": name})
+
+
 class TaskHandle(Generic[R]):
     """A child task started with ``spawn``: wait for it, or cancel it. The
     child's outcome belongs to its handle once the child ends, until (and

@@ -277,7 +277,11 @@ class _Call:
         self.over = False
         self._ending: anyio.Event | None = None
         self.running = core.sandbox.start(
-            attempt.invocation, core.supervision.program, call_json, core.waiting, self._done
+            attempt.invocation,
+            core.supervision.program_of(attempt.invocation.task),
+            call_json,
+            core.waiting,
+            self._done,
         )
 
     def _done(self, _: Running) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from capsule.sandbox.budget import can_read_memory, default_budget
 from capsule.sandbox.config import ConfigError, HostCaps, TaskConfig
-from capsule.sandbox.engine import LOAD_TASK_ID, GuestComponent, Invocation, Sandbox
+from capsule.sandbox.engine import LOAD_TASK_ID, Invocation, Sandbox
 from capsule.sandbox.grants import Grants, program_environment, resolve_grants
 from capsule.sandbox.modules import site_package_dirs
 from capsule.sandbox.prefault import can_measure_memory
@@ -27,8 +27,9 @@ from capsule.supervisor.events import (
     TaskOutput,
 )
 from capsule.supervisor.inbox import InboxError
-from capsule.supervisor.loading import program_language, script_finder
+from capsule.supervisor.loading import program_language
 from capsule.supervisor.options import OptionError, RunOptions
+from capsule.supervisor.polyglot import Guests, ProgramFile, add_others, other_programs
 from capsule.supervisor.run import (
     Backoff,
     ProgramError,
@@ -183,28 +184,30 @@ def run_program(
     events = events or EventStream()
     events.subscribe(on_event, event_types)
     roots = [path.parent, *site_package_dirs()]
-    language = program_language(path)
     sandbox: Sandbox
     try:
-        finder = None if language == "python" else script_finder(module, path)
-        guests = shared.guests if shared is not None else None
-        guest = guests.for_core(settings.core, language) if guests is not None else None
+        main = ProgramFile(path, module, program_language(path))
+        others = other_programs(main, project)
+        finder = None if main.language == "python" else main.finder()
+        guests = Guests(settings.core, shared.guests if shared is not None else None)
+        # (Made here unless the run is of a Python program alone: the sandbox
+        # makes that one itself, as it always has.)
+        guest = guests.of(main.language) if others or main.language != "python" else None
+        if guest is None and shared is not None:
+            guest = shared.guests.for_core(settings.core) if shared.guests is not None else None
         if settings.core == "async":
             from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
 
-            if guest is None and language != "python":
-                guest = GuestComponent(make_engine=AsyncSandbox._make_engine, language=language)
             sandbox = AsyncSandbox(
                 roots,
                 poll_threads=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
-                warm=shared.async_sandbox() if shared is not None else None,
+                # (A warm sandbox's linker serves one program's runtime.)
+                warm=shared.async_sandbox() if shared is not None and not others else None,
                 finder=finder,
             )
         else:
-            if guest is None and language != "python":
-                guest = GuestComponent(language=language)
             sandbox = Sandbox(
                 roots,
                 cpu_slots=request.options.cpu_slots,
@@ -212,6 +215,7 @@ def run_program(
                 guest=guest,
                 finder=finder,
             )
+        add_others(sandbox, others, guests)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     except ProgramError as exc:
@@ -225,7 +229,8 @@ def run_program(
         )
     with sandbox:
         if steps is not None:
-            sandbox.finder.watch(steps.program_file)
+            for each in sandbox.finders():
+                each.watch(steps.program_file)
 
         def load_output(invocation: Invocation, stream: str, text: str) -> None:
             events.emit(
@@ -244,6 +249,29 @@ def run_program(
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
             return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+        programs: dict[str, str] = {}
+        for other in others:
+            try:
+                declared, imported = Run.load(
+                    sandbox, other.module, load_output, project.task_defaults
+                )
+                imported.store.close()  # (its tasks start in fresh instances)
+            except ProgramError as exc:
+                first.store.close()
+                return RunReport(usage_error=f"{other.path}: {exc}", traceback=exc.traceback)
+            except ConfigError as exc:
+                first.store.close()
+                return RunReport(usage_error=f"{other.path}: invalid task config:\n{exc}")
+            twice = sorted(set(declared) & set(configs))
+            if twice:
+                first.store.close()
+                return RunReport(
+                    usage_error=f"{other.path} declares the task {twice[0]!r}, which "
+                    f"{_declared_by(twice[0], programs, others, path)} declares too: task "
+                    f"names are one namespace for the programs of a run"
+                )
+            configs.update(declared)
+            programs.update(dict.fromkeys(declared, other.module))
         # The instance the program was loaded in is this call's to close until
         # the run is made: the run's from then on (see Run), whatever happens.
         with ExitStack() as loaded:
@@ -257,7 +285,8 @@ def run_program(
                 return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
             # The program's import ran before the grants were known: what it got
             # from a directory granted to a task is refused now, and from now on.
-            problems = sandbox.finder.forbid_below(_granted_directories(grants))
+            granted = _granted_directories(grants)
+            problems = [line for each in sandbox.finders() for line in each.forbid_below(granted)]
             if problems:
                 return RunReport(usage_error=f"{path}: " + "\n".join(problems))
             for task, variable in _unset_variables(configs, environment):
@@ -287,6 +316,7 @@ def run_program(
             grants,
             loop,
             first=first,
+            programs=programs,
         )
 
         def run_main() -> TaskResult:
@@ -294,6 +324,12 @@ def run_program(
             return run.run_main(request.args, request.kwargs, request.entry)
 
         return report_of(run, run_main, totals, path, on_run)
+
+
+def _declared_by(task: str, programs: dict[str, str], others: list[ProgramFile], main: Path) -> str:
+    """The file of the program that declared ``task``."""
+    module = programs.get(task)
+    return next((str(other.path) for other in others if other.module == module), str(main))
 
 
 def report_of(

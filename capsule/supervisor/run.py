@@ -162,8 +162,11 @@ class Run:
         grants: dict[str, Grants] | None = None,
         loop: LoopThread | None = None,
         first: Prepared | None = None,
+        programs: dict[str, str] | None = None,
     ) -> None:
-        """``first``: the instance the program was loaded in, the one main runs
+        """``programs``: the program (module) of each task declared by another
+        program than ``program`` (a polyglot run's, see Sandbox.add_program).
+        ``first``: the instance the program was loaded in, the one main runs
         in (None: main takes a fresh one). It is the run's from this call:
         closed by close() (or at once if the run cannot be made), unless
         run_main has given it to the sandbox's pool by then."""
@@ -274,6 +277,7 @@ class Run:
                 seed or os.urandom(16),
                 grants,
                 before_reporting=output.shown,
+                programs=programs,
             )
             admission = Admission(configs, tree, settings.max_live_tasks, settings.max_children)
             # Guests never see the monotonic clock go back, also across a resume.

@@ -55,9 +55,13 @@ class Supervision:
         seed: bytes,
         grants: dict[str, Grants],
         before_reporting: Callable[[str], None],
+        programs: dict[str, str] | None = None,
     ) -> None:
         self.sandbox = sandbox
         self.program = program
+        #: The program of each task declared by another program than the run's
+        #: (a polyglot run's), by task name.
+        self.programs = programs or {}
         self.configs = configs
         self.settings = settings
         self.events = events
@@ -190,12 +194,19 @@ class Supervision:
         node.messages = history.attempts[last].messages_before
         return last - 1, history.failures, history.restarts, history.attempts[last].steps
 
+    def program_of(self, task: str) -> str:
+        """The program that declared ``task`` (the module its instances import)."""
+        return self.programs.get(task, self.program)
+
     def _attempt(self, attempt: Attempt, child: Child | None, call_json: str) -> AttemptOutcome:
         """One attempt in a fresh instance; its spawned children do not outlive it."""
         self.begin(attempt, child)
         try:
             outcome = self.concluded(
-                attempt, self.sandbox.invoke(attempt.invocation, self.program, call_json)
+                attempt,
+                self.sandbox.invoke(
+                    attempt.invocation, self.program_of(attempt.invocation.task), call_json
+                ),
             )
         finally:
             # Structured concurrency: however the attempt ended, its running

@@ -85,6 +85,7 @@ else globalThis.performance = { now: monotonicMs };
 const SDK_MODULE = "@capsule-run/sdk";
 const sdkExports = Object.freeze({
   task: sdk.task,
+  taskRef: sdk.taskRef,
   TaskError: sdk.TaskError,
   TaskHandle: sdk.TaskHandle,
   NonRetryable: sdk.NonRetryable,

@@ -183,13 +183,29 @@ export function task(options, fn) {
     throw new TypeError(`task(): two tasks are named ${JSON.stringify(name)}; task names must be unique`);
   }
   declared.name = name;
+  registry.set(name, { name, fn, options: declared, exported: fn.name || name });
+  return callable(name);
+}
+
+/**
+ * A task another program of the run declares, by its name: a Python task (or
+ * another JS/TS file's) that the program's capsule.toml lists under
+ * [program] modules. Call, spawn or map it as a task of this program.
+ */
+export function taskRef(name) {
+  if (typeof name !== "string" || !name) {
+    throw new TypeError(`taskRef() takes a task's name, not ${describe(name)}`);
+  }
+  return callable(name);
+}
+
+function callable(name) {
   const call = (...args) => spawnTask(name, args).result();
   call.spawn = (...args) => spawnTask(name, args);
   call.spawnWith = (options, ...args) => spawnTask(name, args, options);
   call.map = (items, { returnExceptions = false } = {}) =>
     gather(...Array.from(items, (item) => spawnTask(name, [item])), { returnExceptions });
   Object.defineProperty(call, "taskName", { value: name });
-  registry.set(name, { name, fn, options: declared, exported: fn.name || name });
   return call;
 }
 

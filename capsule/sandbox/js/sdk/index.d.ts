@@ -57,6 +57,12 @@ export interface Task<A extends unknown[], R> {
 export function task<A extends unknown[], R>(options: TaskOptions, fn: (...args: A) => R): Task<A, R>;
 export function task<A extends unknown[], R>(fn: (...args: A) => R): Task<A, R>;
 
+/**
+ * A task another program of the run declares (a Python task, say), by its
+ * name: the program's capsule.toml lists that program under [program] modules.
+ */
+export function taskRef<A extends unknown[] = unknown[], R = unknown>(name: string): Task<A, R>;
+
 /** A child started with spawn: await it (or its result()), or cancel it. */
 export class TaskHandle<R> implements PromiseLike<R> {
   readonly id: string;
