@@ -241,7 +241,9 @@ def idle_actors(actors: int = 50) -> dict[str, float]:
     }
 
 
-def idle_actor_rss(actors: int = 50, hibernate_after: str | None = None) -> dict[str, float]:
+def idle_actor_rss(
+    actors: int = 50, hibernate_after: str | None = None, program: Path | None = None
+) -> dict[str, float]:
     """Memory of the host process per actor blocked in receive: RSS, and PSS and
     private memory, which count the copy-on-write memory image the instances
     share (mapped, read, never copied) once instead of once per instance. Each
@@ -271,7 +273,7 @@ def idle_actor_rss(actors: int = 50, hibernate_after: str | None = None) -> dict
             main_sleeping.set()
 
     request = RunRequest(
-        path=PROGRAMS / "idle_actors.py",
+        path=program or PROGRAMS / "idle_actors.py",
         args=[str(actors), "4"],
         options=RunOptions(hibernate_after=hibernate_after),
     )
@@ -454,6 +456,51 @@ def first_build() -> dict[str, float]:
     return {"first_run_with_build_s": elapsed, "steps": steps}  # type: ignore[dict-item]
 
 
+def js_sequential_calls(repeats: int) -> dict[str, float]:
+    """As sequential_calls, with a TypeScript task calling a TypeScript child."""
+    p50s, p95s = [], []
+    for _ in range(repeats):
+        _, done = run_cli("run", str(PROGRAMS / "sequential_calls.ts"), "200")
+        figures = json.loads(done.stdout)
+        p50s.append(figures["p50_ms"])
+        p95s.append(figures["p95_ms"])
+    return {"js_call_p50_ms": statistics.median(p50s), "js_call_p95_ms": statistics.median(p95s)}
+
+
+def js_edit_rerun(repeats: int) -> dict[str, float]:
+    """Edit a TypeScript program, run it again: bundled anew, no rebuild."""
+    with tempfile.TemporaryDirectory() as tmp:
+        program = Path(tmp) / "edited.ts"
+        times = []
+        for i in range(repeats + 1):  # (the first run installs nothing, but warms the cache)
+            program.write_text(
+                'import { task } from "@capsule-run/sdk";\n'
+                f'export const main = task({{ name: "main" }}, (): number => {i});\n'
+            )
+            elapsed, done = run_cli("run", str(program))
+            assert done.stdout.strip() == str(i), done
+            times.append(elapsed)
+    return {"ts_edit_rerun_s": statistics.median(times[1:])}
+
+
+def js_idle_actors(_: int) -> dict[str, float]:
+    """Memory per JS actor blocked in receive (as idle_actor_rss)."""
+    figures = idle_actor_rss(program=PROGRAMS / "idle_actors.ts")
+    return {key.replace("idle_actor", "idle_js_actor"): value for key, value in figures.items()}
+
+
+def js_first_build() -> dict[str, float]:
+    """The first TypeScript run on a machine: the toolchain installed (npm
+    ci), the JS runtime built (componentize-js) and compiled (Cranelift)."""
+    with tempfile.TemporaryDirectory() as home:
+        elapsed, done = run_cli(
+            "run", str(REPO / "examples" / "hello.ts"), env={"CAPSULE_HOME": home}
+        )
+        assert "JavaScript runtime ready" in done.stderr, done.stderr
+        steps = [line for line in done.stderr.splitlines() if "done in" in line]
+    return {"first_ts_run_with_build_s": elapsed, "steps": steps}  # type: ignore[dict-item]
+
+
 #: Each row: (key for --only, title, what measures it, target).
 ROWS: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
     ("calls", "sequential child call (200 in a row)", sequential_calls, "p50 <= 1.0 ms"),
@@ -486,6 +533,10 @@ ROWS: list[tuple[str, str, Callable[[int], dict[str, Any]], str]] = [
     ("resume", "resume a run of 10,000 journaled steps", resume_time, "report"),
     ("timeout", "timeout of `while True: pass` (200 ms)", timeout_overshoot, "<= 50 ms late"),
     ("build", "first build of the guest runtime", lambda _: first_build(), "report"),
+    ("js_calls", "TypeScript: sequential child call (200 in a row)", js_sequential_calls, "report"),
+    ("js_edit", "TypeScript: edit -> re-run", js_edit_rerun, "<= 0.5 s"),
+    ("js_idle", "TypeScript: an actor blocked in receive", js_idle_actors, "report"),
+    ("js_build", "TypeScript: first run on a machine", lambda _: js_first_build(), "report"),
 ]
 
 
@@ -515,7 +566,7 @@ def main() -> None:
     for key, name, measure, target in ROWS:
         if options.only is not None and key not in options.only:
             continue
-        if key == "build" and options.skip_build:
+        if key in ("build", "js_build") and options.skip_build:
             continue
         figures = measure(options.repeats)
         print(f"\n{name}  (target: {target})", flush=True)

@@ -387,3 +387,30 @@ def test_file_colon_task_starts_a_ts_run_at_another_task(tmp_path: Path) -> None
     done = capsule_cli("run", f"{program}:other", "--args-json", "[41]")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "42\n"
+
+
+def test_without_node_a_ts_program_fails_naming_what_is_missing(tmp_path: Path) -> None:
+    """A fresh machine without node or npm: a TypeScript program is refused
+    with what is missing (exit 3, the runtime's), not a traceback."""
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    env = {"CAPSULE_HOME": str(tmp_path / "home"), "PATH": str(bare)}
+    done = capsule_cli("run", str(EXAMPLES / "hello.ts"), env=env)
+    assert done.returncode == 3, done.stderr
+    assert "needs Node.js 18+ and npm on PATH" in done.stderr
+    assert "node and npm not found" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_option_values_are_named_as_a_js_program_writes_them(
+    program: Callable[[str, str], Path],
+) -> None:
+    path = program(
+        'import { task } from "@capsule-run/sdk";\n'
+        'export const main = task({ name: "main", maxRetries: -1, allowedHosts: "x" }, () => 1);\n',
+        "options.ts",
+    )
+    done = capsule_cli("run", str(path))
+    assert done.returncode == 2, done.stderr
+    assert "option maxRetries=-1 is invalid" in done.stderr
+    assert "option allowedHosts='x' is invalid" in done.stderr
+    assert "max_retries" not in done.stderr

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -1153,3 +1155,52 @@ def test_following_moves_to_new_activity_and_leaves_the_cursor_alone_between(
             await pilot.press("q")
 
     asyncio.run(drive())
+
+
+def test_a_live_typescript_run_shows_its_tree_output_and_errors(tmp_path: Path) -> None:
+    """A TypeScript program's tasks in the TUI as a Python program's: the tree,
+    a child's output and a failed child's JavaScript stack."""
+    if shutil.which("node") is None and not os.environ.get("CI"):
+        pytest.skip("node and npm are not installed: JS/TS programs cannot run here")
+    program = _program(
+        tmp_path,
+        """
+        import { task } from "@capsule-run/sdk";
+        export const talk = task({ name: "talk" }, (n: number) => {
+          console.log(`talking ${n}`);
+          return n * 2;
+        });
+        export const broken = task({ name: "broken", maxRetries: 0 }, () => {
+          throw new TypeError("this one always fails");
+        });
+        export const main = task({ name: "main" }, async () => {
+          const said = await talk(21);
+          try { await broken(); } catch (error: any) { return [said, error.kind]; }
+          return [said, "no error"];
+        });
+        """,
+        name="flow.ts",
+    )
+    live = LiveRun(program)
+
+    async def drive() -> None:
+        app = CapsuleApp(live.source)
+        async with app.run_test(size=(100, 32)) as pilot:
+            await _until(pilot, lambda: app.model.ended_at is not None)
+            await pilot.pause(0.3)
+            labels = _labels(app)
+            assert labels["main"].startswith("✓ main")
+            assert labels["main/1"].startswith("✓ talk")
+            assert labels["main/2"].startswith("✗ broken")
+            app._tree_widget.move_cursor(app._tree_nodes["main/1"])
+            await pilot.pause(0.1)
+            assert "talking 21" in str(app._detail.render())
+            app._tree_widget.move_cursor(app._tree_nodes["main/2"])
+            await pilot.pause(0.1)
+            detail = str(app._detail.render())
+            assert "this one always fails" in detail and "TypeError" in detail
+            await pilot.press("q")
+
+    asyncio.run(drive())
+    report = live.join()
+    assert report.result.value() == [42, "exception"]

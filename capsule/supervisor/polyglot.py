@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from capsule.sandbox import js
 from capsule.sandbox.engine import GuestComponent, Sandbox
 from capsule.sandbox.modules import ModuleFinder, ProgramFinder, site_package_dirs
 from capsule.supervisor.loading import (
@@ -36,6 +37,10 @@ class ProgramFile:
     @classmethod
     def at(cls, path: Path) -> ProgramFile:
         return cls(path, program_module(path), program_language(path))
+
+    def options(self, error: Exception) -> str:
+        """An error about its tasks' options, naming them as its language does."""
+        return str(error) if self.language == "python" else js.js_option_names(str(error))
 
     def finder(self) -> ProgramFinder:
         """Where its instances get its code (bundling a JS/TS program now)."""

@@ -248,7 +248,7 @@ def run_program(
         except ProgramError as exc:
             return RunReport(usage_error=f"{path}: {exc}", traceback=exc.traceback)
         except ConfigError as exc:
-            return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+            return RunReport(usage_error=f"{path}: invalid task config:\n{main.options(exc)}")
         programs: dict[str, str] = {}
         for other in others:
             try:
@@ -261,7 +261,9 @@ def run_program(
                 return RunReport(usage_error=f"{other.path}: {exc}", traceback=exc.traceback)
             except ConfigError as exc:
                 first.store.close()
-                return RunReport(usage_error=f"{other.path}: invalid task config:\n{exc}")
+                return RunReport(
+                    usage_error=f"{other.path}: invalid task config:\n{other.options(exc)}"
+                )
             twice = sorted(set(declared) & set(configs))
             if twice:
                 first.store.close()

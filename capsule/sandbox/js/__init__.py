@@ -10,9 +10,24 @@ versions, into Capsule's cache (``toolchain/``); only JS/TS programs need node
 and npm.
 """
 
+import re
 from pathlib import Path
 
 #: The file name endings of TypeScript and JavaScript programs.
 SUFFIXES = (".ts", ".mts", ".cts", ".js", ".mjs", ".cjs")
 #: The SDK's TypeScript declarations, for editors and tsc (see docs/javascript.md).
 SDK_TYPES = Path(__file__).resolve().parent / "sdk" / "index.d.ts"
+#: The task options whose JS name differs from the host's (Python's) name.
+CAMEL_CASE_OPTIONS = {
+    "max_retries": "maxRetries",
+    "max_restarts": "maxRestarts",
+    "restart_window": "restartWindow",
+    "allowed_hosts": "allowedHosts",
+    "allowed_files": "allowedFiles",
+}
+_OPTION = re.compile(r"\boption (" + "|".join(CAMEL_CASE_OPTIONS) + r")=")
+
+
+def js_option_names(text: str) -> str:
+    """A message about task options, with each named as a JS program writes it."""
+    return _OPTION.sub(lambda match: f"option {CAMEL_CASE_OPTIONS[match.group(1)]}=", text)

@@ -34,7 +34,11 @@ NEEDS = (
 class Toolchain:
     #: The directory the packages are installed in (its node_modules).
     directory: Path
-    node: str
+
+    @property
+    def node(self) -> str:
+        """The node executable (componentize-js runs on it; esbuild does not)."""
+        return _node()[0]
 
     @property
     def componentize_js(self) -> Path:
@@ -104,11 +108,11 @@ def _check_node_version(node: str) -> None:
 def ensure_toolchain(progress: Progress | None = None) -> Toolchain:
     """The installed toolchain, installed first if needed (npm ci: the lock's
     exact packages, checked against their integrity hashes)."""
-    node, npm = _node()
     home = capsule_home() / "js-toolchain"
-    toolchain = Toolchain(home / manifest_digest(), node)
+    toolchain = Toolchain(home / manifest_digest())
     if (toolchain.directory / ".complete").is_file():
         return toolchain
+    node, npm = _node()
     _check_node_version(node)
     try:
         home.mkdir(parents=True, exist_ok=True)
