@@ -245,6 +245,40 @@ def test_messages_between_js_tasks(run_ts: ProgramRunner) -> None:
     ]
 
 
+def test_timeouts_of_receive_and_ask_stop_what_they_waited_for(run_ts: ProgramRunner) -> None:
+    """A receive or an ask that timed out leaves nothing in flight: a promise
+    nothing can settle afterwards is still found out at once."""
+    outcome = run_ts(
+        """
+        import { task, receive, ask, sleep, MessageError } from "@capsule-run/sdk";
+
+        export const mute = task({ name: "mute" }, async () => {
+          await receive();  // (an ask, never answered)
+          await sleep(60);
+        });
+
+        export const main = task({ name: "main", timeout: "60s" }, async () => {
+          const kinds: string[] = [];
+          try { await receive({ timeout: 0.05 }); } catch (error: any) {
+            kinds.push(error instanceof MessageError ? error.kind : "other");
+          }
+          mute.spawnWith({ name: "mute" });
+          try { await ask("mute", "hello?", { timeout: 0.05 }); } catch (error: any) {
+            kinds.push(error.kind);
+          }
+          console.log(JSON.stringify(kinds));
+          await new Promise(() => {});
+        });
+        """
+    )
+    error = outcome.error
+    assert "never settles" in error.message
+    printed = [event.text for event in outcome.of_type("output") if event.task == "main"]
+    assert printed[0] == '["receive_timeout","receive_timeout"]\n'
+    failed = [event for event in outcome.of_type("failed") if event.task == "main"]
+    assert failed and failed[0].duration_ms < 30_000  # (found out, not its 60 s deadline)
+
+
 def test_bad_options_and_a_missing_main_are_usage_errors(
     program: Callable[[str, str], Path],
 ) -> None:

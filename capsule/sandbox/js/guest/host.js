@@ -69,14 +69,16 @@ export function timeoutMs(seconds, what) {
 
 /** Started operations not yet reported: handle -> {resolve, reject, answer}. */
 const inFlight = new Map();
+/** The handle of each operation's promise, while it is in flight. */
+const handles = new WeakMap();
 
 /**
  * Starts a host operation; the promise its completion settles with
  * `answer(ok, payload)`. A refused start settles it at once.
  */
 export function startOperation(start, answer) {
-  return new Promise((resolve, reject) => {
-    let handle;
+  let handle;
+  const promise = new Promise((resolve, reject) => {
     try {
       handle = start();
     } catch (error) {
@@ -85,6 +87,17 @@ export function startOperation(start, answer) {
     }
     inFlight.set(handle, { resolve, reject, answer });
   });
+  if (handle !== undefined) handles.set(promise, handle);
+  return promise;
+}
+
+/**
+ * Stops the operation of a promise startOperation made, if it is still in
+ * flight (a timeout won the race): the host stops it, and it never settles.
+ */
+export function abandonOperation(promise) {
+  const handle = handles.get(promise);
+  if (handle !== undefined && inFlight.delete(handle)) operations.abandon(handle);
 }
 
 function settleWith(resolve, reject, answer, ok, payload) {

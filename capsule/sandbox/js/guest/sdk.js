@@ -5,6 +5,7 @@
 // result or rejects with a TaskError.
 
 import {
+  abandonOperation,
   attempt,
   httpImport,
   messaging,
@@ -285,7 +286,7 @@ export class Message {
 
 /** The oldest message in this task's mailbox; waits up to `timeout` seconds for one. */
 export async function receive({ timeout } = {}) {
-  const deadline = timeout === undefined ? undefined : monotonicMs() + timeoutMs(timeout, "receive") * 1;
+  const deadline = timeout === undefined ? undefined : monotonicMs() + Number(timeoutMs(timeout, "receive"));
   for (;;) {
     const answer = attempt(() => messaging.receive(0n));
     if (answer.ok) return new Message(answer.value[0]);
@@ -299,7 +300,16 @@ export async function receive({ timeout } = {}) {
     if (deadline === undefined) {
       await arrived;
     } else {
-      await Promise.race([arrived, new Promise((resolve) => globalThis.setTimeout(resolve, deadline - monotonicMs()))]);
+      let timer;
+      const expired = new Promise((resolve) => {
+        timer = globalThis.setTimeout(resolve, deadline - monotonicMs());
+      });
+      try {
+        await Promise.race([arrived, expired]);
+      } finally {
+        globalThis.clearTimeout(timer);
+        abandonOperation(arrived);
+      }
     }
   }
 }
@@ -329,6 +339,7 @@ export async function ask(target, value, { timeout } = {}) {
     return await Promise.race([reply, expired]);
   } finally {
     globalThis.clearTimeout(timer);
+    abandonOperation(reply);
   }
 }
 
