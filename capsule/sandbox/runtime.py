@@ -83,13 +83,25 @@ def guest_sources() -> dict[str, Path]:
 
 def cache_key(engine_settings: str) -> str:
     """A digest of everything the built and compiled artifacts depend on."""
+    return build_digest(
+        guest_sources(),
+        {
+            "componentize-py": installed_version("componentize-py") or "missing",
+            "engine": engine_settings,
+            "patches": oom.PATCH_VERSION,
+        },
+    )
+
+
+def build_digest(files: dict[str, Path], settings: dict[str, str]) -> str:
+    """A digest of a build's input files (by their paths inside the build) and
+    settings, and of the wasmtime that compiles it."""
     digest = hashlib.sha256()
-    for name, path in sorted(guest_sources().items()):
+    for name, path in sorted(files.items()):
         digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(f"componentize-py={installed_version('componentize-py') or 'missing'}\0".encode())
-    digest.update(f"wasmtime={installed_version('wasmtime') or 'missing'}\0".encode())
-    digest.update(f"engine={engine_settings}\0".encode())
-    digest.update(f"patches={oom.PATCH_VERSION}\0".encode())
+    settings = {"wasmtime": installed_version("wasmtime") or "missing", **settings}
+    for key, value in settings.items():
+        digest.update(f"{key}={value}\0".encode())
     return digest.hexdigest()[:24]
 
 

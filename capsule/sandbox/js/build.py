@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
 
-from capsule.sandbox.distributions import installed_version
 from capsule.sandbox.js.toolchain import Toolchain, ensure_toolchain, manifest_digest
 from capsule.sandbox.runtime import (
     WORLD,
     Progress,
     RuntimeArtifacts,
     RuntimeBuildError,
+    build_digest,
     cached_build,
     capsule_home,
     run_tool,
@@ -37,14 +36,12 @@ def guest_sources() -> dict[str, Path]:
 
 def cache_key(engine_settings: str) -> str:
     """A digest of everything the built and compiled artifacts depend on."""
-    digest = hashlib.sha256()
-    for name, path in sorted(guest_sources().items()):
-        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    digest.update(f"toolchain={manifest_digest()}\0".encode())
-    digest.update(f"disabled={','.join(DISABLED_FEATURES)}\0".encode())
-    digest.update(f"wasmtime={installed_version('wasmtime') or 'missing'}\0".encode())
-    digest.update(f"engine={engine_settings}\0".encode())
-    return "js-" + digest.hexdigest()[:24]
+    settings = {
+        "toolchain": manifest_digest(),
+        "disabled": ",".join(DISABLED_FEATURES),
+        "engine": engine_settings,
+    }
+    return "js-" + build_digest(guest_sources(), settings)
 
 
 def ensure_js_runtime(

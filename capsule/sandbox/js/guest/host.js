@@ -47,6 +47,19 @@ function parseError(text) {
   return { kind: "exception", message: String(text) };
 }
 
+/** A class of errors with a `kind` (the host's word for what went wrong). */
+export function errorWithKind(name) {
+  const ErrorClass = class extends Error {
+    constructor(kind, message) {
+      super(message);
+      this.kind = kind;
+    }
+  };
+  Object.defineProperty(ErrorClass.prototype, "name", { value: name });
+  Object.defineProperty(ErrorClass, "name", { value: name });
+  return ErrorClass;
+}
+
 export function write(stream, text) {
   output.write(stream, text);
 }

@@ -2,20 +2,14 @@
 // standard `fetch`, both performed by the host (wit/capsule.wit, http): only to
 // the hosts the task was granted, journaled, with secrets redacted.
 
-import { operations, startOperation } from "./host.js";
+import { errorWithKind, operations, startOperation } from "./host.js";
 
 const DEFAULT_TIMEOUT_S = 30;
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
 /** An HTTP request the host refused or could not complete. */
-export class HttpError extends Error {
-  constructor(kind, message) {
-    super(message);
-    this.kind = kind;
-  }
-}
-Object.defineProperty(HttpError.prototype, "name", { value: "HttpError" });
+export const HttpError = errorWithKind("HttpError");
 
 function toBase64(bytes) {
   let text = "";

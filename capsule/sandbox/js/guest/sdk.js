@@ -7,6 +7,7 @@
 import {
   abandonOperation,
   attempt,
+  errorWithKind,
   httpImport,
   messaging,
   monotonicMs,
@@ -73,13 +74,7 @@ export class NonRetryable extends Error {}
 Object.defineProperty(NonRetryable.prototype, "name", { value: "NonRetryable" });
 
 /** A message, a host timeout, a mailbox: what send/receive/ask can fail with. */
-export class MessageError extends Error {
-  constructor(kind, message) {
-    super(message);
-    this.kind = kind;
-  }
-}
-Object.defineProperty(MessageError.prototype, "name", { value: "MessageError" });
+export const MessageError = errorWithKind("MessageError");
 
 function messageError(error) {
   return new MessageError(String(error.kind ?? "error"), String(error.message ?? ""));
