@@ -448,3 +448,36 @@ def test_bad_option_values_are_named_as_a_js_program_writes_them(
     assert "option maxRetries=-1 is invalid" in done.stderr
     assert "option allowedHosts='x' is invalid" in done.stderr
     assert "max_retries" not in done.stderr
+
+
+FETCHED = """
+import { task, sleep } from "@capsule-run/sdk";
+
+export const main = task({ name: "main", timeout: "5m", allowedHosts: ["127.0.0.1"] }, async (base: string) => {
+  const first = await fetch(base + "/echo?api_key=SECRET-KEY", {
+    method: "POST",
+    headers: { Authorization: "Bearer SECRET-TOKEN", "Content-Type": "application/json" },
+    body: JSON.stringify({ n: 1 }),
+  });
+  const echoed = await first.json();
+  console.log("MARK requested");
+  await sleep(1);
+  return [echoed.method, echoed.headers.authorization === "Bearer SECRET-TOKEN"];
+});
+"""
+
+
+def test_a_fetch_is_journaled_once_replayed_on_resume_and_its_secrets_redacted(
+    tmp_path: Path, http_server: LocalServer
+) -> None:
+    program = tmp_path / "fetcher.ts"
+    program.write_text(FETCHED)
+    printed, code = kill_at_marker(["run", str(program), http_server.url], "MARK", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    assert http_server.hits == {"/echo": 1}
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["result"] == ["POST", True]
+    assert http_server.hits == {"/echo": 1}  # exactly once, over both runs
+    journal = (tmp_path / ".capsule" / "journal.db").read_bytes().decode("utf-8", "replace")
+    assert "SECRET-TOKEN" not in journal and "SECRET-KEY" not in journal
