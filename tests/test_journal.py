@@ -1184,3 +1184,40 @@ def test_connections_creating_a_new_journal_at_once_all_succeed(tmp_path: Path) 
             thread.join()
     assert failures == []
     assert sqlite3.connect(journal).execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+RECEIVE_TIMED_OUT = """
+import capsule
+from capsule import task
+
+@task
+def later() -> None:
+    capsule.sleep(0.2)
+    capsule.send("main", "late")
+
+@task(name="main", max_retries=0)
+def main() -> list:
+    seen = []
+    try:
+        capsule.receive(timeout=0.01)
+    except capsule.ReceiveTimeout:
+        seen.append("timed out")
+    later.spawn()
+    seen.append(capsule.receive(timeout=30).body)
+    print("MARK received", flush=True)
+    capsule.sleep(3)  # (killed meanwhile; the resume sleeps it)
+    return seen
+"""
+
+
+def test_a_receive_that_timed_out_replays_as_a_time_out(tmp_path: Path, core: str) -> None:
+    """A receive whose time ran out is a journaled step like any other: the
+    resume replays it as the same time-out (it was read as a message, and
+    the resumed task trapped)."""
+    program = tmp_path / "waits.py"
+    program.write_text(textwrap.dedent(RECEIVE_TIMED_OUT))
+    printed, code = kill_at_marker(["run", str(program), "--core", core], "MARK", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    resumed = capsule_cli("resume", "--last", "--json", cwd=tmp_path, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.json()["result"] == ["timed out", "late"]

@@ -95,7 +95,10 @@ class MessageSteps:
             "receive",
             "",
             partial(self.messages.receive, attempt, timeout, taken),
-            replayed=lambda step: self.messages.replayed_receive(attempt, step.answer),
+            # (A receive that failed, its time out say, handed over nothing.)
+            replayed=lambda step: (
+                self.messages.replayed_receive(attempt, step.answer) if step.ok else None
+            ),
             then=partial(_received, taken),
         )
 
