@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -481,3 +482,113 @@ def test_a_fetch_is_journaled_once_replayed_on_resume_and_its_secrets_redacted(
     assert http_server.hits == {"/echo": 1}  # exactly once, over both runs
     journal = (tmp_path / ".capsule" / "journal.db").read_bytes().decode("utf-8", "replace")
     assert "SECRET-TOKEN" not in journal and "SECRET-KEY" not in journal
+
+
+def test_mistakes_in_sdk_calls_are_errors_the_task_can_catch(run_ts: ProgramRunner) -> None:
+    """What a task hands the SDK wrongly is a JS error it can catch, never a
+    protocol failure that ends it: lone surrogates, a gather of promises or of
+    one handle twice, null and absurd timeouts, timers of Infinity, a child
+    refused at once (a promise that rejects), thrown values that resist
+    being read."""
+    outcome = run_ts(
+        """
+        import { task, gather, receive, ask, send, sleep, TaskError } from "@capsule-run/sdk";
+
+        export const echo = task({ name: "echo" }, (value: unknown) => value);
+        export const slow = task({ name: "slow" }, async () => { await sleep(0.2); return "slow"; });
+        export const quiet = task({ name: "quiet" }, async () => { await receive(); await sleep(60); });
+        export const nasty = task({ name: "nasty", maxRetries: 0 }, () => {
+          throw new Proxy({}, { get() { throw new Error("no reading me"); } });
+        });
+
+        async function outcome(run: () => unknown): Promise<string> {
+          try {
+            const value = await run();
+            return "ok " + JSON.stringify(value);
+          } catch (error: any) {
+            return `${error?.name}: ${error?.kind ?? ""}`;
+          }
+        }
+
+        export const main = task({ name: "main", timeout: "60s" }, async () => {
+          const lone = "\\ud83d";
+          const handle = echo.spawn(1);
+          quiet.spawnWith({ name: "quiet" });
+          const results: Record<string, string> = {
+            loneArgument: await outcome(() => echo(lone)),
+            loneMessage: await outcome(() => send("main", lone)),
+            gatherTwice: await outcome(() => gather(handle, handle)),
+            gatherPromises: await outcome(() => gather(echo(2) as any)),
+            receiveNull: await outcome(() =>
+              Promise.race([receive({ timeout: null as any }), sleep(0.05).then(() => "waited")])),
+            infiniteTimer: await outcome(() => new Promise((resolve) => {
+              const timer = setTimeout(resolve, Infinity);
+              clearTimeout(timer);
+              resolve("cleared");
+            })),
+            hugeTimeout: await outcome(() =>
+              Promise.race([ask("quiet", 1, { timeout: 1e300 }), sleep(0.05).then(() => "waited")])),
+            refused: await outcome(() => (echo as any)(1n).catch((error: any) => "caught " + error.name)),
+            nastyThrow: await outcome(() => nasty()),
+          };
+          // A handle's result awaited over and over while it runs starts one wait.
+          const pending = slow.spawn();
+          for (let i = 0; i < 100; i++) await Promise.race([pending.result(), Promise.resolve()]);
+          results.raced = await outcome(() => pending);
+          return results;
+        });
+        """
+    )
+    value = outcome.value
+    assert value["loneArgument"] == "TypeError: "
+    assert value["loneMessage"] == "TypeError: "
+    assert value["gatherTwice"] == "ok [1,1]"
+    assert value["gatherPromises"] == "TypeError: "
+    assert value["receiveNull"] == 'ok "waited"'
+    assert value["infiniteTimer"] == 'ok "cleared"'
+    assert value["hugeTimeout"] == 'ok "waited"'
+    assert value["refused"] == 'ok "caught TypeError"'
+    assert value["nastyThrow"] == "TaskError: exception"
+    assert value["raced"] == 'ok "slow"'
+
+
+def test_the_bundle_cache_sees_a_new_file_that_changes_an_import(tmp_path: Path) -> None:
+    """A file added beside the program that esbuild would now resolve an
+    import to (util.ts before util.js), and a changed tsconfig.json, bundle
+    the program anew; a file changed while it was bundled is not cached."""
+    from capsule.sandbox.js import bundle
+
+    program = tmp_path / "main.ts"
+    program.write_text(
+        'import { task } from "@capsule-run/sdk";\nimport { where } from "./util";\n'
+        'export const main = task({ name: "main" }, () => where);\n'
+    )
+    (tmp_path / "util.js").write_text('export const where = "util.js";\n')
+    assert '"util.js"' in bundle.bundle_program(program).code
+    time.sleep(0.01)
+    (tmp_path / "util.ts").write_text('export const where: string = "util.ts";\n')
+    assert '"util.ts"' in bundle.bundle_program(program).code
+    assert '"util.ts"' in bundle.bundle_program(program).code  # (cached now)
+    (tmp_path / "tsconfig.json").write_text('{"compilerOptions": {"target": "es2020"}}\n')
+    calls: list[Any] = []
+    real = bundle.run_tool
+    bundle.run_tool = lambda *args: calls.append(args) or real(*args)  # type: ignore[assignment]
+    try:
+        bundle.bundle_program(program)
+    finally:
+        bundle.run_tool = real  # type: ignore[assignment]
+    assert len(calls) == 1
+
+    # An input written while esbuild runs: that bundle is used, not kept.
+    def edit_meanwhile(*args: Any) -> Any:
+        done = real(*args)
+        (tmp_path / "util.ts").write_text('export const where: string = "edited";\n')
+        return done
+
+    bundle.run_tool = edit_meanwhile  # type: ignore[assignment]
+    (tmp_path / "util.ts").write_text('export const where: string = "before";\n')
+    try:
+        assert '"before"' in bundle.bundle_program(program).code
+    finally:
+        bundle.run_tool = real  # type: ignore[assignment]
+    assert '"edited"' in bundle.bundle_program(program).code

@@ -5,6 +5,7 @@ listed in capsule.toml's [program] modules."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import textwrap
@@ -132,6 +133,7 @@ def test_a_failure_in_the_other_language_arrives_as_a_task_error(tmp_path: Path)
             "declares the task 'main'",
         ),
         ('[program]\nmodules = ["data.txt"]\n', {"data.txt": "x"}, "data.txt"),
+        ('[program]\nmodules = ["' + "a" * 300 + '.ts"]\n', {}, "cannot be reached"),
     ],
 )
 def test_a_bad_module_list_is_a_usage_error(
@@ -180,3 +182,124 @@ def test_a_polyglot_run_killed_with_9_resumes_to_the_same_result(tmp_path: Path)
     resumed = capsule_cli("resume", "--last", "--json", cwd=main.parent, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["result"] == HEADLINES
+
+
+def test_a_program_lists_itself_and_any_file_of_the_run_can_start_it(tmp_path: Path) -> None:
+    shutil.copytree(EXAMPLES / "polyglot", tmp_path / "polyglot")
+    directory = tmp_path / "polyglot"
+    (directory / "capsule.toml").write_text('[program]\nmodules = ["main.py", "tools.ts"]\n')
+    done = capsule_cli("run", str(directory / "tools.ts:headline"), "Hi there")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"slug": "hi-there", "loud": "HI THERE!"}
+
+
+def test_a_module_that_fails_to_bundle_leaves_nothing_open(tmp_path: Path) -> None:
+    """The sandbox is made only once every program of the run is bundled: a
+    module that cannot be leaves no files or threads of a sandbox behind."""
+    write(
+        tmp_path,
+        {
+            "capsule.toml": '[program]\nmodules = ["broken.ts"]\n',
+            "broken.ts": "export const = ;\n",
+            "main.py": 'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\n    return 1\n',
+        },
+    )
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    report, _ = run(tmp_path / "main.py")
+    assert report.usage_error is not None and "broken.ts" in report.usage_error
+    before = descriptors()
+    for _ in range(5):
+        report, _ = run(tmp_path / "main.py")
+        assert report.usage_error is not None
+    assert descriptors() <= before
+
+
+def test_shared_guests_build_each_language_apart_on_one_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host application's Python runs do not wait while the JS runtime is
+    being built for another run, and the guests of a core share its engine
+    (so one run can hold both) whichever is made first."""
+    import threading
+
+    from capsule.sandbox.guests import SharedGuests
+    from capsule.sandbox.js import build
+
+    building, release = threading.Event(), threading.Event()
+    real = build.ensure_js_runtime
+
+    def slow_build(*args: Any, **kwargs: Any) -> Any:
+        building.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build, "ensure_js_runtime", slow_build)
+    guests = SharedGuests()
+    made: dict[str, Any] = {}
+    js = threading.Thread(target=lambda: made.update(js=guests.for_core("async", "javascript")))
+    js.start()
+    try:
+        assert building.wait(60)
+        python = guests.for_core("async", "python")  # (while the JS build waits)
+        assert js.is_alive()
+    finally:
+        release.set()
+        js.join()
+    assert made["js"].engine is python.engine and made["js"].component is not python.component
+    assert guests.for_core("async", "javascript") is made["js"]
+
+
+def test_the_memory_budget_measures_js_tasks_and_stops_the_hog_whatever_its_language(
+    tmp_path: Path,
+) -> None:
+    """The run's budget sees a JS task's memory as a Python task's: a JS hog
+    is stopped (not the idle tasks beside it, of either language), and in a
+    JS-only run too."""
+    write(
+        tmp_path,
+        {
+            "capsule.toml": '[program]\nmodules = ["tasks.ts"]\n',
+            "tasks.ts": """
+                import { task, sleep } from "@capsule-run/sdk";
+                export const hog = task({ name: "hog", ram: "1GB", maxRetries: 0 }, async () => {
+                  const kept: Uint8Array[] = [];
+                  for (let i = 0; i < 200; i++) {
+                    kept.push(new Uint8Array(4 << 20).fill(1));
+                    await sleep(0.01);
+                  }
+                  return kept.length * 4;
+                });
+                export const idleJs = task({ name: "idle_js" }, async () => {
+                  await sleep(3);
+                  return "idle";
+                });
+            """,
+            "main.py": """
+                import capsule
+                from capsule import task
+
+                hog = capsule.task_ref("hog")
+                idle_js = capsule.task_ref("idle_js")
+
+                @task
+                def idle_py() -> str:
+                    capsule.sleep(3)
+                    return "idle"
+
+                @task(name="main", timeout="2m")
+                def main() -> list:
+                    handles = [idle_py.spawn(), *(idle_js.spawn() for _ in range(4)), hog.spawn()]
+                    outcomes = capsule.gather(*handles, return_exceptions=True)
+                    return [o if isinstance(o, (int, str)) else [o.kind, o.message] for o in outcomes]
+            """,
+        },
+    )
+    report, _ = run(tmp_path / "main.py", max_total_ram="300MB")
+    assert report.result is not None and report.result.ok, report
+    *idle, (kind, message) = report.result.value()
+    assert idle == ["idle"] * 5 and kind == "memory_limit"
+    # (Measured: a task whose memory the host cannot find is stopped first.)
+    assert "this task held the most of any (" in message and "could not be found" not in message

@@ -875,41 +875,53 @@ def default_engine() -> tuple[wasmtime.Engine, str]:
     return wasmtime.Engine(config), settings
 
 
+@dataclass(frozen=True)
+class EngineParts:
+    """A wasmtime engine, the settings compiled artifacts for it depend on,
+    and the ticker of its epochs: what the guests of one core share, so that
+    one sandbox can run a program of each language."""
+
+    engine: wasmtime.Engine
+    settings: str
+    ticker: EpochTicker
+
+    @classmethod
+    def make(
+        cls, make_engine: Callable[[], tuple[wasmtime.Engine, str]] | None = None
+    ) -> EngineParts:
+        engine, settings = (make_engine or default_engine)()
+        return cls(engine, settings, EpochTicker(engine))
+
+
 class GuestComponent:
-    """The wasmtime engine and the compiled guest runtime loaded in it: built
-    once, shared by every sandbox that is given it (each run of a host
-    application), read-only once made."""
+    """The wasmtime engine and the compiled guest runtime of one language
+    loaded in it: built once, shared by every sandbox that is given it (each
+    run of a host application), read-only once made."""
 
     def __init__(
         self,
         progress: Progress | None = None,
         make_engine: Callable[[], tuple[wasmtime.Engine, str]] | None = None,
         language: str = "python",
-        beside: GuestComponent | None = None,
+        on: EngineParts | None = None,
     ) -> None:
         # (make_engine: the engine, and the settings its compiled artifact
         # depends on; an async sandbox's engine differs only where it does not.
-        # beside: a guest of another language whose engine and ticker this one
-        # shares, so that one sandbox runs both.)
-        engine: wasmtime.Engine
-        settings: str
-        if beside is not None:
-            engine, settings = beside.engine, beside.settings
-        else:
-            engine, settings = (make_engine or default_engine)()
-        self.engine: wasmtime.Engine = engine
-        self.settings: str = settings
+        # on: the engine of guests of other languages this one runs beside.)
+        self.parts = on if on is not None else EngineParts.make(make_engine)
+        self.engine: wasmtime.Engine = self.parts.engine
+        self.settings: str = self.parts.settings
+        self.ticker: EpochTicker = self.parts.ticker
         #: The language of the programs it runs: "python" or "javascript".
         self.language = language
         #: The guest runtime's files (instances map their memory image from ``compiled``).
         if language == "javascript":
             from capsule.sandbox.js.build import ensure_js_runtime  # (only JS runs need it)
 
-            self.artifacts = ensure_js_runtime(self.engine, settings, progress)
+            self.artifacts = ensure_js_runtime(self.engine, self.settings, progress)
         else:
-            self.artifacts = ensure_runtime(self.engine, settings, progress)
+            self.artifacts = ensure_runtime(self.engine, self.settings, progress)
         self.component = Component.deserialize_file(self.engine, str(self.artifacts.compiled))
-        self.ticker: EpochTicker = beside.ticker if beside is not None else EpochTicker(engine)
 
 
 @dataclass
@@ -923,6 +935,11 @@ class ProgramImage:
     finder: ProgramFinder
     load_index: Any
     run_index: Any
+    #: Whether its runtime keeps the host's marker where it cannot say (the
+    #: JS runtime: in its snapshot, at the same place in every instance),
+    #: and where that is once found (see Prefaulter.nonce_address).
+    finds_marker: bool = False
+    marker_address: int | None = None
 
     @classmethod
     def of(cls, guest: GuestComponent, finder: ProgramFinder) -> ProgramImage:
@@ -932,7 +949,19 @@ class ProgramImage:
         load = component.get_export_index("load", instance=runner)
         run = component.get_export_index("run", instance=runner)
         assert load is not None and run is not None
-        return cls(component, Prefaulter(guest.artifacts.compiled), finder, load, run)
+        prefaulter = Prefaulter(guest.artifacts.compiled)
+        return cls(
+            component, prefaulter, finder, load, run, finds_marker=guest.language == "javascript"
+        )
+
+    def marker_of(self, store: _TrackedStore, nonce: bytes) -> Marker | None:
+        """The marker of a new instance of a runtime that finds it (the first
+        time, by reading the instance's memory)."""
+        if not self.finds_marker:
+            return None
+        if self.marker_address is None:
+            self.marker_address = self.prefaulter.nonce_address(store.memory, nonce)
+        return None if self.marker_address is None else Marker(self.marker_address, nonce)
 
 
 class Sandbox:
@@ -1390,6 +1419,8 @@ class Sandbox:
         store.invocation = store.thread = None  # (imported: idle until a task takes it)
         self.import_seconds[program] = time.monotonic() - began
         store.marker, store.channel_at = _memory_layout(result, nonce)
+        if store.marker is None:
+            store.marker = image.marker_of(store, nonce)
         if describe:
             size = image.prefaulter.memory_sizes([(store.memory, store.marker)])[0]
             if size is not None:

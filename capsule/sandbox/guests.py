@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 
-from capsule.sandbox.engine import GuestComponent, Sandbox
+from capsule.sandbox.engine import EngineParts, GuestComponent, Sandbox
 
 #: The cores a guest is made for (the run option ``core``).
 CORES = ("threads", "async")
@@ -15,13 +15,18 @@ LANGUAGES = ("python", "javascript")
 
 
 class SharedGuests:
-    """A :class:`GuestComponent` per core and language, made on first use (thread-safe),
-    shared by every sandbox of that core given it: the thread core's engine
-    has no async support; the async core's runs call futures on its own."""
+    """A :class:`GuestComponent` per core and language, made on first use
+    (thread-safe), shared by every sandbox of that core given it: the thread
+    core's engine has no async support; the async core's runs call futures on
+    its own. The guests of one core share its engine, so that a run can hold
+    programs of both languages; each is built under a lock of its own, so that
+    a run waits only for the guest it needs."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._engines: dict[str, EngineParts] = {}
         self._guests: dict[tuple[str, str], GuestComponent] = {}
+        self._building: dict[tuple[str, str], threading.Lock] = {}
 
     def for_core(self, core: str, language: str = "python") -> GuestComponent:
         """The guest of ``core`` (one of CORES) for programs in ``language``
@@ -31,19 +36,25 @@ class SharedGuests:
             raise ValueError(f"core {core!r:.80} is invalid; expected one of {CORES}")
         if language not in LANGUAGES:
             raise ValueError(f"language {language!r:.80} is invalid; expected one of {LANGUAGES}")
-        with self._lock:  # (one build per core, however many runs start at once)
-            guest = self._guests.get((core, language))
-            if guest is None:
+        key = (core, language)
+        with self._lock:
+            guest = self._guests.get(key)
+            if guest is not None:
+                return guest
+            building = self._building.setdefault(key, threading.Lock())
+            engine = self._engines.get(core)
+            if engine is None:  # (an engine is made in milliseconds)
                 make_engine = Sandbox._make_engine
                 if core == "async":  # (its modules load only for a run on it)
                     from capsule.sandbox.async_sandbox import AsyncSandbox
 
                     make_engine = AsyncSandbox._make_engine
-                # (Beside another language's guest of the core, if one was
-                # made: one engine runs both, so one sandbox can.)
-                beside = next(
-                    (made for (of_core, _), made in self._guests.items() if of_core == core), None
-                )
-                guest = GuestComponent(make_engine=make_engine, language=language, beside=beside)
-                self._guests[core, language] = guest
+                engine = self._engines[core] = EngineParts.make(make_engine)
+        with building:  # (one build per guest, however many runs start at once)
+            with self._lock:
+                guest = self._guests.get(key)
+            if guest is None:
+                guest = GuestComponent(language=language, on=engine)
+                with self._lock:
+                    self._guests[key] = guest
             return guest

@@ -178,7 +178,11 @@ def run_tool(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, s
     """Run a build tool to its end, out of the reach of stop signals but
     killed if this thread's run is interrupted (see detached): its exit
     status, stdout and stderr."""
-    with detached(command, cwd=cwd, env=env) as process:
+    try:
+        started = detached(command, cwd=cwd, env=env)
+    except OSError as exc:  # (missing, not executable, on a noexec mount)
+        raise RuntimeBuildError(f"cannot run {command[0]}: {exc}") from None
+    with started as process:
         try:
             stdout, stderr = communicate_interruptibly(process)
         except BaseException:

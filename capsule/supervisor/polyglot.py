@@ -51,16 +51,26 @@ class ProgramFile:
 
 def other_programs(main: ProgramFile, project: Project) -> list[ProgramFile]:
     """The other program files ``project`` lists, checked: ProgramError if one
-    is missing, of no known language, or named as another is."""
+    is missing, of no known language, or named as another is. (The program
+    itself, listed too, is left out: it may be started from any of them.)"""
     others: list[ProgramFile] = []
     modules = {main.module: main.path}
     for relative in project.modules:
-        path = (main.path.parent / relative).resolve()
-        if not path.is_file():
+        try:
+            path = (main.path.parent / relative).resolve()
+            is_file = path.is_file()
+        except (OSError, RuntimeError) as exc:  # (a name too long, a symlink loop)
+            raise ProgramError(
+                f"capsule.toml lists the module {relative[:200]!r} ([program] modules), "
+                f"which cannot be reached: {exc}"
+            ) from None
+        if not is_file:
             raise ProgramError(
                 f"capsule.toml lists the module {relative!r} ([program] modules), but "
                 f"{path} is not a file"
             )
+        if path == main.path:
+            continue
         other = ProgramFile.at(path)
         if other.module in modules:
             raise ProgramError(
@@ -73,8 +83,8 @@ def other_programs(main: ProgramFile, project: Project) -> list[ProgramFile]:
 
 
 class Guests:
-    """The guests of one run's languages, on one engine: the first made (or
-    taken from ``shared``) is the one the others are made beside."""
+    """The guests of one run's languages, on one engine (the first's, or the
+    core's of ``shared``)."""
 
     def __init__(self, core: str, shared: SharedGuests | None) -> None:
         self.core = core
@@ -88,7 +98,7 @@ class Guests:
         if self.shared is not None:
             guest = self.shared.for_core(self.core, language)
         elif self._made:
-            guest = GuestComponent(language=language, beside=next(iter(self._made.values())))
+            guest = GuestComponent(language=language, on=next(iter(self._made.values())).parts)
         else:
             make_engine = None
             if self.core == "async":
@@ -100,6 +110,21 @@ class Guests:
         return guest
 
 
-def add_others(sandbox: Sandbox, others: list[ProgramFile], guests: Guests) -> None:
+@dataclass(frozen=True)
+class LoadedProgram:
+    """Another program file, bundled (or found) and its runtime built: what
+    a sandbox needs to run its tasks (made before the sandbox: nothing of
+    this can fail once the sandbox is open)."""
+
+    file: ProgramFile
+    guest: GuestComponent
+    finder: ProgramFinder
+
+
+def prepare_others(others: list[ProgramFile], guests: Guests) -> list[LoadedProgram]:
+    return [LoadedProgram(other, guests.of(other.language), other.finder()) for other in others]
+
+
+def add_others(sandbox: Sandbox, others: list[LoadedProgram]) -> None:
     for other in others:
-        sandbox.add_program(other.module, guests.of(other.language), other.finder())
+        sandbox.add_program(other.file.module, other.guest, other.finder)

@@ -29,7 +29,13 @@ from capsule.supervisor.events import (
 from capsule.supervisor.inbox import InboxError
 from capsule.supervisor.loading import program_language
 from capsule.supervisor.options import OptionError, RunOptions
-from capsule.supervisor.polyglot import Guests, ProgramFile, add_others, other_programs
+from capsule.supervisor.polyglot import (
+    Guests,
+    ProgramFile,
+    add_others,
+    other_programs,
+    prepare_others,
+)
 from capsule.supervisor.run import (
     Backoff,
     ProgramError,
@@ -195,6 +201,9 @@ def run_program(
         guest = guests.of(main.language) if others or main.language != "python" else None
         if guest is None and shared is not None:
             guest = shared.guests.for_core(settings.core) if shared.guests is not None else None
+        loaded_others = prepare_others(others, guests)
+        # (A warm sandbox's linker serves one program of the Python runtime.)
+        warm = shared is not None and not others and main.language == "python"
         if settings.core == "async":
             from capsule.sandbox.async_sandbox import AsyncSandbox  # (only for a run on it)
 
@@ -203,8 +212,7 @@ def run_program(
                 poll_threads=request.options.cpu_slots,
                 memory_budget=memory_budget,
                 guest=guest,
-                # (A warm sandbox's linker serves one program's runtime.)
-                warm=shared.async_sandbox() if shared is not None and not others else None,
+                warm=shared.async_sandbox() if shared is not None and warm else None,
                 finder=finder,
             )
         else:
@@ -215,7 +223,7 @@ def run_program(
                 guest=guest,
                 finder=finder,
             )
-        add_others(sandbox, others, guests)
+        add_others(sandbox, loaded_others)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     except ProgramError as exc:

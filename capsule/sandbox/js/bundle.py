@@ -16,9 +16,11 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from capsule.sandbox.js.toolchain import Toolchain, ensure_toolchain
 from capsule.sandbox.modules import ModuleSource
@@ -76,36 +78,72 @@ def _sha256(path: str) -> str | None:
         return None
 
 
-def _cache_dir(path: Path, toolchain: Toolchain) -> Path:
+#: Files beside a program's sources that change how esbuild resolves or
+#: compiles them without being inputs of the bundle themselves.
+RESOLUTION_FILES = ("package.json", "tsconfig.json", "jsconfig.json")
+
+
+def _cache_file(path: Path, toolchain: Toolchain) -> Path:
     key = hashlib.sha256(f"{path}\0{toolchain.version_key}\0{ESBUILD_FLAGS}".encode())
-    return capsule_home() / "bundles" / key.hexdigest()[:24]
+    return capsule_home() / "bundles" / f"{key.hexdigest()[:24]}.json"
 
 
-def _cached(directory: Path) -> Bundle | None:
+def _mtime_ns(path: str) -> int | None:
     try:
-        inputs = json.loads((directory / "inputs.json").read_text())
-        code = (directory / "bundle.js").read_text()
-    except (OSError, ValueError):
+        return os.stat(path).st_mtime_ns
+    except OSError:
         return None
-    if not isinstance(inputs, dict) or not inputs:
+
+
+def _fingerprint(inputs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """What a bundle of these inputs (path -> digest) depends on beyond them:
+    each directory holding one (a file added or removed there may resolve an
+    import elsewhere: its mtime) and the files there that configure esbuild
+    (their digests; "" for none)."""
+    directories = sorted({os.path.dirname(name) for name in inputs})
+    return {
+        "directories": {directory: _mtime_ns(directory) for directory in directories},
+        "configs": {
+            os.path.join(directory, name): _sha256(os.path.join(directory, name)) or ""
+            for directory in directories
+            for name in RESOLUTION_FILES
+        },
+    }
+
+
+def _cached(entry: Path) -> Bundle | None:
+    try:
+        with open(entry, encoding="utf-8") as file:
+            cached = json.load(file)
+        code, inputs, fingerprint = cached["code"], cached["inputs"], cached["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(code, str) or not isinstance(inputs, dict) or not inputs:
         return None
     for name, digest in inputs.items():
         if _sha256(name) != digest:
             return None
+    if _fingerprint(inputs) != fingerprint:
+        return None
     return Bundle(code, inputs)
 
 
-def _store(directory: Path, bundle: Bundle) -> None:
-    """Keep ``bundle`` for the next run (best effort: a cache that cannot be
-    written only costs a bundling the next time)."""
+def _store(entry: Path, bundle: Bundle) -> None:
+    """Keep ``bundle`` for the next run, code and digests in one file replaced
+    at once (best effort: a cache that cannot be written only costs a
+    bundling the next time)."""
+    record = {
+        "code": bundle.code,
+        "inputs": dict(bundle.inputs),
+        "fingerprint": _fingerprint(bundle.inputs),
+    }
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name, text in (("bundle.js", bundle.code), ("inputs.json", json.dumps(bundle.inputs))):
-            with tempfile.NamedTemporaryFile(
-                "w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8"
-            ) as file:
-                file.write(text)
-            os.replace(file.name, directory / name)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=entry.parent, delete=False, suffix=".tmp", encoding="utf-8"
+        ) as file:
+            json.dump(record, file)
+        os.replace(file.name, entry)
     except OSError:
         pass
 
@@ -113,12 +151,13 @@ def _store(directory: Path, bundle: Bundle) -> None:
 def bundle_program(path: Path, progress: Progress | None = None) -> Bundle:
     """The program at ``path`` (absolute) bundled, from the cache if none of
     its files changed. BundleError if it cannot be bundled; RuntimeBuildError
-    if the toolchain cannot be installed."""
+    if the toolchain cannot be installed or run."""
     toolchain = ensure_toolchain(progress)
-    cache = _cache_dir(path, toolchain)
-    cached = _cached(cache)
+    entry = _cache_file(path, toolchain)
+    cached = _cached(entry)
     if cached is not None:
         return cached
+    started = time.time_ns()
     with tempfile.TemporaryDirectory(prefix="capsule-bundle-") as tmp:
         out, meta = Path(tmp) / "bundle.js", Path(tmp) / "meta.json"
         command = [
@@ -139,13 +178,21 @@ def bundle_program(path: Path, progress: Progress | None = None) -> Bundle:
         code = out.read_text(encoding="utf-8")
         listed = json.loads(meta.read_text())["inputs"]
     inputs: dict[str, str] = {}
+    settled = True
     for name in listed:
         absolute = os.path.normpath(os.path.join(path.parent, name))
         digest = _sha256(absolute)
         if digest is not None:
             inputs[absolute] = digest
+        changed = _mtime_ns(absolute)
+        if changed is None or changed >= started:
+            # It may have changed while esbuild read it: the bundle is not
+            # kept. (On a file system whose mtimes are coarser than the time
+            # a bundling takes, such a change can go unseen.)
+            settled = False
     bundle = Bundle(code, inputs)
-    _store(cache, bundle)
+    if settled:
+        _store(entry, bundle)
     return bundle
 
 

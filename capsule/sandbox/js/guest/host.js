@@ -69,13 +69,42 @@ export function monotonicMs() {
   return Number(clock.monotonicNs()) / 1e6;
 }
 
-/** Optional timeout in seconds -> option<u64> milliseconds. */
+/** The longest wait the host is asked for, in milliseconds (~285,000 years). */
+const MAX_WAIT_MS = Number.MAX_SAFE_INTEGER;
+
+/** Optional timeout in seconds (undefined or null: none) -> option<u64> milliseconds. */
 export function timeoutMs(seconds, what) {
   if (seconds === undefined || seconds === null) return undefined;
-  if (typeof seconds !== "number" || !(seconds >= 0) || !Number.isFinite(seconds)) {
+  if (typeof seconds !== "number" || !(seconds >= 0)) {
     throw new TypeError(`${what}: a timeout is a number of seconds >= 0, not ${String(seconds)}`);
   }
-  return BigInt(Math.ceil(seconds * 1000));
+  return BigInt(Math.min(Math.ceil(seconds * 1000), MAX_WAIT_MS));
+}
+
+const LONE_SURROGATE = /[\uD800-\uDBFF](?![\uDC00-\uDFFF])|(?<![\uD800-\uDBFF])[\uDC00-\uDFFF]/;
+
+function wellFormed(text) {
+  return typeof text.isWellFormed === "function" ? text.isWellFormed() : !LONE_SURROGATE.test(text);
+}
+
+/**
+ * `value` as the JSON text the host takes; a TypeError naming `what` if it is
+ * not JSON, or holds a string the host cannot take as text (a lone surrogate).
+ */
+export function toJson(value, what) {
+  let text;
+  try {
+    text = JSON.stringify(value, (key, item) => {
+      if ((typeof item === "string" && !wellFormed(item)) || !wellFormed(key)) {
+        throw new TypeError("a string holds a lone surrogate (half of a UTF-16 pair), which is not text");
+      }
+      return item;
+    });
+  } catch (error) {
+    throw new TypeError(`${what} is not JSON: ${error?.message ?? error}`);
+  }
+  if (text === undefined) throw new TypeError(`${what} is not JSON: ${typeof value}`);
+  return text;
 }
 
 // -- host operations -------------------------------------------------------
@@ -132,11 +161,16 @@ export function abandonAll() {
 const timers = new Map();
 let nextTimerId = 1;
 
+/** The longest timer delay; a longer one (or Infinity) fires at once, as in Node. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
 export function setTimer(callback, delay, args, repeat) {
   if (typeof callback !== "function") {
     throw new TypeError("setTimeout/setInterval take a function (strings are not evaluated)");
   }
-  const ms = Math.max(0, Number(delay) || 0);
+  let ms = Number(delay);
+  if (!(ms >= 0)) ms = 0;
+  if (ms > MAX_TIMER_MS) ms = 1;
   const id = nextTimerId++;
   timers.set(id, { at: monotonicMs() + ms, ms, callback, args, repeat });
   return id;

@@ -2,7 +2,7 @@
 // standard `fetch`, both performed by the host (wit/capsule.wit, http): only to
 // the hosts the task was granted, journaled, with secrets redacted.
 
-import { errorWithKind, operations, startOperation } from "./host.js";
+import { errorWithKind, operations, startOperation, toJson } from "./host.js";
 
 const DEFAULT_TIMEOUT_S = 30;
 const encoder = new TextEncoder();
@@ -105,7 +105,7 @@ export class Response {
 function request(payload) {
   let text;
   try {
-    text = JSON.stringify(payload);
+    text = toJson(payload, "the request");
   } catch (error) {
     return Promise.reject(new HttpError("invalid_request", error.message));
   }

@@ -4,7 +4,7 @@
 // evaluates the program, bundled by the host into one CommonJS script, and
 // `run` runs one task invocation on the loop of host.js.
 
-import { abandonAll, clearTimer, monotonicMs, runUntilSettled, setTimer, write } from "./host.js";
+import { abandonAll, clearTimer, monotonicMs, runUntilSettled, setTimer, toJson, write } from "./host.js";
 import { fetch, Headers, HttpError, http, Response } from "./http.js";
 import * as sdk from "./sdk.js";
 
@@ -110,13 +110,27 @@ function requireModule(name) {
   );
 }
 
+/** What `read` gives, as text; `fallback` if reading it throws (a thrown
+ * value may be a Proxy, or have getters that throw). */
+function safely(read, fallback) {
+  try {
+    const value = read();
+    return value === undefined || value === null ? fallback : String(value);
+  } catch (_) {
+    return fallback;
+  }
+}
+
 function failure(kind, error, retryable = true) {
-  const isError = error instanceof Error;
+  const isError = safely(() => error instanceof Error, "false") === "true";
+  const message = isError ? safely(() => error.message, "") : safely(() => show(error), typeof error);
+  const name = isError ? safely(() => error.name, "Error") : typeof error;
+  const stack = isError ? safely(() => error.stack, "") : "";
   return {
     kind,
-    message: String(isError ? error.message : show(error)).slice(0, 100000),
-    type: isError ? String(error.name) : typeof error,
-    traceback: isError && error.stack ? `${error.name}: ${error.message}\n${error.stack}` : undefined,
+    message: message.slice(0, 100000),
+    type: name.slice(0, 200),
+    traceback: stack ? `${name}: ${message}\n${stack}`.slice(0, 200000) : undefined,
     cause: undefined,
     retryable,
   };
@@ -124,6 +138,14 @@ function failure(kind, error, retryable = true) {
 
 /** How a task's exception fails it: the host's kinds a guest may give. */
 function taskFailure(error) {
+  try {
+    return classified(error);
+  } catch (_) {
+    return failure("exception", "the task threw a value that cannot be read");
+  }
+}
+
+function classified(error) {
   // (SpiderMonkey throws the string "out of memory" when an allocation fails.)
   if (error === "out of memory" || (error instanceof Error && /^out of memory/.test(error.message))) {
     return failure("memory_limit", new Error("the task ran out of memory (its ram limit)"));
@@ -147,8 +169,22 @@ function taskFailure(error) {
 
 let loaded = false;
 
+// Where the host's marker goes: random bytes of its own for each instance, by
+// which it tells the instance's memory from every other's (to measure it, to
+// give back the pages of an idle one). Made in the snapshot, large enough to
+// be kept out of the garbage collector's moving heap: at the same place in
+// every instance of this build, which the host finds once by the bytes.
+const MARKER_SLOT = new Uint8Array(new ArrayBuffer(1 << 16));
+
+function keepMarker(hex) {
+  for (let i = 0; i < hex.length / 2 && i < MARKER_SLOT.length; i++) {
+    MARKER_SLOT[i] = parseInt(hex.slice(2 * i, 2 * i + 2), 16);
+  }
+}
+
 export const runner = {
   load(program) {
+    keepMarker(program.marker);
     if (!loaded) {
       const module = { exports: {} };
       try {
@@ -159,7 +195,7 @@ export const runner = {
       }
       loaded = true;
     }
-    let layout = '"marker": 0, "channel": [0, 0]';
+    const layout = '"marker": null, "channel": null';
     if (!program.describe) return `{${layout}}`;
     const declared = [...sdk.registry.values()].map((entry) => ({
       name: entry.name,
@@ -204,16 +240,11 @@ export const runner = {
     } finally {
       abandonAll();
     }
-    let text;
+    if (result === undefined) return "null";
     try {
-      text = JSON.stringify(result);
+      return toJson(result, `the value task ${JSON.stringify(entry.name)} returned`);
     } catch (error) {
-      throw failure(
-        "exception",
-        new TypeError(`task ${JSON.stringify(entry.name)} returned a value that is not JSON: ${error.message}`),
-        false,
-      );
+      throw failure("exception", error, false);
     }
-    return text === undefined ? "null" : text;
   },
 };

@@ -15,6 +15,7 @@ import {
   startOperation,
   tasks,
   timeoutMs,
+  toJson,
 } from "./host.js";
 
 /** The option names of task(), as JS spells them -> as the host knows them. */
@@ -39,7 +40,12 @@ export const registry = new Map();
 function describe(value) {
   if (typeof value === "string") return JSON.stringify(value.slice(0, 80));
   if (typeof value === "function") return "a function";
-  return String(value);
+  if (value !== null && typeof value === "object" && typeof value.then === "function") return "a promise";
+  try {
+    return String(value);
+  } catch (_) {
+    return typeof value;
+  }
 }
 
 /** A task failed after all its attempts (or the host refused to start it). */
@@ -81,19 +87,11 @@ function messageError(error) {
 }
 
 function callJson(name, args) {
-  try {
-    return JSON.stringify({ args, kwargs: {} });
-  } catch (error) {
-    throw new TypeError(`the arguments to task ${JSON.stringify(name)} are not JSON: ${error.message}`);
-  }
+  return toJson({ args, kwargs: {} }, `the arguments to task ${JSON.stringify(name)}`);
 }
 
 function body(target, value) {
-  const text = JSON.stringify(value);
-  if (text === undefined) {
-    throw new TypeError(`a message to ${JSON.stringify(target)} must be a JSON value, not ${typeof value}`);
-  }
-  return text;
+  return toJson(value, `a message to ${JSON.stringify(target)}`);
 }
 
 function outcomes(payload) {
@@ -116,13 +114,19 @@ export class TaskHandle {
   }
 
   /** The child's result; rejects with its TaskError. */
-  async result() {
+  result() {
+    // (One wait on the host however often it is asked for meanwhile.)
+    this._result ??= this._wait();
+    return this._result;
+  }
+
+  async _wait() {
     if (this._outcome === undefined) {
       const [outcome] = await startOperation(
         () => operations.startWait(JSON.stringify([this.id])),
         waitAnswer,
       );
-      this._outcome = outcome;
+      this._outcome ??= outcome;
     }
     if (this._outcome.ok) return this._outcome.value;
     throw this._outcome.error;
@@ -196,10 +200,11 @@ export function taskRef(name) {
 }
 
 function callable(name) {
-  const call = (...args) => spawnTask(name, args).result();
+  // (A call is a promise: one the host refused at once rejects too.)
+  const call = async (...args) => spawnTask(name, args).result();
   call.spawn = (...args) => spawnTask(name, args);
   call.spawnWith = (options, ...args) => spawnTask(name, args, options);
-  call.map = (items, { returnExceptions = false } = {}) =>
+  call.map = async (items, { returnExceptions = false } = {}) =>
     gather(...Array.from(items, (item) => spawnTask(name, [item])), { returnExceptions });
   Object.defineProperty(call, "taskName", { value: name });
   return call;
@@ -211,17 +216,28 @@ function callable(name) {
  */
 export async function gather(...args) {
   let options = {};
-  if (args.length && !(args[args.length - 1] instanceof TaskHandle)) options = args.pop();
+  const last = args[args.length - 1];
+  if (args.length && !(last instanceof TaskHandle) && last !== null && typeof last === "object" && typeof last.then !== "function") {
+    options = args.pop();
+  }
   const handles = args;
+  for (const handle of handles) {
+    if (!(handle instanceof TaskHandle)) {
+      throw new TypeError(
+        `gather() takes the handles of spawned tasks (task.spawn(...)), not ${describe(handle)}; ` +
+          "for promises of task calls, use Promise.all",
+      );
+    }
+  }
   if (handles.length === 0) return [];
-  const pending = handles.filter((handle) => handle._outcome === undefined);
+  const pending = [...new Set(handles.filter((handle) => handle._outcome === undefined))];
   if (pending.length) {
     const ended = await startOperation(
       () => operations.startWait(JSON.stringify(pending.map((handle) => handle.id))),
       waitAnswer,
     );
     pending.forEach((handle, index) => {
-      handle._outcome = ended[index];
+      handle._outcome ??= ended[index];
     });
   }
   return handles.map((handle) => {
@@ -281,7 +297,8 @@ export class Message {
 
 /** The oldest message in this task's mailbox; waits up to `timeout` seconds for one. */
 export async function receive({ timeout } = {}) {
-  const deadline = timeout === undefined ? undefined : monotonicMs() + Number(timeoutMs(timeout, "receive"));
+  const limit = timeoutMs(timeout, "receive");
+  const deadline = limit === undefined ? undefined : monotonicMs() + Number(limit);
   for (;;) {
     const answer = attempt(() => messaging.receive(0n));
     if (answer.ok) return new Message(answer.value[0]);
@@ -321,13 +338,12 @@ export async function ask(target, value, { timeout } = {}) {
       return parsed;
     },
   );
-  if (timeout === undefined) return reply;
-  timeoutMs(timeout, "ask");
+  if (timeoutMs(timeout, "ask") === undefined) return reply;
   let timer;
   const expired = new Promise((_, reject) => {
     timer = globalThis.setTimeout(
       () => reject(messageError({ kind: "receive_timeout", message: `no reply from ${JSON.stringify(to)} within ${timeout}s` })),
-      timeout * 1000,
+      Math.min(timeout * 1000, 2 ** 31 - 1),
     );
   });
   try {
