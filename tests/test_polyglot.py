@@ -303,3 +303,23 @@ def test_the_memory_budget_measures_js_tasks_and_stops_the_hog_whatever_its_lang
     assert idle == ["idle"] * 5 and kind == "memory_limit"
     # (Measured: a task whose memory the host cannot find is stopped first.)
     assert "this task held the most of any (" in message and "could not be found" not in message
+
+
+def test_a_bad_grant_names_the_file_that_declared_it_as_it_wrote_it(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    write(
+        tmp_path,
+        {
+            "capsule.toml": '[program]\nmodules = ["sub/tools.ts"]\n',
+            "sub/tools.ts": """
+                import { task } from "@capsule-run/sdk";
+                export const reader = task({ name: "reader", allowedFiles: ["missing"] }, () => 1);
+            """,
+            "main.py": 'from capsule import task\n\n\n@task(name="main")\ndef main() -> int:\n    return 1\n',
+        },
+    )
+    done = capsule_cli("run", str(tmp_path / "main.py"))
+    assert done.returncode == 2, done.stderr
+    assert "sub/tools.ts: invalid task config" in done.stderr
+    assert "allowedFiles" in done.stderr and "allowed_files" not in done.stderr
+    assert str(tmp_path / "sub" / "missing") in done.stderr

@@ -286,13 +286,20 @@ def run_program(
         # the run is made: the run's from then on (see Run), whatever happens.
         with ExitStack() as loaded:
             loaded.callback(first.store.close)
-            try:
-                grants = {
-                    name: resolve_grants(config, path.parent, environment, project.allowed_hosts)
-                    for name, config in configs.items()
-                }
-            except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
-                return RunReport(usage_error=f"{path}: invalid task config:\n{exc}")
+            # (Each task's files are granted from its own file's directory.)
+            file_of = {other.module: other for other in others}
+            grants = {}
+            for name, config in configs.items():
+                declared_by = file_of.get(programs.get(name, ""), main)
+                try:
+                    grants[name] = resolve_grants(
+                        config, declared_by.path.parent, environment, project.allowed_hosts
+                    )
+                except (ConfigError, OSError) as exc:  # OSError: a granted path the OS refuses
+                    return RunReport(
+                        usage_error=f"{declared_by.path}: invalid task config:\n"
+                        f"{declared_by.options(exc)}"
+                    )
             # The program's import ran before the grants were known: what it got
             # from a directory granted to a task is refused now, and from now on.
             granted = _granted_directories(grants)

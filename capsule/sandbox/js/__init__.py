@@ -25,9 +25,10 @@ CAMEL_CASE_OPTIONS = {
     "allowed_hosts": "allowedHosts",
     "allowed_files": "allowedFiles",
 }
-_OPTION = re.compile(r"\boption (" + "|".join(CAMEL_CASE_OPTIONS) + r")=")
+#: An option's name where a message names it: before "=" or a quoted value.
+_OPTION = re.compile(r"\b(" + "|".join(CAMEL_CASE_OPTIONS) + r")(?==| ')")
 
 
 def js_option_names(text: str) -> str:
     """A message about task options, with each named as a JS program writes it."""
-    return _OPTION.sub(lambda match: f"option {CAMEL_CASE_OPTIONS[match.group(1)]}=", text)
+    return _OPTION.sub(lambda match: CAMEL_CASE_OPTIONS[match.group(1)], text)
