@@ -497,6 +497,9 @@ def test_mistakes_in_sdk_calls_are_errors_the_task_can_catch(run_ts: ProgramRunn
         export const echo = task({ name: "echo" }, (value: unknown) => value);
         export const slow = task({ name: "slow" }, async () => { await sleep(0.2); return "slow"; });
         export const quiet = task({ name: "quiet" }, async () => { await receive(); await sleep(60); });
+        export const forged = task({ name: "forged", maxRetries: 0 }, () => {
+          throw new TaskError("exception", 123 as any, "boom", { cause: { task: 5, kind: {}, message: null, via: [1] } });
+        });
         export const nasty = task({ name: "nasty", maxRetries: 0 }, () => {
           throw new Proxy({}, { get() { throw new Error("no reading me"); } });
         });
@@ -529,6 +532,10 @@ def test_mistakes_in_sdk_calls_are_errors_the_task_can_catch(run_ts: ProgramRunn
             hugeTimeout: await outcome(() =>
               Promise.race([ask("quiet", 1, { timeout: 1e300 }), sleep(0.05).then(() => "waited")])),
             refused: await outcome(() => (echo as any)(1n).catch((error: any) => "caught " + error.name)),
+            loneStringObject: await outcome(() => send("main", { s: new String(lone) })),
+            loneSpawnName: await outcome(() => echo.spawnWith({ name: "a" + lone }, 1)),
+            askBadTimeout: await outcome(() => ask("quiet", "hello", { timeout: "5" as any })),
+            madeTaskError: await outcome(() => forged()),
             nastyThrow: await outcome(() => nasty()),
           };
           // A handle's result awaited over and over while it runs starts one wait.
@@ -549,6 +556,13 @@ def test_mistakes_in_sdk_calls_are_errors_the_task_can_catch(run_ts: ProgramRunn
     assert value["hugeTimeout"] == 'ok "waited"'
     assert value["refused"] == 'ok "caught TypeError"'
     assert value["nastyThrow"] == "TaskError: exception"
+    assert value["loneStringObject"] == "TypeError: "
+    assert value["loneSpawnName"] == "TypeError: "
+    assert value["askBadTimeout"] == "TypeError: "
+    assert value["madeTaskError"] == "TaskError: exception"
+    # (The ask refused for its timeout sent nothing: quiet got the 1e300 one only.)
+    asks = [e for e in outcome.of_type("message_sent") if e.task_id == "main" and e.expects_reply]
+    assert len(asks) == 1
     assert value["raced"] == 'ok "slow"'
 
 
@@ -592,3 +606,62 @@ def test_the_bundle_cache_sees_a_new_file_that_changes_an_import(tmp_path: Path)
     finally:
         bundle.run_tool = real  # type: ignore[assignment]
     assert '"edited"' in bundle.bundle_program(program).code
+
+
+def test_long_waits_wait_on_the_host_without_turning(tmp_path: Path) -> None:
+    """A sleep or receive of a timeout over setTimeout's range (~24.8 days)
+    waits on the host: one receive step, not a turn of the loop every
+    millisecond (each a journaled step)."""
+    program = tmp_path / "long.ts"
+    program.write_text(
+        'import { task, receive, sleep } from "@capsule-run/sdk";\n'
+        'export const main = task({ name: "main" }, async () => {\n'
+        '  const first = await Promise.race([sleep(3e6).then(() => "long"), sleep(0.3).then(() => "short")]);\n'
+        '  const second = await Promise.race([receive({ timeout: Infinity }).then(() => "got"), sleep(0.5).then(() => "waited")]);\n'
+        "  return [first, second];\n"
+        "});\n"
+    )
+    done = capsule_cli("run", str(program), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == '["short", "waited"]\n'
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / ".capsule" / "journal.db") as connection:
+        steps = dict(
+            connection.execute("SELECT kind, COUNT(*) FROM steps GROUP BY kind").fetchall()
+        )
+    assert steps.get("receive", 0) <= 3 and sum(steps.values()) < 40, steps
+
+
+def test_a_tsconfig_above_the_sources_is_part_of_the_bundles_cache_key(tmp_path: Path) -> None:
+    from capsule.sandbox.js import bundle
+
+    (tmp_path / "src").mkdir()
+    for lib in ("lib1", "lib2"):
+        (tmp_path / lib).mkdir()
+        (tmp_path / lib / "where.ts").write_text(f'export const where = "{lib}";\n')
+    config = '{"compilerOptions": {"baseUrl": ".", "paths": {"@lib/*": ["%s/*"]}}}\n'
+    (tmp_path / "tsconfig.json").write_text(config % "lib1")
+    program = tmp_path / "src" / "main.ts"
+    program.write_text('import { where } from "@lib/where";\nexport const main = where;\n')
+    assert '"lib1"' in bundle.bundle_program(program).code
+    (tmp_path / "tsconfig.json").write_text(config % "lib2")
+    assert '"lib2"' in bundle.bundle_program(program).code
+
+
+def test_a_damaged_bundle_cache_entry_is_bundled_anew(tmp_path: Path) -> None:
+    from capsule.sandbox.js import bundle
+    from capsule.sandbox.js.toolchain import ensure_toolchain
+
+    program = tmp_path / "main.ts"
+    program.write_text('export const main = "fresh";\n')
+    entry = bundle._cache_file(program, ensure_toolchain())
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    damaged = [
+        json.dumps({"code": "stale", "inputs": {"a\u0000b": "x"}, "fingerprint": {}}),
+        "[" * 100_000 + "]" * 100_000,
+        json.dumps({"code": 1, "inputs": [], "fingerprint": None}),
+    ]
+    for text in damaged:
+        entry.write_text(text)
+        assert '"fresh"' in bundle.bundle_program(program).code

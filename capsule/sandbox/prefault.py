@@ -257,28 +257,37 @@ class Prefaulter:
 
     def nonce_address(self, memory: Memory | None, nonce: bytes) -> int | None:
         """Where in an instance's linear memory ``nonce`` is, read from its
-        image mapping (``memory``, found as it started): for a runtime that
-        keeps the host's marker at the same place in every instance without
-        knowing where (the JS runtime: a buffer of its snapshot). None unless
-        it is there exactly once. Reads the whole image (~10 ms for 12 MB):
-        once per runtime and sandbox."""
-        if not self._releasing_enabled or memory is None:
+        image mapping (``memory``, found as it started, else each image
+        mapping in turn): for a runtime that keeps the host's marker at the
+        same place in every instance without knowing where (the JS runtime: a
+        buffer of its snapshot). None unless it is in one mapping, once.
+        Reads an image (~10 ms for 12 MB) or, with no guess, up to all of
+        them: once per runtime and sandbox."""
+        if not self._releasing_enabled:
             return None
         mappings = self._mappings()
         if mappings is None:
             return None
         with self._releasing:
-            if mappings.image_at(memory.start) != memory.end:
-                return None  # (not that instance's image any more)
-            try:
-                data = os.pread(self._mem, memory.end - memory.start, memory.start)
-            except (OSError, OverflowError):
-                return None
-            found = data.find(nonce)
-            if found < 0 or data.find(nonce, found + 1) >= 0:
-                return None
-            below = mappings.memory_below(memory.start)
-        return memory.start + found - (memory.start if below is None else below)
+            # (The guess first; the others if it was wrong: two threads'
+            # new instances may each have taken the other's mapping.)
+            guess: list[tuple[int, int]] = []
+            if memory is not None and mappings.image_at(memory.start) == memory.end:
+                guess.append((memory.start, memory.end))
+            others = (span for span in mappings.images() if span not in guess)
+            for start, end in chain(guess, others):
+                try:
+                    data = os.pread(self._mem, end - start, start)
+                except (OSError, OverflowError):
+                    continue
+                found = data.find(nonce)
+                if found < 0:
+                    continue
+                if data.find(nonce, found + 1) >= 0:
+                    return None
+                below = mappings.memory_below(start)
+                return start + found - (start if below is None else below)
+        return None
 
     def linear_memory(self, memory: Memory | None, marker: Marker) -> tuple[int, int] | None:
         """Where the linear memory holding ``marker`` starts in this process, and

@@ -223,7 +223,6 @@ def run_program(
                 guest=guest,
                 finder=finder,
             )
-        add_others(sandbox, loaded_others)
     except RuntimeBuildError as exc:
         return RunReport(runtime_error=str(exc))
     except ProgramError as exc:
@@ -236,6 +235,10 @@ def run_program(
             )
         )
     with sandbox:
+        try:
+            add_others(sandbox, loaded_others)
+        except OSError as exc:  # (a runtime's files gone meanwhile, no descriptors left)
+            return RunReport(runtime_error=f"cannot run the program's modules: {exc}")
         if steps is not None:
             for each in sandbox.finders():
                 each.watch(steps.program_file)

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ def _sha256(path: str) -> str | None:
     try:
         with open(path, "rb") as file:
             return hashlib.file_digest(file, "sha256").hexdigest()
-    except OSError:
+    except (OSError, ValueError):  # (ValueError: a NUL in a cache entry's name)
         return None
 
 
@@ -91,21 +91,32 @@ def _cache_file(path: Path, toolchain: Toolchain) -> Path:
 def _mtime_ns(path: str) -> int | None:
     try:
         return os.stat(path).st_mtime_ns
-    except OSError:
+    except (OSError, ValueError):
         return None
+
+
+def _ancestors(directory: str) -> Iterator[str]:
+    while True:
+        yield directory
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory = parent
 
 
 def _fingerprint(inputs: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """What a bundle of these inputs (path -> digest) depends on beyond them:
     each directory holding one (a file added or removed there may resolve an
-    import elsewhere: its mtime) and the files there that configure esbuild
-    (their digests; "" for none)."""
+    import elsewhere: its mtime), and the files that configure esbuild in it
+    and above it, where esbuild looks for them (their digests; "" for none).
+    (A tsconfig.json's "extends" of a file elsewhere is not followed.)"""
     directories = sorted({os.path.dirname(name) for name in inputs})
+    above = sorted({ancestor for directory in directories for ancestor in _ancestors(directory)})
     return {
         "directories": {directory: _mtime_ns(directory) for directory in directories},
         "configs": {
             os.path.join(directory, name): _sha256(os.path.join(directory, name)) or ""
-            for directory in directories
+            for directory in above
             for name in RESOLUTION_FILES
         },
     }
@@ -116,8 +127,8 @@ def _cached(entry: Path) -> Bundle | None:
         with open(entry, encoding="utf-8") as file:
             cached = json.load(file)
         code, inputs, fingerprint = cached["code"], cached["inputs"], cached["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None  # (whatever is there: bundled anew)
     if not isinstance(code, str) or not isinstance(inputs, dict) or not inputs:
         return None
     for name, digest in inputs.items():
@@ -128,14 +139,14 @@ def _cached(entry: Path) -> Bundle | None:
     return Bundle(code, inputs)
 
 
-def _store(entry: Path, bundle: Bundle) -> None:
+def _store(entry: Path, bundle: Bundle, fingerprint: dict[str, dict[str, Any]]) -> None:
     """Keep ``bundle`` for the next run, code and digests in one file replaced
     at once (best effort: a cache that cannot be written only costs a
     bundling the next time)."""
     record = {
         "code": bundle.code,
         "inputs": dict(bundle.inputs),
-        "fingerprint": _fingerprint(bundle.inputs),
+        "fingerprint": fingerprint,
     }
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +202,13 @@ def bundle_program(path: Path, progress: Progress | None = None) -> Bundle:
             # a bundling takes, such a change can go unseen.)
             settled = False
     bundle = Bundle(code, inputs)
-    if settled:
-        _store(entry, bundle)
+    fingerprint = _fingerprint(inputs)
+    # (A directory changed since the bundling began may hold a file esbuild
+    # would now resolve an import to.)
+    if settled and all(
+        changed is not None and changed < started for changed in fingerprint["directories"].values()
+    ):
+        _store(entry, bundle, fingerprint)
     return bundle
 
 

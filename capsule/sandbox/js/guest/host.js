@@ -95,7 +95,9 @@ export function toJson(value, what) {
   let text;
   try {
     text = JSON.stringify(value, (key, item) => {
-      if ((typeof item === "string" && !wellFormed(item)) || !wellFormed(key)) {
+      // (A String object is written as its text: checked as one.)
+      const string = item instanceof String ? item.valueOf() : item;
+      if ((typeof string === "string" && !wellFormed(string)) || !wellFormed(key)) {
         throw new TypeError("a string holds a lone surrogate (half of a UTF-16 pair), which is not text");
       }
       return item;
@@ -161,9 +163,10 @@ export function abandonAll() {
 const timers = new Map();
 let nextTimerId = 1;
 
-/** The longest timer delay; a longer one (or Infinity) fires at once, as in Node. */
+/** The longest delay of setTimeout; a longer one (or Infinity) fires at once, as in Node. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/** The program's setTimeout and setInterval. */
 export function setTimer(callback, delay, args, repeat) {
   if (typeof callback !== "function") {
     throw new TypeError("setTimeout/setInterval take a function (strings are not evaluated)");
@@ -171,8 +174,14 @@ export function setTimer(callback, delay, args, repeat) {
   let ms = Number(delay);
   if (!(ms >= 0)) ms = 0;
   if (ms > MAX_TIMER_MS) ms = 1;
+  return hostTimer(callback, ms, args, repeat);
+}
+
+/** A timer of the SDK's own waits: any delay, up to MAX_WAIT_MS. */
+export function hostTimer(callback, ms, args = [], repeat = false) {
+  const delay = Math.min(Math.max(0, Number(ms) || 0), MAX_WAIT_MS);
   const id = nextTimerId++;
-  timers.set(id, { at: monotonicMs() + ms, ms, callback, args, repeat });
+  timers.set(id, { at: monotonicMs() + delay, ms: delay, callback, args, repeat });
   return id;
 }
 
@@ -228,7 +237,8 @@ export async function runUntilSettled(promise) {
       timer.callback(...timer.args);
       continue;
     }
-    const wait = first === undefined ? undefined : BigInt(Math.ceil(first[1].at - now));
+    const wait =
+      first === undefined ? undefined : BigInt(Math.min(Math.ceil(first[1].at - now), MAX_WAIT_MS));
     if (inFlight.size > 0) {
       poll(wait);
     } else if (wait === undefined) {

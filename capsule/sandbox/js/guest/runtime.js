@@ -154,9 +154,17 @@ function classified(error) {
   if (error instanceof sdk.TaskError) {
     // Left unhandled: fails this task too, naming the original failure once
     // however many callers it went through (as the Python SDK's `unhandled`).
-    const cause = error.cause
-      ? { ...error.cause, via: [error.task, ...(error.cause.via ?? [])].slice(0, 16) }
-      : { task: error.task, kind: error.kind, message: error.reason, via: [] };
+    // (As text: a TaskError the program made itself may hold anything.)
+    const text = (value) => safely(() => value, "?").slice(0, 10000);
+    const original = error.cause;
+    const cause = original
+      ? {
+          task: text(original.task),
+          kind: text(original.kind),
+          message: text(original.message),
+          via: [error.task, ...(Array.isArray(original.via) ? original.via : [])].slice(0, 16).map(text),
+        }
+      : { task: text(error.task), kind: text(error.kind), message: text(error.reason), via: [] };
     const shown = cause.via.slice(0, 3).map((task) => JSON.stringify(task)).join(", ") + (cause.via.length > 3 ? ", ..." : "");
     const through = cause.via.length ? ` (through ${shown})` : "";
     const info = failure("exception", error, retryable && error.retryable);

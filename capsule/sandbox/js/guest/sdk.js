@@ -7,7 +7,9 @@
 import {
   abandonOperation,
   attempt,
+  clearTimer,
   errorWithKind,
+  hostTimer,
   httpImport,
   messaging,
   monotonicMs,
@@ -142,7 +144,10 @@ export class TaskHandle {
 }
 
 function spawnTask(name, args, options = {}) {
-  const spawnOptions = JSON.stringify({ actor_name: options.name ?? null, link: Boolean(options.link) });
+  const spawnOptions = toJson(
+    { actor_name: options.name ?? null, link: Boolean(options.link) },
+    `the spawn options of task ${JSON.stringify(name)}`,
+  );
   const answer = attempt(() => tasks.spawn(name, callJson(name, args), spawnOptions));
   if (!answer.ok) throw TaskError.from({ task: name, ...answer.error });
   return new TaskHandle(answer.value, name);
@@ -252,7 +257,7 @@ export function sleep(seconds) {
   if (typeof seconds !== "number" || !(seconds >= 0)) {
     return Promise.reject(new TypeError(`sleep() takes a number of seconds >= 0, not ${describe(seconds)}`));
   }
-  return new Promise((resolve) => globalThis.setTimeout(resolve, seconds * 1000));
+  return new Promise((resolve) => hostTimer(resolve, seconds * 1000));
 }
 
 let info = null;
@@ -314,12 +319,12 @@ export async function receive({ timeout } = {}) {
     } else {
       let timer;
       const expired = new Promise((resolve) => {
-        timer = globalThis.setTimeout(resolve, deadline - monotonicMs());
+        timer = hostTimer(resolve, deadline - monotonicMs());
       });
       try {
         await Promise.race([arrived, expired]);
       } finally {
-        globalThis.clearTimeout(timer);
+        clearTimer(timer);
         abandonOperation(arrived);
       }
     }
@@ -330,6 +335,7 @@ export async function receive({ timeout } = {}) {
 export async function ask(target, value, { timeout } = {}) {
   const to = targetOf(target);
   const text = body(to, value);
+  const limit = timeoutMs(timeout, "ask"); // (checked before anything is sent)
   const reply = startOperation(
     () => operations.startAsk(to, text),
     (ok, payload) => {
@@ -338,18 +344,18 @@ export async function ask(target, value, { timeout } = {}) {
       return parsed;
     },
   );
-  if (timeoutMs(timeout, "ask") === undefined) return reply;
+  if (limit === undefined) return reply;
   let timer;
   const expired = new Promise((_, reject) => {
-    timer = globalThis.setTimeout(
+    timer = hostTimer(
       () => reject(messageError({ kind: "receive_timeout", message: `no reply from ${JSON.stringify(to)} within ${timeout}s` })),
-      Math.min(timeout * 1000, 2 ** 31 - 1),
+      Number(limit),
     );
   });
   try {
     return await Promise.race([reply, expired]);
   } finally {
-    globalThis.clearTimeout(timer);
+    clearTimer(timer);
     abandonOperation(reply);
   }
 }
