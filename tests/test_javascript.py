@@ -389,7 +389,7 @@ export const main = task({ name: "main" }, async () => {
   const drawn = [Date.now(), Math.random(), await pick(1)];
   const bytes = crypto.getRandomValues(new Uint8Array(4));
   console.log("MARK " + JSON.stringify([...drawn, ...bytes]));
-  await sleep(3);  // (killed meanwhile; the resume sleeps it)
+  await sleep(1.5);  // (killed meanwhile; the resume sleeps it)
   return [...drawn, ...bytes];
 });
 """

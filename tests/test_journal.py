@@ -1205,7 +1205,7 @@ def main() -> list:
     later.spawn()
     seen.append(capsule.receive(timeout=30).body)
     print("MARK received", flush=True)
-    capsule.sleep(3)  # (killed meanwhile; the resume sleeps it)
+    capsule.sleep(1.5)  # (killed meanwhile; the resume sleeps it)
     return seen
 """
 

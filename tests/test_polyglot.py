@@ -173,7 +173,7 @@ def test_a_polyglot_run_killed_with_9_resumes_to_the_same_result(tmp_path: Path)
             '    return {"headlines": headline.map(titles)}',
             "    found = headline.map(titles)\n"
             '    print("MARK", flush=True)\n'
-            "    capsule.sleep(3)\n"
+            "    capsule.sleep(1.5)\n"
             '    return {"headlines": found}',
         )
     )
