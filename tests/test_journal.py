@@ -144,6 +144,12 @@ def _started_after(journal: Path, seq: int) -> set[str]:
     return {row[0] for row in rows}
 
 
+def _drop_leases(connection: sqlite3.Connection) -> None:
+    """The runs table as it was before version 10 (leases)."""
+    connection.execute("ALTER TABLE runs DROP COLUMN lease_owner")
+    connection.execute("ALTER TABLE runs DROP COLUMN lease_expires_at")
+
+
 def _as_schema_3(journal: Path) -> None:
     """Rewrite a journal as Capsule wrote it with schema version 3: every request
     as its text, every step with its time, a received message as an object;
@@ -189,6 +195,7 @@ def _as_schema_3(journal: Path) -> None:
             )
         connection.execute(create_view)
         connection.execute("DROP TABLE program_files")  # (version 6)
+        _drop_leases(connection)
         connection.execute("PRAGMA user_version = 3")
 
 
@@ -904,6 +911,7 @@ def _as_schema_2(journal: Path) -> None:
         connection.execute(create_steps)
         connection.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         connection.execute("DROP TABLE program_files")  # (version 6)
+        _drop_leases(connection)
         connection.execute("PRAGMA user_version = 2")
 
 

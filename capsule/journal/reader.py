@@ -15,6 +15,8 @@ from typing import Any
 
 import aiosqlite
 
+from capsule.journal.lease import expired as lease_expired
+from capsule.journal.lease import owner_gone
 from capsule.journal.schema import (
     SCHEMA_VERSION,
     JournalError,
@@ -51,13 +53,21 @@ class RunRecord:
     error: dict[str, Any] | None
     resumes: int
     host_pid: int | None
+    #: Who holds the run's lease, and until when (see lease.py); None for a
+    #: run of a Capsule older than leases.
+    lease_owner: str | None = None
+    lease_expires_at: float | None = None
 
     @property
     def shown_status(self) -> str:
-        """The status, with a run whose process died marked as such."""
-        if self.status == "running" and not _alive(self.host_pid):
-            return "crashed"
-        return self.status
+        """The status, with a run whose owner is gone marked as crashed: its
+        lease expired (a row from before leases: its process is gone)."""
+        if self.status != "running":
+            return self.status
+        if self.lease_owner is not None:
+            gone = lease_expired(self.lease_expires_at) or owner_gone(self.lease_owner)
+            return "crashed" if gone else "running"
+        return "running" if _alive(self.host_pid) else "crashed"
 
     @property
     def duration_s(self) -> float | None:
@@ -157,8 +167,20 @@ async def open_journal(path: Path) -> AsyncIterator[aiosqlite.Connection]:
 
 _RUN_COLUMNS = (
     "run_id, program, program_hash, args_json, settings_json, seed, status, started_at, "
-    "ended_at, result_json, error_json, resumes, host_pid"
+    "ended_at, result_json, error_json, resumes, host_pid, lease_owner, lease_expires_at"
 )
+#: The same, from a journal older than leases (read as it is: readers never
+#: migrate a journal).
+_RUN_COLUMNS_BEFORE_LEASES = _RUN_COLUMNS.replace("lease_owner, lease_expires_at", "NULL, NULL")
+#: The schema version that added leases (schema.MIGRATIONS).
+_LEASES_SINCE = 10
+
+
+async def _run_columns(db: aiosqlite.Connection) -> str:
+    """The columns of a run's record as this journal's schema has them."""
+    cursor = await db.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    return _RUN_COLUMNS if row and row[0] >= _LEASES_SINCE else _RUN_COLUMNS_BEFORE_LEASES
 
 
 def _run_record(row: Any) -> RunRecord:
@@ -178,14 +200,26 @@ def _run_record(row: Any) -> RunRecord:
         error=None if row[10] is None else json.loads(row[10]),
         resumes=row[11],
         host_pid=row[12],
+        lease_owner=row[13] if isinstance(row[13], str) else None,
+        lease_expires_at=row[14] if isinstance(row[14], int | float) else None,
     )
+
+
+async def run_status(db: aiosqlite.Connection, run_id: str) -> str | None:
+    """A run's status as shown (RunRecord.shown_status), read afresh; None
+    if there is no such run or its row cannot be read."""
+    columns = await _run_columns(db)
+    cursor = await db.execute(f"SELECT {columns} FROM runs WHERE run_id = ?", (run_id,))
+    row = await cursor.fetchone()
+    return None if row is None else _listed(row).shown_status
 
 
 async def list_runs(path: Path) -> list[RunRecord]:
     """Every run in the journal, newest first."""
     async with open_journal(path) as db:
+        columns = await _run_columns(db)
         cursor = await db.execute(
-            f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC"
+            f"SELECT {columns} FROM runs ORDER BY started_at DESC, rowid DESC"
         )
         return [_listed(row) for row in await cursor.fetchall()]
 
@@ -234,19 +268,18 @@ async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRe
     """The run with this id (or a unique prefix of it, unless ``exact``); None:
     the newest run."""
     async with open_journal(path) as db:
+        columns = await _run_columns(db)
         if exact:
-            cursor = await db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?", (run_id,)
-            )
+            cursor = await db.execute(f"SELECT {columns} FROM runs WHERE run_id = ?", (run_id,))
         elif run_id is None:
             cursor = await db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
+                f"SELECT {columns} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
             )
         else:
             # The run of that whole id, else those it begins (compared as text:
             # LIKE would take "_" and "%" in an id for wildcards).
             cursor = await db.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id = ?1 OR "
+                f"SELECT {columns} FROM runs WHERE run_id = ?1 OR "
                 "(substr(run_id, 1, length(?1)) = ?1 AND NOT EXISTS "
                 "(SELECT 1 FROM runs WHERE run_id = ?1)) LIMIT 2",
                 (run_id,),

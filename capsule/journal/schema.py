@@ -13,7 +13,7 @@ from pathlib import Path
 from capsule.supervisor.option_specs import WordedError, Wording
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 #: The ``steps`` view since version 4: a step per row, from the batches.
 _STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
@@ -208,6 +208,13 @@ MIGRATIONS: dict[int, list[str]] = {
     # in as a value). Nothing stored changes; the version keeps an older
     # Capsule from misreading them on a resume.
     9: [],
+    # Run ownership by lease (see lease.py): who executes the run, and until
+    # when unless renewed. A row without an owner is of an older Capsule,
+    # which told a dead run by its process id.
+    10: [
+        "ALTER TABLE runs ADD COLUMN lease_owner TEXT",
+        "ALTER TABLE runs ADD COLUMN lease_expires_at REAL",
+    ],
 }
 
 

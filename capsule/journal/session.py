@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsule.journal.lease import Lease, lease_seconds, owner_gone
 from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
@@ -60,7 +61,7 @@ def run_journaled(
         return runner(request, on_event)  # reports the missing program
     run_id = run_id or new_run_id()
     seed = os.urandom(16)
-    with JournalWriter(journal, run_id) as writer:
+    with JournalWriter(journal, run_id, Lease.new()) as writer:
         settings = {_ENTRY: request.entry, **request.options.given()}
         _write(
             writer,
@@ -97,7 +98,9 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
     if status == "running":
         raise JournalError(
             lambda name: (
-                f"run {record.run_id} is still running (process {record.host_pid}); "
+                f"run {record.run_id} is still running ({_holder(record)}); a run has "
+                f"one owner at a time, and a crashed one's lease expires within "
+                f"{lease_seconds():g} s of its last renewal. "
                 f"{_inspect(name, record.run_id)} shows how far it got"
             )
         )
@@ -121,6 +124,14 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
             )
         )
     return program
+
+
+def _holder(record: RunRecord) -> str:
+    """Who runs ``record``, in words."""
+    if record.lease_owner is None:
+        return f"process {record.host_pid}"
+    left = (record.lease_expires_at or 0) - time.time()
+    return f"its lease is held by {record.lease_owner:.120}, for {max(left, 0):.1f} s more unless renewed"
 
 
 def _inspect(name: Naming, run_id: str) -> str:
@@ -184,8 +195,9 @@ def resume_journaled(
     request = RunRequest(
         path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options
     )
-    _claim(journal, record, program_hash(program))
-    with JournalWriter(journal, record.run_id) as writer:
+    lease = Lease.new()
+    _claim(journal, record, program_hash(program), lease)
+    with JournalWriter(journal, record.run_id, lease) as writer:
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         with _interrupted_as_such(writer):
             report = runner(
@@ -203,17 +215,31 @@ def resume_journaled(
     return report
 
 
-def _claim(journal: Path, record: RunRecord, digest: str) -> None:
-    """Mark the run as running in this process, if it is still as ``record``
-    read it: of two resumes at once (two Runtimes, two processes), one runs
-    it and the other gets a JournalError, never both."""
+def _claim(journal: Path, record: RunRecord, digest: str, lease: Lease) -> None:
+    """Take the run's lease for this process, if the run is still as
+    ``record`` read it and no live lease holds it (one statement: of two
+    resumes at once, in two Runtimes, processes or machines, one runs it and
+    the other gets a JournalError, never both)."""
     connection = connect(journal, create=False)
     try:
         claimed = connection.execute(
             "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
-            "program_hash = ?, ended_at = NULL "
-            "WHERE run_id = ? AND status = ? AND resumes = ?",
-            (os.getpid(), digest, record.run_id, record.status, record.resumes),
+            "program_hash = ?, ended_at = NULL, lease_owner = ?, lease_expires_at = ? "
+            "WHERE run_id = ? AND status = ? AND resumes = ? "
+            "AND (status != 'running' OR lease_owner IS NULL OR lease_expires_at IS NULL "
+            "OR lease_expires_at < ? OR lease_owner = ?)",
+            (
+                os.getpid(),
+                digest,
+                lease.owner,
+                lease.expires(),
+                record.run_id,
+                record.status,
+                record.resumes,
+                time.time(),
+                # (A live lease whose owner is known gone, see owner_gone.)
+                record.lease_owner if owner_gone(record.lease_owner) else None,
+            ),
         ).rowcount
     except sqlite3.Error as exc:
         raise JournalError(describe_error(journal, exc)) from None
@@ -315,7 +341,8 @@ def _interrupted_as_such(writer: JournalWriter) -> Iterator[None]:
         if writer.failure is None:
             try:
                 writer.execute(
-                    "UPDATE runs SET status = 'interrupted', ended_at = ? WHERE run_id = ?",
+                    "UPDATE runs SET status = 'interrupted', ended_at = ?, "
+                    "lease_owner = NULL, lease_expires_at = NULL WHERE run_id = ?",
                     (time.time(), writer.run_id),
                 )
             except JournalFailure:
@@ -344,9 +371,11 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
             "traceback": report.traceback,
         }
     try:
+        # (The lease is given up with the run: a resume of an interrupted
+        # run need not wait for it to expire.)
         writer.execute(
-            "UPDATE runs SET status = ?, ended_at = ?, result_json = ?, error_json = ? "
-            "WHERE run_id = ?",
+            "UPDATE runs SET status = ?, ended_at = ?, result_json = ?, error_json = ?, "
+            "lease_owner = NULL, lease_expires_at = NULL WHERE run_id = ?",
             (
                 status,
                 time.time(),

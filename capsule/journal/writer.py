@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -31,6 +32,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from capsule.journal.lease import Lease
 from capsule.journal.schema import connect, describe_error
 from capsule.journal.secrets import SecretAnswers
 from capsule.logs import logger
@@ -78,13 +80,31 @@ _STATUS_BY_EVENT = {
 }
 
 
+class LeaseLost(Exception):
+    """Another process holds the run's lease now: this one must write (and
+    do) nothing more for it."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(run_id)
+        self.run_id = run_id
+
+    def wording(self, _: Any) -> str:
+        return (
+            f"run {self.run_id} is no longer this process's to run: its lease expired "
+            f"while this process was stalled, and another process took it"
+        )
+
+
 class JournalWriter:
     """Records one run. Implements the supervisor's StepLog; subscribe
     :meth:`on_event` to the run's JOURNALED_EVENT_TYPES. Use as a context manager."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, lease: Lease | None = None) -> None:
         self.path = path
         self.run_id = run_id
+        #: The run's lease this process holds, renewed while the writer runs
+        #: (None: nothing to renew, a reader's writer or a test's).
+        self.lease = lease
         self._connection = connect(path, create=True)
         #: Unredacted answers, kept apart from the journal (see secrets.py).
         self.secrets = SecretAnswers(run_id)
@@ -221,12 +241,17 @@ class JournalWriter:
 
     def _write_loop(self) -> None:
         next_poll = time.monotonic()
+        next_renewal = time.monotonic() + (self.lease.renew_every if self.lease else math.inf)
         while True:
             if self._on_cancel_request is not None and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + CANCEL_POLL_SECONDS
                 self._poll_cancel_requests()
+            if self.lease is not None and time.monotonic() >= next_renewal:
+                next_renewal = time.monotonic() + self.lease.renew_every
+                self._renew_lease(self.lease)
             with self._lock:
-                self._wait_for_work(next_poll)
+                polling = next_poll if self._on_cancel_request is not None else math.inf
+                self._wait_for_work(min(polling, next_renewal))
                 if self._idle():
                     if self._closing:
                         return
@@ -256,11 +281,12 @@ class JournalWriter:
                 except sqlite3.Error:
                     pass
                 with self._lock:
-                    self._failure = (
-                        describe_error(self.path, exc)
-                        if isinstance(exc, (sqlite3.Error, OSError))
-                        else _failed_with(exc)
-                    )
+                    if isinstance(exc, LeaseLost):
+                        self._failure = exc.wording
+                    elif isinstance(exc, sqlite3.Error | OSError):
+                        self._failure = describe_error(self.path, exc)
+                    else:
+                        self._failure = _failed_with(exc)
                     self._rows.clear()
                     self._records.clear()
                     dropped = actions + self._after_commit
@@ -283,6 +309,8 @@ class JournalWriter:
                 self._committed_cv.notify_all()
 
     def _wait_for_work(self, next_poll: float) -> None:
+        # (next_poll: when to look up from waiting, to poll cancel requests or
+        # renew the lease; math.inf: never.)
         # Holding the lock. Says it sleeps before it looks at the step queue
         # once more: a step queued after that look sees the flag and wakes it
         # (the GIL orders the two threads' reads and writes).
@@ -290,12 +318,14 @@ class JournalWriter:
             self._sleeping = True
             if not self._idle():
                 break
-            if self._on_cancel_request is None:
+            if next_poll == math.inf:
+                if self._on_cancel_request is not None:
+                    break  # (asked to watch meanwhile: the loop starts polling)
                 self._work.wait()  # nothing to look for meanwhile
             else:
                 left = next_poll - time.monotonic()
                 if left <= 0:
-                    break  # time to look for cancel requests
+                    break  # time to look for cancel requests, or to renew the lease
                 self._work.wait(left)
         self._sleeping = False
 
@@ -315,6 +345,25 @@ class JournalWriter:
         steps = self._step_queue[:]
         del self._step_queue[: len(steps)]
         return steps
+
+    def _renew_lease(self, lease: Lease) -> None:
+        """Extend this process's lease on the run; if another holds it now
+        (this process stalled past its expiry, and a resume took the run),
+        the journal fails: the run stops at its next journaled step, and
+        does nothing more that the other would do again."""
+        try:
+            with self._connection:
+                renewed = self._connection.execute(
+                    "UPDATE runs SET lease_expires_at = ? WHERE run_id = ? AND lease_owner = ?",
+                    (lease.expires(), self.run_id, lease.owner),
+                ).rowcount
+        except sqlite3.Error:
+            return  # a busy journal: renewed at the next turn, well before it expires
+        if renewed == 0:
+            with self._lock:
+                if self._failure is None:
+                    self._failure = LeaseLost(self.run_id).wording
+                self._committed_cv.notify_all()
 
     def _poll_cancel_requests(self) -> None:
         """Cancellations another process asked for (``capsule tui``): handed to
@@ -387,7 +436,18 @@ class JournalWriter:
 
     def _execute(self, statements: dict[str, list[tuple[Any, ...]]]) -> None:
         connection = self._connection
-        connection.execute("BEGIN")
+        if self.lease is None:
+            connection.execute("BEGIN")
+        else:
+            # Fenced: written only while this process holds the run's lease,
+            # checked in the transaction that writes (which takes the write
+            # lock first, so no claim comes between the check and the writes).
+            connection.execute("BEGIN IMMEDIATE")
+            row = connection.execute(
+                "SELECT lease_owner FROM runs WHERE run_id = ?", (self.run_id,)
+            ).fetchone()
+            if row is not None and row[0] != self.lease.owner:
+                raise LeaseLost(self.run_id)
         for sql, rows in statements.items():
             if not sql.startswith("INSERT"):
                 connection.executemany(sql, rows)  # the run's own row: rare
@@ -673,9 +733,11 @@ def start_run_row(
 ) -> None:
     from capsule import __version__
 
+    lease = writer.lease
     writer.execute(
         "INSERT INTO runs (run_id, program, program_hash, args_json, settings_json, seed, "
-        "status, started_at, host_pid, capsule_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "status, started_at, host_pid, capsule_version, lease_owner, lease_expires_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             writer.run_id,
             str(program),
@@ -687,5 +749,7 @@ def start_run_row(
             time.time(),
             os.getpid(),
             __version__,
+            None if lease is None else lease.owner,
+            None if lease is None else lease.expires(),
         ),
     )

@@ -11,13 +11,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
 
-from capsule.journal.reader import RunRecord, find_run, open_journal
+from capsule.journal.reader import RunRecord, find_run, open_journal, run_status
 from capsule.tui.results import JournaledResults
 
 
@@ -250,14 +249,9 @@ class JournalSource:
             self._seq = seq
             events.append({**json.loads(data), "type": kind, "task_id": task_id, "at": at})
         if not events and self._outcome is None:
-            cursor = await db.execute(
-                "SELECT status, host_pid FROM runs WHERE run_id = ?", (self.run_id,)
-            )
-            row = await cursor.fetchone()
-            if row is not None:
-                status = replace(self.record, status=row[0], host_pid=row[1]).shown_status
-                if status != "running":
-                    self._outcome = (status, None)
+            status = await run_status(db, self.run_id)
+            if status is not None and status != "running":
+                self._outcome = (status, None)
         return events
 
     def live(self) -> list[Any]:
