@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,60 @@ def test_builds_of_one_runtime_do_not_prune_the_others(tmp_path: Path) -> None:
         os.utime(home / name, (1000 + age, 1000 + age))
     runtime.prune_builds(home, keep=home / "js-4")
     assert sorted(p.name for p in home.iterdir()) == ["0a", "0b", "0c", "js-2", "js-3", "js-4"]
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in command:
+            found.append(command)
+    return found
+
+
+def test_a_build_killed_with_9_leaves_no_tool_running_and_no_leftovers(tmp_path: Path) -> None:
+    """kill -9 of the process building the runtime ends the build's tool too
+    (componentize-py built on for ~20 s, an orphan), and the next build
+    removes the directory the killed one left."""
+    home = tmp_path / "capsule-home"
+    env = {**os.environ, "CAPSULE_HOME": str(home)}
+    building = subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "run", str(EXAMPLES / "hello.py")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert building.stderr is not None
+    for line in building.stderr:
+        if "componentize-py" in line:
+            break
+    deadline = time.monotonic() + 30
+    while not _processes_naming(str(home)):
+        assert time.monotonic() < deadline, "the build's tool never started"
+        time.sleep(0.05)
+    building.kill()
+    building.wait(timeout=30)
+    # (The guard looks at its parent 5 times a second. Without it, the tool
+    # went on until its next write to the pipe failed, if it wrote.)
+    deadline = time.monotonic() + 2
+    while _processes_naming(str(home)):
+        assert time.monotonic() < deadline, _processes_naming(str(home))
+        time.sleep(0.1)
+    assert [p.name for p in (home / "runtime").iterdir() if p.name.startswith(".build-")]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "capsule.cli", "run", str(EXAMPLES / "hello.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not [p for p in (home / "runtime").iterdir() if p.name.startswith(".build-")]

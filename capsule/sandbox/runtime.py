@@ -174,22 +174,45 @@ def _componentize(staging: Path, output: Path) -> None:
         )
 
 
-def run_tool(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
+def run_tool(
+    command: list[str], cwd: Path, env: dict[str, str], guarded: bool = True
+) -> tuple[int, str, str]:
     """Run a build tool to its end, out of the reach of stop signals but
     killed if this thread's run is interrupted (see detached): its exit
-    status, stdout and stderr."""
+    status, stdout and stderr. ``guarded``: through tool_guard, so that the
+    tool and all it started die with this process, even of kill -9 (a long
+    build's; a tool of milliseconds, esbuild's, need not pay for the guard)."""
+    if guarded:
+        # (By its file, isolated: a build's directory may hold a package named
+        # capsule, and the guard needs the standard library alone.)
+        guard = [sys.executable, "-I", str(TOOL_GUARD), str(os.getpid())]
+        command = [*guard, *command]
     try:
         started = detached(command, cwd=cwd, env=env)
     except OSError as exc:  # (missing, not executable, on a noexec mount)
         raise RuntimeBuildError(f"cannot run {command[0]}: {exc}") from None
     with started as process:
         try:
-            stdout, stderr = communicate_interruptibly(process)
+            stdout, stderr = communicate_interruptibly(process, kill_group=True)
         except BaseException:
-            process.kill()
+            _kill_group(process)
             raise
+    if guarded and process.returncode == 127 and stderr.startswith("cannot run "):
+        raise RuntimeBuildError(stderr.strip())
     return process.returncode, stdout, stderr
 
+
+def _kill_group(process: subprocess.Popen[str]) -> None:
+    """Kill the tool's process group (it leads one: detached), which holds
+    what it started too."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        process.kill()
+
+
+#: Runs a build tool so that it dies with this process (see run_tool).
+TOOL_GUARD = Path(__file__).resolve().with_name("tool_guard.py")
 
 #: The signals Ctrl-C and `kill` send: a build must not die of them (see detached).
 STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
@@ -222,11 +245,14 @@ def detached(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.P
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def communicate_interruptibly(process: subprocess.Popen[str]) -> tuple[str, str]:
+def communicate_interruptibly(
+    process: subprocess.Popen[str], kill_group: bool = False
+) -> tuple[str, str]:
     """The process's output once it ended; KeyboardInterrupt if this thread's
     run is interrupted meanwhile (a signal, or its owner's stop request, which
-    kills the process)."""
-    with on_stop(process.kill):
+    kills the process, or ``kill_group``: the process group it leads)."""
+    kill = (lambda: _kill_group(process)) if kill_group else process.kill
+    with on_stop(kill):
         stdout, stderr = process.communicate()
     if stop_requested():
         raise KeyboardInterrupt
@@ -305,6 +331,10 @@ def cached_build(
     with FileLock(str(home / f"{key}.lock")):
         if artifacts.compiled.is_file():  # another process built it while we waited
             return artifacts
+        # What a build of this key left when it was killed (the lock is
+        # ours: no build of it runs now).
+        for leftover in home.glob(f".build-{key}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         started = time.monotonic()
         progress.say(f"building {name} once ({duration}); cached in {artifacts.directory}")
         with tempfile.TemporaryDirectory(dir=home, prefix=f".build-{key}-") as tmp:

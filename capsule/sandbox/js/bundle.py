@@ -178,7 +178,7 @@ def bundle_program(path: Path, progress: Progress | None = None) -> Bundle:
             f"--outfile={out}",
             f"--metafile={meta}",
         ]
-        returncode, stdout, stderr = run_tool(command, path.parent, dict(os.environ))
+        returncode, stdout, stderr = run_tool(command, path.parent, dict(os.environ), guarded=False)
         if returncode != 0:
             raise BundleError(_explain(stderr or stdout, path))
         if out.stat().st_size > MAX_BUNDLE_BYTES:

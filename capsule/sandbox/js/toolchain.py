@@ -124,7 +124,10 @@ def ensure_toolchain(progress: Progress | None = None) -> Toolchain:
     with FileLock(str(home / f"{toolchain.directory.name}.lock")):
         if (toolchain.directory / ".complete").is_file():
             return toolchain
-        with tempfile.TemporaryDirectory(dir=home, prefix=".install-") as tmp:
+        for leftover in home.glob(f".install-{toolchain.directory.name}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)  # (a killed install's; the lock is ours)
+        prefix = f".install-{toolchain.directory.name}-"
+        with tempfile.TemporaryDirectory(dir=home, prefix=prefix) as tmp:
             work = Path(tmp)
             for name in MANIFEST_FILES:
                 shutil.copyfile(MANIFEST_DIR / name, work / name)
