@@ -338,7 +338,7 @@ def test_an_edit_runs_without_a_rebuild_and_an_unchanged_program_is_not_rebundle
 
     calls = []
     real = bundle.run_tool
-    bundle.run_tool = lambda *args: calls.append(args) or real(*args)  # type: ignore[assignment]
+    bundle.run_tool = lambda *args, **kw: calls.append(args) or real(*args, **kw)  # type: ignore[assignment]
     try:
         cached = bundle.bundle_program(program.resolve())
     finally:
@@ -586,7 +586,7 @@ def test_the_bundle_cache_sees_a_new_file_that_changes_an_import(tmp_path: Path)
     (tmp_path / "tsconfig.json").write_text('{"compilerOptions": {"target": "es2020"}}\n')
     calls: list[Any] = []
     real = bundle.run_tool
-    bundle.run_tool = lambda *args: calls.append(args) or real(*args)  # type: ignore[assignment]
+    bundle.run_tool = lambda *args, **kw: calls.append(args) or real(*args, **kw)  # type: ignore[assignment]
     try:
         bundle.bundle_program(program)
     finally:
@@ -594,8 +594,8 @@ def test_the_bundle_cache_sees_a_new_file_that_changes_an_import(tmp_path: Path)
     assert len(calls) == 1
 
     # An input written while esbuild runs: that bundle is used, not kept.
-    def edit_meanwhile(*args: Any) -> Any:
-        done = real(*args)
+    def edit_meanwhile(*args: Any, **options: Any) -> Any:
+        done = real(*args, **options)
         (tmp_path / "util.ts").write_text('export const where: string = "edited";\n')
         return done
 
