@@ -303,7 +303,8 @@ _PROCESS_WIDE_CALLS = {
     "signal.signal": {"capsule/cli.py"},
     "signal.set_wakeup_fd": set(),
     "signal.setitimer": set(),
-    "sys.exit": {"capsule/cli.py"},
+    # (tool_guard.py is a program of its own, which the host runs, never imports.)
+    "sys.exit": {"capsule/cli.py", "capsule/sandbox/tool_guard.py"},
     "os._exit": {"capsule/cli.py"},
     "sys.setrecursionlimit": {"capsule/sandbox/nesting.py"},
     "threading.stack_size": {"capsule/sandbox/nesting.py"},
