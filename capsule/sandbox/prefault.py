@@ -263,8 +263,6 @@ class Prefaulter:
         buffer of its snapshot). None unless it is in one mapping, once.
         Reads an image (~10 ms for 12 MB) or, with no guess, up to all of
         them: once per runtime and sandbox."""
-        if not self._releasing_enabled:
-            return None
         mappings = self._mappings()
         if mappings is None:
             return None
@@ -293,8 +291,6 @@ class Prefaulter:
         """Where the linear memory holding ``marker`` starts in this process, and
         where the image mapped in it ends: every address between is that
         instance's memory, mapped as long as its store is open."""
-        if not self._releasing_enabled:
-            return None
         mappings = self._mappings()
         if mappings is None:
             return None
@@ -345,6 +341,10 @@ class Prefaulter:
         return sizes
 
     def _mappings(self) -> _Mappings | None:
+        """The image's mappings as they are now; None if they cannot be read
+        (or releasing is off: nothing of an instance's memory is looked at)."""
+        if not self._releasing_enabled:
+            return None
         if self._query:
             return _QueriedMappings(self)
         # Read before taking the lock (4 - 8 ms with many instances alive):

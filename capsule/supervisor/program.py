@@ -195,12 +195,12 @@ def run_program(
         main = ProgramFile(path, module, program_language(path))
         others = other_programs(main, project)
         finder = None if main.language == "python" else main.finder()
-        guests = Guests(settings.core, shared.guests if shared is not None else None)
-        # (Made here unless the run is of a Python program alone: the sandbox
-        # makes that one itself, as it always has.)
-        guest = guests.of(main.language) if others or main.language != "python" else None
-        if guest is None and shared is not None:
-            guest = shared.guests.for_core(settings.core) if shared.guests is not None else None
+        shared_guests = shared.guests if shared is not None else None
+        guests = Guests(settings.core, shared_guests)
+        # (A run of a Python program alone, with no shared guests, leaves its
+        # guest to the sandbox, which makes it as it always has.)
+        alone = not others and main.language == "python" and shared_guests is None
+        guest = None if alone else guests.of(main.language)
         loaded_others = prepare_others(others, guests)
         # (A warm sandbox's linker serves one program of the Python runtime.)
         warm = shared is not None and not others and main.language == "python"
