@@ -327,3 +327,110 @@ def signal_at_marker(
         process.communicate()
         raise AssertionError(f"{sig.name} did not stop the run") from None
     return process.returncode, "".join(seen) + rest, stderr or ""
+
+
+#: Trials per test: without the guarantee, a kill lands before the writer's
+#: next commit (it lets a batch gather for 50 ms) in nearly every one.
+TRIALS = 5
+
+
+class _Payments(BaseHTTPRequestHandler):
+    """POST /pay/TRIAL records the request's Idempotency-Key; the first one of
+    each trial is never answered: the test kills the run meanwhile. GET
+    answers 204."""
+
+    server: PaymentServer
+
+    def do_GET(self) -> None:
+        self.send_response(204)
+        self.end_headers()
+
+    def do_POST(self) -> None:
+        trial = self.path.rsplit("/", 1)[1]
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        key = self.headers.get("Idempotency-Key", "")
+        server = self.server
+        with server.lock:
+            keys = server.keys.setdefault(trial, [])
+            keys.append(key)
+            first = len(keys) == 1
+        if first:
+            server.arrived[trial].set()
+            server.killed[trial].wait(60)  # (the run is gone: nobody reads an answer)
+            return
+        payload = json.dumps({"key": key}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+
+class PaymentServer(LocalServer):
+    keys: dict[str, list[str]]
+    arrived: dict[str, threading.Event]
+    killed: dict[str, threading.Event]
+    lock: threading.Lock
+
+
+@pytest.fixture
+def payments() -> Iterator[PaymentServer]:
+    server = PaymentServer(("127.0.0.1", 0), _Payments)
+    server.keys, server.lock = {}, threading.Lock()
+    server.arrived = {str(n): threading.Event() for n in range(TRIALS)}
+    server.killed = {str(n): threading.Event() for n in range(TRIALS)}
+    thread = threading.Thread(target=server.serve_forever, name="test-payments", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        for event in server.killed.values():
+            event.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def killed_in_flight_then_resumed(
+    source: str, name: str, payments: PaymentServer, tmp_path: Path, *options: str
+) -> None:
+    """TRIALS times: run ``source`` (whose main GETs the URL it is given, then
+    POSTs to it with an Idempotency-Key it drew, and returns the key the
+    server echoes), kill -9 it once its POST arrived, resume it: the POST is
+    sent again with the same key. (The GET makes the run's HTTP client: a
+    run's first request waits for it, ~0.3 s, time enough for the journal
+    to commit the draw anyway.)"""
+    for trial in map(str, range(TRIALS)):
+        where = tmp_path / f"trial{trial}"
+        where.mkdir()
+        program = where / name
+        program.write_text(source)
+        url = f"{payments.url}/pay/{trial}"
+        run = subprocess.Popen(
+            [sys.executable, "-m", "capsule.cli", "run", str(program), url, *options],
+            cwd=where,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not payments.arrived[trial].wait(0.1):
+                assert run.poll() is None, f"the run ended before its request: {run.stderr}"
+                assert time.monotonic() < deadline, "the request never arrived"
+            run.kill()  # (before the server answers: the request is in flight)
+            run.communicate()
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+            payments.killed[trial].set()
+        resumed = capsule_cli("resume", "--last", "--json", cwd=where, timeout=180)
+        assert resumed.returncode == 0, resumed.stderr
+        first, *again = payments.keys[trial]
+        assert again == [first], f"trial {trial}: the resumed run sent {again}, first {first}"
+        assert resumed.json()["result"] == first

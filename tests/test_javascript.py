@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EXAMPLES, REPO, LocalServer, ProgramRunner, capsule_cli, kill_at_marker
+from tests.conftest import (
+    EXAMPLES,
+    REPO,
+    LocalServer,
+    PaymentServer,
+    ProgramRunner,
+    capsule_cli,
+    kill_at_marker,
+    killed_in_flight_then_resumed,
+)
 
 VENDORED = REPO / "tests" / "js" / "node_modules"
 
@@ -482,6 +491,30 @@ def test_a_fetch_is_journaled_once_replayed_on_resume_and_its_secrets_redacted(
     assert http_server.hits == {"/echo": 1}  # exactly once, over both runs
     journal = (tmp_path / ".capsule" / "journal.db").read_bytes().decode("utf-8", "replace")
     assert "SECRET-TOKEN" not in journal and "SECRET-KEY" not in journal
+
+
+PAYING = """
+import { task } from "@capsule-run/sdk";
+
+export const main = task({ name: "main", allowedHosts: ["127.0.0.1"] }, async (url: string) => {
+  await fetch(url);
+  const key = crypto.randomUUID();
+  const response = await fetch(url, {
+    method: "POST",
+    headers: { "Idempotency-Key": key, "Content-Type": "application/json" },
+    body: JSON.stringify({ amount: 5 }),
+  });
+  return (await response.json()).key;
+});
+"""
+
+
+def test_a_fetch_in_flight_at_a_crash_is_sent_again_with_the_same_key(
+    payments: PaymentServer, tmp_path: Path
+) -> None:
+    """The key was drawn from the host (crypto.randomUUID) and is committed
+    before the fetch leaves (see test_effect_inputs.py)."""
+    killed_in_flight_then_resumed(PAYING, "pay.ts", payments, tmp_path, "--core", "async")
 
 
 def test_mistakes_in_sdk_calls_are_errors_the_task_can_catch(run_ts: ProgramRunner) -> None:

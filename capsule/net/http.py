@@ -108,6 +108,21 @@ class HttpFailure(Exception):
         return HttpFailure(self.kind, redact_text(self.message, secrets))
 
 
+async def _sent_after(after: Future[None]) -> None:
+    """Return once ``after`` is done; HttpFailure (connection_failed) if it
+    failed: the request is not sent."""
+    try:
+        if not after.done():
+            import asyncio
+
+            # (The client's loop is asyncio's, its own or the run's: the
+            # future's end wakes it through call_soon_threadsafe.)
+            await asyncio.wrap_future(after)
+        after.result()
+    except Exception as exc:
+        raise HttpFailure("connection_failed", f"the request was not sent: {exc}") from None
+
+
 def _invalid(message: str) -> HttpFailure:
     return HttpFailure("invalid_request", message)
 
@@ -378,19 +393,30 @@ class HttpClient:
         allowed: HostCheck,
         secrets: Secrets,
         held: Transfer | None = None,
+        after: Future[None] | None = None,
     ) -> Future[HttpResponse]:
         """Begin a request on the client's loop; cancel the future to abort it.
         A failure's message has ``secrets`` (and what redact_text finds) redacted.
-        ``held`` counts what the exchange makes the host hold meanwhile."""
+        ``held`` counts what the exchange makes the host hold meanwhile.
+        ``after``: the request is sent once it is done (what it depends on is
+        committed to the journal), no thread waiting meanwhile; if it failed,
+        the request fails (connection_failed), unsent."""
         return self._started().start_task_soon(
-            self._perform, request, allowed, secrets, held or Transfer()
+            self._perform, request, allowed, secrets, held or Transfer(), after
         )
 
     async def _perform(
-        self, request: HttpRequest, allowed: HostCheck, secrets: Secrets, held: Transfer
+        self,
+        request: HttpRequest,
+        allowed: HostCheck,
+        secrets: Secrets,
+        held: Transfer,
+        after: Future[None] | None,
     ) -> HttpResponse:
         held.bytes = len(request.body)
         try:
+            if after is not None:
+                await _sent_after(after)
             return await self._exchange(request, allowed, secrets, held)
         except HttpFailure as failure:
             raise failure.redacted(secrets) from None

@@ -75,7 +75,9 @@ class HttpCalls:
         def perform() -> Wait:
             started = time.monotonic()
             attempt.transfer = Transfer()
-            future = self.client.start(request, caller.grants.allows, secrets, attempt.transfer)
+            future = self.client.start(
+                request, caller.grants.allows, secrets, attempt.transfer, self.journal.committed()
+            )
             future.add_done_callback(lambda _: attempt.wake())
 
             def finish(done: bool) -> Answer:
@@ -90,7 +92,9 @@ class HttpCalls:
         def for_journal(answer: str) -> str:
             return received[0].journal_json(secrets) if received else answer
 
-        # Durable: once a request has been sent, a crash must not send it again.
+        # Sent once what the task did before it is committed (a crash cannot
+        # lose its inputs: a resume sends it again, the same); durable: once
+        # its response was seen, a crash must not send it again.
         return self.drive(
             caller,
             "http",
@@ -144,11 +148,13 @@ class HttpCalls:
             return request
         secrets = known.learn(request.credentials)
 
+        # Sent once what the task did before it is committed, as a blocking
+        # request is.
         def operation(handle: int) -> Operation:
             return http_operation(
                 handle,
                 lambda transfer: self.client.start(
-                    request, caller.grants.allows, secrets, transfer
+                    request, caller.grants.allows, secrets, transfer, self.journal.committed()
                 ),
                 lambda future, started, received: self._ended(
                     caller, request, secrets, future, started, received

@@ -6,7 +6,9 @@ journal cannot take more."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol, overload
 
 from capsule.sandbox.engine import ErrorInfo, Invocation
@@ -238,6 +240,34 @@ class JournaledSteps:
             self.log.when_committed(committed)
         except JournalFailure as exc:  # it had failed already
             committed(exc)
+
+    def committed(self) -> Future[None] | None:
+        """A future done once everything journaled so far is committed: what
+        an effect that leaves the process (an HTTP request) waits for before
+        it goes, so that a crash cannot lose its inputs (random values, clock
+        readings the guest drew) once it went: a resume sends it again with
+        the same. No thread waits meanwhile (the journal writer calls on). If
+        the journal fails first, the run stops and the future fails; None
+        without a journal (nothing to wait for)."""
+        if not self.journaling:
+            return None
+        done: Future[None] = Future()
+
+        def committed(failure: JournalFailure | None) -> None:
+            if failure is not None:
+                self.failed(failure)
+            # (Cancelled meanwhile, it is no one's: its effect was abandoned.)
+            with contextlib.suppress(InvalidStateError):
+                if failure is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(failure)
+
+        try:
+            self.log.when_committed(committed)
+        except JournalFailure as exc:  # it had failed already
+            committed(exc)
+        return done
 
     def _begin(
         self,
