@@ -1,7 +1,8 @@
 """The ``capsule`` command.
 
 Exit codes: 0 the workflow succeeded; 1 the workflow failed (its ``main`` task
-failed after its retries); 2 usage, config, program or journal error (nothing
+failed after its retries) or diverged (a resume's replay made other host calls
+than its journal holds: resumable once fixed); 2 usage, config, program or journal error (nothing
 ran, or the journal could not be written); 3 the sandbox runtime could not be
 built or loaded; 9 the terminal UI failed (``--tui``: the run went on without
 it, and succeeded; ``capsule tui``); 130 interrupted (Ctrl-C, or SIGTERM).
@@ -190,9 +191,10 @@ def _message_summary(summary: str) -> dict[str, Any]:
 
 
 _EXIT_CODES = (
-    "exit codes: 0 success, 1 the workflow failed, 2 usage, config, program or journal "
-    "error, 3 the sandbox runtime could not be built or loaded, 9 the terminal UI failed "
-    "(the run went on without it), 130 interrupted (Ctrl-C, SIGTERM)"
+    "exit codes: 0 success, 1 the workflow failed (or diverged on resume), 2 usage, "
+    "config, program or journal error, 3 the sandbox runtime could not be built or "
+    "loaded, 9 the terminal UI failed (the run went on without it), 130 interrupted "
+    "(Ctrl-C, SIGTERM)"
 )
 
 
@@ -1261,13 +1263,24 @@ def _inspect_lines(run: Any, tasks: list[Any]) -> list[str]:
 
 def _run_error_lines(run: Any) -> list[str]:
     """Why a run ended in error (nothing ran: a config or program error) or
-    diverged on resume: its task tree does not say."""
+    diverged on resume (and how it goes on): its task tree does not say."""
     error = run.error if isinstance(run.error, dict) else None
     if error is None or (run.status != "error" and error.get("kind") != "divergence"):
         return []
     kind, message = str(error.get("kind")), str(error.get("message"))
     text = message if message.startswith(f"{kind}:") else f"{kind}: {message}"
-    return [f"  error: {_field(line)}" for line in text.splitlines()[:_MAX_ERROR_LINES]]
+    lines = [f"  error: {_field(line)}" for line in text.splitlines()[:_MAX_ERROR_LINES]]
+    if run.status == "diverged":
+        lines.append(f"  {_field(_diverged_resume(run.run_id))}")
+    return lines
+
+
+def _diverged_resume(run_id: str) -> str:
+    """How a run whose replay diverged goes on."""
+    return (
+        f"to resume it: `capsule resume {run_id}`, once the program is fixed (with "
+        f"--force) or restored to the code the run ran with (without)"
+    )
 
 
 #: Lines of a run's error `capsule inspect` shows (a config error lists each problem).
@@ -1396,6 +1409,13 @@ class _Renderer:
             if self.out.is_terminal("stdout"):
                 text = visible(text)
             self.out.write("stdout", text + "\n", droppable=False)
+        elif result.status == "diverged":
+            failure = result.error
+            assert failure is not None
+            self.error(f"run {result.run_id} diverged: {failure.message}")
+            self.out.write(
+                "stderr", f"capsule: {_diverged_resume(result.run_id)}\n", droppable=False
+            )
         else:
             failure = result.error
             assert failure is not None

@@ -4,7 +4,7 @@ report of a run it just ran, or from the journal's record of one that ended."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from capsule.supervisor.program import RunReport
 
 #: How a run ended: its entry task returned, failed, or the run was stopped
-#: before it ended (cancelled, or its process died: resumable).
-RunStatus = Literal["completed", "failed", "interrupted", "crashed"]
+#: before it ended (cancelled, or its process died: resumable; or a resume's
+#: replay diverged from its journal: resumable once the program agrees with
+#: the journal again).
+RunStatus = Literal["completed", "failed", "interrupted", "diverged", "crashed"]
+#: Each RunStatus.
+_STATUSES = frozenset(get_args(RunStatus))
 
 
 class RunFailure(BaseModel):
@@ -93,12 +97,12 @@ def report_result(report: RunReport, stdout: str = "", stderr: str = "") -> RunR
     status = report.status
     return RunResult(
         run_id=report.run_id,
-        status="interrupted"
-        if status == "interrupted"
+        status=status
+        if status in ("interrupted", "diverged")
         else "completed"
         if outcome.ok
         else "failed",
-        value=outcome.value() if outcome.ok and status != "interrupted" else None,
+        value=outcome.value() if status == "completed" else None,
         error=None
         if error is None
         else RunFailure(
@@ -142,9 +146,7 @@ def record_result(record: RunRecord) -> RunResult:
             traceback=error.get("traceback") if isinstance(error.get("traceback"), str) else None,
             retryable=bool(error.get("retryable", True)),
         )
-    shown: RunStatus = (
-        status if status in ("completed", "failed", "interrupted", "crashed") else "interrupted"  # type: ignore[assignment]
-    )
+    shown = cast(RunStatus, status if status in _STATUSES else "interrupted")
     return RunResult(
         run_id=record.run_id,
         status=shown,

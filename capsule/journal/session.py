@@ -110,12 +110,12 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
     if force:
         return program
     changed = [] if program_hash(program) == record.program_hash else [str(program)]
-    changed += [path for path, digest in files.items() if _file_hash(Path(path)) != digest]
+    changed += _changed(files)
     changed = list(dict.fromkeys(changed))  # the program is among the files too
-    if changed:
-        shown = ", ".join(changed[:5]) + (
-            f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-        )
+    if status == "diverged":
+        _check_diverged(record, changed)
+    elif changed:
+        shown = _shown(changed)
         raise JournalError(
             lambda name: (
                 f"{shown} changed since run {record.run_id} ran; a resume replays "
@@ -124,6 +124,83 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
             )
         )
     return program
+
+
+def _changed(files: dict[str, str]) -> list[str]:
+    """Those of ``files`` (path: SHA-256) whose content is not that now."""
+    return [path for path, digest in files.items() if _file_hash(Path(path)) != digest]
+
+
+def _shown(paths: list[str]) -> str:
+    """Paths named in an error: the first five, and how many more."""
+    return ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def _check_diverged(record: RunRecord, changed: list[str]) -> None:
+    """A run whose replay diverged resumes once its code changed since: back
+    to the code it ran with (what its journal was written by), or else (with
+    --force) fixed. Unchanged, it would diverge again: JournalError."""
+    run_id, where = record.run_id, _diverged_at(record.error)
+    original = _original_files(record.error)
+    if not changed:
+        same = original is not None and not _changed(original)
+        raise JournalError(
+            lambda name: (
+                (
+                    f"run {run_id} diverged{where} with the very code it ran with, "
+                    f"unchanged since: resumed again, it would diverge again. Resume it "
+                    f"anyway with {name('force')}"
+                )
+                if same
+                else (
+                    f"the program is unchanged since run {run_id} diverged{where}: resumed "
+                    f"as it is, it would diverge again. Fix it so that its replay makes the "
+                    f"host calls the journal holds, or restore the code the run ran with, "
+                    f"then resume it; {name('force')} tries anyway"
+                )
+            )
+        )
+    if original is not None and not _changed(original):
+        return  # restored to the code it ran with
+    shown = _shown(changed)
+    raise JournalError(
+        lambda name: (
+            f"{shown} changed since run {run_id} diverged{where}, and not back to the "
+            f"code it ran with: restored to the code it ran with, it resumes as it is; "
+            f"to resume it with fixed code, give {name('force')} (it diverges again where "
+            f"its replay makes other host calls than its journal holds)"
+        )
+    )
+
+
+#: Keys of a diverged run's error (journaled with it, see _finish): where its
+#: replay diverged, and the files (path: SHA-256) its journal was written by.
+_DIVERGED_AT, _ORIGINAL_FILES = "diverged_at", "original_files"
+
+
+def _diverged_at(error: Any) -> str:
+    """Where a diverged run's replay diverged, as its error records it: " at
+    step N of task 'T' (ID), attempt A" ("" if it does not say)."""
+    at = error.get(_DIVERGED_AT) if isinstance(error, dict) else None
+    if not isinstance(at, dict):
+        return ""
+    task, task_id, step, attempt = (at.get(key) for key in ("task", "task_id", "step", "attempt"))
+    if not (isinstance(task, str) and isinstance(task_id, str)):
+        return ""
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (step, attempt)):
+        return ""
+    return f" at step {step} of task {task[:100]!r} ({task_id[:200]}), attempt {attempt}"
+
+
+def _original_files(error: Any) -> dict[str, str] | None:
+    """The files a diverged run's journal was written by, as its error
+    records them (None if it does not)."""
+    files = error.get(_ORIGINAL_FILES) if isinstance(error, dict) else None
+    if not isinstance(files, dict) or not files:
+        return None
+    if not all(isinstance(p, str) and isinstance(d, str) for p, d in files.items()):
+        return None
+    return files
 
 
 def _holder(record: RunRecord) -> str:
@@ -195,6 +272,12 @@ def resume_journaled(
     request = RunRequest(
         path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options
     )
+    # The code the journal was written by (this resume records the files as
+    # they are now): if its replay diverges, restoring them resumes the run.
+    original = (_original_files(record.error) if record.shown_status == "diverged" else None) or {
+        **files,
+        record.program: record.program_hash,
+    }
     lease = Lease.new()
     _claim(journal, record, program_hash(program), lease)
     with JournalWriter(journal, record.run_id, lease) as writer:
@@ -211,7 +294,7 @@ def resume_journaled(
                 event_types=event_types,
                 events=_journaled_events(writer),
             )
-        _finish(writer, report)
+        _finish(writer, report, original)
     return report
 
 
@@ -350,9 +433,13 @@ def _interrupted_as_such(writer: JournalWriter) -> Iterator[None]:
         raise
 
 
-def _finish(writer: JournalWriter, report: RunReport) -> None:
-    """Record how the run ended. An interrupted run stays resumable; one whose
-    journal failed cannot be updated (it shows as crashed, and is resumable)."""
+def _finish(
+    writer: JournalWriter, report: RunReport, original: dict[str, str] | None = None
+) -> None:
+    """Record how the run ended. An interrupted or diverged run stays
+    resumable (``original``: the files, path: SHA-256, the journal of a
+    resumed run was written by); one whose journal failed cannot be updated
+    (it shows as crashed, and is resumable)."""
     if report.journal_error is not None or writer.failure is not None:
         return
     result = report.result
@@ -362,6 +449,18 @@ def _finish(writer: JournalWriter, report: RunReport) -> None:
     error: dict[str, Any] | None = None
     if result is not None and result.error is not None:
         error = result.error.model_dump()
+        divergence = report.divergence
+        if status == "diverged" and divergence is not None:
+            # What the next resume checks: that the code changed since, and
+            # whether back to the code the run ran with (see check_resumable).
+            error[_DIVERGED_AT] = {
+                "task": divergence.task,
+                "task_id": divergence.task_id,
+                "attempt": divergence.attempt,
+                "step": divergence.step,
+            }
+            if original:
+                error[_ORIGINAL_FILES] = original
     elif result is None:
         # Nothing ran: because of what was asked (kind "error"), or because the
         # host failed (kind "internal", with the host's traceback).

@@ -489,6 +489,8 @@ class JournalWriter:
             state = self._tasks[event.task_id] = _TaskState(name=event.task)
         if state.final:
             return
+        if event.type == "failed" and event.error.kind == "divergence":
+            status = "diverged"  # not over: the run's next resume runs it again
         state.status = status
         if event.type == "pending":
             state.parent_id = event.parent_id

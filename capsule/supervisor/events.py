@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 #: The version of the event schema (see the module docstring for what bumps it).
-EVENTS_SCHEMA_VERSION = 1
+EVENTS_SCHEMA_VERSION = 2
 
 
 class ErrorDetail(BaseModel):
@@ -287,7 +287,10 @@ class RunStarted(_RunEvent):
     schema_version: int = EVENTS_SCHEMA_VERSION
 
 
-RunStatus = Literal["completed", "failed", "interrupted", "error"]
+#: How a run ended: its entry task returned or failed; it was stopped (Ctrl-C,
+#: SIGTERM: resumable); a resume's replay diverged from its journal (resumable
+#: once its program agrees with the journal again); or nothing ran.
+RunStatus = Literal["completed", "failed", "interrupted", "diverged", "error"]
 
 
 class RunEnded(_RunEvent):
@@ -298,7 +301,7 @@ class RunEnded(_RunEvent):
     type: Literal["run_ended"] = "run_ended"
     #: None if the run never got an id (its program could not be loaded).
     run_id: str | None
-    #: completed, failed, interrupted, or error (nothing ran).
+    #: completed, failed, interrupted, diverged, or error (nothing ran).
     status: RunStatus
     #: The outcome as ``capsule run --json`` prints it: ``success``, ``result``,
     #: ``error``, ``execution``, ``totals``.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
 from typing import Any, Protocol, overload
 
 from capsule.sandbox.engine import ErrorInfo, Invocation
@@ -38,6 +39,18 @@ ENDS_CREDIT = frozenset(
 #: as its live answer says (called once it is made: a poll that reported
 #: operations which ended).
 Durable = bool | Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a resumed run's replay diverged from its journal: step ``step``
+    of attempt ``attempt`` of the task ``task`` (``task_id``), and why."""
+
+    task: str
+    task_id: str
+    attempt: int
+    step: int
+    message: str
 
 
 class StepDriver(Protocol):
@@ -95,7 +108,7 @@ class JournaledSteps:
         #: Runs a step's wait on the calling thread (the run's Blocking.run).
         self.run_wait: Callable[[Wait], Answer] = _no_waiting
         #: Why the run was stopped: a replay diverged, or the journal failed.
-        self.divergence: ErrorInfo | None = None
+        self.divergence: Divergence | None = None
         self.journal_failure: JournalFailure | None = None
 
     @overload
@@ -398,11 +411,12 @@ class JournaledSteps:
             f"step {number} of attempt {invocation.attempt}: the journal has "
             f"{_describe(expected)}, the program now makes {_describe(actual)}"
         )
-        error = ErrorInfo("divergence", message)
-        invocation.aborted = error
+        invocation.aborted = ErrorInfo("divergence", message)
         with self.tree.lock:
             if self.divergence is None:
-                self.divergence = error
+                self.divergence = Divergence(
+                    invocation.task, invocation.task_id, invocation.attempt, number, message
+                )
         self.tree.cancel(self.tree.root, f"cancelled: {message}")
 
 

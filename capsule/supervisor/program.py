@@ -27,6 +27,7 @@ from capsule.supervisor.events import (
     TaskOutput,
 )
 from capsule.supervisor.inbox import InboxError
+from capsule.supervisor.journaled import Divergence
 from capsule.supervisor.loading import program_language
 from capsule.supervisor.options import OptionError, RunOptions
 from capsule.supervisor.polyglot import (
@@ -85,14 +86,20 @@ class RunReport:
     #: The run option that could not be used, if that is why nothing ran
     #: (``usage_error`` says so naming the option).
     option_error: OptionError | None = None
+    #: Where its replay diverged from its journal, if that stopped the run
+    #: (its result's error says so: kind ``divergence``).
+    divergence: Divergence | None = None
 
     @property
     def status(self) -> RunStatus:
-        """How the run ended: completed, failed, interrupted, or error (nothing ran)."""
+        """How the run ended: completed, failed, interrupted, diverged, or
+        error (nothing ran)."""
         if self.interrupted:
             return "interrupted"
         if self.result is None:
             return "error"
+        if self.divergence is not None:
+            return "diverged"
         return "completed" if self.result.ok else "failed"
 
     def envelope(self) -> dict[str, Any]:
@@ -388,7 +395,9 @@ def _report(
             run_id=run.run_id, runtime_error="internal error", traceback=tb.format_exc()
         )
     totals.end()
-    return RunReport(run_id=run.run_id, result=result, totals=totals.as_dict())
+    return RunReport(
+        run_id=run.run_id, result=result, totals=totals.as_dict(), divergence=run.divergence
+    )
 
 
 def _listen(run: Run, events: EventStream) -> None:

@@ -29,7 +29,7 @@ from capsule.actors.router import Message, Router
 from capsule.interrupts import wait_interruptibly
 from capsule.net.http import HttpClient
 from capsule.sandbox.config import HostCaps, TaskConfig
-from capsule.sandbox.engine import ErrorInfo, Invocation, Prepared, Sandbox
+from capsule.sandbox.engine import Invocation, Prepared, Sandbox
 from capsule.sandbox.grants import Grants
 from capsule.supervisor.admission import Admission
 from capsule.supervisor.blocking import Blocking
@@ -37,7 +37,7 @@ from capsule.supervisor.events import ErrorDetail, EventStream
 from capsule.supervisor.host_calls import RunHostCalls
 from capsule.supervisor.http_calls import HttpCalls
 from capsule.supervisor.inbox import RunInbox
-from capsule.supervisor.journaled import JournaledSteps, StepDriver
+from capsule.supervisor.journaled import Divergence, JournaledSteps, StepDriver
 from capsule.supervisor.live import LiveTree
 from capsule.supervisor.loading import ProgramError, load_program, no_entry, program_module
 from capsule.supervisor.message_steps import MessageSteps
@@ -81,6 +81,13 @@ __all__ = [
     "new_run_id",
     "program_module",
 ]
+
+
+#: How a run whose replay diverged goes on (its error says it after where).
+DIVERGED_HINT = (
+    "The run is resumable once its program agrees with its journal again: fix the "
+    "program (or restore the code the run ran with), then resume it"
+)
 
 
 class RunInterrupted(Exception):
@@ -368,8 +375,8 @@ class Run:
         inbox.start()
 
     @property
-    def divergence(self) -> ErrorInfo | None:
-        """Why the run was stopped, if a replay diverged from its journal."""
+    def divergence(self) -> Divergence | None:
+        """Where the run was stopped, if a replay diverged from its journal."""
         return self._journal.divergence
 
     @property
@@ -493,10 +500,11 @@ class Run:
             raise RunInterrupted(result)
         divergence = self._journal.divergence
         if divergence is not None:
+            # Not over: the tasks it stopped are in flight in the journal.
             result.error = ErrorDetail(
                 kind="divergence",
-                message=divergence.message,
-                task=result.task,
+                message=f"{divergence.message}. {DIVERGED_HINT}",
+                task=divergence.task,
                 retryable=False,
             )
             result.result_json = None
