@@ -456,6 +456,8 @@ def _run_command(options: argparse.Namespace) -> int:
             raise UsageError("give either --journal or --no-journal, not both")
         _check_events_option(options)
         journal = None if options.no_journal else _journal_path(options, program=path)
+        if journal is not None:
+            _check_secret_key()
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -994,6 +996,19 @@ def _tui_command(options: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_secret_key() -> None:
+    """UsageError if CAPSULE_SECRET_KEY is set but is no key: said before the
+    run starts, not once it first journals a secret."""
+    if not os.environ.get("CAPSULE_SECRET_KEY", "").strip():
+        return  # (unset: nothing to import)
+    from capsule.journal.secrets import SecretKeyError, secret_key
+
+    try:
+        secret_key()
+    except SecretKeyError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _journal_path(options: argparse.Namespace, program: Path | None = None) -> Path:
     """The journal --journal, $CAPSULE_JOURNAL or the default names; UsageError if
     it is empty or names something other than a file (a directory; a FIFO, a
@@ -1065,6 +1080,7 @@ def _resume_command(options: argparse.Namespace) -> int:
     try:
         _check_events_option(options)
         journal = _journal_path(options)
+        _check_secret_key()
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE

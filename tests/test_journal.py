@@ -196,6 +196,7 @@ def _as_schema_3(journal: Path) -> None:
         connection.execute(create_view)
         connection.execute("DROP TABLE program_files")  # (version 6)
         _drop_leases(connection)
+        connection.execute("DROP TABLE secret_answers")  # (version 11)
         connection.execute("PRAGMA user_version = 3")
 
 
@@ -912,6 +913,7 @@ def _as_schema_2(journal: Path) -> None:
         connection.executemany("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         connection.execute("DROP TABLE program_files")  # (version 6)
         _drop_leases(connection)
+        connection.execute("DROP TABLE secret_answers")  # (version 11)
         connection.execute("PRAGMA user_version = 2")
 
 

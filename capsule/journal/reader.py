@@ -23,7 +23,14 @@ from capsule.journal.schema import (
     describe_error,
     missing_journal,
 )
-from capsule.journal.secrets import load_secret_answers
+from capsule.journal.secrets import (
+    SECRET_KEY_ENV,
+    STEP_KEPT_APART,
+    Sealer,
+    StepKey,
+    load_secret_answers,
+    secrets_file,
+)
 from capsule.supervisor.events import ErrorDetail
 from capsule.supervisor.steps import (
     AttemptHistory,
@@ -340,10 +347,14 @@ async def load_program_files(path: Path, run_id: str) -> dict[str, str]:
         return {row[0]: row[1] for row in await cursor.fetchall()}
 
 
-async def load_history(path: Path, run_id: str) -> History:
+async def load_history(path: Path, run_id: str, secret_key: bytes | None = None) -> History:
     """What a resume of ``run_id`` replays: ended tasks' outcomes, the steps of
-    the attempts in flight, and the messages still owed."""
+    the attempts in flight (with the unredacted answers kept apart, decrypted
+    with ``secret_key`` if they are in the journal), and the messages still
+    owed. JournalError if the replay needs answers this resume lacks."""
     history = History()
+    #: The replayed steps whose unredacted answer was kept apart.
+    kept_apart: set[StepKey] = set()
     async with open_journal(path) as db:
         cursor = await db.execute(
             "SELECT task_id, name, final, attempt, fuel, duration_ms, result_json, error_json "
@@ -442,9 +453,11 @@ async def load_history(path: Path, run_id: str) -> History:
                 if attempt == replayable.get(task_id)
                 else None
             )
-            # [step, kind, request, ok, answer] (version 3 added the time); a
-            # request is text, or (from version 4) the array of its strings.
-            for number, kind, request, ok, answer, *_ in json.loads(batch):
+            # [step, kind, request, ok, answer] (version 3 added the time; from
+            # version 11, a step whose unredacted answer was kept apart adds
+            # null and STEP_KEPT_APART); a request is text, or (from version 4)
+            # the array of its strings.
+            for number, kind, request, ok, answer, *more in json.loads(batch):
                 strings = request if isinstance(request, list) else None
                 if kind == "receive" and ok:
                     for message_id, *_ in received_messages(answer):
@@ -463,6 +476,8 @@ async def load_history(path: Path, run_id: str) -> History:
                 # A gap would end what can be replayed.
                 if replayed is not None and number == len(replayed) + 1:
                     replayed.append(Step(kind, request_text(request), bool(ok), answer))
+                    if more[1:2] == [STEP_KEPT_APART]:
+                        kept_apart.add((task_id, attempt, number))
         cursor = await db.execute(
             "SELECT message_id, sender_id, target_id, body_json, expects_reply "
             "FROM messages WHERE run_id = ?",
@@ -470,6 +485,7 @@ async def load_history(path: Path, run_id: str) -> History:
         )
         for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
             sent.append(PendingMessage(message_id, sender, target_id, body, bool(expects_reply)))
+        sealed = await _sealed_answers(db, run_id) if kept_apart else {}
         received = {
             message_id
             for message_id, attempt in received_in.items()
@@ -495,14 +511,115 @@ async def load_history(path: Path, run_id: str) -> History:
         if sender in history.tasks and number.isdigit():
             owner = history.tasks[sender]
             owner.messages_used = max(owner.messages_used, int(number))
-    secrets = load_secret_answers(run_id)
+    _unredact(history, run_id, kept_apart, sealed, secret_key)
+    return history
+
+
+#: The schema version that added secret_answers (schema.MIGRATIONS).
+_SEALED_SINCE = 11
+
+
+async def _sealed_answers(db: aiosqlite.Connection, run_id: str) -> dict[StepKey, object]:
+    """The run's encrypted answers in the journal, by step (none in a journal
+    older than them)."""
+    cursor = await db.execute("PRAGMA user_version")
+    row = await cursor.fetchone()
+    if not row or row[0] < _SEALED_SINCE:
+        return {}
+    cursor = await db.execute(
+        "SELECT task_id, attempt, step, sealed FROM secret_answers WHERE run_id = ?", (run_id,)
+    )
+    return {
+        (task_id, attempt, step): sealed
+        for task_id, attempt, step, sealed in await cursor.fetchall()
+    }
+
+
+def _unredact(
+    history: History,
+    run_id: str,
+    kept_apart: set[StepKey],
+    sealed: dict[StepKey, object],
+    secret_key: bytes | None,
+) -> None:
+    """Give the replayed steps the answers the guest saw, not their redacted
+    record: from the run's file, else decrypted from the journal (only for a
+    step marked as kept apart: a row is never taken for another step's).
+    JournalError if a marked step has none here. (A step journaled before the
+    marks says nothing: it replays what the file has, else as journaled.)"""
+    path = secrets_file(run_id)
+    try:
+        kept = load_secret_answers(run_id)
+        unreadable = None
+    except OSError as exc:
+        kept, unreadable = {}, exc
+    sealer = None if secret_key is None or not sealed else Sealer(secret_key, run_id)
+    #: Answers marked as kept apart that are not here, by why.
+    absent: list[StepKey] = []
+    locked: list[StepKey] = []
+    unopened: list[StepKey] = []
     for task_id, task in history.tasks.items():
         for attempt, past in task.attempts.items():
             for index, step in enumerate(past.steps):
-                answer = secrets.get((task_id, attempt, index + 1))
-                if answer is not None:  # what the guest saw, not its redacted record
+                key = (task_id, attempt, index + 1)
+                answer = kept.get(key)
+                if answer is None and key in kept_apart:
+                    if key not in sealed:
+                        absent.append(key)
+                        continue
+                    if sealer is None:
+                        locked.append(key)
+                        continue
+                    answer = sealer.open(*key, sealed[key])
+                    if answer is None:
+                        unopened.append(key)
+                        continue
+                if answer is not None:
                     past.steps[index] = Step(step.kind, step.request, step.ok, answer)
-    return history
+    problems = []
+    if locked:
+        problems.append(
+            f"{_answers(locked)} kept in the journal encrypted, and {SECRET_KEY_ENV} is "
+            f"not set: set it to the key the run ran with"
+        )
+    if unopened:
+        problems.append(
+            f"{_answers(unopened)} kept in the journal encrypted, which {SECRET_KEY_ENV} "
+            f"does not decrypt: {SECRET_KEY_ENV} is not the key the run ran with (or "
+            f"those rows were altered); set it to that key"
+        )
+    if absent:
+        where = (
+            f"cannot be read ({unreadable})"
+            if unreadable is not None
+            else "does not hold them"
+            if path.is_file()
+            else "does not exist here"
+        )
+        problems.append(
+            f"{_answers(absent)} kept apart in {path}, which {where}. Resume the run "
+            f"where it ran (on that machine, with the same CAPSULE_HOME), or copy that "
+            f"file here; a run started with {SECRET_KEY_ENV} set keeps them in the "
+            f"journal, encrypted, and resumes anywhere with the same key"
+        )
+    if problems:
+        raise JournalError(
+            f"run {run_id} cannot be resumed here: its replay needs the unredacted "
+            f"form of journaled answers whose secrets (credentials, cookies, granted "
+            f"env values) the journal holds as [redacted], and it lacks "
+            + "; and ".join(problems)
+            + ". Nothing was run"
+        )
+
+
+def _answers(keys: list[StepKey]) -> str:
+    """``keys`` in words: how many answers, of which tasks."""
+    tasks = sorted({task_id for task_id, _, _ in keys})
+    shown = ", ".join(tasks[:5]) + (f" and {len(tasks) - 5} more" if len(tasks) > 5 else "")
+    return (
+        f"{len(keys)} journaled answer{'s' if len(keys) != 1 else ''} "
+        f"(of task{'s' if len(tasks) != 1 else ''} {shown})"
+    )
 
 
 def _sending_order(message: PendingMessage) -> tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from capsule.supervisor.option_specs import WordedError, Wording
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 #: The ``steps`` view since version 4: a step per row, from the batches.
 _STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
@@ -214,6 +214,21 @@ MIGRATIONS: dict[int, list[str]] = {
     10: [
         "ALTER TABLE runs ADD COLUMN lease_owner TEXT",
         "ALTER TABLE runs ADD COLUMN lease_expires_at REAL",
+    ],
+    # The unredacted answers a replay needs, encrypted with CAPSULE_SECRET_KEY
+    # (see secrets.py), committed with the step they belong to. A step whose
+    # answer was kept apart (here, or in the run's file) is marked so in its
+    # batch; the version keeps an older Capsule from replaying such a run
+    # without them.
+    11: [
+        """CREATE TABLE secret_answers (
+            run_id TEXT NOT NULL,
+            task_id TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            step INTEGER NOT NULL,
+            sealed BLOB NOT NULL,
+            PRIMARY KEY (run_id, task_id, attempt, step)
+        )""",
     ],
 }
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from capsule.journal.lease import Lease, lease_seconds, owner_gone
 from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
+from capsule.journal.secrets import secret_key
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
 from capsule.supervisor.option_specs import Naming
@@ -54,6 +55,7 @@ def run_journaled(
     """Run the program with every event, step and outcome in ``journal``, as
     ``run_id`` (default: a fresh id; one the journal holds already is refused).
     Raises JournalError if the journal cannot be opened (nothing ran)."""
+    key = secret_key()  # (a malformed one stops the run before it starts)
     path = request.path.resolve()
     try:
         digest = program_hash(path)
@@ -61,7 +63,7 @@ def run_journaled(
         return runner(request, on_event)  # reports the missing program
     run_id = run_id or new_run_id()
     seed = os.urandom(16)
-    with JournalWriter(journal, run_id, Lease.new()) as writer:
+    with JournalWriter(journal, run_id, Lease.new(), key) as writer:
         settings = {_ENTRY: request.entry, **request.options.given()}
         _write(
             writer,
@@ -245,6 +247,7 @@ def resume_journaled(
 
     from capsule.journal.reader import find_run, load_history, load_program_files
 
+    key = secret_key()
     # A resume writes to the journal: bring it to this Capsule's schema (a
     # migration, if it is older) before reading what to replay from it.
     connect(journal, create=False).close()
@@ -256,7 +259,9 @@ def resume_journaled(
     try:
         record, files = anyio.run(read_run)
         program = check_resumable(record, files, force)
-        history = anyio.run(load_history, journal, record.run_id)
+        # (JournalError if the replay needs secrets this resume lacks: before
+        # anything runs, or the run is claimed.)
+        history = anyio.run(load_history, journal, record.run_id, key)
         seed = bytes.fromhex(record.seed)
         entry, recorded = _recorded_settings(journal, record)
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
@@ -280,7 +285,7 @@ def resume_journaled(
     }
     lease = Lease.new()
     _claim(journal, record, program_hash(program), lease)
-    with JournalWriter(journal, record.run_id, lease) as writer:
+    with JournalWriter(journal, record.run_id, lease, key) as writer:
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         with _interrupted_as_such(writer):
             report = runner(
@@ -445,7 +450,7 @@ def _finish(
     result = report.result
     status = report.status
     if status in ("completed", "failed"):
-        writer.secrets.discard()  # the run is over: nothing will replay it
+        writer.discard_secrets()  # the run is over: nothing will replay it
     error: dict[str, Any] | None = None
     if result is not None and result.error is not None:
         error = result.error.model_dump()

@@ -34,7 +34,7 @@ from typing import Any
 
 from capsule.journal.lease import Lease
 from capsule.journal.schema import connect, describe_error
-from capsule.journal.secrets import SecretAnswers
+from capsule.journal.secrets import STEP_KEPT_APART, Sealer, SecretAnswers
 from capsule.logs import logger
 from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
 from capsule.supervisor.option_specs import Wording, parameter_of
@@ -99,15 +99,24 @@ class JournalWriter:
     """Records one run. Implements the supervisor's StepLog; subscribe
     :meth:`on_event` to the run's JOURNALED_EVENT_TYPES. Use as a context manager."""
 
-    def __init__(self, path: Path, run_id: str, lease: Lease | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run_id: str,
+        lease: Lease | None = None,
+        secret_key: bytes | None = None,
+    ) -> None:
         self.path = path
         self.run_id = run_id
         #: The run's lease this process holds, renewed while the writer runs
         #: (None: nothing to renew, a reader's writer or a test's).
         self.lease = lease
         self._connection = connect(path, create=True)
-        #: Unredacted answers, kept apart from the journal (see secrets.py).
+        #: Unredacted answers, kept apart from the journal's text (see
+        #: secrets.py): in the journal encrypted with ``secret_key`` (the
+        #: user's CAPSULE_SECRET_KEY), else in the run's file.
         self.secrets = SecretAnswers(run_id)
+        self._sealer = None if secret_key is None else Sealer(secret_key, run_id)
         #: Called (on the writer thread) with the task id of each cancellation
         #: another process asked for; None: nobody listens (see watch_cancel_requests).
         self._on_cancel_request: Callable[[str], None] | None = None
@@ -524,12 +533,23 @@ class JournalWriter:
         durable: bool = False,
         unredacted: str | None = None,
     ) -> None:
-        if unredacted is not None:
-            try:  # before the step is queued: a journaled step always has it
-                self.secrets.add(task_id, attempt, number, unredacted)
-            except OSError as exc:
-                raise JournalFailure(describe_error(self.secrets.path, exc)) from None
-        step = ((task_id, attempt), (number, kind, request, ok, answer))
+        if unredacted is None:
+            step: tuple[Any, ...] = ((task_id, attempt), (number, kind, request, ok, answer))
+        else:
+            # Kept before the step is queued: a journaled step always has it
+            # (a sealed one is queued first, so it is in the step's commit or
+            # an earlier one).
+            if self._sealer is not None:
+                sealed = self._sealer.seal(task_id, attempt, number, unredacted)
+                self._put(_SECRET_INSERT, (self.run_id, task_id, attempt, number, sealed))
+            else:
+                try:
+                    self.secrets.add(task_id, attempt, number, unredacted)
+                except OSError as exc:
+                    raise JournalFailure(describe_error(self.secrets.path, exc)) from None
+            # Marked, so that a resume knows its replay needs it.
+            kept = (number, kind, request, ok, answer, None, STEP_KEPT_APART)
+            step = ((task_id, attempt), kept)
         if durable:
             with self._lock:  # counted, so that it can wait for its commit
                 self._append(self._step_queue, step, durable)
@@ -542,6 +562,14 @@ class JournalWriter:
                 if self._sleeping:
                     self._sleeping = False
                     self._work.notify()
+
+    def discard_secrets(self) -> None:
+        """The run is over, and nothing will replay it: its unredacted answers
+        go (the file at once; the journal's rows with the run's last commit,
+        after any queued before: a batch runs its statements in the order
+        each first came, and no step comes after this)."""
+        self.secrets.discard()
+        self.execute("DELETE FROM secret_answers WHERE run_id = ?", (self.run_id,), durable=False)
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
@@ -622,11 +650,19 @@ _ATTEMPT, _STEP = itemgetter(0), itemgetter(1)
 
 #: The steps an attempt took since the last commit, as one row: a JSON array
 #: of ``[step, kind, request, ok, answer]`` arrays (a request given as strings
-#: is an array of them), and when they were committed. (Steps carry no time of
-#: their own: formatting a float per step was a third of the encoding's cost.)
+#: is an array of them; a step whose unredacted answer was kept apart has null
+#: and secrets.STEP_KEPT_APART after them), and when they were committed.
+#: (Steps carry no time of their own: formatting a float per step was a third
+#: of the encoding's cost.)
 _STEP_BATCH_INSERT = (
     "INSERT OR REPLACE INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
     "steps_json, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
+#: An unredacted answer, encrypted (see secrets.Sealer).
+_SECRET_INSERT = (
+    "INSERT OR REPLACE INTO secret_answers (run_id, task_id, attempt, step, sealed) "
+    "VALUES (?, ?, ?, ?, ?)"
 )
 
 
