@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from capsule.host import LiveTask, RunError, RunHandle, RunResult, Runtime
+    from capsule.journal.location import Journal
     from capsule.supervisor.events import RunEnded
     from capsule.supervisor.loop_thread import LoopThread
 
@@ -306,9 +307,10 @@ def _refused_options(options: argparse.Namespace, error: Any) -> int:
 def _journal_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--journal",
-        metavar="PATH",
-        help="the journal file (default: $CAPSULE_JOURNAL, else .capsule/journal.db beside "
-        "the program, or in the current directory for commands without a program)",
+        metavar="PATH|URL",
+        help="the journal: a file, or a postgresql:// URL (default: $CAPSULE_JOURNAL, else "
+        ".capsule/journal.db beside the program, or in the current directory for commands "
+        "without a program)",
     )
 
 
@@ -615,7 +617,7 @@ def _load_run_modules() -> None:
 
 
 def _run_through_host(
-    journal: Path | None,
+    journal: Journal | None,
     start: Callable[[Runtime], Awaitable[RunHandle]],
     on_event: Callable[[Any], None],
     attend: Callable[[_HostedRun], T],
@@ -873,7 +875,7 @@ def _run_with_tui(
     entry: str,
     run_options: Any,
     options: argparse.Namespace,
-    journal: Path | None,
+    journal: Journal | None,
 ) -> int:
     """The run through the host API, as `capsule run` runs one; the TUI on the
     main thread, fed the run's events, reading and cancelling its tasks through
@@ -1009,16 +1011,19 @@ def _check_secret_key() -> None:
         raise UsageError(str(exc)) from None
 
 
-def _journal_path(options: argparse.Namespace, program: Path | None = None) -> Path:
+def _journal_path(options: argparse.Namespace, program: Path | None = None) -> Journal:
     """The journal --journal, $CAPSULE_JOURNAL or the default names; UsageError if
     it is empty or names something other than a file (a directory; a FIFO, a
     device or a socket, on which SQLite fails with a misleading "disk I/O
     error")."""
+    from capsule.journal.location import journal_at
     from capsule.journal.schema import default_journal
 
     if options.journal is not None and not options.journal:
         raise UsageError("--journal needs a path (or give --no-journal)")
-    path = Path(options.journal) if options.journal else default_journal(program)
+    path = journal_at(options.journal) if options.journal else default_journal(program)
+    if not isinstance(path, Path):
+        return path  # a database: its own errors say what is wrong with it
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):
@@ -1046,7 +1051,7 @@ _UNREADABLE_RECORD = (
 )
 
 
-def _read_journal(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+def _read_journal(journal: Journal, read: Callable[..., Awaitable[Any]], *args: Any) -> Any:
     """``read(*args)`` (a reader of capsule.journal.reader); a JournalError also
     if the journal holds a record this Capsule cannot make sense of (a damaged
     or forged journal is input like any other)."""
@@ -1060,7 +1065,7 @@ def _read_journal(journal: Path, read: Callable[..., Awaitable[Any]], *args: Any
         raise JournalError(_unreadable(journal, exc)) from None
 
 
-def _unreadable(journal: Path, exc: BaseException) -> str:
+def _unreadable(journal: Journal, exc: BaseException) -> str:
     return (
         f"the journal {journal} holds a record this Capsule cannot read "
         f"({type(exc).__name__}: {exc}); it may be damaged"

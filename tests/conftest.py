@@ -434,3 +434,30 @@ def killed_in_flight_then_resumed(
         first, *again = payments.keys[trial]
         assert again == [first], f"trial {trial}: the resumed run sent {again}, first {first}"
         assert resumed.json()["result"] == first
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL server for the session (see postgres_cluster.py)."""
+    from tests.postgres_cluster import throwaway_cluster
+
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def postgres_journal(postgres_cluster: Any) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return str(postgres_cluster.new_database())
+
+
+#: The journal backends a test taking ``journal_at`` runs against.
+JOURNAL_BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=JOURNAL_BACKENDS)
+def journal_at(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new journal on each backend: an SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "journal.db")
+    return str(request.getfixturevalue("postgres_journal"))

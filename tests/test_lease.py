@@ -1,6 +1,7 @@
 """Run ownership by lease: one process runs a run at a time, a dead owner is
 told by its lease's expiry (or, where its process id means the same, by its
-process being gone), never by a process id alone."""
+process being gone), never by a process id alone. On each journal backend
+(SQLite, PostgreSQL): every test's commands journal to ``CAPSULE_JOURNAL``."""
 
 from __future__ import annotations
 
@@ -36,24 +37,32 @@ def _program(tmp_path: Path, source: str = SLEEPER) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def journal(journal_at: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test's journal, on each backend, for every command it runs."""
+    monkeypatch.setenv("CAPSULE_JOURNAL", journal_at)
+    return journal_at
+
+
 def _crashed_run(tmp_path: Path) -> None:
     printed, code = kill_at_marker(["run", str(_program(tmp_path))], "MARK", tmp_path)
     assert code == -signal.SIGKILL, printed
 
 
-def test_of_many_claims_at_once_exactly_one_takes_the_run(tmp_path: Path) -> None:
+def test_of_many_claims_at_once_exactly_one_takes_the_run(tmp_path: Path, journal: str) -> None:
     """200 claimants of one crashed run, all at once (threads, each with its
     own connection and lease): one takes it, every other is refused."""
     import anyio
 
     from capsule.journal.lease import Lease
+    from capsule.journal.location import journal_at
     from capsule.journal.reader import find_run
     from capsule.journal.schema import JournalError
     from capsule.journal.session import _claim, program_hash
 
     _crashed_run(tmp_path)
-    journal = tmp_path / ".capsule" / "journal.db"
-    record = anyio.run(find_run, journal, None)
+    location = journal_at(journal)
+    record = anyio.run(find_run, location, None)
     assert record.shown_status == "crashed"
     digest = program_hash(Path(record.program))
     start = threading.Barrier(200)
@@ -62,7 +71,7 @@ def test_of_many_claims_at_once_exactly_one_takes_the_run(tmp_path: Path) -> Non
     def claim() -> None:
         start.wait()
         try:
-            _claim(journal, record, digest, Lease.new())
+            _claim(location, record, digest, Lease.new())
             outcomes.append("took it")
         except JournalError:
             outcomes.append("refused")

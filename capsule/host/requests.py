@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from capsule.host.errors import InvalidRequest
+from capsule.journal.location import Journal, PostgresJournal, is_postgres_url
 from capsule.sandbox import js
 from capsule.supervisor.options import RunOptions
 
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 #: or digit (it names files, and appears in commands), at most 64 characters.
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
-JournalSetting = str | os.PathLike[str] | Literal[False] | None
+JournalSetting = str | os.PathLike[str] | PostgresJournal | Literal[False] | None
 
 
 def run_request(
@@ -41,19 +42,28 @@ def run_request(
     )
 
 
-def journal_path(journal: JournalSetting) -> Path | None:
-    """The journal file a Runtime uses (None: none)."""
+def journal_path(journal: JournalSetting) -> Journal | None:
+    """The journal a Runtime uses: a file, or a ``postgresql://`` URL's
+    database (None: none)."""
     if journal is False:
         return None  # (without loading the journal's modules, and sqlite3)
     if journal is None:
         from capsule.journal.schema import default_journal
 
-        path = default_journal()
+        default = default_journal()
+        if not isinstance(default, Path):
+            return default
+        path = default
+    elif isinstance(journal, PostgresJournal):
+        return journal
+    elif isinstance(journal, str) and is_postgres_url(journal):
+        return PostgresJournal(journal)
     elif isinstance(journal, (str, os.PathLike)) and str(journal):
         path = Path(journal)
     else:
         raise InvalidRequest(
-            f"journal {journal!r:.80} is invalid; expected a file path, None (the default "
+            f"journal {journal!r:.80} is invalid; expected a file path, a postgresql:// URL, "
+            f"None (the default "
             f"journal) or False (no journal)"
         )
     path = path.absolute()

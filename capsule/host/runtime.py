@@ -42,6 +42,7 @@ from capsule.supervisor.options import RunOptions
 
 if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits, CodeRunner
+    from capsule.journal.location import Journal
     from capsule.journal.reader import RunRecord, TaskRecord
     from capsule.sandbox.guests import SharedGuests
     from capsule.supervisor.loop_thread import LoopThread
@@ -338,7 +339,7 @@ class Runtime:
         from capsule.journal.reader import list_runs
 
         journal = self._need_journal("runs")
-        if not journal.is_file():
+        if isinstance(journal, Path) and not journal.is_file():
             return []
         runs: list[RunRecord] = await _reading(journal, list_runs, journal)
         return runs
@@ -375,7 +376,7 @@ class Runtime:
         tasks = await _reading(journal, load_tasks, journal, run_id)
         return RunDetails(record, tasks)
 
-    def _need_journal(self, what: str) -> Path:
+    def _need_journal(self, what: str) -> Journal:
         if self.journal is None:
             raise RunNotFound(
                 f"{what} needs a journal, and this Runtime has none (journal=False); "
@@ -388,7 +389,7 @@ class Runtime:
         from capsule.journal.reader import find_run
 
         journal = self.journal
-        if journal is None or not journal.is_file():
+        if journal is None or (isinstance(journal, Path) and not journal.is_file()):
             return None
         try:
             record: RunRecord = await _reading(journal, find_run, journal, run_id, True)
@@ -664,7 +665,9 @@ async def _awaited(handle: RunHandle) -> RunResult:
         raise
 
 
-async def _reading(journal: Path, read: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+async def _reading(
+    journal: Journal, read: Callable[..., Coroutine[Any, Any, Any]], *args: Any
+) -> Any:
     """``read(*args)``, a journal reader; JournalUnavailable if the journal
     cannot be read or holds a record this Capsule cannot make sense of."""
     from capsule.journal.schema import JournalError
@@ -691,12 +694,13 @@ async def _on_asyncio(read: Callable[..., Coroutine[Any, Any, Any]], *args: Any)
     return await read(*args)
 
 
-def _open_journal(journal: Path) -> None:
+def _open_journal(journal: Journal) -> None:
     """Make the journal, or bring it to this Capsule's schema: one that cannot
     be used is refused as the Runtime opens, not at its first run."""
-    from capsule.journal.schema import JournalError, connect
+    from capsule.journal.database import open_connection
+    from capsule.journal.schema import JournalError
 
     try:
-        connect(journal, create=True).close()
+        open_connection(journal, create=True).close()
     except JournalError as exc:
         raise JournalUnavailable(str(exc)).naming(exc) from None

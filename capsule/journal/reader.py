@@ -1,28 +1,22 @@
-"""Reading journals (aiosqlite): the list of runs, one run's task tree, and the
-history a resumed run replays. Safe while another process writes the journal
-(WAL readers never block the writer)."""
+"""Reading journals (aiosqlite, or psycopg on PostgreSQL): the list of runs,
+one run's task tree, and the history a resumed run replays. Safe while another
+process writes the journal (SQLite's WAL and PostgreSQL's MVCC readers never
+block the writer)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
+from capsule.journal.database import ReadConnection, open_reader
 from capsule.journal.lease import expired as lease_expired
 from capsule.journal.lease import owner_gone
-from capsule.journal.schema import (
-    SCHEMA_VERSION,
-    JournalError,
-    describe_error,
-    missing_journal,
-)
+from capsule.journal.location import Journal
+from capsule.journal.schema import JournalError
 from capsule.journal.secrets import (
     SECRET_KEY_ENV,
     STEP_KEPT_APART,
@@ -64,6 +58,9 @@ class RunRecord:
     #: run of a Capsule older than leases.
     lease_owner: str | None = None
     lease_expires_at: float | None = None
+    #: The journal's clock when the record was read (leases are timed by
+    #: it); None: this machine's.
+    clock: float | None = None
 
     @property
     def shown_status(self) -> str:
@@ -72,7 +69,7 @@ class RunRecord:
         if self.status != "running":
             return self.status
         if self.lease_owner is not None:
-            gone = lease_expired(self.lease_expires_at) or owner_gone(self.lease_owner)
+            gone = lease_expired(self.lease_expires_at, self.clock) or owner_gone(self.lease_owner)
             return "crashed" if gone else "running"
         return "running" if _alive(self.host_pid) else "crashed"
 
@@ -143,33 +140,10 @@ def _alive(pid: int | None) -> bool:
 
 
 @asynccontextmanager
-async def open_journal(path: Path) -> AsyncIterator[aiosqlite.Connection]:
+async def open_journal(journal: Journal) -> AsyncIterator[ReadConnection]:
     """A read connection to an existing journal this Capsule understands."""
-    if not path.is_file():
-        raise missing_journal(path)
-    try:
-        connection = await aiosqlite.connect(path)
-    except sqlite3.Error as exc:
-        raise JournalError(describe_error(path, exc)) from None
-    try:
-        try:
-            cursor = await connection.execute("PRAGMA user_version")
-            row = await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise JournalError(describe_error(path, exc)) from None
-        version = row[0] if row else 0
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"the journal {path} has schema version {version}, written by a newer "
-                f"Capsule; this one reads versions up to {SCHEMA_VERSION}"
-            )
-        if version == 0:
-            raise JournalError(f"{path} is not a Capsule journal (no schema version)")
+    async with open_reader(journal) as connection:
         yield connection
-    except sqlite3.Error as exc:
-        raise JournalError(describe_error(path, exc)) from None
-    finally:
-        await connection.close()
 
 
 _RUN_COLUMNS = (
@@ -183,11 +157,11 @@ _RUN_COLUMNS_BEFORE_LEASES = _RUN_COLUMNS.replace("lease_owner, lease_expires_at
 _LEASES_SINCE = 10
 
 
-async def _run_columns(db: aiosqlite.Connection) -> str:
-    """The columns of a run's record as this journal's schema has them."""
-    cursor = await db.execute("PRAGMA user_version")
-    row = await cursor.fetchone()
-    return _RUN_COLUMNS if row and row[0] >= _LEASES_SINCE else _RUN_COLUMNS_BEFORE_LEASES
+def _run_columns(db: ReadConnection) -> str:
+    """The columns of a run's record as this journal's schema has them, and
+    the journal's clock."""
+    columns = _RUN_COLUMNS if db.version >= _LEASES_SINCE else _RUN_COLUMNS_BEFORE_LEASES
+    return f"{columns}, {db.dialect.now}"
 
 
 def _run_record(row: Any) -> RunRecord:
@@ -209,26 +183,24 @@ def _run_record(row: Any) -> RunRecord:
         host_pid=row[12],
         lease_owner=row[13] if isinstance(row[13], str) else None,
         lease_expires_at=row[14] if isinstance(row[14], int | float) else None,
+        clock=row[15] if len(row) > 15 and isinstance(row[15], float) else None,
     )
 
 
-async def run_status(db: aiosqlite.Connection, run_id: str) -> str | None:
+async def run_status(db: ReadConnection, run_id: str) -> str | None:
     """A run's status as shown (RunRecord.shown_status), read afresh; None
     if there is no such run or its row cannot be read."""
-    columns = await _run_columns(db)
-    cursor = await db.execute(f"SELECT {columns} FROM runs WHERE run_id = ?", (run_id,))
-    row = await cursor.fetchone()
+    row = await db.fetchone(f"SELECT {_run_columns(db)} FROM runs WHERE run_id = ?", (run_id,))
     return None if row is None else _listed(row).shown_status
 
 
-async def list_runs(path: Path) -> list[RunRecord]:
+async def list_runs(journal: Journal) -> list[RunRecord]:
     """Every run in the journal, newest first."""
-    async with open_journal(path) as db:
-        columns = await _run_columns(db)
-        cursor = await db.execute(
-            f"SELECT {columns} FROM runs ORDER BY started_at DESC, rowid DESC"
+    async with open_journal(journal) as db:
+        rows = await db.fetchall(
+            f"SELECT {_run_columns(db)} FROM runs ORDER BY {db.dialect.newest_first}"
         )
-        return [_listed(row) for row in await cursor.fetchall()]
+        return [_listed(row) for row in rows]
 
 
 #: The status of a run whose journal row cannot be read.
@@ -271,53 +243,51 @@ def _listed(row: Any) -> RunRecord:
         )
 
 
-async def find_run(path: Path, run_id: str | None, exact: bool = False) -> RunRecord:
+async def find_run(journal: Journal, run_id: str | None, exact: bool = False) -> RunRecord:
     """The run with this id (or a unique prefix of it, unless ``exact``); None:
     the newest run."""
-    async with open_journal(path) as db:
-        columns = await _run_columns(db)
+    async with open_journal(journal) as db:
+        columns = _run_columns(db)
         if exact:
-            cursor = await db.execute(f"SELECT {columns} FROM runs WHERE run_id = ?", (run_id,))
+            rows = await db.fetchall(f"SELECT {columns} FROM runs WHERE run_id = ?", (run_id,))
         elif run_id is None:
-            cursor = await db.execute(
-                f"SELECT {columns} FROM runs ORDER BY started_at DESC, rowid DESC LIMIT 1"
+            rows = await db.fetchall(
+                f"SELECT {columns} FROM runs ORDER BY {db.dialect.newest_first} LIMIT 1"
             )
         else:
             # The run of that whole id, else those it begins (compared as text:
             # LIKE would take "_" and "%" in an id for wildcards).
-            cursor = await db.execute(
-                f"SELECT {columns} FROM runs WHERE run_id = ?1 OR "
-                "(substr(run_id, 1, length(?1)) = ?1 AND NOT EXISTS "
-                "(SELECT 1 FROM runs WHERE run_id = ?1)) LIMIT 2",
-                (run_id,),
+            rows = await db.fetchall(
+                f"SELECT {columns} FROM runs WHERE run_id = ? OR "
+                "(substr(run_id, 1, length(?)) = ? AND NOT EXISTS "
+                "(SELECT 1 FROM runs WHERE run_id = ?)) LIMIT 2",
+                (run_id,) * 4,
             )
-        rows = list(await cursor.fetchall())
     if not rows:
         raise JournalError(
-            (lambda name: f"no run {run_id!r} in the journal {path}; {name('runs')} lists them")
+            (lambda name: f"no run {run_id!r} in the journal {journal}; {name('runs')} lists them")
             if run_id is not None
-            else f"the journal {path} holds no runs"
+            else f"the journal {journal} holds no runs"
         )
     if len(rows) > 1:
         raise JournalError(f"{run_id!r} matches several runs; give more of the run id")
     return _run_record(rows[0])
 
 
-async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
-    async with open_journal(path) as db:
-        cursor = await db.execute(
+async def load_tasks(journal: Journal, run_id: str) -> list[TaskRecord]:
+    async with open_journal(journal) as db:
+        rows = await db.fetchall(
             "SELECT task_id, name, parent_id, status, attempt, max_attempts, fuel, "
             "duration_ms, final, result_json, error_json FROM tasks WHERE run_id = ? "
             "ORDER BY coalesce(started_at, ended_at), length(task_id), task_id",
             (run_id,),
         )
-        rows = await cursor.fetchall()
-        cursor = await db.execute(
+        counted = await db.fetchall(
             "SELECT task_id, count(*) FROM events WHERE run_id = ? AND type = 'restarting' "
             "GROUP BY task_id",
             (run_id,),
         )
-        restarts = {task_id: count for task_id, count in await cursor.fetchall()}
+        restarts = {task_id: count for task_id, count in counted}
         return [
             TaskRecord(
                 task_id=row[0],
@@ -337,17 +307,17 @@ async def load_tasks(path: Path, run_id: str) -> list[TaskRecord]:
         ]
 
 
-async def load_program_files(path: Path, run_id: str) -> dict[str, str]:
+async def load_program_files(journal: Journal, run_id: str) -> dict[str, str]:
     """The source files ``run_id`` read, with their SHA-256 (schema 6 on; a run
     journaled before that has none recorded)."""
-    async with open_journal(path) as db:
-        cursor = await db.execute(
+    async with open_journal(journal) as db:
+        rows = await db.fetchall(
             "SELECT path, sha256 FROM program_files WHERE run_id = ? ORDER BY path", (run_id,)
         )
-        return {row[0]: row[1] for row in await cursor.fetchall()}
+        return {row[0]: row[1] for row in rows}
 
 
-async def load_history(path: Path, run_id: str, secret_key: bytes | None = None) -> History:
+async def load_history(journal: Journal, run_id: str, secret_key: bytes | None = None) -> History:
     """What a resume of ``run_id`` replays: ended tasks' outcomes, the steps of
     the attempts in flight (with the unredacted answers kept apart, decrypted
     with ``secret_key`` if they are in the journal), and the messages still
@@ -355,12 +325,7 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
     history = History()
     #: The replayed steps whose unredacted answer was kept apart.
     kept_apart: set[StepKey] = set()
-    async with open_journal(path) as db:
-        cursor = await db.execute(
-            "SELECT task_id, name, final, attempt, fuel, duration_ms, result_json, error_json "
-            "FROM tasks WHERE run_id = ?",
-            (run_id,),
-        )
+    async with open_journal(journal) as db:
         for (
             task_id,
             name,
@@ -370,7 +335,11 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
             duration_ms,
             result,
             error,
-        ) in await cursor.fetchall():
+        ) in await db.fetchall(
+            "SELECT task_id, name, final, attempt, fuel, duration_ms, result_json, error_json "
+            "FROM tasks WHERE run_id = ?",
+            (run_id,),
+        ):
             task = history.tasks[task_id] = TaskHistory(name=name)
             if final:
                 task.final = TaskResult(
@@ -382,7 +351,7 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
                     result_json=result,
                     error=None if error is None else ErrorDetail.model_validate_json(error),
                 )
-        cursor = await db.execute(
+        ends = db.rows(
             "SELECT task_id, type, data_json FROM events WHERE run_id = ? "
             "AND type IN ('retrying', 'completed', 'restarting', 'messages_returned') "
             "ORDER BY seq",
@@ -392,7 +361,7 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
         #: word (an attempt stopped by Ctrl-C puts back, and again, from what its
         #: replay took, when it ends after the resume).
         returns: dict[tuple[str, int], list[str]] = {}
-        for task_id, kind, data in await cursor.fetchall():
+        async for task_id, kind, data in ends:
             fields = json.loads(data)
             attempt = int(fields.get("attempt", 0))
             if kind == "messages_returned":
@@ -409,12 +378,11 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
             ended.ended_attempts.add(attempt)
             if kind == "retrying":
                 ended.failures += 1
-        cursor = await db.execute(
+        for task_id, attempt, children_before, messages_before in await db.fetchall(
             "SELECT task_id, attempt, children_before, messages_before FROM attempts "
             "WHERE run_id = ?",
             (run_id,),
-        )
-        for task_id, attempt, children_before, messages_before in await cursor.fetchall():
+        ):
             task = history.tasks.setdefault(task_id, TaskHistory(name="?"))
             task.attempts[attempt] = AttemptHistory([], children_before, messages_before)
         #: By message id: the last attempt of its target that took it from its
@@ -441,12 +409,11 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
             if task.final is None and task.attempts
         }
         sent: list[PendingMessage] = []
-        cursor = await db.execute(
+        async for task_id, attempt, batch in db.rows(
             "SELECT task_id, attempt, steps_json FROM step_batches "
             "WHERE run_id = ? ORDER BY task_id, attempt, first_step",
             (run_id,),
-        )
-        async for task_id, attempt, batch in cursor:
+        ):
             history.recorded += len(batch)
             replayed = (
                 history.tasks[task_id].attempts[attempt].steps
@@ -478,12 +445,11 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
                     replayed.append(Step(kind, request_text(request), bool(ok), answer))
                     if more[1:2] == [STEP_KEPT_APART]:
                         kept_apart.add((task_id, attempt, number))
-        cursor = await db.execute(
+        for message_id, sender, target_id, body, expects_reply in await db.fetchall(
             "SELECT message_id, sender_id, target_id, body_json, expects_reply "
             "FROM messages WHERE run_id = ?",
             (run_id,),
-        )
-        for message_id, sender, target_id, body, expects_reply in await cursor.fetchall():
+        ):
             sent.append(PendingMessage(message_id, sender, target_id, body, bool(expects_reply)))
         sealed = await _sealed_answers(db, run_id) if kept_apart else {}
         received = {
@@ -519,20 +485,15 @@ async def load_history(path: Path, run_id: str, secret_key: bytes | None = None)
 _SEALED_SINCE = 11
 
 
-async def _sealed_answers(db: aiosqlite.Connection, run_id: str) -> dict[StepKey, object]:
+async def _sealed_answers(db: ReadConnection, run_id: str) -> dict[StepKey, object]:
     """The run's encrypted answers in the journal, by step (none in a journal
     older than them)."""
-    cursor = await db.execute("PRAGMA user_version")
-    row = await cursor.fetchone()
-    if not row or row[0] < _SEALED_SINCE:
+    if db.version < _SEALED_SINCE:
         return {}
-    cursor = await db.execute(
+    rows = await db.fetchall(
         "SELECT task_id, attempt, step, sealed FROM secret_answers WHERE run_id = ?", (run_id,)
     )
-    return {
-        (task_id, attempt, step): sealed
-        for task_id, attempt, step, sealed in await cursor.fetchall()
-    }
+    return {(task_id, attempt, step): bytes(sealed) for task_id, attempt, step, sealed in rows}
 
 
 def _unredact(

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from capsule.journal.location import Journal, journal_at
 from capsule.supervisor.option_specs import WordedError, Wording
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
@@ -244,12 +245,13 @@ class JournalError(WordedError):
     the host API takes them; ``worded(flag_of)``, as the CLI's flags."""
 
 
-def default_journal(program: Path | None = None) -> Path:
-    """``CAPSULE_JOURNAL``, else ``.capsule/journal.db`` beside the program (or
-    in the current directory, for commands that take no program)."""
+def default_journal(program: Path | None = None) -> Journal:
+    """``CAPSULE_JOURNAL`` (a file, or a ``postgresql://`` URL), else
+    ``.capsule/journal.db`` beside the program (or in the current directory,
+    for commands that take no program)."""
     configured = os.environ.get("CAPSULE_JOURNAL")
     if configured:
-        return Path(configured)
+        return journal_at(configured)
     base = program.resolve().parent if program is not None else Path.cwd()
     return base / ".capsule" / "journal.db"
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from capsule.journal.database import open_connection
 from capsule.journal.lease import Lease, lease_seconds, owner_gone
-from capsule.journal.schema import INTERNAL_ERROR, JournalError, connect, describe_error
+from capsule.journal.location import Journal
+from capsule.journal.schema import INTERNAL_ERROR, JournalError
 from capsule.journal.secrets import secret_key
 from capsule.journal.writer import JOURNALED_EVENT_TYPES, JournalWriter, start_run_row
 from capsule.supervisor.events import EventStream
@@ -45,7 +46,7 @@ ProgramRunner = Callable[..., RunReport]
 
 def run_journaled(
     request: RunRequest,
-    journal: Path,
+    journal: Journal,
     on_event: Callable[[Any], None],
     on_run: Callable[[Run], None] | None = None,
     event_types: Collection[str] | None = None,
@@ -209,7 +210,7 @@ def _holder(record: RunRecord) -> str:
     """Who runs ``record``, in words."""
     if record.lease_owner is None:
         return f"process {record.host_pid}"
-    left = (record.lease_expires_at or 0) - time.time()
+    left = (record.lease_expires_at or 0) - (record.clock or time.time())
     return f"its lease is held by {record.lease_owner:.120}, for {max(left, 0):.1f} s more unless renewed"
 
 
@@ -226,7 +227,7 @@ def _file_hash(path: Path) -> str | None:
 
 
 def resume_journaled(
-    journal: Path,
+    journal: Journal,
     run_id: str | None,
     force: bool,
     on_event: Callable[[Any], None],
@@ -250,7 +251,7 @@ def resume_journaled(
     key = secret_key()
     # A resume writes to the journal: bring it to this Capsule's schema (a
     # migration, if it is older) before reading what to replay from it.
-    connect(journal, create=False).close()
+    open_connection(journal, create=False).close()
 
     async def read_run() -> tuple[RunRecord, dict[str, str]]:
         record = await find_run(journal, run_id, exact)
@@ -303,34 +304,37 @@ def resume_journaled(
     return report
 
 
-def _claim(journal: Path, record: RunRecord, digest: str, lease: Lease) -> None:
+def _claim(journal: Journal, record: RunRecord, digest: str, lease: Lease) -> None:
     """Take the run's lease for this process, if the run is still as
     ``record`` read it and no live lease holds it (one statement: of two
     resumes at once, in two Runtimes, processes or machines, one runs it and
     the other gets a JournalError, never both)."""
-    connection = connect(journal, create=False)
+    connection = open_connection(journal, create=False)
+    now = connection.dialect.now  # (the database's clock: one for every machine)
     try:
+        # (The owner may be stopped in the middle of a commit, holding the
+        # run's row: its server ends that transaction within a lease.)
+        connection.bound_waits(for_locks=2 * lease.seconds + 1, in_transaction=lease.seconds)
         claimed = connection.execute(
             "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
-            "program_hash = ?, ended_at = NULL, lease_owner = ?, lease_expires_at = ? "
+            f"program_hash = ?, ended_at = NULL, lease_owner = ?, lease_expires_at = {now} + ? "
             "WHERE run_id = ? AND status = ? AND resumes = ? "
             "AND (status != 'running' OR lease_owner IS NULL OR lease_expires_at IS NULL "
-            "OR lease_expires_at < ? OR lease_owner = ?)",
+            f"OR lease_expires_at < {now} OR lease_owner = ?)",
             (
                 os.getpid(),
                 digest,
                 lease.owner,
-                lease.expires(),
+                lease.seconds,
                 record.run_id,
                 record.status,
                 record.resumes,
-                time.time(),
                 # (A live lease whose owner is known gone, see owner_gone.)
                 record.lease_owner if owner_gone(record.lease_owner) else None,
             ),
         ).rowcount
-    except sqlite3.Error as exc:
-        raise JournalError(describe_error(journal, exc)) from None
+    except connection.errors as exc:
+        raise JournalError(connection.describe(exc)) from None
     finally:
         connection.close()
     if claimed != 1:
@@ -342,7 +346,7 @@ def _claim(journal: Path, record: RunRecord, digest: str, lease: Lease) -> None:
         )
 
 
-def _recorded_settings(journal: Path, record: RunRecord) -> tuple[Any, RunOptions]:
+def _recorded_settings(journal: Journal, record: RunRecord) -> tuple[Any, RunOptions]:
     """The entry task and the options a run was started with, as its journal
     records them (a journal written before RunOptions records them the same
     way, with None for each option left to its default). JournalError if the

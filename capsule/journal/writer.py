@@ -22,7 +22,6 @@ import functools
 import json
 import math
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +31,10 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+from capsule.journal.database import SQLITE, Dialect, open_connection
 from capsule.journal.lease import Lease
-from capsule.journal.schema import connect, describe_error
+from capsule.journal.location import Journal
+from capsule.journal.schema import JournalError
 from capsule.journal.secrets import STEP_KEPT_APART, Sealer, SecretAnswers
 from capsule.logs import logger
 from capsule.supervisor.events import MESSAGE_EVENT_TYPES, TASK_EVENT_TYPES
@@ -101,17 +102,23 @@ class JournalWriter:
 
     def __init__(
         self,
-        path: Path,
+        journal: Journal,
         run_id: str,
         lease: Lease | None = None,
         secret_key: bytes | None = None,
     ) -> None:
-        self.path = path
+        self.journal = journal
         self.run_id = run_id
         #: The run's lease this process holds, renewed while the writer runs
         #: (None: nothing to renew, a reader's writer or a test's).
         self.lease = lease
-        self._connection = connect(path, create=True)
+        self._connection = open_connection(journal, create=True)
+        if lease is not None:
+            try:
+                self._connection.bound_waits(lease.seconds, lease.seconds)
+            except self._connection.errors as exc:
+                self._connection.close()
+                raise JournalError(self._connection.describe(exc)) from None
         #: Unredacted answers, kept apart from the journal's text (see
         #: secrets.py): in the journal encrypted with ``secret_key`` (the
         #: user's CAPSULE_SECRET_KEY), else in the run's file.
@@ -176,6 +183,11 @@ class JournalWriter:
             self._thread.join()
             self._thread = None
         self._connection.close()
+
+    @property
+    def dialect(self) -> Dialect:
+        """The SQL dialect of the journal's database."""
+        return self._connection.dialect
 
     @property
     def failure(self) -> str | None:
@@ -285,15 +297,12 @@ class JournalWriter:
             try:
                 self._commit(rows, records, steps)
             except Exception as exc:  # whatever it is, no caller may wait forever
-                try:
-                    self._connection.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                self._connection.rollback()
                 with self._lock:
                     if isinstance(exc, LeaseLost):
                         self._failure = exc.wording
-                    elif isinstance(exc, sqlite3.Error | OSError):
-                        self._failure = describe_error(self.path, exc)
+                    elif isinstance(exc, self._connection.errors):
+                        self._failure = self._connection.describe(exc)
                     else:
                         self._failure = _failed_with(exc)
                     self._rows.clear()
@@ -360,13 +369,14 @@ class JournalWriter:
         (this process stalled past its expiry, and a resume took the run),
         the journal fails: the run stops at its next journaled step, and
         does nothing more that the other would do again."""
+        connection = self._connection
         try:
-            with self._connection:
-                renewed = self._connection.execute(
-                    "UPDATE runs SET lease_expires_at = ? WHERE run_id = ? AND lease_owner = ?",
-                    (lease.expires(), self.run_id, lease.owner),
-                ).rowcount
-        except sqlite3.Error:
+            renewed = connection.execute(
+                f"UPDATE runs SET lease_expires_at = {connection.dialect.now} + ? "
+                "WHERE run_id = ? AND lease_owner = ?",
+                (lease.seconds, self.run_id, lease.owner),
+            ).rowcount
+        except connection.errors:
             return  # a busy journal: renewed at the next turn, well before it expires
         if renewed == 0:
             with self._lock:
@@ -391,7 +401,7 @@ class JournalWriter:
                     "task_id = ? AND requested_at = ?",
                     (time.time(), self.run_id, task_id, requested_at),
                 )
-        except sqlite3.Error:
+        except self._connection.errors:
             pass  # a busy journal: asked again at the next poll
 
     def _commit(
@@ -430,12 +440,13 @@ class JournalWriter:
             ]
         try:
             self._execute(statements)
-        except (ValueError, OverflowError):
-            # A value SQLite cannot take (a lone surrogate, an integer past 64
-            # bits): nothing a guest hands over should be one (the host checks
-            # it first), but the content of a record must never stop the
-            # journal. The batch again, every such value made storable.
-            self._connection.execute("ROLLBACK")
+        except self._unstorable:
+            # A value the database cannot take (a lone surrogate, a NUL in
+            # PostgreSQL's text, an integer past 64 bits): nothing a guest hands
+            # over should be one (the host checks it first), but the content of
+            # a record must never stop the journal. The batch again, every such
+            # value made storable.
+            self._connection.rollback()
             self._execute(
                 {
                     sql: [tuple(map(_storable, row)) for row in rows]
@@ -443,23 +454,37 @@ class JournalWriter:
                 }
             )
 
+    @functools.cached_property
+    def _unstorable(self) -> tuple[type[BaseException], ...]:
+        """What the driver raises for a value it cannot store."""
+        if self._connection.dialect is SQLITE:
+            return (ValueError, OverflowError)
+        from capsule.journal.postgres import driver
+
+        return (ValueError, OverflowError, driver().DataError)
+
     def _execute(self, statements: dict[str, list[tuple[Any, ...]]]) -> None:
         connection = self._connection
         if self.lease is None:
-            connection.execute("BEGIN")
+            connection.begin(writing=False)
         else:
             # Fenced: written only while this process holds the run's lease,
-            # checked in the transaction that writes (which takes the write
-            # lock first, so no claim comes between the check and the writes).
-            connection.execute("BEGIN IMMEDIATE")
+            # checked in the transaction that writes (which takes SQLite's
+            # write lock first, PostgreSQL's lock of the run's row: no claim
+            # comes between the check and the writes).
+            connection.begin(writing=True)
             row = connection.execute(
-                "SELECT lease_owner FROM runs WHERE run_id = ?", (self.run_id,)
+                f"SELECT lease_owner FROM runs WHERE run_id = ?{connection.dialect.for_update}",
+                (self.run_id,),
             ).fetchone()
             if row is not None and row[0] != self.lease.owner:
                 raise LeaseLost(self.run_id)
         for sql, rows in statements.items():
-            if not sql.startswith("INSERT"):
-                connection.executemany(sql, rows)  # the run's own row: rare
+            if not sql.startswith("INSERT") or connection.dialect is not SQLITE:
+                # (The run's own row: rare. On PostgreSQL, every statement:
+                # psycopg sends the rows in one pipeline, and a row that
+                # conflicts with one before it in the batch is applied in turn.)
+                connection.executemany(sql, rows)
                 continue
             done = 0
             while done < len(rows):
@@ -467,7 +492,7 @@ class JournalWriter:
                 chunk = rows[done : done + count]
                 connection.execute(_multi_row(sql, count), list(chain.from_iterable(chunk)))
                 done += count
-        connection.execute("COMMIT")
+        connection.commit()
 
     # -- the run's records -----------------------------------------------------
 
@@ -484,8 +509,10 @@ class JournalWriter:
             if status is not None:
                 self._task_event(event, status)
             return (
-                "INSERT OR REPLACE INTO events (run_id, seq, task_id, type, at, data_json) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (run_id, seq, task_id, type, at, data_json) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, seq) DO UPDATE SET "
+                "task_id = excluded.task_id, type = excluded.type, at = excluded.at, "
+                "data_json = excluded.data_json",
                 (run_id, self._event_seq, event.task_id, event.type, event.at, data),
             )
 
@@ -515,8 +542,11 @@ class JournalWriter:
         self, task_id: str, name: str, attempt: int, children_before: int, messages_before: int
     ) -> None:
         self.execute(
-            "INSERT OR REPLACE INTO attempts (run_id, task_id, attempt, children_before, "
-            "messages_before, started_at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO attempts (run_id, task_id, attempt, children_before, "
+            "messages_before, started_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (run_id, task_id, attempt) DO UPDATE SET "
+            "children_before = excluded.children_before, "
+            "messages_before = excluded.messages_before, started_at = excluded.started_at",
             (self.run_id, task_id, attempt, children_before, messages_before, time.time()),
             durable=False,
         )
@@ -546,6 +576,8 @@ class JournalWriter:
                 try:
                     self.secrets.add(task_id, attempt, number, unredacted)
                 except OSError as exc:
+                    from capsule.journal.schema import describe_error
+
                     raise JournalFailure(describe_error(self.secrets.path, exc)) from None
             # Marked, so that a resume knows its replay needs it.
             kept = (number, kind, request, ok, answer, None, STEP_KEPT_APART)
@@ -573,8 +605,8 @@ class JournalWriter:
 
     def ask_sent(self, message: PendingMessage) -> None:
         self.execute(
-            "INSERT OR IGNORE INTO messages (run_id, message_id, sender_id, target_id, "
-            "body_json, expects_reply, at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO messages (run_id, message_id, sender_id, target_id, "
+            "body_json, expects_reply, at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (
                 self.run_id,
                 message.id,
@@ -592,7 +624,8 @@ class JournalWriter:
         # journal is not its to report; the run stops at its next step.
         try:
             self._put(
-                "INSERT OR REPLACE INTO program_files (run_id, path, sha256) VALUES (?, ?, ?)",
+                "INSERT INTO program_files (run_id, path, sha256) VALUES (?, ?, ?) "
+                "ON CONFLICT (run_id, path) DO UPDATE SET sha256 = excluded.sha256",
                 (self.run_id, path, digest),
             )
         except JournalFailure:
@@ -636,10 +669,10 @@ def model_json(model: Any, exclude: set[str] | None = None) -> str:
 
 
 def _storable(value: Any) -> Any:
-    """``value`` as SQLite can store it: lone surrogates escaped, integers past
-    64 bits as text."""
+    """``value`` as the database can store it: lone surrogates and NULs
+    escaped, integers past 64 bits as text."""
     if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
         return str(value)
     return value
@@ -655,14 +688,18 @@ _ATTEMPT, _STEP = itemgetter(0), itemgetter(1)
 #: (Steps carry no time of their own: formatting a float per step was a third
 #: of the encoding's cost.)
 _STEP_BATCH_INSERT = (
-    "INSERT OR REPLACE INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
-    "steps_json, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO step_batches (run_id, task_id, attempt, first_step, last_step, "
+    "steps_json, committed_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (run_id, task_id, attempt, first_step) DO UPDATE SET "
+    "last_step = excluded.last_step, steps_json = excluded.steps_json, "
+    "committed_at = excluded.committed_at"
 )
 
 #: An unredacted answer, encrypted (see secrets.Sealer).
 _SECRET_INSERT = (
-    "INSERT OR REPLACE INTO secret_answers (run_id, task_id, attempt, step, sealed) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO secret_answers (run_id, task_id, attempt, step, sealed) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, task_id, attempt, step) DO UPDATE SET "
+    "sealed = excluded.sealed"
 )
 
 
@@ -700,11 +737,21 @@ def _chunk(left: int) -> int:
     return min(_MAX_ROWS, 1 << (left.bit_length() - 1))
 
 
+def _closing(text: str) -> int:
+    """Where the parenthesis ``text`` opens with closes."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return index
+    raise ValueError(f"unbalanced parentheses: {text}")
+
+
 @functools.lru_cache(maxsize=256)
 def _multi_row(sql: str, rows: int) -> str:
     """``INSERT ... VALUES (?, ...) [tail]`` for ``rows`` rows at once."""
     head, values = sql.split(" VALUES ", 1)
-    end = values.index(")") + 1
+    end = _closing(values) + 1
     group, tail = values[:end], values[end:]
     return f"{head} VALUES {', '.join([group] * rows)}{tail}"
 
@@ -772,10 +819,12 @@ def start_run_row(
     from capsule import __version__
 
     lease = writer.lease
+    # (The lease is timed by the database's clock: on PostgreSQL, the one
+    # every machine's claims compare it with.)
     writer.execute(
         "INSERT INTO runs (run_id, program, program_hash, args_json, settings_json, seed, "
         "status, started_at, host_pid, capsule_version, lease_owner, lease_expires_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {writer.dialect.now} + ?)",
         (
             writer.run_id,
             str(program),
@@ -788,6 +837,6 @@ def start_run_row(
             os.getpid(),
             __version__,
             None if lease is None else lease.owner,
-            None if lease is None else lease.expires(),
+            None if lease is None else lease.seconds,
         ),
     )

@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
-import aiosqlite
-
+from capsule.journal.database import ReadConnection
+from capsule.journal.location import Journal
 from capsule.journal.reader import RunRecord, find_run, open_journal, run_status
 from capsule.tui.results import JournaledResults
 
@@ -88,7 +86,7 @@ class LiveSource:
 
     owns_run = True
 
-    def __init__(self, program: str, journal: Path | None = None) -> None:
+    def __init__(self, program: str, journal: Journal | None = None) -> None:
         self.run_id = ""
         self.program = program
         #: The journal the run writes, if it is journaled (whole results are there).
@@ -209,21 +207,21 @@ class JournalSource:
 
     owns_run = False
 
-    def __init__(self, journal: Path, record: RunRecord) -> None:
+    def __init__(self, journal: Journal, record: RunRecord) -> None:
         self.journal = journal
         self.record = record
         self.run_id = record.run_id
         self.program = record.program
         self._seq = 0
         self._outcome: tuple[str, int | None] | None = None
-        self._db: aiosqlite.Connection | None = None
+        self._db: ReadConnection | None = None
         self._context: Any = None
         self._closed = False
         self._lock = asyncio.Lock()
         self._results = JournaledResults(journal)
 
     @classmethod
-    async def open(cls, journal: Path, run_id: str | None) -> JournalSource:
+    async def open(cls, journal: Journal, run_id: str | None) -> JournalSource:
         return cls(journal, await find_run(journal, run_id))
 
     async def fetch(self) -> list[dict[str, Any]]:
@@ -239,13 +237,13 @@ class JournalSource:
             self._context = open_journal(self.journal)
             self._db = await self._context.__aenter__()
         db = self._db
-        cursor = await db.execute(
+        rows = await db.fetchall(
             "SELECT seq, task_id, type, at, data_json FROM events WHERE run_id = ? AND seq > ? "
             "ORDER BY seq LIMIT 20000",
             (self.run_id, self._seq),
         )
         events = []
-        for seq, task_id, kind, at, data in await cursor.fetchall():
+        for seq, task_id, kind, at, data in rows:
             self._seq = seq
             events.append({**json.loads(data), "type": kind, "task_id": task_id, "at": at})
         if not events and self._outcome is None:
@@ -270,13 +268,21 @@ class JournalSource:
     def cancel(self, task_id: str) -> str:
         if self._outcome is not None:
             return "the run has ended; nothing to cancel"
+        from capsule.journal.database import database_errors, open_connection
+        from capsule.journal.schema import JournalError
+
         try:
-            with sqlite3.connect(self.journal, timeout=5) as connection:
+            connection = open_connection(self.journal, create=False)
+            try:
                 connection.execute(
                     "INSERT INTO cancel_requests (run_id, task_id, requested_at) VALUES (?, ?, ?)",
                     (self.run_id, task_id, time.time()),
                 )
-        except sqlite3.Error as exc:
+            finally:
+                connection.close()
+        except Exception as exc:
+            if not isinstance(exc, (JournalError, *database_errors(self.journal))):
+                raise
             return f"cannot ask the run to cancel {task_id}: {exc}"
         return f"asked the run (process {self.record.host_pid}) to cancel {task_id}"
 
