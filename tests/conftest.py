@@ -451,12 +451,12 @@ def postgres_journal(postgres_cluster: Any) -> str:
     return str(postgres_cluster.new_database())
 
 
-#: The journal backends a test taking ``journal_at`` runs against.
+#: The journal backends a test taking ``any_journal`` runs against.
 JOURNAL_BACKENDS = ("sqlite", "postgresql")
 
 
 @pytest.fixture(params=JOURNAL_BACKENDS)
-def journal_at(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def any_journal(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A new journal on each backend: an SQLite file, a PostgreSQL database."""
     if request.param == "sqlite":
         return str(tmp_path / "journal.db")

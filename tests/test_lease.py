@@ -38,10 +38,10 @@ def _program(tmp_path: Path, source: str = SLEEPER) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def journal(journal_at: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def journal(any_journal: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """The test's journal, on each backend, for every command it runs."""
-    monkeypatch.setenv("CAPSULE_JOURNAL", journal_at)
-    return journal_at
+    monkeypatch.setenv("CAPSULE_JOURNAL", any_journal)
+    return any_journal
 
 
 def _crashed_run(tmp_path: Path) -> None:

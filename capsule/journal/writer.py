@@ -447,9 +447,10 @@ class JournalWriter:
             # a record must never stop the journal. The batch again, every such
             # value made storable.
             self._connection.rollback()
+            storable = functools.partial(_storable, self._connection.dialect)
             self._execute(
                 {
-                    sql: [tuple(map(_storable, row)) for row in rows]
+                    sql: [tuple(map(storable, row)) for row in rows]
                     for sql, rows in statements.items()
                 }
             )
@@ -668,13 +669,14 @@ def model_json(model: Any, exclude: set[str] | None = None) -> str:
     return text
 
 
-def _storable(value: Any) -> Any:
+def _storable(dialect: Dialect, value: Any) -> Any:
     """``value`` as the database can store it: lone surrogates and NULs
-    escaped, integers past 64 bits as text."""
+    escaped; integers past 64 bits as text in SQLite, and as the nearest
+    one PostgreSQL's typed columns hold."""
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     if isinstance(value, int) and not -(2**63) <= value < 2**63:
-        return str(value)
+        return str(value) if dialect is SQLITE else max(-(2**63), min(value, 2**63 - 1))
     return value
 
 
