@@ -33,6 +33,10 @@ def show_on_stderr() -> None:
     handler.setLevel(logging.INFO)
     handler.addFilter(_warnings_or_progress)
     logging.getLogger(ROOT).addHandler(handler)
+    # psycopg warns as it drops a connection the server ended; the journal
+    # reports why it failed, in words of its own (else Python's last-resort
+    # handler prints the warning bare).
+    logging.getLogger("psycopg").addHandler(logging.NullHandler())
     for name in SHOWN_PROGRESS:
         logging.getLogger(name).setLevel(logging.INFO)
 

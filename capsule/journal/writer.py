@@ -298,9 +298,10 @@ class JournalWriter:
                 self._commit(rows, records, steps)
             except Exception as exc:  # whatever it is, no caller may wait forever
                 self._connection.rollback()
+                lost = isinstance(exc, LeaseLost) or self._lease_lost()
                 with self._lock:
-                    if isinstance(exc, LeaseLost):
-                        self._failure = exc.wording
+                    if lost:
+                        self._failure = LeaseLost(self.run_id).wording
                     elif isinstance(exc, self._connection.errors):
                         self._failure = self._connection.describe(exc)
                     else:
@@ -363,6 +364,28 @@ class JournalWriter:
         steps = self._step_queue[:]
         del self._step_queue[: len(steps)]
         return steps
+
+    def _lease_lost(self) -> bool:
+        """Whether another process holds the run's lease now, as a fresh
+        connection reads it (on PostgreSQL, the server ends the session of a
+        process that stalled in the middle of a commit: why the commit
+        failed is that the run is another's now, not the server). False if
+        it cannot tell."""
+        if self.lease is None or self._connection.dialect is SQLITE:
+            return False
+        try:
+            connection = open_connection(self.journal, create=False)
+        except JournalError:
+            return False
+        try:
+            row = connection.execute(
+                "SELECT lease_owner FROM runs WHERE run_id = ?", (self.run_id,)
+            ).fetchone()
+        except connection.errors:
+            return False
+        finally:
+            connection.close()
+        return row is not None and row[0] != self.lease.owner
 
     def _renew_lease(self, lease: Lease) -> None:
         """Extend this process's lease on the run; if another holds it now
