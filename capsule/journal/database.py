@@ -133,6 +133,33 @@ class JournalConnection:
                 "SELECT set_config(%s, %s, false)", (setting, str(max(1, int(seconds * 1000))))
             )
 
+    def session(self) -> tuple[int, str] | None:
+        """This connection's session on a PostgreSQL server (its process id,
+        and when it started: the two name it, as a process id alone would
+        once the server gave it to another); None on SQLite."""
+        if self.dialect is SQLITE:
+            return None
+        row = self.raw.execute(
+            "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        ).fetchone()
+        return None if row is None else (int(row[0]), str(row[1]))
+
+    def end_expired_session(self, run_id: str, owner: str) -> None:
+        """On PostgreSQL: end the database session of ``owner``, whose lease on
+        ``run_id`` expired (by the database's clock), if it is still there: a
+        process stopped in the middle of a commit holds the run's row, and so
+        every claim of it, for as long as it stays stopped; past its lease, it
+        has no right to it. (A session of the same role may be ended.)"""
+        if self.dialect is SQLITE:
+            return
+        self.raw.execute(
+            "SELECT pg_terminate_backend(activity.pid) FROM runs "
+            "JOIN pg_stat_activity AS activity ON activity.pid = runs.lease_session_pid "
+            "AND activity.backend_start::text = runs.lease_session_start "
+            f"WHERE runs.run_id = %s AND runs.lease_owner = %s AND runs.lease_expires_at < {self.dialect.now}",
+            (run_id, owner),
+        )
+
     def describe(self, exc: BaseException) -> Wording:
         """What went wrong, in words that suggest the fix."""
         return describe_error(self.journal, exc)

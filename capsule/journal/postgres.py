@@ -51,6 +51,11 @@ MIGRATIONS: dict[int, list[str]] = {
             capsule_version TEXT NOT NULL,
             lease_owner TEXT,
             lease_expires_at DOUBLE PRECISION,
+            -- The owner's database session (process id and start), which a
+            -- claim of an expired lease ends: a process stopped in the middle
+            -- of a commit holds the run's row for as long as it stays stopped.
+            lease_session_pid INTEGER,
+            lease_session_start TEXT,
             -- The order runs were written in (SQLite's rowid): of two
             -- started in the same instant, the later is listed first.
             listed BIGINT GENERATED ALWAYS AS IDENTITY

@@ -287,6 +287,7 @@ def resume_journaled(
     lease = Lease.new()
     _claim(journal, record, program_hash(program), lease)
     with JournalWriter(journal, record.run_id, lease, key) as writer:
+        _write(writer, writer.record_session)
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
         with _interrupted_as_such(writer):
             report = runner(
@@ -315,6 +316,8 @@ def _claim(journal: Journal, record: RunRecord, digest: str, lease: Lease) -> No
         # (The owner may be stopped in the middle of a commit, holding the
         # run's row: its server ends that transaction within a lease.)
         connection.bound_waits(for_locks=2 * lease.seconds + 1, in_transaction=lease.seconds)
+        if isinstance(record.lease_owner, str):
+            connection.end_expired_session(record.run_id, record.lease_owner)
         claimed = connection.execute(
             "UPDATE runs SET status = 'running', resumes = resumes + 1, host_pid = ?, "
             f"program_hash = ?, ended_at = NULL, lease_owner = ?, lease_expires_at = {now} + ? "

@@ -113,12 +113,16 @@ class JournalWriter:
         #: (None: nothing to renew, a reader's writer or a test's).
         self.lease = lease
         self._connection = open_connection(journal, create=True)
+        #: This writer's database session (PostgreSQL's), recorded as the lease's.
+        self._session: tuple[int, str] | None = None
         if lease is not None:
             try:
                 self._connection.bound_waits(lease.seconds, lease.seconds)
+                session = self._connection.session()
             except self._connection.errors as exc:
                 self._connection.close()
                 raise JournalError(self._connection.describe(exc)) from None
+            self._session = session
         #: Unredacted answers, kept apart from the journal's text (see
         #: secrets.py): in the journal encrypted with ``secret_key`` (the
         #: user's CAPSULE_SECRET_KEY), else in the run's file.
@@ -231,6 +235,18 @@ class JournalWriter:
             self._durable_waiting -= 1
         if self._failure is not None:
             raise JournalFailure(self._failure)
+
+    def record_session(self) -> None:
+        """Record this writer's database session as the lease's (PostgreSQL:
+        see JournalConnection.end_expired_session), once the run's row is
+        there. Nothing to record on SQLite, or without a lease."""
+        if self.lease is not None and self._session is not None:
+            self.execute(
+                "UPDATE runs SET lease_session_pid = ?, lease_session_start = ? "
+                "WHERE run_id = ? AND lease_owner = ?",
+                (*self._session, self.run_id, self.lease.owner),
+                durable=False,
+            )
 
     def after_commit(self, action: Callable[[], None]) -> None:
         """Run ``action`` on the writer's thread once everything queued so far
@@ -865,3 +881,4 @@ def start_run_row(
             None if lease is None else lease.seconds,
         ),
     )
+    writer.record_session()
