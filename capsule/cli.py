@@ -132,6 +132,75 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
     )
 
 
+def _submit_arguments(submit: argparse.ArgumentParser) -> None:
+    submit.add_argument(
+        "file",
+        metavar="FILE[:TASK]",
+        help="the program (a .py, .ts or .js file), and the task to run if not main",
+    )
+    submit.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
+    submit.add_argument(
+        "--entry", metavar="TASK", help="the task to run as the entry point (default: main)"
+    )
+    submit.add_argument(
+        "--args-json",
+        metavar="JSON",
+        help="arguments for main as a JSON list (typed values), instead of ARGS",
+    )
+    submit.add_argument("--run-id", metavar="ID", help="the run's id (default: a new one)")
+    submit.add_argument("--json", action="store_true", help="print the run id as JSON")
+    _option_flags(submit)
+    _journal_option(submit)
+
+
+def _worker_arguments(worker: argparse.ArgumentParser) -> None:
+    from capsule.worker.loop import DEFAULT_GRACE_SECONDS, DEFAULT_POLL_SECONDS
+
+    worker.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=_bounded(int, 1, 256),
+        default=1,
+        help="runs at once (default 1; about one per core for CPU-bound runs)",
+    )
+    worker.add_argument(
+        "--grace",
+        metavar="SECONDS",
+        type=_bounded(float, 0, 86400),
+        default=DEFAULT_GRACE_SECONDS,
+        help="on SIGTERM, how long runs may take to finish before they are handed back "
+        f"(default {DEFAULT_GRACE_SECONDS:g})",
+    )
+    worker.add_argument(
+        "--poll",
+        metavar="SECONDS",
+        type=_bounded(float, 0.05, 60),
+        default=DEFAULT_POLL_SECONDS,
+        help=f"how often an idle worker looks for work (default {DEFAULT_POLL_SECONDS:g})",
+    )
+    worker.add_argument(
+        "--until-idle",
+        action="store_true",
+        help="stop once no run waits and none runs (a batch), instead of waiting for more",
+    )
+    _journal_option(worker)
+
+
+def _bounded(kind: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` of the text, from ``low`` to ``high``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range ({low:g} to {high:g})")
+        return value
+
+    return parse
+
+
 def _tui_arguments(tui: argparse.ArgumentParser) -> None:
     tui.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (or a prefix)")
     _journal_option(tui)
@@ -237,6 +306,25 @@ _COMMANDS: dict[str, tuple[dict[str, Any], Callable[[argparse.ArgumentParser], N
         _resume_arguments,
     ),
     "runs": ({"help": "list journaled runs, newest first"}, _runs_arguments),
+    "submit": (
+        {
+            "help": "queue a run for workers (capsule worker) to run",
+            "description": "Queue a run of FILE's main task (or FILE:TASK) in the journal, "
+            "with the source files of FILE's directory, for a worker on any machine that "
+            "shares the journal to run. Prints its run id.",
+        },
+        _submit_arguments,
+    ),
+    "worker": (
+        {
+            "help": "run submitted runs from the journal, and resume those whose worker died",
+            "description": "Take queued runs, and runs whose worker stopped renewing its "
+            "lease, from the journal (a postgresql:// URL shared by many machines, or a "
+            "file), and run them. SIGTERM or Ctrl-C: take no more, let those running "
+            "finish within --grace seconds, then hand them back to other workers.",
+        },
+        _worker_arguments,
+    ),
     "send": (_message_summary("send a message to an actor of a running run"), _message_arguments),
     "ask": (
         _message_summary("send a message to an actor of a running run and print its reply"),
@@ -337,6 +425,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         "tui": _tui_command,
         "send": _message_command,
         "ask": _message_command,
+        "submit": _submit_command,
+        "worker": _worker_command,
     }
     try:
         code = commands[options.command](options)
@@ -488,6 +578,99 @@ def _run_command(options: argparse.Namespace) -> int:
         return _run_through_host(journal, start, renderer.on_event, _HostedRun.wait)
 
     return _show_run(options, run, journaled=journal is not None)
+
+
+def _submit_command(options: argparse.Namespace) -> int:
+    from capsule.host.errors import RunError
+
+    try:
+        path, entry = _program_and_entry(options.file, options.entry)
+        args = _parse_args_json(options.args_json, options.args)
+        journal = _journal_path(options, program=path)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    problem = _not_a_program(path)
+    if problem is not None:
+        _error(problem)
+        return EXIT_USAGE
+    from capsule.host.runtime import Runtime
+    from capsule.supervisor.options import OptionError
+
+    try:
+        run_options = _run_options(options)
+    except OptionError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+
+    async def submit() -> str:
+        async with Runtime(journal=journal, prepare=False) as runtime:
+            return await runtime.submit(
+                path, *args, entry=entry, options=run_options, run_id=options.run_id
+            )
+
+    import anyio
+
+    try:
+        run_id = anyio.run(submit)
+    except RunError as exc:
+        _error(exc.worded(flag_of) if isinstance(exc, WordedError) else str(exc))
+        return EXIT_USAGE
+    print(json.dumps({"run_id": run_id}) if options.json else run_id)
+    return EXIT_OK
+
+
+def _worker_command(options: argparse.Namespace) -> int:
+    import anyio
+
+    from capsule.host.errors import RunError
+    from capsule.worker.loop import Worker, WorkerSettings
+
+    try:
+        journal = _journal_path(options)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    settings = WorkerSettings(
+        journal=journal,
+        concurrency=options.concurrency,
+        grace=options.grace,
+        poll=options.poll,
+        until_idle=options.until_idle,
+    )
+
+    def say(line: str) -> None:
+        print(f"capsule worker: {line}", flush=True)
+
+    worker = Worker(settings, say)
+
+    async def work() -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_stop_on_signals, worker, group)
+            say(f"taking runs from {journal} ({settings.concurrency} at once)")
+            await worker.run()
+            group.cancel_scope.cancel()
+
+    try:
+        anyio.run(work)
+    except RunError as exc:
+        _error(exc.worded(flag_of) if isinstance(exc, WordedError) else str(exc))
+        return EXIT_USAGE
+    say(f"stopped ({worker.completed} run(s) ended here)")
+    return EXIT_OK
+
+
+async def _stop_on_signals(worker: Any, group: Any) -> None:
+    """The first SIGTERM or SIGINT stops the worker gracefully; a second
+    hands its runs back at once."""
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            if worker.stopping:
+                worker.hurry()
+            else:
+                worker.stop()
 
 
 def _check_events_option(options: argparse.Namespace) -> None:

@@ -197,6 +197,8 @@ def _as_schema_3(journal: Path) -> None:
         connection.execute("DROP TABLE program_files")  # (version 6)
         _drop_leases(connection)
         connection.execute("DROP TABLE secret_answers")  # (version 11)
+        connection.execute("DROP TABLE run_sources")  # (version 12)
+        connection.execute("DROP INDEX runs_by_status")
         connection.execute("PRAGMA user_version = 3")
 
 
@@ -914,6 +916,8 @@ def _as_schema_2(journal: Path) -> None:
         connection.execute("DROP TABLE program_files")  # (version 6)
         _drop_leases(connection)
         connection.execute("DROP TABLE secret_answers")  # (version 11)
+        connection.execute("DROP TABLE run_sources")  # (version 12)
+        connection.execute("DROP INDEX runs_by_status")
         connection.execute("PRAGMA user_version = 2")
 
 

@@ -307,6 +307,8 @@ def _as_journaled_before_markers(journal: Path) -> None:
                 (json.dumps(steps), rowid),
             )
         connection.execute("DROP TABLE IF EXISTS secret_answers")
+        connection.execute("DROP TABLE IF EXISTS run_sources")  # (version 12)
+        connection.execute("DROP INDEX IF EXISTS runs_by_status")
         connection.execute("PRAGMA user_version = 10")
 
 

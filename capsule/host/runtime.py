@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from capsule.host.code import CodeGrants, CodeLimits, CodeRunner
     from capsule.journal.location import Journal
     from capsule.journal.reader import RunRecord, TaskRecord
+    from capsule.journal.submissions import Claim
     from capsule.sandbox.guests import SharedGuests
     from capsule.supervisor.loop_thread import LoopThread
     from capsule.supervisor.program import RunReport, RunRequest
@@ -269,6 +270,68 @@ class Runtime:
         if live is not None:
             return live
         return self._begin(run_id, partial(self._execute_resume, run_id, force, overrides, types))
+
+    async def submit(
+        self,
+        program: str | os.PathLike[str],
+        *args: Any,
+        entry: str = "main",
+        options: RunOptions | None = None,
+        run_id: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Queue a run of ``program`` (as :meth:`run` takes it) in the journal,
+        with its directory's source files, for a worker (``capsule worker``, on
+        any machine sharing the journal) to run; its run id. It runs once a
+        worker takes it; :meth:`find` and :meth:`inspect` follow it."""
+        from capsule.supervisor.run import new_run_id
+
+        self._open()
+        journal = self._need_journal("submit")
+        path = program_path(program)
+        call_args, call_kwargs = arguments(args, kwargs)
+        if not isinstance(entry, str) or not entry:
+            raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
+        request = run_request(path, call_args, call_kwargs, entry, run_options(options))
+        run_id = new_run_id() if run_id is None else checked_run_id(run_id)
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import submit_journaled
+
+        try:
+            await anyio.to_thread.run_sync(submit_journaled, request, journal, run_id)
+        except JournalError as exc:
+            raise JournalUnavailable(str(exc)).naming(exc) from None
+        return run_id
+
+    def _start_claimed(self, claim: Claim, program: Path) -> RunHandle:
+        """Run a submitted run a worker claimed, from its sources unpacked at
+        ``program`` (see capsule.worker); its handle."""
+        return self._begin(claim.run_id, partial(self._execute_claimed, claim, program))
+
+    def _execute_claimed(self, claim: Claim, program: Path, handle: RunHandle) -> RunResult:
+        from capsule.journal.schema import JournalError
+        from capsule.journal.session import run_claimed
+        from capsule.supervisor.program import run_program
+
+        journal = self.journal
+        assert journal is not None
+
+        def run() -> RunResult:
+            try:
+                report = run_claimed(
+                    journal,
+                    claim,
+                    program,
+                    handle._on_event,
+                    event_types=HANDLE_EVENT_TYPES,
+                    on_run=handle._on_run,
+                    runner=partial(run_program, shared=self._shared),
+                )
+            except JournalError as exc:
+                raise NotResumable(str(exc)).naming(exc) from None
+            return report_result(_ended(report, handle))
+
+        return _interruptible(handle, run)
 
     def handle(self, run_id: str) -> RunHandle | None:
         """The handle of a run live in this Runtime (None if there is none)."""

@@ -31,6 +31,8 @@ class Dialect:
     now: str
     #: What locks the rows a writing transaction reads until it ends.
     for_update: str
+    #: ...and skips those another transaction holds (claims of queued work).
+    skip_locked: str
     #: The order of runs, newest first (of two started in the same instant,
     #: the one written later).
     newest_first: str
@@ -44,12 +46,14 @@ SQLITE = Dialect(
     name="sqlite",
     now="((julianday('now') - 2440587.5) * 86400.0)",
     for_update="",
+    skip_locked="",
     newest_first="started_at DESC, rowid DESC",
 )
 POSTGRES = Dialect(
     name="postgresql",
     now="extract(epoch from clock_timestamp())::float8",
     for_update=" FOR UPDATE",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
     newest_first="started_at DESC, listed DESC",
 )
 
@@ -143,6 +147,25 @@ class JournalConnection:
             "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
         ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
+
+    def end_expired_sessions(self) -> None:
+        """On PostgreSQL: end the database sessions of every running run's
+        owner whose lease expired (see end_expired_session), before a worker
+        looks for work: a row such a session holds is skipped by a claim."""
+        if self.dialect is SQLITE:
+            return
+        self.raw.execute(
+            "SELECT pg_terminate_backend(activity.pid) FROM runs "
+            "JOIN pg_stat_activity AS activity ON activity.pid = runs.lease_session_pid "
+            "AND activity.backend_start::text = runs.lease_session_start "
+            f"WHERE runs.status = 'running' AND runs.lease_expires_at < {self.dialect.now}"
+        )
+
+    def notify(self, channel: str) -> None:
+        """On PostgreSQL, wake the sessions listening on ``channel`` (workers
+        waiting for work); nothing on SQLite (its workers look every so often)."""
+        if self.dialect is not SQLITE:
+            self.raw.execute("SELECT pg_notify(%s, '')", (channel,))
 
     def end_expired_session(self, run_id: str, owner: str) -> None:
         """On PostgreSQL: end the database session of ``owner``, whose lease on
@@ -245,7 +268,7 @@ class ReadConnection:
 
 
 #: What SQLite's schema version is PostgreSQL's first (see postgres.py).
-_SQLITE_VERSION_OF_POSTGRES = 11
+_SQLITE_VERSION_OF_POSTGRES = 12
 
 
 @asynccontextmanager

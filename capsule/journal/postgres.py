@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 SCHEMA = "capsule"
 
 #: The journal's version on PostgreSQL (its own numbering: its first version
-#: has the shape of SQLite's version 11).
+#: has the shape of SQLite's version 12).
 SCHEMA_VERSION = 1
 
 #: Every migration takes this advisory lock (in its transaction): of
@@ -138,6 +138,14 @@ MIGRATIONS: dict[int, list[str]] = {
             sealed BYTEA NOT NULL,
             PRIMARY KEY (run_id, task_id, attempt, step)
         )""",
+        # Submitted runs' source files (see SQLite's version 12).
+        f"""CREATE TABLE {SCHEMA}.run_sources (
+            run_id TEXT PRIMARY KEY,
+            program TEXT NOT NULL,
+            archive BYTEA NOT NULL,
+            sha256 TEXT NOT NULL
+        )""",
+        f"CREATE INDEX runs_by_status ON {SCHEMA}.runs (status, started_at)",
         # A step per row, as SQLite's view shows them (for people's queries).
         f"""CREATE VIEW {SCHEMA}.steps (run_id, task_id, attempt, step, kind, request, ok,
                 answer, at) AS

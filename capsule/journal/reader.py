@@ -61,6 +61,9 @@ class RunRecord:
     #: The journal's clock when the record was read (leases are timed by
     #: it); None: this machine's.
     clock: float | None = None
+    #: Queued with its sources for workers (``capsule submit``): workers run
+    #: and resume it, from those sources.
+    submitted: bool = False
 
     @property
     def shown_status(self) -> str:
@@ -153,15 +156,21 @@ _RUN_COLUMNS = (
 #: The same, from a journal older than leases (read as it is: readers never
 #: migrate a journal).
 _RUN_COLUMNS_BEFORE_LEASES = _RUN_COLUMNS.replace("lease_owner, lease_expires_at", "NULL, NULL")
-#: The schema version that added leases (schema.MIGRATIONS).
+#: The schema versions that added leases and submitted runs (schema.MIGRATIONS).
 _LEASES_SINCE = 10
+_SUBMISSIONS_SINCE = 12
 
 
 def _run_columns(db: ReadConnection) -> str:
-    """The columns of a run's record as this journal's schema has them, and
-    the journal's clock."""
+    """The columns of a run's record as this journal's schema has them, the
+    journal's clock, and whether the run was submitted."""
     columns = _RUN_COLUMNS if db.version >= _LEASES_SINCE else _RUN_COLUMNS_BEFORE_LEASES
-    return f"{columns}, {db.dialect.now}"
+    submitted = (
+        "EXISTS (SELECT 1 FROM run_sources WHERE run_sources.run_id = runs.run_id)"
+        if db.version >= _SUBMISSIONS_SINCE
+        else "0"
+    )
+    return f"{columns}, {db.dialect.now}, {submitted}"
 
 
 def _run_record(row: Any) -> RunRecord:
@@ -184,6 +193,7 @@ def _run_record(row: Any) -> RunRecord:
         lease_owner=row[13] if isinstance(row[13], str) else None,
         lease_expires_at=row[14] if isinstance(row[14], int | float) else None,
         clock=row[15] if len(row) > 15 and isinstance(row[15], float) else None,
+        submitted=len(row) > 16 and bool(row[16]),
     )
 
 

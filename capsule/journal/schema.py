@@ -14,7 +14,7 @@ from capsule.journal.location import Journal, journal_at
 from capsule.supervisor.option_specs import WordedError, Wording
 
 #: The schema this Capsule writes (``PRAGMA user_version``).
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 
 #: The ``steps`` view since version 4: a step per row, from the batches.
 _STEPS_VIEW = """CREATE VIEW steps (run_id, task_id, attempt, step, kind, request, ok, answer, at) AS
@@ -230,6 +230,18 @@ MIGRATIONS: dict[int, list[str]] = {
             sealed BLOB NOT NULL,
             PRIMARY KEY (run_id, task_id, attempt, step)
         )""",
+    ],
+    # Submitted runs (`capsule submit`): their program's source files, as one
+    # archive, for a worker on any machine to run; a run queued for one has
+    # status "queued".
+    12: [
+        """CREATE TABLE run_sources (
+            run_id TEXT PRIMARY KEY,
+            program TEXT NOT NULL,
+            archive BLOB NOT NULL,
+            sha256 TEXT NOT NULL
+        )""",
+        "CREATE INDEX runs_by_status ON runs (status, started_at)",
     ],
 }
 

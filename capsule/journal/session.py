@@ -27,6 +27,8 @@ from capsule.supervisor.steps import JournalFailure
 
 if TYPE_CHECKING:
     from capsule.journal.reader import RunRecord
+    from capsule.journal.submissions import Claim
+    from capsule.supervisor.steps import History
 
 #: The key of a run's recorded settings that names its entry task (the
 #: others are its options, as RunOptions.given() has them).
@@ -87,6 +89,32 @@ def run_journaled(
     return report
 
 
+def submit_journaled(request: RunRequest, journal: Journal, run_id: str) -> None:
+    """Queue ``request`` in ``journal`` as ``run_id``, with its program's
+    directory's source files, for a worker to run (see submissions.py).
+    JournalError if it cannot be (a journal that cannot be written, sources
+    past the bounds, a run id the journal holds already)."""
+    from capsule.journal.submissions import pack_program, submit
+
+    path = request.path.resolve()
+    try:
+        digest = program_hash(path)
+    except OSError as exc:
+        raise JournalError(f"cannot read the program {path}: {exc}") from None
+    sources = pack_program(path)
+    settings = {_ENTRY: request.entry, **request.options.given()}
+    connection = open_connection(journal, create=True)
+    try:
+        exists = connection.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if exists is not None:
+            raise JournalError(f"the journal {journal} holds a run {run_id} already")
+        submit(connection, run_id, sources, request.args, request.kwargs, settings, digest)
+    except connection.errors as exc:
+        raise JournalError(connection.describe(exc)) from None
+    finally:
+        connection.close()
+
+
 def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Path:
     """The program to resume ``record`` with, or JournalError saying why not.
     ``files``: the source files the run read, with their SHA-256."""
@@ -106,6 +134,11 @@ def check_resumable(record: RunRecord, files: dict[str, str], force: bool) -> Pa
                 f"{lease_seconds():g} s of its last renewal. "
                 f"{_inspect(name, record.run_id)} shows how far it got"
             )
+        )
+    if record.submitted:
+        raise JournalError(
+            f"run {record.run_id} was submitted: a worker (`capsule worker`, with this "
+            f"journal) resumes it from its sources, with no one to ask"
         )
     program = Path(record.program)
     if not program.is_file():
@@ -289,20 +322,74 @@ def resume_journaled(
     with JournalWriter(journal, record.run_id, lease, key) as writer:
         _write(writer, writer.record_session)
         _write(writer, lambda: _refresh_program_files(writer, record.run_id, files))
-        with _interrupted_as_such(writer):
-            report = runner(
-                request,
-                on_event,
-                run_id=record.run_id,
-                steps=writer,
-                history=history,
-                seed=seed,
-                on_run=_watched(writer, on_run),
-                event_types=event_types,
-                events=_journaled_events(writer),
-            )
-        _finish(writer, report, original)
+        return _replayed(
+            writer, request, history, seed, on_event, on_run, runner, event_types, original
+        )
+
+
+def _replayed(
+    writer: JournalWriter,
+    request: RunRequest,
+    history: History,
+    seed: bytes,
+    on_event: Callable[[Any], None],
+    on_run: Callable[[Run], None] | None,
+    runner: ProgramRunner,
+    event_types: Collection[str] | None,
+    original: dict[str, str] | None = None,
+) -> RunReport:
+    """Run ``request`` as the run ``writer`` journals, replaying ``history``."""
+    with _interrupted_as_such(writer):
+        report = runner(
+            request,
+            on_event,
+            run_id=writer.run_id,
+            steps=writer,
+            history=history,
+            seed=seed,
+            on_run=_watched(writer, on_run),
+            event_types=event_types,
+            events=_journaled_events(writer),
+        )
+    _finish(writer, report, original)
     return report
+
+
+def run_claimed(
+    journal: Journal,
+    claim: Claim,
+    program: Path,
+    on_event: Callable[[Any], None],
+    event_types: Collection[str] | None = None,
+    on_run: Callable[[Run], None] | None = None,
+    runner: ProgramRunner = run_program,
+) -> RunReport:
+    """Run a submitted run a worker claimed (see submissions.claim_next), from
+    its sources unpacked at ``program``: its first start, or a resume of one
+    whose owner died or handed it back (its code is its sources: nothing to
+    check). Raises JournalError if it cannot be read, or its replay needs
+    secrets this process lacks; the claim is the caller's to release then."""
+    import anyio
+
+    from capsule.journal.reader import find_run, load_history
+
+    key = secret_key()
+    try:
+        record = anyio.run(find_run, journal, claim.run_id, True)
+        history = anyio.run(load_history, journal, record.run_id, key)
+        seed = bytes.fromhex(record.seed)
+        entry, options = _recorded_settings(journal, record)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise JournalError(
+            f"the journal {journal} holds a record this Capsule cannot read "
+            f"({type(exc).__name__}: {exc}); it may be damaged"
+        ) from None
+    request = RunRequest(
+        path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options
+    )
+    with JournalWriter(journal, record.run_id, claim.lease, key) as writer:
+        _write(writer, writer.record_session)
+        return _replayed(writer, request, history, seed, on_event, on_run, runner, event_types)
 
 
 def _claim(journal: Journal, record: RunRecord, digest: str, lease: Lease) -> None:

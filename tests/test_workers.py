@@ -1,0 +1,395 @@
+"""Workers: `capsule submit` queues a run with its sources, `capsule worker`
+processes (real ones, on a real journal: SQLite, or a PostgreSQL server)
+claim and run them, each run once; a worker killed mid-run is replaced by
+another once its lease expires, with no journaled step run twice; SIGTERM
+hands runs back after the grace period; forged sources harm nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from tests.conftest import capsule_cli
+
+JOB = """
+from capsule import sleep, task
+
+@task(name="square")
+def square(n: int) -> int:
+    return n * n
+
+@task(name="main")
+def main(n: str) -> int:
+    sleep(0.05)
+    return sum(square.map(range(int(n))))
+"""
+
+#: A run that takes a while: a child call a step, each journaled.
+STEPS = """
+from capsule import sleep, task
+
+@task(name="step")
+def step(i: int) -> int:
+    return i * 10
+
+@task(name="main", timeout="5m")
+def main(count: int = 40) -> int:
+    total = 0
+    for i in range(count):
+        total += step(i)
+        sleep(0.1)
+    return total
+"""
+
+
+def _program(tmp_path: Path, source: str, name: str = "job.py") -> Path:
+    directory = tmp_path / "project"
+    directory.mkdir(exist_ok=True)
+    path = directory / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def _worker(env: dict[str, str], *flags: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "capsule.cli", "worker", *flags],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _rows(journal: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    from capsule.journal.database import open_connection
+    from capsule.journal.location import journal_at
+
+    connection = open_connection(journal_at(journal), create=False)
+    try:
+        return [tuple(row) for row in connection.execute(sql, params).fetchall()]
+    finally:
+        connection.close()
+
+
+def _status(journal: str, run_id: str) -> str:
+    [(status,)] = _rows(journal, "SELECT status FROM runs WHERE run_id = ?", run_id)
+    return str(status)
+
+
+def _wait_for(condition: Any, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_two_workers_run_every_submitted_run_exactly_once(tmp_path: Path, any_journal: str) -> None:
+    program = _program(tmp_path, JOB)
+    env = {**os.environ, "CAPSULE_JOURNAL": any_journal}
+    submitted = {}
+    for n in range(2, 8):
+        done = capsule_cli("submit", str(program), str(n), "--json", env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        submitted[done.json()["run_id"]] = sum(i * i for i in range(n))
+    listed = json.loads(capsule_cli("runs", "--json", env=env, cwd=tmp_path).stdout)
+    assert {run["status"] for run in listed} == {"queued"}
+    workers = [_worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path) for _ in range(2)]
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    taken = [
+        line.split()[4]
+        for out, _ in outputs
+        for line in out.splitlines()
+        if line.startswith("capsule worker: running run ")
+    ]
+    assert sorted(taken) == sorted(submitted), outputs  # each run taken once, by one
+    for run_id, expected in submitted.items():
+        inspected = capsule_cli("inspect", run_id, "--json", env=env, cwd=tmp_path)
+        assert inspected.returncode == 0, inspected.stderr
+        details = inspected.json()
+        assert details["status"] == "completed"
+        main = next(task for task in details["tasks"] if task["name"] == "main")
+        assert main["result"] == expected and main["attempts"] == 1
+    started = _rows(
+        any_journal,
+        "SELECT run_id, task_id, count(*) FROM events WHERE type = 'started' "
+        "GROUP BY run_id, task_id HAVING count(*) > 1",
+    )
+    assert started == []  # no task of any run started twice
+
+
+def test_a_worker_killed_mid_run_is_replaced_with_no_journaled_step_run_twice(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    program = _program(tmp_path, STEPS)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal, "CAPSULE_LEASE_SECONDS": "1"}
+    done = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path)
+    run_id = done.json()["run_id"]
+    first = _worker(env, "--poll", "0.1", cwd=tmp_path)
+    try:
+
+        def steps_done() -> int:
+            return int(
+                _rows(
+                    postgres_journal,
+                    "SELECT count(*) FROM tasks WHERE run_id = ? AND name = 'step' AND final = 1",
+                    run_id,
+                )[0][0]
+            )
+
+        _wait_for(lambda: steps_done() >= 5, "five steps")
+    finally:
+        first.kill()  # (kill -9: no hand-back, its lease just stops being renewed)
+        first.communicate()
+    ended_before = {
+        task_id
+        for (task_id,) in _rows(
+            postgres_journal,
+            "SELECT task_id FROM tasks WHERE run_id = ? AND final = 1",
+            run_id,
+        )
+    }
+    assert _status(postgres_journal, run_id) == "running"  # (its lease is still live)
+    second = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 0, err
+    assert f"resuming run {run_id}" in out, out
+    assert _status(postgres_journal, run_id) == "completed"
+    [(result,)] = _rows(postgres_journal, "SELECT result_json FROM runs WHERE run_id = ?", run_id)
+    assert json.loads(result) == sum(i * 10 for i in range(40))
+    starts = dict(
+        _rows(
+            postgres_journal,
+            "SELECT task_id, count(*) FROM events WHERE run_id = ? AND type = 'started' "
+            "GROUP BY task_id",
+            run_id,
+        )
+    )
+    assert all(starts[task_id] == 1 for task_id in ended_before), starts
+    assert starts["main"] == 2  # (in flight at the kill: replayed, then on live)
+
+
+def test_sigterm_hands_runs_back_after_the_grace_period_and_another_worker_resumes_them(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    program = _program(tmp_path, STEPS)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
+    run_id = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path).json()["run_id"]
+    first = _worker(env, "--poll", "0.1", "--grace", "0.5", cwd=tmp_path)
+    assert first.stdout is not None
+    for line in first.stdout:
+        if line.startswith(f"capsule worker: running run {run_id}"):
+            break
+    first.send_signal(signal.SIGTERM)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    assert f"handing back run {run_id}" in out
+    assert _status(postgres_journal, run_id) == "interrupted"
+    [(owner,)] = _rows(postgres_journal, "SELECT lease_owner FROM runs WHERE run_id = ?", run_id)
+    assert owner is None  # (given up: another worker takes it at once)
+    second = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    out, err = second.communicate(timeout=240)
+    assert second.returncode == 0, err
+    assert f"resuming run {run_id}" in out
+    assert _status(postgres_journal, run_id) == "completed"
+
+
+def test_sigterm_lets_a_run_finish_within_the_grace_period(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    program = _program(tmp_path, STEPS)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
+    run_id = capsule_cli(
+        "submit", str(program), "--args-json", "[5]", "--json", env=env, cwd=tmp_path
+    ).json()["run_id"]
+    other = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path).json()["run_id"]
+    worker = _worker(env, "--poll", "0.1", "--grace", "60", cwd=tmp_path)
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        if line.startswith(f"capsule worker: running run {run_id}"):
+            break
+    worker.send_signal(signal.SIGTERM)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert _status(postgres_journal, run_id) == "completed"
+    assert _status(postgres_journal, other) == "queued"  # (not taken once stopping)
+    assert "handing back" not in out
+
+
+def test_the_host_api_submits_a_run_and_a_resume_of_it_is_left_to_workers(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    from capsule import Runtime
+
+    program = _program(tmp_path, JOB)
+
+    async def submit() -> str:
+        async with Runtime(journal=postgres_journal, prepare=False) as runtime:
+            run_id = await runtime.submit(program, "4", run_id="from-the-api")
+            assert (await runtime.find(run_id)).status == "queued"
+            return run_id
+
+    run_id = anyio.run(submit)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
+    refused = capsule_cli("resume", run_id, env=env, cwd=tmp_path)
+    assert refused.returncode == 2 and "was submitted" in refused.stderr, refused.stderr
+    again = capsule_cli("submit", str(program), "--run-id", run_id, env=env, cwd=tmp_path)
+    assert again.returncode == 2 and "holds a run from-the-api already" in again.stderr
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    _, err = worker.communicate(timeout=240)
+    assert worker.returncode == 0, err
+    assert _status(postgres_journal, run_id) == "completed"
+
+
+def test_sources_are_the_programs_directory_without_secrets_dependencies_or_links(
+    tmp_path: Path,
+) -> None:
+    from capsule.journal.submissions import pack_program
+
+    program = _program(tmp_path, JOB)
+    project = program.parent
+    (project / "helpers.py").write_text("X = 1\n")
+    (project / "pkg").mkdir()
+    (project / "pkg" / "__init__.py").write_text("")
+    (project / "data.json").write_text("{}")
+    (project / ".env").write_text("API_KEY=secret\n")
+    (project / ".git").mkdir()
+    (project / ".git" / "config.toml").write_text("")
+    (project / "node_modules" / "dep").mkdir(parents=True)
+    (project / "node_modules" / "dep" / "index.js").write_text("")
+    (project / "venv").mkdir()
+    (project / ".venv").mkdir()
+    (project / "env2").mkdir()
+    (project / "env2" / "pyvenv.cfg").write_text("")
+    (project / "env2" / "site.py").write_text("")
+    (project / "passwd.txt").symlink_to("/etc/passwd")
+    (project / "linked").symlink_to(tmp_path, target_is_directory=True)
+    sources = pack_program(program)
+    with zipfile.ZipFile(io.BytesIO(sources.archive)) as archive:
+        names = set(archive.namelist())
+    assert names == {"job.py", "helpers.py", "pkg/__init__.py", "data.json"}
+    assert sources.program == "job.py" and sources.files == 4
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../escaped.py", "/tmp/absolute.py", "a/../../escaped.py", "..\\escaped.py", ".."],
+)
+def test_forged_sources_are_refused_and_nothing_is_written_outside(
+    tmp_path: Path, name: str
+) -> None:
+    from capsule.journal.database import open_connection
+    from capsule.journal.lease import Lease
+    from capsule.journal.schema import JournalError
+    from capsule.journal.submissions import claim_next, unpack_sources
+
+    journal = tmp_path / "journal.db"
+    program = _program(tmp_path, JOB)
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    forged = io.BytesIO()
+    with zipfile.ZipFile(forged, "w") as archive:
+        archive.writestr("job.py", "")
+        archive.writestr(zipfile.ZipInfo(name), "import os")
+    data = forged.getvalue()
+    import hashlib
+
+    connection = open_connection(journal, create=False)
+    try:
+        connection.execute(
+            "UPDATE run_sources SET archive = ?, sha256 = ? WHERE run_id = ?",
+            (data, hashlib.sha256(data).hexdigest(), run_id),
+        )
+        claim = claim_next(connection, Lease.new())
+        assert claim is not None and claim.run_id == run_id
+        into = tmp_path / "work" / "run"
+        with pytest.raises(JournalError, match=r"cannot be unpacked|leaves|not a file"):
+            unpack_sources(connection, run_id, into)
+    finally:
+        connection.close()
+    assert not (tmp_path / "work" / "escaped.py").exists()
+    assert not (tmp_path / "escaped.py").exists()
+    assert not Path("/tmp/absolute.py").exists()
+
+
+def test_a_worker_marks_a_run_with_forged_sources_as_an_error(tmp_path: Path) -> None:
+    journal = tmp_path / "journal.db"
+    program = _program(tmp_path, JOB)
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal), "CAPSULE_HOME": str(tmp_path / "home")}
+    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("job.py", b"\0" * (64 * 1024 * 1024))  # 64 MB of zeros: ~64 KB packed
+    data = bomb.getvalue()
+    import hashlib
+    import sqlite3
+
+    with sqlite3.connect(journal) as connection:
+        connection.execute(
+            "UPDATE run_sources SET archive = ?, sha256 = ? WHERE run_id = ?",
+            (data, hashlib.sha256(data).hexdigest(), run_id),
+        )
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert f"run {run_id} cannot run" in out and "larger than a source file" in out, out
+    listed = json.loads(capsule_cli("runs", "--json", env=env, cwd=tmp_path).stdout)
+    assert [(run["run_id"], run["status"]) for run in listed] == [(run_id, "error")]
+    assert not any((tmp_path / "home" / "worker").iterdir())  # (its directory removed)
+
+
+def test_workers_claiming_at_once_take_each_run_exactly_once(
+    tmp_path: Path, any_journal: str
+) -> None:
+    """40 claimants (threads, each with its own connection) race for 30
+    queued runs: each run is taken by exactly one, and all are taken."""
+    import threading
+
+    from capsule.journal.database import open_connection
+    from capsule.journal.lease import Lease
+    from capsule.journal.location import journal_at
+    from capsule.journal.submissions import claim_next, pack_program, submit
+
+    journal = journal_at(any_journal)
+    sources = pack_program(_program(tmp_path, JOB))
+    connection = open_connection(journal, create=True)
+    try:
+        for n in range(30):
+            submit(connection, f"run{n:02d}", sources, [str(n)], {}, {"entry": "main"}, "x")
+    finally:
+        connection.close()
+    start = threading.Barrier(40)
+    taken: list[str] = []
+
+    def claimant() -> None:
+        own = open_connection(journal, create=False)
+        try:
+            start.wait()
+            while (claim := claim_next(own, Lease.new())) is not None:
+                taken.append(claim.run_id)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=claimant) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(taken) == [f"run{n:02d}" for n in range(30)]
