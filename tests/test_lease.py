@@ -175,13 +175,29 @@ from capsule import sleep, task
 @task(name="main", timeout="5m")
 def main() -> str:
     print("MARK started", flush=True)
-    sleep(1)
+    sleep(3)
     print("AFTER the sleep", flush=True)
     return "done"
 """
 
 
-def test_a_process_stalled_past_its_lease_writes_and_shows_nothing_more(tmp_path: Path) -> None:
+def _hibernated(journal: str) -> bool:
+    """Whether the run's main was journaled as hibernated: asleep, with nothing
+    more for its journal writer to commit but lease renewals."""
+    from capsule.journal.database import open_connection
+    from capsule.journal.location import journal_at
+
+    connection = open_connection(journal_at(journal), create=False)
+    try:
+        row = connection.execute("SELECT count(*) FROM events WHERE type = 'hibernated'").fetchone()
+    finally:
+        connection.close()
+    return bool(row[0])
+
+
+def test_a_process_stalled_past_its_lease_writes_and_shows_nothing_more(
+    tmp_path: Path, journal: str
+) -> None:
     """A run whose process stalls (stopped, swapped out) past its lease is
     another's to run once taken: when the first goes on, it finds the lease
     gone at its next journaled step and stops there, and the journal keeps
@@ -198,6 +214,13 @@ def test_a_process_stalled_past_its_lease_writes_and_shows_nothing_more(tmp_path
     )
     assert first.stdout is not None
     assert first.stdout.readline().startswith("MARK")
+    # Stopped while it sleeps, not in the middle of a commit: on SQLite, a
+    # stopped process holds the journal's write lock for as long as it stays
+    # stopped (PostgreSQL's case is test_postgres_journal's).
+    deadline = time.monotonic() + 30
+    while not _hibernated(journal):
+        assert time.monotonic() < deadline, "the run never slept"
+        time.sleep(0.05)
     first.send_signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 30

@@ -276,3 +276,70 @@ def test_postgresql_stopped_mid_run_fails_it_clearly_and_it_resumes_once_back(
         assert resumed.json()["result"] == sum(range(40))
         shown = _markers(out) + _markers(resumed.stderr)
         assert len(shown) == len(set(shown))
+
+
+def _stalled_owner(url: str, run_id: str) -> Any:
+    """A connection standing for an owner stopped in the middle of a commit:
+    its lease on ``run_id`` expired, its session recorded with the lease, and
+    the run's row locked in a transaction it never ends. (A process stopped
+    while psycopg sends a batch holds the row so: no server timeout applies.)"""
+    import psycopg
+
+    stalled = psycopg.connect(url, autocommit=True)
+    stalled.execute("SET search_path TO capsule")
+    pid, started = stalled.execute(
+        "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+    ).fetchone()
+    stalled.execute(
+        "UPDATE runs SET status = 'running', lease_owner = 'stalled-host 1 - 000000', "
+        "lease_expires_at = extract(epoch from clock_timestamp()) - 1, "
+        "lease_session_pid = %s, lease_session_start = %s WHERE run_id = %s",
+        (pid, started, run_id),
+    )
+    stalled.execute("BEGIN")
+    stalled.execute("SELECT 1 FROM runs WHERE run_id = %s FOR UPDATE", (run_id,))
+    return stalled
+
+
+def test_a_resume_ends_the_session_of_an_owner_stopped_in_the_middle_of_a_commit(
+    tmp_path: Path, journal: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+
+    monkeypatch.setenv("CAPSULE_LEASE_SECONDS", "1")
+    program = _write(
+        tmp_path,
+        """
+        from capsule import sleep, task
+
+        @task(name="main", timeout="5m")
+        def main() -> str:
+            print("MARK started", flush=True)
+            sleep(30)
+            return "done"
+        """,
+    )
+    printed, code = kill_at_marker(["run", str(program)], "MARK", tmp_path)
+    assert code == -signal.SIGKILL, printed
+    [(run_id,)] = _rows(journal, "SELECT run_id FROM runs")
+    stalled = _stalled_owner(journal, run_id)
+    try:
+        resumed = subprocess.Popen(
+            [sys.executable, "-m", "capsule.cli", "resume", "--last"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while _rows(journal, "SELECT resumes FROM runs")[0][0] != 1:
+            assert resumed.poll() is None, resumed.communicate()
+            assert time.monotonic() < deadline, "the resume never took the run"
+            time.sleep(0.05)
+        with pytest.raises(psycopg.OperationalError):
+            stalled.execute("SELECT 1")  # (its session was ended)
+    finally:
+        stalled.close()
+        if resumed.poll() is None:
+            resumed.kill()
+        resumed.communicate()

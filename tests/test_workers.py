@@ -393,3 +393,30 @@ def test_workers_claiming_at_once_take_each_run_exactly_once(
     for thread in threads:
         thread.join()
     assert sorted(taken) == [f"run{n:02d}" for n in range(30)]
+
+
+def test_a_worker_ends_the_session_of_an_owner_stopped_in_the_middle_of_a_commit(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    """A run whose owner stopped holding its row (see test_postgres_journal's
+    _stalled_owner) is skipped by every claim's SKIP LOCKED unless that
+    session is ended: the worker ends it, and takes the run."""
+    from tests.test_postgres_journal import _stalled_owner
+
+    program = _program(tmp_path, JOB)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
+    run_id = capsule_cli("submit", str(program), "4", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    stalled = _stalled_owner(postgres_journal, run_id)
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    try:
+        out, err = worker.communicate(timeout=120)
+    finally:
+        stalled.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, err
+    assert f"resuming run {run_id}" in out, out
+    assert _status(postgres_journal, run_id) == "completed"
