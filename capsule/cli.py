@@ -179,6 +179,11 @@ def _worker_arguments(worker: argparse.ArgumentParser) -> None:
         help=f"how often an idle worker looks for work (default {DEFAULT_POLL_SECONDS:g})",
     )
     worker.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="where runs' sources are unpacked (default: CAPSULE_HOME/worker)",
+    )
+    worker.add_argument(
         "--until-idle",
         action="store_true",
         help="stop once no run waits and none runs (a batch), instead of waiting for more",
@@ -624,7 +629,8 @@ def _worker_command(options: argparse.Namespace) -> int:
     import anyio
 
     from capsule.host.errors import RunError
-    from capsule.worker.loop import Worker, WorkerSettings
+    from capsule.journal.schema import JournalError
+    from capsule.worker.loop import Worker, WorkerSettings, default_workdir
 
     try:
         journal = _journal_path(options)
@@ -637,25 +643,36 @@ def _worker_command(options: argparse.Namespace) -> int:
         grace=options.grace,
         poll=options.poll,
         until_idle=options.until_idle,
+        workdir=Path(options.workdir) if options.workdir else default_workdir(),
     )
 
     def say(line: str) -> None:
         print(f"capsule worker: {line}", flush=True)
 
     worker = Worker(settings, say)
+    try:
+        worker.open()
+    except JournalError as exc:
+        _error(exc.worded(flag_of))
+        return EXIT_USAGE
+
+    failures: list[RunError] = []
 
     async def work() -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(_stop_on_signals, worker, group)
-            say(f"taking runs from {journal} ({settings.concurrency} at once)")
-            await worker.run()
-            group.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_stop_on_signals, worker, group)
+                say(f"taking runs from {journal} ({settings.concurrency} at once)")
+                await worker.run()
+                group.cancel_scope.cancel()
+        except* RunError as group:  # (the Runtime could not open: its guest runtime)
+            failures.extend(error for error in group.exceptions if isinstance(error, RunError))
 
-    try:
-        anyio.run(work)
-    except RunError as exc:
-        _error(exc.worded(flag_of) if isinstance(exc, WordedError) else str(exc))
-        return EXIT_USAGE
+    anyio.run(work)
+    if failures:
+        failure = failures[0]
+        _error(failure.worded(flag_of) if isinstance(failure, WordedError) else str(failure))
+        return EXIT_RUNTIME
     say(f"stopped ({worker.completed} run(s) ended here)")
     return EXIT_OK
 
@@ -1199,12 +1216,15 @@ def _journal_path(options: argparse.Namespace, program: Path | None = None) -> J
     it is empty or names something other than a file (a directory; a FIFO, a
     device or a socket, on which SQLite fails with a misleading "disk I/O
     error")."""
-    from capsule.journal.location import journal_at
+    from capsule.journal.location import NotAJournal, journal_at
     from capsule.journal.schema import default_journal
 
     if options.journal is not None and not options.journal:
         raise UsageError("--journal needs a path (or give --no-journal)")
-    path = journal_at(options.journal) if options.journal else default_journal(program)
+    try:
+        path = journal_at(options.journal) if options.journal else default_journal(program)
+    except NotAJournal as exc:
+        raise UsageError(str(exc)) from None
     if not isinstance(path, Path):
         return path  # a database: its own errors say what is wrong with it
     try:

@@ -285,10 +285,11 @@ def _stalled_owner(url: str, run_id: str) -> Any:
     while psycopg sends a batch holds the row so: no server timeout applies.)"""
     import psycopg
 
-    stalled = psycopg.connect(url, autocommit=True)
+    stalled = psycopg.connect(url, autocommit=True, application_name="capsule")
     stalled.execute("SET search_path TO capsule")
     pid, started = stalled.execute(
-        "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        "SELECT pid, extract(epoch from backend_start)::text FROM pg_stat_activity "
+        "WHERE pid = pg_backend_pid()"
     ).fetchone()
     stalled.execute(
         "UPDATE runs SET status = 'running', lease_owner = 'stalled-host 1 - 000000', "
@@ -343,3 +344,32 @@ def test_a_resume_ends_the_session_of_an_owner_stopped_in_the_middle_of_a_commit
         if resumed.poll() is None:
             resumed.kill()
         resumed.communicate()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://capsule:pa?ss2@db:5432/x", "postgresql://capsule:***@db:5432/x"),
+        ("postgresql://capsule:pa#ss3@db/x", "postgresql://capsule:***@db/x"),
+        ("postgresql://capsule:pa/ss1@db/x", "postgresql://capsule:***@db/x"),
+        ("postgresql://capsule:p@ss@db/x", "postgresql://capsule:***@db/x"),
+        ("postgresql://db/x?sslmode=require&%70assword=secret2", "postgresql://db/x?***"),
+        ("postgresql://capsule@db/x", "postgresql://capsule@db/x"),
+    ],
+)
+def test_a_journal_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    from capsule.journal.location import PostgresJournal
+
+    assert str(PostgresJournal(url)) == shown
+
+
+def test_a_driver_message_quoting_the_url_is_shown_without_its_password(tmp_path: Path) -> None:
+    """libpq quotes what it cannot read of a URL, password and all."""
+    program = _write(tmp_path, "from capsule import task\n@task\ndef main():\n    return 1\n")
+    for url in (
+        "postgresql://capsule:p%zzsecretword@127.0.0.1:1/x",
+        "postgresql://capsule:secretword@[::1/x",
+    ):
+        failed = capsule_cli("run", str(program), "--journal", url, cwd=tmp_path)
+        assert failed.returncode == 2, failed.stderr
+        assert "secretword" not in failed.stderr and "Traceback" not in failed.stderr

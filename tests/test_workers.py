@@ -63,6 +63,8 @@ def _program(tmp_path: Path, source: str, name: str = "job.py") -> Path:
 
 
 def _worker(env: dict[str, str], *flags: str, cwd: Path) -> subprocess.Popen[str]:
+    if "--workdir" not in flags:  # (not the machine's CAPSULE_HOME/worker)
+        flags = (*flags, "--workdir", str(cwd / "worker"))
     return subprocess.Popen(
         [sys.executable, "-m", "capsule.cli", "worker", *flags],
         cwd=cwd,
@@ -330,7 +332,7 @@ def test_forged_sources_are_refused_and_nothing_is_written_outside(
 def test_a_worker_marks_a_run_with_forged_sources_as_an_error(tmp_path: Path) -> None:
     journal = tmp_path / "journal.db"
     program = _program(tmp_path, JOB)
-    env = {**os.environ, "CAPSULE_JOURNAL": str(journal), "CAPSULE_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
     run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
         "run_id"
     ]
@@ -346,13 +348,14 @@ def test_a_worker_marks_a_run_with_forged_sources_as_an_error(tmp_path: Path) ->
             "UPDATE run_sources SET archive = ?, sha256 = ? WHERE run_id = ?",
             (data, hashlib.sha256(data).hexdigest(), run_id),
         )
-    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    work = tmp_path / "work"
+    worker = _worker(env, "--until-idle", "--poll", "0.1", "--workdir", str(work), cwd=tmp_path)
     out, err = worker.communicate(timeout=120)
     assert worker.returncode == 0, err
     assert f"run {run_id} cannot run" in out and "larger than a source file" in out, out
     listed = json.loads(capsule_cli("runs", "--json", env=env, cwd=tmp_path).stdout)
     assert [(run["run_id"], run["status"]) for run in listed] == [(run_id, "error")]
-    assert not any((tmp_path / "home" / "worker").iterdir())  # (its directory removed)
+    assert not any(work.iterdir())  # (its directories removed)
 
 
 def test_workers_claiming_at_once_take_each_run_exactly_once(
@@ -420,3 +423,185 @@ def test_a_worker_ends_the_session_of_an_owner_stopped_in_the_middle_of_a_commit
     assert worker.returncode == 0, err
     assert f"resuming run {run_id}" in out, out
     assert _status(postgres_journal, run_id) == "completed"
+
+
+def _forged_archive(members: dict[str, bytes], compress_type: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=compress_type) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _encrypted_member() -> bytes:
+    data = bytearray(_forged_archive({"job.py": b"x"}, zipfile.ZIP_STORED))
+    # Set the "encrypted" flag (bit 0) of the entry in both headers.
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        at = data.find(signature) + offset
+        data[at] |= 1
+    return bytes(data)
+
+
+def _unknown_compression() -> bytes:
+    data = bytearray(_forged_archive({"job.py": b"x"}, zipfile.ZIP_STORED))
+    for signature, offset in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        at = data.find(signature) + offset
+        data[at : at + 2] = (99).to_bytes(2, "little")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("program", "archive", "why"),
+    [
+        ("../job.py", lambda: _forged_archive({"job.py": b""}), "leaves the directory"),
+        ("", lambda: _forged_archive({"job.py": b""}), "not a file"),
+        ("job.py", _encrypted_member, "cannot be unpacked"),
+        ("job.py", _unknown_compression, "cannot be unpacked"),
+        ("job.py", lambda: b"PK\x05\x06" + b"\0" * 6 + b"\xff\xff" + b"\0" * 10, "entries"),
+        ("job.py", lambda: b"not a zip at all", "not a zip"),
+    ],
+)
+def test_forged_sources_of_every_kind_are_a_clear_error(
+    tmp_path: Path, program: str, archive: Any, why: str
+) -> None:
+    import hashlib
+
+    from capsule.journal.database import open_connection
+    from capsule.journal.schema import JournalError
+    from capsule.journal.submissions import unpack_sources
+
+    journal = tmp_path / "journal.db"
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    source = _program(tmp_path, JOB)
+    run_id = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    data = archive()
+    connection = open_connection(journal, create=False)
+    try:
+        connection.execute(
+            "UPDATE run_sources SET program = ?, archive = ?, sha256 = ? WHERE run_id = ?",
+            (program, data, hashlib.sha256(data).hexdigest(), run_id),
+        )
+        with pytest.raises(JournalError, match=why):
+            unpack_sources(connection, run_id, tmp_path / "work" / "run")
+    finally:
+        connection.close()
+
+
+def test_a_forged_run_id_is_never_a_path_and_its_run_an_error(tmp_path: Path) -> None:
+    """A run id from the journal names the worker's directory, the run's
+    socket and secrets: one that is not a run id (``../``, ``/``) is marked
+    an error, and nothing is made or touched outside."""
+    journal = tmp_path / "journal.db"
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    source = _program(tmp_path, JOB)
+    run_id = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    (victim / "x.sock").write_text("important")
+    forged = str(victim / "x")
+    import sqlite3
+
+    with sqlite3.connect(journal) as connection:
+        connection.execute("UPDATE runs SET run_id = ? WHERE run_id = ?", (forged, run_id))
+        connection.execute("UPDATE run_sources SET run_id = ? WHERE run_id = ?", (forged, run_id))
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert "running run" not in out, out
+    assert (victim / "x.sock").read_text() == "important"
+    assert victim.stat().st_mode & 0o777 == 0o755
+    assert list(victim.iterdir()) == [victim / "x.sock"]
+    listed = json.loads(capsule_cli("runs", "--json", env=env, cwd=tmp_path).stdout)
+    assert [run["status"] for run in listed] == ["damaged"]
+
+
+def test_a_run_whose_record_is_damaged_is_an_error_and_the_worker_goes_on(
+    tmp_path: Path,
+) -> None:
+    journal = tmp_path / "journal.db"
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    source = _program(tmp_path, JOB)
+    damaged = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    fine = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()["run_id"]
+    import sqlite3
+
+    with sqlite3.connect(journal) as connection:
+        connection.execute("UPDATE runs SET args_json = '\"garbage\"' WHERE run_id = ?", (damaged,))
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    out, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert f"run {damaged} cannot run" in out, out
+    assert _status(str(journal), damaged) == "error"
+    assert _status(str(journal), fine) == "completed"
+
+
+def test_a_worker_that_cannot_open_its_journal_says_so_without_its_password(
+    tmp_path: Path,
+) -> None:
+    for journal, expected in (
+        ("postgresql://someone:hunter2secret@127.0.0.1:1/journal", "cannot reach"),
+        ("postgresq:/someone@127.0.0.1/journal", "looks like a URL"),
+    ):
+        done = capsule_cli("worker", "--journal", journal, cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert expected in done.stderr and "Traceback" not in done.stderr
+        assert "hunter2secret" not in done.stderr + done.stdout
+
+
+def test_a_worker_ends_no_session_but_a_capsule_owners(
+    tmp_path: Path, postgres_journal: str
+) -> None:
+    """A forged row naming another application's session (here, a plain
+    psycopg connection of the same user and database) is not a stalled
+    owner's: the worker leaves that session alone."""
+    import psycopg
+
+    program = _program(tmp_path, JOB)
+    env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
+    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
+        "run_id"
+    ]
+    with psycopg.connect(postgres_journal, autocommit=True) as victim:
+        pid, started = victim.execute(
+            "SELECT pid, extract(epoch from backend_start)::text FROM pg_stat_activity "
+            "WHERE pid = pg_backend_pid()"
+        ).fetchone()
+        victim.execute(
+            "UPDATE capsule.runs SET status = 'running', lease_owner = 'x 1 - y', "
+            "lease_expires_at = 1, lease_session_pid = %s, lease_session_start = %s "
+            "WHERE run_id = %s",
+            (pid, started, run_id),
+        )
+        worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+        _, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+        assert victim.execute("SELECT 1").fetchone() == (1,)  # (still connected)
+    assert _status(postgres_journal, run_id) == "completed"
+
+
+def test_sources_leave_out_what_says_it_holds_secrets_and_refuse_what_they_cannot_name(
+    tmp_path: Path,
+) -> None:
+    from capsule.journal.schema import JournalError
+    from capsule.journal.submissions import pack_program
+
+    program = _program(tmp_path, JOB)
+    project = program.parent
+    for name in ("secrets.toml", "service-account.json", "db_password.txt", "credentials.json"):
+        (project / name).write_text("{}")
+    (project / "tokenizer.py").write_text("")
+    with zipfile.ZipFile(io.BytesIO(pack_program(program).archive)) as archive:
+        assert set(archive.namelist()) == {"job.py", "tokenizer.py"}
+    hidden = project / ".hidden.py"
+    hidden.write_text(textwrap.dedent(JOB))
+    with pytest.raises(JournalError, match="not among the files"):
+        pack_program(hidden)
+    (project / os.fsdecode(b"bad\xff.py")).write_text("")
+    with pytest.raises(JournalError, match="not UTF-8"):
+        pack_program(program)

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from capsule.host.errors import InvalidRequest
-from capsule.journal.location import Journal, PostgresJournal, is_postgres_url
+from capsule.journal.location import (
+    Journal,
+    NotAJournal,
+    PostgresJournal,
+    is_postgres_url,
+    journal_at,
+)
+from capsule.journal.run_ids import RUN_ID_PATTERN
 from capsule.sandbox import js
 from capsule.supervisor.options import RunOptions
 
 if TYPE_CHECKING:
     from capsule.supervisor.program import RunRequest
 
-#: A caller's run id: letters, digits, ``_`` and ``-``, starting with a letter
-#: or digit (it names files, and appears in commands), at most 64 characters.
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 JournalSetting = str | os.PathLike[str] | PostgresJournal | Literal[False] | None
 
@@ -50,7 +53,10 @@ def journal_path(journal: JournalSetting) -> Journal | None:
     if journal is None:
         from capsule.journal.schema import default_journal
 
-        default = default_journal()
+        try:
+            default = default_journal()
+        except NotAJournal as exc:
+            raise InvalidRequest(f"CAPSULE_JOURNAL: {exc}") from None
         if not isinstance(default, Path):
             return default
         path = default
@@ -58,6 +64,11 @@ def journal_path(journal: JournalSetting) -> Journal | None:
         return journal
     elif isinstance(journal, str) and is_postgres_url(journal):
         return PostgresJournal(journal)
+    elif isinstance(journal, str) and journal:
+        try:
+            journal_at(journal)
+        except NotAJournal as exc:
+            raise InvalidRequest(str(exc)) from None
     elif isinstance(journal, (str, os.PathLike)) and str(journal):
         path = Path(journal)
     else:

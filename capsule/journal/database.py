@@ -58,6 +58,13 @@ POSTGRES = Dialect(
 )
 
 
+#: The name Capsule's PostgreSQL sessions go by (pg_stat_activity's
+#: application_name): a claim ends no other's.
+APPLICATION_NAME = "capsule"
+#: When a session started, as its process records it (see session()).
+_SESSION_START = "extract(epoch from activity.backend_start)::text"
+
+
 @functools.lru_cache(maxsize=512)
 def _pyformat(statement: str) -> str:
     # (The journal's statements hold no "?" nor "%" but as placeholders.)
@@ -139,48 +146,47 @@ class JournalConnection:
 
     def session(self) -> tuple[int, str] | None:
         """This connection's session on a PostgreSQL server (its process id,
-        and when it started: the two name it, as a process id alone would
-        once the server gave it to another); None on SQLite."""
+        and when it started, in seconds since the epoch as text: the two name
+        it, as a process id alone would once the server gave it to another;
+        whatever the time zone of either side); None on SQLite."""
         if self.dialect is SQLITE:
             return None
         row = self.raw.execute(
-            "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+            f"SELECT pid, {_SESSION_START} FROM pg_stat_activity AS activity "
+            "WHERE pid = pg_backend_pid()"
         ).fetchone()
         return None if row is None else (int(row[0]), str(row[1]))
-
-    def end_expired_sessions(self) -> None:
-        """On PostgreSQL: end the database sessions of every running run's
-        owner whose lease expired (see end_expired_session), before a worker
-        looks for work: a row such a session holds is skipped by a claim."""
-        if self.dialect is SQLITE:
-            return
-        self.raw.execute(
-            "SELECT pg_terminate_backend(activity.pid) FROM runs "
-            "JOIN pg_stat_activity AS activity ON activity.pid = runs.lease_session_pid "
-            "AND activity.backend_start::text = runs.lease_session_start "
-            f"WHERE runs.status = 'running' AND runs.lease_expires_at < {self.dialect.now}"
-        )
-
-    def notify(self, channel: str) -> None:
-        """On PostgreSQL, wake the sessions listening on ``channel`` (workers
-        waiting for work); nothing on SQLite (its workers look every so often)."""
-        if self.dialect is not SQLITE:
-            self.raw.execute("SELECT pg_notify(%s, '')", (channel,))
 
     def end_expired_session(self, run_id: str, owner: str) -> None:
         """On PostgreSQL: end the database session of ``owner``, whose lease on
         ``run_id`` expired (by the database's clock), if it is still there: a
         process stopped in the middle of a commit holds the run's row, and so
         every claim of it, for as long as it stays stopped; past its lease, it
-        has no right to it. (A session of the same role may be ended.)"""
+        has no right to it. Only a Capsule's session, of this database and
+        user (a forged row names no one else's)."""
+        self._end_sessions("runs.run_id = ? AND runs.lease_owner = ?", (run_id, owner))
+
+    def end_expired_sessions(self) -> None:
+        """On PostgreSQL: end the sessions of the owners of submitted runs whose
+        leases expired (see end_expired_session), before a worker looks for
+        work: a row such a session holds is skipped by every claim."""
+        self._end_sessions(
+            "runs.status = 'running' AND EXISTS (SELECT 1 FROM run_sources "
+            "WHERE run_sources.run_id = runs.run_id)",
+            (),
+        )
+
+    def _end_sessions(self, which: str, params: Sequence[Any]) -> None:
         if self.dialect is SQLITE:
             return
-        self.raw.execute(
+        self.execute(
             "SELECT pg_terminate_backend(activity.pid) FROM runs "
             "JOIN pg_stat_activity AS activity ON activity.pid = runs.lease_session_pid "
-            "AND activity.backend_start::text = runs.lease_session_start "
-            f"WHERE runs.run_id = %s AND runs.lease_owner = %s AND runs.lease_expires_at < {self.dialect.now}",
-            (run_id, owner),
+            f"AND {_SESSION_START} = runs.lease_session_start "
+            "AND activity.datname = current_database() AND activity.usename = current_user "
+            f"AND activity.application_name = '{APPLICATION_NAME}' "
+            f"WHERE {which} AND runs.lease_expires_at < {self.dialect.now}",
+            params,
         )
 
     def describe(self, exc: BaseException) -> Wording:

@@ -9,8 +9,11 @@ from __future__ import annotations
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from capsule.journal.location import PostgresJournal
+from capsule.journal.location import PostgresJournal, url_secrets
 from capsule.supervisor.option_specs import Wording
+
+#: (As capsule.journal.database names Capsule's sessions.)
+APPLICATION_NAME = "capsule"
 
 if TYPE_CHECKING:
     import psycopg
@@ -173,14 +176,26 @@ def driver() -> ModuleType:
 
 def describe_error(journal: PostgresJournal, exc: BaseException) -> Wording:
     """What went wrong with a PostgreSQL journal, in words that suggest the fix."""
-    text = " ".join(str(exc).split())[:500]
+    text = " ".join(str(exc).split())
+    # (libpq's messages may quote the URL, or the part of it it could not read.)
+    for secret in sorted([journal.url, *url_secrets(journal.url)], key=len, reverse=True):
+        text = text.replace(secret, "***")
+    text = text[:500]
     kind = type(exc).__name__
     if isinstance(exc, PostgresUnavailable):
         return lambda _: (
             f"the journal {journal} is a PostgreSQL database, and psycopg is not installed: "
-            f"pip install 'capsule-run[postgres]' (or psycopg[binary])"
+            f"pip install 'capsule[postgres]' (or psycopg[binary])"
         )
     sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate is None and (
+        "password authentication failed" in text
+        or "no password supplied" in text
+        or ("role" in text and "does not exist" in text)
+    ):
+        sqlstate = "28P01"  # (a failed connection carries no state: its message tells)
+    elif sqlstate is None and "database" in text and "does not exist" in text:
+        sqlstate = "3D000"
     if sqlstate is None and kind in ("OperationalError", "ConnectionTimeout"):
         return lambda name: (
             f"cannot reach the journal's PostgreSQL server {journal} ({text}); "
@@ -226,7 +241,7 @@ def connect(journal: PostgresJournal, create: bool) -> psycopg.Connection[tuple[
     from capsule.journal.schema import JournalError
 
     connection: psycopg.Connection[tuple[Any, ...]] = driver().connect(
-        journal.url, autocommit=True, connect_timeout=10
+        journal.url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
     )
     try:
         connection.execute(f"SET search_path TO {SCHEMA}")
@@ -260,7 +275,7 @@ async def connect_async(journal: PostgresJournal) -> psycopg.AsyncConnection[tup
     from capsule.journal.schema import JournalError
 
     connection: psycopg.AsyncConnection[tuple[Any, ...]] = await driver().AsyncConnection.connect(
-        journal.url, autocommit=True, connect_timeout=10
+        journal.url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
     )
     try:
         await connection.execute(f"SET search_path TO {SCHEMA}")

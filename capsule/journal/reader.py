@@ -16,6 +16,7 @@ from capsule.journal.database import ReadConnection, open_reader
 from capsule.journal.lease import expired as lease_expired
 from capsule.journal.lease import owner_gone
 from capsule.journal.location import Journal
+from capsule.journal.run_ids import RUN_ID_PATTERN
 from capsule.journal.schema import JournalError
 from capsule.journal.secrets import (
     SECRET_KEY_ENV,
@@ -174,6 +175,8 @@ def _run_columns(db: ReadConnection) -> str:
 
 
 def _run_record(row: Any) -> RunRecord:
+    if not isinstance(row[0], str) or not RUN_ID_PATTERN.fullmatch(row[0]):
+        raise ValueError(f"the run id {row[0]!r:.80} is not one (it would name files)")
     args, kwargs = json.loads(row[3])
     return RunRecord(
         run_id=row[0],
@@ -574,13 +577,18 @@ def _unredact(
             f"journal, encrypted, and resumes anywhere with the same key"
         )
     if problems:
-        raise JournalError(
+        raise MissingSecrets(
             f"run {run_id} cannot be resumed here: its replay needs the unredacted "
             f"form of journaled answers whose secrets (credentials, cookies, granted "
             f"env values) the journal holds as [redacted], and it lacks "
             + "; and ".join(problems)
             + ". Nothing was run"
         )
+
+
+class MissingSecrets(JournalError):
+    """A replay needs unredacted answers this process lacks (another machine
+    may have them)."""
 
 
 def _answers(keys: list[StepKey]) -> str:

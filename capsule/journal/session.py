@@ -89,6 +89,10 @@ def run_journaled(
     return report
 
 
+class DamagedRun(JournalError):
+    """A run's record cannot be read (damaged or forged): it cannot run anywhere."""
+
+
 def submit_journaled(request: RunRequest, journal: Journal, run_id: str) -> None:
     """Queue ``request`` in ``journal`` as ``run_id``, with its program's
     directory's source files, for a worker to run (see submissions.py).
@@ -378,11 +382,14 @@ def run_claimed(
         record = anyio.run(find_run, journal, claim.run_id, True)
         history = anyio.run(load_history, journal, record.run_id, key)
         seed = bytes.fromhex(record.seed)
-        entry, options = _recorded_settings(journal, record)
+        try:
+            entry, options = _recorded_settings(journal, record)
+        except JournalError as exc:
+            raise DamagedRun(exc.wording) from None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        raise JournalError(
-            f"the journal {journal} holds a record this Capsule cannot read "
-            f"({type(exc).__name__}: {exc}); it may be damaged"
+        raise DamagedRun(
+            f"the journal {journal} holds a record of run {claim.run_id} this Capsule "
+            f"cannot read ({type(exc).__name__}: {exc!s:.300}); it may be damaged"
         ) from None
     request = RunRequest(
         path=program, args=record.args, kwargs=record.kwargs, entry=entry, options=options

@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
+import struct
 import time
 import zipfile
 from collections.abc import Collection
@@ -26,6 +28,7 @@ from typing import Any
 
 from capsule.journal.database import JournalConnection
 from capsule.journal.lease import Lease
+from capsule.journal.run_ids import RUN_ID_PATTERN
 from capsule.journal.schema import JournalError
 
 #: What a submitted program's archive may hold at most.
@@ -59,6 +62,9 @@ SOURCE_SUFFIXES = frozenset(
 )
 #: Directories never packed: dependencies, environments, caches, the journal.
 SKIPPED_DIRECTORIES = frozenset({"node_modules", "__pycache__", "venv", "env"})
+#: Files never packed for what their names say they hold (credentials: the
+#: journal is shared), matched on the lowercased name.
+SECRET_NAMES = re.compile(r"(secret|credential|service[-_]account|private[-_]key|password)")
 
 #: The status of a submitted run no worker has taken yet.
 QUEUED = "queued"
@@ -81,14 +87,22 @@ class SubmissionError(JournalError):
 
 def pack_program(program: Path) -> Sources:
     """The source files of ``program``'s directory, as an archive. Follows no
-    link; refuses a directory past the bounds (naming the largest parts)."""
+    link; refuses a directory past the bounds, or a file it cannot name."""
     root = program.parent
     buffer = io.BytesIO()
     files = 0
     total = 0
+    names: set[str] = set()
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         for path in sorted(_source_files(root)):
             relative = path.relative_to(root).as_posix()
+            try:
+                relative.encode()
+            except UnicodeEncodeError:  # (a name that is not UTF-8: no archive holds it)
+                raise SubmissionError(
+                    f"{visible_path(path)} has a name that is not UTF-8; rename it, or move "
+                    f"it out of the program's directory"
+                ) from None
             try:
                 info = path.lstat()
                 if not stat.S_ISREG(info.st_mode):
@@ -110,10 +124,16 @@ def pack_program(program: Path) -> Sources:
                     f"takes ({MAX_FILES:,} files, {MAX_SOURCE_BYTES:,} bytes); submit a "
                     f"program from a directory of its own"
                 )
+            names.add(relative)
             entry = zipfile.ZipInfo(relative, date_time=(1980, 1, 1, 0, 0, 0))
             entry.compress_type = zipfile.ZIP_DEFLATED
             entry.external_attr = 0o644 << 16
             archive.writestr(entry, data)
+    if program.name not in names:
+        raise SubmissionError(
+            f"the program {program} is not among the files a submission takes (a hidden "
+            f"file, or a name that says it holds secrets?); rename it"
+        )
     packed = buffer.getvalue()
     if len(packed) > MAX_ARCHIVE_BYTES:
         raise SubmissionError(
@@ -135,10 +155,18 @@ def _source_files(root: Path) -> list[Path]:
         ]
         for name in names:
             path = Path(directory) / name
-            if name.startswith(".") or path.suffix not in SOURCE_SUFFIXES:
+            if (
+                name.startswith(".")
+                or path.suffix not in SOURCE_SUFFIXES
+                or SECRET_NAMES.search(name.lower())
+            ):
                 continue
             found.append(path)
     return found
+
+
+def visible_path(path: Path) -> str:
+    return repr(str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
 
 def _read_no_follow(path: Path) -> bytes:
@@ -157,7 +185,7 @@ def submit(
     program_hash: str,
 ) -> None:
     """Queue ``run_id`` with its sources, in one transaction (a worker never
-    sees one without the other); on PostgreSQL, waiting workers are told."""
+    sees one without the other)."""
     from capsule import __version__
 
     with connection.transaction():
@@ -180,11 +208,6 @@ def submit(
             "INSERT INTO run_sources (run_id, program, archive, sha256) VALUES (?, ?, ?, ?)",
             (run_id, sources.program, sources.archive, sources.sha256),
         )
-    connection.notify(WORK_CHANNEL)
-
-
-#: The channel a submission notifies on PostgreSQL (workers listen on it).
-WORK_CHANNEL = "capsule_work"
 
 
 @dataclass(frozen=True)
@@ -219,14 +242,22 @@ def claim_next(
     skipped = list(skip)[:1000]
     unless = f" AND run_id NOT IN ({', '.join('?' * len(skipped))})" if skipped else ""
     with connection.transaction():
-        row = connection.execute(
-            f"SELECT run_id, status FROM runs WHERE {_CLAIMABLE.format(now=now)}{unless} "
-            f"ORDER BY started_at, run_id LIMIT 1{dialect.skip_locked}",
-            skipped,
-        ).fetchone()
-        if row is None:
-            return None
-        run_id, status = row
+        while True:
+            row = connection.execute(
+                f"SELECT run_id, status FROM runs WHERE {_CLAIMABLE.format(now=now)}{unless} "
+                f"ORDER BY started_at, run_id LIMIT 1{dialect.skip_locked}",
+                skipped,
+            ).fetchone()
+            if row is None:
+                return None
+            run_id, status = row
+            if isinstance(run_id, str) and RUN_ID_PATTERN.fullmatch(run_id):
+                break
+            # A forged (or damaged) id, which would name files: never run.
+            connection.execute(
+                "UPDATE runs SET status = 'error', ended_at = ?, error_json = ? WHERE run_id = ?",
+                (time.time(), _ERROR_JSON_BAD_ID, run_id),
+            )
         connection.execute(
             "UPDATE runs SET status = 'running', host_pid = ?, ended_at = NULL, "
             f"lease_owner = ?, lease_expires_at = {now} + ?, "
@@ -237,14 +268,23 @@ def claim_next(
     return Claim(str(run_id), lease, resumed=status != QUEUED)
 
 
-def work_left(connection: JournalConnection) -> bool:
-    """Whether any submitted run has yet to end: queued, handed back, or
-    running (on any worker: if that one dies, its run is left to do)."""
+def work_left(connection: JournalConnection, skip: Collection[str] = ()) -> bool:
+    """Whether any submitted run but ``skip`` has yet to end: queued, handed
+    back, or running (on any worker: if that one dies, its run is left to do)."""
+    skipped = list(skip)[:1000]
+    unless = f" AND run_id NOT IN ({', '.join('?' * len(skipped))})" if skipped else ""
     row = connection.execute(
         "SELECT 1 FROM runs WHERE status IN ('queued', 'interrupted', 'running') AND "
-        "EXISTS (SELECT 1 FROM run_sources WHERE run_sources.run_id = runs.run_id) LIMIT 1"
+        f"EXISTS (SELECT 1 FROM run_sources WHERE run_sources.run_id = runs.run_id){unless} "
+        "LIMIT 1",
+        skipped,
     ).fetchone()
     return row is not None
+
+
+_ERROR_JSON_BAD_ID = json.dumps(
+    {"kind": "error", "message": "the run's id in the journal is not a run id; it was not run"}
+)
 
 
 def release(connection: JournalConnection, claim: Claim, status: str, error: str | None) -> None:
@@ -267,23 +307,27 @@ def release(connection: JournalConnection, claim: Claim, status: str, error: str
 def unpack_sources(connection: JournalConnection, run_id: str, into: Path) -> Path:
     """Write ``run_id``'s sources into the new directory ``into``; the path of
     its program. JournalError if they are not there, or not an archive this
-    Capsule wrote (each name and size is checked: the journal is input)."""
+    Capsule wrote (its size, entry count, each name and size are checked
+    before they are used: the journal is input). Raises the driver's errors."""
     row = connection.execute(
-        "SELECT program, archive, sha256 FROM run_sources WHERE run_id = ?", (run_id,)
+        "SELECT program, archive, sha256 FROM run_sources WHERE run_id = ? "
+        "AND length(archive) <= ?",
+        (run_id, MAX_ARCHIVE_BYTES),
     ).fetchone()
     if row is None:
-        raise JournalError(f"run {run_id} was not submitted: the journal holds no sources for it")
-    program, archive, digest = str(row[0]), bytes(row[1]), str(row[2])
-    if hashlib.sha256(archive).hexdigest() != digest:
-        raise JournalError(f"run {run_id}'s sources in the journal are damaged (digest mismatch)")
-    into.mkdir(parents=True, mode=0o700)
+        raise JournalError(
+            f"run {run_id}'s sources are not in the journal, or larger than a submission "
+            f"takes ({MAX_ARCHIVE_BYTES:,} bytes)"
+        )
     try:
+        program, archive, digest = str(row[0]), bytes(row[1]), str(row[2])
+        if hashlib.sha256(archive).hexdigest() != digest:
+            raise ValueError("their digest does not match")
+        _check_entry_count(archive)
+        into.mkdir(parents=True, mode=0o700)
         with zipfile.ZipFile(io.BytesIO(archive)) as opened:
-            members = opened.infolist()
-            if len(members) > MAX_FILES:
-                raise ValueError(f"{len(members):,} files")
             total = 0
-            for member in members:
+            for member in opened.infolist():
                 target = into / _safe_name(member.filename)
                 target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 with opened.open(member) as source:
@@ -298,14 +342,32 @@ def unpack_sources(connection: JournalConnection, run_id: str, into: Path) -> Pa
                 )
                 with os.fdopen(descriptor, "wb") as file:
                     file.write(data)
-    except (ValueError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        path = into / _safe_name(program)
+    except Exception as exc:  # (whatever a forged archive makes zipfile raise)
         raise JournalError(
-            f"run {run_id}'s sources in the journal cannot be unpacked ({exc}); they may be damaged"
+            f"run {run_id}'s sources in the journal cannot be unpacked "
+            f"({type(exc).__name__}: {exc!s:.300}); they may be damaged"
         ) from None
-    path = into / _safe_name(program)
     if not path.is_file():
         raise JournalError(f"run {run_id}'s sources lack its program {program!r:.200}")
     return path
+
+
+#: The end of a zip archive's central directory, and the offset of its count
+#: of entries in it (see the zip format's EOCD record).
+_END_OF_DIRECTORY = b"PK\x05\x06"
+_ENTRIES_AT = 10
+
+
+def _check_entry_count(archive: bytes) -> None:
+    """ValueError if ``archive`` declares more entries than a submission holds,
+    read before zipfile reads them all (each costs memory)."""
+    end = archive.rfind(_END_OF_DIRECTORY)
+    if end < 0 or end + _ENTRIES_AT + 2 > len(archive):
+        raise ValueError("it is not a zip archive")
+    (entries,) = struct.unpack_from("<H", archive, end + _ENTRIES_AT)
+    if entries > MAX_FILES:  # (0xFFFF: a zip64 count, which Capsule never writes)
+        raise ValueError(f"it declares {entries:,} entries")
 
 
 def _safe_name(name: str) -> str:

@@ -248,7 +248,7 @@ class JournalSource:
             events.append({**json.loads(data), "type": kind, "task_id": task_id, "at": at})
         if not events and self._outcome is None:
             status = await run_status(db, self.run_id)
-            if status is not None and status != "running":
+            if status is not None and status not in ("running", "queued"):
                 self._outcome = (status, None)
         return events
 

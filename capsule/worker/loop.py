@@ -1,10 +1,17 @@
 """A worker's loop: claim a run whenever a slot is free, run it on the
 worker's Runtime, and on a stop (SIGTERM) take no more, let those running
 finish within a grace period, then hand the rest back (interrupted, their
-leases released at once, for another worker to resume)."""
+leases released at once, for another worker to resume).
+
+Nothing a run does, and nothing the journal holds, stops the worker: a run
+that cannot start is handed back (this machine lacks its secrets: another
+may have them), marked as an error (its record or sources are damaged), or
+left to its lease (the database failed); a database that goes away is
+waited for."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import time
@@ -14,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 
 from capsule.host.errors import NotResumable, RunError
 from capsule.host.handle import RunHandle
@@ -21,7 +29,9 @@ from capsule.host.runtime import Runtime
 from capsule.journal.database import JournalConnection, open_connection
 from capsule.journal.lease import Lease
 from capsule.journal.location import Journal
+from capsule.journal.reader import MissingSecrets
 from capsule.journal.schema import JournalError
+from capsule.journal.session import DamagedRun
 from capsule.journal.submissions import (
     Claim,
     claim_next,
@@ -30,6 +40,7 @@ from capsule.journal.submissions import (
     work_left,
 )
 from capsule.sandbox.runtime import capsule_home
+from capsule.terminal import visible
 
 T = TypeVar("T")
 
@@ -37,6 +48,10 @@ T = TypeVar("T")
 DEFAULT_POLL_SECONDS = 0.5
 #: How long runs may take to finish once a worker is asked to stop.
 DEFAULT_GRACE_SECONDS = 30.0
+
+
+def default_workdir() -> Path:
+    return capsule_home() / "worker"
 
 
 @dataclass
@@ -49,11 +64,12 @@ class WorkerSettings:
     #: Stop once no submitted run is left to end, here or on any worker (a
     #: batch; a test).
     until_idle: bool = False
-    #: Where claimed runs' sources are unpacked (each in a new directory).
-    workdir: Path = field(default_factory=lambda: capsule_home() / "worker")
+    #: Where claimed runs' sources are unpacked: a directory per worker
+    #: process in it, a directory per run in that.
+    workdir: Path = field(default_factory=default_workdir)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
     claim: Claim
     handle: RunHandle
@@ -63,14 +79,17 @@ class _Running:
 
 class Worker:
     """Claims and runs submitted runs until :meth:`stop`. ``say`` is handed a
-    line for each run taken and ended."""
+    line for each run taken and ended (journal text in it made visible)."""
 
     def __init__(self, settings: WorkerSettings, say: Callable[[str], None]) -> None:
         self.settings = settings
-        self._say = say
+        self._say_line = say
         self._stopping = anyio.Event()
         self._slot_free = anyio.Event()
         self._hurry = anyio.Event()
+        #: By run id: one claim of a run at a time here (a claim of a run this
+        #: worker runs still, whose lease expired while the database was away,
+        #: is never taken: see _claim).
         self._running: dict[str, _Running] = {}
         #: Runs this worker handed back because it cannot run them (secrets it
         #: lacks): not taken again by it.
@@ -78,6 +97,9 @@ class Worker:
         self._connection: JournalConnection | None = None
         #: One use of the connection at a time (a claim is a transaction).
         self._connection_lock = anyio.Lock()
+        #: The last problem said, so that a database that stays away is said once.
+        self._last_problem: str | None = None
+        self._directory = settings.workdir / f"{os.getpid()}-{secrets.token_hex(4)}"
         self.completed = 0
 
     @property
@@ -94,18 +116,27 @@ class Worker:
         self._hurry.set()
         self._slot_free.set()
 
+    def open(self) -> None:
+        """Open the journal (JournalError if it cannot be: said before any
+        work), and remove what dead workers on this machine left behind."""
+        self._connection = open_connection(self.settings.journal, create=True)
+        _remove_dead_workers_directories(self.settings.workdir)
+
     async def run(self) -> None:
-        settings = self.settings
-        self._connection = await anyio.to_thread.run_sync(
-            lambda: open_connection(settings.journal, create=True)
-        )
+        """Take work until stopped (or idle, with ``until_idle``). Call
+        :meth:`open` first."""
+        assert self._connection is not None
         try:
-            async with Runtime(journal=settings.journal) as runtime:
+            async with Runtime(journal=self.settings.journal) as runtime:
                 async with anyio.create_task_group() as group:
                     await self._take_work(runtime, group)
                     await self._wind_down()
         finally:
             await anyio.to_thread.run_sync(self._connection.close)
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    def _say(self, line: str) -> None:
+        self._say_line(visible(line, one_line=True))
 
     async def _take_work(self, runtime: Runtime, group: anyio.abc.TaskGroup) -> None:
         settings = self.settings
@@ -127,56 +158,75 @@ class Worker:
             with anyio.move_on_after(settings.poll):
                 # (A run that ends frees a slot; a stop ends the wait too.)
                 async with anyio.create_task_group() as waits:
-                    waits.start_soon(_set_when, self._slot_free, waits)
-                    waits.start_soon(_set_when, self._stopping, waits)
+                    waits.start_soon(_cancel_when, self._slot_free, waits)
+                    waits.start_soon(_cancel_when, self._stopping, waits)
 
     async def _on_connection(self, use: Callable[..., T], *args: Any) -> T:
         """``use(*args)`` on a worker thread, the connection its alone."""
         async with self._connection_lock:
             return await anyio.to_thread.run_sync(use, *args)
 
+    def _problem(self, line: str) -> None:
+        """Say a problem, once while it lasts."""
+        if line != self._last_problem:
+            self._last_problem = line
+            self._say(line)
+
     def _claim(self) -> Claim | None:
         assert self._connection is not None
+        connection = self._connection
         try:
-            claim = claim_next(self._connection, Lease.new(), skip=self._skipped)
-        except JournalError as exc:
-            self._say(f"cannot claim work: {exc}")
-            return None
-        except self._connection.errors as exc:
-            self._say(f"cannot claim work: {self._connection.describe(exc)(str)}")
+            # (Not a run this worker runs still, nor one it cannot run.)
+            claim = claim_next(connection, Lease.new(), skip=[*self._running, *self._skipped])
+        except connection.errors as exc:
+            self._problem(f"cannot take work: {connection.describe(exc)(str)}")
             self._reconnect()
             return None
+        if self._last_problem is not None:
+            self._last_problem = None
+            self._say("the journal answers again; taking work")
         return claim
 
     def _work_left(self) -> bool:
         assert self._connection is not None
         try:
-            return work_left(self._connection)
+            return work_left(self._connection, skip=self._skipped)
         except self._connection.errors:
             return True  # (asked again at the next turn)
-
-    def _release(self, claim: Claim, status: str, error: str | None) -> None:
-        assert self._connection is not None
-        release(self._connection, claim, status, error)
 
     def _reconnect(self) -> None:
         assert self._connection is not None
         self._connection.close()
         try:
             self._connection = open_connection(self.settings.journal, create=False)
-        except JournalError:
-            pass  # (tried again at the next claim, which fails and says so)
+        except JournalError as exc:
+            self._problem(f"cannot take work: {exc}")
+
+    def _release(self, claim: Claim, status: str, error: str | None) -> None:
+        assert self._connection is not None
+        release(self._connection, claim, status, error)
+
+    def _unpack(self, claim: Claim, directory: Path) -> Path | str:
+        """The run's program, unpacked; or why it cannot run (the run is
+        then released: as an error, or back to the queue if the database
+        failed meanwhile)."""
+        assert self._connection is not None
+        connection = self._connection
+        try:
+            return unpack_sources(connection, claim.run_id, directory)
+        except JournalError as exc:
+            release(connection, claim, "error", str(exc))
+            return f"run {claim.run_id} cannot run: {exc}"
+        except connection.errors as exc:
+            release(connection, claim, "interrupted", None)
+            self._reconnect()
+            return f"run {claim.run_id} handed back: {connection.describe(exc)(str)}"
 
     async def _start(self, runtime: Runtime, claim: Claim) -> _Running | None:
-        directory = self.settings.workdir / f"{claim.run_id}-{secrets.token_hex(4)}"
-        try:
-            assert self._connection is not None
-            program = await self._on_connection(
-                unpack_sources, self._connection, claim.run_id, directory
-            )
-        except JournalError as exc:
-            self._say(f"run {claim.run_id} cannot run: {exc}")
-            await self._on_connection(self._release, claim, "error", str(exc))
+        directory = self._directory / f"{claim.run_id}-{secrets.token_hex(4)}"
+        program = await self._on_connection(self._unpack, claim, directory)
+        if isinstance(program, str):
+            self._say(program)
             shutil.rmtree(directory, ignore_errors=True)
             return None
         handle = runtime._start_claimed(claim, program)
@@ -191,11 +241,19 @@ class Worker:
         try:
             result = await running.handle.result()
         except NotResumable as exc:
-            # It cannot run here (secrets this machine lacks): handed back, for
-            # a worker that can; this one does not take it again.
-            self._skipped.add(claim.run_id)
-            await self._on_connection(self._release, claim, "interrupted", None)
-            self._say(f"run {claim.run_id} handed back: {exc}")
+            named = exc.named
+            if isinstance(named, MissingSecrets):
+                # Another machine may have them: handed back, for a worker
+                # that can; this one does not take it again.
+                self._skipped.add(claim.run_id)
+                await self._on_connection(self._release, claim, "interrupted", None)
+                self._say(f"run {claim.run_id} handed back: {exc}")
+            elif isinstance(named, DamagedRun):
+                await self._on_connection(self._release, claim, "error", str(exc))
+                self._say(f"run {claim.run_id} cannot run: {exc}")
+            else:  # (the database failed as it started: taken again later)
+                await self._on_connection(self._release, claim, "interrupted", None)
+                self._say(f"run {claim.run_id} handed back: {exc}")
         except RunError as exc:
             # (Its journal failed: it is resumed once its lease expires.)
             self._say(f"run {claim.run_id} stopped: {exc}")
@@ -206,7 +264,8 @@ class Worker:
             if result.status in ("completed", "failed"):
                 self.completed += 1
         finally:
-            del self._running[claim.run_id]
+            if self._running.get(claim.run_id) is running:
+                del self._running[claim.run_id]
             shutil.rmtree(running.directory, ignore_errors=True)
             self._slot_free.set()
 
@@ -229,6 +288,25 @@ class Worker:
             await running.handle.cancel()
 
 
-async def _set_when(event: anyio.Event, group: anyio.abc.TaskGroup) -> None:
+async def _cancel_when(event: anyio.Event, group: anyio.abc.TaskGroup) -> None:
     await event.wait()
     group.cancel_scope.cancel()
+
+
+def _remove_dead_workers_directories(workdir: Path) -> None:
+    """Remove the directories of worker processes of this machine that are
+    gone (killed before they could): named ``PID-TOKEN``."""
+    try:
+        entries = list(workdir.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        pid, _, _ = entry.name.partition("-")
+        if not pid.isdigit() or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            continue
