@@ -280,7 +280,9 @@ _SQLITE_VERSION_OF_POSTGRES = 12
 @asynccontextmanager
 async def open_reader(journal: Journal) -> AsyncIterator[ReadConnection]:
     """A read connection to an existing journal this Capsule understands;
-    JournalError if there is none or it cannot be read."""
+    JournalError if there is none or it cannot be read. (One generator, not
+    one per database nested in another: an event loop that ends with it
+    open closes it whole.)"""
     from capsule.journal.schema import JournalError
 
     if isinstance(journal, PostgresJournal):
@@ -292,19 +294,20 @@ async def open_reader(journal: Journal) -> AsyncIterator[ReadConnection]:
             raise
         except Exception as exc:
             raise JournalError(postgres.describe_error(journal, exc)) from None
-        try:
-            yield ReadConnection(journal, raw, POSTGRES, _SQLITE_VERSION_OF_POSTGRES)
-        except postgres.driver().Error as exc:
-            raise JournalError(postgres.describe_error(journal, exc)) from None
-        finally:
-            await raw.close()
-        return
-    async with _open_sqlite_reader(journal) as reader:
-        yield reader
+        dialect, version, errors = POSTGRES, _SQLITE_VERSION_OF_POSTGRES, _errors(POSTGRES)
+    else:
+        raw, version = await _open_sqlite(journal)
+        dialect, errors = SQLITE, (sqlite3.Error,)
+    try:
+        yield ReadConnection(journal, raw, dialect, version)
+    except errors as exc:
+        raise JournalError(describe_error(journal, exc)) from None
+    finally:
+        await raw.close()
 
 
-@asynccontextmanager
-async def _open_sqlite_reader(path: Path) -> AsyncIterator[ReadConnection]:
+async def _open_sqlite(path: Path) -> tuple[Any, int]:
+    """An aiosqlite connection to the journal file, and its schema version."""
     import aiosqlite
 
     from capsule.journal.schema import (
@@ -321,11 +324,8 @@ async def _open_sqlite_reader(path: Path) -> AsyncIterator[ReadConnection]:
     except sqlite3.Error as exc:
         raise JournalError(describe_sqlite(path, exc)) from None
     try:
-        try:
-            cursor = await connection.execute("PRAGMA user_version")
-            row = await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise JournalError(describe_sqlite(path, exc)) from None
+        cursor = await connection.execute("PRAGMA user_version")
+        row = await cursor.fetchone()
         version = row[0] if row else 0
         if version > SCHEMA_VERSION:
             raise JournalError(
@@ -334,8 +334,10 @@ async def _open_sqlite_reader(path: Path) -> AsyncIterator[ReadConnection]:
             )
         if version == 0:
             raise JournalError(f"{path} is not a Capsule journal (no schema version)")
-        yield ReadConnection(path, connection, SQLITE, version)
     except sqlite3.Error as exc:
-        raise JournalError(describe_sqlite(path, exc)) from None
-    finally:
         await connection.close()
+        raise JournalError(describe_sqlite(path, exc)) from None
+    except BaseException:
+        await connection.close()
+        raise
+    return connection, int(version)

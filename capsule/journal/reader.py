@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,11 +141,8 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-@asynccontextmanager
-async def open_journal(journal: Journal) -> AsyncIterator[ReadConnection]:
-    """A read connection to an existing journal this Capsule understands."""
-    async with open_reader(journal) as connection:
-        yield connection
+#: A read connection to an existing journal this Capsule understands.
+open_journal = open_reader
 
 
 _RUN_COLUMNS = (
