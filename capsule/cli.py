@@ -619,7 +619,7 @@ def _submit_command(options: argparse.Namespace) -> int:
     try:
         run_id = anyio.run(submit)
     except RunError as exc:
-        _error(exc.worded(flag_of) if isinstance(exc, WordedError) else str(exc))
+        _error(exc.worded(flag_of))
         return EXIT_USAGE
     print(json.dumps({"run_id": run_id}) if options.json else run_id)
     return EXIT_OK
@@ -670,8 +670,7 @@ def _worker_command(options: argparse.Namespace) -> int:
 
     anyio.run(work)
     if failures:
-        failure = failures[0]
-        _error(failure.worded(flag_of) if isinstance(failure, WordedError) else str(failure))
+        _error(failures[0].worded(flag_of))
         return EXIT_RUNTIME
     say(f"stopped ({worker.completed} run(s) ended here)")
     return EXIT_OK

@@ -102,6 +102,7 @@ def test_two_resumes_at_once_run_the_run_once(tmp_path: Path) -> None:
     assert "still running" in refused or "resumed by another" in refused, refused
 
 
+@pytest.mark.parametrize("any_journal", ["sqlite"], indirect=True)  # (its claim: as above)
 def test_a_live_run_is_never_taken_even_with_force(tmp_path: Path) -> None:
     program = _program(tmp_path)
     running = subprocess.Popen(
