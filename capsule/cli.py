@@ -102,21 +102,26 @@ def _command_named(argv: list[str] | None) -> str | None:
     return words[0] if words and words[0] in _COMMANDS else None
 
 
-def _run_arguments(run: argparse.ArgumentParser) -> None:
-    run.add_argument(
+def _program_arguments(command: argparse.ArgumentParser) -> None:
+    """What to run: `capsule run`'s and `capsule submit`'s."""
+    command.add_argument(
         "file",
         metavar="FILE[:TASK]",
         help="the program (a .py, .ts or .js file), and the task to run if not main",
     )
-    run.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
-    run.add_argument(
+    command.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
+    command.add_argument(
         "--entry", metavar="TASK", help="the task to run as the entry point (default: main)"
     )
-    run.add_argument(
+    command.add_argument(
         "--args-json",
         metavar="JSON",
         help="arguments for main as a JSON list (typed values), instead of ARGS",
     )
+
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
+    _program_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON envelope with the outcome")
     _events_option(run)
     run.add_argument(
@@ -133,20 +138,7 @@ def _run_arguments(run: argparse.ArgumentParser) -> None:
 
 
 def _submit_arguments(submit: argparse.ArgumentParser) -> None:
-    submit.add_argument(
-        "file",
-        metavar="FILE[:TASK]",
-        help="the program (a .py, .ts or .js file), and the task to run if not main",
-    )
-    submit.add_argument("args", nargs="*", metavar="ARGS", help="string arguments for the task")
-    submit.add_argument(
-        "--entry", metavar="TASK", help="the task to run as the entry point (default: main)"
-    )
-    submit.add_argument(
-        "--args-json",
-        metavar="JSON",
-        help="arguments for main as a JSON list (typed values), instead of ARGS",
-    )
+    _program_arguments(submit)
     submit.add_argument("--run-id", metavar="ID", help="the run's id (default: a new one)")
     submit.add_argument("--json", action="store_true", help="print the run id as JSON")
     _option_flags(submit)
