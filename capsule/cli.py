@@ -626,6 +626,7 @@ def _worker_command(options: argparse.Namespace) -> int:
 
     try:
         journal = _journal_path(options)
+        _check_secret_key()  # (else every run that journals a secret would fail)
     except UsageError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -1410,6 +1411,14 @@ def _no_running_run(options: argparse.Namespace) -> int:
             f"of a journal)"
         )
         return EXIT_NO_SUCH_RUN
+    if run.shown_status == "running":
+        holder = f" (its lease is held by {_field(run.lease_owner or '?')})"
+        _error(
+            f"run {_field(run.run_id)} is running on another machine or in another "
+            f"container{holder}; `capsule send` and `capsule ask` reach a run from the "
+            f"machine that runs it"
+        )
+        return EXIT_NOT_RUNNING
     _error(
         f"run {_field(run.run_id)} is not running ({_field(run.shown_status)}); only a "
         f"running run takes messages"

@@ -234,7 +234,7 @@ def test_sigterm_lets_a_run_finish_within_the_grace_period(
 def test_the_host_api_submits_a_run_and_a_resume_of_it_is_left_to_workers(
     tmp_path: Path, postgres_journal: str
 ) -> None:
-    from capsule import Runtime
+    from capsule import InvalidRequest, Runtime
 
     program = _program(tmp_path, JOB)
 
@@ -242,6 +242,8 @@ def test_the_host_api_submits_a_run_and_a_resume_of_it_is_left_to_workers(
         async with Runtime(journal=postgres_journal, prepare=False) as runtime:
             run_id = await runtime.submit(program, "4", run_id="from-the-api")
             assert (await runtime.find(run_id)).status == "queued"
+            with pytest.raises(InvalidRequest, match="waits for a worker"):
+                await runtime.run(program, "4", run_id=run_id)
             return run_id
 
     run_id = anyio.run(submit)
@@ -552,6 +554,16 @@ def test_a_worker_that_cannot_open_its_journal_says_so_without_its_password(
         assert done.returncode == 2, done.stderr
         assert expected in done.stderr and "Traceback" not in done.stderr
         assert "hunter2secret" not in done.stderr + done.stdout
+    # (A key that is no key would fail every run that journals a secret.)
+    done = capsule_cli(
+        "worker",
+        "--journal",
+        str(tmp_path / "journal.db"),
+        cwd=tmp_path,
+        env={"CAPSULE_SECRET_KEY": "not-a-key"},
+        timeout=60,
+    )
+    assert done.returncode == 2 and "CAPSULE_SECRET_KEY" in done.stderr, done.stderr
 
 
 def test_a_worker_ends_no_session_but_a_capsule_owners(

@@ -508,6 +508,11 @@ class Runtime:
                 f"run {run_id} is running in another process ({record.host_pid}) "
                 f"on the journal {self.journal}; choose another run_id"
             )
+        if record.submitted and record.shown_status in ("queued", "interrupted"):
+            raise InvalidRequest(
+                f"run {run_id} is submitted and waits for a worker (`capsule worker`) on the "
+                f"journal {self.journal}; choose another run_id, or follow it with find()"
+            )
         handle = RunHandle(run_id, self._event_buffer, self._limiter)
         try:
             handle._end(record_result(record), None)
