@@ -617,3 +617,22 @@ def test_sources_leave_out_what_says_it_holds_secrets_and_refuse_what_they_canno
     (project / os.fsdecode(b"bad\xff.py")).write_text("")
     with pytest.raises(JournalError, match="not UTF-8"):
         pack_program(program)
+
+
+def test_send_to_a_run_on_another_machine_says_so(tmp_path: Path) -> None:
+    import sqlite3
+
+    journal = tmp_path / "journal.db"
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    program = _program(tmp_path, JOB)
+    done = capsule_cli("run", str(program), "2", "--json", env=env, cwd=tmp_path)
+    run_id = done.json()["execution"]["run_id"]
+    with sqlite3.connect(journal) as connection:  # (as a worker elsewhere holds it)
+        connection.execute(
+            "UPDATE runs SET status = 'running', lease_owner = 'elsewhere 7 - 1a2b', "
+            "lease_expires_at = 1e12 WHERE run_id = ?",
+            (run_id,),
+        )
+    sent = capsule_cli("send", run_id, "main", "1", env=env, cwd=tmp_path)
+    assert sent.returncode == 5, sent.stderr
+    assert "running on another machine" in sent.stderr and "elsewhere 7" in sent.stderr
