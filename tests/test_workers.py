@@ -636,3 +636,18 @@ def test_send_to_a_run_on_another_machine_says_so(tmp_path: Path) -> None:
     sent = capsule_cli("send", run_id, "main", "1", env=env, cwd=tmp_path)
     assert sent.returncode == 5, sent.stderr
     assert "running on another machine" in sent.stderr and "elsewhere 7" in sent.stderr
+
+
+def test_the_sync_host_api_submits_too(tmp_path: Path) -> None:
+    from capsule import SyncRuntime
+
+    journal = tmp_path / "journal.db"
+    program = _program(tmp_path, JOB)
+    with SyncRuntime(journal=journal, prepare=False) as runtime:
+        run_id = runtime.submit(program, "5")
+        assert runtime.find(run_id).status == "queued"
+    env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
+    worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 0, err
+    assert _status(str(journal), run_id) == "completed"

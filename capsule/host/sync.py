@@ -191,6 +191,24 @@ class SyncRuntime:
 
         return SyncRunHandle(portal.call(start_resume), portal)
 
+    def submit(
+        self,
+        program: str | os.PathLike[str],
+        *args: Any,
+        entry: str = "main",
+        options: RunOptions | None = None,
+        run_id: str | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        portal = self._open()
+
+        async def submit() -> str:
+            return await self._runtime.submit(
+                program, *args, entry=entry, options=options, run_id=run_id, kwargs=kwargs
+            )
+
+        return portal.call(submit)
+
     def run_code(
         self,
         source: str,
