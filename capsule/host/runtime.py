@@ -223,13 +223,8 @@ class Runtime:
         all but the per-message ones; ``run_ended`` always); a run builds no
         event it has no use for."""
         self._open()
-        path = program_path(program)
-        call_args, call_kwargs = arguments(args, kwargs)
-        if not isinstance(entry, str) or not entry.isidentifier():
-            raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
-        options = run_options(options)
+        request = _checked_request(program, args, kwargs, entry, options)
         types = handle_event_types(event_types)
-        request = run_request(path, call_args, call_kwargs, entry, options)
         return await self._launch(run_id, partial(self._execute, request, types))
 
     async def resume(
@@ -288,11 +283,7 @@ class Runtime:
 
         self._open()
         journal = self._need_journal("submit")
-        path = program_path(program)
-        call_args, call_kwargs = arguments(args, kwargs)
-        if not isinstance(entry, str) or not entry:
-            raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
-        request = run_request(path, call_args, call_kwargs, entry, run_options(options))
+        request = _checked_request(program, args, kwargs, entry, options)
         run_id = new_run_id() if run_id is None else checked_run_id(run_id)
         from capsule.journal.schema import JournalError
         from capsule.journal.session import submit_journaled
@@ -653,6 +644,16 @@ class Runtime:
             request, handle, captured.on_event, partial(runner.run, grants=grants)
         )
         return report_result(_ended(report, handle), *captured.texts())
+
+
+def _checked_request(program: Any, args: Any, kwargs: Any, entry: Any, options: Any) -> RunRequest:
+    """What :meth:`Runtime.start` and :meth:`Runtime.submit` are asked to run,
+    each part checked (InvalidRequest naming the one that is not right)."""
+    path = program_path(program)
+    call_args, call_kwargs = arguments(args, kwargs)
+    if not isinstance(entry, str) or not entry.isidentifier():
+        raise InvalidRequest(f"entry {entry!r:.80} is not a task name")
+    return run_request(path, call_args, call_kwargs, entry, run_options(options))
 
 
 def resume_options(options: Any) -> RunOptions:

@@ -238,7 +238,6 @@ def connect(journal: PostgresJournal, create: bool) -> psycopg.Connection[tuple[
     committed explicitly), its tables made or migrated if ``create``. Raises
     the driver's errors, and JournalError for a journal this Capsule cannot
     use (too new, missing)."""
-    from capsule.journal.schema import JournalError
 
     connection: psycopg.Connection[tuple[Any, ...]] = driver().connect(
         journal.url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
@@ -246,21 +245,8 @@ def connect(journal: PostgresJournal, create: bool) -> psycopg.Connection[tuple[
     try:
         connection.execute(f"SET search_path TO {SCHEMA}")
         version = _version(connection)
-        if version is None and not create:
-            raise JournalError(
-                lambda name: (
-                    f"the database {journal} holds no Capsule journal (no schema {SCHEMA!r}); "
-                    f"`capsule run` makes it, or pass {name('journal')}"
-                )
-            )
-        if version is not None and version > SCHEMA_VERSION:
-            raise JournalError(
-                lambda name: (
-                    f"the journal {journal} has schema version {version}, written by a newer "
-                    f"Capsule; this one reads versions up to {SCHEMA_VERSION} (PostgreSQL). "
-                    f"Upgrade Capsule, or pass {name('journal')} for another journal"
-                )
-            )
+        if version is not None or not create:
+            _check_version(journal, version)
         if create and (version or 0) < SCHEMA_VERSION:
             _migrate(connection)
     except BaseException:
@@ -272,7 +258,6 @@ def connect(journal: PostgresJournal, create: bool) -> psycopg.Connection[tuple[
 async def connect_async(journal: PostgresJournal) -> psycopg.AsyncConnection[tuple[Any, ...]]:
     """A connection to read an existing journal (autocommit); JournalError if
     the database holds none, or one too new."""
-    from capsule.journal.schema import JournalError
 
     connection: psycopg.AsyncConnection[tuple[Any, ...]] = await driver().AsyncConnection.connect(
         journal.url, autocommit=True, connect_timeout=10, application_name=APPLICATION_NAME
@@ -288,22 +273,33 @@ async def connect_async(journal: PostgresJournal) -> psycopg.AsyncConnection[tup
             cursor = await connection.execute(f"SELECT max(version) FROM {SCHEMA}.schema_version")
             row = await cursor.fetchone()
             version = int(row[0]) if row and row[0] is not None else 0
-        if not version:
-            raise JournalError(
-                lambda name: (
-                    f"the database {journal} holds no Capsule journal (no schema {SCHEMA!r}); "
-                    f"`capsule run` makes it, or pass {name('journal')}"
-                )
-            )
-        if version > SCHEMA_VERSION:
-            raise JournalError(
-                f"the journal {journal} has schema version {version}, written by a newer "
-                f"Capsule; this one reads versions up to {SCHEMA_VERSION} (PostgreSQL)"
-            )
+        _check_version(journal, version or None)
     except BaseException:
         await connection.close()
         raise
     return connection
+
+
+def _check_version(journal: PostgresJournal, version: int | None) -> None:
+    """JournalError if the database holds no journal (``version`` None), or
+    one a newer Capsule wrote."""
+    from capsule.journal.schema import JournalError
+
+    if version is None:
+        raise JournalError(
+            lambda name: (
+                f"the database {journal} holds no Capsule journal (no schema {SCHEMA!r}); "
+                f"`capsule run` makes it, or pass {name('journal')}"
+            )
+        )
+    if version > SCHEMA_VERSION:
+        raise JournalError(
+            lambda name: (
+                f"the journal {journal} has schema version {version}, written by a newer "
+                f"Capsule; this one reads versions up to {SCHEMA_VERSION} (PostgreSQL). "
+                f"Upgrade Capsule, or pass {name('journal')} for another journal"
+            )
+        )
 
 
 def _version(connection: psycopg.Connection[tuple[Any, ...]]) -> int | None:
