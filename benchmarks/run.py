@@ -7,6 +7,7 @@ here is asserted: targets are compared in the printed table.
     python3 benchmarks/run.py --skip-build  # everything but the first build (~25 s)
     python3 benchmarks/run.py --only messages journal  # some rows (see --help)
     python3 benchmarks/run.py --core threads --only calls  # on the thread core
+    python3 benchmarks/run.py --vs-original  # the shared rows against capsule-run 0.8.10
 """
 
 from __future__ import annotations
@@ -543,7 +544,16 @@ def main() -> None:
         choices=["async", "threads"],
         help="the core every `capsule run` here runs on (default: Capsule's default)",
     )
+    parser.add_argument(
+        "--vs-original",
+        action="store_true",
+        help="only the rows shared with capsule-run 0.8.10, against it (benchmarks/vs_original.py)",
+    )
     options = parser.parse_args()
+    if options.vs_original:
+        import vs_original
+
+        raise SystemExit(vs_original.main(["--repeats", str(options.repeats)]))
     if options.core is not None:
         RUN_FLAGS[:] = ["--core", options.core]
     print(
