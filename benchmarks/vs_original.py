@@ -79,7 +79,9 @@ class System:
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if process.returncode != 0:
-            raise SystemExit(f"{self.name}: {program.name} failed ({process.returncode}):\n{stderr}")
+            raise SystemExit(
+                f"{self.name}: {program.name} failed ({process.returncode}):\n{stderr}"
+            )
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         return Measured(wall, cpu, stdout)
 
