@@ -4,6 +4,7 @@ without changing a byte of them."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import mmap
@@ -132,6 +133,67 @@ def test_a_mapping_something_ran_in_is_not_taken_for_a_new_one(
         memory = prefaulter.find("prog", live_instances=2)
         assert memory is not None and memory.start == fresh_at != used_at
         assert prefaulter.find("prog", live_instances=2) is None  # the used one is left
+
+
+@needs_prefault
+def test_what_samples_wrote_while_importing_is_learned_before_any_ends(
+    image: Path, prefaulter: Prefaulter
+) -> None:
+    # Actors waiting for messages may not end for a long time: the samples'
+    # pages are learned once their import is done, not only at their end.
+    written_by_sample = [{3, 5, 6, 40, 41}, {3, 5, 6, 40, 50}]
+    with contextlib.ExitStack() as alive:  # (none of them ends)
+        for number in range(1, 5):
+            mapping, start = alive.enter_context(instance(image))
+            memory = prefaulter.find("prog", live_instances=number)
+            assert memory is not None and memory.start == start, (number, memory)
+            prefaulter.prefault(memory)
+            if memory.sample:
+                for page in written_by_sample[number - 2]:
+                    mapping[page * mmap.PAGESIZE] = 0xFF
+            prefaulter.loaded(memory)
+        assert _own_pages(start, PAGES) == {3, 5, 6, 40}
+    assert prefaulter.learned_pages("prog") == 4
+    assert prefaulter.prefaulted == 1
+
+
+@needs_prefault
+def test_a_new_instance_is_found_among_many_alive(image: Path, prefaulter: Prefaulter) -> None:
+    # Past SCAN_UP_TO_INSTANCES alive, the lowest mappings are looked at (the
+    # kernel puts a new one below those made before it), not none of them.
+    with contextlib.ExitStack() as alive:
+        for _ in range(3):
+            used, _ = alive.enter_context(instance(image))
+            _ = used[0]  # its "guest" ran
+        _, fresh_at = alive.enter_context(instance(image))
+        many = prefault.SCAN_UP_TO_INSTANCES + 100
+        memory = prefaulter.find("prog", live_instances=many)
+        assert memory is not None and memory.start == fresh_at
+        assert prefaulter.find("prog", live_instances=many) is None
+
+
+@needs_prefault
+def test_instances_that_never_end_are_prefaulted_even_with_many_alive(
+    program: Callable[..., Path],
+) -> None:
+    path = program(
+        """
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            return 1
+        """
+    )
+    alive = prefault.SCAN_UP_TO_INSTANCES + 16
+    with Sandbox([path.parent]) as sandbox:
+        prepared = [sandbox.prepare("prog") for _ in range(alive)]
+        prefaulted = sandbox.prefaulter.prefaulted
+        for each in prepared:
+            each.store.close()
+    # The 2nd and 3rd are samples (learned from as their import ends); from
+    # the 4th on each is found and prefaulted, those past the 64th too.
+    assert prefaulted >= alive - 8, prefaulted
 
 
 @needs_prefault
