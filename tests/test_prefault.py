@@ -151,7 +151,7 @@ def test_what_samples_wrote_while_importing_is_learned_before_any_ends(
             if memory.sample:
                 for page in written_by_sample[number - 2]:
                     mapping[page * mmap.PAGESIZE] = 0xFF
-            prefaulter.loaded(memory)
+            prefaulter.loaded(memory, None)
         assert _own_pages(start, PAGES) == {3, 5, 6, 40}
     assert prefaulter.learned_pages("prog") == 4
     assert prefaulter.prefaulted == 1

@@ -1418,11 +1418,11 @@ class Sandbox:
                 raise PrepareError(result)
         store.invocation = store.thread = None  # (imported: idle until a task takes it)
         self.import_seconds[program] = time.monotonic() - began
-        if store.memory is not None:
-            image.prefaulter.loaded(store.memory)
         store.marker, store.channel_at = _memory_layout(result, nonce)
         if store.marker is None:
             store.marker = image.marker_of(store, nonce)
+        if store.memory is not None:
+            image.prefaulter.loaded(store.memory, store.marker)
         if describe:
             size = image.prefaulter.memory_sizes([(store.memory, store.marker)])[0]
             if size is not None:

@@ -68,7 +68,7 @@ from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -79,6 +79,8 @@ SAMPLE_EVERY = 32
 SCAN_UP_TO_INSTANCES = 64
 #: Beyond that many, how many of the lowest image mappings are looked at.
 _LOWEST_IMAGES = 4
+#: How many of the mappings claimed last are looked at before all of them.
+_RECENT_CLAIMS = 8
 #: How many torn-down instances' addresses are remembered as candidates.
 _CANDIDATES = 8
 #: How many of a mapping's first pages tell whether anything ran in it.
@@ -147,6 +149,9 @@ class Prefaulter:
             self._mem = os.open("/proc/self/mem", os.O_RDONLY)
         self._lock = threading.Lock()
         self._claimed: set[int] = set()
+        #: The mappings claimed last, as (start, end): where an instance whose
+        #: guess was another's (two made at once) is looked for next.
+        self._recent: deque[tuple[int, int]] = deque(maxlen=_RECENT_CLAIMS)
         self._freed: deque[int] = deque(maxlen=_CANDIDATES)
         self._instances: dict[str, int] = {}
         self._last_sample: dict[str, set[int]] = {}
@@ -213,12 +218,16 @@ class Prefaulter:
         if self._image_at(memory.start) is not None:
             self._populate(memory.start, runs)
 
-    def loaded(self, memory: Memory) -> None:
-        """Once the program is imported in an instance (its guest idle): learn
-        from a sample what importing writes, for the instances that start
-        before any sample has ended (an instance learned from at its end says
-        what its task wrote too; actors that wait for messages may not end
-        for a long time)."""
+    def loaded(self, memory: Memory, marker: Marker | None) -> None:
+        """Once the program is imported in an instance (its guest idle): where
+        its memory is, for certain (by its ``marker``: instances made at
+        once by several threads may each have been given the other's by
+        ``find``); then learn from a sample what importing writes, for the
+        instances that start before any sample has ended (an instance
+        learned from at its end says what its task wrote too; actors that
+        wait for messages may not end for a long time)."""
+        if marker is not None:
+            self._settle(memory, marker)
         if not memory.sample or memory.program in self._learned:
             return
         written = _written_pages(self._pagemap, memory.start, memory.end)
@@ -229,6 +238,22 @@ class Prefaulter:
             self._last_loading[memory.program] = written
         if before is not None:
             self._learned_loading[memory.program] = _runs(sorted(before & written))
+
+    def _settle(self, memory: Memory, marker: Marker) -> None:
+        """Make ``memory`` the image mapping holding ``marker``, if it is not."""
+        mappings = self._mappings()
+        if mappings is None:
+            return
+        # (Without ``_releasing``, which a release holds for milliseconds: this
+        # only reads, and the marker's random bytes found in a file that took
+        # a closed one's number would be no marker of an instance.)
+        found = self._locate(mappings, memory, marker)
+        if found is None or found[0] == memory.start:
+            return
+        with self._lock:
+            self._claimed.discard(memory.start)
+            self._claimed.add(found[0])
+        memory.start, memory.end = found[0], found[1]
 
     def closing(self, memory: Memory) -> None:
         """Before the instance's store is closed (by the pool's thread, off the
@@ -320,8 +345,7 @@ class Prefaulter:
         mappings = self._mappings()
         if mappings is None:
             return None
-        with self._releasing:
-            found = self._locate(mappings, memory, marker)
+        found = self._locate(mappings, memory, marker)  # (unlocked: see _settle)
         return None if found is None else (found[2], found[1])
 
     def memory_sizes(
@@ -385,16 +409,23 @@ class Prefaulter:
     ) -> tuple[int, int, int] | None:
         """The image mapping holding ``marker``, as (start, end, where the linear
         memory starts); without ``scan``, only if a guess is right. Holding
-        ``_releasing``."""
+        ``_releasing`` (but see _settle)."""
         if not self._releasing_enabled:
             return None
         guesses = [marker.image] if marker.image else []
         if memory is not None:
             guesses.append((memory.start, memory.end))
-        # (Going through all image mappings costs ~10 us each: once per
-        # instance at most, when neither guess is right.)
+        # Then the mappings claimed last: instances made at once (by several
+        # threads) may each have been given the other's. (Going through all
+        # image mappings costs ~10 us each: with thousands alive, milliseconds.)
+        # And the lowest: one no thread was given (its guest ran before
+        # another looked) is there, where new mappings are made.
+        with self._lock:
+            recent = [span for span in reversed(self._recent) if span not in guesses]
         candidates = chain(
             (guess for guess in guesses if mappings.image_at(guess[0]) == guess[1]),
+            (span for span in recent if mappings.image_at(span[0]) == span[1]),
+            islice(mappings.images(), _LOWEST_IMAGES * 2) if scan else (),
             mappings.images() if scan else (),
         )
         for start, end in candidates:
@@ -526,6 +557,7 @@ class Prefaulter:
             if start in self._claimed:
                 return False
             self._claimed.add(start)
+            self._recent.append((start, end))
             if start in self._freed:
                 self._freed.remove(start)
             return True
