@@ -158,6 +158,29 @@ def test_what_samples_wrote_while_importing_is_learned_before_any_ends(
 
 
 @needs_prefault
+def test_instances_given_each_others_mapping_are_settled_by_their_markers(
+    image: Path, prefaulter: Prefaulter
+) -> None:
+    # Two instances made at once by two threads: the first to look is given
+    # the lowest fresh mapping, the other's, and the other its own; each
+    # one's marker then says which mapping is its own.
+    size = PAGES * mmap.PAGESIZE
+    with instance(image) as (first, first_at), instance(image) as (second, second_at):
+        given = [prefaulter.find("prog", live_instances=2) for _ in range(2)]
+        assert [memory.start for memory in given if memory] == [second_at, first_at]
+        address = 5 * mmap.PAGESIZE + 100
+        for memory, own in zip(given, [first, second], strict=True):
+            nonce = os.urandom(prefault.NONCE_SIZE)
+            own[address : address + len(nonce)] = nonce  # its guest keeps it there
+            assert memory is not None
+            prefaulter.loaded(memory, Marker(address, nonce))
+        assert [(m.start, m.end) for m in given if m] == [
+            (first_at, first_at + size),
+            (second_at, second_at + size),
+        ]
+
+
+@needs_prefault
 def test_a_new_instance_is_found_among_many_alive(image: Path, prefaulter: Prefaulter) -> None:
     # Past SCAN_UP_TO_INSTANCES alive, the lowest mappings are looked at (the
     # kernel puts a new one below those made before it), not none of them.
