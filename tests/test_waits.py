@@ -12,6 +12,7 @@ import random
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +32,7 @@ from capsule.supervisor.program import RunRequest, run_program
 from capsule.supervisor.run import Run
 from capsule.supervisor.run_loop import RunLoop
 from capsule.supervisor.steps import NoStepLog, Request, Step
-from capsule.supervisor.tree import Attempt, Node, Scope
+from capsule.supervisor.tree import Attempt, Child, Node, Scope
 from capsule.supervisor.waits import Answer, Wait, Waiting, never
 from tests.conftest import LocalServer
 
@@ -188,6 +189,24 @@ def test_a_stopped_task_ends_its_wait(driver: Continuations) -> None:
     assert poller.wait_for(1) == [(False, '"over"')]
     assert finish.calls == [False]
     assert attempt.invocation.check_stop() == "cancelled"
+
+
+def test_cancelling_an_attempts_children_tells_each_watcher_once() -> None:
+    # (One round of wake-ups for all of them: one round each went through
+    # every watcher again, the square of their number for thousands of actors.)
+    tree = LiveTree()
+    parent = make_attempt(tree)
+    told: Counter[int] = Counter()
+    for number in range(50):
+        scope = Scope(parent.scope, "main")
+        child = Child(f"main/{number}", "worker", scope, link=False, parent_attempt=parent)
+        parent.children[child.task_id] = child
+        tree.watch(child, scope, lambda number=number: told.update([number]))  # type: ignore[misc]
+    parent.children["main/0"].done.set()  # ended: not cancelled
+    tree.cancel_children(parent, "cancelled: its parent ended")
+    assert told == Counter(range(1, 50))
+    assert not parent.children["main/0"].scope.cancelled
+    assert parent.children["main/7"].scope.cancel_message == "cancelled: its parent ended"
 
 
 def test_a_deadline_ends_a_wait_without_a_timeout(driver: Continuations) -> None:

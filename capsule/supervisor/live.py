@@ -35,9 +35,24 @@ class LiveTree:
     def cancel(self, scope: Scope, message: str) -> None:
         """Cancel everything under ``scope``: instances running wasm trap at their
         next epoch tick; tasks blocked in a host call are woken now."""
-        scope.cancel_message = message
-        scope.cancelled = True
+        self.cancel_all([scope], message)
+
+    def cancel_all(self, scopes: list[Scope], message: str) -> None:
+        """Cancel everything under each of ``scopes``, with one round of
+        wake-ups (a round goes through every running task: one a scope, for
+        an attempt's thousands of children, would take the square of their
+        number)."""
+        for scope in scopes:
+            scope.cancel_message = message
+            scope.cancelled = True
         self.wake_all()
+
+    def cancel_children(self, attempt: Attempt, message: str) -> None:
+        """Cancel ``attempt``'s running children."""
+        children = list(attempt.children.values())
+        scopes = [child.scope for child in children if not child.done.is_set()]
+        if scopes:
+            self.cancel_all(scopes, message)
 
     def cancel_task(self, task_id: str, reason: str) -> bool:
         """Cancel a running task (and everything under it), as its parent would;

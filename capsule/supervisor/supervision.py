@@ -251,9 +251,7 @@ class Supervision:
 
     def cancel_children(self, attempt: Attempt) -> None:
         """Its attempt ended: its running children are cancelled."""
-        for child in list(attempt.children.values()):
-            if not child.done.is_set():
-                self.tree.cancel(child.scope, "cancelled: its parent ended")
+        self.tree.cancel_children(attempt, "cancelled: its parent ended")
 
     def release(self, attempt: Attempt) -> None:
         """An attempt and everything under it ended: out of the live tree."""
