@@ -181,6 +181,32 @@ def test_instances_given_each_others_mapping_are_settled_by_their_markers(
 
 
 @needs_prefault
+def test_what_samples_wrote_until_they_hibernated_is_learned(
+    image: Path, prefaulter: Prefaulter
+) -> None:
+    # An actor's task runs until it waits (for a message) and hibernates
+    # there: the pages samples wrote by then are learned, beyond importing's.
+    page = mmap.PAGESIZE
+    written_by_sample = [{3, 5, 6, 40, 41}, {3, 5, 6, 40, 50}]
+    with contextlib.ExitStack() as alive:  # (none of them ends)
+        for number in range(1, 5):
+            mapping, start = alive.enter_context(instance(image))
+            memory = prefaulter.find("prog", live_instances=number)
+            assert memory is not None and memory.start == start, (number, memory)
+            prefaulter.prefault(memory)
+            prefaulter.loaded(memory, None)  # (imported: nothing written yet)
+            if memory.sample:
+                nonce = os.urandom(prefault.NONCE_SIZE)
+                mapping[20 * page : 20 * page + len(nonce)] = nonce
+                for written in written_by_sample[number - 2]:
+                    mapping[written * page] = 0xFF
+                assert mapping[9 * page] == 9  # read: released
+                assert prefaulter.release(memory, Marker(20 * page, nonce)) >= page
+        assert _own_pages(start, PAGES) == {3, 5, 6, 20, 40}
+    assert prefaulter.prefaulted == 1
+
+
+@needs_prefault
 def test_a_new_instance_is_found_among_many_alive(image: Path, prefaulter: Prefaulter) -> None:
     # Past SCAN_UP_TO_INSTANCES alive, the lowest mappings are looked at (the
     # kernel puts a new one below those made before it), not none of them.

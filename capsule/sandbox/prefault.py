@@ -261,16 +261,19 @@ class Prefaulter:
         sample whose task ran (or failed)."""
         if not (memory.sample and memory.ran):
             return
-        written = _written_pages(self._pagemap, memory.start, memory.end)
+        self._learn(memory.program, _written_pages(self._pagemap, memory.start, memory.end))
+
+    def _learn(self, program: str, written: set[int]) -> None:
+        """A sample of ``program`` that ran wrote the pages ``written``."""
         if not written:
             return
         # (Computed outside the lock: an allocation may run the garbage
         # collector, whose finalizer of a lost store would take it again.)
         with self._lock:
-            before = self._last_sample.get(memory.program)
-            self._last_sample[memory.program] = written
+            before = self._last_sample.get(program)
+            self._last_sample[program] = written
         if before is not None:
-            self._learned[memory.program] = _runs(sorted(before & written))
+            self._learned[program] = _runs(sorted(before & written))
 
     def unmapped(self, memory: Memory) -> None:
         """After the instance's store was closed: its address may come back."""
@@ -300,7 +303,12 @@ class Prefaulter:
             if found is None:
                 return 0
             start, end, _ = found
-            runs = _read_only_runs(_pagemap(self._pagemap, start, end))
+            entries = _pagemap(self._pagemap, start, end)
+            if memory is not None and memory.sample and memory.start == start:
+                # What a sample wrote until it waited: learned from now, as
+                # it may wait long (an actor), for the instances made meanwhile.
+                self._learn(memory.program, _written_in(entries))
+            runs = _read_only_runs(entries)
             if not runs or _advise_all(start, runs, _MADV_DONTNEED) != 0:
                 return 0
             self.released += 1
@@ -835,8 +843,14 @@ def _untouched(pagemap: int, start: int) -> bool:
 
 def _written_pages(pagemap: int, start: int, end: int) -> set[int]:
     """The pages of [start, end) this process made its own copy of."""
-    entries = array("Q", _pagemap(pagemap, start, end))
-    return {page for page, entry in enumerate(entries) if entry & _WRITTEN_MASK == _WRITTEN}
+    return _written_in(_pagemap(pagemap, start, end))
+
+
+def _written_in(entries: bytes) -> set[int]:
+    """The pages this process made its own copy of, among pagemap ``entries``."""
+    return {
+        page for page, entry in enumerate(array("Q", entries)) if entry & _WRITTEN_MASK == _WRITTEN
+    }
 
 
 #: A pagemap entry's top byte -> 1 if it is a page of the file only read (see _READ_ONLY).
