@@ -2,6 +2,7 @@
 
     python3 benchmarks/run.py --vs-original            # the shared rows, both systems
     python3 benchmarks/vs_original.py [--repeats 7]    # the same
+    python3 benchmarks/vs_original.py --without-original  # this checkout's figures alone
 
 The original (a Rust host running a componentize-py CPython component, a fresh
 instance per task, the program built into the component on every edit) is
@@ -219,9 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", nargs="+", choices=[row.key for row in ROWS], help="run these rows only"
     )
+    parser.add_argument(
+        "--without-original",
+        action="store_true",
+        help="this checkout alone (nothing installed): the rows' own figures",
+    )
     options = parser.parse_args(argv)
-    original = install_original()
     systems: list[System] = [ThisCapsule()]
+    original = None if options.without_original else install_original()
     if original is not None:
         systems.append(original)
     for row in ROWS:

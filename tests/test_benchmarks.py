@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,28 @@ def test_idle_actors_benchmark_kills_a_run_that_stops_reporting() -> None:
     assert done.returncode == 1
     assert "killed the run: no event for 0 s" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_comparison_with_the_original_measures_every_shared_row() -> None:
+    # (Without the original, which it would install from the package index:
+    # the rows run against this checkout alone, as whole processes.)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "vs_original.py"),
+            "--without-original",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    figures = re.findall(
+        r"capsule \(this checkout\)\s+wall\s+([0-9.]+) s\s+CPU\s+([0-9.]+) s(.*)", done.stdout
+    )
+    assert len(figures) == 3, done.stdout  # the calls, a warm run, an edit
+    assert all(float(wall) > 0 and float(cpu) > 0 for wall, cpu, _ in figures)
+    assert "p50_ms" in figures[0][2] and "p95_ms" in figures[0][2]
