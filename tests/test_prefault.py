@@ -9,9 +9,11 @@ import ctypes
 import json
 import mmap
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -274,6 +276,46 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
     # Instances 2 and 3 are the samples; from the 4th on each is prefaulted.
     assert learned > 50, learned
     assert prefaulted >= 5, prefaulted
+
+
+@needs_prefault
+def test_instances_made_at_once_by_several_threads_each_find_their_own_memory(
+    program: Callable[..., Path],
+) -> None:
+    path = program(
+        """
+        from capsule import task
+
+        @task(name="main")
+        def main():
+            return 1
+        """
+    )
+    threads, per_thread = 4, 12
+    with Sandbox([path.parent]) as sandbox:
+        sandbox.prepare("prog").store.close()  # (the first compiles)
+        prepared: list[Any] = []
+        barrier = threading.Barrier(threads)
+
+        def prepare_some() -> None:
+            barrier.wait()
+            for _ in range(per_thread):
+                prepared.append(sandbox.prepare("prog"))
+
+        workers = [threading.Thread(target=prepare_some) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        found = [one.store.memory for one in prepared]
+        learned = sandbox.prefaulter.learned_pages("prog")
+        for one in prepared:
+            one.store.close()
+    # Each found its memory as it was made (none found another's, or none),
+    # and all but the samples were prefaulted.
+    assert all(memory is not None for memory in found)
+    assert len({memory.start for memory in found if memory}) == threads * per_thread
+    assert learned > 50
 
 
 @needs_release

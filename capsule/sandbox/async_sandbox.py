@@ -428,8 +428,10 @@ class AsyncSandbox(Sandbox):
         assert isinstance(store, _AsyncTrackedStore)
         attempt = self._preparing(store)
         image = self._image(program)
-        instance: Instance = _driven(instantiate(store, self.linker, image.component), attempt)
-        store.memory = image.prefaulter.find(program, _TrackedStore._live)
+        with image.prefaulter.instantiating():
+            future = instantiate(store, self.linker, image.component)
+            instance: Instance = _driven(future, attempt)
+            store.memory = image.prefaulter.find(program, _TrackedStore._live)
         if store.memory is not None:
             image.prefaulter.prefault(store.memory)
         return instance

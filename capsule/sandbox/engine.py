@@ -1436,8 +1436,9 @@ class Sandbox:
         """A new instance of the guest runtime in ``store``, its memory
         prefaulted for ``program`` (see prefault.py)."""
         image = self._image(program)
-        instance = self.linker.instantiate(store, image.component)
-        store.memory = image.prefaulter.find(program, live_instances())
+        with image.prefaulter.instantiating():
+            instance = self.linker.instantiate(store, image.component)
+            store.memory = image.prefaulter.find(program, live_instances())
         if store.memory is not None:
             image.prefaulter.prefault(store.memory)
         return instance

@@ -67,6 +67,7 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -79,6 +80,8 @@ SAMPLE_EVERY = 32
 SCAN_UP_TO_INSTANCES = 64
 #: Beyond that many, how many of the lowest image mappings are looked at.
 _LOWEST_IMAGES = 4
+#: The longest an instantiation waits for another's to end (see ``instantiating``).
+_INSTANTIATING_WAIT_S = 0.05
 #: How many of the mappings claimed last are looked at before all of them.
 _RECENT_CLAIMS = 8
 #: How many torn-down instances' addresses are remembered as candidates.
@@ -148,6 +151,7 @@ class Prefaulter:
             # (Reading memory through it fails cleanly where nothing is mapped.)
             self._mem = os.open("/proc/self/mem", os.O_RDONLY)
         self._lock = threading.Lock()
+        self._instantiating = threading.Lock()
         self._claimed: set[int] = set()
         #: The mappings claimed last, as (start, end): where an instance whose
         #: guess was another's (two made at once) is looked for next.
@@ -192,6 +196,24 @@ class Prefaulter:
         """How many pages a fresh instance of ``program`` gets prefaulted."""
         runs = self._learned.get(program) or self._learned_loading.get(program, [])
         return sum(count for _, count in runs)
+
+    @contextmanager
+    def instantiating(self) -> Iterator[None]:
+        """Around an instantiation and the ``find`` of its memory: one at a
+        time, so that the fresh mapping found is the one it made (two threads
+        instantiating at once took each other's, or one found none: a third
+        of the instances of 1,000 actors spawned at once). The wait is bounded
+        (an instantiation may wait for a CPU slot another waiter holds): past
+        it, the guess may be wrong, which loading settles (see ``loaded``)."""
+        if not self._enabled:
+            yield
+            return
+        held = self._instantiating.acquire(timeout=_INSTANTIATING_WAIT_S)
+        try:
+            yield
+        finally:
+            if held:
+                self._instantiating.release()
 
     def find(self, program: str, live_instances: int) -> Memory | None:
         """Right after an instantiation, before its guest runs: the new
