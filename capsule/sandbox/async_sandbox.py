@@ -428,10 +428,10 @@ class AsyncSandbox(Sandbox):
         assert isinstance(store, _AsyncTrackedStore)
         attempt = self._preparing(store)
         image = self._image(program)
-        with image.prefaulter.instantiating():
+        with image.prefaulter.instantiating() as own:
             future = instantiate(store, self.linker, image.component)
             instance: Instance = _driven(future, attempt)
-            store.memory = image.prefaulter.find(program, _TrackedStore._live)
+            store.memory = image.prefaulter.find(program, _TrackedStore._live, own)
         if store.memory is not None:
             image.prefaulter.prefault(store.memory)
         return instance

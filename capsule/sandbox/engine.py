@@ -1436,9 +1436,9 @@ class Sandbox:
         """A new instance of the guest runtime in ``store``, its memory
         prefaulted for ``program`` (see prefault.py)."""
         image = self._image(program)
-        with image.prefaulter.instantiating():
+        with image.prefaulter.instantiating() as own:
             instance = self.linker.instantiate(store, image.component)
-            store.memory = image.prefaulter.find(program, live_instances())
+            store.memory = image.prefaulter.find(program, live_instances(), own)
         if store.memory is not None:
             image.prefaulter.prefault(store.memory)
         return instance

@@ -112,8 +112,10 @@ class Marker:
 
     address: int
     nonce: bytes
-    #: The image mapping they were found in last, as (start, end).
+    #: The image mapping they were found in last, as (start, end), and where
+    #: that linear memory starts.
     image: tuple[int, int] | None = None
+    base: int | None = None
 
 
 @dataclass(eq=False)
@@ -127,6 +129,9 @@ class Memory:
     sample: bool
     #: Its task ran (a sample is learned from only then: it wrote what tasks write).
     ran: bool = False
+    #: Found as its instance was made, no other being made meanwhile: it is
+    #: that instance's (not a guess that loading settles).
+    own: bool = False
 
 
 class Prefaulter:
@@ -198,26 +203,28 @@ class Prefaulter:
         return sum(count for _, count in runs)
 
     @contextmanager
-    def instantiating(self) -> Iterator[None]:
+    def instantiating(self) -> Iterator[bool]:
         """Around an instantiation and the ``find`` of its memory: one at a
         time, so that the fresh mapping found is the one it made (two threads
         instantiating at once took each other's, or one found none: a third
         of the instances of 1,000 actors spawned at once). The wait is bounded
         (an instantiation may wait for a CPU slot another waiter holds): past
-        it, the guess may be wrong, which loading settles (see ``loaded``)."""
+        it, the guess may be wrong, which loading settles (see ``loaded``).
+        Gives whether they took turns (``find``'s ``own``)."""
         if not self._enabled:
-            yield
+            yield False
             return
         held = self._instantiating.acquire(timeout=_INSTANTIATING_WAIT_S)
         try:
-            yield
+            yield held
         finally:
             if held:
                 self._instantiating.release()
 
-    def find(self, program: str, live_instances: int) -> Memory | None:
+    def find(self, program: str, live_instances: int, own: bool = False) -> Memory | None:
         """Right after an instantiation, before its guest runs: the new
-        instance's memory, or None if it could not be found."""
+        instance's memory, or None if it could not be found (``own``: no other
+        instantiation ran meanwhile, see ``instantiating``)."""
         if not self._enabled:
             return None
         span = self._claim_freed() or self._scan(
@@ -227,7 +234,8 @@ class Prefaulter:
             return None
         with self._lock:
             number = self._instances[program] = self._instances.get(program, 0) + 1
-        return Memory(*span, program, sample=number in (2, 3) or number % SAMPLE_EVERY == 0)
+        sample = number in (2, 3) or number % SAMPLE_EVERY == 0
+        return Memory(*span, program, sample=sample, own=own)
 
     def prefault(self, memory: Memory) -> None:
         """Before the instance's guest runs: make the pages its program's
@@ -237,7 +245,7 @@ class Prefaulter:
             return
         # Still the image there? (Taken from another thread's instance, it may
         # have been torn down meanwhile, its address given to something else.)
-        if self._image_at(memory.start) is not None:
+        if memory.own or self._image_at(memory.start) is not None:
             self._populate(memory.start, runs)
 
     def loaded(self, memory: Memory, marker: Marker | None) -> None:
@@ -442,6 +450,12 @@ class Prefaulter:
         ``_releasing`` (but see _settle)."""
         if not self._releasing_enabled:
             return None
+        image, base = marker.image, marker.base
+        if image is not None and base is not None and self._marker_at(base, marker):
+            # Still there: only that instance was given those bytes, and its
+            # memory does not move while it lives. (One read, where asking
+            # about its mappings takes three queries.)
+            return image[0], image[1], base
         guesses = [marker.image] if marker.image else []
         if memory is not None:
             guesses.append((memory.start, memory.end))
@@ -459,10 +473,10 @@ class Prefaulter:
             mappings.images() if scan else (),
         )
         for start, end in candidates:
-            base = self._base(mappings, start, marker)
-            if base is not None:
-                marker.image = start, end
-                return start, end, base
+            found = self._base(mappings, start, marker)
+            if found is not None:
+                marker.image, marker.base = (start, end), found
+                return start, end, found
         return None
 
     def _find_markers(self, mappings: _Mappings, lost: list[Marker]) -> None:
@@ -483,6 +497,7 @@ class Prefaulter:
                     marker = by_nonce.pop(found, None)
                     if marker is not None:
                         marker.image = start, end
+                        marker.base = base if marker.address == address else None
             if not by_nonce:
                 return
 
@@ -559,7 +574,7 @@ class Prefaulter:
         flags = mapping.vma_flags
         if mapping.inode != self._image.st_ino or flags & (_WRITABLE | _SHARED) != _WRITABLE:
             return False
-        if not by_path and self._image_device is not None:
+        if self._image_device is not None:  # (learned from a match by path)
             return (mapping.dev_major, mapping.dev_minor) == self._image_device
         name = ctypes.create_string_buffer(4096)
         query = _MappingQuery(size=ctypes.sizeof(_MappingQuery), query_addr=mapping.vma_start)
