@@ -18,21 +18,24 @@ Which pages: those that instances of the same program wrote before. Every
 ``SAMPLE_EVERY``-th instance (and the second and third of a program) is left
 alone, and at its end the pages it made its own are read from
 ``/proc/self/pagemap``; the pages that two samples in a row wrote are what the
-next instances get. Until a sample has ended (actors waiting for messages may
-not end for a long time), the pages two samples wrote importing the program
-are (the same ~290 pages in every instance of a program). Populating a page changes nothing in it (the kernel makes
-the same copy a write would), so a wrong guess costs a page of memory, never
-a wrong value, even in the memory of another instance.
+next instances get. Samples are also read as their import ends (the same ~290
+pages in every instance of a program) and as they hibernate: actors waiting
+for messages may not end for a long time. Populating a page changes nothing in
+it (the kernel makes the same copy a write would), so a wrong guess costs a
+page of memory, never a wrong value, even in the memory of another instance.
 
 Where an instance's memory is: wasmtime does not say. A new instance's memory
 often lands where a torn-down one was (the kernel reuses the hole), so those
-addresses are asked about first; failing that, the image's mappings are
-gone through from the lowest for a fresh one: all of them while not too many
-instances are alive, else the few lowest (the kernel places a new mapping below
-those made before it when no hole above fits). Both with ``PROCMAP_QUERY`` on ``/proc/self/maps`` (one ioctl per
-mapping, ~5 us; reading the text of that file cost 0.4 - 1.5 ms). A mapping is
-taken only if none of its first pages is mapped yet (``pagemap``): its guest
-has not run, so it is a new instance's.
+addresses are asked about first; failing that, the image's mappings are gone
+through from the lowest for a fresh one: all of them while not too many
+instances are alive, else the few lowest (the kernel places a new mapping
+below those made before it when no hole above fits). Both with
+``PROCMAP_QUERY`` on ``/proc/self/maps`` (one ioctl per mapping, ~5 us; reading
+the text of that file cost 0.4 - 1.5 ms). A mapping is taken only if none of
+its first pages is mapped yet (``pagemap``): its guest has not run, so it is a
+new instance's. Instantiations take turns with that look (``instantiating``),
+so the fresh mapping is the one just made; an instance's memory is confirmed
+by its marker (below) once its program is imported.
 
 Releasing (``release``, for a task hibernating while blocked in a host call):
 most of an idle instance's resident memory is pages of the image it only read
