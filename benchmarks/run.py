@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -400,8 +399,10 @@ def warm_hello(repeats: int) -> dict[str, float]:
     run_cli("run", hello)  # make sure the runtime is built and the page cache warm
     module = [run_cli("run", hello)[0] for _ in range(repeats)]
     result = {"python_m_capsule_s": statistics.median(module)}
-    script = shutil.which("capsule")
-    if script:
+    # (This interpreter's console script: another `capsule` on PATH may be
+    # another installation's.)
+    script = Path(sys.executable).with_name("capsule")
+    if script.exists():
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
