@@ -8,9 +8,10 @@ process (its events, and its /proc files):
   `receive`), and the rate;
 - memory as the system counts it once every actor waits: the process's private
   memory (Private_Clean + Private_Dirty of /proc/PID/smaps_rollup) and its PSS,
-  in all and per actor; the peak of its private memory (sampled every second,
-  `--sample-every`) and of its RSS (VmHWM, which counts shared pages once per
-  mapping);
+  in all and per actor; the peak of its private memory (sampled as main starts
+  and once every actor waits, and every `--rollup-every` seconds if given:
+  reading it stalls a run of thousands of actors) and of its RSS (VmHWM, which
+  counts shared pages once per mapping, read every second, `--sample-every`);
 - the process's threads (/proc/PID/status) then;
 - wake: from main taking the benchmark's go-ahead and sending each actor a
   message to the last actor's `completed`, and to the end of the run.
@@ -76,11 +77,16 @@ class Memory:
     peak_rss: int
 
 
-def memory_of(pid: int) -> Memory | None:
-    """``pid``'s memory now; None once it has ended."""
+def memory_of(pid: int, rollup: bool = True) -> Memory | None:
+    """``pid``'s memory now; None once it has ended. Without ``rollup``, its
+    threads and peak RSS only (the private memory and PSS are 0): reading
+    smaps_rollup walks every mapping under the lock that making an instance
+    needs, which with thousands of actors stalls the run it measures."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            rolled = _kilobytes(rollup)
+        rolled = {}
+        if rollup:
+            with open(f"/proc/{pid}/smaps_rollup") as rolled_up:
+                rolled = _kilobytes(rolled_up)
         with open(f"/proc/{pid}/status") as status:
             stated = _kilobytes(status)
     except (FileNotFoundError, ProcessLookupError):
@@ -119,6 +125,9 @@ class Watch:
     sample_every: float = 1.0
     min_available: int = 4 * 1024**3
     stall_after: float = 120.0
+    #: How often a sample reads the private memory too (0: only as main
+    #: starts and once every actor waits; see memory_of).
+    rollup_every: float = 0.0
 
 
 class Sampler:
@@ -136,14 +145,15 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, daemon=True)
 
-    def sample(self) -> Memory | None:
-        memory = memory_of(self.process.pid)
+    def sample(self, rollup: bool = True) -> Memory | None:
+        memory = memory_of(self.process.pid, rollup)
         if memory is not None:
             self.peak_private = max(self.peak_private, memory.private)
             self.peak_rss = max(self.peak_rss, memory.peak_rss)
         return memory
 
     def _sample_until_stopped(self) -> None:
+        rolled_up = time.monotonic()
         while not self._stop.wait(self.watch.sample_every):
             if available_bytes() < self.watch.min_available:
                 gigabytes = self.watch.min_available / 1024**3
@@ -153,7 +163,11 @@ class Sampler:
             if self.killed_because is not None:
                 self.process.kill()
                 return
-            self.sample()
+            every = self.watch.rollup_every
+            rollup = every > 0 and time.monotonic() - rolled_up >= every
+            if rollup:
+                rolled_up = time.monotonic()
+            self.sample(rollup)
 
     @contextmanager
     def running(self) -> Iterator[Sampler]:
@@ -292,6 +306,14 @@ def main() -> None:
         help="sample the run's memory this often (1)",
     )
     parser.add_argument(
+        "--rollup-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="read the run's private memory this often too (0, the default: only as main "
+        "starts and once every actor waits; reading it stalls a run of thousands of actors)",
+    )
+    parser.add_argument(
         "--stall-after",
         type=float,
         default=120.0,
@@ -310,7 +332,10 @@ def main() -> None:
                 core,
                 options.repeats,
                 Watch(
-                    options.sample_every, int(options.min_available * 1024**3), options.stall_after
+                    options.sample_every,
+                    int(options.min_available * 1024**3),
+                    options.stall_after,
+                    options.rollup_every,
                 ),
             )
         except Stopped as stopped:

@@ -278,6 +278,33 @@ def test_spawn_bomb_is_stopped_and_the_host_stays_up(run_program: ProgramRunner)
     assert outcome.value["after"] == "still fine"
 
 
+def test_children_that_ended_or_were_refused_give_back_their_places(
+    run_program: ProgramRunner,
+) -> None:
+    outcome = run_program(
+        CHILDREN
+        + """
+    @task(name="main", max_retries=0)
+    def main():
+        refused = 0
+        for _ in range(6):  # admitted, then refused: that name is a task id's
+            try:
+                nap.spawn(0, "x", name="main/99")
+            except Exception:
+                refused += 1
+        first = gather(*[nap.spawn(0, n) for n in range(4)])
+        second = gather(*[nap.spawn(0, n) for n in range(4)])
+        try:
+            sleepers = [sleeper.spawn() for _ in range(5)]
+        except TaskError as error:
+            return [refused, first, second, error.kind]
+        return [refused, first, second, len(sleepers)]
+    """,
+        max_children=4,
+    )
+    assert outcome.value == [6, [0, 1, 2, 3], [0, 1, 2, 3], "limit"]
+
+
 def test_live_task_limit_across_the_tree(run_program: ProgramRunner) -> None:
     outcome = run_program(
         CHILDREN

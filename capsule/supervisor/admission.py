@@ -59,7 +59,9 @@ class Admission:
                     "limit",
                 )
             if spawned:
-                alive = sum(1 for c in caller.children.values() if not c.done.is_set())
+                # (Counted as they come and go: going through its children on
+                # each spawn took the square of their number.)
+                alive = caller.running_children
                 if alive >= self.max_children:
                     return refusal(
                         name,
@@ -67,9 +69,14 @@ class Admission:
                         f"its limit; it cannot spawn {name!r}",
                         "limit",
                     )
+                caller.running_children += 1
             tree.live_tasks += 1
         return None
 
-    def release(self) -> None:
+    def release(self, spawned_by: Attempt | None = None) -> None:
+        """A task admitted ended (or never started); ``spawned_by``: the
+        attempt that spawned it."""
         with self.tree.lock:
             self.tree.live_tasks -= 1
+            if spawned_by is not None:
+                spawned_by.running_children -= 1

@@ -174,7 +174,7 @@ class TaskCalls:
             # task's id (or a future one's) would get its messages, and answer
             # its asks; one registered as the sender of messages from outside
             # would get the replies meant for it.
-            self.admission.release()
+            self.admission.release(attempt)
             what = (
                 "is the sender of messages from outside the run"
                 if actor_name == EXTERNAL_SENDER
@@ -191,7 +191,7 @@ class TaskCalls:
                 self.router.register(actor_name, task_id)
             except RoutingError as exc:
                 self.router.close(task_id)
-                self.admission.release()
+                self.admission.release(attempt)
                 return refusal(name, str(exc))
         scope = Scope(attempt.scope, task_id=caller.task_id)
         child = Child(
@@ -208,7 +208,7 @@ class TaskCalls:
 
             def ended(result: TaskResult) -> None:
                 child.result = result
-                self.admission.release()
+                self.admission.release(attempt)
                 child.done.set()
                 self._child_ended(attempt, child)
 
@@ -221,7 +221,7 @@ class TaskCalls:
                     name, task_id, call.call_json, scope, child
                 )
             finally:
-                self.admission.release()
+                self.admission.release(attempt)
                 child.done.set()
                 self._child_ended(attempt, child)
 
@@ -230,7 +230,7 @@ class TaskCalls:
         except RuntimeError as exc:  # the OS refused another thread
             del attempt.children[task_id]
             self.router.close(task_id)
-            self.admission.release()
+            self.admission.release(attempt)
             return refusal(name, f"the host cannot start another task thread: {exc}", "limit")
         return True, task_id
 

@@ -99,6 +99,8 @@ class Attempt:
     #: Its spawned children, until their outcomes are collected (a wait
     #: delivered them): running ones, and ended ones with their outcomes.
     children: dict[str, Child] = field(default_factory=dict)
+    #: How many of them are admitted and not ended (under the run's lock).
+    running_children: int = 0
     #: When its children were restarted (restart intensity).
     restarts: deque[float] = field(default_factory=deque)
     #: Host calls of the run being resumed still to be answered from its journal.
