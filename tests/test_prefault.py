@@ -32,6 +32,14 @@ needs_release = pytest.mark.skipif(
 
 
 PAGES = 64
+#: A program whose instances do next to nothing but import it.
+RETURNS_ONE = """
+    from capsule import task
+
+    @task(name="main")
+    def main():
+        return 1
+    """
 
 
 def _own_pages(start: int, pages: int) -> set[int]:
@@ -227,15 +235,7 @@ def test_a_new_instance_is_found_among_many_alive(image: Path, prefaulter: Prefa
 def test_instances_that_never_end_are_prefaulted_even_with_many_alive(
     program: Callable[..., Path],
 ) -> None:
-    path = program(
-        """
-        from capsule import task
-
-        @task(name="main")
-        def main():
-            return 1
-        """
-    )
+    path = program(RETURNS_ONE)
     alive = prefault.SCAN_UP_TO_INSTANCES + 16
     with Sandbox([path.parent]) as sandbox:
         prepared = [sandbox.prepare("prog") for _ in range(alive)]
@@ -282,15 +282,7 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
 def test_instances_made_at_once_by_several_threads_each_find_their_own_memory(
     program: Callable[..., Path],
 ) -> None:
-    path = program(
-        """
-        from capsule import task
-
-        @task(name="main")
-        def main():
-            return 1
-        """
-    )
+    path = program(RETURNS_ONE)
     threads, per_thread = 4, 12
     with Sandbox([path.parent]) as sandbox:
         sandbox.prepare("prog").store.close()  # (the first compiles)
