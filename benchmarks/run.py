@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from report import print_figures, print_machine
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -557,23 +558,13 @@ def main() -> None:
         raise SystemExit(vs_original.main(["--repeats", str(options.repeats)]))
     if options.core is not None:
         RUN_FLAGS[:] = ["--core", options.core]
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    print_machine()
     for key, name, measure, target in ROWS:
         if options.only is not None and key not in options.only:
             continue
         if key in ("build", "js_build") and options.skip_build:
             continue
-        figures = measure(options.repeats)
-        print(f"\n{name}  (target: {target})", flush=True)
-        for label, value in figures.items():
-            if isinstance(value, float):
-                print(f"  {label:36s} {value:10.3f}", flush=True)
-            else:
-                print(f"  {label}:", flush=True)
-                for line in value:
-                    print(f"    {line}", flush=True)
+        print_figures(f"{name}  (target: {target})", measure(options.repeats))
 
 
 if __name__ == "__main__":

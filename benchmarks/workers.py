@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 sys.path.insert(0, str(REPO))
+
+from report import print_figures, print_machine  # noqa: E402
 
 from tests.postgres_cluster import Cluster, throwaway_cluster  # noqa: E402
 
@@ -198,22 +199,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="+", choices=sorted(ROWS))
     options = parser.parse_args()
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    )
+    print_machine()
     with throwaway_cluster() as cluster:
         for name, measure in ROWS.items():
             if options.only is not None and name not in options.only:
                 continue
-            figures = measure(cluster, options.repeats)
-            print(f"\n{name}", flush=True)
-            for label, value in figures.items():
-                if isinstance(value, float):
-                    print(f"  {label:48s} {value:10.3f}", flush=True)
-                else:
-                    print(f"  {label}:", flush=True)
-                    for line in value:
-                        print(f"    {line}", flush=True)
+            print_figures(name, measure(cluster, options.repeats), width=48)
 
 
 if __name__ == "__main__":

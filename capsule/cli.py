@@ -547,12 +547,9 @@ def _run_command(options: argparse.Namespace) -> int:
         journal = None if options.no_journal else _journal_path(options, program=path)
         if journal is not None:
             _check_secret_key()
+        _check_program(path)
     except UsageError as exc:
         _error(str(exc))
-        return EXIT_USAGE
-    problem = _not_a_program(path)
-    if problem is not None:
-        _error(problem)
         return EXIT_USAGE
     _load_run_modules()
     from capsule.supervisor.options import OptionError
@@ -584,12 +581,9 @@ def _submit_command(options: argparse.Namespace) -> int:
         path, entry = _program_and_entry(options.file, options.entry)
         args = _parse_args_json(options.args_json, options.args)
         journal = _journal_path(options, program=path)
+        _check_program(path)
     except UsageError as exc:
         _error(str(exc))
-        return EXIT_USAGE
-    problem = _not_a_program(path)
-    if problem is not None:
-        _error(problem)
         return EXIT_USAGE
     from capsule.host.runtime import Runtime
     from capsule.supervisor.options import OptionError
@@ -713,17 +707,16 @@ def _program_and_entry(file: str, entry: str | None) -> tuple[Path, str]:
     return Path(file), entry or "main"
 
 
-def _not_a_program(path: Path) -> str | None:
-    """Why ``path`` cannot be a program file, if it cannot."""
+def _check_program(path: Path) -> None:
+    """UsageError saying why ``path`` cannot be a program file, if it cannot."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # missing, unreachable, or a NUL in the name
-        return f"no such program file: {path}"
+        raise UsageError(f"no such program file: {path}") from None
     if stat.S_ISDIR(mode):
-        return f"{path} is a directory; give the program's file (.py, .ts or .js)"
+        raise UsageError(f"{path} is a directory; give the program's file (.py, .ts or .js)")
     if not stat.S_ISREG(mode):
-        return f"{path} is not a regular file (a FIFO, a device or a socket)"
-    return None
+        raise UsageError(f"{path} is not a regular file (a FIFO, a device or a socket)")
 
 
 @dataclass(frozen=True)

@@ -279,28 +279,36 @@ def test_instances_of_a_program_are_prefaulted_once_learned(
 
 
 @needs_prefault
+@pytest.mark.parametrize("sandboxes", [1, 2], ids=["one sandbox", "two sandboxes"])
 def test_instances_made_at_once_by_several_threads_each_find_their_own_memory(
-    program: Callable[..., Path],
+    program: Callable[..., Path], sandboxes: int
 ) -> None:
+    # (Two sandboxes: two runs of a host application, each with a
+    # prefaulter of its own, on the same memory image.)
     path = program(RETURNS_ONE)
     threads, per_thread = 4, 12
-    with Sandbox([path.parent]) as sandbox:
-        sandbox.prepare("prog").store.close()  # (the first compiles)
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(Sandbox([path.parent])) for _ in range(sandboxes)]
+        for sandbox in opened:
+            sandbox.prepare("prog").store.close()  # (the first compiles)
         prepared: list[Any] = []
         barrier = threading.Barrier(threads)
 
-        def prepare_some() -> None:
+        def prepare_some(sandbox: Sandbox) -> None:
             barrier.wait()
             for _ in range(per_thread):
                 prepared.append(sandbox.prepare("prog"))
 
-        workers = [threading.Thread(target=prepare_some) for _ in range(threads)]
+        workers = [
+            threading.Thread(target=prepare_some, args=(opened[number % sandboxes],))
+            for number in range(threads)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
             worker.join()
         found = [one.store.memory for one in prepared]
-        learned = sandbox.prefaulter.learned_pages("prog")
+        learned = opened[0].prefaulter.learned_pages("prog")
         for one in prepared:
             one.store.close()
     # Each found its memory as it was made (none found another's, or none),

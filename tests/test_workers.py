@@ -62,6 +62,14 @@ def _program(tmp_path: Path, source: str, name: str = "job.py") -> Path:
     return path
 
 
+def _submit(program: Path, *args: str, env: dict[str, str], cwd: Path) -> str:
+    """``capsule submit PROGRAM ARGS``: the run id it printed."""
+    done = capsule_cli("submit", str(program), *args, "--json", env=env, cwd=cwd)
+    assert done.returncode == 0, done.stderr
+    run_id: str = done.json()["run_id"]
+    return run_id
+
+
 def _worker(env: dict[str, str], *flags: str, cwd: Path) -> subprocess.Popen[str]:
     if "--workdir" not in flags:  # (not the machine's CAPSULE_HOME/worker)
         flags = (*flags, "--workdir", str(cwd / "worker"))
@@ -138,8 +146,7 @@ def test_a_worker_killed_mid_run_is_replaced_with_no_journaled_step_run_twice(
 ) -> None:
     program = _program(tmp_path, STEPS)
     env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal, "CAPSULE_LEASE_SECONDS": "1"}
-    done = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path)
-    run_id = done.json()["run_id"]
+    run_id = _submit(program, env=env, cwd=tmp_path)
     first = _worker(env, "--poll", "0.1", cwd=tmp_path)
     try:
 
@@ -189,7 +196,7 @@ def test_sigterm_hands_runs_back_after_the_grace_period_and_another_worker_resum
 ) -> None:
     program = _program(tmp_path, STEPS)
     env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
-    run_id = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path).json()["run_id"]
+    run_id = _submit(program, env=env, cwd=tmp_path)
     first = _worker(env, "--poll", "0.1", "--grace", "0.5", cwd=tmp_path)
     assert first.stdout is not None
     for line in first.stdout:
@@ -217,7 +224,7 @@ def test_sigterm_lets_a_run_finish_within_the_grace_period(
     run_id = capsule_cli(
         "submit", str(program), "--args-json", "[5]", "--json", env=env, cwd=tmp_path
     ).json()["run_id"]
-    other = capsule_cli("submit", str(program), "--json", env=env, cwd=tmp_path).json()["run_id"]
+    other = _submit(program, env=env, cwd=tmp_path)
     worker = _worker(env, "--poll", "0.1", "--grace", "60", cwd=tmp_path)
     assert worker.stdout is not None
     for line in worker.stdout:
@@ -303,9 +310,7 @@ def test_forged_sources_are_refused_and_nothing_is_written_outside(
     journal = tmp_path / "journal.db"
     program = _program(tmp_path, JOB)
     env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
-    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(program, "3", env=env, cwd=tmp_path)
     forged = io.BytesIO()
     with zipfile.ZipFile(forged, "w") as archive:
         archive.writestr("job.py", "")
@@ -335,9 +340,7 @@ def test_a_worker_marks_a_run_with_forged_sources_as_an_error(tmp_path: Path) ->
     journal = tmp_path / "journal.db"
     program = _program(tmp_path, JOB)
     env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
-    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(program, "3", env=env, cwd=tmp_path)
     bomb = io.BytesIO()
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr("job.py", b"\0" * (64 * 1024 * 1024))  # 64 MB of zeros: ~64 KB packed
@@ -410,9 +413,7 @@ def test_a_worker_ends_the_session_of_an_owner_stopped_in_the_middle_of_a_commit
 
     program = _program(tmp_path, JOB)
     env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
-    run_id = capsule_cli("submit", str(program), "4", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(program, "4", env=env, cwd=tmp_path)
     stalled = _stalled_owner(postgres_journal, run_id)
     worker = _worker(env, "--until-idle", "--poll", "0.1", cwd=tmp_path)
     try:
@@ -475,9 +476,7 @@ def test_forged_sources_of_every_kind_are_a_clear_error(
     journal = tmp_path / "journal.db"
     env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
     source = _program(tmp_path, JOB)
-    run_id = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(source, "3", env=env, cwd=tmp_path)
     data = archive()
     connection = open_connection(journal, create=False)
     try:
@@ -498,9 +497,7 @@ def test_a_forged_run_id_is_never_a_path_and_its_run_an_error(tmp_path: Path) ->
     journal = tmp_path / "journal.db"
     env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
     source = _program(tmp_path, JOB)
-    run_id = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(source, "3", env=env, cwd=tmp_path)
     victim = tmp_path / "victim"
     victim.mkdir(mode=0o755)
     (victim / "x.sock").write_text("important")
@@ -527,10 +524,8 @@ def test_a_run_whose_record_is_damaged_is_an_error_and_the_worker_goes_on(
     journal = tmp_path / "journal.db"
     env = {**os.environ, "CAPSULE_JOURNAL": str(journal)}
     source = _program(tmp_path, JOB)
-    damaged = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
-    fine = capsule_cli("submit", str(source), "3", "--json", env=env, cwd=tmp_path).json()["run_id"]
+    damaged = _submit(source, "3", env=env, cwd=tmp_path)
+    fine = _submit(source, "3", env=env, cwd=tmp_path)
     import sqlite3
 
     with sqlite3.connect(journal) as connection:
@@ -576,9 +571,7 @@ def test_a_worker_ends_no_session_but_a_capsule_owners(
 
     program = _program(tmp_path, JOB)
     env = {**os.environ, "CAPSULE_JOURNAL": postgres_journal}
-    run_id = capsule_cli("submit", str(program), "3", "--json", env=env, cwd=tmp_path).json()[
-        "run_id"
-    ]
+    run_id = _submit(program, "3", env=env, cwd=tmp_path)
     with psycopg.connect(postgres_journal, autocommit=True) as victim:
         pid, started = victim.execute(
             "SELECT pid, extract(epoch from backend_start)::text FROM pg_stat_activity "

@@ -159,7 +159,7 @@ class Prefaulter:
             # (Reading memory through it fails cleanly where nothing is mapped.)
             self._mem = os.open("/proc/self/mem", os.O_RDONLY)
         self._lock = threading.Lock()
-        self._instantiating = threading.Lock()
+        self._instantiating = _instantiating_lock(self._path)
         self._claimed: set[int] = set()
         #: The mappings claimed last, as (start, end): where an instance whose
         #: guess was another's (two made at once) is looked for next.
@@ -208,9 +208,10 @@ class Prefaulter:
     @contextmanager
     def instantiating(self) -> Iterator[bool]:
         """Around an instantiation and the ``find`` of its memory: one at a
-        time, so that the fresh mapping found is the one it made (two threads
-        instantiating at once took each other's, or one found none: a third
-        of the instances of 1,000 actors spawned at once). The wait is bounded
+        time in the process (the prefaulters of every sandbox on this image
+        take the same turns), so that the fresh mapping found is the one it
+        made (two threads instantiating at once took each other's, or one
+        found none: a third of 1,000 actors spawned at once). The wait is bounded
         (an instantiation may wait for a CPU slot another waiter holds): past
         it, the guess may be wrong, which loading settles (see ``loaded``).
         Gives whether they took turns (``find``'s ``own``)."""
@@ -264,13 +265,7 @@ class Prefaulter:
         if not memory.sample or memory.program in self._learned:
             return
         written = _written_pages(self._pagemap, memory.start, memory.end)
-        if not written:
-            return
-        with self._lock:
-            before = self._last_loading.get(memory.program)
-            self._last_loading[memory.program] = written
-        if before is not None:
-            self._learned_loading[memory.program] = _runs(sorted(before & written))
+        self._learn(memory.program, written, self._last_loading, self._learned_loading)
 
     def _settle(self, memory: Memory, marker: Marker) -> None:
         """Make ``memory`` the image mapping holding ``marker``, if it is not."""
@@ -296,17 +291,27 @@ class Prefaulter:
             return
         self._learn(memory.program, _written_pages(self._pagemap, memory.start, memory.end))
 
-    def _learn(self, program: str, written: set[int]) -> None:
-        """A sample of ``program`` that ran wrote the pages ``written``."""
+    def _learn(
+        self,
+        program: str,
+        written: set[int],
+        last: dict[str, set[int]] | None = None,
+        learned: dict[str, Runs] | None = None,
+    ) -> None:
+        """A sample of ``program`` that ran wrote the pages ``written``: what
+        it and the sample before both wrote is learned (into ``learned``, with
+        the samples in ``last``: by default, those of samples that ran)."""
         if not written:
             return
+        last = self._last_sample if last is None else last
+        learned = self._learned if learned is None else learned
         # (Computed outside the lock: an allocation may run the garbage
         # collector, whose finalizer of a lost store would take it again.)
         with self._lock:
-            before = self._last_sample.get(program)
-            self._last_sample[program] = written
+            before = last.get(program)
+            last[program] = written
         if before is not None:
-            self._learned[program] = _runs(sorted(before & written))
+            learned[program] = _runs(sorted(before & written))
 
     def unmapped(self, memory: Memory) -> None:
         """After the instance's store was closed: its address may come back."""
@@ -789,6 +794,18 @@ class _MappingQuery(ctypes.Structure):
 _PROCMAP_QUERY = (3 << 30) | (ctypes.sizeof(_MappingQuery) << 16) | (ord("f") << 8) | 17
 _WRITABLE, _SHARED, _COVERING_OR_NEXT, _FILE_BACKED = 0x02, 0x08, 0x10, 0x20
 _NEXT_WRITABLE_FILE = _COVERING_OR_NEXT | _FILE_BACKED | _WRITABLE
+
+
+#: The turns instantiations of each memory image take (see
+#: Prefaulter.instantiating), by the image's path: one for all the sandboxes
+#: of a process, each of which has a prefaulter of its own.
+_INSTANTIATING: dict[bytes, threading.Lock] = {}
+_INSTANTIATING_GUARD = threading.Lock()
+
+
+def _instantiating_lock(image: bytes) -> threading.Lock:
+    with _INSTANTIATING_GUARD:
+        return _INSTANTIATING.setdefault(image, threading.Lock())
 
 
 def _populate_all(start: int, runs: Runs) -> int:
