@@ -349,6 +349,36 @@ def test_releasing_unmaps_the_pages_only_read_of_the_marked_mapping_alone(
     assert prefaulter.released == 1
 
 
+@needs_prefault
+def test_a_copy_of_an_instances_marker_elsewhere_never_makes_that_memory_its_own(
+    image: Path, prefaulter: Prefaulter
+) -> None:
+    # A guest can read its marker's bytes, and send them to another task,
+    # whose memory then holds them (a message body), and it names where its
+    # marker is. Its memory, found as it was made, is the only one looked
+    # in: the other's is never released, nor written, for it.
+    page = mmap.PAGESIZE
+    nonce = os.urandom(prefault.NONCE_SIZE)
+    with instance(image) as (mine, mine_at):
+        memory = prefaulter.find("prog", live_instances=1, own=True)
+        assert memory is not None and memory.start == mine_at
+        assert mine[9 * page] == 9  # read by its guest: releasable if it were its marker's
+        with instance(image) as (other, other_at):
+            other[20 * page : 20 * page + len(nonce)] = nonce  # the copy, where it says
+            assert other[9 * page] == 9
+            others_before = _present_pages(other_at, PAGES)
+            marker = Marker(20 * page, nonce)
+            prefaulter.loaded(memory, marker)
+            assert (memory.start, memory.end) == (mine_at, mine_at + PAGES * page)
+            assert prefaulter.release(memory, marker) == 0
+            assert prefaulter.linear_memory(memory, marker) is None
+            assert _present_pages(other_at, PAGES) == others_before
+        # Its own marker is found where it says, and only its memory released.
+        mine[20 * page : 20 * page + len(nonce)] = nonce
+        assert prefaulter.linear_memory(memory, marker) == (mine_at, mine_at + PAGES * page)
+        assert prefaulter.release(memory, marker) >= page
+
+
 class _HibernatingHost(RefusingHost):
     """Hibernates the task in every sleep, noting the image pages mapped from
     the file (read, not written) by the process before and after."""

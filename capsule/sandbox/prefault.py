@@ -254,13 +254,13 @@ class Prefaulter:
 
     def loaded(self, memory: Memory, marker: Marker | None) -> None:
         """Once the program is imported in an instance (its guest idle): where
-        its memory is, for certain (by its ``marker``: instances made at
-        once by several threads may each have been given the other's by
-        ``find``); then learn from a sample what importing writes, for the
+        its memory is, for certain (by its ``marker``, unless it was found as
+        the instance was made: instances made at once whose look did not take
+        turns may each have been given the other's by ``find``); then learn from a sample what importing writes, for the
         instances that start before any sample has ended (an instance
         learned from at its end says what its task wrote too; actors that
         wait for messages may not end for a long time)."""
-        if marker is not None:
+        if marker is not None and not memory.own:
             self._settle(memory, marker)
         if not memory.sample or memory.program in self._learned:
             return
@@ -458,12 +458,29 @@ class Prefaulter:
         ``_releasing`` (but see _settle)."""
         if not self._releasing_enabled:
             return None
+        # An instance's memory found as it was made is the only one looked in:
+        # the marker's bytes say where it starts, not whose it is (its guest can
+        # read them, and send them to another task, whose memory then holds a
+        # copy where this guest says its marker is).
+        own = (memory.start, memory.end) if memory is not None and memory.own else None
         image, base = marker.image, marker.base
-        if image is not None and base is not None and self._marker_at(base, marker):
-            # Still there: only that instance was given those bytes, and its
-            # memory does not move while it lives. (One read, where asking
-            # about its mappings takes three queries.)
+        if (
+            image is not None
+            and base is not None
+            and own in (None, image)
+            and self._marker_at(base, marker)
+        ):
+            # Still there: its memory does not move while it lives. (One
+            # read, where asking about its mappings takes three queries.)
             return image[0], image[1], base
+        if own is not None:
+            if mappings.image_at(own[0]) != own[1]:
+                return None
+            found = self._base(mappings, own[0], marker)
+            if found is None:
+                return None
+            marker.image, marker.base = own, found
+            return own[0], own[1], found
         guesses = [marker.image] if marker.image else []
         if memory is not None:
             guesses.append((memory.start, memory.end))
